@@ -1,0 +1,30 @@
+import { defineConfig } from "vitest/config";
+
+// Workspaces export "source" → src/index.ts, so tests run against the sources; services started as
+// processes by the testkit run their built dist/ (`npm test` runs `tsc -b` first).
+const conditions = ["source", "node", "import", "default"];
+
+export default defineConfig({
+  resolve: { conditions },
+  ssr: { resolve: { conditions, externalConditions: conditions } },
+  test: {
+    projects: [
+      {
+        extends: true,
+        test: {
+          name: "unit",
+          include: ["packages/*/src/**/*.test.ts", "services/*/src/**/*.test.ts"],
+        },
+      },
+      {
+        extends: true,
+        test: {
+          name: "integration",
+          include: ["test/**/*.test.ts"],
+          testTimeout: 60_000,
+          hookTimeout: 60_000,
+        },
+      },
+    ],
+  },
+});
