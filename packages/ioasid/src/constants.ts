@@ -20,6 +20,9 @@ export const MAX_SPID = 0xfffff;
 /** Largest private data attached to one IOASID, in bytes. */
 export const MAX_PRIVATE_DATA_BYTES = 1024;
 
+/** Most IOASIDs one batch allocation takes. */
+export const MAX_BATCH_ALLOC = 65_536;
+
 /** Longest role, instance or purpose string of a reference holder or subscriber. */
 export const MAX_NAME_LENGTH = 128;
 

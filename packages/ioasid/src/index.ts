@@ -7,6 +7,7 @@ export {
   EventType,
   INVALID_IOASID,
   IoasidState,
+  MAX_BATCH_ALLOC,
   MAX_CAPACITY,
   MAX_NAME_LENGTH,
   MAX_PRIVATE_DATA_BYTES,

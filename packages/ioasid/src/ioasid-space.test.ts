@@ -555,3 +555,24 @@ describe("IoasidSpace events", () => {
     expect(events[0]).toMatchObject({ type: "SET_ALLOC", ioasid: INVALID_IOASID, setId: s.id });
   });
 });
+
+describe("IoasidSpace batch allocation", () => {
+  it("allocates a batch in ascending order with one ALLOC each", () => {
+    const { space, vm, types } = setup(64);
+    const s = vm(1, 10);
+    space.alloc(s.id, { min: 3, max: 3 });
+    expect(space.allocMany(s.id, 4).map((a) => a.ioasid)).toEqual([1, 2, 4, 5]);
+    expect(types().filter((t) => t === "ALLOC")).toHaveLength(5);
+  });
+
+  it("is all or nothing: over quota or over the free IDs of the range, nothing is taken", () => {
+    const { space, vm, events } = setup(64);
+    const s = vm(1, 10);
+    const before = events.length;
+    expectError(() => space.allocMany(s.id, 11), Code.RESOURCE_EXHAUSTED, "SET_QUOTA_EXCEEDED");
+    expectError(() => space.allocMany(s.id, 5, { min: 1, max: 4 }), Code.RESOURCE_EXHAUSTED, "IOASID_RANGE_EXHAUSTED");
+    expectError(() => space.allocMany(s.id, 0), Code.INVALID_ARGUMENT, "COUNT_INVALID");
+    expect(events.length).toBe(before);
+    expect(space.stats().inUse).toBe(0);
+  });
+});

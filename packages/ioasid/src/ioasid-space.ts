@@ -4,6 +4,7 @@ import {
   EventType,
   INVALID_IOASID,
   IoasidState,
+  MAX_BATCH_ALLOC,
   MAX_CAPACITY,
   MAX_NAME_LENGTH,
   MAX_PRIVATE_DATA_BYTES,
@@ -405,44 +406,49 @@ export class IoasidSpace {
    *   RESOURCE_EXHAUSTED `SET_QUOTA_EXCEEDED` / `IOASID_RANGE_EXHAUSTED`; UNAVAILABLE `ALLOCATOR_FAILED`
    */
   alloc(setId: number, options: { min?: number; max?: number; privateData?: Uint8Array } = {}): Allocation {
-    const min = options.min ?? 1;
-    const max = options.max ?? this.capacity - 1;
-    this.assertIoasid(min, "min");
-    this.assertIoasid(max, "max");
-    if (min > max) throw coreError("INVALID_RANGE", `min ${min} is greater than max ${max}`);
-    if (options.privateData !== undefined) this.assertPrivateData(options.privateData);
-    const set = this.requireSet(setId);
-    if (set.freeing) throw coreError("SET_FREEING", `set ${setId} is being freed and takes no new IOASIDs`);
-    if (set.members.size >= set.quota) {
-      throw coreError("SET_QUOTA_EXCEEDED", `set ${setId} has used its whole quota of ${set.quota}`);
-    }
+    const { set, min, max } = this.prepareAlloc(setId, options, 1);
     let ioasid: number;
     if (this.custom === undefined) {
       ioasid = this.bitmap.findFree(min, max);
       if (ioasid < 0) throw coreError("IOASID_RANGE_EXHAUSTED", `no free IOASID in [${min}, ${max}]`);
     } else {
-      const chosen = this.custom.alloc(min, max);
-      if (chosen === undefined) {
-        throw coreError("IOASID_RANGE_EXHAUSTED", `allocator ${this.custom.name} has no free IOASID in [${min}, ${max}]`);
-      }
-      if (!Number.isInteger(chosen) || chosen < min || chosen > max || this.bitmap.has(chosen)) {
-        throw coreError(
-          "ALLOCATOR_FAILED",
-          `allocator ${this.custom.name} returned ${chosen}, which is not a free IOASID in [${min}, ${max}]`,
-        );
-      }
-      ioasid = chosen;
+      ioasid = this.customAlloc(this.custom, min, max);
     }
-    this.bitmap.take(ioasid);
-    const generation = (this.gen[ioasid]! % 0xffffffff) + 1; // never 0: 0 means "unchecked"
-    this.gen[ioasid] = generation;
-    this.state[ioasid] = STATE_ACTIVE;
-    this.setOf[ioasid] = set.id;
-    this.refs[ioasid] = 1;
-    set.members.add(ioasid);
-    if (options.privateData !== undefined) this.privateData.set(ioasid, options.privateData.slice());
-    this.emit(EventType.ALLOC, ioasid, set, generation, 0, this.privateData.get(ioasid), 1);
-    return { ioasid, generation };
+    return this.commitAlloc(set, ioasid, options.privateData);
+  }
+
+  /**
+   * Allocates `count` IOASIDs for the set at once, all or nothing: quota and free IDs in
+   * [min, max] are checked before the first one is taken, so a refusal changes nothing. One ALLOC
+   * per IOASID, in ascending order.
+   * @throws DomainError INVALID_ARGUMENT `COUNT_INVALID` and those of {@link alloc}
+   */
+  allocMany(setId: number, count: number, options: { min?: number; max?: number } = {}): Allocation[] {
+    if (!Number.isInteger(count) || count < 1 || count > MAX_BATCH_ALLOC) {
+      throw coreError("COUNT_INVALID", `count ${count} is outside 1..${MAX_BATCH_ALLOC}`);
+    }
+    const { set, min, max } = this.prepareAlloc(setId, options, count);
+    if (this.custom !== undefined) {
+      // A custom allocator cannot be asked ahead: take one at a time and undo on failure.
+      const done: Allocation[] = [];
+      try {
+        for (let i = 0; i < count; i++) done.push(this.commitAlloc(set, this.customAlloc(this.custom, min, max), undefined));
+      } catch (err) {
+        for (const a of done) this.freeResolved(a.ioasid, set);
+        throw err;
+      }
+      return done;
+    }
+    const ids: number[] = [];
+    for (let next = min; ids.length < count; ) {
+      const id = this.bitmap.findFree(next, max);
+      if (id < 0) {
+        throw coreError("IOASID_RANGE_EXHAUSTED", `only ${ids.length} of ${count} IOASIDs are free in [${min}, ${max}]`);
+      }
+      ids.push(id);
+      next = id + 1;
+    }
+    return ids.map((id) => this.commitAlloc(set, id, undefined));
   }
 
   /**
@@ -771,6 +777,55 @@ export class IoasidSpace {
 
   // ---------------------------------------------------------------------------------------------
   // Internals
+
+  private prepareAlloc(
+    setId: number,
+    options: { min?: number; max?: number; privateData?: Uint8Array },
+    count: number,
+  ): { set: SetRecord; min: number; max: number } {
+    const min = options.min ?? 1;
+    const max = options.max ?? this.capacity - 1;
+    this.assertIoasid(min, "min");
+    this.assertIoasid(max, "max");
+    if (min > max) throw coreError("INVALID_RANGE", `min ${min} is greater than max ${max}`);
+    if (options.privateData !== undefined) this.assertPrivateData(options.privateData);
+    const set = this.requireSet(setId);
+    if (set.freeing) throw coreError("SET_FREEING", `set ${setId} is being freed and takes no new IOASIDs`);
+    if (set.members.size + count > set.quota) {
+      throw coreError(
+        "SET_QUOTA_EXCEEDED",
+        `set ${setId} has ${set.quota - set.members.size} of its quota of ${set.quota} left; ${count} asked`,
+      );
+    }
+    return { set, min, max };
+  }
+
+  private customAlloc(custom: CustomAllocator, min: number, max: number): number {
+    const chosen = custom.alloc(min, max);
+    if (chosen === undefined) {
+      throw coreError("IOASID_RANGE_EXHAUSTED", `allocator ${custom.name} has no free IOASID in [${min}, ${max}]`);
+    }
+    if (!Number.isInteger(chosen) || chosen < min || chosen > max || this.bitmap.has(chosen)) {
+      throw coreError(
+        "ALLOCATOR_FAILED",
+        `allocator ${custom.name} returned ${chosen}, which is not a free IOASID in [${min}, ${max}]`,
+      );
+    }
+    return chosen;
+  }
+
+  private commitAlloc(set: SetRecord, ioasid: number, privateData: Uint8Array | undefined): Allocation {
+    this.bitmap.take(ioasid);
+    const generation = (this.gen[ioasid]! % 0xffffffff) + 1; // never 0: 0 means "unchecked"
+    this.gen[ioasid] = generation;
+    this.state[ioasid] = STATE_ACTIVE;
+    this.setOf[ioasid] = set.id;
+    this.refs[ioasid] = 1;
+    set.members.add(ioasid);
+    if (privateData !== undefined) this.privateData.set(ioasid, privateData.slice());
+    this.emit(EventType.ALLOC, ioasid, set, generation, 0, this.privateData.get(ioasid), 1);
+    return { ioasid, generation };
+  }
 
   private freeResolved(ioasid: number, set: SetRecord): FreeResult {
     this.state[ioasid] = STATE_FREE_PENDING;

@@ -21,6 +21,8 @@ export const CoreReason = {
   SCOPE_INVALID: Code.INVALID_ARGUMENT,
   EVENT_TYPE_INVALID: Code.INVALID_ARGUMENT,
   ALLOCATOR_INVALID: Code.INVALID_ARGUMENT,
+  COUNT_INVALID: Code.INVALID_ARGUMENT,
+  INVALID_FIELD: Code.INVALID_ARGUMENT,
   // NOT_FOUND (ENOENT)
   SET_NOT_FOUND: Code.NOT_FOUND,
   IOASID_NOT_FOUND: Code.NOT_FOUND,
@@ -50,6 +52,8 @@ export const CoreReason = {
   IOASID_NOT_IN_SET: Code.PERMISSION_DENIED,
   // UNAVAILABLE: a custom allocator did not give a usable IOASID
   ALLOCATOR_FAILED: Code.UNAVAILABLE,
+  // INTERNAL: never with details on the wire
+  INTERNAL: Code.INTERNAL,
 } as const satisfies Record<string, Code>;
 export type CoreReason = keyof typeof CoreReason;
 
