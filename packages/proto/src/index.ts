@@ -3,4 +3,11 @@
  * namespace per proto package: `testing` is ioasid.testing.v1, and so on.
  */
 export * as testing from "./gen/ioasid/testing/v1/echo.js";
+export * as iommu from "./gen/ioasid/iommu/v1/iommu.js";
+export * as vfio from "./gen/ioasid/vfio/v1/vfio.js";
+export * as kvm from "./gen/ioasid/kvm/v1/kvm.js";
+export * as vdcm from "./gen/ioasid/vdcm/v1/vdcm.js";
+export * as core from "./gen/ioasid/core/v1/core.js";
+export * as events from "./gen/ioasid/events/v1/events.js";
+export * as errors from "./gen/ioasid/errors/v1/errors.js";
 export { descriptorSetPath } from "./descriptors.js";
