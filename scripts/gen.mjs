@@ -3,7 +3,7 @@
 // by gRPC server reflection. With --check, generates into a temporary copy and fails when the
 // committed files differ (connect-es style "generated code is committed and checked").
 import { execFileSync } from "node:child_process";
-import { mkdtempSync, readdirSync, readFileSync, rmSync, cpSync, statSync, existsSync, writeFileSync, mkdirSync } from "node:fs";
+import { mkdtempSync, readdirSync, readFileSync, rmSync, cpSync, statSync, existsSync, mkdirSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join, relative, dirname } from "node:path";
 import { fileURLToPath } from "node:url";

@@ -11,8 +11,11 @@ export const RID_PASID = 0;
 /** The invalid IOASID (`INVALID_IOASID` in the kernel): `ioasid_t` is uint32. */
 export const INVALID_IOASID = 0xffffffff;
 
-/** Largest capacity the model accepts (ioasid_t is uint32; the value 2^32-1 is INVALID_IOASID). */
-export const MAX_CAPACITY = 0xffffffff;
+/**
+ * Largest capacity the model accepts: 2^24. Per-IOASID state is kept in dense arrays (about 17
+ * bytes per ID of capacity); PCIe PASIDs and SMMU SubstreamIDs are at most 20 bits.
+ */
+export const MAX_CAPACITY = 1 << 24;
 
 /** Largest SPID (guest PASID): 20 bits, whatever the host's capacity; SPID 0 is the guest's RID_PASID. */
 export const MAX_SPID = 0xfffff;

@@ -138,7 +138,7 @@ describe("IoasidSpace allocation", () => {
     expectError(() => space.alloc(s.id, { min: 0, max: 5 }), Code.INVALID_ARGUMENT, "IOASID_OUT_OF_RANGE");
     expectError(() => space.alloc(s.id, { min: 1, max: 64 }), Code.INVALID_ARGUMENT, "IOASID_OUT_OF_RANGE");
     expectError(() => space.alloc(s.id, { min: 9, max: 5 }), Code.INVALID_ARGUMENT, "INVALID_RANGE");
-    expectError(() => space.alloc(99), Code.NOT_FOUND, "SET_NOT_FOUND");
+    expectError(() => space.alloc(99), Code.INVALID_ARGUMENT, "SET_UNKNOWN");
     expect(events.length).toBe(before);
     expect(space.stats().inUse).toBe(0);
   });
@@ -540,7 +540,7 @@ describe("IoasidSpace notifier registrations", () => {
     expectError(() => space.register({ subscriber: { name: "", instance: "x" }, priority: Priority.CPU, scope: { kind: "global" } }), Code.INVALID_ARGUMENT, "SUBSCRIBER_INVALID");
     expectError(() => space.register({ subscriber: kvm, priority: 7 as Priority, scope: { kind: "global" } }), Code.INVALID_ARGUMENT, "PRIORITY_INVALID");
     expectError(() => space.register({ subscriber: kvm, priority: Priority.CPU, scope: { kind: "mm", token: 0n } }), Code.INVALID_ARGUMENT, "TOKEN_EMPTY");
-    expectError(() => space.register({ subscriber: kvm, priority: Priority.CPU, scope: { kind: "set", setId: 77 } }), Code.NOT_FOUND, "SET_NOT_FOUND");
+    expectError(() => space.register({ subscriber: kvm, priority: Priority.CPU, scope: { kind: "set", setId: 77 } }), Code.INVALID_ARGUMENT, "SET_UNKNOWN");
     expectError(() => space.unregister(42), Code.NOT_FOUND, "REGISTRATION_NOT_FOUND");
   });
 });

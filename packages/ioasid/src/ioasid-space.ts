@@ -316,7 +316,7 @@ export class IoasidSpace {
 
   /**
    * Changes a set's quota; 0 gives it all that is available on top of what it has.
-   * @throws DomainError NOT_FOUND `SET_NOT_FOUND`; INVALID_ARGUMENT `QUOTA_INVALID` /
+   * @throws DomainError INVALID_ARGUMENT `SET_UNKNOWN` / `QUOTA_INVALID` /
    *   `QUOTA_BELOW_USAGE`; RESOURCE_EXHAUSTED `CAPACITY_EXHAUSTED`
    */
   adjustSet(setId: number, quota: number): SetInfo {
@@ -343,7 +343,7 @@ export class IoasidSpace {
 
   /**
    * Destroys an empty set and returns its quota to the pool (emits SET_FREE).
-   * @throws DomainError NOT_FOUND `SET_NOT_FOUND`; FAILED_PRECONDITION `SET_NOT_EMPTY`
+   * @throws DomainError INVALID_ARGUMENT `SET_UNKNOWN`; FAILED_PRECONDITION `SET_NOT_EMPTY`
    */
   destroySet(setId: number): void {
     const set = this.requireSet(setId);
@@ -360,7 +360,7 @@ export class IoasidSpace {
    * Frees every IOASID of the set (each as {@link free} would) and destroys the set when its last
    * IOASID is reclaimed — at once when none is referenced. Idempotent. The crashed-guest path.
    * @returns how many IOASIDs this call moved out of ACTIVE, and whether the set is gone already
-   * @throws DomainError NOT_FOUND `SET_NOT_FOUND`
+   * @throws DomainError INVALID_ARGUMENT `SET_UNKNOWN`
    */
   freeSet(setId: number): { freed: number; destroyed: boolean } {
     const set = this.requireSet(setId);
@@ -376,9 +376,11 @@ export class IoasidSpace {
     return { freed, destroyed: !this.sets.has(set.id) };
   }
 
-  /** A set by id. @throws DomainError NOT_FOUND `SET_NOT_FOUND` */
+  /** Looks a set up by id. @throws DomainError NOT_FOUND `SET_NOT_FOUND` */
   getSet(setId: number): SetInfo {
-    return this.setInfo(this.requireSet(setId));
+    const set = Number.isInteger(setId) ? this.sets.get(setId) : undefined;
+    if (set === undefined) throw coreError("SET_NOT_FOUND", `no IOASID set ${setId}`);
+    return this.setInfo(set);
   }
 
   /** The set with this token, or undefined. */
@@ -402,7 +404,7 @@ export class IoasidSpace {
    * @param options.min lowest acceptable IOASID @default 1
    * @param options.max highest acceptable IOASID @default capacity − 1
    * @throws DomainError INVALID_ARGUMENT `IOASID_OUT_OF_RANGE` / `INVALID_RANGE` /
-   *   `PRIVATE_DATA_TOO_LARGE`; NOT_FOUND `SET_NOT_FOUND`; FAILED_PRECONDITION `SET_FREEING`;
+   *   `PRIVATE_DATA_TOO_LARGE` / `SET_UNKNOWN`; FAILED_PRECONDITION `SET_FREEING`;
    *   RESOURCE_EXHAUSTED `SET_QUOTA_EXCEEDED` / `IOASID_RANGE_EXHAUSTED`; UNAVAILABLE `ALLOCATOR_FAILED`
    */
   alloc(setId: number, options: { min?: number; max?: number; privateData?: Uint8Array } = {}): Allocation {
@@ -456,7 +458,7 @@ export class IoasidSpace {
    * succeeds for the owner and is idempotent: a second free changes nothing and emits nothing
    * (ioasid.rst "Exception cases" rule 1, "Level Sensitivity"). When the allocation reference was
    * the only one the IOASID is reclaimed at once and no FREE is emitted.
-   * @throws DomainError INVALID_ARGUMENT `IOASID_OUT_OF_RANGE`; NOT_FOUND `SET_NOT_FOUND` /
+   * @throws DomainError INVALID_ARGUMENT `IOASID_OUT_OF_RANGE` / `SET_UNKNOWN`; NOT_FOUND
    *   `IOASID_NOT_FOUND`; PERMISSION_DENIED `IOASID_NOT_IN_SET`; FAILED_PRECONDITION `STALE_GENERATION`
    */
   free(setId: number, ioasid: number, generation = 0): FreeResult {
@@ -515,8 +517,8 @@ export class IoasidSpace {
   /**
    * Translates an SPID (guest PASID) of the set to its IOASID, taking a reference for `holder`
    * when one is given (VDCM programming a work queue).
-   * @throws DomainError INVALID_ARGUMENT `SPID_OUT_OF_RANGE` / `HOLDER_INVALID`; NOT_FOUND
-   *   `SET_NOT_FOUND` / `SPID_NOT_FOUND` / `IOASID_FREE_PENDING`
+   * @throws DomainError INVALID_ARGUMENT `SPID_OUT_OF_RANGE` / `HOLDER_INVALID` / `SET_UNKNOWN`;
+   *   NOT_FOUND `SPID_NOT_FOUND` / `IOASID_FREE_PENDING`
    */
   findBySpid(setId: number, spid: number, holder?: Holder): Allocation & { refcount: number } {
     this.assertSpid(spid);
@@ -651,7 +653,7 @@ export class IoasidSpace {
    * the set exists is pending and becomes active when the set is created. Registering on a set
    * that already has IOASIDs is refused (no replay, no lost events).
    * @throws DomainError INVALID_ARGUMENT `SUBSCRIBER_INVALID` / `PRIORITY_INVALID` / `SCOPE_INVALID`
-   *   / `EVENT_TYPE_INVALID` / `TOKEN_EMPTY`; NOT_FOUND `SET_NOT_FOUND`; FAILED_PRECONDITION
+   *   / `EVENT_TYPE_INVALID` / `TOKEN_EMPTY` / `SET_UNKNOWN`; FAILED_PRECONDITION
    *   `SET_NOT_EMPTY`; ALREADY_EXISTS `REGISTRATION_EXISTS`
    */
   register(options: RegisterOptions): Registration {
@@ -944,9 +946,14 @@ export class IoasidSpace {
     }
   }
 
+  /**
+   * The set a call names. A set that does not exist is a bad argument (INVALID_ARGUMENT
+   * `SET_UNKNOWN`, the kernel's -EINVAL for an invalid set), unlike a lookup that finds nothing
+   * ({@link getSet}: NOT_FOUND `SET_NOT_FOUND`).
+   */
   private requireSet(setId: number): SetRecord {
     const set = Number.isInteger(setId) ? this.sets.get(setId) : undefined;
-    if (set === undefined) throw coreError("SET_NOT_FOUND", `no IOASID set ${setId}`);
+    if (set === undefined) throw coreError("SET_UNKNOWN", `no IOASID set ${setId}`);
     return set;
   }
 

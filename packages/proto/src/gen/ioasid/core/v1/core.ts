@@ -6394,7 +6394,7 @@ export const CoreServiceService = {
   },
   /**
    * AdjustSet changes a set's quota (0: add all that is available).
-   * Errors: NOT_FOUND `SET_NOT_FOUND`; INVALID_ARGUMENT `QUOTA_INVALID`, `QUOTA_BELOW_USAGE`;
+   * Errors: INVALID_ARGUMENT `SET_UNKNOWN`, `QUOTA_INVALID`, `QUOTA_BELOW_USAGE`;
    * RESOURCE_EXHAUSTED `CAPACITY_EXHAUSTED`.
    */
   adjustSet: {
@@ -6408,7 +6408,7 @@ export const CoreServiceService = {
   },
   /**
    * DestroySet destroys an empty set and returns its quota. Emits SET_FREE.
-   * Errors: NOT_FOUND `SET_NOT_FOUND`; FAILED_PRECONDITION `SET_NOT_EMPTY`.
+   * Errors: INVALID_ARGUMENT `SET_UNKNOWN`; FAILED_PRECONDITION `SET_NOT_EMPTY`.
    */
   destroySet: {
     path: "/ioasid.core.v1.CoreService/DestroySet" as const,
@@ -6422,7 +6422,7 @@ export const CoreServiceService = {
   /**
    * FreeSet frees every IOASID of the set and destroys the set when the last one is reclaimed
    * (the crashed-guest path). Idempotent; always succeeds for an existing set.
-   * Errors: NOT_FOUND `SET_NOT_FOUND`.
+   * Errors: INVALID_ARGUMENT `SET_UNKNOWN`.
    */
   freeSet: {
     path: "/ioasid.core.v1.CoreService/FreeSet" as const,
@@ -6461,7 +6461,7 @@ export const CoreServiceService = {
    * choice). It starts ACTIVE with one reference (the allocation reference, held by the set owner)
    * and a new generation. Emits ALLOC.
    * Errors: INVALID_ARGUMENT `IOASID_OUT_OF_RANGE`, `INVALID_RANGE`, `PRIVATE_DATA_TOO_LARGE`;
-   * NOT_FOUND `SET_NOT_FOUND`; FAILED_PRECONDITION `SET_FREEING`; RESOURCE_EXHAUSTED
+   * INVALID_ARGUMENT `SET_UNKNOWN`; FAILED_PRECONDITION `SET_FREEING`; RESOURCE_EXHAUSTED
    * `SET_QUOTA_EXCEEDED`, `IOASID_RANGE_EXHAUSTED`; UNAVAILABLE `ALLOCATOR_FAILED`.
    */
   alloc: {
@@ -6491,7 +6491,7 @@ export const CoreServiceService = {
    * the owner and is idempotent: a second free changes nothing and emits nothing. When the
    * allocation reference was the only one, the IOASID is reclaimed at once and no FREE is emitted;
    * otherwise FREE is emitted and the IOASID is reclaimed when the last holder puts.
-   * Errors: INVALID_ARGUMENT `IOASID_OUT_OF_RANGE`; NOT_FOUND `SET_NOT_FOUND`, `IOASID_NOT_FOUND`;
+   * Errors: INVALID_ARGUMENT `IOASID_OUT_OF_RANGE`, `SET_UNKNOWN`; NOT_FOUND `IOASID_NOT_FOUND`;
    * PERMISSION_DENIED `IOASID_NOT_IN_SET`; FAILED_PRECONDITION `STALE_GENERATION`.
    */
   free: {
@@ -6545,7 +6545,7 @@ export const CoreServiceService = {
   /**
    * FindBySpid translates an SPID of the set to its IOASID, taking a reference for `holder` when
    * one is given.
-   * Errors: INVALID_ARGUMENT `SPID_OUT_OF_RANGE`, `HOLDER_INVALID`; NOT_FOUND `SET_NOT_FOUND`,
+   * Errors: INVALID_ARGUMENT `SPID_OUT_OF_RANGE`, `HOLDER_INVALID`, `SET_UNKNOWN`; NOT_FOUND
    * `SPID_NOT_FOUND`, `IOASID_FREE_PENDING`.
    */
   findBySpid: {
@@ -6627,7 +6627,7 @@ export const CoreServiceService = {
   },
   /**
    * ListIoasids returns the allocated IOASIDs of a set (or of all sets when `set_id` is 0).
-   * Errors: NOT_FOUND `SET_NOT_FOUND`.
+   * Errors: INVALID_ARGUMENT `SET_UNKNOWN`.
    */
   listIoasids: {
     path: "/ioasid.core.v1.CoreService/ListIoasids" as const,
@@ -6644,7 +6644,7 @@ export const CoreServiceService = {
    * (and pending again when it is destroyed). Registering on a set that already has IOASIDs is
    * refused: there is no replay, so no event is lost.
    * Errors: INVALID_ARGUMENT `SUBSCRIBER_INVALID`, `PRIORITY_INVALID`, `SCOPE_INVALID`,
-   * `EVENT_TYPE_INVALID`, `TOKEN_EMPTY`; NOT_FOUND `SET_NOT_FOUND`; FAILED_PRECONDITION
+   * `EVENT_TYPE_INVALID`, `TOKEN_EMPTY`, `SET_UNKNOWN`; FAILED_PRECONDITION
    * `SET_NOT_EMPTY`; ALREADY_EXISTS `REGISTRATION_EXISTS`.
    */
   register: {
@@ -6751,19 +6751,19 @@ export interface CoreServiceServer extends UntypedServiceImplementation {
   createSet: handleUnaryCall<CreateSetRequest, CreateSetResponse>;
   /**
    * AdjustSet changes a set's quota (0: add all that is available).
-   * Errors: NOT_FOUND `SET_NOT_FOUND`; INVALID_ARGUMENT `QUOTA_INVALID`, `QUOTA_BELOW_USAGE`;
+   * Errors: INVALID_ARGUMENT `SET_UNKNOWN`, `QUOTA_INVALID`, `QUOTA_BELOW_USAGE`;
    * RESOURCE_EXHAUSTED `CAPACITY_EXHAUSTED`.
    */
   adjustSet: handleUnaryCall<AdjustSetRequest, AdjustSetResponse>;
   /**
    * DestroySet destroys an empty set and returns its quota. Emits SET_FREE.
-   * Errors: NOT_FOUND `SET_NOT_FOUND`; FAILED_PRECONDITION `SET_NOT_EMPTY`.
+   * Errors: INVALID_ARGUMENT `SET_UNKNOWN`; FAILED_PRECONDITION `SET_NOT_EMPTY`.
    */
   destroySet: handleUnaryCall<DestroySetRequest, DestroySetResponse>;
   /**
    * FreeSet frees every IOASID of the set and destroys the set when the last one is reclaimed
    * (the crashed-guest path). Idempotent; always succeeds for an existing set.
-   * Errors: NOT_FOUND `SET_NOT_FOUND`.
+   * Errors: INVALID_ARGUMENT `SET_UNKNOWN`.
    */
   freeSet: handleUnaryCall<FreeSetRequest, FreeSetResponse>;
   /**
@@ -6778,7 +6778,7 @@ export interface CoreServiceServer extends UntypedServiceImplementation {
    * choice). It starts ACTIVE with one reference (the allocation reference, held by the set owner)
    * and a new generation. Emits ALLOC.
    * Errors: INVALID_ARGUMENT `IOASID_OUT_OF_RANGE`, `INVALID_RANGE`, `PRIVATE_DATA_TOO_LARGE`;
-   * NOT_FOUND `SET_NOT_FOUND`; FAILED_PRECONDITION `SET_FREEING`; RESOURCE_EXHAUSTED
+   * INVALID_ARGUMENT `SET_UNKNOWN`; FAILED_PRECONDITION `SET_FREEING`; RESOURCE_EXHAUSTED
    * `SET_QUOTA_EXCEEDED`, `IOASID_RANGE_EXHAUSTED`; UNAVAILABLE `ALLOCATOR_FAILED`.
    */
   alloc: handleUnaryCall<AllocRequest, AllocResponse>;
@@ -6792,7 +6792,7 @@ export interface CoreServiceServer extends UntypedServiceImplementation {
    * the owner and is idempotent: a second free changes nothing and emits nothing. When the
    * allocation reference was the only one, the IOASID is reclaimed at once and no FREE is emitted;
    * otherwise FREE is emitted and the IOASID is reclaimed when the last holder puts.
-   * Errors: INVALID_ARGUMENT `IOASID_OUT_OF_RANGE`; NOT_FOUND `SET_NOT_FOUND`, `IOASID_NOT_FOUND`;
+   * Errors: INVALID_ARGUMENT `IOASID_OUT_OF_RANGE`, `SET_UNKNOWN`; NOT_FOUND `IOASID_NOT_FOUND`;
    * PERMISSION_DENIED `IOASID_NOT_IN_SET`; FAILED_PRECONDITION `STALE_GENERATION`.
    */
   free: handleUnaryCall<FreeRequest, FreeResponse>;
@@ -6814,7 +6814,7 @@ export interface CoreServiceServer extends UntypedServiceImplementation {
   /**
    * FindBySpid translates an SPID of the set to its IOASID, taking a reference for `holder` when
    * one is given.
-   * Errors: INVALID_ARGUMENT `SPID_OUT_OF_RANGE`, `HOLDER_INVALID`; NOT_FOUND `SET_NOT_FOUND`,
+   * Errors: INVALID_ARGUMENT `SPID_OUT_OF_RANGE`, `HOLDER_INVALID`, `SET_UNKNOWN`; NOT_FOUND
    * `SPID_NOT_FOUND`, `IOASID_FREE_PENDING`.
    */
   findBySpid: handleUnaryCall<FindBySpidRequest, FindBySpidResponse>;
@@ -6848,7 +6848,7 @@ export interface CoreServiceServer extends UntypedServiceImplementation {
   describe: handleUnaryCall<DescribeRequest, DescribeResponse>;
   /**
    * ListIoasids returns the allocated IOASIDs of a set (or of all sets when `set_id` is 0).
-   * Errors: NOT_FOUND `SET_NOT_FOUND`.
+   * Errors: INVALID_ARGUMENT `SET_UNKNOWN`.
    */
   listIoasids: handleUnaryCall<ListIoasidsRequest, ListIoasidsResponse>;
   /**
@@ -6857,7 +6857,7 @@ export interface CoreServiceServer extends UntypedServiceImplementation {
    * (and pending again when it is destroyed). Registering on a set that already has IOASIDs is
    * refused: there is no replay, so no event is lost.
    * Errors: INVALID_ARGUMENT `SUBSCRIBER_INVALID`, `PRIORITY_INVALID`, `SCOPE_INVALID`,
-   * `EVENT_TYPE_INVALID`, `TOKEN_EMPTY`; NOT_FOUND `SET_NOT_FOUND`; FAILED_PRECONDITION
+   * `EVENT_TYPE_INVALID`, `TOKEN_EMPTY`, `SET_UNKNOWN`; FAILED_PRECONDITION
    * `SET_NOT_EMPTY`; ALREADY_EXISTS `REGISTRATION_EXISTS`.
    */
   register: handleUnaryCall<RegisterRequest, RegisterResponse>;
@@ -6916,7 +6916,7 @@ export interface CoreServiceClient extends Client {
   ): ClientUnaryCall;
   /**
    * AdjustSet changes a set's quota (0: add all that is available).
-   * Errors: NOT_FOUND `SET_NOT_FOUND`; INVALID_ARGUMENT `QUOTA_INVALID`, `QUOTA_BELOW_USAGE`;
+   * Errors: INVALID_ARGUMENT `SET_UNKNOWN`, `QUOTA_INVALID`, `QUOTA_BELOW_USAGE`;
    * RESOURCE_EXHAUSTED `CAPACITY_EXHAUSTED`.
    */
   adjustSet(
@@ -6936,7 +6936,7 @@ export interface CoreServiceClient extends Client {
   ): ClientUnaryCall;
   /**
    * DestroySet destroys an empty set and returns its quota. Emits SET_FREE.
-   * Errors: NOT_FOUND `SET_NOT_FOUND`; FAILED_PRECONDITION `SET_NOT_EMPTY`.
+   * Errors: INVALID_ARGUMENT `SET_UNKNOWN`; FAILED_PRECONDITION `SET_NOT_EMPTY`.
    */
   destroySet(
     request: DestroySetRequest,
@@ -6956,7 +6956,7 @@ export interface CoreServiceClient extends Client {
   /**
    * FreeSet frees every IOASID of the set and destroys the set when the last one is reclaimed
    * (the crashed-guest path). Idempotent; always succeeds for an existing set.
-   * Errors: NOT_FOUND `SET_NOT_FOUND`.
+   * Errors: INVALID_ARGUMENT `SET_UNKNOWN`.
    */
   freeSet(
     request: FreeSetRequest,
@@ -7013,7 +7013,7 @@ export interface CoreServiceClient extends Client {
    * choice). It starts ACTIVE with one reference (the allocation reference, held by the set owner)
    * and a new generation. Emits ALLOC.
    * Errors: INVALID_ARGUMENT `IOASID_OUT_OF_RANGE`, `INVALID_RANGE`, `PRIVATE_DATA_TOO_LARGE`;
-   * NOT_FOUND `SET_NOT_FOUND`; FAILED_PRECONDITION `SET_FREEING`; RESOURCE_EXHAUSTED
+   * INVALID_ARGUMENT `SET_UNKNOWN`; FAILED_PRECONDITION `SET_FREEING`; RESOURCE_EXHAUSTED
    * `SET_QUOTA_EXCEEDED`, `IOASID_RANGE_EXHAUSTED`; UNAVAILABLE `ALLOCATOR_FAILED`.
    */
   alloc(
@@ -7055,7 +7055,7 @@ export interface CoreServiceClient extends Client {
    * the owner and is idempotent: a second free changes nothing and emits nothing. When the
    * allocation reference was the only one, the IOASID is reclaimed at once and no FREE is emitted;
    * otherwise FREE is emitted and the IOASID is reclaimed when the last holder puts.
-   * Errors: INVALID_ARGUMENT `IOASID_OUT_OF_RANGE`; NOT_FOUND `SET_NOT_FOUND`, `IOASID_NOT_FOUND`;
+   * Errors: INVALID_ARGUMENT `IOASID_OUT_OF_RANGE`, `SET_UNKNOWN`; NOT_FOUND `IOASID_NOT_FOUND`;
    * PERMISSION_DENIED `IOASID_NOT_IN_SET`; FAILED_PRECONDITION `STALE_GENERATION`.
    */
   free(request: FreeRequest, callback: (error: ServiceError | null, response: FreeResponse) => void): ClientUnaryCall;
@@ -7121,7 +7121,7 @@ export interface CoreServiceClient extends Client {
   /**
    * FindBySpid translates an SPID of the set to its IOASID, taking a reference for `holder` when
    * one is given.
-   * Errors: INVALID_ARGUMENT `SPID_OUT_OF_RANGE`, `HOLDER_INVALID`; NOT_FOUND `SET_NOT_FOUND`,
+   * Errors: INVALID_ARGUMENT `SPID_OUT_OF_RANGE`, `HOLDER_INVALID`, `SET_UNKNOWN`; NOT_FOUND
    * `SPID_NOT_FOUND`, `IOASID_FREE_PENDING`.
    */
   findBySpid(
@@ -7239,7 +7239,7 @@ export interface CoreServiceClient extends Client {
   ): ClientUnaryCall;
   /**
    * ListIoasids returns the allocated IOASIDs of a set (or of all sets when `set_id` is 0).
-   * Errors: NOT_FOUND `SET_NOT_FOUND`.
+   * Errors: INVALID_ARGUMENT `SET_UNKNOWN`.
    */
   listIoasids(
     request: ListIoasidsRequest,
@@ -7262,7 +7262,7 @@ export interface CoreServiceClient extends Client {
    * (and pending again when it is destroyed). Registering on a set that already has IOASIDs is
    * refused: there is no replay, so no event is lost.
    * Errors: INVALID_ARGUMENT `SUBSCRIBER_INVALID`, `PRIORITY_INVALID`, `SCOPE_INVALID`,
-   * `EVENT_TYPE_INVALID`, `TOKEN_EMPTY`; NOT_FOUND `SET_NOT_FOUND`; FAILED_PRECONDITION
+   * `EVENT_TYPE_INVALID`, `TOKEN_EMPTY`, `SET_UNKNOWN`; FAILED_PRECONDITION
    * `SET_NOT_EMPTY`; ALREADY_EXISTS `REGISTRATION_EXISTS`.
    */
   register(

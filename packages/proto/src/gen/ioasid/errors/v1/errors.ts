@@ -57,7 +57,12 @@ export enum ErrorReason {
   ERROR_REASON_COUNT_INVALID = 16,
   /** ERROR_REASON_INVALID_FIELD - INVALID_ARGUMENT. A required field is missing or malformed; ErrorInfo metadata `field` names it. */
   ERROR_REASON_INVALID_FIELD = 17,
-  /** ERROR_REASON_SET_NOT_FOUND - NOT_FOUND. No IOASID set has this id (or token). */
+  /**
+   * ERROR_REASON_SET_UNKNOWN - INVALID_ARGUMENT. The call names a set that does not exist (the kernel's -EINVAL for an
+   * invalid set). A lookup of a set that finds nothing is NOT_FOUND `SET_NOT_FOUND`.
+   */
+  ERROR_REASON_SET_UNKNOWN = 42,
+  /** ERROR_REASON_SET_NOT_FOUND - NOT_FOUND. A set lookup (GetSet, by id or token) found nothing. */
   ERROR_REASON_SET_NOT_FOUND = 18,
   /** ERROR_REASON_IOASID_NOT_FOUND - NOT_FOUND. The IOASID is not allocated. */
   ERROR_REASON_IOASID_NOT_FOUND = 19,
@@ -270,6 +275,9 @@ export function errorReasonFromJSON(object: any): ErrorReason {
     case 17:
     case "ERROR_REASON_INVALID_FIELD":
       return ErrorReason.ERROR_REASON_INVALID_FIELD;
+    case 42:
+    case "ERROR_REASON_SET_UNKNOWN":
+      return ErrorReason.ERROR_REASON_SET_UNKNOWN;
     case 18:
     case "ERROR_REASON_SET_NOT_FOUND":
       return ErrorReason.ERROR_REASON_SET_NOT_FOUND;
@@ -519,6 +527,8 @@ export function errorReasonToJSON(object: ErrorReason): string {
       return "ERROR_REASON_COUNT_INVALID";
     case ErrorReason.ERROR_REASON_INVALID_FIELD:
       return "ERROR_REASON_INVALID_FIELD";
+    case ErrorReason.ERROR_REASON_SET_UNKNOWN:
+      return "ERROR_REASON_SET_UNKNOWN";
     case ErrorReason.ERROR_REASON_SET_NOT_FOUND:
       return "ERROR_REASON_SET_NOT_FOUND";
     case ErrorReason.ERROR_REASON_IOASID_NOT_FOUND:

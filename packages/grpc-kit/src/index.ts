@@ -1,0 +1,83 @@
+/**
+ * gRPC plumbing shared by every ioasid-fabric service: the error model on the wire (DESIGN §8),
+ * promise-based server handlers and clients with deadlines, health, reflection, graceful shutdown,
+ * configuration from the environment and the JSON logger.
+ */
+export {
+  adaptService,
+  serviceNameOf,
+  type AdaptServiceOptions,
+  type AnyMethodDefinition,
+  type AnyServiceDefinition,
+  type BidiStreamHandler,
+  type CallContext,
+  type ClientStreamHandler,
+  type MethodHandler,
+  type RequestOf,
+  type ResponseOf,
+  type Send,
+  type ServerStreamHandler,
+  type ServiceHandlers,
+  type UnaryHandler,
+} from "./adapt-service.js";
+export { checkHealth, watchHealth, HealthServiceDefinition, type CheckHealthOptions } from "./check-health.js";
+export {
+  createClient,
+  waitForReady,
+  type BidiStream,
+  type CallOptions,
+  type ClientConstructor,
+  type ClientMethod,
+  type ClientStream,
+  type CreateClientOptions,
+  type PromiseClient,
+} from "./create-client.js";
+export { createLogger, isLogLevel, LogLevel, type CreateLoggerOptions } from "./create-logger.js";
+export { createEchoHandlers, createEchoServer } from "./echo-server.js";
+export {
+  createGrpcServer,
+  formatAddress,
+  GrpcServer,
+  HEALTH_SERVICE_NAME,
+  ServingStatus,
+  type GrpcServerOptions,
+} from "./grpc-server.js";
+export {
+  ConfigError,
+  ConfigKind,
+  configOrExit,
+  defineConfigSchema,
+  describeConfig,
+  loadConfig,
+  parseAddress,
+  type AddressVar,
+  type BooleanVar,
+  type Config,
+  type ConfigOrExitOptions,
+  type ConfigProblem,
+  type ConfigSchema,
+  type ConfigValue,
+  type ConfigVar,
+  type DurationVar,
+  type EnumVar,
+  type HostPort,
+  type IntVar,
+  type PortVar,
+  type StringVar,
+  type UrlVar,
+} from "./load-config.js";
+export {
+  decodeErrorInfo,
+  decodeRpcStatus,
+  encodeErrorInfo,
+  encodeRpcStatus,
+  ERROR_INFO_TYPE_URL,
+  findErrorInfo,
+  STATUS_DETAILS_KEY,
+  type AnyMessage,
+  type ErrorInfo,
+  type RpcStatus,
+} from "./rpc-status.js";
+export { runUntilSignal, type RunUntilSignalOptions } from "./run-until-signal.js";
+export { isServiceError, toDomainError } from "./to-domain-error.js";
+export { INTERNAL_MESSAGE, toGrpcStatus, type ToGrpcStatusOptions } from "./to-grpc-status.js";

@@ -1,0 +1,150 @@
+import { describe, expect, expectTypeOf, it } from "vitest";
+import { ConfigError, configOrExit, defineConfigSchema, describeConfig, loadConfig, parseAddress, type HostPort } from "./load-config.js";
+
+const schema = defineConfigSchema({
+  address: { name: "IOASID_CORE_GRPC_ADDRESS", kind: "address", default: "127.0.0.1:50051", doc: "Where the core listens." },
+  port: { name: "IOASID_CORE_PORT", kind: "port", default: 0, doc: "Metrics port." },
+  capacityBits: { name: "IOASID_CAPACITY_BITS", kind: "int", min: 1, max: 20, default: 20, doc: "PASID width." },
+  natsUrl: { name: "NATS_URL", kind: "url", protocols: ["nats:", "tls:"], default: "nats://127.0.0.1:4222", doc: "NATS server." },
+  logLevel: { name: "LOG_LEVEL", kind: "enum", values: ["debug", "info", "warn"], default: "info", doc: "Log level." },
+  ackDeadline: { name: "IOASID_ACK_DEADLINE", kind: "duration-ms", default: 2000, doc: "Delivery deadline." },
+  persist: { name: "IOASID_PERSIST", kind: "boolean", default: true, doc: "Keep state in JetStream." },
+  instance: { name: "IOASID_INSTANCE", kind: "string", doc: "Instance name." },
+  zone: { name: "IOASID_ZONE", kind: "string", optional: true, doc: "Zone label." },
+});
+
+describe("loadConfig", () => {
+  it("applies defaults and returns typed values", () => {
+    const config = loadConfig(schema, { IOASID_INSTANCE: "core-0" });
+    expect(config).toEqual({
+      address: { host: "127.0.0.1", port: 50051, address: "127.0.0.1:50051" },
+      port: 0,
+      capacityBits: 20,
+      natsUrl: "nats://127.0.0.1:4222",
+      logLevel: "info",
+      ackDeadline: 2000,
+      persist: true,
+      instance: "core-0",
+      zone: undefined,
+    });
+    expectTypeOf(config.address).toEqualTypeOf<HostPort>();
+    expectTypeOf(config.logLevel).toEqualTypeOf<"debug" | "info" | "warn">();
+    expectTypeOf(config.ackDeadline).toEqualTypeOf<number>();
+    expectTypeOf(config.zone).toEqualTypeOf<string | undefined>();
+    expectTypeOf(config.instance).toEqualTypeOf<string>();
+  });
+
+  it("parses every kind from the environment", () => {
+    const config = loadConfig(schema, {
+      IOASID_CORE_GRPC_ADDRESS: "[::1]:0",
+      IOASID_CORE_PORT: "9090",
+      IOASID_CAPACITY_BITS: "16",
+      NATS_URL: "tls://nats.example:4443",
+      LOG_LEVEL: "debug",
+      IOASID_ACK_DEADLINE: "1.5s",
+      IOASID_PERSIST: "off",
+      IOASID_INSTANCE: "core-1",
+      IOASID_ZONE: "rack-3",
+    });
+    expect(config.address).toEqual({ host: "::1", port: 0, address: "[::1]:0" });
+    expect(config).toMatchObject({ port: 9090, capacityBits: 16, logLevel: "debug", ackDeadline: 1500, persist: false, zone: "rack-3" });
+  });
+
+  it("treats an empty variable as unset", () => {
+    expect(loadConfig(schema, { IOASID_INSTANCE: "x", IOASID_CORE_PORT: "  " }).port).toBe(0);
+  });
+
+  it("collects every bad variable into one ConfigError, each with what was expected", () => {
+    const err = (() => {
+      try {
+        loadConfig(schema, {
+          IOASID_CORE_GRPC_ADDRESS: "localhost",
+          IOASID_CORE_PORT: "abc",
+          IOASID_CAPACITY_BITS: "21",
+          NATS_URL: "http://x",
+          LOG_LEVEL: "loud",
+          IOASID_ACK_DEADLINE: "soon",
+          IOASID_PERSIST: "maybe",
+        });
+      } catch (e) {
+        return e;
+      }
+      return undefined;
+    })();
+    expect(err).toBeInstanceOf(ConfigError);
+    const configError = err as ConfigError;
+    expect(configError.problems.map((p) => p.name)).toEqual([
+      "IOASID_CORE_GRPC_ADDRESS",
+      "IOASID_CORE_PORT",
+      "IOASID_CAPACITY_BITS",
+      "NATS_URL",
+      "LOG_LEVEL",
+      "IOASID_ACK_DEADLINE",
+      "IOASID_PERSIST",
+      "IOASID_INSTANCE",
+    ]);
+    expect(configError.message).toContain('IOASID_CORE_PORT="abc": expected an integer port 0..65535');
+    expect(configError.message).toContain('IOASID_CAPACITY_BITS="21": expected an integer 1..20');
+    expect(configError.message).toContain('LOG_LEVEL="loud": expected one of debug, info, warn');
+    expect(configError.message).toContain('NATS_URL="http://x": expected a URL with scheme nats: or tls:');
+    expect(configError.message).toContain("IOASID_INSTANCE is not set: expected a value");
+    expect(configError.message).toMatch(/^invalid configuration \(8 problems\)/);
+  });
+
+  it("reports an invalid default as a problem of the schema", () => {
+    const broken = defineConfigSchema({ p: { name: "P", kind: "port", default: 70000, doc: "d" } });
+    expect(() => loadConfig(broken, {})).toThrow('P (default)="70000": expected an integer port 0..65535');
+  });
+});
+
+describe("parseAddress", () => {
+  it("accepts host:port and [v6]:port, refuses the rest", () => {
+    expect(parseAddress("vfio:7000")).toEqual({ host: "vfio", port: 7000, address: "vfio:7000" });
+    expect(parseAddress("::1:80")).toBeUndefined();
+    expect(parseAddress("host:65536")).toBeUndefined();
+    expect(parseAddress(":80")).toBeUndefined();
+  });
+});
+
+describe("describeConfig", () => {
+  it("lists every variable with its doc, what it accepts and its default", () => {
+    const help = describeConfig(schema);
+    for (const v of Object.values(schema)) expect(help).toContain(v.name);
+    expect(help).toContain("Where the core listens.");
+    expect(help).toContain("default 127.0.0.1:50051");
+    expect(help).toMatch(/IOASID_INSTANCE[^\n]*\n[^\n]*required/);
+  });
+});
+
+describe("configOrExit", () => {
+  class Exit extends Error {
+    constructor(readonly code: number) {
+      super(`exit ${code}`);
+    }
+  }
+  const exit = (code: number): never => {
+    throw new Exit(code);
+  };
+
+  it("prints every problem to stderr and exits 2", () => {
+    let stderr = "";
+    const run = () =>
+      configOrExit(schema, { service: "ioasid-core", env: { IOASID_CORE_PORT: "abc" }, argv: [], exit, stderr: { write: (t: string) => (stderr += t) } });
+    expect(run).toThrow(Exit);
+    expect(() => run()).toThrow(expect.objectContaining({ code: 2 }));
+    expect(stderr).toContain("ioasid-core: invalid configuration (2 problems)");
+    expect(stderr).toContain('IOASID_CORE_PORT="abc"');
+  });
+
+  it("prints the variables on --help and exits 0", () => {
+    let stdout = "";
+    expect(() => configOrExit(schema, { service: "ioasid-core", env: {}, argv: ["--help"], exit, stdout: { write: (t: string) => (stdout += t) } })).toThrow(
+      expect.objectContaining({ code: 0 }),
+    );
+    expect(stdout).toContain("NATS_URL");
+  });
+
+  it("returns the configuration when it is valid", () => {
+    expect(configOrExit(schema, { service: "ioasid-core", env: { IOASID_INSTANCE: "a" }, argv: [], exit }).instance).toBe("a");
+  });
+});

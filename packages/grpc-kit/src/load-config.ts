@@ -1,0 +1,323 @@
+/** Kinds of configuration variable {@link loadConfig} understands, as a closed set. */
+export const ConfigKind = {
+  string: "string",
+  int: "int",
+  port: "port",
+  address: "address",
+  url: "url",
+  enum: "enum",
+  durationMs: "duration-ms",
+  boolean: "boolean",
+} as const;
+export type ConfigKind = (typeof ConfigKind)[keyof typeof ConfigKind];
+
+interface VarBase {
+  /** Environment variable name, e.g. `IOASID_CORE_GRPC_ADDRESS`. */
+  readonly name: string;
+  /** One sentence for `--help`: what the variable sets, in the service's words. */
+  readonly doc: string;
+  /** Without a default, an unset variable is an error, unless `optional` (the value is then undefined). */
+  readonly optional?: boolean;
+}
+
+/** Any text. */
+export interface StringVar extends VarBase {
+  readonly kind: "string";
+  readonly default?: string;
+}
+/** An integer, optionally bounded (inclusive). */
+export interface IntVar extends VarBase {
+  readonly kind: "int";
+  readonly min?: number;
+  readonly max?: number;
+  readonly default?: number;
+}
+/** A TCP port 0..65535 (0 = ephemeral). */
+export interface PortVar extends VarBase {
+  readonly kind: "port";
+  readonly default?: number;
+}
+/** `host:port` (IPv6 literals in brackets); the value is a {@link HostPort}. */
+export interface AddressVar extends VarBase {
+  readonly kind: "address";
+  /** In `host:port` form. */
+  readonly default?: string;
+}
+/** An absolute URL, optionally restricted to some schemes (`["nats:", "tls:"]`). */
+export interface UrlVar extends VarBase {
+  readonly kind: "url";
+  readonly protocols?: readonly string[];
+  readonly default?: string;
+}
+/** One of a fixed set of words. */
+export interface EnumVar<V extends string = string> extends VarBase {
+  readonly kind: "enum";
+  readonly values: readonly V[];
+  readonly default?: V;
+}
+/** A duration, in milliseconds: `250`, `250ms`, `5s`, `2m`, `1h`. */
+export interface DurationVar extends VarBase {
+  readonly kind: "duration-ms";
+  /** In milliseconds. */
+  readonly default?: number;
+}
+/** true/false (also 1/0, yes/no, on/off). */
+export interface BooleanVar extends VarBase {
+  readonly kind: "boolean";
+  readonly default?: boolean;
+}
+
+/** The declaration of one environment variable. */
+export type ConfigVar = StringVar | IntVar | PortVar | AddressVar | UrlVar | EnumVar | DurationVar | BooleanVar;
+
+/** A service's configuration: property name → the variable that sets it. */
+export type ConfigSchema = { readonly [key: string]: ConfigVar };
+
+/** A parsed `host:port`. */
+export interface HostPort {
+  /** Host name or IP literal (IPv6 without brackets). */
+  readonly host: string;
+  /** 0..65535. */
+  readonly port: number;
+  /** `host:port` again, brackets restored for IPv6: what clients and `listen` take. */
+  readonly address: string;
+}
+
+type BaseValueOf<V> = V extends { kind: "int" | "port" | "duration-ms" }
+  ? number
+  : V extends { kind: "boolean" }
+    ? boolean
+    : V extends { kind: "address" }
+      ? HostPort
+      : V extends { kind: "enum"; values: readonly (infer E)[] }
+        ? E
+        : string;
+
+/** The value type of one variable: undefined only when it is optional and has no default. */
+export type ConfigValue<V> = V extends { default: unknown }
+  ? BaseValueOf<V>
+  : V extends { optional: true }
+    ? BaseValueOf<V> | undefined
+    : BaseValueOf<V>;
+
+/** The typed configuration a schema describes. */
+export type Config<S extends ConfigSchema> = { readonly [K in keyof S]: ConfigValue<S[K]> };
+
+/** One bad variable: its name, its raw value (undefined if unset) and what was expected. */
+export interface ConfigProblem {
+  readonly name: string;
+  readonly value: string | undefined;
+  readonly expected: string;
+}
+
+/**
+ * The configuration of a service is invalid: lists every bad variable at once (not just the first),
+ * each as `NAME="value": expected …`.
+ */
+export class ConfigError extends Error {
+  override readonly name = "ConfigError";
+  /** Every problem found. */
+  readonly problems: readonly ConfigProblem[];
+
+  constructor(problems: readonly ConfigProblem[]) {
+    const lines = problems.map((p) =>
+      p.value === undefined ? `${p.name} is not set: expected ${p.expected}` : `${p.name}=${JSON.stringify(p.value)}: expected ${p.expected}`,
+    );
+    super(`invalid configuration (${problems.length} ${problems.length === 1 ? "problem" : "problems"}):\n  ${lines.join("\n  ")}`);
+    this.problems = problems;
+  }
+}
+
+/**
+ * Identity function that keeps a schema's literal types (enum values), so that
+ * {@link loadConfig} can type the result: `const schema = defineConfigSchema({...})`.
+ */
+export function defineConfigSchema<const S extends ConfigSchema>(schema: S): S {
+  return schema;
+}
+
+/**
+ * Reads and validates a service's configuration from the environment. An empty variable counts as
+ * unset (the default applies). Collects every problem before failing.
+ *
+ * @throws ConfigError listing every invalid or missing variable.
+ * @example
+ * const config = loadConfig(defineConfigSchema({
+ *   address: { name: "IOASID_CORE_GRPC_ADDRESS", kind: "address", default: "127.0.0.1:50051",
+ *              doc: "Where the core's gRPC server listens." },
+ * }));
+ * await server.listen(config.address.host, config.address.port);
+ */
+export function loadConfig<const S extends ConfigSchema>(schema: S, env: NodeJS.ProcessEnv = process.env): Config<S> {
+  const problems: ConfigProblem[] = [];
+  const result: Record<string, unknown> = {};
+  for (const [key, variable] of Object.entries(schema)) {
+    const raw = env[variable.name];
+    const set = raw !== undefined && raw.trim() !== "";
+    if (!set && variable.default === undefined) {
+      if (variable.optional === true) result[key] = undefined;
+      else problems.push({ name: variable.name, value: undefined, expected: expectation(variable) });
+      continue;
+    }
+    const text = set ? raw : String(variable.default);
+    const parsed = parse(variable, text.trim());
+    if (parsed.ok) result[key] = parsed.value;
+    else problems.push({ name: set ? variable.name : `${variable.name} (default)`, value: text, expected: expectation(variable) });
+  }
+  if (problems.length > 0) throw new ConfigError(problems);
+  return result as Config<S>;
+}
+
+type Parsed = { readonly ok: true; readonly value: unknown } | { readonly ok: false };
+const bad: Parsed = { ok: false };
+
+function parse(variable: ConfigVar, text: string): Parsed {
+  switch (variable.kind) {
+    case "string":
+      return { ok: true, value: text };
+    case "int": {
+      const n = parseInteger(text);
+      if (n === undefined) return bad;
+      if (variable.min !== undefined && n < variable.min) return bad;
+      if (variable.max !== undefined && n > variable.max) return bad;
+      return { ok: true, value: n };
+    }
+    case "port": {
+      const n = parsePort(text);
+      return n === undefined ? bad : { ok: true, value: n };
+    }
+    case "address": {
+      const hp = parseAddress(text);
+      return hp === undefined ? bad : { ok: true, value: hp };
+    }
+    case "url": {
+      if (!URL.canParse(text)) return bad;
+      const url = new URL(text);
+      if (variable.protocols !== undefined && !variable.protocols.includes(url.protocol)) return bad;
+      return { ok: true, value: text };
+    }
+    case "enum":
+      return variable.values.includes(text) ? { ok: true, value: text } : bad;
+    case "duration-ms": {
+      const ms = parseDurationMs(text);
+      return ms === undefined ? bad : { ok: true, value: ms };
+    }
+    case "boolean": {
+      const lower = text.toLowerCase();
+      if (["true", "1", "yes", "on"].includes(lower)) return { ok: true, value: true };
+      if (["false", "0", "no", "off"].includes(lower)) return { ok: true, value: false };
+      return bad;
+    }
+  }
+}
+
+/** What a variable accepts, in words (the right-hand side of every problem line and of `--help`). */
+function expectation(variable: ConfigVar): string {
+  switch (variable.kind) {
+    case "string":
+      return "a value";
+    case "int":
+      if (variable.min !== undefined && variable.max !== undefined) return `an integer ${variable.min}..${variable.max}`;
+      if (variable.min !== undefined) return `an integer >= ${variable.min}`;
+      if (variable.max !== undefined) return `an integer <= ${variable.max}`;
+      return "an integer";
+    case "port":
+      return "an integer port 0..65535";
+    case "address":
+      return "host:port with a port 0..65535 (e.g. 127.0.0.1:50051)";
+    case "url":
+      return variable.protocols === undefined ? "an absolute URL" : `a URL with scheme ${variable.protocols.join(" or ")}`;
+    case "enum":
+      return `one of ${variable.values.join(", ")}`;
+    case "duration-ms":
+      return "a duration: milliseconds, or a number with ms, s, m or h (e.g. 250ms, 5s)";
+    case "boolean":
+      return "true or false (also 1/0, yes/no, on/off)";
+  }
+}
+
+function parseInteger(text: string): number | undefined {
+  if (!/^[+-]?\d+$/.test(text)) return undefined;
+  const n = Number(text);
+  return Number.isSafeInteger(n) ? n : undefined;
+}
+
+function parsePort(text: string): number | undefined {
+  const n = parseInteger(text);
+  return n !== undefined && n >= 0 && n <= 65535 ? n : undefined;
+}
+
+/** Parses `host:port` (`[v6]:port` for IPv6 literals); undefined when it is not one. */
+export function parseAddress(text: string): HostPort | undefined {
+  const match = /^(?:\[([^\]\s]+)\]|([^:\s[\]]+)):([^:]+)$/.exec(text);
+  if (match === null) return undefined;
+  const v6 = match[1];
+  const host = v6 ?? match[2];
+  const port = parsePort(match[3] ?? "");
+  if (host === undefined || port === undefined) return undefined;
+  return { host, port, address: v6 === undefined ? `${host}:${port}` : `[${host}]:${port}` };
+}
+
+const durationUnits: Readonly<Record<string, number>> = { "": 1, ms: 1, s: 1000, m: 60_000, h: 3_600_000 };
+
+function parseDurationMs(text: string): number | undefined {
+  const match = /^(\d+(?:\.\d+)?)\s*(ms|s|m|h)?$/.exec(text);
+  if (match === null) return undefined;
+  const ms = Number(match[1]) * (durationUnits[match[2] ?? ""] ?? Number.NaN);
+  return Number.isFinite(ms) ? Math.round(ms) : undefined;
+}
+
+/**
+ * The `--help` text of a schema: one entry per variable with what it accepts, its default and its doc.
+ */
+export function describeConfig(schema: ConfigSchema): string {
+  const entries = Object.values(schema);
+  const width = Math.max(0, ...entries.map((v) => v.name.length));
+  return entries
+    .map((v) => {
+      const dflt = v.default !== undefined ? `default ${String(v.default)}` : v.optional === true ? "optional" : "required";
+      return `  ${v.name.padEnd(width)}  ${v.doc}\n  ${" ".repeat(width)}  ${expectation(v)}; ${dflt}`;
+    })
+    .join("\n");
+}
+
+/** Options of {@link configOrExit}. */
+export interface ConfigOrExitOptions {
+  /** Service name, first word of every message. */
+  readonly service: string;
+  /** @default process.env */
+  readonly env?: NodeJS.ProcessEnv;
+  /** Command-line arguments; `--help`/`-h` prints {@link describeConfig} and exits 0. @default process.argv.slice(2) */
+  readonly argv?: readonly string[];
+  /** @default process.exit */
+  readonly exit?: (code: number) => void;
+  /** @default process.stderr */
+  readonly stderr?: { write(text: string): unknown };
+  /** @default process.stdout */
+  readonly stdout?: { write(text: string): unknown };
+}
+
+/**
+ * {@link loadConfig} for a service's main: on a {@link ConfigError} prints every problem to stderr
+ * and exits 2, before anything listens or connects; `--help` prints the variables and exits 0.
+ *
+ * @example
+ * const config = configOrExit(schema, { service: "ioasid-core" });
+ */
+export function configOrExit<const S extends ConfigSchema>(schema: S, options: ConfigOrExitOptions): Config<S> {
+  const exit = options.exit ?? ((code: number) => process.exit(code));
+  const argv = options.argv ?? process.argv.slice(2);
+  if (argv.includes("--help") || argv.includes("-h")) {
+    (options.stdout ?? process.stdout).write(`${options.service}: configured by environment variables\n\n${describeConfig(schema)}\n`);
+    exit(0);
+    throw new Error("exit(0) returned");
+  }
+  try {
+    return loadConfig(schema, options.env ?? process.env);
+  } catch (err) {
+    if (!(err instanceof ConfigError)) throw err;
+    (options.stderr ?? process.stderr).write(`${options.service}: ${err.message}\n`);
+    exit(2);
+    throw err;
+  }
+}

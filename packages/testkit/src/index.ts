@@ -1,0 +1,10 @@
+/**
+ * Test harness of ioasid-fabric: a nats-server on an ephemeral port with JetStream in a temp dir,
+ * the built services as child processes on ephemeral ports, and the bounded wait that replaces
+ * sleeps. Everything it starts is stopped by PID (and killed if the test runner exits first).
+ */
+export { canConnect } from "./can-connect.js";
+export type { ExitStatus } from "./managed-child.js";
+export { NATS_INSTALL_COMMAND, startNats, type NatsServer, type StartNatsOptions } from "./start-nats.js";
+export { startService, type ServiceProcess, type StartServiceOptions } from "./start-service.js";
+export { waitFor, type WaitForOptions } from "./wait-for.js";

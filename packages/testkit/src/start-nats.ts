@@ -1,0 +1,224 @@
+import { mkdtemp, rm, writeFile } from "node:fs/promises";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { canConnect } from "./can-connect.js";
+import { spawnManaged, terminate, type ManagedChild } from "./managed-child.js";
+import { waitFor } from "./wait-for.js";
+
+/** The one-line command that installs the nats-server the tests need (Debian's 2.9.x package). */
+export const NATS_INSTALL_COMMAND = "apt-get install -y nats-server";
+
+/** Options of {@link startNats}. */
+export interface StartNatsOptions {
+  /** nats-server executable. @default env NATS_SERVER_BIN, else "nats-server" on the PATH */
+  readonly binary?: string;
+  /** Enable JetStream (file store in the temp dir). @default true */
+  readonly jetstream?: boolean;
+  /** Time nats-server gets to accept connections, in ms. @default 10000 */
+  readonly readyTimeoutMs?: number;
+  /** Environment consulted for NATS_URL and NATS_SERVER_BIN. @default process.env */
+  readonly env?: NodeJS.ProcessEnv;
+  /** Extra nats-server configuration lines appended to the generated file. */
+  readonly extraConfig?: string;
+}
+
+/** A nats-server for a test: where it is, and how to stop, crash or restart it. */
+export interface NatsServer {
+  /** `nats://127.0.0.1:<port>`. */
+  readonly url: string;
+  /** Client port (the same across restarts). */
+  readonly port: number;
+  /** JetStream store directory, or undefined for an external server or without JetStream. */
+  readonly storeDir: string | undefined;
+  /** PID of the running nats-server, or undefined (external, or not running). */
+  readonly pid: number | undefined;
+  /** True when NATS_URL named a server the testkit does not own. */
+  readonly external: boolean;
+  /**
+   * Stops nats-server (SIGTERM, SIGKILL after 5 s) and removes its temp dir. Idempotent; a no-op for
+   * an external server.
+   */
+  stop(): Promise<void>;
+  /**
+   * Sends `signal` (default SIGKILL: a crash). For SIGKILL, SIGTERM, SIGINT and SIGQUIT it waits
+   * for the process to exit (SIGKILL after 5 s), keeping its store dir for
+   * {@link NatsServer.restart}; other signals (SIGHUP: reload config) are only delivered.
+   * @throws Error on an external server.
+   */
+  kill(signal?: NodeJS.Signals): Promise<void>;
+  /**
+   * Restarts nats-server on the same port with the same store dir (stopping it first if running),
+   * and waits until it accepts connections.
+   * @throws Error on an external server, after stop(), or when it does not come back.
+   */
+  restart(): Promise<void>;
+  /** nats-server's output so far. */
+  logs(): string;
+}
+
+/**
+ * Starts a nats-server for a test, nats.js `nst` style: a config file in a fresh temp dir with
+ * `port: -1` (ephemeral), host 127.0.0.1 and JetStream storing in that dir; the bound port is read
+ * back from its log, and the promise resolves once a TCP connection succeeds. When the environment
+ * has NATS_URL, that server is used instead and `stop()` does nothing.
+ *
+ * A missing nats-server is a failure whose message holds the install command, never a skip.
+ *
+ * @throws Error when nats-server is missing (`apt-get install -y nats-server`), exits, or is not
+ * ready within `readyTimeoutMs`.
+ * @example
+ * let nats: NatsServer;
+ * beforeEach(async () => { nats = await startNats(); });
+ * afterEach(async () => { await nats.stop(); });
+ */
+export async function startNats(options: StartNatsOptions = {}): Promise<NatsServer> {
+  const env = options.env ?? process.env;
+  const external = env["NATS_URL"];
+  if (external !== undefined && external !== "") return externalServer(external);
+
+  const binary = options.binary ?? env["NATS_SERVER_BIN"] ?? "nats-server";
+  const jetstream = options.jetstream ?? true;
+  const readyTimeoutMs = options.readyTimeoutMs ?? 10_000;
+  const dir = await mkdtemp(join(tmpdir(), "ioasid-nats-"));
+  const storeDir = jetstream ? join(dir, "jetstream") : undefined;
+  const configPath = join(dir, "nats-server.conf");
+
+  const writeConfig = (port: number): Promise<void> =>
+    writeFile(
+      configPath,
+      [
+        "host: 127.0.0.1",
+        `port: ${port}`,
+        ...(storeDir === undefined ? [] : [`jetstream {`, `  store_dir: ${JSON.stringify(storeDir)}`, `}`]),
+        options.extraConfig ?? "",
+        "",
+      ].join("\n"),
+    );
+
+  let managed: ManagedChild | undefined;
+  let port: number;
+  let stopped: Promise<void> | undefined;
+
+  const launch = async (fixedPort: number | undefined): Promise<number> => {
+    await writeConfig(fixedPort ?? -1);
+    const m = spawnManaged(binary, ["-c", configPath], {});
+    managed = m;
+    try {
+      return await waitUntilReady(m, binary, readyTimeoutMs);
+    } catch (err) {
+      await terminate(m, "SIGKILL", 1000).catch(() => undefined);
+      throw err;
+    }
+  };
+
+  try {
+    port = await launch(undefined);
+  } catch (err) {
+    await rm(dir, { recursive: true, force: true });
+    throw err;
+  }
+
+  return {
+    get url() {
+      return `nats://127.0.0.1:${port}`;
+    },
+    get port() {
+      return port;
+    },
+    storeDir,
+    get pid() {
+      return managed?.running() === true ? managed.child.pid : undefined;
+    },
+    external: false,
+    stop() {
+      stopped ??= (async () => {
+        if (managed !== undefined) await terminate(managed, "SIGTERM", 5000);
+        await rm(dir, { recursive: true, force: true });
+      })();
+      return stopped;
+    },
+    async kill(signal: NodeJS.Signals = "SIGKILL") {
+      if (managed === undefined || !managed.running()) return;
+      if (!ENDING_SIGNALS.has(signal)) {
+        managed.child.kill(signal);
+        return;
+      }
+      await terminate(managed, signal, 5000);
+    },
+    async restart() {
+      if (stopped !== undefined) throw new Error("nats-server was stopped; start a new one");
+      if (managed !== undefined) await terminate(managed, "SIGTERM", 5000);
+      const again = await launch(port);
+      if (again !== port) throw new Error(`nats-server restarted on port ${again}, not ${port}`);
+    },
+    logs: () => managed?.output.text() ?? "",
+  };
+}
+
+/** Signals after which nats-server exits. */
+const ENDING_SIGNALS: ReadonlySet<NodeJS.Signals> = new Set(["SIGKILL", "SIGTERM", "SIGINT", "SIGQUIT"]);
+
+const LISTENING = /Listening for client connections on (\S+):(\d+)/;
+const READY = /Server is ready/;
+
+/** Resolves with the client port once nats-server says it is ready and accepts a TCP connection. */
+async function waitUntilReady(managed: ManagedChild, binary: string, timeoutMs: number): Promise<number> {
+  let port: number | undefined;
+  let ready = false;
+  const scan = (line: string): void => {
+    const match = LISTENING.exec(line);
+    if (match !== null) port = Number(match[2]);
+    if (READY.test(line)) ready = true;
+  };
+  const stopScanning = managed.output.onLine(scan);
+  for (const line of managed.output.text().split("\n")) scan(line);
+  // The process ending first (or never starting) stops the wait with the reason why.
+  const controller = new AbortController();
+  managed.exited.then(
+    (status) =>
+      controller.abort(
+        new Error(
+          `nats-server exited (code ${String(status.code)}, signal ${String(status.signal)}) before it was ready; last output:\n${managed.output.tail()}`,
+        ),
+      ),
+    (err: unknown) => controller.abort(missingBinaryError(binary, err)),
+  );
+  try {
+    await waitFor(async () => ready && port !== undefined && (await canConnect("127.0.0.1", port, 500)), {
+      timeoutMs,
+      message: "nats-server to accept connections",
+      signal: controller.signal,
+    });
+  } catch (err) {
+    if (controller.signal.aborted) throw controller.signal.reason;
+    throw new Error(`${(err as Error).message}; last output:\n${managed.output.tail()}`, { cause: err });
+  } finally {
+    stopScanning();
+  }
+  if (port === undefined) throw new Error("nats-server reported no client port");
+  return port;
+}
+
+function missingBinaryError(binary: string, err: unknown): Error {
+  const code = (err as NodeJS.ErrnoException).code;
+  const what = code === "ENOENT" ? "not found" : `cannot be run (${String(code ?? err)})`;
+  return new Error(`nats-server ${what} at "${binary}": install it with \`${NATS_INSTALL_COMMAND}\` (or set NATS_URL)`, {
+    cause: err,
+  });
+}
+
+function externalServer(url: string): NatsServer {
+  const parsed = new URL(url.split(",")[0] ?? url);
+  const refuse = (what: string) => () => Promise.reject(new Error(`cannot ${what} the external nats-server at NATS_URL=${url}`));
+  return {
+    url,
+    port: Number(parsed.port === "" ? 4222 : parsed.port),
+    storeDir: undefined,
+    pid: undefined,
+    external: true,
+    stop: () => Promise.resolve(),
+    kill: refuse("kill"),
+    restart: refuse("restart"),
+    logs: () => "",
+  };
+}
