@@ -171,7 +171,10 @@ interface SetRecord {
   readonly id: number;
   readonly token: SetToken;
   quota: number;
-  readonly members: Set<number>;
+  /** First IOASID of the set's member list (threaded through `next`/`prev`), -1 when empty. */
+  head: number;
+  /** IOASIDs of the set not yet reclaimed. */
+  size: number;
   /** SPID → IOASID (S4: an SPID maps to at most one IOASID per set). */
   readonly spids: Map<number, number>;
   freeing: boolean;
@@ -186,6 +189,9 @@ interface RegistrationRecord {
   readonly mask: number;
   setId: number;
 }
+
+/** The result of a free that reclaimed at once: shared, so the hot path allocates nothing for it. */
+const RECLAIMED: FreeResult = Object.freeze({ outcome: "RECLAIMED", refcount: 0 });
 
 const STATE_FREE = 0;
 const STATE_ACTIVE = 1;
@@ -230,6 +236,9 @@ export class IoasidSpace {
   private readonly gen: Uint32Array;
   private readonly refs: Uint32Array;
   private readonly spidOf: Uint32Array;
+  /** Per-set member lists, intrusive and doubly linked: O(1) insert and remove, no hashing. */
+  private readonly next: Int32Array;
+  private readonly prev: Int32Array;
   /** Named references per IOASID, holder key → count; absent when only the allocation reference is held. */
   private readonly holders = new Map<number, Map<string, number>>();
   private readonly privateData = new Map<number, Uint8Array>();
@@ -262,6 +271,8 @@ export class IoasidSpace {
     this.gen = new Uint32Array(capacity);
     this.refs = new Uint32Array(capacity);
     this.spidOf = new Uint32Array(capacity);
+    this.next = new Int32Array(capacity);
+    this.prev = new Int32Array(capacity);
     this.available = capacity - 1;
     this.seq = options.lastSeq ?? 0;
     this.onEvent = options.onEvent;
@@ -295,7 +306,8 @@ export class IoasidSpace {
       id: this.nextSetId++,
       token,
       quota: granted,
-      members: new Set(),
+      head: -1,
+      size: 0,
       spids: new Map(),
       freeing: false,
     };
@@ -323,10 +335,10 @@ export class IoasidSpace {
     const set = this.requireSet(setId);
     this.assertQuotaValue(quota);
     const target = quota === 0 ? set.quota + this.available : quota;
-    if (target < set.members.size) {
+    if (target < set.size) {
       throw coreError(
         "QUOTA_BELOW_USAGE",
-        `set ${setId} has ${set.members.size} IOASIDs in use; a quota of ${target} is below that`,
+        `set ${setId} has ${set.size} IOASIDs in use; a quota of ${target} is below that`,
       );
     }
     if (target - set.quota > this.available) {
@@ -347,10 +359,10 @@ export class IoasidSpace {
    */
   destroySet(setId: number): void {
     const set = this.requireSet(setId);
-    if (set.members.size > 0) {
+    if (set.size > 0) {
       throw coreError(
         "SET_NOT_EMPTY",
-        `set ${setId} still has ${set.members.size} IOASIDs; free them first or free the whole set`,
+        `set ${setId} still has ${set.size} IOASIDs; free them first or free the whole set`,
       );
     }
     this.destroy(set);
@@ -366,13 +378,13 @@ export class IoasidSpace {
     const set = this.requireSet(setId);
     set.freeing = true;
     let freed = 0;
-    for (const ioasid of [...set.members]) {
+    for (const ioasid of this.membersOf(set).sort((a, b) => a - b)) {
       if (this.state[ioasid] === STATE_ACTIVE) {
         this.freeResolved(ioasid, set);
         freed++;
       }
     }
-    if (set.members.size === 0 && this.sets.has(set.id)) this.destroy(set);
+    if (set.size === 0 && this.sets.has(set.id)) this.destroy(set);
     return { freed, destroyed: !this.sets.has(set.id) };
   }
 
@@ -550,7 +562,7 @@ export class IoasidSpace {
     }
     this.spidOf[ioasid] = spid;
     set.spids.set(spid, ioasid);
-    this.emit(EventType.BIND, ioasid, set, this.gen[ioasid]!, spid, this.privateData.get(ioasid), this.refs[ioasid]!);
+    this.emit(EventType.BIND, ioasid, set, this.gen[ioasid]!, spid, this.dataOf(ioasid), this.refs[ioasid]!);
   }
 
   /**
@@ -567,7 +579,7 @@ export class IoasidSpace {
     this.spidOf[ioasid] = 0;
     set.spids.delete(spid);
     if (this.state[ioasid] === STATE_FREE_PENDING) return { spid, unbindEmitted: false };
-    this.emit(EventType.UNBIND, ioasid, set, this.gen[ioasid]!, spid, this.privateData.get(ioasid), this.refs[ioasid]!);
+    this.emit(EventType.UNBIND, ioasid, set, this.gen[ioasid]!, spid, this.dataOf(ioasid), this.refs[ioasid]!);
     return { spid, unbindEmitted: true };
   }
 
@@ -609,7 +621,7 @@ export class IoasidSpace {
   /** Every allocated IOASID of a set (or of all sets), in ascending order. */
   listIoasids(setId?: number): IoasidInfo[] {
     const ids =
-      setId === undefined ? [...this.sets.values()].flatMap((s) => [...s.members]) : [...this.requireSet(setId).members];
+      setId === undefined ? [...this.sets.values()].flatMap((s) => this.membersOf(s)) : this.membersOf(this.requireSet(setId));
     return ids.sort((a, b) => a - b).map((id) => this.info(id));
   }
 
@@ -793,10 +805,10 @@ export class IoasidSpace {
     if (options.privateData !== undefined) this.assertPrivateData(options.privateData);
     const set = this.requireSet(setId);
     if (set.freeing) throw coreError("SET_FREEING", `set ${setId} is being freed and takes no new IOASIDs`);
-    if (set.members.size + count > set.quota) {
+    if (set.size + count > set.quota) {
       throw coreError(
         "SET_QUOTA_EXCEEDED",
-        `set ${setId} has ${set.quota - set.members.size} of its quota of ${set.quota} left; ${count} asked`,
+        `set ${setId} has ${set.quota - set.size} of its quota of ${set.quota} left; ${count} asked`,
       );
     }
     return { set, min, max };
@@ -823,9 +835,9 @@ export class IoasidSpace {
     this.state[ioasid] = STATE_ACTIVE;
     this.setOf[ioasid] = set.id;
     this.refs[ioasid] = 1;
-    set.members.add(ioasid);
+    this.linkMember(set, ioasid);
     if (privateData !== undefined) this.privateData.set(ioasid, privateData.slice());
-    this.emit(EventType.ALLOC, ioasid, set, generation, 0, this.privateData.get(ioasid), 1);
+    this.emit(EventType.ALLOC, ioasid, set, generation, 0, this.dataOf(ioasid), 1);
     return { ioasid, generation };
   }
 
@@ -834,28 +846,29 @@ export class IoasidSpace {
     const refcount = --this.refs[ioasid]!; // the allocation reference
     if (refcount === 0) {
       this.reclaim(ioasid);
-      return { outcome: "RECLAIMED", refcount: 0 };
+      return RECLAIMED;
     }
-    this.emit(EventType.FREE, ioasid, set, this.gen[ioasid]!, this.spidOf[ioasid]!, this.privateData.get(ioasid), refcount);
+    this.emit(EventType.FREE, ioasid, set, this.gen[ioasid]!, this.spidOf[ioasid]!, this.dataOf(ioasid), refcount);
     return { outcome: "FREE_PENDING", refcount };
   }
 
   private reclaim(ioasid: number): void {
     const set = this.sets.get(this.setOf[ioasid]!)!;
     const spid = this.spidOf[ioasid]!;
-    const data = this.privateData.get(ioasid);
+    const data = this.dataOf(ioasid);
     const generation = this.gen[ioasid]!;
     if (spid !== 0) set.spids.delete(spid);
-    set.members.delete(ioasid);
+    this.unlinkMember(set, ioasid);
     this.state[ioasid] = STATE_FREE;
     this.setOf[ioasid] = 0;
     this.spidOf[ioasid] = 0;
-    this.holders.delete(ioasid);
-    this.privateData.delete(ioasid);
+    // Sparse maps are usually empty: skip the hashing then (the allocator's hot path).
+    if (this.holders.size !== 0) this.holders.delete(ioasid);
+    if (data !== undefined) this.privateData.delete(ioasid);
     this.bitmap.release(ioasid);
     this.emit(EventType.RECLAIM, ioasid, set, generation, spid, data, 0);
     this.custom?.free(ioasid);
-    if (set.freeing && set.members.size === 0) this.destroy(set);
+    if (set.freeing && set.size === 0) this.destroy(set);
   }
 
   private destroy(set: SetRecord): void {
@@ -873,6 +886,33 @@ export class IoasidSpace {
         else this.registrations.delete(reg.id);
       }
     }
+  }
+
+  private dataOf(ioasid: number): Uint8Array | undefined {
+    return this.privateData.size === 0 ? undefined : this.privateData.get(ioasid);
+  }
+
+  private linkMember(set: SetRecord, ioasid: number): void {
+    this.next[ioasid] = set.head;
+    this.prev[ioasid] = -1;
+    if (set.head >= 0) this.prev[set.head] = ioasid;
+    set.head = ioasid;
+    set.size++;
+  }
+
+  private unlinkMember(set: SetRecord, ioasid: number): void {
+    const p = this.prev[ioasid]!;
+    const n = this.next[ioasid]!;
+    if (p >= 0) this.next[p] = n;
+    else set.head = n;
+    if (n >= 0) this.prev[n] = p;
+    set.size--;
+  }
+
+  private membersOf(set: SetRecord): number[] {
+    const out: number[] = [];
+    for (let id = set.head; id >= 0; id = this.next[id]!) out.push(id);
+    return out;
   }
 
   private addRef(ioasid: number, key: string): number {
@@ -998,10 +1038,10 @@ export class IoasidSpace {
   }
 
   private assertEmptyForRegistration(set: SetRecord): void {
-    if (set.members.size > 0) {
+    if (set.size > 0) {
       throw coreError(
         "SET_NOT_EMPTY",
-        `set ${set.id} already has ${set.members.size} IOASIDs: register before the first allocation (no replay)`,
+        `set ${set.id} already has ${set.size} IOASIDs: register before the first allocation (no replay)`,
       );
     }
   }
@@ -1014,7 +1054,7 @@ export class IoasidSpace {
   }
 
   private setInfo(set: SetRecord): SetInfo {
-    return { id: set.id, token: set.token, quota: set.quota, inUse: set.members.size, freeing: set.freeing };
+    return { id: set.id, token: set.token, quota: set.quota, inUse: set.size, freeing: set.freeing };
   }
 
   private info(ioasid: number): IoasidInfo {
