@@ -1,15 +1,12 @@
-import { createRequire } from "node:module";
-import { dirname, join } from "node:path";
-import { loadSync } from "@grpc/proto-loader";
 import { Code } from "@ioasid/errors";
 import { testing } from "@ioasid/proto";
 import { afterEach, describe, expect, it } from "vitest";
-import type { AnyServiceDefinition } from "./adapt-service.js";
 import { checkHealth, watchHealth } from "./check-health.js";
 import { createClient } from "./create-client.js";
 import { createLogger } from "./create-logger.js";
 import { createEchoServer } from "./echo-server.js";
 import { HEALTH_SERVICE_NAME, ServingStatus, type GrpcServer } from "./grpc-server.js";
+import { listServices } from "./list-services.js";
 
 const ECHO = "ioasid.testing.v1.EchoService";
 
@@ -19,12 +16,6 @@ function memoryLogger(): { logger: ReturnType<typeof createLogger>; lines: Recor
   return { logger, lines };
 }
 
-/** The v1 reflection service definition, loaded from the .proto @grpc/reflection ships. */
-function reflectionDefinition(): AnyServiceDefinition {
-  const pkg = dirname(createRequire(import.meta.url).resolve("@grpc/reflection/package.json"));
-  const defs = loadSync(join(pkg, "build/proto/grpc/reflection/v1/reflection.proto"), { keepCase: true });
-  return defs["grpc.reflection.v1.ServerReflection"] as AnyServiceDefinition;
-}
 
 describe("GrpcServer", () => {
   let server: GrpcServer | undefined;
@@ -75,23 +66,7 @@ describe("GrpcServer", () => {
   it("answers server reflection with the services it serves", async () => {
     server = createEchoServer({ logger: createLogger("echo", { level: "silent" }) });
     const address = `127.0.0.1:${await server.listen()}`;
-    const reflection = createClient(reflectionDefinition(), address);
-    try {
-      const call = (reflection["ServerReflectionInfo"] as unknown as () => {
-        send(m: unknown): Promise<void>;
-        end(): void;
-        responses: AsyncIterable<{ list_services_response?: { service: { name: string }[] } }>;
-      })();
-      await call.send({ host: "", list_services: "" });
-      call.end();
-      const names: string[] = [];
-      for await (const response of call.responses) {
-        for (const s of response.list_services_response?.service ?? []) names.push(s.name);
-      }
-      expect(names.sort()).toEqual([HEALTH_SERVICE_NAME, ECHO].sort());
-    } finally {
-      reflection.close();
-    }
+    expect(await listServices(address)).toEqual([HEALTH_SERVICE_NAME, ECHO].sort());
   });
 
   it("shuts down idempotently, and completes even if it never listened", async () => {

@@ -1,0 +1,15 @@
+#!/usr/bin/env node
+// Container health check: `node health-probe.js [host:port] [service]` exits 0 when the gRPC
+// health service answers SERVING, 1 otherwise (docker/compose HEALTHCHECK).
+import { checkHealth } from "./check-health.js";
+
+const address = process.argv[2] ?? "127.0.0.1:50051";
+const service = process.argv[3] ?? "";
+try {
+  const status = await checkHealth(address, service, { deadlineMs: 2000 });
+  process.stdout.write(`${address} ${service || "(overall)"}: ${status}\n`);
+  process.exit(status === "SERVING" ? 0 : 1);
+} catch (err) {
+  process.stdout.write(`${address}: ${(err as Error).message}\n`);
+  process.exit(1);
+}
