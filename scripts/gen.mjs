@@ -7,6 +7,7 @@ import { mkdtempSync, readdirSync, readFileSync, rmSync, cpSync, statSync, exist
 import { tmpdir } from "node:os";
 import { join, relative, dirname } from "node:path";
 import { fileURLToPath } from "node:url";
+import { bufPath } from "./buf-path.mjs";
 
 const root = join(dirname(fileURLToPath(import.meta.url)), "..");
 const check = process.argv.includes("--check");
@@ -33,8 +34,8 @@ function generate(workDir) {
   const genDir = join(workDir, "packages/proto/src/gen");
   rmSync(genDir, { recursive: true, force: true });
   mkdirSync(genDir, { recursive: true });
-  run("buf", ["generate"], workDir);
-  run("buf", ["build", "--as-file-descriptor-set", "-o", "packages/proto/descriptors.binpb"], workDir);
+  run(bufPath(), ["generate"], workDir);
+  run(bufPath(), ["build", "--as-file-descriptor-set", "-o", "packages/proto/descriptors.binpb"], workDir);
 }
 
 if (!check) {

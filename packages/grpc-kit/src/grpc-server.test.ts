@@ -2,7 +2,6 @@ import { Code } from "@ioasid/errors";
 import { testing } from "@ioasid/proto";
 import { afterEach, describe, expect, it } from "vitest";
 import { checkHealth, watchHealth } from "./check-health.js";
-import { createClient } from "./create-client.js";
 import { createLogger } from "./create-logger.js";
 import { createEchoServer } from "./echo-server.js";
 import { HEALTH_SERVICE_NAME, ServingStatus, type GrpcServer } from "./grpc-server.js";
