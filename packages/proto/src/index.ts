@@ -10,4 +10,5 @@ export * as vdcm from "./gen/ioasid/vdcm/v1/vdcm.js";
 export * as core from "./gen/ioasid/core/v1/core.js";
 export * as events from "./gen/ioasid/events/v1/events.js";
 export * as errors from "./gen/ioasid/errors/v1/errors.js";
+export * as bus from "./gen/ioasid/bus/v1/bus.js";
 export { descriptorSetPath } from "./descriptors.js";

@@ -35,9 +35,12 @@ export class EventLog {
     this.ring = new Array<CommittedEvent | undefined>(this.retain);
   }
 
-  /** Appends an event (sequence numbers must increase) and tells every follower. */
-  append(event: IoasidEvent): CommittedEvent {
-    const committed: CommittedEvent = { ...event, commitTimeMs: this.now() };
+  /**
+   * Appends an event (sequence numbers must increase) and tells every follower.
+   * @param commitTimeMs when its operation was committed @default now
+   */
+  append(event: IoasidEvent, commitTimeMs?: number): CommittedEvent {
+    const committed: CommittedEvent = { ...event, commitTimeMs: commitTimeMs ?? this.now() };
     const last = this.last();
     if (last !== undefined && committed.seq <= last.seq) {
       throw new Error(`event seq ${committed.seq} does not follow ${last.seq}`);

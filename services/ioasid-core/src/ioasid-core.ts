@@ -1,5 +1,10 @@
-import { IoasidSpace, coreError, type Allocation, type CustomAllocator } from "@ioasid/ioasid";
-import { EventLog, type EventLogOptions } from "./event-log.js";
+import { coreError, IoasidSpace, MAX_BATCH_ALLOC, type Allocation, type IoasidEvent } from "@ioasid/ioasid";
+import type { Chain, DeliveryEngine, DeliveryTarget, MissedDelivery, SettledAck } from "@ioasid/bus";
+import type { events } from "@ioasid/proto";
+import { fromCommittedEvent } from "./convert.js";
+import { EventLog } from "./event-log.js";
+import type { OpLog } from "./op-log.js";
+import { applyOp, chainKey, StashedAllocator, type AckEntry, type ApplyContext, type OpRecord } from "./ops.js";
 
 /**
  * An external allocator as the core sees it: asynchronous (it lives in another process). The
@@ -16,113 +21,321 @@ export interface ExternalAllocator {
 }
 
 /** Options of {@link IoasidCore}. */
-export interface IoasidCoreOptions extends EventLogOptions {
+export interface IoasidCoreOptions {
   /** Size of the IOASID namespace. @default 2^20 */
   readonly capacity?: number;
+  /** Committed events kept for WatchEvents readers. @default 100_000 */
+  readonly retain?: number;
+  /** Reaches an external allocator (a gRPC client in the service). */
+  readonly externalAllocator?: (name: string, address: string) => ExternalAllocator;
+  /** Called when the operation log cannot be written: the process must stop (fail-stop). */
+  readonly onFatal?: (err: unknown) => void;
+  /** Where the core reports what it does not return (refused releases, missed deliveries). */
+  readonly log?: (level: "info" | "warn" | "error", msg: string, fields?: Record<string, unknown>) => void;
+}
+
+/** Delivery progress of one committed event. */
+interface DeliveryRecord {
+  readonly event: events.IoasidEvent;
+  readonly key: string;
+  readonly targets: readonly DeliveryTarget[];
+  readonly state: Map<number, "pending" | "acked" | "missed">;
+}
+
+interface Commit {
+  ready: boolean;
+  readonly chains: Chain[];
 }
 
 /**
- * The IOASID core of one host: the domain model ({@link IoasidSpace}), its log of committed events,
- * and the bridge that lets an asynchronous external allocator feed the synchronous model.
+ * The IOASID core of one host: the domain model, its operation log (durability), its event log
+ * (WatchEvents), and the delivery of committed events to notifier subscribers.
+ *
+ * Every state change is an operation: applied to the model synchronously, appended to the log in
+ * the same step, and answered when the append is acknowledged. Events are delivered only once the
+ * operation that emitted them is durable, in commit order. After a crash, {@link recover} replays
+ * the log: the same state, the same events, and delivery resumes where it stopped (acknowledged
+ * and missed deliveries are operations too).
  */
 export class IoasidCore {
   readonly space: IoasidSpace;
   readonly log: EventLog;
-  private external: ExternalAllocator | undefined;
-  /** The answer of the external allocator for the allocation being committed right now. */
-  private stashed: number | undefined;
+  private readonly ctx: ApplyContext;
+  private readonly options: IoasidCoreOptions;
+  private readonly externals = new Map<string, ExternalAllocator>();
+  private readonly deliveries = new Map<number, DeliveryRecord>();
+  private readonly commits: Commit[] = [];
+  private opLog: OpLog | undefined;
+  private engine: DeliveryEngine | undefined;
+  private captured: Chain[] = [];
+  private currentTs = 0;
+  private replaying = false;
 
   constructor(options: IoasidCoreOptions = {}) {
-    this.log = new EventLog(options);
+    this.options = options;
+    this.log = new EventLog(options.retain === undefined ? {} : { retain: options.retain });
     this.space = new IoasidSpace({
       ...(options.capacity === undefined ? {} : { capacity: options.capacity }),
-      onEvent: (e) => this.log.append(e),
+      onEvent: (e) => this.onEvent(e),
     });
-  }
-
-  /** Name of the external allocator in force, if any. */
-  get externalAllocator(): string | undefined {
-    return this.external?.name;
+    this.ctx = {
+      space: this.space,
+      allocator: undefined,
+      makeAllocator: (name, address) => {
+        const external = options.externalAllocator?.(name, address);
+        if (external !== undefined) this.externals.set(name, external);
+        // A reclaim during replay already happened once: the allocator was told then.
+        return new StashedAllocator(name, (id) => {
+          if (!this.replaying) this.externals.get(name)?.release(id);
+        });
+      },
+      onReleaseRefused: (ioasid, holder, reason) =>
+        this.options.log?.("warn", "release with an acknowledgement refused", { ioasid, holder, reason }),
+    };
   }
 
   /**
-   * Registers an external allocator. The model sees a synchronous {@link CustomAllocator} that
-   * hands out whatever the external allocator answered just before the model was called: the
-   * remote call is awaited first, then the model runs with no await in between, so concurrent
-   * allocations cannot take each other's answer.
+   * Makes the core durable and delivering: replays `opLog` (if given) to rebuild the state, then
+   * hands every unfinished delivery to `engine` (backlogs first, then chains in sequence order).
+   * @returns the number of operations replayed
    */
-  registerExternalAllocator(external: ExternalAllocator): void {
-    const bridge: CustomAllocator = {
-      name: external.name,
-      alloc: () => {
-        const id = this.stashed;
-        this.stashed = undefined;
-        return id;
-      },
-      free: (id) => external.release(id),
-    };
-    this.space.registerAllocator(bridge);
-    this.external = external;
+  async recover(opLog: OpLog | undefined, engine: DeliveryEngine | undefined): Promise<number> {
+    let n = 0;
+    if (opLog !== undefined) {
+      this.replaying = true;
+      try {
+        n = await opLog.replay((op) => {
+          this.currentTs = op.ts;
+          this.applyRecord(op);
+          this.captured = [];
+        });
+      } finally {
+        this.replaying = false;
+      }
+    }
+    this.opLog = opLog;
+    this.engine = engine;
+    if (engine !== undefined) {
+      const backlogs = new Map<string, { subscriber: DeliveryTarget["subscriber"]; items: Parameters<DeliveryEngine["restoreBacklog"]>[1][number][] }>();
+      for (const [seq, rec] of this.deliveries) {
+        for (const t of rec.targets) {
+          if (rec.state.get(t.registrationId) !== "missed") continue;
+          const k = `${t.subscriber.name}/${t.subscriber.instance}`;
+          let b = backlogs.get(k);
+          if (b === undefined) backlogs.set(k, (b = { subscriber: t.subscriber, items: [] }));
+          b.items.push({ seq, key: rec.key, registrationId: t.registrationId, event: rec.event });
+        }
+      }
+      for (const b of backlogs.values()) engine.restoreBacklog(b.subscriber, b.items);
+      for (const [seq, rec] of this.deliveries) {
+        const done = new Map<number, "acked" | "missed">();
+        for (const [reg, s] of rec.state) if (s !== "pending") done.set(reg, s);
+        engine.submit({ seq, key: rec.key, event: rec.event, targets: rec.targets, done });
+      }
+    }
+    return n;
   }
 
-  /** Returns to the default allocator. */
-  unregisterExternalAllocator(name: string): void {
-    this.space.unregisterAllocator(name);
-    this.external?.close();
-    this.external = undefined;
+  /**
+   * Applies an operation, appends it to the log, and resolves once it is durable (at once without
+   * a log). Throws the model's DomainError when the model refuses it: nothing is then recorded.
+   */
+  async commit(op: DistributiveOmit<OpRecord, "ts">): Promise<unknown> {
+    const { result, durable } = this.execute(op);
+    await durable;
+    return result;
   }
 
   /** Allocates one IOASID, through the external allocator when one is registered. */
   async alloc(setId: number, options: { min?: number; max?: number; privateData?: Uint8Array }): Promise<Allocation> {
-    const external = this.external;
-    if (external === undefined) return this.space.alloc(setId, options);
-    const min = options.min ?? 1;
-    const max = options.max ?? this.space.capacity - 1;
-    // Check the set before asking the remote allocator; the model checks the rest.
+    const bounds = {
+      ...(options.min === undefined ? {} : { min: options.min }),
+      ...(options.max === undefined ? {} : { max: options.max }),
+    };
+    const pd = options.privateData === undefined ? {} : { pd: Buffer.from(options.privateData).toString("base64") };
+    const bridge = this.ctx.allocator;
+    if (bridge === undefined) return (await this.commit({ t: "alloc", s: setId, ...bounds, ...pd })) as Allocation;
+    const external = this.externals.get(bridge.name);
     if (!this.space.listSets().some((s) => s.id === setId)) throw coreError("SET_UNKNOWN", `no IOASID set ${setId}`);
-    let answer: number;
+    let x: number;
     try {
-      answer = await external.allocate(min, max);
+      x = external === undefined ? 0 : await external.allocate(options.min ?? 1, options.max ?? this.space.capacity - 1);
     } catch (err) {
-      throw coreError("ALLOCATOR_FAILED", `allocator ${external.name} did not answer: ${(err as Error).message}`);
+      throw coreError("ALLOCATOR_FAILED", `allocator ${bridge.name} did not answer: ${(err as Error).message}`);
     }
-    if (this.external !== external) {
-      if (answer !== 0) external.release(answer);
-      throw coreError("ALLOCATOR_FAILED", `allocator ${external.name} was unregistered during the allocation`);
+    if (this.ctx.allocator !== bridge) {
+      if (x !== 0) external?.release(x);
+      throw coreError("ALLOCATOR_FAILED", `allocator ${bridge.name} was unregistered during the allocation`);
     }
-    this.stashed = answer === 0 ? undefined : answer;
+    let executed: { result: unknown; durable: Promise<void> };
     try {
-      return this.space.alloc(setId, options);
-    } finally {
-      // The model refused before consuming the answer: give the ID back.
-      if (this.stashed !== undefined) external.release(this.stashed);
-      this.stashed = undefined;
+      executed = this.execute({ t: "alloc", s: setId, ...bounds, ...pd, ...(x === 0 ? {} : { x }) });
+    } catch (err) {
+      if (x !== 0) external?.release(x); // the model refused: give the ID back
+      throw err;
     }
+    await executed.durable;
+    return executed.result as Allocation;
   }
 
   /** Allocates `count` IOASIDs, all or nothing. */
   async allocMany(setId: number, count: number, options: { min?: number; max?: number }): Promise<Allocation[]> {
-    if (this.external === undefined) return this.space.allocMany(setId, count, options);
-    if (!Number.isInteger(count) || count < 1 || count > 65_536) {
-      throw coreError("COUNT_INVALID", `count ${count} is outside 1..65536`);
+    const bounds = {
+      ...(options.min === undefined ? {} : { min: options.min }),
+      ...(options.max === undefined ? {} : { max: options.max }),
+    };
+    if (this.ctx.allocator === undefined) return (await this.commit({ t: "batch", s: setId, n: count, ...bounds })) as Allocation[];
+    if (!Number.isInteger(count) || count < 1 || count > MAX_BATCH_ALLOC) {
+      throw coreError("COUNT_INVALID", `count ${count} is outside 1..${MAX_BATCH_ALLOC}`);
     }
     const set = this.space.listSets().find((s) => s.id === setId);
     if (set === undefined) throw coreError("SET_UNKNOWN", `no IOASID set ${setId}`);
     if (set.inUse + count > set.quota) {
       throw coreError("SET_QUOTA_EXCEEDED", `set ${setId} has ${set.quota - set.inUse} of its quota of ${set.quota} left; ${count} asked`);
     }
+    // A custom allocator cannot be asked ahead: one at a time, undone on failure.
     const done: Allocation[] = [];
     try {
       for (let i = 0; i < count; i++) done.push(await this.alloc(setId, options));
     } catch (err) {
-      for (const a of done) this.space.free(setId, a.ioasid, a.generation);
+      for (const a of done) await this.commit({ t: "free", s: setId, i: a.ioasid, g: a.generation });
       throw err;
     }
     return done;
   }
 
-  /** Releases the external allocator's connection. */
+  /** Registers an external allocator reachable at `address`. */
+  async registerAllocator(name: string, address: string): Promise<void> {
+    try {
+      await this.commit({ t: "regAlloc", n: name, a: address });
+    } catch (err) {
+      this.externals.get(name)?.close();
+      if (this.ctx.allocator?.name !== name) this.externals.delete(name);
+      throw err;
+    }
+  }
+
+  /** Returns to the default allocator. */
+  async unregisterAllocator(name: string): Promise<void> {
+    await this.commit({ t: "unregAlloc", n: name });
+    this.externals.get(name)?.close();
+    this.externals.delete(name);
+  }
+
+  /** Name of the external allocator in force, if any. */
+  get externalAllocator(): string | undefined {
+    return this.ctx.allocator?.name;
+  }
+
+  /** The delivery engine's callback for acknowledgements: releases and records them in one step. */
+  onAcks(acks: readonly SettledAck[]): void {
+    const a: AckEntry[] = acks.map((k) => [
+      k.seq,
+      k.registrationId,
+      k.subscriber.name,
+      k.subscriber.instance,
+      k.releases,
+      k.event.setId,
+      k.event.ioasid,
+      k.event.generation,
+    ]);
+    this.execute({ t: "acks", a });
+  }
+
+  /** The delivery engine's callback for missed deliveries. */
+  onMissed(missed: readonly MissedDelivery[]): void {
+    for (const m of missed) {
+      this.options.log?.("warn", "delivery missed", { seq: m.seq, registration: m.registrationId, subscriber: `${m.subscriber.name}/${m.subscriber.instance}`, reason: m.reason });
+    }
+    this.execute({ t: "miss", a: missed.map((m) => [m.seq, m.registrationId] as const) });
+  }
+
+  /** Deliveries not yet acknowledged by every target (pending or missed), by event sequence. */
+  pendingDeliveries(): Array<{ seq: number; pending: number; missed: number }> {
+    return [...this.deliveries].map(([seq, r]) => {
+      let pending = 0;
+      let missed = 0;
+      for (const s of r.state.values()) {
+        if (s === "pending") pending++;
+        else if (s === "missed") missed++;
+      }
+      return { seq, pending, missed };
+    });
+  }
+
+  /** Releases external allocator connections. */
   close(): void {
-    this.external?.close();
+    for (const e of this.externals.values()) e.close();
+  }
+
+  private execute(op: DistributiveOmit<OpRecord, "ts">): { result: unknown; durable: Promise<void> } {
+    const record = { ...op, ts: Date.now() } as OpRecord;
+    this.currentTs = record.ts;
+    let result: unknown;
+    try {
+      result = this.applyRecord(record);
+    } catch (err) {
+      this.captured = [];
+      throw err;
+    }
+    const commit: Commit = { ready: false, chains: this.captured };
+    this.captured = [];
+    const durable = this.opLog === undefined ? Promise.resolve() : this.opLog.append(record);
+    this.commits.push(commit);
+    durable.then(
+      () => {
+        commit.ready = true;
+        this.flushCommits();
+      },
+      (err: unknown) => {
+        this.options.log?.("error", "operation log append failed: stopping (fail-stop)", { err: String(err), op: record.t });
+        this.options.onFatal?.(err);
+      },
+    );
+    return { result, durable };
+  }
+
+  /** Submits the chains of durable operations, in commit order. */
+  private flushCommits(): void {
+    while (this.commits.length > 0 && this.commits[0]!.ready) {
+      const commit = this.commits.shift()!;
+      if (this.engine !== undefined) for (const chain of commit.chains) this.engine.submit(chain);
+    }
+  }
+
+  private applyRecord(op: OpRecord): unknown {
+    const result = applyOp(this.ctx, op);
+    if (op.t === "acks") {
+      for (const [seq, reg] of op.a) this.mark(seq, reg, "acked");
+    } else if (op.t === "miss") {
+      for (const [seq, reg] of op.a) this.mark(seq, reg, "missed");
+    }
+    return result;
+  }
+
+  private mark(seq: number, reg: number, outcome: "acked" | "missed"): void {
+    const rec = this.deliveries.get(seq);
+    if (rec === undefined) return;
+    if (outcome === "missed" && rec.state.get(reg) === "acked") return;
+    rec.state.set(reg, outcome);
+    for (const s of rec.state.values()) if (s !== "acked") return;
+    this.deliveries.delete(seq);
+  }
+
+  private onEvent(e: IoasidEvent): void {
+    const committed = this.log.append(e, this.currentTs);
+    const targets: DeliveryTarget[] = this.space.recipients(e).map((r) => ({
+      registrationId: r.id,
+      subscriber: r.subscriber,
+      priority: r.priority,
+    }));
+    if (targets.length === 0) return;
+    const event = fromCommittedEvent(committed);
+    const key = chainKey(e);
+    this.deliveries.set(e.seq, { event, key, targets, state: new Map(targets.map((t) => [t.registrationId, "pending"])) });
+    this.captured.push({ seq: e.seq, key, event, targets });
   }
 }
+
+/** Omit over each member of a union. */
+type DistributiveOmit<T, K extends PropertyKey> = T extends unknown ? Omit<T, K> : never;

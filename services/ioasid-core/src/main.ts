@@ -1,6 +1,7 @@
 #!/usr/bin/env node
 import { configOrExit, createLogger, defineConfigSchema, runUntilSignal } from "@ioasid/grpc-kit";
 import { DEFAULT_CAPACITY, MAX_CAPACITY } from "@ioasid/ioasid";
+import { connect, type NatsConnection } from "@nats-io/transport-node";
 import { startCoreServer } from "./server.js";
 
 /** Configuration of ioasid-core, from the environment (`ioasid-core --help` lists it). */
@@ -27,6 +28,51 @@ export const coreConfigSchema = defineConfigSchema({
     default: 100_000,
     doc: "Committed events kept in memory for WatchEvents readers.",
   },
+  natsUrl: {
+    name: "NATS_URL",
+    kind: "url",
+    protocols: ["nats:", "tls:"],
+    default: "nats://127.0.0.1:4222",
+    doc: "NATS server (JetStream enabled) holding the operation log and carrying event delivery.",
+  },
+  natsConnectTimeout: {
+    name: "IOASID_NATS_CONNECT_TIMEOUT",
+    kind: "duration-ms",
+    default: 10_000,
+    doc: "How long to keep trying to reach NATS at start before giving up (exit 1).",
+  },
+  prefix: {
+    name: "IOASID_BUS_PREFIX",
+    kind: "string",
+    default: "ioasid.v1",
+    doc: "Subject prefix of the event bus (deliveries, hellos, the operation log).",
+  },
+  stream: {
+    name: "IOASID_CORE_STREAM",
+    kind: "string",
+    default: "IOASID_CORE_OPS",
+    doc: "JetStream stream holding the core's operation log (file storage).",
+  },
+  replicas: {
+    name: "IOASID_JS_REPLICAS",
+    kind: "int",
+    min: 1,
+    max: 5,
+    default: 1,
+    doc: "Replicas of the operation log stream: 1 on one server, 3 in a NATS cluster.",
+  },
+  deadlineMs: {
+    name: "IOASID_DELIVERY_DEADLINE",
+    kind: "duration-ms",
+    default: 2000,
+    doc: "Time a subscriber gets to acknowledge a delivery before it is recorded as missed.",
+  },
+  retryMs: {
+    name: "IOASID_DELIVERY_RETRY",
+    kind: "duration-ms",
+    default: 1000,
+    doc: "How often deliveries a subscriber missed are retried.",
+  },
   logLevel: {
     name: "LOG_LEVEL",
     kind: "enum",
@@ -38,11 +84,43 @@ export const coreConfigSchema = defineConfigSchema({
 
 const config = configOrExit(coreConfigSchema, { service: "ioasid-core" });
 const logger = createLogger("ioasid-core", { level: config.logLevel });
+const nc = await connectNats(config.natsUrl, config.natsConnectTimeout).catch((err: unknown) => {
+  logger.fatal({ url: config.natsUrl, err: String(err) }, "cannot reach NATS: start nats-server with JetStream (-js) or set NATS_URL");
+  process.exit(1);
+});
 const running = await startCoreServer({
   host: config.address.host,
   port: config.address.port,
   capacity: config.capacity,
   eventLogRetain: config.eventLogRetain,
   logger,
+  nats: { nc, prefix: config.prefix, stream: config.stream, replicas: config.replicas, deadlineMs: config.deadlineMs, retryMs: config.retryMs },
+  onFatal: (err) => {
+    logger.fatal({ err: String(err) }, "operation log unwritable: exiting so a restart replays a consistent log");
+    process.exit(1);
+  },
+}).catch((err: unknown) => {
+  logger.fatal({ err: String(err) }, "could not start");
+  process.exit(1);
 });
-runUntilSignal(running.server, { logger, beforeExit: () => running.core.close() });
+runUntilSignal(running.server, {
+  logger,
+  beforeExit: async () => {
+    await running.engine?.stop();
+    running.core.close();
+    await nc.drain();
+  },
+});
+
+/** Connects to NATS, retrying until `timeoutMs` has passed. */
+async function connectNats(url: string, timeoutMs: number): Promise<NatsConnection> {
+  const deadline = Date.now() + timeoutMs;
+  for (;;) {
+    try {
+      return await connect({ servers: url, name: "ioasid-core", maxReconnectAttempts: -1, reconnectTimeWait: 250 });
+    } catch (err) {
+      if (Date.now() >= deadline) throw err;
+      await new Promise((r) => setTimeout(r, 250));
+    }
+  }
+}

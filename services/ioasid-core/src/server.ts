@@ -1,7 +1,10 @@
 import { core } from "@ioasid/proto";
-import { coreError, INVALID_IOASID, MAX_BATCH_ALLOC } from "@ioasid/ioasid";
+import { coreError, INVALID_IOASID, MAX_BATCH_ALLOC, type FreeResult, type PutResult, type Registration, type SetInfo } from "@ioasid/ioasid";
 import { createClient, createGrpcServer, type GrpcServer, type ServiceHandlers } from "@ioasid/grpc-kit";
 import type { Logger } from "pino";
+import { DEFAULT_PREFIX, DeliveryEngine } from "@ioasid/bus";
+import type { NatsConnection } from "@nats-io/transport-node";
+import { OpLog } from "./op-log.js";
 import {
   fromCommittedEvent,
   fromIoasidInfo,
@@ -15,6 +18,7 @@ import {
 } from "./convert.js";
 import type { CommittedEvent } from "./event-log.js";
 import { IoasidCore, type ExternalAllocator } from "./ioasid-core.js";
+import { serializeRegisterOptions } from "./ops.js";
 
 const FREE_OUTCOME = {
   FREE_PENDING: core.FreeOutcome.FREE_OUTCOME_FREE_PENDING,
@@ -46,21 +50,22 @@ export const grpcExternalAllocator =
  * The CoreService handlers: each translates the wire request, calls the core, and translates the
  * answer. Errors are the domain's, thrown as they are (grpc-kit maps them to status + reason).
  */
-export function createCoreHandlers(
-  ioasidCore: IoasidCore,
-  externalAllocator: ExternalAllocatorFactory,
-): ServiceHandlers<typeof core.CoreServiceService> {
+export function createCoreHandlers(ioasidCore: IoasidCore): ServiceHandlers<typeof core.CoreServiceService> {
   const space = ioasidCore.space;
+  // Every state change goes through ioasidCore.commit: applied, logged, answered once durable.
+  const commit = (op: Parameters<IoasidCore["commit"]>[0]) => ioasidCore.commit(op);
   return {
-    createSet: (req) => ({
-      set: fromSetInfo(space.createSet({ token: toSetToken(req.tokenType, req.token), quota: req.quota })),
-    }),
-    adjustSet: (req) => ({ set: fromSetInfo(space.adjustSet(req.setId, req.quota)) }),
-    destroySet: (req) => {
-      space.destroySet(req.setId);
+    createSet: async (req) => {
+      const token = toSetToken(req.tokenType, req.token);
+      const set = (await commit({ t: "createSet", tt: token.type, tok: String(token.value), q: req.quota })) as SetInfo;
+      return { set: fromSetInfo(set) };
+    },
+    adjustSet: async (req) => ({ set: fromSetInfo((await commit({ t: "adjustSet", s: req.setId, q: req.quota })) as SetInfo) }),
+    destroySet: async (req) => {
+      await commit({ t: "destroySet", s: req.setId });
       return {};
     },
-    freeSet: (req) => space.freeSet(req.setId),
+    freeSet: async (req) => (await commit({ t: "freeSet", s: req.setId })) as { freed: number; destroyed: boolean },
     getSet: (req) => {
       if (req.setId !== 0) return { set: fromSetInfo(space.getSet(req.setId)) };
       const token = toSetToken(req.tokenType, req.token);
@@ -84,24 +89,32 @@ export function createCoreHandlers(
       }
       return { allocations: await ioasidCore.allocMany(req.setId, req.count, bounds(req)) };
     },
-    free: (req) => {
-      const r = space.free(req.setId, req.ioasid, req.generation);
+    free: async (req) => {
+      const r = (await commit({ t: "free", s: req.setId, i: req.ioasid, g: req.generation })) as FreeResult;
       return { outcome: FREE_OUTCOME[r.outcome], refcount: r.refcount };
     },
-    get: (req) => space.get(req.setId, req.ioasid, toHolder(req.holder)!, req.generation),
-    put: (req) => space.put(req.setId, req.ioasid, toHolder(req.holder)!, req.generation),
+    get: async (req) =>
+      (await commit({ t: "get", s: req.setId, i: req.ioasid, h: toHolder(req.holder)!, g: req.generation })) as { refcount: number },
+    put: async (req) => (await commit({ t: "put", s: req.setId, i: req.ioasid, h: toHolder(req.holder)!, g: req.generation })) as PutResult,
     find: (req) => ({ info: fromIoasidInfo(space.find(req.setId, req.ioasid, req.generation)) }),
-    findBySpid: (req) => space.findBySpid(req.setId, req.spid, toHolder(req.holder)),
-    attachSpid: (req) => {
-      space.attachSpid(req.setId, req.ioasid, req.spid, req.generation);
+    findBySpid: async (req) => {
+      const holder = toHolder(req.holder);
+      // Without a holder it is a read; with one it takes a reference, a state change.
+      if (holder === undefined) return space.findBySpid(req.setId, req.spid);
+      return (await commit({ t: "findBySpid", s: req.setId, sp: req.spid, h: holder })) as core.FindBySpidResponse;
+    },
+    attachSpid: async (req) => {
+      await commit({ t: "attachSpid", s: req.setId, i: req.ioasid, sp: req.spid, g: req.generation });
       return {};
     },
-    detachSpid: (req) => space.detachSpid(req.setId, req.ioasid, req.generation),
-    attachData: (req) => {
-      space.attachData(req.setId, req.ioasid, req.data, req.generation);
+    detachSpid: async (req) => (await commit({ t: "detachSpid", s: req.setId, i: req.ioasid, g: req.generation })) as core.DetachSpidResponse,
+    attachData: async (req) => {
+      await commit({ t: "attachData", s: req.setId, i: req.ioasid, d: Buffer.from(req.data).toString("base64"), g: req.generation });
       return {};
     },
-    detachData: (req) => ({ data: toBuffer(space.detachData(req.setId, req.ioasid, req.generation)) }),
+    detachData: async (req) => ({
+      data: toBuffer((await commit({ t: "detachData", s: req.setId, i: req.ioasid, g: req.generation })) as Uint8Array),
+    }),
     describe: (req) => {
       if (req.ioasid === 0 || req.ioasid >= space.capacity || req.ioasid === INVALID_IOASID) {
         throw coreError("IOASID_OUT_OF_RANGE", `IOASID ${req.ioasid} is outside 1..${space.capacity - 1}`);
@@ -113,27 +126,25 @@ export function createCoreHandlers(
     listIoasids: (req) => ({
       ioasids: space.listIoasids(req.setId === 0 ? undefined : req.setId).map(fromIoasidInfo),
     }),
-    register: (req) => ({ registration: fromRegistration(space.register(toRegisterOptions(req))) }),
-    unregister: (req) => {
-      space.unregister(req.registrationId);
+    register: async (req) => {
+      const options = toRegisterOptions(req);
+      const registration = (await commit({ t: "register", o: serializeRegisterOptions(options) })) as Registration;
+      return { registration: fromRegistration(registration) };
+    },
+    unregister: async (req) => {
+      await commit({ t: "unregister", r: req.registrationId });
       return {};
     },
     listRegistrations: () => ({ registrations: space.listRegistrations().map(fromRegistration) }),
-    registerAllocator: (req) => {
+    registerAllocator: async (req) => {
       if (!ALLOCATOR_ADDRESS.test(req.address)) {
         throw coreError("ALLOCATOR_INVALID", `allocator address ${JSON.stringify(req.address)} is not host:port`);
       }
-      const external = externalAllocator(req.name, req.address);
-      try {
-        ioasidCore.registerExternalAllocator(external);
-      } catch (err) {
-        external.close();
-        throw err;
-      }
+      await ioasidCore.registerAllocator(req.name, req.address);
       return {};
     },
-    unregisterAllocator: (req) => {
-      ioasidCore.unregisterExternalAllocator(req.name);
+    unregisterAllocator: async (req) => {
+      await ioasidCore.unregisterAllocator(req.name);
       return {};
     },
     getStats: () => {
@@ -194,6 +205,25 @@ export interface StartCoreServerOptions {
   readonly eventLogRetain?: number;
   readonly logger?: Logger;
   readonly externalAllocator?: ExternalAllocatorFactory;
+  /**
+   * NATS for durability and delivery: the operation log in JetStream and the delivery engine.
+   * Without it the core keeps its state in memory only and delivers nothing (unit tests).
+   */
+  readonly nats?: {
+    readonly nc: NatsConnection;
+    /** Subject prefix of the bus. @default "ioasid.v1" */
+    readonly prefix?: string;
+    /** JetStream stream of the operation log. @default "IOASID_CORE_OPS" */
+    readonly stream?: string;
+    /** Stream replicas (3 in a NATS cluster). @default 1 */
+    readonly replicas?: number;
+    /** Delivery deadline per batch, ms. @default 2000 */
+    readonly deadlineMs?: number;
+    /** Retry period of missed deliveries, ms. @default 1000 */
+    readonly retryMs?: number;
+  };
+  /** Called when the operation log cannot be written (the process must stop). */
+  readonly onFatal?: (err: unknown) => void;
 }
 
 /** A running core: its gRPC server, bound port and model. */
@@ -202,36 +232,71 @@ export interface RunningCore {
   readonly port: number;
   readonly address: string;
   readonly core: IoasidCore;
+  readonly engine: DeliveryEngine | undefined;
+  /** Operations replayed from the log at start. */
+  readonly replayed: number;
+  /** Time from start to serving, ms (replay included). */
+  readonly startupMs: number;
   /** Graceful stop. */
   close(graceMs?: number): Promise<void>;
 }
 
 /**
- * Starts the IOASID core's gRPC server (CoreService + health + reflection).
+ * Starts the IOASID core: replays its operation log (when NATS is given), resumes delivery, then
+ * serves CoreService + health + reflection. It listens only once its state is rebuilt.
  *
  * @example
- * const running = await startCoreServer({ port: 0 });
+ * const running = await startCoreServer({ port: 0, nats: { nc } });
  * console.log(running.address);
  */
 export async function startCoreServer(options: StartCoreServerOptions = {}): Promise<RunningCore> {
+  const t0 = performance.now();
+  const server = createGrpcServer({ service: "ioasid-core", ...(options.logger === undefined ? {} : { logger: options.logger }) });
+  const logger = server.logger;
   const ioasidCore = new IoasidCore({
     ...(options.capacity === undefined ? {} : { capacity: options.capacity }),
     ...(options.eventLogRetain === undefined ? {} : { retain: options.eventLogRetain }),
+    externalAllocator: options.externalAllocator ?? grpcExternalAllocator(logger),
+    log: (level, msg, fields) => logger[level](fields ?? {}, msg),
+    ...(options.onFatal === undefined ? {} : { onFatal: options.onFatal }),
   });
-  const server = createGrpcServer({ service: "ioasid-core", ...(options.logger === undefined ? {} : { logger: options.logger }) });
-  server.addService(
-    core.CoreServiceService,
-    createCoreHandlers(ioasidCore, options.externalAllocator ?? grpcExternalAllocator(server.logger)),
-  );
+  let engine: DeliveryEngine | undefined;
+  let opLog: OpLog | undefined;
+  if (options.nats !== undefined) {
+    const n = options.nats;
+    opLog = await OpLog.open(n.nc, {
+      ...(n.stream === undefined ? {} : { stream: n.stream }),
+      subject: `${n.prefix ?? DEFAULT_PREFIX}.core.ops`,
+      ...(n.replicas === undefined ? {} : { replicas: n.replicas }),
+    });
+    engine = new DeliveryEngine({
+      nc: n.nc,
+      ...(n.prefix === undefined ? {} : { prefix: n.prefix }),
+      ...(n.deadlineMs === undefined ? {} : { deadlineMs: n.deadlineMs }),
+      ...(n.retryMs === undefined ? {} : { retryMs: n.retryMs }),
+      onAcks: (acks) => ioasidCore.onAcks(acks),
+      onMissed: (missed) => ioasidCore.onMissed(missed),
+      log: (level, msg, fields) => logger[level](fields ?? {}, msg),
+    });
+  }
+  const replayed = await ioasidCore.recover(opLog, engine);
+  engine?.start();
+  server.addService(core.CoreServiceService, createCoreHandlers(ioasidCore));
   const host = options.host ?? "127.0.0.1";
   const port = await server.listen(host, options.port ?? 0);
+  const startupMs = performance.now() - t0;
+  logger.info({ replayed, startupMs: Math.round(startupMs), inUse: ioasidCore.space.stats().inUse }, "state recovered");
   return {
     server,
     port,
     address: `${host.includes(":") ? `[${host}]` : host}:${port}`,
     core: ioasidCore,
+    engine,
+    replayed,
+    startupMs,
     close: async (graceMs = 2000) => {
       await server.shutdown(graceMs);
+      await engine?.stop();
       ioasidCore.close();
     },
   };

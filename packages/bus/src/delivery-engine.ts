@@ -1,0 +1,411 @@
+import { randomBytes } from "node:crypto";
+import { headers as natsHeaders, type Msg, type NatsConnection, type Subscription } from "@nats-io/transport-node";
+import { bus, type events } from "@ioasid/proto";
+import { DEFAULT_PREFIX, deliverySubject, Headers, helloSubject } from "./subjects.js";
+
+/** Who receives deliveries: a subscriber is a role's name and instance. */
+export interface SubscriberId {
+  readonly name: string;
+  readonly instance: string;
+}
+
+/** One registration an event goes to, with its place in the call order. */
+export interface DeliveryTarget {
+  readonly registrationId: number;
+  readonly subscriber: SubscriberId;
+  /** Call order: higher first (CPU=3 … LAST=0). */
+  readonly priority: number;
+}
+
+/** What became of one delivery. */
+export type DeliveryOutcome = "acked" | "missed";
+
+/** One committed event and the registrations it goes to. */
+export interface Chain {
+  readonly seq: number;
+  /** Events with the same key are delivered in sequence order, one chain at a time (per IOASID). */
+  readonly key: string;
+  readonly event: events.IoasidEvent;
+  readonly targets: readonly DeliveryTarget[];
+  /** Outcomes already recorded (a chain resumed after a core restart skips these targets). */
+  readonly done?: ReadonlyMap<number, DeliveryOutcome>;
+}
+
+/** A settled acknowledgement, as the engine reports it. */
+export interface SettledAck {
+  readonly seq: number;
+  readonly registrationId: number;
+  readonly subscriber: SubscriberId;
+  readonly event: events.IoasidEvent;
+  /** Purposes of the subscriber's references released with the ack. */
+  readonly releases: readonly string[];
+  /** True for a redelivery of a missed event (the chain had moved on). */
+  readonly late: boolean;
+}
+
+/** A missed delivery, as the engine reports it. */
+export interface MissedDelivery {
+  readonly seq: number;
+  readonly registrationId: number;
+  readonly subscriber: SubscriberId;
+  readonly reason: string;
+}
+
+/** Options of {@link DeliveryEngine}. */
+export interface DeliveryEngineOptions {
+  readonly nc: NatsConnection;
+  /** Subject prefix. @default "ioasid.v1" */
+  readonly prefix?: string;
+  /** Time a subscriber gets to acknowledge a batch, in ms. @default 2000 */
+  readonly deadlineMs?: number;
+  /** How often missed deliveries are retried, in ms. @default 1000 */
+  readonly retryMs?: number;
+  /** Most deliveries in one message. @default 1000 */
+  readonly maxBatch?: number;
+  /**
+   * Called synchronously with every acknowledgement of one reply (apply the releases and record
+   * them in the same step, so the order of state changes is the order of the record).
+   */
+  readonly onAcks: (acks: readonly SettledAck[]) => void;
+  /** Called with deliveries that missed their deadline, were refused, or failed. */
+  readonly onMissed: (missed: readonly MissedDelivery[]) => void;
+  /** Called when every target of a chain has acked or missed. */
+  readonly onChainDone?: (seq: number) => void;
+  /** Where the engine reports transport trouble. @default no logging */
+  readonly log?: (level: "info" | "warn", msg: string, fields?: Record<string, unknown>) => void;
+}
+
+interface Item {
+  readonly seq: number;
+  readonly key: string;
+  readonly registrationId: number;
+  readonly event: events.IoasidEvent;
+  attempt: number;
+  resolve?: (outcome: DeliveryOutcome) => void;
+}
+
+/**
+ * The core side of ordered, acknowledged delivery (DESIGN §4). For each committed event it
+ * delivers to the registrations in priority tiers, highest first: no registration of a lower
+ * priority receives the event before every live subscriber of each higher priority acknowledged it
+ * (equal priorities run in parallel). Events of one key (one IOASID) run one chain at a time, in
+ * sequence order; chains of different keys are pipelined, and deliveries waiting for the same
+ * subscriber are batched into one message.
+ *
+ * A subscriber that misses a deadline, has no responder, or fails a handler is recorded as missed
+ * and stops being live: the chains move on without it, and everything for it goes to its backlog,
+ * in order, until a retry (every `retryMs`, or at once when it says hello) delivers the backlog.
+ */
+export class DeliveryEngine {
+  private readonly nc: NatsConnection;
+  private readonly prefix: string;
+  private readonly deadlineMs: number;
+  private readonly retryMs: number;
+  private readonly maxBatch: number;
+  private readonly options: DeliveryEngineOptions;
+  private readonly channels = new Map<string, Channel>();
+  private readonly tails = new Map<string, Promise<void>>();
+  private running = 0;
+  private idleWaiters: Array<() => void> = [];
+  private timer: NodeJS.Timeout | undefined;
+  private helloSub: Subscription | undefined;
+  private stopped = false;
+
+  constructor(options: DeliveryEngineOptions) {
+    this.options = options;
+    this.nc = options.nc;
+    this.prefix = options.prefix ?? DEFAULT_PREFIX;
+    this.deadlineMs = options.deadlineMs ?? 2000;
+    this.retryMs = options.retryMs ?? 1000;
+    this.maxBatch = options.maxBatch ?? 1000;
+  }
+
+  /** Starts answering hellos and retrying missed deliveries. */
+  start(): void {
+    this.helloSub = this.nc.subscribe(helloSubject(this.prefix), {
+      callback: (err, msg) => {
+        if (err === null) this.onHello(msg);
+      },
+    });
+    this.timer = setInterval(() => this.retryAll(), this.retryMs);
+    this.timer.unref();
+  }
+
+  /** Stops the timers and the hello subscription; chains in flight are abandoned. */
+  async stop(): Promise<void> {
+    this.stopped = true;
+    if (this.timer !== undefined) clearInterval(this.timer);
+    this.helloSub?.unsubscribe();
+  }
+
+  /** Queues a chain behind the earlier chains of its key. */
+  submit(chain: Chain): void {
+    const pending = chain.targets.filter((t) => !chain.done?.has(t.registrationId));
+    if (pending.length === 0) {
+      this.options.onChainDone?.(chain.seq);
+      return;
+    }
+    this.running++;
+    const prev = this.tails.get(chain.key);
+    const run = (): Promise<void> => this.runChain(chain, pending);
+    const next = (prev === undefined ? run() : prev.then(run)).finally(() => {
+      if (this.tails.get(chain.key) === next) this.tails.delete(chain.key);
+      if (--this.running === 0) for (const w of this.idleWaiters.splice(0)) w();
+    });
+    this.tails.set(chain.key, next);
+  }
+
+  /**
+   * Puts deliveries a subscriber missed before a core restart back in its backlog (in order).
+   * The subscriber is not live until they are delivered.
+   */
+  restoreBacklog(subscriber: SubscriberId, items: ReadonlyArray<{ seq: number; key: string; registrationId: number; event: events.IoasidEvent }>): void {
+    const channel = this.channel(subscriber);
+    channel.live = false;
+    for (const i of items) channel.backlog.push({ ...i, attempt: 1 });
+  }
+
+  /** Resolves when no chain is running (backlogs may remain). */
+  idle(): Promise<void> {
+    if (this.running === 0) return Promise.resolve();
+    return new Promise((resolve) => this.idleWaiters.push(resolve));
+  }
+
+  /** Per subscriber: live or not, and how many deliveries wait in its backlog. */
+  status(): Array<{ subscriber: SubscriberId; live: boolean; backlog: number }> {
+    return [...this.channels.values()].map((c) => ({ subscriber: c.id, live: c.live, backlog: c.backlog.length }));
+  }
+
+  /** Chains not yet finished. */
+  get runningChains(): number {
+    return this.running;
+  }
+
+  private async runChain(chain: Chain, pending: readonly DeliveryTarget[]): Promise<void> {
+    // Tiers in call order: CPU → DEVICE → IOMMU → LAST (higher priority first).
+    const tiers = new Map<number, DeliveryTarget[]>();
+    for (const t of pending) {
+      const tier = tiers.get(t.priority);
+      if (tier === undefined) tiers.set(t.priority, [t]);
+      else tier.push(t);
+    }
+    for (const priority of [...tiers.keys()].sort((a, b) => b - a)) {
+      const tier = tiers.get(priority)!;
+      if (tier.length === 1) await this.deliver(chain, tier[0]!);
+      else await Promise.all(tier.map((t) => this.deliver(chain, t)));
+    }
+    this.options.onChainDone?.(chain.seq);
+  }
+
+  private deliver(chain: Chain, target: DeliveryTarget): Promise<DeliveryOutcome> {
+    const channel = this.channel(target.subscriber);
+    const item: Item = { seq: chain.seq, key: chain.key, registrationId: target.registrationId, event: chain.event, attempt: 1 };
+    if (!channel.live || this.stopped) {
+      channel.backlog.push(item);
+      this.options.onMissed([{ seq: item.seq, registrationId: item.registrationId, subscriber: channel.id, reason: "not live" }]);
+      return Promise.resolve("missed");
+    }
+    return new Promise((resolve) => {
+      item.resolve = resolve;
+      channel.queue.push(item);
+      if (!channel.pumpScheduled && !channel.inFlight) {
+        channel.pumpScheduled = true;
+        // Let every chain step of this turn join the batch before it is sent.
+        queueMicrotask(() => {
+          channel.pumpScheduled = false;
+          this.pump(channel);
+        });
+      }
+    });
+  }
+
+  private channel(id: SubscriberId): Channel {
+    const key = `${id.name}/${id.instance}`;
+    let channel = this.channels.get(key);
+    if (channel === undefined) {
+      channel = {
+        id: { name: id.name, instance: id.instance },
+        subject: deliverySubject(this.prefix, id.name, id.instance),
+        live: true,
+        queue: [],
+        backlog: [],
+        inFlight: false,
+        pumpScheduled: false,
+      };
+      this.channels.set(key, channel);
+    }
+    return channel;
+  }
+
+  private pump(channel: Channel): void {
+    if (channel.inFlight || this.stopped) return;
+    if (!channel.live) {
+      // Items queued before the subscriber stopped being live go to its backlog, in order.
+      const queued = channel.queue.splice(0);
+      for (const item of queued) this.miss(channel, item, "not live");
+      void this.drain(channel);
+      return;
+    }
+    if (channel.queue.length === 0) return;
+    const items = channel.queue.splice(0, this.maxBatch);
+    channel.inFlight = true;
+    this.send(channel, items)
+      .then((acked) => {
+        const settled: SettledAck[] = [];
+        for (const item of items) {
+          const ack = acked.get(ackKey(item.seq, item.registrationId));
+          if (ack !== undefined && ack.status === bus.AckStatus.ACK_STATUS_SETTLED) {
+            settled.push(toSettled(channel, item, ack, false));
+          }
+        }
+        if (settled.length > 0) this.options.onAcks(settled);
+        for (const item of items) {
+          const ack = acked.get(ackKey(item.seq, item.registrationId));
+          if (ack !== undefined && ack.status === bus.AckStatus.ACK_STATUS_SETTLED) item.resolve?.("acked");
+          else this.miss(channel, item, ack === undefined ? "no ack" : `handler failed: ${ack.error}`);
+        }
+      })
+      .catch((err: unknown) => {
+        for (const item of items) this.miss(channel, item, describe(err));
+      })
+      .finally(() => {
+        channel.inFlight = false;
+        this.pump(channel);
+      });
+  }
+
+  private miss(channel: Channel, item: Item, reason: string): void {
+    if (channel.live) {
+      channel.live = false;
+      this.options.log?.("warn", "subscriber missed a delivery; chains move on without it", {
+        subscriber: `${channel.id.name}/${channel.id.instance}`,
+        seq: item.seq,
+        reason,
+      });
+    }
+    channel.backlog.push(item);
+    this.options.onMissed([{ seq: item.seq, registrationId: item.registrationId, subscriber: channel.id, reason }]);
+    item.resolve?.("missed");
+    item.resolve = undefined;
+  }
+
+  /** Sends what a subscriber missed, oldest first, one event per key per message. */
+  private async drain(channel: Channel): Promise<void> {
+    if (channel.inFlight || channel.live || this.stopped) return;
+    channel.inFlight = true;
+    try {
+      while (channel.backlog.length > 0 && !this.stopped) {
+        const seen = new Set<string>();
+        const batch: Item[] = [];
+        for (const item of channel.backlog) {
+          if (batch.length >= this.maxBatch) break;
+          if (!seen.has(item.key)) batch.push(item);
+          seen.add(item.key); // a key's later items wait for its earlier one
+        }
+        for (const item of batch) item.attempt++;
+        let acked: Map<string, bus.Ack>;
+        try {
+          acked = await this.send(channel, batch);
+        } catch {
+          return; // still away: the next retry or hello tries again
+        }
+        const settled: SettledAck[] = [];
+        const done = new Set<Item>();
+        for (const item of batch) {
+          const ack = acked.get(ackKey(item.seq, item.registrationId));
+          if (ack?.status === bus.AckStatus.ACK_STATUS_SETTLED) {
+            settled.push(toSettled(channel, item, ack, true));
+            done.add(item);
+          }
+        }
+        if (settled.length > 0) this.options.onAcks(settled);
+        channel.backlog = channel.backlog.filter((i) => !done.has(i));
+        if (done.size < batch.length) return; // some failed again: retry later
+      }
+      if (channel.backlog.length === 0 && !this.stopped) {
+        channel.live = true;
+        this.options.log?.("info", "subscriber caught up and is live again", { subscriber: `${channel.id.name}/${channel.id.instance}` });
+      }
+    } finally {
+      channel.inFlight = false;
+      if (channel.live) this.pump(channel);
+    }
+  }
+
+  private async send(channel: Channel, items: readonly Item[]): Promise<Map<string, bus.Ack>> {
+    const batch: bus.DeliveryBatch = {
+      deliveries: items.map((i) => ({ registrationId: i.registrationId, event: i.event, attempt: i.attempt })),
+    };
+    const h = natsHeaders();
+    h.set(Headers.FIRST_SEQ, String(items[0]!.seq));
+    h.set(Headers.LAST_SEQ, String(items[items.length - 1]!.seq));
+    h.set(Headers.COUNT, String(items.length));
+    h.set(Headers.TRACEPARENT, traceparent());
+    const reply = await this.nc.request(channel.subject, bus.DeliveryBatch.encode(batch).finish(), {
+      timeout: this.deadlineMs,
+      headers: h,
+    });
+    const acks = bus.AckBatch.decode(reply.data);
+    const byKey = new Map<string, bus.Ack>();
+    for (const a of acks.acks) byKey.set(ackKey(Number(a.seq), a.registrationId), a);
+    return byKey;
+  }
+
+  private onHello(msg: Msg): void {
+    let hello: bus.Hello;
+    try {
+      hello = bus.Hello.decode(msg.data);
+    } catch {
+      return;
+    }
+    const channel = this.channel({ name: hello.name, instance: hello.instance });
+    msg.respond(bus.HelloReply.encode({ backlog: channel.backlog.length }).finish());
+    if (!channel.live || channel.backlog.length > 0) {
+      channel.live = false;
+      void this.drain(channel);
+    }
+  }
+
+  private retryAll(): void {
+    for (const channel of this.channels.values()) {
+      if (!channel.live && !channel.inFlight) void this.drain(channel);
+    }
+  }
+}
+
+interface Channel {
+  readonly id: SubscriberId;
+  readonly subject: string;
+  live: boolean;
+  queue: Item[];
+  backlog: Item[];
+  inFlight: boolean;
+  pumpScheduled: boolean;
+}
+
+function ackKey(seq: number, registrationId: number): string {
+  return `${seq}:${registrationId}`;
+}
+
+function toSettled(channel: Channel, item: Item, ack: bus.Ack, late: boolean): SettledAck {
+  return {
+    seq: item.seq,
+    registrationId: item.registrationId,
+    subscriber: channel.id,
+    event: item.event,
+    releases: ack.releases.map((r) => r.purpose),
+    late,
+  };
+}
+
+function describe(err: unknown): string {
+  const e = err as { code?: string; message?: string };
+  if (typeof e?.message === "string" && /no responders/i.test(e.message)) return "no responders";
+  if (typeof e?.message === "string" && /timeout/i.test(e.message)) return "deadline exceeded";
+  return e?.message ?? String(err);
+}
+
+function traceparent(): string {
+  const b = randomBytes(24).toString("hex");
+  return `00-${b.slice(0, 32)}-${b.slice(32, 48)}-01`;
+}

@@ -1,0 +1,23 @@
+/**
+ * Ordered, acknowledged, durable delivery of IOASID events over NATS (DESIGN §4): the core side
+ * ({@link DeliveryEngine}) and the subscriber SDK ({@link startSubscriber}).
+ */
+export {
+  DeliveryEngine,
+  type Chain,
+  type DeliveryEngineOptions,
+  type DeliveryOutcome,
+  type DeliveryTarget,
+  type MissedDelivery,
+  type SettledAck,
+  type SubscriberId,
+} from "./delivery-engine.js";
+export {
+  startSubscriber,
+  type DeliveryContext,
+  type EventHandler,
+  type HandlerResult,
+  type Subscriber,
+  type SubscriberOptions,
+} from "./subscriber.js";
+export { DEFAULT_PREFIX, deliverySubject, encodeToken, Headers, helloSubject, queueGroup } from "./subjects.js";

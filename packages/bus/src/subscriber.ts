@@ -1,0 +1,155 @@
+import type { Msg, NatsConnection, Subscription } from "@nats-io/transport-node";
+import { bus, type events } from "@ioasid/proto";
+import { DEFAULT_PREFIX, deliverySubject, helloSubject, queueGroup } from "./subjects.js";
+
+/** What a handler knows about the delivery it handles. */
+export interface DeliveryContext {
+  readonly registrationId: number;
+  /** 1 for the first attempt; more when the event is redelivered after a miss. */
+  readonly attempt: number;
+}
+
+/**
+ * What a handler returns: nothing (the event is settled), or the purposes of the subscriber's own
+ * references on the event's IOASID to release together with the acknowledgement.
+ */
+export interface HandlerResult {
+  readonly release?: readonly string[];
+}
+
+/**
+ * Handles one event. Returning settles it: the subscriber's context for that IOASID is cleared
+ * (DESIGN §4.3); throwing makes the delivery count as missed, to be retried.
+ */
+export type EventHandler = (event: events.IoasidEvent, ctx: DeliveryContext) => Promise<HandlerResult | void> | HandlerResult | void;
+
+/** Options of {@link startSubscriber}. */
+export interface SubscriberOptions {
+  readonly nc: NatsConnection;
+  /** Subscriber name: the role ("kvm"). Also the holder role of the references it releases. */
+  readonly name: string;
+  /** Instance ("vm-7"); replicas of one instance share its deliveries. */
+  readonly instance: string;
+  readonly handler: EventHandler;
+  /** @default "ioasid.v1" */
+  readonly prefix?: string;
+  /** Acknowledgements remembered for deduplication by (sequence, registration). @default 100000 */
+  readonly dedupeWindow?: number;
+}
+
+/** A running subscriber. */
+export interface Subscriber {
+  /** Deliveries handled (not counting duplicates answered from the dedupe cache). */
+  readonly handled: number;
+  /** Duplicates answered from the dedupe cache without calling the handler. */
+  readonly duplicates: number;
+  /** Announces the subscriber again (after a reconnect): the core sends what it missed. */
+  hello(): Promise<number>;
+  /** Stops receiving (pending handlers finish). */
+  stop(): Promise<void>;
+}
+
+/**
+ * The subscriber side of ordered, acknowledged delivery: receives DeliveryBatches on its subject
+ * (queue group shared by its replicas), runs the handler for each delivery — deliveries of one
+ * batch concern different IOASIDs, so they run concurrently — and answers with an AckBatch.
+ * Delivery is at-least-once: the SDK remembers recent acknowledgements by (sequence,
+ * registration) and answers a redelivered event from that memory without calling the handler.
+ *
+ * Registration with the core (priority, scope) is the caller's: CoreService.Register.
+ *
+ * @example
+ * const sub = await startSubscriber({ nc, name: "kvm", instance: "vm-7", handler: async (e) => {
+ *   clearVmcsEntry(e.ioasid);
+ *   return { release: ["vmcs"] };
+ * }});
+ */
+export async function startSubscriber(options: SubscriberOptions): Promise<Subscriber> {
+  const prefix = options.prefix ?? DEFAULT_PREFIX;
+  const window = options.dedupeWindow ?? 100_000;
+  const done = new Map<string, bus.Ack>();
+  const inProgress = new Map<string, Promise<bus.Ack>>();
+  let handled = 0;
+  let duplicates = 0;
+
+  const handleOne = async (d: bus.Delivery): Promise<bus.Ack> => {
+    const event = d.event!;
+    const key = `${event.seq}:${d.registrationId}`;
+    const cached = done.get(key);
+    if (cached !== undefined) {
+      duplicates++;
+      return cached;
+    }
+    const running = inProgress.get(key);
+    if (running !== undefined) return running;
+    const work = (async (): Promise<bus.Ack> => {
+      try {
+        const result = await options.handler(event, { registrationId: d.registrationId, attempt: d.attempt });
+        const ack: bus.Ack = {
+          seq: event.seq,
+          registrationId: d.registrationId,
+          status: bus.AckStatus.ACK_STATUS_SETTLED,
+          releases: (result?.release ?? []).map((purpose) => ({ purpose })),
+          error: "",
+        };
+        handled++;
+        done.set(key, ack);
+        if (done.size > window) done.delete(done.keys().next().value!);
+        return ack;
+      } catch (err) {
+        return {
+          seq: event.seq,
+          registrationId: d.registrationId,
+          status: bus.AckStatus.ACK_STATUS_FAILED,
+          releases: [],
+          error: err instanceof Error ? err.message : String(err),
+        };
+      } finally {
+        inProgress.delete(key);
+      }
+    })();
+    inProgress.set(key, work);
+    return work;
+  };
+
+  const onBatch = async (msg: Msg): Promise<void> => {
+    let batch: bus.DeliveryBatch;
+    try {
+      batch = bus.DeliveryBatch.decode(msg.data);
+    } catch {
+      return; // not ours: no answer, the sender's deadline expires
+    }
+    const acks = await Promise.all(batch.deliveries.map(handleOne));
+    msg.respond(bus.AckBatch.encode({ acks }).finish());
+  };
+
+  const sub: Subscription = options.nc.subscribe(deliverySubject(prefix, options.name, options.instance), {
+    queue: queueGroup(options.name, options.instance),
+    callback: (err, msg) => {
+      if (err === null) void onBatch(msg);
+    },
+  });
+  await options.nc.flush();
+
+  const hello = async (): Promise<number> => {
+    const reply = await options.nc.request(helloSubject(prefix), bus.Hello.encode({ name: options.name, instance: options.instance }).finish(), {
+      timeout: 5000,
+    });
+    return bus.HelloReply.decode(reply.data).backlog;
+  };
+  // The core may not be up yet: a hello that finds nobody is retried by the core's own retries.
+  await hello().catch(() => 0);
+
+  return {
+    get handled() {
+      return handled;
+    },
+    get duplicates() {
+      return duplicates;
+    },
+    hello,
+    async stop() {
+      await sub.drain();
+    },
+  };
+}
