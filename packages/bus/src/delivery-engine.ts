@@ -80,6 +80,7 @@ interface Item {
   readonly key: string;
   readonly registrationId: number;
   readonly event: events.IoasidEvent;
+  /** Times it was sent. */
   attempt: number;
   resolve?: (outcome: DeliveryOutcome) => void;
 }
@@ -162,6 +163,7 @@ export class DeliveryEngine {
   restoreBacklog(subscriber: SubscriberId, items: ReadonlyArray<{ seq: number; key: string; registrationId: number; event: events.IoasidEvent }>): void {
     const channel = this.channel(subscriber);
     channel.live = false;
+    // Sent at least once before the restart, or it would not have been missed.
     for (const i of items) channel.backlog.push({ ...i, attempt: 1 });
   }
 
@@ -199,7 +201,7 @@ export class DeliveryEngine {
 
   private deliver(chain: Chain, target: DeliveryTarget): Promise<DeliveryOutcome> {
     const channel = this.channel(target.subscriber);
-    const item: Item = { seq: chain.seq, key: chain.key, registrationId: target.registrationId, event: chain.event, attempt: 1 };
+    const item: Item = { seq: chain.seq, key: chain.key, registrationId: target.registrationId, event: chain.event, attempt: 0 };
     if (!channel.live || this.stopped) {
       channel.backlog.push(item);
       this.options.onMissed([{ seq: item.seq, registrationId: item.registrationId, subscriber: channel.id, reason: "not live" }]);
@@ -302,7 +304,6 @@ export class DeliveryEngine {
           if (!seen.has(item.key)) batch.push(item);
           seen.add(item.key); // a key's later items wait for its earlier one
         }
-        for (const item of batch) item.attempt++;
         let acked: Map<string, bus.Ack>;
         try {
           acked = await this.send(channel, batch);
@@ -333,6 +334,7 @@ export class DeliveryEngine {
   }
 
   private async send(channel: Channel, items: readonly Item[]): Promise<Map<string, bus.Ack>> {
+    for (const item of items) item.attempt++;
     const batch: bus.DeliveryBatch = {
       deliveries: items.map((i) => ({ registrationId: i.registrationId, event: i.event, attempt: i.attempt })),
     };

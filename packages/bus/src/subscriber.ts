@@ -7,6 +7,8 @@ export interface DeliveryContext {
   readonly registrationId: number;
   /** 1 for the first attempt; more when the event is redelivered after a miss. */
   readonly attempt: number;
+  /** Deliveries in the message this one came in (batching shows here). */
+  readonly batchSize: number;
 }
 
 /**
@@ -72,7 +74,7 @@ export async function startSubscriber(options: SubscriberOptions): Promise<Subsc
   let handled = 0;
   let duplicates = 0;
 
-  const handleOne = async (d: bus.Delivery): Promise<bus.Ack> => {
+  const handleOne = async (d: bus.Delivery, batchSize: number): Promise<bus.Ack> => {
     const event = d.event!;
     const key = `${event.seq}:${d.registrationId}`;
     const cached = done.get(key);
@@ -84,7 +86,7 @@ export async function startSubscriber(options: SubscriberOptions): Promise<Subsc
     if (running !== undefined) return running;
     const work = (async (): Promise<bus.Ack> => {
       try {
-        const result = await options.handler(event, { registrationId: d.registrationId, attempt: d.attempt });
+        const result = await options.handler(event, { registrationId: d.registrationId, attempt: d.attempt, batchSize });
         const ack: bus.Ack = {
           seq: event.seq,
           registrationId: d.registrationId,
@@ -119,7 +121,7 @@ export async function startSubscriber(options: SubscriberOptions): Promise<Subsc
     } catch {
       return; // not ours: no answer, the sender's deadline expires
     }
-    const acks = await Promise.all(batch.deliveries.map(handleOne));
+    const acks = await Promise.all(batch.deliveries.map((d) => handleOne(d, batch.deliveries.length)));
     msg.respond(bus.AckBatch.encode({ acks }).finish());
   };
 

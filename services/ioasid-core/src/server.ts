@@ -149,7 +149,13 @@ export function createCoreHandlers(ioasidCore: IoasidCore): ServiceHandlers<type
     },
     getStats: () => {
       const s = space.stats();
-      return { ...s, lastSeq: BigInt(s.lastSeq) };
+      const d = ioasidCore.pendingDeliveries();
+      return {
+        ...s,
+        lastSeq: BigInt(s.lastSeq),
+        deliveriesPending: d.filter((x) => x.pending > 0).length,
+        deliveriesMissed: d.filter((x) => x.missed > 0).length,
+      };
     },
     watchEvents: async (req, ctx, send) => {
       // Follow first, then read the backlog, so nothing committed in between is missed; the

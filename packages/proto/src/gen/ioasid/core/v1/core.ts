@@ -636,6 +636,13 @@ export interface GetStatsResponse {
   lastSeq: bigint;
   /** Allocator in force ("default" or the custom one's name). */
   allocator: string;
+  /**
+   * Committed events whose delivery is not finished: some registration has neither acknowledged
+   * nor missed it yet.
+   */
+  deliveriesPending: number;
+  /** Committed events some registration missed and has not acknowledged since (its backlog). */
+  deliveriesMissed: number;
 }
 
 /** WatchEventsRequest starts an event stream. */
@@ -5754,6 +5761,8 @@ function createBaseGetStatsResponse(): GetStatsResponse {
     registrations: 0,
     lastSeq: 0n,
     allocator: "",
+    deliveriesPending: 0,
+    deliveriesMissed: 0,
   };
 }
 
@@ -5788,6 +5797,12 @@ export const GetStatsResponse: MessageFns<GetStatsResponse> = {
     }
     if (message.allocator !== "") {
       writer.uint32(74).string(message.allocator);
+    }
+    if (message.deliveriesPending !== 0) {
+      writer.uint32(80).uint32(message.deliveriesPending);
+    }
+    if (message.deliveriesMissed !== 0) {
+      writer.uint32(88).uint32(message.deliveriesMissed);
     }
     return writer;
   },
@@ -5877,6 +5892,22 @@ export const GetStatsResponse: MessageFns<GetStatsResponse> = {
             message.allocator = reader.string();
             continue;
           }
+          case 10: {
+            if (tag !== 80) {
+              break;
+            }
+
+            message.deliveriesPending = reader.uint32();
+            continue;
+          }
+          case 11: {
+            if (tag !== 88) {
+              break;
+            }
+
+            message.deliveriesMissed = reader.uint32();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -5908,6 +5939,16 @@ export const GetStatsResponse: MessageFns<GetStatsResponse> = {
       registrations: isSet(object.registrations) ? globalThis.Number(object.registrations) : 0,
       lastSeq: isSet(object.lastSeq) ? BigInt(object.lastSeq) : isSet(object.last_seq) ? BigInt(object.last_seq) : 0n,
       allocator: isSet(object.allocator) ? globalThis.String(object.allocator) : "",
+      deliveriesPending: isSet(object.deliveriesPending)
+        ? globalThis.Number(object.deliveriesPending)
+        : isSet(object.deliveries_pending)
+        ? globalThis.Number(object.deliveries_pending)
+        : 0,
+      deliveriesMissed: isSet(object.deliveriesMissed)
+        ? globalThis.Number(object.deliveriesMissed)
+        : isSet(object.deliveries_missed)
+        ? globalThis.Number(object.deliveries_missed)
+        : 0,
     };
   },
 
@@ -5940,6 +5981,12 @@ export const GetStatsResponse: MessageFns<GetStatsResponse> = {
     if (message.allocator !== "") {
       obj.allocator = message.allocator;
     }
+    if (message.deliveriesPending !== 0) {
+      obj.deliveriesPending = Math.round(message.deliveriesPending);
+    }
+    if (message.deliveriesMissed !== 0) {
+      obj.deliveriesMissed = Math.round(message.deliveriesMissed);
+    }
     return obj;
   },
 
@@ -5957,6 +6004,8 @@ export const GetStatsResponse: MessageFns<GetStatsResponse> = {
     message.registrations = object.registrations ?? 0;
     message.lastSeq = (object.lastSeq !== undefined && object.lastSeq !== null) ? BigInt(object.lastSeq) : 0n;
     message.allocator = object.allocator ?? "";
+    message.deliveriesPending = object.deliveriesPending ?? 0;
+    message.deliveriesMissed = object.deliveriesMissed ?? 0;
     return message;
   },
 };

@@ -1,0 +1,225 @@
+import { afterEach, describe, expect, it } from "vitest";
+import { core, events } from "@ioasid/proto";
+import { waitFor } from "@ioasid/testkit";
+import { startCore, type CoreFixture } from "../support/core-fixture.js";
+import { deliveriesSettled, exists, register, startSubscriberProcess, type TestSubscriber } from "../support/delivery-fixture.js";
+
+// Ordered, acknowledged delivery (DESIGN §4) through the real core, a real nats-server and
+// subscriber processes using the bus SDK.
+
+const { Priority, TokenType } = events;
+const MM = TokenType.TOKEN_TYPE_MM;
+const P = <T>(m: { fromPartial(x: object): T }, x: object): T => m.fromPartial(x);
+
+let fixture: CoreFixture | undefined;
+let subs: TestSubscriber[] = [];
+afterEach(async () => {
+  await Promise.all(subs.map((s) => s.proc.stop("SIGKILL").catch(() => undefined)));
+  subs = [];
+  await fixture?.stop();
+  fixture = undefined;
+});
+
+async function sub(name: string, instance: string, env: Record<string, string> = {}): Promise<TestSubscriber> {
+  const s = await startSubscriberProcess(fixture!.nats, name, instance, env);
+  subs.push(s);
+  return s;
+}
+
+/** KVM (CPU, by MM token before the set exists), VDCM (DEVICE, set), IOMMU (IOMMU, global), audit (LAST, global). */
+async function fourTiers(token: bigint, env: Record<string, Record<string, string>> = {}) {
+  const c = fixture!.client;
+  await register(c, "kvm", "vm-1", Priority.PRIORITY_CPU, { $case: "mmToken", value: token });
+  const set = (await c.createSet(P(core.CreateSetRequest, { tokenType: MM, token, quota: 64 }))).set!.setId;
+  await register(c, "vdcm", "idxd0", Priority.PRIORITY_DEVICE, { $case: "setId", value: set });
+  await register(c, "iommu", "dmar0", Priority.PRIORITY_IOMMU, { $case: "global", value: true });
+  await register(c, "audit", "a0", Priority.PRIORITY_LAST, { $case: "global", value: true });
+  const [kvm, vdcm, iommu, audit] = await Promise.all([
+    sub("kvm", "vm-1", { SUB_RELEASE: "vmcs", SUB_DELAY_MS: "40", ...env["kvm"] }),
+    sub("vdcm", "idxd0", { SUB_RELEASE: "wq0", SUB_DELAY_MS: "40", ...env["vdcm"] }),
+    sub("iommu", "dmar0", { SUB_RELEASE: "pasid", SUB_DELAY_MS: "40", ...env["iommu"] }),
+    sub("audit", "a0", { SUB_DELAY_MS: "40", ...env["audit"] }),
+  ]);
+  return { set, kvm: kvm!, vdcm: vdcm!, iommu: iommu!, audit: audit! };
+}
+
+async function allocHeld(set: number): Promise<{ ioasid: number; generation: number }> {
+  const c = fixture!.client;
+  const a = await c.alloc(P(core.AllocRequest, { setId: set }));
+  for (const [role, instance, purpose] of [
+    ["kvm", "vm-1", "vmcs"],
+    ["vdcm", "idxd0", "wq0"],
+    ["iommu", "dmar0", "pasid"],
+  ] as const) {
+    await c.get(P(core.GetRequest, { setId: set, ioasid: a.ioasid, holder: { role, instance, purpose } }));
+  }
+  return a;
+}
+
+describe("delivery in priority order", () => {
+  it("acknowledges CPU → DEVICE → IOMMU → LAST strictly in order, and reclaims exactly at the last release", async () => {
+    fixture = await startCore();
+    const c = fixture.client;
+    const t = await fourTiers(0x7001n);
+    const x = await allocHeld(t.set);
+    expect((await c.describe({ ioasid: x.ioasid })).info!.refcount).toBe(4);
+
+    const before = performance.now();
+    const f = await c.free(P(core.FreeRequest, { setId: t.set, ioasid: x.ioasid }));
+    const freeMs = performance.now() - before;
+    expect(f.outcome).toBe(core.FreeOutcome.FREE_OUTCOME_FREE_PENDING);
+    expect(freeMs).toBeLessThan(2000); // free does not wait for the subscribers (L1)
+
+    await waitFor(async () => !(await exists(c, x.ioasid)), { timeoutMs: 10_000, message: "the IOASID reclaimed" });
+    await waitFor(() => t.audit.handled("FREE").length === 1, { timeoutMs: 5000, message: "the LAST tier" });
+    const [k, v, i, a] = [t.kvm, t.vdcm, t.iommu, t.audit].map((s) => s.handled("FREE")[0]!);
+    // Strict tier order: each tier starts after the previous tier acknowledged.
+    expect(k!.end!).toBeLessThanOrEqual(v!.start);
+    expect(v!.end!).toBeLessThanOrEqual(i!.start);
+    expect(i!.end!).toBeLessThanOrEqual(a!.start);
+
+    // The RECLAIM came with the IOMMU's acknowledgement (the last release), before the LAST tier.
+    const evs: events.IoasidEvent[] = [];
+    const last = (await c.getStats({})).lastSeq;
+    for await (const m of c.watchEvents({ fromSeq: 1n })) {
+      evs.push(m.event!);
+      if (m.event!.seq >= last) break;
+    }
+    const mine = evs.filter((e) => e.ioasid === x.ioasid);
+    expect(mine.map((e) => events.eventTypeToJSON(e.type))).toEqual(["EVENT_TYPE_ALLOC", "EVENT_TYPE_FREE", "EVENT_TYPE_RECLAIM"]);
+    const reclaimAt = mine[2]!.commitTime!.getTime();
+    expect(reclaimAt).toBeGreaterThanOrEqual(Math.floor(i!.end!) - 1);
+    expect(reclaimAt).toBeLessThanOrEqual(Math.ceil(a!.start) + 1);
+    expect(reclaimAt).toBeGreaterThan(v!.end!); // not before the IOMMU released
+    await deliveriesSettled(c);
+  });
+
+  it("runs equal priorities in parallel", async () => {
+    fixture = await startCore();
+    const c = fixture.client;
+    await register(c, "dev-a", "0", Priority.PRIORITY_DEVICE, { $case: "global", value: true });
+    await register(c, "dev-b", "0", Priority.PRIORITY_DEVICE, { $case: "global", value: true });
+    const [a, b] = await Promise.all([sub("dev-a", "0", { SUB_DELAY_MS: "300" }), sub("dev-b", "0", { SUB_DELAY_MS: "300" })]);
+    const set = (await c.createSet(P(core.CreateSetRequest, { tokenType: MM, token: 1n, quota: 4 }))).set!.setId;
+    await waitFor(() => a!.handled("SET_ALLOC").length === 1 && b!.handled("SET_ALLOC").length === 1, { timeoutMs: 5000 });
+    const [ha, hb] = [a!.handled("SET_ALLOC")[0]!, b!.handled("SET_ALLOC")[0]!];
+    expect(ha.start).toBeLessThan(hb.end!);
+    expect(hb.start).toBeLessThan(ha.end!);
+    expect(set).toBeGreaterThan(0);
+  });
+});
+
+describe("delivery order and throughput", () => {
+  it("keeps per-IOASID order while pipelining and batching many IOASIDs", async () => {
+    fixture = await startCore();
+    const c = fixture.client;
+    const set = (await c.createSet(P(core.CreateSetRequest, { tokenType: MM, token: 2n, quota: 512 }))).set!.setId;
+    await register(c, "watcher", "0", Priority.PRIORITY_DEVICE, { $case: "setId", value: set });
+    const w = await sub("watcher", "0", { SUB_DELAY_MS: "2" });
+    const { allocations } = await c.batchAlloc(P(core.BatchAllocRequest, { setId: set, count: 300 }));
+    await Promise.all(
+      allocations.map(async (a, n) => {
+        await c.attachSpid(P(core.AttachSpidRequest, { setId: set, ioasid: a.ioasid, spid: n + 1 }));
+        await c.detachSpid(P(core.DetachSpidRequest, { setId: set, ioasid: a.ioasid }));
+        await c.free(P(core.FreeRequest, { setId: set, ioasid: a.ioasid }));
+      }),
+    );
+    await deliveriesSettled(c);
+    const handled = w.handled();
+    // ALLOC, BIND, UNBIND per IOASID (free reclaims at once: no FREE), each handled once, in order.
+    expect(handled.length).toBe(900);
+    const byId = new Map<number, string[]>();
+    const lastSeq = new Map<number, number>();
+    for (const h of handled) {
+      expect(h.seq).toBeGreaterThan(lastSeq.get(h.ioasid) ?? 0);
+      lastSeq.set(h.ioasid, h.seq);
+      byId.set(h.ioasid, [...(byId.get(h.ioasid) ?? []), h.type]);
+    }
+    for (const types of byId.values()) expect(types).toEqual(["ALLOC", "BIND", "UNBIND"]);
+    const maxBatch = Math.max(...w.lines().filter((l) => l.msg === "received").map((l) => l.batch ?? 1));
+    expect(maxBatch).toBeGreaterThan(10); // events of many IOASIDs shared messages
+  });
+
+  it("shares a subscriber's deliveries among its replicas (queue group): each event handled once", async () => {
+    fixture = await startCore();
+    const c = fixture.client;
+    const set = (await c.createSet(P(core.CreateSetRequest, { tokenType: MM, token: 3n, quota: 256 }))).set!.setId;
+    await register(c, "vdcm", "idxd0", Priority.PRIORITY_DEVICE, { $case: "setId", value: set });
+    const [r1, r2] = await Promise.all([sub("vdcm", "idxd0", { SUB_DELAY_MS: "20" }), sub("vdcm", "idxd0", { SUB_DELAY_MS: "20" })]);
+    // 30 separate messages (each waits for the previous to settle), each to one replica.
+    for (let i = 0; i < 30; i++) {
+      await c.batchAlloc(P(core.BatchAllocRequest, { setId: set, count: 5 }));
+      await deliveriesSettled(c);
+    }
+    const seqs = [...r1!.handled(), ...r2!.handled()].map((h) => h.seq);
+    expect(seqs.length).toBe(150);
+    expect(new Set(seqs).size).toBe(150);
+    expect(r1!.handled().length).toBeGreaterThan(0);
+    expect(r2!.handled().length).toBeGreaterThan(0);
+  });
+});
+
+describe("delivery deadlines and missed subscribers", () => {
+  it("moves on when a subscriber is killed mid-chain, keeps its reference, and delivers the missed FREE when it returns", async () => {
+    fixture = await startCore({ IOASID_DELIVERY_DEADLINE: "1000ms", IOASID_DELIVERY_RETRY: "300ms" });
+    const c = fixture.client;
+    const t = await fourTiers(0x7002n, { vdcm: { SUB_DELAY_MS: "5000", SUB_DELAY_TYPES: "FREE" } });
+    const x = await allocHeld(t.set);
+
+    const before = performance.now();
+    await c.free(P(core.FreeRequest, { setId: t.set, ioasid: x.ioasid }));
+    expect(performance.now() - before).toBeLessThan(1000); // free returns within the deadline
+    // VDCM is mid-chain (received, not acknowledged): kill it.
+    await waitFor(() => t.vdcm.lines().some((l) => l.msg === "received" && l.type === "FREE"), { timeoutMs: 5000, message: "VDCM receiving the FREE" });
+    t.vdcm.proc.kill("SIGKILL");
+    await t.vdcm.proc.exited;
+
+    // The later tiers still run…
+    await waitFor(() => t.iommu.handled("FREE").length === 1 && t.audit.handled("FREE").length === 1, { timeoutMs: 5000, message: "IOMMU and LAST after the missed DEVICE" });
+    expect(t.kvm.handled("FREE")).toHaveLength(1);
+    // …and the dead VDCM's reference stays held: not reclaimed.
+    await deliveriesSettled(c, { allowMissed: true });
+    const info = (await c.describe({ ioasid: x.ioasid })).info!;
+    expect(info.state).toBe(core.IoasidState.IOASID_STATE_FREE_PENDING);
+    expect(info.holders.map((h) => `${h.holder!.role}/${h.holder!.purpose}`)).toEqual(["vdcm/wq0"]);
+    expect((await c.getStats({})).deliveriesMissed).toBe(1);
+
+    // Restarted, it receives the missed FREE, releases, and the IOASID is reclaimed.
+    const again = await sub("vdcm", "idxd0", { SUB_RELEASE: "wq0" });
+    await waitFor(async () => !(await exists(c, x.ioasid)), { timeoutMs: 10_000, message: "reclaim after VDCM returns" });
+    expect(again.handled("FREE")).toHaveLength(1);
+    expect(again.handled("FREE")[0]!.attempt).toBeGreaterThan(1);
+    await deliveriesSettled(c);
+  });
+
+  it("treats a SIGSTOPped subscriber as missed, and catches it up after SIGCONT", async () => {
+    fixture = await startCore({ IOASID_DELIVERY_DEADLINE: "500ms", IOASID_DELIVERY_RETRY: "200ms" });
+    const c = fixture.client;
+    const t = await fourTiers(0x7003n, { kvm: { SUB_DELAY_MS: "0" }, vdcm: { SUB_DELAY_MS: "0" }, iommu: { SUB_DELAY_MS: "0" }, audit: { SUB_DELAY_MS: "0" } });
+    const x = await allocHeld(t.set);
+    t.kvm.proc.kill("SIGSTOP");
+    try {
+      await c.free(P(core.FreeRequest, { setId: t.set, ioasid: x.ioasid }));
+      await waitFor(() => t.audit.handled("FREE").length === 1, { timeoutMs: 5000, message: "the chain moving on without KVM" });
+      expect((await c.describe({ ioasid: x.ioasid })).info!.holders.map((h) => h.holder!.role)).toEqual(["kvm"]);
+    } finally {
+      t.kvm.proc.kill("SIGCONT");
+    }
+    await waitFor(async () => !(await exists(c, x.ioasid)), { timeoutMs: 10_000, message: "reclaim once KVM catches up" });
+    expect(t.kvm.handled("FREE")).toHaveLength(1);
+    await deliveriesSettled(c);
+  });
+
+  it("retries a delivery whose handler failed, in order, without re-running settled ones", async () => {
+    fixture = await startCore({ IOASID_DELIVERY_RETRY: "200ms" });
+    const c = fixture.client;
+    const set = (await c.createSet(P(core.CreateSetRequest, { tokenType: MM, token: 4n, quota: 8 }))).set!.setId;
+    await register(c, "flaky", "0", Priority.PRIORITY_DEVICE, { $case: "setId", value: set });
+    const seq = Number((await c.getStats({})).lastSeq) + 1; // the next event: the first ALLOC
+    const f = await sub("flaky", "0", { SUB_FAIL_SEQS: String(seq) });
+    const a = await c.alloc(P(core.AllocRequest, { setId: set }));
+    await c.attachSpid(P(core.AttachSpidRequest, { setId: set, ioasid: a.ioasid, spid: 9 }));
+    await deliveriesSettled(c);
+    expect(f.handled().map((h) => `${h.type}@${h.attempt}`)).toEqual(["ALLOC@2", "BIND@1"]);
+  });
+});

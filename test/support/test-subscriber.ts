@@ -1,0 +1,49 @@
+#!/usr/bin/env node
+// A notifier subscriber process for the delivery tests: the bus SDK with a handler that logs
+// every event it handles as a JSON line, optionally waits, and releases a reference on FREE.
+//   NATS_URL, SUB_NAME, SUB_INSTANCE   who it is
+//   SUB_RELEASE       purpose of the reference to release with the ack of FREE (empty: none)
+//   SUB_DELAY_MS      time each handler takes
+//   SUB_DELAY_TYPES   comma-separated event types the delay applies to (empty: all)
+//   SUB_FAIL_SEQS     comma-separated event seqs whose handler throws (once each)
+import { connect } from "@nats-io/transport-node";
+import { startSubscriber } from "@ioasid/bus";
+import { createGrpcServer, createLogger } from "@ioasid/grpc-kit";
+import { events } from "@ioasid/proto";
+
+const env = process.env;
+const name = env["SUB_NAME"] ?? "test";
+const instance = env["SUB_INSTANCE"] ?? "0";
+const release = env["SUB_RELEASE"] ?? "";
+const delayMs = Number(env["SUB_DELAY_MS"] ?? "0");
+const delayTypes = new Set((env["SUB_DELAY_TYPES"] ?? "").split(",").filter(Boolean));
+const failing = new Set((env["SUB_FAIL_SEQS"] ?? "").split(",").filter(Boolean).map(Number));
+const now = () => performance.timeOrigin + performance.now();
+const line = (o: Record<string, unknown>) => process.stdout.write(`${JSON.stringify(o)}\n`);
+
+const nc = await connect({ servers: env["NATS_URL"] ?? "nats://127.0.0.1:4222", name: `${name}/${instance}`, maxReconnectAttempts: -1 });
+const sub = await startSubscriber({
+  nc,
+  name,
+  instance,
+  handler: async (e, ctx) => {
+    const start = now();
+    const type = events.eventTypeToJSON(e.type).replace("EVENT_TYPE_", "");
+    line({ msg: "received", seq: Number(e.seq), type, ioasid: e.ioasid, start, attempt: ctx.attempt, batch: ctx.batchSize });
+    if (delayMs > 0 && (delayTypes.size === 0 || delayTypes.has(type))) await new Promise((r) => setTimeout(r, delayMs));
+    if (failing.delete(Number(e.seq))) throw new Error(`injected failure for seq ${e.seq}`);
+    line({ msg: "handled", seq: Number(e.seq), type, ioasid: e.ioasid, reg: ctx.registrationId, start, end: now(), attempt: ctx.attempt });
+    return type === "FREE" && release !== "" ? { release: [release] } : undefined;
+  },
+});
+// A health endpoint and the "listening" line the testkit waits for.
+const server = createGrpcServer({ service: `${name}-${instance}`, logger: createLogger(`${name}-${instance}`), reflection: false });
+await server.listen("127.0.0.1", 0);
+process.on("SIGTERM", () => {
+  void (async () => {
+    await sub.stop();
+    await server.shutdown(200);
+    await nc.drain();
+    process.exit(0);
+  })();
+});
