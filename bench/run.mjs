@@ -3,15 +3,20 @@
 // measured in the same run, and prints figures and ratios (no pass/fail: targets are printed
 // beside the figures). Results also go to bench/results/latest.json.
 //
-//   node --expose-gc bench/run.mjs [--quick]
+//   node --expose-gc bench/run.mjs [--quick] [--only=allocator,grpc,delivery,restart]
 import { mkdirSync, writeFileSync } from "node:fs";
 import { fileURLToPath } from "node:url";
 import { IoasidSpace, IdBitmap, TokenType } from "@ioasid/ioasid";
 import { createClient } from "@ioasid/grpc-kit";
-import { core, events, testing } from "@ioasid/proto";
-import { startService } from "@ioasid/testkit";
+import { bus, core, events, testing } from "@ioasid/proto";
+import { startNats, startService } from "@ioasid/testkit";
+import { DeliveryEngine, startSubscriber } from "@ioasid/bus";
+import { IoasidCore, OpLog } from "@ioasid/ioasid-core";
+import { connect } from "@nats-io/transport-node";
 
 const quick = process.argv.includes("--quick");
+/** `--only=allocator,delivery` runs a subset: allocator, grpc, delivery, restart. */
+const only = new Set((process.argv.find((a) => a.startsWith("--only="))?.slice(7) ?? "allocator,grpc,delivery,restart").split(","));
 const results = {};
 const log = (line) => process.stdout.write(`${line}\n`);
 const now = () => Number(process.hrtime.bigint()) / 1e6; // ms
@@ -105,10 +110,11 @@ function allocatorBench() {
 
 async function grpcBench() {
   const calls = quick ? 1000 : 5000;
-  log(`\n[grpc] ioasid-core and a bare echo server as processes on loopback, ${fmt(calls)} sequential calls each`);
+  log(`\n[grpc] ioasid-core (operation log in JetStream) and a bare echo server as processes on loopback, ${fmt(calls)} sequential calls each`);
   const entry = (p) => fileURLToPath(new URL(p, import.meta.url));
+  const nats = await startNats();
   const [coreProc, echoProc] = await Promise.all([
-    startService({ name: "ioasid-core", entry: entry("../services/ioasid-core/dist/main.js"), env: { IOASID_CORE_GRPC_ADDRESS: "127.0.0.1:0", LOG_LEVEL: "info" } }),
+    startService({ name: "ioasid-core", entry: entry("../services/ioasid-core/dist/main.js"), env: { IOASID_CORE_GRPC_ADDRESS: "127.0.0.1:0", NATS_URL: nats.url } }),
     startService({ name: "echo", entry: entry("./echo-server.mjs") }),
   ]);
   const c = createClient(core.CoreServiceService, coreProc.address);
@@ -168,13 +174,175 @@ async function grpcBench() {
     c.close();
     echo.close();
     await Promise.all([coreProc.stop(), echoProc.stop()]);
+    await nats.stop();
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// 3. Ordered delivery through the real core (model, operation log in JetStream, delivery engine,
+//    in this process) to four SDK subscribers (CPU, DEVICE, IOMMU, LAST) on connections of their
+//    own, each holding a reference it releases with its acknowledgement of FREE: one FREE through
+//    the four tiers, and FREE of 1,000 IOASIDs at once, each against raw NATS request/reply
+//    gathers to responders on the same subscriber connections, in the same run.
+
+async function deliveryBench() {
+  const rounds = process.env.BENCH_ROUNDS === undefined ? (quick ? 300 : 1500) : Number(process.env.BENCH_ROUNDS);
+  log(`\n[delivery] FREE through 4 tiers (CPU, DEVICE, IOMMU, LAST), one SDK subscriber each, releasing references`);
+  const nats = await startNats();
+  const conns = [];
+  try {
+    const coreNc = await connect({ servers: nats.url });
+    conns.push(coreNc);
+    const names = ["kvm", "vdcm", "iommu", "audit"];
+    const priorities = [3, 2, 1, 0];
+    const opLog = await OpLog.open(coreNc);
+    const ioasidCore = new IoasidCore({ onFatal: (err) => { throw err; } });
+    const submittedAt = new Map();
+    const doneAt = new Map();
+    const engine = new DeliveryEngine({
+      nc: coreNc,
+      onAcks: (acks) => ioasidCore.onAcks(acks),
+      onMissed: (missed) => ioasidCore.onMissed(missed),
+      onChainDone: (seq) => doneAt.set(seq, now()),
+    });
+    // Instrumentation only: when each chain was handed to the engine.
+    const submit = engine.submit.bind(engine);
+    engine.submit = (chain) => {
+      submittedAt.set(chain.seq, now());
+      submit(chain);
+    };
+    await ioasidCore.recover(opLog, engine);
+    engine.start();
+    for (let i = 0; i < names.length; i++) {
+      const name = names[i];
+      const nc = await connect({ servers: nats.url });
+      conns.push(nc);
+      await startSubscriber({ nc, name, instance: "0", handler: (e) => (e.type === events.EventType.EVENT_TYPE_FREE ? { release: ["ref"] } : undefined) });
+      nc.subscribe(`floor.${name}`, { callback: (_e, m) => m.respond(m.data) });
+      await ioasidCore.commit({ t: "register", o: { subscriber: { name, instance: "0" }, priority: priorities[i], scope: { kind: "global" }, events: ["FREE"] } });
+    }
+    await coreNc.flush();
+    const set = (await ioasidCore.commit({ t: "createSet", tt: "MM", tok: "1", q: 1024 })).id;
+    const hold = (s, ids) =>
+      Promise.all(ids.flatMap((i) => names.map((name) => ioasidCore.commit({ t: "get", s, i, h: { role: name, instance: "0", purpose: "ref" }, g: 0 }))));
+    const sample = bus.DeliveryBatch.encode({
+      deliveries: [{ registrationId: 1, attempt: 1, event: { seq: 1n, type: 2, ioasid: 1, generation: 1, spid: 0, setId: 1, tokenType: 2, token: 1n, privateData: Buffer.alloc(0), refcount: 4, commitTime: new Date() } }],
+    }).finish();
+    const floorOnce = async () => {
+      for (const name of names) await coreNc.request(`floor.${name}`, sample, { timeout: 2000 });
+    };
+    const chainLat = [];
+    const floorLat = [];
+    for (let r = 0; r < (rounds === 0 ? 0 : rounds + 50); r++) {
+      const { ioasid } = await ioasidCore.alloc(set, {});
+      await hold(set, [ioasid]);
+      const t = now();
+      await floorOnce();
+      if (r >= 50) floorLat.push(now() - t);
+      const seq = ioasidCore.space.stats().lastSeq + 1;
+      await ioasidCore.commit({ t: "free", s: set, i: ioasid, g: 0 });
+      await engine.idle();
+      if (r >= 50) chainLat.push(doneAt.get(seq) - submittedAt.get(seq));
+      if (ioasidCore.space.describe(ioasid) !== undefined) throw new Error(`IOASID ${ioasid} not reclaimed after its chain`);
+    }
+    if (rounds > 0) {
+      chainLat.sort((a, b) => a - b);
+      floorLat.sort((a, b) => a - b);
+      const c50 = percentile(chainLat, 50);
+      const f50 = percentile(floorLat, 50);
+      log(`  raw 4-tier gather (floor)  p50 ${fmt(f50 * 1000)} µs   p99 ${fmt(percentile(floorLat, 99) * 1000)} µs`);
+      log(`  one FREE, 4 tiers, acks    p50 ${fmt(c50 * 1000)} µs   p99 ${fmt(percentile(chainLat, 99) * 1000)} µs   (reclaimed at the last release)`);
+      log(`  ratio                      ${fmt(c50 / f50, 2)}×   (target ≤ 1.5×)`);
+      results.delivery = { floorP50Us: f50 * 1000, chainP50Us: c50 * 1000, ratioP50: c50 / f50 };
+    }
+
+    // 1,000 IOASIDs in flight: FREE of 1,000 held IOASIDs in one operation (FreeSet).
+    const inFlight = 1000;
+    const batches = quick ? 5 : 20;
+    const bigPayload = Buffer.alloc(sample.length * inFlight, 1);
+    let t = now();
+    for (let b = 0; b < batches; b++) {
+      for (const name of names) await coreNc.request(`floor.${name}`, bigPayload, { timeout: 5000 });
+    }
+    const floorRate = (batches * inFlight) / ((now() - t) / 1000);
+    let elapsed = 0;
+    for (let b = 0; b < batches; b++) {
+      const s = (await ioasidCore.commit({ t: "createSet", tt: "MM", tok: String(100 + b), q: inFlight })).id;
+      const ids = (await ioasidCore.allocMany(s, inFlight, {})).map((a) => a.ioasid);
+      await hold(s, ids);
+      t = now();
+      await ioasidCore.commit({ t: "freeSet", s });
+      const committed = now();
+      await engine.idle();
+      elapsed += now() - t;
+      if (process.env.BENCH_DEBUG) log(`    commit ${fmt(committed - t, 1)} ms, delivery ${fmt(now() - committed, 1)} ms`);
+      if (ioasidCore.space.listSets().some((x) => x.id === s)) throw new Error(`set ${s} not reclaimed`);
+    }
+    const rate = (batches * inFlight) / (elapsed / 1000);
+    log(`  ${fmt(inFlight)} IOASIDs in flight       ${fmt(rate)} FREE events/s through 4 tiers, all reclaimed (target ≥ 50,000)`);
+    log(`  floor (4 gathers of 1,000)  ${fmt(floorRate)} events/s   (core / floor = ${fmt(rate / floorRate, 2)})`);
+    log(`  operation log               ${fmt(opLog.messages)} JetStream messages written`);
+    results.delivery = { ...results.delivery, eventsPerSec: rate, floorEventsPerSec: floorRate };
+    await engine.stop();
+    await opLog.drain();
+  } finally {
+    for (const nc of conns) await nc.close();
+    await nats.stop();
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// 4. Core restart with many live IOASIDs: kill -9, restart, time until it serves again.
+
+async function restartBench() {
+  const live = quick ? 20_000 : 100_000;
+  log(`\n[restart] ioasid-core with ${fmt(live)} live IOASIDs allocated one Alloc at a time (64 in flight), then SIGKILL and restart`);
+  const nats = await startNats();
+  const entry = fileURLToPath(new URL("../services/ioasid-core/dist/main.js", import.meta.url));
+  const env = { IOASID_CORE_GRPC_ADDRESS: "127.0.0.1:0", NATS_URL: nats.url };
+  try {
+    let proc = await startService({ name: "ioasid-core", entry, env });
+    let c = createClient(core.CoreServiceService, proc.address);
+    const { set } = await c.createSet(core.CreateSetRequest.fromPartial({ tokenType: events.TokenType.TOKEN_TYPE_MM, token: 9n, quota: 0 }));
+    const req = core.AllocRequest.fromPartial({ setId: set.setId });
+    let started = 0;
+    let finished = 0;
+    const t0 = now();
+    await Promise.all(
+      Array.from({ length: 64 }, async () => {
+        while (started < live) {
+          started++;
+          await c.alloc(req);
+          if (++finished % 20_000 === 0) process.stdout.write(`  … ${fmt(finished)} allocated\n`);
+        }
+      }),
+    );
+    const allocRate = live / ((now() - t0) / 1000);
+    log(`  durable Alloc, 64 in flight: ${fmt(allocRate)} calls/s`);
+    c.close();
+    proc.kill("SIGKILL");
+    await proc.exited;
+    const t1 = now();
+    proc = await startService({ name: "ioasid-core", entry, env, readyTimeoutMs: 60_000 });
+    c = createClient(core.CoreServiceService, proc.address);
+    const stats = await c.getStats({});
+    const serving = now() - t1;
+    const recovered = /"replayed":(\d+),"startupMs":(\d+)/.exec(proc.logs());
+    log(`  serving again after ${fmt(serving)} ms (spawn to first answer; replay of ${recovered?.[1] ?? "?"} operations took ${recovered?.[2] ?? "?"} ms inside) with ${fmt(stats.inUse)} live IOASIDs (target ≤ 2,000 ms)`);
+    results.restart = { live: stats.inUse, servingMs: serving, replayed: Number(recovered?.[1]), replayMs: Number(recovered?.[2]), allocRate };
+    c.close();
+    await proc.stop();
+  } finally {
+    await nats.stop();
   }
 }
 
 log(`ioasid-fabric benchmarks (${quick ? "quick" : "full"}), node ${process.version}, ${new Date().toISOString()}`);
 if (typeof globalThis.gc !== "function") log("  (run with --expose-gc for exact memory figures)");
-allocatorBench();
-await grpcBench();
+if (only.has("allocator")) allocatorBench();
+if (only.has("grpc")) await grpcBench();
+if (only.has("delivery")) await deliveryBench();
+if (only.has("restart")) await restartBench();
 mkdirSync(fileURLToPath(new URL("./results/", import.meta.url)), { recursive: true });
 writeFileSync(fileURLToPath(new URL("./results/latest.json", import.meta.url)), JSON.stringify(results, null, 2) + "\n");
 log("\nresults written to bench/results/latest.json");

@@ -254,15 +254,16 @@ export class DeliveryEngine {
     this.send(channel, items)
       .then((acked) => {
         const settled: SettledAck[] = [];
-        for (const item of items) {
-          const ack = acked.get(ackKey(item.seq, item.registrationId));
+        for (let i = 0; i < items.length; i++) {
+          const ack = acked[i];
           if (ack !== undefined && ack.status === bus.AckStatus.ACK_STATUS_SETTLED) {
-            settled.push(toSettled(channel, item, ack, false));
+            settled.push(toSettled(channel, items[i]!, ack, false));
           }
         }
         if (settled.length > 0) this.options.onAcks(settled);
-        for (const item of items) {
-          const ack = acked.get(ackKey(item.seq, item.registrationId));
+        for (let i = 0; i < items.length; i++) {
+          const item = items[i]!;
+          const ack = acked[i];
           if (ack !== undefined && ack.status === bus.AckStatus.ACK_STATUS_SETTLED) item.resolve?.("acked");
           else this.miss(channel, item, ack === undefined ? "no ack" : `handler failed: ${ack.error}`);
         }
@@ -304,7 +305,7 @@ export class DeliveryEngine {
           if (!seen.has(item.key)) batch.push(item);
           seen.add(item.key); // a key's later items wait for its earlier one
         }
-        let acked: Map<string, bus.Ack>;
+        let acked: Array<bus.Ack | undefined>;
         try {
           acked = await this.send(channel, batch);
         } catch {
@@ -312,8 +313,9 @@ export class DeliveryEngine {
         }
         const settled: SettledAck[] = [];
         const done = new Set<Item>();
-        for (const item of batch) {
-          const ack = acked.get(ackKey(item.seq, item.registrationId));
+        for (let i = 0; i < batch.length; i++) {
+          const item = batch[i]!;
+          const ack = acked[i];
           if (ack?.status === bus.AckStatus.ACK_STATUS_SETTLED) {
             settled.push(toSettled(channel, item, ack, true));
             done.add(item);
@@ -333,7 +335,7 @@ export class DeliveryEngine {
     }
   }
 
-  private async send(channel: Channel, items: readonly Item[]): Promise<Map<string, bus.Ack>> {
+  private async send(channel: Channel, items: readonly Item[]): Promise<Array<bus.Ack | undefined>> {
     for (const item of items) item.attempt++;
     const batch: bus.DeliveryBatch = {
       deliveries: items.map((i) => ({ registrationId: i.registrationId, event: i.event, attempt: i.attempt })),
@@ -347,10 +349,7 @@ export class DeliveryEngine {
       timeout: this.deadlineMs,
       headers: h,
     });
-    const acks = bus.AckBatch.decode(reply.data);
-    const byKey = new Map<string, bus.Ack>();
-    for (const a of acks.acks) byKey.set(ackKey(Number(a.seq), a.registrationId), a);
-    return byKey;
+    return matchAcks(items, bus.AckBatch.decode(reply.data).acks);
   }
 
   private onHello(msg: Msg): void {
@@ -385,8 +384,24 @@ interface Channel {
   pumpScheduled: boolean;
 }
 
-function ackKey(seq: number, registrationId: number): string {
-  return `${seq}:${registrationId}`;
+/**
+ * The ack of each item, by position. The SDK answers in delivery order, so position i normally
+ * holds item i's ack; anything else is matched by (seq, registration), and an item without an ack
+ * gets undefined.
+ */
+function matchAcks(items: readonly Item[], acks: readonly bus.Ack[]): Array<bus.Ack | undefined> {
+  const out: Array<bus.Ack | undefined> = new Array(items.length);
+  let mismatch = acks.length !== items.length;
+  for (let i = 0; i < items.length && !mismatch; i++) {
+    const a = acks[i]!;
+    const item = items[i]!;
+    if (Number(a.seq) === item.seq && a.registrationId === item.registrationId) out[i] = a;
+    else mismatch = true;
+  }
+  if (!mismatch) return out;
+  const byKey = new Map<string, bus.Ack>();
+  for (const a of acks) byKey.set(`${a.seq}:${a.registrationId}`, a);
+  return items.map((item) => byKey.get(`${item.seq}:${item.registrationId}`));
 }
 
 function toSettled(channel: Channel, item: Item, ack: bus.Ack, late: boolean): SettledAck {
@@ -407,7 +422,10 @@ function describe(err: unknown): string {
   return e?.message ?? String(err);
 }
 
+// Trace ids: a random per-process part and a counter (unique, and no random bytes per message).
+const tracePrefix = randomBytes(8).toString("hex");
+let traceCounter = 0;
 function traceparent(): string {
-  const b = randomBytes(24).toString("hex");
-  return `00-${b.slice(0, 32)}-${b.slice(32, 48)}-01`;
+  const n = (++traceCounter).toString(16).padStart(16, "0");
+  return `00-${tracePrefix}${n}-${n}-01`;
 }

@@ -121,6 +121,7 @@ export async function startSubscriber(options: SubscriberOptions): Promise<Subsc
     } catch {
       return; // not ours: no answer, the sender's deadline expires
     }
+    // Acks in delivery order (the engine matches them by position).
     const acks = await Promise.all(batch.deliveries.map((d) => handleOne(d, batch.deliveries.length)));
     msg.respond(bus.AckBatch.encode({ acks }).finish());
   };

@@ -239,7 +239,10 @@ export class IoasidCore {
       k.event.ioasid,
       k.event.generation,
     ]);
-    this.execute({ t: "acks", a });
+    // Not urgent even with releases: the record is queued in application order, so anything that
+    // depends on a release (a reclaim, a re-allocation) is written after it; a crash before it is
+    // written only means the delivery is made again and the SDK answers from its memory.
+    this.execute({ t: "acks", a }, false);
   }
 
   /** The delivery engine's callback for missed deliveries. */
@@ -247,7 +250,7 @@ export class IoasidCore {
     for (const m of missed) {
       this.options.log?.("warn", "delivery missed", { seq: m.seq, registration: m.registrationId, subscriber: `${m.subscriber.name}/${m.subscriber.instance}`, reason: m.reason });
     }
-    this.execute({ t: "miss", a: missed.map((m) => [m.seq, m.registrationId] as const) });
+    this.execute({ t: "miss", a: missed.map((m) => [m.seq, m.registrationId] as const) }, false);
   }
 
   /** Deliveries not yet acknowledged by every target (pending or missed), by event sequence. */
@@ -268,7 +271,11 @@ export class IoasidCore {
     for (const e of this.externals.values()) e.close();
   }
 
-  private execute(op: DistributiveOmit<OpRecord, "ts">): { result: unknown; durable: Promise<void> } {
+  /**
+   * @param urgent somebody waits for the record (a client's reply): write it at the end of this
+   *   turn; delivery bookkeeping may wait for company (at-least-once covers a crash meanwhile).
+   */
+  private execute(op: DistributiveOmit<OpRecord, "ts">, urgent = true): { result: unknown; durable: Promise<void> } {
     const record = { ...op, ts: Date.now() } as OpRecord;
     this.currentTs = record.ts;
     let result: unknown;
@@ -280,7 +287,7 @@ export class IoasidCore {
     }
     const commit: Commit = { ready: false, chains: this.captured };
     this.captured = [];
-    const durable = this.opLog === undefined ? Promise.resolve() : this.opLog.append(record);
+    const durable = this.opLog === undefined ? Promise.resolve() : this.opLog.append(record, urgent);
     this.commits.push(commit);
     durable.then(
       () => {

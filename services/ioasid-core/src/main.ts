@@ -84,7 +84,9 @@ export const coreConfigSchema = defineConfigSchema({
 
 const config = configOrExit(coreConfigSchema, { service: "ioasid-core" });
 const logger = createLogger("ioasid-core", { level: config.logLevel });
-const nc = await connectNats(config.natsUrl, config.natsConnectTimeout).catch((err: unknown) => {
+const nc = await connectNats(config.natsUrl, config.natsConnectTimeout, () =>
+  logger.warn({ url: config.natsUrl, timeoutMs: config.natsConnectTimeout }, "NATS not reachable yet; retrying"),
+).catch((err: unknown) => {
   logger.fatal({ url: config.natsUrl, err: String(err) }, "cannot reach NATS: start nats-server with JetStream (-js) or set NATS_URL");
   process.exit(1);
 });
@@ -107,19 +109,21 @@ runUntilSignal(running.server, {
   logger,
   beforeExit: async () => {
     await running.engine?.stop();
+    await running.opLog?.drain();
     running.core.close();
     await nc.drain();
   },
 });
 
 /** Connects to NATS, retrying until `timeoutMs` has passed. */
-async function connectNats(url: string, timeoutMs: number): Promise<NatsConnection> {
+async function connectNats(url: string, timeoutMs: number, onFirstFailure: () => void): Promise<NatsConnection> {
   const deadline = Date.now() + timeoutMs;
-  for (;;) {
+  for (let attempt = 0; ; attempt++) {
     try {
       return await connect({ servers: url, name: "ioasid-core", maxReconnectAttempts: -1, reconnectTimeWait: 250 });
     } catch (err) {
       if (Date.now() >= deadline) throw err;
+      if (attempt === 0) onFirstFailure();
       await new Promise((r) => setTimeout(r, 250));
     }
   }

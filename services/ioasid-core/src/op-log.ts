@@ -10,21 +10,41 @@ export interface OpLogOptions {
   readonly subject?: string;
   /** Stream replicas: 1 on one server, 3 in a NATS cluster (configuration only). @default 1 */
   readonly replicas?: number;
+  /**
+   * How long records nobody waits for (delivery acknowledgements, misses) may sit before they are
+   * written, in ms; any record somebody waits for writes them at once, in order. @default 20
+   */
+  readonly lazyMs?: number;
 }
+
+/** Largest message the log writes (nats-server's default max_payload is 1 MiB). */
+const MAX_MESSAGE_BYTES = 512 * 1024;
 
 /**
  * The core's operation log: a JetStream stream with file storage. The core appends every operation
  * its model accepted, in the order it applied them, and a restarted core replays the stream to
- * rebuild its state (DESIGN §4.6). Appends are published in call order on one connection, so the
- * stream order is the application order; an operation's reply waits for its append to be
- * acknowledged, which makes every earlier operation durable too.
+ * rebuild its state (DESIGN §4.6).
+ *
+ * Group commit: appends queue up in call order and are written as one message (a JSON array of
+ * records) at the end of the current turn of the event loop, so a burst of operations costs one
+ * JetStream round trip. Messages are published in order on one connection, so the stream order is
+ * the application order, and an operation acknowledged durable makes every earlier one durable too.
+ * Records nobody waits for may wait up to `lazyMs` for company.
  */
 export class OpLog {
+  private queue: Array<{ op: OpRecord; resolve: () => void; reject: (err: unknown) => void }> = [];
+  private urgentScheduled = false;
+  private lazyTimer: NodeJS.Timeout | undefined;
+  /** Messages written (each one JetStream publish). */
+  messages = 0;
+  private readonly inflight = new Set<Promise<unknown>>();
+
   private constructor(
     private readonly js: JetStreamClient,
     private readonly nc: NatsConnection,
     readonly stream: string,
     readonly subject: string,
+    private readonly lazyMs: number,
   ) {}
 
   /** Opens (creating if needed) the stream. */
@@ -46,15 +66,68 @@ export class OpLog {
         max_bytes: -1,
       });
     }
-    return new OpLog(jetstream(nc), nc, stream, subject);
+    return new OpLog(jetstream(nc), nc, stream, subject, options.lazyMs ?? 20);
   }
 
   /**
-   * Appends an operation. The publish is issued synchronously (so call order is stream order);
-   * the promise settles when JetStream acknowledged it.
+   * Queues an operation; it is written after every operation queued before it. The promise
+   * settles when JetStream acknowledged the message holding it.
+   * @param urgent somebody waits for it: write at the end of this turn (else within `lazyMs`)
    */
-  append(op: OpRecord): Promise<void> {
-    return this.js.publish(this.subject, JSON.stringify(op)).then(() => undefined);
+  append(op: OpRecord, urgent = true): Promise<void> {
+    const done = new Promise<void>((resolve, reject) => this.queue.push({ op, resolve, reject }));
+    if (urgent) {
+      if (!this.urgentScheduled) {
+        this.urgentScheduled = true;
+        setImmediate(() => {
+          this.urgentScheduled = false;
+          this.flush();
+        });
+      }
+    } else if (this.lazyTimer === undefined) {
+      this.lazyTimer = setTimeout(() => this.flush(), this.lazyMs);
+    }
+    return done;
+  }
+
+  /** Writes everything queued now, in order (synchronously issued publishes). */
+  flush(): void {
+    if (this.lazyTimer !== undefined) {
+      clearTimeout(this.lazyTimer);
+      this.lazyTimer = undefined;
+    }
+    while (this.queue.length > 0) {
+      const parts: string[] = [];
+      const waiters: Array<{ resolve: () => void; reject: (err: unknown) => void }> = [];
+      let bytes = 2;
+      while (this.queue.length > 0) {
+        const next = this.queue[0]!;
+        const json = JSON.stringify(next.op);
+        if (parts.length > 0 && bytes + json.length + 1 > MAX_MESSAGE_BYTES) break;
+        parts.push(json);
+        waiters.push(next);
+        bytes += json.length + 1;
+        this.queue.shift();
+      }
+      this.messages++;
+      const written = this.js.publish(this.subject, `[${parts.join(",")}]`);
+      this.inflight.add(written);
+      void written.finally(() => this.inflight.delete(written)).catch(() => undefined);
+      written.then(
+        () => {
+          for (const w of waiters) w.resolve();
+        },
+        (err: unknown) => {
+          for (const w of waiters) w.reject(err);
+        },
+      );
+    }
+  }
+
+  /** Writes what is queued and waits until every write is acknowledged (graceful stop). */
+  async drain(): Promise<void> {
+    this.flush();
+    await Promise.allSettled([...this.inflight]);
   }
 
   /**
@@ -71,8 +144,11 @@ export class OpLog {
     let n = 0;
     try {
       for await (const m of messages) {
-        apply(JSON.parse(m.string()) as OpRecord);
-        n++;
+        const records = JSON.parse(m.string()) as OpRecord | OpRecord[];
+        for (const op of Array.isArray(records) ? records : [records]) {
+          apply(op);
+          n++;
+        }
         if (m.seq >= last) break;
       }
     } finally {

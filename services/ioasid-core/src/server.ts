@@ -239,6 +239,7 @@ export interface RunningCore {
   readonly address: string;
   readonly core: IoasidCore;
   readonly engine: DeliveryEngine | undefined;
+  readonly opLog: OpLog | undefined;
   /** Operations replayed from the log at start. */
   readonly replayed: number;
   /** Time from start to serving, ms (replay included). */
@@ -298,11 +299,13 @@ export async function startCoreServer(options: StartCoreServerOptions = {}): Pro
     address: `${host.includes(":") ? `[${host}]` : host}:${port}`,
     core: ioasidCore,
     engine,
+    opLog,
     replayed,
     startupMs,
     close: async (graceMs = 2000) => {
       await server.shutdown(graceMs);
       await engine?.stop();
+      await opLog?.drain();
       ioasidCore.close();
     },
   };
