@@ -1,6 +1,7 @@
 import { randomBytes } from "node:crypto";
 import { headers as natsHeaders, type Msg, type NatsConnection, type Subscription } from "@nats-io/transport-node";
-import { bus, type events } from "@ioasid/proto";
+import { BinaryWriter } from "@bufbuild/protobuf/wire";
+import { bus, events } from "@ioasid/proto";
 import { DEFAULT_PREFIX, deliverySubject, Headers, helloSubject } from "./subjects.js";
 
 /** Who receives deliveries: a subscriber is a role's name and instance. */
@@ -80,6 +81,8 @@ interface Item {
   readonly key: string;
   readonly registrationId: number;
   readonly event: events.IoasidEvent;
+  /** The event encoded once per chain, shared by its deliveries to every tier. */
+  readonly eventBytes: Uint8Array;
   /** Times it was sent. */
   attempt: number;
   resolve?: (outcome: DeliveryOutcome) => void;
@@ -107,7 +110,7 @@ export class DeliveryEngine {
   private readonly channels = new Map<string, Channel>();
   private readonly tails = new Map<string, Promise<void>>();
   private running = 0;
-  private idleWaiters: Array<() => void> = [];
+  private waiters: Array<{ below: number; resolve: () => void }> = [];
   private timer: NodeJS.Timeout | undefined;
   private helloSub: Subscription | undefined;
   private stopped = false;
@@ -151,7 +154,8 @@ export class DeliveryEngine {
     const run = (): Promise<void> => this.runChain(chain, pending);
     const next = (prev === undefined ? run() : prev.then(run)).finally(() => {
       if (this.tails.get(chain.key) === next) this.tails.delete(chain.key);
-      if (--this.running === 0) for (const w of this.idleWaiters.splice(0)) w();
+      this.running--;
+      if (this.waiters.length > 0) this.wakeWaiters();
     });
     this.tails.set(chain.key, next);
   }
@@ -164,13 +168,27 @@ export class DeliveryEngine {
     const channel = this.channel(subscriber);
     channel.live = false;
     // Sent at least once before the restart, or it would not have been missed.
-    for (const i of items) channel.backlog.push({ ...i, attempt: 1 });
+    for (const i of items) channel.backlog.push({ ...i, eventBytes: events.IoasidEvent.encode(i.event).finish(), attempt: 1 });
   }
 
   /** Resolves when no chain is running (backlogs may remain). */
   idle(): Promise<void> {
-    if (this.running === 0) return Promise.resolve();
-    return new Promise((resolve) => this.idleWaiters.push(resolve));
+    return this.runningBelow(1);
+  }
+
+  /** Resolves when fewer than `n` chains are running (backpressure for producers). */
+  runningBelow(n: number): Promise<void> {
+    if (this.running < n) return Promise.resolve();
+    return new Promise((resolve) => this.waiters.push({ below: n, resolve }));
+  }
+
+  private wakeWaiters(): void {
+    const still: Array<{ below: number; resolve: () => void }> = [];
+    for (const w of this.waiters) {
+      if (this.running < w.below) w.resolve();
+      else still.push(w);
+    }
+    this.waiters = still;
   }
 
   /** Per subscriber: live or not, and how many deliveries wait in its backlog. */
@@ -185,23 +203,27 @@ export class DeliveryEngine {
 
   private async runChain(chain: Chain, pending: readonly DeliveryTarget[]): Promise<void> {
     // Tiers in call order: CPU → DEVICE → IOMMU → LAST (higher priority first).
-    const tiers = new Map<number, DeliveryTarget[]>();
-    for (const t of pending) {
-      const tier = tiers.get(t.priority);
-      if (tier === undefined) tiers.set(t.priority, [t]);
-      else tier.push(t);
-    }
-    for (const priority of [...tiers.keys()].sort((a, b) => b - a)) {
-      const tier = tiers.get(priority)!;
-      if (tier.length === 1) await this.deliver(chain, tier[0]!);
-      else await Promise.all(tier.map((t) => this.deliver(chain, t)));
+    const ordered = isDescending(pending) ? pending : [...pending].sort((a, b) => b.priority - a.priority);
+    for (let i = 0; i < ordered.length; ) {
+      let j = i + 1;
+      while (j < ordered.length && ordered[j]!.priority === ordered[i]!.priority) j++;
+      if (j === i + 1) await this.deliver(chain, ordered[i]!);
+      else await Promise.all(ordered.slice(i, j).map((t) => this.deliver(chain, t)));
+      i = j;
     }
     this.options.onChainDone?.(chain.seq);
   }
 
   private deliver(chain: Chain, target: DeliveryTarget): Promise<DeliveryOutcome> {
     const channel = this.channel(target.subscriber);
-    const item: Item = { seq: chain.seq, key: chain.key, registrationId: target.registrationId, event: chain.event, attempt: 0 };
+    const item: Item = {
+      seq: chain.seq,
+      key: chain.key,
+      registrationId: target.registrationId,
+      event: chain.event,
+      eventBytes: encodedEvent(chain),
+      attempt: 0,
+    };
     if (!channel.live || this.stopped) {
       channel.backlog.push(item);
       this.options.onMissed([{ seq: item.seq, registrationId: item.registrationId, subscriber: channel.id, reason: "not live" }]);
@@ -337,15 +359,12 @@ export class DeliveryEngine {
 
   private async send(channel: Channel, items: readonly Item[]): Promise<Array<bus.Ack | undefined>> {
     for (const item of items) item.attempt++;
-    const batch: bus.DeliveryBatch = {
-      deliveries: items.map((i) => ({ registrationId: i.registrationId, event: i.event, attempt: i.attempt })),
-    };
     const h = natsHeaders();
     h.set(Headers.FIRST_SEQ, String(items[0]!.seq));
     h.set(Headers.LAST_SEQ, String(items[items.length - 1]!.seq));
     h.set(Headers.COUNT, String(items.length));
     h.set(Headers.TRACEPARENT, traceparent());
-    const reply = await this.nc.request(channel.subject, bus.DeliveryBatch.encode(batch).finish(), {
+    const reply = await this.nc.request(channel.subject, encodeDeliveryBatch(items), {
       timeout: this.deadlineMs,
       headers: h,
     });
@@ -382,6 +401,39 @@ interface Channel {
   backlog: Item[];
   inFlight: boolean;
   pumpScheduled: boolean;
+}
+
+function isDescending(targets: readonly DeliveryTarget[]): boolean {
+  for (let i = 1; i < targets.length; i++) if (targets[i]!.priority > targets[i - 1]!.priority) return false;
+  return true;
+}
+
+const encodedEvents = new WeakMap<Chain, Uint8Array>();
+
+function encodedEvent(chain: Chain): Uint8Array {
+  let bytes = encodedEvents.get(chain);
+  if (bytes === undefined) {
+    bytes = events.IoasidEvent.encode(chain.event).finish();
+    encodedEvents.set(chain, bytes);
+  }
+  return bytes;
+}
+
+/**
+ * A DeliveryBatch on the wire, built from events encoded once per chain: a sub-message is a
+ * length-delimited field, so the stored bytes go in as they are (bus.proto field numbers:
+ * DeliveryBatch.deliveries = 1; Delivery.registration_id = 1, event = 2, attempt = 3).
+ */
+export function encodeDeliveryBatch(items: ReadonlyArray<{ registrationId: number; eventBytes: Uint8Array; attempt: number }>): Uint8Array {
+  const w = new BinaryWriter();
+  for (const item of items) {
+    w.uint32(10).fork();
+    if (item.registrationId !== 0) w.uint32(8).uint32(item.registrationId);
+    w.uint32(18).bytes(item.eventBytes);
+    if (item.attempt !== 0) w.uint32(24).uint32(item.attempt);
+    w.join();
+  }
+  return w.finish();
 }
 
 /**

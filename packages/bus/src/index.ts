@@ -4,6 +4,7 @@
  */
 export {
   DeliveryEngine,
+  encodeDeliveryBatch,
   type Chain,
   type DeliveryEngineOptions,
   type DeliveryOutcome,

@@ -74,7 +74,29 @@ export async function startSubscriber(options: SubscriberOptions): Promise<Subsc
   let handled = 0;
   let duplicates = 0;
 
-  const handleOne = async (d: bus.Delivery, batchSize: number): Promise<bus.Ack> => {
+  const settle = (key: string, event: events.IoasidEvent, d: bus.Delivery, result: HandlerResult | void): bus.Ack => {
+    const ack: bus.Ack = {
+      seq: event.seq,
+      registrationId: d.registrationId,
+      status: bus.AckStatus.ACK_STATUS_SETTLED,
+      releases: result?.release === undefined ? [] : result.release.map((purpose) => ({ purpose })),
+      error: "",
+    };
+    handled++;
+    done.set(key, ack);
+    if (done.size > window) done.delete(done.keys().next().value!);
+    return ack;
+  };
+  const failed = (event: events.IoasidEvent, d: bus.Delivery, err: unknown): bus.Ack => ({
+    seq: event.seq,
+    registrationId: d.registrationId,
+    status: bus.AckStatus.ACK_STATUS_FAILED,
+    releases: [],
+    error: err instanceof Error ? err.message : String(err),
+  });
+
+  /** The ack of one delivery: from the dedupe memory, at once for a synchronous handler, or later. */
+  const handleOne = (d: bus.Delivery, batchSize: number): bus.Ack | Promise<bus.Ack> => {
     const event = d.event!;
     const key = `${event.seq}:${d.registrationId}`;
     const cached = done.get(key);
@@ -84,33 +106,19 @@ export async function startSubscriber(options: SubscriberOptions): Promise<Subsc
     }
     const running = inProgress.get(key);
     if (running !== undefined) return running;
-    const work = (async (): Promise<bus.Ack> => {
-      try {
-        const result = await options.handler(event, { registrationId: d.registrationId, attempt: d.attempt, batchSize });
-        const ack: bus.Ack = {
-          seq: event.seq,
-          registrationId: d.registrationId,
-          status: bus.AckStatus.ACK_STATUS_SETTLED,
-          releases: (result?.release ?? []).map((purpose) => ({ purpose })),
-          error: "",
-        };
-        handled++;
-        done.set(key, ack);
-        if (done.size > window) done.delete(done.keys().next().value!);
-        return ack;
-      } catch (err) {
-        return {
-          seq: event.seq,
-          registrationId: d.registrationId,
-          status: bus.AckStatus.ACK_STATUS_FAILED,
-          releases: [],
-          error: err instanceof Error ? err.message : String(err),
-        };
-      } finally {
-        inProgress.delete(key);
-      }
-    })();
+    let result: ReturnType<EventHandler>;
+    try {
+      result = options.handler(event, { registrationId: d.registrationId, attempt: d.attempt, batchSize });
+    } catch (err) {
+      return failed(event, d, err);
+    }
+    if (!(result instanceof Promise)) return settle(key, event, d, result);
+    const work = result.then(
+      (r) => settle(key, event, d, r),
+      (err: unknown) => failed(event, d, err),
+    );
     inProgress.set(key, work);
+    void work.finally(() => inProgress.delete(key));
     return work;
   };
 
@@ -121,8 +129,10 @@ export async function startSubscriber(options: SubscriberOptions): Promise<Subsc
     } catch {
       return; // not ours: no answer, the sender's deadline expires
     }
-    // Acks in delivery order (the engine matches them by position).
-    const acks = await Promise.all(batch.deliveries.map((d) => handleOne(d, batch.deliveries.length)));
+    // Acks in delivery order (the engine matches them by position); handlers of one batch run
+    // concurrently (their deliveries concern different IOASIDs).
+    const results = batch.deliveries.map((d) => handleOne(d, batch.deliveries.length));
+    const acks = results.some((r) => r instanceof Promise) ? await Promise.all(results) : (results as bus.Ack[]);
     msg.respond(bus.AckBatch.encode({ acks }).finish());
   };
 

@@ -522,6 +522,24 @@ describe("IoasidSpace notifier registrations", () => {
     expect(ids(EventType.RECLAIM, s.id)).toEqual([]);
   });
 
+  it("answers recipients from a cache that every registration change invalidates", () => {
+    const { space, vm } = setup(64);
+    const s = vm(9);
+    const ids = () => space.recipients({ type: EventType.FREE, setId: s.id }).map((r) => r.id);
+    expect(ids()).toEqual([]);
+    const g = space.register({ subscriber: iommu, priority: Priority.IOMMU, scope: { kind: "global" } });
+    expect(ids()).toEqual([g.id]);
+    const k = space.register({ subscriber: kvm, priority: Priority.CPU, scope: { kind: "set", setId: s.id } });
+    expect(ids()).toEqual([k.id, g.id]);
+    space.unregister(g.id);
+    expect(ids()).toEqual([k.id]);
+    const m = space.register({ subscriber: vdcm, priority: Priority.DEVICE, scope: { kind: "mm", token: 10n } });
+    const t = vm(10);
+    expect(space.recipients({ type: EventType.FREE, setId: t.id }).map((r) => r.id)).toEqual([m.id]);
+    space.destroySet(t.id);
+    expect(space.recipients({ type: EventType.FREE, setId: t.id })).toEqual([]);
+  });
+
   it("filters by the event types a registration asks for, and refuses ones its scope never carries", () => {
     const { space, vm } = setup(64);
     const s = vm(9);

@@ -253,6 +253,8 @@ export class IoasidSpace {
   private readonly setRegs = new Map<number, Set<RegistrationRecord>>();
   private readonly pendingMm = new Map<bigint, Set<RegistrationRecord>>();
   private nextRegId = 1;
+  /** recipients() answers, cleared whenever a registration is added, removed, attached or detached. */
+  private readonly recipientCache = new Map<string, readonly Registration[]>();
 
   private custom: CustomAllocator | undefined;
   private seq: number;
@@ -734,6 +736,7 @@ export class IoasidSpace {
       setId: 0,
     };
     this.registrations.set(reg.id, reg);
+    this.recipientCache.clear();
     if (scope.kind === "global") this.globalRegs.add(reg);
     else if (setId !== 0) this.attachRegistration(reg, setId);
     else this.addPending(reg);
@@ -745,6 +748,7 @@ export class IoasidSpace {
     const reg = this.registrations.get(registrationId);
     if (reg === undefined) throw coreError("REGISTRATION_NOT_FOUND", `no registration ${registrationId}`);
     this.registrations.delete(reg.id);
+    this.recipientCache.clear();
     this.globalRegs.delete(reg);
     if (reg.setId !== 0) this.setRegs.get(reg.setId)?.delete(reg);
     if (reg.scope.kind === "mm") this.pendingMm.get(reg.scope.token)?.delete(reg);
@@ -759,7 +763,11 @@ export class IoasidSpace {
    * The active registrations an event goes to, highest priority first (the delivery order:
    * CPU → DEVICE → IOMMU → LAST). Registrations of equal priority are in registration order.
    */
-  recipients(event: Pick<IoasidEvent, "type" | "setId">): Registration[] {
+  recipients(event: Pick<IoasidEvent, "type" | "setId">): readonly Registration[] {
+    // Cached per (type, set) until a registration changes: events come in bursts (a set freed).
+    const cacheKey = `${event.type}|${event.setId}`;
+    const cached = this.recipientCache.get(cacheKey);
+    if (cached !== undefined) return cached;
     const scopes = EVENT_SCOPES[event.type];
     const bit = EVENT_BITS[event.type];
     const out: RegistrationRecord[] = [];
@@ -769,7 +777,10 @@ export class IoasidSpace {
       if (regs !== undefined) for (const r of regs) if (r.mask & bit) out.push(r);
     }
     out.sort((a, b) => b.priority - a.priority || a.id - b.id);
-    return out.map(toRegistration);
+    const result = Object.freeze(out.map(toRegistration));
+    if (this.recipientCache.size > 10_000) this.recipientCache.clear();
+    this.recipientCache.set(cacheKey, result);
+    return result;
   }
 
   /** Global counters. */
@@ -878,6 +889,7 @@ export class IoasidSpace {
     this.emit(EventType.SET_FREE, INVALID_IOASID, set, 0, 0, undefined, 0);
     const regs = this.setRegs.get(set.id);
     this.setRegs.delete(set.id);
+    this.recipientCache.clear();
     if (regs !== undefined) {
       for (const reg of regs) {
         reg.setId = 0;
@@ -926,6 +938,7 @@ export class IoasidSpace {
   }
 
   private attachRegistration(reg: RegistrationRecord, setId: number): void {
+    this.recipientCache.clear();
     reg.setId = setId;
     let regs = this.setRegs.get(setId);
     if (regs === undefined) {

@@ -40,7 +40,19 @@ export class EventLog {
    * @param commitTimeMs when its operation was committed @default now
    */
   append(event: IoasidEvent, commitTimeMs?: number): CommittedEvent {
-    const committed: CommittedEvent = { ...event, commitTimeMs: commitTimeMs ?? this.now() };
+    // An explicit literal: object spread is several times slower on this path (every event).
+    const committed: CommittedEvent = {
+      seq: event.seq,
+      type: event.type,
+      ioasid: event.ioasid,
+      generation: event.generation,
+      spid: event.spid,
+      setId: event.setId,
+      token: event.token,
+      privateData: event.privateData,
+      refcount: event.refcount,
+      commitTimeMs: commitTimeMs ?? this.now(),
+    };
     const last = this.last();
     if (last !== undefined && committed.seq <= last.seq) {
       throw new Error(`event seq ${committed.seq} does not follow ${last.seq}`);

@@ -1,4 +1,4 @@
-import { coreError, IoasidSpace, MAX_BATCH_ALLOC, type Allocation, type IoasidEvent } from "@ioasid/ioasid";
+import { coreError, IoasidSpace, MAX_BATCH_ALLOC, type Allocation, type IoasidEvent, type Registration } from "@ioasid/ioasid";
 import type { Chain, DeliveryEngine, DeliveryTarget, MissedDelivery, SettledAck } from "@ioasid/bus";
 import type { events } from "@ioasid/proto";
 import { fromCommittedEvent } from "./convert.js";
@@ -34,12 +34,18 @@ export interface IoasidCoreOptions {
   readonly log?: (level: "info" | "warn" | "error", msg: string, fields?: Record<string, unknown>) => void;
 }
 
-/** Delivery progress of one committed event. */
+const PENDING = 0;
+const ACKED = 1;
+const MISSED = 2;
+
+/** Delivery progress of one committed event: an outcome per target, in target order. */
 interface DeliveryRecord {
   readonly event: events.IoasidEvent;
   readonly key: string;
   readonly targets: readonly DeliveryTarget[];
-  readonly state: Map<number, "pending" | "acked" | "missed">;
+  readonly outcomes: Uint8Array;
+  /** Targets not acknowledged yet (pending or missed). */
+  unacked: number;
 }
 
 interface Commit {
@@ -68,6 +74,7 @@ export class IoasidCore {
   private opLog: OpLog | undefined;
   private engine: DeliveryEngine | undefined;
   private captured: Chain[] = [];
+  private readonly targetCache = new WeakMap<readonly Registration[], readonly DeliveryTarget[]>();
   private currentTs = 0;
   private replaying = false;
 
@@ -118,8 +125,9 @@ export class IoasidCore {
     if (engine !== undefined) {
       const backlogs = new Map<string, { subscriber: DeliveryTarget["subscriber"]; items: Parameters<DeliveryEngine["restoreBacklog"]>[1][number][] }>();
       for (const [seq, rec] of this.deliveries) {
-        for (const t of rec.targets) {
-          if (rec.state.get(t.registrationId) !== "missed") continue;
+        for (let i = 0; i < rec.targets.length; i++) {
+          const t = rec.targets[i]!;
+          if (rec.outcomes[i] !== MISSED) continue;
           const k = `${t.subscriber.name}/${t.subscriber.instance}`;
           let b = backlogs.get(k);
           if (b === undefined) backlogs.set(k, (b = { subscriber: t.subscriber, items: [] }));
@@ -129,7 +137,9 @@ export class IoasidCore {
       for (const b of backlogs.values()) engine.restoreBacklog(b.subscriber, b.items);
       for (const [seq, rec] of this.deliveries) {
         const done = new Map<number, "acked" | "missed">();
-        for (const [reg, s] of rec.state) if (s !== "pending") done.set(reg, s);
+        rec.targets.forEach((t, i) => {
+          if (rec.outcomes[i] !== PENDING) done.set(t.registrationId, rec.outcomes[i] === ACKED ? "acked" : "missed");
+        });
         engine.submit({ seq, key: rec.key, event: rec.event, targets: rec.targets, done });
       }
     }
@@ -229,20 +239,21 @@ export class IoasidCore {
 
   /** The delivery engine's callback for acknowledgements: releases and records them in one step. */
   onAcks(acks: readonly SettledAck[]): void {
-    const a: AckEntry[] = acks.map((k) => [
-      k.seq,
-      k.registrationId,
-      k.subscriber.name,
-      k.subscriber.instance,
-      k.releases,
-      k.event.setId,
-      k.event.ioasid,
-      k.event.generation,
-    ]);
+    const bySubscriber = new Map<string, { n: string; in: string; a: AckEntry[] }>();
+    for (const k of acks) {
+      const id = `${k.subscriber.name}/${k.subscriber.instance}`;
+      let group = bySubscriber.get(id);
+      if (group === undefined) bySubscriber.set(id, (group = { n: k.subscriber.name, in: k.subscriber.instance, a: [] }));
+      group.a.push(
+        k.releases.length === 0
+          ? [k.seq, k.registrationId]
+          : [k.seq, k.registrationId, k.event.setId, k.event.ioasid, k.event.generation, ...k.releases],
+      );
+    }
     // Not urgent even with releases: the record is queued in application order, so anything that
     // depends on a release (a reclaim, a re-allocation) is written after it; a crash before it is
     // written only means the delivery is made again and the SDK answers from its memory.
-    this.execute({ t: "acks", a }, false);
+    for (const group of bySubscriber.values()) this.execute({ t: "acks", ...group }, false);
   }
 
   /** The delivery engine's callback for missed deliveries. */
@@ -258,9 +269,9 @@ export class IoasidCore {
     return [...this.deliveries].map(([seq, r]) => {
       let pending = 0;
       let missed = 0;
-      for (const s of r.state.values()) {
-        if (s === "pending") pending++;
-        else if (s === "missed") missed++;
+      for (const o of r.outcomes) {
+        if (o === PENDING) pending++;
+        else if (o === MISSED) missed++;
       }
       return { seq, pending, missed };
     });
@@ -313,34 +324,40 @@ export class IoasidCore {
   private applyRecord(op: OpRecord): unknown {
     const result = applyOp(this.ctx, op);
     if (op.t === "acks") {
-      for (const [seq, reg] of op.a) this.mark(seq, reg, "acked");
+      for (const [seq, reg] of op.a) this.mark(seq, reg, ACKED);
     } else if (op.t === "miss") {
-      for (const [seq, reg] of op.a) this.mark(seq, reg, "missed");
+      for (const [seq, reg] of op.a) this.mark(seq, reg, MISSED);
     }
     return result;
   }
 
-  private mark(seq: number, reg: number, outcome: "acked" | "missed"): void {
+  private mark(seq: number, reg: number, outcome: typeof ACKED | typeof MISSED): void {
     const rec = this.deliveries.get(seq);
     if (rec === undefined) return;
-    if (outcome === "missed" && rec.state.get(reg) === "acked") return;
-    rec.state.set(reg, outcome);
-    for (const s of rec.state.values()) if (s !== "acked") return;
-    this.deliveries.delete(seq);
+    const i = rec.targets.findIndex((t) => t.registrationId === reg);
+    if (i < 0 || rec.outcomes[i] === ACKED) return;
+    rec.outcomes[i] = outcome;
+    if (outcome === ACKED && --rec.unacked === 0) this.deliveries.delete(seq);
   }
 
   private onEvent(e: IoasidEvent): void {
     const committed = this.log.append(e, this.currentTs);
-    const targets: DeliveryTarget[] = this.space.recipients(e).map((r) => ({
-      registrationId: r.id,
-      subscriber: r.subscriber,
-      priority: r.priority,
-    }));
+    const targets = this.targetsOf(this.space.recipients(e));
     if (targets.length === 0) return;
     const event = fromCommittedEvent(committed);
     const key = chainKey(e);
-    this.deliveries.set(e.seq, { event, key, targets, state: new Map(targets.map((t) => [t.registrationId, "pending"])) });
+    this.deliveries.set(e.seq, { event, key, targets, outcomes: new Uint8Array(targets.length), unacked: targets.length });
     this.captured.push({ seq: e.seq, key, event, targets });
+  }
+
+  /** Delivery targets of a recipients() answer (the model caches those, so this caches by identity). */
+  private targetsOf(recipients: readonly Registration[]): readonly DeliveryTarget[] {
+    let targets = this.targetCache.get(recipients);
+    if (targets === undefined) {
+      targets = Object.freeze(recipients.map((r) => ({ registrationId: r.id, subscriber: r.subscriber, priority: r.priority })));
+      this.targetCache.set(recipients, targets);
+    }
+    return targets;
   }
 }
 

@@ -33,17 +33,18 @@ export type OpRecord = { readonly ts: number } & (
   | { readonly t: "unregister"; readonly r: number }
   | { readonly t: "regAlloc"; readonly n: string; readonly a: string }
   | { readonly t: "unregAlloc"; readonly n: string }
-  /** Acknowledgements of one reply, with the references they release. */
-  | { readonly t: "acks"; readonly a: readonly AckEntry[] }
+  /** Acknowledgements by one subscriber (name `n`, instance `in`), with the references they release. */
+  | { readonly t: "acks"; readonly n: string; readonly in: string; readonly a: readonly AckEntry[] }
   /** Missed deliveries: [seq, registration]. */
   | { readonly t: "miss"; readonly a: ReadonlyArray<readonly [number, number]> }
 );
 
 /**
- * One acknowledgement: [event seq, registration, holder role, holder instance, released purposes,
- * set, IOASID, generation]. The holder of each released reference is the subscriber itself.
+ * One acknowledgement: [event seq, registration] when it releases nothing, else [event seq,
+ * registration, set, IOASID, generation, ...released purposes]. The holder of each released
+ * reference is the subscriber itself (role = name, instance = instance).
  */
-export type AckEntry = readonly [number, number, string, string, readonly string[], number, number, number];
+export type AckEntry = readonly [number, number] | readonly [number, number, number, number, number, ...string[]];
 
 /** RegisterOptions with the MM token as a string (JSON has no bigint). */
 export interface SerializedRegisterOptions {
@@ -175,9 +176,11 @@ export function applyOp(ctx: ApplyContext, op: OpRecord): unknown {
       // References released with acknowledgements (DESIGN §4.3): the holder is the subscriber
       // itself, on the event's IOASID at the event's generation, so a late ack can never drop a
       // reference of a later owner of the same ID.
-      for (const [, , role, instance, purposes, setId, ioasid, generation] of op.a) {
+      for (const entry of op.a) {
+        if (entry.length <= 2) continue;
+        const [, , setId, ioasid, generation, ...purposes] = entry as readonly [number, number, number, number, number, ...string[]];
         for (const purpose of purposes) {
-          const holder = { role, instance, purpose };
+          const holder = { role: op.n, instance: op.in, purpose };
           try {
             space.put(setId, ioasid, holder, generation);
           } catch (err) {
