@@ -1,6 +1,7 @@
 import { dirname, join } from "node:path";
 import { fileURLToPath } from "node:url";
-import { core, events } from "@ioasid/proto";
+import type { events } from "@ioasid/proto";
+import { core } from "@ioasid/proto";
 import { startService, waitFor, type NatsServer, type ServiceProcess } from "@ioasid/testkit";
 import type { CoreFixture } from "./core-fixture.js";
 

@@ -1,6 +1,7 @@
+import type {
+  IoasidSpace} from "@ioasid/ioasid";
 import {
   EventType,
-  IoasidSpace,
   type Allocation,
   type CustomAllocator,
   type Holder,
