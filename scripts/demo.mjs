@@ -1,21 +1,24 @@
 #!/usr/bin/env node
-// npm run demo: starts ioasid-core as a process on an ephemeral port, walks through the IOASID
-// rules of the kernel document over gRPC, prints the committed events, and stops the core.
+// npm run demo: starts a nats-server (JetStream in a temp dir) and ioasid-core as processes on
+// ephemeral ports, walks through the IOASID rules of the kernel document over gRPC, prints the
+// committed events, and stops both.
 // (The full stack with the four roles and the two life-cycle tables comes with ioasidctl.)
 import { fileURLToPath } from "node:url";
 import { core, events } from "@ioasid/proto";
 import { createClient } from "@ioasid/grpc-kit";
-import { startService } from "@ioasid/testkit";
+import { startNats, startService } from "@ioasid/testkit";
 
 const out = (s = "") => process.stdout.write(`${s}\n`);
 const entry = fileURLToPath(new URL("../services/ioasid-core/dist/main.js", import.meta.url));
-const proc = await startService({ name: "ioasid-core", entry, env: { IOASID_CORE_GRPC_ADDRESS: "127.0.0.1:0" } });
+const nats = await startNats();
+const proc = await startService({ name: "ioasid-core", entry, env: { IOASID_CORE_GRPC_ADDRESS: "127.0.0.1:0", NATS_URL: nats.url } });
 const c = createClient(core.CoreServiceService, proc.address);
 const MM = events.TokenType.TOKEN_TYPE_MM;
 const P = (m, x) => m.fromPartial(x);
 let failed = false;
 try {
-  out(`ioasid-core listening on ${proc.address} (pid ${proc.pid})\n`);
+  out(`nats-server on ${nats.url} (JetStream in ${nats.storeDir})`);
+  out(`ioasid-core listening on ${proc.address} (pid ${proc.pid}), operation log in JetStream\n`);
   out("1. Two VMs both use guest PASID 101 (SPID), mapped to different host IOASIDs:");
   const vm1 = (await c.createSet(P(core.CreateSetRequest, { tokenType: MM, token: 0x1000n, quota: 64 }))).set.setId;
   const vm2 = (await c.createSet(P(core.CreateSetRequest, { tokenType: MM, token: 0x2000n, quota: 64 }))).set.setId;
@@ -67,5 +70,6 @@ try {
 } finally {
   c.close();
   await proc.stop();
+  await nats.stop();
 }
 process.exit(failed ? 1 : 0);
