@@ -13,6 +13,7 @@ import { startNats, startService } from "@ioasid/testkit";
 import { DeliveryEngine, startSubscriber } from "@ioasid/bus";
 import { IoasidCore, OpLog } from "@ioasid/ioasid-core";
 import { connect } from "@nats-io/transport-node";
+import { jetstream, jetstreamManager } from "@nats-io/jetstream";
 
 const quick = process.argv.includes("--quick");
 /** `--only=allocator,delivery` runs a subset: allocator, grpc, delivery, restart. */
@@ -170,6 +171,22 @@ async function grpcBench() {
     log(`  echo (floor)     p50 ${fmt(e50 * 1000)} µs   mean ${fmt(mean(echoLat) * 1000)} µs   p99 ${fmt(percentile(echoLat, 99) * 1000)} µs`);
     log(`  Alloc            p50 ${fmt(a50 * 1000)} µs   mean ${fmt(mean(allocLat) * 1000)} µs   p99 ${fmt(percentile(allocLat, 99) * 1000)} µs`);
     log(`  ratio Alloc/echo p50 ${fmt(a50 / e50, 2)}×   mean ${fmt(mean(allocLat) / mean(echoLat), 2)}×   (target ≤ 1.5×)`);
+    // A durable Alloc is answered after its JetStream append is acknowledged: the second floor.
+    const nc = await connect({ servers: nats.url });
+    const js = jetstream(nc);
+    await (await jetstreamManager(nc)).streams.add({ name: "BENCH_FLOOR", subjects: ["bench.floor"], storage: "file" });
+    for (let i = 0; i < 200; i++) await js.publish("bench.floor", "{}");
+    const jsLat = [];
+    for (let i = 0; i < calls; i++) {
+      const t = now();
+      await js.publish("bench.floor", '{"t":"alloc","s":1,"ts":0}');
+      jsLat.push(now() - t);
+    }
+    await nc.close();
+    jsLat.sort((a, b) => a - b);
+    const j50 = percentile(jsLat, 50);
+    log(`  JetStream publish ack (floor) p50 ${fmt(j50 * 1000)} µs`);
+    log(`  ratio Alloc/(echo + JetStream ack) p50 ${fmt(a50 / (e50 + j50), 2)}×   (what the core adds over its two floors)`);
 
     await c.freeSet({ setId: set.setId });
     const { set: batchSet } = await c.createSet(core.CreateSetRequest.fromPartial({ tokenType: events.TokenType.TOKEN_TYPE_MM, token: 2n, quota: 0 }));
@@ -184,6 +201,7 @@ async function grpcBench() {
     log(`  BatchAlloc       ${fmt(batchRate)} IOASIDs/s over ${fmt(n)} (65,536 per call; target ≥ 100,000)`);
     results.grpc = {
       echoP50Us: e50 * 1000,
+      jetstreamAckP50Us: j50 * 1000,
       allocP50Us: a50 * 1000,
       ratioP50: a50 / e50,
       ratioMean: mean(allocLat) / mean(echoLat),

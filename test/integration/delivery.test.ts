@@ -184,12 +184,24 @@ describe("delivery deadlines and missed subscribers", () => {
     expect(info.holders.map((h) => `${h.holder!.role}/${h.holder!.purpose}`)).toEqual(["vdcm/wq0"]);
     expect((await c.getStats({})).deliveriesMissed).toBe(1);
 
-    // Restarted, it receives the missed FREE, releases, and the IOASID is reclaimed.
+    // While it is down, more events for it: another IOASID allocated, bound and unbound.
+    const y = await c.alloc(P(core.AllocRequest, { setId: t.set }));
+    await c.attachSpid(P(core.AttachSpidRequest, { setId: t.set, ioasid: y.ioasid, spid: 7 }));
+    await c.detachSpid(P(core.DetachSpidRequest, { setId: t.set, ioasid: y.ioasid }));
+
+    // Restarted, it receives everything it missed, in order; it releases with the FREE, and the
+    // IOASID is reclaimed.
     const again = await sub("vdcm", "idxd0", { SUB_RELEASE: "wq0" });
     await waitFor(async () => !(await exists(c, x.ioasid)), { timeoutMs: 10_000, message: "reclaim after VDCM returns" });
+    await deliveriesSettled(c);
     expect(again.handled("FREE")).toHaveLength(1);
     expect(again.handled("FREE")[0]!.attempt).toBeGreaterThan(1);
-    await deliveriesSettled(c);
+    // Per IOASID in sequence order (different IOASIDs are independent).
+    const of = (id: number) => again.handled().filter((h) => h.ioasid === id);
+    expect(of(x.ioasid).map((h) => h.type)).toEqual(["FREE"]);
+    expect(of(y.ioasid).map((h) => h.type)).toEqual(["ALLOC", "BIND", "UNBIND"]);
+    const ySeqs = of(y.ioasid).map((h) => h.seq);
+    expect([...ySeqs].sort((p, q) => p - q)).toEqual(ySeqs);
   });
 
   it("treats a SIGSTOPped subscriber as missed, and catches it up after SIGCONT", async () => {
