@@ -21,4 +21,12 @@ export {
   type Subscriber,
   type SubscriberOptions,
 } from "./subscriber.js";
+export {
+  ensureHistoryStream,
+  historyStreamName,
+  historySubject,
+  HistoryRecorder,
+  readHistory,
+  type HistoryRecord,
+} from "./history.js";
 export { DEFAULT_PREFIX, deliverySubject, encodeToken, Headers, helloSubject, queueGroup } from "./subjects.js";

@@ -30,6 +30,11 @@ export interface IoasidCoreOptions {
   readonly externalAllocator?: (name: string, address: string) => ExternalAllocator;
   /** Called when the operation log cannot be written: the process must stop (fail-stop). */
   readonly onFatal?: (err: unknown) => void;
+  /**
+   * Receives the core's history as it happens (events and reference changes; not during replay):
+   * the service publishes it on NATS for the timeline.
+   */
+  readonly history?: (action: string, fields: HistoryFields) => void;
   /** Where the core reports what it does not return (refused releases, missed deliveries). */
   readonly log?: (level: "info" | "warn" | "error", msg: string, fields?: Record<string, unknown>) => void;
 }
@@ -37,6 +42,17 @@ export interface IoasidCoreOptions {
 const PENDING = 0;
 const ACKED = 1;
 const MISSED = 2;
+
+/** What a history record of the core carries besides its action. */
+export interface HistoryFields {
+  readonly ioasid?: number;
+  readonly generation?: number;
+  readonly setId?: number;
+  readonly spid?: number;
+  readonly refcount?: number;
+  readonly seq?: number;
+  readonly detail?: string;
+}
 
 /** Delivery progress of one committed event: an outcome per target, in target order. */
 interface DeliveryRecord {
@@ -75,6 +91,8 @@ export class IoasidCore {
   private engine: DeliveryEngine | undefined;
   private captured: Chain[] = [];
   private readonly targetCache = new WeakMap<readonly Registration[], readonly DeliveryTarget[]>();
+  /** History of events emitted by the operation being applied, published after its reference change. */
+  private pendingEventHistory: Array<[string, HistoryFields]> = [];
   private currentTs = 0;
   private replaying = false;
 
@@ -98,6 +116,19 @@ export class IoasidCore {
       },
       onReleaseRefused: (ioasid, holder, reason) =>
         this.options.log?.("warn", "release with an acknowledgement refused", { ioasid, holder, reason }),
+      onRef: (r) => {
+        if (this.replaying || this.options.history === undefined) return;
+        this.options.history(r.kind === "get" ? "ioasid_get" : "ioasid_put", {
+          ioasid: r.ioasid,
+          generation: r.generation,
+          setId: r.setId,
+          refcount: r.refcount,
+          ...(r.seq === undefined ? {} : { seq: r.seq }),
+          detail: `${r.holder.role}/${r.holder.instance}/${r.holder.purpose}`,
+        });
+        // Events the put set off (a RECLAIM) come after the put in the history.
+        this.flushEventHistory();
+      },
     };
   }
 
@@ -321,8 +352,18 @@ export class IoasidCore {
     }
   }
 
+  private flushEventHistory(): void {
+    for (const [action, fields] of this.pendingEventHistory) this.options.history?.(action, fields);
+    this.pendingEventHistory = [];
+  }
+
   private applyRecord(op: OpRecord): unknown {
-    const result = applyOp(this.ctx, op);
+    let result: unknown;
+    try {
+      result = applyOp(this.ctx, op);
+    } finally {
+      this.flushEventHistory();
+    }
     if (op.t === "acks") {
       for (const [seq, reg] of op.a) this.mark(seq, reg, ACKED);
     } else if (op.t === "miss") {
@@ -342,6 +383,15 @@ export class IoasidCore {
 
   private onEvent(e: IoasidEvent): void {
     const committed = this.log.append(e, this.currentTs);
+    if (!this.replaying && this.options.history !== undefined) {
+      this.pendingEventHistory.push([`event:${e.type}`, {
+        ...(e.ioasid === 0xffffffff ? {} : { ioasid: e.ioasid, generation: e.generation }),
+        setId: e.setId,
+        ...(e.spid === 0 ? {} : { spid: e.spid }),
+        refcount: e.refcount,
+        seq: e.seq,
+      }]);
+    }
     const targets = this.targetsOf(this.space.recipients(e));
     if (targets.length === 0) return;
     const event = fromCommittedEvent(committed);

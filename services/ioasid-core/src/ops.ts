@@ -108,6 +108,20 @@ export interface ApplyContext {
   readonly makeAllocator: (name: string, address: string) => StashedAllocator;
   /** Releases (puts) by acknowledgements that failed in the model, for the log. */
   readonly onReleaseRefused?: (ioasid: number, holder: Holder, reason: string) => void;
+  /** Every reference taken or dropped (history: the timeline's Ref column). */
+  readonly onRef?: (change: RefChange) => void;
+}
+
+/** A reference taken ("get") or dropped ("put"), with the count right after it. */
+export interface RefChange {
+  readonly kind: "get" | "put";
+  readonly setId: number;
+  readonly ioasid: number;
+  readonly generation: number;
+  readonly holder: Holder;
+  readonly refcount: number;
+  /** The event whose acknowledgement released it, for releases. */
+  readonly seq?: number;
 }
 
 /**
@@ -145,12 +159,22 @@ export function applyOp(ctx: ApplyContext, op: OpRecord): unknown {
       });
     case "free":
       return space.free(op.s, op.i, op.g);
-    case "get":
-      return space.get(op.s, op.i, op.h, op.g);
-    case "put":
-      return space.put(op.s, op.i, op.h, op.g);
-    case "findBySpid":
-      return space.findBySpid(op.s, op.sp, op.h);
+    case "get": {
+      const r = space.get(op.s, op.i, op.h, op.g);
+      ctx.onRef?.({ kind: "get", setId: op.s, ioasid: op.i, generation: generationOf(space, op.i, op.g), holder: op.h, refcount: r.refcount });
+      return r;
+    }
+    case "put": {
+      const generation = generationOf(space, op.i, op.g);
+      const r = space.put(op.s, op.i, op.h, op.g);
+      ctx.onRef?.({ kind: "put", setId: op.s, ioasid: op.i, generation, holder: op.h, refcount: r.refcount });
+      return r;
+    }
+    case "findBySpid": {
+      const r = space.findBySpid(op.s, op.sp, op.h);
+      ctx.onRef?.({ kind: "get", setId: op.s, ioasid: r.ioasid, generation: r.generation, holder: op.h, refcount: r.refcount });
+      return r;
+    }
     case "attachSpid":
       return space.attachSpid(op.s, op.i, op.sp, op.g);
     case "detachSpid":
@@ -183,7 +207,8 @@ export function applyOp(ctx: ApplyContext, op: OpRecord): unknown {
         for (const purpose of purposes) {
           const holder = { role: op.n, instance: op.in, purpose };
           try {
-            space.put(setId, ioasid, holder, generation);
+            const r = space.put(setId, ioasid, holder, generation);
+            ctx.onRef?.({ kind: "put", setId, ioasid, generation, holder, refcount: r.refcount, seq: entry[0] });
           } catch (err) {
             ctx.onReleaseRefused?.(ioasid, holder, (err as { reason?: string }).reason ?? String(err));
           }
@@ -193,6 +218,10 @@ export function applyOp(ctx: ApplyContext, op: OpRecord): unknown {
     case "miss":
       return undefined;
   }
+}
+
+function generationOf(space: IoasidSpace, ioasid: number, given: number): number {
+  return given !== 0 ? given : (space.describe(ioasid)?.generation ?? 0);
 }
 
 /** Key of an event's delivery chain: events of one IOASID (or one set, for set events) in order. */

@@ -2,7 +2,7 @@ import { core } from "@ioasid/proto";
 import { coreError, INVALID_IOASID, MAX_BATCH_ALLOC, type FreeResult, type PutResult, type Registration, type SetInfo } from "@ioasid/ioasid";
 import { createClient, createGrpcServer, type GrpcServer, type ServiceHandlers } from "@ioasid/grpc-kit";
 import type { Logger } from "pino";
-import { DEFAULT_PREFIX, DeliveryEngine } from "@ioasid/bus";
+import { DEFAULT_PREFIX, DeliveryEngine, ensureHistoryStream, HistoryRecorder } from "@ioasid/bus";
 import type { NatsConnection } from "@nats-io/transport-node";
 import { OpLog } from "./op-log.js";
 import {
@@ -17,7 +17,7 @@ import {
   toSetToken,
 } from "./convert.js";
 import type { CommittedEvent } from "./event-log.js";
-import { IoasidCore, type ExternalAllocator } from "./ioasid-core.js";
+import { IoasidCore, type ExternalAllocator, type HistoryFields } from "./ioasid-core.js";
 import { serializeRegisterOptions } from "./ops.js";
 
 const FREE_OUTCOME = {
@@ -260,7 +260,9 @@ export async function startCoreServer(options: StartCoreServerOptions = {}): Pro
   const t0 = performance.now();
   const server = createGrpcServer({ service: "ioasid-core", ...(options.logger === undefined ? {} : { logger: options.logger }) });
   const logger = server.logger;
+  let history: ((action: string, fields: HistoryFields) => void) | undefined;
   const ioasidCore = new IoasidCore({
+    history: (action, fields) => history?.(action, fields),
     ...(options.capacity === undefined ? {} : { capacity: options.capacity }),
     ...(options.eventLogRetain === undefined ? {} : { retain: options.eventLogRetain }),
     externalAllocator: options.externalAllocator ?? grpcExternalAllocator(logger),
@@ -271,6 +273,9 @@ export async function startCoreServer(options: StartCoreServerOptions = {}): Pro
   let opLog: OpLog | undefined;
   if (options.nats !== undefined) {
     const n = options.nats;
+    await ensureHistoryStream(n.nc, n.prefix ?? DEFAULT_PREFIX, n.replicas ?? 1);
+    const recorder = new HistoryRecorder(n.nc, "ioasid", "core", n.prefix ?? DEFAULT_PREFIX);
+    history = (action, fields) => recorder.record(action, fields);
     opLog = await OpLog.open(n.nc, {
       ...(n.stream === undefined ? {} : { stream: n.stream }),
       subject: `${n.prefix ?? DEFAULT_PREFIX}.core.ops`,

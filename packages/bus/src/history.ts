@@ -1,0 +1,121 @@
+import { jetstream, jetstreamManager, DeliverPolicy, StorageType, RetentionPolicy, DiscardPolicy } from "@nats-io/jetstream";
+import type { NatsConnection } from "@nats-io/transport-node";
+import { DEFAULT_PREFIX, encodeToken } from "./subjects.js";
+
+/**
+ * One step of the recorded history: something a component did to an IOASID or to its own
+ * "hardware" (a VMCS entry written, a device PASID drained, a PASID entry torn down, a reference
+ * taken). The timeline (the kernel document's column table) and the invariant checker read them.
+ */
+export interface HistoryRecord {
+  /** Wall-clock time, ms since the epoch, with sub-ms precision. */
+  readonly ts: number;
+  /** The column: "vfio", "iommu", "kvm", "vdcm", "ioasid" (the core), or a tool. */
+  readonly role: string;
+  /** Which instance of the role ("vm-7", "idxd0"). */
+  readonly instance: string;
+  /** What happened, in the kernel's words where it has one ("ioasid_get", "vmcs_update", "vdev_write"…). */
+  readonly action: string;
+  readonly ioasid?: number;
+  readonly generation?: number;
+  readonly setId?: number;
+  readonly spid?: number;
+  /** The IOASID's reference count right after the step, when the step changed it. */
+  readonly refcount?: number;
+  /** The core event sequence the step belongs to (a delivery being handled). */
+  readonly seq?: number;
+  /** Anything else worth showing ("device idxd0 wq 1", "holder kvm/vm-1/vmcs"). */
+  readonly detail?: string;
+}
+
+/** Subject of a role's history records: `<prefix>.history.<role>.<instance>`. */
+export function historySubject(prefix: string, role: string, instance: string): string {
+  return `${prefix}.history.${encodeToken(role)}.${encodeToken(instance)}`;
+}
+
+/** The JetStream stream that keeps the history (limits: 1 M records or 7 days). */
+export function historyStreamName(prefix: string): string {
+  return `${prefix.replace(/[^A-Za-z0-9_-]/g, "_").toUpperCase()}_HISTORY`;
+}
+
+/** Creates the history stream if it does not exist (the core does at start). */
+export async function ensureHistoryStream(nc: NatsConnection, prefix = DEFAULT_PREFIX, replicas = 1): Promise<void> {
+  const jsm = await jetstreamManager(nc);
+  const name = historyStreamName(prefix);
+  try {
+    await jsm.streams.info(name);
+  } catch {
+    await jsm.streams.add({
+      name,
+      subjects: [`${prefix}.history.>`],
+      storage: StorageType.File,
+      retention: RetentionPolicy.Limits,
+      discard: DiscardPolicy.Old,
+      max_msgs: 1_000_000,
+      max_age: 7 * 24 * 3600 * 1_000_000_000,
+      num_replicas: replicas,
+    });
+  }
+}
+
+/**
+ * Publishes a component's history records (fire and forget: history never holds up the work it
+ * records). The history stream stores them when it exists.
+ */
+export class HistoryRecorder {
+  private readonly subject: string;
+  constructor(
+    private readonly nc: NatsConnection,
+    readonly role: string,
+    readonly instance: string,
+    prefix = DEFAULT_PREFIX,
+  ) {
+    this.subject = historySubject(prefix, role, instance);
+  }
+
+  /** Records one step. */
+  record(action: string, fields: Omit<HistoryRecord, "ts" | "role" | "instance" | "action"> = {}): void {
+    const rec: HistoryRecord = { ts: performance.timeOrigin + performance.now(), role: this.role, instance: this.instance, action, ...fields };
+    try {
+      this.nc.publish(this.subject, JSON.stringify(rec));
+    } catch {
+      // A closed connection loses the record, never the work.
+    }
+  }
+}
+
+/**
+ * Reads the stored history, oldest first, from `sinceMs` (a wall-clock time) on.
+ * @returns the records, sorted by time
+ */
+export async function readHistory(nc: NatsConnection, options: { prefix?: string; sinceMs?: number } = {}): Promise<HistoryRecord[]> {
+  const prefix = options.prefix ?? DEFAULT_PREFIX;
+  const name = historyStreamName(prefix);
+  const jsm = await jetstreamManager(nc);
+  const info = await jsm.streams.info(name);
+  const out: HistoryRecord[] = [];
+  if (info.state.messages === 0) return out;
+  const last = info.state.last_seq;
+  const js = jetstream(nc);
+  const consumer = await js.consumers.get(
+    name,
+    options.sinceMs === undefined
+      ? {}
+      : { deliver_policy: DeliverPolicy.StartTime, opt_start_time: new Date(options.sinceMs - 1000).toISOString() },
+  );
+  const messages = await consumer.consume({ max_messages: 10_000, expires: 2000 });
+  try {
+    for await (const m of messages) {
+      try {
+        const rec = JSON.parse(m.string()) as HistoryRecord;
+        if (options.sinceMs === undefined || rec.ts >= options.sinceMs) out.push(rec);
+      } catch {
+        // not a history record
+      }
+      if (m.seq >= last) break;
+    }
+  } finally {
+    messages.stop();
+  }
+  return out.sort((a, b) => a.ts - b.ts);
+}
