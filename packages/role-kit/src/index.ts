@@ -1,0 +1,9 @@
+/** What the four role services (iommu, vfio, kvm, vdcm) share: configuration, NATS, core client, registrations. */
+export {
+  commonRoleConfig,
+  connectNats,
+  createCoreClient,
+  ensureRegistration,
+  type CoreClient,
+  type RegistrationSpec,
+} from "./role-kit.js";

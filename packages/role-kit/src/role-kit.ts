@@ -1,0 +1,103 @@
+import { connect, type NatsConnection } from "@nats-io/transport-node";
+import { createClient, defineConfigSchema, type PromiseClient } from "@ioasid/grpc-kit";
+import { isDomainError } from "@ioasid/errors";
+import { core, type events } from "@ioasid/proto";
+import type { Logger } from "pino";
+
+/** The CoreService client every role uses. */
+export type CoreClient = PromiseClient<typeof core.CoreServiceService>;
+
+/**
+ * Environment variables every role shares (merge them into the role's own schema): where the core
+ * and NATS are, the bus prefix, and the log level.
+ */
+export const commonRoleConfig = defineConfigSchema({
+  coreAddress: {
+    name: "IOASID_CORE_ADDRESS",
+    kind: "address",
+    default: "127.0.0.1:50051",
+    doc: "host:port of ioasid-core's gRPC server.",
+  },
+  natsUrl: {
+    name: "NATS_URL",
+    kind: "url",
+    protocols: ["nats:", "tls:"],
+    default: "nats://127.0.0.1:4222",
+    doc: "NATS server carrying the IOASID event deliveries and the history.",
+  },
+  natsConnectTimeout: {
+    name: "IOASID_NATS_CONNECT_TIMEOUT",
+    kind: "duration-ms",
+    default: 10_000,
+    doc: "How long to keep trying to reach NATS at start before giving up (exit 1).",
+  },
+  prefix: {
+    name: "IOASID_BUS_PREFIX",
+    kind: "string",
+    default: "ioasid.v1",
+    doc: "Subject prefix of the event bus.",
+  },
+  logLevel: {
+    name: "LOG_LEVEL",
+    kind: "enum",
+    values: ["fatal", "error", "warn", "info", "debug", "trace", "silent"],
+    default: "info",
+    doc: "Log level of the JSON log on stdout.",
+  },
+});
+
+/**
+ * Connects to NATS, retrying until `timeoutMs` has passed (a service may start before NATS).
+ * @throws the last connection error after the timeout
+ */
+export async function connectNats(url: string, options: { name: string; timeoutMs?: number; logger?: Logger }): Promise<NatsConnection> {
+  const deadline = Date.now() + (options.timeoutMs ?? 10_000);
+  for (let attempt = 0; ; attempt++) {
+    try {
+      return await connect({ servers: url, name: options.name, maxReconnectAttempts: -1, reconnectTimeWait: 250 });
+    } catch (err) {
+      if (Date.now() >= deadline) throw err;
+      if (attempt === 0) options.logger?.warn({ url }, "NATS not reachable yet; retrying");
+      await new Promise((r) => setTimeout(r, 250));
+    }
+  }
+}
+
+/** A CoreService client with the given default deadline. */
+export function createCoreClient(address: string, deadlineMs = 5000): CoreClient {
+  return createClient(core.CoreServiceService, address, { deadlineMs });
+}
+
+/** What a role registers with the core. */
+export interface RegistrationSpec {
+  readonly subscriber: { readonly name: string; readonly instance: string };
+  readonly priority: events.Priority;
+  readonly scope: core.RegisterRequest["scope"];
+  readonly events?: readonly events.EventType[];
+}
+
+/**
+ * Registers a notifier subscriber with the core, or finds the registration it already has (a
+ * restarted role): REGISTRATION_EXISTS is not an error here.
+ * @returns the registration
+ */
+export async function ensureRegistration(client: CoreClient, spec: RegistrationSpec): Promise<core.Registration> {
+  try {
+    const r = await client.register(
+      core.RegisterRequest.fromPartial({ subscriber: spec.subscriber, priority: spec.priority, scope: spec.scope, events: [...(spec.events ?? [])] }),
+    );
+    return r.registration!;
+  } catch (err) {
+    if (!isDomainError(err, "REGISTRATION_EXISTS")) throw err;
+    const { registrations } = await client.listRegistrations({});
+    const found = registrations.find(
+      (r) =>
+        r.subscriber?.name === spec.subscriber.name &&
+        r.subscriber?.instance === spec.subscriber.instance &&
+        r.scope?.$case === spec.scope?.$case &&
+        r.scope?.value === spec.scope?.value,
+    );
+    if (found === undefined) throw err;
+    return found;
+  }
+}
