@@ -364,6 +364,16 @@ export class IoasidCore {
     } finally {
       this.flushEventHistory();
     }
+    if (op.t === "register" && !this.replaying) {
+      // The life-cycle tables' step 1: ioasid_register_notifier/_mm().
+      const o = op.o;
+      const scope = o.scope.kind === "global" ? "global" : o.scope.kind === "set" ? `set ${o.scope.setId}` : `mm ${o.scope.token}`;
+      const reg = result as Registration;
+      this.options.history?.(o.scope.kind === "mm" ? "ioasid_register_notifier_mm" : "ioasid_register_notifier", {
+        ...(reg.setId === 0 ? {} : { setId: reg.setId }),
+        detail: `${o.subscriber.name}/${o.subscriber.instance} ${scope} priority ${o.priority}${reg.active ? "" : " (pending)"}`,
+      });
+    }
     if (op.t === "acks") {
       for (const [seq, reg] of op.a) this.mark(seq, reg, ACKED);
     } else if (op.t === "miss") {

@@ -1,0 +1,57 @@
+import { connect, type NatsConnection } from "@nats-io/transport-node";
+import { createClient, type PromiseClient } from "@ioasid/grpc-kit";
+import { core, iommu, kvm, vdcm, vfio } from "@ioasid/proto";
+import type { StackState } from "./stack.js";
+
+/** Clients of every service of a stack, and a NATS connection (history). */
+export interface StackClients {
+  readonly core: PromiseClient<typeof core.CoreServiceService>;
+  readonly iommu: PromiseClient<typeof iommu.IommuServiceService>;
+  readonly vfio: PromiseClient<typeof vfio.VfioServiceService>;
+  readonly kvm: PromiseClient<typeof kvm.KvmServiceService>;
+  readonly vdcm: PromiseClient<typeof vdcm.VdcmServiceService>;
+  readonly nc: NatsConnection;
+  close(): Promise<void>;
+}
+
+/** Addresses of a stack's services (a StackState, or anything with the same shape). */
+export interface StackAddresses {
+  readonly natsUrl: string;
+  readonly core: string;
+  readonly iommu: string;
+  readonly vfio: string;
+  readonly kvm: string;
+  readonly vdcm: string;
+}
+
+/** The addresses of a running stack. */
+export function addressesOf(state: StackState): StackAddresses {
+  return {
+    natsUrl: state.natsUrl,
+    core: state.services["ioasid-core"].address,
+    iommu: state.services.iommu.address,
+    vfio: state.services.vfio.address,
+    kvm: state.services.kvm.address,
+    vdcm: state.services.vdcm.address,
+  };
+}
+
+/** Connects to every service (each call has a 5 s deadline) and to NATS. */
+export async function connectStack(a: StackAddresses): Promise<StackClients> {
+  const nc = await connect({ servers: a.natsUrl, name: "ioasidctl" });
+  const clients = {
+    core: createClient(core.CoreServiceService, a.core),
+    iommu: createClient(iommu.IommuServiceService, a.iommu),
+    vfio: createClient(vfio.VfioServiceService, a.vfio),
+    kvm: createClient(kvm.KvmServiceService, a.kvm),
+    vdcm: createClient(vdcm.VdcmServiceService, a.vdcm),
+  };
+  return {
+    ...clients,
+    nc,
+    async close() {
+      for (const c of Object.values(clients)) c.close();
+      await nc.close();
+    },
+  };
+}

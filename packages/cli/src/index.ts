@@ -1,0 +1,6 @@
+/** ioasidctl as a library: the stack, the scenarios, the timeline and the verdict. */
+export { addressesOf, connectStack, type StackAddresses, type StackClients } from "./clients.js";
+export { runScenario, ScenarioKind, type ScenarioOptions, type ScenarioResult } from "./scenario.js";
+export { readState, repoRoot, serviceMain, SERVICES, stackDown, stackUp, type ServiceName, type StackState, type StackUpOptions } from "./stack.js";
+export { buildTimeline, columnOf, COLUMNS, describeStep, renderHtml, renderMermaid, renderTable, type Column, type TimelineRow } from "./timeline.js";
+export { checkInvariants, EXPECTED, findPasid, renderVerdict, type Check, type Verdict, type VerdictInput } from "./verdict.js";

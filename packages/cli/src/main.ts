@@ -1,0 +1,475 @@
+#!/usr/bin/env node
+import { spawn } from "node:child_process";
+import { existsSync, mkdirSync, openSync, closeSync, readFileSync, writeFileSync } from "node:fs";
+import { createRequire } from "node:module";
+import { join, resolve } from "node:path";
+import { parseArgs, type ParseArgsConfig } from "node:util";
+import { readHistory } from "@ioasid/bus";
+import { isDomainError } from "@ioasid/errors";
+import { core, kvm, vdcm, vfio } from "@ioasid/proto";
+import { addressesOf, connectStack, type StackClients } from "./clients.js";
+import { runScenario, ScenarioKind, type ScenarioResult } from "./scenario.js";
+import { readState, stackDown, stackUp } from "./stack.js";
+import { buildTimeline, renderHtml, renderTable } from "./timeline.js";
+import { renderVerdict } from "./verdict.js";
+import { runVmmAgent } from "./vmm-agent.js";
+
+const out = (s = "") => process.stdout.write(`${s}\n`);
+const P = <T>(m: { fromPartial(x: object): T }, x: object): T => m.fromPartial(x);
+const json = (v: unknown) => JSON.stringify(v, (_k, x) => (typeof x === "bigint" ? x.toString() : x), 2);
+
+interface Command {
+  readonly summary: string;
+  readonly usage: string;
+  readonly options: NonNullable<ParseArgsConfig["options"]>;
+  readonly run: (values: Record<string, string | boolean | undefined>, positionals: string[]) => Promise<number>;
+}
+
+const dirOption = { dir: { type: "string", default: ".ioasid" } } as const;
+
+/** Runs `fn` with clients of the stack in `dir`. */
+async function withStack<T>(dir: string, fn: (c: StackClients) => Promise<T>): Promise<T> {
+  const c = await connectStack(addressesOf(readState(dir)));
+  try {
+    return await fn(c);
+  } finally {
+    await c.close();
+  }
+}
+
+interface VmRecord {
+  readonly name: string;
+  readonly mmToken: string;
+  readonly vmId: number;
+  readonly containerId: number;
+  readonly setId: number;
+  readonly agentPid: number;
+}
+const vmsFile = (dir: string) => join(resolve(dir), "vms.json");
+function readVms(dir: string): VmRecord[] {
+  return existsSync(vmsFile(dir)) ? (JSON.parse(readFileSync(vmsFile(dir), "utf8")) as VmRecord[]) : [];
+}
+function writeVms(dir: string, vms: VmRecord[]): void {
+  writeFileSync(vmsFile(dir), JSON.stringify(vms, null, 2));
+}
+function findVm(dir: string, name: string | undefined): VmRecord {
+  const vms = readVms(dir);
+  const vm = vms.find((v) => v.name === name) ?? (name === undefined && vms.length === 1 ? vms[0] : undefined);
+  if (vm === undefined) throw new Error(`no VM ${name === undefined ? "given (--vm NAME)" : `named ${name}`}; VMs: ${vms.map((v) => v.name).join(", ") || "none"}`);
+  return vm;
+}
+const num = (v: unknown, what: string): number => {
+  const n = Number(v);
+  if (v === undefined || !Number.isInteger(n) || n < 0) throw new Error(`--${what} must be a non-negative integer, got ${String(v)}`);
+  return n;
+};
+
+async function printScenario(r: ScenarioResult): Promise<void> {
+  const title = r.kind === "normal" ? "Guest IOASID life cycle (normal), steps 1–24" : "Misbehaving guest: free before unbind, steps 13–30";
+  out();
+  out(renderTable(r.rows, { title: `${title} — host PASID ${r.hpasid}, guest PASID ${r.gpasid}, set ${r.setId}` }));
+  for (const n of r.notes) out(`  · ${n}`);
+  out(renderVerdict(r.verdict));
+}
+
+function mermaidJs(): string {
+  const req = createRequire(import.meta.url);
+  return readFileSync(req.resolve("mermaid/dist/mermaid.min.js"), "utf8");
+}
+
+const commands: Record<string, Command> = {
+  up: {
+    summary: "start the embedded stack: nats-server and the five services as processes",
+    usage: "ioasidctl up [--dir .ioasid] [--base-port 50051] [--nats-port 4222] [--nats-url URL]",
+    options: { ...dirOption, "base-port": { type: "string" }, "nats-port": { type: "string" }, "nats-url": { type: "string" } },
+    run: async (v) => {
+      await stackUp({
+        dir: v["dir"] as string,
+        ...(v["base-port"] === undefined ? {} : { basePort: num(v["base-port"], "base-port") }),
+        ...(v["nats-port"] === undefined ? {} : { natsPort: num(v["nats-port"], "nats-port") }),
+        ...(v["nats-url"] === undefined ? {} : { natsUrl: v["nats-url"] as string }),
+        log: out,
+      });
+      out(`stack up (state in ${resolve(v["dir"] as string)}/stack.json); \`ioasidctl down\` stops it`);
+      return 0;
+    },
+  },
+  down: {
+    summary: "stop the stack started by `up` (by PID) and remove its state",
+    usage: "ioasidctl down [--dir .ioasid] [--purge]   (--purge also deletes logs and the JetStream store)",
+    options: { ...dirOption, purge: { type: "boolean", default: false } },
+    run: async (v) => {
+      for (const vm of readVms(v["dir"] as string)) {
+        try {
+          process.kill(vm.agentPid, "SIGTERM");
+        } catch {
+          // already gone
+        }
+      }
+      await stackDown({ dir: v["dir"] as string, purge: v["purge"] as boolean, log: out });
+      if (!(v["purge"] as boolean)) writeVms(v["dir"] as string, []);
+      out("stack down");
+      return 0;
+    },
+  },
+  status: {
+    summary: "show the stack's processes and their health",
+    usage: "ioasidctl status [--dir .ioasid]",
+    options: { ...dirOption },
+    run: async (v) => {
+      const state = readState(v["dir"] as string);
+      out(`nats ${state.natsUrl}${state.nats.pid === undefined ? " (external)" : ` pid ${state.nats.pid}`}`);
+      const { checkHealth } = await import("@ioasid/grpc-kit");
+      for (const [name, s] of Object.entries(state.services)) {
+        const health = await checkHealth(s.address, "", { deadlineMs: 1000 }).catch((e: Error) => `DOWN (${e.message})`);
+        out(`${name.padEnd(12)} pid ${String(s.pid).padEnd(7)} ${s.address.padEnd(16)} ${health}   log ${s.log}`);
+      }
+      return 0;
+    },
+  },
+  inspect: {
+    summary: "sets, IOASIDs (state, references and holders) and every role's tables",
+    usage: "ioasidctl inspect [--dir .ioasid] [--json]",
+    options: { ...dirOption, json: { type: "boolean", default: false } },
+    run: async (v) =>
+      withStack(v["dir"] as string, async (c) => {
+        const [sets, ioasids, stats, regs, k, d, i, f] = await Promise.all([
+          c.core.listSets({}),
+          c.core.listIoasids({ setId: 0 }),
+          c.core.getStats({}),
+          c.core.listRegistrations({}),
+          c.kvm.queryState({ vmId: 0 }),
+          c.vdcm.queryState({ deviceIds: [] }),
+          c.iommu.queryState({ deviceIds: [], maxIotlbFlushes: 8 }),
+          c.vfio.queryState({ containerId: 0 }),
+        ]);
+        if (v["json"] as boolean) {
+          out(json({ stats, sets: sets.sets, ioasids: ioasids.ioasids, registrations: regs.registrations, vfio: f, kvm: k, vdcm: d, iommu: i }));
+          return 0;
+        }
+        out(`IOASID namespace: capacity ${stats.capacity}, in use ${stats.inUse}, available quota ${stats.available}, last event ${stats.lastSeq}, deliveries pending ${stats.deliveriesPending}, missed ${stats.deliveriesMissed}`);
+        out("\nsets");
+        for (const s of sets.sets) out(`  set ${s.setId}  token ${s.token}  quota ${s.quota}  in use ${s.inUse}${s.freeing ? "  FREEING" : ""}`);
+        out("\nIOASIDs");
+        for (const x of ioasids.ioasids) {
+          const holders = x.holders.map((h) => `${h.holder!.role}/${h.holder!.instance}/${h.holder!.purpose}${h.count > 1 ? `×${h.count}` : ""}`).join(", ");
+          out(`  ${String(x.ioasid).padStart(7)}  set ${x.setId}  gen ${x.generation}  ${core.ioasidStateToJSON(x.state).replace("IOASID_STATE_", "")}  spid ${x.spid || "-"}  refs ${x.refcount}: ${holders}`);
+        }
+        out("\nregistrations");
+        for (const r of regs.registrations) out(`  #${r.registrationId} ${r.subscriber!.name}/${r.subscriber!.instance}  ${r.scope?.$case}=${String(r.scope?.value)}  ${r.active ? "active" : "PENDING"}`);
+        out("\nvfio containers");
+        for (const x of f.containers) out(`  container ${x.containerId}  set ${x.setId}  ${x.vmName}  ${vfio.containerStateToJSON(x.state)}  pasids ${x.pasids.map((p) => p.hpasid).join(",") || "-"}`);
+        out("\nkvm VMCS PASID translation tables");
+        for (const vm of k.vms) out(`  vm ${vm.vmId} (${vm.vmName}, set ${vm.setId}): ${vm.translations.map((t) => `${t.gpasid}->${t.hpasid}`).join(", ") || "empty"}`);
+        out("\nvdcm devices");
+        for (const dev of d.devices) out(`  ${dev.deviceId}: PASID entries ${dev.pasidEntries.map((e) => `${e.hpasid}(wq${e.wqId}, set ${e.setId})`).join(", ") || "none"}`);
+        for (const m of d.mdevs) out(`  mdev ${m.mdevUuid} on ${m.parentDeviceId} wqs ${m.wqIds.join(",")} set ${m.setId || "-"}`);
+        out("\niommu");
+        out(json(i).split("\n").map((l) => `  ${l}`).join("\n"));
+        return 0;
+      }),
+  },
+  timeline: {
+    summary: "render the recorded history as the document's column table (and as Mermaid HTML)",
+    usage: "ioasidctl timeline [--dir .ioasid] [--ioasid N] [--since-ms EPOCH_MS] [--html FILE]",
+    options: { ...dirOption, ioasid: { type: "string" }, "since-ms": { type: "string" }, html: { type: "string" } },
+    run: async (v) =>
+      withStack(v["dir"] as string, async (c) => {
+        const records = await readHistory(c.nc, v["since-ms"] === undefined ? {} : { sinceMs: num(v["since-ms"], "since-ms") });
+        const rows = buildTimeline(records, v["ioasid"] === undefined ? {} : { ioasids: new Set([num(v["ioasid"], "ioasid")]) });
+        out(renderTable(rows));
+        if (v["html"] !== undefined) {
+          writeFileSync(v["html"] as string, renderHtml([{ title: "timeline", rows }], mermaidJs()));
+          out(`\nwrote ${resolve(v["html"] as string)}`);
+        }
+        return 0;
+      }),
+  },
+  scenario: {
+    summary: "run a life cycle of the document through the stack: `scenario run normal|crash`",
+    usage: "ioasidctl scenario run normal|crash [--dir .ioasid] [--html FILE]",
+    options: { ...dirOption, html: { type: "string" } },
+    run: async (v, pos) => {
+      const kind = pos[1];
+      if (pos[0] !== "run" || (kind !== "normal" && kind !== "crash")) throw new Error("usage: ioasidctl scenario run normal|crash");
+      return withStack(v["dir"] as string, async (c) => {
+        const r = await runScenario(kind as ScenarioKind, c, { log: out });
+        await printScenario(r);
+        if (v["html"] !== undefined) {
+          writeFileSync(v["html"] as string, renderHtml([{ title: kind, rows: r.rows, verdict: renderVerdict(r.verdict) }], mermaidJs()));
+          out(`wrote ${resolve(v["html"] as string)}`);
+        }
+        return r.verdict.ok ? 0 : 1;
+      });
+    },
+  },
+  demo: {
+    summary: "up, both scenarios with their timelines and verdicts, down",
+    usage: "ioasidctl demo [--dir .ioasid-demo] [--html FILE] [--base-port 50151] [--nats-port 4322]",
+    options: { dir: { type: "string", default: ".ioasid-demo" }, html: { type: "string", default: "ioasid-timeline.html" }, "base-port": { type: "string", default: "50151" }, "nats-port": { type: "string", default: "4322" } },
+    run: async (v) => {
+      const dir = v["dir"] as string;
+      await stackUp({ dir, basePort: num(v["base-port"], "base-port"), natsPort: num(v["nats-port"], "nats-port"), log: out });
+      let ok = false;
+      try {
+        ok = await withStack(dir, async (c) => {
+          const normal = await runScenario(ScenarioKind.NORMAL, c, { log: out });
+          await printScenario(normal);
+          const crash = await runScenario(ScenarioKind.CRASH, c, { log: out });
+          await printScenario(crash);
+          writeFileSync(
+            v["html"] as string,
+            renderHtml(
+              [
+                { title: "Guest IOASID life cycle (normal)", rows: normal.rows, verdict: renderVerdict(normal.verdict) },
+                { title: "Misbehaving guest: free before unbind", rows: crash.rows, verdict: renderVerdict(crash.verdict) },
+              ],
+              mermaidJs(),
+            ),
+          );
+          out(`\nwrote ${resolve(v["html"] as string)} (Mermaid sequence diagrams, self-contained)`);
+          const all = normal.verdict.ok && crash.verdict.ok;
+          out(`\nverdict on DESIGN §7 invariants: ${all ? "ALL CLEAR" : "VIOLATIONS (see above)"}`);
+          return all;
+        });
+      } finally {
+        await stackDown({ dir, log: out });
+      }
+      return ok ? 0 : 1;
+    },
+  },
+  vm: {
+    summary: "VMM actions: `vm create|crash|destroy|list`",
+    usage:
+      "ioasidctl vm create --name NAME --token MM_TOKEN [--quota 64] [--vcpus 2]   (starts a VMM process holding the VFIO session)\n" +
+      "ioasidctl vm crash --name NAME     (SIGKILL the VMM: the crashed-guest path)\n" +
+      "ioasidctl vm destroy --name NAME   (clean close, then KVM DestroyVm)\n" +
+      "ioasidctl vm list",
+    options: { ...dirOption, name: { type: "string" }, token: { type: "string" }, quota: { type: "string", default: "64" }, vcpus: { type: "string", default: "2" } },
+    run: async (v, pos) => {
+      const dir = v["dir"] as string;
+      const verb = pos[0];
+      if (verb === "list") {
+        for (const vm of readVms(dir)) out(`${vm.name}  token ${vm.mmToken}  vm ${vm.vmId}  container ${vm.containerId}  set ${vm.setId}  vmm pid ${vm.agentPid}`);
+        return 0;
+      }
+      if (verb === "create") {
+        const name = v["name"] as string | undefined;
+        if (name === undefined || v["token"] === undefined) throw new Error("vm create needs --name and --token");
+        const token = BigInt(v["token"] as string);
+        const state = readState(dir);
+        const vmId = await withStack(dir, async (c) => (await c.kvm.createVm(P(kvm.CreateVmRequest, { mmToken: token, vcpuCount: num(v["vcpus"], "vcpus"), vmName: name }))).vm!.vmId);
+        mkdirSync(join(resolve(dir), "logs"), { recursive: true });
+        const logFile = join(resolve(dir), "logs", `vmm-${name}.log`);
+        const fd = openSync(logFile, "w");
+        const agent = spawn(process.execPath, [process.argv[1]!, "vmm-agent", "--vfio", state.services.vfio.address, "--token", String(token), "--quota", String(num(v["quota"], "quota")), "--name", name], {
+          detached: true,
+          stdio: ["ignore", fd, fd],
+        });
+        agent.unref();
+        closeSync(fd);
+        const deadline = Date.now() + 10_000;
+        let info: { containerId: number; setId: number } | undefined;
+        while (info === undefined && Date.now() < deadline) {
+          const line = readFileSync(logFile, "utf8").split("\n").find((l) => l.startsWith("{"));
+          if (line !== undefined) info = JSON.parse(line) as { containerId: number; setId: number };
+          else await new Promise((r) => setTimeout(r, 50));
+        }
+        if (info === undefined) throw new Error(`the VMM did not open its container: ${readFileSync(logFile, "utf8")}`);
+        writeVms(dir, [...readVms(dir).filter((x) => x.name !== name), { name, mmToken: String(token), vmId, containerId: info.containerId, setId: info.setId, agentPid: agent.pid! }]);
+        out(`vm ${name}: kvm vm ${vmId}, vfio container ${info.containerId}, set ${info.setId}, VMM pid ${agent.pid}`);
+        return 0;
+      }
+      const vm = findVm(dir, v["name"] as string | undefined);
+      if (verb === "crash") {
+        process.kill(vm.agentPid, "SIGKILL");
+        out(`vm ${vm.name}: VMM pid ${vm.agentPid} killed; VFIO frees every IOASID of set ${vm.setId}`);
+        writeVms(dir, readVms(dir).filter((x) => x.name !== vm.name));
+        return 0;
+      }
+      if (verb === "destroy") {
+        try {
+          process.kill(vm.agentPid, "SIGTERM");
+        } catch {
+          // already gone
+        }
+        await withStack(dir, (c) => c.kvm.destroyVm({ vmId: vm.vmId }).catch(() => undefined));
+        writeVms(dir, readVms(dir).filter((x) => x.name !== vm.name));
+        out(`vm ${vm.name} destroyed`);
+        return 0;
+      }
+      throw new Error("usage: ioasidctl vm create|crash|destroy|list");
+    },
+  },
+  pasid: {
+    summary: "guest virtual command: `pasid alloc|free --vm NAME [--pasid HPASID]`",
+    usage: "ioasidctl pasid alloc --vm NAME\nioasidctl pasid free --vm NAME --pasid HPASID [--generation G]",
+    options: { ...dirOption, vm: { type: "string" }, pasid: { type: "string" }, generation: { type: "string", default: "0" } },
+    run: async (v, pos) => {
+      const dir = v["dir"] as string;
+      const vm = findVm(dir, v["vm"] as string | undefined);
+      return withStack(dir, async (c) => {
+        if (pos[0] === "alloc") out(json(await c.vfio.allocPasid({ containerId: vm.containerId })));
+        else if (pos[0] === "free") out(json(await c.vfio.freePasid({ containerId: vm.containerId, hpasid: num(v["pasid"], "pasid"), generation: num(v["generation"], "generation") })));
+        else throw new Error("usage: ioasidctl pasid alloc|free");
+        return 0;
+      });
+    },
+  },
+  bind: {
+    summary: "bind a guest PASID: `bind --vm NAME --pasid HPASID --gpasid G --device DEV`",
+    usage: "ioasidctl bind --vm NAME --pasid HPASID --gpasid GPASID --device DEVICE_ID [--generation G]",
+    options: { ...dirOption, vm: { type: "string" }, pasid: { type: "string" }, gpasid: { type: "string" }, device: { type: "string" }, generation: { type: "string", default: "0" } },
+    run: async (v) => bindOrUnbind(v, true),
+  },
+  unbind: {
+    summary: "unbind a guest PASID: `unbind --vm NAME --pasid HPASID --gpasid G --device DEV`",
+    usage: "ioasidctl unbind --vm NAME --pasid HPASID --gpasid GPASID --device DEVICE_ID [--generation G]",
+    options: { ...dirOption, vm: { type: "string" }, pasid: { type: "string" }, gpasid: { type: "string" }, device: { type: "string" }, generation: { type: "string", default: "0" } },
+    run: async (v) => bindOrUnbind(v, false),
+  },
+  mdev: {
+    summary: "mediated devices: `mdev create|assign|program|clear`",
+    usage:
+      "ioasidctl mdev create --device DEV --uuid UUID --wqs 0[,1]   (registers DEV with 2 WQs in VDCM and the IOMMU if needed)\n" +
+      "ioasidctl mdev assign --vm NAME --uuid UUID\n" +
+      "ioasidctl mdev program --uuid UUID --wq VIRTUAL_WQ --gpasid G   (the guest's MMIO write)\n" +
+      "ioasidctl mdev clear --uuid UUID --wq VIRTUAL_WQ",
+    options: { ...dirOption, device: { type: "string" }, uuid: { type: "string" }, wqs: { type: "string", default: "0" }, vm: { type: "string" }, wq: { type: "string", default: "0" }, gpasid: { type: "string" } },
+    run: async (v, pos) => {
+      const dir = v["dir"] as string;
+      return withStack(dir, async (c) => {
+        const uuid = v["uuid"] as string | undefined;
+        if (uuid === undefined) throw new Error("--uuid is required");
+        switch (pos[0]) {
+          case "create": {
+            const device = (v["device"] as string | undefined) ?? "idxd0";
+            await c.vdcm
+              .registerDevice(P(vdcm.RegisterDeviceRequest, { deviceId: device, maxPasidEntries: 64, wqs: [{ wqId: 0, mode: vdcm.WqMode.WQ_MODE_DEDICATED, size: 16 }, { wqId: 1, mode: vdcm.WqMode.WQ_MODE_SHARED, size: 32 }] }))
+              .catch((e: unknown) => { if (!isDomainError(e, "DEVICE_EXISTS")) throw e; });
+            await c.iommu.registerDevice({ deviceId: device, maxPasids: 1 << 20, priCapable: true, function: 0, parentDeviceId: "", iommuGroup: 1, priCredits: 0 }).catch((e: unknown) => {
+              if (!isDomainError(e, "DEVICE_EXISTS")) throw e;
+            });
+            out(json(await c.vdcm.createMdev(P(vdcm.CreateMdevRequest, { parentDeviceId: device, mdevUuid: uuid, wqIds: (v["wqs"] as string).split(",").map((x) => num(x, "wqs")) }))));
+            return 0;
+          }
+          case "assign": {
+            const vm = findVm(dir, v["vm"] as string | undefined);
+            out(json(await c.vfio.assignDevice({ containerId: vm.containerId, device: { ref: { $case: "mdevUuid", value: uuid } } })));
+            return 0;
+          }
+          case "program":
+            out(json(await c.vdcm.writeWqPasid({ mdevUuid: uuid, virtualWq: num(v["wq"], "wq"), gpasid: num(v["gpasid"], "gpasid") })));
+            return 0;
+          case "clear":
+            out(json(await c.vdcm.clearWqPasid({ mdevUuid: uuid, virtualWq: num(v["wq"], "wq") })));
+            return 0;
+          default:
+            throw new Error("usage: ioasidctl mdev create|assign|program|clear");
+        }
+      });
+    },
+  },
+  enqcmd: {
+    summary: "a vCPU's ENQCMD with a guest PASID: translated through KVM's VMCS table, or #GP",
+    usage: "ioasidctl enqcmd --vm NAME --gpasid G [--vcpu 0] [--ia32-pasid RAW]",
+    options: { ...dirOption, vm: { type: "string" }, gpasid: { type: "string" }, vcpu: { type: "string", default: "0" }, "ia32-pasid": { type: "string" } },
+    run: async (v) => {
+      const dir = v["dir"] as string;
+      const vm = findVm(dir, v["vm"] as string | undefined);
+      const raw = v["ia32-pasid"] !== undefined ? num(v["ia32-pasid"], "ia32-pasid") : (0x8000_0000 | num(v["gpasid"], "gpasid")) >>> 0;
+      return withStack(dir, async (c) => {
+        const r = await c.kvm.enqcmd({ vmId: vm.vmId, vcpu: num(v["vcpu"], "vcpu"), ia32Pasid: raw });
+        out(`${kvm.enqcmdOutcomeToJSON(r.outcome)}${r.outcome === kvm.EnqcmdOutcome.ENQCMD_OUTCOME_TRANSLATED ? ` guest PASID ${r.gpasid} -> host PASID ${r.hpasid}` : ` (${kvm.gpCauseToJSON(r.gpCause)})`}`);
+        return 0;
+      });
+    },
+  },
+  submit: {
+    summary: "submit a descriptor to an mdev's work queue (shared WQs translate its PASID)",
+    usage: "ioasidctl submit --uuid MDEV --wq VIRTUAL_WQ --pasid PASID [--space guest|host]",
+    options: { ...dirOption, uuid: { type: "string" }, wq: { type: "string", default: "0" }, pasid: { type: "string" }, space: { type: "string", default: "host" } },
+    run: async (v) =>
+      withStack(v["dir"] as string, async (c) => {
+        const r = await c.vdcm.submitDescriptor(
+          P(vdcm.SubmitDescriptorRequest, {
+            mdevUuid: v["uuid"],
+            virtualWq: num(v["wq"], "wq"),
+            pasid: num(v["pasid"], "pasid"),
+            pasidSpace: v["space"] === "guest" ? vdcm.PasidSpace.PASID_SPACE_GUEST : vdcm.PasidSpace.PASID_SPACE_HOST,
+            descriptor: { op: vdcm.DescriptorOp.DESCRIPTOR_OP_NOOP, srcAddress: 0n, dstAddress: 0n, size: 0n },
+          }),
+        );
+        out(json(r));
+        return 0;
+      }),
+  },
+};
+
+async function bindOrUnbind(v: Record<string, string | boolean | undefined>, bind: boolean): Promise<number> {
+  const dir = v["dir"] as string;
+  const vm = findVm(dir, v["vm"] as string | undefined);
+  return withStack(dir, async (c) => {
+    const req = {
+      containerId: vm.containerId,
+      device: { ref: { $case: "deviceId" as const, value: (v["device"] as string | undefined) ?? "idxd0" } },
+      hpasid: num(v["pasid"], "pasid"),
+      generation: num(v["generation"], "generation"),
+      gpasid: num(v["gpasid"], "gpasid"),
+    };
+    out(json(bind ? await c.vfio.bindGuestPasid(P(vfio.BindGuestPasidRequest, req)) : await c.vfio.unbindGuestPasid(P(vfio.UnbindGuestPasidRequest, req))));
+    return 0;
+  });
+}
+
+function help(): string {
+  const width = Math.max(...Object.keys(commands).map((k) => k.length));
+  return [
+    "ioasidctl — drive and watch an ioasid-fabric stack (the IOASID life cycle of Intel SIOV as services)",
+    "",
+    "usage: ioasidctl <command> [options]   (ioasidctl <command> --help for its options)",
+    "",
+    ...Object.entries(commands).map(([k, c]) => `  ${k.padEnd(width)}  ${c.summary}`),
+    "",
+    "State (addresses, PIDs, VMs) is kept in --dir (default .ioasid); logs in <dir>/logs.",
+  ].join("\n");
+}
+
+async function main(argv: string[]): Promise<number> {
+  const [name, ...rest] = argv;
+  if (name === undefined || name === "--help" || name === "-h" || name === "help") {
+    out(help());
+    return name === undefined ? 2 : 0;
+  }
+  if (name === "vmm-agent") {
+    const { values } = parseArgs({ args: rest, options: { vfio: { type: "string" }, token: { type: "string" }, quota: { type: "string" }, name: { type: "string" } } });
+    await runVmmAgent({ vfioAddress: values.vfio!, mmToken: BigInt(values.token!), quota: Number(values.quota), vmName: values.name! });
+    return 0;
+  }
+  const cmd = commands[name];
+  if (cmd === undefined) {
+    process.stderr.write(`ioasidctl: unknown command "${name}"\n\n${help()}\n`);
+    return 2;
+  }
+  if (rest.includes("--help") || rest.includes("-h")) {
+    out(`${cmd.summary}\n\nusage:\n${cmd.usage.split("\n").map((l) => `  ${l}`).join("\n")}`);
+    return 0;
+  }
+  let parsed: { values: Record<string, string | boolean | undefined>; positionals: string[] };
+  try {
+    parsed = parseArgs({ args: rest, options: cmd.options, allowPositionals: true }) as typeof parsed;
+  } catch (err) {
+    process.stderr.write(`ioasidctl ${name}: ${(err as Error).message}\nusage:\n  ${cmd.usage}\n`);
+    return 2;
+  }
+  return cmd.run(parsed.values, parsed.positionals);
+}
+
+main(process.argv.slice(2)).then(
+  (code) => process.exit(code),
+  (err: unknown) => {
+    const e = err as { reason?: string; message?: string };
+    process.stderr.write(`ioasidctl: ${isDomainError(err) ? `${e.reason}: ${e.message}` : (e.message ?? String(err))}\n`);
+    process.exit(1);
+  },
+);

@@ -1,0 +1,53 @@
+import { startNats, startService, type NatsServer, type ServiceProcess } from "@ioasid/testkit";
+import { connectStack, type StackAddresses, type StackClients } from "@ioasid/cli";
+import { serviceEntry } from "./core-fixture.js";
+
+/** The whole stack as processes on ephemeral ports: nats-server, the core and the four roles. */
+export interface StackFixture {
+  readonly nats: NatsServer;
+  readonly procs: Record<"core" | "iommu" | "kvm" | "vdcm" | "vfio", ServiceProcess>;
+  readonly addresses: StackAddresses;
+  readonly clients: StackClients;
+  stop(): Promise<void>;
+}
+
+/**
+ * Starts the stack in dependency order (the roles need the core's address, VFIO needs the IOMMU's
+ * and VDCM's) and connects clients of every service.
+ */
+export async function startStack(env: Record<string, string> = {}): Promise<StackFixture> {
+  const nats = await startNats();
+  const started: ServiceProcess[] = [];
+  const start = async (name: string, addressVar: string, extra: Record<string, string>) => {
+    const p = await startService({ name, entry: serviceEntry(name), env: { [addressVar]: "127.0.0.1:0", NATS_URL: nats.url, ...env, ...extra } });
+    started.push(p);
+    return p;
+  };
+  try {
+    const core = await start("ioasid-core", "IOASID_CORE_GRPC_ADDRESS", {});
+    const roleEnv = { IOASID_CORE_ADDRESS: core.address };
+    const [iommu, kvm, vdcm] = await Promise.all([
+      start("iommu", "IOMMU_GRPC_ADDRESS", roleEnv),
+      start("kvm", "KVM_GRPC_ADDRESS", roleEnv),
+      start("vdcm", "VDCM_GRPC_ADDRESS", roleEnv),
+    ]);
+    const vfio = await start("vfio", "VFIO_GRPC_ADDRESS", { ...roleEnv, IOMMU_ADDRESS: iommu!.address, VDCM_ADDRESS: vdcm!.address, KVM_ADDRESS: kvm!.address });
+    const addresses: StackAddresses = { natsUrl: nats.url, core: core.address, iommu: iommu!.address, kvm: kvm!.address, vdcm: vdcm!.address, vfio: vfio.address };
+    const clients = await connectStack(addresses);
+    return {
+      nats,
+      procs: { core, iommu: iommu!, kvm: kvm!, vdcm: vdcm!, vfio },
+      addresses,
+      clients,
+      async stop() {
+        await clients.close();
+        for (const p of [...started].reverse()) await p.stop().catch(() => undefined);
+        await nats.stop();
+      },
+    };
+  } catch (err) {
+    for (const p of [...started].reverse()) await p.stop().catch(() => undefined);
+    await nats.stop();
+    throw err;
+  }
+}
