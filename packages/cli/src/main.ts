@@ -6,7 +6,7 @@ import { join, resolve } from "node:path";
 import { parseArgs, type ParseArgsConfig } from "node:util";
 import { readHistory } from "@ioasid/bus";
 import { isDomainError } from "@ioasid/errors";
-import { core, kvm, vdcm, vfio } from "@ioasid/proto";
+import { core, iommu, kvm, vdcm, vfio } from "@ioasid/proto";
 import { addressesOf, connectStack, type StackClients } from "./clients.js";
 import { runScenario, ScenarioKind, type ScenarioResult } from "./scenario.js";
 import { readState, stackDown, stackUp } from "./stack.js";
@@ -347,7 +347,7 @@ const commands: Record<string, Command> = {
             await c.vdcm
               .registerDevice(P(vdcm.RegisterDeviceRequest, { deviceId: device, maxPasidEntries: 64, wqs: [{ wqId: 0, mode: vdcm.WqMode.WQ_MODE_DEDICATED, size: 16 }, { wqId: 1, mode: vdcm.WqMode.WQ_MODE_SHARED, size: 32 }] }))
               .catch((e: unknown) => { if (!isDomainError(e, "DEVICE_EXISTS")) throw e; });
-            await c.iommu.registerDevice({ deviceId: device, maxPasids: 1 << 20, priCapable: true, function: 0, parentDeviceId: "", iommuGroup: 1, priCredits: 0 }).catch((e: unknown) => {
+            await c.iommu.registerDevice(P(iommu.RegisterDeviceRequest, { deviceId: device, maxPasids: 1 << 20, priCapable: true, function: iommu.DeviceFunction.DEVICE_FUNCTION_PF, iommuGroup: 1 })).catch((e: unknown) => {
               if (!isDomainError(e, "DEVICE_EXISTS")) throw e;
             });
             out(json(await c.vdcm.createMdev(P(vdcm.CreateMdevRequest, { parentDeviceId: device, mdevUuid: uuid, wqIds: (v["wqs"] as string).split(",").map((x) => num(x, "wqs")) }))));

@@ -93,7 +93,7 @@ export async function runScenario(kind: ScenarioKind, c: StackClients, options: 
       }),
     ),
   );
-  await ignoreExists(c.iommu.registerDevice(P(iommu.RegisterDeviceRequest, { deviceId, maxPasids: 1 << 20, priCapable: true, iommuGroup: 1 })));
+  await ignoreExists(c.iommu.registerDevice(P(iommu.RegisterDeviceRequest, { deviceId, maxPasids: 1 << 20, priCapable: true, function: iommu.DeviceFunction.DEVICE_FUNCTION_PF, iommuGroup: 1 })));
   await c.vdcm.createMdev(P(vdcm.CreateMdevRequest, { parentDeviceId: deviceId, mdevUuid, wqIds: [0] }));
 
   // 1. KVM registers by MM token (pending until the set exists); VFIO opens the container (the

@@ -1,1 +1,43 @@
-export {};
+/**
+ * The KVM role (DESIGN §5 "KVM"): per VM, the VMCS PASID translation table ENQCMD consults, kept in
+ * step with the VM's IOASIDs by notifier events; served as ioasid.kvm.v1.KvmService.
+ */
+export { decodeIa32Pasid, GpCause, Ia32Pasid, toIa32Pasid, type DecodedIa32Pasid } from "./ia32-pasid.js";
+export { invalidField, kvmError, KvmReason } from "./kvm-error.js";
+export {
+  DEFAULT_MAX_RELEASE_ATTEMPTS,
+  Kvm,
+  KVM_MAX_VCPUS,
+  KVM_SUBSCRIBER,
+  KvmEventType,
+  MAX_VM_NAME_LENGTH,
+  VMCS_PURPOSE,
+  vmInstance,
+  type CreateVmSpec,
+  type DestroyVmResult,
+  type EnqcmdResult,
+  type EventSubscription,
+  type HistorySink,
+  type HolderReference,
+  type KvmCorePort,
+  type KvmEvent,
+  type KvmEventHandler,
+  type KvmLogLevel,
+  type KvmOptions,
+  type NotifierPort,
+  type RegistrationStatus,
+  type VmSnapshot,
+} from "./kvm.js";
+export {
+  createCorePort,
+  createKvmHandlers,
+  createNotifierPort,
+  KVM_EVENTS,
+  startKvmServer,
+  toEnqcmdResponse,
+  toKvmEvent,
+  toVm,
+  type RunningKvm,
+  type StartKvmServerOptions,
+} from "./server.js";
+export { VmcsPasidTable, type InstallOutcome, type PasidTranslation } from "./vmcs-pasid-table.js";

@@ -1,0 +1,667 @@
+import { Code, DomainError, isDomainError } from "@ioasid/errors";
+import { decodeIa32Pasid, GpCause } from "./ia32-pasid.js";
+import { invalidField, kvmError } from "./kvm-error.js";
+import { VmcsPasidTable, type PasidTranslation } from "./vmcs-pasid-table.js";
+
+/** Subscriber name KVM registers with the core, and holder role of its references. */
+export const KVM_SUBSCRIBER = "kvm";
+/** Purpose of the reference KVM holds per VMCS PASID translation entry: `kvm/vm-<id>/vmcs`. */
+export const VMCS_PURPOSE = "vmcs";
+/** Most vCPUs a VM may have (x86 KVM_MAX_VCPUS). */
+export const KVM_MAX_VCPUS = 1024;
+/** Longest VM name, in characters. */
+export const MAX_VM_NAME_LENGTH = 128;
+/** Times a reference KVM could not drop (ioasid-core unreachable) is tried again before it is reported leaked. @default */
+export const DEFAULT_MAX_RELEASE_ATTEMPTS = 300;
+
+const U64_MAX = (1n << 64n) - 1n;
+
+/** The notifier instance of a VM: `vm-<id>` (also the holder instance of its references). */
+export function vmInstance(vmId: number): string {
+  return `vm-${vmId}`;
+}
+
+/** The IOASID event types KVM handles (ioasid.rst: "1. BIND/UNBIND 2. FREE"); anything else is OTHER. */
+export const KvmEventType = { BIND: "BIND", UNBIND: "UNBIND", FREE: "FREE", OTHER: "OTHER" } as const;
+export type KvmEventType = (typeof KvmEventType)[keyof typeof KvmEventType];
+
+/** An IOASID event as KVM sees it (the fields of events.IoasidEvent it uses). */
+export interface KvmEvent {
+  /** Core sequence number. */
+  readonly seq: bigint;
+  readonly type: KvmEventType;
+  /** The host PASID. */
+  readonly ioasid: number;
+  /** Its generation. */
+  readonly generation: number;
+  /** The guest PASID (SPID): bound (BIND), detached (UNBIND), attached when freed (FREE; 0: none). */
+  readonly spid: number;
+  readonly setId: number;
+}
+
+/** A VM's notifier registration as the core reports it. */
+export interface RegistrationStatus {
+  readonly registrationId: number;
+  /** Subscriber instance (`vm-<id>`). */
+  readonly instance: string;
+  /** Attached to its set (false: pending until VFIO creates the set). */
+  readonly active: boolean;
+  /** The set it is attached to (0 while pending). */
+  readonly setId: number;
+}
+
+/** One reference of a KVM holder: `kvm/<instance>/<purpose>` on an IOASID at a generation. */
+export interface HolderReference {
+  readonly setId: number;
+  readonly ioasid: number;
+  readonly generation: number;
+  readonly instance: string;
+  readonly purpose: string;
+}
+
+/** What KVM needs of ioasid-core (server.ts adapts the CoreService client). Failures are DomainErrors. */
+export interface KvmCorePort {
+  /** Registers `kvm/<instance>` by MM token at CPU priority for BIND, UNBIND and FREE (idempotent). */
+  register(instance: string, mmToken: bigint): Promise<RegistrationStatus>;
+  /** Withdraws a registration. */
+  unregister(registrationId: number): Promise<void>;
+  /** Every registration of subscriber "kvm". */
+  registrations(): Promise<RegistrationStatus[]>;
+  /** ioasid_get() for the holder. @returns the reference count after it */
+  get(ref: HolderReference): Promise<number>;
+  /** ioasid_put() for the holder. */
+  put(ref: HolderReference): Promise<void>;
+  /** Does the holder hold a reference on the IOASID at that generation? */
+  holds(ref: HolderReference): Promise<boolean>;
+  /** References `kvm/<instance>/*` holds on IOASIDs of a set, one entry per reference. */
+  heldReferences(setId: number, instance: string): Promise<HolderReference[]>;
+}
+
+/** A running event subscription of one VM. */
+export interface EventSubscription {
+  /** Stops receiving (deliveries in flight may still finish). */
+  stop(): Promise<void>;
+}
+
+/** Handles one delivered event; the result lists the purposes of references released with the ack. */
+export type KvmEventHandler = (event: KvmEvent, attempt: number) => Promise<{ readonly release?: readonly string[] }>;
+
+/** Starts the event subscription of a VM instance (the bus SDK in production). */
+export interface NotifierPort {
+  subscribe(instance: string, handler: KvmEventHandler): Promise<EventSubscription>;
+}
+
+/** Where a VM's history records go (the bus HistoryRecorder in production). */
+export interface HistorySink {
+  record(
+    action: string,
+    fields?: {
+      ioasid?: number;
+      generation?: number;
+      setId?: number;
+      spid?: number;
+      refcount?: number;
+      seq?: number;
+      detail?: string;
+    },
+  ): void;
+}
+
+/** Log levels the domain uses. */
+export type KvmLogLevel = "debug" | "info" | "warn" | "error";
+
+/** Options of {@link Kvm}. */
+export interface KvmOptions {
+  readonly core: KvmCorePort;
+  readonly notifier: NotifierPort;
+  /** The history sink of a VM instance. */
+  readonly history: (instance: string) => HistorySink;
+  readonly log?: (level: KvmLogLevel, msg: string, fields?: Record<string, unknown>) => void;
+  /** @default () => new Date() */
+  readonly now?: () => Date;
+  /**
+   * At start, drop the references and registrations a previous KVM process left behind (its VMs
+   * died with it: ioasid.rst rule 4, "When KVM terminates before FREE & UNBIND, references will be
+   * dropped for all host PASIDs"). @default true
+   */
+  readonly reapStale?: boolean;
+  /** @default {@link DEFAULT_MAX_RELEASE_ATTEMPTS} */
+  readonly maxReleaseAttempts?: number;
+}
+
+/** What CreateVm asks for. */
+export interface CreateVmSpec {
+  /** The VM's MM token (non-zero u64); VFIO creates the VM's set with the same token. */
+  readonly mmToken: bigint;
+  /** vCPUs; 0 means 1. */
+  readonly vcpuCount: number;
+  /** For people; may be empty. */
+  readonly vmName: string;
+}
+
+/** A VM as KVM shows it (QueryState, CreateVm). */
+export interface VmSnapshot {
+  readonly vmId: number;
+  readonly instance: string;
+  readonly mmToken: bigint;
+  readonly vmName: string;
+  readonly vcpuCount: number;
+  readonly registration: "PENDING" | "ACTIVE";
+  /** The VM's set once the registration is active; 0 while pending. */
+  readonly setId: number;
+  /** The VMCS PASID translation table, ascending by guest PASID. */
+  readonly translations: readonly PasidTranslation[];
+  /** IOASID references held for this VM. */
+  readonly referencesHeld: number;
+  readonly createdAt: Date;
+}
+
+/** What one ENQCMD did. */
+export type EnqcmdResult =
+  | { readonly outcome: "TRANSLATED"; readonly gpasid: number; readonly hpasid: number; readonly generation: number }
+  | { readonly outcome: "GP"; readonly gpasid: number; readonly cause: GpCause };
+
+/** What DestroyVm did. */
+export interface DestroyVmResult {
+  readonly clearedEntries: number;
+  readonly releasedReferences: number;
+}
+
+/** A reference held for a VM: the host PASID's set and generation. */
+interface HeldReference {
+  readonly setId: number;
+  readonly generation: number;
+}
+
+/** One VM: its vCPUs, its VMCS PASID translation table and the references behind the entries. */
+class VirtualMachine {
+  readonly table = new VmcsPasidTable();
+  /** Host PASID → the `vmcs` reference held on it (one per host PASID the VM got a BIND for). */
+  readonly refs = new Map<number, HeldReference>();
+  /** `ioasid:generation` of ioasid_get() calls whose outcome is unknown (a timeout): check before taking another. */
+  readonly uncertainGets = new Set<string>();
+  registrationId = 0;
+  subscription: EventSubscription | undefined;
+  /** False once destroyed: late event handlers leave nothing behind. */
+  alive = true;
+  destroying = false;
+  /** The VM's set, learned from its events (0: none seen yet). */
+  setId = 0;
+
+  constructor(
+    readonly vmId: number,
+    readonly instance: string,
+    readonly mmToken: bigint,
+    readonly vmName: string,
+    readonly vcpuCount: number,
+    readonly createdAt: Date,
+    readonly history: HistorySink,
+  ) {}
+}
+
+/** A failure worth retrying (the core unreachable or slow), as opposed to a refusal. */
+function isTransient(err: unknown): boolean {
+  if (!(err instanceof DomainError)) return true;
+  return err.code === Code.UNAVAILABLE || err.code === Code.DEADLINE_EXCEEDED || err.code === Code.CANCELLED || err.code === Code.INTERNAL || err.code === Code.UNKNOWN || err.code === Code.ABORTED;
+}
+
+function reasonOf(err: unknown): string {
+  return err instanceof DomainError ? err.reason : String(err);
+}
+
+/**
+ * The host's KVM (DESIGN §5 "KVM", ioasid.rst "KVM PASID Translation Table Updates"): VMs, their
+ * vCPUs' ENQCMD, and per VM the VMCS PASID translation table, kept in step with the VM's IOASIDs by
+ * the IOASID notifier it registers by MM token at CPU priority:
+ *
+ * - BIND: ioasid_get() (step 6 of the guest life cycle), then install gpasid → hpasid (step 7,
+ *   `vmcs_update_atomic()`); a get refused because the IOASID is FREE_PENDING or gone installs
+ *   nothing (rule 3);
+ * - UNBIND and FREE: remove the entry, then release the reference with the acknowledgement (steps
+ *   20–21; 19–20 of the misbehaving-guest table). An UNBIND after FREE finds nothing: harmless;
+ * - ENQCMD translates through the VM's own table only; no entry is a #GP, nothing reaches a device;
+ * - VM destruction clears the table and drops every reference (rule 4).
+ *
+ * Handlers are idempotent (deliveries are at least once). The table is this class's state; every
+ * I/O goes through the injected ports.
+ */
+export class Kvm {
+  readonly #core: KvmCorePort;
+  readonly #notifier: NotifierPort;
+  readonly #history: (instance: string) => HistorySink;
+  readonly #log: NonNullable<KvmOptions["log"]>;
+  readonly #now: () => Date;
+  readonly #reapStale: boolean;
+  readonly #maxReleaseAttempts: number;
+  readonly #vms = new Map<number, VirtualMachine>();
+  /** MM token → VM, including VMs being created (a second CreateVm with the token is VM_EXISTS). */
+  readonly #byToken = new Map<bigint, VirtualMachine>();
+  /** References that could not be dropped yet (the core was unreachable), with attempts so far. */
+  #pendingReleases: Array<{ ref: HolderReference; attempts: number }> = [];
+  #nextVmId = 1;
+  #reconciled = false;
+  #reconciling: Promise<void> | undefined;
+
+  constructor(options: KvmOptions) {
+    this.#core = options.core;
+    this.#notifier = options.notifier;
+    this.#history = options.history;
+    this.#log = options.log ?? (() => undefined);
+    this.#now = options.now ?? (() => new Date());
+    this.#reapStale = options.reapStale ?? true;
+    this.#maxReleaseAttempts = options.maxReleaseAttempts ?? DEFAULT_MAX_RELEASE_ATTEMPTS;
+  }
+
+  /** Whether {@link Kvm.reconcile} has completed. */
+  get reconciled(): boolean {
+    return this.#reconciled;
+  }
+
+  /** References still to be dropped (the core was unreachable when KVM let go of them). */
+  get pendingReleases(): number {
+    return this.#pendingReleases.length;
+  }
+
+  /**
+   * Settles what a previous KVM process left in the core (once; concurrent calls share the work):
+   * VM ids continue after the ones its registrations name, and, unless `reapStale` is false, the
+   * references its VMs held are dropped and their registrations withdrawn — those VMs died with
+   * the process (ioasid.rst rule 4). CreateVm waits for it.
+   * @throws DomainError UNAVAILABLE / DEADLINE_EXCEEDED when the core cannot be reached (retry)
+   */
+  reconcile(): Promise<void> {
+    if (this.#reconciled) return Promise.resolve();
+    this.#reconciling ??= this.#doReconcile().finally(() => {
+      this.#reconciling = undefined;
+    });
+    return this.#reconciling;
+  }
+
+  async #doReconcile(): Promise<void> {
+    const ours = new Set([...this.#vms.values()].map((vm) => vm.registrationId));
+    const stale = (await this.#core.registrations()).filter((r) => !ours.has(r.registrationId));
+    for (const r of stale) {
+      const m = /^vm-(\d+)$/.exec(r.instance);
+      if (m !== null) this.#nextVmId = Math.max(this.#nextVmId, Number(m[1]) + 1);
+    }
+    if (this.#reapStale) {
+      for (const r of stale) await this.#reap(r);
+    }
+    this.#reconciled = true;
+  }
+
+  async #reap(r: RegistrationStatus): Promise<void> {
+    let dropped = 0;
+    if (r.setId !== 0) {
+      for (const ref of await this.#core.heldReferences(r.setId, r.instance)) {
+        try {
+          await this.#core.put(ref);
+          dropped++;
+        } catch (err) {
+          if (isTransient(err)) throw err;
+        }
+      }
+    }
+    try {
+      await this.#core.unregister(r.registrationId);
+    } catch (err) {
+      if (!isDomainError(err, "REGISTRATION_NOT_FOUND")) throw err;
+    }
+    this.#history(r.instance).record("kvm_destroy_vm", {
+      ...(r.setId === 0 ? {} : { setId: r.setId }),
+      detail: `VM of an earlier KVM process: registration ${r.registrationId} withdrawn, ${dropped} reference(s) dropped`,
+    });
+    this.#log("info", "reaped a VM of an earlier KVM process", { instance: r.instance, registration: r.registrationId, setId: r.setId, dropped });
+  }
+
+  /**
+   * Creates a VM and registers its IOASID notifier by MM token at CPU priority, events BIND, UNBIND
+   * and FREE (ioasid.rst: "KVM must register IOASID notifier per VM instance during launch time").
+   * The registration is PENDING until VFIO creates the set with that token (KVM may start first).
+   * @throws DomainError INVALID_ARGUMENT `INVALID_FIELD` (mm_token 0, vcpu_count above
+   *   {@link KVM_MAX_VCPUS}, vm_name too long); ALREADY_EXISTS `VM_EXISTS`; FAILED_PRECONDITION
+   *   `SET_NOT_EMPTY` (from the core: the set already has IOASIDs); UNAVAILABLE when the core is
+   *   unreachable. A refused call leaves no VM, registration or subscription behind.
+   */
+  async createVm(spec: CreateVmSpec): Promise<VmSnapshot> {
+    const { mmToken, vmName } = spec;
+    if (mmToken <= 0n || mmToken > U64_MAX) throw invalidField("mm_token", "mm_token is required: the VM's MM token, a non-zero u64 (VFIO creates the VM's set with it)");
+    const vcpuCount = spec.vcpuCount === 0 ? 1 : spec.vcpuCount;
+    if (!Number.isInteger(vcpuCount) || vcpuCount < 1 || vcpuCount > KVM_MAX_VCPUS) {
+      throw invalidField("vcpu_count", `vcpu_count ${spec.vcpuCount} is out of range: 1..${KVM_MAX_VCPUS} (0 means 1)`);
+    }
+    if (vmName.length > MAX_VM_NAME_LENGTH) throw invalidField("vm_name", `vm_name is longer than ${MAX_VM_NAME_LENGTH} characters`);
+    this.#assertTokenFree(mmToken);
+    await this.reconcile();
+    this.#assertTokenFree(mmToken);
+
+    const vmId = this.#nextVmId++;
+    const instance = vmInstance(vmId);
+    const vm = new VirtualMachine(vmId, instance, mmToken, vmName, vcpuCount, this.#now(), this.#history(instance));
+    this.#byToken.set(mmToken, vm);
+    try {
+      // Subscribe first: once registered on an existing set, the set's events may come at once.
+      vm.subscription = await this.#notifier.subscribe(instance, (event) => this.#onEvent(vm, event));
+      const registration = await this.#core.register(instance, mmToken);
+      vm.registrationId = registration.registrationId;
+      if (registration.setId !== 0) vm.setId = registration.setId;
+      this.#vms.set(vmId, vm);
+      vm.history.record("kvm_create_vm", {
+        ...(registration.setId === 0 ? {} : { setId: registration.setId }),
+        detail: `mm token ${mmToken}, ${vcpuCount} vCPU(s), registration ${registration.registrationId} ${registration.active ? "ACTIVE" : "PENDING"}`,
+      });
+      this.#log("info", "VM created", { vmId, mmToken: String(mmToken), registration: registration.registrationId, active: registration.active });
+      return this.#snapshot(vm, registration);
+    } catch (err) {
+      vm.alive = false;
+      this.#byToken.delete(mmToken);
+      await vm.subscription?.stop().catch(() => undefined);
+      // A registration whose answer was lost (timeout) must not outlive the refused call.
+      if (isTransient(err)) await this.#withdrawRegistrationOf(instance);
+      throw err;
+    }
+  }
+
+  #assertTokenFree(mmToken: bigint): void {
+    const other = this.#byToken.get(mmToken);
+    if (other !== undefined) throw kvmError("VM_EXISTS", `VM ${other.vmId} already has MM token ${mmToken}: one VM per address space`);
+  }
+
+  async #withdrawRegistrationOf(instance: string): Promise<void> {
+    try {
+      for (const r of await this.#core.registrations()) {
+        if (r.instance === instance) await this.#core.unregister(r.registrationId);
+      }
+    } catch (err) {
+      this.#log("warn", "could not check for a registration left by a failed CreateVm", { instance, reason: reasonOf(err) });
+    }
+  }
+
+  /**
+   * Destroys a VM: its notifier registration is withdrawn, every translation is removed, and every
+   * reference it holds is dropped (ioasid.rst rule 4: "When KVM terminates before FREE & UNBIND,
+   * references will be dropped for all host PASIDs"). The table is cleared before the puts, so no
+   * entry outlives its IOASID (S9).
+   * @throws DomainError INVALID_ARGUMENT `INVALID_FIELD` (vm_id 0); NOT_FOUND `VM_NOT_FOUND`;
+   *   UNAVAILABLE when the core cannot withdraw the registration (the VM is then left as it was)
+   */
+  async destroyVm(vmId: number): Promise<DestroyVmResult> {
+    if (vmId === 0) throw invalidField("vm_id", "vm_id is required");
+    const vm = this.#vms.get(vmId);
+    if (vm === undefined || vm.destroying) throw kvmError("VM_NOT_FOUND", `no VM ${vmId}`);
+    vm.destroying = true;
+    try {
+      await this.#core.unregister(vm.registrationId);
+    } catch (err) {
+      if (!isDomainError(err, "REGISTRATION_NOT_FOUND")) {
+        vm.destroying = false;
+        throw err;
+      }
+    }
+    await vm.subscription?.stop().catch((err: unknown) => this.#log("warn", "stopping the VM's subscription failed", { vmId, reason: reasonOf(err) }));
+
+    // From here on the VM is gone: a handler still in flight sees `alive` false and keeps nothing.
+    vm.alive = false;
+    this.#vms.delete(vmId);
+    this.#byToken.delete(vm.mmToken);
+    const cleared = vm.table.clear();
+    for (const t of cleared) {
+      vm.history.record("vmcs_update", {
+        ioasid: t.hpasid,
+        generation: t.generation,
+        setId: vm.refs.get(t.hpasid)?.setId ?? vm.setId,
+        spid: t.gpasid,
+        detail: `clear gpasid ${t.gpasid} → hpasid ${t.hpasid} (VM destroyed)`,
+      });
+    }
+    const refs = [...vm.refs].map(([ioasid, r]) => ({ setId: r.setId, ioasid, generation: r.generation, instance: vm.instance, purpose: VMCS_PURPOSE }));
+    vm.refs.clear();
+    const released = await Promise.all(refs.map((ref) => this.#release(ref)));
+    const releasedReferences = released.filter(Boolean).length;
+    vm.history.record("kvm_destroy_vm", {
+      ...(vm.setId === 0 ? {} : { setId: vm.setId }),
+      detail: `${cleared.length} translation(s) cleared, ${releasedReferences} reference(s) dropped`,
+    });
+    this.#log("info", "VM destroyed", { vmId, cleared: cleared.length, released: releasedReferences, deferred: refs.length - releasedReferences });
+    return { clearedEntries: cleared.length, releasedReferences };
+  }
+
+  /**
+   * Destroys every VM (KVM shutting down: its VMs die with it). Failures are logged; what could
+   * not be dropped is left for the next start's {@link Kvm.reconcile}.
+   */
+  async destroyAll(): Promise<void> {
+    // In parallel: shutdown waits for one round of core calls, not one per VM.
+    await Promise.all(
+      [...this.#vms.keys()].map((vmId) =>
+        this.destroyVm(vmId).catch((err: unknown) => this.#log("warn", "could not destroy a VM at shutdown", { vmId, reason: reasonOf(err) })),
+      ),
+    );
+  }
+
+  /**
+   * One ENQCMD by a vCPU: the guest PASID in IA32_PASID is translated through this VM's VMCS PASID
+   * translation table only. Invalid IA32_PASID or no entry raises #GP in the guest and nothing is
+   * submitted (ioasid.rst: "The fault will be reported to the user if PASID used in the ENQCMD is
+   * not set up in VMCS PASID translation table"). Changes nothing; recorded as "enqcmd".
+   * @throws DomainError INVALID_ARGUMENT `INVALID_FIELD` (vm_id 0), `VCPU_OUT_OF_RANGE`; NOT_FOUND `VM_NOT_FOUND`
+   */
+  enqcmd(vmId: number, vcpu: number, ia32Pasid: number): EnqcmdResult {
+    if (vmId === 0) throw invalidField("vm_id", "vm_id is required");
+    const vm = this.#vms.get(vmId);
+    if (vm === undefined) throw kvmError("VM_NOT_FOUND", `no VM ${vmId}`);
+    if (!Number.isInteger(vcpu) || vcpu < 0 || vcpu >= vm.vcpuCount) {
+      throw kvmError("VCPU_OUT_OF_RANGE", `VM ${vmId} has vCPUs 0..${vm.vcpuCount - 1}; there is no vCPU ${vcpu}`);
+    }
+    const decoded = decodeIa32Pasid(ia32Pasid);
+    let result: EnqcmdResult;
+    if (!decoded.ok) {
+      result = { outcome: "GP", gpasid: decoded.gpasid, cause: decoded.cause };
+    } else {
+      const t = vm.table.translate(decoded.gpasid);
+      result =
+        t === undefined
+          ? { outcome: "GP", gpasid: decoded.gpasid, cause: GpCause.NO_TRANSLATION }
+          : { outcome: "TRANSLATED", gpasid: decoded.gpasid, hpasid: t.hpasid, generation: t.generation };
+    }
+    const hex = `0x${(ia32Pasid >>> 0).toString(16).padStart(8, "0")}`;
+    vm.history.record("enqcmd", {
+      spid: result.gpasid,
+      ...(vm.setId === 0 ? {} : { setId: vm.setId }),
+      ...(result.outcome === "TRANSLATED"
+        ? { ioasid: result.hpasid, generation: result.generation, detail: `vcpu ${vcpu} ia32_pasid ${hex}: TRANSLATED gpasid ${result.gpasid} → hpasid ${result.hpasid}` }
+        : { detail: `vcpu ${vcpu} ia32_pasid ${hex}: #GP ${result.cause}, nothing submitted` }),
+    });
+    return result;
+  }
+
+  /**
+   * One VM (`vmId` ≠ 0) or every VM, ascending by id, with their tables; the registration state
+   * comes from the core (it turns ACTIVE when VFIO creates the set, without an event to KVM).
+   * @throws DomainError NOT_FOUND `VM_NOT_FOUND`; UNAVAILABLE when the core is unreachable
+   */
+  async queryState(vmId: number): Promise<VmSnapshot[]> {
+    let selected: VirtualMachine[];
+    if (vmId !== 0) {
+      const vm = this.#vms.get(vmId);
+      if (vm === undefined) throw kvmError("VM_NOT_FOUND", `no VM ${vmId}`);
+      selected = [vm];
+    } else {
+      selected = [...this.#vms.values()].sort((a, b) => a.vmId - b.vmId);
+    }
+    if (selected.length === 0) return [];
+    const registrations = new Map((await this.#core.registrations()).map((r) => [r.registrationId, r]));
+    return selected.map((vm) => this.#snapshot(vm, registrations.get(vm.registrationId)));
+  }
+
+  /**
+   * Tries again to drop the references the core could not take back earlier (call it
+   * periodically). One that still fails after `maxReleaseAttempts` is reported leaked.
+   * @returns references still pending
+   */
+  async retryPendingReleases(): Promise<number> {
+    const batch = this.#pendingReleases;
+    this.#pendingReleases = [];
+    for (const p of batch) {
+      try {
+        await this.#core.put(p.ref);
+        this.#log("info", "deferred reference dropped", { ...p.ref });
+      } catch (err) {
+        if (!isTransient(err)) continue;
+        if (p.attempts + 1 >= this.#maxReleaseAttempts) {
+          this.#log("error", "reference could not be dropped: leaked until an operator releases it", { ...p.ref, reason: reasonOf(err) });
+        } else {
+          this.#pendingReleases.push({ ref: p.ref, attempts: p.attempts + 1 });
+        }
+      }
+    }
+    return this.#pendingReleases.length;
+  }
+
+  /**
+   * ioasid_put() of a reference KVM lets go of. Refusals (already dropped, IOASID gone) count as
+   * done; when the core is unreachable the put is kept for {@link Kvm.retryPendingReleases}.
+   * @returns whether the reference was dropped now
+   */
+  async #release(ref: HolderReference): Promise<boolean> {
+    try {
+      await this.#core.put(ref);
+      return true;
+    } catch (err) {
+      if (isTransient(err)) {
+        this.#pendingReleases.push({ ref, attempts: 1 });
+        this.#log("warn", "reference drop deferred: the core is unreachable", { ...ref, reason: reasonOf(err) });
+      } else {
+        this.#log("warn", "reference drop refused (nothing to drop)", { ...ref, reason: reasonOf(err) });
+      }
+      return false;
+    }
+  }
+
+  #snapshot(vm: VirtualMachine, registration: RegistrationStatus | undefined): VmSnapshot {
+    if (registration === undefined) this.#log("warn", "the core has no registration for a VM", { vmId: vm.vmId, registration: vm.registrationId });
+    const active = registration?.active === true;
+    return {
+      vmId: vm.vmId,
+      instance: vm.instance,
+      mmToken: vm.mmToken,
+      vmName: vm.vmName,
+      vcpuCount: vm.vcpuCount,
+      registration: active ? "ACTIVE" : "PENDING",
+      setId: active ? registration.setId : 0,
+      translations: vm.table.entries(),
+      referencesHeld: vm.refs.size,
+      createdAt: vm.createdAt,
+    };
+  }
+
+  /** The notifier callback of one VM (kvm_nb_handler). */
+  async #onEvent(vm: VirtualMachine, event: KvmEvent): Promise<{ release?: readonly string[] }> {
+    if (!vm.alive) return {}; // destroyed: DestroyVm dropped everything; nothing to hold or release
+    if (event.setId !== 0) vm.setId = event.setId;
+    switch (event.type) {
+      case KvmEventType.BIND:
+        return this.#onBind(vm, event);
+      case KvmEventType.UNBIND:
+      case KvmEventType.FREE:
+        return this.#onUnbindOrFree(vm, event);
+      default:
+        return {};
+    }
+  }
+
+  /**
+   * BIND: ioasid_get() (step 6, "-> ioasid_get() 3"), then gpasid → hpasid into the table (step 7,
+   * "-> vmcs_update_atomic()"). Idempotent: a redelivered BIND whose reference is held only makes
+   * sure the entry is there.
+   */
+  async #onBind(vm: VirtualMachine, e: KvmEvent): Promise<{ release?: readonly string[] }> {
+    if (e.spid === 0) {
+      this.#log("warn", "BIND without a guest PASID ignored", { vmId: vm.vmId, ioasid: e.ioasid, seq: String(e.seq) });
+      return {};
+    }
+    let refcount: number | undefined;
+    const held = vm.refs.get(e.ioasid);
+    if (held === undefined || held.generation !== e.generation) {
+      const current = vm.table.translate(e.spid);
+      if (current !== undefined && current.bindSeq > e.seq) {
+        // A later BIND of this guest PASID was handled first (events of different IOASIDs are
+        // ordered independently): this mapping is already dead, so take nothing.
+        return {};
+      }
+      const ref = { setId: e.setId, ioasid: e.ioasid, generation: e.generation, instance: vm.instance, purpose: VMCS_PURPOSE };
+      const key = `${e.ioasid}:${e.generation}`;
+      // A get that timed out may have been applied: ask before taking a second reference.
+      let alreadyHeld = vm.uncertainGets.has(key) ? await this.#core.holds(ref) : false;
+      if (!alreadyHeld) {
+        try {
+          refcount = await this.#core.get(ref);
+          alreadyHeld = true;
+        } catch (err) {
+          if (isTransient(err)) {
+            vm.uncertainGets.add(key);
+            throw err; // missed: redelivered later, in order
+          }
+          // ioasid.rst rule 3: once the IOASID is FREE(_PENDING) "KVM will see error in
+          // ioasid_get()"; the FREE (or nothing, if reclaimed) follows. No reference, no entry.
+          vm.uncertainGets.delete(key);
+          this.#log("info", "BIND not installed: ioasid_get() refused", { vmId: vm.vmId, ioasid: e.ioasid, generation: e.generation, reason: reasonOf(err) });
+          return {};
+        }
+      }
+      vm.uncertainGets.delete(key);
+      if (!vm.alive) {
+        // Destroyed while the get was in flight: DestroyVm could not see this reference.
+        await this.#release(ref);
+        return {};
+      }
+      vm.refs.set(e.ioasid, { setId: e.setId, generation: e.generation });
+    }
+    const outcome = vm.table.install({ gpasid: e.spid, hpasid: e.ioasid, generation: e.generation, bindSeq: e.seq, installedAt: this.#now() });
+    if (outcome.kind === "installed") {
+      for (const r of outcome.replaced) {
+        vm.history.record("vmcs_update", {
+          ioasid: r.hpasid,
+          generation: r.generation,
+          setId: e.setId,
+          spid: r.gpasid,
+          seq: Number(e.seq),
+          detail: `clear gpasid ${r.gpasid} → hpasid ${r.hpasid} (replaced by a later BIND)`,
+        });
+      }
+      vm.history.record("vmcs_update", {
+        ioasid: e.ioasid,
+        generation: e.generation,
+        setId: e.setId,
+        spid: e.spid,
+        seq: Number(e.seq),
+        ...(refcount === undefined ? {} : { refcount }),
+        detail: `install gpasid ${e.spid} → hpasid ${e.ioasid}`,
+      });
+    }
+    return {};
+  }
+
+  /**
+   * UNBIND (steps 20–21) and FREE (misbehaving-guest steps 18–20): remove the entry translating to
+   * this host PASID, then release the `vmcs` reference with the acknowledgement. Idempotent: an
+   * UNBIND after FREE (or a redelivery) finds nothing and releases nothing.
+   */
+  #onUnbindOrFree(vm: VirtualMachine, e: KvmEvent): { release?: readonly string[] } {
+    const removed = vm.table.clearHpasid(e.ioasid, e.generation);
+    if (removed !== undefined) {
+      vm.history.record("vmcs_update", {
+        ioasid: e.ioasid,
+        generation: e.generation,
+        setId: e.setId,
+        spid: removed.gpasid,
+        seq: Number(e.seq),
+        detail: `clear gpasid ${removed.gpasid} → hpasid ${e.ioasid} (${e.type})`,
+      });
+    }
+    const held = vm.refs.get(e.ioasid);
+    if (held === undefined || held.generation !== e.generation) return {};
+    vm.refs.delete(e.ioasid);
+    return { release: [VMCS_PURPOSE] };
+  }
+}
