@@ -1,1 +1,39 @@
-export {};
+/** The VFIO role: the VMM-facing API (containers, sessions, guest PASIDs, binds), its ports and gRPC server. */
+export {
+  CloseReason,
+  ContainerState,
+  describeDevice,
+  MAX_DEVICE_NAME,
+  MAX_GPASID,
+  MAX_SESSION_GRACE_MS,
+  MAX_VM_NAME,
+  VfioContainers,
+  type AssignedDeviceInfo,
+  type CloseResult,
+  type ContainerSnapshot,
+  type DeviceRef,
+  type GuestPasidBind,
+  type GuestPasidInfo,
+  type GuestPasidUnbind,
+  type OpenContainerSpec,
+  type OpenedContainer,
+  type SessionLease,
+  type VfioContainersOptions,
+} from "./vfio-containers.js";
+export { invalidField, VfioReason, vfioError } from "./vfio-errors.js";
+export {
+  realScheduler,
+  type FreeOutcome,
+  type GpasidBind,
+  type GpasidUnbind,
+  type HistoryFields,
+  type HistoryPort,
+  type IommuPort,
+  type IoasidCorePort,
+  type Scheduler,
+  type SetIoasid,
+  type VdcmPort,
+  type VfioLog,
+} from "./vfio-ports.js";
+export { createCorePort, createIommuPort, createVdcmPort, type IommuClient, type VdcmClient } from "./grpc-ports.js";
+export { createVfioHandlers, fromDeviceRef, SESSION_KEEPALIVE, startVfioServer, toDeviceRef, type StartVfioServerOptions } from "./server.js";

@@ -7502,7 +7502,9 @@ export const IommuServiceService = {
    * `PASID_OUT_OF_RANGE` (pasid not below the device's `max_pasids`); FAILED_PRECONDITION
    * `PASID_IN_USE` (something is already attached there), `DOMAIN_INCOMPATIBLE` (an SVA domain:
    * use SvaBind), `STALE_GENERATION`; NOT_FOUND `IOASID_NOT_FOUND` (a generation was given but the
-   * PASID is not an allocated IOASID).
+   * PASID is not an allocated IOASID), `IOASID_FREE_PENDING` (a generation was given and the IOASID
+   * is being freed: nothing new may use it). An attachment made with a generation belongs to that
+   * IOASID: its FREE tears it down; one made without (0) is the caller's and outlives any IOASID.
    */
   attachDomain: {
     path: "/ioasid.iommu.v1.IommuService/AttachDomain" as const,
@@ -7518,7 +7520,8 @@ export const IommuServiceService = {
    * DetachDomain removes an attachment made by AttachDomain: the PASID entry is torn down, the
    * IOTLB/DevTLB flushed, and every outstanding fault group of the handle answered INVALID.
    * Errors: NOT_FOUND `DEVICE_NOT_FOUND`, `ATTACH_HANDLE_NOT_FOUND` (nothing attached there);
-   * FAILED_PRECONDITION `DOMAIN_MISMATCH` (another domain is attached there), `STALE_GENERATION`.
+   * FAILED_PRECONDITION `DOMAIN_MISMATCH` (another domain is attached there, or the attachment was
+   * made by BindGpasid or SvaBind: undo it with UnbindGpasid or SvaUnbind), `STALE_GENERATION`.
    */
   detachDomain: {
     path: "/ioasid.iommu.v1.IommuService/DetachDomain" as const,
@@ -7558,7 +7561,8 @@ export const IommuServiceService = {
    * IOASID was freed first and the FREE teardown already removed the bind — succeeds with
    * `unbound` false and changes nothing ("free before unbind", ioasid.rst).
    * Errors: PERMISSION_DENIED `IOASID_NOT_IN_SET` (the IOASID now belongs to another set: nothing
-   * changes); FAILED_PRECONDITION `STALE_GENERATION`; NOT_FOUND `DEVICE_NOT_FOUND`.
+   * changes); FAILED_PRECONDITION `STALE_GENERATION`, `SPID_MISMATCH` (`gpasid` given and the bind
+   * was made with another); NOT_FOUND `DEVICE_NOT_FOUND`; INVALID_ARGUMENT `PASID_ZERO_RESERVED`.
    */
   unbindGpasid: {
     path: "/ioasid.iommu.v1.IommuService/UnbindGpasid" as const,
@@ -7573,7 +7577,9 @@ export const IommuServiceService = {
   /**
    * SvaBind binds a host process address space (mm) to a device for native SVA. The mm has one
    * PASID, allocated on its first bind and shared by every device the mm binds; it is freed only
-   * when the mm goes away (ReleaseMm), not on the last unbind. Binding the same (device, mm) again
+   * when the mm goes away (ReleaseMm), not on the last unbind. The IOMMU allocates it through the
+   * core in an IOASID set of the mm's own (token type NONE, token = `mm_token`, quota 1, so the
+   * NONE token of an mm is the IOMMU's), below the binding device's `max_pasids`. Binding the same (device, mm) again
    * returns the existing bond with one more user; each bind needs its own unbind. Page requests
    * under an SVA handle are answered by the IOMMU's own mm fault handler, whatever the owner.
    * Errors: NOT_FOUND `DEVICE_NOT_FOUND`; FAILED_PRECONDITION `PASID_NOT_SUPPORTED` (the device has
@@ -7782,14 +7788,17 @@ export interface IommuServiceServer extends UntypedServiceImplementation {
    * `PASID_OUT_OF_RANGE` (pasid not below the device's `max_pasids`); FAILED_PRECONDITION
    * `PASID_IN_USE` (something is already attached there), `DOMAIN_INCOMPATIBLE` (an SVA domain:
    * use SvaBind), `STALE_GENERATION`; NOT_FOUND `IOASID_NOT_FOUND` (a generation was given but the
-   * PASID is not an allocated IOASID).
+   * PASID is not an allocated IOASID), `IOASID_FREE_PENDING` (a generation was given and the IOASID
+   * is being freed: nothing new may use it). An attachment made with a generation belongs to that
+   * IOASID: its FREE tears it down; one made without (0) is the caller's and outlives any IOASID.
    */
   attachDomain: handleUnaryCall<AttachDomainRequest, AttachDomainResponse>;
   /**
    * DetachDomain removes an attachment made by AttachDomain: the PASID entry is torn down, the
    * IOTLB/DevTLB flushed, and every outstanding fault group of the handle answered INVALID.
    * Errors: NOT_FOUND `DEVICE_NOT_FOUND`, `ATTACH_HANDLE_NOT_FOUND` (nothing attached there);
-   * FAILED_PRECONDITION `DOMAIN_MISMATCH` (another domain is attached there), `STALE_GENERATION`.
+   * FAILED_PRECONDITION `DOMAIN_MISMATCH` (another domain is attached there, or the attachment was
+   * made by BindGpasid or SvaBind: undo it with UnbindGpasid or SvaUnbind), `STALE_GENERATION`.
    */
   detachDomain: handleUnaryCall<DetachDomainRequest, DetachDomainResponse>;
   /**
@@ -7812,13 +7821,16 @@ export interface IommuServiceServer extends UntypedServiceImplementation {
    * IOASID was freed first and the FREE teardown already removed the bind — succeeds with
    * `unbound` false and changes nothing ("free before unbind", ioasid.rst).
    * Errors: PERMISSION_DENIED `IOASID_NOT_IN_SET` (the IOASID now belongs to another set: nothing
-   * changes); FAILED_PRECONDITION `STALE_GENERATION`; NOT_FOUND `DEVICE_NOT_FOUND`.
+   * changes); FAILED_PRECONDITION `STALE_GENERATION`, `SPID_MISMATCH` (`gpasid` given and the bind
+   * was made with another); NOT_FOUND `DEVICE_NOT_FOUND`; INVALID_ARGUMENT `PASID_ZERO_RESERVED`.
    */
   unbindGpasid: handleUnaryCall<UnbindGpasidRequest, UnbindGpasidResponse>;
   /**
    * SvaBind binds a host process address space (mm) to a device for native SVA. The mm has one
    * PASID, allocated on its first bind and shared by every device the mm binds; it is freed only
-   * when the mm goes away (ReleaseMm), not on the last unbind. Binding the same (device, mm) again
+   * when the mm goes away (ReleaseMm), not on the last unbind. The IOMMU allocates it through the
+   * core in an IOASID set of the mm's own (token type NONE, token = `mm_token`, quota 1, so the
+   * NONE token of an mm is the IOMMU's), below the binding device's `max_pasids`. Binding the same (device, mm) again
    * returns the existing bond with one more user; each bind needs its own unbind. Page requests
    * under an SVA handle are answered by the IOMMU's own mm fault handler, whatever the owner.
    * Errors: NOT_FOUND `DEVICE_NOT_FOUND`; FAILED_PRECONDITION `PASID_NOT_SUPPORTED` (the device has
@@ -7997,7 +8009,9 @@ export interface IommuServiceClient extends Client {
    * `PASID_OUT_OF_RANGE` (pasid not below the device's `max_pasids`); FAILED_PRECONDITION
    * `PASID_IN_USE` (something is already attached there), `DOMAIN_INCOMPATIBLE` (an SVA domain:
    * use SvaBind), `STALE_GENERATION`; NOT_FOUND `IOASID_NOT_FOUND` (a generation was given but the
-   * PASID is not an allocated IOASID).
+   * PASID is not an allocated IOASID), `IOASID_FREE_PENDING` (a generation was given and the IOASID
+   * is being freed: nothing new may use it). An attachment made with a generation belongs to that
+   * IOASID: its FREE tears it down; one made without (0) is the caller's and outlives any IOASID.
    */
   attachDomain(
     request: AttachDomainRequest,
@@ -8018,7 +8032,8 @@ export interface IommuServiceClient extends Client {
    * DetachDomain removes an attachment made by AttachDomain: the PASID entry is torn down, the
    * IOTLB/DevTLB flushed, and every outstanding fault group of the handle answered INVALID.
    * Errors: NOT_FOUND `DEVICE_NOT_FOUND`, `ATTACH_HANDLE_NOT_FOUND` (nothing attached there);
-   * FAILED_PRECONDITION `DOMAIN_MISMATCH` (another domain is attached there), `STALE_GENERATION`.
+   * FAILED_PRECONDITION `DOMAIN_MISMATCH` (another domain is attached there, or the attachment was
+   * made by BindGpasid or SvaBind: undo it with UnbindGpasid or SvaUnbind), `STALE_GENERATION`.
    */
   detachDomain(
     request: DetachDomainRequest,
@@ -8069,7 +8084,8 @@ export interface IommuServiceClient extends Client {
    * IOASID was freed first and the FREE teardown already removed the bind — succeeds with
    * `unbound` false and changes nothing ("free before unbind", ioasid.rst).
    * Errors: PERMISSION_DENIED `IOASID_NOT_IN_SET` (the IOASID now belongs to another set: nothing
-   * changes); FAILED_PRECONDITION `STALE_GENERATION`; NOT_FOUND `DEVICE_NOT_FOUND`.
+   * changes); FAILED_PRECONDITION `STALE_GENERATION`, `SPID_MISMATCH` (`gpasid` given and the bind
+   * was made with another); NOT_FOUND `DEVICE_NOT_FOUND`; INVALID_ARGUMENT `PASID_ZERO_RESERVED`.
    */
   unbindGpasid(
     request: UnbindGpasidRequest,
@@ -8089,7 +8105,9 @@ export interface IommuServiceClient extends Client {
   /**
    * SvaBind binds a host process address space (mm) to a device for native SVA. The mm has one
    * PASID, allocated on its first bind and shared by every device the mm binds; it is freed only
-   * when the mm goes away (ReleaseMm), not on the last unbind. Binding the same (device, mm) again
+   * when the mm goes away (ReleaseMm), not on the last unbind. The IOMMU allocates it through the
+   * core in an IOASID set of the mm's own (token type NONE, token = `mm_token`, quota 1, so the
+   * NONE token of an mm is the IOMMU's), below the binding device's `max_pasids`. Binding the same (device, mm) again
    * returns the existing bond with one more user; each bind needs its own unbind. Page requests
    * under an SVA handle are answered by the IOMMU's own mm fault handler, whatever the owner.
    * Errors: NOT_FOUND `DEVICE_NOT_FOUND`; FAILED_PRECONDITION `PASID_NOT_SUPPORTED` (the device has

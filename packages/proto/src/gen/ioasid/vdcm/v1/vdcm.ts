@@ -341,7 +341,7 @@ export interface Descriptor {
   srcAddress: bigint;
   /** MEMMOVE, FILL: destination address (in the PASID's address space). */
   dstAddress: bigint;
-  /** Bytes to process (ignored for NOOP). */
+  /** Bytes to process (ignored for NOOP); at most 2 MiB (the device's maximum transfer size). */
   size: bigint;
 }
 
@@ -3320,8 +3320,10 @@ export const VdcmServiceService = {
    * RegisterDevice makes a physical device with its work queues available for composition, with an
    * empty device PASID table. The same device must be registered at the IOMMU, which translates its
    * DMA.
-   * Errors: ALREADY_EXISTS `DEVICE_EXISTS`; INVALID_ARGUMENT `INVALID_FIELD` (no work queues,
-   * duplicate work-queue ids, a mode UNSPECIFIED).
+   * Errors: ALREADY_EXISTS `DEVICE_EXISTS`; INVALID_ARGUMENT `INVALID_FIELD` (no work queues or
+   * more than 1024, duplicate work-queue ids, a mode UNSPECIFIED, a size above 65535, a table above
+   * 2^20 entries, a device id that is not 1..100 of letters, digits and ._:@- — it is part of the
+   * reference purposes). Defaults: work-queue size 32, PASID table 1024 entries.
    */
   registerDevice: {
     path: "/ioasid.vdcm.v1.VdcmService/RegisterDevice" as const,
@@ -3354,7 +3356,9 @@ export const VdcmServiceService = {
    * physical work queue `wq_ids[i]`. A dedicated work queue backs at most one mdev; a shared one may
    * back several.
    * Errors: NOT_FOUND `DEVICE_NOT_FOUND`, `WQ_NOT_FOUND`; ALREADY_EXISTS `MDEV_EXISTS` (the UUID is
-   * taken); FAILED_PRECONDITION `WQ_IN_USE` (a dedicated work queue already backs another mdev).
+   * taken); FAILED_PRECONDITION `WQ_IN_USE` (a dedicated work queue already backs another mdev);
+   * INVALID_ARGUMENT `INVALID_FIELD` (not a UUID, no work queue, a work queue named twice). UUIDs
+   * are compared and returned in lower case.
    */
   createMdev: {
     path: "/ioasid.vdcm.v1.VdcmService/CreateMdev" as const,
@@ -3381,11 +3385,11 @@ export const VdcmServiceService = {
   /**
    * AssignMdev gives an mdev to a VM, named by the VM's IOASID set (VFIO calls it when the VMM
    * assigns the mdev). The first mdev of a set makes VDCM register for the set's events at DEVICE
-   * priority.
+   * priority (subscriber vdcm / <instance>, set scope, FREE events only).
    * Errors: NOT_FOUND `MDEV_NOT_FOUND`, `SET_NOT_FOUND`; ALREADY_EXISTS `MDEV_ALREADY_ASSIGNED`
    * (already assigned to this set); FAILED_PRECONDITION `MDEV_BUSY` (assigned to another set),
    * `SET_NOT_EMPTY` (first mdev of a set that already has IOASIDs: the registration would miss
-   * their events).
+   * their events); INVALID_ARGUMENT `INVALID_FIELD` (`set_id` 0).
    */
   assignMdev: {
     path: "/ioasid.vdcm.v1.VdcmService/AssignMdev" as const,
@@ -3418,10 +3422,14 @@ export const VdcmServiceService = {
    * work queue (a new device PASID entry).
    * Errors: NOT_FOUND `MDEV_NOT_FOUND`, `WQ_NOT_FOUND` (no such virtual work queue),
    * `SPID_NOT_FOUND` (the guest PASID is not bound in the set: a PASID the guest never allocated
-   * or bound), `IOASID_FREE_PENDING`; FAILED_PRECONDITION `MDEV_NOT_ASSIGNED`, `WQ_SHARED` (shared
-   * work queues take the PASID from each descriptor), `WQ_PASID_PROGRAMMED` (clear it first),
-   * `PASID_IN_USE` (another guest's context for the host PASID still exists on the device);
-   * RESOURCE_EXHAUSTED `DEVICE_PASID_TABLE_FULL`.
+   * or bound), `IOASID_FREE_PENDING`, `SET_NOT_FOUND` (the mdev's set was destroyed);
+   * FAILED_PRECONDITION `MDEV_NOT_ASSIGNED`, `WQ_SHARED` (shared work queues take the PASID from
+   * each descriptor), `WQ_PASID_PROGRAMMED` (clear it first, or a write to it is in progress),
+   * `PASID_IN_USE` (another guest's context for the host PASID — an entry, or a descriptor in
+   * flight, of another set or of an earlier generation — still exists on the device; the reference
+   * taken by the translation is released); RESOURCE_EXHAUSTED `DEVICE_PASID_TABLE_FULL` (writes in
+   * progress count); INVALID_ARGUMENT `INVALID_FIELD` (`gpasid` outside 1..2^20-1). The reference
+   * is held by vdcm / <instance> / `<device>.wq<n>` (n: the physical work queue).
    */
   writeWqPasid: {
     path: "/ioasid.vdcm.v1.VdcmService/WriteWqPasid" as const,
@@ -3459,11 +3467,18 @@ export const VdcmServiceService = {
    * reaches the device. The descriptor's DMA goes through the IOMMU (device, host PASID, address);
    * a DMA miss is a completion status, not an error.
    * Errors: NOT_FOUND `MDEV_NOT_FOUND`, `WQ_NOT_FOUND`, `SPID_NOT_FOUND` (dropped: no IOASID with
-   * that guest PASID in the set), `IOASID_FREE_PENDING` (dropped); PERMISSION_DENIED
-   * `IOASID_NOT_IN_SET` (dropped: a host PASID of another set); FAILED_PRECONDITION
-   * `MDEV_NOT_ASSIGNED`, `WQ_PASID_NOT_PROGRAMMED` (dedicated work queue with no PASID),
-   * `STALE_GENERATION`; INVALID_ARGUMENT `INVALID_FIELD` (a PASID on a dedicated work queue, none
-   * or an UNSPECIFIED space on a shared one, an UNSPECIFIED op).
+   * that guest PASID in the set), `IOASID_NOT_FOUND` (dropped: a host PASID not allocated),
+   * `IOASID_FREE_PENDING` (dropped), `SET_NOT_FOUND` (the mdev's set was destroyed);
+   * PERMISSION_DENIED `IOASID_NOT_IN_SET` (dropped: a host PASID of another set);
+   * FAILED_PRECONDITION `MDEV_NOT_ASSIGNED`, `WQ_PASID_NOT_PROGRAMMED` (dedicated work queue with
+   * no PASID, or its PASID being cleared), `STALE_GENERATION`, `PASID_IN_USE` (dropped: another
+   * guest's context for the host PASID still exists on the device); INVALID_ARGUMENT
+   * `INVALID_FIELD` (a PASID on a dedicated work queue, none or an UNSPECIFIED space on a shared
+   * one, a guest PASID outside 1..2^20-1, a host PASID outside the namespace, an UNSPECIFIED op, a
+   * `size` above 2 MiB, a range past 2^64). Every page a descriptor touches is one IOMMU
+   * translation (source before destination). The reference held while a shared-work-queue
+   * descriptor runs is vdcm / <instance> / `<device>.wq<n>.desc`. A dropped descriptor is recorded
+   * in the history ("submit", detail "dropped") without a host PASID.
    */
   submitDescriptor: {
     path: "/ioasid.vdcm.v1.VdcmService/SubmitDescriptor" as const,
@@ -3497,8 +3512,10 @@ export interface VdcmServiceServer extends UntypedServiceImplementation {
    * RegisterDevice makes a physical device with its work queues available for composition, with an
    * empty device PASID table. The same device must be registered at the IOMMU, which translates its
    * DMA.
-   * Errors: ALREADY_EXISTS `DEVICE_EXISTS`; INVALID_ARGUMENT `INVALID_FIELD` (no work queues,
-   * duplicate work-queue ids, a mode UNSPECIFIED).
+   * Errors: ALREADY_EXISTS `DEVICE_EXISTS`; INVALID_ARGUMENT `INVALID_FIELD` (no work queues or
+   * more than 1024, duplicate work-queue ids, a mode UNSPECIFIED, a size above 65535, a table above
+   * 2^20 entries, a device id that is not 1..100 of letters, digits and ._:@- — it is part of the
+   * reference purposes). Defaults: work-queue size 32, PASID table 1024 entries.
    */
   registerDevice: handleUnaryCall<RegisterDeviceRequest, RegisterDeviceResponse>;
   /**
@@ -3512,7 +3529,9 @@ export interface VdcmServiceServer extends UntypedServiceImplementation {
    * physical work queue `wq_ids[i]`. A dedicated work queue backs at most one mdev; a shared one may
    * back several.
    * Errors: NOT_FOUND `DEVICE_NOT_FOUND`, `WQ_NOT_FOUND`; ALREADY_EXISTS `MDEV_EXISTS` (the UUID is
-   * taken); FAILED_PRECONDITION `WQ_IN_USE` (a dedicated work queue already backs another mdev).
+   * taken); FAILED_PRECONDITION `WQ_IN_USE` (a dedicated work queue already backs another mdev);
+   * INVALID_ARGUMENT `INVALID_FIELD` (not a UUID, no work queue, a work queue named twice). UUIDs
+   * are compared and returned in lower case.
    */
   createMdev: handleUnaryCall<CreateMdevRequest, CreateMdevResponse>;
   /**
@@ -3523,11 +3542,11 @@ export interface VdcmServiceServer extends UntypedServiceImplementation {
   /**
    * AssignMdev gives an mdev to a VM, named by the VM's IOASID set (VFIO calls it when the VMM
    * assigns the mdev). The first mdev of a set makes VDCM register for the set's events at DEVICE
-   * priority.
+   * priority (subscriber vdcm / <instance>, set scope, FREE events only).
    * Errors: NOT_FOUND `MDEV_NOT_FOUND`, `SET_NOT_FOUND`; ALREADY_EXISTS `MDEV_ALREADY_ASSIGNED`
    * (already assigned to this set); FAILED_PRECONDITION `MDEV_BUSY` (assigned to another set),
    * `SET_NOT_EMPTY` (first mdev of a set that already has IOASIDs: the registration would miss
-   * their events).
+   * their events); INVALID_ARGUMENT `INVALID_FIELD` (`set_id` 0).
    */
   assignMdev: handleUnaryCall<AssignMdevRequest, AssignMdevResponse>;
   /**
@@ -3543,10 +3562,14 @@ export interface VdcmServiceServer extends UntypedServiceImplementation {
    * work queue (a new device PASID entry).
    * Errors: NOT_FOUND `MDEV_NOT_FOUND`, `WQ_NOT_FOUND` (no such virtual work queue),
    * `SPID_NOT_FOUND` (the guest PASID is not bound in the set: a PASID the guest never allocated
-   * or bound), `IOASID_FREE_PENDING`; FAILED_PRECONDITION `MDEV_NOT_ASSIGNED`, `WQ_SHARED` (shared
-   * work queues take the PASID from each descriptor), `WQ_PASID_PROGRAMMED` (clear it first),
-   * `PASID_IN_USE` (another guest's context for the host PASID still exists on the device);
-   * RESOURCE_EXHAUSTED `DEVICE_PASID_TABLE_FULL`.
+   * or bound), `IOASID_FREE_PENDING`, `SET_NOT_FOUND` (the mdev's set was destroyed);
+   * FAILED_PRECONDITION `MDEV_NOT_ASSIGNED`, `WQ_SHARED` (shared work queues take the PASID from
+   * each descriptor), `WQ_PASID_PROGRAMMED` (clear it first, or a write to it is in progress),
+   * `PASID_IN_USE` (another guest's context for the host PASID — an entry, or a descriptor in
+   * flight, of another set or of an earlier generation — still exists on the device; the reference
+   * taken by the translation is released); RESOURCE_EXHAUSTED `DEVICE_PASID_TABLE_FULL` (writes in
+   * progress count); INVALID_ARGUMENT `INVALID_FIELD` (`gpasid` outside 1..2^20-1). The reference
+   * is held by vdcm / <instance> / `<device>.wq<n>` (n: the physical work queue).
    */
   writeWqPasid: handleUnaryCall<WriteWqPasidRequest, WriteWqPasidResponse>;
   /**
@@ -3566,11 +3589,18 @@ export interface VdcmServiceServer extends UntypedServiceImplementation {
    * reaches the device. The descriptor's DMA goes through the IOMMU (device, host PASID, address);
    * a DMA miss is a completion status, not an error.
    * Errors: NOT_FOUND `MDEV_NOT_FOUND`, `WQ_NOT_FOUND`, `SPID_NOT_FOUND` (dropped: no IOASID with
-   * that guest PASID in the set), `IOASID_FREE_PENDING` (dropped); PERMISSION_DENIED
-   * `IOASID_NOT_IN_SET` (dropped: a host PASID of another set); FAILED_PRECONDITION
-   * `MDEV_NOT_ASSIGNED`, `WQ_PASID_NOT_PROGRAMMED` (dedicated work queue with no PASID),
-   * `STALE_GENERATION`; INVALID_ARGUMENT `INVALID_FIELD` (a PASID on a dedicated work queue, none
-   * or an UNSPECIFIED space on a shared one, an UNSPECIFIED op).
+   * that guest PASID in the set), `IOASID_NOT_FOUND` (dropped: a host PASID not allocated),
+   * `IOASID_FREE_PENDING` (dropped), `SET_NOT_FOUND` (the mdev's set was destroyed);
+   * PERMISSION_DENIED `IOASID_NOT_IN_SET` (dropped: a host PASID of another set);
+   * FAILED_PRECONDITION `MDEV_NOT_ASSIGNED`, `WQ_PASID_NOT_PROGRAMMED` (dedicated work queue with
+   * no PASID, or its PASID being cleared), `STALE_GENERATION`, `PASID_IN_USE` (dropped: another
+   * guest's context for the host PASID still exists on the device); INVALID_ARGUMENT
+   * `INVALID_FIELD` (a PASID on a dedicated work queue, none or an UNSPECIFIED space on a shared
+   * one, a guest PASID outside 1..2^20-1, a host PASID outside the namespace, an UNSPECIFIED op, a
+   * `size` above 2 MiB, a range past 2^64). Every page a descriptor touches is one IOMMU
+   * translation (source before destination). The reference held while a shared-work-queue
+   * descriptor runs is vdcm / <instance> / `<device>.wq<n>.desc`. A dropped descriptor is recorded
+   * in the history ("submit", detail "dropped") without a host PASID.
    */
   submitDescriptor: handleUnaryCall<SubmitDescriptorRequest, SubmitDescriptorResponse>;
   /**
@@ -3586,8 +3616,10 @@ export interface VdcmServiceClient extends Client {
    * RegisterDevice makes a physical device with its work queues available for composition, with an
    * empty device PASID table. The same device must be registered at the IOMMU, which translates its
    * DMA.
-   * Errors: ALREADY_EXISTS `DEVICE_EXISTS`; INVALID_ARGUMENT `INVALID_FIELD` (no work queues,
-   * duplicate work-queue ids, a mode UNSPECIFIED).
+   * Errors: ALREADY_EXISTS `DEVICE_EXISTS`; INVALID_ARGUMENT `INVALID_FIELD` (no work queues or
+   * more than 1024, duplicate work-queue ids, a mode UNSPECIFIED, a size above 65535, a table above
+   * 2^20 entries, a device id that is not 1..100 of letters, digits and ._:@- — it is part of the
+   * reference purposes). Defaults: work-queue size 32, PASID table 1024 entries.
    */
   registerDevice(
     request: RegisterDeviceRequest,
@@ -3629,7 +3661,9 @@ export interface VdcmServiceClient extends Client {
    * physical work queue `wq_ids[i]`. A dedicated work queue backs at most one mdev; a shared one may
    * back several.
    * Errors: NOT_FOUND `DEVICE_NOT_FOUND`, `WQ_NOT_FOUND`; ALREADY_EXISTS `MDEV_EXISTS` (the UUID is
-   * taken); FAILED_PRECONDITION `WQ_IN_USE` (a dedicated work queue already backs another mdev).
+   * taken); FAILED_PRECONDITION `WQ_IN_USE` (a dedicated work queue already backs another mdev);
+   * INVALID_ARGUMENT `INVALID_FIELD` (not a UUID, no work queue, a work queue named twice). UUIDs
+   * are compared and returned in lower case.
    */
   createMdev(
     request: CreateMdevRequest,
@@ -3668,11 +3702,11 @@ export interface VdcmServiceClient extends Client {
   /**
    * AssignMdev gives an mdev to a VM, named by the VM's IOASID set (VFIO calls it when the VMM
    * assigns the mdev). The first mdev of a set makes VDCM register for the set's events at DEVICE
-   * priority.
+   * priority (subscriber vdcm / <instance>, set scope, FREE events only).
    * Errors: NOT_FOUND `MDEV_NOT_FOUND`, `SET_NOT_FOUND`; ALREADY_EXISTS `MDEV_ALREADY_ASSIGNED`
    * (already assigned to this set); FAILED_PRECONDITION `MDEV_BUSY` (assigned to another set),
    * `SET_NOT_EMPTY` (first mdev of a set that already has IOASIDs: the registration would miss
-   * their events).
+   * their events); INVALID_ARGUMENT `INVALID_FIELD` (`set_id` 0).
    */
   assignMdev(
     request: AssignMdevRequest,
@@ -3716,10 +3750,14 @@ export interface VdcmServiceClient extends Client {
    * work queue (a new device PASID entry).
    * Errors: NOT_FOUND `MDEV_NOT_FOUND`, `WQ_NOT_FOUND` (no such virtual work queue),
    * `SPID_NOT_FOUND` (the guest PASID is not bound in the set: a PASID the guest never allocated
-   * or bound), `IOASID_FREE_PENDING`; FAILED_PRECONDITION `MDEV_NOT_ASSIGNED`, `WQ_SHARED` (shared
-   * work queues take the PASID from each descriptor), `WQ_PASID_PROGRAMMED` (clear it first),
-   * `PASID_IN_USE` (another guest's context for the host PASID still exists on the device);
-   * RESOURCE_EXHAUSTED `DEVICE_PASID_TABLE_FULL`.
+   * or bound), `IOASID_FREE_PENDING`, `SET_NOT_FOUND` (the mdev's set was destroyed);
+   * FAILED_PRECONDITION `MDEV_NOT_ASSIGNED`, `WQ_SHARED` (shared work queues take the PASID from
+   * each descriptor), `WQ_PASID_PROGRAMMED` (clear it first, or a write to it is in progress),
+   * `PASID_IN_USE` (another guest's context for the host PASID — an entry, or a descriptor in
+   * flight, of another set or of an earlier generation — still exists on the device; the reference
+   * taken by the translation is released); RESOURCE_EXHAUSTED `DEVICE_PASID_TABLE_FULL` (writes in
+   * progress count); INVALID_ARGUMENT `INVALID_FIELD` (`gpasid` outside 1..2^20-1). The reference
+   * is held by vdcm / <instance> / `<device>.wq<n>` (n: the physical work queue).
    */
   writeWqPasid(
     request: WriteWqPasidRequest,
@@ -3767,11 +3805,18 @@ export interface VdcmServiceClient extends Client {
    * reaches the device. The descriptor's DMA goes through the IOMMU (device, host PASID, address);
    * a DMA miss is a completion status, not an error.
    * Errors: NOT_FOUND `MDEV_NOT_FOUND`, `WQ_NOT_FOUND`, `SPID_NOT_FOUND` (dropped: no IOASID with
-   * that guest PASID in the set), `IOASID_FREE_PENDING` (dropped); PERMISSION_DENIED
-   * `IOASID_NOT_IN_SET` (dropped: a host PASID of another set); FAILED_PRECONDITION
-   * `MDEV_NOT_ASSIGNED`, `WQ_PASID_NOT_PROGRAMMED` (dedicated work queue with no PASID),
-   * `STALE_GENERATION`; INVALID_ARGUMENT `INVALID_FIELD` (a PASID on a dedicated work queue, none
-   * or an UNSPECIFIED space on a shared one, an UNSPECIFIED op).
+   * that guest PASID in the set), `IOASID_NOT_FOUND` (dropped: a host PASID not allocated),
+   * `IOASID_FREE_PENDING` (dropped), `SET_NOT_FOUND` (the mdev's set was destroyed);
+   * PERMISSION_DENIED `IOASID_NOT_IN_SET` (dropped: a host PASID of another set);
+   * FAILED_PRECONDITION `MDEV_NOT_ASSIGNED`, `WQ_PASID_NOT_PROGRAMMED` (dedicated work queue with
+   * no PASID, or its PASID being cleared), `STALE_GENERATION`, `PASID_IN_USE` (dropped: another
+   * guest's context for the host PASID still exists on the device); INVALID_ARGUMENT
+   * `INVALID_FIELD` (a PASID on a dedicated work queue, none or an UNSPECIFIED space on a shared
+   * one, a guest PASID outside 1..2^20-1, a host PASID outside the namespace, an UNSPECIFIED op, a
+   * `size` above 2 MiB, a range past 2^64). Every page a descriptor touches is one IOMMU
+   * translation (source before destination). The reference held while a shared-work-queue
+   * descriptor runs is vdcm / <instance> / `<device>.wq<n>.desc`. A dropped descriptor is recorded
+   * in the history ("submit", detail "dropped") without a host PASID.
    */
   submitDescriptor(
     request: SubmitDescriptorRequest,

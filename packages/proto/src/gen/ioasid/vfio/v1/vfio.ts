@@ -86,6 +86,11 @@ export enum CloseReason {
   CLOSE_REASON_SESSION_ENDED = 2,
   /** CLOSE_REASON_SESSION_NEVER_ATTACHED - No Session stream attached within the session grace period after OpenContainer. */
   CLOSE_REASON_SESSION_NEVER_ATTACHED = 3,
+  /**
+   * CLOSE_REASON_SERVICE_STOPPED - VFIO itself is stopping (SIGTERM): its containers do not outlive it, so it closes every one
+   * (same teardown) and ends each Session stream with this reason before it exits.
+   */
+  CLOSE_REASON_SERVICE_STOPPED = 4,
   UNRECOGNIZED = -1,
 }
 
@@ -103,6 +108,9 @@ export function closeReasonFromJSON(object: any): CloseReason {
     case 3:
     case "CLOSE_REASON_SESSION_NEVER_ATTACHED":
       return CloseReason.CLOSE_REASON_SESSION_NEVER_ATTACHED;
+    case 4:
+    case "CLOSE_REASON_SERVICE_STOPPED":
+      return CloseReason.CLOSE_REASON_SERVICE_STOPPED;
     case -1:
     case "UNRECOGNIZED":
     default:
@@ -120,6 +128,8 @@ export function closeReasonToJSON(object: CloseReason): string {
       return "CLOSE_REASON_SESSION_ENDED";
     case CloseReason.CLOSE_REASON_SESSION_NEVER_ATTACHED:
       return "CLOSE_REASON_SESSION_NEVER_ATTACHED";
+    case CloseReason.CLOSE_REASON_SERVICE_STOPPED:
+      return "CLOSE_REASON_SERVICE_STOPPED";
     case CloseReason.UNRECOGNIZED:
     default:
       return "UNRECOGNIZED";
@@ -366,7 +376,10 @@ export interface CloseContainerRequest {
 export interface CloseContainerResponse {
   /** IOASIDs of the set that were freed (those already FREE_PENDING are not counted). */
   freedPasids: number;
-  /** Devices and mdevs that were unassigned. */
+  /**
+   * Devices and mdevs assigned to the container, each unassigned by the teardown (once the set's
+   * IOASIDs are reclaimed).
+   */
   unassignedDevices: number;
 }
 
@@ -4020,7 +4033,7 @@ export const VfioServiceService = {
    * of the set is freed (free always succeeds; the FREE events drive the teardown in priority
    * order), every device and mdev unassigned and the set released. When the container is closed
    * from the server side (CloseContainer), the stream sends a final `closed` message and completes
-   * with OK.
+   * with OK (reason CLOSED, or SERVICE_STOPPED when VFIO itself is stopping).
    * Errors: NOT_FOUND `CONTAINER_NOT_FOUND`; ALREADY_EXISTS `SESSION_ALREADY_ATTACHED` (a container
    * has exactly one session, and a session that ended cannot be re-attached).
    */
@@ -4036,7 +4049,11 @@ export const VfioServiceService = {
   /**
    * CloseContainer is the VMM's clean exit: the same teardown as a session end (every IOASID of the
    * set freed, devices and mdevs unassigned, the set released), with reason CLOSED; the Session
-   * stream then ends. Returns once the IOASIDs are freed (not necessarily reclaimed).
+   * stream then ends. Returns once the IOASIDs are freed (not necessarily reclaimed). Devices and
+   * mdevs are unassigned after that, once the set's IOASIDs are reclaimed (the FREE events have
+   * run through every tier, so no device is drained before KVM cleared its entries); until then
+   * the container stays visible in QueryState as CLOSING. A CloseContainer while the container is
+   * already closing waits for the same teardown and returns its result.
    * Errors: NOT_FOUND `CONTAINER_NOT_FOUND` (unknown or already closed).
    */
   closeContainer: {
@@ -4231,7 +4248,7 @@ export interface VfioServiceServer extends UntypedServiceImplementation {
    * of the set is freed (free always succeeds; the FREE events drive the teardown in priority
    * order), every device and mdev unassigned and the set released. When the container is closed
    * from the server side (CloseContainer), the stream sends a final `closed` message and completes
-   * with OK.
+   * with OK (reason CLOSED, or SERVICE_STOPPED when VFIO itself is stopping).
    * Errors: NOT_FOUND `CONTAINER_NOT_FOUND`; ALREADY_EXISTS `SESSION_ALREADY_ATTACHED` (a container
    * has exactly one session, and a session that ended cannot be re-attached).
    */
@@ -4239,7 +4256,11 @@ export interface VfioServiceServer extends UntypedServiceImplementation {
   /**
    * CloseContainer is the VMM's clean exit: the same teardown as a session end (every IOASID of the
    * set freed, devices and mdevs unassigned, the set released), with reason CLOSED; the Session
-   * stream then ends. Returns once the IOASIDs are freed (not necessarily reclaimed).
+   * stream then ends. Returns once the IOASIDs are freed (not necessarily reclaimed). Devices and
+   * mdevs are unassigned after that, once the set's IOASIDs are reclaimed (the FREE events have
+   * run through every tier, so no device is drained before KVM cleared its entries); until then
+   * the container stays visible in QueryState as CLOSING. A CloseContainer while the container is
+   * already closing waits for the same teardown and returns its result.
    * Errors: NOT_FOUND `CONTAINER_NOT_FOUND` (unknown or already closed).
    */
   closeContainer: handleUnaryCall<CloseContainerRequest, CloseContainerResponse>;
@@ -4357,7 +4378,7 @@ export interface VfioServiceClient extends Client {
    * of the set is freed (free always succeeds; the FREE events drive the teardown in priority
    * order), every device and mdev unassigned and the set released. When the container is closed
    * from the server side (CloseContainer), the stream sends a final `closed` message and completes
-   * with OK.
+   * with OK (reason CLOSED, or SERVICE_STOPPED when VFIO itself is stopping).
    * Errors: NOT_FOUND `CONTAINER_NOT_FOUND`; ALREADY_EXISTS `SESSION_ALREADY_ATTACHED` (a container
    * has exactly one session, and a session that ended cannot be re-attached).
    */
@@ -4370,7 +4391,11 @@ export interface VfioServiceClient extends Client {
   /**
    * CloseContainer is the VMM's clean exit: the same teardown as a session end (every IOASID of the
    * set freed, devices and mdevs unassigned, the set released), with reason CLOSED; the Session
-   * stream then ends. Returns once the IOASIDs are freed (not necessarily reclaimed).
+   * stream then ends. Returns once the IOASIDs are freed (not necessarily reclaimed). Devices and
+   * mdevs are unassigned after that, once the set's IOASIDs are reclaimed (the FREE events have
+   * run through every tier, so no device is drained before KVM cleared its entries); until then
+   * the container stays visible in QueryState as CLOSING. A CloseContainer while the container is
+   * already closing waits for the same teardown and returns its result.
    * Errors: NOT_FOUND `CONTAINER_NOT_FOUND` (unknown or already closed).
    */
   closeContainer(

@@ -1,0 +1,121 @@
+import { Code, DomainError, isDomainError } from "@ioasid/errors";
+import type { PromiseClient } from "@ioasid/grpc-kit";
+import { core, events, iommu, type vdcm } from "@ioasid/proto";
+import type { CoreClient } from "@ioasid/role-kit";
+import type { FreeOutcome, IommuPort, IoasidCorePort, SetIoasid, VdcmPort } from "./vfio-ports.js";
+
+/** A promise client of the IOMMU's gRPC service. */
+export type IommuClient = PromiseClient<typeof iommu.IommuServiceService>;
+/** A promise client of VDCM's gRPC service. */
+export type VdcmClient = PromiseClient<typeof vdcm.VdcmServiceService>;
+
+const FREE_OUTCOMES: Readonly<Record<number, FreeOutcome>> = {
+  [core.FreeOutcome.FREE_OUTCOME_FREE_PENDING]: "FREE_PENDING",
+  [core.FreeOutcome.FREE_OUTCOME_RECLAIMED]: "RECLAIMED",
+  [core.FreeOutcome.FREE_OUTCOME_ALREADY_FREE_PENDING]: "ALREADY_FREE_PENDING",
+};
+
+function toSetIoasid(info: core.IoasidInfo | undefined): SetIoasid {
+  if (info === undefined) throw new DomainError(Code.INTERNAL, "INTERNAL", "the core answered without the IOASID");
+  return {
+    ioasid: info.ioasid,
+    generation: info.generation,
+    spid: info.spid,
+    freePending: info.state === core.IoasidState.IOASID_STATE_FREE_PENDING,
+  };
+}
+
+/** The {@link IoasidCorePort} over the core's gRPC CoreService. */
+export function createCorePort(client: CoreClient): IoasidCorePort {
+  return {
+    async createSet(mmToken, quota) {
+      const r = await client.createSet(core.CreateSetRequest.fromPartial({ tokenType: events.TokenType.TOKEN_TYPE_MM, token: mmToken, quota }));
+      return { setId: r.set!.setId, quota: r.set!.quota };
+    },
+    async freeSet(setId) {
+      return client.freeSet({ setId });
+    },
+    async setExists(setId) {
+      try {
+        await client.getSet(core.GetSetRequest.fromPartial({ setId }));
+        return true;
+      } catch (err) {
+        if (isDomainError(err, "SET_NOT_FOUND")) return false;
+        throw err;
+      }
+    },
+    async alloc(setId) {
+      return client.alloc(core.AllocRequest.fromPartial({ setId }));
+    },
+    async free(setId, ioasid, generation) {
+      const r = await client.free(core.FreeRequest.fromPartial({ setId, ioasid, generation }));
+      const outcome = FREE_OUTCOMES[r.outcome];
+      if (outcome === undefined) throw new DomainError(Code.INTERNAL, "INTERNAL", `the core answered free outcome ${r.outcome}`);
+      return outcome;
+    },
+    async find(setId, ioasid, generation) {
+      return toSetIoasid((await client.find(core.FindRequest.fromPartial({ setId, ioasid, generation }))).info);
+    },
+    async listIoasids(setId) {
+      return (await client.listIoasids({ setId })).ioasids.map(toSetIoasid);
+    },
+  };
+}
+
+/**
+ * The {@link IommuPort} over the IOMMU's gRPC service. `owner` names VFIO as the owner of the
+ * attach handles it creates (the fault-handler owner, e.g. "vfio/vfio-1").
+ */
+export function createIommuPort(client: IommuClient, owner: string): IommuPort {
+  return {
+    async createStage2Domain() {
+      const r = await client.createDomain(iommu.CreateDomainRequest.fromPartial({ type: iommu.DomainType.DOMAIN_TYPE_PAGING }));
+      return r.domain!.domainId;
+    },
+    async freeDomain(domainId) {
+      await client.freeDomain({ domainId });
+    },
+    async attachDevice(domainId, deviceId) {
+      await client.attachDomain(iommu.AttachDomainRequest.fromPartial({ domainId, deviceId, withoutPasid: true, owner }));
+    },
+    async detachDevice(domainId, deviceId) {
+      await client.detachDomain(iommu.DetachDomainRequest.fromPartial({ domainId, deviceId, withoutPasid: true }));
+    },
+    async bindGpasid(b) {
+      const r = await client.bindGpasid(
+        iommu.BindGpasidRequest.fromPartial({
+          setId: b.setId,
+          hpasid: b.hpasid,
+          generation: b.generation,
+          gpasid: b.gpasid,
+          deviceId: b.deviceId,
+          guestPgtable: b.guestPgtable,
+          parentDomainId: b.parentDomainId,
+          owner,
+          ownerData: Buffer.from(b.ownerData),
+        }),
+      );
+      return { handleId: r.handle?.handleId ?? 0n, firstBind: r.firstBind };
+    },
+    async unbindGpasid(u) {
+      const r = await client.unbindGpasid(
+        iommu.UnbindGpasidRequest.fromPartial({ setId: u.setId, hpasid: u.hpasid, generation: u.generation, gpasid: u.gpasid, deviceId: u.deviceId }),
+      );
+      return { unbound: r.unbound, lastUnbind: r.lastUnbind };
+    },
+  };
+}
+
+/** The {@link VdcmPort} over VDCM's gRPC service. */
+export function createVdcmPort(client: VdcmClient): VdcmPort {
+  return {
+    async assignMdev(mdevUuid, setId) {
+      const r = await client.assignMdev({ mdevUuid, setId });
+      return { parentDeviceId: r.mdev?.parentDeviceId ?? "" };
+    },
+    async unassignMdev(mdevUuid) {
+      const r = await client.unassignMdev({ mdevUuid });
+      return { clearedEntries: r.clearedEntries };
+    },
+  };
+}

@@ -1,0 +1,163 @@
+import { createGrpcServer, type GrpcServer, type ServiceHandlers } from "@ioasid/grpc-kit";
+import { vfio } from "@ioasid/proto";
+import type { Logger } from "pino";
+import {
+  type CloseReason,
+  type ContainerSnapshot,
+  type ContainerState,
+  type DeviceRef,
+  type VfioContainers,
+} from "./vfio-containers.js";
+import { vfioError } from "./vfio-errors.js";
+
+const CONTAINER_STATES: Readonly<Record<ContainerState, vfio.ContainerState>> = {
+  AWAITING_SESSION: vfio.ContainerState.CONTAINER_STATE_AWAITING_SESSION,
+  ACTIVE: vfio.ContainerState.CONTAINER_STATE_ACTIVE,
+  CLOSING: vfio.ContainerState.CONTAINER_STATE_CLOSING,
+};
+
+const CLOSE_REASONS: Readonly<Record<CloseReason, vfio.CloseReason>> = {
+  CLOSED: vfio.CloseReason.CLOSE_REASON_CLOSED,
+  SESSION_ENDED: vfio.CloseReason.CLOSE_REASON_SESSION_ENDED,
+  SESSION_NEVER_ATTACHED: vfio.CloseReason.CLOSE_REASON_SESSION_NEVER_ATTACHED,
+  SERVICE_STOPPED: vfio.CloseReason.CLOSE_REASON_SERVICE_STOPPED,
+};
+
+/** The domain's device from the wire's oneof (undefined when neither is set). */
+export function fromDeviceRef(ref: vfio.DeviceRef | undefined): DeviceRef | undefined {
+  const r = ref?.ref;
+  if (r === undefined) return undefined;
+  return r.$case === "deviceId" ? { kind: "device", id: r.value } : { kind: "mdev", id: r.value };
+}
+
+/** The wire's device oneof from the domain's. */
+export function toDeviceRef(ref: DeviceRef): vfio.DeviceRef {
+  return { ref: ref.kind === "device" ? { $case: "deviceId", value: ref.id } : { $case: "mdevUuid", value: ref.id } };
+}
+
+function toContainer(s: ContainerSnapshot): vfio.Container {
+  return vfio.Container.fromPartial({
+    containerId: s.containerId,
+    setId: s.setId,
+    mmToken: s.mmToken,
+    vmName: s.vmName,
+    quota: s.quota,
+    state: CONTAINER_STATES[s.state],
+    devices: s.devices.map((d) => ({ device: toDeviceRef(d.device), parentDeviceId: d.parentDeviceId, assignedAt: new Date(d.assignedAt) })),
+    pasids: s.pasids.map((p) => ({
+      hpasid: p.hpasid,
+      generation: p.generation,
+      gpasid: p.gpasid,
+      boundDevices: p.boundDevices.map(toDeviceRef),
+      freePending: p.freePending,
+    })),
+    // Fault relay is a later issue: no groups, no watcher.
+    pendingFaultGroups: [],
+    faultWatcherAttached: false,
+    openedAt: new Date(s.openedAt),
+    sessionDeadline: s.sessionDeadline === undefined ? undefined : new Date(s.sessionDeadline),
+  });
+}
+
+/** Resolves with the lease's close reason, or undefined once `signal` aborts (the VMM went away). */
+function closedOrAborted(closed: Promise<CloseReason>, signal: AbortSignal): Promise<CloseReason | undefined> {
+  if (signal.aborted) return Promise.resolve(undefined);
+  return new Promise((resolve) => {
+    const onAbort = (): void => resolve(undefined);
+    signal.addEventListener("abort", onAbort, { once: true });
+    void closed.then((reason) => {
+      signal.removeEventListener("abort", onAbort);
+      resolve(reason);
+    });
+  });
+}
+
+/**
+ * The VfioService handlers: each translates the wire request, delegates to {@link VfioContainers}
+ * and translates the answer. Refusals are the domain's DomainErrors, thrown as they are.
+ */
+export function createVfioHandlers(containers: VfioContainers): ServiceHandlers<typeof vfio.VfioServiceService> {
+  return {
+    openContainer: async (req) => {
+      const r = await containers.openContainer({ mmToken: req.mmToken, quota: req.quota, vmName: req.vmName, sessionGraceMs: req.sessionGraceMs });
+      return { containerId: r.containerId, setId: r.setId, quota: r.quota, sessionDeadline: new Date(r.sessionDeadline) };
+    },
+    session: async (req, ctx, send) => {
+      const lease = containers.attachSession(req.containerId);
+      try {
+        await send({ event: { $case: "attached", value: { containerId: lease.containerId, setId: lease.setId } } });
+        // The stream stays open for as long as the VMM lives: the VMM's cancel, exit, kill -9 or
+        // lost connection aborts the signal (grpc-js reports the HTTP/2 stream's end as cancelled).
+        const reason = await closedOrAborted(lease.closed, ctx.signal);
+        if (reason !== undefined) await send({ event: { $case: "closed", value: { reason: CLOSE_REASONS[reason] } } });
+      } finally {
+        // From the VMM's side: the crashed-guest path (no-op when the server closed the container).
+        lease.end();
+      }
+    },
+    closeContainer: async (req) => {
+      const r = await containers.closeContainer(req.containerId);
+      return { freedPasids: r.freed, unassignedDevices: r.unassignedDevices };
+    },
+    assignDevice: async (req) => {
+      const a = await containers.assignDevice(req.containerId, fromDeviceRef(req.device));
+      return { assigned: { device: toDeviceRef(a.device), parentDeviceId: a.parentDeviceId, assignedAt: new Date(a.assignedAt) } };
+    },
+    unassignDevice: async (req) => containers.unassignDevice(req.containerId, fromDeviceRef(req.device)),
+    allocPasid: async (req) => containers.allocPasid(req.containerId),
+    freePasid: async (req) => containers.freePasid(req.containerId, req.hpasid, req.generation),
+    bindGuestPasid: async (req) =>
+      containers.bindGuestPasid(req.containerId, {
+        device: fromDeviceRef(req.device),
+        hpasid: req.hpasid,
+        generation: req.generation,
+        gpasid: req.gpasid,
+        guestPgtable: req.guestPgtable,
+      }),
+    unbindGuestPasid: async (req) =>
+      containers.unbindGuestPasid(req.containerId, {
+        device: fromDeviceRef(req.device),
+        hpasid: req.hpasid,
+        generation: req.generation,
+        gpasid: req.gpasid,
+      }),
+    watchFaults: async () => {
+      throw vfioError(
+        "UNIMPLEMENTED",
+        "WatchFaults is not implemented yet: VFIO does not relay IO page faults to the VMM in this version (the IOMMU answers groups of VFIO's handles FAILURE: no handler)",
+      );
+    },
+    sendPageResponse: async () => {
+      throw vfioError("UNIMPLEMENTED", "SendPageResponse is not implemented yet: VFIO does not relay IO page faults in this version");
+    },
+    queryState: async (req) => ({ containers: (await containers.queryState(req.containerId)).map(toContainer), takenAt: new Date() }),
+  };
+}
+
+/** Options of {@link startVfioServer}. */
+export interface StartVfioServerOptions {
+  readonly host: string;
+  readonly port: number;
+  readonly containers: VfioContainers;
+  readonly logger: Logger;
+}
+
+/**
+ * HTTP/2 keepalive of the server: a VMM whose host vanished without closing its connection (power
+ * loss, partition) is detected within about 15 s and its Session ends like a crash.
+ */
+export const SESSION_KEEPALIVE = { timeMs: 10_000, timeoutMs: 5_000 } as const;
+
+/** Creates VFIO's gRPC server (VfioService, health, reflection) and starts listening. */
+export async function startVfioServer(options: StartVfioServerOptions): Promise<GrpcServer> {
+  const server = createGrpcServer({
+    service: "vfio",
+    logger: options.logger,
+    channelOptions: {
+      "grpc.keepalive_time_ms": SESSION_KEEPALIVE.timeMs,
+      "grpc.keepalive_timeout_ms": SESSION_KEEPALIVE.timeoutMs,
+    },
+  }).addService(vfio.VfioServiceService, createVfioHandlers(options.containers));
+  await server.listen(options.host, options.port);
+  return server;
+}

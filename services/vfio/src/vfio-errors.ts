@@ -1,0 +1,31 @@
+import { Code, DomainError } from "@ioasid/errors";
+
+/**
+ * The reasons VFIO itself refuses a call with, and the status code each always comes with
+ * (proto/ioasid/vfio/v1/vfio.proto; names from proto/ioasid/errors/v1/errors.proto). Reasons the
+ * core, the IOMMU or VDCM return pass through unchanged, except where {@link VfioReason} renames
+ * them into the VFIO contract's words (see `vfio-containers.ts`).
+ */
+export const VfioReason = {
+  INVALID_FIELD: Code.INVALID_ARGUMENT,
+  CONTAINER_NOT_FOUND: Code.NOT_FOUND,
+  CONTAINER_CLOSING: Code.FAILED_PRECONDITION,
+  SESSION_ALREADY_ATTACHED: Code.ALREADY_EXISTS,
+  DEVICE_ALREADY_ASSIGNED: Code.ALREADY_EXISTS,
+  DEVICE_BUSY: Code.FAILED_PRECONDITION,
+  DEVICE_NOT_ASSIGNED: Code.FAILED_PRECONDITION,
+  SET_NOT_EMPTY: Code.FAILED_PRECONDITION,
+  // Not in the errors registry yet: fault relay (WatchFaults, SendPageResponse) is a later issue.
+  UNIMPLEMENTED: Code.UNIMPLEMENTED,
+} as const satisfies Record<string, Code>;
+export type VfioReason = keyof typeof VfioReason;
+
+/** Builds the {@link DomainError} of a VFIO reason, with its status code. */
+export function vfioError(reason: VfioReason, message: string, metadata?: Record<string, string>): DomainError {
+  return new DomainError(VfioReason[reason], reason, message, metadata === undefined ? undefined : { metadata });
+}
+
+/** INVALID_ARGUMENT `INVALID_FIELD` naming the bad field in the ErrorInfo metadata (`field`). */
+export function invalidField(field: string, message: string): DomainError {
+  return vfioError("INVALID_FIELD", message, { field });
+}

@@ -1,0 +1,128 @@
+/**
+ * What VFIO's container logic needs from the outside world, as small interfaces: the IOASID core,
+ * the IOMMU, VDCM, the history and time. `server.ts`/`main.ts` give it the gRPC-backed ones
+ * (`grpc-ports.ts`); unit tests give it in-memory fakes. Every method may throw a DomainError (the
+ * other service's refusal, or UNAVAILABLE/DEADLINE_EXCEEDED when it cannot be reached).
+ */
+
+/** What a core Free did (core.proto `FreeOutcome`). */
+export type FreeOutcome = "FREE_PENDING" | "RECLAIMED" | "ALREADY_FREE_PENDING";
+
+/** An allocated IOASID of a set, as the core describes it. */
+export interface SetIoasid {
+  readonly ioasid: number;
+  readonly generation: number;
+  /** The SPID (guest PASID) attached to it; 0 when none. */
+  readonly spid: number;
+  /** Freed with references outstanding: it disappears when reclaimed. */
+  readonly freePending: boolean;
+}
+
+/** The IOASID core, as VFIO uses it: the VM's set and the IOASIDs in it (VFIO holds no references). */
+export interface IoasidCorePort {
+  /** core.CreateSet with token type MM. @returns the set and its effective quota */
+  createSet(mmToken: bigint, quota: number): Promise<{ readonly setId: number; readonly quota: number }>;
+  /** core.FreeSet: frees every IOASID of the set; the set is destroyed once the last is reclaimed. */
+  freeSet(setId: number): Promise<{ readonly freed: number; readonly destroyed: boolean }>;
+  /** core.GetSet by id: false once the set is destroyed (SET_NOT_FOUND). */
+  setExists(setId: number): Promise<boolean>;
+  /** core.Alloc in the set. */
+  alloc(setId: number): Promise<{ readonly ioasid: number; readonly generation: number }>;
+  /** core.Free in the set (generation 0: unchecked). */
+  free(setId: number, ioasid: number, generation: number): Promise<FreeOutcome>;
+  /** core.Find in the set (generation 0: unchecked); refuses with the core's reasons. */
+  find(setId: number, ioasid: number, generation: number): Promise<SetIoasid>;
+  /** core.ListIoasids of the set, ascending. */
+  listIoasids(setId: number): Promise<readonly SetIoasid[]>;
+}
+
+/** A bind_gpasid request to the IOMMU. */
+export interface GpasidBind {
+  readonly setId: number;
+  readonly hpasid: number;
+  readonly generation: number;
+  readonly gpasid: number;
+  /** The physical device the PASID entry is programmed on (an mdev's parent). */
+  readonly deviceId: string;
+  readonly guestPgtable: bigint;
+  /** The container's stage-2 paging domain (second stage of the nested entry). */
+  readonly parentDomainId: number;
+  /** VFIO's data in the attach handle (container and device), returned with fault groups. */
+  readonly ownerData: Uint8Array;
+}
+
+/** An unbind_gpasid request to the IOMMU. */
+export interface GpasidUnbind {
+  readonly setId: number;
+  readonly hpasid: number;
+  readonly generation: number;
+  /** 0: do not check it. */
+  readonly gpasid: number;
+  readonly deviceId: string;
+}
+
+/** The IOMMU, as VFIO uses it: the VM's stage-2 domain, device attachment and guest PASID binds. */
+export interface IommuPort {
+  /** CreateDomain(PAGING): the VM's stage 2 (GPA → HPA). @returns its domain id */
+  createStage2Domain(): Promise<number>;
+  /** FreeDomain; refuses with FAILED_PRECONDITION `DOMAIN_IN_USE` while something still uses it. */
+  freeDomain(domainId: number): Promise<void>;
+  /** AttachDomain of the stage-2 domain to the device's requests without PASID (its RID). */
+  attachDevice(domainId: number, deviceId: string): Promise<void>;
+  /** DetachDomain of the stage-2 domain from the device's requests without PASID. */
+  detachDevice(domainId: number, deviceId: string): Promise<void>;
+  /** BindGpasid. */
+  bindGpasid(bind: GpasidBind): Promise<{ readonly handleId: bigint; readonly firstBind: boolean }>;
+  /** UnbindGpasid: `unbound` false when there was nothing to unbind. */
+  unbindGpasid(unbind: GpasidUnbind): Promise<{ readonly unbound: boolean; readonly lastUnbind: boolean }>;
+}
+
+/** VDCM, as VFIO uses it: giving mdevs to a VM's set and taking them back. */
+export interface VdcmPort {
+  /** AssignMdev to the set (VDCM registers on the set with the first mdev). @returns the mdev's parent device */
+  assignMdev(mdevUuid: string, setId: number): Promise<{ readonly parentDeviceId: string }>;
+  /** UnassignMdev: its programmed PASIDs are drained and cleared. */
+  unassignMdev(mdevUuid: string): Promise<{ readonly clearedEntries: number }>;
+}
+
+/** Fields of one history record (see `HistoryRecorder` in @ioasid/bus). */
+export interface HistoryFields {
+  readonly ioasid?: number;
+  readonly generation?: number;
+  readonly setId?: number;
+  readonly spid?: number;
+  readonly detail?: string;
+}
+
+/** Where VFIO's history records go (fire and forget). */
+export interface HistoryPort {
+  record(action: string, fields?: HistoryFields): void;
+}
+
+/** Timers, replaceable in tests. */
+export interface Scheduler {
+  /** Wall-clock ms since the epoch. */
+  now(): number;
+  /** Runs `fn` after `ms`; the returned function cancels it. */
+  after(ms: number, fn: () => void): () => void;
+  /** Resolves after `ms`. */
+  sleep(ms: number): Promise<void>;
+}
+
+/** The real {@link Scheduler} (timers do not keep the process alive). */
+export const realScheduler: Scheduler = {
+  now: () => Date.now(),
+  after: (ms, fn) => {
+    const t = setTimeout(fn, ms);
+    t.unref();
+    return () => clearTimeout(t);
+  },
+  sleep: (ms) => new Promise((resolve) => setTimeout(resolve, ms)),
+};
+
+/** The log lines the container logic writes (a pino Logger fits). */
+export interface VfioLog {
+  info(obj: object, msg: string): void;
+  warn(obj: object, msg: string): void;
+  error(obj: object, msg: string): void;
+}
