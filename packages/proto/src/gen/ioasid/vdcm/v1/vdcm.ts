@@ -3357,8 +3357,9 @@ export const VdcmServiceService = {
    * back several.
    * Errors: NOT_FOUND `DEVICE_NOT_FOUND`, `WQ_NOT_FOUND`; ALREADY_EXISTS `MDEV_EXISTS` (the UUID is
    * taken); FAILED_PRECONDITION `WQ_IN_USE` (a dedicated work queue already backs another mdev);
-   * INVALID_ARGUMENT `INVALID_FIELD` (not a UUID, no work queue, a work queue named twice). UUIDs
-   * are compared and returned in lower case.
+   * INVALID_ARGUMENT `INVALID_FIELD` (an id that is neither a UUID nor 1..64 of letters, digits
+   * and ._:@-, no work queue, a work queue named twice). UUIDs are compared and returned in lower
+   * case; other ids (accepted for tools that name mdevs otherwise) as given.
    */
   createMdev: {
     path: "/ioasid.vdcm.v1.VdcmService/CreateMdev" as const,
@@ -3530,8 +3531,9 @@ export interface VdcmServiceServer extends UntypedServiceImplementation {
    * back several.
    * Errors: NOT_FOUND `DEVICE_NOT_FOUND`, `WQ_NOT_FOUND`; ALREADY_EXISTS `MDEV_EXISTS` (the UUID is
    * taken); FAILED_PRECONDITION `WQ_IN_USE` (a dedicated work queue already backs another mdev);
-   * INVALID_ARGUMENT `INVALID_FIELD` (not a UUID, no work queue, a work queue named twice). UUIDs
-   * are compared and returned in lower case.
+   * INVALID_ARGUMENT `INVALID_FIELD` (an id that is neither a UUID nor 1..64 of letters, digits
+   * and ._:@-, no work queue, a work queue named twice). UUIDs are compared and returned in lower
+   * case; other ids (accepted for tools that name mdevs otherwise) as given.
    */
   createMdev: handleUnaryCall<CreateMdevRequest, CreateMdevResponse>;
   /**
@@ -3662,8 +3664,9 @@ export interface VdcmServiceClient extends Client {
    * back several.
    * Errors: NOT_FOUND `DEVICE_NOT_FOUND`, `WQ_NOT_FOUND`; ALREADY_EXISTS `MDEV_EXISTS` (the UUID is
    * taken); FAILED_PRECONDITION `WQ_IN_USE` (a dedicated work queue already backs another mdev);
-   * INVALID_ARGUMENT `INVALID_FIELD` (not a UUID, no work queue, a work queue named twice). UUIDs
-   * are compared and returned in lower case.
+   * INVALID_ARGUMENT `INVALID_FIELD` (an id that is neither a UUID nor 1..64 of letters, digits
+   * and ._:@-, no work queue, a work queue named twice). UUIDs are compared and returned in lower
+   * case; other ids (accepted for tools that name mdevs otherwise) as given.
    */
   createMdev(
     request: CreateMdevRequest,

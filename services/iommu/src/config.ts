@@ -1,0 +1,19 @@
+import { defineConfigSchema } from "@ioasid/grpc-kit";
+import { commonRoleConfig } from "@ioasid/role-kit";
+
+/** Configuration of the IOMMU role, from the environment (`iommu --help` lists it). */
+export const iommuConfigSchema = defineConfigSchema({
+  ...commonRoleConfig,
+  address: {
+    name: "IOMMU_GRPC_ADDRESS",
+    kind: "address",
+    default: "127.0.0.1:50052",
+    doc: "host:port the IommuService listens on (port 0: an ephemeral port, printed in the 'listening' log line).",
+  },
+  instance: {
+    name: "IOMMU_INSTANCE",
+    kind: "string",
+    default: "dmar0",
+    doc: "This IOMMU's instance: its notifier subscriber instance and the holder instance of its references (iommu/<instance>/bind).",
+  },
+});

@@ -1,0 +1,193 @@
+import { iommu } from "@ioasid/proto";
+import { invalidField } from "./iommu-errors.js";
+import {
+  AttachKind,
+  DeviceFunction,
+  DomainType,
+  FaultReason,
+  FlushCause,
+  FlushScope,
+  type AttachHandle,
+  type DeviceSpec,
+  type DeviceView,
+  type DmaAccess,
+  type Domain,
+  type IotlbFlush,
+  type Mapping,
+  type PasidEntry,
+  type SvaBond,
+} from "./iommu-hardware.js";
+
+// Translations between the wire (ts-proto types of ioasid.iommu.v1) and the domain model. An
+// UNSPECIFIED or unknown enum is refused with INVALID_FIELD naming the field.
+
+const W = iommu;
+
+const DOMAIN_TYPES = new Map<iommu.DomainType, DomainType>([
+  [W.DomainType.DOMAIN_TYPE_PAGING, DomainType.PAGING],
+  [W.DomainType.DOMAIN_TYPE_SVA, DomainType.SVA],
+  [W.DomainType.DOMAIN_TYPE_NESTED, DomainType.NESTED],
+]);
+const DOMAIN_TYPES_WIRE = new Map([...DOMAIN_TYPES].map(([k, v]) => [v, k]));
+
+const ATTACH_KINDS_WIRE = new Map<AttachKind, iommu.AttachKind>([
+  [AttachKind.DOMAIN, W.AttachKind.ATTACH_KIND_DOMAIN],
+  [AttachKind.GPASID_BIND, W.AttachKind.ATTACH_KIND_GPASID_BIND],
+  [AttachKind.SVA_BIND, W.AttachKind.ATTACH_KIND_SVA_BIND],
+]);
+
+const FLUSH_SCOPES_WIRE = new Map<FlushScope, iommu.IotlbFlushScope>([
+  [FlushScope.GLOBAL, W.IotlbFlushScope.IOTLB_FLUSH_SCOPE_GLOBAL],
+  [FlushScope.DOMAIN, W.IotlbFlushScope.IOTLB_FLUSH_SCOPE_DOMAIN],
+  [FlushScope.PASID, W.IotlbFlushScope.IOTLB_FLUSH_SCOPE_PASID],
+  [FlushScope.RANGE, W.IotlbFlushScope.IOTLB_FLUSH_SCOPE_RANGE],
+]);
+
+const FLUSH_CAUSES_WIRE = new Map<FlushCause, iommu.IotlbFlushCause>([
+  [FlushCause.UNMAP, W.IotlbFlushCause.IOTLB_FLUSH_CAUSE_UNMAP],
+  [FlushCause.DETACH, W.IotlbFlushCause.IOTLB_FLUSH_CAUSE_DETACH],
+  [FlushCause.IOASID_FREE, W.IotlbFlushCause.IOTLB_FLUSH_CAUSE_IOASID_FREE],
+  [FlushCause.DEVICE_REMOVED, W.IotlbFlushCause.IOTLB_FLUSH_CAUSE_DEVICE_REMOVED],
+  [FlushCause.MM_RELEASE, W.IotlbFlushCause.IOTLB_FLUSH_CAUSE_MM_RELEASE],
+]);
+
+const FAULT_REASONS_WIRE = new Map<FaultReason, iommu.FaultReason>([
+  [FaultReason.NO_PASID_ENTRY, W.FaultReason.FAULT_REASON_NO_PASID_ENTRY],
+  [FaultReason.NOT_PRESENT, W.FaultReason.FAULT_REASON_NOT_PRESENT],
+  [FaultReason.PERMISSION, W.FaultReason.FAULT_REASON_PERMISSION],
+  [FaultReason.PASID_OUT_OF_RANGE, W.FaultReason.FAULT_REASON_PASID_OUT_OF_RANGE],
+]);
+
+/** Wire domain type → domain. @throws INVALID_FIELD `type` */
+export function toDomainType(t: iommu.DomainType): DomainType {
+  const d = DOMAIN_TYPES.get(t);
+  if (d === undefined) throw invalidField("type", "type is required: PAGING, SVA or NESTED");
+  return d;
+}
+
+/** A RegisterDeviceRequest → the device spec. @throws INVALID_FIELD `function` */
+export function toDeviceSpec(req: iommu.RegisterDeviceRequest): DeviceSpec {
+  let fn: DeviceFunction;
+  if (req.function === W.DeviceFunction.DEVICE_FUNCTION_PF) fn = DeviceFunction.PF;
+  else if (req.function === W.DeviceFunction.DEVICE_FUNCTION_VF) fn = DeviceFunction.VF;
+  else throw invalidField("function", "function is required: PF or VF");
+  return {
+    deviceId: req.deviceId,
+    maxPasids: req.maxPasids,
+    priCapable: req.priCapable,
+    function: fn,
+    parentDeviceId: req.parentDeviceId,
+    iommuGroup: req.iommuGroup,
+    priCredits: req.priCredits,
+  };
+}
+
+/** Wire access (absent: none) → domain. */
+export function toAccess(a: iommu.DmaAccess | undefined): DmaAccess {
+  return { read: a?.read ?? false, write: a?.write ?? false, execute: a?.execute ?? false, privileged: a?.privileged ?? false };
+}
+
+/** Bytes of a wire bytes field. */
+export function toBytes(b: Uint8Array | undefined): Uint8Array {
+  return b === undefined ? new Uint8Array(0) : Uint8Array.from(b);
+}
+
+const toBuffer = (b: Uint8Array): Buffer => Buffer.from(b.buffer, b.byteOffset, b.byteLength);
+
+/** Domain PASID entry → wire. */
+export function fromPasidEntry(e: PasidEntry): iommu.PasidEntry {
+  return {
+    pasid: e.pasid,
+    withoutPasid: e.withoutPasid,
+    domainId: e.domainId,
+    domainType: DOMAIN_TYPES_WIRE.get(e.domainType)!,
+    handleId: e.handleId,
+    setId: e.setId,
+    gpasid: e.gpasid,
+    generation: e.generation,
+    faultReporting: e.faultReporting,
+  };
+}
+
+/** Domain device → wire (no page requests are outstanding: they are not modelled yet). */
+export function fromDevice(d: DeviceView): iommu.Device {
+  return {
+    deviceId: d.deviceId,
+    maxPasids: d.maxPasids,
+    priCapable: d.priCapable,
+    function: d.function === DeviceFunction.PF ? W.DeviceFunction.DEVICE_FUNCTION_PF : W.DeviceFunction.DEVICE_FUNCTION_VF,
+    parentDeviceId: d.parentDeviceId,
+    iommuGroup: d.iommuGroup,
+    priCredits: d.priCredits,
+    outstandingPageRequests: 0,
+    pasidEntries: d.pasidEntries.map(fromPasidEntry),
+  };
+}
+
+/** Domain access → wire. */
+export function fromAccess(a: DmaAccess): iommu.DmaAccess {
+  return { read: a.read, write: a.write, execute: a.execute, privileged: a.privileged };
+}
+
+/** Domain mapping → wire. */
+export function fromMapping(m: Mapping): iommu.Mapping {
+  return { iova: m.iova, paddr: m.paddr, size: m.size, access: fromAccess(m.access) };
+}
+
+/** Domain domain → wire. */
+export function fromDomain(d: Domain): iommu.Domain {
+  return {
+    domainId: d.domainId,
+    type: DOMAIN_TYPES_WIRE.get(d.type)!,
+    parentDomainId: d.parentDomainId,
+    guestPgtable: d.guestPgtable,
+    mmToken: d.mmToken,
+    attachCount: d.attachCount,
+    mappings: d.mappings.map(fromMapping),
+  };
+}
+
+/** Domain handle → wire. */
+export function fromHandle(h: AttachHandle): iommu.AttachHandle {
+  return {
+    handleId: h.handleId,
+    kind: ATTACH_KINDS_WIRE.get(h.kind)!,
+    domainId: h.domainId,
+    deviceId: h.deviceId,
+    pasid: h.pasid,
+    withoutPasid: h.withoutPasid,
+    owner: h.owner,
+    ownerData: toBuffer(h.ownerData),
+    setId: h.setId,
+    gpasid: h.gpasid,
+    generation: h.generation,
+    outstandingFaultGroups: 0,
+    createdAt: h.createdAt,
+  };
+}
+
+/** Domain SVA bond → wire. */
+export function fromBond(b: SvaBond): iommu.SvaBond {
+  return { deviceId: b.deviceId, mmToken: b.mmToken, pasid: b.pasid, handleId: b.handleId, domainId: b.domainId, users: b.users };
+}
+
+/** Domain IOTLB flush → wire. */
+export function fromFlush(f: IotlbFlush): iommu.IotlbFlush {
+  return {
+    seq: f.seq,
+    scope: FLUSH_SCOPES_WIRE.get(f.scope)!,
+    cause: FLUSH_CAUSES_WIRE.get(f.cause)!,
+    domainId: f.domainId,
+    pasid: f.pasid,
+    deviceId: f.deviceId,
+    deviceTlb: f.deviceTlb,
+    address: f.address,
+    size: f.size,
+    flushedAt: f.flushedAt,
+  };
+}
+
+/** Domain fault reason → wire. */
+export function fromFaultReason(r: FaultReason): iommu.FaultReason {
+  return FAULT_REASONS_WIRE.get(r)!;
+}

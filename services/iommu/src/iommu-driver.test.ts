@@ -1,0 +1,345 @@
+import { describe, expect, it } from "vitest";
+import { Code, DomainError } from "@ioasid/errors";
+import { events } from "@ioasid/proto";
+import { FakeCore } from "./fake-core.test-support.js";
+import { IommuDriver, type BindGpasidSpec } from "./iommu-driver.js";
+import { DeviceFunction, DomainType, IommuHardware, IOTLB_FLUSH_LOG_SIZE, type DeviceSpec } from "./iommu-hardware.js";
+
+const HOLDER = { role: "iommu", instance: "dmar0", purpose: "bind" };
+const HOLDER_KEY = "iommu/dmar0/bind";
+
+const dev = (deviceId: string, maxPasids = 1 << 20): DeviceSpec => ({
+  deviceId,
+  maxPasids,
+  priCapable: true,
+  function: DeviceFunction.PF,
+  parentDeviceId: "",
+  iommuGroup: 1,
+  priCredits: 0,
+});
+
+interface Rig {
+  core: FakeCore;
+  driver: IommuDriver;
+  history: { action: string; fields: Record<string, unknown> }[];
+  parent: number;
+}
+
+function rig(...devices: string[]): Rig {
+  const core = new FakeCore();
+  const history: Rig["history"] = [];
+  const driver = new IommuDriver({
+    hardware: new IommuHardware(),
+    core,
+    instance: "dmar0",
+    history: { record: (action, fields = {}) => history.push({ action, fields: fields as Record<string, unknown> }) },
+  });
+  for (const d of devices.length === 0 ? ["d0", "d1"] : devices) driver.registerDevice(dev(d));
+  const parent = driver.createDomain({ type: DomainType.PAGING, parentDomainId: 0, guestPgtable: 0n, mmToken: 0n }).domainId;
+  return { core, driver, history, parent };
+}
+
+const bindSpec = (r: Rig, over: Partial<BindGpasidSpec> & { setId: number }): BindGpasidSpec => ({
+  hpasid: 201,
+  generation: 0,
+  gpasid: 101,
+  deviceId: "d0",
+  guestPgtable: 0x9000n,
+  parentDomainId: r.parent,
+  owner: "vfio/vfio-1",
+  ownerData: new Uint8Array(),
+  ...over,
+});
+
+async function refused(p: Promise<unknown>, code: number, reason: string): Promise<void> {
+  try {
+    await p;
+  } catch (err) {
+    expect(err).toBeInstanceOf(DomainError);
+    expect({ code: (err as DomainError).code, reason: (err as DomainError).reason }).toEqual({ code, reason });
+    return;
+  }
+  throw new Error(`expected ${reason}`);
+}
+
+/** Delivers a FREE to the driver as the bus would, applying the released references like the core. */
+async function deliver(r: Rig, e: events.IoasidEvent | undefined): Promise<string[]> {
+  if (e === undefined) throw new Error("no FREE emitted");
+  const result = await r.driver.handleEvent(e);
+  for (const purpose of result?.release ?? []) r.core.ackRelease(e.ioasid, { ...HOLDER, purpose });
+  return [...(result?.release ?? [])];
+}
+
+const kinds = (r: Rig) => r.core.events.map((e) => `${e.type}:${e.ioasid}`);
+
+describe("IommuDriver guest binds", () => {
+  it("takes the reference and attaches the SPID on the first device bind only (one BIND, refcount 2)", async () => {
+    const r = rig();
+    const set = r.core.setWith(201);
+    const first = await r.driver.bindGpasid(bindSpec(r, { setId: set }));
+    expect(first.firstBind).toBe(true);
+    expect(r.core.info(201)).toMatchObject({ refcount: 2, spid: 101, holders: { [HOLDER_KEY]: 1 } });
+    const second = await r.driver.bindGpasid(bindSpec(r, { setId: set, deviceId: "d1" }));
+    expect(second.firstBind).toBe(false);
+    expect(r.core.info(201)).toMatchObject({ refcount: 2, holders: { [HOLDER_KEY]: 1 } });
+    expect(kinds(r)).toEqual(["BIND:201"]);
+    expect(r.history.filter((h) => h.action === "bind_gpasid").map((h) => h.fields["refcount"])).toEqual([2, undefined]);
+    expect(r.history.filter((h) => h.action === "pasid_entry_set").map((h) => h.fields["ioasid"])).toEqual([201, 201]);
+  });
+
+  it("takes one reference when two devices bind the same host PASID concurrently", async () => {
+    const r = rig();
+    const set = r.core.setWith(201);
+    const results = await Promise.all([r.driver.bindGpasid(bindSpec(r, { setId: set })), r.driver.bindGpasid(bindSpec(r, { setId: set, deviceId: "d1" }))]);
+    expect(results.map((x) => x.firstBind).sort()).toEqual([false, true]);
+    expect(r.core.info(201)!.holders[HOLDER_KEY]).toBe(1);
+    expect(kinds(r)).toEqual(["BIND:201"]);
+  });
+
+  it("emits UNBIND and puts only on the last device unbind", async () => {
+    const r = rig();
+    const set = r.core.setWith(201);
+    await r.driver.bindGpasid(bindSpec(r, { setId: set }));
+    await r.driver.bindGpasid(bindSpec(r, { setId: set, deviceId: "d1" }));
+    expect(await r.driver.unbindGpasid({ setId: set, hpasid: 201, generation: 0, gpasid: 101, deviceId: "d0" })).toEqual({ unbound: true, lastUnbind: false });
+    expect(kinds(r)).toEqual(["BIND:201"]);
+    expect(r.core.info(201)!.refcount).toBe(2);
+    expect(await r.driver.unbindGpasid({ setId: set, hpasid: 201, generation: 1, gpasid: 0, deviceId: "d1" })).toEqual({ unbound: true, lastUnbind: true });
+    expect(kinds(r)).toEqual(["BIND:201", "UNBIND:201"]);
+    expect(r.core.info(201)).toMatchObject({ refcount: 1, spid: 0, holders: { "set-owner": 1 } });
+    expect(r.history.map((h) => h.action)).toContain("teardown_pasid");
+    expect(r.history.map((h) => h.action)).toContain("iotlb_flush");
+    expect(r.history.filter((h) => h.action === "unbind_gpasid").map((h) => h.fields["refcount"])).toEqual([undefined, 1]);
+    expect(r.driver.hw.binding(201)).toBeUndefined();
+  });
+
+  it("refuses another set's IOASID, a FREE_PENDING one, a stale generation and a mismatched SPID, changing nothing", async () => {
+    const r = rig();
+    const mine = r.core.setWith(201, 202);
+    const other = r.core.setWith(300);
+    await refused(r.driver.bindGpasid(bindSpec(r, { setId: other })), Code.PERMISSION_DENIED, "IOASID_NOT_IN_SET");
+    await refused(r.driver.bindGpasid(bindSpec(r, { setId: mine, generation: 9 })), Code.FAILED_PRECONDITION, "STALE_GENERATION");
+    await r.driver.bindGpasid(bindSpec(r, { setId: mine }));
+    await refused(r.driver.bindGpasid(bindSpec(r, { setId: mine, deviceId: "d1", gpasid: 102 })), Code.FAILED_PRECONDITION, "SPID_MISMATCH");
+    await refused(r.driver.bindGpasid(bindSpec(r, { setId: mine, hpasid: 202, deviceId: "d0" })), Code.INVALID_ARGUMENT, "SPID_IN_USE");
+    await refused(r.driver.bindGpasid(bindSpec(r, { setId: mine, deviceId: "d0" })), Code.FAILED_PRECONDITION, "PASID_IN_USE");
+    r.core.free(mine, 202);
+    await refused(r.driver.bindGpasid(bindSpec(r, { setId: mine, hpasid: 202, gpasid: 7 })), Code.NOT_FOUND, "IOASID_NOT_FOUND");
+    const before = r.driver.snapshot([], IOTLB_FLUSH_LOG_SIZE);
+    await refused(r.driver.unbindGpasid({ setId: other, hpasid: 201, generation: 0, gpasid: 0, deviceId: "d0" }), Code.PERMISSION_DENIED, "IOASID_NOT_IN_SET");
+    await refused(r.driver.unbindGpasid({ setId: other, hpasid: 300, generation: 0, gpasid: 0, deviceId: "nope" }), Code.NOT_FOUND, "DEVICE_NOT_FOUND");
+    expect(r.driver.snapshot([], IOTLB_FLUSH_LOG_SIZE)).toEqual(before);
+    expect(kinds(r)).toEqual(["BIND:201", "RECLAIM:202"]);
+    expect(r.core.info(201)!.refcount).toBe(2);
+  });
+
+  it("refuses input it cannot use before calling the core", async () => {
+    const r = rig();
+    const set = r.core.setWith(201);
+    await refused(r.driver.bindGpasid(bindSpec(r, { setId: 0 })), Code.INVALID_ARGUMENT, "INVALID_FIELD");
+    await refused(r.driver.bindGpasid(bindSpec(r, { setId: set, gpasid: 0 })), Code.INVALID_ARGUMENT, "INVALID_FIELD");
+    await refused(r.driver.bindGpasid(bindSpec(r, { setId: set, gpasid: 1 << 20 })), Code.INVALID_ARGUMENT, "INVALID_FIELD");
+    await refused(r.driver.bindGpasid(bindSpec(r, { setId: set, hpasid: 0 })), Code.INVALID_ARGUMENT, "PASID_ZERO_RESERVED");
+    await refused(r.driver.bindGpasid(bindSpec(r, { setId: set, deviceId: "zz" })), Code.NOT_FOUND, "DEVICE_NOT_FOUND");
+    await refused(r.driver.bindGpasid(bindSpec(r, { setId: set, owner: "" })), Code.INVALID_ARGUMENT, "INVALID_FIELD");
+    await refused(r.driver.bindGpasid(bindSpec(r, { setId: set, parentDomainId: 77 })), Code.NOT_FOUND, "DOMAIN_NOT_FOUND");
+    await refused(r.driver.unbindGpasid({ setId: 0, hpasid: 201, generation: 0, gpasid: 0, deviceId: "d0" }), Code.INVALID_ARGUMENT, "INVALID_FIELD");
+    expect(r.core.calls).toEqual([]);
+  });
+
+  it("undoes the reference when attaching the SPID fails, so a failed bind changes nothing", async () => {
+    const r = rig();
+    const set = r.core.setWith(201);
+    r.core.failNext.set("attachSpid", new DomainError(Code.UNAVAILABLE, "UNAVAILABLE", "core down"));
+    await refused(r.driver.bindGpasid(bindSpec(r, { setId: set })), Code.UNAVAILABLE, "UNAVAILABLE");
+    expect(r.core.info(201)).toMatchObject({ refcount: 1, spid: 0 });
+    expect(r.driver.hw.binding(201)).toBeUndefined();
+    expect(r.driver.snapshot([], 0).devices.flatMap((d) => d.pasidEntries)).toEqual([]);
+    expect((await r.driver.bindGpasid(bindSpec(r, { setId: set }))).firstBind).toBe(true);
+  });
+
+  it("finishes on the next call a release the core failed to take", async () => {
+    const r = rig();
+    const set = r.core.setWith(201);
+    await r.driver.bindGpasid(bindSpec(r, { setId: set }));
+    r.core.failNext.set("put", new DomainError(Code.UNAVAILABLE, "UNAVAILABLE", "core down"));
+    await refused(r.driver.unbindGpasid({ setId: set, hpasid: 201, generation: 0, gpasid: 0, deviceId: "d0" }), Code.UNAVAILABLE, "UNAVAILABLE");
+    expect(r.core.info(201)!.holders[HOLDER_KEY]).toBe(1);
+    expect(await r.driver.unbindGpasid({ setId: set, hpasid: 201, generation: 0, gpasid: 0, deviceId: "d0" })).toEqual({ unbound: false, lastUnbind: false });
+    expect(r.core.info(201)).toMatchObject({ refcount: 1, holders: { "set-owner": 1 } });
+  });
+});
+
+describe("IommuDriver FREE (free before unbind)", () => {
+  it("tears the entries down on every device, detaches the SPID without UNBIND, and releases the reference with the ack", async () => {
+    const r = rig();
+    const set = r.core.setWith(201);
+    await r.driver.bindGpasid(bindSpec(r, { setId: set }));
+    await r.driver.bindGpasid(bindSpec(r, { setId: set, deviceId: "d1" }));
+    const free = r.core.free(set, 201);
+    expect(await deliver(r, free)).toEqual(["bind"]);
+    expect(r.driver.snapshot([], 0).devices.flatMap((d) => d.pasidEntries)).toEqual([]);
+    expect(kinds(r)).toEqual(["BIND:201", "FREE:201", "RECLAIM:201"]);
+    expect(r.core.calls.filter((c) => c === "detachSpid")).toHaveLength(1);
+    const flushes = r.driver.snapshot([], 10).flushes;
+    expect(flushes.map((f) => [f.cause, f.deviceId, f.pasid])).toEqual([
+      ["IOASID_FREE", "d0", 201],
+      ["IOASID_FREE", "d1", 201],
+    ]);
+    expect(r.history.find((h) => h.action === "iommu_nb_handler")!.fields).toMatchObject({ ioasid: 201, seq: Number(free!.seq) });
+    // Redelivery: nothing left, nothing released, answered synchronously.
+    expect(r.driver.handleEvent(free!)).toBeUndefined();
+    // The late unbind (step 30) finds nothing and changes nothing.
+    expect(await r.driver.unbindGpasid({ setId: set, hpasid: 201, generation: 1, gpasid: 101, deviceId: "d0" })).toEqual({ unbound: false, lastUnbind: false });
+    expect(kinds(r)).toEqual(["BIND:201", "FREE:201", "RECLAIM:201"]);
+  });
+
+  it("ignores events it has nothing for, and FREEs of another generation", async () => {
+    const r = rig();
+    const set = r.core.setWith(201);
+    await r.driver.bindGpasid(bindSpec(r, { setId: set }));
+    const e = events.IoasidEvent.fromPartial({ seq: 99n, type: events.EventType.EVENT_TYPE_FREE, ioasid: 201, generation: 5, setId: set });
+    expect(r.driver.handleEvent(e)).toBeUndefined();
+    expect(r.driver.handleEvent({ ...e, ioasid: 7, generation: 1 })).toBeUndefined();
+    expect(r.driver.handleEvent({ ...e, type: events.EventType.EVENT_TYPE_BIND, generation: 1 })).toBeUndefined();
+    expect(r.driver.snapshot([], 0).devices[0]!.pasidEntries).toHaveLength(1);
+  });
+
+  it("tears down a checked domain attachment of the freed IOASID but leaves an unchecked one", async () => {
+    const r = rig();
+    const set = r.core.setWith(201);
+    await r.driver.attachDomain({ domainId: r.parent, deviceId: "d0", pasid: 201, withoutPasid: false, generation: 1, owner: "vdcm/x", ownerData: new Uint8Array() });
+    await r.driver.attachDomain({ domainId: r.parent, deviceId: "d1", pasid: 201, withoutPasid: false, generation: 0, owner: "vdcm/x", ownerData: new Uint8Array() });
+    r.core.failNext.clear();
+    // The IOMMU holds no reference for a domain attachment: a VDCM-like holder keeps it FREE_PENDING.
+    await r.core.get({ setId: set, ioasid: 201, holder: { role: "vdcm", instance: "x", purpose: "wq" }, generation: 0 });
+    expect(await deliver(r, r.core.free(set, 201))).toEqual([]);
+    expect(r.driver.hw.handleAt("d0", 201)).toBeUndefined();
+    expect(r.driver.hw.handleAt("d1", 201)).toBeDefined();
+  });
+
+  it("retries a FREE whose SPID detach failed, without tearing down twice", async () => {
+    const r = rig();
+    const set = r.core.setWith(201);
+    await r.driver.bindGpasid(bindSpec(r, { setId: set }));
+    const free = r.core.free(set, 201)!;
+    r.core.failNext.set("detachSpid", new DomainError(Code.UNAVAILABLE, "UNAVAILABLE", "core down"));
+    await expect(r.driver.handleEvent(free)).rejects.toThrow();
+    expect(r.driver.hw.handleAt("d0", 201)).toBeUndefined();
+    expect(await deliver(r, free)).toEqual(["bind"]);
+    expect(r.core.info(201)).toBeUndefined();
+    expect(r.driver.snapshot([], 10).flushes).toHaveLength(1);
+  });
+});
+
+describe("IommuDriver attach and generations", () => {
+  it("checks a given generation against the core and refuses stale or free-pending IOASIDs", async () => {
+    const r = rig();
+    const set = r.core.setWith(201, 202);
+    const base = { domainId: r.parent, deviceId: "d0", withoutPasid: false, owner: "o", ownerData: new Uint8Array() };
+    await refused(r.driver.attachDomain({ ...base, pasid: 201, generation: 2 }), Code.FAILED_PRECONDITION, "STALE_GENERATION");
+    await refused(r.driver.attachDomain({ ...base, pasid: 555, generation: 1 }), Code.NOT_FOUND, "IOASID_NOT_FOUND");
+    await r.core.get({ setId: set, ioasid: 202, holder: { role: "vdcm", instance: "x", purpose: "wq" }, generation: 0 });
+    r.core.free(set, 202);
+    await refused(r.driver.attachDomain({ ...base, pasid: 202, generation: 1 }), Code.NOT_FOUND, "IOASID_FREE_PENDING");
+    await refused(r.driver.attachDomain({ ...base, pasid: 0, generation: 0 }), Code.INVALID_ARGUMENT, "PASID_ZERO_RESERVED");
+    await r.driver.attachDomain({ ...base, pasid: 201, generation: 1 });
+    await refused(r.driver.attachDomain({ ...base, pasid: 201, generation: 1 }), Code.FAILED_PRECONDITION, "PASID_IN_USE");
+    await refused(r.driver.detachDomain({ domainId: r.parent, deviceId: "d0", pasid: 201, withoutPasid: false, generation: 3 }), Code.FAILED_PRECONDITION, "STALE_GENERATION");
+    expect(await r.driver.detachDomain({ domainId: r.parent, deviceId: "d0", pasid: 201, withoutPasid: false, generation: 1 })).toBe(0);
+    // An unchecked attachment at a FREE_PENDING IOASID can still be detached naming its generation.
+    await r.driver.attachDomain({ ...base, pasid: 202, generation: 0 });
+    await refused(r.driver.detachDomain({ domainId: r.parent, deviceId: "d0", pasid: 202, withoutPasid: false, generation: 2 }), Code.FAILED_PRECONDITION, "STALE_GENERATION");
+    expect(await r.driver.detachDomain({ domainId: r.parent, deviceId: "d0", pasid: 202, withoutPasid: false, generation: 1 })).toBe(0);
+  });
+
+  it("releases a bind's SPID and reference when its last device is removed", async () => {
+    const r = rig();
+    const set = r.core.setWith(201);
+    await r.driver.bindGpasid(bindSpec(r, { setId: set }));
+    await r.driver.bindGpasid(bindSpec(r, { setId: set, deviceId: "d1" }));
+    expect(await r.driver.removeDevice("d0")).toBe(1);
+    expect(r.core.info(201)!.refcount).toBe(2);
+    expect(await r.driver.removeDevice("d1")).toBe(1);
+    expect(kinds(r)).toEqual(["BIND:201", "UNBIND:201"]);
+    expect(r.core.info(201)).toMatchObject({ refcount: 1, spid: 0 });
+  });
+});
+
+describe("IommuDriver native SVA", () => {
+  it("gives an mm one PASID shared by its devices, kept after the last unbind and freed on release", async () => {
+    const r = rig("d0", "d1", "small");
+    const a = await r.driver.svaBind({ deviceId: "d0", mmToken: 0xabcn, owner: "vdcm/x", ownerData: new Uint8Array() });
+    const b = await r.driver.svaBind({ deviceId: "d1", mmToken: 0xabcn, owner: "vdcm/x", ownerData: new Uint8Array() });
+    expect(a.pasidAllocated).toBe(true);
+    expect(b.pasidAllocated).toBe(false);
+    expect(b.bond.pasid).toBe(a.bond.pasid);
+    expect(r.core.calls.filter((c) => c === "alloc")).toHaveLength(1);
+    expect(await r.driver.svaUnbind("d0", 0xabcn)).toBe(0);
+    expect(await r.driver.svaUnbind("d1", 0xabcn)).toBe(0);
+    expect(r.core.info(a.bond.pasid)).toMatchObject({ state: "ACTIVE" });
+    const again = await r.driver.svaBind({ deviceId: "d0", mmToken: 0xabcn, owner: "vdcm/x", ownerData: new Uint8Array() });
+    expect(again).toMatchObject({ pasidAllocated: false, bond: { pasid: a.bond.pasid } });
+    expect(await r.driver.releaseMm(0xabcn)).toEqual({ pasid: a.bond.pasid, tornDownBonds: 1 });
+    expect(r.core.info(a.bond.pasid)).toBeUndefined();
+    expect(r.driver.snapshot([], 0).bonds).toEqual([]);
+    expect(await r.driver.releaseMm(0xabcn)).toEqual({ pasid: 0, tornDownBonds: 0 });
+  });
+
+  it("undoes the mm's allocation when its first bind fails", async () => {
+    const r = rig("d0");
+    r.driver.registerDevice(dev("tiny", 4));
+    await r.driver.attachDomain({ domainId: r.parent, deviceId: "d0", pasid: 1, withoutPasid: false, generation: 0, owner: "o", ownerData: new Uint8Array() });
+    await refused(r.driver.svaBind({ deviceId: "d0", mmToken: 5n, owner: "o", ownerData: new Uint8Array() }), Code.FAILED_PRECONDITION, "PASID_IN_USE");
+    expect(r.driver.hw.mm(5n)).toBeUndefined();
+    expect(r.core.info(1)).toBeUndefined();
+    const ok = await r.driver.svaBind({ deviceId: "tiny", mmToken: 5n, owner: "o", ownerData: new Uint8Array() });
+    expect(ok.bond.pasid).toBeLessThan(4);
+    await refused(r.driver.svaBind({ deviceId: "d0", mmToken: 0n, owner: "o", ownerData: new Uint8Array() }), Code.INVALID_ARGUMENT, "INVALID_FIELD");
+  });
+
+  it("forgets an mm whose PASID was freed by someone else", async () => {
+    const r = rig("d0");
+    const { bond } = await r.driver.svaBind({ deviceId: "d0", mmToken: 5n, owner: "o", ownerData: new Uint8Array() });
+    const setId = r.driver.hw.mm(5n)!.setId;
+    await r.core.get({ setId, ioasid: bond.pasid, holder: { role: "vdcm", instance: "x", purpose: "wq" }, generation: 0 });
+    await deliver(r, r.core.free(setId, bond.pasid));
+    expect(r.driver.hw.mm(5n)).toBeUndefined();
+    expect(r.driver.snapshot([], 0).bonds).toEqual([]);
+  });
+});
+
+describe("IommuDriver after a restart", () => {
+  /** A second driver (the restarted IOMMU: empty tables) on the same core. */
+  function restarted(r: Rig): Rig {
+    const driver = new IommuDriver({ hardware: new IommuHardware(), core: r.core, instance: "dmar0" });
+    for (const d of ["d0", "d1"]) driver.registerDevice(dev(d));
+    const parent = driver.createDomain({ type: DomainType.PAGING, parentDomainId: 0, guestPgtable: 0n, mmToken: 0n }).domainId;
+    return { ...r, driver, parent };
+  }
+
+  it("takes back its bind references, so the IOASID's FREE still releases them", async () => {
+    const r = rig();
+    const set = r.core.setWith(201, 202);
+    await r.driver.bindGpasid(bindSpec(r, { setId: set }));
+    const r2 = restarted(r);
+    expect(await r2.driver.adoptHeldReferences()).toBe(1);
+    expect(await r2.driver.adoptHeldReferences()).toBe(0);
+    expect(await deliver(r2, r.core.free(set, 201))).toEqual(["bind"]);
+    expect(r.core.info(201)).toBeUndefined();
+    expect(kinds(r)).toEqual(["BIND:201", "FREE:201", "RECLAIM:201"]);
+  });
+
+  it("lets the last unbind after a restart emit UNBIND and put, and a rebind reuse the SPID without a second BIND", async () => {
+    const r = rig();
+    const set = r.core.setWith(201);
+    await r.driver.bindGpasid(bindSpec(r, { setId: set }));
+    const r2 = restarted(r);
+    await r2.driver.adoptHeldReferences();
+    expect((await r2.driver.bindGpasid(bindSpec(r2, { setId: set, deviceId: "d1" }))).firstBind).toBe(false);
+    expect(r.core.info(201)!.holders[HOLDER_KEY]).toBe(1);
+    expect(await r2.driver.unbindGpasid({ setId: set, hpasid: 201, generation: 0, gpasid: 0, deviceId: "d1" })).toEqual({ unbound: true, lastUnbind: true });
+    expect(kinds(r)).toEqual(["BIND:201", "UNBIND:201"]);
+    expect(r.core.info(201)).toMatchObject({ refcount: 1, spid: 0 });
+  });
+});

@@ -1,0 +1,701 @@
+import { isDomainError } from "@ioasid/errors";
+import { core, events } from "@ioasid/proto";
+import type { HandlerResult, HistoryRecord } from "@ioasid/bus";
+import type { CoreClient } from "@ioasid/role-kit";
+import { iommuError, invalidField } from "./iommu-errors.js";
+import {
+  AttachKind,
+  MAX_PASIDS,
+  RID_PASID,
+  type AttachDomainSpec,
+  type AttachHandle,
+  type DetachDomainSpec,
+  type DeviceSpec,
+  type DeviceView,
+  type Domain,
+  type DomainSpec,
+  type GpasidBinding,
+  type HardwareChange,
+  type IommuHardware,
+  type IommuSnapshot,
+  type Mapping,
+  type MmContext,
+  type SvaBond,
+  type TranslateResult,
+  type TranslateSpec,
+} from "./iommu-hardware.js";
+import { FaultHandlers } from "./fault-handlers.js";
+import { KeyedMutex } from "./keyed-mutex.js";
+
+/** The CoreService calls the IOMMU makes (a {@link CoreClient} is one; tests pass a fake). */
+export type IommuCorePort = Pick<
+  CoreClient,
+  | "find"
+  | "findBySpid"
+  | "get"
+  | "put"
+  | "attachSpid"
+  | "detachSpid"
+  | "describe"
+  | "createSet"
+  | "getSet"
+  | "destroySet"
+  | "listSets"
+  | "listIoasids"
+  | "alloc"
+  | "freeSet"
+>;
+
+/** Where the IOMMU records its history steps (a bus HistoryRecorder is one). */
+export interface IommuHistoryPort {
+  record(action: string, fields?: Omit<HistoryRecord, "ts" | "role" | "instance" | "action">): void;
+}
+
+/** Where the IOMMU reports what it cannot return to a caller (a pino logger is one). */
+export interface IommuLog {
+  warn(fields: object, message: string): void;
+}
+
+/** Options of {@link IommuDriver}. */
+export interface IommuDriverOptions {
+  readonly hardware: IommuHardware;
+  readonly core: IommuCorePort;
+  readonly history?: IommuHistoryPort;
+  readonly log?: IommuLog;
+  /** This IOMMU's instance ("dmar0"): the holder instance of its references. */
+  readonly instance: string;
+}
+
+/** The largest SPID (guest PASID): 20 bits. */
+export const MAX_SPID = (1 << 20) - 1;
+
+/** Purpose of the reference the IOMMU holds on a guest-bound IOASID (holder iommu/<instance>/bind). */
+export const BIND_PURPOSE = "bind";
+
+/** One bind_gpasid. */
+export interface BindGpasidSpec {
+  readonly setId: number;
+  readonly hpasid: number;
+  /** 0 = unchecked. */
+  readonly generation: number;
+  readonly gpasid: number;
+  readonly deviceId: string;
+  readonly guestPgtable: bigint;
+  /** 0 = the PAGING domain attached to the device's requests without PASID. */
+  readonly parentDomainId: number;
+  readonly owner: string;
+  readonly ownerData: Uint8Array;
+}
+
+/** One unbind_gpasid. */
+export interface UnbindGpasidSpec {
+  readonly setId: number;
+  readonly hpasid: number;
+  /** 0 = unchecked. */
+  readonly generation: number;
+  /** 0 = not checked. */
+  readonly gpasid: number;
+  readonly deviceId: string;
+}
+
+/** What an unbind did. */
+export interface UnbindResult {
+  /** False when nothing was bound (e.g. the FREE teardown came first). */
+  readonly unbound: boolean;
+  /** True when it was the last device: the SPID was detached (the core emitted UNBIND). */
+  readonly lastUnbind: boolean;
+}
+
+/** One native SVA bind. */
+export interface SvaBindSpec {
+  readonly deviceId: string;
+  readonly mmToken: bigint;
+  readonly owner: string;
+  readonly ownerData: Uint8Array;
+}
+
+const HOLDER_ROLE = "iommu";
+const pasidKey = (pasid: number) => `pasid:${pasid}`;
+const mmKey = (mmToken: bigint) => `mm:${mmToken}`;
+
+/** Core refusals meaning "that IOASID generation is gone": nothing of it is held any more. */
+const GONE = ["IOASID_NOT_FOUND", "STALE_GENERATION", "SET_UNKNOWN"];
+const isGone = (err: unknown) => GONE.some((r) => isDomainError(err, r));
+
+/**
+ * The VT-d driver (intel-svm, attach handles) over the modelled hardware: every operation that
+ * involves IOASIDs goes through the core — ownership checks, the "bind" reference, SPID
+ * attach/detach (which make the core emit BIND/UNBIND), the mm's PASID — and serialises per host
+ * PASID, so a bind, an unbind and a FREE teardown of one IOASID never interleave while IOASIDs are
+ * handled in parallel. A failed call changes nothing: core steps taken before a later step fails
+ * are undone.
+ */
+export class IommuDriver {
+  readonly hw: IommuHardware;
+  /** The owners' fault-handler streams. */
+  readonly faults = new FaultHandlers();
+  readonly #core: IommuCorePort;
+  readonly #history: IommuHistoryPort | undefined;
+  readonly #log: IommuLog | undefined;
+  readonly #holder: core.Holder;
+  readonly #locks = new KeyedMutex();
+
+  constructor(options: IommuDriverOptions) {
+    this.hw = options.hardware;
+    this.#core = options.core;
+    this.#history = options.history;
+    this.#log = options.log;
+    this.#holder = { role: HOLDER_ROLE, instance: options.instance, purpose: BIND_PURPOSE };
+  }
+
+  // ---- restart ----
+
+  /**
+   * Takes back, after a restart, the "bind" references this IOMMU instance still holds in the core
+   * (its PASID tables were lost with the process; the core's references were not). Each becomes a
+   * bind state with no device: the IOASID's FREE then releases it with the acknowledgement, its
+   * next unbind detaches the SPID (UNBIND) and puts, and a new bind of the same guest PASID reuses
+   * it without a second BIND. Call it before the bus subscriber starts, so no FREE finds nothing.
+   * @returns how many references were taken back
+   */
+  async adoptHeldReferences(): Promise<number> {
+    const { sets } = await this.#core.listSets({});
+    let adopted = 0;
+    for (const set of sets) {
+      const { ioasids } = await this.#core.listIoasids({ setId: set.setId });
+      for (const info of ioasids) {
+        const held = info.holders.some(
+          (h) => h.holder?.role === this.#holder.role && h.holder.instance === this.#holder.instance && h.holder.purpose === BIND_PURPOSE,
+        );
+        if (!held || this.hw.binding(info.ioasid) !== undefined) continue;
+        const b = this.hw.createBinding({ hpasid: info.ioasid, setId: info.setId, generation: info.generation, gpasid: info.spid });
+        b.refHeld = true;
+        b.spidAttached = info.spid !== 0;
+        adopted++;
+        this.#record("bind_adopted", { ...this.#bindFields(b), detail: "reference held before a restart" });
+      }
+    }
+    return adopted;
+  }
+
+  // ---- devices and domains ----
+
+  /** Plugs a device in (see {@link IommuHardware.registerDevice}). */
+  registerDevice(spec: DeviceSpec): DeviceView {
+    const dev = this.hw.registerDevice(spec);
+    this.#record("iommu_probe_device", { detail: `device ${dev.deviceId} ${dev.function} max_pasids ${dev.maxPasids} group ${dev.iommuGroup}` });
+    return dev;
+  }
+
+  /**
+   * Unplugs a device: its handles are torn down, and the guest binds it was the last device of
+   * release their SPID and reference as the last unbind does.
+   * @returns how many handles were torn down
+   */
+  async removeDevice(deviceId: string): Promise<number> {
+    const { result: torn, changes } = this.hw.removeDevice(deviceId);
+    this.#recordChanges(changes);
+    this.#record("iommu_release_device", { detail: `device ${deviceId}: ${torn.length} handle(s) torn down` });
+    const binds = torn.filter((h) => h.kind === AttachKind.GPASID_BIND);
+    await Promise.all(
+      binds.map((h) =>
+        this.#locks
+          .run(pasidKey(h.pasid), async () => {
+            const b = this.hw.binding(h.pasid);
+            if (b !== undefined && b.generation === h.generation) await this.#releaseIfUnused(b);
+          })
+          // The device is gone whatever the core says; an unfinished release is completed by the
+          // IOASID's next unbind or its FREE.
+          .catch((err: unknown) => this.#log?.warn({ err, ioasid: h.pasid, deviceId }, "release after device removal failed")),
+      ),
+    );
+    return torn.length;
+  }
+
+  /** Creates a domain. */
+  createDomain(spec: DomainSpec): Domain {
+    const d = this.hw.createDomain(spec);
+    this.#record("domain_alloc", { detail: `domain ${d.domainId} ${d.type}` });
+    return d;
+  }
+
+  /** Destroys an unused domain. */
+  freeDomain(domainId: number): void {
+    this.hw.freeDomain(domainId);
+    this.#record("domain_free", { detail: `domain ${domainId}` });
+  }
+
+  // ---- attach handles ----
+
+  /**
+   * Attaches a domain at a PASID (or without PASID). With a generation, the PASID must be that
+   * generation of an allocated, ACTIVE IOASID; the entry is then the IOASID's, torn down by its FREE.
+   * @throws see {@link IommuHardware.attachDomain}; STALE_GENERATION, IOASID_NOT_FOUND, IOASID_FREE_PENDING
+   */
+  async attachDomain(spec: AttachDomainSpec): Promise<AttachHandle> {
+    if (spec.withoutPasid && spec.generation !== 0) throw invalidField("generation", "a generation names an IOASID: not with without_pasid");
+    this.hw.checkAttachDomain(spec);
+    const attach = () => {
+      const { result, changes } = this.hw.attachDomain(spec);
+      this.#recordChanges(changes);
+      this.#record(spec.withoutPasid ? "attach_device" : "attach_device_pasid", this.#handleFields(result));
+      return result;
+    };
+    if (spec.withoutPasid || spec.generation === 0) return attach();
+    return this.#locks.run(pasidKey(spec.pasid), async () => {
+      await this.#checkGeneration(spec.pasid, spec.generation);
+      return attach();
+    });
+  }
+
+  /**
+   * Removes an AttachDomain attachment (entry torn down, IOTLB/DevTLB flushed).
+   * @returns fault groups answered (none: page requests are not modelled yet)
+   */
+  async detachDomain(spec: DetachDomainSpec & { readonly generation: number }): Promise<number> {
+    if (spec.withoutPasid && spec.generation !== 0) throw invalidField("generation", "a generation names an IOASID: not with without_pasid");
+    this.hw.findDomainAttachment(spec);
+    const detach = () => {
+      const { result, changes } = this.hw.detachDomain(spec);
+      this.#recordChanges(changes);
+      this.#record(spec.withoutPasid ? "detach_device" : "detach_device_pasid", this.#handleFields(result));
+      return 0;
+    };
+    if (spec.generation === 0) return detach();
+    return this.#locks.run(pasidKey(spec.pasid), async () => {
+      const h = this.hw.findDomainAttachment(spec);
+      if (h.generation !== 0) {
+        if (h.generation !== spec.generation) {
+          throw iommuError("STALE_GENERATION", `PASID ${spec.pasid} was attached at generation ${h.generation}, not ${spec.generation}`);
+        }
+      } else {
+        await this.#checkGeneration(spec.pasid, spec.generation, { allowFreePending: true });
+      }
+      return detach();
+    });
+  }
+
+  // ---- guest PASID binds ----
+
+  /**
+   * bind_gpasid (ioasid.rst guest life cycle steps 3–5): checks that `hpasid` is the caller's
+   * (core Find: another set's is PERMISSION_DENIED, a FREE_PENDING one NOT_FOUND), then — on the
+   * IOASID's first device bind only — takes the IOMMU's "bind" reference (step 4) and attaches the
+   * SPID, which makes the core emit BIND (step 5); then programs the NESTED entry on the device.
+   * Later devices bound to the same host PASID emit no second BIND and take no second reference
+   * ("only the *first* BIND and *last* UNBIND emit notifications").
+   * @returns the handle, and whether this was the first bind
+   */
+  async bindGpasid(spec: BindGpasidSpec): Promise<{ handle: AttachHandle; firstBind: boolean }> {
+    if (spec.setId === 0) throw invalidField("set_id", "set_id is required");
+    if (spec.gpasid === 0 || spec.gpasid > MAX_SPID) throw invalidField("gpasid", `gpasid must be 1..${MAX_SPID}`);
+    const entry = {
+      deviceId: spec.deviceId,
+      hpasid: spec.hpasid,
+      parentDomainId: spec.parentDomainId,
+      guestPgtable: spec.guestPgtable,
+      owner: spec.owner,
+      ownerData: spec.ownerData,
+    };
+    this.hw.checkGpasidEntry(entry, { ignoreTaken: true });
+    return this.#locks.run(pasidKey(spec.hpasid), async () => {
+      this.hw.checkGpasidEntry(entry, { ignoreTaken: true });
+      // Ownership and state first (ioasid.rst: bind/unbind "performs permission checking based on
+      // the IOASID set associated with the guest process"): another guest learns nothing more.
+      const info = (await this.#core.find(core.FindRequest.fromPartial({ setId: spec.setId, ioasid: spec.hpasid, generation: spec.generation }))).info!;
+      this.hw.checkGpasidEntry(entry);
+      let binding = this.hw.binding(spec.hpasid);
+      if (binding !== undefined && binding.generation !== info.generation) {
+        // Left over from an earlier generation whose references were force-released: nothing of it
+        // is held any more.
+        this.#recordChanges(this.hw.teardownIoasid(spec.hpasid, binding.generation).changes);
+        binding.refHeld = false;
+        binding.spidAttached = false;
+        this.hw.deleteBinding(spec.hpasid);
+        binding = undefined;
+      }
+      const bound = binding?.gpasid ?? (info.spid !== 0 ? info.spid : undefined);
+      if (bound !== undefined && bound !== spec.gpasid) {
+        throw iommuError("SPID_MISMATCH", `host PASID ${spec.hpasid} is bound to guest PASID ${bound}, not ${spec.gpasid}`);
+      }
+      if (binding === undefined && info.spid === 0) await this.#assertSpidFree(spec.setId, spec.gpasid, spec.hpasid);
+      const b = binding ?? this.hw.createBinding({ hpasid: spec.hpasid, setId: spec.setId, generation: info.generation, gpasid: spec.gpasid });
+      let firstBind = false;
+      let refcount: number | undefined;
+      try {
+        if (!b.refHeld) {
+          // Step 4: iommu_bind() -> ioasid_get().
+          refcount = (await this.#core.get(core.GetRequest.fromPartial({ setId: b.setId, ioasid: b.hpasid, holder: this.#holder, generation: b.generation }))).refcount;
+          b.refHeld = true;
+        }
+        if (!b.spidAttached) {
+          if (info.spid !== spec.gpasid) {
+            // Step 5: the core emits BIND.
+            await this.#core.attachSpid(core.AttachSpidRequest.fromPartial({ setId: b.setId, ioasid: b.hpasid, spid: b.gpasid, generation: b.generation }));
+            firstBind = true;
+          }
+          b.spidAttached = true;
+        }
+        const { result: handle, changes } = this.hw.installGpasidEntry(entry);
+        this.#record("bind_gpasid", { ...this.#bindFields(b), ...(refcount === undefined ? {} : { refcount }), detail: `device ${spec.deviceId} handle ${handle.handleId}${firstBind ? " first bind" : ""}` });
+        this.#recordChanges(changes);
+        return { handle, firstBind };
+      } catch (err) {
+        // Undo what this call took, so a failed bind changes nothing.
+        await this.#releaseIfUnused(b).catch((undo: unknown) => this.#log?.warn({ err: undo, ioasid: b.hpasid }, "undoing a failed bind failed"));
+        throw err;
+      }
+    });
+  }
+
+  /**
+   * unbind_gpasid for one device (steps 17–19): the entry is torn down and flushed; on the last
+   * device the SPID is detached (the core emits UNBIND) and the reference put. An unbind that finds
+   * nothing — the FREE teardown came first (misbehaving table step 30, "iommu_unbind()->
+   * ioasid_find() Fails") — changes nothing and answers `unbound: false`; an unbind by another set
+   * is refused and changes nothing.
+   */
+  async unbindGpasid(spec: UnbindGpasidSpec): Promise<UnbindResult> {
+    if (spec.setId === 0) throw invalidField("set_id", "set_id is required");
+    if (spec.hpasid === RID_PASID) throw iommuError("PASID_ZERO_RESERVED", "PASID 0 is RID_PASID: it is never bound");
+    this.hw.assertDevice(spec.deviceId);
+    return this.#locks.run(pasidKey(spec.hpasid), async () => {
+      this.hw.assertDevice(spec.deviceId);
+      const b = this.hw.binding(spec.hpasid);
+      if (b === undefined) {
+        // Nothing bound here: refuse another set's call (PERMISSION_DENIED), else nothing to do.
+        try {
+          await this.#core.find(core.FindRequest.fromPartial({ setId: spec.setId, ioasid: spec.hpasid, generation: spec.generation }));
+        } catch (err) {
+          if (!["IOASID_NOT_FOUND", "IOASID_FREE_PENDING", "SET_UNKNOWN"].some((r) => isDomainError(err, r))) throw err;
+        }
+        return { unbound: false, lastUnbind: false };
+      }
+      if (b.setId !== spec.setId) {
+        throw iommuError("IOASID_NOT_IN_SET", `IOASID ${spec.hpasid} does not belong to set ${spec.setId}`);
+      }
+      if (spec.generation !== 0 && spec.generation !== b.generation) {
+        throw iommuError("STALE_GENERATION", `IOASID ${spec.hpasid} is bound at generation ${b.generation}, not ${spec.generation}`);
+      }
+      if (spec.gpasid !== 0 && spec.gpasid !== b.gpasid) {
+        throw iommuError("SPID_MISMATCH", `host PASID ${spec.hpasid} is bound to guest PASID ${b.gpasid}, not ${spec.gpasid}`);
+      }
+      const { result: handle, changes } = this.hw.removeGpasidEntry(spec.hpasid, spec.deviceId);
+      if (handle === undefined) {
+        // Not bound on this device; finish a release an earlier failure left undone.
+        if (b.devices.size === 0) await this.#releaseIfUnused(b);
+        return { unbound: false, lastUnbind: false };
+      }
+      this.#recordChanges(changes);
+      const last = b.devices.size === 0;
+      const fields = this.#bindFields(b);
+      const refcount = await this.#releaseIfUnused(b);
+      this.#record("unbind_gpasid", { ...fields, ...(refcount === undefined ? {} : { refcount }), detail: `device ${spec.deviceId} handle ${handle.handleId}${last ? " last unbind" : ""}` });
+      return { unbound: true, lastUnbind: last };
+    });
+  }
+
+  // ---- IOASID events ----
+
+  /**
+   * The IOMMU's notifier handler (global scope, IOMMU priority). On FREE (misbehaving table steps
+   * 22/25; DESIGN §5 "IOMMU"): tear down the IOASID's PASID entries on every device and flush
+   * IOTLB/DevTLB, detach the SPID (the core emits nothing: the IOASID is FREE_PENDING, "IOMMU
+   * driver will also avoid sending UNBIND if the PASID is already FREE"), and release the "bind"
+   * reference with the acknowledgement. Idempotent: a redelivered FREE finds nothing and releases
+   * nothing. Returns synchronously when the IOMMU has nothing for the IOASID (the common case).
+   */
+  handleEvent(event: events.IoasidEvent): HandlerResult | undefined | Promise<HandlerResult | undefined> {
+    if (event.type !== events.EventType.EVENT_TYPE_FREE) return undefined;
+    const key = pasidKey(event.ioasid);
+    if (this.#locks.isIdle(key) && !this.hw.hasIoasidState(event.ioasid, event.generation)) return undefined;
+    return this.#locks.run(key, () => this.#onFree(event));
+  }
+
+  async #onFree(event: events.IoasidEvent): Promise<HandlerResult | undefined> {
+    const seq = Number(event.seq);
+    const { result: torn, changes } = this.hw.teardownIoasid(event.ioasid, event.generation);
+    this.#recordChanges(changes, seq);
+    for (const mm of this.hw.mmsWithPasid(event.ioasid)) {
+      if (mm.generation === event.generation) this.hw.deleteMm(mm.mmToken);
+    }
+    const b = this.hw.binding(event.ioasid);
+    const release: string[] = [];
+    if (b !== undefined && b.generation === event.generation) {
+      if (b.spidAttached) {
+        await this.#detachSpid(b);
+        b.spidAttached = false;
+      }
+      if (b.refHeld) {
+        b.refHeld = false;
+        release.push(BIND_PURPOSE);
+      }
+      this.hw.deleteBinding(b.hpasid);
+    }
+    this.#record("iommu_nb_handler", {
+      ioasid: event.ioasid,
+      generation: event.generation,
+      setId: event.setId,
+      ...(event.spid === 0 ? {} : { spid: event.spid }),
+      seq,
+      detail: `FREE: ${torn.length} entr${torn.length === 1 ? "y" : "ies"} torn down${release.length > 0 ? ", bind reference released" : ""}`,
+    });
+    return release.length > 0 ? { release } : undefined;
+  }
+
+  // ---- native SVA ----
+
+  /**
+   * sva_bind_device: the mm's one PASID — allocated on its first bind in the mm's own set (token
+   * type NONE, token = the mm token, quota 1) and shared by every device the mm binds (ioasid.rst
+   * "Native IOASID Life Cycle" step 3) — is programmed on the device with the mm's SVA domain.
+   * Binding the same (device, mm) again adds a user.
+   */
+  async svaBind(spec: SvaBindSpec): Promise<{ bond: SvaBond; pasidAllocated: boolean }> {
+    if (spec.mmToken === 0n) throw invalidField("mm_token", "mm_token is required");
+    this.hw.checkSvaBind(spec.deviceId, spec.mmToken, this.hw.mm(spec.mmToken)?.pasid, spec.owner, spec.ownerData);
+    return this.#locks.run(mmKey(spec.mmToken), async () => {
+      let mm = this.hw.mm(spec.mmToken);
+      const dev = this.hw.assertDevice(spec.deviceId);
+      this.hw.checkSvaBind(spec.deviceId, spec.mmToken, mm?.pasid, spec.owner, spec.ownerData);
+      let allocated = false;
+      if (mm === undefined) {
+        const got = await this.#mmPasid(spec.mmToken, dev.maxPasids);
+        mm = got.mm;
+        allocated = got.allocated;
+        this.hw.addMm(mm);
+      }
+      try {
+        const { result: bond, changes } = this.hw.svaBind(spec.deviceId, spec.mmToken, spec.owner, spec.ownerData);
+        this.#recordChanges(changes);
+        this.#record("sva_bind_device", { ioasid: mm.pasid, generation: mm.generation, setId: mm.setId, detail: `device ${spec.deviceId} mm ${spec.mmToken} users ${bond.users}` });
+        return { bond, pasidAllocated: allocated };
+      } catch (err) {
+        if (allocated) {
+          this.hw.deleteMm(spec.mmToken);
+          await this.#core.freeSet({ setId: mm.setId }).catch((undo: unknown) => this.#log?.warn({ err: undo, mm: String(spec.mmToken) }, "undoing an mm PASID allocation failed"));
+        }
+        throw err;
+      }
+    });
+  }
+
+  /**
+   * sva_unbind_device: drops one user of the bond; the last tears its entry down. The mm keeps its
+   * PASID until {@link releaseMm}.
+   * @returns users left
+   */
+  async svaUnbind(deviceId: string, mmToken: bigint): Promise<number> {
+    if (mmToken === 0n) throw invalidField("mm_token", "mm_token is required");
+    return this.#locks.run(mmKey(mmToken), () => {
+      const mm = this.hw.mm(mmToken);
+      const { result: users, changes } = this.hw.svaUnbind(deviceId, mmToken);
+      this.#recordChanges(changes);
+      this.#record("sva_unbind_device", { ioasid: mm?.pasid, generation: mm?.generation, setId: mm?.setId, detail: `device ${deviceId} mm ${mmToken} users ${users}` });
+      return users;
+    });
+  }
+
+  /**
+   * The mm went away (mmu_notifier release, then mmdrop: ioasid.rst native steps 9–11): bonds still
+   * left are torn down and flushed, then the mm's PASID is freed through the core (its set with it).
+   * An mm the IOMMU does not know changes nothing.
+   */
+  async releaseMm(mmToken: bigint): Promise<{ pasid: number; tornDownBonds: number }> {
+    if (mmToken === 0n) throw invalidField("mm_token", "mm_token is required");
+    return this.#locks.run(mmKey(mmToken), async () => {
+      const mm = this.hw.mm(mmToken);
+      if (mm === undefined) return { pasid: 0, tornDownBonds: 0 };
+      const { result: torn, changes } = this.hw.releaseMmBonds(mmToken);
+      this.#recordChanges(changes);
+      try {
+        await this.#core.freeSet({ setId: mm.setId });
+      } catch (err) {
+        if (!isDomainError(err, "SET_UNKNOWN")) throw err;
+      }
+      this.hw.deleteMm(mmToken);
+      this.#record("mm_release", { ioasid: mm.pasid, generation: mm.generation, setId: mm.setId, detail: `mm ${mmToken}: ${torn} bond(s) torn down, PASID freed` });
+      return { pasid: mm.pasid, tornDownBonds: torn };
+    });
+  }
+
+  // ---- I/O page tables and DMA ----
+
+  /** Maps a range of a PAGING domain. */
+  map(domainId: number, m: Mapping): void {
+    this.hw.map(domainId, m);
+    this.#record("iommu_map", { detail: `domain ${domainId} iova 0x${m.iova.toString(16)} size 0x${m.size.toString(16)}` });
+  }
+
+  /** Unmaps a range of a PAGING domain and flushes it. @returns bytes unmapped */
+  unmap(domainId: number, iova: bigint, size: bigint): bigint {
+    const { result, changes } = this.hw.unmap(domainId, iova, size);
+    if (result > 0n) this.#record("iommu_unmap", { detail: `domain ${domainId} iova 0x${iova.toString(16)} size 0x${size.toString(16)}: 0x${result.toString(16)} unmapped` });
+    this.#recordChanges(changes);
+    return result;
+  }
+
+  /** One DMA translation (no state change). */
+  translate(t: TranslateSpec): TranslateResult {
+    return this.hw.translate(t);
+  }
+
+  /**
+   * AwaitPageResponse: the device must be registered; no fault group exists yet.
+   * @throws DEVICE_NOT_FOUND, FAULT_GROUP_NOT_FOUND
+   */
+  awaitPageResponse(deviceId: string, faultGroupId: bigint): never {
+    this.hw.assertDevice(deviceId);
+    return this.faults.awaitResponse(deviceId, faultGroupId);
+  }
+
+  /** A consistent snapshot of the state. */
+  snapshot(deviceIds: readonly string[], maxFlushes: number): IommuSnapshot {
+    return this.hw.snapshot(deviceIds, maxFlushes);
+  }
+
+  // ---- internals ----
+
+  /**
+   * AttachDomain/DetachDomain with a generation: the PASID must be that generation of an allocated
+   * IOASID, ACTIVE for an attach (nothing new may use a FREE_PENDING one).
+   */
+  async #checkGeneration(pasid: number, generation: number, options: { allowFreePending?: boolean } = {}): Promise<void> {
+    let info: core.IoasidInfo;
+    try {
+      info = (await this.#core.describe({ ioasid: pasid })).info!;
+    } catch (err) {
+      // A detach names the generation it attached: once reclaimed, that generation is stale.
+      if (options.allowFreePending === true && isDomainError(err, "IOASID_NOT_FOUND")) {
+        throw iommuError("STALE_GENERATION", `IOASID ${pasid} generation ${generation} was reclaimed`);
+      }
+      throw err;
+    }
+    if (info.generation !== generation) {
+      throw iommuError("STALE_GENERATION", `IOASID ${pasid} is at generation ${info.generation}, not ${generation}`);
+    }
+    if (options.allowFreePending !== true && info.state === core.IoasidState.IOASID_STATE_FREE_PENDING) {
+      throw iommuError("IOASID_FREE_PENDING", `IOASID ${pasid} is being freed: nothing new can use it`);
+    }
+  }
+
+  /** SPID_IN_USE when `gpasid` already maps to another IOASID of the set (checked before anything is taken). */
+  async #assertSpidFree(setId: number, gpasid: number, hpasid: number): Promise<void> {
+    let other: number;
+    try {
+      other = (await this.#core.findBySpid(core.FindBySpidRequest.fromPartial({ setId, spid: gpasid }))).ioasid;
+    } catch (err) {
+      if (isDomainError(err, "SPID_NOT_FOUND")) return;
+      if (isDomainError(err, "IOASID_FREE_PENDING")) other = -1;
+      else throw err;
+    }
+    if (other !== hpasid) throw iommuError("SPID_IN_USE", `guest PASID ${gpasid} already maps to another IOASID of set ${setId}`);
+  }
+
+  /**
+   * When no device is bound any more: detach the SPID (the core emits UNBIND, step 19) and put the
+   * "bind" reference, then forget the bind state. Each step is marked done as it succeeds, so a
+   * failure leaves the rest for the next call on this IOASID.
+   * @returns the refcount after the put, when one was made
+   */
+  async #releaseIfUnused(b: GpasidBinding): Promise<number | undefined> {
+    if (b.devices.size > 0) return undefined;
+    if (b.spidAttached) {
+      await this.#detachSpid(b);
+      b.spidAttached = false;
+    }
+    let refcount: number | undefined;
+    if (b.refHeld) {
+      try {
+        refcount = (await this.#core.put(core.PutRequest.fromPartial({ setId: b.setId, ioasid: b.hpasid, holder: this.#holder, generation: b.generation }))).refcount;
+      } catch (err) {
+        if (!isGone(err) && !isDomainError(err, "NO_REFERENCE_HELD")) throw err;
+      }
+      b.refHeld = false;
+    }
+    this.hw.deleteBinding(b.hpasid);
+    return refcount;
+  }
+
+  async #detachSpid(b: GpasidBinding): Promise<void> {
+    try {
+      await this.#core.detachSpid(core.DetachSpidRequest.fromPartial({ setId: b.setId, ioasid: b.hpasid, generation: b.generation }));
+    } catch (err) {
+      if (!isGone(err) && !isDomainError(err, "SPID_NOT_ATTACHED")) throw err;
+    }
+  }
+
+  /**
+   * The mm's PASID: a new set (token NONE = the mm token, quota 1) and one IOASID below the device's
+   * max_pasids; or, when the set already exists (an earlier life of this IOMMU), its IOASID.
+   */
+  async #mmPasid(mmToken: bigint, maxPasids: number): Promise<{ mm: MmContext; allocated: boolean }> {
+    const NONE = events.TokenType.TOKEN_TYPE_NONE;
+    let setId: number;
+    let created = false;
+    try {
+      setId = (await this.#core.createSet({ tokenType: NONE, token: mmToken, quota: 1 })).set!.setId;
+      created = true;
+    } catch (err) {
+      if (!isDomainError(err, "TOKEN_IN_USE")) throw err;
+      setId = (await this.#core.getSet({ setId: 0, tokenType: NONE, token: mmToken })).set!.setId;
+      const active = (await this.#core.listIoasids({ setId })).ioasids.find((i) => i.state === core.IoasidState.IOASID_STATE_ACTIVE);
+      if (active !== undefined) {
+        if (active.ioasid >= maxPasids) {
+          throw iommuError("PASID_OUT_OF_RANGE", `the mm's PASID ${active.ioasid} is not below the device's max_pasids ${maxPasids}`);
+        }
+        return { mm: { mmToken, setId, pasid: active.ioasid, generation: active.generation }, allocated: false };
+      }
+    }
+    try {
+      // 0 = the core's own upper bound (its capacity may be below 2^20).
+      const max = maxPasids >= MAX_PASIDS ? 0 : maxPasids - 1;
+      const a = await this.#core.alloc(core.AllocRequest.fromPartial({ setId, min: 1, max }));
+      return { mm: { mmToken, setId, pasid: a.ioasid, generation: a.generation }, allocated: true };
+    } catch (err) {
+      if (created) await this.#core.destroySet({ setId }).catch(() => undefined);
+      throw err;
+    }
+  }
+
+  #bindFields(b: GpasidBinding) {
+    return { ioasid: b.hpasid, generation: b.generation, setId: b.setId, spid: b.gpasid };
+  }
+
+  #handleFields(h: AttachHandle): Omit<HistoryRecord, "ts" | "role" | "instance" | "action"> {
+    return {
+      ...(h.withoutPasid ? {} : { ioasid: h.pasid }),
+      ...(h.generation === 0 ? {} : { generation: h.generation }),
+      detail: `device ${h.deviceId} handle ${h.handleId} domain ${h.domainId} owner ${h.owner}`,
+    };
+  }
+
+  #record(action: string, fields: Omit<HistoryRecord, "ts" | "role" | "instance" | "action">): void {
+    this.#history?.record(action, fields);
+  }
+
+  /** One history record per hardware change, in the kernel's words. */
+  #recordChanges(changes: readonly HardwareChange[], seq?: number): void {
+    for (const c of changes) {
+      const s = seq === undefined ? {} : { seq };
+      if (c.kind === "iotlb_flush") {
+        const f = c.flush;
+        this.#record("iotlb_flush", {
+          ...(f.pasid === 0 ? {} : { ioasid: f.pasid }),
+          ...s,
+          detail: `${f.scope} ${f.cause} domain ${f.domainId} device ${f.deviceId}${f.deviceTlb ? " +devtlb" : ""}${f.scope === "RANGE" ? ` 0x${f.address.toString(16)}+0x${f.size.toString(16)}` : ""}`,
+        });
+        continue;
+      }
+      const e = c.entry;
+      this.#record(c.kind, {
+        ...(e.withoutPasid ? {} : { ioasid: e.pasid }),
+        ...(e.generation === 0 ? {} : { generation: e.generation }),
+        ...(e.setId === 0 ? {} : { setId: e.setId }),
+        ...(e.gpasid === 0 ? {} : { spid: e.gpasid }),
+        ...s,
+        detail: `device ${c.deviceId} handle ${e.handleId} domain ${e.domainId} ${e.domainType}${c.kind === "teardown_pasid" ? ` (${c.cause})` : ""}`,
+      });
+    }
+  }
+}

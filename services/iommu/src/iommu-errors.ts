@@ -1,0 +1,51 @@
+import { Code, DomainError } from "@ioasid/errors";
+
+/**
+ * The error reasons the IOMMU role returns (proto/ioasid/iommu/v1/iommu.proto names them per RPC;
+ * proto/ioasid/errors/v1/errors.proto registers them), each with the status code it always comes
+ * with (DESIGN §8: EINVAL → INVALID_ARGUMENT, ENOENT → NOT_FOUND, EEXIST → ALREADY_EXISTS, EBUSY →
+ * FAILED_PRECONDITION, EPERM → PERMISSION_DENIED).
+ */
+export const IommuReason = {
+  INVALID_FIELD: Code.INVALID_ARGUMENT,
+  DEVICE_EXISTS: Code.ALREADY_EXISTS,
+  DEVICE_NOT_FOUND: Code.NOT_FOUND,
+  DEVICE_IN_USE: Code.FAILED_PRECONDITION,
+  PASID_OUT_OF_RANGE: Code.INVALID_ARGUMENT,
+  PASID_ZERO_RESERVED: Code.INVALID_ARGUMENT,
+  PASID_IN_USE: Code.FAILED_PRECONDITION,
+  PASID_NOT_SUPPORTED: Code.FAILED_PRECONDITION,
+  DOMAIN_NOT_FOUND: Code.NOT_FOUND,
+  DOMAIN_NOT_PAGING: Code.FAILED_PRECONDITION,
+  DOMAIN_IN_USE: Code.FAILED_PRECONDITION,
+  DOMAIN_INCOMPATIBLE: Code.FAILED_PRECONDITION,
+  DOMAIN_MISMATCH: Code.FAILED_PRECONDITION,
+  ATTACH_HANDLE_NOT_FOUND: Code.NOT_FOUND,
+  SPID_MISMATCH: Code.FAILED_PRECONDITION,
+  SPID_IN_USE: Code.INVALID_ARGUMENT,
+  SVA_BOND_NOT_FOUND: Code.NOT_FOUND,
+  ADDRESS_NOT_ALIGNED: Code.INVALID_ARGUMENT,
+  INVALID_RANGE: Code.INVALID_ARGUMENT,
+  IOVA_ALREADY_MAPPED: Code.ALREADY_EXISTS,
+  STALE_GENERATION: Code.FAILED_PRECONDITION,
+  IOASID_NOT_FOUND: Code.NOT_FOUND,
+  IOASID_FREE_PENDING: Code.NOT_FOUND,
+  IOASID_NOT_IN_SET: Code.PERMISSION_DENIED,
+  FAULT_GROUP_NOT_FOUND: Code.NOT_FOUND,
+  FAULT_HANDLER_REPLACED: Code.ABORTED,
+} as const;
+/** One of the {@link IommuReason} names. */
+export type IommuReason = keyof typeof IommuReason;
+
+/**
+ * A refusal of the IOMMU role: the status code that goes with `reason`, and a message a person can
+ * act on.
+ */
+export function iommuError(reason: IommuReason, message: string, metadata?: Record<string, string>): DomainError {
+  return new DomainError(IommuReason[reason], reason, message, metadata === undefined ? undefined : { metadata });
+}
+
+/** INVALID_ARGUMENT `INVALID_FIELD` naming the malformed field in the ErrorInfo metadata. */
+export function invalidField(field: string, message: string): DomainError {
+  return iommuError("INVALID_FIELD", message, { field });
+}

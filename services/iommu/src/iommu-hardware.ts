@@ -1,0 +1,1127 @@
+import { iommuError, invalidField } from "./iommu-errors.js";
+
+// The modelled VT-d hardware and the driver's own tables (DESIGN §1 "iommu", §5 "IOMMU"): devices
+// and their PASID tables, domains with their I/O page tables, attach handles, the guest PASID binds
+// (the kernel's intel_svm per host PASID), the native SVA mm contexts, and the IOTLB flush log.
+// Pure and synchronous: no I/O. Every mutation either succeeds whole or throws before changing
+// anything, and returns the hardware changes it made so the caller can record them in the history.
+
+/** Bytes of a page: every IOVA, physical address and size of Map/Unmap is a multiple of it. */
+export const PAGE_SIZE = 4096n;
+/** Most PASIDs a device may support (20-bit PASID). */
+export const MAX_PASIDS = 1 << 20;
+/** PASID 0 is RID_PASID: the entry used by requests without PASID, never a PASID attach target. */
+export const RID_PASID = 0;
+/** Page-request credits of a device that registers with 0. */
+export const DEFAULT_PRI_CREDITS = 32;
+/** IOTLB flush records kept for QueryState. */
+export const IOTLB_FLUSH_LOG_SIZE = 1024;
+/** Longest device id or owner. */
+export const MAX_NAME_LENGTH = 128;
+/** Largest owner data stored in a handle, in bytes. */
+export const MAX_OWNER_DATA = 4096;
+
+const U64_LIMIT = 1n << 64n;
+const NAME = /^[\x21-\x7e]+$/;
+
+/** Kind of translation a domain provides. */
+export const DomainType = { PAGING: "PAGING", SVA: "SVA", NESTED: "NESTED" } as const;
+export type DomainType = (typeof DomainType)[keyof typeof DomainType];
+
+/** How an attach handle was created. */
+export const AttachKind = { DOMAIN: "DOMAIN", GPASID_BIND: "GPASID_BIND", SVA_BIND: "SVA_BIND" } as const;
+export type AttachKind = (typeof AttachKind)[keyof typeof AttachKind];
+
+/** PCI physical or virtual (SR-IOV) function. */
+export const DeviceFunction = { PF: "PF", VF: "VF" } as const;
+export type DeviceFunction = (typeof DeviceFunction)[keyof typeof DeviceFunction];
+
+/** Granularity of an IOTLB invalidation. */
+export const FlushScope = { GLOBAL: "GLOBAL", DOMAIN: "DOMAIN", PASID: "PASID", RANGE: "RANGE" } as const;
+export type FlushScope = (typeof FlushScope)[keyof typeof FlushScope];
+
+/** Why an IOTLB invalidation was needed. */
+export const FlushCause = {
+  UNMAP: "UNMAP",
+  DETACH: "DETACH",
+  IOASID_FREE: "IOASID_FREE",
+  DEVICE_REMOVED: "DEVICE_REMOVED",
+  MM_RELEASE: "MM_RELEASE",
+} as const;
+export type FlushCause = (typeof FlushCause)[keyof typeof FlushCause];
+
+/** Why a DMA translation faulted. */
+export const FaultReason = {
+  NO_PASID_ENTRY: "NO_PASID_ENTRY",
+  NOT_PRESENT: "NOT_PRESENT",
+  PERMISSION: "PERMISSION",
+  PASID_OUT_OF_RANGE: "PASID_OUT_OF_RANGE",
+} as const;
+export type FaultReason = (typeof FaultReason)[keyof typeof FaultReason];
+
+/** Access a DMA request asks for, or a mapping grants. */
+export interface DmaAccess {
+  readonly read: boolean;
+  readonly write: boolean;
+  readonly execute: boolean;
+  readonly privileged: boolean;
+}
+
+/** A PCI function as registered. */
+export interface DeviceSpec {
+  readonly deviceId: string;
+  /** Valid PASIDs are 1..maxPasids-1; 0 = no PASID capability. */
+  readonly maxPasids: number;
+  readonly priCapable: boolean;
+  readonly function: DeviceFunction;
+  /** The PF of a VF; empty for a PF. */
+  readonly parentDeviceId: string;
+  readonly iommuGroup: number;
+  /** Page-request credits; 0 = {@link DEFAULT_PRI_CREDITS}. */
+  readonly priCredits: number;
+}
+
+/** A device and its PASID table (ascending by PASID; RID_PASID first). */
+export interface DeviceView extends DeviceSpec {
+  readonly pasidEntries: readonly PasidEntry[];
+}
+
+/** One programmed entry of a device's PASID table. */
+export interface PasidEntry {
+  /** The PASID; 0 with `withoutPasid` for the RID_PASID entry. */
+  readonly pasid: number;
+  readonly withoutPasid: boolean;
+  readonly domainId: number;
+  readonly domainType: DomainType;
+  readonly handleId: bigint;
+  /** Guest bind: the guest's set; 0 otherwise. */
+  readonly setId: number;
+  /** Guest bind: the guest PASID (SPID); 0 otherwise. */
+  readonly gpasid: number;
+  /** Generation of the IOASID when programmed; 0 when unchecked. */
+  readonly generation: number;
+  /** Whether faults under the entry are reported. */
+  readonly faultReporting: boolean;
+}
+
+/** One mapped range of a paging domain. */
+export interface Mapping {
+  readonly iova: bigint;
+  readonly paddr: bigint;
+  readonly size: bigint;
+  readonly access: DmaAccess;
+}
+
+/** A translation context. */
+export interface Domain {
+  readonly domainId: number;
+  readonly type: DomainType;
+  /** NESTED: the PAGING second stage. */
+  readonly parentDomainId: number;
+  /** NESTED: GPA of the guest's first-stage page table. */
+  readonly guestPgtable: bigint;
+  /** SVA: the mm whose page table is shared. */
+  readonly mmToken: bigint;
+  readonly attachCount: number;
+  /** PAGING: ascending by IOVA. */
+  readonly mappings: readonly Mapping[];
+  /** Created by BindGpasid/SvaBind for one handle or mm, and destroyed with it. */
+  readonly implicit: boolean;
+}
+
+/** The association of a domain with a device or one of its PASIDs (iommu_attach_handle). */
+export interface AttachHandle {
+  readonly handleId: bigint;
+  readonly kind: AttachKind;
+  readonly domainId: number;
+  readonly deviceId: string;
+  readonly pasid: number;
+  readonly withoutPasid: boolean;
+  readonly owner: string;
+  readonly ownerData: Uint8Array;
+  readonly setId: number;
+  readonly gpasid: number;
+  readonly generation: number;
+  readonly createdAt: Date;
+}
+
+/** A native SVA bond of an mm to a device. */
+export interface SvaBond {
+  readonly deviceId: string;
+  readonly mmToken: bigint;
+  readonly pasid: number;
+  readonly handleId: bigint;
+  readonly domainId: number;
+  readonly users: number;
+}
+
+/** One IOTLB (and DevTLB) invalidation. */
+export interface IotlbFlush {
+  readonly seq: bigint;
+  readonly scope: FlushScope;
+  readonly cause: FlushCause;
+  readonly domainId: number;
+  readonly pasid: number;
+  readonly deviceId: string;
+  readonly deviceTlb: boolean;
+  readonly address: bigint;
+  readonly size: bigint;
+  readonly flushedAt: Date;
+}
+
+/**
+ * A guest PASID bound on one or more devices (the kernel's intel_svm of a host PASID): which set
+ * and generation it belongs to, its SPID, the devices it is programmed on, and what the IOMMU holds
+ * for it in the core. Only the first device bind takes the reference and attaches the SPID (the
+ * core then emits BIND); only the last unbind detaches it (UNBIND) and puts (ioasid.rst, "KVM PASID
+ * Translation Table Updates", rule 1). The driver updates `refHeld`/`spidAttached` as its core
+ * calls succeed.
+ */
+export interface GpasidBinding {
+  readonly hpasid: number;
+  readonly setId: number;
+  readonly generation: number;
+  readonly gpasid: number;
+  /** Devices with a programmed entry for it. */
+  readonly devices: Set<string>;
+  /** The IOMMU holds its "bind" reference on the IOASID. */
+  refHeld: boolean;
+  /** The SPID is attached in the core (by this IOMMU). */
+  spidAttached: boolean;
+}
+
+/** A host process address space known to native SVA: its set and its one PASID. */
+export interface MmContext {
+  readonly mmToken: bigint;
+  readonly setId: number;
+  readonly pasid: number;
+  readonly generation: number;
+}
+
+/** A change to the modelled hardware, for the history. */
+export type HardwareChange =
+  | { readonly kind: "pasid_entry_set"; readonly deviceId: string; readonly entry: PasidEntry }
+  | { readonly kind: "teardown_pasid"; readonly deviceId: string; readonly entry: PasidEntry; readonly cause: FlushCause }
+  | { readonly kind: "iotlb_flush"; readonly flush: IotlbFlush };
+
+/** What a mutation did: its result and the hardware changes. */
+export interface Changed<T> {
+  readonly result: T;
+  readonly changes: readonly HardwareChange[];
+}
+
+/** What AttachDomain asks for. */
+export interface AttachDomainSpec {
+  readonly domainId: number;
+  readonly deviceId: string;
+  readonly pasid: number;
+  readonly withoutPasid: boolean;
+  /** Generation of the IOASID `pasid`, already checked by the caller; 0 = unchecked. */
+  readonly generation: number;
+  readonly owner: string;
+  readonly ownerData: Uint8Array;
+}
+
+/** Where DetachDomain looks. */
+export interface DetachDomainSpec {
+  readonly domainId: number;
+  readonly deviceId: string;
+  readonly pasid: number;
+  readonly withoutPasid: boolean;
+}
+
+/** The NESTED entry a guest bind programs. */
+export interface GpasidEntrySpec {
+  readonly deviceId: string;
+  readonly hpasid: number;
+  /** 0 = the PAGING domain attached to the device's requests without PASID. */
+  readonly parentDomainId: number;
+  readonly guestPgtable: bigint;
+  readonly owner: string;
+  readonly ownerData: Uint8Array;
+}
+
+/** What CreateDomain asks for. */
+export interface DomainSpec {
+  readonly type: DomainType;
+  readonly parentDomainId: number;
+  readonly guestPgtable: bigint;
+  readonly mmToken: bigint;
+}
+
+/** One DMA translation request. */
+export interface TranslateSpec {
+  readonly deviceId: string;
+  readonly pasid: number;
+  readonly withoutPasid: boolean;
+  readonly address: bigint;
+  readonly access: DmaAccess;
+}
+
+/** What a DMA translation produced. */
+export type TranslateResult =
+  | { readonly outcome: "TRANSLATED"; readonly outputAddress: bigint; readonly handleId: bigint }
+  | { readonly outcome: "FAULT"; readonly reason: FaultReason; readonly handleId: bigint };
+
+/** A consistent snapshot of the IOMMU's state. */
+export interface IommuSnapshot {
+  readonly devices: readonly DeviceView[];
+  readonly domains: readonly Domain[];
+  readonly handles: readonly AttachHandle[];
+  readonly bonds: readonly SvaBond[];
+  readonly flushes: readonly IotlbFlush[];
+}
+
+interface DeviceState {
+  readonly spec: DeviceSpec;
+  /** PASID → handle id; RID_PASID (0) is the entry of requests without PASID. */
+  readonly entries: Map<number, bigint>;
+}
+
+interface DomainState {
+  readonly domainId: number;
+  readonly type: DomainType;
+  readonly parentDomainId: number;
+  readonly guestPgtable: bigint;
+  readonly mmToken: bigint;
+  readonly implicit: boolean;
+  attachCount: number;
+  mappings: Mapping[];
+}
+
+interface HandleState extends AttachHandle {
+  faultReporting: boolean;
+}
+
+interface BondState {
+  readonly handleId: bigint;
+  users: number;
+}
+
+interface MmState extends MmContext {
+  domainId: number;
+  readonly bonds: Map<string, BondState>;
+}
+
+/**
+ * The IOMMU's "hardware" and driver tables. Methods validate first and mutate only when nothing can
+ * fail any more; mutations return the {@link HardwareChange}s made.
+ *
+ * @example
+ * const hw = new IommuHardware();
+ * hw.registerDevice({ deviceId: "0000:6a:01.0", maxPasids: 1 << 20, priCapable: true, function: "PF", parentDeviceId: "", iommuGroup: 1, priCredits: 0 });
+ */
+export class IommuHardware {
+  readonly #devices = new Map<string, DeviceState>();
+  readonly #domains = new Map<number, DomainState>();
+  readonly #handles = new Map<bigint, HandleState>();
+  readonly #bindings = new Map<number, GpasidBinding>();
+  readonly #mms = new Map<bigint, MmState>();
+  readonly #flushes: IotlbFlush[] = [];
+  #nextDomainId = 1;
+  #nextHandleId = 1n;
+  #nextFlushSeq = 1n;
+  readonly #now: () => Date;
+
+  /** @param options.now clock of handle and flush timestamps (tests). */
+  constructor(options: { now?: () => Date } = {}) {
+    this.#now = options.now ?? (() => new Date());
+  }
+
+  // ---- devices ----
+
+  /**
+   * Plugs a PCI function in with an empty PASID table.
+   * @throws INVALID_FIELD, PASID_OUT_OF_RANGE (`maxPasids` above 2^20), DEVICE_EXISTS, DEVICE_NOT_FOUND (a VF's PF)
+   */
+  registerDevice(spec: DeviceSpec): DeviceView {
+    assertName("device_id", spec.deviceId);
+    if (spec.maxPasids > MAX_PASIDS) {
+      throw iommuError("PASID_OUT_OF_RANGE", `max_pasids ${spec.maxPasids} is above 2^20 (20-bit PASIDs)`);
+    }
+    if (spec.function === DeviceFunction.PF && spec.parentDeviceId !== "") {
+      throw invalidField("parent_device_id", "a PF has no parent device: leave parent_device_id empty");
+    }
+    if (spec.function === DeviceFunction.VF) assertName("parent_device_id", spec.parentDeviceId);
+    if (this.#devices.has(spec.deviceId)) throw iommuError("DEVICE_EXISTS", `device ${spec.deviceId} is already registered`);
+    if (spec.function === DeviceFunction.VF) {
+      const pf = this.#devices.get(spec.parentDeviceId);
+      if (pf === undefined) throw iommuError("DEVICE_NOT_FOUND", `the PF ${spec.parentDeviceId} of VF ${spec.deviceId} is not registered`);
+      if (pf.spec.function !== DeviceFunction.PF) {
+        throw invalidField("parent_device_id", `${spec.parentDeviceId} is a VF: a VF's parent must be a PF`);
+      }
+    }
+    const stored: DeviceSpec = { ...spec, priCredits: spec.priCredits === 0 ? DEFAULT_PRI_CREDITS : spec.priCredits };
+    this.#devices.set(spec.deviceId, { spec: stored, entries: new Map() });
+    return this.#deviceView(this.#devices.get(spec.deviceId)!);
+  }
+
+  /**
+   * Unplugs a device: every handle on it is torn down (entries cleared, IOTLB/DevTLB flushed);
+   * guest binds lose the device from their {@link GpasidBinding} (the caller releases what the
+   * last device held) and SVA bonds are dropped (the mm keeps its PASID).
+   * @returns the handles torn down
+   * @throws DEVICE_NOT_FOUND, DEVICE_IN_USE (a registered VF names it as its PF)
+   */
+  removeDevice(deviceId: string): Changed<AttachHandle[]> {
+    const dev = this.#device(deviceId);
+    for (const other of this.#devices.values()) {
+      if (other.spec.parentDeviceId === deviceId) {
+        throw iommuError("DEVICE_IN_USE", `device ${deviceId} is the PF of VF ${other.spec.deviceId}: remove the VF first`);
+      }
+    }
+    const changes: HardwareChange[] = [];
+    const torn: AttachHandle[] = [];
+    for (const handleId of [...dev.entries.values()]) {
+      torn.push(this.#teardownHandle(this.#handles.get(handleId)!, FlushCause.DEVICE_REMOVED, changes));
+    }
+    this.#devices.delete(deviceId);
+    return { result: torn, changes };
+  }
+
+  /** The device, or undefined. */
+  device(deviceId: string): DeviceView | undefined {
+    const dev = this.#devices.get(deviceId);
+    return dev === undefined ? undefined : this.#deviceView(dev);
+  }
+
+  /** @throws DEVICE_NOT_FOUND */
+  assertDevice(deviceId: string): DeviceSpec {
+    return this.#device(deviceId).spec;
+  }
+
+  // ---- domains ----
+
+  /**
+   * Creates an unattached domain.
+   * @throws INVALID_FIELD, DOMAIN_NOT_FOUND / DOMAIN_NOT_PAGING (a nested domain's parent)
+   */
+  createDomain(spec: DomainSpec): Domain {
+    this.#checkDomainSpec(spec);
+    return this.#domainView(this.#addDomain(spec, false));
+  }
+
+  /**
+   * Destroys a domain nothing uses.
+   * @throws DOMAIN_NOT_FOUND, DOMAIN_IN_USE (attached, or the parent of a nested domain)
+   */
+  freeDomain(domainId: number): void {
+    const d = this.#domain(domainId);
+    if (d.attachCount > 0) throw iommuError("DOMAIN_IN_USE", `domain ${domainId} is attached ${d.attachCount} time(s): detach it first`);
+    for (const other of this.#domains.values()) {
+      if (other.parentDomainId === domainId) {
+        throw iommuError("DOMAIN_IN_USE", `domain ${domainId} is the parent of nested domain ${other.domainId}`);
+      }
+    }
+    this.#domains.delete(domainId);
+  }
+
+  /** The domain, or undefined. */
+  domain(domainId: number): Domain | undefined {
+    const d = this.#domains.get(domainId);
+    return d === undefined ? undefined : this.#domainView(d);
+  }
+
+  // ---- attach handles ----
+
+  /**
+   * Checks everything {@link attachDomain} checks, without changing anything.
+   * @throws see {@link attachDomain}
+   */
+  checkAttachDomain(spec: AttachDomainSpec): void {
+    const dev = this.#device(spec.deviceId);
+    const d = this.#domain(spec.domainId);
+    if (d.type === DomainType.SVA) {
+      throw iommuError("DOMAIN_INCOMPATIBLE", `domain ${spec.domainId} is an SVA domain: bind the mm with SvaBind`);
+    }
+    assertOwner(spec.owner, spec.ownerData);
+    const key = this.#targetKey(dev, spec.pasid, spec.withoutPasid);
+    const taken = dev.entries.get(key);
+    if (taken !== undefined) {
+      throw iommuError("PASID_IN_USE", `${describeTarget(spec.deviceId, spec.pasid, spec.withoutPasid)} already has attach handle ${taken}`);
+    }
+  }
+
+  /**
+   * Attaches a PAGING or NESTED domain at a PASID, or to the requests without PASID (RID_PASID),
+   * creating the attach handle with the owner's data.
+   * @throws DEVICE_NOT_FOUND, DOMAIN_NOT_FOUND, DOMAIN_INCOMPATIBLE (SVA), PASID_ZERO_RESERVED,
+   *   PASID_OUT_OF_RANGE, PASID_IN_USE, INVALID_FIELD
+   */
+  attachDomain(spec: AttachDomainSpec): Changed<AttachHandle> {
+    this.checkAttachDomain(spec);
+    const changes: HardwareChange[] = [];
+    const handle = this.#install(
+      {
+        kind: AttachKind.DOMAIN,
+        domainId: spec.domainId,
+        deviceId: spec.deviceId,
+        pasid: spec.withoutPasid ? RID_PASID : spec.pasid,
+        withoutPasid: spec.withoutPasid,
+        owner: spec.owner,
+        ownerData: spec.ownerData,
+        setId: 0,
+        gpasid: 0,
+        generation: spec.generation,
+      },
+      changes,
+    );
+    return { result: handle, changes };
+  }
+
+  /**
+   * The handle made by AttachDomain at a target, checked against the expected domain.
+   * @throws DEVICE_NOT_FOUND, ATTACH_HANDLE_NOT_FOUND, DOMAIN_MISMATCH, INVALID_FIELD,
+   *   PASID_ZERO_RESERVED, PASID_OUT_OF_RANGE
+   */
+  findDomainAttachment(spec: DetachDomainSpec): AttachHandle {
+    const dev = this.#device(spec.deviceId);
+    const key = this.#targetKey(dev, spec.pasid, spec.withoutPasid);
+    const handleId = dev.entries.get(key);
+    const where = describeTarget(spec.deviceId, spec.pasid, spec.withoutPasid);
+    if (handleId === undefined) throw iommuError("ATTACH_HANDLE_NOT_FOUND", `nothing is attached at ${where}`);
+    const h = this.#handles.get(handleId)!;
+    if (h.kind !== AttachKind.DOMAIN) {
+      const undo = h.kind === AttachKind.GPASID_BIND ? "UnbindGpasid" : "SvaUnbind";
+      throw iommuError("DOMAIN_MISMATCH", `${where} holds a ${h.kind} handle, not an AttachDomain one: use ${undo}`);
+    }
+    if (h.domainId !== spec.domainId) {
+      throw iommuError("DOMAIN_MISMATCH", `${where} has domain ${h.domainId} attached, not domain ${spec.domainId}`);
+    }
+    return snapshotHandle(h);
+  }
+
+  /**
+   * Removes an AttachDomain attachment: the entry is torn down and the IOTLB/DevTLB flushed.
+   * @throws see {@link findDomainAttachment}
+   */
+  detachDomain(spec: DetachDomainSpec): Changed<AttachHandle> {
+    const h = this.findDomainAttachment(spec);
+    const changes: HardwareChange[] = [];
+    this.#teardownHandle(this.#handles.get(h.handleId)!, FlushCause.DETACH, changes);
+    return { result: h, changes };
+  }
+
+  /** The handle programmed at a device's PASID (or RID_PASID), or undefined. */
+  handleAt(deviceId: string, pasid: number, withoutPasid = false): AttachHandle | undefined {
+    const id = this.#devices.get(deviceId)?.entries.get(withoutPasid ? RID_PASID : pasid);
+    return id === undefined ? undefined : snapshotHandle(this.#handles.get(id)!);
+  }
+
+  // ---- guest PASID binds ----
+
+  /** The bind state of a host PASID, or undefined. The object is live: the driver updates its flags. */
+  binding(hpasid: number): GpasidBinding | undefined {
+    return this.#bindings.get(hpasid);
+  }
+
+  /** Starts tracking a guest bind of `hpasid` (no device yet, nothing held). */
+  createBinding(b: { hpasid: number; setId: number; generation: number; gpasid: number }): GpasidBinding {
+    const existing = this.#bindings.get(b.hpasid);
+    if (existing !== undefined) return existing;
+    const created: GpasidBinding = { ...b, devices: new Set(), refHeld: false, spidAttached: false };
+    this.#bindings.set(b.hpasid, created);
+    return created;
+  }
+
+  /** Forgets a bind state that has no device left. */
+  deleteBinding(hpasid: number): void {
+    const b = this.#bindings.get(hpasid);
+    if (b !== undefined && b.devices.size === 0) this.#bindings.delete(hpasid);
+  }
+
+  /**
+   * Checks everything {@link installGpasidEntry} checks, without changing anything; with
+   * `ignoreTaken`, all but whether the PASID is taken (which must not be told before ownership is
+   * checked: it would let one guest probe another's binds).
+   * @throws see {@link installGpasidEntry}
+   */
+  checkGpasidEntry(spec: GpasidEntrySpec, options: { ignoreTaken?: boolean } = {}): void {
+    const dev = this.#device(spec.deviceId);
+    const key = this.#targetKey(dev, spec.hpasid, false);
+    assertOwner(spec.owner, spec.ownerData);
+    this.#resolveParent(dev, spec.parentDomainId);
+    if (options.ignoreTaken === true) return;
+    const taken = dev.entries.get(key);
+    if (taken !== undefined) {
+      throw iommuError("PASID_IN_USE", `device ${spec.deviceId} already has an entry at PASID ${spec.hpasid} (handle ${taken})`);
+    }
+  }
+
+  /**
+   * Programs the NESTED PASID entry of a guest bind on one device (first stage: the guest's page
+   * table; second stage: the parent PAGING domain) under an implicit nested domain, and adds the
+   * device to the bind state, which must exist ({@link createBinding}).
+   * @throws DEVICE_NOT_FOUND, PASID_ZERO_RESERVED, PASID_OUT_OF_RANGE, PASID_IN_USE, DOMAIN_NOT_FOUND,
+   *   DOMAIN_NOT_PAGING, INVALID_FIELD
+   */
+  installGpasidEntry(spec: GpasidEntrySpec): Changed<AttachHandle> {
+    const binding = this.#bindings.get(spec.hpasid);
+    if (binding === undefined) throw new Error(`no bind state for PASID ${spec.hpasid}`);
+    this.checkGpasidEntry(spec);
+    const dev = this.#device(spec.deviceId);
+    const parent = this.#resolveParent(dev, spec.parentDomainId);
+    const nested = this.#addDomain(
+      { type: DomainType.NESTED, parentDomainId: parent.domainId, guestPgtable: spec.guestPgtable, mmToken: 0n },
+      true,
+    );
+    const changes: HardwareChange[] = [];
+    const handle = this.#install(
+      {
+        kind: AttachKind.GPASID_BIND,
+        domainId: nested.domainId,
+        deviceId: spec.deviceId,
+        pasid: spec.hpasid,
+        withoutPasid: false,
+        owner: spec.owner,
+        ownerData: spec.ownerData,
+        setId: binding.setId,
+        gpasid: binding.gpasid,
+        generation: binding.generation,
+      },
+      changes,
+    );
+    binding.devices.add(spec.deviceId);
+    return { result: handle, changes };
+  }
+
+  /**
+   * Tears down the guest bind entry of `hpasid` on one device (flush cause DETACH) and removes the
+   * device from the bind state (kept, even when empty, for the caller to release).
+   * @returns the handle, or undefined when the device has no bind entry for it
+   */
+  removeGpasidEntry(hpasid: number, deviceId: string): Changed<AttachHandle | undefined> {
+    const dev = this.#devices.get(deviceId);
+    const id = dev?.entries.get(hpasid);
+    const h = id === undefined || hpasid === RID_PASID ? undefined : this.#handles.get(id);
+    if (h === undefined || h.kind !== AttachKind.GPASID_BIND) return { result: undefined, changes: [] };
+    const changes: HardwareChange[] = [];
+    return { result: this.#teardownHandle(h, FlushCause.DETACH, changes), changes };
+  }
+
+  /**
+   * The FREE teardown of an IOASID (DESIGN §5 "IOMMU"; ioasid.rst misbehaving steps 22/25): every
+   * entry programmed for this PASID at this generation, on every device — guest binds, checked
+   * domain attachments and SVA bonds — is torn down with its IOTLB/DevTLB flush. Entries attached
+   * unchecked (generation 0) are not the IOASID's and stay. Idempotent: a second call finds nothing.
+   * @returns the handles torn down
+   */
+  teardownIoasid(pasid: number, generation: number): Changed<AttachHandle[]> {
+    const changes: HardwareChange[] = [];
+    const torn: AttachHandle[] = [];
+    if (pasid === RID_PASID || generation === 0) return { result: torn, changes };
+    for (const dev of this.#devices.values()) {
+      const id = dev.entries.get(pasid);
+      if (id === undefined) continue;
+      const h = this.#handles.get(id)!;
+      if (h.generation !== generation) continue;
+      // Fault reporting is off from the moment the free is seen until the entry is gone
+      // (ioasid.rst: "IOMMU driver shall disable fault reporting after free and before unbind").
+      h.faultReporting = false;
+      torn.push(this.#teardownHandle(h, FlushCause.IOASID_FREE, changes));
+    }
+    return { result: torn, changes };
+  }
+
+  /**
+   * True when the IOMMU has anything for this IOASID generation: a guest bind state, an mm whose
+   * PASID it is, or an entry programmed for it on some device (what a FREE must tear down).
+   */
+  hasIoasidState(pasid: number, generation: number): boolean {
+    if (pasid === RID_PASID || generation === 0) return false;
+    if (this.#bindings.get(pasid)?.generation === generation) return true;
+    for (const mm of this.#mms.values()) if (mm.pasid === pasid && mm.generation === generation) return true;
+    for (const dev of this.#devices.values()) {
+      const id = dev.entries.get(pasid);
+      if (id !== undefined && this.#handles.get(id)!.generation === generation) return true;
+    }
+    return false;
+  }
+
+  // ---- native SVA ----
+
+  /** The mm context, or undefined. */
+  mm(mmToken: bigint): MmContext | undefined {
+    const m = this.#mms.get(mmToken);
+    return m === undefined ? undefined : { mmToken: m.mmToken, setId: m.setId, pasid: m.pasid, generation: m.generation };
+  }
+
+  /** Every mm context whose PASID is `pasid`. */
+  mmsWithPasid(pasid: number): MmContext[] {
+    return [...this.#mms.values()].filter((m) => m.pasid === pasid).map((m) => this.mm(m.mmToken)!);
+  }
+
+  /** Records an mm and the PASID allocated for it. */
+  addMm(ctx: MmContext): void {
+    if (!this.#mms.has(ctx.mmToken)) this.#mms.set(ctx.mmToken, { ...ctx, domainId: 0, bonds: new Map() });
+  }
+
+  /** Forgets an mm whose bonds are all gone. */
+  deleteMm(mmToken: bigint): void {
+    const m = this.#mms.get(mmToken);
+    if (m !== undefined && m.bonds.size === 0) this.#mms.delete(mmToken);
+  }
+
+  /**
+   * Checks everything {@link svaBind} checks for a device and a PASID, without changing anything.
+   * @throws DEVICE_NOT_FOUND, PASID_NOT_SUPPORTED, PASID_OUT_OF_RANGE, PASID_IN_USE, INVALID_FIELD
+   */
+  checkSvaBind(deviceId: string, mmToken: bigint, pasid: number | undefined, owner: string, ownerData: Uint8Array): void {
+    const dev = this.#device(deviceId);
+    assertOwner(owner, ownerData);
+    // max_pasids 1 leaves only PASID 0 (RID_PASID): no PASID to bind an mm at.
+    if (dev.spec.maxPasids <= 1) throw iommuError("PASID_NOT_SUPPORTED", `device ${deviceId} has no PASID capability: it cannot do SVA`);
+    if (pasid === undefined) return;
+    if (pasid >= dev.spec.maxPasids) {
+      throw iommuError("PASID_OUT_OF_RANGE", `the mm's PASID ${pasid} is not below max_pasids ${dev.spec.maxPasids} of device ${deviceId}`);
+    }
+    const bond = this.#mms.get(mmToken)?.bonds.get(deviceId);
+    const taken = dev.entries.get(pasid);
+    if (taken !== undefined && taken !== bond?.handleId) {
+      throw iommuError("PASID_IN_USE", `device ${deviceId} already has another attachment at the mm's PASID ${pasid}`);
+    }
+  }
+
+  /**
+   * Binds an mm (which must be known: {@link addMm}) to a device: a new bond programs the mm's
+   * PASID with the mm's SVA domain (created with its first bond); an existing bond gains a user.
+   * @throws see {@link checkSvaBind}
+   */
+  svaBind(deviceId: string, mmToken: bigint, owner: string, ownerData: Uint8Array): Changed<SvaBond> {
+    const mm = this.#mms.get(mmToken);
+    if (mm === undefined) throw new Error(`mm ${mmToken} is not known`);
+    this.checkSvaBind(deviceId, mmToken, mm.pasid, owner, ownerData);
+    const existing = mm.bonds.get(deviceId);
+    if (existing !== undefined) {
+      existing.users++;
+      return { result: this.#bondView(mm, deviceId, existing), changes: [] };
+    }
+    if (mm.domainId === 0) mm.domainId = this.#addDomain({ type: DomainType.SVA, parentDomainId: 0, guestPgtable: 0n, mmToken }, true).domainId;
+    const changes: HardwareChange[] = [];
+    const handle = this.#install(
+      {
+        kind: AttachKind.SVA_BIND,
+        domainId: mm.domainId,
+        deviceId,
+        pasid: mm.pasid,
+        withoutPasid: false,
+        owner,
+        ownerData,
+        setId: 0,
+        gpasid: 0,
+        generation: mm.generation,
+      },
+      changes,
+    );
+    const bond: BondState = { handleId: handle.handleId, users: 1 };
+    mm.bonds.set(deviceId, bond);
+    return { result: this.#bondView(mm, deviceId, bond), changes };
+  }
+
+  /**
+   * Drops one user of a bond; the last one tears its entry down (flush cause DETACH). The mm keeps
+   * its PASID.
+   * @returns the users left
+   * @throws DEVICE_NOT_FOUND, SVA_BOND_NOT_FOUND
+   */
+  svaUnbind(deviceId: string, mmToken: bigint): Changed<number> {
+    this.#device(deviceId);
+    const mm = this.#mms.get(mmToken);
+    const bond = mm?.bonds.get(deviceId);
+    if (mm === undefined || bond === undefined) throw iommuError("SVA_BOND_NOT_FOUND", `mm ${mmToken} is not bound to device ${deviceId}`);
+    if (bond.users > 1) {
+      bond.users--;
+      return { result: bond.users, changes: [] };
+    }
+    const changes: HardwareChange[] = [];
+    this.#teardownHandle(this.#handles.get(bond.handleId)!, FlushCause.DETACH, changes);
+    return { result: 0, changes };
+  }
+
+  /**
+   * Tears down every bond an mm still has (the process exited before its driver unbound; flush
+   * cause MM_RELEASE).
+   * @returns how many bonds were torn down
+   */
+  releaseMmBonds(mmToken: bigint): Changed<number> {
+    const mm = this.#mms.get(mmToken);
+    const changes: HardwareChange[] = [];
+    if (mm === undefined) return { result: 0, changes };
+    let torn = 0;
+    for (const bond of [...mm.bonds.values()]) {
+      this.#teardownHandle(this.#handles.get(bond.handleId)!, FlushCause.MM_RELEASE, changes);
+      torn++;
+    }
+    return { result: torn, changes };
+  }
+
+  // ---- I/O page tables ----
+
+  /**
+   * Maps a page-aligned IOVA range of a PAGING domain.
+   * @throws DOMAIN_NOT_FOUND, DOMAIN_NOT_PAGING, ADDRESS_NOT_ALIGNED, INVALID_RANGE, INVALID_FIELD,
+   *   IOVA_ALREADY_MAPPED
+   */
+  map(domainId: number, m: Mapping): void {
+    const d = this.#pagingDomain(domainId);
+    assertRange(m.iova, m.size);
+    if (m.paddr % PAGE_SIZE !== 0n) throw iommuError("ADDRESS_NOT_ALIGNED", `paddr 0x${m.paddr.toString(16)} is not 4 KiB aligned`);
+    if (m.paddr + m.size > U64_LIMIT) throw iommuError("INVALID_RANGE", "the physical range wraps past 2^64");
+    if (!m.access.read && !m.access.write) throw invalidField("access", "a mapping grants at least read or write access");
+    const at = lowerBound(d.mappings, m.iova);
+    const prev = d.mappings[at - 1];
+    const next = d.mappings[at];
+    const end = m.iova + m.size;
+    if ((prev !== undefined && prev.iova + prev.size > m.iova) || (next !== undefined && next.iova < end)) {
+      throw iommuError("IOVA_ALREADY_MAPPED", `[0x${m.iova.toString(16)}, 0x${end.toString(16)}) overlaps a mapping of domain ${domainId}`);
+    }
+    d.mappings.splice(at, 0, { iova: m.iova, paddr: m.paddr, size: m.size, access: { ...m.access } });
+  }
+
+  /**
+   * Unmaps every page of a PAGING domain inside a page-aligned range (splitting mappings that
+   * straddle its ends) and flushes the range on every device the domain is reachable through
+   * (attached directly, or as the second stage of a nested entry). Unmapping nothing flushes nothing.
+   * @returns bytes unmapped
+   * @throws DOMAIN_NOT_FOUND, DOMAIN_NOT_PAGING, ADDRESS_NOT_ALIGNED, INVALID_RANGE
+   */
+  unmap(domainId: number, iova: bigint, size: bigint): Changed<bigint> {
+    const d = this.#pagingDomain(domainId);
+    assertRange(iova, size);
+    const end = iova + size;
+    const kept: Mapping[] = [];
+    let unmapped = 0n;
+    for (const m of d.mappings) {
+      const mEnd = m.iova + m.size;
+      if (mEnd <= iova || m.iova >= end) {
+        kept.push(m);
+        continue;
+      }
+      if (m.iova < iova) kept.push({ ...m, size: iova - m.iova });
+      if (mEnd > end) kept.push({ ...m, iova: end, paddr: m.paddr + (end - m.iova), size: mEnd - end });
+      unmapped += (mEnd < end ? mEnd : end) - (m.iova > iova ? m.iova : iova);
+    }
+    const changes: HardwareChange[] = [];
+    if (unmapped === 0n) return { result: 0n, changes };
+    d.mappings = kept;
+    for (const h of this.#handles.values()) {
+      const hd = this.#domains.get(h.domainId)!;
+      if (hd.domainId !== domainId && hd.parentDomainId !== domainId) continue;
+      changes.push(
+        this.#flush({
+          scope: FlushScope.RANGE,
+          cause: FlushCause.UNMAP,
+          domainId: h.domainId,
+          pasid: h.pasid,
+          deviceId: h.deviceId,
+          deviceTlb: true,
+          address: iova,
+          size,
+        }),
+      );
+    }
+    return { result: unmapped, changes };
+  }
+
+  /**
+   * One DMA translation through the device's PASID table. PAGING: the domain's mappings; NESTED:
+   * the parent's mappings (the guest's first stage is not modelled: it translates GVA = GPA);
+   * SVA: the process page table is not modelled: the address translates to itself. A miss is a
+   * NOT_PRESENT fault (page requests are not modelled yet).
+   * @throws DEVICE_NOT_FOUND, INVALID_FIELD
+   */
+  translate(t: TranslateSpec): TranslateResult {
+    const dev = this.#device(t.deviceId);
+    if (!t.access.read && !t.access.write) throw invalidField("access", "a DMA request asks for read or write access");
+    if (t.withoutPasid) {
+      if (t.pasid !== 0) throw invalidField("pasid", "pasid must be 0 for a request without PASID");
+      if (t.access.execute || t.access.privileged) throw invalidField("access", "execute and privileged access need a PASID");
+    } else {
+      if (t.pasid === RID_PASID) throw invalidField("pasid", "PASID 0 is RID_PASID: send the request without_pasid");
+      if (t.pasid >= dev.spec.maxPasids) return { outcome: "FAULT", reason: FaultReason.PASID_OUT_OF_RANGE, handleId: 0n };
+    }
+    const id = dev.entries.get(t.withoutPasid ? RID_PASID : t.pasid);
+    if (id === undefined) return { outcome: "FAULT", reason: FaultReason.NO_PASID_ENTRY, handleId: 0n };
+    const h = this.#handles.get(id)!;
+    const d = this.#domains.get(h.domainId)!;
+    if (d.type === DomainType.SVA) return { outcome: "TRANSLATED", outputAddress: t.address, handleId: id };
+    const table = d.type === DomainType.NESTED ? this.#domains.get(d.parentDomainId)! : d;
+    const m = findMapping(table.mappings, t.address);
+    if (m === undefined) return { outcome: "FAULT", reason: FaultReason.NOT_PRESENT, handleId: id };
+    if ((t.access.read && !m.access.read) || (t.access.write && !m.access.write) || (t.access.execute && !m.access.execute)) {
+      return { outcome: "FAULT", reason: FaultReason.PERMISSION, handleId: id };
+    }
+    return { outcome: "TRANSLATED", outputAddress: m.paddr + (t.address - m.iova), handleId: id };
+  }
+
+  // ---- state ----
+
+  /**
+   * A consistent snapshot: the selected devices (all when `deviceIds` is empty) with their PASID
+   * tables, every domain, the selected devices' handles and bonds, and the last `maxFlushes` IOTLB
+   * flush records, oldest first.
+   * @throws DEVICE_NOT_FOUND (a selected device is not registered)
+   */
+  snapshot(deviceIds: readonly string[] = [], maxFlushes = 0): IommuSnapshot {
+    for (const id of deviceIds) this.#device(id);
+    const selected = deviceIds.length === 0 ? [...this.#devices.keys()] : [...new Set(deviceIds)];
+    selected.sort();
+    const chosen = new Set(selected);
+    const handles = [...this.#handles.values()].filter((h) => chosen.has(h.deviceId)).map(snapshotHandle);
+    handles.sort((a, b) => (a.handleId < b.handleId ? -1 : 1));
+    const bonds: SvaBond[] = [];
+    for (const mm of this.#mms.values()) {
+      for (const [deviceId, bond] of mm.bonds) if (chosen.has(deviceId)) bonds.push(this.#bondView(mm, deviceId, bond));
+    }
+    return {
+      devices: selected.map((id) => this.#deviceView(this.#devices.get(id)!)),
+      domains: [...this.#domains.values()].sort((a, b) => a.domainId - b.domainId).map((d) => this.#domainView(d)),
+      handles,
+      bonds,
+      flushes: maxFlushes <= 0 ? [] : this.#flushes.slice(-maxFlushes),
+    };
+  }
+
+  // ---- internals ----
+
+  #device(deviceId: string): DeviceState {
+    if (deviceId === "") throw invalidField("device_id", "device_id is required");
+    const dev = this.#devices.get(deviceId);
+    if (dev === undefined) throw iommuError("DEVICE_NOT_FOUND", `device ${deviceId} is not registered`);
+    return dev;
+  }
+
+  #domain(domainId: number): DomainState {
+    if (domainId === 0) throw invalidField("domain_id", "domain_id is required");
+    const d = this.#domains.get(domainId);
+    if (d === undefined) throw iommuError("DOMAIN_NOT_FOUND", `domain ${domainId} does not exist`);
+    return d;
+  }
+
+  #pagingDomain(domainId: number): DomainState {
+    const d = this.#domain(domainId);
+    if (d.type !== DomainType.PAGING) throw iommuError("DOMAIN_NOT_PAGING", `domain ${domainId} is ${d.type}, not PAGING`);
+    return d;
+  }
+
+  /** The PASID table key of a target (RID_PASID for requests without PASID), after its checks. */
+  #targetKey(dev: DeviceState, pasid: number, withoutPasid: boolean): number {
+    if (withoutPasid) {
+      if (pasid !== 0) throw invalidField("pasid", "pasid must be 0 when without_pasid is set");
+      return RID_PASID;
+    }
+    // PASID 0 is RID_PASID (VT-d scalable mode): never a PASID attach target.
+    if (pasid === RID_PASID) throw iommuError("PASID_ZERO_RESERVED", "PASID 0 is RID_PASID: attach with without_pasid instead");
+    if (pasid >= dev.spec.maxPasids) {
+      throw iommuError("PASID_OUT_OF_RANGE", `PASID ${pasid} is not below max_pasids ${dev.spec.maxPasids} of device ${dev.spec.deviceId}`);
+    }
+    return pasid;
+  }
+
+  #resolveParent(dev: DeviceState, parentDomainId: number): DomainState {
+    let parent: DomainState;
+    if (parentDomainId === 0) {
+      const rid = dev.entries.get(RID_PASID);
+      if (rid === undefined) {
+        throw iommuError("DOMAIN_NOT_FOUND", `device ${dev.spec.deviceId} has no domain attached without PASID: name parent_domain_id`);
+      }
+      parent = this.#domains.get(this.#handles.get(rid)!.domainId)!;
+    } else {
+      parent = this.#domain(parentDomainId);
+    }
+    if (parent.type !== DomainType.PAGING) {
+      throw iommuError("DOMAIN_NOT_PAGING", `the second stage of a nested entry must be a PAGING domain; domain ${parent.domainId} is ${parent.type}`);
+    }
+    return parent;
+  }
+
+  #checkDomainSpec(spec: DomainSpec): void {
+    switch (spec.type) {
+      case DomainType.PAGING:
+        if (spec.parentDomainId !== 0) throw invalidField("parent_domain_id", "only a NESTED domain has a parent");
+        if (spec.guestPgtable !== 0n) throw invalidField("guest_pgtable", "only a NESTED domain has a guest page table");
+        if (spec.mmToken !== 0n) throw invalidField("mm_token", "only an SVA domain has an mm");
+        return;
+      case DomainType.SVA:
+        if (spec.mmToken === 0n) throw invalidField("mm_token", "an SVA domain needs the mm_token of its process");
+        if (spec.parentDomainId !== 0) throw invalidField("parent_domain_id", "only a NESTED domain has a parent");
+        if (spec.guestPgtable !== 0n) throw invalidField("guest_pgtable", "only a NESTED domain has a guest page table");
+        return;
+      case DomainType.NESTED: {
+        if (spec.parentDomainId === 0) throw invalidField("parent_domain_id", "a NESTED domain needs its PAGING parent");
+        if (spec.guestPgtable === 0n) throw invalidField("guest_pgtable", "a NESTED domain needs the guest's first-stage page table");
+        if (spec.mmToken !== 0n) throw invalidField("mm_token", "only an SVA domain has an mm");
+        const parent = this.#domain(spec.parentDomainId);
+        if (parent.type !== DomainType.PAGING) {
+          throw iommuError("DOMAIN_NOT_PAGING", `the parent of a nested domain must be PAGING; domain ${parent.domainId} is ${parent.type}`);
+        }
+        return;
+      }
+      default:
+        throw invalidField("type", "type is required: PAGING, SVA or NESTED");
+    }
+  }
+
+  #addDomain(spec: DomainSpec, implicit: boolean): DomainState {
+    const d: DomainState = {
+      domainId: this.#nextDomainId++,
+      type: spec.type,
+      parentDomainId: spec.parentDomainId,
+      guestPgtable: spec.guestPgtable,
+      mmToken: spec.mmToken,
+      implicit,
+      attachCount: 0,
+      mappings: [],
+    };
+    this.#domains.set(d.domainId, d);
+    return d;
+  }
+
+  #install(h: Omit<HandleState, "handleId" | "createdAt" | "faultReporting">, changes: HardwareChange[]): AttachHandle {
+    const state: HandleState = {
+      ...h,
+      ownerData: Uint8Array.from(h.ownerData),
+      handleId: this.#nextHandleId++,
+      createdAt: this.#now(),
+      faultReporting: true,
+    };
+    this.#handles.set(state.handleId, state);
+    this.#devices.get(h.deviceId)!.entries.set(h.pasid, state.handleId);
+    this.#domains.get(h.domainId)!.attachCount++;
+    changes.push({ kind: "pasid_entry_set", deviceId: h.deviceId, entry: this.#entryView(state) });
+    return snapshotHandle(state);
+  }
+
+  /** Clears a handle's entry, flushes, and drops what only it used (implicit domain, bind device, bond). */
+  #teardownHandle(h: HandleState, cause: FlushCause, changes: HardwareChange[]): AttachHandle {
+    const entry = this.#entryView(h);
+    this.#devices.get(h.deviceId)?.entries.delete(h.pasid);
+    this.#handles.delete(h.handleId);
+    const d = this.#domains.get(h.domainId)!;
+    d.attachCount--;
+    changes.push({ kind: "teardown_pasid", deviceId: h.deviceId, entry, cause });
+    changes.push(
+      this.#flush({
+        scope: h.withoutPasid ? FlushScope.DOMAIN : FlushScope.PASID,
+        cause,
+        domainId: h.domainId,
+        pasid: h.pasid,
+        deviceId: h.deviceId,
+        deviceTlb: true,
+        address: 0n,
+        size: 0n,
+      }),
+    );
+    if (h.kind === AttachKind.GPASID_BIND) this.#bindings.get(h.pasid)?.devices.delete(h.deviceId);
+    if (h.kind === AttachKind.SVA_BIND) {
+      const mm = this.#mms.get(d.mmToken);
+      mm?.bonds.delete(h.deviceId);
+      if (mm !== undefined && mm.bonds.size === 0) mm.domainId = 0;
+    }
+    if (d.implicit && d.attachCount === 0) this.#domains.delete(d.domainId);
+    return snapshotHandle(h);
+  }
+
+  #flush(f: Omit<IotlbFlush, "seq" | "flushedAt">): HardwareChange {
+    const flush: IotlbFlush = { ...f, seq: this.#nextFlushSeq++, flushedAt: this.#now() };
+    this.#flushes.push(flush);
+    if (this.#flushes.length > IOTLB_FLUSH_LOG_SIZE) this.#flushes.splice(0, this.#flushes.length - IOTLB_FLUSH_LOG_SIZE);
+    return { kind: "iotlb_flush", flush };
+  }
+
+  #entryView(h: HandleState): PasidEntry {
+    return {
+      pasid: h.pasid,
+      withoutPasid: h.withoutPasid,
+      domainId: h.domainId,
+      domainType: this.#domains.get(h.domainId)!.type,
+      handleId: h.handleId,
+      setId: h.setId,
+      gpasid: h.gpasid,
+      generation: h.generation,
+      faultReporting: h.faultReporting,
+    };
+  }
+
+  #deviceView(dev: DeviceState): DeviceView {
+    const keys = [...dev.entries.keys()].sort((a, b) => a - b);
+    return { ...dev.spec, pasidEntries: keys.map((k) => this.#entryView(this.#handles.get(dev.entries.get(k)!)!)) };
+  }
+
+  #domainView(d: DomainState): Domain {
+    return {
+      domainId: d.domainId,
+      type: d.type,
+      parentDomainId: d.parentDomainId,
+      guestPgtable: d.guestPgtable,
+      mmToken: d.mmToken,
+      attachCount: d.attachCount,
+      mappings: d.mappings.map((m) => ({ ...m, access: { ...m.access } })),
+      implicit: d.implicit,
+    };
+  }
+
+  #bondView(mm: MmState, deviceId: string, bond: BondState): SvaBond {
+    return { deviceId, mmToken: mm.mmToken, pasid: mm.pasid, handleId: bond.handleId, domainId: mm.domainId, users: bond.users };
+  }
+}
+
+function snapshotHandle(h: HandleState): AttachHandle {
+  return {
+    handleId: h.handleId,
+    kind: h.kind,
+    domainId: h.domainId,
+    deviceId: h.deviceId,
+    pasid: h.pasid,
+    withoutPasid: h.withoutPasid,
+    owner: h.owner,
+    ownerData: Uint8Array.from(h.ownerData),
+    setId: h.setId,
+    gpasid: h.gpasid,
+    generation: h.generation,
+    createdAt: h.createdAt,
+  };
+}
+
+function describeTarget(deviceId: string, pasid: number, withoutPasid: boolean): string {
+  return withoutPasid ? `device ${deviceId} (requests without PASID)` : `device ${deviceId} PASID ${pasid}`;
+}
+
+function assertName(field: string, value: string): void {
+  if (value === "") throw invalidField(field, `${field} is required`);
+  if (value.length > MAX_NAME_LENGTH || !NAME.test(value)) {
+    throw invalidField(field, `${field} must be 1..${MAX_NAME_LENGTH} printable characters without spaces`);
+  }
+}
+
+function assertOwner(owner: string, ownerData: Uint8Array): void {
+  assertName("owner", owner);
+  if (ownerData.length > MAX_OWNER_DATA) throw invalidField("owner_data", `owner_data is limited to ${MAX_OWNER_DATA} bytes`);
+}
+
+/** Page-aligned, non-empty, not wrapping past 2^64. */
+function assertRange(iova: bigint, size: bigint): void {
+  if (size === 0n) throw iommuError("INVALID_RANGE", "size must not be 0");
+  if (iova % PAGE_SIZE !== 0n || size % PAGE_SIZE !== 0n) {
+    throw iommuError("ADDRESS_NOT_ALIGNED", `iova 0x${iova.toString(16)} and size 0x${size.toString(16)} must be 4 KiB aligned`);
+  }
+  if (iova + size > U64_LIMIT) throw iommuError("INVALID_RANGE", "the IOVA range wraps past 2^64");
+}
+
+/** Index of the first mapping whose IOVA is ≥ `iova`. */
+function lowerBound(mappings: readonly Mapping[], iova: bigint): number {
+  let lo = 0;
+  let hi = mappings.length;
+  while (lo < hi) {
+    const mid = (lo + hi) >>> 1;
+    if (mappings[mid]!.iova < iova) lo = mid + 1;
+    else hi = mid;
+  }
+  return lo;
+}
+
+function findMapping(mappings: readonly Mapping[], address: bigint): Mapping | undefined {
+  const at = lowerBound(mappings, address + 1n) - 1;
+  const m = mappings[at];
+  return m !== undefined && address < m.iova + m.size ? m : undefined;
+}

@@ -1,0 +1,97 @@
+#!/usr/bin/env node
+import { configOrExit, createLogger, runUntilSignal } from "@ioasid/grpc-kit";
+import { HistoryRecorder, startSubscriber, type Subscriber } from "@ioasid/bus";
+import { connectNats, createCoreClient, ensureRegistration, type CoreClient } from "@ioasid/role-kit";
+import { Code, isDomainError } from "@ioasid/errors";
+import { events, type core } from "@ioasid/proto";
+import { iommuConfigSchema } from "./config.js";
+import { IommuDriver } from "./iommu-driver.js";
+import { IommuHardware } from "./iommu-hardware.js";
+import { startIommuServer } from "./server.js";
+
+// config → logger → NATS → core client → driver → bus subscriber + registration → gRPC server.
+
+const SUBSCRIBER_NAME = "iommu";
+const INSTANCE = /^[A-Za-z0-9._:@-]{1,128}$/;
+
+const config = configOrExit(iommuConfigSchema, { service: "iommu" });
+if (!INSTANCE.test(config.instance)) {
+  process.stderr.write(`iommu: IOMMU_INSTANCE must be 1..128 of letters, digits and ._:@- (got "${config.instance}")\n`);
+  process.exit(2);
+}
+const logger = createLogger("iommu", { level: config.logLevel });
+const nc = await connectNats(config.natsUrl, { name: `iommu/${config.instance}`, timeoutMs: config.natsConnectTimeout, logger }).catch(
+  (err: unknown) => {
+    logger.fatal({ url: config.natsUrl, err: String(err) }, "cannot reach NATS: start nats-server or set NATS_URL");
+    process.exit(1);
+  },
+);
+const coreClient = createCoreClient(config.coreAddress.address);
+const driver = new IommuDriver({
+  hardware: new IommuHardware(),
+  core: coreClient,
+  history: new HistoryRecorder(nc, "iommu", config.instance, config.prefix),
+  log: logger,
+  instance: config.instance,
+});
+
+let subscriber: Subscriber;
+try {
+  // References held before a restart first, so a FREE delivered from the backlog finds them.
+  const adopted = await retryWhileUnreachable(() => driver.adoptHeldReferences(), config.natsConnectTimeout);
+  if (adopted > 0) logger.info({ adopted }, "took back the bind references held before the restart");
+  // Subscribe before registering, so no delivery finds nobody listening.
+  subscriber = await startSubscriber({
+    nc,
+    name: SUBSCRIBER_NAME,
+    instance: config.instance,
+    prefix: config.prefix,
+    handler: (event) => driver.handleEvent(event),
+  });
+  // The IOMMU tears PASIDs down on FREE, globally, after CPU and DEVICE (DESIGN §1, §5).
+  const registration = await retryWhileUnreachable(() => register(coreClient), config.natsConnectTimeout);
+  logger.info({ registrationId: registration.registrationId, instance: config.instance }, "registered with the core (global, IOMMU priority, FREE)");
+} catch (err) {
+  logger.fatal({ err: String(err), core: config.coreAddress.address }, "cannot take back references or register with ioasid-core");
+  process.exit(1);
+}
+
+const server = await startIommuServer({ driver, host: config.address.host, port: config.address.port, logger }).catch((err: unknown) => {
+  logger.fatal({ err: String(err) }, "could not start");
+  process.exit(1);
+});
+// Open fault-handler streams would hold the graceful shutdown for its whole grace period: end them first.
+for (const signal of ["SIGTERM", "SIGINT"] as const) process.once(signal, () => driver.faults.closeAll());
+runUntilSignal(server, {
+  logger,
+  beforeExit: async () => {
+    await subscriber.stop();
+    coreClient.close();
+    await nc.drain();
+  },
+});
+
+/** Registers the IOMMU's notifier: global, IOMMU priority, FREE (idempotent across restarts). */
+function register(client: CoreClient): Promise<core.Registration> {
+  return ensureRegistration(client, {
+    subscriber: { name: SUBSCRIBER_NAME, instance: config.instance },
+    priority: events.Priority.PRIORITY_IOMMU,
+    scope: { $case: "global", value: true },
+    events: [events.EventType.EVENT_TYPE_FREE],
+  });
+}
+
+/** Runs `call`, retried while the core is not reachable yet (it may start after the IOMMU). */
+async function retryWhileUnreachable<T>(call: () => Promise<T>, timeoutMs: number): Promise<T> {
+  const deadline = Date.now() + timeoutMs;
+  for (let attempt = 0; ; attempt++) {
+    try {
+      return await call();
+    } catch (err) {
+      const unreachable = isDomainError(err) && (err.code === Code.UNAVAILABLE || err.code === Code.DEADLINE_EXCEEDED);
+      if (!unreachable || Date.now() >= deadline) throw err;
+      if (attempt === 0) logger.warn({ core: config.coreAddress.address }, "ioasid-core not reachable yet; retrying");
+      await new Promise((r) => setTimeout(r, 250));
+    }
+  }
+}
