@@ -122,7 +122,8 @@ export async function runScenario(kind: ScenarioKind, c: StackClients, options: 
     const a = await c.vfio.allocPasid(P(vfio.AllocPasidRequest, { containerId: container.containerId }));
     const hpasid = a.hpasid;
     log(`[${kind}] 2  AllocPasid -> host PASID ${hpasid} (generation ${a.generation})`);
-    const device = { ref: { $case: "deviceId", value: deviceId } };
+    // The guest binds through its mdev (VFIO binds the PASID on the mdev's parent device).
+    const device = { ref: { $case: "mdevUuid", value: mdevUuid } };
 
     // 3–7. bind_gpasid: the IOMMU takes a reference and attaches the SPID (BIND); KVM takes one
     //      and updates its VMCS PASID translation table.

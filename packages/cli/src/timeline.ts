@@ -76,7 +76,7 @@ export function buildTimeline(records: readonly HistoryRecord[], options: Timeli
     if (r.ioasid === undefined && options.setIds !== undefined && (r.setId === undefined || !options.setIds.has(r.setId))) continue;
     const column = columnOf(r);
     if (column === undefined) continue;
-    const changesRef = r.action === "ioasid_get" || r.action === "ioasid_put" || r.action === "event:ALLOC" || r.action === "event:RECLAIM" || r.action === "event:FREE";
+    const changesRef = r.action === "ioasid_get" || r.action === "ioasid_put" || r.action === "event:ALLOC" || r.action === "event:FREE";
     rows.push({
       step: rows.length + 1,
       ts: r.ts,

@@ -1,1 +1,58 @@
-export {};
+/**
+ * The VDCM role (idxd Virtual Device Composition Module / mdev) as a service: physical work-queue
+ * devices, their device PASID tables, mdevs assigned to VMs, and the DEVICE-priority FREE handler
+ * (DESIGN §5 "VDCM").
+ */
+export { coreIoasidPort, coreNotifierPort } from "./core-adapter.js";
+export {
+  assertDescriptor,
+  CompletionStatus,
+  DescriptorOp,
+  DMA_PAGE_SIZE,
+  MAX_TRANSFER_SIZE,
+  runDescriptor,
+  type Completion,
+  type Descriptor,
+  type DmaRequest,
+  type DmaResult,
+  type DmaTranslator,
+} from "./descriptor-runner.js";
+export { createIommuClient, iommuDmaTranslator, TRANSLATE_DEADLINE_MS, type IommuClient } from "./iommu-adapter.js";
+export { KeyedMutex } from "./keyed-mutex.js";
+export type { HeldReference, HistoryFields, HistorySink, Holder, IoasidPort, NotifierPort, Translation } from "./ports.js";
+export { createVdcmHandlers, createVdcmServer, type CreateVdcmServerOptions } from "./server.js";
+export {
+  PasidSpace,
+  purposeOf,
+  Vdcm,
+  VDCM_ROLE,
+  type ClearResult,
+  type IoasidEventLike,
+  type Submission,
+  type SubmissionResult,
+  type VdcmOptions,
+} from "./vdcm.js";
+export { invalidField, vdcmError, VdcmReason } from "./vdcm-errors.js";
+export {
+  DEFAULT_MAX_PASID_ENTRIES,
+  DEFAULT_WQ_SIZE,
+  EntryState,
+  MAX_DEVICE_ID_LENGTH,
+  MAX_GPASID,
+  MAX_PASID_ENTRIES,
+  MAX_WQ_SIZE,
+  MAX_WQS_PER_DEVICE,
+  normalizeMdevUuid,
+  VdcmState,
+  WqMode,
+  type DevicePasidEntry,
+  type DeviceSpec,
+  type DeviceView,
+  type MdevView,
+  type ResolvedWq,
+  type VdcmSnapshot,
+  type VdcmStateOptions,
+  type WorkQueueView,
+  type WqReservation,
+  type WqSpec,
+} from "./vdcm-state.js";

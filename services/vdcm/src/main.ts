@@ -1,0 +1,107 @@
+#!/usr/bin/env node
+import { HistoryRecorder, startSubscriber } from "@ioasid/bus";
+import { ConfigError, configOrExit, createLogger, defineConfigSchema, runUntilSignal } from "@ioasid/grpc-kit";
+import { events } from "@ioasid/proto";
+import { commonRoleConfig, connectNats, createCoreClient } from "@ioasid/role-kit";
+import { coreIoasidPort, coreNotifierPort } from "./core-adapter.js";
+import { createIommuClient, iommuDmaTranslator } from "./iommu-adapter.js";
+import { createVdcmServer } from "./server.js";
+import { Vdcm, VDCM_ROLE } from "./vdcm.js";
+
+/** Configuration of the VDCM service, from the environment (`vdcm --help` lists it). */
+export const vdcmConfigSchema = defineConfigSchema({
+  ...commonRoleConfig,
+  address: {
+    name: "VDCM_GRPC_ADDRESS",
+    kind: "address",
+    default: "127.0.0.1:50055",
+    doc: "host:port VdcmService listens on (port 0: an ephemeral port, printed in the 'listening' log line).",
+  },
+  instance: {
+    name: "VDCM_INSTANCE",
+    kind: "string",
+    default: "vdcm0",
+    doc: "This VDCM's instance: its notifier subscriber instance and the holder instance of its IOASID references (1..128 of letters, digits, ._:@-).",
+  },
+  iommuAddress: {
+    name: "IOMMU_ADDRESS",
+    kind: "address",
+    default: "127.0.0.1:50052",
+    doc: "host:port of the IOMMU service that translates descriptors' DMA (IommuService.Translate).",
+  },
+});
+
+const INSTANCE = /^[A-Za-z0-9._:@-]{1,128}$/;
+
+const config = configOrExit(vdcmConfigSchema, { service: "vdcm" });
+if (!INSTANCE.test(config.instance)) {
+  const problem = { name: "VDCM_INSTANCE", value: config.instance, expected: "1..128 of letters, digits and ._:@-" };
+  process.stderr.write(`vdcm: ${new ConfigError([problem]).message}\n`);
+  process.exit(2);
+}
+const logger = createLogger("vdcm", { level: config.logLevel });
+const nc = await connectNats(config.natsUrl, { name: `vdcm-${config.instance}`, timeoutMs: config.natsConnectTimeout, logger }).catch((err: unknown) => {
+  logger.fatal({ url: config.natsUrl, err: String(err) }, "cannot reach NATS: start nats-server or set NATS_URL");
+  process.exit(1);
+});
+const coreClient = createCoreClient(config.coreAddress.address);
+const iommuClient = createIommuClient(config.iommuAddress.address);
+const history = new HistoryRecorder(nc, VDCM_ROLE, config.instance, config.prefix);
+const vdcm = new Vdcm({
+  instance: config.instance,
+  ioasids: coreIoasidPort(coreClient),
+  notifier: coreNotifierPort(coreClient, { name: VDCM_ROLE, instance: config.instance }),
+  dma: iommuDmaTranslator(iommuClient),
+  history,
+  log: (level, msg, fields) => logger[level](fields ?? {}, msg),
+});
+
+// The device tables start empty: references and registrations left by an earlier run are stale.
+// The core may start after VDCM: keep trying for as long as NATS is given.
+const reconcileDeadline = Date.now() + config.natsConnectTimeout;
+for (let attempt = 0; ; attempt++) {
+  try {
+    const r = await vdcm.reconcile();
+    if (r.released > 0 || r.unregistered > 0) logger.info(r, "reconciled with the core after restart");
+    break;
+  } catch (err) {
+    if (Date.now() >= reconcileDeadline) {
+      logger.fatal({ core: config.coreAddress.address, err: String(err) }, "cannot reach ioasid-core: start it or set IOASID_CORE_ADDRESS");
+      process.exit(1);
+    }
+    if (attempt === 0) logger.warn({ core: config.coreAddress.address, err: String(err) }, "ioasid-core not reachable yet; retrying");
+    await new Promise((r) => setTimeout(r, 250));
+  }
+}
+
+// One subscriber per process: deliveries of every set registration (DEVICE priority) arrive here.
+const subscriber = await startSubscriber({
+  nc,
+  name: VDCM_ROLE,
+  instance: config.instance,
+  prefix: config.prefix,
+  handler: (e) =>
+    vdcm.onIoasidEvent({
+      type: e.type === events.EventType.EVENT_TYPE_FREE ? "FREE" : events.eventTypeToJSON(e.type),
+      seq: Number(e.seq),
+      ioasid: e.ioasid,
+      generation: e.generation,
+      setId: e.setId,
+      spid: e.spid,
+    }),
+});
+
+const server = createVdcmServer(vdcm, { logger });
+await server.listen(config.address.host, config.address.port).catch((err: unknown) => {
+  logger.fatal({ err: String(err) }, "could not start");
+  process.exit(1);
+});
+runUntilSignal(server, {
+  logger,
+  beforeExit: async () => {
+    await subscriber.stop();
+    coreClient.close();
+    iommuClient.close();
+    await nc.drain();
+  },
+});

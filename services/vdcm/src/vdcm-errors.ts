@@ -1,0 +1,43 @@
+import { Code, DomainError } from "@ioasid/errors";
+
+/**
+ * Every reason VdcmService answers with, and the status code it always comes with (the names are
+ * `ErrorReason` values of proto/ioasid/errors/v1/errors.proto; each RPC's comment in
+ * proto/ioasid/vdcm/v1/vdcm.proto says which it returns). Core reasons that VDCM passes through
+ * from find-by-SPID and get (`SPID_NOT_FOUND`, `IOASID_FREE_PENDING`, …) keep the core's code.
+ */
+export const VdcmReason = {
+  INVALID_FIELD: Code.INVALID_ARGUMENT,
+  DEVICE_EXISTS: Code.ALREADY_EXISTS,
+  DEVICE_NOT_FOUND: Code.NOT_FOUND,
+  DEVICE_IN_USE: Code.FAILED_PRECONDITION,
+  WQ_NOT_FOUND: Code.NOT_FOUND,
+  WQ_IN_USE: Code.FAILED_PRECONDITION,
+  WQ_SHARED: Code.FAILED_PRECONDITION,
+  WQ_PASID_PROGRAMMED: Code.FAILED_PRECONDITION,
+  WQ_PASID_NOT_PROGRAMMED: Code.FAILED_PRECONDITION,
+  MDEV_EXISTS: Code.ALREADY_EXISTS,
+  MDEV_NOT_FOUND: Code.NOT_FOUND,
+  MDEV_ASSIGNED: Code.FAILED_PRECONDITION,
+  MDEV_ALREADY_ASSIGNED: Code.ALREADY_EXISTS,
+  MDEV_BUSY: Code.FAILED_PRECONDITION,
+  MDEV_NOT_ASSIGNED: Code.FAILED_PRECONDITION,
+  SET_NOT_FOUND: Code.NOT_FOUND,
+  SET_NOT_EMPTY: Code.FAILED_PRECONDITION,
+  PASID_IN_USE: Code.FAILED_PRECONDITION,
+  DEVICE_PASID_TABLE_FULL: Code.RESOURCE_EXHAUSTED,
+} as const satisfies Record<string, Code>;
+export type VdcmReason = keyof typeof VdcmReason;
+
+/** Builds the {@link DomainError} of a VDCM reason, with its status code. */
+export function vdcmError(reason: VdcmReason, message: string, metadata?: Record<string, string>): DomainError {
+  return new DomainError(VdcmReason[reason], reason, message, metadata === undefined ? undefined : { metadata });
+}
+
+/**
+ * INVALID_ARGUMENT `INVALID_FIELD` for a missing or malformed request field; the ErrorInfo metadata
+ * `field` names it (proto field name, dotted for nested ones: `descriptor.op`).
+ */
+export function invalidField(field: string, message: string): DomainError {
+  return vdcmError("INVALID_FIELD", message, { field });
+}

@@ -1,0 +1,616 @@
+import { randomUUID } from "node:crypto";
+import { invalidField, vdcmError } from "./vdcm-errors.js";
+
+/** How a work queue is shared (idxd WQ mode). */
+export const WqMode = {
+  /** One client; its PASID is programmed in the work-queue configuration. */
+  DEDICATED: "DEDICATED",
+  /** Many clients submit with ENQCMD; each descriptor carries its PASID. */
+  SHARED: "SHARED",
+} as const;
+export type WqMode = (typeof WqMode)[keyof typeof WqMode];
+
+/** Where a device PASID entry is in its life. */
+export const EntryState = {
+  /** The device issues DMA with this PASID. */
+  PROGRAMMED: "PROGRAMMED",
+  /** Being drained before it is cleared (clear, unassign or FREE in progress): no new descriptor. */
+  DRAINING: "DRAINING",
+} as const;
+export type EntryState = (typeof EntryState)[keyof typeof EntryState];
+
+/** Queue depth given to a work queue registered with size 0. */
+export const DEFAULT_WQ_SIZE = 32;
+/** Largest queue depth accepted. */
+export const MAX_WQ_SIZE = 65_535;
+/** Device PASID table capacity given to a device registered with 0. */
+export const DEFAULT_MAX_PASID_ENTRIES = 1024;
+/** Largest device PASID table accepted (one entry per 20-bit PASID). */
+export const MAX_PASID_ENTRIES = 1 << 20;
+/** Most work queues one device may have. */
+export const MAX_WQS_PER_DEVICE = 1024;
+/**
+ * Longest device id: the id is also the start of the reference purposes VDCM takes
+ * (`<device>.wq<n>[.desc]`), and a core holder purpose is at most 128 characters.
+ */
+export const MAX_DEVICE_ID_LENGTH = 100;
+/** Largest guest PASID (SPID): 20 bits (DESIGN §3); 0 is the guest's RID_PASID and never programmed. */
+export const MAX_GPASID = 0xfffff;
+
+const DEVICE_ID = /^[A-Za-z0-9._:@-]+$/;
+const UUID = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/i;
+const MDEV_ID = /^[A-Za-z0-9._:@-]{1,64}$/;
+
+/**
+ * The canonical form of an mdev id: a UUID in lower case (mdevs are named by UUID, compared
+ * whatever the case); any other id (1..64 of letters, digits and `._:@-`, accepted for tools that
+ * name mdevs otherwise) as it is.
+ */
+export function normalizeMdevUuid(mdevUuid: string): string {
+  return UUID.test(mdevUuid) ? mdevUuid.toLowerCase() : mdevUuid;
+}
+
+/** A work queue of a device being registered. */
+export interface WqSpec {
+  readonly wqId: number;
+  readonly mode: WqMode;
+  /** Queue depth; 0 or absent = {@link DEFAULT_WQ_SIZE}. */
+  readonly size?: number;
+}
+
+/** A physical device being registered. */
+export interface DeviceSpec {
+  readonly deviceId: string;
+  readonly wqs: readonly WqSpec[];
+  /** 0 or absent = {@link DEFAULT_MAX_PASID_ENTRIES}. */
+  readonly maxPasidEntries?: number;
+}
+
+/** A physical work queue and its configuration, as shown outside. */
+export interface WorkQueueView {
+  readonly wqId: number;
+  readonly mode: WqMode;
+  readonly size: number;
+  /** The mdevs it backs, ascending (at most one for a dedicated work queue). */
+  readonly mdevUuids: readonly string[];
+  /** Dedicated: the host PASID programmed in its configuration (0 = none); always 0 for shared. */
+  readonly hpasid: number;
+}
+
+/** One PASID programmed into a device: the host PASID, and whose guest PASID it came from. */
+export interface DevicePasidEntry {
+  readonly deviceId: string;
+  readonly hpasid: number;
+  readonly generation: number;
+  readonly gpasid: number;
+  readonly setId: number;
+  readonly wqId: number;
+  readonly mdevUuid: string;
+  readonly state: EntryState;
+  readonly programmedAt: Date;
+}
+
+/** A physical device as shown outside. */
+export interface DeviceView {
+  readonly deviceId: string;
+  /** Ascending by id. */
+  readonly wqs: readonly WorkQueueView[];
+  readonly maxPasidEntries: number;
+  /** The device PASID table, ascending by host PASID (then work queue). */
+  readonly pasidEntries: readonly DevicePasidEntry[];
+}
+
+/** A mediated device as shown outside. */
+export interface MdevView {
+  readonly mdevUuid: string;
+  readonly parentDeviceId: string;
+  /** Virtual work queue i is physical work queue `wqIds[i]`. */
+  readonly wqIds: readonly number[];
+  /** The set of the VM it is assigned to; 0 = unassigned. */
+  readonly setId: number;
+  readonly createdAt: Date;
+  readonly assignedAt: Date | undefined;
+}
+
+/** A snapshot of the whole of VDCM's "hardware" (QueryState). */
+export interface VdcmSnapshot {
+  readonly devices: readonly DeviceView[];
+  readonly mdevs: readonly MdevView[];
+  readonly registeredSetIds: readonly number[];
+}
+
+/** A virtual work queue of an mdev resolved to its physical work queue. */
+export interface ResolvedWq {
+  readonly mdevUuid: string;
+  readonly deviceId: string;
+  readonly wqId: number;
+  readonly mode: WqMode;
+  /** The set the mdev is assigned to; 0 = unassigned. */
+  readonly setId: number;
+}
+
+/**
+ * A dedicated work queue held for a PASID being programmed (the guest's MMIO write is in flight:
+ * VDCM is translating the guest PASID at the core). It counts against the device PASID table, and
+ * is cancelled when the mdev is unassigned meanwhile.
+ */
+export interface WqReservation {
+  readonly deviceId: string;
+  readonly wqId: number;
+  readonly mdevUuid: string;
+  readonly setId: number;
+  readonly gpasid: number;
+}
+
+interface Wq {
+  readonly wqId: number;
+  readonly mode: WqMode;
+  readonly size: number;
+  readonly mdevs: Set<string>;
+}
+
+interface Entry {
+  readonly deviceId: string;
+  readonly hpasid: number;
+  readonly generation: number;
+  readonly gpasid: number;
+  readonly setId: number;
+  readonly wqId: number;
+  readonly mdevUuid: string;
+  state: EntryState;
+  readonly programmedAt: Date;
+}
+
+interface Device {
+  readonly deviceId: string;
+  readonly wqs: Map<number, Wq>;
+  readonly maxPasidEntries: number;
+  /** The device PASID table: one entry per programmed dedicated work queue, by work-queue id. */
+  readonly entries: Map<number, Entry>;
+  /** Work queues held for a PASID being programmed, by work-queue id. */
+  readonly reservations: Map<number, WqReservation>;
+}
+
+interface Mdev {
+  readonly uuid: string;
+  readonly parentDeviceId: string;
+  readonly wqIds: readonly number[];
+  setId: number;
+  readonly createdAt: Date;
+  assignedAt: Date | undefined;
+}
+
+/** Options of {@link VdcmState}. */
+export interface VdcmStateOptions {
+  /** Generates the UUID of an mdev created without one. @default crypto.randomUUID */
+  readonly newUuid?: () => string;
+}
+
+/**
+ * VDCM's "hardware" and bookkeeping, pure and synchronous (DESIGN §5 "VDCM"): physical devices
+ * with dedicated and shared work queues and a device PASID table, the mdevs composed from those
+ * work queues and the VM (IOASID set) each is assigned to, and the sets VDCM is registered on.
+ * Every method either changes the state and returns, or throws a DomainError and changes nothing.
+ * The asynchronous steps around it (translation at the core, draining, releasing references) are
+ * {@link Vdcm}'s.
+ */
+export class VdcmState {
+  private readonly devices = new Map<string, Device>();
+  private readonly mdevs = new Map<string, Mdev>();
+  /** Registration id of VDCM's DEVICE-priority notifier on each set that has an mdev. */
+  private readonly registrations = new Map<number, number>();
+  private readonly newUuid: () => string;
+
+  constructor(options: VdcmStateOptions = {}) {
+    this.newUuid = options.newUuid ?? randomUUID;
+  }
+
+  // --- devices -------------------------------------------------------------------------------
+
+  /**
+   * Makes a physical device available for composition, with an empty device PASID table.
+   * @throws DomainError ALREADY_EXISTS `DEVICE_EXISTS`; INVALID_ARGUMENT `INVALID_FIELD`
+   */
+  registerDevice(spec: DeviceSpec): DeviceView {
+    assertDeviceId(spec.deviceId, "device_id");
+    if (spec.wqs.length === 0) throw invalidField("wqs", "a device needs at least one work queue");
+    if (spec.wqs.length > MAX_WQS_PER_DEVICE) throw invalidField("wqs", `a device has at most ${MAX_WQS_PER_DEVICE} work queues`);
+    const maxPasidEntries = spec.maxPasidEntries === undefined || spec.maxPasidEntries === 0 ? DEFAULT_MAX_PASID_ENTRIES : spec.maxPasidEntries;
+    if (!Number.isInteger(maxPasidEntries) || maxPasidEntries < 1 || maxPasidEntries > MAX_PASID_ENTRIES) {
+      throw invalidField("max_pasid_entries", `max_pasid_entries ${maxPasidEntries} is outside 1..${MAX_PASID_ENTRIES}`);
+    }
+    const wqs = new Map<number, Wq>();
+    for (const w of spec.wqs) {
+      if (!Number.isInteger(w.wqId) || w.wqId < 0 || w.wqId > 0xffffffff) throw invalidField("wqs.wq_id", `work-queue id ${w.wqId} is not a uint32`);
+      if (wqs.has(w.wqId)) throw invalidField("wqs.wq_id", `work-queue id ${w.wqId} appears twice`);
+      if (w.mode !== WqMode.DEDICATED && w.mode !== WqMode.SHARED) {
+        throw invalidField("wqs.mode", `work queue ${w.wqId} needs a mode: DEDICATED or SHARED`);
+      }
+      const size = w.size === undefined || w.size === 0 ? DEFAULT_WQ_SIZE : w.size;
+      if (!Number.isInteger(size) || size < 1 || size > MAX_WQ_SIZE) throw invalidField("wqs.size", `work queue ${w.wqId} size ${size} is outside 1..${MAX_WQ_SIZE}`);
+      wqs.set(w.wqId, { wqId: w.wqId, mode: w.mode, size, mdevs: new Set() });
+    }
+    if (this.devices.has(spec.deviceId)) throw vdcmError("DEVICE_EXISTS", `device ${spec.deviceId} is already registered`);
+    const device: Device = { deviceId: spec.deviceId, wqs, maxPasidEntries, entries: new Map(), reservations: new Map() };
+    this.devices.set(device.deviceId, device);
+    return this.viewDevice(device);
+  }
+
+  /**
+   * Withdraws a physical device that no mdev uses.
+   * @throws DomainError NOT_FOUND `DEVICE_NOT_FOUND`; FAILED_PRECONDITION `DEVICE_IN_USE`
+   */
+  removeDevice(deviceId: string): void {
+    const device = this.requireDevice(deviceId);
+    const users = [...this.mdevs.values()].filter((m) => m.parentDeviceId === deviceId).map((m) => m.uuid);
+    if (users.length > 0) throw vdcmError("DEVICE_IN_USE", `device ${deviceId} still backs mdevs ${users.sort().join(", ")}: destroy them first`);
+    // No mdev means no programmed PASID (entries belong to assigned mdevs only).
+    this.devices.delete(device.deviceId);
+  }
+
+  // --- mdevs ---------------------------------------------------------------------------------
+
+  /**
+   * Composes an mdev from work queues of one device: virtual work queue i is `wqIds[i]`. A
+   * dedicated work queue backs at most one mdev; a shared one may back several.
+   * @throws DomainError NOT_FOUND `DEVICE_NOT_FOUND` / `WQ_NOT_FOUND`; ALREADY_EXISTS `MDEV_EXISTS`;
+   *   FAILED_PRECONDITION `WQ_IN_USE`; INVALID_ARGUMENT `INVALID_FIELD`
+   */
+  createMdev(parentDeviceId: string, mdevUuid: string, wqIds: readonly number[], now: Date): MdevView {
+    if (parentDeviceId.length === 0) throw invalidField("parent_device_id", "parent_device_id is required");
+    const uuid = normalizeMdevUuid(mdevUuid === "" ? this.newUuid() : mdevUuid);
+    if (!MDEV_ID.test(uuid)) {
+      throw invalidField("mdev_uuid", `mdev_uuid ${JSON.stringify(mdevUuid)} is not a UUID (or 1..64 of letters, digits and ._:@-; empty to get a UUID)`);
+    }
+    if (wqIds.length === 0) throw invalidField("wq_ids", "an mdev needs at least one work queue");
+    if (new Set(wqIds).size !== wqIds.length) throw invalidField("wq_ids", "a work queue appears twice in wq_ids");
+    const device = this.requireDevice(parentDeviceId);
+    for (const id of wqIds) {
+      const wq = device.wqs.get(id);
+      if (wq === undefined) throw vdcmError("WQ_NOT_FOUND", `device ${parentDeviceId} has no work queue ${id}`);
+      if (wq.mode === WqMode.DEDICATED && wq.mdevs.size > 0) {
+        throw vdcmError("WQ_IN_USE", `dedicated work queue ${id} of ${parentDeviceId} already backs mdev ${[...wq.mdevs][0]}`);
+      }
+    }
+    if (this.mdevs.has(uuid)) throw vdcmError("MDEV_EXISTS", `mdev ${uuid} already exists`);
+    const mdev: Mdev = { uuid, parentDeviceId, wqIds: [...wqIds], setId: 0, createdAt: now, assignedAt: undefined };
+    this.mdevs.set(uuid, mdev);
+    for (const id of wqIds) device.wqs.get(id)!.mdevs.add(uuid);
+    return viewMdev(mdev);
+  }
+
+  /**
+   * Removes an unassigned mdev (its work queues go back to the device).
+   * @throws DomainError NOT_FOUND `MDEV_NOT_FOUND`; FAILED_PRECONDITION `MDEV_ASSIGNED`
+   */
+  destroyMdev(mdevUuid: string): void {
+    const mdev = this.requireMdev(mdevUuid);
+    if (mdev.setId !== 0) throw vdcmError("MDEV_ASSIGNED", `mdev ${mdev.uuid} is assigned to set ${mdev.setId}: unassign it first`);
+    const device = this.devices.get(mdev.parentDeviceId);
+    for (const id of mdev.wqIds) device?.wqs.get(id)?.mdevs.delete(mdev.uuid);
+    this.mdevs.delete(mdev.uuid);
+  }
+
+  /** The mdev, or undefined. */
+  getMdev(mdevUuid: string): MdevView | undefined {
+    const m = this.mdevs.get(normalizeMdevUuid(mdevUuid));
+    return m === undefined ? undefined : viewMdev(m);
+  }
+
+  /**
+   * Checks that the mdev can be assigned to `setId`, without changing anything.
+   * @returns whether this would be the first mdev of the set (VDCM then registers on it)
+   * @throws DomainError NOT_FOUND `MDEV_NOT_FOUND`; ALREADY_EXISTS `MDEV_ALREADY_ASSIGNED`;
+   *   FAILED_PRECONDITION `MDEV_BUSY`; INVALID_ARGUMENT `INVALID_FIELD` (set 0)
+   */
+  checkAssign(mdevUuid: string, setId: number): { readonly firstOfSet: boolean } {
+    if (setId === 0) throw invalidField("set_id", "set_id is required (set ids are never 0)");
+    const mdev = this.requireMdev(mdevUuid);
+    if (mdev.setId === setId) throw vdcmError("MDEV_ALREADY_ASSIGNED", `mdev ${mdev.uuid} is already assigned to set ${setId}`);
+    if (mdev.setId !== 0) throw vdcmError("MDEV_BUSY", `mdev ${mdev.uuid} is assigned to another VM (set ${mdev.setId})`);
+    return { firstOfSet: this.mdevCountOfSet(setId) === 0 };
+  }
+
+  /**
+   * Assigns the mdev to a VM's set (after {@link checkAssign} and, for the first mdev of the set,
+   * the registration).
+   */
+  assignMdev(mdevUuid: string, setId: number, now: Date): MdevView {
+    this.checkAssign(mdevUuid, setId);
+    const mdev = this.requireMdev(mdevUuid);
+    mdev.setId = setId;
+    mdev.assignedAt = now;
+    return viewMdev(mdev);
+  }
+
+  /**
+   * Takes the mdev away from its VM. Its device PASID entries must have been cleared first.
+   * @throws DomainError NOT_FOUND `MDEV_NOT_FOUND`; FAILED_PRECONDITION `MDEV_NOT_ASSIGNED`
+   */
+  unassignMdev(mdevUuid: string): MdevView {
+    const mdev = this.requireAssigned(mdevUuid);
+    if (this.entriesOfMdev(mdev.uuid).length > 0) throw new Error(`mdev ${mdev.uuid} still has programmed PASIDs`);
+    this.cancelReservations(mdev.uuid);
+    mdev.setId = 0;
+    mdev.assignedAt = undefined;
+    return viewMdev(mdev);
+  }
+
+  /** Mdevs assigned to the set. */
+  mdevCountOfSet(setId: number): number {
+    let n = 0;
+    for (const m of this.mdevs.values()) if (m.setId === setId) n++;
+    return n;
+  }
+
+  /**
+   * The physical work queue behind virtual work queue `virtualWq` of an mdev.
+   * @throws DomainError NOT_FOUND `MDEV_NOT_FOUND` / `WQ_NOT_FOUND`
+   */
+  resolveWq(mdevUuid: string, virtualWq: number): ResolvedWq {
+    const mdev = this.requireMdev(mdevUuid);
+    const wqId = mdev.wqIds[virtualWq];
+    if (wqId === undefined) {
+      throw vdcmError("WQ_NOT_FOUND", `mdev ${mdev.uuid} has no virtual work queue ${virtualWq} (it has ${mdev.wqIds.length})`);
+    }
+    const wq = this.requireDevice(mdev.parentDeviceId).wqs.get(wqId)!;
+    return { mdevUuid: mdev.uuid, deviceId: mdev.parentDeviceId, wqId, mode: wq.mode, setId: mdev.setId };
+  }
+
+  /**
+   * The physical work queue behind a virtual work queue of an assigned mdev.
+   * @throws DomainError NOT_FOUND `MDEV_NOT_FOUND` / `WQ_NOT_FOUND`; FAILED_PRECONDITION `MDEV_NOT_ASSIGNED`
+   */
+  resolveAssignedWq(mdevUuid: string, virtualWq: number): ResolvedWq {
+    const wq = this.resolveWq(mdevUuid, virtualWq);
+    if (wq.setId === 0) throw vdcmError("MDEV_NOT_ASSIGNED", `mdev ${wq.mdevUuid} is not assigned to a VM`);
+    return wq;
+  }
+
+  // --- registrations -------------------------------------------------------------------------
+
+  /** VDCM's registration on the set, if it has one. */
+  registrationOf(setId: number): number | undefined {
+    return this.registrations.get(setId);
+  }
+
+  /** Records VDCM's registration on a set. */
+  setRegistration(setId: number, registrationId: number): void {
+    this.registrations.set(setId, registrationId);
+  }
+
+  /** Forgets VDCM's registration on a set. */
+  dropRegistration(setId: number): void {
+    this.registrations.delete(setId);
+  }
+
+  // --- the device PASID table ----------------------------------------------------------------
+
+  /**
+   * Holds a dedicated work queue for the guest's MMIO write of `gpasid` (VDCM PASID Programming):
+   * the checks that need no translation, done before a reference is taken.
+   * @throws DomainError NOT_FOUND `MDEV_NOT_FOUND` / `WQ_NOT_FOUND`; FAILED_PRECONDITION
+   *   `MDEV_NOT_ASSIGNED` / `WQ_SHARED` / `WQ_PASID_PROGRAMMED`; RESOURCE_EXHAUSTED
+   *   `DEVICE_PASID_TABLE_FULL`; INVALID_ARGUMENT `INVALID_FIELD` (gpasid)
+   */
+  reserveWq(mdevUuid: string, virtualWq: number, gpasid: number): WqReservation {
+    const wq = this.resolveAssignedWq(mdevUuid, virtualWq);
+    if (wq.mode === WqMode.SHARED) {
+      throw vdcmError("WQ_SHARED", `virtual work queue ${virtualWq} of mdev ${wq.mdevUuid} is shared: each descriptor carries its PASID`);
+    }
+    if (!Number.isInteger(gpasid) || gpasid < 1 || gpasid > MAX_GPASID) {
+      throw invalidField("gpasid", `guest PASID ${gpasid} is outside 1..${MAX_GPASID}`);
+    }
+    const device = this.requireDevice(wq.deviceId);
+    const programmed = device.entries.get(wq.wqId);
+    if (programmed !== undefined || device.reservations.has(wq.wqId)) {
+      throw vdcmError(
+        "WQ_PASID_PROGRAMMED",
+        programmed === undefined
+          ? `virtual work queue ${virtualWq} of mdev ${wq.mdevUuid} is being programmed`
+          : `virtual work queue ${virtualWq} of mdev ${wq.mdevUuid} already has PASID ${programmed.gpasid} programmed: clear it first`,
+      );
+    }
+    if (device.entries.size + device.reservations.size >= device.maxPasidEntries) {
+      throw vdcmError("DEVICE_PASID_TABLE_FULL", `the PASID table of device ${device.deviceId} is full (${device.maxPasidEntries} entries)`);
+    }
+    const reservation: WqReservation = { deviceId: wq.deviceId, wqId: wq.wqId, mdevUuid: wq.mdevUuid, setId: wq.setId, gpasid };
+    device.reservations.set(wq.wqId, reservation);
+    return reservation;
+  }
+
+  /** Whether the reservation still holds (not cancelled by an unassignment, not released). */
+  isReserved(reservation: WqReservation): boolean {
+    return this.devices.get(reservation.deviceId)?.reservations.get(reservation.wqId) === reservation;
+  }
+
+  /** Gives a reserved work queue back (the write failed). Harmless when already cancelled. */
+  releaseReservation(reservation: WqReservation): void {
+    const device = this.devices.get(reservation.deviceId);
+    if (device?.reservations.get(reservation.wqId) === reservation) device.reservations.delete(reservation.wqId);
+  }
+
+  /**
+   * Another guest's context for `hpasid` on the device: an entry programmed by another set, or by
+   * an earlier generation of the IOASID (DESIGN §5: a PASID is never programmed for one guest
+   * while another guest's context for it still exists on the device).
+   */
+  foreignContext(deviceId: string, hpasid: number, setId: number, generation: number): DevicePasidEntry | undefined {
+    const device = this.devices.get(deviceId);
+    if (device === undefined) return undefined;
+    for (const e of device.entries.values()) {
+      if (e.hpasid === hpasid && (e.setId !== setId || e.generation !== generation)) return viewEntry(e);
+    }
+    return undefined;
+  }
+
+  /**
+   * Programs the host PASID the reservation's guest PASID translated to into the device PASID
+   * table and the work queue (vdev_write(hpasid)).
+   * @throws DomainError FAILED_PRECONDITION `MDEV_NOT_ASSIGNED` (unassigned meanwhile) /
+   *   `PASID_IN_USE` (another guest's context for it exists on the device)
+   */
+  programWq(reservation: WqReservation, hpasid: number, generation: number, now: Date): DevicePasidEntry {
+    if (!this.isReserved(reservation)) throw vdcmError("MDEV_NOT_ASSIGNED", `mdev ${reservation.mdevUuid} was unassigned while its PASID was programmed`);
+    const foreign = this.foreignContext(reservation.deviceId, hpasid, reservation.setId, generation);
+    if (foreign !== undefined) throw pasidInUse(reservation.deviceId, hpasid, foreign);
+    const device = this.requireDevice(reservation.deviceId);
+    device.reservations.delete(reservation.wqId);
+    const entry: Entry = {
+      deviceId: device.deviceId,
+      hpasid,
+      generation,
+      gpasid: reservation.gpasid,
+      setId: reservation.setId,
+      wqId: reservation.wqId,
+      mdevUuid: reservation.mdevUuid,
+      state: EntryState.PROGRAMMED,
+      programmedAt: now,
+    };
+    device.entries.set(entry.wqId, entry);
+    return viewEntry(entry);
+  }
+
+  /** The entry programmed in a physical work queue, if any. */
+  entryAt(deviceId: string, wqId: number): DevicePasidEntry | undefined {
+    const e = this.devices.get(deviceId)?.entries.get(wqId);
+    return e === undefined ? undefined : viewEntry(e);
+  }
+
+  /**
+   * Starts draining an entry (no new descriptor uses it from now on).
+   * @returns false when the entry is gone or already draining (someone else clears it)
+   */
+  beginDrain(deviceId: string, wqId: number, expected: DevicePasidEntry): boolean {
+    const e = this.devices.get(deviceId)?.entries.get(wqId);
+    if (e === undefined || !sameEntry(e, expected) || e.state !== EntryState.PROGRAMMED) return false;
+    e.state = EntryState.DRAINING;
+    return true;
+  }
+
+  /**
+   * Clears a drained entry from the device PASID table and the work queue (vdev_clear(hpasid)).
+   * @returns false when it was not there
+   */
+  clearEntry(deviceId: string, wqId: number, expected: DevicePasidEntry): boolean {
+    const device = this.devices.get(deviceId);
+    const e = device?.entries.get(wqId);
+    if (device === undefined || e === undefined || !sameEntry(e, expected)) return false;
+    device.entries.delete(wqId);
+    return true;
+  }
+
+  /** Every entry programmed through the mdev. */
+  entriesOfMdev(mdevUuid: string): DevicePasidEntry[] {
+    const mdev = this.mdevs.get(mdevUuid);
+    if (mdev === undefined) return [];
+    const device = this.devices.get(mdev.parentDeviceId);
+    if (device === undefined) return [];
+    return [...device.entries.values()].filter((e) => e.mdevUuid === mdev.uuid).map(viewEntry);
+  }
+
+  /** Every entry, on every device, using this IOASID of this set at this generation (a FREE). */
+  entriesForIoasid(setId: number, hpasid: number, generation: number): DevicePasidEntry[] {
+    const out: DevicePasidEntry[] = [];
+    for (const d of this.devices.values()) {
+      for (const e of d.entries.values()) if (e.setId === setId && e.hpasid === hpasid && e.generation === generation) out.push(viewEntry(e));
+    }
+    return out;
+  }
+
+  // --- views ---------------------------------------------------------------------------------
+
+  /**
+   * The selected devices (all when `deviceIds` is empty), their mdevs and the registered sets.
+   * @throws DomainError NOT_FOUND `DEVICE_NOT_FOUND` (a device named is not registered)
+   */
+  snapshot(deviceIds: readonly string[] = []): VdcmSnapshot {
+    const selected = deviceIds.length === 0 ? [...this.devices.values()] : [...new Set(deviceIds)].map((id) => this.requireDevice(id));
+    selected.sort((a, b) => compare(a.deviceId, b.deviceId));
+    const ids = new Set(selected.map((d) => d.deviceId));
+    const mdevs = [...this.mdevs.values()].filter((m) => ids.has(m.parentDeviceId)).sort((a, b) => compare(a.uuid, b.uuid));
+    return {
+      devices: selected.map((d) => this.viewDevice(d)),
+      mdevs: mdevs.map(viewMdev),
+      registeredSetIds: [...this.registrations.keys()].sort((a, b) => a - b),
+    };
+  }
+
+  private viewDevice(d: Device): DeviceView {
+    return {
+      deviceId: d.deviceId,
+      wqs: [...d.wqs.values()]
+        .sort((a, b) => a.wqId - b.wqId)
+        .map((w) => ({
+          wqId: w.wqId,
+          mode: w.mode,
+          size: w.size,
+          mdevUuids: [...w.mdevs].sort(compare),
+          hpasid: d.entries.get(w.wqId)?.hpasid ?? 0,
+        })),
+      maxPasidEntries: d.maxPasidEntries,
+      pasidEntries: [...d.entries.values()].sort((a, b) => a.hpasid - b.hpasid || a.wqId - b.wqId).map(viewEntry),
+    };
+  }
+
+  private cancelReservations(mdevUuid: string): void {
+    for (const d of this.devices.values()) {
+      for (const [wqId, r] of d.reservations) if (r.mdevUuid === mdevUuid) d.reservations.delete(wqId);
+    }
+  }
+
+  private requireDevice(deviceId: string): Device {
+    const d = this.devices.get(deviceId);
+    if (d === undefined) throw vdcmError("DEVICE_NOT_FOUND", `no device ${JSON.stringify(deviceId)} is registered`);
+    return d;
+  }
+
+  private requireMdev(mdevUuid: string): Mdev {
+    if (mdevUuid.length === 0) throw invalidField("mdev_uuid", "mdev_uuid is required");
+    const m = this.mdevs.get(normalizeMdevUuid(mdevUuid));
+    if (m === undefined) throw vdcmError("MDEV_NOT_FOUND", `no mdev ${JSON.stringify(mdevUuid)}`);
+    return m;
+  }
+
+  private requireAssigned(mdevUuid: string): Mdev {
+    const m = this.requireMdev(mdevUuid);
+    if (m.setId === 0) throw vdcmError("MDEV_NOT_ASSIGNED", `mdev ${m.uuid} is not assigned to a VM`);
+    return m;
+  }
+}
+
+/** FAILED_PRECONDITION `PASID_IN_USE`: another guest's context for the host PASID is on the device. */
+export function pasidInUse(deviceId: string, hpasid: number, foreign: { readonly setId: number; readonly generation: number }) {
+  return vdcmError(
+    "PASID_IN_USE",
+    `device ${deviceId} still has a context for host PASID ${hpasid} of set ${foreign.setId} (generation ${foreign.generation}); it must be cleared first`,
+  );
+}
+
+/**
+ * Validates a device id: 1..{@link MAX_DEVICE_ID_LENGTH} of letters, digits and `._:@-` (it
+ * becomes part of reference purposes).
+ * @throws DomainError INVALID_ARGUMENT `INVALID_FIELD`
+ */
+export function assertDeviceId(deviceId: string, field: string): void {
+  if (deviceId.length === 0) throw invalidField(field, `${field} is required`);
+  if (deviceId.length > MAX_DEVICE_ID_LENGTH || !DEVICE_ID.test(deviceId)) {
+    throw invalidField(field, `${field} ${JSON.stringify(deviceId)} must be 1..${MAX_DEVICE_ID_LENGTH} of letters, digits and ._:@-`);
+  }
+}
+
+function sameEntry(e: Entry, x: DevicePasidEntry): boolean {
+  return e.hpasid === x.hpasid && e.generation === x.generation && e.setId === x.setId && e.mdevUuid === x.mdevUuid;
+}
+
+function viewEntry(e: Entry): DevicePasidEntry {
+  return { ...e };
+}
+
+function viewMdev(m: Mdev): MdevView {
+  return { mdevUuid: m.uuid, parentDeviceId: m.parentDeviceId, wqIds: [...m.wqIds], setId: m.setId, createdAt: m.createdAt, assignedAt: m.assignedAt };
+}
+
+function compare(a: string, b: string): number {
+  return a < b ? -1 : a > b ? 1 : 0;
+}

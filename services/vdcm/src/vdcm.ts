@@ -1,0 +1,583 @@
+import { Code, DomainError, isDomainError } from "@ioasid/errors";
+import { assertDescriptor, runDescriptor, type Completion, type Descriptor, type DmaTranslator } from "./descriptor-runner.js";
+import { KeyedMutex } from "./keyed-mutex.js";
+import type { Holder, HistoryFields, HistorySink, IoasidPort, NotifierPort } from "./ports.js";
+import { invalidField, vdcmError } from "./vdcm-errors.js";
+import {
+  EntryState,
+  MAX_GPASID,
+  normalizeMdevUuid,
+  pasidInUse,
+  VdcmState,
+  WqMode,
+  type DevicePasidEntry,
+  type DeviceSpec,
+  type DeviceView,
+  type MdevView,
+  type ResolvedWq,
+  type VdcmSnapshot,
+} from "./vdcm-state.js";
+
+/** The holder role of every reference VDCM takes, and its subscriber name at the core. */
+export const VDCM_ROLE = "vdcm";
+
+/** Which namespace a shared-work-queue descriptor's PASID is in. */
+export const PasidSpace = {
+  /** A guest PASID as the guest wrote it: translated through the mdev's set (find-by-SPID). */
+  GUEST: "GUEST",
+  /** A host PASID the CPU already put in the descriptor (ENQCMD translated by KVM). */
+  HOST: "HOST",
+} as const;
+export type PasidSpace = (typeof PasidSpace)[keyof typeof PasidSpace];
+
+/** The IOASID event VDCM handles (the fields of events.IoasidEvent it uses). */
+export interface IoasidEventLike {
+  /** "FREE" is the only type VDCM registers for; others are acknowledged and ignored. */
+  readonly type: string;
+  readonly seq: number;
+  readonly ioasid: number;
+  readonly generation: number;
+  readonly setId: number;
+  readonly spid: number;
+}
+
+/** A descriptor submission (SubmitDescriptor). */
+export interface Submission {
+  readonly mdevUuid: string;
+  readonly virtualWq: number;
+  /** Shared work queue: the descriptor's PASID; 0 on a dedicated one. */
+  readonly pasid: number;
+  /** Shared work queue: the namespace of `pasid`; undefined = not given. */
+  readonly pasidSpace: PasidSpace | undefined;
+  /** PASID_SPACE_HOST: expected generation; 0 = unchecked. */
+  readonly generation: number;
+  readonly descriptor: Descriptor | undefined;
+}
+
+/** A descriptor's completion record with the host PASID it ran with. */
+export interface SubmissionResult extends Completion {
+  readonly hpasid: number;
+  readonly generation: number;
+}
+
+/** What a ClearWqPasid did. */
+export interface ClearResult {
+  /** False when nothing was programmed (cleared twice, or by the FREE teardown first). */
+  readonly cleared: boolean;
+  readonly entry: DevicePasidEntry | undefined;
+}
+
+/** Options of {@link Vdcm}. */
+export interface VdcmOptions {
+  /** VDCM_INSTANCE: the subscriber instance and the holder instance of its references. */
+  readonly instance: string;
+  readonly ioasids: IoasidPort;
+  readonly notifier: NotifierPort;
+  readonly dma: DmaTranslator;
+  /** @default nothing recorded */
+  readonly history?: HistorySink;
+  /** @default a new, empty VdcmState */
+  readonly state?: VdcmState;
+  /** @default () => new Date() */
+  readonly now?: () => Date;
+  /** Where failures that are not returned (a reference that could not be released) are reported. */
+  readonly log?: (level: "info" | "warn" | "error", msg: string, fields?: Record<string, unknown>) => void;
+  /** Attempts of a put that fails for want of the core (UNAVAILABLE, DEADLINE_EXCEEDED). @default 3 */
+  readonly putAttempts?: number;
+}
+
+/** A descriptor on its way through a work queue (it keeps its PASID's context live on the device). */
+interface InFlight {
+  readonly setId: number;
+  readonly mdevUuid: string;
+  readonly deviceId: string;
+  readonly wqId: number;
+  /** Unknown while the descriptor's PASID is being translated. */
+  hpasid: number | undefined;
+  generation: number;
+  readonly done: Promise<void>;
+  end(): void;
+}
+
+/** An MMIO write in progress: its reference may be taken before a FREE and its entry written after. */
+interface PendingWrite {
+  readonly setId: number;
+  readonly done: Promise<void>;
+}
+
+/**
+ * The VDCM role (DESIGN §5 "VDCM"; ioasid.rst "VDCM PASID Programming"): emulates the mdevs'
+ * virtual registers on top of {@link VdcmState}, keeps the device PASID table in step with the
+ * IOASID life cycle, and handles FREE at DEVICE priority.
+ *
+ * - mdev_write(gpasid) → find_by_spid(gpasid) taking a reference → vdev_write(hpasid)
+ *   (life-cycle table steps 8–11, refcount 4);
+ * - mdev_clear(gpasid) → drain by host PASID → vdev_clear(hpasid) → ioasid_put() (steps 14–16);
+ * - FREE → drain and clear every entry using the PASID, then acknowledge releasing those
+ *   references (misbehaving-guest table steps 21/24);
+ * - descriptors on shared work queues translate their PASID; untranslatable ones are dropped.
+ *
+ * Writes, clears and the teardown of one mdev are serialized per mdev; different mdevs and the
+ * FREE handler run concurrently, and every step that reads and writes the tables is synchronous.
+ */
+export class Vdcm {
+  /** The "hardware" tables. */
+  readonly state: VdcmState;
+  readonly instance: string;
+  private readonly ioasids: IoasidPort;
+  private readonly notifier: NotifierPort;
+  private readonly dma: DmaTranslator;
+  private readonly history: HistorySink | undefined;
+  private readonly now: () => Date;
+  private readonly log: NonNullable<VdcmOptions["log"]>;
+  private readonly putAttempts: number;
+  private readonly locks = new KeyedMutex();
+  private readonly inFlight = new Set<InFlight>();
+  private readonly pendingWrites = new Set<PendingWrite>();
+  /** Entries being drained and cleared, by `<device>/<wq>`: settles once the entry is gone. */
+  private readonly clearing = new Map<string, Promise<void>>();
+
+  constructor(options: VdcmOptions) {
+    this.state = options.state ?? new VdcmState();
+    this.instance = options.instance;
+    this.ioasids = options.ioasids;
+    this.notifier = options.notifier;
+    this.dma = options.dma;
+    this.history = options.history;
+    this.now = options.now ?? (() => new Date());
+    this.log = options.log ?? (() => undefined);
+    this.putAttempts = options.putAttempts ?? 3;
+  }
+
+  // --- devices and mdevs ---------------------------------------------------------------------
+
+  /** RegisterDevice. @see VdcmState.registerDevice */
+  registerDevice(spec: DeviceSpec): DeviceView {
+    return this.state.registerDevice(spec);
+  }
+
+  /** RemoveDevice (no mdev may use it: an mdev's PASIDs are cleared when it is unassigned). @see VdcmState.removeDevice */
+  removeDevice(deviceId: string): void {
+    this.state.removeDevice(deviceId);
+  }
+
+  /** CreateMdev. @see VdcmState.createMdev */
+  createMdev(parentDeviceId: string, mdevUuid: string, wqIds: readonly number[]): MdevView {
+    return this.state.createMdev(parentDeviceId, mdevUuid, wqIds, this.now());
+  }
+
+  /** DestroyMdev (only unassigned, so it has no programmed PASID). @see VdcmState.destroyMdev */
+  async destroyMdev(mdevUuid: string): Promise<void> {
+    await this.locks.run(mdevKey(mdevUuid), () => this.state.destroyMdev(mdevUuid));
+  }
+
+  /**
+   * AssignMdev: gives the mdev to the VM whose IOASID set is `setId`. The first mdev of a set
+   * registers VDCM's notifier on the set at DEVICE priority for FREE ("KVM and VDCM shall use
+   * notification priority IOASID_PRIO_CPU and IOASID_PRIO_DEVICE"; "notifier blocks shall be
+   * registered on the IOASID set such that only events from the matching VM are received").
+   * @throws DomainError NOT_FOUND `MDEV_NOT_FOUND` / `SET_NOT_FOUND`; ALREADY_EXISTS
+   *   `MDEV_ALREADY_ASSIGNED`; FAILED_PRECONDITION `MDEV_BUSY` / `SET_NOT_EMPTY` (the core refuses
+   *   a registration on a set that already has IOASIDs: there is no replay)
+   */
+  async assignMdev(mdevUuid: string, setId: number): Promise<{ readonly mdev: MdevView; readonly registered: boolean }> {
+    return this.locks.run(mdevKey(mdevUuid), () =>
+      this.locks.run(setKey(setId), async () => {
+        this.state.checkAssign(mdevUuid, setId);
+        let registered = false;
+        if (this.state.registrationOf(setId) === undefined) {
+          let registrationId: number;
+          try {
+            registrationId = await this.notifier.register(setId);
+          } catch (err) {
+            throw fromCoreError(err);
+          }
+          this.state.setRegistration(setId, registrationId);
+          registered = true;
+        }
+        return { mdev: this.state.assignMdev(mdevUuid, setId, this.now()), registered };
+      }),
+    );
+  }
+
+  /**
+   * UnassignMdev: every PASID programmed through the mdev is drained and cleared and its reference
+   * released; the last mdev of a set withdraws VDCM's registration.
+   * @throws DomainError NOT_FOUND `MDEV_NOT_FOUND`; FAILED_PRECONDITION `MDEV_NOT_ASSIGNED`
+   */
+  async unassignMdev(mdevUuid: string): Promise<{ readonly clearedEntries: number; readonly unregistered: boolean }> {
+    return this.locks.run(mdevKey(mdevUuid), async () => {
+      if (mdevUuid === "") throw invalidField("mdev_uuid", "mdev_uuid is required");
+      const mdev = this.state.getMdev(mdevUuid);
+      if (mdev === undefined) throw vdcmError("MDEV_NOT_FOUND", `no mdev ${JSON.stringify(mdevUuid)}`);
+      if (mdev.setId === 0) throw vdcmError("MDEV_NOT_ASSIGNED", `mdev ${mdev.mdevUuid} is not assigned to a VM`);
+      const setId = mdev.setId;
+      let clearedEntries = 0;
+      // Entries only come from writes, serialized with this call: one pass sees them all.
+      for (const entry of this.state.entriesOfMdev(mdev.mdevUuid)) {
+        if (await this.teardownEntry(entry, "unassign")) {
+          await this.release(entry, purposeOf(entry.deviceId, entry.wqId));
+          clearedEntries++;
+        }
+      }
+      // Descriptors the VM submitted through the mdev's shared work queues complete before it goes.
+      await this.drain((f) => f.mdevUuid === mdev.mdevUuid);
+      const unregistered = await this.locks.run(setKey(setId), async () => {
+        const registrationId = this.state.registrationOf(setId);
+        const last = this.state.mdevCountOfSet(setId) === 1 && registrationId !== undefined;
+        if (last) await this.notifier.unregister(registrationId);
+        this.state.unassignMdev(mdev.mdevUuid);
+        if (last) this.state.dropRegistration(setId);
+        return last;
+      });
+      return { clearedEntries, unregistered };
+    });
+  }
+
+  // --- the virtual registers -----------------------------------------------------------------
+
+  /**
+   * WriteWqPasid, the guest's mdev_write(gpasid) to a dedicated virtual work queue: translates the
+   * guest PASID with find_by_spid() taking a reference (life-cycle step 10) — a PASID the guest
+   * never allocated or bound, or one being freed, fails there and nothing is programmed ("an
+   * illegal guest PASID programming would fail in obtaining reference of the matching host
+   * IOASID") — then programs the host PASID into the device (vdev_write, step 11).
+   * @throws DomainError those of {@link VdcmState.reserveWq} and {@link VdcmState.programWq};
+   *   NOT_FOUND `SPID_NOT_FOUND` / `IOASID_FREE_PENDING` / `SET_NOT_FOUND`
+   */
+  async writeWqPasid(mdevUuid: string, virtualWq: number, gpasid: number): Promise<DevicePasidEntry> {
+    return this.locks.run(mdevKey(mdevUuid), async () => {
+      const reservation = this.state.reserveWq(mdevUuid, virtualWq, gpasid);
+      const pending = this.beginPendingWrite(reservation.setId);
+      try {
+        const holder = this.holder(purposeOf(reservation.deviceId, reservation.wqId));
+        let t;
+        try {
+          t = await this.ioasids.findBySpid(reservation.setId, gpasid, holder);
+        } catch (err) {
+          this.state.releaseReservation(reservation);
+          throw fromCoreError(err, "gpasid");
+        }
+        let entry: DevicePasidEntry;
+        try {
+          // DESIGN §5: never program a PASID for one guest while another guest's context for it
+          // (an entry, or a descriptor in flight) still exists on the device.
+          const foreign = this.foreignInFlight(reservation.deviceId, t.ioasid, reservation.setId, t.generation);
+          if (foreign !== undefined) throw pasidInUse(reservation.deviceId, t.ioasid, foreign);
+          entry = this.state.programWq(reservation, t.ioasid, t.generation, this.now());
+        } catch (err) {
+          this.state.releaseReservation(reservation);
+          await this.putQuietly(reservation.setId, t.ioasid, holder, t.generation, "write refused");
+          throw err;
+        }
+        this.record("vdev_write", entry, { refcount: t.refcount, detail: `${where(entry)} mdev_write(${gpasid})` });
+        return entry;
+      } finally {
+        pending.end();
+      }
+    });
+  }
+
+  /**
+   * ClearWqPasid, the guest's mdev_clear(gpasid) (life-cycle step 14): drains the work queue by
+   * host PASID, clears the device entry (vdev_clear, step 15), then releases the reference
+   * (ioasid_put, step 16). Nothing programmed — cleared twice, or cleared by the FREE teardown
+   * first — is `cleared: false`.
+   * @throws DomainError NOT_FOUND `MDEV_NOT_FOUND` / `WQ_NOT_FOUND`; FAILED_PRECONDITION `MDEV_NOT_ASSIGNED`
+   */
+  async clearWqPasid(mdevUuid: string, virtualWq: number): Promise<ClearResult> {
+    return this.locks.run(mdevKey(mdevUuid), async () => {
+      const wq = this.state.resolveAssignedWq(mdevUuid, virtualWq);
+      const entry = this.state.entryAt(wq.deviceId, wq.wqId);
+      if (entry === undefined || entry.mdevUuid !== wq.mdevUuid) return { cleared: false, entry: undefined };
+      if (!(await this.teardownEntry(entry, "mdev_clear"))) return { cleared: false, entry: undefined };
+      await this.release(entry, purposeOf(entry.deviceId, entry.wqId));
+      return { cleared: true, entry };
+    });
+  }
+
+  /**
+   * SubmitDescriptor: runs one descriptor to completion. On a dedicated work queue it runs with
+   * the programmed host PASID. On a shared one its PASID is translated — a guest PASID through
+   * the mdev's set (find_by_spid), a host PASID (ENQCMD already translated it) checked to belong to
+   * the set and be live — with a reference held while it runs; an untranslatable descriptor is
+   * dropped with the error and nothing reaches the device.
+   * @throws DomainError see SubmitDescriptor in vdcm.proto
+   */
+  async submitDescriptor(s: Submission): Promise<SubmissionResult> {
+    const wq = this.state.resolveAssignedWq(s.mdevUuid, s.virtualWq);
+    const descriptor = s.descriptor;
+    assertDescriptor(descriptor);
+    if (wq.mode === WqMode.DEDICATED) {
+      if (s.pasid !== 0) throw invalidField("pasid", "a dedicated work queue uses its programmed PASID: pasid must be 0");
+      const entry = this.state.entryAt(wq.deviceId, wq.wqId);
+      if (entry === undefined || entry.state !== EntryState.PROGRAMMED) {
+        throw vdcmError("WQ_PASID_NOT_PROGRAMMED", `virtual work queue ${s.virtualWq} of mdev ${wq.mdevUuid} has no PASID programmed`);
+      }
+      const flight = this.beginInFlight(wq, entry.hpasid, entry.generation);
+      try {
+        const completion = await runDescriptor(this.dma, wq.deviceId, entry.hpasid, descriptor);
+        this.recordSubmit(wq, entry.hpasid, entry.generation, entry.gpasid, descriptor, completion);
+        return { hpasid: entry.hpasid, generation: entry.generation, ...completion };
+      } finally {
+        flight.end();
+      }
+    }
+    if (s.pasidSpace !== PasidSpace.GUEST && s.pasidSpace !== PasidSpace.HOST) {
+      throw invalidField("pasid_space", "a shared work queue needs the descriptor's PASID space: GUEST or HOST");
+    }
+    if (s.pasid === 0) throw invalidField("pasid", "a shared work queue needs the descriptor's PASID (non-zero)");
+    if (s.pasidSpace === PasidSpace.GUEST && s.pasid > MAX_GPASID) throw invalidField("pasid", `guest PASID ${s.pasid} is outside 1..${MAX_GPASID}`);
+    // In flight from before the translation: a FREE arriving meanwhile waits for it (its reference
+    // may be taken just before the free).
+    const flight = this.beginInFlight(wq, undefined, 0);
+    try {
+      const holder = this.holder(`${purposeOf(wq.deviceId, wq.wqId)}.desc`);
+      let hpasid: number;
+      let generation: number;
+      try {
+        if (s.pasidSpace === PasidSpace.GUEST) {
+          ({ ioasid: hpasid, generation } = await this.ioasids.findBySpid(wq.setId, s.pasid, holder));
+        } else {
+          // Checked to belong to the mdev's set and be live, then held while the descriptor runs.
+          ({ generation } = await this.ioasids.find(wq.setId, s.pasid, s.generation));
+          hpasid = s.pasid;
+          await this.ioasids.get(wq.setId, hpasid, holder, generation);
+        }
+      } catch (err) {
+        const e = fromCoreError(err, "pasid");
+        this.recordDropped(wq, s, e);
+        throw e;
+      }
+      try {
+        const foreign = this.state.foreignContext(wq.deviceId, hpasid, wq.setId, generation) ?? this.foreignInFlight(wq.deviceId, hpasid, wq.setId, generation);
+        if (foreign !== undefined) {
+          const e = pasidInUse(wq.deviceId, hpasid, foreign);
+          this.recordDropped(wq, s, e);
+          throw e;
+        }
+        flight.hpasid = hpasid;
+        flight.generation = generation;
+        const completion = await runDescriptor(this.dma, wq.deviceId, hpasid, descriptor);
+        this.recordSubmit(wq, hpasid, generation, s.pasidSpace === PasidSpace.GUEST ? s.pasid : undefined, descriptor, completion);
+        return { hpasid, generation, ...completion };
+      } finally {
+        await this.putQuietly(wq.setId, hpasid, holder, generation, "descriptor done");
+      }
+    } finally {
+      flight.end();
+    }
+  }
+
+  // --- the IOASID notifier -------------------------------------------------------------------
+
+  /**
+   * The DEVICE-priority notifier handler (vdcm_nb_handler, misbehaving-guest table steps 21/24):
+   * on FREE, drains and clears every device entry using the PASID (vdev_clear_wk(hpasid)) and
+   * returns the purposes of the references those entries held, released with the
+   * acknowledgement. Descriptors in flight with the PASID are drained too (they release their own
+   * references). Idempotent: a redelivered FREE finds nothing left and releases nothing.
+   */
+  async onIoasidEvent(event: IoasidEventLike): Promise<{ readonly release: string[] }> {
+    if (event.type !== "FREE") return { release: [] };
+    // A write whose find_by_spid() won the race with the free programs its entry after this
+    // delivery started: let writes in progress on the set settle first, so it is cleared too.
+    await Promise.all([...this.pendingWrites].filter((w) => w.setId === event.setId).map((w) => w.done));
+    const release: string[] = [];
+    await Promise.all(
+      this.state.entriesForIoasid(event.setId, event.ioasid, event.generation).map(async (entry) => {
+        if (await this.teardownEntry(entry, "FREE", event.seq)) release.push(purposeOf(entry.deviceId, entry.wqId));
+      }),
+    );
+    await this.drain((f) => f.setId === event.setId && (f.hpasid === undefined || f.hpasid === event.ioasid));
+    return { release };
+  }
+
+  // --- reconciliation ------------------------------------------------------------------------
+
+  /**
+   * Reconciles with the core after a (re)start: VDCM's hardware tables start empty, so every
+   * reference this instance still holds is stale and is released (a crashed VDCM keeps IOASIDs from
+   * being reclaimed until it comes back, DESIGN §4.4), and its registrations are withdrawn (they
+   * exist only for sets with assigned mdevs, and there are none yet).
+   * @returns how many references were released and registrations withdrawn
+   */
+  async reconcile(): Promise<{ readonly released: number; readonly unregistered: number }> {
+    const own = await this.notifier.listOwn();
+    let released = 0;
+    for (const setId of new Set(own.map((r) => r.setId).filter((s) => s !== 0))) {
+      let held;
+      try {
+        held = await this.ioasids.listHeld(setId, VDCM_ROLE, this.instance);
+      } catch (err) {
+        if (isDomainError(err, "SET_UNKNOWN")) continue;
+        throw err;
+      }
+      for (const h of held) {
+        for (let i = 0; i < h.count; i++) {
+          if (await this.putQuietly(h.setId, h.ioasid, this.holder(h.purpose), h.generation, "reconcile after restart")) released++;
+        }
+      }
+    }
+    for (const r of own) await this.notifier.unregister(r.registrationId);
+    return { released, unregistered: own.length };
+  }
+
+  // --- QueryState ----------------------------------------------------------------------------
+
+  /** QueryState. @see VdcmState.snapshot */
+  snapshot(deviceIds: readonly string[] = []): VdcmSnapshot {
+    return this.state.snapshot(deviceIds);
+  }
+
+  // --- internals -----------------------------------------------------------------------------
+
+  /**
+   * Drains and clears one entry. Exactly one caller owns the teardown of an entry (and so the
+   * release of its reference); any other waits for that teardown to finish.
+   * @returns true when this caller drained and cleared it
+   */
+  private async teardownEntry(entry: DevicePasidEntry, cause: "mdev_clear" | "unassign" | "FREE", seq?: number): Promise<boolean> {
+    const key = `${entry.deviceId}/${entry.wqId}`;
+    if (!this.state.beginDrain(entry.deviceId, entry.wqId, entry)) {
+      await this.clearing.get(key);
+      return false;
+    }
+    let settle!: () => void;
+    this.clearing.set(key, new Promise<void>((resolve) => (settle = resolve)));
+    try {
+      // Drain by host PASID: every descriptor using it on this work queue completes first.
+      await this.drain((f) => f.deviceId === entry.deviceId && f.wqId === entry.wqId && f.hpasid === entry.hpasid);
+      this.state.clearEntry(entry.deviceId, entry.wqId, entry);
+      this.record("vdev_clear", entry, { ...(seq === undefined ? {} : { seq }), detail: `${where(entry)} ${cause}` });
+      return true;
+    } finally {
+      this.clearing.delete(key);
+      settle();
+    }
+  }
+
+  /** Releases the reference a cleared entry held (ioasid_put). */
+  private async release(entry: DevicePasidEntry, purpose: string): Promise<void> {
+    await this.putQuietly(entry.setId, entry.hpasid, this.holder(purpose), entry.generation, "entry cleared");
+  }
+
+  /**
+   * Drops a reference; a failure is logged, never thrown (the hardware state it protected is already
+   * gone). Retried while the core is unreachable.
+   * @returns whether the reference was dropped
+   */
+  private async putQuietly(setId: number, ioasid: number, holder: Holder, generation: number, why: string): Promise<boolean> {
+    for (let attempt = 1; ; attempt++) {
+      try {
+        await this.ioasids.put(setId, ioasid, holder, generation);
+        return true;
+      } catch (err) {
+        const e = DomainError.from(err);
+        const transient = e.code === Code.UNAVAILABLE || e.code === Code.DEADLINE_EXCEEDED;
+        if (!transient || attempt >= this.putAttempts) {
+          this.log(transient ? "error" : "warn", "reference not released", { setId, ioasid, generation, holder, why, reason: e.reason, message: e.message });
+          return false;
+        }
+      }
+    }
+  }
+
+  private async drain(match: (f: InFlight) => boolean): Promise<void> {
+    await Promise.all([...this.inFlight].filter(match).map((f) => f.done));
+  }
+
+  /** A descriptor in flight on the device with another guest's context for `hpasid`. */
+  private foreignInFlight(deviceId: string, hpasid: number, setId: number, generation: number): InFlight | undefined {
+    for (const f of this.inFlight) {
+      if (f.deviceId === deviceId && f.hpasid === hpasid && (f.setId !== setId || f.generation !== generation)) return f;
+    }
+    return undefined;
+  }
+
+  private beginInFlight(wq: ResolvedWq, hpasid: number | undefined, generation: number): InFlight {
+    let end!: () => void;
+    const done = new Promise<void>((resolve) => (end = resolve));
+    const flight: InFlight = {
+      setId: wq.setId,
+      mdevUuid: wq.mdevUuid,
+      deviceId: wq.deviceId,
+      wqId: wq.wqId,
+      hpasid,
+      generation,
+      done,
+      end: () => {
+        this.inFlight.delete(flight);
+        end();
+      },
+    };
+    this.inFlight.add(flight);
+    return flight;
+  }
+
+  private beginPendingWrite(setId: number): { end(): void } {
+    let end!: () => void;
+    const w: PendingWrite = { setId, done: new Promise<void>((resolve) => (end = resolve)) };
+    this.pendingWrites.add(w);
+    return {
+      end: () => {
+        this.pendingWrites.delete(w);
+        end();
+      },
+    };
+  }
+
+  private holder(purpose: string): Holder {
+    return { role: VDCM_ROLE, instance: this.instance, purpose };
+  }
+
+  private record(action: string, entry: DevicePasidEntry, fields: HistoryFields): void {
+    this.history?.record(action, { ioasid: entry.hpasid, generation: entry.generation, setId: entry.setId, spid: entry.gpasid, ...fields });
+  }
+
+  private recordSubmit(wq: ResolvedWq, hpasid: number, generation: number, gpasid: number | undefined, d: Descriptor, c: Completion): void {
+    this.history?.record("submit", {
+      ioasid: hpasid,
+      generation,
+      setId: wq.setId,
+      ...(gpasid === undefined ? {} : { spid: gpasid }),
+      detail: `device ${wq.deviceId} wq ${wq.wqId} mdev ${wq.mdevUuid}: ${d.op} ${c.status} (${c.bytesCompleted} bytes)`,
+    });
+  }
+
+  private recordDropped(wq: ResolvedWq, s: Submission, err: DomainError): void {
+    this.history?.record("submit", {
+      setId: wq.setId,
+      detail: `device ${wq.deviceId} wq ${wq.wqId} mdev ${wq.mdevUuid}: dropped, ${s.pasidSpace ?? ""} PASID ${s.pasid} untranslatable (${err.reason})`,
+    });
+  }
+}
+
+/** The purpose of the reference a dedicated work queue's programmed PASID holds: `<device>.wq<n>`. */
+export function purposeOf(deviceId: string, wqId: number): string {
+  return `${deviceId}.wq${wqId}`;
+}
+
+function mdevKey(mdevUuid: string): string {
+  return `mdev:${normalizeMdevUuid(mdevUuid)}`;
+}
+
+function setKey(setId: number): string {
+  return `set:${setId}`;
+}
+
+function where(e: DevicePasidEntry): string {
+  return `device ${e.deviceId} wq ${e.wqId} mdev ${e.mdevUuid}`;
+}
+
+/**
+ * A core failure as VDCM answers it: the set named by an mdev no longer exists → NOT_FOUND
+ * `SET_NOT_FOUND`; a PASID out of range → INVALID_FIELD naming the request field; anything else
+ * (SPID_NOT_FOUND, IOASID_FREE_PENDING, IOASID_NOT_IN_SET, STALE_GENERATION, UNAVAILABLE…) as is.
+ */
+function fromCoreError(err: unknown, field?: string): DomainError {
+  const e = DomainError.from(err);
+  if (e.reason === "SET_UNKNOWN") return vdcmError("SET_NOT_FOUND", e.message);
+  if (field !== undefined && (e.reason === "IOASID_OUT_OF_RANGE" || e.reason === "SPID_OUT_OF_RANGE")) return invalidField(field, e.message);
+  return e;
+}
