@@ -52,7 +52,7 @@ describe("crashed VMM", () => {
       const a = await c.vfio.allocPasid({ containerId: opened.containerId });
       hpasids.push(a.hpasid);
       await c.vfio.bindGuestPasid(
-        P(vfio.BindGuestPasidRequest, { containerId: opened.containerId, device: { ref: { $case: "deviceId", value: "dsa0" } }, hpasid: a.hpasid, generation: a.generation, gpasid: 200 + i, guestPgtable: 0x2000n }),
+        P(vfio.BindGuestPasidRequest, { containerId: opened.containerId, device: { ref: { $case: "mdevUuid", value: "mdev-crash" } }, hpasid: a.hpasid, generation: a.generation, gpasid: 200 + i, guestPgtable: 0x2000n }),
       );
     }
     await waitFor(async () => ((await c.kvm.queryState({ vmId: vm.vmId })).vms[0]?.translations.length ?? 0) === 4, { timeoutMs: 10_000, message: "4 VMCS entries" });
