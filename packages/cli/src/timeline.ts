@@ -64,6 +64,8 @@ export interface TimelineOptions {
   readonly setIds?: ReadonlySet<number>;
   /** Leave out steps with these actions. @default the set events */
   readonly omit?: ReadonlySet<string>;
+  /** Also keep steps the other filters would leave out (e.g. a registration by MM token). */
+  readonly include?: (r: HistoryRecord) => boolean;
 }
 
 /** Turns history records (time order) into the rows of the document's column table. */
@@ -72,8 +74,9 @@ export function buildTimeline(records: readonly HistoryRecord[], options: Timeli
   const rows: TimelineRow[] = [];
   for (const r of [...records].sort((a, b) => a.ts - b.ts)) {
     if (omit.has(r.action)) continue;
-    if (r.ioasid !== undefined && options.ioasids !== undefined && !options.ioasids.has(r.ioasid)) continue;
-    if (r.ioasid === undefined && options.setIds !== undefined && (r.setId === undefined || !options.setIds.has(r.setId))) continue;
+    const forced = options.include?.(r) === true;
+    if (!forced && r.ioasid !== undefined && options.ioasids !== undefined && !options.ioasids.has(r.ioasid)) continue;
+    if (!forced && r.ioasid === undefined && options.setIds !== undefined && (r.setId === undefined || !options.setIds.has(r.setId))) continue;
     const column = columnOf(r);
     if (column === undefined) continue;
     const changesRef = r.action === "ioasid_get" || r.action === "ioasid_put" || r.action === "event:ALLOC" || r.action === "event:FREE";
