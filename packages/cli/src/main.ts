@@ -317,15 +317,15 @@ const commands: Record<string, Command> = {
     },
   },
   bind: {
-    summary: "bind a guest PASID: `bind --vm NAME --pasid HPASID --gpasid G --device DEV`",
-    usage: "ioasidctl bind --vm NAME --pasid HPASID --gpasid GPASID --device DEVICE_ID [--generation G]",
-    options: { ...dirOption, vm: { type: "string" }, pasid: { type: "string" }, gpasid: { type: "string" }, device: { type: "string" }, generation: { type: "string", default: "0" } },
+    summary: "bind a guest PASID: `bind --vm NAME --pasid HPASID --gpasid G --mdev UUID|--device DEV`",
+    usage: "ioasidctl bind --vm NAME --pasid HPASID --gpasid GPASID (--mdev UUID | --device DEVICE_ID) [--generation G]   (the device or mdev must be assigned to the VM)",
+    options: { ...dirOption, vm: { type: "string" }, pasid: { type: "string" }, gpasid: { type: "string" }, device: { type: "string" }, mdev: { type: "string" }, generation: { type: "string", default: "0" } },
     run: async (v) => bindOrUnbind(v, true),
   },
   unbind: {
-    summary: "unbind a guest PASID: `unbind --vm NAME --pasid HPASID --gpasid G --device DEV`",
-    usage: "ioasidctl unbind --vm NAME --pasid HPASID --gpasid GPASID --device DEVICE_ID [--generation G]",
-    options: { ...dirOption, vm: { type: "string" }, pasid: { type: "string" }, gpasid: { type: "string" }, device: { type: "string" }, generation: { type: "string", default: "0" } },
+    summary: "unbind a guest PASID: `unbind --vm NAME --pasid HPASID --gpasid G --mdev UUID|--device DEV`",
+    usage: "ioasidctl unbind --vm NAME --pasid HPASID --gpasid GPASID (--mdev UUID | --device DEVICE_ID) [--generation G]",
+    options: { ...dirOption, vm: { type: "string" }, pasid: { type: "string" }, gpasid: { type: "string" }, device: { type: "string" }, mdev: { type: "string" }, generation: { type: "string", default: "0" } },
     run: async (v) => bindOrUnbind(v, false),
   },
   mdev: {
@@ -412,7 +412,10 @@ async function bindOrUnbind(v: Record<string, string | boolean | undefined>, bin
   return withStack(dir, async (c) => {
     const req = {
       containerId: vm.containerId,
-      device: { ref: { $case: "deviceId" as const, value: (v["device"] as string | undefined) ?? "idxd0" } },
+      device:
+        v["mdev"] !== undefined
+          ? { ref: { $case: "mdevUuid" as const, value: v["mdev"] as string } }
+          : { ref: { $case: "deviceId" as const, value: (v["device"] as string | undefined) ?? "idxd0" } },
       hpasid: num(v["pasid"], "pasid"),
       generation: num(v["generation"], "generation"),
       gpasid: num(v["gpasid"], "gpasid"),
