@@ -16,6 +16,17 @@ export default tseslint.config(
   },
   {
     files: ["**/*.mjs", "scripts/**", "bench/**/*.mjs"],
-    languageOptions: { globals: { process: "readonly", console: "readonly", URL: "readonly", Buffer: "readonly" } },
+    languageOptions: {
+      globals: {
+        process: "readonly",
+        console: "readonly",
+        URL: "readonly",
+        Buffer: "readonly",
+        AbortController: "readonly",
+        setTimeout: "readonly",
+        setImmediate: "readonly",
+        performance: "readonly",
+      },
+    },
   },
 );

@@ -3,12 +3,15 @@
 // measured in the same run, and prints figures and ratios (no pass/fail: targets are printed
 // beside the figures). Results also go to bench/results/latest.json.
 //
-//   node --expose-gc bench/run.mjs [--quick] [--only=allocator,grpc,delivery,restart]
-import { mkdirSync, writeFileSync } from "node:fs";
+//   node --expose-gc bench/run.mjs [--quick] [--only=allocator,grpc,delivery,restart,crash]
+import { mkdirSync, mkdtempSync, rmSync, writeFileSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
 import { fileURLToPath } from "node:url";
 import { IoasidSpace, IdBitmap, TokenType } from "@ioasid/ioasid";
 import { createClient } from "@ioasid/grpc-kit";
-import { bus, core, events, testing } from "@ioasid/proto";
+import { bus, core, events, iommu, kvm, testing, vdcm, vfio } from "@ioasid/proto";
+import { addressesOf, connectStack, readState, stackDown, stackUp } from "@ioasid/cli";
 import { startNats, startService } from "@ioasid/testkit";
 import { DeliveryEngine, startSubscriber } from "@ioasid/bus";
 import { IoasidCore, OpLog } from "@ioasid/ioasid-core";
@@ -17,7 +20,7 @@ import { jetstream, jetstreamManager } from "@nats-io/jetstream";
 
 const quick = process.argv.includes("--quick");
 /** `--only=allocator,delivery` runs a subset: allocator, grpc, delivery, restart. */
-const only = new Set((process.argv.find((a) => a.startsWith("--only="))?.slice(7) ?? "allocator,grpc,delivery,restart").split(","));
+const only = new Set((process.argv.find((a) => a.startsWith("--only="))?.slice(7) ?? "allocator,grpc,delivery,restart,crash").split(","));
 const results = {};
 const log = (line) => process.stdout.write(`${line}\n`);
 const now = () => Number(process.hrtime.bigint()) / 1e6; // ms
@@ -400,12 +403,129 @@ async function restartBench() {
   }
 }
 
+// ---------------------------------------------------------------------------------------------
+// 5. Crashed guests: every IOASID of a VM bound (IOMMU, KVM) and programmed (VDCM) when its VMM
+//    goes away; time from the session's end to the set's destruction (its last IOASID reclaimed),
+//    taken from the core's own event stream (SET_FREE commit time).
+
+async function crashBench() {
+  const runs = quick ? 3 : 10;
+  const perGuest = 64;
+  const crowd = quick ? 100 : 1000;
+  log(`\n[crash] the whole stack as processes; ${perGuest} PASIDs per guest, each bound (IOMMU, KVM) and programmed (VDCM)`);
+  const dir = mkdtempSync(join(tmpdir(), "ioasid-bench-"));
+  const basePort = 30_000 + Math.floor(Math.random() * 20_000);
+  await stackUp({ dir, basePort, natsPort: basePort + 10, readyTimeoutMs: 30_000 });
+  const c = await connectStack(addressesOf(readState(dir)));
+  try {
+    const devices = Math.ceil((crowd * perGuest) / 1024);
+    for (let d = 0; d < devices; d++) {
+      const wqs = Array.from({ length: 1024 }, (_, wqId) => ({ wqId, mode: vdcm.WqMode.WQ_MODE_DEDICATED, size: 1 }));
+      await c.vdcm.registerDevice(vdcm.RegisterDeviceRequest.fromPartial({ deviceId: `dsa${d}`, maxPasidEntries: 1024, wqs }));
+      await c.iommu.registerDevice(iommu.RegisterDeviceRequest.fromPartial({ deviceId: `dsa${d}`, maxPasids: 1 << 20, priCapable: true, function: iommu.DeviceFunction.DEVICE_FUNCTION_PF, iommuGroup: d + 1 }));
+    }
+    let nextWq = 0;
+    let token = 1n;
+    /** A guest with `perGuest` PASIDs bound and programmed, and its VMM session open. */
+    const guest = async () => {
+      const slot = nextWq;
+      nextWq += perGuest;
+      const device = `dsa${Math.floor(slot / 1024)}`;
+      const wq0 = slot % 1024;
+      const mm = token++;
+      const name = `g${mm}`;
+      const vm = (await c.kvm.createVm(kvm.CreateVmRequest.fromPartial({ mmToken: mm, vcpuCount: 1, vmName: name }))).vm;
+      const opened = await c.vfio.openContainer(vfio.OpenContainerRequest.fromPartial({ mmToken: mm, quota: perGuest, vmName: name }));
+      const session = new AbortController();
+      const attached = new Promise((resolve) => {
+        void (async () => {
+          try {
+            for await (const m of c.vfio.session({ containerId: opened.containerId }, { signal: session.signal })) if (m.event?.$case === "attached") resolve();
+          } catch {
+            // ended by the benchmark
+          }
+        })();
+      });
+      await attached;
+      const mdev = `mdev-${name}`;
+      await c.vdcm.createMdev(vdcm.CreateMdevRequest.fromPartial({ parentDeviceId: device, mdevUuid: mdev, wqIds: Array.from({ length: perGuest }, (_, i) => wq0 + i) }));
+      await c.vfio.assignDevice(vfio.AssignDeviceRequest.fromPartial({ containerId: opened.containerId, device: { ref: { $case: "mdevUuid", value: mdev } } }));
+      await Promise.all(
+        Array.from({ length: perGuest }, async (_, i) => {
+          const a = await c.vfio.allocPasid({ containerId: opened.containerId });
+          await c.vfio.bindGuestPasid(vfio.BindGuestPasidRequest.fromPartial({ containerId: opened.containerId, device: { ref: { $case: "mdevUuid", value: mdev } }, hpasid: a.hpasid, generation: a.generation, gpasid: i + 1, guestPgtable: 0x1000n }));
+        }),
+      );
+      // KVM's table is filled by the BIND events; wait for it before the guest programs its WQs.
+      for (;;) {
+        const t = (await c.kvm.queryState({ vmId: vm.vmId })).vms[0]?.translations.length ?? 0;
+        if (t === perGuest) break;
+        await new Promise((r) => setTimeout(r, 5));
+      }
+      await Promise.all(Array.from({ length: perGuest }, (_, i) => c.vdcm.writeWqPasid({ mdevUuid: mdev, virtualWq: i, gpasid: i + 1 })));
+      return { setId: opened.setId, session, vmId: vm.vmId, mdev };
+    };
+    /** Resolves with the commit times of SET_FREE for the given sets. */
+    const setFrees = (sets) => {
+      const pending = new Set(sets);
+      const times = new Map();
+      const ac = new AbortController();
+      const done = (async () => {
+        const from = (await c.core.getStats({})).lastSeq + 1n;
+        for await (const m of c.core.watchEvents({ fromSeq: from }, { signal: ac.signal, deadlineMs: 600_000 })) {
+          const e = m.event;
+          if (e.type === events.EventType.EVENT_TYPE_SET_FREE && pending.delete(e.setId)) times.set(e.setId, e.commitTime.getTime());
+          if (pending.size === 0) break;
+        }
+        ac.abort();
+        return times;
+      })();
+      return done;
+    };
+
+    const single = [];
+    for (let r = 0; r < runs; r++) {
+      const g = await guest();
+      const watching = setFrees([g.setId]);
+      await new Promise((res) => setTimeout(res, 20)); // the watch is attached
+      const t0 = Date.now();
+      g.session.abort();
+      const times = await watching;
+      single.push(times.get(g.setId) - t0);
+      await c.kvm.destroyVm({ vmId: g.vmId }).catch(() => undefined);
+    }
+    single.sort((a, b) => a - b);
+    log(`  one crashed guest, ${perGuest} PASIDs: all reclaimed in p50 ${fmt(percentile(single, 50))} ms (min ${fmt(single[0])}, max ${fmt(single.at(-1))}, ${runs} runs; target ≤ 10 ms p50)`);
+
+    log(`  preparing ${fmt(crowd)} guests × ${perGuest} PASIDs …`);
+    const t = now();
+    const guests = [];
+    for (let i = 0; i < crowd; i += 10) {
+      guests.push(...(await Promise.all(Array.from({ length: Math.min(10, crowd - i) }, () => guest()))));
+      if ((i + 10) % 100 === 0) process.stdout.write(`  … ${fmt(i + 10)} guests ready (${fmt((now() - t) / 1000, 1)} s)\n`);
+    }
+    const watching = setFrees(guests.map((g) => g.setId));
+    await new Promise((res) => setTimeout(res, 50));
+    const t0 = Date.now();
+    for (const g of guests) g.session.abort();
+    const times = await watching;
+    const all = Math.max(...times.values()) - t0;
+    log(`  ${fmt(crowd)} guests × ${perGuest} PASIDs (${fmt(crowd * perGuest)} IOASIDs) crashing together: all reclaimed in ${fmt(all)} ms (target ≤ 3,000 ms for 1,000 guests)`);
+    results.crash = { perGuest, singleP50Ms: percentile(single, 50), single, crowd, crowdAllReclaimedMs: all };
+  } finally {
+    await c.close();
+    await stackDown({ dir });
+    rmSync(dir, { recursive: true, force: true });
+  }
+}
+
 log(`ioasid-fabric benchmarks (${quick ? "quick" : "full"}), node ${process.version}, ${new Date().toISOString()}`);
 if (typeof globalThis.gc !== "function") log("  (run with --expose-gc for exact memory figures)");
 if (only.has("allocator")) allocatorBench();
 if (only.has("grpc")) await grpcBench();
 if (only.has("delivery")) await deliveryBench();
 if (only.has("restart")) await restartBench();
+if (only.has("crash")) await crashBench();
 mkdirSync(fileURLToPath(new URL("./results/", import.meta.url)), { recursive: true });
 writeFileSync(fileURLToPath(new URL("./results/latest.json", import.meta.url)), JSON.stringify(results, null, 2) + "\n");
 log("\nresults written to bench/results/latest.json");

@@ -1,7 +1,8 @@
 import { afterEach, describe, expect, it } from "vitest";
 import { core, events } from "@ioasid/proto";
 import { waitFor } from "@ioasid/testkit";
-import { startCore, type CoreFixture } from "../support/core-fixture.js";
+import { Code } from "@ioasid/errors";
+import { expectRefused, startCore, type CoreFixture } from "../support/core-fixture.js";
 import { deliveriesSettled, exists, register, startSubscriberProcess, type TestSubscriber } from "../support/delivery-fixture.js";
 
 // Ordered, acknowledged delivery (DESIGN §4) through the real core, a real nats-server and
@@ -220,6 +221,32 @@ describe("delivery deadlines and missed subscribers", () => {
     await waitFor(async () => !(await exists(c, x.ioasid)), { timeoutMs: 10_000, message: "reclaim once KVM catches up" });
     expect(t.kvm.handled("FREE")).toHaveLength(1);
     await deliveriesSettled(c);
+  });
+
+  it("detaches the SPID with an acknowledgement that asks for it, silently (no UNBIND) on a FREE_PENDING IOASID", async () => {
+    fixture = await startCore();
+    const c = fixture.client;
+    const set = (await c.createSet(P(core.CreateSetRequest, { tokenType: MM, token: 6n, quota: 8 }))).set!.setId;
+    await register(c, "iommu", "dmar0", Priority.PRIORITY_IOMMU, { $case: "global", value: true });
+    const iommu = await sub("iommu", "dmar0", { SUB_RELEASE: "bind", SUB_DETACH_SPID: "1" });
+    const x = await c.alloc(P(core.AllocRequest, { setId: set }));
+    await c.attachSpid(P(core.AttachSpidRequest, { setId: set, ioasid: x.ioasid, spid: 33 }));
+    await c.get(P(core.GetRequest, { setId: set, ioasid: x.ioasid, holder: { role: "iommu", instance: "dmar0", purpose: "bind" } }));
+    await c.get(P(core.GetRequest, { setId: set, ioasid: x.ioasid, holder: { role: "vdcm", instance: "dead", purpose: "wq0" } }));
+    const fromSeq = (await c.getStats({})).lastSeq + 1n;
+    await c.free(P(core.FreeRequest, { setId: set, ioasid: x.ioasid }));
+    await waitFor(() => iommu.handled("FREE").length === 1, { timeoutMs: 5000 });
+    await deliveriesSettled(c);
+    // Still held by the (dead) VDCM, so FREE_PENDING: the SPID is gone, and no UNBIND was emitted.
+    expect((await c.describe({ ioasid: x.ioasid })).info).toMatchObject({ state: core.IoasidState.IOASID_STATE_FREE_PENDING, spid: 0, refcount: 1 });
+    await expectRefused(c.findBySpid(P(core.FindBySpidRequest, { setId: set, spid: 33 })), Code.NOT_FOUND, "SPID_NOT_FOUND");
+    const types: string[] = [];
+    const last = (await c.getStats({})).lastSeq;
+    for await (const m of c.watchEvents({ fromSeq })) {
+      types.push(events.eventTypeToJSON(m.event!.type));
+      if (m.event!.seq >= last) break;
+    }
+    expect(types).not.toContain("EVENT_TYPE_UNBIND");
   });
 
   it("retries a delivery whose handler failed, in order, without re-running settled ones", async () => {

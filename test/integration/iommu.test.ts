@@ -74,7 +74,7 @@ const entriesAt = async (deviceIds: string[], pasid: number) =>
   (await stack.iommu.queryState(P(iommu.QueryStateRequest, { deviceIds }))).devices.flatMap((d) => d.pasidEntries.filter((e) => e.pasid === pasid && !e.withoutPasid));
 
 describe("iommu: guest PASID bind and unbind (normal life cycle, steps 3–5 and 17–19)", () => {
-  it("takes one reference and emits one BIND for the first device; the last unbind emits UNBIND and puts", async () => {
+  it("takes one reference and emits one BIND for the first device; the last unbind emits UNBIND and keeps the reference until the FREE", async () => {
     const { c, iommu: client } = stack;
     const v = await vm(2);
     const from = await nextSeq(c);
@@ -106,18 +106,26 @@ describe("iommu: guest PASID bind and unbind (normal life cycle, steps 3–5 and
     expect((await holdersOf(c, v.ioasid))![BIND]).toBe(1);
     expect((await entriesAt(v.devices, v.ioasid)).length).toBe(1);
 
-    // The last unbind: UNBIND (step 19), then the put.
+    // The last unbind: UNBIND (step 19); the IOMMU keeps its reference (steps 22–23: the free
+    // drops VFIO's, then the IOMMU puts its own).
     expect(await client.unbindGpasid(unbindReq(v, d1))).toMatchObject({ unbound: true, lastUnbind: true });
     expect(await eventsOf(c, from, v.ioasid)).toEqual(["BIND", "UNBIND"]);
     const after = (await c.describe({ ioasid: v.ioasid })).info!;
-    expect(after).toMatchObject({ refcount: 1, spid: 0 });
-    expect(await holdersOf(c, v.ioasid)).not.toHaveProperty(BIND);
+    expect(after).toMatchObject({ refcount: 2, spid: 0, state: core.IoasidState.IOASID_STATE_ACTIVE });
+    expect((await holdersOf(c, v.ioasid))![BIND]).toBe(1);
     expect(await entriesAt(v.devices, v.ioasid)).toEqual([]);
     const flushes = (await state()).iotlbFlushes.filter((f) => f.pasid === v.ioasid);
     expect(flushes.map((f) => [f.cause, f.deviceId, f.deviceTlb])).toEqual([
       [iommu.IotlbFlushCause.IOTLB_FLUSH_CAUSE_DETACH, d0, true],
       [iommu.IotlbFlushCause.IOTLB_FLUSH_CAUSE_DETACH, d1, true],
     ]);
+
+    // VFIO frees (step 22, refcount 1): the FREE reaches the IOMMU, which releases its reference
+    // with the ack (step 23, refcount 0): reclaimed (step 24).
+    const freed = await c.free(P(core.FreeRequest, { setId: v.setId, ioasid: v.ioasid }));
+    expect(freed.outcome).toBe(core.FreeOutcome.FREE_OUTCOME_FREE_PENDING);
+    await waitFor(async () => (await holdersOf(c, v.ioasid)) === undefined, { timeoutMs: 10_000, message: "the IOASID reclaimed after the IOMMU released" });
+    expect(await eventsOf(c, from, v.ioasid)).toEqual(["BIND", "UNBIND", "FREE", "RECLAIM"]);
   });
 
   it("refuses another set's bind and unbind, and changes nothing", async () => {

@@ -167,9 +167,10 @@ describe("vfio with the real IOMMU and VDCM", () => {
         vfio.UnbindGuestPasidRequest.fromPartial({ containerId: c.containerId, device: deviceRef(PF), hpasid: p.hpasid, generation: p.generation, gpasid: 201 }),
       ),
     ).toEqual({ unbound: false, lastUnbind: false });
-    // Unassigning the device unbinds q first (UNBIND), then detaches the device.
+    // Unassigning the device unbinds q first (UNBIND), then detaches the device. The IOMMU keeps
+    // its reference until q's FREE (the document's table, steps 22–23): refcount 2.
     expect(await vf.client.unassignDevice({ containerId: c.containerId, device: deviceRef(PF) })).toEqual({ unbound: 1 });
-    expect((await fx.client.find(core.FindRequest.fromPartial({ setId: c.setId, ioasid: q.hpasid }))).info).toMatchObject({ spid: 0, refcount: 1 });
+    expect((await fx.client.find(core.FindRequest.fromPartial({ setId: c.setId, ioasid: q.hpasid }))).info).toMatchObject({ spid: 0, refcount: 2 });
     expect((await iommuState()).devices.find((d) => d.deviceId === PF)!.pasidEntries).toEqual([]);
     await vf.client.closeContainer({ containerId: c.containerId });
     await waitSetGone(fx.client, c.setId);

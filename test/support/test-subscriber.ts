@@ -6,6 +6,7 @@
 //   SUB_DELAY_MS      time each handler takes
 //   SUB_DELAY_TYPES   comma-separated event types the delay applies to (empty: all)
 //   SUB_FAIL_SEQS     comma-separated event seqs whose handler throws (once each)
+//   SUB_DETACH_SPID   "1": acknowledge FREE with the SPID detach (as the IOMMU does)
 import { connect } from "@nats-io/transport-node";
 import { startSubscriber } from "@ioasid/bus";
 import { createGrpcServer, createLogger } from "@ioasid/grpc-kit";
@@ -33,7 +34,8 @@ const sub = await startSubscriber({
     if (delayMs > 0 && (delayTypes.size === 0 || delayTypes.has(type))) await new Promise((r) => setTimeout(r, delayMs));
     if (failing.delete(Number(e.seq))) throw new Error(`injected failure for seq ${e.seq}`);
     line({ msg: "handled", seq: Number(e.seq), type, ioasid: e.ioasid, reg: ctx.registrationId, start, end: now(), attempt: ctx.attempt });
-    return type === "FREE" && release !== "" ? { release: [release] } : undefined;
+    if (type !== "FREE") return undefined;
+    return { release: release === "" ? [] : [release], detachSpid: env["SUB_DETACH_SPID"] === "1" };
   },
 });
 // A health endpoint and the "listening" line the testkit waits for.

@@ -40,6 +40,8 @@ export interface SettledAck {
   readonly event: events.IoasidEvent;
   /** Purposes of the subscriber's references released with the ack. */
   readonly releases: readonly string[];
+  /** Detach the IOASID's SPID with the ack. */
+  readonly detachSpid: boolean;
   /** True for a redelivery of a missed event (the chain had moved on). */
   readonly late: boolean;
 }
@@ -463,6 +465,7 @@ function toSettled(channel: Channel, item: Item, ack: bus.Ack, late: boolean): S
     subscriber: channel.id,
     event: item.event,
     releases: ack.releases.map((r) => r.purpose),
+    detachSpid: ack.detachSpid,
     late,
   };
 }

@@ -17,6 +17,8 @@ export interface DeliveryContext {
  */
 export interface HandlerResult {
   readonly release?: readonly string[];
+  /** Detach the IOASID's SPID with the acknowledgement (one message instead of a DetachSpid call). */
+  readonly detachSpid?: boolean;
 }
 
 /**
@@ -81,6 +83,7 @@ export async function startSubscriber(options: SubscriberOptions): Promise<Subsc
       status: bus.AckStatus.ACK_STATUS_SETTLED,
       releases: result?.release === undefined ? [] : result.release.map((purpose) => ({ purpose })),
       error: "",
+      detachSpid: result?.detachSpid === true,
     };
     handled++;
     done.set(key, ack);
@@ -93,6 +96,7 @@ export async function startSubscriber(options: SubscriberOptions): Promise<Subsc
     status: bus.AckStatus.ACK_STATUS_FAILED,
     releases: [],
     error: err instanceof Error ? err.message : String(err),
+    detachSpid: false,
   });
 
   /** The ack of one delivery: from the dedupe memory, at once for a synchronous handler, or later. */

@@ -1,6 +1,6 @@
 import { readHistory, type HistoryRecord } from "@ioasid/bus";
 import { isDomainError } from "@ioasid/errors";
-import { core, iommu, kvm, vdcm, vfio } from "@ioasid/proto";
+import { iommu, kvm, vdcm, vfio } from "@ioasid/proto";
 import type { StackClients } from "./clients.js";
 import { buildTimeline, type TimelineRow } from "./timeline.js";
 import { checkInvariants, type Verdict } from "./verdict.js";

@@ -4,7 +4,7 @@ import type { events } from "@ioasid/proto";
 import { fromCommittedEvent } from "./convert.js";
 import { EventLog } from "./event-log.js";
 import type { OpLog } from "./op-log.js";
-import { applyOp, chainKey, StashedAllocator, type AckEntry, type ApplyContext, type OpRecord } from "./ops.js";
+import { ACK_DETACH_SPID, applyOp, chainKey, StashedAllocator, type AckEntry, type ApplyContext, type OpRecord } from "./ops.js";
 
 /**
  * An external allocator as the core sees it: asynchronous (it lives in another process). The
@@ -276,9 +276,9 @@ export class IoasidCore {
       let group = bySubscriber.get(id);
       if (group === undefined) bySubscriber.set(id, (group = { n: k.subscriber.name, in: k.subscriber.instance, a: [] }));
       group.a.push(
-        k.releases.length === 0
+        k.releases.length === 0 && !k.detachSpid
           ? [k.seq, k.registrationId]
-          : [k.seq, k.registrationId, k.event.setId, k.event.ioasid, k.event.generation, ...k.releases],
+          : [k.seq, k.registrationId, k.event.setId, k.event.ioasid, k.event.generation, k.detachSpid ? ACK_DETACH_SPID : 0, ...k.releases],
       );
     }
     // Not urgent even with releases: the record is queued in application order, so anything that

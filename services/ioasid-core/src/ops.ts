@@ -41,11 +41,15 @@ export type OpRecord = { readonly ts: number } & (
 );
 
 /**
- * One acknowledgement: [event seq, registration] when it releases nothing, else [event seq,
- * registration, set, IOASID, generation, ...released purposes]. The holder of each released
- * reference is the subscriber itself (role = name, instance = instance).
+ * One acknowledgement: [event seq, registration] when it changes nothing, else [event seq,
+ * registration, set, IOASID, generation, flags, ...released purposes] (flags: 1 = detach the
+ * SPID). The holder of each released reference is the subscriber itself (role = name, instance =
+ * instance).
  */
-export type AckEntry = readonly [number, number] | readonly [number, number, number, number, number, ...string[]];
+export type AckEntry = readonly [number, number] | readonly [number, number, number, number, number, number, ...string[]];
+
+/** AckEntry flag: detach the IOASID's SPID with the acknowledgement. */
+export const ACK_DETACH_SPID = 1;
 
 /** RegisterOptions with the MM token as a string (JSON has no bigint). */
 export interface SerializedRegisterOptions {
@@ -203,7 +207,14 @@ export function applyOp(ctx: ApplyContext, op: OpRecord): unknown {
       // reference of a later owner of the same ID.
       for (const entry of op.a) {
         if (entry.length <= 2) continue;
-        const [, , setId, ioasid, generation, ...purposes] = entry as readonly [number, number, number, number, number, ...string[]];
+        const [, , setId, ioasid, generation, flags, ...purposes] = entry as readonly [number, number, number, number, number, number, ...string[]];
+        if ((flags & ACK_DETACH_SPID) !== 0) {
+          try {
+            space.detachSpid(setId, ioasid, generation);
+          } catch {
+            // Already detached, or reclaimed: nothing to do.
+          }
+        }
         for (const purpose of purposes) {
           const holder = { role: op.n, instance: op.in, purpose };
           try {

@@ -56,6 +56,14 @@ export class FakeCore implements IommuCorePort {
   }
 
   /** Releases with an acknowledgement (holder iommu/<instance>/<purpose>). */
+  /** What the real core does with an ack's detach_spid: detach, silently on a FREE_PENDING IOASID. */
+  ackDetachSpid(ioasid: number): void {
+    const x = this.#ioasids.get(ioasid);
+    if (x === undefined || x.spid === 0) return;
+    if (x.state === "ACTIVE") this.#emit("UNBIND", x);
+    x.spid = 0;
+  }
+
   ackRelease(ioasid: number, holder: core.Holder): void {
     const x = this.#ioasids.get(ioasid);
     if (x !== undefined && x.holders.has(key(holder))) this.#drop(x, key(holder));

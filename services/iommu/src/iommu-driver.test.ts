@@ -66,6 +66,8 @@ async function refused(p: Promise<unknown>, code: number, reason: string): Promi
 async function deliver(r: Rig, e: events.IoasidEvent | undefined): Promise<string[]> {
   if (e === undefined) throw new Error("no FREE emitted");
   const result = await r.driver.handleEvent(e);
+  // As the core applies an acknowledgement: the SPID detach, then the releases.
+  if (result?.detachSpid === true) r.core.ackDetachSpid(e.ioasid);
   for (const purpose of result?.release ?? []) r.core.ackRelease(e.ioasid, { ...HOLDER, purpose });
   return [...(result?.release ?? [])];
 }
@@ -96,7 +98,7 @@ describe("IommuDriver guest binds", () => {
     expect(kinds(r)).toEqual(["BIND:201"]);
   });
 
-  it("emits UNBIND and puts only on the last device unbind", async () => {
+  it("emits UNBIND only on the last device unbind, which keeps the reference until the FREE releases it", async () => {
     const r = rig();
     const set = r.core.setWith(201);
     await r.driver.bindGpasid(bindSpec(r, { setId: set }));
@@ -105,12 +107,37 @@ describe("IommuDriver guest binds", () => {
     expect(kinds(r)).toEqual(["BIND:201"]);
     expect(r.core.info(201)!.refcount).toBe(2);
     expect(await r.driver.unbindGpasid({ setId: set, hpasid: 201, generation: 1, gpasid: 0, deviceId: "d1" })).toEqual({ unbound: true, lastUnbind: true });
+    // Step 19: UNBIND; the reference stays (steps 22–23: ioasid_free() 1, then the IOMMU's put 0).
     expect(kinds(r)).toEqual(["BIND:201", "UNBIND:201"]);
-    expect(r.core.info(201)).toMatchObject({ refcount: 1, spid: 0, holders: { "set-owner": 1 } });
+    expect(r.core.info(201)).toMatchObject({ refcount: 2, spid: 0, holders: { "set-owner": 1, [HOLDER_KEY]: 1 } });
+    expect(r.core.calls).not.toContain("put");
     expect(r.history.map((h) => h.action)).toContain("teardown_pasid");
     expect(r.history.map((h) => h.action)).toContain("iotlb_flush");
-    expect(r.history.filter((h) => h.action === "unbind_gpasid").map((h) => h.fields["refcount"])).toEqual([undefined, 1]);
+    expect(r.history.filter((h) => h.action === "unbind_gpasid").map((h) => h.fields["refcount"])).toEqual([undefined, undefined]);
+    expect(r.driver.hw.binding(201)).toMatchObject({ refHeld: true, spidAttached: false });
+    expect(r.driver.hw.binding(201)!.devices.size).toBe(0);
+    // The FREE reaches the IOMMU, which releases the reference with the ack: reclaimed.
+    expect(await deliver(r, r.core.free(set, 201))).toEqual(["bind"]);
+    expect(r.core.info(201)).toBeUndefined();
+    expect(kinds(r)).toEqual(["BIND:201", "UNBIND:201", "FREE:201", "RECLAIM:201"]);
+    expect(r.core.calls.filter((c) => c === "detachSpid")).toHaveLength(1);
     expect(r.driver.hw.binding(201)).toBeUndefined();
+  });
+
+  it("attaches the SPID again (a new BIND) on a rebind after the last unbind, without a second reference", async () => {
+    const r = rig();
+    const set = r.core.setWith(201);
+    await r.driver.bindGpasid(bindSpec(r, { setId: set }));
+    await r.driver.unbindGpasid({ setId: set, hpasid: 201, generation: 0, gpasid: 0, deviceId: "d0" });
+    expect((await r.driver.bindGpasid(bindSpec(r, { setId: set, deviceId: "d1" }))).firstBind).toBe(true);
+    expect(kinds(r)).toEqual(["BIND:201", "UNBIND:201", "BIND:201"]);
+    expect(r.core.info(201)).toMatchObject({ refcount: 2, spid: 101, holders: { [HOLDER_KEY]: 1 } });
+    expect(r.core.calls.filter((c) => c === "get")).toHaveLength(1);
+    expect(r.history.filter((h) => h.action === "bind_gpasid").map((h) => h.fields["refcount"])).toEqual([2, undefined]);
+    // The FREE detaches the SPID without UNBIND and releases the one reference.
+    expect(await deliver(r, r.core.free(set, 201))).toEqual(["bind"]);
+    expect(r.core.info(201)).toBeUndefined();
+    expect(kinds(r)).toEqual(["BIND:201", "UNBIND:201", "BIND:201", "FREE:201", "RECLAIM:201"]);
   });
 
   it("refuses another set's IOASID, a FREE_PENDING one, a stale generation and a mismatched SPID, changing nothing", async () => {
@@ -158,20 +185,40 @@ describe("IommuDriver guest binds", () => {
     expect((await r.driver.bindGpasid(bindSpec(r, { setId: set }))).firstBind).toBe(true);
   });
 
-  it("finishes on the next call a release the core failed to take", async () => {
+  it("finishes on the next call a detach the core failed to make, keeping the reference for the FREE", async () => {
+    const r = rig();
+    const set = r.core.setWith(201);
+    await r.driver.bindGpasid(bindSpec(r, { setId: set }));
+    r.core.failNext.set("detachSpid", new DomainError(Code.UNAVAILABLE, "UNAVAILABLE", "core down"));
+    await refused(r.driver.unbindGpasid({ setId: set, hpasid: 201, generation: 0, gpasid: 0, deviceId: "d0" }), Code.UNAVAILABLE, "UNAVAILABLE");
+    expect(r.core.info(201)).toMatchObject({ spid: 101, holders: { [HOLDER_KEY]: 1 } });
+    expect(kinds(r)).toEqual(["BIND:201"]);
+    expect(await r.driver.unbindGpasid({ setId: set, hpasid: 201, generation: 0, gpasid: 0, deviceId: "d0" })).toEqual({ unbound: false, lastUnbind: false });
+    expect(kinds(r)).toEqual(["BIND:201", "UNBIND:201"]);
+    expect(r.core.info(201)).toMatchObject({ refcount: 2, spid: 0, holders: { "set-owner": 1, [HOLDER_KEY]: 1 } });
+    expect(r.core.calls).not.toContain("put");
+    expect(await deliver(r, r.core.free(set, 201))).toEqual(["bind"]);
+    expect(r.core.info(201)).toBeUndefined();
+  });
+
+  it("leaves a put that failed on device removal to the FREE", async () => {
     const r = rig();
     const set = r.core.setWith(201);
     await r.driver.bindGpasid(bindSpec(r, { setId: set }));
     r.core.failNext.set("put", new DomainError(Code.UNAVAILABLE, "UNAVAILABLE", "core down"));
-    await refused(r.driver.unbindGpasid({ setId: set, hpasid: 201, generation: 0, gpasid: 0, deviceId: "d0" }), Code.UNAVAILABLE, "UNAVAILABLE");
+    expect(await r.driver.removeDevice("d0")).toBe(1);
+    expect(kinds(r)).toEqual(["BIND:201", "UNBIND:201"]);
     expect(r.core.info(201)!.holders[HOLDER_KEY]).toBe(1);
-    expect(await r.driver.unbindGpasid({ setId: set, hpasid: 201, generation: 0, gpasid: 0, deviceId: "d0" })).toEqual({ unbound: false, lastUnbind: false });
-    expect(r.core.info(201)).toMatchObject({ refcount: 1, holders: { "set-owner": 1 } });
+    // An unbind finds nothing on another device and keeps the reference (a guest unbind never puts).
+    expect(await r.driver.unbindGpasid({ setId: set, hpasid: 201, generation: 0, gpasid: 0, deviceId: "d1" })).toEqual({ unbound: false, lastUnbind: false });
+    expect(r.core.info(201)!.holders[HOLDER_KEY]).toBe(1);
+    expect(await deliver(r, r.core.free(set, 201))).toEqual(["bind"]);
+    expect(r.core.info(201)).toBeUndefined();
   });
 });
 
 describe("IommuDriver FREE (free before unbind)", () => {
-  it("tears the entries down on every device, detaches the SPID without UNBIND, and releases the reference with the ack", async () => {
+  it("tears the entries down on every device, detaches the SPID (no UNBIND) and releases the reference with the ack", async () => {
     const r = rig();
     const set = r.core.setWith(201);
     await r.driver.bindGpasid(bindSpec(r, { setId: set }));
@@ -180,7 +227,8 @@ describe("IommuDriver FREE (free before unbind)", () => {
     expect(await deliver(r, free)).toEqual(["bind"]);
     expect(r.driver.snapshot([], 0).devices.flatMap((d) => d.pasidEntries)).toEqual([]);
     expect(kinds(r)).toEqual(["BIND:201", "FREE:201", "RECLAIM:201"]);
-    expect(r.core.calls.filter((c) => c === "detachSpid")).toHaveLength(1);
+    // The detach travels with the acknowledgement: no call to the core per IOASID.
+    expect(r.core.calls.filter((c) => c === "detachSpid")).toHaveLength(0);
     const flushes = r.driver.snapshot([], 10).flushes;
     expect(flushes.map((f) => [f.cause, f.deviceId, f.pasid])).toEqual([
       ["IOASID_FREE", "d0", 201],
@@ -218,17 +266,18 @@ describe("IommuDriver FREE (free before unbind)", () => {
     expect(r.driver.hw.handleAt("d1", 201)).toBeDefined();
   });
 
-  it("retries a FREE whose SPID detach failed, without tearing down twice", async () => {
+  it("answers a FREE synchronously-settled with the SPID detach and the release in the ack, whatever the core's state", async () => {
     const r = rig();
     const set = r.core.setWith(201);
     await r.driver.bindGpasid(bindSpec(r, { setId: set }));
     const free = r.core.free(set, 201)!;
+    // Even with the core unreachable the handler needs nothing from it: the ack carries it all.
     r.core.failNext.set("detachSpid", new DomainError(Code.UNAVAILABLE, "UNAVAILABLE", "core down"));
-    await expect(r.driver.handleEvent(free)).rejects.toThrow();
+    await expect(r.driver.handleEvent(free)).resolves.toEqual({ release: ["bind"], detachSpid: true });
     expect(r.driver.hw.handleAt("d0", 201)).toBeUndefined();
-    expect(await deliver(r, free)).toEqual(["bind"]);
-    expect(r.core.info(201)).toBeUndefined();
     expect(r.driver.snapshot([], 10).flushes).toHaveLength(1);
+    // A redelivery (the ack was lost) finds nothing: nothing torn down twice, nothing released twice.
+    expect(r.driver.handleEvent(free)).toBeUndefined();
   });
 });
 
@@ -330,7 +379,7 @@ describe("IommuDriver after a restart", () => {
     expect(kinds(r)).toEqual(["BIND:201", "FREE:201", "RECLAIM:201"]);
   });
 
-  it("lets the last unbind after a restart emit UNBIND and put, and a rebind reuse the SPID without a second BIND", async () => {
+  it("lets the last unbind after a restart emit UNBIND but keep the reference for the FREE, and a rebind reuse the SPID without a second BIND", async () => {
     const r = rig();
     const set = r.core.setWith(201);
     await r.driver.bindGpasid(bindSpec(r, { setId: set }));
@@ -340,6 +389,9 @@ describe("IommuDriver after a restart", () => {
     expect(r.core.info(201)!.holders[HOLDER_KEY]).toBe(1);
     expect(await r2.driver.unbindGpasid({ setId: set, hpasid: 201, generation: 0, gpasid: 0, deviceId: "d1" })).toEqual({ unbound: true, lastUnbind: true });
     expect(kinds(r)).toEqual(["BIND:201", "UNBIND:201"]);
-    expect(r.core.info(201)).toMatchObject({ refcount: 1, spid: 0 });
+    expect(r.core.info(201)).toMatchObject({ refcount: 2, spid: 0, holders: { [HOLDER_KEY]: 1 } });
+    expect(await deliver(r2, r.core.free(set, 201))).toEqual(["bind"]);
+    expect(r.core.info(201)).toBeUndefined();
+    expect(kinds(r)).toEqual(["BIND:201", "UNBIND:201", "FREE:201", "RECLAIM:201"]);
   });
 });

@@ -154,8 +154,9 @@ export class IommuDriver {
    * Takes back, after a restart, the "bind" references this IOMMU instance still holds in the core
    * (its PASID tables were lost with the process; the core's references were not). Each becomes a
    * bind state with no device: the IOASID's FREE then releases it with the acknowledgement, its
-   * next unbind detaches the SPID (UNBIND) and puts, and a new bind of the same guest PASID reuses
-   * it without a second BIND. Call it before the bus subscriber starts, so no FREE finds nothing.
+   * next unbind detaches the SPID (UNBIND) but keeps the reference for that FREE, and a new bind of
+   * the same guest PASID reuses it without a second BIND. Call it before the bus subscriber starts,
+   * so no FREE finds nothing.
    * @returns how many references were taken back
    */
   async adoptHeldReferences(): Promise<number> {
@@ -189,7 +190,8 @@ export class IommuDriver {
 
   /**
    * Unplugs a device: its handles are torn down, and the guest binds it was the last device of
-   * release their SPID and reference as the last unbind does.
+   * detach their SPID (UNBIND) and — unlike a guest's last unbind, which leaves it to the FREE —
+   * put their reference at once.
    * @returns how many handles were torn down
    */
   async removeDevice(deviceId: string): Promise<number> {
@@ -204,8 +206,8 @@ export class IommuDriver {
             const b = this.hw.binding(h.pasid);
             if (b !== undefined && b.generation === h.generation) await this.#releaseIfUnused(b);
           })
-          // The device is gone whatever the core says; an unfinished release is completed by the
-          // IOASID's next unbind or its FREE.
+          // The device is gone whatever the core says; an unfinished SPID detach is completed by
+          // the IOASID's next unbind or its FREE, an unfinished put by its FREE only.
           .catch((err: unknown) => this.#log?.warn({ err, ioasid: h.pasid, deviceId }, "release after device removal failed")),
       ),
     );
@@ -283,7 +285,8 @@ export class IommuDriver {
    * IOASID's first device bind only — takes the IOMMU's "bind" reference (step 4) and attaches the
    * SPID, which makes the core emit BIND (step 5); then programs the NESTED entry on the device.
    * Later devices bound to the same host PASID emit no second BIND and take no second reference
-   * ("only the *first* BIND and *last* UNBIND emit notifications").
+   * ("only the *first* BIND and *last* UNBIND emit notifications"); a rebind after the last unbind
+   * attaches the SPID again (a new BIND) but reuses the reference that unbind kept.
    * @returns the handle, and whether this was the first bind
    */
   async bindGpasid(spec: BindGpasidSpec): Promise<{ handle: AttachHandle; firstBind: boolean }> {
@@ -320,6 +323,8 @@ export class IommuDriver {
       }
       if (binding === undefined && info.spid === 0) await this.#assertSpidFree(spec.setId, spec.gpasid, spec.hpasid);
       const b = binding ?? this.hw.createBinding({ hpasid: spec.hpasid, setId: spec.setId, generation: info.generation, gpasid: spec.gpasid });
+      // A reference kept since the last unbind (it goes with the FREE) is not this call's to undo.
+      const keptReference = b.refHeld;
       let firstBind = false;
       let refcount: number | undefined;
       try {
@@ -342,7 +347,7 @@ export class IommuDriver {
         return { handle, firstBind };
       } catch (err) {
         // Undo what this call took, so a failed bind changes nothing.
-        await this.#releaseIfUnused(b).catch((undo: unknown) => this.#log?.warn({ err: undo, ioasid: b.hpasid }, "undoing a failed bind failed"));
+        await this.#releaseIfUnused(b, { keepReference: keptReference }).catch((undo: unknown) => this.#log?.warn({ err: undo, ioasid: b.hpasid }, "undoing a failed bind failed"));
         throw err;
       }
     });
@@ -350,10 +355,12 @@ export class IommuDriver {
 
   /**
    * unbind_gpasid for one device (steps 17–19): the entry is torn down and flushed; on the last
-   * device the SPID is detached (the core emits UNBIND) and the reference put. An unbind that finds
-   * nothing — the FREE teardown came first (misbehaving table step 30, "iommu_unbind()->
-   * ioasid_find() Fails") — changes nothing and answers `unbound: false`; an unbind by another set
-   * is refused and changes nothing.
+   * device the SPID is detached (the core emits UNBIND). The "bind" reference and the bind state
+   * stay: the IOASID's FREE releases the reference (steps 22–23: ioasid_free() 1, then the IOMMU's
+   * ioasid_put() 0), and a rebind before it attaches the SPID again (a new BIND) without taking a
+   * second reference. An unbind that finds nothing — the FREE teardown came first (misbehaving
+   * table step 30, "iommu_unbind()->ioasid_find() Fails") — changes nothing and answers
+   * `unbound: false`; an unbind by another set is refused and changes nothing.
    */
   async unbindGpasid(spec: UnbindGpasidSpec): Promise<UnbindResult> {
     if (spec.setId === 0) throw invalidField("set_id", "set_id is required");
@@ -382,14 +389,17 @@ export class IommuDriver {
       }
       const { result: handle, changes } = this.hw.removeGpasidEntry(spec.hpasid, spec.deviceId);
       if (handle === undefined) {
-        // Not bound on this device; finish a release an earlier failure left undone.
-        if (b.devices.size === 0) await this.#releaseIfUnused(b);
+        // Not bound on this device; finish a detach an earlier failure left undone.
+        if (b.devices.size === 0) await this.#releaseIfUnused(b, { keepReference: true });
         return { unbound: false, lastUnbind: false };
       }
       this.#recordChanges(changes);
       const last = b.devices.size === 0;
       const fields = this.#bindFields(b);
-      const refcount = await this.#releaseIfUnused(b);
+      // The last unbind detaches the SPID (UNBIND, step 19) but keeps the reference: the IOMMU
+      // drops it when the FREE reaches it (the document's table, steps 22–23: ioasid_free() 1,
+      // then the IOMMU's ioasid_put() 0).
+      const refcount = await this.#releaseIfUnused(b, { keepReference: true });
       this.#record("unbind_gpasid", { ...fields, ...(refcount === undefined ? {} : { refcount }), detail: `device ${spec.deviceId} handle ${handle.handleId}${last ? " last unbind" : ""}` });
       return { unbound: true, lastUnbind: last };
     });
@@ -421,9 +431,11 @@ export class IommuDriver {
     }
     const b = this.hw.binding(event.ioasid);
     const release: string[] = [];
+    let detachSpid = false;
     if (b !== undefined && b.generation === event.generation) {
       if (b.spidAttached) {
-        await this.#detachSpid(b);
+        // Detached by the core with the acknowledgement: one message, not a call per IOASID.
+        detachSpid = true;
         b.spidAttached = false;
       }
       if (b.refHeld) {
@@ -440,7 +452,7 @@ export class IommuDriver {
       seq,
       detail: `FREE: ${torn.length} entr${torn.length === 1 ? "y" : "ies"} torn down${release.length > 0 ? ", bind reference released" : ""}`,
     });
-    return release.length > 0 ? { release } : undefined;
+    return release.length > 0 || detachSpid ? { release, detachSpid } : undefined;
   }
 
   // ---- native SVA ----
@@ -593,17 +605,19 @@ export class IommuDriver {
   }
 
   /**
-   * When no device is bound any more: detach the SPID (the core emits UNBIND, step 19) and put the
-   * "bind" reference, then forget the bind state. Each step is marked done as it succeeds, so a
-   * failure leaves the rest for the next call on this IOASID.
+   * When no device is bound any more: detach the SPID (the core emits UNBIND, step 19) and — unless
+   * `keepReference` (a guest's last unbind: the reference goes with the FREE) — put the "bind"
+   * reference and forget the bind state. Each step is marked done as it succeeds, so a failure
+   * leaves the rest for the next call on this IOASID.
    * @returns the refcount after the put, when one was made
    */
-  async #releaseIfUnused(b: GpasidBinding): Promise<number | undefined> {
+  async #releaseIfUnused(b: GpasidBinding, options: { keepReference?: boolean } = {}): Promise<number | undefined> {
     if (b.devices.size > 0) return undefined;
     if (b.spidAttached) {
       await this.#detachSpid(b);
       b.spidAttached = false;
     }
+    if (options.keepReference === true && b.refHeld) return undefined;
     let refcount: number | undefined;
     if (b.refHeld) {
       try {

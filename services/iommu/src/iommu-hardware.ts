@@ -173,9 +173,11 @@ export interface IotlbFlush {
  * A guest PASID bound on one or more devices (the kernel's intel_svm of a host PASID): which set
  * and generation it belongs to, its SPID, the devices it is programmed on, and what the IOMMU holds
  * for it in the core. Only the first device bind takes the reference and attaches the SPID (the
- * core then emits BIND); only the last unbind detaches it (UNBIND) and puts (ioasid.rst, "KVM PASID
- * Translation Table Updates", rule 1). The driver updates `refHeld`/`spidAttached` as its core
- * calls succeed.
+ * core then emits BIND); only the last unbind detaches it (UNBIND) (ioasid.rst, "KVM PASID
+ * Translation Table Updates", rule 1). The last unbind keeps the reference and this record: the
+ * IOASID's FREE releases the reference (the "Guest IOASID Life Cycle" table, steps 22–23), and a
+ * rebind meanwhile attaches the SPID again without taking a second one. The driver updates
+ * `refHeld`/`spidAttached` as its core calls succeed.
  */
 export interface GpasidBinding {
   readonly hpasid: number;

@@ -101,6 +101,12 @@ export interface Ack {
   releases: Release[];
   /** Why the handler failed (FAILED only), for the core's log. */
   error: string;
+  /**
+   * Detach the IOASID's SPID in the same step (only with SETTLED; the IOMMU's FREE handler: "detach
+   * the SPID (no UNBIND: the IOASID is already free)"). On a FREE_PENDING IOASID the core emits
+   * nothing for it; a SPID already detached is not an error.
+   */
+  detachSpid: boolean;
 }
 
 /** AckBatch answers a DeliveryBatch; a delivery with no Ack counts as missed. */
@@ -369,7 +375,7 @@ export const Release: MessageFns<Release> = {
 };
 
 function createBaseAck(): Ack {
-  return { seq: 0n, registrationId: 0, status: 0, releases: [], error: "" };
+  return { seq: 0n, registrationId: 0, status: 0, releases: [], error: "", detachSpid: false };
 }
 
 export const Ack: MessageFns<Ack> = {
@@ -391,6 +397,9 @@ export const Ack: MessageFns<Ack> = {
     }
     if (message.error !== "") {
       writer.uint32(42).string(message.error);
+    }
+    if (message.detachSpid !== false) {
+      writer.uint32(48).bool(message.detachSpid);
     }
     return writer;
   },
@@ -448,6 +457,14 @@ export const Ack: MessageFns<Ack> = {
             message.error = reader.string();
             continue;
           }
+          case 6: {
+            if (tag !== 48) {
+              break;
+            }
+
+            message.detachSpid = reader.bool();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -471,6 +488,11 @@ export const Ack: MessageFns<Ack> = {
       status: isSet(object.status) ? ackStatusFromJSON(object.status) : 0,
       releases: globalThis.Array.isArray(object?.releases) ? object.releases.map((e: any) => Release.fromJSON(e)) : [],
       error: isSet(object.error) ? globalThis.String(object.error) : "",
+      detachSpid: isSet(object.detachSpid)
+        ? globalThis.Boolean(object.detachSpid)
+        : isSet(object.detach_spid)
+        ? globalThis.Boolean(object.detach_spid)
+        : false,
     };
   },
 
@@ -491,6 +513,9 @@ export const Ack: MessageFns<Ack> = {
     if (message.error !== "") {
       obj.error = message.error;
     }
+    if (message.detachSpid !== false) {
+      obj.detachSpid = message.detachSpid;
+    }
     return obj;
   },
 
@@ -504,6 +529,7 @@ export const Ack: MessageFns<Ack> = {
     message.status = object.status ?? 0;
     message.releases = object.releases?.map((e) => Release.fromPartial(e)) || [];
     message.error = object.error ?? "";
+    message.detachSpid = object.detachSpid ?? false;
     return message;
   },
 };

@@ -7535,9 +7535,10 @@ export const IommuServiceService = {
   },
   /**
    * BindGpasid binds a guest PASID table entry (bind_gpasid): after checking that `hpasid` belongs
-   * to `set_id`, the IOMMU takes a reference on the IOASID, attaches `gpasid` as its SPID (only the
-   * first device bind of the IOASID makes the core emit BIND), and programs a NESTED PASID entry on
-   * the device: first stage the guest's page table, second stage the parent paging domain.
+   * to `set_id`, the IOMMU takes a reference on the IOASID (unless it still holds one from an
+   * earlier bind), attaches `gpasid` as its SPID (only a bind while no device is bound to the IOASID
+   * makes the core emit BIND), and programs a NESTED PASID entry on the device: first stage the
+   * guest's page table, second stage the parent paging domain.
    * Errors: PERMISSION_DENIED `IOASID_NOT_IN_SET`; NOT_FOUND `IOASID_NOT_FOUND`,
    * `IOASID_FREE_PENDING` (no reference can be taken), `DEVICE_NOT_FOUND`, `DOMAIN_NOT_FOUND`
    * (parent); FAILED_PRECONDITION `STALE_GENERATION`, `SPID_MISMATCH` (the IOASID already has
@@ -7556,10 +7557,13 @@ export const IommuServiceService = {
   },
   /**
    * UnbindGpasid undoes BindGpasid for one device: the PASID entry is torn down and flushed, the
-   * handle's outstanding fault groups answered INVALID, the reference released, and on the last
-   * device unbind the SPID is detached (the core emits UNBIND). An unbind that finds nothing — the
-   * IOASID was freed first and the FREE teardown already removed the bind — succeeds with
-   * `unbound` false and changes nothing ("free before unbind", ioasid.rst).
+   * handle's outstanding fault groups answered INVALID, and on the last device unbind the SPID is
+   * detached (the core emits UNBIND). The IOMMU keeps its reference on the IOASID until the
+   * IOASID's FREE reaches it (ioasid.rst "Guest IOASID Life Cycle", steps 22–23: VFIO's free, then
+   * the IOMMU's put); a BindGpasid before that attaches the SPID again (BIND) without a second
+   * reference. An unbind that finds nothing — the IOASID was freed first and the FREE teardown
+   * already removed the bind — succeeds with `unbound` false and changes nothing ("free before
+   * unbind", ioasid.rst).
    * Errors: PERMISSION_DENIED `IOASID_NOT_IN_SET` (the IOASID now belongs to another set: nothing
    * changes); FAILED_PRECONDITION `STALE_GENERATION`, `SPID_MISMATCH` (`gpasid` given and the bind
    * was made with another); NOT_FOUND `DEVICE_NOT_FOUND`; INVALID_ARGUMENT `PASID_ZERO_RESERVED`.
@@ -7803,9 +7807,10 @@ export interface IommuServiceServer extends UntypedServiceImplementation {
   detachDomain: handleUnaryCall<DetachDomainRequest, DetachDomainResponse>;
   /**
    * BindGpasid binds a guest PASID table entry (bind_gpasid): after checking that `hpasid` belongs
-   * to `set_id`, the IOMMU takes a reference on the IOASID, attaches `gpasid` as its SPID (only the
-   * first device bind of the IOASID makes the core emit BIND), and programs a NESTED PASID entry on
-   * the device: first stage the guest's page table, second stage the parent paging domain.
+   * to `set_id`, the IOMMU takes a reference on the IOASID (unless it still holds one from an
+   * earlier bind), attaches `gpasid` as its SPID (only a bind while no device is bound to the IOASID
+   * makes the core emit BIND), and programs a NESTED PASID entry on the device: first stage the
+   * guest's page table, second stage the parent paging domain.
    * Errors: PERMISSION_DENIED `IOASID_NOT_IN_SET`; NOT_FOUND `IOASID_NOT_FOUND`,
    * `IOASID_FREE_PENDING` (no reference can be taken), `DEVICE_NOT_FOUND`, `DOMAIN_NOT_FOUND`
    * (parent); FAILED_PRECONDITION `STALE_GENERATION`, `SPID_MISMATCH` (the IOASID already has
@@ -7816,10 +7821,13 @@ export interface IommuServiceServer extends UntypedServiceImplementation {
   bindGpasid: handleUnaryCall<BindGpasidRequest, BindGpasidResponse>;
   /**
    * UnbindGpasid undoes BindGpasid for one device: the PASID entry is torn down and flushed, the
-   * handle's outstanding fault groups answered INVALID, the reference released, and on the last
-   * device unbind the SPID is detached (the core emits UNBIND). An unbind that finds nothing — the
-   * IOASID was freed first and the FREE teardown already removed the bind — succeeds with
-   * `unbound` false and changes nothing ("free before unbind", ioasid.rst).
+   * handle's outstanding fault groups answered INVALID, and on the last device unbind the SPID is
+   * detached (the core emits UNBIND). The IOMMU keeps its reference on the IOASID until the
+   * IOASID's FREE reaches it (ioasid.rst "Guest IOASID Life Cycle", steps 22–23: VFIO's free, then
+   * the IOMMU's put); a BindGpasid before that attaches the SPID again (BIND) without a second
+   * reference. An unbind that finds nothing — the IOASID was freed first and the FREE teardown
+   * already removed the bind — succeeds with `unbound` false and changes nothing ("free before
+   * unbind", ioasid.rst).
    * Errors: PERMISSION_DENIED `IOASID_NOT_IN_SET` (the IOASID now belongs to another set: nothing
    * changes); FAILED_PRECONDITION `STALE_GENERATION`, `SPID_MISMATCH` (`gpasid` given and the bind
    * was made with another); NOT_FOUND `DEVICE_NOT_FOUND`; INVALID_ARGUMENT `PASID_ZERO_RESERVED`.
@@ -8052,9 +8060,10 @@ export interface IommuServiceClient extends Client {
   ): ClientUnaryCall;
   /**
    * BindGpasid binds a guest PASID table entry (bind_gpasid): after checking that `hpasid` belongs
-   * to `set_id`, the IOMMU takes a reference on the IOASID, attaches `gpasid` as its SPID (only the
-   * first device bind of the IOASID makes the core emit BIND), and programs a NESTED PASID entry on
-   * the device: first stage the guest's page table, second stage the parent paging domain.
+   * to `set_id`, the IOMMU takes a reference on the IOASID (unless it still holds one from an
+   * earlier bind), attaches `gpasid` as its SPID (only a bind while no device is bound to the IOASID
+   * makes the core emit BIND), and programs a NESTED PASID entry on the device: first stage the
+   * guest's page table, second stage the parent paging domain.
    * Errors: PERMISSION_DENIED `IOASID_NOT_IN_SET`; NOT_FOUND `IOASID_NOT_FOUND`,
    * `IOASID_FREE_PENDING` (no reference can be taken), `DEVICE_NOT_FOUND`, `DOMAIN_NOT_FOUND`
    * (parent); FAILED_PRECONDITION `STALE_GENERATION`, `SPID_MISMATCH` (the IOASID already has
@@ -8079,10 +8088,13 @@ export interface IommuServiceClient extends Client {
   ): ClientUnaryCall;
   /**
    * UnbindGpasid undoes BindGpasid for one device: the PASID entry is torn down and flushed, the
-   * handle's outstanding fault groups answered INVALID, the reference released, and on the last
-   * device unbind the SPID is detached (the core emits UNBIND). An unbind that finds nothing — the
-   * IOASID was freed first and the FREE teardown already removed the bind — succeeds with
-   * `unbound` false and changes nothing ("free before unbind", ioasid.rst).
+   * handle's outstanding fault groups answered INVALID, and on the last device unbind the SPID is
+   * detached (the core emits UNBIND). The IOMMU keeps its reference on the IOASID until the
+   * IOASID's FREE reaches it (ioasid.rst "Guest IOASID Life Cycle", steps 22–23: VFIO's free, then
+   * the IOMMU's put); a BindGpasid before that attaches the SPID again (BIND) without a second
+   * reference. An unbind that finds nothing — the IOASID was freed first and the FREE teardown
+   * already removed the bind — succeeds with `unbound` false and changes nothing ("free before
+   * unbind", ioasid.rst).
    * Errors: PERMISSION_DENIED `IOASID_NOT_IN_SET` (the IOASID now belongs to another set: nothing
    * changes); FAILED_PRECONDITION `STALE_GENERATION`, `SPID_MISMATCH` (`gpasid` given and the bind
    * was made with another); NOT_FOUND `DEVICE_NOT_FOUND`; INVALID_ARGUMENT `PASID_ZERO_RESERVED`.
