@@ -418,7 +418,7 @@ async function crashBench() {
   await stackUp({ dir, basePort, natsPort: basePort + 10, readyTimeoutMs: 30_000 });
   const c = await connectStack(addressesOf(readState(dir)));
   try {
-    const devices = Math.ceil((crowd * perGuest) / 1024);
+    const devices = Math.ceil(((crowd + runs) * perGuest) / 1024);
     for (let d = 0; d < devices; d++) {
       const wqs = Array.from({ length: 1024 }, (_, wqId) => ({ wqId, mode: vdcm.WqMode.WQ_MODE_DEDICATED, size: 1 }));
       await c.vdcm.registerDevice(vdcm.RegisterDeviceRequest.fromPartial({ deviceId: `dsa${d}`, maxPasidEntries: 1024, wqs }));
