@@ -60,10 +60,15 @@ export async function ensureHistoryStream(nc: NatsConnection, prefix = DEFAULT_P
 
 /**
  * Publishes a component's history records (fire and forget: history never holds up the work it
- * records). The history stream stores them when it exists.
+ * records). Records of one turn of the event loop go out as one message (a JSON array), so a burst
+ * (a set freed, a batch of deliveries) costs a few messages, not one per record. The history
+ * stream stores them when it exists.
  */
 export class HistoryRecorder {
   private readonly subject: string;
+  private pending: string[] = [];
+  private pendingBytes = 0;
+  private scheduled = false;
   constructor(
     private readonly nc: NatsConnection,
     readonly role: string,
@@ -76,13 +81,33 @@ export class HistoryRecorder {
   /** Records one step. */
   record(action: string, fields: Omit<HistoryRecord, "ts" | "role" | "instance" | "action"> = {}): void {
     const rec: HistoryRecord = { ts: performance.timeOrigin + performance.now(), role: this.role, instance: this.instance, action, ...fields };
+    const json = JSON.stringify(rec);
+    this.pending.push(json);
+    this.pendingBytes += json.length + 1;
+    if (this.pendingBytes > MAX_HISTORY_MESSAGE) this.flush();
+    else if (!this.scheduled) {
+      this.scheduled = true;
+      setImmediate(() => this.flush());
+    }
+  }
+
+  /** Publishes what is pending now. */
+  flush(): void {
+    this.scheduled = false;
+    if (this.pending.length === 0) return;
+    const body = `[${this.pending.join(",")}]`;
+    this.pending = [];
+    this.pendingBytes = 0;
     try {
-      this.nc.publish(this.subject, JSON.stringify(rec));
+      this.nc.publish(this.subject, body);
     } catch {
-      // A closed connection loses the record, never the work.
+      // A closed connection loses the records, never the work.
     }
   }
 }
+
+/** Largest history message (nats-server's default max_payload is 1 MiB). */
+const MAX_HISTORY_MESSAGE = 256 * 1024;
 
 /**
  * Reads the stored history, oldest first, from `sinceMs` (a wall-clock time) on.
@@ -107,8 +132,10 @@ export async function readHistory(nc: NatsConnection, options: { prefix?: string
   try {
     for await (const m of messages) {
       try {
-        const rec = JSON.parse(m.string()) as HistoryRecord;
-        if (options.sinceMs === undefined || rec.ts >= options.sinceMs) out.push(rec);
+        const parsed = JSON.parse(m.string()) as HistoryRecord | HistoryRecord[];
+        for (const rec of Array.isArray(parsed) ? parsed : [parsed]) {
+          if (options.sinceMs === undefined || rec.ts >= options.sinceMs) out.push(rec);
+        }
       } catch {
         // not a history record
       }
