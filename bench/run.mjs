@@ -13,7 +13,7 @@ import { createClient } from "@ioasid/grpc-kit";
 import { bus, core, events, iommu, kvm, testing, vdcm, vfio } from "@ioasid/proto";
 import { addressesOf, connectStack, readState, stackDown, stackUp } from "@ioasid/cli";
 import { startNats, startService } from "@ioasid/testkit";
-import { DeliveryEngine, startSubscriber } from "@ioasid/bus";
+import { DeliveryEngine, readHistory, startSubscriber } from "@ioasid/bus";
 import { IoasidCore, OpLog } from "@ioasid/ioasid-core";
 import { connect } from "@nats-io/transport-node";
 import { jetstream, jetstreamManager } from "@nats-io/jetstream";
@@ -415,7 +415,9 @@ async function crashBench() {
   log(`\n[crash] the whole stack as processes; ${perGuest} PASIDs per guest, each bound (IOMMU, KVM) and programmed (VDCM)`);
   const dir = mkdtempSync(join(tmpdir(), "ioasid-bench-"));
   const basePort = 30_000 + Math.floor(Math.random() * 20_000);
-  await stackUp({ dir, basePort, natsPort: basePort + 10, readyTimeoutMs: 30_000 });
+  // BENCH_SERVICE_NODE_ARGS="--cpu-prof --cpu-prof-dir=/tmp/prof" profiles every service.
+  const nodeArgs = (process.env.BENCH_SERVICE_NODE_ARGS ?? "").split(" ").filter(Boolean);
+  await stackUp({ dir, basePort, natsPort: basePort + 10, readyTimeoutMs: 30_000, nodeArgs });
   const c = await connectStack(addressesOf(readState(dir)));
   try {
     const devices = Math.ceil(((crowd + runs) * perGuest) / 1024);
@@ -510,6 +512,20 @@ async function crashBench() {
     for (const g of guests) g.session.abort();
     const times = await watching;
     const all = Math.max(...times.values()) - t0;
+    if (process.env.BENCH_DEBUG) {
+      // Where the time went: first and last record of each step, ms after the sessions ended.
+      const h = await readHistory(c.nc, { sinceMs: t0 - 5 });
+      const groups = new Map();
+      for (const r of h) {
+        const k = `${r.role}:${r.action}${r.action === "ioasid_put" ? `:${r.detail.split("/")[0]}` : ""}`;
+        const g = groups.get(k) ?? { n: 0, first: Infinity, last: 0 };
+        g.n++;
+        g.first = Math.min(g.first, r.ts - t0);
+        g.last = Math.max(g.last, r.ts - t0);
+        groups.set(k, g);
+      }
+      for (const [k, g] of [...groups].sort((a, b) => a[1].first - b[1].first)) log(`    ${k.padEnd(36)} ${String(g.n).padStart(6)} ${fmt(g.first).padStart(7)} ${fmt(g.last).padStart(7)} ms`);
+    }
     log(`  ${fmt(crowd)} guests × ${perGuest} PASIDs (${fmt(crowd * perGuest)} IOASIDs) crashing together: all reclaimed in ${fmt(all)} ms (target ≤ 3,000 ms for 1,000 guests)`);
     results.crash = { perGuest, singleP50Ms: percentile(single, 50), single, crowd, crowdAllReclaimedMs: all };
   } finally {

@@ -38,6 +38,8 @@ export interface StackUpOptions {
   readonly readyTimeoutMs?: number;
   /** Progress lines. */
   readonly log?: (line: string) => void;
+  /** Node options for the services (`--cpu-prof`, `--inspect`…). @default none */
+  readonly nodeArgs?: readonly string[];
 }
 
 const here = dirname(fileURLToPath(import.meta.url));
@@ -146,7 +148,7 @@ export async function stackUp(options: StackUpOptions = {}): Promise<StackState>
   for (const s of SERVICES) {
     const logFile = join(dir, "logs", `${s.name}.log`);
     const out = openSync(logFile, "a");
-    const child = spawn(process.execPath, [serviceMain(s.name)], {
+    const child = spawn(process.execPath, [...(options.nodeArgs ?? []), serviceMain(s.name)], {
       detached: true,
       stdio: ["ignore", out, out],
       env: { ...env, [s.addressVar]: addr(s.name) },
