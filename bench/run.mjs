@@ -467,13 +467,17 @@ async function crashBench() {
       await Promise.all(Array.from({ length: perGuest }, (_, i) => c.vdcm.writeWqPasid({ mdevUuid: mdev, virtualWq: i, gpasid: i + 1 })));
       return { setId: opened.setId, session, vmId: vm.vmId, mdev };
     };
-    /** Resolves with the commit times of SET_FREE for the given sets. */
-    const setFrees = (sets) => {
+    /**
+     * Starts watching the core's events from now on (the position is taken before returning, so
+     * nothing committed after the call is missed), and resolves with the commit times of SET_FREE
+     * for the given sets.
+     */
+    const setFrees = async (sets) => {
       const pending = new Set(sets);
       const times = new Map();
+      const from = (await c.core.getStats({})).lastSeq + 1n;
       const ac = new AbortController();
-      const done = (async () => {
-        const from = (await c.core.getStats({})).lastSeq + 1n;
+      return (async () => {
         for await (const m of c.core.watchEvents({ fromSeq: from }, { signal: ac.signal, deadlineMs: 600_000 })) {
           const e = m.event;
           if (e.type === events.EventType.EVENT_TYPE_SET_FREE && pending.delete(e.setId)) times.set(e.setId, e.commitTime.getTime());
@@ -482,14 +486,12 @@ async function crashBench() {
         ac.abort();
         return times;
       })();
-      return done;
     };
 
     const single = [];
     for (let r = 0; r < runs; r++) {
       const g = await guest();
-      const watching = setFrees([g.setId]);
-      await new Promise((res) => setTimeout(res, 20)); // the watch is attached
+      const watching = await setFrees([g.setId]);
       const t0 = Date.now();
       g.session.abort();
       const times = await watching;
@@ -506,8 +508,7 @@ async function crashBench() {
       guests.push(...(await Promise.all(Array.from({ length: Math.min(10, crowd - i) }, () => guest()))));
       if ((i + 10) % 100 === 0) process.stdout.write(`  … ${fmt(i + 10)} guests ready (${fmt((now() - t) / 1000, 1)} s)\n`);
     }
-    const watching = setFrees(guests.map((g) => g.setId));
-    await new Promise((res) => setTimeout(res, 50));
+    const watching = await setFrees(guests.map((g) => g.setId));
     const t0 = Date.now();
     for (const g of guests) g.session.abort();
     const times = await watching;

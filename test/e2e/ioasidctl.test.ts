@@ -45,6 +45,8 @@ describe("ioasidctl", () => {
     await ctl("bind", "--vm", "vm1", "--pasid", String(alloc.hpasid), "--gpasid", "101", "--mdev", "mdev-cli");
     const inspect = await ctl("inspect");
     expect(inspect).toMatch(new RegExp(`\\s${alloc.hpasid}\\s+set \\d+\\s+gen \\d+\\s+ACTIVE\\s+spid 101`));
+    const state = JSON.parse(await ctl("inspect", "--json")) as { ioasids: Array<{ ioasid: number; spid: number }> };
+    expect(state.ioasids.find((i) => i.ioasid === alloc.hpasid)?.spid).toBe(101);
     expect(await ctl("enqcmd", "--vm", "vm1", "--gpasid", "999")).toMatch(/ENQCMD_OUTCOME_GP/);
 
     // kill -9 the VMM: VFIO frees the VM's IOASIDs.

@@ -468,11 +468,13 @@ async function main(argv: string[]): Promise<number> {
   return cmd.run(parsed.values, parsed.positionals);
 }
 
-main(process.argv.slice(2)).then(
-  (code) => process.exit(code),
-  (err: unknown) => {
-    const e = err as { reason?: string; message?: string };
-    process.stderr.write(`ioasidctl: ${isDomainError(err) ? `${e.reason}: ${e.message}` : (e.message ?? String(err))}\n`);
-    process.exit(1);
-  },
-);
+/** Exits once stdout and stderr are flushed (a pipe would otherwise lose the end of the output). */
+function exitAfterFlush(code: number): void {
+  process.stdout.write("", () => process.stderr.write("", () => process.exit(code)));
+}
+
+main(process.argv.slice(2)).then(exitAfterFlush, (err: unknown) => {
+  const e = err as { reason?: string; message?: string };
+  process.stderr.write(`ioasidctl: ${isDomainError(err) ? `${e.reason}: ${e.message}` : (e.message ?? String(err))}\n`);
+  exitAfterFlush(1);
+});
