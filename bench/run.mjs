@@ -477,15 +477,18 @@ async function crashBench() {
       const times = new Map();
       const from = (await c.core.getStats({})).lastSeq + 1n;
       const ac = new AbortController();
-      return (async () => {
-        for await (const m of c.core.watchEvents({ fromSeq: from }, { signal: ac.signal, deadlineMs: 600_000 })) {
-          const e = m.event;
-          if (e.type === events.EventType.EVENT_TYPE_SET_FREE && pending.delete(e.setId)) times.set(e.setId, e.commitTime.getTime());
-          if (pending.size === 0) break;
-        }
-        ac.abort();
-        return times;
-      })();
+      // Wrapped in an object: an async function returning the promise itself would wait for it.
+      return {
+        done: (async () => {
+          for await (const m of c.core.watchEvents({ fromSeq: from }, { signal: ac.signal, deadlineMs: 600_000 })) {
+            const e = m.event;
+            if (e.type === events.EventType.EVENT_TYPE_SET_FREE && pending.delete(e.setId)) times.set(e.setId, e.commitTime.getTime());
+            if (pending.size === 0) break;
+          }
+          ac.abort();
+          return times;
+        })(),
+      };
     };
 
     const single = [];
@@ -494,7 +497,7 @@ async function crashBench() {
       const watching = await setFrees([g.setId]);
       const t0 = Date.now();
       g.session.abort();
-      const times = await watching;
+      const times = await watching.done;
       single.push(times.get(g.setId) - t0);
       await c.kvm.destroyVm({ vmId: g.vmId }).catch(() => undefined);
     }
@@ -511,7 +514,7 @@ async function crashBench() {
     const watching = await setFrees(guests.map((g) => g.setId));
     const t0 = Date.now();
     for (const g of guests) g.session.abort();
-    const times = await watching;
+    const times = await watching.done;
     const all = Math.max(...times.values()) - t0;
     if (process.env.BENCH_DEBUG) {
       // Where the time went: first and last record of each step, ms after the sessions ended.
