@@ -411,7 +411,7 @@ async function restartBench() {
 async function crashBench() {
   const runs = quick ? 3 : 10;
   const perGuest = 64;
-  const crowd = quick ? 100 : 1000;
+  const crowd = process.env.BENCH_CROWD === undefined ? (quick ? 100 : 1000) : Number(process.env.BENCH_CROWD);
   log(`\n[crash] the whole stack as processes; ${perGuest} PASIDs per guest, each bound (IOMMU, KVM) and programmed (VDCM)`);
   const dir = mkdtempSync(join(tmpdir(), "ioasid-bench-"));
   const basePort = 30_000 + Math.floor(Math.random() * 20_000);

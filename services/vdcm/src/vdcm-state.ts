@@ -167,6 +167,8 @@ interface Device {
   readonly maxPasidEntries: number;
   /** The device PASID table: one entry per programmed dedicated work queue, by work-queue id. */
   readonly entries: Map<number, Entry>;
+  /** The same entries by host PASID (a FREE and the foreign-context check look them up by it). */
+  readonly byHpasid: Map<number, Set<Entry>>;
   /** Work queues held for a PASID being programmed, by work-queue id. */
   readonly reservations: Map<number, WqReservation>;
 }
@@ -231,7 +233,7 @@ export class VdcmState {
       wqs.set(w.wqId, { wqId: w.wqId, mode: w.mode, size, mdevs: new Set() });
     }
     if (this.devices.has(spec.deviceId)) throw vdcmError("DEVICE_EXISTS", `device ${spec.deviceId} is already registered`);
-    const device: Device = { deviceId: spec.deviceId, wqs, maxPasidEntries, entries: new Map(), reservations: new Map() };
+    const device: Device = { deviceId: spec.deviceId, wqs, maxPasidEntries, entries: new Map(), reservations: new Map(), byHpasid: new Map() };
     this.devices.set(device.deviceId, device);
     return this.viewDevice(device);
   }
@@ -438,8 +440,8 @@ export class VdcmState {
   foreignContext(deviceId: string, hpasid: number, setId: number, generation: number): DevicePasidEntry | undefined {
     const device = this.devices.get(deviceId);
     if (device === undefined) return undefined;
-    for (const e of device.entries.values()) {
-      if (e.hpasid === hpasid && (e.setId !== setId || e.generation !== generation)) return viewEntry(e);
+    for (const e of device.byHpasid.get(hpasid) ?? []) {
+      if (e.setId !== setId || e.generation !== generation) return viewEntry(e);
     }
     return undefined;
   }
@@ -468,6 +470,9 @@ export class VdcmState {
       programmedAt: now,
     };
     device.entries.set(entry.wqId, entry);
+    let same = device.byHpasid.get(hpasid);
+    if (same === undefined) device.byHpasid.set(hpasid, (same = new Set()));
+    same.add(entry);
     return viewEntry(entry);
   }
 
@@ -497,6 +502,9 @@ export class VdcmState {
     const e = device?.entries.get(wqId);
     if (device === undefined || e === undefined || !sameEntry(e, expected)) return false;
     device.entries.delete(wqId);
+    const same = device.byHpasid.get(e.hpasid);
+    same?.delete(e);
+    if (same?.size === 0) device.byHpasid.delete(e.hpasid);
     return true;
   }
 
@@ -513,7 +521,7 @@ export class VdcmState {
   entriesForIoasid(setId: number, hpasid: number, generation: number): DevicePasidEntry[] {
     const out: DevicePasidEntry[] = [];
     for (const d of this.devices.values()) {
-      for (const e of d.entries.values()) if (e.setId === setId && e.hpasid === hpasid && e.generation === generation) out.push(viewEntry(e));
+      for (const e of d.byHpasid.get(hpasid) ?? []) if (e.setId === setId && e.generation === generation) out.push(viewEntry(e));
     }
     return out;
   }
