@@ -7,3 +7,4 @@ export {
   type CoreClient,
   type RegistrationSpec,
 } from "./role-kit.js";
+export { KeyedMutex } from "./keyed-mutex.js";

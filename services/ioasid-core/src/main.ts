@@ -1,7 +1,7 @@
 #!/usr/bin/env node
 import { configOrExit, createLogger, defineConfigSchema, runUntilSignal } from "@ioasid/grpc-kit";
 import { DEFAULT_CAPACITY, MAX_CAPACITY } from "@ioasid/ioasid";
-import { connect, type NatsConnection } from "@nats-io/transport-node";
+import { connectNats } from "@ioasid/role-kit";
 import { startCoreServer } from "./server.js";
 
 /** Configuration of ioasid-core, from the environment (`ioasid-core --help` lists it). */
@@ -84,9 +84,7 @@ export const coreConfigSchema = defineConfigSchema({
 
 const config = configOrExit(coreConfigSchema, { service: "ioasid-core" });
 const logger = createLogger("ioasid-core", { level: config.logLevel });
-const nc = await connectNats(config.natsUrl, config.natsConnectTimeout, () =>
-  logger.warn({ url: config.natsUrl, timeoutMs: config.natsConnectTimeout }, "NATS not reachable yet; retrying"),
-).catch((err: unknown) => {
+const nc = await connectNats(config.natsUrl, { name: "ioasid-core", timeoutMs: config.natsConnectTimeout, logger }).catch((err: unknown) => {
   logger.fatal({ url: config.natsUrl, err: String(err) }, "cannot reach NATS: start nats-server with JetStream (-js) or set NATS_URL");
   process.exit(1);
 });
@@ -114,17 +112,3 @@ runUntilSignal(running.server, {
     await nc.drain();
   },
 });
-
-/** Connects to NATS, retrying until `timeoutMs` has passed. */
-async function connectNats(url: string, timeoutMs: number, onFirstFailure: () => void): Promise<NatsConnection> {
-  const deadline = Date.now() + timeoutMs;
-  for (let attempt = 0; ; attempt++) {
-    try {
-      return await connect({ servers: url, name: "ioasid-core", maxReconnectAttempts: -1, reconnectTimeWait: 250 });
-    } catch (err) {
-      if (Date.now() >= deadline) throw err;
-      if (attempt === 0) onFirstFailure();
-      await new Promise((r) => setTimeout(r, 250));
-    }
-  }
-}

@@ -20,5 +20,4 @@ export {
 } from "./iommu-driver.js";
 export { iommuError, invalidField, IommuReason } from "./iommu-errors.js";
 export * from "./iommu-hardware.js";
-export { KeyedMutex } from "./keyed-mutex.js";
 export { createIommuHandlers, startIommuServer, type IommuServerOptions } from "./server.js";

@@ -25,7 +25,7 @@ import {
   type TranslateSpec,
 } from "./iommu-hardware.js";
 import { FaultHandlers } from "./fault-handlers.js";
-import { KeyedMutex } from "./keyed-mutex.js";
+import { KeyedMutex } from "@ioasid/role-kit";
 
 /** The CoreService calls the IOMMU makes (a {@link CoreClient} is one; tests pass a fake). */
 export type IommuCorePort = Pick<

@@ -18,7 +18,6 @@ export {
   type DmaTranslator,
 } from "./descriptor-runner.js";
 export { createIommuClient, iommuDmaTranslator, TRANSLATE_DEADLINE_MS, type IommuClient } from "./iommu-adapter.js";
-export { KeyedMutex } from "./keyed-mutex.js";
 export type { HeldReference, HistoryFields, HistorySink, Holder, IoasidPort, NotifierPort, Translation } from "./ports.js";
 export { createVdcmHandlers, createVdcmServer, type CreateVdcmServerOptions } from "./server.js";
 export {

@@ -1,6 +1,6 @@
 import { Code, DomainError, isDomainError } from "@ioasid/errors";
 import { assertDescriptor, runDescriptor, type Completion, type Descriptor, type DmaTranslator } from "./descriptor-runner.js";
-import { KeyedMutex } from "./keyed-mutex.js";
+import { KeyedMutex } from "@ioasid/role-kit";
 import type { Holder, HistoryFields, HistorySink, IoasidPort, NotifierPort } from "./ports.js";
 import { invalidField, vdcmError } from "./vdcm-errors.js";
 import {

@@ -2,7 +2,8 @@
  * Serialises asynchronous work per key, first come first served: work on one key runs one at a
  * time, work on different keys runs concurrently. The IOMMU uses one key per host PASID so that a
  * bind, an unbind and a FREE teardown of the same IOASID never interleave across their core calls
- * (the kernel's pasid_mutex), while different IOASIDs are handled in parallel (DESIGN §4.2).
+ * (the kernel's pasid_mutex), while different IOASIDs are handled in parallel (DESIGN §4.2); VDCM
+ * one per mdev (its MMIO writes and teardown) and one per IOASID set (its registration).
  *
  * @example
  * const locks = new KeyedMutex();
