@@ -28,6 +28,9 @@ export interface HistoryRecord {
   readonly detail?: string;
 }
 
+/** What a history record carries besides its time, component and action. */
+export type HistoryFields = Omit<HistoryRecord, "ts" | "role" | "instance" | "action">;
+
 /** Subject of a role's history records: `<prefix>.history.<role>.<instance>`. */
 export function historySubject(prefix: string, role: string, instance: string): string {
   return `${prefix}.history.${encodeToken(role)}.${encodeToken(instance)}`;
@@ -79,7 +82,7 @@ export class HistoryRecorder {
   }
 
   /** Records one step. */
-  record(action: string, fields: Omit<HistoryRecord, "ts" | "role" | "instance" | "action"> = {}): void {
+  record(action: string, fields: HistoryFields = {}): void {
     const rec: HistoryRecord = { ts: performance.timeOrigin + performance.now(), role: this.role, instance: this.instance, action, ...fields };
     const json = JSON.stringify(rec);
     this.pending.push(json);

@@ -27,6 +27,7 @@ export {
   historySubject,
   HistoryRecorder,
   readHistory,
+  type HistoryFields,
   type HistoryRecord,
 } from "./history.js";
 export { DEFAULT_PREFIX, deliverySubject, encodeToken, Headers, helloSubject, queueGroup } from "./subjects.js";

@@ -79,3 +79,26 @@ export class DomainError extends Error {
 export function isDomainError(err: unknown, reason?: string): err is DomainError {
   return err instanceof DomainError && (reason === undefined || err.reason === reason);
 }
+
+/**
+ * The error builder of a reason table (reason name → the status code it always comes with): each
+ * service declares its reasons once and builds its refusals through this.
+ *
+ * @example
+ * export const KvmReason = { VM_NOT_FOUND: Code.NOT_FOUND } as const satisfies Record<string, Code>;
+ * export const kvmError = reasonError(KvmReason);
+ * throw kvmError("VM_NOT_FOUND", "no VM 7");
+ */
+export function reasonError<const T extends Record<string, Code>>(
+  table: T,
+): (reason: keyof T & string, message: string, metadata?: Record<string, string>) => DomainError {
+  return (reason, message, metadata) => new DomainError(table[reason]!, reason, message, metadata === undefined ? undefined : { metadata });
+}
+
+/**
+ * INVALID_ARGUMENT `INVALID_FIELD` for a missing or malformed request field; the ErrorInfo metadata
+ * `field` names it (the proto field name, dotted for nested ones).
+ */
+export function invalidField(field: string, message: string): DomainError {
+  return new DomainError(Code.INVALID_ARGUMENT, "INVALID_FIELD", message, { metadata: { field } });
+}

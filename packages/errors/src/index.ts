@@ -1,1 +1,1 @@
-export { Code, codeName, DomainError, isDomainError, ERROR_DOMAIN, INTERNAL_REASON } from "./domain-error.js";
+export { Code, codeName, DomainError, invalidField, isDomainError, reasonError, ERROR_DOMAIN, INTERNAL_REASON } from "./domain-error.js";

@@ -1,4 +1,4 @@
-import { Code, DomainError } from "@ioasid/errors";
+import { Code, reasonError } from "@ioasid/errors";
 
 /**
  * Every reason the IOASID core can fail with, and its status code. The names are the
@@ -58,6 +58,4 @@ export const CoreReason = {
 export type CoreReason = keyof typeof CoreReason;
 
 /** Builds the {@link DomainError} of a core reason, with its status code. */
-export function coreError(reason: CoreReason, message: string, metadata?: Record<string, string>): DomainError {
-  return new DomainError(CoreReason[reason], reason, message, metadata === undefined ? undefined : { metadata });
-}
+export const coreError = reasonError(CoreReason);

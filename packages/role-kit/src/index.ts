@@ -1,5 +1,6 @@
 /** What the four role services (iommu, vfio, kvm, vdcm) share: configuration, NATS, core client, registrations. */
 export {
+  busConfig,
   commonRoleConfig,
   connectNats,
   createCoreClient,

@@ -8,22 +8,16 @@ import type { Logger } from "pino";
 export type CoreClient = PromiseClient<typeof core.CoreServiceService>;
 
 /**
- * Environment variables every role shares (merge them into the role's own schema): where the core
- * and NATS are, the bus prefix, and the log level.
+ * Environment variables of every process on the bus, the core included: where NATS is, the bus
+ * prefix, and the log level.
  */
-export const commonRoleConfig = defineConfigSchema({
-  coreAddress: {
-    name: "IOASID_CORE_ADDRESS",
-    kind: "address",
-    default: "127.0.0.1:50051",
-    doc: "host:port of ioasid-core's gRPC server.",
-  },
+export const busConfig = defineConfigSchema({
   natsUrl: {
     name: "NATS_URL",
     kind: "url",
     protocols: ["nats:", "tls:"],
     default: "nats://127.0.0.1:4222",
-    doc: "NATS server carrying the IOASID event deliveries and the history.",
+    doc: "NATS server (with JetStream) carrying the IOASID event deliveries, the history and the core's operation log.",
   },
   natsConnectTimeout: {
     name: "IOASID_NATS_CONNECT_TIMEOUT",
@@ -35,7 +29,7 @@ export const commonRoleConfig = defineConfigSchema({
     name: "IOASID_BUS_PREFIX",
     kind: "string",
     default: "ioasid.v1",
-    doc: "Subject prefix of the event bus.",
+    doc: "Subject prefix of the event bus (deliveries, hellos, history, the operation log).",
   },
   logLevel: {
     name: "LOG_LEVEL",
@@ -44,6 +38,20 @@ export const commonRoleConfig = defineConfigSchema({
     default: "info",
     doc: "Log level of the JSON log on stdout.",
   },
+});
+
+/**
+ * Environment variables every role shares (spread them into the role's own schema): where the
+ * core is, plus {@link busConfig}.
+ */
+export const commonRoleConfig = defineConfigSchema({
+  coreAddress: {
+    name: "IOASID_CORE_ADDRESS",
+    kind: "address",
+    default: "127.0.0.1:50051",
+    doc: "host:port of ioasid-core's gRPC server.",
+  },
+  ...busConfig,
 });
 
 /**

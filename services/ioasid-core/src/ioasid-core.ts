@@ -1,5 +1,5 @@
 import { coreError, IoasidSpace, MAX_BATCH_ALLOC, type Allocation, type IoasidEvent, type Registration } from "@ioasid/ioasid";
-import type { Chain, DeliveryEngine, DeliveryTarget, MissedDelivery, SettledAck } from "@ioasid/bus";
+import type { Chain, DeliveryEngine, DeliveryTarget, HistoryFields, MissedDelivery, SettledAck } from "@ioasid/bus";
 import type { events } from "@ioasid/proto";
 import { fromCommittedEvent } from "./convert.js";
 import { EventLog } from "./event-log.js";
@@ -42,17 +42,6 @@ export interface IoasidCoreOptions {
 const PENDING = 0;
 const ACKED = 1;
 const MISSED = 2;
-
-/** What a history record of the core carries besides its action. */
-export interface HistoryFields {
-  readonly ioasid?: number;
-  readonly generation?: number;
-  readonly setId?: number;
-  readonly spid?: number;
-  readonly refcount?: number;
-  readonly seq?: number;
-  readonly detail?: string;
-}
 
 /** Delivery progress of one committed event: an outcome per target, in target order. */
 interface DeliveryRecord {

@@ -1,11 +1,12 @@
 #!/usr/bin/env node
 import { configOrExit, createLogger, defineConfigSchema, runUntilSignal } from "@ioasid/grpc-kit";
 import { DEFAULT_CAPACITY, MAX_CAPACITY } from "@ioasid/ioasid";
-import { connectNats } from "@ioasid/role-kit";
+import { busConfig, connectNats } from "@ioasid/role-kit";
 import { startCoreServer } from "./server.js";
 
 /** Configuration of ioasid-core, from the environment (`ioasid-core --help` lists it). */
 export const coreConfigSchema = defineConfigSchema({
+  ...busConfig,
   address: {
     name: "IOASID_CORE_GRPC_ADDRESS",
     kind: "address",
@@ -27,25 +28,6 @@ export const coreConfigSchema = defineConfigSchema({
     max: 10_000_000,
     default: 100_000,
     doc: "Committed events kept in memory for WatchEvents readers.",
-  },
-  natsUrl: {
-    name: "NATS_URL",
-    kind: "url",
-    protocols: ["nats:", "tls:"],
-    default: "nats://127.0.0.1:4222",
-    doc: "NATS server (JetStream enabled) holding the operation log and carrying event delivery.",
-  },
-  natsConnectTimeout: {
-    name: "IOASID_NATS_CONNECT_TIMEOUT",
-    kind: "duration-ms",
-    default: 10_000,
-    doc: "How long to keep trying to reach NATS at start before giving up (exit 1).",
-  },
-  prefix: {
-    name: "IOASID_BUS_PREFIX",
-    kind: "string",
-    default: "ioasid.v1",
-    doc: "Subject prefix of the event bus (deliveries, hellos, the operation log).",
   },
   stream: {
     name: "IOASID_CORE_STREAM",
@@ -72,13 +54,6 @@ export const coreConfigSchema = defineConfigSchema({
     kind: "duration-ms",
     default: 1000,
     doc: "How often deliveries a subscriber missed are retried.",
-  },
-  logLevel: {
-    name: "LOG_LEVEL",
-    kind: "enum",
-    values: ["fatal", "error", "warn", "info", "debug", "trace", "silent"],
-    default: "info",
-    doc: "Log level of the JSON log on stdout.",
   },
 });
 

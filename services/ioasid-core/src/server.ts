@@ -2,7 +2,7 @@ import { core } from "@ioasid/proto";
 import { coreError, INVALID_IOASID, MAX_BATCH_ALLOC, type FreeResult, type PutResult, type Registration, type SetInfo } from "@ioasid/ioasid";
 import { createClient, createGrpcServer, type GrpcServer, type ServiceHandlers } from "@ioasid/grpc-kit";
 import type { Logger } from "pino";
-import { DEFAULT_PREFIX, DeliveryEngine, ensureHistoryStream, HistoryRecorder } from "@ioasid/bus";
+import { DEFAULT_PREFIX, DeliveryEngine, ensureHistoryStream, HistoryRecorder, type HistoryFields } from "@ioasid/bus";
 import type { NatsConnection } from "@nats-io/transport-node";
 import { OpLog } from "./op-log.js";
 import {
@@ -17,7 +17,7 @@ import {
   toSetToken,
 } from "./convert.js";
 import type { CommittedEvent } from "./event-log.js";
-import { IoasidCore, type ExternalAllocator, type HistoryFields } from "./ioasid-core.js";
+import { IoasidCore, type ExternalAllocator } from "./ioasid-core.js";
 import { serializeRegisterOptions } from "./ops.js";
 
 const FREE_OUTCOME = {

@@ -1,4 +1,4 @@
-import { Code, DomainError } from "@ioasid/errors";
+import { Code, invalidField, reasonError } from "@ioasid/errors";
 
 /**
  * The error reasons the IOMMU role returns (proto/ioasid/iommu/v1/iommu.proto names them per RPC;
@@ -37,15 +37,8 @@ export const IommuReason = {
 /** One of the {@link IommuReason} names. */
 export type IommuReason = keyof typeof IommuReason;
 
-/**
- * A refusal of the IOMMU role: the status code that goes with `reason`, and a message a person can
- * act on.
- */
-export function iommuError(reason: IommuReason, message: string, metadata?: Record<string, string>): DomainError {
-  return new DomainError(IommuReason[reason], reason, message, metadata === undefined ? undefined : { metadata });
-}
+/** Builds the {@link DomainError} of a reason of IommuReason, with its status code. */
+export const iommuError = reasonError(IommuReason);
 
-/** INVALID_ARGUMENT `INVALID_FIELD` naming the malformed field in the ErrorInfo metadata. */
-export function invalidField(field: string, message: string): DomainError {
-  return iommuError("INVALID_FIELD", message, { field });
-}
+/** INVALID_ARGUMENT `INVALID_FIELD` naming the field (shared by every service). */
+export { invalidField };

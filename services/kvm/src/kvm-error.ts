@@ -1,4 +1,4 @@
-import { Code, DomainError } from "@ioasid/errors";
+import { Code, invalidField, reasonError } from "@ioasid/errors";
 
 /**
  * Every reason KvmService refuses a call with, and its status code (DESIGN §8; the names are
@@ -18,12 +18,8 @@ export const KvmReason = {
 } as const satisfies Record<string, Code>;
 export type KvmReason = keyof typeof KvmReason;
 
-/** Builds the {@link DomainError} of a KVM reason, with its status code. */
-export function kvmError(reason: KvmReason, message: string, metadata?: Record<string, string>): DomainError {
-  return new DomainError(KvmReason[reason], reason, message, metadata === undefined ? undefined : { metadata });
-}
+/** Builds the {@link DomainError} of a reason of KvmReason, with its status code. */
+export const kvmError = reasonError(KvmReason);
 
-/** INVALID_ARGUMENT `INVALID_FIELD` naming the field (ErrorInfo metadata `field`). */
-export function invalidField(field: string, message: string): DomainError {
-  return kvmError("INVALID_FIELD", message, { field });
-}
+/** INVALID_ARGUMENT `INVALID_FIELD` naming the field (shared by every service). */
+export { invalidField };

@@ -1,3 +1,5 @@
+import type { HistoryFields } from "@ioasid/bus";
+
 /**
  * What VDCM needs from the outside world, as small interfaces: the IOASID core (references and
  * SPID translation), notifier registration, and the history. main.ts/server.ts give the real
@@ -60,16 +62,8 @@ export interface NotifierPort {
   listOwn(): Promise<Array<{ readonly registrationId: number; readonly setId: number }>>;
 }
 
-/** Fields of one history record (see HistoryRecorder in @ioasid/bus). */
-export interface HistoryFields {
-  readonly ioasid?: number;
-  readonly generation?: number;
-  readonly setId?: number;
-  readonly spid?: number;
-  readonly refcount?: number;
-  readonly seq?: number;
-  readonly detail?: string;
-}
+/** Fields of one history record (the bus's). */
+export type { HistoryFields };
 
 /** Where VDCM records each change of its "hardware" ("vdev_write", "vdev_clear", "submit"). */
 export interface HistorySink {

@@ -1,4 +1,4 @@
-import { Code, DomainError } from "@ioasid/errors";
+import { Code, invalidField, reasonError } from "@ioasid/errors";
 
 /**
  * Every reason VdcmService answers with, and the status code it always comes with (the names are
@@ -29,15 +29,8 @@ export const VdcmReason = {
 } as const satisfies Record<string, Code>;
 export type VdcmReason = keyof typeof VdcmReason;
 
-/** Builds the {@link DomainError} of a VDCM reason, with its status code. */
-export function vdcmError(reason: VdcmReason, message: string, metadata?: Record<string, string>): DomainError {
-  return new DomainError(VdcmReason[reason], reason, message, metadata === undefined ? undefined : { metadata });
-}
+/** Builds the {@link DomainError} of a reason of VdcmReason, with its status code. */
+export const vdcmError = reasonError(VdcmReason);
 
-/**
- * INVALID_ARGUMENT `INVALID_FIELD` for a missing or malformed request field; the ErrorInfo metadata
- * `field` names it (proto field name, dotted for nested ones: `descriptor.op`).
- */
-export function invalidField(field: string, message: string): DomainError {
-  return vdcmError("INVALID_FIELD", message, { field });
-}
+/** INVALID_ARGUMENT `INVALID_FIELD` naming the field (shared by every service). */
+export { invalidField };

@@ -1,4 +1,4 @@
-import { Code, DomainError } from "@ioasid/errors";
+import { Code, invalidField, reasonError } from "@ioasid/errors";
 
 /**
  * The reasons VFIO itself refuses a call with, and the status code each always comes with
@@ -20,12 +20,8 @@ export const VfioReason = {
 } as const satisfies Record<string, Code>;
 export type VfioReason = keyof typeof VfioReason;
 
-/** Builds the {@link DomainError} of a VFIO reason, with its status code. */
-export function vfioError(reason: VfioReason, message: string, metadata?: Record<string, string>): DomainError {
-  return new DomainError(VfioReason[reason], reason, message, metadata === undefined ? undefined : { metadata });
-}
+/** Builds the {@link DomainError} of a reason of VfioReason, with its status code. */
+export const vfioError = reasonError(VfioReason);
 
-/** INVALID_ARGUMENT `INVALID_FIELD` naming the bad field in the ErrorInfo metadata (`field`). */
-export function invalidField(field: string, message: string): DomainError {
-  return vfioError("INVALID_FIELD", message, { field });
-}
+/** INVALID_ARGUMENT `INVALID_FIELD` naming the field (shared by every service). */
+export { invalidField };
