@@ -16,4 +16,10 @@ export const iommuConfigSchema = defineConfigSchema({
     default: "dmar0",
     doc: "This IOMMU's instance: its notifier subscriber instance and the holder instance of its references (iommu/<instance>/bind).",
   },
+  faultTimeoutMs: {
+    name: "IOMMU_FAULT_TIMEOUT",
+    kind: "duration-ms",
+    default: 10_000,
+    doc: "How long a page-request group may stay unanswered (from its first request) before the IOMMU answers it INVALID.",
+  },
 });

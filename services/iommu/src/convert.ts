@@ -17,6 +17,8 @@ import {
   type PasidEntry,
   type SvaBond,
 } from "./iommu-hardware.js";
+import { GroupState, PageResponseCode, ResponseSource, type FaultGroup } from "./page-requests.js";
+import type { FaultRecord } from "./fault-handlers.js";
 
 // Translations between the wire (ts-proto types of ioasid.iommu.v1) and the domain model. An
 // UNSPECIFIED or unknown enum is refused with INVALID_FIELD naming the field.
@@ -56,7 +58,100 @@ const FAULT_REASONS_WIRE = new Map<FaultReason, iommu.FaultReason>([
   [FaultReason.NOT_PRESENT, W.FaultReason.FAULT_REASON_NOT_PRESENT],
   [FaultReason.PERMISSION, W.FaultReason.FAULT_REASON_PERMISSION],
   [FaultReason.PASID_OUT_OF_RANGE, W.FaultReason.FAULT_REASON_PASID_OUT_OF_RANGE],
+  [FaultReason.PRI_CREDITS_EXHAUSTED, W.FaultReason.FAULT_REASON_PRI_CREDITS_EXHAUSTED],
 ]);
+
+const RESPONSE_CODES = new Map<iommu.PageResponseCode, PageResponseCode>([
+  [W.PageResponseCode.PAGE_RESPONSE_CODE_SUCCESS, PageResponseCode.SUCCESS],
+  [W.PageResponseCode.PAGE_RESPONSE_CODE_INVALID, PageResponseCode.INVALID],
+  [W.PageResponseCode.PAGE_RESPONSE_CODE_FAILURE, PageResponseCode.FAILURE],
+]);
+const RESPONSE_CODES_WIRE = new Map([...RESPONSE_CODES].map(([k, v]) => [v, k]));
+
+const RESPONSE_SOURCES_WIRE = new Map<ResponseSource, iommu.PageResponseSource>([
+  [ResponseSource.HANDLER, W.PageResponseSource.PAGE_RESPONSE_SOURCE_HANDLER],
+  [ResponseSource.NO_HANDLER, W.PageResponseSource.PAGE_RESPONSE_SOURCE_NO_HANDLER],
+  [ResponseSource.DETACH, W.PageResponseSource.PAGE_RESPONSE_SOURCE_DETACH],
+  [ResponseSource.DEVICE_REMOVED, W.PageResponseSource.PAGE_RESPONSE_SOURCE_DEVICE_REMOVED],
+  [ResponseSource.IOASID_FREED, W.PageResponseSource.PAGE_RESPONSE_SOURCE_IOASID_FREED],
+  [ResponseSource.TIMEOUT, W.PageResponseSource.PAGE_RESPONSE_SOURCE_TIMEOUT],
+  [ResponseSource.CREDITS_EXHAUSTED, W.PageResponseSource.PAGE_RESPONSE_SOURCE_CREDITS_EXHAUSTED],
+]);
+
+const GROUP_STATES_WIRE = new Map<GroupState, iommu.FaultGroupState>([
+  [GroupState.PARTIAL, W.FaultGroupState.FAULT_GROUP_STATE_PARTIAL],
+  [GroupState.PENDING, W.FaultGroupState.FAULT_GROUP_STATE_PENDING],
+  [GroupState.RESPONDED, W.FaultGroupState.FAULT_GROUP_STATE_RESPONDED],
+]);
+
+/** Wire page response code → domain. @throws INVALID_FIELD `code` */
+export function toResponseCode(c: iommu.PageResponseCode): PageResponseCode {
+  const d = RESPONSE_CODES.get(c);
+  if (d === undefined) throw invalidField("code", "code is required: SUCCESS, INVALID or FAILURE");
+  return d;
+}
+
+/** Domain page response code → wire. */
+export function fromResponseCode(c: PageResponseCode | undefined): iommu.PageResponseCode {
+  return c === undefined ? W.PageResponseCode.PAGE_RESPONSE_CODE_UNSPECIFIED : RESPONSE_CODES_WIRE.get(c)!;
+}
+
+/** Domain response source → wire. */
+export function fromResponseSource(s: ResponseSource | undefined): iommu.PageResponseSource {
+  return s === undefined ? W.PageResponseSource.PAGE_RESPONSE_SOURCE_UNSPECIFIED : RESPONSE_SOURCES_WIRE.get(s)!;
+}
+
+/** Domain fault group → wire. */
+export function fromFaultGroup(g: FaultGroup): iommu.FaultGroup {
+  return {
+    faultGroupId: g.faultGroupId,
+    deviceId: g.deviceId,
+    pasid: g.pasid,
+    withoutPasid: g.withoutPasid,
+    prgi: g.prgi,
+    requests: g.requests.map((r) => ({
+      deviceId: r.deviceId,
+      pasid: r.pasid,
+      withoutPasid: r.withoutPasid,
+      address: r.address,
+      access: fromAccess(r.access),
+      prgi: r.prgi,
+      lastRequest: r.lastRequest,
+      receivedAt: r.receivedAt,
+    })),
+    handleId: g.handleId,
+    domainId: g.domainId,
+    owner: g.owner,
+    ownerData: toBuffer(g.ownerData),
+    setId: g.setId,
+    gpasid: g.gpasid,
+    state: GROUP_STATES_WIRE.get(g.state)!,
+    responseCode: fromResponseCode(g.responseCode),
+    responseSource: fromResponseSource(g.responseSource),
+    createdAt: g.createdAt,
+    deadline: g.deadline,
+    respondedAt: g.respondedAt,
+  };
+}
+
+/** Domain fault record → wire. */
+export function fromFaultRecord(f: FaultRecord): iommu.FaultRecord {
+  return {
+    faultId: f.faultId,
+    deviceId: f.deviceId,
+    pasid: f.pasid,
+    withoutPasid: f.withoutPasid,
+    address: f.address,
+    access: fromAccess(f.access),
+    reason: fromFaultReason(f.reason),
+    handleId: f.handleId,
+    owner: f.owner,
+    ownerData: toBuffer(f.ownerData),
+    setId: f.setId,
+    gpasid: f.gpasid,
+    at: f.at,
+  };
+}
 
 /** Wire domain type → domain. @throws INVALID_FIELD `type` */
 export function toDomainType(t: iommu.DomainType): DomainType {
@@ -109,8 +204,8 @@ export function fromPasidEntry(e: PasidEntry): iommu.PasidEntry {
   };
 }
 
-/** Domain device → wire (no page requests are outstanding: they are not modelled yet). */
-export function fromDevice(d: DeviceView): iommu.Device {
+/** Domain device → wire, with its outstanding page requests. */
+export function fromDevice(d: DeviceView, outstandingPageRequests = 0): iommu.Device {
   return {
     deviceId: d.deviceId,
     maxPasids: d.maxPasids,
@@ -119,7 +214,7 @@ export function fromDevice(d: DeviceView): iommu.Device {
     parentDeviceId: d.parentDeviceId,
     iommuGroup: d.iommuGroup,
     priCredits: d.priCredits,
-    outstandingPageRequests: 0,
+    outstandingPageRequests,
     pasidEntries: d.pasidEntries.map(fromPasidEntry),
   };
 }
@@ -148,7 +243,7 @@ export function fromDomain(d: Domain): iommu.Domain {
 }
 
 /** Domain handle → wire. */
-export function fromHandle(h: AttachHandle): iommu.AttachHandle {
+export function fromHandle(h: AttachHandle, outstandingFaultGroups = 0): iommu.AttachHandle {
   return {
     handleId: h.handleId,
     kind: ATTACH_KINDS_WIRE.get(h.kind)!,
@@ -161,7 +256,7 @@ export function fromHandle(h: AttachHandle): iommu.AttachHandle {
     setId: h.setId,
     gpasid: h.gpasid,
     generation: h.generation,
-    outstandingFaultGroups: 0,
+    outstandingFaultGroups,
     createdAt: h.createdAt,
   };
 }

@@ -1,29 +1,59 @@
 import { iommuError, invalidField } from "./iommu-errors.js";
+import type { FaultGroup } from "./page-requests.js";
+import type { DmaAccess, FaultReason } from "./iommu-hardware.js";
+
+/** An unrecoverable DMA fault reported to the owner of the handle it happened under. */
+export interface FaultRecord {
+  readonly faultId: bigint;
+  readonly deviceId: string;
+  readonly pasid: number;
+  readonly withoutPasid: boolean;
+  readonly address: bigint;
+  readonly access: DmaAccess;
+  readonly reason: FaultReason;
+  readonly handleId: bigint;
+  readonly owner: string;
+  readonly ownerData: Uint8Array;
+  readonly setId: number;
+  readonly gpasid: number;
+  readonly at: Date;
+}
+
+/** One item of an owner's fault stream. */
+export type FaultItem =
+  | { readonly kind: "group"; readonly group: FaultGroup }
+  | { readonly kind: "fault"; readonly record: FaultRecord }
+  | { readonly kind: "answered"; readonly group: FaultGroup };
+
+interface Stream {
+  readonly send: (item: FaultItem) => void;
+  readonly end: (err?: Error) => void;
+}
 
 /**
- * The fault-handler registrations of the owners of attach handles (SubscribeFaultGroups): one
- * stream per owner, a new subscription replacing the previous one, which ends with ABORTED
- * `FAULT_HANDLER_REPLACED`.
- *
- * Minimal on purpose: page requests are not modelled yet (a translation miss is a fault, never a
- * page request), so no fault group ever exists and a subscribed stream receives nothing. The
- * registration rules above hold already, so handlers written against the contract keep working
- * when fault groups arrive.
+ * The fault-handler streams of the owners of attach handles (SubscribeFaultGroups): one stream per
+ * owner, a new subscription replacing the previous one, which ends with ABORTED
+ * `FAULT_HANDLER_REPLACED`. The driver pushes complete groups, answers and fault records to the
+ * owner's stream; {@link push} says whether the owner had one (no stream: no handler).
  */
 export class FaultHandlers {
-  readonly #streams = new Map<string, { readonly end: (err?: Error) => void }>();
+  readonly #streams = new Map<string, Stream>();
 
   /**
    * Holds an owner's fault-handler stream open until `signal` aborts (the caller went away), a
    * new subscription of the same owner replaces it (rejects with FAULT_HANDLER_REPLACED), or
-   * {@link closeAll} ends it (resolves).
+   * {@link closeAll} ends it (resolves). `initial` items are sent first.
    * @throws INVALID_FIELD (empty owner)
    */
-  subscribe(owner: string, signal: AbortSignal): Promise<void> {
+  subscribe(owner: string, signal: AbortSignal, send: (item: FaultItem) => unknown, initial: readonly FaultItem[] = []): Promise<void> {
     if (owner === "") return Promise.reject(invalidField("owner", "owner is required"));
     this.#streams.get(owner)?.end(iommuError("FAULT_HANDLER_REPLACED", `a newer fault-handler stream of ${owner} replaced this one`));
     return new Promise<void>((resolve, reject) => {
-      const entry = {
+      const entry: Stream = {
+        send: (item) => {
+          // The transport buffers what it cannot write at once; a broken stream ends through `signal`.
+          Promise.resolve(send(item)).catch(() => entry.end());
+        },
         end: (err?: Error) => {
           if (this.#streams.get(owner) === entry) this.#streams.delete(owner);
           signal.removeEventListener("abort", onAbort);
@@ -33,27 +63,23 @@ export class FaultHandlers {
       };
       const onAbort = () => entry.end();
       this.#streams.set(owner, entry);
+      for (const item of initial) entry.send(item);
       if (signal.aborted) entry.end();
       else signal.addEventListener("abort", onAbort, { once: true });
     });
   }
 
-  /**
-   * iommu_page_response from an owner. No fault group exists yet (page requests are not modelled),
-   * so every answer names an unknown group.
-   * @throws INVALID_FIELD (empty owner), FAULT_GROUP_NOT_FOUND
-   */
-  respond(owner: string, faultGroupId: bigint): never {
-    if (owner === "") throw invalidField("owner", "owner is required");
-    throw iommuError("FAULT_GROUP_NOT_FOUND", `fault group ${faultGroupId} does not exist (or was answered and forgotten)`);
+  /** Sends an item to the owner's stream. @returns false when the owner has no stream */
+  push(owner: string, item: FaultItem): boolean {
+    const s = this.#streams.get(owner);
+    if (s === undefined) return false;
+    s.send(item);
+    return true;
   }
 
-  /**
-   * The device side of PRI waiting for a group's response. No fault group exists yet.
-   * @throws FAULT_GROUP_NOT_FOUND
-   */
-  awaitResponse(deviceId: string, faultGroupId: bigint): never {
-    throw iommuError("FAULT_GROUP_NOT_FOUND", `device ${deviceId} has no fault group ${faultGroupId}`);
+  /** Whether the owner has a stream open. */
+  has(owner: string): boolean {
+    return this.#streams.has(owner);
   }
 
   /** Owners with a stream open. */

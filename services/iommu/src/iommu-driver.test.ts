@@ -103,10 +103,10 @@ describe("IommuDriver guest binds", () => {
     const set = r.core.setWith(201);
     await r.driver.bindGpasid(bindSpec(r, { setId: set }));
     await r.driver.bindGpasid(bindSpec(r, { setId: set, deviceId: "d1" }));
-    expect(await r.driver.unbindGpasid({ setId: set, hpasid: 201, generation: 0, gpasid: 101, deviceId: "d0" })).toEqual({ unbound: true, lastUnbind: false });
+    expect(await r.driver.unbindGpasid({ setId: set, hpasid: 201, generation: 0, gpasid: 101, deviceId: "d0" })).toEqual({ unbound: true, lastUnbind: false, answeredFaultGroups: 0 });
     expect(kinds(r)).toEqual(["BIND:201"]);
     expect(r.core.info(201)!.refcount).toBe(2);
-    expect(await r.driver.unbindGpasid({ setId: set, hpasid: 201, generation: 1, gpasid: 0, deviceId: "d1" })).toEqual({ unbound: true, lastUnbind: true });
+    expect(await r.driver.unbindGpasid({ setId: set, hpasid: 201, generation: 1, gpasid: 0, deviceId: "d1" })).toEqual({ unbound: true, lastUnbind: true, answeredFaultGroups: 0 });
     // Step 19: UNBIND; the reference stays (steps 22–23: ioasid_free() 1, then the IOMMU's put 0).
     expect(kinds(r)).toEqual(["BIND:201", "UNBIND:201"]);
     expect(r.core.info(201)).toMatchObject({ refcount: 2, spid: 0, holders: { "set-owner": 1, [HOLDER_KEY]: 1 } });
@@ -193,7 +193,7 @@ describe("IommuDriver guest binds", () => {
     await refused(r.driver.unbindGpasid({ setId: set, hpasid: 201, generation: 0, gpasid: 0, deviceId: "d0" }), Code.UNAVAILABLE, "UNAVAILABLE");
     expect(r.core.info(201)).toMatchObject({ spid: 101, holders: { [HOLDER_KEY]: 1 } });
     expect(kinds(r)).toEqual(["BIND:201"]);
-    expect(await r.driver.unbindGpasid({ setId: set, hpasid: 201, generation: 0, gpasid: 0, deviceId: "d0" })).toEqual({ unbound: false, lastUnbind: false });
+    expect(await r.driver.unbindGpasid({ setId: set, hpasid: 201, generation: 0, gpasid: 0, deviceId: "d0" })).toEqual({ unbound: false, lastUnbind: false, answeredFaultGroups: 0 });
     expect(kinds(r)).toEqual(["BIND:201", "UNBIND:201"]);
     expect(r.core.info(201)).toMatchObject({ refcount: 2, spid: 0, holders: { "set-owner": 1, [HOLDER_KEY]: 1 } });
     expect(r.core.calls).not.toContain("put");
@@ -206,11 +206,11 @@ describe("IommuDriver guest binds", () => {
     const set = r.core.setWith(201);
     await r.driver.bindGpasid(bindSpec(r, { setId: set }));
     r.core.failNext.set("put", new DomainError(Code.UNAVAILABLE, "UNAVAILABLE", "core down"));
-    expect(await r.driver.removeDevice("d0")).toBe(1);
+    expect(await r.driver.removeDevice("d0")).toEqual({ handles: 1, answeredFaultGroups: 0 });
     expect(kinds(r)).toEqual(["BIND:201", "UNBIND:201"]);
     expect(r.core.info(201)!.holders[HOLDER_KEY]).toBe(1);
     // An unbind finds nothing on another device and keeps the reference (a guest unbind never puts).
-    expect(await r.driver.unbindGpasid({ setId: set, hpasid: 201, generation: 0, gpasid: 0, deviceId: "d1" })).toEqual({ unbound: false, lastUnbind: false });
+    expect(await r.driver.unbindGpasid({ setId: set, hpasid: 201, generation: 0, gpasid: 0, deviceId: "d1" })).toEqual({ unbound: false, lastUnbind: false, answeredFaultGroups: 0 });
     expect(r.core.info(201)!.holders[HOLDER_KEY]).toBe(1);
     expect(await deliver(r, r.core.free(set, 201))).toEqual(["bind"]);
     expect(r.core.info(201)).toBeUndefined();
@@ -238,7 +238,7 @@ describe("IommuDriver FREE (free before unbind)", () => {
     // Redelivery: nothing left, nothing released, answered synchronously.
     expect(r.driver.handleEvent(free!)).toBeUndefined();
     // The late unbind (step 30) finds nothing and changes nothing.
-    expect(await r.driver.unbindGpasid({ setId: set, hpasid: 201, generation: 1, gpasid: 101, deviceId: "d0" })).toEqual({ unbound: false, lastUnbind: false });
+    expect(await r.driver.unbindGpasid({ setId: set, hpasid: 201, generation: 1, gpasid: 101, deviceId: "d0" })).toEqual({ unbound: false, lastUnbind: false, answeredFaultGroups: 0 });
     expect(kinds(r)).toEqual(["BIND:201", "FREE:201", "RECLAIM:201"]);
   });
 
@@ -307,9 +307,9 @@ describe("IommuDriver attach and generations", () => {
     const set = r.core.setWith(201);
     await r.driver.bindGpasid(bindSpec(r, { setId: set }));
     await r.driver.bindGpasid(bindSpec(r, { setId: set, deviceId: "d1" }));
-    expect(await r.driver.removeDevice("d0")).toBe(1);
+    expect(await r.driver.removeDevice("d0")).toEqual({ handles: 1, answeredFaultGroups: 0 });
     expect(r.core.info(201)!.refcount).toBe(2);
-    expect(await r.driver.removeDevice("d1")).toBe(1);
+    expect(await r.driver.removeDevice("d1")).toEqual({ handles: 1, answeredFaultGroups: 0 });
     expect(kinds(r)).toEqual(["BIND:201", "UNBIND:201"]);
     expect(r.core.info(201)).toMatchObject({ refcount: 1, spid: 0 });
   });
@@ -387,7 +387,7 @@ describe("IommuDriver after a restart", () => {
     await r2.driver.adoptHeldReferences();
     expect((await r2.driver.bindGpasid(bindSpec(r2, { setId: set, deviceId: "d1" }))).firstBind).toBe(false);
     expect(r.core.info(201)!.holders[HOLDER_KEY]).toBe(1);
-    expect(await r2.driver.unbindGpasid({ setId: set, hpasid: 201, generation: 0, gpasid: 0, deviceId: "d1" })).toEqual({ unbound: true, lastUnbind: true });
+    expect(await r2.driver.unbindGpasid({ setId: set, hpasid: 201, generation: 0, gpasid: 0, deviceId: "d1" })).toEqual({ unbound: true, lastUnbind: true, answeredFaultGroups: 0 });
     expect(kinds(r)).toEqual(["BIND:201", "UNBIND:201"]);
     expect(r.core.info(201)).toMatchObject({ refcount: 2, spid: 0, holders: { [HOLDER_KEY]: 1 } });
     expect(await deliver(r2, r.core.free(set, 201))).toEqual(["bind"]);

@@ -24,7 +24,8 @@ import {
   type TranslateResult,
   type TranslateSpec,
 } from "./iommu-hardware.js";
-import { FaultHandlers } from "./fault-handlers.js";
+import { FaultHandlers, type FaultItem, type FaultRecord } from "./fault-handlers.js";
+import { PageRequestQueue, PageResponseCode, ResponseSource, type FaultGroup } from "./page-requests.js";
 import { KeyedMutex } from "@ioasid/role-kit";
 
 /** The CoreService calls the IOMMU makes (a {@link CoreClient} is one; tests pass a fake). */
@@ -64,6 +65,36 @@ export interface IommuDriverOptions {
   readonly log?: IommuLog;
   /** This IOMMU's instance ("dmar0"): the holder instance of its references. */
   readonly instance: string;
+  /** How long a fault group may stay unanswered before it is answered INVALID, ms. @default 10000 */
+  readonly faultTimeoutMs?: number;
+}
+
+/** Default of {@link IommuDriverOptions.faultTimeoutMs}. */
+export const DEFAULT_FAULT_TIMEOUT_MS = 10_000;
+
+/** A page-request group hint of a DMA request. */
+export interface PageRequestHint {
+  readonly prgi: number;
+  readonly lastRequest: boolean;
+}
+
+/** What a DMA translation request produced, as the device sees it. */
+export type DmaOutcome =
+  | { readonly outcome: "TRANSLATED"; readonly outputAddress: bigint; readonly handleId: bigint }
+  | { readonly outcome: "PAGE_REQUEST"; readonly handleId: bigint; readonly faultGroupId: bigint; readonly groupComplete: boolean }
+  | { readonly outcome: "FAULT"; readonly reason: TranslateFault; readonly handleId: bigint; readonly faultGroupId: bigint };
+
+type TranslateFault = Extract<TranslateResult, { outcome: "FAULT" }>["reason"];
+
+/** Counters of the fault path (QueryState and logs). */
+export interface FaultCounters {
+  pageRequests: number;
+  groupsCompleted: number;
+  groupsNoHandler: number;
+  creditsExhausted: number;
+  faultsReported: number;
+  faultsSuppressed: number;
+  faultsUnhandled: number;
 }
 
 /** The largest SPID (guest PASID): 20 bits. */
@@ -104,6 +135,8 @@ export interface UnbindResult {
   readonly unbound: boolean;
   /** True when it was the last device: the SPID was detached (the core emitted UNBIND). */
   readonly lastUnbind: boolean;
+  /** Fault groups of the handle answered INVALID. */
+  readonly answeredFaultGroups: number;
 }
 
 /** One native SVA bind. */
@@ -139,8 +172,25 @@ export class IommuDriver {
   readonly #log: IommuLog | undefined;
   readonly #holder: core.Holder;
   readonly #locks = new KeyedMutex();
+  /** The page-request queue (fault groups). */
+  readonly prq: PageRequestQueue;
+  readonly counters: FaultCounters = {
+    pageRequests: 0,
+    groupsCompleted: 0,
+    groupsNoHandler: 0,
+    creditsExhausted: 0,
+    faultsReported: 0,
+    faultsSuppressed: 0,
+    faultsUnhandled: 0,
+  };
+  readonly #waiters = new Map<bigint, Set<(g: FaultGroup) => void>>();
+  #timer: NodeJS.Timeout | undefined;
+  #timerAt = Infinity;
+  #nextFaultId = 1n;
+  #stopped = false;
 
   constructor(options: IommuDriverOptions) {
+    this.prq = new PageRequestQueue({ timeoutMs: options.faultTimeoutMs ?? DEFAULT_FAULT_TIMEOUT_MS });
     this.hw = options.hardware;
     this.#core = options.core;
     this.#history = options.history;
@@ -194,10 +244,13 @@ export class IommuDriver {
    * put their reference at once.
    * @returns how many handles were torn down
    */
-  async removeDevice(deviceId: string): Promise<number> {
+  async removeDevice(deviceId: string): Promise<{ handles: number; answeredFaultGroups: number }> {
     const { result: torn, changes } = this.hw.removeDevice(deviceId);
     this.#recordChanges(changes);
-    this.#record("iommu_release_device", { detail: `device ${deviceId}: ${torn.length} handle(s) torn down` });
+    // Entries gone first (no new request can arrive), then every outstanding group answered.
+    const answered = this.#answered(this.prq.answerWhere((g) => g.deviceId === deviceId, ResponseSource.DEVICE_REMOVED));
+    this.prq.forgetDevice(deviceId);
+    this.#record("iommu_release_device", { detail: `device ${deviceId}: ${torn.length} handle(s) torn down, ${answered} fault group(s) answered INVALID` });
     const binds = torn.filter((h) => h.kind === AttachKind.GPASID_BIND);
     await Promise.all(
       binds.map((h) =>
@@ -211,7 +264,7 @@ export class IommuDriver {
           .catch((err: unknown) => this.#log?.warn({ err, ioasid: h.pasid, deviceId }, "release after device removal failed")),
       ),
     );
-    return torn.length;
+    return { handles: torn.length, answeredFaultGroups: answered };
   }
 
   /** Creates a domain. */
@@ -252,7 +305,7 @@ export class IommuDriver {
 
   /**
    * Removes an AttachDomain attachment (entry torn down, IOTLB/DevTLB flushed).
-   * @returns fault groups answered (none: page requests are not modelled yet)
+   * @returns fault groups of the handle answered INVALID
    */
   async detachDomain(spec: DetachDomainSpec & { readonly generation: number }): Promise<number> {
     if (spec.withoutPasid && spec.generation !== 0) throw invalidField("generation", "a generation names an IOASID: not with without_pasid");
@@ -261,7 +314,7 @@ export class IommuDriver {
       const { result, changes } = this.hw.detachDomain(spec);
       this.#recordChanges(changes);
       this.#record(spec.withoutPasid ? "detach_device" : "detach_device_pasid", this.#handleFields(result));
-      return 0;
+      return this.#answered(this.prq.answerHandle(result.handleId, ResponseSource.DETACH));
     };
     if (spec.generation === 0) return detach();
     return this.#locks.run(pasidKey(spec.pasid), async () => {
@@ -376,7 +429,7 @@ export class IommuDriver {
         } catch (err) {
           if (!["IOASID_NOT_FOUND", "IOASID_FREE_PENDING", "SET_UNKNOWN"].some((r) => isDomainError(err, r))) throw err;
         }
-        return { unbound: false, lastUnbind: false };
+        return { unbound: false, lastUnbind: false, answeredFaultGroups: 0 };
       }
       if (b.setId !== spec.setId) {
         throw iommuError("IOASID_NOT_IN_SET", `IOASID ${spec.hpasid} does not belong to set ${spec.setId}`);
@@ -391,9 +444,10 @@ export class IommuDriver {
       if (handle === undefined) {
         // Not bound on this device; finish a detach an earlier failure left undone.
         if (b.devices.size === 0) await this.#releaseIfUnused(b, { keepReference: true });
-        return { unbound: false, lastUnbind: false };
+        return { unbound: false, lastUnbind: false, answeredFaultGroups: 0 };
       }
       this.#recordChanges(changes);
+      const answeredFaultGroups = this.#answered(this.prq.answerHandle(handle.handleId, ResponseSource.DETACH));
       const last = b.devices.size === 0;
       const fields = this.#bindFields(b);
       // The last unbind detaches the SPID (UNBIND, step 19) but keeps the reference: the IOMMU
@@ -401,7 +455,7 @@ export class IommuDriver {
       // then the IOMMU's ioasid_put() 0).
       const refcount = await this.#releaseIfUnused(b, { keepReference: true });
       this.#record("unbind_gpasid", { ...fields, ...(refcount === undefined ? {} : { refcount }), detail: `device ${spec.deviceId} handle ${handle.handleId}${last ? " last unbind" : ""}` });
-      return { unbound: true, lastUnbind: last };
+      return { unbound: true, lastUnbind: last, answeredFaultGroups };
     });
   }
 
@@ -426,6 +480,13 @@ export class IommuDriver {
     const seq = Number(event.seq);
     const { result: torn, changes } = this.hw.teardownIoasid(event.ioasid, event.generation);
     this.#recordChanges(changes, seq);
+    // Flush before release: the entries are gone (no new request), so draining now answers every
+    // request of this IOASID generation, partial or pending, before the references are released:
+    // none can reach the PASID's next owner.
+    const drained = this.#answered(
+      this.prq.answerWhere((g) => !g.withoutPasid && g.pasid === event.ioasid && g.generation === event.generation, ResponseSource.IOASID_FREED),
+      seq,
+    );
     for (const mm of this.hw.mmsWithPasid(event.ioasid)) {
       if (mm.generation === event.generation) this.hw.deleteMm(mm.mmToken);
     }
@@ -450,7 +511,7 @@ export class IommuDriver {
       setId: event.setId,
       ...(event.spid === 0 ? {} : { spid: event.spid }),
       seq,
-      detail: `FREE: ${torn.length} entr${torn.length === 1 ? "y" : "ies"} torn down${release.length > 0 ? ", bind reference released" : ""}`,
+      detail: `FREE: ${torn.length} entr${torn.length === 1 ? "y" : "ies"} torn down${drained > 0 ? `, ${drained} fault group(s) drained` : ""}${release.length > 0 ? ", bind reference released" : ""}`,
     });
     return release.length > 0 || detachSpid ? { release, detachSpid } : undefined;
   }
@@ -501,8 +562,10 @@ export class IommuDriver {
     if (mmToken === 0n) throw invalidField("mm_token", "mm_token is required");
     return this.#locks.run(mmKey(mmToken), () => {
       const mm = this.hw.mm(mmToken);
+      const before = mm === undefined ? undefined : this.hw.handleAt(deviceId, mm.pasid);
       const { result: users, changes } = this.hw.svaUnbind(deviceId, mmToken);
       this.#recordChanges(changes);
+      if (users === 0 && before !== undefined) this.#answered(this.prq.answerHandle(before.handleId, ResponseSource.DETACH));
       this.#record("sva_unbind_device", { ioasid: mm?.pasid, generation: mm?.generation, setId: mm?.setId, detail: `device ${deviceId} mm ${mmToken} users ${users}` });
       return users;
     });
@@ -547,18 +610,254 @@ export class IommuDriver {
     return result;
   }
 
-  /** One DMA translation (no state change). */
-  translate(t: TranslateSpec): TranslateResult {
-    return this.hw.translate(t);
+  /** Installs first-stage pages of a guest bind (the guest's page table). */
+  async mapGuest(setId: number, hpasid: number, generation: number, m: Mapping): Promise<void> {
+    await this.#locks.run(pasidKey(hpasid), () => {
+      this.#guestBinding(setId, hpasid, generation);
+      this.hw.mapGuest(hpasid, m);
+      this.#record("guest_map", { ioasid: hpasid, setId, detail: `gva 0x${m.iova.toString(16)} gpa 0x${m.paddr.toString(16)} size 0x${m.size.toString(16)}` });
+    });
+  }
+
+  /** Removes first-stage pages of a guest bind and flushes them. @returns bytes unmapped */
+  async unmapGuest(setId: number, hpasid: number, generation: number, iova: bigint, size: bigint): Promise<bigint> {
+    return this.#locks.run(pasidKey(hpasid), () => {
+      this.#guestBinding(setId, hpasid, generation);
+      const { result, changes } = this.hw.unmapGuest(hpasid, iova, size);
+      if (result > 0n) this.#record("guest_unmap", { ioasid: hpasid, setId, detail: `gva 0x${iova.toString(16)} size 0x${size.toString(16)}: 0x${result.toString(16)} unmapped` });
+      this.#recordChanges(changes);
+      return result;
+    });
+  }
+
+  #guestBinding(setId: number, hpasid: number, generation: number): GpasidBinding {
+    if (setId === 0) throw invalidField("set_id", "set_id is required");
+    const b = this.hw.binding(hpasid);
+    if (b === undefined || b.devices.size === 0) throw iommuError("GUEST_BIND_NOT_FOUND", `host PASID ${hpasid} is not bound on any device`);
+    if (b.setId !== setId) throw iommuError("IOASID_NOT_IN_SET", `IOASID ${hpasid} does not belong to set ${setId}`);
+    if (generation !== 0 && generation !== b.generation) {
+      throw iommuError("STALE_GENERATION", `IOASID ${hpasid} is bound at generation ${b.generation}, not ${generation}`);
+    }
+    return b;
   }
 
   /**
-   * AwaitPageResponse: the device must be registered; no fault group exists yet.
+   * One DMA translation request of a device. A miss on a PRI-capable device raises a page request
+   * (DESIGN §5 "Faults"): it joins its group (`hint`, or a group by itself), and the complete group
+   * goes to the owner of the handle — or is answered FAILURE when the owner has no fault stream.
+   * Over the device's credits nothing is queued (FAULT `PRI_CREDITS_EXHAUSTED`) and the partial
+   * group the request belonged to is answered INVALID. Any other fault is reported to the handle's
+   * owner as a fault record, unless the IOASID is being freed (ioasid.rst: no fault reporting
+   * between free and unbind).
+   * @throws DEVICE_NOT_FOUND, INVALID_FIELD, PRGI_IN_USE
+   */
+  translate(t: TranslateSpec, hint?: PageRequestHint): DmaOutcome {
+    const r = this.hw.translate(t);
+    if (r.outcome === "TRANSLATED") return r;
+    if (r.outcome === "FAULT") {
+      if (r.handleId !== 0n) this.#reportFault(t, r.reason, r.handleId);
+      return { ...r, faultGroupId: 0n };
+    }
+    const dev = this.hw.assertDevice(t.deviceId);
+    const raised = this.prq.raise(
+      {
+        deviceId: t.deviceId,
+        credits: dev.priCredits,
+        pasid: t.pasid,
+        withoutPasid: t.withoutPasid,
+        address: t.address,
+        access: t.access,
+        prgi: hint?.prgi,
+        lastRequest: hint?.lastRequest ?? true,
+      },
+      r.handle,
+    );
+    if (raised.kind === "credits_exhausted") {
+      this.counters.creditsExhausted++;
+      if (raised.answered !== undefined) this.#answered([raised.answered]);
+      this.#record("iopf_credits_exhausted", {
+        ...(t.withoutPasid ? {} : { ioasid: t.pasid }),
+        detail: `device ${t.deviceId} 0x${t.address.toString(16)}: no page-request credit left${raised.answered === undefined ? "" : `, group ${raised.answered.faultGroupId} answered INVALID`}`,
+      });
+      return { outcome: "FAULT", reason: "PRI_CREDITS_EXHAUSTED", handleId: r.handle.handleId, faultGroupId: raised.answered?.faultGroupId ?? 0n };
+    }
+    this.counters.pageRequests++;
+    const g = raised.group;
+    if (raised.complete) this.#dispatch(g);
+    else this.#armTimer();
+    return { outcome: "PAGE_REQUEST", handleId: g.handleId, faultGroupId: g.faultGroupId, groupComplete: raised.complete };
+  }
+
+  /**
+   * iommu_page_response from the group's owner (its handler).
+   * @throws INVALID_FIELD, FAULT_GROUP_NOT_FOUND, FAULT_GROUP_NOT_OWNED, FAULT_GROUP_ALREADY_RESPONDED, FAULT_GROUP_INCOMPLETE
+   */
+  sendPageResponse(owner: string, faultGroupId: bigint, code: PageResponseCode): FaultGroup {
+    if (owner === "") throw invalidField("owner", "owner is required");
+    const g = this.prq.respond(faultGroupId, code, ResponseSource.HANDLER, owner);
+    this.#answered([g]);
+    return g;
+  }
+
+  /**
+   * AwaitPageResponse: waits until the device's group is answered (at once if it is and is still
+   * remembered), or `signal` aborts (the call's deadline).
    * @throws DEVICE_NOT_FOUND, FAULT_GROUP_NOT_FOUND
    */
-  awaitPageResponse(deviceId: string, faultGroupId: bigint): never {
+  async awaitPageResponse(deviceId: string, faultGroupId: bigint, signal?: AbortSignal): Promise<FaultGroup> {
     this.hw.assertDevice(deviceId);
-    return this.faults.awaitResponse(deviceId, faultGroupId);
+    const g = this.prq.get(faultGroupId);
+    if (g === undefined || g.deviceId !== deviceId) throw iommuError("FAULT_GROUP_NOT_FOUND", `device ${deviceId} has no fault group ${faultGroupId}`);
+    if (g.state === "RESPONDED") return g;
+    return new Promise<FaultGroup>((resolve, reject) => {
+      let set = this.#waiters.get(faultGroupId);
+      if (set === undefined) this.#waiters.set(faultGroupId, (set = new Set()));
+      const waiter = (answered: FaultGroup) => {
+        signal?.removeEventListener("abort", onAbort);
+        resolve(answered);
+      };
+      const onAbort = () => {
+        set.delete(waiter);
+        if (set.size === 0) this.#waiters.delete(faultGroupId);
+        reject(signal?.reason instanceof Error ? signal.reason : new Error("aborted"));
+      };
+      set.add(waiter);
+      if (signal?.aborted === true) onAbort();
+      else signal?.addEventListener("abort", onAbort, { once: true });
+    });
+  }
+
+  /**
+   * Opens an owner's fault stream; the owner's unanswered complete groups are sent first.
+   * @see FaultHandlers.subscribe
+   */
+  subscribeFaults(owner: string, signal: AbortSignal, send: (item: FaultItem) => unknown): Promise<void> {
+    const initial = owner === "" ? [] : this.prq.outstanding({ pendingOwner: owner }).map((group): FaultItem => ({ kind: "group", group }));
+    return this.faults.subscribe(owner, signal, send, initial);
+  }
+
+  /** Stops the fault timer and ends the fault streams (shutdown). */
+  stop(): void {
+    this.#stopped = true;
+    if (this.#timer !== undefined) clearTimeout(this.#timer);
+    this.#timer = undefined;
+    this.faults.closeAll();
+  }
+
+  /** A complete group goes to its owner's handler, or is answered FAILURE (no handler). */
+  #dispatch(g: FaultGroup): void {
+    this.counters.groupsCompleted++;
+    this.#record("iopf_group", {
+      ...this.#groupFields(g),
+      detail: `group ${g.faultGroupId} device ${g.deviceId} prgi ${g.prgi}: ${g.requests.length} request(s) → ${g.owner}`,
+    });
+    if (this.faults.push(g.owner, { kind: "group", group: g })) {
+      this.#armTimer();
+      return;
+    }
+    this.counters.groupsNoHandler++;
+    this.#log?.warn({ faultGroupId: String(g.faultGroupId), owner: g.owner, deviceId: g.deviceId }, "fault group has no handler: answered FAILURE");
+    this.#answered([this.prq.respond(g.faultGroupId, PageResponseCode.FAILURE, ResponseSource.NO_HANDLER)]);
+  }
+
+  /** Records answers, tells the owners and the devices waiting. @returns how many */
+  #answered(groups: readonly FaultGroup[], seq?: number): number {
+    for (const g of groups) {
+      this.#record("page_response", {
+        ...this.#groupFields(g),
+        ...(seq === undefined ? {} : { seq }),
+        detail: `group ${g.faultGroupId} device ${g.deviceId} prgi ${g.prgi}: ${g.responseCode} (${g.responseSource})`,
+      });
+      this.faults.push(g.owner, { kind: "answered", group: g });
+      const set = this.#waiters.get(g.faultGroupId);
+      if (set !== undefined) {
+        this.#waiters.delete(g.faultGroupId);
+        for (const w of set) w(g);
+      }
+    }
+    if (groups.length > 0) this.#armTimer();
+    return groups.length;
+  }
+
+  /** Keeps one timer at the earliest deadline of an outstanding group. */
+  #armTimer(): void {
+    if (this.#stopped) return;
+    const next = this.prq.nextDeadline();
+    const at = next?.getTime() ?? Infinity;
+    if (at === this.#timerAt) return;
+    if (this.#timer !== undefined) clearTimeout(this.#timer);
+    this.#timer = undefined;
+    this.#timerAt = at;
+    if (at === Infinity) return;
+    this.#timer = setTimeout(() => {
+      this.#timer = undefined;
+      this.#timerAt = Infinity;
+      this.#answered(this.prq.expire());
+      this.#armTimer();
+    }, Math.max(0, at - Date.now()) + 1);
+    this.#timer.unref();
+  }
+
+  /** Reports an unrecoverable fault to the handle's owner, unless its IOASID is being freed. */
+  #reportFault(t: TranslateSpec, reason: TranslateFault, handleId: bigint): void {
+    const h = this.hw.handle(handleId);
+    if (h === undefined) return;
+    const record: FaultRecord = {
+      faultId: this.#nextFaultId++,
+      deviceId: t.deviceId,
+      pasid: t.pasid,
+      withoutPasid: t.withoutPasid,
+      address: t.address,
+      access: t.access,
+      reason,
+      handleId,
+      owner: h.owner,
+      ownerData: h.ownerData,
+      setId: h.setId,
+      gpasid: h.gpasid,
+      at: new Date(),
+    };
+    const fields = { ...(t.withoutPasid ? {} : { ioasid: t.pasid }), ...(h.generation === 0 ? {} : { generation: h.generation }) };
+    const deliver = (suppressed: string | undefined) => {
+      if (suppressed !== undefined || !this.hw.faultReporting(handleId)) {
+        this.counters.faultsSuppressed++;
+        this.#record("dma_fault", { ...fields, detail: `device ${t.deviceId} 0x${t.address.toString(16)} ${reason}: suppressed (${suppressed ?? "IOASID being freed"})` });
+        return;
+      }
+      const sent = this.faults.push(h.owner, { kind: "fault", record });
+      if (sent) this.counters.faultsReported++;
+      else this.counters.faultsUnhandled++;
+      this.#record("dma_fault", { ...fields, detail: `device ${t.deviceId} 0x${t.address.toString(16)} ${reason}: ${sent ? `reported to ${h.owner}` : "no handler"}` });
+    };
+    if (h.generation === 0 || t.withoutPasid) {
+      deliver(undefined);
+      return;
+    }
+    // Between the IOASID's free and the teardown of its entries (which FREE does last, at IOMMU
+    // priority) nothing is reported: ask the core whether the IOASID is still live.
+    this.#core
+      .describe({ ioasid: t.pasid })
+      .then(
+        ({ info }) =>
+          deliver(
+            info === undefined || info.generation !== h.generation
+              ? "IOASID reclaimed"
+              : info.state === core.IoasidState.IOASID_STATE_FREE_PENDING
+                ? "IOASID freed, not yet unbound"
+                : undefined,
+          ),
+        (err: unknown) => deliver(isGone(err) ? "IOASID reclaimed" : undefined),
+      )
+      .catch((err: unknown) => this.#log?.warn({ err }, "reporting a DMA fault failed"));
+  }
+
+  #groupFields(g: FaultGroup): Omit<HistoryRecord, "ts" | "role" | "instance" | "action"> {
+    return {
+      ...(g.withoutPasid ? {} : { ioasid: g.pasid }),
+      ...(g.generation === 0 ? {} : { generation: g.generation }),
+      ...(g.setId === 0 ? {} : { setId: g.setId }),
+      ...(g.gpasid === 0 ? {} : { spid: g.gpasid }),
+    };
   }
 
   /** A consistent snapshot of the state. */

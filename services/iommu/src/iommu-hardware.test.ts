@@ -288,7 +288,7 @@ describe("IommuHardware I/O page tables and translation", () => {
 
   it("translates a mapped address, faults on a miss, a permission mismatch, a missing entry or a PASID out of range", () => {
     const hw = new IommuHardware();
-    hw.registerDevice(dev("d0", { maxPasids: 64 }));
+    hw.registerDevice(dev("d0", { maxPasids: 64, priCapable: false }));
     const p = paging(hw);
     hw.map(p, { iova: 0x10000n, paddr: 0x80000n, size: 2n * PAGE, access: R });
     const h = hw.attachDomain(attach({ domainId: p, pasid: 5 })).result;
@@ -298,6 +298,13 @@ describe("IommuHardware I/O page tables and translation", () => {
     expect(t(0x10000n, W)).toEqual({ outcome: "FAULT", reason: FaultReason.PERMISSION, handleId: h.handleId });
     expect(t(0x10000n, R, 6)).toEqual({ outcome: "FAULT", reason: FaultReason.NO_PASID_ENTRY, handleId: 0n });
     expect(t(0x10000n, R, 64)).toEqual({ outcome: "FAULT", reason: FaultReason.PASID_OUT_OF_RANGE, handleId: 0n });
+    // The same miss on a PRI-capable device is a page request under the handle; a permission
+    // mismatch still faults.
+    hw.registerDevice(dev("d1", { maxPasids: 64 }));
+    const h1 = hw.attachDomain(attach({ domainId: p, pasid: 5, deviceId: "d1" })).result;
+    const t1 = (address: bigint, access = R) => hw.translate({ deviceId: "d1", pasid: 5, withoutPasid: false, address, access });
+    expect(t1(0x12000n)).toMatchObject({ outcome: "MISS", handle: { handleId: h1.handleId, owner: h1.owner } });
+    expect(t1(0x10000n, W)).toEqual({ outcome: "FAULT", reason: FaultReason.PERMISSION, handleId: h1.handleId });
     expect(hw.translate({ deviceId: "d0", pasid: 0, withoutPasid: true, address: 0x10000n, access: R }).outcome).toBe("FAULT");
     refused(() => t(0x10000n, { read: false, write: false, execute: false, privileged: false }), Code.INVALID_ARGUMENT, "INVALID_FIELD");
     refused(() => t(0x10000n, R, 0), Code.INVALID_ARGUMENT, "INVALID_FIELD");
@@ -311,10 +318,19 @@ describe("IommuHardware I/O page tables and translation", () => {
     hw.map(p, { iova: 0x4000n, paddr: 0x100000n, size: PAGE, access: RW });
     hw.createBinding({ hpasid: 30, setId: 1, generation: 1, gpasid: 3 });
     hw.installGpasidEntry({ deviceId: "d0", hpasid: 30, parentDomainId: p, guestPgtable: 0x1000n, owner: "o", ownerData: new Uint8Array() });
-    expect(hw.translate({ deviceId: "d0", pasid: 30, withoutPasid: false, address: 0x4010n, access: RW })).toMatchObject({
-      outcome: "TRANSLATED",
-      outputAddress: 0x100010n,
-    });
+    const t = (address: bigint, access = RW) => hw.translate({ deviceId: "d0", pasid: 30, withoutPasid: false, address, access });
+    // First stage empty: a miss (page request on this PRI device).
+    expect(t(0x7000_0010n)).toMatchObject({ outcome: "MISS" });
+    // The guest installs GVA 0x7000_0000 → GPA 0x4000; the parent maps GPA 0x4000 → HPA 0x100000.
+    hw.mapGuest(30, { iova: 0x7000_0000n, paddr: 0x4000n, size: PAGE, access: R });
+    expect(t(0x7000_0010n, R)).toMatchObject({ outcome: "TRANSLATED", outputAddress: 0x100010n });
+    expect(t(0x7000_0010n, W)).toMatchObject({ outcome: "FAULT", reason: FaultReason.PERMISSION });
+    // A first-stage hit whose GPA the second stage lacks is a fault, never a page request.
+    hw.mapGuest(30, { iova: 0x7000_1000n, paddr: 0x9000n, size: PAGE, access: RW });
+    expect(t(0x7000_1000n)).toMatchObject({ outcome: "FAULT", reason: FaultReason.NOT_PRESENT });
+    expect(() => hw.mapGuest(31, { iova: 0n, paddr: 0n, size: PAGE, access: R })).toThrow(expect.objectContaining({ reason: "GUEST_BIND_NOT_FOUND" }));
+    expect(hw.unmapGuest(30, 0x7000_0000n, PAGE).result).toBe(PAGE);
+    expect(t(0x7000_0010n, R)).toMatchObject({ outcome: "MISS" });
     hw.addMm({ mmToken: 5n, setId: 2, pasid: 40, generation: 1 });
     hw.svaBind("d0", 5n, "o", new Uint8Array());
     expect(hw.translate({ deviceId: "d0", pasid: 40, withoutPasid: false, address: 0xdead000n, access: RW })).toMatchObject({
@@ -344,7 +360,7 @@ describe("IommuHardware I/O page tables and translation", () => {
     ]);
     expect(flushes[1]!.domainId).toBe(bound.domainId);
     expect(hw.unmap(p, 0x40000n, PAGE)).toEqual({ result: 0n, changes: [] });
-    expect(hw.translate({ deviceId: "d0", pasid: 0, withoutPasid: true, address: 0x11000n, access: RW })).toMatchObject({ outcome: "FAULT", reason: "NOT_PRESENT" });
+    expect(hw.translate({ deviceId: "d0", pasid: 0, withoutPasid: true, address: 0x11000n, access: RW })).toMatchObject({ outcome: "MISS" });
   });
 
   it("keeps only the most recent IOTLB flush records", () => {

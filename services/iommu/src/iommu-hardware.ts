@@ -56,6 +56,7 @@ export const FaultReason = {
   NOT_PRESENT: "NOT_PRESENT",
   PERMISSION: "PERMISSION",
   PASID_OUT_OF_RANGE: "PASID_OUT_OF_RANGE",
+  PRI_CREDITS_EXHAUSTED: "PRI_CREDITS_EXHAUSTED",
 } as const;
 export type FaultReason = (typeof FaultReason)[keyof typeof FaultReason];
 
@@ -190,6 +191,8 @@ export interface GpasidBinding {
   refHeld: boolean;
   /** The SPID is attached in the core (by this IOMMU). */
   spidAttached: boolean;
+  /** The guest's first-stage page table (guest virtual → guest physical), ascending by IOVA. */
+  firstStage: Mapping[];
 }
 
 /** A host process address space known to native SVA: its set and its one PASID. */
@@ -263,6 +266,8 @@ export interface TranslateSpec {
 /** What a DMA translation produced. */
 export type TranslateResult =
   | { readonly outcome: "TRANSLATED"; readonly outputAddress: bigint; readonly handleId: bigint }
+  /** A miss on a PRI-capable device: a page request is due under `handle`. */
+  | { readonly outcome: "MISS"; readonly handle: AttachHandle }
   | { readonly outcome: "FAULT"; readonly reason: FaultReason; readonly handleId: bigint };
 
 /** A consistent snapshot of the IOMMU's state. */
@@ -521,7 +526,7 @@ export class IommuHardware {
   createBinding(b: { hpasid: number; setId: number; generation: number; gpasid: number }): GpasidBinding {
     const existing = this.#bindings.get(b.hpasid);
     if (existing !== undefined) return existing;
-    const created: GpasidBinding = { ...b, devices: new Set(), refHeld: false, spidAttached: false };
+    const created: GpasidBinding = { ...b, devices: new Set(), refHeld: false, spidAttached: false, firstStage: [] };
     this.#bindings.set(b.hpasid, created);
     return created;
   }
@@ -766,18 +771,7 @@ export class IommuHardware {
    */
   map(domainId: number, m: Mapping): void {
     const d = this.#pagingDomain(domainId);
-    assertRange(m.iova, m.size);
-    if (m.paddr % PAGE_SIZE !== 0n) throw iommuError("ADDRESS_NOT_ALIGNED", `paddr 0x${m.paddr.toString(16)} is not 4 KiB aligned`);
-    if (m.paddr + m.size > U64_LIMIT) throw iommuError("INVALID_RANGE", "the physical range wraps past 2^64");
-    if (!m.access.read && !m.access.write) throw invalidField("access", "a mapping grants at least read or write access");
-    const at = lowerBound(d.mappings, m.iova);
-    const prev = d.mappings[at - 1];
-    const next = d.mappings[at];
-    const end = m.iova + m.size;
-    if ((prev !== undefined && prev.iova + prev.size > m.iova) || (next !== undefined && next.iova < end)) {
-      throw iommuError("IOVA_ALREADY_MAPPED", `[0x${m.iova.toString(16)}, 0x${end.toString(16)}) overlaps a mapping of domain ${domainId}`);
-    }
-    d.mappings.splice(at, 0, { iova: m.iova, paddr: m.paddr, size: m.size, access: { ...m.access } });
+    d.mappings = insertMapping(d.mappings, m, `domain ${domainId}`);
   }
 
   /**
@@ -789,47 +783,74 @@ export class IommuHardware {
    */
   unmap(domainId: number, iova: bigint, size: bigint): Changed<bigint> {
     const d = this.#pagingDomain(domainId);
-    assertRange(iova, size);
-    const end = iova + size;
-    const kept: Mapping[] = [];
-    let unmapped = 0n;
-    for (const m of d.mappings) {
-      const mEnd = m.iova + m.size;
-      if (mEnd <= iova || m.iova >= end) {
-        kept.push(m);
-        continue;
-      }
-      if (m.iova < iova) kept.push({ ...m, size: iova - m.iova });
-      if (mEnd > end) kept.push({ ...m, iova: end, paddr: m.paddr + (end - m.iova), size: mEnd - end });
-      unmapped += (mEnd < end ? mEnd : end) - (m.iova > iova ? m.iova : iova);
-    }
+    const { kept, unmapped } = removeMappings(d.mappings, iova, size);
     const changes: HardwareChange[] = [];
     if (unmapped === 0n) return { result: 0n, changes };
     d.mappings = kept;
     for (const h of this.#handles.values()) {
       const hd = this.#domains.get(h.domainId)!;
       if (hd.domainId !== domainId && hd.parentDomainId !== domainId) continue;
-      changes.push(
-        this.#flush({
-          scope: FlushScope.RANGE,
-          cause: FlushCause.UNMAP,
-          domainId: h.domainId,
-          pasid: h.pasid,
-          deviceId: h.deviceId,
-          deviceTlb: true,
-          address: iova,
-          size,
-        }),
-      );
+      changes.push(this.#rangeFlush(h, iova, size));
     }
     return { result: unmapped, changes };
   }
 
   /**
+   * Installs pages in the first-stage (guest) page table of the guest bind of `hpasid` (guest
+   * virtual → guest physical); the bind state must exist.
+   * @throws GUEST_BIND_NOT_FOUND, ADDRESS_NOT_ALIGNED, INVALID_RANGE, IOVA_ALREADY_MAPPED, INVALID_FIELD
+   */
+  mapGuest(hpasid: number, m: Mapping): void {
+    const b = this.#guestBinding(hpasid);
+    b.firstStage = insertMapping(b.firstStage, m, `the guest page table of PASID ${hpasid}`);
+  }
+
+  /**
+   * Removes pages from the first-stage table of the guest bind of `hpasid` and flushes the range on
+   * every device bound at it.
+   * @returns bytes unmapped
+   * @throws GUEST_BIND_NOT_FOUND, ADDRESS_NOT_ALIGNED, INVALID_RANGE
+   */
+  unmapGuest(hpasid: number, iova: bigint, size: bigint): Changed<bigint> {
+    const b = this.#guestBinding(hpasid);
+    const { kept, unmapped } = removeMappings(b.firstStage, iova, size);
+    const changes: HardwareChange[] = [];
+    if (unmapped === 0n) return { result: 0n, changes };
+    b.firstStage = kept;
+    for (const deviceId of b.devices) {
+      const id = this.#devices.get(deviceId)?.entries.get(hpasid);
+      const h = id === undefined ? undefined : this.#handles.get(id);
+      if (h !== undefined) changes.push(this.#rangeFlush(h, iova, size));
+    }
+    return { result: unmapped, changes };
+  }
+
+  #guestBinding(hpasid: number): GpasidBinding {
+    const b = this.#bindings.get(hpasid);
+    if (b === undefined) throw iommuError("GUEST_BIND_NOT_FOUND", `host PASID ${hpasid} has no guest bind`);
+    return b;
+  }
+
+  #rangeFlush(h: HandleState, iova: bigint, size: bigint): HardwareChange {
+    return this.#flush({
+      scope: FlushScope.RANGE,
+      cause: FlushCause.UNMAP,
+      domainId: h.domainId,
+      pasid: h.pasid,
+      deviceId: h.deviceId,
+      deviceTlb: true,
+      address: iova,
+      size,
+    });
+  }
+
+  /**
    * One DMA translation through the device's PASID table. PAGING: the domain's mappings; NESTED:
-   * the parent's mappings (the guest's first stage is not modelled: it translates GVA = GPA);
-   * SVA: the process page table is not modelled: the address translates to itself. A miss is a
-   * NOT_PRESENT fault (page requests are not modelled yet).
+   * the guest's first stage (the bind's pages, {@link mapGuest}) then the parent's mappings; SVA:
+   * the process page table is not modelled: the address translates to itself. A miss (a
+   * first-stage miss for NESTED) on a PRI-capable device is a MISS: the caller raises a page
+   * request under the handle; any other miss is a NOT_PRESENT fault, and a mapping without the
+   * access asked for a PERMISSION fault.
    * @throws DEVICE_NOT_FOUND, INVALID_FIELD
    */
   translate(t: TranslateSpec): TranslateResult {
@@ -847,13 +868,42 @@ export class IommuHardware {
     const h = this.#handles.get(id)!;
     const d = this.#domains.get(h.domainId)!;
     if (d.type === DomainType.SVA) return { outcome: "TRANSLATED", outputAddress: t.address, handleId: id };
-    const table = d.type === DomainType.NESTED ? this.#domains.get(d.parentDomainId)! : d;
-    const m = findMapping(table.mappings, t.address);
-    if (m === undefined) return { outcome: "FAULT", reason: FaultReason.NOT_PRESENT, handleId: id };
-    if ((t.access.read && !m.access.read) || (t.access.write && !m.access.write) || (t.access.execute && !m.access.execute)) {
-      return { outcome: "FAULT", reason: FaultReason.PERMISSION, handleId: id };
+    const miss = (): TranslateResult =>
+      dev.spec.priCapable ? { outcome: "MISS", handle: snapshotHandle(h) } : { outcome: "FAULT", reason: FaultReason.NOT_PRESENT, handleId: id };
+    let address = t.address;
+    let table = d;
+    if (d.type === DomainType.NESTED) {
+      table = this.#domains.get(d.parentDomainId)!;
+      // First stage: the guest's page table of a guest bind (none for an explicit nested attach:
+      // there it translates guest virtual = guest physical).
+      const b = h.kind === AttachKind.GPASID_BIND ? this.#bindings.get(h.pasid) : undefined;
+      if (b !== undefined) {
+        const first = findMapping(b.firstStage, address);
+        if (first === undefined) return miss();
+        if (!allows(first.access, t.access)) return { outcome: "FAULT", reason: FaultReason.PERMISSION, handleId: id };
+        address = first.paddr + (address - first.iova);
+      }
+      const m = findMapping(table.mappings, address);
+      // A second-stage miss is the host's (its stage 2 is pinned): never a page request.
+      if (m === undefined) return { outcome: "FAULT", reason: FaultReason.NOT_PRESENT, handleId: id };
+      if (!allows(m.access, t.access)) return { outcome: "FAULT", reason: FaultReason.PERMISSION, handleId: id };
+      return { outcome: "TRANSLATED", outputAddress: m.paddr + (address - m.iova), handleId: id };
     }
-    return { outcome: "TRANSLATED", outputAddress: m.paddr + (t.address - m.iova), handleId: id };
+    const m = findMapping(table.mappings, address);
+    if (m === undefined) return miss();
+    if (!allows(m.access, t.access)) return { outcome: "FAULT", reason: FaultReason.PERMISSION, handleId: id };
+    return { outcome: "TRANSLATED", outputAddress: m.paddr + (address - m.iova), handleId: id };
+  }
+
+  /** The handle with this id, or undefined. */
+  handle(handleId: bigint): AttachHandle | undefined {
+    const h = this.#handles.get(handleId);
+    return h === undefined ? undefined : snapshotHandle(h);
+  }
+
+  /** Whether faults under a handle are reported (off once a FREE started tearing its PASID down). */
+  faultReporting(handleId: bigint): boolean {
+    return this.#handles.get(handleId)?.faultReporting ?? false;
   }
 
   // ---- state ----
@@ -1120,6 +1170,52 @@ function lowerBound(mappings: readonly Mapping[], iova: bigint): number {
     else hi = mid;
   }
   return lo;
+}
+
+function allows(granted: DmaAccess, asked: DmaAccess): boolean {
+  return !((asked.read && !granted.read) || (asked.write && !granted.write) || (asked.execute && !granted.execute));
+}
+
+/**
+ * `mappings` with `m` inserted in IOVA order.
+ * @throws ADDRESS_NOT_ALIGNED, INVALID_RANGE, INVALID_FIELD (no access), IOVA_ALREADY_MAPPED
+ */
+function insertMapping(mappings: Mapping[], m: Mapping, where: string): Mapping[] {
+  assertRange(m.iova, m.size);
+  if (m.paddr % PAGE_SIZE !== 0n) throw iommuError("ADDRESS_NOT_ALIGNED", `address 0x${m.paddr.toString(16)} is not 4 KiB aligned`);
+  if (m.paddr + m.size > U64_LIMIT) throw iommuError("INVALID_RANGE", "the output range wraps past 2^64");
+  if (!m.access.read && !m.access.write) throw invalidField("access", "a mapping grants at least read or write access");
+  const at = lowerBound(mappings, m.iova);
+  const prev = mappings[at - 1];
+  const next = mappings[at];
+  const end = m.iova + m.size;
+  if ((prev !== undefined && prev.iova + prev.size > m.iova) || (next !== undefined && next.iova < end)) {
+    throw iommuError("IOVA_ALREADY_MAPPED", `[0x${m.iova.toString(16)}, 0x${end.toString(16)}) overlaps a mapping of ${where}`);
+  }
+  mappings.splice(at, 0, { iova: m.iova, paddr: m.paddr, size: m.size, access: { ...m.access } });
+  return mappings;
+}
+
+/**
+ * Every page inside a page-aligned range removed (mappings straddling its ends are split).
+ * @throws ADDRESS_NOT_ALIGNED, INVALID_RANGE
+ */
+function removeMappings(mappings: readonly Mapping[], iova: bigint, size: bigint): { kept: Mapping[]; unmapped: bigint } {
+  assertRange(iova, size);
+  const end = iova + size;
+  const kept: Mapping[] = [];
+  let unmapped = 0n;
+  for (const m of mappings) {
+    const mEnd = m.iova + m.size;
+    if (mEnd <= iova || m.iova >= end) {
+      kept.push(m);
+      continue;
+    }
+    if (m.iova < iova) kept.push({ ...m, size: iova - m.iova });
+    if (mEnd > end) kept.push({ ...m, iova: end, paddr: m.paddr + (end - m.iova), size: mEnd - end });
+    unmapped += (mEnd < end ? mEnd : end) - (m.iova > iova ? m.iova : iova);
+  }
+  return { kept, unmapped };
 }
 
 function findMapping(mappings: readonly Mapping[], address: bigint): Mapping | undefined {

@@ -33,6 +33,7 @@ const driver = new IommuDriver({
   history: new HistoryRecorder(nc, "iommu", config.instance, config.prefix),
   log: logger,
   instance: config.instance,
+  faultTimeoutMs: config.faultTimeoutMs,
 });
 
 let subscriber: Subscriber;
@@ -61,7 +62,7 @@ const server = await startIommuServer({ driver, host: config.address.host, port:
   process.exit(1);
 });
 // Open fault-handler streams would hold the graceful shutdown for its whole grace period: end them first.
-for (const signal of ["SIGTERM", "SIGINT"] as const) process.once(signal, () => driver.faults.closeAll());
+for (const signal of ["SIGTERM", "SIGINT"] as const) process.once(signal, () => driver.stop());
 runUntilSignal(server, {
   logger,
   beforeExit: async () => {

@@ -4,8 +4,13 @@ import {
   fromBond,
   fromDevice,
   fromDomain,
+  fromFaultGroup,
   fromFaultReason,
+  fromFaultRecord,
   fromFlush,
+  fromResponseCode,
+  fromResponseSource,
+  toResponseCode,
   fromHandle,
   toAccess,
   toBytes,
@@ -25,7 +30,10 @@ const MAX_PRGI = 511;
 export function createIommuHandlers(driver: IommuDriver): ServiceHandlers<typeof iommu.IommuServiceService> {
   return {
     registerDevice: (req) => ({ device: fromDevice(driver.registerDevice(toDeviceSpec(req))) }),
-    removeDevice: async (req) => ({ detachedHandles: await driver.removeDevice(req.deviceId), answeredFaultGroups: 0 }),
+    removeDevice: async (req) => {
+      const r = await driver.removeDevice(req.deviceId);
+      return { detachedHandles: r.handles, answeredFaultGroups: r.answeredFaultGroups };
+    },
     createDomain: (req) => ({
       domain: fromDomain(
         driver.createDomain({ type: toDomainType(req.type), parentDomainId: req.parentDomainId, guestPgtable: req.guestPgtable, mmToken: req.mmToken }),
@@ -79,7 +87,7 @@ export function createIommuHandlers(driver: IommuDriver): ServiceHandlers<typeof
         gpasid: req.gpasid,
         deviceId: req.deviceId,
       });
-      return { unbound: r.unbound, lastUnbind: r.lastUnbind, answeredFaultGroups: 0 };
+      return { unbound: r.unbound, lastUnbind: r.lastUnbind, answeredFaultGroups: r.answeredFaultGroups };
     },
     svaBind: async (req) => {
       const r = await driver.svaBind({ deviceId: req.deviceId, mmToken: req.mmToken, owner: req.owner, ownerData: toBytes(req.ownerData) });
@@ -92,51 +100,69 @@ export function createIommuHandlers(driver: IommuDriver): ServiceHandlers<typeof
       return {};
     },
     unmap: (req) => ({ unmappedSize: driver.unmap(req.domainId, req.iova, req.size) }),
+    mapGuestPages: async (req) => {
+      await driver.mapGuest(req.setId, req.hpasid, req.generation, { iova: req.iova, paddr: req.gpa, size: req.size, access: toAccess(req.access) });
+      return {};
+    },
+    unmapGuestPages: async (req) => ({ unmappedSize: await driver.unmapGuest(req.setId, req.hpasid, req.generation, req.iova, req.size) }),
     translate: (req) => {
       if (req.pageRequestGroup !== undefined && req.pageRequestGroup.prgi > MAX_PRGI) {
         throw invalidField("page_request_group", `prgi must be 0..${MAX_PRGI}`);
       }
-      const r = driver.translate({
-        deviceId: req.deviceId,
-        pasid: req.pasid,
-        withoutPasid: req.withoutPasid,
-        address: req.address,
-        access: toAccess(req.access),
-      });
-      return r.outcome === "TRANSLATED"
-        ? {
-            outcome: iommu.TranslateOutcome.TRANSLATE_OUTCOME_TRANSLATED,
-            outputAddress: r.outputAddress,
+      const r = driver.translate(
+        { deviceId: req.deviceId, pasid: req.pasid, withoutPasid: req.withoutPasid, address: req.address, access: toAccess(req.access) },
+        req.pageRequestGroup,
+      );
+      const none = { outputAddress: 0n, faultGroupId: 0n, groupComplete: false, faultReason: iommu.FaultReason.FAULT_REASON_UNSPECIFIED };
+      switch (r.outcome) {
+        case "TRANSLATED":
+          return { ...none, outcome: iommu.TranslateOutcome.TRANSLATE_OUTCOME_TRANSLATED, outputAddress: r.outputAddress, handleId: r.handleId };
+        case "PAGE_REQUEST":
+          return {
+            ...none,
+            outcome: iommu.TranslateOutcome.TRANSLATE_OUTCOME_PAGE_REQUEST,
             handleId: r.handleId,
-            faultGroupId: 0n,
-            groupComplete: false,
-            faultReason: iommu.FaultReason.FAULT_REASON_UNSPECIFIED,
-          }
-        : {
+            faultGroupId: r.faultGroupId,
+            groupComplete: r.groupComplete,
+          };
+        case "FAULT":
+          return {
+            ...none,
             outcome: iommu.TranslateOutcome.TRANSLATE_OUTCOME_FAULT,
-            outputAddress: 0n,
             handleId: r.handleId,
-            faultGroupId: 0n,
-            groupComplete: false,
+            faultGroupId: r.faultGroupId,
             faultReason: fromFaultReason(r.reason),
           };
-    },
-    subscribeFaultGroups: (req, ctx) => driver.faults.subscribe(req.owner, ctx.signal),
-    sendPageResponse: (req) => {
-      if (req.code === iommu.PageResponseCode.PAGE_RESPONSE_CODE_UNSPECIFIED || iommu.pageResponseCodeToJSON(req.code) === "UNRECOGNIZED") {
-        throw invalidField("code", "code is required: SUCCESS, INVALID or FAILURE");
       }
-      return driver.faults.respond(req.owner, req.faultGroupId);
     },
-    awaitPageResponse: (req) => driver.awaitPageResponse(req.deviceId, req.faultGroupId),
+    subscribeFaultGroups: (req, ctx, send) =>
+      driver.subscribeFaults(req.owner, ctx.signal, (item) => {
+        switch (item.kind) {
+          case "group":
+            return send({ item: { $case: "group", value: fromFaultGroup(item.group) } });
+          case "answered":
+            return send({ item: { $case: "answered", value: fromFaultGroup(item.group) } });
+          case "fault":
+            return send({ item: { $case: "fault", value: fromFaultRecord(item.record) } });
+        }
+      }),
+    sendPageResponse: (req) => {
+      driver.sendPageResponse(req.owner, req.faultGroupId, toResponseCode(req.code));
+      return {};
+    },
+    awaitPageResponse: async (req, ctx) => {
+      const g = await driver.awaitPageResponse(req.deviceId, req.faultGroupId, ctx.signal);
+      return { code: fromResponseCode(g.responseCode), source: fromResponseSource(g.responseSource) };
+    },
     queryState: (req) => {
       const s = driver.snapshot(req.deviceIds, req.maxIotlbFlushes);
+      const groups = driver.prq.outstanding({ deviceIds: new Set(s.devices.map((d) => d.deviceId)) });
       return {
-        devices: s.devices.map(fromDevice),
+        devices: s.devices.map((d) => fromDevice(d, driver.prq.outstandingRequests(d.deviceId))),
         domains: s.domains.map(fromDomain),
-        attachHandles: s.handles.map(fromHandle),
+        attachHandles: s.handles.map((h) => fromHandle(h, driver.prq.countForHandle(h.handleId))),
         svaBonds: s.bonds.map(fromBond),
-        faultGroups: [],
+        faultGroups: groups.map(fromFaultGroup),
         iotlbFlushes: s.flushes.map(fromFlush),
         takenAt: new Date(),
       };

@@ -1,3 +1,4 @@
+import type { IommuFaultGroup, IommuFaultPort, PageResponseCode } from "./fault-relay.js";
 import { Code, DomainError, isDomainError } from "@ioasid/errors";
 import type { PromiseClient } from "@ioasid/grpc-kit";
 import { core, events, iommu, type vdcm } from "@ioasid/proto";
@@ -116,6 +117,89 @@ export function createVdcmPort(client: VdcmClient): VdcmPort {
     async unassignMdev(mdevUuid) {
       const r = await client.unassignMdev({ mdevUuid });
       return { clearedEntries: r.clearedEntries };
+    },
+  };
+}
+
+const RESPONSE_CODES = {
+  SUCCESS: iommu.PageResponseCode.PAGE_RESPONSE_CODE_SUCCESS,
+  INVALID: iommu.PageResponseCode.PAGE_RESPONSE_CODE_INVALID,
+  FAILURE: iommu.PageResponseCode.PAGE_RESPONSE_CODE_FAILURE,
+} as const;
+
+function fromWireCode(c: iommu.PageResponseCode): PageResponseCode | undefined {
+  return (Object.keys(RESPONSE_CODES) as PageResponseCode[]).find((k) => RESPONSE_CODES[k] === c);
+}
+
+function fromWireGroup(g: iommu.FaultGroup): IommuFaultGroup {
+  const code = fromWireCode(g.responseCode);
+  return {
+    faultGroupId: g.faultGroupId,
+    deviceId: g.deviceId,
+    pasid: g.pasid,
+    prgi: g.prgi,
+    requests: g.requests.map((r) => ({ address: r.address, access: r.access ?? NO_ACCESS, lastRequest: r.lastRequest })),
+    ownerData: new Uint8Array(g.ownerData),
+    gpasid: g.gpasid,
+    createdAt: g.createdAt ?? new Date(0),
+    deadline: g.deadline ?? new Date(0),
+    ...(code === undefined ? {} : { responseCode: code, responseSource: iommu.pageResponseSourceToJSON(g.responseSource) }),
+  };
+}
+
+const NO_ACCESS = { read: false, write: false, execute: false, privileged: false };
+
+/**
+ * The {@link IommuFaultPort} over the IOMMU's gRPC service: VFIO's fault-handler stream (owner
+ * `owner`) and its page responses.
+ */
+export function createIommuFaultPort(client: IommuClient, owner: string): IommuFaultPort {
+  return {
+    async subscribe(onItem, signal) {
+      for await (const msg of client.subscribeFaultGroups({ owner }, { signal })) {
+        const item = msg.item;
+        if (item === undefined) continue;
+        if (item.$case === "group") onItem({ kind: "group", group: fromWireGroup(item.value) });
+        else if (item.$case === "answered") onItem({ kind: "answered", group: fromWireGroup(item.value) });
+        else {
+          const r = item.value;
+          onItem({
+            kind: "fault",
+            record: {
+              faultId: r.faultId,
+              deviceId: r.deviceId,
+              pasid: r.pasid,
+              address: r.address,
+              access: r.access ?? NO_ACCESS,
+              reason: iommu.faultReasonToJSON(r.reason),
+              ownerData: new Uint8Array(r.ownerData),
+              gpasid: r.gpasid,
+              at: r.at ?? new Date(0),
+            },
+          });
+        }
+      }
+    },
+    async respond(faultGroupId, code) {
+      await client.sendPageResponse({ owner, faultGroupId, code: RESPONSE_CODES[code] });
+    },
+  };
+}
+
+/** MapGuestPages/UnmapGuestPages at the IOMMU (the guest's first-stage page table of a bound PASID). */
+export interface GuestPagesPort {
+  map(setId: number, hpasid: number, generation: number, iova: bigint, gpa: bigint, size: bigint, access: iommu.DmaAccess): Promise<void>;
+  unmap(setId: number, hpasid: number, generation: number, iova: bigint, size: bigint): Promise<bigint>;
+}
+
+/** The {@link GuestPagesPort} over the IOMMU's gRPC service. */
+export function createGuestPagesPort(client: IommuClient): GuestPagesPort {
+  return {
+    async map(setId, hpasid, generation, iova, gpa, size, access) {
+      await client.mapGuestPages({ setId, hpasid, generation, iova, gpa, size, access });
+    },
+    async unmap(setId, hpasid, generation, iova, size) {
+      return (await client.unmapGuestPages({ setId, hpasid, generation, iova, size })).unmappedSize;
     },
   };
 }

@@ -3,7 +3,8 @@ import { HistoryRecorder } from "@ioasid/bus";
 import { ConfigError, configOrExit, createClient, createLogger, defineConfigSchema, runUntilSignal, type ConfigProblem } from "@ioasid/grpc-kit";
 import { iommu, vdcm } from "@ioasid/proto";
 import { commonRoleConfig, connectNats, createCoreClient } from "@ioasid/role-kit";
-import { createCorePort, createIommuPort, createVdcmPort } from "./grpc-ports.js";
+import { createCorePort, createGuestPagesPort, createIommuFaultPort, createIommuPort, createVdcmPort } from "./grpc-ports.js";
+import { FaultRelay } from "./fault-relay.js";
 import { startVfioServer } from "./server.js";
 import { CloseReason, MAX_SESSION_GRACE_MS, VfioContainers } from "./vfio-containers.js";
 
@@ -66,14 +67,26 @@ const nc = await connectNats(config.natsUrl, { name: `vfio/${config.instance}`, 
 const coreClient = createCoreClient(config.coreAddress.address);
 const iommuClient = createClient(iommu.IommuServiceService, config.iommuAddress.address);
 const vdcmClient = createClient(vdcm.VdcmServiceService, config.vdcmAddress.address);
+const history = new HistoryRecorder(nc, "vfio", config.instance, config.prefix);
+// Late-bound: the relay asks the containers whether one is open, the containers tell the relay when one closes.
+const late: { faults?: FaultRelay } = {};
 const containers = new VfioContainers({
   core: createCorePort(coreClient),
   iommu: createIommuPort(iommuClient, `vfio/${config.instance}`),
   vdcm: createVdcmPort(vdcmClient),
-  history: new HistoryRecorder(nc, "vfio", config.instance, config.prefix),
+  history,
   sessionGraceMs: config.sessionGraceMs,
   log: logger,
+  onClosing: (containerId) => late.faults?.containerClosing(containerId) ?? Promise.resolve(),
 });
+const faultRelay = new FaultRelay({
+  iommu: createIommuFaultPort(iommuClient, `vfio/${config.instance}`),
+  history,
+  log: logger,
+  isOpen: (containerId) => containers.isOpen(containerId),
+});
+late.faults = faultRelay;
+faultRelay.start();
 
 // Containers do not outlive VFIO: on SIGTERM/SIGINT every container is closed (its IOASIDs freed,
 // its Session stream ended with SERVICE_STOPPED) while the server drains. Registered before
@@ -82,7 +95,14 @@ let closingAll: Promise<void> | undefined;
 const closeAll = (): Promise<void> => (closingAll ??= containers.closeAll(CloseReason.SERVICE_STOPPED));
 for (const signal of ["SIGTERM", "SIGINT"] as const) process.once(signal, () => void closeAll());
 
-const server = await startVfioServer({ host: config.address.host, port: config.address.port, containers, logger }).catch((err: unknown) => {
+const server = await startVfioServer({
+  host: config.address.host,
+  port: config.address.port,
+  containers,
+  faults: faultRelay,
+  guestPages: createGuestPagesPort(iommuClient),
+  logger,
+}).catch((err: unknown) => {
   logger.fatal({ err: String(err) }, "could not start");
   process.exit(1);
 });
@@ -94,6 +114,7 @@ runUntilSignal(server, {
   logger,
   beforeExit: async () => {
     await closeAll();
+    faultRelay.stop();
     coreClient.close();
     iommuClient.close();
     vdcmClient.close();

@@ -8,7 +8,29 @@ import {
   type DeviceRef,
   type VfioContainers,
 } from "./vfio-containers.js";
-import { vfioError } from "./vfio-errors.js";
+import { invalidField } from "./vfio-errors.js";
+import type { FaultRelay, PageResponseCode, RelayedGroup } from "./fault-relay.js";
+import type { GuestPagesPort } from "./grpc-ports.js";
+
+const RESPONSE_CODES = new Map<vfio.PageResponseCode, PageResponseCode>([
+  [vfio.PageResponseCode.PAGE_RESPONSE_CODE_SUCCESS, "SUCCESS"],
+  [vfio.PageResponseCode.PAGE_RESPONSE_CODE_INVALID, "INVALID"],
+  [vfio.PageResponseCode.PAGE_RESPONSE_CODE_FAILURE, "FAILURE"],
+]);
+const RESPONSE_CODES_WIRE = new Map([...RESPONSE_CODES].map(([k, v]) => [v, k]));
+
+function toFaultGroup(g: RelayedGroup): vfio.FaultGroup {
+  return {
+    faultGroupId: g.faultGroupId,
+    device: toDeviceRef(g.device),
+    hpasid: g.hpasid,
+    gpasid: g.gpasid,
+    prgi: g.prgi,
+    requests: g.requests.map((r) => ({ address: r.address, access: r.access, lastRequest: r.lastRequest })),
+    createdAt: g.createdAt,
+    deadline: g.deadline,
+  };
+}
 
 const CONTAINER_STATES: Readonly<Record<ContainerState, vfio.ContainerState>> = {
   AWAITING_SESSION: vfio.ContainerState.CONTAINER_STATE_AWAITING_SESSION,
@@ -35,7 +57,7 @@ export function toDeviceRef(ref: DeviceRef): vfio.DeviceRef {
   return { ref: ref.kind === "device" ? { $case: "deviceId", value: ref.id } : { $case: "mdevUuid", value: ref.id } };
 }
 
-function toContainer(s: ContainerSnapshot): vfio.Container {
+function toContainer(s: ContainerSnapshot, faults: FaultRelay): vfio.Container {
   return vfio.Container.fromPartial({
     containerId: s.containerId,
     setId: s.setId,
@@ -51,9 +73,8 @@ function toContainer(s: ContainerSnapshot): vfio.Container {
       boundDevices: p.boundDevices.map(toDeviceRef),
       freePending: p.freePending,
     })),
-    // Fault relay is a later issue: no groups, no watcher.
-    pendingFaultGroups: [],
-    faultWatcherAttached: false,
+    pendingFaultGroups: faults.pendingFor(s.containerId).map(toFaultGroup),
+    faultWatcherAttached: faults.watching(s.containerId),
     openedAt: new Date(s.openedAt),
     sessionDeadline: s.sessionDeadline === undefined ? undefined : new Date(s.sessionDeadline),
   });
@@ -76,7 +97,7 @@ function closedOrAborted(closed: Promise<CloseReason>, signal: AbortSignal): Pro
  * The VfioService handlers: each translates the wire request, delegates to {@link VfioContainers}
  * and translates the answer. Refusals are the domain's DomainErrors, thrown as they are.
  */
-export function createVfioHandlers(containers: VfioContainers): ServiceHandlers<typeof vfio.VfioServiceService> {
+export function createVfioHandlers(containers: VfioContainers, faults: FaultRelay, guestPages: GuestPagesPort): ServiceHandlers<typeof vfio.VfioServiceService> {
   return {
     openContainer: async (req) => {
       const r = await containers.openContainer({ mmToken: req.mmToken, quota: req.quota, vmName: req.vmName, sessionGraceMs: req.sessionGraceMs });
@@ -121,16 +142,53 @@ export function createVfioHandlers(containers: VfioContainers): ServiceHandlers<
         generation: req.generation,
         gpasid: req.gpasid,
       }),
-    watchFaults: async () => {
-      throw vfioError(
-        "UNIMPLEMENTED",
-        "WatchFaults is not implemented yet: VFIO does not relay IO page faults to the VMM in this version (the IOMMU answers groups of VFIO's handles FAILURE: no handler)",
-      );
+    watchFaults: async (req, ctx, send) => {
+      containers.usableSetId(req.containerId);
+      await faults.watch(req.containerId, ctx.signal, (item) => {
+        switch (item.kind) {
+          case "group":
+            return send({ item: { $case: "group", value: toFaultGroup(item.group) } });
+          case "answered":
+            return send({ item: { $case: "answered", value: { faultGroupId: item.faultGroupId, code: RESPONSE_CODES_WIRE.get(item.code)!, source: item.source } } });
+          case "fault":
+            return send({
+              item: {
+                $case: "fault",
+                value: {
+                  faultId: item.faultId,
+                  device: toDeviceRef(item.device),
+                  hpasid: item.hpasid,
+                  gpasid: item.gpasid,
+                  address: item.address,
+                  access: item.access,
+                  reason: item.reason,
+                  at: item.at,
+                },
+              },
+            });
+        }
+      });
     },
-    sendPageResponse: async () => {
-      throw vfioError("UNIMPLEMENTED", "SendPageResponse is not implemented yet: VFIO does not relay IO page faults in this version");
+    sendPageResponse: async (req) => {
+      const code = RESPONSE_CODES.get(req.code);
+      if (code === undefined) throw invalidField("code", "code is required: SUCCESS, INVALID or FAILURE");
+      containers.usableSetId(req.containerId);
+      await faults.respond(req.containerId, req.faultGroupId, code);
+      return {};
     },
-    queryState: async (req) => ({ containers: (await containers.queryState(req.containerId)).map(toContainer), takenAt: new Date() }),
+    mapGuestPages: async (req) => {
+      const setId = containers.usableSetId(req.containerId);
+      if (req.hpasid === 0) throw invalidField("hpasid", "hpasid is required");
+      const access = req.access ?? { read: false, write: false, execute: false, privileged: false };
+      await guestPages.map(setId, req.hpasid, req.generation, req.iova, req.gpa, req.size, access);
+      return {};
+    },
+    unmapGuestPages: async (req) => {
+      const setId = containers.usableSetId(req.containerId);
+      if (req.hpasid === 0) throw invalidField("hpasid", "hpasid is required");
+      return { unmappedSize: await guestPages.unmap(setId, req.hpasid, req.generation, req.iova, req.size) };
+    },
+    queryState: async (req) => ({ containers: (await containers.queryState(req.containerId)).map((c) => toContainer(c, faults)), takenAt: new Date() }),
   };
 }
 
@@ -139,6 +197,8 @@ export interface StartVfioServerOptions {
   readonly host: string;
   readonly port: number;
   readonly containers: VfioContainers;
+  readonly faults: FaultRelay;
+  readonly guestPages: GuestPagesPort;
   readonly logger: Logger;
 }
 
@@ -157,7 +217,7 @@ export async function startVfioServer(options: StartVfioServerOptions): Promise<
       "grpc.keepalive_time_ms": SESSION_KEEPALIVE.timeMs,
       "grpc.keepalive_timeout_ms": SESSION_KEEPALIVE.timeoutMs,
     },
-  }).addService(vfio.VfioServiceService, createVfioHandlers(options.containers));
+  }).addService(vfio.VfioServiceService, createVfioHandlers(options.containers, options.faults, options.guestPages));
   await server.listen(options.host, options.port);
   return server;
 }

@@ -177,6 +177,11 @@ export interface VfioContainersOptions {
    * @default [50, 100, 250, 500, 1000, 2000, 4000, 8000]
    */
   readonly domainReleaseRetryDelaysMs?: readonly number[];
+  /**
+   * Called when a container starts closing, before its set is freed (the fault relay answers the
+   * container's unanswered fault groups INVALID). Its failure is logged, never blocks the close.
+   */
+  readonly onClosing?: (containerId: number) => Promise<unknown>;
 }
 
 type DeviceEntryState = "assigning" | "assigned" | "unassigning";
@@ -276,6 +281,7 @@ export class VfioContainers {
   readonly #reclaimWaitMs: number;
   readonly #domainRetry: readonly number[];
   readonly #containers = new Map<number, Container>();
+  readonly #onClosing: (containerId: number) => Promise<unknown>;
   /** Which container each assigned device (by key) belongs to: a device serves one VM at a time. */
   readonly #owners = new Map<string, number>();
   #nextId = 1;
@@ -288,12 +294,27 @@ export class VfioContainers {
     this.#scheduler = options.scheduler ?? realScheduler;
     this.#log = options.log ?? silentLog;
     this.#defaultGraceMs = options.sessionGraceMs;
+    this.#onClosing = options.onClosing ?? (() => Promise.resolve());
     this.#freeSetRetry = options.freeSetRetryDelaysMs ?? DEFAULT_FREE_SET_RETRY;
     this.#reclaimWaitMs = options.reclaimWaitMs ?? 10_000;
     this.#domainRetry = options.domainReleaseRetryDelaysMs ?? DEFAULT_DOMAIN_RELEASE_RETRY;
   }
 
   /** Containers in the table (any state). */
+  /** Whether the container exists and is not closing. */
+  isOpen(containerId: number): boolean {
+    const c = this.#containers.get(containerId);
+    return c !== undefined && c.state !== ContainerState.CLOSING;
+  }
+
+  /**
+   * The set of a container that may be used (exists, not closing).
+   * @throws CONTAINER_NOT_FOUND, CONTAINER_CLOSING
+   */
+  usableSetId(containerId: number): number {
+    return this.#usable(containerId).setId;
+  }
+
   get size(): number {
     return this.#containers.size;
   }
@@ -426,7 +447,9 @@ export class VfioContainers {
     c.cancelGrace?.();
     c.cancelGrace = undefined;
     c.sessionDeadline = undefined;
-    const closing = this.#freeSet(c).then(
+    // The VMM is gone (or going): its unanswered fault groups are answered INVALID first.
+    const faultsAnswered = this.#onClosing(c.id).catch((err: unknown) => this.#log.warn({ err, containerId: c.id }, "answering the container's fault groups failed"));
+    const closing = faultsAnswered.then(() => this.#freeSet(c)).then(
       (freed) => {
         const unassignedDevices = c.devices.size;
         this.#history.record("container_close", {

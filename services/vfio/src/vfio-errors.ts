@@ -15,8 +15,10 @@ export const VfioReason = {
   DEVICE_BUSY: Code.FAILED_PRECONDITION,
   DEVICE_NOT_ASSIGNED: Code.FAILED_PRECONDITION,
   SET_NOT_EMPTY: Code.FAILED_PRECONDITION,
-  // Not in the errors registry yet: fault relay (WatchFaults, SendPageResponse) is a later issue.
-  UNIMPLEMENTED: Code.UNIMPLEMENTED,
+  FAULT_GROUP_NOT_FOUND: Code.NOT_FOUND,
+  FAULT_GROUP_NOT_OWNED: Code.PERMISSION_DENIED,
+  FAULT_GROUP_ALREADY_RESPONDED: Code.FAILED_PRECONDITION,
+  FAULT_WATCHER_REPLACED: Code.ABORTED,
 } as const satisfies Record<string, Code>;
 export type VfioReason = keyof typeof VfioReason;
 

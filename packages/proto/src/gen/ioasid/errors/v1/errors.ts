@@ -216,6 +216,10 @@ export enum ErrorReason {
   ERROR_REASON_WQ_PASID_PROGRAMMED = 142,
   /** ERROR_REASON_WQ_SHARED - See the role contracts (proto/ioasid/{iommu,vfio,kvm,vdcm}/v1). */
   ERROR_REASON_WQ_SHARED = 143,
+  /** ERROR_REASON_PRGI_IN_USE - See the role contracts (proto/ioasid/{iommu,vfio,kvm,vdcm}/v1). */
+  ERROR_REASON_PRGI_IN_USE = 144,
+  /** ERROR_REASON_GUEST_BIND_NOT_FOUND - See the role contracts (proto/ioasid/{iommu,vfio,kvm,vdcm}/v1). */
+  ERROR_REASON_GUEST_BIND_NOT_FOUND = 145,
   UNRECOGNIZED = -1,
 }
 
@@ -482,6 +486,12 @@ export function errorReasonFromJSON(object: any): ErrorReason {
     case 143:
     case "ERROR_REASON_WQ_SHARED":
       return ErrorReason.ERROR_REASON_WQ_SHARED;
+    case 144:
+    case "ERROR_REASON_PRGI_IN_USE":
+      return ErrorReason.ERROR_REASON_PRGI_IN_USE;
+    case 145:
+    case "ERROR_REASON_GUEST_BIND_NOT_FOUND":
+      return ErrorReason.ERROR_REASON_GUEST_BIND_NOT_FOUND;
     case -1:
     case "UNRECOGNIZED":
     default:
@@ -665,6 +675,10 @@ export function errorReasonToJSON(object: ErrorReason): string {
       return "ERROR_REASON_WQ_PASID_PROGRAMMED";
     case ErrorReason.ERROR_REASON_WQ_SHARED:
       return "ERROR_REASON_WQ_SHARED";
+    case ErrorReason.ERROR_REASON_PRGI_IN_USE:
+      return "ERROR_REASON_PRGI_IN_USE";
+    case ErrorReason.ERROR_REASON_GUEST_BIND_NOT_FOUND:
+      return "ERROR_REASON_GUEST_BIND_NOT_FOUND";
     case ErrorReason.UNRECOGNIZED:
     default:
       return "UNRECOGNIZED";

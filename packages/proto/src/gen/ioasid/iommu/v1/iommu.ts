@@ -253,6 +253,11 @@ export enum PageResponseSource {
   PAGE_RESPONSE_SOURCE_IOASID_FREED = 5,
   /** PAGE_RESPONSE_SOURCE_TIMEOUT - Nobody answered before the group's deadline: answered INVALID. */
   PAGE_RESPONSE_SOURCE_TIMEOUT = 6,
+  /**
+   * PAGE_RESPONSE_SOURCE_CREDITS_EXHAUSTED - A request of the (partial) group found the device's page-request credits used up: the group
+   * was answered INVALID at once.
+   */
+  PAGE_RESPONSE_SOURCE_CREDITS_EXHAUSTED = 7,
   UNRECOGNIZED = -1,
 }
 
@@ -279,6 +284,9 @@ export function pageResponseSourceFromJSON(object: any): PageResponseSource {
     case 6:
     case "PAGE_RESPONSE_SOURCE_TIMEOUT":
       return PageResponseSource.PAGE_RESPONSE_SOURCE_TIMEOUT;
+    case 7:
+    case "PAGE_RESPONSE_SOURCE_CREDITS_EXHAUSTED":
+      return PageResponseSource.PAGE_RESPONSE_SOURCE_CREDITS_EXHAUSTED;
     case -1:
     case "UNRECOGNIZED":
     default:
@@ -302,6 +310,8 @@ export function pageResponseSourceToJSON(object: PageResponseSource): string {
       return "PAGE_RESPONSE_SOURCE_IOASID_FREED";
     case PageResponseSource.PAGE_RESPONSE_SOURCE_TIMEOUT:
       return "PAGE_RESPONSE_SOURCE_TIMEOUT";
+    case PageResponseSource.PAGE_RESPONSE_SOURCE_CREDITS_EXHAUSTED:
+      return "PAGE_RESPONSE_SOURCE_CREDITS_EXHAUSTED";
     case PageResponseSource.UNRECOGNIZED:
     default:
       return "UNRECOGNIZED";
@@ -1103,6 +1113,48 @@ export interface UnmapRequest {
   size: bigint;
 }
 
+/** MapGuestPagesRequest installs first-stage pages of a guest PASID bind. */
+export interface MapGuestPagesRequest {
+  /** The guest's set (the caller's); required. */
+  setId: number;
+  /** The host PASID of the bind. */
+  hpasid: number;
+  /** Expected generation of `hpasid`; 0 = unchecked. */
+  generation: number;
+  /** First guest virtual address (4 KiB aligned). */
+  iova: bigint;
+  /** Guest physical address it maps to (4 KiB aligned); translated by the parent PAGING domain. */
+  gpa: bigint;
+  /** Length in bytes (non-zero multiple of 4 KiB). */
+  size: bigint;
+  /** Access granted; at least read or write. */
+  access: DmaAccess | undefined;
+}
+
+/** MapGuestPagesResponse confirms the pages are installed. */
+export interface MapGuestPagesResponse {
+}
+
+/** UnmapGuestPagesRequest removes first-stage pages of a guest PASID bind. */
+export interface UnmapGuestPagesRequest {
+  /** The guest's set (the caller's); required. */
+  setId: number;
+  /** The host PASID of the bind. */
+  hpasid: number;
+  /** Expected generation of `hpasid`; 0 = unchecked. */
+  generation: number;
+  /** First guest virtual address (4 KiB aligned). */
+  iova: bigint;
+  /** Length in bytes (non-zero multiple of 4 KiB). */
+  size: bigint;
+}
+
+/** UnmapGuestPagesResponse says how much was unmapped. */
+export interface UnmapGuestPagesResponse {
+  /** Bytes that were mapped in the range and are now unmapped. */
+  unmappedSize: bigint;
+}
+
 /** UnmapResponse says how much was unmapped. */
 export interface UnmapResponse {
   /** Bytes that were mapped in the range and are now unmapped. */
@@ -1152,10 +1204,55 @@ export interface SubscribeFaultGroupsRequest {
   owner: string;
 }
 
-/** SubscribeFaultGroupsResponse is one complete fault group for the owner to answer. */
+/** SubscribeFaultGroupsResponse is one item of the owner's fault stream. */
 export interface SubscribeFaultGroupsResponse {
-  /** The group (state PENDING). */
-  group: FaultGroup | undefined;
+  /** What happened. */
+  item:
+    | //
+    /** A complete fault group to answer (state PENDING). */
+    { $case: "group"; value: FaultGroup }
+    | //
+    /** An unrecoverable fault under one of the owner's handles (nothing to answer). */
+    { $case: "fault"; value: FaultRecord }
+    | //
+    /** One of the owner's groups was answered (state RESPONDED), by the owner or by the IOMMU. */
+    { $case: "answered"; value: FaultGroup }
+    | undefined;
+}
+
+/**
+ * FaultRecord is one unrecoverable DMA fault (no page request: a device without PRI, a permission
+ * violation, a second-stage miss), reported to the owner of the handle it happened under.
+ */
+export interface FaultRecord {
+  /** Record id; never reused while the service runs. */
+  faultId: bigint;
+  /** The faulting device. */
+  deviceId: string;
+  /** The PASID of the request; 0 when `without_pasid`. */
+  pasid: number;
+  /** True for a request without PASID. */
+  withoutPasid: boolean;
+  /** The faulting address. */
+  address: bigint;
+  /** The access requested. */
+  access:
+    | DmaAccess
+    | undefined;
+  /** Why it faulted. */
+  reason: FaultReason;
+  /** The attach handle the request translated through. */
+  handleId: bigint;
+  /** The handle's owner. */
+  owner: string;
+  /** The handle's owner data. */
+  ownerData: Buffer;
+  /** For a guest bind: the guest's set; 0 otherwise. */
+  setId: number;
+  /** For a guest bind: the guest PASID; 0 otherwise. */
+  gpasid: number;
+  /** When it happened. */
+  at: Date | undefined;
 }
 
 /** SendPageResponseRequest answers one fault group. */
@@ -6225,6 +6322,459 @@ export const UnmapRequest: MessageFns<UnmapRequest> = {
   },
 };
 
+function createBaseMapGuestPagesRequest(): MapGuestPagesRequest {
+  return { setId: 0, hpasid: 0, generation: 0, iova: 0n, gpa: 0n, size: 0n, access: undefined };
+}
+
+export const MapGuestPagesRequest: MessageFns<MapGuestPagesRequest> = {
+  encode(message: MapGuestPagesRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.setId !== 0) {
+      writer.uint32(8).uint32(message.setId);
+    }
+    if (message.hpasid !== 0) {
+      writer.uint32(16).uint32(message.hpasid);
+    }
+    if (message.generation !== 0) {
+      writer.uint32(24).uint32(message.generation);
+    }
+    if (message.iova !== 0n) {
+      if (BigInt.asUintN(64, message.iova) !== message.iova) {
+        throw new globalThis.Error("value provided for field message.iova of type uint64 too large");
+      }
+      writer.uint32(32).uint64(message.iova);
+    }
+    if (message.gpa !== 0n) {
+      if (BigInt.asUintN(64, message.gpa) !== message.gpa) {
+        throw new globalThis.Error("value provided for field message.gpa of type uint64 too large");
+      }
+      writer.uint32(40).uint64(message.gpa);
+    }
+    if (message.size !== 0n) {
+      if (BigInt.asUintN(64, message.size) !== message.size) {
+        throw new globalThis.Error("value provided for field message.size of type uint64 too large");
+      }
+      writer.uint32(48).uint64(message.size);
+    }
+    if (message.access !== undefined) {
+      DmaAccess.encode(message.access, writer.uint32(58).fork()).join();
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): MapGuestPagesRequest {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseMapGuestPagesRequest();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 8) {
+              break;
+            }
+
+            message.setId = reader.uint32();
+            continue;
+          }
+          case 2: {
+            if (tag !== 16) {
+              break;
+            }
+
+            message.hpasid = reader.uint32();
+            continue;
+          }
+          case 3: {
+            if (tag !== 24) {
+              break;
+            }
+
+            message.generation = reader.uint32();
+            continue;
+          }
+          case 4: {
+            if (tag !== 32) {
+              break;
+            }
+
+            message.iova = reader.uint64() as bigint;
+            continue;
+          }
+          case 5: {
+            if (tag !== 40) {
+              break;
+            }
+
+            message.gpa = reader.uint64() as bigint;
+            continue;
+          }
+          case 6: {
+            if (tag !== 48) {
+              break;
+            }
+
+            message.size = reader.uint64() as bigint;
+            continue;
+          }
+          case 7: {
+            if (tag !== 58) {
+              break;
+            }
+
+            message.access = DmaAccess.decode(reader, reader.uint32());
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): MapGuestPagesRequest {
+    return {
+      setId: isSet(object.setId)
+        ? globalThis.Number(object.setId)
+        : isSet(object.set_id)
+        ? globalThis.Number(object.set_id)
+        : 0,
+      hpasid: isSet(object.hpasid) ? globalThis.Number(object.hpasid) : 0,
+      generation: isSet(object.generation) ? globalThis.Number(object.generation) : 0,
+      iova: isSet(object.iova) ? BigInt(object.iova) : 0n,
+      gpa: isSet(object.gpa) ? BigInt(object.gpa) : 0n,
+      size: isSet(object.size) ? BigInt(object.size) : 0n,
+      access: isSet(object.access) ? DmaAccess.fromJSON(object.access) : undefined,
+    };
+  },
+
+  toJSON(message: MapGuestPagesRequest): unknown {
+    const obj: any = {};
+    if (message.setId !== 0) {
+      obj.setId = Math.round(message.setId);
+    }
+    if (message.hpasid !== 0) {
+      obj.hpasid = Math.round(message.hpasid);
+    }
+    if (message.generation !== 0) {
+      obj.generation = Math.round(message.generation);
+    }
+    if (message.iova !== 0n) {
+      obj.iova = message.iova.toString();
+    }
+    if (message.gpa !== 0n) {
+      obj.gpa = message.gpa.toString();
+    }
+    if (message.size !== 0n) {
+      obj.size = message.size.toString();
+    }
+    if (message.access !== undefined) {
+      obj.access = DmaAccess.toJSON(message.access);
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<MapGuestPagesRequest>): MapGuestPagesRequest {
+    return MapGuestPagesRequest.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<MapGuestPagesRequest>): MapGuestPagesRequest {
+    const message = createBaseMapGuestPagesRequest();
+    message.setId = object.setId ?? 0;
+    message.hpasid = object.hpasid ?? 0;
+    message.generation = object.generation ?? 0;
+    message.iova = (object.iova !== undefined && object.iova !== null) ? BigInt(object.iova) : 0n;
+    message.gpa = (object.gpa !== undefined && object.gpa !== null) ? BigInt(object.gpa) : 0n;
+    message.size = (object.size !== undefined && object.size !== null) ? BigInt(object.size) : 0n;
+    message.access = (object.access !== undefined && object.access !== null)
+      ? DmaAccess.fromPartial(object.access)
+      : undefined;
+    return message;
+  },
+};
+
+function createBaseMapGuestPagesResponse(): MapGuestPagesResponse {
+  return {};
+}
+
+export const MapGuestPagesResponse: MessageFns<MapGuestPagesResponse> = {
+  encode(_: MapGuestPagesResponse, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): MapGuestPagesResponse {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseMapGuestPagesResponse();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(_: any): MapGuestPagesResponse {
+    return {};
+  },
+
+  toJSON(_: MapGuestPagesResponse): unknown {
+    const obj: any = {};
+    return obj;
+  },
+
+  create(base?: DeepPartial<MapGuestPagesResponse>): MapGuestPagesResponse {
+    return MapGuestPagesResponse.fromPartial(base ?? {});
+  },
+  fromPartial(_: DeepPartial<MapGuestPagesResponse>): MapGuestPagesResponse {
+    const message = createBaseMapGuestPagesResponse();
+    return message;
+  },
+};
+
+function createBaseUnmapGuestPagesRequest(): UnmapGuestPagesRequest {
+  return { setId: 0, hpasid: 0, generation: 0, iova: 0n, size: 0n };
+}
+
+export const UnmapGuestPagesRequest: MessageFns<UnmapGuestPagesRequest> = {
+  encode(message: UnmapGuestPagesRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.setId !== 0) {
+      writer.uint32(8).uint32(message.setId);
+    }
+    if (message.hpasid !== 0) {
+      writer.uint32(16).uint32(message.hpasid);
+    }
+    if (message.generation !== 0) {
+      writer.uint32(24).uint32(message.generation);
+    }
+    if (message.iova !== 0n) {
+      if (BigInt.asUintN(64, message.iova) !== message.iova) {
+        throw new globalThis.Error("value provided for field message.iova of type uint64 too large");
+      }
+      writer.uint32(32).uint64(message.iova);
+    }
+    if (message.size !== 0n) {
+      if (BigInt.asUintN(64, message.size) !== message.size) {
+        throw new globalThis.Error("value provided for field message.size of type uint64 too large");
+      }
+      writer.uint32(40).uint64(message.size);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): UnmapGuestPagesRequest {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseUnmapGuestPagesRequest();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 8) {
+              break;
+            }
+
+            message.setId = reader.uint32();
+            continue;
+          }
+          case 2: {
+            if (tag !== 16) {
+              break;
+            }
+
+            message.hpasid = reader.uint32();
+            continue;
+          }
+          case 3: {
+            if (tag !== 24) {
+              break;
+            }
+
+            message.generation = reader.uint32();
+            continue;
+          }
+          case 4: {
+            if (tag !== 32) {
+              break;
+            }
+
+            message.iova = reader.uint64() as bigint;
+            continue;
+          }
+          case 5: {
+            if (tag !== 40) {
+              break;
+            }
+
+            message.size = reader.uint64() as bigint;
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): UnmapGuestPagesRequest {
+    return {
+      setId: isSet(object.setId)
+        ? globalThis.Number(object.setId)
+        : isSet(object.set_id)
+        ? globalThis.Number(object.set_id)
+        : 0,
+      hpasid: isSet(object.hpasid) ? globalThis.Number(object.hpasid) : 0,
+      generation: isSet(object.generation) ? globalThis.Number(object.generation) : 0,
+      iova: isSet(object.iova) ? BigInt(object.iova) : 0n,
+      size: isSet(object.size) ? BigInt(object.size) : 0n,
+    };
+  },
+
+  toJSON(message: UnmapGuestPagesRequest): unknown {
+    const obj: any = {};
+    if (message.setId !== 0) {
+      obj.setId = Math.round(message.setId);
+    }
+    if (message.hpasid !== 0) {
+      obj.hpasid = Math.round(message.hpasid);
+    }
+    if (message.generation !== 0) {
+      obj.generation = Math.round(message.generation);
+    }
+    if (message.iova !== 0n) {
+      obj.iova = message.iova.toString();
+    }
+    if (message.size !== 0n) {
+      obj.size = message.size.toString();
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<UnmapGuestPagesRequest>): UnmapGuestPagesRequest {
+    return UnmapGuestPagesRequest.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<UnmapGuestPagesRequest>): UnmapGuestPagesRequest {
+    const message = createBaseUnmapGuestPagesRequest();
+    message.setId = object.setId ?? 0;
+    message.hpasid = object.hpasid ?? 0;
+    message.generation = object.generation ?? 0;
+    message.iova = (object.iova !== undefined && object.iova !== null) ? BigInt(object.iova) : 0n;
+    message.size = (object.size !== undefined && object.size !== null) ? BigInt(object.size) : 0n;
+    return message;
+  },
+};
+
+function createBaseUnmapGuestPagesResponse(): UnmapGuestPagesResponse {
+  return { unmappedSize: 0n };
+}
+
+export const UnmapGuestPagesResponse: MessageFns<UnmapGuestPagesResponse> = {
+  encode(message: UnmapGuestPagesResponse, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.unmappedSize !== 0n) {
+      if (BigInt.asUintN(64, message.unmappedSize) !== message.unmappedSize) {
+        throw new globalThis.Error("value provided for field message.unmappedSize of type uint64 too large");
+      }
+      writer.uint32(8).uint64(message.unmappedSize);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): UnmapGuestPagesResponse {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseUnmapGuestPagesResponse();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 8) {
+              break;
+            }
+
+            message.unmappedSize = reader.uint64() as bigint;
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): UnmapGuestPagesResponse {
+    return {
+      unmappedSize: isSet(object.unmappedSize)
+        ? BigInt(object.unmappedSize)
+        : isSet(object.unmapped_size)
+        ? BigInt(object.unmapped_size)
+        : 0n,
+    };
+  },
+
+  toJSON(message: UnmapGuestPagesResponse): unknown {
+    const obj: any = {};
+    if (message.unmappedSize !== 0n) {
+      obj.unmappedSize = message.unmappedSize.toString();
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<UnmapGuestPagesResponse>): UnmapGuestPagesResponse {
+    return UnmapGuestPagesResponse.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<UnmapGuestPagesResponse>): UnmapGuestPagesResponse {
+    const message = createBaseUnmapGuestPagesResponse();
+    message.unmappedSize = (object.unmappedSize !== undefined && object.unmappedSize !== null)
+      ? BigInt(object.unmappedSize)
+      : 0n;
+    return message;
+  },
+};
+
 function createBaseUnmapResponse(): UnmapResponse {
   return { unmappedSize: 0n };
 }
@@ -6721,13 +7271,21 @@ export const SubscribeFaultGroupsRequest: MessageFns<SubscribeFaultGroupsRequest
 };
 
 function createBaseSubscribeFaultGroupsResponse(): SubscribeFaultGroupsResponse {
-  return { group: undefined };
+  return { item: undefined };
 }
 
 export const SubscribeFaultGroupsResponse: MessageFns<SubscribeFaultGroupsResponse> = {
   encode(message: SubscribeFaultGroupsResponse, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
-    if (message.group !== undefined) {
-      FaultGroup.encode(message.group, writer.uint32(10).fork()).join();
+    switch (message.item?.$case) {
+      case "group":
+        FaultGroup.encode(message.item.value, writer.uint32(10).fork()).join();
+        break;
+      case "fault":
+        FaultRecord.encode(message.item.value, writer.uint32(18).fork()).join();
+        break;
+      case "answered":
+        FaultGroup.encode(message.item.value, writer.uint32(26).fork()).join();
+        break;
     }
     return writer;
   },
@@ -6750,7 +7308,23 @@ export const SubscribeFaultGroupsResponse: MessageFns<SubscribeFaultGroupsRespon
               break;
             }
 
-            message.group = FaultGroup.decode(reader, reader.uint32());
+            message.item = { $case: "group", value: FaultGroup.decode(reader, reader.uint32()) };
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.item = { $case: "fault", value: FaultRecord.decode(reader, reader.uint32()) };
+            continue;
+          }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.item = { $case: "answered", value: FaultGroup.decode(reader, reader.uint32()) };
             continue;
           }
         }
@@ -6766,13 +7340,25 @@ export const SubscribeFaultGroupsResponse: MessageFns<SubscribeFaultGroupsRespon
   },
 
   fromJSON(object: any): SubscribeFaultGroupsResponse {
-    return { group: isSet(object.group) ? FaultGroup.fromJSON(object.group) : undefined };
+    return {
+      item: isSet(object.group)
+        ? { $case: "group", value: FaultGroup.fromJSON(object.group) }
+        : isSet(object.fault)
+        ? { $case: "fault", value: FaultRecord.fromJSON(object.fault) }
+        : isSet(object.answered)
+        ? { $case: "answered", value: FaultGroup.fromJSON(object.answered) }
+        : undefined,
+    };
   },
 
   toJSON(message: SubscribeFaultGroupsResponse): unknown {
     const obj: any = {};
-    if (message.group !== undefined) {
-      obj.group = FaultGroup.toJSON(message.group);
+    if (message.item?.$case === "group") {
+      obj.group = FaultGroup.toJSON(message.item.value);
+    } else if (message.item?.$case === "fault") {
+      obj.fault = FaultRecord.toJSON(message.item.value);
+    } else if (message.item?.$case === "answered") {
+      obj.answered = FaultGroup.toJSON(message.item.value);
     }
     return obj;
   },
@@ -6782,9 +7368,332 @@ export const SubscribeFaultGroupsResponse: MessageFns<SubscribeFaultGroupsRespon
   },
   fromPartial(object: DeepPartial<SubscribeFaultGroupsResponse>): SubscribeFaultGroupsResponse {
     const message = createBaseSubscribeFaultGroupsResponse();
-    message.group = (object.group !== undefined && object.group !== null)
-      ? FaultGroup.fromPartial(object.group)
+    switch (object.item?.$case) {
+      case "group": {
+        if (object.item?.value !== undefined && object.item?.value !== null) {
+          message.item = { $case: "group", value: FaultGroup.fromPartial(object.item.value) };
+        }
+        break;
+      }
+      case "fault": {
+        if (object.item?.value !== undefined && object.item?.value !== null) {
+          message.item = { $case: "fault", value: FaultRecord.fromPartial(object.item.value) };
+        }
+        break;
+      }
+      case "answered": {
+        if (object.item?.value !== undefined && object.item?.value !== null) {
+          message.item = { $case: "answered", value: FaultGroup.fromPartial(object.item.value) };
+        }
+        break;
+      }
+    }
+    return message;
+  },
+};
+
+function createBaseFaultRecord(): FaultRecord {
+  return {
+    faultId: 0n,
+    deviceId: "",
+    pasid: 0,
+    withoutPasid: false,
+    address: 0n,
+    access: undefined,
+    reason: 0,
+    handleId: 0n,
+    owner: "",
+    ownerData: Buffer.alloc(0),
+    setId: 0,
+    gpasid: 0,
+    at: undefined,
+  };
+}
+
+export const FaultRecord: MessageFns<FaultRecord> = {
+  encode(message: FaultRecord, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.faultId !== 0n) {
+      if (BigInt.asUintN(64, message.faultId) !== message.faultId) {
+        throw new globalThis.Error("value provided for field message.faultId of type uint64 too large");
+      }
+      writer.uint32(8).uint64(message.faultId);
+    }
+    if (message.deviceId !== "") {
+      writer.uint32(18).string(message.deviceId);
+    }
+    if (message.pasid !== 0) {
+      writer.uint32(24).uint32(message.pasid);
+    }
+    if (message.withoutPasid !== false) {
+      writer.uint32(32).bool(message.withoutPasid);
+    }
+    if (message.address !== 0n) {
+      if (BigInt.asUintN(64, message.address) !== message.address) {
+        throw new globalThis.Error("value provided for field message.address of type uint64 too large");
+      }
+      writer.uint32(40).uint64(message.address);
+    }
+    if (message.access !== undefined) {
+      DmaAccess.encode(message.access, writer.uint32(50).fork()).join();
+    }
+    if (message.reason !== 0) {
+      writer.uint32(56).int32(message.reason);
+    }
+    if (message.handleId !== 0n) {
+      if (BigInt.asUintN(64, message.handleId) !== message.handleId) {
+        throw new globalThis.Error("value provided for field message.handleId of type uint64 too large");
+      }
+      writer.uint32(64).uint64(message.handleId);
+    }
+    if (message.owner !== "") {
+      writer.uint32(74).string(message.owner);
+    }
+    if (message.ownerData.length !== 0) {
+      writer.uint32(82).bytes(message.ownerData);
+    }
+    if (message.setId !== 0) {
+      writer.uint32(88).uint32(message.setId);
+    }
+    if (message.gpasid !== 0) {
+      writer.uint32(96).uint32(message.gpasid);
+    }
+    if (message.at !== undefined) {
+      Timestamp.encode(toTimestamp(message.at), writer.uint32(106).fork()).join();
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): FaultRecord {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseFaultRecord();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 8) {
+              break;
+            }
+
+            message.faultId = reader.uint64() as bigint;
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.deviceId = reader.string();
+            continue;
+          }
+          case 3: {
+            if (tag !== 24) {
+              break;
+            }
+
+            message.pasid = reader.uint32();
+            continue;
+          }
+          case 4: {
+            if (tag !== 32) {
+              break;
+            }
+
+            message.withoutPasid = reader.bool();
+            continue;
+          }
+          case 5: {
+            if (tag !== 40) {
+              break;
+            }
+
+            message.address = reader.uint64() as bigint;
+            continue;
+          }
+          case 6: {
+            if (tag !== 50) {
+              break;
+            }
+
+            message.access = DmaAccess.decode(reader, reader.uint32());
+            continue;
+          }
+          case 7: {
+            if (tag !== 56) {
+              break;
+            }
+
+            message.reason = reader.int32() as any;
+            continue;
+          }
+          case 8: {
+            if (tag !== 64) {
+              break;
+            }
+
+            message.handleId = reader.uint64() as bigint;
+            continue;
+          }
+          case 9: {
+            if (tag !== 74) {
+              break;
+            }
+
+            message.owner = reader.string();
+            continue;
+          }
+          case 10: {
+            if (tag !== 82) {
+              break;
+            }
+
+            message.ownerData = Buffer.from(reader.bytes());
+            continue;
+          }
+          case 11: {
+            if (tag !== 88) {
+              break;
+            }
+
+            message.setId = reader.uint32();
+            continue;
+          }
+          case 12: {
+            if (tag !== 96) {
+              break;
+            }
+
+            message.gpasid = reader.uint32();
+            continue;
+          }
+          case 13: {
+            if (tag !== 106) {
+              break;
+            }
+
+            message.at = fromTimestamp(Timestamp.decode(reader, reader.uint32()));
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): FaultRecord {
+    return {
+      faultId: isSet(object.faultId) ? BigInt(object.faultId) : isSet(object.fault_id) ? BigInt(object.fault_id) : 0n,
+      deviceId: isSet(object.deviceId)
+        ? globalThis.String(object.deviceId)
+        : isSet(object.device_id)
+        ? globalThis.String(object.device_id)
+        : "",
+      pasid: isSet(object.pasid) ? globalThis.Number(object.pasid) : 0,
+      withoutPasid: isSet(object.withoutPasid)
+        ? globalThis.Boolean(object.withoutPasid)
+        : isSet(object.without_pasid)
+        ? globalThis.Boolean(object.without_pasid)
+        : false,
+      address: isSet(object.address) ? BigInt(object.address) : 0n,
+      access: isSet(object.access) ? DmaAccess.fromJSON(object.access) : undefined,
+      reason: isSet(object.reason) ? faultReasonFromJSON(object.reason) : 0,
+      handleId: isSet(object.handleId)
+        ? BigInt(object.handleId)
+        : isSet(object.handle_id)
+        ? BigInt(object.handle_id)
+        : 0n,
+      owner: isSet(object.owner) ? globalThis.String(object.owner) : "",
+      ownerData: isSet(object.ownerData)
+        ? Buffer.from(bytesFromBase64(object.ownerData))
+        : isSet(object.owner_data)
+        ? Buffer.from(bytesFromBase64(object.owner_data))
+        : Buffer.alloc(0),
+      setId: isSet(object.setId)
+        ? globalThis.Number(object.setId)
+        : isSet(object.set_id)
+        ? globalThis.Number(object.set_id)
+        : 0,
+      gpasid: isSet(object.gpasid) ? globalThis.Number(object.gpasid) : 0,
+      at: isSet(object.at) ? fromJsonTimestamp(object.at) : undefined,
+    };
+  },
+
+  toJSON(message: FaultRecord): unknown {
+    const obj: any = {};
+    if (message.faultId !== 0n) {
+      obj.faultId = message.faultId.toString();
+    }
+    if (message.deviceId !== "") {
+      obj.deviceId = message.deviceId;
+    }
+    if (message.pasid !== 0) {
+      obj.pasid = Math.round(message.pasid);
+    }
+    if (message.withoutPasid !== false) {
+      obj.withoutPasid = message.withoutPasid;
+    }
+    if (message.address !== 0n) {
+      obj.address = message.address.toString();
+    }
+    if (message.access !== undefined) {
+      obj.access = DmaAccess.toJSON(message.access);
+    }
+    if (message.reason !== 0) {
+      obj.reason = faultReasonToJSON(message.reason);
+    }
+    if (message.handleId !== 0n) {
+      obj.handleId = message.handleId.toString();
+    }
+    if (message.owner !== "") {
+      obj.owner = message.owner;
+    }
+    if (message.ownerData.length !== 0) {
+      obj.ownerData = base64FromBytes(message.ownerData);
+    }
+    if (message.setId !== 0) {
+      obj.setId = Math.round(message.setId);
+    }
+    if (message.gpasid !== 0) {
+      obj.gpasid = Math.round(message.gpasid);
+    }
+    if (message.at !== undefined) {
+      obj.at = message.at.toISOString();
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<FaultRecord>): FaultRecord {
+    return FaultRecord.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<FaultRecord>): FaultRecord {
+    const message = createBaseFaultRecord();
+    message.faultId = (object.faultId !== undefined && object.faultId !== null) ? BigInt(object.faultId) : 0n;
+    message.deviceId = object.deviceId ?? "";
+    message.pasid = object.pasid ?? 0;
+    message.withoutPasid = object.withoutPasid ?? false;
+    message.address = (object.address !== undefined && object.address !== null) ? BigInt(object.address) : 0n;
+    message.access = (object.access !== undefined && object.access !== null)
+      ? DmaAccess.fromPartial(object.access)
       : undefined;
+    message.reason = object.reason ?? 0;
+    message.handleId = (object.handleId !== undefined && object.handleId !== null) ? BigInt(object.handleId) : 0n;
+    message.owner = object.owner ?? "";
+    message.ownerData = object.ownerData ?? Buffer.alloc(0);
+    message.setId = object.setId ?? 0;
+    message.gpasid = object.gpasid ?? 0;
+    message.at = object.at ?? undefined;
     return message;
   },
 };
@@ -7662,13 +8571,60 @@ export const IommuServiceService = {
     responseDeserialize: (value: Buffer): UnmapResponse => UnmapResponse.decode(value),
   },
   /**
+   * MapGuestPages installs pages in the first-stage (guest) page table of a guest PASID bind: guest
+   * virtual → guest physical, translated further through the bind's parent PAGING domain. It
+   * models the guest writing its own page table (the gpgd the bind names) followed by the cache
+   * invalidation VFIO relays; a guest answering a page request installs the page this way and then
+   * responds SUCCESS. Every device bound at `hpasid` shares the table.
+   * Errors: PERMISSION_DENIED `IOASID_NOT_IN_SET`; NOT_FOUND `GUEST_BIND_NOT_FOUND` (no guest bind
+   * of `hpasid`); FAILED_PRECONDITION `STALE_GENERATION`; INVALID_ARGUMENT `ADDRESS_NOT_ALIGNED`,
+   * `INVALID_RANGE`; ALREADY_EXISTS `IOVA_ALREADY_MAPPED`.
+   */
+  mapGuestPages: {
+    path: "/ioasid.iommu.v1.IommuService/MapGuestPages" as const,
+    requestStream: false as const,
+    responseStream: false as const,
+    requestSerialize: (value: MapGuestPagesRequest): Buffer => Buffer.from(MapGuestPagesRequest.encode(value).finish()),
+    requestDeserialize: (value: Buffer): MapGuestPagesRequest => MapGuestPagesRequest.decode(value),
+    responseSerialize: (value: MapGuestPagesResponse): Buffer =>
+      Buffer.from(MapGuestPagesResponse.encode(value).finish()),
+    responseDeserialize: (value: Buffer): MapGuestPagesResponse => MapGuestPagesResponse.decode(value),
+  },
+  /**
+   * UnmapGuestPages removes pages from the first-stage table of a guest PASID bind and flushes that
+   * range on every device bound at `hpasid`. Unmapping nothing succeeds.
+   * Errors: as MapGuestPages, without `IOVA_ALREADY_MAPPED`.
+   */
+  unmapGuestPages: {
+    path: "/ioasid.iommu.v1.IommuService/UnmapGuestPages" as const,
+    requestStream: false as const,
+    responseStream: false as const,
+    requestSerialize: (value: UnmapGuestPagesRequest): Buffer =>
+      Buffer.from(UnmapGuestPagesRequest.encode(value).finish()),
+    requestDeserialize: (value: Buffer): UnmapGuestPagesRequest => UnmapGuestPagesRequest.decode(value),
+    responseSerialize: (value: UnmapGuestPagesResponse): Buffer =>
+      Buffer.from(UnmapGuestPagesResponse.encode(value).finish()),
+    responseDeserialize: (value: Buffer): UnmapGuestPagesResponse => UnmapGuestPagesResponse.decode(value),
+  },
+  /**
    * Translate is one DMA translation request from a device (device, PASID, address, access). A hit
-   * returns the output address. A miss on a PRI-capable device becomes a page request: requests
-   * gather into a fault group until the group's last request arrives, and the complete group goes to
-   * the handler found through the attach handle. Any other miss is an unrecoverable fault. Misses
-   * and faults are outcomes, not errors.
+   * returns the output address. NESTED entries translate in two stages: the guest's first stage
+   * (the pages the guest installed with MapGuestPages, guest virtual → guest physical), then the
+   * parent PAGING domain (guest physical → host physical). A first-stage miss (or, for PAGING
+   * entries, a miss) on a PRI-capable device becomes a page request: requests gather into a fault
+   * group keyed by (device, prgi) until the group's last request arrives; non-last requests wait on
+   * the device's partial list; the complete group goes to the handler found through the attach
+   * handle of its (device, PASID). Each outstanding request holds one of the device's page-request
+   * credits until its group is answered: a request over the limit is not queued (outcome FAULT,
+   * `PRI_CREDITS_EXHAUSTED`) and a partial group it belonged to is answered INVALID at once, so the
+   * device is never stalled. Any other miss, or a permission violation, is an unrecoverable fault:
+   * it is reported to the handle's owner as a FaultRecord (SubscribeFaultGroups), except between
+   * the IOASID's free and the teardown of its entry (ioasid.rst: "IOMMU driver shall disable fault
+   * reporting after free and before unbind"). Misses and faults are outcomes, not errors.
    * Errors: NOT_FOUND `DEVICE_NOT_FOUND`; INVALID_ARGUMENT `INVALID_FIELD` (no read or write access
-   * requested, or `prgi` above 511).
+   * requested, or `prgi` above 511; a request naming the prgi of a partial group of another PASID);
+   * FAILED_PRECONDITION `PRGI_IN_USE` (the prgi names a complete group not yet answered: a device
+   * must not reuse a page request group index before its response).
    */
   translate: {
     path: "/ioasid.iommu.v1.IommuService/Translate" as const,
@@ -7681,12 +8637,14 @@ export const IommuServiceService = {
   },
   /**
    * SubscribeFaultGroups is the fault-handler stream of one owner: every complete fault group raised
-   * under an attach handle whose `owner` is the subscribed owner is sent on it, exactly once per
-   * stream (groups outstanding when the stream opens are sent first). One stream per owner: a new
-   * subscription replaces the previous one, which ends with ABORTED `FAULT_HANDLER_REPLACED`, and
-   * the new stream receives the owner's still-unanswered groups again (handlers are idempotent by
-   * `fault_group_id`). A group completed while its owner has no stream is answered FAILURE at once
-   * (no handler). Answers go through SendPageResponse.
+   * under an attach handle whose `owner` is the subscribed owner is sent on it (`group`), exactly
+   * once per stream (groups outstanding when the stream opens are sent first), every answer to one
+   * of the owner's groups is sent too (`answered`, whoever answered), and so is every unrecoverable
+   * fault under the owner's handles (`fault`). One stream per owner: a new subscription replaces the
+   * previous one, which ends with ABORTED `FAULT_HANDLER_REPLACED`, and the new stream receives the
+   * owner's still-unanswered groups again (handlers are idempotent by `fault_group_id`). A group
+   * completed while its owner has no stream is answered FAILURE at once (no handler: logged and
+   * counted). Answers go through SendPageResponse.
    * Errors: INVALID_ARGUMENT `INVALID_FIELD` (empty owner).
    */
   subscribeFaultGroups: {
@@ -7877,23 +8835,53 @@ export interface IommuServiceServer extends UntypedServiceImplementation {
    */
   unmap: handleUnaryCall<UnmapRequest, UnmapResponse>;
   /**
+   * MapGuestPages installs pages in the first-stage (guest) page table of a guest PASID bind: guest
+   * virtual → guest physical, translated further through the bind's parent PAGING domain. It
+   * models the guest writing its own page table (the gpgd the bind names) followed by the cache
+   * invalidation VFIO relays; a guest answering a page request installs the page this way and then
+   * responds SUCCESS. Every device bound at `hpasid` shares the table.
+   * Errors: PERMISSION_DENIED `IOASID_NOT_IN_SET`; NOT_FOUND `GUEST_BIND_NOT_FOUND` (no guest bind
+   * of `hpasid`); FAILED_PRECONDITION `STALE_GENERATION`; INVALID_ARGUMENT `ADDRESS_NOT_ALIGNED`,
+   * `INVALID_RANGE`; ALREADY_EXISTS `IOVA_ALREADY_MAPPED`.
+   */
+  mapGuestPages: handleUnaryCall<MapGuestPagesRequest, MapGuestPagesResponse>;
+  /**
+   * UnmapGuestPages removes pages from the first-stage table of a guest PASID bind and flushes that
+   * range on every device bound at `hpasid`. Unmapping nothing succeeds.
+   * Errors: as MapGuestPages, without `IOVA_ALREADY_MAPPED`.
+   */
+  unmapGuestPages: handleUnaryCall<UnmapGuestPagesRequest, UnmapGuestPagesResponse>;
+  /**
    * Translate is one DMA translation request from a device (device, PASID, address, access). A hit
-   * returns the output address. A miss on a PRI-capable device becomes a page request: requests
-   * gather into a fault group until the group's last request arrives, and the complete group goes to
-   * the handler found through the attach handle. Any other miss is an unrecoverable fault. Misses
-   * and faults are outcomes, not errors.
+   * returns the output address. NESTED entries translate in two stages: the guest's first stage
+   * (the pages the guest installed with MapGuestPages, guest virtual → guest physical), then the
+   * parent PAGING domain (guest physical → host physical). A first-stage miss (or, for PAGING
+   * entries, a miss) on a PRI-capable device becomes a page request: requests gather into a fault
+   * group keyed by (device, prgi) until the group's last request arrives; non-last requests wait on
+   * the device's partial list; the complete group goes to the handler found through the attach
+   * handle of its (device, PASID). Each outstanding request holds one of the device's page-request
+   * credits until its group is answered: a request over the limit is not queued (outcome FAULT,
+   * `PRI_CREDITS_EXHAUSTED`) and a partial group it belonged to is answered INVALID at once, so the
+   * device is never stalled. Any other miss, or a permission violation, is an unrecoverable fault:
+   * it is reported to the handle's owner as a FaultRecord (SubscribeFaultGroups), except between
+   * the IOASID's free and the teardown of its entry (ioasid.rst: "IOMMU driver shall disable fault
+   * reporting after free and before unbind"). Misses and faults are outcomes, not errors.
    * Errors: NOT_FOUND `DEVICE_NOT_FOUND`; INVALID_ARGUMENT `INVALID_FIELD` (no read or write access
-   * requested, or `prgi` above 511).
+   * requested, or `prgi` above 511; a request naming the prgi of a partial group of another PASID);
+   * FAILED_PRECONDITION `PRGI_IN_USE` (the prgi names a complete group not yet answered: a device
+   * must not reuse a page request group index before its response).
    */
   translate: handleUnaryCall<TranslateRequest, TranslateResponse>;
   /**
    * SubscribeFaultGroups is the fault-handler stream of one owner: every complete fault group raised
-   * under an attach handle whose `owner` is the subscribed owner is sent on it, exactly once per
-   * stream (groups outstanding when the stream opens are sent first). One stream per owner: a new
-   * subscription replaces the previous one, which ends with ABORTED `FAULT_HANDLER_REPLACED`, and
-   * the new stream receives the owner's still-unanswered groups again (handlers are idempotent by
-   * `fault_group_id`). A group completed while its owner has no stream is answered FAILURE at once
-   * (no handler). Answers go through SendPageResponse.
+   * under an attach handle whose `owner` is the subscribed owner is sent on it (`group`), exactly
+   * once per stream (groups outstanding when the stream opens are sent first), every answer to one
+   * of the owner's groups is sent too (`answered`, whoever answered), and so is every unrecoverable
+   * fault under the owner's handles (`fault`). One stream per owner: a new subscription replaces the
+   * previous one, which ends with ABORTED `FAULT_HANDLER_REPLACED`, and the new stream receives the
+   * owner's still-unanswered groups again (handlers are idempotent by `fault_group_id`). A group
+   * completed while its owner has no stream is answered FAILURE at once (no handler: logged and
+   * counted). Answers go through SendPageResponse.
    * Errors: INVALID_ARGUMENT `INVALID_FIELD` (empty owner).
    */
   subscribeFaultGroups: handleServerStreamingCall<SubscribeFaultGroupsRequest, SubscribeFaultGroupsResponse>;
@@ -8225,13 +9213,69 @@ export interface IommuServiceClient extends Client {
     callback: (error: ServiceError | null, response: UnmapResponse) => void,
   ): ClientUnaryCall;
   /**
+   * MapGuestPages installs pages in the first-stage (guest) page table of a guest PASID bind: guest
+   * virtual → guest physical, translated further through the bind's parent PAGING domain. It
+   * models the guest writing its own page table (the gpgd the bind names) followed by the cache
+   * invalidation VFIO relays; a guest answering a page request installs the page this way and then
+   * responds SUCCESS. Every device bound at `hpasid` shares the table.
+   * Errors: PERMISSION_DENIED `IOASID_NOT_IN_SET`; NOT_FOUND `GUEST_BIND_NOT_FOUND` (no guest bind
+   * of `hpasid`); FAILED_PRECONDITION `STALE_GENERATION`; INVALID_ARGUMENT `ADDRESS_NOT_ALIGNED`,
+   * `INVALID_RANGE`; ALREADY_EXISTS `IOVA_ALREADY_MAPPED`.
+   */
+  mapGuestPages(
+    request: MapGuestPagesRequest,
+    callback: (error: ServiceError | null, response: MapGuestPagesResponse) => void,
+  ): ClientUnaryCall;
+  mapGuestPages(
+    request: MapGuestPagesRequest,
+    metadata: Metadata,
+    callback: (error: ServiceError | null, response: MapGuestPagesResponse) => void,
+  ): ClientUnaryCall;
+  mapGuestPages(
+    request: MapGuestPagesRequest,
+    metadata: Metadata,
+    options: Partial<CallOptions>,
+    callback: (error: ServiceError | null, response: MapGuestPagesResponse) => void,
+  ): ClientUnaryCall;
+  /**
+   * UnmapGuestPages removes pages from the first-stage table of a guest PASID bind and flushes that
+   * range on every device bound at `hpasid`. Unmapping nothing succeeds.
+   * Errors: as MapGuestPages, without `IOVA_ALREADY_MAPPED`.
+   */
+  unmapGuestPages(
+    request: UnmapGuestPagesRequest,
+    callback: (error: ServiceError | null, response: UnmapGuestPagesResponse) => void,
+  ): ClientUnaryCall;
+  unmapGuestPages(
+    request: UnmapGuestPagesRequest,
+    metadata: Metadata,
+    callback: (error: ServiceError | null, response: UnmapGuestPagesResponse) => void,
+  ): ClientUnaryCall;
+  unmapGuestPages(
+    request: UnmapGuestPagesRequest,
+    metadata: Metadata,
+    options: Partial<CallOptions>,
+    callback: (error: ServiceError | null, response: UnmapGuestPagesResponse) => void,
+  ): ClientUnaryCall;
+  /**
    * Translate is one DMA translation request from a device (device, PASID, address, access). A hit
-   * returns the output address. A miss on a PRI-capable device becomes a page request: requests
-   * gather into a fault group until the group's last request arrives, and the complete group goes to
-   * the handler found through the attach handle. Any other miss is an unrecoverable fault. Misses
-   * and faults are outcomes, not errors.
+   * returns the output address. NESTED entries translate in two stages: the guest's first stage
+   * (the pages the guest installed with MapGuestPages, guest virtual → guest physical), then the
+   * parent PAGING domain (guest physical → host physical). A first-stage miss (or, for PAGING
+   * entries, a miss) on a PRI-capable device becomes a page request: requests gather into a fault
+   * group keyed by (device, prgi) until the group's last request arrives; non-last requests wait on
+   * the device's partial list; the complete group goes to the handler found through the attach
+   * handle of its (device, PASID). Each outstanding request holds one of the device's page-request
+   * credits until its group is answered: a request over the limit is not queued (outcome FAULT,
+   * `PRI_CREDITS_EXHAUSTED`) and a partial group it belonged to is answered INVALID at once, so the
+   * device is never stalled. Any other miss, or a permission violation, is an unrecoverable fault:
+   * it is reported to the handle's owner as a FaultRecord (SubscribeFaultGroups), except between
+   * the IOASID's free and the teardown of its entry (ioasid.rst: "IOMMU driver shall disable fault
+   * reporting after free and before unbind"). Misses and faults are outcomes, not errors.
    * Errors: NOT_FOUND `DEVICE_NOT_FOUND`; INVALID_ARGUMENT `INVALID_FIELD` (no read or write access
-   * requested, or `prgi` above 511).
+   * requested, or `prgi` above 511; a request naming the prgi of a partial group of another PASID);
+   * FAILED_PRECONDITION `PRGI_IN_USE` (the prgi names a complete group not yet answered: a device
+   * must not reuse a page request group index before its response).
    */
   translate(
     request: TranslateRequest,
@@ -8250,12 +9294,14 @@ export interface IommuServiceClient extends Client {
   ): ClientUnaryCall;
   /**
    * SubscribeFaultGroups is the fault-handler stream of one owner: every complete fault group raised
-   * under an attach handle whose `owner` is the subscribed owner is sent on it, exactly once per
-   * stream (groups outstanding when the stream opens are sent first). One stream per owner: a new
-   * subscription replaces the previous one, which ends with ABORTED `FAULT_HANDLER_REPLACED`, and
-   * the new stream receives the owner's still-unanswered groups again (handlers are idempotent by
-   * `fault_group_id`). A group completed while its owner has no stream is answered FAILURE at once
-   * (no handler). Answers go through SendPageResponse.
+   * under an attach handle whose `owner` is the subscribed owner is sent on it (`group`), exactly
+   * once per stream (groups outstanding when the stream opens are sent first), every answer to one
+   * of the owner's groups is sent too (`answered`, whoever answered), and so is every unrecoverable
+   * fault under the owner's handles (`fault`). One stream per owner: a new subscription replaces the
+   * previous one, which ends with ABORTED `FAULT_HANDLER_REPLACED`, and the new stream receives the
+   * owner's still-unanswered groups again (handlers are idempotent by `fault_group_id`). A group
+   * completed while its owner has no stream is answered FAILURE at once (no handler: logged and
+   * counted). Answers go through SendPageResponse.
    * Errors: INVALID_ARGUMENT `INVALID_FIELD` (empty owner).
    */
   subscribeFaultGroups(

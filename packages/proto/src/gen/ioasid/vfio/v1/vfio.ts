@@ -502,10 +502,96 @@ export interface WatchFaultsRequest {
   containerId: number;
 }
 
-/** WatchFaultsResponse is one fault group to inject into the guest. */
+/** WatchFaultsResponse is one item of the container's fault stream. */
 export interface WatchFaultsResponse {
+  /** What happened. */
+  item:
+    | //
+    /** A fault group to inject into the guest and answer with SendPageResponse. */
+    { $case: "group"; value: FaultGroup }
+    | //
+    /** An unrecoverable fault of one of the guest's PASIDs (nothing to answer). */
+    { $case: "fault"; value: FaultRecord }
+    | //
+    /** A relayed group was answered. */
+    { $case: "answered"; value: FaultAnswer }
+    | undefined;
+}
+
+/** FaultRecord is an unrecoverable DMA fault under one of the guest's binds. */
+export interface FaultRecord {
+  /** The IOMMU's record id. */
+  faultId: bigint;
+  /** The assigned device (or mdev) the fault came from. */
+  device:
+    | DeviceRef
+    | undefined;
+  /** The host PASID of the request. */
+  hpasid: number;
+  /** The guest PASID. */
+  gpasid: number;
+  /** The faulting address (guest virtual). */
+  address: bigint;
+  /** The access requested. */
+  access:
+    | DmaAccess
+    | undefined;
+  /** Why it faulted, as the IOMMU names it (e.g. "FAULT_REASON_PERMISSION"). */
+  reason: string;
+  /** When it happened. */
+  at: Date | undefined;
+}
+
+/** FaultAnswer says a relayed fault group was answered. */
+export interface FaultAnswer {
   /** The group. */
-  group: FaultGroup | undefined;
+  faultGroupId: bigint;
+  /** The answer. */
+  code: PageResponseCode;
+  /** Who answered, as the IOMMU names it (e.g. "PAGE_RESPONSE_SOURCE_HANDLER", "..._TIMEOUT"). */
+  source: string;
+}
+
+/** MapGuestPagesRequest installs first-stage pages of one of the guest's bound PASIDs. */
+export interface MapGuestPagesRequest {
+  /** The container. */
+  containerId: number;
+  /** The host PASID (bound). */
+  hpasid: number;
+  /** Expected generation of `hpasid`; 0 = unchecked. */
+  generation: number;
+  /** First guest virtual address (4 KiB aligned). */
+  iova: bigint;
+  /** Guest physical address (4 KiB aligned). */
+  gpa: bigint;
+  /** Length in bytes (non-zero multiple of 4 KiB). */
+  size: bigint;
+  /** Access granted; at least read or write. */
+  access: DmaAccess | undefined;
+}
+
+/** MapGuestPagesResponse confirms the pages are installed. */
+export interface MapGuestPagesResponse {
+}
+
+/** UnmapGuestPagesRequest removes first-stage pages. */
+export interface UnmapGuestPagesRequest {
+  /** The container. */
+  containerId: number;
+  /** The host PASID (bound). */
+  hpasid: number;
+  /** Expected generation of `hpasid`; 0 = unchecked. */
+  generation: number;
+  /** First guest virtual address (4 KiB aligned). */
+  iova: bigint;
+  /** Length in bytes (non-zero multiple of 4 KiB). */
+  size: bigint;
+}
+
+/** UnmapGuestPagesResponse says how much was unmapped. */
+export interface UnmapGuestPagesResponse {
+  /** Bytes unmapped. */
+  unmappedSize: bigint;
 }
 
 /** SendPageResponseRequest answers one fault group. */
@@ -3607,13 +3693,21 @@ export const WatchFaultsRequest: MessageFns<WatchFaultsRequest> = {
 };
 
 function createBaseWatchFaultsResponse(): WatchFaultsResponse {
-  return { group: undefined };
+  return { item: undefined };
 }
 
 export const WatchFaultsResponse: MessageFns<WatchFaultsResponse> = {
   encode(message: WatchFaultsResponse, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
-    if (message.group !== undefined) {
-      FaultGroup.encode(message.group, writer.uint32(10).fork()).join();
+    switch (message.item?.$case) {
+      case "group":
+        FaultGroup.encode(message.item.value, writer.uint32(10).fork()).join();
+        break;
+      case "fault":
+        FaultRecord.encode(message.item.value, writer.uint32(18).fork()).join();
+        break;
+      case "answered":
+        FaultAnswer.encode(message.item.value, writer.uint32(26).fork()).join();
+        break;
     }
     return writer;
   },
@@ -3636,7 +3730,23 @@ export const WatchFaultsResponse: MessageFns<WatchFaultsResponse> = {
               break;
             }
 
-            message.group = FaultGroup.decode(reader, reader.uint32());
+            message.item = { $case: "group", value: FaultGroup.decode(reader, reader.uint32()) };
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.item = { $case: "fault", value: FaultRecord.decode(reader, reader.uint32()) };
+            continue;
+          }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.item = { $case: "answered", value: FaultAnswer.decode(reader, reader.uint32()) };
             continue;
           }
         }
@@ -3652,13 +3762,25 @@ export const WatchFaultsResponse: MessageFns<WatchFaultsResponse> = {
   },
 
   fromJSON(object: any): WatchFaultsResponse {
-    return { group: isSet(object.group) ? FaultGroup.fromJSON(object.group) : undefined };
+    return {
+      item: isSet(object.group)
+        ? { $case: "group", value: FaultGroup.fromJSON(object.group) }
+        : isSet(object.fault)
+        ? { $case: "fault", value: FaultRecord.fromJSON(object.fault) }
+        : isSet(object.answered)
+        ? { $case: "answered", value: FaultAnswer.fromJSON(object.answered) }
+        : undefined,
+    };
   },
 
   toJSON(message: WatchFaultsResponse): unknown {
     const obj: any = {};
-    if (message.group !== undefined) {
-      obj.group = FaultGroup.toJSON(message.group);
+    if (message.item?.$case === "group") {
+      obj.group = FaultGroup.toJSON(message.item.value);
+    } else if (message.item?.$case === "fault") {
+      obj.fault = FaultRecord.toJSON(message.item.value);
+    } else if (message.item?.$case === "answered") {
+      obj.answered = FaultAnswer.toJSON(message.item.value);
     }
     return obj;
   },
@@ -3668,9 +3790,789 @@ export const WatchFaultsResponse: MessageFns<WatchFaultsResponse> = {
   },
   fromPartial(object: DeepPartial<WatchFaultsResponse>): WatchFaultsResponse {
     const message = createBaseWatchFaultsResponse();
-    message.group = (object.group !== undefined && object.group !== null)
-      ? FaultGroup.fromPartial(object.group)
+    switch (object.item?.$case) {
+      case "group": {
+        if (object.item?.value !== undefined && object.item?.value !== null) {
+          message.item = { $case: "group", value: FaultGroup.fromPartial(object.item.value) };
+        }
+        break;
+      }
+      case "fault": {
+        if (object.item?.value !== undefined && object.item?.value !== null) {
+          message.item = { $case: "fault", value: FaultRecord.fromPartial(object.item.value) };
+        }
+        break;
+      }
+      case "answered": {
+        if (object.item?.value !== undefined && object.item?.value !== null) {
+          message.item = { $case: "answered", value: FaultAnswer.fromPartial(object.item.value) };
+        }
+        break;
+      }
+    }
+    return message;
+  },
+};
+
+function createBaseFaultRecord(): FaultRecord {
+  return {
+    faultId: 0n,
+    device: undefined,
+    hpasid: 0,
+    gpasid: 0,
+    address: 0n,
+    access: undefined,
+    reason: "",
+    at: undefined,
+  };
+}
+
+export const FaultRecord: MessageFns<FaultRecord> = {
+  encode(message: FaultRecord, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.faultId !== 0n) {
+      if (BigInt.asUintN(64, message.faultId) !== message.faultId) {
+        throw new globalThis.Error("value provided for field message.faultId of type uint64 too large");
+      }
+      writer.uint32(8).uint64(message.faultId);
+    }
+    if (message.device !== undefined) {
+      DeviceRef.encode(message.device, writer.uint32(18).fork()).join();
+    }
+    if (message.hpasid !== 0) {
+      writer.uint32(24).uint32(message.hpasid);
+    }
+    if (message.gpasid !== 0) {
+      writer.uint32(32).uint32(message.gpasid);
+    }
+    if (message.address !== 0n) {
+      if (BigInt.asUintN(64, message.address) !== message.address) {
+        throw new globalThis.Error("value provided for field message.address of type uint64 too large");
+      }
+      writer.uint32(40).uint64(message.address);
+    }
+    if (message.access !== undefined) {
+      DmaAccess.encode(message.access, writer.uint32(50).fork()).join();
+    }
+    if (message.reason !== "") {
+      writer.uint32(58).string(message.reason);
+    }
+    if (message.at !== undefined) {
+      Timestamp.encode(toTimestamp(message.at), writer.uint32(66).fork()).join();
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): FaultRecord {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseFaultRecord();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 8) {
+              break;
+            }
+
+            message.faultId = reader.uint64() as bigint;
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.device = DeviceRef.decode(reader, reader.uint32());
+            continue;
+          }
+          case 3: {
+            if (tag !== 24) {
+              break;
+            }
+
+            message.hpasid = reader.uint32();
+            continue;
+          }
+          case 4: {
+            if (tag !== 32) {
+              break;
+            }
+
+            message.gpasid = reader.uint32();
+            continue;
+          }
+          case 5: {
+            if (tag !== 40) {
+              break;
+            }
+
+            message.address = reader.uint64() as bigint;
+            continue;
+          }
+          case 6: {
+            if (tag !== 50) {
+              break;
+            }
+
+            message.access = DmaAccess.decode(reader, reader.uint32());
+            continue;
+          }
+          case 7: {
+            if (tag !== 58) {
+              break;
+            }
+
+            message.reason = reader.string();
+            continue;
+          }
+          case 8: {
+            if (tag !== 66) {
+              break;
+            }
+
+            message.at = fromTimestamp(Timestamp.decode(reader, reader.uint32()));
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): FaultRecord {
+    return {
+      faultId: isSet(object.faultId) ? BigInt(object.faultId) : isSet(object.fault_id) ? BigInt(object.fault_id) : 0n,
+      device: isSet(object.device) ? DeviceRef.fromJSON(object.device) : undefined,
+      hpasid: isSet(object.hpasid) ? globalThis.Number(object.hpasid) : 0,
+      gpasid: isSet(object.gpasid) ? globalThis.Number(object.gpasid) : 0,
+      address: isSet(object.address) ? BigInt(object.address) : 0n,
+      access: isSet(object.access) ? DmaAccess.fromJSON(object.access) : undefined,
+      reason: isSet(object.reason) ? globalThis.String(object.reason) : "",
+      at: isSet(object.at) ? fromJsonTimestamp(object.at) : undefined,
+    };
+  },
+
+  toJSON(message: FaultRecord): unknown {
+    const obj: any = {};
+    if (message.faultId !== 0n) {
+      obj.faultId = message.faultId.toString();
+    }
+    if (message.device !== undefined) {
+      obj.device = DeviceRef.toJSON(message.device);
+    }
+    if (message.hpasid !== 0) {
+      obj.hpasid = Math.round(message.hpasid);
+    }
+    if (message.gpasid !== 0) {
+      obj.gpasid = Math.round(message.gpasid);
+    }
+    if (message.address !== 0n) {
+      obj.address = message.address.toString();
+    }
+    if (message.access !== undefined) {
+      obj.access = DmaAccess.toJSON(message.access);
+    }
+    if (message.reason !== "") {
+      obj.reason = message.reason;
+    }
+    if (message.at !== undefined) {
+      obj.at = message.at.toISOString();
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<FaultRecord>): FaultRecord {
+    return FaultRecord.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<FaultRecord>): FaultRecord {
+    const message = createBaseFaultRecord();
+    message.faultId = (object.faultId !== undefined && object.faultId !== null) ? BigInt(object.faultId) : 0n;
+    message.device = (object.device !== undefined && object.device !== null)
+      ? DeviceRef.fromPartial(object.device)
       : undefined;
+    message.hpasid = object.hpasid ?? 0;
+    message.gpasid = object.gpasid ?? 0;
+    message.address = (object.address !== undefined && object.address !== null) ? BigInt(object.address) : 0n;
+    message.access = (object.access !== undefined && object.access !== null)
+      ? DmaAccess.fromPartial(object.access)
+      : undefined;
+    message.reason = object.reason ?? "";
+    message.at = object.at ?? undefined;
+    return message;
+  },
+};
+
+function createBaseFaultAnswer(): FaultAnswer {
+  return { faultGroupId: 0n, code: 0, source: "" };
+}
+
+export const FaultAnswer: MessageFns<FaultAnswer> = {
+  encode(message: FaultAnswer, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.faultGroupId !== 0n) {
+      if (BigInt.asUintN(64, message.faultGroupId) !== message.faultGroupId) {
+        throw new globalThis.Error("value provided for field message.faultGroupId of type uint64 too large");
+      }
+      writer.uint32(8).uint64(message.faultGroupId);
+    }
+    if (message.code !== 0) {
+      writer.uint32(16).int32(message.code);
+    }
+    if (message.source !== "") {
+      writer.uint32(26).string(message.source);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): FaultAnswer {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseFaultAnswer();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 8) {
+              break;
+            }
+
+            message.faultGroupId = reader.uint64() as bigint;
+            continue;
+          }
+          case 2: {
+            if (tag !== 16) {
+              break;
+            }
+
+            message.code = reader.int32() as any;
+            continue;
+          }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.source = reader.string();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): FaultAnswer {
+    return {
+      faultGroupId: isSet(object.faultGroupId)
+        ? BigInt(object.faultGroupId)
+        : isSet(object.fault_group_id)
+        ? BigInt(object.fault_group_id)
+        : 0n,
+      code: isSet(object.code) ? pageResponseCodeFromJSON(object.code) : 0,
+      source: isSet(object.source) ? globalThis.String(object.source) : "",
+    };
+  },
+
+  toJSON(message: FaultAnswer): unknown {
+    const obj: any = {};
+    if (message.faultGroupId !== 0n) {
+      obj.faultGroupId = message.faultGroupId.toString();
+    }
+    if (message.code !== 0) {
+      obj.code = pageResponseCodeToJSON(message.code);
+    }
+    if (message.source !== "") {
+      obj.source = message.source;
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<FaultAnswer>): FaultAnswer {
+    return FaultAnswer.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<FaultAnswer>): FaultAnswer {
+    const message = createBaseFaultAnswer();
+    message.faultGroupId = (object.faultGroupId !== undefined && object.faultGroupId !== null)
+      ? BigInt(object.faultGroupId)
+      : 0n;
+    message.code = object.code ?? 0;
+    message.source = object.source ?? "";
+    return message;
+  },
+};
+
+function createBaseMapGuestPagesRequest(): MapGuestPagesRequest {
+  return { containerId: 0, hpasid: 0, generation: 0, iova: 0n, gpa: 0n, size: 0n, access: undefined };
+}
+
+export const MapGuestPagesRequest: MessageFns<MapGuestPagesRequest> = {
+  encode(message: MapGuestPagesRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.containerId !== 0) {
+      writer.uint32(8).uint32(message.containerId);
+    }
+    if (message.hpasid !== 0) {
+      writer.uint32(16).uint32(message.hpasid);
+    }
+    if (message.generation !== 0) {
+      writer.uint32(24).uint32(message.generation);
+    }
+    if (message.iova !== 0n) {
+      if (BigInt.asUintN(64, message.iova) !== message.iova) {
+        throw new globalThis.Error("value provided for field message.iova of type uint64 too large");
+      }
+      writer.uint32(32).uint64(message.iova);
+    }
+    if (message.gpa !== 0n) {
+      if (BigInt.asUintN(64, message.gpa) !== message.gpa) {
+        throw new globalThis.Error("value provided for field message.gpa of type uint64 too large");
+      }
+      writer.uint32(40).uint64(message.gpa);
+    }
+    if (message.size !== 0n) {
+      if (BigInt.asUintN(64, message.size) !== message.size) {
+        throw new globalThis.Error("value provided for field message.size of type uint64 too large");
+      }
+      writer.uint32(48).uint64(message.size);
+    }
+    if (message.access !== undefined) {
+      DmaAccess.encode(message.access, writer.uint32(58).fork()).join();
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): MapGuestPagesRequest {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseMapGuestPagesRequest();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 8) {
+              break;
+            }
+
+            message.containerId = reader.uint32();
+            continue;
+          }
+          case 2: {
+            if (tag !== 16) {
+              break;
+            }
+
+            message.hpasid = reader.uint32();
+            continue;
+          }
+          case 3: {
+            if (tag !== 24) {
+              break;
+            }
+
+            message.generation = reader.uint32();
+            continue;
+          }
+          case 4: {
+            if (tag !== 32) {
+              break;
+            }
+
+            message.iova = reader.uint64() as bigint;
+            continue;
+          }
+          case 5: {
+            if (tag !== 40) {
+              break;
+            }
+
+            message.gpa = reader.uint64() as bigint;
+            continue;
+          }
+          case 6: {
+            if (tag !== 48) {
+              break;
+            }
+
+            message.size = reader.uint64() as bigint;
+            continue;
+          }
+          case 7: {
+            if (tag !== 58) {
+              break;
+            }
+
+            message.access = DmaAccess.decode(reader, reader.uint32());
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): MapGuestPagesRequest {
+    return {
+      containerId: isSet(object.containerId)
+        ? globalThis.Number(object.containerId)
+        : isSet(object.container_id)
+        ? globalThis.Number(object.container_id)
+        : 0,
+      hpasid: isSet(object.hpasid) ? globalThis.Number(object.hpasid) : 0,
+      generation: isSet(object.generation) ? globalThis.Number(object.generation) : 0,
+      iova: isSet(object.iova) ? BigInt(object.iova) : 0n,
+      gpa: isSet(object.gpa) ? BigInt(object.gpa) : 0n,
+      size: isSet(object.size) ? BigInt(object.size) : 0n,
+      access: isSet(object.access) ? DmaAccess.fromJSON(object.access) : undefined,
+    };
+  },
+
+  toJSON(message: MapGuestPagesRequest): unknown {
+    const obj: any = {};
+    if (message.containerId !== 0) {
+      obj.containerId = Math.round(message.containerId);
+    }
+    if (message.hpasid !== 0) {
+      obj.hpasid = Math.round(message.hpasid);
+    }
+    if (message.generation !== 0) {
+      obj.generation = Math.round(message.generation);
+    }
+    if (message.iova !== 0n) {
+      obj.iova = message.iova.toString();
+    }
+    if (message.gpa !== 0n) {
+      obj.gpa = message.gpa.toString();
+    }
+    if (message.size !== 0n) {
+      obj.size = message.size.toString();
+    }
+    if (message.access !== undefined) {
+      obj.access = DmaAccess.toJSON(message.access);
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<MapGuestPagesRequest>): MapGuestPagesRequest {
+    return MapGuestPagesRequest.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<MapGuestPagesRequest>): MapGuestPagesRequest {
+    const message = createBaseMapGuestPagesRequest();
+    message.containerId = object.containerId ?? 0;
+    message.hpasid = object.hpasid ?? 0;
+    message.generation = object.generation ?? 0;
+    message.iova = (object.iova !== undefined && object.iova !== null) ? BigInt(object.iova) : 0n;
+    message.gpa = (object.gpa !== undefined && object.gpa !== null) ? BigInt(object.gpa) : 0n;
+    message.size = (object.size !== undefined && object.size !== null) ? BigInt(object.size) : 0n;
+    message.access = (object.access !== undefined && object.access !== null)
+      ? DmaAccess.fromPartial(object.access)
+      : undefined;
+    return message;
+  },
+};
+
+function createBaseMapGuestPagesResponse(): MapGuestPagesResponse {
+  return {};
+}
+
+export const MapGuestPagesResponse: MessageFns<MapGuestPagesResponse> = {
+  encode(_: MapGuestPagesResponse, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): MapGuestPagesResponse {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseMapGuestPagesResponse();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(_: any): MapGuestPagesResponse {
+    return {};
+  },
+
+  toJSON(_: MapGuestPagesResponse): unknown {
+    const obj: any = {};
+    return obj;
+  },
+
+  create(base?: DeepPartial<MapGuestPagesResponse>): MapGuestPagesResponse {
+    return MapGuestPagesResponse.fromPartial(base ?? {});
+  },
+  fromPartial(_: DeepPartial<MapGuestPagesResponse>): MapGuestPagesResponse {
+    const message = createBaseMapGuestPagesResponse();
+    return message;
+  },
+};
+
+function createBaseUnmapGuestPagesRequest(): UnmapGuestPagesRequest {
+  return { containerId: 0, hpasid: 0, generation: 0, iova: 0n, size: 0n };
+}
+
+export const UnmapGuestPagesRequest: MessageFns<UnmapGuestPagesRequest> = {
+  encode(message: UnmapGuestPagesRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.containerId !== 0) {
+      writer.uint32(8).uint32(message.containerId);
+    }
+    if (message.hpasid !== 0) {
+      writer.uint32(16).uint32(message.hpasid);
+    }
+    if (message.generation !== 0) {
+      writer.uint32(24).uint32(message.generation);
+    }
+    if (message.iova !== 0n) {
+      if (BigInt.asUintN(64, message.iova) !== message.iova) {
+        throw new globalThis.Error("value provided for field message.iova of type uint64 too large");
+      }
+      writer.uint32(32).uint64(message.iova);
+    }
+    if (message.size !== 0n) {
+      if (BigInt.asUintN(64, message.size) !== message.size) {
+        throw new globalThis.Error("value provided for field message.size of type uint64 too large");
+      }
+      writer.uint32(40).uint64(message.size);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): UnmapGuestPagesRequest {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseUnmapGuestPagesRequest();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 8) {
+              break;
+            }
+
+            message.containerId = reader.uint32();
+            continue;
+          }
+          case 2: {
+            if (tag !== 16) {
+              break;
+            }
+
+            message.hpasid = reader.uint32();
+            continue;
+          }
+          case 3: {
+            if (tag !== 24) {
+              break;
+            }
+
+            message.generation = reader.uint32();
+            continue;
+          }
+          case 4: {
+            if (tag !== 32) {
+              break;
+            }
+
+            message.iova = reader.uint64() as bigint;
+            continue;
+          }
+          case 5: {
+            if (tag !== 40) {
+              break;
+            }
+
+            message.size = reader.uint64() as bigint;
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): UnmapGuestPagesRequest {
+    return {
+      containerId: isSet(object.containerId)
+        ? globalThis.Number(object.containerId)
+        : isSet(object.container_id)
+        ? globalThis.Number(object.container_id)
+        : 0,
+      hpasid: isSet(object.hpasid) ? globalThis.Number(object.hpasid) : 0,
+      generation: isSet(object.generation) ? globalThis.Number(object.generation) : 0,
+      iova: isSet(object.iova) ? BigInt(object.iova) : 0n,
+      size: isSet(object.size) ? BigInt(object.size) : 0n,
+    };
+  },
+
+  toJSON(message: UnmapGuestPagesRequest): unknown {
+    const obj: any = {};
+    if (message.containerId !== 0) {
+      obj.containerId = Math.round(message.containerId);
+    }
+    if (message.hpasid !== 0) {
+      obj.hpasid = Math.round(message.hpasid);
+    }
+    if (message.generation !== 0) {
+      obj.generation = Math.round(message.generation);
+    }
+    if (message.iova !== 0n) {
+      obj.iova = message.iova.toString();
+    }
+    if (message.size !== 0n) {
+      obj.size = message.size.toString();
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<UnmapGuestPagesRequest>): UnmapGuestPagesRequest {
+    return UnmapGuestPagesRequest.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<UnmapGuestPagesRequest>): UnmapGuestPagesRequest {
+    const message = createBaseUnmapGuestPagesRequest();
+    message.containerId = object.containerId ?? 0;
+    message.hpasid = object.hpasid ?? 0;
+    message.generation = object.generation ?? 0;
+    message.iova = (object.iova !== undefined && object.iova !== null) ? BigInt(object.iova) : 0n;
+    message.size = (object.size !== undefined && object.size !== null) ? BigInt(object.size) : 0n;
+    return message;
+  },
+};
+
+function createBaseUnmapGuestPagesResponse(): UnmapGuestPagesResponse {
+  return { unmappedSize: 0n };
+}
+
+export const UnmapGuestPagesResponse: MessageFns<UnmapGuestPagesResponse> = {
+  encode(message: UnmapGuestPagesResponse, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.unmappedSize !== 0n) {
+      if (BigInt.asUintN(64, message.unmappedSize) !== message.unmappedSize) {
+        throw new globalThis.Error("value provided for field message.unmappedSize of type uint64 too large");
+      }
+      writer.uint32(8).uint64(message.unmappedSize);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): UnmapGuestPagesResponse {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseUnmapGuestPagesResponse();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 8) {
+              break;
+            }
+
+            message.unmappedSize = reader.uint64() as bigint;
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): UnmapGuestPagesResponse {
+    return {
+      unmappedSize: isSet(object.unmappedSize)
+        ? BigInt(object.unmappedSize)
+        : isSet(object.unmapped_size)
+        ? BigInt(object.unmapped_size)
+        : 0n,
+    };
+  },
+
+  toJSON(message: UnmapGuestPagesResponse): unknown {
+    const obj: any = {};
+    if (message.unmappedSize !== 0n) {
+      obj.unmappedSize = message.unmappedSize.toString();
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<UnmapGuestPagesResponse>): UnmapGuestPagesResponse {
+    return UnmapGuestPagesResponse.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<UnmapGuestPagesResponse>): UnmapGuestPagesResponse {
+    const message = createBaseUnmapGuestPagesResponse();
+    message.unmappedSize = (object.unmappedSize !== undefined && object.unmappedSize !== null)
+      ? BigInt(object.unmappedSize)
+      : 0n;
     return message;
   },
 };
@@ -4178,12 +5080,16 @@ export const VfioServiceService = {
   },
   /**
    * WatchFaults is the VMM's fault stream (the vIOMMU's page-request queue): every complete IO page
-   * fault group raised under the container's guest binds is relayed on it, with the guest PASID the
-   * guest knows it by. One watcher per container: a new WatchFaults replaces the previous one,
-   * which ends with ABORTED `FAULT_WATCHER_REPLACED`, and the new stream receives the still
-   * unanswered groups again (the VMM is idempotent by `fault_group_id`). A group that arrives while
-   * the container has no watcher is answered FAILURE at once (no handler); a group nobody answers
-   * before its deadline is answered INVALID by the IOMMU. The stream ends with OK when the
+   * fault group raised under the container's guest binds is relayed on it (`group`), with the guest
+   * PASID the guest knows it by; so is every unrecoverable fault under them (`fault`) — except for a
+   * host PASID the guest has freed (no stray fault between free and unbind) — and every answer to a
+   * relayed group (`answered`: by this VMM, or by detach, free, timeout). One watcher per
+   * container: a new WatchFaults replaces the previous one, which ends with ABORTED
+   * `FAULT_WATCHER_REPLACED`, and the new stream receives the still unanswered groups again (the VMM
+   * is idempotent by `fault_group_id`). A group that arrives while the container has no watcher is
+   * answered FAILURE at once (no handler); a group nobody answers before its deadline is answered
+   * INVALID by the IOMMU. When the VMM goes away (its Session ends) every unanswered group of the
+   * container is answered INVALID before the set is freed. The stream ends with OK when the
    * container closes.
    * Errors: only the container and common errors named in the file comment.
    */
@@ -4214,6 +5120,38 @@ export const VfioServiceService = {
     responseSerialize: (value: SendPageResponseResponse): Buffer =>
       Buffer.from(SendPageResponseResponse.encode(value).finish()),
     responseDeserialize: (value: Buffer): SendPageResponseResponse => SendPageResponseResponse.decode(value),
+  },
+  /**
+   * MapGuestPages is the guest installing pages in the first-stage page table of one of its bound
+   * PASIDs (guest virtual → guest physical), as it does before answering a page request SUCCESS.
+   * Errors: PERMISSION_DENIED `IOASID_NOT_IN_SET`; NOT_FOUND `GUEST_BIND_NOT_FOUND` (the host PASID
+   * is not bound); FAILED_PRECONDITION `STALE_GENERATION`; INVALID_ARGUMENT `ADDRESS_NOT_ALIGNED`,
+   * `INVALID_RANGE`; ALREADY_EXISTS `IOVA_ALREADY_MAPPED`.
+   */
+  mapGuestPages: {
+    path: "/ioasid.vfio.v1.VfioService/MapGuestPages" as const,
+    requestStream: false as const,
+    responseStream: false as const,
+    requestSerialize: (value: MapGuestPagesRequest): Buffer => Buffer.from(MapGuestPagesRequest.encode(value).finish()),
+    requestDeserialize: (value: Buffer): MapGuestPagesRequest => MapGuestPagesRequest.decode(value),
+    responseSerialize: (value: MapGuestPagesResponse): Buffer =>
+      Buffer.from(MapGuestPagesResponse.encode(value).finish()),
+    responseDeserialize: (value: Buffer): MapGuestPagesResponse => MapGuestPagesResponse.decode(value),
+  },
+  /**
+   * UnmapGuestPages removes first-stage pages of one of the guest's bound PASIDs.
+   * Errors: as MapGuestPages, without `IOVA_ALREADY_MAPPED`.
+   */
+  unmapGuestPages: {
+    path: "/ioasid.vfio.v1.VfioService/UnmapGuestPages" as const,
+    requestStream: false as const,
+    responseStream: false as const,
+    requestSerialize: (value: UnmapGuestPagesRequest): Buffer =>
+      Buffer.from(UnmapGuestPagesRequest.encode(value).finish()),
+    requestDeserialize: (value: Buffer): UnmapGuestPagesRequest => UnmapGuestPagesRequest.decode(value),
+    responseSerialize: (value: UnmapGuestPagesResponse): Buffer =>
+      Buffer.from(UnmapGuestPagesResponse.encode(value).finish()),
+    responseDeserialize: (value: Buffer): UnmapGuestPagesResponse => UnmapGuestPagesResponse.decode(value),
   },
   /**
    * QueryState returns VFIO's view of one container or of all of them: set, devices, guest PASIDs,
@@ -4320,12 +5258,16 @@ export interface VfioServiceServer extends UntypedServiceImplementation {
   unbindGuestPasid: handleUnaryCall<UnbindGuestPasidRequest, UnbindGuestPasidResponse>;
   /**
    * WatchFaults is the VMM's fault stream (the vIOMMU's page-request queue): every complete IO page
-   * fault group raised under the container's guest binds is relayed on it, with the guest PASID the
-   * guest knows it by. One watcher per container: a new WatchFaults replaces the previous one,
-   * which ends with ABORTED `FAULT_WATCHER_REPLACED`, and the new stream receives the still
-   * unanswered groups again (the VMM is idempotent by `fault_group_id`). A group that arrives while
-   * the container has no watcher is answered FAILURE at once (no handler); a group nobody answers
-   * before its deadline is answered INVALID by the IOMMU. The stream ends with OK when the
+   * fault group raised under the container's guest binds is relayed on it (`group`), with the guest
+   * PASID the guest knows it by; so is every unrecoverable fault under them (`fault`) — except for a
+   * host PASID the guest has freed (no stray fault between free and unbind) — and every answer to a
+   * relayed group (`answered`: by this VMM, or by detach, free, timeout). One watcher per
+   * container: a new WatchFaults replaces the previous one, which ends with ABORTED
+   * `FAULT_WATCHER_REPLACED`, and the new stream receives the still unanswered groups again (the VMM
+   * is idempotent by `fault_group_id`). A group that arrives while the container has no watcher is
+   * answered FAILURE at once (no handler); a group nobody answers before its deadline is answered
+   * INVALID by the IOMMU. When the VMM goes away (its Session ends) every unanswered group of the
+   * container is answered INVALID before the set is freed. The stream ends with OK when the
    * container closes.
    * Errors: only the container and common errors named in the file comment.
    */
@@ -4339,6 +5281,19 @@ export interface VfioServiceServer extends UntypedServiceImplementation {
    * UNSPECIFIED).
    */
   sendPageResponse: handleUnaryCall<SendPageResponseRequest, SendPageResponseResponse>;
+  /**
+   * MapGuestPages is the guest installing pages in the first-stage page table of one of its bound
+   * PASIDs (guest virtual → guest physical), as it does before answering a page request SUCCESS.
+   * Errors: PERMISSION_DENIED `IOASID_NOT_IN_SET`; NOT_FOUND `GUEST_BIND_NOT_FOUND` (the host PASID
+   * is not bound); FAILED_PRECONDITION `STALE_GENERATION`; INVALID_ARGUMENT `ADDRESS_NOT_ALIGNED`,
+   * `INVALID_RANGE`; ALREADY_EXISTS `IOVA_ALREADY_MAPPED`.
+   */
+  mapGuestPages: handleUnaryCall<MapGuestPagesRequest, MapGuestPagesResponse>;
+  /**
+   * UnmapGuestPages removes first-stage pages of one of the guest's bound PASIDs.
+   * Errors: as MapGuestPages, without `IOVA_ALREADY_MAPPED`.
+   */
+  unmapGuestPages: handleUnaryCall<UnmapGuestPagesRequest, UnmapGuestPagesResponse>;
   /**
    * QueryState returns VFIO's view of one container or of all of them: set, devices, guest PASIDs,
    * binds and unanswered fault groups. It changes nothing.
@@ -4553,12 +5508,16 @@ export interface VfioServiceClient extends Client {
   ): ClientUnaryCall;
   /**
    * WatchFaults is the VMM's fault stream (the vIOMMU's page-request queue): every complete IO page
-   * fault group raised under the container's guest binds is relayed on it, with the guest PASID the
-   * guest knows it by. One watcher per container: a new WatchFaults replaces the previous one,
-   * which ends with ABORTED `FAULT_WATCHER_REPLACED`, and the new stream receives the still
-   * unanswered groups again (the VMM is idempotent by `fault_group_id`). A group that arrives while
-   * the container has no watcher is answered FAILURE at once (no handler); a group nobody answers
-   * before its deadline is answered INVALID by the IOMMU. The stream ends with OK when the
+   * fault group raised under the container's guest binds is relayed on it (`group`), with the guest
+   * PASID the guest knows it by; so is every unrecoverable fault under them (`fault`) — except for a
+   * host PASID the guest has freed (no stray fault between free and unbind) — and every answer to a
+   * relayed group (`answered`: by this VMM, or by detach, free, timeout). One watcher per
+   * container: a new WatchFaults replaces the previous one, which ends with ABORTED
+   * `FAULT_WATCHER_REPLACED`, and the new stream receives the still unanswered groups again (the VMM
+   * is idempotent by `fault_group_id`). A group that arrives while the container has no watcher is
+   * answered FAILURE at once (no handler); a group nobody answers before its deadline is answered
+   * INVALID by the IOMMU. When the VMM goes away (its Session ends) every unanswered group of the
+   * container is answered INVALID before the set is freed. The stream ends with OK when the
    * container closes.
    * Errors: only the container and common errors named in the file comment.
    */
@@ -4590,6 +5549,47 @@ export interface VfioServiceClient extends Client {
     metadata: Metadata,
     options: Partial<CallOptions>,
     callback: (error: ServiceError | null, response: SendPageResponseResponse) => void,
+  ): ClientUnaryCall;
+  /**
+   * MapGuestPages is the guest installing pages in the first-stage page table of one of its bound
+   * PASIDs (guest virtual → guest physical), as it does before answering a page request SUCCESS.
+   * Errors: PERMISSION_DENIED `IOASID_NOT_IN_SET`; NOT_FOUND `GUEST_BIND_NOT_FOUND` (the host PASID
+   * is not bound); FAILED_PRECONDITION `STALE_GENERATION`; INVALID_ARGUMENT `ADDRESS_NOT_ALIGNED`,
+   * `INVALID_RANGE`; ALREADY_EXISTS `IOVA_ALREADY_MAPPED`.
+   */
+  mapGuestPages(
+    request: MapGuestPagesRequest,
+    callback: (error: ServiceError | null, response: MapGuestPagesResponse) => void,
+  ): ClientUnaryCall;
+  mapGuestPages(
+    request: MapGuestPagesRequest,
+    metadata: Metadata,
+    callback: (error: ServiceError | null, response: MapGuestPagesResponse) => void,
+  ): ClientUnaryCall;
+  mapGuestPages(
+    request: MapGuestPagesRequest,
+    metadata: Metadata,
+    options: Partial<CallOptions>,
+    callback: (error: ServiceError | null, response: MapGuestPagesResponse) => void,
+  ): ClientUnaryCall;
+  /**
+   * UnmapGuestPages removes first-stage pages of one of the guest's bound PASIDs.
+   * Errors: as MapGuestPages, without `IOVA_ALREADY_MAPPED`.
+   */
+  unmapGuestPages(
+    request: UnmapGuestPagesRequest,
+    callback: (error: ServiceError | null, response: UnmapGuestPagesResponse) => void,
+  ): ClientUnaryCall;
+  unmapGuestPages(
+    request: UnmapGuestPagesRequest,
+    metadata: Metadata,
+    callback: (error: ServiceError | null, response: UnmapGuestPagesResponse) => void,
+  ): ClientUnaryCall;
+  unmapGuestPages(
+    request: UnmapGuestPagesRequest,
+    metadata: Metadata,
+    options: Partial<CallOptions>,
+    callback: (error: ServiceError | null, response: UnmapGuestPagesResponse) => void,
   ): ClientUnaryCall;
   /**
    * QueryState returns VFIO's view of one container or of all of them: set, devices, guest PASIDs,
