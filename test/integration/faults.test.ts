@@ -1,0 +1,372 @@
+import { spawn, type ChildProcess } from "node:child_process";
+import { fileURLToPath } from "node:url";
+import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { connect, type NatsConnection } from "@nats-io/transport-node";
+import { readHistory, type HistoryRecord } from "@ioasid/bus";
+import { Code, isDomainError } from "@ioasid/errors";
+import { core, iommu, kvm, vfio } from "@ioasid/proto";
+import { waitFor } from "@ioasid/testkit";
+import { expectRefused } from "../support/core-fixture.js";
+import { startStack, type StackFixture } from "../support/stack-fixture.js";
+import { CODE, GPA_BASE, GVA_BASE, HPA_BASE, OUTCOME, PAGE, SOURCE, dma, gpaOf, guestAnswers, openGuest, registerDevice, watchFaults } from "../support/fault-fixture.js";
+
+// IO page faults end to end (DESIGN §5 "Faults", §7 S7/L3) through the real services: a device's
+// DMA misses at the IOMMU, the page-request group is routed through the attach handle to VFIO,
+// relayed to the VMM's WatchFaults, answered by the guest, and the device's retry completes; and
+// every way a group can end gets exactly one response.
+
+const P = <T>(m: { fromPartial(x: object): T }, x: object): T => m.fromPartial(x);
+const cli = fileURLToPath(new URL("../../packages/cli/dist/main.js", import.meta.url));
+/** The IOMMU answers unanswered groups INVALID after this long (short, for the timeout test). */
+const FAULT_TIMEOUT_MS = 2000;
+
+let stack: StackFixture;
+let nc: NatsConnection;
+const children: ChildProcess[] = [];
+beforeAll(async () => {
+  stack = await startStack({ IOMMU_FAULT_TIMEOUT: `${FAULT_TIMEOUT_MS}ms` });
+  nc = await connect({ servers: stack.nats.url });
+}, 60_000);
+afterAll(async () => {
+  for (const ch of children) ch.kill("SIGKILL");
+  await nc?.close();
+  await stack?.stop();
+});
+
+let tokens = 0xfa00n;
+const nextToken = () => ++tokens;
+
+/** The IOMMU's page_response history records of a group. */
+async function responsesOf(groupIds: readonly bigint[], since: number): Promise<Map<bigint, HistoryRecord[]>> {
+  const hist = await readHistory(nc, { sinceMs: since });
+  const out = new Map<bigint, HistoryRecord[]>(groupIds.map((id) => [id, []]));
+  for (const r of hist) {
+    if (r.role !== "iommu" || r.action !== "page_response") continue;
+    const id = /^group (\d+) /.exec(r.detail ?? "")?.[1];
+    if (id !== undefined) out.get(BigInt(id))?.push(r);
+  }
+  return out;
+}
+
+const awaitResponse = (deviceId: string, faultGroupId: bigint) => stack.clients.iommu.awaitPageResponse({ deviceId, faultGroupId }, { deadlineMs: 10_000 });
+
+describe("page requests routed to the guest", () => {
+  it("answers a three-request group once, after its last request, and the device's retry completes", async () => {
+    const c = stack.clients;
+    const since = Date.now() - 1;
+    await registerDevice(c, "pf-a");
+    const g = await openGuest(c, nextToken(), "pf-a");
+    const w = await watchFaults(c, g.containerId);
+    const gvas = [0n, 1n, 2n].map((i) => GVA_BASE + i * PAGE + 0x10n);
+
+    const r1 = await dma(c, "pf-a", g.hpasid, gvas[0]!, { prgi: 3, last: false });
+    const r2 = await dma(c, "pf-a", g.hpasid, gvas[1]!, { prgi: 3, last: false });
+    expect(r1).toMatchObject({ outcome: OUTCOME.TRANSLATE_OUTCOME_PAGE_REQUEST, groupComplete: false });
+    expect(r2).toMatchObject({ outcome: OUTCOME.TRANSLATE_OUTCOME_PAGE_REQUEST, groupComplete: false, faultGroupId: r1.faultGroupId });
+    // Non-last requests wait on the partial list: nothing reaches the guest, an answer is refused.
+    const partial = (await c.iommu.queryState(P(iommu.QueryStateRequest, { deviceIds: ["pf-a"] }))).faultGroups;
+    expect(partial.map((f) => [f.faultGroupId, f.state, f.requests.length])).toEqual([[r1.faultGroupId, iommu.FaultGroupState.FAULT_GROUP_STATE_PARTIAL, 2]]);
+    await new Promise((r) => setTimeout(r, 100));
+    expect(w.groups()).toEqual([]);
+    await expectRefused(
+      c.iommu.sendPageResponse({ owner: "vfio/vfio-1", faultGroupId: r1.faultGroupId, code: CODE.PAGE_RESPONSE_CODE_SUCCESS }),
+      Code.FAILED_PRECONDITION,
+      "FAULT_GROUP_INCOMPLETE",
+    );
+
+    const r3 = await dma(c, "pf-a", g.hpasid, gvas[2]!, { prgi: 3, last: true });
+    expect(r3).toMatchObject({ outcome: OUTCOME.TRANSLATE_OUTCOME_PAGE_REQUEST, groupComplete: true, faultGroupId: r1.faultGroupId });
+    const device = awaitResponse("pf-a", r1.faultGroupId);
+    await waitFor(() => w.groups().length === 1, { message: "the group relayed to the VMM" });
+    const group = w.groups()[0]!;
+    expect(group).toMatchObject({ faultGroupId: r1.faultGroupId, hpasid: g.hpasid, gpasid: g.gpasid, prgi: 3 });
+    expect(group.requests.map((r) => [r.address, r.lastRequest])).toEqual([
+      [GVA_BASE, false],
+      [GVA_BASE + PAGE, false],
+      [GVA_BASE + 2n * PAGE, true],
+    ]);
+
+    await guestAnswers(c, g, group);
+    expect(await device).toEqual({ code: CODE.PAGE_RESPONSE_CODE_SUCCESS, source: SOURCE.PAGE_RESPONSE_SOURCE_HANDLER });
+    for (const gva of gvas) {
+      // GVA page → GPA page (the guest's first stage) → HPA (the VM's stage 2), offset kept.
+      expect(await dma(c, "pf-a", g.hpasid, gva)).toMatchObject({ outcome: OUTCOME.TRANSLATE_OUTCOME_TRANSLATED, outputAddress: HPA_BASE + (gpaOf(gva) - GPA_BASE) });
+    }
+    // Exactly one response: the second answer is refused and changes nothing.
+    await expectRefused(
+      c.vfio.sendPageResponse({ containerId: g.containerId, faultGroupId: group.faultGroupId, code: vfio.PageResponseCode.PAGE_RESPONSE_CODE_INVALID }),
+      Code.FAILED_PRECONDITION,
+      "FAULT_GROUP_ALREADY_RESPONDED",
+    );
+    expect(await awaitResponse("pf-a", r1.faultGroupId)).toMatchObject({ code: CODE.PAGE_RESPONSE_CODE_SUCCESS });
+    await waitFor(() => w.answered().length === 1);
+    expect(w.answered()).toEqual([{ faultGroupId: group.faultGroupId, code: vfio.PageResponseCode.PAGE_RESPONSE_CODE_SUCCESS, source: "PAGE_RESPONSE_SOURCE_HANDLER" }]);
+    await waitFor(async () => (await responsesOf([group.faultGroupId], since)).get(group.faultGroupId)!.length === 1, { message: "the response in the history" });
+    w.stop();
+    g.session.abort();
+  });
+
+  it("translates through the guest's first stage and the VM's stage 2 to the host address", async () => {
+    const c = stack.clients;
+    await registerDevice(c, "pf-t");
+    const g = await openGuest(c, nextToken(), "pf-t");
+    const gva = GVA_BASE + 0x40_0000n;
+    await c.vfio.mapGuestPages(P(vfio.MapGuestPagesRequest, { containerId: g.containerId, hpasid: g.hpasid, iova: gva, gpa: 0x1000_3000n, size: PAGE, access: { read: true } }));
+    expect(await dma(c, "pf-t", g.hpasid, gva + 0x24n)).toMatchObject({ outcome: OUTCOME.TRANSLATE_OUTCOME_TRANSLATED, outputAddress: HPA_BASE + 0x3024n });
+    // Another guest cannot touch this guest's page table.
+    await registerDevice(c, "pf-t2");
+    const other = await openGuest(c, nextToken(), "pf-t2");
+    await expectRefused(
+      c.vfio.mapGuestPages(P(vfio.MapGuestPagesRequest, { containerId: other.containerId, hpasid: g.hpasid, iova: gva + PAGE, gpa: 0x1000_4000n, size: PAGE, access: { read: true } })),
+      Code.PERMISSION_DENIED,
+      "IOASID_NOT_IN_SET",
+    );
+    g.session.abort();
+    other.session.abort();
+  });
+});
+
+describe("every group gets exactly one response", () => {
+  it("answers both outstanding groups INVALID when the guest unbinds (handle teardown), and refuses the guest's later answer", async () => {
+    const c = stack.clients;
+    await registerDevice(c, "pf-b");
+    const g = await openGuest(c, nextToken(), "pf-b");
+    const w = await watchFaults(c, g.containerId);
+    const a = await dma(c, "pf-b", g.hpasid, GVA_BASE + 0x10_0000n);
+    const b = await dma(c, "pf-b", g.hpasid, GVA_BASE + 0x20_0000n, { prgi: 7, last: false });
+    await waitFor(() => w.groups().length === 1);
+    await c.vfio.unbindGuestPasid(
+      P(vfio.UnbindGuestPasidRequest, { containerId: g.containerId, device: { ref: { $case: "deviceId", value: "pf-b" } }, hpasid: g.hpasid, generation: g.generation }),
+    );
+    for (const id of [a.faultGroupId, b.faultGroupId]) {
+      expect(await awaitResponse("pf-b", id)).toEqual({ code: CODE.PAGE_RESPONSE_CODE_INVALID, source: SOURCE.PAGE_RESPONSE_SOURCE_DETACH });
+    }
+    await expectRefused(
+      c.vfio.sendPageResponse({ containerId: g.containerId, faultGroupId: a.faultGroupId, code: vfio.PageResponseCode.PAGE_RESPONSE_CODE_SUCCESS }),
+      Code.FAILED_PRECONDITION,
+      "FAULT_GROUP_ALREADY_RESPONDED",
+    );
+    await waitFor(() => w.answered().length === 1, { message: "the relayed group's answer reaches the VMM" });
+    expect(w.answered()[0]).toMatchObject({ faultGroupId: a.faultGroupId, source: "PAGE_RESPONSE_SOURCE_DETACH" });
+    expect((await c.iommu.queryState(P(iommu.QueryStateRequest, { deviceIds: ["pf-b"] }))).faultGroups).toEqual([]);
+    w.stop();
+    g.session.abort();
+  });
+
+  it("answers a DetachDomain's groups INVALID and only that handle's; a group nobody handles is answered FAILURE", async () => {
+    const c = stack.clients;
+    await registerDevice(c, "pf-c");
+    const domain = (await c.iommu.createDomain(P(iommu.CreateDomainRequest, { type: iommu.DomainType.DOMAIN_TYPE_PAGING }))).domain!.domainId;
+    for (const pasid of [11, 12]) await c.iommu.attachDomain(P(iommu.AttachDomainRequest, { domainId: domain, deviceId: "pf-c", pasid, owner: "test/handler" }));
+    await c.iommu.attachDomain(P(iommu.AttachDomainRequest, { domainId: domain, deviceId: "pf-c", pasid: 13, owner: "test/nobody" }));
+    const seen: iommu.SubscribeFaultGroupsResponse[] = [];
+    const ac = new AbortController();
+    const stream = (async () => {
+      try {
+        for await (const m of c.iommu.subscribeFaultGroups({ owner: "test/handler" }, { signal: ac.signal })) seen.push(m);
+      } catch {
+        /* aborted */
+      }
+    })();
+    // Give the stream time to open (a group completed before would be answered FAILURE: no handler).
+    await new Promise((r) => setTimeout(r, 300));
+    const x = await dma(c, "pf-c", 11, 0x1000n);
+    const y = await dma(c, "pf-c", 11, 0x2000n);
+    const z = await dma(c, "pf-c", 12, 0x3000n);
+    await waitFor(() => seen.filter((m) => m.item?.$case === "group").length === 3, { message: "three groups at the handler" });
+    const detached = await c.iommu.detachDomain(P(iommu.DetachDomainRequest, { domainId: domain, deviceId: "pf-c", pasid: 11 }));
+    expect(detached.answeredFaultGroups).toBe(2);
+    for (const id of [x.faultGroupId, y.faultGroupId]) expect(await awaitResponse("pf-c", id)).toMatchObject({ source: SOURCE.PAGE_RESPONSE_SOURCE_DETACH });
+    // The other handle's group is untouched until its handler answers.
+    expect((await c.iommu.queryState(P(iommu.QueryStateRequest, { deviceIds: ["pf-c"] }))).faultGroups.map((f) => f.faultGroupId)).toEqual([z.faultGroupId]);
+    await c.iommu.sendPageResponse({ owner: "test/handler", faultGroupId: z.faultGroupId, code: CODE.PAGE_RESPONSE_CODE_INVALID });
+    await expectRefused(c.iommu.sendPageResponse({ owner: "test/other", faultGroupId: z.faultGroupId, code: CODE.PAGE_RESPONSE_CODE_SUCCESS }), Code.PERMISSION_DENIED, "FAULT_GROUP_NOT_OWNED");
+    await expectRefused(c.iommu.sendPageResponse({ owner: "test/handler", faultGroupId: 987654n, code: CODE.PAGE_RESPONSE_CODE_SUCCESS }), Code.NOT_FOUND, "FAULT_GROUP_NOT_FOUND");
+    // No stream for the owner: answered FAILURE at once (no handler).
+    const lone = await dma(c, "pf-c", 13, 0x4000n);
+    expect(await awaitResponse("pf-c", lone.faultGroupId)).toEqual({ code: CODE.PAGE_RESPONSE_CODE_FAILURE, source: SOURCE.PAGE_RESPONSE_SOURCE_NO_HANDLER });
+    ac.abort();
+    await stream;
+  });
+
+  it("answers INVALID a group nobody answers before the timeout; the late answer is refused", async () => {
+    const c = stack.clients;
+    await registerDevice(c, "pf-e");
+    const g = await openGuest(c, nextToken(), "pf-e");
+    const w = await watchFaults(c, g.containerId);
+    const t0 = Date.now();
+    const r = await dma(c, "pf-e", g.hpasid, GVA_BASE + 0x30_0000n);
+    expect(await awaitResponse("pf-e", r.faultGroupId)).toEqual({ code: CODE.PAGE_RESPONSE_CODE_INVALID, source: SOURCE.PAGE_RESPONSE_SOURCE_TIMEOUT });
+    expect(Date.now() - t0).toBeGreaterThanOrEqual(FAULT_TIMEOUT_MS - 50);
+    await waitFor(() => w.answered().length === 1);
+    await expectRefused(
+      c.vfio.sendPageResponse({ containerId: g.containerId, faultGroupId: r.faultGroupId, code: vfio.PageResponseCode.PAGE_RESPONSE_CODE_SUCCESS }),
+      Code.FAILED_PRECONDITION,
+      "FAULT_GROUP_ALREADY_RESPONDED",
+    );
+    w.stop();
+    g.session.abort();
+  });
+
+  it("bounds outstanding requests by the device's credits without stalling it", async () => {
+    const c = stack.clients;
+    await registerDevice(c, "pf-f", { priCredits: 2 });
+    const g = await openGuest(c, nextToken(), "pf-f");
+    const w = await watchFaults(c, g.containerId);
+    const a = await dma(c, "pf-f", g.hpasid, GVA_BASE + 0x1000n);
+    const partial = await dma(c, "pf-f", g.hpasid, GVA_BASE + 0x2000n, { prgi: 40, last: false });
+    // Over the limit: not queued, and the partial group it belonged to is answered INVALID at once.
+    const over = await dma(c, "pf-f", g.hpasid, GVA_BASE + 0x3000n, { prgi: 40, last: true });
+    expect(over).toMatchObject({ outcome: OUTCOME.TRANSLATE_OUTCOME_FAULT, faultReason: iommu.FaultReason.FAULT_REASON_PRI_CREDITS_EXHAUSTED, faultGroupId: partial.faultGroupId });
+    expect(await awaitResponse("pf-f", partial.faultGroupId)).toEqual({ code: CODE.PAGE_RESPONSE_CODE_INVALID, source: SOURCE.PAGE_RESPONSE_SOURCE_CREDITS_EXHAUSTED });
+    await waitFor(() => w.groups().length === 1);
+    await guestAnswers(c, g, w.groups()[0]!);
+    expect(await awaitResponse("pf-f", a.faultGroupId)).toMatchObject({ code: CODE.PAGE_RESPONSE_CODE_SUCCESS });
+    // Credits came back with the answers.
+    expect((await dma(c, "pf-f", g.hpasid, GVA_BASE + 0x5000n)).outcome).toBe(OUTCOME.TRANSLATE_OUTCOME_PAGE_REQUEST);
+    w.stop();
+    g.session.abort();
+  });
+
+  it("answers every outstanding group INVALID when the VMM is killed, and reclaims its IOASIDs", async () => {
+    const c = stack.clients;
+    await registerDevice(c, "pf-k");
+    const token = nextToken();
+    const vmm = spawn(process.execPath, [cli, "vmm-agent", "--vfio", stack.addresses.vfio, "--token", String(token), "--quota", "8", "--name", "killed"], { stdio: ["ignore", "pipe", "inherit"] });
+    children.push(vmm);
+    const opened = await new Promise<{ containerId: number }>((resolve, reject) => {
+      vmm.stdout!.on("data", (d) => {
+        const line = String(d).split("\n").find((l) => l.startsWith("{"));
+        if (line !== undefined) resolve(JSON.parse(line) as { containerId: number });
+      });
+      vmm.on("exit", (code) => reject(new Error(`VMM exited ${code}`)));
+    });
+    await c.vfio.assignDevice(P(vfio.AssignDeviceRequest, { containerId: opened.containerId, device: { ref: { $case: "deviceId", value: "pf-k" } } }));
+    const p = await c.vfio.allocPasid({ containerId: opened.containerId });
+    await c.vfio.bindGuestPasid(
+      P(vfio.BindGuestPasidRequest, { containerId: opened.containerId, device: { ref: { $case: "deviceId", value: "pf-k" } }, hpasid: p.hpasid, generation: p.generation, gpasid: 9, guestPgtable: 0x5000n }),
+    );
+    const w = await watchFaults(c, opened.containerId);
+    const ids: bigint[] = [];
+    for (let i = 0n; i < 3n; i++) ids.push((await dma(c, "pf-k", p.hpasid, GVA_BASE + i * PAGE)).faultGroupId);
+    ids.push((await dma(c, "pf-k", p.hpasid, GVA_BASE + 9n * PAGE, { prgi: 100, last: false })).faultGroupId);
+    await waitFor(() => w.groups().length === 3);
+    vmm.kill("SIGKILL");
+    for (const id of ids) expect((await awaitResponse("pf-k", id)).code).toBe(CODE.PAGE_RESPONSE_CODE_INVALID);
+    await waitFor(
+      async () => {
+        try {
+          await c.core.describe({ ioasid: p.hpasid });
+          return false;
+        } catch (err) {
+          return isDomainError(err, "IOASID_NOT_FOUND");
+        }
+      },
+      { timeoutMs: 10_000, message: "the crashed guest's IOASID reclaimed" },
+    );
+    expect((await c.iommu.queryState(P(iommu.QueryStateRequest, { deviceIds: ["pf-k"] }))).faultGroups).toEqual([]);
+    expect(await w.ended).toBeUndefined();
+  });
+
+  it("drains a freed PASID's pending and partial groups before its reclaim; its next owner sees none of them", async () => {
+    const c = stack.clients;
+    const since = Date.now() - 1;
+    await registerDevice(c, "pf-d");
+    const g = await openGuest(c, nextToken(), "pf-d");
+    const w = await watchFaults(c, g.containerId);
+    const pending = await dma(c, "pf-d", g.hpasid, GVA_BASE + 0x1000n);
+    const partial = await dma(c, "pf-d", g.hpasid, GVA_BASE + 0x2000n, { prgi: 5, last: false });
+    await waitFor(() => w.groups().length === 1);
+    // The guest frees before unbinding (the misbehaving-guest path).
+    await c.vfio.freePasid({ containerId: g.containerId, hpasid: g.hpasid, generation: g.generation });
+    for (const id of [pending.faultGroupId, partial.faultGroupId]) {
+      expect(await awaitResponse("pf-d", id)).toEqual({ code: CODE.PAGE_RESPONSE_CODE_INVALID, source: SOURCE.PAGE_RESPONSE_SOURCE_IOASID_FREED });
+    }
+    // Drained before the reclaim: both responses precede the RECLAIM in the history.
+    let hist: HistoryRecord[] = [];
+    await waitFor(
+      async () => {
+        hist = await readHistory(nc, { sinceMs: since });
+        return hist.some((r) => r.action === "event:RECLAIM" && r.ioasid === g.hpasid);
+      },
+      { timeoutMs: 10_000, message: "the RECLAIM" },
+    );
+    const reclaim = hist.find((r) => r.action === "event:RECLAIM" && r.ioasid === g.hpasid)!;
+    const drained = hist.filter((r) => r.role === "iommu" && r.action === "page_response" && r.ioasid === g.hpasid && /IOASID_FREED/.test(r.detail ?? ""));
+    expect(drained).toHaveLength(2);
+    for (const d of drained) expect(d.ts).toBeLessThanOrEqual(reclaim.ts);
+
+    // The next owner of the same PASID: a new guest allocates until it gets it.
+    await registerDevice(c, "pf-d2");
+    const next = await openGuest(c, nextToken(), "pf-d2", 300);
+    let mine = next.hpasid === g.hpasid ? { hpasid: next.hpasid, generation: next.generation } : undefined;
+    for (let i = 0; i < 20 && mine === undefined; i++) {
+      const a = await c.vfio.allocPasid({ containerId: next.containerId });
+      if (a.hpasid === g.hpasid) mine = a;
+    }
+    expect(mine, "the PASID was handed to the next owner").toBeDefined();
+    if (mine!.hpasid !== next.hpasid) {
+      await c.vfio.bindGuestPasid(
+        P(vfio.BindGuestPasidRequest, { containerId: next.containerId, device: { ref: { $case: "deviceId", value: "pf-d2" } }, hpasid: mine!.hpasid, generation: mine!.generation, gpasid: 301, guestPgtable: 0x5000n }),
+      );
+    }
+    const w2 = await watchFaults(c, next.containerId);
+    await new Promise((r) => setTimeout(r, 200));
+    expect(w2.groups(), "the old owner's groups never reach the new owner").toEqual([]);
+    const left = (await c.iommu.queryState(P(iommu.QueryStateRequest, {}))).faultGroups.filter((f) => f.pasid === g.hpasid);
+    expect(left).toEqual([]);
+    // The new owner's own page request reaches the new owner only.
+    const fresh = await dma(c, "pf-d2", g.hpasid, GVA_BASE + 0x9000n);
+    await waitFor(() => w2.groups().length === 1, { message: "the new owner's group" });
+    expect(w2.groups()[0]!.faultGroupId).toBe(fresh.faultGroupId);
+    expect(w.groups().map((x) => x.faultGroupId)).not.toContain(fresh.faultGroupId);
+    w.stop();
+    w2.stop();
+    g.session.abort();
+    next.session.abort();
+  });
+});
+
+describe("unrecoverable faults", () => {
+  it("reports a device without PRI's miss and a permission violation to the VMM, and nothing between free and unbind", async () => {
+    const c = stack.clients;
+    await registerDevice(c, "np-g", { priCapable: false });
+    const token = nextToken();
+    // A VM at KVM registers its CPU-priority notifier on the guest's set: the FREE reaches KVM first.
+    await c.kvm.createVm(P(kvm.CreateVmRequest, { mmToken: token, vcpuCount: 1, vmName: "faulty" }));
+    const g = await openGuest(c, token, "np-g");
+    const w = await watchFaults(c, g.containerId);
+    const gva = GVA_BASE + 0x50_0000n;
+    expect(await dma(c, "np-g", g.hpasid, gva)).toMatchObject({ outcome: OUTCOME.TRANSLATE_OUTCOME_FAULT, faultReason: iommu.FaultReason.FAULT_REASON_NOT_PRESENT });
+    await c.vfio.mapGuestPages(P(vfio.MapGuestPagesRequest, { containerId: g.containerId, hpasid: g.hpasid, iova: gva, gpa: 0x1000_5000n, size: PAGE, access: { read: true } }));
+    expect(await dma(c, "np-g", g.hpasid, gva, { write: true })).toMatchObject({ outcome: OUTCOME.TRANSLATE_OUTCOME_FAULT, faultReason: iommu.FaultReason.FAULT_REASON_PERMISSION });
+    await waitFor(() => w.faults().length === 2, { message: "two fault records at the VMM" });
+    expect(w.faults().map((f) => [f.reason, f.hpasid, f.gpasid, f.address])).toEqual([
+      ["FAULT_REASON_NOT_PRESENT", g.hpasid, g.gpasid, gva],
+      ["FAULT_REASON_PERMISSION", g.hpasid, g.gpasid, gva],
+    ]);
+
+    // Hold KVM (SIGSTOP): the FREE waits at the CPU tier, the IOMMU entry is still programmed, and
+    // the IOASID is FREE_PENDING — the window between free and unbind.
+    process.kill(stack.procs.kvm.pid, "SIGSTOP");
+    try {
+      await c.vfio.freePasid({ containerId: g.containerId, hpasid: g.hpasid, generation: g.generation });
+      expect((await c.core.describe({ ioasid: g.hpasid })).info!.state).toBe(core.IoasidState.IOASID_STATE_FREE_PENDING);
+      expect(await dma(c, "np-g", g.hpasid, gva, { write: true })).toMatchObject({ outcome: OUTCOME.TRANSLATE_OUTCOME_FAULT, faultReason: iommu.FaultReason.FAULT_REASON_PERMISSION });
+      await new Promise((r) => setTimeout(r, 300));
+    } finally {
+      process.kill(stack.procs.kvm.pid, "SIGCONT");
+    }
+    expect(w.faults(), "no fault reported between free and unbind").toHaveLength(2);
+    await waitFor(async () => (await c.iommu.queryState(P(iommu.QueryStateRequest, { deviceIds: ["np-g"] }))).devices[0]!.pasidEntries.every((e) => e.pasid !== g.hpasid), {
+      timeoutMs: 10_000,
+      message: "the FREE teardown at the IOMMU",
+    });
+    // After the teardown there is no entry and no handle: nothing to report to anyone.
+    expect(await dma(c, "np-g", g.hpasid, gva)).toMatchObject({ faultReason: iommu.FaultReason.FAULT_REASON_NO_PASID_ENTRY, handleId: 0n });
+    await new Promise((r) => setTimeout(r, 200));
+    expect(w.faults()).toHaveLength(2);
+    w.stop();
+    g.session.abort();
+  });
+});
