@@ -8,6 +8,7 @@ import { readHistory } from "@ioasid/bus";
 import { isDomainError } from "@ioasid/errors";
 import { core, iommu, kvm, vdcm, vfio } from "@ioasid/proto";
 import { addressesOf, connectStack, type StackClients } from "./clients.js";
+import { faultCommands } from "./fault-commands.js";
 import { runScenario, ScenarioKind, type ScenarioResult } from "./scenario.js";
 import { readState, stackDown, stackUp } from "./stack.js";
 import { buildTimeline, renderHtml, renderTable } from "./timeline.js";
@@ -404,6 +405,7 @@ const commands: Record<string, Command> = {
         return 0;
       }),
   },
+  ...faultCommands({ withStack, findVm, out, err: (line) => process.stderr.write(`${line}\n`) }),
 };
 
 async function bindOrUnbind(v: Record<string, string | boolean | undefined>, bind: boolean): Promise<number> {
@@ -433,6 +435,9 @@ function help(): string {
     "usage: ioasidctl <command> [options]   (ioasidctl <command> --help for its options)",
     "",
     ...Object.entries(commands).map(([k, c]) => `  ${k.padEnd(width)}  ${c.summary}`),
+    "",
+    "IO page faults: `guest-ram` maps a VM's RAM, `faults watch --respond success` plays the guest, `dma --wait` the",
+    "device (page request -> response -> retry); `fault respond` answers one group by hand.",
     "",
     "State (addresses, PIDs, VMs) is kept in --dir (default .ioasid); logs in <dir>/logs.",
   ].join("\n");

@@ -30,6 +30,32 @@ export function columnOf(r: HistoryRecord): Column | undefined {
   return ROLE_COLUMN[r.role];
 }
 
+/**
+ * The history actions of the IO page fault path (DESIGN §5 "Faults"): page-request groups and
+ * their one response, unrecoverable DMA faults, credits, and VFIO's relay to the VMM.
+ */
+export const FAULT_ACTIONS: ReadonlySet<string> = new Set([
+  "iopf_group",
+  "iopf_relay",
+  "iopf_no_handler",
+  "iopf_credits_exhausted",
+  "page_response",
+  "dma_fault",
+  "fault_session_lost",
+]);
+
+/**
+ * The Mermaid arrow a fault step draws, if it crosses between columns: the IOMMU hands a group or
+ * reports a fault to its handler (VFIO), VFIO passes the VMM's answer to the IOMMU.
+ */
+function faultArrow(r: TimelineRow): string | undefined {
+  const a = r.record.action;
+  const toVfio = r.column === "IOMMU" && (r.record.detail ?? "").includes("vfio/");
+  if ((a === "iopf_group" || a === "dma_fault") && toVfio) return "IOMMU->>VFIO";
+  if (a === "page_response" && r.column === "VFIO") return "VFIO->>IOMMU";
+  return undefined;
+}
+
 /** The kernel document's words for a history record. */
 export function describeStep(r: HistoryRecord): string {
   const id = r.ioasid === undefined ? "" : `${r.ioasid}`;
@@ -53,6 +79,7 @@ export function describeStep(r: HistoryRecord): string {
     case "ioasid_put":
       return `-> ioasid_put(${id})`;
     default:
+      if (FAULT_ACTIONS.has(r.action)) return `${r.action}(${id}${r.spid === undefined ? "" : `, gpasid ${r.spid}`}) ${r.detail ?? ""}`.trimEnd();
       return r.detail === undefined || r.role === "ioasid" ? `${r.action}(${id})` : `${r.action}(${id}) ${r.detail}`;
   }
 }
@@ -116,7 +143,9 @@ export function renderMermaid(rows: readonly TimelineRow[]): string {
   for (const r of rows) {
     const text = `${r.step}. ${r.text}${r.ref === undefined ? "" : ` [ref ${r.ref}]`}`.replace(/[;#]/g, " ");
     const target: Column = r.column === "IOASID" ? "IOASID" : "IOASID";
-    if (r.column === "IOASID") out.push(`    Note over IOASID: ${text}`);
+    const arrow = faultArrow(r);
+    if (arrow !== undefined) out.push(`    ${arrow}: ${text}`);
+    else if (r.column === "IOASID") out.push(`    Note over IOASID: ${text}`);
     else if (r.record.action === "ioasid_get" || r.record.action === "ioasid_put" || r.record.action.startsWith("ioasid_register")) {
       out.push(`    ${r.column}->>${target}: ${text}`);
     } else out.push(`    Note over ${r.column}: ${text}`);
