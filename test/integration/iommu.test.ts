@@ -275,7 +275,7 @@ describe("iommu: attach handles", () => {
     );
   });
 
-  it("maps a paging domain and translates DMA through it; a miss is a fault", async () => {
+  it("maps a paging domain and translates DMA through it; a miss is a page request on this PRI device, answered FAILURE with no handler", async () => {
     const { iommu: client } = stack;
     const [d0] = newDevices(1) as [string];
     const stage2 = await devicesWithStage2(client, d0);
@@ -283,12 +283,15 @@ describe("iommu: attach handles", () => {
     const translate = (address: bigint) =>
       client.translate(P(iommu.TranslateRequest, { deviceId: d0, withoutPasid: true, address, access: { read: true } }));
     expect(await translate(0x101234n)).toMatchObject({ outcome: iommu.TranslateOutcome.TRANSLATE_OUTCOME_TRANSLATED, outputAddress: 0x4000_1234n });
-    expect(await translate(0x102000n)).toMatchObject({
-      outcome: iommu.TranslateOutcome.TRANSLATE_OUTCOME_FAULT,
-      faultReason: iommu.FaultReason.FAULT_REASON_NOT_PRESENT,
+    const miss = await translate(0x102000n);
+    expect(miss).toMatchObject({ outcome: iommu.TranslateOutcome.TRANSLATE_OUTCOME_PAGE_REQUEST, groupComplete: true });
+    // The handle's owner has no fault stream here: no handler, FAILURE at once.
+    expect(await client.awaitPageResponse({ deviceId: d0, faultGroupId: miss.faultGroupId })).toEqual({
+      code: iommu.PageResponseCode.PAGE_RESPONSE_CODE_FAILURE,
+      source: iommu.PageResponseSource.PAGE_RESPONSE_SOURCE_NO_HANDLER,
     });
     expect((await client.unmap(P(iommu.UnmapRequest, { domainId: stage2, iova: 0x100000n, size: 0x10000n }))).unmappedSize).toBe(0x2000n);
-    expect((await translate(0x101234n)).outcome).toBe(iommu.TranslateOutcome.TRANSLATE_OUTCOME_FAULT);
+    expect((await translate(0x101234n)).outcome, "unmapped: a miss again").toBe(iommu.TranslateOutcome.TRANSLATE_OUTCOME_PAGE_REQUEST);
     const flush = (await state()).iotlbFlushes.at(-1)!;
     expect(flush).toMatchObject({ scope: iommu.IotlbFlushScope.IOTLB_FLUSH_SCOPE_RANGE, cause: iommu.IotlbFlushCause.IOTLB_FLUSH_CAUSE_UNMAP, deviceId: d0, address: 0x100000n });
   });
@@ -356,7 +359,7 @@ describe("iommu: bad input", () => {
       [() => client.translate(P(iommu.TranslateRequest, { deviceId: d0, pasid: 3, access: { read: true }, pageRequestGroup: { prgi: 512 } })), Code.INVALID_ARGUMENT, "INVALID_FIELD"],
       [() => client.svaBind(P(iommu.SvaBindRequest, { deviceId: d0, mmToken: 0n, owner: "o" })), Code.INVALID_ARGUMENT, "INVALID_FIELD"],
       [() => client.sendPageResponse(P(iommu.SendPageResponseRequest, { owner: "vfio/vfio-1", faultGroupId: 1n })), Code.INVALID_ARGUMENT, "INVALID_FIELD"],
-      [() => client.sendPageResponse(P(iommu.SendPageResponseRequest, { owner: "vfio/vfio-1", faultGroupId: 1n, code: 1 })), Code.NOT_FOUND, "FAULT_GROUP_NOT_FOUND"],
+      [() => client.sendPageResponse(P(iommu.SendPageResponseRequest, { owner: "vfio/vfio-1", faultGroupId: 987_654_321n, code: 1 })), Code.NOT_FOUND, "FAULT_GROUP_NOT_FOUND"],
       [() => client.awaitPageResponse(P(iommu.AwaitPageResponseRequest, { deviceId: "none", faultGroupId: 1n })), Code.NOT_FOUND, "DEVICE_NOT_FOUND"],
       [() => client.queryState(P(iommu.QueryStateRequest, { deviceIds: ["none"] })), Code.NOT_FOUND, "DEVICE_NOT_FOUND"],
     ];
