@@ -3,7 +3,7 @@
 // measured in the same run, and prints figures and ratios (no pass/fail: targets are printed
 // beside the figures). Results also go to bench/results/latest.json.
 //
-//   node --expose-gc bench/run.mjs [--quick] [--only=allocator,grpc,delivery,restart,crash]
+//   node --expose-gc bench/run.mjs [--quick] [--only=allocator,grpc,delivery,restart,crash,faults]
 import { mkdirSync, mkdtempSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
@@ -11,7 +11,7 @@ import { fileURLToPath } from "node:url";
 import { IoasidSpace, IdBitmap, TokenType } from "@ioasid/ioasid";
 import { createClient } from "@ioasid/grpc-kit";
 import { bus, core, events, iommu, kvm, testing, vdcm, vfio } from "@ioasid/proto";
-import { addressesOf, connectStack, readState, stackDown, stackUp } from "@ioasid/cli";
+import { addressesOf, answerFaultGroup, connectStack, findStage2Domain, readState, stackDown, stackUp } from "@ioasid/cli";
 import { startNats, startService } from "@ioasid/testkit";
 import { DeliveryEngine, readHistory, startSubscriber } from "@ioasid/bus";
 import { IoasidCore, OpLog } from "@ioasid/ioasid-core";
@@ -19,8 +19,8 @@ import { connect } from "@nats-io/transport-node";
 import { jetstream, jetstreamManager } from "@nats-io/jetstream";
 
 const quick = process.argv.includes("--quick");
-/** `--only=allocator,delivery` runs a subset: allocator, grpc, delivery, restart. */
-const only = new Set((process.argv.find((a) => a.startsWith("--only="))?.slice(7) ?? "allocator,grpc,delivery,restart,crash").split(","));
+/** `--only=allocator,delivery` runs a subset: allocator, grpc, delivery, restart, crash, faults. */
+const only = new Set((process.argv.find((a) => a.startsWith("--only="))?.slice(7) ?? "allocator,grpc,delivery,restart,crash,faults").split(","));
 const results = {};
 const log = (line) => process.stdout.write(`${line}\n`);
 const now = () => Number(process.hrtime.bigint()) / 1e6; // ms
@@ -539,6 +539,204 @@ async function crashBench() {
   }
 }
 
+// ---------------------------------------------------------------------------------------------
+// 6. IO page faults through the whole stack (processes): the fault round trip — a DMA miss
+//    (Translate → PAGE_REQUEST), the guest (a WatchFaults stream at VFIO, in this process)
+//    installing the page with MapGuestPages and answering SUCCESS, the device's AwaitPageResponse
+//    returning, the retry translating — against a bare gRPC unary call and a gRPC stream round trip
+//    to the echo service (a process too), measured in the same run; and sustained page requests/s
+//    across many devices, each request a group by itself, every group answered exactly once.
+
+async function faultsBench() {
+  const rounds = quick ? 200 : 1000;
+  const devices = 8;
+  const inFlightPerDevice = 8; // below the IOMMU's default 32 page-request credits per device
+  const perDevice = quick ? 250 : 1000;
+  log(`\n[faults] the whole stack as processes; one VM, ${devices} PRI-capable devices assigned, a guest PASID bound on each, the guest answering on WatchFaults`);
+  const dir = mkdtempSync(join(tmpdir(), "ioasid-bench-"));
+  const basePort = 30_000 + Math.floor(Math.random() * 20_000);
+  const nodeArgs = (process.env.BENCH_SERVICE_NODE_ARGS ?? "").split(" ").filter(Boolean);
+  await stackUp({ dir, basePort, natsPort: basePort + 10, readyTimeoutMs: 30_000, nodeArgs });
+  const echoProc = await startService({ name: "echo", entry: fileURLToPath(new URL("./echo-server.mjs", import.meta.url)) });
+  const echo = createClient(testing.EchoServiceClient, echoProc.address);
+  const c = await connectStack(addressesOf(readState(dir)));
+  const stop = new AbortController();
+  try {
+    const opened = await c.vfio.openContainer(vfio.OpenContainerRequest.fromPartial({ mmToken: 0xfa17n, quota: 64, vmName: "bench-faults" }));
+    await new Promise((resolve) => {
+      void (async () => {
+        try {
+          for await (const m of c.vfio.session({ containerId: opened.containerId }, { signal: stop.signal })) if (m.event?.$case === "attached") resolve();
+        } catch {
+          // ended by the benchmark
+        }
+      })();
+    });
+    const containerId = opened.containerId;
+    const bound = [];
+    for (let d = 0; d < devices; d++) {
+      const deviceId = `pri${d}`;
+      await c.iommu.registerDevice(iommu.RegisterDeviceRequest.fromPartial({ deviceId, maxPasids: 1 << 20, priCapable: true, function: iommu.DeviceFunction.DEVICE_FUNCTION_PF, iommuGroup: 100 + d }));
+      const device = { ref: { $case: "deviceId", value: deviceId } };
+      // Right after the stack starts, VFIO's channel to the IOMMU may still be in grpc-js's
+      // reconnect backoff (VFIO opened its fault stream before the IOMMU listened): its calls to
+      // the IOMMU fail UNAVAILABLE for up to a second. A refused assignment changes nothing: retry.
+      for (let attempt = 0; ; attempt++) {
+        try {
+          await c.vfio.assignDevice(vfio.AssignDeviceRequest.fromPartial({ containerId, device }));
+          break;
+        } catch (err) {
+          if (err.reason !== "UNAVAILABLE" || attempt >= 50) throw err;
+          await new Promise((r) => setTimeout(r, 100));
+        }
+      }
+      const a = await c.vfio.allocPasid({ containerId });
+      await c.vfio.bindGuestPasid(vfio.BindGuestPasidRequest.fromPartial({ containerId, device, hpasid: a.hpasid, generation: a.generation, gpasid: d + 1, guestPgtable: 0x1000n }));
+      bound.push({ deviceId, pasid: a.hpasid });
+    }
+    // Guest RAM: GPA [0, 1 GiB) → HPA [4 GiB, 5 GiB) in the VM's stage 2; the guest maps GVA = GPA.
+    const hpaBase = 0x1_0000_0000n;
+    const domainId = await findStage2Domain(c, { name: "bench-faults", containerId, setId: opened.setId });
+    await c.iommu.map(iommu.MapRequest.fromPartial({ domainId, iova: 0n, paddr: hpaBase, size: 0x4000_0000n, access: { read: true, write: true } }));
+    /** Device d's pages: a 64 MiB window of its own (the round trips use device 0's from page 0, the sustained run from page 8192). */
+    const gva = (d, page) => 0x1000_0000n + BigInt(d) * 0x400_0000n + BigInt(page) * 0x1000n;
+
+    // The guest: every relayed group gets its pages installed and SUCCESS; every answer is counted.
+    const relayed = new Map();
+    const answers = new Map();
+    const refused = [];
+    void (async () => {
+      for await (const m of c.vfio.watchFaults({ containerId }, { signal: stop.signal })) {
+        if (m.item?.$case === "group") {
+          const g = m.item.value;
+          relayed.set(g.faultGroupId, (relayed.get(g.faultGroupId) ?? 0) + 1);
+          void answerFaultGroup(c.vfio, containerId, g, "success").then((a) => a.sent || refused.push(`${a.faultGroupId}: ${a.problem}`));
+        } else if (m.item?.$case === "answered") {
+          const a = m.item.value;
+          answers.set(a.faultGroupId, [...(answers.get(a.faultGroupId) ?? []), `${vfio.pageResponseCodeToJSON(a.code)} ${a.source}`]);
+        }
+      }
+    })().catch(() => undefined);
+    for (let i = 0; ; i++) {
+      if ((await c.vfio.queryState({ containerId })).containers[0]?.faultWatcherAttached) break;
+      if (i > 200) throw new Error("the benchmark's WatchFaults did not attach");
+      await new Promise((r) => setTimeout(r, 10));
+    }
+
+    const rw = { read: true, write: true };
+    const { TRANSLATE_OUTCOME_TRANSLATED: TRANSLATED, TRANSLATE_OUTCOME_PAGE_REQUEST: PAGE_REQUEST } = iommu.TranslateOutcome;
+    /** One DMA to a page the guest has not installed yet: page request, response, retry. @returns the group id */
+    const roundTrip = async ({ deviceId, pasid }, address) => {
+      const req = iommu.TranslateRequest.fromPartial({ deviceId, pasid, address, access: rw });
+      const miss = await c.iommu.translate(req);
+      if (miss.outcome !== PAGE_REQUEST) throw new Error(`expected a page request at 0x${address.toString(16)}, got ${iommu.translateOutcomeToJSON(miss.outcome)}`);
+      const r = await c.iommu.awaitPageResponse({ deviceId, faultGroupId: miss.faultGroupId }, { deadlineMs: 10_000 });
+      if (r.code !== iommu.PageResponseCode.PAGE_RESPONSE_CODE_SUCCESS) throw new Error(`group ${miss.faultGroupId} answered ${iommu.pageResponseCodeToJSON(r.code)}`);
+      const hit = await c.iommu.translate(req);
+      if (hit.outcome !== TRANSLATED || hit.outputAddress !== hpaBase + address) throw new Error(`retry of 0x${address.toString(16)}: ${iommu.translateOutcomeToJSON(hit.outcome)}`);
+      return miss.faultGroupId;
+    };
+
+    // Round trips, sequential, on distinct pages; the floors interleaved with them so drift hits all alike.
+    const payload = { payload: Buffer.alloc(8) };
+    const bidi = echo.echoStream();
+    const streamReplies = bidi.responses[Symbol.asyncIterator]();
+    const raised = [];
+    let page = 0;
+    for (let i = 0; i < 100; i++) {
+      await echo.echo(payload);
+      await bidi.send(payload);
+      await streamReplies.next();
+      raised.push(await roundTrip(bound[0], gva(0, page++)));
+    }
+    const unaryLat = [];
+    const streamLat = [];
+    const tripLat = [];
+    for (let r = 0; r < 5; r++) {
+      for (let i = 0; i < rounds / 5; i++) {
+        const t = now();
+        await echo.echo(payload);
+        unaryLat.push(now() - t);
+      }
+      for (let i = 0; i < rounds / 5; i++) {
+        const t = now();
+        await bidi.send(payload);
+        await streamReplies.next();
+        streamLat.push(now() - t);
+      }
+      for (let i = 0; i < rounds / 5; i++) {
+        const t = now();
+        raised.push(await roundTrip(bound[0], gva(0, page++)));
+        tripLat.push(now() - t);
+      }
+    }
+    bidi.end();
+    for (const xs of [unaryLat, streamLat, tripLat]) xs.sort((a, b) => a - b);
+    const u50 = percentile(unaryLat, 50);
+    const s50 = percentile(streamLat, 50);
+    const t50 = percentile(tripLat, 50);
+    const t90 = percentile(tripLat, 90);
+    // The round trip's critical path: Translate, MapGuestPages (VMM → VFIO → IOMMU) and
+    // SendPageResponse (VMM → VFIO → IOMMU, whose answer releases the device's AwaitPageResponse),
+    // the retry — 6 unary calls — and the group's two one-way stream pushes (IOMMU → VFIO → VMM),
+    // about one stream round trip.
+    const floor = 6 * u50 + s50;
+    log(`  gRPC unary echo (floor)        p50 ${fmt(u50 * 1000)} µs`);
+    log(`  gRPC stream round trip (floor) p50 ${fmt(s50 * 1000)} µs`);
+    log(`  fault round trip               p50 ${fmt(t50 * 1000)} µs   p90 ${fmt(t90 * 1000)} µs   (${fmt(rounds)} sequential, distinct pages: miss → guest maps + SUCCESS → retry TRANSLATED)`);
+    log(`  ratio to its critical path     ${fmt(t50 / floor, 2)}×   (6 unary + 1 stream round trip = ${fmt(floor * 1000)} µs; ${fmt(t50 / u50, 1)} unary calls' worth; no NATS on this path)`);
+    results.faults = { unaryP50Us: u50 * 1000, streamP50Us: s50 * 1000, roundTripP50Us: t50 * 1000, roundTripP90Us: t90 * 1000, criticalPathFloorUs: floor * 1000, ratioToFloor: t50 / floor };
+
+    // Sustained: every device with several requests in flight, each a group by itself.
+    const codes = new Map();
+    const t0 = now();
+    await Promise.all(
+      bound.flatMap((dev, d) => {
+        let next = 0;
+        return Array.from({ length: inFlightPerDevice }, async () => {
+          while (next < perDevice) {
+            const address = gva(d, 8192 + next++);
+            const miss = await c.iommu.translate(iommu.TranslateRequest.fromPartial({ deviceId: dev.deviceId, pasid: dev.pasid, address, access: rw }));
+            if (miss.outcome !== PAGE_REQUEST) throw new Error(`expected a page request, got ${iommu.translateOutcomeToJSON(miss.outcome)} ${iommu.faultReasonToJSON(miss.faultReason)}`);
+            raised.push(miss.faultGroupId);
+            const r = await c.iommu.awaitPageResponse({ deviceId: dev.deviceId, faultGroupId: miss.faultGroupId }, { deadlineMs: 15_000 });
+            const k = iommu.pageResponseCodeToJSON(r.code);
+            codes.set(k, (codes.get(k) ?? 0) + 1);
+          }
+        });
+      }),
+    );
+    const elapsed = now() - t0;
+    const requests = devices * perDevice;
+    // Every group: relayed once, answered once (the answered items trail the devices' answers a little).
+    for (let i = 0; i < 500 && answers.size < raised.length; i++) await new Promise((r) => setTimeout(r, 10));
+    const wrong = raised.filter((id) => relayed.get(id) !== 1 || answers.get(id)?.length !== 1 || answers.get(id)[0] !== "PAGE_RESPONSE_CODE_SUCCESS PAGE_RESPONSE_SOURCE_HANDLER");
+    const raisedSet = new Set(raised);
+    const extra = [...answers.keys()].filter((id) => !raisedSet.has(id)).length;
+    const left = (await c.iommu.queryState(iommu.QueryStateRequest.fromPartial({}))).faultGroups.length;
+    // The pages are really there: a sample of the sustained run's pages translates.
+    let hits = 0;
+    for (let d = 0; d < devices; d++) {
+      for (let i = 0; i < 8; i++) {
+        const address = gva(d, 8192 + Math.floor((i * perDevice) / 8));
+        const r = await c.iommu.translate(iommu.TranslateRequest.fromPartial({ deviceId: bound[d].deviceId, pasid: bound[d].pasid, address, access: rw }));
+        if (r.outcome === TRANSLATED && r.outputAddress === hpaBase + address) hits++;
+      }
+    }
+    log(`  sustained                      ${fmt(requests / (elapsed / 1000))} page requests/s answered (${fmt(requests)} over ${devices} devices × ${inFlightPerDevice} in flight, each a group answered SUCCESS after MapGuestPages; ${fmt(elapsed)} ms)`);
+    log(`  exactly one response           ${fmt(raised.length - wrong.length)} of ${fmt(raised.length)} groups relayed once and answered once (SUCCESS by the handler); ${extra} unknown answers, ${left} groups left outstanding, ${refused.length} answers refused; devices saw ${[...codes].map(([k, n]) => `${n} ${k.replace("PAGE_RESPONSE_CODE_", "")}`).join(", ")}; ${hits}/${devices * 8} sampled pages translate`);
+    if (wrong.length > 0 || extra > 0 || left > 0 || refused.length > 0) log(`  ! not exactly one response: ${wrong.slice(0, 5).map((id) => `${id}: relayed ${relayed.get(id) ?? 0}, answers ${JSON.stringify(answers.get(id) ?? [])}`).join("; ")} ${refused.slice(0, 3).join("; ")}`);
+    results.faults = { ...results.faults, sustainedRequestsPerSec: requests / (elapsed / 1000), devices, inFlightPerDevice, groups: raised.length, groupsAnsweredOnce: raised.length - wrong.length, unknownAnswers: extra, outstandingAtEnd: left, refused: refused.length };
+  } finally {
+    stop.abort();
+    echo.close();
+    await c.close();
+    await echoProc.stop();
+    await stackDown({ dir });
+    rmSync(dir, { recursive: true, force: true });
+  }
+}
+
 log(`ioasid-fabric benchmarks (${quick ? "quick" : "full"}), node ${process.version}, ${new Date().toISOString()}`);
 if (typeof globalThis.gc !== "function") log("  (run with --expose-gc for exact memory figures)");
 if (only.has("allocator")) allocatorBench();
@@ -546,6 +744,7 @@ if (only.has("grpc")) await grpcBench();
 if (only.has("delivery")) await deliveryBench();
 if (only.has("restart")) await restartBench();
 if (only.has("crash")) await crashBench();
+if (only.has("faults")) await faultsBench();
 mkdirSync(fileURLToPath(new URL("./results/", import.meta.url)), { recursive: true });
 writeFileSync(fileURLToPath(new URL("./results/latest.json", import.meta.url)), JSON.stringify(results, null, 2) + "\n");
 log("\nresults written to bench/results/latest.json");
