@@ -4,7 +4,7 @@ import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { connect, type NatsConnection } from "@nats-io/transport-node";
 import { readHistory, type HistoryRecord } from "@ioasid/bus";
 import { Code, isDomainError } from "@ioasid/errors";
-import { core, iommu, kvm, vfio } from "@ioasid/proto";
+import { core, iommu, kvm, vdcm, vfio } from "@ioasid/proto";
 import { waitFor } from "@ioasid/testkit";
 import { expectRefused } from "../support/core-fixture.js";
 import { startStack, type StackFixture } from "../support/stack-fixture.js";
@@ -123,6 +123,52 @@ describe("page requests routed to the guest", () => {
     );
     g.session.abort();
     other.session.abort();
+  });
+});
+
+describe("a VDCM work queue's DMA", () => {
+  it("raises a page request from an mdev's descriptor; after the guest's answer the resubmitted descriptor completes", async () => {
+    const c = stack.clients;
+    await c.vdcm.registerDevice(P(vdcm.RegisterDeviceRequest, { deviceId: "dsa-f", maxPasidEntries: 16, wqs: [{ wqId: 0, mode: vdcm.WqMode.WQ_MODE_DEDICATED, size: 8 }] }));
+    await registerDevice(c, "dsa-f");
+    await c.vdcm.createMdev(P(vdcm.CreateMdevRequest, { parentDeviceId: "dsa-f", mdevUuid: "mdev-fault", wqIds: [0] }));
+    const token = nextToken();
+    const opened = await c.vfio.openContainer(P(vfio.OpenContainerRequest, { mmToken: token, quota: 8, vmName: "dsa-guest" }));
+    const session = new AbortController();
+    await new Promise<void>((resolve) => {
+      void (async () => {
+        try {
+          for await (const m of c.vfio.session({ containerId: opened.containerId }, { signal: session.signal })) if (m.event?.$case === "attached") resolve();
+        } catch {
+          /* ended */
+        }
+      })();
+    });
+    const mdev = { ref: { $case: "mdevUuid" as const, value: "mdev-fault" } };
+    await c.vfio.assignDevice(P(vfio.AssignDeviceRequest, { containerId: opened.containerId, device: mdev }));
+    const a = await c.vfio.allocPasid({ containerId: opened.containerId });
+    await c.vfio.bindGuestPasid(P(vfio.BindGuestPasidRequest, { containerId: opened.containerId, device: mdev, hpasid: a.hpasid, generation: a.generation, gpasid: 77, guestPgtable: 0x5000n }));
+    await c.vdcm.writeWqPasid(P(vdcm.WriteWqPasidRequest, { mdevUuid: "mdev-fault", virtualWq: 0, gpasid: 77 }));
+    // The VM's stage 2: the parent of the bind's nested domain on the mdev's parent device, mapped by the host.
+    const st = await c.iommu.queryState(P(iommu.QueryStateRequest, { deviceIds: ["dsa-f"] }));
+    const nested = st.attachHandles.find((h) => h.pasid === a.hpasid)!.domainId;
+    const stage2 = st.domains.find((d) => d.domainId === nested)?.parentDomainId;
+    expect(stage2, "the nested entry's second stage").toBeGreaterThan(0);
+    await c.iommu.map(P(iommu.MapRequest, { domainId: stage2!, iova: GPA_BASE, paddr: HPA_BASE, size: 0x10_0000n, access: { read: true, write: true } }));
+    const w = await watchFaults(c, opened.containerId);
+
+    const fill = P(vdcm.SubmitDescriptorRequest, { mdevUuid: "mdev-fault", virtualWq: 0, descriptor: { op: vdcm.DescriptorOp.DESCRIPTOR_OP_FILL, dstAddress: GVA_BASE + 0x100n, size: 256n } });
+    const first = await c.vdcm.submitDescriptor(fill);
+    expect(first).toMatchObject({ status: vdcm.CompletionStatus.COMPLETION_STATUS_PAGE_REQUEST, faultAddress: GVA_BASE + 0x100n, bytesCompleted: 0n });
+    await waitFor(() => w.groups().length === 1, { message: "the descriptor's page request at the VMM" });
+    const group = w.groups()[0]!;
+    expect(group).toMatchObject({ faultGroupId: first.faultGroupId, hpasid: a.hpasid, gpasid: 77, device: mdev });
+    await c.vfio.mapGuestPages(P(vfio.MapGuestPagesRequest, { containerId: opened.containerId, hpasid: a.hpasid, iova: GVA_BASE, gpa: GPA_BASE, size: PAGE, access: { read: true, write: true } }));
+    await c.vfio.sendPageResponse({ containerId: opened.containerId, faultGroupId: group.faultGroupId, code: vfio.PageResponseCode.PAGE_RESPONSE_CODE_SUCCESS });
+    expect(await awaitResponse("dsa-f", first.faultGroupId)).toMatchObject({ code: CODE.PAGE_RESPONSE_CODE_SUCCESS });
+    expect(await c.vdcm.submitDescriptor(fill)).toMatchObject({ status: vdcm.CompletionStatus.COMPLETION_STATUS_SUCCESS, bytesCompleted: 256n });
+    w.stop();
+    session.abort();
   });
 });
 

@@ -26,17 +26,18 @@ export async function startStack(env: Record<string, string> = {}): Promise<Stac
   try {
     const core = await start("ioasid-core", "IOASID_CORE_GRPC_ADDRESS", {});
     const roleEnv = { IOASID_CORE_ADDRESS: core.address };
-    const [iommu, kvm, vdcm] = await Promise.all([
-      start("iommu", "IOMMU_GRPC_ADDRESS", roleEnv),
+    // VDCM's work queues issue DMA through the IOMMU: it needs the IOMMU's address.
+    const iommu = await start("iommu", "IOMMU_GRPC_ADDRESS", roleEnv);
+    const [kvm, vdcm] = await Promise.all([
       start("kvm", "KVM_GRPC_ADDRESS", roleEnv),
-      start("vdcm", "VDCM_GRPC_ADDRESS", roleEnv),
+      start("vdcm", "VDCM_GRPC_ADDRESS", { ...roleEnv, IOMMU_ADDRESS: iommu.address }),
     ]);
-    const vfio = await start("vfio", "VFIO_GRPC_ADDRESS", { ...roleEnv, IOMMU_ADDRESS: iommu!.address, VDCM_ADDRESS: vdcm!.address, KVM_ADDRESS: kvm!.address });
-    const addresses: StackAddresses = { natsUrl: nats.url, core: core.address, iommu: iommu!.address, kvm: kvm!.address, vdcm: vdcm!.address, vfio: vfio.address };
+    const vfio = await start("vfio", "VFIO_GRPC_ADDRESS", { ...roleEnv, IOMMU_ADDRESS: iommu.address, VDCM_ADDRESS: vdcm!.address, KVM_ADDRESS: kvm!.address });
+    const addresses: StackAddresses = { natsUrl: nats.url, core: core.address, iommu: iommu.address, kvm: kvm!.address, vdcm: vdcm!.address, vfio: vfio.address };
     const clients = await connectStack(addresses);
     return {
       nats,
-      procs: { core, iommu: iommu!, kvm: kvm!, vdcm: vdcm!, vfio },
+      procs: { core, iommu, kvm: kvm!, vdcm: vdcm!, vfio },
       addresses,
       clients,
       async stop() {
