@@ -199,7 +199,7 @@ describe("every group gets exactly one response", () => {
     g.session.abort();
   });
 
-  it("answers a DetachDomain's groups INVALID and only that handle's; a group nobody handles is answered FAILURE", async () => {
+  it("answers a DetachDomain's groups INVALID and only that handle's; a group nobody handles FAILURE; a removed device's groups INVALID", async () => {
     const c = stack.clients;
     await registerDevice(c, "pf-c");
     const domain = (await c.iommu.createDomain(P(iommu.CreateDomainRequest, { type: iommu.DomainType.DOMAIN_TYPE_PAGING }))).domain!.domainId;
@@ -231,6 +231,14 @@ describe("every group gets exactly one response", () => {
     // No stream for the owner: answered FAILURE at once (no handler).
     const lone = await dma(c, "pf-c", 13, 0x4000n);
     expect(await awaitResponse("pf-c", lone.faultGroupId)).toEqual({ code: CODE.PAGE_RESPONSE_CODE_FAILURE, source: SOURCE.PAGE_RESPONSE_SOURCE_NO_HANDLER });
+    // Device removal answers every outstanding group of the device INVALID, partial ones too.
+    const u = await dma(c, "pf-c", 12, 0x5000n);
+    const v = await dma(c, "pf-c", 12, 0x6000n, { prgi: 30, last: false });
+    const waiting = awaitResponse("pf-c", u.faultGroupId);
+    expect((await c.iommu.removeDevice({ deviceId: "pf-c" })).answeredFaultGroups).toBe(2);
+    expect(await waiting).toEqual({ code: CODE.PAGE_RESPONSE_CODE_INVALID, source: SOURCE.PAGE_RESPONSE_SOURCE_DEVICE_REMOVED });
+    await waitFor(() => seen.some((m) => m.item?.$case === "answered" && m.item.value.faultGroupId === v.faultGroupId), { message: "the partial group's answer at the handler" });
+    await expectRefused(c.iommu.sendPageResponse({ owner: "test/handler", faultGroupId: u.faultGroupId, code: CODE.PAGE_RESPONSE_CODE_SUCCESS }), Code.FAILED_PRECONDITION, "FAULT_GROUP_ALREADY_RESPONDED");
     ac.abort();
     await stream;
   });
