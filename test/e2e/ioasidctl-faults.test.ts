@@ -115,7 +115,15 @@ describe("ioasidctl IO page faults", () => {
     expect((await ctl("vm", "create", "--name", "vm1", "--token", "4343")).code).toBe(0);
     expect((await ctl("mdev", "assign", "--vm", "vm1", "--uuid", "mdev-f")).code).toBe(0);
     const { hpasid } = JSON.parse((await ctl("pasid", "alloc", "--vm", "vm1")).stdout) as { hpasid: number };
-    expect((await ctl("bind", "--vm", "vm1", "--pasid", String(hpasid), "--gpasid", "101", "--mdev", "mdev-f")).code).toBe(0);
+    // VFIO's first call to the IOMMU: right after `up` it can fail UNAVAILABLE while VFIO's channel
+    // to the IOMMU is still in grpc-js's reconnect backoff (VFIO's fault stream tried before the
+    // IOMMU listened). A refused bind changes nothing; try again for a few seconds.
+    let bind = await ctl("bind", "--vm", "vm1", "--pasid", String(hpasid), "--gpasid", "101", "--mdev", "mdev-f");
+    for (let i = 0; i < 20 && bind.code !== 0 && bind.stderr.includes("UNAVAILABLE"); i++) {
+      await new Promise((r) => setTimeout(r, 250));
+      bind = await ctl("bind", "--vm", "vm1", "--pasid", String(hpasid), "--gpasid", "101", "--mdev", "mdev-f");
+    }
+    expect(bind.code).toBe(0);
     const ram = await ctl("guest-ram", "--vm", "vm1");
     expect(ram.stdout).toMatch(/guest RAM GPA 0x0\.\.0x3fffffff -> HPA 0x100000000\.\.0x13fffffff \(rw\) in stage-2 domain \d+/);
     const dma = ["dma", "--device", "idxd0", "--pasid", String(hpasid)];
