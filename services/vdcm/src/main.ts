@@ -1,5 +1,5 @@
 #!/usr/bin/env node
-import { HistoryRecorder, startSubscriber } from "@ioasid/bus";
+import { HistoryRecorder, RoleState, startSubscriber } from "@ioasid/bus";
 import { ConfigError, configOrExit, createLogger, defineConfigSchema, runUntilSignal } from "@ioasid/grpc-kit";
 import { events } from "@ioasid/proto";
 import { commonRoleConfig, connectNats, createCoreClient } from "@ioasid/role-kit";
@@ -7,6 +7,7 @@ import { coreIoasidPort, coreNotifierPort } from "./core-adapter.js";
 import { createIommuClient, iommuDmaTranslator } from "./iommu-adapter.js";
 import { createVdcmServer } from "./server.js";
 import { Vdcm, VDCM_ROLE } from "./vdcm.js";
+import { VdcmState } from "./vdcm-state.js";
 
 /** Configuration of the VDCM service, from the environment (`vdcm --help` lists it). */
 export const vdcmConfigSchema = defineConfigSchema({
@@ -47,7 +48,16 @@ const nc = await connectNats(config.natsUrl, { name: `vdcm-${config.instance}`, 
 const coreClient = createCoreClient(config.coreAddress.address);
 const iommuClient = createIommuClient(config.iommuAddress.address);
 const history = new HistoryRecorder(nc, VDCM_ROLE, config.instance, config.prefix);
+// The device tables live in JetStream: a VDCM killed with -9 comes back with its devices, mdevs and
+// programmed PASIDs (the hardware did not forget them), then reconciles with the core.
+const store = await RoleState.open(nc, { role: VDCM_ROLE, instance: config.instance, prefix: config.prefix }).catch((err: unknown) => {
+  logger.fatal({ err: String(err) }, "cannot open VDCM's state in JetStream (is nats-server running with -js?)");
+  process.exit(1);
+});
+const saved = await store.load();
 const vdcm = new Vdcm({
+  state: VdcmState.restore(saved),
+  store,
   instance: config.instance,
   ioasids: coreIoasidPort(coreClient),
   notifier: coreNotifierPort(coreClient, { name: VDCM_ROLE, instance: config.instance }),
@@ -56,13 +66,17 @@ const vdcm = new Vdcm({
   log: (level, msg, fields) => logger[level](fields ?? {}, msg),
 });
 
-// The device tables start empty: references and registrations left by an earlier run are stale.
-// The core may start after VDCM: keep trying for as long as NATS is given.
+if (saved.size > 0) {
+  const snap = vdcm.snapshot();
+  logger.info({ devices: snap.devices.length, mdevs: snap.mdevs.length, entries: snap.devices.reduce((n, d) => n + d.pasidEntries.length, 0) }, "restored the device tables");
+}
+// References and registrations the restored tables do not back are stale; entries whose reference
+// is gone are cleared. The core may start after VDCM: keep trying for as long as NATS is given.
 const reconcileDeadline = Date.now() + config.natsConnectTimeout;
 for (let attempt = 0; ; attempt++) {
   try {
     const r = await vdcm.reconcile();
-    if (r.released > 0 || r.unregistered > 0) logger.info(r, "reconciled with the core after restart");
+    if (r.released > 0 || r.unregistered > 0 || r.cleared > 0) logger.info(r, "reconciled with the core after restart");
     break;
   } catch (err) {
     if (Date.now() >= reconcileDeadline) {

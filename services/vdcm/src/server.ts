@@ -9,14 +9,14 @@ import type { Vdcm } from "./vdcm.js";
  */
 export function createVdcmHandlers(v: Vdcm): ServiceHandlers<typeof vdcm.VdcmServiceService> {
   return {
-    registerDevice: (req) => ({
-      device: fromDevice(v.registerDevice({ deviceId: req.deviceId, wqs: toWqSpecs(req.wqs), maxPasidEntries: req.maxPasidEntries })),
+    registerDevice: async (req) => ({
+      device: fromDevice(await v.registerDevice({ deviceId: req.deviceId, wqs: toWqSpecs(req.wqs), maxPasidEntries: req.maxPasidEntries })),
     }),
-    removeDevice: (req) => {
-      v.removeDevice(req.deviceId);
+    removeDevice: async (req) => {
+      await v.removeDevice(req.deviceId);
       return {};
     },
-    createMdev: (req) => ({ mdev: fromMdev(v.createMdev(req.parentDeviceId, req.mdevUuid, req.wqIds)) }),
+    createMdev: async (req) => ({ mdev: fromMdev(await v.createMdev(req.parentDeviceId, req.mdevUuid, req.wqIds)) }),
     destroyMdev: async (req) => {
       await v.destroyMdev(req.mdevUuid);
       return {};

@@ -1,3 +1,4 @@
+import type { StateChange } from "@ioasid/bus";
 import { randomUUID } from "node:crypto";
 import { invalidField, vdcmError } from "./vdcm-errors.js";
 
@@ -182,6 +183,37 @@ interface Mdev {
   assignedAt: Date | undefined;
 }
 
+interface SavedDevice {
+  readonly deviceId: string;
+  readonly maxPasidEntries: number;
+  readonly wqs: readonly { readonly wqId: number; readonly mode: WqMode; readonly size: number }[];
+}
+
+interface SavedMdev {
+  readonly uuid: string;
+  readonly parentDeviceId: string;
+  readonly wqIds: readonly number[];
+  readonly setId: number;
+  readonly createdAt: number;
+  readonly assignedAt?: number;
+}
+
+interface SavedEntry {
+  readonly deviceId: string;
+  readonly hpasid: number;
+  readonly generation: number;
+  readonly gpasid: number;
+  readonly setId: number;
+  readonly wqId: number;
+  readonly mdevUuid: string;
+  readonly programmedAt: number;
+}
+
+const deviceKey = (deviceId: string) => `dev/${deviceId}`;
+const mdevKey = (uuid: string) => `mdev/${uuid}`;
+const entryKey = (deviceId: string, wqId: number) => `entry/${deviceId}/${wqId}`;
+const regKey = (setId: number) => `reg/${setId}`;
+
 /** Options of {@link VdcmState}. */
 export interface VdcmStateOptions {
   /** Generates the UUID of an mdev created without one. @default crypto.randomUUID */
@@ -202,6 +234,8 @@ export class VdcmState {
   /** Registration id of VDCM's DEVICE-priority notifier on each set that has an mdev. */
   private readonly registrations = new Map<number, number>();
   private readonly newUuid: () => string;
+  /** Keys of the persisted state changed since {@link takeChanges} (see {@link restore}). */
+  private readonly dirty = new Set<string>();
 
   constructor(options: VdcmStateOptions = {}) {
     this.newUuid = options.newUuid ?? randomUUID;
@@ -235,6 +269,7 @@ export class VdcmState {
     if (this.devices.has(spec.deviceId)) throw vdcmError("DEVICE_EXISTS", `device ${spec.deviceId} is already registered`);
     const device: Device = { deviceId: spec.deviceId, wqs, maxPasidEntries, entries: new Map(), reservations: new Map(), byHpasid: new Map() };
     this.devices.set(device.deviceId, device);
+    this.dirty.add(deviceKey(device.deviceId));
     return this.viewDevice(device);
   }
 
@@ -248,6 +283,7 @@ export class VdcmState {
     if (users.length > 0) throw vdcmError("DEVICE_IN_USE", `device ${deviceId} still backs mdevs ${users.sort().join(", ")}: destroy them first`);
     // No mdev means no programmed PASID (entries belong to assigned mdevs only).
     this.devices.delete(device.deviceId);
+    this.dirty.add(deviceKey(device.deviceId));
   }
 
   // --- mdevs ---------------------------------------------------------------------------------
@@ -278,6 +314,7 @@ export class VdcmState {
     const mdev: Mdev = { uuid, parentDeviceId, wqIds: [...wqIds], setId: 0, createdAt: now, assignedAt: undefined };
     this.mdevs.set(uuid, mdev);
     for (const id of wqIds) device.wqs.get(id)!.mdevs.add(uuid);
+    this.dirty.add(mdevKey(uuid));
     return viewMdev(mdev);
   }
 
@@ -291,6 +328,7 @@ export class VdcmState {
     const device = this.devices.get(mdev.parentDeviceId);
     for (const id of mdev.wqIds) device?.wqs.get(id)?.mdevs.delete(mdev.uuid);
     this.mdevs.delete(mdev.uuid);
+    this.dirty.add(mdevKey(mdev.uuid));
   }
 
   /** The mdev, or undefined. */
@@ -322,6 +360,7 @@ export class VdcmState {
     const mdev = this.requireMdev(mdevUuid);
     mdev.setId = setId;
     mdev.assignedAt = now;
+    this.dirty.add(mdevKey(mdev.uuid));
     return viewMdev(mdev);
   }
 
@@ -335,6 +374,7 @@ export class VdcmState {
     this.cancelReservations(mdev.uuid);
     mdev.setId = 0;
     mdev.assignedAt = undefined;
+    this.dirty.add(mdevKey(mdev.uuid));
     return viewMdev(mdev);
   }
 
@@ -379,11 +419,13 @@ export class VdcmState {
   /** Records VDCM's registration on a set. */
   setRegistration(setId: number, registrationId: number): void {
     this.registrations.set(setId, registrationId);
+    this.dirty.add(regKey(setId));
   }
 
   /** Forgets VDCM's registration on a set. */
   dropRegistration(setId: number): void {
     this.registrations.delete(setId);
+    this.dirty.add(regKey(setId));
   }
 
   // --- the device PASID table ----------------------------------------------------------------
@@ -473,6 +515,7 @@ export class VdcmState {
     let same = device.byHpasid.get(hpasid);
     if (same === undefined) device.byHpasid.set(hpasid, (same = new Set()));
     same.add(entry);
+    this.dirty.add(entryKey(entry.deviceId, entry.wqId));
     return viewEntry(entry);
   }
 
@@ -505,6 +548,7 @@ export class VdcmState {
     const same = device.byHpasid.get(e.hpasid);
     same?.delete(e);
     if (same?.size === 0) device.byHpasid.delete(e.hpasid);
+    this.dirty.add(entryKey(deviceId, wqId));
     return true;
   }
 
@@ -524,6 +568,80 @@ export class VdcmState {
       for (const e of d.byHpasid.get(hpasid) ?? []) if (e.setId === setId && e.generation === generation) out.push(viewEntry(e));
     }
     return out;
+  }
+
+  // --- persistence ---------------------------------------------------------------------------
+
+  /**
+   * What changed since the last call, as key → value (undefined: deleted), for the role's state
+   * store: devices, mdevs, programmed entries and registrations. Reservations and drains in
+   * progress are not kept (a restart ends them: the entry is back to PROGRAMMED).
+   */
+  takeChanges(): StateChange[] {
+    const out: StateChange[] = [];
+    for (const key of this.dirty) out.push({ key, value: this.valueOf(key) });
+    this.dirty.clear();
+    return out;
+  }
+
+  /**
+   * A state rebuilt from what {@link takeChanges} wrote (the saved keys of a role's state store).
+   * Unknown keys are ignored; an entry whose device is gone is dropped.
+   */
+  static restore(saved: ReadonlyMap<string, unknown>, options: VdcmStateOptions = {}): VdcmState {
+    const st = new VdcmState(options);
+    const byKind = (kind: string) => [...saved].filter(([k]) => k.startsWith(`${kind}/`)).map(([, v]) => v);
+    for (const v of byKind("dev") as SavedDevice[]) {
+      const wqs = new Map<number, Wq>(v.wqs.map((w) => [w.wqId, { wqId: w.wqId, mode: w.mode, size: w.size, mdevs: new Set<string>() }]));
+      st.devices.set(v.deviceId, { deviceId: v.deviceId, wqs, maxPasidEntries: v.maxPasidEntries, entries: new Map(), reservations: new Map(), byHpasid: new Map() });
+    }
+    for (const v of byKind("mdev") as SavedMdev[]) {
+      const device = st.devices.get(v.parentDeviceId);
+      if (device === undefined) continue;
+      st.mdevs.set(v.uuid, { uuid: v.uuid, parentDeviceId: v.parentDeviceId, wqIds: v.wqIds, setId: v.setId, createdAt: new Date(v.createdAt), assignedAt: v.assignedAt === undefined ? undefined : new Date(v.assignedAt) });
+      for (const id of v.wqIds) device.wqs.get(id)?.mdevs.add(v.uuid);
+    }
+    for (const v of byKind("entry") as SavedEntry[]) {
+      const device = st.devices.get(v.deviceId);
+      if (device === undefined) continue;
+      const entry: Entry = { ...v, state: EntryState.PROGRAMMED, programmedAt: new Date(v.programmedAt) };
+      device.entries.set(entry.wqId, entry);
+      let same = device.byHpasid.get(entry.hpasid);
+      if (same === undefined) device.byHpasid.set(entry.hpasid, (same = new Set()));
+      same.add(entry);
+    }
+    for (const [k, v] of saved) if (k.startsWith("reg/")) st.registrations.set(Number(k.slice(4)), v as number);
+    return st;
+  }
+
+  private valueOf(key: string): unknown {
+    const [kind, ...rest] = key.split("/");
+    const id = rest.join("/");
+    switch (kind) {
+      case "dev": {
+        const d = this.devices.get(id);
+        if (d === undefined) return undefined;
+        const saved: SavedDevice = { deviceId: d.deviceId, maxPasidEntries: d.maxPasidEntries, wqs: [...d.wqs.values()].map((w) => ({ wqId: w.wqId, mode: w.mode, size: w.size })) };
+        return saved;
+      }
+      case "mdev": {
+        const m = this.mdevs.get(id);
+        if (m === undefined) return undefined;
+        const saved: SavedMdev = { uuid: m.uuid, parentDeviceId: m.parentDeviceId, wqIds: [...m.wqIds], setId: m.setId, createdAt: m.createdAt.getTime(), ...(m.assignedAt === undefined ? {} : { assignedAt: m.assignedAt.getTime() }) };
+        return saved;
+      }
+      case "entry": {
+        const slash = id.lastIndexOf("/");
+        const e = this.devices.get(id.slice(0, slash))?.entries.get(Number(id.slice(slash + 1)));
+        if (e === undefined) return undefined;
+        const saved: SavedEntry = { deviceId: e.deviceId, hpasid: e.hpasid, generation: e.generation, gpasid: e.gpasid, setId: e.setId, wqId: e.wqId, mdevUuid: e.mdevUuid, programmedAt: e.programmedAt.getTime() };
+        return saved;
+      }
+      case "reg":
+        return this.registrations.get(Number(id));
+      default:
+        return undefined;
+    }
   }
 
   // --- views ---------------------------------------------------------------------------------

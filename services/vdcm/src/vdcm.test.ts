@@ -1,9 +1,10 @@
+import type { RoleStatePort, StateChange } from "@ioasid/bus";
 import { describe, expect, it } from "vitest";
 import { Code, DomainError } from "@ioasid/errors";
 import { CompletionStatus, DescriptorOp, type DmaRequest, type DmaResult, type DmaTranslator } from "./descriptor-runner.js";
 import type { HeldReference, HistoryFields, Holder, IoasidPort, NotifierPort } from "./ports.js";
 import { PasidSpace, Vdcm, type Submission } from "./vdcm.js";
-import { EntryState, WqMode } from "./vdcm-state.js";
+import { EntryState, VdcmState, WqMode } from "./vdcm-state.js";
 
 // In-memory stand-ins for the core, the IOMMU and the registrations: the Vdcm orchestration is
 // tested here without sockets; test/integration/vdcm.test.ts runs it against the real core.
@@ -172,13 +173,13 @@ async function refused(p: Promise<unknown>, code: number, reason: string): Promi
  * VDCM with DEV (dedicated wq 0, 1, 3; shared wq 2); M1 = [wq 0, shared wq 2, wq 3] assigned to
  * VM1, M2 = [wq 1, shared wq 2] assigned to VM2.
  */
-async function setup() {
+async function setup(options: { store?: RoleStatePort } = {}) {
   const core = new FakeCore();
   const notifier = new FakeNotifier();
   const dma = new FakeDma();
   const history: Array<{ action: string } & HistoryFields> = [];
-  const vdcm = new Vdcm({ instance: "vdcm0", ioasids: core, notifier, dma, history: { record: (action, f) => history.push({ action, ...f }) } });
-  vdcm.registerDevice({
+  const vdcm = new Vdcm({ instance: "vdcm0", ioasids: core, notifier, dma, history: { record: (action, f) => history.push({ action, ...f }) }, ...options });
+  await vdcm.registerDevice({
     deviceId: DEV,
     wqs: [
       { wqId: 0, mode: WqMode.DEDICATED },
@@ -187,8 +188,8 @@ async function setup() {
       { wqId: 3, mode: WqMode.DEDICATED },
     ],
   });
-  vdcm.createMdev(DEV, M1, [0, 2, 3]);
-  vdcm.createMdev(DEV, M2, [1, 2]);
+  await vdcm.createMdev(DEV, M1, [0, 2, 3]);
+  await vdcm.createMdev(DEV, M2, [1, 2]);
   await vdcm.assignMdev(M1, VM1);
   await vdcm.assignMdev(M2, VM2);
   return { core, notifier, dma, history, vdcm };
@@ -458,7 +459,7 @@ describe("Vdcm assignment and registration", () => {
   it("registers on a set with its first mdev and withdraws with its last", async () => {
     const { vdcm, notifier } = await setup();
     expect([...notifier.registrations.values()].sort()).toEqual([VM1, VM2]);
-    const m3 = vdcm.createMdev(DEV, "", [2]).mdevUuid;
+    const m3 = (await vdcm.createMdev(DEV, "", [2])).mdevUuid;
     expect((await vdcm.assignMdev(m3, VM1)).registered).toBe(false);
     expect(await vdcm.unassignMdev(M1)).toEqual({ clearedEntries: 0, unregistered: false });
     expect(await vdcm.unassignMdev(m3)).toEqual({ clearedEntries: 0, unregistered: true });
@@ -468,7 +469,7 @@ describe("Vdcm assignment and registration", () => {
 
   it("surfaces the core's refusal to register on a non-empty set (SET_NOT_EMPTY) and an unknown set (SET_NOT_FOUND)", async () => {
     const { vdcm, notifier } = await setup();
-    const m3 = vdcm.createMdev(DEV, "", [2]).mdevUuid;
+    const m3 = (await vdcm.createMdev(DEV, "", [2])).mdevUuid;
     notifier.nonEmpty.add(9);
     notifier.unknown.add(10);
     await refused(vdcm.assignMdev(m3, 9), Code.FAILED_PRECONDITION, "SET_NOT_EMPTY");
@@ -563,8 +564,49 @@ describe("Vdcm reconcile", () => {
     await core.get(VM1, 201, { ...stale, purpose: `${DEV}.wq2.desc` }, 0);
     await core.get(VM1, 201, { ...stale, instance: "vdcm1" }, 0);
     const vdcm = new Vdcm({ instance: "vdcm0", ioasids: core, notifier, dma: new FakeDma() });
-    expect(await vdcm.reconcile()).toEqual({ released: 3, unregistered: 1 });
+    expect(await vdcm.reconcile()).toEqual({ released: 3, unregistered: 1, cleared: 0 });
     expect(core.holders(201)).toEqual({ "set-owner": 1, [`vdcm/vdcm1/${DEV}.wq0`]: 1 });
     expect(notifier.registrations.size).toBe(0);
   });
+
+  it("comes back from its store with its devices, mdevs, programmed PASIDs and registrations, keeping the references they back", async () => {
+    const store = new MemoryStore();
+    const { core, notifier, vdcm: first } = await setup({ store });
+    const gen = core.alloc(VM1, 201, 101);
+    await first.writeWqPasid(M1, 0, 101);
+    // A crash: a new process restores from what was written.
+    const again = new Vdcm({ instance: "vdcm0", ioasids: core, notifier, dma: new FakeDma(), state: VdcmState.restore(store.saved), store });
+    expect(again.snapshot()).toEqual(first.snapshot());
+    expect(await again.reconcile()).toEqual({ released: 0, unregistered: 0, cleared: 0 });
+    expect(again.snapshot().devices[0]!.pasidEntries.map((e) => [e.hpasid, e.wqId, e.state])).toEqual([[201, 0, EntryState.PROGRAMMED]]);
+    expect(core.holders(201)).toEqual({ "set-owner": 1, [`vdcm/vdcm0/${DEV}.wq0`]: 1 });
+    // Its FREE (delivered again after the restart) clears the device and releases with the ack.
+    core.free(201);
+    expect((await again.onIoasidEvent(FREE(201, gen, VM1))).release).toEqual([`${DEV}.wq0`]);
+    expect(VdcmState.restore(store.saved).snapshot().devices[0]!.pasidEntries).toEqual([]);
+  });
+
+  it("clears, after a restart, a programmed entry whose reference the core no longer records", async () => {
+    const store = new MemoryStore();
+    const { core, notifier, vdcm } = await setup({ store });
+    core.alloc(VM1, 201, 101);
+    await vdcm.writeWqPasid(M1, 0, 101);
+    // An operator force-released VDCM's reference while it was down.
+    await core.put(VM1, 201, { role: "vdcm", instance: "vdcm0", purpose: `${DEV}.wq0` }, 0);
+    const again = new Vdcm({ instance: "vdcm0", ioasids: core, notifier, dma: new FakeDma(), state: VdcmState.restore(store.saved), store });
+    expect(await again.reconcile()).toEqual({ released: 0, unregistered: 0, cleared: 1 });
+    expect(again.snapshot().devices[0]!.pasidEntries).toEqual([]);
+    expect(VdcmState.restore(store.saved).snapshot().devices[0]!.pasidEntries).toEqual([]);
+  });
 });
+
+/** An in-memory RoleStatePort: the last value per key. */
+class MemoryStore implements RoleStatePort {
+  readonly saved = new Map<string, unknown>();
+  async write(changes: readonly StateChange[]): Promise<void> {
+    for (const c of changes) {
+      if (c.value === undefined) this.saved.delete(c.key);
+      else this.saved.set(c.key, structuredClone(c.value));
+    }
+  }
+}

@@ -1,7 +1,8 @@
+import type { RoleStatePort } from "@ioasid/bus";
 import { Code, DomainError, isDomainError } from "@ioasid/errors";
 import { assertDescriptor, runDescriptor, type Completion, type Descriptor, type DmaTranslator } from "./descriptor-runner.js";
 import { KeyedMutex } from "@ioasid/role-kit";
-import type { Holder, HistoryFields, HistorySink, IoasidPort, NotifierPort } from "./ports.js";
+import type { HeldReference, Holder, HistoryFields, HistorySink, IoasidPort, NotifierPort } from "./ports.js";
 import { invalidField, vdcmError } from "./vdcm-errors.js";
 import {
   EntryState,
@@ -84,6 +85,11 @@ export interface VdcmOptions {
   readonly log?: (level: "info" | "warn" | "error", msg: string, fields?: Record<string, unknown>) => void;
   /** Attempts of a put that fails for want of the core (UNAVAILABLE, DEADLINE_EXCEEDED). @default 3 */
   readonly putAttempts?: number;
+  /**
+   * Where the "hardware" tables are kept so they survive a crash (a RoleState in JetStream);
+   * written before a call returns or an event is acknowledged. @default not kept
+   */
+  readonly store?: RoleStatePort;
 }
 
 /** A descriptor on its way through a work queue (it keeps its PASID's context live on the device). */
@@ -147,28 +153,45 @@ export class Vdcm {
     this.now = options.now ?? (() => new Date());
     this.log = options.log ?? (() => undefined);
     this.putAttempts = options.putAttempts ?? 3;
+    this.store = options.store;
+  }
+
+  private readonly store: RoleStatePort | undefined;
+
+  /** Writes what changed in the tables to the store (before a reply, an acknowledgement or a put). */
+  private async persist(): Promise<void> {
+    const changes = this.state.takeChanges();
+    if (this.store !== undefined && changes.length > 0) await this.store.write(changes);
   }
 
   // --- devices and mdevs ---------------------------------------------------------------------
 
   /** RegisterDevice. @see VdcmState.registerDevice */
-  registerDevice(spec: DeviceSpec): DeviceView {
-    return this.state.registerDevice(spec);
+  async registerDevice(spec: DeviceSpec): Promise<DeviceView> {
+    const d = this.state.registerDevice(spec);
+    await this.persist();
+    return d;
   }
 
   /** RemoveDevice (no mdev may use it: an mdev's PASIDs are cleared when it is unassigned). @see VdcmState.removeDevice */
-  removeDevice(deviceId: string): void {
+  async removeDevice(deviceId: string): Promise<void> {
     this.state.removeDevice(deviceId);
+    await this.persist();
   }
 
   /** CreateMdev. @see VdcmState.createMdev */
-  createMdev(parentDeviceId: string, mdevUuid: string, wqIds: readonly number[]): MdevView {
-    return this.state.createMdev(parentDeviceId, mdevUuid, wqIds, this.now());
+  async createMdev(parentDeviceId: string, mdevUuid: string, wqIds: readonly number[]): Promise<MdevView> {
+    const m = this.state.createMdev(parentDeviceId, mdevUuid, wqIds, this.now());
+    await this.persist();
+    return m;
   }
 
   /** DestroyMdev (only unassigned, so it has no programmed PASID). @see VdcmState.destroyMdev */
   async destroyMdev(mdevUuid: string): Promise<void> {
-    await this.locks.run(mdevKey(mdevUuid), () => this.state.destroyMdev(mdevUuid));
+    await this.locks.run(mdevKey(mdevUuid), async () => {
+      this.state.destroyMdev(mdevUuid);
+      await this.persist();
+    });
   }
 
   /**
@@ -195,7 +218,9 @@ export class Vdcm {
           this.state.setRegistration(setId, registrationId);
           registered = true;
         }
-        return { mdev: this.state.assignMdev(mdevUuid, setId, this.now()), registered };
+        const mdev = this.state.assignMdev(mdevUuid, setId, this.now());
+        await this.persist();
+        return { mdev, registered };
       }),
     );
   }
@@ -228,6 +253,7 @@ export class Vdcm {
         if (last) await this.notifier.unregister(registrationId);
         this.state.unassignMdev(mdev.mdevUuid);
         if (last) this.state.dropRegistration(setId);
+        await this.persist();
         return last;
       });
       return { clearedEntries, unregistered };
@@ -270,6 +296,8 @@ export class Vdcm {
           await this.putQuietly(reservation.setId, t.ioasid, holder, t.generation, "write refused");
           throw err;
         }
+        // The device is programmed: kept before the guest is told.
+        await this.persist();
         this.record("vdev_write", entry, { refcount: t.refcount, detail: `${where(entry)} mdev_write(${gpasid})` });
         return entry;
       } finally {
@@ -396,31 +424,54 @@ export class Vdcm {
   // --- reconciliation ------------------------------------------------------------------------
 
   /**
-   * Reconciles with the core after a (re)start: VDCM's hardware tables start empty, so every
-   * reference this instance still holds is stale and is released (a crashed VDCM keeps IOASIDs from
-   * being reclaimed until it comes back, DESIGN §4.4), and its registrations are withdrawn (they
-   * exist only for sets with assigned mdevs, and there are none yet).
-   * @returns how many references were released and registrations withdrawn
+   * Reconciles with the core after a (re)start, against the tables restored from the store (empty
+   * when none is kept): every reference this instance holds that no programmed entry backs is
+   * released (a descriptor's, or one left by a crash between a clear and its put); an entry whose
+   * reference the core no longer records (force-released by an operator, or its set gone) is
+   * drained and cleared, so nothing stays live on a device for an IOASID that may be reused (S9);
+   * registrations are kept for sets that still have an mdev and withdrawn otherwise. Entries still
+   * backed stay: their FREE, if it came while VDCM was down, is delivered again now (at-least-once),
+   * and clears them — so a crashed VDCM keeps such an IOASID from being reclaimed until it returns
+   * and clears the device (DESIGN §4.4).
+   * @returns references released, registrations withdrawn, entries cleared
    */
-  async reconcile(): Promise<{ readonly released: number; readonly unregistered: number }> {
+  async reconcile(): Promise<{ readonly released: number; readonly unregistered: number; readonly cleared: number }> {
     const own = await this.notifier.listOwn();
+    let unregistered = 0;
+    for (const r of own) {
+      if (this.state.registrationOf(r.setId) === r.registrationId && this.state.mdevCountOfSet(r.setId) > 0) continue;
+      await this.notifier.unregister(r.registrationId);
+      if (this.state.registrationOf(r.setId) === r.registrationId) this.state.dropRegistration(r.setId);
+      unregistered++;
+    }
+    const snap = this.state.snapshot();
+    const entries = snap.devices.flatMap((d) => d.pasidEntries);
+    const sets = new Set([...own.map((r) => r.setId), ...entries.map((e) => e.setId), ...snap.mdevs.map((m) => m.setId)].filter((s) => s !== 0));
     let released = 0;
-    for (const setId of new Set(own.map((r) => r.setId).filter((s) => s !== 0))) {
-      let held;
+    let cleared = 0;
+    for (const setId of sets) {
+      let held: HeldReference[];
       try {
         held = await this.ioasids.listHeld(setId, VDCM_ROLE, this.instance);
       } catch (err) {
-        if (isDomainError(err, "SET_UNKNOWN")) continue;
-        throw err;
+        if (!isDomainError(err, "SET_UNKNOWN")) throw err;
+        held = [];
       }
+      const backed = new Set<string>();
       for (const h of held) {
-        for (let i = 0; i < h.count; i++) {
+        const entry = entries.find((e) => e.setId === h.setId && e.hpasid === h.ioasid && e.generation === h.generation && purposeOf(e.deviceId, e.wqId) === h.purpose);
+        const keep = entry === undefined ? 0 : 1;
+        if (entry !== undefined) backed.add(`${entry.deviceId}/${entry.wqId}`);
+        for (let i = keep; i < h.count; i++) {
           if (await this.putQuietly(h.setId, h.ioasid, this.holder(h.purpose), h.generation, "reconcile after restart")) released++;
         }
       }
+      for (const e of entries.filter((x) => x.setId === setId && !backed.has(`${x.deviceId}/${x.wqId}`))) {
+        if (await this.teardownEntry(e, "reconcile")) cleared++;
+      }
     }
-    for (const r of own) await this.notifier.unregister(r.registrationId);
-    return { released, unregistered: own.length };
+    await this.persist();
+    return { released, unregistered, cleared };
   }
 
   // --- QueryState ----------------------------------------------------------------------------
@@ -437,7 +488,7 @@ export class Vdcm {
    * release of its reference); any other waits for that teardown to finish.
    * @returns true when this caller drained and cleared it
    */
-  private async teardownEntry(entry: DevicePasidEntry, cause: "mdev_clear" | "unassign" | "FREE", seq?: number): Promise<boolean> {
+  private async teardownEntry(entry: DevicePasidEntry, cause: "mdev_clear" | "unassign" | "FREE" | "reconcile", seq?: number): Promise<boolean> {
     const key = `${entry.deviceId}/${entry.wqId}`;
     if (!this.state.beginDrain(entry.deviceId, entry.wqId, entry)) {
       await this.clearing.get(key);
@@ -449,6 +500,8 @@ export class Vdcm {
       // Drain by host PASID: every descriptor using it on this work queue completes first.
       await this.drain((f) => f.deviceId === entry.deviceId && f.wqId === entry.wqId && f.hpasid === entry.hpasid);
       this.state.clearEntry(entry.deviceId, entry.wqId, entry);
+      // Kept cleared before the reference goes (a restart then releases a reference left over).
+      await this.persist();
       this.record("vdev_clear", entry, { ...(seq === undefined ? {} : { seq }), detail: `${where(entry)} ${cause}` });
       return true;
     } finally {

@@ -1,0 +1,111 @@
+import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { connect, type NatsConnection } from "@nats-io/transport-node";
+import { readHistory } from "@ioasid/bus";
+import { isDomainError } from "@ioasid/errors";
+import { core, iommu, vdcm, vfio } from "@ioasid/proto";
+import { startService, waitFor, type ServiceProcess } from "@ioasid/testkit";
+import { serviceEntry } from "../support/core-fixture.js";
+import { startStack, type StackFixture } from "../support/stack-fixture.js";
+
+// DESIGN §4.4 and issue 6: a VDCM killed (kill -9) while a PASID is programmed in one of its
+// devices keeps that IOASID from being reclaimed — its reference stays, whatever the guest does —
+// until it comes back with its device tables (kept in JetStream), receives the FREE it missed,
+// drains and clears the device, and releases the reference with the acknowledgement.
+
+const P = <T>(m: { fromPartial(x: object): T }, x: object): T => m.fromPartial(x);
+
+let stack: StackFixture;
+let nc: NatsConnection;
+let revived: ServiceProcess | undefined;
+beforeAll(async () => {
+  stack = await startStack();
+  nc = await connect({ servers: stack.nats.url });
+}, 60_000);
+afterAll(async () => {
+  await revived?.stop();
+  await nc?.close();
+  await stack?.stop();
+});
+
+async function reclaimed(ioasid: number): Promise<boolean> {
+  try {
+    await stack.clients.core.describe({ ioasid });
+    return false;
+  } catch (err) {
+    if (isDomainError(err, "IOASID_NOT_FOUND")) return true;
+    throw err;
+  }
+}
+
+describe("a crashed VDCM", () => {
+  it("keeps a programmed PASID's IOASID from being reclaimed until it returns and clears the device", async () => {
+    const c = stack.clients;
+    const since = Date.now() - 1;
+    await c.vdcm.registerDevice(P(vdcm.RegisterDeviceRequest, { deviceId: "dsa-x", maxPasidEntries: 16, wqs: [{ wqId: 0, mode: vdcm.WqMode.WQ_MODE_DEDICATED, size: 8 }] }));
+    await c.iommu.registerDevice(P(iommu.RegisterDeviceRequest, { deviceId: "dsa-x", maxPasids: 1 << 20, priCapable: true, function: iommu.DeviceFunction.DEVICE_FUNCTION_PF, iommuGroup: 3 }));
+    await c.vdcm.createMdev(P(vdcm.CreateMdevRequest, { parentDeviceId: "dsa-x", mdevUuid: "mdev-x", wqIds: [0] }));
+    const opened = await c.vfio.openContainer(P(vfio.OpenContainerRequest, { mmToken: 0xdead_1n, quota: 4, vmName: "vdcm-crash" }));
+    const session = new AbortController();
+    await new Promise<void>((resolve) => {
+      void (async () => {
+        try {
+          for await (const m of c.vfio.session({ containerId: opened.containerId }, { signal: session.signal })) if (m.event?.$case === "attached") resolve();
+        } catch {
+          /* ended */
+        }
+      })();
+    });
+    const mdev = { ref: { $case: "mdevUuid" as const, value: "mdev-x" } };
+    await c.vfio.assignDevice(P(vfio.AssignDeviceRequest, { containerId: opened.containerId, device: mdev }));
+    const a = await c.vfio.allocPasid({ containerId: opened.containerId });
+    await c.vfio.bindGuestPasid(P(vfio.BindGuestPasidRequest, { containerId: opened.containerId, device: mdev, hpasid: a.hpasid, generation: a.generation, gpasid: 55, guestPgtable: 0x5000n }));
+    await c.vdcm.writeWqPasid(P(vdcm.WriteWqPasidRequest, { mdevUuid: "mdev-x", virtualWq: 0, gpasid: 55 }));
+    const holder = "vdcm/vdcm0/dsa-x.wq0";
+    const holders = async () => (await c.core.describe({ ioasid: a.hpasid })).info!.holders.map((h) => `${h.holder!.role}/${h.holder!.instance}/${h.holder!.purpose}`);
+    expect(await holders()).toContain(holder);
+
+    // kill -9 VDCM with the PASID programmed; then the guest frees it.
+    const vdcmAddress = stack.procs.vdcm.address;
+    stack.procs.vdcm.kill("SIGKILL");
+    await stack.procs.vdcm.exited;
+    await c.vfio.freePasid({ containerId: opened.containerId, hpasid: a.hpasid, generation: a.generation });
+
+    // Free returned; every live role acted (the IOMMU released its bind reference) but VDCM's
+    // reference holds the IOASID: FREE_PENDING, not reclaimed, for as long as VDCM is away.
+    await waitFor(async () => !(await holders()).some((h) => h.startsWith("iommu/")), { timeoutMs: 10_000, message: "the IOMMU's FREE teardown" });
+    await new Promise((r) => setTimeout(r, 3000));
+    const info = (await c.core.describe({ ioasid: a.hpasid })).info!;
+    expect(info.state).toBe(core.IoasidState.IOASID_STATE_FREE_PENDING);
+    expect(await holders()).toEqual([holder]);
+
+    // VDCM comes back (same instance, same address): its device still has the PASID programmed.
+    const restartedAt = Date.now();
+    revived = await startService({
+      name: "vdcm",
+      entry: serviceEntry("vdcm"),
+      env: { VDCM_GRPC_ADDRESS: vdcmAddress, NATS_URL: stack.nats.url, IOASID_CORE_ADDRESS: stack.addresses.core, IOMMU_ADDRESS: stack.addresses.iommu },
+    });
+    expect(revived.logs()).toContain("restored the device tables");
+    await waitFor(() => reclaimed(a.hpasid), { timeoutMs: 5000, intervalMs: 50, message: "reclaimed within 5 s of VDCM's return" });
+    const reclaimMs = Date.now() - restartedAt;
+    const state = await c.vdcm.queryState(P(vdcm.QueryStateRequest, { deviceIds: ["dsa-x"] }));
+    expect(state.devices[0]!.pasidEntries).toEqual([]);
+
+    // The history: VDCM's clear of the device (after its return) comes before the RECLAIM.
+    let hist = await readHistory(nc, { sinceMs: since });
+    await waitFor(
+      async () => {
+        hist = await readHistory(nc, { sinceMs: since });
+        return hist.some((r) => r.action === "event:RECLAIM" && r.ioasid === a.hpasid);
+      },
+      { timeoutMs: 5000 },
+    );
+    const clear = hist.find((r) => r.role === "vdcm" && r.action === "vdev_clear" && r.ioasid === a.hpasid);
+    const reclaim = hist.find((r) => r.action === "event:RECLAIM" && r.ioasid === a.hpasid);
+    expect(clear, "VDCM cleared the device").toBeDefined();
+    expect(clear!.ts).toBeGreaterThanOrEqual(restartedAt);
+    expect(clear!.ts).toBeLessThanOrEqual(reclaim!.ts);
+    expect(reclaimMs).toBeLessThan(5000);
+    session.abort();
+  }, 60_000);
+});
