@@ -1,3 +1,4 @@
+import type { RoleStatePort, StateChange } from "@ioasid/bus";
 import { Code, DomainError } from "@ioasid/errors";
 import { beforeEach, describe, expect, it } from "vitest";
 import { toIa32Pasid } from "./ia32-pasid.js";
@@ -470,6 +471,57 @@ describe("Kvm.reconcile", () => {
     core.down = false;
     await kvm.createVm({ mmToken: 5n, vcpuCount: 1, vmName: "" });
     expect(kvm.reconciled).toBe(true);
+  });
+});
+
+describe("Kvm kept in a store (kill -9 and back)", () => {
+  class MemoryStore implements RoleStatePort {
+    readonly saved = new Map<string, unknown>();
+    async write(changes: readonly StateChange[]): Promise<void> {
+      for (const c of changes) {
+        if (c.value === undefined) this.saved.delete(c.key);
+        else this.saved.set(c.key, structuredClone(c.value));
+      }
+    }
+  }
+
+  it("comes back with its VMs and VMCS tables, keeps the references they back, and handles the FREE it missed", async () => {
+    const store = new MemoryStore();
+    core.sets.set(0x70n, { setId: 4, inUse: 0 });
+    const first = newKvm({ store });
+    await first.createVm({ mmToken: 0x70n, vcpuCount: 2, vmName: "g" });
+    await bind("vm-1", 201, 101, { setId: 4 });
+    await bind("vm-1", 202, 102, { setId: 4 });
+    expect(first.enqcmd(1, 0, toIa32Pasid(101))).toMatchObject({ outcome: "TRANSLATED", hpasid: 201 });
+    // A crash: the process and its subscriptions are gone; a new KVM restores from the store.
+    bus.handlers.clear();
+    const again = newKvm({ store, saved: store.saved });
+    await again.reconcile();
+    expect(again.enqcmd(1, 1, toIa32Pasid(101))).toMatchObject({ outcome: "TRANSLATED", hpasid: 201 });
+    expect(core.held({ ioasid: 201, generation: 1, instance: "vm-1" })).toBe(1);
+    expect(core.regs.size).toBe(1);
+    expect(history.some((h) => h.action === "kvm_restore_vm")).toBe(true);
+    expect(await free("vm-1", 202, { setId: 4 })).toEqual({ release: ["vmcs"] });
+    expect(again.enqcmd(1, 0, toIa32Pasid(102)).outcome).toBe("GP");
+    expect([...store.saved.keys()].sort()).toEqual(["vm/1", "vmcs/1/201"]);
+    expect((await again.createVm({ mmToken: 0x71n, vcpuCount: 1, vmName: "" })).instance).toBe("vm-2");
+  });
+
+  it("clears after a restart an entry whose reference the core no longer records, and drops a reference no entry backs", async () => {
+    const store = new MemoryStore();
+    core.sets.set(0x70n, { setId: 4, inUse: 0 });
+    const first = newKvm({ store });
+    await first.createVm({ mmToken: 0x70n, vcpuCount: 1, vmName: "g" });
+    await bind("vm-1", 201, 101, { setId: 4 });
+    // While KVM is down: an operator releases its reference on 201; a stray one appears on 203.
+    await core.put({ setId: 4, ioasid: 201, generation: 1, instance: "vm-1", purpose: "vmcs" });
+    await core.get({ setId: 4, ioasid: 203, generation: 1, instance: "vm-1", purpose: "vmcs" });
+    bus.handlers.clear();
+    const again = newKvm({ store, saved: store.saved });
+    await again.reconcile();
+    expect(again.enqcmd(1, 0, toIa32Pasid(101)).outcome).toBe("GP");
+    expect(core.refs.size).toBe(0);
+    expect([...store.saved.keys()]).toEqual(["vm/1"]);
   });
 });
 

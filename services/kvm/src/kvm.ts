@@ -1,3 +1,4 @@
+import type { RoleStatePort, StateChange } from "@ioasid/bus";
 import { Code, DomainError, isDomainError } from "@ioasid/errors";
 import { decodeIa32Pasid, GpCause } from "./ia32-pasid.js";
 import { invalidField, kvmError } from "./kvm-error.js";
@@ -127,7 +128,39 @@ export interface KvmOptions {
   readonly reapStale?: boolean;
   /** @default {@link DEFAULT_MAX_RELEASE_ATTEMPTS} */
   readonly maxReleaseAttempts?: number;
+  /**
+   * Where the VMs and their VMCS tables are kept so they survive a crash of KVM (a RoleState in
+   * JetStream); written before a call returns or an event is acknowledged. @default not kept
+   */
+  readonly store?: RoleStatePort;
+  /** What {@link KvmOptions.store} held at start: the VMs come back with their tables. */
+  readonly saved?: ReadonlyMap<string, unknown>;
 }
+
+interface SavedVm {
+  readonly vmId: number;
+  readonly instance: string;
+  readonly mmToken: string;
+  readonly vmName: string;
+  readonly vcpuCount: number;
+  readonly createdAt: number;
+  readonly registrationId: number;
+  readonly setId: number;
+}
+
+interface SavedTranslation {
+  readonly gpasid: number;
+  readonly hpasid: number;
+  readonly generation: number;
+  readonly bindSeq: string;
+  readonly installedAt: number;
+  /** The set and generation of the `vmcs` reference behind the entry. */
+  readonly refSetId: number;
+  readonly refGeneration: number;
+}
+
+const vmKey = (vmId: number) => `vm/${vmId}`;
+const vmcsKey = (vmId: number, hpasid: number) => `vmcs/${vmId}/${hpasid}`;
 
 /** What CreateVm asks for. */
 export interface CreateVmSpec {
@@ -241,8 +274,12 @@ export class Kvm {
   #nextVmId = 1;
   #reconciled = false;
   #reconciling: Promise<void> | undefined;
+  readonly #store: RoleStatePort | undefined;
+  /** VMs restored from the store, not yet resubscribed (reconcile does it). */
+  readonly #restored: VirtualMachine[] = [];
 
   constructor(options: KvmOptions) {
+    this.#store = options.store;
     this.#core = options.core;
     this.#notifier = options.notifier;
     this.#history = options.history;
@@ -250,6 +287,66 @@ export class Kvm {
     this.#now = options.now ?? (() => new Date());
     this.#reapStale = options.reapStale ?? true;
     this.#maxReleaseAttempts = options.maxReleaseAttempts ?? DEFAULT_MAX_RELEASE_ATTEMPTS;
+    if (options.saved !== undefined) this.#restore(options.saved);
+  }
+
+  /** Rebuilds the VMs and tables a store kept (a KVM killed with -9 comes back with them). */
+  #restore(saved: ReadonlyMap<string, unknown>): void {
+    for (const [key, value] of saved) {
+      if (!key.startsWith("vm/")) continue;
+      const v = value as SavedVm;
+      const vm = new VirtualMachine(v.vmId, v.instance, BigInt(v.mmToken), v.vmName, v.vcpuCount, new Date(v.createdAt), this.#history(v.instance));
+      vm.registrationId = v.registrationId;
+      vm.setId = v.setId;
+      this.#vms.set(vm.vmId, vm);
+      this.#byToken.set(vm.mmToken, vm);
+      this.#restored.push(vm);
+      this.#nextVmId = Math.max(this.#nextVmId, vm.vmId + 1);
+    }
+    for (const [key, value] of saved) {
+      const m = /^vmcs\/(\d+)\/\d+$/.exec(key);
+      const vm = m === null ? undefined : this.#vms.get(Number(m[1]));
+      if (vm === undefined) continue;
+      const t = value as SavedTranslation;
+      vm.table.install({ gpasid: t.gpasid, hpasid: t.hpasid, generation: t.generation, bindSeq: BigInt(t.bindSeq), installedAt: new Date(t.installedAt) });
+      vm.refs.set(t.hpasid, { setId: t.refSetId, generation: t.refGeneration });
+    }
+  }
+
+  /** Writes changes to the store (before a reply or an acknowledgement). */
+  async #write(changes: StateChange[]): Promise<void> {
+    if (this.#store !== undefined && changes.length > 0) await this.#store.write(changes);
+  }
+
+  #vmChange(vm: VirtualMachine): StateChange {
+    const saved: SavedVm = {
+      vmId: vm.vmId,
+      instance: vm.instance,
+      mmToken: String(vm.mmToken),
+      vmName: vm.vmName,
+      vcpuCount: vm.vcpuCount,
+      createdAt: vm.createdAt.getTime(),
+      registrationId: vm.registrationId,
+      setId: vm.setId,
+    };
+    return { key: vmKey(vm.vmId), value: saved };
+  }
+
+  /** The stored form of the entry of `hpasid` (deleted when the table has none, or no reference backs it). */
+  #entryChange(vm: VirtualMachine, hpasid: number): StateChange {
+    const t = vm.table.findByHpasid(hpasid);
+    const ref = vm.refs.get(hpasid);
+    if (t === undefined || ref === undefined) return { key: vmcsKey(vm.vmId, hpasid), value: undefined };
+    const saved: SavedTranslation = {
+      gpasid: t.gpasid,
+      hpasid: t.hpasid,
+      generation: t.generation,
+      bindSeq: String(t.bindSeq),
+      installedAt: t.installedAt.getTime(),
+      refSetId: ref.setId,
+      refGeneration: ref.generation,
+    };
+    return { key: vmcsKey(vm.vmId, hpasid), value: saved };
   }
 
   /** Whether {@link Kvm.reconcile} has completed. */
@@ -278,8 +375,24 @@ export class Kvm {
   }
 
   async #doReconcile(): Promise<void> {
+    const all = await this.#core.registrations();
+    // VMs restored from the store: back to work if the core still has their registration.
+    for (const vm of this.#restored.splice(0)) {
+      const r = all.find((x) => x.registrationId === vm.registrationId);
+      if (r === undefined) {
+        await this.#forget(vm, "its registration is gone from the core");
+        continue;
+      }
+      if (r.setId !== 0) vm.setId = r.setId;
+      await this.#reconcileVm(vm);
+      vm.subscription = await this.#notifier.subscribe(vm.instance, (event) => this.#onEvent(vm, event));
+      vm.history.record("kvm_restore_vm", {
+        ...(vm.setId === 0 ? {} : { setId: vm.setId }),
+        detail: `VM ${vm.vmId} back after a KVM restart with ${vm.table.size} translation(s)`,
+      });
+    }
     const ours = new Set([...this.#vms.values()].map((vm) => vm.registrationId));
-    const stale = (await this.#core.registrations()).filter((r) => !ours.has(r.registrationId));
+    const stale = all.filter((r) => !ours.has(r.registrationId));
     for (const r of stale) {
       const m = /^vm-(\d+)$/.exec(r.instance);
       if (m !== null) this.#nextVmId = Math.max(this.#nextVmId, Number(m[1]) + 1);
@@ -288,6 +401,56 @@ export class Kvm {
       for (const r of stale) await this.#reap(r);
     }
     this.#reconciled = true;
+  }
+
+  /**
+   * A restored VM against the core: references the core records for it that no entry backs are
+   * dropped; entries whose reference the core no longer records (released by an operator) are
+   * cleared, so no translation outlives its IOASID (S9). Events missed meanwhile arrive again once
+   * it is resubscribed.
+   */
+  async #reconcileVm(vm: VirtualMachine): Promise<void> {
+    if (vm.setId === 0) return;
+    const held = await this.#core.heldReferences(vm.setId, vm.instance);
+    const backed = new Set<number>();
+    for (const ref of held) {
+      const mine = vm.refs.get(ref.ioasid);
+      if (mine !== undefined && mine.generation === ref.generation && ref.purpose === VMCS_PURPOSE && !backed.has(ref.ioasid)) {
+        backed.add(ref.ioasid);
+        continue;
+      }
+      await this.#release(ref);
+    }
+    const changes: StateChange[] = [];
+    for (const [hpasid, ref] of [...vm.refs]) {
+      if (backed.has(hpasid)) continue;
+      vm.refs.delete(hpasid);
+      const removed = vm.table.clearHpasid(hpasid, ref.generation);
+      if (removed !== undefined) {
+        vm.history.record("vmcs_update", {
+          ioasid: hpasid,
+          generation: ref.generation,
+          setId: ref.setId,
+          spid: removed.gpasid,
+          detail: `clear gpasid ${removed.gpasid} → hpasid ${hpasid} (its reference is gone: restart reconcile)`,
+        });
+      }
+      changes.push(this.#entryChange(vm, hpasid));
+    }
+    await this.#write(changes);
+  }
+
+  /** Drops a restored VM that cannot come back (its table cleared, its references released). */
+  async #forget(vm: VirtualMachine, why: string): Promise<void> {
+    vm.alive = false;
+    this.#vms.delete(vm.vmId);
+    this.#byToken.delete(vm.mmToken);
+    const cleared = vm.table.clear();
+    const refs = [...vm.refs].map(([ioasid, r]) => ({ setId: r.setId, ioasid, generation: r.generation, instance: vm.instance, purpose: VMCS_PURPOSE }));
+    vm.refs.clear();
+    await this.#write([{ key: vmKey(vm.vmId), value: undefined }, ...cleared.map((t) => ({ key: vmcsKey(vm.vmId, t.hpasid), value: undefined }))]);
+    for (const ref of refs) await this.#release(ref);
+    this.#log("warn", "a restored VM could not come back", { vmId: vm.vmId, why });
   }
 
   async #reap(r: RegistrationStatus): Promise<void> {
@@ -346,6 +509,7 @@ export class Kvm {
       vm.registrationId = registration.registrationId;
       if (registration.setId !== 0) vm.setId = registration.setId;
       this.#vms.set(vmId, vm);
+      await this.#write([this.#vmChange(vm)]);
       vm.history.record("kvm_create_vm", {
         ...(registration.setId === 0 ? {} : { setId: registration.setId }),
         detail: `mm token ${mmToken}, ${vcpuCount} vCPU(s), registration ${registration.registrationId} ${registration.active ? "ACTIVE" : "PENDING"}`,
@@ -415,7 +579,11 @@ export class Kvm {
       });
     }
     const refs = [...vm.refs].map(([ioasid, r]) => ({ setId: r.setId, ioasid, generation: r.generation, instance: vm.instance, purpose: VMCS_PURPOSE }));
+    const keys = new Set([...refs.map((r) => r.ioasid), ...cleared.map((t) => t.hpasid)]);
     vm.refs.clear();
+    await this.#write([{ key: vmKey(vm.vmId), value: undefined }, ...[...keys].map((h) => ({ key: vmcsKey(vm.vmId, h), value: undefined }))]).catch((err: unknown) =>
+      this.#log("warn", "could not forget the destroyed VM in the store", { vmId, reason: reasonOf(err) }),
+    );
     const released = await Promise.all(refs.map((ref) => this.#release(ref)));
     const releasedReferences = released.filter(Boolean).length;
     vm.history.record("kvm_destroy_vm", {
@@ -619,6 +787,8 @@ export class Kvm {
     }
     const outcome = vm.table.install({ gpasid: e.spid, hpasid: e.ioasid, generation: e.generation, bindSeq: e.seq, installedAt: this.#now() });
     if (outcome.kind === "installed") {
+      // Kept before the acknowledgement: the entry survives a crash of KVM.
+      await this.#write([this.#entryChange(vm, e.ioasid), ...outcome.replaced.map((r) => this.#entryChange(vm, r.hpasid))]);
       for (const r of outcome.replaced) {
         vm.history.record("vmcs_update", {
           ioasid: r.hpasid,
@@ -647,7 +817,7 @@ export class Kvm {
    * this host PASID, then release the `vmcs` reference with the acknowledgement. Idempotent: an
    * UNBIND after FREE (or a redelivery) finds nothing and releases nothing.
    */
-  #onUnbindOrFree(vm: VirtualMachine, e: KvmEvent): { release?: readonly string[] } {
+  async #onUnbindOrFree(vm: VirtualMachine, e: KvmEvent): Promise<{ release?: readonly string[] }> {
     const removed = vm.table.clearHpasid(e.ioasid, e.generation);
     if (removed !== undefined) {
       vm.history.record("vmcs_update", {
@@ -660,8 +830,13 @@ export class Kvm {
       });
     }
     const held = vm.refs.get(e.ioasid);
-    if (held === undefined || held.generation !== e.generation) return {};
+    if (held === undefined || held.generation !== e.generation) {
+      if (removed !== undefined) await this.#write([this.#entryChange(vm, e.ioasid)]);
+      return {};
+    }
     vm.refs.delete(e.ioasid);
+    // Kept cleared before the reference goes with the acknowledgement.
+    await this.#write([this.#entryChange(vm, e.ioasid)]);
     return { release: [VMCS_PURPOSE] };
   }
 }

@@ -1,4 +1,4 @@
-import { HistoryRecorder, startSubscriber, DEFAULT_PREFIX } from "@ioasid/bus";
+import { HistoryRecorder, RoleState, startSubscriber, DEFAULT_PREFIX } from "@ioasid/bus";
 import { isDomainError } from "@ioasid/errors";
 import { createGrpcServer, formatAddress, type GrpcServer, type ServiceHandlers } from "@ioasid/grpc-kit";
 import { core, events, kvm as kvmProto } from "@ioasid/proto";
@@ -182,6 +182,8 @@ export interface StartKvmServerOptions {
   readonly reapStale?: boolean;
   /** Period of the retries (reconciliation at start, deferred reference drops), ms. @default 1000 */
   readonly retryMs?: number;
+  /** Name of this KVM's kept state (its VMs and tables) in JetStream. @default "kvm0" */
+  readonly instance?: string;
 }
 
 /** A running KVM service. */
@@ -213,7 +215,13 @@ export async function startKvmServer(options: StartKvmServerOptions): Promise<Ru
   const logger = server.logger;
   const prefix = options.prefix ?? DEFAULT_PREFIX;
   const retryMs = options.retryMs ?? 1000;
+  // The VMs and their VMCS tables live in JetStream: a KVM killed with -9 comes back with them.
+  const store = await RoleState.open(options.nc, { role: KVM_SUBSCRIBER, instance: options.instance ?? "kvm0", prefix });
+  const saved = await store.load();
+  if (saved.size > 0) logger.info({ keys: saved.size }, "restored the VMs and their VMCS tables");
   const host = new Kvm({
+    store,
+    saved,
     core: createCorePort(options.core),
     notifier: createNotifierPort(options.nc, prefix),
     history: (instance) => new HistoryRecorder(options.nc, KVM_SUBSCRIBER, instance, prefix),
