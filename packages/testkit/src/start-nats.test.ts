@@ -1,30 +1,8 @@
 import { existsSync } from "node:fs";
-import { connect } from "node:net";
 import { dirname } from "node:path";
-import { afterEach, describe, expect, it } from "vitest";
+import { afterEach, describe, expect, it, vi } from "vitest";
+import { readNatsInfo as readInfo } from "./read-nats-info.js";
 import { NATS_INSTALL_COMMAND, startNats, type NatsServer } from "./start-nats.js";
-
-/** Reads the INFO line a NATS server greets every client with, parsed. */
-function readInfo(port: number): Promise<Record<string, unknown>> {
-  return new Promise((resolve, reject) => {
-    const socket = connect({ host: "127.0.0.1", port });
-    let buffer = "";
-    socket.setTimeout(2000, () => {
-      socket.destroy();
-      reject(new Error("no INFO line within 2 s"));
-    });
-    socket.on("data", (chunk) => {
-      buffer += chunk.toString();
-      const end = buffer.indexOf("\r\n");
-      if (end === -1) return;
-      socket.destroy();
-      const line = buffer.slice(0, end);
-      if (!line.startsWith("INFO ")) reject(new Error(`expected INFO, got ${line}`));
-      else resolve(JSON.parse(line.slice(5)) as Record<string, unknown>);
-    });
-    socket.on("error", reject);
-  });
-}
 
 function alive(pid: number): boolean {
   try {
@@ -94,6 +72,18 @@ describe("startNats", () => {
 
   it("reports the output when nats-server exits before it is ready", async () => {
     await expect(start({ ...local, extraConfig: "this is not valid config {" })).rejects.toThrow(/exited \(code 1.*last output:/s);
+  });
+
+  it("with IOASID_TESTKIT_DOCKER=1 and no Docker engine, fails naming DOCKER_HOST and the way back to the local server", async () => {
+    // testcontainers reads DOCKER_HOST from the process's environment.
+    vi.stubEnv("DOCKER_HOST", "unix:///nonexistent/docker.sock");
+    try {
+      await expect(start({ env: { IOASID_TESTKIT_DOCKER: "1", DOCKER_HOST: "unix:///nonexistent/docker.sock" } })).rejects.toThrow(
+        /no Docker engine answers \(DOCKER_HOST=unix:\/\/\/nonexistent\/docker\.sock\).*unset IOASID_TESTKIT_DOCKER/s,
+      );
+    } finally {
+      vi.unstubAllEnvs();
+    }
   });
 
   it("uses the server named by NATS_URL and leaves it alone", async () => {

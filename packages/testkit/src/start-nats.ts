@@ -3,6 +3,7 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { canConnect } from "./can-connect.js";
 import { spawnManaged, terminate, type ManagedChild } from "./managed-child.js";
+import { dockerRequested, startNatsContainer } from "./start-nats-container.js";
 import { waitFor } from "./wait-for.js";
 
 /** The one-line command that installs the nats-server the tests need (Debian's 2.9.x package). */
@@ -16,8 +17,18 @@ export interface StartNatsOptions {
   readonly jetstream?: boolean;
   /** Time nats-server gets to accept connections, in ms. @default 10000 */
   readonly readyTimeoutMs?: number;
-  /** Environment consulted for NATS_URL and NATS_SERVER_BIN. @default process.env */
+  /**
+   * Environment consulted for NATS_URL, NATS_SERVER_BIN, IOASID_TESTKIT_DOCKER, IOASID_NATS_IMAGE
+   * and DOCKER_HOST. @default process.env
+   */
   readonly env?: NodeJS.ProcessEnv;
+  /**
+   * Run nats-server in a Docker container through testcontainers (see {@link startNatsContainer})
+   * instead of the local binary. @default true when IOASID_TESTKIT_DOCKER is 1 or true, else false
+   */
+  readonly docker?: boolean;
+  /** Image for `docker`. @default env IOASID_NATS_IMAGE, else "ioasid-fabric-nats:dev" */
+  readonly image?: string;
   /** Extra nats-server configuration lines appended to the generated file. */
   readonly extraConfig?: string;
 }
@@ -28,10 +39,12 @@ export interface NatsServer {
   readonly url: string;
   /** Client port (the same across restarts). */
   readonly port: number;
-  /** JetStream store directory, or undefined for an external server or without JetStream. */
+  /** JetStream store directory, or undefined for an external server, a container, or without JetStream. */
   readonly storeDir: string | undefined;
-  /** PID of the running nats-server, or undefined (external, or not running). */
+  /** PID of the running nats-server, or undefined (external, in a container, or not running). */
   readonly pid: number | undefined;
+  /** ID of its Docker container when the testkit runs it in one, else undefined. */
+  readonly container: string | undefined;
   /** True when NATS_URL named a server the testkit does not own. */
   readonly external: boolean;
   /**
@@ -60,7 +73,8 @@ export interface NatsServer {
  * Starts a nats-server for a test, nats.js `nst` style: a config file in a fresh temp dir with
  * `port: -1` (ephemeral), host 127.0.0.1 and JetStream storing in that dir; the bound port is read
  * back from its log, and the promise resolves once a TCP connection succeeds. When the environment
- * has NATS_URL, that server is used instead and `stop()` does nothing.
+ * has NATS_URL, that server is used instead and `stop()` does nothing. With `docker` (or
+ * IOASID_TESTKIT_DOCKER=1) it runs in a container instead, through testcontainers.
  *
  * A missing nats-server is a failure whose message holds the install command, never a skip.
  *
@@ -75,6 +89,15 @@ export async function startNats(options: StartNatsOptions = {}): Promise<NatsSer
   const env = options.env ?? process.env;
   const external = env["NATS_URL"];
   if (external !== undefined && external !== "") return externalServer(external);
+  if (options.docker ?? dockerRequested(env)) {
+    return startNatsContainer({
+      env,
+      ...(options.image === undefined ? {} : { image: options.image }),
+      ...(options.jetstream === undefined ? {} : { jetstream: options.jetstream }),
+      ...(options.extraConfig === undefined ? {} : { extraConfig: options.extraConfig }),
+      ...(options.readyTimeoutMs === undefined ? {} : { readyTimeoutMs: options.readyTimeoutMs }),
+    });
+  }
 
   const binary = options.binary ?? env["NATS_SERVER_BIN"] ?? "nats-server";
   const jetstream = options.jetstream ?? true;
@@ -126,6 +149,7 @@ export async function startNats(options: StartNatsOptions = {}): Promise<NatsSer
       return port;
     },
     storeDir,
+    container: undefined,
     get pid() {
       return managed?.running() === true ? managed.child.pid : undefined;
     },
@@ -215,6 +239,7 @@ function externalServer(url: string): NatsServer {
     port: Number(parsed.port === "" ? 4222 : parsed.port),
     storeDir: undefined,
     pid: undefined,
+    container: undefined,
     external: true,
     stop: () => Promise.resolve(),
     kill: refuse("kill"),
