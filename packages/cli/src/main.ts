@@ -7,6 +7,7 @@ import { parseArgs, type ParseArgsConfig } from "node:util";
 import { readHistory } from "@ioasid/bus";
 import { isDomainError } from "@ioasid/errors";
 import { core, iommu, kvm, vdcm, vfio } from "@ioasid/proto";
+import { attachCommands } from "./attach.js";
 import { addressesOf, connectStack, type StackClients } from "./clients.js";
 import { faultCommands } from "./fault-commands.js";
 import { runScenario, ScenarioKind, type ScenarioResult } from "./scenario.js";
@@ -405,6 +406,7 @@ const commands: Record<string, Command> = {
         return 0;
       }),
   },
+  ...attachCommands(out),
   ...faultCommands({ withStack, findVm, out, err: (line) => process.stderr.write(`${line}\n`) }),
 };
 

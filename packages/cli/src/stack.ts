@@ -71,7 +71,8 @@ async function portFree(port: number): Promise<boolean> {
   });
 }
 
-function alive(pid: number | undefined): boolean {
+/** Whether a process with this PID is running (and may be signalled by this one). */
+export function alive(pid: number | undefined): boolean {
   if (pid === undefined) return false;
   try {
     process.kill(pid, 0);
