@@ -1,0 +1,235 @@
+#!/usr/bin/env bash
+# `npm run test:containers`: the docker-compose environment, run for real, on a machine with no
+# image registry and no network but loopback (and Debian's mirror and the npm registry for builds).
+#
+#  1. installs Debian's docker.io, docker-compose and debootstrap when missing (apt-get; root);
+#  2. starts its own dockerd, host networking only (--bridge=none --iptables=false), with its data
+#     in a temp dir, and waits until it answers (a clear failure when it cannot start);
+#  3. builds the base images the Dockerfiles name (scripts/build-base-images.sh), then the stack's
+#     images (docker-compose.yml + deploy/docker-compose.host-network.yml);
+#  4. brings the stack up on 127.0.0.1 and waits until every container is healthy;
+#  5. runs test/containers (vitest.containers.config.ts): ioasidctl attached to the stack, both
+#     life cycles, a VDCM container killed during a crashed guest's teardown; the testkit's NATS
+#     through testcontainers; then two end-to-end test files with IOASID_TESTKIT_DOCKER=1;
+#  6. stops the stack (checking every service stops gracefully), removes containers and volumes,
+#     stops its dockerd by PID and removes its temp dir: nothing it started is left running.
+#
+# Settings (environment): IOASID_PORT_NATS (24222), IOASID_PORT_NATS_MONITOR (28222),
+# IOASID_PORT_CORE (25051), IOASID_PORT_IOMMU (25052), IOASID_PORT_VFIO (25053), IOASID_PORT_KVM
+# (25054), IOASID_PORT_VDCM (25055): not the defaults, so that it runs beside `npm start`;
+# IOASID_CT_DOCKER_ROOT: keep the engine's data (images, build cache) there between runs instead
+# of in the temp dir; DEBIAN_MIRROR: for debootstrap.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+T0=$SECONDS
+say() { printf 'containers: [%3ds] %s\n' "$((SECONDS - T0))" "$*"; }
+die() {
+  say "FAILED: $*" >&2
+  exit 1
+}
+
+export IOASID_PORT_NATS="${IOASID_PORT_NATS:-24222}"
+export IOASID_PORT_NATS_MONITOR="${IOASID_PORT_NATS_MONITOR:-28222}"
+export IOASID_PORT_CORE="${IOASID_PORT_CORE:-25051}"
+export IOASID_PORT_IOMMU="${IOASID_PORT_IOMMU:-25052}"
+export IOASID_PORT_VFIO="${IOASID_PORT_VFIO:-25053}"
+export IOASID_PORT_KVM="${IOASID_PORT_KVM:-25054}"
+export IOASID_PORT_VDCM="${IOASID_PORT_VDCM:-25055}"
+# The classic builder: BuildKit would need the buildx plugin, which Debian's docker.io lacks.
+export DOCKER_BUILDKIT=0 COMPOSE_DOCKER_CLI_BUILD=0
+PROJECT=ioasid-ct
+SERVICES=(nats ioasid-core iommu vfio kvm vdcm)
+
+# --- 1. what it needs ------------------------------------------------------------------------------
+missing=()
+command -v dockerd >/dev/null 2>&1 || missing+=(docker.io)
+command -v docker-compose >/dev/null 2>&1 || missing+=(docker-compose)
+command -v debootstrap >/dev/null 2>&1 || missing+=(debootstrap)
+if [ "${#missing[@]}" -gt 0 ]; then
+  [ "$(id -u)" = 0 ] || die "needs ${missing[*]} (apt-get install -y ${missing[*]}) and root to start dockerd"
+  say "installing ${missing[*]} (apt-get)"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+[ "$(id -u)" = 0 ] || die "dockerd and debootstrap need root"
+if docker compose version >/dev/null 2>&1; then
+  COMPOSE=(docker compose)
+else
+  COMPOSE=(docker-compose)
+fi
+STACK=("${COMPOSE[@]}" -p "$PROJECT" -f docker-compose.yml -f deploy/docker-compose.host-network.yml)
+say "using $("${COMPOSE[@]}" version --short 2>/dev/null | head -n1 | sed "s/^/${COMPOSE[*]} /"), $(dockerd --version), node $(node --version)"
+
+# --- the compose files, as docker-compose v1 and (where available) v2 read them --------------------
+for c in "docker-compose" "docker compose"; do
+  read -r -a cmd <<<"$c"
+  "${cmd[@]}" version >/dev/null 2>&1 || { say "compose check: $c not available here"; continue; }
+  "${cmd[@]}" config -q || die "$c config rejects docker-compose.yml (+ docker-compose.override.yml)"
+  "${cmd[@]}" -f docker-compose.yml -f deploy/docker-compose.host-network.yml config -q ||
+    die "$c config rejects docker-compose.yml + deploy/docker-compose.host-network.yml"
+  say "compose check: \`$c config -q\` accepts docker-compose.yml (+ docker-compose.override.yml) and + deploy/docker-compose.host-network.yml"
+done
+
+npx tsc -b
+say "TypeScript built (tsc -b): ioasidctl and the tests run from dist/"
+
+# --- 2. the engine ---------------------------------------------------------------------------------
+WORK="$(mktemp -d "${TMPDIR:-/tmp}/ioasid-containers.XXXXXX")"
+DATA_ROOT="${IOASID_CT_DOCKER_ROOT:-$WORK/data}"
+SOCK="$WORK/docker.sock"
+DOCKERD_PID=""
+STACK_UP=0
+CA_COPIED=()
+
+cleanup() {
+  local status=$?
+  trap - EXIT INT TERM
+  set +e
+  if [ "$STACK_UP" = 1 ]; then
+    say "teardown: stopping the stack (SIGTERM, 10 s grace)"
+    local stop_start=$SECONDS
+    "${STACK[@]}" stop --timeout 10 >"$WORK/stop.log" 2>&1
+    local report="" bad=0
+    for s in "${SERVICES[@]}"; do
+      local id code
+      id="$("${STACK[@]}" ps -a -q "$s" 2>/dev/null)"
+      code="$(docker inspect -f '{{.State.ExitCode}}' "$id" 2>/dev/null || echo '?')"
+      report+=" $s=$code"
+      [ "$code" = 0 ] || bad=1
+    done
+    if [ "$bad" = 0 ]; then
+      say "teardown: every service stopped gracefully in $((SECONDS - stop_start)) s (exit codes:$report)"
+    else
+      say "teardown: not every service stopped gracefully (exit codes:$report)"
+      [ "$status" = 0 ] && status=1
+    fi
+    "${STACK[@]}" down --volumes --remove-orphans --timeout 10 >>"$WORK/stop.log" 2>&1
+    say "teardown: containers, network and the nats-data volume removed ($("${STACK[@]}" ps -a -q 2>/dev/null | wc -l) containers left)"
+  fi
+  if [ -n "$DOCKERD_PID" ] && kill -0 "$DOCKERD_PID" 2>/dev/null; then
+    # Anything else this engine runs (a test's leftover container) goes with it.
+    local left
+    left="$(docker ps -aq 2>/dev/null)"
+    [ -n "$left" ] && docker rm --force --volumes $left >/dev/null 2>&1
+    local containerd_pid
+    containerd_pid="$(cat "$WORK/exec/containerd/containerd.pid" 2>/dev/null)"
+    kill -TERM "$DOCKERD_PID"
+    for _ in $(seq 1 300); do kill -0 "$DOCKERD_PID" 2>/dev/null || break; sleep 0.1; done
+    if kill -0 "$DOCKERD_PID" 2>/dev/null; then
+      say "teardown: dockerd (pid $DOCKERD_PID) did not stop in 30 s: SIGKILL"
+      kill -KILL "$DOCKERD_PID"
+    fi
+    wait "$DOCKERD_PID" 2>/dev/null
+    if [ -n "$containerd_pid" ] && kill -0 "$containerd_pid" 2>/dev/null; then
+      kill -TERM "$containerd_pid"
+      sleep 1
+      kill -0 "$containerd_pid" 2>/dev/null && kill -KILL "$containerd_pid"
+    fi
+    say "teardown: dockerd (pid $DOCKERD_PID) and its containerd${containerd_pid:+ (pid $containerd_pid)} stopped"
+  fi
+  # Mounts the engine may have left (a killed dockerd), deepest first, then its files.
+  if [ -d "$WORK" ]; then
+    awk -v w="$WORK" 'index($2, w) == 1 { print $2 }' /proc/self/mounts | sort -r | while read -r m; do umount -l "$m"; done
+    rm -rf "$WORK"
+  fi
+  for f in "${CA_COPIED[@]}"; do rm -f "$f"; done
+  local running
+  running="$(ps -eo pid=,args= | awk -v w="$WORK" 'index($0, w) > 0 && $0 !~ /awk/ { print $1 }')"
+  if [ -n "$running" ]; then
+    say "teardown: processes of $WORK still running: $running" >&2
+    [ "$status" = 0 ] && status=1
+  else
+    say "teardown: done; nothing of this run left running ($([ -n "${IOASID_CT_DOCKER_ROOT:-}" ] && echo "engine data kept in $DATA_ROOT" || echo "engine data removed"))"
+  fi
+  if [ "$status" = 0 ]; then say "PASSED in $((SECONDS - T0)) s"; else say "FAILED (exit $status) after $((SECONDS - T0)) s"; fi
+  exit "$status"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+mkdir -p "$DATA_ROOT"
+dockerd --bridge=none --iptables=false --ip6tables=false \
+  --data-root "$DATA_ROOT" --exec-root "$WORK/exec" --pidfile "$WORK/dockerd.pid" \
+  -H "unix://$SOCK" >"$WORK/dockerd.log" 2>&1 &
+DOCKERD_PID=$!
+export DOCKER_HOST="unix://$SOCK"
+for _ in $(seq 1 600); do
+  docker version --format '{{.Server.Version}}' >/dev/null 2>&1 && break
+  if ! kill -0 "$DOCKERD_PID" 2>/dev/null; then
+    wait "$DOCKERD_PID" && code=0 || code=$?
+    DOCKERD_PID=""
+    tail -n 15 "$WORK/dockerd.log" >&2
+    die "the Docker engine could not start: dockerd exited with code $code (its log above). It needs root, cgroups and overlayfs (or another storage driver)."
+  fi
+  sleep 0.1
+done
+docker version --format '{{.Server.Version}}' >/dev/null 2>&1 ||
+  { tail -n 15 "$WORK/dockerd.log" >&2; die "the Docker engine did not answer on $SOCK within 60 s (its log above)"; }
+say "dockerd $(docker version --format '{{.Server.Version}}') answering on $SOCK (pid $DOCKERD_PID; no bridge, no iptables; data in $DATA_ROOT)"
+
+# --- 3. images ---------------------------------------------------------------------------------------
+bash scripts/build-base-images.sh 2>"$WORK/base-images.log" | sed "s/^/containers: [$(printf '%3d' $((SECONDS - T0)))s] /" ||
+  { cat "$WORK/base-images.log" >&2; die "the base images could not be built"; }
+
+# npm inside the build must trust what this machine trusts (an intercepting proxy's CA, say):
+# Debian's local CAs and NODE_EXTRA_CA_CERTS go to deploy/extra-ca/ for the build (not the image).
+i=0
+for f in /usr/local/share/ca-certificates/*.crt /usr/local/share/ca-certificates/*/*.crt ${NODE_EXTRA_CA_CERTS:-}; do
+  [ -f "$f" ] || continue
+  dest="deploy/extra-ca/test-containers-$i.crt"
+  cp "$f" "$dest"
+  CA_COPIED+=("$dest")
+  i=$((i + 1))
+done
+[ "$i" -gt 0 ] && say "npm in the image build trusts this machine's extra CA certificates ($i file(s) in deploy/extra-ca/, removed at the end)"
+
+build_start=$SECONDS
+# One build for the five services (they share ioasid-fabric:dev), one for NATS.
+if ! "${STACK[@]}" build nats ioasid-core >"$WORK/build.log" 2>&1; then
+  { grep -m 15 -iE 'error|failed|unable' "$WORK/build.log"; echo "…"; tail -n 15 "$WORK/build.log"; } >&2
+  die "the stack's images could not be built (the first errors and the end of the build log above)"
+fi
+size() { docker image inspect -f '{{.Size}}' "$1" | awk '{ printf "%d MB", $1 / 1e6 }'; }
+say "stack images built in $((SECONDS - build_start)) s: ioasid-fabric-nats:dev ($(size ioasid-fabric-nats:dev), Debian's nats-server $(docker run --rm --network none --entrypoint nats-server ioasid-fabric-nats:dev --version | sed 's/.*v//')), ioasid-fabric:dev ($(size ioasid-fabric:dev))"
+
+# --- 4. the stack ------------------------------------------------------------------------------------
+for p in "$IOASID_PORT_NATS" "$IOASID_PORT_NATS_MONITOR" "$IOASID_PORT_CORE" "$IOASID_PORT_IOMMU" "$IOASID_PORT_VFIO" "$IOASID_PORT_KVM" "$IOASID_PORT_VDCM"; do
+  if (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; then
+    die "port $p of 127.0.0.1 is in use: stop what listens there, or choose other ports (IOASID_PORT_NATS, IOASID_PORT_CORE, … see the top of $0)"
+  fi
+done
+up_start=$SECONDS
+STACK_UP=1
+"${STACK[@]}" up -d --no-build >"$WORK/up.log" 2>&1 || { cat "$WORK/up.log" >&2; die "\`${STACK[*]} up -d\` failed"; }
+healthy=0
+for _ in $(seq 1 240); do
+  states="$(for s in "${SERVICES[@]}"; do id="$("${STACK[@]}" ps -q "$s" 2>/dev/null)"; echo "$s=$(docker inspect -f '{{if .State.Health}}{{.State.Health.Status}}{{else}}{{.State.Status}}{{end}}' "$id" 2>/dev/null || echo none)"; done | tr '\n' ' ')"
+  if ! grep -qv '=healthy$' <<<"$(tr ' ' '\n' <<<"$states" | grep .)"; then
+    healthy=1
+    break
+  fi
+  sleep 0.5
+done
+if [ "$healthy" != 1 ]; then
+  "${STACK[@]}" ps >&2
+  "${STACK[@]}" logs --no-color --tail 20 >&2
+  die "the stack did not become healthy within 120 s: $states"
+fi
+say "stack healthy in $((SECONDS - up_start)) s: nats 127.0.0.1:$IOASID_PORT_NATS (monitor :$IOASID_PORT_NATS_MONITOR), ioasid-core :$IOASID_PORT_CORE, iommu :$IOASID_PORT_IOMMU, vfio :$IOASID_PORT_VFIO, kvm :$IOASID_PORT_KVM, vdcm :$IOASID_PORT_VDCM"
+say "$(curl -fsS "http://127.0.0.1:$IOASID_PORT_NATS_MONITOR/jsz" 2>/dev/null | node -e 'let s="";process.stdin.on("data",d=>s+=d).on("end",()=>{try{const j=JSON.parse(s);console.log(`NATS JetStream: ${j.streams} stream(s), ${j.messages} message(s) in the nats-data volume`)}catch{console.log("NATS JetStream: (no /jsz answer)")}})')"
+
+# --- 5. the tests ------------------------------------------------------------------------------------
+compose_json="$(node -e 'console.log(JSON.stringify(process.argv.slice(1)))' "${STACK[@]}")"
+say "test/containers: ioasidctl against the stack (attach, both scenarios, a killed VDCM container) and the testkit through testcontainers"
+IOASID_CT_COMPOSE="$compose_json" npx vitest run --config vitest.containers.config.ts --reporter=verbose ||
+  die "test/containers failed (output above; the stack's logs: \`${STACK[*]} logs\` while it runs)"
+
+since="$(date +%s)"
+say "end-to-end tests with the testkit's NATS in containers (IOASID_TESTKIT_DOCKER=1): test/e2e/lifecycle.test.ts, test/e2e/crashed-vmm.test.ts"
+IOASID_TESTKIT_DOCKER=1 npx vitest run --project integration test/e2e/lifecycle.test.ts test/e2e/crashed-vmm.test.ts ||
+  die "the end-to-end tests failed with NATS in containers"
+created="$(docker events --since "$since" --until "$(date +%s)" --filter type=container --filter event=start --filter image=ioasid-fabric-nats:dev --format '{{.ID}}' | sort -u | wc -l)"
+say "end-to-end tests passed with NATS in $created container(s) started through testcontainers"
