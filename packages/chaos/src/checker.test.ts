@@ -1,0 +1,356 @@
+import type { HistoryRecord } from "@ioasid/bus";
+import { describe, expect, it } from "vitest";
+import { createChaosRecord, type ChaosOp } from "./chaos-record.js";
+import { check, createChecker, renderVerdict, type Verdict } from "./checker.js";
+import type { FinalState } from "./final-state.js";
+import { correctFinalState, correctHistory } from "./history-fixture.js";
+import { INVARIANT_IDS, type InvariantId } from "./invariants.js";
+import { RULES, type CheckOptions } from "./rules.js";
+
+// ---- history surgery ------------------------------------------------------------------------
+
+type Pred = (r: HistoryRecord) => boolean;
+
+/** Records of `role` doing `action`, with these fields (a string `detail` matches as a substring). */
+function is(role: string, action: string, fields: Partial<HistoryRecord> = {}): Pred {
+  return (r) =>
+    r.role === role &&
+    r.action === action &&
+    Object.entries(fields).every(([k, v]) => (k === "detail" ? (r.detail ?? "").includes(String(v)) : r[k as keyof HistoryRecord] === v));
+}
+
+function find(h: readonly HistoryRecord[], pred: Pred): HistoryRecord {
+  const r = h.find(pred);
+  if (r === undefined) throw new Error("fixture record not found");
+  return r;
+}
+
+function without(h: readonly HistoryRecord[], pred: Pred): HistoryRecord[] {
+  const out = h.filter((r) => !pred(r));
+  if (out.length === h.length) throw new Error("fixture record not found");
+  return out;
+}
+
+function change(h: readonly HistoryRecord[], pred: Pred, fn: (r: HistoryRecord) => HistoryRecord): HistoryRecord[] {
+  const r = find(h, pred);
+  return h.map((x) => (x === r ? fn(x) : x));
+}
+
+/** Inserts records 3 ms, 4 ms… after the first record matching `pred` (records are 10 ms apart). */
+function after(h: readonly HistoryRecord[], pred: Pred, ...recs: Array<Omit<HistoryRecord, "ts">>): HistoryRecord[] {
+  const at = find(h, pred);
+  return [...h, ...recs.map((r, i) => ({ ...r, ts: at.ts + 3 + i }) as HistoryRecord)];
+}
+
+function chaosOp(ts: number, action: "invoke" | "ok", op: ChaosOp): HistoryRecord {
+  return createChaosRecord(action, op, { ts });
+}
+
+function withDetail(r: HistoryRecord, patch: Record<string, unknown>): HistoryRecord {
+  return { ...r, detail: JSON.stringify({ ...(JSON.parse(r.detail ?? "{}") as object), ...patch }) };
+}
+
+const core = (action: string, fields: Partial<HistoryRecord>): Omit<HistoryRecord, "ts"> => ({ role: "ioasid", instance: "core-0", action, ...fields });
+const FREE_202 = is("ioasid", "event:FREE", { ioasid: 202 });
+const RECLAIM_202 = is("ioasid", "event:RECLAIM", { ioasid: 202 });
+const freeOpOf = (vm: string): Pred => (r) => r.role === "chaos" && r.action === "ok" && (r.detail ?? "").includes(`"op":"free"`) && (r.detail ?? "").includes(`"vm":"${vm}"`);
+
+// ---- the broken histories, one table per invariant -------------------------------------------
+
+interface Broken {
+  readonly name: string;
+  readonly history: () => HistoryRecord[];
+  /** @default the correct final state */
+  readonly finalState?: () => FinalState | undefined;
+}
+
+const BROKEN: Record<InvariantId, readonly Broken[]> = {
+  S1: [
+    { name: "a reclaim while the IOMMU still holds its reference", history: () => without(correctHistory(), is("ioasid", "ioasid_put", { ioasid: 202, detail: "iommu/" })) },
+    { name: "an allocation while the previous generation is not reclaimed", history: () => without(correctHistory(), is("ioasid", "event:RECLAIM", { ioasid: 201, generation: 1 })) },
+  ],
+  S2: [
+    {
+      name: "KVM takes a reference after FREE",
+      history: () => after(correctHistory(), FREE_202, core("ioasid_get", { ioasid: 202, generation: 1, setId: 2, refcount: 4, detail: "kvm/vm-2/vmcs" })),
+    },
+  ],
+  S3: [
+    { name: "VDCM programs another set's IOASID", history: () => change(correctHistory(), is("vdcm", "vdev_write", { ioasid: 202 }), (r) => ({ ...r, setId: 1 })) },
+    {
+      name: "guest g2 frees g1's IOASID and the call succeeds",
+      history: () => {
+        const h = correctHistory();
+        const t = find(h, is("ioasid", "event:BIND", { ioasid: 201, generation: 1 })).ts;
+        const op = { op: "free", opId: 900, vm: "g2", setId: 2, ioasid: 201, generation: 1 };
+        return [...h, chaosOp(t + 3, "invoke", op), chaosOp(t + 4, "ok", { ...op, latencyMs: 1 })];
+      },
+    },
+  ],
+  S4: [
+    {
+      name: "a second IOASID bound to a SPID of the set still bound",
+      history: () =>
+        after(
+          correctHistory(),
+          is("ioasid", "event:BIND", { ioasid: 201, generation: 1 }),
+          core("event:ALLOC", { ioasid: 205, generation: 1, setId: 1, refcount: 1, seq: 900 }),
+          core("event:BIND", { ioasid: 205, generation: 1, setId: 1, spid: 101, refcount: 1, seq: 901 }),
+        ),
+    },
+    {
+      name: "KVM installs a translation for a SPID the IOASID was not bound to",
+      history: () => change(correctHistory(), is("kvm", "vmcs_update", { ioasid: 202, detail: "install" }), (r) => ({ ...r, spid: 102 })),
+    },
+    {
+      name: "two live IOASIDs of a set share a SPID in the final state",
+      history: correctHistory,
+      finalState: () => {
+        const f = correctFinalState();
+        return { ...f, ioasids: [...f.ioasids!, { ioasid: 206, generation: 1, setId: 1, state: "ACTIVE", refcount: 1, spid: 101 }] };
+      },
+    },
+  ],
+  S5: [
+    {
+      name: "the device is cleared before KVM's entry",
+      history: () => {
+        const h = correctHistory();
+        return change(h, is("vdcm", "vdev_clear", { ioasid: 202 }), (r) => ({ ...r, ts: find(h, FREE_202).ts + 3 }));
+      },
+    },
+    {
+      name: "the IOMMU tears down before the device is cleared",
+      history: () => {
+        const h = correctHistory();
+        return change(h, is("iommu", "teardown_pasid", { ioasid: 202 }), (r) => ({ ...r, ts: find(h, is("vdcm", "vdev_clear", { ioasid: 202 })).ts - 3 }));
+      },
+    },
+    {
+      name: "KVM releases its reference before clearing its entry",
+      history: () => {
+        const h = correctHistory();
+        return change(h, is("ioasid", "ioasid_put", { ioasid: 202, detail: "kvm/" }), (r) => ({ ...r, ts: find(h, is("kvm", "vmcs_update", { ioasid: 202, detail: "clear" })).ts - 3 }));
+      },
+    },
+    {
+      name: "the outstanding fault group is answered after the reclaim",
+      history: () => {
+        const h = correctHistory();
+        return change(h, is("iommu", "page_response", { ioasid: 202, detail: "IOASID_FREED" }), (r) => ({ ...r, ts: find(h, RECLAIM_202).ts + 3 }));
+      },
+    },
+  ],
+  S6: [
+    { name: "quota not conserved", history: correctHistory, finalState: () => ({ ...correctFinalState(), available: correctFinalState().available + 1 }) },
+    {
+      name: "a set over its quota in the final state",
+      history: correctHistory,
+      finalState: () => {
+        const f = correctFinalState();
+        return { ...f, sets: f.sets.map((s) => (s.setId === 2 ? { ...s, inUse: 17 } : s)) };
+      },
+    },
+    {
+      name: "a set allocates past the quota its container opened with",
+      history: () => change(correctHistory(), is("vfio", "container_open", { setId: 3 }), (r) => ({ ...r, detail: r.detail!.replace("quota 16", "quota 1") })),
+    },
+  ],
+  S7: [
+    {
+      name: "a page-request group answered twice",
+      history: () => after(correctHistory(), is("iommu", "page_response", { detail: "group 1 " }), { role: "iommu", instance: "iommu-0", action: "page_response", ioasid: 201, generation: 1, setId: 1, detail: "group 1 device idxd0 prgi 0: INVALID (TIMEOUT)" }),
+    },
+  ],
+  S8: [
+    { name: "two FREE events for one free", history: () => after(correctHistory(), FREE_202, core("event:FREE", { ioasid: 202, generation: 1, setId: 2, refcount: 3, seq: 950 })) },
+    { name: "an UNBIND after FREE", history: () => after(correctHistory(), FREE_202, core("event:UNBIND", { ioasid: 202, generation: 1, setId: 2, spid: 101, refcount: 3, seq: 951 })) },
+    {
+      name: "one sequence number on two events",
+      history: () => {
+        const h = correctHistory();
+        return change(h, RECLAIM_202, (r) => ({ ...r, seq: find(h, FREE_202).seq! }));
+      },
+    },
+  ],
+  S9: [
+    { name: "KVM never clears its entry of a reclaimed IOASID", history: () => without(correctHistory(), is("kvm", "vmcs_update", { ioasid: 202, detail: "clear" })) },
+    {
+      name: "an IOMMU PASID entry set after the reclaim",
+      history: () => after(correctHistory(), RECLAIM_202, { role: "iommu", instance: "iommu-0", action: "pasid_entry_set", ioasid: 202, generation: 1, setId: 2, spid: 101, detail: "device idxd0 handle 9 domain 3 NESTED" }),
+    },
+    {
+      name: "a descriptor with the reclaimed PASID",
+      history: () => after(correctHistory(), RECLAIM_202, { role: "vdcm", instance: "vdcm-0", action: "submit", ioasid: 202, generation: 1, setId: 2, spid: 101, detail: "device idxd0 wq 1 mdev mdev-g2: MEMMOVE SUCCESS (64 bytes)" }),
+    },
+    {
+      name: "an ENQCMD translated to the reclaimed PASID",
+      history: () => after(correctHistory(), RECLAIM_202, { role: "kvm", instance: "vm-2", action: "enqcmd", ioasid: 202, generation: 1, setId: 2, spid: 101, detail: "vcpu 0 ia32_pasid 0x80000065: TRANSLATED gpasid 101 → hpasid 202" }),
+    },
+    {
+      name: "a device entry of a reclaimed generation in the final state",
+      history: correctHistory,
+      finalState: () => {
+        const f = correctFinalState();
+        return { ...f, liveEntries: [...f.liveEntries!, { role: "vdcm", instance: "vdcm-0", ioasid: 202, generation: 1, where: "device idxd0 wq 1" }] };
+      },
+    },
+  ],
+  L1: [
+    { name: "a free slower than the bound", history: () => change(correctHistory(), freeOpOf("g2"), (r) => withDetail(r, { latencyMs: 5000 })) },
+    { name: "a free that never returns, with no fault on its path", history: () => without(correctHistory(), freeOpOf("g2")) },
+  ],
+  L2: [
+    { name: "an IOASID of the crashed guest never reclaimed", history: () => without(correctHistory(), is("ioasid", "event:RECLAIM", { ioasid: 204 })), finalState: () => undefined },
+    {
+      name: "an IOASID of the crashed guest reclaimed past the bound after the last heal",
+      history: () => {
+        const h = correctHistory();
+        const lastHeal = h.filter((r) => r.role === "chaos" && (r.detail ?? "").includes(`"heal":true`)).at(-1)!.ts;
+        return change(h, is("ioasid", "event:RECLAIM", { ioasid: 204 }), (r) => ({ ...r, ts: lastHeal + 6000 }));
+      },
+    },
+  ],
+  L3: [
+    { name: "a page-request group never answered", history: () => without(correctHistory(), is("iommu", "page_response", { detail: "group 1 " })) },
+    { name: "a group still outstanding in the final state", history: correctHistory, finalState: () => ({ ...correctFinalState(), faultGroups: [{ faultGroupId: "9", instance: "iommu-0", ioasid: 201, generation: 2 }] }) },
+  ],
+  L4: [
+    {
+      name: "a pending registration whose set appeared never gets the set's BIND",
+      history: () =>
+        without(
+          without(correctHistory(), is("kvm", "vmcs_update", { ioasid: 201, generation: 2 })),
+          is("ioasid", "ioasid_get", { ioasid: 201, generation: 2, detail: "kvm/vm-1" }),
+        ),
+    },
+    {
+      name: "a registration still pending in the final state while its set exists",
+      history: correctHistory,
+      finalState: () => {
+        const f = correctFinalState();
+        return { ...f, registrations: f.registrations!.map((r) => (r.instance === "vm-1" ? { ...r, active: false, setId: 0 } : r)) };
+      },
+    },
+  ],
+};
+
+const CASES = INVARIANT_IDS.flatMap((id) => BROKEN[id].map((b) => ({ id, ...b })));
+
+function run(b: Broken, options: Parameters<typeof createChecker>[0] = {}): Verdict {
+  return createChecker(options).check(b.history(), b.finalState === undefined ? correctFinalState() : b.finalState());
+}
+
+// ---- tests ----------------------------------------------------------------------------------
+
+describe("check", () => {
+  it("passes the document's normal and misbehaving tables, a crashed guest and a healed VDCM kill", () => {
+    const v = check(correctHistory(), correctFinalState());
+    expect(v.violations, renderVerdict(v)).toEqual([]);
+    expect(v.ok).toBe(true);
+    expect(v.checked).toEqual(INVARIANT_IDS);
+    expect(v.notes).toEqual([]);
+    expect(renderVerdict(v)).toMatch(/^chaos verdict: all clear/);
+  });
+
+  it("passes the history alone, noting what the missing final state leaves unchecked", () => {
+    const v = check(correctHistory());
+    expect(v.violations, renderVerdict(v)).toEqual([]);
+    expect(v.notes.join("\n")).toMatch(/no final state: S6/);
+  });
+
+  it("reads the history in any order", () => {
+    const h = correctHistory();
+    const shuffled = h.map((r, i) => [r, (i * 7919) % h.length] as const).sort((a, b) => a[1] - b[1]).map(([r]) => r);
+    expect(check(shuffled, correctFinalState()).ok).toBe(true);
+    const broken = BROKEN.S5[0]!.history();
+    expect(check([...broken].reverse(), correctFinalState()).counts.S5).toBeGreaterThan(0);
+  });
+
+  it("has the document's events and reference counts in the correct fixture (1→2→3→4→3→2→1→0)", () => {
+    const h = correctHistory();
+    const of = (ioasid: number) => h.filter((r) => r.role === "ioasid" && r.ioasid === ioasid && r.generation === 1);
+    const refs = (ioasid: number) => of(ioasid).filter((r) => ["event:ALLOC", "event:FREE", "ioasid_get", "ioasid_put"].includes(r.action)).map((r) => r.refcount);
+    const events = (ioasid: number) => of(ioasid).filter((r) => r.action.startsWith("event:")).map((r) => r.action.slice(6));
+    expect(events(201)).toEqual(["ALLOC", "BIND", "UNBIND", "FREE", "RECLAIM"]);
+    expect(refs(201)).toEqual([1, 2, 3, 4, 3, 2, 1, 0]);
+    expect(events(202)).toEqual(["ALLOC", "BIND", "FREE", "RECLAIM"]);
+    expect(refs(202)).toEqual([1, 2, 3, 4, 3, 2, 1, 0]);
+  });
+
+  it("has at least one broken history for every invariant, and one rule per invariant", () => {
+    for (const id of INVARIANT_IDS) expect(BROKEN[id].length, id).toBeGreaterThan(0);
+    expect(RULES.map((r) => r.invariant)).toEqual(INVARIANT_IDS);
+  });
+
+  describe.each(CASES)("$id: $name", (c) => {
+    it("is reported with a trace", () => {
+      const v = run(c);
+      if (process.env["DUMP_VERDICTS"] !== undefined) console.log(`=== ${c.id}: ${c.name}\n${renderVerdict(v)}`);
+      const mine = v.violations.filter((x) => x.invariant === c.id);
+      expect(mine.length, renderVerdict(v)).toBeGreaterThan(0);
+      expect(v.ok).toBe(false);
+      for (const x of mine) {
+        expect(x.trace.length + x.facts.length, x.message).toBeGreaterThan(0);
+        if (x.trace.length > 0) expect(x.trace.some((l) => l.evidence)).toBe(true);
+      }
+      expect(renderVerdict(v)).toContain(`FAIL ${c.id}`);
+    });
+
+    it("goes unreported when the checker's rule is removed", () => {
+      const v = run(c, { rules: RULES.filter((r) => r.invariant !== c.id) });
+      expect(v.checked).not.toContain(c.id);
+      expect(v.violations.filter((x) => x.invariant === c.id)).toEqual([]);
+      // …and the rule alone finds it: the detection is that rule's.
+      const alone = run(c, { rules: RULES.filter((r) => r.invariant === c.id) });
+      expect(alone.violations.length).toBeGreaterThan(0);
+    });
+  });
+
+  it("gives a minimal trace: the records that show the violation, marked, and the steps around them", () => {
+    const v = check(BROKEN.S5[0]!.history(), correctFinalState());
+    const x = v.violations.find((y) => y.invariant === "S5")!;
+    const marked = x.trace.filter((l) => l.evidence).map((l) => `${l.record.role} ${l.record.action}`);
+    expect(marked).toEqual(["ioasid event:FREE", "vdcm vdev_clear", "kvm vmcs_update"]);
+    expect(x.trace.every((l) => l.record.ioasid === 202 || l.record.ioasid === undefined)).toBe(true);
+    expect(x.trace.length).toBeLessThanOrEqual(24);
+    expect(x).toMatchObject({ ioasid: 202, generation: 1, setId: 2 });
+    const text = renderVerdict(v);
+    expect(text).toMatch(/#1 S5: IOASID 202 generation 1: "device drained\/cleared" \(vdcm\/vdcm-0 vdev_clear\) came before "KVM entry cleared"/);
+    expect(text).toMatch(/> +\+\d+\.\d{3}ms vdcm\/vdcm-0 vdev_clear ioasid 202#1 set 2 spid 101 seq \d+ "device idxd0 wq 1 mdev mdev-g2 FREE"/);
+  });
+
+  it("orders records of different processes within the clock tolerance", () => {
+    const h = correctHistory();
+    const kvmClear = find(h, is("kvm", "vmcs_update", { ioasid: 202, detail: "clear" }));
+    const skewed = change(h, is("vdcm", "vdev_clear", { ioasid: 202 }), (r) => ({ ...r, ts: kvmClear.ts - 0.5 }));
+    expect(check(skewed, correctFinalState()).counts.S5).toBe(0);
+    expect(check(skewed, correctFinalState(), { clockToleranceMs: 0 }).counts.S5).toBe(1);
+  });
+
+  it("does not hold a free against L1 while a fault is on its path", () => {
+    const h = without(correctHistory(), freeOpOf("g2"));
+    const invoke = find(h, (r) => r.role === "chaos" && r.action === "invoke" && (r.detail ?? "").includes(`"op":"free","vm":"g2"`));
+    const partitioned = [
+      ...h,
+      createChaosRecord("info", { fault: "partition", target: "ioasid-core", link: "nats", faultId: 7 }, { ts: invoke.ts - 1 }),
+      createChaosRecord("info", { heal: true, faultId: 7 }, { ts: invoke.ts + 500 }),
+    ];
+    expect(check(partitioned, correctFinalState()).counts.L1).toBe(0);
+    const subscriberFault = partitioned.map((r) => (r.detail?.includes(`"faultId":7`) === true && r.detail.includes("partition") ? { ...r, detail: r.detail.replace("ioasid-core", "kvm") } : r));
+    expect(check(subscriberFault, correctFinalState()).counts.L1).toBe(1);
+  });
+
+  it("ends a role's entries at its kill only when its tables are volatile", () => {
+    const h = without(correctHistory(), is("vdcm", "vdev_clear", { ioasid: 203 }));
+    expect(check(h, correctFinalState()).counts.S9).toBe(1);
+    const options: CheckOptions = { volatileRoles: ["vdcm"] };
+    expect(check(h, correctFinalState(), options).counts.S9).toBe(0);
+  });
+
+  it("notes an IOASID of a crashed guest reclaimed without a recorded RECLAIM, rather than failing L2", () => {
+    const v = check(without(correctHistory(), is("ioasid", "event:RECLAIM", { ioasid: 204 })), correctFinalState());
+    expect(v.counts.L2).toBe(0);
+    expect(v.notes.join("\n")).toMatch(/IOASID 204 generation 1 of crashed VM g3 is gone in the final state/);
+  });
+});

@@ -1,0 +1,181 @@
+import type { HistoryRecord } from "@ioasid/bus";
+import { CHAOS_ROLE, parseChaosRecord } from "./chaos-record.js";
+import type { FinalState } from "./final-state.js";
+import { indexHistory, type HistoryIndex } from "./history-index.js";
+import { INVARIANT_IDS, INVARIANTS, type InvariantId } from "./invariants.js";
+import { resolveCheckOptions, RULES, type CheckOptions, type Finding, type Rule } from "./rules.js";
+
+/** One record of a violation's trace. */
+export interface TraceLine {
+  readonly record: HistoryRecord;
+  /** True for the records that show the violation; false for the context around them. */
+  readonly evidence: boolean;
+}
+
+/** One violated invariant, with the minimal trace that explains it. */
+export interface Violation {
+  readonly invariant: InvariantId;
+  readonly message: string;
+  readonly ioasid?: number;
+  readonly generation?: number;
+  readonly setId?: number;
+  /** The records that show it and a few around them that concern the same IOASID, in time order. */
+  readonly trace: readonly TraceLine[];
+  /** Facts of the final state that show it. */
+  readonly facts: readonly string[];
+}
+
+/** The checker's verdict on one run. */
+export interface Verdict {
+  /** True when no rule found a violation. */
+  readonly ok: boolean;
+  readonly violations: readonly Violation[];
+  /** Violations per invariant (0 for every invariant checked and clean). */
+  readonly counts: Readonly<Partial<Record<InvariantId, number>>>;
+  /** Invariants whose rule ran. */
+  readonly checked: readonly InvariantId[];
+  /** Records read. */
+  readonly records: number;
+  /** Time of the first record (the trace's zero). */
+  readonly startTs: number | undefined;
+  /** What the history could not show. */
+  readonly notes: readonly string[];
+}
+
+/** Options of {@link createChecker}. */
+export interface CheckerOptions extends CheckOptions {
+  /** The rules to run. @default RULES (every invariant) */
+  readonly rules?: readonly Rule[];
+}
+
+/** Checks recorded histories against DESIGN §7. */
+export interface Checker {
+  /** The rules it runs. */
+  readonly rules: readonly Rule[];
+  /**
+   * Checks a history (any order: it is sorted by time) and, when given, the final state read after
+   * healing. Pure: no I/O.
+   */
+  check(history: readonly HistoryRecord[], finalState?: FinalState): Verdict;
+}
+
+/**
+ * Creates an invariant checker. The rule set is a table: pass `rules` to run some (a test removes
+ * one to show that its detection comes from that rule).
+ * @example
+ * const checker = createChecker({ reclaimBoundMs: 5000 });
+ * const verdict = checker.check(await readHistory(nc, { sinceMs }), finalState);
+ * console.log(renderVerdict(verdict));
+ */
+export function createChecker(options: CheckerOptions = {}): Checker {
+  const rules = options.rules ?? RULES;
+  const resolved = resolveCheckOptions(options);
+  return {
+    rules,
+    check(history, finalState) {
+      const index = indexHistory(history, { volatileRoles: resolved.volatileRoles });
+      const notes: string[] = [];
+      const violations: Violation[] = [];
+      for (const rule of rules) {
+        const findings = rule.check({ index, finalState, options: resolved, note: (text) => notes.push(text) });
+        for (const f of findings) violations.push(toViolation(rule.invariant, f, index, resolved.traceContext));
+      }
+      const checked = INVARIANT_IDS.filter((id) => rules.some((r) => r.invariant === id));
+      const counts: Partial<Record<InvariantId, number>> = {};
+      for (const id of checked) counts[id] = violations.filter((v) => v.invariant === id).length;
+      if (finalState === undefined) notes.push("no final state: S6 and the final-state halves of S4, S9, L3 and L4 were not checked");
+      return { ok: violations.length === 0, violations, counts, checked, records: index.records.length, startTs: index.records[0]?.ts, notes: [...new Set(notes)] };
+    },
+  };
+}
+
+/** Checks a history (and final state) with every rule and default bounds; see {@link createChecker}. */
+export function check(history: readonly HistoryRecord[], finalState?: FinalState, options: CheckOptions = {}): Verdict {
+  return createChecker(options).check(history, finalState);
+}
+
+const MAX_TRACE = 24;
+
+/**
+ * A finding with its trace: the evidence records, and up to `context` records before and after
+ * each that concern the same IOASID (the same generation where records carry one).
+ */
+function toViolation(invariant: InvariantId, f: Finding, index: HistoryIndex, context: number): Violation {
+  const records = index.records;
+  const evidence = new Set(f.evidence);
+  const picked = new Set(f.evidence);
+  const ioasid = f.ioasid ?? f.evidence.map((i) => records[i]?.ioasid).find((x) => x !== undefined);
+  // Context is the roles' steps; the driver's operations show only as evidence (they are many and
+  // say little the roles' records do not), its fault and heal markers whenever they fall inside.
+  const related = (r: HistoryRecord): boolean =>
+    r.role !== CHAOS_ROLE &&
+    (ioasid !== undefined
+      ? r.ioasid === ioasid && (f.generation === undefined || r.generation === undefined || r.generation === f.generation)
+      : f.setId !== undefined && r.setId === f.setId);
+  if (ioasid !== undefined || f.setId !== undefined) {
+    for (const e of f.evidence) {
+      for (const step of [-1, 1]) {
+        let found = 0;
+        for (let i = e + step; i >= 0 && i < records.length && found < context; i += step) {
+          if (!related(records[i]!)) continue;
+          picked.add(i);
+          found++;
+        }
+      }
+    }
+  }
+  let lines = [...picked].sort((a, b) => a - b);
+  if (lines.length > 0) {
+    for (let i = lines[0]!; i <= lines.at(-1)!; i++) {
+      const e = parseChaosRecord(records[i]!);
+      if (e?.kind === "fault" || e?.kind === "heal") picked.add(i);
+    }
+    lines = [...picked].sort((a, b) => a - b);
+  }
+  if (lines.length > MAX_TRACE) {
+    // Keep every evidence record, and the context nearest to them.
+    const distance = (i: number) => Math.min(...f.evidence.map((e) => Math.abs(e - i)));
+    const keep = new Set([...lines].sort((a, b) => distance(a) - distance(b)).slice(0, Math.max(MAX_TRACE, evidence.size)));
+    lines = lines.filter((i) => keep.has(i));
+  }
+  return {
+    invariant,
+    message: f.message,
+    ...(f.ioasid === undefined ? {} : { ioasid: f.ioasid }),
+    ...(f.generation === undefined ? {} : { generation: f.generation }),
+    ...(f.setId === undefined ? {} : { setId: f.setId }),
+    trace: lines.map((i) => ({ record: records[i]!, evidence: evidence.has(i) })),
+    facts: f.facts ?? [],
+  };
+}
+
+/** One history record as a trace line: time from `startTs`, column, action, IOASID fields, detail. */
+export function formatRecord(r: HistoryRecord, startTs = r.ts): string {
+  const parts = [`+${(r.ts - startTs).toFixed(3)}ms`.padStart(14), `${r.role}/${r.instance}`, r.action];
+  if (r.ioasid !== undefined) parts.push(`ioasid ${r.ioasid}${r.generation === undefined ? "" : `#${r.generation}`}`);
+  if (r.setId !== undefined) parts.push(`set ${r.setId}`);
+  if (r.spid !== undefined) parts.push(`spid ${r.spid}`);
+  if (r.refcount !== undefined) parts.push(`ref ${r.refcount}`);
+  if (r.seq !== undefined) parts.push(`seq ${r.seq}`);
+  if (r.detail !== undefined) parts.push(JSON.stringify(r.detail));
+  return parts.join(" ");
+}
+
+/**
+ * The verdict as text: one line per invariant checked (ok or its count), then each violation with
+ * its trace (`>` marks the records that show it), then the notes.
+ */
+export function renderVerdict(v: Verdict, title = "chaos verdict"): string {
+  const out = [`${title}: ${v.ok ? "all clear" : `${v.violations.length} violation(s)`} (${v.records} records)`];
+  for (const id of v.checked) {
+    const n = v.counts[id] ?? 0;
+    out.push(`  ${n === 0 ? "ok  " : "FAIL"} ${id} ${INVARIANTS[id]}${n === 0 ? "" : `: ${n}`}`);
+  }
+  v.violations.forEach((x, i) => {
+    out.push("", `#${i + 1} ${x.invariant}: ${x.message}`);
+    for (const fact of x.facts) out.push(`    final state: ${fact}`);
+    for (const line of x.trace) out.push(`  ${line.evidence ? ">" : " "} ${formatRecord(line.record, v.startTs)}`);
+  });
+  if (v.notes.length > 0) out.push("", "notes:", ...v.notes.map((n) => `  - ${n}`));
+  return out.join("\n");
+}

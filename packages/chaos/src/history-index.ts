@@ -1,0 +1,342 @@
+import type { HistoryRecord } from "@ioasid/bus";
+import { ChaosAction, FaultKind, parseChaosRecord, roleOfTarget, type ChaosOp, type FaultMarker } from "./chaos-record.js";
+
+/** The core's history column ("ioasid"): events and reference changes. */
+export const CORE_ROLE = "ioasid";
+
+/** One generation of one IOASID as the core's records show it (all fields are record indices). */
+export interface Lifecycle {
+  readonly key: string;
+  readonly ioasid: number;
+  readonly generation: number;
+  /** The owning set: from event:ALLOC, else from the first core record that names one. */
+  setId: number | undefined;
+  /** First record of any role naming this generation. */
+  first: number;
+  alloc: number | undefined;
+  readonly allocs: number[];
+  readonly frees: number[];
+  readonly reclaims: number[];
+  /** event:BIND and event:UNBIND, in order. */
+  readonly bindings: number[];
+  /** Every core event of this generation, in order. */
+  readonly events: number[];
+  /** ioasid_get / ioasid_put, in order. */
+  readonly refs: number[];
+}
+
+/** A role's table entry for one IOASID generation: when it was set and when it went away. */
+export interface EntrySpan {
+  readonly role: string;
+  readonly instance: string;
+  /** "vm vm-1", "device idxd0 wq 1", "device idxd0". */
+  readonly where: string;
+  readonly ioasid: number;
+  readonly generation: number;
+  readonly set: number;
+  clear: number | undefined;
+  /** A kill of a role whose tables do not survive it (CheckOptions.volatileRoles). */
+  lost: number | undefined;
+}
+
+/** A chaos operation: its invoke and its completion, and what both said. */
+export interface OpSpan {
+  readonly opId: number;
+  op: ChaosOp;
+  invoke: number | undefined;
+  completion: number | undefined;
+  outcome: "ok" | "fail" | "info" | undefined;
+}
+
+/** An injected fault, from its marker to its heal (or the heal-all). */
+export interface FaultSpan {
+  readonly marker: FaultMarker;
+  readonly start: number;
+  end: number | undefined;
+}
+
+/** A page-request group record of the IOMMU (or VFIO's relay of an answer). */
+export interface GroupRecord {
+  /** `<role>/<instance>/<epoch>/<group id>`: group ids restart with an IOMMU process. */
+  readonly key: string;
+  readonly groupId: string;
+  readonly idx: number;
+  readonly kind: "group" | "response";
+}
+
+/** A registration by MM token the core recorded as pending. */
+export interface PendingRegistration {
+  readonly subscriber: string;
+  readonly instance: string;
+  readonly mmToken: string;
+  readonly idx: number;
+}
+
+/** A VFIO container: the set of a VM, with its MM token and quota. */
+export interface ContainerRecord {
+  readonly setId: number;
+  readonly mmToken: string | undefined;
+  readonly quota: number | undefined;
+  readonly idx: number;
+}
+
+/** The history in time order, and the indexes the rules read. */
+export interface HistoryIndex {
+  readonly records: readonly HistoryRecord[];
+  readonly lifecycles: ReadonlyMap<string, Lifecycle>;
+  /** The lifecycle of a record that names an IOASID (by its generation, else by time). */
+  lifecycleOf(idx: number): Lifecycle | undefined;
+  /** The generation of `ioasid` allocated (or first seen) most recently at or before `idx`, unless reclaimed before it. */
+  lifecycleAt(ioasid: number, idx: number): Lifecycle | undefined;
+  readonly entries: readonly EntrySpan[];
+  readonly ops: readonly OpSpan[];
+  readonly faults: readonly FaultSpan[];
+  /** Index of the last heal marker, if any. */
+  readonly lastHeal: number | undefined;
+  readonly groups: readonly GroupRecord[];
+  readonly pendingRegistrations: readonly PendingRegistration[];
+  readonly containers: readonly ContainerRecord[];
+  /** The set of a VM as the chaos records last said at or before `idx` (else the first they say). */
+  setOfVm(vm: string, idx: number): number | undefined;
+  /** `role/instance/purpose` of an ioasid_get / ioasid_put. */
+  holderOf(idx: number): Holder | undefined;
+}
+
+/** A reference holder as the core records it in a get/put detail. */
+export interface Holder {
+  readonly role: string;
+  readonly instance: string;
+  readonly purpose: string;
+}
+
+/** Key of one IOASID generation. */
+export function lifecycleKey(ioasid: number, generation: number): string {
+  return `${ioasid}#${generation}`;
+}
+
+/** Options of {@link indexHistory}. */
+export interface IndexOptions {
+  /** Roles whose tables vanish when they are killed (their entries end at the kill marker). @default [] */
+  readonly volatileRoles?: readonly string[];
+}
+
+/**
+ * Sorts the history by time (stable: records of one role keep their order on equal times) and
+ * builds the indexes the rules read. Pure.
+ */
+export function indexHistory(history: readonly HistoryRecord[], options: IndexOptions = {}): HistoryIndex {
+  const records = history.map((r, i) => [r, i] as const).sort((a, b) => a[0].ts - b[0].ts || a[1] - b[1]).map(([r]) => r);
+  const lifecycles = new Map<string, Lifecycle>();
+  const byIoasid = new Map<number, Lifecycle[]>();
+
+  const lifecycle = (ioasid: number, generation: number, idx: number): Lifecycle => {
+    const key = lifecycleKey(ioasid, generation);
+    let l = lifecycles.get(key);
+    if (l === undefined) {
+      l = { key, ioasid, generation, setId: undefined, first: idx, alloc: undefined, allocs: [], frees: [], reclaims: [], bindings: [], events: [], refs: [] };
+      lifecycles.set(key, l);
+      let list = byIoasid.get(ioasid);
+      if (list === undefined) byIoasid.set(ioasid, (list = []));
+      list.push(l);
+    }
+    return l;
+  };
+
+  // Pass 1: the core's view of every generation (and every generation any role names).
+  records.forEach((r, idx) => {
+    if (r.ioasid === undefined || r.generation === undefined || r.generation === 0) return;
+    const l = lifecycle(r.ioasid, r.generation, idx);
+    if (r.role !== CORE_ROLE) return;
+    if (r.setId !== undefined && (l.setId === undefined || r.action === "event:ALLOC")) l.setId = r.setId;
+    switch (r.action) {
+      case "event:ALLOC":
+        l.allocs.push(idx);
+        l.alloc ??= idx;
+        break;
+      case "event:FREE":
+        l.frees.push(idx);
+        break;
+      case "event:RECLAIM":
+        l.reclaims.push(idx);
+        break;
+      case "event:BIND":
+      case "event:UNBIND":
+        l.bindings.push(idx);
+        break;
+      case "ioasid_get":
+      case "ioasid_put":
+        l.refs.push(idx);
+        break;
+    }
+    if (r.action.startsWith("event:")) l.events.push(idx);
+  });
+  for (const list of byIoasid.values()) list.sort((a, b) => start(a) - start(b));
+
+  const lifecycleAt = (ioasid: number, idx: number): Lifecycle | undefined => {
+    const list = byIoasid.get(ioasid);
+    if (list === undefined) return undefined;
+    let found: Lifecycle | undefined;
+    for (const l of list) if (start(l) <= idx) found = l;
+    if (found !== undefined && found.reclaims.length > 0 && found.reclaims[0]! < idx) return undefined;
+    return found;
+  };
+  const lifecycleOf = (idx: number): Lifecycle | undefined => {
+    const r = records[idx];
+    if (r?.ioasid === undefined) return undefined;
+    if (r.generation !== undefined && r.generation !== 0) return lifecycles.get(lifecycleKey(r.ioasid, r.generation));
+    return lifecycleAt(r.ioasid, idx);
+  };
+
+  // Pass 2: chaos operations, faults, VMs' sets.
+  const ops = new Map<number, OpSpan>();
+  const faults: FaultSpan[] = [];
+  const openFaults = new Map<number | string, FaultSpan>();
+  const vmSets = new Map<string, Array<{ idx: number; setId: number }>>();
+  const kills: Array<{ idx: number; role: string }> = [];
+  let lastHeal: number | undefined;
+  let anonymous = 0;
+  records.forEach((r, idx) => {
+    const e = parseChaosRecord(r);
+    if (e === undefined) return;
+    if (e.kind === "op") {
+      let span = ops.get(e.op.opId);
+      if (span === undefined) ops.set(e.op.opId, (span = { opId: e.op.opId, op: e.op, invoke: undefined, completion: undefined, outcome: undefined }));
+      else span.op = { ...span.op, ...e.op };
+      if (e.action === ChaosAction.INVOKE) span.invoke ??= idx;
+      else if (span.completion === undefined) {
+        span.completion = idx;
+        span.outcome = e.action;
+      }
+      if (e.op.vm !== undefined && e.op.setId !== undefined) {
+        let list = vmSets.get(e.op.vm);
+        if (list === undefined) vmSets.set(e.op.vm, (list = []));
+        list.push({ idx, setId: e.op.setId });
+      }
+    } else if (e.kind === "fault") {
+      const span: FaultSpan = { marker: e.marker, start: idx, end: undefined };
+      faults.push(span);
+      openFaults.set(e.marker.faultId ?? `anonymous ${anonymous++}`, span);
+      if (e.marker.fault === FaultKind.KILL_RESTART) kills.push({ idx, role: roleOfTarget(e.marker.target) });
+    } else if (e.kind === "heal") {
+      lastHeal = idx;
+      if (e.marker.faultId !== undefined) {
+        const span = openFaults.get(e.marker.faultId);
+        if (span !== undefined) span.end = idx;
+        openFaults.delete(e.marker.faultId);
+      } else {
+        for (const span of openFaults.values()) span.end = idx;
+        openFaults.clear();
+      }
+    }
+  });
+
+  // Pass 3: role tables, fault groups, registrations, containers.
+  const entries: EntrySpan[] = [];
+  const openEntries = new Map<string, EntrySpan>();
+  const groups: GroupRecord[] = [];
+  const pendingRegistrations: PendingRegistration[] = [];
+  const containers: ContainerRecord[] = [];
+  const volatile = new Set(options.volatileRoles ?? []);
+  let killAt = 0;
+  records.forEach((r, idx) => {
+    while (killAt < kills.length && kills[killAt]!.idx <= idx) {
+      const kill = kills[killAt++]!;
+      if (!volatile.has(kill.role)) continue;
+      for (const [k, span] of openEntries) {
+        if (span.role !== kill.role) continue;
+        span.lost = kill.idx;
+        openEntries.delete(k);
+      }
+    }
+    const change = tableChange(r);
+    if (change !== undefined && r.ioasid !== undefined) {
+      const generation = r.generation ?? lifecycleAt(r.ioasid, idx)?.generation ?? 0;
+      const k = `${r.role}/${r.instance}/${change.where}/${lifecycleKey(r.ioasid, generation)}`;
+      const open = openEntries.get(k);
+      if (change.kind === "set" && open === undefined) {
+        const span: EntrySpan = { role: r.role, instance: r.instance, where: change.where, ioasid: r.ioasid, generation, set: idx, clear: undefined, lost: undefined };
+        entries.push(span);
+        openEntries.set(k, span);
+      } else if (change.kind === "clear" && open !== undefined) {
+        open.clear = idx;
+        openEntries.delete(k);
+      }
+    }
+    if ((r.role === "iommu" && (r.action === "iopf_group" || r.action === "page_response")) || (r.role === "vfio" && r.action === "page_response")) {
+      const groupId = /\bgroup (\d+)\b/.exec(r.detail ?? "")?.[1];
+      if (groupId !== undefined) {
+        // Group ids restart with an IOMMU process: a kill of the IOMMU starts a new epoch.
+        const epoch = kills.filter((k) => k.role === "iommu" && k.idx < idx).length;
+        groups.push({ key: `${r.role}/${r.instance}/${epoch}/${groupId}`, groupId, idx, kind: r.action === "iopf_group" ? "group" : "response" });
+      }
+    }
+    if (r.role === CORE_ROLE && r.action === "ioasid_register_notifier_mm") {
+      const m = /^([^/\s]+)\/(\S+) mm (\d+) priority \S+ \(pending\)$/.exec(r.detail ?? "");
+      if (m !== null) pendingRegistrations.push({ subscriber: m[1]!, instance: m[2]!, mmToken: m[3]!, idx });
+    }
+    if (r.role === "vfio" && r.action === "container_open" && r.setId !== undefined) {
+      const token = /\bmm_token (\d+)/.exec(r.detail ?? "")?.[1];
+      const quota = /\bquota (\d+)/.exec(r.detail ?? "")?.[1];
+      containers.push({ setId: r.setId, mmToken: token, quota: quota === undefined ? undefined : Number(quota), idx });
+    }
+  });
+
+  return {
+    records,
+    lifecycles,
+    lifecycleOf,
+    lifecycleAt,
+    entries,
+    ops: [...ops.values()],
+    faults,
+    lastHeal,
+    groups,
+    pendingRegistrations,
+    containers,
+    setOfVm(vm, idx) {
+      const list = vmSets.get(vm);
+      if (list === undefined) return undefined;
+      let found = list[0]?.setId;
+      for (const m of list) if (m.idx <= idx) found = m.setId;
+      return found;
+    },
+    holderOf(idx) {
+      const r = records[idx];
+      if (r === undefined || (r.action !== "ioasid_get" && r.action !== "ioasid_put")) return undefined;
+      const [role, instance, ...purpose] = (r.detail ?? "").split("/");
+      if (role === undefined || instance === undefined || purpose.length === 0) return undefined;
+      return { role, instance, purpose: purpose.join("/") };
+    },
+  };
+}
+
+function start(l: Lifecycle): number {
+  return l.alloc ?? l.first;
+}
+
+/**
+ * The table change a role's record stands for, or undefined: a VMCS translation installed or
+ * cleared (KVM), a device PASID entry programmed or drained and cleared (VDCM), an IOMMU PASID
+ * entry set or torn down.
+ */
+export function tableChange(r: HistoryRecord): { kind: "set" | "clear"; where: string } | undefined {
+  const detail = r.detail ?? "";
+  switch (`${r.role} ${r.action}`) {
+    case "kvm vmcs_update":
+      if (detail.startsWith("install")) return { kind: "set", where: `vm ${r.instance}` };
+      if (detail.startsWith("clear")) return { kind: "clear", where: `vm ${r.instance}` };
+      return undefined;
+    case "vdcm vdev_write":
+    case "vdcm vdev_clear": {
+      const m = /^device (\S+) wq (\d+)/.exec(detail);
+      return { kind: r.action === "vdev_write" ? "set" : "clear", where: m === null ? "device ?" : `device ${m[1]} wq ${m[2]}` };
+    }
+    case "iommu pasid_entry_set":
+    case "iommu teardown_pasid": {
+      const m = /^device (\S+)/.exec(detail);
+      return { kind: r.action === "pasid_entry_set" ? "set" : "clear", where: m === null ? "device ?" : `device ${m[1]}` };
+    }
+    default:
+      return undefined;
+  }
+}

@@ -1,0 +1,43 @@
+/**
+ * Chaos testing of crashed-guest cleanup (issue 6): the invariant checker of DESIGN §7 over the
+ * recorded history, the chaos driver's own history records, a TCP fault proxy, and a seeded,
+ * reproducible fault schedule.
+ */
+export {
+  CHAOS_ROLE,
+  ChaosAction,
+  ChaosOpName,
+  ChaosTarget,
+  createChaosRecord,
+  FaultKind,
+  parseChaosRecord,
+  roleOfTarget,
+  SERVICE_TARGETS,
+  type ChaosDetail,
+  type ChaosEntry,
+  type ChaosLink,
+  type ChaosNote,
+  type ChaosOp,
+  type ChaosRecordOptions,
+  type FaultMarker,
+  type HealMarker,
+} from "./chaos-record.js";
+export { check, createChecker, formatRecord, renderVerdict, type Checker, type CheckerOptions, type TraceLine, type Verdict, type Violation } from "./checker.js";
+export type { FinalIoasid, FinalRegistration, FinalSet, FinalState, LiveEntry, OutstandingFaultGroup } from "./final-state.js";
+export {
+  indexHistory,
+  lifecycleKey,
+  tableChange,
+  type ContainerRecord,
+  type EntrySpan,
+  type FaultSpan,
+  type GroupRecord,
+  type HistoryIndex,
+  type Holder,
+  type IndexOptions,
+  type Lifecycle,
+  type OpSpan,
+  type PendingRegistration,
+} from "./history-index.js";
+export { INVARIANT_IDS, INVARIANTS, type InvariantId } from "./invariants.js";
+export { RULES, type CheckOptions, type Finding, type Rule, type RuleContext } from "./rules.js";

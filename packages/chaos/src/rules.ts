@@ -1,0 +1,687 @@
+import type { HistoryRecord } from "@ioasid/bus";
+import { ChaosTarget } from "./chaos-record.js";
+import type { FinalState } from "./final-state.js";
+import { CORE_ROLE, lifecycleKey, type HistoryIndex, type Lifecycle } from "./history-index.js";
+import type { InvariantId } from "./invariants.js";
+
+/** Bounds and tolerances of the checker. */
+export interface CheckOptions {
+  /**
+   * How far apart two processes' clocks may be when records of different roles are ordered by
+   * time (every role stamps `performance.timeOrigin + performance.now()` on one machine). @default 1
+   */
+  readonly clockToleranceMs?: number;
+  /** L1: longest a free may take (invoke → completion). @default 1000 */
+  readonly freeLatencyBoundMs?: number;
+  /** L2: longest after max(crash, last heal) until each IOASID of a crashed guest is reclaimed. @default 5000 */
+  readonly reclaimBoundMs?: number;
+  /** L3: longest after max(group, last heal) until a page-request group is answered; undefined: by the end of the history. */
+  readonly faultAnswerBoundMs?: number;
+  /** Records of context shown before and after each record of a violation's trace. @default 3 */
+  readonly traceContext?: number;
+  /** Roles whose tables do not survive a kill (their entries end at the kill marker). @default [] */
+  readonly volatileRoles?: readonly string[];
+  /** Chaos op names that are frees (L1). @default ["free"] */
+  readonly freeOps?: readonly string[];
+  /** Chaos op names that crash a guest's VMM (L2). @default ["crash"] */
+  readonly crashOps?: readonly string[];
+}
+
+/** {@link CheckOptions} with every default applied. */
+export type ResolvedCheckOptions = Required<Omit<CheckOptions, "faultAnswerBoundMs">> & Pick<CheckOptions, "faultAnswerBoundMs">;
+
+/** Applies the defaults of {@link CheckOptions}. */
+export function resolveCheckOptions(options: CheckOptions = {}): ResolvedCheckOptions {
+  return {
+    clockToleranceMs: options.clockToleranceMs ?? 1,
+    freeLatencyBoundMs: options.freeLatencyBoundMs ?? 1000,
+    reclaimBoundMs: options.reclaimBoundMs ?? 5000,
+    faultAnswerBoundMs: options.faultAnswerBoundMs,
+    traceContext: options.traceContext ?? 3,
+    volatileRoles: options.volatileRoles ?? [],
+    freeOps: options.freeOps ?? ["free"],
+    crashOps: options.crashOps ?? ["crash"],
+  };
+}
+
+/** What a rule sees. */
+export interface RuleContext {
+  readonly index: HistoryIndex;
+  readonly finalState: FinalState | undefined;
+  readonly options: ResolvedCheckOptions;
+  /** Says what the history could not show (shown with the verdict; not a violation). */
+  note(text: string): void;
+}
+
+/** One violation as a rule finds it: what is wrong and the records that show it. */
+export interface Finding {
+  readonly message: string;
+  /** Indices (in the time-ordered history) of the records that show the violation. */
+  readonly evidence: readonly number[];
+  readonly ioasid?: number;
+  readonly generation?: number;
+  readonly setId?: number;
+  /** Facts of the final state that show it. */
+  readonly facts?: readonly string[];
+}
+
+/** One rule of the checker: the check of one invariant over the history and the final state. */
+export interface Rule {
+  readonly invariant: InvariantId;
+  /** The rule in one line (the README's mapping). */
+  readonly description: string;
+  check(ctx: RuleContext): Finding[];
+}
+
+// ---- helpers --------------------------------------------------------------------------------
+
+function rec(ctx: RuleContext, idx: number): HistoryRecord {
+  return ctx.index.records[idx]!;
+}
+
+function ts(ctx: RuleContext, idx: number): number {
+  return rec(ctx, idx).ts;
+}
+
+/** `a` happened no later than `b`, within the clock tolerance (records of different processes). */
+function notAfter(ctx: RuleContext, a: number, b: number): boolean {
+  return ts(ctx, a) <= ts(ctx, b) + ctx.options.clockToleranceMs;
+}
+
+function name(l: Lifecycle): string {
+  return `IOASID ${l.ioasid} generation ${l.generation}`;
+}
+
+function who(r: HistoryRecord): string {
+  return `${r.role}/${r.instance} ${r.action}`;
+}
+
+function subject(l: Lifecycle): Pick<Finding, "ioasid" | "generation" | "setId"> {
+  return { ioasid: l.ioasid, generation: l.generation, ...(l.setId === undefined ? {} : { setId: l.setId }) };
+}
+
+function lifecycles(ctx: RuleContext): Lifecycle[] {
+  return [...ctx.index.lifecycles.values()];
+}
+
+/** The final state's IOASID entry for a generation, when the final state lists IOASIDs. */
+function liveAtEnd(ctx: RuleContext, ioasid: number, generation: number | undefined): boolean | undefined {
+  const list = ctx.finalState?.ioasids;
+  if (list === undefined) return undefined;
+  return list.some((i) => i.ioasid === ioasid && (generation === undefined || i.generation === generation));
+}
+
+// ---- safety ---------------------------------------------------------------------------------
+
+const S1: Rule = {
+  invariant: "S1",
+  description:
+    "event:RECLAIM only when the core's last reference change before it left 0 (or 1 with no FREE recorded: a free that reclaims at once), with no holder still holding by the history's gets and puts; no event:ALLOC of an ID while an earlier generation of it is not reclaimed, and generations only grow",
+  check(ctx) {
+    const out: Finding[] = [];
+    for (const l of lifecycles(ctx)) {
+      const reclaim = l.reclaims[0];
+      if (reclaim === undefined) continue;
+      const changes = [...l.allocs, ...l.frees, ...l.refs].filter((i) => i < reclaim).sort((a, b) => a - b);
+      const last = changes.at(-1);
+      const rc = last === undefined ? undefined : rec(ctx, last).refcount;
+      const freed = l.frees.some((i) => i < reclaim);
+      const lastIsFree = last !== undefined && rec(ctx, last).action === "event:FREE";
+      if (rc !== undefined && !(rc === 0 || (rc === 1 && !freed && !lastIsFree))) {
+        out.push({ ...subject(l), message: `${name(l)} reclaimed while the core's count stood at ${rc}`, evidence: [last!, reclaim] });
+      }
+      // The holders the history shows, independent of the core's own count.
+      const held = new Map<string, number[]>();
+      for (const i of l.refs) {
+        if (i > reclaim) break;
+        const h = ctx.index.holderOf(i);
+        if (h === undefined) continue;
+        const k = `${h.role}/${h.instance}/${h.purpose}`;
+        const list = held.get(k) ?? [];
+        if (rec(ctx, i).action === "ioasid_get") list.push(i);
+        else list.pop();
+        held.set(k, list);
+      }
+      const still = [...held].filter(([, gets]) => gets.length > 0);
+      if (still.length > 0) {
+        out.push({
+          ...subject(l),
+          message: `${name(l)} reclaimed while ${still.map(([k]) => k).join(", ")} still held a reference (taken, never released)`,
+          evidence: [...still.flatMap(([, gets]) => gets), reclaim],
+        });
+      }
+    }
+    const byIoasid = new Map<number, Lifecycle[]>();
+    for (const l of lifecycles(ctx)) {
+      if (l.alloc === undefined) continue;
+      const list = byIoasid.get(l.ioasid) ?? [];
+      list.push(l);
+      byIoasid.set(l.ioasid, list);
+    }
+    for (const list of byIoasid.values()) {
+      list.sort((a, b) => a.alloc! - b.alloc!);
+      for (let i = 1; i < list.length; i++) {
+        const prev = list[i - 1]!;
+        const next = list[i]!;
+        const prevEnd = prev.reclaims[0];
+        if (prevEnd === undefined || prevEnd > next.alloc!) {
+          const lastRef = [...prev.refs, ...prev.frees].filter((x) => x < next.alloc!).sort((a, b) => a - b).at(-1);
+          out.push({
+            ...subject(next),
+            message: `${name(next)} allocated while ${name(prev)} was not reclaimed${lastRef === undefined ? "" : ` (count ${String(rec(ctx, lastRef).refcount)})`}`,
+            evidence: [prev.alloc!, ...(lastRef === undefined ? [] : [lastRef]), next.alloc!],
+          });
+        }
+        if (next.generation <= prev.generation) {
+          out.push({ ...subject(next), message: `${name(next)} allocated after generation ${prev.generation}: generations must grow`, evidence: [prev.alloc!, next.alloc!] });
+        }
+      }
+    }
+    return out;
+  },
+};
+
+const S2: Rule = {
+  invariant: "S2",
+  description: "no ioasid_get of an IOASID generation after its event:FREE or event:RECLAIM (the core's own records, so in its order)",
+  check(ctx) {
+    const out: Finding[] = [];
+    for (const l of lifecycles(ctx)) {
+      const end = [l.frees[0], l.reclaims[0]].filter((x): x is number => x !== undefined).sort((a, b) => a - b)[0];
+      if (end === undefined) continue;
+      for (const i of l.refs) {
+        if (i <= end || rec(ctx, i).action !== "ioasid_get") continue;
+        const state = rec(ctx, end).action === "event:FREE" ? "FREE_PENDING" : "reclaimed";
+        out.push({ ...subject(l), message: `${rec(ctx, i).detail ?? "a holder"} took a reference on ${name(l)} while it was ${state}`, evidence: [end, i] });
+      }
+    }
+    return out;
+  },
+};
+
+const S3: Rule = {
+  invariant: "S3",
+  description:
+    "every record that names an IOASID and a set (a role's table change, a reference, a VFIO call) names the set that owns that generation (from event:ALLOC); a chaos operation of VM A that completes ok names only IOASIDs of A's set",
+  check(ctx) {
+    const out: Finding[] = [];
+    ctx.index.records.forEach((r, idx) => {
+      if (r.ioasid === undefined || r.setId === undefined || r.role === "chaos") return;
+      const l = ctx.index.lifecycleOf(idx);
+      if (l?.setId === undefined || l.setId === r.setId) return;
+      out.push({
+        ...subject(l),
+        message: `${who(r)} acted on ${name(l)} of set ${l.setId} for set ${r.setId}`,
+        evidence: [...(l.alloc === undefined ? [] : [l.alloc]), idx],
+      });
+    });
+    for (const span of ctx.index.ops) {
+      if (span.outcome !== "ok" || span.completion === undefined || span.op.vm === undefined || span.op.ioasid === undefined) continue;
+      const at = span.invoke ?? span.completion;
+      const vmSet = ctx.index.setOfVm(span.op.vm, at);
+      const l =
+        span.op.generation === undefined
+          ? ctx.index.lifecycleAt(span.op.ioasid, at)
+          : ctx.index.lifecycles.get(lifecycleKey(span.op.ioasid, span.op.generation));
+      if (vmSet === undefined || l?.setId === undefined || l.setId === vmSet) continue;
+      out.push({
+        ...subject(l),
+        message: `${span.op.op} by VM ${span.op.vm} (set ${vmSet}) succeeded on ${name(l)}, which belongs to set ${l.setId}`,
+        evidence: [...(l.alloc === undefined ? [] : [l.alloc]), ...(span.invoke === undefined ? [] : [span.invoke]), span.completion],
+      });
+    }
+    return out;
+  },
+};
+
+const S4: Rule = {
+  invariant: "S4",
+  description:
+    "event:BIND of (set, SPID) only while no other IOASID holds that (set, SPID) (held from its BIND to its UNBIND, FREE or RECLAIM); every KVM install and VDCM vdev_write translating (set, SPID) to an IOASID follows a BIND of that IOASID with that SPID; in the final state no two live IOASIDs of a set share a SPID",
+  check(ctx) {
+    const out: Finding[] = [];
+    const live = new Map<string, { l: Lifecycle; idx: number }>();
+    const heldBy = new Map<string, string>();
+    ctx.index.records.forEach((r, idx) => {
+      if (r.role !== CORE_ROLE || r.ioasid === undefined || r.generation === undefined) return;
+      const l = ctx.index.lifecycles.get(lifecycleKey(r.ioasid, r.generation));
+      if (l === undefined) return;
+      if (r.action === "event:BIND" && r.setId !== undefined && r.spid !== undefined) {
+        const k = `${r.setId}/${r.spid}`;
+        const other = live.get(k);
+        if (other !== undefined && other.l !== l) {
+          out.push({ ...subject(l), message: `SPID ${r.spid} of set ${r.setId} bound to ${name(l)} while still bound to ${name(other.l)}`, evidence: [other.idx, idx] });
+        }
+        live.set(k, { l, idx });
+        heldBy.set(l.key, k);
+      } else if (r.action === "event:UNBIND" || r.action === "event:FREE" || r.action === "event:RECLAIM") {
+        const k = heldBy.get(l.key);
+        if (k !== undefined && live.get(k)?.l === l) live.delete(k);
+        heldBy.delete(l.key);
+      }
+    });
+    ctx.index.records.forEach((r, idx) => {
+      const translation = (r.role === "kvm" && r.action === "vmcs_update" && r.detail?.startsWith("install") === true) || (r.role === "vdcm" && r.action === "vdev_write");
+      if (!translation || r.spid === undefined) return;
+      const l = ctx.index.lifecycleOf(idx);
+      if (l?.alloc === undefined) return; // the generation began before the history: its BIND may be missing
+      const bind = l.bindings.filter((b) => rec(ctx, b).action === "event:BIND" && notAfter(ctx, b, idx)).at(-1);
+      if (bind === undefined || rec(ctx, bind).spid !== r.spid) {
+        out.push({
+          ...subject(l),
+          message: `${who(r)} translated SPID ${r.spid} to ${name(l)}, ${bind === undefined ? "which was never bound" : `bound to SPID ${String(rec(ctx, bind).spid)}`}`,
+          evidence: [...(bind === undefined ? [] : [bind]), idx],
+        });
+      }
+    });
+    const seen = new Map<string, number>();
+    for (const i of ctx.finalState?.ioasids ?? []) {
+      if (i.spid === undefined || i.spid === 0) continue;
+      const k = `${i.setId}/${i.spid}`;
+      const other = seen.get(k);
+      if (other !== undefined) {
+        out.push({ ioasid: i.ioasid, setId: i.setId, message: `final state: SPID ${i.spid} of set ${i.setId} maps to IOASIDs ${other} and ${i.ioasid}`, evidence: [], facts: [`set ${i.setId} SPID ${i.spid} → ${other}`, `set ${i.setId} SPID ${i.spid} → ${i.ioasid}`] });
+      }
+      seen.set(k, i.ioasid);
+    }
+    return out;
+  },
+};
+
+/** The tiers of a FREE's teardown, in the order DESIGN §5 and the IOASID document require. */
+const TEARDOWN_STAGES: ReadonlyArray<{ readonly name: string; readonly match: (r: HistoryRecord) => boolean }> = [
+  { name: "KVM entry cleared", match: (r) => r.role === "kvm" && r.action === "vmcs_update" && r.detail?.startsWith("clear") === true },
+  { name: "device drained/cleared", match: (r) => r.role === "vdcm" && r.action === "vdev_clear" },
+  { name: "IOMMU entry torn down and flushed", match: (r) => r.role === "iommu" && (r.action === "teardown_pasid" || r.action === "iotlb_flush") },
+  { name: "faults answered", match: (r) => r.role === "iommu" && r.action === "page_response" },
+];
+
+const S5: Rule = {
+  invariant: "S5",
+  description:
+    "for each FREE, the records of its delivery (same seq): every KVM vmcs clear ≤ every VDCM vdev_clear ≤ every IOMMU teardown_pasid/iotlb_flush ≤ every IOMMU drain page_response (by time, stages a role had no state for are absent); each holder's release (ioasid_put with that seq) after its own role's stage; every stage record, and every page_response of the generation, before event:RECLAIM",
+  check(ctx) {
+    const out: Finding[] = [];
+    for (const l of lifecycles(ctx)) {
+      const free = l.frees[0];
+      const seq = free === undefined ? undefined : rec(ctx, free).seq;
+      const reclaim = l.reclaims[0];
+      if (free === undefined || seq === undefined) continue;
+      const stages = TEARDOWN_STAGES.map(() => [] as number[]);
+      const puts: number[] = [];
+      ctx.index.records.forEach((r, idx) => {
+        if (r.seq !== seq || r.ioasid !== l.ioasid) return;
+        if (r.role === CORE_ROLE && r.action === "ioasid_put") puts.push(idx);
+        TEARDOWN_STAGES.forEach((s, i) => {
+          if (s.match(r)) stages[i]!.push(idx);
+        });
+      });
+      for (let a = 0; a < stages.length; a++) {
+        for (let b = a + 1; b < stages.length; b++) {
+          for (const late of stages[a]!) {
+            const early = stages[b]!.find((x) => !notAfter(ctx, late, x));
+            if (early === undefined) continue;
+            out.push({
+              ...subject(l),
+              message: `${name(l)}: "${TEARDOWN_STAGES[b]!.name}" (${who(rec(ctx, early))}) came before "${TEARDOWN_STAGES[a]!.name}" (${who(rec(ctx, late))})`,
+              evidence: [free, early, late],
+            });
+            break;
+          }
+        }
+      }
+      const stageOfRole: Record<string, number[]> = { kvm: stages[0]!, vdcm: stages[1]!, iommu: [...stages[2]!, ...stages[3]!] };
+      for (const p of puts) {
+        const h = ctx.index.holderOf(p);
+        const own = h === undefined ? undefined : stageOfRole[h.role];
+        const pending = own?.filter((x) => rec(ctx, x).instance === h!.instance && !notAfter(ctx, x, p));
+        if (pending !== undefined && pending.length > 0) {
+          out.push({ ...subject(l), message: `${name(l)}: ${rec(ctx, p).detail ?? "a holder"} released its reference before its own teardown (${who(rec(ctx, pending[0]!))})`, evidence: [free, p, pending[0]!] });
+        }
+      }
+      if (reclaim === undefined) continue;
+      const late = stages.flat().find((x) => !notAfter(ctx, x, reclaim));
+      if (late !== undefined) out.push({ ...subject(l), message: `${name(l)} reclaimed before its teardown finished (${who(rec(ctx, late))})`, evidence: [free, reclaim, late] });
+      const lateAnswer = ctx.index.records.findIndex(
+        (r, idx) => r.role === "iommu" && r.action === "page_response" && ctx.index.lifecycleOf(idx) === l && !stages[3]!.includes(idx) && !notAfter(ctx, idx, reclaim) && idx > free,
+      );
+      if (lateAnswer >= 0) out.push({ ...subject(l), message: `${name(l)} reclaimed before a fault group of it was answered`, evidence: [free, reclaim, lateAnswer] });
+    }
+    return out;
+  },
+};
+
+const S6: Rule = {
+  invariant: "S6",
+  description:
+    "final state: available + Σ quotas = capacity − reserved (PASID 0), every set's inUse ≤ quota, and (with the IOASID list) inUse = the set's live IOASIDs; history: at each event:ALLOC, the set's live generations ≤ the quota its container_open recorded (quotas are assumed not adjusted during the run: AdjustSet is not recorded)",
+  check(ctx) {
+    const out: Finding[] = [];
+    const f = ctx.finalState;
+    if (f !== undefined) {
+      const reserved = f.reserved ?? 1;
+      const sum = f.sets.reduce((s, x) => s + x.quota, 0);
+      if (f.available + sum !== f.capacity - reserved) {
+        out.push({
+          message: `final state: available ${f.available} + Σ quotas ${sum} = ${f.available + sum}, not capacity ${f.capacity} − ${reserved} = ${f.capacity - reserved}`,
+          evidence: [],
+          facts: [`capacity ${f.capacity}, reserved ${reserved}, available ${f.available}`, ...f.sets.map((s) => `set ${s.setId} quota ${s.quota} in use ${s.inUse}`)],
+        });
+      }
+      for (const s of f.sets) {
+        if (s.inUse > s.quota) out.push({ setId: s.setId, message: `final state: set ${s.setId} has ${s.inUse} in use over its quota of ${s.quota}`, evidence: [], facts: [`set ${s.setId} quota ${s.quota} in use ${s.inUse}`] });
+        if (f.ioasids !== undefined) {
+          const n = f.ioasids.filter((i) => i.setId === s.setId).length;
+          if (n !== s.inUse) out.push({ setId: s.setId, message: `final state: set ${s.setId} says ${s.inUse} in use, but ${n} of its IOASIDs are live`, evidence: [], facts: [`set ${s.setId} in use ${s.inUse}`, `live IOASIDs of set ${s.setId}: ${n}`] });
+        }
+      }
+      for (const i of f.ioasids ?? []) {
+        if (!f.sets.some((s) => s.setId === i.setId)) out.push({ ioasid: i.ioasid, setId: i.setId, message: `final state: IOASID ${i.ioasid} is live in set ${i.setId}, which does not exist`, evidence: [], facts: [`IOASID ${i.ioasid} set ${i.setId}`] });
+      }
+    }
+    for (const c of ctx.index.containers) {
+      if (c.quota === undefined || c.quota === 0) continue;
+      const mine = lifecycles(ctx).filter((l) => l.setId === c.setId && l.alloc !== undefined && l.alloc > c.idx);
+      const allocs = mine.map((l) => l.alloc!).sort((a, b) => a - b);
+      for (const a of allocs) {
+        const liveNow = mine.filter((l) => l.alloc! <= a && (l.reclaims[0] === undefined || l.reclaims[0] > a));
+        if (liveNow.length > c.quota) {
+          out.push({ setId: c.setId, message: `set ${c.setId} had ${liveNow.length} IOASIDs live over its quota of ${c.quota}`, evidence: [c.idx, a] });
+          break;
+        }
+      }
+    }
+    return out;
+  },
+};
+
+const S7: Rule = {
+  invariant: "S7",
+  description:
+    "per page-request group (IOMMU instance, IOMMU process epoch, group id): at most one IOMMU page_response (from the iopf_group on, or for a partial group answered without one); at most one VFIO page_response per group (the L3 rule checks the other half, at least one)",
+  check(ctx) {
+    const out: Finding[] = [];
+    const answered = new Map<string, number>();
+    for (const g of ctx.index.groups) {
+      if (g.kind === "group") {
+        answered.delete(g.key);
+        continue;
+      }
+      const first = answered.get(g.key);
+      if (first === undefined) {
+        answered.set(g.key, g.idx);
+        continue;
+      }
+      const group = ctx.index.groups.find((x) => x.key === g.key && x.kind === "group" && x.idx < first);
+      const l = ctx.index.lifecycleOf(g.idx);
+      out.push({
+        ...(l === undefined ? {} : subject(l)),
+        message: `fault group ${g.groupId} (${g.key.split("/").slice(0, 2).join("/")}) answered twice`,
+        evidence: [...(group === undefined ? [] : [group.idx]), first, g.idx],
+      });
+    }
+    return out;
+  },
+};
+
+const S8: Rule = {
+  invariant: "S8",
+  description:
+    "per IOASID generation at most one event:ALLOC, one event:FREE and one event:RECLAIM; BIND and UNBIND alternate, starting with BIND, and none after FREE; no event before ALLOC or after RECLAIM; no two event records with one sequence number; per set, SET_ALLOC and SET_FREE alternate",
+  check(ctx) {
+    const out: Finding[] = [];
+    for (const l of lifecycles(ctx)) {
+      for (const [what, list] of [["ALLOC", l.allocs], ["FREE", l.frees], ["RECLAIM", l.reclaims]] as const) {
+        if (list.length > 1) out.push({ ...subject(l), message: `${name(l)} has ${list.length} ${what} events for one transition`, evidence: [...list] });
+      }
+      let prev: number | undefined;
+      for (const b of l.bindings) {
+        const type = rec(ctx, b).action;
+        const prevType = prev === undefined ? undefined : rec(ctx, prev).action;
+        if (type === prevType) out.push({ ...subject(l), message: `${name(l)}: two ${type.slice(6)} events in a row`, evidence: [prev!, b] });
+        else if (prevType === undefined && type === "event:UNBIND" && l.alloc !== undefined) out.push({ ...subject(l), message: `${name(l)}: UNBIND with no BIND before it`, evidence: [l.alloc, b] });
+        prev = b;
+      }
+      const free = l.frees[0];
+      if (free !== undefined) {
+        for (const b of l.bindings.filter((x) => x > free)) out.push({ ...subject(l), message: `${name(l)}: ${rec(ctx, b).action.slice(6)} after FREE (the FREE covers it)`, evidence: [free, b] });
+      }
+      if (l.alloc !== undefined) {
+        for (const e of l.events.filter((x) => x < l.alloc!)) out.push({ ...subject(l), message: `${name(l)}: ${rec(ctx, e).action.slice(6)} before its ALLOC`, evidence: [e, l.alloc] });
+      }
+      const reclaim = l.reclaims[0];
+      if (reclaim !== undefined) {
+        for (const e of l.events.filter((x) => x > reclaim && rec(ctx, x).action !== "event:RECLAIM")) {
+          out.push({ ...subject(l), message: `${name(l)}: ${rec(ctx, e).action.slice(6)} after its RECLAIM`, evidence: [reclaim, e] });
+        }
+      }
+    }
+    const bySeq = new Map<number, number>();
+    const setState = new Map<number, { action: string; idx: number }>();
+    ctx.index.records.forEach((r, idx) => {
+      if (r.role !== CORE_ROLE || !r.action.startsWith("event:")) return;
+      if (r.seq !== undefined) {
+        const other = bySeq.get(r.seq);
+        if (other !== undefined) out.push({ ...(r.ioasid === undefined ? {} : { ioasid: r.ioasid }), message: `event sequence ${r.seq} recorded twice (${rec(ctx, other).action}, ${r.action})`, evidence: [other, idx] });
+        else bySeq.set(r.seq, idx);
+      }
+      if ((r.action === "event:SET_ALLOC" || r.action === "event:SET_FREE") && r.setId !== undefined) {
+        const last = setState.get(r.setId);
+        if (last !== undefined && last.action === r.action) {
+          out.push({ setId: r.setId, message: `set ${r.setId}: two ${r.action.slice(6)} events in a row`, evidence: [last.idx, idx] });
+        }
+        setState.set(r.setId, { action: r.action, idx });
+      }
+    });
+    return out;
+  },
+};
+
+const S9: Rule = {
+  invariant: "S9",
+  description:
+    "every role table entry (KVM vmcs install→clear, VDCM vdev_write→vdev_clear, IOMMU pasid_entry_set→teardown_pasid, per role instance, place and generation) set before its generation's event:RECLAIM is cleared no later than it, and none is set after it; no VDCM submit or KVM translated enqcmd naming a generation after its RECLAIM; in the final state no live entry names a reclaimed generation or an IOASID not live",
+  check(ctx) {
+    const out: Finding[] = [];
+    for (const e of ctx.index.entries) {
+      const l = ctx.index.lifecycles.get(lifecycleKey(e.ioasid, e.generation));
+      const reclaim = l?.reclaims[0];
+      if (l === undefined || reclaim === undefined) continue;
+      const where = `${e.role}/${e.instance} ${e.where}`;
+      if (!notAfter(ctx, e.set, reclaim)) {
+        out.push({ ...subject(l), message: `${where}: entry for ${name(l)} set after its reclaim`, evidence: [reclaim, e.set] });
+        continue;
+      }
+      const end = e.clear ?? e.lost;
+      if (end === undefined || !notAfter(ctx, end, reclaim)) {
+        out.push({
+          ...subject(l),
+          message: `${where}: entry for ${name(l)} still live after its reclaim${end === undefined ? " (never cleared)" : ""}`,
+          evidence: [e.set, reclaim, ...(end === undefined ? [] : [end])],
+        });
+      }
+    }
+    ctx.index.records.forEach((r, idx) => {
+      // A use of the PASID through a role's table: a descriptor VDCM submitted, an ENQCMD KVM translated.
+      const use = (r.role === "vdcm" && r.action === "submit") || (r.role === "kvm" && r.action === "enqcmd");
+      if (!use || r.ioasid === undefined || r.generation === undefined) return;
+      const l = ctx.index.lifecycles.get(lifecycleKey(r.ioasid, r.generation));
+      const reclaim = l?.reclaims[0];
+      if (l === undefined || reclaim === undefined || notAfter(ctx, idx, reclaim)) return;
+      out.push({ ...subject(l), message: `${who(r)} used ${name(l)} after its reclaim`, evidence: [reclaim, idx] });
+    });
+    for (const e of ctx.finalState?.liveEntries ?? []) {
+      const fact = `${e.role}${e.instance === undefined ? "" : `/${e.instance}`} ${e.where}: IOASID ${e.ioasid}${e.generation === undefined ? "" : ` generation ${e.generation}`}`;
+      const l = e.generation === undefined ? undefined : ctx.index.lifecycles.get(lifecycleKey(e.ioasid, e.generation));
+      if (l?.reclaims[0] !== undefined) {
+        out.push({ ...subject(l), message: `final state: ${fact} is live, but that generation was reclaimed`, evidence: [l.reclaims[0]], facts: [fact] });
+      } else if (liveAtEnd(ctx, e.ioasid, e.generation) === false) {
+        out.push({ ioasid: e.ioasid, ...(e.generation === undefined ? {} : { generation: e.generation }), message: `final state: ${fact} is live, but the core has no such live IOASID`, evidence: [], facts: [fact] });
+      }
+    }
+    return out;
+  },
+};
+
+// ---- liveness -------------------------------------------------------------------------------
+
+/** Fault targets on a free's path (VMM → VFIO → core → NATS): a free may fail or hang while they are down. */
+const FREE_PATH: ReadonlySet<string> = new Set([ChaosTarget.CORE, ChaosTarget.NATS, ChaosTarget.VFIO]);
+
+function faultOverlaps(ctx: RuleContext, targets: ReadonlySet<string>, from: number, to: number): boolean {
+  return ctx.index.faults.some((f) => targets.has(f.marker.target) && ts(ctx, f.start) <= to && (f.end === undefined || ts(ctx, f.end) >= from));
+}
+
+const L1: Rule = {
+  invariant: "L1",
+  description:
+    "every chaos free (invoke → ok/fail) takes at most freeLatencyBoundMs (latencyMs, else the records' times); a free that never completes or completes `info` is a violation, unless a fault on its own path (ioasid-core, nats, vfio) overlapped it — subscribers' faults excuse nothing",
+  check(ctx) {
+    const out: Finding[] = [];
+    const end = ctx.index.records.at(-1)?.ts ?? 0;
+    for (const span of ctx.index.ops) {
+      if (!ctx.options.freeOps.includes(span.op.op)) continue;
+      const from = span.invoke === undefined ? undefined : ts(ctx, span.invoke);
+      if (from === undefined) continue;
+      const to = span.completion === undefined ? end : ts(ctx, span.completion);
+      const excused = faultOverlaps(ctx, FREE_PATH, from, to);
+      const what = `free (op ${span.opId}${span.op.vm === undefined ? "" : `, VM ${span.op.vm}`}${span.op.ioasid === undefined ? "" : `, IOASID ${span.op.ioasid}`})`;
+      const evidence = [span.invoke!, ...(span.completion === undefined ? [] : [span.completion])];
+      const ids = span.op.ioasid === undefined ? {} : { ioasid: span.op.ioasid, ...(span.op.generation === undefined ? {} : { generation: span.op.generation }) };
+      if (span.outcome === "ok" || span.outcome === "fail") {
+        const latency = span.op.latencyMs ?? to - from;
+        if (latency > ctx.options.freeLatencyBoundMs && !excused) out.push({ ...ids, message: `${what} took ${latency.toFixed(1)} ms, over the bound of ${ctx.options.freeLatencyBoundMs} ms`, evidence });
+      } else if (!excused) {
+        out.push({ ...ids, message: `${what} ${span.outcome === "info" ? "ended indeterminate" : "never returned"} with no fault on its path`, evidence });
+      }
+    }
+    return out;
+  },
+};
+
+const L2: Rule = {
+  invariant: "L2",
+  description:
+    "for each chaos crash of VM V (set from the chaos records), every generation allocated in V's set before the crash and not reclaimed by then has event:RECLAIM by max(crash, last heal) + reclaimBoundMs; one with no RECLAIM recorded is a violation unless the final state shows it gone (then a note: reclaimed, time unknown)",
+  check(ctx) {
+    const out: Finding[] = [];
+    const lastHeal = ctx.index.lastHeal === undefined ? -Infinity : ts(ctx, ctx.index.lastHeal);
+    for (const span of ctx.index.ops) {
+      if (!ctx.options.crashOps.includes(span.op.op) || span.outcome === "fail") continue;
+      const at = span.completion ?? span.invoke;
+      if (at === undefined || span.op.vm === undefined) continue;
+      const setId = span.op.setId ?? ctx.index.setOfVm(span.op.vm, at);
+      if (setId === undefined) {
+        ctx.note(`L2: crash of VM ${span.op.vm} (op ${span.opId}): its set is not in the chaos records, its IOASIDs are not checked`);
+        continue;
+      }
+      const deadline = Math.max(ts(ctx, at), lastHeal) + ctx.options.reclaimBoundMs;
+      for (const l of lifecycles(ctx)) {
+        if (l.setId !== setId || l.alloc === undefined || l.alloc > at || (l.reclaims[0] !== undefined && l.reclaims[0] < at)) continue;
+        const reclaim = l.reclaims[0];
+        if (reclaim === undefined) {
+          if (liveAtEnd(ctx, l.ioasid, l.generation) === false) {
+            ctx.note(`L2: ${name(l)} of crashed VM ${span.op.vm} is gone in the final state but its RECLAIM is not in the history (time unknown)`);
+            continue;
+          }
+          out.push({ ...subject(l), message: `${name(l)} of crashed VM ${span.op.vm} was never reclaimed`, evidence: [l.alloc, at, ...(l.frees[0] === undefined ? [] : [l.frees[0]])] });
+        } else if (ts(ctx, reclaim) > deadline) {
+          out.push({
+            ...subject(l),
+            message: `${name(l)} of crashed VM ${span.op.vm} reclaimed ${(ts(ctx, reclaim) - deadline + ctx.options.reclaimBoundMs).toFixed(0)} ms after the crash or last heal, over the bound of ${ctx.options.reclaimBoundMs} ms`,
+            evidence: [at, ...(ctx.index.lastHeal === undefined ? [] : [ctx.index.lastHeal]), reclaim],
+          });
+        }
+      }
+    }
+    return out;
+  },
+};
+
+const L3: Rule = {
+  invariant: "L3",
+  description:
+    "every IOMMU iopf_group has an IOMMU page_response after it (same instance, epoch and group id), within faultAnswerBoundMs of max(group, last heal) when that bound is set; the final state has no outstanding group",
+  check(ctx) {
+    const out: Finding[] = [];
+    const lastHeal = ctx.index.lastHeal === undefined ? -Infinity : ts(ctx, ctx.index.lastHeal);
+    const groups = ctx.index.groups.filter((g) => g.key.startsWith("iommu/"));
+    groups.forEach((g, i) => {
+      if (g.kind !== "group") return;
+      const answer = groups.slice(i + 1).find((x) => x.key === g.key);
+      const l = ctx.index.lifecycleOf(g.idx);
+      const ids = l === undefined ? {} : subject(l);
+      if (answer === undefined || answer.kind !== "response") {
+        out.push({ ...ids, message: `fault group ${g.groupId} (${g.key.split("/").slice(0, 2).join("/")}) never answered`, evidence: [g.idx] });
+        return;
+      }
+      const bound = ctx.options.faultAnswerBoundMs;
+      if (bound !== undefined && ts(ctx, answer.idx) > Math.max(ts(ctx, g.idx), lastHeal) + bound) {
+        out.push({ ...ids, message: `fault group ${g.groupId} answered after the bound of ${bound} ms`, evidence: [g.idx, answer.idx] });
+      }
+    });
+    for (const g of ctx.finalState?.faultGroups ?? []) {
+      out.push({
+        ...(g.ioasid === undefined ? {} : { ioasid: g.ioasid }),
+        ...(g.generation === undefined ? {} : { generation: g.generation }),
+        message: `final state: fault group ${g.faultGroupId} is still outstanding`,
+        evidence: [],
+        facts: [`${g.instance ?? "iommu"} fault group ${g.faultGroupId}${g.ioasid === undefined ? "" : ` IOASID ${g.ioasid}`}`],
+      });
+    }
+    return out;
+  },
+};
+
+const L4: Rule = {
+  invariant: "L4",
+  description:
+    "a registration the core recorded pending (ioasid_register_notifier_mm … (pending)) whose MM token's set then appears (VFIO container_open) receives that set's events: every event:BIND of the set after it, for a generation never freed, is followed by a record of the subscriber instance for that generation (its table change, or an ioasid_get it holds) — unless the subscriber instance was destroyed (…destroy_vm); in the final state a registration whose token has a set is active on it. Activation itself is not recorded",
+  check(ctx) {
+    const out: Finding[] = [];
+    const records = ctx.index.records;
+    for (const reg of ctx.index.pendingRegistrations) {
+      const mine = (r: HistoryRecord) => r.role === reg.subscriber && r.instance === reg.instance;
+      if (records.some((r, i) => i > reg.idx && mine(r) && r.action.endsWith("destroy_vm"))) continue;
+      const c = ctx.index.containers.find((x) => x.mmToken === reg.mmToken && x.idx > reg.idx);
+      if (c === undefined) continue;
+      const setFree = records.findIndex((r, i) => i > c.idx && r.role === CORE_ROLE && r.action === "event:SET_FREE" && r.setId === c.setId);
+      const until = setFree < 0 ? records.length : setFree;
+      for (const l of lifecycles(ctx)) {
+        if (l.setId !== c.setId || l.frees.length > 0) continue;
+        for (const b of l.bindings) {
+          if (b < c.idx || b > until || rec(ctx, b).action !== "event:BIND") continue;
+          const handled = records.some((r, i) => {
+            if (i <= b || r.ioasid !== l.ioasid || (r.generation !== undefined && r.generation !== l.generation)) return false;
+            if (mine(r)) return true;
+            const h = r.role === CORE_ROLE ? ctx.index.holderOf(i) : undefined;
+            return h !== undefined && h.role === reg.subscriber && h.instance === reg.instance;
+          });
+          if (!handled) {
+            out.push({
+              ...subject(l),
+              message: `${reg.subscriber}/${reg.instance} registered pending for mm ${reg.mmToken}; set ${c.setId} appeared, but it never handled the BIND of ${name(l)}`,
+              evidence: [reg.idx, c.idx, b],
+            });
+          }
+        }
+      }
+    }
+    const f = ctx.finalState;
+    for (const reg of f?.registrations ?? []) {
+      if (reg.mmToken === undefined) continue;
+      const set = f!.sets.find((s) => s.mmToken === reg.mmToken);
+      if (set === undefined || (reg.active && reg.setId === set.setId)) continue;
+      out.push({
+        setId: set.setId,
+        message: `final state: ${reg.subscriber}/${reg.instance}'s registration for mm ${reg.mmToken} is ${reg.active ? `active on set ${reg.setId}` : "pending"} while set ${set.setId} has that token`,
+        evidence: [],
+        facts: [`registration ${reg.subscriber}/${reg.instance} mm ${reg.mmToken} ${reg.active ? "active" : "pending"} set ${reg.setId}`, `set ${set.setId} mm ${set.mmToken}`],
+      });
+    }
+    return out;
+  },
+};
+
+/** The checker's rules, one per invariant of DESIGN §7, in order. */
+export const RULES: readonly Rule[] = [S1, S2, S3, S4, S5, S6, S7, S8, S9, L1, L2, L3, L4];
