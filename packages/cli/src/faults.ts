@@ -32,6 +32,7 @@ export const RESPONSE_CODES = {
   invalid: vfio.PageResponseCode.PAGE_RESPONSE_CODE_INVALID,
   failure: vfio.PageResponseCode.PAGE_RESPONSE_CODE_FAILURE,
 } as const;
+/** An answer by its flag name: success, invalid, failure. */
 export type ResponseCodeName = keyof typeof RESPONSE_CODES;
 
 type Values = Readonly<Record<string, string | boolean | undefined>>;
