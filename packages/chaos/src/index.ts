@@ -23,6 +23,7 @@ export {
   type HealMarker,
 } from "./chaos-record.js";
 export { check, createChecker, formatRecord, renderVerdict, type Checker, type CheckerOptions, type TraceLine, type Verdict, type Violation } from "./checker.js";
+export { startFaultProxy, type FaultProxy, type FaultProxyOptions, type FaultProxyStats, type PartitionMode } from "./fault-proxy.js";
 export type { FinalIoasid, FinalRegistration, FinalSet, FinalState, LiveEntry, OutstandingFaultGroup } from "./final-state.js";
 export {
   indexHistory,
@@ -40,4 +41,6 @@ export {
   type PendingRegistration,
 } from "./history-index.js";
 export { INVARIANT_IDS, INVARIANTS, type InvariantId } from "./invariants.js";
+export { createPrng, type Prng } from "./prng.js";
 export { RULES, type CheckOptions, type Finding, type Rule, type RuleContext } from "./rules.js";
+export { schedule, toFaultMarker, type FaultInjection, type ScheduleOptions } from "./schedule.js";

@@ -1,0 +1,72 @@
+import { describe, expect, it } from "vitest";
+import { parseChaosRecord, createChaosRecord, FaultKind, SERVICE_TARGETS } from "./chaos-record.js";
+import { schedule, toFaultMarker, type ScheduleOptions } from "./schedule.js";
+
+const RUN: ScheduleOptions = { durationMs: 60_000 };
+
+describe("schedule", () => {
+  it("is reproducible: the same seed and options give the same injections", () => {
+    expect(schedule(42, RUN)).toEqual(schedule(42, RUN));
+    expect(schedule(42, RUN).length).toBeGreaterThan(5);
+    expect(schedule(42, RUN)).not.toEqual(schedule(43, RUN));
+  });
+
+  it("keeps every fault inside the run, in start order, numbered from 1", () => {
+    for (let seed = 1; seed <= 50; seed++) {
+      const s = schedule(seed, { ...RUN, quietTailMs: 5000 });
+      s.forEach((f, i) => {
+        expect(f.faultId).toBe(i + 1);
+        expect(f.atMs).toBeGreaterThanOrEqual(0);
+        expect(f.durationMs).toBeGreaterThan(0);
+        expect(f.atMs + f.durationMs).toBeLessThanOrEqual(55_000);
+        if (i > 0) expect(f.atMs).toBeGreaterThanOrEqual(s[i - 1]!.atMs);
+      });
+    }
+  });
+
+  it("draws every kind and target, with the parameters each kind needs", () => {
+    const all = Array.from({ length: 20 }, (_, seed) => schedule(seed, RUN)).flat();
+    expect(new Set(all.map((f) => f.kind))).toEqual(new Set(Object.values(FaultKind)));
+    expect(new Set(all.map((f) => f.target))).toEqual(new Set([...SERVICE_TARGETS, "nats"]));
+    for (const f of all) {
+      expect(f.target === "nats").toBe(f.kind === "nats-restart");
+      expect(f.link !== undefined).toBe(["latency", "drop", "partition"].includes(f.kind));
+      if (f.kind === "latency") expect(f.latencyMs! >= 5 && f.latencyMs! <= 200 && f.jitterMs! <= f.latencyMs! / 2).toBe(true);
+      else expect(f.latencyMs).toBeUndefined();
+      if (f.kind === "drop") expect(f.probability! >= 0.01 && f.probability! <= 0.2).toBe(true);
+      else expect(f.probability).toBeUndefined();
+    }
+  });
+
+  it("never puts two faults on one target at once, nor more than maxConcurrent", () => {
+    for (let seed = 1; seed <= 30; seed++) {
+      const s = schedule(seed, { ...RUN, meanIntervalMs: 300, maxConcurrent: 3 });
+      for (const f of s) {
+        const active = s.filter((g) => g.atMs <= f.atMs && g.atMs + g.durationMs > f.atMs);
+        expect(active.length).toBeLessThanOrEqual(3);
+        expect(active.filter((g) => g.target === f.target)).toHaveLength(1);
+      }
+    }
+  });
+
+  it("draws only the kinds and targets asked for", () => {
+    const s = schedule(5, { ...RUN, kinds: ["kill-restart", "stop-cont"], targets: ["vdcm"], meanIntervalMs: 500 });
+    expect(s.length).toBeGreaterThan(0);
+    expect(s.every((f) => (f.kind === "kill-restart" || f.kind === "stop-cont") && f.target === "vdcm")).toBe(true);
+  });
+
+  it("refuses options that allow no schedule", () => {
+    expect(() => schedule(1, { durationMs: 0 })).toThrow(RangeError);
+    expect(() => schedule(1, { durationMs: 1000, quietTailMs: 1000 })).toThrow(RangeError);
+    expect(() => schedule(1, { ...RUN, kinds: [] })).toThrow(RangeError);
+    expect(() => schedule(1, { ...RUN, faultMs: [500, 100] })).toThrow(RangeError);
+    expect(() => schedule(1, { ...RUN, dropProbability: [0, 2] })).toThrow(RangeError);
+  });
+
+  it("gives the fault marker the runner records, which the checker reads back", () => {
+    const f = schedule(42, { ...RUN, kinds: ["latency"] })[0]!;
+    const marker = toFaultMarker(f);
+    expect(marker).toEqual({ fault: "latency", target: f.target, faultId: 1, link: f.link, latencyMs: f.latencyMs, jitterMs: f.jitterMs });
+    expect(parseChaosRecord(createChaosRecord("info", marker))).toEqual({ kind: "fault", marker });
+  });
+});
