@@ -69,7 +69,7 @@ describe("page requests routed to the guest", () => {
     await new Promise((r) => setTimeout(r, 100));
     expect(w.groups()).toEqual([]);
     await expectRefused(
-      c.iommu.sendPageResponse({ owner: "vfio/vfio-1", faultGroupId: r1.faultGroupId, code: CODE.PAGE_RESPONSE_CODE_SUCCESS }),
+      c.iommu.sendPageResponse({ owner: "vfio/vfio-1", faultGroupId: r1.faultGroupId, code: CODE.PAGE_RESPONSE_CODE_SUCCESS, noHandler: false }),
       Code.FAILED_PRECONDITION,
       "FAULT_GROUP_INCOMPLETE",
     );
@@ -225,9 +225,9 @@ describe("every group gets exactly one response", () => {
     for (const id of [x.faultGroupId, y.faultGroupId]) expect(await awaitResponse("pf-c", id)).toMatchObject({ source: SOURCE.PAGE_RESPONSE_SOURCE_DETACH });
     // The other handle's group is untouched until its handler answers.
     expect((await c.iommu.queryState(P(iommu.QueryStateRequest, { deviceIds: ["pf-c"] }))).faultGroups.map((f) => f.faultGroupId)).toEqual([z.faultGroupId]);
-    await c.iommu.sendPageResponse({ owner: "test/handler", faultGroupId: z.faultGroupId, code: CODE.PAGE_RESPONSE_CODE_INVALID });
-    await expectRefused(c.iommu.sendPageResponse({ owner: "test/other", faultGroupId: z.faultGroupId, code: CODE.PAGE_RESPONSE_CODE_SUCCESS }), Code.PERMISSION_DENIED, "FAULT_GROUP_NOT_OWNED");
-    await expectRefused(c.iommu.sendPageResponse({ owner: "test/handler", faultGroupId: 987654n, code: CODE.PAGE_RESPONSE_CODE_SUCCESS }), Code.NOT_FOUND, "FAULT_GROUP_NOT_FOUND");
+    await c.iommu.sendPageResponse({ owner: "test/handler", faultGroupId: z.faultGroupId, code: CODE.PAGE_RESPONSE_CODE_INVALID, noHandler: false });
+    await expectRefused(c.iommu.sendPageResponse({ owner: "test/other", faultGroupId: z.faultGroupId, code: CODE.PAGE_RESPONSE_CODE_SUCCESS, noHandler: false }), Code.PERMISSION_DENIED, "FAULT_GROUP_NOT_OWNED");
+    await expectRefused(c.iommu.sendPageResponse({ owner: "test/handler", faultGroupId: 987654n, code: CODE.PAGE_RESPONSE_CODE_SUCCESS, noHandler: false }), Code.NOT_FOUND, "FAULT_GROUP_NOT_FOUND");
     // No stream for the owner: answered FAILURE at once (no handler).
     const lone = await dma(c, "pf-c", 13, 0x4000n);
     expect(await awaitResponse("pf-c", lone.faultGroupId)).toEqual({ code: CODE.PAGE_RESPONSE_CODE_FAILURE, source: SOURCE.PAGE_RESPONSE_SOURCE_NO_HANDLER });
@@ -238,9 +238,18 @@ describe("every group gets exactly one response", () => {
     expect((await c.iommu.removeDevice({ deviceId: "pf-c" })).answeredFaultGroups).toBe(2);
     expect(await waiting).toEqual({ code: CODE.PAGE_RESPONSE_CODE_INVALID, source: SOURCE.PAGE_RESPONSE_SOURCE_DEVICE_REMOVED });
     await waitFor(() => seen.some((m) => m.item?.$case === "answered" && m.item.value.faultGroupId === v.faultGroupId), { message: "the partial group's answer at the handler" });
-    await expectRefused(c.iommu.sendPageResponse({ owner: "test/handler", faultGroupId: u.faultGroupId, code: CODE.PAGE_RESPONSE_CODE_SUCCESS }), Code.FAILED_PRECONDITION, "FAULT_GROUP_ALREADY_RESPONDED");
+    await expectRefused(c.iommu.sendPageResponse({ owner: "test/handler", faultGroupId: u.faultGroupId, code: CODE.PAGE_RESPONSE_CODE_SUCCESS, noHandler: false }), Code.FAILED_PRECONDITION, "FAULT_GROUP_ALREADY_RESPONDED");
     ac.abort();
     await stream;
+  });
+
+  it("answers FAILURE (no handler) a guest's group when its VMM has no WatchFaults open", async () => {
+    const c = stack.clients;
+    await registerDevice(c, "pf-n");
+    const g = await openGuest(c, nextToken(), "pf-n");
+    const r = await dma(c, "pf-n", g.hpasid, GVA_BASE + 0x7000n);
+    expect(await awaitResponse("pf-n", r.faultGroupId)).toEqual({ code: CODE.PAGE_RESPONSE_CODE_FAILURE, source: SOURCE.PAGE_RESPONSE_SOURCE_NO_HANDLER });
+    g.session.abort();
   });
 
   it("answers INVALID a group nobody answers before the timeout; the late answer is refused", async () => {

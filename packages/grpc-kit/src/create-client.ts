@@ -118,7 +118,7 @@ export function createClient<D extends AnyServiceDefinition>(
   options: CreateClientOptions = {},
 ): PromiseClient<D> {
   const definition: D = typeof source === "function" ? source.service : source;
-  const client = new Client(address, options.credentials ?? grpcCredentials.createInsecure(), options.channelOptions);
+  const client = new Client(address, options.credentials ?? grpcCredentials.createInsecure(), { ...RECONNECT_BACKOFF, ...options.channelOptions });
   const defaults: Defaults = { unary: options.deadlineMs ?? 5000, stream: options.streamDeadlineMs };
   const result: Record<string, unknown> = {
     close: () => client.close(),
@@ -131,6 +131,13 @@ export function createClient<D extends AnyServiceDefinition>(
   }
   return result as PromiseClient<D>;
 }
+
+/**
+ * Reconnect backoff of every channel: grpc-js's default (1 s, growing to 120 s) fails calls fast
+ * for seconds after a peer that was not up yet (or restarted) starts listening. The stack's peers
+ * are on loopback or a compose network, where a short, bounded backoff costs nothing.
+ */
+export const RECONNECT_BACKOFF = { "grpc.initial_reconnect_backoff_ms": 100, "grpc.min_reconnect_backoff_ms": 100, "grpc.max_reconnect_backoff_ms": 1000 } as const;
 
 interface Defaults {
   readonly unary: number;

@@ -689,12 +689,14 @@ export class IommuDriver {
   }
 
   /**
-   * iommu_page_response from the group's owner (its handler).
+   * iommu_page_response from the group's owner (its handler; `noHandler`: the owner had none for
+   * it, recorded as NO_HANDLER).
    * @throws INVALID_FIELD, FAULT_GROUP_NOT_FOUND, FAULT_GROUP_NOT_OWNED, FAULT_GROUP_ALREADY_RESPONDED, FAULT_GROUP_INCOMPLETE
    */
-  sendPageResponse(owner: string, faultGroupId: bigint, code: PageResponseCode): FaultGroup {
+  sendPageResponse(owner: string, faultGroupId: bigint, code: PageResponseCode, noHandler = false): FaultGroup {
     if (owner === "") throw invalidField("owner", "owner is required");
-    const g = this.prq.respond(faultGroupId, code, ResponseSource.HANDLER, owner);
+    if (noHandler) this.counters.groupsNoHandler++;
+    const g = this.prq.respond(faultGroupId, code, noHandler ? ResponseSource.NO_HANDLER : ResponseSource.HANDLER, owner);
     this.#answered([g]);
     return g;
   }

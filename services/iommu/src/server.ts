@@ -147,7 +147,9 @@ export function createIommuHandlers(driver: IommuDriver): ServiceHandlers<typeof
         }
       }),
     sendPageResponse: (req) => {
-      driver.sendPageResponse(req.owner, req.faultGroupId, toResponseCode(req.code));
+      const code = toResponseCode(req.code);
+      if (req.noHandler && code !== "FAILURE") throw invalidField("no_handler", "no_handler goes with code FAILURE");
+      driver.sendPageResponse(req.owner, req.faultGroupId, code, req.noHandler);
       return {};
     },
     awaitPageResponse: async (req, ctx) => {

@@ -63,8 +63,8 @@ export interface IommuFaultPort {
    * IOMMU sends the still unanswered groups first.
    */
   subscribe(onItem: (item: IommuFaultItem) => void, signal: AbortSignal): Promise<void>;
-  /** SendPageResponse as VFIO's owner. */
-  respond(faultGroupId: bigint, code: PageResponseCode): Promise<void>;
+  /** SendPageResponse as VFIO's owner (`noHandler`: VFIO had nobody to relay the group to). */
+  respond(faultGroupId: bigint, code: PageResponseCode, noHandler?: boolean): Promise<void>;
 }
 
 /** A fault group relayed to a VMM. */
@@ -127,7 +127,6 @@ export class FaultRelay {
   readonly #answered = new Map<bigint, number>();
   readonly #watchers = new Map<number, Watcher>();
   #stop: AbortController | undefined;
-  #connected = false;
 
   constructor(options: FaultRelayOptions) {
     this.#iommu = options.iommu;
@@ -145,12 +144,10 @@ export class FaultRelay {
     void (async () => {
       while (!stop.signal.aborted) {
         try {
-          this.#connected = true;
           await this.#iommu.subscribe((item) => this.#onItem(item), stop.signal);
         } catch (err) {
           if (!stop.signal.aborted) this.#log.warn({ err }, "the IOMMU's fault stream ended; reopening");
         }
-        this.#connected = false;
         if (!stop.signal.aborted) await new Promise((r) => setTimeout(r, this.#reconnectDelayMs).unref());
       }
     })();
@@ -160,11 +157,6 @@ export class FaultRelay {
   stop(): void {
     this.#stop?.abort();
     for (const w of [...this.#watchers.values()]) w.end();
-  }
-
-  /** Whether VFIO's stream to the IOMMU is open (or being opened). */
-  get connected(): boolean {
-    return this.#connected;
   }
 
   /**
@@ -213,11 +205,15 @@ export class FaultRelay {
    * @throws FAULT_GROUP_NOT_FOUND, FAULT_GROUP_NOT_OWNED, FAULT_GROUP_ALREADY_RESPONDED
    */
   async respond(containerId: number, faultGroupId: bigint, code: PageResponseCode): Promise<void> {
-    const owner = this.#pending.get(faultGroupId)?.containerId ?? this.#answered.get(faultGroupId);
+    const pending = this.#pending.get(faultGroupId);
+    const owner = pending?.containerId ?? this.#answered.get(faultGroupId);
     if (owner === undefined) throw vfioError("FAULT_GROUP_NOT_FOUND", `fault group ${faultGroupId} was never relayed to a VMM (or is long forgotten)`);
     if (owner !== containerId) throw vfioError("FAULT_GROUP_NOT_OWNED", `fault group ${faultGroupId} belongs to another container`);
     await this.#iommu.respond(faultGroupId, code);
-    this.#history.record("page_response", { detail: `container ${containerId} group ${faultGroupId}: ${code}` });
+    this.#history.record("page_response", {
+      ...(pending === undefined ? {} : { ioasid: pending.group.hpasid, spid: pending.group.gpasid }),
+      detail: `container ${containerId} group ${faultGroupId}: ${code}`,
+    });
   }
 
   /**
@@ -235,7 +231,9 @@ export class FaultRelay {
         }),
       ),
     );
-    if (groups.length > 0) this.#history.record("fault_session_lost", { detail: `container ${containerId}: ${groups.length} group(s) answered INVALID` });
+    for (const g of groups) {
+      this.#history.record("fault_session_lost", { ioasid: g.hpasid, spid: g.gpasid, detail: `container ${containerId} group ${g.faultGroupId}: the VMM went away, answered INVALID` });
+    }
     this.#watchers.get(containerId)?.end();
     return groups.length;
   }
@@ -275,7 +273,7 @@ export class FaultRelay {
       this.#history.record("iopf_no_handler", { ...fields, detail: `group ${g.faultGroupId}: ${why}, answered FAILURE` });
       // An INVALID for a container that is gone (its FREE drains the rest); FAILURE when nobody listens.
       const code: PageResponseCode = data !== undefined && !this.#isOpen(data.containerId) ? "INVALID" : "FAILURE";
-      this.#iommu.respond(g.faultGroupId, code).catch((err: unknown) => {
+      this.#iommu.respond(g.faultGroupId, code, code === "FAILURE").catch((err: unknown) => {
         if (!isDomainError(err, "FAULT_GROUP_ALREADY_RESPONDED")) this.#log.warn({ err, faultGroupId: String(g.faultGroupId) }, "answering an unrelayable fault group failed");
       });
       return;

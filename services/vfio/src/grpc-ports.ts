@@ -180,8 +180,8 @@ export function createIommuFaultPort(client: IommuClient, owner: string): IommuF
         }
       }
     },
-    async respond(faultGroupId, code) {
-      await client.sendPageResponse({ owner, faultGroupId, code: RESPONSE_CODES[code] });
+    async respond(faultGroupId, code, noHandler = false) {
+      await client.sendPageResponse({ owner, faultGroupId, code: RESPONSE_CODES[code], noHandler });
     },
   };
 }

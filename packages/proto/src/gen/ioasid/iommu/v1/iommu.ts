@@ -1263,6 +1263,12 @@ export interface SendPageResponseRequest {
   faultGroupId: bigint;
   /** The answer. */
   code: PageResponseCode;
+  /**
+   * True when the owner answers FAILURE because it has no handler for the group itself (VFIO: the
+   * container has no WatchFaults): recorded with source NO_HANDLER instead of HANDLER. Only with
+   * code FAILURE.
+   */
+  noHandler: boolean;
 }
 
 /** SendPageResponseResponse confirms the answer was delivered to the device. */
@@ -7699,7 +7705,7 @@ export const FaultRecord: MessageFns<FaultRecord> = {
 };
 
 function createBaseSendPageResponseRequest(): SendPageResponseRequest {
-  return { owner: "", faultGroupId: 0n, code: 0 };
+  return { owner: "", faultGroupId: 0n, code: 0, noHandler: false };
 }
 
 export const SendPageResponseRequest: MessageFns<SendPageResponseRequest> = {
@@ -7715,6 +7721,9 @@ export const SendPageResponseRequest: MessageFns<SendPageResponseRequest> = {
     }
     if (message.code !== 0) {
       writer.uint32(24).int32(message.code);
+    }
+    if (message.noHandler !== false) {
+      writer.uint32(32).bool(message.noHandler);
     }
     return writer;
   },
@@ -7756,6 +7765,14 @@ export const SendPageResponseRequest: MessageFns<SendPageResponseRequest> = {
             message.code = reader.int32() as any;
             continue;
           }
+          case 4: {
+            if (tag !== 32) {
+              break;
+            }
+
+            message.noHandler = reader.bool();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -7777,6 +7794,11 @@ export const SendPageResponseRequest: MessageFns<SendPageResponseRequest> = {
         ? BigInt(object.fault_group_id)
         : 0n,
       code: isSet(object.code) ? pageResponseCodeFromJSON(object.code) : 0,
+      noHandler: isSet(object.noHandler)
+        ? globalThis.Boolean(object.noHandler)
+        : isSet(object.no_handler)
+        ? globalThis.Boolean(object.no_handler)
+        : false,
     };
   },
 
@@ -7791,6 +7813,9 @@ export const SendPageResponseRequest: MessageFns<SendPageResponseRequest> = {
     if (message.code !== 0) {
       obj.code = pageResponseCodeToJSON(message.code);
     }
+    if (message.noHandler !== false) {
+      obj.noHandler = message.noHandler;
+    }
     return obj;
   },
 
@@ -7804,6 +7829,7 @@ export const SendPageResponseRequest: MessageFns<SendPageResponseRequest> = {
       ? BigInt(object.faultGroupId)
       : 0n;
     message.code = object.code ?? 0;
+    message.noHandler = object.noHandler ?? false;
     return message;
   },
 };
