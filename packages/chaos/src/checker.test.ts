@@ -3,7 +3,7 @@ import { describe, expect, it } from "vitest";
 import { createChaosRecord, type ChaosOp } from "./chaos-record.js";
 import { check, createChecker, renderVerdict, type Verdict } from "./checker.js";
 import type { FinalState } from "./final-state.js";
-import { correctFinalState, correctHistory } from "./history-fixture.js";
+import { correctFinalState, correctHistory, freeDelivered, HistoryBuilder, openGuest, pageRequest, setUp, type FixtureGuest } from "./history-fixture.js";
 import { INVARIANT_IDS, type InvariantId } from "./invariants.js";
 import { RULES, type CheckOptions } from "./rules.js";
 
@@ -352,5 +352,24 @@ describe("check", () => {
     const v = check(without(correctHistory(), is("ioasid", "event:RECLAIM", { ioasid: 204 })), correctFinalState());
     expect(v.counts.L2).toBe(0);
     expect(v.notes.join("\n")).toMatch(/IOASID 204 generation 1 of crashed VM g3 is gone in the final state/);
+  });
+
+  it("checks a long history without quadratic work (1,000 life cycles of 10 guests, ~44k records)", () => {
+    const b = new HistoryBuilder(1_700_000_000_000, 1);
+    const guests: FixtureGuest[] = Array.from({ length: 10 }, (_, g) => ({ vm: `g${g}`, kvm: `vm-${g}`, token: 100 + g, setId: g + 1, mdev: `mdev-${g}` }));
+    guests.forEach((g, i) => openGuest(b, g, i + 1));
+    for (let round = 0; round < 100; round++) {
+      guests.forEach((g, i) => {
+        // Each guest reuses its own IOASID: generation after generation.
+        const ioasid = 1000 + i;
+        setUp(b, g, ioasid, 7, round + 1);
+        freeDelivered(b, g, ioasid, round + 1, 7, pageRequest(b, g, ioasid, round + 1, 7, false));
+      });
+    }
+    expect(b.records.length).toBeGreaterThan(40_000);
+    const start = performance.now();
+    const v = check(b.records);
+    expect(v.violations, renderVerdict(v)).toEqual([]);
+    expect(performance.now() - start).toBeLessThan(10_000);
   });
 });

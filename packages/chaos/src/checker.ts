@@ -95,6 +95,8 @@ export function check(history: readonly HistoryRecord[], finalState?: FinalState
 }
 
 const MAX_TRACE = 24;
+/** Records looked at on each side of an evidence record for its context (bounds the cost of many violations). */
+const MAX_SCAN = 2000;
 
 /**
  * A finding with its trace: the evidence records, and up to `context` records before and after
@@ -116,7 +118,7 @@ function toViolation(invariant: InvariantId, f: Finding, index: HistoryIndex, co
     for (const e of f.evidence) {
       for (const step of [-1, 1]) {
         let found = 0;
-        for (let i = e + step; i >= 0 && i < records.length && found < context; i += step) {
+        for (let i = e + step, seen = 0; i >= 0 && i < records.length && found < context && seen < MAX_SCAN; i += step, seen++) {
           if (!related(records[i]!)) continue;
           picked.add(i);
           found++;

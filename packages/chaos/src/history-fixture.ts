@@ -133,11 +133,11 @@ export function pageRequest(b: HistoryBuilder, g: FixtureGuest, ioasid: number, 
 }
 
 /** Steps 1–12 of both tables: ALLOC, bind, KVM's entry, VDCM's WQ, DMA with a page request answered. */
-export function setUp(b: HistoryBuilder, g: FixtureGuest, ioasid: number, spid: number): void {
-  allocPasid(b, g, ioasid, 1);
-  bindPasid(b, g, ioasid, 1, spid);
-  programWq(b, g, ioasid, 1, spid);
-  pageRequest(b, g, ioasid, 1, spid, true);
+export function setUp(b: HistoryBuilder, g: FixtureGuest, ioasid: number, spid: number, generation = 1): void {
+  allocPasid(b, g, ioasid, generation);
+  bindPasid(b, g, ioasid, generation, spid);
+  programWq(b, g, ioasid, generation, spid);
+  pageRequest(b, g, ioasid, generation, spid, true);
 }
 
 /**

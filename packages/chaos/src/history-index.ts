@@ -88,6 +88,10 @@ export interface HistoryIndex {
   lifecycleOf(idx: number): Lifecycle | undefined;
   /** The generation of `ioasid` allocated (or first seen) most recently at or before `idx`, unless reclaimed before it. */
   lifecycleAt(ioasid: number, idx: number): Lifecycle | undefined;
+  /** Indices of every record that names the generation `key` (directly, or by time), in order. */
+  membersOf(key: string): readonly number[];
+  /** Indices of every record (of any role) that carries event sequence `seq`, in order. */
+  withSeq(seq: number): readonly number[];
   readonly entries: readonly EntrySpan[];
   readonly ops: readonly OpSpan[];
   readonly faults: readonly FaultSpan[];
@@ -175,8 +179,15 @@ export function indexHistory(history: readonly HistoryRecord[], options: IndexOp
   const lifecycleAt = (ioasid: number, idx: number): Lifecycle | undefined => {
     const list = byIoasid.get(ioasid);
     if (list === undefined) return undefined;
-    let found: Lifecycle | undefined;
-    for (const l of list) if (start(l) <= idx) found = l;
+    // The last generation that started at or before idx (the list is sorted by start).
+    let lo = 0;
+    let hi = list.length;
+    while (lo < hi) {
+      const mid = (lo + hi) >> 1;
+      if (start(list[mid]!) <= idx) lo = mid + 1;
+      else hi = mid;
+    }
+    const found = lo === 0 ? undefined : list[lo - 1];
     if (found !== undefined && found.reclaims.length > 0 && found.reclaims[0]! < idx) return undefined;
     return found;
   };
@@ -186,6 +197,21 @@ export function indexHistory(history: readonly HistoryRecord[], options: IndexOp
     if (r.generation !== undefined && r.generation !== 0) return lifecycles.get(lifecycleKey(r.ioasid, r.generation));
     return lifecycleAt(r.ioasid, idx);
   };
+
+  const members = new Map<string, number[]>();
+  const bySeq = new Map<number, number[]>();
+  records.forEach((r, idx) => {
+    if (r.seq !== undefined) {
+      let list = bySeq.get(r.seq);
+      if (list === undefined) bySeq.set(r.seq, (list = []));
+      list.push(idx);
+    }
+    const l = lifecycleOf(idx);
+    if (l === undefined) return;
+    let list = members.get(l.key);
+    if (list === undefined) members.set(l.key, (list = []));
+    list.push(idx);
+  });
 
   // Pass 2: chaos operations, faults, VMs' sets.
   const ops = new Map<number, OpSpan>();
@@ -286,6 +312,8 @@ export function indexHistory(history: readonly HistoryRecord[], options: IndexOp
     lifecycles,
     lifecycleOf,
     lifecycleAt,
+    membersOf: (key) => members.get(key) ?? [],
+    withSeq: (seq) => bySeq.get(seq) ?? [],
     entries,
     ops: [...ops.values()],
     faults,

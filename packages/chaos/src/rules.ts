@@ -1,7 +1,7 @@
 import type { HistoryRecord } from "@ioasid/bus";
 import { ChaosTarget } from "./chaos-record.js";
 import type { FinalState } from "./final-state.js";
-import { CORE_ROLE, lifecycleKey, type HistoryIndex, type Lifecycle } from "./history-index.js";
+import { CORE_ROLE, lifecycleKey, type GroupRecord, type HistoryIndex, type Lifecycle } from "./history-index.js";
 import type { InvariantId } from "./invariants.js";
 
 /** Bounds and tolerances of the checker. */
@@ -309,13 +309,14 @@ const S5: Rule = {
       if (free === undefined || seq === undefined) continue;
       const stages = TEARDOWN_STAGES.map(() => [] as number[]);
       const puts: number[] = [];
-      ctx.index.records.forEach((r, idx) => {
-        if (r.seq !== seq || r.ioasid !== l.ioasid) return;
+      for (const idx of ctx.index.withSeq(seq)) {
+        const r = rec(ctx, idx);
+        if (r.ioasid !== l.ioasid) continue;
         if (r.role === CORE_ROLE && r.action === "ioasid_put") puts.push(idx);
         TEARDOWN_STAGES.forEach((s, i) => {
           if (s.match(r)) stages[i]!.push(idx);
         });
-      });
+      }
       for (let a = 0; a < stages.length; a++) {
         for (let b = a + 1; b < stages.length; b++) {
           for (const late of stages[a]!) {
@@ -342,10 +343,11 @@ const S5: Rule = {
       if (reclaim === undefined) continue;
       const late = stages.flat().find((x) => !notAfter(ctx, x, reclaim));
       if (late !== undefined) out.push({ ...subject(l), message: `${name(l)} reclaimed before its teardown finished (${who(rec(ctx, late))})`, evidence: [free, reclaim, late] });
-      const lateAnswer = ctx.index.records.findIndex(
-        (r, idx) => r.role === "iommu" && r.action === "page_response" && ctx.index.lifecycleOf(idx) === l && !stages[3]!.includes(idx) && !notAfter(ctx, idx, reclaim) && idx > free,
-      );
-      if (lateAnswer >= 0) out.push({ ...subject(l), message: `${name(l)} reclaimed before a fault group of it was answered`, evidence: [free, reclaim, lateAnswer] });
+      const lateAnswer = ctx.index.membersOf(l.key).find((idx) => {
+        const r = rec(ctx, idx);
+        return r.role === "iommu" && r.action === "page_response" && idx > free && !stages[3]!.includes(idx) && !notAfter(ctx, idx, reclaim);
+      });
+      if (lateAnswer !== undefined) out.push({ ...subject(l), message: `${name(l)} reclaimed before a fault group of it was answered`, evidence: [free, reclaim, lateAnswer] });
     }
     return out;
   },
@@ -381,12 +383,19 @@ const S6: Rule = {
     }
     for (const c of ctx.index.containers) {
       if (c.quota === undefined || c.quota === 0) continue;
-      const mine = lifecycles(ctx).filter((l) => l.setId === c.setId && l.alloc !== undefined && l.alloc > c.idx);
-      const allocs = mine.map((l) => l.alloc!).sort((a, b) => a - b);
-      for (const a of allocs) {
-        const liveNow = mine.filter((l) => l.alloc! <= a && (l.reclaims[0] === undefined || l.reclaims[0] > a));
-        if (liveNow.length > c.quota) {
-          out.push({ setId: c.setId, message: `set ${c.setId} had ${liveNow.length} IOASIDs live over its quota of ${c.quota}`, evidence: [c.idx, a] });
+      // Sweep the set's allocations and reclaims in order, counting the live generations.
+      const steps: Array<[number, 1 | -1]> = [];
+      for (const l of lifecycles(ctx)) {
+        if (l.setId !== c.setId || l.alloc === undefined || l.alloc < c.idx) continue;
+        steps.push([l.alloc, 1]);
+        if (l.reclaims[0] !== undefined) steps.push([l.reclaims[0], -1]);
+      }
+      steps.sort((a, b) => a[0] - b[0]);
+      let live = 0;
+      for (const [idx, d] of steps) {
+        live += d;
+        if (live > c.quota) {
+          out.push({ setId: c.setId, message: `set ${c.setId} had ${live} IOASIDs live over its quota of ${c.quota}`, evidence: [c.idx, idx] });
           break;
         }
       }
@@ -605,10 +614,18 @@ const L3: Rule = {
   check(ctx) {
     const out: Finding[] = [];
     const lastHeal = ctx.index.lastHeal === undefined ? -Infinity : ts(ctx, ctx.index.lastHeal);
-    const groups = ctx.index.groups.filter((g) => g.key.startsWith("iommu/"));
-    groups.forEach((g, i) => {
-      if (g.kind !== "group") return;
-      const answer = groups.slice(i + 1).find((x) => x.key === g.key);
+    const byKey = new Map<string, GroupRecord[]>();
+    for (const g of ctx.index.groups) {
+      if (!g.key.startsWith("iommu/")) continue;
+      let list = byKey.get(g.key);
+      if (list === undefined) byKey.set(g.key, (list = []));
+      list.push(g);
+    }
+    const next = new Map<GroupRecord, GroupRecord | undefined>();
+    for (const list of byKey.values()) list.forEach((g, i) => next.set(g, list[i + 1]));
+    ctx.index.groups.forEach((g) => {
+      if (g.kind !== "group" || !g.key.startsWith("iommu/")) return;
+      const answer = next.get(g);
       const l = ctx.index.lifecycleOf(g.idx);
       const ids = l === undefined ? {} : subject(l);
       if (answer === undefined || answer.kind !== "response") {
@@ -651,8 +668,9 @@ const L4: Rule = {
         if (l.setId !== c.setId || l.frees.length > 0) continue;
         for (const b of l.bindings) {
           if (b < c.idx || b > until || rec(ctx, b).action !== "event:BIND") continue;
-          const handled = records.some((r, i) => {
-            if (i <= b || r.ioasid !== l.ioasid || (r.generation !== undefined && r.generation !== l.generation)) return false;
+          const handled = ctx.index.membersOf(l.key).some((i) => {
+            const r = rec(ctx, i);
+            if (i <= b) return false;
             if (mine(r)) return true;
             const h = r.role === CORE_ROLE ? ctx.index.holderOf(i) : undefined;
             return h !== undefined && h.role === reg.subscriber && h.instance === reg.instance;
