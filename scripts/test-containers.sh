@@ -60,7 +60,7 @@ else
   COMPOSE=(docker-compose)
 fi
 STACK=("${COMPOSE[@]}" -p "$PROJECT" -f docker-compose.yml -f deploy/docker-compose.host-network.yml)
-say "using $("${COMPOSE[@]}" version --short 2>/dev/null | head -n1 | sed "s/^/${COMPOSE[*]} /"), $(dockerd --version), node $(node --version)"
+say "using $("${COMPOSE[@]}" version --short 2>/dev/null | head -n1 | sed "s/^/${COMPOSE[*]} /"), $(dockerd --version 2>/dev/null || echo "dockerd (no version)"), node $(node --version)"
 
 # --- the compose files, as docker-compose v1 and (where available) v2 read them --------------------
 for c in "docker-compose" "docker compose"; do
@@ -171,8 +171,10 @@ docker version --format '{{.Server.Version}}' >/dev/null 2>&1 ||
 say "dockerd $(docker version --format '{{.Server.Version}}') answering on $SOCK (pid $DOCKERD_PID; no bridge, no iptables; data in $DATA_ROOT)"
 
 # --- 3. images ---------------------------------------------------------------------------------------
-bash scripts/build-base-images.sh 2>"$WORK/base-images.log" | sed "s/^/containers: [$(printf '%3d' $((SECONDS - T0)))s] /" ||
-  { cat "$WORK/base-images.log" >&2; die "the base images could not be built"; }
+if ! bash scripts/build-base-images.sh 2>"$WORK/base-images.log" | while IFS= read -r line; do say "$line"; done; then
+  cat "$WORK/base-images.log" >&2
+  die "the base images could not be built"
+fi
 
 # npm inside the build must trust what this machine trusts (an intercepting proxy's CA, say):
 # Debian's local CAs and NODE_EXTRA_CA_CERTS go to deploy/extra-ca/ for the build (not the image).

@@ -146,7 +146,7 @@ describe("the docker-compose stack, driven by ioasidctl", () => {
       await docker("kill", "--signal", "KILL", vdcm);
       killedAt = Date.now();
       await waitFor(async () => (await stateOf(vdcm)).startsWith("exited"), { timeoutMs: 10_000, message: "the VDCM container to exit" });
-      log(`killed the VDCM container ${vdcm.slice(0, 12)} (SIGKILL): ${await stateOf(vdcm)}`);
+      log(`killed the VDCM container ${vdcm.slice(0, 12)} with SIGKILL (exit code ${await docker("inspect", "-f", "{{.State.ExitCode}}", vdcm)})`);
       log((await ctl("vm", "crash", "--name", "vm-ct")).trim());
 
       // KVM (CPU priority) and the IOMMU release theirs; VDCM's delivery is missed, its reference
@@ -165,14 +165,14 @@ describe("the docker-compose stack, driven by ioasidctl", () => {
     await waitFor(async () => (await stateOf(vdcm)) === "running healthy", { timeoutMs: 60_000, message: "the VDCM container to be healthy again" });
     log(`VDCM container started again: healthy ${Date.now() - startedAt} ms after \`${compose[0]} start vdcm\` (${Date.now() - killedAt} ms after the kill)`);
 
-    // Its new life finds the references its earlier one held and releases them: reclaimed.
+    // Back, VDCM settles what its earlier life left (its reference, the missed FREE): reclaimed.
     await waitFor(async () => (await holders()) === undefined, { timeoutMs: 20_000, message: `host PASID ${hpasid} to be reclaimed` });
     const reclaimedAt = Date.now();
     await waitFor(async () => (await c.core.getStats({})).deliveriesMissed === 0, { timeoutMs: 20_000, message: "no delivery left missed" });
     const sets = (await c.core.listSets({})).sets.map((s) => s.setId);
     const vm = JSON.parse(readFileSync(join(dir, "vms.json"), "utf8")) as unknown[];
     expect(vm).toEqual([]);
-    // (VDCM's tables are in memory: its new life starts with none, the mdev included.)
+    // Every device, not only idxd-ct: whatever VDCM kept across its restart.
     const vdcmState = await c.vdcm.queryState({ deviceIds: [] });
     expect(vdcmState.devices.flatMap((d) => d.pasidEntries).filter((e) => e.hpasid === hpasid)).toEqual([]);
     const kvmState = await c.kvm.queryState({ vmId: 0 });
