@@ -1,7 +1,7 @@
 import type { HistoryRecord } from "@ioasid/bus";
 import { CHAOS_ROLE, parseChaosRecord } from "./chaos-record.js";
 import type { FinalState } from "./final-state.js";
-import { indexHistory, type HistoryIndex } from "./history-index.js";
+import { indexHistory, type HistoryIndex, type LossWindow } from "./history-index.js";
 import { INVARIANT_IDS, INVARIANTS, type InvariantId } from "./invariants.js";
 import { resolveCheckOptions, RULES, type CheckOptions, type Finding, type Rule } from "./rules.js";
 
@@ -73,12 +73,16 @@ export function createChecker(options: CheckerOptions = {}): Checker {
   return {
     rules,
     check(history, finalState) {
-      const index = indexHistory(history, { volatileRoles: resolved.volatileRoles });
+      const index = indexHistory(history, { volatileRoles: resolved.volatileRoles, recordLossMarginMs: resolved.recordLossMarginMs });
       const notes: string[] = [];
       const violations: Violation[] = [];
       for (const rule of rules) {
         const findings = rule.check({ index, finalState, options: resolved, note: (text) => notes.push(text) });
-        for (const f of findings) violations.push(toViolation(rule.invariant, f, index, resolved.traceContext));
+        for (const f of findings) {
+          const lost = f.absence === undefined ? undefined : lossExplaining(index, f.absence);
+          if (lost !== undefined) notes.push(`${rule.invariant} not counted, a record may have been lost (${lost.why}): ${f.message}`);
+          else violations.push(toViolation(rule.invariant, f, index, resolved.traceContext));
+        }
       }
       const checked = INVARIANT_IDS.filter((id) => rules.some((r) => r.invariant === id));
       const counts: Partial<Record<InvariantId, number>> = {};
@@ -92,6 +96,13 @@ export function createChecker(options: CheckerOptions = {}): Checker {
 /** Checks a history (and final state) with every rule and default bounds; see {@link createChecker}. */
 export function check(history: readonly HistoryRecord[], finalState?: FinalState, options: CheckOptions = {}): Verdict {
   return createChecker(options).check(history, finalState);
+}
+
+/** A loss window that could explain a missing record (see {@link Finding.absence}). */
+function lossExplaining(index: HistoryIndex, absence: NonNullable<Finding["absence"]>): LossWindow | undefined {
+  return index.lossWindows.find(
+    (w) => (w.role === undefined || w.role === absence.role) && (absence.kills !== false || w.kind !== "kill") && w.from <= absence.to && w.to >= absence.from,
+  );
 }
 
 const MAX_TRACE = 24;

@@ -55,6 +55,22 @@ export interface FaultSpan {
   end: number | undefined;
 }
 
+/**
+ * A time when a role's history records may have been lost: records are published fire-and-forget,
+ * so a kill loses those of its last moments, and a broken NATS link (drop, partition) or a
+ * nats-server restart those in flight.
+ */
+export interface LossWindow {
+  /** The role whose records may be lost; undefined for every role (nats-server restart). */
+  readonly role: string | undefined;
+  readonly kind: "kill" | "link";
+  /** From and to, ms since the epoch. */
+  readonly from: number;
+  readonly to: number;
+  /** The fault, for the verdict's notes. */
+  readonly why: string;
+}
+
 /** A page-request group record of the IOMMU (or VFIO's relay of an answer). */
 export interface GroupRecord {
   /** `<role>/<instance>/<epoch>/<group id>`: group ids restart with an IOMMU process. */
@@ -95,6 +111,8 @@ export interface HistoryIndex {
   readonly entries: readonly EntrySpan[];
   readonly ops: readonly OpSpan[];
   readonly faults: readonly FaultSpan[];
+  /** When records may have been lost, from the fault markers. */
+  readonly lossWindows: readonly LossWindow[];
   /** Index of the last heal marker, if any. */
   readonly lastHeal: number | undefined;
   readonly groups: readonly GroupRecord[];
@@ -122,6 +140,8 @@ export function lifecycleKey(ioasid: number, generation: number): string {
 export interface IndexOptions {
   /** Roles whose tables vanish when they are killed (their entries end at the kill marker). @default [] */
   readonly volatileRoles?: readonly string[];
+  /** How long before and after a kill or a link fault records may be lost, in ms. @default 100 */
+  readonly recordLossMarginMs?: number;
 }
 
 /**
@@ -256,6 +276,21 @@ export function indexHistory(history: readonly HistoryRecord[], options: IndexOp
     }
   });
 
+  const margin = options.recordLossMarginMs ?? 100;
+  const lastTs = records.at(-1)?.ts ?? 0;
+  const lossWindows: LossWindow[] = [];
+  for (const f of faults) {
+    const m = f.marker;
+    const from = records[f.start]!.ts - margin;
+    const why = `${m.fault} of ${m.target}${m.link === undefined ? "" : ` (${m.link} link)`} at +${(records[f.start]!.ts - (records[0]?.ts ?? 0)).toFixed(0)} ms`;
+    const until = (f.end === undefined ? lastTs : records[f.end]!.ts) + margin;
+    if (m.fault === FaultKind.KILL_RESTART) lossWindows.push({ role: roleOfTarget(m.target), kind: "kill", from, to: records[f.start]!.ts + margin, why });
+    else if (m.fault === FaultKind.NATS_RESTART) lossWindows.push({ role: undefined, kind: "link", from, to: until, why });
+    else if ((m.fault === FaultKind.DROP || m.fault === FaultKind.PARTITION) && m.link !== "grpc") {
+      lossWindows.push({ role: roleOfTarget(m.target), kind: "link", from, to: until, why });
+    }
+  }
+
   // Pass 3: role tables, fault groups, registrations, containers.
   const entries: EntrySpan[] = [];
   const openEntries = new Map<string, EntrySpan>();
@@ -317,6 +352,7 @@ export function indexHistory(history: readonly HistoryRecord[], options: IndexOp
     entries,
     ops: [...ops.values()],
     faults,
+    lossWindows,
     lastHeal,
     groups,
     pendingRegistrations,

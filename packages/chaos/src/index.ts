@@ -37,6 +37,7 @@ export {
   type Holder,
   type IndexOptions,
   type Lifecycle,
+  type LossWindow,
   type OpSpan,
   type PendingRegistration,
 } from "./history-index.js";

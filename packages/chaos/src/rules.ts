@@ -21,6 +21,12 @@ export interface CheckOptions {
   readonly traceContext?: number;
   /** Roles whose tables do not survive a kill (their entries end at the kill marker). @default [] */
   readonly volatileRoles?: readonly string[];
+  /**
+   * How long before and after a kill, and around a NATS link fault, a role's records may have been
+   * lost (history is published fire-and-forget), in ms. A violation that rests on a missing record
+   * of that role in such a window becomes a note. @default 100
+   */
+  readonly recordLossMarginMs?: number;
   /** Chaos op names that are frees (L1). @default ["free"] */
   readonly freeOps?: readonly string[];
   /** Chaos op names that crash a guest's VMM (L2). @default ["crash"] */
@@ -39,6 +45,7 @@ export function resolveCheckOptions(options: CheckOptions = {}): ResolvedCheckOp
     faultAnswerBoundMs: options.faultAnswerBoundMs,
     traceContext: options.traceContext ?? 3,
     volatileRoles: options.volatileRoles ?? [],
+    recordLossMarginMs: options.recordLossMarginMs ?? 100,
     freeOps: options.freeOps ?? ["free"],
     crashOps: options.crashOps ?? ["crash"],
   };
@@ -63,6 +70,13 @@ export interface Finding {
   readonly setId?: number;
   /** Facts of the final state that show it. */
   readonly facts?: readonly string[];
+  /**
+   * Set when the finding rests on a record that is missing: the role that should have recorded it
+   * and the times between which it would have (ms since the epoch). A loss window of that role
+   * overlapping them turns the finding into a note. `kills: false` when a kill of the role cannot
+   * explain the absence (it would lose the state too, which is the violation).
+   */
+  readonly absence?: { readonly role: string; readonly from: number; readonly to: number; readonly kills?: boolean };
 }
 
 /** One rule of the checker: the check of one invariant over the history and the final state. */
@@ -128,7 +142,7 @@ const S1: Rule = {
       const freed = l.frees.some((i) => i < reclaim);
       const lastIsFree = last !== undefined && rec(ctx, last).action === "event:FREE";
       if (rc !== undefined && !(rc === 0 || (rc === 1 && !freed && !lastIsFree))) {
-        out.push({ ...subject(l), message: `${name(l)} reclaimed while the core's count stood at ${rc}`, evidence: [last!, reclaim] });
+        out.push({ ...subject(l), message: `${name(l)} reclaimed while the core's count stood at ${rc}`, evidence: [last!, reclaim], absence: { role: CORE_ROLE, from: ts(ctx, last!), to: ts(ctx, reclaim) } });
       }
       // The holders the history shows, independent of the core's own count.
       const held = new Map<string, number[]>();
@@ -148,6 +162,7 @@ const S1: Rule = {
           ...subject(l),
           message: `${name(l)} reclaimed while ${still.map(([k]) => k).join(", ")} still held a reference (taken, never released)`,
           evidence: [...still.flatMap(([, gets]) => gets), reclaim],
+          absence: { role: CORE_ROLE, from: ts(ctx, Math.min(...still.flatMap(([, gets]) => gets))), to: ts(ctx, reclaim) },
         });
       }
     }
@@ -166,10 +181,12 @@ const S1: Rule = {
         const prevEnd = prev.reclaims[0];
         if (prevEnd === undefined || prevEnd > next.alloc!) {
           const lastRef = [...prev.refs, ...prev.frees].filter((x) => x < next.alloc!).sort((a, b) => a - b).at(-1);
+          const lastSeen = ctx.index.membersOf(prev.key).filter((x) => x < next.alloc!).at(-1) ?? prev.alloc!;
           out.push({
             ...subject(next),
             message: `${name(next)} allocated while ${name(prev)} was not reclaimed${lastRef === undefined ? "" : ` (count ${String(rec(ctx, lastRef).refcount)})`}`,
             evidence: [prev.alloc!, ...(lastRef === undefined ? [] : [lastRef]), next.alloc!],
+            ...(prevEnd === undefined ? { absence: { role: CORE_ROLE, from: ts(ctx, lastSeen), to: ts(ctx, next.alloc!) } } : {}),
           });
         }
         if (next.generation <= prev.generation) {
@@ -271,6 +288,7 @@ const S4: Rule = {
           ...subject(l),
           message: `${who(r)} translated SPID ${r.spid} to ${name(l)}, ${bind === undefined ? "which was never bound" : `bound to SPID ${String(rec(ctx, bind).spid)}`}`,
           evidence: [...(bind === undefined ? [] : [bind]), idx],
+          ...(bind === undefined ? { absence: { role: CORE_ROLE, from: ts(ctx, l.alloc), to: ts(ctx, idx) } } : {}),
         });
       }
     });
@@ -448,7 +466,9 @@ const S8: Rule = {
         const type = rec(ctx, b).action;
         const prevType = prev === undefined ? undefined : rec(ctx, prev).action;
         if (type === prevType) out.push({ ...subject(l), message: `${name(l)}: two ${type.slice(6)} events in a row`, evidence: [prev!, b] });
-        else if (prevType === undefined && type === "event:UNBIND" && l.alloc !== undefined) out.push({ ...subject(l), message: `${name(l)}: UNBIND with no BIND before it`, evidence: [l.alloc, b] });
+        else if (prevType === undefined && type === "event:UNBIND" && l.alloc !== undefined) {
+          out.push({ ...subject(l), message: `${name(l)}: UNBIND with no BIND before it`, evidence: [l.alloc, b], absence: { role: CORE_ROLE, from: ts(ctx, l.alloc), to: ts(ctx, b) } });
+        }
         prev = b;
       }
       const free = l.frees[0];
@@ -503,10 +523,13 @@ const S9: Rule = {
       }
       const end = e.clear ?? e.lost;
       if (end === undefined || !notAfter(ctx, end, reclaim)) {
+        // A missing clear would have been recorded after what called for it (an UNBIND or FREE) and before the reclaim.
+        const cause = [...l.bindings, ...l.frees].filter((x) => x > e.set && rec(ctx, x).action !== "event:BIND").sort((a, b) => a - b)[0] ?? e.set;
         out.push({
           ...subject(l),
           message: `${where}: entry for ${name(l)} still live after its reclaim${end === undefined ? " (never cleared)" : ""}`,
           evidence: [e.set, reclaim, ...(end === undefined ? [] : [end])],
+          ...(end === undefined ? { absence: { role: e.role, from: ts(ctx, cause), to: ts(ctx, reclaim) } } : {}),
         });
       }
     }
@@ -593,7 +616,13 @@ const L2: Rule = {
             ctx.note(`L2: ${name(l)} of crashed VM ${span.op.vm} is gone in the final state but its RECLAIM is not in the history (time unknown)`);
             continue;
           }
-          out.push({ ...subject(l), message: `${name(l)} of crashed VM ${span.op.vm} was never reclaimed`, evidence: [l.alloc, at, ...(l.frees[0] === undefined ? [] : [l.frees[0]])] });
+          const decided = liveAtEnd(ctx, l.ioasid, l.generation) === true; // still live at the end: no record loss explains it
+          out.push({
+            ...subject(l),
+            message: `${name(l)} of crashed VM ${span.op.vm} was never reclaimed`,
+            evidence: [l.alloc, at, ...(l.frees[0] === undefined ? [] : [l.frees[0]])],
+            ...(decided ? {} : { absence: { role: CORE_ROLE, from: ts(ctx, at), to: Infinity } }),
+          });
         } else if (ts(ctx, reclaim) > deadline) {
           out.push({
             ...subject(l),
@@ -629,7 +658,13 @@ const L3: Rule = {
       const l = ctx.index.lifecycleOf(g.idx);
       const ids = l === undefined ? {} : subject(l);
       if (answer === undefined || answer.kind !== "response") {
-        out.push({ ...ids, message: `fault group ${g.groupId} (${g.key.split("/").slice(0, 2).join("/")}) never answered`, evidence: [g.idx] });
+        out.push({
+          ...ids,
+          message: `fault group ${g.groupId} (${g.key.split("/").slice(0, 2).join("/")}) never answered`,
+          evidence: [g.idx],
+          // An IOMMU kill forgets the group (the violation itself); only a lost link can lose the answer's record.
+          absence: { role: "iommu", from: ts(ctx, g.idx), to: Infinity, kills: false },
+        });
         return;
       }
       const bound = ctx.options.faultAnswerBoundMs;
@@ -680,6 +715,7 @@ const L4: Rule = {
               ...subject(l),
               message: `${reg.subscriber}/${reg.instance} registered pending for mm ${reg.mmToken}; set ${c.setId} appeared, but it never handled the BIND of ${name(l)}`,
               evidence: [reg.idx, c.idx, b],
+              absence: { role: reg.subscriber, from: ts(ctx, b), to: Infinity },
             });
           }
         }
