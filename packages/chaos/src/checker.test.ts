@@ -341,6 +341,22 @@ describe("check", () => {
     expect(check(subscriberFault, correctFinalState()).counts.L1).toBe(1);
   });
 
+  it("puts a late tier down to a missed delivery when that tier had a fault (the chain moves on, DESIGN §4.4)", () => {
+    const late = BROKEN.S5[0]!.history(); // VDCM clears before KVM
+    const freeTs = find(late, FREE_202).ts;
+    const stopped = [
+      ...late,
+      createChaosRecord("info", { fault: "stop-cont", target: "kvm", faultId: 60 }, { ts: freeTs - 20 }),
+      createChaosRecord("info", { heal: true, faultId: 60 }, { ts: freeTs + 15 }),
+    ];
+    const v = check(stopped, correctFinalState());
+    expect(v.counts.S5).toBe(0);
+    expect(v.notes.join("\n")).toMatch(/S5 not counted, kvm may have missed its delivery deadline \(stop-cont of kvm at \+\d+ ms\)/);
+    // A fault of the tier that went first explains nothing.
+    const wrongTier = stopped.map((r) => (r.detail?.includes(`"faultId":60`) === true && r.detail.includes("stop-cont") ? { ...r, detail: r.detail.replace(`"kvm"`, `"vdcm"`) } : r));
+    expect(check(wrongTier, correctFinalState()).counts.S5).toBe(1);
+  });
+
   it("ends a role's entries at its kill only when its tables are volatile", () => {
     const h = without(correctHistory(), is("vdcm", "vdev_clear", { ioasid: 203 }));
     // No loss margin: the missing clear is not put down to records lost at the kill.

@@ -1,5 +1,5 @@
 import type { HistoryRecord } from "@ioasid/bus";
-import { CHAOS_ROLE, parseChaosRecord } from "./chaos-record.js";
+import { CHAOS_ROLE, parseChaosRecord, roleOfTarget } from "./chaos-record.js";
 import type { FinalState } from "./final-state.js";
 import { indexHistory, type HistoryIndex, type LossWindow } from "./history-index.js";
 import { INVARIANT_IDS, INVARIANTS, type InvariantId } from "./invariants.js";
@@ -80,7 +80,9 @@ export function createChecker(options: CheckerOptions = {}): Checker {
         const findings = rule.check({ index, finalState, options: resolved, note: (text) => notes.push(text) });
         for (const f of findings) {
           const lost = f.absence === undefined ? undefined : lossExplaining(index, f.absence);
+          const missed = f.missedDelivery === undefined ? undefined : faultExplaining(index, f.missedDelivery);
           if (lost !== undefined) notes.push(`${rule.invariant} not counted, a record may have been lost (${lost.why}): ${f.message}`);
+          else if (missed !== undefined) notes.push(`${rule.invariant} not counted, ${f.missedDelivery!.role} may have missed its delivery deadline (${missed}) and the chain moved on (DESIGN §4.4): ${f.message}`);
           else violations.push(toViolation(rule.invariant, f, index, resolved.traceContext));
         }
       }
@@ -103,6 +105,19 @@ function lossExplaining(index: HistoryIndex, absence: NonNullable<Finding["absen
   return index.lossWindows.find(
     (w) => (w.role === undefined || w.role === absence.role) && (absence.kills !== false || w.kind !== "kill") && w.from <= absence.to && w.to >= absence.from,
   );
+}
+
+/** A fault of the role (or of NATS) active in the window, described; see {@link Finding.missedDelivery}. */
+function faultExplaining(index: HistoryIndex, d: NonNullable<Finding["missedDelivery"]>): string | undefined {
+  const t0 = index.records[0]?.ts ?? 0;
+  const f = index.faults.find((x) => {
+    const role = roleOfTarget(x.marker.target);
+    if (role !== d.role && x.marker.target !== "nats") return false;
+    const from = index.records[x.start]!.ts;
+    const to = x.end === undefined ? Infinity : index.records[x.end]!.ts;
+    return from <= d.to && to >= d.from;
+  });
+  return f === undefined ? undefined : `${f.marker.fault} of ${f.marker.target} at +${(index.records[f.start]!.ts - t0).toFixed(0)} ms`;
 }
 
 const MAX_TRACE = 24;

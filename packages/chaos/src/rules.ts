@@ -77,6 +77,12 @@ export interface Finding {
    * explain the absence (it would lose the state too, which is the violation).
    */
   readonly absence?: { readonly role: string; readonly from: number; readonly to: number; readonly kills?: boolean };
+  /**
+   * Set when the finding is an order that a missed delivery explains: a subscriber that misses its
+   * deadline is passed over and the chain moves on (DESIGN §4.4). Any fault of `role` (or of NATS)
+   * active between `from` and `to` (ms since the epoch) turns the finding into a note.
+   */
+  readonly missedDelivery?: { readonly role: string; readonly from: number; readonly to: number };
 }
 
 /** One rule of the checker: the check of one invariant over the history and the final state. */
@@ -344,6 +350,7 @@ const S5: Rule = {
               ...subject(l),
               message: `${name(l)}: "${TEARDOWN_STAGES[b]!.name}" (${who(rec(ctx, early))}) came before "${TEARDOWN_STAGES[a]!.name}" (${who(rec(ctx, late))})`,
               evidence: [free, early, late],
+              missedDelivery: { role: rec(ctx, late).role, from: ts(ctx, free), to: ts(ctx, late) },
             });
             break;
           }
