@@ -11,7 +11,7 @@ import { fileURLToPath } from "node:url";
 import { IoasidSpace, IdBitmap, TokenType } from "@ioasid/ioasid";
 import { createClient } from "@ioasid/grpc-kit";
 import { bus, core, events, iommu, kvm, testing, vdcm, vfio } from "@ioasid/proto";
-import { addressesOf, answerFaultGroup, connectStack, findStage2Domain, readState, stackDown, stackUp } from "@ioasid/cli";
+import { addressesOf, answerFaultGroup, connectStack, readState, stackDown, stackUp } from "@ioasid/cli";
 import { startNats, startService } from "@ioasid/testkit";
 import { DeliveryEngine, readHistory, startSubscriber } from "@ioasid/bus";
 import { IoasidCore, OpLog } from "@ioasid/ioasid-core";
@@ -596,8 +596,7 @@ async function faultsBench() {
     }
     // Guest RAM: GPA [0, 1 GiB) → HPA [4 GiB, 5 GiB) in the VM's stage 2; the guest maps GVA = GPA.
     const hpaBase = 0x1_0000_0000n;
-    const domainId = await findStage2Domain(c, { name: "bench-faults", containerId, setId: opened.setId });
-    await c.iommu.map(iommu.MapRequest.fromPartial({ domainId, iova: 0n, paddr: hpaBase, size: 0x4000_0000n, access: { read: true, write: true } }));
+    await c.vfio.mapDma({ containerId, iova: 0n, paddr: hpaBase, size: 0x4000_0000n, access: { read: true, write: true, execute: false, privileged: false } });
     /** Device d's pages: a 64 MiB window of its own (the round trips use device 0's from page 0, the sustained run from page 8192). */
     const gva = (d, page) => 0x1000_0000n + BigInt(d) * 0x400_0000n + BigInt(page) * 0x1000n;
 

@@ -125,7 +125,7 @@ describe("ioasidctl IO page faults", () => {
     }
     expect(bind.code).toBe(0);
     const ram = await ctl("guest-ram", "--vm", "vm1");
-    expect(ram.stdout).toMatch(/guest RAM GPA 0x0\.\.0x3fffffff -> HPA 0x100000000\.\.0x13fffffff \(rw\) in stage-2 domain \d+/);
+    expect(ram.stdout).toMatch(/guest RAM GPA 0x0\.\.0x3fffffff -> HPA 0x100000000\.\.0x13fffffff \(rw\) in its stage 2 \(VFIO MapDma\)/);
     const dma = ["dma", "--device", "idxd0", "--pasid", String(hpasid)];
 
     // Nobody watches: the group is answered FAILURE at once and the device gives up.
@@ -175,7 +175,7 @@ describe("ioasidctl IO page faults", () => {
       `iopf_group(${hpasid}, gpasid 101) group ${group} device idxd0`,
       `iopf_relay(${hpasid}, gpasid 101) container`,
       `page_response(${hpasid}, gpasid 101) group ${group} device idxd0 prgi 0: SUCCESS (HANDLER)`,
-      `page_response() container`,
+      `page_response(${hpasid}, gpasid 101) container`,
       "iopf_no_handler(",
     ]) {
       expect(timeline.stdout).toContain(step);

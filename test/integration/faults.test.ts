@@ -113,6 +113,15 @@ describe("page requests routed to the guest", () => {
     const gva = GVA_BASE + 0x40_0000n;
     await c.vfio.mapGuestPages(P(vfio.MapGuestPagesRequest, { containerId: g.containerId, hpasid: g.hpasid, iova: gva, gpa: 0x1000_3000n, size: PAGE, access: { read: true } }));
     expect(await dma(c, "pf-t", g.hpasid, gva + 0x24n)).toMatchObject({ outcome: OUTCOME.TRANSLATE_OUTCOME_TRANSLATED, outputAddress: HPA_BASE + 0x3024n });
+    // The VMM takes that guest page out of its stage 2 (VFIO UnmapDma): a stage-2 miss is a fault, never a page request.
+    expect((await c.vfio.unmapDma({ containerId: g.containerId, iova: 0x1000_3000n, size: PAGE })).unmappedSize).toBe(PAGE);
+    expect(await dma(c, "pf-t", g.hpasid, gva)).toMatchObject({ outcome: OUTCOME.TRANSLATE_OUTCOME_FAULT, faultReason: iommu.FaultReason.FAULT_REASON_NOT_PRESENT });
+    await c.vfio.mapDma(P(vfio.MapDmaRequest, { containerId: g.containerId, iova: 0x1000_3000n, paddr: HPA_BASE + 0x3000n, size: PAGE, access: { read: true, write: true } }));
+    await expectRefused(
+      c.vfio.mapDma(P(vfio.MapDmaRequest, { containerId: g.containerId, iova: 0x1000_3000n, paddr: 0n, size: PAGE, access: { read: true } })),
+      Code.ALREADY_EXISTS,
+      "IOVA_ALREADY_MAPPED",
+    );
     // Another guest cannot touch this guest's page table.
     await registerDevice(c, "pf-t2");
     const other = await openGuest(c, nextToken(), "pf-t2");
@@ -149,12 +158,8 @@ describe("a VDCM work queue's DMA", () => {
     const a = await c.vfio.allocPasid({ containerId: opened.containerId });
     await c.vfio.bindGuestPasid(P(vfio.BindGuestPasidRequest, { containerId: opened.containerId, device: mdev, hpasid: a.hpasid, generation: a.generation, gpasid: 77, guestPgtable: 0x5000n }));
     await c.vdcm.writeWqPasid(P(vdcm.WriteWqPasidRequest, { mdevUuid: "mdev-fault", virtualWq: 0, gpasid: 77 }));
-    // The VM's stage 2: the parent of the bind's nested domain on the mdev's parent device, mapped by the host.
-    const st = await c.iommu.queryState(P(iommu.QueryStateRequest, { deviceIds: ["dsa-f"] }));
-    const nested = st.attachHandles.find((h) => h.pasid === a.hpasid)!.domainId;
-    const stage2 = st.domains.find((d) => d.domainId === nested)?.parentDomainId;
-    expect(stage2, "the nested entry's second stage").toBeGreaterThan(0);
-    await c.iommu.map(P(iommu.MapRequest, { domainId: stage2!, iova: GPA_BASE, paddr: HPA_BASE, size: 0x10_0000n, access: { read: true, write: true } }));
+    // The VMM maps guest RAM into the VM's stage 2 (the second stage of the mdev's nested entry).
+    await c.vfio.mapDma(P(vfio.MapDmaRequest, { containerId: opened.containerId, iova: GPA_BASE, paddr: HPA_BASE, size: 0x10_0000n, access: { read: true, write: true } }));
     const w = await watchFaults(c, opened.containerId);
 
     const fill = P(vdcm.SubmitDescriptorRequest, { mdevUuid: "mdev-fault", virtualWq: 0, descriptor: { op: vdcm.DescriptorOp.DESCRIPTOR_OP_FILL, dstAddress: GVA_BASE + 0x100n, size: 256n } });

@@ -62,9 +62,10 @@ export async function openGuest(c: StackClients, token: bigint, deviceId: string
   });
   await attached;
   await c.vfio.assignDevice(P(vfio.AssignDeviceRequest, { containerId: opened.containerId, device: { ref: { $case: "deviceId", value: deviceId } } }));
+  // The VMM maps guest RAM into its stage 2 (VFIO_IOMMU_MAP_DMA).
+  await c.vfio.mapDma(P(vfio.MapDmaRequest, { containerId: opened.containerId, iova: GPA_BASE, paddr: HPA_BASE, size: STAGE2_SIZE, access: { read: true, write: true } }));
   const state = await c.iommu.queryState(P(iommu.QueryStateRequest, { deviceIds: [deviceId] }));
   const stage2 = state.attachHandles.find((h) => h.withoutPasid)!.domainId;
-  await c.iommu.map(P(iommu.MapRequest, { domainId: stage2, iova: GPA_BASE, paddr: HPA_BASE, size: STAGE2_SIZE, access: { read: true, write: true } }));
   const a = await c.vfio.allocPasid({ containerId: opened.containerId });
   await c.vfio.bindGuestPasid(
     P(vfio.BindGuestPasidRequest, {

@@ -100,9 +100,8 @@ export function faultCommands(ctx: FaultCommandContext): Record<string, FaultCom
     "  FAULT_GROUP_NOT_FOUND, FAULT_GROUP_NOT_OWNED…) is printed with its reason and exits 1.";
   const ramUsage =
     `ioasidctl guest-ram --vm NAME [--gpa ${hex(GUEST_RAM_DEFAULTS.gpa)}] [--size ${hex(GUEST_RAM_DEFAULTS.size)}] [--hpa ${hex(GUEST_RAM_DEFAULTS.hpa)}]\n` +
-    "  the VMM maps guest RAM (GPA → HPA, read+write) into the VM's stage-2 domain at the IOMMU, which VFIO creates when a\n" +
-    "  physical device is assigned or a PASID bound. Nested DMA translates GVA → GPA (the guest's pages) → HPA (this);\n" +
-    "  VFIO has no DMA-map call yet, so this maps at the IOMMU directly.";
+    "  the VMM maps guest RAM (GPA → HPA, read+write) into the VM's stage 2 with VFIO MapDma (VFIO_IOMMU_MAP_DMA).\n" +
+    "  Nested DMA translates GVA → GPA (the guest's pages) → HPA (this).";
 
   /** Runs `fn` with the stack of --dir and the VM named (or the only one). */
   const onVm = (v: Record<string, string | boolean | undefined>, name: string | undefined, fn: (c: StackClients, vm: VmRef) => Promise<number>) => {
@@ -313,30 +312,9 @@ async function runRespond(c: StackClients, vm: VmRef, o: RespondOptions, ctx: Fa
   return 0;
 }
 
-/**
- * The VM's stage-2 domain: the parent of its guest binds' nested domains, or the domain its
- * physical devices' requests without PASID are attached to.
- */
-export async function findStage2Domain(c: StackClients, vm: VmRef): Promise<number> {
-  const [{ containers }, state] = await Promise.all([c.vfio.queryState({ containerId: vm.containerId }), c.iommu.queryState({ deviceIds: [], maxIotlbFlushes: 0 })]);
-  const physical = new Set((containers[0]?.devices ?? []).flatMap((d) => (d.device?.ref?.$case === "deviceId" ? [d.device.ref.value] : [])));
-  const parents = new Map(state.domains.map((d) => [d.domainId, d.parentDomainId]));
-  const found = new Set<number>();
-  for (const h of state.attachHandles) {
-    if (h.kind === iommu.AttachKind.ATTACH_KIND_GPASID_BIND && h.setId === vm.setId) {
-      const parent = parents.get(h.domainId) ?? 0;
-      if (parent !== 0) found.add(parent);
-    } else if (h.withoutPasid && physical.has(h.deviceId)) found.add(h.domainId);
-  }
-  if (found.size === 0) throw new Error(`vm ${vm.name} has no stage-2 domain yet: VFIO creates it when a physical device is assigned or a PASID is bound`);
-  if (found.size > 1) throw new Error(`vm ${vm.name} translates through several stage-2 domains (${[...found].join(", ")}); expected one`);
-  return [...found][0]!;
-}
-
-/** `guest-ram`: IOMMU Map of the VM's stage-2 domain. */
+/** `guest-ram`: the VMM's VFIO MapDma of guest RAM into the VM's stage 2. */
 async function runGuestRam(c: StackClients, vm: VmRef, o: GuestRamOptions, ctx: FaultCommandContext): Promise<number> {
-  const domainId = await findStage2Domain(c, vm);
-  await c.iommu.map(iommu.MapRequest.fromPartial({ domainId, iova: o.gpa, paddr: o.hpa, size: o.size, access: { read: true, write: true } }));
-  ctx.out(`vm ${vm.name}: guest RAM GPA ${hex(o.gpa)}..${hex(o.gpa + o.size - 1n)} -> HPA ${hex(o.hpa)}..${hex(o.hpa + o.size - 1n)} (rw) in stage-2 domain ${domainId}`);
+  await c.vfio.mapDma({ containerId: vm.containerId, iova: o.gpa, paddr: o.hpa, size: o.size, access: { read: true, write: true, execute: false, privileged: false } });
+  ctx.out(`vm ${vm.name}: guest RAM GPA ${hex(o.gpa)}..${hex(o.gpa + o.size - 1n)} -> HPA ${hex(o.hpa)}..${hex(o.hpa + o.size - 1n)} (rw) in its stage 2 (VFIO MapDma)`);
   return 0;
 }

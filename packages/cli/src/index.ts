@@ -20,4 +20,4 @@ export {
   type ResponseCodeName,
   type WatchOptions,
 } from "./faults.js";
-export { faultCommands, findStage2Domain, type FaultCommand, type FaultCommandContext, type VmRef } from "./fault-commands.js";
+export { faultCommands, type FaultCommand, type FaultCommandContext, type VmRef } from "./fault-commands.js";

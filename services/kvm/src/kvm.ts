@@ -121,9 +121,9 @@ export interface KvmOptions {
   /** @default () => new Date() */
   readonly now?: () => Date;
   /**
-   * At start, drop the references and registrations a previous KVM process left behind (its VMs
-   * died with it: ioasid.rst rule 4, "When KVM terminates before FREE & UNBIND, references will be
-   * dropped for all host PASIDs"). @default true
+   * At start, drop the references and registrations a previous KVM process left behind for VMs the
+   * store does not bring back (they died with it: ioasid.rst rule 4, "When KVM terminates before
+   * FREE & UNBIND, references will be dropped for all host PASIDs"). @default true
    */
   readonly reapStale?: boolean;
   /** @default {@link DEFAULT_MAX_RELEASE_ATTEMPTS} */

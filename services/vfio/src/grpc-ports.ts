@@ -104,6 +104,12 @@ export function createIommuPort(client: IommuClient, owner: string): IommuPort {
       );
       return { unbound: r.unbound, lastUnbind: r.lastUnbind };
     },
+    async map(domainId, m) {
+      await client.map({ domainId, iova: m.iova, paddr: m.paddr, size: m.size, access: m.access });
+    },
+    async unmap(domainId, iova, size) {
+      return (await client.unmap({ domainId, iova, size })).unmappedSize;
+    },
   };
 }
 

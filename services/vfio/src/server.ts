@@ -176,6 +176,11 @@ export function createVfioHandlers(containers: VfioContainers, faults: FaultRela
       await faults.respond(req.containerId, req.faultGroupId, code);
       return {};
     },
+    mapDma: async (req) => {
+      await containers.mapDma(req.containerId, { iova: req.iova, paddr: req.paddr, size: req.size, access: req.access ?? { read: false, write: false, execute: false, privileged: false } });
+      return {};
+    },
+    unmapDma: async (req) => ({ unmappedSize: await containers.unmapDma(req.containerId, req.iova, req.size) }),
     mapGuestPages: async (req) => {
       const setId = containers.usableSetId(req.containerId);
       if (req.hpasid === 0) throw invalidField("hpasid", "hpasid is required");

@@ -138,6 +138,18 @@ class FakeIommu implements IommuPort {
   readonly failures = new Map<string, DomainError[]>();
   #nextDomain = 100;
   #nextHandle = 1n;
+  readonly mapped: Array<{ domainId: number; iova: bigint; size: bigint }> = [];
+  async map(domainId: number, m: { iova: bigint; size: bigint }): Promise<void> {
+    this.log.push(`map ${domainId} 0x${m.iova.toString(16)}`);
+    this.mapped.push({ domainId, iova: m.iova, size: m.size });
+  }
+  async unmap(domainId: number, iova: bigint, size: bigint): Promise<bigint> {
+    this.log.push(`unmap ${domainId} 0x${iova.toString(16)}`);
+    const before = this.mapped.length;
+    const kept = this.mapped.filter((x) => !(x.domainId === domainId && x.iova >= iova && x.iova < iova + size));
+    this.mapped.splice(0, this.mapped.length, ...kept);
+    return before === kept.length ? 0n : size;
+  }
 
   constructor(private readonly core: FakeCore) {
     // The IOMMU's FREE teardown: every bind of the IOASID torn down, its references put.

@@ -2,6 +2,7 @@ import { Code, DomainError, isDomainError } from "@ioasid/errors";
 import { invalidField, vfioError, VfioReason } from "./vfio-errors.js";
 import {
   realScheduler,
+  type DmaMapping,
   type HistoryPort,
   type IommuPort,
   type IoasidCorePort,
@@ -811,6 +812,29 @@ export class VfioContainers {
    * IOASIDs as the core has them, with the binds made through this VFIO. Changes nothing.
    * @throws DomainError NOT_FOUND `CONTAINER_NOT_FOUND` (a non-zero id that does not exist).
    */
+  /**
+   * VFIO_IOMMU_MAP_DMA: maps guest physical memory in the VM's stage-2 domain (created with the
+   * first need).
+   * @throws the IOMMU's refusals (ADDRESS_NOT_ALIGNED, INVALID_RANGE, IOVA_ALREADY_MAPPED, INVALID_FIELD)
+   */
+  async mapDma(containerId: number, m: DmaMapping): Promise<void> {
+    await this.#op(containerId, async (c) => {
+      const domainId = await this.#stage2(c);
+      await this.#iommu.map(domainId, m);
+      this.#history.record("vfio_map_dma", { setId: c.setId, detail: `container ${c.id} gpa 0x${m.iova.toString(16)} -> hpa 0x${m.paddr.toString(16)} size 0x${m.size.toString(16)}` });
+    });
+  }
+
+  /** VFIO_IOMMU_UNMAP_DMA. @returns bytes unmapped */
+  async unmapDma(containerId: number, iova: bigint, size: bigint): Promise<bigint> {
+    return this.#op(containerId, async (c) => {
+      const domainId = await this.#stage2(c);
+      const unmapped = await this.#iommu.unmap(domainId, iova, size);
+      if (unmapped > 0n) this.#history.record("vfio_unmap_dma", { setId: c.setId, detail: `container ${c.id} gpa 0x${iova.toString(16)} size 0x${size.toString(16)}` });
+      return unmapped;
+    });
+  }
+
   async queryState(containerId: number): Promise<ContainerSnapshot[]> {
     const selected = containerId === 0 ? [...this.#containers.values()].sort((a, b) => a.id - b.id) : [this.#get(containerId)];
     return Promise.all(selected.map((c) => this.#snapshot(c)));

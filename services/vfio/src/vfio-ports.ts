@@ -75,6 +75,18 @@ export interface IommuPort {
   bindGpasid(bind: GpasidBind): Promise<{ readonly handleId: bigint; readonly firstBind: boolean }>;
   /** UnbindGpasid: `unbound` false when there was nothing to unbind. */
   unbindGpasid(unbind: GpasidUnbind): Promise<{ readonly unbound: boolean; readonly lastUnbind: boolean }>;
+  /** Map of a range of the stage-2 domain. */
+  map(domainId: number, m: DmaMapping): Promise<void>;
+  /** Unmap of a range of the stage-2 domain. @returns bytes unmapped */
+  unmap(domainId: number, iova: bigint, size: bigint): Promise<bigint>;
+}
+
+/** A range of guest physical memory mapped to host memory. */
+export interface DmaMapping {
+  readonly iova: bigint;
+  readonly paddr: bigint;
+  readonly size: bigint;
+  readonly access: { readonly read: boolean; readonly write: boolean; readonly execute: boolean; readonly privileged: boolean };
 }
 
 /** VDCM, as VFIO uses it: giving mdevs to a VM's set and taking them back. */

@@ -552,6 +552,40 @@ export interface FaultAnswer {
   source: string;
 }
 
+/** MapDmaRequest maps guest physical memory. */
+export interface MapDmaRequest {
+  /** The container. */
+  containerId: number;
+  /** First guest physical address (4 KiB aligned). */
+  iova: bigint;
+  /** Host physical address (4 KiB aligned). */
+  paddr: bigint;
+  /** Length in bytes (non-zero multiple of 4 KiB). */
+  size: bigint;
+  /** Access granted; at least read or write. */
+  access: DmaAccess | undefined;
+}
+
+/** MapDmaResponse confirms the mapping. */
+export interface MapDmaResponse {
+}
+
+/** UnmapDmaRequest unmaps guest physical memory. */
+export interface UnmapDmaRequest {
+  /** The container. */
+  containerId: number;
+  /** First guest physical address (4 KiB aligned). */
+  iova: bigint;
+  /** Length in bytes (non-zero multiple of 4 KiB). */
+  size: bigint;
+}
+
+/** UnmapDmaResponse says how much was unmapped. */
+export interface UnmapDmaResponse {
+  /** Bytes unmapped. */
+  unmappedSize: bigint;
+}
+
 /** MapGuestPagesRequest installs first-stage pages of one of the guest's bound PASIDs. */
 export interface MapGuestPagesRequest {
   /** The container. */
@@ -4124,6 +4158,395 @@ export const FaultAnswer: MessageFns<FaultAnswer> = {
   },
 };
 
+function createBaseMapDmaRequest(): MapDmaRequest {
+  return { containerId: 0, iova: 0n, paddr: 0n, size: 0n, access: undefined };
+}
+
+export const MapDmaRequest: MessageFns<MapDmaRequest> = {
+  encode(message: MapDmaRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.containerId !== 0) {
+      writer.uint32(8).uint32(message.containerId);
+    }
+    if (message.iova !== 0n) {
+      if (BigInt.asUintN(64, message.iova) !== message.iova) {
+        throw new globalThis.Error("value provided for field message.iova of type uint64 too large");
+      }
+      writer.uint32(16).uint64(message.iova);
+    }
+    if (message.paddr !== 0n) {
+      if (BigInt.asUintN(64, message.paddr) !== message.paddr) {
+        throw new globalThis.Error("value provided for field message.paddr of type uint64 too large");
+      }
+      writer.uint32(24).uint64(message.paddr);
+    }
+    if (message.size !== 0n) {
+      if (BigInt.asUintN(64, message.size) !== message.size) {
+        throw new globalThis.Error("value provided for field message.size of type uint64 too large");
+      }
+      writer.uint32(32).uint64(message.size);
+    }
+    if (message.access !== undefined) {
+      DmaAccess.encode(message.access, writer.uint32(42).fork()).join();
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): MapDmaRequest {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseMapDmaRequest();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 8) {
+              break;
+            }
+
+            message.containerId = reader.uint32();
+            continue;
+          }
+          case 2: {
+            if (tag !== 16) {
+              break;
+            }
+
+            message.iova = reader.uint64() as bigint;
+            continue;
+          }
+          case 3: {
+            if (tag !== 24) {
+              break;
+            }
+
+            message.paddr = reader.uint64() as bigint;
+            continue;
+          }
+          case 4: {
+            if (tag !== 32) {
+              break;
+            }
+
+            message.size = reader.uint64() as bigint;
+            continue;
+          }
+          case 5: {
+            if (tag !== 42) {
+              break;
+            }
+
+            message.access = DmaAccess.decode(reader, reader.uint32());
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): MapDmaRequest {
+    return {
+      containerId: isSet(object.containerId)
+        ? globalThis.Number(object.containerId)
+        : isSet(object.container_id)
+        ? globalThis.Number(object.container_id)
+        : 0,
+      iova: isSet(object.iova) ? BigInt(object.iova) : 0n,
+      paddr: isSet(object.paddr) ? BigInt(object.paddr) : 0n,
+      size: isSet(object.size) ? BigInt(object.size) : 0n,
+      access: isSet(object.access) ? DmaAccess.fromJSON(object.access) : undefined,
+    };
+  },
+
+  toJSON(message: MapDmaRequest): unknown {
+    const obj: any = {};
+    if (message.containerId !== 0) {
+      obj.containerId = Math.round(message.containerId);
+    }
+    if (message.iova !== 0n) {
+      obj.iova = message.iova.toString();
+    }
+    if (message.paddr !== 0n) {
+      obj.paddr = message.paddr.toString();
+    }
+    if (message.size !== 0n) {
+      obj.size = message.size.toString();
+    }
+    if (message.access !== undefined) {
+      obj.access = DmaAccess.toJSON(message.access);
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<MapDmaRequest>): MapDmaRequest {
+    return MapDmaRequest.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<MapDmaRequest>): MapDmaRequest {
+    const message = createBaseMapDmaRequest();
+    message.containerId = object.containerId ?? 0;
+    message.iova = (object.iova !== undefined && object.iova !== null) ? BigInt(object.iova) : 0n;
+    message.paddr = (object.paddr !== undefined && object.paddr !== null) ? BigInt(object.paddr) : 0n;
+    message.size = (object.size !== undefined && object.size !== null) ? BigInt(object.size) : 0n;
+    message.access = (object.access !== undefined && object.access !== null)
+      ? DmaAccess.fromPartial(object.access)
+      : undefined;
+    return message;
+  },
+};
+
+function createBaseMapDmaResponse(): MapDmaResponse {
+  return {};
+}
+
+export const MapDmaResponse: MessageFns<MapDmaResponse> = {
+  encode(_: MapDmaResponse, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): MapDmaResponse {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseMapDmaResponse();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(_: any): MapDmaResponse {
+    return {};
+  },
+
+  toJSON(_: MapDmaResponse): unknown {
+    const obj: any = {};
+    return obj;
+  },
+
+  create(base?: DeepPartial<MapDmaResponse>): MapDmaResponse {
+    return MapDmaResponse.fromPartial(base ?? {});
+  },
+  fromPartial(_: DeepPartial<MapDmaResponse>): MapDmaResponse {
+    const message = createBaseMapDmaResponse();
+    return message;
+  },
+};
+
+function createBaseUnmapDmaRequest(): UnmapDmaRequest {
+  return { containerId: 0, iova: 0n, size: 0n };
+}
+
+export const UnmapDmaRequest: MessageFns<UnmapDmaRequest> = {
+  encode(message: UnmapDmaRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.containerId !== 0) {
+      writer.uint32(8).uint32(message.containerId);
+    }
+    if (message.iova !== 0n) {
+      if (BigInt.asUintN(64, message.iova) !== message.iova) {
+        throw new globalThis.Error("value provided for field message.iova of type uint64 too large");
+      }
+      writer.uint32(16).uint64(message.iova);
+    }
+    if (message.size !== 0n) {
+      if (BigInt.asUintN(64, message.size) !== message.size) {
+        throw new globalThis.Error("value provided for field message.size of type uint64 too large");
+      }
+      writer.uint32(24).uint64(message.size);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): UnmapDmaRequest {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseUnmapDmaRequest();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 8) {
+              break;
+            }
+
+            message.containerId = reader.uint32();
+            continue;
+          }
+          case 2: {
+            if (tag !== 16) {
+              break;
+            }
+
+            message.iova = reader.uint64() as bigint;
+            continue;
+          }
+          case 3: {
+            if (tag !== 24) {
+              break;
+            }
+
+            message.size = reader.uint64() as bigint;
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): UnmapDmaRequest {
+    return {
+      containerId: isSet(object.containerId)
+        ? globalThis.Number(object.containerId)
+        : isSet(object.container_id)
+        ? globalThis.Number(object.container_id)
+        : 0,
+      iova: isSet(object.iova) ? BigInt(object.iova) : 0n,
+      size: isSet(object.size) ? BigInt(object.size) : 0n,
+    };
+  },
+
+  toJSON(message: UnmapDmaRequest): unknown {
+    const obj: any = {};
+    if (message.containerId !== 0) {
+      obj.containerId = Math.round(message.containerId);
+    }
+    if (message.iova !== 0n) {
+      obj.iova = message.iova.toString();
+    }
+    if (message.size !== 0n) {
+      obj.size = message.size.toString();
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<UnmapDmaRequest>): UnmapDmaRequest {
+    return UnmapDmaRequest.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<UnmapDmaRequest>): UnmapDmaRequest {
+    const message = createBaseUnmapDmaRequest();
+    message.containerId = object.containerId ?? 0;
+    message.iova = (object.iova !== undefined && object.iova !== null) ? BigInt(object.iova) : 0n;
+    message.size = (object.size !== undefined && object.size !== null) ? BigInt(object.size) : 0n;
+    return message;
+  },
+};
+
+function createBaseUnmapDmaResponse(): UnmapDmaResponse {
+  return { unmappedSize: 0n };
+}
+
+export const UnmapDmaResponse: MessageFns<UnmapDmaResponse> = {
+  encode(message: UnmapDmaResponse, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.unmappedSize !== 0n) {
+      if (BigInt.asUintN(64, message.unmappedSize) !== message.unmappedSize) {
+        throw new globalThis.Error("value provided for field message.unmappedSize of type uint64 too large");
+      }
+      writer.uint32(8).uint64(message.unmappedSize);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): UnmapDmaResponse {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseUnmapDmaResponse();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 8) {
+              break;
+            }
+
+            message.unmappedSize = reader.uint64() as bigint;
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): UnmapDmaResponse {
+    return {
+      unmappedSize: isSet(object.unmappedSize)
+        ? BigInt(object.unmappedSize)
+        : isSet(object.unmapped_size)
+        ? BigInt(object.unmapped_size)
+        : 0n,
+    };
+  },
+
+  toJSON(message: UnmapDmaResponse): unknown {
+    const obj: any = {};
+    if (message.unmappedSize !== 0n) {
+      obj.unmappedSize = message.unmappedSize.toString();
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<UnmapDmaResponse>): UnmapDmaResponse {
+    return UnmapDmaResponse.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<UnmapDmaResponse>): UnmapDmaResponse {
+    const message = createBaseUnmapDmaResponse();
+    message.unmappedSize = (object.unmappedSize !== undefined && object.unmappedSize !== null)
+      ? BigInt(object.unmappedSize)
+      : 0n;
+    return message;
+  },
+};
+
 function createBaseMapGuestPagesRequest(): MapGuestPagesRequest {
   return { containerId: 0, hpasid: 0, generation: 0, iova: 0n, gpa: 0n, size: 0n, access: undefined };
 }
@@ -5122,6 +5545,37 @@ export const VfioServiceService = {
     responseDeserialize: (value: Buffer): SendPageResponseResponse => SendPageResponseResponse.decode(value),
   },
   /**
+   * MapDma maps guest memory for the VM's devices (VFIO_IOMMU_MAP_DMA): a range of guest physical
+   * addresses (the IOVA of the VM's stage-2 paging domain, created with the first need) to host
+   * physical memory. Every device assigned to the VM, and the second stage of every guest PASID bind,
+   * translate through it.
+   * Errors: INVALID_ARGUMENT `ADDRESS_NOT_ALIGNED`, `INVALID_RANGE`, `INVALID_FIELD` (no access);
+   * ALREADY_EXISTS `IOVA_ALREADY_MAPPED`.
+   */
+  mapDma: {
+    path: "/ioasid.vfio.v1.VfioService/MapDma" as const,
+    requestStream: false as const,
+    responseStream: false as const,
+    requestSerialize: (value: MapDmaRequest): Buffer => Buffer.from(MapDmaRequest.encode(value).finish()),
+    requestDeserialize: (value: Buffer): MapDmaRequest => MapDmaRequest.decode(value),
+    responseSerialize: (value: MapDmaResponse): Buffer => Buffer.from(MapDmaResponse.encode(value).finish()),
+    responseDeserialize: (value: Buffer): MapDmaResponse => MapDmaResponse.decode(value),
+  },
+  /**
+   * UnmapDma removes guest memory from the VM's stage 2 and flushes it on every device using it.
+   * Unmapping nothing succeeds.
+   * Errors: INVALID_ARGUMENT `ADDRESS_NOT_ALIGNED`, `INVALID_RANGE`.
+   */
+  unmapDma: {
+    path: "/ioasid.vfio.v1.VfioService/UnmapDma" as const,
+    requestStream: false as const,
+    responseStream: false as const,
+    requestSerialize: (value: UnmapDmaRequest): Buffer => Buffer.from(UnmapDmaRequest.encode(value).finish()),
+    requestDeserialize: (value: Buffer): UnmapDmaRequest => UnmapDmaRequest.decode(value),
+    responseSerialize: (value: UnmapDmaResponse): Buffer => Buffer.from(UnmapDmaResponse.encode(value).finish()),
+    responseDeserialize: (value: Buffer): UnmapDmaResponse => UnmapDmaResponse.decode(value),
+  },
+  /**
    * MapGuestPages is the guest installing pages in the first-stage page table of one of its bound
    * PASIDs (guest virtual → guest physical), as it does before answering a page request SUCCESS.
    * Errors: PERMISSION_DENIED `IOASID_NOT_IN_SET`; NOT_FOUND `GUEST_BIND_NOT_FOUND` (the host PASID
@@ -5281,6 +5735,21 @@ export interface VfioServiceServer extends UntypedServiceImplementation {
    * UNSPECIFIED).
    */
   sendPageResponse: handleUnaryCall<SendPageResponseRequest, SendPageResponseResponse>;
+  /**
+   * MapDma maps guest memory for the VM's devices (VFIO_IOMMU_MAP_DMA): a range of guest physical
+   * addresses (the IOVA of the VM's stage-2 paging domain, created with the first need) to host
+   * physical memory. Every device assigned to the VM, and the second stage of every guest PASID bind,
+   * translate through it.
+   * Errors: INVALID_ARGUMENT `ADDRESS_NOT_ALIGNED`, `INVALID_RANGE`, `INVALID_FIELD` (no access);
+   * ALREADY_EXISTS `IOVA_ALREADY_MAPPED`.
+   */
+  mapDma: handleUnaryCall<MapDmaRequest, MapDmaResponse>;
+  /**
+   * UnmapDma removes guest memory from the VM's stage 2 and flushes it on every device using it.
+   * Unmapping nothing succeeds.
+   * Errors: INVALID_ARGUMENT `ADDRESS_NOT_ALIGNED`, `INVALID_RANGE`.
+   */
+  unmapDma: handleUnaryCall<UnmapDmaRequest, UnmapDmaResponse>;
   /**
    * MapGuestPages is the guest installing pages in the first-stage page table of one of its bound
    * PASIDs (guest virtual → guest physical), as it does before answering a page request SUCCESS.
@@ -5549,6 +6018,49 @@ export interface VfioServiceClient extends Client {
     metadata: Metadata,
     options: Partial<CallOptions>,
     callback: (error: ServiceError | null, response: SendPageResponseResponse) => void,
+  ): ClientUnaryCall;
+  /**
+   * MapDma maps guest memory for the VM's devices (VFIO_IOMMU_MAP_DMA): a range of guest physical
+   * addresses (the IOVA of the VM's stage-2 paging domain, created with the first need) to host
+   * physical memory. Every device assigned to the VM, and the second stage of every guest PASID bind,
+   * translate through it.
+   * Errors: INVALID_ARGUMENT `ADDRESS_NOT_ALIGNED`, `INVALID_RANGE`, `INVALID_FIELD` (no access);
+   * ALREADY_EXISTS `IOVA_ALREADY_MAPPED`.
+   */
+  mapDma(
+    request: MapDmaRequest,
+    callback: (error: ServiceError | null, response: MapDmaResponse) => void,
+  ): ClientUnaryCall;
+  mapDma(
+    request: MapDmaRequest,
+    metadata: Metadata,
+    callback: (error: ServiceError | null, response: MapDmaResponse) => void,
+  ): ClientUnaryCall;
+  mapDma(
+    request: MapDmaRequest,
+    metadata: Metadata,
+    options: Partial<CallOptions>,
+    callback: (error: ServiceError | null, response: MapDmaResponse) => void,
+  ): ClientUnaryCall;
+  /**
+   * UnmapDma removes guest memory from the VM's stage 2 and flushes it on every device using it.
+   * Unmapping nothing succeeds.
+   * Errors: INVALID_ARGUMENT `ADDRESS_NOT_ALIGNED`, `INVALID_RANGE`.
+   */
+  unmapDma(
+    request: UnmapDmaRequest,
+    callback: (error: ServiceError | null, response: UnmapDmaResponse) => void,
+  ): ClientUnaryCall;
+  unmapDma(
+    request: UnmapDmaRequest,
+    metadata: Metadata,
+    callback: (error: ServiceError | null, response: UnmapDmaResponse) => void,
+  ): ClientUnaryCall;
+  unmapDma(
+    request: UnmapDmaRequest,
+    metadata: Metadata,
+    options: Partial<CallOptions>,
+    callback: (error: ServiceError | null, response: UnmapDmaResponse) => void,
   ): ClientUnaryCall;
   /**
    * MapGuestPages is the guest installing pages in the first-stage page table of one of its bound
