@@ -1,3 +1,4 @@
+import { core as core_ } from "@ioasid/proto";
 import { describe, expect, it } from "vitest";
 import { Code, DomainError } from "@ioasid/errors";
 import { events } from "@ioasid/proto";
@@ -366,6 +367,37 @@ describe("IommuDriver after a restart", () => {
     const parent = driver.createDomain({ type: DomainType.PAGING, parentDomainId: 0, guestPgtable: 0n, mmToken: 0n }).domainId;
     return { ...r, driver, parent };
   }
+
+  it("comes back from its store with its binds; reconcile keeps what the core still records and tears down a bind whose reference is gone", async () => {
+    const saved = new Map<string, unknown>();
+    const store = {
+      write: async (changes: readonly { key: string; value: unknown }[]) => {
+        for (const c of changes) {
+          if (c.value === undefined) saved.delete(c.key);
+          else saved.set(c.key, structuredClone(c.value));
+        }
+      },
+    };
+    const core = new FakeCore();
+    const first = new IommuDriver({ hardware: new IommuHardware(), core, instance: "dmar0", store });
+    for (const d of ["d0", "d1"]) first.registerDevice(dev(d));
+    const parent = first.createDomain({ type: DomainType.PAGING, parentDomainId: 0, guestPgtable: 0n, mmToken: 0n }).domainId;
+    const r0: Rig = { core, driver: first, history: [], parent };
+    const set = core.setWith(201, 202);
+    await first.bindGpasid(bindSpec(r0, { setId: set, hpasid: 201, gpasid: 101 }));
+    await first.bindGpasid(bindSpec(r0, { setId: set, hpasid: 202, gpasid: 102, deviceId: "d1" }));
+    await first.persist();
+    // kill -9; meanwhile an operator releases the IOMMU's reference on 202.
+    await core.put(core_.PutRequest.fromPartial({ setId: set, ioasid: 202, holder: { role: "iommu", instance: "dmar0", purpose: "bind" } }));
+    const back = new IommuDriver({ hardware: IommuHardware.restore(saved), core, instance: "dmar0", store, saved });
+    expect(await back.reconcile()).toMatchObject({ adopted: 0 });
+    expect(back.hw.handleAt("d0", 201)).toBeDefined();
+    expect(back.hw.handleAt("d1", 202), "nothing stays programmed for a reference that is gone").toBeUndefined();
+    expect(back.hw.binding(202)).toBeUndefined();
+    expect(IommuHardware.restore(saved).handleAt("d1", 202)).toBeUndefined();
+    // The FREE of 201 still releases the kept reference with the ack.
+    expect(await deliver({ ...r0, driver: back }, core.free(set, 201))).toEqual(["bind"]);
+  });
 
   it("takes back its bind references, so the IOASID's FREE still releases them", async () => {
     const r = rig();

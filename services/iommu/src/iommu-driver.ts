@@ -27,6 +27,7 @@ import {
 import { FaultHandlers, type FaultItem, type FaultRecord } from "./fault-handlers.js";
 import { PageRequestQueue, PageResponseCode, ResponseSource, type FaultGroup } from "./page-requests.js";
 import { KeyedMutex } from "@ioasid/role-kit";
+import type { RoleStatePort } from "@ioasid/bus";
 
 /** The CoreService calls the IOMMU makes (a {@link CoreClient} is one; tests pass a fake). */
 export type IommuCorePort = Pick<
@@ -67,6 +68,13 @@ export interface IommuDriverOptions {
   readonly instance: string;
   /** How long a fault group may stay unanswered before it is answered INVALID, ms. @default 10000 */
   readonly faultTimeoutMs?: number;
+  /**
+   * Where the hardware tables and outstanding fault groups are kept so they survive a crash (a
+   * RoleState in JetStream); see {@link IommuDriver.persist}. @default not kept
+   */
+  readonly store?: RoleStatePort;
+  /** What the store held at start: outstanding fault groups come back (pass the hardware restored too). */
+  readonly saved?: ReadonlyMap<string, unknown>;
 }
 
 /** Default of {@link IommuDriverOptions.faultTimeoutMs}. */
@@ -188,9 +196,26 @@ export class IommuDriver {
   #timerAt = Infinity;
   #nextFaultId = 1n;
   #stopped = false;
+  readonly #store: RoleStatePort | undefined;
+  #persisting: Promise<void> = Promise.resolve();
+
+  /**
+   * Writes what changed in the hardware tables and the fault groups to the store. The service
+   * calls it before it answers a call and before it acknowledges an event, so what a caller was
+   * told, or what the core was told was torn down, survives a crash. Writes are chained, in order.
+   */
+  persist(): Promise<void> {
+    const changes = [...this.hw.takeChanges(), ...this.prq.takeChanges()];
+    if (this.#store === undefined || changes.length === 0) return this.#persisting;
+    const store = this.#store;
+    this.#persisting = this.#persisting.catch(() => undefined).then(() => store.write(changes));
+    return this.#persisting;
+  }
 
   constructor(options: IommuDriverOptions) {
-    this.prq = new PageRequestQueue({ timeoutMs: options.faultTimeoutMs ?? DEFAULT_FAULT_TIMEOUT_MS });
+    const timeoutMs = options.faultTimeoutMs ?? DEFAULT_FAULT_TIMEOUT_MS;
+    this.prq = options.saved === undefined ? new PageRequestQueue({ timeoutMs }) : PageRequestQueue.restore(options.saved, { timeoutMs });
+    this.#store = options.store;
     this.hw = options.hardware;
     this.#core = options.core;
     this.#history = options.history;
@@ -227,6 +252,61 @@ export class IommuDriver {
       }
     }
     return adopted;
+  }
+
+  /**
+   * After a restart with tables restored from the store: every guest bind and IOASID-owned entry is
+   * checked against the core. A bind reference the core still records for this instance stays (a
+   * missing bind state is adopted, as {@link adoptHeldReferences}); a bind state whose reference the
+   * core no longer records (released by an operator, or its IOASID reclaimed meanwhile), and an
+   * entry attached for an IOASID generation that no longer exists, are torn down, so no PASID stays
+   * live in a table after its IOASID was reclaimed (S9). FREE events missed while down arrive again.
+   * @returns bind references adopted, bind states and entries torn down
+   */
+  async reconcile(): Promise<{ adopted: number; tornDown: number }> {
+    const held = new Map<number, core.IoasidInfo>();
+    const { sets } = await this.#core.listSets({});
+    for (const set of sets) {
+      const { ioasids } = await this.#core.listIoasids({ setId: set.setId });
+      for (const info of ioasids) {
+        if (info.holders.some((h) => h.holder?.role === this.#holder.role && h.holder.instance === this.#holder.instance && h.holder.purpose === BIND_PURPOSE)) {
+          held.set(info.ioasid, info);
+        }
+      }
+    }
+    let tornDown = 0;
+    for (const b of this.hw.bindings()) {
+      const info = held.get(b.hpasid);
+      if (info !== undefined && info.generation === b.generation) continue;
+      // Not held any more (or another generation now): nothing of this bind may stay programmed.
+      const { result, changes } = this.hw.teardownIoasid(b.hpasid, b.generation);
+      this.#recordChanges(changes);
+      b.refHeld = false;
+      b.spidAttached = false;
+      this.hw.deleteBinding(b.hpasid);
+      tornDown += result.length + 1;
+      this.#record("bind_dropped", { ...this.#bindFields(b), detail: "after a restart: the core no longer records this bind's reference" });
+    }
+    // IOASID-owned entries (checked attachments, SVA bonds) of a generation that is gone.
+    for (const h of this.hw.snapshot([], 0).handles) {
+      if (h.generation === 0 || h.kind === AttachKind.GPASID_BIND) continue;
+      let live: boolean;
+      try {
+        live = (await this.#core.describe({ ioasid: h.pasid })).info?.generation === h.generation;
+      } catch (err) {
+        if (!isGone(err)) throw err;
+        live = false;
+      }
+      if (live) continue;
+      const { result, changes } = this.hw.teardownIoasid(h.pasid, h.generation);
+      this.#recordChanges(changes);
+      for (const mm of this.hw.mmsWithPasid(h.pasid)) if (mm.generation === h.generation) this.hw.deleteMm(mm.mmToken);
+      tornDown += result.length;
+    }
+    const adopted = await this.adoptHeldReferences();
+    this.#armTimer();
+    await this.persist();
+    return { adopted, tornDown };
   }
 
   // ---- devices and domains ----
@@ -473,7 +553,12 @@ export class IommuDriver {
     if (event.type !== events.EventType.EVENT_TYPE_FREE) return undefined;
     const key = pasidKey(event.ioasid);
     if (this.#locks.isIdle(key) && !this.hw.hasIoasidState(event.ioasid, event.generation)) return undefined;
-    return this.#locks.run(key, () => this.#onFree(event));
+    return this.#locks.run(key, async () => {
+      const r = await this.#onFree(event);
+      // Torn down and drained in the kept tables before the acknowledgement releases the reference.
+      await this.persist();
+      return r;
+    });
   }
 
   async #onFree(event: events.IoasidEvent): Promise<HandlerResult | undefined> {
@@ -796,6 +881,7 @@ export class IommuDriver {
       this.#timerAt = Infinity;
       this.#answered(this.prq.expire());
       this.#armTimer();
+      this.persist().catch((err: unknown) => this.#log?.warn({ err }, "keeping the fault groups failed"));
     }, Math.max(0, at - Date.now()) + 1);
     this.#timer.unref();
   }

@@ -1,3 +1,4 @@
+import type { StateChange } from "@ioasid/bus";
 import { iommuError, invalidField } from "./iommu-errors.js";
 
 // The modelled VT-d hardware and the driver's own tables (DESIGN §1 "iommu", §5 "IOMMU"): devices
@@ -329,6 +330,8 @@ export class IommuHardware {
   #nextHandleId = 1n;
   #nextFlushSeq = 1n;
   readonly #now: () => Date;
+  /** Keys of the kept state changed since {@link takeChanges} (see {@link restore}). */
+  readonly #dirty = new Set<string>();
 
   /** @param options.now clock of handle and flush timestamps (tests). */
   constructor(options: { now?: () => Date } = {}) {
@@ -360,6 +363,7 @@ export class IommuHardware {
     }
     const stored: DeviceSpec = { ...spec, priCredits: spec.priCredits === 0 ? DEFAULT_PRI_CREDITS : spec.priCredits };
     this.#devices.set(spec.deviceId, { spec: stored, entries: new Map() });
+    this.#dirty.add(`dev/${spec.deviceId}`);
     return this.#deviceView(this.#devices.get(spec.deviceId)!);
   }
 
@@ -383,6 +387,7 @@ export class IommuHardware {
       torn.push(this.#teardownHandle(this.#handles.get(handleId)!, FlushCause.DEVICE_REMOVED, changes));
     }
     this.#devices.delete(deviceId);
+    this.#dirty.add(`dev/${deviceId}`);
     return { result: torn, changes };
   }
 
@@ -421,6 +426,7 @@ export class IommuHardware {
       }
     }
     this.#domains.delete(domainId);
+    this.#dirty.add(`dom/${domainId}`);
   }
 
   /** The domain, or undefined. */
@@ -526,15 +532,19 @@ export class IommuHardware {
   createBinding(b: { hpasid: number; setId: number; generation: number; gpasid: number }): GpasidBinding {
     const existing = this.#bindings.get(b.hpasid);
     if (existing !== undefined) return existing;
-    const created: GpasidBinding = { ...b, devices: new Set(), refHeld: false, spidAttached: false, firstStage: [] };
+    const created = this.#watchBinding({ ...b, devices: new Set(), refHeld: false, spidAttached: false, firstStage: [] });
     this.#bindings.set(b.hpasid, created);
+    this.#dirty.add(`bind/${b.hpasid}`);
     return created;
   }
 
   /** Forgets a bind state that has no device left. */
   deleteBinding(hpasid: number): void {
     const b = this.#bindings.get(hpasid);
-    if (b !== undefined && b.devices.size === 0) this.#bindings.delete(hpasid);
+    if (b !== undefined && b.devices.size === 0) {
+      this.#bindings.delete(hpasid);
+      this.#dirty.add(`bind/${hpasid}`);
+    }
   }
 
   /**
@@ -625,6 +635,7 @@ export class IommuHardware {
       // Fault reporting is off from the moment the free is seen until the entry is gone
       // (ioasid.rst: "IOMMU driver shall disable fault reporting after free and before unbind").
       h.faultReporting = false;
+      this.#dirty.add(`h/${h.handleId}`);
       torn.push(this.#teardownHandle(h, FlushCause.IOASID_FREE, changes));
     }
     return { result: torn, changes };
@@ -661,12 +672,16 @@ export class IommuHardware {
   /** Records an mm and the PASID allocated for it. */
   addMm(ctx: MmContext): void {
     if (!this.#mms.has(ctx.mmToken)) this.#mms.set(ctx.mmToken, { ...ctx, domainId: 0, bonds: new Map() });
+    this.#dirty.add(`mm/${ctx.mmToken}`);
   }
 
   /** Forgets an mm whose bonds are all gone. */
   deleteMm(mmToken: bigint): void {
     const m = this.#mms.get(mmToken);
-    if (m !== undefined && m.bonds.size === 0) this.#mms.delete(mmToken);
+    if (m !== undefined && m.bonds.size === 0) {
+      this.#mms.delete(mmToken);
+      this.#dirty.add(`mm/${mmToken}`);
+    }
   }
 
   /**
@@ -701,6 +716,7 @@ export class IommuHardware {
     const existing = mm.bonds.get(deviceId);
     if (existing !== undefined) {
       existing.users++;
+      this.#dirty.add(`mm/${mmToken}`);
       return { result: this.#bondView(mm, deviceId, existing), changes: [] };
     }
     if (mm.domainId === 0) mm.domainId = this.#addDomain({ type: DomainType.SVA, parentDomainId: 0, guestPgtable: 0n, mmToken }, true).domainId;
@@ -722,6 +738,7 @@ export class IommuHardware {
     );
     const bond: BondState = { handleId: handle.handleId, users: 1 };
     mm.bonds.set(deviceId, bond);
+    this.#dirty.add(`mm/${mmToken}`);
     return { result: this.#bondView(mm, deviceId, bond), changes };
   }
 
@@ -738,6 +755,7 @@ export class IommuHardware {
     if (mm === undefined || bond === undefined) throw iommuError("SVA_BOND_NOT_FOUND", `mm ${mmToken} is not bound to device ${deviceId}`);
     if (bond.users > 1) {
       bond.users--;
+      this.#dirty.add(`mm/${mmToken}`);
       return { result: bond.users, changes: [] };
     }
     const changes: HardwareChange[] = [];
@@ -772,6 +790,7 @@ export class IommuHardware {
   map(domainId: number, m: Mapping): void {
     const d = this.#pagingDomain(domainId);
     d.mappings = insertMapping(d.mappings, m, `domain ${domainId}`);
+    this.#dirty.add(`dom/${domainId}`);
   }
 
   /**
@@ -787,6 +806,7 @@ export class IommuHardware {
     const changes: HardwareChange[] = [];
     if (unmapped === 0n) return { result: 0n, changes };
     d.mappings = kept;
+    this.#dirty.add(`dom/${domainId}`);
     for (const h of this.#handles.values()) {
       const hd = this.#domains.get(h.domainId)!;
       if (hd.domainId !== domainId && hd.parentDomainId !== domainId) continue;
@@ -904,6 +924,160 @@ export class IommuHardware {
   /** Whether faults under a handle are reported (off once a FREE started tearing its PASID down). */
   faultReporting(handleId: bigint): boolean {
     return this.#handles.get(handleId)?.faultReporting ?? false;
+  }
+
+  // ---- persistence ----
+
+  /**
+   * What changed since the last call, as key → value (undefined: deleted), for the role's state
+   * store: devices, domains (with their mappings), attach handles (the PASID tables follow from
+   * them), guest binds (with their first-stage tables and what is held in the core), mm contexts
+   * and the id counters. The IOTLB flush log is not kept.
+   */
+  takeChanges(): StateChange[] {
+    const out: StateChange[] = [];
+    for (const key of this.#dirty) out.push({ key, value: this.#valueOf(key) });
+    this.#dirty.clear();
+    return out;
+  }
+
+  /** Hardware rebuilt from what {@link takeChanges} wrote. */
+  static restore(saved: ReadonlyMap<string, unknown>, options: { now?: () => Date } = {}): IommuHardware {
+    const hw = new IommuHardware(options);
+    hw.#load(saved);
+    return hw;
+  }
+
+  #load(saved: ReadonlyMap<string, unknown>): void {
+    const of = (kind: string) => [...saved].filter(([k]) => k.startsWith(`${kind}/`)).map(([, v]) => v);
+    for (const spec of of("dev") as DeviceSpec[]) this.#devices.set(spec.deviceId, { spec, entries: new Map() });
+    for (const v of of("dom") as SavedDomain[]) {
+      this.#domains.set(v.domainId, {
+        domainId: v.domainId,
+        type: v.type,
+        parentDomainId: v.parentDomainId,
+        guestPgtable: BigInt(v.guestPgtable),
+        mmToken: BigInt(v.mmToken),
+        implicit: v.implicit,
+        attachCount: 0,
+        mappings: v.mappings.map(loadMapping),
+      });
+    }
+    for (const v of of("bind") as SavedBinding[]) {
+      this.#bindings.set(
+        v.hpasid,
+        this.#watchBinding({ hpasid: v.hpasid, setId: v.setId, generation: v.generation, gpasid: v.gpasid, devices: new Set(), refHeld: v.refHeld, spidAttached: v.spidAttached, firstStage: v.firstStage.map(loadMapping) }),
+      );
+    }
+    for (const v of of("h") as SavedHandle[]) {
+      const dev = this.#devices.get(v.deviceId);
+      const d = this.#domains.get(v.domainId);
+      if (dev === undefined || d === undefined) continue;
+      const h: HandleState = { ...v, handleId: BigInt(v.handleId), ownerData: Buffer.from(v.ownerData, "base64"), createdAt: new Date(v.createdAt) };
+      this.#handles.set(h.handleId, h);
+      dev.entries.set(h.pasid, h.handleId);
+      d.attachCount++;
+      if (h.kind === AttachKind.GPASID_BIND) this.#bindings.get(h.pasid)?.devices.add(h.deviceId);
+    }
+    for (const v of of("mm") as SavedMm[]) {
+      this.#mms.set(BigInt(v.mmToken), {
+        mmToken: BigInt(v.mmToken),
+        setId: v.setId,
+        pasid: v.pasid,
+        generation: v.generation,
+        domainId: v.domainId,
+        bonds: new Map(v.bonds.map((b) => [b.deviceId, { handleId: BigInt(b.handleId), users: b.users }])),
+      });
+    }
+    const ids = saved.get("ids") as { nextDomainId: number; nextHandleId: string } | undefined;
+    if (ids !== undefined) {
+      this.#nextDomainId = Math.max(this.#nextDomainId, ids.nextDomainId);
+      this.#nextHandleId = BigInt(ids.nextHandleId) > this.#nextHandleId ? BigInt(ids.nextHandleId) : this.#nextHandleId;
+    }
+    this.#dirty.clear();
+  }
+
+  /** A bind state whose flags and first stage mark it changed when the driver sets them. */
+  #watchBinding(b: GpasidBinding): GpasidBinding {
+    const dirty = this.#dirty;
+    return new Proxy(b, {
+      set(target, prop, value) {
+        (target as unknown as Record<string | symbol, unknown>)[prop] = value;
+        dirty.add(`bind/${target.hpasid}`);
+        return true;
+      },
+    });
+  }
+
+  #valueOf(key: string): unknown {
+    const slash = key.indexOf("/");
+    const kind = slash < 0 ? key : key.slice(0, slash);
+    const id = key.slice(slash + 1);
+    switch (kind) {
+      case "ids":
+        return { nextDomainId: this.#nextDomainId, nextHandleId: String(this.#nextHandleId) };
+      case "dev":
+        return this.#devices.get(id)?.spec;
+      case "dom": {
+        const d = this.#domains.get(Number(id));
+        if (d === undefined) return undefined;
+        const saved: SavedDomain = {
+          domainId: d.domainId,
+          type: d.type,
+          parentDomainId: d.parentDomainId,
+          guestPgtable: String(d.guestPgtable),
+          mmToken: String(d.mmToken),
+          implicit: d.implicit,
+          mappings: d.mappings.map(saveMapping),
+        };
+        return saved;
+      }
+      case "h": {
+        const h = this.#handles.get(BigInt(id));
+        if (h === undefined) return undefined;
+        const saved: SavedHandle = { ...h, handleId: String(h.handleId), ownerData: Buffer.from(h.ownerData).toString("base64"), createdAt: h.createdAt.getTime() };
+        return saved;
+      }
+      case "bind": {
+        const b = this.#bindings.get(Number(id));
+        if (b === undefined) return undefined;
+        const saved: SavedBinding = {
+          hpasid: b.hpasid,
+          setId: b.setId,
+          generation: b.generation,
+          gpasid: b.gpasid,
+          refHeld: b.refHeld,
+          spidAttached: b.spidAttached,
+          firstStage: b.firstStage.map(saveMapping),
+        };
+        return saved;
+      }
+      case "mm": {
+        const m = this.#mms.get(BigInt(id));
+        if (m === undefined) return undefined;
+        const saved: SavedMm = {
+          mmToken: String(m.mmToken),
+          setId: m.setId,
+          pasid: m.pasid,
+          generation: m.generation,
+          domainId: m.domainId,
+          bonds: [...m.bonds].map(([deviceId, b]) => ({ deviceId, handleId: String(b.handleId), users: b.users })),
+        };
+        return saved;
+      }
+      default:
+        return undefined;
+    }
+  }
+
+  /** Every guest bind state (after a restart, to reconcile with the core). */
+  bindings(): GpasidBinding[] {
+    return [...this.#bindings.values()];
+  }
+
+  /** Every mm context. */
+  mms(): MmContext[] {
+    return [...this.#mms.keys()].map((t) => this.mm(t)!);
   }
 
   // ---- state ----
@@ -1026,6 +1200,8 @@ export class IommuHardware {
       mappings: [],
     };
     this.#domains.set(d.domainId, d);
+    this.#dirty.add(`dom/${d.domainId}`);
+    this.#dirty.add("ids");
     return d;
   }
 
@@ -1038,6 +1214,8 @@ export class IommuHardware {
       faultReporting: true,
     };
     this.#handles.set(state.handleId, state);
+    this.#dirty.add(`h/${state.handleId}`);
+    this.#dirty.add("ids");
     this.#devices.get(h.deviceId)!.entries.set(h.pasid, state.handleId);
     this.#domains.get(h.domainId)!.attachCount++;
     changes.push({ kind: "pasid_entry_set", deviceId: h.deviceId, entry: this.#entryView(state) });
@@ -1049,6 +1227,7 @@ export class IommuHardware {
     const entry = this.#entryView(h);
     this.#devices.get(h.deviceId)?.entries.delete(h.pasid);
     this.#handles.delete(h.handleId);
+    this.#dirty.add(`h/${h.handleId}`);
     const d = this.#domains.get(h.domainId)!;
     d.attachCount--;
     changes.push({ kind: "teardown_pasid", deviceId: h.deviceId, entry, cause });
@@ -1069,8 +1248,12 @@ export class IommuHardware {
       const mm = this.#mms.get(d.mmToken);
       mm?.bonds.delete(h.deviceId);
       if (mm !== undefined && mm.bonds.size === 0) mm.domainId = 0;
+      if (mm !== undefined) this.#dirty.add(`mm/${mm.mmToken}`);
     }
-    if (d.implicit && d.attachCount === 0) this.#domains.delete(d.domainId);
+    if (d.implicit && d.attachCount === 0) {
+      this.#domains.delete(d.domainId);
+      this.#dirty.add(`dom/${d.domainId}`);
+    }
     return snapshotHandle(h);
   }
 
@@ -1116,6 +1299,56 @@ export class IommuHardware {
   #bondView(mm: MmState, deviceId: string, bond: BondState): SvaBond {
     return { deviceId, mmToken: mm.mmToken, pasid: mm.pasid, handleId: bond.handleId, domainId: mm.domainId, users: bond.users };
   }
+}
+
+interface SavedMapping {
+  readonly iova: string;
+  readonly paddr: string;
+  readonly size: string;
+  readonly access: DmaAccess;
+}
+
+interface SavedDomain {
+  readonly domainId: number;
+  readonly type: DomainType;
+  readonly parentDomainId: number;
+  readonly guestPgtable: string;
+  readonly mmToken: string;
+  readonly implicit: boolean;
+  readonly mappings: readonly SavedMapping[];
+}
+
+interface SavedHandle extends Omit<HandleState, "handleId" | "ownerData" | "createdAt"> {
+  readonly handleId: string;
+  readonly ownerData: string;
+  readonly createdAt: number;
+}
+
+interface SavedBinding {
+  readonly hpasid: number;
+  readonly setId: number;
+  readonly generation: number;
+  readonly gpasid: number;
+  readonly refHeld: boolean;
+  readonly spidAttached: boolean;
+  readonly firstStage: readonly SavedMapping[];
+}
+
+interface SavedMm {
+  readonly mmToken: string;
+  readonly setId: number;
+  readonly pasid: number;
+  readonly generation: number;
+  readonly domainId: number;
+  readonly bonds: readonly { readonly deviceId: string; readonly handleId: string; readonly users: number }[];
+}
+
+function saveMapping(m: Mapping): SavedMapping {
+  return { iova: String(m.iova), paddr: String(m.paddr), size: String(m.size), access: { ...m.access } };
+}
+
+function loadMapping(m: SavedMapping): Mapping {
+  return { iova: BigInt(m.iova), paddr: BigInt(m.paddr), size: BigInt(m.size), access: { ...m.access } };
 }
 
 function snapshotHandle(h: HandleState): AttachHandle {

@@ -1,6 +1,6 @@
 #!/usr/bin/env node
 import { configOrExit, createLogger, runUntilSignal } from "@ioasid/grpc-kit";
-import { HistoryRecorder, startSubscriber, type Subscriber } from "@ioasid/bus";
+import { HistoryRecorder, RoleState, startSubscriber, type Subscriber } from "@ioasid/bus";
 import { connectNats, createCoreClient, ensureRegistration, type CoreClient } from "@ioasid/role-kit";
 import { Code, isDomainError } from "@ioasid/errors";
 import { events, type core } from "@ioasid/proto";
@@ -27,8 +27,17 @@ const nc = await connectNats(config.natsUrl, { name: `iommu/${config.instance}`,
   },
 );
 const coreClient = createCoreClient(config.coreAddress.address);
+// The hardware tables and outstanding fault groups live in JetStream: an IOMMU killed with -9 comes
+// back with its PASID tables, attach handles and fault groups, then reconciles with the core.
+const store = await RoleState.open(nc, { role: "iommu", instance: config.instance, prefix: config.prefix }).catch((err: unknown) => {
+  logger.fatal({ err: String(err) }, "cannot open the IOMMU's state in JetStream (is nats-server running with -js?)");
+  process.exit(1);
+});
+const saved = await store.load();
 const driver = new IommuDriver({
-  hardware: new IommuHardware(),
+  store,
+  saved,
+  hardware: IommuHardware.restore(saved),
   core: coreClient,
   history: new HistoryRecorder(nc, "iommu", config.instance, config.prefix),
   log: logger,
@@ -38,9 +47,13 @@ const driver = new IommuDriver({
 
 let subscriber: Subscriber;
 try {
-  // References held before a restart first, so a FREE delivered from the backlog finds them.
-  const adopted = await retryWhileUnreachable(() => driver.adoptHeldReferences(), config.natsConnectTimeout);
-  if (adopted > 0) logger.info({ adopted }, "took back the bind references held before the restart");
+  // The restored tables against the core first, so a FREE delivered from the backlog finds them.
+  if (saved.size > 0) {
+    const snap = driver.snapshot([], 0);
+    logger.info({ devices: snap.devices.length, handles: snap.handles.length, faultGroups: driver.prq.outstanding().length }, "restored the IOMMU's tables");
+  }
+  const r = await retryWhileUnreachable(() => driver.reconcile(), config.natsConnectTimeout);
+  if (r.adopted > 0 || r.tornDown > 0) logger.info(r, "reconciled with the core after the restart");
   // Subscribe before registering, so no delivery finds nobody listening.
   subscriber = await startSubscriber({
     nc,

@@ -1,3 +1,4 @@
+import type { StateChange } from "@ioasid/bus";
 import { iommuError, invalidField } from "./iommu-errors.js";
 import type { AttachHandle, DmaAccess } from "./iommu-hardware.js";
 
@@ -132,6 +133,8 @@ export class PageRequestQueue {
   #nextId = 1n;
   readonly #now: () => Date;
   readonly #timeoutMs: number;
+  /** Groups changed since {@link takeChanges}. */
+  readonly #dirty = new Set<bigint>();
 
   /**
    * @param options.timeoutMs how long a group may stay unanswered (from its first request)
@@ -198,6 +201,7 @@ export class PageRequestQueue {
       this.#groups.set(group.faultGroupId, group);
       q.byPrgi.set(prgi, group.faultGroupId);
     }
+    this.#dirty.add(group.faultGroupId);
     group.requests.push(request);
     q.outstandingRequests++;
     if (request.lastRequest) {
@@ -283,6 +287,39 @@ export class PageRequestQueue {
     if (this.outstandingRequests(deviceId) === 0) this.#devices.delete(deviceId);
   }
 
+  /**
+   * Outstanding groups changed since the last call (`fg/<id>`; undefined once answered) and the id
+   * counter, for the role's state store: a restarted IOMMU gets its outstanding groups back (their
+   * deadlines still run; answers remembered before the crash are not kept).
+   */
+  takeChanges(): StateChange[] {
+    if (this.#dirty.size === 0) return [];
+    const out: StateChange[] = [];
+    for (const id of this.#dirty) {
+      const g = this.#groups.get(id);
+      out.push({ key: `fg/${id}`, value: g === undefined ? undefined : saveGroup(g) });
+    }
+    this.#dirty.clear();
+    out.push({ key: "fgid", value: String(this.#nextId) });
+    return out;
+  }
+
+  /** A queue rebuilt from what {@link takeChanges} wrote. */
+  static restore(saved: ReadonlyMap<string, unknown>, options: { timeoutMs: number; now?: () => Date }): PageRequestQueue {
+    const q = new PageRequestQueue(options);
+    for (const [key, value] of saved) {
+      if (!key.startsWith("fg/")) continue;
+      const g = loadGroup(value as SavedGroup);
+      q.#groups.set(g.faultGroupId, g);
+      const dq = q.#queue(g.deviceId);
+      dq.byPrgi.set(g.prgi, g.faultGroupId);
+      dq.outstandingRequests += g.requests.length;
+    }
+    const next = saved.get("fgid");
+    if (typeof next === "string") q.#nextId = BigInt(next);
+    return q;
+  }
+
   #queue(deviceId: string): DeviceQueue {
     let q = this.#devices.get(deviceId);
     if (q === undefined) {
@@ -304,6 +341,7 @@ export class PageRequestQueue {
   }
 
   #answer(g: GroupRecord, code: PageResponseCode, source: ResponseSource): FaultGroup {
+    this.#dirty.add(g.faultGroupId);
     g.state = GroupState.RESPONDED;
     g.responseCode = code;
     g.responseSource = source;
@@ -316,6 +354,52 @@ export class PageRequestQueue {
     if (this.#responded.size > RESPONDED_MEMORY) this.#responded.delete(this.#responded.keys().next().value!);
     return view(g);
   }
+}
+
+interface SavedGroup {
+  readonly faultGroupId: string;
+  readonly deviceId: string;
+  readonly pasid: number;
+  readonly withoutPasid: boolean;
+  readonly prgi: number;
+  readonly requests: readonly (Omit<PageRequest, "address" | "receivedAt"> & { readonly address: string; readonly receivedAt: number })[];
+  readonly handle: Omit<AttachHandle, "handleId" | "ownerData" | "createdAt"> & { readonly handleId: string; readonly ownerData: string; readonly createdAt: number };
+  readonly state: GroupState;
+  readonly createdAt: number;
+  readonly deadline: number;
+}
+
+function saveGroup(g: GroupRecord): SavedGroup {
+  return {
+    faultGroupId: String(g.faultGroupId),
+    deviceId: g.deviceId,
+    pasid: g.pasid,
+    withoutPasid: g.withoutPasid,
+    prgi: g.prgi,
+    requests: g.requests.map((r) => ({ ...r, address: String(r.address), receivedAt: r.receivedAt.getTime() })),
+    handle: { ...g.handle, handleId: String(g.handle.handleId), ownerData: Buffer.from(g.handle.ownerData).toString("base64"), createdAt: g.handle.createdAt.getTime() },
+    state: g.state,
+    createdAt: g.createdAt.getTime(),
+    deadline: g.deadline.getTime(),
+  };
+}
+
+function loadGroup(v: SavedGroup): GroupRecord {
+  return {
+    faultGroupId: BigInt(v.faultGroupId),
+    deviceId: v.deviceId,
+    pasid: v.pasid,
+    withoutPasid: v.withoutPasid,
+    prgi: v.prgi,
+    requests: v.requests.map((r) => ({ ...r, address: BigInt(r.address), receivedAt: new Date(r.receivedAt) })),
+    handle: { ...v.handle, handleId: BigInt(v.handle.handleId), ownerData: Buffer.from(v.handle.ownerData, "base64"), createdAt: new Date(v.handle.createdAt) },
+    state: v.state,
+    responseCode: undefined,
+    responseSource: undefined,
+    createdAt: new Date(v.createdAt),
+    deadline: new Date(v.deadline),
+    respondedAt: undefined,
+  };
 }
 
 function view(g: GroupRecord): FaultGroup {

@@ -28,6 +28,23 @@ const MAX_PRGI = 511;
  * the answer. Refusals are the domain's DomainErrors, thrown as they are (grpc-kit maps them).
  */
 export function createIommuHandlers(driver: IommuDriver): ServiceHandlers<typeof iommu.IommuServiceService> {
+  const handlers = rawHandlers(driver);
+  // Every unary call keeps what it changed before it answers (DESIGN §4.6 for the roles: the
+  // tables survive kill -9); the fault stream changes nothing.
+  const kept = { ...handlers } as Record<string, unknown>;
+  for (const [name, handler] of Object.entries(handlers)) {
+    if (name === "subscribeFaultGroups") continue;
+    const unary = handler as (req: unknown, ctx: unknown) => unknown;
+    kept[name] = async (req: unknown, ctx: unknown) => {
+      const result = await unary(req, ctx);
+      await driver.persist();
+      return result;
+    };
+  }
+  return kept as ServiceHandlers<typeof iommu.IommuServiceService>;
+}
+
+function rawHandlers(driver: IommuDriver): ServiceHandlers<typeof iommu.IommuServiceService> {
   return {
     registerDevice: (req) => ({ device: fromDevice(driver.registerDevice(toDeviceSpec(req))) }),
     removeDevice: async (req) => {
