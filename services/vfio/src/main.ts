@@ -1,5 +1,5 @@
 #!/usr/bin/env node
-import { HistoryRecorder } from "@ioasid/bus";
+import { HistoryRecorder, RoleState } from "@ioasid/bus";
 import { ConfigError, configOrExit, createClient, createLogger, defineConfigSchema, runUntilSignal, type ConfigProblem } from "@ioasid/grpc-kit";
 import { iommu, vdcm } from "@ioasid/proto";
 import { commonRoleConfig, connectNats, createCoreClient } from "@ioasid/role-kit";
@@ -68,6 +68,13 @@ const coreClient = createCoreClient(config.coreAddress.address);
 const iommuClient = createClient(iommu.IommuServiceService, config.iommuAddress.address);
 const vdcmClient = createClient(vdcm.VdcmServiceService, config.vdcmAddress.address);
 const history = new HistoryRecorder(nc, "vfio", config.instance, config.prefix);
+// The containers live in JetStream too: a VFIO killed with -9 finds the ones it had when it returns
+// and closes them as crashed guests (their VMMs' sessions died with it).
+const store = await RoleState.open(nc, { role: "vfio", instance: config.instance, prefix: config.prefix }).catch((err: unknown) => {
+  logger.fatal({ err: String(err) }, "cannot open VFIO's state in JetStream (is nats-server running with -js?)");
+  process.exit(1);
+});
+const saved = await store.load();
 // Late-bound: the relay asks the containers whether one is open, the containers tell the relay when one closes.
 const late: { faults?: FaultRelay } = {};
 const containers = new VfioContainers({
@@ -78,6 +85,8 @@ const containers = new VfioContainers({
   sessionGraceMs: config.sessionGraceMs,
   log: logger,
   onClosing: (containerId) => late.faults?.containerClosing(containerId) ?? Promise.resolve(),
+  store,
+  saved,
 });
 const faultRelay = new FaultRelay({
   iommu: createIommuFaultPort(iommuClient, `vfio/${config.instance}`),
@@ -109,6 +118,14 @@ const server = await startVfioServer({
 logger.info(
   { instance: config.instance, core: config.coreAddress.address, iommu: config.iommuAddress.address, vdcm: config.vdcmAddress.address },
   "vfio serving",
+);
+// Containers of the life before a crash: closed as crashed guests (in the background: the core and
+// the roles may still be starting; the close retries while they are unreachable).
+void containers.closeRestored().then(
+  (n) => {
+    if (n > 0) logger.info({ containers: n }, "closed the containers of the life before a crash (their sessions died with it)");
+  },
+  (err: unknown) => logger.error({ err: String(err) }, "closing the containers left by a crash failed"),
 );
 runUntilSignal(server, {
   logger,

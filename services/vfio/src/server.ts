@@ -43,6 +43,7 @@ const CLOSE_REASONS: Readonly<Record<CloseReason, vfio.CloseReason>> = {
   SESSION_ENDED: vfio.CloseReason.CLOSE_REASON_SESSION_ENDED,
   SESSION_NEVER_ATTACHED: vfio.CloseReason.CLOSE_REASON_SESSION_NEVER_ATTACHED,
   SERVICE_STOPPED: vfio.CloseReason.CLOSE_REASON_SERVICE_STOPPED,
+  SERVICE_RESTARTED: vfio.CloseReason.CLOSE_REASON_SERVICE_RESTARTED,
 };
 
 /** The domain's device from the wire's oneof (undefined when neither is set). */

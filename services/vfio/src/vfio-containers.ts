@@ -1,4 +1,5 @@
 import { Code, DomainError, isDomainError } from "@ioasid/errors";
+import type { RoleStatePort } from "@ioasid/bus";
 import { invalidField, vfioError, VfioReason } from "./vfio-errors.js";
 import {
   realScheduler,
@@ -36,6 +37,8 @@ export const CloseReason = {
   SESSION_NEVER_ATTACHED: "SESSION_NEVER_ATTACHED",
   /** VFIO itself is stopping: its containers do not outlive it. */
   SERVICE_STOPPED: "SERVICE_STOPPED",
+  /** VFIO came back after a crash: the sessions of its containers ended with it (the crashed-guest path). */
+  SERVICE_RESTARTED: "SERVICE_RESTARTED",
 } as const;
 export type CloseReason = (typeof CloseReason)[keyof typeof CloseReason];
 
@@ -183,6 +186,24 @@ export interface VfioContainersOptions {
    * container's unanswered fault groups INVALID). Its failure is logged, never blocks the close.
    */
   readonly onClosing?: (containerId: number) => Promise<unknown>;
+  /**
+   * Where the containers are kept so a VFIO killed with -9 can close them when it returns (its
+   * VMMs' sessions died with it): a RoleState in JetStream. @default not kept
+   */
+  readonly store?: RoleStatePort;
+  /** What the store held at start: those containers come back to be closed by {@link VfioContainers.closeRestored}. */
+  readonly saved?: ReadonlyMap<string, unknown>;
+}
+
+interface SavedContainer {
+  readonly id: number;
+  readonly setId: number;
+  readonly mmToken: string;
+  readonly vmName: string;
+  readonly quota: number;
+  readonly openedAt: number;
+  readonly devices: readonly { readonly kind: "device" | "mdev"; readonly id: string; readonly parentDeviceId: string; readonly assignedAt: number }[];
+  readonly stage2?: number;
 }
 
 type DeviceEntryState = "assigning" | "assigned" | "unassigning";
@@ -283,6 +304,8 @@ export class VfioContainers {
   readonly #domainRetry: readonly number[];
   readonly #containers = new Map<number, Container>();
   readonly #onClosing: (containerId: number) => Promise<unknown>;
+  readonly #store: RoleStatePort | undefined;
+  readonly #restored: Container[] = [];
   /** Which container each assigned device (by key) belongs to: a device serves one VM at a time. */
   readonly #owners = new Map<string, number>();
   #nextId = 1;
@@ -296,12 +319,88 @@ export class VfioContainers {
     this.#log = options.log ?? silentLog;
     this.#defaultGraceMs = options.sessionGraceMs;
     this.#onClosing = options.onClosing ?? (() => Promise.resolve());
+    this.#store = options.store;
+    if (options.saved !== undefined) this.#restore(options.saved);
     this.#freeSetRetry = options.freeSetRetryDelaysMs ?? DEFAULT_FREE_SET_RETRY;
     this.#reclaimWaitMs = options.reclaimWaitMs ?? 10_000;
     this.#domainRetry = options.domainReleaseRetryDelaysMs ?? DEFAULT_DOMAIN_RELEASE_RETRY;
   }
 
   /** Containers in the table (any state). */
+  /**
+   * Closes the containers restored from the store (VFIO crashed: their sessions ended with it) as
+   * the crashed-guest path does — every IOASID of their sets freed, devices and mdevs unassigned,
+   * the stage-2 domains freed. Failures are logged; the next start tries again.
+   * @returns how many were closed
+   */
+  async closeRestored(): Promise<number> {
+    const restored = this.#restored.splice(0);
+    await Promise.allSettled(restored.map((c) => this.#close(c, CloseReason.SERVICE_RESTARTED)));
+    await Promise.allSettled(restored.map((c) => c.released ?? Promise.resolve()));
+    return restored.length;
+  }
+
+  #restore(saved: ReadonlyMap<string, unknown>): void {
+    for (const [key, value] of saved) {
+      if (key === "next") {
+        this.#nextId = Math.max(this.#nextId, value as number);
+        continue;
+      }
+      if (!key.startsWith("ctr/")) continue;
+      const v = value as SavedContainer;
+      const c: Container = {
+        id: v.id,
+        setId: v.setId,
+        mmToken: BigInt(v.mmToken),
+        vmName: v.vmName,
+        quota: v.quota,
+        openedAt: v.openedAt,
+        state: ContainerState.AWAITING_SESSION,
+        sessionDeadline: undefined,
+        cancelGrace: undefined,
+        sessionAttached: false,
+        notifySession: undefined,
+        devices: new Map(),
+        binds: new Map(),
+        stage2: v.stage2 === undefined ? undefined : Promise.resolve(v.stage2),
+        inflight: new Set(),
+        closing: undefined,
+        released: undefined,
+      };
+      for (const d of v.devices) {
+        const ref: DeviceRef = { kind: d.kind, id: d.id };
+        const k = deviceKey(ref);
+        c.devices.set(k, { ref, key: k, state: "assigned", parentDeviceId: d.parentDeviceId, assignedAt: d.assignedAt });
+        this.#owners.set(k, c.id);
+      }
+      this.#containers.set(c.id, c);
+      this.#restored.push(c);
+      this.#nextId = Math.max(this.#nextId, c.id + 1);
+    }
+  }
+
+  /** Keeps the container (set, devices, stage-2 domain) before a call that changed it returns. */
+  async #save(c: Container): Promise<void> {
+    if (this.#store === undefined) return;
+    const stage2 = c.stage2 === undefined ? undefined : await c.stage2.catch(() => undefined);
+    const saved: SavedContainer = {
+      id: c.id,
+      setId: c.setId,
+      mmToken: String(c.mmToken),
+      vmName: c.vmName,
+      quota: c.quota,
+      openedAt: c.openedAt,
+      devices: [...c.devices.values()]
+        .filter((d) => d.state !== "assigning")
+        .map((d) => ({ kind: d.ref.kind, id: d.ref.id, parentDeviceId: d.parentDeviceId, assignedAt: d.assignedAt })),
+      ...(stage2 === undefined ? {} : { stage2 }),
+    };
+    await this.#store.write([
+      { key: `ctr/${c.id}`, value: saved },
+      { key: "next", value: this.#nextId },
+    ]);
+  }
+
   /** Whether the container exists and is not closing. */
   isOpen(containerId: number): boolean {
     const c = this.#containers.get(containerId);
@@ -366,6 +465,7 @@ export class VfioContainers {
       if (c.sessionAttached || c.state === ContainerState.CLOSING) return;
       this.#backgroundClose(c, CloseReason.SESSION_NEVER_ATTACHED);
     });
+    await this.#save(c);
     this.#history.record("container_open", {
       setId: c.setId,
       detail: `container ${c.id} mm_token ${c.mmToken} quota ${c.quota}${c.vmName === "" ? "" : ` vm ${c.vmName}`} grace ${graceMs}ms`,
@@ -514,6 +614,7 @@ export class VfioContainers {
     this.#containers.delete(c.id);
     this.#history.record("container_release", { setId: c.setId, detail: `container ${c.id}` });
     if (stage2 !== undefined) await this.#releaseDomain(c, stage2);
+    await this.#store?.write([{ key: `ctr/${c.id}`, value: undefined }]).catch((err: unknown) => this.#log.warn({ err, containerId: c.id }, "could not forget the released container in the store"));
   }
 
   /** Waits (bounded by `reclaimWaitMs`) until the core destroyed the set: every IOASID reclaimed. */
@@ -608,6 +709,7 @@ export class VfioContainers {
       }
       entry.state = "assigned";
       entry.assignedAt = this.#scheduler.now();
+      await this.#save(c);
       this.#history.record("device_assign", {
         setId: c.setId,
         detail: `container ${c.id} ${describeDevice(ref)}${entry.parentDeviceId === "" ? "" : ` on ${entry.parentDeviceId}`}`,
@@ -671,6 +773,7 @@ export class VfioContainers {
       }
       c.devices.delete(entry.key);
       if (this.#owners.get(entry.key) === c.id) this.#owners.delete(entry.key);
+      await this.#save(c);
       this.#history.record("device_unassign", { setId: c.setId, detail: `container ${c.id} ${describeDevice(ref)} unbound ${unbound}` });
       return { unbound };
     });
@@ -939,10 +1042,17 @@ export class VfioContainers {
 
   /** The VM's stage-2 paging domain, created at the IOMMU on first need (once, even when raced). */
   #stage2(c: Container): Promise<number> {
-    c.stage2 ??= this.#iommu.createStage2Domain().catch((err: unknown) => {
-      c.stage2 = undefined;
-      throw err;
-    });
+    c.stage2 ??= this.#iommu
+      .createStage2Domain()
+      .then(async (domainId) => {
+        // Kept with the container, so a VFIO back from a crash frees it.
+        await this.#save({ ...c, stage2: Promise.resolve(domainId) });
+        return domainId;
+      })
+      .catch((err: unknown) => {
+        c.stage2 = undefined;
+        throw err;
+      });
     return c.stage2;
   }
 }

@@ -91,6 +91,11 @@ export enum CloseReason {
    * (same teardown) and ends each Session stream with this reason before it exits.
    */
   CLOSE_REASON_SERVICE_STOPPED = 4,
+  /**
+   * CLOSE_REASON_SERVICE_RESTARTED - VFIO came back after a crash (kill -9): the Session streams of its containers ended with it, so
+   * each container it had is closed as crashed (every IOASID of the set freed) when it starts.
+   */
+  CLOSE_REASON_SERVICE_RESTARTED = 5,
   UNRECOGNIZED = -1,
 }
 
@@ -111,6 +116,9 @@ export function closeReasonFromJSON(object: any): CloseReason {
     case 4:
     case "CLOSE_REASON_SERVICE_STOPPED":
       return CloseReason.CLOSE_REASON_SERVICE_STOPPED;
+    case 5:
+    case "CLOSE_REASON_SERVICE_RESTARTED":
+      return CloseReason.CLOSE_REASON_SERVICE_RESTARTED;
     case -1:
     case "UNRECOGNIZED":
     default:
@@ -130,6 +138,8 @@ export function closeReasonToJSON(object: CloseReason): string {
       return "CLOSE_REASON_SESSION_NEVER_ATTACHED";
     case CloseReason.CLOSE_REASON_SERVICE_STOPPED:
       return "CLOSE_REASON_SERVICE_STOPPED";
+    case CloseReason.CLOSE_REASON_SERVICE_RESTARTED:
+      return "CLOSE_REASON_SERVICE_RESTARTED";
     case CloseReason.UNRECOGNIZED:
     default:
       return "UNRECOGNIZED";
