@@ -4,6 +4,7 @@ import { readHistory } from "@ioasid/bus";
 import { isDomainError } from "@ioasid/errors";
 import { core, iommu, vdcm, vfio } from "@ioasid/proto";
 import { startService, waitFor, type ServiceProcess } from "@ioasid/testkit";
+import { forceRelease, heldBy } from "@ioasid/cli";
 import { serviceEntry } from "../support/core-fixture.js";
 import { startStack, type StackFixture } from "../support/stack-fixture.js";
 
@@ -107,5 +108,54 @@ describe("a crashed VDCM", () => {
     expect(clear!.ts).toBeLessThanOrEqual(reclaim!.ts);
     expect(reclaimMs).toBeLessThan(5000);
     session.abort();
+  }, 60_000);
+
+  it("an operator force-releases the references of a VDCM that will not come back, with an audit record first", async () => {
+    const c = stack.clients;
+    const since = Date.now() - 1;
+    await c.vdcm.registerDevice(P(vdcm.RegisterDeviceRequest, { deviceId: "dsa-y", maxPasidEntries: 16, wqs: [{ wqId: 0, mode: vdcm.WqMode.WQ_MODE_DEDICATED, size: 8 }] }));
+    await c.iommu.registerDevice(P(iommu.RegisterDeviceRequest, { deviceId: "dsa-y", maxPasids: 1 << 20, priCapable: true, function: iommu.DeviceFunction.DEVICE_FUNCTION_PF, iommuGroup: 4 }));
+    await c.vdcm.createMdev(P(vdcm.CreateMdevRequest, { parentDeviceId: "dsa-y", mdevUuid: "mdev-y", wqIds: [0] }));
+    const opened = await c.vfio.openContainer(P(vfio.OpenContainerRequest, { mmToken: 0xdead_2n, quota: 4, vmName: "vdcm-gone" }));
+    const session = new AbortController();
+    await new Promise<void>((resolve) => {
+      void (async () => {
+        try {
+          for await (const m of c.vfio.session({ containerId: opened.containerId }, { signal: session.signal })) if (m.event?.$case === "attached") resolve();
+        } catch {
+          /* ended */
+        }
+      })();
+    });
+    const mdev = { ref: { $case: "mdevUuid" as const, value: "mdev-y" } };
+    await c.vfio.assignDevice(P(vfio.AssignDeviceRequest, { containerId: opened.containerId, device: mdev }));
+    const a = await c.vfio.allocPasid({ containerId: opened.containerId });
+    await c.vfio.bindGuestPasid(P(vfio.BindGuestPasidRequest, { containerId: opened.containerId, device: mdev, hpasid: a.hpasid, generation: a.generation, gpasid: 56, guestPgtable: 0x5000n }));
+    await c.vdcm.writeWqPasid(P(vdcm.WriteWqPasidRequest, { mdevUuid: "mdev-y", virtualWq: 0, gpasid: 56 }));
+    // VDCM dies for good (the revived one of the previous test); the guest crashes.
+    revived!.kill("SIGKILL");
+    await revived!.exited;
+    revived = undefined;
+    session.abort();
+    const sel = { role: "vdcm", instance: "vdcm0" };
+    await waitFor(async () => (await c.core.describe({ ioasid: a.hpasid })).info!.state === core.IoasidState.IOASID_STATE_FREE_PENDING, { timeoutMs: 10_000 });
+    await waitFor(async () => (await heldBy(c, sel)).length === 1 && (await c.core.describe({ ioasid: a.hpasid })).info!.refcount === 1, { timeoutMs: 10_000, message: "only VDCM's reference left" });
+
+    const r = await forceRelease(c, stack.nats.url, sel, { operator: "test-operator", reason: "vdcm0 decommissioned" });
+    expect(r).toMatchObject({ released: 1, reclaimed: [a.hpasid] });
+    expect(await reclaimed(a.hpasid)).toBe(true);
+    let hist = await readHistory(nc, { sinceMs: since });
+    await waitFor(
+      async () => {
+        hist = await readHistory(nc, { sinceMs: since });
+        return hist.some((x) => x.action === "force_release") && hist.some((x) => x.action === "event:RECLAIM" && x.ioasid === a.hpasid);
+      },
+      { timeoutMs: 5000 },
+    );
+    const audit = hist.find((x) => x.action === "force_release")!;
+    expect(audit).toMatchObject({ role: "operator", instance: "test-operator" });
+    expect(JSON.parse(audit.detail!)).toMatchObject({ holder: "vdcm/vdcm0/*", reason: "vdcm0 decommissioned", references: [{ ioasid: a.hpasid, purpose: "dsa-y.wq0", count: 1 }] });
+    const put = hist.find((x) => x.action === "ioasid_put" && x.ioasid === a.hpasid && x.detail?.includes("vdcm/vdcm0"))!;
+    expect(audit.ts).toBeLessThanOrEqual(put.ts);
   }, 60_000);
 });

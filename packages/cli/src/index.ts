@@ -21,3 +21,4 @@ export {
   type WatchOptions,
 } from "./faults.js";
 export { faultCommands, type FaultCommand, type FaultCommandContext, type VmRef } from "./fault-commands.js";
+export { forceRelease, heldBy, holderCommands, type HeldReference, type HolderSelector, type ReleaseResult } from "./holder.js";

@@ -10,6 +10,7 @@ import { core, iommu, kvm, vdcm, vfio } from "@ioasid/proto";
 import { attachCommands } from "./attach.js";
 import { addressesOf, connectStack, type StackClients } from "./clients.js";
 import { faultCommands } from "./fault-commands.js";
+import { holderCommands } from "./holder.js";
 import { runScenario, ScenarioKind, type ScenarioResult } from "./scenario.js";
 import { readState, stackDown, stackUp } from "./stack.js";
 import { buildTimeline, renderHtml, renderTable } from "./timeline.js";
@@ -407,6 +408,7 @@ const commands: Record<string, Command> = {
       }),
   },
   ...attachCommands(out),
+  ...holderCommands(out),
   ...faultCommands({ withStack, findVm, out, err: (line) => process.stderr.write(`${line}\n`) }),
 };
 
