@@ -45,3 +45,5 @@ export { INVARIANT_IDS, INVARIANTS, type InvariantId } from "./invariants.js";
 export { createPrng, type Prng } from "./prng.js";
 export { RULES, type CheckOptions, type Finding, type Rule, type RuleContext } from "./rules.js";
 export { schedule, toFaultMarker, type FaultInjection, type ScheduleOptions } from "./schedule.js";
+export { ChaosUsageError, FAULT_NAMES, MAX_SEED, parseDuration, parseFaultKinds, parseSeeds } from "./run-options.js";
+export { deriveSeed, describeGuestStep, GuestDevice, gpasidOf, mmTokenOf, planGuest, type GuestEnd, type GuestPlan, type GuestPlanOptions, type GuestStep, type PlannedStep } from "./guest-plan.js";
