@@ -18,6 +18,12 @@ describe("createChaosRecord / parseChaosRecord", () => {
     expect(parseChaosRecord(createChaosRecord("info", { note: "seed 7" }))).toEqual({ kind: "note", note: "seed 7" });
   });
 
+  it("reads back a process exit the runner saw (cause exit) as a kill-restart marker, and refuses a cause that is not a string", () => {
+    const exit = createChaosRecord("info", { fault: "kill-restart", target: "ioasid-core", faultId: 10_001, cause: "exit" });
+    expect(parseChaosRecord(exit)).toEqual({ kind: "fault", marker: { fault: "kill-restart", target: "ioasid-core", faultId: 10_001, cause: "exit" } });
+    expect(parseChaosRecord({ ...exit, detail: `{"fault":"kill-restart","target":"vdcm","cause":1}` })).toBeUndefined();
+  });
+
   it("refuses a fault or heal marker under another action than info", () => {
     expect(() => createChaosRecord("ok", { heal: true })).toThrow(/"info"/);
     expect(() => createChaosRecord("invoke", { fault: "kill-restart", target: "kvm" })).toThrow(/"info"/);

@@ -125,6 +125,12 @@ export interface FaultMarker {
   readonly latencyMs?: number;
   readonly jitterMs?: number;
   readonly probability?: number;
+  /**
+   * Set when the runner did not inject it but saw it: `"exit"` — the service exited on its own
+   * (the core's fail-stop when its operation log is unwritable) and the runner restarted it, as a
+   * supervisor does; recorded as a `kill-restart` so the checker treats it as one.
+   */
+  readonly cause?: "exit" | (string & {});
 }
 
 /** The end of one fault (`faultId`) or, without it, of every fault (the run's final heal). */
@@ -207,6 +213,7 @@ export function parseChaosRecord(record: HistoryRecord): ChaosEntry | undefined 
   }
   if (typeof o["fault"] === "string" && typeof o["target"] === "string") {
     if (o["faultId"] !== undefined && typeof o["faultId"] !== "number") return undefined;
+    if (o["cause"] !== undefined && typeof o["cause"] !== "string") return undefined;
     return { kind: "fault", marker: o as unknown as FaultMarker };
   }
   if (typeof o["note"] === "string") return { kind: "note", note: o["note"] };

@@ -47,3 +47,11 @@ export { RULES, type CheckOptions, type Finding, type Rule, type RuleContext } f
 export { schedule, toFaultMarker, type FaultInjection, type ScheduleOptions } from "./schedule.js";
 export { ChaosUsageError, FAULT_NAMES, MAX_SEED, parseDuration, parseFaultKinds, parseSeeds } from "./run-options.js";
 export { deriveSeed, describeGuestStep, GuestDevice, gpasidOf, mmTokenOf, planGuest, type GuestEnd, type GuestPlan, type GuestPlanOptions, type GuestStep, type PlannedStep } from "./guest-plan.js";
+export { ChaosJournal, DefiniteFailure, errorText, outcomeOf, type JournalCounts, type OpResult, type OpStart } from "./chaos-journal.js";
+export { CHAOS_SERVICE_ENV, STACK_SERVICES, startChaosStack, type ChaosStack, type ChaosStackOptions, type HealReport, type NetworkFault, type ProxyLink, type StackService } from "./chaos-stack.js";
+export { createChaosClients, startVmm, type ChaosClients, type VmmCommand, type VmmProcess } from "./chaos-clients.js";
+export { runNemesis, PARTITION_RESET_AFTER_MS, type NemesisOptions } from "./nemesis.js";
+export { readFinalState, type RoleInstances } from "./read-final-state.js";
+export { computeRunStats, renderStats, type ChaosRunStats } from "./run-stats.js";
+export { renderChaosReport, type ChaosReportInput } from "./chaos-report.js";
+export { CHAOS_VOLATILE_ROLES, ChaosPhase, runChaos, type ChaosProgress, type ChaosRunOptions, type ChaosRunResult } from "./runner.js";

@@ -1,0 +1,110 @@
+import { spawn, type ChildProcess } from "node:child_process";
+import { createInterface } from "node:readline";
+import { createClient, type PromiseClient } from "@ioasid/grpc-kit";
+import { core, iommu, kvm, vdcm, vfio } from "@ioasid/proto";
+import type { StackService } from "./chaos-stack.js";
+
+/** The driver's clients of the five services (called directly, not through the fault proxies). */
+export interface ChaosClients {
+  readonly core: PromiseClient<typeof core.CoreServiceService>;
+  readonly iommu: PromiseClient<typeof iommu.IommuServiceService>;
+  readonly vfio: PromiseClient<typeof vfio.VfioServiceService>;
+  readonly kvm: PromiseClient<typeof kvm.KvmServiceService>;
+  readonly vdcm: PromiseClient<typeof vdcm.VdcmServiceService>;
+  close(): void;
+}
+
+/**
+ * Clients of every service of a chaos stack. Every unary call has a deadline (`deadlineMs`): a
+ * stopped or partitioned service makes a call `info` (indeterminate), never a hang.
+ */
+export function createChaosClients(addresses: Readonly<Record<StackService, string>>, deadlineMs = 5000): ChaosClients {
+  const o = { deadlineMs };
+  const clients = {
+    core: createClient(core.CoreServiceService, addresses["ioasid-core"], o),
+    iommu: createClient(iommu.IommuServiceService, addresses.iommu, o),
+    vfio: createClient(vfio.VfioServiceService, addresses.vfio, o),
+    kvm: createClient(kvm.KvmServiceService, addresses.kvm, o),
+    vdcm: createClient(vdcm.VdcmServiceService, addresses.vdcm, o),
+  };
+  return { ...clients, close: () => Object.values(clients).forEach((c) => c.close()) };
+}
+
+/** A guest's VMM process: it opened the VM's container and holds its VFIO Session while it lives. */
+export interface VmmProcess {
+  readonly pid: number;
+  /** The container, once the Session is attached; rejects when the process ends first (its error output). */
+  readonly opened: Promise<{ readonly containerId: number; readonly setId: number }>;
+  /** Settles when the process has ended. */
+  readonly exited: Promise<{ readonly code: number | null; readonly signal: NodeJS.Signals | null }>;
+  /** Sends a signal by PID (SIGKILL: the crashed VMM; SIGTERM: a clean exit). */
+  kill(signal: NodeJS.Signals): void;
+  running(): boolean;
+}
+
+/** How to start a VMM: the command prefix, given `--vfio ADDR --token T --quota Q --name N`. */
+export type VmmCommand = readonly [string, ...string[]];
+
+const liveVmms = new Set<ChildProcess>();
+let exitHooked = false;
+
+/**
+ * Starts a VMM process (`ioasidctl vmm-agent`, as `ioasidctl vm create` does): it opens the
+ * container for `mmToken` with `quota` and prints `{"containerId":…,"setId":…}` once its Session
+ * is attached. Its stderr (the reason a failed open gives) is kept for the rejection.
+ */
+export function startVmm(command: VmmCommand, options: { vfioAddress: string; mmToken: bigint; quota: number; name: string }): VmmProcess {
+  if (!exitHooked) {
+    exitHooked = true;
+    // A driver that exits (or is interrupted twice) leaves no VMM behind: each is killed by PID.
+    process.once("exit", () => {
+      for (const c of liveVmms) c.kill("SIGKILL");
+    });
+  }
+  const [file, ...pre] = command;
+  const child = spawn(file, [...pre, "--vfio", options.vfioAddress, "--token", String(options.mmToken), "--quota", String(options.quota), "--name", options.name], {
+    stdio: ["ignore", "pipe", "pipe"],
+  });
+  let stderr = "";
+  child.stderr!.on("data", (d: Buffer) => {
+    if (stderr.length < 4000) stderr += String(d);
+  });
+  liveVmms.add(child);
+  let ended = false;
+  const exited = new Promise<{ code: number | null; signal: NodeJS.Signals | null }>((resolve) => {
+    child.once("error", (err) => {
+      stderr += String(err);
+      ended = true;
+      liveVmms.delete(child);
+      resolve({ code: null, signal: null });
+    });
+    child.once("close", (code, signal) => {
+      ended = true;
+      liveVmms.delete(child);
+      resolve({ code, signal });
+    });
+  });
+  const opened = new Promise<{ containerId: number; setId: number }>((resolve, reject) => {
+    const rl = createInterface({ input: child.stdout! });
+    rl.on("line", (line) => {
+      if (!line.startsWith("{")) return;
+      try {
+        const o = JSON.parse(line) as { containerId?: number; setId?: number };
+        if (typeof o.containerId === "number" && typeof o.setId === "number") resolve({ containerId: o.containerId, setId: o.setId });
+      } catch {
+        // not the line we wait for
+      }
+    });
+    void exited.then((s) => reject(new Error(`the VMM exited (code ${String(s.code)}, signal ${String(s.signal)}) before its session attached: ${stderr.trim().split("\n").at(-1) ?? ""}`)));
+  });
+  opened.catch(() => undefined);
+  return {
+    pid: child.pid ?? -1,
+    opened,
+    exited,
+    kill(signal) {
+      if (!ended && child.pid !== undefined) child.kill(signal);
+    },
+    running: () => !ended,
+  };
+}

@@ -1,0 +1,387 @@
+import { appendFileSync, mkdirSync } from "node:fs";
+import { dirname, join, resolve } from "node:path";
+import { fileURLToPath } from "node:url";
+import { startNats, startService, type NatsServer, type ServiceProcess } from "@ioasid/testkit";
+import { ChaosTarget, FaultKind, type ChaosLink } from "./chaos-record.js";
+import { startFaultProxy, type FaultProxy, type PartitionMode } from "./fault-proxy.js";
+import { deriveSeed } from "./guest-plan.js";
+
+/** A service of the stack (a fault target other than nats-server). */
+export type StackService = Exclude<ChaosTarget, "nats">;
+
+/** The services in start order, with the variable each listens on. */
+export const STACK_SERVICES: ReadonlyArray<{ readonly name: StackService; readonly addressVar: string }> = [
+  { name: ChaosTarget.CORE, addressVar: "IOASID_CORE_GRPC_ADDRESS" },
+  { name: ChaosTarget.IOMMU, addressVar: "IOMMU_GRPC_ADDRESS" },
+  { name: ChaosTarget.KVM, addressVar: "KVM_GRPC_ADDRESS" },
+  { name: ChaosTarget.VDCM, addressVar: "VDCM_GRPC_ADDRESS" },
+  { name: ChaosTarget.VFIO, addressVar: "VFIO_GRPC_ADDRESS" },
+];
+
+/**
+ * The timeouts a chaos run gives the services: short, so that a fault's consequences (a missed
+ * delivery, an unanswered page request, a VMM that never attaches) play out within a run of
+ * seconds. Each is the service's own variable (`node services/<name>/dist/main.js --help`).
+ */
+export const CHAOS_SERVICE_ENV: Readonly<Record<string, string>> = {
+  /** A subscriber that has not acknowledged a delivery in 1 s is recorded as missed; the chain moves on (DESIGN §4.4). */
+  IOASID_DELIVERY_DEADLINE: "1s",
+  /** Missed deliveries are retried every 500 ms (a role that comes back catches up quickly). */
+  IOASID_DELIVERY_RETRY: "500ms",
+  /** A page-request group nobody answers is answered INVALID by the IOMMU after 2 s. */
+  IOMMU_FAULT_TIMEOUT: "2s",
+  /** A container whose VMM never attaches its Session is closed as crashed after 3 s. */
+  VFIO_SESSION_GRACE: "3s",
+  /** A service restarted while nats-server is down keeps trying to reach it for 30 s. */
+  IOASID_NATS_CONNECT_TIMEOUT: "30s",
+  /** The roles' instance names, explicit: a restarted role must come back under the same name. */
+  IOMMU_INSTANCE: "dmar0",
+  VDCM_INSTANCE: "vdcm0",
+  VFIO_INSTANCE: "vfio-1",
+  LOG_LEVEL: "info",
+};
+
+/** A proxied link between a service and NATS or one of its gRPC peers. */
+export interface ProxyLink {
+  /** "vfio→iommu", "kvm→nats". */
+  readonly name: string;
+  /** The service whose connection it carries. */
+  readonly from: StackService;
+  /** The peer: a service, or "nats". */
+  readonly to: StackService | "nats";
+  readonly kind: ChaosLink;
+  readonly proxy: FaultProxy;
+}
+
+/** A network fault on some links, by fault id (faults on one link compose: see {@link ChaosStack.setNetworkFault}). */
+export interface NetworkFault {
+  readonly kind: typeof FaultKind.LATENCY | typeof FaultKind.DROP | typeof FaultKind.PARTITION;
+  readonly latencyMs?: number;
+  readonly jitterMs?: number;
+  readonly probability?: number;
+  /** What a partition does to open connections. @default "stall" */
+  readonly existing?: PartitionMode;
+}
+
+/** Options of {@link startChaosStack}. */
+export interface ChaosStackOptions {
+  /** Directory for the services' logs (`<dir>/logs`). */
+  readonly dir: string;
+  /** Seeds the proxies' jitter and drop decisions. */
+  readonly seed: number;
+  /** Extra environment of every service, over {@link CHAOS_SERVICE_ENV}. */
+  readonly env?: Readonly<Record<string, string>>;
+  /** The repository root (where `services/<name>/dist/main.js` are). @default found from this file */
+  readonly repoRoot?: string;
+  /** Time a (re)started service gets to listen, retries included, in ms. @default 40000 */
+  readonly readyTimeoutMs?: number;
+  /** Told when a service exits without the stack having killed or stopped it (a crash of its own). */
+  readonly onUnexpectedExit?: (name: StackService, code: number | null, signal: string | null) => void;
+}
+
+/** What {@link ChaosStack.healAll} had to do. */
+export interface HealReport {
+  readonly continued: readonly StackService[];
+  readonly restarted: readonly StackService[];
+  readonly natsRestarted: boolean;
+  readonly linksCleared: number;
+  /** Services it could not bring back (with why). */
+  readonly failed: readonly string[];
+}
+
+/**
+ * The stack of a chaos run: its own nats-server (JetStream in a fresh temp dir, its own port), the
+ * core and the four roles as processes, and a {@link FaultProxy} on every link the nemesis cuts —
+ * each service to NATS, each role to the core, VFIO to the IOMMU and VDCM, VDCM to the IOMMU.
+ * Every process is started and signalled by PID; a restart reuses the service's environment and
+ * listening address, so a role comes back under its instance name where its peers expect it.
+ */
+export interface ChaosStack {
+  readonly nats: NatsServer;
+  /** The driver's own NATS URL (not proxied). */
+  readonly natsUrl: string;
+  /** Where each service listens (the driver calls them directly, not through a proxy). */
+  readonly addresses: Readonly<Record<StackService, string>>;
+  readonly links: readonly ProxyLink[];
+  /** The links a network fault on `target`'s `link` cuts: its NATS link, or every gRPC link it is an end of. */
+  linksOf(target: StackService, link: ChaosLink): ProxyLink[];
+  /** SIGKILL, and waits for the exit. */
+  kill(name: StackService): Promise<void>;
+  /** Starts it again with the same environment and address (retrying while the port is not free). */
+  restart(name: StackService): Promise<void>;
+  /** SIGSTOP / SIGCONT. */
+  stop(name: StackService): void;
+  cont(name: StackService): void;
+  isRunning(name: StackService): boolean;
+  /** PID of the running process, if any. */
+  pidOf(name: StackService): number | undefined;
+  /** nats-server killed (SIGKILL) / restarted on the same port and store. */
+  natsKill(): Promise<void>;
+  natsRestart(): Promise<void>;
+  /** Adds (or replaces) fault `faultId` on `links`; what each link does is the union of its faults. */
+  setNetworkFault(faultId: number, links: readonly ProxyLink[], fault: NetworkFault): void;
+  /** Removes fault `faultId` from every link. */
+  clearNetworkFault(faultId: number): void;
+  /** SIGCONT to every stopped service, a restart of anything down (nats-server first), no proxy fault left. */
+  healAll(): Promise<HealReport>;
+  /** Stops everything (SIGTERM, then SIGKILL), closes the proxies, writes the logs. Idempotent. */
+  close(): Promise<void>;
+}
+
+interface Managed {
+  readonly name: StackService;
+  readonly env: Record<string, string>;
+  proc: ServiceProcess | undefined;
+  stopped: boolean;
+  /** Set while the stack itself ends the process. */
+  expectingExit: boolean;
+  incarnation: number;
+  /** The launch in progress, if any. */
+  launching: Promise<void> | undefined;
+}
+
+/** The repository root, from this file (packages/chaos/dist or src → ../../..). */
+export function defaultRepoRoot(): string {
+  return resolve(dirname(fileURLToPath(import.meta.url)), "..", "..", "..");
+}
+
+/**
+ * Starts the stack of a chaos run (see {@link ChaosStack}). On failure, whatever was started is
+ * stopped before the error is thrown.
+ * @throws Error when nats-server or a service cannot start (with the end of its output)
+ */
+export async function startChaosStack(options: ChaosStackOptions): Promise<ChaosStack> {
+  const root = options.repoRoot ?? defaultRepoRoot();
+  const logDir = join(options.dir, "logs");
+  mkdirSync(logDir, { recursive: true });
+  const readyTimeoutMs = options.readyTimeoutMs ?? 40_000;
+  const baseEnv: Record<string, string> = {
+    ...pick(process.env, ["PATH", "HOME", "TMPDIR", "LANG"]),
+    ...CHAOS_SERVICE_ENV,
+    ...options.env,
+  };
+  // Our own server, never the caller's NATS_URL (which startNats would otherwise use).
+  const natsEnv = { ...process.env };
+  delete natsEnv["NATS_URL"];
+  delete natsEnv["IOASID_TESTKIT_DOCKER"];
+  const nats = await startNats({ env: natsEnv });
+
+  const links: ProxyLink[] = [];
+  const managed = new Map<StackService, Managed>();
+  const addresses = {} as Record<StackService, string>;
+  const networkFaults = new Map<number, { links: readonly ProxyLink[]; fault: NetworkFault }>();
+  const partitioned = new Set<ProxyLink>();
+  let closed: Promise<void> | undefined;
+
+  const proxy = async (from: StackService, to: StackService | "nats", target: string): Promise<string> => {
+    const p = await startFaultProxy({ target, seed: deriveSeed(options.seed, 2, links.length) });
+    links.push({ name: `${from}→${to}`, from, to, kind: to === "nats" ? "nats" : "grpc", proxy: p });
+    return p.address;
+  };
+
+  const writeLogs = (m: Managed, proc: ServiceProcess, how: string): void => {
+    appendFileSync(join(logDir, `${m.name}.log`), `==== ${m.name} #${m.incarnation} pid ${proc.pid} (${how})\n${proc.logs()}\n`);
+  };
+
+  /** Starts the service's process; one launch at a time per service (a second caller awaits the first). */
+  const launch = (m: Managed): Promise<void> => {
+    m.launching ??= launchOnce(m).finally(() => {
+      m.launching = undefined;
+    });
+    return m.launching;
+  };
+
+  const launchOnce = async (m: Managed): Promise<void> => {
+    const entry = join(root, "services", m.name, "dist", "main.js");
+    const deadline = performance.now() + readyTimeoutMs;
+    let lastError: unknown;
+    // A port just released by a killed process may not be bindable at once: retry, bounded in time.
+    while (closed === undefined) {
+      try {
+        const proc = await startService({ name: m.name, entry, env: m.env, inheritEnv: false, readyTimeoutMs: Math.max(1000, deadline - performance.now()) });
+        if (closed !== undefined) {
+          // The stack was closed while this one started: it must not outlive the run.
+          await proc.stop("SIGKILL", 1000);
+          throw new Error(`${m.name} started after the stack was closed`);
+        }
+        m.incarnation++;
+        m.proc = proc;
+        m.stopped = false;
+        m.expectingExit = false;
+        void proc.exited.then((status) => {
+          writeLogs(m, proc, `exit code ${String(status.code)} signal ${String(status.signal)}`);
+          if (m.proc === proc && !m.expectingExit) {
+            m.proc = undefined;
+            options.onUnexpectedExit?.(m.name, status.code, status.signal);
+          }
+        });
+        return;
+      } catch (err) {
+        lastError = err;
+        appendFileSync(join(logDir, `${m.name}.log`), `==== ${m.name} failed to start: ${String((err as Error)?.message ?? err)}\n`);
+        if (closed !== undefined || performance.now() >= deadline) break;
+        await new Promise((r) => setTimeout(r, 250));
+      }
+    }
+    throw new Error(`${m.name} could not be (re)started: ${String((lastError as Error)?.message ?? lastError ?? "the stack is closed")}`, { cause: lastError });
+  };
+
+  const start = async (name: StackService, env: Record<string, string>): Promise<void> => {
+    const spec = STACK_SERVICES.find((s) => s.name === name)!;
+    const m: Managed = { name, env: { ...baseEnv, ...env, [spec.addressVar]: "127.0.0.1:0" }, proc: undefined, stopped: false, expectingExit: false, incarnation: 0, launching: undefined };
+    managed.set(name, m);
+    await launch(m);
+    // Restarts listen where the peers (and their proxies) expect it.
+    addresses[name] = m.proc!.address;
+    m.env[spec.addressVar] = m.proc!.address;
+  };
+
+  const natsOf = async (name: StackService) => ({ NATS_URL: `nats://${await proxy(name, "nats", `127.0.0.1:${nats.port}`)}` });
+
+  const stopAll = async (): Promise<void> => {
+    for (const s of [...STACK_SERVICES].reverse()) {
+      const m = managed.get(s.name);
+      await m?.launching?.catch(() => undefined);
+      if (m?.proc === undefined) continue;
+      m.expectingExit = true;
+      if (m.stopped) m.proc.kill("SIGCONT");
+      await m.proc.stop("SIGTERM", 5000).catch(() => undefined);
+    }
+    await Promise.all(links.map((l) => l.proxy.close()));
+    appendFileSync(join(logDir, "nats-server.log"), nats.logs());
+    await nats.stop();
+  };
+
+  try {
+    await start(ChaosTarget.CORE, await natsOf(ChaosTarget.CORE));
+    const coreOf = async (name: StackService) => ({ ...(await natsOf(name)), IOASID_CORE_ADDRESS: await proxy(name, ChaosTarget.CORE, addresses[ChaosTarget.CORE]) });
+    await start(ChaosTarget.IOMMU, await coreOf(ChaosTarget.IOMMU));
+    await start(ChaosTarget.KVM, await coreOf(ChaosTarget.KVM));
+    // VDCM's work queues issue their DMA through the IOMMU.
+    await start(ChaosTarget.VDCM, { ...(await coreOf(ChaosTarget.VDCM)), IOMMU_ADDRESS: await proxy(ChaosTarget.VDCM, ChaosTarget.IOMMU, addresses[ChaosTarget.IOMMU]) });
+    await start(ChaosTarget.VFIO, {
+      ...(await coreOf(ChaosTarget.VFIO)),
+      IOMMU_ADDRESS: await proxy(ChaosTarget.VFIO, ChaosTarget.IOMMU, addresses[ChaosTarget.IOMMU]),
+      VDCM_ADDRESS: await proxy(ChaosTarget.VFIO, ChaosTarget.VDCM, addresses[ChaosTarget.VDCM]),
+    });
+  } catch (err) {
+    await stopAll();
+    throw err;
+  }
+
+  const get = (name: StackService): Managed => managed.get(name)!;
+
+  /** Applies the union of the faults on one link. */
+  const applyLink = (link: ProxyLink): void => {
+    const on = [...networkFaults.values()].filter((f) => f.links.includes(link)).map((f) => f.fault);
+    const latency = on.filter((f) => f.kind === FaultKind.LATENCY);
+    const worst = latency.reduce<NetworkFault | undefined>((a, f) => (a === undefined || (f.latencyMs ?? 0) > (a.latencyMs ?? 0) ? f : a), undefined);
+    link.proxy.setLatency(worst?.latencyMs ?? 0, worst?.jitterMs ?? 0);
+    link.proxy.setDrop(Math.max(0, ...on.filter((f) => f.kind === FaultKind.DROP).map((f) => f.probability ?? 0)));
+    const partitions = on.filter((f) => f.kind === FaultKind.PARTITION);
+    if (partitions.length > 0 && !partitioned.has(link)) {
+      partitioned.add(link);
+      link.proxy.partition(true, { existing: partitions.some((p) => p.existing === "reset") ? "reset" : "stall" });
+    } else if (partitions.length === 0 && partitioned.delete(link)) link.proxy.partition(false);
+  };
+
+  return {
+    nats,
+    natsUrl: nats.url,
+    addresses,
+    links,
+    linksOf(target, link) {
+      return links.filter((l) => l.kind === link && (l.from === target || l.to === target));
+    },
+    async kill(name) {
+      const m = get(name);
+      const proc = m.proc;
+      if (proc === undefined) return;
+      m.expectingExit = true;
+      proc.kill("SIGKILL");
+      await proc.exited;
+      m.proc = undefined;
+      m.stopped = false;
+    },
+    async restart(name) {
+      const m = get(name);
+      if (m.proc !== undefined) return;
+      await launch(m);
+    },
+    stop(name) {
+      const m = get(name);
+      if (m.proc === undefined || m.stopped) return;
+      m.proc.kill("SIGSTOP");
+      m.stopped = true;
+    },
+    cont(name) {
+      const m = get(name);
+      if (m.proc === undefined || !m.stopped) return;
+      m.proc.kill("SIGCONT");
+      m.stopped = false;
+    },
+    isRunning: (name) => get(name).proc !== undefined,
+    pidOf: (name) => get(name).proc?.pid,
+    natsKill: () => nats.kill("SIGKILL"),
+    natsRestart: () => nats.restart(),
+    setNetworkFault(faultId, on, fault) {
+      const before = networkFaults.get(faultId)?.links ?? [];
+      networkFaults.set(faultId, { links: on, fault });
+      for (const l of new Set([...before, ...on])) applyLink(l);
+    },
+    clearNetworkFault(faultId) {
+      const f = networkFaults.get(faultId);
+      if (f === undefined) return;
+      networkFaults.delete(faultId);
+      for (const l of f.links) applyLink(l);
+    },
+    async healAll() {
+      const continued: StackService[] = [];
+      const restarted: StackService[] = [];
+      const failed: string[] = [];
+      await Promise.all(STACK_SERVICES.map((s) => get(s.name).launching?.catch(() => undefined)));
+      const linksCleared = new Set([...networkFaults.values()].flatMap((f) => f.links)).size;
+      networkFaults.clear();
+      partitioned.clear();
+      for (const l of links) l.proxy.reset();
+      let natsRestarted = false;
+      if (nats.pid === undefined) {
+        try {
+          await nats.restart();
+          natsRestarted = true;
+        } catch (err) {
+          failed.push(`nats-server: ${(err as Error).message.split("\n")[0]}`);
+        }
+      }
+      for (const s of STACK_SERVICES) {
+        const m = get(s.name);
+        if (m.proc !== undefined && m.stopped) {
+          m.proc.kill("SIGCONT");
+          m.stopped = false;
+          continued.push(s.name);
+        }
+      }
+      for (const s of STACK_SERVICES) {
+        const m = get(s.name);
+        if (m.proc !== undefined) continue;
+        try {
+          await launch(m);
+          restarted.push(s.name);
+        } catch (err) {
+          failed.push(`${s.name}: ${(err as Error).message.split("\n")[0]}`);
+        }
+      }
+      return { continued, restarted, natsRestarted, linksCleared, failed };
+    },
+    close() {
+      closed ??= stopAll();
+      return closed;
+    },
+  };
+}
+
+function pick(env: NodeJS.ProcessEnv, keys: readonly string[]): Record<string, string> {
+  const out: Record<string, string> = {};
+  for (const k of keys) if (env[k] !== undefined) out[k] = env[k];
+  return out;
+}

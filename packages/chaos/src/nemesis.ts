@@ -1,0 +1,116 @@
+import type { ChaosJournal } from "./chaos-journal.js";
+import { ChaosTarget, FaultKind } from "./chaos-record.js";
+import type { ChaosStack, StackService } from "./chaos-stack.js";
+import { toFaultMarker, type FaultInjection } from "./schedule.js";
+
+/** Options of {@link runNemesis}. */
+export interface NemesisOptions {
+  readonly stack: ChaosStack;
+  readonly journal: ChaosJournal;
+  /** The injections, from {@link schedule}. */
+  readonly faults: readonly FaultInjection[];
+  /** The run's start (`performance.now()` time base): injection times are relative to it. */
+  readonly t0: number;
+  /** Stops waiting for the next injection (what is injected still heals). */
+  readonly signal?: AbortSignal;
+  /** Told when an injection starts or heals (progress). */
+  readonly onChange?: (active: number) => void;
+}
+
+/**
+ * A partition longer than this resets the connections it finds open (as a long partition does);
+ * a shorter one stalls them (TCP retransmission delivers their bytes after the heal).
+ */
+export const PARTITION_RESET_AFTER_MS = 1000;
+
+function until(t: number, signal: AbortSignal | undefined): Promise<boolean> {
+  const ms = t - performance.now();
+  return new Promise((resolve) => {
+    if (signal?.aborted) return resolve(false);
+    const timer = setTimeout(() => {
+      signal?.removeEventListener("abort", onAbort);
+      resolve(true);
+    }, Math.max(0, ms));
+    const onAbort = () => {
+      clearTimeout(timer);
+      resolve(false);
+    };
+    signal?.addEventListener("abort", onAbort, { once: true });
+  });
+}
+
+/**
+ * Injects a schedule of faults into a chaos stack, each at its time, and heals each after its
+ * duration: SIGKILL then restart (same environment, same address), SIGSTOP then SIGCONT, a
+ * nats-server SIGKILL then restart (same port, same JetStream store), and latency, drop or
+ * partition on the target's NATS link or on every gRPC link it is an end of. Each injection is
+ * recorded (`info` fault marker) before it is done, each heal (`info` heal marker) once it is done.
+ * Resolves when every injection has healed; an aborted run injects nothing more but still heals
+ * what it injected. A restart that fails is noted and left to the run's final heal.
+ */
+export async function runNemesis(options: NemesisOptions): Promise<void> {
+  const { stack, journal, t0, signal } = options;
+  let active = 0;
+  const changed = (d: number) => {
+    active += d;
+    options.onChange?.(active);
+  };
+  await Promise.all(
+    options.faults.map(async (f) => {
+      if (!(await until(t0 + f.atMs, signal))) return;
+      journal.fault(toFaultMarker(f));
+      changed(1);
+      try {
+        await inject(f);
+      } catch (err) {
+        journal.note(`fault ${f.faultId} (${f.kind} of ${f.target}) could not be injected: ${(err as Error).message.split("\n")[0]}`);
+      }
+      await until(t0 + f.atMs + f.durationMs, undefined);
+      try {
+        await heal(f);
+        journal.heal({ heal: true, faultId: f.faultId });
+      } catch (err) {
+        journal.note(`fault ${f.faultId} (${f.kind} of ${f.target}) did not heal (left to the final heal): ${(err as Error).message.split("\n")[0]}`);
+      }
+      changed(-1);
+    }),
+  );
+
+  async function inject(f: FaultInjection): Promise<void> {
+    const target = f.target as StackService;
+    switch (f.kind) {
+      case FaultKind.KILL_RESTART:
+        return stack.kill(target);
+      case FaultKind.STOP_CONT:
+        return stack.stop(target);
+      case FaultKind.NATS_RESTART:
+        return stack.natsKill();
+      case FaultKind.LATENCY:
+      case FaultKind.DROP:
+      case FaultKind.PARTITION:
+        if (f.target === ChaosTarget.NATS) return;
+        stack.setNetworkFault(f.faultId, stack.linksOf(target, f.link ?? "nats"), {
+          kind: f.kind,
+          ...(f.latencyMs === undefined ? {} : { latencyMs: f.latencyMs }),
+          ...(f.jitterMs === undefined ? {} : { jitterMs: f.jitterMs }),
+          ...(f.probability === undefined ? {} : { probability: f.probability }),
+          existing: f.durationMs > PARTITION_RESET_AFTER_MS ? "reset" : "stall",
+        });
+        return;
+    }
+  }
+
+  async function heal(f: FaultInjection): Promise<void> {
+    const target = f.target as StackService;
+    switch (f.kind) {
+      case FaultKind.KILL_RESTART:
+        return stack.restart(target);
+      case FaultKind.STOP_CONT:
+        return stack.cont(target);
+      case FaultKind.NATS_RESTART:
+        return stack.natsRestart();
+      default:
+        return stack.clearNetworkFault(f.faultId);
+    }
+  }
+}
