@@ -8,6 +8,7 @@ import { readHistory } from "@ioasid/bus";
 import { isDomainError } from "@ioasid/errors";
 import { core, iommu, kvm, vdcm, vfio } from "@ioasid/proto";
 import { attachCommands } from "./attach.js";
+import { chaosCommand } from "./chaos-command.js";
 import { addressesOf, connectStack, type StackClients } from "./clients.js";
 import { faultCommands } from "./fault-commands.js";
 import { holderCommands } from "./holder.js";
@@ -410,6 +411,13 @@ const commands: Record<string, Command> = {
   ...attachCommands(out),
   ...holderCommands(out),
   ...faultCommands({ withStack, findVm, out, err: (line) => process.stderr.write(`${line}\n`) }),
+  chaos: chaosCommand({
+    out,
+    err: (line) => process.stderr.write(`${line}\n`),
+    write: (text) => process.stderr.write(text),
+    vmmCommand: [process.execPath, process.argv[1]!, "vmm-agent"],
+    ttyColumns: process.stderr.isTTY ? process.stderr.columns : undefined,
+  }),
 };
 
 async function bindOrUnbind(v: Record<string, string | boolean | undefined>, bind: boolean): Promise<number> {
