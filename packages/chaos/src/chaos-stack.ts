@@ -350,7 +350,7 @@ export async function startChaosStack(options: ChaosStackOptions): Promise<Chaos
           await nats.restart();
           natsRestarted = true;
         } catch (err) {
-          failed.push(`nats-server: ${(err as Error).message.split("\n")[0]}`);
+          failed.push(`nats-server: ${brief(err)}`);
         }
       }
       for (const s of STACK_SERVICES) {
@@ -368,7 +368,7 @@ export async function startChaosStack(options: ChaosStackOptions): Promise<Chaos
           await launch(m);
           restarted.push(s.name);
         } catch (err) {
-          failed.push(`${s.name}: ${(err as Error).message.split("\n")[0]}`);
+          failed.push(`${s.name}: ${brief(err)}`);
         }
       }
       return { continued, restarted, natsRestarted, linksCleared, failed };
@@ -378,6 +378,13 @@ export async function startChaosStack(options: ChaosStackOptions): Promise<Chaos
       return closed;
     },
   };
+}
+
+/** An error in one line: its first line and, when it has more, its last (the process's last words). */
+export function brief(err: unknown): string {
+  const lines = String((err as Error)?.message ?? err).split("\n").map((l) => l.trim()).filter((l) => l !== "");
+  const text = lines.length <= 1 ? (lines[0] ?? "") : `${lines[0]} … ${lines.at(-1)}`;
+  return text.length > 400 ? `${text.slice(0, 400)}…` : text;
 }
 
 function pick(env: NodeJS.ProcessEnv, keys: readonly string[]): Record<string, string> {

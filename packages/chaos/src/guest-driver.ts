@@ -223,6 +223,18 @@ export async function runGuest(plan: GuestPlan, ctx: GuestContext): Promise<Gues
     await responder.stop();
   }
 
+  /**
+   * A VMM retries its setup (assigning a device, mapping guest RAM) when a call ended indeterminate
+   * (a service down or stalled), twice at most, each try its own operation.
+   */
+  async function setup(call: () => Promise<OpResult<unknown>>): Promise<void> {
+    for (let attempt = 0; attempt < 3; attempt++) {
+      const r = await call();
+      if (r.ok || r.outcome === "fail" || lost || ctx.stopping()) return;
+      await sleep(300);
+    }
+  }
+
   /** Runs one planned step; false when it was skipped (it names a PASID never allocated). */
   async function runStep(step: GuestStep): Promise<boolean> {
     const device = (dev: GuestDevice) => ({ ref: dev === GuestDevice.MDEV ? { $case: "mdevUuid" as const, value: d.mdevUuid } : { $case: "deviceId" as const, value: d.pfId } });
@@ -230,11 +242,13 @@ export async function runGuest(plan: GuestPlan, ctx: GuestContext): Promise<Gues
     if ("pasid" in step && step.kind !== "alloc" && p === undefined) return false;
     switch (step.kind) {
       case "assign":
-        await run("assign", {}, () => c.vfio.assignDevice(vfio.AssignDeviceRequest.fromPartial({ containerId, device: device(step.device) })));
+        await setup(() => run("assign", {}, () => c.vfio.assignDevice(vfio.AssignDeviceRequest.fromPartial({ containerId, device: device(step.device) }))));
         return true;
       case "map-dma":
-        await run("map-dma", {}, () =>
-          c.vfio.mapDma({ containerId, iova: 0n, paddr: GUEST_RAM.hpaBase + BigInt(plan.slot) * GUEST_RAM.size, size: GUEST_RAM.size, access: { read: true, write: true, execute: false, privileged: false } }),
+        await setup(() =>
+          run("map-dma", {}, () =>
+            c.vfio.mapDma({ containerId, iova: 0n, paddr: GUEST_RAM.hpaBase + BigInt(plan.slot) * GUEST_RAM.size, size: GUEST_RAM.size, access: { read: true, write: true, execute: false, privileged: false } }),
+          ),
         );
         return true;
       case "alloc": {

@@ -1,6 +1,6 @@
 import type { ChaosJournal } from "./chaos-journal.js";
 import { ChaosTarget, FaultKind } from "./chaos-record.js";
-import type { ChaosStack, StackService } from "./chaos-stack.js";
+import { brief, type ChaosStack, type StackService } from "./chaos-stack.js";
 import { toFaultMarker, type FaultInjection } from "./schedule.js";
 
 /** Options of {@link runNemesis}. */
@@ -63,14 +63,14 @@ export async function runNemesis(options: NemesisOptions): Promise<void> {
       try {
         await inject(f);
       } catch (err) {
-        journal.note(`fault ${f.faultId} (${f.kind} of ${f.target}) could not be injected: ${(err as Error).message.split("\n")[0]}`);
+        journal.note(`fault ${f.faultId} (${f.kind} of ${f.target}) could not be injected: ${brief(err)}`);
       }
       await until(t0 + f.atMs + f.durationMs, undefined);
       try {
         await heal(f);
         journal.heal({ heal: true, faultId: f.faultId });
       } catch (err) {
-        journal.note(`fault ${f.faultId} (${f.kind} of ${f.target}) did not heal (left to the final heal): ${(err as Error).message.split("\n")[0]}`);
+        journal.note(`fault ${f.faultId} (${f.kind} of ${f.target}) did not heal (left to the final heal): ${brief(err)}`);
       }
       changed(-1);
     }),

@@ -1,3 +1,4 @@
+import { setMaxListeners } from "node:events";
 import { appendFileSync, mkdirSync, rmSync, writeFileSync } from "node:fs";
 import { join, resolve } from "node:path";
 import { readHistory } from "@ioasid/bus";
@@ -7,7 +8,7 @@ import { createChaosClients, type ChaosClients, type VmmCommand, type VmmProcess
 import { ChaosJournal } from "./chaos-journal.js";
 import { FaultKind } from "./chaos-record.js";
 import { renderChaosReport } from "./chaos-report.js";
-import { CHAOS_SERVICE_ENV, defaultRepoRoot, startChaosStack, type ChaosStack } from "./chaos-stack.js";
+import { brief, CHAOS_SERVICE_ENV, defaultRepoRoot, startChaosStack, type ChaosStack } from "./chaos-stack.js";
 import { createChecker, renderVerdict, type CheckerOptions, type Verdict } from "./checker.js";
 import type { FinalState } from "./final-state.js";
 import { runGuest, setupSlots, type GuestOutcome } from "./guest-driver.js";
@@ -164,6 +165,8 @@ export async function runChaos(options: ChaosRunOptions): Promise<ChaosRunResult
   };
   const ticker = setInterval(progress, 250);
   const abort = new AbortController();
+  // Every scheduled fault waits on it at once.
+  setMaxListeners(10_000, abort.signal);
   const onAbort = () => abort.abort();
   options.signal?.addEventListener("abort", onAbort, { once: true });
 
@@ -199,7 +202,7 @@ export async function runChaos(options: ChaosRunOptions): Promise<ChaosRunResult
         void stack
           ?.restart(name)
           .then(() => journal?.heal({ heal: true, faultId }))
-          .catch((err: unknown) => journal?.note(`${name} could not be restarted after it exited: ${(err as Error).message.split("\n")[0]}`));
+          .catch((err: unknown) => journal?.note(`${name} could not be restarted after it exited: ${brief(err)}`));
       },
     });
     const s = stack;
@@ -294,6 +297,8 @@ export async function runChaos(options: ChaosRunOptions): Promise<ChaosRunResult
     const reportFile = resolve(options.htmlFile ?? join(dir, "report.html"));
     writeFileSync(reportFile, renderChaosReport({ title: `ioasid-fabric chaos run, seed ${options.seed}: ${options.guests} guests, ${options.durationMs / 1000} s, faults ${options.faults.join(", ") || "none"}`, history, verdict, verdictText, summaryText }));
     writeFileSync(join(dir, "verdict.txt"), `${verdictText}\n\n${summaryText}\n`);
+    // With the history, what it takes to check the run again offline (other checker options).
+    if (finalState !== undefined) writeFileSync(join(dir, "final-state.json"), JSON.stringify(finalState, null, 2));
     writeFileSync(join(dir, "summary.json"), JSON.stringify({ seed: options.seed, ok: verdict.ok, counts: verdict.counts, stats, healFailures, settled, settleMs: Math.round(settleMs), unexpectedExits: unexpected, faults }, null, 2));
     setPhase(ChaosPhase.DONE);
     progress();
