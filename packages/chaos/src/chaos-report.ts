@@ -102,7 +102,7 @@ export function renderChaosReport(input: ChaosReportInput): string {
 
   return `<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>${esc(input.title)}</title>
-<style>body{font-family:sans-serif;margin:1.5em;color:#222}pre{background:#f6f6f6;padding:.8em;overflow-x:auto;font-size:12px}
+<style>body{font-family:sans-serif;margin:1.5em;color:#222}pre{background:#f6f6f6;padding:.8em;overflow-x:auto;font-size:12px;white-space:pre-wrap}
 .ok{color:${COLORS.ok}}.bad{color:${COLORS.violation}}.legend span{display:inline-block;margin-right:1.2em}</style></head>
 <body>
 <h1>${esc(input.title)}</h1>
