@@ -390,6 +390,35 @@ describe("check", () => {
     expect(dropped.notes.join("\n")).toMatch(/L3 not counted.*drop of iommu \(nats link\)/);
   });
 
+  it("puts a missing clear down to a lost record when the role's NATS link failed after the guest's own call that tears it down, before the core recorded why", () => {
+    // g1's unbind of 201: the IOMMU tears its entry down inside the call; that record is lost with
+    // the IOMMU's NATS link, which fails and heals before the core records the UNBIND.
+    const h = without(correctHistory(), is("iommu", "teardown_pasid", { ioasid: 201 }));
+    const unbind = find(h, (r) => r.role === "chaos" && r.action === "invoke" && (r.detail ?? "").includes(`"op":"unbind"`) && r.ioasid === 201);
+    const lossBeforeUnbindEvent = [
+      createChaosRecord("info", { fault: "drop", target: "iommu", link: "nats", faultId: 70, probability: 0.2 }, { ts: unbind.ts + 1 }),
+      createChaosRecord("info", { heal: true, faultId: 70 }, { ts: unbind.ts + 2 }),
+    ];
+    const options: CheckOptions = { recordLossMarginMs: 0 };
+    const v = check([...h, ...lossBeforeUnbindEvent], correctFinalState(), options);
+    expect(v.counts.S9).toBe(0);
+    expect(v.notes.join("\n")).toMatch(/S9 not counted, a record may have been lost \(drop of iommu \(nats link\) at \+\d+ ms\): iommu\/iommu-0 device idxd0: entry for IOASID 201 generation 1/);
+    // The same loss before the guest's call explains nothing: the entry was still wanted then.
+    const before = lossBeforeUnbindEvent.map((r) => ({ ...r, ts: r.ts - 30 }));
+    expect(check([...h, ...before], correctFinalState(), options).counts.S9).toBe(1);
+    // Nor does a loss without the guest's call (no unbind op recorded) before the core's UNBIND.
+    const noCall = h.filter((r) => !(r.role === "chaos" && (r.detail ?? "").includes(`"op":"unbind"`) && r.ioasid === 201));
+    expect(check([...noCall, ...lossBeforeUnbindEvent], correctFinalState(), options).counts.S9).toBe(1);
+    // A volatile role killed after the reclaim: its entry ends at the kill, but the missing clear is
+    // the same missing record, and the same loss explains it.
+    const killedLater = createChaosRecord("info", { fault: "kill-restart", target: "iommu", faultId: 71 }, { ts: h.at(-1)!.ts + 1000 });
+    const volatile: CheckOptions = { ...options, volatileRoles: ["iommu"] };
+    expect(check([...h, ...lossBeforeUnbindEvent, killedLater], correctFinalState(), volatile).counts.S9).toBe(0);
+    const unexplained = check([...h, killedLater], correctFinalState(), volatile);
+    expect(unexplained.counts.S9).toBe(1);
+    expect(unexplained.violations[0]!.message).toMatch(/entry for IOASID 201 generation 1 still live after its reclaim \(not cleared before the role was killed\)/);
+  });
+
   it("notes an IOASID of a crashed guest reclaimed without a recorded RECLAIM, rather than failing L2", () => {
     const v = check(without(correctHistory(), is("ioasid", "event:RECLAIM", { ioasid: 204 })), correctFinalState());
     expect(v.counts.L2).toBe(0);

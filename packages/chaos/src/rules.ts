@@ -513,6 +513,31 @@ const S8: Rule = {
   },
 };
 
+/**
+ * The guest calls (chaos ops) that tear down a role's table entries themselves: an unbind the
+ * IOMMU's entry (and, by its UNBIND, KVM's), the guest's WQ clear a VDCM entry, a free, close or
+ * crash every role's.
+ */
+const TEARDOWN_OPS: Readonly<Record<string, readonly string[]>> = {
+  unbind: ["iommu", "kvm"],
+  clear: ["vdcm"],
+  free: ["iommu", "kvm", "vdcm"],
+  close: ["iommu", "kvm", "vdcm"],
+  crash: ["iommu", "kvm", "vdcm"],
+};
+
+/** Invokes of the guest calls that may tear down `role`'s entries of `l`: on its IOASID, or on its whole VM (a clear, close or crash). */
+function guestTeardowns(ctx: RuleContext, l: Lifecycle, role: string): number[] {
+  const out: number[] = [];
+  for (const span of ctx.index.ops) {
+    if (span.invoke === undefined || !(TEARDOWN_OPS[span.op.op]?.includes(role) ?? false)) continue;
+    const own = span.op.ioasid === l.ioasid && (span.op.generation === undefined || span.op.generation === l.generation);
+    const vmWide = span.op.op !== "unbind" && span.op.op !== "free" && l.setId !== undefined && span.op.setId === l.setId;
+    if (own || vmWide) out.push(span.invoke);
+  }
+  return out;
+}
+
 const S9: Rule = {
   invariant: "S9",
   description:
@@ -530,13 +555,19 @@ const S9: Rule = {
       }
       const end = e.clear ?? e.lost;
       if (end === undefined || !notAfter(ctx, end, reclaim)) {
-        // A missing clear would have been recorded after what called for it (an UNBIND or FREE) and before the reclaim.
-        const cause = [...l.bindings, ...l.frees].filter((x) => x > e.set && rec(ctx, x).action !== "event:BIND").sort((a, b) => a - b)[0] ?? e.set;
+        // A missing clear would have been recorded after what called for it and before the reclaim:
+        // an UNBIND or FREE event, or the guest's own call — an unbind, clear, free, close or crash
+        // of its VM — which tears the entry down before the core records anything (and the core's
+        // record may never come, when the core or its link failed meanwhile).
+        const cause = [...l.bindings, ...l.frees, ...guestTeardowns(ctx, l, e.role)].filter((x) => x > e.set && rec(ctx, x).action !== "event:BIND").sort((a, b) => a - b)[0] ?? e.set;
+        // No clear recorded (the entry ends only at a later kill of a volatile role, or never): the
+        // clear's record may have been lost, like any missing record.
+        const noClear = e.clear === undefined;
         out.push({
           ...subject(l),
-          message: `${where}: entry for ${name(l)} still live after its reclaim${end === undefined ? " (never cleared)" : ""}`,
+          message: `${where}: entry for ${name(l)} still live after its reclaim${noClear ? (e.lost === undefined ? " (never cleared)" : " (not cleared before the role was killed)") : ""}`,
           evidence: [e.set, reclaim, ...(end === undefined ? [] : [end])],
-          ...(end === undefined ? { absence: { role: e.role, from: ts(ctx, cause), to: ts(ctx, reclaim) } } : {}),
+          ...(noClear ? { absence: { role: e.role, from: ts(ctx, cause), to: ts(ctx, reclaim) } } : {}),
         });
       }
     }
