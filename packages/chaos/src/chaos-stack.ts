@@ -1,4 +1,4 @@
-import { appendFileSync, mkdirSync } from "node:fs";
+import { appendFileSync, cpSync, mkdirSync } from "node:fs";
 import { dirname, join, resolve } from "node:path";
 import { fileURLToPath } from "node:url";
 import { startNats, startService, type NatsServer, type ServiceProcess } from "@ioasid/testkit";
@@ -124,8 +124,12 @@ export interface ChaosStack {
   clearNetworkFault(faultId: number): void;
   /** SIGCONT to every stopped service, a restart of anything down (nats-server first), no proxy fault left. */
   healAll(): Promise<HealReport>;
-  /** Stops everything (SIGTERM, then SIGKILL), closes the proxies, writes the logs. Idempotent. */
-  close(): Promise<void>;
+  /**
+   * Stops everything (SIGTERM, then SIGKILL), closes the proxies, writes the logs. Idempotent.
+   * @param keepStoreIn copy nats-server's JetStream store there first (the core's operation log,
+   *   the roles' state, the history: what a violation's diagnosis may need)
+   */
+  close(keepStoreIn?: string): Promise<void>;
 }
 
 interface Managed {
@@ -238,7 +242,7 @@ export async function startChaosStack(options: ChaosStackOptions): Promise<Chaos
 
   const natsOf = async (name: StackService) => ({ NATS_URL: `nats://${await proxy(name, "nats", `127.0.0.1:${nats.port}`)}` });
 
-  const stopAll = async (): Promise<void> => {
+  const stopAll = async (keepStoreIn?: string): Promise<void> => {
     for (const s of [...STACK_SERVICES].reverse()) {
       const m = managed.get(s.name);
       await m?.launching?.catch(() => undefined);
@@ -248,6 +252,11 @@ export async function startChaosStack(options: ChaosStackOptions): Promise<Chaos
       await m.proc.stop("SIGTERM", 5000).catch(() => undefined);
     }
     await Promise.all(links.map((l) => l.proxy.close()));
+    if (keepStoreIn !== undefined && nats.storeDir !== undefined) {
+      // Stopped cleanly first, so the copy is the store as the server left it.
+      await nats.kill("SIGTERM").catch(() => undefined);
+      cpSync(nats.storeDir, keepStoreIn, { recursive: true });
+    }
     appendFileSync(join(logDir, "nats-server.log"), nats.logs());
     await nats.stop();
   };
@@ -373,8 +382,8 @@ export async function startChaosStack(options: ChaosStackOptions): Promise<Chaos
       }
       return { continued, restarted, natsRestarted, linksCleared, failed };
     },
-    close() {
-      closed ??= stopAll();
+    close(keepStoreIn) {
+      closed ??= stopAll(keepStoreIn);
       return closed;
     },
   };

@@ -182,6 +182,8 @@ export async function runChaos(options: ChaosRunOptions): Promise<ChaosRunResult
     abort.abort();
   }, options.durationMs + WATCHDOG_MARGIN_MS);
   let selfExitId = SELF_EXIT_FAULT_IDS;
+  // A run with a violation (or that failed) keeps the JetStream store for the diagnosis.
+  let keepStore = true;
 
   try {
     progress();
@@ -300,6 +302,7 @@ export async function runChaos(options: ChaosRunOptions): Promise<ChaosRunResult
     // With the history, what it takes to check the run again offline (other checker options).
     if (finalState !== undefined) writeFileSync(join(dir, "final-state.json"), JSON.stringify(finalState, null, 2));
     writeFileSync(join(dir, "summary.json"), JSON.stringify({ seed: options.seed, ok: verdict.ok, counts: verdict.counts, stats, healFailures, settled, settleMs: Math.round(settleMs), unexpectedExits: unexpected, faults }, null, 2));
+    keepStore = !verdict.ok || healFailures.length > 0;
     setPhase(ChaosPhase.DONE);
     progress();
     return { seed: options.seed, verdict, verdictText, stats, summaryText, historyFile, reportFile, dir, healFailures, settled, settleMs, unexpectedExits: unexpected, wallMs: performance.now() - started };
@@ -315,7 +318,7 @@ export async function runChaos(options: ChaosRunOptions): Promise<ChaosRunResult
     await Promise.all([...vmms].map((v) => v.exited));
     clients?.close();
     await nc?.close().catch(() => undefined);
-    await stack?.close();
+    await stack?.close(keepStore ? join(dir, "jetstream") : undefined);
   }
 }
 
