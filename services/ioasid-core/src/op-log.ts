@@ -30,6 +30,13 @@ const MAX_MESSAGE_BYTES = 512 * 1024;
  * JetStream round trip. Messages are published in order on one connection, so the stream order is
  * the application order, and an operation acknowledged durable makes every earlier one durable too.
  * Records nobody waits for may wait up to `lazyMs` for company.
+ *
+ * The log is always a prefix of what the core applied: each message is published with the stream
+ * sequence it must follow (JetStream's expected-last-sequence check), so when one message is lost
+ * (its publish timed out through a slow link, nats-server restarted with it in flight) every later
+ * one is refused instead of being stored after a gap. The core then stops (fail-stop), and its
+ * restart replays a log without holes — found by the chaos suite: an operation on a set whose
+ * creation was lost made every later replay fail.
  */
 export class OpLog {
   private queue: Array<{ op: OpRecord; resolve: () => void; reject: (err: unknown) => void }> = [];
@@ -45,6 +52,8 @@ export class OpLog {
     readonly stream: string,
     readonly subject: string,
     private readonly lazyMs: number,
+    /** The stream sequence of the last message written (or found at open). */
+    private lastSeq: number,
   ) {}
 
   /** Opens (creating if needed) the stream. */
@@ -52,8 +61,9 @@ export class OpLog {
     const stream = options.stream ?? "IOASID_CORE_OPS";
     const subject = options.subject ?? "ioasid.v1.core.ops";
     const jsm = await jetstreamManager(nc);
+    let lastSeq = 0;
     try {
-      await jsm.streams.info(stream);
+      lastSeq = (await jsm.streams.info(stream)).state.last_seq;
     } catch {
       await jsm.streams.add({
         name: stream,
@@ -66,7 +76,7 @@ export class OpLog {
         max_bytes: -1,
       });
     }
-    return new OpLog(jetstream(nc), nc, stream, subject, options.lazyMs ?? 20);
+    return new OpLog(jetstream(nc), nc, stream, subject, options.lazyMs ?? 20, lastSeq);
   }
 
   /**
@@ -110,7 +120,8 @@ export class OpLog {
         this.queue.shift();
       }
       this.messages++;
-      const written = this.js.publish(this.subject, `[${parts.join(",")}]`);
+      const expected = this.lastSeq++;
+      const written = this.js.publish(this.subject, `[${parts.join(",")}]`, { expect: { lastSequence: expected } });
       this.inflight.add(written);
       void written.finally(() => this.inflight.delete(written)).catch(() => undefined);
       written.then(
