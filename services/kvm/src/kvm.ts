@@ -787,8 +787,9 @@ export class Kvm {
     }
     const outcome = vm.table.install({ gpasid: e.spid, hpasid: e.ioasid, generation: e.generation, bindSeq: e.seq, installedAt: this.#now() });
     if (outcome.kind === "installed") {
-      // Kept before the acknowledgement: the entry survives a crash of KVM.
-      await this.#write([this.#entryChange(vm, e.ioasid), ...outcome.replaced.map((r) => this.#entryChange(vm, r.hpasid))]);
+      // The history records the table change when it happens (a VM destroyed while it is being
+      // kept must not show its clear before this install); the store keeps it before the ack.
+      const kept = [this.#entryChange(vm, e.ioasid), ...outcome.replaced.map((r) => this.#entryChange(vm, r.hpasid))];
       for (const r of outcome.replaced) {
         vm.history.record("vmcs_update", {
           ioasid: r.hpasid,
@@ -808,6 +809,7 @@ export class Kvm {
         ...(refcount === undefined ? {} : { refcount }),
         detail: `install gpasid ${e.spid} → hpasid ${e.ioasid}`,
       });
+      await this.#write(kept);
     }
     return {};
   }

@@ -296,9 +296,9 @@ export class Vdcm {
           await this.putQuietly(reservation.setId, t.ioasid, holder, t.generation, "write refused");
           throw err;
         }
-        // The device is programmed: kept before the guest is told.
-        await this.persist();
+        // Recorded when the device is programmed; kept before the guest is told.
         this.record("vdev_write", entry, { refcount: t.refcount, detail: `${where(entry)} mdev_write(${gpasid})` });
+        await this.persist();
         return entry;
       } finally {
         pending.end();
@@ -500,9 +500,9 @@ export class Vdcm {
       // Drain by host PASID: every descriptor using it on this work queue completes first.
       await this.drain((f) => f.deviceId === entry.deviceId && f.wqId === entry.wqId && f.hpasid === entry.hpasid);
       this.state.clearEntry(entry.deviceId, entry.wqId, entry);
+      this.record("vdev_clear", entry, { ...(seq === undefined ? {} : { seq }), detail: `${where(entry)} ${cause}` });
       // Kept cleared before the reference goes (a restart then releases a reference left over).
       await this.persist();
-      this.record("vdev_clear", entry, { ...(seq === undefined ? {} : { seq }), detail: `${where(entry)} ${cause}` });
       return true;
     } finally {
       this.clearing.delete(key);
