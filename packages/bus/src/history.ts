@@ -81,9 +81,9 @@ export class HistoryRecorder {
     this.subject = historySubject(prefix, role, instance);
   }
 
-  /** Records one step. */
-  record(action: string, fields: HistoryFields = {}): void {
-    const rec: HistoryRecord = { ts: performance.timeOrigin + performance.now(), role: this.role, instance: this.instance, action, ...fields };
+  /** Records one step (at `ts`: now, or when it happened, for a step published later). */
+  record(action: string, fields: HistoryFields = {}, ts: number = performance.timeOrigin + performance.now()): void {
+    const rec: HistoryRecord = { ts, role: this.role, instance: this.instance, action, ...fields };
     const json = JSON.stringify(rec);
     this.pending.push(json);
     this.pendingBytes += json.length + 1;

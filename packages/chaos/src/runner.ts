@@ -19,12 +19,11 @@ import { computeRunStats, renderStats, type ChaosRunStats } from "./run-stats.js
 import { schedule } from "./schedule.js";
 
 /**
- * Roles whose tables do not survive a kill yet: the IOMMU and VFIO are being made crash-safe
- * (issue 6, deliverable 1). Until they are, the checker ends their table entries at a kill marker
- * (CheckOptions.volatileRoles) instead of reporting them. Remove a role from here once it keeps
- * its tables across kill -9.
+ * Roles whose tables do not survive a kill: none any more — KVM, VDCM, the IOMMU and VFIO keep
+ * theirs in JetStream (issue 6, deliverable 1), so a table entry left live across a kill is a
+ * violation. (CheckOptions.volatileRoles stays for roles of your own that do not.)
  */
-export const CHAOS_VOLATILE_ROLES: readonly string[] = ["iommu", "vfio"];
+export const CHAOS_VOLATILE_ROLES: readonly string[] = [];
 
 /** Where a run is. */
 export const ChaosPhase = {

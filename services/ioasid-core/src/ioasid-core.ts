@@ -34,7 +34,7 @@ export interface IoasidCoreOptions {
    * Receives the core's history as it happens (events and reference changes; not during replay):
    * the service publishes it on NATS for the timeline.
    */
-  readonly history?: (action: string, fields: HistoryFields) => void;
+  readonly history?: (action: string, fields: HistoryFields, ts?: number) => void;
   /** Where the core reports what it does not return (refused releases, missed deliveries). */
   readonly log?: (level: "info" | "warn" | "error", msg: string, fields?: Record<string, unknown>) => void;
 }
@@ -56,6 +56,8 @@ interface DeliveryRecord {
 interface Commit {
   ready: boolean;
   readonly chains: Chain[];
+  /** The operation's history records (with when they happened), published once it is durable. */
+  readonly history: Array<[string, HistoryFields, number]>;
 }
 
 /**
@@ -82,6 +84,8 @@ export class IoasidCore {
   private readonly targetCache = new WeakMap<readonly Registration[], readonly DeliveryTarget[]>();
   /** History of events emitted by the operation being applied, published after its reference change. */
   private pendingEventHistory: Array<[string, HistoryFields]> = [];
+  /** History records of the operation being executed (see emitHistory). */
+  private historyCapture: Array<[string, HistoryFields, number]> | undefined;
   private currentTs = 0;
   private replaying = false;
 
@@ -107,7 +111,7 @@ export class IoasidCore {
         this.options.log?.("warn", "release with an acknowledgement refused", { ioasid, holder, reason }),
       onRef: (r) => {
         if (this.replaying || this.options.history === undefined) return;
-        this.options.history(r.kind === "get" ? "ioasid_get" : "ioasid_put", {
+        this.emitHistory(r.kind === "get" ? "ioasid_get" : "ioasid_put", {
           ioasid: r.ioasid,
           generation: r.generation,
           setId: r.setId,
@@ -310,13 +314,17 @@ export class IoasidCore {
     const record = { ...op, ts: Date.now() } as OpRecord;
     this.currentTs = record.ts;
     let result: unknown;
+    const history: Array<[string, HistoryFields, number]> = [];
+    this.historyCapture = history;
     try {
       result = this.applyRecord(record);
     } catch (err) {
       this.captured = [];
       throw err;
+    } finally {
+      this.historyCapture = undefined;
     }
-    const commit: Commit = { ready: false, chains: this.captured };
+    const commit: Commit = { ready: false, chains: this.captured, history };
     this.captured = [];
     const durable = this.opLog === undefined ? Promise.resolve() : this.opLog.append(record, urgent);
     this.commits.push(commit);
@@ -337,12 +345,25 @@ export class IoasidCore {
   private flushCommits(): void {
     while (this.commits.length > 0 && this.commits[0]!.ready) {
       const commit = this.commits.shift()!;
+      // Published once durable, stamped with when they happened (the history is read by time).
+      for (const [action, fields, ts] of commit.history) this.options.history?.(action, fields, ts);
       if (this.engine !== undefined) for (const chain of commit.chains) this.engine.submit(chain);
     }
   }
 
+  /**
+   * A history record of the operation being executed: held with its commit and published once the
+   * operation is durable, so the history never shows an operation a crash then took back (found
+   * by the chaos suite: an ALLOC recorded, its append lost with a nats-server restart, the same
+   * generation allocated again after the core's fail-stop).
+   */
+  private emitHistory(action: string, fields: HistoryFields): void {
+    if (this.historyCapture !== undefined) this.historyCapture.push([action, fields, performance.timeOrigin + performance.now()]);
+    else this.options.history?.(action, fields);
+  }
+
   private flushEventHistory(): void {
-    for (const [action, fields] of this.pendingEventHistory) this.options.history?.(action, fields);
+    for (const [action, fields] of this.pendingEventHistory) this.emitHistory(action, fields);
     this.pendingEventHistory = [];
   }
 
@@ -358,7 +379,7 @@ export class IoasidCore {
       const o = op.o;
       const scope = o.scope.kind === "global" ? "global" : o.scope.kind === "set" ? `set ${o.scope.setId}` : `mm ${o.scope.token}`;
       const reg = result as Registration;
-      this.options.history?.(o.scope.kind === "mm" ? "ioasid_register_notifier_mm" : "ioasid_register_notifier", {
+      this.emitHistory(o.scope.kind === "mm" ? "ioasid_register_notifier_mm" : "ioasid_register_notifier", {
         ...(reg.setId === 0 ? {} : { setId: reg.setId }),
         detail: `${o.subscriber.name}/${o.subscriber.instance} ${scope} priority ${o.priority}${reg.active ? "" : " (pending)"}`,
       });

@@ -260,9 +260,9 @@ export async function startCoreServer(options: StartCoreServerOptions = {}): Pro
   const t0 = performance.now();
   const server = createGrpcServer({ service: "ioasid-core", ...(options.logger === undefined ? {} : { logger: options.logger }) });
   const logger = server.logger;
-  let history: ((action: string, fields: HistoryFields) => void) | undefined;
+  let history: ((action: string, fields: HistoryFields, ts?: number) => void) | undefined;
   const ioasidCore = new IoasidCore({
-    history: (action, fields) => history?.(action, fields),
+    history: (action, fields, ts) => history?.(action, fields, ts),
     ...(options.capacity === undefined ? {} : { capacity: options.capacity }),
     ...(options.eventLogRetain === undefined ? {} : { retain: options.eventLogRetain }),
     externalAllocator: options.externalAllocator ?? grpcExternalAllocator(logger),
@@ -275,7 +275,7 @@ export async function startCoreServer(options: StartCoreServerOptions = {}): Pro
     const n = options.nats;
     await ensureHistoryStream(n.nc, n.prefix ?? DEFAULT_PREFIX, n.replicas ?? 1);
     const recorder = new HistoryRecorder(n.nc, "ioasid", "core", n.prefix ?? DEFAULT_PREFIX);
-    history = (action, fields) => recorder.record(action, fields);
+    history = (action, fields, ts) => recorder.record(action, fields, ts);
     opLog = await OpLog.open(n.nc, {
       ...(n.stream === undefined ? {} : { stream: n.stream }),
       subject: `${n.prefix ?? DEFAULT_PREFIX}.core.ops`,
