@@ -341,6 +341,23 @@ describe("check", () => {
     expect(check(subscriberFault, correctFinalState()).counts.L1).toBe(1);
   });
 
+  it("excuses a free broken by the core's own exit, recorded just after the free's answer (fail-stop)", () => {
+    const h = without(correctHistory(), freeOpOf("g2"));
+    const invoke = find(h, (r) => r.role === "chaos" && r.action === "invoke" && (r.detail ?? "").includes(`"op":"free","vm":"g2"`));
+    // The free is answered UNAVAILABLE (indeterminate) 15 ms in; the core's exit is seen 1 ms later.
+    const op = JSON.parse(invoke.detail!) as Record<string, unknown>;
+    const exited = [
+      ...h,
+      createChaosRecord("info", { ...op, error: "UNAVAILABLE", latencyMs: 15 } as never, { ts: invoke.ts + 15 }),
+      createChaosRecord("info", { fault: "kill-restart", target: "ioasid-core", faultId: 100001, cause: "exit" }, { ts: invoke.ts + 16 }),
+      createChaosRecord("info", { heal: true, faultId: 100001 }, { ts: invoke.ts + 500 }),
+    ];
+    expect(check(exited, correctFinalState()).counts.L1).toBe(0);
+    // A kill the nemesis chose has no such lead: it starts when it is recorded.
+    const killed = exited.map((r) => (r.detail?.includes('"cause":"exit"') === true ? { ...r, detail: r.detail.replace(',"cause":"exit"', "") } : r));
+    expect(check(killed, correctFinalState()).counts.L1).toBe(1);
+  });
+
   it("puts a late tier down to a missed delivery when that tier had a fault (the chain moves on, DESIGN §4.4)", () => {
     const late = BROKEN.S5[0]!.history(); // VDCM clears before KVM
     const freeTs = find(late, FREE_202).ts;

@@ -598,8 +598,18 @@ const S9: Rule = {
 /** Fault targets on a free's path (VMM → VFIO → core → NATS): a free may fail or hang while they are down. */
 const FREE_PATH: ReadonlySet<string> = new Set([ChaosTarget.CORE, ChaosTarget.NATS, ChaosTarget.VFIO]);
 
+/**
+ * How much earlier than its marker a service's own exit may have begun: the runner records a
+ * self-exit (`cause: "exit"`, e.g. the core's fail-stop) when it sees the process gone, after the
+ * calls the failure broke were already answered.
+ */
+export const SELF_EXIT_LEAD_MS = 1000;
+
 function faultOverlaps(ctx: RuleContext, targets: ReadonlySet<string>, from: number, to: number): boolean {
-  return ctx.index.faults.some((f) => targets.has(f.marker.target) && ts(ctx, f.start) <= to && (f.end === undefined || ts(ctx, f.end) >= from));
+  return ctx.index.faults.some((f) => {
+    const start = ts(ctx, f.start) - (f.marker.cause === "exit" ? SELF_EXIT_LEAD_MS : 0);
+    return targets.has(f.marker.target) && start <= to && (f.end === undefined || ts(ctx, f.end) >= from);
+  });
 }
 
 const L1: Rule = {
