@@ -525,6 +525,22 @@ describe("Kvm kept in a store (kill -9 and back)", () => {
   });
 });
 
+describe("Kvm.destroyVm and a lost acknowledgement", () => {
+  it("releases what the core still records for the VM, even a reference whose release went with an ack the core lost", async () => {
+    core.sets.set(0x90n, { setId: 4, inUse: 0 });
+    const kvm = newKvm();
+    await kvm.createVm({ mmToken: 0x90n, vcpuCount: 1, vmName: "g" });
+    await bind("vm-1", 201, 101, { setId: 4 });
+    // The FREE is handled and acknowledged with the release, but the core crashes before it keeps
+    // the ack: the reference is still recorded, while KVM has let go of it.
+    expect(await free("vm-1", 201, { setId: 4 })).toEqual({ release: ["vmcs"] });
+    expect(core.held({ ioasid: 201, generation: 1, instance: "vm-1" })).toBe(1);
+    // The VMM crashes and the VM is destroyed: no redelivery can bring the release any more.
+    expect(await kvm.destroyVm(1)).toMatchObject({ releasedReferences: 1 });
+    expect(core.refs.size).toBe(0);
+  });
+});
+
 describe("Kvm.queryState", () => {
   it("lists VMs ascending by id and refuses an unknown VM", async () => {
     const kvm = newKvm();

@@ -584,13 +584,25 @@ export class Kvm {
     await this.#write([{ key: vmKey(vm.vmId), value: undefined }, ...[...keys].map((h) => ({ key: vmcsKey(vm.vmId, h), value: undefined }))]).catch((err: unknown) =>
       this.#log("warn", "could not forget the destroyed VM in the store", { vmId, reason: reasonOf(err) }),
     );
-    const released = await Promise.all(refs.map((ref) => this.#release(ref)));
+    // What the core records for this VM is what goes, not only what KVM remembers holding: a release
+    // sent with an acknowledgement the core lost (it crashed before keeping it) is not redelivered
+    // once the VM's registration is gone (found by the chaos soak, seed 1: a FREE's release lost
+    // with a core kill, the VM destroyed, the IOASID never reclaimed).
+    let toRelease: HolderReference[] = refs;
+    if (vm.setId !== 0) {
+      try {
+        toRelease = await this.#core.heldReferences(vm.setId, vm.instance);
+      } catch (err) {
+        this.#log("warn", "could not ask the core what a destroyed VM holds: releasing what KVM remembers", { vmId, reason: reasonOf(err) });
+      }
+    }
+    const released = await Promise.all(toRelease.map((ref) => this.#release(ref)));
     const releasedReferences = released.filter(Boolean).length;
     vm.history.record("kvm_destroy_vm", {
       ...(vm.setId === 0 ? {} : { setId: vm.setId }),
       detail: `${cleared.length} translation(s) cleared, ${releasedReferences} reference(s) dropped`,
     });
-    this.#log("info", "VM destroyed", { vmId, cleared: cleared.length, released: releasedReferences, deferred: refs.length - releasedReferences });
+    this.#log("info", "VM destroyed", { vmId, cleared: cleared.length, released: releasedReferences, deferred: toRelease.length - releasedReferences });
     return { clearedEntries: cleared.length, releasedReferences };
   }
 
