@@ -24,6 +24,8 @@ export class FakeCore implements IommuCorePort {
   readonly calls: string[] = [];
   /** Makes the next call of this name fail with this error. */
   failNext = new Map<string, DomainError>();
+  /** Applies the next call of this name, then loses its answer (UNAVAILABLE). */
+  loseAnswerOf = new Set<string>();
   readonly #sets = new Map<number, { token: bigint; type: events.TokenType; quota: number }>();
   readonly #ioasids = new Map<number, FakeIoasid>();
   readonly #generations = new Map<number, number>();
@@ -86,6 +88,7 @@ export class FakeCore implements IommuCorePort {
     this.#call("get");
     const x = this.#own(req.setId, req.ioasid, req.generation, false);
     x.holders.set(key(req.holder), (x.holders.get(key(req.holder)) ?? 0) + 1);
+    if (this.loseAnswerOf.delete("get")) throw err(Code.UNAVAILABLE, "UNAVAILABLE");
     return { refcount: this.info(x.ioasid)!.refcount };
   }
   async put(req: core.PutRequest): Promise<core.PutResponse> {

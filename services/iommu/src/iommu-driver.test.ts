@@ -186,6 +186,26 @@ describe("IommuDriver guest binds", () => {
     expect((await r.driver.bindGpasid(bindSpec(r, { setId: set }))).firstBind).toBe(true);
   });
 
+  it("puts back a reference whose get was applied but whose answer was lost", async () => {
+    const r = rig();
+    const set = r.core.setWith(201);
+    r.core.loseAnswerOf.add("get");
+    await refused(r.driver.bindGpasid(bindSpec(r, { setId: set })), Code.UNAVAILABLE, "UNAVAILABLE");
+    expect(r.core.info(201)).toMatchObject({ refcount: 1, holders: { "set-owner": 1 } });
+    expect(r.driver.hw.binding(201)).toBeUndefined();
+  });
+
+  it("leaves such a reference to the IOASID's FREE when it cannot be put back either", async () => {
+    const r = rig();
+    const set = r.core.setWith(201);
+    r.core.loseAnswerOf.add("get");
+    r.core.failNext.set("put", new DomainError(Code.UNAVAILABLE, "UNAVAILABLE", "core down"));
+    await refused(r.driver.bindGpasid(bindSpec(r, { setId: set })), Code.UNAVAILABLE, "UNAVAILABLE");
+    expect(r.core.info(201)!.holders[HOLDER_KEY]).toBe(1);
+    expect(await deliver(r, r.core.free(set, 201))).toEqual(["bind"]);
+    expect(r.core.info(201)).toBeUndefined();
+  });
+
   it("finishes on the next call a detach the core failed to make, keeping the reference for the FREE", async () => {
     const r = rig();
     const set = r.core.setWith(201);

@@ -1,4 +1,4 @@
-import { isDomainError } from "@ioasid/errors";
+import { Code, DomainError, isDomainError } from "@ioasid/errors";
 import { core, events } from "@ioasid/proto";
 import type { HandlerResult, HistoryRecord } from "@ioasid/bus";
 import type { CoreClient } from "@ioasid/role-kit";
@@ -162,6 +162,9 @@ const mmKey = (mmToken: bigint) => `mm:${mmToken}`;
 /** Core refusals meaning "that IOASID generation is gone": nothing of it is held any more. */
 const GONE = ["IOASID_NOT_FOUND", "STALE_GENERATION", "SET_UNKNOWN"];
 const isGone = (err: unknown) => GONE.some((r) => isDomainError(err, r));
+/** A call whose outcome is unknown: the core may or may not have applied it. */
+const isIndeterminate = (err: unknown) =>
+  !(err instanceof DomainError) || err.code === Code.UNAVAILABLE || err.code === Code.DEADLINE_EXCEEDED || err.code === Code.CANCELLED || err.code === Code.UNKNOWN;
 
 /**
  * The VT-d driver (intel-svm, attach handles) over the modelled hardware: every operation that
@@ -463,7 +466,17 @@ export class IommuDriver {
       try {
         if (!b.refHeld) {
           // Step 4: iommu_bind() -> ioasid_get().
-          refcount = (await this.#core.get(core.GetRequest.fromPartial({ setId: b.setId, ioasid: b.hpasid, holder: this.#holder, generation: b.generation }))).refcount;
+          try {
+            refcount = (await this.#core.get(core.GetRequest.fromPartial({ setId: b.setId, ioasid: b.hpasid, holder: this.#holder, generation: b.generation }))).refcount;
+          } catch (err) {
+            // An answer lost on the way (UNAVAILABLE, DEADLINE_EXCEEDED) may hide a get the core
+            // applied: count it held, so the undo below puts it back, or — if that put cannot be
+            // made either — the IOASID's FREE releases it (a release of nothing is refused
+            // harmlessly). Found by the chaos soak: a bind's get applied, its answer dropped, the
+            // reference then held by nobody and the IOASID never reclaimed.
+            if (isIndeterminate(err)) b.refHeld = true;
+            throw err;
+          }
           b.refHeld = true;
         }
         if (!b.spidAttached) {
