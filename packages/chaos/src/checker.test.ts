@@ -358,6 +358,21 @@ describe("check", () => {
     expect(check(killed, correctFinalState()).counts.L1).toBe(1);
   });
 
+  it("excuses a free that fails fast just after the core it goes to was restarted (clients reconnect within their backoff)", () => {
+    const h = without(correctHistory(), freeOpOf("g2"));
+    const invoke = find(h, (r) => r.role === "chaos" && r.action === "invoke" && (r.detail ?? "").includes(`"op":"free","vm":"g2"`));
+    const op = JSON.parse(invoke.detail!) as Record<string, unknown>;
+    const restart = (healedBefore: number) => [
+      ...h,
+      createChaosRecord("info", { fault: "kill-restart", target: "ioasid-core", faultId: 15 }, { ts: invoke.ts - healedBefore - 800 }),
+      createChaosRecord("info", { heal: true, faultId: 15 }, { ts: invoke.ts - healedBefore }),
+      createChaosRecord("info", { ...op, error: "UNAVAILABLE", latencyMs: 2 } as never, { ts: invoke.ts + 2 }),
+    ];
+    expect(check(restart(60), correctFinalState()).counts.L1).toBe(0);
+    // Long after the restart, a fast failure is the free's own.
+    expect(check(restart(5000), correctFinalState()).counts.L1).toBe(1);
+  });
+
   it("puts a late tier down to a missed delivery when that tier had a fault (the chain moves on, DESIGN §4.4)", () => {
     const late = BROKEN.S5[0]!.history(); // VDCM clears before KVM
     const freeTs = find(late, FREE_202).ts;

@@ -605,10 +605,17 @@ const FREE_PATH: ReadonlySet<string> = new Set([ChaosTarget.CORE, ChaosTarget.NA
  */
 export const SELF_EXIT_LEAD_MS = 1000;
 
+/**
+ * How long after a restarted service is back its clients may still fail fast: a gRPC channel that
+ * saw its peer go reconnects within its bounded backoff (grpc-kit's RECONNECT_BACKOFF: at most 1 s).
+ */
+export const RECONNECT_GRACE_MS = 1500;
+
 function faultOverlaps(ctx: RuleContext, targets: ReadonlySet<string>, from: number, to: number): boolean {
   return ctx.index.faults.some((f) => {
     const start = ts(ctx, f.start) - (f.marker.cause === "exit" ? SELF_EXIT_LEAD_MS : 0);
-    return targets.has(f.marker.target) && start <= to && (f.end === undefined || ts(ctx, f.end) >= from);
+    const grace = f.marker.fault === "kill-restart" ? RECONNECT_GRACE_MS : 0;
+    return targets.has(f.marker.target) && start <= to && (f.end === undefined || ts(ctx, f.end) + grace >= from);
   });
 }
 
