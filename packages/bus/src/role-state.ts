@@ -136,3 +136,22 @@ export class RoleState implements RoleStatePort {
     await jsm.streams.purge(roleStateStreamName(this.prefix), { filter: `${roleStatePrefix(this.prefix, this.role, this.instance)}.>` });
   }
 }
+
+/**
+ * A store whose failed write stops the process: the role's tables in memory are then ahead of what
+ * it kept, and going on would let a later crash bring back a state the role already told others was
+ * gone (found by the chaos soak: an IOMMU entry torn down in memory, its deletion's write failed,
+ * then a restart restored the entry after its IOASID was reclaimed). A restart restores the kept
+ * tables and reconciles them with the core, as after any crash (the core's operation log does the
+ * same: fail-stop).
+ */
+export function failStopOnWriteError(store: RoleStatePort, onFatal: (err: unknown) => void): RoleStatePort {
+  return {
+    write: (changes) =>
+      store.write(changes).catch((err: unknown) => {
+        onFatal(err);
+        // The process is going: nothing that waited for this write may go on as if it were kept.
+        return new Promise<never>(() => undefined);
+      }),
+  };
+}

@@ -1,6 +1,6 @@
 #!/usr/bin/env node
 import { configOrExit, createLogger, runUntilSignal } from "@ioasid/grpc-kit";
-import { HistoryRecorder, RoleState, startSubscriber, type Subscriber } from "@ioasid/bus";
+import { failStopOnWriteError, HistoryRecorder, RoleState, startSubscriber, type Subscriber } from "@ioasid/bus";
 import { connectNats, createCoreClient, ensureRegistration, type CoreClient } from "@ioasid/role-kit";
 import { Code, isDomainError } from "@ioasid/errors";
 import { events, type core } from "@ioasid/proto";
@@ -35,7 +35,10 @@ const store = await RoleState.open(nc, { role: "iommu", instance: config.instanc
 });
 const saved = await store.load();
 const driver = new IommuDriver({
-  store,
+  store: failStopOnWriteError(store, (err: unknown) => {
+    logger.fatal({ err: String(err) }, "state store unwritable: exiting so a restart restores the kept tables and reconciles");
+    process.exit(1);
+  }),
   saved,
   hardware: IommuHardware.restore(saved),
   core: coreClient,

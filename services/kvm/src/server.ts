@@ -1,4 +1,4 @@
-import { HistoryRecorder, RoleState, startSubscriber, DEFAULT_PREFIX } from "@ioasid/bus";
+import { failStopOnWriteError, HistoryRecorder, RoleState, startSubscriber, DEFAULT_PREFIX } from "@ioasid/bus";
 import { isDomainError } from "@ioasid/errors";
 import { createGrpcServer, formatAddress, type GrpcServer, type ServiceHandlers } from "@ioasid/grpc-kit";
 import { core, events, kvm as kvmProto } from "@ioasid/proto";
@@ -220,7 +220,10 @@ export async function startKvmServer(options: StartKvmServerOptions): Promise<Ru
   const saved = await store.load();
   if (saved.size > 0) logger.info({ keys: saved.size }, "restored the VMs and their VMCS tables");
   const host = new Kvm({
-    store,
+    store: failStopOnWriteError(store, (err: unknown) => {
+      logger.fatal({ err: String(err) }, "state store unwritable: exiting so a restart restores the kept VMs and reconciles");
+      process.exit(1);
+    }),
     saved,
     core: createCorePort(options.core),
     notifier: createNotifierPort(options.nc, prefix),

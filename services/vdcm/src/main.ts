@@ -1,5 +1,5 @@
 #!/usr/bin/env node
-import { HistoryRecorder, RoleState, startSubscriber } from "@ioasid/bus";
+import { failStopOnWriteError, HistoryRecorder, RoleState, startSubscriber } from "@ioasid/bus";
 import { ConfigError, configOrExit, createLogger, defineConfigSchema, runUntilSignal } from "@ioasid/grpc-kit";
 import { events } from "@ioasid/proto";
 import { commonRoleConfig, connectNats, createCoreClient } from "@ioasid/role-kit";
@@ -57,7 +57,10 @@ const store = await RoleState.open(nc, { role: VDCM_ROLE, instance: config.insta
 const saved = await store.load();
 const vdcm = new Vdcm({
   state: VdcmState.restore(saved),
-  store,
+  store: failStopOnWriteError(store, (err: unknown) => {
+    logger.fatal({ err: String(err) }, "state store unwritable: exiting so a restart restores the kept tables and reconciles");
+    process.exit(1);
+  }),
   instance: config.instance,
   ioasids: coreIoasidPort(coreClient),
   notifier: coreNotifierPort(coreClient, { name: VDCM_ROLE, instance: config.instance }),

@@ -1,5 +1,5 @@
 #!/usr/bin/env node
-import { HistoryRecorder, RoleState } from "@ioasid/bus";
+import { failStopOnWriteError, HistoryRecorder, RoleState } from "@ioasid/bus";
 import { ConfigError, configOrExit, createClient, createLogger, defineConfigSchema, runUntilSignal, type ConfigProblem } from "@ioasid/grpc-kit";
 import { iommu, vdcm } from "@ioasid/proto";
 import { commonRoleConfig, connectNats, createCoreClient } from "@ioasid/role-kit";
@@ -85,7 +85,10 @@ const containers = new VfioContainers({
   sessionGraceMs: config.sessionGraceMs,
   log: logger,
   onClosing: (containerId) => late.faults?.containerClosing(containerId) ?? Promise.resolve(),
-  store,
+  store: failStopOnWriteError(store, (err: unknown) => {
+    logger.fatal({ err: String(err) }, "state store unwritable: exiting so a restart restores the kept tables and reconciles");
+    process.exit(1);
+  }),
   saved,
 });
 const faultRelay = new FaultRelay({
