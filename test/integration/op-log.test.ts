@@ -36,4 +36,25 @@ describe("OpLog", () => {
     // A log opened now continues after the last message.
     await again.append(op(5));
   });
+
+  it("is sealed after a replay: a write of an earlier incarnation arriving later is refused, and one that arrived first refuses the seal", async () => {
+    const first = await OpLog.open(nc, { stream: "OPLOG_SEAL", subject: "oplog.seal" });
+    await first.append(op(1));
+    // A successor takes over: it replays and seals.
+    const second = await OpLog.open(nc, { stream: "OPLOG_SEAL", subject: "oplog.seal" });
+    const seen: unknown[] = [];
+    await second.replay((o) => seen.push(o));
+    await second.seal();
+    // The first core's write, delayed in a slow link, lands now: refused.
+    await expect(first.append(op(2))).rejects.toThrow(/sequence/i);
+    await second.append(op(3));
+    // A third one whose replay misses a write that lands before its seal: the seal is refused.
+    const third = await OpLog.open(nc, { stream: "OPLOG_SEAL", subject: "oplog.seal" });
+    await third.replay(() => undefined);
+    await second.append(op(4));
+    await expect(third.seal()).rejects.toThrow(/sequence/i);
+    const all: unknown[] = [];
+    await (await OpLog.open(nc, { stream: "OPLOG_SEAL", subject: "oplog.seal" })).replay((o) => all.push(o));
+    expect(all).toEqual([op(1), op(3), op(4)]);
+  });
 });

@@ -292,6 +292,8 @@ export async function startCoreServer(options: StartCoreServerOptions = {}): Pro
     });
   }
   const replayed = await ioasidCore.recover(opLog, engine);
+  // Fence earlier incarnations: from here on only this core's writes can follow what it replayed.
+  await opLog?.seal();
   engine?.start();
   server.addService(core.CoreServiceService, createCoreHandlers(ioasidCore));
   const host = options.host ?? "127.0.0.1";
