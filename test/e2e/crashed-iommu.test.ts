@@ -1,10 +1,9 @@
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
-import { isDomainError } from "@ioasid/errors";
 import { iommu, vfio } from "@ioasid/proto";
 import { startService, waitFor, type ServiceProcess } from "@ioasid/testkit";
 import { serviceEntry } from "../support/core-fixture.js";
 import { startStack, type StackFixture } from "../support/stack-fixture.js";
-import { CODE, GVA_BASE, OUTCOME, SOURCE, dma, guestAnswers, openGuest, registerDevice, watchFaults } from "../support/fault-fixture.js";
+import { CODE, GVA_BASE, OUTCOME, SOURCE, dma, isReclaimed, guestAnswers, openGuest, registerDevice, watchFaults } from "../support/fault-fixture.js";
 
 // Issue 6: the IOMMU's own state — PASID tables, attach handles, guest binds, outstanding fault
 // groups — survives kill -9. Back on the same address it has the same tables, the outstanding
@@ -84,17 +83,7 @@ describe("a crashed IOMMU", () => {
 
     // The guest frees the PASID: the restored IOMMU tears it down and releases its bind reference.
     await c.vfio.freePasid({ containerId: g.containerId, hpasid: g.hpasid, generation: g.generation });
-    await waitFor(
-      async () => {
-        try {
-          await c.core.describe({ ioasid: g.hpasid });
-          return false;
-        } catch (err) {
-          return isDomainError(err, "IOASID_NOT_FOUND");
-        }
-      },
-      { timeoutMs: 10_000, message: "reclaimed" },
-    );
+    await waitFor(() => isReclaimed(c, g.hpasid), { timeoutMs: 10_000, message: "reclaimed" });
     expect((await query()).attachHandles.filter((h) => h.pasid === g.hpasid)).toEqual([]);
     // Unbinding after that finds nothing, as for any free before unbind.
     const unbound = await c.vfio.unbindGuestPasid(

@@ -1,12 +1,12 @@
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { connect, type NatsConnection } from "@nats-io/transport-node";
 import { readHistory } from "@ioasid/bus";
-import { isDomainError } from "@ioasid/errors";
 import { core, iommu, vdcm, vfio } from "@ioasid/proto";
 import { startService, waitFor, type ServiceProcess } from "@ioasid/testkit";
 import { forceRelease, heldBy } from "@ioasid/cli";
 import { serviceEntry } from "../support/core-fixture.js";
 import { startStack, type StackFixture } from "../support/stack-fixture.js";
+import { attachSession, isReclaimed } from "../support/fault-fixture.js";
 
 // DESIGN §4.4 and issue 6: a VDCM killed (kill -9) while a PASID is programmed in one of its
 // devices keeps that IOASID from being reclaimed — its reference stays, whatever the guest does —
@@ -28,15 +28,7 @@ afterAll(async () => {
   await stack?.stop();
 });
 
-async function reclaimed(ioasid: number): Promise<boolean> {
-  try {
-    await stack.clients.core.describe({ ioasid });
-    return false;
-  } catch (err) {
-    if (isDomainError(err, "IOASID_NOT_FOUND")) return true;
-    throw err;
-  }
-}
+const reclaimed = (ioasid: number) => isReclaimed(stack.clients, ioasid);
 
 describe("a crashed VDCM", () => {
   it("keeps a programmed PASID's IOASID from being reclaimed until it returns and clears the device", async () => {
@@ -46,16 +38,7 @@ describe("a crashed VDCM", () => {
     await c.iommu.registerDevice(P(iommu.RegisterDeviceRequest, { deviceId: "dsa-x", maxPasids: 1 << 20, priCapable: true, function: iommu.DeviceFunction.DEVICE_FUNCTION_PF, iommuGroup: 3 }));
     await c.vdcm.createMdev(P(vdcm.CreateMdevRequest, { parentDeviceId: "dsa-x", mdevUuid: "mdev-x", wqIds: [0] }));
     const opened = await c.vfio.openContainer(P(vfio.OpenContainerRequest, { mmToken: 0xdead_1n, quota: 4, vmName: "vdcm-crash" }));
-    const session = new AbortController();
-    await new Promise<void>((resolve) => {
-      void (async () => {
-        try {
-          for await (const m of c.vfio.session({ containerId: opened.containerId }, { signal: session.signal })) if (m.event?.$case === "attached") resolve();
-        } catch {
-          /* ended */
-        }
-      })();
-    });
+    const session = await attachSession(c, opened.containerId);
     const mdev = { ref: { $case: "mdevUuid" as const, value: "mdev-x" } };
     await c.vfio.assignDevice(P(vfio.AssignDeviceRequest, { containerId: opened.containerId, device: mdev }));
     const a = await c.vfio.allocPasid({ containerId: opened.containerId });
@@ -117,16 +100,7 @@ describe("a crashed VDCM", () => {
     await c.iommu.registerDevice(P(iommu.RegisterDeviceRequest, { deviceId: "dsa-y", maxPasids: 1 << 20, priCapable: true, function: iommu.DeviceFunction.DEVICE_FUNCTION_PF, iommuGroup: 4 }));
     await c.vdcm.createMdev(P(vdcm.CreateMdevRequest, { parentDeviceId: "dsa-y", mdevUuid: "mdev-y", wqIds: [0] }));
     const opened = await c.vfio.openContainer(P(vfio.OpenContainerRequest, { mmToken: 0xdead_2n, quota: 4, vmName: "vdcm-gone" }));
-    const session = new AbortController();
-    await new Promise<void>((resolve) => {
-      void (async () => {
-        try {
-          for await (const m of c.vfio.session({ containerId: opened.containerId }, { signal: session.signal })) if (m.event?.$case === "attached") resolve();
-        } catch {
-          /* ended */
-        }
-      })();
-    });
+    const session = await attachSession(c, opened.containerId);
     const mdev = { ref: { $case: "mdevUuid" as const, value: "mdev-y" } };
     await c.vfio.assignDevice(P(vfio.AssignDeviceRequest, { containerId: opened.containerId, device: mdev }));
     const a = await c.vfio.allocPasid({ containerId: opened.containerId });

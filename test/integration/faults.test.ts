@@ -3,12 +3,12 @@ import { fileURLToPath } from "node:url";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { connect, type NatsConnection } from "@nats-io/transport-node";
 import { readHistory, type HistoryRecord } from "@ioasid/bus";
-import { Code, isDomainError } from "@ioasid/errors";
+import { Code } from "@ioasid/errors";
 import { core, iommu, kvm, vdcm, vfio } from "@ioasid/proto";
 import { waitFor } from "@ioasid/testkit";
 import { expectRefused } from "../support/core-fixture.js";
 import { startStack, type StackFixture } from "../support/stack-fixture.js";
-import { CODE, GPA_BASE, GVA_BASE, HPA_BASE, OUTCOME, PAGE, SOURCE, dma, gpaOf, guestAnswers, openGuest, registerDevice, watchFaults } from "../support/fault-fixture.js";
+import { attachSession, CODE, GPA_BASE, GVA_BASE, HPA_BASE, isReclaimed, OUTCOME, PAGE, SOURCE, dma, gpaOf, guestAnswers, openGuest, registerDevice, watchFaults } from "../support/fault-fixture.js";
 
 // IO page faults end to end (DESIGN §5 "Faults", §7 S7/L3) through the real services: a device's
 // DMA misses at the IOMMU, the page-request group is routed through the attach handle to VFIO,
@@ -143,16 +143,7 @@ describe("a VDCM work queue's DMA", () => {
     await c.vdcm.createMdev(P(vdcm.CreateMdevRequest, { parentDeviceId: "dsa-f", mdevUuid: "mdev-fault", wqIds: [0] }));
     const token = nextToken();
     const opened = await c.vfio.openContainer(P(vfio.OpenContainerRequest, { mmToken: token, quota: 8, vmName: "dsa-guest" }));
-    const session = new AbortController();
-    await new Promise<void>((resolve) => {
-      void (async () => {
-        try {
-          for await (const m of c.vfio.session({ containerId: opened.containerId }, { signal: session.signal })) if (m.event?.$case === "attached") resolve();
-        } catch {
-          /* ended */
-        }
-      })();
-    });
+    const session = await attachSession(c, opened.containerId);
     const mdev = { ref: { $case: "mdevUuid" as const, value: "mdev-fault" } };
     await c.vfio.assignDevice(P(vfio.AssignDeviceRequest, { containerId: opened.containerId, device: mdev }));
     const a = await c.vfio.allocPasid({ containerId: opened.containerId });
@@ -321,17 +312,7 @@ describe("every group gets exactly one response", () => {
     await waitFor(() => w.groups().length === 3);
     vmm.kill("SIGKILL");
     for (const id of ids) expect((await awaitResponse("pf-k", id)).code).toBe(CODE.PAGE_RESPONSE_CODE_INVALID);
-    await waitFor(
-      async () => {
-        try {
-          await c.core.describe({ ioasid: p.hpasid });
-          return false;
-        } catch (err) {
-          return isDomainError(err, "IOASID_NOT_FOUND");
-        }
-      },
-      { timeoutMs: 10_000, message: "the crashed guest's IOASID reclaimed" },
-    );
+    await waitFor(() => isReclaimed(c, p.hpasid), { timeoutMs: 10_000, message: "the crashed guest's IOASID reclaimed" });
     expect((await c.iommu.queryState(P(iommu.QueryStateRequest, { deviceIds: ["pf-k"] }))).faultGroups).toEqual([]);
     expect(await w.ended).toBeUndefined();
   });

@@ -1,3 +1,4 @@
+import { isDomainError } from "@ioasid/errors";
 import { iommu, vfio } from "@ioasid/proto";
 import { waitFor } from "@ioasid/testkit";
 import type { StackClients } from "@ioasid/cli";
@@ -48,19 +49,7 @@ export async function registerDevice(c: StackClients, deviceId: string, over: { 
  */
 export async function openGuest(c: StackClients, token: bigint, deviceId: string, gpasid = 100): Promise<Guest> {
   const opened = await c.vfio.openContainer(P(vfio.OpenContainerRequest, { mmToken: token, quota: 32, vmName: `guest-${token}` }));
-  const session = new AbortController();
-  const attached = new Promise<void>((resolve, reject) => {
-    void (async () => {
-      try {
-        for await (const m of c.vfio.session({ containerId: opened.containerId }, { signal: session.signal })) {
-          if (m.event?.$case === "attached") resolve();
-        }
-      } catch (err) {
-        reject(err as Error);
-      }
-    })();
-  });
-  await attached;
+  const session = await attachSession(c, opened.containerId);
   await c.vfio.assignDevice(P(vfio.AssignDeviceRequest, { containerId: opened.containerId, device: { ref: { $case: "deviceId", value: deviceId } } }));
   // The VMM maps guest RAM into its stage 2 (VFIO_IOMMU_MAP_DMA).
   await c.vfio.mapDma(P(vfio.MapDmaRequest, { containerId: opened.containerId, iova: GPA_BASE, paddr: HPA_BASE, size: STAGE2_SIZE, access: { read: true, write: true } }));
@@ -78,6 +67,37 @@ export async function openGuest(c: StackClients, token: bigint, deviceId: string
     }),
   );
   return { containerId: opened.containerId, setId: opened.setId, deviceId, hpasid: a.hpasid, generation: a.generation, gpasid, stage2, session };
+}
+
+/**
+ * The VMM's Session stream of a container, held open by the test; resolves once attached. Aborting
+ * the returned controller ends the session from the VMM's side (the crashed-guest path).
+ */
+export async function attachSession(c: StackClients, containerId: number): Promise<AbortController> {
+  const session = new AbortController();
+  await new Promise<void>((resolve, reject) => {
+    void (async () => {
+      try {
+        for await (const m of c.vfio.session({ containerId }, { signal: session.signal })) {
+          if (m.event?.$case === "attached") resolve();
+        }
+      } catch (err) {
+        reject(err as Error);
+      }
+    })();
+  });
+  return session;
+}
+
+/** Whether the IOASID was reclaimed (the core no longer knows it). */
+export async function isReclaimed(c: StackClients, ioasid: number): Promise<boolean> {
+  try {
+    await c.core.describe({ ioasid });
+    return false;
+  } catch (err) {
+    if (isDomainError(err, "IOASID_NOT_FOUND")) return true;
+    throw err;
+  }
 }
 
 /** A VMM's WatchFaults stream, collecting what arrives. */

@@ -30,5 +30,5 @@ export {
   type HistoryFields,
   type HistoryRecord,
 } from "./history.js";
-export { failStopOnWriteError, RoleState, roleStateStreamName, roleStateSubject, type RoleStatePort, type StateChange } from "./role-state.js";
+export { failStopOnWriteError, MemoryRoleState, RoleState, roleStateStreamName, roleStateSubject, type RoleStatePort, type StateChange } from "./role-state.js";
 export { DEFAULT_PREFIX, deliverySubject, encodeToken, Headers, helloSubject, queueGroup } from "./subjects.js";

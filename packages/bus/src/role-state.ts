@@ -155,3 +155,15 @@ export function failStopOnWriteError(store: RoleStatePort, onFatal: (err: unknow
       }),
   };
 }
+
+/** A {@link RoleStatePort} in memory (tests): the last value of every key, in `saved`. */
+export class MemoryRoleState implements RoleStatePort {
+  readonly saved = new Map<string, unknown>();
+
+  async write(changes: readonly StateChange[]): Promise<void> {
+    for (const c of changes) {
+      if (c.value === undefined) this.saved.delete(c.key);
+      else this.saved.set(c.key, structuredClone(c.value));
+    }
+  }
+}

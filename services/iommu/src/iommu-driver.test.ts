@@ -1,4 +1,5 @@
 import { core as core_ } from "@ioasid/proto";
+import { MemoryRoleState } from "@ioasid/bus";
 import { describe, expect, it } from "vitest";
 import { Code, DomainError } from "@ioasid/errors";
 import { events } from "@ioasid/proto";
@@ -389,15 +390,8 @@ describe("IommuDriver after a restart", () => {
   }
 
   it("comes back from its store with its binds; reconcile keeps what the core still records and tears down a bind whose reference is gone", async () => {
-    const saved = new Map<string, unknown>();
-    const store = {
-      write: async (changes: readonly { key: string; value: unknown }[]) => {
-        for (const c of changes) {
-          if (c.value === undefined) saved.delete(c.key);
-          else saved.set(c.key, structuredClone(c.value));
-        }
-      },
-    };
+    const store = new MemoryRoleState();
+    const saved = store.saved;
     const core = new FakeCore();
     const first = new IommuDriver({ hardware: new IommuHardware(), core, instance: "dmar0", store });
     for (const d of ["d0", "d1"]) first.registerDevice(dev(d));

@@ -1,4 +1,4 @@
-import type { RoleStatePort, StateChange } from "@ioasid/bus";
+import { MemoryRoleState } from "@ioasid/bus";
 import { Code, DomainError } from "@ioasid/errors";
 import { beforeEach, describe, expect, it } from "vitest";
 import { toIa32Pasid } from "./ia32-pasid.js";
@@ -475,18 +475,8 @@ describe("Kvm.reconcile", () => {
 });
 
 describe("Kvm kept in a store (kill -9 and back)", () => {
-  class MemoryStore implements RoleStatePort {
-    readonly saved = new Map<string, unknown>();
-    async write(changes: readonly StateChange[]): Promise<void> {
-      for (const c of changes) {
-        if (c.value === undefined) this.saved.delete(c.key);
-        else this.saved.set(c.key, structuredClone(c.value));
-      }
-    }
-  }
-
   it("comes back with its VMs and VMCS tables, keeps the references they back, and handles the FREE it missed", async () => {
-    const store = new MemoryStore();
+    const store = new MemoryRoleState();
     core.sets.set(0x70n, { setId: 4, inUse: 0 });
     const first = newKvm({ store });
     await first.createVm({ mmToken: 0x70n, vcpuCount: 2, vmName: "g" });
@@ -508,7 +498,7 @@ describe("Kvm kept in a store (kill -9 and back)", () => {
   });
 
   it("clears after a restart an entry whose reference the core no longer records, and drops a reference no entry backs", async () => {
-    const store = new MemoryStore();
+    const store = new MemoryRoleState();
     core.sets.set(0x70n, { setId: 4, inUse: 0 });
     const first = newKvm({ store });
     await first.createVm({ mmToken: 0x70n, vcpuCount: 1, vmName: "g" });

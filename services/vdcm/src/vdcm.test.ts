@@ -1,4 +1,4 @@
-import type { RoleStatePort, StateChange } from "@ioasid/bus";
+import { MemoryRoleState, type RoleStatePort } from "@ioasid/bus";
 import { describe, expect, it } from "vitest";
 import { Code, DomainError } from "@ioasid/errors";
 import { CompletionStatus, DescriptorOp, type DmaRequest, type DmaResult, type DmaTranslator } from "./descriptor-runner.js";
@@ -570,7 +570,7 @@ describe("Vdcm reconcile", () => {
   });
 
   it("comes back from its store with its devices, mdevs, programmed PASIDs and registrations, keeping the references they back", async () => {
-    const store = new MemoryStore();
+    const store = new MemoryRoleState();
     const { core, notifier, vdcm: first } = await setup({ store });
     const gen = core.alloc(VM1, 201, 101);
     await first.writeWqPasid(M1, 0, 101);
@@ -587,7 +587,7 @@ describe("Vdcm reconcile", () => {
   });
 
   it("clears, after a restart, a programmed entry whose reference the core no longer records", async () => {
-    const store = new MemoryStore();
+    const store = new MemoryRoleState();
     const { core, notifier, vdcm } = await setup({ store });
     core.alloc(VM1, 201, 101);
     await vdcm.writeWqPasid(M1, 0, 101);
@@ -599,14 +599,3 @@ describe("Vdcm reconcile", () => {
     expect(VdcmState.restore(store.saved).snapshot().devices[0]!.pasidEntries).toEqual([]);
   });
 });
-
-/** An in-memory RoleStatePort: the last value per key. */
-class MemoryStore implements RoleStatePort {
-  readonly saved = new Map<string, unknown>();
-  async write(changes: readonly StateChange[]): Promise<void> {
-    for (const c of changes) {
-      if (c.value === undefined) this.saved.delete(c.key);
-      else this.saved.set(c.key, structuredClone(c.value));
-    }
-  }
-}
