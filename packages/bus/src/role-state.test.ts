@@ -22,4 +22,12 @@ describe("failStopOnWriteError", () => {
     expect(fatal).toHaveLength(1);
     expect(settled).toBe(false);
   });
+
+  it("hands the error to the caller instead while the role is already stopping", async () => {
+    const store: RoleStatePort = { write: async () => Promise.reject(new Error("closed")) };
+    const fatal: unknown[] = [];
+    const kept = failStopOnWriteError(store, (err) => fatal.push(err), { stopping: () => true });
+    await expect(kept.write([{ key: "a", value: 1 }])).rejects.toThrow("closed");
+    expect(fatal).toEqual([]);
+  });
 });

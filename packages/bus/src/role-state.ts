@@ -143,12 +143,16 @@ export class RoleState implements RoleStatePort {
  * gone (found by the chaos soak: an IOMMU entry torn down in memory, its deletion's write failed,
  * then a restart restored the entry after its IOASID was reclaimed). A restart restores the kept
  * tables and reconciles them with the core, as after any crash (the core's operation log does the
- * same: fail-stop).
+ * same: fail-stop). While `stopping` says the role is already shutting down, the error is passed
+ * to the caller instead.
  */
-export function failStopOnWriteError(store: RoleStatePort, onFatal: (err: unknown) => void): RoleStatePort {
+export function failStopOnWriteError(store: RoleStatePort, onFatal: (err: unknown) => void, options: { stopping?: () => boolean } = {}): RoleStatePort {
   return {
     write: (changes) =>
       store.write(changes).catch((err: unknown) => {
+        // A role already stopping on a signal is not stopped again: the write's caller gets the
+        // error (its teardown goes on), and the next start reconciles from what was kept.
+        if (options.stopping?.() === true) throw err;
         onFatal(err);
         // The process is going: nothing that waited for this write may go on as if it were kept.
         return new Promise<never>(() => undefined);

@@ -20,6 +20,9 @@ if (!INSTANCE.test(config.instance)) {
   process.exit(2);
 }
 const logger = createLogger("iommu", { level: config.logLevel });
+// Set on SIGTERM/SIGINT: a store write failing during the graceful stop does not fail-stop.
+let stopping = false;
+for (const signal of ["SIGTERM", "SIGINT"] as const) process.once(signal, () => (stopping = true));
 const nc = await connectNats(config.natsUrl, { name: `iommu/${config.instance}`, timeoutMs: config.natsConnectTimeout, logger }).catch(
   (err: unknown) => {
     logger.fatal({ url: config.natsUrl, err: String(err) }, "cannot reach NATS: start nats-server or set NATS_URL");
@@ -38,7 +41,7 @@ const driver = new IommuDriver({
   store: failStopOnWriteError(store, (err: unknown) => {
     logger.fatal({ err: String(err) }, "state store unwritable: exiting so a restart restores the kept tables and reconciles");
     process.exit(1);
-  }),
+  }, { stopping: () => stopping }),
   saved,
   hardware: IommuHardware.restore(saved),
   core: coreClient,

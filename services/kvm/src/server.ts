@@ -218,12 +218,14 @@ export async function startKvmServer(options: StartKvmServerOptions): Promise<Ru
   // The VMs and their VMCS tables live in JetStream: a KVM killed with -9 comes back with them.
   const store = await RoleState.open(options.nc, { role: KVM_SUBSCRIBER, instance: options.instance ?? "kvm0", prefix });
   const saved = await store.load();
+  // Set once stop() begins: a store write failing while the VMs are destroyed does not fail-stop.
+  let stopping = false;
   if (saved.size > 0) logger.info({ keys: saved.size }, "restored the VMs and their VMCS tables");
   const host = new Kvm({
     store: failStopOnWriteError(store, (err: unknown) => {
       logger.fatal({ err: String(err) }, "state store unwritable: exiting so a restart restores the kept VMs and reconciles");
       process.exit(1);
-    }),
+    }, { stopping: () => stopping }),
     saved,
     core: createCorePort(options.core),
     notifier: createNotifierPort(options.nc, prefix),
@@ -267,6 +269,7 @@ export async function startKvmServer(options: StartKvmServerOptions): Promise<Ru
     kvm: host,
     address: formatAddress(listenHost, port),
     async stop() {
+      stopping = true;
       clearTimeout(reconcileTimer);
       clearInterval(releaseTimer);
       await host.destroyAll();

@@ -41,6 +41,9 @@ if (!INSTANCE.test(config.instance)) {
   process.exit(2);
 }
 const logger = createLogger("vdcm", { level: config.logLevel });
+// Set on SIGTERM/SIGINT: a store write failing during the graceful stop does not fail-stop.
+let stopping = false;
+for (const signal of ["SIGTERM", "SIGINT"] as const) process.once(signal, () => (stopping = true));
 const nc = await connectNats(config.natsUrl, { name: `vdcm-${config.instance}`, timeoutMs: config.natsConnectTimeout, logger }).catch((err: unknown) => {
   logger.fatal({ url: config.natsUrl, err: String(err) }, "cannot reach NATS: start nats-server or set NATS_URL");
   process.exit(1);
@@ -60,7 +63,7 @@ const vdcm = new Vdcm({
   store: failStopOnWriteError(store, (err: unknown) => {
     logger.fatal({ err: String(err) }, "state store unwritable: exiting so a restart restores the kept tables and reconciles");
     process.exit(1);
-  }),
+  }, { stopping: () => stopping }),
   instance: config.instance,
   ioasids: coreIoasidPort(coreClient),
   notifier: coreNotifierPort(coreClient, { name: VDCM_ROLE, instance: config.instance }),

@@ -88,7 +88,7 @@ const containers = new VfioContainers({
   store: failStopOnWriteError(store, (err: unknown) => {
     logger.fatal({ err: String(err) }, "state store unwritable: exiting so a restart restores the kept tables and reconciles");
     process.exit(1);
-  }),
+  }, { stopping: () => closingAll !== undefined }),
   saved,
 });
 const faultRelay = new FaultRelay({
