@@ -258,6 +258,9 @@ describe("delivery deadlines and missed subscribers", () => {
     const f = await sub("flaky", "0", { SUB_FAIL_SEQS: String(seq) });
     const a = await c.alloc(P(core.AllocRequest, { setId: set }));
     await c.attachSpid(P(core.AttachSpidRequest, { setId: set, ioasid: a.ioasid, spid: 9 }));
+    // The subscriber logs before it acknowledges, but its stdout reaches us on its own pipe: wait
+    // for the BIND line itself, then for the core to have nothing in flight.
+    await waitFor(() => f.handled("BIND").length === 1, { timeoutMs: 5000, message: "BIND handled after the retried ALLOC" });
     await deliveriesSettled(c);
     expect(f.handled().map((h) => `${h.type}@${h.attempt}`)).toEqual(["ALLOC@2", "BIND@1"]);
   });
