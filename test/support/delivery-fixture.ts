@@ -84,6 +84,9 @@ export async function deliveriesSettled(c: CoreFixture["client"], options: { all
     },
     { timeoutMs: options.timeoutMs ?? 15_000, intervalMs: 25, message: "every delivery acknowledged" },
   );
+  // A subscriber logs a line before it acknowledges, but the line comes on its stdout pipe and
+  // the stats on a gRPC socket: one poll round can hand us the stats first. Let the pipes drain.
+  await new Promise((r) => setTimeout(r, 50));
 }
 
 /** Whether the IOASID is still allocated (ACTIVE or FREE_PENDING). */
