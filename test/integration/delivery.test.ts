@@ -1,6 +1,8 @@
 import { afterEach, describe, expect, it } from "vitest";
 import { core, events } from "@ioasid/proto";
 import { waitFor } from "@ioasid/testkit";
+import { readHistory, type HistoryRecord } from "@ioasid/bus";
+import { connect } from "@nats-io/transport-node";
 import { Code } from "@ioasid/errors";
 import { expectRefused, startCore, type CoreFixture } from "../support/core-fixture.js";
 import { deliveriesSettled, exists, register, startSubscriberProcess, type TestSubscriber } from "../support/delivery-fixture.js";
@@ -221,6 +223,23 @@ describe("delivery deadlines and missed subscribers", () => {
     await waitFor(async () => !(await exists(c, x.ioasid)), { timeoutMs: 10_000, message: "reclaim once KVM catches up" });
     expect(t.kvm.handled("FREE")).toHaveLength(1);
     await deliveriesSettled(c);
+    // The core recorded the miss (DESIGN §4.4) before the tiers below went on without KVM.
+    const freeSeq = t.audit.handled("FREE")[0]!.seq;
+    const nc = await connect({ servers: fixture.nats.url });
+    try {
+      let missed: HistoryRecord[] = [];
+      await waitFor(
+        async () => {
+          missed = (await readHistory(nc, { sinceMs: Date.now() - 60_000 })).filter((r) => r.action === "delivery_missed" && r.seq === freeSeq);
+          return missed.length > 0;
+        },
+        { timeoutMs: 5000, message: "the core's delivery_missed record" },
+      );
+      expect(missed.map((r) => [r.role, r.ioasid, r.detail])).toEqual([["ioasid", x.ioasid, "kvm/vm-1 FREE"]]);
+      expect(missed[0]!.ts).toBeLessThanOrEqual(t.vdcm.handled("FREE")[0]!.start);
+    } finally {
+      await nc.close();
+    }
   });
 
   it("detaches the SPID with an acknowledgement that asks for it, silently (no UNBIND) on a FREE_PENDING IOASID", async () => {

@@ -1,7 +1,7 @@
 import type { HistoryRecord } from "@ioasid/bus";
-import { CHAOS_ROLE, parseChaosRecord, roleOfTarget } from "./chaos-record.js";
+import { CHAOS_ROLE, parseChaosRecord } from "./chaos-record.js";
 import type { FinalState } from "./final-state.js";
-import { indexHistory, type HistoryIndex, type LossWindow } from "./history-index.js";
+import { CORE_ROLE, indexHistory, type HistoryIndex, type LossWindow } from "./history-index.js";
 import { INVARIANT_IDS, INVARIANTS, type InvariantId } from "./invariants.js";
 import { resolveCheckOptions, RULES, type CheckOptions, type Finding, type Rule } from "./rules.js";
 
@@ -80,9 +80,9 @@ export function createChecker(options: CheckerOptions = {}): Checker {
         const findings = rule.check({ index, finalState, options: resolved, note: (text) => notes.push(text) });
         for (const f of findings) {
           const lost = f.absence === undefined ? undefined : lossExplaining(index, f.absence);
-          const missed = f.missedDelivery === undefined ? undefined : faultExplaining(index, f.missedDelivery);
+          const missed = f.missedDelivery === undefined ? undefined : missExplaining(index, f.missedDelivery, resolved.clockToleranceMs);
           if (lost !== undefined) notes.push(`${rule.invariant} not counted, a record may have been lost (${lost.why}): ${f.message}`);
-          else if (missed !== undefined) notes.push(`${rule.invariant} not counted, ${f.missedDelivery!.role} may have missed its delivery deadline (${missed}) and the chain moved on (DESIGN §4.4): ${f.message}`);
+          else if (missed !== undefined) notes.push(`${rule.invariant} not counted, ${f.missedDelivery!.role}/${f.missedDelivery!.instance} was passed over (${missed}) and the chain moved on (DESIGN §4.4): ${f.message}`);
           else violations.push(toViolation(rule.invariant, f, index, resolved.traceContext));
         }
       }
@@ -107,17 +107,20 @@ function lossExplaining(index: HistoryIndex, absence: NonNullable<Finding["absen
   );
 }
 
-/** A fault of the role (or of NATS) active in the window, described; see {@link Finding.missedDelivery}. */
-function faultExplaining(index: HistoryIndex, d: NonNullable<Finding["missedDelivery"]>): string | undefined {
+/**
+ * What explains a tier passed over (see {@link Finding.missedDelivery}): the core's record that it
+ * missed that delivery, or a window in which the core's records (or NATS) may have been lost.
+ */
+function missExplaining(index: HistoryIndex, d: NonNullable<Finding["missedDelivery"]>, toleranceMs: number): string | undefined {
   const t0 = index.records[0]?.ts ?? 0;
-  const f = index.faults.find((x) => {
-    const role = roleOfTarget(x.marker.target);
-    if (role !== d.role && x.marker.target !== "nats") return false;
-    const from = index.records[x.start]!.ts;
-    const to = x.end === undefined ? Infinity : index.records[x.end]!.ts;
-    return from <= d.to && to >= d.from;
-  });
-  return f === undefined ? undefined : `${f.marker.fault} of ${f.marker.target} at +${(index.records[f.start]!.ts - t0).toFixed(0)} ms`;
+  const subscriber = `${d.role}/${d.instance} `;
+  for (const idx of index.withSeq(d.seq)) {
+    const r = index.records[idx]!;
+    if (r.role !== CORE_ROLE || r.action !== "delivery_missed" || r.detail?.startsWith(subscriber) !== true) continue;
+    if (r.ts <= d.before + toleranceMs) return `the core recorded its delivery of seq ${d.seq} missed at +${(r.ts - t0).toFixed(0)} ms`;
+  }
+  const lost = lossExplaining(index, { role: CORE_ROLE, from: d.from, to: d.to });
+  return lost === undefined ? undefined : `the core's record of a missed delivery may have been lost: ${lost.why}`;
 }
 
 const MAX_TRACE = 24;

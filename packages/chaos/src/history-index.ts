@@ -73,7 +73,7 @@ export interface LossWindow {
 
 /** A page-request group record of the IOMMU (or VFIO's relay of an answer). */
 export interface GroupRecord {
-  /** `<role>/<instance>/<epoch>/<group id>`: group ids restart with an IOMMU process. */
+  /** `<role>/<instance>/<group id>`: ids are unique for the run (the IOMMU keeps its counter). */
   readonly key: string;
   readonly groupId: string;
   readonly idx: number;
@@ -326,9 +326,9 @@ export function indexHistory(history: readonly HistoryRecord[], options: IndexOp
     if ((r.role === "iommu" && (r.action === "iopf_group" || r.action === "page_response")) || (r.role === "vfio" && r.action === "page_response")) {
       const groupId = /\bgroup (\d+)\b/.exec(r.detail ?? "")?.[1];
       if (groupId !== undefined) {
-        // Group ids restart with an IOMMU process: a kill of the IOMMU starts a new epoch.
-        const epoch = kills.filter((k) => k.role === "iommu" && k.idx < idx).length;
-        groups.push({ key: `${r.role}/${r.instance}/${epoch}/${groupId}`, groupId, idx, kind: r.action === "iopf_group" ? "group" : "response" });
+        // The IOMMU keeps its outstanding groups and its id counter across a kill, so an id names
+        // one group for the whole run (a restarted IOMMU answers the groups it had).
+        groups.push({ key: `${r.role}/${r.instance}/${groupId}`, groupId, idx, kind: r.action === "iopf_group" ? "group" : "response" });
       }
     }
     if (r.role === CORE_ROLE && r.action === "ioasid_register_notifier_mm") {

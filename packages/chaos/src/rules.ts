@@ -79,10 +79,20 @@ export interface Finding {
   readonly absence?: { readonly role: string; readonly from: number; readonly to: number; readonly kills?: boolean };
   /**
    * Set when the finding is an order that a missed delivery explains: a subscriber that misses its
-   * deadline is passed over and the chain moves on (DESIGN §4.4). Any fault of `role` (or of NATS)
-   * active between `from` and `to` (ms since the epoch) turns the finding into a note.
+   * deadline, or is still catching up on an earlier one, is passed over and the chain moves on
+   * (DESIGN §4.4), and the core records that (`delivery_missed` with the event's seq). Such a record
+   * for `seq` and the late subscriber (`role`/`instance`), no later than `before`, turns the finding
+   * into a note; so does a loss window of the core's records (or of NATS) between `from` and `to`,
+   * which may have taken the record with it.
    */
-  readonly missedDelivery?: { readonly role: string; readonly from: number; readonly to: number };
+  readonly missedDelivery?: {
+    readonly role: string;
+    readonly instance: string;
+    readonly seq: number;
+    readonly before: number;
+    readonly from: number;
+    readonly to: number;
+  };
 }
 
 /** One rule of the checker: the check of one invariant over the history and the final state. */
@@ -350,7 +360,7 @@ const S5: Rule = {
               ...subject(l),
               message: `${name(l)}: "${TEARDOWN_STAGES[b]!.name}" (${who(rec(ctx, early))}) came before "${TEARDOWN_STAGES[a]!.name}" (${who(rec(ctx, late))})`,
               evidence: [free, early, late],
-              missedDelivery: { role: rec(ctx, late).role, from: ts(ctx, free), to: ts(ctx, late) },
+              missedDelivery: { role: rec(ctx, late).role, instance: rec(ctx, late).instance, seq, before: ts(ctx, early), from: ts(ctx, free), to: ts(ctx, late) },
             });
             break;
           }
@@ -432,7 +442,7 @@ const S6: Rule = {
 const S7: Rule = {
   invariant: "S7",
   description:
-    "per page-request group (IOMMU instance, IOMMU process epoch, group id): at most one IOMMU page_response (from the iopf_group on, or for a partial group answered without one); at most one VFIO page_response per group (the L3 rule checks the other half, at least one)",
+    "per page-request group (IOMMU instance, group id): at most one IOMMU page_response (from the iopf_group on, or for a partial group answered without one); at most one VFIO page_response per group (the L3 rule checks the other half, at least one)",
   check(ctx) {
     const out: Finding[] = [];
     const answered = new Map<string, number>();
@@ -694,7 +704,7 @@ const L2: Rule = {
 const L3: Rule = {
   invariant: "L3",
   description:
-    "every IOMMU iopf_group has an IOMMU page_response after it (same instance, epoch and group id), within faultAnswerBoundMs of max(group, last heal) when that bound is set; the final state has no outstanding group",
+    "every IOMMU iopf_group has an IOMMU page_response after it (same instance and group id), within faultAnswerBoundMs of max(group, last heal) when that bound is set; the final state has no outstanding group",
   check(ctx) {
     const out: Finding[] = [];
     const lastHeal = ctx.index.lastHeal === undefined ? -Infinity : ts(ctx, ctx.index.lastHeal);

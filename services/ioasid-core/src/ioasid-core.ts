@@ -1,6 +1,6 @@
 import { coreError, IoasidSpace, MAX_BATCH_ALLOC, type Allocation, type IoasidEvent, type Registration } from "@ioasid/ioasid";
 import type { Chain, DeliveryEngine, DeliveryTarget, HistoryFields, MissedDelivery, SettledAck } from "@ioasid/bus";
-import type { events } from "@ioasid/proto";
+import { events } from "@ioasid/proto";
 import { fromCommittedEvent } from "./convert.js";
 import { EventLog } from "./event-log.js";
 import type { OpLog } from "./op-log.js";
@@ -387,18 +387,34 @@ export class IoasidCore {
     if (op.t === "acks") {
       for (const [seq, reg] of op.a) this.mark(seq, reg, ACKED);
     } else if (op.t === "miss") {
-      for (const [seq, reg] of op.a) this.mark(seq, reg, MISSED);
+      for (const [seq, reg] of op.a) {
+        const passed = this.mark(seq, reg, MISSED);
+        // DESIGN §4.4: the missed subscriber is recorded, then the chain moves on. The record
+        // is what lets a checker tell a passed-over tier from a teardown out of order.
+        if (passed !== undefined && !this.replaying && this.options.history !== undefined) {
+          const e = passed.rec.event;
+          this.emitHistory("delivery_missed", {
+            ...(e.ioasid === 0xffffffff ? {} : { ioasid: e.ioasid, generation: e.generation }),
+            setId: e.setId,
+            seq,
+            detail: `${passed.target.subscriber.name}/${passed.target.subscriber.instance} ${events.eventTypeToJSON(e.type).replace("EVENT_TYPE_", "")}`,
+          });
+        }
+      }
     }
     return result;
   }
 
-  private mark(seq: number, reg: number, outcome: typeof ACKED | typeof MISSED): void {
+  /** Marks one target's outcome; returns the delivery and target when a pending one was missed. */
+  private mark(seq: number, reg: number, outcome: typeof ACKED | typeof MISSED): { rec: DeliveryRecord; target: DeliveryTarget } | undefined {
     const rec = this.deliveries.get(seq);
-    if (rec === undefined) return;
+    if (rec === undefined) return undefined;
     const i = rec.targets.findIndex((t) => t.registrationId === reg);
-    if (i < 0 || rec.outcomes[i] === ACKED) return;
+    if (i < 0 || rec.outcomes[i] === ACKED) return undefined;
+    const was = rec.outcomes[i];
     rec.outcomes[i] = outcome;
     if (outcome === ACKED && --rec.unacked === 0) this.deliveries.delete(seq);
+    return outcome === MISSED && was === PENDING ? { rec, target: rec.targets[i]! } : undefined;
   }
 
   private onEvent(e: IoasidEvent): void {
