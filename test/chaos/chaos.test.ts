@@ -30,6 +30,8 @@ describe("chaos: crashed-guest cleanup under every fault kind", () => {
       expect(r.stats.faults.injected, story).toBeGreaterThan(0);
       expect(r.stats.ops.ok, story).toBeGreaterThan(20);
       expect(r.stats.reclaim.notReclaimed, story).toEqual([]);
+      // Issue 6: after healing, every crashed guest's IOASIDs reclaimed within 5 s.
+      expect(r.stats.reclaim.maxAfterHealMs, story).toBeLessThanOrEqual(5000);
       expect(r.settled, story).toBe(true);
     });
   }

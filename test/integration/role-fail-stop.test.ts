@@ -1,8 +1,8 @@
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { connect, type NatsConnection } from "@nats-io/transport-node";
 import { jetstreamManager } from "@nats-io/jetstream";
-import { roleStateStreamName } from "@ioasid/bus";
-import { vdcm } from "@ioasid/proto";
+import { readHistory, roleStateStreamName } from "@ioasid/bus";
+import { iommu, vdcm } from "@ioasid/proto";
 import { startStack, type StackFixture } from "../support/stack-fixture.js";
 
 // A role whose kept state cannot be written any more stops (fail-stop), like the core: going on
@@ -21,12 +21,22 @@ afterAll(async () => {
 });
 
 describe("a role that cannot keep its state", () => {
-  it("exits instead of answering as if it had kept the change", async () => {
+  it("exits instead of answering as if it had kept the change, and its history never shows the change", async () => {
+    const since = Date.now();
+    await stack.clients.iommu.registerDevice(iommu.RegisterDeviceRequest.fromPartial({ deviceId: "kept1", maxPasids: 64, function: iommu.DeviceFunction.DEVICE_FUNCTION_PF, iommuGroup: 7 }));
     await (await jetstreamManager(nc)).streams.delete(roleStateStreamName("ioasid.v1"));
     const call = stack.clients.vdcm.registerDevice(vdcm.RegisterDeviceRequest.fromPartial({ deviceId: "lost0", wqs: [{ wqId: 0, mode: vdcm.WqMode.WQ_MODE_DEDICATED }] }));
     await expect(call).rejects.toBeDefined();
     const status = await stack.procs.vdcm.exited;
     expect(status.code).toBe(1);
     expect(stack.procs.vdcm.logs()).toContain("state store unwritable");
+
+    // The IOMMU's history record of a device it could not keep is held with the change, and goes
+    // with the process (a record published before the write would show a device a restart lacks).
+    const probe = stack.clients.iommu.registerDevice(iommu.RegisterDeviceRequest.fromPartial({ deviceId: "lost1", maxPasids: 64, function: iommu.DeviceFunction.DEVICE_FUNCTION_PF, iommuGroup: 8 }));
+    await expect(probe).rejects.toBeDefined();
+    expect((await stack.procs.iommu.exited).code).toBe(1);
+    const probes = (await readHistory(nc, { sinceMs: since })).filter((r) => r.role === "iommu" && r.action === "iommu_probe_device").map((r) => r.detail?.split(" ")[1]);
+    expect(probes).toEqual(["kept1"]);
   }, 30_000);
 });

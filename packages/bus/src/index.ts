@@ -30,5 +30,6 @@ export {
   type HistoryFields,
   type HistoryRecord,
 } from "./history.js";
+export { HistoryGate, type HistoryGateOptions, type HistorySink } from "./history-gate.js";
 export { failStopOnWriteError, MemoryRoleState, RoleState, roleStateStreamName, roleStateSubject, type RoleStatePort, type StateChange } from "./role-state.js";
 export { DEFAULT_PREFIX, deliverySubject, encodeToken, Headers, helloSubject, queueGroup } from "./subjects.js";

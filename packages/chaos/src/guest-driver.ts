@@ -113,6 +113,10 @@ export async function runGuest(plan: GuestPlan, ctx: GuestContext): Promise<Gues
   const d = slotDevices(plan.slot);
   const vm = plan.name;
   const pasids = new Map<number, Pasid>();
+  // Devices VFIO assigned to this guest: a guest reaches only those (an mdev's MMIO, a PF's DMA).
+  // Found by the chaos suite: a guest whose assign failed (DEVICE_BUSY) cleared the mdev of the
+  // guest that had it, and the checker rightly reported S3.
+  const assigned = new Set<GuestDevice>();
   let setId: number | undefined = undefined; // known once the container is open
   let containerId = 0;
   let vmId: number | undefined;
@@ -242,7 +246,11 @@ export async function runGuest(plan: GuestPlan, ctx: GuestContext): Promise<Gues
     if ("pasid" in step && step.kind !== "alloc" && p === undefined) return false;
     switch (step.kind) {
       case "assign":
-        await setup(() => run("assign", {}, () => c.vfio.assignDevice(vfio.AssignDeviceRequest.fromPartial({ containerId, device: device(step.device) }))));
+        await setup(async () => {
+          const r = await run("assign", {}, () => c.vfio.assignDevice(vfio.AssignDeviceRequest.fromPartial({ containerId, device: device(step.device) })));
+          if (r.ok) assigned.add(step.device);
+          return r;
+        });
         return true;
       case "map-dma":
         await setup(() =>
@@ -272,15 +280,18 @@ export async function runGuest(plan: GuestPlan, ctx: GuestContext): Promise<Gues
         await run(ChaosOpName.FREE, ids(step.pasid), () => c.vfio.freePasid({ containerId, hpasid: p!.hpasid, generation: p!.generation }));
         return true;
       case "program":
+        if (!assigned.has(GuestDevice.MDEV)) return false;
         await run(ChaosOpName.PROGRAM, ids(step.pasid), () => c.vdcm.writeWqPasid({ mdevUuid: d.mdevUuid, virtualWq: step.wq, gpasid: gpasidOf(step.pasid) }));
         return true;
       case "clear":
+        if (!assigned.has(GuestDevice.MDEV)) return false;
         await run(ChaosOpName.CLEAR, {}, () => c.vdcm.clearWqPasid({ mdevUuid: d.mdevUuid, virtualWq: step.wq }), (r) => (r.cleared ? { ioasid: r.hpasid, generation: r.generation, spid: r.gpasid } : {}));
         return true;
       case "enqcmd":
         await enqcmd(step.pasid, step.submit);
         return true;
       case "dma":
+        if (!assigned.has(step.device)) return false;
         await dma(step.pasid, p!, step.device, step.wq, step.page);
         return true;
     }
@@ -294,7 +305,7 @@ export async function runGuest(plan: GuestPlan, ctx: GuestContext): Promise<Gues
       if (res.outcome !== kvm.EnqcmdOutcome.ENQCMD_OUTCOME_TRANSLATED) throw new DefiniteFailure(kvm.gpCauseToJSON(res.gpCause));
       return res;
     }, (res) => ({ ioasid: res.hpasid, generation: res.generation }));
-    if (!r.ok || !submit) return;
+    if (!r.ok || !submit || !assigned.has(GuestDevice.MDEV)) return;
     await run("submit", { ioasid: r.value.hpasid, generation: r.value.generation, spid: gpasidOf(k) }, () =>
       c.vdcm.submitDescriptor(
         vdcm.SubmitDescriptorRequest.fromPartial({

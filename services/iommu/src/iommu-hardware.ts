@@ -934,6 +934,11 @@ export class IommuHardware {
    * them), guest binds (with their first-stage tables and what is held in the core), mm contexts
    * and the id counters. The IOTLB flush log is not kept.
    */
+  /** Whether a change is waiting for {@link takeChanges}. */
+  hasChanges(): boolean {
+    return this.#dirty.size > 0;
+  }
+
   takeChanges(): StateChange[] {
     const out: StateChange[] = [];
     for (const key of this.#dirty) out.push({ key, value: this.#valueOf(key) });

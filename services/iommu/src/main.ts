@@ -1,6 +1,6 @@
 #!/usr/bin/env node
 import { configOrExit, createLogger, runUntilSignal } from "@ioasid/grpc-kit";
-import { failStopOnWriteError, HistoryRecorder, RoleState, startSubscriber, type Subscriber } from "@ioasid/bus";
+import { failStopOnWriteError, HistoryGate, HistoryRecorder, RoleState, startSubscriber, type Subscriber } from "@ioasid/bus";
 import { connectNats, createCoreClient, ensureRegistration, type CoreClient } from "@ioasid/role-kit";
 import { Code, isDomainError } from "@ioasid/errors";
 import { events, type core } from "@ioasid/proto";
@@ -37,19 +37,24 @@ const store = await RoleState.open(nc, { role: "iommu", instance: config.instanc
   process.exit(1);
 });
 const saved = await store.load();
+const hardware = IommuHardware.restore(saved);
+// History records wait until the tables they describe are kept (a crash takes back both).
+let prqQuiet = (): boolean => true;
+const gate = new HistoryGate({ quiet: () => !hardware.hasChanges() && prqQuiet() });
 const driver = new IommuDriver({
-  store: failStopOnWriteError(store, (err: unknown) => {
+  store: gate.store(failStopOnWriteError(store, (err: unknown) => {
     logger.fatal({ err: String(err) }, "state store unwritable: exiting so a restart restores the kept tables and reconciles");
     process.exit(1);
-  }, { stopping: () => stopping }),
+  }, { stopping: () => stopping })),
   saved,
-  hardware: IommuHardware.restore(saved),
+  hardware,
   core: coreClient,
-  history: new HistoryRecorder(nc, "iommu", config.instance, config.prefix),
+  history: gate.wrap(new HistoryRecorder(nc, "iommu", config.instance, config.prefix)),
   log: logger,
   instance: config.instance,
   faultTimeoutMs: config.faultTimeoutMs,
 });
+prqQuiet = () => !driver.prq.hasChanges();
 
 let subscriber: Subscriber;
 try {
@@ -87,6 +92,7 @@ runUntilSignal(server, {
   beforeExit: async () => {
     await subscriber.stop();
     coreClient.close();
+    await gate.settle();
     await nc.drain();
   },
 });

@@ -292,6 +292,10 @@ export class PageRequestQueue {
    * counter, for the role's state store: a restarted IOMMU gets its outstanding groups back (their
    * deadlines still run; answers remembered before the crash are not kept).
    */
+  hasChanges(): boolean {
+    return this.#dirty.size > 0;
+  }
+
   takeChanges(): StateChange[] {
     if (this.#dirty.size === 0) return [];
     const out: StateChange[] = [];

@@ -1,4 +1,4 @@
-import { failStopOnWriteError, HistoryRecorder, RoleState, startSubscriber, DEFAULT_PREFIX } from "@ioasid/bus";
+import { failStopOnWriteError, HistoryGate, HistoryRecorder, RoleState, startSubscriber, DEFAULT_PREFIX } from "@ioasid/bus";
 import { isDomainError } from "@ioasid/errors";
 import { createGrpcServer, formatAddress, type GrpcServer, type ServiceHandlers } from "@ioasid/grpc-kit";
 import { core, events, kvm as kvmProto } from "@ioasid/proto";
@@ -221,15 +221,18 @@ export async function startKvmServer(options: StartKvmServerOptions): Promise<Ru
   // Set once stop() begins: a store write failing while the VMs are destroyed does not fail-stop.
   let stopping = false;
   if (saved.size > 0) logger.info({ keys: saved.size }, "restored the VMs and their VMCS tables");
+  // History records wait until the tables they describe are kept (a crash takes back both); KVM
+  // writes each table change in the turn it records it.
+  const gate = new HistoryGate();
   const host = new Kvm({
-    store: failStopOnWriteError(store, (err: unknown) => {
+    store: gate.store(failStopOnWriteError(store, (err: unknown) => {
       logger.fatal({ err: String(err) }, "state store unwritable: exiting so a restart restores the kept VMs and reconciles");
       process.exit(1);
-    }, { stopping: () => stopping }),
+    }, { stopping: () => stopping })),
     saved,
     core: createCorePort(options.core),
     notifier: createNotifierPort(options.nc, prefix),
-    history: (instance) => new HistoryRecorder(options.nc, KVM_SUBSCRIBER, instance, prefix),
+    history: (instance) => gate.wrap(new HistoryRecorder(options.nc, KVM_SUBSCRIBER, instance, prefix)),
     log: (level, msg, fields) => logger[level](fields ?? {}, msg),
     ...(options.reapStale === undefined ? {} : { reapStale: options.reapStale }),
   });
@@ -273,6 +276,7 @@ export async function startKvmServer(options: StartKvmServerOptions): Promise<Ru
       clearTimeout(reconcileTimer);
       clearInterval(releaseTimer);
       await host.destroyAll();
+      await gate.settle();
     },
   };
 }

@@ -1,5 +1,5 @@
 #!/usr/bin/env node
-import { failStopOnWriteError, HistoryRecorder, RoleState, startSubscriber } from "@ioasid/bus";
+import { failStopOnWriteError, HistoryGate, HistoryRecorder, RoleState, startSubscriber } from "@ioasid/bus";
 import { ConfigError, configOrExit, createLogger, defineConfigSchema, runUntilSignal } from "@ioasid/grpc-kit";
 import { events } from "@ioasid/proto";
 import { commonRoleConfig, connectNats, createCoreClient } from "@ioasid/role-kit";
@@ -58,17 +58,20 @@ const store = await RoleState.open(nc, { role: VDCM_ROLE, instance: config.insta
   process.exit(1);
 });
 const saved = await store.load();
+const state = VdcmState.restore(saved);
+// History records wait until the tables they describe are kept (a crash takes back both).
+const gate = new HistoryGate({ quiet: () => !state.hasChanges() });
 const vdcm = new Vdcm({
-  state: VdcmState.restore(saved),
-  store: failStopOnWriteError(store, (err: unknown) => {
+  state,
+  store: gate.store(failStopOnWriteError(store, (err: unknown) => {
     logger.fatal({ err: String(err) }, "state store unwritable: exiting so a restart restores the kept tables and reconciles");
     process.exit(1);
-  }, { stopping: () => stopping }),
+  }, { stopping: () => stopping })),
   instance: config.instance,
   ioasids: coreIoasidPort(coreClient),
   notifier: coreNotifierPort(coreClient, { name: VDCM_ROLE, instance: config.instance }),
   dma: iommuDmaTranslator(iommuClient),
-  history,
+  history: gate.wrap(history),
   log: (level, msg, fields) => logger[level](fields ?? {}, msg),
 });
 
@@ -122,6 +125,7 @@ runUntilSignal(server, {
     await subscriber.stop();
     coreClient.close();
     iommuClient.close();
+    await gate.settle();
     await nc.drain();
   },
 });

@@ -577,6 +577,11 @@ export class VdcmState {
    * store: devices, mdevs, programmed entries and registrations. Reservations and drains in
    * progress are not kept (a restart ends them: the entry is back to PROGRAMMED).
    */
+  /** Whether a change is waiting for {@link takeChanges}. */
+  hasChanges(): boolean {
+    return this.dirty.size > 0;
+  }
+
   takeChanges(): StateChange[] {
     const out: StateChange[] = [];
     for (const key of this.dirty) out.push({ key, value: this.valueOf(key) });

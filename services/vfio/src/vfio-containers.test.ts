@@ -409,6 +409,42 @@ describe("VfioContainers › the VMM session", () => {
     await refused(vfio.allocPasid(c.containerId), Code.NOT_FOUND, "CONTAINER_NOT_FOUND");
   });
 
+  it("keeps closing a crashed guest's container in the background while the core stays unreachable past the FreeSet retries", async () => {
+    const { core, vfio, scheduler, history } = setup({ freeSetRetryDelaysMs: [10, 20] });
+    const c = await open(vfio, 7n);
+    const lease = vfio.attachSession(c.containerId);
+    await vfio.allocPasid(c.containerId);
+    // Three rounds of (3 attempts) fail: nobody calls CloseContainer for a crashed VMM.
+    core.failures.set("freeSet", Array.from({ length: 9 }, () => err(Code.UNAVAILABLE, "UNAVAILABLE")));
+    lease.end();
+    await scheduler.advance(30 + 500 + 30 + 1000 + 30 + 1999);
+    expect(core.ioasids.size).toBe(1);
+    expect(core.calls.filter((m) => m === "freeSet")).toHaveLength(9);
+    await scheduler.advance(1);
+    await expect(lease.closed).resolves.toBe(CloseReason.SESSION_ENDED);
+    await vfio.whenReleased(c.containerId);
+    expect(core.calls.filter((m) => m === "freeSet")).toHaveLength(10);
+    expect(core.ioasids.size).toBe(0);
+    expect(vfio.size).toBe(0);
+    expect(history.find((h) => h.action === "container_close")!.fields.detail).toContain("reason SESSION_ENDED freed 1");
+  });
+
+  it("stops retrying a background close once VFIO stops; closeAll closes the container", async () => {
+    const { core, vfio, scheduler } = setup({ freeSetRetryDelaysMs: [] });
+    const c = await open(vfio, 7n);
+    const lease = vfio.attachSession(c.containerId);
+    await vfio.allocPasid(c.containerId);
+    core.failures.set("freeSet", [err(Code.UNAVAILABLE, "UNAVAILABLE")]);
+    lease.end();
+    await scheduler.advance(0);
+    expect(core.calls.filter((m) => m === "freeSet")).toHaveLength(1);
+    await vfio.closeAll();
+    await expect(lease.closed).resolves.toBe(CloseReason.SERVICE_STOPPED);
+    await scheduler.advance(10_000);
+    expect(core.calls.filter((m) => m === "freeSet")).toHaveLength(2);
+    expect(vfio.size).toBe(0);
+  });
+
   it("closes a container whose session never attaches within the grace period, and only then", async () => {
     const { core, vfio, scheduler, history } = setup();
     const c = await open(vfio, 7n, { sessionGraceMs: 1000 });

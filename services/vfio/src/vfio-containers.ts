@@ -252,6 +252,9 @@ interface Container {
 }
 
 const DEFAULT_FREE_SET_RETRY = [100, 250, 500, 1000, 2000, 4000] as const;
+/** Between rounds of a background close (each round: one close with its FreeSet retries). */
+const BACKGROUND_CLOSE_FIRST_WAIT_MS = 500;
+const BACKGROUND_CLOSE_MAX_WAIT_MS = 5000;
 const DEFAULT_DOMAIN_RELEASE_RETRY = [50, 100, 250, 500, 1000, 2000, 4000, 8000] as const;
 const silentLog: VfioLog = { info: () => {}, warn: () => {}, error: () => {} };
 
@@ -300,6 +303,8 @@ export class VfioContainers {
   readonly #log: VfioLog;
   readonly #defaultGraceMs: number;
   readonly #freeSetRetry: readonly number[];
+  /** closeAll has begun: background closes stop retrying (closeAll closes every container). */
+  #stopping = false;
   readonly #reclaimWaitMs: number;
   readonly #domainRetry: readonly number[];
   readonly #containers = new Map<number, Container>();
@@ -335,7 +340,7 @@ export class VfioContainers {
    */
   async closeRestored(): Promise<number> {
     const restored = this.#restored.splice(0);
-    await Promise.allSettled(restored.map((c) => this.#close(c, CloseReason.SERVICE_RESTARTED)));
+    await Promise.allSettled(restored.map((c) => this.#backgroundClose(c, CloseReason.SERVICE_RESTARTED)));
     await Promise.allSettled(restored.map((c) => c.released ?? Promise.resolve()));
     return restored.length;
   }
@@ -501,7 +506,7 @@ export class VfioContainers {
       end: () => {
         // The VMM went away (exit, kill -9, lost connection): the crashed-guest path.
         if (c.closing === undefined && c.state !== ContainerState.CLOSING && this.#containers.get(c.id) === c) {
-          this.#backgroundClose(c, CloseReason.SESSION_ENDED);
+          void this.#backgroundClose(c, CloseReason.SESSION_ENDED);
         }
       },
     };
@@ -524,6 +529,7 @@ export class VfioContainers {
    * teardown, release phase included. Never throws; failures are logged.
    */
   async closeAll(reason: CloseReason = CloseReason.SERVICE_STOPPED): Promise<void> {
+    this.#stopping = true;
     const all = [...this.#containers.values()];
     await Promise.allSettled(all.map((c) => this.#close(c, reason)));
     await Promise.allSettled(all.map((c) => c.released ?? Promise.resolve()));
@@ -536,10 +542,27 @@ export class VfioContainers {
     await c?.released;
   }
 
-  #backgroundClose(c: Container, reason: CloseReason): void {
-    this.#close(c, reason).catch((err: unknown) => {
-      this.#log.error({ err, containerId: c.id, setId: c.setId, reason }, "container could not be closed: its set is still allocated; CloseContainer retries");
-    });
+  /**
+   * A close nobody waits for and nobody would retry (the VMM is gone: session lost, or a VFIO
+   * restart): retried, the wait between rounds growing to {@link BACKGROUND_CLOSE_MAX_WAIT_MS},
+   * until the set is freed, the container is gone, or VFIO stops (closeAll then closes it).
+   * Found by the chaos suite: a crashed guest's close gave up while the core was down, and its
+   * IOASIDs were never reclaimed (L2).
+   */
+  #backgroundClose(c: Container, reason: CloseReason): Promise<void> {
+    const attempt = async (round: number): Promise<void> => {
+      try {
+        await this.#close(c, reason);
+      } catch (err) {
+        if (this.#stopping || this.#containers.get(c.id) !== c) return;
+        const wait = Math.min(BACKGROUND_CLOSE_FIRST_WAIT_MS * 2 ** round, BACKGROUND_CLOSE_MAX_WAIT_MS);
+        this.#log.error({ err, containerId: c.id, setId: c.setId, reason, round, retryInMs: wait }, "container could not be closed yet: its set is still allocated; retrying");
+        await this.#scheduler.sleep(wait);
+        if (this.#stopping || this.#containers.get(c.id) !== c) return;
+        await attempt(round + 1);
+      }
+    };
+    return attempt(0);
   }
 
   #close(c: Container, reason: CloseReason): Promise<CloseResult> {

@@ -1,0 +1,84 @@
+import { describe, expect, it } from "vitest";
+import { HistoryGate } from "./history-gate.js";
+import type { RoleStatePort, StateChange } from "./role-state.js";
+
+/** A store whose writes wait until the test settles them. */
+function manualStore() {
+  const writes: Array<{ changes: readonly StateChange[]; ok: () => void; fail: (e: Error) => void }> = [];
+  const store: RoleStatePort = {
+    write: (changes) => new Promise<void>((ok, fail) => writes.push({ changes, ok, fail })),
+  };
+  return { store, writes };
+}
+
+const tick = (ms = 40) => new Promise((r) => setTimeout(r, ms));
+
+describe("HistoryGate", () => {
+  it("holds a table change's record until the write that keeps it succeeds, and keeps the record's time", async () => {
+    const out: Array<[string, number | undefined]> = [];
+    const gate = new HistoryGate({ quiet: () => false, checkMs: 5 });
+    const h = gate.wrap({ record: (a, _f, ts) => void out.push([a, ts]) });
+    const { store, writes } = manualStore();
+    const kept = gate.store(store);
+    h.record("pasid_entry_set", {}, 1234);
+    const w = kept.write([{ key: "h/1", value: 1 }]);
+    h.record("made_after_the_write_began");
+    await tick();
+    expect(out).toEqual([]);
+    writes[0]!.ok();
+    await w;
+    await tick(1);
+    expect(out).toEqual([["pasid_entry_set", 1234]]);
+    expect(gate.held).toBe(1); // the later record waits for a later write
+    void kept.write([]);
+    writes[1]!.ok();
+    await tick(1);
+    expect(out.map((o) => o[0])).toEqual(["pasid_entry_set", "made_after_the_write_began"]);
+  });
+
+  it("releases nothing after a failed write: the role stops, and its change was not kept", async () => {
+    const out: string[] = [];
+    const gate = new HistoryGate({ checkMs: 5 });
+    const h = gate.wrap({ record: (a) => void out.push(a) });
+    const { store, writes } = manualStore();
+    const kept = gate.store(store);
+    h.record("bind_gpasid");
+    const w = kept.write([{ key: "bind/3", value: 1 }]);
+    writes[0]!.fail(new Error("nats timeout"));
+    await expect(w).rejects.toThrow("nats timeout");
+    h.record("anything_later");
+    await tick();
+    expect(out).toEqual([]);
+  });
+
+  it("lets a later write's records wait for an earlier write still in flight", async () => {
+    const out: string[] = [];
+    const gate = new HistoryGate({ quiet: () => false, checkMs: 5 });
+    const h = gate.wrap({ record: (a) => void out.push(a) });
+    const { store, writes } = manualStore();
+    const kept = gate.store(store);
+    h.record("a");
+    void kept.write([{ key: "a", value: 1 }]);
+    h.record("b");
+    void kept.write([{ key: "b", value: 1 }]);
+    writes[1]!.ok(); // the later write lands first
+    await tick(1);
+    expect(out).toEqual([]);
+    writes[0]!.ok();
+    await tick(1);
+    expect(out).toEqual(["a", "b"]);
+  });
+
+  it("lets a record out at once when the role is quiet and nothing is in flight, and holds it while the role has unwritten changes", async () => {
+    const out: string[] = [];
+    let dirty = true;
+    const gate = new HistoryGate({ quiet: () => !dirty, checkMs: 5 });
+    const h = gate.wrap({ record: (a) => void out.push(a) });
+    h.record("translate");
+    await tick();
+    expect(out).toEqual([]);
+    dirty = false;
+    await tick();
+    expect(out).toEqual(["translate"]);
+  });
+});
