@@ -106,6 +106,17 @@ class FakeCore implements KvmCorePort {
     }
     return out;
   }
+  async orphanReferences(live: ReadonlySet<string>): Promise<HolderReference[]> {
+    this.#check();
+    this.calls.push("orphanReferences");
+    const out: HolderReference[] = [];
+    for (const [k, n] of this.refs) {
+      const [ioasid, generation, inst, purpose] = k.split(":");
+      if (live.has(inst!)) continue;
+      for (let i = 0; i < n; i++) out.push({ setId: 1, ioasid: Number(ioasid), generation: Number(generation), instance: inst!, purpose: purpose! });
+    }
+    return out;
+  }
 }
 
 /** The bus: one handler per VM instance; the test delivers events by hand. */
@@ -528,6 +539,35 @@ describe("Kvm.destroyVm and a lost acknowledgement", () => {
     // The VMM crashes and the VM is destroyed: no redelivery can bring the release any more.
     expect(await kvm.destroyVm(1)).toMatchObject({ releasedReferences: 1 });
     expect(core.refs.size).toBe(0);
+  });
+});
+
+describe("Kvm and references no live VM accounts for", () => {
+  it("releases, after a VM whose set it never learnt is destroyed, the reference the core records for it", async () => {
+    // The VM was created PENDING; its BIND's ioasid_get reached the core, but the KVM process died
+    // before it kept the change, so the restored VM knows neither its set nor the reference.
+    const kvm = newKvm();
+    await kvm.reconcile();
+    await kvm.createVm({ mmToken: 0xa0n, vcpuCount: 1, vmName: "g" });
+    await core.get({ setId: 4, ioasid: 201, generation: 1, instance: "vm-1", purpose: "vmcs" });
+    await core.get({ setId: 4, ioasid: 202, generation: 1, instance: "vm-2", purpose: "vmcs" }); // a VM of another life
+    await kvm.retryPendingReleases(); // the sweep after the start: vm-2 is nobody's
+    expect(core.held({ ioasid: 202, generation: 1, instance: "vm-2" })).toBe(0);
+    expect(core.held({ ioasid: 201, generation: 1, instance: "vm-1" })).toBe(1); // vm-1 is live
+    expect(await kvm.destroyVm(1)).toMatchObject({ releasedReferences: 0 });
+    expect(core.held({ ioasid: 201, generation: 1, instance: "vm-1" })).toBe(1);
+    core.down = true;
+    await kvm.retryPendingReleases(); // the core unreachable: the sweep waits
+    core.down = false;
+    await kvm.retryPendingReleases();
+    expect(core.refs.size).toBe(0);
+    expect(history.filter((h) => h.action === "kvm_orphan_release").map((h) => [h.instance, h.fields?.ioasid])).toEqual([
+      ["vm-2", 202],
+      ["vm-1", 201],
+    ]);
+    core.calls = [];
+    await kvm.retryPendingReleases(); // nothing more to look for
+    expect(core.calls).toEqual([]);
   });
 });
 

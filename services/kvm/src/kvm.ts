@@ -76,6 +76,8 @@ export interface KvmCorePort {
   holds(ref: HolderReference): Promise<boolean>;
   /** References `kvm/<instance>/*` holds on IOASIDs of a set, one entry per reference. */
   heldReferences(setId: number, instance: string): Promise<HolderReference[]>;
+  /** References of any set held by a `kvm/<instance>` whose instance is not in `live`. */
+  orphanReferences(live: ReadonlySet<string>): Promise<HolderReference[]>;
 }
 
 /** A running event subscription of one VM. */
@@ -265,6 +267,12 @@ export class Kvm {
   readonly #log: NonNullable<KvmOptions["log"]>;
   readonly #now: () => Date;
   readonly #reapStale: boolean;
+  /**
+   * Set when a VM went without KVM knowing every reference the core records for it (its set was
+   * never learnt, or the core could not be asked): the next {@link retryPendingReleases} releases
+   * every `kvm/*` reference of an instance that is not a live VM.
+   */
+  #sweepOrphans = false;
   readonly #maxReleaseAttempts: number;
   readonly #vms = new Map<number, VirtualMachine>();
   /** MM token → VM, including VMs being created (a second CreateVm with the token is VM_EXISTS). */
@@ -399,6 +407,9 @@ export class Kvm {
     }
     if (this.#reapStale) {
       for (const r of stale) await this.#reap(r);
+      // A crash may have lost VMs' changes before they were kept: look once for references no
+      // live VM accounts for.
+      this.#sweepOrphans = true;
     }
     this.#reconciled = true;
   }
@@ -450,6 +461,8 @@ export class Kvm {
     vm.refs.clear();
     await this.#write([{ key: vmKey(vm.vmId), value: undefined }, ...cleared.map((t) => ({ key: vmcsKey(vm.vmId, t.hpasid), value: undefined }))]);
     for (const ref of refs) await this.#release(ref);
+    // The core may record more for it than KVM kept (a change lost with the crash).
+    this.#sweepOrphans = true;
     this.#log("warn", "a restored VM could not come back", { vmId: vm.vmId, why });
   }
 
@@ -593,8 +606,12 @@ export class Kvm {
       try {
         toRelease = await this.#core.heldReferences(vm.setId, vm.instance);
       } catch (err) {
-        this.#log("warn", "could not ask the core what a destroyed VM holds: releasing what KVM remembers", { vmId, reason: reasonOf(err) });
+        this.#sweepOrphans = true;
+        this.#log("warn", "could not ask the core what a destroyed VM holds: releasing what KVM remembers, the rest later", { vmId, reason: reasonOf(err) });
       }
+    } else {
+      // Its set was never learnt (a restart lost it before it was kept): the sweep finds its references.
+      this.#sweepOrphans = true;
     }
     const released = await Promise.all(toRelease.map((ref) => this.#release(ref)));
     const releasedReferences = released.filter(Boolean).length;
@@ -680,6 +697,7 @@ export class Kvm {
    * @returns references still pending
    */
   async retryPendingReleases(): Promise<number> {
+    if (this.#sweepOrphans && this.#reapStale && this.#reconciled) await this.#sweep();
     const batch = this.#pendingReleases;
     this.#pendingReleases = [];
     for (const p of batch) {
@@ -696,6 +714,31 @@ export class Kvm {
       }
     }
     return this.#pendingReleases.length;
+  }
+
+  /**
+   * Releases every `kvm/*` reference the core records for an instance that is not a live VM: only
+   * KVM takes them, so they belong to VMs that are gone (found by the chaos suite, seed 9: a KVM
+   * that fail-stopped before keeping a VM's set came back, the VM was destroyed, and the reference
+   * its BIND took was never dropped — the crashed guest's IOASID stayed FREE_PENDING).
+   */
+  async #sweep(): Promise<void> {
+    let orphans: HolderReference[];
+    try {
+      orphans = await this.#core.orphanReferences(new Set([...this.#vms.values()].map((vm) => vm.instance)));
+    } catch (err) {
+      this.#log("warn", "could not look for references of gone VMs yet", { reason: reasonOf(err) });
+      return;
+    }
+    this.#sweepOrphans = false;
+    for (const ref of orphans) {
+      // A VM created since the listing is live and keeps what it holds.
+      if ([...this.#vms.values()].some((vm) => vm.instance === ref.instance)) continue;
+      if (await this.#release(ref)) {
+        this.#history(ref.instance).record("kvm_orphan_release", { ioasid: ref.ioasid, generation: ref.generation, setId: ref.setId, detail: `${ref.instance}/${ref.purpose}: the VM is gone` });
+        this.#log("info", "released a reference of a gone VM", { ...ref });
+      }
+    }
   }
 
   /**

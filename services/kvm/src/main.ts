@@ -15,7 +15,7 @@ export const kvmConfigSchema = defineConfigSchema({
     name: "KVM_REAP_STALE_VMS",
     kind: "boolean",
     default: true,
-    doc: "At start, drop the IOASID references and notifier registrations of VMs an earlier KVM process left behind and its kept state does not bring back (VMs it kept in JetStream come back with their tables).",
+    doc: "At start, drop the IOASID references and notifier registrations of VMs an earlier KVM process left behind and its kept state does not bring back (VMs it kept in JetStream come back with their tables); then, and after a VM went without KVM knowing all it held, release every kvm/* reference of an instance that is not a live VM.",
   },
   ...commonRoleConfig,
 });

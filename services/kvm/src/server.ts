@@ -137,6 +137,25 @@ export function createCorePort(client: CoreClient): KvmCorePort {
         throw err;
       }
     },
+    orphanReferences: async (live) => {
+      const refs: HolderReference[] = [];
+      for (const set of (await client.listSets({})).sets) {
+        let ioasids: core.IoasidInfo[];
+        try {
+          ioasids = (await client.listIoasids({ setId: set.setId })).ioasids;
+        } catch (err) {
+          if (isDomainError(err, "SET_UNKNOWN")) continue;
+          throw err;
+        }
+        for (const info of ioasids) {
+          for (const h of info.holders) {
+            if (h.holder?.role !== KVM_SUBSCRIBER || live.has(h.holder.instance)) continue;
+            for (let i = 0; i < h.count; i++) refs.push({ setId: set.setId, ioasid: info.ioasid, generation: info.generation, instance: h.holder.instance, purpose: h.holder.purpose });
+          }
+        }
+      }
+      return refs;
+    },
     heldReferences: async (setId, instance) => {
       let ioasids: core.IoasidInfo[];
       try {

@@ -429,6 +429,23 @@ describe("VfioContainers › the VMM session", () => {
     expect(history.find((h) => h.action === "container_close")!.fields.detail).toContain("reason SESSION_ENDED freed 1");
   });
 
+  it("takes over, when the session ends, a CloseContainer that is still in progress and then fails", async () => {
+    const { core, vfio, scheduler } = setup({ freeSetRetryDelaysMs: [10] });
+    const c = await open(vfio, 7n);
+    const lease = vfio.attachSession(c.containerId);
+    await vfio.allocPasid(c.containerId);
+    core.failures.set("freeSet", [err(Code.UNAVAILABLE, "UNAVAILABLE"), err(Code.UNAVAILABLE, "UNAVAILABLE")]);
+    const close = refused(vfio.closeContainer(c.containerId), Code.UNAVAILABLE, "UNAVAILABLE");
+    lease.end(); // the VMM is killed while its close waits for the core
+    await scheduler.advance(10);
+    await close;
+    expect(core.ioasids.size).toBe(1);
+    await scheduler.advance(500); // the background close's next round
+    await vfio.whenReleased(c.containerId);
+    expect(core.ioasids.size).toBe(0);
+    expect(vfio.size).toBe(0);
+  });
+
   it("stops retrying a background close once VFIO stops; closeAll closes the container", async () => {
     const { core, vfio, scheduler } = setup({ freeSetRetryDelaysMs: [] });
     const c = await open(vfio, 7n);
