@@ -210,6 +210,14 @@ const BROKEN: Record<InvariantId, readonly Broken[]> = {
         return change(h, is("ioasid", "event:RECLAIM", { ioasid: 204 }), (r) => ({ ...r, ts: lastHeal + 6000 }));
       },
     },
+    {
+      name: "a freed IOASID still FREE_PENDING in the final state (a reference nobody will release)",
+      history: correctHistory,
+      finalState: () => {
+        const f = correctFinalState();
+        return { ...f, ioasids: [...f.ioasids!, { ioasid: 205, generation: 1, setId: 1, state: "FREE_PENDING", refcount: 1, holders: ["vdcm/vdcm-0/idxd0.wq1"] }] };
+      },
+    },
   ],
   L3: [
     { name: "a page-request group never answered", history: () => without(correctHistory(), is("iommu", "page_response", { detail: "group 1 " })) },

@@ -659,9 +659,31 @@ const L1: Rule = {
 const L2: Rule = {
   invariant: "L2",
   description:
-    "for each chaos crash of VM V (set from the chaos records), every generation allocated in V's set before the crash and not reclaimed by then has event:RECLAIM by max(crash, last heal) + reclaimBoundMs; one with no RECLAIM recorded is a violation unless the final state shows it gone (then a note: reclaimed, time unknown)",
+    "for each chaos crash of VM V (set from the chaos records), every generation allocated in V's set before the crash and not reclaimed by then has event:RECLAIM by max(crash, last heal) + reclaimBoundMs; one with no RECLAIM recorded is a violation unless the final state shows it gone (then a note: reclaimed, time unknown). The final state (read after the heal and the settle) has no FREE_PENDING IOASID, and no IOASID of a set whose VM closed or crashed",
   check(ctx) {
     const out: Finding[] = [];
+    // After the heal every component is up: a freed IOASID still FREE_PENDING, or an IOASID of a
+    // guest that is gone (closed or crashed), is held by something that will never let go.
+    const ended = new Set<number>();
+    for (const span of ctx.index.ops) {
+      const gone = (span.op.op === "close" && span.outcome === "ok") || (ctx.options.crashOps.includes(span.op.op) && span.outcome !== "fail");
+      const at = span.completion ?? span.invoke;
+      if (!gone || at === undefined || span.op.vm === undefined) continue;
+      const setId = span.op.setId ?? ctx.index.setOfVm(span.op.vm, at);
+      if (setId !== undefined) ended.add(setId);
+    }
+    for (const i of ctx.finalState?.ioasids ?? []) {
+      if (i.state !== "FREE_PENDING" && !ended.has(i.setId)) continue;
+      const why = i.state === "FREE_PENDING" ? "freed" : "of a guest that is gone";
+      out.push({
+        ioasid: i.ioasid,
+        generation: i.generation,
+        setId: i.setId,
+        message: `final state: IOASID ${i.ioasid} generation ${i.generation} (set ${i.setId}), ${why}, is still ${i.state} after every component was back, held by ${(i.holders ?? []).join(", ") || "nobody"}`,
+        evidence: [],
+        facts: [`IOASID ${i.ioasid}#${i.generation} set ${i.setId} ${i.state} refcount ${i.refcount ?? "?"}`],
+      });
+    }
     const lastHeal = ctx.index.lastHeal === undefined ? -Infinity : ts(ctx, ctx.index.lastHeal);
     for (const span of ctx.index.ops) {
       if (!ctx.options.crashOps.includes(span.op.op) || span.outcome === "fail") continue;

@@ -413,6 +413,28 @@ describe("IommuDriver after a restart", () => {
     expect(await deliver({ ...r0, driver: back }, core.free(set, 201))).toEqual(["bind"]);
   });
 
+  it("counts as its bind's a reference the core records for a bind kept without it (a crash right after the get)", async () => {
+    const store = new MemoryRoleState();
+    const core = new FakeCore();
+    const first = new IommuDriver({ hardware: new IommuHardware(), core, instance: "dmar0", store });
+    for (const d of ["d0", "d1"]) first.registerDevice(dev(d));
+    const parent = first.createDomain({ type: DomainType.PAGING, parentDomainId: 0, guestPgtable: 0n, mmToken: 0n }).domainId;
+    const r0: Rig = { core, driver: first, history: [], parent };
+    const set = core.setWith(201);
+    // The bind state is kept, the get is applied but its answer lost, and the undo cannot reach the core.
+    core.loseAnswerOf.add("get");
+    core.failNext.set("put", new DomainError(Code.UNAVAILABLE, "UNAVAILABLE", "core down"));
+    await refused(first.bindGpasid(bindSpec(r0, { setId: set })), Code.UNAVAILABLE, "UNAVAILABLE");
+    // kill -9 before refHeld reached the store: what was kept says "no reference".
+    first.hw.binding(201)!.refHeld = false;
+    await first.persist();
+    expect(core.info(201)!.holders[HOLDER_KEY]).toBe(1);
+    const back = new IommuDriver({ hardware: IommuHardware.restore(store.saved), core, instance: "dmar0", store, saved: store.saved });
+    expect(await back.reconcile()).toMatchObject({ adopted: 1 });
+    expect(await deliver({ ...r0, driver: back }, core.free(set, 201))).toEqual(["bind"]);
+    expect(core.info(201)).toBeUndefined();
+  });
+
   it("takes back its bind references, so the IOASID's FREE still releases them", async () => {
     const r = rig();
     const set = r.core.setWith(201, 202);

@@ -278,9 +278,20 @@ export class IommuDriver {
       }
     }
     let tornDown = 0;
+    let adoptedHere = 0;
     for (const b of this.hw.bindings()) {
       const info = held.get(b.hpasid);
-      if (info !== undefined && info.generation === b.generation) continue;
+      if (info !== undefined && info.generation === b.generation) {
+        // The core records the reference: it is this bind's, whatever the kept state says (a
+        // crash between the core's get and keeping refHeld; chaos seed 2, where the FREE then
+        // released nothing and the crashed guest's IOASID stayed FREE_PENDING).
+        if (!b.refHeld) {
+          b.refHeld = true;
+          adoptedHere++;
+          this.#record("bind_adopted", { ...this.#bindFields(b), detail: "reference the core recorded for a bind kept without it" });
+        }
+        continue;
+      }
       // Not held any more (or another generation now): nothing of this bind may stay programmed.
       const { result, changes } = this.hw.teardownIoasid(b.hpasid, b.generation);
       this.#recordChanges(changes);
@@ -306,7 +317,7 @@ export class IommuDriver {
       for (const mm of this.hw.mmsWithPasid(h.pasid)) if (mm.generation === h.generation) this.hw.deleteMm(mm.mmToken);
       tornDown += result.length;
     }
-    const adopted = await this.adoptHeldReferences();
+    const adopted = adoptedHere + (await this.adoptHeldReferences());
     this.#armTimer();
     await this.persist();
     return { adopted, tornDown };

@@ -551,11 +551,14 @@ describe("Kvm and references no live VM accounts for", () => {
     await kvm.createVm({ mmToken: 0xa0n, vcpuCount: 1, vmName: "g" });
     await core.get({ setId: 4, ioasid: 201, generation: 1, instance: "vm-1", purpose: "vmcs" });
     await core.get({ setId: 4, ioasid: 202, generation: 1, instance: "vm-2", purpose: "vmcs" }); // a VM of another life
+    expect(kvm.releaseWorkDue).toBe(true); // what the server's release timer looks at
     await kvm.retryPendingReleases(); // the sweep after the start: vm-2 is nobody's
+    expect(kvm.releaseWorkDue).toBe(false);
     expect(core.held({ ioasid: 202, generation: 1, instance: "vm-2" })).toBe(0);
     expect(core.held({ ioasid: 201, generation: 1, instance: "vm-1" })).toBe(1); // vm-1 is live
     expect(await kvm.destroyVm(1)).toMatchObject({ releasedReferences: 0 });
     expect(core.held({ ioasid: 201, generation: 1, instance: "vm-1" })).toBe(1);
+    expect(kvm.releaseWorkDue).toBe(true);
     core.down = true;
     await kvm.retryPendingReleases(); // the core unreachable: the sweep waits
     core.down = false;

@@ -367,6 +367,11 @@ export class Kvm {
     return this.#pendingReleases.length;
   }
 
+  /** Whether {@link retryPendingReleases} has work: deferred puts, or a sweep for references of gone VMs. */
+  get releaseWorkDue(): boolean {
+    return this.#pendingReleases.length > 0 || (this.#sweepOrphans && this.#reapStale && this.#reconciled);
+  }
+
   /**
    * Settles what a previous KVM process left in the core (once; concurrent calls share the work):
    * VM ids continue after the ones its registrations name, and, unless `reapStale` is false, the

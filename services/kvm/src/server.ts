@@ -276,7 +276,7 @@ export async function startKvmServer(options: StartKvmServerOptions): Promise<Ru
   await reconcile();
   let retrying = false;
   const releaseTimer = setInterval(() => {
-    if (retrying || host.pendingReleases === 0) return;
+    if (retrying || !host.releaseWorkDue) return;
     retrying = true;
     void host.retryPendingReleases().finally(() => {
       retrying = false;

@@ -114,6 +114,15 @@ const subscriber = await startSubscriber({
     }),
 });
 
+// Releases deferred while the core was unreachable are retried until made.
+let retryingPuts = false;
+const putTimer = setInterval(() => {
+  if (retryingPuts || vdcm.pendingPutCount === 0) return;
+  retryingPuts = true;
+  void vdcm.retryPendingPuts().finally(() => (retryingPuts = false));
+}, 1000);
+putTimer.unref();
+
 const server = createVdcmServer(vdcm, { logger });
 await server.listen(config.address.host, config.address.port).catch((err: unknown) => {
   logger.fatal({ err: String(err) }, "could not start");

@@ -34,6 +34,8 @@ class FakeCore implements IoasidPort {
   readonly ids = new Map<number, FakeIoasid>();
   readonly generations = new Map<number, number>();
   readonly calls: string[] = [];
+  /** Puts that fail UNAVAILABLE before any is made (the core unreachable). */
+  failPuts = 0;
   /** When set, findBySpid answers only once it settles (after taking the reference: a slow reply). */
   slowReply: Promise<void> | undefined;
 
@@ -86,6 +88,10 @@ class FakeCore implements IoasidPort {
 
   async put(setId: number, ioasid: number, holder: Holder, generation: number) {
     this.calls.push(`put ${setId} ${ioasid} ${holder.purpose}`);
+    if (this.failPuts > 0) {
+      this.failPuts--;
+      throw coreError(Code.UNAVAILABLE, "UNAVAILABLE");
+    }
     const x = this.resolve(setId, ioasid, generation, false);
     if ((x.holders.get(key(holder)) ?? 0) === 0) throw coreError(Code.FAILED_PRECONDITION, "NO_REFERENCE_HELD");
     this.drop(ioasid, key(holder));
@@ -240,6 +246,23 @@ describe("Vdcm mdev_write / mdev_clear (life-cycle steps 8–16)", () => {
     await refused(vdcm.writeWqPasid(M2, 0, 555), Code.FAILED_PRECONDITION, "PASID_IN_USE");
     expect(core.holders(201)).toEqual({ "set-owner": 1 });
     expect(vdcm.snapshot().devices[0]!.pasidEntries.map((e) => [e.setId, e.wqId])).toEqual([[VM1, 0]]);
+  });
+
+  it("keeps retrying, on its timer, the put of a cleared entry while the core is unreachable", async () => {
+    const { core, vdcm } = await setup();
+    core.alloc(VM1, 201, 101);
+    await vdcm.writeWqPasid(M1, 0, 101);
+    core.failPuts = 5; // the clear's three attempts and the first retry fail
+    expect(await vdcm.clearWqPasid(M1, 0)).toMatchObject({ cleared: true });
+    expect(core.holders(201)).toEqual({ "set-owner": 1, [`vdcm/vdcm0/${DEV}.wq0`]: 1 });
+    expect(vdcm.pendingPutCount).toBe(1);
+    expect(await vdcm.retryPendingPuts()).toBe(1);
+    expect(await vdcm.retryPendingPuts()).toBe(1);
+    expect(await vdcm.retryPendingPuts()).toBe(0);
+    expect(core.holders(201)).toEqual({ "set-owner": 1 });
+    // A FREE now reclaims at once: nothing of VDCM's is left.
+    core.free(201);
+    expect(core.ids.has(201)).toBe(false);
   });
 
   it("clears by draining the work queue first, then clears the entry, then puts", async () => {

@@ -137,6 +137,8 @@ export class Vdcm {
   private readonly now: () => Date;
   private readonly log: NonNullable<VdcmOptions["log"]>;
   private readonly putAttempts: number;
+  /** Releases deferred while the core was unreachable, retried by {@link retryPendingPuts}. */
+  private readonly pendingPuts: Array<{ setId: number; ioasid: number; holder: Holder; generation: number; why: string }> = [];
   private readonly locks = new KeyedMutex();
   private readonly inFlight = new Set<InFlight>();
   private readonly pendingWrites = new Set<PendingWrite>();
@@ -528,12 +530,44 @@ export class Vdcm {
       } catch (err) {
         const e = DomainError.from(err);
         const transient = e.code === Code.UNAVAILABLE || e.code === Code.DEADLINE_EXCEEDED;
-        if (!transient || attempt >= this.putAttempts) {
-          this.log(transient ? "error" : "warn", "reference not released", { setId, ioasid, generation, holder, why, reason: e.reason, message: e.message });
+        if (!transient) {
+          this.log("warn", "reference not released", { setId, ioasid, generation, holder, why, reason: e.reason, message: e.message });
+          return false;
+        }
+        if (attempt >= this.putAttempts) {
+          // Nothing of this reference is programmed any more: it must go, or the IOASID stays
+          // FREE_PENDING for good (chaos seed 7: an mdev_clear's put lost while the core was down).
+          this.pendingPuts.push({ setId, ioasid, holder, generation, why });
+          this.log("warn", "reference release deferred: the core is unreachable", { setId, ioasid, generation, holder, why, reason: e.reason });
           return false;
         }
       }
     }
+  }
+
+  /** Puts deferred while the core was unreachable (see {@link retryPendingPuts}). */
+  get pendingPutCount(): number {
+    return this.pendingPuts.length;
+  }
+
+  /**
+   * Retries the releases deferred while the core was unreachable, until each is made or refused
+   * (already dropped, IOASID gone). The service calls it on a timer.
+   * @returns releases still deferred
+   */
+  async retryPendingPuts(): Promise<number> {
+    const batch = this.pendingPuts.splice(0);
+    for (const p of batch) {
+      try {
+        await this.ioasids.put(p.setId, p.ioasid, p.holder, p.generation);
+        this.log("info", "deferred reference released", { setId: p.setId, ioasid: p.ioasid, generation: p.generation, holder: p.holder, why: p.why });
+      } catch (err) {
+        const e = DomainError.from(err);
+        if (e.code === Code.UNAVAILABLE || e.code === Code.DEADLINE_EXCEEDED) this.pendingPuts.push(p);
+        else this.log("warn", "deferred reference release refused (nothing to drop)", { setId: p.setId, ioasid: p.ioasid, generation: p.generation, holder: p.holder, reason: e.reason });
+      }
+    }
+    return this.pendingPuts.length;
   }
 
   private async drain(match: (f: InFlight) => boolean): Promise<void> {
