@@ -1,8 +1,8 @@
 import { defineConfig } from "vitest/config";
 
-// The chaos tests (test/chaos), apart from `npm test` (whose `vitest run` runs every project of
-// vitest.config.ts): each seed starts a stack of its own, drives guests and injects faults for
-// tens of seconds. `npm run test:chaos` runs them; `npm run chaos` is the longer soak.
+// The bounded chaos suite (test/chaos), run by `npm test` after the projects of vitest.config.ts
+// (and alone by `npm run test:chaos`): each seed starts a stack of its own, drives guests and
+// injects faults for tens of seconds. `npm run chaos` is the longer soak.
 const conditions = ["source", "node", "import", "default"];
 
 export default defineConfig({

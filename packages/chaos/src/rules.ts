@@ -675,13 +675,16 @@ const L2: Rule = {
     for (const i of ctx.finalState?.ioasids ?? []) {
       if (i.state !== "FREE_PENDING" && !ended.has(i.setId)) continue;
       const why = i.state === "FREE_PENDING" ? "freed" : "of a guest that is gone";
+      const l = ctx.index.lifecycles.get(lifecycleKey(i.ioasid, i.generation));
+      // The generation's core records (its events and reference changes) show who took what.
+      const evidence = l === undefined ? [] : [...l.events, ...l.refs].sort((a, b) => a - b).slice(-12);
       out.push({
         ioasid: i.ioasid,
         generation: i.generation,
         setId: i.setId,
         message: `final state: IOASID ${i.ioasid} generation ${i.generation} (set ${i.setId}), ${why}, is still ${i.state} after every component was back, held by ${(i.holders ?? []).join(", ") || "nobody"}`,
-        evidence: [],
         facts: [`IOASID ${i.ioasid}#${i.generation} set ${i.setId} ${i.state} refcount ${i.refcount ?? "?"}`],
+        evidence,
       });
     }
     const lastHeal = ctx.index.lastHeal === undefined ? -Infinity : ts(ctx, ctx.index.lastHeal);

@@ -36,6 +36,8 @@ class FakeCore implements IoasidPort {
   readonly calls: string[] = [];
   /** Puts that fail UNAVAILABLE before any is made (the core unreachable). */
   failPuts = 0;
+  /** The next findBySpid takes the reference, then its answer is lost (UNAVAILABLE). */
+  loseFindAnswer = false;
   /** When set, findBySpid answers only once it settles (after taking the reference: a slow reply). */
   slowReply: Promise<void> | undefined;
 
@@ -69,6 +71,10 @@ class FakeCore implements IoasidPort {
     const [ioasid, x] = found;
     if (x.freePending) throw coreError(Code.NOT_FOUND, "IOASID_FREE_PENDING");
     x.holders.set(key(holder), (x.holders.get(key(holder)) ?? 0) + 1);
+    if (this.loseFindAnswer) {
+      this.loseFindAnswer = false;
+      throw coreError(Code.UNAVAILABLE, "UNAVAILABLE");
+    }
     const refcount = this.refcount(ioasid);
     await this.slowReply;
     return { ioasid, generation: x.generation, refcount };
@@ -263,6 +269,23 @@ describe("Vdcm mdev_write / mdev_clear (life-cycle steps 8–16)", () => {
     // A FREE now reclaims at once: nothing of VDCM's is left.
     core.free(201);
     expect(core.ids.has(201)).toBe(false);
+  });
+
+  it("releases, on its timer, a reference the core took for a write whose answer was lost, and keeps the ones entries back", async () => {
+    const { core, vdcm } = await setup();
+    core.alloc(VM1, 201, 101);
+    core.alloc(VM1, 202, 102);
+    await vdcm.writeWqPasid(M1, 2, 102); // a programmed entry (device wq 3): its reference stays
+    core.loseFindAnswer = true;
+    await refused(vdcm.writeWqPasid(M1, 0, 101), Code.UNAVAILABLE, "UNAVAILABLE");
+    expect(core.holders(201)).toEqual({ "set-owner": 1, [`vdcm/vdcm0/${DEV}.wq0`]: 1 }); // held by nobody
+    expect(vdcm.pendingPutCount).toBe(1);
+    expect(await vdcm.retryPendingPuts()).toBe(0);
+    expect(core.holders(201)).toEqual({ "set-owner": 1 });
+    expect(core.holders(202)).toEqual({ "set-owner": 1, [`vdcm/vdcm0/${DEV}.wq3`]: 1 });
+    // The guest's retry then programs it.
+    await vdcm.writeWqPasid(M1, 0, 101);
+    expect(core.holders(201)).toEqual({ "set-owner": 1, [`vdcm/vdcm0/${DEV}.wq0`]: 1 });
   });
 
   it("clears by draining the work queue first, then clears the entry, then puts", async () => {

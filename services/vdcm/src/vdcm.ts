@@ -111,6 +111,12 @@ interface PendingWrite {
   readonly done: Promise<void>;
 }
 
+/** A core call whose outcome is unknown: the core may or may not have applied it. */
+function isIndeterminate(err: unknown): boolean {
+  const e = DomainError.from(err);
+  return e.code === Code.UNAVAILABLE || e.code === Code.DEADLINE_EXCEEDED || e.code === Code.CANCELLED || e.code === Code.UNKNOWN;
+}
+
 /**
  * The VDCM role (DESIGN §5 "VDCM"; ioasid.rst "VDCM PASID Programming"): emulates the mdevs'
  * virtual registers on top of {@link VdcmState}, keeps the device PASID table in step with the
@@ -141,6 +147,11 @@ export class Vdcm {
   private readonly pendingPuts: Array<{ setId: number; ioasid: number; holder: Holder; generation: number; why: string }> = [];
   private readonly locks = new KeyedMutex();
   private readonly inFlight = new Set<InFlight>();
+  /**
+   * Sets where a reference may have been taken without its answer (a find-by-SPID or get whose
+   * answer was lost): {@link retryPendingPuts} releases there what no entry or descriptor backs.
+   */
+  private readonly sweepSets = new Set<number>();
   private readonly pendingWrites = new Set<PendingWrite>();
   /** Entries being drained and cleared, by `<device>/<wq>`: settles once the entry is gone. */
   private readonly clearing = new Map<string, Promise<void>>();
@@ -284,6 +295,9 @@ export class Vdcm {
           t = await this.ioasids.findBySpid(reservation.setId, gpasid, holder);
         } catch (err) {
           this.state.releaseReservation(reservation);
+          // The core may have taken the reference and lost the answer (chaos seed 8): nobody would
+          // hold it, and the IOASID would stay FREE_PENDING after its FREE.
+          if (isIndeterminate(err)) this.sweepSets.add(reservation.setId);
           throw fromCoreError(err, "gpasid");
         }
         let entry: DevicePasidEntry;
@@ -375,6 +389,7 @@ export class Vdcm {
           await this.ioasids.get(wq.setId, hpasid, holder, generation);
         }
       } catch (err) {
+        if (isIndeterminate(err)) this.sweepSets.add(wq.setId);
         const e = fromCoreError(err, "pasid");
         this.recordDropped(wq, s, e);
         throw e;
@@ -545,9 +560,38 @@ export class Vdcm {
     }
   }
 
-  /** Puts deferred while the core was unreachable (see {@link retryPendingPuts}). */
+  /** Whether {@link retryPendingPuts} has work: deferred puts, or sets to sweep. */
   get pendingPutCount(): number {
-    return this.pendingPuts.length;
+    return this.pendingPuts.length + this.sweepSets.size;
+  }
+
+  /**
+   * Releases in each set to sweep every reference of this instance that no programmed entry backs,
+   * once nothing is in progress there (no write being made, no descriptor running).
+   */
+  private async sweepUnbacked(): Promise<void> {
+    for (const setId of [...this.sweepSets]) {
+      const busy = () => [...this.pendingWrites].some((w) => w.setId === setId) || [...this.inFlight].some((f) => f.setId === setId);
+      if (busy()) continue;
+      let held: HeldReference[];
+      try {
+        held = await this.ioasids.listHeld(setId, VDCM_ROLE, this.instance);
+      } catch (err) {
+        if (isDomainError(err, "SET_UNKNOWN")) this.sweepSets.delete(setId);
+        continue;
+      }
+      if (busy()) continue; // something began meanwhile: next round
+      this.sweepSets.delete(setId);
+      const entries = this.state.snapshot().devices.flatMap((d) => d.pasidEntries);
+      for (const h of held) {
+        const backed = entries.some((e) => e.setId === h.setId && e.hpasid === h.ioasid && e.generation === h.generation && purposeOf(e.deviceId, e.wqId) === h.purpose) ? 1 : 0;
+        for (let i = backed; i < h.count; i++) {
+          if (await this.putQuietly(h.setId, h.ioasid, this.holder(h.purpose), h.generation, "taken by a call whose answer was lost")) {
+            this.log("info", "released a reference no entry backs", { setId: h.setId, ioasid: h.ioasid, generation: h.generation, purpose: h.purpose });
+          }
+        }
+      }
+    }
   }
 
   /**
@@ -556,6 +600,7 @@ export class Vdcm {
    * @returns releases still deferred
    */
   async retryPendingPuts(): Promise<number> {
+    await this.sweepUnbacked();
     const batch = this.pendingPuts.splice(0);
     for (const p of batch) {
       try {
@@ -567,7 +612,7 @@ export class Vdcm {
         else this.log("warn", "deferred reference release refused (nothing to drop)", { setId: p.setId, ioasid: p.ioasid, generation: p.generation, holder: p.holder, reason: e.reason });
       }
     }
-    return this.pendingPuts.length;
+    return this.pendingPuts.length + this.sweepSets.size;
   }
 
   private async drain(match: (f: InFlight) => boolean): Promise<void> {
