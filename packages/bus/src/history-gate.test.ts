@@ -51,7 +51,7 @@ describe("HistoryGate", () => {
     expect(out).toEqual([]);
   });
 
-  it("lets a later write's records wait for an earlier write still in flight", async () => {
+  it("releases a later write's records when it lands, while an earlier write still in flight holds back only its own", async () => {
     const out: string[] = [];
     const gate = new HistoryGate({ quiet: () => false, checkMs: 5 });
     const h = gate.wrap({ record: (a) => void out.push(a) });
@@ -60,13 +60,16 @@ describe("HistoryGate", () => {
     h.record("a");
     void kept.write([{ key: "a", value: 1 }]);
     h.record("b");
-    void kept.write([{ key: "b", value: 1 }]);
-    writes[1]!.ok(); // the later write lands first
+    const second = kept.write([{ key: "b", value: 1 }]);
+    writes[1]!.ok(); // the later write lands first (another key, another subject)
+    await second;
     await tick(1);
-    expect(out).toEqual([]);
-    writes[0]!.ok();
-    await tick(1);
-    expect(out).toEqual(["a", "b"]);
+    expect(out).toEqual(["b"]);
+    writes[0]!.fail(new Error("timeout")); // the earlier one fails: its record never goes out
+    await tick(10);
+    h.record("c");
+    await tick();
+    expect(out).toEqual(["b"]);
   });
 
   it("lets a record out at once when the role is quiet and nothing is in flight, and holds it while the role has unwritten changes", async () => {

@@ -32,19 +32,22 @@ interface Held {
  * suite: an IOMMU recorded a bind's PASID entry, its state write failed with NATS and it
  * fail-stopped; restarted without the entry, it never recorded a teardown, and S9 was reported.)
  *
- * A record made before a store write goes out once that write and every earlier one succeeded; a
- * record made while the role is quiet (see {@link HistoryGateOptions.quiet}) and nothing is in
- * flight goes out at once. After a failed write nothing more goes out: the role is stopping, and
- * what it records now may describe what was not kept. Records keep the time they were made.
+ * A write keeps the changes made before it starts, so the records made between the previous write
+ * and it go out once it succeeded (a slow earlier write holds back only its own records); a record
+ * made while the role is quiet (see {@link HistoryGateOptions.quiet}) and nothing is in flight
+ * goes out at once. After a failed write nothing more goes out: the role is stopping, and what it
+ * records now may describe what was not kept. Records keep the time they were made.
  */
 export class HistoryGate {
   readonly #quiet: () => boolean;
   readonly #checkMs: number;
-  #held: Held[] = [];
-  /** Records released so far (the index of #held[0] among every record held). */
-  #released = 0;
+  /** Records not yet released, and some released ones behind an unreleased one. */
+  #held: Array<Held & { out: boolean }> = [];
+  /** Index (among every record held) of #held[0]. */
+  #base = 0;
+  /** Where the last write's range ends (its records are those from the previous mark up to it). */
+  #lastMark = 0;
   #inFlight = 0;
-  #chain: Promise<void> = Promise.resolve();
   #failed = false;
   #timer: ReturnType<typeof setTimeout> | undefined;
 
@@ -57,30 +60,35 @@ export class HistoryGate {
   wrap(sink: HistorySink): HistorySink {
     return {
       record: (action, fields = {}, ts = performance.timeOrigin + performance.now()) => {
-        this.#held.push({ sink, action, fields, ts });
+        this.#held.push({ sink, action, fields, ts, out: false });
         this.#schedule();
       },
     };
   }
 
-  /** The role's store, through which every write must go: a write releases the records made before it. */
+  /**
+   * The role's store, through which every write must go. A write takes the changes made before it
+   * starts, so it keeps what the records made since the previous write describe: those go out
+   * when it succeeds (a write still in flight before it holds back only its own records).
+   */
   store(inner: RoleStatePort): RoleStatePort {
     return {
       write: (changes: readonly StateChange[]) => {
-        const mark = this.#released + this.#held.length;
+        const from = this.#lastMark;
+        const to = this.#base + this.#held.length;
+        this.#lastMark = to;
         this.#inFlight++;
         const write = inner.write(changes);
-        this.#chain = this.#chain.then(() =>
-          write.then(
-            () => {
-              this.#inFlight--;
-              this.#releaseUpTo(mark);
-            },
-            () => {
-              this.#inFlight--;
-              this.#failed = true;
-            },
-          ),
+        write.then(
+          () => {
+            this.#inFlight--;
+            this.#release(from, to);
+            this.#schedule();
+          },
+          () => {
+            this.#inFlight--;
+            this.#failed = true;
+          },
         );
         return write;
       },
@@ -89,19 +97,20 @@ export class HistoryGate {
 
   /** Records held now (tests, diagnostics). */
   get held(): number {
-    return this.#held.length;
+    return this.#held.filter((h) => !h.out).length;
   }
 
-  /** Waits for the writes in flight, then releases what the quiet rule allows (a graceful stop). */
-  async settle(): Promise<void> {
-    await this.#chain;
+  /** Waits for the writes in flight (at most `timeoutMs`), then releases what the quiet rule allows (a graceful stop). */
+  async settle(timeoutMs = 5000): Promise<void> {
+    const deadline = Date.now() + timeoutMs;
+    while (this.#inFlight > 0 && !this.#failed && Date.now() < deadline) await new Promise((r) => setTimeout(r, 5));
     this.#check();
     // A HistoryRecorder publishes on the next turn: let it, before the connection is drained.
     await new Promise((r) => setImmediate(r));
   }
 
   #schedule(): void {
-    if (this.#timer !== undefined) return;
+    if (this.#timer !== undefined || this.held === 0) return;
     this.#timer = setTimeout(() => {
       this.#timer = undefined;
       this.#check();
@@ -110,19 +119,25 @@ export class HistoryGate {
   }
 
   #check(): void {
-    if (this.#failed || this.#held.length === 0) return;
-    if (this.#inFlight === 0 && this.#quiet()) this.#releaseUpTo(this.#released + this.#held.length);
+    if (this.#failed) return;
+    if (this.#inFlight === 0 && this.#quiet()) this.#release(this.#base, this.#base + this.#held.length);
     else this.#schedule();
   }
 
-  #releaseUpTo(mark: number): void {
+  /** Publishes the unreleased records with index in [from, to). */
+  #release(from: number, to: number): void {
     if (this.#failed) return;
-    const n = Math.min(mark - this.#released, this.#held.length);
-    if (n > 0) {
-      const out = this.#held.splice(0, n);
-      this.#released += n;
-      for (const h of out) h.sink.record(h.action, h.fields, h.ts);
+    for (let i = Math.max(from, this.#base); i < to && i - this.#base < this.#held.length; i++) {
+      const h = this.#held[i - this.#base]!;
+      if (h.out) continue;
+      h.out = true;
+      h.sink.record(h.action, h.fields, h.ts);
     }
-    if (this.#held.length > 0) this.#schedule();
+    let n = 0;
+    while (n < this.#held.length && this.#held[n]!.out) n++;
+    if (n > 0) {
+      this.#held.splice(0, n);
+      this.#base += n;
+    }
   }
 }

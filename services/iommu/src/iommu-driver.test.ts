@@ -207,6 +207,27 @@ describe("IommuDriver guest binds", () => {
     expect(r.core.info(201)).toBeUndefined();
   });
 
+  it("asks the core, before relying on it, about a reference whose get lost its answer", async () => {
+    const r = rig();
+    const set = r.core.setWith(201, 202);
+    // 201: the get never reached the core, and the undo could not either.
+    r.core.failNext.set("get", new DomainError(Code.UNAVAILABLE, "UNAVAILABLE", "core down"));
+    r.core.failNext.set("put", new DomainError(Code.UNAVAILABLE, "UNAVAILABLE", "core down"));
+    await refused(r.driver.bindGpasid(bindSpec(r, { setId: set })), Code.UNAVAILABLE, "UNAVAILABLE");
+    expect(r.core.info(201)!.holders[HOLDER_KEY]).toBeUndefined();
+    await r.driver.bindGpasid(bindSpec(r, { setId: set }));
+    expect(r.core.info(201)).toMatchObject({ refcount: 2, holders: { [HOLDER_KEY]: 1 } });
+    // So the guest's free leaves the IOASID FREE_PENDING until the IOMMU tears its entry down.
+    expect(await deliver(r, r.core.free(set, 201))).toEqual(["bind"]);
+    expect(r.core.info(201)).toBeUndefined();
+    // 202: the get was applied and its answer lost: the next bind takes no second reference.
+    r.core.loseAnswerOf.add("get");
+    r.core.failNext.set("put", new DomainError(Code.UNAVAILABLE, "UNAVAILABLE", "core down"));
+    await refused(r.driver.bindGpasid(bindSpec(r, { setId: set, hpasid: 202, gpasid: 102 })), Code.UNAVAILABLE, "UNAVAILABLE");
+    await r.driver.bindGpasid(bindSpec(r, { setId: set, hpasid: 202, gpasid: 102 }));
+    expect(r.core.info(202)).toMatchObject({ refcount: 2, holders: { [HOLDER_KEY]: 1 } });
+  });
+
   it("finishes on the next call a detach the core failed to make, keeping the reference for the FREE", async () => {
     const r = rig();
     const set = r.core.setWith(201);

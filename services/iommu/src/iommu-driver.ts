@@ -470,6 +470,13 @@ export class IommuDriver {
       }
       if (binding === undefined && info.spid === 0) await this.#assertSpidFree(spec.setId, spec.gpasid, spec.hpasid);
       const b = binding ?? this.hw.createBinding({ hpasid: spec.hpasid, setId: spec.setId, generation: info.generation, gpasid: spec.gpasid });
+      if (b.refHeld && b.refUncertain === true) {
+        // An earlier bind's get lost its answer: whether the core applied it decides whether this
+        // bind takes a reference. Relying on it unasked let a bind run on a reference nobody held,
+        // and the guest's free then reclaimed the PASID while it was programmed (chaos soak seed 4, S9).
+        b.refHeld = await this.#holdsBindReference(b.hpasid, b.generation);
+        b.refUncertain = false;
+      }
       // A reference kept since the last unbind (it goes with the FREE) is not this call's to undo.
       const keptReference = b.refHeld;
       let firstBind = false;
@@ -485,10 +492,14 @@ export class IommuDriver {
             // made either — the IOASID's FREE releases it (a release of nothing is refused
             // harmlessly). Found by the chaos soak: a bind's get applied, its answer dropped, the
             // reference then held by nobody and the IOASID never reclaimed.
-            if (isIndeterminate(err)) b.refHeld = true;
+            if (isIndeterminate(err)) {
+              b.refHeld = true;
+              b.refUncertain = true;
+            }
             throw err;
           }
           b.refHeld = true;
+          b.refUncertain = false;
         }
         if (!b.spidAttached) {
           if (info.spid !== spec.gpasid) {
@@ -583,6 +594,20 @@ export class IommuDriver {
       await this.persist();
       return r;
     });
+  }
+
+  /** Whether the core records this instance's "bind" reference on the IOASID generation (transient errors throw). */
+  async #holdsBindReference(ioasid: number, generation: number): Promise<boolean> {
+    try {
+      const info = (await this.#core.describe({ ioasid })).info;
+      return (
+        info?.generation === generation &&
+        info.holders.some((h) => h.holder?.role === this.#holder.role && h.holder.instance === this.#holder.instance && h.holder.purpose === BIND_PURPOSE)
+      );
+    } catch (err) {
+      if (isGone(err)) return false;
+      throw err;
+    }
   }
 
   async #onFree(event: events.IoasidEvent): Promise<HandlerResult | undefined> {

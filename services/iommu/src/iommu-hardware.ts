@@ -190,6 +190,11 @@ export interface GpasidBinding {
   readonly devices: Set<string>;
   /** The IOMMU holds its "bind" reference on the IOASID. */
   refHeld: boolean;
+  /**
+   * refHeld was set for a get whose answer was lost: the core may not have applied it. Asked
+   * before the reference is relied on (in memory only: a restart's reconcile asks the core anyway).
+   */
+  refUncertain?: boolean;
   /** The SPID is attached in the core (by this IOMMU). */
   spidAttached: boolean;
   /** The guest's first-stage page table (guest virtual → guest physical), ascending by IOVA. */
