@@ -243,9 +243,7 @@ export class IommuDriver {
     for (const set of sets) {
       const { ioasids } = await this.#core.listIoasids({ setId: set.setId });
       for (const info of ioasids) {
-        const held = info.holders.some(
-          (h) => h.holder?.role === this.#holder.role && h.holder.instance === this.#holder.instance && h.holder.purpose === BIND_PURPOSE,
-        );
+        const held = this.#recordsBindReference(info);
         if (!held || this.hw.binding(info.ioasid) !== undefined) continue;
         const b = this.hw.createBinding({ hpasid: info.ioasid, setId: info.setId, generation: info.generation, gpasid: info.spid });
         b.refHeld = true;
@@ -272,7 +270,7 @@ export class IommuDriver {
     for (const set of sets) {
       const { ioasids } = await this.#core.listIoasids({ setId: set.setId });
       for (const info of ioasids) {
-        if (info.holders.some((h) => h.holder?.role === this.#holder.role && h.holder.instance === this.#holder.instance && h.holder.purpose === BIND_PURPOSE)) {
+        if (this.#recordsBindReference(info)) {
           held.set(info.ioasid, info);
         }
       }
@@ -596,14 +594,16 @@ export class IommuDriver {
     });
   }
 
+  /** Whether the core's view of an IOASID lists this instance's "bind" reference. */
+  #recordsBindReference(info: core.IoasidInfo): boolean {
+    return info.holders.some((h) => h.holder?.role === this.#holder.role && h.holder.instance === this.#holder.instance && h.holder.purpose === BIND_PURPOSE);
+  }
+
   /** Whether the core records this instance's "bind" reference on the IOASID generation (transient errors throw). */
   async #holdsBindReference(ioasid: number, generation: number): Promise<boolean> {
     try {
       const info = (await this.#core.describe({ ioasid })).info;
-      return (
-        info?.generation === generation &&
-        info.holders.some((h) => h.holder?.role === this.#holder.role && h.holder.instance === this.#holder.instance && h.holder.purpose === BIND_PURPOSE)
-      );
+      return info?.generation === generation && this.#recordsBindReference(info);
     } catch (err) {
       if (isGone(err)) return false;
       throw err;
