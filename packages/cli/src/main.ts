@@ -213,7 +213,7 @@ const commands: Record<string, Command> = {
     options: { dir: { type: "string", default: ".ioasid-demo" }, html: { type: "string", default: "ioasid-timeline.html" }, "base-port": { type: "string", default: "50151" }, "nats-port": { type: "string", default: "4322" } },
     run: async (v) => {
       const dir = v["dir"] as string;
-      await stackUp({ dir, basePort: num(v["base-port"], "base-port"), natsPort: num(v["nats-port"], "nats-port"), log: out });
+      await stackUp({ dir, basePort: num(v["base-port"], "base-port"), natsPort: num(v["nats-port"], "nats-port"), log: out, freshStore: true });
       let ok = false;
       try {
         ok = await withStack(dir, async (c) => {

@@ -28,6 +28,8 @@ export interface StackState {
 export interface StackUpOptions {
   /** Directory for state, logs and the JetStream store. @default ".ioasid" */
   readonly dir?: string;
+  /** Start from an empty JetStream store (the demo: a run of its own, not the last run's IOASIDs). @default false */
+  readonly freshStore?: boolean;
   /** gRPC ports are basePort … basePort+4 (core, iommu, vfio, kvm, vdcm). @default 50051 */
   readonly basePort?: number;
   /** NATS client port. @default 4222 */
@@ -109,7 +111,26 @@ export async function stackUp(options: StackUpOptions = {}): Promise<StackState>
       throw new Error(`port ${port} (${what}) is in use on 127.0.0.1: stop what uses it, or choose other ports (--base-port, --nats-port)`);
     }
   }
+  if (options.freshStore === true) rmSync(join(dir, "nats"), { recursive: true, force: true });
   mkdirSync(join(dir, "logs"), { recursive: true });
+  // What was started goes again if the stack does not come up: nothing is left running.
+  const started: number[] = [];
+  try {
+    return await launchStack(dir, basePort, natsPort, options, log, started);
+  } catch (err) {
+    for (const pid of started.reverse()) {
+      try {
+        process.kill(pid, "SIGKILL");
+      } catch {
+        // already gone
+      }
+    }
+    rmSync(stateFile(dir), { force: true });
+    throw err;
+  }
+}
+
+async function launchStack(dir: string, basePort: number, natsPort: number, options: StackUpOptions, log: (line: string) => void, started: number[]): Promise<StackState> {
 
   let nats: StackState["nats"];
   let natsUrl: string;
@@ -130,6 +151,7 @@ export async function stackUp(options: StackUpOptions = {}): Promise<StackState>
     child.unref();
     closeSync(out);
     natsUrl = `nats://127.0.0.1:${natsPort}`;
+    if (child.pid !== undefined) started.push(child.pid);
     nats = { pid: child.pid, port: natsPort, storeDir, external: false };
     await waitUntil(async () => !(await portFree(natsPort)), 10_000, "nats-server to listen", join(dir, "logs", "nats-server.log"));
     log(`nats-server      pid ${child.pid}  ${natsUrl} (JetStream in ${storeDir})`);
@@ -156,6 +178,7 @@ export async function stackUp(options: StackUpOptions = {}): Promise<StackState>
     });
     child.unref();
     closeSync(out);
+    if (child.pid !== undefined) started.push(child.pid);
     services[s.name] = { pid: child.pid, address: addr(s.name), log: logFile };
     // The core first: the roles register with it at start.
     if (s.name === "ioasid-core") await waitServing(s.name, addr(s.name), logFile, options.readyTimeoutMs ?? 20_000);
