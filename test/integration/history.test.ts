@@ -1,8 +1,9 @@
 import { afterEach, describe, expect, it } from "vitest";
-import { connect } from "@nats-io/transport-node";
-import { readHistory } from "@ioasid/bus";
+import { connect, type NatsConnection } from "@nats-io/transport-node";
+import { HistoryRecorder, readHistory, type HistoryRecord } from "@ioasid/bus";
+import { OpLog } from "@ioasid/ioasid-core";
 import { core, events } from "@ioasid/proto";
-import { waitFor } from "@ioasid/testkit";
+import { startNats, waitFor, type NatsServer } from "@ioasid/testkit";
 import { startCore, type CoreFixture } from "../support/core-fixture.js";
 
 // The recorded history the timeline is drawn from: the core's events and every reference change,
@@ -10,10 +11,29 @@ import { startCore, type CoreFixture } from "../support/core-fixture.js";
 
 const P = <T>(m: { fromPartial(x: object): T }, x: object): T => m.fromPartial(x);
 let fixture: CoreFixture | undefined;
+let nats: NatsServer | undefined;
+let nc: NatsConnection | undefined;
 afterEach(async () => {
   await fixture?.stop();
+  await nc?.close();
+  await nats?.stop();
   fixture = undefined;
+  nc = undefined;
+  nats = undefined;
 });
+
+/** The stored history of one IOASID, as action:refcount (plus "*" for a recovered record), once it has `n` records. */
+async function stepsOf(conn: NatsConnection, ioasid: number, since: number, n: number): Promise<{ steps: string[]; records: HistoryRecord[] }> {
+  let records: HistoryRecord[] = [];
+  await waitFor(
+    async () => {
+      records = (await readHistory(conn, { sinceMs: since })).filter((r) => r.role === "ioasid" && r.ioasid === ioasid);
+      return records.length >= n;
+    },
+    { timeoutMs: 5000, message: `${n} history records of IOASID ${ioasid}` },
+  );
+  return { records, steps: records.map((r) => `${r.action}:${r.refcount}${r.recovered === true ? "*" : ""}`) };
+}
 
 describe("history", () => {
   it("records the core's events and reference changes with their counts, in order", async () => {
@@ -41,5 +61,71 @@ describe("history", () => {
     } finally {
       await nc.close();
     }
+  });
+
+  it("a restarted core publishes, once, the history of logged operations its predecessor never recorded", async () => {
+    nats = await startNats();
+    fixture = await startCore({}, { nats });
+    let c = fixture.client;
+    const since = Date.now();
+    const set = (await c.createSet(P(core.CreateSetRequest, { tokenType: events.TokenType.TOKEN_TYPE_MM, token: 6n, quota: 4 }))).set!.setId;
+    const { ioasid, generation } = await c.alloc(P(core.AllocRequest, { setId: set }));
+    const kvm = { role: "kvm", instance: "vm-1", purpose: "vmcs" };
+    await c.get(P(core.GetRequest, { setId: set, ioasid, holder: kvm }));
+    await c.free(P(core.FreeRequest, { setId: set, ioasid }));
+    nc = await connect({ servers: nats.url });
+    expect((await stepsOf(nc, ioasid, since, 3)).steps).toEqual(["event:ALLOC:1", "ioasid_get:2", "event:FREE:1"]);
+    await fixture.stop();
+
+    // What a core leaves behind when its append's acknowledgement is lost (nats-server restarted
+    // with it in flight) and it fail-stops: the operation is in the log, its history never went out.
+    const log = await OpLog.open(nc);
+    await log.replay(() => undefined);
+    const putAt = Date.now();
+    await log.append({ t: "put", s: set, i: ioasid, h: kvm, g: generation, ts: putAt });
+
+    fixture = await startCore({}, { nats });
+    c = fixture.client;
+    const { records, steps } = await stepsOf(nc, ioasid, since, 5);
+    expect(steps).toEqual(["event:ALLOC:1", "ioasid_get:2", "event:FREE:1", "ioasid_put:0*", "event:RECLAIM:0*"]);
+    // Stamped with when the operation was applied, not when the record was published.
+    expect(records.slice(3).map((r) => r.ts)).toEqual([putAt, putAt]);
+
+    expect(fixture.proc.logs()).toContain(`"after":${log.head - 1},"records":2,"msg":"published the history of logged operations found unrecorded"`);
+
+    // The next start finds those records stored and publishes nothing again; what it does is live.
+    await fixture.stop();
+    fixture = await startCore({}, { nats });
+    c = fixture.client;
+    expect(fixture.proc.logs()).not.toContain("found unrecorded");
+    const again = await c.alloc(P(core.AllocRequest, { setId: set }));
+    expect(again.ioasid).toBe(ioasid);
+    const after = await stepsOf(nc, ioasid, since, 6);
+    expect(after.steps).toEqual([...steps, "event:ALLOC:1"]);
+  });
+
+  it("stores a group of records published twice once (a replay racing its predecessor's late publish)", async () => {
+    nats = await startNats();
+    fixture = await startCore({}, { nats }); // creates the history stream
+    nc = await connect({ servers: nats.url });
+    const since = Date.now();
+    const recorder = new HistoryRecorder(nc, "ioasid", "core");
+    for (let round = 0; round < 2; round++) {
+      for (let i = 0; i < 600; i++) recorder.recordIn("ioasid-core:test:7", { "Ioasid-Op-Seq": "7" }, "event:ALLOC", { ioasid: 9000 + i, refcount: 1 }, since + i);
+      recorder.flush();
+    }
+    recorder.record("marker", { ioasid: 1 }, since + 1000);
+    recorder.flush();
+    let stored: HistoryRecord[] = [];
+    await waitFor(
+      async () => {
+        stored = await readHistory(nc!, { sinceMs: since });
+        return stored.some((r) => r.action === "marker");
+      },
+      { timeoutMs: 5000, message: "the marker record" },
+    );
+    const ids = stored.filter((r) => r.action === "event:ALLOC" && r.ioasid! >= 9000).map((r) => r.ioasid);
+    expect(ids).toHaveLength(600);
+    expect(new Set(ids).size).toBe(600);
   });
 });

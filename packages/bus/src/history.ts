@@ -1,5 +1,5 @@
 import { jetstream, jetstreamManager, DeliverPolicy, StorageType, RetentionPolicy, DiscardPolicy } from "@nats-io/jetstream";
-import type { NatsConnection } from "@nats-io/transport-node";
+import { headers, type MsgHdrs, type NatsConnection } from "@nats-io/transport-node";
 import { DEFAULT_PREFIX, encodeToken } from "./subjects.js";
 
 /**
@@ -26,6 +26,11 @@ export interface HistoryRecord {
   readonly seq?: number;
   /** Anything else worth showing ("device idxd0 wq 1", "holder kvm/vm-1/vmcs"). */
   readonly detail?: string;
+  /**
+   * Published by a later incarnation than the one that did the step: a restarted core replaying
+   * an operation whose records its predecessor never got to publish (it stopped first).
+   */
+  readonly recovered?: boolean;
 }
 
 /** What a history record carries besides its time, component and action. */
@@ -68,8 +73,10 @@ export async function ensureHistoryStream(nc: NatsConnection, prefix = DEFAULT_P
  * stream stores them when it exists.
  */
 export class HistoryRecorder {
-  private readonly subject: string;
+  readonly subject: string;
   private pending: string[] = [];
+  /** Records of named groups (see recordIn), published one group per message. */
+  private readonly groups = new Map<string, { headers: Record<string, string>; records: string[] }>();
   private pendingBytes = 0;
   private scheduled = false;
   constructor(
@@ -94,18 +101,75 @@ export class HistoryRecorder {
     }
   }
 
+  /**
+   * Records one step that belongs to a named group: the records of a group are published in their
+   * own messages (of at most {@link GROUP_PART_RECORDS} records each), each with the JetStream
+   * message id `<group>:<part>` and `headers`. Publishing the same group twice — an incarnation
+   * that replays what its predecessor may or may not have published — then stores it once (within
+   * the stream's duplicate window). A group's records must all be recorded in one turn.
+   */
+  recordIn(group: string, headers: Record<string, string>, action: string, fields: HistoryFields, ts: number): void {
+    const rec: HistoryRecord = { ts, role: this.role, instance: this.instance, action, ...fields };
+    let g = this.groups.get(group);
+    if (g === undefined) this.groups.set(group, (g = { headers, records: [] }));
+    g.records.push(JSON.stringify(rec));
+    if (!this.scheduled) {
+      this.scheduled = true;
+      setImmediate(() => this.flush());
+    }
+  }
+
   /** Publishes what is pending now. */
   flush(): void {
     this.scheduled = false;
-    if (this.pending.length === 0) return;
-    const body = `[${this.pending.join(",")}]`;
-    this.pending = [];
-    this.pendingBytes = 0;
+    if (this.pending.length > 0) {
+      const body = `[${this.pending.join(",")}]`;
+      this.pending = [];
+      this.pendingBytes = 0;
+      this.publish(body);
+    }
+    for (const [group, g] of this.groups) {
+      for (let part = 0; part * GROUP_PART_RECORDS < g.records.length; part++) {
+        const h = headers();
+        for (const [k, v] of Object.entries(g.headers)) h.set(k, v);
+        h.set("Nats-Msg-Id", `${group}:${part}`);
+        this.publish(`[${g.records.slice(part * GROUP_PART_RECORDS, (part + 1) * GROUP_PART_RECORDS).join(",")}]`, h);
+      }
+    }
+    this.groups.clear();
+  }
+
+  private publish(body: string, h?: MsgHdrs): void {
     try {
-      this.nc.publish(this.subject, body);
+      this.nc.publish(this.subject, body, h === undefined ? undefined : { headers: h });
     } catch {
       // A closed connection loses the records, never the work.
     }
+  }
+}
+
+/** Records per message of a group (by count, so a replay splits a group as the original did). */
+const GROUP_PART_RECORDS = 500;
+
+/**
+ * The headers of the newest stored history message on one component's subject, or undefined when
+ * the stream holds none (or cannot be read).
+ */
+export async function lastHistoryHeaders(
+  nc: NatsConnection,
+  role: string,
+  instance: string,
+  prefix = DEFAULT_PREFIX,
+): Promise<Record<string, string> | undefined> {
+  try {
+    const jsm = await jetstreamManager(nc);
+    const m = await jsm.streams.getMessage(historyStreamName(prefix), { last_by_subj: historySubject(prefix, role, instance) });
+    if (m === null) return undefined;
+    const out: Record<string, string> = {};
+    if (m.header !== undefined) for (const [k, v] of m.header) out[k] = v[0] ?? "";
+    return out;
+  } catch {
+    return undefined;
   }
 }
 

@@ -25,6 +25,7 @@ export {
   ensureHistoryStream,
   historyStreamName,
   historySubject,
+  lastHistoryHeaders,
   HistoryRecorder,
   readHistory,
   type HistoryFields,

@@ -189,6 +189,7 @@ export function formatRecord(r: HistoryRecord, startTs = r.ts): string {
   if (r.refcount !== undefined) parts.push(`ref ${r.refcount}`);
   if (r.seq !== undefined) parts.push(`seq ${r.seq}`);
   if (r.detail !== undefined) parts.push(JSON.stringify(r.detail));
+  if (r.recovered === true) parts.push("(recovered at a restart)");
   return parts.join(" ");
 }
 

@@ -31,10 +31,12 @@ export interface IoasidCoreOptions {
   /** Called when the operation log cannot be written: the process must stop (fail-stop). */
   readonly onFatal?: (err: unknown) => void;
   /**
-   * Receives the core's history as it happens (events and reference changes; not during replay):
-   * the service publishes it on NATS for the timeline.
+   * Receives the core's history (events and reference changes) once the operation that made it is
+   * durable: the service publishes it on NATS for the timeline and the checker. `opSeq` is the
+   * operation log message that holds the operation (absent without a log). Replay publishes only
+   * what {@link IoasidCore.recover} is told may be missing, marked `recovered`.
    */
-  readonly history?: (action: string, fields: HistoryFields, ts?: number) => void;
+  readonly history?: (action: string, fields: HistoryFields, ts?: number, opSeq?: number) => void;
   /** Where the core reports what it does not return (refused releases, missed deliveries). */
   readonly log?: (level: "info" | "warn" | "error", msg: string, fields?: Record<string, unknown>) => void;
 }
@@ -55,6 +57,8 @@ interface DeliveryRecord {
 
 interface Commit {
   ready: boolean;
+  /** The operation log message that holds it, once durable. */
+  opSeq?: number;
   readonly chains: Chain[];
   /** The operation's history records (with when they happened), published once it is durable. */
   readonly history: Array<[string, HistoryFields, number]>;
@@ -88,6 +92,8 @@ export class IoasidCore {
   private historyCapture: Array<[string, HistoryFields, number]> | undefined;
   private currentTs = 0;
   private replaying = false;
+  /** History records the last recover() published for operations its predecessor had not recorded. */
+  republished = 0;
 
   constructor(options: IoasidCoreOptions = {}) {
     this.options = options;
@@ -110,7 +116,7 @@ export class IoasidCore {
       onReleaseRefused: (ioasid, holder, reason) =>
         this.options.log?.("warn", "release with an acknowledgement refused", { ioasid, holder, reason }),
       onRef: (r) => {
-        if (this.replaying || this.options.history === undefined) return;
+        if (!this.recording) return;
         this.emitHistory(r.kind === "get" ? "ioasid_get" : "ioasid_put", {
           ioasid: r.ioasid,
           generation: r.generation,
@@ -128,17 +134,36 @@ export class IoasidCore {
   /**
    * Makes the core durable and delivering: replays `opLog` (if given) to rebuild the state, then
    * hands every unfinished delivery to `engine` (backlogs first, then chains in sequence order).
+   *
+   * A core publishes an operation's history only once it knows the operation durable, so one that
+   * stopped with a write unacknowledged (its append timed out through a nats-server restart, and
+   * it fail-stopped) never published the records of that write — which JetStream may have stored
+   * all the same. The replay publishes, marked `recovered` and stamped with the operation's time,
+   * the records of every message after `republishAfter`: the newest message whose history is known
+   * to be stored. Found by the chaos soak (seed 41): a free reclaimed an IOASID durably, its record
+   * never appeared, and the next generation's allocation looked like a double allocation.
+   * @param republishAfter op-log sequence; undefined publishes nothing
    * @returns the number of operations replayed
    */
-  async recover(opLog: OpLog | undefined, engine: DeliveryEngine | undefined): Promise<number> {
+  async recover(opLog: OpLog | undefined, engine: DeliveryEngine | undefined, republishAfter?: number): Promise<number> {
     let n = 0;
     if (opLog !== undefined) {
       this.replaying = true;
+      const history = this.options.history;
       try {
-        n = await opLog.replay((op) => {
+        n = await opLog.replay((op, seq) => {
           this.currentTs = op.ts;
-          this.applyRecord(op);
+          const republish = history !== undefined && republishAfter !== undefined && seq > republishAfter;
+          const records: Array<[string, HistoryFields, number]> = [];
+          if (republish) this.historyCapture = records;
+          try {
+            this.applyRecord(op);
+          } finally {
+            this.historyCapture = undefined;
+          }
           this.captured = [];
+          for (const [action, fields, ts] of records) history?.(action, { ...fields, recovered: true }, ts, seq);
+          this.republished += records.length;
         });
       } finally {
         this.replaying = false;
@@ -201,7 +226,7 @@ export class IoasidCore {
       if (x !== 0) external?.release(x);
       throw coreError("ALLOCATOR_FAILED", `allocator ${bridge.name} was unregistered during the allocation`);
     }
-    let executed: { result: unknown; durable: Promise<void> };
+    let executed: { result: unknown; durable: Promise<unknown> };
     try {
       executed = this.execute({ t: "alloc", s: setId, ...bounds, ...pd, ...(x === 0 ? {} : { x }) });
     } catch (err) {
@@ -310,7 +335,7 @@ export class IoasidCore {
    * @param urgent somebody waits for the record (a client's reply): write it at the end of this
    *   turn; delivery bookkeeping may wait for company (at-least-once covers a crash meanwhile).
    */
-  private execute(op: DistributiveOmit<OpRecord, "ts">, urgent = true): { result: unknown; durable: Promise<void> } {
+  private execute(op: DistributiveOmit<OpRecord, "ts">, urgent = true): { result: unknown; durable: Promise<unknown> } {
     const record = { ...op, ts: Date.now() } as OpRecord;
     this.currentTs = record.ts;
     let result: unknown;
@@ -326,10 +351,11 @@ export class IoasidCore {
     }
     const commit: Commit = { ready: false, chains: this.captured, history };
     this.captured = [];
-    const durable = this.opLog === undefined ? Promise.resolve() : this.opLog.append(record, urgent);
+    const durable: Promise<number | undefined> = this.opLog === undefined ? Promise.resolve(undefined) : this.opLog.append(record, urgent);
     this.commits.push(commit);
     durable.then(
-      () => {
+      (opSeq) => {
+        if (opSeq !== undefined) commit.opSeq = opSeq;
         commit.ready = true;
         this.flushCommits();
       },
@@ -346,7 +372,7 @@ export class IoasidCore {
     while (this.commits.length > 0 && this.commits[0]!.ready) {
       const commit = this.commits.shift()!;
       // Published once durable, stamped with when they happened (the history is read by time).
-      for (const [action, fields, ts] of commit.history) this.options.history?.(action, fields, ts);
+      for (const [action, fields, ts] of commit.history) this.options.history?.(action, fields, ts, commit.opSeq);
       if (this.engine !== undefined) for (const chain of commit.chains) this.engine.submit(chain);
     }
   }
@@ -358,8 +384,15 @@ export class IoasidCore {
    * generation allocated again after the core's fail-stop).
    */
   private emitHistory(action: string, fields: HistoryFields): void {
-    if (this.historyCapture !== undefined) this.historyCapture.push([action, fields, performance.timeOrigin + performance.now()]);
+    // A replayed operation's records keep the time the operation was applied.
+    const ts = this.replaying ? this.currentTs : performance.timeOrigin + performance.now();
+    if (this.historyCapture !== undefined) this.historyCapture.push([action, fields, ts]);
     else this.options.history?.(action, fields);
+  }
+
+  /** Whether history is being recorded: live, or replaying an operation whose records may be missing. */
+  private get recording(): boolean {
+    return this.options.history !== undefined && (!this.replaying || this.historyCapture !== undefined);
   }
 
   private flushEventHistory(): void {
@@ -374,7 +407,7 @@ export class IoasidCore {
     } finally {
       this.flushEventHistory();
     }
-    if (op.t === "register" && !this.replaying) {
+    if (op.t === "register" && this.recording) {
       // The life-cycle tables' step 1: ioasid_register_notifier/_mm().
       const o = op.o;
       const scope = o.scope.kind === "global" ? "global" : o.scope.kind === "set" ? `set ${o.scope.setId}` : `mm ${o.scope.token}`;
@@ -391,7 +424,7 @@ export class IoasidCore {
         const passed = this.mark(seq, reg, MISSED);
         // DESIGN §4.4: the missed subscriber is recorded, then the chain moves on. The record
         // is what lets a checker tell a passed-over tier from a teardown out of order.
-        if (passed !== undefined && !this.replaying && this.options.history !== undefined) {
+        if (passed !== undefined && this.recording) {
           const e = passed.rec.event;
           this.emitHistory("delivery_missed", {
             ...(e.ioasid === 0xffffffff ? {} : { ioasid: e.ioasid, generation: e.generation }),
@@ -419,7 +452,7 @@ export class IoasidCore {
 
   private onEvent(e: IoasidEvent): void {
     const committed = this.log.append(e, this.currentTs);
-    if (!this.replaying && this.options.history !== undefined) {
+    if (this.recording) {
       this.pendingEventHistory.push([`event:${e.type}`, {
         ...(e.ioasid === 0xffffffff ? {} : { ioasid: e.ioasid, generation: e.generation }),
         setId: e.setId,

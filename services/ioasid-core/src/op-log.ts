@@ -39,7 +39,7 @@ const MAX_MESSAGE_BYTES = 512 * 1024;
  * creation was lost made every later replay fail.
  */
 export class OpLog {
-  private queue: Array<{ op: OpRecord; resolve: () => void; reject: (err: unknown) => void }> = [];
+  private queue: Array<{ op: OpRecord; resolve: (seq: number) => void; reject: (err: unknown) => void }> = [];
   private urgentScheduled = false;
   private lazyTimer: NodeJS.Timeout | undefined;
   /** Messages written (each one JetStream publish). */
@@ -51,10 +51,20 @@ export class OpLog {
     private readonly nc: NatsConnection,
     readonly stream: string,
     readonly subject: string,
+    /**
+     * Which log this is: the stream's creation time. Stream sequences restart with a new stream, so
+     * anything keyed by sequence (the core's history messages) is keyed by this too.
+     */
+    readonly logId: string,
     private readonly lazyMs: number,
     /** The stream sequence of the last message written (or found at open). */
     private lastSeq: number,
   ) {}
+
+  /** The sequence of the last message written, or found at open or replay. */
+  get head(): number {
+    return this.lastSeq;
+  }
 
   /** Opens (creating if needed) the stream. */
   static async open(nc: NatsConnection, options: OpLogOptions = {}): Promise<OpLog> {
@@ -62,10 +72,13 @@ export class OpLog {
     const subject = options.subject ?? "ioasid.v1.core.ops";
     const jsm = await jetstreamManager(nc);
     let lastSeq = 0;
+    let created: string;
     try {
-      lastSeq = (await jsm.streams.info(stream)).state.last_seq;
+      const info = await jsm.streams.info(stream);
+      lastSeq = info.state.last_seq;
+      created = info.created;
     } catch {
-      await jsm.streams.add({
+      const info = await jsm.streams.add({
         name: stream,
         subjects: [subject],
         storage: StorageType.File,
@@ -75,17 +88,18 @@ export class OpLog {
         max_msgs: -1,
         max_bytes: -1,
       });
+      created = info.created;
     }
-    return new OpLog(jetstream(nc), nc, stream, subject, options.lazyMs ?? 20, lastSeq);
+    return new OpLog(jetstream(nc), nc, stream, subject, created, options.lazyMs ?? 20, lastSeq);
   }
 
   /**
    * Queues an operation; it is written after every operation queued before it. The promise
-   * settles when JetStream acknowledged the message holding it.
+   * settles when JetStream acknowledged the message holding it, with that message's sequence.
    * @param urgent somebody waits for it: write at the end of this turn (else within `lazyMs`)
    */
-  append(op: OpRecord, urgent = true): Promise<void> {
-    const done = new Promise<void>((resolve, reject) => this.queue.push({ op, resolve, reject }));
+  append(op: OpRecord, urgent = true): Promise<number> {
+    const done = new Promise<number>((resolve, reject) => this.queue.push({ op, resolve, reject }));
     if (urgent) {
       if (!this.urgentScheduled) {
         this.urgentScheduled = true;
@@ -108,7 +122,7 @@ export class OpLog {
     }
     while (this.queue.length > 0) {
       const parts: string[] = [];
-      const waiters: Array<{ resolve: () => void; reject: (err: unknown) => void }> = [];
+      const waiters: Array<{ resolve: (seq: number) => void; reject: (err: unknown) => void }> = [];
       let bytes = 2;
       while (this.queue.length > 0) {
         const next = this.queue[0]!;
@@ -125,8 +139,8 @@ export class OpLog {
       this.inflight.add(written);
       void written.finally(() => this.inflight.delete(written)).catch(() => undefined);
       written.then(
-        () => {
-          for (const w of waiters) w.resolve();
+        (ack) => {
+          for (const w of waiters) w.resolve(ack.seq);
         },
         (err: unknown) => {
           for (const w of waiters) w.reject(err);
@@ -142,10 +156,11 @@ export class OpLog {
   }
 
   /**
-   * Reads every operation recorded so far, in order, and hands each to `apply`.
+   * Reads every operation recorded so far, in order, and hands each to `apply` with the sequence
+   * of the message that holds it.
    * @returns the number of operations read
    */
-  async replay(apply: (op: OpRecord) => void): Promise<number> {
+  async replay(apply: (op: OpRecord, seq: number) => void): Promise<number> {
     const jsm = await jetstreamManager(this.nc);
     const info = await jsm.streams.info(this.stream);
     const last = info.state.last_seq;
@@ -161,7 +176,7 @@ export class OpLog {
           continue; // a core's takeover mark, not an operation
         }
         for (const op of Array.isArray(records) ? records : [records]) {
-          apply(op);
+          apply(op, m.seq);
           n++;
         }
         if (m.seq >= last) break;

@@ -2,7 +2,7 @@ import { core } from "@ioasid/proto";
 import { coreError, INVALID_IOASID, MAX_BATCH_ALLOC, type FreeResult, type PutResult, type Registration, type SetInfo } from "@ioasid/ioasid";
 import { createClient, createGrpcServer, type GrpcServer, type ServiceHandlers } from "@ioasid/grpc-kit";
 import type { Logger } from "pino";
-import { DEFAULT_PREFIX, DeliveryEngine, ensureHistoryStream, HistoryRecorder, type HistoryFields } from "@ioasid/bus";
+import { DEFAULT_PREFIX, DeliveryEngine, ensureHistoryStream, HistoryRecorder, lastHistoryHeaders, type HistoryFields } from "@ioasid/bus";
 import type { NatsConnection } from "@nats-io/transport-node";
 import { OpLog } from "./op-log.js";
 import {
@@ -260,9 +260,9 @@ export async function startCoreServer(options: StartCoreServerOptions = {}): Pro
   const t0 = performance.now();
   const server = createGrpcServer({ service: "ioasid-core", ...(options.logger === undefined ? {} : { logger: options.logger }) });
   const logger = server.logger;
-  let history: ((action: string, fields: HistoryFields, ts?: number) => void) | undefined;
+  let history: ((action: string, fields: HistoryFields, ts?: number, opSeq?: number) => void) | undefined;
   const ioasidCore = new IoasidCore({
-    history: (action, fields, ts) => history?.(action, fields, ts),
+    history: (action, fields, ts, opSeq) => history?.(action, fields, ts, opSeq),
     ...(options.capacity === undefined ? {} : { capacity: options.capacity }),
     ...(options.eventLogRetain === undefined ? {} : { retain: options.eventLogRetain }),
     externalAllocator: options.externalAllocator ?? grpcExternalAllocator(logger),
@@ -271,16 +271,31 @@ export async function startCoreServer(options: StartCoreServerOptions = {}): Pro
   });
   let engine: DeliveryEngine | undefined;
   let opLog: OpLog | undefined;
+  let republishAfter: number | undefined;
   if (options.nats !== undefined) {
     const n = options.nats;
-    await ensureHistoryStream(n.nc, n.prefix ?? DEFAULT_PREFIX, n.replicas ?? 1);
-    const recorder = new HistoryRecorder(n.nc, "ioasid", "core", n.prefix ?? DEFAULT_PREFIX);
-    history = (action, fields, ts) => recorder.record(action, fields, ts);
-    opLog = await OpLog.open(n.nc, {
+    const prefix = n.prefix ?? DEFAULT_PREFIX;
+    await ensureHistoryStream(n.nc, prefix, n.replicas ?? 1);
+    const recorder = new HistoryRecorder(n.nc, CORE_HISTORY_ROLE, CORE_HISTORY_INSTANCE, prefix);
+    const log = await OpLog.open(n.nc, {
       ...(n.stream === undefined ? {} : { stream: n.stream }),
-      subject: `${n.prefix ?? DEFAULT_PREFIX}.core.ops`,
+      subject: `${prefix}.core.ops`,
       ...(n.replicas === undefined ? {} : { replicas: n.replicas }),
     });
+    opLog = log;
+    // The records of one op-log message go out as one group (JetStream message id), so a replay
+    // that publishes them again is stored once.
+    history = (action, fields, ts, opSeq) =>
+      opSeq === undefined
+        ? recorder.record(action, fields, ts)
+        : recorder.recordIn(
+            `ioasid-core:${log.logId}:${opSeq}`,
+            { [OP_LOG_HEADER]: log.logId, [OP_SEQ_HEADER]: String(opSeq) },
+            action,
+            fields,
+            ts ?? Date.now(),
+          );
+    republishAfter = await historyWatermark(n.nc, prefix, log, logger);
     engine = new DeliveryEngine({
       nc: n.nc,
       ...(n.prefix === undefined ? {} : { prefix: n.prefix }),
@@ -291,7 +306,10 @@ export async function startCoreServer(options: StartCoreServerOptions = {}): Pro
       log: (level, msg, fields) => logger[level](fields ?? {}, msg),
     });
   }
-  const replayed = await ioasidCore.recover(opLog, engine);
+  const replayed = await ioasidCore.recover(opLog, engine, republishAfter);
+  if (ioasidCore.republished > 0) {
+    logger.info({ after: republishAfter, records: ioasidCore.republished }, "published the history of logged operations found unrecorded");
+  }
   // Fence earlier incarnations: from here on only this core's writes can follow what it replayed.
   await opLog?.seal();
   engine?.start();
@@ -316,4 +334,27 @@ export async function startCoreServer(options: StartCoreServerOptions = {}): Pro
       ioasidCore.close();
     },
   };
+}
+
+const CORE_HISTORY_ROLE = "ioasid";
+const CORE_HISTORY_INSTANCE = "core";
+/** Headers of the core's history messages: which op log, and which message of it, they record. */
+const OP_LOG_HEADER = "Ioasid-Op-Log";
+const OP_SEQ_HEADER = "Ioasid-Op-Seq";
+/** At most this many op-log messages' history is published again at a start. */
+const MAX_REPUBLISH = 50_000;
+
+/**
+ * The op-log sequence after which the history may be missing: the newest message of this log
+ * whose records the history stream holds (0 when it holds none of this log), but no further back
+ * than {@link MAX_REPUBLISH} messages. A newest record that does not say (written before records
+ * carried their op-log message) leaves nothing to publish.
+ */
+async function historyWatermark(nc: NatsConnection, prefix: string, log: OpLog, logger: Logger): Promise<number> {
+  const h = await lastHistoryHeaders(nc, CORE_HISTORY_ROLE, CORE_HISTORY_INSTANCE, prefix);
+  if (h !== undefined && h[OP_LOG_HEADER] === undefined) return log.head;
+  const seq = h !== undefined && h[OP_LOG_HEADER] === log.logId ? Number(h[OP_SEQ_HEADER] ?? 0) : 0;
+  const floor = Math.max(0, log.head - MAX_REPUBLISH);
+  if (seq < floor) logger.warn({ stored: seq, from: floor }, "history of the oldest operations is missing and not published again");
+  return Math.max(seq, floor);
 }
