@@ -96,8 +96,14 @@ class FakeCore implements KvmCorePort {
     this.calls.push(`holds ${ref.ioasid}`);
     return (this.refs.get(FakeCore.key(ref)) ?? 0) > 0;
   }
+  /** The next calls of heldReferences fail as if the core went away between calls. */
+  heldReferencesFailures = 0;
   async heldReferences(setId: number, instance: string): Promise<HolderReference[]> {
     this.#check();
+    if (this.heldReferencesFailures > 0) {
+      this.heldReferencesFailures--;
+      throw unavailable();
+    }
     const out: HolderReference[] = [];
     for (const [k, n] of this.refs) {
       const [ioasid, generation, inst, purpose] = k.split(":");
@@ -506,6 +512,24 @@ describe("Kvm kept in a store (kill -9 and back)", () => {
     expect(again.enqcmd(1, 0, toIa32Pasid(102)).outcome).toBe("GP");
     expect([...store.saved.keys()].sort()).toEqual(["vm/1", "vmcs/1/201"]);
     expect((await again.createVm({ mmToken: 0x71n, vcpuCount: 1, vmName: "" })).instance).toBe("vm-2");
+  });
+
+  it("resubscribes a restored VM on the reconcile retried after the core went away in the middle of it", async () => {
+    const store = new MemoryRoleState();
+    core.sets.set(0x70n, { setId: 4, inUse: 0 });
+    const first = newKvm({ store });
+    await first.createVm({ mmToken: 0x70n, vcpuCount: 1, vmName: "g" });
+    await bind("vm-1", 201, 101, { setId: 4 });
+    bus.handlers.clear();
+    const again = newKvm({ store, saved: store.saved });
+    // registrations() answers, then the core is gone for the VM's own reconcile (chaos soak, seed 2:
+    // the VM was never resubscribed, so the FREE it missed was never delivered and its reference leaked).
+    core.heldReferencesFailures = 1;
+    await expectRefused(again.reconcile(), Code.UNAVAILABLE, "UNAVAILABLE");
+    await again.reconcile();
+    expect(bus.handlers.has("vm-1")).toBe(true);
+    expect(await free("vm-1", 201, { setId: 4 })).toEqual({ release: ["vmcs"] });
+    expect(again.enqcmd(1, 0, toIa32Pasid(101)).outcome).toBe("GP");
   });
 
   it("clears after a restart an entry whose reference the core no longer records, and drops a reference no entry backs", async () => {

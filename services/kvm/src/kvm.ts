@@ -389,16 +389,22 @@ export class Kvm {
 
   async #doReconcile(): Promise<void> {
     const all = await this.#core.registrations();
-    // VMs restored from the store: back to work if the core still has their registration.
-    for (const vm of this.#restored.splice(0)) {
+    // VMs restored from the store: back to work if the core still has their registration. Each
+    // leaves the list only once it is done, so a retry after a failure takes it up again (found by
+    // the chaos soak: a VM dropped from the list by a failed attempt was never resubscribed, and
+    // the FREE it missed never came).
+    while (this.#restored.length > 0) {
+      const vm = this.#restored[0]!;
       const r = all.find((x) => x.registrationId === vm.registrationId);
       if (r === undefined) {
         await this.#forget(vm, "its registration is gone from the core");
+        this.#restored.shift();
         continue;
       }
       if (r.setId !== 0) vm.setId = r.setId;
       await this.#reconcileVm(vm);
       vm.subscription = await this.#notifier.subscribe(vm.instance, (event) => this.#onEvent(vm, event));
+      this.#restored.shift();
       vm.history.record("kvm_restore_vm", {
         ...(vm.setId === 0 ? {} : { setId: vm.setId }),
         detail: `VM ${vm.vmId} back after a KVM restart with ${vm.table.size} translation(s)`,
