@@ -98,12 +98,17 @@ class FakeCore implements KvmCorePort {
   }
   /** The next calls of heldReferences fail as if the core went away between calls. */
   heldReferencesFailures = 0;
+  /** Runs inside the next heldReferences call, before it answers. */
+  duringHeldReferences: (() => Promise<void>) | undefined;
   async heldReferences(setId: number, instance: string): Promise<HolderReference[]> {
     this.#check();
     if (this.heldReferencesFailures > 0) {
       this.heldReferencesFailures--;
       throw unavailable();
     }
+    const during = this.duringHeldReferences;
+    this.duringHeldReferences = undefined;
+    await during?.();
     const out: HolderReference[] = [];
     for (const [k, n] of this.refs) {
       const [ioasid, generation, inst, purpose] = k.split(":");
@@ -530,6 +535,41 @@ describe("Kvm kept in a store (kill -9 and back)", () => {
     expect(bus.handlers.has("vm-1")).toBe(true);
     expect(await free("vm-1", 201, { setId: 4 })).toEqual({ release: ["vmcs"] });
     expect(again.enqcmd(1, 0, toIa32Pasid(101)).outcome).toBe("GP");
+  });
+
+  it("leaves alone a restored VM destroyed between a failed reconcile and its retry", async () => {
+    const store = new MemoryRoleState();
+    core.sets.set(0x70n, { setId: 4, inUse: 0 });
+    const first = newKvm({ store });
+    await first.createVm({ mmToken: 0x70n, vcpuCount: 1, vmName: "g" });
+    await bind("vm-1", 201, 101, { setId: 4 });
+    bus.handlers.clear();
+    const again = newKvm({ store, saved: store.saved });
+    core.heldReferencesFailures = 1;
+    await expectRefused(again.reconcile(), Code.UNAVAILABLE, "UNAVAILABLE");
+    await again.destroyVm(1);
+    const logged = core.calls.length;
+    await again.reconcile();
+    expect(bus.handlers.has("vm-1")).toBe(false);
+    expect(core.calls.slice(logged).filter((c) => c.startsWith("put"))).toEqual([]);
+    expect(core.refs.size).toBe(0);
+  });
+
+  it("does not resubscribe a restored VM destroyed while its reconcile was under way", async () => {
+    const store = new MemoryRoleState();
+    core.sets.set(0x70n, { setId: 4, inUse: 0 });
+    const first = newKvm({ store });
+    await first.createVm({ mmToken: 0x70n, vcpuCount: 1, vmName: "g" });
+    await bind("vm-1", 201, 101, { setId: 4 });
+    bus.handlers.clear();
+    const again = newKvm({ store, saved: store.saved });
+    core.duringHeldReferences = async () => {
+      await again.destroyVm(1);
+    };
+    await again.reconcile();
+    expect(bus.handlers.has("vm-1")).toBe(false);
+    expect(core.refs.size).toBe(0);
+    expect(core.regs.size).toBe(0);
   });
 
   it("clears after a restart an entry whose reference the core no longer records, and drops a reference no entry backs", async () => {

@@ -403,8 +403,14 @@ export class Kvm {
       }
       if (r.setId !== 0) vm.setId = r.setId;
       await this.#reconcileVm(vm);
-      vm.subscription = await this.#notifier.subscribe(vm.instance, (event) => this.#onEvent(vm, event));
+      const subscription = await this.#notifier.subscribe(vm.instance, (event) => this.#onEvent(vm, event));
       this.#restored.shift();
+      if (!vm.alive) {
+        // Destroyed while it was being reconciled: its subscription must not outlive it.
+        await subscription.stop().catch(() => undefined);
+        continue;
+      }
+      vm.subscription = subscription;
       vm.history.record("kvm_restore_vm", {
         ...(vm.setId === 0 ? {} : { setId: vm.setId }),
         detail: `VM ${vm.vmId} back after a KVM restart with ${vm.table.size} translation(s)`,
