@@ -632,6 +632,40 @@ describe("Vdcm reconcile", () => {
     expect(VdcmState.restore(store.saved).snapshot().devices[0]!.pasidEntries).toEqual([]);
   });
 
+  it("acknowledges a FREE only once the clear it relies on is kept, even one made by another call", async () => {
+    // Chaos soak, seed 21: an mdev_clear cleared the entry in memory, its store write hung; the FREE
+    // found nothing to clear and was acknowledged; VDCM then fail-stopped, came back with the entry
+    // (never kept cleared), and nothing was left to deliver the FREE again.
+    const saved = new MemoryRoleState();
+    const gate: { hold?: Promise<void> } = {};
+    const store: RoleStatePort = {
+      write: async (changes) => {
+        await gate.hold;
+        await saved.write(changes);
+      },
+    };
+    const { core, vdcm } = await setup({ store });
+    const gen = core.alloc(VM1, 201, 101);
+    await vdcm.writeWqPasid(M1, 0, 101);
+    let open!: () => void;
+    gate.hold = new Promise<void>((resolve) => (open = resolve));
+    const clearing = vdcm.clearWqPasid(M1, 0);
+    await new Promise((r) => setImmediate(r));
+    expect(vdcm.snapshot().devices[0]!.pasidEntries).toEqual([]); // cleared in memory, not kept yet
+    core.free(201);
+    let acked = false;
+    const ack = vdcm.onIoasidEvent(FREE(201, gen, VM1)).then((a) => {
+      acked = true;
+      return a;
+    });
+    await new Promise((r) => setTimeout(r, 20));
+    expect(acked).toBe(false);
+    open();
+    expect(await ack).toEqual({ release: [] }); // the mdev_clear releases its own reference
+    expect(await clearing).toMatchObject({ cleared: true });
+    expect(VdcmState.restore(saved.saved).snapshot().devices[0]!.pasidEntries).toEqual([]);
+  });
+
   it("clears, after a restart, a programmed entry whose reference the core no longer records", async () => {
     const store = new MemoryRoleState();
     const { core, notifier, vdcm } = await setup({ store });

@@ -170,11 +170,23 @@ export class Vdcm {
   }
 
   private readonly store: RoleStatePort | undefined;
+  /** Every store write issued so far has settled (or one failed) once this does. */
+  private written: Promise<void> = Promise.resolve();
 
-  /** Writes what changed in the tables to the store (before a reply, an acknowledgement or a put). */
-  private async persist(): Promise<void> {
+  /**
+   * Writes what changed in the tables to the store (before a reply, an acknowledgement or a put),
+   * and resolves once that write and every earlier one are kept. A caller with no change of its
+   * own still waits: what it read may be another call's change still on its way to the store
+   * (chaos soak, seed 21: a FREE found an entry already cleared by an mdev_clear whose write then
+   * failed, and was acknowledged on a clear that was never kept).
+   */
+  private persist(): Promise<void> {
     const changes = this.state.takeChanges();
-    if (this.store !== undefined && changes.length > 0) await this.store.write(changes);
+    if (this.store !== undefined && changes.length > 0) {
+      const write = this.store.write(changes);
+      this.written = Promise.all([this.written, write]).then(() => undefined);
+    }
+    return this.written;
   }
 
   // --- devices and mdevs ---------------------------------------------------------------------
@@ -435,6 +447,8 @@ export class Vdcm {
       }),
     );
     await this.drain((f) => f.setId === event.setId && (f.hpasid === undefined || f.hpasid === event.ioasid));
+    // Acknowledged on what is kept: an entry found cleared may be another call's clear in flight.
+    await this.persist();
     return { release };
   }
 
