@@ -57,4 +57,23 @@ describe("OpLog", () => {
     await (await OpLog.open(nc, { stream: "OPLOG_SEAL", subject: "oplog.seal" })).replay((o) => all.push(o));
     expect(all).toEqual([op(1), op(3), op(4)]);
   });
+
+  it("writes an operation appended while the seal is on its way after the seal", async () => {
+    // Chaos soak, seed 4: a restarted core's first misses (subscribers not live) were appended
+    // while its seal was still in flight through a slow link; written with the sequence the seal
+    // then took, they were refused, and the core fail-stopped at every start until the link healed.
+    const first = await OpLog.open(nc, { stream: "OPLOG_SEAL_RACE", subject: "oplog.sealrace" });
+    await first.append(op(1));
+    const log = await OpLog.open(nc, { stream: "OPLOG_SEAL_RACE", subject: "oplog.sealrace" });
+    await log.replay(() => undefined);
+    const sealed = log.seal();
+    const appended = log.append(op(2), false);
+    log.flush();
+    await sealed;
+    await appended;
+    await log.append(op(3));
+    const all: unknown[] = [];
+    await (await OpLog.open(nc, { stream: "OPLOG_SEAL_RACE", subject: "oplog.sealrace" })).replay((o) => all.push(o));
+    expect(all).toEqual([op(1), op(2), op(3)]);
+  });
 });

@@ -45,6 +45,8 @@ export class OpLog {
   /** Messages written (each one JetStream publish). */
   messages = 0;
   private readonly inflight = new Set<Promise<unknown>>();
+  /** The seal being written (see seal): appends wait for it. */
+  private sealing: Promise<void> | undefined;
 
   private constructor(
     private readonly js: JetStreamClient,
@@ -119,6 +121,14 @@ export class OpLog {
     if (this.lazyTimer !== undefined) {
       clearTimeout(this.lazyTimer);
       this.lazyTimer = undefined;
+    }
+    // Nothing may be written with the sequence the seal in flight takes: write after it.
+    if (this.sealing !== undefined) {
+      void this.sealing.then(
+        () => this.flush(),
+        () => undefined,
+      );
+      return;
     }
     while (this.queue.length > 0) {
       const parts: string[] = [];
@@ -199,7 +209,17 @@ export class OpLog {
    */
   async seal(): Promise<void> {
     const expected = this.lastSeq;
-    await this.js.publish(this.subject, JSON.stringify({ seal: Date.now() }), { expect: { lastSequence: expected } });
-    this.lastSeq = expected + 1;
+    // Operations appended meanwhile (the first misses of a recovered delivery) wait for it (chaos
+    // soak, seed 4: written with the sequence the seal took, through a slow link, they were refused
+    // and the core fail-stopped at every start until the link healed).
+    const sealing = this.js.publish(this.subject, JSON.stringify({ seal: Date.now() }), { expect: { lastSequence: expected } }).then(() => {
+      this.lastSeq = expected + 1;
+    });
+    this.sealing = sealing;
+    try {
+      await sealing;
+    } finally {
+      this.sealing = undefined;
+    }
   }
 }
