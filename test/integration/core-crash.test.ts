@@ -132,4 +132,39 @@ describe("core crash (SIGKILL) and restart", () => {
     const fresh = await c2.batchAlloc(P(core.BatchAllocRequest, { setId: set, count: 50 }));
     for (const f of fresh.allocations) expect(live.has(f.ioasid)).toBe(false);
   }, 90_000);
+
+  it("answers nothing that rests on an operation not yet durable: a retried put is not refused on the strength of the first", async () => {
+    // Chaos soak, seed 10: VDCM's put hung in a write the core never saw acknowledged; the retry
+    // was refused NO_REFERENCE_HELD, the core fail-stopped, and its successor still held the reference.
+    nats = await startNats();
+    const c = await startCore({}, { nats });
+    cores.push(c);
+    const set = (await c.client.createSet(P(core.CreateSetRequest, { tokenType: MM, token: 0xfeedn, quota: 4 }))).set!.setId;
+    const { ioasid, generation } = await c.client.alloc(P(core.AllocRequest, { setId: set }));
+    await c.client.get(P(core.GetRequest, { setId: set, ioasid, holder: VDCM, generation }));
+    const put = () => c.client.put(P(core.PutRequest, { setId: set, ioasid, holder: VDCM, generation }), { deadlineMs: 600 });
+    process.kill(nats.pid!, "SIGSTOP");
+    try {
+      await expect(put()).rejects.toMatchObject({ reason: "DEADLINE_EXCEEDED" });
+      // The first put is applied, not durable: neither a refusal nor a query may show it.
+      await expect(put()).rejects.toMatchObject({ reason: "DEADLINE_EXCEEDED" });
+      await expect(c.client.describe(P(core.DescribeRequest, { setId: set, ioasid }), { deadlineMs: 600 })).rejects.toMatchObject({
+        reason: "DEADLINE_EXCEEDED",
+      });
+    } finally {
+      process.kill(nats.pid!, "SIGCONT");
+    }
+    // Once it is durable, the same retry is refused: the reference really is gone.
+    await waitFor(
+      async () => {
+        try {
+          await put();
+          return false;
+        } catch (err) {
+          return (err as { reason?: string }).reason === "NO_REFERENCE_HELD";
+        }
+      },
+      { timeoutMs: 10_000, message: "the retried put refused once the first is durable" },
+    );
+  });
 });

@@ -94,6 +94,8 @@ export class IoasidCore {
   private replaying = false;
   /** History records the last recover() published for operations its predecessor had not recorded. */
   republished = 0;
+  /** Durability of the last operation appended (and so of every one before it). */
+  private lastDurable: Promise<unknown> = Promise.resolve();
 
   constructor(options: IoasidCoreOptions = {}) {
     this.options = options;
@@ -203,6 +205,20 @@ export class IoasidCore {
     const { result, durable } = this.execute(op);
     await durable;
     return result;
+  }
+
+  /**
+   * Resolves once every operation applied so far is durable; never, when one cannot be written
+   * (the core is then stopping). An answer that reads the state — a query, or a refusal — waits
+   * for it, so no caller is told anything that rests on an operation a crash may take back (chaos
+   * soak, seed 10: a put whose write hung was retried, the retry was refused NO_REFERENCE_HELD on
+   * the strength of the first, the core fail-stopped, and its successor still held the reference).
+   */
+  settled(): Promise<void> {
+    return this.lastDurable.then(
+      () => undefined,
+      () => new Promise<never>(() => undefined),
+    );
   }
 
   /** Allocates one IOASID, through the external allocator when one is registered. */
@@ -352,6 +368,7 @@ export class IoasidCore {
     const commit: Commit = { ready: false, chains: this.captured, history };
     this.captured = [];
     const durable: Promise<number | undefined> = this.opLog === undefined ? Promise.resolve(undefined) : this.opLog.append(record, urgent);
+    this.lastDurable = durable;
     this.commits.push(commit);
     durable.then(
       (opSeq) => {

@@ -51,6 +51,30 @@ export const grpcExternalAllocator =
  * answer. Errors are the domain's, thrown as they are (grpc-kit maps them to status + reason).
  */
 export function createCoreHandlers(ioasidCore: IoasidCore): ServiceHandlers<typeof core.CoreServiceService> {
+  const handlers = coreHandlers(ioasidCore);
+  // Unary answers, queries and refusals included, go out once what they read is durable.
+  const settledAnswers: Record<string, unknown> = {};
+  for (const [name, handler] of Object.entries(handlers) as Array<[string, (...args: never[]) => unknown]>) {
+    const method = (core.CoreServiceService as Record<string, { requestStream: boolean; responseStream: boolean }>)[name];
+    if (method === undefined || method.requestStream || method.responseStream) {
+      settledAnswers[name] = handler;
+      continue;
+    }
+    settledAnswers[name] = async (...args: never[]) => {
+      try {
+        const answer = await handler(...args);
+        await ioasidCore.settled();
+        return answer;
+      } catch (err) {
+        await ioasidCore.settled();
+        throw err;
+      }
+    };
+  }
+  return settledAnswers as unknown as ServiceHandlers<typeof core.CoreServiceService>;
+}
+
+function coreHandlers(ioasidCore: IoasidCore): ServiceHandlers<typeof core.CoreServiceService> {
   const space = ioasidCore.space;
   // Every state change goes through ioasidCore.commit: applied, logged, answered once durable.
   const commit = (op: Parameters<IoasidCore["commit"]>[0]) => ioasidCore.commit(op);
