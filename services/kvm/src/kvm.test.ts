@@ -496,6 +496,17 @@ describe("Kvm.reconcile", () => {
   });
 });
 
+/** KVM crashed with VM 1 (set 4) translating 101 → 201: a new KVM restored from its store, not yet reconciled. */
+async function crashedWithOneTranslation(): Promise<Kvm> {
+  const store = new MemoryRoleState();
+  core.sets.set(0x70n, { setId: 4, inUse: 0 });
+  const first = newKvm({ store });
+  await first.createVm({ mmToken: 0x70n, vcpuCount: 1, vmName: "g" });
+  await bind("vm-1", 201, 101, { setId: 4 });
+  bus.handlers.clear();
+  return newKvm({ store, saved: store.saved });
+}
+
 describe("Kvm kept in a store (kill -9 and back)", () => {
   it("comes back with its VMs and VMCS tables, keeps the references they back, and handles the FREE it missed", async () => {
     const store = new MemoryRoleState();
@@ -520,13 +531,7 @@ describe("Kvm kept in a store (kill -9 and back)", () => {
   });
 
   it("resubscribes a restored VM on the reconcile retried after the core went away in the middle of it", async () => {
-    const store = new MemoryRoleState();
-    core.sets.set(0x70n, { setId: 4, inUse: 0 });
-    const first = newKvm({ store });
-    await first.createVm({ mmToken: 0x70n, vcpuCount: 1, vmName: "g" });
-    await bind("vm-1", 201, 101, { setId: 4 });
-    bus.handlers.clear();
-    const again = newKvm({ store, saved: store.saved });
+    const again = await crashedWithOneTranslation();
     // registrations() answers, then the core is gone for the VM's own reconcile (chaos soak, seed 2:
     // the VM was never resubscribed, so the FREE it missed was never delivered and its reference leaked).
     core.heldReferencesFailures = 1;
@@ -538,13 +543,7 @@ describe("Kvm kept in a store (kill -9 and back)", () => {
   });
 
   it("leaves alone a restored VM destroyed between a failed reconcile and its retry", async () => {
-    const store = new MemoryRoleState();
-    core.sets.set(0x70n, { setId: 4, inUse: 0 });
-    const first = newKvm({ store });
-    await first.createVm({ mmToken: 0x70n, vcpuCount: 1, vmName: "g" });
-    await bind("vm-1", 201, 101, { setId: 4 });
-    bus.handlers.clear();
-    const again = newKvm({ store, saved: store.saved });
+    const again = await crashedWithOneTranslation();
     core.heldReferencesFailures = 1;
     await expectRefused(again.reconcile(), Code.UNAVAILABLE, "UNAVAILABLE");
     await again.destroyVm(1);
@@ -556,13 +555,7 @@ describe("Kvm kept in a store (kill -9 and back)", () => {
   });
 
   it("does not resubscribe a restored VM destroyed while its reconcile was under way", async () => {
-    const store = new MemoryRoleState();
-    core.sets.set(0x70n, { setId: 4, inUse: 0 });
-    const first = newKvm({ store });
-    await first.createVm({ mmToken: 0x70n, vcpuCount: 1, vmName: "g" });
-    await bind("vm-1", 201, 101, { setId: 4 });
-    bus.handlers.clear();
-    const again = newKvm({ store, saved: store.saved });
+    const again = await crashedWithOneTranslation();
     core.duringHeldReferences = async () => {
       await again.destroyVm(1);
     };
