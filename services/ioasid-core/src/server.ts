@@ -62,12 +62,9 @@ export function createCoreHandlers(ioasidCore: IoasidCore): ServiceHandlers<type
     }
     settledAnswers[name] = async (...args: never[]) => {
       try {
-        const answer = await handler(...args);
+        return await handler(...args);
+      } finally {
         await ioasidCore.settled();
-        return answer;
-      } catch (err) {
-        await ioasidCore.settled();
-        throw err;
       }
     };
   }
