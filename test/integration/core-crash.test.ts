@@ -87,7 +87,8 @@ describe("core crash (SIGKILL) and restart", () => {
     const second = await startCore({ IOASID_DELIVERY_RETRY: "200ms" }, { nats });
     cores.push(second);
     const c2 = second.client;
-    expect(second.proc.logs()).toMatch(/"replayed":[1-9]/);
+    // "state recovered" is logged just after the listening line startCore waits for.
+    await waitFor(() => /"replayed":[1-9]/.test(second.proc.logs()), { timeoutMs: 5000, message: "the restarted core's replay count" });
 
     // No IOASID handed out twice: every re-allocation of an ID came after a free of the earlier one.
     const byId = new Map<number, Alloc[]>();
