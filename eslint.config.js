@@ -15,6 +15,39 @@ export default tseslint.config(
     },
   },
   {
+    // Type-aware rules, over every TypeScript file of the workspaces and tests (each belongs to a
+    // tsconfig project; the project service finds it).
+    files: ["packages/**/*.ts", "services/**/*.ts", "test/**/*.ts"],
+    languageOptions: { parserOptions: { projectService: true, tsconfigRootDir: import.meta.dirname } },
+    rules: {
+      // A promise nobody awaits, returns or hands to `void` on purpose loses its rejection: in a
+      // role, a failed store write or core call that nobody sees (DESIGN §4: durable before acked).
+      "@typescript-eslint/no-floating-promises": "error",
+      // A switch over a closed set (a oneof case, an event type, a history action) handles every
+      // member: a member added to the contract is a compile-time list of places to visit.
+      "@typescript-eslint/switch-exhaustiveness-check": ["error", { considerDefaultExhaustiveForUnions: true, requireDefaultForNonUnion: false }],
+    },
+  },
+  {
+    // Domain code models the hardware and the IOASID rules; it knows no transport (DESIGN §2: "no
+    // proto, no gRPC, no NATS"). The adapters translate.
+    files: ["packages/ioasid/src/**/*.ts", "services/*/src/domain/**/*.ts"],
+    rules: {
+      "no-restricted-imports": [
+        "error",
+        {
+          patterns: [
+            { group: ["@ioasid/*/src/*", "@ioasid/*/dist/*"], message: "import a workspace by its index only" },
+            { group: ["@ioasid/proto", "@ioasid/proto/*"], message: "domain code knows no proto: convert in an adapter" },
+            { group: ["@grpc/*"], message: "domain code knows no gRPC: the gRPC service is an adapter" },
+            { group: ["@nats-io/*"], message: "domain code knows no NATS: the bus handler and the store are adapters" },
+            { group: ["@ioasid/bus", "@ioasid/grpc-kit", "@ioasid/role-kit"], message: "domain code knows no transport: use a port" },
+          ],
+        },
+      ],
+    },
+  },
+  {
     files: ["**/*.mjs", "scripts/**", "bench/**/*.mjs"],
     languageOptions: {
       globals: {

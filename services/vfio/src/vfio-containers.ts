@@ -468,7 +468,8 @@ export class VfioContainers {
     c.cancelGrace = this.#scheduler.after(graceMs, () => {
       c.cancelGrace = undefined;
       if (c.sessionAttached || c.state === ContainerState.CLOSING) return;
-      this.#backgroundClose(c, CloseReason.SESSION_NEVER_ATTACHED);
+      // Nobody waits for it: the background close retries until the set is freed, never rejects.
+      void this.#backgroundClose(c, CloseReason.SESSION_NEVER_ATTACHED);
     });
     await this.#save(c);
     this.#history.record("container_open", {
