@@ -9,3 +9,5 @@ export {
   type RegistrationSpec,
 } from "./role-kit.js";
 export { KeyedMutex } from "./keyed-mutex.js";
+export type { CorePort, CorePortCall } from "./core-port.js";
+export { createGrpcCorePort } from "./grpc-core-port.js";

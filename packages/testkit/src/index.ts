@@ -11,3 +11,4 @@ export { NATS_INSTALL_COMMAND, startNats, type NatsServer, type StartNatsOptions
 export { dockerRequested, NATS_IMAGE, startNatsContainer, type StartNatsContainerOptions } from "./start-nats-container.js";
 export { startService, type ServiceProcess, type StartServiceOptions } from "./start-service.js";
 export { waitFor, type WaitForOptions } from "./wait-for.js";
+export { InProcessCore, type InProcessCoreOptions } from "./in-process-core.js";
