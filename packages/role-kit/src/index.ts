@@ -11,3 +11,4 @@ export {
 export { KeyedMutex } from "./keyed-mutex.js";
 export type { CorePort, CorePortCall } from "./core-port.js";
 export { createGrpcCorePort } from "./grpc-core-port.js";
+export { isCoreUnreachable, runRole, type RoleBaseConfig, type RoleParts, type RoleRuntime, type RoleSpec } from "./run-role.js";

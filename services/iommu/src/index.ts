@@ -20,4 +20,4 @@ export {
 } from "./iommu-driver.js";
 export { iommuError, invalidField, IommuReason } from "./iommu-errors.js";
 export * from "./iommu-hardware.js";
-export { createIommuHandlers, startIommuServer, type IommuServerOptions } from "./server.js";
+export { createIommuHandlers, createIommuServer, startIommuServer, type IommuServerOptions } from "./server.js";

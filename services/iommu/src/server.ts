@@ -200,8 +200,14 @@ export interface IommuServerOptions {
 
 /** Serves IommuService (+ health and reflection) on `host:port` and logs the listening line. */
 export async function startIommuServer(options: IommuServerOptions): Promise<GrpcServer> {
-  const server = createGrpcServer({ service: "iommu", ...(options.logger === undefined ? {} : { logger: options.logger }) });
-  server.addService(iommu.IommuServiceService, createIommuHandlers(options.driver));
+  const server = createIommuServer(options.driver, options);
   await server.listen(options.host, options.port);
+  return server;
+}
+
+/** A gRPC server serving IommuService (plus health and reflection) for `driver`; call `listen` on it. */
+export function createIommuServer(driver: IommuDriver, options: Pick<IommuServerOptions, "logger"> = {}): GrpcServer {
+  const server = createGrpcServer({ service: "iommu", ...(options.logger === undefined ? {} : { logger: options.logger }) });
+  server.addService(iommu.IommuServiceService, createIommuHandlers(driver));
   return server;
 }

@@ -32,12 +32,11 @@ export {
   createCorePort,
   createKvmHandlers,
   createNotifierPort,
+  buildKvmRole,
   KVM_EVENTS,
-  startKvmServer,
   toEnqcmdResponse,
   toKvmEvent,
   toVm,
-  type RunningKvm,
-  type StartKvmServerOptions,
+  type KvmRoleOptions,
 } from "./server.js";
 export { VmcsPasidTable, type InstallOutcome, type PasidTranslation } from "./vmcs-pasid-table.js";

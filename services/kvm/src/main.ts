@@ -1,7 +1,8 @@
 #!/usr/bin/env node
-import { configOrExit, createLogger, defineConfigSchema, formatAddress, runUntilSignal } from "@ioasid/grpc-kit";
-import { commonRoleConfig, connectNats, createCoreClient } from "@ioasid/role-kit";
-import { startKvmServer } from "./server.js";
+import { configOrExit, defineConfigSchema, formatAddress } from "@ioasid/grpc-kit";
+import { commonRoleConfig, createCoreClient, runRole } from "@ioasid/role-kit";
+import { KVM_SUBSCRIBER } from "./kvm.js";
+import { buildKvmRole } from "./server.js";
 
 /** Configuration of the KVM service, from the environment (`kvm --help` lists it). */
 export const kvmConfigSchema = defineConfigSchema({
@@ -21,30 +22,12 @@ export const kvmConfigSchema = defineConfigSchema({
 });
 
 const config = configOrExit(kvmConfigSchema, { service: "kvm" });
-const logger = createLogger("kvm", { level: config.logLevel });
-const nc = await connectNats(config.natsUrl, { name: "kvm", timeoutMs: config.natsConnectTimeout, logger }).catch((err: unknown) => {
-  logger.fatal({ url: config.natsUrl, err: String(err) }, "cannot reach NATS: start nats-server or set NATS_URL");
-  process.exit(1);
-});
-const coreClient = createCoreClient(formatAddress(config.coreAddress.host, config.coreAddress.port));
-const running = await startKvmServer({
-  nc,
-  core: coreClient,
-  host: config.address.host,
-  port: config.address.port,
-  prefix: config.prefix,
-  logger,
-  reapStale: config.reapStale,
-}).catch((err: unknown) => {
-  logger.fatal({ err: String(err) }, "could not start");
-  process.exit(1);
-});
-runUntilSignal(running.server, {
-  logger,
-  beforeExit: async () => {
-    // KVM going away takes its VMs with it: their references are dropped (ioasid.rst rule 4).
-    await running.stop();
-    coreClient.close();
-    await nc.drain();
-  },
+const core = createCoreClient(formatAddress(config.coreAddress.host, config.coreAddress.port));
+// One KVM per host: its VMs and their VMCS tables are kept under the instance "kvm0".
+await runRole({
+  role: KVM_SUBSCRIBER,
+  instance: "kvm0",
+  config,
+  connectionName: "kvm",
+  build: (rt) => buildKvmRole(rt, { core, host: config.address.host, port: config.address.port, reapStale: config.reapStale }),
 });

@@ -1,8 +1,8 @@
-import { failStopOnWriteError, HistoryGate, HistoryRecorder, RoleState, startSubscriber, DEFAULT_PREFIX } from "@ioasid/bus";
+import { HistoryRecorder, startSubscriber, DEFAULT_PREFIX } from "@ioasid/bus";
 import { isDomainError } from "@ioasid/errors";
-import { createGrpcServer, formatAddress, type GrpcServer, type ServiceHandlers } from "@ioasid/grpc-kit";
+import { createGrpcServer, type ServiceHandlers } from "@ioasid/grpc-kit";
 import { core, events, kvm as kvmProto } from "@ioasid/proto";
-import { ensureRegistration, type CoreClient } from "@ioasid/role-kit";
+import { ensureRegistration, type CoreClient, type RoleParts, type RoleRuntime } from "@ioasid/role-kit";
 import type { NatsConnection } from "@nats-io/transport-node";
 import { GpCause } from "./ia32-pasid.js";
 import {
@@ -17,8 +17,6 @@ import {
   type RegistrationStatus,
   type VmSnapshot,
 } from "./kvm.js";
-
-type Logger = GrpcServer["logger"];
 
 const REGISTRATION_STATE = {
   PENDING: kvmProto.RegistrationState.REGISTRATION_STATE_PENDING,
@@ -186,116 +184,57 @@ export function createNotifierPort(nc: NatsConnection, prefix: string = DEFAULT_
   };
 }
 
-/** Options of {@link startKvmServer}. */
-export interface StartKvmServerOptions {
-  readonly nc: NatsConnection;
+/** Options of {@link buildKvmRole}. */
+export interface KvmRoleOptions {
   readonly core: CoreClient;
   /** @default "127.0.0.1" */
   readonly host?: string;
   /** @default 0 (ephemeral) */
   readonly port?: number;
-  /** Bus subject prefix. @default "ioasid.v1" */
-  readonly prefix?: string;
-  readonly logger?: Logger;
   /** Drop what an earlier KVM process left (see {@link KvmOptions.reapStale}). @default true */
   readonly reapStale?: boolean;
   /** Period of the retries (reconciliation at start, deferred reference drops), ms. @default 1000 */
   readonly retryMs?: number;
-  /** Name of this KVM's kept state (its VMs and tables) in JetStream. @default "kvm0" */
-  readonly instance?: string;
-}
-
-/** A running KVM service. */
-export interface RunningKvm {
-  readonly server: GrpcServer;
-  readonly kvm: Kvm;
-  /** `host:port` clients connect to. */
-  readonly address: string;
-  /**
-   * Stops the background retries and destroys every VM (their references dropped, registrations
-   * withdrawn). Call after the gRPC server has stopped.
-   */
-  stop(): Promise<void>;
 }
 
 /** Attempts of the start-up reconciliation before giving up (≈ 10 minutes at the default period). */
 const MAX_RECONCILE_ATTEMPTS = 600;
 
 /**
- * Starts KVM: reconciles with the core (what an earlier KVM process left), then serves KvmService
- * (+ health, reflection). If the core is not reachable yet, it listens anyway and keeps trying in
- * the background; CreateVm waits for the reconciliation.
+ * KVM as a role for `runRole`: its VMs and VMCS tables restored from what it kept, reconciled with
+ * the core (what an earlier KVM process left) — in the background: it serves KvmService at once,
+ * and CreateVm waits for the reconciliation — with the deferred reference drops retried on a timer,
+ * and every VM destroyed when it stops (their references dropped, registrations withdrawn:
+ * ioasid.rst rule 4). Each VM subscribes for itself (per MM token), so the role has no subscriber
+ * of its own.
  *
  * @example
- * const running = await startKvmServer({ nc, core: createCoreClient(address), port: 0 });
+ * await runRole({ role: KVM_SUBSCRIBER, instance: "kvm0", config, build: (rt) => buildKvmRole(rt, { core }) });
  */
-export async function startKvmServer(options: StartKvmServerOptions): Promise<RunningKvm> {
-  const server = createGrpcServer({ service: "kvm", ...(options.logger === undefined ? {} : { logger: options.logger }) });
+export function buildKvmRole(rt: RoleRuntime, options: KvmRoleOptions): RoleParts {
+  const server = createGrpcServer({ service: "kvm", logger: rt.logger });
   const logger = server.logger;
-  const prefix = options.prefix ?? DEFAULT_PREFIX;
   const retryMs = options.retryMs ?? 1000;
-  // The VMs and their VMCS tables live in JetStream: a KVM killed with -9 comes back with them.
-  const store = await RoleState.open(options.nc, { role: KVM_SUBSCRIBER, instance: options.instance ?? "kvm0", prefix });
-  const saved = await store.load();
-  // Set once stop() begins: a store write failing while the VMs are destroyed does not fail-stop.
-  let stopping = false;
-  if (saved.size > 0) logger.info({ keys: saved.size }, "restored the VMs and their VMCS tables");
-  // History records wait until the tables they describe are kept (a crash takes back both); KVM
-  // writes each table change in the turn it records it.
-  const gate = new HistoryGate();
   const host = new Kvm({
-    store: gate.store(failStopOnWriteError(store, (err: unknown) => {
-      logger.fatal({ err: String(err) }, "state store unwritable: exiting so a restart restores the kept VMs and reconciles");
-      process.exit(1);
-    }, { stopping: () => stopping })),
-    saved,
+    store: rt.store,
+    saved: rt.saved as Map<string, unknown>,
     core: createCorePort(options.core),
-    notifier: createNotifierPort(options.nc, prefix),
-    history: (instance) => gate.wrap(new HistoryRecorder(options.nc, KVM_SUBSCRIBER, instance, prefix)),
+    notifier: createNotifierPort(rt.nc, rt.prefix),
+    // KVM writes each table change in the turn it records it, so its history gate needs no quiet test.
+    history: (instance) => rt.history(new HistoryRecorder(rt.nc, KVM_SUBSCRIBER, instance, rt.prefix)),
     log: (level, msg, fields) => logger[level](fields ?? {}, msg),
     ...(options.reapStale === undefined ? {} : { reapStale: options.reapStale }),
   });
   server.addService(kvmProto.KvmServiceService, createKvmHandlers(host));
-
-  let reconcileTimer: NodeJS.Timeout | undefined;
-  let attempts = 0;
-  const reconcile = async (): Promise<void> => {
-    attempts++;
-    try {
-      await host.reconcile();
-    } catch (err) {
-      if (attempts === 1) logger.warn({ err: String(err) }, "cannot reconcile with ioasid-core yet; retrying in the background");
-      if (attempts >= MAX_RECONCILE_ATTEMPTS) {
-        logger.error({ attempts }, "giving up reconciling with ioasid-core; CreateVm will try again");
-        return;
-      }
-      reconcileTimer = setTimeout(() => void reconcile(), retryMs);
-      reconcileTimer.unref();
-    }
-  };
-  await reconcile();
-  let retrying = false;
-  const releaseTimer = setInterval(() => {
-    if (retrying || !host.releaseWorkDue) return;
-    retrying = true;
-    void host.retryPendingReleases().finally(() => {
-      retrying = false;
-    });
-  }, retryMs);
-  releaseTimer.unref();
-
-  const listenHost = options.host ?? "127.0.0.1";
-  const port = await server.listen(listenHost, options.port ?? 0);
   return {
     server,
-    kvm: host,
-    address: formatAddress(listenHost, port),
-    async stop() {
-      stopping = true;
-      clearTimeout(reconcileTimer);
-      clearInterval(releaseTimer);
+    listen: { host: options.host ?? "127.0.0.1", port: options.port ?? 0 },
+    restored: { message: "restored the VMs and their VMCS tables", fields: () => ({ keys: rt.saved.size }) },
+    reconcile: { run: () => host.reconcile(), when: "in-background", retryOn: () => true, retryMs, maxAttempts: MAX_RECONCILE_ATTEMPTS },
+    retry: { due: () => host.releaseWorkDue, run: () => host.retryPendingReleases(), everyMs: retryMs },
+    stop: async () => {
       await host.destroyAll();
-      await gate.settle();
+      options.core.close();
     },
   };
 }

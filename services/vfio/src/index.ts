@@ -36,4 +36,4 @@ export {
   type VfioLog,
 } from "./vfio-ports.js";
 export { createCorePort, createIommuPort, createVdcmPort, type IommuClient, type VdcmClient } from "./grpc-ports.js";
-export { createVfioHandlers, fromDeviceRef, SESSION_KEEPALIVE, startVfioServer, toDeviceRef, type StartVfioServerOptions } from "./server.js";
+export { createVfioHandlers, createVfioServer, fromDeviceRef, SESSION_KEEPALIVE, startVfioServer, toDeviceRef, type StartVfioServerOptions } from "./server.js";

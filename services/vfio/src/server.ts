@@ -216,7 +216,14 @@ export const SESSION_KEEPALIVE = { timeMs: 10_000, timeoutMs: 5_000 } as const;
 
 /** Creates VFIO's gRPC server (VfioService, health, reflection) and starts listening. */
 export async function startVfioServer(options: StartVfioServerOptions): Promise<GrpcServer> {
-  const server = createGrpcServer({
+  const server = createVfioServer(options);
+  await server.listen(options.host, options.port);
+  return server;
+}
+
+/** A gRPC server serving VfioService (plus health and reflection), with the Session keepalive; call `listen` on it. */
+export function createVfioServer(options: Omit<StartVfioServerOptions, "host" | "port">): GrpcServer {
+  return createGrpcServer({
     service: "vfio",
     logger: options.logger,
     channelOptions: {
@@ -224,6 +231,4 @@ export async function startVfioServer(options: StartVfioServerOptions): Promise<
       "grpc.keepalive_timeout_ms": SESSION_KEEPALIVE.timeoutMs,
     },
   }).addService(vfio.VfioServiceService, createVfioHandlers(options.containers, options.faults, options.guestPages));
-  await server.listen(options.host, options.port);
-  return server;
 }
