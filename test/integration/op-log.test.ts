@@ -1,7 +1,6 @@
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { connect, type NatsConnection } from "@nats-io/transport-node";
-import { jetstream } from "@nats-io/jetstream";
-import { OpLog } from "@ioasid/ioasid-core";
+import { OpLog, type CommittedOperation } from "@ioasid/ioasid-core";
 import { startNats, type NatsServer } from "@ioasid/testkit";
 
 // The core's operation log stays a prefix of what the core applied: every message is written with
@@ -19,15 +18,17 @@ afterAll(async () => {
   await nats?.stop();
 });
 
-const op = (n: number) => ({ t: "test", n }) as never;
+/** A distinct operation (the log stores and returns it; nothing applies it here). */
+const op = (n: number): CommittedOperation => ({ kind: "unregister", registrationId: n, commitTimeMs: 1_700_000_000_000 + n });
 
 describe("OpLog", () => {
   it("writes in order and refuses to write after a message it did not write (no gap, no interleaving)", async () => {
     const log = await OpLog.open(nc, { stream: "OPLOG_TEST", subject: "oplog.test" });
     await Promise.all([log.append(op(1)), log.append(op(2))]);
     await log.append(op(3));
-    // Something else lands in the stream: the log's idea of the last sequence is now wrong.
-    await jetstream(nc).publish("oplog.test", "[]");
+    // Something else lands in the stream (another writer's seal, which holds no operation): the
+    // log's idea of the last sequence is now wrong.
+    await (await OpLog.open(nc, { stream: "OPLOG_TEST", subject: "oplog.test" })).seal();
     await expect(log.append(op(4))).rejects.toThrow(/sequence/i);
     const replayed: unknown[] = [];
     const again = await OpLog.open(nc, { stream: "OPLOG_TEST", subject: "oplog.test" });
