@@ -1,6 +1,7 @@
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { connect, type NatsConnection } from "@nats-io/transport-node";
-import { OpLog, type CommittedOperation } from "@ioasid/ioasid-core";
+import { jetstream } from "@nats-io/jetstream";
+import { OpLog, OpLogFormatError, type CommittedOperation } from "@ioasid/ioasid-core";
 import { startNats, type NatsServer } from "@ioasid/testkit";
 
 // The core's operation log stays a prefix of what the core applied: every message is written with
@@ -76,5 +77,18 @@ describe("OpLog", () => {
     const all: unknown[] = [];
     await (await OpLog.open(nc, { stream: "OPLOG_SEAL_RACE", subject: "oplog.sealrace" })).replay((o) => all.push(o));
     expect(all).toEqual([op(1), op(2), op(3)]);
+  });
+
+  it("replays up to a message that is not ioasid.oplog.v1 and refuses it, whole, naming its stream and sequence", async () => {
+    const log = await OpLog.open(nc, { stream: "OPLOG_FORMAT", subject: "oplog.format" });
+    await log.append(op(1));
+    // The JSON records of the format before v1: none of them is applied.
+    await jetstream(nc).publish("oplog.format", JSON.stringify([{ t: "unregister", r: 2, ts: 1 }]));
+    const replayed: unknown[] = [];
+    const err = await (await OpLog.open(nc, { stream: "OPLOG_FORMAT", subject: "oplog.format" })).replay((o) => replayed.push(o)).catch((e: unknown) => e);
+    expect(err).toBeInstanceOf(OpLogFormatError);
+    expect((err as OpLogFormatError).at).toEqual({ stream: "OPLOG_FORMAT", seq: 2 });
+    expect((err as OpLogFormatError).message).toContain("predates format v1 of the op log");
+    expect(replayed).toEqual([op(1)]);
   });
 });
