@@ -82,7 +82,7 @@ describe("history", () => {
     const log = await OpLog.open(nc);
     await log.replay(() => undefined);
     const putAt = Date.now();
-    await log.append({ t: "put", s: set, i: ioasid, h: kvm, g: generation, ts: putAt });
+    await log.append({ kind: "put", setId: set, ioasid, holder: kvm, generation, commitTimeMs: putAt });
 
     fixture = await startCore({}, { nats });
     c = fixture.client;

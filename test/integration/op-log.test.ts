@@ -1,7 +1,7 @@
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { connect, type NatsConnection } from "@nats-io/transport-node";
 import { jetstream } from "@nats-io/jetstream";
-import { OpLog } from "@ioasid/ioasid-core";
+import { OpLog, OpLogFormatError, type CommittedOperation } from "@ioasid/ioasid-core";
 import { startNats, type NatsServer } from "@ioasid/testkit";
 
 // The core's operation log stays a prefix of what the core applied: every message is written with
@@ -19,15 +19,17 @@ afterAll(async () => {
   await nats?.stop();
 });
 
-const op = (n: number) => ({ t: "test", n }) as never;
+/** A distinct operation (the log stores and returns it; nothing applies it here). */
+const op = (n: number): CommittedOperation => ({ kind: "unregister", registrationId: n, commitTimeMs: 1_700_000_000_000 + n });
 
 describe("OpLog", () => {
   it("writes in order and refuses to write after a message it did not write (no gap, no interleaving)", async () => {
     const log = await OpLog.open(nc, { stream: "OPLOG_TEST", subject: "oplog.test" });
     await Promise.all([log.append(op(1)), log.append(op(2))]);
     await log.append(op(3));
-    // Something else lands in the stream: the log's idea of the last sequence is now wrong.
-    await jetstream(nc).publish("oplog.test", "[]");
+    // Something else lands in the stream (another writer's seal, which holds no operation): the
+    // log's idea of the last sequence is now wrong.
+    await (await OpLog.open(nc, { stream: "OPLOG_TEST", subject: "oplog.test" })).seal();
     await expect(log.append(op(4))).rejects.toThrow(/sequence/i);
     const replayed: unknown[] = [];
     const again = await OpLog.open(nc, { stream: "OPLOG_TEST", subject: "oplog.test" });
@@ -75,5 +77,18 @@ describe("OpLog", () => {
     const all: unknown[] = [];
     await (await OpLog.open(nc, { stream: "OPLOG_SEAL_RACE", subject: "oplog.sealrace" })).replay((o) => all.push(o));
     expect(all).toEqual([op(1), op(2), op(3)]);
+  });
+
+  it("replays up to a message that is not ioasid.oplog.v1 and refuses it, whole, naming its stream and sequence", async () => {
+    const log = await OpLog.open(nc, { stream: "OPLOG_FORMAT", subject: "oplog.format" });
+    await log.append(op(1));
+    // The JSON records of the format before v1: none of them is applied.
+    await jetstream(nc).publish("oplog.format", JSON.stringify([{ t: "unregister", r: 2, ts: 1 }]));
+    const replayed: unknown[] = [];
+    const err = await (await OpLog.open(nc, { stream: "OPLOG_FORMAT", subject: "oplog.format" })).replay((o) => replayed.push(o)).catch((e: unknown) => e);
+    expect(err).toBeInstanceOf(OpLogFormatError);
+    expect((err as OpLogFormatError).at).toEqual({ stream: "OPLOG_FORMAT", seq: 2 });
+    expect((err as OpLogFormatError).message).toContain("predates format v1 of the op log");
+    expect(replayed).toEqual([op(1)]);
   });
 });

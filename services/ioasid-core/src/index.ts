@@ -2,7 +2,26 @@
 export { EventLog, type CommittedEvent, type EventLogOptions } from "./event-log.js";
 export { IoasidCore, type ExternalAllocator, type IoasidCoreOptions } from "./ioasid-core.js";
 export { OpLog, type OpLogOptions } from "./op-log.js";
-export { applyOp, chainKey, type OpRecord } from "./ops.js";
+export {
+  decodeMessage,
+  encodeBatch,
+  encodeOperation,
+  encodeSeal,
+  OP_LOG_FORMAT_HEADER,
+  OpLogFormat,
+  OpLogFormatError,
+  type StoredMessage,
+} from "./op-codec.js";
+export {
+  applyOperation,
+  chainKey,
+  type AckRelease,
+  type CommittedOperation,
+  type DeliveryAck,
+  type DeliveryRef,
+  type Operation,
+  type OperationKind,
+} from "./operation.js";
 export {
   createCoreHandlers,
   grpcExternalAllocator,

@@ -4,7 +4,7 @@ import { events } from "@ioasid/proto";
 import { fromCommittedEvent } from "./convert.js";
 import { EventLog } from "./event-log.js";
 import type { OpLog } from "./op-log.js";
-import { ACK_DETACH_SPID, applyOp, chainKey, StashedAllocator, type AckEntry, type ApplyContext, type OpRecord } from "./ops.js";
+import { applyOperation, chainKey, StashedAllocator, type ApplyContext, type CommittedOperation, type DeliveryAck, type Operation } from "./operation.js";
 
 /**
  * An external allocator as the core sees it: asynchronous (it lives in another process). The
@@ -154,7 +154,7 @@ export class IoasidCore {
       const history = this.options.history;
       try {
         n = await opLog.replay((op, seq) => {
-          this.currentTs = op.ts;
+          this.currentTs = op.commitTimeMs;
           const republish = history !== undefined && republishAfter !== undefined && seq > republishAfter;
           const records: Array<[string, HistoryFields, number]> = [];
           if (republish) this.historyCapture = records;
@@ -201,7 +201,7 @@ export class IoasidCore {
    * Applies an operation, appends it to the log, and resolves once it is durable (at once without
    * a log). Throws the model's DomainError when the model refuses it: nothing is then recorded.
    */
-  async commit(op: DistributiveOmit<OpRecord, "ts">): Promise<unknown> {
+  async commit(op: Operation): Promise<unknown> {
     const { result, durable } = this.execute(op);
     await durable;
     return result;
@@ -227,9 +227,9 @@ export class IoasidCore {
       ...(options.min === undefined ? {} : { min: options.min }),
       ...(options.max === undefined ? {} : { max: options.max }),
     };
-    const pd = options.privateData === undefined ? {} : { pd: Buffer.from(options.privateData).toString("base64") };
+    const pd = options.privateData === undefined ? {} : { privateData: options.privateData };
     const bridge = this.ctx.allocator;
-    if (bridge === undefined) return (await this.commit({ t: "alloc", s: setId, ...bounds, ...pd })) as Allocation;
+    if (bridge === undefined) return (await this.commit({ kind: "alloc", setId, ...bounds, ...pd })) as Allocation;
     const external = this.externals.get(bridge.name);
     if (!this.space.listSets().some((s) => s.id === setId)) throw coreError("SET_UNKNOWN", `no IOASID set ${setId}`);
     let x: number;
@@ -244,7 +244,7 @@ export class IoasidCore {
     }
     let executed: { result: unknown; durable: Promise<unknown> };
     try {
-      executed = this.execute({ t: "alloc", s: setId, ...bounds, ...pd, ...(x === 0 ? {} : { x }) });
+      executed = this.execute({ kind: "alloc", setId, ...bounds, ...pd, ...(x === 0 ? {} : { allocatorIoasid: x }) });
     } catch (err) {
       if (x !== 0) external?.release(x); // the model refused: give the ID back
       throw err;
@@ -259,7 +259,7 @@ export class IoasidCore {
       ...(options.min === undefined ? {} : { min: options.min }),
       ...(options.max === undefined ? {} : { max: options.max }),
     };
-    if (this.ctx.allocator === undefined) return (await this.commit({ t: "batch", s: setId, n: count, ...bounds })) as Allocation[];
+    if (this.ctx.allocator === undefined) return (await this.commit({ kind: "batchAlloc", setId, count, ...bounds })) as Allocation[];
     if (!Number.isInteger(count) || count < 1 || count > MAX_BATCH_ALLOC) {
       throw coreError("COUNT_INVALID", `count ${count} is outside 1..${MAX_BATCH_ALLOC}`);
     }
@@ -273,7 +273,7 @@ export class IoasidCore {
     try {
       for (let i = 0; i < count; i++) done.push(await this.alloc(setId, options));
     } catch (err) {
-      for (const a of done) await this.commit({ t: "free", s: setId, i: a.ioasid, g: a.generation });
+      for (const a of done) await this.commit({ kind: "free", setId, ioasid: a.ioasid, generation: a.generation });
       throw err;
     }
     return done;
@@ -282,7 +282,7 @@ export class IoasidCore {
   /** Registers an external allocator reachable at `address`. */
   async registerAllocator(name: string, address: string): Promise<void> {
     try {
-      await this.commit({ t: "regAlloc", n: name, a: address });
+      await this.commit({ kind: "registerAllocator", name, address });
     } catch (err) {
       this.externals.get(name)?.close();
       if (this.ctx.allocator?.name !== name) this.externals.delete(name);
@@ -292,7 +292,7 @@ export class IoasidCore {
 
   /** Returns to the default allocator. */
   async unregisterAllocator(name: string): Promise<void> {
-    await this.commit({ t: "unregAlloc", n: name });
+    await this.commit({ kind: "unregisterAllocator", name });
     this.externals.get(name)?.close();
     this.externals.delete(name);
   }
@@ -304,21 +304,25 @@ export class IoasidCore {
 
   /** The delivery engine's callback for acknowledgements: releases and records them in one step. */
   onAcks(acks: readonly SettledAck[]): void {
-    const bySubscriber = new Map<string, { n: string; in: string; a: AckEntry[] }>();
+    const bySubscriber = new Map<string, { subscriber: { name: string; instance: string }; acks: DeliveryAck[] }>();
     for (const k of acks) {
       const id = `${k.subscriber.name}/${k.subscriber.instance}`;
       let group = bySubscriber.get(id);
-      if (group === undefined) bySubscriber.set(id, (group = { n: k.subscriber.name, in: k.subscriber.instance, a: [] }));
-      group.a.push(
+      if (group === undefined) bySubscriber.set(id, (group = { subscriber: { name: k.subscriber.name, instance: k.subscriber.instance }, acks: [] }));
+      group.acks.push(
         k.releases.length === 0 && !k.detachSpid
-          ? [k.seq, k.registrationId]
-          : [k.seq, k.registrationId, k.event.setId, k.event.ioasid, k.event.generation, k.detachSpid ? ACK_DETACH_SPID : 0, ...k.releases],
+          ? { seq: k.seq, registrationId: k.registrationId }
+          : {
+              seq: k.seq,
+              registrationId: k.registrationId,
+              release: { setId: k.event.setId, ioasid: k.event.ioasid, generation: k.event.generation, detachSpid: k.detachSpid, purposes: [...k.releases] },
+            },
       );
     }
     // Not urgent even with releases: the record is queued in application order, so anything that
     // depends on a release (a reclaim, a re-allocation) is written after it; a crash before it is
     // written only means the delivery is made again and the SDK answers from its memory.
-    for (const group of bySubscriber.values()) this.execute({ t: "acks", ...group }, false);
+    for (const group of bySubscriber.values()) this.execute({ kind: "acks", ...group }, false);
   }
 
   /** The delivery engine's callback for missed deliveries. */
@@ -326,7 +330,7 @@ export class IoasidCore {
     for (const m of missed) {
       this.options.log?.("warn", "delivery missed", { seq: m.seq, registration: m.registrationId, subscriber: `${m.subscriber.name}/${m.subscriber.instance}`, reason: m.reason });
     }
-    this.execute({ t: "miss", a: missed.map((m) => [m.seq, m.registrationId] as const) }, false);
+    this.execute({ kind: "misses", misses: missed.map((m) => ({ seq: m.seq, registrationId: m.registrationId })) }, false);
   }
 
   /** Deliveries not yet acknowledged by every target (pending or missed), by event sequence. */
@@ -351,9 +355,9 @@ export class IoasidCore {
    * @param urgent somebody waits for the record (a client's reply): write it at the end of this
    *   turn; delivery bookkeeping may wait for company (at-least-once covers a crash meanwhile).
    */
-  private execute(op: DistributiveOmit<OpRecord, "ts">, urgent = true): { result: unknown; durable: Promise<unknown> } {
-    const record = { ...op, ts: Date.now() } as OpRecord;
-    this.currentTs = record.ts;
+  private execute(op: Operation, urgent = true): { result: unknown; durable: Promise<unknown> } {
+    const record: CommittedOperation = { ...op, commitTimeMs: Date.now() };
+    this.currentTs = record.commitTimeMs;
     let result: unknown;
     const history: Array<[string, HistoryFields, number]> = [];
     this.historyCapture = history;
@@ -377,7 +381,7 @@ export class IoasidCore {
         this.flushCommits();
       },
       (err: unknown) => {
-        this.options.log?.("error", "operation log append failed: stopping (fail-stop)", { err: String(err), op: record.t });
+        this.options.log?.("error", "operation log append failed: stopping (fail-stop)", { err: String(err), op: record.kind });
         this.options.onFatal?.(err);
       },
     );
@@ -417,16 +421,16 @@ export class IoasidCore {
     this.pendingEventHistory = [];
   }
 
-  private applyRecord(op: OpRecord): unknown {
+  private applyRecord(op: Operation): unknown {
     let result: unknown;
     try {
-      result = applyOp(this.ctx, op);
+      result = applyOperation(this.ctx, op);
     } finally {
       this.flushEventHistory();
     }
-    if (op.t === "register" && this.recording) {
+    if (op.kind === "register" && this.recording) {
       // The life-cycle tables' step 1: ioasid_register_notifier/_mm().
-      const o = op.o;
+      const o = op.options;
       const scope = o.scope.kind === "global" ? "global" : o.scope.kind === "set" ? `set ${o.scope.setId}` : `mm ${o.scope.token}`;
       const reg = result as Registration;
       this.emitHistory(o.scope.kind === "mm" ? "ioasid_register_notifier_mm" : "ioasid_register_notifier", {
@@ -434,10 +438,10 @@ export class IoasidCore {
         detail: `${o.subscriber.name}/${o.subscriber.instance} ${scope} priority ${o.priority}${reg.active ? "" : " (pending)"}`,
       });
     }
-    if (op.t === "acks") {
-      for (const [seq, reg] of op.a) this.mark(seq, reg, ACKED);
-    } else if (op.t === "miss") {
-      for (const [seq, reg] of op.a) {
+    if (op.kind === "acks") {
+      for (const { seq, registrationId: reg } of op.acks) this.mark(seq, reg, ACKED);
+    } else if (op.kind === "misses") {
+      for (const { seq, registrationId: reg } of op.misses) {
         const passed = this.mark(seq, reg, MISSED);
         // DESIGN §4.4: the missed subscriber is recorded, then the chain moves on. The record
         // is what lets a checker tell a passed-over tier from a teardown out of order.
@@ -496,6 +500,3 @@ export class IoasidCore {
     return targets;
   }
 }
-
-/** Omit over each member of a union. */
-type DistributiveOmit<T, K extends PropertyKey> = T extends unknown ? Omit<T, K> : never;

@@ -2,6 +2,7 @@
 import { configOrExit, createLogger, defineConfigSchema, runUntilSignal } from "@ioasid/grpc-kit";
 import { DEFAULT_CAPACITY, MAX_CAPACITY } from "@ioasid/ioasid";
 import { busConfig, connectNats } from "@ioasid/role-kit";
+import { OpLogFormatError } from "./op-codec.js";
 import { startCoreServer } from "./server.js";
 
 /** Configuration of ioasid-core, from the environment (`ioasid-core --help` lists it). */
@@ -75,7 +76,10 @@ const running = await startCoreServer({
     process.exit(1);
   },
 }).catch((err: unknown) => {
-  logger.fatal({ err: String(err) }, "could not start");
+  // A store this core must not read: the message is the operator's instruction, so it is the log
+  // line itself (no stack trace), and the exit is the same non-zero as any failed start.
+  if (err instanceof OpLogFormatError) logger.fatal({ stream: err.at.stream, seq: err.at.seq }, `cannot start: ${err.message}`);
+  else logger.fatal({ err: String(err) }, "could not start");
   process.exit(1);
 });
 runUntilSignal(running.server, {

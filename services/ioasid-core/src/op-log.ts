@@ -1,6 +1,7 @@
 import { jetstream, jetstreamManager, StorageType, RetentionPolicy, DiscardPolicy, type JetStreamClient } from "@nats-io/jetstream";
-import type { NatsConnection } from "@nats-io/transport-node";
-import type { OpRecord } from "./ops.js";
+import { headers, type NatsConnection } from "@nats-io/transport-node";
+import { BATCH_FRAMING_BYTES, decodeMessage, encodeBatch, encodeOperation, encodeSeal, OP_LOG_FORMAT_HEADER, OpLogFormat } from "./op-codec.js";
+import type { CommittedOperation } from "./operation.js";
 
 /** Options of {@link OpLog.open}. */
 export interface OpLogOptions {
@@ -25,8 +26,13 @@ const MAX_MESSAGE_BYTES = 512 * 1024;
  * its model accepted, in the order it applied them, and a restarted core replays the stream to
  * rebuild its state (DESIGN §4.6).
  *
- * Group commit: appends queue up in call order and are written as one message (a JSON array of
- * records) at the end of the current turn of the event loop, so a burst of operations costs one
+ * Format: each message is binary protobuf, an `ioasid.oplog.v1.OpBatch` or a `Seal`, named by its
+ * `Ioasid-Format` header (`proto/ioasid/oplog/v1/oplog.proto`; `op-codec.ts` converts). Replay
+ * refuses anything else — the JSON of the format before v1 included — with an
+ * {@link OpLogFormatError} that says what to do: a store is never misread.
+ *
+ * Group commit: appends queue up in call order and are written as one message (an OpBatch) at the
+ * end of the current turn of the event loop, so a burst of operations costs one
  * JetStream round trip. Messages are published in order on one connection, so the stream order is
  * the application order, and an operation acknowledged durable makes every earlier one durable too.
  * Records nobody waits for may wait up to `lazyMs` for company.
@@ -39,7 +45,7 @@ const MAX_MESSAGE_BYTES = 512 * 1024;
  * creation was lost made every later replay fail.
  */
 export class OpLog {
-  private queue: Array<{ op: OpRecord; resolve: (seq: number) => void; reject: (err: unknown) => void }> = [];
+  private queue: Array<{ op: CommittedOperation; resolve: (seq: number) => void; reject: (err: unknown) => void }> = [];
   private urgentScheduled = false;
   private lazyTimer: NodeJS.Timeout | undefined;
   /** Messages written (each one JetStream publish). */
@@ -100,7 +106,7 @@ export class OpLog {
    * settles when JetStream acknowledged the message holding it, with that message's sequence.
    * @param urgent somebody waits for it: write at the end of this turn (else within `lazyMs`)
    */
-  append(op: OpRecord, urgent = true): Promise<number> {
+  append(op: CommittedOperation, urgent = true): Promise<number> {
     const done = new Promise<number>((resolve, reject) => this.queue.push({ op, resolve, reject }));
     if (urgent) {
       if (!this.urgentScheduled) {
@@ -131,21 +137,21 @@ export class OpLog {
       return;
     }
     while (this.queue.length > 0) {
-      const parts: string[] = [];
+      const parts: Uint8Array[] = [];
       const waiters: Array<{ resolve: (seq: number) => void; reject: (err: unknown) => void }> = [];
-      let bytes = 2;
+      let bytes = 0;
       while (this.queue.length > 0) {
         const next = this.queue[0]!;
-        const json = JSON.stringify(next.op);
-        if (parts.length > 0 && bytes + json.length + 1 > MAX_MESSAGE_BYTES) break;
-        parts.push(json);
+        const encoded = encodeOperation(next.op);
+        if (parts.length > 0 && bytes + encoded.length + BATCH_FRAMING_BYTES > MAX_MESSAGE_BYTES) break;
+        parts.push(encoded);
         waiters.push(next);
-        bytes += json.length + 1;
+        bytes += encoded.length + BATCH_FRAMING_BYTES;
         this.queue.shift();
       }
       this.messages++;
       const expected = this.lastSeq++;
-      const written = this.js.publish(this.subject, `[${parts.join(",")}]`, { expect: { lastSequence: expected } });
+      const written = this.js.publish(this.subject, encodeBatch(parts), { headers: formatHeaders(OpLogFormat.BATCH), expect: { lastSequence: expected } });
       this.inflight.add(written);
       void written.finally(() => this.inflight.delete(written)).catch(() => undefined);
       written.then(
@@ -167,10 +173,12 @@ export class OpLog {
 
   /**
    * Reads every operation recorded so far, in order, and hands each to `apply` with the sequence
-   * of the message that holds it.
+   * of the message that holds it. A message is read whole before any of its operations is applied.
    * @returns the number of operations read
+   * @throws OpLogFormatError at the first message that is not ioasid.oplog.v1 (a store written
+   *   before format v1, by a newer core, or damaged): nothing after it is read
    */
-  async replay(apply: (op: OpRecord, seq: number) => void): Promise<number> {
+  async replay(apply: (op: CommittedOperation, seq: number) => void): Promise<number> {
     const jsm = await jetstreamManager(this.nc);
     const info = await jsm.streams.info(this.stream);
     const last = info.state.last_seq;
@@ -180,12 +188,10 @@ export class OpLog {
     let n = 0;
     try {
       for await (const m of messages) {
-        const records = JSON.parse(m.string()) as OpRecord | OpRecord[] | { seal: number };
-        if (!Array.isArray(records) && "seal" in records) {
-          if (m.seq >= last) break;
-          continue; // a core's takeover mark, not an operation
-        }
-        for (const op of Array.isArray(records) ? records : [records]) {
+        const format = m.headers?.get(OP_LOG_FORMAT_HEADER);
+        const operations = decodeMessage({ seq: m.seq, format: format === undefined || format === "" ? undefined : format, data: m.data }, this.stream);
+        // undefined: a core's takeover mark, not an operation
+        for (const op of operations ?? []) {
           apply(op, m.seq);
           n++;
         }
@@ -212,7 +218,7 @@ export class OpLog {
     // Operations appended meanwhile (the first misses of a recovered delivery) wait for it (chaos
     // soak, seed 4: written with the sequence the seal took, through a slow link, they were refused
     // and the core fail-stopped at every start until the link healed).
-    const sealing = this.js.publish(this.subject, JSON.stringify({ seal: Date.now() }), { expect: { lastSequence: expected } }).then(() => {
+    const sealing = this.js.publish(this.subject, encodeSeal(new Date()), { headers: formatHeaders(OpLogFormat.SEAL), expect: { lastSequence: expected } }).then(() => {
       this.lastSeq = expected + 1;
     });
     this.sealing = sealing;
@@ -222,4 +228,11 @@ export class OpLog {
       this.sealing = undefined;
     }
   }
+}
+
+/** Headers of an op-log message: which ioasid.oplog.v1 message it holds. */
+function formatHeaders(format: OpLogFormat) {
+  const h = headers();
+  h.set(OP_LOG_FORMAT_HEADER, format);
+  return h;
 }

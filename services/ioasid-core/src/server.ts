@@ -18,7 +18,6 @@ import {
 } from "./convert.js";
 import type { CommittedEvent } from "./event-log.js";
 import { IoasidCore, type ExternalAllocator } from "./ioasid-core.js";
-import { serializeRegisterOptions } from "./ops.js";
 
 const FREE_OUTCOME = {
   FREE_PENDING: core.FreeOutcome.FREE_OUTCOME_FREE_PENDING,
@@ -78,15 +77,15 @@ function coreHandlers(ioasidCore: IoasidCore): ServiceHandlers<typeof core.CoreS
   return {
     createSet: async (req) => {
       const token = toSetToken(req.tokenType, req.token);
-      const set = (await commit({ t: "createSet", tt: token.type, tok: String(token.value), q: req.quota })) as SetInfo;
+      const set = (await commit({ kind: "createSet", token, quota: req.quota })) as SetInfo;
       return { set: fromSetInfo(set) };
     },
-    adjustSet: async (req) => ({ set: fromSetInfo((await commit({ t: "adjustSet", s: req.setId, q: req.quota })) as SetInfo) }),
+    adjustSet: async (req) => ({ set: fromSetInfo((await commit({ kind: "adjustSet", setId: req.setId, quota: req.quota })) as SetInfo) }),
     destroySet: async (req) => {
-      await commit({ t: "destroySet", s: req.setId });
+      await commit({ kind: "destroySet", setId: req.setId });
       return {};
     },
-    freeSet: async (req) => (await commit({ t: "freeSet", s: req.setId })) as { freed: number; destroyed: boolean },
+    freeSet: async (req) => (await commit({ kind: "freeSet", setId: req.setId })) as { freed: number; destroyed: boolean },
     getSet: (req) => {
       if (req.setId !== 0) return { set: fromSetInfo(space.getSet(req.setId)) };
       const token = toSetToken(req.tokenType, req.token);
@@ -111,30 +110,32 @@ function coreHandlers(ioasidCore: IoasidCore): ServiceHandlers<typeof core.CoreS
       return { allocations: await ioasidCore.allocMany(req.setId, req.count, bounds(req)) };
     },
     free: async (req) => {
-      const r = (await commit({ t: "free", s: req.setId, i: req.ioasid, g: req.generation })) as FreeResult;
+      const r = (await commit({ kind: "free", setId: req.setId, ioasid: req.ioasid, generation: req.generation })) as FreeResult;
       return { outcome: FREE_OUTCOME[r.outcome], refcount: r.refcount };
     },
     get: async (req) =>
-      (await commit({ t: "get", s: req.setId, i: req.ioasid, h: toHolder(req.holder)!, g: req.generation })) as { refcount: number },
-    put: async (req) => (await commit({ t: "put", s: req.setId, i: req.ioasid, h: toHolder(req.holder)!, g: req.generation })) as PutResult,
+      (await commit({ kind: "get", setId: req.setId, ioasid: req.ioasid, holder: toHolder(req.holder)!, generation: req.generation })) as { refcount: number },
+    put: async (req) =>
+      (await commit({ kind: "put", setId: req.setId, ioasid: req.ioasid, holder: toHolder(req.holder)!, generation: req.generation })) as PutResult,
     find: (req) => ({ info: fromIoasidInfo(space.find(req.setId, req.ioasid, req.generation)) }),
     findBySpid: async (req) => {
       const holder = toHolder(req.holder);
       // Without a holder it is a read; with one it takes a reference, a state change.
       if (holder === undefined) return space.findBySpid(req.setId, req.spid);
-      return (await commit({ t: "findBySpid", s: req.setId, sp: req.spid, h: holder })) as core.FindBySpidResponse;
+      return (await commit({ kind: "findBySpid", setId: req.setId, spid: req.spid, holder })) as core.FindBySpidResponse;
     },
     attachSpid: async (req) => {
-      await commit({ t: "attachSpid", s: req.setId, i: req.ioasid, sp: req.spid, g: req.generation });
+      await commit({ kind: "attachSpid", setId: req.setId, ioasid: req.ioasid, spid: req.spid, generation: req.generation });
       return {};
     },
-    detachSpid: async (req) => (await commit({ t: "detachSpid", s: req.setId, i: req.ioasid, g: req.generation })) as core.DetachSpidResponse,
+    detachSpid: async (req) =>
+      (await commit({ kind: "detachSpid", setId: req.setId, ioasid: req.ioasid, generation: req.generation })) as core.DetachSpidResponse,
     attachData: async (req) => {
-      await commit({ t: "attachData", s: req.setId, i: req.ioasid, d: Buffer.from(req.data).toString("base64"), g: req.generation });
+      await commit({ kind: "attachData", setId: req.setId, ioasid: req.ioasid, data: req.data, generation: req.generation });
       return {};
     },
     detachData: async (req) => ({
-      data: toBuffer((await commit({ t: "detachData", s: req.setId, i: req.ioasid, g: req.generation })) as Uint8Array),
+      data: toBuffer((await commit({ kind: "detachData", setId: req.setId, ioasid: req.ioasid, generation: req.generation })) as Uint8Array),
     }),
     describe: (req) => {
       if (req.ioasid === 0 || req.ioasid >= space.capacity || req.ioasid === INVALID_IOASID) {
@@ -148,12 +149,11 @@ function coreHandlers(ioasidCore: IoasidCore): ServiceHandlers<typeof core.CoreS
       ioasids: space.listIoasids(req.setId === 0 ? undefined : req.setId).map(fromIoasidInfo),
     }),
     register: async (req) => {
-      const options = toRegisterOptions(req);
-      const registration = (await commit({ t: "register", o: serializeRegisterOptions(options) })) as Registration;
+      const registration = (await commit({ kind: "register", options: toRegisterOptions(req) })) as Registration;
       return { registration: fromRegistration(registration) };
     },
     unregister: async (req) => {
-      await commit({ t: "unregister", r: req.registrationId });
+      await commit({ kind: "unregister", registrationId: req.registrationId });
       return {};
     },
     listRegistrations: () => ({ registrations: space.listRegistrations().map(fromRegistration) }),
