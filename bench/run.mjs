@@ -260,12 +260,12 @@ async function deliveryBench() {
       conns.push(nc);
       await startSubscriber({ nc, name, instance: "0", handler: (e) => (e.type === events.EventType.EVENT_TYPE_FREE ? { release: ["ref"] } : undefined) });
       nc.subscribe(`floor.${name}`, { callback: (_e, m) => m.respond(m.data) });
-      await ioasidCore.commit({ t: "register", o: { subscriber: { name, instance: "0" }, priority: priorities[i], scope: { kind: "global" }, events: ["FREE"] } });
+      await ioasidCore.commit({ kind: "register", options: { subscriber: { name, instance: "0" }, priority: priorities[i], scope: { kind: "global" }, events: ["FREE"] } });
     }
     await coreNc.flush();
-    const set = (await ioasidCore.commit({ t: "createSet", tt: "MM", tok: "1", q: 1024 })).id;
+    const set = (await ioasidCore.commit({ kind: "createSet", token: { type: TokenType.MM, value: 1n }, quota: 1024 })).id;
     const hold = (s, ids) =>
-      Promise.all(ids.flatMap((i) => names.map((name) => ioasidCore.commit({ t: "get", s, i, h: { role: name, instance: "0", purpose: "ref" }, g: 0 }))));
+      Promise.all(ids.flatMap((i) => names.map((name) => ioasidCore.commit({ kind: "get", setId: s, ioasid: i, holder: { role: name, instance: "0", purpose: "ref" }, generation: 0 }))));
     const sample = bus.DeliveryBatch.encode({
       deliveries: [{ registrationId: 1, attempt: 1, event: { seq: 1n, type: 2, ioasid: 1, generation: 1, spid: 0, setId: 1, tokenType: 2, token: 1n, privateData: Buffer.alloc(0), refcount: 4, commitTime: new Date() } }],
     }).finish();
@@ -281,7 +281,7 @@ async function deliveryBench() {
       await floorOnce();
       if (r >= 50) floorLat.push(now() - t);
       const seq = ioasidCore.space.stats().lastSeq + 1;
-      await ioasidCore.commit({ t: "free", s: set, i: ioasid, g: 0 });
+      await ioasidCore.commit({ kind: "free", setId: set, ioasid, generation: 0 });
       await engine.idle();
       if (r >= 50) chainLat.push(doneAt.get(seq) - submittedAt.get(seq));
       if (ioasidCore.space.describe(ioasid) !== undefined) throw new Error(`IOASID ${ioasid} not reclaimed after its chain`);
@@ -310,11 +310,11 @@ async function deliveryBench() {
     let elapsed = 0;
     const warmup = 3;
     for (let b = -warmup; b < batches; b++) {
-      const s = (await ioasidCore.commit({ t: "createSet", tt: "MM", tok: String(100 + warmup + b), q: inFlight })).id;
+      const s = (await ioasidCore.commit({ kind: "createSet", token: { type: TokenType.MM, value: BigInt(100 + warmup + b) }, quota: inFlight })).id;
       const ids = (await ioasidCore.allocMany(s, inFlight, {})).map((a) => a.ioasid);
       await hold(s, ids);
       t = now();
-      await ioasidCore.commit({ t: "freeSet", s });
+      await ioasidCore.commit({ kind: "freeSet", setId: s });
       const committed = now();
       await engine.idle();
       if (b >= 0) elapsed += now() - t;
@@ -330,7 +330,7 @@ async function deliveryBench() {
     const slices = quick ? 12 : 40;
     const prepared = [];
     for (let k = 0; k < slices; k++) {
-      const s = (await ioasidCore.commit({ t: "createSet", tt: "MM", tok: String(10_000 + k), q: slice })).id;
+      const s = (await ioasidCore.commit({ kind: "createSet", token: { type: TokenType.MM, value: BigInt(10_000 + k) }, quota: slice })).id;
       const ids = (await ioasidCore.allocMany(s, slice, {})).map((a) => a.ioasid);
       await hold(s, ids);
       prepared.push(s);
@@ -339,7 +339,7 @@ async function deliveryBench() {
     t = now();
     for (const s of prepared) {
       await engine.runningBelow(inFlight - slice + 1);
-      await ioasidCore.commit({ t: "freeSet", s });
+      await ioasidCore.commit({ kind: "freeSet", setId: s });
     }
     await engine.idle();
     const steady = (slices * slice) / ((now() - t) / 1000);
