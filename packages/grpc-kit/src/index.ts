@@ -79,6 +79,6 @@ export {
   type RpcStatus,
 } from "./rpc-status.js";
 export { listServices } from "./list-services.js";
-export { runUntilSignal, type RunUntilSignalOptions } from "./run-until-signal.js";
+export { holdSignals, runUntilSignal, type HeldSignals, type RunUntilSignalOptions } from "./run-until-signal.js";
 export { isServiceError, toDomainError } from "./to-domain-error.js";
 export { INTERNAL_MESSAGE, toGrpcStatus, type ToGrpcStatusOptions } from "./to-grpc-status.js";

@@ -4,7 +4,7 @@ import { checkHealth } from "./check-health.js";
 import { createLogger } from "./create-logger.js";
 import { createEchoServer } from "./echo-server.js";
 import { ServingStatus, type GrpcServer } from "./grpc-server.js";
-import { runUntilSignal } from "./run-until-signal.js";
+import { holdSignals, runUntilSignal } from "./run-until-signal.js";
 
 // SIGUSR2 stands in for SIGTERM: emitting it reaches only the handlers installed here, not the
 // test runner's own.
@@ -54,5 +54,30 @@ describe("runUntilSignal", () => {
     });
     process.emit(SIGNAL, SIGNAL);
     expect(await exited).toBe(1);
+  });
+
+  it("delivers a signal held while the service started once it is in place, and stops gracefully", async () => {
+    const held = holdSignals([SIGNAL]);
+    // Arrives before the handler: held, not lost (and the process not killed).
+    process.emit(SIGNAL, SIGNAL);
+    expect(held.received).toBe(SIGNAL);
+    server = createEchoServer({ logger: createLogger("echo", { level: "silent" }) });
+    await server.listen();
+    const exited = new Promise<number>((resolve) => {
+      dispose = runUntilSignal(server as GrpcServer, { signals: [SIGNAL], graceMs: 1000, exit: resolve });
+    });
+    held.release();
+    expect(await exited).toBe(0);
+    expect(server.servingStatus()).toBe(ServingStatus.NOT_SERVING);
+    expect(process.listenerCount(SIGNAL)).toBe(1);
+  });
+
+  it("releases nothing when no signal came", () => {
+    const before = process.listenerCount(SIGNAL);
+    const held = holdSignals([SIGNAL]);
+    expect(process.listenerCount(SIGNAL)).toBe(before + 1);
+    held.release();
+    expect(held.received).toBeUndefined();
+    expect(process.listenerCount(SIGNAL)).toBe(before);
   });
 });

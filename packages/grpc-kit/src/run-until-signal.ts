@@ -55,3 +55,41 @@ export function runUntilSignal(server: GrpcServer, options: RunUntilSignalOption
     for (const signal of signals) process.off(signal, onSignal);
   };
 }
+
+/** Signals held by {@link holdSignals} while a service starts. */
+export interface HeldSignals {
+  /** The first signal that arrived while held, if any. */
+  readonly received: NodeJS.Signals | undefined;
+  /** Stops holding; a signal that arrived meanwhile is delivered again to the handlers now installed. */
+  release(): void;
+}
+
+/**
+ * Holds SIGTERM/SIGINT while a service starts, until {@link runUntilSignal} is in place. Without
+ * it a signal arriving in that window (after the `listening` line a supervisor or a test waits for,
+ * before the handler) kills the process at once — exit by signal, no graceful stop — or, when some
+ * other listener is installed, is lost and the process never stops. Found by the test that sends
+ * SIGTERM right after `listening` on a busy machine.
+ *
+ * @example
+ * const held = holdSignals();
+ * // … connect, restore, listen …
+ * runUntilSignal(server, options);
+ * held.release();
+ */
+export function holdSignals(signals: readonly NodeJS.Signals[] = ["SIGTERM", "SIGINT"]): HeldSignals {
+  let received: NodeJS.Signals | undefined;
+  const hold = (signal: NodeJS.Signals): void => {
+    received ??= signal;
+  };
+  for (const signal of signals) process.on(signal, hold);
+  return {
+    get received() {
+      return received;
+    },
+    release() {
+      for (const signal of signals) process.off(signal, hold);
+      if (received !== undefined) process.emit(received, received);
+    },
+  };
+}

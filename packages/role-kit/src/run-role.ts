@@ -1,6 +1,6 @@
 import { failStopOnWriteError, HistoryGate, RoleState, startSubscriber, type HistorySink, type RoleStatePort, type Subscriber, type SubscriberOptions } from "@ioasid/bus";
 import { Code, isDomainError } from "@ioasid/errors";
-import { createLogger, runUntilSignal, type GrpcServer, type LogLevel } from "@ioasid/grpc-kit";
+import { createLogger, holdSignals, runUntilSignal, type GrpcServer, type LogLevel } from "@ioasid/grpc-kit";
 import type { NatsConnection } from "@nats-io/transport-node";
 import type { Logger } from "pino";
 import { connectNats } from "./role-kit.js";
@@ -111,8 +111,11 @@ export async function runRole<C extends RoleBaseConfig>(spec: RoleSpec<C>): Prom
     logger.fatal(fields, message);
     process.exit(1);
   };
-  let stopping = false;
-  for (const signal of ["SIGTERM", "SIGINT"] as const) process.once(signal, () => (stopping = true));
+  // A signal that arrives while the role starts is held and acted on once the role serves (else it
+  // would kill the process without its graceful stop).
+  const held = holdSignals();
+  let signalled = false;
+  const stopping = (): boolean => signalled || held.received !== undefined;
 
   const nc = await connectNats(config.natsUrl, { name: spec.connectionName ?? `${role}/${instance}`, timeoutMs: config.natsConnectTimeout, logger }).catch(
     (err: unknown) => fatal("cannot reach NATS: start nats-server with JetStream (-js) or set NATS_URL", { url: config.natsUrl, err: String(err) }),
@@ -129,10 +132,10 @@ export async function runRole<C extends RoleBaseConfig>(spec: RoleSpec<C>): Prom
   const gate = new HistoryGate({ quiet: () => built.parts?.quiet?.() ?? true });
   const store = gate.store(
     failStopOnWriteError(kept, (err: unknown) => fatal("state store unwritable: exiting so a restart restores the kept tables and reconciles", { err: String(err) }), {
-      stopping: () => stopping,
+      stopping,
     }),
   );
-  const p = await spec.build({ logger, nc, prefix: config.prefix, saved, store, history: (sink) => gate.wrap(sink), stopping: () => stopping });
+  const p = await spec.build({ logger, nc, prefix: config.prefix, saved, store, history: (sink) => gate.wrap(sink), stopping });
   built.parts = p;
   if (saved.size > 0 && p.restored !== undefined) logger.info(p.restored.fields(), p.restored.message);
 
@@ -165,7 +168,7 @@ export async function runRole<C extends RoleBaseConfig>(spec: RoleSpec<C>): Prom
         const r = await reconcile.run();
         if (hasCounts(r)) logger.info(r, "reconciled with the core after the restart");
       } catch (err) {
-        if (stopping || !retryOn(err)) return void logger.error({ err: String(err) }, "reconciling with ioasid-core failed");
+        if (stopping() || !retryOn(err)) return void logger.error({ err: String(err) }, "reconciling with ioasid-core failed");
         if (n === 0) logger.warn({ err: String(err) }, "cannot reconcile with ioasid-core yet; retrying in the background");
         if (n + 1 >= (reconcile.maxAttempts ?? Infinity)) return void logger.error({ attempts: n + 1 }, "giving up reconciling with ioasid-core for now");
         reconcileTimer = setTimeout(() => void attempt(n + 1), reconcile.retryMs ?? 1000);
@@ -189,15 +192,20 @@ export async function runRole<C extends RoleBaseConfig>(spec: RoleSpec<C>): Prom
       ? undefined
       : setInterval(() => {
           const r = p.retry!;
-          if (retrying || stopping || !r.due()) return;
+          if (retrying || stopping() || !r.due()) return;
           retrying = true;
           void r.run().finally(() => (retrying = false));
         }, p.retry.everyMs);
   retryTimer?.unref();
 
-  if (p.onSignal !== undefined) for (const signal of ["SIGTERM", "SIGINT"] as const) process.once(signal, p.onSignal);
   await p.server.listen(p.listen.host, p.listen.port).catch((err: unknown) => fatal("could not start", { err: String(err) }));
   p.serving?.();
+  for (const signal of ["SIGTERM", "SIGINT"] as const) {
+    process.once(signal, () => {
+      signalled = true;
+      p.onSignal?.();
+    });
+  }
   runUntilSignal(p.server, {
     logger,
     beforeExit: async () => {
@@ -209,6 +217,7 @@ export async function runRole<C extends RoleBaseConfig>(spec: RoleSpec<C>): Prom
       await nc.drain();
     },
   });
+  held.release();
 }
 
 /** A reconcile result worth logging: some count in it is not zero. */

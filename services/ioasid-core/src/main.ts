@@ -1,5 +1,5 @@
 #!/usr/bin/env node
-import { configOrExit, createLogger, defineConfigSchema, runUntilSignal } from "@ioasid/grpc-kit";
+import { configOrExit, createLogger, defineConfigSchema, holdSignals, runUntilSignal } from "@ioasid/grpc-kit";
 import { DEFAULT_CAPACITY, MAX_CAPACITY } from "@ioasid/ioasid";
 import { busConfig, connectNats } from "@ioasid/role-kit";
 import { OpLogFormatError } from "./op-codec.js";
@@ -60,6 +60,9 @@ export const coreConfigSchema = defineConfigSchema({
 
 const config = configOrExit(coreConfigSchema, { service: "ioasid-core" });
 const logger = createLogger("ioasid-core", { level: config.logLevel });
+// A signal that arrives while the core starts is held until it can stop gracefully (else the signal
+// kills it between its `listening` line and the handler: exit by signal, found under load).
+const held = holdSignals();
 const nc = await connectNats(config.natsUrl, { name: "ioasid-core", timeoutMs: config.natsConnectTimeout, logger }).catch((err: unknown) => {
   logger.fatal({ url: config.natsUrl, err: String(err) }, "cannot reach NATS: start nats-server with JetStream (-js) or set NATS_URL");
   process.exit(1);
@@ -91,3 +94,5 @@ runUntilSignal(running.server, {
     await nc.drain();
   },
 });
+held.release();
+

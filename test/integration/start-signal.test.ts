@@ -1,0 +1,73 @@
+import { spawn, type ChildProcess } from "node:child_process";
+import { startNats, waitFor, type NatsServer } from "@ioasid/testkit";
+import { afterEach, describe, expect, it } from "vitest";
+import { serviceEntry, startCore, type CoreFixture } from "../support/core-fixture.js";
+
+// A SIGTERM that reaches a service while it is still starting (a supervisor stopping a stack that
+// is coming up, a test that stops a service right after its `listening` line) is held until the
+// service can stop gracefully: it then stops with exit 0, instead of dying by the signal or
+// ignoring it. Made deterministic here by holding the service at its NATS connection (the server is
+// down), sending SIGTERM, then bringing NATS back.
+
+const started: ChildProcess[] = [];
+const servers: NatsServer[] = [];
+let core: CoreFixture | undefined;
+
+afterEach(async () => {
+  for (const p of started.splice(0)) if (p.exitCode === null && p.signalCode === null) p.kill("SIGKILL");
+  for (const s of servers.splice(0)) await s.stop();
+  await core?.stop();
+  core = undefined;
+});
+
+/** Spawns a built service and collects its stdout. */
+function spawnService(service: string, env: Record<string, string>): { proc: ChildProcess; out: () => string; exit: Promise<{ code: number | null; signal: string | null }> } {
+  const proc = spawn(process.execPath, [serviceEntry(service)], { env: { ...process.env, LOG_LEVEL: "info", ...env }, stdio: ["ignore", "pipe", "pipe"] });
+  started.push(proc);
+  let out = "";
+  proc.stdout!.on("data", (d: Buffer) => (out += d.toString()));
+  proc.stderr!.on("data", (d: Buffer) => (out += d.toString()));
+  const exit = new Promise<{ code: number | null; signal: string | null }>((resolve) => proc.once("exit", (code, signal) => resolve({ code, signal })));
+  return { proc, out: () => out, exit };
+}
+
+/** A nats-server that is down now and comes back on the same port with `restart()`. */
+async function downNats(): Promise<NatsServer> {
+  const nats = await startNats();
+  servers.push(nats);
+  await nats.kill("SIGKILL");
+  return nats;
+}
+
+describe("a signal while a service starts", () => {
+  it("ioasid-core: held, then a graceful stop with exit 0", async () => {
+    const nats = await downNats();
+    const svc = spawnService("ioasid-core", { IOASID_CORE_GRPC_ADDRESS: "127.0.0.1:0", NATS_URL: nats.url, IOASID_NATS_CONNECT_TIMEOUT: "30s" });
+    await waitFor(() => svc.out().includes("NATS not reachable yet"), { timeoutMs: 15_000, message: "the core waiting for NATS" });
+    svc.proc.kill("SIGTERM");
+    await nats.restart();
+    const { code, signal } = await svc.exit;
+    expect({ code, signal }).toEqual({ code: 0, signal: null });
+    expect(svc.out()).toContain('"msg":"listening"');
+    expect(svc.out()).toContain("signal received, shutting down");
+  });
+
+  it("a role (vdcm, through runRole): held, then a graceful stop with exit 0", async () => {
+    core = await startCore();
+    const nats = await downNats();
+    const svc = spawnService("vdcm", {
+      VDCM_GRPC_ADDRESS: "127.0.0.1:0",
+      NATS_URL: nats.url,
+      IOASID_CORE_ADDRESS: core.proc.address,
+      IOMMU_ADDRESS: "127.0.0.1:1",
+      IOASID_NATS_CONNECT_TIMEOUT: "30s",
+    });
+    await waitFor(() => svc.out().includes("NATS not reachable yet"), { timeoutMs: 15_000, message: "VDCM waiting for NATS" });
+    svc.proc.kill("SIGTERM");
+    await nats.restart();
+    const { code, signal } = await svc.exit;
+    expect({ code, signal }).toEqual({ code: 0, signal: null });
+    expect(svc.out()).toContain('"msg":"listening"');
+    expect(svc.out()).toContain("signal received, shutting down");
+  });
+});
