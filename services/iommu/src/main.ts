@@ -7,6 +7,7 @@ import { events, type core } from "@ioasid/proto";
 import { iommuConfigSchema } from "./config.js";
 import { IommuDriver } from "./iommu-driver.js";
 import { IommuHardware } from "./iommu-hardware.js";
+import { iommuStateCodec } from "./iommu-state-codec.js";
 import { startIommuServer } from "./server.js";
 
 // config → logger → NATS → core client → driver → bus subscriber + registration → gRPC server.
@@ -32,11 +33,15 @@ const nc = await connectNats(config.natsUrl, { name: `iommu/${config.instance}`,
 const coreClient = createCoreClient(config.coreAddress.address);
 // The hardware tables and outstanding fault groups live in JetStream: an IOMMU killed with -9 comes
 // back with its PASID tables, attach handles and fault groups, then reconciles with the core.
-const store = await RoleState.open(nc, { role: "iommu", instance: config.instance, prefix: config.prefix }).catch((err: unknown) => {
+const store = await RoleState.open(nc, { role: "iommu", instance: config.instance, prefix: config.prefix, codec: iommuStateCodec }).catch((err: unknown) => {
   logger.fatal({ err: String(err) }, "cannot open the IOMMU's state in JetStream (is nats-server running with -js?)");
   process.exit(1);
 });
-const saved = await store.load();
+// A store in another format (the JSON of earlier versions) is refused, with what to do.
+const saved = await store.load().catch((err: unknown) => {
+  logger.fatal({ err: String(err) }, "cannot read the IOMMU's kept state");
+  process.exit(1);
+});
 const hardware = IommuHardware.restore(saved);
 // History records wait until the tables they describe are kept (a crash takes back both).
 let prqQuiet = (): boolean => true;

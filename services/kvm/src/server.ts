@@ -17,6 +17,7 @@ import {
   type RegistrationStatus,
   type VmSnapshot,
 } from "./kvm.js";
+import { kvmStateCodec } from "./kvm-state-codec.js";
 
 type Logger = GrpcServer["logger"];
 
@@ -235,7 +236,8 @@ export async function startKvmServer(options: StartKvmServerOptions): Promise<Ru
   const prefix = options.prefix ?? DEFAULT_PREFIX;
   const retryMs = options.retryMs ?? 1000;
   // The VMs and their VMCS tables live in JetStream: a KVM killed with -9 comes back with them.
-  const store = await RoleState.open(options.nc, { role: KVM_SUBSCRIBER, instance: options.instance ?? "kvm0", prefix });
+  const store = await RoleState.open(options.nc, { role: KVM_SUBSCRIBER, instance: options.instance ?? "kvm0", prefix, codec: kvmStateCodec });
+  // A store in another format (the JSON of earlier versions) is refused here, with what to do.
   const saved = await store.load();
   // Set once stop() begins: a store write failing while the VMs are destroyed does not fail-stop.
   let stopping = false;

@@ -8,6 +8,7 @@ import { createIommuClient, iommuDmaTranslator } from "./iommu-adapter.js";
 import { createVdcmServer } from "./server.js";
 import { Vdcm, VDCM_ROLE } from "./vdcm.js";
 import { VdcmState } from "./vdcm-state.js";
+import { vdcmStateCodec } from "./vdcm-state-codec.js";
 
 /** Configuration of the VDCM service, from the environment (`vdcm --help` lists it). */
 export const vdcmConfigSchema = defineConfigSchema({
@@ -53,11 +54,15 @@ const iommuClient = createIommuClient(config.iommuAddress.address);
 const history = new HistoryRecorder(nc, VDCM_ROLE, config.instance, config.prefix);
 // The device tables live in JetStream: a VDCM killed with -9 comes back with its devices, mdevs and
 // programmed PASIDs (the hardware did not forget them), then reconciles with the core.
-const store = await RoleState.open(nc, { role: VDCM_ROLE, instance: config.instance, prefix: config.prefix }).catch((err: unknown) => {
+const store = await RoleState.open(nc, { role: VDCM_ROLE, instance: config.instance, prefix: config.prefix, codec: vdcmStateCodec }).catch((err: unknown) => {
   logger.fatal({ err: String(err) }, "cannot open VDCM's state in JetStream (is nats-server running with -js?)");
   process.exit(1);
 });
-const saved = await store.load();
+// A store in another format (the JSON of earlier versions) is refused, with what to do.
+const saved = await store.load().catch((err: unknown) => {
+  logger.fatal({ err: String(err) }, "cannot read VDCM's kept state");
+  process.exit(1);
+});
 const state = VdcmState.restore(saved);
 // History records wait until the tables they describe are kept (a crash takes back both).
 const gate = new HistoryGate({ quiet: () => !state.hasChanges() });

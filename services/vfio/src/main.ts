@@ -7,6 +7,7 @@ import { createCorePort, createGuestPagesPort, createIommuFaultPort, createIommu
 import { FaultRelay } from "./fault-relay.js";
 import { startVfioServer } from "./server.js";
 import { CloseReason, MAX_SESSION_GRACE_MS, VfioContainers } from "./vfio-containers.js";
+import { vfioStateCodec } from "./vfio-state-codec.js";
 
 /** Configuration of the vfio service, from the environment (`vfio --help` lists it). */
 export const vfioConfigSchema = defineConfigSchema({
@@ -70,11 +71,15 @@ const vdcmClient = createClient(vdcm.VdcmServiceService, config.vdcmAddress.addr
 const history = new HistoryRecorder(nc, "vfio", config.instance, config.prefix);
 // The containers live in JetStream too: a VFIO killed with -9 finds the ones it had when it returns
 // and closes them as crashed guests (their VMMs' sessions died with it).
-const store = await RoleState.open(nc, { role: "vfio", instance: config.instance, prefix: config.prefix }).catch((err: unknown) => {
+const store = await RoleState.open(nc, { role: "vfio", instance: config.instance, prefix: config.prefix, codec: vfioStateCodec }).catch((err: unknown) => {
   logger.fatal({ err: String(err) }, "cannot open VFIO's state in JetStream (is nats-server running with -js?)");
   process.exit(1);
 });
-const saved = await store.load();
+// A store in another format (the JSON of earlier versions) is refused, with what to do.
+const saved = await store.load().catch((err: unknown) => {
+  logger.fatal({ err: String(err) }, "cannot read VFIO's kept state");
+  process.exit(1);
+});
 // Late-bound: the relay asks the containers whether one is open, the containers tell the relay when one closes.
 const late: { faults?: FaultRelay } = {};
 const containers = new VfioContainers({
