@@ -299,7 +299,8 @@ export class MemoryRoleState<T> implements RoleStatePort<T> {
   readonly #codec: StateCodec<T>;
   /**
    * The last entry of every key, decoded from the bytes written (a live view: it shows later
-   * writes too, and decodes afresh on every read, so no caller shares an entry with another).
+   * writes too, and decodes afresh on every read, so no caller shares an entry with another; copy
+   * it with `new Map(store.saved)` to compare it whole).
    */
   readonly saved: ReadonlyMap<string, T>;
 
