@@ -191,8 +191,7 @@ export function toBytes(b: Uint8Array | undefined): Uint8Array {
   return b === undefined ? new Uint8Array(0) : Uint8Array.from(b);
 }
 
-/** The bytes as a Buffer without copying (ts-proto's type of a bytes field). */
-export const toBuffer = (b: Uint8Array): Buffer => Buffer.from(b.buffer, b.byteOffset, b.byteLength);
+const toBuffer = (b: Uint8Array): Buffer => Buffer.from(b.buffer, b.byteOffset, b.byteLength);
 
 /** Domain PASID entry → wire. */
 export function fromPasidEntry(e: PasidEntry): iommu.PasidEntry {

@@ -1,6 +1,6 @@
 import { protoStateCodec, requireField, type StateCodec } from "@ioasid/bus";
 import { iommu, iommuState } from "@ioasid/proto";
-import { ATTACH_KINDS_WIRE, DOMAIN_TYPES, DOMAIN_TYPES_WIRE, fromMapping, GROUP_STATES_WIRE, toAccess, toBuffer } from "./convert.js";
+import { ATTACH_KINDS_WIRE, DOMAIN_TYPES, DOMAIN_TYPES_WIRE, fromHandle, fromMapping, GROUP_STATES_WIRE, toAccess } from "./convert.js";
 import { DeviceFunction, type AttachKind, type IommuKeptEntry, type KeptAttachHandle, type Mapping } from "./iommu-hardware.js";
 import type { GroupState, PageRequest } from "./page-requests.js";
 
@@ -234,21 +234,9 @@ export function fromIommuStateEntry(m: iommuState.IommuStateEntry): IommuKeptEnt
 }
 
 function toKeptHandleMessage(h: KeptAttachHandle): iommuState.KeptAttachHandle {
-  return {
-    handleId: h.handleId,
-    kind: ATTACH_KINDS_WIRE.get(h.kind)!,
-    domainId: h.domainId,
-    deviceId: h.deviceId,
-    pasid: h.pasid,
-    withoutPasid: h.withoutPasid,
-    owner: h.owner,
-    ownerData: toBuffer(h.ownerData),
-    setId: h.setId,
-    gpasid: h.gpasid,
-    generation: h.generation,
-    createdAt: h.createdAt,
-    faultReporting: h.faultReporting,
-  };
+  // The service's AttachHandle less what is derived (outstanding groups), plus fault reporting.
+  const { outstandingFaultGroups: _derived, ...wire } = fromHandle(h);
+  return { ...wire, faultReporting: h.faultReporting };
 }
 
 function fromKeptHandleMessage(h: iommuState.KeptAttachHandle, what: string): KeptAttachHandle {
