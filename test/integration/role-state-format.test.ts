@@ -90,10 +90,18 @@ describe("a role whose kept state predates the typed format", () => {
       expect(err!.message).toContain(`Start ${r.role} from an empty state`);
       expect(err!.message).toContain(`nats stream purge ${roleStateStreamName(DEFAULT_PREFIX)} --subject '${subjects}'`);
 
-      // Doing what it says: the role's subjects purged, it starts (from an empty state).
+      // Doing what it says: the role's subjects purged, it starts (from an empty state) and listens.
       await (await jetstreamManager(nc)).streams.purge(roleStateStreamName(DEFAULT_PREFIX), { filter: subjects });
-      const proc = await startService({ name: r.role, entry: serviceEntry(r.role), env: { NATS_URL: core.nats.url, IOASID_CORE_ADDRESS: core.proc.address, ...r.env } });
-      expect(await proc.stop()).toBe(0);
+      const proc = await startService({
+        name: r.role,
+        entry: serviceEntry(r.role),
+        env: { NATS_URL: core.nats.url, IOASID_CORE_ADDRESS: core.proc.address, ...r.env },
+        readyTimeoutMs: 20_000,
+      });
+      expect(proc.logs()).not.toContain("kept state");
+      // Not its exit code: KVM logs "listening" before its signal handlers are installed, so a
+      // SIGTERM this early may end it by the signal.
+      await proc.stop();
     }, 60_000);
   }
 });
