@@ -32,5 +32,20 @@ export {
   type HistoryRecord,
 } from "./history.js";
 export { HistoryGate, type HistoryGateOptions, type HistorySink } from "./history-gate.js";
-export { failStopOnWriteError, MemoryRoleState, RoleState, roleStateStreamName, roleStateSubject, type RoleStatePort, type StateChange } from "./role-state.js";
+export {
+  failStopOnWriteError,
+  MemoryRoleState,
+  protoStateCodec,
+  requireField,
+  ROLE_STATE_UNREADABLE,
+  RoleState,
+  RoleStateHeaders,
+  roleStateStreamName,
+  roleStateSubject,
+  type ProtoMessageFns,
+  type RoleStateOptions,
+  type RoleStatePort,
+  type StateChange,
+  type StateCodec,
+} from "./role-state.js";
 export { DEFAULT_PREFIX, deliverySubject, encodeToken, Headers, helloSubject, queueGroup } from "./subjects.js";

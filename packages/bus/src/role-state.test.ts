@@ -1,5 +1,6 @@
 import { describe, expect, it } from "vitest";
-import { failStopOnWriteError, type RoleStatePort } from "./role-state.js";
+import { vdcmState } from "@ioasid/proto";
+import { failStopOnWriteError, MemoryRoleState, protoStateCodec, requireField, type RoleStatePort, type StateCodec } from "./role-state.js";
 
 describe("failStopOnWriteError", () => {
   it("passes writes through, and on a failed write calls the fatal handler and never lets the caller go on", async () => {
@@ -29,5 +30,37 @@ describe("failStopOnWriteError", () => {
     const kept = failStopOnWriteError(store, (err) => fatal.push(err), { stopping: () => true });
     await expect(kept.write([{ key: "a", value: 1 }])).rejects.toThrow("closed");
     expect(fatal).toEqual([]);
+  });
+});
+
+describe("MemoryRoleState", () => {
+  type Reg = { readonly setId: number; readonly registrationId: number };
+  const codec = (forget: boolean) =>
+    protoStateCodec<Reg, vdcmState.VdcmStateEntry>(
+      "ioasid.vdcm.v1.VdcmStateEntry",
+      vdcmState.VdcmStateEntry,
+      (r) => ({ entry: { $case: "registration", value: { setId: r.setId, registrationId: forget ? 0 : r.registrationId } } }),
+      (m) => {
+        const e = requireField(m.entry, "VdcmStateEntry.entry");
+        if (e.$case !== "registration") throw new Error("not a registration");
+        return { setId: e.value.setId, registrationId: e.value.registrationId };
+      },
+    );
+
+  it("keeps what went through the codec, so a field the codec forgets does not come back", async () => {
+    const good = new MemoryRoleState(codec(false));
+    const forgetful = new MemoryRoleState(codec(true));
+    const saved = good.saved;
+    for (const s of [good, forgetful]) await s.write([{ key: "reg/4", value: { setId: 4, registrationId: 9 } }, { key: "reg/5", value: { setId: 5, registrationId: 1 } }]);
+    await good.write([{ key: "reg/5", value: undefined }]);
+    expect(new Map(saved)).toEqual(new Map([["reg/4", { setId: 4, registrationId: 9 }]]));
+    expect(forgetful.saved.get("reg/4")).toEqual({ setId: 4, registrationId: 0 });
+  });
+
+  it("refuses an entry that encodes to nothing, and writes none of its batch", async () => {
+    const empty: StateCodec<Reg> = { format: "x", encode: () => new Uint8Array(), decode: () => ({ setId: 0, registrationId: 0 }) };
+    const store = new MemoryRoleState(empty);
+    await expect(store.write([{ key: "reg/1", value: { setId: 1, registrationId: 1 } }])).rejects.toThrow("encodes to nothing");
+    expect(store.saved.size).toBe(0);
   });
 });

@@ -1,23 +1,81 @@
 import { jetstream, jetstreamManager, AckPolicy, DeliverPolicy, DiscardPolicy, RetentionPolicy, StorageType } from "@nats-io/jetstream";
-import type { NatsConnection } from "@nats-io/transport-node";
+import { headers as natsHeaders, type NatsConnection } from "@nats-io/transport-node";
+import { Code, DomainError } from "@ioasid/errors";
 import { DEFAULT_PREFIX, encodeToken } from "./subjects.js";
 
 // A role's own state (its modelled hardware: VMCS tables, device PASID entries, IOMMU PASID tables)
 // kept in JetStream so it survives kill -9 of the role (DESIGN §4.6 for the core; issue 6 for the
 // roles). One stream per prefix; each role instance writes one subject per entry and only the last
 // message of a subject is kept (max_msgs_per_subject 1): a key-value store on plain JetStream, with
-// an empty payload meaning "deleted".
+// an empty payload meaning "deleted". Each message holds one entry of the role's proto state
+// message (`ioasid.<role>.v1.<Role>StateEntry`), encoded by the role's {@link StateCodec} and
+// marked with its format, so that nothing is ever misread (DESIGN §2 "Contracts first").
+
+/** Header names on role-state messages. */
+export const RoleStateHeaders = {
+  /** Full name of the proto message the payload is, e.g. `ioasid.kvm.v1.KvmStateEntry`. */
+  FORMAT: "Ioasid-Format",
+  /** The entry's key (subjects encode it: the header keeps it readable as written). */
+  KEY: "Ioasid-State-Key",
+} as const;
+
+/** Stable reason of a {@link DomainError} for a kept state this role cannot read. */
+export const ROLE_STATE_UNREADABLE = "ROLE_STATE_UNREADABLE";
+
+/**
+ * How a role's kept entries become bytes and back: the encode/decode of its proto state entry
+ * message, with the conversion from and to the role's domain tables (one codec module per role).
+ */
+export interface StateCodec<T> {
+  /** Full proto name of the entry message (the format marker), e.g. `ioasid.kvm.v1.KvmStateEntry`. */
+  readonly format: string;
+  /** The entry as proto bytes; never empty (an empty payload means "deleted"). */
+  encode(entry: T): Uint8Array;
+  /** The entry back from {@link encode}'s bytes. @throws when the bytes are not such an entry */
+  decode(bytes: Uint8Array): T;
+}
+
+/** A ts-proto message type: what {@link protoStateCodec} needs of it. */
+export interface ProtoMessageFns<M> {
+  encode(message: M): { finish(): Uint8Array };
+  decode(input: Uint8Array): M;
+}
+
+/**
+ * A {@link StateCodec} over a ts-proto entry message: `toMessage`/`fromMessage` convert between the
+ * role's domain entry and the message (`fromMessage` throws on an entry without its oneof).
+ *
+ * @example
+ * const codec = protoStateCodec("ioasid.kvm.v1.KvmStateEntry", kvmState.KvmStateEntry, toEntryMessage, fromEntryMessage);
+ */
+export function protoStateCodec<T, M>(format: string, fns: ProtoMessageFns<M>, toMessage: (entry: T) => M, fromMessage: (message: M) => T): StateCodec<T> {
+  return {
+    format,
+    encode: (entry) => fns.encode(toMessage(entry)).finish(),
+    decode: (bytes) => fromMessage(fns.decode(bytes)),
+  };
+}
+
+/**
+ * A field a kept entry must have (a message field proto leaves unset when it is missing), for the
+ * codecs' `fromMessage`.
+ * @throws Error naming the field, so {@link RoleState.load} refuses the entry instead of misreading it
+ */
+export function requireField<V>(value: V | undefined, field: string): V {
+  if (value === undefined) throw new Error(`${field} is missing`);
+  return value;
+}
 
 /** One change of a role's state: `value` undefined deletes the key. */
-export interface StateChange {
+export interface StateChange<T = unknown> {
   readonly key: string;
-  readonly value: unknown;
+  readonly value: T | undefined;
 }
 
 /** Where a role writes its state (tests pass an in-memory one). */
-export interface RoleStatePort {
+export interface RoleStatePort<T = unknown> {
   /** Writes the changes, in order, and resolves once the server stored every one of them. */
-  write(changes: readonly StateChange[]): Promise<void>;
+  write(changes: readonly StateChange<T>[]): Promise<void>;
 }
 
 /** The JetStream stream of every role's state under a prefix. */
@@ -34,24 +92,39 @@ function roleStatePrefix(prefix: string, role: string, instance: string): string
   return `${prefix}.rolestate.${encodeToken(role)}.${encodeToken(instance)}`;
 }
 
+/** Options of {@link RoleState.open}. */
+export interface RoleStateOptions<T> {
+  /** The role, e.g. "kvm" (the subject token after `rolestate`). */
+  readonly role: string;
+  /** The role instance, e.g. "kvm0". */
+  readonly instance: string;
+  /** How the role's entries are encoded (its proto state entry message). */
+  readonly codec: StateCodec<T>;
+  /** @default {@link DEFAULT_PREFIX} */
+  readonly prefix?: string;
+  /** Replicas of the stream when this call creates it. @default 1 */
+  readonly replicas?: number;
+}
+
 /**
- * The state of one role instance in JetStream.
+ * The state of one role instance in JetStream, in the role's proto format.
  *
  * @example
- * const store = await openRoleState(nc, { role: "vdcm", instance: "vdcm0" });
- * const saved = await store.load();          // key → value, as last written
- * await store.write([{ key: "entry/dsa0/1", value: { hpasid: 201 } }]);
+ * const store = await RoleState.open(nc, { role: "vdcm", instance: "vdcm0", codec: vdcmStateCodec });
+ * const saved = await store.load();          // key → entry, as last written
+ * await store.write([{ key: "entry/dsa0/1", value: { kind: "pasidEntry", ... } }]);
  */
-export class RoleState implements RoleStatePort {
+export class RoleState<T> implements RoleStatePort<T> {
   private constructor(
     private readonly nc: NatsConnection,
     private readonly prefix: string,
     private readonly role: string,
     private readonly instance: string,
+    private readonly codec: StateCodec<T>,
   ) {}
 
   /** Opens (creating the stream when missing) the state of `role`/`instance`. */
-  static async open(nc: NatsConnection, options: { role: string; instance: string; prefix?: string; replicas?: number }): Promise<RoleState> {
+  static async open<T>(nc: NatsConnection, options: RoleStateOptions<T>): Promise<RoleState<T>> {
     const prefix = options.prefix ?? DEFAULT_PREFIX;
     const jsm = await jetstreamManager(nc);
     const name = roleStateStreamName(prefix);
@@ -75,18 +148,30 @@ export class RoleState implements RoleStatePort {
         });
       }
     }
-    return new RoleState(nc, prefix, options.role, options.instance);
+    return new RoleState(nc, prefix, options.role, options.instance, options.codec);
   }
 
-  /** Every key of this instance with its last value (deleted keys left out). */
-  async load(): Promise<Map<string, unknown>> {
-    const out = new Map<string, unknown>();
+  /** The subjects of this instance's keys (a filter). */
+  get subjects(): string {
+    return `${roleStatePrefix(this.prefix, this.role, this.instance)}.>`;
+  }
+
+  /**
+   * Every key of this instance with its last entry (deleted keys left out).
+   * @throws DomainError FAILED_PRECONDITION {@link ROLE_STATE_UNREADABLE} when an entry is not in
+   *   this role's format (the JSON written before the typed format, another format, or bytes that
+   *   do not decode): the message says how to start the role from an empty state. Nothing is
+   *   guessed: a misread table would bring back entries the role never had.
+   */
+  async load(): Promise<Map<string, T>> {
+    const out = new Map<string, T>();
     const name = roleStateStreamName(this.prefix);
     const jsm = await jetstreamManager(this.nc);
-    const filter = `${roleStatePrefix(this.prefix, this.role, this.instance)}.>`;
+    const filter = this.subjects;
     const info = await jsm.streams.info(name, { subjects_filter: filter });
     if (Object.keys(info.state.subjects ?? {}).length === 0) return out;
     const js = jetstream(this.nc);
+    const unreadable: Unreadable[] = [];
     // An ephemeral consumer of the last message of each subject (one filter: nats-server 2.9 has no
     // filter_subjects), read to its end.
     const ci = await jsm.consumers.add(name, {
@@ -105,9 +190,17 @@ export class RoleState implements RoleStatePort {
         for await (const m of batch) {
           got++;
           pending = m.info.pending;
-          if (m.data.length > 0) {
-            const { key, value } = JSON.parse(m.string()) as { key: string; value: unknown };
-            out.set(key, value);
+          if (m.data.length === 0) continue;
+          const format = m.headers?.get(RoleStateHeaders.FORMAT) ?? "";
+          const key = m.headers?.get(RoleStateHeaders.KEY) ?? "";
+          if (format !== this.codec.format || key === "") {
+            unreadable.push({ subject: m.subject, format, json: format === "" && m.data[0] === 0x7b /* { */ });
+            continue;
+          }
+          try {
+            out.set(key, this.codec.decode(m.data));
+          } catch (err) {
+            unreadable.push({ subject: m.subject, format, json: false, error: err instanceof Error ? err.message : String(err) });
           }
         }
         if (got === 0) throw new Error(`role state of ${this.role}/${this.instance}: the stream stopped answering with ${pending} left`);
@@ -115,26 +208,62 @@ export class RoleState implements RoleStatePort {
     } finally {
       await jsm.consumers.delete(name, ci.name).catch(() => undefined);
     }
+    if (unreadable.length > 0) throw this.#unreadableError(name, filter, unreadable);
     return out;
   }
 
+  #unreadableError(stream: string, filter: string, unreadable: readonly Unreadable[]): DomainError {
+    const n = unreadable.length;
+    const entries = `${n} entr${n === 1 ? "y" : "ies"} of the kept state of ${this.role}/${this.instance} (stream ${stream}, subjects ${filter})`;
+    const first = unreadable[0]!;
+    const why = unreadable.every((u) => u.json)
+      ? `predate${n === 1 ? "s" : ""} the typed state format (JSON written by an earlier version, not ${this.codec.format})`
+      : first.error !== undefined
+        ? `do${n === 1 ? "es" : ""} not decode as ${this.codec.format} (${first.subject}: ${first.error.slice(0, 120)})`
+        : `${n === 1 ? "is" : "are"} not in ${this.codec.format} (${first.subject}: ${first.format === "" ? (first.json ? "JSON without a format marker" : "no format marker") : `format ${first.format}`})`;
+    return new DomainError(
+      Code.FAILED_PRECONDITION,
+      ROLE_STATE_UNREADABLE,
+      `${entries} ${why}: ${n === 1 ? "it" : "they"} cannot be read, and ${this.role} will not guess. Start ${this.role} from an empty state: ` +
+        `delete those subjects (nats stream purge ${stream} --subject '${filter}' --force; for a local stack, ioasidctl down --purge clears the whole store), ` +
+        `then start it again: it reconciles with ioasid-core as after a lost store.`,
+      { metadata: { role: this.role, instance: this.instance, stream, subjects: filter, expected: this.codec.format } },
+    );
+  }
+
   /** @see RoleStatePort.write */
-  async write(changes: readonly StateChange[]): Promise<void> {
+  async write(changes: readonly StateChange<T>[]): Promise<void> {
     if (changes.length === 0) return;
     const js = jetstream(this.nc);
+    // Encoded before anything is published: a change that cannot be encoded publishes nothing.
+    const messages = changes.map((c) => {
+      const h = natsHeaders();
+      h.set(RoleStateHeaders.FORMAT, this.codec.format);
+      h.set(RoleStateHeaders.KEY, c.key);
+      const data = c.value === undefined ? new Uint8Array() : this.codec.encode(c.value);
+      if (c.value !== undefined && data.length === 0) throw new Error(`role state of ${this.role}/${this.instance}: entry ${c.key} encodes to nothing (its kind is not set)`);
+      return { subject: roleStateSubject(this.prefix, this.role, this.instance, c.key), data, headers: h };
+    });
     // Published in order (one connection keeps it); acknowledged together.
-    await Promise.all(
-      changes.map((c) =>
-        js.publish(roleStateSubject(this.prefix, this.role, this.instance, c.key), c.value === undefined ? new Uint8Array() : JSON.stringify({ key: c.key, value: c.value })),
-      ),
-    );
+    await Promise.all(messages.map((m) => js.publish(m.subject, m.data, { headers: m.headers })));
   }
 
   /** Deletes every key of this instance (a role told to start from nothing). */
   async clear(): Promise<void> {
     const jsm = await jetstreamManager(this.nc);
-    await jsm.streams.purge(roleStateStreamName(this.prefix), { filter: `${roleStatePrefix(this.prefix, this.role, this.instance)}.>` });
+    await jsm.streams.purge(roleStateStreamName(this.prefix), { filter: this.subjects });
   }
+}
+
+/** A kept message {@link RoleState.load} could not read. */
+interface Unreadable {
+  readonly subject: string;
+  /** Its format marker ("" when it has none). */
+  readonly format: string;
+  /** No marker and a payload that starts like JSON: written before the typed format. */
+  readonly json: boolean;
+  /** Why it did not decode, when it had the right marker. */
+  readonly error?: string;
 }
 
 /**
@@ -146,7 +275,7 @@ export class RoleState implements RoleStatePort {
  * same: fail-stop). While `stopping` says the role is already shutting down, the error is passed
  * to the caller instead.
  */
-export function failStopOnWriteError(store: RoleStatePort, onFatal: (err: unknown) => void, options: { stopping?: () => boolean } = {}): RoleStatePort {
+export function failStopOnWriteError<T>(store: RoleStatePort<T>, onFatal: (err: unknown) => void, options: { stopping?: () => boolean } = {}): RoleStatePort<T> {
   return {
     write: (changes) =>
       store.write(changes).catch((err: unknown) => {
@@ -160,14 +289,77 @@ export function failStopOnWriteError(store: RoleStatePort, onFatal: (err: unknow
   };
 }
 
-/** A {@link RoleStatePort} in memory (tests): the last value of every key, in `saved`. */
-export class MemoryRoleState implements RoleStatePort {
-  readonly saved = new Map<string, unknown>();
+/**
+ * A {@link RoleStatePort} in memory (tests). Every entry goes through the role's codec, as to
+ * JetStream: `saved` is what a restarted role would load, so a unit test catches a field the codec
+ * forgets.
+ */
+export class MemoryRoleState<T> implements RoleStatePort<T> {
+  readonly #bytes = new Map<string, Uint8Array>();
+  readonly #codec: StateCodec<T>;
+  /**
+   * The last entry of every key, decoded from the bytes written (a live view: it shows later
+   * writes too, and decodes afresh on every read, so no caller shares an entry with another; copy
+   * it with `new Map(store.saved)` to compare it whole).
+   */
+  readonly saved: ReadonlyMap<string, T>;
 
-  async write(changes: readonly StateChange[]): Promise<void> {
-    for (const c of changes) {
-      if (c.value === undefined) this.saved.delete(c.key);
-      else this.saved.set(c.key, structuredClone(c.value));
+  constructor(codec: StateCodec<T>) {
+    this.#codec = codec;
+    this.saved = new DecodedEntries(this.#bytes, codec);
+  }
+
+  async write(changes: readonly StateChange<T>[]): Promise<void> {
+    // Encoded first: a change that cannot be encoded writes nothing, as with RoleState.
+    const encoded = changes.map((c) => {
+      const data = c.value === undefined ? undefined : this.#codec.encode(c.value);
+      if (data !== undefined && data.length === 0) throw new Error(`entry ${c.key} encodes to nothing (its kind is not set)`);
+      return { key: c.key, data };
+    });
+    for (const c of encoded) {
+      if (c.data === undefined) this.#bytes.delete(c.key);
+      else this.#bytes.set(c.key, c.data);
     }
+  }
+}
+
+/** A read-only map of encoded entries, decoded on each read. */
+class DecodedEntries<T> implements ReadonlyMap<string, T> {
+  constructor(
+    private readonly bytes: ReadonlyMap<string, Uint8Array>,
+    private readonly codec: StateCodec<T>,
+  ) {}
+
+  get size(): number {
+    return this.bytes.size;
+  }
+
+  get(key: string): T | undefined {
+    const data = this.bytes.get(key);
+    return data === undefined ? undefined : this.codec.decode(data);
+  }
+
+  has(key: string): boolean {
+    return this.bytes.has(key);
+  }
+
+  *entries(): MapIterator<[string, T]> {
+    for (const [key, data] of this.bytes) yield [key, this.codec.decode(data)];
+  }
+
+  keys(): MapIterator<string> {
+    return this.bytes.keys();
+  }
+
+  *values(): MapIterator<T> {
+    for (const [, value] of this.entries()) yield value;
+  }
+
+  forEach(callback: (value: T, key: string, map: ReadonlyMap<string, T>) => void, thisArg?: unknown): void {
+    for (const [key, value] of this.entries()) callback.call(thisArg, value, key, this);
+  }
+
+  [Symbol.iterator](): MapIterator<[string, T]> {
+    return this.entries();
   }
 }

@@ -12,4 +12,9 @@ export * as events from "./gen/ioasid/events/v1/events.js";
 export * as errors from "./gen/ioasid/errors/v1/errors.js";
 export * as bus from "./gen/ioasid/bus/v1/bus.js";
 export * as oplog from "./gen/ioasid/oplog/v1/oplog.js";
+// The roles' kept state (one entry message per role, beside the role's service contract).
+export * as kvmState from "./gen/ioasid/kvm/v1/kvm_state.js";
+export * as vdcmState from "./gen/ioasid/vdcm/v1/vdcm_state.js";
+export * as iommuState from "./gen/ioasid/iommu/v1/iommu_state.js";
+export * as vfioState from "./gen/ioasid/vfio/v1/vfio_state.js";
 export { descriptorSetPath } from "./descriptors.js";

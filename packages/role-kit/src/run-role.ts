@@ -1,4 +1,14 @@
-import { failStopOnWriteError, HistoryGate, RoleState, startSubscriber, type HistorySink, type RoleStatePort, type Subscriber, type SubscriberOptions } from "@ioasid/bus";
+import {
+  failStopOnWriteError,
+  HistoryGate,
+  RoleState,
+  startSubscriber,
+  type HistorySink,
+  type RoleStatePort,
+  type StateCodec,
+  type Subscriber,
+  type SubscriberOptions,
+} from "@ioasid/bus";
 import { Code, isDomainError } from "@ioasid/errors";
 import { createLogger, holdSignals, runUntilSignal, type GrpcServer, type LogLevel } from "@ioasid/grpc-kit";
 import type { NatsConnection } from "@nats-io/transport-node";
@@ -14,21 +24,21 @@ export interface RoleBaseConfig {
   readonly coreAddress: { readonly address: string };
 }
 
-/** What {@link runRole} hands the role to build itself from. */
-export interface RoleRuntime {
+/** What {@link runRole} hands the role to build itself from (`T`: the role's kept entry). */
+export interface RoleRuntime<T> {
   readonly logger: Logger;
   readonly nc: NatsConnection;
   /** The bus subject prefix (deliveries, history, state). */
   readonly prefix: string;
   /** The role's kept state as last written (key → value), for the role to restore its tables from. */
-  readonly saved: ReadonlyMap<string, unknown>;
+  readonly saved: ReadonlyMap<string, T>;
   /**
    * Where the role writes its state: kept in JetStream, and fail-stop — a write that cannot be
    * made ends the process (exit 1) unless it is already stopping, so that a restart restores what
    * was kept and reconciles (the core's operation log does the same). History records made while
    * a write is pending are published once it is kept ({@link RoleRuntime.history}).
    */
-  readonly store: RoleStatePort;
+  readonly store: RoleStatePort<T>;
   /** Wraps a history sink so that its records wait until the tables they describe are kept. */
   history(sink: HistorySink): HistorySink;
   /** True from SIGTERM/SIGINT on. */
@@ -74,17 +84,22 @@ export interface RoleParts {
   readonly stop?: () => Promise<void> | void;
 }
 
-/** What {@link runRole} takes. */
-export interface RoleSpec<C extends RoleBaseConfig> {
+/** What {@link runRole} takes (`T`: the role's kept entry). */
+export interface RoleSpec<C extends RoleBaseConfig, T> {
   /** The role ("kvm", "vdcm"): its state's owner, its subscriber name, its log's service. */
   readonly role: string;
   /** The instance whose state this process keeps ("vdcm0", "dmar0"). */
   readonly instance: string;
   readonly config: C;
+  /**
+   * How the role's kept entries are written (its `<Role>StateEntry` proto); a kept state in
+   * another format is refused at start with what to do (exit 1).
+   */
+  readonly codec: StateCodec<T>;
   /** Name of the NATS connection. @default `<role>/<instance>` */
   readonly connectionName?: string;
   /** Builds the role on its restored state. */
-  build(runtime: RoleRuntime): RoleParts | Promise<RoleParts>;
+  build(runtime: RoleRuntime<T>): RoleParts | Promise<RoleParts>;
 }
 
 /** The core unreachable: worth another try while it may still be starting. */
@@ -104,7 +119,7 @@ export function isCoreUnreachable(err: unknown): boolean {
  * const config = configOrExit(vdcmConfigSchema, { service: "vdcm" });
  * await runRole({ role: "vdcm", instance: config.instance, config, build: (rt) => ({ server, listen, … }) });
  */
-export async function runRole<C extends RoleBaseConfig>(spec: RoleSpec<C>): Promise<void> {
+export async function runRole<C extends RoleBaseConfig, T>(spec: RoleSpec<C, T>): Promise<void> {
   const { config, role, instance } = spec;
   const logger = createLogger(role, { level: config.logLevel as LogLevel });
   const fatal = (message: string, fields: Record<string, unknown>): never => {
@@ -122,10 +137,11 @@ export async function runRole<C extends RoleBaseConfig>(spec: RoleSpec<C>): Prom
   );
   // The role's tables live in JetStream: a role killed with -9 comes back with them (the hardware
   // did not forget), then reconciles with the core.
-  const kept = await RoleState.open(nc, { role, instance, prefix: config.prefix }).catch((err: unknown) =>
+  const kept = await RoleState.open(nc, { role, instance, prefix: config.prefix, codec: spec.codec }).catch((err: unknown) =>
     fatal(`cannot open the ${role} state in JetStream (is nats-server running with -js?)`, { err: String(err) }),
   );
-  const saved = await kept.load().catch((err: unknown) => fatal(`cannot read the ${role} state from JetStream`, { err: String(err) }));
+  // A kept state in another format (the JSON of earlier versions) is refused: the error says what to do.
+  const saved = await kept.load().catch((err: unknown) => fatal(`cannot read the ${role} kept state`, { err: String(err) }));
   // Late-bound: the gate asks the role, which is built on the gate's store.
   const built: { parts?: RoleParts } = {};
   // History records wait until the tables they describe are kept (a crash takes back both).

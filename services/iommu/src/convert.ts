@@ -25,14 +25,17 @@ import type { FaultRecord } from "./fault-handlers.js";
 
 const W = iommu;
 
-const DOMAIN_TYPES = new Map<iommu.DomainType, DomainType>([
+/** Domain types from the wire (UNSPECIFIED and unknown values are absent). */
+export const DOMAIN_TYPES = new Map<iommu.DomainType, DomainType>([
   [W.DomainType.DOMAIN_TYPE_PAGING, DomainType.PAGING],
   [W.DomainType.DOMAIN_TYPE_SVA, DomainType.SVA],
   [W.DomainType.DOMAIN_TYPE_NESTED, DomainType.NESTED],
 ]);
-const DOMAIN_TYPES_WIRE = new Map([...DOMAIN_TYPES].map(([k, v]) => [v, k]));
+/** Domain types to the wire. */
+export const DOMAIN_TYPES_WIRE = new Map([...DOMAIN_TYPES].map(([k, v]) => [v, k]));
 
-const ATTACH_KINDS_WIRE = new Map<AttachKind, iommu.AttachKind>([
+/** Attach kinds to the wire. */
+export const ATTACH_KINDS_WIRE = new Map<AttachKind, iommu.AttachKind>([
   [AttachKind.DOMAIN, W.AttachKind.ATTACH_KIND_DOMAIN],
   [AttachKind.GPASID_BIND, W.AttachKind.ATTACH_KIND_GPASID_BIND],
   [AttachKind.SVA_BIND, W.AttachKind.ATTACH_KIND_SVA_BIND],
@@ -78,7 +81,8 @@ const RESPONSE_SOURCES_WIRE = new Map<ResponseSource, iommu.PageResponseSource>(
   [ResponseSource.CREDITS_EXHAUSTED, W.PageResponseSource.PAGE_RESPONSE_SOURCE_CREDITS_EXHAUSTED],
 ]);
 
-const GROUP_STATES_WIRE = new Map<GroupState, iommu.FaultGroupState>([
+/** Fault group states to the wire. */
+export const GROUP_STATES_WIRE = new Map<GroupState, iommu.FaultGroupState>([
   [GroupState.PARTIAL, W.FaultGroupState.FAULT_GROUP_STATE_PARTIAL],
   [GroupState.PENDING, W.FaultGroupState.FAULT_GROUP_STATE_PENDING],
   [GroupState.RESPONDED, W.FaultGroupState.FAULT_GROUP_STATE_RESPONDED],

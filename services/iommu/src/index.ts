@@ -20,4 +20,5 @@ export {
 } from "./iommu-driver.js";
 export { iommuError, invalidField, IommuReason } from "./iommu-errors.js";
 export * from "./iommu-hardware.js";
+export { fromIommuStateEntry, IOMMU_STATE_FORMAT, iommuStateCodec, toIommuStateEntry } from "./iommu-state-codec.js";
 export { createIommuHandlers, createIommuServer, startIommuServer, type IommuServerOptions } from "./server.js";

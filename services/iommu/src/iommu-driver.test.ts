@@ -6,6 +6,7 @@ import { events } from "@ioasid/proto";
 import { FakeCore } from "./fake-core.test-support.js";
 import { IommuDriver, type BindGpasidSpec } from "./iommu-driver.js";
 import { DeviceFunction, DomainType, IommuHardware, IOTLB_FLUSH_LOG_SIZE, type DeviceSpec } from "./iommu-hardware.js";
+import { iommuStateCodec } from "./iommu-state-codec.js";
 
 const HOLDER = { role: "iommu", instance: "dmar0", purpose: "bind" };
 const HOLDER_KEY = "iommu/dmar0/bind";
@@ -411,7 +412,7 @@ describe("IommuDriver after a restart", () => {
   }
 
   it("comes back from its store with its binds; reconcile keeps what the core still records and tears down a bind whose reference is gone", async () => {
-    const store = new MemoryRoleState();
+    const store = new MemoryRoleState(iommuStateCodec);
     const saved = store.saved;
     const core = new FakeCore();
     const first = new IommuDriver({ hardware: new IommuHardware(), core, instance: "dmar0", store });
@@ -435,7 +436,7 @@ describe("IommuDriver after a restart", () => {
   });
 
   it("counts as its bind's a reference the core records for a bind kept without it (a crash right after the get)", async () => {
-    const store = new MemoryRoleState();
+    const store = new MemoryRoleState(iommuStateCodec);
     const core = new FakeCore();
     const first = new IommuDriver({ hardware: new IommuHardware(), core, instance: "dmar0", store });
     for (const d of ["d0", "d1"]) first.registerDevice(dev(d));

@@ -22,6 +22,7 @@ import {
   type MmContext,
   type SvaBond,
   type TranslateResult,
+  type IommuKeptEntry,
   type TranslateSpec,
 } from "./iommu-hardware.js";
 import { FaultHandlers, type FaultItem, type FaultRecord } from "./fault-handlers.js";
@@ -72,9 +73,9 @@ export interface IommuDriverOptions {
    * Where the hardware tables and outstanding fault groups are kept so they survive a crash (a
    * RoleState in JetStream); see {@link IommuDriver.persist}. @default not kept
    */
-  readonly store?: RoleStatePort;
+  readonly store?: RoleStatePort<IommuKeptEntry>;
   /** What the store held at start: outstanding fault groups come back (pass the hardware restored too). */
-  readonly saved?: ReadonlyMap<string, unknown>;
+  readonly saved?: ReadonlyMap<string, IommuKeptEntry>;
 }
 
 /** Default of {@link IommuDriverOptions.faultTimeoutMs}. */
@@ -199,7 +200,7 @@ export class IommuDriver {
   #timerAt = Infinity;
   #nextFaultId = 1n;
   #stopped = false;
-  readonly #store: RoleStatePort | undefined;
+  readonly #store: RoleStatePort<IommuKeptEntry> | undefined;
   #persisting: Promise<void> = Promise.resolve();
 
   /**

@@ -1,5 +1,6 @@
 import type { StateChange } from "@ioasid/bus";
 import { iommuError, invalidField } from "./iommu-errors.js";
+import type { PageRequestKeptEntry } from "./page-requests.js";
 
 // The modelled VT-d hardware and the driver's own tables (DESIGN §1 "iommu", §5 "IOMMU"): devices
 // and their PASID tables, domains with their I/O page tables, attach handles, the guest PASID binds
@@ -284,6 +285,55 @@ export interface IommuSnapshot {
   readonly bonds: readonly SvaBond[];
   readonly flushes: readonly IotlbFlush[];
 }
+
+/** A domain as the IOMMU keeps it (its attach count follows from the kept handles). */
+export interface KeptDomain {
+  readonly domainId: number;
+  readonly type: DomainType;
+  readonly parentDomainId: number;
+  readonly guestPgtable: bigint;
+  readonly mmToken: bigint;
+  readonly implicit: boolean;
+  readonly mappings: readonly Mapping[];
+}
+
+/** An attach handle as the IOMMU keeps it: one programmed PASID table entry. */
+export interface KeptAttachHandle extends AttachHandle {
+  readonly faultReporting: boolean;
+}
+
+/** A guest bind state as the IOMMU keeps it (its devices follow from the kept GPASID_BIND handles). */
+export interface KeptGpasidBinding {
+  readonly hpasid: number;
+  readonly setId: number;
+  readonly generation: number;
+  readonly gpasid: number;
+  readonly refHeld: boolean;
+  readonly spidAttached: boolean;
+  readonly firstStage: readonly Mapping[];
+}
+
+/** An SVA mm context as the IOMMU keeps it, with its bonds. */
+export interface KeptMmContext extends MmContext {
+  /** 0 while it has no bond. */
+  readonly domainId: number;
+  readonly bonds: readonly { readonly deviceId: string; readonly handleId: bigint; readonly users: number }[];
+}
+
+/**
+ * One entry of the hardware tables as the IOMMU keeps them in its store, under `dev/<id>`,
+ * `dom/<id>`, `h/<id>`, `bind/<hpasid>`, `mm/<token>` and `ids`.
+ */
+export type IommuHardwareKeptEntry =
+  | { readonly kind: "device"; readonly device: DeviceSpec }
+  | { readonly kind: "domain"; readonly domain: KeptDomain }
+  | { readonly kind: "attachHandle"; readonly handle: KeptAttachHandle }
+  | { readonly kind: "gpasidBinding"; readonly binding: KeptGpasidBinding }
+  | { readonly kind: "mmContext"; readonly mm: KeptMmContext }
+  | { readonly kind: "idCounters"; readonly nextDomainId: number; readonly nextHandleId: bigint };
+
+/** One entry of the IOMMU's kept state (ioasid.iommu.v1.IommuStateEntry; iommu-state-codec.ts converts). */
+export type IommuKeptEntry = IommuHardwareKeptEntry | PageRequestKeptEntry;
 
 interface DeviceState {
   readonly spec: DeviceSpec;
@@ -944,65 +994,85 @@ export class IommuHardware {
     return this.#dirty.size > 0;
   }
 
-  takeChanges(): StateChange[] {
-    const out: StateChange[] = [];
+  takeChanges(): StateChange<IommuHardwareKeptEntry>[] {
+    const out: StateChange<IommuHardwareKeptEntry>[] = [];
     for (const key of this.#dirty) out.push({ key, value: this.#valueOf(key) });
     this.#dirty.clear();
     return out;
   }
 
   /** Hardware rebuilt from what {@link takeChanges} wrote. */
-  static restore(saved: ReadonlyMap<string, unknown>, options: { now?: () => Date } = {}): IommuHardware {
+  static restore(saved: ReadonlyMap<string, IommuKeptEntry>, options: { now?: () => Date } = {}): IommuHardware {
     const hw = new IommuHardware(options);
     hw.#load(saved);
     return hw;
   }
 
-  #load(saved: ReadonlyMap<string, unknown>): void {
-    const of = (kind: string) => [...saved].filter(([k]) => k.startsWith(`${kind}/`)).map(([, v]) => v);
-    for (const spec of of("dev") as DeviceSpec[]) this.#devices.set(spec.deviceId, { spec, entries: new Map() });
-    for (const v of of("dom") as SavedDomain[]) {
-      this.#domains.set(v.domainId, {
-        domainId: v.domainId,
-        type: v.type,
-        parentDomainId: v.parentDomainId,
-        guestPgtable: BigInt(v.guestPgtable),
-        mmToken: BigInt(v.mmToken),
-        implicit: v.implicit,
+  #load(saved: ReadonlyMap<string, IommuKeptEntry>): void {
+    const kept = [...saved.values()];
+    for (const v of kept) {
+      if (v.kind !== "device") continue;
+      const d = v.device;
+      const spec: DeviceSpec = {
+        deviceId: d.deviceId,
+        maxPasids: d.maxPasids,
+        priCapable: d.priCapable,
+        function: d.function,
+        parentDeviceId: d.parentDeviceId,
+        iommuGroup: d.iommuGroup,
+        priCredits: d.priCredits,
+      };
+      this.#devices.set(spec.deviceId, { spec, entries: new Map() });
+    }
+    for (const v of kept) {
+      if (v.kind !== "domain") continue;
+      const d = v.domain;
+      this.#domains.set(d.domainId, {
+        domainId: d.domainId,
+        type: d.type,
+        parentDomainId: d.parentDomainId,
+        guestPgtable: d.guestPgtable,
+        mmToken: d.mmToken,
+        implicit: d.implicit,
         attachCount: 0,
-        mappings: v.mappings.map(loadMapping),
+        mappings: d.mappings.map(copyMapping),
       });
     }
-    for (const v of of("bind") as SavedBinding[]) {
+    for (const v of kept) {
+      if (v.kind !== "gpasidBinding") continue;
+      const b = v.binding;
       this.#bindings.set(
-        v.hpasid,
-        this.#watchBinding({ hpasid: v.hpasid, setId: v.setId, generation: v.generation, gpasid: v.gpasid, devices: new Set(), refHeld: v.refHeld, spidAttached: v.spidAttached, firstStage: v.firstStage.map(loadMapping) }),
+        b.hpasid,
+        this.#watchBinding({ hpasid: b.hpasid, setId: b.setId, generation: b.generation, gpasid: b.gpasid, devices: new Set(), refHeld: b.refHeld, spidAttached: b.spidAttached, firstStage: b.firstStage.map(copyMapping) }),
       );
     }
-    for (const v of of("h") as SavedHandle[]) {
-      const dev = this.#devices.get(v.deviceId);
-      const d = this.#domains.get(v.domainId);
+    for (const v of kept) {
+      if (v.kind !== "attachHandle") continue;
+      const dev = this.#devices.get(v.handle.deviceId);
+      const d = this.#domains.get(v.handle.domainId);
       if (dev === undefined || d === undefined) continue;
-      const h: HandleState = { ...v, handleId: BigInt(v.handleId), ownerData: Buffer.from(v.ownerData, "base64"), createdAt: new Date(v.createdAt) };
+      const h: HandleState = { ...snapshotHandle(v.handle), faultReporting: v.handle.faultReporting };
       this.#handles.set(h.handleId, h);
       dev.entries.set(h.pasid, h.handleId);
       d.attachCount++;
       if (h.kind === AttachKind.GPASID_BIND) this.#bindings.get(h.pasid)?.devices.add(h.deviceId);
     }
-    for (const v of of("mm") as SavedMm[]) {
-      this.#mms.set(BigInt(v.mmToken), {
-        mmToken: BigInt(v.mmToken),
-        setId: v.setId,
-        pasid: v.pasid,
-        generation: v.generation,
-        domainId: v.domainId,
-        bonds: new Map(v.bonds.map((b) => [b.deviceId, { handleId: BigInt(b.handleId), users: b.users }])),
+    for (const v of kept) {
+      if (v.kind !== "mmContext") continue;
+      const m = v.mm;
+      this.#mms.set(m.mmToken, {
+        mmToken: m.mmToken,
+        setId: m.setId,
+        pasid: m.pasid,
+        generation: m.generation,
+        domainId: m.domainId,
+        bonds: new Map(m.bonds.map((b) => [b.deviceId, { handleId: b.handleId, users: b.users }])),
       });
     }
-    const ids = saved.get("ids") as { nextDomainId: number; nextHandleId: string } | undefined;
-    if (ids !== undefined) {
-      this.#nextDomainId = Math.max(this.#nextDomainId, ids.nextDomainId);
-      this.#nextHandleId = BigInt(ids.nextHandleId) > this.#nextHandleId ? BigInt(ids.nextHandleId) : this.#nextHandleId;
+    for (const v of kept) {
+      if (v.kind !== "idCounters") continue;
+      this.#nextDomainId = Math.max(this.#nextDomainId, v.nextDomainId);
+      if (v.nextHandleId > this.#nextHandleId) this.#nextHandleId = v.nextHandleId;
     }
     this.#dirty.clear();
   }
@@ -1019,61 +1089,61 @@ export class IommuHardware {
     });
   }
 
-  #valueOf(key: string): unknown {
+  #valueOf(key: string): IommuHardwareKeptEntry | undefined {
     const slash = key.indexOf("/");
     const kind = slash < 0 ? key : key.slice(0, slash);
     const id = key.slice(slash + 1);
     switch (kind) {
       case "ids":
-        return { nextDomainId: this.#nextDomainId, nextHandleId: String(this.#nextHandleId) };
-      case "dev":
-        return this.#devices.get(id)?.spec;
+        return { kind: "idCounters", nextDomainId: this.#nextDomainId, nextHandleId: this.#nextHandleId };
+      case "dev": {
+        const spec = this.#devices.get(id)?.spec;
+        return spec === undefined ? undefined : { kind: "device", device: spec };
+      }
       case "dom": {
         const d = this.#domains.get(Number(id));
         if (d === undefined) return undefined;
-        const saved: SavedDomain = {
+        const domain: KeptDomain = {
           domainId: d.domainId,
           type: d.type,
           parentDomainId: d.parentDomainId,
-          guestPgtable: String(d.guestPgtable),
-          mmToken: String(d.mmToken),
+          guestPgtable: d.guestPgtable,
+          mmToken: d.mmToken,
           implicit: d.implicit,
-          mappings: d.mappings.map(saveMapping),
+          mappings: d.mappings.map(copyMapping),
         };
-        return saved;
+        return { kind: "domain", domain };
       }
       case "h": {
         const h = this.#handles.get(BigInt(id));
-        if (h === undefined) return undefined;
-        const saved: SavedHandle = { ...h, handleId: String(h.handleId), ownerData: Buffer.from(h.ownerData).toString("base64"), createdAt: h.createdAt.getTime() };
-        return saved;
+        return h === undefined ? undefined : { kind: "attachHandle", handle: { ...snapshotHandle(h), faultReporting: h.faultReporting } };
       }
       case "bind": {
         const b = this.#bindings.get(Number(id));
         if (b === undefined) return undefined;
-        const saved: SavedBinding = {
+        const binding: KeptGpasidBinding = {
           hpasid: b.hpasid,
           setId: b.setId,
           generation: b.generation,
           gpasid: b.gpasid,
           refHeld: b.refHeld,
           spidAttached: b.spidAttached,
-          firstStage: b.firstStage.map(saveMapping),
+          firstStage: b.firstStage.map(copyMapping),
         };
-        return saved;
+        return { kind: "gpasidBinding", binding };
       }
       case "mm": {
         const m = this.#mms.get(BigInt(id));
         if (m === undefined) return undefined;
-        const saved: SavedMm = {
-          mmToken: String(m.mmToken),
+        const mm: KeptMmContext = {
+          mmToken: m.mmToken,
           setId: m.setId,
           pasid: m.pasid,
           generation: m.generation,
           domainId: m.domainId,
-          bonds: [...m.bonds].map(([deviceId, b]) => ({ deviceId, handleId: String(b.handleId), users: b.users })),
+          bonds: [...m.bonds].map(([deviceId, b]) => ({ deviceId, handleId: b.handleId, users: b.users })),
         };
-        return saved;
+        return { kind: "mmContext", mm };
       }
       default:
         return undefined;
@@ -1311,57 +1381,11 @@ export class IommuHardware {
   }
 }
 
-interface SavedMapping {
-  readonly iova: string;
-  readonly paddr: string;
-  readonly size: string;
-  readonly access: DmaAccess;
+function copyMapping(m: Mapping): Mapping {
+  return { iova: m.iova, paddr: m.paddr, size: m.size, access: { ...m.access } };
 }
 
-interface SavedDomain {
-  readonly domainId: number;
-  readonly type: DomainType;
-  readonly parentDomainId: number;
-  readonly guestPgtable: string;
-  readonly mmToken: string;
-  readonly implicit: boolean;
-  readonly mappings: readonly SavedMapping[];
-}
-
-interface SavedHandle extends Omit<HandleState, "handleId" | "ownerData" | "createdAt"> {
-  readonly handleId: string;
-  readonly ownerData: string;
-  readonly createdAt: number;
-}
-
-interface SavedBinding {
-  readonly hpasid: number;
-  readonly setId: number;
-  readonly generation: number;
-  readonly gpasid: number;
-  readonly refHeld: boolean;
-  readonly spidAttached: boolean;
-  readonly firstStage: readonly SavedMapping[];
-}
-
-interface SavedMm {
-  readonly mmToken: string;
-  readonly setId: number;
-  readonly pasid: number;
-  readonly generation: number;
-  readonly domainId: number;
-  readonly bonds: readonly { readonly deviceId: string; readonly handleId: string; readonly users: number }[];
-}
-
-function saveMapping(m: Mapping): SavedMapping {
-  return { iova: String(m.iova), paddr: String(m.paddr), size: String(m.size), access: { ...m.access } };
-}
-
-function loadMapping(m: SavedMapping): Mapping {
-  return { iova: BigInt(m.iova), paddr: BigInt(m.paddr), size: BigInt(m.size), access: { ...m.access } };
-}
-
-function snapshotHandle(h: HandleState): AttachHandle {
+function snapshotHandle(h: AttachHandle): AttachHandle {
   return {
     handleId: h.handleId,
     kind: h.kind,

@@ -7,6 +7,7 @@ import { iommuConfigSchema } from "./config.js";
 import { IommuDriver } from "./iommu-driver.js";
 import { IommuHardware } from "./iommu-hardware.js";
 import { createIommuServer } from "./server.js";
+import { iommuStateCodec } from "./iommu-state-codec.js";
 
 // config → core client → runRole: NATS, kept tables, driver, reconcile, subscriber, registration, gRPC server.
 
@@ -24,13 +25,14 @@ await runRole({
   role: SUBSCRIBER_NAME,
   instance: config.instance,
   config,
+  codec: iommuStateCodec,
   build: ({ logger, nc, saved, store, history }) => {
     // The hardware tables and outstanding fault groups come back as kept: PASID tables, attach
     // handles and fault groups; reconcile then squares them with the core.
-    const hardware = IommuHardware.restore(saved as Map<string, unknown>);
+    const hardware = IommuHardware.restore(saved);
     const driver = new IommuDriver({
       store,
-      saved: saved as Map<string, unknown>,
+      saved: saved,
       hardware,
       core: coreClient,
       history: history(new HistoryRecorder(nc, SUBSCRIBER_NAME, config.instance, config.prefix)),

@@ -1,8 +1,10 @@
+import { MemoryRoleState } from "@ioasid/bus";
 import { describe, expect, it } from "vitest";
 import { Code } from "@ioasid/errors";
 import fc from "fast-check";
 import { PageRequestQueue, ResponseSource, type RaiseSpec } from "./page-requests.js";
 import type { AttachHandle } from "./iommu-hardware.js";
+import { iommuStateCodec } from "./iommu-state-codec.js";
 
 const R = { read: true, write: false, execute: false, privileged: false };
 
@@ -165,5 +167,21 @@ describe("PageRequestQueue", () => {
       }),
       { numRuns: 300 },
     );
+  });
+});
+
+describe("PageRequestQueue kept in a store", () => {
+  it("comes back with its outstanding groups (partial and pending) and its id counter, through the state codec", async () => {
+    const c = clock();
+    const q = new PageRequestQueue({ timeoutMs: 1000, now: c.now });
+    q.raise(req({ prgi: 4, lastRequest: false }), handle(1n));
+    q.raise(req({ prgi: 5, address: 0x9000n }), handle(2n, "vfio/2", 8, 3));
+    const store = new MemoryRoleState(iommuStateCodec);
+    await store.write(q.takeChanges());
+    const back = PageRequestQueue.restore(store.saved, { timeoutMs: 1000, now: c.now });
+    expect(back.outstanding()).toEqual(q.outstanding());
+    // Ids continue after the kept counter.
+    const next = back.raise(req({ prgi: 6 }), handle(3n));
+    expect(next.kind === "queued" && next.group.faultGroupId).toBe(3n);
   });
 });

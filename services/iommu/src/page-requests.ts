@@ -1,6 +1,6 @@
 import type { StateChange } from "@ioasid/bus";
 import { iommuError, invalidField } from "./iommu-errors.js";
-import type { AttachHandle, DmaAccess } from "./iommu-hardware.js";
+import type { AttachHandle, DmaAccess, IommuKeptEntry } from "./iommu-hardware.js";
 
 // The page-request queue of the IOMMU (the kernel's io-pgfault: iopf_queue, the per-device
 // partial list and iopf_group; DESIGN §5 "Faults"). Pure and synchronous; the clock is injected.
@@ -97,6 +97,27 @@ export interface RaiseSpec {
   readonly prgi: number | undefined;
   readonly lastRequest: boolean;
 }
+
+/** An outstanding fault group as the IOMMU keeps it in its store: `fg/<id>`. */
+export interface KeptFaultGroup {
+  readonly faultGroupId: bigint;
+  readonly deviceId: string;
+  readonly pasid: number;
+  readonly withoutPasid: boolean;
+  readonly prgi: number;
+  readonly requests: readonly PageRequest[];
+  /** The attach handle its first request used, as it was then. */
+  readonly handle: AttachHandle;
+  /** PARTIAL or PENDING. */
+  readonly state: GroupState;
+  readonly createdAt: Date;
+  readonly deadline: Date;
+}
+
+/** One entry of the page-request queue as the IOMMU keeps it: an outstanding group, or the id counter (`fgid`). */
+export type PageRequestKeptEntry =
+  | { readonly kind: "faultGroup"; readonly group: KeptFaultGroup }
+  | { readonly kind: "faultGroupCounter"; readonly nextFaultGroupId: bigint };
 
 interface GroupRecord {
   readonly faultGroupId: bigint;
@@ -296,31 +317,30 @@ export class PageRequestQueue {
     return this.#dirty.size > 0;
   }
 
-  takeChanges(): StateChange[] {
+  takeChanges(): StateChange<PageRequestKeptEntry>[] {
     if (this.#dirty.size === 0) return [];
-    const out: StateChange[] = [];
+    const out: StateChange<PageRequestKeptEntry>[] = [];
     for (const id of this.#dirty) {
       const g = this.#groups.get(id);
-      out.push({ key: `fg/${id}`, value: g === undefined ? undefined : saveGroup(g) });
+      out.push({ key: `fg/${id}`, value: g === undefined ? undefined : { kind: "faultGroup", group: keptGroup(g) } });
     }
     this.#dirty.clear();
-    out.push({ key: "fgid", value: String(this.#nextId) });
+    out.push({ key: "fgid", value: { kind: "faultGroupCounter", nextFaultGroupId: this.#nextId } });
     return out;
   }
 
   /** A queue rebuilt from what {@link takeChanges} wrote. */
-  static restore(saved: ReadonlyMap<string, unknown>, options: { timeoutMs: number; now?: () => Date }): PageRequestQueue {
+  static restore(saved: ReadonlyMap<string, IommuKeptEntry>, options: { timeoutMs: number; now?: () => Date }): PageRequestQueue {
     const q = new PageRequestQueue(options);
-    for (const [key, value] of saved) {
-      if (!key.startsWith("fg/")) continue;
-      const g = loadGroup(value as SavedGroup);
+    for (const v of saved.values()) {
+      if (v.kind === "faultGroupCounter") q.#nextId = v.nextFaultGroupId;
+      if (v.kind !== "faultGroup") continue;
+      const g = groupRecord(v.group);
       q.#groups.set(g.faultGroupId, g);
       const dq = q.#queue(g.deviceId);
       dq.byPrgi.set(g.prgi, g.faultGroupId);
       dq.outstandingRequests += g.requests.length;
     }
-    const next = saved.get("fgid");
-    if (typeof next === "string") q.#nextId = BigInt(next);
     return q;
   }
 
@@ -360,48 +380,35 @@ export class PageRequestQueue {
   }
 }
 
-interface SavedGroup {
-  readonly faultGroupId: string;
-  readonly deviceId: string;
-  readonly pasid: number;
-  readonly withoutPasid: boolean;
-  readonly prgi: number;
-  readonly requests: readonly (Omit<PageRequest, "address" | "receivedAt"> & { readonly address: string; readonly receivedAt: number })[];
-  readonly handle: Omit<AttachHandle, "handleId" | "ownerData" | "createdAt"> & { readonly handleId: string; readonly ownerData: string; readonly createdAt: number };
-  readonly state: GroupState;
-  readonly createdAt: number;
-  readonly deadline: number;
-}
-
-function saveGroup(g: GroupRecord): SavedGroup {
+function keptGroup(g: GroupRecord): KeptFaultGroup {
   return {
-    faultGroupId: String(g.faultGroupId),
+    faultGroupId: g.faultGroupId,
     deviceId: g.deviceId,
     pasid: g.pasid,
     withoutPasid: g.withoutPasid,
     prgi: g.prgi,
-    requests: g.requests.map((r) => ({ ...r, address: String(r.address), receivedAt: r.receivedAt.getTime() })),
-    handle: { ...g.handle, handleId: String(g.handle.handleId), ownerData: Buffer.from(g.handle.ownerData).toString("base64"), createdAt: g.handle.createdAt.getTime() },
+    requests: g.requests.map((r) => ({ ...r, access: { ...r.access } })),
+    handle: { ...g.handle, ownerData: Uint8Array.from(g.handle.ownerData) },
     state: g.state,
-    createdAt: g.createdAt.getTime(),
-    deadline: g.deadline.getTime(),
+    createdAt: g.createdAt,
+    deadline: g.deadline,
   };
 }
 
-function loadGroup(v: SavedGroup): GroupRecord {
+function groupRecord(v: KeptFaultGroup): GroupRecord {
   return {
-    faultGroupId: BigInt(v.faultGroupId),
+    faultGroupId: v.faultGroupId,
     deviceId: v.deviceId,
     pasid: v.pasid,
     withoutPasid: v.withoutPasid,
     prgi: v.prgi,
-    requests: v.requests.map((r) => ({ ...r, address: BigInt(r.address), receivedAt: new Date(r.receivedAt) })),
-    handle: { ...v.handle, handleId: BigInt(v.handle.handleId), ownerData: Buffer.from(v.handle.ownerData, "base64"), createdAt: new Date(v.handle.createdAt) },
+    requests: v.requests.map((r) => ({ ...r, access: { ...r.access } })),
+    handle: { ...v.handle, ownerData: Uint8Array.from(v.handle.ownerData) },
     state: v.state,
     responseCode: undefined,
     responseSource: undefined,
-    createdAt: new Date(v.createdAt),
-    deadline: new Date(v.deadline),
+    createdAt: v.createdAt,
+    deadline: v.deadline,
     respondedAt: undefined,
   };
 }

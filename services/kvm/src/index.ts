@@ -19,7 +19,10 @@ export {
   type EventSubscription,
   type HistorySink,
   type HolderReference,
+  type KeptVm,
+  type KeptVmcsEntry,
   type KvmCorePort,
+  type KvmKeptEntry,
   type KvmEvent,
   type KvmEventHandler,
   type KvmLogLevel,
@@ -28,6 +31,7 @@ export {
   type RegistrationStatus,
   type VmSnapshot,
 } from "./kvm.js";
+export { fromKvmStateEntry, KVM_STATE_FORMAT, kvmStateCodec, toKvmStateEntry } from "./kvm-state-codec.js";
 export {
   createCorePort,
   createKvmHandlers,

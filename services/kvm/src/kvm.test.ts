@@ -2,6 +2,7 @@ import { MemoryRoleState } from "@ioasid/bus";
 import { Code, DomainError } from "@ioasid/errors";
 import { beforeEach, describe, expect, it } from "vitest";
 import { toIa32Pasid } from "./ia32-pasid.js";
+import { kvmStateCodec } from "./kvm-state-codec.js";
 import {
   Kvm,
   KvmEventType,
@@ -498,7 +499,7 @@ describe("Kvm.reconcile", () => {
 
 /** KVM crashed with VM 1 (set 4) translating 101 → 201: a new KVM restored from its store, not yet reconciled. */
 async function crashedWithOneTranslation(): Promise<Kvm> {
-  const store = new MemoryRoleState();
+  const store = new MemoryRoleState(kvmStateCodec);
   core.sets.set(0x70n, { setId: 4, inUse: 0 });
   const first = newKvm({ store });
   await first.createVm({ mmToken: 0x70n, vcpuCount: 1, vmName: "g" });
@@ -509,7 +510,7 @@ async function crashedWithOneTranslation(): Promise<Kvm> {
 
 describe("Kvm kept in a store (kill -9 and back)", () => {
   it("comes back with its VMs and VMCS tables, keeps the references they back, and handles the FREE it missed", async () => {
-    const store = new MemoryRoleState();
+    const store = new MemoryRoleState(kvmStateCodec);
     core.sets.set(0x70n, { setId: 4, inUse: 0 });
     const first = newKvm({ store });
     await first.createVm({ mmToken: 0x70n, vcpuCount: 2, vmName: "g" });
@@ -566,7 +567,7 @@ describe("Kvm kept in a store (kill -9 and back)", () => {
   });
 
   it("clears after a restart an entry whose reference the core no longer records, and drops a reference no entry backs", async () => {
-    const store = new MemoryRoleState();
+    const store = new MemoryRoleState(kvmStateCodec);
     core.sets.set(0x70n, { setId: 4, inUse: 0 });
     const first = newKvm({ store });
     await first.createVm({ mmToken: 0x70n, vcpuCount: 1, vmName: "g" });

@@ -134,32 +134,41 @@ export interface KvmOptions {
    * Where the VMs and their VMCS tables are kept so they survive a crash of KVM (a RoleState in
    * JetStream); written before a call returns or an event is acknowledged. @default not kept
    */
-  readonly store?: RoleStatePort;
+  readonly store?: RoleStatePort<KvmKeptEntry>;
   /** What {@link KvmOptions.store} held at start: the VMs come back with their tables. */
-  readonly saved?: ReadonlyMap<string, unknown>;
+  readonly saved?: ReadonlyMap<string, KvmKeptEntry>;
 }
 
-interface SavedVm {
+/** A VM as KVM keeps it in its store (its table is kept entry by entry): `vm/<vmId>`. */
+export interface KeptVm {
+  readonly kind: "vm";
   readonly vmId: number;
   readonly instance: string;
-  readonly mmToken: string;
+  readonly mmToken: bigint;
   readonly vmName: string;
   readonly vcpuCount: number;
-  readonly createdAt: number;
+  readonly createdAt: Date;
   readonly registrationId: number;
+  /** 0 while not known. */
   readonly setId: number;
 }
 
-interface SavedTranslation {
+/** One VMCS PASID translation as KVM keeps it, with the reference behind it: `vmcs/<vmId>/<hpasid>`. */
+export interface KeptVmcsEntry {
+  readonly kind: "vmcsEntry";
+  readonly vmId: number;
   readonly gpasid: number;
   readonly hpasid: number;
   readonly generation: number;
-  readonly bindSeq: string;
-  readonly installedAt: number;
+  readonly bindSeq: bigint;
+  readonly installedAt: Date;
   /** The set and generation of the `vmcs` reference behind the entry. */
   readonly refSetId: number;
   readonly refGeneration: number;
 }
+
+/** One entry of KVM's kept state (ioasid.kvm.v1.KvmStateEntry; kvm-state-codec.ts converts). */
+export type KvmKeptEntry = KeptVm | KeptVmcsEntry;
 
 const vmKey = (vmId: number) => `vm/${vmId}`;
 const vmcsKey = (vmId: number, hpasid: number) => `vmcs/${vmId}/${hpasid}`;
@@ -282,7 +291,7 @@ export class Kvm {
   #nextVmId = 1;
   #reconciled = false;
   #reconciling: Promise<void> | undefined;
-  readonly #store: RoleStatePort | undefined;
+  readonly #store: RoleStatePort<KvmKeptEntry> | undefined;
   /** VMs restored from the store, not yet resubscribed (reconcile does it). */
   readonly #restored: VirtualMachine[] = [];
 
@@ -299,11 +308,10 @@ export class Kvm {
   }
 
   /** Rebuilds the VMs and tables a store kept (a KVM killed with -9 comes back with them). */
-  #restore(saved: ReadonlyMap<string, unknown>): void {
-    for (const [key, value] of saved) {
-      if (!key.startsWith("vm/")) continue;
-      const v = value as SavedVm;
-      const vm = new VirtualMachine(v.vmId, v.instance, BigInt(v.mmToken), v.vmName, v.vcpuCount, new Date(v.createdAt), this.#history(v.instance));
+  #restore(saved: ReadonlyMap<string, KvmKeptEntry>): void {
+    for (const v of saved.values()) {
+      if (v.kind !== "vm") continue;
+      const vm = new VirtualMachine(v.vmId, v.instance, v.mmToken, v.vmName, v.vcpuCount, v.createdAt, this.#history(v.instance));
       vm.registrationId = v.registrationId;
       vm.setId = v.setId;
       this.#vms.set(vm.vmId, vm);
@@ -311,50 +319,51 @@ export class Kvm {
       this.#restored.push(vm);
       this.#nextVmId = Math.max(this.#nextVmId, vm.vmId + 1);
     }
-    for (const [key, value] of saved) {
-      const m = /^vmcs\/(\d+)\/\d+$/.exec(key);
-      const vm = m === null ? undefined : this.#vms.get(Number(m[1]));
-      if (vm === undefined) continue;
-      const t = value as SavedTranslation;
-      vm.table.install({ gpasid: t.gpasid, hpasid: t.hpasid, generation: t.generation, bindSeq: BigInt(t.bindSeq), installedAt: new Date(t.installedAt) });
+    for (const t of saved.values()) {
+      const vm = t.kind === "vmcsEntry" ? this.#vms.get(t.vmId) : undefined;
+      if (t.kind !== "vmcsEntry" || vm === undefined) continue;
+      vm.table.install({ gpasid: t.gpasid, hpasid: t.hpasid, generation: t.generation, bindSeq: t.bindSeq, installedAt: t.installedAt });
       vm.refs.set(t.hpasid, { setId: t.refSetId, generation: t.refGeneration });
     }
   }
 
   /** Writes changes to the store (before a reply or an acknowledgement). */
-  async #write(changes: StateChange[]): Promise<void> {
+  async #write(changes: StateChange<KvmKeptEntry>[]): Promise<void> {
     if (this.#store !== undefined && changes.length > 0) await this.#store.write(changes);
   }
 
-  #vmChange(vm: VirtualMachine): StateChange {
-    const saved: SavedVm = {
+  #vmChange(vm: VirtualMachine): StateChange<KvmKeptEntry> {
+    const kept: KeptVm = {
+      kind: "vm",
       vmId: vm.vmId,
       instance: vm.instance,
-      mmToken: String(vm.mmToken),
+      mmToken: vm.mmToken,
       vmName: vm.vmName,
       vcpuCount: vm.vcpuCount,
-      createdAt: vm.createdAt.getTime(),
+      createdAt: vm.createdAt,
       registrationId: vm.registrationId,
       setId: vm.setId,
     };
-    return { key: vmKey(vm.vmId), value: saved };
+    return { key: vmKey(vm.vmId), value: kept };
   }
 
-  /** The stored form of the entry of `hpasid` (deleted when the table has none, or no reference backs it). */
-  #entryChange(vm: VirtualMachine, hpasid: number): StateChange {
+  /** The kept form of the entry of `hpasid` (deleted when the table has none, or no reference backs it). */
+  #entryChange(vm: VirtualMachine, hpasid: number): StateChange<KvmKeptEntry> {
     const t = vm.table.findByHpasid(hpasid);
     const ref = vm.refs.get(hpasid);
     if (t === undefined || ref === undefined) return { key: vmcsKey(vm.vmId, hpasid), value: undefined };
-    const saved: SavedTranslation = {
+    const kept: KeptVmcsEntry = {
+      kind: "vmcsEntry",
+      vmId: vm.vmId,
       gpasid: t.gpasid,
       hpasid: t.hpasid,
       generation: t.generation,
-      bindSeq: String(t.bindSeq),
-      installedAt: t.installedAt.getTime(),
+      bindSeq: t.bindSeq,
+      installedAt: t.installedAt,
       refSetId: ref.setId,
       refGeneration: ref.generation,
     };
-    return { key: vmcsKey(vm.vmId, hpasid), value: saved };
+    return { key: vmcsKey(vm.vmId, hpasid), value: kept };
   }
 
   /** Whether {@link Kvm.reconcile} has completed. */
@@ -449,7 +458,7 @@ export class Kvm {
       }
       await this.#release(ref);
     }
-    const changes: StateChange[] = [];
+    const changes: StateChange<KvmKeptEntry>[] = [];
     for (const [hpasid, ref] of [...vm.refs]) {
       if (backed.has(hpasid)) continue;
       vm.refs.delete(hpasid);

@@ -3,6 +3,7 @@ import { configOrExit, defineConfigSchema, formatAddress } from "@ioasid/grpc-ki
 import { commonRoleConfig, createCoreClient, runRole } from "@ioasid/role-kit";
 import { KVM_SUBSCRIBER } from "./kvm.js";
 import { buildKvmRole } from "./server.js";
+import { kvmStateCodec } from "./kvm-state-codec.js";
 
 /** Configuration of the KVM service, from the environment (`kvm --help` lists it). */
 export const kvmConfigSchema = defineConfigSchema({
@@ -28,6 +29,7 @@ await runRole({
   role: KVM_SUBSCRIBER,
   instance: "kvm0",
   config,
+  codec: kvmStateCodec,
   connectionName: "kvm",
   build: (rt) => buildKvmRole(rt, { core, host: config.address.host, port: config.address.port, reapStale: config.reapStale }),
 });

@@ -11,6 +11,7 @@ import {
   KvmEventType,
   type EnqcmdResult,
   type HolderReference,
+  type KvmKeptEntry,
   type KvmCorePort,
   type KvmEvent,
   type NotifierPort,
@@ -211,13 +212,13 @@ const MAX_RECONCILE_ATTEMPTS = 600;
  * @example
  * await runRole({ role: KVM_SUBSCRIBER, instance: "kvm0", config, build: (rt) => buildKvmRole(rt, { core }) });
  */
-export function buildKvmRole(rt: RoleRuntime, options: KvmRoleOptions): RoleParts {
+export function buildKvmRole(rt: RoleRuntime<KvmKeptEntry>, options: KvmRoleOptions): RoleParts {
   const server = createGrpcServer({ service: "kvm", logger: rt.logger });
   const logger = server.logger;
   const retryMs = options.retryMs ?? 1000;
   const host = new Kvm({
     store: rt.store,
-    saved: rt.saved as Map<string, unknown>,
+    saved: rt.saved,
     core: createCorePort(options.core),
     notifier: createNotifierPort(rt.nc, rt.prefix),
     // KVM writes each table change in the turn it records it, so its history gate needs no quiet test.

@@ -6,11 +6,13 @@ import { WqMode, type EntryState, type DevicePasidEntry, type DeviceView, type M
 // Wire ↔ domain for VdcmService: enums both ways, views to messages. An UNSPECIFIED (or unknown)
 // wire enum becomes undefined and the domain refuses it with INVALID_FIELD.
 
-const WQ_MODE_FROM_WIRE = new Map<number, WqMode>([
+/** Work-queue modes from the wire (UNSPECIFIED and unknown values are absent). */
+export const WQ_MODE_FROM_WIRE = new Map<number, WqMode>([
   [vdcm.WqMode.WQ_MODE_DEDICATED, WqMode.DEDICATED],
   [vdcm.WqMode.WQ_MODE_SHARED, WqMode.SHARED],
 ]);
-const WQ_MODE_TO_WIRE = { DEDICATED: vdcm.WqMode.WQ_MODE_DEDICATED, SHARED: vdcm.WqMode.WQ_MODE_SHARED } as const;
+/** Work-queue modes to the wire. */
+export const WQ_MODE_TO_WIRE = { DEDICATED: vdcm.WqMode.WQ_MODE_DEDICATED, SHARED: vdcm.WqMode.WQ_MODE_SHARED } as const;
 const OP_FROM_WIRE = new Map<number, DescriptorOp>([
   [vdcm.DescriptorOp.DESCRIPTOR_OP_NOOP, DescriptorOp.NOOP],
   [vdcm.DescriptorOp.DESCRIPTOR_OP_MEMMOVE, DescriptorOp.MEMMOVE],

@@ -46,12 +46,18 @@ export {
   WqMode,
   type DevicePasidEntry,
   type DeviceSpec,
+  type KeptDevice,
+  type KeptMdev,
+  type KeptPasidEntry,
+  type KeptRegistration,
   type DeviceView,
   type MdevView,
   type ResolvedWq,
+  type VdcmKeptEntry,
   type VdcmSnapshot,
   type VdcmStateOptions,
   type WorkQueueView,
   type WqReservation,
   type WqSpec,
 } from "./vdcm-state.js";
+export { fromVdcmStateEntry, toVdcmStateEntry, VDCM_STATE_FORMAT, vdcmStateCodec } from "./vdcm-state-codec.js";

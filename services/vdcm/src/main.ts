@@ -8,6 +8,7 @@ import { createIommuClient, iommuDmaTranslator } from "./iommu-adapter.js";
 import { createVdcmServer } from "./server.js";
 import { Vdcm, VDCM_ROLE } from "./vdcm.js";
 import { VdcmState } from "./vdcm-state.js";
+import { vdcmStateCodec } from "./vdcm-state-codec.js";
 
 /** Configuration of the VDCM service, from the environment (`vdcm --help` lists it). */
 export const vdcmConfigSchema = defineConfigSchema({
@@ -47,11 +48,12 @@ await runRole({
   role: VDCM_ROLE,
   instance: config.instance,
   config,
+  codec: vdcmStateCodec,
   connectionName: `vdcm-${config.instance}`,
   build: ({ logger, nc, saved, store, history }) => {
     // The device tables come back as kept: devices, mdevs and programmed PASIDs (the hardware did
     // not forget them); reconcile then squares them with the core.
-    const state = VdcmState.restore(saved as Map<string, unknown>);
+    const state = VdcmState.restore(saved);
     const vdcm = new Vdcm({
       state,
       store,

@@ -183,31 +183,48 @@ interface Mdev {
   assignedAt: Date | undefined;
 }
 
-interface SavedDevice {
+/** A physical device as VDCM keeps it in its store: `dev/<deviceId>`. */
+export interface KeptDevice {
+  readonly kind: "device";
   readonly deviceId: string;
   readonly maxPasidEntries: number;
   readonly wqs: readonly { readonly wqId: number; readonly mode: WqMode; readonly size: number }[];
 }
 
-interface SavedMdev {
-  readonly uuid: string;
+/** An mdev as VDCM keeps it: `mdev/<uuid>`. */
+export interface KeptMdev {
+  readonly kind: "mdev";
+  readonly mdevUuid: string;
   readonly parentDeviceId: string;
   readonly wqIds: readonly number[];
+  /** 0 = unassigned. */
   readonly setId: number;
-  readonly createdAt: number;
-  readonly assignedAt?: number;
+  readonly createdAt: Date;
+  readonly assignedAt: Date | undefined;
 }
 
-interface SavedEntry {
+/** A programmed device PASID entry as VDCM keeps it (PROGRAMMED): `entry/<deviceId>/<wqId>`. */
+export interface KeptPasidEntry {
+  readonly kind: "pasidEntry";
   readonly deviceId: string;
+  readonly wqId: number;
   readonly hpasid: number;
   readonly generation: number;
   readonly gpasid: number;
   readonly setId: number;
-  readonly wqId: number;
   readonly mdevUuid: string;
-  readonly programmedAt: number;
+  readonly programmedAt: Date;
 }
+
+/** VDCM's notifier registration on a set, as kept: `reg/<setId>`. */
+export interface KeptRegistration {
+  readonly kind: "registration";
+  readonly setId: number;
+  readonly registrationId: number;
+}
+
+/** One entry of VDCM's kept state (ioasid.vdcm.v1.VdcmStateEntry; vdcm-state-codec.ts converts). */
+export type VdcmKeptEntry = KeptDevice | KeptMdev | KeptPasidEntry | KeptRegistration;
 
 const deviceKey = (deviceId: string) => `dev/${deviceId}`;
 const mdevKey = (uuid: string) => `mdev/${uuid}`;
@@ -582,8 +599,8 @@ export class VdcmState {
     return this.dirty.size > 0;
   }
 
-  takeChanges(): StateChange[] {
-    const out: StateChange[] = [];
+  takeChanges(): StateChange<VdcmKeptEntry>[] {
+    const out: StateChange<VdcmKeptEntry>[] = [];
     for (const key of this.dirty) out.push({ key, value: this.valueOf(key) });
     this.dirty.clear();
     return out;
@@ -593,57 +610,79 @@ export class VdcmState {
    * A state rebuilt from what {@link takeChanges} wrote (the saved keys of a role's state store).
    * Unknown keys are ignored; an entry whose device is gone is dropped.
    */
-  static restore(saved: ReadonlyMap<string, unknown>, options: VdcmStateOptions = {}): VdcmState {
+  static restore(saved: ReadonlyMap<string, VdcmKeptEntry>, options: VdcmStateOptions = {}): VdcmState {
     const st = new VdcmState(options);
-    const byKind = (kind: string) => [...saved].filter(([k]) => k.startsWith(`${kind}/`)).map(([, v]) => v);
-    for (const v of byKind("dev") as SavedDevice[]) {
+    const kept = [...saved.values()];
+    for (const v of kept) {
+      if (v.kind !== "device") continue;
       const wqs = new Map<number, Wq>(v.wqs.map((w) => [w.wqId, { wqId: w.wqId, mode: w.mode, size: w.size, mdevs: new Set<string>() }]));
       st.devices.set(v.deviceId, { deviceId: v.deviceId, wqs, maxPasidEntries: v.maxPasidEntries, entries: new Map(), reservations: new Map(), byHpasid: new Map() });
     }
-    for (const v of byKind("mdev") as SavedMdev[]) {
+    for (const v of kept) {
+      if (v.kind !== "mdev") continue;
       const device = st.devices.get(v.parentDeviceId);
       if (device === undefined) continue;
-      st.mdevs.set(v.uuid, { uuid: v.uuid, parentDeviceId: v.parentDeviceId, wqIds: v.wqIds, setId: v.setId, createdAt: new Date(v.createdAt), assignedAt: v.assignedAt === undefined ? undefined : new Date(v.assignedAt) });
-      for (const id of v.wqIds) device.wqs.get(id)?.mdevs.add(v.uuid);
+      st.mdevs.set(v.mdevUuid, { uuid: v.mdevUuid, parentDeviceId: v.parentDeviceId, wqIds: [...v.wqIds], setId: v.setId, createdAt: v.createdAt, assignedAt: v.assignedAt });
+      for (const id of v.wqIds) device.wqs.get(id)?.mdevs.add(v.mdevUuid);
     }
-    for (const v of byKind("entry") as SavedEntry[]) {
+    for (const v of kept) {
+      if (v.kind !== "pasidEntry") continue;
       const device = st.devices.get(v.deviceId);
       if (device === undefined) continue;
-      const entry: Entry = { ...v, state: EntryState.PROGRAMMED, programmedAt: new Date(v.programmedAt) };
+      const entry: Entry = {
+        deviceId: v.deviceId,
+        hpasid: v.hpasid,
+        generation: v.generation,
+        gpasid: v.gpasid,
+        setId: v.setId,
+        wqId: v.wqId,
+        mdevUuid: v.mdevUuid,
+        state: EntryState.PROGRAMMED,
+        programmedAt: v.programmedAt,
+      };
       device.entries.set(entry.wqId, entry);
       let same = device.byHpasid.get(entry.hpasid);
       if (same === undefined) device.byHpasid.set(entry.hpasid, (same = new Set()));
       same.add(entry);
     }
-    for (const [k, v] of saved) if (k.startsWith("reg/")) st.registrations.set(Number(k.slice(4)), v as number);
+    for (const v of kept) if (v.kind === "registration") st.registrations.set(v.setId, v.registrationId);
     return st;
   }
 
-  private valueOf(key: string): unknown {
+  private valueOf(key: string): VdcmKeptEntry | undefined {
     const [kind, ...rest] = key.split("/");
     const id = rest.join("/");
     switch (kind) {
       case "dev": {
         const d = this.devices.get(id);
         if (d === undefined) return undefined;
-        const saved: SavedDevice = { deviceId: d.deviceId, maxPasidEntries: d.maxPasidEntries, wqs: [...d.wqs.values()].map((w) => ({ wqId: w.wqId, mode: w.mode, size: w.size })) };
-        return saved;
+        return { kind: "device", deviceId: d.deviceId, maxPasidEntries: d.maxPasidEntries, wqs: [...d.wqs.values()].map((w) => ({ wqId: w.wqId, mode: w.mode, size: w.size })) };
       }
       case "mdev": {
         const m = this.mdevs.get(id);
         if (m === undefined) return undefined;
-        const saved: SavedMdev = { uuid: m.uuid, parentDeviceId: m.parentDeviceId, wqIds: [...m.wqIds], setId: m.setId, createdAt: m.createdAt.getTime(), ...(m.assignedAt === undefined ? {} : { assignedAt: m.assignedAt.getTime() }) };
-        return saved;
+        return { kind: "mdev", mdevUuid: m.uuid, parentDeviceId: m.parentDeviceId, wqIds: [...m.wqIds], setId: m.setId, createdAt: m.createdAt, assignedAt: m.assignedAt };
       }
       case "entry": {
         const slash = id.lastIndexOf("/");
         const e = this.devices.get(id.slice(0, slash))?.entries.get(Number(id.slice(slash + 1)));
         if (e === undefined) return undefined;
-        const saved: SavedEntry = { deviceId: e.deviceId, hpasid: e.hpasid, generation: e.generation, gpasid: e.gpasid, setId: e.setId, wqId: e.wqId, mdevUuid: e.mdevUuid, programmedAt: e.programmedAt.getTime() };
-        return saved;
+        return {
+          kind: "pasidEntry",
+          deviceId: e.deviceId,
+          wqId: e.wqId,
+          hpasid: e.hpasid,
+          generation: e.generation,
+          gpasid: e.gpasid,
+          setId: e.setId,
+          mdevUuid: e.mdevUuid,
+          programmedAt: e.programmedAt,
+        };
       }
-      case "reg":
-        return this.registrations.get(Number(id));
+      case "reg": {
+        const registrationId = this.registrations.get(Number(id));
+        return registrationId === undefined ? undefined : { kind: "registration", setId: Number(id), registrationId };
+      }
       default:
         return undefined;
     }

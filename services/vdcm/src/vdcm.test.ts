@@ -4,7 +4,8 @@ import { Code, DomainError } from "@ioasid/errors";
 import { CompletionStatus, DescriptorOp, type DmaRequest, type DmaResult, type DmaTranslator } from "./descriptor-runner.js";
 import type { HeldReference, HistoryFields, Holder, IoasidPort, NotifierPort } from "./ports.js";
 import { PasidSpace, Vdcm, type Submission } from "./vdcm.js";
-import { EntryState, VdcmState, WqMode } from "./vdcm-state.js";
+import { EntryState, VdcmState, WqMode, type VdcmKeptEntry } from "./vdcm-state.js";
+import { vdcmStateCodec } from "./vdcm-state-codec.js";
 
 // In-memory stand-ins for the core, the IOMMU and the registrations: the Vdcm orchestration is
 // tested here without sockets; test/integration/vdcm.test.ts runs it against the real core.
@@ -185,7 +186,7 @@ async function refused(p: Promise<unknown>, code: number, reason: string): Promi
  * VDCM with DEV (dedicated wq 0, 1, 3; shared wq 2); M1 = [wq 0, shared wq 2, wq 3] assigned to
  * VM1, M2 = [wq 1, shared wq 2] assigned to VM2.
  */
-async function setup(options: { store?: RoleStatePort } = {}) {
+async function setup(options: { store?: RoleStatePort<VdcmKeptEntry> } = {}) {
   const core = new FakeCore();
   const notifier = new FakeNotifier();
   const dma = new FakeDma();
@@ -616,7 +617,7 @@ describe("Vdcm reconcile", () => {
   });
 
   it("comes back from its store with its devices, mdevs, programmed PASIDs and registrations, keeping the references they back", async () => {
-    const store = new MemoryRoleState();
+    const store = new MemoryRoleState(vdcmStateCodec);
     const { core, notifier, vdcm: first } = await setup({ store });
     const gen = core.alloc(VM1, 201, 101);
     await first.writeWqPasid(M1, 0, 101);
@@ -636,9 +637,9 @@ describe("Vdcm reconcile", () => {
     // Chaos soak, seed 21: an mdev_clear cleared the entry in memory, its store write hung; the FREE
     // found nothing to clear and was acknowledged; VDCM then fail-stopped, came back with the entry
     // (never kept cleared), and nothing was left to deliver the FREE again.
-    const saved = new MemoryRoleState();
+    const saved = new MemoryRoleState(vdcmStateCodec);
     const gate: { hold?: Promise<void> } = {};
-    const store: RoleStatePort = {
+    const store: RoleStatePort<VdcmKeptEntry> = {
       write: async (changes) => {
         await gate.hold;
         await saved.write(changes);
@@ -667,7 +668,7 @@ describe("Vdcm reconcile", () => {
   });
 
   it("clears, after a restart, a programmed entry whose reference the core no longer records", async () => {
-    const store = new MemoryRoleState();
+    const store = new MemoryRoleState(vdcmStateCodec);
     const { core, notifier, vdcm } = await setup({ store });
     core.alloc(VM1, 201, 101);
     await vdcm.writeWqPasid(M1, 0, 101);

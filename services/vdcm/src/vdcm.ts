@@ -16,6 +16,7 @@ import {
   type DeviceView,
   type MdevView,
   type ResolvedWq,
+  type VdcmKeptEntry,
   type VdcmSnapshot,
 } from "./vdcm-state.js";
 
@@ -89,7 +90,7 @@ export interface VdcmOptions {
    * Where the "hardware" tables are kept so they survive a crash (a RoleState in JetStream);
    * written before a call returns or an event is acknowledged. @default not kept
    */
-  readonly store?: RoleStatePort;
+  readonly store?: RoleStatePort<VdcmKeptEntry>;
 }
 
 /** A descriptor on its way through a work queue (it keeps its PASID's context live on the device). */
@@ -169,7 +170,7 @@ export class Vdcm {
     this.store = options.store;
   }
 
-  private readonly store: RoleStatePort | undefined;
+  private readonly store: RoleStatePort<VdcmKeptEntry> | undefined;
   /** Every store write issued so far has settled (or one failed) once this does. */
   private written: Promise<void> = Promise.resolve();
 

@@ -15,11 +15,15 @@ export {
   type GuestPasidBind,
   type GuestPasidInfo,
   type GuestPasidUnbind,
+  type KeptContainer,
+  type KeptContainerCounter,
   type OpenContainerSpec,
   type OpenedContainer,
   type SessionLease,
   type VfioContainersOptions,
+  type VfioKeptEntry,
 } from "./vfio-containers.js";
+export { fromVfioStateEntry, toVfioStateEntry, VFIO_STATE_FORMAT, vfioStateCodec } from "./vfio-state-codec.js";
 export { invalidField, VfioReason, vfioError } from "./vfio-errors.js";
 export {
   realScheduler,

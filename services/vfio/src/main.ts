@@ -7,6 +7,7 @@ import { createCorePort, createGuestPagesPort, createIommuFaultPort, createIommu
 import { FaultRelay } from "./fault-relay.js";
 import { createVfioServer } from "./server.js";
 import { CloseReason, MAX_SESSION_GRACE_MS, VfioContainers } from "./vfio-containers.js";
+import { vfioStateCodec } from "./vfio-state-codec.js";
 
 /** Configuration of the vfio service, from the environment (`vfio --help` lists it). */
 export const vfioConfigSchema = defineConfigSchema({
@@ -65,6 +66,7 @@ await runRole({
   role: "vfio",
   instance: config.instance,
   config,
+  codec: vfioStateCodec,
   build: ({ logger, nc, saved, store }) => {
     const history = new HistoryRecorder(nc, "vfio", config.instance, config.prefix);
     // Late-bound: the relay asks the containers whether one is open, the containers tell the relay when one closes.
@@ -80,7 +82,7 @@ await runRole({
       log: logger,
       onClosing: (containerId) => late.faults?.containerClosing(containerId) ?? Promise.resolve(),
       store,
-      saved: saved as Map<string, unknown>,
+      saved: saved,
     });
     const faultRelay = new FaultRelay({
       iommu: createIommuFaultPort(iommuClient, `vfio/${config.instance}`),

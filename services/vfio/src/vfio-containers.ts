@@ -190,21 +190,35 @@ export interface VfioContainersOptions {
    * Where the containers are kept so a VFIO killed with -9 can close them when it returns (its
    * VMMs' sessions died with it): a RoleState in JetStream. @default not kept
    */
-  readonly store?: RoleStatePort;
+  readonly store?: RoleStatePort<VfioKeptEntry>;
   /** What the store held at start: those containers come back to be closed by {@link VfioContainers.closeRestored}. */
-  readonly saved?: ReadonlyMap<string, unknown>;
+  readonly saved?: ReadonlyMap<string, VfioKeptEntry>;
 }
 
-interface SavedContainer {
+/** A container as VFIO keeps it in its store (what closing it after a restart needs): `ctr/<id>`. */
+export interface KeptContainer {
+  readonly kind: "container";
   readonly id: number;
   readonly setId: number;
-  readonly mmToken: string;
+  readonly mmToken: bigint;
   readonly vmName: string;
   readonly quota: number;
+  /** Unix ms. */
   readonly openedAt: number;
-  readonly devices: readonly { readonly kind: "device" | "mdev"; readonly id: string; readonly parentDeviceId: string; readonly assignedAt: number }[];
-  readonly stage2?: number;
+  /** Assigned devices (assignments in progress are not kept); `assignedAt` in unix ms. */
+  readonly devices: readonly { readonly ref: DeviceRef; readonly parentDeviceId: string; readonly assignedAt: number }[];
+  /** The stage-2 domain; undefined while there is none. */
+  readonly stage2: number | undefined;
 }
+
+/** The next container id, as kept: `next`. */
+export interface KeptContainerCounter {
+  readonly kind: "containerCounter";
+  readonly nextContainerId: number;
+}
+
+/** One entry of VFIO's kept state (ioasid.vfio.v1.VfioStateEntry; vfio-state-codec.ts converts). */
+export type VfioKeptEntry = KeptContainer | KeptContainerCounter;
 
 type DeviceEntryState = "assigning" | "assigned" | "unassigning";
 
@@ -309,7 +323,7 @@ export class VfioContainers {
   readonly #domainRetry: readonly number[];
   readonly #containers = new Map<number, Container>();
   readonly #onClosing: (containerId: number) => Promise<unknown>;
-  readonly #store: RoleStatePort | undefined;
+  readonly #store: RoleStatePort<VfioKeptEntry> | undefined;
   readonly #restored: Container[] = [];
   /** Which container each assigned device (by key) belongs to: a device serves one VM at a time. */
   readonly #owners = new Map<string, number>();
@@ -345,18 +359,16 @@ export class VfioContainers {
     return restored.length;
   }
 
-  #restore(saved: ReadonlyMap<string, unknown>): void {
-    for (const [key, value] of saved) {
-      if (key === "next") {
-        this.#nextId = Math.max(this.#nextId, value as number);
+  #restore(saved: ReadonlyMap<string, VfioKeptEntry>): void {
+    for (const v of saved.values()) {
+      if (v.kind === "containerCounter") {
+        this.#nextId = Math.max(this.#nextId, v.nextContainerId);
         continue;
       }
-      if (!key.startsWith("ctr/")) continue;
-      const v = value as SavedContainer;
       const c: Container = {
         id: v.id,
         setId: v.setId,
-        mmToken: BigInt(v.mmToken),
+        mmToken: v.mmToken,
         vmName: v.vmName,
         quota: v.quota,
         openedAt: v.openedAt,
@@ -373,7 +385,7 @@ export class VfioContainers {
         released: undefined,
       };
       for (const d of v.devices) {
-        const ref: DeviceRef = { kind: d.kind, id: d.id };
+        const ref: DeviceRef = { kind: d.ref.kind, id: d.ref.id };
         const k = deviceKey(ref);
         c.devices.set(k, { ref, key: k, state: "assigned", parentDeviceId: d.parentDeviceId, assignedAt: d.assignedAt });
         this.#owners.set(k, c.id);
@@ -388,21 +400,22 @@ export class VfioContainers {
   async #save(c: Container): Promise<void> {
     if (this.#store === undefined) return;
     const stage2 = c.stage2 === undefined ? undefined : await c.stage2.catch(() => undefined);
-    const saved: SavedContainer = {
+    const kept: KeptContainer = {
+      kind: "container",
       id: c.id,
       setId: c.setId,
-      mmToken: String(c.mmToken),
+      mmToken: c.mmToken,
       vmName: c.vmName,
       quota: c.quota,
       openedAt: c.openedAt,
       devices: [...c.devices.values()]
         .filter((d) => d.state !== "assigning")
-        .map((d) => ({ kind: d.ref.kind, id: d.ref.id, parentDeviceId: d.parentDeviceId, assignedAt: d.assignedAt })),
-      ...(stage2 === undefined ? {} : { stage2 }),
+        .map((d) => ({ ref: d.ref, parentDeviceId: d.parentDeviceId, assignedAt: d.assignedAt })),
+      stage2,
     };
     await this.#store.write([
-      { key: `ctr/${c.id}`, value: saved },
-      { key: "next", value: this.#nextId },
+      { key: `ctr/${c.id}`, value: kept },
+      { key: "next", value: { kind: "containerCounter", nextContainerId: this.#nextId } },
     ]);
   }
 

@@ -1,0 +1,69 @@
+import { protoStateCodec, requireField, type StateCodec } from "@ioasid/bus";
+import { vfioState } from "@ioasid/proto";
+import { fromDeviceRef, toDeviceRef } from "./server.js";
+import type { VfioKeptEntry } from "./vfio-containers.js";
+
+// VFIO's kept entries ↔ ioasid.vfio.v1.VfioStateEntry (vfio_state.proto): the one place that knows
+// both the kept containers and the generated state messages, so vfio-containers.ts stays free of
+// proto types.
+
+/** The proto message every message of VFIO's store holds (its format marker). */
+export const VFIO_STATE_FORMAT = `${vfioState.protobufPackage}.VfioStateEntry`;
+
+/** A kept entry as its state message. */
+export function toVfioStateEntry(e: VfioKeptEntry): vfioState.VfioStateEntry {
+  switch (e.kind) {
+    case "container":
+      return {
+        entry: {
+          $case: "container",
+          value: {
+            containerId: e.id,
+            setId: e.setId,
+            mmToken: e.mmToken,
+            vmName: e.vmName,
+            quota: e.quota,
+            openedAt: new Date(e.openedAt),
+            devices: e.devices.map((d) => ({ device: toDeviceRef(d.ref), parentDeviceId: d.parentDeviceId, assignedAt: new Date(d.assignedAt) })),
+            // Domain ids are never 0: 0 says "no stage-2 domain".
+            stage2DomainId: e.stage2 ?? 0,
+          },
+        },
+      };
+    case "containerCounter":
+      return { entry: { $case: "containerCounter", value: { nextContainerId: e.nextContainerId } } };
+  }
+}
+
+/**
+ * A state message as the kept entry it holds.
+ * @throws Error when its kind, a device or a required time is missing (the store refuses it at start)
+ */
+export function fromVfioStateEntry(m: vfioState.VfioStateEntry): VfioKeptEntry {
+  const entry = requireField(m.entry, "VfioStateEntry.entry");
+  switch (entry.$case) {
+    case "container": {
+      const c = entry.value;
+      return {
+        kind: "container",
+        id: c.containerId,
+        setId: c.setId,
+        mmToken: c.mmToken,
+        vmName: c.vmName,
+        quota: c.quota,
+        openedAt: requireField(c.openedAt, "KeptContainer.opened_at").getTime(),
+        devices: c.devices.map((d) => ({
+          ref: requireField(fromDeviceRef(d.device), "AssignedDevice.device"),
+          parentDeviceId: d.parentDeviceId,
+          assignedAt: requireField(d.assignedAt, "AssignedDevice.assigned_at").getTime(),
+        })),
+        stage2: c.stage2DomainId === 0 ? undefined : c.stage2DomainId,
+      };
+    }
+    case "containerCounter":
+      return { kind: "containerCounter", nextContainerId: entry.value.nextContainerId };
+  }
+}
+
+/** VFIO's kept entries as ioasid.vfio.v1.VfioStateEntry bytes (its RoleState and MemoryRoleState). */
+export const vfioStateCodec: StateCodec<VfioKeptEntry> = protoStateCodec(VFIO_STATE_FORMAT, vfioState.VfioStateEntry, toVfioStateEntry, fromVfioStateEntry);
