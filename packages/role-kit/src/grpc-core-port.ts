@@ -1,33 +1,23 @@
 import { isDomainError } from "@ioasid/errors";
 import { core, events } from "@ioasid/proto";
-import {
+import type {
   EventType,
+  TokenType} from "@ioasid/ioasid";
+import {
   IoasidState,
-  TokenType,
   type Holder,
   type IoasidInfo,
-  type Priority,
   type RegisterOptions,
   type Registration,
   type SetInfo,
   type SetToken,
 } from "@ioasid/ioasid";
 import type { CorePort } from "./core-port.js";
+import { eventTypeFromWire, eventTypeToWire, priorityFromWire, priorityToWire, scopeFromWire, scopeToWire, tokenTypeFromWire, tokenTypeToWire } from "./core-wire.js";
 import type { CoreClient } from "./role-kit.js";
 
-// The core's wire types (ts-proto) ↔ the domain model, on the client side. The core's own
-// server-side translations (services/ioasid-core/src/convert.ts) are the mirror image.
-
-const EVENT_TYPE_WIRE: Record<EventType, events.EventType> = {
-  [EventType.ALLOC]: events.EventType.EVENT_TYPE_ALLOC,
-  [EventType.FREE]: events.EventType.EVENT_TYPE_FREE,
-  [EventType.BIND]: events.EventType.EVENT_TYPE_BIND,
-  [EventType.UNBIND]: events.EventType.EVENT_TYPE_UNBIND,
-  [EventType.SET_ALLOC]: events.EventType.EVENT_TYPE_SET_ALLOC,
-  [EventType.SET_FREE]: events.EventType.EVENT_TYPE_SET_FREE,
-  [EventType.RECLAIM]: events.EventType.EVENT_TYPE_RECLAIM,
-};
-const EVENT_TYPE_DOMAIN = new Map<events.EventType, EventType>(Object.entries(EVENT_TYPE_WIRE).map(([d, w]) => [w, d as EventType]));
+// The core's wire types (ts-proto) ↔ the domain model, on the client side; the enum tables and the
+// scope are core-wire.ts's, shared with the core's server and its op-log codec.
 
 /** A wire value the domain does not know is a protocol error, never a silent default. */
 function unknownWire(what: string, value: unknown): never {
@@ -35,17 +25,11 @@ function unknownWire(what: string, value: unknown): never {
 }
 
 function toTokenType(t: events.TokenType): TokenType {
-  if (t === events.TokenType.TOKEN_TYPE_MM) return TokenType.MM;
-  if (t === events.TokenType.TOKEN_TYPE_NONE) return TokenType.NONE;
-  return unknownWire("token type", t);
-}
-
-function fromTokenType(t: TokenType): events.TokenType {
-  return t === TokenType.MM ? events.TokenType.TOKEN_TYPE_MM : events.TokenType.TOKEN_TYPE_NONE;
+  return tokenTypeFromWire(t) ?? unknownWire("token type", t);
 }
 
 function toEventType(t: events.EventType): EventType {
-  return EVENT_TYPE_DOMAIN.get(t) ?? unknownWire("event type", t);
+  return eventTypeFromWire(t) ?? unknownWire("event type", t);
 }
 
 /** The wire set → domain. */
@@ -80,17 +64,11 @@ function toHolder(h: core.Holder | undefined): Holder {
 /** The wire registration → domain. */
 function toRegistration(r: core.Registration | undefined): Registration {
   if (r === undefined) return unknownWire("registration", r);
-  let scope: Registration["scope"];
-  if (r.scope?.$case === "global") scope = { kind: "global" };
-  else if (r.scope?.$case === "setId") scope = { kind: "set", setId: r.scope.value };
-  else if (r.scope?.$case === "mmToken") scope = { kind: "mm", token: r.scope.value };
-  else return unknownWire("registration scope", r.scope);
   return {
     id: r.registrationId,
     subscriber: { name: r.subscriber?.name ?? "", instance: r.subscriber?.instance ?? "" },
-    // The wire priority is the kernel's value + 1 (0 is UNSPECIFIED).
-    priority: (r.priority - 1) as Priority,
-    scope,
+    priority: priorityFromWire(r.priority),
+    scope: scopeFromWire(r.scope) ?? unknownWire("registration scope", r.scope),
     events: r.events.map(toEventType),
     active: r.active,
     setId: r.activeSetId,
@@ -99,22 +77,16 @@ function toRegistration(r: core.Registration | undefined): Registration {
 
 /** Domain registration options → the wire request. */
 function fromRegisterOptions(o: RegisterOptions): core.RegisterRequest {
-  const scope: core.RegisterRequest["scope"] =
-    o.scope.kind === "global"
-      ? { $case: "global", value: true }
-      : o.scope.kind === "set"
-        ? { $case: "setId", value: o.scope.setId }
-        : { $case: "mmToken", value: o.scope.token };
   return {
     subscriber: { ...o.subscriber },
-    priority: (o.priority + 1) as events.Priority,
-    scope,
-    events: (o.events ?? []).map((e) => EVENT_TYPE_WIRE[e]),
+    priority: priorityToWire(o.priority),
+    scope: scopeToWire(o.scope),
+    events: (o.events ?? []).map(eventTypeToWire),
   };
 }
 
 function fromToken(token: SetToken): { tokenType: events.TokenType; token: bigint } {
-  return { tokenType: fromTokenType(token.type), token: token.value };
+  return { tokenType: tokenTypeToWire(token.type), token: token.value };
 }
 
 /**

@@ -12,3 +12,14 @@ export { KeyedMutex } from "./keyed-mutex.js";
 export type { CorePort, CorePortCall } from "./core-port.js";
 export { createGrpcCorePort } from "./grpc-core-port.js";
 export { isCoreUnreachable, runRole, type RoleBaseConfig, type RoleParts, type RoleRuntime, type RoleSpec } from "./run-role.js";
+export {
+  eventTypeFromWire,
+  eventTypeToWire,
+  priorityFromWire,
+  priorityToWire,
+  scopeFromWire,
+  scopeToWire,
+  tokenTypeFromWire,
+  tokenTypeToWire,
+  type WireScope,
+} from "./core-wire.js";

@@ -1,6 +1,7 @@
 import { Code, DomainError, INTERNAL_REASON } from "@ioasid/errors";
 import { EventType, Priority, TokenType, type Holder, type RegisterOptions, type Subscriber } from "@ioasid/ioasid";
 import { events, oplog, type core } from "@ioasid/proto";
+import { scopeFromWire, scopeToWire } from "@ioasid/role-kit";
 import { fromEventType, fromPriority, fromTokenType, toEventType, toPriority } from "./convert.js";
 import type { AckRelease, CommittedOperation, DeliveryAck, DeliveryRef, Operation } from "./operation.js";
 
@@ -240,16 +241,10 @@ function toWireHolder(h: Holder): core.Holder {
 }
 
 function toWireRegister(o: RegisterOptions): oplog.Register {
-  const scope: oplog.Register["scope"] =
-    o.scope.kind === "global"
-      ? { $case: "global", value: true }
-      : o.scope.kind === "set"
-        ? { $case: "setId", value: o.scope.setId }
-        : { $case: "mmToken", value: o.scope.token };
   return {
     subscriber: { name: o.subscriber.name, instance: o.subscriber.instance },
     priority: fromPriority(o.priority),
-    scope,
+    scope: scopeToWire(o.scope),
     events: (o.events ?? []).map(fromEventType),
   };
 }
@@ -351,11 +346,7 @@ function fromWireRegister(r: oplog.Register): RegisterOptions {
     if (!EVENT_TYPES.has(type)) throw new Error(`register: event type ${t} is not one of events.v1.EventType`);
     return type;
   });
-  const s = r.scope;
-  let scope: RegisterOptions["scope"];
-  if (s?.$case === "global" && s.value) scope = { kind: "global" };
-  else if (s?.$case === "setId") scope = { kind: "set", setId: s.value };
-  else if (s?.$case === "mmToken") scope = { kind: "mm", token: s.value };
-  else throw new Error("register: it has no scope");
+  const scope = scopeFromWire(r.scope);
+  if (scope === undefined) throw new Error("register: it has no scope");
   return { subscriber, priority, scope, events: eventTypes };
 }

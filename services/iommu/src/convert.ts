@@ -105,6 +105,20 @@ export function fromResponseSource(s: ResponseSource | undefined): iommu.PageRes
   return s === undefined ? W.PageResponseSource.PAGE_RESPONSE_SOURCE_UNSPECIFIED : RESPONSE_SOURCES_WIRE.get(s)!;
 }
 
+/** Domain page request → wire (in a fault group, and in the IOMMU's kept state). */
+export function fromPageRequest(r: FaultGroup["requests"][number]): iommu.PageRequest {
+  return {
+    deviceId: r.deviceId,
+    pasid: r.pasid,
+    withoutPasid: r.withoutPasid,
+    address: r.address,
+    access: fromAccess(r.access),
+    prgi: r.prgi,
+    lastRequest: r.lastRequest,
+    receivedAt: r.receivedAt,
+  };
+}
+
 /** Domain fault group → wire. */
 export function fromFaultGroup(g: FaultGroup): iommu.FaultGroup {
   return {
@@ -113,16 +127,7 @@ export function fromFaultGroup(g: FaultGroup): iommu.FaultGroup {
     pasid: g.pasid,
     withoutPasid: g.withoutPasid,
     prgi: g.prgi,
-    requests: g.requests.map((r) => ({
-      deviceId: r.deviceId,
-      pasid: r.pasid,
-      withoutPasid: r.withoutPasid,
-      address: r.address,
-      access: fromAccess(r.access),
-      prgi: r.prgi,
-      lastRequest: r.lastRequest,
-      receivedAt: r.receivedAt,
-    })),
+    requests: g.requests.map(fromPageRequest),
     handleId: g.handleId,
     domainId: g.domainId,
     owner: g.owner,

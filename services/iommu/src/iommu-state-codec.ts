@@ -1,6 +1,6 @@
 import { protoStateCodec, requireField, type StateCodec } from "@ioasid/bus";
 import { iommu, iommuState } from "@ioasid/proto";
-import { ATTACH_KINDS_WIRE, DOMAIN_TYPES, DOMAIN_TYPES_WIRE, fromHandle, fromMapping, GROUP_STATES_WIRE, toAccess } from "./convert.js";
+import { ATTACH_KINDS_WIRE, DOMAIN_TYPES, DOMAIN_TYPES_WIRE, fromHandle, fromMapping, fromPageRequest, GROUP_STATES_WIRE, toAccess } from "./convert.js";
 import { DeviceFunction, type AttachKind, type IommuKeptEntry, type KeptAttachHandle, type Mapping } from "./iommu-hardware.js";
 import type { GroupState, PageRequest } from "./page-requests.js";
 
@@ -104,16 +104,7 @@ export function toIommuStateEntry(e: IommuKeptEntry): iommuState.IommuStateEntry
             pasid: g.pasid,
             withoutPasid: g.withoutPasid,
             prgi: g.prgi,
-            requests: g.requests.map((r) => ({
-              deviceId: r.deviceId,
-              pasid: r.pasid,
-              withoutPasid: r.withoutPasid,
-              address: r.address,
-              access: { read: r.access.read, write: r.access.write, execute: r.access.execute, privileged: r.access.privileged },
-              prgi: r.prgi,
-              lastRequest: r.lastRequest,
-              receivedAt: r.receivedAt,
-            })),
+            requests: g.requests.map(fromPageRequest),
             // The handle as the group's first request saw it: fault reporting is not part of it.
             handle: toKeptHandleMessage({ ...g.handle, faultReporting: false }),
             state: GROUP_STATES_WIRE.get(g.state)!,
