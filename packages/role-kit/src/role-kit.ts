@@ -86,10 +86,11 @@ export interface RegistrationSpec {
 
 /**
  * Registers a notifier subscriber with the core, or finds the registration it already has (a
- * restarted role): REGISTRATION_EXISTS is not an error here.
+ * restarted role): REGISTRATION_EXISTS is not an error here. The proto-typed form of
+ * `ensureRegistration` (over a `CorePort`), for the roles not yet on the port.
  * @returns the registration
  */
-export async function ensureRegistration(client: CoreClient, spec: RegistrationSpec): Promise<core.Registration> {
+export async function ensureRegistrationOverClient(client: CoreClient, spec: RegistrationSpec): Promise<core.Registration> {
   try {
     const r = await client.register(
       core.RegisterRequest.fromPartial({ subscriber: spec.subscriber, priority: spec.priority, scope: spec.scope, events: [...(spec.events ?? [])] }),

@@ -1,7 +1,7 @@
 #!/usr/bin/env node
 import { configOrExit } from "@ioasid/grpc-kit";
 import { HistoryRecorder } from "@ioasid/bus";
-import { createCoreClient, ensureRegistration, runRole } from "@ioasid/role-kit";
+import { createCoreClient, ensureRegistrationOverClient, runRole } from "@ioasid/role-kit";
 import { events } from "@ioasid/proto";
 import { iommuConfigSchema } from "./config.js";
 import { IommuDriver } from "./iommu-driver.js";
@@ -54,7 +54,7 @@ await runRole({
       subscriber: { instance: config.instance, handler: (event) => driver.handleEvent(event) },
       // The IOMMU tears PASIDs down on FREE, globally, after CPU and DEVICE (DESIGN §1, §5).
       register: async () => {
-        const registration = await ensureRegistration(coreClient, {
+        const registration = await ensureRegistrationOverClient(coreClient, {
           subscriber: { name: SUBSCRIBER_NAME, instance: config.instance },
           priority: events.Priority.PRIORITY_IOMMU,
           scope: { $case: "global", value: true },

@@ -2,7 +2,7 @@ import { HistoryRecorder, startSubscriber, DEFAULT_PREFIX } from "@ioasid/bus";
 import { isDomainError } from "@ioasid/errors";
 import { createGrpcServer, type ServiceHandlers } from "@ioasid/grpc-kit";
 import { core, events, kvm as kvmProto } from "@ioasid/proto";
-import { ensureRegistration, type CoreClient, type RoleParts, type RoleRuntime } from "@ioasid/role-kit";
+import { ensureRegistrationOverClient, type CoreClient, type RoleParts, type RoleRuntime } from "@ioasid/role-kit";
 import type { NatsConnection } from "@nats-io/transport-node";
 import { GpCause } from "./ia32-pasid.js";
 import {
@@ -105,7 +105,7 @@ export function createCorePort(client: CoreClient): KvmCorePort {
   return {
     register: async (instance, mmToken) =>
       toRegistrationStatus(
-        await ensureRegistration(client, {
+        await ensureRegistrationOverClient(client, {
           subscriber: { name: KVM_SUBSCRIBER, instance },
           priority: events.Priority.PRIORITY_CPU,
           scope: { $case: "mmToken", value: mmToken },
