@@ -34,8 +34,10 @@ export class InProcessCore implements CorePort {
   readonly calls: CorePortCall[] = [];
   /** The calls made through the port, in order, with their arguments (as {@link calls}). */
   readonly requests: Array<{ readonly call: CorePortCall; readonly args: readonly unknown[] }> = [];
+  /** While true, every call fails UNAVAILABLE before it reaches the model (the core is down). */
+  unreachable = false;
   readonly #failNext = new Map<CorePortCall, DomainError[]>();
-  readonly #loseAnswer = new Map<CorePortCall, number>();
+  readonly #loseAnswer = new Map<CorePortCall, DomainError[]>();
   readonly #holdAnswer = new Map<CorePortCall, Promise<unknown>[]>();
   readonly #listeners = new Set<(event: IoasidEvent) => void>();
 
@@ -73,9 +75,16 @@ export class InProcessCore implements CorePort {
     this.#failNext.set(call, queue);
   }
 
-  /** Applies the next `times` calls of `call`, then answers each UNAVAILABLE: the answer was lost. */
-  loseAnswerOf(call: CorePortCall, times = 1): void {
-    this.#loseAnswer.set(call, (this.#loseAnswer.get(call) ?? 0) + times);
+  /**
+   * Applies the next `times` calls of `call`, then answers each with `err`: the answer was lost.
+   * @default err UNAVAILABLE `UNAVAILABLE` (DEADLINE_EXCEEDED is the other way a role sees it)
+   */
+  loseAnswerOf(call: CorePortCall, times = 1, err?: DomainError): void {
+    const queue = this.#loseAnswer.get(call) ?? [];
+    for (let i = 0; i < times; i++) {
+      queue.push(err ?? new DomainError(Code.UNAVAILABLE, "UNAVAILABLE", `the answer to ${call} was lost (injected): the core applied it`));
+    }
+    this.#loseAnswer.set(call, queue);
   }
 
   /**
@@ -101,14 +110,12 @@ export class InProcessCore implements CorePort {
     await Promise.resolve();
     this.calls.push(call);
     this.requests.push({ call, args });
+    if (this.unreachable) throw new DomainError(Code.UNAVAILABLE, "UNAVAILABLE", "the core is unreachable (injected)");
     const failure = this.#failNext.get(call)?.shift();
     if (failure !== undefined) throw failure;
     const result = apply();
-    const lose = this.#loseAnswer.get(call) ?? 0;
-    if (lose > 0) {
-      this.#loseAnswer.set(call, lose - 1);
-      throw new DomainError(Code.UNAVAILABLE, "UNAVAILABLE", `the answer to ${call} was lost (injected): the core applied it`);
-    }
+    const lost = this.#loseAnswer.get(call)?.shift();
+    if (lost !== undefined) throw lost;
     const hold = this.#holdAnswer.get(call)?.shift();
     if (hold !== undefined) await hold;
     return result;
