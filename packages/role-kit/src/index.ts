@@ -4,9 +4,7 @@ export {
   commonRoleConfig,
   connectNats,
   createCoreClient,
-  ensureRegistrationOverClient,
   type CoreClient,
-  type RegistrationSpec,
 } from "./role-kit.js";
 export { KeyedMutex } from "./keyed-mutex.js";
 export { ensureRegistration, heldReferences, type CorePort, type CorePortCall, type HeldReference } from "./core-port.js";
