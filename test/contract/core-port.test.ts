@@ -1,6 +1,6 @@
-import { isDomainError } from "@ioasid/errors";
+import { Code, DomainError, isDomainError } from "@ioasid/errors";
 import { EventType, Priority, TokenType, type Holder } from "@ioasid/ioasid";
-import { createCoreClient, createGrpcCorePort, type CorePort } from "@ioasid/role-kit";
+import { createCoreClient, createGrpcCorePort, ensureRegistration, heldReferences, type CorePort } from "@ioasid/role-kit";
 import { InProcessCore } from "@ioasid/testkit";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { startCore, type CoreFixture } from "../support/core-fixture.js";
@@ -42,6 +42,9 @@ async function transcript(core: CorePort): Promise<Step[]> {
   await step(out, "register same again", () =>
     core.register({ subscriber: { name: "kvm", instance: "vm-1" }, priority: Priority.CPU, scope: { kind: "mm", token: token.value }, events: [EventType.BIND, EventType.UNBIND, EventType.FREE] }),
   );
+  await step(out, "ensureRegistration same again (finds it)", () =>
+    ensureRegistration(core, { subscriber: { name: "kvm", instance: "vm-1" }, priority: Priority.CPU, scope: { kind: "mm", token: token.value }, events: [EventType.BIND, EventType.UNBIND, EventType.FREE] }),
+  );
   const a = (await step(out, "alloc", () => core.alloc(set.id))) as { ioasid: number; generation: number };
   await step(out, "alloc out of range", () => core.alloc(set.id, { min: 2_000_000, max: 2_000_001 }));
   await step(out, "attachSpid", () => core.attachSpid(set.id, a.ioasid, 101, a.generation));
@@ -55,6 +58,7 @@ async function transcript(core: CorePort): Promise<Step[]> {
   });
   await step(out, "get (kvm)", () => core.get(set.id, a.ioasid, KVM, a.generation));
   await step(out, "findBySpid with a reference (vdcm)", () => core.findBySpid(set.id, 101, VDCM));
+  await step(out, "heldReferences (vdcm)", () => heldReferences(core, set.id, VDCM));
   await step(out, "findBySpid unknown", () => core.findBySpid(set.id, 999));
   await step(out, "get stale generation", () => core.get(set.id, a.ioasid, KVM, a.generation + 1));
   await step(out, "get of another set", () => core.get(set.id + 1000, a.ioasid, KVM, a.generation));
@@ -113,8 +117,10 @@ describe("CorePort: the gRPC port to the core process and the testkit's in-proce
     expect(by.get("listRegistrations (active)")?.ok).toMatchObject([{ active: true }]);
     expect(by.get("createSet same token")?.refused?.reason).toBe("TOKEN_IN_USE");
     expect(by.get("register same again")?.refused?.reason).toBe("REGISTRATION_EXISTS");
+    expect(by.get("ensureRegistration same again (finds it)")?.ok).toEqual((by.get("listRegistrations (active)")?.ok as unknown[])[0]);
     expect(by.get("attachSpid duplicate SPID")?.refused?.reason).toBe("SPID_IN_USE");
     expect(by.get("findBySpid with a reference (vdcm)")?.ok).toMatchObject({ refcount: 3 });
+    expect(by.get("heldReferences (vdcm)")?.ok).toEqual([{ setId: expect.any(Number), ioasid: expect.any(Number), generation: expect.any(Number), purpose: VDCM.purpose, count: 1 }]);
     expect(by.get("findBySpid unknown")?.refused?.reason).toBe("SPID_NOT_FOUND");
     expect(by.get("get stale generation")?.refused?.reason).toBe("STALE_GENERATION");
     expect(by.get("free → FREE_PENDING")?.ok).toEqual({ outcome: "FREE_PENDING", refcount: 2 });
@@ -143,5 +149,37 @@ describe("CorePort: the gRPC port to the core process and the testkit's in-proce
     expect(core.calls).toEqual(["createSet", "alloc", "get", "get", "get"]);
     await core.free(set.id, a.ioasid, a.generation);
     expect(core.eventsAfter(0, a.ioasid).map((e) => e.type)).toEqual([EventType.ALLOC, EventType.FREE]);
+  });
+
+  it("in process: the core unreachable, a slow answer, the calls with their arguments, and events to a subscriber", async () => {
+    const core = new InProcessCore();
+    const seen: EventType[] = [];
+    const stop = core.subscribe((e) => seen.push(e.type));
+    const set = await core.createSet({ type: TokenType.MM, value: 1n }, 0);
+    core.unreachable = true;
+    await expect(core.alloc(set.id)).rejects.toMatchObject({ reason: "UNAVAILABLE" });
+    expect(core.space.listIoasids(set.id)).toEqual([]);
+    core.unreachable = false;
+    const a = await core.alloc(set.id);
+    let answer = (): void => {};
+    core.holdAnswerOf("get", new Promise<void>((resolve) => (answer = resolve)));
+    let answered = false;
+    const got = core.get(set.id, a.ioasid, KVM, a.generation).then((r) => ((answered = true), r));
+    await new Promise((resolve) => setImmediate(resolve));
+    expect(core.space.describe(a.ioasid)?.refcount).toBe(2); // applied…
+    expect(answered).toBe(false); // …not answered yet
+    answer();
+    expect(await got).toEqual({ refcount: 2 });
+    core.loseAnswerOf("put", 1, new DomainError(Code.DEADLINE_EXCEEDED, "DEADLINE_EXCEEDED", "deadline exceeded"));
+    await expect(core.put(set.id, a.ioasid, KVM, a.generation)).rejects.toMatchObject({ reason: "DEADLINE_EXCEEDED" });
+    expect(core.space.describe(a.ioasid)?.refcount).toBe(1);
+    expect(core.requests.map((r) => r.call)).toEqual(core.calls);
+    expect(core.requests.at(-1)).toEqual({ call: "put", args: [set.id, a.ioasid, KVM, a.generation] });
+    // Events reach a subscriber after the change that committed them, in order, until it stops.
+    expect(seen).toEqual([EventType.SET_ALLOC, EventType.ALLOC]);
+    stop();
+    await core.free(set.id, a.ioasid);
+    await new Promise((resolve) => setImmediate(resolve));
+    expect(seen).toEqual([EventType.SET_ALLOC, EventType.ALLOC]);
   });
 });

@@ -1,3 +1,4 @@
+import { isDomainError } from "@ioasid/errors";
 import type {
   Allocation,
   FreeResult,
@@ -67,3 +68,57 @@ export interface CorePort {
 
 /** The names of {@link CorePort}'s calls (for failure injection and call logs in tests). */
 export type CorePortCall = keyof CorePort;
+
+/**
+ * Registers a notifier subscriber with the core, or finds the registration it already has (a
+ * restarted role): REGISTRATION_EXISTS is not an error here. The one found has the same subscriber
+ * and scope.
+ * @returns the registration
+ * @throws the core's refusals (SET_NOT_EMPTY, SET_UNKNOWN…); REGISTRATION_EXISTS when the existing
+ *   registration cannot be found any more
+ */
+export async function ensureRegistration(core: CorePort, options: RegisterOptions): Promise<Registration> {
+  try {
+    return await core.register(options);
+  } catch (err) {
+    if (!isDomainError(err, "REGISTRATION_EXISTS")) throw err;
+    const found = (await core.listRegistrations()).find(
+      (r) => r.subscriber.name === options.subscriber.name && r.subscriber.instance === options.subscriber.instance && sameScope(r.scope, options.scope),
+    );
+    if (found === undefined) throw err;
+    return found;
+  }
+}
+
+function sameScope(a: RegisterOptions["scope"], b: RegisterOptions["scope"]): boolean {
+  if (a.kind === "global" || b.kind === "global") return a.kind === b.kind;
+  if (a.kind === "set") return b.kind === "set" && a.setId === b.setId;
+  return b.kind === "mm" && a.token === b.token;
+}
+
+/** The references one holder role/instance has on one IOASID, by purpose (see {@link heldReferences}). */
+export interface HeldReference {
+  readonly setId: number;
+  readonly ioasid: number;
+  readonly generation: number;
+  readonly purpose: string;
+  /** References of that purpose (a holder may take several). */
+  readonly count: number;
+}
+
+/**
+ * The references a holder role/instance (`vdcm`/`vdcm0`, `kvm`/`vm-7`) has on the IOASIDs of a
+ * set, one entry per purpose and IOASID: what a role reconciles its tables against after a restart.
+ * @throws DomainError INVALID_ARGUMENT `SET_UNKNOWN` when the set does not exist (as the core's ListIoasids)
+ */
+export async function heldReferences(core: CorePort, setId: number, holder: Pick<Holder, "role" | "instance">): Promise<HeldReference[]> {
+  const out: HeldReference[] = [];
+  for (const info of await core.listIoasids(setId)) {
+    for (const h of info.holders) {
+      if (h.holder.role === holder.role && h.holder.instance === holder.instance) {
+        out.push({ setId: info.setId, ioasid: info.ioasid, generation: info.generation, purpose: h.holder.purpose, count: h.count });
+      }
+    }
+  }
+  return out;
+}

@@ -4,12 +4,10 @@ export {
   commonRoleConfig,
   connectNats,
   createCoreClient,
-  ensureRegistration,
   type CoreClient,
-  type RegistrationSpec,
 } from "./role-kit.js";
 export { KeyedMutex } from "./keyed-mutex.js";
-export type { CorePort, CorePortCall } from "./core-port.js";
+export { ensureRegistration, heldReferences, type CorePort, type CorePortCall, type HeldReference } from "./core-port.js";
 export { createGrpcCorePort } from "./grpc-core-port.js";
 export { isCoreUnreachable, runRole, type RoleBaseConfig, type RoleParts, type RoleRuntime, type RoleSpec } from "./run-role.js";
 export {

@@ -1,7 +1,6 @@
 import { connect, type NatsConnection } from "@nats-io/transport-node";
 import { createClient, defineConfigSchema, type PromiseClient } from "@ioasid/grpc-kit";
-import { isDomainError } from "@ioasid/errors";
-import { core, type events } from "@ioasid/proto";
+import { core } from "@ioasid/proto";
 import type { Logger } from "pino";
 
 /** The CoreService client every role uses. */
@@ -74,38 +73,4 @@ export async function connectNats(url: string, options: { name: string; timeoutM
 /** A CoreService client with the given default deadline. */
 export function createCoreClient(address: string, deadlineMs = 5000): CoreClient {
   return createClient(core.CoreServiceService, address, { deadlineMs });
-}
-
-/** What a role registers with the core. */
-export interface RegistrationSpec {
-  readonly subscriber: { readonly name: string; readonly instance: string };
-  readonly priority: events.Priority;
-  readonly scope: core.RegisterRequest["scope"];
-  readonly events?: readonly events.EventType[];
-}
-
-/**
- * Registers a notifier subscriber with the core, or finds the registration it already has (a
- * restarted role): REGISTRATION_EXISTS is not an error here.
- * @returns the registration
- */
-export async function ensureRegistration(client: CoreClient, spec: RegistrationSpec): Promise<core.Registration> {
-  try {
-    const r = await client.register(
-      core.RegisterRequest.fromPartial({ subscriber: spec.subscriber, priority: spec.priority, scope: spec.scope, events: [...(spec.events ?? [])] }),
-    );
-    return r.registration!;
-  } catch (err) {
-    if (!isDomainError(err, "REGISTRATION_EXISTS")) throw err;
-    const { registrations } = await client.listRegistrations({});
-    const found = registrations.find(
-      (r) =>
-        r.subscriber?.name === spec.subscriber.name &&
-        r.subscriber?.instance === spec.subscriber.instance &&
-        r.scope?.$case === spec.scope?.$case &&
-        r.scope?.value === spec.scope?.value,
-    );
-    if (found === undefined) throw err;
-    return found;
-  }
 }

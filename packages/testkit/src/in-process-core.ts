@@ -32,11 +32,36 @@ export class InProcessCore implements CorePort {
   readonly events: IoasidEvent[] = [];
   /** The calls made through the port, in order (by name). */
   readonly calls: CorePortCall[] = [];
+  /** The calls made through the port, in order, with their arguments (as {@link calls}). */
+  readonly requests: Array<{ readonly call: CorePortCall; readonly args: readonly unknown[] }> = [];
+  /** While true, every call fails UNAVAILABLE before it reaches the model (the core is down). */
+  unreachable = false;
   readonly #failNext = new Map<CorePortCall, DomainError[]>();
-  readonly #loseAnswer = new Map<CorePortCall, number>();
+  readonly #loseAnswer = new Map<CorePortCall, DomainError[]>();
+  readonly #holdAnswer = new Map<CorePortCall, Promise<unknown>[]>();
+  readonly #listeners = new Set<(event: IoasidEvent) => void>();
 
   constructor(options: InProcessCoreOptions = {}) {
-    this.space = new IoasidSpace({ capacity: options.capacity, onEvent: (e) => this.events.push(e) });
+    this.space = new IoasidSpace({
+      capacity: options.capacity,
+      onEvent: (e) => {
+        this.events.push(e);
+        // Delivered after the change that committed it, as a subscriber gets it (never from inside
+        // the model's own mutation, which a listener calling back into `space` would re-enter).
+        for (const listener of this.#listeners) queueMicrotask(() => listener(e));
+      },
+    });
+  }
+
+  /**
+   * Calls `listener` with every event committed from now on, in sequence order, a microtask after
+   * the change that committed it: a stand-in for another tier that reacts to the events (e.g. the
+   * IOMMU's FREE teardown dropping its references through {@link space}).
+   * @returns a function that stops the calls
+   */
+  subscribe(listener: (event: IoasidEvent) => void): () => void {
+    this.#listeners.add(listener);
+    return () => void this.#listeners.delete(listener);
   }
 
   /**
@@ -50,9 +75,26 @@ export class InProcessCore implements CorePort {
     this.#failNext.set(call, queue);
   }
 
-  /** Applies the next `times` calls of `call`, then answers each UNAVAILABLE: the answer was lost. */
-  loseAnswerOf(call: CorePortCall, times = 1): void {
-    this.#loseAnswer.set(call, (this.#loseAnswer.get(call) ?? 0) + times);
+  /**
+   * Applies the next `times` calls of `call`, then answers each with `err`: the answer was lost.
+   * @default err UNAVAILABLE `UNAVAILABLE` (DEADLINE_EXCEEDED is the other way a role sees it)
+   */
+  loseAnswerOf(call: CorePortCall, times = 1, err?: DomainError): void {
+    const queue = this.#loseAnswer.get(call) ?? [];
+    for (let i = 0; i < times; i++) {
+      queue.push(err ?? new DomainError(Code.UNAVAILABLE, "UNAVAILABLE", `the answer to ${call} was lost (injected): the core applied it`));
+    }
+    this.#loseAnswer.set(call, queue);
+  }
+
+  /**
+   * Applies the next call of `call` at once but answers it only once `until` settles: a slow reply
+   * (the core took the reference; the role has not heard yet).
+   */
+  holdAnswerOf(call: CorePortCall, until: Promise<unknown>): void {
+    const queue = this.#holdAnswer.get(call) ?? [];
+    queue.push(until);
+    this.#holdAnswer.set(call, queue);
   }
 
   /** Events committed after sequence `afterSeq`, optionally of one IOASID. */
@@ -64,37 +106,42 @@ export class InProcessCore implements CorePort {
    * Runs one port call against the model: asynchronous like the real port (the caller never sees
    * the answer in the same turn), with the injected failures.
    */
-  async #call<T>(call: CorePortCall, apply: () => T): Promise<T> {
+  async #call<T>(call: CorePortCall, args: readonly unknown[], apply: () => T): Promise<T> {
     await Promise.resolve();
     this.calls.push(call);
+    this.requests.push({ call, args });
+    if (this.unreachable) throw new DomainError(Code.UNAVAILABLE, "UNAVAILABLE", "the core is unreachable (injected)");
     const failure = this.#failNext.get(call)?.shift();
     if (failure !== undefined) throw failure;
     const result = apply();
-    const lose = this.#loseAnswer.get(call) ?? 0;
-    if (lose > 0) {
-      this.#loseAnswer.set(call, lose - 1);
-      throw new DomainError(Code.UNAVAILABLE, "UNAVAILABLE", `the answer to ${call} was lost (injected): the core applied it`);
-    }
+    const lost = this.#loseAnswer.get(call)?.shift();
+    if (lost !== undefined) throw lost;
+    const hold = this.#holdAnswer.get(call)?.shift();
+    if (hold !== undefined) await hold;
     return result;
   }
 
-  createSet: CorePort["createSet"] = (token, quota) => this.#call("createSet", () => this.space.createSet({ token, quota }));
-  getSet: CorePort["getSet"] = (setId) => this.#call("getSet", () => this.space.getSet(setId));
-  listSets: CorePort["listSets"] = () => this.#call("listSets", () => this.space.listSets());
-  destroySet: CorePort["destroySet"] = (setId) => this.#call("destroySet", () => this.space.destroySet(setId));
-  freeSet: CorePort["freeSet"] = (setId) => this.#call("freeSet", () => this.space.freeSet(setId));
-  alloc: CorePort["alloc"] = (setId, options) => this.#call("alloc", () => this.space.alloc(setId, { ...options }));
-  free: CorePort["free"] = (setId, ioasid, generation) => this.#call("free", () => this.space.free(setId, ioasid, generation));
-  find: CorePort["find"] = (setId, ioasid, generation) => this.#call("find", () => this.space.find(setId, ioasid, generation));
-  findBySpid: CorePort["findBySpid"] = (setId, spid, holder) => this.#call("findBySpid", () => this.space.findBySpid(setId, spid, holder));
-  get: CorePort["get"] = (setId, ioasid, holder, generation) => this.#call("get", () => this.space.get(setId, ioasid, holder, generation));
-  put: CorePort["put"] = (setId, ioasid, holder, generation) => this.#call("put", () => this.space.put(setId, ioasid, holder, generation));
+  createSet: CorePort["createSet"] = (token, quota) => this.#call("createSet", [token, quota], () => this.space.createSet({ token, quota }));
+  getSet: CorePort["getSet"] = (setId) => this.#call("getSet", [setId], () => this.space.getSet(setId));
+  listSets: CorePort["listSets"] = () => this.#call("listSets", [], () => this.space.listSets());
+  destroySet: CorePort["destroySet"] = (setId) => this.#call("destroySet", [setId], () => this.space.destroySet(setId));
+  freeSet: CorePort["freeSet"] = (setId) => this.#call("freeSet", [setId], () => this.space.freeSet(setId));
+  alloc: CorePort["alloc"] = (setId, options) => this.#call("alloc", [setId, options], () => this.space.alloc(setId, { ...options }));
+  free: CorePort["free"] = (setId, ioasid, generation) => this.#call("free", [setId, ioasid, generation], () => this.space.free(setId, ioasid, generation));
+  find: CorePort["find"] = (setId, ioasid, generation) => this.#call("find", [setId, ioasid, generation], () => this.space.find(setId, ioasid, generation));
+  findBySpid: CorePort["findBySpid"] = (setId, spid, holder) =>
+    this.#call("findBySpid", [setId, spid, holder], () => this.space.findBySpid(setId, spid, holder));
+  get: CorePort["get"] = (setId, ioasid, holder, generation) =>
+    this.#call("get", [setId, ioasid, holder, generation], () => this.space.get(setId, ioasid, holder, generation));
+  put: CorePort["put"] = (setId, ioasid, holder, generation) =>
+    this.#call("put", [setId, ioasid, holder, generation], () => this.space.put(setId, ioasid, holder, generation));
   attachSpid: CorePort["attachSpid"] = (setId, ioasid, spid, generation) =>
-    this.#call("attachSpid", () => this.space.attachSpid(setId, ioasid, spid, generation));
-  detachSpid: CorePort["detachSpid"] = (setId, ioasid, generation) => this.#call("detachSpid", () => this.space.detachSpid(setId, ioasid, generation));
-  describe: CorePort["describe"] = (ioasid) => this.#call("describe", () => this.space.describe(ioasid));
-  listIoasids: CorePort["listIoasids"] = (setId) => this.#call("listIoasids", () => this.space.listIoasids(setId));
-  register: CorePort["register"] = (options) => this.#call("register", () => this.space.register(options));
-  unregister: CorePort["unregister"] = (registrationId) => this.#call("unregister", () => this.space.unregister(registrationId));
-  listRegistrations: CorePort["listRegistrations"] = () => this.#call("listRegistrations", () => this.space.listRegistrations());
+    this.#call("attachSpid", [setId, ioasid, spid, generation], () => this.space.attachSpid(setId, ioasid, spid, generation));
+  detachSpid: CorePort["detachSpid"] = (setId, ioasid, generation) =>
+    this.#call("detachSpid", [setId, ioasid, generation], () => this.space.detachSpid(setId, ioasid, generation));
+  describe: CorePort["describe"] = (ioasid) => this.#call("describe", [ioasid], () => this.space.describe(ioasid));
+  listIoasids: CorePort["listIoasids"] = (setId) => this.#call("listIoasids", [setId], () => this.space.listIoasids(setId));
+  register: CorePort["register"] = (options) => this.#call("register", [options], () => this.space.register(options));
+  unregister: CorePort["unregister"] = (registrationId) => this.#call("unregister", [registrationId], () => this.space.unregister(registrationId));
+  listRegistrations: CorePort["listRegistrations"] = () => this.#call("listRegistrations", [], () => this.space.listRegistrations());
 }

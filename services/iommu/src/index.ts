@@ -10,7 +10,6 @@ export {
   IommuDriver,
   MAX_SPID,
   type BindGpasidSpec,
-  type IommuCorePort,
   type IommuDriverOptions,
   type IommuHistoryPort,
   type IommuLog,

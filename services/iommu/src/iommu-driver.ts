@@ -1,7 +1,8 @@
 import { Code, DomainError, isDomainError } from "@ioasid/errors";
-import { core, events } from "@ioasid/proto";
+import { coreError, IoasidState, TokenType, type Holder, type IoasidInfo, type SetInfo } from "@ioasid/ioasid";
+import { events } from "@ioasid/proto";
 import type { HandlerResult, HistoryRecord } from "@ioasid/bus";
-import type { CoreClient } from "@ioasid/role-kit";
+import type { CorePort } from "@ioasid/role-kit";
 import { iommuError, invalidField } from "./iommu-errors.js";
 import {
   AttachKind,
@@ -30,25 +31,6 @@ import { PageRequestQueue, PageResponseCode, ResponseSource, type FaultGroup } f
 import { KeyedMutex } from "@ioasid/role-kit";
 import type { RoleStatePort } from "@ioasid/bus";
 
-/** The CoreService calls the IOMMU makes (a {@link CoreClient} is one; tests pass a fake). */
-export type IommuCorePort = Pick<
-  CoreClient,
-  | "find"
-  | "findBySpid"
-  | "get"
-  | "put"
-  | "attachSpid"
-  | "detachSpid"
-  | "describe"
-  | "createSet"
-  | "getSet"
-  | "destroySet"
-  | "listSets"
-  | "listIoasids"
-  | "alloc"
-  | "freeSet"
->;
-
 /** Where the IOMMU records its history steps (a bus HistoryRecorder is one). */
 export interface IommuHistoryPort {
   record(action: string, fields?: Omit<HistoryRecord, "ts" | "role" | "instance" | "action">): void;
@@ -62,7 +44,8 @@ export interface IommuLog {
 /** Options of {@link IommuDriver}. */
 export interface IommuDriverOptions {
   readonly hardware: IommuHardware;
-  readonly core: IommuCorePort;
+  /** The IOASID core (the roles' one port: the gRPC one in the service, `InProcessCore` in tests). */
+  readonly core: CorePort;
   readonly history?: IommuHistoryPort;
   readonly log?: IommuLog;
   /** This IOMMU's instance ("dmar0"): the holder instance of its references. */
@@ -160,6 +143,17 @@ const HOLDER_ROLE = "iommu";
 const pasidKey = (pasid: number) => `pasid:${pasid}`;
 const mmKey = (mmToken: bigint) => `mm:${mmToken}`;
 
+/**
+ * The set with this token (the core's GetSet by token): the port names sets by id, so it is found
+ * among every set.
+ * @throws DomainError NOT_FOUND `SET_NOT_FOUND` when there is none
+ */
+async function setByToken(core: CorePort, token: SetInfo["token"]): Promise<SetInfo> {
+  const set = (await core.listSets()).find((s) => s.token.type === token.type && s.token.value === token.value);
+  if (set === undefined) throw coreError("SET_NOT_FOUND", `no IOASID set with token ${token.type} ${token.value}`);
+  return set;
+}
+
 /** Core refusals meaning "that IOASID generation is gone": nothing of it is held any more. */
 const GONE = ["IOASID_NOT_FOUND", "STALE_GENERATION", "SET_UNKNOWN"];
 const isGone = (err: unknown) => GONE.some((r) => isDomainError(err, r));
@@ -179,10 +173,10 @@ export class IommuDriver {
   readonly hw: IommuHardware;
   /** The owners' fault-handler streams. */
   readonly faults = new FaultHandlers();
-  readonly #core: IommuCorePort;
+  readonly #core: CorePort;
   readonly #history: IommuHistoryPort | undefined;
   readonly #log: IommuLog | undefined;
-  readonly #holder: core.Holder;
+  readonly #holder: Holder;
   readonly #locks = new KeyedMutex();
   /** The page-request queue (fault groups). */
   readonly prq: PageRequestQueue;
@@ -239,10 +233,10 @@ export class IommuDriver {
    * @returns how many references were taken back
    */
   async adoptHeldReferences(): Promise<number> {
-    const { sets } = await this.#core.listSets({});
+    const sets = await this.#core.listSets();
     let adopted = 0;
     for (const set of sets) {
-      const { ioasids } = await this.#core.listIoasids({ setId: set.setId });
+      const ioasids = await this.#core.listIoasids(set.id);
       for (const info of ioasids) {
         const held = this.#recordsBindReference(info);
         if (!held || this.hw.binding(info.ioasid) !== undefined) continue;
@@ -266,10 +260,10 @@ export class IommuDriver {
    * @returns bind references adopted, bind states and entries torn down
    */
   async reconcile(): Promise<{ adopted: number; tornDown: number }> {
-    const held = new Map<number, core.IoasidInfo>();
-    const { sets } = await this.#core.listSets({});
+    const held = new Map<number, IoasidInfo>();
+    const sets = await this.#core.listSets();
     for (const set of sets) {
-      const { ioasids } = await this.#core.listIoasids({ setId: set.setId });
+      const ioasids = await this.#core.listIoasids(set.id);
       for (const info of ioasids) {
         if (this.#recordsBindReference(info)) {
           held.set(info.ioasid, info);
@@ -305,7 +299,7 @@ export class IommuDriver {
       if (h.generation === 0 || h.kind === AttachKind.GPASID_BIND) continue;
       let live: boolean;
       try {
-        live = (await this.#core.describe({ ioasid: h.pasid })).info?.generation === h.generation;
+        live = (await this.#core.describe(h.pasid))?.generation === h.generation;
       } catch (err) {
         if (!isGone(err)) throw err;
         live = false;
@@ -451,7 +445,7 @@ export class IommuDriver {
       this.hw.checkGpasidEntry(entry, { ignoreTaken: true });
       // Ownership and state first (ioasid.rst: bind/unbind "performs permission checking based on
       // the IOASID set associated with the guest process"): another guest learns nothing more.
-      const info = (await this.#core.find(core.FindRequest.fromPartial({ setId: spec.setId, ioasid: spec.hpasid, generation: spec.generation }))).info!;
+      const info = await this.#core.find(spec.setId, spec.hpasid, spec.generation);
       this.hw.checkGpasidEntry(entry);
       let binding = this.hw.binding(spec.hpasid);
       if (binding !== undefined && binding.generation !== info.generation) {
@@ -484,7 +478,7 @@ export class IommuDriver {
         if (!b.refHeld) {
           // Step 4: iommu_bind() -> ioasid_get().
           try {
-            refcount = (await this.#core.get(core.GetRequest.fromPartial({ setId: b.setId, ioasid: b.hpasid, holder: this.#holder, generation: b.generation }))).refcount;
+            refcount = (await this.#core.get(b.setId, b.hpasid, this.#holder, b.generation)).refcount;
           } catch (err) {
             // An answer lost on the way (UNAVAILABLE, DEADLINE_EXCEEDED) may hide a get the core
             // applied: count it held, so the undo below puts it back, or — if that put cannot be
@@ -503,7 +497,7 @@ export class IommuDriver {
         if (!b.spidAttached) {
           if (info.spid !== spec.gpasid) {
             // Step 5: the core emits BIND.
-            await this.#core.attachSpid(core.AttachSpidRequest.fromPartial({ setId: b.setId, ioasid: b.hpasid, spid: b.gpasid, generation: b.generation }));
+            await this.#core.attachSpid(b.setId, b.hpasid, b.gpasid, b.generation);
             firstBind = true;
           }
           b.spidAttached = true;
@@ -539,7 +533,7 @@ export class IommuDriver {
       if (b === undefined) {
         // Nothing bound here: refuse another set's call (PERMISSION_DENIED), else nothing to do.
         try {
-          await this.#core.find(core.FindRequest.fromPartial({ setId: spec.setId, ioasid: spec.hpasid, generation: spec.generation }));
+          await this.#core.find(spec.setId, spec.hpasid, spec.generation);
         } catch (err) {
           if (!["IOASID_NOT_FOUND", "IOASID_FREE_PENDING", "SET_UNKNOWN"].some((r) => isDomainError(err, r))) throw err;
         }
@@ -596,14 +590,14 @@ export class IommuDriver {
   }
 
   /** Whether the core's view of an IOASID lists this instance's "bind" reference. */
-  #recordsBindReference(info: core.IoasidInfo): boolean {
-    return info.holders.some((h) => h.holder?.role === this.#holder.role && h.holder.instance === this.#holder.instance && h.holder.purpose === BIND_PURPOSE);
+  #recordsBindReference(info: IoasidInfo): boolean {
+    return info.holders.some((h) => h.holder.role === this.#holder.role && h.holder.instance === this.#holder.instance && h.holder.purpose === BIND_PURPOSE);
   }
 
   /** Whether the core records this instance's "bind" reference on the IOASID generation (transient errors throw). */
   async #holdsBindReference(ioasid: number, generation: number): Promise<boolean> {
     try {
-      const info = (await this.#core.describe({ ioasid })).info;
+      const info = await this.#core.describe(ioasid);
       return info?.generation === generation && this.#recordsBindReference(info);
     } catch (err) {
       if (isGone(err)) return false;
@@ -681,7 +675,7 @@ export class IommuDriver {
       } catch (err) {
         if (allocated) {
           this.hw.deleteMm(spec.mmToken);
-          await this.#core.freeSet({ setId: mm.setId }).catch((undo: unknown) => this.#log?.warn({ err: undo, mm: String(spec.mmToken) }, "undoing an mm PASID allocation failed"));
+          await this.#core.freeSet(mm.setId).catch((undo: unknown) => this.#log?.warn({ err: undo, mm: String(spec.mmToken) }, "undoing an mm PASID allocation failed"));
         }
         throw err;
       }
@@ -719,7 +713,7 @@ export class IommuDriver {
       const { result: torn, changes } = this.hw.releaseMmBonds(mmToken);
       this.#recordChanges(changes);
       try {
-        await this.#core.freeSet({ setId: mm.setId });
+        await this.#core.freeSet(mm.setId);
       } catch (err) {
         if (!isDomainError(err, "SET_UNKNOWN")) throw err;
       }
@@ -974,13 +968,13 @@ export class IommuDriver {
     // Between the IOASID's free and the teardown of its entries (which FREE does last, at IOMMU
     // priority) nothing is reported: ask the core whether the IOASID is still live.
     this.#core
-      .describe({ ioasid: t.pasid })
+      .describe(t.pasid)
       .then(
-        ({ info }) =>
+        (info) =>
           deliver(
             info === undefined || info.generation !== h.generation
               ? "IOASID reclaimed"
-              : info.state === core.IoasidState.IOASID_STATE_FREE_PENDING
+              : info.state === IoasidState.FREE_PENDING
                 ? "IOASID freed, not yet unbound"
                 : undefined,
           ),
@@ -1010,20 +1004,17 @@ export class IommuDriver {
    * IOASID, ACTIVE for an attach (nothing new may use a FREE_PENDING one).
    */
   async #checkGeneration(pasid: number, generation: number, options: { allowFreePending?: boolean } = {}): Promise<void> {
-    let info: core.IoasidInfo;
-    try {
-      info = (await this.#core.describe({ ioasid: pasid })).info!;
-    } catch (err) {
+    const info = await this.#core.describe(pasid);
+    if (info === undefined) {
       // A detach names the generation it attached: once reclaimed, that generation is stale.
-      if (options.allowFreePending === true && isDomainError(err, "IOASID_NOT_FOUND")) {
-        throw iommuError("STALE_GENERATION", `IOASID ${pasid} generation ${generation} was reclaimed`);
-      }
-      throw err;
+      if (options.allowFreePending === true) throw iommuError("STALE_GENERATION", `IOASID ${pasid} generation ${generation} was reclaimed`);
+      // What the core's Describe refuses an IOASID that is not allocated with.
+      throw coreError("IOASID_NOT_FOUND", `IOASID ${pasid} is not allocated`);
     }
     if (info.generation !== generation) {
       throw iommuError("STALE_GENERATION", `IOASID ${pasid} is at generation ${info.generation}, not ${generation}`);
     }
-    if (options.allowFreePending !== true && info.state === core.IoasidState.IOASID_STATE_FREE_PENDING) {
+    if (options.allowFreePending !== true && info.state === IoasidState.FREE_PENDING) {
       throw iommuError("IOASID_FREE_PENDING", `IOASID ${pasid} is being freed: nothing new can use it`);
     }
   }
@@ -1032,7 +1023,7 @@ export class IommuDriver {
   async #assertSpidFree(setId: number, gpasid: number, hpasid: number): Promise<void> {
     let other: number;
     try {
-      other = (await this.#core.findBySpid(core.FindBySpidRequest.fromPartial({ setId, spid: gpasid }))).ioasid;
+      other = (await this.#core.findBySpid(setId, gpasid)).ioasid;
     } catch (err) {
       if (isDomainError(err, "SPID_NOT_FOUND")) return;
       if (isDomainError(err, "IOASID_FREE_PENDING")) other = -1;
@@ -1058,7 +1049,7 @@ export class IommuDriver {
     let refcount: number | undefined;
     if (b.refHeld) {
       try {
-        refcount = (await this.#core.put(core.PutRequest.fromPartial({ setId: b.setId, ioasid: b.hpasid, holder: this.#holder, generation: b.generation }))).refcount;
+        refcount = (await this.#core.put(b.setId, b.hpasid, this.#holder, b.generation)).refcount;
       } catch (err) {
         if (!isGone(err) && !isDomainError(err, "NO_REFERENCE_HELD")) throw err;
       }
@@ -1070,7 +1061,7 @@ export class IommuDriver {
 
   async #detachSpid(b: GpasidBinding): Promise<void> {
     try {
-      await this.#core.detachSpid(core.DetachSpidRequest.fromPartial({ setId: b.setId, ioasid: b.hpasid, generation: b.generation }));
+      await this.#core.detachSpid(b.setId, b.hpasid, b.generation);
     } catch (err) {
       if (!isGone(err) && !isDomainError(err, "SPID_NOT_ATTACHED")) throw err;
     }
@@ -1081,16 +1072,16 @@ export class IommuDriver {
    * max_pasids; or, when the set already exists (an earlier life of this IOMMU), its IOASID.
    */
   async #mmPasid(mmToken: bigint, maxPasids: number): Promise<{ mm: MmContext; allocated: boolean }> {
-    const NONE = events.TokenType.TOKEN_TYPE_NONE;
+    const token = { type: TokenType.NONE, value: mmToken };
     let setId: number;
     let created = false;
     try {
-      setId = (await this.#core.createSet({ tokenType: NONE, token: mmToken, quota: 1 })).set!.setId;
+      setId = (await this.#core.createSet(token, 1)).id;
       created = true;
     } catch (err) {
       if (!isDomainError(err, "TOKEN_IN_USE")) throw err;
-      setId = (await this.#core.getSet({ setId: 0, tokenType: NONE, token: mmToken })).set!.setId;
-      const active = (await this.#core.listIoasids({ setId })).ioasids.find((i) => i.state === core.IoasidState.IOASID_STATE_ACTIVE);
+      setId = (await setByToken(this.#core, token)).id;
+      const active = (await this.#core.listIoasids(setId)).find((i) => i.state === IoasidState.ACTIVE);
       if (active !== undefined) {
         if (active.ioasid >= maxPasids) {
           throw iommuError("PASID_OUT_OF_RANGE", `the mm's PASID ${active.ioasid} is not below the device's max_pasids ${maxPasids}`);
@@ -1099,12 +1090,11 @@ export class IommuDriver {
       }
     }
     try {
-      // 0 = the core's own upper bound (its capacity may be below 2^20).
-      const max = maxPasids >= MAX_PASIDS ? 0 : maxPasids - 1;
-      const a = await this.#core.alloc(core.AllocRequest.fromPartial({ setId, min: 1, max }));
+      // No max = the core's own upper bound (its capacity may be below 2^20).
+      const a = await this.#core.alloc(setId, maxPasids >= MAX_PASIDS ? { min: 1 } : { min: 1, max: maxPasids - 1 });
       return { mm: { mmToken, setId, pasid: a.ioasid, generation: a.generation }, allocated: true };
     } catch (err) {
-      if (created) await this.#core.destroySet({ setId }).catch(() => undefined);
+      if (created) await this.#core.destroySet(setId).catch(() => undefined);
       throw err;
     }
   }

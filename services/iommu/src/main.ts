@@ -1,8 +1,8 @@
 #!/usr/bin/env node
 import { configOrExit } from "@ioasid/grpc-kit";
 import { HistoryRecorder } from "@ioasid/bus";
-import { createCoreClient, ensureRegistration, runRole } from "@ioasid/role-kit";
-import { events } from "@ioasid/proto";
+import { EventType, Priority } from "@ioasid/ioasid";
+import { createCoreClient, createGrpcCorePort, ensureRegistration, runRole } from "@ioasid/role-kit";
 import { iommuConfigSchema } from "./config.js";
 import { IommuDriver } from "./iommu-driver.js";
 import { IommuHardware } from "./iommu-hardware.js";
@@ -20,6 +20,7 @@ if (!INSTANCE.test(config.instance)) {
   process.exit(2);
 }
 const coreClient = createCoreClient(config.coreAddress.address);
+const core = createGrpcCorePort(coreClient);
 
 await runRole({
   role: SUBSCRIBER_NAME,
@@ -34,7 +35,7 @@ await runRole({
       store,
       saved: saved,
       hardware,
-      core: coreClient,
+      core,
       history: history(new HistoryRecorder(nc, SUBSCRIBER_NAME, config.instance, config.prefix)),
       log: logger,
       instance: config.instance,
@@ -56,13 +57,13 @@ await runRole({
       subscriber: { instance: config.instance, handler: (event) => driver.handleEvent(event) },
       // The IOMMU tears PASIDs down on FREE, globally, after CPU and DEVICE (DESIGN §1, §5).
       register: async () => {
-        const registration = await ensureRegistration(coreClient, {
+        const registration = await ensureRegistration(core, {
           subscriber: { name: SUBSCRIBER_NAME, instance: config.instance },
-          priority: events.Priority.PRIORITY_IOMMU,
-          scope: { $case: "global", value: true },
-          events: [events.EventType.EVENT_TYPE_FREE],
+          priority: Priority.IOMMU,
+          scope: { kind: "global" },
+          events: [EventType.FREE],
         });
-        logger.info({ registrationId: registration.registrationId, instance: config.instance }, "registered with the core (global, IOMMU priority, FREE)");
+        logger.info({ registrationId: registration.id, instance: config.instance }, "registered with the core (global, IOMMU priority, FREE)");
       },
       // Open fault-handler streams would hold the graceful shutdown for its whole grace period: end them first.
       onSignal: () => driver.stop(),

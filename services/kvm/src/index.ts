@@ -6,13 +6,21 @@ export { decodeIa32Pasid, GpCause, Ia32Pasid, toIa32Pasid, type DecodedIa32Pasid
 export { invalidField, kvmError, KvmReason } from "./kvm-error.js";
 export {
   DEFAULT_MAX_RELEASE_ATTEMPTS,
+  getReference,
+  holdsReference,
   Kvm,
   KVM_MAX_VCPUS,
+  KVM_EVENT_TYPES,
   KVM_SUBSCRIBER,
+  kvmRegistrations,
   KvmEventType,
   MAX_VM_NAME_LENGTH,
+  orphanReferences,
+  putReference,
+  registerVm,
   VMCS_PURPOSE,
   vmInstance,
+  vmReferences,
   type CreateVmSpec,
   type DestroyVmResult,
   type EnqcmdResult,
@@ -21,7 +29,6 @@ export {
   type HolderReference,
   type KeptVm,
   type KeptVmcsEntry,
-  type KvmCorePort,
   type KvmKeptEntry,
   type KvmEvent,
   type KvmEventHandler,
@@ -33,7 +40,6 @@ export {
 } from "./kvm.js";
 export { fromKvmStateEntry, KVM_STATE_FORMAT, kvmStateCodec, toKvmStateEntry } from "./kvm-state-codec.js";
 export {
-  createCorePort,
   createKvmHandlers,
   createNotifierPort,
   buildKvmRole,

@@ -1,135 +1,18 @@
 import { MemoryRoleState } from "@ioasid/bus";
 import { Code, DomainError } from "@ioasid/errors";
+import { EventType, Priority, TokenType, type Holder, type IoasidEvent } from "@ioasid/ioasid";
+import { InProcessCore } from "@ioasid/testkit";
 import { beforeEach, describe, expect, it } from "vitest";
 import { toIa32Pasid } from "./ia32-pasid.js";
 import { kvmStateCodec } from "./kvm-state-codec.js";
-import {
-  Kvm,
-  KvmEventType,
-  type HistorySink,
-  type HolderReference,
-  type KvmCorePort,
-  type KvmEvent,
-  type KvmEventHandler,
-  type KvmOptions,
-  type NotifierPort,
-  type RegistrationStatus,
-} from "./kvm.js";
+import { Kvm, KVM_SUBSCRIBER, KvmEventType, VMCS_PURPOSE, type HistorySink, type KvmEvent, type KvmEventHandler, type KvmOptions, type NotifierPort } from "./kvm.js";
 
-// The KVM domain against in-memory fakes of the core, the bus and the history. The same rules run
-// against the real core and NATS in test/integration/kvm.test.ts.
+// The KVM domain against the real core model (the testkit's InProcessCore) and in-memory fakes of
+// the bus and the history: the test makes the core commit events (as VFIO and the IOMMU would) and
+// delivers them to KVM's handlers by hand. The same rules run against the core service and NATS in
+// test/integration/kvm.test.ts.
 
 const unavailable = () => new DomainError(Code.UNAVAILABLE, "UNAVAILABLE", "core unreachable");
-const refused = (code: Code, reason: string) => new DomainError(code, reason, reason);
-
-interface FakeRegistration extends RegistrationStatus {
-  readonly mmToken: bigint;
-}
-
-/** The core as KVM sees it: registrations by MM token, references per holder. */
-class FakeCore implements KvmCorePort {
-  sets = new Map<bigint, { setId: number; inUse: number }>();
-  regs = new Map<number, FakeRegistration>();
-  /** `ioasid:generation:instance:purpose` → count. */
-  refs = new Map<string, number>();
-  /** IOASID → reason its get is refused with. */
-  refuseGet = new Map<number, DomainError>();
-  down = false;
-  /** The next get is applied but its answer lost (a timeout). */
-  loseNextGetAnswer = false;
-  calls: string[] = [];
-  #nextReg = 1;
-
-  static key(r: HolderReference): string {
-    return `${r.ioasid}:${r.generation}:${r.instance}:${r.purpose}`;
-  }
-  held(r: Omit<HolderReference, "purpose" | "setId"> & { purpose?: string }): number {
-    return this.refs.get(FakeCore.key({ setId: 0, purpose: "vmcs", ...r })) ?? 0;
-  }
-  #check(): void {
-    if (this.down) throw unavailable();
-  }
-  async register(instance: string, mmToken: bigint): Promise<RegistrationStatus> {
-    this.#check();
-    this.calls.push(`register ${instance} ${mmToken}`);
-    const set = this.sets.get(mmToken);
-    if (set !== undefined && set.inUse > 0) throw refused(Code.FAILED_PRECONDITION, "SET_NOT_EMPTY");
-    const reg: FakeRegistration = { registrationId: this.#nextReg++, instance, active: set !== undefined, setId: set?.setId ?? 0, mmToken };
-    this.regs.set(reg.registrationId, reg);
-    return reg;
-  }
-  async unregister(registrationId: number): Promise<void> {
-    this.#check();
-    this.calls.push(`unregister ${registrationId}`);
-    if (!this.regs.delete(registrationId)) throw refused(Code.NOT_FOUND, "REGISTRATION_NOT_FOUND");
-  }
-  async registrations(): Promise<RegistrationStatus[]> {
-    this.#check();
-    return [...this.regs.values()].map((r) => {
-      const set = this.sets.get(r.mmToken);
-      return { ...r, active: set !== undefined, setId: set?.setId ?? 0 };
-    });
-  }
-  async get(ref: HolderReference): Promise<number> {
-    this.#check();
-    this.calls.push(`get ${ref.ioasid} ${ref.instance}/${ref.purpose} gen ${ref.generation}`);
-    const refusal = this.refuseGet.get(ref.ioasid);
-    if (refusal !== undefined) throw refusal;
-    const k = FakeCore.key(ref);
-    this.refs.set(k, (this.refs.get(k) ?? 0) + 1);
-    if (this.loseNextGetAnswer) {
-      this.loseNextGetAnswer = false;
-      throw new DomainError(Code.DEADLINE_EXCEEDED, "DEADLINE_EXCEEDED", "deadline exceeded");
-    }
-    return 2;
-  }
-  async put(ref: HolderReference): Promise<void> {
-    this.#check();
-    this.calls.push(`put ${ref.ioasid} ${ref.instance}/${ref.purpose}`);
-    const k = FakeCore.key(ref);
-    const n = this.refs.get(k) ?? 0;
-    if (n === 0) throw refused(Code.FAILED_PRECONDITION, "NO_REFERENCE_HELD");
-    if (n === 1) this.refs.delete(k);
-    else this.refs.set(k, n - 1);
-  }
-  async holds(ref: HolderReference): Promise<boolean> {
-    this.#check();
-    this.calls.push(`holds ${ref.ioasid}`);
-    return (this.refs.get(FakeCore.key(ref)) ?? 0) > 0;
-  }
-  /** The next calls of heldReferences fail as if the core went away between calls. */
-  heldReferencesFailures = 0;
-  /** Runs inside the next heldReferences call, before it answers. */
-  duringHeldReferences: (() => Promise<void>) | undefined;
-  async heldReferences(setId: number, instance: string): Promise<HolderReference[]> {
-    this.#check();
-    if (this.heldReferencesFailures > 0) {
-      this.heldReferencesFailures--;
-      throw unavailable();
-    }
-    const during = this.duringHeldReferences;
-    this.duringHeldReferences = undefined;
-    await during?.();
-    const out: HolderReference[] = [];
-    for (const [k, n] of this.refs) {
-      const [ioasid, generation, inst, purpose] = k.split(":");
-      if (inst !== instance) continue;
-      for (let i = 0; i < n; i++) out.push({ setId, ioasid: Number(ioasid), generation: Number(generation), instance, purpose: purpose! });
-    }
-    return out;
-  }
-  async orphanReferences(live: ReadonlySet<string>): Promise<HolderReference[]> {
-    this.#check();
-    this.calls.push("orphanReferences");
-    const out: HolderReference[] = [];
-    for (const [k, n] of this.refs) {
-      const [ioasid, generation, inst, purpose] = k.split(":");
-      if (live.has(inst!)) continue;
-      for (let i = 0; i < n; i++) out.push({ setId: 1, ioasid: Number(ioasid), generation: Number(generation), instance: inst!, purpose: purpose! });
-    }
-    return out;
-  }
-}
 
 /** The bus: one handler per VM instance; the test delivers events by hand. */
 class FakeNotifier implements NotifierPort {
@@ -144,17 +27,16 @@ class FakeNotifier implements NotifierPort {
       },
     };
   }
-  deliver(instance: string, e: Partial<KvmEvent> & Pick<KvmEvent, "type" | "ioasid">, attempt = 1) {
+  deliver(instance: string, e: KvmEvent, attempt = 1) {
     const handler = this.handlers.get(instance);
     if (handler === undefined) throw new Error(`no subscriber ${instance}`);
-    return handler({ seq: 1n, generation: 1, spid: 0, setId: 1, ...e }, attempt);
+    return handler(e, attempt);
   }
 }
 
-let core: FakeCore;
+let core: InProcessCore;
 let bus: FakeNotifier;
 let history: Array<{ instance: string; action: string; fields: Parameters<HistorySink["record"]>[1] }>;
-let seq: bigint;
 
 function newKvm(options: Partial<KvmOptions> = {}): Kvm {
   return new Kvm({
@@ -165,12 +47,81 @@ function newKvm(options: Partial<KvmOptions> = {}): Kvm {
   });
 }
 
-const bind = (instance: string, ioasid: number, spid: number, extra: Partial<KvmEvent> = {}) =>
-  bus.deliver(instance, { seq: ++seq, type: KvmEventType.BIND, ioasid, spid, ...extra });
-const unbind = (instance: string, ioasid: number, spid: number, extra: Partial<KvmEvent> = {}) =>
-  bus.deliver(instance, { seq: ++seq, type: KvmEventType.UNBIND, ioasid, spid, ...extra });
-const free = (instance: string, ioasid: number, extra: Partial<KvmEvent> = {}) =>
-  bus.deliver(instance, { seq: ++seq, type: KvmEventType.FREE, ioasid, ...extra });
+/** The VM's set, as VFIO creates it (token type MM, the VM's MM token). @returns its id */
+const createSet = (mmToken: bigint): number => core.space.createSet({ token: { type: TokenType.MM, value: mmToken }, quota: 64 }).id;
+
+/** KVM's holder of a VM's VMCS reference. */
+const vmcs = (instance: string): Holder => ({ role: KVM_SUBSCRIBER, instance, purpose: VMCS_PURPOSE });
+
+/** A core event as KVM's subscriber gets it. */
+function toKvm(e: IoasidEvent): KvmEvent {
+  const type = e.type === EventType.BIND ? KvmEventType.BIND : e.type === EventType.UNBIND ? KvmEventType.UNBIND : e.type === EventType.FREE ? KvmEventType.FREE : KvmEventType.OTHER;
+  return { seq: BigInt(e.seq), type, ioasid: e.ioasid, generation: e.generation, spid: e.spid, setId: e.setId };
+}
+
+/** The last event of that type the core committed for the IOASID. */
+function committed(type: EventType, ioasid: number): KvmEvent {
+  const e = core.events.findLast((x) => x.type === type && x.ioasid === ioasid);
+  if (e === undefined) throw new Error(`the core committed no ${type} of IOASID ${ioasid}`);
+  return toKvm(e);
+}
+
+/** The set the VM's registration is attached to (the VM's set must exist). */
+function setOf(instance: string): number {
+  const r = core.space.listRegistrations().find((x) => x.subscriber.name === KVM_SUBSCRIBER && x.subscriber.instance === instance);
+  if (r === undefined || r.setId === 0) throw new Error(`${instance} has no active registration`);
+  return r.setId;
+}
+
+/** Makes the core bind `spid` to `ioasid` in the VM's set (allocating it first if it is not): commits BIND. */
+function attach(instance: string, ioasid: number, spid: number): KvmEvent {
+  const setId = setOf(instance);
+  if (core.space.describe(ioasid) === undefined) core.space.alloc(setId, { min: ioasid, max: ioasid });
+  core.space.attachSpid(setId, ioasid, spid);
+  return committed(EventType.BIND, ioasid);
+}
+
+/** The core commits BIND of `spid` → `ioasid` and KVM gets it. */
+const bind = (instance: string, ioasid: number, spid: number) => bus.deliver(instance, attach(instance, ioasid, spid));
+
+/** The core detaches the IOASID's SPID (commits UNBIND) and KVM gets it. */
+function unbind(instance: string, ioasid: number): ReturnType<FakeNotifier["deliver"]> {
+  core.space.detachSpid(core.space.describe(ioasid)!.setId, ioasid);
+  return bus.deliver(instance, committed(EventType.UNBIND, ioasid));
+}
+
+/** The guest frees the IOASID (FREE_PENDING while referenced: commits FREE) and KVM gets the FREE. */
+function free(instance: string, ioasid: number): ReturnType<FakeNotifier["deliver"]> {
+  core.space.free(core.space.describe(ioasid)!.setId, ioasid);
+  return bus.deliver(instance, committed(EventType.FREE, ioasid));
+}
+
+/** References `kvm/<instance>/vmcs` holds on the IOASID at that generation. */
+function held(ioasid: number, generation: number, instance: string): number {
+  const info = core.space.describe(ioasid);
+  if (info === undefined || info.generation !== generation) return 0;
+  return info.holders.find((h) => h.holder.role === KVM_SUBSCRIBER && h.holder.instance === instance && h.holder.purpose === VMCS_PURPOSE)?.count ?? 0;
+}
+
+/** Every reference a `kvm/*` holder has, in every set. */
+const kvmReferences = (): number =>
+  core.space
+    .listIoasids()
+    .flatMap((i) => i.holders)
+    .filter((h) => h.holder.role === KVM_SUBSCRIBER)
+    .reduce((n, h) => n + h.count, 0);
+
+const kvmRegistrations = () => core.space.listRegistrations().filter((r) => r.subscriber.name === KVM_SUBSCRIBER);
+
+/** The reason the core refuses `fn` with. */
+function refusalOf(fn: () => unknown): string | undefined {
+  try {
+    fn();
+    return undefined;
+  } catch (err) {
+    return (err as DomainError).reason;
+  }
+}
 
 async function expectRefused(p: Promise<unknown> | (() => unknown), code: Code, reason: string): Promise<DomainError> {
   let err: unknown;
@@ -185,10 +136,9 @@ async function expectRefused(p: Promise<unknown> | (() => unknown), code: Code, 
 }
 
 beforeEach(() => {
-  core = new FakeCore();
+  core = new InProcessCore();
   bus = new FakeNotifier();
   history = [];
-  seq = 0n;
 });
 
 describe("Kvm.createVm", () => {
@@ -196,10 +146,15 @@ describe("Kvm.createVm", () => {
     const kvm = newKvm();
     const vm = await kvm.createVm({ mmToken: 0x7001n, vcpuCount: 0, vmName: "guest" });
     expect(vm).toMatchObject({ vmId: 1, instance: "vm-1", vcpuCount: 1, registration: "PENDING", setId: 0, translations: [], referencesHeld: 0 });
-    expect(core.calls).toEqual(["register vm-1 28673"]);
+    expect(core.requests.filter((r) => r.call !== "listRegistrations")).toEqual([
+      {
+        call: "register",
+        args: [{ subscriber: { name: "kvm", instance: "vm-1" }, priority: Priority.CPU, scope: { kind: "mm", token: 0x7001n }, events: [EventType.BIND, EventType.UNBIND, EventType.FREE] }],
+      },
+    ]);
     expect(bus.handlers.has("vm-1")).toBe(true);
-    core.sets.set(0x7001n, { setId: 9, inUse: 0 });
-    expect((await kvm.queryState(1))[0]).toMatchObject({ registration: "ACTIVE", setId: 9 });
+    const setId = createSet(0x7001n);
+    expect((await kvm.queryState(1))[0]).toMatchObject({ registration: "ACTIVE", setId });
     expect(history.map((h) => h.action)).toEqual(["kvm_create_vm"]);
   });
 
@@ -209,7 +164,7 @@ describe("Kvm.createVm", () => {
     await expectRefused(kvm.createVm({ mmToken: 5n, vcpuCount: 1, vmName: "" }), Code.ALREADY_EXISTS, "VM_EXISTS");
     await first;
     await expectRefused(kvm.createVm({ mmToken: 5n, vcpuCount: 1, vmName: "" }), Code.ALREADY_EXISTS, "VM_EXISTS");
-    expect(core.regs.size).toBe(1);
+    expect(kvmRegistrations()).toHaveLength(1);
   });
 
   it("refuses bad input with INVALID_FIELD naming the field, and changes nothing", async () => {
@@ -231,19 +186,21 @@ describe("Kvm.createVm", () => {
 
   it("passes SET_NOT_EMPTY through and leaves no VM or subscription behind", async () => {
     const kvm = newKvm();
-    core.sets.set(8n, { setId: 3, inUse: 2 });
+    const setId = createSet(8n);
+    core.space.alloc(setId);
+    core.space.alloc(setId);
     await expectRefused(kvm.createVm({ mmToken: 8n, vcpuCount: 1, vmName: "" }), Code.FAILED_PRECONDITION, "SET_NOT_EMPTY");
     expect(bus.handlers.size).toBe(0);
     expect(await kvm.queryState(0)).toEqual([]);
-    core.sets.delete(8n);
+    core.space.freeSet(setId); // destroyed at once: nothing referenced
     expect((await kvm.createVm({ mmToken: 8n, vcpuCount: 1, vmName: "" })).registration).toBe("PENDING");
   });
 
   it("fails UNAVAILABLE when the core is down, leaving nothing", async () => {
     const kvm = newKvm();
-    core.down = true;
+    core.unreachable = true;
     await expectRefused(kvm.createVm({ mmToken: 8n, vcpuCount: 1, vmName: "" }), Code.UNAVAILABLE, "UNAVAILABLE");
-    core.down = false;
+    core.unreachable = false;
     expect(bus.handlers.size).toBe(0);
     expect(await kvm.queryState(0)).toEqual([]);
   });
@@ -251,63 +208,89 @@ describe("Kvm.createVm", () => {
 
 describe("Kvm notifier events", () => {
   let kvm: Kvm;
+  let setId: number;
   beforeEach(async () => {
     kvm = newKvm();
     await kvm.createVm({ mmToken: 1n, vcpuCount: 2, vmName: "" });
-    core.sets.set(1n, { setId: 1, inUse: 0 });
+    setId = createSet(1n);
   });
   const table = async () => (await kvm.queryState(1))[0]!.translations.map((t) => `${t.gpasid}->${t.hpasid}`);
+  /** Another tier's reference (the IOMMU's bind), to keep an IOASID FREE_PENDING. */
+  const IOMMU: Holder = { role: "iommu", instance: "dmar0", purpose: "bind" };
 
   it("BIND takes a reference for kvm/vm-1/vmcs at the event's generation, then installs the entry", async () => {
-    expect(await bind("vm-1", 201, 101, { generation: 4 })).toEqual({});
-    expect(core.calls).toContain("get 201 vm-1/vmcs gen 4");
-    expect(core.held({ ioasid: 201, generation: 4, instance: "vm-1" })).toBe(1);
+    // An earlier life of 201 makes its generation 2: the reference must name the event's.
+    core.space.alloc(setId, { min: 201, max: 201 });
+    core.space.free(setId, 201);
+    const e = attach("vm-1", 201, 101);
+    expect(e.generation).toBe(2);
+    expect(await bus.deliver("vm-1", e)).toEqual({});
+    expect(core.requests).toContainEqual({ call: "get", args: [setId, 201, vmcs("vm-1"), 2] });
+    expect(held(201, 2, "vm-1")).toBe(1);
     expect(await table()).toEqual(["101->201"]);
     expect((await kvm.queryState(1))[0]!.referencesHeld).toBe(1);
     const rec = history.find((h) => h.action === "vmcs_update")!;
-    expect(rec.fields).toMatchObject({ ioasid: 201, spid: 101, generation: 4, refcount: 2, seq: 1 });
+    expect(rec.fields).toMatchObject({ ioasid: 201, spid: 101, generation: 2, refcount: 2, seq: Number(e.seq) });
   });
 
   it("handles a redelivered BIND without a second reference", async () => {
-    await bind("vm-1", 201, 101);
-    await bus.deliver("vm-1", { seq: seq, type: KvmEventType.BIND, ioasid: 201, spid: 101 }, 2);
-    expect(core.held({ ioasid: 201, generation: 1, instance: "vm-1" })).toBe(1);
+    const e = attach("vm-1", 201, 101);
+    await bus.deliver("vm-1", e);
+    await bus.deliver("vm-1", e, 2);
+    expect(held(201, e.generation, "vm-1")).toBe(1);
     expect(history.filter((h) => h.action === "vmcs_update")).toHaveLength(1);
   });
 
-  it.each(["IOASID_FREE_PENDING", "STALE_GENERATION", "IOASID_NOT_FOUND"])("installs nothing when ioasid_get() is refused with %s", async (reason) => {
-    core.refuseGet.set(201, refused(reason === "STALE_GENERATION" ? Code.FAILED_PRECONDITION : Code.NOT_FOUND, reason));
-    expect(await bind("vm-1", 201, 101)).toEqual({});
+  // A BIND delivered after the IOASID went on: freed while the IOMMU held it, freed and reallocated,
+  // or freed and reclaimed. Each time the FREE that follows is delivered too.
+  const late = {
+    IOASID_FREE_PENDING: () => {},
+    STALE_GENERATION: () => {
+      core.space.put(setId, 201, IOMMU); // reclaimed…
+      core.space.alloc(setId, { min: 201, max: 201 }); // …and allocated again
+    },
+    IOASID_NOT_FOUND: () => core.space.put(setId, 201, IOMMU), // reclaimed
+  } as const;
+  it.each(Object.keys(late) as (keyof typeof late)[])("installs nothing when ioasid_get() is refused with %s", async (reason) => {
+    const e = attach("vm-1", 201, 101);
+    core.space.get(setId, 201, IOMMU);
+    core.space.free(setId, 201);
+    const freed = committed(EventType.FREE, 201);
+    late[reason]();
+    expect(refusalOf(() => core.space.get(setId, 201, vmcs("vm-1"), e.generation))).toBe(reason);
+    expect(await bus.deliver("vm-1", e)).toEqual({});
     expect(await table()).toEqual([]);
     expect((await kvm.queryState(1))[0]!.referencesHeld).toBe(0);
     // The FREE that follows finds nothing and releases nothing.
-    expect(await free("vm-1", 201, { spid: 101 })).toEqual({});
+    expect(await bus.deliver("vm-1", freed)).toEqual({});
   });
 
   it("makes a BIND whose get failed for lack of the core count as missed (thrown), and installs on the retry", async () => {
-    core.down = true;
-    await expect(bind("vm-1", 201, 101)).rejects.toThrow(/unreachable/);
-    core.down = false;
-    await bus.deliver("vm-1", { seq, type: KvmEventType.BIND, ioasid: 201, spid: 101 }, 2);
+    const e = attach("vm-1", 201, 101);
+    core.unreachable = true;
+    await expect(bus.deliver("vm-1", e)).rejects.toThrow(/unreachable/);
+    core.unreachable = false;
+    await bus.deliver("vm-1", e, 2);
     expect(await table()).toEqual(["101->201"]);
-    expect(core.held({ ioasid: 201, generation: 1, instance: "vm-1" })).toBe(1);
+    expect(held(201, e.generation, "vm-1")).toBe(1);
   });
 
   it("does not take a second reference when the answer of the first get was lost", async () => {
-    core.loseNextGetAnswer = true;
-    await expect(bind("vm-1", 201, 101)).rejects.toThrow(/deadline/);
-    await bus.deliver("vm-1", { seq, type: KvmEventType.BIND, ioasid: 201, spid: 101 }, 2);
-    expect(core.calls.filter((c) => c.startsWith("holds"))).toEqual(["holds 201"]);
-    expect(core.held({ ioasid: 201, generation: 1, instance: "vm-1" })).toBe(1);
+    core.loseAnswerOf("get", 1, new DomainError(Code.DEADLINE_EXCEEDED, "DEADLINE_EXCEEDED", "deadline exceeded"));
+    const e = attach("vm-1", 201, 101);
+    await expect(bus.deliver("vm-1", e)).rejects.toThrow(/deadline/);
+    await bus.deliver("vm-1", e, 2);
+    expect(core.requests.filter((r) => r.call === "describe")).toEqual([{ call: "describe", args: [201] }]);
+    expect(held(201, e.generation, "vm-1")).toBe(1);
     expect(await table()).toEqual(["101->201"]);
   });
 
   it("UNBIND removes the entry and releases vmcs; a second UNBIND is harmless", async () => {
     await bind("vm-1", 201, 101);
-    expect(await unbind("vm-1", 201, 101)).toEqual({ release: ["vmcs"] });
+    expect(await unbind("vm-1", 201)).toEqual({ release: ["vmcs"] });
     expect(await table()).toEqual([]);
     expect((await kvm.queryState(1))[0]!.referencesHeld).toBe(0);
-    expect(await unbind("vm-1", 201, 101)).toEqual({});
+    expect(await bus.deliver("vm-1", committed(EventType.UNBIND, 201), 2)).toEqual({});
     expect(history.filter((h) => h.action === "vmcs_update").map((h) => h.fields?.detail)).toEqual([
       "install gpasid 101 → hpasid 201",
       "clear gpasid 101 → hpasid 201 (UNBIND)",
@@ -316,40 +299,53 @@ describe("Kvm notifier events", () => {
 
   it("FREE removes the entry and releases vmcs; an UNBIND after FREE is harmless", async () => {
     await bind("vm-1", 201, 101);
-    expect(await free("vm-1", 201, { spid: 101 })).toEqual({ release: ["vmcs"] });
+    expect(await free("vm-1", 201)).toEqual({ release: ["vmcs"] });
     expect(await table()).toEqual([]);
-    expect(await unbind("vm-1", 201, 101)).toEqual({});
-    expect(await free("vm-1", 201, { spid: 101 })).toEqual({});
+    // The core emits no UNBIND once the IOASID is FREE_PENDING (ioasid.rst): one arriving anyway
+    // (the UNBIND of that binding, redelivered) finds nothing.
+    const bound = committed(EventType.BIND, 201);
+    expect(await bus.deliver("vm-1", { ...bound, type: KvmEventType.UNBIND })).toEqual({});
+    expect(await bus.deliver("vm-1", committed(EventType.FREE, 201), 2)).toEqual({});
   });
 
   it("leaves an entry of another generation alone on FREE", async () => {
-    await bind("vm-1", 201, 101, { generation: 2 });
-    expect(await free("vm-1", 201, { generation: 1 })).toEqual({});
+    // 201's first life is freed while the IOMMU holds it; its FREE reaches KVM only after the
+    // BIND of its second life.
+    core.space.alloc(setId, { min: 201, max: 201 });
+    core.space.get(setId, 201, IOMMU);
+    core.space.free(setId, 201);
+    const oldFree = committed(EventType.FREE, 201);
+    core.space.put(setId, 201, IOMMU);
+    await bind("vm-1", 201, 101);
+    expect(oldFree.generation).not.toBe(committed(EventType.BIND, 201).generation);
+    expect(await bus.deliver("vm-1", oldFree)).toEqual({});
     expect(await table()).toEqual(["101->201"]);
   });
 
   it("keeps the later mapping when BIND 101→202 overtakes the UNBIND of 101→201", async () => {
-    await bind("vm-1", 201, 101); // seq 1
-    const unbindSeq = ++seq; // seq 2: UNBIND of 201, delivered late
-    await bind("vm-1", 202, 101); // seq 3
+    await bind("vm-1", 201, 101);
+    core.space.detachSpid(setId, 201); // its UNBIND is delivered late
+    const lateUnbind = committed(EventType.UNBIND, 201);
+    await bind("vm-1", 202, 101);
     expect(await table()).toEqual(["101->202"]);
-    expect(await bus.deliver("vm-1", { seq: unbindSeq, type: KvmEventType.UNBIND, ioasid: 201, spid: 101 })).toEqual({ release: ["vmcs"] });
+    expect(await bus.deliver("vm-1", lateUnbind)).toEqual({ release: ["vmcs"] });
     expect(await table()).toEqual(["101->202"]);
-    expect(core.held({ ioasid: 201, generation: 1, instance: "vm-1" })).toBe(1); // released with the ack, by the core
+    expect(held(201, lateUnbind.generation, "vm-1")).toBe(1); // released with the ack, by the core
   });
 
   it("takes nothing for a BIND 101→201 that arrives after the later BIND 101→202", async () => {
-    const early = ++seq;
-    ++seq; // its UNBIND
+    const early = attach("vm-1", 201, 101);
+    core.space.detachSpid(setId, 201); // its UNBIND
     await bind("vm-1", 202, 101);
-    expect(await bus.deliver("vm-1", { seq: early, type: KvmEventType.BIND, ioasid: 201, spid: 101 })).toEqual({});
-    expect(core.held({ ioasid: 201, generation: 1, instance: "vm-1" })).toBe(0);
+    expect(await bus.deliver("vm-1", early)).toEqual({});
+    expect(held(201, early.generation, "vm-1")).toBe(0);
     expect(await table()).toEqual(["101->202"]);
   });
 
   it("ignores event types it did not ask for", async () => {
-    expect(await bus.deliver("vm-1", { type: KvmEventType.OTHER, ioasid: 201 })).toEqual({});
-    expect(core.calls.filter((c) => c.startsWith("get"))).toEqual([]);
+    core.space.alloc(setId, { min: 201, max: 201 });
+    expect(await bus.deliver("vm-1", committed(EventType.ALLOC, 201))).toEqual({});
+    expect(core.calls.filter((c) => c === "get")).toEqual([]);
   });
 });
 
@@ -359,14 +355,17 @@ describe("Kvm.enqcmd", () => {
     kvm = newKvm();
     await kvm.createVm({ mmToken: 1n, vcpuCount: 2, vmName: "a" });
     await kvm.createVm({ mmToken: 2n, vcpuCount: 1, vmName: "b" });
-    await bind("vm-1", 201, 101, { setId: 1 });
-    await bind("vm-2", 202, 101, { setId: 2 });
+    createSet(1n);
+    createSet(2n);
+    await bind("vm-1", 201, 101);
+    await bind("vm-2", 202, 101);
     history = [];
   });
 
   it("translates the guest PASID through the VM's own table", () => {
-    expect(kvm.enqcmd(1, 1, toIa32Pasid(101))).toEqual({ outcome: "TRANSLATED", gpasid: 101, hpasid: 201, generation: 1 });
-    expect(kvm.enqcmd(2, 0, toIa32Pasid(101))).toEqual({ outcome: "TRANSLATED", gpasid: 101, hpasid: 202, generation: 1 });
+    const generation = (ioasid: number) => core.space.describe(ioasid)!.generation;
+    expect(kvm.enqcmd(1, 1, toIa32Pasid(101))).toEqual({ outcome: "TRANSLATED", gpasid: 101, hpasid: 201, generation: generation(201) });
+    expect(kvm.enqcmd(2, 0, toIa32Pasid(101))).toEqual({ outcome: "TRANSLATED", gpasid: 101, hpasid: 202, generation: generation(202) });
     expect(history.map((h) => [h.instance, h.action, h.fields?.ioasid])).toEqual([
       ["vm-1", "enqcmd", 201],
       ["vm-2", "enqcmd", 202],
@@ -394,18 +393,21 @@ describe("Kvm.destroyVm", () => {
   beforeEach(async () => {
     kvm = newKvm();
     await kvm.createVm({ mmToken: 1n, vcpuCount: 1, vmName: "" });
+    createSet(1n);
     await bind("vm-1", 201, 101);
     await bind("vm-1", 202, 102);
   });
 
   it("clears the table, drops every reference, withdraws the registration and stops the subscription", async () => {
     expect(await kvm.destroyVm(1)).toEqual({ clearedEntries: 2, releasedReferences: 2 });
-    expect(core.refs.size).toBe(0);
-    expect(core.regs.size).toBe(0);
+    expect(kvmReferences()).toBe(0);
+    expect(kvmRegistrations()).toEqual([]);
     expect(bus.stopped).toEqual(["vm-1"]);
     await expectRefused(kvm.queryState(1), Code.NOT_FOUND, "VM_NOT_FOUND");
     await expectRefused(kvm.destroyVm(1), Code.NOT_FOUND, "VM_NOT_FOUND");
-    // The token is free again.
+    // The token is free again (once VFIO has freed the VM's set: the core refuses a registration on
+    // a set that still has IOASIDs, SET_NOT_EMPTY).
+    core.space.freeSet(core.space.findSetByToken({ type: TokenType.MM, value: 1n })!.id);
     expect((await kvm.createVm({ mmToken: 1n, vcpuCount: 1, vmName: "" })).vmId).toBe(2);
     // Entries cleared before the references are dropped (S9).
     const actions = history.filter((h) => h.instance === "vm-1").map((h) => h.action);
@@ -413,9 +415,9 @@ describe("Kvm.destroyVm", () => {
   });
 
   it("leaves the VM as it was when the core cannot withdraw the registration", async () => {
-    core.down = true;
+    core.unreachable = true;
     await expectRefused(kvm.destroyVm(1), Code.UNAVAILABLE, "UNAVAILABLE");
-    core.down = false;
+    core.unreachable = false;
     expect((await kvm.queryState(1))[0]!.translations).toHaveLength(2);
     expect(kvm.enqcmd(1, 0, toIa32Pasid(101)).outcome).toBe("TRANSLATED");
     expect(await kvm.destroyVm(1)).toEqual({ clearedEntries: 2, releasedReferences: 2 });
@@ -423,20 +425,21 @@ describe("Kvm.destroyVm", () => {
 
   it("lets a BIND in flight during destruction put its own reference back", async () => {
     let resolveGet!: () => void;
-    const realGet = core.get.bind(core);
-    core.get = async (ref) => {
+    const realGet = core.get;
+    // The get reaches the core only after the VM is destroyed.
+    core.get = async (...args) => {
       await new Promise<void>((r) => (resolveGet = r));
-      return realGet(ref);
+      return realGet(...args);
     };
     const inFlight = bind("vm-1", 203, 103);
     await kvm.destroyVm(1);
     resolveGet();
     expect(await inFlight).toEqual({});
-    expect(core.refs.size).toBe(0);
+    expect(kvmReferences()).toBe(0);
   });
 
   it("defers the puts the core could not take and drops them later", async () => {
-    const realPut = core.put.bind(core);
+    const realPut = core.put;
     core.put = async () => {
       throw unavailable();
     };
@@ -444,13 +447,14 @@ describe("Kvm.destroyVm", () => {
     expect(kvm.pendingReleases).toBe(2);
     core.put = realPut;
     expect(await kvm.retryPendingReleases()).toBe(0);
-    expect(core.refs.size).toBe(0);
+    expect(kvmReferences()).toBe(0);
   });
 
   it("reports a reference leaked after the last attempt", async () => {
     const logs: string[] = [];
     const k = newKvm({ maxReleaseAttempts: 2, log: (level, msg) => logs.push(`${level}: ${msg}`) });
     await k.createVm({ mmToken: 7n, vcpuCount: 1, vmName: "" });
+    createSet(7n);
     await bind("vm-2", 301, 1);
     core.put = async () => {
       throw unavailable();
@@ -463,47 +467,47 @@ describe("Kvm.destroyVm", () => {
 
 describe("Kvm.reconcile", () => {
   it("drops what VMs of an earlier KVM process held, withdraws their registrations, and numbers VMs after them", async () => {
-    core.sets.set(1n, { setId: 4, inUse: 1 });
-    const stale = await core.register("vm-7", 99n);
-    core.sets.set(99n, { setId: 4, inUse: 1 });
-    await core.get({ setId: 4, ioasid: 201, generation: 1, instance: "vm-7", purpose: "vmcs" });
-    core.calls = [];
+    const stale = core.space.register({ subscriber: { name: "kvm", instance: "vm-7" }, priority: Priority.CPU, scope: { kind: "mm", token: 99n } });
+    const setId = createSet(99n);
+    core.space.alloc(setId, { min: 201, max: 201 });
+    core.space.get(setId, 201, vmcs("vm-7"));
     const kvm = newKvm();
     await kvm.reconcile();
-    expect(core.refs.size).toBe(0);
-    expect(core.regs.has(stale.registrationId)).toBe(false);
+    expect(kvmReferences()).toBe(0);
+    expect(core.space.listRegistrations().map((r) => r.id)).not.toContain(stale.id);
     expect(history.map((h) => [h.instance, h.action])).toEqual([["vm-7", "kvm_destroy_vm"]]);
-    core.sets.clear();
     expect((await kvm.createVm({ mmToken: 5n, vcpuCount: 1, vmName: "" })).instance).toBe("vm-8");
   });
 
   it("only renumbers when reaping is off", async () => {
-    await core.register("vm-3", 99n);
-    await core.get({ setId: 4, ioasid: 201, generation: 1, instance: "vm-3", purpose: "vmcs" });
+    core.space.register({ subscriber: { name: "kvm", instance: "vm-3" }, priority: Priority.CPU, scope: { kind: "mm", token: 99n } });
+    const setId = createSet(99n);
+    core.space.alloc(setId, { min: 201, max: 201 });
+    core.space.get(setId, 201, vmcs("vm-3"));
     const kvm = newKvm({ reapStale: false });
     expect((await kvm.createVm({ mmToken: 5n, vcpuCount: 1, vmName: "" })).instance).toBe("vm-4");
-    expect(core.refs.size).toBe(1);
-    expect(core.regs.size).toBe(2);
+    expect(kvmReferences()).toBe(1);
+    expect(kvmRegistrations()).toHaveLength(2);
   });
 
   it("is retried by CreateVm when the core was unreachable at start", async () => {
     const kvm = newKvm();
-    core.down = true;
+    core.unreachable = true;
     await expect(kvm.reconcile()).rejects.toThrow(/unreachable/);
     expect(kvm.reconciled).toBe(false);
-    core.down = false;
+    core.unreachable = false;
     await kvm.createVm({ mmToken: 5n, vcpuCount: 1, vmName: "" });
     expect(kvm.reconciled).toBe(true);
   });
 });
 
-/** KVM crashed with VM 1 (set 4) translating 101 → 201: a new KVM restored from its store, not yet reconciled. */
+/** KVM crashed with VM 1 translating 101 → 201: a new KVM restored from its store, not yet reconciled. */
 async function crashedWithOneTranslation(): Promise<Kvm> {
   const store = new MemoryRoleState(kvmStateCodec);
-  core.sets.set(0x70n, { setId: 4, inUse: 0 });
+  createSet(0x70n);
   const first = newKvm({ store });
   await first.createVm({ mmToken: 0x70n, vcpuCount: 1, vmName: "g" });
-  await bind("vm-1", 201, 101, { setId: 4 });
+  await bind("vm-1", 201, 101);
   bus.handlers.clear();
   return newKvm({ store, saved: store.saved });
 }
@@ -511,21 +515,21 @@ async function crashedWithOneTranslation(): Promise<Kvm> {
 describe("Kvm kept in a store (kill -9 and back)", () => {
   it("comes back with its VMs and VMCS tables, keeps the references they back, and handles the FREE it missed", async () => {
     const store = new MemoryRoleState(kvmStateCodec);
-    core.sets.set(0x70n, { setId: 4, inUse: 0 });
+    createSet(0x70n);
     const first = newKvm({ store });
     await first.createVm({ mmToken: 0x70n, vcpuCount: 2, vmName: "g" });
-    await bind("vm-1", 201, 101, { setId: 4 });
-    await bind("vm-1", 202, 102, { setId: 4 });
+    await bind("vm-1", 201, 101);
+    await bind("vm-1", 202, 102);
     expect(first.enqcmd(1, 0, toIa32Pasid(101))).toMatchObject({ outcome: "TRANSLATED", hpasid: 201 });
     // A crash: the process and its subscriptions are gone; a new KVM restores from the store.
     bus.handlers.clear();
     const again = newKvm({ store, saved: store.saved });
     await again.reconcile();
     expect(again.enqcmd(1, 1, toIa32Pasid(101))).toMatchObject({ outcome: "TRANSLATED", hpasid: 201 });
-    expect(core.held({ ioasid: 201, generation: 1, instance: "vm-1" })).toBe(1);
-    expect(core.regs.size).toBe(1);
+    expect(held(201, committed(EventType.BIND, 201).generation, "vm-1")).toBe(1);
+    expect(kvmRegistrations()).toHaveLength(1);
     expect(history.some((h) => h.action === "kvm_restore_vm")).toBe(true);
-    expect(await free("vm-1", 202, { setId: 4 })).toEqual({ release: ["vmcs"] });
+    expect(await free("vm-1", 202)).toEqual({ release: ["vmcs"] });
     expect(again.enqcmd(1, 0, toIa32Pasid(102)).outcome).toBe("GP");
     expect([...store.saved.keys()].sort()).toEqual(["vm/1", "vmcs/1/201"]);
     expect((await again.createVm({ mmToken: 0x71n, vcpuCount: 1, vmName: "" })).instance).toBe("vm-2");
@@ -535,68 +539,76 @@ describe("Kvm kept in a store (kill -9 and back)", () => {
     const again = await crashedWithOneTranslation();
     // registrations() answers, then the core is gone for the VM's own reconcile (chaos soak, seed 2:
     // the VM was never resubscribed, so the FREE it missed was never delivered and its reference leaked).
-    core.heldReferencesFailures = 1;
+    core.failNext("listIoasids"); // the VM's references (heldReferences)
     await expectRefused(again.reconcile(), Code.UNAVAILABLE, "UNAVAILABLE");
     await again.reconcile();
     expect(bus.handlers.has("vm-1")).toBe(true);
-    expect(await free("vm-1", 201, { setId: 4 })).toEqual({ release: ["vmcs"] });
+    expect(await free("vm-1", 201)).toEqual({ release: ["vmcs"] });
     expect(again.enqcmd(1, 0, toIa32Pasid(101)).outcome).toBe("GP");
   });
 
   it("leaves alone a restored VM destroyed between a failed reconcile and its retry", async () => {
     const again = await crashedWithOneTranslation();
-    core.heldReferencesFailures = 1;
+    core.failNext("listIoasids"); // the VM's references (heldReferences)
     await expectRefused(again.reconcile(), Code.UNAVAILABLE, "UNAVAILABLE");
     await again.destroyVm(1);
     const logged = core.calls.length;
     await again.reconcile();
     expect(bus.handlers.has("vm-1")).toBe(false);
-    expect(core.calls.slice(logged).filter((c) => c.startsWith("put"))).toEqual([]);
-    expect(core.refs.size).toBe(0);
+    expect(core.calls.slice(logged).filter((c) => c === "put")).toEqual([]);
+    expect(kvmReferences()).toBe(0);
   });
 
   it("does not resubscribe a restored VM destroyed while its reconcile was under way", async () => {
     const again = await crashedWithOneTranslation();
-    core.duringHeldReferences = async () => {
-      await again.destroyVm(1);
+    // The VM is destroyed while the core is being asked for its references.
+    const realList = core.listIoasids;
+    let during: (() => Promise<unknown>) | undefined = () => again.destroyVm(1);
+    core.listIoasids = async (setId) => {
+      const d = during;
+      during = undefined;
+      await d?.();
+      return realList(setId);
     };
     await again.reconcile();
     expect(bus.handlers.has("vm-1")).toBe(false);
-    expect(core.refs.size).toBe(0);
-    expect(core.regs.size).toBe(0);
+    expect(kvmReferences()).toBe(0);
+    expect(kvmRegistrations()).toEqual([]);
   });
 
   it("clears after a restart an entry whose reference the core no longer records, and drops a reference no entry backs", async () => {
     const store = new MemoryRoleState(kvmStateCodec);
-    core.sets.set(0x70n, { setId: 4, inUse: 0 });
+    const setId = createSet(0x70n);
     const first = newKvm({ store });
     await first.createVm({ mmToken: 0x70n, vcpuCount: 1, vmName: "g" });
-    await bind("vm-1", 201, 101, { setId: 4 });
+    await bind("vm-1", 201, 101);
     // While KVM is down: an operator releases its reference on 201; a stray one appears on 203.
-    await core.put({ setId: 4, ioasid: 201, generation: 1, instance: "vm-1", purpose: "vmcs" });
-    await core.get({ setId: 4, ioasid: 203, generation: 1, instance: "vm-1", purpose: "vmcs" });
+    core.space.put(setId, 201, vmcs("vm-1"));
+    core.space.alloc(setId, { min: 203, max: 203 });
+    core.space.get(setId, 203, vmcs("vm-1"));
     bus.handlers.clear();
     const again = newKvm({ store, saved: store.saved });
     await again.reconcile();
     expect(again.enqcmd(1, 0, toIa32Pasid(101)).outcome).toBe("GP");
-    expect(core.refs.size).toBe(0);
+    expect(kvmReferences()).toBe(0);
     expect([...store.saved.keys()]).toEqual(["vm/1"]);
   });
 });
 
 describe("Kvm.destroyVm and a lost acknowledgement", () => {
   it("releases what the core still records for the VM, even a reference whose release went with an ack the core lost", async () => {
-    core.sets.set(0x90n, { setId: 4, inUse: 0 });
+    createSet(0x90n);
     const kvm = newKvm();
     await kvm.createVm({ mmToken: 0x90n, vcpuCount: 1, vmName: "g" });
-    await bind("vm-1", 201, 101, { setId: 4 });
+    await bind("vm-1", 201, 101);
     // The FREE is handled and acknowledged with the release, but the core crashes before it keeps
     // the ack: the reference is still recorded, while KVM has let go of it.
-    expect(await free("vm-1", 201, { setId: 4 })).toEqual({ release: ["vmcs"] });
-    expect(core.held({ ioasid: 201, generation: 1, instance: "vm-1" })).toBe(1);
+    expect(await free("vm-1", 201)).toEqual({ release: ["vmcs"] });
+    expect(held(201, committed(EventType.FREE, 201).generation, "vm-1")).toBe(1);
     // The VMM crashes and the VM is destroyed: no redelivery can bring the release any more.
     expect(await kvm.destroyVm(1)).toMatchObject({ releasedReferences: 1 });
-    expect(core.refs.size).toBe(0);
+    expect(kvmReferences()).toBe(0);
+    expect(core.space.describe(201)).toBeUndefined(); // the last reference: reclaimed
   });
 });
 
@@ -607,28 +619,32 @@ describe("Kvm and references no live VM accounts for", () => {
     const kvm = newKvm();
     await kvm.reconcile();
     await kvm.createVm({ mmToken: 0xa0n, vcpuCount: 1, vmName: "g" });
-    await core.get({ setId: 4, ioasid: 201, generation: 1, instance: "vm-1", purpose: "vmcs" });
-    await core.get({ setId: 4, ioasid: 202, generation: 1, instance: "vm-2", purpose: "vmcs" }); // a VM of another life
+    const mine = createSet(0xa0n); // the VM is not told (no event is delivered)
+    const { generation: g1 } = core.space.alloc(mine, { min: 201, max: 201 });
+    core.space.get(mine, 201, vmcs("vm-1"));
+    const other = createSet(0xb0n);
+    const { generation: g2 } = core.space.alloc(other, { min: 202, max: 202 });
+    core.space.get(other, 202, vmcs("vm-2")); // a VM of another life
     expect(kvm.releaseWorkDue).toBe(true); // what the server's release timer looks at
     await kvm.retryPendingReleases(); // the sweep after the start: vm-2 is nobody's
     expect(kvm.releaseWorkDue).toBe(false);
-    expect(core.held({ ioasid: 202, generation: 1, instance: "vm-2" })).toBe(0);
-    expect(core.held({ ioasid: 201, generation: 1, instance: "vm-1" })).toBe(1); // vm-1 is live
+    expect(held(202, g2, "vm-2")).toBe(0);
+    expect(held(201, g1, "vm-1")).toBe(1); // vm-1 is live
     expect(await kvm.destroyVm(1)).toMatchObject({ releasedReferences: 0 });
-    expect(core.held({ ioasid: 201, generation: 1, instance: "vm-1" })).toBe(1);
+    expect(held(201, g1, "vm-1")).toBe(1);
     expect(kvm.releaseWorkDue).toBe(true);
-    core.down = true;
+    core.unreachable = true;
     await kvm.retryPendingReleases(); // the core unreachable: the sweep waits
-    core.down = false;
+    core.unreachable = false;
     await kvm.retryPendingReleases();
-    expect(core.refs.size).toBe(0);
+    expect(kvmReferences()).toBe(0);
     expect(history.filter((h) => h.action === "kvm_orphan_release").map((h) => [h.instance, h.fields?.ioasid])).toEqual([
       ["vm-2", 202],
       ["vm-1", 201],
     ]);
-    core.calls = [];
+    const calls = core.calls.length;
     await kvm.retryPendingReleases(); // nothing more to look for
-    expect(core.calls).toEqual([]);
+    expect(core.calls.slice(calls)).toEqual([]);
   });
 });
 

@@ -1,5 +1,7 @@
 import type { RoleStatePort, StateChange } from "@ioasid/bus";
 import { Code, DomainError, isDomainError } from "@ioasid/errors";
+import { EventType, Priority, type Holder } from "@ioasid/ioasid";
+import { ensureRegistration, heldReferences, type CorePort } from "@ioasid/role-kit";
 import { decodeIa32Pasid, GpCause } from "./ia32-pasid.js";
 import { invalidField, kvmError } from "./kvm-error.js";
 import { VmcsPasidTable, type PasidTranslation } from "./vmcs-pasid-table.js";
@@ -60,24 +62,88 @@ export interface HolderReference {
   readonly purpose: string;
 }
 
-/** What KVM needs of ioasid-core (server.ts adapts the CoreService client). Failures are DomainErrors. */
-export interface KvmCorePort {
-  /** Registers `kvm/<instance>` by MM token at CPU priority for BIND, UNBIND and FREE (idempotent). */
-  register(instance: string, mmToken: bigint): Promise<RegistrationStatus>;
-  /** Withdraws a registration. */
-  unregister(registrationId: number): Promise<void>;
-  /** Every registration of subscriber "kvm". */
-  registrations(): Promise<RegistrationStatus[]>;
-  /** ioasid_get() for the holder. @returns the reference count after it */
-  get(ref: HolderReference): Promise<number>;
-  /** ioasid_put() for the holder. */
-  put(ref: HolderReference): Promise<void>;
-  /** Does the holder hold a reference on the IOASID at that generation? */
-  holds(ref: HolderReference): Promise<boolean>;
-  /** References `kvm/<instance>/*` holds on IOASIDs of a set, one entry per reference. */
-  heldReferences(setId: number, instance: string): Promise<HolderReference[]>;
-  /** References of any set held by a `kvm/<instance>` whose instance is not in `live`. */
-  orphanReferences(live: ReadonlySet<string>): Promise<HolderReference[]>;
+/** The events KVM registers for (ioasid.rst "KVM PASID Translation Table Updates": BIND/UNBIND, FREE). */
+export const KVM_EVENT_TYPES: readonly EventType[] = [EventType.BIND, EventType.UNBIND, EventType.FREE];
+
+// KVM's calls to ioasid-core, over the roles' one CorePort. Failures are the core's DomainErrors.
+
+function holderOf(ref: HolderReference): Holder {
+  return { role: KVM_SUBSCRIBER, instance: ref.instance, purpose: ref.purpose };
+}
+
+/** Registers `kvm/<instance>` by MM token at CPU priority for BIND, UNBIND and FREE (idempotent). */
+export async function registerVm(core: CorePort, instance: string, mmToken: bigint): Promise<RegistrationStatus> {
+  const r = await ensureRegistration(core, {
+    subscriber: { name: KVM_SUBSCRIBER, instance },
+    priority: Priority.CPU,
+    scope: { kind: "mm", token: mmToken },
+    events: KVM_EVENT_TYPES,
+  });
+  return { registrationId: r.id, instance: r.subscriber.instance, active: r.active, setId: r.setId };
+}
+
+/** Every registration of subscriber "kvm". */
+export async function kvmRegistrations(core: CorePort): Promise<RegistrationStatus[]> {
+  return (await core.listRegistrations())
+    .filter((r) => r.subscriber.name === KVM_SUBSCRIBER)
+    .map((r) => ({ registrationId: r.id, instance: r.subscriber.instance, active: r.active, setId: r.setId }));
+}
+
+/** ioasid_get() for the holder. @returns the reference count after it */
+export async function getReference(core: CorePort, ref: HolderReference): Promise<number> {
+  return (await core.get(ref.setId, ref.ioasid, holderOf(ref), ref.generation)).refcount;
+}
+
+/** ioasid_put() for the holder. */
+export async function putReference(core: CorePort, ref: HolderReference): Promise<void> {
+  await core.put(ref.setId, ref.ioasid, holderOf(ref), ref.generation);
+}
+
+/** Does the holder hold a reference on the IOASID at that generation? */
+export async function holdsReference(core: CorePort, ref: HolderReference): Promise<boolean> {
+  const info = await core.describe(ref.ioasid);
+  return (
+    info !== undefined &&
+    info.generation === ref.generation &&
+    info.holders.some((h) => h.holder.role === KVM_SUBSCRIBER && h.holder.instance === ref.instance && h.holder.purpose === ref.purpose)
+  );
+}
+
+/** References `kvm/<instance>/*` holds on IOASIDs of a set, one entry per reference; none once the set is gone. */
+export async function vmReferences(core: CorePort, setId: number, instance: string): Promise<HolderReference[]> {
+  let held;
+  try {
+    held = await heldReferences(core, setId, { role: KVM_SUBSCRIBER, instance });
+  } catch (err) {
+    if (isDomainError(err, "SET_UNKNOWN")) return [];
+    throw err;
+  }
+  const refs: HolderReference[] = [];
+  for (const h of held) {
+    for (let i = 0; i < h.count; i++) refs.push({ setId, ioasid: h.ioasid, generation: h.generation, instance, purpose: h.purpose });
+  }
+  return refs;
+}
+
+/** References of any set held by a `kvm/<instance>` whose instance is not in `live`. */
+export async function orphanReferences(core: CorePort, live: ReadonlySet<string>): Promise<HolderReference[]> {
+  const refs: HolderReference[] = [];
+  for (const set of await core.listSets()) {
+    let ioasids;
+    try {
+      ioasids = await core.listIoasids(set.id);
+    } catch (err) {
+      if (isDomainError(err, "SET_UNKNOWN")) continue;
+      throw err;
+    }
+    for (const info of ioasids) {
+      for (const h of info.holders) {
+        if (h.holder.role !== KVM_SUBSCRIBER || live.has(h.holder.instance)) continue;
+        for (let i = 0; i < h.count; i++) refs.push({ setId: set.id, ioasid: info.ioasid, generation: info.generation, instance: h.holder.instance, purpose: h.holder.purpose });
+      }
+    }
+  }
+  return refs;
 }
 
 /** A running event subscription of one VM. */
@@ -115,7 +181,7 @@ export type KvmLogLevel = "debug" | "info" | "warn" | "error";
 
 /** Options of {@link Kvm}. */
 export interface KvmOptions {
-  readonly core: KvmCorePort;
+  readonly core: CorePort;
   readonly notifier: NotifierPort;
   /** The history sink of a VM instance. */
   readonly history: (instance: string) => HistorySink;
@@ -270,7 +336,7 @@ function reasonOf(err: unknown): string {
  * I/O goes through the injected ports.
  */
 export class Kvm {
-  readonly #core: KvmCorePort;
+  readonly #core: CorePort;
   readonly #notifier: NotifierPort;
   readonly #history: (instance: string) => HistorySink;
   readonly #log: NonNullable<KvmOptions["log"]>;
@@ -397,7 +463,7 @@ export class Kvm {
   }
 
   async #doReconcile(): Promise<void> {
-    const all = await this.#core.registrations();
+    const all = await kvmRegistrations(this.#core);
     // VMs restored from the store: back to work if the core still has their registration. Each
     // leaves the list only once it is done, so a retry after a failure takes it up again (found by
     // the chaos soak: a VM dropped from the list by a failed attempt was never resubscribed, and
@@ -448,7 +514,7 @@ export class Kvm {
    */
   async #reconcileVm(vm: VirtualMachine): Promise<void> {
     if (vm.setId === 0) return;
-    const held = await this.#core.heldReferences(vm.setId, vm.instance);
+    const held = await vmReferences(this.#core, vm.setId, vm.instance);
     const backed = new Set<number>();
     for (const ref of held) {
       const mine = vm.refs.get(ref.ioasid);
@@ -495,9 +561,9 @@ export class Kvm {
   async #reap(r: RegistrationStatus): Promise<void> {
     let dropped = 0;
     if (r.setId !== 0) {
-      for (const ref of await this.#core.heldReferences(r.setId, r.instance)) {
+      for (const ref of await vmReferences(this.#core, r.setId, r.instance)) {
         try {
-          await this.#core.put(ref);
+          await putReference(this.#core, ref);
           dropped++;
         } catch (err) {
           if (isTransient(err)) throw err;
@@ -544,7 +610,7 @@ export class Kvm {
     try {
       // Subscribe first: once registered on an existing set, the set's events may come at once.
       vm.subscription = await this.#notifier.subscribe(instance, (event) => this.#onEvent(vm, event));
-      const registration = await this.#core.register(instance, mmToken);
+      const registration = await registerVm(this.#core, instance, mmToken);
       vm.registrationId = registration.registrationId;
       if (registration.setId !== 0) vm.setId = registration.setId;
       this.#vms.set(vmId, vm);
@@ -572,7 +638,7 @@ export class Kvm {
 
   async #withdrawRegistrationOf(instance: string): Promise<void> {
     try {
-      for (const r of await this.#core.registrations()) {
+      for (const r of await kvmRegistrations(this.#core)) {
         if (r.instance === instance) await this.#core.unregister(r.registrationId);
       }
     } catch (err) {
@@ -630,7 +696,7 @@ export class Kvm {
     let toRelease: HolderReference[] = refs;
     if (vm.setId !== 0) {
       try {
-        toRelease = await this.#core.heldReferences(vm.setId, vm.instance);
+        toRelease = await vmReferences(this.#core, vm.setId, vm.instance);
       } catch (err) {
         this.#sweepOrphans = true;
         this.#log("warn", "could not ask the core what a destroyed VM holds: releasing what KVM remembers, the rest later", { vmId, reason: reasonOf(err) });
@@ -713,7 +779,7 @@ export class Kvm {
       selected = [...this.#vms.values()].sort((a, b) => a.vmId - b.vmId);
     }
     if (selected.length === 0) return [];
-    const registrations = new Map((await this.#core.registrations()).map((r) => [r.registrationId, r]));
+    const registrations = new Map((await kvmRegistrations(this.#core)).map((r) => [r.registrationId, r]));
     return selected.map((vm) => this.#snapshot(vm, registrations.get(vm.registrationId)));
   }
 
@@ -728,7 +794,7 @@ export class Kvm {
     this.#pendingReleases = [];
     for (const p of batch) {
       try {
-        await this.#core.put(p.ref);
+        await putReference(this.#core, p.ref);
         this.#log("info", "deferred reference dropped", { ...p.ref });
       } catch (err) {
         if (!isTransient(err)) continue;
@@ -751,7 +817,7 @@ export class Kvm {
   async #sweep(): Promise<void> {
     let orphans: HolderReference[];
     try {
-      orphans = await this.#core.orphanReferences(new Set([...this.#vms.values()].map((vm) => vm.instance)));
+      orphans = await orphanReferences(this.#core, new Set([...this.#vms.values()].map((vm) => vm.instance)));
     } catch (err) {
       this.#log("warn", "could not look for references of gone VMs yet", { reason: reasonOf(err) });
       return;
@@ -774,7 +840,7 @@ export class Kvm {
    */
   async #release(ref: HolderReference): Promise<boolean> {
     try {
-      await this.#core.put(ref);
+      await putReference(this.#core, ref);
       return true;
     } catch (err) {
       if (isTransient(err)) {
@@ -841,10 +907,10 @@ export class Kvm {
       const ref = { setId: e.setId, ioasid: e.ioasid, generation: e.generation, instance: vm.instance, purpose: VMCS_PURPOSE };
       const key = `${e.ioasid}:${e.generation}`;
       // A get that timed out may have been applied: ask before taking a second reference.
-      let alreadyHeld = vm.uncertainGets.has(key) ? await this.#core.holds(ref) : false;
+      let alreadyHeld = vm.uncertainGets.has(key) ? await holdsReference(this.#core, ref) : false;
       if (!alreadyHeld) {
         try {
-          refcount = await this.#core.get(ref);
+          refcount = await getReference(this.#core, ref);
           alreadyHeld = true;
         } catch (err) {
           if (isTransient(err)) {

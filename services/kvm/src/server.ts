@@ -1,8 +1,7 @@
 import { HistoryRecorder, startSubscriber, DEFAULT_PREFIX } from "@ioasid/bus";
-import { isDomainError } from "@ioasid/errors";
 import { createGrpcServer, type ServiceHandlers } from "@ioasid/grpc-kit";
-import { core, events, kvm as kvmProto } from "@ioasid/proto";
-import { ensureRegistration, type CoreClient, type RoleParts, type RoleRuntime } from "@ioasid/role-kit";
+import { events, kvm as kvmProto } from "@ioasid/proto";
+import { createGrpcCorePort, type CoreClient, type RoleParts, type RoleRuntime } from "@ioasid/role-kit";
 import type { NatsConnection } from "@nats-io/transport-node";
 import { GpCause } from "./ia32-pasid.js";
 import {
@@ -10,12 +9,9 @@ import {
   KVM_SUBSCRIBER,
   KvmEventType,
   type EnqcmdResult,
-  type HolderReference,
   type KvmKeptEntry,
-  type KvmCorePort,
   type KvmEvent,
   type NotifierPort,
-  type RegistrationStatus,
   type VmSnapshot,
 } from "./kvm.js";
 
@@ -90,91 +86,6 @@ export function createKvmHandlers(host: Kvm): ServiceHandlers<typeof kvmProto.Kv
   };
 }
 
-function toRegistrationStatus(r: core.Registration): RegistrationStatus {
-  return { registrationId: r.registrationId, instance: r.subscriber?.instance ?? "", active: r.active, setId: r.activeSetId };
-}
-
-function toHolder(ref: HolderReference): core.Holder {
-  return { role: KVM_SUBSCRIBER, instance: ref.instance, purpose: ref.purpose };
-}
-
-/**
- * KVM's view of ioasid-core through a CoreService client: registration by MM token at CPU
- * priority, and ioasid_get()/ioasid_put() for holder `kvm/<instance>/<purpose>`.
- */
-export function createCorePort(client: CoreClient): KvmCorePort {
-  return {
-    register: async (instance, mmToken) =>
-      toRegistrationStatus(
-        await ensureRegistration(client, {
-          subscriber: { name: KVM_SUBSCRIBER, instance },
-          priority: events.Priority.PRIORITY_CPU,
-          scope: { $case: "mmToken", value: mmToken },
-          events: KVM_EVENTS,
-        }),
-      ),
-    unregister: async (registrationId) => {
-      await client.unregister({ registrationId });
-    },
-    registrations: async () =>
-      (await client.listRegistrations({})).registrations.filter((r) => r.subscriber?.name === KVM_SUBSCRIBER).map(toRegistrationStatus),
-    get: async (ref) =>
-      (await client.get(core.GetRequest.fromPartial({ setId: ref.setId, ioasid: ref.ioasid, holder: toHolder(ref), generation: ref.generation }))).refcount,
-    put: async (ref) => {
-      await client.put(core.PutRequest.fromPartial({ setId: ref.setId, ioasid: ref.ioasid, holder: toHolder(ref), generation: ref.generation }));
-    },
-    holds: async (ref) => {
-      try {
-        const info = (await client.describe({ ioasid: ref.ioasid })).info;
-        return (
-          info !== undefined &&
-          info.generation === ref.generation &&
-          info.holders.some((h) => h.holder?.role === KVM_SUBSCRIBER && h.holder.instance === ref.instance && h.holder.purpose === ref.purpose)
-        );
-      } catch (err) {
-        if (isDomainError(err, "IOASID_NOT_FOUND")) return false;
-        throw err;
-      }
-    },
-    orphanReferences: async (live) => {
-      const refs: HolderReference[] = [];
-      for (const set of (await client.listSets({})).sets) {
-        let ioasids: core.IoasidInfo[];
-        try {
-          ioasids = (await client.listIoasids({ setId: set.setId })).ioasids;
-        } catch (err) {
-          if (isDomainError(err, "SET_UNKNOWN")) continue;
-          throw err;
-        }
-        for (const info of ioasids) {
-          for (const h of info.holders) {
-            if (h.holder?.role !== KVM_SUBSCRIBER || live.has(h.holder.instance)) continue;
-            for (let i = 0; i < h.count; i++) refs.push({ setId: set.setId, ioasid: info.ioasid, generation: info.generation, instance: h.holder.instance, purpose: h.holder.purpose });
-          }
-        }
-      }
-      return refs;
-    },
-    heldReferences: async (setId, instance) => {
-      let ioasids: core.IoasidInfo[];
-      try {
-        ioasids = (await client.listIoasids({ setId })).ioasids;
-      } catch (err) {
-        if (isDomainError(err, "SET_UNKNOWN")) return [];
-        throw err;
-      }
-      const refs: HolderReference[] = [];
-      for (const info of ioasids) {
-        for (const h of info.holders) {
-          if (h.holder?.role !== KVM_SUBSCRIBER || h.holder.instance !== instance) continue;
-          for (let i = 0; i < h.count; i++) refs.push({ setId, ioasid: info.ioasid, generation: info.generation, instance, purpose: h.holder.purpose });
-        }
-      }
-      return refs;
-    },
-  };
-}
-
 /** One NATS subscription per VM instance (subscriber `kvm/<instance>`) through the bus SDK. */
 export function createNotifierPort(nc: NatsConnection, prefix: string = DEFAULT_PREFIX): NotifierPort {
   return {
@@ -219,7 +130,7 @@ export function buildKvmRole(rt: RoleRuntime<KvmKeptEntry>, options: KvmRoleOpti
   const host = new Kvm({
     store: rt.store,
     saved: rt.saved,
-    core: createCorePort(options.core),
+    core: createGrpcCorePort(options.core),
     notifier: createNotifierPort(rt.nc, rt.prefix),
     // KVM writes each table change in the turn it records it, so its history gate needs no quiet test.
     history: (instance) => rt.history(new HistoryRecorder(rt.nc, KVM_SUBSCRIBER, instance, rt.prefix)),

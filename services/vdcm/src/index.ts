@@ -3,7 +3,7 @@
  * devices, their device PASID tables, mdevs assigned to VMs, and the DEVICE-priority FREE handler
  * (DESIGN §5 "VDCM").
  */
-export { coreIoasidPort, coreNotifierPort } from "./core-adapter.js";
+export { ownRegistrations, registerOnSet, unregisterNotifier, type VdcmSubscriber } from "./core-adapter.js";
 export {
   assertDescriptor,
   CompletionStatus,
@@ -18,7 +18,7 @@ export {
   type DmaTranslator,
 } from "./descriptor-runner.js";
 export { createIommuClient, iommuDmaTranslator, TRANSLATE_DEADLINE_MS, type IommuClient } from "./iommu-adapter.js";
-export type { HeldReference, HistoryFields, HistorySink, Holder, IoasidPort, NotifierPort, Translation } from "./ports.js";
+export type { HistoryFields, HistorySink, Holder } from "./ports.js";
 export { createVdcmHandlers, createVdcmServer, type CreateVdcmServerOptions } from "./server.js";
 export {
   PasidSpace,

@@ -2,8 +2,7 @@
 import { HistoryRecorder } from "@ioasid/bus";
 import { ConfigError, configOrExit, defineConfigSchema } from "@ioasid/grpc-kit";
 import { events } from "@ioasid/proto";
-import { commonRoleConfig, createCoreClient, runRole } from "@ioasid/role-kit";
-import { coreIoasidPort, coreNotifierPort } from "./core-adapter.js";
+import { commonRoleConfig, createCoreClient, createGrpcCorePort, runRole } from "@ioasid/role-kit";
 import { createIommuClient, iommuDmaTranslator } from "./iommu-adapter.js";
 import { createVdcmServer } from "./server.js";
 import { Vdcm, VDCM_ROLE } from "./vdcm.js";
@@ -58,8 +57,7 @@ await runRole({
       state,
       store,
       instance: config.instance,
-      ioasids: coreIoasidPort(coreClient),
-      notifier: coreNotifierPort(coreClient, { name: VDCM_ROLE, instance: config.instance }),
+      core: createGrpcCorePort(coreClient),
       dma: iommuDmaTranslator(iommuClient),
       history: history(new HistoryRecorder(nc, VDCM_ROLE, config.instance, config.prefix)),
       log: (level, msg, fields) => logger[level](fields ?? {}, msg),

@@ -1,8 +1,9 @@
 import type { RoleStatePort } from "@ioasid/bus";
 import { Code, DomainError, isDomainError } from "@ioasid/errors";
 import { assertDescriptor, runDescriptor, type Completion, type Descriptor, type DmaTranslator } from "./descriptor-runner.js";
-import { KeyedMutex } from "@ioasid/role-kit";
-import type { HeldReference, Holder, HistoryFields, HistorySink, IoasidPort, NotifierPort } from "./ports.js";
+import { heldReferences, KeyedMutex, type CorePort, type HeldReference } from "@ioasid/role-kit";
+import { ownRegistrations, registerOnSet, unregisterNotifier } from "./core-adapter.js";
+import type { Holder, HistoryFields, HistorySink } from "./ports.js";
 import { invalidField, vdcmError } from "./vdcm-errors.js";
 import {
   EntryState,
@@ -73,8 +74,8 @@ export interface ClearResult {
 export interface VdcmOptions {
   /** VDCM_INSTANCE: the subscriber instance and the holder instance of its references. */
   readonly instance: string;
-  readonly ioasids: IoasidPort;
-  readonly notifier: NotifierPort;
+  /** The IOASID core: references, SPID translation, VDCM's notifier registrations. */
+  readonly core: CorePort;
   readonly dma: DmaTranslator;
   /** @default nothing recorded */
   readonly history?: HistorySink;
@@ -137,8 +138,7 @@ export class Vdcm {
   /** The "hardware" tables. */
   readonly state: VdcmState;
   readonly instance: string;
-  private readonly ioasids: IoasidPort;
-  private readonly notifier: NotifierPort;
+  private readonly core: CorePort;
   private readonly dma: DmaTranslator;
   private readonly history: HistorySink | undefined;
   private readonly now: () => Date;
@@ -160,8 +160,7 @@ export class Vdcm {
   constructor(options: VdcmOptions) {
     this.state = options.state ?? new VdcmState();
     this.instance = options.instance;
-    this.ioasids = options.ioasids;
-    this.notifier = options.notifier;
+    this.core = options.core;
     this.dma = options.dma;
     this.history = options.history;
     this.now = options.now ?? (() => new Date());
@@ -237,7 +236,7 @@ export class Vdcm {
         if (this.state.registrationOf(setId) === undefined) {
           let registrationId: number;
           try {
-            registrationId = await this.notifier.register(setId);
+            registrationId = await registerOnSet(this.core, this.subscriber, setId);
           } catch (err) {
             throw fromCoreError(err);
           }
@@ -276,7 +275,7 @@ export class Vdcm {
       const unregistered = await this.locks.run(setKey(setId), async () => {
         const registrationId = this.state.registrationOf(setId);
         const last = this.state.mdevCountOfSet(setId) === 1 && registrationId !== undefined;
-        if (last) await this.notifier.unregister(registrationId);
+        if (last) await unregisterNotifier(this.core, registrationId);
         this.state.unassignMdev(mdev.mdevUuid);
         if (last) this.state.dropRegistration(setId);
         await this.persist();
@@ -305,7 +304,7 @@ export class Vdcm {
         const holder = this.holder(purposeOf(reservation.deviceId, reservation.wqId));
         let t;
         try {
-          t = await this.ioasids.findBySpid(reservation.setId, gpasid, holder);
+          t = await this.core.findBySpid(reservation.setId, gpasid, holder);
         } catch (err) {
           this.state.releaseReservation(reservation);
           // The core may have taken the reference and lost the answer (chaos seed 8): nobody would
@@ -394,12 +393,12 @@ export class Vdcm {
       let generation: number;
       try {
         if (s.pasidSpace === PasidSpace.GUEST) {
-          ({ ioasid: hpasid, generation } = await this.ioasids.findBySpid(wq.setId, s.pasid, holder));
+          ({ ioasid: hpasid, generation } = await this.core.findBySpid(wq.setId, s.pasid, holder));
         } else {
           // Checked to belong to the mdev's set and be live, then held while the descriptor runs.
-          ({ generation } = await this.ioasids.find(wq.setId, s.pasid, s.generation));
+          ({ generation } = await this.core.find(wq.setId, s.pasid, s.generation));
           hpasid = s.pasid;
-          await this.ioasids.get(wq.setId, hpasid, holder, generation);
+          await this.core.get(wq.setId, hpasid, holder, generation);
         }
       } catch (err) {
         if (isIndeterminate(err)) this.sweepSets.add(wq.setId);
@@ -468,11 +467,11 @@ export class Vdcm {
    * @returns references released, registrations withdrawn, entries cleared
    */
   async reconcile(): Promise<{ readonly released: number; readonly unregistered: number; readonly cleared: number }> {
-    const own = await this.notifier.listOwn();
+    const own = await ownRegistrations(this.core, this.subscriber);
     let unregistered = 0;
     for (const r of own) {
       if (this.state.registrationOf(r.setId) === r.registrationId && this.state.mdevCountOfSet(r.setId) > 0) continue;
-      await this.notifier.unregister(r.registrationId);
+      await unregisterNotifier(this.core, r.registrationId);
       if (this.state.registrationOf(r.setId) === r.registrationId) this.state.dropRegistration(r.setId);
       unregistered++;
     }
@@ -484,7 +483,7 @@ export class Vdcm {
     for (const setId of sets) {
       let held: HeldReference[];
       try {
-        held = await this.ioasids.listHeld(setId, VDCM_ROLE, this.instance);
+        held = await heldReferences(this.core, setId, { role: VDCM_ROLE, instance: this.instance });
       } catch (err) {
         if (!isDomainError(err, "SET_UNKNOWN")) throw err;
         held = [];
@@ -555,7 +554,7 @@ export class Vdcm {
   private async putQuietly(setId: number, ioasid: number, holder: Holder, generation: number, why: string): Promise<boolean> {
     for (let attempt = 1; ; attempt++) {
       try {
-        await this.ioasids.put(setId, ioasid, holder, generation);
+        await this.core.put(setId, ioasid, holder, generation);
         return true;
       } catch (err) {
         const e = DomainError.from(err);
@@ -590,7 +589,7 @@ export class Vdcm {
       if (busy()) continue;
       let held: HeldReference[];
       try {
-        held = await this.ioasids.listHeld(setId, VDCM_ROLE, this.instance);
+        held = await heldReferences(this.core, setId, { role: VDCM_ROLE, instance: this.instance });
       } catch (err) {
         if (isDomainError(err, "SET_UNKNOWN")) this.sweepSets.delete(setId);
         continue;
@@ -619,7 +618,7 @@ export class Vdcm {
     const batch = this.pendingPuts.splice(0);
     for (const p of batch) {
       try {
-        await this.ioasids.put(p.setId, p.ioasid, p.holder, p.generation);
+        await this.core.put(p.setId, p.ioasid, p.holder, p.generation);
         this.log("info", "deferred reference released", { setId: p.setId, ioasid: p.ioasid, generation: p.generation, holder: p.holder, why: p.why });
       } catch (err) {
         const e = DomainError.from(err);
@@ -676,6 +675,11 @@ export class Vdcm {
 
   private holder(purpose: string): Holder {
     return { role: VDCM_ROLE, instance: this.instance, purpose };
+  }
+
+  /** VDCM's notifier subscriber at the core. */
+  private get subscriber(): { readonly name: string; readonly instance: string } {
+    return { name: VDCM_ROLE, instance: this.instance };
   }
 
   private record(action: string, entry: DevicePasidEntry, fields: HistoryFields): void {

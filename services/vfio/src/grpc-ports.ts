@@ -1,67 +1,12 @@
 import type { IommuFaultGroup, IommuFaultPort, PageResponseCode } from "./fault-relay.js";
-import { Code, DomainError, isDomainError } from "@ioasid/errors";
 import type { PromiseClient } from "@ioasid/grpc-kit";
-import { core, events, iommu, type vdcm } from "@ioasid/proto";
-import type { CoreClient } from "@ioasid/role-kit";
-import type { FreeOutcome, IommuPort, IoasidCorePort, SetIoasid, VdcmPort } from "./vfio-ports.js";
+import { iommu, type vdcm } from "@ioasid/proto";
+import type { IommuPort, VdcmPort } from "./vfio-ports.js";
 
 /** A promise client of the IOMMU's gRPC service. */
 export type IommuClient = PromiseClient<typeof iommu.IommuServiceService>;
 /** A promise client of VDCM's gRPC service. */
 export type VdcmClient = PromiseClient<typeof vdcm.VdcmServiceService>;
-
-const FREE_OUTCOMES: Readonly<Record<number, FreeOutcome>> = {
-  [core.FreeOutcome.FREE_OUTCOME_FREE_PENDING]: "FREE_PENDING",
-  [core.FreeOutcome.FREE_OUTCOME_RECLAIMED]: "RECLAIMED",
-  [core.FreeOutcome.FREE_OUTCOME_ALREADY_FREE_PENDING]: "ALREADY_FREE_PENDING",
-};
-
-function toSetIoasid(info: core.IoasidInfo | undefined): SetIoasid {
-  if (info === undefined) throw new DomainError(Code.INTERNAL, "INTERNAL", "the core answered without the IOASID");
-  return {
-    ioasid: info.ioasid,
-    generation: info.generation,
-    spid: info.spid,
-    freePending: info.state === core.IoasidState.IOASID_STATE_FREE_PENDING,
-  };
-}
-
-/** The {@link IoasidCorePort} over the core's gRPC CoreService. */
-export function createCorePort(client: CoreClient): IoasidCorePort {
-  return {
-    async createSet(mmToken, quota) {
-      const r = await client.createSet(core.CreateSetRequest.fromPartial({ tokenType: events.TokenType.TOKEN_TYPE_MM, token: mmToken, quota }));
-      return { setId: r.set!.setId, quota: r.set!.quota };
-    },
-    async freeSet(setId) {
-      return client.freeSet({ setId });
-    },
-    async setExists(setId) {
-      try {
-        await client.getSet(core.GetSetRequest.fromPartial({ setId }));
-        return true;
-      } catch (err) {
-        if (isDomainError(err, "SET_NOT_FOUND")) return false;
-        throw err;
-      }
-    },
-    async alloc(setId) {
-      return client.alloc(core.AllocRequest.fromPartial({ setId }));
-    },
-    async free(setId, ioasid, generation) {
-      const r = await client.free(core.FreeRequest.fromPartial({ setId, ioasid, generation }));
-      const outcome = FREE_OUTCOMES[r.outcome];
-      if (outcome === undefined) throw new DomainError(Code.INTERNAL, "INTERNAL", `the core answered free outcome ${r.outcome}`);
-      return outcome;
-    },
-    async find(setId, ioasid, generation) {
-      return toSetIoasid((await client.find(core.FindRequest.fromPartial({ setId, ioasid, generation }))).info);
-    },
-    async listIoasids(setId) {
-      return (await client.listIoasids({ setId })).ioasids.map(toSetIoasid);
-    },
-  };
-}
 
 /**
  * The {@link IommuPort} over the IOMMU's gRPC service. `owner` names VFIO as the owner of the

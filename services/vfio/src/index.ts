@@ -27,17 +27,15 @@ export { fromVfioStateEntry, toVfioStateEntry, VFIO_STATE_FORMAT, vfioStateCodec
 export { invalidField, VfioReason, vfioError } from "./vfio-errors.js";
 export {
   realScheduler,
-  type FreeOutcome,
+  setExists,
   type GpasidBind,
   type GpasidUnbind,
   type HistoryFields,
   type HistoryPort,
   type IommuPort,
-  type IoasidCorePort,
   type Scheduler,
-  type SetIoasid,
   type VdcmPort,
   type VfioLog,
 } from "./vfio-ports.js";
-export { createCorePort, createIommuPort, createVdcmPort, type IommuClient, type VdcmClient } from "./grpc-ports.js";
+export { createIommuPort, createVdcmPort, type IommuClient, type VdcmClient } from "./grpc-ports.js";
 export { createVfioHandlers, createVfioServer, fromDeviceRef, SESSION_KEEPALIVE, startVfioServer, toDeviceRef, type StartVfioServerOptions } from "./server.js";

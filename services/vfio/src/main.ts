@@ -2,8 +2,8 @@
 import { HistoryRecorder } from "@ioasid/bus";
 import { ConfigError, configOrExit, createClient, defineConfigSchema, type ConfigProblem } from "@ioasid/grpc-kit";
 import { iommu, vdcm } from "@ioasid/proto";
-import { commonRoleConfig, createCoreClient, runRole } from "@ioasid/role-kit";
-import { createCorePort, createGuestPagesPort, createIommuFaultPort, createIommuPort, createVdcmPort } from "./grpc-ports.js";
+import { commonRoleConfig, createCoreClient, createGrpcCorePort, runRole } from "@ioasid/role-kit";
+import { createGuestPagesPort, createIommuFaultPort, createIommuPort, createVdcmPort } from "./grpc-ports.js";
 import { FaultRelay } from "./fault-relay.js";
 import { createVfioServer } from "./server.js";
 import { CloseReason, MAX_SESSION_GRACE_MS, VfioContainers } from "./vfio-containers.js";
@@ -74,7 +74,7 @@ await runRole({
     // The containers come back as kept: a VFIO killed with -9 finds the ones it had and closes them
     // as crashed guests (their VMMs' sessions died with it).
     const containers = new VfioContainers({
-      core: createCorePort(coreClient),
+      core: createGrpcCorePort(coreClient),
       iommu: createIommuPort(iommuClient, `vfio/${config.instance}`),
       vdcm: createVdcmPort(vdcmClient),
       history,

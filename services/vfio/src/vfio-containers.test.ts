@@ -1,132 +1,33 @@
 import { Code, DomainError } from "@ioasid/errors";
+import { EventType, IoasidState, TokenType, type Holder, type IoasidInfo } from "@ioasid/ioasid";
+import { InProcessCore } from "@ioasid/testkit";
 import { describe, expect, it } from "vitest";
 import { CloseReason, ContainerState, MAX_GPASID, VfioContainers, type DeviceRef, type VfioContainersOptions } from "./vfio-containers.js";
-import type { FreeOutcome, GpasidBind, GpasidUnbind, HistoryFields, IommuPort, IoasidCorePort, Scheduler, SetIoasid, VdcmPort } from "./vfio-ports.js";
+import type { GpasidBind, GpasidUnbind, HistoryFields, IommuPort, Scheduler, VdcmPort } from "./vfio-ports.js";
 
 // ------------------------------------------------------------------------------------------------
-// In-memory fakes of the core, the IOMMU, VDCM, the history and time. They keep just enough of
-// the real rules (ownership, FREE_PENDING while referenced, FREE teardown at the IOMMU) for VFIO's
-// own logic to be tested without sockets.
+// The core is the real model (the testkit's InProcessCore); the IOMMU, VDCM, the history and time
+// are in-memory fakes. The fake IOMMU keeps just enough of the real rules (a reference per bind,
+// the FREE teardown that puts them) for VFIO's own logic to be tested without sockets.
 
 const err = (code: Code, reason: string) => new DomainError(code, reason, reason.toLowerCase());
 
-interface FakeIoasid {
-  readonly setId: number;
-  generation: number;
-  spid: number;
-  freePending: boolean;
-  /** References other than the allocation reference (binds, programmed device entries). */
-  refs: number;
-}
+/** KVM's reference (its VMCS PASID-table entry) when a test needs a holder outside VFIO and the IOMMU. */
+const KVM: Holder = { role: "kvm", instance: "vm-7", purpose: "vmcs" };
 
-class FakeCore implements IoasidCorePort {
-  readonly sets = new Map<number, { token: bigint; quota: number; freeing: boolean }>();
-  readonly ioasids = new Map<number, FakeIoasid>();
-  readonly generations = new Map<number, number>();
-  readonly calls: string[] = [];
-  /** Called on a FREE with references outstanding (the IOMMU's FREE teardown in the real system). */
-  onFree: (ioasid: number) => void = () => {};
-  /** Failures to inject, by method name: each call shifts one. */
-  readonly failures = new Map<string, DomainError[]>();
-  #nextSet = 1;
+/** The reference the (fake) IOMMU takes for a bind on a device. */
+const bindHolder = (deviceId: string): Holder => ({ role: "iommu", instance: "dmar0", purpose: `bind:${deviceId}` });
 
-  #maybeFail(method: string): void {
-    this.calls.push(method);
-    const e = this.failures.get(method)?.shift();
-    if (e !== undefined) throw e;
-  }
+/** Every IOASID the core has allocated (ACTIVE or FREE_PENDING), in every set. */
+const ioasidsOf = (core: InProcessCore): IoasidInfo[] => core.space.listIoasids();
+const setIds = (core: InProcessCore): number[] => core.space.listSets().map((s) => s.id);
 
-  #owned(setId: number, ioasid: number, generation: number): FakeIoasid {
-    if (!this.sets.has(setId)) throw err(Code.INVALID_ARGUMENT, "SET_UNKNOWN");
-    const i = this.ioasids.get(ioasid);
-    if (i === undefined) throw err(Code.NOT_FOUND, "IOASID_NOT_FOUND");
-    if (i.setId !== setId) throw err(Code.PERMISSION_DENIED, "IOASID_NOT_IN_SET");
-    if (generation !== 0 && generation !== i.generation) throw err(Code.FAILED_PRECONDITION, "STALE_GENERATION");
-    return i;
-  }
-
-  async createSet(mmToken: bigint, quota: number) {
-    this.#maybeFail("createSet");
-    for (const s of this.sets.values()) if (s.token === mmToken) throw err(Code.ALREADY_EXISTS, "TOKEN_IN_USE");
-    const setId = this.#nextSet++;
-    this.sets.set(setId, { token: mmToken, quota: quota === 0 ? 1000 : quota, freeing: false });
-    return { setId, quota: quota === 0 ? 1000 : quota };
-  }
-  async freeSet(setId: number) {
-    this.#maybeFail("freeSet");
-    const set = this.sets.get(setId);
-    if (set === undefined) throw err(Code.INVALID_ARGUMENT, "SET_UNKNOWN");
-    set.freeing = true;
-    let freed = 0;
-    for (const [id, i] of [...this.ioasids]) {
-      if (i.setId !== setId || i.freePending) continue;
-      freed++;
-      this.#freeOne(id, i);
-    }
-    this.#maybeDestroy(setId);
-    return { freed, destroyed: !this.sets.has(setId) };
-  }
-  async setExists(setId: number) {
-    this.#maybeFail("setExists");
-    return this.sets.has(setId);
-  }
-  async alloc(setId: number) {
-    this.#maybeFail("alloc");
-    const set = this.sets.get(setId);
-    if (set === undefined) throw err(Code.INVALID_ARGUMENT, "SET_UNKNOWN");
-    if (set.freeing) throw err(Code.FAILED_PRECONDITION, "SET_FREEING");
-    if ([...this.ioasids.values()].filter((i) => i.setId === setId).length >= set.quota) throw err(Code.RESOURCE_EXHAUSTED, "SET_QUOTA_EXCEEDED");
-    let ioasid = 1;
-    while (this.ioasids.has(ioasid)) ioasid++;
-    const generation = (this.generations.get(ioasid) ?? 0) + 1;
-    this.generations.set(ioasid, generation);
-    this.ioasids.set(ioasid, { setId, generation, spid: 0, freePending: false, refs: 0 });
-    return { ioasid, generation };
-  }
-  async free(setId: number, ioasid: number, generation: number): Promise<FreeOutcome> {
-    this.#maybeFail("free");
-    const i = this.#owned(setId, ioasid, generation);
-    if (i.freePending) return "ALREADY_FREE_PENDING";
-    return this.#freeOne(ioasid, i);
-  }
-  #freeOne(ioasid: number, i: FakeIoasid): FreeOutcome {
-    if (i.refs === 0) {
-      this.ioasids.delete(ioasid);
-      return "RECLAIMED";
-    }
-    i.freePending = true;
-    this.onFree(ioasid);
-    return "FREE_PENDING";
-  }
-  async find(setId: number, ioasid: number, generation: number): Promise<SetIoasid> {
-    this.#maybeFail("find");
-    const i = this.#owned(setId, ioasid, generation);
-    if (i.freePending) throw err(Code.NOT_FOUND, "IOASID_FREE_PENDING");
-    return { ioasid, generation: i.generation, spid: i.spid, freePending: false };
-  }
-  async listIoasids(setId: number): Promise<readonly SetIoasid[]> {
-    this.#maybeFail("listIoasids");
-    if (!this.sets.has(setId)) throw err(Code.INVALID_ARGUMENT, "SET_UNKNOWN");
-    return [...this.ioasids]
-      .filter(([, i]) => i.setId === setId)
-      .map(([ioasid, i]) => ({ ioasid, generation: i.generation, spid: i.spid, freePending: i.freePending }));
-  }
-  /** A holder drops a reference (a subscriber's ack in the real system). */
-  put(ioasid: number): void {
-    const i = this.ioasids.get(ioasid)!;
-    i.refs--;
-    if (i.refs === 0 && i.freePending) {
-      this.ioasids.delete(ioasid);
-      this.#maybeDestroy(i.setId);
-    }
-  }
-  #maybeDestroy(setId: number): void {
-    const set = this.sets.get(setId);
-    if (set?.freeing === true && ![...this.ioasids.values()].some((i) => i.setId === setId)) this.sets.delete(setId);
-  }
-  snapshot(): string {
-    return JSON.stringify({ sets: [...this.sets], ioasids: [...this.ioasids] }, (_k, v: unknown) => (typeof v === "bigint" ? String(v) : v));
-  }
+/** The core's whole state, to show that a refused call changed nothing. */
+function snapshot(core: InProcessCore): string {
+  return JSON.stringify(
+    { sets: core.space.listSets(), ioasids: core.space.listIoasids(), registrations: core.space.listRegistrations() },
+    (_k, v: unknown) => (typeof v === "bigint" ? String(v) : v),
+  );
 }
 
 class FakeIommu implements IommuPort {
@@ -151,16 +52,23 @@ class FakeIommu implements IommuPort {
     return before === kept.length ? 0n : size;
   }
 
-  constructor(private readonly core: FakeCore) {
+  /** Off: the IOMMU is slow and its FREE teardown has not run yet (the test runs it with {@link teardown}). */
+  teardownOnFree = true;
+
+  constructor(private readonly core: InProcessCore) {
     // The IOMMU's FREE teardown: every bind of the IOASID torn down, its references put.
-    core.onFree = (ioasid) => {
-      for (const [key, b] of [...this.binds]) {
-        if (b.hpasid !== ioasid) continue;
-        this.binds.delete(key);
-        this.log.push(`teardown ${b.deviceId} ${ioasid}`);
-        core.put(ioasid);
-      }
-    };
+    core.subscribe((e) => {
+      if (e.type === EventType.FREE && this.teardownOnFree) this.teardown(e.ioasid);
+    });
+  }
+  /** Tears down every bind of the IOASID and puts the references they held. */
+  teardown(ioasid: number): void {
+    for (const [key, b] of [...this.binds]) {
+      if (b.hpasid !== ioasid) continue;
+      this.binds.delete(key);
+      this.log.push(`teardown ${b.deviceId} ${ioasid}`);
+      this.core.space.put(b.setId, ioasid, bindHolder(b.deviceId));
+    }
   }
   #maybeFail(method: string): void {
     const e = this.failures.get(method)?.shift();
@@ -201,15 +109,15 @@ class FakeIommu implements IommuPort {
   }
   async bindGpasid(b: GpasidBind) {
     this.#maybeFail("bindGpasid");
-    const i = this.core.ioasids.get(b.hpasid);
+    const i = this.core.space.describe(b.hpasid);
     if (i === undefined) throw err(Code.NOT_FOUND, "IOASID_NOT_FOUND");
     if (i.setId !== b.setId) throw err(Code.PERMISSION_DENIED, "IOASID_NOT_IN_SET");
     if (b.generation !== 0 && b.generation !== i.generation) throw err(Code.FAILED_PRECONDITION, "STALE_GENERATION");
-    if (i.freePending) throw err(Code.NOT_FOUND, "IOASID_FREE_PENDING");
+    if (i.state === IoasidState.FREE_PENDING) throw err(Code.NOT_FOUND, "IOASID_FREE_PENDING");
     if (this.binds.has(`${b.deviceId}/${b.hpasid}`)) throw err(Code.FAILED_PRECONDITION, "PASID_IN_USE");
     const firstBind = ![...this.binds.values()].some((x) => x.hpasid === b.hpasid);
-    i.spid = b.gpasid;
-    i.refs++;
+    if (i.spid === 0) this.core.space.attachSpid(b.setId, b.hpasid, b.gpasid);
+    this.core.space.get(b.setId, b.hpasid, bindHolder(b.deviceId));
     const handleId = this.#nextHandle++;
     this.binds.set(`${b.deviceId}/${b.hpasid}`, { ...b, handleId });
     this.log.push(`bind ${b.deviceId} ${b.hpasid} gpasid ${b.gpasid} set ${b.setId} gen ${b.generation} parent ${b.parentDomainId}`);
@@ -217,15 +125,15 @@ class FakeIommu implements IommuPort {
   }
   async unbindGpasid(u: GpasidUnbind) {
     this.#maybeFail("unbindGpasid");
-    const i = this.core.ioasids.get(u.hpasid);
+    const i = this.core.space.describe(u.hpasid);
     if (i !== undefined && i.setId !== u.setId) throw err(Code.PERMISSION_DENIED, "IOASID_NOT_IN_SET");
     const b = this.binds.get(`${u.deviceId}/${u.hpasid}`);
     this.log.push(`unbind ${u.deviceId} ${u.hpasid} -> ${b !== undefined}`);
     if (b === undefined) return { unbound: false, lastUnbind: false };
     this.binds.delete(`${u.deviceId}/${u.hpasid}`);
     const lastUnbind = ![...this.binds.values()].some((x) => x.hpasid === u.hpasid);
-    if (lastUnbind && i !== undefined) i.spid = 0;
-    this.core.put(u.hpasid);
+    if (lastUnbind && i !== undefined && i.spid !== 0) this.core.space.detachSpid(b.setId, u.hpasid);
+    this.core.space.put(b.setId, u.hpasid, bindHolder(u.deviceId));
     return { unbound: true, lastUnbind };
   }
 }
@@ -237,14 +145,14 @@ class FakeVdcm implements VdcmPort {
     ["mdev-c", { parent: "0000:6a:03.0", setId: 0 }],
   ]);
   readonly log: string[] = [];
-  constructor(private readonly core: FakeCore) {}
+  constructor(private readonly core: InProcessCore) {}
   async assignMdev(mdevUuid: string, setId: number) {
     const m = this.mdevs.get(mdevUuid);
     if (m === undefined) throw err(Code.NOT_FOUND, "MDEV_NOT_FOUND");
     if (m.setId === setId) throw err(Code.ALREADY_EXISTS, "MDEV_ALREADY_ASSIGNED");
     if (m.setId !== 0) throw err(Code.FAILED_PRECONDITION, "MDEV_BUSY");
     const first = ![...this.mdevs.values()].some((x) => x.setId === setId);
-    if (first && [...this.core.ioasids.values()].some((i) => i.setId === setId)) throw err(Code.FAILED_PRECONDITION, "SET_NOT_EMPTY");
+    if (first && ioasidsOf(this.core).some((i) => i.setId === setId)) throw err(Code.FAILED_PRECONDITION, "SET_NOT_EMPTY");
     m.setId = setId;
     this.log.push(`assign ${mdevUuid} ${setId}`);
     return { parentDeviceId: m.parent };
@@ -300,7 +208,7 @@ async function settle(): Promise<void> {
 }
 
 function setup(options: Partial<VfioContainersOptions> = {}) {
-  const core = new FakeCore();
+  const core = new InProcessCore();
   const iommu = new FakeIommu(core);
   const vdcm = new FakeVdcm(core);
   const scheduler = new ManualScheduler();
@@ -341,7 +249,7 @@ describe("VfioContainers › opening", () => {
   it("creates the VM's set with its MM token and quota, and records container_open", async () => {
     const { core, vfio, history, scheduler } = setup();
     const c = await open(vfio, 7n, { quota: 4 });
-    expect(core.sets.get(c.setId)).toMatchObject({ token: 7n, quota: 4 });
+    expect(core.space.getSet(c.setId)).toMatchObject({ token: { type: TokenType.MM, value: 7n }, quota: 4 });
     expect(c).toMatchObject({ containerId: 1, quota: 4, sessionDeadline: scheduler.now() + 5000 });
     expect(history[0]).toMatchObject({ action: "container_open", fields: { setId: c.setId } });
     const [snap] = await vfio.queryState(c.containerId);
@@ -354,16 +262,16 @@ describe("VfioContainers › opening", () => {
     expect(e.metadata["field"]).toBe("mm_token");
     await refused(open(vfio, 1n, { sessionGraceMs: 86_400_001 }), Code.INVALID_ARGUMENT, "INVALID_FIELD");
     await refused(vfio.openContainer({ mmToken: 1n, quota: 0, vmName: "x".repeat(300), sessionGraceMs: 0 }), Code.INVALID_ARGUMENT, "INVALID_FIELD");
-    expect(core.sets.size).toBe(0);
+    expect(setIds(core)).toEqual([]);
     expect(vfio.size).toBe(0);
   });
 
   it("refuses a second container for the same VM (TOKEN_IN_USE) and leaves the first alone", async () => {
     const { core, vfio } = setup();
     const a = await open(vfio, 7n);
-    const before = core.snapshot();
+    const before = snapshot(core);
     await refused(open(vfio, 7n), Code.ALREADY_EXISTS, "TOKEN_IN_USE");
-    expect(core.snapshot()).toBe(before);
+    expect(snapshot(core)).toBe(before);
     expect((await vfio.queryState(0)).map((s) => s.containerId)).toEqual([a.containerId]);
   });
 
@@ -400,8 +308,8 @@ describe("VfioContainers › the VMM session", () => {
     await expect(lease.closed).resolves.toBe(CloseReason.SESSION_ENDED);
     await vfio.whenReleased(c.containerId);
     expect(core.calls).toContain("freeSet");
-    expect(core.sets.has(c.setId)).toBe(false); // nothing held them: reclaimed, set destroyed
-    expect(core.ioasids.size).toBe(0);
+    expect(setIds(core)).not.toContain(c.setId); // nothing held them: reclaimed, set destroyed
+    expect(ioasidsOf(core)).toHaveLength(0);
     expect(vfio.size).toBe(0);
     const close = history.find((h) => h.action === "container_close")!;
     expect(close.fields.detail).toContain("reason SESSION_ENDED");
@@ -415,16 +323,16 @@ describe("VfioContainers › the VMM session", () => {
     const lease = vfio.attachSession(c.containerId);
     await vfio.allocPasid(c.containerId);
     // Three rounds of (3 attempts) fail: nobody calls CloseContainer for a crashed VMM.
-    core.failures.set("freeSet", Array.from({ length: 9 }, () => err(Code.UNAVAILABLE, "UNAVAILABLE")));
+    for (let i = 0; i < 9; i++) core.failNext("freeSet", err(Code.UNAVAILABLE, "UNAVAILABLE"));
     lease.end();
     await scheduler.advance(30 + 500 + 30 + 1000 + 30 + 1999);
-    expect(core.ioasids.size).toBe(1);
+    expect(ioasidsOf(core)).toHaveLength(1);
     expect(core.calls.filter((m) => m === "freeSet")).toHaveLength(9);
     await scheduler.advance(1);
     await expect(lease.closed).resolves.toBe(CloseReason.SESSION_ENDED);
     await vfio.whenReleased(c.containerId);
     expect(core.calls.filter((m) => m === "freeSet")).toHaveLength(10);
-    expect(core.ioasids.size).toBe(0);
+    expect(ioasidsOf(core)).toHaveLength(0);
     expect(vfio.size).toBe(0);
     expect(history.find((h) => h.action === "container_close")!.fields.detail).toContain("reason SESSION_ENDED freed 1");
   });
@@ -434,15 +342,16 @@ describe("VfioContainers › the VMM session", () => {
     const c = await open(vfio, 7n);
     const lease = vfio.attachSession(c.containerId);
     await vfio.allocPasid(c.containerId);
-    core.failures.set("freeSet", [err(Code.UNAVAILABLE, "UNAVAILABLE"), err(Code.UNAVAILABLE, "UNAVAILABLE")]);
+    core.failNext("freeSet", err(Code.UNAVAILABLE, "UNAVAILABLE"));
+    core.failNext("freeSet", err(Code.UNAVAILABLE, "UNAVAILABLE"));
     const close = refused(vfio.closeContainer(c.containerId), Code.UNAVAILABLE, "UNAVAILABLE");
     lease.end(); // the VMM is killed while its close waits for the core
     await scheduler.advance(10);
     await close;
-    expect(core.ioasids.size).toBe(1);
+    expect(ioasidsOf(core)).toHaveLength(1);
     await scheduler.advance(500); // the background close's next round
     await vfio.whenReleased(c.containerId);
-    expect(core.ioasids.size).toBe(0);
+    expect(ioasidsOf(core)).toHaveLength(0);
     expect(vfio.size).toBe(0);
   });
 
@@ -451,7 +360,7 @@ describe("VfioContainers › the VMM session", () => {
     const c = await open(vfio, 7n);
     const lease = vfio.attachSession(c.containerId);
     await vfio.allocPasid(c.containerId);
-    core.failures.set("freeSet", [err(Code.UNAVAILABLE, "UNAVAILABLE")]);
+    core.failNext("freeSet", err(Code.UNAVAILABLE, "UNAVAILABLE"));
     lease.end();
     await scheduler.advance(0);
     expect(core.calls.filter((m) => m === "freeSet")).toHaveLength(1);
@@ -471,7 +380,7 @@ describe("VfioContainers › the VMM session", () => {
     await scheduler.advance(1);
     await vfio.whenReleased(c.containerId);
     expect(vfio.size).toBe(0);
-    expect(core.sets.size).toBe(0);
+    expect(setIds(core)).toEqual([]);
     expect(history.find((h) => h.action === "container_close")!.fields.detail).toContain("reason SESSION_NEVER_ATTACHED");
   });
 
@@ -502,7 +411,7 @@ describe("VfioContainers › CloseContainer", () => {
   it("refuses every call on a closing container with CONTAINER_CLOSING; a second close joins the first", async () => {
     const { core, vfio, scheduler } = setup({ freeSetRetryDelaysMs: [1000] });
     const c = await open(vfio, 7n);
-    core.failures.set("freeSet", [err(Code.UNAVAILABLE, "UNAVAILABLE")]);
+    core.failNext("freeSet", err(Code.UNAVAILABLE, "UNAVAILABLE"));
     const first = vfio.closeContainer(c.containerId);
     const second = vfio.closeContainer(c.containerId);
     await refused(vfio.allocPasid(c.containerId), Code.FAILED_PRECONDITION, "CONTAINER_CLOSING");
@@ -518,15 +427,17 @@ describe("VfioContainers › CloseContainer", () => {
     const { core, vfio, scheduler } = setup({ freeSetRetryDelaysMs: [10, 20] });
     const c = await open(vfio, 7n);
     await vfio.allocPasid(c.containerId);
-    core.failures.set("freeSet", [err(Code.UNAVAILABLE, "UNAVAILABLE"), err(Code.DEADLINE_EXCEEDED, "DEADLINE_EXCEEDED"), err(Code.UNAVAILABLE, "UNAVAILABLE")]);
+    core.failNext("freeSet", err(Code.UNAVAILABLE, "UNAVAILABLE"));
+    core.failNext("freeSet", err(Code.DEADLINE_EXCEEDED, "DEADLINE_EXCEEDED"));
+    core.failNext("freeSet", err(Code.UNAVAILABLE, "UNAVAILABLE"));
     const first = vfio.closeContainer(c.containerId);
     const failed = refused(first, Code.UNAVAILABLE, "UNAVAILABLE");
     await scheduler.advance(30);
     await failed;
-    expect(core.ioasids.size).toBe(1);
+    expect(ioasidsOf(core)).toHaveLength(1);
     expect((await vfio.queryState(c.containerId))[0]!.state).toBe(ContainerState.CLOSING); // nothing new may start
     await expect(vfio.closeContainer(c.containerId)).resolves.toMatchObject({ freed: 1 });
-    expect(core.ioasids.size).toBe(0);
+    expect(ioasidsOf(core)).toHaveLength(0);
   });
 
   it("closeAll closes every container with SERVICE_STOPPED", async () => {
@@ -537,7 +448,7 @@ describe("VfioContainers › CloseContainer", () => {
     await vfio.closeAll();
     await expect(lease.closed).resolves.toBe(CloseReason.SERVICE_STOPPED);
     expect(vfio.size).toBe(0);
-    expect(core.sets.size).toBe(0);
+    expect(setIds(core)).toEqual([]);
   });
 });
 
@@ -546,7 +457,7 @@ describe("VfioContainers › guest PASIDs (virtual command)", () => {
     const { core, vfio, history } = setup();
     const c = await open(vfio, 7n);
     const p = await vfio.allocPasid(c.containerId);
-    expect(core.ioasids.get(p.hpasid)).toMatchObject({ setId: c.setId, generation: p.generation });
+    expect(core.space.describe(p.hpasid)).toMatchObject({ setId: c.setId, generation: p.generation });
     expect(history.at(-1)).toMatchObject({ action: "vcmd_alloc", fields: { ioasid: p.hpasid, generation: p.generation, setId: c.setId } });
     await expect(vfio.freePasid(c.containerId, p.hpasid, p.generation)).resolves.toEqual({ reclaimed: true, alreadyFreePending: false });
     expect(history.at(-1)).toMatchObject({ action: "vcmd_free", fields: { ioasid: p.hpasid, setId: c.setId } });
@@ -566,12 +477,12 @@ describe("VfioContainers › guest PASIDs (virtual command)", () => {
     await vfio.assignDevice(c.containerId, dev("0000:6a:01.0"));
     const p = await vfio.allocPasid(c.containerId);
     await vfio.bindGuestPasid(c.containerId, { device: dev("0000:6a:01.0"), hpasid: p.hpasid, generation: p.generation, gpasid: 101, guestPgtable: 0x1000n });
-    core.onFree = () => {}; // the IOMMU is slow: its FREE teardown has not run yet
+    iommu.teardownOnFree = false; // the IOMMU is slow: its FREE teardown has not run yet
     await expect(vfio.freePasid(c.containerId, p.hpasid, p.generation)).resolves.toEqual({ reclaimed: false, alreadyFreePending: false });
     await expect(vfio.freePasid(c.containerId, p.hpasid, 0)).resolves.toEqual({ reclaimed: false, alreadyFreePending: true });
     // The IOMMU's teardown runs, the IOASID is reclaimed; the guest's unbind comes too late.
-    iommu.binds.clear();
-    core.put(p.hpasid);
+    iommu.teardown(p.hpasid);
+    expect(core.space.describe(p.hpasid)).toBeUndefined();
     await expect(
       vfio.unbindGuestPasid(c.containerId, { device: dev("0000:6a:01.0"), hpasid: p.hpasid, generation: p.generation, gpasid: 101 }),
     ).resolves.toEqual({ unbound: false, lastUnbind: false });
@@ -594,7 +505,7 @@ describe("VfioContainers › isolation between VMs (S3)", () => {
     await vfio.assignDevice(b.containerId, dev("0000:6a:02.0"));
     const p = await vfio.allocPasid(a.containerId);
     await vfio.bindGuestPasid(a.containerId, { device: dev("0000:6a:01.0"), hpasid: p.hpasid, generation: p.generation, gpasid: 101, guestPgtable: 0n });
-    const before = core.snapshot();
+    const before = snapshot(core);
     const iommuBefore = [...iommu.binds.keys()];
     await refused(vfio.freePasid(b.containerId, p.hpasid, 0), Code.PERMISSION_DENIED, "IOASID_NOT_IN_SET");
     await refused(
@@ -613,7 +524,7 @@ describe("VfioContainers › isolation between VMs (S3)", () => {
       Code.FAILED_PRECONDITION,
       "DEVICE_NOT_ASSIGNED",
     );
-    expect(core.snapshot()).toBe(before);
+    expect(snapshot(core)).toBe(before);
     expect([...iommu.binds.keys()]).toEqual(iommuBefore);
     expect((await vfio.queryState(b.containerId))[0]!.pasids).toEqual([]);
     expect((await vfio.queryState(a.containerId))[0]!.pasids).toHaveLength(1);
@@ -626,8 +537,8 @@ describe("VfioContainers › isolation between VMs (S3)", () => {
     await vfio.allocPasid(a.containerId);
     const pb = await vfio.allocPasid(b.containerId);
     await vfio.closeContainer(a.containerId);
-    expect([...core.ioasids.keys()]).toEqual([pb.hpasid]);
-    expect(core.sets.has(b.setId)).toBe(true);
+    expect(ioasidsOf(core).map((i) => i.ioasid)).toEqual([pb.hpasid]);
+    expect(setIds(core)).toContain(b.setId);
   });
 });
 
@@ -751,7 +662,8 @@ describe("VfioContainers › guest binds", () => {
     await refused(vfio.bindGuestPasid(c.containerId, { ...bind, gpasid: MAX_GPASID + 1 }), Code.INVALID_ARGUMENT, "INVALID_FIELD");
     await refused(vfio.bindGuestPasid(c.containerId, { ...bind, device: undefined }), Code.INVALID_ARGUMENT, "INVALID_FIELD");
     await refused(vfio.bindGuestPasid(c.containerId, { ...bind, hpasid: 0 }), Code.INVALID_ARGUMENT, "INVALID_FIELD");
-    core.ioasids.get(p.hpasid)!.freePending = true;
+    core.space.get(c.setId, p.hpasid, KVM); // freed while KVM still holds it: FREE_PENDING
+    core.space.free(c.setId, p.hpasid);
     await refused(vfio.bindGuestPasid(c.containerId, bind), Code.NOT_FOUND, "IOASID_FREE_PENDING");
   });
 
@@ -763,9 +675,9 @@ describe("VfioContainers › guest binds", () => {
     const where = { device: dev("0000:6a:01.0"), hpasid: p.hpasid, generation: p.generation };
     await vfio.bindGuestPasid(c.containerId, { ...where, gpasid: 101, guestPgtable: 0n });
     await expect(vfio.unbindGuestPasid(c.containerId, { ...where, gpasid: 101 })).resolves.toEqual({ unbound: true, lastUnbind: true });
-    const before = core.snapshot();
+    const before = snapshot(core);
     await expect(vfio.unbindGuestPasid(c.containerId, { ...where, gpasid: 101 })).resolves.toEqual({ unbound: false, lastUnbind: false });
-    expect(core.snapshot()).toBe(before);
+    expect(snapshot(core)).toBe(before);
   });
 });
 
@@ -775,13 +687,13 @@ describe("VfioContainers › teardown order", () => {
     const c = await open(vfio, 7n);
     await vfio.assignDevice(c.containerId, mdev("mdev-a"));
     const p = await vfio.allocPasid(c.containerId);
-    core.ioasids.get(p.hpasid)!.refs = 1; // KVM still holds it: its FREE delivery has not been acknowledged
+    core.space.get(c.setId, p.hpasid, KVM); // KVM still holds it: its FREE delivery has not been acknowledged
     const r = await vfio.closeContainer(c.containerId);
     expect(r).toEqual({ freed: 1, unassignedDevices: 1 });
     await scheduler.advance(2000);
     expect(vdcm.log).toEqual([`assign mdev-a ${c.setId}`]); // not unassigned yet
     expect(vfio.size).toBe(1);
-    core.put(p.hpasid); // KVM acknowledged: reclaimed, set destroyed
+    core.space.put(c.setId, p.hpasid, KVM); // KVM acknowledged: reclaimed, set destroyed
     await scheduler.advance(1000);
     expect(vdcm.log).toEqual([`assign mdev-a ${c.setId}`, "unassign mdev-a"]);
     expect(vfio.size).toBe(0);
@@ -792,7 +704,7 @@ describe("VfioContainers › teardown order", () => {
     const c = await open(vfio, 7n);
     await vfio.assignDevice(c.containerId, mdev("mdev-a"));
     const p = await vfio.allocPasid(c.containerId);
-    core.ioasids.get(p.hpasid)!.refs = 1; // a subscriber is down and keeps its reference
+    core.space.get(c.setId, p.hpasid, KVM); // a subscriber is down and keeps its reference
     await vfio.closeContainer(c.containerId);
     await scheduler.advance(3000);
     expect(vdcm.log).toContain("unassign mdev-a");
@@ -817,18 +729,17 @@ describe("VfioContainers › teardown order", () => {
   });
 
   it("frees the stage-2 domain once the IOMMU's FREE teardown no longer uses it", async () => {
-    const { core, vfio, iommu, scheduler } = setup();
+    const { vfio, iommu, scheduler } = setup();
     const c = await open(vfio, 7n);
     await vfio.assignDevice(c.containerId, dev("0000:6a:01.0"));
     const p = await vfio.allocPasid(c.containerId);
     await vfio.bindGuestPasid(c.containerId, { device: dev("0000:6a:01.0"), hpasid: p.hpasid, generation: 0, gpasid: 101, guestPgtable: 0n });
-    core.onFree = () => {}; // the IOMMU's FREE teardown is late
+    iommu.teardownOnFree = false; // the IOMMU's FREE teardown is late
     await vfio.closeContainer(c.containerId);
     await scheduler.advance(500);
     expect(iommu.domains.size).toBe(1); // DOMAIN_IN_USE: retried
     expect(iommu.rid.has("0000:6a:01.0")).toBe(false);
-    iommu.binds.clear();
-    core.put(p.hpasid);
+    iommu.teardown(p.hpasid);
     await scheduler.advance(10_000);
     expect(iommu.domains.size).toBe(0);
     expect(scheduler.pending).toBe(0);

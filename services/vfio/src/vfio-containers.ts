@@ -1,14 +1,15 @@
 import { Code, DomainError, isDomainError } from "@ioasid/errors";
 import type { RoleStatePort } from "@ioasid/bus";
+import { IoasidState, TokenType, type IoasidInfo } from "@ioasid/ioasid";
+import type { CorePort } from "@ioasid/role-kit";
 import { invalidField, vfioError, VfioReason } from "./vfio-errors.js";
 import {
   realScheduler,
   type DmaMapping,
   type HistoryPort,
+  setExists,
   type IommuPort,
-  type IoasidCorePort,
   type Scheduler,
-  type SetIoasid,
   type VdcmPort,
   type VfioLog,
 } from "./vfio-ports.js";
@@ -154,7 +155,7 @@ export interface SessionLease {
 
 /** Options of {@link VfioContainers}. */
 export interface VfioContainersOptions {
-  readonly core: IoasidCorePort;
+  readonly core: CorePort;
   readonly iommu: IommuPort;
   readonly vdcm: VdcmPort;
   readonly history: HistoryPort;
@@ -309,7 +310,7 @@ function renamed(err: unknown, reasons: Readonly<Record<string, "DEVICE_BUSY" | 
  * All I/O goes through the injected ports, so this class is unit-tested with in-memory fakes.
  */
 export class VfioContainers {
-  readonly #core: IoasidCorePort;
+  readonly #core: CorePort;
   readonly #iommu: IommuPort;
   readonly #vdcm: VdcmPort;
   readonly #history: HistoryPort;
@@ -454,12 +455,12 @@ export class VfioContainers {
     }
     if (spec.vmName.length > MAX_VM_NAME) throw invalidField("vm_name", `vm_name is longer than ${MAX_VM_NAME} characters`);
     // One container per VM: the core refuses a second set for the same MM token (TOKEN_IN_USE).
-    const set = await this.#core.createSet(spec.mmToken, spec.quota);
+    const set = await this.#core.createSet({ type: TokenType.MM, value: spec.mmToken }, spec.quota);
     const graceMs = spec.sessionGraceMs === 0 ? this.#defaultGraceMs : spec.sessionGraceMs;
     const now = this.#scheduler.now();
     const c: Container = {
       id: this.#nextId++,
-      setId: set.setId,
+      setId: set.id,
       mmToken: spec.mmToken,
       vmName: spec.vmName,
       quota: set.quota,
@@ -662,7 +663,7 @@ export class VfioContainers {
     let wait = 10;
     for (let attempt = 0; attempt < 1000; attempt++) {
       try {
-        if (!(await this.#core.setExists(c.setId))) return;
+        if (!(await setExists(this.#core, c.setId))) return;
       } catch (err) {
         this.#log.warn({ err, containerId: c.id, setId: c.setId }, "cannot ask the core whether the set is reclaimed");
       }
@@ -844,7 +845,7 @@ export class VfioContainers {
   async freePasid(containerId: number, hpasid: number, generation: number): Promise<{ reclaimed: boolean; alreadyFreePending: boolean }> {
     if (hpasid === 0) throw invalidField("hpasid", "hpasid is required (PASID 0 is RID_PASID, never allocated)");
     return this.#op(containerId, async (c) => {
-      const outcome = await this.#core.free(c.setId, hpasid, generation);
+      const { outcome } = await this.#core.free(c.setId, hpasid, generation);
       // The FREE teardown removes every bind of the IOASID at the IOMMU: forget ours.
       for (const [key, bind] of c.binds) if (bind.hpasid === hpasid) c.binds.delete(key);
       this.#history.record("vcmd_free", {
@@ -982,7 +983,7 @@ export class VfioContainers {
   }
 
   async #snapshot(c: Container): Promise<ContainerSnapshot> {
-    let ioasids: readonly SetIoasid[] = [];
+    let ioasids: readonly IoasidInfo[] = [];
     try {
       ioasids = await this.#core.listIoasids(c.setId);
     } catch (err) {
@@ -999,7 +1000,7 @@ export class VfioContainers {
           .filter((b) => b.hpasid === i.ioasid && b.generation === i.generation)
           .map((b) => c.devices.get(b.deviceKey)?.ref)
           .filter((d): d is DeviceRef => d !== undefined),
-        freePending: i.freePending,
+        freePending: i.state === IoasidState.FREE_PENDING,
       }));
     return {
       containerId: c.id,

@@ -1,39 +1,25 @@
 /**
- * What VFIO's container logic needs from the outside world, as small interfaces: the IOASID core,
- * the IOMMU, VDCM, the history and time. `server.ts`/`main.ts` give it the gRPC-backed ones
- * (`grpc-ports.ts`); unit tests give it in-memory fakes. Every method may throw a DomainError (the
+ * What VFIO's container logic needs from the outside world, as small interfaces: the IOMMU, VDCM,
+ * the history and time (the IOASID core is the roles' one `CorePort`, from @ioasid/role-kit).
+ * `server.ts`/`main.ts` give it the gRPC-backed ones (`grpc-ports.ts`); unit tests give it
+ * in-memory fakes and the testkit's `InProcessCore`. Every method may throw a DomainError (the
  * other service's refusal, or UNAVAILABLE/DEADLINE_EXCEEDED when it cannot be reached).
  */
+import { isDomainError } from "@ioasid/errors";
+import type { CorePort } from "@ioasid/role-kit";
 
-/** What a core Free did (core.proto `FreeOutcome`). */
-export type FreeOutcome = "FREE_PENDING" | "RECLAIMED" | "ALREADY_FREE_PENDING";
-
-/** An allocated IOASID of a set, as the core describes it. */
-export interface SetIoasid {
-  readonly ioasid: number;
-  readonly generation: number;
-  /** The SPID (guest PASID) attached to it; 0 when none. */
-  readonly spid: number;
-  /** Freed with references outstanding: it disappears when reclaimed. */
-  readonly freePending: boolean;
-}
-
-/** The IOASID core, as VFIO uses it: the VM's set and the IOASIDs in it (VFIO holds no references). */
-export interface IoasidCorePort {
-  /** core.CreateSet with token type MM. @returns the set and its effective quota */
-  createSet(mmToken: bigint, quota: number): Promise<{ readonly setId: number; readonly quota: number }>;
-  /** core.FreeSet: frees every IOASID of the set; the set is destroyed once the last is reclaimed. */
-  freeSet(setId: number): Promise<{ readonly freed: number; readonly destroyed: boolean }>;
-  /** core.GetSet by id: false once the set is destroyed (SET_NOT_FOUND). */
-  setExists(setId: number): Promise<boolean>;
-  /** core.Alloc in the set. */
-  alloc(setId: number): Promise<{ readonly ioasid: number; readonly generation: number }>;
-  /** core.Free in the set (generation 0: unchecked). */
-  free(setId: number, ioasid: number, generation: number): Promise<FreeOutcome>;
-  /** core.Find in the set (generation 0: unchecked); refuses with the core's reasons. */
-  find(setId: number, ioasid: number, generation: number): Promise<SetIoasid>;
-  /** core.ListIoasids of the set, ascending. */
-  listIoasids(setId: number): Promise<readonly SetIoasid[]>;
+/**
+ * Whether the set still exists at the core (GetSet by id): false once it is destroyed
+ * (SET_NOT_FOUND) — every IOASID of a freed set reclaimed.
+ */
+export async function setExists(core: CorePort, setId: number): Promise<boolean> {
+  try {
+    await core.getSet(setId);
+    return true;
+  } catch (err) {
+    if (isDomainError(err, "SET_NOT_FOUND")) return false;
+    throw err;
+  }
 }
 
 /** A bind_gpasid request to the IOMMU. */
