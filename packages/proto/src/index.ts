@@ -11,4 +11,5 @@ export * as core from "./gen/ioasid/core/v1/core.js";
 export * as events from "./gen/ioasid/events/v1/events.js";
 export * as errors from "./gen/ioasid/errors/v1/errors.js";
 export * as bus from "./gen/ioasid/bus/v1/bus.js";
+export * as history from "./gen/ioasid/history/v1/history.js";
 export { descriptorSetPath } from "./descriptors.js";
