@@ -1,4 +1,5 @@
-import type { HistoryRecord } from "@ioasid/bus";
+import { describeAction, eventOf, stepLabel, type HistoryRecord } from "@ioasid/bus";
+import { history as h } from "@ioasid/proto";
 import { ChaosTarget } from "./chaos-record.js";
 import type { FinalState } from "./final-state.js";
 import { CORE_ROLE, lifecycleKey, type GroupRecord, type HistoryIndex, type Lifecycle } from "./history-index.js";
@@ -123,7 +124,12 @@ function name(l: Lifecycle): string {
 }
 
 function who(r: HistoryRecord): string {
-  return `${r.role}/${r.instance} ${r.action}`;
+  return `${r.role}/${r.instance} ${stepLabel(r)}`;
+}
+
+/** Who took or dropped a reference (`role/instance/purpose`), as the core recorded it. */
+function holderText(r: HistoryRecord): string {
+  return r.action?.$case === "ioasidGet" || r.action?.$case === "ioasidPut" ? (describeAction(r) ?? "a holder") : "a holder";
 }
 
 function subject(l: Lifecycle): Pick<Finding, "ioasid" | "generation" | "setId"> {
@@ -156,7 +162,7 @@ const S1: Rule = {
       const last = changes.at(-1);
       const rc = last === undefined ? undefined : rec(ctx, last).refcount;
       const freed = l.frees.some((i) => i < reclaim);
-      const lastIsFree = last !== undefined && rec(ctx, last).action === "event:FREE";
+      const lastIsFree = last !== undefined && eventOf(rec(ctx, last)) === "FREE";
       if (rc !== undefined && !(rc === 0 || (rc === 1 && !freed && !lastIsFree))) {
         out.push({ ...subject(l), message: `${name(l)} reclaimed while the core's count stood at ${rc}`, evidence: [last!, reclaim], absence: { role: CORE_ROLE, from: ts(ctx, last!), to: ts(ctx, reclaim) } });
       }
@@ -168,7 +174,7 @@ const S1: Rule = {
         if (h === undefined) continue;
         const k = `${h.role}/${h.instance}/${h.purpose}`;
         const list = held.get(k) ?? [];
-        if (rec(ctx, i).action === "ioasid_get") list.push(i);
+        if (rec(ctx, i).action?.$case === "ioasidGet") list.push(i);
         else list.pop();
         held.set(k, list);
       }
@@ -223,9 +229,9 @@ const S2: Rule = {
       const end = [l.frees[0], l.reclaims[0]].filter((x): x is number => x !== undefined).sort((a, b) => a - b)[0];
       if (end === undefined) continue;
       for (const i of l.refs) {
-        if (i <= end || rec(ctx, i).action !== "ioasid_get") continue;
-        const state = rec(ctx, end).action === "event:FREE" ? "FREE_PENDING" : "reclaimed";
-        out.push({ ...subject(l), message: `${rec(ctx, i).detail ?? "a holder"} took a reference on ${name(l)} while it was ${state}`, evidence: [end, i] });
+        if (i <= end || rec(ctx, i).action?.$case !== "ioasidGet") continue;
+        const state = eventOf(rec(ctx, end)) === "FREE" ? "FREE_PENDING" : "reclaimed";
+        out.push({ ...subject(l), message: `${holderText(rec(ctx, i))} took a reference on ${name(l)} while it was ${state}`, evidence: [end, i] });
       }
     }
     return out;
@@ -279,7 +285,7 @@ const S4: Rule = {
       if (r.role !== CORE_ROLE || r.ioasid === undefined || r.generation === undefined) return;
       const l = ctx.index.lifecycles.get(lifecycleKey(r.ioasid, r.generation));
       if (l === undefined) return;
-      if (r.action === "event:BIND" && r.setId !== undefined && r.spid !== undefined) {
+      if (eventOf(r) === "BIND" && r.setId !== undefined && r.spid !== undefined) {
         const k = `${r.setId}/${r.spid}`;
         const other = live.get(k);
         if (other !== undefined && other.l !== l) {
@@ -287,18 +293,19 @@ const S4: Rule = {
         }
         live.set(k, { l, idx });
         heldBy.set(l.key, k);
-      } else if (r.action === "event:UNBIND" || r.action === "event:FREE" || r.action === "event:RECLAIM") {
+      } else if (eventOf(r) === "UNBIND" || eventOf(r) === "FREE" || eventOf(r) === "RECLAIM") {
         const k = heldBy.get(l.key);
         if (k !== undefined && live.get(k)?.l === l) live.delete(k);
         heldBy.delete(l.key);
       }
     });
     ctx.index.records.forEach((r, idx) => {
-      const translation = (r.role === "kvm" && r.action === "vmcs_update" && r.detail?.startsWith("install") === true) || (r.role === "vdcm" && r.action === "vdev_write");
+      const translation =
+        (r.role === "kvm" && r.action?.$case === "vmcsUpdate" && r.action.value.kind === h.VmcsUpdateKind.VMCS_UPDATE_KIND_INSTALL) || (r.role === "vdcm" && r.action?.$case === "vdevWrite");
       if (!translation || r.spid === undefined) return;
       const l = ctx.index.lifecycleOf(idx);
       if (l?.alloc === undefined) return; // the generation began before the history: its BIND may be missing
-      const bind = l.bindings.filter((b) => rec(ctx, b).action === "event:BIND" && notAfter(ctx, b, idx)).at(-1);
+      const bind = l.bindings.filter((b) => eventOf(rec(ctx, b)) === "BIND" && notAfter(ctx, b, idx)).at(-1);
       if (bind === undefined || rec(ctx, bind).spid !== r.spid) {
         out.push({
           ...subject(l),
@@ -324,10 +331,10 @@ const S4: Rule = {
 
 /** The tiers of a FREE's teardown, in the order DESIGN §5 and the IOASID document require. */
 const TEARDOWN_STAGES: ReadonlyArray<{ readonly name: string; readonly match: (r: HistoryRecord) => boolean }> = [
-  { name: "KVM entry cleared", match: (r) => r.role === "kvm" && r.action === "vmcs_update" && r.detail?.startsWith("clear") === true },
-  { name: "device drained/cleared", match: (r) => r.role === "vdcm" && r.action === "vdev_clear" },
-  { name: "IOMMU entry torn down and flushed", match: (r) => r.role === "iommu" && (r.action === "teardown_pasid" || r.action === "iotlb_flush") },
-  { name: "faults answered", match: (r) => r.role === "iommu" && r.action === "page_response" },
+  { name: "KVM entry cleared", match: (r) => r.role === "kvm" && r.action?.$case === "vmcsUpdate" && r.action.value.kind === h.VmcsUpdateKind.VMCS_UPDATE_KIND_CLEAR },
+  { name: "device drained/cleared", match: (r) => r.role === "vdcm" && r.action?.$case === "vdevClear" },
+  { name: "IOMMU entry torn down and flushed", match: (r) => r.role === "iommu" && (r.action?.$case === "teardownPasid" || r.action?.$case === "iotlbFlush") },
+  { name: "faults answered", match: (r) => r.role === "iommu" && r.action?.$case === "pageResponse" },
 ];
 
 const S5: Rule = {
@@ -346,7 +353,7 @@ const S5: Rule = {
       for (const idx of ctx.index.withSeq(seq)) {
         const r = rec(ctx, idx);
         if (r.ioasid !== l.ioasid) continue;
-        if (r.role === CORE_ROLE && r.action === "ioasid_put") puts.push(idx);
+        if (r.role === CORE_ROLE && r.action?.$case === "ioasidPut") puts.push(idx);
         TEARDOWN_STAGES.forEach((s, i) => {
           if (s.match(r)) stages[i]!.push(idx);
         });
@@ -372,7 +379,7 @@ const S5: Rule = {
         const own = h === undefined ? undefined : stageOfRole[h.role];
         const pending = own?.filter((x) => rec(ctx, x).instance === h!.instance && !notAfter(ctx, x, p));
         if (pending !== undefined && pending.length > 0) {
-          out.push({ ...subject(l), message: `${name(l)}: ${rec(ctx, p).detail ?? "a holder"} released its reference before its own teardown (${who(rec(ctx, pending[0]!))})`, evidence: [free, p, pending[0]!] });
+          out.push({ ...subject(l), message: `${name(l)}: ${holderText(rec(ctx, p))} released its reference before its own teardown (${who(rec(ctx, pending[0]!))})`, evidence: [free, p, pending[0]!] });
         }
       }
       if (reclaim === undefined) continue;
@@ -380,7 +387,7 @@ const S5: Rule = {
       if (late !== undefined) out.push({ ...subject(l), message: `${name(l)} reclaimed before its teardown finished (${who(rec(ctx, late))})`, evidence: [free, reclaim, late] });
       const lateAnswer = ctx.index.membersOf(l.key).find((idx) => {
         const r = rec(ctx, idx);
-        return r.role === "iommu" && r.action === "page_response" && idx > free && !stages[3]!.includes(idx) && !notAfter(ctx, idx, reclaim);
+        return r.role === "iommu" && r.action?.$case === "pageResponse" && idx > free && !stages[3]!.includes(idx) && !notAfter(ctx, idx, reclaim);
       });
       if (lateAnswer !== undefined) out.push({ ...subject(l), message: `${name(l)} reclaimed before a fault group of it was answered`, evidence: [free, reclaim, lateAnswer] });
     }
@@ -480,43 +487,44 @@ const S8: Rule = {
       }
       let prev: number | undefined;
       for (const b of l.bindings) {
-        const type = rec(ctx, b).action;
-        const prevType = prev === undefined ? undefined : rec(ctx, prev).action;
-        if (type === prevType) out.push({ ...subject(l), message: `${name(l)}: two ${type.slice(6)} events in a row`, evidence: [prev!, b] });
-        else if (prevType === undefined && type === "event:UNBIND" && l.alloc !== undefined) {
+        const type = eventOf(rec(ctx, b));
+        const prevType = prev === undefined ? undefined : eventOf(rec(ctx, prev));
+        if (type === prevType) out.push({ ...subject(l), message: `${name(l)}: two ${type} events in a row`, evidence: [prev!, b] });
+        else if (prevType === undefined && type === "UNBIND" && l.alloc !== undefined) {
           out.push({ ...subject(l), message: `${name(l)}: UNBIND with no BIND before it`, evidence: [l.alloc, b], absence: { role: CORE_ROLE, from: ts(ctx, l.alloc), to: ts(ctx, b) } });
         }
         prev = b;
       }
       const free = l.frees[0];
       if (free !== undefined) {
-        for (const b of l.bindings.filter((x) => x > free)) out.push({ ...subject(l), message: `${name(l)}: ${rec(ctx, b).action.slice(6)} after FREE (the FREE covers it)`, evidence: [free, b] });
+        for (const b of l.bindings.filter((x) => x > free)) out.push({ ...subject(l), message: `${name(l)}: ${eventOf(rec(ctx, b))} after FREE (the FREE covers it)`, evidence: [free, b] });
       }
       if (l.alloc !== undefined) {
-        for (const e of l.events.filter((x) => x < l.alloc!)) out.push({ ...subject(l), message: `${name(l)}: ${rec(ctx, e).action.slice(6)} before its ALLOC`, evidence: [e, l.alloc] });
+        for (const e of l.events.filter((x) => x < l.alloc!)) out.push({ ...subject(l), message: `${name(l)}: ${eventOf(rec(ctx, e))} before its ALLOC`, evidence: [e, l.alloc] });
       }
       const reclaim = l.reclaims[0];
       if (reclaim !== undefined) {
-        for (const e of l.events.filter((x) => x > reclaim && rec(ctx, x).action !== "event:RECLAIM")) {
-          out.push({ ...subject(l), message: `${name(l)}: ${rec(ctx, e).action.slice(6)} after its RECLAIM`, evidence: [reclaim, e] });
+        for (const e of l.events.filter((x) => x > reclaim && eventOf(rec(ctx, x)) !== "RECLAIM")) {
+          out.push({ ...subject(l), message: `${name(l)}: ${eventOf(rec(ctx, e))} after its RECLAIM`, evidence: [reclaim, e] });
         }
       }
     }
     const bySeq = new Map<number, number>();
-    const setState = new Map<number, { action: string; idx: number }>();
+    const setState = new Map<number, { event: string; idx: number }>();
     ctx.index.records.forEach((r, idx) => {
-      if (r.role !== CORE_ROLE || !r.action.startsWith("event:")) return;
+      const event = eventOf(r);
+      if (r.role !== CORE_ROLE || event === undefined) return;
       if (r.seq !== undefined) {
         const other = bySeq.get(r.seq);
-        if (other !== undefined) out.push({ ...(r.ioasid === undefined ? {} : { ioasid: r.ioasid }), message: `event sequence ${r.seq} recorded twice (${rec(ctx, other).action}, ${r.action})`, evidence: [other, idx] });
+        if (other !== undefined) out.push({ ...(r.ioasid === undefined ? {} : { ioasid: r.ioasid }), message: `event sequence ${r.seq} recorded twice (${stepLabel(rec(ctx, other))}, ${stepLabel(r)})`, evidence: [other, idx] });
         else bySeq.set(r.seq, idx);
       }
-      if ((r.action === "event:SET_ALLOC" || r.action === "event:SET_FREE") && r.setId !== undefined) {
+      if ((event === "SET_ALLOC" || event === "SET_FREE") && r.setId !== undefined) {
         const last = setState.get(r.setId);
-        if (last !== undefined && last.action === r.action) {
-          out.push({ setId: r.setId, message: `set ${r.setId}: two ${r.action.slice(6)} events in a row`, evidence: [last.idx, idx] });
+        if (last !== undefined && last.event === event) {
+          out.push({ setId: r.setId, message: `set ${r.setId}: two ${event} events in a row`, evidence: [last.idx, idx] });
         }
-        setState.set(r.setId, { action: r.action, idx });
+        setState.set(r.setId, { event, idx });
       }
     });
     return out;
@@ -569,7 +577,7 @@ const S9: Rule = {
         // an UNBIND or FREE event, or the guest's own call — an unbind, clear, free, close or crash
         // of its VM — which tears the entry down before the core records anything (and the core's
         // record may never come, when the core or its link failed meanwhile).
-        const cause = [...l.bindings, ...l.frees, ...guestTeardowns(ctx, l, e.role)].filter((x) => x > e.set && rec(ctx, x).action !== "event:BIND").sort((a, b) => a - b)[0] ?? e.set;
+        const cause = [...l.bindings, ...l.frees, ...guestTeardowns(ctx, l, e.role)].filter((x) => x > e.set && eventOf(rec(ctx, x)) !== "BIND").sort((a, b) => a - b)[0] ?? e.set;
         // No clear recorded (the entry ends only at a later kill of a volatile role, or never): the
         // clear's record may have been lost, like any missing record.
         const noClear = e.clear === undefined;
@@ -583,7 +591,7 @@ const S9: Rule = {
     }
     ctx.index.records.forEach((r, idx) => {
       // A use of the PASID through a role's table: a descriptor VDCM submitted, an ENQCMD KVM translated.
-      const use = (r.role === "vdcm" && r.action === "submit") || (r.role === "kvm" && r.action === "enqcmd");
+      const use = (r.role === "vdcm" && r.action?.$case === "submit") || (r.role === "kvm" && r.action?.$case === "enqcmd");
       if (!use || r.ioasid === undefined || r.generation === undefined) return;
       const l = ctx.index.lifecycles.get(lifecycleKey(r.ioasid, r.generation));
       const reclaim = l?.reclaims[0];
@@ -784,15 +792,15 @@ const L4: Rule = {
     const records = ctx.index.records;
     for (const reg of ctx.index.pendingRegistrations) {
       const mine = (r: HistoryRecord) => r.role === reg.subscriber && r.instance === reg.instance;
-      if (records.some((r, i) => i > reg.idx && mine(r) && r.action.endsWith("destroy_vm"))) continue;
+      if (records.some((r, i) => i > reg.idx && mine(r) && r.action?.$case === "kvmDestroyVm")) continue;
       const c = ctx.index.containers.find((x) => x.mmToken === reg.mmToken && x.idx > reg.idx);
       if (c === undefined) continue;
-      const setFree = records.findIndex((r, i) => i > c.idx && r.role === CORE_ROLE && r.action === "event:SET_FREE" && r.setId === c.setId);
+      const setFree = records.findIndex((r, i) => i > c.idx && r.role === CORE_ROLE && eventOf(r) === "SET_FREE" && r.setId === c.setId);
       const until = setFree < 0 ? records.length : setFree;
       for (const l of lifecycles(ctx)) {
         if (l.setId !== c.setId || l.frees.length > 0) continue;
         for (const b of l.bindings) {
-          if (b < c.idx || b > until || rec(ctx, b).action !== "event:BIND") continue;
+          if (b < c.idx || b > until || eventOf(rec(ctx, b)) !== "BIND") continue;
           const handled = ctx.index.membersOf(l.key).some((i) => {
             const r = rec(ctx, i);
             if (i <= b) return false;

@@ -1,5 +1,5 @@
 import { core as core_ } from "@ioasid/proto";
-import { MemoryRoleState } from "@ioasid/bus";
+import { MemoryRoleState, type HistoryActionCase, type HistoryActionInput } from "@ioasid/bus";
 import { describe, expect, it } from "vitest";
 import { Code, DomainError } from "@ioasid/errors";
 import { events } from "@ioasid/proto";
@@ -23,7 +23,7 @@ const dev = (deviceId: string, maxPasids = 1 << 20): DeviceSpec => ({
 interface Rig {
   core: FakeCore;
   driver: IommuDriver;
-  history: { action: string; fields: Record<string, unknown> }[];
+  history: { action: HistoryActionCase; step: HistoryActionInput; fields: Record<string, unknown> }[];
   parent: number;
 }
 
@@ -34,7 +34,7 @@ function rig(...devices: string[]): Rig {
     hardware: new IommuHardware(),
     core,
     instance: "dmar0",
-    history: { record: (action, fields = {}) => history.push({ action, fields: fields as Record<string, unknown> }) },
+    history: { record: (step, fields = {}) => history.push({ action: step.$case, step, fields: fields as Record<string, unknown> }) },
   });
   for (const d of devices.length === 0 ? ["d0", "d1"] : devices) driver.registerDevice(dev(d));
   const parent = driver.createDomain({ type: DomainType.PAGING, parentDomainId: 0, guestPgtable: 0n, mmToken: 0n }).domainId;
@@ -87,8 +87,8 @@ describe("IommuDriver guest binds", () => {
     expect(second.firstBind).toBe(false);
     expect(r.core.info(201)).toMatchObject({ refcount: 2, holders: { [HOLDER_KEY]: 1 } });
     expect(kinds(r)).toEqual(["BIND:201"]);
-    expect(r.history.filter((h) => h.action === "bind_gpasid").map((h) => h.fields["refcount"])).toEqual([2, undefined]);
-    expect(r.history.filter((h) => h.action === "pasid_entry_set").map((h) => h.fields["ioasid"])).toEqual([201, 201]);
+    expect(r.history.filter((h) => h.action === "bindGpasid").map((h) => h.fields["refcount"])).toEqual([2, undefined]);
+    expect(r.history.filter((h) => h.action === "pasidEntrySet").map((h) => h.fields["ioasid"])).toEqual([201, 201]);
   });
 
   it("takes one reference when two devices bind the same host PASID concurrently", async () => {
@@ -113,9 +113,9 @@ describe("IommuDriver guest binds", () => {
     expect(kinds(r)).toEqual(["BIND:201", "UNBIND:201"]);
     expect(r.core.info(201)).toMatchObject({ refcount: 2, spid: 0, holders: { "set-owner": 1, [HOLDER_KEY]: 1 } });
     expect(r.core.calls).not.toContain("put");
-    expect(r.history.map((h) => h.action)).toContain("teardown_pasid");
-    expect(r.history.map((h) => h.action)).toContain("iotlb_flush");
-    expect(r.history.filter((h) => h.action === "unbind_gpasid").map((h) => h.fields["refcount"])).toEqual([undefined, undefined]);
+    expect(r.history.map((h) => h.action)).toContain("teardownPasid");
+    expect(r.history.map((h) => h.action)).toContain("iotlbFlush");
+    expect(r.history.filter((h) => h.action === "unbindGpasid").map((h) => h.fields["refcount"])).toEqual([undefined, undefined]);
     expect(r.driver.hw.binding(201)).toMatchObject({ refHeld: true, spidAttached: false });
     expect(r.driver.hw.binding(201)!.devices.size).toBe(0);
     // The FREE reaches the IOMMU, which releases the reference with the ack: reclaimed.
@@ -135,7 +135,7 @@ describe("IommuDriver guest binds", () => {
     expect(kinds(r)).toEqual(["BIND:201", "UNBIND:201", "BIND:201"]);
     expect(r.core.info(201)).toMatchObject({ refcount: 2, spid: 101, holders: { [HOLDER_KEY]: 1 } });
     expect(r.core.calls.filter((c) => c === "get")).toHaveLength(1);
-    expect(r.history.filter((h) => h.action === "bind_gpasid").map((h) => h.fields["refcount"])).toEqual([2, undefined]);
+    expect(r.history.filter((h) => h.action === "bindGpasid").map((h) => h.fields["refcount"])).toEqual([2, undefined]);
     // The FREE detaches the SPID without UNBIND and releases the one reference.
     expect(await deliver(r, r.core.free(set, 201))).toEqual(["bind"]);
     expect(r.core.info(201)).toBeUndefined();
@@ -277,7 +277,7 @@ describe("IommuDriver FREE (free before unbind)", () => {
       ["IOASID_FREE", "d0", 201],
       ["IOASID_FREE", "d1", 201],
     ]);
-    expect(r.history.find((h) => h.action === "iommu_nb_handler")!.fields).toMatchObject({ ioasid: 201, seq: Number(free!.seq) });
+    expect(r.history.find((h) => h.action === "iommuNbHandler")!.fields).toMatchObject({ ioasid: 201, seq: Number(free!.seq) });
     // Redelivery: nothing left, nothing released, answered synchronously.
     expect(r.driver.handleEvent(free!)).toBeUndefined();
     // The late unbind (step 30) finds nothing and changes nothing.

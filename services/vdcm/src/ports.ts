@@ -1,4 +1,4 @@
-import type { HistoryFields } from "@ioasid/bus";
+import type { HistoryActionInput, HistoryFields } from "@ioasid/bus";
 
 /**
  * What VDCM needs from the outside world, as small interfaces: the IOASID core (references and
@@ -65,7 +65,7 @@ export interface NotifierPort {
 /** Fields of one history record (the bus's). */
 export type { HistoryFields };
 
-/** Where VDCM records each change of its "hardware" ("vdev_write", "vdev_clear", "submit"). */
+/** Where VDCM records each change of its "hardware" (`vdevWrite`, `vdevClear`, `submit`). */
 export interface HistorySink {
-  record(action: string, fields: HistoryFields): void;
+  record(action: HistoryActionInput, fields: HistoryFields): void;
 }

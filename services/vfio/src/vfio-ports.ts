@@ -4,6 +4,7 @@
  * (`grpc-ports.ts`); unit tests give it in-memory fakes. Every method may throw a DomainError (the
  * other service's refusal, or UNAVAILABLE/DEADLINE_EXCEEDED when it cannot be reached).
  */
+import type { HistoryActionInput, HistoryFields } from "@ioasid/bus";
 
 /** What a core Free did (core.proto `FreeOutcome`). */
 export type FreeOutcome = "FREE_PENDING" | "RECLAIMED" | "ALREADY_FREE_PENDING";
@@ -97,18 +98,11 @@ export interface VdcmPort {
   unassignMdev(mdevUuid: string): Promise<{ readonly clearedEntries: number }>;
 }
 
-/** Fields of one history record (see `HistoryRecorder` in @ioasid/bus). */
-export interface HistoryFields {
-  readonly ioasid?: number;
-  readonly generation?: number;
-  readonly setId?: number;
-  readonly spid?: number;
-  readonly detail?: string;
-}
+export type { HistoryFields };
 
-/** Where VFIO's history records go (fire and forget). */
+/** Where VFIO's history records go (fire and forget): an action of the catalogue and what it is about. */
 export interface HistoryPort {
-  record(action: string, fields?: HistoryFields): void;
+  record(action: HistoryActionInput, fields?: HistoryFields): void;
 }
 
 /** Timers, replaceable in tests. */
