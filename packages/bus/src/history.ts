@@ -149,7 +149,7 @@ export function decodeHistoryBatch(body: Uint8Array, where: string): TypedHistor
   if (body.length > 0 && (body[0] === 0x5b || body[0] === 0x7b)) {
     throw historyFormatError(
       where,
-      "a history message of the old JSON format (from before the typed history catalogue): this version reads only ioasid.history.v1.HistoryBatch; start from an empty store (`ioasidctl down`, then remove the NATS store directory, or delete the history stream)",
+      "a history message of the old JSON format (from before the typed history catalogue): this version reads only ioasid.history.v1.HistoryBatch; start from an empty store (`ioasidctl down`, then remove its NATS store `<dir>/nats`, default `.ioasid/nats`; or delete the history stream)",
     );
   }
   let batch: h.HistoryBatch;
