@@ -69,7 +69,8 @@ describe("ChaosJournal", () => {
     const lost = await j.run({ op: "bind", vm: "g1" }, () => Promise.reject(new DomainError(Code.UNAVAILABLE, "UNAVAILABLE", "gone")));
     expect(lost).toMatchObject({ ok: false, outcome: "info" });
     expect(j.counts()).toMatchObject({ ok: 1, fail: 1, info: 1, byOp: { alloc: [1, 0, 0], free: [0, 1, 0], bind: [0, 0, 1] } });
-    expect(j.records.map((r) => { const e = parseChaosRecord(r); return e?.kind === "op" ? e.action : undefined; })).toEqual(["invoke", "ok", "invoke", "fail", "invoke", "info"]);
+    const phases = j.records.map((r) => parseChaosRecord(r)).map((e) => (e?.kind === "op" ? e.action : undefined));
+    expect(phases).toEqual(["invoke", "ok", "invoke", "fail", "invoke", "info"]);
     expect(j.records[1]).toMatchObject({ ioasid: 201, generation: 1, setId: 3 });
     expect(parseChaosRecord(j.records[1]!)).toMatchObject({ op: { op: "alloc", opId: 1, latencyMs: expect.any(Number) } });
   });
