@@ -13,7 +13,7 @@ import { createClient } from "@ioasid/grpc-kit";
 import { bus, core, events, iommu, kvm, testing, vdcm, vfio } from "@ioasid/proto";
 import { addressesOf, answerFaultGroup, connectStack, readState, stackDown, stackUp } from "@ioasid/cli";
 import { startNats, startService } from "@ioasid/testkit";
-import { DeliveryEngine, readHistory, startSubscriber } from "@ioasid/bus";
+import { DeliveryEngine, readHistory, startSubscriber, stepLabel } from "@ioasid/bus";
 import { IoasidCore, OpLog } from "@ioasid/ioasid-core";
 import { connect } from "@nats-io/transport-node";
 import { jetstream, jetstreamManager } from "@nats-io/jetstream";
@@ -521,7 +521,7 @@ async function crashBench() {
       const h = await readHistory(c.nc, { sinceMs: t0 - 5 });
       const groups = new Map();
       for (const r of h) {
-        const k = `${r.role}:${r.action}${r.action === "ioasid_put" ? `:${r.detail.split("/")[0]}` : ""}`;
+        const k = `${r.role}:${stepLabel(r)}${r.action.$case === "ioasidPut" ? `:${r.action.value.holder?.role}` : ""}`;
         const g = groups.get(k) ?? { n: 0, first: Infinity, last: 0 };
         g.n++;
         g.first = Math.min(g.first, r.ts - t0);

@@ -1,6 +1,6 @@
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { connect, type NatsConnection } from "@nats-io/transport-node";
-import { readHistory } from "@ioasid/bus";
+import { eventOf, readHistory } from "@ioasid/bus";
 import { core, iommu, vdcm, vfio } from "@ioasid/proto";
 import { startService, waitFor, type ServiceProcess } from "@ioasid/testkit";
 import { forceRelease, heldBy } from "@ioasid/cli";
@@ -80,12 +80,12 @@ describe("a crashed VDCM", () => {
     await waitFor(
       async () => {
         hist = await readHistory(nc, { sinceMs: since });
-        return hist.some((r) => r.action === "event:RECLAIM" && r.ioasid === a.hpasid);
+        return hist.some((r) => eventOf(r) === "RECLAIM" && r.ioasid === a.hpasid);
       },
       { timeoutMs: 5000 },
     );
-    const clear = hist.find((r) => r.role === "vdcm" && r.action === "vdev_clear" && r.ioasid === a.hpasid);
-    const reclaim = hist.find((r) => r.action === "event:RECLAIM" && r.ioasid === a.hpasid);
+    const clear = hist.find((r) => r.role === "vdcm" && r.action?.$case === "vdevClear" && r.ioasid === a.hpasid);
+    const reclaim = hist.find((r) => eventOf(r) === "RECLAIM" && r.ioasid === a.hpasid);
     expect(clear, "VDCM cleared the device").toBeDefined();
     expect(clear!.ts).toBeGreaterThanOrEqual(restartedAt);
     expect(clear!.ts).toBeLessThanOrEqual(reclaim!.ts);
@@ -122,14 +122,14 @@ describe("a crashed VDCM", () => {
     await waitFor(
       async () => {
         hist = await readHistory(nc, { sinceMs: since });
-        return hist.some((x) => x.action === "force_release") && hist.some((x) => x.action === "event:RECLAIM" && x.ioasid === a.hpasid);
+        return hist.some((x) => x.action?.$case === "forceRelease") && hist.some((x) => eventOf(x) === "RECLAIM" && x.ioasid === a.hpasid);
       },
       { timeoutMs: 5000 },
     );
-    const audit = hist.find((x) => x.action === "force_release")!;
+    const audit = hist.find((x) => x.action?.$case === "forceRelease")!;
     expect(audit).toMatchObject({ role: "operator", instance: "test-operator" });
-    expect(JSON.parse(audit.detail!)).toMatchObject({ holder: "vdcm/vdcm0/*", reason: "vdcm0 decommissioned", references: [{ ioasid: a.hpasid, purpose: "dsa-y.wq0", count: 1 }] });
-    const put = hist.find((x) => x.action === "ioasid_put" && x.ioasid === a.hpasid && x.detail?.includes("vdcm/vdcm0"))!;
+    expect(audit.action.value).toMatchObject({ holder: "vdcm/vdcm0/*", reason: "vdcm0 decommissioned", references: [{ ioasid: a.hpasid, purpose: "dsa-y.wq0", count: 1 }] });
+    const put = hist.find((x) => x.action.$case === "ioasidPut" && x.ioasid === a.hpasid && x.action.value.holder?.role === "vdcm" && x.action.value.holder.instance === "vdcm0")!;
     expect(audit.ts).toBeLessThanOrEqual(put.ts);
   }, 60_000);
 });

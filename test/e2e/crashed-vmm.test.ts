@@ -1,7 +1,7 @@
 import { spawn, type ChildProcess } from "node:child_process";
 import { fileURLToPath } from "node:url";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
-import { readHistory } from "@ioasid/bus";
+import { eventOf, readHistory } from "@ioasid/bus";
 import { isDomainError } from "@ioasid/errors";
 import { core, iommu, kvm, vdcm, vfio } from "@ioasid/proto";
 import { waitFor } from "@ioasid/testkit";
@@ -88,9 +88,9 @@ describe("crashed VMM", () => {
     // In CPU → DEVICE → IOMMU order, per IOASID: KVM's release before VDCM's before the IOMMU's.
     const history = await readHistory(c.nc, { sinceMs: since });
     for (const h of hpasids) {
-      const puts = history.filter((r) => r.ioasid === h && r.action === "ioasid_put").map((r) => r.detail!.split("/")[0]);
+      const puts = history.filter((r) => r.ioasid === h && r.action?.$case === "ioasidPut").map((r) => (r.action.$case === "ioasidPut" ? r.action.value.holder?.role : undefined));
       expect(puts, `releases of ${h}`).toEqual(["kvm", "vdcm", "iommu"]);
-      const reclaim = history.find((r) => r.ioasid === h && r.action === "event:RECLAIM");
+      const reclaim = history.find((r) => r.ioasid === h && eventOf(r) === "RECLAIM");
       expect(reclaim?.refcount).toBe(0);
     }
   }, 90_000);

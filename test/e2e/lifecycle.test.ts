@@ -1,3 +1,4 @@
+import { stepLabel, type HistoryActionCase } from "@ioasid/bus";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { runScenario, ScenarioKind, renderTable, renderVerdict, type ScenarioResult } from "@ioasid/cli";
 import { startStack, type StackFixture } from "../support/stack-fixture.js";
@@ -18,10 +19,10 @@ function refs(r: ScenarioResult): number[] {
   return r.rows.filter((x) => x.ref !== undefined).map((x) => x.ref!);
 }
 function events(r: ScenarioResult): string[] {
-  return r.rows.filter((x) => x.column === "IOASID").map((x) => x.record.action.replace("event:", ""));
+  return r.rows.filter((x) => x.column === "IOASID").map((x) => stepLabel(x.record).replace("event:", ""));
 }
-function columnOf(r: ScenarioResult, action: string): string[] {
-  return r.rows.filter((x) => x.record.action === action).map((x) => x.column);
+function columnOf(r: ScenarioResult, action: HistoryActionCase): string[] {
+  return r.rows.filter((x) => x.record.action?.$case === action).map((x) => x.column);
 }
 
 describe("guest IOASID life cycle through the services", () => {
@@ -33,8 +34,8 @@ describe("guest IOASID life cycle through the services", () => {
     expect(refs(r), why).toEqual([1, 2, 3, 4, 3, 2, 1, 0]);
     // Who took and dropped the references, as in the table: IOMMU (4), KVM (6), VDCM (10); VDCM
     // (16), KVM (21), the free (22), IOMMU (23).
-    expect(columnOf(r, "ioasid_get"), why).toEqual(["IOMMU", "KVM", "VDCM"]);
-    expect(columnOf(r, "ioasid_put"), why).toEqual(["VDCM", "KVM", "IOMMU"]);
+    expect(columnOf(r, "ioasidGet"), why).toEqual(["IOMMU", "KVM", "VDCM"]);
+    expect(columnOf(r, "ioasidPut"), why).toEqual(["VDCM", "KVM", "IOMMU"]);
     expect(r.notes.some((n) => n.startsWith("new life cycle")), why).toBe(true);
   }, 60_000);
 
@@ -45,7 +46,7 @@ describe("guest IOASID life cycle through the services", () => {
     expect(events(r), why).toEqual(["ALLOC", "BIND", "FREE", "RECLAIM"]);
     expect(refs(r), why).toEqual([1, 2, 3, 4, 3, 2, 1, 0]);
     // The FREE's releases in priority order: KVM (CPU), VDCM (DEVICE), IOMMU (IOMMU).
-    expect(columnOf(r, "ioasid_put"), why).toEqual(["KVM", "VDCM", "IOMMU"]);
+    expect(columnOf(r, "ioasidPut"), why).toEqual(["KVM", "VDCM", "IOMMU"]);
     expect(r.notes.find((n) => n.startsWith("late unbind")), why).toBeDefined();
     // The IOASID is reusable afterwards.
     expect(r.notes.find((n) => n.startsWith("new life cycle")), why).toMatch(new RegExp(`-> ${r.hpasid} generation ${r.generation + 1}`));

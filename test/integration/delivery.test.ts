@@ -230,12 +230,14 @@ describe("delivery deadlines and missed subscribers", () => {
       let missed: HistoryRecord[] = [];
       await waitFor(
         async () => {
-          missed = (await readHistory(nc, { sinceMs: Date.now() - 60_000 })).filter((r) => r.action === "delivery_missed" && r.seq === freeSeq);
+          missed = (await readHistory(nc, { sinceMs: Date.now() - 60_000 })).filter((r) => r.action?.$case === "deliveryMissed" && r.seq === freeSeq);
           return missed.length > 0;
         },
         { timeoutMs: 5000, message: "the core's delivery_missed record" },
       );
-      expect(missed.map((r) => [r.role, r.ioasid, r.detail])).toEqual([["ioasid", x.ioasid, "kvm/vm-1 FREE"]]);
+      expect(missed.map((r) => [r.role, r.ioasid, r.action?.$case === "deliveryMissed" ? r.action.value : undefined])).toEqual([
+        ["ioasid", x.ioasid, { subscriber: "kvm", instance: "vm-1", type: events.EventType.EVENT_TYPE_FREE }],
+      ]);
       expect(missed[0]!.ts).toBeLessThanOrEqual(t.vdcm.handled("FREE")[0]!.start);
     } finally {
       await nc.close();

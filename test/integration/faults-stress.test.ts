@@ -189,9 +189,9 @@ describe("fault stress", () => {
       async () => {
         counts = new Map();
         for (const r of await readHistory(nc, { sinceMs: since })) {
-          if (r.role !== "iommu" || r.action !== "page_response") continue;
-          const id = /^group (\d+) /.exec(r.detail ?? "")?.[1];
-          if (id !== undefined) counts.set(BigInt(id), (counts.get(BigInt(id)) ?? 0) + 1);
+          if (r.role !== "iommu" || r.action.$case !== "pageResponse") continue;
+          const id = r.action.value.group;
+          counts.set(id, (counts.get(id) ?? 0) + 1);
         }
         return [...raised].every((id) => counts.has(id));
       },

@@ -2,7 +2,7 @@ import { spawn, type ChildProcess } from "node:child_process";
 import { fileURLToPath } from "node:url";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { connect, type NatsConnection } from "@nats-io/transport-node";
-import { readHistory, type HistoryRecord } from "@ioasid/bus";
+import { eventOf, readHistory, type HistoryRecord } from "@ioasid/bus";
 import { Code } from "@ioasid/errors";
 import { core, iommu, kvm, vdcm, vfio } from "@ioasid/proto";
 import { waitFor } from "@ioasid/testkit";
@@ -41,9 +41,8 @@ async function responsesOf(groupIds: readonly bigint[], since: number): Promise<
   const hist = await readHistory(nc, { sinceMs: since });
   const out = new Map<bigint, HistoryRecord[]>(groupIds.map((id) => [id, []]));
   for (const r of hist) {
-    if (r.role !== "iommu" || r.action !== "page_response") continue;
-    const id = /^group (\d+) /.exec(r.detail ?? "")?.[1];
-    if (id !== undefined) out.get(BigInt(id))?.push(r);
+    if (r.role !== "iommu" || r.action.$case !== "pageResponse") continue;
+    out.get(r.action.value.group)?.push(r);
   }
   return out;
 }
@@ -336,12 +335,12 @@ describe("every group gets exactly one response", () => {
     await waitFor(
       async () => {
         hist = await readHistory(nc, { sinceMs: since });
-        return hist.some((r) => r.action === "event:RECLAIM" && r.ioasid === g.hpasid);
+        return hist.some((r) => eventOf(r) === "RECLAIM" && r.ioasid === g.hpasid);
       },
       { timeoutMs: 10_000, message: "the RECLAIM" },
     );
-    const reclaim = hist.find((r) => r.action === "event:RECLAIM" && r.ioasid === g.hpasid)!;
-    const drained = hist.filter((r) => r.role === "iommu" && r.action === "page_response" && r.ioasid === g.hpasid && /IOASID_FREED/.test(r.detail ?? ""));
+    const reclaim = hist.find((r) => eventOf(r) === "RECLAIM" && r.ioasid === g.hpasid)!;
+    const drained = hist.filter((r) => r.role === "iommu" && r.action?.$case === "pageResponse" && r.ioasid === g.hpasid && r.action.value.source === "IOASID_FREED");
     expect(drained).toHaveLength(2);
     for (const d of drained) expect(d.ts).toBeLessThanOrEqual(reclaim.ts);
 

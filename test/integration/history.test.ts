@@ -1,6 +1,6 @@
 import { afterEach, describe, expect, it } from "vitest";
 import { connect, type NatsConnection } from "@nats-io/transport-node";
-import { HistoryRecorder, readHistory, type HistoryRecord } from "@ioasid/bus";
+import { DEFAULT_PREFIX, eventOf, historySubject, HistoryRecorder, readHistory, stepLabel, type HistoryRecord } from "@ioasid/bus";
 import { OpLog } from "@ioasid/ioasid-core";
 import { core, events } from "@ioasid/proto";
 import { startNats, waitFor, type NatsServer } from "@ioasid/testkit";
@@ -32,7 +32,7 @@ async function stepsOf(conn: NatsConnection, ioasid: number, since: number, n: n
     },
     { timeoutMs: 5000, message: `${n} history records of IOASID ${ioasid}` },
   );
-  return { records, steps: records.map((r) => `${r.action}:${r.refcount}${r.recovered === true ? "*" : ""}`) };
+  return { records, steps: records.map((r) => `${stepLabel(r)}:${r.refcount}${r.recovered === true ? "*" : ""}`) };
 }
 
 describe("history", () => {
@@ -52,7 +52,7 @@ describe("history", () => {
       await waitFor(
         async () => {
           const h = await readHistory(nc, { sinceMs: since });
-          steps = h.filter((r) => r.ioasid === ioasid).map((r) => `${r.action}:${r.refcount}`);
+          steps = h.filter((r) => r.ioasid === ioasid).map((r) => `${stepLabel(r)}:${r.refcount}`);
           return steps.length >= 5;
         },
         { timeoutMs: 5000, message: "five history records" },
@@ -111,21 +111,36 @@ describe("history", () => {
     const since = Date.now();
     const recorder = new HistoryRecorder(nc, "ioasid", "core");
     for (let round = 0; round < 2; round++) {
-      for (let i = 0; i < 600; i++) recorder.recordIn("ioasid-core:test:7", { "Ioasid-Op-Seq": "7" }, "event:ALLOC", { ioasid: 9000 + i, refcount: 1 }, since + i);
+      for (let i = 0; i < 600; i++) recorder.recordIn("ioasid-core:test:7", { "Ioasid-Op-Seq": "7" }, { $case: "ioasidNotify", value: { type: events.EventType.EVENT_TYPE_ALLOC } }, { ioasid: 9000 + i, refcount: 1 }, since + i);
       recorder.flush();
     }
-    recorder.record("marker", { ioasid: 1 }, since + 1000);
+    recorder.record({ $case: "chaosNote", value: { note: "marker" } }, { ioasid: 1 }, since + 1000);
     recorder.flush();
     let stored: HistoryRecord[] = [];
     await waitFor(
       async () => {
         stored = await readHistory(nc!, { sinceMs: since });
-        return stored.some((r) => r.action === "marker");
+        return stored.some((r) => r.action?.$case === "chaosNote" && r.action.value.note === "marker");
       },
       { timeoutMs: 5000, message: "the marker record" },
     );
-    const ids = stored.filter((r) => r.action === "event:ALLOC" && r.ioasid! >= 9000).map((r) => r.ioasid);
+    const ids = stored.filter((r) => eventOf(r) === "ALLOC" && r.ioasid! >= 9000).map((r) => r.ioasid);
     expect(ids).toHaveLength(600);
     expect(new Set(ids).size).toBe(600);
+  });
+
+  it("refuses a history message of the old JSON format with what to do, never skipping it", async () => {
+    nats = await startNats();
+    fixture = await startCore({}, { nats }); // creates the history stream
+    nc = await connect({ servers: nats.url });
+    const since = Date.now();
+    // What a version before the typed catalogue published: a JSON array of records with action strings.
+    nc.publish(historySubject(DEFAULT_PREFIX, "kvm", "vm-1"), JSON.stringify([{ ts: since + 1, role: "kvm", instance: "vm-1", action: "vmcs_update", ioasid: 201, detail: "install gpasid 101 → hpasid 201" }]));
+    const recorder = new HistoryRecorder(nc, "kvm", "vm-1");
+    recorder.record({ $case: "chaosNote", value: { note: "after" } }, {}, since + 2);
+    recorder.flush();
+    await nc.flush();
+    await expect(readHistory(nc, { sinceMs: since })).rejects.toThrow(/history message of the old JSON format .*start from an empty store/);
+    await expect(readHistory(nc, { sinceMs: since })).rejects.toMatchObject({ reason: "HISTORY_FORMAT_UNSUPPORTED" });
   });
 });

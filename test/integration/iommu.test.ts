@@ -197,8 +197,8 @@ describe("iommu: FREE before unbind (misbehaving guest, steps 15–30)", () => {
       await waitFor(
         async () => {
           const h = (await readHistory(nc, { sinceMs: since })).filter((r) => r.role === "iommu" && r.ioasid === v.ioasid);
-          const freeSeq = h.find((r) => r.action === "iommu_nb_handler")?.seq;
-          return freeSeq !== undefined && h.filter((r) => r.seq === freeSeq && (r.action === "teardown_pasid" || r.action === "iotlb_flush")).length === 4;
+          const freeSeq = h.find((r) => r.action?.$case === "iommuNbHandler")?.seq;
+          return freeSeq !== undefined && h.filter((r) => r.seq === freeSeq && (r.action?.$case === "teardownPasid" || r.action?.$case === "iotlbFlush")).length === 4;
         },
         { timeoutMs: 5000, message: "teardown_pasid and iotlb_flush records of the FREE" },
       );

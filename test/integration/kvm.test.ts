@@ -1,8 +1,8 @@
 import { spawnSync } from "node:child_process";
 import { connect } from "@nats-io/transport-node";
-import { readHistory } from "@ioasid/bus";
+import { readHistory, type HistoryRecord } from "@ioasid/bus";
 import { Code } from "@ioasid/errors";
-import { core, kvm } from "@ioasid/proto";
+import { core, history, kvm } from "@ioasid/proto";
 import { waitFor } from "@ioasid/testkit";
 import { afterEach, describe, expect, it } from "vitest";
 import { expectRefused, serviceEntry } from "../support/core-fixture.js";
@@ -116,19 +116,19 @@ describe("KVM UNBIND and FREE", () => {
 
     const nc = await connect({ servers: stack.core.nats.url });
     try {
-      let kvmSteps: string[] = [];
+      let kvmSteps: HistoryRecord[] = [];
       await waitFor(
         async () => {
           const h = await readHistory(nc, { sinceMs: since });
-          kvmSteps = h.filter((r) => r.role === "kvm" && r.instance === "vm-1").map((r) => `${r.action}:${r.detail ?? ""}`);
+          kvmSteps = h.filter((r) => r.role === "kvm" && r.instance === "vm-1");
           return kvmSteps.length >= 5;
         },
         { timeoutMs: 10_000, message: "KVM's history records" },
       );
-      expect(kvmSteps.map((s) => s.split(":")[0])).toEqual(["kvm_create_vm", "vmcs_update", "enqcmd", "vmcs_update", "enqcmd"]);
-      expect(kvmSteps[1]).toContain(`install gpasid 101 → hpasid ${x.ioasid}`);
-      expect(kvmSteps[3]).toContain(`clear gpasid 101 → hpasid ${x.ioasid} (UNBIND)`);
-      expect(kvmSteps[4]).toContain("#GP NO_TRANSLATION");
+      expect(kvmSteps.map((s) => s.action?.$case)).toEqual(["kvmCreateVm", "vmcsUpdate", "enqcmd", "vmcsUpdate", "enqcmd"]);
+      expect(kvmSteps[1]!.action?.value).toEqual({ kind: history.VmcsUpdateKind.VMCS_UPDATE_KIND_INSTALL, gpasid: 101, hpasid: x.ioasid, cause: history.VmcsClearCause.VMCS_CLEAR_CAUSE_UNSPECIFIED });
+      expect(kvmSteps[3]!.action?.value).toEqual({ kind: history.VmcsUpdateKind.VMCS_UPDATE_KIND_CLEAR, gpasid: 101, hpasid: x.ioasid, cause: history.VmcsClearCause.VMCS_CLEAR_CAUSE_UNBIND });
+      expect(kvmSteps[4]!.action?.value).toMatchObject({ translated: false, gpCause: "NO_TRANSLATION" });
     } finally {
       await nc.close();
     }

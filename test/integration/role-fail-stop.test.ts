@@ -36,7 +36,7 @@ describe("a role that cannot keep its state", () => {
     const probe = stack.clients.iommu.registerDevice(iommu.RegisterDeviceRequest.fromPartial({ deviceId: "lost1", maxPasids: 64, function: iommu.DeviceFunction.DEVICE_FUNCTION_PF, iommuGroup: 8 }));
     await expect(probe).rejects.toBeDefined();
     expect((await stack.procs.iommu.exited).code).toBe(1);
-    const probes = (await readHistory(nc, { sinceMs: since })).filter((r) => r.role === "iommu" && r.action === "iommu_probe_device").map((r) => r.detail?.split(" ")[1]);
+    const probes = (await readHistory(nc, { sinceMs: since })).filter((r) => r.role === "iommu" && r.action?.$case === "iommuProbeDevice").map((r) => (r.action.$case === "iommuProbeDevice" ? r.action.value.device : undefined));
     expect(probes).toEqual(["kept1"]);
   }, 30_000);
 });

@@ -1,5 +1,6 @@
 import { spawnSync } from "node:child_process";
 import { afterEach, describe, expect, it } from "vitest";
+import { eventOf, stepLabel, type HistoryRecord } from "@ioasid/bus";
 import { Code } from "@ioasid/errors";
 import { core, events, vdcm } from "@ioasid/proto";
 import { waitFor } from "@ioasid/testkit";
@@ -126,8 +127,8 @@ describe("VDCM with the real core", () => {
     let steps: string[] = [];
     await waitFor(
       async () => {
-        const h = (await historyOf(f.nc, since)).filter((r) => r.ioasid === ioasid && (r.role === "vdcm" || r.action.startsWith("ioasid_")));
-        steps = h.map((r) => `${r.role}:${r.action}${r.refcount === undefined ? "" : `:${r.refcount}`}`);
+        const h = (await historyOf(f.nc, since)).filter((r) => r.ioasid === ioasid && (r.role === "vdcm" || stepLabel(r).startsWith("ioasid_")));
+        steps = h.map((r) => `${r.role}:${stepLabel(r)}${r.refcount === undefined ? "" : `:${r.refcount}`}`);
         return steps.length >= 6;
       },
       { timeoutMs: 5000, message: "the write and clear in the history" },
@@ -152,7 +153,7 @@ describe("VDCM with the real core", () => {
     let steps: string[] = [];
     await waitFor(
       async () => {
-        steps = (await historyOf(f.nc, since)).filter((r) => r.ioasid === ioasid).map((r) => `${r.role}:${r.action}`);
+        steps = (await historyOf(f.nc, since)).filter((r) => r.ioasid === ioasid).map((r) => `${r.role}:${stepLabel(r)}`);
         return steps.includes("ioasid:event:RECLAIM");
       },
       { timeoutMs: 5000, message: "the reclaim in the history" },
@@ -161,8 +162,8 @@ describe("VDCM with the real core", () => {
     expect(at("ioasid:event:FREE")).toBeGreaterThanOrEqual(0);
     expect(at("vdcm:vdev_clear")).toBeGreaterThan(at("ioasid:event:FREE"));
     expect(at("ioasid:event:RECLAIM")).toBeGreaterThan(at("vdcm:vdev_clear"));
-    const clear = (await historyOf(f.nc, since, "vdcm")).find((r) => r.action === "vdev_clear")!;
-    const free = (await historyOf(f.nc, since, "ioasid")).find((r) => r.action === "event:FREE" && r.ioasid === ioasid)!;
+    const clear = (await historyOf(f.nc, since, "vdcm")).find((r) => r.action?.$case === "vdevClear")!;
+    const free = (await historyOf(f.nc, since, "ioasid")).find((r) => eventOf(r) === "FREE" && r.ioasid === ioasid)!;
     expect(clear.seq).toBe(free.seq);
   });
 
@@ -271,15 +272,15 @@ describe("VDCM with the real core", () => {
       "STALE_GENERATION",
     );
     expect(f.iommu.requests).toHaveLength(seen);
-    let submits: string[] = [];
+    let submits: HistoryRecord[] = [];
     await waitFor(
       async () => {
-        submits = (await historyOf(f.nc, since, "vdcm")).filter((r) => r.action === "submit").map((r) => r.detail ?? "");
+        submits = (await historyOf(f.nc, since, "vdcm")).filter((r) => r.action?.$case === "submit");
         return submits.length >= 4;
       },
       { timeoutMs: 5000, message: "four submit records" },
     );
-    expect(submits.filter((d) => d.includes("dropped"))).toHaveLength(2);
+    expect(submits.filter((r) => r.action?.$case === "submit" && r.action.value.dropped)).toHaveLength(2);
   });
 
   it("runs a dedicated work queue's descriptor with its programmed host PASID", async () => {

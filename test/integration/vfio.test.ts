@@ -1,7 +1,7 @@
 import { afterAll, afterEach, beforeAll, describe, expect, it } from "vitest";
 import { spawnSync } from "node:child_process";
 import { connect, type NatsConnection } from "@nats-io/transport-node";
-import { readHistory, type HistoryRecord } from "@ioasid/bus";
+import { readHistory, type HistoryActionCase, type HistoryRecord } from "@ioasid/bus";
 import { Code } from "@ioasid/errors";
 import { core, events, vfio } from "@ioasid/proto";
 import { waitFor } from "@ioasid/testkit";
@@ -61,15 +61,21 @@ function holdSession(c: Vfio, containerId: number) {
 
 async function vfioHistory(since: number, containerId: number): Promise<HistoryRecord[]> {
   const all = await readHistory(nc, { sinceMs: since });
-  return all.filter((r) => r.role === "vfio" && (r.detail ?? "").includes(`container ${containerId}`));
+  return all.filter((r) => r.role === "vfio" && (r.action.value as { container?: number }).container === containerId);
 }
 
-async function waitHistory(since: number, containerId: number, action: string): Promise<HistoryRecord[]> {
+/** The container_close step of a container's history. */
+function closeOf(h: readonly HistoryRecord[]) {
+  const a = h.find((r) => r.action?.$case === "containerClose")?.action;
+  return a?.$case === "containerClose" ? a.value : undefined;
+}
+
+async function waitHistory(since: number, containerId: number, action: HistoryActionCase): Promise<HistoryRecord[]> {
   let records: HistoryRecord[] = [];
   await waitFor(
     async () => {
       records = await vfioHistory(since, containerId);
-      return records.some((r) => r.action === action);
+      return records.some((r) => r.action?.$case === action);
     },
     { timeoutMs: 5000, message: `vfio history ${action} of container ${containerId}` },
   );
@@ -95,8 +101,8 @@ describe("vfio: containers", () => {
       state: vfio.ContainerState.CONTAINER_STATE_AWAITING_SESSION,
     });
     expect(containers[0]!.sessionDeadline!.getTime()).toBe(c.sessionDeadline!.getTime());
-    const h = await waitHistory(since, c.containerId, "container_open");
-    expect(h[0]).toMatchObject({ role: "vfio", instance: "vfio-1", action: "container_open", setId: c.setId });
+    const h = await waitHistory(since, c.containerId, "containerOpen");
+    expect(h[0]).toMatchObject({ role: "vfio", instance: "vfio-1", action: { $case: "containerOpen" }, setId: c.setId });
     await vf.client.closeContainer({ containerId: c.containerId });
   });
 
@@ -144,13 +150,13 @@ describe("vfio: guest PASIDs (virtual command)", () => {
     await fx.client.put(core.PutRequest.fromPartial({ setId: c.setId, ioasid: b.hpasid, holder: KVM }));
     expect(await ioasidsOf(c.setId)).toEqual([]);
     await expectRefused(vf.client.freePasid({ containerId: c.containerId, hpasid: a.hpasid, generation: 0 }), Code.NOT_FOUND, "IOASID_NOT_FOUND");
-    const h = await waitHistory(since, c.containerId, "vcmd_free");
-    expect(h.filter((r) => r.action.startsWith("vcmd_")).map((r) => `${r.action}:${r.ioasid}`)).toEqual([
-      `vcmd_alloc:${a.hpasid}`,
-      `vcmd_alloc:${b.hpasid}`,
-      `vcmd_free:${a.hpasid}`,
-      `vcmd_free:${b.hpasid}`,
-      `vcmd_free:${b.hpasid}`,
+    const h = await waitHistory(since, c.containerId, "vcmdFree");
+    expect(h.filter((r) => r.action?.$case === "vcmdAlloc" || r.action?.$case === "vcmdFree").map((r) => `${r.action?.$case}:${r.ioasid}`)).toEqual([
+      `vcmdAlloc:${a.hpasid}`,
+      `vcmdAlloc:${b.hpasid}`,
+      `vcmdFree:${a.hpasid}`,
+      `vcmdFree:${b.hpasid}`,
+      `vcmdFree:${b.hpasid}`,
     ]);
     await vf.client.closeContainer({ containerId: c.containerId });
   });
@@ -186,8 +192,8 @@ describe("vfio: the container lives as long as its VMM's session", () => {
     await waitSetGone(fx.client, vmm.setId);
     await waitContainerGone(vf.client, vmm.containerId);
     await expectRefused(vf.client.allocPasid({ containerId: vmm.containerId }), Code.NOT_FOUND, "CONTAINER_NOT_FOUND");
-    const h = await waitHistory(since, vmm.containerId, "container_close");
-    expect(h.find((r) => r.action === "container_close")!.detail).toContain("reason SESSION_ENDED freed 3");
+    const h = await waitHistory(since, vmm.containerId, "containerClose");
+    expect(closeOf(h)).toMatchObject({ reason: "SESSION_ENDED", freed: 3 });
   });
 
   it("frees the set when the VMM cancels its Session stream", async () => {
@@ -214,9 +220,9 @@ describe("vfio: the container lives as long as its VMM's session", () => {
     await waitSetGone(fx.client, vmm.setId);
     await waitContainerGone(vf.client, vmm.containerId);
     await expectRefused(vf.client.closeContainer({ containerId: vmm.containerId }), Code.NOT_FOUND, "CONTAINER_NOT_FOUND");
-    const h = await waitHistory(since, vmm.containerId, "container_release");
-    expect(h.map((r) => r.action)).toEqual(["container_open", "vcmd_alloc", "vcmd_alloc", "session_attach", "container_close", "container_release"]);
-    expect(h[4]!.detail).toContain("reason CLOSED freed 2");
+    const h = await waitHistory(since, vmm.containerId, "containerRelease");
+    expect(h.map((r) => r.action?.$case)).toEqual(["containerOpen", "vcmdAlloc", "vcmdAlloc", "sessionAttach", "containerClose", "containerRelease"]);
+    expect(closeOf(h)).toMatchObject({ reason: "CLOSED", freed: 2 });
   });
 
   it("frees the set of a container whose session never attaches within the grace period", async () => {
@@ -225,8 +231,8 @@ describe("vfio: the container lives as long as its VMM's session", () => {
     await vf.client.allocPasid({ containerId: c.containerId });
     await waitSetGone(fx.client, c.setId);
     await waitContainerGone(vf.client, c.containerId);
-    const h = await waitHistory(since, c.containerId, "container_close");
-    expect(h.find((r) => r.action === "container_close")!.detail).toContain("reason SESSION_NEVER_ATTACHED freed 1");
+    const h = await waitHistory(since, c.containerId, "containerClose");
+    expect(closeOf(h)).toMatchObject({ reason: "SESSION_NEVER_ATTACHED", freed: 1 });
     // Too late to attach now.
     await expectRefused(
       (async () => {

@@ -1,9 +1,10 @@
-import type { HistoryFields } from "./history.js";
+import type { HistoryActionInput, HistoryFields } from "./history-catalogue.js";
 import type { RoleStatePort, StateChange } from "./role-state.js";
 
 /** Where a role's history records go: a {@link HistoryRecorder}, or a test's list. */
 export interface HistorySink {
-  record(action: string, fields?: HistoryFields, ts?: number): void;
+  /** Records one step: an action of the catalogue, what it is about, and when (default now). */
+  record(action: HistoryActionInput, fields?: HistoryFields, ts?: number): void;
 }
 
 /** Options of {@link HistoryGate}. */
@@ -20,7 +21,7 @@ export interface HistoryGateOptions {
 
 interface Held {
   readonly sink: HistorySink;
-  readonly action: string;
+  readonly action: HistoryActionInput;
   readonly fields: HistoryFields;
   readonly ts: number;
 }

@@ -1,40 +1,16 @@
 import { jetstream, jetstreamManager, DeliverPolicy, StorageType, RetentionPolicy, DiscardPolicy } from "@nats-io/jetstream";
 import { headers, type MsgHdrs, type NatsConnection } from "@nats-io/transport-node";
+import { BinaryReader, BinaryWriter } from "@bufbuild/protobuf/wire";
+import { history as h } from "@ioasid/proto";
+import {
+  checkHistoryRecord,
+  createHistoryRecord,
+  historyFormatError,
+  type HistoryActionInput,
+  type HistoryFields,
+  type TypedHistoryRecord,
+} from "./history-catalogue.js";
 import { DEFAULT_PREFIX, encodeToken } from "./subjects.js";
-
-/**
- * One step of the recorded history: something a component did to an IOASID or to its own
- * "hardware" (a VMCS entry written, a device PASID drained, a PASID entry torn down, a reference
- * taken). The timeline (the kernel document's column table) and the invariant checker read them.
- */
-export interface HistoryRecord {
-  /** Wall-clock time, ms since the epoch, with sub-ms precision. */
-  readonly ts: number;
-  /** The column: "vfio", "iommu", "kvm", "vdcm", "ioasid" (the core), or a tool. */
-  readonly role: string;
-  /** Which instance of the role ("vm-7", "idxd0"). */
-  readonly instance: string;
-  /** What happened, in the kernel's words where it has one ("ioasid_get", "vmcs_update", "vdev_write"…). */
-  readonly action: string;
-  readonly ioasid?: number;
-  readonly generation?: number;
-  readonly setId?: number;
-  readonly spid?: number;
-  /** The IOASID's reference count right after the step, when the step changed it. */
-  readonly refcount?: number;
-  /** The core event sequence the step belongs to (a delivery being handled). */
-  readonly seq?: number;
-  /** Anything else worth showing ("device idxd0 wq 1", "holder kvm/vm-1/vmcs"). */
-  readonly detail?: string;
-  /**
-   * Published by a later incarnation than the one that did the step: a restarted core replaying
-   * an operation whose records its predecessor never got to publish (it stopped first).
-   */
-  readonly recovered?: boolean;
-}
-
-/** What a history record carries besides its time, component and action. */
-export type HistoryFields = Omit<HistoryRecord, "ts" | "role" | "instance" | "action">;
 
 /** Subject of a role's history records: `<prefix>.history.<role>.<instance>`. */
 export function historySubject(prefix: string, role: string, instance: string): string {
@@ -68,15 +44,16 @@ export async function ensureHistoryStream(nc: NatsConnection, prefix = DEFAULT_P
 
 /**
  * Publishes a component's history records (fire and forget: history never holds up the work it
- * records). Records of one turn of the event loop go out as one message (a JSON array), so a burst
- * (a set freed, a batch of deliveries) costs a few messages, not one per record. The history
- * stream stores them when it exists.
+ * records). Records of one turn of the event loop go out as one message (a binary
+ * `ioasid.history.v1.HistoryBatch`), so a burst (a set freed, a batch of deliveries) costs a few
+ * messages, not one per record. The history stream stores them when it exists.
  */
 export class HistoryRecorder {
   readonly subject: string;
-  private pending: string[] = [];
+  /** Encoded records (each one HistoryBatch.records entry) not yet published. */
+  private pending: Uint8Array[] = [];
   /** Records of named groups (see recordIn), published one group per message. */
-  private readonly groups = new Map<string, { headers: Record<string, string>; records: string[] }>();
+  private readonly groups = new Map<string, { headers: Record<string, string>; records: Uint8Array[] }>();
   private pendingBytes = 0;
   private scheduled = false;
   constructor(
@@ -88,12 +65,15 @@ export class HistoryRecorder {
     this.subject = historySubject(prefix, role, instance);
   }
 
-  /** Records one step (at `ts`: now, or when it happened, for a step published later). */
-  record(action: string, fields: HistoryFields = {}, ts: number = performance.timeOrigin + performance.now()): void {
-    const rec: HistoryRecord = { ts, role: this.role, instance: this.instance, action, ...fields };
-    const json = JSON.stringify(rec);
-    this.pending.push(json);
-    this.pendingBytes += json.length + 1;
+  /**
+   * Records one step (at `ts`: now, or when it happened, for a step published later): an action
+   * of the catalogue and what it is about.
+   * @example recorder.record({ $case: "vmcsUpdate", value: { kind: VmcsUpdateKind.VMCS_UPDATE_KIND_INSTALL, gpasid: 101, hpasid: 201 } }, { ioasid: 201 })
+   */
+  record(action: HistoryActionInput, fields: HistoryFields = {}, ts: number = performance.timeOrigin + performance.now()): void {
+    const bytes = this.encode(action, fields, ts);
+    this.pending.push(bytes);
+    this.pendingBytes += bytes.length + 4;
     if (this.pendingBytes > MAX_HISTORY_MESSAGE) this.flush();
     else if (!this.scheduled) {
       this.scheduled = true;
@@ -108,11 +88,10 @@ export class HistoryRecorder {
    * that replays what its predecessor may or may not have published — then stores it once (within
    * the stream's duplicate window). A group's records must all be recorded in one turn.
    */
-  recordIn(group: string, headers: Record<string, string>, action: string, fields: HistoryFields, ts: number): void {
-    const rec: HistoryRecord = { ts, role: this.role, instance: this.instance, action, ...fields };
+  recordIn(group: string, headers: Record<string, string>, action: HistoryActionInput, fields: HistoryFields, ts: number): void {
     let g = this.groups.get(group);
     if (g === undefined) this.groups.set(group, (g = { headers, records: [] }));
-    g.records.push(JSON.stringify(rec));
+    g.records.push(this.encode(action, fields, ts));
     if (!this.scheduled) {
       this.scheduled = true;
       setImmediate(() => this.flush());
@@ -123,29 +102,63 @@ export class HistoryRecorder {
   flush(): void {
     this.scheduled = false;
     if (this.pending.length > 0) {
-      const body = `[${this.pending.join(",")}]`;
+      const body = encodeBatch(this.pending);
       this.pending = [];
       this.pendingBytes = 0;
       this.publish(body);
     }
     for (const [group, g] of this.groups) {
       for (let part = 0; part * GROUP_PART_RECORDS < g.records.length; part++) {
-        const h = headers();
-        for (const [k, v] of Object.entries(g.headers)) h.set(k, v);
-        h.set("Nats-Msg-Id", `${group}:${part}`);
-        this.publish(`[${g.records.slice(part * GROUP_PART_RECORDS, (part + 1) * GROUP_PART_RECORDS).join(",")}]`, h);
+        const hd = headers();
+        for (const [k, v] of Object.entries(g.headers)) hd.set(k, v);
+        hd.set("Nats-Msg-Id", `${group}:${part}`);
+        this.publish(encodeBatch(g.records.slice(part * GROUP_PART_RECORDS, (part + 1) * GROUP_PART_RECORDS)), hd);
       }
     }
     this.groups.clear();
   }
 
-  private publish(body: string, h?: MsgHdrs): void {
+  private encode(action: HistoryActionInput, fields: HistoryFields, ts: number): Uint8Array {
+    return h.HistoryRecord.encode(createHistoryRecord(this, action, fields, ts)).finish();
+  }
+
+  private publish(body: Uint8Array, hd?: MsgHdrs): void {
     try {
-      this.nc.publish(this.subject, body, h === undefined ? undefined : { headers: h });
+      this.nc.publish(this.subject, body, hd === undefined ? undefined : { headers: hd });
     } catch {
       // A closed connection loses the records, never the work.
     }
   }
+}
+
+/** A HistoryBatch of records encoded one by one (field 1, repeated, each length-delimited). */
+function encodeBatch(records: readonly Uint8Array[]): Uint8Array {
+  const w = new BinaryWriter();
+  for (const r of records) w.uint32(10).bytes(r);
+  return w.finish();
+}
+
+/**
+ * The records of one history message (a binary HistoryBatch).
+ * @throws DomainError FAILED_PRECONDITION `HISTORY_FORMAT_UNSUPPORTED` for a message of the old
+ * JSON format, one that does not decode, or a record whose action is unset or unknown
+ */
+export function decodeHistoryBatch(body: Uint8Array, where: string): TypedHistoryRecord[] {
+  // The old format was a JSON array (or object): '[' or '{'. A HistoryBatch starts with its field
+  // 1 tag (0x0a), so the two never meet.
+  if (body.length > 0 && (body[0] === 0x5b || body[0] === 0x7b)) {
+    throw historyFormatError(
+      where,
+      "a history message of the old JSON format (from before the typed history catalogue): this version reads only ioasid.history.v1.HistoryBatch; start from an empty store (`ioasidctl down`, then remove its NATS store `<dir>/nats`, default `.ioasid/nats`; or delete the history stream)",
+    );
+  }
+  let batch: h.HistoryBatch;
+  try {
+    batch = h.HistoryBatch.decode(new BinaryReader(body));
+  } catch (err) {
+    throw historyFormatError(where, `not an ioasid.history.v1.HistoryBatch (${err instanceof Error ? err.message : String(err)})`);
+  }
+  return batch.records.map((r) => checkHistoryRecord(r, where));
 }
 
 /** Records per message of a group (by count, so a replay splits a group as the original did). */
@@ -179,13 +192,15 @@ const MAX_HISTORY_MESSAGE = 256 * 1024;
 /**
  * Reads the stored history, oldest first, from `sinceMs` (a wall-clock time) on.
  * @returns the records, sorted by time
+ * @throws DomainError FAILED_PRECONDITION `HISTORY_FORMAT_UNSUPPORTED` when a message is not a
+ * HistoryBatch of this catalogue (see {@link decodeHistoryBatch})
  */
-export async function readHistory(nc: NatsConnection, options: { prefix?: string; sinceMs?: number } = {}): Promise<HistoryRecord[]> {
+export async function readHistory(nc: NatsConnection, options: { prefix?: string; sinceMs?: number } = {}): Promise<TypedHistoryRecord[]> {
   const prefix = options.prefix ?? DEFAULT_PREFIX;
   const name = historyStreamName(prefix);
   const jsm = await jetstreamManager(nc);
   const info = await jsm.streams.info(name);
-  const out: HistoryRecord[] = [];
+  const out: TypedHistoryRecord[] = [];
   if (info.state.messages === 0) return out;
   const last = info.state.last_seq;
   const js = jetstream(nc);
@@ -198,13 +213,10 @@ export async function readHistory(nc: NatsConnection, options: { prefix?: string
   const messages = await consumer.consume({ max_messages: 10_000, expires: 2000 });
   try {
     for await (const m of messages) {
-      try {
-        const parsed = JSON.parse(m.string()) as HistoryRecord | HistoryRecord[];
-        for (const rec of Array.isArray(parsed) ? parsed : [parsed]) {
-          if (options.sinceMs === undefined || rec.ts >= options.sinceMs) out.push(rec);
-        }
-      } catch {
-        // not a history record
+      // A message that is not a history batch is refused, never skipped: a checker that read
+      // past it would judge a history with a hole.
+      for (const rec of decodeHistoryBatch(m.data, `history stream ${name}, message ${m.seq} (${m.subject})`)) {
+        if (options.sinceMs === undefined || rec.ts >= options.sinceMs) out.push(rec);
       }
       if (m.seq >= last) break;
     }

@@ -22,15 +22,39 @@ export {
   type SubscriberOptions,
 } from "./subscriber.js";
 export {
+  decodeHistoryBatch,
   ensureHistoryStream,
   historyStreamName,
   historySubject,
   lastHistoryHeaders,
   HistoryRecorder,
   readHistory,
+} from "./history.js";
+export {
+  actionName,
+  chaosPhaseName,
+  checkHistoryRecord,
+  completeAction,
+  createHistoryRecord,
+  describeAction,
+  eventOf,
+  eventTypeName,
+  eventTypeOf,
+  HISTORY_ACTION_CASES,
+  historyFormatError,
+  historyRecordToJson,
+  isAction,
+  parseHistoryJsonl,
+  stepLabel,
+  VDEV_CLEAR_CAUSE,
+  type HistoryAction,
+  type HistoryActionCase,
+  type HistoryActionInput,
+  type HistoryActionValue,
   type HistoryFields,
   type HistoryRecord,
-} from "./history.js";
+  type TypedHistoryRecord,
+} from "./history-catalogue.js";
 export { HistoryGate, type HistoryGateOptions, type HistorySink } from "./history-gate.js";
 export {
   failStopOnWriteError,

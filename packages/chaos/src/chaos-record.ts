@@ -1,4 +1,5 @@
-import type { HistoryRecord } from "@ioasid/bus";
+import { chaosPhaseName, createHistoryRecord, type HistoryActionInput, type HistoryFields, type HistoryRecord, type TypedHistoryRecord } from "@ioasid/bus";
+import { history as h } from "@ioasid/proto";
 
 /**
  * The history column of the chaos driver: the runner's own records (its operations, Jepsen style,
@@ -162,62 +163,101 @@ export interface ChaosRecordOptions {
   readonly instance?: string;
 }
 
+const PHASE: Record<ChaosAction, h.ChaosPhase> = {
+  invoke: h.ChaosPhase.CHAOS_PHASE_INVOKE,
+  ok: h.ChaosPhase.CHAOS_PHASE_OK,
+  fail: h.ChaosPhase.CHAOS_PHASE_FAIL,
+  info: h.ChaosPhase.CHAOS_PHASE_INFO,
+};
+
+/** The action of a chaos record's detail (the catalogue's `chaos_op`, `chaos_fault`, `chaos_heal`, `chaos_note`). */
+function chaosStep(action: ChaosAction, detail: ChaosDetail): HistoryActionInput {
+  if ("opId" in detail) {
+    return {
+      $case: "chaosOp",
+      value: {
+        phase: PHASE[action],
+        op: detail.op,
+        opId: detail.opId,
+        ...(detail.vm === undefined ? {} : { vm: detail.vm }),
+        ...(detail.latencyMs === undefined ? {} : { latencyMs: detail.latencyMs }),
+        ...(detail.error === undefined ? {} : { error: detail.error }),
+      },
+    };
+  }
+  if ("fault" in detail) {
+    const { fault, target, faultId, link, latencyMs, jitterMs, probability, cause } = detail;
+    return { $case: "chaosFault", value: { fault, target, faultId, link, latencyMs, jitterMs, probability, cause } };
+  }
+  if ("heal" in detail) return { $case: "chaosHeal", value: detail.faultId === undefined ? {} : { faultId: detail.faultId } };
+  return { $case: "chaosNote", value: { note: detail.note } };
+}
+
 /**
- * Builds one chaos history record. The IOASID fields of an operation are copied to the record's
- * own fields too, so the timeline and `readHistory` filters find the record by IOASID.
+ * Builds one chaos history record. The IOASID fields of an operation are the record's own fields,
+ * so the timeline and `readHistory` filters find the record by IOASID.
  * @example
  * createChaosRecord("invoke", { op: "free", opId: 17, vm: "g3", ioasid: 201, generation: 1 });
  * createChaosRecord("info", { fault: "kill-restart", target: "vdcm", faultId: 4 });
  * createChaosRecord("info", { heal: true });
- * @throws Error when an operation is recorded with `info`'s marker shape or a marker with another action
+ * @throws Error when a fault or heal marker is recorded with another action than `info`
  */
-export function createChaosRecord(action: ChaosAction, detail: ChaosDetail, options: ChaosRecordOptions = {}): HistoryRecord {
+export function createChaosRecord(action: ChaosAction, detail: ChaosDetail, options: ChaosRecordOptions = {}): TypedHistoryRecord {
   const isMarker = "fault" in detail || "heal" in detail;
   if (isMarker && action !== ChaosAction.INFO) throw new Error(`a fault or heal marker is recorded with action "info", not "${action}"`);
-  const ts = options.ts ?? performance.timeOrigin + performance.now();
   const instance = options.instance ?? (isMarker ? "nemesis" : "driver");
-  const fields: { ioasid?: number; generation?: number; setId?: number; spid?: number } = {};
+  const fields: HistoryFields = {};
   if ("opId" in detail) {
     if (detail.ioasid !== undefined) fields.ioasid = detail.ioasid;
     if (detail.generation !== undefined) fields.generation = detail.generation;
     if (detail.setId !== undefined) fields.setId = detail.setId;
     if (detail.spid !== undefined) fields.spid = detail.spid;
   }
-  return { ts, role: CHAOS_ROLE, instance, action, ...fields, detail: JSON.stringify(detail) };
+  return createHistoryRecord({ role: CHAOS_ROLE, instance }, chaosStep(action, detail), fields, options.ts);
+}
+
+/** Copies the set keys of `o` (a proto message's unset optional fields are undefined). */
+function defined<T extends object>(o: T): T {
+  return Object.fromEntries(Object.entries(o).filter(([, v]) => v !== undefined)) as T;
 }
 
 /**
- * Reads a chaos record back. Returns undefined for a record of another role, an unknown action, or
- * a detail that is not one of the shapes of {@link ChaosDetail}.
+ * Reads a chaos record back. Returns undefined for a record of another role, or of an action that
+ * is not a chaos one (or a chaos operation without its phase).
  */
 export function parseChaosRecord(record: HistoryRecord): ChaosEntry | undefined {
-  if (record.role !== CHAOS_ROLE || !isChaosAction(record.action) || record.detail === undefined) return undefined;
-  let value: unknown;
-  try {
-    value = JSON.parse(record.detail);
-  } catch {
-    return undefined;
+  if (record.role !== CHAOS_ROLE) return undefined;
+  const a = record.action;
+  switch (a?.$case) {
+    case "chaosOp": {
+      const phase = chaosPhaseName(a.value.phase);
+      if (!isChaosAction(phase)) return undefined;
+      const v = a.value;
+      const op: ChaosOp = defined({
+        op: v.op,
+        opId: v.opId,
+        vm: v.vm,
+        setId: record.setId,
+        ioasid: record.ioasid,
+        generation: record.generation,
+        spid: record.spid,
+        latencyMs: v.latencyMs,
+        error: v.error,
+      });
+      return { kind: "op", action: phase, op };
+    }
+    case "chaosFault": {
+      const v = a.value;
+      const marker: FaultMarker = defined({ fault: v.fault, target: v.target as ChaosTarget, faultId: v.faultId, link: v.link as ChaosLink | undefined, latencyMs: v.latencyMs, jitterMs: v.jitterMs, probability: v.probability, cause: v.cause });
+      return { kind: "fault", marker };
+    }
+    case "chaosHeal":
+      return { kind: "heal", marker: a.value.faultId === undefined ? { heal: true } : { heal: true, faultId: a.value.faultId } };
+    case "chaosNote":
+      return { kind: "note", note: a.value.note };
+    default:
+      return undefined;
   }
-  if (value === null || typeof value !== "object" || Array.isArray(value)) return undefined;
-  const o = value as Record<string, unknown>;
-  if (typeof o["op"] === "string" && typeof o["opId"] === "number") {
-    for (const k of ["setId", "ioasid", "generation", "spid", "latencyMs"]) if (o[k] !== undefined && typeof o[k] !== "number") return undefined;
-    if (o["vm"] !== undefined && typeof o["vm"] !== "string") return undefined;
-    if (o["error"] !== undefined && typeof o["error"] !== "string") return undefined;
-    return { kind: "op", action: record.action, op: o as unknown as ChaosOp };
-  }
-  if (record.action !== ChaosAction.INFO) return undefined;
-  if (o["heal"] === true) {
-    if (o["faultId"] !== undefined && typeof o["faultId"] !== "number") return undefined;
-    return { kind: "heal", marker: o as unknown as HealMarker };
-  }
-  if (typeof o["fault"] === "string" && typeof o["target"] === "string") {
-    if (o["faultId"] !== undefined && typeof o["faultId"] !== "number") return undefined;
-    if (o["cause"] !== undefined && typeof o["cause"] !== "string") return undefined;
-    return { kind: "fault", marker: o as unknown as FaultMarker };
-  }
-  if (typeof o["note"] === "string") return { kind: "note", note: o["note"] };
-  return undefined;
 }
 
 function isChaosAction(action: string): action is ChaosAction {

@@ -1,4 +1,4 @@
-import type { HistoryRecord } from "@ioasid/bus";
+import { describeAction, stepLabel, type HistoryRecord } from "@ioasid/bus";
 import { parseChaosRecord } from "./chaos-record.js";
 import type { Verdict } from "./checker.js";
 
@@ -86,7 +86,7 @@ export function renderChaosReport(input: ChaosReportInput): string {
   const violations: Lane = { label: "violations", marks: [] };
   input.verdict.violations.forEach((v, i) => {
     for (const line of v.trace.filter((l) => l.evidence)) {
-      violations.marks.push(`<line x1="${x(line.record.ts)}" x2="${x(line.record.ts)}" y1="0" y2="${LANE}" stroke="${COLORS.violation}" stroke-width="2"><title>${esc(`#${i + 1} ${v.invariant}: ${v.message}`)}</title></line>`);
+      violations.marks.push(`<line x1="${x(line.record.ts)}" x2="${x(line.record.ts)}" y1="0" y2="${LANE}" stroke="${COLORS.violation}" stroke-width="2"><title>${esc(`#${i + 1} ${v.invariant}: ${v.message}\n${rel(line.record.ts)} ${line.record.role}/${line.record.instance} ${stepLabel(line.record)} ${describeAction(line.record) ?? ""}`.trimEnd())}</title></line>`);
     }
   });
 

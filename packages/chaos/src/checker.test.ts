@@ -1,6 +1,6 @@
-import type { HistoryRecord } from "@ioasid/bus";
+import { createHistoryRecord, describeAction, eventOf, eventTypeOf, stepLabel, type HistoryActionCase, type HistoryActionInput, type HistoryRecord } from "@ioasid/bus";
 import { describe, expect, it } from "vitest";
-import { createChaosRecord, type ChaosOp } from "./chaos-record.js";
+import { createChaosRecord, parseChaosRecord, type ChaosOp } from "./chaos-record.js";
 import { check, createChecker, renderVerdict, type Verdict } from "./checker.js";
 import type { FinalState } from "./final-state.js";
 import { correctFinalState, correctHistory, freeDelivered, HistoryBuilder, openGuest, pageRequest, setUp, type FixtureGuest } from "./history-fixture.js";
@@ -11,13 +11,37 @@ import { RULES, type CheckOptions } from "./rules.js";
 
 type Pred = (r: HistoryRecord) => boolean;
 
-/** Records of `role` doing `action`, with these fields (a string `detail` matches as a substring). */
-function is(role: string, action: string, fields: Partial<HistoryRecord> = {}): Pred {
+/** A step: a case of the catalogue, or an event of the core ("event:FREE"). */
+type Step = HistoryActionCase | `event:${string}`;
+
+/**
+ * Records of `role` doing `step`, with these fields (a string `detail` matches as a substring of
+ * what the record says, {@link describeAction}).
+ */
+function is(role: string, step: Step, fields: Partial<HistoryRecord> & { detail?: string } = {}): Pred {
   return (r) =>
     r.role === role &&
-    r.action === action &&
-    Object.entries(fields).every(([k, v]) => (k === "detail" ? (r.detail ?? "").includes(String(v)) : r[k as keyof HistoryRecord] === v));
+    (step.startsWith("event:") ? stepLabel(r) === step : r.action?.$case === step) &&
+    Object.entries(fields).every(([k, v]) => (k === "detail" ? (describeAction(r) ?? "").includes(String(v)) : r[k as keyof HistoryRecord] === v));
 }
+
+/** A record of `role/instance` (its time set by {@link after}). */
+function rec(role: string, instance: string, action: HistoryActionInput, fields: Partial<HistoryRecord> = {}): HistoryRecord {
+  return createHistoryRecord({ role, instance }, action, fields, 0);
+}
+
+/** The record with its action's fields patched. */
+function withValue(r: HistoryRecord, patch: Record<string, unknown>): HistoryRecord {
+  return { ...r, action: { ...r.action!, value: { ...r.action!.value, ...patch } } as HistoryRecord["action"] };
+}
+
+/** The chaos operation `op` of guest `vm` at phase `action` ("invoke", "ok"). */
+const chaosOpOf =
+  (action: string, op: string, vm?: string): Pred =>
+  (r) => {
+    const e = parseChaosRecord(r);
+    return e?.kind === "op" && e.action === action && e.op.op === op && (vm === undefined || e.op.vm === vm);
+  };
 
 function find(h: readonly HistoryRecord[], pred: Pred): HistoryRecord {
   const r = h.find(pred);
@@ -46,14 +70,17 @@ function chaosOp(ts: number, action: "invoke" | "ok", op: ChaosOp): HistoryRecor
   return createChaosRecord(action, op, { ts });
 }
 
-function withDetail(r: HistoryRecord, patch: Record<string, unknown>): HistoryRecord {
-  return { ...r, detail: JSON.stringify({ ...(JSON.parse(r.detail ?? "{}") as object), ...patch }) };
-}
-
-const core = (action: string, fields: Partial<HistoryRecord>): Omit<HistoryRecord, "ts"> => ({ role: "ioasid", instance: "core-0", action, ...fields });
+/** A record of the core: an event ("event:FREE") or another step. */
+const core = (action: HistoryActionInput | `event:${string}`, fields: Partial<HistoryRecord>): HistoryRecord =>
+  rec("ioasid", "core-0", typeof action === "string" ? { $case: "ioasidNotify", value: { type: eventTypeOf(action.slice(6)) } } : action, fields);
+/** An ioasid_get by `holder` ("kvm/vm-2/vmcs"). */
+const getBy = (holder: string): HistoryActionInput => {
+  const [role = "", instance = "", purpose = ""] = holder.split("/");
+  return { $case: "ioasidGet", value: { holder: { role, instance, purpose } } };
+};
 const FREE_202 = is("ioasid", "event:FREE", { ioasid: 202 });
 const RECLAIM_202 = is("ioasid", "event:RECLAIM", { ioasid: 202 });
-const freeOpOf = (vm: string): Pred => (r) => r.role === "chaos" && r.action === "ok" && (r.detail ?? "").includes(`"op":"free"`) && (r.detail ?? "").includes(`"vm":"${vm}"`);
+const freeOpOf = (vm: string): Pred => chaosOpOf("ok", "free", vm);
 
 // ---- the broken histories, one table per invariant -------------------------------------------
 
@@ -66,17 +93,17 @@ interface Broken {
 
 const BROKEN: Record<InvariantId, readonly Broken[]> = {
   S1: [
-    { name: "a reclaim while the IOMMU still holds its reference", history: () => without(correctHistory(), is("ioasid", "ioasid_put", { ioasid: 202, detail: "iommu/" })) },
+    { name: "a reclaim while the IOMMU still holds its reference", history: () => without(correctHistory(), is("ioasid", "ioasidPut", { ioasid: 202, detail: "iommu/" })) },
     { name: "an allocation while the previous generation is not reclaimed", history: () => without(correctHistory(), is("ioasid", "event:RECLAIM", { ioasid: 201, generation: 1 })) },
   ],
   S2: [
     {
       name: "KVM takes a reference after FREE",
-      history: () => after(correctHistory(), FREE_202, core("ioasid_get", { ioasid: 202, generation: 1, setId: 2, refcount: 4, detail: "kvm/vm-2/vmcs" })),
+      history: () => after(correctHistory(), FREE_202, core(getBy("kvm/vm-2/vmcs"), { ioasid: 202, generation: 1, setId: 2, refcount: 4 })),
     },
   ],
   S3: [
-    { name: "VDCM programs another set's IOASID", history: () => change(correctHistory(), is("vdcm", "vdev_write", { ioasid: 202 }), (r) => ({ ...r, setId: 1 })) },
+    { name: "VDCM programs another set's IOASID", history: () => change(correctHistory(), is("vdcm", "vdevWrite", { ioasid: 202 }), (r) => ({ ...r, setId: 1 })) },
     {
       name: "guest g2 frees g1's IOASID and the call succeeds",
       history: () => {
@@ -100,7 +127,7 @@ const BROKEN: Record<InvariantId, readonly Broken[]> = {
     },
     {
       name: "KVM installs a translation for a SPID the IOASID was not bound to",
-      history: () => change(correctHistory(), is("kvm", "vmcs_update", { ioasid: 202, detail: "install" }), (r) => ({ ...r, spid: 102 })),
+      history: () => change(correctHistory(), is("kvm", "vmcsUpdate", { ioasid: 202, detail: "install" }), (r) => ({ ...r, spid: 102 })),
     },
     {
       name: "two live IOASIDs of a set share a SPID in the final state",
@@ -116,28 +143,28 @@ const BROKEN: Record<InvariantId, readonly Broken[]> = {
       name: "the device is cleared before KVM's entry",
       history: () => {
         const h = correctHistory();
-        return change(h, is("vdcm", "vdev_clear", { ioasid: 202 }), (r) => ({ ...r, ts: find(h, FREE_202).ts + 3 }));
+        return change(h, is("vdcm", "vdevClear", { ioasid: 202 }), (r) => ({ ...r, ts: find(h, FREE_202).ts + 3 }));
       },
     },
     {
       name: "the IOMMU tears down before the device is cleared",
       history: () => {
         const h = correctHistory();
-        return change(h, is("iommu", "teardown_pasid", { ioasid: 202 }), (r) => ({ ...r, ts: find(h, is("vdcm", "vdev_clear", { ioasid: 202 })).ts - 3 }));
+        return change(h, is("iommu", "teardownPasid", { ioasid: 202 }), (r) => ({ ...r, ts: find(h, is("vdcm", "vdevClear", { ioasid: 202 })).ts - 3 }));
       },
     },
     {
       name: "KVM releases its reference before clearing its entry",
       history: () => {
         const h = correctHistory();
-        return change(h, is("ioasid", "ioasid_put", { ioasid: 202, detail: "kvm/" }), (r) => ({ ...r, ts: find(h, is("kvm", "vmcs_update", { ioasid: 202, detail: "clear" })).ts - 3 }));
+        return change(h, is("ioasid", "ioasidPut", { ioasid: 202, detail: "kvm/" }), (r) => ({ ...r, ts: find(h, is("kvm", "vmcsUpdate", { ioasid: 202, detail: "clear" })).ts - 3 }));
       },
     },
     {
       name: "the outstanding fault group is answered after the reclaim",
       history: () => {
         const h = correctHistory();
-        return change(h, is("iommu", "page_response", { ioasid: 202, detail: "IOASID_FREED" }), (r) => ({ ...r, ts: find(h, RECLAIM_202).ts + 3 }));
+        return change(h, is("iommu", "pageResponse", { ioasid: 202, detail: "IOASID_FREED" }), (r) => ({ ...r, ts: find(h, RECLAIM_202).ts + 3 }));
       },
     },
   ],
@@ -153,13 +180,13 @@ const BROKEN: Record<InvariantId, readonly Broken[]> = {
     },
     {
       name: "a set allocates past the quota its container opened with",
-      history: () => change(correctHistory(), is("vfio", "container_open", { setId: 3 }), (r) => ({ ...r, detail: r.detail!.replace("quota 16", "quota 1") })),
+      history: () => change(correctHistory(), is("vfio", "containerOpen", { setId: 3 }), (r) => withValue(r, { quota: 1 })),
     },
   ],
   S7: [
     {
       name: "a page-request group answered twice",
-      history: () => after(correctHistory(), is("iommu", "page_response", { detail: "group 1 " }), { role: "iommu", instance: "iommu-0", action: "page_response", ioasid: 201, generation: 1, setId: 1, detail: "group 1 device idxd0 prgi 0: INVALID (TIMEOUT)" }),
+      history: () => after(correctHistory(), is("iommu", "pageResponse", { detail: "group 1 " }), rec("iommu", "iommu-0", { $case: "pageResponse", value: { group: 1n, device: "idxd0", prgi: 0, code: "INVALID", source: "TIMEOUT" } }, { ioasid: 201, generation: 1, setId: 1 })),
     },
   ],
   S8: [
@@ -174,18 +201,18 @@ const BROKEN: Record<InvariantId, readonly Broken[]> = {
     },
   ],
   S9: [
-    { name: "KVM never clears its entry of a reclaimed IOASID", history: () => without(correctHistory(), is("kvm", "vmcs_update", { ioasid: 202, detail: "clear" })) },
+    { name: "KVM never clears its entry of a reclaimed IOASID", history: () => without(correctHistory(), is("kvm", "vmcsUpdate", { ioasid: 202, detail: "clear" })) },
     {
       name: "an IOMMU PASID entry set after the reclaim",
-      history: () => after(correctHistory(), RECLAIM_202, { role: "iommu", instance: "iommu-0", action: "pasid_entry_set", ioasid: 202, generation: 1, setId: 2, spid: 101, detail: "device idxd0 handle 9 domain 3 NESTED" }),
+      history: () => after(correctHistory(), RECLAIM_202, rec("iommu", "iommu-0", { $case: "pasidEntrySet", value: { device: "idxd0", handle: 9n, domain: 3, domainType: "NESTED" } }, { ioasid: 202, generation: 1, setId: 2, spid: 101 })),
     },
     {
       name: "a descriptor with the reclaimed PASID",
-      history: () => after(correctHistory(), RECLAIM_202, { role: "vdcm", instance: "vdcm-0", action: "submit", ioasid: 202, generation: 1, setId: 2, spid: 101, detail: "device idxd0 wq 1 mdev mdev-g2: MEMMOVE SUCCESS (64 bytes)" }),
+      history: () => after(correctHistory(), RECLAIM_202, rec("vdcm", "vdcm-0", { $case: "submit", value: { device: "idxd0", wq: 1, mdev: "mdev-g2", op: "MEMMOVE", status: "SUCCESS", bytes: 64n } }, { ioasid: 202, generation: 1, setId: 2, spid: 101 })),
     },
     {
       name: "an ENQCMD translated to the reclaimed PASID",
-      history: () => after(correctHistory(), RECLAIM_202, { role: "kvm", instance: "vm-2", action: "enqcmd", ioasid: 202, generation: 1, setId: 2, spid: 101, detail: "vcpu 0 ia32_pasid 0x80000065: TRANSLATED gpasid 101 → hpasid 202" }),
+      history: () => after(correctHistory(), RECLAIM_202, rec("kvm", "vm-2", { $case: "enqcmd", value: { vcpu: 0, ia32Pasid: 0x80000065, translated: true, gpasid: 101, hpasid: 202 } }, { ioasid: 202, generation: 1, setId: 2, spid: 101 })),
     },
     {
       name: "a device entry of a reclaimed generation in the final state",
@@ -197,7 +224,7 @@ const BROKEN: Record<InvariantId, readonly Broken[]> = {
     },
   ],
   L1: [
-    { name: "a free slower than the bound", history: () => change(correctHistory(), freeOpOf("g2"), (r) => withDetail(r, { latencyMs: 5000 })) },
+    { name: "a free slower than the bound", history: () => change(correctHistory(), freeOpOf("g2"), (r) => withValue(r, { latencyMs: 5000 })) },
     { name: "a free that never returns, with no fault on its path", history: () => without(correctHistory(), freeOpOf("g2")) },
   ],
   L2: [
@@ -206,7 +233,7 @@ const BROKEN: Record<InvariantId, readonly Broken[]> = {
       name: "an IOASID of the crashed guest reclaimed past the bound after the last heal",
       history: () => {
         const h = correctHistory();
-        const lastHeal = h.filter((r) => r.role === "chaos" && (r.detail ?? "").includes(`"heal":true`)).at(-1)!.ts;
+        const lastHeal = h.filter((r) => parseChaosRecord(r)?.kind === "heal").at(-1)!.ts;
         return change(h, is("ioasid", "event:RECLAIM", { ioasid: 204 }), (r) => ({ ...r, ts: lastHeal + 6000 }));
       },
     },
@@ -220,7 +247,7 @@ const BROKEN: Record<InvariantId, readonly Broken[]> = {
     },
   ],
   L3: [
-    { name: "a page-request group never answered", history: () => without(correctHistory(), is("iommu", "page_response", { detail: "group 1 " })) },
+    { name: "a page-request group never answered", history: () => without(correctHistory(), is("iommu", "pageResponse", { detail: "group 1 " })) },
     { name: "a group still outstanding in the final state", history: correctHistory, finalState: () => ({ ...correctFinalState(), faultGroups: [{ faultGroupId: "9", instance: "iommu-0", ioasid: 201, generation: 2 }] }) },
   ],
   L4: [
@@ -228,8 +255,8 @@ const BROKEN: Record<InvariantId, readonly Broken[]> = {
       name: "a pending registration whose set appeared never gets the set's BIND",
       history: () =>
         without(
-          without(correctHistory(), is("kvm", "vmcs_update", { ioasid: 201, generation: 2 })),
-          is("ioasid", "ioasid_get", { ioasid: 201, generation: 2, detail: "kvm/vm-1" }),
+          without(correctHistory(), is("kvm", "vmcsUpdate", { ioasid: 201, generation: 2 })),
+          is("ioasid", "ioasidGet", { ioasid: 201, generation: 2, detail: "kvm/vm-1" }),
         ),
     },
     {
@@ -278,8 +305,8 @@ describe("check", () => {
   it("has the document's events and reference counts in the correct fixture (1→2→3→4→3→2→1→0)", () => {
     const h = correctHistory();
     const of = (ioasid: number) => h.filter((r) => r.role === "ioasid" && r.ioasid === ioasid && r.generation === 1);
-    const refs = (ioasid: number) => of(ioasid).filter((r) => ["event:ALLOC", "event:FREE", "ioasid_get", "ioasid_put"].includes(r.action)).map((r) => r.refcount);
-    const events = (ioasid: number) => of(ioasid).filter((r) => r.action.startsWith("event:")).map((r) => r.action.slice(6));
+    const refs = (ioasid: number) => of(ioasid).filter((r) => ["event:ALLOC", "event:FREE", "ioasid_get", "ioasid_put"].includes(stepLabel(r))).map((r) => r.refcount);
+    const events = (ioasid: number) => of(ioasid).flatMap((r) => eventOf(r) ?? []);
     expect(events(201)).toEqual(["ALLOC", "BIND", "UNBIND", "FREE", "RECLAIM"]);
     expect(refs(201)).toEqual([1, 2, 3, 4, 3, 2, 1, 0]);
     expect(events(202)).toEqual(["ALLOC", "BIND", "FREE", "RECLAIM"]);
@@ -318,7 +345,7 @@ describe("check", () => {
   it("gives a minimal trace: the records that show the violation, marked, and the steps around them", () => {
     const v = check(BROKEN.S5[0]!.history(), correctFinalState());
     const x = v.violations.find((y) => y.invariant === "S5")!;
-    const marked = x.trace.filter((l) => l.evidence).map((l) => `${l.record.role} ${l.record.action}`);
+    const marked = x.trace.filter((l) => l.evidence).map((l) => `${l.record.role} ${stepLabel(l.record)}`);
     expect(marked).toEqual(["ioasid event:FREE", "vdcm vdev_clear", "kvm vmcs_update"]);
     expect(x.trace.every((l) => l.record.ioasid === 202 || l.record.ioasid === undefined)).toBe(true);
     expect(x.trace.length).toBeLessThanOrEqual(24);
@@ -330,51 +357,57 @@ describe("check", () => {
 
   it("orders records of different processes within the clock tolerance", () => {
     const h = correctHistory();
-    const kvmClear = find(h, is("kvm", "vmcs_update", { ioasid: 202, detail: "clear" }));
-    const skewed = change(h, is("vdcm", "vdev_clear", { ioasid: 202 }), (r) => ({ ...r, ts: kvmClear.ts - 0.5 }));
+    const kvmClear = find(h, is("kvm", "vmcsUpdate", { ioasid: 202, detail: "clear" }));
+    const skewed = change(h, is("vdcm", "vdevClear", { ioasid: 202 }), (r) => ({ ...r, ts: kvmClear.ts - 0.5 }));
     expect(check(skewed, correctFinalState()).counts.S5).toBe(0);
     expect(check(skewed, correctFinalState(), { clockToleranceMs: 0 }).counts.S5).toBe(1);
   });
 
   it("does not hold a free against L1 while a fault is on its path", () => {
     const h = without(correctHistory(), freeOpOf("g2"));
-    const invoke = find(h, (r) => r.role === "chaos" && r.action === "invoke" && (r.detail ?? "").includes(`"op":"free","vm":"g2"`));
+    const invoke = find(h, chaosOpOf("invoke", "free", "g2"));
     const partitioned = [
       ...h,
       createChaosRecord("info", { fault: "partition", target: "ioasid-core", link: "nats", faultId: 7 }, { ts: invoke.ts - 1 }),
       createChaosRecord("info", { heal: true, faultId: 7 }, { ts: invoke.ts + 500 }),
     ];
     expect(check(partitioned, correctFinalState()).counts.L1).toBe(0);
-    const subscriberFault = partitioned.map((r) => (r.detail?.includes(`"faultId":7`) === true && r.detail.includes("partition") ? { ...r, detail: r.detail.replace("ioasid-core", "kvm") } : r));
+    const subscriberFault = partitioned.map((r) => {
+      const e = parseChaosRecord(r);
+      return e?.kind === "fault" && e.marker.faultId === 7 && e.marker.fault === "partition" ? withValue(r, { target: "kvm" }) : r;
+    });
     expect(check(subscriberFault, correctFinalState()).counts.L1).toBe(1);
   });
 
   it("excuses a free broken by the core's own exit, recorded just after the free's answer (fail-stop)", () => {
     const h = without(correctHistory(), freeOpOf("g2"));
-    const invoke = find(h, (r) => r.role === "chaos" && r.action === "invoke" && (r.detail ?? "").includes(`"op":"free","vm":"g2"`));
+    const invoke = find(h, chaosOpOf("invoke", "free", "g2"));
     // The free is answered UNAVAILABLE (indeterminate) 15 ms in; the core's exit is seen 1 ms later.
-    const op = JSON.parse(invoke.detail!) as Record<string, unknown>;
+    const op = (parseChaosRecord(invoke) as { op: ChaosOp }).op;
     const exited = [
       ...h,
-      createChaosRecord("info", { ...op, error: "UNAVAILABLE", latencyMs: 15 } as never, { ts: invoke.ts + 15 }),
+      createChaosRecord("info", { ...op, error: "UNAVAILABLE", latencyMs: 15 }, { ts: invoke.ts + 15 }),
       createChaosRecord("info", { fault: "kill-restart", target: "ioasid-core", faultId: 100001, cause: "exit" }, { ts: invoke.ts + 16 }),
       createChaosRecord("info", { heal: true, faultId: 100001 }, { ts: invoke.ts + 500 }),
     ];
     expect(check(exited, correctFinalState()).counts.L1).toBe(0);
     // A kill the nemesis chose has no such lead: it starts when it is recorded.
-    const killed = exited.map((r) => (r.detail?.includes('"cause":"exit"') === true ? { ...r, detail: r.detail.replace(',"cause":"exit"', "") } : r));
+    const killed = exited.map((r) => {
+      const e = parseChaosRecord(r);
+      return e?.kind === "fault" && e.marker.cause === "exit" ? withValue(r, { cause: undefined }) : r;
+    });
     expect(check(killed, correctFinalState()).counts.L1).toBe(1);
   });
 
   it("excuses a free that fails fast just after the core it goes to was restarted (clients reconnect within their backoff)", () => {
     const h = without(correctHistory(), freeOpOf("g2"));
-    const invoke = find(h, (r) => r.role === "chaos" && r.action === "invoke" && (r.detail ?? "").includes(`"op":"free","vm":"g2"`));
-    const op = JSON.parse(invoke.detail!) as Record<string, unknown>;
+    const invoke = find(h, chaosOpOf("invoke", "free", "g2"));
+    const op = (parseChaosRecord(invoke) as { op: ChaosOp }).op;
     const restart = (healedBefore: number) => [
       ...h,
       createChaosRecord("info", { fault: "kill-restart", target: "ioasid-core", faultId: 15 }, { ts: invoke.ts - healedBefore - 800 }),
       createChaosRecord("info", { heal: true, faultId: 15 }, { ts: invoke.ts - healedBefore }),
-      createChaosRecord("info", { ...op, error: "UNAVAILABLE", latencyMs: 2 } as never, { ts: invoke.ts + 2 }),
+      createChaosRecord("info", { ...op, error: "UNAVAILABLE", latencyMs: 2 }, { ts: invoke.ts + 2 }),
     ];
     expect(check(restart(60), correctFinalState()).counts.L1).toBe(0);
     // Long after the restart, a fast failure is the free's own.
@@ -384,16 +417,19 @@ describe("check", () => {
   it("puts a late tier down to a missed delivery only when the core recorded it (the chain moves on, DESIGN §4.4)", () => {
     const late = BROKEN.S5[0]!.history(); // VDCM clears before KVM
     const free = find(late, FREE_202);
-    const kvmClear = find(late, is("kvm", "vmcs_update", { ioasid: 202 }));
-    const missed = (ts: number, detail: string, seq = free.seq) =>
-      ({ ts, role: "ioasid", instance: "core", action: "delivery_missed", ioasid: 202, generation: 1, setId: 2, seq, detail }) as HistoryRecord;
+    const kvmClear = find(late, is("kvm", "vmcsUpdate", { ioasid: 202 }));
+    const missed = (ts: number, subscriber: string, seq = free.seq) => {
+      const [name = "", instance = ""] = subscriber.split(" ")[0]!.split("/");
+      const type = eventTypeOf(subscriber.split(" ")[1]!);
+      return createHistoryRecord({ role: "ioasid", instance: "core" }, { $case: "deliveryMissed", value: { subscriber: name, instance, type } }, { ioasid: 202, generation: 1, setId: 2, seq }, ts);
+    };
     const recorded = check([...late, missed(free.ts + 1, `kvm/${kvmClear.instance} FREE`)], correctFinalState());
     expect(recorded.counts.S5).toBe(0);
     expect(recorded.notes.join("\n")).toMatch(new RegExp(`S5 not counted, kvm/${kvmClear.instance} was passed over \\(the core recorded its delivery of seq ${free.seq} missed at \\+\\d+ ms\\)`));
     // Another subscriber's miss, another event's, or one recorded after the tier below acted explain nothing.
     expect(check([...late, missed(free.ts + 1, "kvm/vm-other FREE")], correctFinalState()).counts.S5).toBe(1);
     expect(check([...late, missed(free.ts + 1, `kvm/${kvmClear.instance} FREE`, free.seq! + 1000)], correctFinalState()).counts.S5).toBe(1);
-    const devClear = find(late, is("vdcm", "vdev_clear", { ioasid: 202 }));
+    const devClear = find(late, is("vdcm", "vdevClear", { ioasid: 202 }));
     expect(check([...late, missed(devClear.ts + 5, `kvm/${kvmClear.instance} FREE`)], correctFinalState()).counts.S5).toBe(1);
     // A fault of the late tier without the core's record does not either: the core waits for a live tier.
     const stopped = [
@@ -410,7 +446,7 @@ describe("check", () => {
   });
 
   it("ends a role's entries at its kill only when its tables are volatile", () => {
-    const h = without(correctHistory(), is("vdcm", "vdev_clear", { ioasid: 203 }));
+    const h = without(correctHistory(), is("vdcm", "vdevClear", { ioasid: 203 }));
     // No loss margin: the missing clear is not put down to records lost at the kill.
     expect(check(h, correctFinalState(), { recordLossMarginMs: 0 }).counts.S9).toBe(1);
     const options: CheckOptions = { volatileRoles: ["vdcm"], recordLossMarginMs: 0 };
@@ -435,7 +471,7 @@ describe("check", () => {
 
     // An unanswered group: an IOMMU kill forgets it (that is the violation); a lost NATS link may have lost the answer's record.
     const unanswered = BROKEN.L3[0]!.history();
-    const groupTs = find(unanswered, is("iommu", "iopf_group", { detail: "group 1 " })).ts;
+    const groupTs = find(unanswered, is("iommu", "iopfGroup", { detail: "group 1 " })).ts;
     expect(check([...unanswered, marker(groupTs + 5, "kill-restart", "iommu")], correctFinalState()).counts.L3).toBe(1);
     const dropped = check([...unanswered, marker(groupTs + 5, "drop", "iommu", "nats")], correctFinalState());
     expect(dropped.counts.L3).toBe(0);
@@ -445,8 +481,8 @@ describe("check", () => {
   it("puts a missing clear down to a lost record when the role's NATS link failed after the guest's own call that tears it down, before the core recorded why", () => {
     // g1's unbind of 201: the IOMMU tears its entry down inside the call; that record is lost with
     // the IOMMU's NATS link, which fails and heals before the core records the UNBIND.
-    const h = without(correctHistory(), is("iommu", "teardown_pasid", { ioasid: 201 }));
-    const unbind = find(h, (r) => r.role === "chaos" && r.action === "invoke" && (r.detail ?? "").includes(`"op":"unbind"`) && r.ioasid === 201);
+    const h = without(correctHistory(), is("iommu", "teardownPasid", { ioasid: 201 }));
+    const unbind = find(h, (r) => chaosOpOf("invoke", "unbind")(r) && r.ioasid === 201);
     const lossBeforeUnbindEvent = [
       createChaosRecord("info", { fault: "drop", target: "iommu", link: "nats", faultId: 70, probability: 0.2 }, { ts: unbind.ts + 1 }),
       createChaosRecord("info", { heal: true, faultId: 70 }, { ts: unbind.ts + 2 }),
@@ -459,7 +495,7 @@ describe("check", () => {
     const before = lossBeforeUnbindEvent.map((r) => ({ ...r, ts: r.ts - 30 }));
     expect(check([...h, ...before], correctFinalState(), options).counts.S9).toBe(1);
     // Nor does a loss without the guest's call (no unbind op recorded) before the core's UNBIND.
-    const noCall = h.filter((r) => !(r.role === "chaos" && (r.detail ?? "").includes(`"op":"unbind"`) && r.ioasid === 201));
+    const noCall = h.filter((r) => !(parseChaosRecord(r)?.kind === "op" && (parseChaosRecord(r) as { op: ChaosOp }).op.op === "unbind" && r.ioasid === 201));
     expect(check([...noCall, ...lossBeforeUnbindEvent], correctFinalState(), options).counts.S9).toBe(1);
     // A volatile role killed after the reclaim: its entry ends at the kill, but the missing clear is
     // the same missing record, and the same loss explains it.

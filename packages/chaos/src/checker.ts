@@ -1,4 +1,4 @@
-import type { HistoryRecord } from "@ioasid/bus";
+import { describeAction, stepLabel, type HistoryRecord } from "@ioasid/bus";
 import { CHAOS_ROLE, parseChaosRecord } from "./chaos-record.js";
 import type { FinalState } from "./final-state.js";
 import { CORE_ROLE, indexHistory, type HistoryIndex, type LossWindow } from "./history-index.js";
@@ -113,10 +113,10 @@ function lossExplaining(index: HistoryIndex, absence: NonNullable<Finding["absen
  */
 function missExplaining(index: HistoryIndex, d: NonNullable<Finding["missedDelivery"]>, toleranceMs: number): string | undefined {
   const t0 = index.records[0]?.ts ?? 0;
-  const subscriber = `${d.role}/${d.instance} `;
   for (const idx of index.withSeq(d.seq)) {
     const r = index.records[idx]!;
-    if (r.role !== CORE_ROLE || r.action !== "delivery_missed" || r.detail?.startsWith(subscriber) !== true) continue;
+    const a = r.action;
+    if (r.role !== CORE_ROLE || a?.$case !== "deliveryMissed" || a.value.subscriber !== d.role || a.value.instance !== d.instance) continue;
     if (r.ts <= d.before + toleranceMs) return `the core recorded its delivery of seq ${d.seq} missed at +${(r.ts - t0).toFixed(0)} ms`;
   }
   const lost = lossExplaining(index, { role: CORE_ROLE, from: d.from, to: d.to });
@@ -182,13 +182,14 @@ function toViolation(invariant: InvariantId, f: Finding, index: HistoryIndex, co
 
 /** One history record as a trace line: time from `startTs`, column, action, IOASID fields, detail. */
 export function formatRecord(r: HistoryRecord, startTs = r.ts): string {
-  const parts = [`+${(r.ts - startTs).toFixed(3)}ms`.padStart(14), `${r.role}/${r.instance}`, r.action];
+  const parts = [`+${(r.ts - startTs).toFixed(3)}ms`.padStart(14), `${r.role}/${r.instance}`, stepLabel(r)];
   if (r.ioasid !== undefined) parts.push(`ioasid ${r.ioasid}${r.generation === undefined ? "" : `#${r.generation}`}`);
   if (r.setId !== undefined) parts.push(`set ${r.setId}`);
   if (r.spid !== undefined) parts.push(`spid ${r.spid}`);
   if (r.refcount !== undefined) parts.push(`ref ${r.refcount}`);
   if (r.seq !== undefined) parts.push(`seq ${r.seq}`);
-  if (r.detail !== undefined) parts.push(JSON.stringify(r.detail));
+  const detail = describeAction(r);
+  if (detail !== undefined) parts.push(JSON.stringify(detail));
   if (r.recovered === true) parts.push("(recovered at a restart)");
   return parts.join(" ");
 }

@@ -1,9 +1,10 @@
-import type { HistoryFields, HistoryRecord } from "@ioasid/bus";
+import { createHistoryRecord, eventTypeOf, type HistoryActionInput, type HistoryFields, type HistoryRecord } from "@ioasid/bus";
+import { history as h } from "@ioasid/proto";
 import { createChaosRecord, type ChaosAction, type ChaosDetail, type ChaosOp } from "./chaos-record.js";
 import type { FinalState } from "./final-state.js";
 
 /**
- * Builds histories the way the services record them (the same actions, fields and details), one
+ * Builds histories the way the services record them (the same actions and fields), one
  * record every `step` ms. The checker's tests use it for the document's life-cycle tables and for
  * deliberately broken variants.
  */
@@ -22,8 +23,8 @@ export class HistoryBuilder {
   }
 
   /** Appends a record of a role. */
-  add(role: string, instance: string, action: string, fields: HistoryFields = {}): HistoryRecord {
-    const r: HistoryRecord = { ts: (this.t += this.step), role, instance, action, ...fields };
+  add(role: string, instance: string, action: HistoryActionInput, fields: HistoryFields = {}): HistoryRecord {
+    const r = createHistoryRecord({ role, instance }, action, fields, (this.t += this.step));
     this.records.push(r);
     return r;
   }
@@ -31,7 +32,7 @@ export class HistoryBuilder {
   /** Appends a core event record with the next sequence number; returns the sequence. */
   event(type: string, fields: HistoryFields): number {
     const seq = ++this.seq;
-    this.add("ioasid", "core-0", `event:${type}`, { ...fields, seq });
+    this.add("ioasid", "core-0", { $case: "ioasidNotify", value: { type: eventTypeOf(type) } }, { ...fields, seq });
     return seq;
   }
 
@@ -71,13 +72,27 @@ const VFIO = "vfio-0";
 const DEVICE = "idxd0";
 const WQ = 1;
 
+/** A reference change by `holder` ("kvm/vm-1/vmcs"). */
+const ref = (kind: "get" | "put", holder: string): HistoryActionInput => {
+  const [role = "", instance = "", purpose = ""] = holder.split("/");
+  const value = { holder: { role, instance, purpose } };
+  return kind === "get" ? { $case: "ioasidGet", value } : { $case: "ioasidPut", value };
+};
+const vmcs = (kind: "install" | "clear", gpasid: number, hpasid: number, cause = h.VmcsClearCause.VMCS_CLEAR_CAUSE_UNSPECIFIED): HistoryActionInput => ({
+  $case: "vmcsUpdate",
+  value: { kind: kind === "install" ? h.VmcsUpdateKind.VMCS_UPDATE_KIND_INSTALL : h.VmcsUpdateKind.VMCS_UPDATE_KIND_CLEAR, gpasid, hpasid, cause },
+});
+const entry = (ioasid: number, cause?: string) => ({ device: DEVICE, handle: BigInt(ioasid), domain: 3, domainType: "NESTED", ...(cause === undefined ? {} : { cause }) });
+const flush = (cause: string): HistoryActionInput => ({ $case: "iotlbFlush", value: { scope: "PASID", cause, domain: 3, device: DEVICE, devtlb: true } });
+const wq = (mdev: string) => ({ device: DEVICE, wq: WQ, mdev });
+
 /** Registers the VM's notifier (pending: KVM starts first), then VFIO opens its container. */
 export function openGuest(b: HistoryBuilder, g: FixtureGuest, registration: number): void {
-  b.add("ioasid", "core-0", "ioasid_register_notifier_mm", { detail: `kvm/${g.kvm} mm ${g.token} priority 3 (pending)` });
-  b.add("kvm", g.kvm, "kvm_create_vm", { detail: `mm token ${g.token}, 1 vCPU(s), registration ${registration} PENDING` });
+  b.add("ioasid", "core-0", { $case: "ioasidRegisterNotifierMm", value: { subscriber: "kvm", instance: g.kvm, scope: { $case: "mmToken", value: BigInt(g.token) }, priority: 3, pending: true } });
+  b.add("kvm", g.kvm, { $case: "kvmCreateVm", value: { mmToken: BigInt(g.token), vcpus: 1, registration, active: false } });
   b.op({ op: "open", vm: g.vm }, () => {
     b.event("SET_ALLOC", { setId: g.setId, refcount: 0 });
-    b.add("vfio", VFIO, "container_open", { setId: g.setId, detail: `container ${g.setId} mm_token ${g.token} quota 16 vm ${g.vm} grace 5000ms` });
+    b.add("vfio", VFIO, { $case: "containerOpen", value: { container: g.setId, mmToken: BigInt(g.token), quota: 16, vmName: g.vm, graceMs: 5000 } }, { setId: g.setId });
   }, { setId: g.setId });
 }
 
@@ -85,7 +100,7 @@ export function openGuest(b: HistoryBuilder, g: FixtureGuest, registration: numb
 export function allocPasid(b: HistoryBuilder, g: FixtureGuest, ioasid: number, generation: number): void {
   b.op({ op: "alloc", vm: g.vm, setId: g.setId }, () => {
     b.event("ALLOC", { ioasid, generation, setId: g.setId, refcount: 1 });
-    b.add("vfio", VFIO, "vcmd_alloc", { ioasid, generation, setId: g.setId, detail: `container ${g.setId}` });
+    b.add("vfio", VFIO, { $case: "vcmdAlloc", value: { container: g.setId } }, { ioasid, generation, setId: g.setId });
   }, { ioasid, generation });
 }
 
@@ -94,25 +109,25 @@ export function bindPasid(b: HistoryBuilder, g: FixtureGuest, ioasid: number, ge
   const ids = { ioasid, generation, setId: g.setId };
   let seq = 0;
   b.op({ op: "bind", vm: g.vm, ...ids, spid }, () => {
-    b.add("ioasid", "core-0", "ioasid_get", { ...ids, refcount: 2, detail: `iommu/${IOMMU}/bind` });
+    b.add("ioasid", "core-0", ref("get", `iommu/${IOMMU}/bind`), { ...ids, refcount: 2 });
     seq = b.event("BIND", { ...ids, spid, refcount: 2 });
-    b.add("iommu", IOMMU, "pasid_entry_set", { ...ids, spid, detail: `device ${DEVICE} handle ${ioasid} domain 3 NESTED` });
-    b.add("iommu", IOMMU, "bind_gpasid", { ...ids, spid, refcount: 2, detail: `device ${DEVICE} handle ${ioasid} first bind` });
-    b.add("vfio", VFIO, "bind_gpasid", { ...ids, spid, detail: `container ${g.setId} device ${DEVICE} handle ${ioasid} first` });
+    b.add("iommu", IOMMU, { $case: "pasidEntrySet", value: entry(ioasid) }, { ...ids, spid });
+    b.add("iommu", IOMMU, { $case: "bindGpasid", value: { device: DEVICE, handle: BigInt(ioasid), first: true } }, { ...ids, spid, refcount: 2 });
+    b.add("vfio", VFIO, { $case: "bindGpasid", value: { container: g.setId, deviceKind: "device", device: DEVICE, handle: BigInt(ioasid), first: true } }, { ...ids, spid });
   });
   if (!withKvm) return;
-  b.add("ioasid", "core-0", "ioasid_get", { ...ids, refcount: 3, seq, detail: `kvm/${g.kvm}/vmcs` });
-  b.add("kvm", g.kvm, "vmcs_update", { ...ids, spid, seq, refcount: 3, detail: `install gpasid ${spid} → hpasid ${ioasid}` });
+  b.add("ioasid", "core-0", ref("get", `kvm/${g.kvm}/vmcs`), { ...ids, refcount: 3, seq });
+  b.add("kvm", g.kvm, vmcs("install", spid, ioasid), { ...ids, spid, seq, refcount: 3 });
 }
 
 /** Guest programs its mdev's WQ with the gpasid: VDCM's find-by-SPID reference (4), vdev_write, a descriptor. */
 export function programWq(b: HistoryBuilder, g: FixtureGuest, ioasid: number, generation: number, spid: number): void {
   const ids = { ioasid, generation, setId: g.setId, spid };
   b.op({ op: "program", vm: g.vm, ...ids }, () => {
-    b.add("ioasid", "core-0", "ioasid_get", { ioasid, generation, setId: g.setId, refcount: 4, detail: `vdcm/${VDCM}/${DEVICE}.wq${WQ}` });
-    b.add("vdcm", VDCM, "vdev_write", { ...ids, refcount: 4, detail: `device ${DEVICE} wq ${WQ} mdev ${g.mdev} mdev_write(${spid})` });
+    b.add("ioasid", "core-0", ref("get", `vdcm/${VDCM}/${DEVICE}.wq${WQ}`), { ioasid, generation, setId: g.setId, refcount: 4 });
+    b.add("vdcm", VDCM, { $case: "vdevWrite", value: { ...wq(g.mdev), gpasid: spid } }, { ...ids, refcount: 4 });
   });
-  b.add("vdcm", VDCM, "submit", { ...ids, detail: `device ${DEVICE} wq ${WQ} mdev ${g.mdev}: MEMMOVE SUCCESS (4096 bytes)` });
+  b.add("vdcm", VDCM, { $case: "submit", value: { ...wq(g.mdev), op: "MEMMOVE", status: "SUCCESS", bytes: 4096n } }, ids);
 }
 
 /** A page-request group of the guest's PASID, relayed by VFIO; answered by the guest when `answer`. */
@@ -120,13 +135,13 @@ export function pageRequest(b: HistoryBuilder, g: FixtureGuest, ioasid: number, 
   const group = b.nextGroup();
   const ids = { ioasid, generation, setId: g.setId, spid };
   b.op({ op: "dma", vm: g.vm, ...ids }, () => {
-    b.add("iommu", IOMMU, "iopf_group", { ...ids, detail: `group ${group} device ${DEVICE} prgi 0: 1 request(s) → vfio` });
-    b.add("vfio", VFIO, "iopf_relay", { ioasid, spid, detail: `container ${g.setId} group ${group}: 1 request(s)` });
+    b.add("iommu", IOMMU, { $case: "iopfGroup", value: { group: BigInt(group), device: DEVICE, prgi: 0, requests: 1, owner: "vfio" } }, ids);
+    b.add("vfio", VFIO, { $case: "iopfRelay", value: { container: g.setId, group: BigInt(group), requests: 1 } }, { ioasid, spid });
   });
   if (answer) {
     b.op({ op: "respond", vm: g.vm, ...ids }, () => {
-      b.add("iommu", IOMMU, "page_response", { ...ids, detail: `group ${group} device ${DEVICE} prgi 0: SUCCESS (HANDLER)` });
-      b.add("vfio", VFIO, "page_response", { detail: `container ${g.setId} group ${group}: SUCCESS` });
+      b.add("iommu", IOMMU, { $case: "pageResponse", value: { group: BigInt(group), device: DEVICE, prgi: 0, code: "SUCCESS", source: "HANDLER" } }, ids);
+      b.add("vfio", VFIO, { $case: "pageResponse", value: { container: g.setId, group: BigInt(group), code: "SUCCESS" } });
     });
   }
   return group;
@@ -151,7 +166,7 @@ export function freeDelivered(b: HistoryBuilder, g: FixtureGuest, ioasid: number
   let seq = 0;
   b.op({ op: "free", vm: g.vm, ...ids }, () => {
     seq = b.event("FREE", { ...ids, spid, refcount: 3 });
-    b.add("vfio", VFIO, "vcmd_free", { ...ids, detail: `container ${g.setId} FREE_PENDING` });
+    b.add("vfio", VFIO, { $case: "vcmdFree", value: { container: g.setId, outcome: "FREE_PENDING" } }, ids);
   });
   freeTeardown(b, g, ioasid, generation, spid, seq, outstandingGroup);
 }
@@ -159,17 +174,17 @@ export function freeDelivered(b: HistoryBuilder, g: FixtureGuest, ioasid: number
 /** The tiers' work for the FREE with sequence `seq`. */
 export function freeTeardown(b: HistoryBuilder, g: FixtureGuest, ioasid: number, generation: number, spid: number, seq: number, outstandingGroup?: number): void {
   const ids = { ioasid, generation, setId: g.setId };
-  b.add("kvm", g.kvm, "vmcs_update", { ...ids, spid, seq, detail: `clear gpasid ${spid} → hpasid ${ioasid} (FREE)` });
-  b.add("ioasid", "core-0", "ioasid_put", { ...ids, refcount: 2, seq, detail: `kvm/${g.kvm}/vmcs` });
-  b.add("vdcm", VDCM, "vdev_clear", { ...ids, spid, seq, detail: `device ${DEVICE} wq ${WQ} mdev ${g.mdev} FREE` });
-  b.add("ioasid", "core-0", "ioasid_put", { ...ids, refcount: 1, seq, detail: `vdcm/${VDCM}/${DEVICE}.wq${WQ}` });
-  b.add("iommu", IOMMU, "teardown_pasid", { ...ids, spid, seq, detail: `device ${DEVICE} handle ${ioasid} domain 3 NESTED (IOASID_FREED)` });
-  b.add("iommu", IOMMU, "iotlb_flush", { ioasid, seq, detail: `PASID IOASID_FREED domain 3 device ${DEVICE} +devtlb` });
+  b.add("kvm", g.kvm, vmcs("clear", spid, ioasid, h.VmcsClearCause.VMCS_CLEAR_CAUSE_FREE), { ...ids, spid, seq });
+  b.add("ioasid", "core-0", ref("put", `kvm/${g.kvm}/vmcs`), { ...ids, refcount: 2, seq });
+  b.add("vdcm", VDCM, { $case: "vdevClear", value: { ...wq(g.mdev), cause: h.VdevClearCause.VDEV_CLEAR_CAUSE_FREE } }, { ...ids, spid, seq });
+  b.add("ioasid", "core-0", ref("put", `vdcm/${VDCM}/${DEVICE}.wq${WQ}`), { ...ids, refcount: 1, seq });
+  b.add("iommu", IOMMU, { $case: "teardownPasid", value: entry(ioasid, "IOASID_FREED") }, { ...ids, spid, seq });
+  b.add("iommu", IOMMU, flush("IOASID_FREED"), { ioasid, seq });
   if (outstandingGroup !== undefined) {
-    b.add("iommu", IOMMU, "page_response", { ...ids, spid, seq, detail: `group ${outstandingGroup} device ${DEVICE} prgi 0: INVALID (IOASID_FREED)` });
+    b.add("iommu", IOMMU, { $case: "pageResponse", value: { group: BigInt(outstandingGroup), device: DEVICE, prgi: 0, code: "INVALID", source: "IOASID_FREED" } }, { ...ids, spid, seq });
   }
-  b.add("iommu", IOMMU, "iommu_nb_handler", { ...ids, spid, seq, detail: "FREE: 1 entry torn down, bind reference released" });
-  b.add("ioasid", "core-0", "ioasid_put", { ...ids, refcount: 0, seq, detail: `iommu/${IOMMU}/bind` });
+  b.add("iommu", IOMMU, { $case: "iommuNbHandler", value: { type: eventTypeOf("FREE"), tornDown: 1, bindReferenceReleased: true } }, { ...ids, spid, seq });
+  b.add("ioasid", "core-0", ref("put", `iommu/${IOMMU}/bind`), { ...ids, refcount: 0, seq });
   b.event("RECLAIM", { ...ids, spid, refcount: 0 });
 }
 
@@ -197,26 +212,26 @@ export function correctHistory(): HistoryRecord[] {
   // The normal table (steps 1–24).
   setUp(b, g1, 201, 101);
   b.op({ op: "clear", vm: g1.vm, ioasid: 201, generation: 1, setId: 1, spid: 101 }, () => {
-    b.add("vdcm", VDCM, "vdev_clear", { ioasid: 201, generation: 1, setId: 1, spid: 101, detail: `device ${DEVICE} wq ${WQ} mdev ${g1.mdev} mdev_clear` });
-    b.add("ioasid", "core-0", "ioasid_put", { ioasid: 201, generation: 1, setId: 1, refcount: 3, detail: `vdcm/${VDCM}/${DEVICE}.wq${WQ}` });
+    b.add("vdcm", VDCM, { $case: "vdevClear", value: { ...wq(g1.mdev), cause: h.VdevClearCause.VDEV_CLEAR_CAUSE_MDEV_CLEAR } }, { ioasid: 201, generation: 1, setId: 1, spid: 101 });
+    b.add("ioasid", "core-0", ref("put", `vdcm/${VDCM}/${DEVICE}.wq${WQ}`), { ioasid: 201, generation: 1, setId: 1, refcount: 3 });
   });
   let unbindSeq = 0;
   b.op({ op: "unbind", vm: g1.vm, ioasid: 201, generation: 1, setId: 1, spid: 101 }, () => {
-    b.add("iommu", IOMMU, "teardown_pasid", { ioasid: 201, generation: 1, setId: 1, spid: 101, detail: `device ${DEVICE} handle 201 domain 3 NESTED (UNBIND)` });
-    b.add("iommu", IOMMU, "iotlb_flush", { ioasid: 201, detail: `PASID UNBIND domain 3 device ${DEVICE} +devtlb` });
+    b.add("iommu", IOMMU, { $case: "teardownPasid", value: entry(201, "UNBIND") }, { ioasid: 201, generation: 1, setId: 1, spid: 101 });
+    b.add("iommu", IOMMU, flush("UNBIND"), { ioasid: 201 });
     unbindSeq = b.event("UNBIND", { ioasid: 201, generation: 1, setId: 1, spid: 101, refcount: 3 });
-    b.add("iommu", IOMMU, "unbind_gpasid", { ioasid: 201, generation: 1, setId: 1, spid: 101, refcount: 3, detail: `device ${DEVICE} handle 201 last unbind` });
-    b.add("vfio", VFIO, "unbind_gpasid", { ioasid: 201, generation: 1, setId: 1, spid: 101, detail: `container 1 device ${DEVICE} last` });
+    b.add("iommu", IOMMU, { $case: "unbindGpasid", value: { device: DEVICE, handle: 201n, last: true } }, { ioasid: 201, generation: 1, setId: 1, spid: 101, refcount: 3 });
+    b.add("vfio", VFIO, { $case: "unbindGpasid", value: { container: 1, deviceKind: "device", device: DEVICE, last: true } }, { ioasid: 201, generation: 1, setId: 1, spid: 101 });
   });
-  b.add("kvm", g1.kvm, "vmcs_update", { ioasid: 201, generation: 1, setId: 1, spid: 101, seq: unbindSeq, detail: "clear gpasid 101 → hpasid 201 (UNBIND)" });
-  b.add("ioasid", "core-0", "ioasid_put", { ioasid: 201, generation: 1, setId: 1, refcount: 2, seq: unbindSeq, detail: `kvm/${g1.kvm}/vmcs` });
+  b.add("kvm", g1.kvm, vmcs("clear", 101, 201, h.VmcsClearCause.VMCS_CLEAR_CAUSE_UNBIND), { ioasid: 201, generation: 1, setId: 1, spid: 101, seq: unbindSeq });
+  b.add("ioasid", "core-0", ref("put", `kvm/${g1.kvm}/vmcs`), { ioasid: 201, generation: 1, setId: 1, refcount: 2, seq: unbindSeq });
   let freeSeq = 0;
   b.op({ op: "free", vm: g1.vm, ioasid: 201, generation: 1, setId: 1 }, () => {
     freeSeq = b.event("FREE", { ioasid: 201, generation: 1, setId: 1, refcount: 1 });
-    b.add("vfio", VFIO, "vcmd_free", { ioasid: 201, generation: 1, setId: 1, detail: "container 1 FREE_PENDING" });
+    b.add("vfio", VFIO, { $case: "vcmdFree", value: { container: 1, outcome: "FREE_PENDING" } }, { ioasid: 201, generation: 1, setId: 1 });
   });
-  b.add("iommu", IOMMU, "iommu_nb_handler", { ioasid: 201, generation: 1, setId: 1, seq: freeSeq, detail: "FREE: 0 entries torn down, bind reference released" });
-  b.add("ioasid", "core-0", "ioasid_put", { ioasid: 201, generation: 1, setId: 1, refcount: 0, seq: freeSeq, detail: `iommu/${IOMMU}/bind` });
+  b.add("iommu", IOMMU, { $case: "iommuNbHandler", value: { type: eventTypeOf("FREE"), tornDown: 0, bindReferenceReleased: true } }, { ioasid: 201, generation: 1, setId: 1, seq: freeSeq });
+  b.add("ioasid", "core-0", ref("put", `iommu/${IOMMU}/bind`), { ioasid: 201, generation: 1, setId: 1, refcount: 0, seq: freeSeq });
   b.event("RECLAIM", { ioasid: 201, generation: 1, setId: 1, refcount: 0 });
   // New life cycle: 201 again, generation 2, bound (KVM's registration is active on set 1).
   allocPasid(b, g1, 201, 2);
@@ -234,13 +249,13 @@ export function correctHistory(): HistoryRecord[] {
   b.chaos("info", { fault: "kill-restart", target: "vdcm", faultId: 1 });
   b.chaos("info", { heal: true, faultId: 1 });
   b.op({ op: "crash", vm: g3.vm, setId: 3 }, () => {
-    b.add("vfio", VFIO, "fault_session_lost", { detail: "container 3: 0 group(s) answered INVALID" });
+    b.add("vfio", VFIO, { $case: "faultSessionLost", value: { container: 3, group: 0n } });
   });
   const seq203 = b.event("FREE", { ioasid: 203, generation: 1, setId: 3, spid: 103, refcount: 3 });
   b.event("RECLAIM", { ioasid: 204, generation: 1, setId: 3, refcount: 0 });
   freeTeardown(b, g3, 203, 1, 103, seq203);
   b.event("SET_FREE", { setId: 3, refcount: 0 });
-  b.add("vfio", VFIO, "container_close", { setId: 3, detail: "container 3 reason SESSION_LOST freed 2" });
+  b.add("vfio", VFIO, { $case: "containerClose", value: { container: 3, reason: "SESSION_LOST", freed: 2 } }, { setId: 3 });
   b.chaos("info", { heal: true });
   return b.records;
 }

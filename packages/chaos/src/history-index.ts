@@ -1,4 +1,5 @@
-import type { HistoryRecord } from "@ioasid/bus";
+import { eventOf, type HistoryRecord } from "@ioasid/bus";
+import { history as h } from "@ioasid/proto";
 import { ChaosAction, FaultKind, parseChaosRecord, roleOfTarget, type ChaosOp, type FaultMarker } from "./chaos-record.js";
 
 /** The core's history column ("ioasid"): events and reference changes. */
@@ -171,28 +172,31 @@ export function indexHistory(history: readonly HistoryRecord[], options: IndexOp
     if (r.ioasid === undefined || r.generation === undefined || r.generation === 0) return;
     const l = lifecycle(r.ioasid, r.generation, idx);
     if (r.role !== CORE_ROLE) return;
-    if (r.setId !== undefined && (l.setId === undefined || r.action === "event:ALLOC")) l.setId = r.setId;
-    switch (r.action) {
-      case "event:ALLOC":
+    const event = eventOf(r);
+    if (r.setId !== undefined && (l.setId === undefined || event === "ALLOC")) l.setId = r.setId;
+    switch (event) {
+      case "ALLOC":
         l.allocs.push(idx);
         l.alloc ??= idx;
         break;
-      case "event:FREE":
+      case "FREE":
         l.frees.push(idx);
         break;
-      case "event:RECLAIM":
+      case "RECLAIM":
         l.reclaims.push(idx);
         break;
-      case "event:BIND":
-      case "event:UNBIND":
+      case "BIND":
+      case "UNBIND":
         l.bindings.push(idx);
         break;
-      case "ioasid_get":
-      case "ioasid_put":
-        l.refs.push(idx);
+      case "SET_ALLOC":
+      case "SET_FREE":
+      case undefined:
+        // Set events name no IOASID generation; other records are not events.
         break;
     }
-    if (r.action.startsWith("event:")) l.events.push(idx);
+    if (r.action?.$case === "ioasidGet" || r.action?.$case === "ioasidPut") l.refs.push(idx);
+    if (event !== undefined) l.events.push(idx);
   });
   for (const list of byIoasid.values()) list.sort((a, b) => start(a) - start(b));
 
@@ -323,22 +327,18 @@ export function indexHistory(history: readonly HistoryRecord[], options: IndexOp
         openEntries.delete(k);
       }
     }
-    if ((r.role === "iommu" && (r.action === "iopf_group" || r.action === "page_response")) || (r.role === "vfio" && r.action === "page_response")) {
-      const groupId = /\bgroup (\d+)\b/.exec(r.detail ?? "")?.[1];
-      if (groupId !== undefined) {
-        // The IOMMU keeps its outstanding groups and its id counter across a kill, so an id names
-        // one group for the whole run (a restarted IOMMU answers the groups it had).
-        groups.push({ key: `${r.role}/${r.instance}/${groupId}`, groupId, idx, kind: r.action === "iopf_group" ? "group" : "response" });
-      }
+    const a = r.action;
+    if ((r.role === "iommu" && (a?.$case === "iopfGroup" || a?.$case === "pageResponse")) || (r.role === "vfio" && a?.$case === "pageResponse")) {
+      // The IOMMU keeps its outstanding groups and its id counter across a kill, so an id names
+      // one group for the whole run (a restarted IOMMU answers the groups it had).
+      const groupId = String(a.value.group);
+      groups.push({ key: `${r.role}/${r.instance}/${groupId}`, groupId, idx, kind: a.$case === "iopfGroup" ? "group" : "response" });
     }
-    if (r.role === CORE_ROLE && r.action === "ioasid_register_notifier_mm") {
-      const m = /^([^/\s]+)\/(\S+) mm (\d+) priority \S+ \(pending\)$/.exec(r.detail ?? "");
-      if (m !== null) pendingRegistrations.push({ subscriber: m[1]!, instance: m[2]!, mmToken: m[3]!, idx });
+    if (r.role === CORE_ROLE && a?.$case === "ioasidRegisterNotifierMm" && a.value.pending && a.value.scope?.$case === "mmToken") {
+      pendingRegistrations.push({ subscriber: a.value.subscriber, instance: a.value.instance, mmToken: String(a.value.scope.value), idx });
     }
-    if (r.role === "vfio" && r.action === "container_open" && r.setId !== undefined) {
-      const token = /\bmm_token (\d+)/.exec(r.detail ?? "")?.[1];
-      const quota = /\bquota (\d+)/.exec(r.detail ?? "")?.[1];
-      containers.push({ setId: r.setId, mmToken: token, quota: quota === undefined ? undefined : Number(quota), idx });
+    if (r.role === "vfio" && a?.$case === "containerOpen" && r.setId !== undefined) {
+      containers.push({ setId: r.setId, mmToken: String(a.value.mmToken), quota: a.value.quota, idx });
     }
   });
 
@@ -365,11 +365,10 @@ export function indexHistory(history: readonly HistoryRecord[], options: IndexOp
       return found;
     },
     holderOf(idx) {
-      const r = records[idx];
-      if (r === undefined || (r.action !== "ioasid_get" && r.action !== "ioasid_put")) return undefined;
-      const [role, instance, ...purpose] = (r.detail ?? "").split("/");
-      if (role === undefined || instance === undefined || purpose.length === 0) return undefined;
-      return { role, instance, purpose: purpose.join("/") };
+      const a = records[idx]?.action;
+      if (a?.$case !== "ioasidGet" && a?.$case !== "ioasidPut") return undefined;
+      const holder = a.value.holder;
+      return holder === undefined ? undefined : { role: holder.role, instance: holder.instance, purpose: holder.purpose };
     },
   };
 }
@@ -384,22 +383,19 @@ function start(l: Lifecycle): number {
  * entry set or torn down.
  */
 export function tableChange(r: HistoryRecord): { kind: "set" | "clear"; where: string } | undefined {
-  const detail = r.detail ?? "";
-  switch (`${r.role} ${r.action}`) {
-    case "kvm vmcs_update":
-      if (detail.startsWith("install")) return { kind: "set", where: `vm ${r.instance}` };
-      if (detail.startsWith("clear")) return { kind: "clear", where: `vm ${r.instance}` };
+  const a = r.action;
+  switch (a?.$case) {
+    case "vmcsUpdate":
+      if (r.role !== "kvm") return undefined;
+      if (a.value.kind === h.VmcsUpdateKind.VMCS_UPDATE_KIND_INSTALL) return { kind: "set", where: `vm ${r.instance}` };
+      if (a.value.kind === h.VmcsUpdateKind.VMCS_UPDATE_KIND_CLEAR) return { kind: "clear", where: `vm ${r.instance}` };
       return undefined;
-    case "vdcm vdev_write":
-    case "vdcm vdev_clear": {
-      const m = /^device (\S+) wq (\d+)/.exec(detail);
-      return { kind: r.action === "vdev_write" ? "set" : "clear", where: m === null ? "device ?" : `device ${m[1]} wq ${m[2]}` };
-    }
-    case "iommu pasid_entry_set":
-    case "iommu teardown_pasid": {
-      const m = /^device (\S+)/.exec(detail);
-      return { kind: r.action === "pasid_entry_set" ? "set" : "clear", where: m === null ? "device ?" : `device ${m[1]}` };
-    }
+    case "vdevWrite":
+    case "vdevClear":
+      return r.role === "vdcm" ? { kind: a.$case === "vdevWrite" ? "set" : "clear", where: `device ${a.value.device} wq ${a.value.wq}` } : undefined;
+    case "pasidEntrySet":
+    case "teardownPasid":
+      return r.role === "iommu" ? { kind: a.$case === "pasidEntrySet" ? "set" : "clear", where: `device ${a.value.device}` } : undefined;
     default:
       return undefined;
   }

@@ -1,14 +1,16 @@
-import type { HistoryRecord } from "@ioasid/bus";
+import { createHistoryRecord, eventOf, eventTypeOf, type HistoryRecord } from "@ioasid/bus";
 import { describe, expect, it } from "vitest";
 import { ChaosJournal, DefiniteFailure, outcomeOf } from "./chaos-journal.js";
-import { createChaosRecord, type ChaosDetail } from "./chaos-record.js";
+import { createChaosRecord, parseChaosRecord, type ChaosDetail } from "./chaos-record.js";
 import { renderChaosReport } from "./chaos-report.js";
 import { check } from "./checker.js";
 import { computeRunStats, renderStats } from "./run-stats.js";
 import { DomainError, Code } from "@ioasid/errors";
 
 const chaos = (ts: number, action: "invoke" | "ok" | "fail" | "info", detail: ChaosDetail) => createChaosRecord(action, detail, { ts });
-const core = (ts: number, action: string, fields: Partial<HistoryRecord>): HistoryRecord => ({ ts, role: "ioasid", instance: "core", action, ...fields });
+/** A core event record ("event:ALLOC"). */
+const core = (ts: number, event: `event:${string}`, fields: Partial<HistoryRecord>): HistoryRecord =>
+  createHistoryRecord({ role: "ioasid", instance: "core" }, { $case: "ioasidNotify", value: { type: eventTypeOf(event.slice(6)) } }, fields, ts);
 
 /** g1 opens set 3, allocates 201 and 202, crashes at 2000; 201 is reclaimed at 2300, 202 at 2600; a fault heals at 2100. */
 function crashedGuest(): HistoryRecord[] {
@@ -41,7 +43,7 @@ describe("computeRunStats", () => {
   });
 
   it("reports a crashed guest with an IOASID never reclaimed, unless the final state shows it gone", () => {
-    const history = crashedGuest().filter((r) => !(r.action === "event:RECLAIM" && r.ioasid === 202));
+    const history = crashedGuest().filter((r) => !(eventOf(r) === "RECLAIM" && r.ioasid === 202));
     expect(computeRunStats(history).reclaim.notReclaimed).toEqual(["g1 set 3"]);
     const gone = computeRunStats(history, { capacity: 1024, available: 1023, sets: [], ioasids: [] });
     expect(gone.reclaim.reclaimed).toBe(1);
@@ -67,9 +69,10 @@ describe("ChaosJournal", () => {
     const lost = await j.run({ op: "bind", vm: "g1" }, () => Promise.reject(new DomainError(Code.UNAVAILABLE, "UNAVAILABLE", "gone")));
     expect(lost).toMatchObject({ ok: false, outcome: "info" });
     expect(j.counts()).toMatchObject({ ok: 1, fail: 1, info: 1, byOp: { alloc: [1, 0, 0], free: [0, 1, 0], bind: [0, 0, 1] } });
-    expect(j.records.map((r) => r.action)).toEqual(["invoke", "ok", "invoke", "fail", "invoke", "info"]);
+    const phases = j.records.map((r) => parseChaosRecord(r)).map((e) => (e?.kind === "op" ? e.action : undefined));
+    expect(phases).toEqual(["invoke", "ok", "invoke", "fail", "invoke", "info"]);
     expect(j.records[1]).toMatchObject({ ioasid: 201, generation: 1, setId: 3 });
-    expect(JSON.parse(j.records[1]!.detail!)).toMatchObject({ op: "alloc", opId: 1, latencyMs: expect.any(Number) });
+    expect(parseChaosRecord(j.records[1]!)).toMatchObject({ op: { op: "alloc", opId: 1, latencyMs: expect.any(Number) } });
   });
 
   it("takes a DefiniteFailure as fail and anything else unknown as info", () => {
@@ -83,7 +86,7 @@ describe("ChaosJournal", () => {
     j.note("seed 1");
     j.fault({ fault: "partition", target: "vdcm", faultId: 1 });
     j.fault({ fault: "kill-restart", target: "ioasid-core", faultId: 100_001, cause: "exit" });
-    const stored: HistoryRecord[] = [core(1, "event:ALLOC", { ioasid: 5, generation: 1, setId: 1 }), { ...j.records[0]!, detail: "truncated" }];
+    const stored: HistoryRecord[] = [core(1, "event:ALLOC", { ioasid: 5, generation: 1, setId: 1 }), { ...j.records[0]!, action: { $case: "chaosNote", value: { note: "truncated" } } }];
     const merged = j.merge(stored);
     expect(merged.filter((r) => r.role === "chaos")).toEqual(j.records);
     expect(merged).toHaveLength(4);

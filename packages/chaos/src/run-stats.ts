@@ -1,4 +1,4 @@
-import type { HistoryRecord } from "@ioasid/bus";
+import { eventOf, type HistoryRecord } from "@ioasid/bus";
 import { ChaosOpName, parseChaosRecord } from "./chaos-record.js";
 import type { FinalState } from "./final-state.js";
 
@@ -65,12 +65,12 @@ export function computeRunStats(history: readonly HistoryRecord[], finalState?: 
   const selfExits: string[] = [];
 
   for (const r of records) {
-    if (r.role === "ioasid" && r.action === "event:ALLOC" && r.setId !== undefined && r.ioasid !== undefined && r.generation !== undefined) {
+    if (r.role === "ioasid" && eventOf(r) === "ALLOC" && r.setId !== undefined && r.ioasid !== undefined && r.generation !== undefined) {
       let list = allocs.get(r.setId);
       if (list === undefined) allocs.set(r.setId, (list = []));
       list.push({ ioasid: r.ioasid, generation: r.generation, ts: r.ts });
     }
-    if (r.role === "ioasid" && r.action === "event:RECLAIM" && r.ioasid !== undefined && r.generation !== undefined) {
+    if (r.role === "ioasid" && eventOf(r) === "RECLAIM" && r.ioasid !== undefined && r.generation !== undefined) {
       const k = `${r.ioasid}#${r.generation}`;
       if (!reclaims.has(k)) reclaims.set(k, r.ts);
     }

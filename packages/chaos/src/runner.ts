@@ -1,7 +1,7 @@
 import { setMaxListeners } from "node:events";
 import { appendFileSync, mkdirSync, rmSync, writeFileSync } from "node:fs";
 import { join, resolve } from "node:path";
-import { readHistory } from "@ioasid/bus";
+import { describeAction, historyRecordToJson, readHistory, stepLabel } from "@ioasid/bus";
 import { core } from "@ioasid/proto";
 import { connect, type NatsConnection } from "@nats-io/transport-node";
 import { createChaosClients, type ChaosClients, type VmmCommand, type VmmProcess } from "./chaos-clients.js";
@@ -212,7 +212,7 @@ export async function runChaos(options: ChaosRunOptions): Promise<ChaosRunResult
     const c = clients;
     const j = (journal = new ChaosJournal(nc, {
       onRecord: (r) => {
-        if (r.instance === "nemesis" || !/"op"/.test(r.detail ?? "")) trace(`${r.action} ${r.detail ?? ""}`);
+        if (r.instance === "nemesis" || r.action?.$case !== "chaosOp") trace(`${stepLabel(r)} ${describeAction(r) ?? ""}`);
       },
     }));
     j.note(`seed ${options.seed}, ${options.guests} guests, ${options.durationMs} ms, faults ${options.faults.join(",") || "none"}; service timeouts ${Object.entries(CHAOS_SERVICE_ENV).filter(([k]) => /DEADLINE|RETRY|TIMEOUT|GRACE/.test(k)).map(([k, v]) => `${k}=${v}`).join(" ")}`);
@@ -294,7 +294,7 @@ export async function runChaos(options: ChaosRunOptions): Promise<ChaosRunResult
     ].join("\n");
 
     const historyFile = join(dir, "history.jsonl");
-    writeFileSync(historyFile, history.map((r) => JSON.stringify(r)).join("\n") + "\n");
+    writeFileSync(historyFile, history.map(historyRecordToJson).join("\n") + "\n");
     const reportFile = resolve(options.htmlFile ?? join(dir, "report.html"));
     writeFileSync(reportFile, renderChaosReport({ title: `ioasid-fabric chaos run, seed ${options.seed}: ${options.guests} guests, ${options.durationMs / 1000} s, faults ${options.faults.join(", ") || "none"}`, history, verdict, verdictText, summaryText }));
     writeFileSync(join(dir, "verdict.txt"), `${verdictText}\n\n${summaryText}\n`);

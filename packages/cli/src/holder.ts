@@ -71,8 +71,9 @@ export async function forceRelease(
   try {
     const history = new HistoryRecorder(nc, "operator", audit.operator);
     const who = `${sel.role}/${sel.instance}${sel.purpose === undefined ? "/*" : `/${sel.purpose}`}`;
-    history.record("force_release", {
-      detail: JSON.stringify({ holder: who, reason: audit.reason, references: held.map((h) => ({ ioasid: h.ioasid, generation: h.generation, setId: h.setId, purpose: h.purpose, count: h.count })) }),
+    history.record({
+      $case: "forceRelease",
+      value: { holder: who, reason: audit.reason, references: held.map((h) => ({ ioasid: h.ioasid, generation: h.generation, setId: h.setId, purpose: h.purpose, count: h.count })) },
     });
     history.flush();
     await nc.flush();

@@ -1,4 +1,4 @@
-import { readHistory, type HistoryRecord } from "@ioasid/bus";
+import { eventOf, readHistory, type HistoryRecord } from "@ioasid/bus";
 import { isDomainError } from "@ioasid/errors";
 import { iommu, kvm, vdcm, vfio } from "@ioasid/proto";
 import type { StackClients } from "./clients.js";
@@ -196,7 +196,7 @@ export async function runScenario(kind: ScenarioKind, c: StackClients, options: 
       "the run's history",
       async () => {
         records = (await readHistory(c.nc, { sinceMs: since })).filter((r) => r.ts <= until0 + 1000);
-        return records.some((r) => r.action === "event:RECLAIM" && r.ioasid === hpasid && r.generation === a.generation);
+        return records.some((r) => eventOf(r) === "RECLAIM" && r.ioasid === hpasid && r.generation === a.generation);
       },
       timeout,
     );
@@ -204,7 +204,7 @@ export async function runScenario(kind: ScenarioKind, c: StackClients, options: 
       ioasids: new Set([hpasid]),
       setIds: new Set([setId]),
       // KVM's registration by MM token (step 1) was made before the set existed.
-      include: (r) => r.action === "ioasid_register_notifier_mm" && (r.detail?.includes(`mm ${token} `) ?? false),
+      include: (r) => r.action?.$case === "ioasidRegisterNotifierMm" && r.action.value.scope?.$case === "mmToken" && r.action.value.scope.value === token,
     }).filter(
       (r) => r.record.generation === undefined || r.record.generation === a.generation || r.record.ioasid === undefined,
     );

@@ -1,4 +1,4 @@
-import type { HistoryRecord } from "@ioasid/bus";
+import { actionName, describeAction, eventOf, type HistoryActionCase, type HistoryRecord } from "@ioasid/bus";
 
 /** The columns of the kernel document's life-cycle tables, in its order. */
 export const COLUMNS = ["VFIO", "IOMMU", "KVM", "VDCM", "IOASID"] as const;
@@ -20,28 +20,46 @@ const ROLE_COLUMN: Record<string, Column> = { vfio: "VFIO", iommu: "IOMMU", kvm:
 /** The column a history record belongs in: the component that did it. */
 export function columnOf(r: HistoryRecord): Column | undefined {
   if (r.role === "ioasid") {
-    // A reference change or a registration is done by its holder / subscriber (detail "kvm/vm-1/…").
-    const owner = r.detail?.split("/")[0];
-    if ((r.action === "ioasid_get" || r.action === "ioasid_put" || r.action.startsWith("ioasid_register")) && owner !== undefined) {
-      return ROLE_COLUMN[owner] ?? "IOASID";
-    }
-    return "IOASID";
+    // A reference change or a registration is done by its holder / subscriber.
+    const owner = ownerRole(r);
+    return owner === undefined ? "IOASID" : (ROLE_COLUMN[owner] ?? "IOASID");
   }
   return ROLE_COLUMN[r.role];
+}
+
+/** The role that asked the core for a step: the holder of a reference, a notifier's subscriber. */
+function ownerRole(r: HistoryRecord): string | undefined {
+  const a = r.action;
+  switch (a?.$case) {
+    case "ioasidGet":
+    case "ioasidPut":
+      return a.value.holder?.role;
+    case "ioasidRegisterNotifier":
+    case "ioasidRegisterNotifierMm":
+      return a.value.subscriber;
+    default:
+      return undefined;
+  }
+}
+
+/** A step a role asks of the core (an arrow to the IOASID column): a reference change or a registration. */
+function asksCore(r: HistoryRecord): boolean {
+  const c = r.action?.$case;
+  return c === "ioasidGet" || c === "ioasidPut" || c === "ioasidRegisterNotifier" || c === "ioasidRegisterNotifierMm";
 }
 
 /**
  * The history actions of the IO page fault path (DESIGN §5 "Faults"): page-request groups and
  * their one response, unrecoverable DMA faults, credits, and VFIO's relay to the VMM.
  */
-export const FAULT_ACTIONS: ReadonlySet<string> = new Set([
-  "iopf_group",
-  "iopf_relay",
-  "iopf_no_handler",
-  "iopf_credits_exhausted",
-  "page_response",
-  "dma_fault",
-  "fault_session_lost",
+export const FAULT_ACTIONS: ReadonlySet<HistoryActionCase> = new Set<HistoryActionCase>([
+  "iopfGroup",
+  "iopfRelay",
+  "iopfNoHandler",
+  "iopfCreditsExhausted",
+  "pageResponse",
+  "dmaFault",
+  "faultSessionLost",
 ]);
 
 /**
@@ -50,38 +68,40 @@ export const FAULT_ACTIONS: ReadonlySet<string> = new Set([
  */
 function faultArrow(r: TimelineRow): string | undefined {
   const a = r.record.action;
-  const toVfio = r.column === "IOMMU" && (r.record.detail ?? "").includes("vfio/");
-  if ((a === "iopf_group" || a === "dma_fault") && toVfio) return "IOMMU->>VFIO";
-  if (a === "page_response" && r.column === "VFIO") return "VFIO->>IOMMU";
+  const handler = a?.$case === "iopfGroup" ? a.value.owner : a?.$case === "dmaFault" ? a.value.reportedTo : undefined;
+  if (r.column === "IOMMU" && handler?.includes("vfio/") === true) return "IOMMU->>VFIO";
+  if (a?.$case === "pageResponse" && r.column === "VFIO") return "VFIO->>IOMMU";
   return undefined;
 }
 
 /** The kernel document's words for a history record. */
 export function describeStep(r: HistoryRecord): string {
   const id = r.ioasid === undefined ? "" : `${r.ioasid}`;
-  switch (r.action) {
-    case "event:ALLOC":
+  switch (eventOf(r)) {
+    case "ALLOC":
       return `ioasid_alloc() -> ${id}`;
-    case "event:FREE":
+    case "FREE":
       return "ioasid_notify(FREE), mark_free_pending";
-    case "event:BIND":
+    case "BIND":
       return `ioasid_notify(BIND) spid ${r.spid ?? "?"}`;
-    case "event:UNBIND":
+    case "UNBIND":
       return `ioasid_notify(UNBIND) spid ${r.spid ?? "?"}`;
-    case "event:RECLAIM":
+    case "RECLAIM":
       return "Reclaimed";
-    case "event:SET_ALLOC":
+    case "SET_ALLOC":
       return `ioasid_alloc_set() set ${r.setId ?? "?"}`;
-    case "event:SET_FREE":
+    case "SET_FREE":
       return `ioasid_set destroyed, set ${r.setId ?? "?"}`;
-    case "ioasid_get":
-      return `-> ioasid_get(${id})`;
-    case "ioasid_put":
-      return `-> ioasid_put(${id})`;
-    default:
-      if (FAULT_ACTIONS.has(r.action)) return `${r.action}(${id}${r.spid === undefined ? "" : `, gpasid ${r.spid}`}) ${r.detail ?? ""}`.trimEnd();
-      return r.detail === undefined || r.role === "ioasid" ? `${r.action}(${id})` : `${r.action}(${id}) ${r.detail}`;
+    case undefined:
+      // Not an event: the step's own words, below.
+      break;
   }
+  const c = r.action?.$case;
+  if (c === "ioasidGet" || c === "ioasidPut") return `-> ${actionName(c)}(${id})`;
+  const name = actionName(r);
+  const detail = describeAction(r);
+  if (c !== undefined && FAULT_ACTIONS.has(c)) return `${name}(${id}${r.spid === undefined ? "" : `, gpasid ${r.spid}`}) ${detail ?? ""}`.trimEnd();
+  return detail === undefined || r.role === "ioasid" ? `${name}(${id})` : `${name}(${id}) ${detail}`;
 }
 
 /** Options of {@link buildTimeline}. */
@@ -89,24 +109,25 @@ export interface TimelineOptions {
   /** Only steps about these IOASIDs (and steps about no IOASID in these sets). */
   readonly ioasids?: ReadonlySet<number>;
   readonly setIds?: ReadonlySet<number>;
-  /** Leave out steps with these actions. @default the set events */
-  readonly omit?: ReadonlySet<string>;
+  /** Leave out the core's records of these events ("SET_ALLOC"). @default the set events */
+  readonly omitEvents?: ReadonlySet<string>;
   /** Also keep steps the other filters would leave out (e.g. a registration by MM token). */
   readonly include?: (r: HistoryRecord) => boolean;
 }
 
 /** Turns history records (time order) into the rows of the document's column table. */
 export function buildTimeline(records: readonly HistoryRecord[], options: TimelineOptions = {}): TimelineRow[] {
-  const omit = options.omit ?? new Set(["event:SET_ALLOC", "event:SET_FREE"]);
+  const omit = options.omitEvents ?? new Set(["SET_ALLOC", "SET_FREE"]);
   const rows: TimelineRow[] = [];
   for (const r of [...records].sort((a, b) => a.ts - b.ts)) {
-    if (omit.has(r.action)) continue;
+    const event = eventOf(r);
+    if (event !== undefined && omit.has(event)) continue;
     const forced = options.include?.(r) === true;
     if (!forced && r.ioasid !== undefined && options.ioasids !== undefined && !options.ioasids.has(r.ioasid)) continue;
     if (!forced && r.ioasid === undefined && options.setIds !== undefined && (r.setId === undefined || !options.setIds.has(r.setId))) continue;
     const column = columnOf(r);
     if (column === undefined) continue;
-    const changesRef = r.action === "ioasid_get" || r.action === "ioasid_put" || r.action === "event:ALLOC" || r.action === "event:FREE";
+    const changesRef = r.action?.$case === "ioasidGet" || r.action?.$case === "ioasidPut" || event === "ALLOC" || event === "FREE";
     rows.push({
       step: rows.length + 1,
       ts: r.ts,
@@ -146,7 +167,7 @@ export function renderMermaid(rows: readonly TimelineRow[]): string {
     const arrow = faultArrow(r);
     if (arrow !== undefined) out.push(`    ${arrow}: ${text}`);
     else if (r.column === "IOASID") out.push(`    Note over IOASID: ${text}`);
-    else if (r.record.action === "ioasid_get" || r.record.action === "ioasid_put" || r.record.action.startsWith("ioasid_register")) {
+    else if (asksCore(r.record)) {
       out.push(`    ${r.column}->>${target}: ${text}`);
     } else out.push(`    Note over ${r.column}: ${text}`);
   }

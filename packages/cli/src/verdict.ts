@@ -1,4 +1,4 @@
-import type { HistoryRecord } from "@ioasid/bus";
+import { describeAction, eventOf, type HistoryActionCase, type HistoryRecord } from "@ioasid/bus";
 import type { StackClients } from "./clients.js";
 
 /** One checked invariant. */
@@ -53,8 +53,9 @@ export function findPasid(value: unknown, ioasid: number, path = "$"): string[] 
  */
 export async function checkInvariants(kind: "normal" | "crash", c: StackClients, input: VerdictInput): Promise<Verdict> {
   const mine = input.records.filter((r) => r.ioasid === input.hpasid && r.generation === input.generation);
-  const events = mine.filter((r) => r.role === "ioasid" && r.action.startsWith("event:")).map((r) => r.action.slice(6));
-  const refSteps = mine.filter((r) => r.role === "ioasid" && (r.action === "ioasid_get" || r.action === "ioasid_put" || r.action === "event:ALLOC" || r.action === "event:FREE"));
+  const events = mine.filter((r) => r.role === "ioasid").flatMap((r) => eventOf(r) ?? []);
+  const isRef = (r: HistoryRecord) => r.action?.$case === "ioasidGet" || r.action?.$case === "ioasidPut";
+  const refSteps = mine.filter((r) => r.role === "ioasid" && (isRef(r) || eventOf(r) === "ALLOC" || eventOf(r) === "FREE"));
   const refs = refSteps.map((r) => r.refcount);
   const checks: Check[] = [];
   const add = (id: string, name: string, ok: boolean, detail: string) => checks.push({ id, name, ok, detail });
@@ -63,31 +64,31 @@ export async function checkInvariants(kind: "normal" | "crash", c: StackClients,
   add("DOC", "events as in the document's table", JSON.stringify(events) === JSON.stringify(expected.events), events.join(", "));
   add("DOC", "reference counts as in the document's table", JSON.stringify(refs) === JSON.stringify(expected.refs), refs.join(" → "));
 
-  const reclaim = mine.find((r) => r.action === "event:RECLAIM");
-  const lastPut = [...mine].reverse().find((r) => r.action === "ioasid_put");
+  const reclaim = mine.find((r) => eventOf(r) === "RECLAIM");
+  const lastPut = [...mine].reverse().find((r) => r.action?.$case === "ioasidPut");
   add(
     "S1",
     "reclaimed only at zero references",
     reclaim !== undefined && reclaim.refcount === 0 && (lastPut === undefined || lastPut.refcount === 0 || lastPut.ts > reclaim.ts),
     reclaim === undefined ? "never reclaimed" : `reclaimed at refcount ${reclaim.refcount}`,
   );
-  const free = mine.find((r) => r.action === "event:FREE");
-  const lateGets = free === undefined ? [] : mine.filter((r) => r.action === "ioasid_get" && r.ts > free.ts);
-  add("S2", "no reference taken once FREE_PENDING", lateGets.length === 0, lateGets.length === 0 ? "none" : lateGets.map((r) => r.detail).join(", "));
+  const free = mine.find((r) => eventOf(r) === "FREE");
+  const lateGets = free === undefined ? [] : mine.filter((r) => r.action?.$case === "ioasidGet" && r.ts > free.ts);
+  add("S2", "no reference taken once FREE_PENDING", lateGets.length === 0, lateGets.length === 0 ? "none" : lateGets.map((r) => describeAction(r)).join(", "));
 
   // S5: after FREE, KVM's entry is cleared before the device is drained and cleared, which is
   // before the IOMMU tears down its PASID entry; the references are released in that order too,
   // and the reclaim comes last.
   if (free !== undefined) {
     const after = mine.filter((r) => r.ts >= free.ts);
-    const first = (role: string, actions: string[]) => after.find((r) => r.role === role && actions.includes(r.action));
-    const putBy = (role: string) => after.find((r) => r.action === "ioasid_put" && r.detail?.startsWith(`${role}/`));
+    const first = (role: string, action: HistoryActionCase) => after.find((r) => r.role === role && r.action?.$case === action);
+    const putBy = (role: string) => after.find((r) => r.action?.$case === "ioasidPut" && r.action.value.holder?.role === role);
     const order = [
-      ["kvm clears", first("kvm", ["vmcs_update", "vmcs_clear"])],
+      ["kvm clears", first("kvm", "vmcsUpdate")],
       ["kvm releases", putBy("kvm")],
-      ["vdcm drains/clears", first("vdcm", ["vdev_clear", "drain"])],
+      ["vdcm drains/clears", first("vdcm", "vdevClear")],
       ["vdcm releases", putBy("vdcm")],
-      ["iommu tears down", first("iommu", ["teardown_pasid", "pasid_entry_clear"])],
+      ["iommu tears down", first("iommu", "teardownPasid")],
       ["iommu releases", putBy("iommu")],
       ["reclaim", reclaim],
     ] as const;

@@ -17,4 +17,5 @@ export * as kvmState from "./gen/ioasid/kvm/v1/kvm_state.js";
 export * as vdcmState from "./gen/ioasid/vdcm/v1/vdcm_state.js";
 export * as iommuState from "./gen/ioasid/iommu/v1/iommu_state.js";
 export * as vfioState from "./gen/ioasid/vfio/v1/vfio_state.js";
+export * as history from "./gen/ioasid/history/v1/history.js";
 export { descriptorSetPath } from "./descriptors.js";

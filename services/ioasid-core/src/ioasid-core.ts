@@ -1,6 +1,6 @@
 import { coreError, IoasidSpace, MAX_BATCH_ALLOC, type Allocation, type IoasidEvent, type Registration } from "@ioasid/ioasid";
-import type { Chain, DeliveryEngine, DeliveryTarget, HistoryFields, MissedDelivery, SettledAck } from "@ioasid/bus";
-import { events } from "@ioasid/proto";
+import { eventTypeOf, type Chain, type DeliveryEngine, type DeliveryTarget, type HistoryActionInput, type HistoryFields, type MissedDelivery, type SettledAck } from "@ioasid/bus";
+import type { events } from "@ioasid/proto";
 import { fromCommittedEvent } from "./convert.js";
 import { EventLog } from "./event-log.js";
 import type { OpLog } from "./op-log.js";
@@ -36,7 +36,7 @@ export interface IoasidCoreOptions {
    * operation log message that holds the operation (absent without a log). Replay publishes only
    * what {@link IoasidCore.recover} is told may be missing, marked `recovered`.
    */
-  readonly history?: (action: string, fields: HistoryFields, ts?: number, opSeq?: number) => void;
+  readonly history?: (action: HistoryActionInput, fields: HistoryFields, ts?: number, opSeq?: number) => void;
   /** Where the core reports what it does not return (refused releases, missed deliveries). */
   readonly log?: (level: "info" | "warn" | "error", msg: string, fields?: Record<string, unknown>) => void;
 }
@@ -61,7 +61,7 @@ interface Commit {
   opSeq?: number;
   readonly chains: Chain[];
   /** The operation's history records (with when they happened), published once it is durable. */
-  readonly history: Array<[string, HistoryFields, number]>;
+  readonly history: Array<[HistoryActionInput, HistoryFields, number]>;
 }
 
 /**
@@ -87,9 +87,9 @@ export class IoasidCore {
   private captured: Chain[] = [];
   private readonly targetCache = new WeakMap<readonly Registration[], readonly DeliveryTarget[]>();
   /** History of events emitted by the operation being applied, published after its reference change. */
-  private pendingEventHistory: Array<[string, HistoryFields]> = [];
+  private pendingEventHistory: Array<[HistoryActionInput, HistoryFields]> = [];
   /** History records of the operation being executed (see emitHistory). */
-  private historyCapture: Array<[string, HistoryFields, number]> | undefined;
+  private historyCapture: Array<[HistoryActionInput, HistoryFields, number]> | undefined;
   private currentTs = 0;
   private replaying = false;
   /** History records the last recover() published for operations its predecessor had not recorded. */
@@ -119,13 +119,13 @@ export class IoasidCore {
         this.options.log?.("warn", "release with an acknowledgement refused", { ioasid, holder, reason }),
       onRef: (r) => {
         if (!this.recording) return;
-        this.emitHistory(r.kind === "get" ? "ioasid_get" : "ioasid_put", {
+        const change = { holder: { role: r.holder.role, instance: r.holder.instance, purpose: r.holder.purpose } };
+        this.emitHistory(r.kind === "get" ? { $case: "ioasidGet", value: change } : { $case: "ioasidPut", value: change }, {
           ioasid: r.ioasid,
           generation: r.generation,
           setId: r.setId,
           refcount: r.refcount,
           ...(r.seq === undefined ? {} : { seq: r.seq }),
-          detail: `${r.holder.role}/${r.holder.instance}/${r.holder.purpose}`,
         });
         // Events the put set off (a RECLAIM) come after the put in the history.
         this.flushEventHistory();
@@ -156,7 +156,7 @@ export class IoasidCore {
         n = await opLog.replay((op, seq) => {
           this.currentTs = op.commitTimeMs;
           const republish = history !== undefined && republishAfter !== undefined && seq > republishAfter;
-          const records: Array<[string, HistoryFields, number]> = [];
+          const records: Array<[HistoryActionInput, HistoryFields, number]> = [];
           if (republish) this.historyCapture = records;
           try {
             this.applyRecord(op);
@@ -359,7 +359,7 @@ export class IoasidCore {
     const record: CommittedOperation = { ...op, commitTimeMs: Date.now() };
     this.currentTs = record.commitTimeMs;
     let result: unknown;
-    const history: Array<[string, HistoryFields, number]> = [];
+    const history: Array<[HistoryActionInput, HistoryFields, number]> = [];
     this.historyCapture = history;
     try {
       result = this.applyRecord(record);
@@ -404,7 +404,7 @@ export class IoasidCore {
    * by the chaos suite: an ALLOC recorded, its append lost with a nats-server restart, the same
    * generation allocated again after the core's fail-stop).
    */
-  private emitHistory(action: string, fields: HistoryFields): void {
+  private emitHistory(action: HistoryActionInput, fields: HistoryFields): void {
     // A replayed operation's records keep the time the operation was applied.
     const ts = this.replaying ? this.currentTs : performance.timeOrigin + performance.now();
     if (this.historyCapture !== undefined) this.historyCapture.push([action, fields, ts]);
@@ -431,12 +431,20 @@ export class IoasidCore {
     if (op.kind === "register" && this.recording) {
       // The life-cycle tables' step 1: ioasid_register_notifier/_mm().
       const o = op.options;
-      const scope = o.scope.kind === "global" ? "global" : o.scope.kind === "set" ? `set ${o.scope.setId}` : `mm ${o.scope.token}`;
       const reg = result as Registration;
-      this.emitHistory(o.scope.kind === "mm" ? "ioasid_register_notifier_mm" : "ioasid_register_notifier", {
-        ...(reg.setId === 0 ? {} : { setId: reg.setId }),
-        detail: `${o.subscriber.name}/${o.subscriber.instance} ${scope} priority ${o.priority}${reg.active ? "" : " (pending)"}`,
-      });
+      const value = {
+        subscriber: o.subscriber.name,
+        instance: o.subscriber.instance,
+        scope:
+          o.scope.kind === "global"
+            ? { $case: "global" as const, value: true }
+            : o.scope.kind === "set"
+              ? { $case: "scopeSetId" as const, value: o.scope.setId }
+              : { $case: "mmToken" as const, value: BigInt(o.scope.token) },
+        priority: o.priority,
+        pending: !reg.active,
+      };
+      this.emitHistory(o.scope.kind === "mm" ? { $case: "ioasidRegisterNotifierMm", value } : { $case: "ioasidRegisterNotifier", value }, reg.setId === 0 ? {} : { setId: reg.setId });
     }
     if (op.kind === "acks") {
       for (const { seq, registrationId: reg } of op.acks) this.mark(seq, reg, ACKED);
@@ -447,12 +455,10 @@ export class IoasidCore {
         // is what lets a checker tell a passed-over tier from a teardown out of order.
         if (passed !== undefined && this.recording) {
           const e = passed.rec.event;
-          this.emitHistory("delivery_missed", {
-            ...(e.ioasid === 0xffffffff ? {} : { ioasid: e.ioasid, generation: e.generation }),
-            setId: e.setId,
-            seq,
-            detail: `${passed.target.subscriber.name}/${passed.target.subscriber.instance} ${events.eventTypeToJSON(e.type).replace("EVENT_TYPE_", "")}`,
-          });
+          this.emitHistory(
+            { $case: "deliveryMissed", value: { subscriber: passed.target.subscriber.name, instance: passed.target.subscriber.instance, type: e.type } },
+            { ...(e.ioasid === 0xffffffff ? {} : { ioasid: e.ioasid, generation: e.generation }), setId: e.setId, seq },
+          );
         }
       }
     }
@@ -474,7 +480,7 @@ export class IoasidCore {
   private onEvent(e: IoasidEvent): void {
     const committed = this.log.append(e, this.currentTs);
     if (this.recording) {
-      this.pendingEventHistory.push([`event:${e.type}`, {
+      this.pendingEventHistory.push([{ $case: "ioasidNotify", value: { type: eventTypeOf(e.type) } }, {
         ...(e.ioasid === 0xffffffff ? {} : { ioasid: e.ioasid, generation: e.generation }),
         setId: e.setId,
         ...(e.spid === 0 ? {} : { spid: e.spid }),

@@ -2,7 +2,7 @@ import { core } from "@ioasid/proto";
 import { coreError, INVALID_IOASID, MAX_BATCH_ALLOC, type FreeResult, type PutResult, type Registration, type SetInfo } from "@ioasid/ioasid";
 import { createClient, createGrpcServer, type GrpcServer, type ServiceHandlers } from "@ioasid/grpc-kit";
 import type { Logger } from "pino";
-import { DEFAULT_PREFIX, DeliveryEngine, ensureHistoryStream, HistoryRecorder, lastHistoryHeaders, type HistoryFields } from "@ioasid/bus";
+import { DEFAULT_PREFIX, DeliveryEngine, ensureHistoryStream, HistoryRecorder, lastHistoryHeaders, type HistoryActionInput, type HistoryFields } from "@ioasid/bus";
 import type { NatsConnection } from "@nats-io/transport-node";
 import { OpLog } from "./op-log.js";
 import {
@@ -281,7 +281,7 @@ export async function startCoreServer(options: StartCoreServerOptions = {}): Pro
   const t0 = performance.now();
   const server = createGrpcServer({ service: "ioasid-core", ...(options.logger === undefined ? {} : { logger: options.logger }) });
   const logger = server.logger;
-  let history: ((action: string, fields: HistoryFields, ts?: number, opSeq?: number) => void) | undefined;
+  let history: ((action: HistoryActionInput, fields: HistoryFields, ts?: number, opSeq?: number) => void) | undefined;
   const ioasidCore = new IoasidCore({
     history: (action, fields, ts, opSeq) => history?.(action, fields, ts, opSeq),
     ...(options.capacity === undefined ? {} : { capacity: options.capacity }),

@@ -1,4 +1,4 @@
-import { MemoryRoleState } from "@ioasid/bus";
+import { MemoryRoleState, type HistoryActionCase, type HistoryActionInput } from "@ioasid/bus";
 import { describe, expect, it } from "vitest";
 import { Code, DomainError } from "@ioasid/errors";
 import { OWNER_ROLE, TokenType, type Holder } from "@ioasid/ioasid";
@@ -70,7 +70,7 @@ function ackRelease(core: InProcessCore, ioasid: number, holder: Holder): void {
 interface Rig {
   core: InProcessCore;
   driver: IommuDriver;
-  history: { action: string; fields: Record<string, unknown> }[];
+  history: { action: HistoryActionCase; step: HistoryActionInput; fields: Record<string, unknown> }[];
   parent: number;
 }
 
@@ -81,7 +81,7 @@ function rig(...devices: string[]): Rig {
     hardware: new IommuHardware(),
     core,
     instance: "dmar0",
-    history: { record: (action, fields = {}) => history.push({ action, fields: fields as Record<string, unknown> }) },
+    history: { record: (step, fields = {}) => history.push({ action: step.$case, step, fields: fields as Record<string, unknown> }) },
   });
   for (const d of devices.length === 0 ? ["d0", "d1"] : devices) driver.registerDevice(dev(d));
   const parent = driver.createDomain({ type: DomainType.PAGING, parentDomainId: 0, guestPgtable: 0n, mmToken: 0n }).domainId;
@@ -135,8 +135,8 @@ describe("IommuDriver guest binds", () => {
     expect(second.firstBind).toBe(false);
     expect(info(r.core, 201)).toMatchObject({ refcount: 2, holders: { [HOLDER_KEY]: 1 } });
     expect(kinds(r)).toEqual(["BIND:201"]);
-    expect(r.history.filter((h) => h.action === "bind_gpasid").map((h) => h.fields["refcount"])).toEqual([2, undefined]);
-    expect(r.history.filter((h) => h.action === "pasid_entry_set").map((h) => h.fields["ioasid"])).toEqual([201, 201]);
+    expect(r.history.filter((h) => h.action === "bindGpasid").map((h) => h.fields["refcount"])).toEqual([2, undefined]);
+    expect(r.history.filter((h) => h.action === "pasidEntrySet").map((h) => h.fields["ioasid"])).toEqual([201, 201]);
   });
 
   it("takes one reference when two devices bind the same host PASID concurrently", async () => {
@@ -161,9 +161,9 @@ describe("IommuDriver guest binds", () => {
     expect(kinds(r)).toEqual(["BIND:201", "UNBIND:201"]);
     expect(info(r.core, 201)).toMatchObject({ refcount: 2, spid: 0, holders: { "set-owner": 1, [HOLDER_KEY]: 1 } });
     expect(r.core.calls).not.toContain("put");
-    expect(r.history.map((h) => h.action)).toContain("teardown_pasid");
-    expect(r.history.map((h) => h.action)).toContain("iotlb_flush");
-    expect(r.history.filter((h) => h.action === "unbind_gpasid").map((h) => h.fields["refcount"])).toEqual([undefined, undefined]);
+    expect(r.history.map((h) => h.action)).toContain("teardownPasid");
+    expect(r.history.map((h) => h.action)).toContain("iotlbFlush");
+    expect(r.history.filter((h) => h.action === "unbindGpasid").map((h) => h.fields["refcount"])).toEqual([undefined, undefined]);
     expect(r.driver.hw.binding(201)).toMatchObject({ refHeld: true, spidAttached: false });
     expect(r.driver.hw.binding(201)!.devices.size).toBe(0);
     // The FREE reaches the IOMMU, which releases the reference with the ack: reclaimed.
@@ -183,7 +183,7 @@ describe("IommuDriver guest binds", () => {
     expect(kinds(r)).toEqual(["BIND:201", "UNBIND:201", "BIND:201"]);
     expect(info(r.core, 201)).toMatchObject({ refcount: 2, spid: 101, holders: { [HOLDER_KEY]: 1 } });
     expect(r.core.calls.filter((c) => c === "get")).toHaveLength(1);
-    expect(r.history.filter((h) => h.action === "bind_gpasid").map((h) => h.fields["refcount"])).toEqual([2, undefined]);
+    expect(r.history.filter((h) => h.action === "bindGpasid").map((h) => h.fields["refcount"])).toEqual([2, undefined]);
     // The FREE detaches the SPID without UNBIND and releases the one reference.
     expect(await deliver(r, freeIoasid(r.core, set, 201))).toEqual(["bind"]);
     expect(info(r.core, 201)).toBeUndefined();
@@ -325,7 +325,7 @@ describe("IommuDriver FREE (free before unbind)", () => {
       ["IOASID_FREE", "d0", 201],
       ["IOASID_FREE", "d1", 201],
     ]);
-    expect(r.history.find((h) => h.action === "iommu_nb_handler")!.fields).toMatchObject({ ioasid: 201, seq: Number(free!.seq) });
+    expect(r.history.find((h) => h.action === "iommuNbHandler")!.fields).toMatchObject({ ioasid: 201, seq: Number(free!.seq) });
     // Redelivery: nothing left, nothing released, answered synchronously.
     expect(r.driver.handleEvent(free!)).toBeUndefined();
     // The late unbind (step 30) finds nothing and changes nothing.

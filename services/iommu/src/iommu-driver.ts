@@ -1,7 +1,7 @@
 import { Code, DomainError, isDomainError } from "@ioasid/errors";
 import { coreError, IoasidState, TokenType, type Holder, type IoasidInfo, type SetInfo } from "@ioasid/ioasid";
 import { events } from "@ioasid/proto";
-import type { HandlerResult, HistoryRecord } from "@ioasid/bus";
+import type { HandlerResult, HistoryActionInput, HistoryFields } from "@ioasid/bus";
 import type { CorePort } from "@ioasid/role-kit";
 import { iommuError, invalidField } from "./iommu-errors.js";
 import {
@@ -33,7 +33,7 @@ import type { RoleStatePort } from "@ioasid/bus";
 
 /** Where the IOMMU records its history steps (a bus HistoryRecorder is one). */
 export interface IommuHistoryPort {
-  record(action: string, fields?: Omit<HistoryRecord, "ts" | "role" | "instance" | "action">): void;
+  record(action: HistoryActionInput, fields?: HistoryFields): void;
 }
 
 /** Where the IOMMU reports what it cannot return to a caller (a pino logger is one). */
@@ -244,7 +244,7 @@ export class IommuDriver {
         b.refHeld = true;
         b.spidAttached = info.spid !== 0;
         adopted++;
-        this.#record("bind_adopted", { ...this.#bindFields(b), detail: "reference held before a restart" });
+        this.#record({ $case: "bindAdopted", value: { keptWithoutReference: false } }, this.#bindFields(b));
       }
     }
     return adopted;
@@ -281,7 +281,7 @@ export class IommuDriver {
         if (!b.refHeld) {
           b.refHeld = true;
           adoptedHere++;
-          this.#record("bind_adopted", { ...this.#bindFields(b), detail: "reference the core recorded for a bind kept without it" });
+          this.#record({ $case: "bindAdopted", value: { keptWithoutReference: true } }, this.#bindFields(b));
         }
         continue;
       }
@@ -292,7 +292,7 @@ export class IommuDriver {
       b.spidAttached = false;
       this.hw.deleteBinding(b.hpasid);
       tornDown += result.length + 1;
-      this.#record("bind_dropped", { ...this.#bindFields(b), detail: "after a restart: the core no longer records this bind's reference" });
+      this.#record({ $case: "bindDropped", value: {} }, this.#bindFields(b));
     }
     // IOASID-owned entries (checked attachments, SVA bonds) of a generation that is gone.
     for (const h of this.hw.snapshot([], 0).handles) {
@@ -321,7 +321,7 @@ export class IommuDriver {
   /** Plugs a device in (see {@link IommuHardware.registerDevice}). */
   registerDevice(spec: DeviceSpec): DeviceView {
     const dev = this.hw.registerDevice(spec);
-    this.#record("iommu_probe_device", { detail: `device ${dev.deviceId} ${dev.function} max_pasids ${dev.maxPasids} group ${dev.iommuGroup}` });
+    this.#record({ $case: "iommuProbeDevice", value: { device: dev.deviceId, function: dev.function, maxPasids: dev.maxPasids, iommuGroup: dev.iommuGroup } });
     return dev;
   }
 
@@ -337,7 +337,7 @@ export class IommuDriver {
     // Entries gone first (no new request can arrive), then every outstanding group answered.
     const answered = this.#answered(this.prq.answerWhere((g) => g.deviceId === deviceId, ResponseSource.DEVICE_REMOVED));
     this.prq.forgetDevice(deviceId);
-    this.#record("iommu_release_device", { detail: `device ${deviceId}: ${torn.length} handle(s) torn down, ${answered} fault group(s) answered INVALID` });
+    this.#record({ $case: "iommuReleaseDevice", value: { device: deviceId, handles: torn.length, answeredFaultGroups: answered } });
     const binds = torn.filter((h) => h.kind === AttachKind.GPASID_BIND);
     await Promise.all(
       binds.map((h) =>
@@ -357,14 +357,14 @@ export class IommuDriver {
   /** Creates a domain. */
   createDomain(spec: DomainSpec): Domain {
     const d = this.hw.createDomain(spec);
-    this.#record("domain_alloc", { detail: `domain ${d.domainId} ${d.type}` });
+    this.#record({ $case: "domainAlloc", value: { domain: d.domainId, domainType: d.type } });
     return d;
   }
 
   /** Destroys an unused domain. */
   freeDomain(domainId: number): void {
     this.hw.freeDomain(domainId);
-    this.#record("domain_free", { detail: `domain ${domainId}` });
+    this.#record({ $case: "domainFree", value: { domain: domainId } });
   }
 
   // ---- attach handles ----
@@ -380,7 +380,7 @@ export class IommuDriver {
     const attach = () => {
       const { result, changes } = this.hw.attachDomain(spec);
       this.#recordChanges(changes);
-      this.#record(spec.withoutPasid ? "attach_device" : "attach_device_pasid", this.#handleFields(result));
+      this.#record(spec.withoutPasid ? { $case: "attachDevice", value: this.#handleStep(result) } : { $case: "attachDevicePasid", value: this.#handleStep(result) }, this.#handleFields(result));
       return result;
     };
     if (spec.withoutPasid || spec.generation === 0) return attach();
@@ -400,7 +400,7 @@ export class IommuDriver {
     const detach = () => {
       const { result, changes } = this.hw.detachDomain(spec);
       this.#recordChanges(changes);
-      this.#record(spec.withoutPasid ? "detach_device" : "detach_device_pasid", this.#handleFields(result));
+      this.#record(spec.withoutPasid ? { $case: "detachDevice", value: this.#handleStep(result) } : { $case: "detachDevicePasid", value: this.#handleStep(result) }, this.#handleFields(result));
       return this.#answered(this.prq.answerHandle(result.handleId, ResponseSource.DETACH));
     };
     if (spec.generation === 0) return detach();
@@ -503,7 +503,7 @@ export class IommuDriver {
           b.spidAttached = true;
         }
         const { result: handle, changes } = this.hw.installGpasidEntry(entry);
-        this.#record("bind_gpasid", { ...this.#bindFields(b), ...(refcount === undefined ? {} : { refcount }), detail: `device ${spec.deviceId} handle ${handle.handleId}${firstBind ? " first bind" : ""}` });
+        this.#record({ $case: "bindGpasid", value: { device: spec.deviceId, handle: handle.handleId, first: firstBind } }, { ...this.#bindFields(b), ...(refcount === undefined ? {} : { refcount }) });
         this.#recordChanges(changes);
         return { handle, firstBind };
       } catch (err) {
@@ -562,7 +562,7 @@ export class IommuDriver {
       // drops it when the FREE reaches it (the document's table, steps 22–23: ioasid_free() 1,
       // then the IOMMU's ioasid_put() 0).
       const refcount = await this.#releaseIfUnused(b, { keepReference: true });
-      this.#record("unbind_gpasid", { ...fields, ...(refcount === undefined ? {} : { refcount }), detail: `device ${spec.deviceId} handle ${handle.handleId}${last ? " last unbind" : ""}` });
+      this.#record({ $case: "unbindGpasid", value: { device: spec.deviceId, handle: handle.handleId, last } }, { ...fields, ...(refcount === undefined ? {} : { refcount }) });
       return { unbound: true, lastUnbind: last, answeredFaultGroups };
     });
   }
@@ -634,14 +634,10 @@ export class IommuDriver {
       }
       this.hw.deleteBinding(b.hpasid);
     }
-    this.#record("iommu_nb_handler", {
-      ioasid: event.ioasid,
-      generation: event.generation,
-      setId: event.setId,
-      ...(event.spid === 0 ? {} : { spid: event.spid }),
-      seq,
-      detail: `FREE: ${torn.length} entr${torn.length === 1 ? "y" : "ies"} torn down${drained > 0 ? `, ${drained} fault group(s) drained` : ""}${release.length > 0 ? ", bind reference released" : ""}`,
-    });
+    this.#record(
+      { $case: "iommuNbHandler", value: { type: events.EventType.EVENT_TYPE_FREE, tornDown: torn.length, drainedFaultGroups: drained, bindReferenceReleased: release.length > 0 } },
+      { ioasid: event.ioasid, generation: event.generation, setId: event.setId, ...(event.spid === 0 ? {} : { spid: event.spid }), seq },
+    );
     return release.length > 0 || detachSpid ? { release, detachSpid } : undefined;
   }
 
@@ -670,7 +666,7 @@ export class IommuDriver {
       try {
         const { result: bond, changes } = this.hw.svaBind(spec.deviceId, spec.mmToken, spec.owner, spec.ownerData);
         this.#recordChanges(changes);
-        this.#record("sva_bind_device", { ioasid: mm.pasid, generation: mm.generation, setId: mm.setId, detail: `device ${spec.deviceId} mm ${spec.mmToken} users ${bond.users}` });
+        this.#record({ $case: "svaBindDevice", value: { device: spec.deviceId, mmToken: spec.mmToken, users: bond.users } }, { ioasid: mm.pasid, generation: mm.generation, setId: mm.setId });
         return { bond, pasidAllocated: allocated };
       } catch (err) {
         if (allocated) {
@@ -695,7 +691,7 @@ export class IommuDriver {
       const { result: users, changes } = this.hw.svaUnbind(deviceId, mmToken);
       this.#recordChanges(changes);
       if (users === 0 && before !== undefined) this.#answered(this.prq.answerHandle(before.handleId, ResponseSource.DETACH));
-      this.#record("sva_unbind_device", { ioasid: mm?.pasid, generation: mm?.generation, setId: mm?.setId, detail: `device ${deviceId} mm ${mmToken} users ${users}` });
+      this.#record({ $case: "svaUnbindDevice", value: { device: deviceId, mmToken, users } }, { ioasid: mm?.pasid, generation: mm?.generation, setId: mm?.setId });
       return users;
     });
   }
@@ -718,7 +714,7 @@ export class IommuDriver {
         if (!isDomainError(err, "SET_UNKNOWN")) throw err;
       }
       this.hw.deleteMm(mmToken);
-      this.#record("mm_release", { ioasid: mm.pasid, generation: mm.generation, setId: mm.setId, detail: `mm ${mmToken}: ${torn} bond(s) torn down, PASID freed` });
+      this.#record({ $case: "mmRelease", value: { mmToken, bonds: torn } }, { ioasid: mm.pasid, generation: mm.generation, setId: mm.setId });
       return { pasid: mm.pasid, tornDownBonds: torn };
     });
   }
@@ -728,13 +724,13 @@ export class IommuDriver {
   /** Maps a range of a PAGING domain. */
   map(domainId: number, m: Mapping): void {
     this.hw.map(domainId, m);
-    this.#record("iommu_map", { detail: `domain ${domainId} iova 0x${m.iova.toString(16)} size 0x${m.size.toString(16)}` });
+    this.#record({ $case: "iommuMap", value: { domain: domainId, iova: m.iova, size: m.size } });
   }
 
   /** Unmaps a range of a PAGING domain and flushes it. @returns bytes unmapped */
   unmap(domainId: number, iova: bigint, size: bigint): bigint {
     const { result, changes } = this.hw.unmap(domainId, iova, size);
-    if (result > 0n) this.#record("iommu_unmap", { detail: `domain ${domainId} iova 0x${iova.toString(16)} size 0x${size.toString(16)}: 0x${result.toString(16)} unmapped` });
+    if (result > 0n) this.#record({ $case: "iommuUnmap", value: { domain: domainId, iova, size, unmapped: result } });
     this.#recordChanges(changes);
     return result;
   }
@@ -744,7 +740,7 @@ export class IommuDriver {
     await this.#locks.run(pasidKey(hpasid), () => {
       this.#guestBinding(setId, hpasid, generation);
       this.hw.mapGuest(hpasid, m);
-      this.#record("guest_map", { ioasid: hpasid, setId, detail: `gva 0x${m.iova.toString(16)} gpa 0x${m.paddr.toString(16)} size 0x${m.size.toString(16)}` });
+      this.#record({ $case: "guestMap", value: { gva: m.iova, gpa: m.paddr, size: m.size } }, { ioasid: hpasid, setId });
     });
   }
 
@@ -753,7 +749,7 @@ export class IommuDriver {
     return this.#locks.run(pasidKey(hpasid), () => {
       this.#guestBinding(setId, hpasid, generation);
       const { result, changes } = this.hw.unmapGuest(hpasid, iova, size);
-      if (result > 0n) this.#record("guest_unmap", { ioasid: hpasid, setId, detail: `gva 0x${iova.toString(16)} size 0x${size.toString(16)}: 0x${result.toString(16)} unmapped` });
+      if (result > 0n) this.#record({ $case: "guestUnmap", value: { gva: iova, size, unmapped: result } }, { ioasid: hpasid, setId });
       this.#recordChanges(changes);
       return result;
     });
@@ -804,10 +800,10 @@ export class IommuDriver {
     if (raised.kind === "credits_exhausted") {
       this.counters.creditsExhausted++;
       if (raised.answered !== undefined) this.#answered([raised.answered]);
-      this.#record("iopf_credits_exhausted", {
-        ...(t.withoutPasid ? {} : { ioasid: t.pasid }),
-        detail: `device ${t.deviceId} 0x${t.address.toString(16)}: no page-request credit left${raised.answered === undefined ? "" : `, group ${raised.answered.faultGroupId} answered INVALID`}`,
-      });
+      this.#record(
+        { $case: "iopfCreditsExhausted", value: { device: t.deviceId, address: t.address, ...(raised.answered === undefined ? {} : { answeredGroup: raised.answered.faultGroupId }) } },
+        t.withoutPasid ? {} : { ioasid: t.pasid },
+      );
       return { outcome: "FAULT", reason: "PRI_CREDITS_EXHAUSTED", handleId: r.handle.handleId, faultGroupId: raised.answered?.faultGroupId ?? 0n };
     }
     this.counters.pageRequests++;
@@ -878,10 +874,7 @@ export class IommuDriver {
   /** A complete group goes to its owner's handler, or is answered FAILURE (no handler). */
   #dispatch(g: FaultGroup): void {
     this.counters.groupsCompleted++;
-    this.#record("iopf_group", {
-      ...this.#groupFields(g),
-      detail: `group ${g.faultGroupId} device ${g.deviceId} prgi ${g.prgi}: ${g.requests.length} request(s) → ${g.owner}`,
-    });
+    this.#record({ $case: "iopfGroup", value: { group: g.faultGroupId, device: g.deviceId, prgi: g.prgi, requests: g.requests.length, owner: g.owner } }, this.#groupFields(g));
     if (this.faults.push(g.owner, { kind: "group", group: g })) {
       this.#armTimer();
       return;
@@ -894,11 +887,10 @@ export class IommuDriver {
   /** Records answers, tells the owners and the devices waiting. @returns how many */
   #answered(groups: readonly FaultGroup[], seq?: number): number {
     for (const g of groups) {
-      this.#record("page_response", {
-        ...this.#groupFields(g),
-        ...(seq === undefined ? {} : { seq }),
-        detail: `group ${g.faultGroupId} device ${g.deviceId} prgi ${g.prgi}: ${g.responseCode} (${g.responseSource})`,
-      });
+      this.#record(
+        { $case: "pageResponse", value: { group: g.faultGroupId, device: g.deviceId, prgi: g.prgi, code: String(g.responseCode), source: String(g.responseSource) } },
+        { ...this.#groupFields(g), ...(seq === undefined ? {} : { seq }) },
+      );
       this.faults.push(g.owner, { kind: "answered", group: g });
       const set = this.#waiters.get(g.faultGroupId);
       if (set !== undefined) {
@@ -953,13 +945,13 @@ export class IommuDriver {
     const deliver = (suppressed: string | undefined) => {
       if (suppressed !== undefined || !this.hw.faultReporting(handleId)) {
         this.counters.faultsSuppressed++;
-        this.#record("dma_fault", { ...fields, detail: `device ${t.deviceId} 0x${t.address.toString(16)} ${reason}: suppressed (${suppressed ?? "IOASID being freed"})` });
+        this.#record({ $case: "dmaFault", value: { device: t.deviceId, address: t.address, reason, suppressed: suppressed ?? "IOASID being freed" } }, fields);
         return;
       }
       const sent = this.faults.push(h.owner, { kind: "fault", record });
       if (sent) this.counters.faultsReported++;
       else this.counters.faultsUnhandled++;
-      this.#record("dma_fault", { ...fields, detail: `device ${t.deviceId} 0x${t.address.toString(16)} ${reason}: ${sent ? `reported to ${h.owner}` : "no handler"}` });
+      this.#record({ $case: "dmaFault", value: { device: t.deviceId, address: t.address, reason, ...(sent ? { reportedTo: h.owner } : { noHandler: true }) } }, fields);
     };
     if (h.generation === 0 || t.withoutPasid) {
       deliver(undefined);
@@ -983,7 +975,7 @@ export class IommuDriver {
       .catch((err: unknown) => this.#log?.warn({ err }, "reporting a DMA fault failed"));
   }
 
-  #groupFields(g: FaultGroup): Omit<HistoryRecord, "ts" | "role" | "instance" | "action"> {
+  #groupFields(g: FaultGroup): HistoryFields {
     return {
       ...(g.withoutPasid ? {} : { ioasid: g.pasid }),
       ...(g.generation === 0 ? {} : { generation: g.generation }),
@@ -1103,15 +1095,18 @@ export class IommuDriver {
     return { ioasid: b.hpasid, generation: b.generation, setId: b.setId, spid: b.gpasid };
   }
 
-  #handleFields(h: AttachHandle): Omit<HistoryRecord, "ts" | "role" | "instance" | "action"> {
+  #handleFields(h: AttachHandle): HistoryFields {
     return {
       ...(h.withoutPasid ? {} : { ioasid: h.pasid }),
       ...(h.generation === 0 ? {} : { generation: h.generation }),
-      detail: `device ${h.deviceId} handle ${h.handleId} domain ${h.domainId} owner ${h.owner}`,
     };
   }
 
-  #record(action: string, fields: Omit<HistoryRecord, "ts" | "role" | "instance" | "action">): void {
+  #handleStep(h: AttachHandle) {
+    return { device: h.deviceId, handle: h.handleId, domain: h.domainId, owner: h.owner };
+  }
+
+  #record(action: HistoryActionInput, fields: HistoryFields = {}): void {
     this.#history?.record(action, fields);
   }
 
@@ -1119,23 +1114,22 @@ export class IommuDriver {
   #recordChanges(changes: readonly HardwareChange[], seq?: number): void {
     for (const c of changes) {
       const s = seq === undefined ? {} : { seq };
-      if (c.kind === "iotlb_flush") {
+      if (c.kind === "iotlbFlush") {
         const f = c.flush;
-        this.#record("iotlb_flush", {
-          ...(f.pasid === 0 ? {} : { ioasid: f.pasid }),
-          ...s,
-          detail: `${f.scope} ${f.cause} domain ${f.domainId} device ${f.deviceId}${f.deviceTlb ? " +devtlb" : ""}${f.scope === "RANGE" ? ` 0x${f.address.toString(16)}+0x${f.size.toString(16)}` : ""}`,
-        });
+        this.#record(
+          { $case: "iotlbFlush", value: { scope: f.scope, cause: f.cause, domain: f.domainId, device: f.deviceId, devtlb: f.deviceTlb, address: f.address, size: f.size } },
+          { ...(f.pasid === 0 ? {} : { ioasid: f.pasid }), ...s },
+        );
         continue;
       }
       const e = c.entry;
-      this.#record(c.kind, {
+      const entry = { device: c.deviceId, handle: e.handleId, domain: e.domainId, domainType: e.domainType };
+      this.#record(c.kind === "teardownPasid" ? { $case: "teardownPasid", value: { ...entry, cause: c.cause } } : { $case: "pasidEntrySet", value: entry }, {
         ...(e.withoutPasid ? {} : { ioasid: e.pasid }),
         ...(e.generation === 0 ? {} : { generation: e.generation }),
         ...(e.setId === 0 ? {} : { setId: e.setId }),
         ...(e.gpasid === 0 ? {} : { spid: e.gpasid }),
         ...s,
-        detail: `device ${c.deviceId} handle ${e.handleId} domain ${e.domainId} ${e.domainType}${c.kind === "teardown_pasid" ? ` (${c.cause})` : ""}`,
       });
     }
   }

@@ -96,8 +96,8 @@ describe("IommuHardware devices", () => {
     hw.attachDomain(attach({ domainId: dom, deviceId: "vf", pasid: 0, withoutPasid: true }));
     const { result, changes } = hw.removeDevice("vf");
     expect(result).toHaveLength(2);
-    expect(changes.filter((c) => c.kind === "teardown_pasid")).toHaveLength(2);
-    expect(changes.filter((c) => c.kind === "iotlb_flush").map((c) => c.kind === "iotlb_flush" && c.flush.cause)).toEqual([
+    expect(changes.filter((c) => c.kind === "teardownPasid")).toHaveLength(2);
+    expect(changes.filter((c) => c.kind === "iotlbFlush").map((c) => c.kind === "iotlbFlush" && c.flush.cause)).toEqual([
       FlushCause.DEVICE_REMOVED,
       FlushCause.DEVICE_REMOVED,
     ]);
@@ -143,7 +143,7 @@ describe("IommuHardware attach handles", () => {
     const p = paging(hw);
     const { result: h, changes } = hw.attachDomain(attach({ domainId: p, generation: 3 }));
     expect(h).toMatchObject({ kind: AttachKind.DOMAIN, deviceId: "d0", pasid: 5, owner: "vfio/vfio-1", ownerData: new Uint8Array([1, 2]), generation: 3 });
-    expect(changes.map((c) => c.kind)).toEqual(["pasid_entry_set"]);
+    expect(changes.map((c) => c.kind)).toEqual(["pasidEntrySet"]);
     expect(hw.device("d0")!.pasidEntries).toEqual([
       { pasid: 5, withoutPasid: false, domainId: p, domainType: "PAGING", handleId: h.handleId, setId: 0, gpasid: 0, generation: 3, faultReporting: true },
     ]);
@@ -179,7 +179,7 @@ describe("IommuHardware attach handles", () => {
     refusedUnchanged(hw, () => hw.detachDomain({ domainId: q, deviceId: "d0", pasid: 5, withoutPasid: false }), Code.FAILED_PRECONDITION, "DOMAIN_MISMATCH");
     refusedUnchanged(hw, () => hw.detachDomain({ domainId: p, deviceId: "d0", pasid: 6, withoutPasid: false }), Code.NOT_FOUND, "ATTACH_HANDLE_NOT_FOUND");
     const { changes } = hw.detachDomain({ domainId: p, deviceId: "d0", pasid: 5, withoutPasid: false });
-    expect(changes.map((c) => c.kind)).toEqual(["teardown_pasid", "iotlb_flush"]);
+    expect(changes.map((c) => c.kind)).toEqual(["teardownPasid", "iotlbFlush"]);
     const flush = hw.snapshot([], 1).flushes[0]!;
     expect(flush).toMatchObject({ scope: FlushScope.PASID, cause: FlushCause.DETACH, domainId: p, pasid: 5, deviceId: "d0", deviceTlb: true });
     expect(hw.device("d0")!.pasidEntries).toEqual([]);
@@ -225,9 +225,9 @@ describe("IommuHardware guest binds", () => {
     expect(hw.teardownIoasid(201, 1).result).toEqual([]);
     const { result, changes } = hw.teardownIoasid(201, 2);
     expect(result.map((h) => h.deviceId)).toEqual(["d0", "d1"]);
-    const torn = changes.filter((c) => c.kind === "teardown_pasid");
-    expect(torn.map((c) => c.kind === "teardown_pasid" && c.entry.faultReporting)).toEqual([false, false]);
-    expect(changes.filter((c) => c.kind === "iotlb_flush").map((c) => c.kind === "iotlb_flush" && c.flush.cause)).toEqual([
+    const torn = changes.filter((c) => c.kind === "teardownPasid");
+    expect(torn.map((c) => c.kind === "teardownPasid" && c.entry.faultReporting)).toEqual([false, false]);
+    expect(changes.filter((c) => c.kind === "iotlbFlush").map((c) => c.kind === "iotlbFlush" && c.flush.cause)).toEqual([
       FlushCause.IOASID_FREE,
       FlushCause.IOASID_FREE,
     ]);
@@ -355,7 +355,7 @@ describe("IommuHardware I/O page tables and translation", () => {
       [0x10000n, 0x80000n, PAGE],
       [0x13000n, 0x83000n, PAGE],
     ]);
-    const flushes = changes.flatMap((c) => (c.kind === "iotlb_flush" ? [c.flush] : []));
+    const flushes = changes.flatMap((c) => (c.kind === "iotlbFlush" ? [c.flush] : []));
     expect(flushes.map((f) => [f.scope, f.cause, f.pasid, f.address, f.size])).toEqual([
       [FlushScope.RANGE, FlushCause.UNMAP, 0, 0x11000n, 2n * PAGE],
       [FlushScope.RANGE, FlushCause.UNMAP, 30, 0x11000n, 2n * PAGE],

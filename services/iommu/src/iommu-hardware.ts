@@ -1,4 +1,4 @@
-import type { StateChange } from "@ioasid/bus";
+import type { HistoryActionCase, StateChange } from "@ioasid/bus";
 import { iommuError, invalidField } from "./iommu-errors.js";
 import type { PageRequestKeptEntry } from "./page-requests.js";
 
@@ -210,11 +210,14 @@ export interface MmContext {
   readonly generation: number;
 }
 
-/** A change to the modelled hardware, for the history. */
+/**
+ * A change to the modelled hardware, for the history: each kind is the history catalogue's action
+ * that records it (ioasid.history.v1), so the two cannot drift apart.
+ */
 export type HardwareChange =
-  | { readonly kind: "pasid_entry_set"; readonly deviceId: string; readonly entry: PasidEntry }
-  | { readonly kind: "teardown_pasid"; readonly deviceId: string; readonly entry: PasidEntry; readonly cause: FlushCause }
-  | { readonly kind: "iotlb_flush"; readonly flush: IotlbFlush };
+  | { readonly kind: Extract<HistoryActionCase, "pasidEntrySet">; readonly deviceId: string; readonly entry: PasidEntry }
+  | { readonly kind: Extract<HistoryActionCase, "teardownPasid">; readonly deviceId: string; readonly entry: PasidEntry; readonly cause: FlushCause }
+  | { readonly kind: Extract<HistoryActionCase, "iotlbFlush">; readonly flush: IotlbFlush };
 
 /** What a mutation did: its result and the hardware changes. */
 export interface Changed<T> {
@@ -1298,7 +1301,7 @@ export class IommuHardware {
     this.#dirty.add("ids");
     this.#devices.get(h.deviceId)!.entries.set(h.pasid, state.handleId);
     this.#domains.get(h.domainId)!.attachCount++;
-    changes.push({ kind: "pasid_entry_set", deviceId: h.deviceId, entry: this.#entryView(state) });
+    changes.push({ kind: "pasidEntrySet", deviceId: h.deviceId, entry: this.#entryView(state) });
     return snapshotHandle(state);
   }
 
@@ -1310,7 +1313,7 @@ export class IommuHardware {
     this.#dirty.add(`h/${h.handleId}`);
     const d = this.#domains.get(h.domainId)!;
     d.attachCount--;
-    changes.push({ kind: "teardown_pasid", deviceId: h.deviceId, entry, cause });
+    changes.push({ kind: "teardownPasid", deviceId: h.deviceId, entry, cause });
     changes.push(
       this.#flush({
         scope: h.withoutPasid ? FlushScope.DOMAIN : FlushScope.PASID,
@@ -1341,7 +1344,7 @@ export class IommuHardware {
     const flush: IotlbFlush = { ...f, seq: this.#nextFlushSeq++, flushedAt: this.#now() };
     this.#flushes.push(flush);
     if (this.#flushes.length > IOTLB_FLUSH_LOG_SIZE) this.#flushes.splice(0, this.#flushes.length - IOTLB_FLUSH_LOG_SIZE);
-    return { kind: "iotlb_flush", flush };
+    return { kind: "iotlbFlush", flush };
   }
 
   #entryView(h: HandleState): PasidEntry {

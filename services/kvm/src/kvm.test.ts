@@ -1,4 +1,5 @@
-import { MemoryRoleState } from "@ioasid/bus";
+import { MemoryRoleState, type HistoryActionCase, type HistoryActionInput } from "@ioasid/bus";
+import { history as h } from "@ioasid/proto";
 import { Code, DomainError } from "@ioasid/errors";
 import { EventType, Priority, TokenType, type Holder, type IoasidEvent } from "@ioasid/ioasid";
 import { InProcessCore } from "@ioasid/testkit";
@@ -36,13 +37,13 @@ class FakeNotifier implements NotifierPort {
 
 let core: InProcessCore;
 let bus: FakeNotifier;
-let history: Array<{ instance: string; action: string; fields: Parameters<HistorySink["record"]>[1] }>;
+let history: Array<{ instance: string; action: HistoryActionCase; step: HistoryActionInput; fields: Parameters<HistorySink["record"]>[1] }>;
 
 function newKvm(options: Partial<KvmOptions> = {}): Kvm {
   return new Kvm({
     core,
     notifier: bus,
-    history: (instance) => ({ record: (action, fields) => history.push({ instance, action, fields }) }),
+    history: (instance) => ({ record: (step, fields) => history.push({ instance, action: step.$case, step, fields }) }),
     ...options,
   });
 }
@@ -155,7 +156,7 @@ describe("Kvm.createVm", () => {
     expect(bus.handlers.has("vm-1")).toBe(true);
     const setId = createSet(0x7001n);
     expect((await kvm.queryState(1))[0]).toMatchObject({ registration: "ACTIVE", setId });
-    expect(history.map((h) => h.action)).toEqual(["kvm_create_vm"]);
+    expect(history.map((h) => h.action)).toEqual(["kvmCreateVm"]);
   });
 
   it("refuses a second VM with the same MM token, even while the first is being created", async () => {
@@ -229,7 +230,7 @@ describe("Kvm notifier events", () => {
     expect(held(201, 2, "vm-1")).toBe(1);
     expect(await table()).toEqual(["101->201"]);
     expect((await kvm.queryState(1))[0]!.referencesHeld).toBe(1);
-    const rec = history.find((h) => h.action === "vmcs_update")!;
+    const rec = history.find((h) => h.action === "vmcsUpdate")!;
     expect(rec.fields).toMatchObject({ ioasid: 201, spid: 101, generation: 2, refcount: 2, seq: Number(e.seq) });
   });
 
@@ -238,7 +239,7 @@ describe("Kvm notifier events", () => {
     await bus.deliver("vm-1", e);
     await bus.deliver("vm-1", e, 2);
     expect(held(201, e.generation, "vm-1")).toBe(1);
-    expect(history.filter((h) => h.action === "vmcs_update")).toHaveLength(1);
+    expect(history.filter((h) => h.action === "vmcsUpdate")).toHaveLength(1);
   });
 
   // A BIND delivered after the IOASID went on: freed while the IOMMU held it, freed and reallocated,
@@ -291,9 +292,9 @@ describe("Kvm notifier events", () => {
     expect(await table()).toEqual([]);
     expect((await kvm.queryState(1))[0]!.referencesHeld).toBe(0);
     expect(await bus.deliver("vm-1", committed(EventType.UNBIND, 201), 2)).toEqual({});
-    expect(history.filter((h) => h.action === "vmcs_update").map((h) => h.fields?.detail)).toEqual([
-      "install gpasid 101 → hpasid 201",
-      "clear gpasid 101 → hpasid 201 (UNBIND)",
+    expect(history.filter((h) => h.action === "vmcsUpdate").map((h) => h.step.value)).toEqual([
+      { kind: h.VmcsUpdateKind.VMCS_UPDATE_KIND_INSTALL, gpasid: 101, hpasid: 201 },
+      { kind: h.VmcsUpdateKind.VMCS_UPDATE_KIND_CLEAR, gpasid: 101, hpasid: 201, cause: h.VmcsClearCause.VMCS_CLEAR_CAUSE_UNBIND },
     ]);
   });
 
@@ -376,7 +377,7 @@ describe("Kvm.enqcmd", () => {
     expect(kvm.enqcmd(1, 0, toIa32Pasid(102))).toEqual({ outcome: "GP", gpasid: 102, cause: "NO_TRANSLATION" });
     expect(kvm.enqcmd(1, 0, 101)).toEqual({ outcome: "GP", gpasid: 101, cause: "PASID_NOT_VALID" });
     expect(kvm.enqcmd(1, 0, toIa32Pasid(101) | 0x0010_0000)).toEqual({ outcome: "GP", gpasid: 101, cause: "RESERVED_BITS" });
-    expect(history.every((h) => h.action === "enqcmd" && /#GP/.test(h.fields?.detail ?? ""))).toBe(true);
+    expect(history.every((h) => h.step.$case === "enqcmd" && !h.step.value.translated && h.step.value.gpCause !== "")).toBe(true);
   });
 
   it("refuses an unknown VM, a vCPU out of range and a missing vm_id", async () => {
@@ -411,7 +412,7 @@ describe("Kvm.destroyVm", () => {
     expect((await kvm.createVm({ mmToken: 1n, vcpuCount: 1, vmName: "" })).vmId).toBe(2);
     // Entries cleared before the references are dropped (S9).
     const actions = history.filter((h) => h.instance === "vm-1").map((h) => h.action);
-    expect(actions.slice(-3)).toEqual(["vmcs_update", "vmcs_update", "kvm_destroy_vm"]);
+    expect(actions.slice(-3)).toEqual(["vmcsUpdate", "vmcsUpdate", "kvmDestroyVm"]);
   });
 
   it("leaves the VM as it was when the core cannot withdraw the registration", async () => {
@@ -475,7 +476,7 @@ describe("Kvm.reconcile", () => {
     await kvm.reconcile();
     expect(kvmReferences()).toBe(0);
     expect(core.space.listRegistrations().map((r) => r.id)).not.toContain(stale.id);
-    expect(history.map((h) => [h.instance, h.action])).toEqual([["vm-7", "kvm_destroy_vm"]]);
+    expect(history.map((h) => [h.instance, h.action])).toEqual([["vm-7", "kvmDestroyVm"]]);
     expect((await kvm.createVm({ mmToken: 5n, vcpuCount: 1, vmName: "" })).instance).toBe("vm-8");
   });
 
@@ -528,7 +529,7 @@ describe("Kvm kept in a store (kill -9 and back)", () => {
     expect(again.enqcmd(1, 1, toIa32Pasid(101))).toMatchObject({ outcome: "TRANSLATED", hpasid: 201 });
     expect(held(201, committed(EventType.BIND, 201).generation, "vm-1")).toBe(1);
     expect(kvmRegistrations()).toHaveLength(1);
-    expect(history.some((h) => h.action === "kvm_restore_vm")).toBe(true);
+    expect(history.some((h) => h.action === "kvmRestoreVm")).toBe(true);
     expect(await free("vm-1", 202)).toEqual({ release: ["vmcs"] });
     expect(again.enqcmd(1, 0, toIa32Pasid(102)).outcome).toBe("GP");
     expect([...store.saved.keys()].sort()).toEqual(["vm/1", "vmcs/1/201"]);
@@ -638,7 +639,7 @@ describe("Kvm and references no live VM accounts for", () => {
     core.unreachable = false;
     await kvm.retryPendingReleases();
     expect(kvmReferences()).toBe(0);
-    expect(history.filter((h) => h.action === "kvm_orphan_release").map((h) => [h.instance, h.fields?.ioasid])).toEqual([
+    expect(history.filter((h) => h.action === "kvmOrphanRelease").map((h) => [h.instance, h.fields?.ioasid])).toEqual([
       ["vm-2", 202],
       ["vm-1", 201],
     ]);

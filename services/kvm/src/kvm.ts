@@ -1,4 +1,5 @@
-import type { RoleStatePort, StateChange } from "@ioasid/bus";
+import type { HistorySink as BusHistorySink, RoleStatePort, StateChange } from "@ioasid/bus";
+import { history } from "@ioasid/proto";
 import { Code, DomainError, isDomainError } from "@ioasid/errors";
 import { EventType, Priority, type Holder } from "@ioasid/ioasid";
 import { ensureRegistration, heldReferences, type CorePort } from "@ioasid/role-kit";
@@ -161,20 +162,7 @@ export interface NotifierPort {
 }
 
 /** Where a VM's history records go (the bus HistoryRecorder in production). */
-export interface HistorySink {
-  record(
-    action: string,
-    fields?: {
-      ioasid?: number;
-      generation?: number;
-      setId?: number;
-      spid?: number;
-      refcount?: number;
-      seq?: number;
-      detail?: string;
-    },
-  ): void;
-}
+export type HistorySink = Pick<BusHistorySink, "record">;
 
 /** Log levels the domain uses. */
 export type KvmLogLevel = "debug" | "info" | "warn" | "error";
@@ -486,10 +474,7 @@ export class Kvm {
         continue;
       }
       vm.subscription = subscription;
-      vm.history.record("kvm_restore_vm", {
-        ...(vm.setId === 0 ? {} : { setId: vm.setId }),
-        detail: `VM ${vm.vmId} back after a KVM restart with ${vm.table.size} translation(s)`,
-      });
+      vm.history.record({ $case: "kvmRestoreVm", value: { vmId: vm.vmId, translations: vm.table.size } }, vm.setId === 0 ? {} : { setId: vm.setId });
     }
     const ours = new Set([...this.#vms.values()].map((vm) => vm.registrationId));
     const stale = all.filter((r) => !ours.has(r.registrationId));
@@ -530,13 +515,10 @@ export class Kvm {
       vm.refs.delete(hpasid);
       const removed = vm.table.clearHpasid(hpasid, ref.generation);
       if (removed !== undefined) {
-        vm.history.record("vmcs_update", {
-          ioasid: hpasid,
-          generation: ref.generation,
-          setId: ref.setId,
-          spid: removed.gpasid,
-          detail: `clear gpasid ${removed.gpasid} → hpasid ${hpasid} (its reference is gone: restart reconcile)`,
-        });
+        vm.history.record(
+          { $case: "vmcsUpdate", value: { kind: history.VmcsUpdateKind.VMCS_UPDATE_KIND_CLEAR, gpasid: removed.gpasid, hpasid, cause: history.VmcsClearCause.VMCS_CLEAR_CAUSE_RECONCILE } },
+          { ioasid: hpasid, generation: ref.generation, setId: ref.setId, spid: removed.gpasid },
+        );
       }
       changes.push(this.#entryChange(vm, hpasid));
     }
@@ -575,10 +557,7 @@ export class Kvm {
     } catch (err) {
       if (!isDomainError(err, "REGISTRATION_NOT_FOUND")) throw err;
     }
-    this.#history(r.instance).record("kvm_destroy_vm", {
-      ...(r.setId === 0 ? {} : { setId: r.setId }),
-      detail: `VM of an earlier KVM process: registration ${r.registrationId} withdrawn, ${dropped} reference(s) dropped`,
-    });
+    this.#history(r.instance).record({ $case: "kvmDestroyVm", value: { earlierRegistration: r.registrationId, dropped } }, r.setId === 0 ? {} : { setId: r.setId });
     this.#log("info", "reaped a VM of an earlier KVM process", { instance: r.instance, registration: r.registrationId, setId: r.setId, dropped });
   }
 
@@ -615,10 +594,10 @@ export class Kvm {
       if (registration.setId !== 0) vm.setId = registration.setId;
       this.#vms.set(vmId, vm);
       await this.#write([this.#vmChange(vm)]);
-      vm.history.record("kvm_create_vm", {
-        ...(registration.setId === 0 ? {} : { setId: registration.setId }),
-        detail: `mm token ${mmToken}, ${vcpuCount} vCPU(s), registration ${registration.registrationId} ${registration.active ? "ACTIVE" : "PENDING"}`,
-      });
+      vm.history.record(
+        { $case: "kvmCreateVm", value: { mmToken, vcpus: vcpuCount, registration: registration.registrationId, active: registration.active } },
+        registration.setId === 0 ? {} : { setId: registration.setId },
+      );
       this.#log("info", "VM created", { vmId, mmToken: String(mmToken), registration: registration.registrationId, active: registration.active });
       return this.#snapshot(vm, registration);
     } catch (err) {
@@ -675,13 +654,10 @@ export class Kvm {
     this.#byToken.delete(vm.mmToken);
     const cleared = vm.table.clear();
     for (const t of cleared) {
-      vm.history.record("vmcs_update", {
-        ioasid: t.hpasid,
-        generation: t.generation,
-        setId: vm.refs.get(t.hpasid)?.setId ?? vm.setId,
-        spid: t.gpasid,
-        detail: `clear gpasid ${t.gpasid} → hpasid ${t.hpasid} (VM destroyed)`,
-      });
+      vm.history.record(
+        { $case: "vmcsUpdate", value: { kind: history.VmcsUpdateKind.VMCS_UPDATE_KIND_CLEAR, gpasid: t.gpasid, hpasid: t.hpasid, cause: history.VmcsClearCause.VMCS_CLEAR_CAUSE_VM_DESTROYED } },
+        { ioasid: t.hpasid, generation: t.generation, setId: vm.refs.get(t.hpasid)?.setId ?? vm.setId, spid: t.gpasid },
+      );
     }
     const refs = [...vm.refs].map(([ioasid, r]) => ({ setId: r.setId, ioasid, generation: r.generation, instance: vm.instance, purpose: VMCS_PURPOSE }));
     const keys = new Set([...refs.map((r) => r.ioasid), ...cleared.map((t) => t.hpasid)]);
@@ -707,10 +683,7 @@ export class Kvm {
     }
     const released = await Promise.all(toRelease.map((ref) => this.#release(ref)));
     const releasedReferences = released.filter(Boolean).length;
-    vm.history.record("kvm_destroy_vm", {
-      ...(vm.setId === 0 ? {} : { setId: vm.setId }),
-      detail: `${cleared.length} translation(s) cleared, ${releasedReferences} reference(s) dropped`,
-    });
+    vm.history.record({ $case: "kvmDestroyVm", value: { cleared: cleared.length, dropped: releasedReferences } }, vm.setId === 0 ? {} : { setId: vm.setId });
     this.#log("info", "VM destroyed", { vmId, cleared: cleared.length, released: releasedReferences, deferred: toRelease.length - releasedReferences });
     return { clearedEntries: cleared.length, releasedReferences };
   }
@@ -753,14 +726,20 @@ export class Kvm {
           ? { outcome: "GP", gpasid: decoded.gpasid, cause: GpCause.NO_TRANSLATION }
           : { outcome: "TRANSLATED", gpasid: decoded.gpasid, hpasid: t.hpasid, generation: t.generation };
     }
-    const hex = `0x${(ia32Pasid >>> 0).toString(16).padStart(8, "0")}`;
-    vm.history.record("enqcmd", {
-      spid: result.gpasid,
-      ...(vm.setId === 0 ? {} : { setId: vm.setId }),
-      ...(result.outcome === "TRANSLATED"
-        ? { ioasid: result.hpasid, generation: result.generation, detail: `vcpu ${vcpu} ia32_pasid ${hex}: TRANSLATED gpasid ${result.gpasid} → hpasid ${result.hpasid}` }
-        : { detail: `vcpu ${vcpu} ia32_pasid ${hex}: #GP ${result.cause}, nothing submitted` }),
-    });
+    vm.history.record(
+      {
+        $case: "enqcmd",
+        value:
+          result.outcome === "TRANSLATED"
+            ? { vcpu, ia32Pasid: ia32Pasid >>> 0, translated: true, gpasid: result.gpasid, hpasid: result.hpasid }
+            : { vcpu, ia32Pasid: ia32Pasid >>> 0, translated: false, gpasid: result.gpasid, gpCause: String(result.cause) },
+      },
+      {
+        spid: result.gpasid,
+        ...(vm.setId === 0 ? {} : { setId: vm.setId }),
+        ...(result.outcome === "TRANSLATED" ? { ioasid: result.hpasid, generation: result.generation } : {}),
+      },
+    );
     return result;
   }
 
@@ -827,7 +806,7 @@ export class Kvm {
       // A VM created since the listing is live and keeps what it holds.
       if ([...this.#vms.values()].some((vm) => vm.instance === ref.instance)) continue;
       if (await this.#release(ref)) {
-        this.#history(ref.instance).record("kvm_orphan_release", { ioasid: ref.ioasid, generation: ref.generation, setId: ref.setId, detail: `${ref.instance}/${ref.purpose}: the VM is gone` });
+        this.#history(ref.instance).record({ $case: "kvmOrphanRelease", value: { purpose: ref.purpose } }, { ioasid: ref.ioasid, generation: ref.generation, setId: ref.setId });
         this.#log("info", "released a reference of a gone VM", { ...ref });
       }
     }
@@ -938,24 +917,15 @@ export class Kvm {
       // kept must not show its clear before this install); the store keeps it before the ack.
       const kept = [this.#entryChange(vm, e.ioasid), ...outcome.replaced.map((r) => this.#entryChange(vm, r.hpasid))];
       for (const r of outcome.replaced) {
-        vm.history.record("vmcs_update", {
-          ioasid: r.hpasid,
-          generation: r.generation,
-          setId: e.setId,
-          spid: r.gpasid,
-          seq: Number(e.seq),
-          detail: `clear gpasid ${r.gpasid} → hpasid ${r.hpasid} (replaced by a later BIND)`,
-        });
+        vm.history.record(
+          { $case: "vmcsUpdate", value: { kind: history.VmcsUpdateKind.VMCS_UPDATE_KIND_CLEAR, gpasid: r.gpasid, hpasid: r.hpasid, cause: history.VmcsClearCause.VMCS_CLEAR_CAUSE_REPLACED } },
+          { ioasid: r.hpasid, generation: r.generation, setId: e.setId, spid: r.gpasid, seq: Number(e.seq) },
+        );
       }
-      vm.history.record("vmcs_update", {
-        ioasid: e.ioasid,
-        generation: e.generation,
-        setId: e.setId,
-        spid: e.spid,
-        seq: Number(e.seq),
-        ...(refcount === undefined ? {} : { refcount }),
-        detail: `install gpasid ${e.spid} → hpasid ${e.ioasid}`,
-      });
+      vm.history.record(
+        { $case: "vmcsUpdate", value: { kind: history.VmcsUpdateKind.VMCS_UPDATE_KIND_INSTALL, gpasid: e.spid, hpasid: e.ioasid } },
+        { ioasid: e.ioasid, generation: e.generation, setId: e.setId, spid: e.spid, seq: Number(e.seq), ...(refcount === undefined ? {} : { refcount }) },
+      );
       await this.#write(kept);
     }
     return {};
@@ -969,14 +939,18 @@ export class Kvm {
   async #onUnbindOrFree(vm: VirtualMachine, e: KvmEvent): Promise<{ release?: readonly string[] }> {
     const removed = vm.table.clearHpasid(e.ioasid, e.generation);
     if (removed !== undefined) {
-      vm.history.record("vmcs_update", {
-        ioasid: e.ioasid,
-        generation: e.generation,
-        setId: e.setId,
-        spid: removed.gpasid,
-        seq: Number(e.seq),
-        detail: `clear gpasid ${removed.gpasid} → hpasid ${e.ioasid} (${e.type})`,
-      });
+      vm.history.record(
+        {
+          $case: "vmcsUpdate",
+          value: {
+            kind: history.VmcsUpdateKind.VMCS_UPDATE_KIND_CLEAR,
+            gpasid: removed.gpasid,
+            hpasid: e.ioasid,
+            cause: e.type === "FREE" ? history.VmcsClearCause.VMCS_CLEAR_CAUSE_FREE : history.VmcsClearCause.VMCS_CLEAR_CAUSE_UNBIND,
+          },
+        },
+        { ioasid: e.ioasid, generation: e.generation, setId: e.setId, spid: removed.gpasid, seq: Number(e.seq) },
+      );
     }
     const held = vm.refs.get(e.ioasid);
     if (held === undefined || held.generation !== e.generation) {

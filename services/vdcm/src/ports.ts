@@ -1,4 +1,4 @@
-import type { HistoryFields } from "@ioasid/bus";
+import type { HistoryActionInput, HistoryFields } from "@ioasid/bus";
 
 /**
  * What VDCM needs from the outside world besides the IOASID core (the roles' one `CorePort`, from
@@ -14,7 +14,7 @@ export type { Holder } from "@ioasid/ioasid";
 /** Fields of one history record (the bus's). */
 export type { HistoryFields };
 
-/** Where VDCM records each change of its "hardware" ("vdev_write", "vdev_clear", "submit"). */
+/** Where VDCM records each change of its "hardware" (`vdevWrite`, `vdevClear`, `submit`). */
 export interface HistorySink {
-  record(action: string, fields: HistoryFields): void;
+  record(action: HistoryActionInput, fields: HistoryFields): void;
 }

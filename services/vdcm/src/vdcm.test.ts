@@ -1,4 +1,4 @@
-import { MemoryRoleState, type RoleStatePort } from "@ioasid/bus";
+import { MemoryRoleState, type HistoryActionCase, type HistoryActionInput, type RoleStatePort } from "@ioasid/bus";
 import { describe, expect, it } from "vitest";
 import { Code, DomainError } from "@ioasid/errors";
 import { EventType, OWNER_ROLE, Priority, TokenType, type IoasidEvent } from "@ioasid/ioasid";
@@ -100,8 +100,8 @@ async function setup(options: { store?: RoleStatePort<VdcmKeptEntry> } = {}) {
   const core = new InProcessCore();
   createSets(core);
   const dma = new FakeDma();
-  const history: Array<{ action: string } & HistoryFields> = [];
-  const vdcm = new Vdcm({ instance: "vdcm0", core, dma, history: { record: (action, f) => history.push({ action, ...f }) }, ...options });
+  const history: Array<{ action: HistoryActionCase; step: HistoryActionInput } & HistoryFields> = [];
+  const vdcm = new Vdcm({ instance: "vdcm0", core, dma, history: { record: (step, f) => history.push({ action: step.$case, step, ...f }) }, ...options });
   await vdcm.registerDevice({
     deviceId: DEV,
     wqs: [
@@ -136,7 +136,7 @@ describe("Vdcm mdev_write / mdev_clear (life-cycle steps 8–16)", () => {
     expect(entry).toMatchObject({ hpasid: 201, gpasid: 101, setId: VM1, wqId: 0, mdevUuid: M1, state: EntryState.PROGRAMMED });
     expect(holders(core, 201)).toEqual({ "set-owner": 1, [`vdcm/vdcm0/${DEV}.wq0`]: 1 });
     expect(vdcm.snapshot().devices[0]!.wqs[0]!.hpasid).toBe(201);
-    expect(history).toEqual([expect.objectContaining({ action: "vdev_write", ioasid: 201, spid: 101, setId: VM1, refcount: 2 })]);
+    expect(history).toEqual([expect.objectContaining({ action: "vdevWrite", ioasid: 201, spid: 101, setId: VM1, refcount: 2 })]);
   });
 
   it("refuses a guest PASID never bound, or being freed, and programs nothing", async () => {
@@ -216,7 +216,7 @@ describe("Vdcm mdev_write / mdev_clear (life-cycle steps 8–16)", () => {
     gate.resolve();
     expect((await running).status).toBe(CompletionStatus.SUCCESS);
     expect(await clear).toMatchObject({ cleared: true, entry: { hpasid: 201, gpasid: 101 } });
-    expect(history.map((h) => h.action)).toEqual(["vdev_write", "submit", "vdev_clear"]);
+    expect(history.map((h) => h.action)).toEqual(["vdevWrite", "submit", "vdevClear"]);
     expect(clearedAt).toBe(3);
     expect(core.calls.at(-1)).toBe("put");
     expect(puts(core).at(-1)).toBe(`put ${VM1} 201 ${DEV}.wq0`);
@@ -240,7 +240,7 @@ describe("Vdcm FREE handler (misbehaving-guest table steps 21/24)", () => {
     const ack = await vdcm.onIoasidEvent(event);
     expect(ack.release.sort()).toEqual([`${DEV}.wq0`, `${DEV}.wq3`]);
     expect(vdcm.snapshot().devices[0]!.pasidEntries).toEqual([]);
-    expect(history.filter((h) => h.action === "vdev_clear")).toEqual([
+    expect(history.filter((h) => h.action === "vdevClear")).toEqual([
       expect.objectContaining({ ioasid: 201, seq: event.seq, setId: VM1 }),
       expect.objectContaining({ ioasid: 201, seq: event.seq, setId: VM1 }),
     ]);
@@ -357,7 +357,7 @@ describe("Vdcm descriptor submission", () => {
     await refused(vdcm.submitDescriptor(noop({ pasid: 101, pasidSpace: PasidSpace.GUEST })), Code.NOT_FOUND, "IOASID_FREE_PENDING");
     expect(dma.requests).toEqual([]);
     expect(history.map((h) => h.action)).toEqual(["submit", "submit", "submit", "submit", "submit"]);
-    expect(history.every((h) => h.ioasid === undefined && h.detail!.includes("dropped"))).toBe(true);
+    expect(history.every((h) => h.ioasid === undefined && h.step.$case === "submit" && h.step.value.dropped === true)).toBe(true);
     expect(holders(core, 202)).toEqual({ "set-owner": 1 });
   });
 
@@ -451,7 +451,7 @@ describe("Vdcm assignment and registration", () => {
     expect(await vdcm.unassignMdev(M1)).toEqual({ clearedEntries: 2, unregistered: true });
     expect(holders(core, 201)).toEqual({ "set-owner": 1 });
     expect(holders(core, 203)).toEqual({ "set-owner": 1 });
-    expect(history.filter((h) => h.action === "vdev_clear")).toHaveLength(2);
+    expect(history.filter((h) => h.action === "vdevClear")).toHaveLength(2);
     await vdcm.destroyMdev(M1);
     await refused(vdcm.writeWqPasid(M1, 0, 101), Code.NOT_FOUND, "MDEV_NOT_FOUND");
     await refused(vdcm.unassignMdev(M1), Code.NOT_FOUND, "MDEV_NOT_FOUND");

@@ -1,4 +1,5 @@
-import type { RoleStatePort } from "@ioasid/bus";
+import type { HistoryActionInput, RoleStatePort } from "@ioasid/bus";
+import { history } from "@ioasid/proto";
 import { Code, DomainError, isDomainError } from "@ioasid/errors";
 import { assertDescriptor, runDescriptor, type Completion, type Descriptor, type DmaTranslator } from "./descriptor-runner.js";
 import { heldReferences, KeyedMutex, type CorePort, type HeldReference } from "@ioasid/role-kit";
@@ -325,7 +326,7 @@ export class Vdcm {
           throw err;
         }
         // Recorded when the device is programmed; kept before the guest is told.
-        this.record("vdev_write", entry, { refcount: t.refcount, detail: `${where(entry)} mdev_write(${gpasid})` });
+        this.record({ $case: "vdevWrite", value: { ...where(entry), gpasid } }, entry, { refcount: t.refcount });
         await this.persist();
         return entry;
       } finally {
@@ -531,7 +532,7 @@ export class Vdcm {
       // Drain by host PASID: every descriptor using it on this work queue completes first.
       await this.drain((f) => f.deviceId === entry.deviceId && f.wqId === entry.wqId && f.hpasid === entry.hpasid);
       this.state.clearEntry(entry.deviceId, entry.wqId, entry);
-      this.record("vdev_clear", entry, { ...(seq === undefined ? {} : { seq }), detail: `${where(entry)} ${cause}` });
+      this.record({ $case: "vdevClear", value: { ...where(entry), cause: CLEAR_CAUSE[cause] } }, entry, seq === undefined ? {} : { seq });
       // Kept cleared before the reference goes (a restart then releases a reference left over).
       await this.persist();
       return true;
@@ -682,25 +683,22 @@ export class Vdcm {
     return { name: VDCM_ROLE, instance: this.instance };
   }
 
-  private record(action: string, entry: DevicePasidEntry, fields: HistoryFields): void {
+  private record(action: HistoryActionInput, entry: DevicePasidEntry, fields: HistoryFields): void {
     this.history?.record(action, { ioasid: entry.hpasid, generation: entry.generation, setId: entry.setId, spid: entry.gpasid, ...fields });
   }
 
   private recordSubmit(wq: ResolvedWq, hpasid: number, generation: number, gpasid: number | undefined, d: Descriptor, c: Completion): void {
-    this.history?.record("submit", {
-      ioasid: hpasid,
-      generation,
-      setId: wq.setId,
-      ...(gpasid === undefined ? {} : { spid: gpasid }),
-      detail: `device ${wq.deviceId} wq ${wq.wqId} mdev ${wq.mdevUuid}: ${d.op} ${c.status} (${c.bytesCompleted} bytes)`,
-    });
+    this.history?.record(
+      { $case: "submit", value: { device: wq.deviceId, wq: wq.wqId, mdev: wq.mdevUuid, op: String(d.op), status: String(c.status), bytes: c.bytesCompleted } },
+      { ioasid: hpasid, generation, setId: wq.setId, ...(gpasid === undefined ? {} : { spid: gpasid }) },
+    );
   }
 
   private recordDropped(wq: ResolvedWq, s: Submission, err: DomainError): void {
-    this.history?.record("submit", {
-      setId: wq.setId,
-      detail: `device ${wq.deviceId} wq ${wq.wqId} mdev ${wq.mdevUuid}: dropped, ${s.pasidSpace ?? ""} PASID ${s.pasid} untranslatable (${err.reason})`,
-    });
+    this.history?.record(
+      { $case: "submit", value: { device: wq.deviceId, wq: wq.wqId, mdev: wq.mdevUuid, dropped: true, pasidSpace: s.pasidSpace ?? "", pasid: s.pasid, reason: err.reason } },
+      { setId: wq.setId },
+    );
   }
 }
 
@@ -717,9 +715,18 @@ function setKey(setId: number): string {
   return `set:${setId}`;
 }
 
-function where(e: DevicePasidEntry): string {
-  return `device ${e.deviceId} wq ${e.wqId} mdev ${e.mdevUuid}`;
+/** The work queue of an entry, as its history records name it. */
+function where(e: DevicePasidEntry): { device: string; wq: number; mdev: string } {
+  return { device: e.deviceId, wq: e.wqId, mdev: e.mdevUuid };
 }
+
+/** The catalogue's word for each teardown cause. */
+const CLEAR_CAUSE = {
+  mdev_clear: history.VdevClearCause.VDEV_CLEAR_CAUSE_MDEV_CLEAR,
+  unassign: history.VdevClearCause.VDEV_CLEAR_CAUSE_UNASSIGN,
+  FREE: history.VdevClearCause.VDEV_CLEAR_CAUSE_FREE,
+  reconcile: history.VdevClearCause.VDEV_CLEAR_CAUSE_RECONCILE,
+} as const;
 
 /**
  * A core failure as VDCM answers it: the set named by an mdev no longer exists → NOT_FOUND

@@ -210,10 +210,10 @@ export class FaultRelay {
     if (owner === undefined) throw vfioError("FAULT_GROUP_NOT_FOUND", `fault group ${faultGroupId} was never relayed to a VMM (or is long forgotten)`);
     if (owner !== containerId) throw vfioError("FAULT_GROUP_NOT_OWNED", `fault group ${faultGroupId} belongs to another container`);
     await this.#iommu.respond(faultGroupId, code);
-    this.#history.record("page_response", {
-      ...(pending === undefined ? {} : { ioasid: pending.group.hpasid, spid: pending.group.gpasid }),
-      detail: `container ${containerId} group ${faultGroupId}: ${code}`,
-    });
+    this.#history.record(
+      { $case: "pageResponse", value: { container: containerId, group: faultGroupId, code } },
+      pending === undefined ? {} : { ioasid: pending.group.hpasid, spid: pending.group.gpasid },
+    );
   }
 
   /**
@@ -232,7 +232,7 @@ export class FaultRelay {
       ),
     );
     for (const g of groups) {
-      this.#history.record("fault_session_lost", { ioasid: g.hpasid, spid: g.gpasid, detail: `container ${containerId} group ${g.faultGroupId}: the VMM went away, answered INVALID` });
+      this.#history.record({ $case: "faultSessionLost", value: { container: containerId, group: g.faultGroupId } }, { ioasid: g.hpasid, spid: g.gpasid });
     }
     this.#watchers.get(containerId)?.end();
     return groups.length;
@@ -261,7 +261,7 @@ export class FaultRelay {
       const r = item.record;
       if (data === undefined) return;
       const w = this.#watchers.get(data.containerId);
-      this.#history.record("dma_fault", { ioasid: r.pasid, spid: r.gpasid, detail: `container ${data.containerId} ${r.reason} 0x${r.address.toString(16)}${w === undefined ? ": no watcher" : ""}` });
+      this.#history.record({ $case: "dmaFault", value: { container: data.containerId, reason: String(r.reason), address: r.address, noHandler: w === undefined } }, { ioasid: r.pasid, spid: r.gpasid });
       w?.send({ kind: "fault", faultId: r.faultId, device: data.device, hpasid: r.pasid, gpasid: r.gpasid, address: r.address, access: r.access, reason: r.reason, at: r.at });
       return;
     }
@@ -270,7 +270,7 @@ export class FaultRelay {
     const fields = { ioasid: g.pasid, spid: g.gpasid };
     if (data === undefined || !this.#isOpen(data.containerId) || !this.#watchers.has(data.containerId)) {
       const why = data === undefined ? "not a VFIO handle" : this.#isOpen(data.containerId) ? "no WatchFaults" : "container closed";
-      this.#history.record("iopf_no_handler", { ...fields, detail: `group ${g.faultGroupId}: ${why}, answered FAILURE` });
+      this.#history.record({ $case: "iopfNoHandler", value: { group: g.faultGroupId, why } }, fields);
       // An INVALID for a container that is gone (its FREE drains the rest); FAILURE when nobody listens.
       const code: PageResponseCode = data !== undefined && !this.#isOpen(data.containerId) ? "INVALID" : "FAILURE";
       this.#iommu.respond(g.faultGroupId, code, code === "FAILURE").catch((err: unknown) => {
@@ -289,7 +289,7 @@ export class FaultRelay {
       deadline: g.deadline,
     };
     this.#pending.set(g.faultGroupId, { containerId: data.containerId, group: relayed });
-    this.#history.record("iopf_relay", { ...fields, detail: `container ${data.containerId} group ${g.faultGroupId}: ${g.requests.length} request(s)` });
+    this.#history.record({ $case: "iopfRelay", value: { container: data.containerId, group: g.faultGroupId, requests: g.requests.length } }, fields);
     this.#watchers.get(data.containerId)!.send({ kind: "group", group: relayed });
   }
 }

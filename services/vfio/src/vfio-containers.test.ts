@@ -1,6 +1,7 @@
 import { Code, DomainError } from "@ioasid/errors";
 import { EventType, IoasidState, TokenType, type Holder, type IoasidInfo } from "@ioasid/ioasid";
 import { InProcessCore } from "@ioasid/testkit";
+import type { HistoryActionCase, HistoryActionInput } from "@ioasid/bus";
 import { describe, expect, it } from "vitest";
 import { CloseReason, ContainerState, MAX_GPASID, VfioContainers, type DeviceRef, type VfioContainersOptions } from "./vfio-containers.js";
 import type { GpasidBind, GpasidUnbind, HistoryFields, IommuPort, Scheduler, VdcmPort } from "./vfio-ports.js";
@@ -212,12 +213,12 @@ function setup(options: Partial<VfioContainersOptions> = {}) {
   const iommu = new FakeIommu(core);
   const vdcm = new FakeVdcm(core);
   const scheduler = new ManualScheduler();
-  const history: { action: string; fields: HistoryFields }[] = [];
+  const history: { action: HistoryActionCase; step: HistoryActionInput; fields: HistoryFields }[] = [];
   const vfio = new VfioContainers({
     core,
     iommu,
     vdcm,
-    history: { record: (action, fields = {}) => void history.push({ action, fields }) },
+    history: { record: (step, fields = {}) => void history.push({ action: step.$case, step, fields }) },
     sessionGraceMs: 5000,
     scheduler,
     ...options,
@@ -251,7 +252,7 @@ describe("VfioContainers › opening", () => {
     const c = await open(vfio, 7n, { quota: 4 });
     expect(core.space.getSet(c.setId)).toMatchObject({ token: { type: TokenType.MM, value: 7n }, quota: 4 });
     expect(c).toMatchObject({ containerId: 1, quota: 4, sessionDeadline: scheduler.now() + 5000 });
-    expect(history[0]).toMatchObject({ action: "container_open", fields: { setId: c.setId } });
+    expect(history[0]).toMatchObject({ action: "containerOpen", fields: { setId: c.setId } });
     const [snap] = await vfio.queryState(c.containerId);
     expect(snap).toMatchObject({ state: ContainerState.AWAITING_SESSION, mmToken: 7n, vmName: "vm-7", devices: [], pasids: [] });
   });
@@ -311,9 +312,7 @@ describe("VfioContainers › the VMM session", () => {
     expect(setIds(core)).not.toContain(c.setId); // nothing held them: reclaimed, set destroyed
     expect(ioasidsOf(core)).toHaveLength(0);
     expect(vfio.size).toBe(0);
-    const close = history.find((h) => h.action === "container_close")!;
-    expect(close.fields.detail).toContain("reason SESSION_ENDED");
-    expect(close.fields.detail).toContain("freed 2");
+    expect(closeOf(history)).toMatchObject({ reason: "SESSION_ENDED", freed: 2 });
     await refused(vfio.allocPasid(c.containerId), Code.NOT_FOUND, "CONTAINER_NOT_FOUND");
   });
 
@@ -334,7 +333,7 @@ describe("VfioContainers › the VMM session", () => {
     expect(core.calls.filter((m) => m === "freeSet")).toHaveLength(10);
     expect(ioasidsOf(core)).toHaveLength(0);
     expect(vfio.size).toBe(0);
-    expect(history.find((h) => h.action === "container_close")!.fields.detail).toContain("reason SESSION_ENDED freed 1");
+    expect(closeOf(history)).toMatchObject({ reason: "SESSION_ENDED", freed: 1 });
   });
 
   it("takes over, when the session ends, a CloseContainer that is still in progress and then fails", async () => {
@@ -381,7 +380,7 @@ describe("VfioContainers › the VMM session", () => {
     await vfio.whenReleased(c.containerId);
     expect(vfio.size).toBe(0);
     expect(setIds(core)).toEqual([]);
-    expect(history.find((h) => h.action === "container_close")!.fields.detail).toContain("reason SESSION_NEVER_ATTACHED");
+    expect(closeOf(history)).toMatchObject({ reason: "SESSION_NEVER_ATTACHED" });
   });
 
   it("uses the service default grace period when OpenContainer gives none", async () => {
@@ -458,9 +457,9 @@ describe("VfioContainers › guest PASIDs (virtual command)", () => {
     const c = await open(vfio, 7n);
     const p = await vfio.allocPasid(c.containerId);
     expect(core.space.describe(p.hpasid)).toMatchObject({ setId: c.setId, generation: p.generation });
-    expect(history.at(-1)).toMatchObject({ action: "vcmd_alloc", fields: { ioasid: p.hpasid, generation: p.generation, setId: c.setId } });
+    expect(history.at(-1)).toMatchObject({ action: "vcmdAlloc", fields: { ioasid: p.hpasid, generation: p.generation, setId: c.setId } });
     await expect(vfio.freePasid(c.containerId, p.hpasid, p.generation)).resolves.toEqual({ reclaimed: true, alreadyFreePending: false });
-    expect(history.at(-1)).toMatchObject({ action: "vcmd_free", fields: { ioasid: p.hpasid, setId: c.setId } });
+    expect(history.at(-1)).toMatchObject({ action: "vcmdFree", fields: { ioasid: p.hpasid, setId: c.setId } });
     await refused(vfio.freePasid(c.containerId, p.hpasid, 0), Code.NOT_FOUND, "IOASID_NOT_FOUND");
   });
 
@@ -549,7 +548,7 @@ describe("VfioContainers › devices", () => {
     await Promise.all([vfio.assignDevice(c.containerId, dev("0000:6a:01.0")), vfio.assignDevice(c.containerId, dev("0000:6a:02.0"))]);
     expect(iommu.log.filter((l) => l.startsWith("createDomain"))).toHaveLength(1);
     expect(iommu.rid.get("0000:6a:01.0")).toBe(iommu.rid.get("0000:6a:02.0"));
-    expect(history.filter((h) => h.action === "device_assign")).toHaveLength(2);
+    expect(history.filter((h) => h.action === "deviceAssign")).toHaveLength(2);
   });
 
   it("refuses DEVICE_ALREADY_ASSIGNED in the same container and DEVICE_BUSY from another, even while in flight", async () => {
@@ -643,7 +642,7 @@ describe("VfioContainers › guest binds", () => {
     ]);
     const owner = JSON.parse(new TextDecoder().decode(iommu.binds.get(`idxd0/${p.hpasid}`)!.ownerData)) as unknown;
     expect(owner).toEqual({ containerId: c.containerId, device: { kind: "mdev", id: "mdev-a" } });
-    expect(history.filter((h) => h.action === "bind_gpasid")).toHaveLength(2);
+    expect(history.filter((h) => h.action === "bindGpasid")).toHaveLength(2);
     const [snap] = await vfio.queryState(c.containerId);
     expect(snap!.pasids).toEqual([
       { hpasid: p.hpasid, generation: p.generation, gpasid: 101, boundDevices: [mdev("mdev-a"), dev("0000:6a:01.0")], freePending: false },
@@ -753,6 +752,12 @@ describe("VfioContainers › teardown order", () => {
     await vfio.freePasid(c.containerId, p.hpasid, p.generation);
     lease.end();
     await vfio.whenReleased(c.containerId);
-    expect(actions()).toEqual(["container_open", "session_attach", "vcmd_alloc", "vcmd_free", "container_close", "container_release"]);
+    expect(actions()).toEqual(["containerOpen", "sessionAttach", "vcmdAlloc", "vcmdFree", "containerClose", "containerRelease"]);
   });
 });
+
+/** The container_close step of a test's history. */
+function closeOf(history: ReadonlyArray<{ step: HistoryActionInput }>) {
+  const step = history.find((h) => h.step.$case === "containerClose")?.step;
+  return step?.$case === "containerClose" ? step.value : undefined;
+}

@@ -486,10 +486,7 @@ export class VfioContainers {
       void this.#backgroundClose(c, CloseReason.SESSION_NEVER_ATTACHED);
     });
     await this.#save(c);
-    this.#history.record("container_open", {
-      setId: c.setId,
-      detail: `container ${c.id} mm_token ${c.mmToken} quota ${c.quota}${c.vmName === "" ? "" : ` vm ${c.vmName}`} grace ${graceMs}ms`,
-    });
+    this.#history.record({ $case: "containerOpen", value: { container: c.id, mmToken: c.mmToken, quota: c.quota, vmName: c.vmName, graceMs } }, { setId: c.setId });
     this.#log.info({ containerId: c.id, setId: c.setId, mmToken: String(c.mmToken), quota: c.quota, graceMs }, "container opened");
     return { containerId: c.id, setId: c.setId, quota: c.quota, sessionDeadline: now + graceMs };
   }
@@ -513,7 +510,7 @@ export class VfioContainers {
     const closed = new Promise<CloseReason>((resolve) => {
       c.notifySession = resolve;
     });
-    this.#history.record("session_attach", { setId: c.setId, detail: `container ${c.id}` });
+    this.#history.record({ $case: "sessionAttach", value: { container: c.id } }, { setId: c.setId });
     return {
       containerId: c.id,
       setId: c.setId,
@@ -592,10 +589,7 @@ export class VfioContainers {
     const closing = faultsAnswered.then(() => this.#freeSet(c)).then(
       (freed) => {
         const unassignedDevices = c.devices.size;
-        this.#history.record("container_close", {
-          setId: c.setId,
-          detail: `container ${c.id} reason ${reason} freed ${freed}${unassignedDevices === 0 ? "" : ` unassigning ${unassignedDevices}`}`,
-        });
+        this.#history.record({ $case: "containerClose", value: { container: c.id, reason, freed, unassigning: unassignedDevices } }, { setId: c.setId });
         this.#log.info({ containerId: c.id, setId: c.setId, reason, freed, unassignedDevices }, "container closed: its IOASIDs are freed");
         c.notifySession?.(reason);
         c.released = this.#release(c);
@@ -640,7 +634,7 @@ export class VfioContainers {
       try {
         if (entry.ref.kind === "mdev") await this.#vdcm.unassignMdev(entry.ref.id);
         else if (stage2 !== undefined) await this.#iommu.detachDevice(stage2, entry.ref.id);
-        this.#history.record("device_unassign", { setId: c.setId, detail: `container ${c.id} ${describeDevice(entry.ref)} (teardown)` });
+        this.#history.record({ $case: "deviceUnassign", value: { container: c.id, deviceKind: entry.ref.kind, device: entry.ref.id, teardown: true } }, { setId: c.setId });
       } catch (err) {
         if (!isDomainError(err, "MDEV_NOT_ASSIGNED") && !isDomainError(err, "ATTACH_HANDLE_NOT_FOUND")) {
           this.#log.error({ err, containerId: c.id, device: describeDevice(entry.ref) }, "teardown could not unassign a device");
@@ -651,7 +645,7 @@ export class VfioContainers {
     c.devices.clear();
     c.binds.clear();
     this.#containers.delete(c.id);
-    this.#history.record("container_release", { setId: c.setId, detail: `container ${c.id}` });
+    this.#history.record({ $case: "containerRelease", value: { container: c.id } }, { setId: c.setId });
     if (stage2 !== undefined) await this.#releaseDomain(c, stage2);
     await this.#store?.write([{ key: `ctr/${c.id}`, value: undefined }]).catch((err: unknown) => this.#log.warn({ err, containerId: c.id }, "could not forget the released container in the store"));
   }
@@ -749,10 +743,7 @@ export class VfioContainers {
       entry.state = "assigned";
       entry.assignedAt = this.#scheduler.now();
       await this.#save(c);
-      this.#history.record("device_assign", {
-        setId: c.setId,
-        detail: `container ${c.id} ${describeDevice(ref)}${entry.parentDeviceId === "" ? "" : ` on ${entry.parentDeviceId}`}`,
-      });
+      this.#history.record({ $case: "deviceAssign", value: { container: c.id, deviceKind: ref.kind, device: ref.id, parent: entry.parentDeviceId } }, { setId: c.setId });
       return { device: ref, parentDeviceId: entry.parentDeviceId, assignedAt: entry.assignedAt };
     });
   }
@@ -782,13 +773,10 @@ export class VfioContainers {
             });
             if (r.unbound) {
               unbound++;
-              this.#history.record("unbind_gpasid", {
-                ioasid: bind.hpasid,
-                generation: bind.generation,
-                setId: c.setId,
-                spid: bind.gpasid,
-                detail: `container ${c.id} ${describeDevice(ref)} (unassign)${r.lastUnbind ? " last" : ""}`,
-              });
+              this.#history.record(
+                { $case: "unbindGpasid", value: { container: c.id, deviceKind: ref.kind, device: ref.id, unassign: true, last: r.lastUnbind } },
+                { ioasid: bind.hpasid, generation: bind.generation, setId: c.setId, spid: bind.gpasid },
+              );
             }
           } catch (err) {
             // The IOASID was freed and allocated again elsewhere: its bind is long gone.
@@ -813,7 +801,7 @@ export class VfioContainers {
       c.devices.delete(entry.key);
       if (this.#owners.get(entry.key) === c.id) this.#owners.delete(entry.key);
       await this.#save(c);
-      this.#history.record("device_unassign", { setId: c.setId, detail: `container ${c.id} ${describeDevice(ref)} unbound ${unbound}` });
+      this.#history.record({ $case: "deviceUnassign", value: { container: c.id, deviceKind: ref.kind, device: ref.id, unbound } }, { setId: c.setId });
       return { unbound };
     });
   }
@@ -829,7 +817,7 @@ export class VfioContainers {
   async allocPasid(containerId: number): Promise<{ hpasid: number; generation: number }> {
     return this.#op(containerId, async (c) => {
       const a = await this.#core.alloc(c.setId);
-      this.#history.record("vcmd_alloc", { ioasid: a.ioasid, generation: a.generation, setId: c.setId, detail: `container ${c.id}` });
+      this.#history.record({ $case: "vcmdAlloc", value: { container: c.id } }, { ioasid: a.ioasid, generation: a.generation, setId: c.setId });
       return { hpasid: a.ioasid, generation: a.generation };
     });
   }
@@ -848,12 +836,7 @@ export class VfioContainers {
       const { outcome } = await this.#core.free(c.setId, hpasid, generation);
       // The FREE teardown removes every bind of the IOASID at the IOMMU: forget ours.
       for (const [key, bind] of c.binds) if (bind.hpasid === hpasid) c.binds.delete(key);
-      this.#history.record("vcmd_free", {
-        ioasid: hpasid,
-        ...(generation === 0 ? {} : { generation }),
-        setId: c.setId,
-        detail: `container ${c.id} ${outcome}`,
-      });
+      this.#history.record({ $case: "vcmdFree", value: { container: c.id, outcome } }, { ioasid: hpasid, ...(generation === 0 ? {} : { generation }), setId: c.setId });
       return { reclaimed: outcome === "RECLAIMED", alreadyFreePending: outcome === "ALREADY_FREE_PENDING" };
     });
   }
@@ -894,13 +877,10 @@ export class VfioContainers {
         deviceKey: entry.key,
         handleId: r.handleId,
       });
-      this.#history.record("bind_gpasid", {
-        ioasid: bind.hpasid,
-        generation: info.generation,
-        setId: c.setId,
-        spid: bind.gpasid,
-        detail: `container ${c.id} ${describeDevice(ref)} handle ${r.handleId}${r.firstBind ? " first" : ""}`,
-      });
+      this.#history.record(
+        { $case: "bindGpasid", value: { container: c.id, deviceKind: ref.kind, device: ref.id, handle: r.handleId, first: r.firstBind } },
+        { ioasid: bind.hpasid, generation: info.generation, setId: c.setId, spid: bind.gpasid },
+      );
       return { handleId: r.handleId, firstBind: r.firstBind };
     });
   }
@@ -934,13 +914,10 @@ export class VfioContainers {
       });
       c.binds.delete(`${unbind.hpasid}/${entry.key}`);
       if (r.unbound) {
-        this.#history.record("unbind_gpasid", {
-          ioasid: unbind.hpasid,
-          ...(generation === 0 ? {} : { generation }),
-          setId: c.setId,
-          ...(unbind.gpasid === 0 ? {} : { spid: unbind.gpasid }),
-          detail: `container ${c.id} ${describeDevice(ref)}${r.lastUnbind ? " last" : ""}`,
-        });
+        this.#history.record(
+          { $case: "unbindGpasid", value: { container: c.id, deviceKind: ref.kind, device: ref.id, last: r.lastUnbind } },
+          { ioasid: unbind.hpasid, ...(generation === 0 ? {} : { generation }), setId: c.setId, ...(unbind.gpasid === 0 ? {} : { spid: unbind.gpasid }) },
+        );
       }
       return { unbound: r.unbound, lastUnbind: r.lastUnbind };
     });
@@ -963,7 +940,7 @@ export class VfioContainers {
     await this.#op(containerId, async (c) => {
       const domainId = await this.#stage2(c);
       await this.#iommu.map(domainId, m);
-      this.#history.record("vfio_map_dma", { setId: c.setId, detail: `container ${c.id} gpa 0x${m.iova.toString(16)} -> hpa 0x${m.paddr.toString(16)} size 0x${m.size.toString(16)}` });
+      this.#history.record({ $case: "vfioMapDma", value: { container: c.id, gpa: m.iova, hpa: m.paddr, size: m.size } }, { setId: c.setId });
     });
   }
 
@@ -972,7 +949,7 @@ export class VfioContainers {
     return this.#op(containerId, async (c) => {
       const domainId = await this.#stage2(c);
       const unmapped = await this.#iommu.unmap(domainId, iova, size);
-      if (unmapped > 0n) this.#history.record("vfio_unmap_dma", { setId: c.setId, detail: `container ${c.id} gpa 0x${iova.toString(16)} size 0x${size.toString(16)}` });
+      if (unmapped > 0n) this.#history.record({ $case: "vfioUnmapDma", value: { container: c.id, gpa: iova, size } }, { setId: c.setId });
       return unmapped;
     });
   }

@@ -7,6 +7,7 @@
  */
 import { isDomainError } from "@ioasid/errors";
 import type { CorePort } from "@ioasid/role-kit";
+import type { HistoryActionInput, HistoryFields } from "@ioasid/bus";
 
 /**
  * Whether the set still exists at the core (GetSet by id): false once it is destroyed
@@ -83,18 +84,11 @@ export interface VdcmPort {
   unassignMdev(mdevUuid: string): Promise<{ readonly clearedEntries: number }>;
 }
 
-/** Fields of one history record (see `HistoryRecorder` in @ioasid/bus). */
-export interface HistoryFields {
-  readonly ioasid?: number;
-  readonly generation?: number;
-  readonly setId?: number;
-  readonly spid?: number;
-  readonly detail?: string;
-}
+export type { HistoryFields };
 
-/** Where VFIO's history records go (fire and forget). */
+/** Where VFIO's history records go (fire and forget): an action of the catalogue and what it is about. */
 export interface HistoryPort {
-  record(action: string, fields?: HistoryFields): void;
+  record(action: HistoryActionInput, fields?: HistoryFields): void;
 }
 
 /** Timers, replaceable in tests. */
