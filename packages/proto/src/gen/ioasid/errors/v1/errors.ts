@@ -220,6 +220,18 @@ export enum ErrorReason {
   ERROR_REASON_PRGI_IN_USE = 144,
   /** ERROR_REASON_GUEST_BIND_NOT_FOUND - See the role contracts (proto/ioasid/{iommu,vfio,kvm,vdcm}/v1). */
   ERROR_REASON_GUEST_BIND_NOT_FOUND = 145,
+  /**
+   * ERROR_REASON_ROLE_STATE_UNREADABLE - A role's kept state (JetStream `<PREFIX>_ROLESTATE`) holds an entry that is not the role's
+   * `<Role>StateEntry` (the JSON of earlier versions, another format, bytes that do not decode): the
+   * role refuses to start rather than misread it; the message says how to start from an empty state.
+   */
+  ERROR_REASON_ROLE_STATE_UNREADABLE = 146,
+  /**
+   * ERROR_REASON_HISTORY_FORMAT_UNSUPPORTED - The history stream holds a record that is not an `ioasid.history.v1` record of the catalogue
+   * (the JSON of earlier versions, an unknown or unset action): the reader refuses it rather than
+   * skip it; the message says how to start from an empty store.
+   */
+  ERROR_REASON_HISTORY_FORMAT_UNSUPPORTED = 147,
   UNRECOGNIZED = -1,
 }
 
@@ -492,6 +504,12 @@ export function errorReasonFromJSON(object: any): ErrorReason {
     case 145:
     case "ERROR_REASON_GUEST_BIND_NOT_FOUND":
       return ErrorReason.ERROR_REASON_GUEST_BIND_NOT_FOUND;
+    case 146:
+    case "ERROR_REASON_ROLE_STATE_UNREADABLE":
+      return ErrorReason.ERROR_REASON_ROLE_STATE_UNREADABLE;
+    case 147:
+    case "ERROR_REASON_HISTORY_FORMAT_UNSUPPORTED":
+      return ErrorReason.ERROR_REASON_HISTORY_FORMAT_UNSUPPORTED;
     case -1:
     case "UNRECOGNIZED":
     default:
@@ -679,6 +697,10 @@ export function errorReasonToJSON(object: ErrorReason): string {
       return "ERROR_REASON_PRGI_IN_USE";
     case ErrorReason.ERROR_REASON_GUEST_BIND_NOT_FOUND:
       return "ERROR_REASON_GUEST_BIND_NOT_FOUND";
+    case ErrorReason.ERROR_REASON_ROLE_STATE_UNREADABLE:
+      return "ERROR_REASON_ROLE_STATE_UNREADABLE";
+    case ErrorReason.ERROR_REASON_HISTORY_FORMAT_UNSUPPORTED:
+      return "ERROR_REASON_HISTORY_FORMAT_UNSUPPORTED";
     case ErrorReason.UNRECOGNIZED:
     default:
       return "UNRECOGNIZED";
