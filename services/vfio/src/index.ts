@@ -22,9 +22,9 @@ export {
   type SessionLease,
   type VfioContainersOptions,
   type VfioKeptEntry,
-} from "./vfio-containers.js";
-export { fromVfioStateEntry, toVfioStateEntry, VFIO_STATE_FORMAT, vfioStateCodec } from "./vfio-state-codec.js";
-export { invalidField, VfioReason, vfioError } from "./vfio-errors.js";
+} from "./domain/vfio-containers.js";
+export { fromVfioStateEntry, toVfioStateEntry, VFIO_STATE_FORMAT, vfioStateCodec } from "./adapters/vfio-state-codec.js";
+export { invalidField, VfioReason, vfioError } from "./domain/vfio-errors.js";
 export {
   realScheduler,
   setExists,
@@ -36,6 +36,7 @@ export {
   type Scheduler,
   type VdcmPort,
   type VfioLog,
-} from "./vfio-ports.js";
-export { createIommuPort, createVdcmPort, type IommuClient, type VdcmClient } from "./grpc-ports.js";
-export { createVfioHandlers, createVfioServer, fromDeviceRef, SESSION_KEEPALIVE, startVfioServer, toDeviceRef, type StartVfioServerOptions } from "./server.js";
+} from "./domain/vfio-ports.js";
+export { createIommuPort, createVdcmPort, type IommuClient, type VdcmClient } from "./adapters/grpc-ports.js";
+export { createVfioHandlers, createVfioServer, SESSION_KEEPALIVE, startVfioServer, type StartVfioServerOptions } from "./adapters/server.js";
+export { fromDeviceRef, toDeviceRef } from "./adapters/convert.js";

@@ -218,7 +218,7 @@ export interface KeptContainerCounter {
   readonly nextContainerId: number;
 }
 
-/** One entry of VFIO's kept state (ioasid.vfio.v1.VfioStateEntry; vfio-state-codec.ts converts). */
+/** One entry of VFIO's kept state (ioasid.vfio.v1.VfioStateEntry; adapters/vfio-state-codec.ts converts). */
 export type VfioKeptEntry = KeptContainer | KeptContainerCounter;
 
 type DeviceEntryState = "assigning" | "assigned" | "unassigning";
