@@ -6,7 +6,8 @@ import { commonRoleConfig, createCoreClient, createGrpcCorePort, runRole } from 
 import { createGuestPagesPort, createIommuFaultPort, createIommuPort, createVdcmPort } from "./adapters/grpc-ports.js";
 import { FaultRelay } from "./domain/fault-relay.js";
 import { createVfioServer } from "./adapters/server.js";
-import { CloseReason, MAX_SESSION_GRACE_MS, VfioContainers } from "./domain/vfio-containers.js";
+import { CloseReason } from "./domain/container.js";
+import { MAX_SESSION_GRACE_MS, VfioContainers } from "./domain/vfio-containers.js";
 import { vfioStateCodec } from "./adapters/vfio-state-codec.js";
 
 /** Configuration of the vfio service, from the environment (`vfio --help` lists it). */

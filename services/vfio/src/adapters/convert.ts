@@ -1,5 +1,7 @@
 import { vfio } from "@ioasid/proto";
-import type { CloseReason, ContainerSnapshot, ContainerState, DeviceRef } from "../domain/vfio-containers.js";
+import type { CloseReason, ContainerState } from "../domain/container.js";
+import type { ContainerSnapshot } from "../domain/container-snapshot.js";
+import type { DeviceRef } from "../domain/device-ref.js";
 import type { FaultRelay, PageResponseCode, RelayedGroup } from "../domain/fault-relay.js";
 
 // VFIO's wire conversions (vfio.proto ↔ the domain's types): the one place that knows both, so the

@@ -1,7 +1,8 @@
 import { createGrpcServer, type GrpcServer, type ServiceHandlers } from "@ioasid/grpc-kit";
 import { vfio } from "@ioasid/proto";
 import type { Logger } from "pino";
-import type { CloseReason, VfioContainers } from "../domain/vfio-containers.js";
+import type { CloseReason } from "../domain/container.js";
+import type { VfioContainers } from "../domain/vfio-containers.js";
 import { invalidField } from "../domain/vfio-errors.js";
 import type { FaultRelay } from "../domain/fault-relay.js";
 import { CLOSE_REASONS, fromDeviceRef, RESPONSE_CODES, RESPONSE_CODES_WIRE, toContainer, toDeviceRef, toFaultGroup } from "./convert.js";

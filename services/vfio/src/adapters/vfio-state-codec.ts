@@ -1,7 +1,7 @@
 import { protoStateCodec, requireField, type StateCodec } from "@ioasid/bus";
 import { vfioState } from "@ioasid/proto";
 import { fromDeviceRef, toDeviceRef } from "./convert.js";
-import type { VfioKeptEntry } from "../domain/vfio-containers.js";
+import type { VfioKeptEntry } from "../domain/vfio-kept-entry.js";
 
 // VFIO's kept entries ↔ ioasid.vfio.v1.VfioStateEntry (vfio_state.proto): the one place that knows
 // both the kept containers and the generated state messages, so vfio-containers.ts stays free of

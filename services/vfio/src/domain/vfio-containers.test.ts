@@ -3,7 +3,10 @@ import { EventType, IoasidState, TokenType, type Holder, type IoasidInfo } from 
 import { InProcessCore } from "@ioasid/testkit";
 import type { HistoryActionCase, HistoryActionInput } from "@ioasid/bus";
 import { describe, expect, it } from "vitest";
-import { CloseReason, ContainerState, MAX_GPASID, VfioContainers, type DeviceRef, type VfioContainersOptions } from "./vfio-containers.js";
+import { CloseReason, ContainerState } from "./container.js";
+import type { DeviceRef } from "./device-ref.js";
+import { MAX_GPASID } from "./guest-pasids.js";
+import { VfioContainers, type VfioContainersOptions } from "./vfio-containers.js";
 import type { GpasidBind, GpasidUnbind, HistoryFields, IommuPort, Scheduler, VdcmPort } from "./vfio-ports.js";
 
 // ------------------------------------------------------------------------------------------------
