@@ -4,7 +4,7 @@ import { fromDeviceRef, toDeviceRef } from "./convert.js";
 import type { VfioKeptEntry } from "../domain/vfio-kept-entry.js";
 
 // VFIO's kept entries ↔ ioasid.vfio.v1.VfioStateEntry (vfio_state.proto): the one place that knows
-// both the kept containers and the generated state messages, so vfio-containers.ts stays free of
+// both the kept containers and the generated state messages, so the domain stays free of
 // proto types.
 
 /** The proto message every message of VFIO's store holds (its format marker). */
