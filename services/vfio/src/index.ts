@@ -1,30 +1,21 @@
 /** The VFIO role: the VMM-facing API (containers, sessions, guest PASIDs, binds), its ports and gRPC server. */
 export {
-  CloseReason,
-  ContainerState,
-  describeDevice,
-  MAX_DEVICE_NAME,
-  MAX_GPASID,
   MAX_SESSION_GRACE_MS,
   MAX_VM_NAME,
   VfioContainers,
-  type AssignedDeviceInfo,
-  type CloseResult,
-  type ContainerSnapshot,
-  type DeviceRef,
-  type GuestPasidBind,
-  type GuestPasidInfo,
-  type GuestPasidUnbind,
-  type KeptContainer,
-  type KeptContainerCounter,
   type OpenContainerSpec,
   type OpenedContainer,
   type SessionLease,
   type VfioContainersOptions,
-  type VfioKeptEntry,
-} from "./vfio-containers.js";
-export { fromVfioStateEntry, toVfioStateEntry, VFIO_STATE_FORMAT, vfioStateCodec } from "./vfio-state-codec.js";
-export { invalidField, VfioReason, vfioError } from "./vfio-errors.js";
+} from "./domain/vfio-containers.js";
+export { CloseReason, ContainerState } from "./domain/container.js";
+export { MAX_GPASID, type GuestPasidBind, type GuestPasidUnbind } from "./domain/guest-pasids.js";
+export { describeDevice, MAX_DEVICE_NAME, type DeviceRef } from "./domain/device-ref.js";
+export { type AssignedDeviceInfo, type ContainerSnapshot, type GuestPasidInfo } from "./domain/container-snapshot.js";
+export { type CloseResult } from "./domain/container-teardown.js";
+export { type KeptContainer, type KeptContainerCounter, type VfioKeptEntry } from "./domain/vfio-kept-entry.js";
+export { fromVfioStateEntry, toVfioStateEntry, VFIO_STATE_FORMAT, vfioStateCodec } from "./adapters/vfio-state-codec.js";
+export { invalidField, VfioReason, vfioError } from "./domain/vfio-errors.js";
 export {
   realScheduler,
   setExists,
@@ -36,6 +27,7 @@ export {
   type Scheduler,
   type VdcmPort,
   type VfioLog,
-} from "./vfio-ports.js";
-export { createIommuPort, createVdcmPort, type IommuClient, type VdcmClient } from "./grpc-ports.js";
-export { createVfioHandlers, createVfioServer, fromDeviceRef, SESSION_KEEPALIVE, startVfioServer, toDeviceRef, type StartVfioServerOptions } from "./server.js";
+} from "./domain/vfio-ports.js";
+export { createIommuPort, createVdcmPort, type IommuClient, type VdcmClient } from "./adapters/grpc-ports.js";
+export { createVfioHandlers, createVfioServer, SESSION_KEEPALIVE, startVfioServer, type StartVfioServerOptions } from "./adapters/server.js";
+export { fromDeviceRef, toDeviceRef } from "./adapters/convert.js";

@@ -3,11 +3,12 @@ import { HistoryRecorder } from "@ioasid/bus";
 import { ConfigError, configOrExit, createClient, defineConfigSchema, type ConfigProblem } from "@ioasid/grpc-kit";
 import { iommu, vdcm } from "@ioasid/proto";
 import { commonRoleConfig, createCoreClient, createGrpcCorePort, runRole } from "@ioasid/role-kit";
-import { createGuestPagesPort, createIommuFaultPort, createIommuPort, createVdcmPort } from "./grpc-ports.js";
-import { FaultRelay } from "./fault-relay.js";
-import { createVfioServer } from "./server.js";
-import { CloseReason, MAX_SESSION_GRACE_MS, VfioContainers } from "./vfio-containers.js";
-import { vfioStateCodec } from "./vfio-state-codec.js";
+import { createGuestPagesPort, createIommuFaultPort, createIommuPort, createVdcmPort } from "./adapters/grpc-ports.js";
+import { FaultRelay } from "./domain/fault-relay.js";
+import { createVfioServer } from "./adapters/server.js";
+import { CloseReason } from "./domain/container.js";
+import { MAX_SESSION_GRACE_MS, VfioContainers } from "./domain/vfio-containers.js";
+import { vfioStateCodec } from "./adapters/vfio-state-codec.js";
 
 /** Configuration of the vfio service, from the environment (`vfio --help` lists it). */
 export const vfioConfigSchema = defineConfigSchema({

@@ -1,10 +1,10 @@
 import { protoStateCodec, requireField, type StateCodec } from "@ioasid/bus";
 import { vfioState } from "@ioasid/proto";
-import { fromDeviceRef, toDeviceRef } from "./server.js";
-import type { VfioKeptEntry } from "./vfio-containers.js";
+import { fromDeviceRef, toDeviceRef } from "./convert.js";
+import type { VfioKeptEntry } from "../domain/vfio-kept-entry.js";
 
 // VFIO's kept entries ↔ ioasid.vfio.v1.VfioStateEntry (vfio_state.proto): the one place that knows
-// both the kept containers and the generated state messages, so vfio-containers.ts stays free of
+// both the kept containers and the generated state messages, so the domain stays free of
 // proto types.
 
 /** The proto message every message of VFIO's store holds (its format marker). */

@@ -1,85 +1,12 @@
 import { createGrpcServer, type GrpcServer, type ServiceHandlers } from "@ioasid/grpc-kit";
 import { vfio } from "@ioasid/proto";
 import type { Logger } from "pino";
-import {
-  type CloseReason,
-  type ContainerSnapshot,
-  type ContainerState,
-  type DeviceRef,
-  type VfioContainers,
-} from "./vfio-containers.js";
-import { invalidField } from "./vfio-errors.js";
-import type { FaultRelay, PageResponseCode, RelayedGroup } from "./fault-relay.js";
+import type { CloseReason } from "../domain/container.js";
+import type { VfioContainers } from "../domain/vfio-containers.js";
+import { invalidField } from "../domain/vfio-errors.js";
+import type { FaultRelay } from "../domain/fault-relay.js";
+import { CLOSE_REASONS, fromDeviceRef, RESPONSE_CODES, RESPONSE_CODES_WIRE, toContainer, toDeviceRef, toFaultGroup } from "./convert.js";
 import type { GuestPagesPort } from "./grpc-ports.js";
-
-const RESPONSE_CODES = new Map<vfio.PageResponseCode, PageResponseCode>([
-  [vfio.PageResponseCode.PAGE_RESPONSE_CODE_SUCCESS, "SUCCESS"],
-  [vfio.PageResponseCode.PAGE_RESPONSE_CODE_INVALID, "INVALID"],
-  [vfio.PageResponseCode.PAGE_RESPONSE_CODE_FAILURE, "FAILURE"],
-]);
-const RESPONSE_CODES_WIRE = new Map([...RESPONSE_CODES].map(([k, v]) => [v, k]));
-
-function toFaultGroup(g: RelayedGroup): vfio.FaultGroup {
-  return {
-    faultGroupId: g.faultGroupId,
-    device: toDeviceRef(g.device),
-    hpasid: g.hpasid,
-    gpasid: g.gpasid,
-    prgi: g.prgi,
-    requests: g.requests.map((r) => ({ address: r.address, access: r.access, lastRequest: r.lastRequest })),
-    createdAt: g.createdAt,
-    deadline: g.deadline,
-  };
-}
-
-const CONTAINER_STATES: Readonly<Record<ContainerState, vfio.ContainerState>> = {
-  AWAITING_SESSION: vfio.ContainerState.CONTAINER_STATE_AWAITING_SESSION,
-  ACTIVE: vfio.ContainerState.CONTAINER_STATE_ACTIVE,
-  CLOSING: vfio.ContainerState.CONTAINER_STATE_CLOSING,
-};
-
-const CLOSE_REASONS: Readonly<Record<CloseReason, vfio.CloseReason>> = {
-  CLOSED: vfio.CloseReason.CLOSE_REASON_CLOSED,
-  SESSION_ENDED: vfio.CloseReason.CLOSE_REASON_SESSION_ENDED,
-  SESSION_NEVER_ATTACHED: vfio.CloseReason.CLOSE_REASON_SESSION_NEVER_ATTACHED,
-  SERVICE_STOPPED: vfio.CloseReason.CLOSE_REASON_SERVICE_STOPPED,
-  SERVICE_RESTARTED: vfio.CloseReason.CLOSE_REASON_SERVICE_RESTARTED,
-};
-
-/** The domain's device from the wire's oneof (undefined when neither is set). */
-export function fromDeviceRef(ref: vfio.DeviceRef | undefined): DeviceRef | undefined {
-  const r = ref?.ref;
-  if (r === undefined) return undefined;
-  return r.$case === "deviceId" ? { kind: "device", id: r.value } : { kind: "mdev", id: r.value };
-}
-
-/** The wire's device oneof from the domain's. */
-export function toDeviceRef(ref: DeviceRef): vfio.DeviceRef {
-  return { ref: ref.kind === "device" ? { $case: "deviceId", value: ref.id } : { $case: "mdevUuid", value: ref.id } };
-}
-
-function toContainer(s: ContainerSnapshot, faults: FaultRelay): vfio.Container {
-  return vfio.Container.fromPartial({
-    containerId: s.containerId,
-    setId: s.setId,
-    mmToken: s.mmToken,
-    vmName: s.vmName,
-    quota: s.quota,
-    state: CONTAINER_STATES[s.state],
-    devices: s.devices.map((d) => ({ device: toDeviceRef(d.device), parentDeviceId: d.parentDeviceId, assignedAt: new Date(d.assignedAt) })),
-    pasids: s.pasids.map((p) => ({
-      hpasid: p.hpasid,
-      generation: p.generation,
-      gpasid: p.gpasid,
-      boundDevices: p.boundDevices.map(toDeviceRef),
-      freePending: p.freePending,
-    })),
-    pendingFaultGroups: faults.pendingFor(s.containerId).map(toFaultGroup),
-    faultWatcherAttached: faults.watching(s.containerId),
-    openedAt: new Date(s.openedAt),
-    sessionDeadline: s.sessionDeadline === undefined ? undefined : new Date(s.sessionDeadline),
-  });
-}
 
 /** Resolves with the lease's close reason, or undefined once `signal` aborts (the VMM went away). */
 function closedOrAborted(closed: Promise<CloseReason>, signal: AbortSignal): Promise<CloseReason | undefined> {

@@ -1,6 +1,6 @@
 import { isDomainError } from "@ioasid/errors";
 import { vfioError } from "./vfio-errors.js";
-import type { DeviceRef } from "./vfio-containers.js";
+import type { DeviceRef } from "./device-ref.js";
 import type { HistoryPort, VfioLog } from "./vfio-ports.js";
 
 // VFIO's half of the IO page fault path (DESIGN §5 "Faults", "VFIO"): VFIO owns the attach handles

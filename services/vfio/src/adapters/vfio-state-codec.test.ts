@@ -1,6 +1,6 @@
 import { describe, expect, it } from "vitest";
 import { vfioState } from "@ioasid/proto";
-import type { VfioKeptEntry } from "./vfio-containers.js";
+import type { VfioKeptEntry } from "../domain/vfio-kept-entry.js";
 import { VFIO_STATE_FORMAT, vfioStateCodec } from "./vfio-state-codec.js";
 
 // Every field of every kind, none at its default: a field the codec forgets comes back different.

@@ -1,7 +1,7 @@
 /**
  * What VFIO's container logic needs from the outside world, as small interfaces: the IOMMU, VDCM,
  * the history and time (the IOASID core is the roles' one `CorePort`, from @ioasid/role-kit).
- * `server.ts`/`main.ts` give it the gRPC-backed ones (`grpc-ports.ts`); unit tests give it
+ * `main.ts` gives it the gRPC-backed ones (`adapters/grpc-ports.ts`); unit tests give it
  * in-memory fakes and the testkit's `InProcessCore`. Every method may throw a DomainError (the
  * other service's refusal, or UNAVAILABLE/DEADLINE_EXCEEDED when it cannot be reached).
  */

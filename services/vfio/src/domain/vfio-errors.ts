@@ -4,7 +4,7 @@ import { Code, invalidField, reasonError } from "@ioasid/errors";
  * The reasons VFIO itself refuses a call with, and the status code each always comes with
  * (proto/ioasid/vfio/v1/vfio.proto; names from proto/ioasid/errors/v1/errors.proto). Reasons the
  * core, the IOMMU or VDCM return pass through unchanged, except where {@link VfioReason} renames
- * them into the VFIO contract's words (see `vfio-containers.ts`).
+ * them into the VFIO contract's words (see `device-assignments.ts`).
  */
 export const VfioReason = {
   INVALID_FIELD: Code.INVALID_ARGUMENT,

@@ -1,7 +1,7 @@
-import type { IommuFaultGroup, IommuFaultPort, PageResponseCode } from "./fault-relay.js";
+import type { IommuFaultGroup, IommuFaultPort, PageResponseCode } from "../domain/fault-relay.js";
 import type { PromiseClient } from "@ioasid/grpc-kit";
 import { iommu, type vdcm } from "@ioasid/proto";
-import type { IommuPort, VdcmPort } from "./vfio-ports.js";
+import type { IommuPort, VdcmPort } from "../domain/vfio-ports.js";
 
 /** A promise client of the IOMMU's gRPC service. */
 export type IommuClient = PromiseClient<typeof iommu.IommuServiceService>;

@@ -1,0 +1,85 @@
+import type { CloseResult } from "./container-teardown.js";
+import type { DeviceRef } from "./device-ref.js";
+
+/** Where a container is in its life (vfio.proto `ContainerState`). */
+export const ContainerState = {
+  /** Opened; waiting for the VMM's Session stream until the grace period runs out. */
+  AWAITING_SESSION: "AWAITING_SESSION",
+  /** The Session stream is attached. */
+  ACTIVE: "ACTIVE",
+  /** Being torn down: every call naming it is refused with CONTAINER_CLOSING. */
+  CLOSING: "CLOSING",
+} as const;
+export type ContainerState = (typeof ContainerState)[keyof typeof ContainerState];
+
+/** Why a container was closed (vfio.proto `CloseReason`). */
+export const CloseReason = {
+  /** The VMM called CloseContainer (clean exit). */
+  CLOSED: "CLOSED",
+  /** The Session stream ended from the VMM's side: exit, crash (kill -9) or lost connection. */
+  SESSION_ENDED: "SESSION_ENDED",
+  /** No Session stream attached within the grace period. */
+  SESSION_NEVER_ATTACHED: "SESSION_NEVER_ATTACHED",
+  /** VFIO itself is stopping: its containers do not outlive it. */
+  SERVICE_STOPPED: "SERVICE_STOPPED",
+  /** VFIO came back after a crash: the sessions of its containers ended with it (the crashed-guest path). */
+  SERVICE_RESTARTED: "SERVICE_RESTARTED",
+} as const;
+export type CloseReason = (typeof CloseReason)[keyof typeof CloseReason];
+
+/** Where a device is in its assignment to a container. */
+export type DeviceEntryState = "assigning" | "assigned" | "unassigning";
+
+/** A device of a container, as VFIO tracks it. */
+export interface DeviceEntry {
+  readonly ref: DeviceRef;
+  readonly key: string;
+  state: DeviceEntryState;
+  /** For an mdev: its parent (known once VDCM assigned it); "" for a physical device. */
+  parentDeviceId: string;
+  assignedAt: number;
+}
+
+/** A guest bind made through a container. */
+export interface BindRecord {
+  readonly hpasid: number;
+  readonly generation: number;
+  readonly gpasid: number;
+  readonly deviceKey: string;
+  readonly handleId: bigint;
+}
+
+/**
+ * One VM's container as VFIO holds it in memory (shared by VfioContainers and its teardown,
+ * snapshot and store modules; never exported from the workspace).
+ */
+export interface Container {
+  readonly id: number;
+  readonly setId: number;
+  readonly mmToken: bigint;
+  readonly vmName: string;
+  readonly quota: number;
+  readonly openedAt: number;
+  state: ContainerState;
+  sessionDeadline: number | undefined;
+  cancelGrace: (() => void) | undefined;
+  sessionAttached: boolean;
+  /** Resolves the Session lease's `closed`. */
+  notifySession: ((reason: CloseReason) => void) | undefined;
+  readonly devices: Map<string, DeviceEntry>;
+  /** Guest binds made through this container, by `${hpasid}/${deviceKey}`. */
+  readonly binds: Map<string, BindRecord>;
+  /** The VM's stage-2 paging domain at the IOMMU, created with the first need. */
+  stage2: Promise<number> | undefined;
+  /** Calls in progress on the container: the teardown waits for them before it unassigns devices. */
+  readonly inflight: Set<Promise<unknown>>;
+  /** The close in progress (until the IOASIDs are freed); undefined before, or after a failed attempt. */
+  closing: Promise<CloseResult> | undefined;
+  /** The release phase (devices unassigned, domain freed, container forgotten). */
+  released: Promise<void> | undefined;
+}
+
+/** The physical device a guest PASID entry is programmed on: the device, or an mdev's parent. */
+export function bindTarget(entry: DeviceEntry): string {
+  return entry.ref.kind === "device" ? entry.ref.id : entry.parentDeviceId;
+}

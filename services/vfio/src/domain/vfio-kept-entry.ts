@@ -1,0 +1,73 @@
+import { ContainerState, type Container } from "./container.js";
+import { deviceKey, type DeviceRef } from "./device-ref.js";
+
+/** A container as VFIO keeps it in its store (what closing it after a restart needs): `ctr/<id>`. */
+export interface KeptContainer {
+  readonly kind: "container";
+  readonly id: number;
+  readonly setId: number;
+  readonly mmToken: bigint;
+  readonly vmName: string;
+  readonly quota: number;
+  /** Unix ms. */
+  readonly openedAt: number;
+  /** Assigned devices (assignments in progress are not kept); `assignedAt` in unix ms. */
+  readonly devices: readonly { readonly ref: DeviceRef; readonly parentDeviceId: string; readonly assignedAt: number }[];
+  /** The stage-2 domain; undefined while there is none. */
+  readonly stage2: number | undefined;
+}
+
+/** The next container id, as kept: `next`. */
+export interface KeptContainerCounter {
+  readonly kind: "containerCounter";
+  readonly nextContainerId: number;
+}
+
+/** One entry of VFIO's kept state (ioasid.vfio.v1.VfioStateEntry; adapters/vfio-state-codec.ts converts). */
+export type VfioKeptEntry = KeptContainer | KeptContainerCounter;
+
+/** The container a kept one comes back as after a restart: no session, to be closed as a crashed guest. */
+export function restoredContainer(v: KeptContainer): Container {
+  const c: Container = {
+    id: v.id,
+    setId: v.setId,
+    mmToken: v.mmToken,
+    vmName: v.vmName,
+    quota: v.quota,
+    openedAt: v.openedAt,
+    state: ContainerState.AWAITING_SESSION,
+    sessionDeadline: undefined,
+    cancelGrace: undefined,
+    sessionAttached: false,
+    notifySession: undefined,
+    devices: new Map(),
+    binds: new Map(),
+    stage2: v.stage2 === undefined ? undefined : Promise.resolve(v.stage2),
+    inflight: new Set(),
+    closing: undefined,
+    released: undefined,
+  };
+  for (const d of v.devices) {
+    const ref: DeviceRef = { kind: d.ref.kind, id: d.ref.id };
+    const k = deviceKey(ref);
+    c.devices.set(k, { ref, key: k, state: "assigned", parentDeviceId: d.parentDeviceId, assignedAt: d.assignedAt });
+  }
+  return c;
+}
+
+/** The container as kept (its stage-2 domain resolved by the caller): assignments in progress are not kept. */
+export function keptContainer(c: Container, stage2: number | undefined): KeptContainer {
+  return {
+    kind: "container",
+    id: c.id,
+    setId: c.setId,
+    mmToken: c.mmToken,
+    vmName: c.vmName,
+    quota: c.quota,
+    openedAt: c.openedAt,
+    devices: [...c.devices.values()]
+      .filter((d) => d.state !== "assigning")
+      .map((d) => ({ ref: d.ref, parentDeviceId: d.parentDeviceId, assignedAt: d.assignedAt })),
+    stage2,
+  };
+}
