@@ -15,7 +15,7 @@ import {
   type DeviceSpec,
   type DmaAccess,
 } from "./iommu-hardware.js";
-import { iommuStateCodec } from "./iommu-state-codec.js";
+import { iommuStateCodec } from "../adapters/iommu-state-codec.js";
 
 const RW: DmaAccess = { read: true, write: true, execute: false, privileged: false };
 const R: DmaAccess = { read: true, write: false, execute: false, privileged: false };

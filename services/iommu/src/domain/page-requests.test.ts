@@ -4,7 +4,7 @@ import { Code } from "@ioasid/errors";
 import fc from "fast-check";
 import { PageRequestQueue, ResponseSource, type RaiseSpec } from "./page-requests.js";
 import type { AttachHandle } from "./iommu-hardware.js";
-import { iommuStateCodec } from "./iommu-state-codec.js";
+import { iommuStateCodec } from "../adapters/iommu-state-codec.js";
 
 const R = { read: true, write: false, execute: false, privileged: false };
 

@@ -1,7 +1,6 @@
 import { Code, DomainError, isDomainError } from "@ioasid/errors";
-import { coreError, IoasidState, TokenType, type Holder, type IoasidInfo, type SetInfo } from "@ioasid/ioasid";
-import { events } from "@ioasid/proto";
-import type { HandlerResult, HistoryActionInput, HistoryFields } from "@ioasid/bus";
+import { coreError, EventType, IoasidState, TokenType, type Holder, type IoasidEvent, type IoasidInfo, type SetInfo } from "@ioasid/ioasid";
+import type { HandlerResult, HistoryActionInput, HistoryActionValue, HistoryFields } from "@ioasid/bus";
 import type { CorePort } from "@ioasid/role-kit";
 import { iommuError, invalidField } from "./iommu-errors.js";
 import {
@@ -31,10 +30,22 @@ import { PageRequestQueue, PageResponseCode, ResponseSource, type FaultGroup } f
 import { KeyedMutex } from "@ioasid/role-kit";
 import type { RoleStatePort } from "@ioasid/bus";
 
-/** Where the IOMMU records its history steps (a bus HistoryRecorder is one). */
+/**
+ * A history step as the IOMMU records it: the catalogue's action, except that the notifier
+ * handler's event type is the domain's ("FREE"), not the wire enum (DESIGN §2: domain code knows
+ * no proto); the history adapter (`adapters/iommu-history.ts`) writes it in the catalogue's words.
+ */
+export type IommuHistoryAction =
+  | Exclude<HistoryActionInput, { readonly $case: "iommuNbHandler" }>
+  | { readonly $case: "iommuNbHandler"; readonly value: Omit<Partial<HistoryActionValue<"iommuNbHandler">>, "type"> & { readonly type: EventType } };
+
+/** Where the IOMMU records its history steps (a bus HistoryRecorder behind `iommuHistoryPort` is one). */
 export interface IommuHistoryPort {
-  record(action: HistoryActionInput, fields?: HistoryFields): void;
+  record(action: IommuHistoryAction, fields?: HistoryFields): void;
 }
+
+/** An IOASID event as the IOMMU's notifier handler reads it (the bus handler converts the delivered one). */
+export type IommuEvent = Pick<IoasidEvent, "seq" | "type" | "ioasid" | "generation" | "spid" | "setId">;
 
 /** Where the IOMMU reports what it cannot return to a caller (a pino logger is one). */
 export interface IommuLog {
@@ -577,8 +588,8 @@ export class IommuDriver {
    * reference with the acknowledgement. Idempotent: a redelivered FREE finds nothing and releases
    * nothing. Returns synchronously when the IOMMU has nothing for the IOASID (the common case).
    */
-  handleEvent(event: events.IoasidEvent): HandlerResult | undefined | Promise<HandlerResult | undefined> {
-    if (event.type !== events.EventType.EVENT_TYPE_FREE) return undefined;
+  handleEvent(event: IommuEvent): HandlerResult | undefined | Promise<HandlerResult | undefined> {
+    if (event.type !== EventType.FREE) return undefined;
     const key = pasidKey(event.ioasid);
     if (this.#locks.isIdle(key) && !this.hw.hasIoasidState(event.ioasid, event.generation)) return undefined;
     return this.#locks.run(key, async () => {
@@ -605,8 +616,8 @@ export class IommuDriver {
     }
   }
 
-  async #onFree(event: events.IoasidEvent): Promise<HandlerResult | undefined> {
-    const seq = Number(event.seq);
+  async #onFree(event: IommuEvent): Promise<HandlerResult | undefined> {
+    const seq = event.seq;
     const { result: torn, changes } = this.hw.teardownIoasid(event.ioasid, event.generation);
     this.#recordChanges(changes, seq);
     // Flush before release: the entries are gone (no new request), so draining now answers every
@@ -635,7 +646,7 @@ export class IommuDriver {
       this.hw.deleteBinding(b.hpasid);
     }
     this.#record(
-      { $case: "iommuNbHandler", value: { type: events.EventType.EVENT_TYPE_FREE, tornDown: torn.length, drainedFaultGroups: drained, bindReferenceReleased: release.length > 0 } },
+      { $case: "iommuNbHandler", value: { type: EventType.FREE, tornDown: torn.length, drainedFaultGroups: drained, bindReferenceReleased: release.length > 0 } },
       { ioasid: event.ioasid, generation: event.generation, setId: event.setId, ...(event.spid === 0 ? {} : { spid: event.spid }), seq },
     );
     return release.length > 0 || detachSpid ? { release, detachSpid } : undefined;
@@ -1106,7 +1117,7 @@ export class IommuDriver {
     return { device: h.deviceId, handle: h.handleId, domain: h.domainId, owner: h.owner };
   }
 
-  #record(action: HistoryActionInput, fields: HistoryFields = {}): void {
+  #record(action: IommuHistoryAction, fields: HistoryFields = {}): void {
     this.#history?.record(action, fields);
   }
 
