@@ -1,11 +1,11 @@
-import { MemoryRoleState, type HistoryActionCase } from "@ioasid/bus";
+import type { HistoryActionCase } from "@ioasid/bus";
 import { describe, expect, it } from "vitest";
 import { Code, DomainError } from "@ioasid/errors";
 import { EventType, OWNER_ROLE, TokenType, type Holder } from "@ioasid/ioasid";
 import { InProcessCore } from "@ioasid/testkit";
 import { IommuDriver, type BindGpasidSpec, type IommuEvent, type IommuHistoryAction } from "./iommu-driver.js";
 import { DeviceFunction, DomainType, IommuHardware, IOTLB_FLUSH_LOG_SIZE, type DeviceSpec } from "./iommu-hardware.js";
-import { iommuStateCodec } from "../adapters/iommu-state-codec.js";
+import { memoryIommuState } from "../adapters/memory-iommu-state.js";
 
 const HOLDER = { role: "iommu", instance: "dmar0", purpose: "bind" };
 const HOLDER_KEY = "iommu/dmar0/bind";
@@ -457,7 +457,7 @@ describe("IommuDriver after a restart", () => {
   }
 
   it("comes back from its store with its binds; reconcile keeps what the core still records and tears down a bind whose reference is gone", async () => {
-    const store = new MemoryRoleState(iommuStateCodec);
+    const store = memoryIommuState();
     const saved = store.saved;
     const core = new InProcessCore();
     const first = new IommuDriver({ hardware: new IommuHardware(), core, instance: "dmar0", store });
@@ -481,7 +481,7 @@ describe("IommuDriver after a restart", () => {
   });
 
   it("counts as its bind's a reference the core records for a bind kept without it (a crash right after the get)", async () => {
-    const store = new MemoryRoleState(iommuStateCodec);
+    const store = memoryIommuState();
     const core = new InProcessCore();
     const first = new IommuDriver({ hardware: new IommuHardware(), core, instance: "dmar0", store });
     for (const d of ["d0", "d1"]) first.registerDevice(dev(d));

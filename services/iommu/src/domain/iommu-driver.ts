@@ -1,3 +1,7 @@
+// Kept whole (issue 12: one cohesive thing, ~930 lines): every operation here runs the same
+// protocol with the core under the same per-PASID / per-mm locks (check the generation, take the
+// "bind" reference, attach the SPID, undo on failure, release with the FREE's acknowledgement), and
+// cutting it would scatter that protocol; the fault path is cut out to dma-faults.ts.
 import { Code, DomainError, isDomainError } from "@ioasid/errors";
 import { coreError, EventType, IoasidState, TokenType, type Holder, type IoasidEvent, type IoasidInfo, type SetInfo } from "@ioasid/ioasid";
 import type { HandlerResult, HistoryActionInput, HistoryActionValue, HistoryFields } from "@ioasid/bus";

@@ -1,3 +1,7 @@
+// Kept whole (issue 12: one cohesive thing, ~950 lines): one class over one set of tables whose
+// invariants (PASID entries ↔ attach handles, attach counts, guest binds' devices, mm bonds, the
+// dirty keys) every mutation keeps together; its vocabulary (iommu-hardware-model.ts), page-table
+// arithmetic (io-page-table.ts) and persistence (hardware-tables.ts) are cut out beside it.
 import type { StateChange } from "@ioasid/bus";
 import { iommuError, invalidField } from "./iommu-errors.js";
 import {
