@@ -19,7 +19,6 @@ export const MAX_NAME_LENGTH = 128;
 /** Largest owner data stored in a handle, in bytes. */
 export const MAX_OWNER_DATA = 4096;
 
-
 /** Kind of translation a domain provides. */
 export const DomainType = { PAGING: "PAGING", SVA: "SVA", NESTED: "NESTED" } as const;
 export type DomainType = (typeof DomainType)[keyof typeof DomainType];

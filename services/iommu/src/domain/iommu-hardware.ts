@@ -39,7 +39,18 @@ import {
   type TranslateResult,
   type TranslateSpec,
 } from "./iommu-hardware-model.js";
-import { emptyTables, keptEntryOf, loadTables, type BondState, type DeviceState, type DomainState, type HandleState, type HardwareTables, type MmState, snapshotHandle } from "./hardware-tables.js";
+import {
+  emptyTables,
+  keptEntryOf,
+  loadTables,
+  snapshotHandle,
+  type BondState,
+  type DeviceState,
+  type DomainState,
+  type HandleState,
+  type HardwareTables,
+  type MmState,
+} from "./hardware-tables.js";
 import { allows, findMapping, insertMapping, removeMappings } from "./io-page-table.js";
 
 // The modelled VT-d hardware and the driver's own tables (DESIGN §1 "iommu", §5 "IOMMU"): devices
@@ -932,7 +943,6 @@ export class IommuHardware {
     return { deviceId, mmToken: mm.mmToken, pasid: mm.pasid, handleId: bond.handleId, domainId: mm.domainId, users: bond.users };
   }
 }
-
 
 function describeTarget(deviceId: string, pasid: number, withoutPasid: boolean): string {
   return withoutPasid ? `device ${deviceId} (requests without PASID)` : `device ${deviceId} PASID ${pasid}`;
