@@ -1,6 +1,10 @@
 import {
   AttachKind,
   type DeviceSpec,
+  type DeviceView,
+  type Domain,
+  type PasidEntry,
+  type SvaBond,
   type AttachHandle,
   type DomainType,
   type GpasidBinding,
@@ -16,7 +20,8 @@ import { copyMapping } from "./io-page-table.js";
 
 // The hardware's tables as data, and their persistence seam: what IommuHardware keeps in its store
 // (one entry per key) and how the tables are rebuilt from it after a crash (DESIGN §4: the role's
-// kept state). The class owns the tables and their rules; this module only reads and rebuilds them.
+// kept state), and the views of their rows. The class owns the tables and their rules; this module
+// only reads, copies and rebuilds them.
 
 /** A registered device and its PASID table. */
 export interface DeviceState {
@@ -221,4 +226,46 @@ export function snapshotHandle(h: AttachHandle): AttachHandle {
     generation: h.generation,
     createdAt: h.createdAt,
   };
+}
+
+// ---- views: copies of the tables' rows as the callers see them ----
+
+/** The PASID table entry of a handle, as the device sees it. */
+export function entryView(t: HardwareTables, h: HandleState): PasidEntry {
+  return {
+    pasid: h.pasid,
+    withoutPasid: h.withoutPasid,
+    domainId: h.domainId,
+    domainType: t.domains.get(h.domainId)!.type,
+    handleId: h.handleId,
+    setId: h.setId,
+    gpasid: h.gpasid,
+    generation: h.generation,
+    faultReporting: h.faultReporting,
+  };
+}
+
+/** A device with its PASID table, ascending by PASID. */
+export function deviceView(t: HardwareTables, dev: DeviceState): DeviceView {
+  const keys = [...dev.entries.keys()].sort((a, b) => a - b);
+  return { ...dev.spec, pasidEntries: keys.map((k) => entryView(t, t.handles.get(dev.entries.get(k)!)!)) };
+}
+
+/** A copy of a domain (its mappings too). */
+export function domainView(d: DomainState): Domain {
+  return {
+    domainId: d.domainId,
+    type: d.type,
+    parentDomainId: d.parentDomainId,
+    guestPgtable: d.guestPgtable,
+    mmToken: d.mmToken,
+    attachCount: d.attachCount,
+    mappings: d.mappings.map((m) => ({ ...m, access: { ...m.access } })),
+    implicit: d.implicit,
+  };
+}
+
+/** One device's bond to an mm. */
+export function bondView(mm: MmState, deviceId: string, bond: BondState): SvaBond {
+  return { deviceId, mmToken: mm.mmToken, pasid: mm.pasid, handleId: bond.handleId, domainId: mm.domainId, users: bond.users };
 }

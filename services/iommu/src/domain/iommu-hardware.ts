@@ -1,7 +1,7 @@
-// Kept whole (issue 12: one cohesive thing, ~950 lines): one class over one set of tables whose
+// Kept whole (issue 12: one cohesive thing, ~920 lines): one class over one set of tables whose
 // invariants (PASID entries ↔ attach handles, attach counts, guest binds' devices, mm bonds, the
 // dirty keys) every mutation keeps together; its vocabulary (iommu-hardware-model.ts), page-table
-// arithmetic (io-page-table.ts) and persistence (hardware-tables.ts) are cut out beside it.
+// arithmetic (io-page-table.ts), persistence and row views (hardware-tables.ts) are cut out beside it.
 import type { StateChange } from "@ioasid/bus";
 import { iommuError, invalidField } from "./iommu-errors.js";
 import {
@@ -34,7 +34,6 @@ import {
   type IotlbFlush,
   type Mapping,
   type MmContext,
-  type PasidEntry,
   type SvaBond,
   type TranslateResult,
   type TranslateSpec,
@@ -42,6 +41,10 @@ import {
 import {
   emptyTables,
   keptEntryOf,
+  bondView,
+  deviceView,
+  domainView,
+  entryView,
   loadTables,
   snapshotHandle,
   type BondState,
@@ -49,7 +52,6 @@ import {
   type DomainState,
   type HandleState,
   type HardwareTables,
-  type MmState,
 } from "./hardware-tables.js";
 import { allows, findMapping, insertMapping, removeMappings } from "./io-page-table.js";
 
@@ -111,7 +113,7 @@ export class IommuHardware {
     const stored: DeviceSpec = { ...spec, priCredits: spec.priCredits === 0 ? DEFAULT_PRI_CREDITS : spec.priCredits };
     this.#t.devices.set(spec.deviceId, { spec: stored, entries: new Map() });
     this.#dirty.add(`dev/${spec.deviceId}`);
-    return this.#deviceView(this.#t.devices.get(spec.deviceId)!);
+    return deviceView(this.#t, this.#t.devices.get(spec.deviceId)!);
   }
 
   /**
@@ -141,7 +143,7 @@ export class IommuHardware {
   /** The device, or undefined. */
   device(deviceId: string): DeviceView | undefined {
     const dev = this.#t.devices.get(deviceId);
-    return dev === undefined ? undefined : this.#deviceView(dev);
+    return dev === undefined ? undefined : deviceView(this.#t, dev);
   }
 
   /** @throws DEVICE_NOT_FOUND */
@@ -157,7 +159,7 @@ export class IommuHardware {
    */
   createDomain(spec: DomainSpec): Domain {
     this.#checkDomainSpec(spec);
-    return this.#domainView(this.#addDomain(spec, false));
+    return domainView(this.#addDomain(spec, false));
   }
 
   /**
@@ -179,7 +181,7 @@ export class IommuHardware {
   /** The domain, or undefined. */
   domain(domainId: number): Domain | undefined {
     const d = this.#t.domains.get(domainId);
-    return d === undefined ? undefined : this.#domainView(d);
+    return d === undefined ? undefined : domainView(d);
   }
 
   // ---- attach handles ----
@@ -464,7 +466,7 @@ export class IommuHardware {
     if (existing !== undefined) {
       existing.users++;
       this.#dirty.add(`mm/${mmToken}`);
-      return { result: this.#bondView(mm, deviceId, existing), changes: [] };
+      return { result: bondView(mm, deviceId, existing), changes: [] };
     }
     if (mm.domainId === 0) mm.domainId = this.#addDomain({ type: DomainType.SVA, parentDomainId: 0, guestPgtable: 0n, mmToken }, true).domainId;
     const changes: HardwareChange[] = [];
@@ -486,7 +488,7 @@ export class IommuHardware {
     const bond: BondState = { handleId: handle.handleId, users: 1 };
     mm.bonds.set(deviceId, bond);
     this.#dirty.add(`mm/${mmToken}`);
-    return { result: this.#bondView(mm, deviceId, bond), changes };
+    return { result: bondView(mm, deviceId, bond), changes };
   }
 
   /**
@@ -740,11 +742,11 @@ export class IommuHardware {
     handles.sort((a, b) => (a.handleId < b.handleId ? -1 : 1));
     const bonds: SvaBond[] = [];
     for (const mm of this.#t.mms.values()) {
-      for (const [deviceId, bond] of mm.bonds) if (chosen.has(deviceId)) bonds.push(this.#bondView(mm, deviceId, bond));
+      for (const [deviceId, bond] of mm.bonds) if (chosen.has(deviceId)) bonds.push(bondView(mm, deviceId, bond));
     }
     return {
-      devices: selected.map((id) => this.#deviceView(this.#t.devices.get(id)!)),
-      domains: [...this.#t.domains.values()].sort((a, b) => a.domainId - b.domainId).map((d) => this.#domainView(d)),
+      devices: selected.map((id) => deviceView(this.#t, this.#t.devices.get(id)!)),
+      domains: [...this.#t.domains.values()].sort((a, b) => a.domainId - b.domainId).map((d) => domainView(d)),
       handles,
       bonds,
       flushes: maxFlushes <= 0 ? [] : this.#flushes.slice(-maxFlushes),
@@ -861,13 +863,13 @@ export class IommuHardware {
     this.#dirty.add("ids");
     this.#t.devices.get(h.deviceId)!.entries.set(h.pasid, state.handleId);
     this.#t.domains.get(h.domainId)!.attachCount++;
-    changes.push({ kind: "pasidEntrySet", deviceId: h.deviceId, entry: this.#entryView(state) });
+    changes.push({ kind: "pasidEntrySet", deviceId: h.deviceId, entry: entryView(this.#t, state) });
     return snapshotHandle(state);
   }
 
   /** Clears a handle's entry, flushes, and drops what only it used (implicit domain, bind device, bond). */
   #teardownHandle(h: HandleState, cause: FlushCause, changes: HardwareChange[]): AttachHandle {
-    const entry = this.#entryView(h);
+    const entry = entryView(this.#t, h);
     this.#t.devices.get(h.deviceId)?.entries.delete(h.pasid);
     this.#t.handles.delete(h.handleId);
     this.#dirty.add(`h/${h.handleId}`);
@@ -907,41 +909,6 @@ export class IommuHardware {
     return { kind: "iotlbFlush", flush };
   }
 
-  #entryView(h: HandleState): PasidEntry {
-    return {
-      pasid: h.pasid,
-      withoutPasid: h.withoutPasid,
-      domainId: h.domainId,
-      domainType: this.#t.domains.get(h.domainId)!.type,
-      handleId: h.handleId,
-      setId: h.setId,
-      gpasid: h.gpasid,
-      generation: h.generation,
-      faultReporting: h.faultReporting,
-    };
-  }
-
-  #deviceView(dev: DeviceState): DeviceView {
-    const keys = [...dev.entries.keys()].sort((a, b) => a - b);
-    return { ...dev.spec, pasidEntries: keys.map((k) => this.#entryView(this.#t.handles.get(dev.entries.get(k)!)!)) };
-  }
-
-  #domainView(d: DomainState): Domain {
-    return {
-      domainId: d.domainId,
-      type: d.type,
-      parentDomainId: d.parentDomainId,
-      guestPgtable: d.guestPgtable,
-      mmToken: d.mmToken,
-      attachCount: d.attachCount,
-      mappings: d.mappings.map((m) => ({ ...m, access: { ...m.access } })),
-      implicit: d.implicit,
-    };
-  }
-
-  #bondView(mm: MmState, deviceId: string, bond: BondState): SvaBond {
-    return { deviceId, mmToken: mm.mmToken, pasid: mm.pasid, handleId: bond.handleId, domainId: mm.domainId, users: bond.users };
-  }
 }
 
 function describeTarget(deviceId: string, pasid: number, withoutPasid: boolean): string {
