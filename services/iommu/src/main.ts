@@ -4,10 +4,12 @@ import { HistoryRecorder } from "@ioasid/bus";
 import { EventType, Priority } from "@ioasid/ioasid";
 import { createCoreClient, createGrpcCorePort, ensureRegistration, runRole } from "@ioasid/role-kit";
 import { iommuConfigSchema } from "./config.js";
-import { IommuDriver } from "./iommu-driver.js";
-import { IommuHardware } from "./iommu-hardware.js";
-import { createIommuServer } from "./server.js";
-import { iommuStateCodec } from "./iommu-state-codec.js";
+import { IommuDriver } from "./domain/iommu-driver.js";
+import { IommuHardware } from "./domain/iommu-hardware.js";
+import { createIommuServer } from "./adapters/server.js";
+import { createIommuEventHandler } from "./adapters/iommu-event-handler.js";
+import { iommuHistoryPort } from "./adapters/iommu-history.js";
+import { iommuStateCodec } from "./adapters/iommu-state-codec.js";
 
 // config → core client → runRole: NATS, kept tables, driver, reconcile, subscriber, registration, gRPC server.
 
@@ -36,7 +38,7 @@ await runRole({
       saved: saved,
       hardware,
       core,
-      history: history(new HistoryRecorder(nc, SUBSCRIBER_NAME, config.instance, config.prefix)),
+      history: iommuHistoryPort(history(new HistoryRecorder(nc, SUBSCRIBER_NAME, config.instance, config.prefix))),
       log: logger,
       instance: config.instance,
       faultTimeoutMs: config.faultTimeoutMs,
@@ -54,7 +56,7 @@ await runRole({
       },
       // The restored tables against the core first, so that a FREE delivered from the backlog finds them.
       reconcile: { run: () => driver.reconcile(), when: "before-serving" },
-      subscriber: { instance: config.instance, handler: (event) => driver.handleEvent(event) },
+      subscriber: { instance: config.instance, handler: createIommuEventHandler(driver) },
       // The IOMMU tears PASIDs down on FREE, globally, after CPU and DEVICE (DESIGN §1, §5).
       register: async () => {
         const registration = await ensureRegistration(core, {

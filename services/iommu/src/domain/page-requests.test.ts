@@ -1,10 +1,9 @@
-import { MemoryRoleState } from "@ioasid/bus";
 import { describe, expect, it } from "vitest";
 import { Code } from "@ioasid/errors";
 import fc from "fast-check";
 import { PageRequestQueue, ResponseSource, type RaiseSpec } from "./page-requests.js";
 import type { AttachHandle } from "./iommu-hardware.js";
-import { iommuStateCodec } from "./iommu-state-codec.js";
+import { memoryIommuState } from "../adapters/memory-iommu-state.js";
 
 const R = { read: true, write: false, execute: false, privileged: false };
 
@@ -176,7 +175,7 @@ describe("PageRequestQueue kept in a store", () => {
     const q = new PageRequestQueue({ timeoutMs: 1000, now: c.now });
     q.raise(req({ prgi: 4, lastRequest: false }), handle(1n));
     q.raise(req({ prgi: 5, address: 0x9000n }), handle(2n, "vfio/2", 8, 3));
-    const store = new MemoryRoleState(iommuStateCodec);
+    const store = memoryIommuState();
     await store.write(q.takeChanges());
     const back = PageRequestQueue.restore(store.saved, { timeoutMs: 1000, now: c.now });
     expect(back.outstanding()).toEqual(q.outstanding());

@@ -1,12 +1,11 @@
-import { MemoryRoleState, type HistoryActionCase, type HistoryActionInput } from "@ioasid/bus";
+import type { HistoryActionCase } from "@ioasid/bus";
 import { describe, expect, it } from "vitest";
 import { Code, DomainError } from "@ioasid/errors";
-import { OWNER_ROLE, TokenType, type Holder } from "@ioasid/ioasid";
-import { events } from "@ioasid/proto";
+import { EventType, OWNER_ROLE, TokenType, type Holder } from "@ioasid/ioasid";
 import { InProcessCore } from "@ioasid/testkit";
-import { IommuDriver, type BindGpasidSpec } from "./iommu-driver.js";
+import { IommuDriver, type BindGpasidSpec, type IommuEvent, type IommuHistoryAction } from "./iommu-driver.js";
 import { DeviceFunction, DomainType, IommuHardware, IOTLB_FLUSH_LOG_SIZE, type DeviceSpec } from "./iommu-hardware.js";
-import { iommuStateCodec } from "./iommu-state-codec.js";
+import { memoryIommuState } from "../adapters/memory-iommu-state.js";
 
 const HOLDER = { role: "iommu", instance: "dmar0", purpose: "bind" };
 const HOLDER_KEY = "iommu/dmar0/bind";
@@ -32,17 +31,17 @@ function setWith(core: InProcessCore, ...ioasids: number[]): number {
   return setId;
 }
 
-/** A core event as the bus delivers it. */
-function toBusEvent(e: InProcessCore["events"][number]): events.IoasidEvent {
-  return events.IoasidEvent.fromPartial({ seq: BigInt(e.seq), type: events.EventType[`EVENT_TYPE_${e.type}`], ioasid: e.ioasid, generation: e.generation, spid: e.spid, setId: e.setId });
+/** A core event as the bus handler hands it to the driver (`adapters/iommu-event-handler.ts`). */
+function toDriverEvent(e: InProcessCore["events"][number]): IommuEvent {
+  return { seq: e.seq, type: e.type, ioasid: e.ioasid, generation: e.generation, spid: e.spid, setId: e.setId };
 }
 
 /** VFIO's free: the FREE the core commits when references remain (undefined when it reclaimed the IOASID at once). */
-function freeIoasid(core: InProcessCore, setId: number, ioasid: number): events.IoasidEvent | undefined {
+function freeIoasid(core: InProcessCore, setId: number, ioasid: number): IommuEvent | undefined {
   const seq = core.events.at(-1)?.seq ?? 0;
   core.space.free(setId, ioasid);
   const e = core.eventsAfter(seq, ioasid).find((x) => x.type === "FREE");
-  return e === undefined ? undefined : toBusEvent(e);
+  return e === undefined ? undefined : toDriverEvent(e);
 }
 
 /** What the core says of an IOASID: refcount, holders (`role/instance/purpose`; the allocation reference as "set-owner"), SPID, state. */
@@ -70,7 +69,7 @@ function ackRelease(core: InProcessCore, ioasid: number, holder: Holder): void {
 interface Rig {
   core: InProcessCore;
   driver: IommuDriver;
-  history: { action: HistoryActionCase; step: HistoryActionInput; fields: Record<string, unknown> }[];
+  history: { action: HistoryActionCase; step: IommuHistoryAction; fields: Record<string, unknown> }[];
   parent: number;
 }
 
@@ -112,7 +111,7 @@ async function refused(p: Promise<unknown>, code: number, reason: string): Promi
 }
 
 /** Delivers a FREE to the driver as the bus would, applying the released references like the core. */
-async function deliver(r: Rig, e: events.IoasidEvent | undefined): Promise<string[]> {
+async function deliver(r: Rig, e: IommuEvent | undefined): Promise<string[]> {
   if (e === undefined) throw new Error("no FREE emitted");
   const result = await r.driver.handleEvent(e);
   // As the core applies an acknowledgement: the SPID detach, then the releases.
@@ -337,10 +336,10 @@ describe("IommuDriver FREE (free before unbind)", () => {
     const r = rig();
     const set = setWith(r.core, 201);
     await r.driver.bindGpasid(bindSpec(r, { setId: set }));
-    const e = events.IoasidEvent.fromPartial({ seq: 99n, type: events.EventType.EVENT_TYPE_FREE, ioasid: 201, generation: 5, setId: set });
+    const e: IommuEvent = { seq: 99, type: EventType.FREE, ioasid: 201, generation: 5, spid: 0, setId: set };
     expect(r.driver.handleEvent(e)).toBeUndefined();
     expect(r.driver.handleEvent({ ...e, ioasid: 7, generation: 1 })).toBeUndefined();
-    expect(r.driver.handleEvent({ ...e, type: events.EventType.EVENT_TYPE_BIND, generation: 1 })).toBeUndefined();
+    expect(r.driver.handleEvent({ ...e, type: EventType.BIND, generation: 1 })).toBeUndefined();
     expect(r.driver.snapshot([], 0).devices[0]!.pasidEntries).toHaveLength(1);
   });
 
@@ -458,7 +457,7 @@ describe("IommuDriver after a restart", () => {
   }
 
   it("comes back from its store with its binds; reconcile keeps what the core still records and tears down a bind whose reference is gone", async () => {
-    const store = new MemoryRoleState(iommuStateCodec);
+    const store = memoryIommuState();
     const saved = store.saved;
     const core = new InProcessCore();
     const first = new IommuDriver({ hardware: new IommuHardware(), core, instance: "dmar0", store });
@@ -482,7 +481,7 @@ describe("IommuDriver after a restart", () => {
   });
 
   it("counts as its bind's a reference the core records for a bind kept without it (a crash right after the get)", async () => {
-    const store = new MemoryRoleState(iommuStateCodec);
+    const store = memoryIommuState();
     const core = new InProcessCore();
     const first = new IommuDriver({ hardware: new IommuHardware(), core, instance: "dmar0", store });
     for (const d of ["d0", "d1"]) first.registerDevice(dev(d));

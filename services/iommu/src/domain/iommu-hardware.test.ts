@@ -1,4 +1,3 @@
-import { MemoryRoleState } from "@ioasid/bus";
 import { describe, expect, it } from "vitest";
 import { Code, DomainError } from "@ioasid/errors";
 import {
@@ -15,7 +14,7 @@ import {
   type DeviceSpec,
   type DmaAccess,
 } from "./iommu-hardware.js";
-import { iommuStateCodec } from "./iommu-state-codec.js";
+import { memoryIommuState } from "../adapters/memory-iommu-state.js";
 
 const RW: DmaAccess = { read: true, write: true, execute: false, privileged: false };
 const R: DmaAccess = { read: true, write: false, execute: false, privileged: false };
@@ -396,7 +395,7 @@ describe("IommuHardware I/O page tables and translation", () => {
 describe("IommuHardware kept in a store", () => {
   it("comes back from what takeChanges wrote: devices, domains with mappings, handles (PASID tables), guest binds with their first stage, mm bonds", async () => {
     // Through the state codec, as to JetStream: a field it forgot would not come back.
-    const store = new MemoryRoleState(iommuStateCodec);
+    const store = memoryIommuState();
     const saved = store.saved;
     const keep = (hw: IommuHardware) => store.write(hw.takeChanges());
     const hw = new IommuHardware();

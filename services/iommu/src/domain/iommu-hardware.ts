@@ -1,6 +1,59 @@
-import type { HistoryActionCase, StateChange } from "@ioasid/bus";
+// Kept whole (issue 12: one cohesive thing, ~920 lines): one class over one set of tables whose
+// invariants (PASID entries ↔ attach handles, attach counts, guest binds' devices, mm bonds, the
+// dirty keys) every mutation keeps together; its vocabulary (iommu-hardware-model.ts), page-table
+// arithmetic (io-page-table.ts), persistence and row views (hardware-tables.ts) are cut out beside it.
+import type { StateChange } from "@ioasid/bus";
 import { iommuError, invalidField } from "./iommu-errors.js";
-import type { PageRequestKeptEntry } from "./page-requests.js";
+import {
+  AttachKind,
+  DEFAULT_PRI_CREDITS,
+  DeviceFunction,
+  DomainType,
+  FaultReason,
+  FlushCause,
+  FlushScope,
+  IOTLB_FLUSH_LOG_SIZE,
+  MAX_NAME_LENGTH,
+  MAX_OWNER_DATA,
+  MAX_PASIDS,
+  RID_PASID,
+  type AttachDomainSpec,
+  type AttachHandle,
+  type Changed,
+  type DetachDomainSpec,
+  type DeviceSpec,
+  type DeviceView,
+  type Domain,
+  type DomainSpec,
+  type GpasidBinding,
+  type GpasidEntrySpec,
+  type HardwareChange,
+  type IommuHardwareKeptEntry,
+  type IommuKeptEntry,
+  type IommuSnapshot,
+  type IotlbFlush,
+  type Mapping,
+  type MmContext,
+  type SvaBond,
+  type TranslateResult,
+  type TranslateSpec,
+} from "./iommu-hardware-model.js";
+import {
+  emptyTables,
+  keptEntryOf,
+  bondView,
+  deviceView,
+  domainView,
+  entryView,
+  loadTables,
+  snapshotHandle,
+  type BondState,
+  type DeviceState,
+  type DomainState,
+  type HandleState,
+  type HardwareTables,
+} from "./hardware-tables.js";
+import { allows, findMapping, insertMapping, removeMappings } from "./io-page-table.js";
 
 // The modelled VT-d hardware and the driver's own tables (DESIGN §1 "iommu", §5 "IOMMU"): devices
 // and their PASID tables, domains with their I/O page tables, attach handles, the guest PASID binds
@@ -8,366 +61,9 @@ import type { PageRequestKeptEntry } from "./page-requests.js";
 // Pure and synchronous: no I/O. Every mutation either succeeds whole or throws before changing
 // anything, and returns the hardware changes it made so the caller can record them in the history.
 
-/** Bytes of a page: every IOVA, physical address and size of Map/Unmap is a multiple of it. */
-export const PAGE_SIZE = 4096n;
-/** Most PASIDs a device may support (20-bit PASID). */
-export const MAX_PASIDS = 1 << 20;
-/** PASID 0 is RID_PASID: the entry used by requests without PASID, never a PASID attach target. */
-export const RID_PASID = 0;
-/** Page-request credits of a device that registers with 0. */
-export const DEFAULT_PRI_CREDITS = 32;
-/** IOTLB flush records kept for QueryState. */
-export const IOTLB_FLUSH_LOG_SIZE = 1024;
-/** Longest device id or owner. */
-export const MAX_NAME_LENGTH = 128;
-/** Largest owner data stored in a handle, in bytes. */
-export const MAX_OWNER_DATA = 4096;
+export * from "./iommu-hardware-model.js";
 
-const U64_LIMIT = 1n << 64n;
 const NAME = /^[\x21-\x7e]+$/;
-
-/** Kind of translation a domain provides. */
-export const DomainType = { PAGING: "PAGING", SVA: "SVA", NESTED: "NESTED" } as const;
-export type DomainType = (typeof DomainType)[keyof typeof DomainType];
-
-/** How an attach handle was created. */
-export const AttachKind = { DOMAIN: "DOMAIN", GPASID_BIND: "GPASID_BIND", SVA_BIND: "SVA_BIND" } as const;
-export type AttachKind = (typeof AttachKind)[keyof typeof AttachKind];
-
-/** PCI physical or virtual (SR-IOV) function. */
-export const DeviceFunction = { PF: "PF", VF: "VF" } as const;
-export type DeviceFunction = (typeof DeviceFunction)[keyof typeof DeviceFunction];
-
-/** Granularity of an IOTLB invalidation. */
-export const FlushScope = { GLOBAL: "GLOBAL", DOMAIN: "DOMAIN", PASID: "PASID", RANGE: "RANGE" } as const;
-export type FlushScope = (typeof FlushScope)[keyof typeof FlushScope];
-
-/** Why an IOTLB invalidation was needed. */
-export const FlushCause = {
-  UNMAP: "UNMAP",
-  DETACH: "DETACH",
-  IOASID_FREE: "IOASID_FREE",
-  DEVICE_REMOVED: "DEVICE_REMOVED",
-  MM_RELEASE: "MM_RELEASE",
-} as const;
-export type FlushCause = (typeof FlushCause)[keyof typeof FlushCause];
-
-/** Why a DMA translation faulted. */
-export const FaultReason = {
-  NO_PASID_ENTRY: "NO_PASID_ENTRY",
-  NOT_PRESENT: "NOT_PRESENT",
-  PERMISSION: "PERMISSION",
-  PASID_OUT_OF_RANGE: "PASID_OUT_OF_RANGE",
-  PRI_CREDITS_EXHAUSTED: "PRI_CREDITS_EXHAUSTED",
-} as const;
-export type FaultReason = (typeof FaultReason)[keyof typeof FaultReason];
-
-/** Access a DMA request asks for, or a mapping grants. */
-export interface DmaAccess {
-  readonly read: boolean;
-  readonly write: boolean;
-  readonly execute: boolean;
-  readonly privileged: boolean;
-}
-
-/** A PCI function as registered. */
-export interface DeviceSpec {
-  readonly deviceId: string;
-  /** Valid PASIDs are 1..maxPasids-1; 0 = no PASID capability. */
-  readonly maxPasids: number;
-  readonly priCapable: boolean;
-  readonly function: DeviceFunction;
-  /** The PF of a VF; empty for a PF. */
-  readonly parentDeviceId: string;
-  readonly iommuGroup: number;
-  /** Page-request credits; 0 = {@link DEFAULT_PRI_CREDITS}. */
-  readonly priCredits: number;
-}
-
-/** A device and its PASID table (ascending by PASID; RID_PASID first). */
-export interface DeviceView extends DeviceSpec {
-  readonly pasidEntries: readonly PasidEntry[];
-}
-
-/** One programmed entry of a device's PASID table. */
-export interface PasidEntry {
-  /** The PASID; 0 with `withoutPasid` for the RID_PASID entry. */
-  readonly pasid: number;
-  readonly withoutPasid: boolean;
-  readonly domainId: number;
-  readonly domainType: DomainType;
-  readonly handleId: bigint;
-  /** Guest bind: the guest's set; 0 otherwise. */
-  readonly setId: number;
-  /** Guest bind: the guest PASID (SPID); 0 otherwise. */
-  readonly gpasid: number;
-  /** Generation of the IOASID when programmed; 0 when unchecked. */
-  readonly generation: number;
-  /** Whether faults under the entry are reported. */
-  readonly faultReporting: boolean;
-}
-
-/** One mapped range of a paging domain. */
-export interface Mapping {
-  readonly iova: bigint;
-  readonly paddr: bigint;
-  readonly size: bigint;
-  readonly access: DmaAccess;
-}
-
-/** A translation context. */
-export interface Domain {
-  readonly domainId: number;
-  readonly type: DomainType;
-  /** NESTED: the PAGING second stage. */
-  readonly parentDomainId: number;
-  /** NESTED: GPA of the guest's first-stage page table. */
-  readonly guestPgtable: bigint;
-  /** SVA: the mm whose page table is shared. */
-  readonly mmToken: bigint;
-  readonly attachCount: number;
-  /** PAGING: ascending by IOVA. */
-  readonly mappings: readonly Mapping[];
-  /** Created by BindGpasid/SvaBind for one handle or mm, and destroyed with it. */
-  readonly implicit: boolean;
-}
-
-/** The association of a domain with a device or one of its PASIDs (iommu_attach_handle). */
-export interface AttachHandle {
-  readonly handleId: bigint;
-  readonly kind: AttachKind;
-  readonly domainId: number;
-  readonly deviceId: string;
-  readonly pasid: number;
-  readonly withoutPasid: boolean;
-  readonly owner: string;
-  readonly ownerData: Uint8Array;
-  readonly setId: number;
-  readonly gpasid: number;
-  readonly generation: number;
-  readonly createdAt: Date;
-}
-
-/** A native SVA bond of an mm to a device. */
-export interface SvaBond {
-  readonly deviceId: string;
-  readonly mmToken: bigint;
-  readonly pasid: number;
-  readonly handleId: bigint;
-  readonly domainId: number;
-  readonly users: number;
-}
-
-/** One IOTLB (and DevTLB) invalidation. */
-export interface IotlbFlush {
-  readonly seq: bigint;
-  readonly scope: FlushScope;
-  readonly cause: FlushCause;
-  readonly domainId: number;
-  readonly pasid: number;
-  readonly deviceId: string;
-  readonly deviceTlb: boolean;
-  readonly address: bigint;
-  readonly size: bigint;
-  readonly flushedAt: Date;
-}
-
-/**
- * A guest PASID bound on one or more devices (the kernel's intel_svm of a host PASID): which set
- * and generation it belongs to, its SPID, the devices it is programmed on, and what the IOMMU holds
- * for it in the core. Only the first device bind takes the reference and attaches the SPID (the
- * core then emits BIND); only the last unbind detaches it (UNBIND) (ioasid.rst, "KVM PASID
- * Translation Table Updates", rule 1). The last unbind keeps the reference and this record: the
- * IOASID's FREE releases the reference (the "Guest IOASID Life Cycle" table, steps 22–23), and a
- * rebind meanwhile attaches the SPID again without taking a second one. The driver updates
- * `refHeld`/`spidAttached` as its core calls succeed.
- */
-export interface GpasidBinding {
-  readonly hpasid: number;
-  readonly setId: number;
-  readonly generation: number;
-  readonly gpasid: number;
-  /** Devices with a programmed entry for it. */
-  readonly devices: Set<string>;
-  /** The IOMMU holds its "bind" reference on the IOASID. */
-  refHeld: boolean;
-  /**
-   * refHeld was set for a get whose answer was lost: the core may not have applied it. Asked
-   * before the reference is relied on (in memory only: a restart's reconcile asks the core anyway).
-   */
-  refUncertain?: boolean;
-  /** The SPID is attached in the core (by this IOMMU). */
-  spidAttached: boolean;
-  /** The guest's first-stage page table (guest virtual → guest physical), ascending by IOVA. */
-  firstStage: Mapping[];
-}
-
-/** A host process address space known to native SVA: its set and its one PASID. */
-export interface MmContext {
-  readonly mmToken: bigint;
-  readonly setId: number;
-  readonly pasid: number;
-  readonly generation: number;
-}
-
-/**
- * A change to the modelled hardware, for the history: each kind is the history catalogue's action
- * that records it (ioasid.history.v1), so the two cannot drift apart.
- */
-export type HardwareChange =
-  | { readonly kind: Extract<HistoryActionCase, "pasidEntrySet">; readonly deviceId: string; readonly entry: PasidEntry }
-  | { readonly kind: Extract<HistoryActionCase, "teardownPasid">; readonly deviceId: string; readonly entry: PasidEntry; readonly cause: FlushCause }
-  | { readonly kind: Extract<HistoryActionCase, "iotlbFlush">; readonly flush: IotlbFlush };
-
-/** What a mutation did: its result and the hardware changes. */
-export interface Changed<T> {
-  readonly result: T;
-  readonly changes: readonly HardwareChange[];
-}
-
-/** What AttachDomain asks for. */
-export interface AttachDomainSpec {
-  readonly domainId: number;
-  readonly deviceId: string;
-  readonly pasid: number;
-  readonly withoutPasid: boolean;
-  /** Generation of the IOASID `pasid`, already checked by the caller; 0 = unchecked. */
-  readonly generation: number;
-  readonly owner: string;
-  readonly ownerData: Uint8Array;
-}
-
-/** Where DetachDomain looks. */
-export interface DetachDomainSpec {
-  readonly domainId: number;
-  readonly deviceId: string;
-  readonly pasid: number;
-  readonly withoutPasid: boolean;
-}
-
-/** The NESTED entry a guest bind programs. */
-export interface GpasidEntrySpec {
-  readonly deviceId: string;
-  readonly hpasid: number;
-  /** 0 = the PAGING domain attached to the device's requests without PASID. */
-  readonly parentDomainId: number;
-  readonly guestPgtable: bigint;
-  readonly owner: string;
-  readonly ownerData: Uint8Array;
-}
-
-/** What CreateDomain asks for. */
-export interface DomainSpec {
-  readonly type: DomainType;
-  readonly parentDomainId: number;
-  readonly guestPgtable: bigint;
-  readonly mmToken: bigint;
-}
-
-/** One DMA translation request. */
-export interface TranslateSpec {
-  readonly deviceId: string;
-  readonly pasid: number;
-  readonly withoutPasid: boolean;
-  readonly address: bigint;
-  readonly access: DmaAccess;
-}
-
-/** What a DMA translation produced. */
-export type TranslateResult =
-  | { readonly outcome: "TRANSLATED"; readonly outputAddress: bigint; readonly handleId: bigint }
-  /** A miss on a PRI-capable device: a page request is due under `handle`. */
-  | { readonly outcome: "MISS"; readonly handle: AttachHandle }
-  | { readonly outcome: "FAULT"; readonly reason: FaultReason; readonly handleId: bigint };
-
-/** A consistent snapshot of the IOMMU's state. */
-export interface IommuSnapshot {
-  readonly devices: readonly DeviceView[];
-  readonly domains: readonly Domain[];
-  readonly handles: readonly AttachHandle[];
-  readonly bonds: readonly SvaBond[];
-  readonly flushes: readonly IotlbFlush[];
-}
-
-/** A domain as the IOMMU keeps it (its attach count follows from the kept handles). */
-export interface KeptDomain {
-  readonly domainId: number;
-  readonly type: DomainType;
-  readonly parentDomainId: number;
-  readonly guestPgtable: bigint;
-  readonly mmToken: bigint;
-  readonly implicit: boolean;
-  readonly mappings: readonly Mapping[];
-}
-
-/** An attach handle as the IOMMU keeps it: one programmed PASID table entry. */
-export interface KeptAttachHandle extends AttachHandle {
-  readonly faultReporting: boolean;
-}
-
-/** A guest bind state as the IOMMU keeps it (its devices follow from the kept GPASID_BIND handles). */
-export interface KeptGpasidBinding {
-  readonly hpasid: number;
-  readonly setId: number;
-  readonly generation: number;
-  readonly gpasid: number;
-  readonly refHeld: boolean;
-  readonly spidAttached: boolean;
-  readonly firstStage: readonly Mapping[];
-}
-
-/** An SVA mm context as the IOMMU keeps it, with its bonds. */
-export interface KeptMmContext extends MmContext {
-  /** 0 while it has no bond. */
-  readonly domainId: number;
-  readonly bonds: readonly { readonly deviceId: string; readonly handleId: bigint; readonly users: number }[];
-}
-
-/**
- * One entry of the hardware tables as the IOMMU keeps them in its store, under `dev/<id>`,
- * `dom/<id>`, `h/<id>`, `bind/<hpasid>`, `mm/<token>` and `ids`.
- */
-export type IommuHardwareKeptEntry =
-  | { readonly kind: "device"; readonly device: DeviceSpec }
-  | { readonly kind: "domain"; readonly domain: KeptDomain }
-  | { readonly kind: "attachHandle"; readonly handle: KeptAttachHandle }
-  | { readonly kind: "gpasidBinding"; readonly binding: KeptGpasidBinding }
-  | { readonly kind: "mmContext"; readonly mm: KeptMmContext }
-  | { readonly kind: "idCounters"; readonly nextDomainId: number; readonly nextHandleId: bigint };
-
-/** One entry of the IOMMU's kept state (ioasid.iommu.v1.IommuStateEntry; iommu-state-codec.ts converts). */
-export type IommuKeptEntry = IommuHardwareKeptEntry | PageRequestKeptEntry;
-
-interface DeviceState {
-  readonly spec: DeviceSpec;
-  /** PASID → handle id; RID_PASID (0) is the entry of requests without PASID. */
-  readonly entries: Map<number, bigint>;
-}
-
-interface DomainState {
-  readonly domainId: number;
-  readonly type: DomainType;
-  readonly parentDomainId: number;
-  readonly guestPgtable: bigint;
-  readonly mmToken: bigint;
-  readonly implicit: boolean;
-  attachCount: number;
-  mappings: Mapping[];
-}
-
-interface HandleState extends AttachHandle {
-  faultReporting: boolean;
-}
-
-interface BondState {
-  readonly handleId: bigint;
-  users: number;
-}
-
-interface MmState extends MmContext {
-  domainId: number;
-  readonly bonds: Map<string, BondState>;
-}
 
 /**
  * The IOMMU's "hardware" and driver tables. Methods validate first and mutate only when nothing can
@@ -378,14 +74,9 @@ interface MmState extends MmContext {
  * hw.registerDevice({ deviceId: "0000:6a:01.0", maxPasids: 1 << 20, priCapable: true, function: "PF", parentDeviceId: "", iommuGroup: 1, priCredits: 0 });
  */
 export class IommuHardware {
-  readonly #devices = new Map<string, DeviceState>();
-  readonly #domains = new Map<number, DomainState>();
-  readonly #handles = new Map<bigint, HandleState>();
-  readonly #bindings = new Map<number, GpasidBinding>();
-  readonly #mms = new Map<bigint, MmState>();
+  /** The kept tables (hardware-tables.ts reads and rebuilds them for the store). */
+  readonly #t: HardwareTables = emptyTables();
   readonly #flushes: IotlbFlush[] = [];
-  #nextDomainId = 1;
-  #nextHandleId = 1n;
   #nextFlushSeq = 1n;
   readonly #now: () => Date;
   /** Keys of the kept state changed since {@link takeChanges} (see {@link restore}). */
@@ -411,18 +102,18 @@ export class IommuHardware {
       throw invalidField("parent_device_id", "a PF has no parent device: leave parent_device_id empty");
     }
     if (spec.function === DeviceFunction.VF) assertName("parent_device_id", spec.parentDeviceId);
-    if (this.#devices.has(spec.deviceId)) throw iommuError("DEVICE_EXISTS", `device ${spec.deviceId} is already registered`);
+    if (this.#t.devices.has(spec.deviceId)) throw iommuError("DEVICE_EXISTS", `device ${spec.deviceId} is already registered`);
     if (spec.function === DeviceFunction.VF) {
-      const pf = this.#devices.get(spec.parentDeviceId);
+      const pf = this.#t.devices.get(spec.parentDeviceId);
       if (pf === undefined) throw iommuError("DEVICE_NOT_FOUND", `the PF ${spec.parentDeviceId} of VF ${spec.deviceId} is not registered`);
       if (pf.spec.function !== DeviceFunction.PF) {
         throw invalidField("parent_device_id", `${spec.parentDeviceId} is a VF: a VF's parent must be a PF`);
       }
     }
     const stored: DeviceSpec = { ...spec, priCredits: spec.priCredits === 0 ? DEFAULT_PRI_CREDITS : spec.priCredits };
-    this.#devices.set(spec.deviceId, { spec: stored, entries: new Map() });
+    this.#t.devices.set(spec.deviceId, { spec: stored, entries: new Map() });
     this.#dirty.add(`dev/${spec.deviceId}`);
-    return this.#deviceView(this.#devices.get(spec.deviceId)!);
+    return deviceView(this.#t, this.#t.devices.get(spec.deviceId)!);
   }
 
   /**
@@ -434,7 +125,7 @@ export class IommuHardware {
    */
   removeDevice(deviceId: string): Changed<AttachHandle[]> {
     const dev = this.#device(deviceId);
-    for (const other of this.#devices.values()) {
+    for (const other of this.#t.devices.values()) {
       if (other.spec.parentDeviceId === deviceId) {
         throw iommuError("DEVICE_IN_USE", `device ${deviceId} is the PF of VF ${other.spec.deviceId}: remove the VF first`);
       }
@@ -442,17 +133,17 @@ export class IommuHardware {
     const changes: HardwareChange[] = [];
     const torn: AttachHandle[] = [];
     for (const handleId of [...dev.entries.values()]) {
-      torn.push(this.#teardownHandle(this.#handles.get(handleId)!, FlushCause.DEVICE_REMOVED, changes));
+      torn.push(this.#teardownHandle(this.#t.handles.get(handleId)!, FlushCause.DEVICE_REMOVED, changes));
     }
-    this.#devices.delete(deviceId);
+    this.#t.devices.delete(deviceId);
     this.#dirty.add(`dev/${deviceId}`);
     return { result: torn, changes };
   }
 
   /** The device, or undefined. */
   device(deviceId: string): DeviceView | undefined {
-    const dev = this.#devices.get(deviceId);
-    return dev === undefined ? undefined : this.#deviceView(dev);
+    const dev = this.#t.devices.get(deviceId);
+    return dev === undefined ? undefined : deviceView(this.#t, dev);
   }
 
   /** @throws DEVICE_NOT_FOUND */
@@ -468,7 +159,7 @@ export class IommuHardware {
    */
   createDomain(spec: DomainSpec): Domain {
     this.#checkDomainSpec(spec);
-    return this.#domainView(this.#addDomain(spec, false));
+    return domainView(this.#addDomain(spec, false));
   }
 
   /**
@@ -478,19 +169,19 @@ export class IommuHardware {
   freeDomain(domainId: number): void {
     const d = this.#domain(domainId);
     if (d.attachCount > 0) throw iommuError("DOMAIN_IN_USE", `domain ${domainId} is attached ${d.attachCount} time(s): detach it first`);
-    for (const other of this.#domains.values()) {
+    for (const other of this.#t.domains.values()) {
       if (other.parentDomainId === domainId) {
         throw iommuError("DOMAIN_IN_USE", `domain ${domainId} is the parent of nested domain ${other.domainId}`);
       }
     }
-    this.#domains.delete(domainId);
+    this.#t.domains.delete(domainId);
     this.#dirty.add(`dom/${domainId}`);
   }
 
   /** The domain, or undefined. */
   domain(domainId: number): Domain | undefined {
-    const d = this.#domains.get(domainId);
-    return d === undefined ? undefined : this.#domainView(d);
+    const d = this.#t.domains.get(domainId);
+    return d === undefined ? undefined : domainView(d);
   }
 
   // ---- attach handles ----
@@ -551,7 +242,7 @@ export class IommuHardware {
     const handleId = dev.entries.get(key);
     const where = describeTarget(spec.deviceId, spec.pasid, spec.withoutPasid);
     if (handleId === undefined) throw iommuError("ATTACH_HANDLE_NOT_FOUND", `nothing is attached at ${where}`);
-    const h = this.#handles.get(handleId)!;
+    const h = this.#t.handles.get(handleId)!;
     if (h.kind !== AttachKind.DOMAIN) {
       const undo = h.kind === AttachKind.GPASID_BIND ? "UnbindGpasid" : "SvaUnbind";
       throw iommuError("DOMAIN_MISMATCH", `${where} holds a ${h.kind} handle, not an AttachDomain one: use ${undo}`);
@@ -569,38 +260,38 @@ export class IommuHardware {
   detachDomain(spec: DetachDomainSpec): Changed<AttachHandle> {
     const h = this.findDomainAttachment(spec);
     const changes: HardwareChange[] = [];
-    this.#teardownHandle(this.#handles.get(h.handleId)!, FlushCause.DETACH, changes);
+    this.#teardownHandle(this.#t.handles.get(h.handleId)!, FlushCause.DETACH, changes);
     return { result: h, changes };
   }
 
   /** The handle programmed at a device's PASID (or RID_PASID), or undefined. */
   handleAt(deviceId: string, pasid: number, withoutPasid = false): AttachHandle | undefined {
-    const id = this.#devices.get(deviceId)?.entries.get(withoutPasid ? RID_PASID : pasid);
-    return id === undefined ? undefined : snapshotHandle(this.#handles.get(id)!);
+    const id = this.#t.devices.get(deviceId)?.entries.get(withoutPasid ? RID_PASID : pasid);
+    return id === undefined ? undefined : snapshotHandle(this.#t.handles.get(id)!);
   }
 
   // ---- guest PASID binds ----
 
   /** The bind state of a host PASID, or undefined. The object is live: the driver updates its flags. */
   binding(hpasid: number): GpasidBinding | undefined {
-    return this.#bindings.get(hpasid);
+    return this.#t.bindings.get(hpasid);
   }
 
   /** Starts tracking a guest bind of `hpasid` (no device yet, nothing held). */
   createBinding(b: { hpasid: number; setId: number; generation: number; gpasid: number }): GpasidBinding {
-    const existing = this.#bindings.get(b.hpasid);
+    const existing = this.#t.bindings.get(b.hpasid);
     if (existing !== undefined) return existing;
     const created = this.#watchBinding({ ...b, devices: new Set(), refHeld: false, spidAttached: false, firstStage: [] });
-    this.#bindings.set(b.hpasid, created);
+    this.#t.bindings.set(b.hpasid, created);
     this.#dirty.add(`bind/${b.hpasid}`);
     return created;
   }
 
   /** Forgets a bind state that has no device left. */
   deleteBinding(hpasid: number): void {
-    const b = this.#bindings.get(hpasid);
+    const b = this.#t.bindings.get(hpasid);
     if (b !== undefined && b.devices.size === 0) {
-      this.#bindings.delete(hpasid);
+      this.#t.bindings.delete(hpasid);
       this.#dirty.add(`bind/${hpasid}`);
     }
   }
@@ -631,7 +322,7 @@ export class IommuHardware {
    *   DOMAIN_NOT_PAGING, INVALID_FIELD
    */
   installGpasidEntry(spec: GpasidEntrySpec): Changed<AttachHandle> {
-    const binding = this.#bindings.get(spec.hpasid);
+    const binding = this.#t.bindings.get(spec.hpasid);
     if (binding === undefined) throw new Error(`no bind state for PASID ${spec.hpasid}`);
     this.checkGpasidEntry(spec);
     const dev = this.#device(spec.deviceId);
@@ -666,9 +357,9 @@ export class IommuHardware {
    * @returns the handle, or undefined when the device has no bind entry for it
    */
   removeGpasidEntry(hpasid: number, deviceId: string): Changed<AttachHandle | undefined> {
-    const dev = this.#devices.get(deviceId);
+    const dev = this.#t.devices.get(deviceId);
     const id = dev?.entries.get(hpasid);
-    const h = id === undefined || hpasid === RID_PASID ? undefined : this.#handles.get(id);
+    const h = id === undefined || hpasid === RID_PASID ? undefined : this.#t.handles.get(id);
     if (h === undefined || h.kind !== AttachKind.GPASID_BIND) return { result: undefined, changes: [] };
     const changes: HardwareChange[] = [];
     return { result: this.#teardownHandle(h, FlushCause.DETACH, changes), changes };
@@ -685,10 +376,10 @@ export class IommuHardware {
     const changes: HardwareChange[] = [];
     const torn: AttachHandle[] = [];
     if (pasid === RID_PASID || generation === 0) return { result: torn, changes };
-    for (const dev of this.#devices.values()) {
+    for (const dev of this.#t.devices.values()) {
       const id = dev.entries.get(pasid);
       if (id === undefined) continue;
-      const h = this.#handles.get(id)!;
+      const h = this.#t.handles.get(id)!;
       if (h.generation !== generation) continue;
       // Fault reporting is off from the moment the free is seen until the entry is gone
       // (ioasid.rst: "IOMMU driver shall disable fault reporting after free and before unbind").
@@ -705,11 +396,11 @@ export class IommuHardware {
    */
   hasIoasidState(pasid: number, generation: number): boolean {
     if (pasid === RID_PASID || generation === 0) return false;
-    if (this.#bindings.get(pasid)?.generation === generation) return true;
-    for (const mm of this.#mms.values()) if (mm.pasid === pasid && mm.generation === generation) return true;
-    for (const dev of this.#devices.values()) {
+    if (this.#t.bindings.get(pasid)?.generation === generation) return true;
+    for (const mm of this.#t.mms.values()) if (mm.pasid === pasid && mm.generation === generation) return true;
+    for (const dev of this.#t.devices.values()) {
       const id = dev.entries.get(pasid);
-      if (id !== undefined && this.#handles.get(id)!.generation === generation) return true;
+      if (id !== undefined && this.#t.handles.get(id)!.generation === generation) return true;
     }
     return false;
   }
@@ -718,26 +409,26 @@ export class IommuHardware {
 
   /** The mm context, or undefined. */
   mm(mmToken: bigint): MmContext | undefined {
-    const m = this.#mms.get(mmToken);
+    const m = this.#t.mms.get(mmToken);
     return m === undefined ? undefined : { mmToken: m.mmToken, setId: m.setId, pasid: m.pasid, generation: m.generation };
   }
 
   /** Every mm context whose PASID is `pasid`. */
   mmsWithPasid(pasid: number): MmContext[] {
-    return [...this.#mms.values()].filter((m) => m.pasid === pasid).map((m) => this.mm(m.mmToken)!);
+    return [...this.#t.mms.values()].filter((m) => m.pasid === pasid).map((m) => this.mm(m.mmToken)!);
   }
 
   /** Records an mm and the PASID allocated for it. */
   addMm(ctx: MmContext): void {
-    if (!this.#mms.has(ctx.mmToken)) this.#mms.set(ctx.mmToken, { ...ctx, domainId: 0, bonds: new Map() });
+    if (!this.#t.mms.has(ctx.mmToken)) this.#t.mms.set(ctx.mmToken, { ...ctx, domainId: 0, bonds: new Map() });
     this.#dirty.add(`mm/${ctx.mmToken}`);
   }
 
   /** Forgets an mm whose bonds are all gone. */
   deleteMm(mmToken: bigint): void {
-    const m = this.#mms.get(mmToken);
+    const m = this.#t.mms.get(mmToken);
     if (m !== undefined && m.bonds.size === 0) {
-      this.#mms.delete(mmToken);
+      this.#t.mms.delete(mmToken);
       this.#dirty.add(`mm/${mmToken}`);
     }
   }
@@ -755,7 +446,7 @@ export class IommuHardware {
     if (pasid >= dev.spec.maxPasids) {
       throw iommuError("PASID_OUT_OF_RANGE", `the mm's PASID ${pasid} is not below max_pasids ${dev.spec.maxPasids} of device ${deviceId}`);
     }
-    const bond = this.#mms.get(mmToken)?.bonds.get(deviceId);
+    const bond = this.#t.mms.get(mmToken)?.bonds.get(deviceId);
     const taken = dev.entries.get(pasid);
     if (taken !== undefined && taken !== bond?.handleId) {
       throw iommuError("PASID_IN_USE", `device ${deviceId} already has another attachment at the mm's PASID ${pasid}`);
@@ -768,14 +459,14 @@ export class IommuHardware {
    * @throws see {@link checkSvaBind}
    */
   svaBind(deviceId: string, mmToken: bigint, owner: string, ownerData: Uint8Array): Changed<SvaBond> {
-    const mm = this.#mms.get(mmToken);
+    const mm = this.#t.mms.get(mmToken);
     if (mm === undefined) throw new Error(`mm ${mmToken} is not known`);
     this.checkSvaBind(deviceId, mmToken, mm.pasid, owner, ownerData);
     const existing = mm.bonds.get(deviceId);
     if (existing !== undefined) {
       existing.users++;
       this.#dirty.add(`mm/${mmToken}`);
-      return { result: this.#bondView(mm, deviceId, existing), changes: [] };
+      return { result: bondView(mm, deviceId, existing), changes: [] };
     }
     if (mm.domainId === 0) mm.domainId = this.#addDomain({ type: DomainType.SVA, parentDomainId: 0, guestPgtable: 0n, mmToken }, true).domainId;
     const changes: HardwareChange[] = [];
@@ -797,7 +488,7 @@ export class IommuHardware {
     const bond: BondState = { handleId: handle.handleId, users: 1 };
     mm.bonds.set(deviceId, bond);
     this.#dirty.add(`mm/${mmToken}`);
-    return { result: this.#bondView(mm, deviceId, bond), changes };
+    return { result: bondView(mm, deviceId, bond), changes };
   }
 
   /**
@@ -808,7 +499,7 @@ export class IommuHardware {
    */
   svaUnbind(deviceId: string, mmToken: bigint): Changed<number> {
     this.#device(deviceId);
-    const mm = this.#mms.get(mmToken);
+    const mm = this.#t.mms.get(mmToken);
     const bond = mm?.bonds.get(deviceId);
     if (mm === undefined || bond === undefined) throw iommuError("SVA_BOND_NOT_FOUND", `mm ${mmToken} is not bound to device ${deviceId}`);
     if (bond.users > 1) {
@@ -817,7 +508,7 @@ export class IommuHardware {
       return { result: bond.users, changes: [] };
     }
     const changes: HardwareChange[] = [];
-    this.#teardownHandle(this.#handles.get(bond.handleId)!, FlushCause.DETACH, changes);
+    this.#teardownHandle(this.#t.handles.get(bond.handleId)!, FlushCause.DETACH, changes);
     return { result: 0, changes };
   }
 
@@ -827,12 +518,12 @@ export class IommuHardware {
    * @returns how many bonds were torn down
    */
   releaseMmBonds(mmToken: bigint): Changed<number> {
-    const mm = this.#mms.get(mmToken);
+    const mm = this.#t.mms.get(mmToken);
     const changes: HardwareChange[] = [];
     if (mm === undefined) return { result: 0, changes };
     let torn = 0;
     for (const bond of [...mm.bonds.values()]) {
-      this.#teardownHandle(this.#handles.get(bond.handleId)!, FlushCause.MM_RELEASE, changes);
+      this.#teardownHandle(this.#t.handles.get(bond.handleId)!, FlushCause.MM_RELEASE, changes);
       torn++;
     }
     return { result: torn, changes };
@@ -865,8 +556,8 @@ export class IommuHardware {
     if (unmapped === 0n) return { result: 0n, changes };
     d.mappings = kept;
     this.#dirty.add(`dom/${domainId}`);
-    for (const h of this.#handles.values()) {
-      const hd = this.#domains.get(h.domainId)!;
+    for (const h of this.#t.handles.values()) {
+      const hd = this.#t.domains.get(h.domainId)!;
       if (hd.domainId !== domainId && hd.parentDomainId !== domainId) continue;
       changes.push(this.#rangeFlush(h, iova, size));
     }
@@ -896,15 +587,15 @@ export class IommuHardware {
     if (unmapped === 0n) return { result: 0n, changes };
     b.firstStage = kept;
     for (const deviceId of b.devices) {
-      const id = this.#devices.get(deviceId)?.entries.get(hpasid);
-      const h = id === undefined ? undefined : this.#handles.get(id);
+      const id = this.#t.devices.get(deviceId)?.entries.get(hpasid);
+      const h = id === undefined ? undefined : this.#t.handles.get(id);
       if (h !== undefined) changes.push(this.#rangeFlush(h, iova, size));
     }
     return { result: unmapped, changes };
   }
 
   #guestBinding(hpasid: number): GpasidBinding {
-    const b = this.#bindings.get(hpasid);
+    const b = this.#t.bindings.get(hpasid);
     if (b === undefined) throw iommuError("GUEST_BIND_NOT_FOUND", `host PASID ${hpasid} has no guest bind`);
     return b;
   }
@@ -943,18 +634,18 @@ export class IommuHardware {
     }
     const id = dev.entries.get(t.withoutPasid ? RID_PASID : t.pasid);
     if (id === undefined) return { outcome: "FAULT", reason: FaultReason.NO_PASID_ENTRY, handleId: 0n };
-    const h = this.#handles.get(id)!;
-    const d = this.#domains.get(h.domainId)!;
+    const h = this.#t.handles.get(id)!;
+    const d = this.#t.domains.get(h.domainId)!;
     if (d.type === DomainType.SVA) return { outcome: "TRANSLATED", outputAddress: t.address, handleId: id };
     const miss = (): TranslateResult =>
       dev.spec.priCapable ? { outcome: "MISS", handle: snapshotHandle(h) } : { outcome: "FAULT", reason: FaultReason.NOT_PRESENT, handleId: id };
     let address = t.address;
     let table = d;
     if (d.type === DomainType.NESTED) {
-      table = this.#domains.get(d.parentDomainId)!;
+      table = this.#t.domains.get(d.parentDomainId)!;
       // First stage: the guest's page table of a guest bind (none for an explicit nested attach:
       // there it translates guest virtual = guest physical).
-      const b = h.kind === AttachKind.GPASID_BIND ? this.#bindings.get(h.pasid) : undefined;
+      const b = h.kind === AttachKind.GPASID_BIND ? this.#t.bindings.get(h.pasid) : undefined;
       if (b !== undefined) {
         const first = findMapping(b.firstStage, address);
         if (first === undefined) return miss();
@@ -975,13 +666,13 @@ export class IommuHardware {
 
   /** The handle with this id, or undefined. */
   handle(handleId: bigint): AttachHandle | undefined {
-    const h = this.#handles.get(handleId);
+    const h = this.#t.handles.get(handleId);
     return h === undefined ? undefined : snapshotHandle(h);
   }
 
   /** Whether faults under a handle are reported (off once a FREE started tearing its PASID down). */
   faultReporting(handleId: bigint): boolean {
-    return this.#handles.get(handleId)?.faultReporting ?? false;
+    return this.#t.handles.get(handleId)?.faultReporting ?? false;
   }
 
   // ---- persistence ----
@@ -999,7 +690,7 @@ export class IommuHardware {
 
   takeChanges(): StateChange<IommuHardwareKeptEntry>[] {
     const out: StateChange<IommuHardwareKeptEntry>[] = [];
-    for (const key of this.#dirty) out.push({ key, value: this.#valueOf(key) });
+    for (const key of this.#dirty) out.push({ key, value: keptEntryOf(this.#t, key) });
     this.#dirty.clear();
     return out;
   }
@@ -1007,77 +698,9 @@ export class IommuHardware {
   /** Hardware rebuilt from what {@link takeChanges} wrote. */
   static restore(saved: ReadonlyMap<string, IommuKeptEntry>, options: { now?: () => Date } = {}): IommuHardware {
     const hw = new IommuHardware(options);
-    hw.#load(saved);
+    loadTables(hw.#t, saved, (b) => hw.#watchBinding(b));
+    hw.#dirty.clear();
     return hw;
-  }
-
-  #load(saved: ReadonlyMap<string, IommuKeptEntry>): void {
-    const kept = [...saved.values()];
-    for (const v of kept) {
-      if (v.kind !== "device") continue;
-      const d = v.device;
-      const spec: DeviceSpec = {
-        deviceId: d.deviceId,
-        maxPasids: d.maxPasids,
-        priCapable: d.priCapable,
-        function: d.function,
-        parentDeviceId: d.parentDeviceId,
-        iommuGroup: d.iommuGroup,
-        priCredits: d.priCredits,
-      };
-      this.#devices.set(spec.deviceId, { spec, entries: new Map() });
-    }
-    for (const v of kept) {
-      if (v.kind !== "domain") continue;
-      const d = v.domain;
-      this.#domains.set(d.domainId, {
-        domainId: d.domainId,
-        type: d.type,
-        parentDomainId: d.parentDomainId,
-        guestPgtable: d.guestPgtable,
-        mmToken: d.mmToken,
-        implicit: d.implicit,
-        attachCount: 0,
-        mappings: d.mappings.map(copyMapping),
-      });
-    }
-    for (const v of kept) {
-      if (v.kind !== "gpasidBinding") continue;
-      const b = v.binding;
-      this.#bindings.set(
-        b.hpasid,
-        this.#watchBinding({ hpasid: b.hpasid, setId: b.setId, generation: b.generation, gpasid: b.gpasid, devices: new Set(), refHeld: b.refHeld, spidAttached: b.spidAttached, firstStage: b.firstStage.map(copyMapping) }),
-      );
-    }
-    for (const v of kept) {
-      if (v.kind !== "attachHandle") continue;
-      const dev = this.#devices.get(v.handle.deviceId);
-      const d = this.#domains.get(v.handle.domainId);
-      if (dev === undefined || d === undefined) continue;
-      const h: HandleState = { ...snapshotHandle(v.handle), faultReporting: v.handle.faultReporting };
-      this.#handles.set(h.handleId, h);
-      dev.entries.set(h.pasid, h.handleId);
-      d.attachCount++;
-      if (h.kind === AttachKind.GPASID_BIND) this.#bindings.get(h.pasid)?.devices.add(h.deviceId);
-    }
-    for (const v of kept) {
-      if (v.kind !== "mmContext") continue;
-      const m = v.mm;
-      this.#mms.set(m.mmToken, {
-        mmToken: m.mmToken,
-        setId: m.setId,
-        pasid: m.pasid,
-        generation: m.generation,
-        domainId: m.domainId,
-        bonds: new Map(m.bonds.map((b) => [b.deviceId, { handleId: b.handleId, users: b.users }])),
-      });
-    }
-    for (const v of kept) {
-      if (v.kind !== "idCounters") continue;
-      this.#nextDomainId = Math.max(this.#nextDomainId, v.nextDomainId);
-      if (v.nextHandleId > this.#nextHandleId) this.#nextHandleId = v.nextHandleId;
-    }
-    this.#dirty.clear();
   }
 
   /** A bind state whose flags and first stage mark it changed when the driver sets them. */
@@ -1092,75 +715,14 @@ export class IommuHardware {
     });
   }
 
-  #valueOf(key: string): IommuHardwareKeptEntry | undefined {
-    const slash = key.indexOf("/");
-    const kind = slash < 0 ? key : key.slice(0, slash);
-    const id = key.slice(slash + 1);
-    switch (kind) {
-      case "ids":
-        return { kind: "idCounters", nextDomainId: this.#nextDomainId, nextHandleId: this.#nextHandleId };
-      case "dev": {
-        const spec = this.#devices.get(id)?.spec;
-        return spec === undefined ? undefined : { kind: "device", device: spec };
-      }
-      case "dom": {
-        const d = this.#domains.get(Number(id));
-        if (d === undefined) return undefined;
-        const domain: KeptDomain = {
-          domainId: d.domainId,
-          type: d.type,
-          parentDomainId: d.parentDomainId,
-          guestPgtable: d.guestPgtable,
-          mmToken: d.mmToken,
-          implicit: d.implicit,
-          mappings: d.mappings.map(copyMapping),
-        };
-        return { kind: "domain", domain };
-      }
-      case "h": {
-        const h = this.#handles.get(BigInt(id));
-        return h === undefined ? undefined : { kind: "attachHandle", handle: { ...snapshotHandle(h), faultReporting: h.faultReporting } };
-      }
-      case "bind": {
-        const b = this.#bindings.get(Number(id));
-        if (b === undefined) return undefined;
-        const binding: KeptGpasidBinding = {
-          hpasid: b.hpasid,
-          setId: b.setId,
-          generation: b.generation,
-          gpasid: b.gpasid,
-          refHeld: b.refHeld,
-          spidAttached: b.spidAttached,
-          firstStage: b.firstStage.map(copyMapping),
-        };
-        return { kind: "gpasidBinding", binding };
-      }
-      case "mm": {
-        const m = this.#mms.get(BigInt(id));
-        if (m === undefined) return undefined;
-        const mm: KeptMmContext = {
-          mmToken: m.mmToken,
-          setId: m.setId,
-          pasid: m.pasid,
-          generation: m.generation,
-          domainId: m.domainId,
-          bonds: [...m.bonds].map(([deviceId, b]) => ({ deviceId, handleId: b.handleId, users: b.users })),
-        };
-        return { kind: "mmContext", mm };
-      }
-      default:
-        return undefined;
-    }
-  }
-
   /** Every guest bind state (after a restart, to reconcile with the core). */
   bindings(): GpasidBinding[] {
-    return [...this.#bindings.values()];
+    return [...this.#t.bindings.values()];
   }
 
   /** Every mm context. */
   mms(): MmContext[] {
-    return [...this.#mms.keys()].map((t) => this.mm(t)!);
+    return [...this.#t.mms.keys()].map((t) => this.mm(t)!);
   }
 
   // ---- state ----
@@ -1173,18 +735,18 @@ export class IommuHardware {
    */
   snapshot(deviceIds: readonly string[] = [], maxFlushes = 0): IommuSnapshot {
     for (const id of deviceIds) this.#device(id);
-    const selected = deviceIds.length === 0 ? [...this.#devices.keys()] : [...new Set(deviceIds)];
+    const selected = deviceIds.length === 0 ? [...this.#t.devices.keys()] : [...new Set(deviceIds)];
     selected.sort();
     const chosen = new Set(selected);
-    const handles = [...this.#handles.values()].filter((h) => chosen.has(h.deviceId)).map(snapshotHandle);
+    const handles = [...this.#t.handles.values()].filter((h) => chosen.has(h.deviceId)).map(snapshotHandle);
     handles.sort((a, b) => (a.handleId < b.handleId ? -1 : 1));
     const bonds: SvaBond[] = [];
-    for (const mm of this.#mms.values()) {
-      for (const [deviceId, bond] of mm.bonds) if (chosen.has(deviceId)) bonds.push(this.#bondView(mm, deviceId, bond));
+    for (const mm of this.#t.mms.values()) {
+      for (const [deviceId, bond] of mm.bonds) if (chosen.has(deviceId)) bonds.push(bondView(mm, deviceId, bond));
     }
     return {
-      devices: selected.map((id) => this.#deviceView(this.#devices.get(id)!)),
-      domains: [...this.#domains.values()].sort((a, b) => a.domainId - b.domainId).map((d) => this.#domainView(d)),
+      devices: selected.map((id) => deviceView(this.#t, this.#t.devices.get(id)!)),
+      domains: [...this.#t.domains.values()].sort((a, b) => a.domainId - b.domainId).map((d) => domainView(d)),
       handles,
       bonds,
       flushes: maxFlushes <= 0 ? [] : this.#flushes.slice(-maxFlushes),
@@ -1195,14 +757,14 @@ export class IommuHardware {
 
   #device(deviceId: string): DeviceState {
     if (deviceId === "") throw invalidField("device_id", "device_id is required");
-    const dev = this.#devices.get(deviceId);
+    const dev = this.#t.devices.get(deviceId);
     if (dev === undefined) throw iommuError("DEVICE_NOT_FOUND", `device ${deviceId} is not registered`);
     return dev;
   }
 
   #domain(domainId: number): DomainState {
     if (domainId === 0) throw invalidField("domain_id", "domain_id is required");
-    const d = this.#domains.get(domainId);
+    const d = this.#t.domains.get(domainId);
     if (d === undefined) throw iommuError("DOMAIN_NOT_FOUND", `domain ${domainId} does not exist`);
     return d;
   }
@@ -1234,7 +796,7 @@ export class IommuHardware {
       if (rid === undefined) {
         throw iommuError("DOMAIN_NOT_FOUND", `device ${dev.spec.deviceId} has no domain attached without PASID: name parent_domain_id`);
       }
-      parent = this.#domains.get(this.#handles.get(rid)!.domainId)!;
+      parent = this.#t.domains.get(this.#t.handles.get(rid)!.domainId)!;
     } else {
       parent = this.#domain(parentDomainId);
     }
@@ -1273,7 +835,7 @@ export class IommuHardware {
 
   #addDomain(spec: DomainSpec, implicit: boolean): DomainState {
     const d: DomainState = {
-      domainId: this.#nextDomainId++,
+      domainId: this.#t.nextDomainId++,
       type: spec.type,
       parentDomainId: spec.parentDomainId,
       guestPgtable: spec.guestPgtable,
@@ -1282,7 +844,7 @@ export class IommuHardware {
       attachCount: 0,
       mappings: [],
     };
-    this.#domains.set(d.domainId, d);
+    this.#t.domains.set(d.domainId, d);
     this.#dirty.add(`dom/${d.domainId}`);
     this.#dirty.add("ids");
     return d;
@@ -1292,26 +854,26 @@ export class IommuHardware {
     const state: HandleState = {
       ...h,
       ownerData: Uint8Array.from(h.ownerData),
-      handleId: this.#nextHandleId++,
+      handleId: this.#t.nextHandleId++,
       createdAt: this.#now(),
       faultReporting: true,
     };
-    this.#handles.set(state.handleId, state);
+    this.#t.handles.set(state.handleId, state);
     this.#dirty.add(`h/${state.handleId}`);
     this.#dirty.add("ids");
-    this.#devices.get(h.deviceId)!.entries.set(h.pasid, state.handleId);
-    this.#domains.get(h.domainId)!.attachCount++;
-    changes.push({ kind: "pasidEntrySet", deviceId: h.deviceId, entry: this.#entryView(state) });
+    this.#t.devices.get(h.deviceId)!.entries.set(h.pasid, state.handleId);
+    this.#t.domains.get(h.domainId)!.attachCount++;
+    changes.push({ kind: "pasidEntrySet", deviceId: h.deviceId, entry: entryView(this.#t, state) });
     return snapshotHandle(state);
   }
 
   /** Clears a handle's entry, flushes, and drops what only it used (implicit domain, bind device, bond). */
   #teardownHandle(h: HandleState, cause: FlushCause, changes: HardwareChange[]): AttachHandle {
-    const entry = this.#entryView(h);
-    this.#devices.get(h.deviceId)?.entries.delete(h.pasid);
-    this.#handles.delete(h.handleId);
+    const entry = entryView(this.#t, h);
+    this.#t.devices.get(h.deviceId)?.entries.delete(h.pasid);
+    this.#t.handles.delete(h.handleId);
     this.#dirty.add(`h/${h.handleId}`);
-    const d = this.#domains.get(h.domainId)!;
+    const d = this.#t.domains.get(h.domainId)!;
     d.attachCount--;
     changes.push({ kind: "teardownPasid", deviceId: h.deviceId, entry, cause });
     changes.push(
@@ -1326,15 +888,15 @@ export class IommuHardware {
         size: 0n,
       }),
     );
-    if (h.kind === AttachKind.GPASID_BIND) this.#bindings.get(h.pasid)?.devices.delete(h.deviceId);
+    if (h.kind === AttachKind.GPASID_BIND) this.#t.bindings.get(h.pasid)?.devices.delete(h.deviceId);
     if (h.kind === AttachKind.SVA_BIND) {
-      const mm = this.#mms.get(d.mmToken);
+      const mm = this.#t.mms.get(d.mmToken);
       mm?.bonds.delete(h.deviceId);
       if (mm !== undefined && mm.bonds.size === 0) mm.domainId = 0;
       if (mm !== undefined) this.#dirty.add(`mm/${mm.mmToken}`);
     }
     if (d.implicit && d.attachCount === 0) {
-      this.#domains.delete(d.domainId);
+      this.#t.domains.delete(d.domainId);
       this.#dirty.add(`dom/${d.domainId}`);
     }
     return snapshotHandle(h);
@@ -1347,62 +909,6 @@ export class IommuHardware {
     return { kind: "iotlbFlush", flush };
   }
 
-  #entryView(h: HandleState): PasidEntry {
-    return {
-      pasid: h.pasid,
-      withoutPasid: h.withoutPasid,
-      domainId: h.domainId,
-      domainType: this.#domains.get(h.domainId)!.type,
-      handleId: h.handleId,
-      setId: h.setId,
-      gpasid: h.gpasid,
-      generation: h.generation,
-      faultReporting: h.faultReporting,
-    };
-  }
-
-  #deviceView(dev: DeviceState): DeviceView {
-    const keys = [...dev.entries.keys()].sort((a, b) => a - b);
-    return { ...dev.spec, pasidEntries: keys.map((k) => this.#entryView(this.#handles.get(dev.entries.get(k)!)!)) };
-  }
-
-  #domainView(d: DomainState): Domain {
-    return {
-      domainId: d.domainId,
-      type: d.type,
-      parentDomainId: d.parentDomainId,
-      guestPgtable: d.guestPgtable,
-      mmToken: d.mmToken,
-      attachCount: d.attachCount,
-      mappings: d.mappings.map((m) => ({ ...m, access: { ...m.access } })),
-      implicit: d.implicit,
-    };
-  }
-
-  #bondView(mm: MmState, deviceId: string, bond: BondState): SvaBond {
-    return { deviceId, mmToken: mm.mmToken, pasid: mm.pasid, handleId: bond.handleId, domainId: mm.domainId, users: bond.users };
-  }
-}
-
-function copyMapping(m: Mapping): Mapping {
-  return { iova: m.iova, paddr: m.paddr, size: m.size, access: { ...m.access } };
-}
-
-function snapshotHandle(h: AttachHandle): AttachHandle {
-  return {
-    handleId: h.handleId,
-    kind: h.kind,
-    domainId: h.domainId,
-    deviceId: h.deviceId,
-    pasid: h.pasid,
-    withoutPasid: h.withoutPasid,
-    owner: h.owner,
-    ownerData: Uint8Array.from(h.ownerData),
-    setId: h.setId,
-    gpasid: h.gpasid,
-    generation: h.generation,
-    createdAt: h.createdAt,
-  };
 }
 
 function describeTarget(deviceId: string, pasid: number, withoutPasid: boolean): string {
@@ -1419,77 +925,4 @@ function assertName(field: string, value: string): void {
 function assertOwner(owner: string, ownerData: Uint8Array): void {
   assertName("owner", owner);
   if (ownerData.length > MAX_OWNER_DATA) throw invalidField("owner_data", `owner_data is limited to ${MAX_OWNER_DATA} bytes`);
-}
-
-/** Page-aligned, non-empty, not wrapping past 2^64. */
-function assertRange(iova: bigint, size: bigint): void {
-  if (size === 0n) throw iommuError("INVALID_RANGE", "size must not be 0");
-  if (iova % PAGE_SIZE !== 0n || size % PAGE_SIZE !== 0n) {
-    throw iommuError("ADDRESS_NOT_ALIGNED", `iova 0x${iova.toString(16)} and size 0x${size.toString(16)} must be 4 KiB aligned`);
-  }
-  if (iova + size > U64_LIMIT) throw iommuError("INVALID_RANGE", "the IOVA range wraps past 2^64");
-}
-
-/** Index of the first mapping whose IOVA is ≥ `iova`. */
-function lowerBound(mappings: readonly Mapping[], iova: bigint): number {
-  let lo = 0;
-  let hi = mappings.length;
-  while (lo < hi) {
-    const mid = (lo + hi) >>> 1;
-    if (mappings[mid]!.iova < iova) lo = mid + 1;
-    else hi = mid;
-  }
-  return lo;
-}
-
-function allows(granted: DmaAccess, asked: DmaAccess): boolean {
-  return !((asked.read && !granted.read) || (asked.write && !granted.write) || (asked.execute && !granted.execute));
-}
-
-/**
- * `mappings` with `m` inserted in IOVA order.
- * @throws ADDRESS_NOT_ALIGNED, INVALID_RANGE, INVALID_FIELD (no access), IOVA_ALREADY_MAPPED
- */
-function insertMapping(mappings: Mapping[], m: Mapping, where: string): Mapping[] {
-  assertRange(m.iova, m.size);
-  if (m.paddr % PAGE_SIZE !== 0n) throw iommuError("ADDRESS_NOT_ALIGNED", `address 0x${m.paddr.toString(16)} is not 4 KiB aligned`);
-  if (m.paddr + m.size > U64_LIMIT) throw iommuError("INVALID_RANGE", "the output range wraps past 2^64");
-  if (!m.access.read && !m.access.write) throw invalidField("access", "a mapping grants at least read or write access");
-  const at = lowerBound(mappings, m.iova);
-  const prev = mappings[at - 1];
-  const next = mappings[at];
-  const end = m.iova + m.size;
-  if ((prev !== undefined && prev.iova + prev.size > m.iova) || (next !== undefined && next.iova < end)) {
-    throw iommuError("IOVA_ALREADY_MAPPED", `[0x${m.iova.toString(16)}, 0x${end.toString(16)}) overlaps a mapping of ${where}`);
-  }
-  mappings.splice(at, 0, { iova: m.iova, paddr: m.paddr, size: m.size, access: { ...m.access } });
-  return mappings;
-}
-
-/**
- * Every page inside a page-aligned range removed (mappings straddling its ends are split).
- * @throws ADDRESS_NOT_ALIGNED, INVALID_RANGE
- */
-function removeMappings(mappings: readonly Mapping[], iova: bigint, size: bigint): { kept: Mapping[]; unmapped: bigint } {
-  assertRange(iova, size);
-  const end = iova + size;
-  const kept: Mapping[] = [];
-  let unmapped = 0n;
-  for (const m of mappings) {
-    const mEnd = m.iova + m.size;
-    if (mEnd <= iova || m.iova >= end) {
-      kept.push(m);
-      continue;
-    }
-    if (m.iova < iova) kept.push({ ...m, size: iova - m.iova });
-    if (mEnd > end) kept.push({ ...m, iova: end, paddr: m.paddr + (end - m.iova), size: mEnd - end });
-    unmapped += (mEnd < end ? mEnd : end) - (m.iova > iova ? m.iova : iova);
-  }
-  return { kept, unmapped };
-}
-
-function findMapping(mappings: readonly Mapping[], address: bigint): Mapping | undefined {
-  const at = lowerBound(mappings, address + 1n) - 1;
-  const m = mappings[at];
-  return m !== undefined && address < m.iova + m.size ? m : undefined;
 }

@@ -1,5 +1,5 @@
 import { iommu } from "@ioasid/proto";
-import { invalidField } from "./iommu-errors.js";
+import { invalidField } from "../domain/iommu-errors.js";
 import {
   AttachKind,
   DeviceFunction,
@@ -16,9 +16,9 @@ import {
   type Mapping,
   type PasidEntry,
   type SvaBond,
-} from "./iommu-hardware.js";
-import { GroupState, PageResponseCode, ResponseSource, type FaultGroup } from "./page-requests.js";
-import type { FaultRecord } from "./fault-handlers.js";
+} from "../domain/iommu-hardware.js";
+import { GroupState, PageResponseCode, ResponseSource, type FaultGroup } from "../domain/page-requests.js";
+import type { FaultRecord } from "../domain/fault-handlers.js";
 
 // Translations between the wire (ts-proto types of ioasid.iommu.v1) and the domain model. An
 // UNSPECIFIED or unknown enum is refused with INVALID_FIELD naming the field.

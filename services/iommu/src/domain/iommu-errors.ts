@@ -1,4 +1,4 @@
-import { Code, invalidField, reasonError } from "@ioasid/errors";
+import { Code, invalidField, isDomainError, reasonError } from "@ioasid/errors";
 
 /**
  * The error reasons the IOMMU role returns (proto/ioasid/iommu/v1/iommu.proto names them per RPC;
@@ -47,3 +47,9 @@ export const iommuError = reasonError(IommuReason);
 
 /** INVALID_ARGUMENT `INVALID_FIELD` naming the field (shared by every service). */
 export { invalidField };
+
+/** Core refusals meaning "that IOASID generation is gone": nothing of it is held any more. */
+const GONE = ["IOASID_NOT_FOUND", "STALE_GENERATION", "SET_UNKNOWN"];
+
+/** Whether a core refusal says the IOASID generation is gone (the driver and its fault path both ask). */
+export const isGone = (err: unknown): boolean => GONE.some((r) => isDomainError(err, r));

@@ -17,8 +17,8 @@ import {
   toDeviceSpec,
   toDomainType,
 } from "./convert.js";
-import { invalidField } from "./iommu-errors.js";
-import type { IommuDriver } from "./iommu-driver.js";
+import { invalidField } from "../domain/iommu-errors.js";
+import type { IommuDriver } from "../domain/iommu-driver.js";
 
 /** Highest page request group index (9 bits). */
 const MAX_PRGI = 511;

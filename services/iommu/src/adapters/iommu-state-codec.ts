@@ -1,8 +1,8 @@
 import { protoStateCodec, requireField, type StateCodec } from "@ioasid/bus";
 import { iommu, iommuState } from "@ioasid/proto";
 import { ATTACH_KINDS_WIRE, DOMAIN_TYPES, DOMAIN_TYPES_WIRE, fromHandle, fromMapping, fromPageRequest, GROUP_STATES_WIRE, toAccess } from "./convert.js";
-import { DeviceFunction, type AttachKind, type IommuKeptEntry, type KeptAttachHandle, type Mapping } from "./iommu-hardware.js";
-import type { GroupState, PageRequest } from "./page-requests.js";
+import { DeviceFunction, type AttachKind, type IommuKeptEntry, type KeptAttachHandle, type Mapping } from "../domain/iommu-hardware.js";
+import type { GroupState, PageRequest } from "../domain/page-requests.js";
 
 // The IOMMU's kept entries ↔ ioasid.iommu.v1.IommuStateEntry (iommu_state.proto): the one place that
 // knows both the kept tables (hardware and page-request queue) and the generated state messages, so

@@ -1,8 +1,8 @@
 import { describe, expect, it } from "vitest";
 import { iommuState } from "@ioasid/proto";
-import { AttachKind, DeviceFunction, DomainType, type AttachHandle, type IommuKeptEntry } from "./iommu-hardware.js";
+import { AttachKind, DeviceFunction, DomainType, type AttachHandle, type IommuKeptEntry } from "../domain/iommu-hardware.js";
 import { IOMMU_STATE_FORMAT, iommuStateCodec } from "./iommu-state-codec.js";
-import { GroupState } from "./page-requests.js";
+import { GroupState } from "../domain/page-requests.js";
 
 const RW = { read: true, write: true, execute: true, privileged: true };
 const handle: AttachHandle = {

@@ -1,9 +1,13 @@
+// Kept whole (issue 12: one cohesive thing, ~930 lines): every operation here runs the same
+// protocol with the core under the same per-PASID / per-mm locks (check the generation, take the
+// "bind" reference, attach the SPID, undo on failure, release with the FREE's acknowledgement), and
+// cutting it would scatter that protocol; the fault path is cut out to dma-faults.ts.
 import { Code, DomainError, isDomainError } from "@ioasid/errors";
-import { coreError, IoasidState, TokenType, type Holder, type IoasidInfo, type SetInfo } from "@ioasid/ioasid";
-import { events } from "@ioasid/proto";
-import type { HandlerResult, HistoryActionInput, HistoryFields } from "@ioasid/bus";
+import { coreError, EventType, IoasidState, TokenType, type Holder, type IoasidEvent, type IoasidInfo, type SetInfo } from "@ioasid/ioasid";
+import type { HandlerResult, HistoryActionInput, HistoryActionValue, HistoryFields } from "@ioasid/bus";
 import type { CorePort } from "@ioasid/role-kit";
-import { iommuError, invalidField } from "./iommu-errors.js";
+import { iommuError, invalidField, isGone } from "./iommu-errors.js";
+import { DmaFaults, type DmaOutcome, type FaultCounters, type PageRequestHint } from "./dma-faults.js";
 import {
   AttachKind,
   MAX_PASIDS,
@@ -22,24 +26,37 @@ import {
   type Mapping,
   type MmContext,
   type SvaBond,
-  type TranslateResult,
   type IommuKeptEntry,
   type TranslateSpec,
 } from "./iommu-hardware.js";
-import { FaultHandlers, type FaultItem, type FaultRecord } from "./fault-handlers.js";
-import { PageRequestQueue, PageResponseCode, ResponseSource, type FaultGroup } from "./page-requests.js";
+import type { FaultHandlers, FaultItem } from "./fault-handlers.js";
+import { PageRequestQueue, ResponseSource, type FaultGroup, type PageResponseCode } from "./page-requests.js";
 import { KeyedMutex } from "@ioasid/role-kit";
 import type { RoleStatePort } from "@ioasid/bus";
 
-/** Where the IOMMU records its history steps (a bus HistoryRecorder is one). */
+/**
+ * A history step as the IOMMU records it: the catalogue's action, except that the notifier
+ * handler's event type is the domain's ("FREE"), not the wire enum (DESIGN §2: domain code knows
+ * no proto); the history adapter (`adapters/iommu-history.ts`) writes it in the catalogue's words.
+ */
+export type IommuHistoryAction =
+  | Exclude<HistoryActionInput, { readonly $case: "iommuNbHandler" }>
+  | { readonly $case: "iommuNbHandler"; readonly value: Omit<Partial<HistoryActionValue<"iommuNbHandler">>, "type"> & { readonly type: EventType } };
+
+/** Where the IOMMU records its history steps (a bus HistoryRecorder behind `iommuHistoryPort` is one). */
 export interface IommuHistoryPort {
-  record(action: HistoryActionInput, fields?: HistoryFields): void;
+  record(action: IommuHistoryAction, fields?: HistoryFields): void;
 }
+
+/** An IOASID event as the IOMMU's notifier handler reads it (the bus handler converts the delivered one). */
+export type IommuEvent = Pick<IoasidEvent, "seq" | "type" | "ioasid" | "generation" | "spid" | "setId">;
 
 /** Where the IOMMU reports what it cannot return to a caller (a pino logger is one). */
 export interface IommuLog {
   warn(fields: object, message: string): void;
 }
+
+export type { DmaOutcome, FaultCounters, PageRequestHint } from "./dma-faults.js";
 
 /** Options of {@link IommuDriver}. */
 export interface IommuDriverOptions {
@@ -63,31 +80,6 @@ export interface IommuDriverOptions {
 
 /** Default of {@link IommuDriverOptions.faultTimeoutMs}. */
 export const DEFAULT_FAULT_TIMEOUT_MS = 10_000;
-
-/** A page-request group hint of a DMA request. */
-export interface PageRequestHint {
-  readonly prgi: number;
-  readonly lastRequest: boolean;
-}
-
-/** What a DMA translation request produced, as the device sees it. */
-export type DmaOutcome =
-  | { readonly outcome: "TRANSLATED"; readonly outputAddress: bigint; readonly handleId: bigint }
-  | { readonly outcome: "PAGE_REQUEST"; readonly handleId: bigint; readonly faultGroupId: bigint; readonly groupComplete: boolean }
-  | { readonly outcome: "FAULT"; readonly reason: TranslateFault; readonly handleId: bigint; readonly faultGroupId: bigint };
-
-type TranslateFault = Extract<TranslateResult, { outcome: "FAULT" }>["reason"];
-
-/** Counters of the fault path (QueryState and logs). */
-export interface FaultCounters {
-  pageRequests: number;
-  groupsCompleted: number;
-  groupsNoHandler: number;
-  creditsExhausted: number;
-  faultsReported: number;
-  faultsSuppressed: number;
-  faultsUnhandled: number;
-}
 
 /** The largest SPID (guest PASID): 20 bits. */
 export const MAX_SPID = (1 << 20) - 1;
@@ -154,9 +146,6 @@ async function setByToken(core: CorePort, token: SetInfo["token"]): Promise<SetI
   return set;
 }
 
-/** Core refusals meaning "that IOASID generation is gone": nothing of it is held any more. */
-const GONE = ["IOASID_NOT_FOUND", "STALE_GENERATION", "SET_UNKNOWN"];
-const isGone = (err: unknown) => GONE.some((r) => isDomainError(err, r));
 /** A call whose outcome is unknown: the core may or may not have applied it. */
 const isIndeterminate = (err: unknown) =>
   !(err instanceof DomainError) || err.code === Code.UNAVAILABLE || err.code === Code.DEADLINE_EXCEEDED || err.code === Code.CANCELLED || err.code === Code.UNKNOWN;
@@ -172,7 +161,7 @@ const isIndeterminate = (err: unknown) =>
 export class IommuDriver {
   readonly hw: IommuHardware;
   /** The owners' fault-handler streams. */
-  readonly faults = new FaultHandlers();
+  readonly faults: FaultHandlers;
   readonly #core: CorePort;
   readonly #history: IommuHistoryPort | undefined;
   readonly #log: IommuLog | undefined;
@@ -180,20 +169,9 @@ export class IommuDriver {
   readonly #locks = new KeyedMutex();
   /** The page-request queue (fault groups). */
   readonly prq: PageRequestQueue;
-  readonly counters: FaultCounters = {
-    pageRequests: 0,
-    groupsCompleted: 0,
-    groupsNoHandler: 0,
-    creditsExhausted: 0,
-    faultsReported: 0,
-    faultsSuppressed: 0,
-    faultsUnhandled: 0,
-  };
-  readonly #waiters = new Map<bigint, Set<(g: FaultGroup) => void>>();
-  #timer: NodeJS.Timeout | undefined;
-  #timerAt = Infinity;
-  #nextFaultId = 1n;
-  #stopped = false;
+  readonly counters: FaultCounters;
+  /** The fault path: translations, page-request groups, page responses, fault records. */
+  readonly #dma: DmaFaults;
   readonly #store: RoleStatePort<IommuKeptEntry> | undefined;
   #persisting: Promise<void> = Promise.resolve();
 
@@ -219,6 +197,9 @@ export class IommuDriver {
     this.#history = options.history;
     this.#log = options.log;
     this.#holder = { role: HOLDER_ROLE, instance: options.instance, purpose: BIND_PURPOSE };
+    this.#dma = new DmaFaults({ hw: this.hw, prq: this.prq, core: this.#core, record: (action, fields) => this.#record(action, fields), log: this.#log, persist: () => this.persist() });
+    this.faults = this.#dma.faults;
+    this.counters = this.#dma.counters;
   }
 
   // ---- restart ----
@@ -311,7 +292,7 @@ export class IommuDriver {
       tornDown += result.length;
     }
     const adopted = adoptedHere + (await this.adoptHeldReferences());
-    this.#armTimer();
+    this.#dma.armTimer();
     await this.persist();
     return { adopted, tornDown };
   }
@@ -335,7 +316,7 @@ export class IommuDriver {
     const { result: torn, changes } = this.hw.removeDevice(deviceId);
     this.#recordChanges(changes);
     // Entries gone first (no new request can arrive), then every outstanding group answered.
-    const answered = this.#answered(this.prq.answerWhere((g) => g.deviceId === deviceId, ResponseSource.DEVICE_REMOVED));
+    const answered = this.#dma.answered(this.prq.answerWhere((g) => g.deviceId === deviceId, ResponseSource.DEVICE_REMOVED));
     this.prq.forgetDevice(deviceId);
     this.#record({ $case: "iommuReleaseDevice", value: { device: deviceId, handles: torn.length, answeredFaultGroups: answered } });
     const binds = torn.filter((h) => h.kind === AttachKind.GPASID_BIND);
@@ -401,7 +382,7 @@ export class IommuDriver {
       const { result, changes } = this.hw.detachDomain(spec);
       this.#recordChanges(changes);
       this.#record(spec.withoutPasid ? { $case: "detachDevice", value: this.#handleStep(result) } : { $case: "detachDevicePasid", value: this.#handleStep(result) }, this.#handleFields(result));
-      return this.#answered(this.prq.answerHandle(result.handleId, ResponseSource.DETACH));
+      return this.#dma.answered(this.prq.answerHandle(result.handleId, ResponseSource.DETACH));
     };
     if (spec.generation === 0) return detach();
     return this.#locks.run(pasidKey(spec.pasid), async () => {
@@ -555,7 +536,7 @@ export class IommuDriver {
         return { unbound: false, lastUnbind: false, answeredFaultGroups: 0 };
       }
       this.#recordChanges(changes);
-      const answeredFaultGroups = this.#answered(this.prq.answerHandle(handle.handleId, ResponseSource.DETACH));
+      const answeredFaultGroups = this.#dma.answered(this.prq.answerHandle(handle.handleId, ResponseSource.DETACH));
       const last = b.devices.size === 0;
       const fields = this.#bindFields(b);
       // The last unbind detaches the SPID (UNBIND, step 19) but keeps the reference: the IOMMU
@@ -577,8 +558,8 @@ export class IommuDriver {
    * reference with the acknowledgement. Idempotent: a redelivered FREE finds nothing and releases
    * nothing. Returns synchronously when the IOMMU has nothing for the IOASID (the common case).
    */
-  handleEvent(event: events.IoasidEvent): HandlerResult | undefined | Promise<HandlerResult | undefined> {
-    if (event.type !== events.EventType.EVENT_TYPE_FREE) return undefined;
+  handleEvent(event: IommuEvent): HandlerResult | undefined | Promise<HandlerResult | undefined> {
+    if (event.type !== EventType.FREE) return undefined;
     const key = pasidKey(event.ioasid);
     if (this.#locks.isIdle(key) && !this.hw.hasIoasidState(event.ioasid, event.generation)) return undefined;
     return this.#locks.run(key, async () => {
@@ -605,14 +586,14 @@ export class IommuDriver {
     }
   }
 
-  async #onFree(event: events.IoasidEvent): Promise<HandlerResult | undefined> {
-    const seq = Number(event.seq);
+  async #onFree(event: IommuEvent): Promise<HandlerResult | undefined> {
+    const seq = event.seq;
     const { result: torn, changes } = this.hw.teardownIoasid(event.ioasid, event.generation);
     this.#recordChanges(changes, seq);
     // Flush before release: the entries are gone (no new request), so draining now answers every
     // request of this IOASID generation, partial or pending, before the references are released:
     // none can reach the PASID's next owner.
-    const drained = this.#answered(
+    const drained = this.#dma.answered(
       this.prq.answerWhere((g) => !g.withoutPasid && g.pasid === event.ioasid && g.generation === event.generation, ResponseSource.IOASID_FREED),
       seq,
     );
@@ -635,7 +616,7 @@ export class IommuDriver {
       this.hw.deleteBinding(b.hpasid);
     }
     this.#record(
-      { $case: "iommuNbHandler", value: { type: events.EventType.EVENT_TYPE_FREE, tornDown: torn.length, drainedFaultGroups: drained, bindReferenceReleased: release.length > 0 } },
+      { $case: "iommuNbHandler", value: { type: EventType.FREE, tornDown: torn.length, drainedFaultGroups: drained, bindReferenceReleased: release.length > 0 } },
       { ioasid: event.ioasid, generation: event.generation, setId: event.setId, ...(event.spid === 0 ? {} : { spid: event.spid }), seq },
     );
     return release.length > 0 || detachSpid ? { release, detachSpid } : undefined;
@@ -690,7 +671,7 @@ export class IommuDriver {
       const before = mm === undefined ? undefined : this.hw.handleAt(deviceId, mm.pasid);
       const { result: users, changes } = this.hw.svaUnbind(deviceId, mmToken);
       this.#recordChanges(changes);
-      if (users === 0 && before !== undefined) this.#answered(this.prq.answerHandle(before.handleId, ResponseSource.DETACH));
+      if (users === 0 && before !== undefined) this.#dma.answered(this.prq.answerHandle(before.handleId, ResponseSource.DETACH));
       this.#record({ $case: "svaUnbindDevice", value: { device: deviceId, mmToken, users } }, { ioasid: mm?.pasid, generation: mm?.generation, setId: mm?.setId });
       return users;
     });
@@ -767,91 +748,30 @@ export class IommuDriver {
   }
 
   /**
-   * One DMA translation request of a device. A miss on a PRI-capable device raises a page request
-   * (DESIGN §5 "Faults"): it joins its group (`hint`, or a group by itself), and the complete group
-   * goes to the owner of the handle — or is answered FAILURE when the owner has no fault stream.
-   * Over the device's credits nothing is queued (FAULT `PRI_CREDITS_EXHAUSTED`) and the partial
-   * group the request belonged to is answered INVALID. Any other fault is reported to the handle's
-   * owner as a fault record, unless the IOASID is being freed (ioasid.rst: no fault reporting
-   * between free and unbind).
+   * A DMA request from a device: translated, a page request, or a fault.
+   * @see DmaFaults.translate
    * @throws DEVICE_NOT_FOUND, INVALID_FIELD, PRGI_IN_USE
    */
   translate(t: TranslateSpec, hint?: PageRequestHint): DmaOutcome {
-    const r = this.hw.translate(t);
-    if (r.outcome === "TRANSLATED") return r;
-    if (r.outcome === "FAULT") {
-      if (r.handleId !== 0n) this.#reportFault(t, r.reason, r.handleId);
-      return { ...r, faultGroupId: 0n };
-    }
-    const dev = this.hw.assertDevice(t.deviceId);
-    const raised = this.prq.raise(
-      {
-        deviceId: t.deviceId,
-        credits: dev.priCredits,
-        pasid: t.pasid,
-        withoutPasid: t.withoutPasid,
-        address: t.address,
-        access: t.access,
-        prgi: hint?.prgi,
-        lastRequest: hint?.lastRequest ?? true,
-      },
-      r.handle,
-    );
-    if (raised.kind === "credits_exhausted") {
-      this.counters.creditsExhausted++;
-      if (raised.answered !== undefined) this.#answered([raised.answered]);
-      this.#record(
-        { $case: "iopfCreditsExhausted", value: { device: t.deviceId, address: t.address, ...(raised.answered === undefined ? {} : { answeredGroup: raised.answered.faultGroupId }) } },
-        t.withoutPasid ? {} : { ioasid: t.pasid },
-      );
-      return { outcome: "FAULT", reason: "PRI_CREDITS_EXHAUSTED", handleId: r.handle.handleId, faultGroupId: raised.answered?.faultGroupId ?? 0n };
-    }
-    this.counters.pageRequests++;
-    const g = raised.group;
-    if (raised.complete) this.#dispatch(g);
-    else this.#armTimer();
-    return { outcome: "PAGE_REQUEST", handleId: g.handleId, faultGroupId: g.faultGroupId, groupComplete: raised.complete };
+    return this.#dma.translate(t, hint);
   }
 
   /**
-   * iommu_page_response from the group's owner (its handler; `noHandler`: the owner had none for
-   * it, recorded as NO_HANDLER).
+   * iommu_page_response from the group's owner.
+   * @see DmaFaults.sendPageResponse
    * @throws INVALID_FIELD, FAULT_GROUP_NOT_FOUND, FAULT_GROUP_NOT_OWNED, FAULT_GROUP_ALREADY_RESPONDED, FAULT_GROUP_INCOMPLETE
    */
   sendPageResponse(owner: string, faultGroupId: bigint, code: PageResponseCode, noHandler = false): FaultGroup {
-    if (owner === "") throw invalidField("owner", "owner is required");
-    if (noHandler) this.counters.groupsNoHandler++;
-    const g = this.prq.respond(faultGroupId, code, noHandler ? ResponseSource.NO_HANDLER : ResponseSource.HANDLER, owner);
-    this.#answered([g]);
-    return g;
+    return this.#dma.sendPageResponse(owner, faultGroupId, code, noHandler);
   }
 
   /**
-   * AwaitPageResponse: waits until the device's group is answered (at once if it is and is still
-   * remembered), or `signal` aborts (the call's deadline).
+   * AwaitPageResponse: waits until the device's group is answered, or `signal` aborts.
+   * @see DmaFaults.awaitPageResponse
    * @throws DEVICE_NOT_FOUND, FAULT_GROUP_NOT_FOUND
    */
-  async awaitPageResponse(deviceId: string, faultGroupId: bigint, signal?: AbortSignal): Promise<FaultGroup> {
-    this.hw.assertDevice(deviceId);
-    const g = this.prq.get(faultGroupId);
-    if (g === undefined || g.deviceId !== deviceId) throw iommuError("FAULT_GROUP_NOT_FOUND", `device ${deviceId} has no fault group ${faultGroupId}`);
-    if (g.state === "RESPONDED") return g;
-    return new Promise<FaultGroup>((resolve, reject) => {
-      let set = this.#waiters.get(faultGroupId);
-      if (set === undefined) this.#waiters.set(faultGroupId, (set = new Set()));
-      const waiter = (answered: FaultGroup) => {
-        signal?.removeEventListener("abort", onAbort);
-        resolve(answered);
-      };
-      const onAbort = () => {
-        set.delete(waiter);
-        if (set.size === 0) this.#waiters.delete(faultGroupId);
-        reject(signal?.reason instanceof Error ? signal.reason : new Error("aborted"));
-      };
-      set.add(waiter);
-      if (signal?.aborted === true) onAbort();
-      else signal?.addEventListener("abort", onAbort, { once: true });
-    });
+  awaitPageResponse(deviceId: string, faultGroupId: bigint, signal?: AbortSignal): Promise<FaultGroup> {
+    return this.#dma.awaitPageResponse(deviceId, faultGroupId, signal);
   }
 
   /**
@@ -859,129 +779,12 @@ export class IommuDriver {
    * @see FaultHandlers.subscribe
    */
   subscribeFaults(owner: string, signal: AbortSignal, send: (item: FaultItem) => unknown): Promise<void> {
-    const initial = owner === "" ? [] : this.prq.outstanding({ pendingOwner: owner }).map((group): FaultItem => ({ kind: "group", group }));
-    return this.faults.subscribe(owner, signal, send, initial);
+    return this.#dma.subscribeFaults(owner, signal, send);
   }
 
   /** Stops the fault timer and ends the fault streams (shutdown). */
   stop(): void {
-    this.#stopped = true;
-    if (this.#timer !== undefined) clearTimeout(this.#timer);
-    this.#timer = undefined;
-    this.faults.closeAll();
-  }
-
-  /** A complete group goes to its owner's handler, or is answered FAILURE (no handler). */
-  #dispatch(g: FaultGroup): void {
-    this.counters.groupsCompleted++;
-    this.#record({ $case: "iopfGroup", value: { group: g.faultGroupId, device: g.deviceId, prgi: g.prgi, requests: g.requests.length, owner: g.owner } }, this.#groupFields(g));
-    if (this.faults.push(g.owner, { kind: "group", group: g })) {
-      this.#armTimer();
-      return;
-    }
-    this.counters.groupsNoHandler++;
-    this.#log?.warn({ faultGroupId: String(g.faultGroupId), owner: g.owner, deviceId: g.deviceId }, "fault group has no handler: answered FAILURE");
-    this.#answered([this.prq.respond(g.faultGroupId, PageResponseCode.FAILURE, ResponseSource.NO_HANDLER)]);
-  }
-
-  /** Records answers, tells the owners and the devices waiting. @returns how many */
-  #answered(groups: readonly FaultGroup[], seq?: number): number {
-    for (const g of groups) {
-      this.#record(
-        { $case: "pageResponse", value: { group: g.faultGroupId, device: g.deviceId, prgi: g.prgi, code: String(g.responseCode), source: String(g.responseSource) } },
-        { ...this.#groupFields(g), ...(seq === undefined ? {} : { seq }) },
-      );
-      this.faults.push(g.owner, { kind: "answered", group: g });
-      const set = this.#waiters.get(g.faultGroupId);
-      if (set !== undefined) {
-        this.#waiters.delete(g.faultGroupId);
-        for (const w of set) w(g);
-      }
-    }
-    if (groups.length > 0) this.#armTimer();
-    return groups.length;
-  }
-
-  /** Keeps one timer at the earliest deadline of an outstanding group. */
-  #armTimer(): void {
-    if (this.#stopped) return;
-    const next = this.prq.nextDeadline();
-    const at = next?.getTime() ?? Infinity;
-    if (at === this.#timerAt) return;
-    if (this.#timer !== undefined) clearTimeout(this.#timer);
-    this.#timer = undefined;
-    this.#timerAt = at;
-    if (at === Infinity) return;
-    this.#timer = setTimeout(() => {
-      this.#timer = undefined;
-      this.#timerAt = Infinity;
-      this.#answered(this.prq.expire());
-      this.#armTimer();
-      this.persist().catch((err: unknown) => this.#log?.warn({ err }, "keeping the fault groups failed"));
-    }, Math.max(0, at - Date.now()) + 1);
-    this.#timer.unref();
-  }
-
-  /** Reports an unrecoverable fault to the handle's owner, unless its IOASID is being freed. */
-  #reportFault(t: TranslateSpec, reason: TranslateFault, handleId: bigint): void {
-    const h = this.hw.handle(handleId);
-    if (h === undefined) return;
-    const record: FaultRecord = {
-      faultId: this.#nextFaultId++,
-      deviceId: t.deviceId,
-      pasid: t.pasid,
-      withoutPasid: t.withoutPasid,
-      address: t.address,
-      access: t.access,
-      reason,
-      handleId,
-      owner: h.owner,
-      ownerData: h.ownerData,
-      setId: h.setId,
-      gpasid: h.gpasid,
-      at: new Date(),
-    };
-    const fields = { ...(t.withoutPasid ? {} : { ioasid: t.pasid }), ...(h.generation === 0 ? {} : { generation: h.generation }) };
-    const deliver = (suppressed: string | undefined) => {
-      if (suppressed !== undefined || !this.hw.faultReporting(handleId)) {
-        this.counters.faultsSuppressed++;
-        this.#record({ $case: "dmaFault", value: { device: t.deviceId, address: t.address, reason, suppressed: suppressed ?? "IOASID being freed" } }, fields);
-        return;
-      }
-      const sent = this.faults.push(h.owner, { kind: "fault", record });
-      if (sent) this.counters.faultsReported++;
-      else this.counters.faultsUnhandled++;
-      this.#record({ $case: "dmaFault", value: { device: t.deviceId, address: t.address, reason, ...(sent ? { reportedTo: h.owner } : { noHandler: true }) } }, fields);
-    };
-    if (h.generation === 0 || t.withoutPasid) {
-      deliver(undefined);
-      return;
-    }
-    // Between the IOASID's free and the teardown of its entries (which FREE does last, at IOMMU
-    // priority) nothing is reported: ask the core whether the IOASID is still live.
-    this.#core
-      .describe(t.pasid)
-      .then(
-        (info) =>
-          deliver(
-            info === undefined || info.generation !== h.generation
-              ? "IOASID reclaimed"
-              : info.state === IoasidState.FREE_PENDING
-                ? "IOASID freed, not yet unbound"
-                : undefined,
-          ),
-        (err: unknown) => deliver(isGone(err) ? "IOASID reclaimed" : undefined),
-      )
-      .catch((err: unknown) => this.#log?.warn({ err }, "reporting a DMA fault failed"));
-  }
-
-  #groupFields(g: FaultGroup): HistoryFields {
-    return {
-      ...(g.withoutPasid ? {} : { ioasid: g.pasid }),
-      ...(g.generation === 0 ? {} : { generation: g.generation }),
-      ...(g.setId === 0 ? {} : { setId: g.setId }),
-      ...(g.gpasid === 0 ? {} : { spid: g.gpasid }),
-    };
+    this.#dma.stop();
   }
 
   /** A consistent snapshot of the state. */
@@ -1106,7 +909,7 @@ export class IommuDriver {
     return { device: h.deviceId, handle: h.handleId, domain: h.domainId, owner: h.owner };
   }
 
-  #record(action: HistoryActionInput, fields: HistoryFields = {}): void {
+  #record(action: IommuHistoryAction, fields: HistoryFields = {}): void {
     this.#history?.record(action, fields);
   }
 
