@@ -43,7 +43,14 @@ export default tseslint.config(
             { group: ["@nats-io/*"], message: "domain code knows no NATS: the bus handler and the store are adapters" },
             // Ports and their types (CorePort, RoleStatePort, HistorySink) are how domain code
             // reaches the outside; the implementations stay in adapters.
-            { group: ["@ioasid/bus", "@ioasid/grpc-kit", "@ioasid/role-kit"], allowTypeImports: true, message: "domain code knows no transport: take a port (type imports only)" },
+            { group: ["@ioasid/bus", "@ioasid/grpc-kit"], allowTypeImports: true, message: "domain code knows no transport: take a port (type imports only)" },
+            // role-kit's KeyedMutex (a per-key lock: no I/O) is the one value domain code may take from it.
+            {
+              group: ["@ioasid/role-kit"],
+              allowTypeImports: true,
+              allowImportNames: ["KeyedMutex"],
+              message: "domain code knows no transport: take a port (type imports only; KeyedMutex is allowed)",
+            },
           ],
         },
       ],
