@@ -2,8 +2,8 @@
  * The KVM role (DESIGN §5 "KVM"): per VM, the VMCS PASID translation table ENQCMD consults, kept in
  * step with the VM's IOASIDs by notifier events; served as ioasid.kvm.v1.KvmService.
  */
-export { decodeIa32Pasid, GpCause, Ia32Pasid, toIa32Pasid, type DecodedIa32Pasid } from "./ia32-pasid.js";
-export { invalidField, kvmError, KvmReason } from "./kvm-error.js";
+export { decodeIa32Pasid, GpCause, Ia32Pasid, toIa32Pasid, type DecodedIa32Pasid } from "./domain/ia32-pasid.js";
+export { invalidField, kvmError, KvmReason } from "./domain/kvm-error.js";
 export {
   DEFAULT_MAX_RELEASE_ATTEMPTS,
   getReference,
@@ -37,8 +37,8 @@ export {
   type NotifierPort,
   type RegistrationStatus,
   type VmSnapshot,
-} from "./kvm.js";
-export { fromKvmStateEntry, KVM_STATE_FORMAT, kvmStateCodec, toKvmStateEntry } from "./kvm-state-codec.js";
+} from "./domain/kvm.js";
+export { fromKvmStateEntry, KVM_STATE_FORMAT, kvmStateCodec, toKvmStateEntry } from "./adapters/kvm-state-codec.js";
 export {
   createKvmHandlers,
   createNotifierPort,
@@ -48,5 +48,5 @@ export {
   toKvmEvent,
   toVm,
   type KvmRoleOptions,
-} from "./server.js";
-export { VmcsPasidTable, type InstallOutcome, type PasidTranslation } from "./vmcs-pasid-table.js";
+} from "./adapters/server.js";
+export { VmcsPasidTable, type InstallOutcome, type PasidTranslation } from "./domain/vmcs-pasid-table.js";

@@ -3,7 +3,7 @@ import { createGrpcServer, type ServiceHandlers } from "@ioasid/grpc-kit";
 import { events, kvm as kvmProto } from "@ioasid/proto";
 import { createGrpcCorePort, type CoreClient, type RoleParts, type RoleRuntime } from "@ioasid/role-kit";
 import type { NatsConnection } from "@nats-io/transport-node";
-import { GpCause } from "./ia32-pasid.js";
+import { GpCause } from "../domain/ia32-pasid.js";
 import {
   Kvm,
   KVM_SUBSCRIBER,
@@ -13,7 +13,7 @@ import {
   type KvmEvent,
   type NotifierPort,
   type VmSnapshot,
-} from "./kvm.js";
+} from "../domain/kvm.js";
 
 const REGISTRATION_STATE = {
   PENDING: kvmProto.RegistrationState.REGISTRATION_STATE_PENDING,

@@ -5,7 +5,7 @@ import { EventType, Priority, TokenType, type Holder, type IoasidEvent } from "@
 import { InProcessCore } from "@ioasid/testkit";
 import { beforeEach, describe, expect, it } from "vitest";
 import { toIa32Pasid } from "./ia32-pasid.js";
-import { kvmStateCodec } from "./kvm-state-codec.js";
+import { kvmStateCodec } from "../adapters/kvm-state-codec.js";
 import { Kvm, KVM_SUBSCRIBER, KvmEventType, VMCS_PURPOSE, type HistorySink, type KvmEvent, type KvmEventHandler, type KvmOptions, type NotifierPort } from "./kvm.js";
 
 // The KVM domain against the real core model (the testkit's InProcessCore) and in-memory fakes of
