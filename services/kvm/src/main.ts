@@ -1,7 +1,7 @@
 #!/usr/bin/env node
 import { configOrExit, defineConfigSchema, formatAddress } from "@ioasid/grpc-kit";
 import { commonRoleConfig, createCoreClient, runRole } from "@ioasid/role-kit";
-import { KVM_SUBSCRIBER } from "./domain/kvm.js";
+import { KVM_SUBSCRIBER } from "./domain/holder-reference.js";
 import { buildKvmRole } from "./adapters/server.js";
 import { kvmStateCodec } from "./adapters/kvm-state-codec.js";
 

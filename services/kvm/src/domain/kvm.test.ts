@@ -1,12 +1,15 @@
-import { MemoryRoleState, type HistoryActionCase, type HistoryActionInput } from "@ioasid/bus";
-import { history as h } from "@ioasid/proto";
+import { MemoryRoleState, type HistoryActionCase } from "@ioasid/bus";
 import { Code, DomainError } from "@ioasid/errors";
 import { EventType, Priority, TokenType, type Holder, type IoasidEvent } from "@ioasid/ioasid";
 import { InProcessCore } from "@ioasid/testkit";
 import { beforeEach, describe, expect, it } from "vitest";
 import { toIa32Pasid } from "./ia32-pasid.js";
 import { kvmStateCodec } from "../adapters/kvm-state-codec.js";
-import { Kvm, KVM_SUBSCRIBER, KvmEventType, VMCS_PURPOSE, type HistorySink, type KvmEvent, type KvmEventHandler, type KvmOptions, type NotifierPort } from "./kvm.js";
+import { KVM_SUBSCRIBER, VMCS_PURPOSE } from "./holder-reference.js";
+import { KvmEventType, type KvmEvent, type KvmEventHandler, type NotifierPort } from "./kvm-event.js";
+import { VmcsClearCause, VmcsUpdateKind, type HistorySink, type KvmHistoryAction } from "./kvm-history.js";
+import type { KvmOptions } from "./kvm-options.js";
+import { Kvm } from "./kvm.js";
 
 // The KVM domain against the real core model (the testkit's InProcessCore) and in-memory fakes of
 // the bus and the history: the test makes the core commit events (as VFIO and the IOMMU would) and
@@ -37,7 +40,7 @@ class FakeNotifier implements NotifierPort {
 
 let core: InProcessCore;
 let bus: FakeNotifier;
-let history: Array<{ instance: string; action: HistoryActionCase; step: HistoryActionInput; fields: Parameters<HistorySink["record"]>[1] }>;
+let history: Array<{ instance: string; action: HistoryActionCase; step: KvmHistoryAction; fields: Parameters<HistorySink["record"]>[1] }>;
 
 function newKvm(options: Partial<KvmOptions> = {}): Kvm {
   return new Kvm({
@@ -293,8 +296,8 @@ describe("Kvm notifier events", () => {
     expect((await kvm.queryState(1))[0]!.referencesHeld).toBe(0);
     expect(await bus.deliver("vm-1", committed(EventType.UNBIND, 201), 2)).toEqual({});
     expect(history.filter((h) => h.action === "vmcsUpdate").map((h) => h.step.value)).toEqual([
-      { kind: h.VmcsUpdateKind.VMCS_UPDATE_KIND_INSTALL, gpasid: 101, hpasid: 201 },
-      { kind: h.VmcsUpdateKind.VMCS_UPDATE_KIND_CLEAR, gpasid: 101, hpasid: 201, cause: h.VmcsClearCause.VMCS_CLEAR_CAUSE_UNBIND },
+      { kind: VmcsUpdateKind.INSTALL, gpasid: 101, hpasid: 201 },
+      { kind: VmcsUpdateKind.CLEAR, gpasid: 101, hpasid: 201, cause: VmcsClearCause.UNBIND },
     ]);
   });
 
