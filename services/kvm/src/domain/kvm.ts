@@ -1,4 +1,4 @@
-// One class, kept whole (~600 lines): every method reads and changes the same private VM state (the
+// One class, kept whole (~650 lines): every method reads and changes the same private VM state (the
 // VMs, their tables and references, the pending releases), which a split would have to expose; its
 // parts without that state live beside it (kvm-kept-entry.ts, vm-snapshot.ts, virtual-machine.ts).
 import type { RoleStatePort, StateChange } from "@ioasid/bus";
