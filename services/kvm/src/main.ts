@@ -1,9 +1,9 @@
 #!/usr/bin/env node
 import { configOrExit, defineConfigSchema, formatAddress } from "@ioasid/grpc-kit";
 import { commonRoleConfig, createCoreClient, runRole } from "@ioasid/role-kit";
-import { KVM_SUBSCRIBER } from "./kvm.js";
-import { buildKvmRole } from "./server.js";
-import { kvmStateCodec } from "./kvm-state-codec.js";
+import { KVM_SUBSCRIBER } from "./domain/holder-reference.js";
+import { buildKvmRole } from "./adapters/server.js";
+import { kvmStateCodec } from "./adapters/kvm-state-codec.js";
 
 /** Configuration of the KVM service, from the environment (`kvm --help` lists it). */
 export const kvmConfigSchema = defineConfigSchema({

@@ -1,6 +1,6 @@
 import { describe, expect, it } from "vitest";
 import { kvmState } from "@ioasid/proto";
-import type { KvmKeptEntry } from "./kvm.js";
+import type { KvmKeptEntry } from "../domain/kvm-kept-entry.js";
 import { KVM_STATE_FORMAT, kvmStateCodec } from "./kvm-state-codec.js";
 
 // Every field of every kind, none at its default: a field the codec forgets comes back different.

@@ -1,231 +1,26 @@
-import type { HistorySink as BusHistorySink, RoleStatePort, StateChange } from "@ioasid/bus";
-import { history } from "@ioasid/proto";
+// One class, kept whole (~650 lines): every method reads and changes the same private VM state (the
+// VMs, their tables and references, the pending releases), which a split would have to expose; its
+// parts without that state live beside it (kvm-kept-entry.ts, vm-snapshot.ts, virtual-machine.ts).
+import type { RoleStatePort, StateChange } from "@ioasid/bus";
 import { Code, DomainError, isDomainError } from "@ioasid/errors";
-import { EventType, Priority, type Holder } from "@ioasid/ioasid";
-import { ensureRegistration, heldReferences, type CorePort } from "@ioasid/role-kit";
+import type { CorePort } from "@ioasid/role-kit";
+import { getReference, holdsReference, kvmRegistrations, orphanReferences, putReference, registerVm, vmReferences } from "../kvm-core-calls.js";
+import { VMCS_PURPOSE, vmInstance, type HolderReference, type RegistrationStatus } from "./holder-reference.js";
 import { decodeIa32Pasid, GpCause } from "./ia32-pasid.js";
 import { invalidField, kvmError } from "./kvm-error.js";
-import { VmcsPasidTable, type PasidTranslation } from "./vmcs-pasid-table.js";
+import { KvmEventType, type KvmEvent, type NotifierPort } from "./kvm-event.js";
+import { VmcsClearCause, VmcsUpdateKind, type HistorySink } from "./kvm-history.js";
+import { entryChange, restoreVms, vmChange, vmcsKey, vmKey, type KvmKeptEntry } from "./kvm-kept-entry.js";
+import { DEFAULT_MAX_RELEASE_ATTEMPTS, type KvmOptions } from "./kvm-options.js";
+import { VirtualMachine } from "./virtual-machine.js";
+import { vmSnapshot, type VmSnapshot } from "./vm-snapshot.js";
 
-/** Subscriber name KVM registers with the core, and holder role of its references. */
-export const KVM_SUBSCRIBER = "kvm";
-/** Purpose of the reference KVM holds per VMCS PASID translation entry: `kvm/vm-<id>/vmcs`. */
-export const VMCS_PURPOSE = "vmcs";
 /** Most vCPUs a VM may have (x86 KVM_MAX_VCPUS). */
 export const KVM_MAX_VCPUS = 1024;
 /** Longest VM name, in characters. */
 export const MAX_VM_NAME_LENGTH = 128;
-/** Times a reference KVM could not drop (ioasid-core unreachable) is tried again before it is reported leaked. @default */
-export const DEFAULT_MAX_RELEASE_ATTEMPTS = 300;
 
 const U64_MAX = (1n << 64n) - 1n;
-
-/** The notifier instance of a VM: `vm-<id>` (also the holder instance of its references). */
-export function vmInstance(vmId: number): string {
-  return `vm-${vmId}`;
-}
-
-/** The IOASID event types KVM handles (ioasid.rst: "1. BIND/UNBIND 2. FREE"); anything else is OTHER. */
-export const KvmEventType = { BIND: "BIND", UNBIND: "UNBIND", FREE: "FREE", OTHER: "OTHER" } as const;
-export type KvmEventType = (typeof KvmEventType)[keyof typeof KvmEventType];
-
-/** An IOASID event as KVM sees it (the fields of events.IoasidEvent it uses). */
-export interface KvmEvent {
-  /** Core sequence number. */
-  readonly seq: bigint;
-  readonly type: KvmEventType;
-  /** The host PASID. */
-  readonly ioasid: number;
-  /** Its generation. */
-  readonly generation: number;
-  /** The guest PASID (SPID): bound (BIND), detached (UNBIND), attached when freed (FREE; 0: none). */
-  readonly spid: number;
-  readonly setId: number;
-}
-
-/** A VM's notifier registration as the core reports it. */
-export interface RegistrationStatus {
-  readonly registrationId: number;
-  /** Subscriber instance (`vm-<id>`). */
-  readonly instance: string;
-  /** Attached to its set (false: pending until VFIO creates the set). */
-  readonly active: boolean;
-  /** The set it is attached to (0 while pending). */
-  readonly setId: number;
-}
-
-/** One reference of a KVM holder: `kvm/<instance>/<purpose>` on an IOASID at a generation. */
-export interface HolderReference {
-  readonly setId: number;
-  readonly ioasid: number;
-  readonly generation: number;
-  readonly instance: string;
-  readonly purpose: string;
-}
-
-/** The events KVM registers for (ioasid.rst "KVM PASID Translation Table Updates": BIND/UNBIND, FREE). */
-export const KVM_EVENT_TYPES: readonly EventType[] = [EventType.BIND, EventType.UNBIND, EventType.FREE];
-
-// KVM's calls to ioasid-core, over the roles' one CorePort. Failures are the core's DomainErrors.
-
-function holderOf(ref: HolderReference): Holder {
-  return { role: KVM_SUBSCRIBER, instance: ref.instance, purpose: ref.purpose };
-}
-
-/** Registers `kvm/<instance>` by MM token at CPU priority for BIND, UNBIND and FREE (idempotent). */
-export async function registerVm(core: CorePort, instance: string, mmToken: bigint): Promise<RegistrationStatus> {
-  const r = await ensureRegistration(core, {
-    subscriber: { name: KVM_SUBSCRIBER, instance },
-    priority: Priority.CPU,
-    scope: { kind: "mm", token: mmToken },
-    events: KVM_EVENT_TYPES,
-  });
-  return { registrationId: r.id, instance: r.subscriber.instance, active: r.active, setId: r.setId };
-}
-
-/** Every registration of subscriber "kvm". */
-export async function kvmRegistrations(core: CorePort): Promise<RegistrationStatus[]> {
-  return (await core.listRegistrations())
-    .filter((r) => r.subscriber.name === KVM_SUBSCRIBER)
-    .map((r) => ({ registrationId: r.id, instance: r.subscriber.instance, active: r.active, setId: r.setId }));
-}
-
-/** ioasid_get() for the holder. @returns the reference count after it */
-export async function getReference(core: CorePort, ref: HolderReference): Promise<number> {
-  return (await core.get(ref.setId, ref.ioasid, holderOf(ref), ref.generation)).refcount;
-}
-
-/** ioasid_put() for the holder. */
-export async function putReference(core: CorePort, ref: HolderReference): Promise<void> {
-  await core.put(ref.setId, ref.ioasid, holderOf(ref), ref.generation);
-}
-
-/** Does the holder hold a reference on the IOASID at that generation? */
-export async function holdsReference(core: CorePort, ref: HolderReference): Promise<boolean> {
-  const info = await core.describe(ref.ioasid);
-  return (
-    info !== undefined &&
-    info.generation === ref.generation &&
-    info.holders.some((h) => h.holder.role === KVM_SUBSCRIBER && h.holder.instance === ref.instance && h.holder.purpose === ref.purpose)
-  );
-}
-
-/** References `kvm/<instance>/*` holds on IOASIDs of a set, one entry per reference; none once the set is gone. */
-export async function vmReferences(core: CorePort, setId: number, instance: string): Promise<HolderReference[]> {
-  let held;
-  try {
-    held = await heldReferences(core, setId, { role: KVM_SUBSCRIBER, instance });
-  } catch (err) {
-    if (isDomainError(err, "SET_UNKNOWN")) return [];
-    throw err;
-  }
-  const refs: HolderReference[] = [];
-  for (const h of held) {
-    for (let i = 0; i < h.count; i++) refs.push({ setId, ioasid: h.ioasid, generation: h.generation, instance, purpose: h.purpose });
-  }
-  return refs;
-}
-
-/** References of any set held by a `kvm/<instance>` whose instance is not in `live`. */
-export async function orphanReferences(core: CorePort, live: ReadonlySet<string>): Promise<HolderReference[]> {
-  const refs: HolderReference[] = [];
-  for (const set of await core.listSets()) {
-    let ioasids;
-    try {
-      ioasids = await core.listIoasids(set.id);
-    } catch (err) {
-      if (isDomainError(err, "SET_UNKNOWN")) continue;
-      throw err;
-    }
-    for (const info of ioasids) {
-      for (const h of info.holders) {
-        if (h.holder.role !== KVM_SUBSCRIBER || live.has(h.holder.instance)) continue;
-        for (let i = 0; i < h.count; i++) refs.push({ setId: set.id, ioasid: info.ioasid, generation: info.generation, instance: h.holder.instance, purpose: h.holder.purpose });
-      }
-    }
-  }
-  return refs;
-}
-
-/** A running event subscription of one VM. */
-export interface EventSubscription {
-  /** Stops receiving (deliveries in flight may still finish). */
-  stop(): Promise<void>;
-}
-
-/** Handles one delivered event; the result lists the purposes of references released with the ack. */
-export type KvmEventHandler = (event: KvmEvent, attempt: number) => Promise<{ readonly release?: readonly string[] }>;
-
-/** Starts the event subscription of a VM instance (the bus SDK in production). */
-export interface NotifierPort {
-  subscribe(instance: string, handler: KvmEventHandler): Promise<EventSubscription>;
-}
-
-/** Where a VM's history records go (the bus HistoryRecorder in production). */
-export type HistorySink = Pick<BusHistorySink, "record">;
-
-/** Log levels the domain uses. */
-export type KvmLogLevel = "debug" | "info" | "warn" | "error";
-
-/** Options of {@link Kvm}. */
-export interface KvmOptions {
-  readonly core: CorePort;
-  readonly notifier: NotifierPort;
-  /** The history sink of a VM instance. */
-  readonly history: (instance: string) => HistorySink;
-  readonly log?: (level: KvmLogLevel, msg: string, fields?: Record<string, unknown>) => void;
-  /** @default () => new Date() */
-  readonly now?: () => Date;
-  /**
-   * At start, drop the references and registrations a previous KVM process left behind for VMs the
-   * store does not bring back (they died with it: ioasid.rst rule 4, "When KVM terminates before
-   * FREE & UNBIND, references will be dropped for all host PASIDs"). @default true
-   */
-  readonly reapStale?: boolean;
-  /** @default {@link DEFAULT_MAX_RELEASE_ATTEMPTS} */
-  readonly maxReleaseAttempts?: number;
-  /**
-   * Where the VMs and their VMCS tables are kept so they survive a crash of KVM (a RoleState in
-   * JetStream); written before a call returns or an event is acknowledged. @default not kept
-   */
-  readonly store?: RoleStatePort<KvmKeptEntry>;
-  /** What {@link KvmOptions.store} held at start: the VMs come back with their tables. */
-  readonly saved?: ReadonlyMap<string, KvmKeptEntry>;
-}
-
-/** A VM as KVM keeps it in its store (its table is kept entry by entry): `vm/<vmId>`. */
-export interface KeptVm {
-  readonly kind: "vm";
-  readonly vmId: number;
-  readonly instance: string;
-  readonly mmToken: bigint;
-  readonly vmName: string;
-  readonly vcpuCount: number;
-  readonly createdAt: Date;
-  readonly registrationId: number;
-  /** 0 while not known. */
-  readonly setId: number;
-}
-
-/** One VMCS PASID translation as KVM keeps it, with the reference behind it: `vmcs/<vmId>/<hpasid>`. */
-export interface KeptVmcsEntry {
-  readonly kind: "vmcsEntry";
-  readonly vmId: number;
-  readonly gpasid: number;
-  readonly hpasid: number;
-  readonly generation: number;
-  readonly bindSeq: bigint;
-  readonly installedAt: Date;
-  /** The set and generation of the `vmcs` reference behind the entry. */
-  readonly refSetId: number;
-  readonly refGeneration: number;
-}
-
-/** One entry of KVM's kept state (ioasid.kvm.v1.KvmStateEntry; kvm-state-codec.ts converts). */
-export type KvmKeptEntry = KeptVm | KeptVmcsEntry;
-
-const vmKey = (vmId: number) => `vm/${vmId}`;
-const vmcsKey = (vmId: number, hpasid: number) => `vmcs/${vmId}/${hpasid}`;
 
 /** What CreateVm asks for. */
 export interface CreateVmSpec {
@@ -237,23 +32,6 @@ export interface CreateVmSpec {
   readonly vmName: string;
 }
 
-/** A VM as KVM shows it (QueryState, CreateVm). */
-export interface VmSnapshot {
-  readonly vmId: number;
-  readonly instance: string;
-  readonly mmToken: bigint;
-  readonly vmName: string;
-  readonly vcpuCount: number;
-  readonly registration: "PENDING" | "ACTIVE";
-  /** The VM's set once the registration is active; 0 while pending. */
-  readonly setId: number;
-  /** The VMCS PASID translation table, ascending by guest PASID. */
-  readonly translations: readonly PasidTranslation[];
-  /** IOASID references held for this VM. */
-  readonly referencesHeld: number;
-  readonly createdAt: Date;
-}
-
 /** What one ENQCMD did. */
 export type EnqcmdResult =
   | { readonly outcome: "TRANSLATED"; readonly gpasid: number; readonly hpasid: number; readonly generation: number }
@@ -263,38 +41,6 @@ export type EnqcmdResult =
 export interface DestroyVmResult {
   readonly clearedEntries: number;
   readonly releasedReferences: number;
-}
-
-/** A reference held for a VM: the host PASID's set and generation. */
-interface HeldReference {
-  readonly setId: number;
-  readonly generation: number;
-}
-
-/** One VM: its vCPUs, its VMCS PASID translation table and the references behind the entries. */
-class VirtualMachine {
-  readonly table = new VmcsPasidTable();
-  /** Host PASID → the `vmcs` reference held on it (one per host PASID the VM got a BIND for). */
-  readonly refs = new Map<number, HeldReference>();
-  /** `ioasid:generation` of ioasid_get() calls whose outcome is unknown (a timeout): check before taking another. */
-  readonly uncertainGets = new Set<string>();
-  registrationId = 0;
-  subscription: EventSubscription | undefined;
-  /** False once destroyed: late event handlers leave nothing behind. */
-  alive = true;
-  destroying = false;
-  /** The VM's set, learned from its events (0: none seen yet). */
-  setId = 0;
-
-  constructor(
-    readonly vmId: number,
-    readonly instance: string,
-    readonly mmToken: bigint,
-    readonly vmName: string,
-    readonly vcpuCount: number,
-    readonly createdAt: Date,
-    readonly history: HistorySink,
-  ) {}
 }
 
 /** A failure worth retrying (the core unreachable or slow), as opposed to a refusal. */
@@ -361,23 +107,13 @@ export class Kvm {
     if (options.saved !== undefined) this.#restore(options.saved);
   }
 
-  /** Rebuilds the VMs and tables a store kept (a KVM killed with -9 comes back with them). */
+  /** Takes back the VMs and tables a store kept (a KVM killed with -9 comes back with them). */
   #restore(saved: ReadonlyMap<string, KvmKeptEntry>): void {
-    for (const v of saved.values()) {
-      if (v.kind !== "vm") continue;
-      const vm = new VirtualMachine(v.vmId, v.instance, v.mmToken, v.vmName, v.vcpuCount, v.createdAt, this.#history(v.instance));
-      vm.registrationId = v.registrationId;
-      vm.setId = v.setId;
+    for (const vm of restoreVms(saved, this.#history)) {
       this.#vms.set(vm.vmId, vm);
       this.#byToken.set(vm.mmToken, vm);
       this.#restored.push(vm);
       this.#nextVmId = Math.max(this.#nextVmId, vm.vmId + 1);
-    }
-    for (const t of saved.values()) {
-      const vm = t.kind === "vmcsEntry" ? this.#vms.get(t.vmId) : undefined;
-      if (t.kind !== "vmcsEntry" || vm === undefined) continue;
-      vm.table.install({ gpasid: t.gpasid, hpasid: t.hpasid, generation: t.generation, bindSeq: t.bindSeq, installedAt: t.installedAt });
-      vm.refs.set(t.hpasid, { setId: t.refSetId, generation: t.refGeneration });
     }
   }
 
@@ -385,41 +121,6 @@ export class Kvm {
   async #write(changes: StateChange<KvmKeptEntry>[]): Promise<void> {
     if (this.#store !== undefined && changes.length > 0) await this.#store.write(changes);
   }
-
-  #vmChange(vm: VirtualMachine): StateChange<KvmKeptEntry> {
-    const kept: KeptVm = {
-      kind: "vm",
-      vmId: vm.vmId,
-      instance: vm.instance,
-      mmToken: vm.mmToken,
-      vmName: vm.vmName,
-      vcpuCount: vm.vcpuCount,
-      createdAt: vm.createdAt,
-      registrationId: vm.registrationId,
-      setId: vm.setId,
-    };
-    return { key: vmKey(vm.vmId), value: kept };
-  }
-
-  /** The kept form of the entry of `hpasid` (deleted when the table has none, or no reference backs it). */
-  #entryChange(vm: VirtualMachine, hpasid: number): StateChange<KvmKeptEntry> {
-    const t = vm.table.findByHpasid(hpasid);
-    const ref = vm.refs.get(hpasid);
-    if (t === undefined || ref === undefined) return { key: vmcsKey(vm.vmId, hpasid), value: undefined };
-    const kept: KeptVmcsEntry = {
-      kind: "vmcsEntry",
-      vmId: vm.vmId,
-      gpasid: t.gpasid,
-      hpasid: t.hpasid,
-      generation: t.generation,
-      bindSeq: t.bindSeq,
-      installedAt: t.installedAt,
-      refSetId: ref.setId,
-      refGeneration: ref.generation,
-    };
-    return { key: vmcsKey(vm.vmId, hpasid), value: kept };
-  }
-
   /** Whether {@link Kvm.reconcile} has completed. */
   get reconciled(): boolean {
     return this.#reconciled;
@@ -516,11 +217,11 @@ export class Kvm {
       const removed = vm.table.clearHpasid(hpasid, ref.generation);
       if (removed !== undefined) {
         vm.history.record(
-          { $case: "vmcsUpdate", value: { kind: history.VmcsUpdateKind.VMCS_UPDATE_KIND_CLEAR, gpasid: removed.gpasid, hpasid, cause: history.VmcsClearCause.VMCS_CLEAR_CAUSE_RECONCILE } },
+          { $case: "vmcsUpdate", value: { kind: VmcsUpdateKind.CLEAR, gpasid: removed.gpasid, hpasid, cause: VmcsClearCause.RECONCILE } },
           { ioasid: hpasid, generation: ref.generation, setId: ref.setId, spid: removed.gpasid },
         );
       }
-      changes.push(this.#entryChange(vm, hpasid));
+      changes.push(entryChange(vm, hpasid));
     }
     await this.#write(changes);
   }
@@ -593,7 +294,7 @@ export class Kvm {
       vm.registrationId = registration.registrationId;
       if (registration.setId !== 0) vm.setId = registration.setId;
       this.#vms.set(vmId, vm);
-      await this.#write([this.#vmChange(vm)]);
+      await this.#write([vmChange(vm)]);
       vm.history.record(
         { $case: "kvmCreateVm", value: { mmToken, vcpus: vcpuCount, registration: registration.registrationId, active: registration.active } },
         registration.setId === 0 ? {} : { setId: registration.setId },
@@ -655,7 +356,7 @@ export class Kvm {
     const cleared = vm.table.clear();
     for (const t of cleared) {
       vm.history.record(
-        { $case: "vmcsUpdate", value: { kind: history.VmcsUpdateKind.VMCS_UPDATE_KIND_CLEAR, gpasid: t.gpasid, hpasid: t.hpasid, cause: history.VmcsClearCause.VMCS_CLEAR_CAUSE_VM_DESTROYED } },
+        { $case: "vmcsUpdate", value: { kind: VmcsUpdateKind.CLEAR, gpasid: t.gpasid, hpasid: t.hpasid, cause: VmcsClearCause.VM_DESTROYED } },
         { ioasid: t.hpasid, generation: t.generation, setId: vm.refs.get(t.hpasid)?.setId ?? vm.setId, spid: t.gpasid },
       );
     }
@@ -834,19 +535,7 @@ export class Kvm {
 
   #snapshot(vm: VirtualMachine, registration: RegistrationStatus | undefined): VmSnapshot {
     if (registration === undefined) this.#log("warn", "the core has no registration for a VM", { vmId: vm.vmId, registration: vm.registrationId });
-    const active = registration?.active === true;
-    return {
-      vmId: vm.vmId,
-      instance: vm.instance,
-      mmToken: vm.mmToken,
-      vmName: vm.vmName,
-      vcpuCount: vm.vcpuCount,
-      registration: active ? "ACTIVE" : "PENDING",
-      setId: active ? registration.setId : 0,
-      translations: vm.table.entries(),
-      referencesHeld: vm.refs.size,
-      createdAt: vm.createdAt,
-    };
+    return vmSnapshot(vm, registration);
   }
 
   /** The notifier callback of one VM (kvm_nb_handler). */
@@ -863,6 +552,7 @@ export class Kvm {
         return {};
     }
   }
+
 
   /**
    * BIND: ioasid_get() (step 6, "-> ioasid_get() 3"), then gpasid → hpasid into the table (step 7,
@@ -915,15 +605,15 @@ export class Kvm {
     if (outcome.kind === "installed") {
       // The history records the table change when it happens (a VM destroyed while it is being
       // kept must not show its clear before this install); the store keeps it before the ack.
-      const kept = [this.#entryChange(vm, e.ioasid), ...outcome.replaced.map((r) => this.#entryChange(vm, r.hpasid))];
+      const kept = [entryChange(vm, e.ioasid), ...outcome.replaced.map((r) => entryChange(vm, r.hpasid))];
       for (const r of outcome.replaced) {
         vm.history.record(
-          { $case: "vmcsUpdate", value: { kind: history.VmcsUpdateKind.VMCS_UPDATE_KIND_CLEAR, gpasid: r.gpasid, hpasid: r.hpasid, cause: history.VmcsClearCause.VMCS_CLEAR_CAUSE_REPLACED } },
+          { $case: "vmcsUpdate", value: { kind: VmcsUpdateKind.CLEAR, gpasid: r.gpasid, hpasid: r.hpasid, cause: VmcsClearCause.REPLACED } },
           { ioasid: r.hpasid, generation: r.generation, setId: e.setId, spid: r.gpasid, seq: Number(e.seq) },
         );
       }
       vm.history.record(
-        { $case: "vmcsUpdate", value: { kind: history.VmcsUpdateKind.VMCS_UPDATE_KIND_INSTALL, gpasid: e.spid, hpasid: e.ioasid } },
+        { $case: "vmcsUpdate", value: { kind: VmcsUpdateKind.INSTALL, gpasid: e.spid, hpasid: e.ioasid } },
         { ioasid: e.ioasid, generation: e.generation, setId: e.setId, spid: e.spid, seq: Number(e.seq), ...(refcount === undefined ? {} : { refcount }) },
       );
       await this.#write(kept);
@@ -943,10 +633,10 @@ export class Kvm {
         {
           $case: "vmcsUpdate",
           value: {
-            kind: history.VmcsUpdateKind.VMCS_UPDATE_KIND_CLEAR,
+            kind: VmcsUpdateKind.CLEAR,
             gpasid: removed.gpasid,
             hpasid: e.ioasid,
-            cause: e.type === "FREE" ? history.VmcsClearCause.VMCS_CLEAR_CAUSE_FREE : history.VmcsClearCause.VMCS_CLEAR_CAUSE_UNBIND,
+            cause: e.type === "FREE" ? VmcsClearCause.FREE : VmcsClearCause.UNBIND,
           },
         },
         { ioasid: e.ioasid, generation: e.generation, setId: e.setId, spid: removed.gpasid, seq: Number(e.seq) },
@@ -954,12 +644,12 @@ export class Kvm {
     }
     const held = vm.refs.get(e.ioasid);
     if (held === undefined || held.generation !== e.generation) {
-      if (removed !== undefined) await this.#write([this.#entryChange(vm, e.ioasid)]);
+      if (removed !== undefined) await this.#write([entryChange(vm, e.ioasid)]);
       return {};
     }
     vm.refs.delete(e.ioasid);
     // Kept cleared before the reference goes with the acknowledgement.
-    await this.#write([this.#entryChange(vm, e.ioasid)]);
+    await this.#write([entryChange(vm, e.ioasid)]);
     return { release: [VMCS_PURPOSE] };
   }
 }

@@ -1,6 +1,6 @@
 import { protoStateCodec, requireField, type StateCodec } from "@ioasid/bus";
 import { kvmState } from "@ioasid/proto";
-import type { KvmKeptEntry } from "./kvm.js";
+import type { KvmKeptEntry } from "../domain/kvm-kept-entry.js";
 
 // KVM's kept entries ↔ ioasid.kvm.v1.KvmStateEntry (kvm_state.proto): the one place that knows both
 // the domain's kept tables and the generated state messages, so kvm.ts stays free of proto types.
