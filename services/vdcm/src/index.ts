@@ -3,7 +3,7 @@
  * devices, their device PASID tables, mdevs assigned to VMs, and the DEVICE-priority FREE handler
  * (DESIGN §5 "VDCM").
  */
-export { ownRegistrations, registerOnSet, unregisterNotifier, type VdcmSubscriber } from "./core-adapter.js";
+export { ownRegistrations, registerOnSet, unregisterNotifier, type VdcmSubscriber } from "./core-registrations.js";
 export {
   assertDescriptor,
   CompletionStatus,
@@ -16,10 +16,10 @@ export {
   type DmaRequest,
   type DmaResult,
   type DmaTranslator,
-} from "./descriptor-runner.js";
-export { createIommuClient, iommuDmaTranslator, TRANSLATE_DEADLINE_MS, type IommuClient } from "./iommu-adapter.js";
-export type { HistoryFields, HistorySink, Holder } from "./ports.js";
-export { createVdcmHandlers, createVdcmServer, type CreateVdcmServerOptions } from "./server.js";
+} from "./domain/descriptor-runner.js";
+export { createIommuClient, iommuDmaTranslator, TRANSLATE_DEADLINE_MS, type IommuClient } from "./adapters/iommu-adapter.js";
+export type { HistoryFields, HistorySink, Holder } from "./domain/ports.js";
+export { createVdcmHandlers, createVdcmServer, type CreateVdcmServerOptions } from "./adapters/server.js";
 export {
   PasidSpace,
   purposeOf,
@@ -31,7 +31,7 @@ export {
   type SubmissionResult,
   type VdcmOptions,
 } from "./vdcm.js";
-export { invalidField, vdcmError, VdcmReason } from "./vdcm-errors.js";
+export { invalidField, vdcmError, VdcmReason } from "./domain/vdcm-errors.js";
 export {
   DEFAULT_MAX_PASID_ENTRIES,
   DEFAULT_WQ_SIZE,
@@ -59,5 +59,5 @@ export {
   type WorkQueueView,
   type WqReservation,
   type WqSpec,
-} from "./vdcm-state.js";
-export { fromVdcmStateEntry, toVdcmStateEntry, VDCM_STATE_FORMAT, vdcmStateCodec } from "./vdcm-state-codec.js";
+} from "./domain/vdcm-state.js";
+export { fromVdcmStateEntry, toVdcmStateEntry, VDCM_STATE_FORMAT, vdcmStateCodec } from "./adapters/vdcm-state-codec.js";

@@ -3,11 +3,11 @@ import { describe, expect, it } from "vitest";
 import { Code, DomainError } from "@ioasid/errors";
 import { EventType, OWNER_ROLE, Priority, TokenType, type IoasidEvent } from "@ioasid/ioasid";
 import { InProcessCore } from "@ioasid/testkit";
-import { CompletionStatus, DescriptorOp, type DmaRequest, type DmaResult, type DmaTranslator } from "./descriptor-runner.js";
-import type { HistoryFields, Holder } from "./ports.js";
+import { CompletionStatus, DescriptorOp, type DmaRequest, type DmaResult, type DmaTranslator } from "./domain/descriptor-runner.js";
+import type { HistoryFields, Holder } from "./domain/ports.js";
 import { PasidSpace, Vdcm, type Submission } from "./vdcm.js";
-import { EntryState, VdcmState, WqMode, type VdcmKeptEntry } from "./vdcm-state.js";
-import { vdcmStateCodec } from "./vdcm-state-codec.js";
+import { EntryState, VdcmState, WqMode, type VdcmKeptEntry } from "./domain/vdcm-state.js";
+import { vdcmStateCodec } from "./adapters/vdcm-state-codec.js";
 
 // The core is the real model (the testkit's InProcessCore); the IOMMU is an in-memory stand-in:
 // the Vdcm orchestration is tested here without sockets; test/integration/vdcm.test.ts runs it

@@ -1,11 +1,11 @@
 import type { HistoryActionInput, RoleStatePort } from "@ioasid/bus";
 import { history } from "@ioasid/proto";
 import { Code, DomainError, isDomainError } from "@ioasid/errors";
-import { assertDescriptor, runDescriptor, type Completion, type Descriptor, type DmaTranslator } from "./descriptor-runner.js";
+import { assertDescriptor, runDescriptor, type Completion, type Descriptor, type DmaTranslator } from "./domain/descriptor-runner.js";
 import { heldReferences, KeyedMutex, type CorePort, type HeldReference } from "@ioasid/role-kit";
-import { ownRegistrations, registerOnSet, unregisterNotifier } from "./core-adapter.js";
-import type { Holder, HistoryFields, HistorySink } from "./ports.js";
-import { invalidField, vdcmError } from "./vdcm-errors.js";
+import { ownRegistrations, registerOnSet, unregisterNotifier } from "./core-registrations.js";
+import type { Holder, HistoryFields, HistorySink } from "./domain/ports.js";
+import { invalidField, vdcmError } from "./domain/vdcm-errors.js";
 import {
   EntryState,
   MAX_GPASID,
@@ -20,7 +20,7 @@ import {
   type ResolvedWq,
   type VdcmKeptEntry,
   type VdcmSnapshot,
-} from "./vdcm-state.js";
+} from "./domain/vdcm-state.js";
 
 /** The holder role of every reference VDCM takes, and its subscriber name at the core. */
 export const VDCM_ROLE = "vdcm";
