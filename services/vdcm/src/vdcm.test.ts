@@ -6,7 +6,9 @@ import { InProcessCore } from "@ioasid/testkit";
 import { CompletionStatus, DescriptorOp, type DmaRequest, type DmaResult, type DmaTranslator } from "./domain/descriptor-runner.js";
 import type { HistoryFields, Holder } from "./domain/ports.js";
 import { PasidSpace, Vdcm, type Submission } from "./vdcm.js";
-import { EntryState, VdcmState, WqMode, type VdcmKeptEntry } from "./domain/vdcm-state.js";
+import type { VdcmKeptEntry } from "./domain/vdcm-kept-entry.js";
+import { EntryState, WqMode } from "./domain/vdcm-model.js";
+import { VdcmState } from "./domain/vdcm-state.js";
 import { vdcmStateCodec } from "./adapters/vdcm-state-codec.js";
 
 // The core is the real model (the testkit's InProcessCore); the IOMMU is an in-memory stand-in:

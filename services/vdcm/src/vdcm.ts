@@ -6,21 +6,10 @@ import { heldReferences, KeyedMutex, type CorePort, type HeldReference } from "@
 import { ownRegistrations, registerOnSet, unregisterNotifier } from "./core-registrations.js";
 import type { Holder, HistoryFields, HistorySink } from "./domain/ports.js";
 import { invalidField, vdcmError } from "./domain/vdcm-errors.js";
-import {
-  EntryState,
-  MAX_GPASID,
-  normalizeMdevUuid,
-  pasidInUse,
-  VdcmState,
-  WqMode,
-  type DevicePasidEntry,
-  type DeviceSpec,
-  type DeviceView,
-  type MdevView,
-  type ResolvedWq,
-  type VdcmKeptEntry,
-  type VdcmSnapshot,
-} from "./domain/vdcm-state.js";
+import type { VdcmKeptEntry } from "./domain/vdcm-kept-entry.js";
+import { EntryState, MAX_GPASID, normalizeMdevUuid, pasidInUse, WqMode } from "./domain/vdcm-model.js";
+import { VdcmState } from "./domain/vdcm-state.js";
+import type { DevicePasidEntry, DeviceSpec, DeviceView, MdevView, ResolvedWq, VdcmSnapshot } from "./domain/vdcm-views.js";
 
 /** The holder role of every reference VDCM takes, and its subscriber name at the core. */
 export const VDCM_ROLE = "vdcm";
