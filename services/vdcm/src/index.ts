@@ -20,17 +20,9 @@ export {
 export { createIommuClient, iommuDmaTranslator, TRANSLATE_DEADLINE_MS, type IommuClient } from "./adapters/iommu-adapter.js";
 export type { HistoryFields, HistorySink, Holder } from "./domain/ports.js";
 export { createVdcmHandlers, createVdcmServer, type CreateVdcmServerOptions } from "./adapters/server.js";
-export {
-  PasidSpace,
-  purposeOf,
-  Vdcm,
-  VDCM_ROLE,
-  type ClearResult,
-  type IoasidEventLike,
-  type Submission,
-  type SubmissionResult,
-  type VdcmOptions,
-} from "./vdcm.js";
+export { PasidSpace, type Submission, type SubmissionResult } from "./domain/submission.js";
+export type { ClearResult, IoasidEventLike, VdcmOptions } from "./domain/vdcm-options.js";
+export { purposeOf, Vdcm, VDCM_ROLE } from "./vdcm.js";
 export { invalidField, vdcmError, VdcmReason } from "./domain/vdcm-errors.js";
 export type { KeptDevice, KeptMdev, KeptPasidEntry, KeptRegistration, VdcmKeptEntry } from "./domain/vdcm-kept-entry.js";
 export { DEFAULT_MAX_PASID_ENTRIES, DEFAULT_WQ_SIZE, EntryState, MAX_DEVICE_ID_LENGTH, MAX_GPASID, MAX_PASID_ENTRIES, MAX_WQ_SIZE, MAX_WQS_PER_DEVICE, normalizeMdevUuid, WqMode } from "./domain/vdcm-model.js";

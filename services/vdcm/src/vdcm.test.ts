@@ -5,7 +5,8 @@ import { EventType, OWNER_ROLE, Priority, TokenType, type IoasidEvent } from "@i
 import { InProcessCore } from "@ioasid/testkit";
 import { CompletionStatus, DescriptorOp, type DmaRequest, type DmaResult, type DmaTranslator } from "./domain/descriptor-runner.js";
 import type { HistoryFields, Holder } from "./domain/ports.js";
-import { PasidSpace, Vdcm, type Submission } from "./vdcm.js";
+import { PasidSpace, type Submission } from "./domain/submission.js";
+import { Vdcm } from "./vdcm.js";
 import type { VdcmKeptEntry } from "./domain/vdcm-kept-entry.js";
 import { EntryState, WqMode } from "./domain/vdcm-model.js";
 import { VdcmState } from "./domain/vdcm-state.js";

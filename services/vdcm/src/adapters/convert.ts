@@ -1,6 +1,6 @@
 import { vdcm } from "@ioasid/proto";
 import { DescriptorOp, type CompletionStatus, type Descriptor } from "../domain/descriptor-runner.js";
-import { PasidSpace } from "../vdcm.js";
+import { PasidSpace } from "../domain/submission.js";
 import { WqMode, type EntryState } from "../domain/vdcm-model.js";
 import type { DevicePasidEntry, DeviceView, MdevView, WqSpec } from "../domain/vdcm-views.js";
 
