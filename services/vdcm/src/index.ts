@@ -3,7 +3,7 @@
  * devices, their device PASID tables, mdevs assigned to VMs, and the DEVICE-priority FREE handler
  * (DESIGN §5 "VDCM").
  */
-export { ownRegistrations, registerOnSet, unregisterNotifier, type VdcmSubscriber } from "./core-adapter.js";
+export { ownRegistrations, registerOnSet, unregisterNotifier, type VdcmSubscriber } from "./core-registrations.js";
 export {
   assertDescriptor,
   CompletionStatus,
@@ -16,48 +16,16 @@ export {
   type DmaRequest,
   type DmaResult,
   type DmaTranslator,
-} from "./descriptor-runner.js";
-export { createIommuClient, iommuDmaTranslator, TRANSLATE_DEADLINE_MS, type IommuClient } from "./iommu-adapter.js";
-export type { HistoryFields, HistorySink, Holder } from "./ports.js";
-export { createVdcmHandlers, createVdcmServer, type CreateVdcmServerOptions } from "./server.js";
-export {
-  PasidSpace,
-  purposeOf,
-  Vdcm,
-  VDCM_ROLE,
-  type ClearResult,
-  type IoasidEventLike,
-  type Submission,
-  type SubmissionResult,
-  type VdcmOptions,
-} from "./vdcm.js";
-export { invalidField, vdcmError, VdcmReason } from "./vdcm-errors.js";
-export {
-  DEFAULT_MAX_PASID_ENTRIES,
-  DEFAULT_WQ_SIZE,
-  EntryState,
-  MAX_DEVICE_ID_LENGTH,
-  MAX_GPASID,
-  MAX_PASID_ENTRIES,
-  MAX_WQ_SIZE,
-  MAX_WQS_PER_DEVICE,
-  normalizeMdevUuid,
-  VdcmState,
-  WqMode,
-  type DevicePasidEntry,
-  type DeviceSpec,
-  type KeptDevice,
-  type KeptMdev,
-  type KeptPasidEntry,
-  type KeptRegistration,
-  type DeviceView,
-  type MdevView,
-  type ResolvedWq,
-  type VdcmKeptEntry,
-  type VdcmSnapshot,
-  type VdcmStateOptions,
-  type WorkQueueView,
-  type WqReservation,
-  type WqSpec,
-} from "./vdcm-state.js";
-export { fromVdcmStateEntry, toVdcmStateEntry, VDCM_STATE_FORMAT, vdcmStateCodec } from "./vdcm-state-codec.js";
+} from "./domain/descriptor-runner.js";
+export { createIommuClient, iommuDmaTranslator, TRANSLATE_DEADLINE_MS, type IommuClient } from "./adapters/iommu-adapter.js";
+export type { HistoryFields, HistorySink, Holder } from "./domain/ports.js";
+export { createVdcmHandlers, createVdcmServer, type CreateVdcmServerOptions } from "./adapters/server.js";
+export { PasidSpace, type Submission, type SubmissionResult } from "./domain/submission.js";
+export type { ClearResult, IoasidEventLike, VdcmOptions } from "./domain/vdcm-options.js";
+export { purposeOf, Vdcm, VDCM_ROLE } from "./vdcm.js";
+export { invalidField, vdcmError, VdcmReason } from "./domain/vdcm-errors.js";
+export type { KeptDevice, KeptMdev, KeptPasidEntry, KeptRegistration, VdcmKeptEntry } from "./domain/vdcm-kept-entry.js";
+export { DEFAULT_MAX_PASID_ENTRIES, DEFAULT_WQ_SIZE, EntryState, MAX_DEVICE_ID_LENGTH, MAX_GPASID, MAX_PASID_ENTRIES, MAX_WQ_SIZE, MAX_WQS_PER_DEVICE, normalizeMdevUuid, WqMode } from "./domain/vdcm-model.js";
+export { VdcmState, type VdcmStateOptions } from "./domain/vdcm-state.js";
+export type { DevicePasidEntry, DeviceSpec, DeviceView, MdevView, ResolvedWq, VdcmSnapshot, WorkQueueView, WqReservation, WqSpec } from "./domain/vdcm-views.js";
+export { fromVdcmStateEntry, toVdcmStateEntry, VDCM_STATE_FORMAT, vdcmStateCodec } from "./adapters/vdcm-state-codec.js";

@@ -3,11 +3,11 @@ import { HistoryRecorder } from "@ioasid/bus";
 import { ConfigError, configOrExit, defineConfigSchema } from "@ioasid/grpc-kit";
 import { events } from "@ioasid/proto";
 import { commonRoleConfig, createCoreClient, createGrpcCorePort, runRole } from "@ioasid/role-kit";
-import { createIommuClient, iommuDmaTranslator } from "./iommu-adapter.js";
-import { createVdcmServer } from "./server.js";
+import { createIommuClient, iommuDmaTranslator } from "./adapters/iommu-adapter.js";
+import { createVdcmServer } from "./adapters/server.js";
 import { Vdcm, VDCM_ROLE } from "./vdcm.js";
-import { VdcmState } from "./vdcm-state.js";
-import { vdcmStateCodec } from "./vdcm-state-codec.js";
+import { VdcmState } from "./domain/vdcm-state.js";
+import { vdcmStateCodec } from "./adapters/vdcm-state-codec.js";
 
 /** Configuration of the VDCM service, from the environment (`vdcm --help` lists it). */
 export const vdcmConfigSchema = defineConfigSchema({

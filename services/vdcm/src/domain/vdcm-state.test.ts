@@ -1,6 +1,8 @@
 import { describe, expect, it } from "vitest";
 import { Code, DomainError } from "@ioasid/errors";
-import { DEFAULT_MAX_PASID_ENTRIES, DEFAULT_WQ_SIZE, EntryState, VdcmState, WqMode, type DeviceSpec } from "./vdcm-state.js";
+import { DEFAULT_MAX_PASID_ENTRIES, DEFAULT_WQ_SIZE, EntryState, WqMode } from "./vdcm-model.js";
+import { VdcmState } from "./vdcm-state.js";
+import type { DeviceSpec } from "./vdcm-views.js";
 
 const T0 = new Date("2025-01-01T00:00:00Z");
 const M1 = "11111111-1111-4111-8111-111111111111";

@@ -1,6 +1,6 @@
 import { createClient, type PromiseClient } from "@ioasid/grpc-kit";
 import { iommu } from "@ioasid/proto";
-import type { DmaResult, DmaTranslator } from "./descriptor-runner.js";
+import type { DmaResult, DmaTranslator } from "../domain/descriptor-runner.js";
 
 /** An IommuService client. */
 export type IommuClient = PromiseClient<typeof iommu.IommuServiceService>;

@@ -1,7 +1,7 @@
 import { protoStateCodec, requireField, type StateCodec } from "@ioasid/bus";
 import { vdcmState } from "@ioasid/proto";
 import { WQ_MODE_FROM_WIRE, WQ_MODE_TO_WIRE } from "./convert.js";
-import type { VdcmKeptEntry } from "./vdcm-state.js";
+import type { VdcmKeptEntry } from "../domain/vdcm-kept-entry.js";
 
 // VDCM's kept entries ↔ ioasid.vdcm.v1.VdcmStateEntry (vdcm_state.proto): the one place that knows
 // both the kept tables and the generated state messages, so vdcm-state.ts stays free of proto types.

@@ -1,147 +1,26 @@
 import type { StateChange } from "@ioasid/bus";
 import { randomUUID } from "node:crypto";
 import { invalidField, vdcmError } from "./vdcm-errors.js";
+import { deviceKey, entryKey, mdevKey, regKey, type VdcmKeptEntry } from "./vdcm-kept-entry.js";
+import {
+  DEFAULT_MAX_PASID_ENTRIES,
+  DEFAULT_WQ_SIZE,
+  EntryState,
+  MAX_GPASID,
+  MAX_PASID_ENTRIES,
+  MAX_WQ_SIZE,
+  MAX_WQS_PER_DEVICE,
+  assertDeviceId,
+  normalizeMdevUuid,
+  pasidInUse,
+  WqMode,
+} from "./vdcm-model.js";
+import type { DevicePasidEntry, DeviceSpec, DeviceView, MdevView, ResolvedWq, VdcmSnapshot, WqReservation } from "./vdcm-views.js";
 
-/** How a work queue is shared (idxd WQ mode). */
-export const WqMode = {
-  /** One client; its PASID is programmed in the work-queue configuration. */
-  DEDICATED: "DEDICATED",
-  /** Many clients submit with ENQCMD; each descriptor carries its PASID. */
-  SHARED: "SHARED",
-} as const;
-export type WqMode = (typeof WqMode)[keyof typeof WqMode];
+// One class, kept whole (~500 lines): the device model's tables and every rule over them; its types,
+// limits and kept form are beside it (vdcm-model.ts, vdcm-views.ts, vdcm-kept-entry.ts).
 
-/** Where a device PASID entry is in its life. */
-export const EntryState = {
-  /** The device issues DMA with this PASID. */
-  PROGRAMMED: "PROGRAMMED",
-  /** Being drained before it is cleared (clear, unassign or FREE in progress): no new descriptor. */
-  DRAINING: "DRAINING",
-} as const;
-export type EntryState = (typeof EntryState)[keyof typeof EntryState];
-
-/** Queue depth given to a work queue registered with size 0. */
-export const DEFAULT_WQ_SIZE = 32;
-/** Largest queue depth accepted. */
-export const MAX_WQ_SIZE = 65_535;
-/** Device PASID table capacity given to a device registered with 0. */
-export const DEFAULT_MAX_PASID_ENTRIES = 1024;
-/** Largest device PASID table accepted (one entry per 20-bit PASID). */
-export const MAX_PASID_ENTRIES = 1 << 20;
-/** Most work queues one device may have. */
-export const MAX_WQS_PER_DEVICE = 1024;
-/**
- * Longest device id: the id is also the start of the reference purposes VDCM takes
- * (`<device>.wq<n>[.desc]`), and a core holder purpose is at most 128 characters.
- */
-export const MAX_DEVICE_ID_LENGTH = 100;
-/** Largest guest PASID (SPID): 20 bits (DESIGN §3); 0 is the guest's RID_PASID and never programmed. */
-export const MAX_GPASID = 0xfffff;
-
-const DEVICE_ID = /^[A-Za-z0-9._:@-]+$/;
-const UUID = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/i;
 const MDEV_ID = /^[A-Za-z0-9._:@-]{1,64}$/;
-
-/**
- * The canonical form of an mdev id: a UUID in lower case (mdevs are named by UUID, compared
- * whatever the case); any other id (1..64 of letters, digits and `._:@-`, accepted for tools that
- * name mdevs otherwise) as it is.
- */
-export function normalizeMdevUuid(mdevUuid: string): string {
-  return UUID.test(mdevUuid) ? mdevUuid.toLowerCase() : mdevUuid;
-}
-
-/** A work queue of a device being registered. */
-export interface WqSpec {
-  readonly wqId: number;
-  readonly mode: WqMode;
-  /** Queue depth; 0 or absent = {@link DEFAULT_WQ_SIZE}. */
-  readonly size?: number;
-}
-
-/** A physical device being registered. */
-export interface DeviceSpec {
-  readonly deviceId: string;
-  readonly wqs: readonly WqSpec[];
-  /** 0 or absent = {@link DEFAULT_MAX_PASID_ENTRIES}. */
-  readonly maxPasidEntries?: number;
-}
-
-/** A physical work queue and its configuration, as shown outside. */
-export interface WorkQueueView {
-  readonly wqId: number;
-  readonly mode: WqMode;
-  readonly size: number;
-  /** The mdevs it backs, ascending (at most one for a dedicated work queue). */
-  readonly mdevUuids: readonly string[];
-  /** Dedicated: the host PASID programmed in its configuration (0 = none); always 0 for shared. */
-  readonly hpasid: number;
-}
-
-/** One PASID programmed into a device: the host PASID, and whose guest PASID it came from. */
-export interface DevicePasidEntry {
-  readonly deviceId: string;
-  readonly hpasid: number;
-  readonly generation: number;
-  readonly gpasid: number;
-  readonly setId: number;
-  readonly wqId: number;
-  readonly mdevUuid: string;
-  readonly state: EntryState;
-  readonly programmedAt: Date;
-}
-
-/** A physical device as shown outside. */
-export interface DeviceView {
-  readonly deviceId: string;
-  /** Ascending by id. */
-  readonly wqs: readonly WorkQueueView[];
-  readonly maxPasidEntries: number;
-  /** The device PASID table, ascending by host PASID (then work queue). */
-  readonly pasidEntries: readonly DevicePasidEntry[];
-}
-
-/** A mediated device as shown outside. */
-export interface MdevView {
-  readonly mdevUuid: string;
-  readonly parentDeviceId: string;
-  /** Virtual work queue i is physical work queue `wqIds[i]`. */
-  readonly wqIds: readonly number[];
-  /** The set of the VM it is assigned to; 0 = unassigned. */
-  readonly setId: number;
-  readonly createdAt: Date;
-  readonly assignedAt: Date | undefined;
-}
-
-/** A snapshot of the whole of VDCM's "hardware" (QueryState). */
-export interface VdcmSnapshot {
-  readonly devices: readonly DeviceView[];
-  readonly mdevs: readonly MdevView[];
-  readonly registeredSetIds: readonly number[];
-}
-
-/** A virtual work queue of an mdev resolved to its physical work queue. */
-export interface ResolvedWq {
-  readonly mdevUuid: string;
-  readonly deviceId: string;
-  readonly wqId: number;
-  readonly mode: WqMode;
-  /** The set the mdev is assigned to; 0 = unassigned. */
-  readonly setId: number;
-}
-
-/**
- * A dedicated work queue held for a PASID being programmed (the guest's MMIO write is in flight:
- * VDCM is translating the guest PASID at the core). It counts against the device PASID table, and
- * is cancelled when the mdev is unassigned meanwhile.
- */
-export interface WqReservation {
-  readonly deviceId: string;
-  readonly wqId: number;
-  readonly mdevUuid: string;
-  readonly setId: number;
-  readonly gpasid: number;
-}
 
 interface Wq {
   readonly wqId: number;
@@ -183,53 +62,6 @@ interface Mdev {
   assignedAt: Date | undefined;
 }
 
-/** A physical device as VDCM keeps it in its store: `dev/<deviceId>`. */
-export interface KeptDevice {
-  readonly kind: "device";
-  readonly deviceId: string;
-  readonly maxPasidEntries: number;
-  readonly wqs: readonly { readonly wqId: number; readonly mode: WqMode; readonly size: number }[];
-}
-
-/** An mdev as VDCM keeps it: `mdev/<uuid>`. */
-export interface KeptMdev {
-  readonly kind: "mdev";
-  readonly mdevUuid: string;
-  readonly parentDeviceId: string;
-  readonly wqIds: readonly number[];
-  /** 0 = unassigned. */
-  readonly setId: number;
-  readonly createdAt: Date;
-  readonly assignedAt: Date | undefined;
-}
-
-/** A programmed device PASID entry as VDCM keeps it (PROGRAMMED): `entry/<deviceId>/<wqId>`. */
-export interface KeptPasidEntry {
-  readonly kind: "pasidEntry";
-  readonly deviceId: string;
-  readonly wqId: number;
-  readonly hpasid: number;
-  readonly generation: number;
-  readonly gpasid: number;
-  readonly setId: number;
-  readonly mdevUuid: string;
-  readonly programmedAt: Date;
-}
-
-/** VDCM's notifier registration on a set, as kept: `reg/<setId>`. */
-export interface KeptRegistration {
-  readonly kind: "registration";
-  readonly setId: number;
-  readonly registrationId: number;
-}
-
-/** One entry of VDCM's kept state (ioasid.vdcm.v1.VdcmStateEntry; vdcm-state-codec.ts converts). */
-export type VdcmKeptEntry = KeptDevice | KeptMdev | KeptPasidEntry | KeptRegistration;
-
-const deviceKey = (deviceId: string) => `dev/${deviceId}`;
-const mdevKey = (uuid: string) => `mdev/${uuid}`;
-const entryKey = (deviceId: string, wqId: number) => `entry/${deviceId}/${wqId}`;
-const regKey = (setId: number) => `reg/${setId}`;
 
 /** Options of {@link VdcmState}. */
 export interface VdcmStateOptions {
@@ -749,25 +581,6 @@ export class VdcmState {
   }
 }
 
-/** FAILED_PRECONDITION `PASID_IN_USE`: another guest's context for the host PASID is on the device. */
-export function pasidInUse(deviceId: string, hpasid: number, foreign: { readonly setId: number; readonly generation: number }) {
-  return vdcmError(
-    "PASID_IN_USE",
-    `device ${deviceId} still has a context for host PASID ${hpasid} of set ${foreign.setId} (generation ${foreign.generation}); it must be cleared first`,
-  );
-}
-
-/**
- * Validates a device id: 1..{@link MAX_DEVICE_ID_LENGTH} of letters, digits and `._:@-` (it
- * becomes part of reference purposes).
- * @throws DomainError INVALID_ARGUMENT `INVALID_FIELD`
- */
-export function assertDeviceId(deviceId: string, field: string): void {
-  if (deviceId.length === 0) throw invalidField(field, `${field} is required`);
-  if (deviceId.length > MAX_DEVICE_ID_LENGTH || !DEVICE_ID.test(deviceId)) {
-    throw invalidField(field, `${field} ${JSON.stringify(deviceId)} must be 1..${MAX_DEVICE_ID_LENGTH} of letters, digits and ._:@-`);
-  }
-}
 
 function sameEntry(e: Entry, x: DevicePasidEntry): boolean {
   return e.hpasid === x.hpasid && e.generation === x.generation && e.setId === x.setId && e.mdevUuid === x.mdevUuid;

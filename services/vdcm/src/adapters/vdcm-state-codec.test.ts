@@ -1,6 +1,8 @@
 import { describe, expect, it } from "vitest";
 import { vdcmState } from "@ioasid/proto";
-import { VdcmState, WqMode, type VdcmKeptEntry } from "./vdcm-state.js";
+import type { VdcmKeptEntry } from "../domain/vdcm-kept-entry.js";
+import { WqMode } from "../domain/vdcm-model.js";
+import { VdcmState } from "../domain/vdcm-state.js";
 import { VDCM_STATE_FORMAT, vdcmStateCodec } from "./vdcm-state-codec.js";
 
 // Every field of every kind, none at its default: a field the codec forgets comes back different.

@@ -1,7 +1,8 @@
 import { vdcm } from "@ioasid/proto";
-import { DescriptorOp, type CompletionStatus, type Descriptor } from "./descriptor-runner.js";
-import { PasidSpace } from "./vdcm.js";
-import { WqMode, type EntryState, type DevicePasidEntry, type DeviceView, type MdevView, type WqSpec } from "./vdcm-state.js";
+import { DescriptorOp, type CompletionStatus, type Descriptor } from "../domain/descriptor-runner.js";
+import { PasidSpace } from "../domain/submission.js";
+import { WqMode, type EntryState } from "../domain/vdcm-model.js";
+import type { DevicePasidEntry, DeviceView, MdevView, WqSpec } from "../domain/vdcm-views.js";
 
 // Wire ↔ domain for VdcmService: enums both ways, views to messages. An UNSPECIFIED (or unknown)
 // wire enum becomes undefined and the domain refuses it with INVALID_FIELD.

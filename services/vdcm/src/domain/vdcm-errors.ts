@@ -1,4 +1,4 @@
-import { Code, invalidField, reasonError } from "@ioasid/errors";
+import { Code, DomainError, invalidField, reasonError } from "@ioasid/errors";
 
 /**
  * Every reason VdcmService answers with, and the status code it always comes with (the names are
@@ -34,3 +34,15 @@ export const vdcmError = reasonError(VdcmReason);
 
 /** INVALID_ARGUMENT `INVALID_FIELD` naming the field (shared by every service). */
 export { invalidField };
+
+/**
+ * A core failure as VDCM answers it: the set named by an mdev no longer exists → NOT_FOUND
+ * `SET_NOT_FOUND`; a PASID out of range → INVALID_FIELD naming the request field; anything else
+ * (SPID_NOT_FOUND, IOASID_FREE_PENDING, IOASID_NOT_IN_SET, STALE_GENERATION, UNAVAILABLE…) as is.
+ */
+export function fromCoreError(err: unknown, field?: string): DomainError {
+  const e = DomainError.from(err);
+  if (e.reason === "SET_UNKNOWN") return vdcmError("SET_NOT_FOUND", e.message);
+  if (field !== undefined && (e.reason === "IOASID_OUT_OF_RANGE" || e.reason === "SPID_OUT_OF_RANGE")) return invalidField(field, e.message);
+  return e;
+}

@@ -2,7 +2,7 @@ import type { HistoryActionInput, HistoryFields } from "@ioasid/bus";
 
 /**
  * What VDCM needs from the outside world besides the IOASID core (the roles' one `CorePort`, from
- * @ioasid/role-kit; VDCM's registration calls over it are in core-adapter.ts): the history.
+ * @ioasid/role-kit; VDCM's registration calls over it are in core-registrations.ts): the history.
  * main.ts gives the real implementations (gRPC clients, NATS); unit tests give in-memory ones and
  * the testkit's `InProcessCore`. The IOMMU, through which descriptors' DMA is translated, is
  * {@link DmaTranslator} in descriptor-runner.ts.
