@@ -44,12 +44,13 @@ export default tseslint.config(
             // Ports and their types (CorePort, RoleStatePort, HistorySink) are how domain code
             // reaches the outside; the implementations stay in adapters.
             { group: ["@ioasid/bus", "@ioasid/grpc-kit"], allowTypeImports: true, message: "domain code knows no transport: take a port (type imports only)" },
-            // role-kit's KeyedMutex (a per-key lock: no I/O) is the one value domain code may take from it.
+            // From role-kit, domain code may take what does no I/O of its own: KeyedMutex (a per-key
+            // lock) and the functions over a CorePort it is given (ensureRegistration, heldReferences).
             {
               group: ["@ioasid/role-kit"],
               allowTypeImports: true,
-              allowImportNames: ["KeyedMutex"],
-              message: "domain code knows no transport: take a port (type imports only; KeyedMutex is allowed)",
+              allowImportNames: ["KeyedMutex", "ensureRegistration", "heldReferences"],
+              message: "domain code knows no transport: take a port (type imports only; KeyedMutex, ensureRegistration, heldReferences are allowed)",
             },
           ],
         },

@@ -3,7 +3,7 @@
  * devices, their device PASID tables, mdevs assigned to VMs, and the DEVICE-priority FREE handler
  * (DESIGN §5 "VDCM").
  */
-export { ownRegistrations, registerOnSet, unregisterNotifier, type VdcmSubscriber } from "./core-registrations.js";
+export { ownRegistrations, registerOnSet, unregisterNotifier, type VdcmSubscriber } from "./domain/core-registrations.js";
 export {
   assertDescriptor,
   CompletionStatus,

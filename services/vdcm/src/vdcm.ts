@@ -1,12 +1,12 @@
-// Kept whole (~650 lines) and outside src/domain/: the one class whose methods share the in-flight
-// descriptors, pending writes and per-mdev locks; it uses role-kit's KeyedMutex and heldReferences
-// (values the domain lint forbids) and records the history's proto enums (CLEAR_CAUSE).
+// Kept whole (~650 lines): the one class whose methods share the in-flight descriptors, pending
+// writes and per-mdev locks. Outside src/domain/ for one reason left: it records the history's proto
+// enum for a clear's cause (CLEAR_CAUSE), which belongs in an adapter (as KVM's toHistorySink does).
 import type { HistoryActionInput, RoleStatePort } from "@ioasid/bus";
 import { history } from "@ioasid/proto";
 import { Code, DomainError, isDomainError } from "@ioasid/errors";
 import { assertDescriptor, runDescriptor, type Completion, type Descriptor, type DmaTranslator } from "./domain/descriptor-runner.js";
 import { heldReferences, KeyedMutex, type CorePort, type HeldReference } from "@ioasid/role-kit";
-import { ownRegistrations, registerOnSet, unregisterNotifier } from "./core-registrations.js";
+import { ownRegistrations, registerOnSet, unregisterNotifier } from "./domain/core-registrations.js";
 import type { Holder, HistoryFields, HistorySink } from "./domain/ports.js";
 import { fromCoreError, invalidField, vdcmError } from "./domain/vdcm-errors.js";
 import { PasidSpace, type Submission, type SubmissionResult } from "./domain/submission.js";

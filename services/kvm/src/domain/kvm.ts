@@ -4,7 +4,7 @@
 import type { RoleStatePort, StateChange } from "@ioasid/bus";
 import { Code, DomainError, isDomainError } from "@ioasid/errors";
 import type { CorePort } from "@ioasid/role-kit";
-import { getReference, holdsReference, kvmRegistrations, orphanReferences, putReference, registerVm, vmReferences } from "../kvm-core-calls.js";
+import { getReference, holdsReference, kvmRegistrations, orphanReferences, putReference, registerVm, vmReferences } from "./kvm-core-calls.js";
 import { VMCS_PURPOSE, vmInstance, type HolderReference, type RegistrationStatus } from "./holder-reference.js";
 import { decodeIa32Pasid, GpCause } from "./ia32-pasid.js";
 import { invalidField, kvmError } from "./kvm-error.js";

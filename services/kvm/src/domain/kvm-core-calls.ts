@@ -1,11 +1,9 @@
 // KVM's calls to ioasid-core, over the roles' one CorePort. Failures are the core's DomainErrors.
-// Outside src/domain/ although it only uses the port: it calls role-kit's ensureRegistration() and
-// heldReferences(), values the domain lint forbids (DESIGN §2: domain imports role-kit types only).
 import { isDomainError } from "@ioasid/errors";
 import { Priority, type Holder } from "@ioasid/ioasid";
 import { ensureRegistration, heldReferences, type CorePort } from "@ioasid/role-kit";
-import { KVM_SUBSCRIBER, type HolderReference, type RegistrationStatus } from "./domain/holder-reference.js";
-import { KVM_EVENT_TYPES } from "./domain/kvm-event.js";
+import { KVM_SUBSCRIBER, type HolderReference, type RegistrationStatus } from "./holder-reference.js";
+import { KVM_EVENT_TYPES } from "./kvm-event.js";
 
 function holderOf(ref: HolderReference): Holder {
   return { role: KVM_SUBSCRIBER, instance: ref.instance, purpose: ref.purpose };
