@@ -68,8 +68,9 @@ await runRole({
   instance: config.instance,
   config,
   codec: vfioStateCodec,
-  build: ({ logger, nc, saved, store }) => {
-    const history = new HistoryRecorder(nc, "vfio", config.instance, config.prefix);
+  build: ({ logger, nc, saved, store, history: gated }) => {
+    // Through the role's history gate, as every role's: records wait until the tables they describe are kept.
+    const history = gated(new HistoryRecorder(nc, "vfio", config.instance, config.prefix));
     // Late-bound: the relay asks the containers whether one is open, the containers tell the relay when one closes.
     const late: { faults?: FaultRelay } = {};
     // The containers come back as kept: a VFIO killed with -9 finds the ones it had and closes them
