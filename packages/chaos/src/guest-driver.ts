@@ -55,9 +55,20 @@ export async function setupSlots(c: ChaosClients, slots: number): Promise<void> 
 }
 
 async function registerIommuDevices(c: ChaosClients, d: SlotDevices): Promise<void> {
-  for (const [deviceId, group] of [[d.deviceId, d.groups[0]], [d.pfId, d.groups[1]]] as const) {
+  for (const [deviceId, group] of [
+    [d.deviceId, d.groups[0]],
+    [d.pfId, d.groups[1]],
+  ] as const) {
     await existsOk(
-      c.iommu.registerDevice(iommu.RegisterDeviceRequest.fromPartial({ deviceId, maxPasids: 1 << 20, priCapable: true, function: iommu.DeviceFunction.DEVICE_FUNCTION_PF, iommuGroup: group })),
+      c.iommu.registerDevice(
+        iommu.RegisterDeviceRequest.fromPartial({
+          deviceId,
+          maxPasids: 1 << 20,
+          priCapable: true,
+          function: iommu.DeviceFunction.DEVICE_FUNCTION_PF,
+          iommuGroup: group,
+        }),
+      ),
     );
   }
 }
@@ -74,7 +85,10 @@ async function existsOk<T>(p: Promise<T>): Promise<void> {
 export interface GuestOutcome {
   readonly plan: GuestPlan;
   readonly setId: number | undefined;
-  /** "closed" (clean exit), "crashed" (killed as planned, or after a close that failed), "lost" (its VMM's session ended on its own: VFIO went away), "not-opened". */
+  /**
+   * "closed" (clean exit), "crashed" (killed as planned, or after a close that failed), "lost" (its
+   * VMM's session ended on its own: VFIO went away), "not-opened".
+   */
   readonly end: "closed" | "crashed" | "lost" | "not-opened";
   /** Steps run (skipped ones, naming a PASID never allocated, not counted). */
   readonly stepsRun: number;
@@ -129,7 +143,9 @@ export async function runGuest(plan: GuestPlan, ctx: GuestContext): Promise<Gues
   const run = <T>(op: string, extra: Partial<OpStart>, call: () => Promise<T>, onOk?: (v: T) => Partial<ChaosOp>): Promise<OpResult<T>> =>
     journal.run({ op, ...base(), ...extra }, call, onOk);
 
-  const created = await run("create-vm", {}, () => c.kvm.createVm(kvm.CreateVmRequest.fromPartial({ mmToken: plan.mmToken, vcpuCount: plan.vcpus, vmName: vm })));
+  const created = await run("create-vm", {}, () =>
+    c.kvm.createVm(kvm.CreateVmRequest.fromPartial({ mmToken: plan.mmToken, vcpuCount: plan.vcpus, vmName: vm })),
+  );
   if (created.ok) vmId = created.value.vm?.vmId;
   const destroyVm = async () => {
     if (vmId !== undefined) await run("destroy-vm", {}, () => c.kvm.destroyVm({ vmId: vmId! }));
@@ -140,7 +156,13 @@ export async function runGuest(plan: GuestPlan, ctx: GuestContext): Promise<Gues
   const vmm = startVmm(ctx.vmmCommand, { vfioAddress: ctx.vfioAddress, mmToken: plan.mmToken, quota: plan.quota, name: vm });
   ctx.vmms.add(vmm);
   void vmm.exited.then(() => ctx.vmms.delete(vmm));
-  const opened = await Promise.race([vmm.opened.then((o) => o, (err: Error) => err), sleep(15_000).then(() => new Error("the VMM did not attach its session within 15 s"))]);
+  const opened = await Promise.race([
+    vmm.opened.then(
+      (o) => o,
+      (err: Error) => err,
+    ),
+    sleep(15_000).then(() => new Error("the VMM did not attach its session within 15 s")),
+  ]);
   if (opened instanceof Error) {
     // The container may exist without its session: VFIO closes it after its grace period.
     openOp.done("info", { error: opened.message.slice(0, 200) });
@@ -204,7 +226,9 @@ export async function runGuest(plan: GuestPlan, ctx: GuestContext): Promise<Gues
     if (lost) {
       // The session ended without us: VFIO went away (killed). The VMM has lost its container.
       const status = await vmm.exited;
-      journal.begin({ op: ChaosOpName.CRASH, ...base() }).done("info", { error: `session lost: the VMM exited (code ${String(status.code)}) when VFIO went away` });
+      journal
+        .begin({ op: ChaosOpName.CRASH, ...base() })
+        .done("info", { error: `session lost: the VMM exited (code ${String(status.code)}) when VFIO went away` });
       await destroyVm();
       return { plan, setId, end: "lost", stepsRun };
     }
@@ -241,7 +265,9 @@ export async function runGuest(plan: GuestPlan, ctx: GuestContext): Promise<Gues
 
   /** Runs one planned step; false when it was skipped (it names a PASID never allocated). */
   async function runStep(step: GuestStep): Promise<boolean> {
-    const device = (dev: GuestDevice) => ({ ref: dev === GuestDevice.MDEV ? { $case: "mdevUuid" as const, value: d.mdevUuid } : { $case: "deviceId" as const, value: d.pfId } });
+    const device = (dev: GuestDevice) => ({
+      ref: dev === GuestDevice.MDEV ? { $case: "mdevUuid" as const, value: d.mdevUuid } : { $case: "deviceId" as const, value: d.pfId },
+    });
     const p = "pasid" in step ? pasids.get(step.pasid) : undefined;
     if ("pasid" in step && step.kind !== "alloc" && p === undefined) return false;
     switch (step.kind) {
@@ -255,25 +281,51 @@ export async function runGuest(plan: GuestPlan, ctx: GuestContext): Promise<Gues
       case "map-dma":
         await setup(() =>
           run("map-dma", {}, () =>
-            c.vfio.mapDma({ containerId, iova: 0n, paddr: GUEST_RAM.hpaBase + BigInt(plan.slot) * GUEST_RAM.size, size: GUEST_RAM.size, access: { read: true, write: true, execute: false, privileged: false } }),
+            c.vfio.mapDma({
+              containerId,
+              iova: 0n,
+              paddr: GUEST_RAM.hpaBase + BigInt(plan.slot) * GUEST_RAM.size,
+              size: GUEST_RAM.size,
+              access: { read: true, write: true, execute: false, privileged: false },
+            }),
           ),
         );
         return true;
       case "alloc": {
-        const r = await run(ChaosOpName.ALLOC, {}, () => c.vfio.allocPasid({ containerId }), (a) => ({ ioasid: a.hpasid, generation: a.generation }));
+        const r = await run(
+          ChaosOpName.ALLOC,
+          {},
+          () => c.vfio.allocPasid({ containerId }),
+          (a) => ({ ioasid: a.hpasid, generation: a.generation }),
+        );
         if (r.ok) pasids.set(step.pasid, { hpasid: r.value.hpasid, generation: r.value.generation });
         return true;
       }
       case "bind":
         await run(ChaosOpName.BIND, ids(step.pasid), () =>
           c.vfio.bindGuestPasid(
-            vfio.BindGuestPasidRequest.fromPartial({ containerId, device: device(step.device), hpasid: p!.hpasid, generation: p!.generation, gpasid: gpasidOf(step.pasid), guestPgtable: 0x10_0000n + BigInt(step.pasid) * PAGE }),
+            vfio.BindGuestPasidRequest.fromPartial({
+              containerId,
+              device: device(step.device),
+              hpasid: p!.hpasid,
+              generation: p!.generation,
+              gpasid: gpasidOf(step.pasid),
+              guestPgtable: 0x10_0000n + BigInt(step.pasid) * PAGE,
+            }),
           ),
         );
         return true;
       case "unbind":
         await run(ChaosOpName.UNBIND, ids(step.pasid), () =>
-          c.vfio.unbindGuestPasid(vfio.UnbindGuestPasidRequest.fromPartial({ containerId, device: device(step.device), hpasid: p!.hpasid, generation: p!.generation, gpasid: gpasidOf(step.pasid) })),
+          c.vfio.unbindGuestPasid(
+            vfio.UnbindGuestPasidRequest.fromPartial({
+              containerId,
+              device: device(step.device),
+              hpasid: p!.hpasid,
+              generation: p!.generation,
+              gpasid: gpasidOf(step.pasid),
+            }),
+          ),
         );
         return true;
       case "free":
@@ -285,7 +337,12 @@ export async function runGuest(plan: GuestPlan, ctx: GuestContext): Promise<Gues
         return true;
       case "clear":
         if (!assigned.has(GuestDevice.MDEV)) return false;
-        await run(ChaosOpName.CLEAR, {}, () => c.vdcm.clearWqPasid({ mdevUuid: d.mdevUuid, virtualWq: step.wq }), (r) => (r.cleared ? { ioasid: r.hpasid, generation: r.generation, spid: r.gpasid } : {}));
+        await run(
+          ChaosOpName.CLEAR,
+          {},
+          () => c.vdcm.clearWqPasid({ mdevUuid: d.mdevUuid, virtualWq: step.wq }),
+          (r) => (r.cleared ? { ioasid: r.hpasid, generation: r.generation, spid: r.gpasid } : {}),
+        );
         return true;
       case "enqcmd":
         await enqcmd(step.pasid, step.submit);
@@ -300,11 +357,16 @@ export async function runGuest(plan: GuestPlan, ctx: GuestContext): Promise<Gues
   /** A vCPU's ENQCMD: translated (ok, the host PASID it gave) or #GP (fail); a translated one may go to the shared WQ. */
   async function enqcmd(k: number, submit: boolean): Promise<void> {
     if (vmId === undefined) return;
-    const r = await run(ChaosOpName.ENQCMD, { spid: gpasidOf(k) }, async () => {
-      const res = await c.kvm.enqcmd({ vmId: vmId!, vcpu: k % plan.vcpus, ia32Pasid: (0x8000_0000 | gpasidOf(k)) >>> 0 });
-      if (res.outcome !== kvm.EnqcmdOutcome.ENQCMD_OUTCOME_TRANSLATED) throw new DefiniteFailure(kvm.gpCauseToJSON(res.gpCause));
-      return res;
-    }, (res) => ({ ioasid: res.hpasid, generation: res.generation }));
+    const r = await run(
+      ChaosOpName.ENQCMD,
+      { spid: gpasidOf(k) },
+      async () => {
+        const res = await c.kvm.enqcmd({ vmId: vmId!, vcpu: k % plan.vcpus, ia32Pasid: (0x8000_0000 | gpasidOf(k)) >>> 0 });
+        if (res.outcome !== kvm.EnqcmdOutcome.ENQCMD_OUTCOME_TRANSLATED) throw new DefiniteFailure(kvm.gpCauseToJSON(res.gpCause));
+        return res;
+      },
+      (res) => ({ ioasid: res.hpasid, generation: res.generation }),
+    );
     if (!r.ok || !submit || !assigned.has(GuestDevice.MDEV)) return;
     await run("submit", { ioasid: r.value.hpasid, generation: r.value.generation, spid: gpasidOf(k) }, () =>
       c.vdcm.submitDescriptor(
@@ -332,7 +394,11 @@ export async function runGuest(plan: GuestPlan, ctx: GuestContext): Promise<Gues
     const attempt = async (): Promise<{ done: boolean; group?: bigint; why?: string }> => {
       if (dev === GuestDevice.MDEV) {
         const r = await c.vdcm.submitDescriptor(
-          vdcm.SubmitDescriptorRequest.fromPartial({ mdevUuid: d.mdevUuid, virtualWq: wq ?? 0, descriptor: { op: vdcm.DescriptorOp.DESCRIPTOR_OP_FILL, srcAddress: 0n, dstAddress: gva, size: PAGE } }),
+          vdcm.SubmitDescriptorRequest.fromPartial({
+            mdevUuid: d.mdevUuid,
+            virtualWq: wq ?? 0,
+            descriptor: { op: vdcm.DescriptorOp.DESCRIPTOR_OP_FILL, srcAddress: 0n, dstAddress: gva, size: PAGE },
+          }),
         );
         if (r.status === vdcm.CompletionStatus.COMPLETION_STATUS_SUCCESS) return { done: true };
         if (r.status === vdcm.CompletionStatus.COMPLETION_STATUS_PAGE_REQUEST) return { done: false, group: r.faultGroupId };
@@ -348,7 +414,8 @@ export async function runGuest(plan: GuestPlan, ctx: GuestContext): Promise<Gues
       if (first.done) return;
       if (first.group === undefined) throw new DefiniteFailure(first.why ?? "DMA fault");
       const answer = await c.iommu.awaitPageResponse({ deviceId, faultGroupId: first.group }, { deadlineMs: ctx.pageResponseWaitMs ?? 4000 });
-      if (answer.code !== iommu.PageResponseCode.PAGE_RESPONSE_CODE_SUCCESS) throw new DefiniteFailure(`${iommu.pageResponseCodeToJSON(answer.code)} (${iommu.pageResponseSourceToJSON(answer.source)})`);
+      if (answer.code !== iommu.PageResponseCode.PAGE_RESPONSE_CODE_SUCCESS)
+        throw new DefiniteFailure(`${iommu.pageResponseCodeToJSON(answer.code)} (${iommu.pageResponseSourceToJSON(answer.source)})`);
       const retry = await attempt();
       if (!retry.done) throw new DefiniteFailure(`retry: ${retry.why ?? "page request again"}`);
     });
@@ -379,19 +446,30 @@ function answerPageRequests(plan: GuestPlan, ctx: GuestContext, containerId: num
           if (x >= 0.95) continue; // the guest never answers: the IOMMU's timeout does
           const code = x < 0.85 ? vfio.PageResponseCode.PAGE_RESPONSE_CODE_SUCCESS : vfio.PageResponseCode.PAGE_RESPONSE_CODE_INVALID;
           const setId = setIdOf();
-          const answer = ctx.journal.run({ op: ChaosOpName.RESPOND, vm, ...(setId === undefined ? {} : { setId }), ioasid: g.hpasid, spid: g.gpasid }, async () => {
-            if (code === vfio.PageResponseCode.PAGE_RESPONSE_CODE_SUCCESS) {
-              for (const r of g.requests) {
-                const iova = r.address & ~(PAGE - 1n);
-                await c.vfio
-                  .mapGuestPages({ containerId, hpasid: g.hpasid, generation: 0, iova, gpa: (iova - GUEST_VA_BASE) & (GUEST_RAM.size - 1n), size: PAGE, access: { read: true, write: true, execute: false, privileged: false } })
-                  .catch((err: unknown) => {
-                    if (!isDomainError(err, "IOVA_ALREADY_MAPPED")) throw err;
-                  });
+          const answer = ctx.journal.run(
+            { op: ChaosOpName.RESPOND, vm, ...(setId === undefined ? {} : { setId }), ioasid: g.hpasid, spid: g.gpasid },
+            async () => {
+              if (code === vfio.PageResponseCode.PAGE_RESPONSE_CODE_SUCCESS) {
+                for (const r of g.requests) {
+                  const iova = r.address & ~(PAGE - 1n);
+                  await c.vfio
+                    .mapGuestPages({
+                      containerId,
+                      hpasid: g.hpasid,
+                      generation: 0,
+                      iova,
+                      gpa: (iova - GUEST_VA_BASE) & (GUEST_RAM.size - 1n),
+                      size: PAGE,
+                      access: { read: true, write: true, execute: false, privileged: false },
+                    })
+                    .catch((err: unknown) => {
+                      if (!isDomainError(err, "IOVA_ALREADY_MAPPED")) throw err;
+                    });
+                }
               }
-            }
-            await c.vfio.sendPageResponse({ containerId, faultGroupId: g.faultGroupId, code });
-          });
+              await c.vfio.sendPageResponse({ containerId, faultGroupId: g.faultGroupId, code });
+            },
+          );
           answering.add(answer);
           void answer.then(() => answering.delete(answer));
         }
