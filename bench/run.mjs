@@ -1,4 +1,7 @@
 #!/usr/bin/env node
+// Kept as one script (~880 lines): one section per part (--only=allocator,grpc,delivery,restart,
+// crash,faults), each measuring its floor and its figure in the same run; they share the stack
+// set-up, the timing helpers and the results file.
 // npm run bench: measures the targets of DESIGN §9 that exist so far, each against a floor
 // measured in the same run, and prints figures and ratios (no pass/fail: targets are printed
 // beside the figures). Results also go to bench/results/latest.json.
@@ -81,8 +84,9 @@ function allocatorBench() {
     bm.take(0);
     const live = [];
     for (let i = 1; i < capacity; i++) bm.take(i);
-    for (let i = 1; i < capacity; i++) if (rnd() < 0.5) bm.release(i);
-    else live.push(i);
+    for (let i = 1; i < capacity; i++)
+      if (rnd() < 0.5) bm.release(i);
+      else live.push(i);
     const t0 = now();
     for (let i = 0; i < pairs; i++) {
       const k = Math.floor(rnd() * live.length);
@@ -101,15 +105,16 @@ function allocatorBench() {
   const set = space.createSet({ token: { type: TokenType.MM, value: 1n }, quota: 0 });
   const rnd = prng(1);
   const live = [];
-  for (let done = 0; done < capacity - 1; ) {
+  for (let done = 0; done < capacity - 1;) {
     const n = Math.min(65_536, capacity - 1 - done);
     for (const a of space.allocMany(set.id, n)) live.push(a.ioasid);
     done += n;
   }
   // Free a random half: the remaining live IDs are spread over the whole namespace.
   const kept = [];
-  for (const id of live) if (rnd() < 0.5) space.free(set.id, id);
-  else kept.push(id);
+  for (const id of live)
+    if (rnd() < 0.5) space.free(set.id, id);
+    else kept.push(id);
   gc();
   const liveCount = kept.length;
   const bytesPerIoasid = (memory() - before) / liveCount;
@@ -137,7 +142,11 @@ async function grpcBench() {
   const entry = (p) => fileURLToPath(new URL(p, import.meta.url));
   const nats = await startNats();
   const [coreProc, echoProc] = await Promise.all([
-    startService({ name: "ioasid-core", entry: entry("../services/ioasid-core/dist/main.js"), env: { IOASID_CORE_GRPC_ADDRESS: "127.0.0.1:0", NATS_URL: nats.url } }),
+    startService({
+      name: "ioasid-core",
+      entry: entry("../services/ioasid-core/dist/main.js"),
+      env: { IOASID_CORE_GRPC_ADDRESS: "127.0.0.1:0", NATS_URL: nats.url },
+    }),
     startService({ name: "echo", entry: entry("./echo-server.mjs") }),
   ]);
   const c = createClient(core.CoreServiceService, coreProc.address);
@@ -236,7 +245,11 @@ async function deliveryBench() {
     const names = ["kvm", "vdcm", "iommu", "audit"];
     const priorities = [3, 2, 1, 0];
     const opLog = await OpLog.open(coreNc);
-    const ioasidCore = new IoasidCore({ onFatal: (err) => { throw err; } });
+    const ioasidCore = new IoasidCore({
+      onFatal: (err) => {
+        throw err;
+      },
+    });
     const submittedAt = new Map();
     const doneAt = new Map();
     let timing = true; // per-chain timestamps only in the sequential phase
@@ -260,14 +273,39 @@ async function deliveryBench() {
       conns.push(nc);
       await startSubscriber({ nc, name, instance: "0", handler: (e) => (e.type === events.EventType.EVENT_TYPE_FREE ? { release: ["ref"] } : undefined) });
       nc.subscribe(`floor.${name}`, { callback: (_e, m) => m.respond(m.data) });
-      await ioasidCore.commit({ kind: "register", options: { subscriber: { name, instance: "0" }, priority: priorities[i], scope: { kind: "global" }, events: ["FREE"] } });
+      await ioasidCore.commit({
+        kind: "register",
+        options: { subscriber: { name, instance: "0" }, priority: priorities[i], scope: { kind: "global" }, events: ["FREE"] },
+      });
     }
     await coreNc.flush();
     const set = (await ioasidCore.commit({ kind: "createSet", token: { type: TokenType.MM, value: 1n }, quota: 1024 })).id;
     const hold = (s, ids) =>
-      Promise.all(ids.flatMap((i) => names.map((name) => ioasidCore.commit({ kind: "get", setId: s, ioasid: i, holder: { role: name, instance: "0", purpose: "ref" }, generation: 0 }))));
+      Promise.all(
+        ids.flatMap((i) =>
+          names.map((name) => ioasidCore.commit({ kind: "get", setId: s, ioasid: i, holder: { role: name, instance: "0", purpose: "ref" }, generation: 0 })),
+        ),
+      );
     const sample = bus.DeliveryBatch.encode({
-      deliveries: [{ registrationId: 1, attempt: 1, event: { seq: 1n, type: 2, ioasid: 1, generation: 1, spid: 0, setId: 1, tokenType: 2, token: 1n, privateData: Buffer.alloc(0), refcount: 4, commitTime: new Date() } }],
+      deliveries: [
+        {
+          registrationId: 1,
+          attempt: 1,
+          event: {
+            seq: 1n,
+            type: 2,
+            ioasid: 1,
+            generation: 1,
+            spid: 0,
+            setId: 1,
+            tokenType: 2,
+            token: 1n,
+            privateData: Buffer.alloc(0),
+            refcount: 4,
+            commitTime: new Date(),
+          },
+        },
+      ],
     }).finish();
     const floorOnce = async () => {
       for (const name of names) await coreNc.request(`floor.${name}`, sample, { timeout: 2000 });
@@ -345,7 +383,9 @@ async function deliveryBench() {
     const steady = (slices * slice) / ((now() - t) / 1000);
     await profile();
     if (ioasidCore.space.stats().sets !== 1) throw new Error("steady-state sets not all reclaimed");
-    log(`  ${fmt(inFlight)} IOASIDs in flight       ${fmt(steady)} FREE events/s through 4 tiers, all reclaimed, ${fmt(slices * slice)} events in steady state (target ≥ 50,000)`);
+    log(
+      `  ${fmt(inFlight)} IOASIDs in flight       ${fmt(steady)} FREE events/s through 4 tiers, all reclaimed, ${fmt(slices * slice)} events in steady state (target ≥ 50,000)`,
+    );
     log(`  floor (4 gathers of 1,000)  ${fmt(floorRate)} events/s   (steady / floor = ${fmt(steady / floorRate, 2)})`);
     log(`  operation log               ${fmt(opLog.messages)} JetStream messages written`);
     results.delivery = { ...results.delivery, burstEventsPerSec: rate, eventsPerSec: steady, floorEventsPerSec: floorRate };
@@ -394,7 +434,9 @@ async function restartBench() {
     const stats = await c.getStats({});
     const serving = now() - t1;
     const recovered = /"replayed":(\d+),"startupMs":(\d+)/.exec(proc.logs());
-    log(`  serving again after ${fmt(serving)} ms (spawn to first answer; replay of ${recovered?.[1] ?? "?"} operations took ${recovered?.[2] ?? "?"} ms inside) with ${fmt(stats.inUse)} live IOASIDs (target ≤ 2,000 ms)`);
+    log(
+      `  serving again after ${fmt(serving)} ms (spawn to first answer; replay of ${recovered?.[1] ?? "?"} operations took ${recovered?.[2] ?? "?"} ms inside) with ${fmt(stats.inUse)} live IOASIDs (target ≤ 2,000 ms)`,
+    );
     results.restart = { live: stats.inUse, servingMs: serving, replayed: Number(recovered?.[1]), replayMs: Number(recovered?.[2]), allocRate };
     c.close();
     await proc.stop();
@@ -424,7 +466,15 @@ async function crashBench() {
     for (let d = 0; d < devices; d++) {
       const wqs = Array.from({ length: 1024 }, (_, wqId) => ({ wqId, mode: vdcm.WqMode.WQ_MODE_DEDICATED, size: 1 }));
       await c.vdcm.registerDevice(vdcm.RegisterDeviceRequest.fromPartial({ deviceId: `dsa${d}`, maxPasidEntries: 1024, wqs }));
-      await c.iommu.registerDevice(iommu.RegisterDeviceRequest.fromPartial({ deviceId: `dsa${d}`, maxPasids: 1 << 20, priCapable: true, function: iommu.DeviceFunction.DEVICE_FUNCTION_PF, iommuGroup: d + 1 }));
+      await c.iommu.registerDevice(
+        iommu.RegisterDeviceRequest.fromPartial({
+          deviceId: `dsa${d}`,
+          maxPasids: 1 << 20,
+          priCapable: true,
+          function: iommu.DeviceFunction.DEVICE_FUNCTION_PF,
+          iommuGroup: d + 1,
+        }),
+      );
     }
     let nextWq = 0;
     let token = 1n;
@@ -450,12 +500,23 @@ async function crashBench() {
       });
       await attached;
       const mdev = `mdev-${name}`;
-      await c.vdcm.createMdev(vdcm.CreateMdevRequest.fromPartial({ parentDeviceId: device, mdevUuid: mdev, wqIds: Array.from({ length: perGuest }, (_, i) => wq0 + i) }));
+      await c.vdcm.createMdev(
+        vdcm.CreateMdevRequest.fromPartial({ parentDeviceId: device, mdevUuid: mdev, wqIds: Array.from({ length: perGuest }, (_, i) => wq0 + i) }),
+      );
       await c.vfio.assignDevice(vfio.AssignDeviceRequest.fromPartial({ containerId: opened.containerId, device: { ref: { $case: "mdevUuid", value: mdev } } }));
       await Promise.all(
         Array.from({ length: perGuest }, async (_, i) => {
           const a = await c.vfio.allocPasid({ containerId: opened.containerId });
-          await c.vfio.bindGuestPasid(vfio.BindGuestPasidRequest.fromPartial({ containerId: opened.containerId, device: { ref: { $case: "mdevUuid", value: mdev } }, hpasid: a.hpasid, generation: a.generation, gpasid: i + 1, guestPgtable: 0x1000n }));
+          await c.vfio.bindGuestPasid(
+            vfio.BindGuestPasidRequest.fromPartial({
+              containerId: opened.containerId,
+              device: { ref: { $case: "mdevUuid", value: mdev } },
+              hpasid: a.hpasid,
+              generation: a.generation,
+              gpasid: i + 1,
+              guestPgtable: 0x1000n,
+            }),
+          );
         }),
       );
       // KVM's table is filled by the BIND events; wait for it before the guest programs its WQs.
@@ -502,7 +563,9 @@ async function crashBench() {
       await c.kvm.destroyVm({ vmId: g.vmId }).catch(() => undefined);
     }
     single.sort((a, b) => a - b);
-    log(`  one crashed guest, ${perGuest} PASIDs: all reclaimed in p50 ${fmt(percentile(single, 50))} ms (min ${fmt(single[0])}, max ${fmt(single.at(-1))}, ${runs} runs; target ≤ 10 ms p50)`);
+    log(
+      `  one crashed guest, ${perGuest} PASIDs: all reclaimed in p50 ${fmt(percentile(single, 50))} ms (min ${fmt(single[0])}, max ${fmt(single.at(-1))}, ${runs} runs; target ≤ 10 ms p50)`,
+    );
 
     log(`  preparing ${fmt(crowd)} guests × ${perGuest} PASIDs …`);
     const t = now();
@@ -528,9 +591,12 @@ async function crashBench() {
         g.last = Math.max(g.last, r.ts - t0);
         groups.set(k, g);
       }
-      for (const [k, g] of [...groups].sort((a, b) => a[1].first - b[1].first)) log(`    ${k.padEnd(36)} ${String(g.n).padStart(6)} ${fmt(g.first).padStart(7)} ${fmt(g.last).padStart(7)} ms`);
+      for (const [k, g] of [...groups].sort((a, b) => a[1].first - b[1].first))
+        log(`    ${k.padEnd(36)} ${String(g.n).padStart(6)} ${fmt(g.first).padStart(7)} ${fmt(g.last).padStart(7)} ms`);
     }
-    log(`  ${fmt(crowd)} guests × ${perGuest} PASIDs (${fmt(crowd * perGuest)} IOASIDs) crashing together: all reclaimed in ${fmt(all)} ms (target ≤ 3,000 ms for 1,000 guests)`);
+    log(
+      `  ${fmt(crowd)} guests × ${perGuest} PASIDs (${fmt(crowd * perGuest)} IOASIDs) crashing together: all reclaimed in ${fmt(all)} ms (target ≤ 3,000 ms for 1,000 guests)`,
+    );
     results.crash = { perGuest, singleP50Ms: percentile(single, 50), single, crowd, crowdAllReclaimedMs: all };
   } finally {
     await c.close();
@@ -552,7 +618,9 @@ async function faultsBench() {
   const devices = 8;
   const inFlightPerDevice = 8; // below the IOMMU's default 32 page-request credits per device
   const perDevice = quick ? 250 : 1000;
-  log(`\n[faults] the whole stack as processes; one VM, ${devices} PRI-capable devices assigned, a guest PASID bound on each, the guest answering on WatchFaults`);
+  log(
+    `\n[faults] the whole stack as processes; one VM, ${devices} PRI-capable devices assigned, a guest PASID bound on each, the guest answering on WatchFaults`,
+  );
   const dir = mkdtempSync(join(tmpdir(), "ioasid-bench-"));
   const basePort = 30_000 + Math.floor(Math.random() * 20_000);
   const nodeArgs = (process.env.BENCH_SERVICE_NODE_ARGS ?? "").split(" ").filter(Boolean);
@@ -576,7 +644,15 @@ async function faultsBench() {
     const bound = [];
     for (let d = 0; d < devices; d++) {
       const deviceId = `pri${d}`;
-      await c.iommu.registerDevice(iommu.RegisterDeviceRequest.fromPartial({ deviceId, maxPasids: 1 << 20, priCapable: true, function: iommu.DeviceFunction.DEVICE_FUNCTION_PF, iommuGroup: 100 + d }));
+      await c.iommu.registerDevice(
+        iommu.RegisterDeviceRequest.fromPartial({
+          deviceId,
+          maxPasids: 1 << 20,
+          priCapable: true,
+          function: iommu.DeviceFunction.DEVICE_FUNCTION_PF,
+          iommuGroup: 100 + d,
+        }),
+      );
       const device = { ref: { $case: "deviceId", value: deviceId } };
       // Right after the stack starts, VFIO's channel to the IOMMU may still be in grpc-js's
       // reconnect backoff (VFIO opened its fault stream before the IOMMU listened): its calls to
@@ -591,7 +667,9 @@ async function faultsBench() {
         }
       }
       const a = await c.vfio.allocPasid({ containerId });
-      await c.vfio.bindGuestPasid(vfio.BindGuestPasidRequest.fromPartial({ containerId, device, hpasid: a.hpasid, generation: a.generation, gpasid: d + 1, guestPgtable: 0x1000n }));
+      await c.vfio.bindGuestPasid(
+        vfio.BindGuestPasidRequest.fromPartial({ containerId, device, hpasid: a.hpasid, generation: a.generation, gpasid: d + 1, guestPgtable: 0x1000n }),
+      );
       bound.push({ deviceId, pasid: a.hpasid });
     }
     // Guest RAM: GPA [0, 1 GiB) → HPA [4 GiB, 5 GiB) in the VM's stage 2; the guest maps GVA = GPA.
@@ -628,11 +706,14 @@ async function faultsBench() {
     const roundTrip = async ({ deviceId, pasid }, address) => {
       const req = iommu.TranslateRequest.fromPartial({ deviceId, pasid, address, access: rw });
       const miss = await c.iommu.translate(req);
-      if (miss.outcome !== PAGE_REQUEST) throw new Error(`expected a page request at 0x${address.toString(16)}, got ${iommu.translateOutcomeToJSON(miss.outcome)}`);
+      if (miss.outcome !== PAGE_REQUEST)
+        throw new Error(`expected a page request at 0x${address.toString(16)}, got ${iommu.translateOutcomeToJSON(miss.outcome)}`);
       const r = await c.iommu.awaitPageResponse({ deviceId, faultGroupId: miss.faultGroupId }, { deadlineMs: 10_000 });
-      if (r.code !== iommu.PageResponseCode.PAGE_RESPONSE_CODE_SUCCESS) throw new Error(`group ${miss.faultGroupId} answered ${iommu.pageResponseCodeToJSON(r.code)}`);
+      if (r.code !== iommu.PageResponseCode.PAGE_RESPONSE_CODE_SUCCESS)
+        throw new Error(`group ${miss.faultGroupId} answered ${iommu.pageResponseCodeToJSON(r.code)}`);
       const hit = await c.iommu.translate(req);
-      if (hit.outcome !== TRANSLATED || hit.outputAddress !== hpaBase + address) throw new Error(`retry of 0x${address.toString(16)}: ${iommu.translateOutcomeToJSON(hit.outcome)}`);
+      if (hit.outcome !== TRANSLATED || hit.outputAddress !== hpaBase + address)
+        throw new Error(`retry of 0x${address.toString(16)}: ${iommu.translateOutcomeToJSON(hit.outcome)}`);
       return miss.faultGroupId;
     };
 
@@ -700,9 +781,21 @@ async function faultsBench() {
     log(`  gRPC unary echo (floor)        p50 ${fmt(u50 * 1000)} µs`);
     log(`  gRPC stream round trip (floor) p50 ${fmt(s50 * 1000)} µs`);
     log(`  JetStream publish ack (floor)  p50 ${fmt(j50 * 1000)} µs`);
-    log(`  fault round trip               p50 ${fmt(t50 * 1000)} µs   p90 ${fmt(t90 * 1000)} µs   (${fmt(rounds)} sequential, distinct pages: miss → guest maps + SUCCESS → retry TRANSLATED)`);
-    log(`  ratio to its critical path     ${fmt(t50 / floor, 2)}×   (6 unary + 1 stream round trip + 3 JetStream acks = ${fmt(floor * 1000)} µs; ${fmt(t50 / u50, 1)} unary calls' worth)`);
-    results.faults = { unaryP50Us: u50 * 1000, streamP50Us: s50 * 1000, jetstreamAckP50Us: j50 * 1000, roundTripP50Us: t50 * 1000, roundTripP90Us: t90 * 1000, criticalPathFloorUs: floor * 1000, ratioToFloor: t50 / floor };
+    log(
+      `  fault round trip               p50 ${fmt(t50 * 1000)} µs   p90 ${fmt(t90 * 1000)} µs   (${fmt(rounds)} sequential, distinct pages: miss → guest maps + SUCCESS → retry TRANSLATED)`,
+    );
+    log(
+      `  ratio to its critical path     ${fmt(t50 / floor, 2)}×   (6 unary + 1 stream round trip + 3 JetStream acks = ${fmt(floor * 1000)} µs; ${fmt(t50 / u50, 1)} unary calls' worth)`,
+    );
+    results.faults = {
+      unaryP50Us: u50 * 1000,
+      streamP50Us: s50 * 1000,
+      jetstreamAckP50Us: j50 * 1000,
+      roundTripP50Us: t50 * 1000,
+      roundTripP90Us: t90 * 1000,
+      criticalPathFloorUs: floor * 1000,
+      ratioToFloor: t50 / floor,
+    };
 
     // Sustained: every device with several requests in flight, each a group by itself.
     const codes = new Map();
@@ -714,7 +807,8 @@ async function faultsBench() {
           while (next < perDevice) {
             const address = gva(d, 8192 + next++);
             const miss = await c.iommu.translate(iommu.TranslateRequest.fromPartial({ deviceId: dev.deviceId, pasid: dev.pasid, address, access: rw }));
-            if (miss.outcome !== PAGE_REQUEST) throw new Error(`expected a page request, got ${iommu.translateOutcomeToJSON(miss.outcome)} ${iommu.faultReasonToJSON(miss.faultReason)}`);
+            if (miss.outcome !== PAGE_REQUEST)
+              throw new Error(`expected a page request, got ${iommu.translateOutcomeToJSON(miss.outcome)} ${iommu.faultReasonToJSON(miss.faultReason)}`);
             raised.push(miss.faultGroupId);
             const r = await c.iommu.awaitPageResponse({ deviceId: dev.deviceId, faultGroupId: miss.faultGroupId }, { deadlineMs: 15_000 });
             const k = iommu.pageResponseCodeToJSON(r.code);
@@ -727,7 +821,9 @@ async function faultsBench() {
     const requests = devices * perDevice;
     // Every group: relayed once, answered once (the answered items trail the devices' answers a little).
     for (let i = 0; i < 500 && answers.size < raised.length; i++) await new Promise((r) => setTimeout(r, 10));
-    const wrong = raised.filter((id) => relayed.get(id) !== 1 || answers.get(id)?.length !== 1 || answers.get(id)[0] !== "PAGE_RESPONSE_CODE_SUCCESS PAGE_RESPONSE_SOURCE_HANDLER");
+    const wrong = raised.filter(
+      (id) => relayed.get(id) !== 1 || answers.get(id)?.length !== 1 || answers.get(id)[0] !== "PAGE_RESPONSE_CODE_SUCCESS PAGE_RESPONSE_SOURCE_HANDLER",
+    );
     const raisedSet = new Set(raised);
     const extra = [...answers.keys()].filter((id) => !raisedSet.has(id)).length;
     const left = (await c.iommu.queryState(iommu.QueryStateRequest.fromPartial({}))).faultGroups.length;
@@ -740,10 +836,30 @@ async function faultsBench() {
         if (r.outcome === TRANSLATED && r.outputAddress === hpaBase + address) hits++;
       }
     }
-    log(`  sustained                      ${fmt(requests / (elapsed / 1000))} page requests/s answered (${fmt(requests)} over ${devices} devices × ${inFlightPerDevice} in flight, each a group answered SUCCESS after MapGuestPages; ${fmt(elapsed)} ms)`);
-    log(`  exactly one response           ${fmt(raised.length - wrong.length)} of ${fmt(raised.length)} groups relayed once and answered once (SUCCESS by the handler); ${extra} unknown answers, ${left} groups left outstanding, ${refused.length} answers refused; devices saw ${[...codes].map(([k, n]) => `${n} ${k.replace("PAGE_RESPONSE_CODE_", "")}`).join(", ")}; ${hits}/${devices * 8} sampled pages translate`);
-    if (wrong.length > 0 || extra > 0 || left > 0 || refused.length > 0) log(`  ! not exactly one response: ${wrong.slice(0, 5).map((id) => `${id}: relayed ${relayed.get(id) ?? 0}, answers ${JSON.stringify(answers.get(id) ?? [])}`).join("; ")} ${refused.slice(0, 3).join("; ")}`);
-    results.faults = { ...results.faults, sustainedRequestsPerSec: requests / (elapsed / 1000), devices, inFlightPerDevice, groups: raised.length, groupsAnsweredOnce: raised.length - wrong.length, unknownAnswers: extra, outstandingAtEnd: left, refused: refused.length };
+    log(
+      `  sustained                      ${fmt(requests / (elapsed / 1000))} page requests/s answered (${fmt(requests)} over ${devices} devices × ${inFlightPerDevice} in flight, each a group answered SUCCESS after MapGuestPages; ${fmt(elapsed)} ms)`,
+    );
+    log(
+      `  exactly one response           ${fmt(raised.length - wrong.length)} of ${fmt(raised.length)} groups relayed once and answered once (SUCCESS by the handler); ${extra} unknown answers, ${left} groups left outstanding, ${refused.length} answers refused; devices saw ${[...codes].map(([k, n]) => `${n} ${k.replace("PAGE_RESPONSE_CODE_", "")}`).join(", ")}; ${hits}/${devices * 8} sampled pages translate`,
+    );
+    if (wrong.length > 0 || extra > 0 || left > 0 || refused.length > 0)
+      log(
+        `  ! not exactly one response: ${wrong
+          .slice(0, 5)
+          .map((id) => `${id}: relayed ${relayed.get(id) ?? 0}, answers ${JSON.stringify(answers.get(id) ?? [])}`)
+          .join("; ")} ${refused.slice(0, 3).join("; ")}`,
+      );
+    results.faults = {
+      ...results.faults,
+      sustainedRequestsPerSec: requests / (elapsed / 1000),
+      devices,
+      inFlightPerDevice,
+      groups: raised.length,
+      groupsAnsweredOnce: raised.length - wrong.length,
+      unknownAnswers: extra,
+      outstandingAtEnd: left,
+      refused: refused.length,
+    };
   } finally {
     stop.abort();
     echo.close();

@@ -59,8 +59,9 @@ try {
     if (existsSync(f)) have.set(relative(root, f), readFileSync(f));
   }
   const diffs = [];
-  for (const [k, v] of want) if (!have.has(k)) diffs.push(`missing: ${k}`);
-  else if (!have.get(k).equals(v)) diffs.push(`differs: ${k}`);
+  for (const [k, v] of want)
+    if (!have.has(k)) diffs.push(`missing: ${k}`);
+    else if (!have.get(k).equals(v)) diffs.push(`differs: ${k}`);
   for (const k of have.keys()) if (!want.has(k)) diffs.push(`stale: ${k}`);
   if (diffs.length > 0) {
     console.error("generated code is out of date with proto/ (run `npm run gen` and commit):");

@@ -25,7 +25,10 @@ describe("chaos: crashed-guest cleanup under every fault kind", () => {
       const story = `${r.verdictText}\n\n${r.summaryText}\n(history, report and logs in ${r.dir})`;
       failed ||= !r.verdict.ok || r.healFailures.length > 0;
       expect(r.healFailures, story).toEqual([]);
-      expect(r.verdict.violations.map((v) => `${v.invariant}: ${v.message}`), story).toEqual([]);
+      expect(
+        r.verdict.violations.map((v) => `${v.invariant}: ${v.message}`),
+        story,
+      ).toEqual([]);
       // The run did what a chaos run is for.
       expect(r.stats.faults.injected, story).toBeGreaterThan(0);
       expect(r.stats.ops.ok, story).toBeGreaterThan(20);

@@ -53,7 +53,8 @@ describe("startNats with IOASID_TESTKIT_DOCKER=1 (testcontainers)", () => {
     const nats = await start();
     const first = await startCore({}, { nats });
     cores.push(first);
-    const setId = (await first.client.createSet(core.CreateSetRequest.fromPartial({ tokenType: events.TokenType.TOKEN_TYPE_MM, token: 7007n, quota: 4 }))).set!.setId;
+    const setId = (await first.client.createSet(core.CreateSetRequest.fromPartial({ tokenType: events.TokenType.TOKEN_TYPE_MM, token: 7007n, quota: 4 }))).set!
+      .setId;
     const a = await first.client.alloc(core.AllocRequest.fromPartial({ setId }));
     await first.stop();
     cores.splice(0);

@@ -49,7 +49,12 @@ describe("buf breaking against the committed baseline", () => {
 
   it("accepts an added message and an added field", () => {
     const dir = copyContracts();
-    edit(dir, "ioasid/vfio/v1/vfio.proto", "message WatchFaultsResponse {", "message AddedForTheTest {\n  uint32 n = 1;\n}\n\nmessage WatchFaultsResponse {\n  uint32 added_for_the_test = 90;");
+    edit(
+      dir,
+      "ioasid/vfio/v1/vfio.proto",
+      "message WatchFaultsResponse {",
+      "message AddedForTheTest {\n  uint32 n = 1;\n}\n\nmessage WatchFaultsResponse {\n  uint32 added_for_the_test = 90;",
+    );
     const r = breaking(dir);
     expect(r.output).toBe("");
     expect(r.status).toBe(0);

@@ -34,16 +34,31 @@ async function transcript(core: CorePort): Promise<Step[]> {
   const token = { type: TokenType.MM, value: 0x4242n };
   // KVM registers by MM token before VFIO creates the set: pending (L4).
   const reg = (await step(out, "register mm (pending)", () =>
-    core.register({ subscriber: { name: "kvm", instance: "vm-1" }, priority: Priority.CPU, scope: { kind: "mm", token: token.value }, events: [EventType.BIND, EventType.UNBIND, EventType.FREE] }),
+    core.register({
+      subscriber: { name: "kvm", instance: "vm-1" },
+      priority: Priority.CPU,
+      scope: { kind: "mm", token: token.value },
+      events: [EventType.BIND, EventType.UNBIND, EventType.FREE],
+    }),
   )) as { id: number };
   const set = (await step(out, "createSet", () => core.createSet(token, 8))) as { id: number };
   await step(out, "createSet same token", () => core.createSet(token, 8));
   await step(out, "listRegistrations (active)", () => core.listRegistrations());
   await step(out, "register same again", () =>
-    core.register({ subscriber: { name: "kvm", instance: "vm-1" }, priority: Priority.CPU, scope: { kind: "mm", token: token.value }, events: [EventType.BIND, EventType.UNBIND, EventType.FREE] }),
+    core.register({
+      subscriber: { name: "kvm", instance: "vm-1" },
+      priority: Priority.CPU,
+      scope: { kind: "mm", token: token.value },
+      events: [EventType.BIND, EventType.UNBIND, EventType.FREE],
+    }),
   );
   await step(out, "ensureRegistration same again (finds it)", () =>
-    ensureRegistration(core, { subscriber: { name: "kvm", instance: "vm-1" }, priority: Priority.CPU, scope: { kind: "mm", token: token.value }, events: [EventType.BIND, EventType.UNBIND, EventType.FREE] }),
+    ensureRegistration(core, {
+      subscriber: { name: "kvm", instance: "vm-1" },
+      priority: Priority.CPU,
+      scope: { kind: "mm", token: token.value },
+      events: [EventType.BIND, EventType.UNBIND, EventType.FREE],
+    }),
   );
   const a = (await step(out, "alloc", () => core.alloc(set.id))) as { ioasid: number; generation: number };
   await step(out, "alloc out of range", () => core.alloc(set.id, { min: 2_000_000, max: 2_000_001 }));
@@ -120,7 +135,9 @@ describe("CorePort: the gRPC port to the core process and the testkit's in-proce
     expect(by.get("ensureRegistration same again (finds it)")?.ok).toEqual((by.get("listRegistrations (active)")?.ok as unknown[])[0]);
     expect(by.get("attachSpid duplicate SPID")?.refused?.reason).toBe("SPID_IN_USE");
     expect(by.get("findBySpid with a reference (vdcm)")?.ok).toMatchObject({ refcount: 3 });
-    expect(by.get("heldReferences (vdcm)")?.ok).toEqual([{ setId: expect.any(Number), ioasid: expect.any(Number), generation: expect.any(Number), purpose: VDCM.purpose, count: 1 }]);
+    expect(by.get("heldReferences (vdcm)")?.ok).toEqual([
+      { setId: expect.any(Number), ioasid: expect.any(Number), generation: expect.any(Number), purpose: VDCM.purpose, count: 1 },
+    ]);
     expect(by.get("findBySpid unknown")?.refused?.reason).toBe("SPID_NOT_FOUND");
     expect(by.get("get stale generation")?.refused?.reason).toBe("STALE_GENERATION");
     expect(by.get("free → FREE_PENDING")?.ok).toEqual({ outcome: "FREE_PENDING", refcount: 2 });

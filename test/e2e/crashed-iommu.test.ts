@@ -64,7 +64,9 @@ describe("a crashed IOMMU", () => {
     await waitFor(
       async () => {
         try {
-          await c.vfio.unmapGuestPages(P(vfio.UnmapGuestPagesRequest, { containerId: g.containerId, hpasid: g.hpasid, iova: GVA_BASE + 0x100_0000n, size: 0x1000n }));
+          await c.vfio.unmapGuestPages(
+            P(vfio.UnmapGuestPagesRequest, { containerId: g.containerId, hpasid: g.hpasid, iova: GVA_BASE + 0x100_0000n, size: 0x1000n }),
+          );
           return true;
         } catch {
           return false;

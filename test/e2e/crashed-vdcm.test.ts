@@ -34,18 +34,38 @@ describe("a crashed VDCM", () => {
   it("keeps a programmed PASID's IOASID from being reclaimed until it returns and clears the device", async () => {
     const c = stack.clients;
     const since = Date.now() - 1;
-    await c.vdcm.registerDevice(P(vdcm.RegisterDeviceRequest, { deviceId: "dsa-x", maxPasidEntries: 16, wqs: [{ wqId: 0, mode: vdcm.WqMode.WQ_MODE_DEDICATED, size: 8 }] }));
-    await c.iommu.registerDevice(P(iommu.RegisterDeviceRequest, { deviceId: "dsa-x", maxPasids: 1 << 20, priCapable: true, function: iommu.DeviceFunction.DEVICE_FUNCTION_PF, iommuGroup: 3 }));
+    await c.vdcm.registerDevice(
+      P(vdcm.RegisterDeviceRequest, { deviceId: "dsa-x", maxPasidEntries: 16, wqs: [{ wqId: 0, mode: vdcm.WqMode.WQ_MODE_DEDICATED, size: 8 }] }),
+    );
+    await c.iommu.registerDevice(
+      P(iommu.RegisterDeviceRequest, {
+        deviceId: "dsa-x",
+        maxPasids: 1 << 20,
+        priCapable: true,
+        function: iommu.DeviceFunction.DEVICE_FUNCTION_PF,
+        iommuGroup: 3,
+      }),
+    );
     await c.vdcm.createMdev(P(vdcm.CreateMdevRequest, { parentDeviceId: "dsa-x", mdevUuid: "mdev-x", wqIds: [0] }));
     const opened = await c.vfio.openContainer(P(vfio.OpenContainerRequest, { mmToken: 0xdead_1n, quota: 4, vmName: "vdcm-crash" }));
     const session = await attachSession(c, opened.containerId);
     const mdev = { ref: { $case: "mdevUuid" as const, value: "mdev-x" } };
     await c.vfio.assignDevice(P(vfio.AssignDeviceRequest, { containerId: opened.containerId, device: mdev }));
     const a = await c.vfio.allocPasid({ containerId: opened.containerId });
-    await c.vfio.bindGuestPasid(P(vfio.BindGuestPasidRequest, { containerId: opened.containerId, device: mdev, hpasid: a.hpasid, generation: a.generation, gpasid: 55, guestPgtable: 0x5000n }));
+    await c.vfio.bindGuestPasid(
+      P(vfio.BindGuestPasidRequest, {
+        containerId: opened.containerId,
+        device: mdev,
+        hpasid: a.hpasid,
+        generation: a.generation,
+        gpasid: 55,
+        guestPgtable: 0x5000n,
+      }),
+    );
     await c.vdcm.writeWqPasid(P(vdcm.WriteWqPasidRequest, { mdevUuid: "mdev-x", virtualWq: 0, gpasid: 55 }));
     const holder = "vdcm/vdcm0/dsa-x.wq0";
-    const holders = async () => (await c.core.describe({ ioasid: a.hpasid })).info!.holders.map((h) => `${h.holder!.role}/${h.holder!.instance}/${h.holder!.purpose}`);
+    const holders = async () =>
+      (await c.core.describe({ ioasid: a.hpasid })).info!.holders.map((h) => `${h.holder!.role}/${h.holder!.instance}/${h.holder!.purpose}`);
     expect(await holders()).toContain(holder);
 
     // kill -9 VDCM with the PASID programmed; then the guest frees it.
@@ -96,15 +116,34 @@ describe("a crashed VDCM", () => {
   it("an operator force-releases the references of a VDCM that will not come back, with an audit record first", async () => {
     const c = stack.clients;
     const since = Date.now() - 1;
-    await c.vdcm.registerDevice(P(vdcm.RegisterDeviceRequest, { deviceId: "dsa-y", maxPasidEntries: 16, wqs: [{ wqId: 0, mode: vdcm.WqMode.WQ_MODE_DEDICATED, size: 8 }] }));
-    await c.iommu.registerDevice(P(iommu.RegisterDeviceRequest, { deviceId: "dsa-y", maxPasids: 1 << 20, priCapable: true, function: iommu.DeviceFunction.DEVICE_FUNCTION_PF, iommuGroup: 4 }));
+    await c.vdcm.registerDevice(
+      P(vdcm.RegisterDeviceRequest, { deviceId: "dsa-y", maxPasidEntries: 16, wqs: [{ wqId: 0, mode: vdcm.WqMode.WQ_MODE_DEDICATED, size: 8 }] }),
+    );
+    await c.iommu.registerDevice(
+      P(iommu.RegisterDeviceRequest, {
+        deviceId: "dsa-y",
+        maxPasids: 1 << 20,
+        priCapable: true,
+        function: iommu.DeviceFunction.DEVICE_FUNCTION_PF,
+        iommuGroup: 4,
+      }),
+    );
     await c.vdcm.createMdev(P(vdcm.CreateMdevRequest, { parentDeviceId: "dsa-y", mdevUuid: "mdev-y", wqIds: [0] }));
     const opened = await c.vfio.openContainer(P(vfio.OpenContainerRequest, { mmToken: 0xdead_2n, quota: 4, vmName: "vdcm-gone" }));
     const session = await attachSession(c, opened.containerId);
     const mdev = { ref: { $case: "mdevUuid" as const, value: "mdev-y" } };
     await c.vfio.assignDevice(P(vfio.AssignDeviceRequest, { containerId: opened.containerId, device: mdev }));
     const a = await c.vfio.allocPasid({ containerId: opened.containerId });
-    await c.vfio.bindGuestPasid(P(vfio.BindGuestPasidRequest, { containerId: opened.containerId, device: mdev, hpasid: a.hpasid, generation: a.generation, gpasid: 56, guestPgtable: 0x5000n }));
+    await c.vfio.bindGuestPasid(
+      P(vfio.BindGuestPasidRequest, {
+        containerId: opened.containerId,
+        device: mdev,
+        hpasid: a.hpasid,
+        generation: a.generation,
+        gpasid: 56,
+        guestPgtable: 0x5000n,
+      }),
+    );
     await c.vdcm.writeWqPasid(P(vdcm.WriteWqPasidRequest, { mdevUuid: "mdev-y", virtualWq: 0, gpasid: 56 }));
     // VDCM dies for good (the revived one of the previous test); the guest crashes.
     revived!.kill("SIGKILL");
@@ -113,7 +152,10 @@ describe("a crashed VDCM", () => {
     session.abort();
     const sel = { role: "vdcm", instance: "vdcm0" };
     await waitFor(async () => (await c.core.describe({ ioasid: a.hpasid })).info!.state === core.IoasidState.IOASID_STATE_FREE_PENDING, { timeoutMs: 10_000 });
-    await waitFor(async () => (await heldBy(c, sel)).length === 1 && (await c.core.describe({ ioasid: a.hpasid })).info!.refcount === 1, { timeoutMs: 10_000, message: "only VDCM's reference left" });
+    await waitFor(async () => (await heldBy(c, sel)).length === 1 && (await c.core.describe({ ioasid: a.hpasid })).info!.refcount === 1, {
+      timeoutMs: 10_000,
+      message: "only VDCM's reference left",
+    });
 
     const r = await forceRelease(c, stack.nats.url, sel, { operator: "test-operator", reason: "vdcm0 decommissioned" });
     expect(r).toMatchObject({ released: 1, reclaimed: [a.hpasid] });
@@ -128,8 +170,14 @@ describe("a crashed VDCM", () => {
     );
     const audit = hist.find((x) => x.action?.$case === "forceRelease")!;
     expect(audit).toMatchObject({ role: "operator", instance: "test-operator" });
-    expect(audit.action.value).toMatchObject({ holder: "vdcm/vdcm0/*", reason: "vdcm0 decommissioned", references: [{ ioasid: a.hpasid, purpose: "dsa-y.wq0", count: 1 }] });
-    const put = hist.find((x) => x.action.$case === "ioasidPut" && x.ioasid === a.hpasid && x.action.value.holder?.role === "vdcm" && x.action.value.holder.instance === "vdcm0")!;
+    expect(audit.action.value).toMatchObject({
+      holder: "vdcm/vdcm0/*",
+      reason: "vdcm0 decommissioned",
+      references: [{ ioasid: a.hpasid, purpose: "dsa-y.wq0", count: 1 }],
+    });
+    const put = hist.find(
+      (x) => x.action.$case === "ioasidPut" && x.ioasid === a.hpasid && x.action.value.holder?.role === "vdcm" && x.action.value.holder.instance === "vdcm0",
+    )!;
     expect(audit.ts).toBeLessThanOrEqual(put.ts);
   }, 60_000);
 });

@@ -24,8 +24,18 @@ afterAll(async () => {
 describe("a crashed VFIO", () => {
   it("closes, when it returns, the containers it had: sets freed and reclaimed, mdevs unassigned, stage-2 domains freed", async () => {
     const c = stack.clients;
-    await c.vdcm.registerDevice(P(vdcm.RegisterDeviceRequest, { deviceId: "dsa-v", maxPasidEntries: 16, wqs: [{ wqId: 0, mode: vdcm.WqMode.WQ_MODE_DEDICATED, size: 8 }] }));
-    await c.iommu.registerDevice(P(iommu.RegisterDeviceRequest, { deviceId: "dsa-v", maxPasids: 1 << 20, priCapable: true, function: iommu.DeviceFunction.DEVICE_FUNCTION_PF, iommuGroup: 5 }));
+    await c.vdcm.registerDevice(
+      P(vdcm.RegisterDeviceRequest, { deviceId: "dsa-v", maxPasidEntries: 16, wqs: [{ wqId: 0, mode: vdcm.WqMode.WQ_MODE_DEDICATED, size: 8 }] }),
+    );
+    await c.iommu.registerDevice(
+      P(iommu.RegisterDeviceRequest, {
+        deviceId: "dsa-v",
+        maxPasids: 1 << 20,
+        priCapable: true,
+        function: iommu.DeviceFunction.DEVICE_FUNCTION_PF,
+        iommuGroup: 5,
+      }),
+    );
     await c.vdcm.createMdev(P(vdcm.CreateMdevRequest, { parentDeviceId: "dsa-v", mdevUuid: "mdev-v", wqIds: [0] }));
     const opened = await c.vfio.openContainer(P(vfio.OpenContainerRequest, { mmToken: 0xf10n, quota: 4, vmName: "vfio-crash" }));
     const session = new AbortController();
@@ -39,14 +49,27 @@ describe("a crashed VFIO", () => {
         resolve();
       })();
     });
-    await waitFor(async () => (await c.vfio.queryState({ containerId: opened.containerId })).containers[0]?.state === vfio.ContainerState.CONTAINER_STATE_ACTIVE);
+    await waitFor(
+      async () => (await c.vfio.queryState({ containerId: opened.containerId })).containers[0]?.state === vfio.ContainerState.CONTAINER_STATE_ACTIVE,
+    );
     const mdev = { ref: { $case: "mdevUuid" as const, value: "mdev-v" } };
     await c.vfio.assignDevice(P(vfio.AssignDeviceRequest, { containerId: opened.containerId, device: mdev }));
-    await c.vfio.mapDma(P(vfio.MapDmaRequest, { containerId: opened.containerId, iova: 0n, paddr: 0x1_0000_0000n, size: 0x10_0000n, access: { read: true, write: true } }));
+    await c.vfio.mapDma(
+      P(vfio.MapDmaRequest, { containerId: opened.containerId, iova: 0n, paddr: 0x1_0000_0000n, size: 0x10_0000n, access: { read: true, write: true } }),
+    );
     const pasids = [];
     for (let i = 0; i < 2; i++) {
       const a = await c.vfio.allocPasid({ containerId: opened.containerId });
-      await c.vfio.bindGuestPasid(P(vfio.BindGuestPasidRequest, { containerId: opened.containerId, device: mdev, hpasid: a.hpasid, generation: a.generation, gpasid: 70 + i, guestPgtable: 0x5000n }));
+      await c.vfio.bindGuestPasid(
+        P(vfio.BindGuestPasidRequest, {
+          containerId: opened.containerId,
+          device: mdev,
+          hpasid: a.hpasid,
+          generation: a.generation,
+          gpasid: 70 + i,
+          guestPgtable: 0x5000n,
+        }),
+      );
       pasids.push(a.hpasid);
     }
     await c.vdcm.writeWqPasid(P(vdcm.WriteWqPasidRequest, { mdevUuid: "mdev-v", virtualWq: 0, gpasid: 70 }));
@@ -62,14 +85,27 @@ describe("a crashed VFIO", () => {
     revived = await startService({
       name: "vfio",
       entry: serviceEntry("vfio"),
-      env: { VFIO_GRPC_ADDRESS: address, NATS_URL: stack.nats.url, IOASID_CORE_ADDRESS: stack.addresses.core, IOMMU_ADDRESS: stack.addresses.iommu, VDCM_ADDRESS: stack.addresses.vdcm },
+      env: {
+        VFIO_GRPC_ADDRESS: address,
+        NATS_URL: stack.nats.url,
+        IOASID_CORE_ADDRESS: stack.addresses.core,
+        IOMMU_ADDRESS: stack.addresses.iommu,
+        VDCM_ADDRESS: stack.addresses.vdcm,
+      },
     });
-    await waitFor(async () => (await c.core.listSets({})).sets.every((s) => s.setId !== opened.setId), { timeoutMs: 10_000, intervalMs: 50, message: "the set freed and destroyed" });
+    await waitFor(async () => (await c.core.listSets({})).sets.every((s) => s.setId !== opened.setId), {
+      timeoutMs: 10_000,
+      intervalMs: 50,
+      message: "the set freed and destroyed",
+    });
     await waitFor(async () => (await c.vdcm.queryState(P(vdcm.QueryStateRequest, {}))).mdevs.find((m) => m.mdevUuid === "mdev-v")?.setId === 0, {
       timeoutMs: 10_000,
       message: "the mdev given back",
     });
-    await waitFor(async () => !(await c.iommu.queryState(P(iommu.QueryStateRequest, {}))).domains.some((d) => d.domainId === stage2), { timeoutMs: 10_000, message: "the stage-2 domain freed" });
+    await waitFor(async () => !(await c.iommu.queryState(P(iommu.QueryStateRequest, {}))).domains.some((d) => d.domainId === stage2), {
+      timeoutMs: 10_000,
+      message: "the stage-2 domain freed",
+    });
     expect((await c.vdcm.queryState(P(vdcm.QueryStateRequest, {}))).devices[0]!.pasidEntries).toEqual([]);
     expect((await c.vfio.queryState({ containerId: 0 })).containers).toEqual([]);
     expect(revived.logs()).toContain("closed the containers of the life before a crash");

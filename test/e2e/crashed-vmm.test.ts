@@ -30,16 +30,34 @@ describe("crashed VMM", () => {
     const c = stack.clients;
     const token = 0x5eedn;
     const since = performance.timeOrigin + performance.now();
-    await c.vdcm.registerDevice(P(vdcm.RegisterDeviceRequest, { deviceId: "dsa0", maxPasidEntries: 64, wqs: [0, 1, 2, 3].map((wqId) => ({ wqId, mode: vdcm.WqMode.WQ_MODE_DEDICATED, size: 8 })) }));
-    await c.iommu.registerDevice(P(iommu.RegisterDeviceRequest, { deviceId: "dsa0", maxPasids: 1 << 20, priCapable: true, function: iommu.DeviceFunction.DEVICE_FUNCTION_PF, iommuGroup: 7 }));
+    await c.vdcm.registerDevice(
+      P(vdcm.RegisterDeviceRequest, {
+        deviceId: "dsa0",
+        maxPasidEntries: 64,
+        wqs: [0, 1, 2, 3].map((wqId) => ({ wqId, mode: vdcm.WqMode.WQ_MODE_DEDICATED, size: 8 })),
+      }),
+    );
+    await c.iommu.registerDevice(
+      P(iommu.RegisterDeviceRequest, {
+        deviceId: "dsa0",
+        maxPasids: 1 << 20,
+        priCapable: true,
+        function: iommu.DeviceFunction.DEVICE_FUNCTION_PF,
+        iommuGroup: 7,
+      }),
+    );
     await c.vdcm.createMdev(P(vdcm.CreateMdevRequest, { parentDeviceId: "dsa0", mdevUuid: "mdev-crash", wqIds: [0, 1, 2, 3] }));
     const vm = (await c.kvm.createVm(P(kvm.CreateVmRequest, { mmToken: token, vcpuCount: 1, vmName: "doomed" }))).vm!;
 
     // The VMM: a process of its own holding the VFIO session (as `ioasidctl vm create` runs it).
-    vmm = spawn(process.execPath, [cli, "vmm-agent", "--vfio", stack.addresses.vfio, "--token", String(token), "--quota", "16", "--name", "doomed"], { stdio: ["ignore", "pipe", "inherit"] });
+    vmm = spawn(process.execPath, [cli, "vmm-agent", "--vfio", stack.addresses.vfio, "--token", String(token), "--quota", "16", "--name", "doomed"], {
+      stdio: ["ignore", "pipe", "inherit"],
+    });
     const opened = await new Promise<{ containerId: number; setId: number }>((resolve, reject) => {
       vmm!.stdout!.on("data", (d) => {
-        const line = String(d).split("\n").find((l) => l.startsWith("{"));
+        const line = String(d)
+          .split("\n")
+          .find((l) => l.startsWith("{"));
         if (line !== undefined) resolve(JSON.parse(line) as { containerId: number; setId: number });
       });
       vmm!.on("exit", (code) => reject(new Error(`VMM exited ${code}`)));
@@ -52,10 +70,20 @@ describe("crashed VMM", () => {
       const a = await c.vfio.allocPasid({ containerId: opened.containerId });
       hpasids.push(a.hpasid);
       await c.vfio.bindGuestPasid(
-        P(vfio.BindGuestPasidRequest, { containerId: opened.containerId, device: { ref: { $case: "mdevUuid", value: "mdev-crash" } }, hpasid: a.hpasid, generation: a.generation, gpasid: 200 + i, guestPgtable: 0x2000n }),
+        P(vfio.BindGuestPasidRequest, {
+          containerId: opened.containerId,
+          device: { ref: { $case: "mdevUuid", value: "mdev-crash" } },
+          hpasid: a.hpasid,
+          generation: a.generation,
+          gpasid: 200 + i,
+          guestPgtable: 0x2000n,
+        }),
       );
     }
-    await waitFor(async () => ((await c.kvm.queryState({ vmId: vm.vmId })).vms[0]?.translations.length ?? 0) === 4, { timeoutMs: 10_000, message: "4 VMCS entries" });
+    await waitFor(async () => ((await c.kvm.queryState({ vmId: vm.vmId })).vms[0]?.translations.length ?? 0) === 4, {
+      timeoutMs: 10_000,
+      message: "4 VMCS entries",
+    });
     for (let i = 0; i < 4; i++) await c.vdcm.writeWqPasid({ mdevUuid: "mdev-crash", virtualWq: i, gpasid: 200 + i });
     for (const h of hpasids) expect((await c.core.describe({ ioasid: h })).info!.refcount).toBe(4);
 
@@ -78,7 +106,11 @@ describe("crashed VMM", () => {
     await expectRefusedSet(c, opened.setId);
 
     // Every role's tables are empty of them.
-    const [k, d, i] = await Promise.all([c.kvm.queryState({ vmId: 0 }), c.vdcm.queryState({ deviceIds: [] }), c.iommu.queryState({ deviceIds: [], maxIotlbFlushes: 0 })]);
+    const [k, d, i] = await Promise.all([
+      c.kvm.queryState({ vmId: 0 }),
+      c.vdcm.queryState({ deviceIds: [] }),
+      c.iommu.queryState({ deviceIds: [], maxIotlbFlushes: 0 }),
+    ]);
     for (const h of hpasids) {
       expect(findPasid(k, h), `kvm still has ${h}`).toEqual([]);
       expect(findPasid(d, h), `vdcm still has ${h}`).toEqual([]);
@@ -88,7 +120,9 @@ describe("crashed VMM", () => {
     // In CPU → DEVICE → IOMMU order, per IOASID: KVM's release before VDCM's before the IOMMU's.
     const history = await readHistory(c.nc, { sinceMs: since });
     for (const h of hpasids) {
-      const puts = history.filter((r) => r.ioasid === h && r.action?.$case === "ioasidPut").map((r) => (r.action.$case === "ioasidPut" ? r.action.value.holder?.role : undefined));
+      const puts = history
+        .filter((r) => r.ioasid === h && r.action?.$case === "ioasidPut")
+        .map((r) => (r.action.$case === "ioasidPut" ? r.action.value.holder?.role : undefined));
       expect(puts, `releases of ${h}`).toEqual(["kvm", "vdcm", "iommu"]);
       const reclaim = history.find((r) => r.ioasid === h && eventOf(r) === "RECLAIM");
       expect(reclaim?.refcount).toBe(0);

@@ -142,9 +142,20 @@ describe("ioasidctl IO page faults", () => {
     expect(done.code).toBe(0);
     const group = /fault group (\d+)/.exec(done.stdout)![1]!;
     expect(await guest.exited).toBe(0);
-    const items = guest.stdout().trim().split("\n").map((l) => JSON.parse(l) as Record<string, unknown>);
+    const items = guest
+      .stdout()
+      .trim()
+      .split("\n")
+      .map((l) => JSON.parse(l) as Record<string, unknown>);
     expect(items).toEqual([
-      expect.objectContaining({ kind: "group", faultGroupId: group, device: { mdevUuid: "mdev-f" }, hpasid, gpasid: 101, requests: [{ address: "0x200000", access: "rw", lastRequest: true }] }),
+      expect.objectContaining({
+        kind: "group",
+        faultGroupId: group,
+        device: { mdevUuid: "mdev-f" },
+        hpasid,
+        gpasid: 101,
+        requests: [{ address: "0x200000", access: "rw", lastRequest: true }],
+      }),
       expect.objectContaining({ kind: "response", faultGroupId: group, code: "SUCCESS", sent: true, mapped: [{ gva: "0x200000", gpa: "0x200000" }] }),
       { kind: "answered", faultGroupId: group, code: "SUCCESS", source: "HANDLER" },
     ]);

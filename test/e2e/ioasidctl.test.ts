@@ -29,7 +29,9 @@ describe("ioasidctl", () => {
   it("has --help on every command", async () => {
     const top = (await run(process.execPath, [cli, "--help"])).stdout;
     const names = [...top.matchAll(/^ {2}(\w+) {2}/gm)].map((m) => m[1]!);
-    expect(names).toEqual(expect.arrayContaining(["up", "down", "status", "inspect", "timeline", "scenario", "demo", "vm", "pasid", "bind", "unbind", "mdev", "enqcmd", "submit"]));
+    expect(names).toEqual(
+      expect.arrayContaining(["up", "down", "status", "inspect", "timeline", "scenario", "demo", "vm", "pasid", "bind", "unbind", "mdev", "enqcmd", "submit"]),
+    );
     for (const n of names) expect((await run(process.execPath, [cli, n, "--help"])).stdout).toContain("usage:");
   });
 

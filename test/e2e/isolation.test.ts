@@ -51,7 +51,9 @@ async function refused(call: Promise<unknown>, what: string): Promise<DomainErro
     await call;
   } catch (err) {
     expect(err, what).toBeInstanceOf(DomainError);
-    expect([Code.PERMISSION_DENIED, Code.NOT_FOUND, Code.FAILED_PRECONDITION, Code.INVALID_ARGUMENT], `${what}: ${(err as DomainError).reason}`).toContain((err as DomainError).code);
+    expect([Code.PERMISSION_DENIED, Code.NOT_FOUND, Code.FAILED_PRECONDITION, Code.INVALID_ARGUMENT], `${what}: ${(err as DomainError).reason}`).toContain(
+      (err as DomainError).code,
+    );
     return err as DomainError;
   }
   throw new Error(`${what} was accepted`);
@@ -60,15 +62,36 @@ async function refused(call: Promise<unknown>, what: string): Promise<DomainErro
 describe("isolation between guests", () => {
   it("refuses every attempt of a second VM on the first VM's PASIDs, and changes nothing", async () => {
     const c = stack.clients;
-    await c.vdcm.registerDevice(P(vdcm.RegisterDeviceRequest, { deviceId: "iax0", maxPasidEntries: 64, wqs: [0, 1].map((wqId) => ({ wqId, mode: vdcm.WqMode.WQ_MODE_DEDICATED, size: 8 })) }));
-    await c.iommu.registerDevice(P(iommu.RegisterDeviceRequest, { deviceId: "iax0", maxPasids: 1 << 20, priCapable: true, function: iommu.DeviceFunction.DEVICE_FUNCTION_PF, iommuGroup: 3 }));
+    await c.vdcm.registerDevice(
+      P(vdcm.RegisterDeviceRequest, {
+        deviceId: "iax0",
+        maxPasidEntries: 64,
+        wqs: [0, 1].map((wqId) => ({ wqId, mode: vdcm.WqMode.WQ_MODE_DEDICATED, size: 8 })),
+      }),
+    );
+    await c.iommu.registerDevice(
+      P(iommu.RegisterDeviceRequest, {
+        deviceId: "iax0",
+        maxPasids: 1 << 20,
+        priCapable: true,
+        function: iommu.DeviceFunction.DEVICE_FUNCTION_PF,
+        iommuGroup: 3,
+      }),
+    );
     const a = await startVm("victim", 0xa11cen, 0);
     const b = await startVm("attacker", 0xbadn, 1);
 
     // VM A: guest PASID 101 bound to its host PASID, in KVM's table, programmed in its WQ.
     const x = await c.vfio.allocPasid({ containerId: a.containerId });
     await c.vfio.bindGuestPasid(
-      P(vfio.BindGuestPasidRequest, { containerId: a.containerId, device: { ref: { $case: "mdevUuid", value: a.mdev } }, hpasid: x.hpasid, generation: x.generation, gpasid: 101, guestPgtable: 0x3000n }),
+      P(vfio.BindGuestPasidRequest, {
+        containerId: a.containerId,
+        device: { ref: { $case: "mdevUuid", value: a.mdev } },
+        hpasid: x.hpasid,
+        generation: x.generation,
+        gpasid: 101,
+        guestPgtable: 0x3000n,
+      }),
     );
     await waitFor(async () => ((await c.kvm.queryState({ vmId: a.vmId })).vms[0]?.translations.length ?? 0) === 1, { timeoutMs: 10_000 });
     await c.vdcm.writeWqPasid({ mdevUuid: a.mdev, virtualWq: 0, gpasid: 101 });
@@ -80,7 +103,9 @@ describe("isolation between guests", () => {
       ioasid: (await c.core.describe({ ioasid: x.hpasid })).info,
       kvm: (await c.kvm.queryState({ vmId: a.vmId })).vms[0]?.translations,
       vdcm: (await c.vdcm.queryState({ deviceIds: ["iax0"] })).devices[0]?.pasidEntries.map((e) => ({ ...e, programmedAt: undefined })),
-      iommu: JSON.stringify((await c.iommu.queryState({ deviceIds: ["iax0"], maxIotlbFlushes: 0 })).devices, (_k, v) => (typeof v === "bigint" ? String(v) : v)),
+      iommu: JSON.stringify((await c.iommu.queryState({ deviceIds: ["iax0"], maxIotlbFlushes: 0 })).devices, (_k, v) =>
+        typeof v === "bigint" ? String(v) : v,
+      ),
     });
     const before = await snapshot();
     const bDevice = { ref: { $case: "mdevUuid", value: b.mdev } };
@@ -92,7 +117,9 @@ describe("isolation between guests", () => {
       "VM B unbinding A's host PASID",
     );
     await refused(
-      c.vfio.bindGuestPasid(P(vfio.BindGuestPasidRequest, { containerId: b.containerId, device: bDevice, hpasid: x.hpasid, generation: 0, gpasid: 102, guestPgtable: 0x4000n })),
+      c.vfio.bindGuestPasid(
+        P(vfio.BindGuestPasidRequest, { containerId: b.containerId, device: bDevice, hpasid: x.hpasid, generation: 0, gpasid: 102, guestPgtable: 0x4000n }),
+      ),
       "VM B binding A's host PASID",
     );
     // Through the core with B's set: look-ups in host and guest numbering.
@@ -112,7 +139,10 @@ describe("isolation between guests", () => {
           descriptor: { op: vdcm.DescriptorOp.DESCRIPTOR_OP_NOOP, srcAddress: 0n, dstAddress: 0n, size: 0n },
         }),
       )
-      .then((r) => `completed ${vdcm.completionStatusToJSON(r.status)}`, (e: DomainError) => `refused ${e.reason}`);
+      .then(
+        (r) => `completed ${vdcm.completionStatusToJSON(r.status)}`,
+        (e: DomainError) => `refused ${e.reason}`,
+      );
     expect(submit, "VM B submitting with A's host PASID").not.toBe("completed COMPLETION_STATUS_SUCCESS");
     // Through KVM: B's vCPU executing ENQCMD with guest PASID 101 never reaches A's host PASID.
     const enq = await c.kvm.enqcmd({ vmId: b.vmId, vcpu: 0, ia32Pasid: (0x8000_0000 | 101) >>> 0 });

@@ -36,7 +36,10 @@ describe("guest IOASID life cycle through the services", () => {
     // (16), KVM (21), the free (22), IOMMU (23).
     expect(columnOf(r, "ioasidGet"), why).toEqual(["IOMMU", "KVM", "VDCM"]);
     expect(columnOf(r, "ioasidPut"), why).toEqual(["VDCM", "KVM", "IOMMU"]);
-    expect(r.notes.some((n) => n.startsWith("new life cycle")), why).toBe(true);
+    expect(
+      r.notes.some((n) => n.startsWith("new life cycle")),
+      why,
+    ).toBe(true);
   }, 60_000);
 
   it("reproduces the misbehaving-guest table (steps 13–30): FREE before unbind, CPU → DEVICE → IOMMU, late unbind harmless", async () => {
@@ -47,8 +50,14 @@ describe("guest IOASID life cycle through the services", () => {
     expect(refs(r), why).toEqual([1, 2, 3, 4, 3, 2, 1, 0]);
     // The FREE's releases in priority order: KVM (CPU), VDCM (DEVICE), IOMMU (IOMMU).
     expect(columnOf(r, "ioasidPut"), why).toEqual(["KVM", "VDCM", "IOMMU"]);
-    expect(r.notes.find((n) => n.startsWith("late unbind")), why).toBeDefined();
+    expect(
+      r.notes.find((n) => n.startsWith("late unbind")),
+      why,
+    ).toBeDefined();
     // The IOASID is reusable afterwards.
-    expect(r.notes.find((n) => n.startsWith("new life cycle")), why).toMatch(new RegExp(`-> ${r.hpasid} generation ${r.generation + 1}`));
+    expect(
+      r.notes.find((n) => n.startsWith("new life cycle")),
+      why,
+    ).toMatch(new RegExp(`-> ${r.hpasid} generation ${r.generation + 1}`));
   }, 60_000);
 });

@@ -55,7 +55,10 @@ describe("subscriber SDK", () => {
       },
     });
     const subject = deliverySubject("ioasid.v1", "kvm", "vm.1");
-    const first = await deliver(core, subject, [{ seq: 5n, ioasid: 201, reg: 3 }, { seq: 6n, ioasid: 202, reg: 3 }]);
+    const first = await deliver(core, subject, [
+      { seq: 5n, ioasid: 201, reg: 3 },
+      { seq: 6n, ioasid: 202, reg: 3 },
+    ]);
     const again = await deliver(core, subject, [{ seq: 5n, ioasid: 201, reg: 3 }]);
     expect(calls).toEqual([5n, 6n]);
     expect(again).toEqual([first[0]]);
@@ -85,7 +88,11 @@ describe("subscriber SDK", () => {
       },
     });
     const subject = deliverySubject("ioasid.v1", "vdcm", "idxd0");
-    const acks = await deliver(core, subject, [{ seq: 1n, ioasid: 1, reg: 1 }, { seq: 2n, ioasid: 2, reg: 1 }, { seq: 3n, ioasid: 3, reg: 1 }]);
+    const acks = await deliver(core, subject, [
+      { seq: 1n, ioasid: 1, reg: 1 },
+      { seq: 2n, ioasid: 2, reg: 1 },
+      { seq: 3n, ioasid: 3, reg: 1 },
+    ]);
     expect(acks.map((a) => [a.seq, a.status])).toEqual([
       [1n, bus.AckStatus.ACK_STATUS_SETTLED],
       [2n, bus.AckStatus.ACK_STATUS_FAILED],

@@ -53,6 +53,15 @@ describe("ioasid-core process", () => {
   it("documents its configuration with --help", () => {
     const r = spawnSync(process.execPath, [serviceEntry("ioasid-core"), "--help"], { encoding: "utf8", timeout: 10_000 });
     expect(r.status).toBe(0);
-    for (const v of ["IOASID_CORE_GRPC_ADDRESS", "IOASID_CAPACITY", "IOASID_CORE_EVENT_LOG_RETAIN", "NATS_URL", "IOASID_JS_REPLICAS", "IOASID_DELIVERY_DEADLINE", "LOG_LEVEL"]) expect(r.stdout).toContain(v);
+    for (const v of [
+      "IOASID_CORE_GRPC_ADDRESS",
+      "IOASID_CAPACITY",
+      "IOASID_CORE_EVENT_LOG_RETAIN",
+      "NATS_URL",
+      "IOASID_JS_REPLICAS",
+      "IOASID_DELIVERY_DEADLINE",
+      "LOG_LEVEL",
+    ])
+      expect(r.stdout).toContain(v);
   });
 });

@@ -53,12 +53,7 @@ async function eventsOf(c: Client, fromSeq: bigint, ids?: number[]): Promise<eve
 const typeName = (e: events.IoasidEvent) => events.eventTypeToJSON(e.type).replace("EVENT_TYPE_", "");
 
 async function snapshot(c: Client) {
-  const [sets, ioasids, stats, regs] = await Promise.all([
-    c.listSets({}),
-    c.listIoasids({ setId: 0 }),
-    c.getStats({}),
-    c.listRegistrations({}),
-  ]);
+  const [sets, ioasids, stats, regs] = await Promise.all([c.listSets({}), c.listIoasids({ setId: 0 }), c.getStats({}), c.listRegistrations({})]);
   return { sets, ioasids, stats, regs };
 }
 
@@ -326,7 +321,13 @@ describe("ioasid-core over gRPC: notifier registrations", () => {
     );
     await alloc(c, s);
     await expectRefused(
-      c.register(core.RegisterRequest.fromPartial({ subscriber: { name: "kvm", instance: "late" }, priority: Priority.PRIORITY_CPU, scope: { $case: "setId", value: s } })),
+      c.register(
+        core.RegisterRequest.fromPartial({
+          subscriber: { name: "kvm", instance: "late" },
+          priority: Priority.PRIORITY_CPU,
+          scope: { $case: "setId", value: s },
+        }),
+      ),
       Code.FAILED_PRECONDITION,
       "SET_NOT_EMPTY",
     );
@@ -388,7 +389,8 @@ describe("ioasid-core over gRPC: error reasons", () => {
       return c.get(core.GetRequest.fromPartial({ setId: s, ioasid: x.ioasid, holder: { role: "set-owner", instance: "x", purpose: "y" } }));
     },
     SUBSCRIBER_INVALID: (c) => c.register(core.RegisterRequest.fromPartial({ priority: Priority.PRIORITY_CPU, scope: { $case: "global", value: true } })),
-    PRIORITY_INVALID: (c) => c.register(core.RegisterRequest.fromPartial({ subscriber: { name: "x", instance: "y" }, scope: { $case: "global", value: true } })),
+    PRIORITY_INVALID: (c) =>
+      c.register(core.RegisterRequest.fromPartial({ subscriber: { name: "x", instance: "y" }, scope: { $case: "global", value: true } })),
     SCOPE_INVALID: (c) => c.register(core.RegisterRequest.fromPartial({ subscriber: { name: "x", instance: "y" }, priority: Priority.PRIORITY_CPU })),
     EVENT_TYPE_INVALID: (c) =>
       c.register(

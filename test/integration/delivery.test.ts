@@ -139,7 +139,12 @@ describe("delivery order and throughput", () => {
       byId.set(h.ioasid, [...(byId.get(h.ioasid) ?? []), h.type]);
     }
     for (const types of byId.values()) expect(types).toEqual(["ALLOC", "BIND", "UNBIND"]);
-    const maxBatch = Math.max(...w.lines().filter((l) => l.msg === "received").map((l) => l.batch ?? 1));
+    const maxBatch = Math.max(
+      ...w
+        .lines()
+        .filter((l) => l.msg === "received")
+        .map((l) => l.batch ?? 1),
+    );
     expect(maxBatch).toBeGreaterThan(10); // events of many IOASIDs shared messages
   });
 
@@ -178,7 +183,10 @@ describe("delivery deadlines and missed subscribers", () => {
     await t.vdcm.proc.exited;
 
     // The later tiers still run…
-    await waitFor(() => t.iommu.handled("FREE").length === 1 && t.audit.handled("FREE").length === 1, { timeoutMs: 5000, message: "IOMMU and LAST after the missed DEVICE" });
+    await waitFor(() => t.iommu.handled("FREE").length === 1 && t.audit.handled("FREE").length === 1, {
+      timeoutMs: 5000,
+      message: "IOMMU and LAST after the missed DEVICE",
+    });
     expect(t.kvm.handled("FREE")).toHaveLength(1);
     // …and the dead VDCM's reference stays held: not reclaimed.
     await deliveriesSettled(c, { allowMissed: true });

@@ -109,13 +109,30 @@ describe("fault stress", () => {
           if (roll < 0.6) {
             for (const r of g.requests) {
               await c.vfio
-                .mapGuestPages(P(vfio.MapGuestPagesRequest, { containerId: slot.guest.containerId, hpasid: g.hpasid, iova: r.address, gpa: gpaOf(r.address), size: PAGE, access: { read: true, write: true } }))
+                .mapGuestPages(
+                  P(vfio.MapGuestPagesRequest, {
+                    containerId: slot.guest.containerId,
+                    hpasid: g.hpasid,
+                    iova: r.address,
+                    gpa: gpaOf(r.address),
+                    size: PAGE,
+                    access: { read: true, write: true },
+                  }),
+                )
                 .catch(tolerate);
             }
-            await c.vfio.sendPageResponse({ containerId: slot.guest.containerId, faultGroupId: g.faultGroupId, code: vfio.PageResponseCode.PAGE_RESPONSE_CODE_SUCCESS });
+            await c.vfio.sendPageResponse({
+              containerId: slot.guest.containerId,
+              faultGroupId: g.faultGroupId,
+              code: vfio.PageResponseCode.PAGE_RESPONSE_CODE_SUCCESS,
+            });
             stats.success++;
           } else if (roll < 0.8) {
-            await c.vfio.sendPageResponse({ containerId: slot.guest.containerId, faultGroupId: g.faultGroupId, code: vfio.PageResponseCode.PAGE_RESPONSE_CODE_INVALID });
+            await c.vfio.sendPageResponse({
+              containerId: slot.guest.containerId,
+              faultGroupId: g.faultGroupId,
+              code: vfio.PageResponseCode.PAGE_RESPONSE_CODE_INVALID,
+            });
             stats.invalid++;
           } else stats.ignored++; // left to the timeout
         } catch (err) {
@@ -149,9 +166,22 @@ describe("fault stress", () => {
             // The guest unbinds (handle teardown), then binds again.
             stats.unbinds++;
             const ref = { ref: { $case: "deviceId" as const, value: guest.deviceId } };
-            await c.vfio.unbindGuestPasid(P(vfio.UnbindGuestPasidRequest, { containerId: guest.containerId, device: ref, hpasid: guest.hpasid, generation: guest.generation })).catch(tolerate);
             await c.vfio
-              .bindGuestPasid(P(vfio.BindGuestPasidRequest, { containerId: guest.containerId, device: ref, hpasid: guest.hpasid, generation: guest.generation, gpasid: guest.gpasid, guestPgtable: 0x5000n }))
+              .unbindGuestPasid(
+                P(vfio.UnbindGuestPasidRequest, { containerId: guest.containerId, device: ref, hpasid: guest.hpasid, generation: guest.generation }),
+              )
+              .catch(tolerate);
+            await c.vfio
+              .bindGuestPasid(
+                P(vfio.BindGuestPasidRequest, {
+                  containerId: guest.containerId,
+                  device: ref,
+                  hpasid: guest.hpasid,
+                  generation: guest.generation,
+                  gpasid: guest.gpasid,
+                  guestPgtable: 0x5000n,
+                }),
+              )
               .catch(tolerate);
             continue;
           }

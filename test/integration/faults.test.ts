@@ -8,7 +8,23 @@ import { core, iommu, kvm, vdcm, vfio } from "@ioasid/proto";
 import { waitFor } from "@ioasid/testkit";
 import { expectRefused } from "../support/core-fixture.js";
 import { startStack, type StackFixture } from "../support/stack-fixture.js";
-import { attachSession, CODE, GPA_BASE, GVA_BASE, HPA_BASE, isReclaimed, OUTCOME, PAGE, SOURCE, dma, gpaOf, guestAnswers, openGuest, registerDevice, watchFaults } from "../support/fault-fixture.js";
+import {
+  attachSession,
+  CODE,
+  GPA_BASE,
+  GVA_BASE,
+  HPA_BASE,
+  isReclaimed,
+  OUTCOME,
+  PAGE,
+  SOURCE,
+  dma,
+  gpaOf,
+  guestAnswers,
+  openGuest,
+  registerDevice,
+  watchFaults,
+} from "../support/fault-fixture.js";
 
 // IO page faults end to end (DESIGN §5 "Faults", §7 S7/L3) through the real services: a device's
 // DMA misses at the IOMMU, the page-request group is routed through the attach handle to VFIO,
@@ -89,7 +105,10 @@ describe("page requests routed to the guest", () => {
     expect(await device).toEqual({ code: CODE.PAGE_RESPONSE_CODE_SUCCESS, source: SOURCE.PAGE_RESPONSE_SOURCE_HANDLER });
     for (const gva of gvas) {
       // GVA page → GPA page (the guest's first stage) → HPA (the VM's stage 2), offset kept.
-      expect(await dma(c, "pf-a", g.hpasid, gva)).toMatchObject({ outcome: OUTCOME.TRANSLATE_OUTCOME_TRANSLATED, outputAddress: HPA_BASE + (gpaOf(gva) - GPA_BASE) });
+      expect(await dma(c, "pf-a", g.hpasid, gva)).toMatchObject({
+        outcome: OUTCOME.TRANSLATE_OUTCOME_TRANSLATED,
+        outputAddress: HPA_BASE + (gpaOf(gva) - GPA_BASE),
+      });
     }
     // Exactly one response: the second answer is refused and changes nothing.
     await expectRefused(
@@ -99,8 +118,12 @@ describe("page requests routed to the guest", () => {
     );
     expect(await awaitResponse("pf-a", r1.faultGroupId)).toMatchObject({ code: CODE.PAGE_RESPONSE_CODE_SUCCESS });
     await waitFor(() => w.answered().length === 1);
-    expect(w.answered()).toEqual([{ faultGroupId: group.faultGroupId, code: vfio.PageResponseCode.PAGE_RESPONSE_CODE_SUCCESS, source: "PAGE_RESPONSE_SOURCE_HANDLER" }]);
-    await waitFor(async () => (await responsesOf([group.faultGroupId], since)).get(group.faultGroupId)!.length === 1, { message: "the response in the history" });
+    expect(w.answered()).toEqual([
+      { faultGroupId: group.faultGroupId, code: vfio.PageResponseCode.PAGE_RESPONSE_CODE_SUCCESS, source: "PAGE_RESPONSE_SOURCE_HANDLER" },
+    ]);
+    await waitFor(async () => (await responsesOf([group.faultGroupId], since)).get(group.faultGroupId)!.length === 1, {
+      message: "the response in the history",
+    });
     w.stop();
     g.session.abort();
   });
@@ -110,12 +133,19 @@ describe("page requests routed to the guest", () => {
     await registerDevice(c, "pf-t");
     const g = await openGuest(c, nextToken(), "pf-t");
     const gva = GVA_BASE + 0x40_0000n;
-    await c.vfio.mapGuestPages(P(vfio.MapGuestPagesRequest, { containerId: g.containerId, hpasid: g.hpasid, iova: gva, gpa: 0x1000_3000n, size: PAGE, access: { read: true } }));
+    await c.vfio.mapGuestPages(
+      P(vfio.MapGuestPagesRequest, { containerId: g.containerId, hpasid: g.hpasid, iova: gva, gpa: 0x1000_3000n, size: PAGE, access: { read: true } }),
+    );
     expect(await dma(c, "pf-t", g.hpasid, gva + 0x24n)).toMatchObject({ outcome: OUTCOME.TRANSLATE_OUTCOME_TRANSLATED, outputAddress: HPA_BASE + 0x3024n });
     // The VMM takes that guest page out of its stage 2 (VFIO UnmapDma): a stage-2 miss is a fault, never a page request.
     expect((await c.vfio.unmapDma({ containerId: g.containerId, iova: 0x1000_3000n, size: PAGE })).unmappedSize).toBe(PAGE);
-    expect(await dma(c, "pf-t", g.hpasid, gva)).toMatchObject({ outcome: OUTCOME.TRANSLATE_OUTCOME_FAULT, faultReason: iommu.FaultReason.FAULT_REASON_NOT_PRESENT });
-    await c.vfio.mapDma(P(vfio.MapDmaRequest, { containerId: g.containerId, iova: 0x1000_3000n, paddr: HPA_BASE + 0x3000n, size: PAGE, access: { read: true, write: true } }));
+    expect(await dma(c, "pf-t", g.hpasid, gva)).toMatchObject({
+      outcome: OUTCOME.TRANSLATE_OUTCOME_FAULT,
+      faultReason: iommu.FaultReason.FAULT_REASON_NOT_PRESENT,
+    });
+    await c.vfio.mapDma(
+      P(vfio.MapDmaRequest, { containerId: g.containerId, iova: 0x1000_3000n, paddr: HPA_BASE + 0x3000n, size: PAGE, access: { read: true, write: true } }),
+    );
     await expectRefused(
       c.vfio.mapDma(P(vfio.MapDmaRequest, { containerId: g.containerId, iova: 0x1000_3000n, paddr: 0n, size: PAGE, access: { read: true } })),
       Code.ALREADY_EXISTS,
@@ -125,7 +155,16 @@ describe("page requests routed to the guest", () => {
     await registerDevice(c, "pf-t2");
     const other = await openGuest(c, nextToken(), "pf-t2");
     await expectRefused(
-      c.vfio.mapGuestPages(P(vfio.MapGuestPagesRequest, { containerId: other.containerId, hpasid: g.hpasid, iova: gva + PAGE, gpa: 0x1000_4000n, size: PAGE, access: { read: true } })),
+      c.vfio.mapGuestPages(
+        P(vfio.MapGuestPagesRequest, {
+          containerId: other.containerId,
+          hpasid: g.hpasid,
+          iova: gva + PAGE,
+          gpa: 0x1000_4000n,
+          size: PAGE,
+          access: { read: true },
+        }),
+      ),
       Code.PERMISSION_DENIED,
       "IOASID_NOT_IN_SET",
     );
@@ -137,7 +176,9 @@ describe("page requests routed to the guest", () => {
 describe("a VDCM work queue's DMA", () => {
   it("raises a page request from an mdev's descriptor; after the guest's answer the resubmitted descriptor completes", async () => {
     const c = stack.clients;
-    await c.vdcm.registerDevice(P(vdcm.RegisterDeviceRequest, { deviceId: "dsa-f", maxPasidEntries: 16, wqs: [{ wqId: 0, mode: vdcm.WqMode.WQ_MODE_DEDICATED, size: 8 }] }));
+    await c.vdcm.registerDevice(
+      P(vdcm.RegisterDeviceRequest, { deviceId: "dsa-f", maxPasidEntries: 16, wqs: [{ wqId: 0, mode: vdcm.WqMode.WQ_MODE_DEDICATED, size: 8 }] }),
+    );
     await registerDevice(c, "dsa-f");
     await c.vdcm.createMdev(P(vdcm.CreateMdevRequest, { parentDeviceId: "dsa-f", mdevUuid: "mdev-fault", wqIds: [0] }));
     const token = nextToken();
@@ -146,20 +187,48 @@ describe("a VDCM work queue's DMA", () => {
     const mdev = { ref: { $case: "mdevUuid" as const, value: "mdev-fault" } };
     await c.vfio.assignDevice(P(vfio.AssignDeviceRequest, { containerId: opened.containerId, device: mdev }));
     const a = await c.vfio.allocPasid({ containerId: opened.containerId });
-    await c.vfio.bindGuestPasid(P(vfio.BindGuestPasidRequest, { containerId: opened.containerId, device: mdev, hpasid: a.hpasid, generation: a.generation, gpasid: 77, guestPgtable: 0x5000n }));
+    await c.vfio.bindGuestPasid(
+      P(vfio.BindGuestPasidRequest, {
+        containerId: opened.containerId,
+        device: mdev,
+        hpasid: a.hpasid,
+        generation: a.generation,
+        gpasid: 77,
+        guestPgtable: 0x5000n,
+      }),
+    );
     await c.vdcm.writeWqPasid(P(vdcm.WriteWqPasidRequest, { mdevUuid: "mdev-fault", virtualWq: 0, gpasid: 77 }));
     // The VMM maps guest RAM into the VM's stage 2 (the second stage of the mdev's nested entry).
-    await c.vfio.mapDma(P(vfio.MapDmaRequest, { containerId: opened.containerId, iova: GPA_BASE, paddr: HPA_BASE, size: 0x10_0000n, access: { read: true, write: true } }));
+    await c.vfio.mapDma(
+      P(vfio.MapDmaRequest, { containerId: opened.containerId, iova: GPA_BASE, paddr: HPA_BASE, size: 0x10_0000n, access: { read: true, write: true } }),
+    );
     const w = await watchFaults(c, opened.containerId);
 
-    const fill = P(vdcm.SubmitDescriptorRequest, { mdevUuid: "mdev-fault", virtualWq: 0, descriptor: { op: vdcm.DescriptorOp.DESCRIPTOR_OP_FILL, dstAddress: GVA_BASE + 0x100n, size: 256n } });
+    const fill = P(vdcm.SubmitDescriptorRequest, {
+      mdevUuid: "mdev-fault",
+      virtualWq: 0,
+      descriptor: { op: vdcm.DescriptorOp.DESCRIPTOR_OP_FILL, dstAddress: GVA_BASE + 0x100n, size: 256n },
+    });
     const first = await c.vdcm.submitDescriptor(fill);
     expect(first).toMatchObject({ status: vdcm.CompletionStatus.COMPLETION_STATUS_PAGE_REQUEST, faultAddress: GVA_BASE + 0x100n, bytesCompleted: 0n });
     await waitFor(() => w.groups().length === 1, { message: "the descriptor's page request at the VMM" });
     const group = w.groups()[0]!;
     expect(group).toMatchObject({ faultGroupId: first.faultGroupId, hpasid: a.hpasid, gpasid: 77, device: mdev });
-    await c.vfio.mapGuestPages(P(vfio.MapGuestPagesRequest, { containerId: opened.containerId, hpasid: a.hpasid, iova: GVA_BASE, gpa: GPA_BASE, size: PAGE, access: { read: true, write: true } }));
-    await c.vfio.sendPageResponse({ containerId: opened.containerId, faultGroupId: group.faultGroupId, code: vfio.PageResponseCode.PAGE_RESPONSE_CODE_SUCCESS });
+    await c.vfio.mapGuestPages(
+      P(vfio.MapGuestPagesRequest, {
+        containerId: opened.containerId,
+        hpasid: a.hpasid,
+        iova: GVA_BASE,
+        gpa: GPA_BASE,
+        size: PAGE,
+        access: { read: true, write: true },
+      }),
+    );
+    await c.vfio.sendPageResponse({
+      containerId: opened.containerId,
+      faultGroupId: group.faultGroupId,
+      code: vfio.PageResponseCode.PAGE_RESPONSE_CODE_SUCCESS,
+    });
     expect(await awaitResponse("dsa-f", first.faultGroupId)).toMatchObject({ code: CODE.PAGE_RESPONSE_CODE_SUCCESS });
     expect(await c.vdcm.submitDescriptor(fill)).toMatchObject({ status: vdcm.CompletionStatus.COMPLETION_STATUS_SUCCESS, bytesCompleted: 256n });
     w.stop();
@@ -177,7 +246,12 @@ describe("every group gets exactly one response", () => {
     const b = await dma(c, "pf-b", g.hpasid, GVA_BASE + 0x20_0000n, { prgi: 7, last: false });
     await waitFor(() => w.groups().length === 1);
     await c.vfio.unbindGuestPasid(
-      P(vfio.UnbindGuestPasidRequest, { containerId: g.containerId, device: { ref: { $case: "deviceId", value: "pf-b" } }, hpasid: g.hpasid, generation: g.generation }),
+      P(vfio.UnbindGuestPasidRequest, {
+        containerId: g.containerId,
+        device: { ref: { $case: "deviceId", value: "pf-b" } },
+        hpasid: g.hpasid,
+        generation: g.generation,
+      }),
     );
     for (const id of [a.faultGroupId, b.faultGroupId]) {
       expect(await awaitResponse("pf-b", id)).toEqual({ code: CODE.PAGE_RESPONSE_CODE_INVALID, source: SOURCE.PAGE_RESPONSE_SOURCE_DETACH });
@@ -198,7 +272,8 @@ describe("every group gets exactly one response", () => {
     const c = stack.clients;
     await registerDevice(c, "pf-c");
     const domain = (await c.iommu.createDomain(P(iommu.CreateDomainRequest, { type: iommu.DomainType.DOMAIN_TYPE_PAGING }))).domain!.domainId;
-    for (const pasid of [11, 12]) await c.iommu.attachDomain(P(iommu.AttachDomainRequest, { domainId: domain, deviceId: "pf-c", pasid, owner: "test/handler" }));
+    for (const pasid of [11, 12])
+      await c.iommu.attachDomain(P(iommu.AttachDomainRequest, { domainId: domain, deviceId: "pf-c", pasid, owner: "test/handler" }));
     await c.iommu.attachDomain(P(iommu.AttachDomainRequest, { domainId: domain, deviceId: "pf-c", pasid: 13, owner: "test/nobody" }));
     const seen: iommu.SubscribeFaultGroupsResponse[] = [];
     const ac = new AbortController();
@@ -221,8 +296,16 @@ describe("every group gets exactly one response", () => {
     // The other handle's group is untouched until its handler answers.
     expect((await c.iommu.queryState(P(iommu.QueryStateRequest, { deviceIds: ["pf-c"] }))).faultGroups.map((f) => f.faultGroupId)).toEqual([z.faultGroupId]);
     await c.iommu.sendPageResponse({ owner: "test/handler", faultGroupId: z.faultGroupId, code: CODE.PAGE_RESPONSE_CODE_INVALID, noHandler: false });
-    await expectRefused(c.iommu.sendPageResponse({ owner: "test/other", faultGroupId: z.faultGroupId, code: CODE.PAGE_RESPONSE_CODE_SUCCESS, noHandler: false }), Code.PERMISSION_DENIED, "FAULT_GROUP_NOT_OWNED");
-    await expectRefused(c.iommu.sendPageResponse({ owner: "test/handler", faultGroupId: 987654n, code: CODE.PAGE_RESPONSE_CODE_SUCCESS, noHandler: false }), Code.NOT_FOUND, "FAULT_GROUP_NOT_FOUND");
+    await expectRefused(
+      c.iommu.sendPageResponse({ owner: "test/other", faultGroupId: z.faultGroupId, code: CODE.PAGE_RESPONSE_CODE_SUCCESS, noHandler: false }),
+      Code.PERMISSION_DENIED,
+      "FAULT_GROUP_NOT_OWNED",
+    );
+    await expectRefused(
+      c.iommu.sendPageResponse({ owner: "test/handler", faultGroupId: 987654n, code: CODE.PAGE_RESPONSE_CODE_SUCCESS, noHandler: false }),
+      Code.NOT_FOUND,
+      "FAULT_GROUP_NOT_FOUND",
+    );
     // No stream for the owner: answered FAILURE at once (no handler).
     const lone = await dma(c, "pf-c", 13, 0x4000n);
     expect(await awaitResponse("pf-c", lone.faultGroupId)).toEqual({ code: CODE.PAGE_RESPONSE_CODE_FAILURE, source: SOURCE.PAGE_RESPONSE_SOURCE_NO_HANDLER });
@@ -232,8 +315,14 @@ describe("every group gets exactly one response", () => {
     const waiting = awaitResponse("pf-c", u.faultGroupId);
     expect((await c.iommu.removeDevice({ deviceId: "pf-c" })).answeredFaultGroups).toBe(2);
     expect(await waiting).toEqual({ code: CODE.PAGE_RESPONSE_CODE_INVALID, source: SOURCE.PAGE_RESPONSE_SOURCE_DEVICE_REMOVED });
-    await waitFor(() => seen.some((m) => m.item?.$case === "answered" && m.item.value.faultGroupId === v.faultGroupId), { message: "the partial group's answer at the handler" });
-    await expectRefused(c.iommu.sendPageResponse({ owner: "test/handler", faultGroupId: u.faultGroupId, code: CODE.PAGE_RESPONSE_CODE_SUCCESS, noHandler: false }), Code.FAILED_PRECONDITION, "FAULT_GROUP_ALREADY_RESPONDED");
+    await waitFor(() => seen.some((m) => m.item?.$case === "answered" && m.item.value.faultGroupId === v.faultGroupId), {
+      message: "the partial group's answer at the handler",
+    });
+    await expectRefused(
+      c.iommu.sendPageResponse({ owner: "test/handler", faultGroupId: u.faultGroupId, code: CODE.PAGE_RESPONSE_CODE_SUCCESS, noHandler: false }),
+      Code.FAILED_PRECONDITION,
+      "FAULT_GROUP_ALREADY_RESPONDED",
+    );
     ac.abort();
     await stream;
   });
@@ -275,8 +364,15 @@ describe("every group gets exactly one response", () => {
     const partial = await dma(c, "pf-f", g.hpasid, GVA_BASE + 0x2000n, { prgi: 40, last: false });
     // Over the limit: not queued, and the partial group it belonged to is answered INVALID at once.
     const over = await dma(c, "pf-f", g.hpasid, GVA_BASE + 0x3000n, { prgi: 40, last: true });
-    expect(over).toMatchObject({ outcome: OUTCOME.TRANSLATE_OUTCOME_FAULT, faultReason: iommu.FaultReason.FAULT_REASON_PRI_CREDITS_EXHAUSTED, faultGroupId: partial.faultGroupId });
-    expect(await awaitResponse("pf-f", partial.faultGroupId)).toEqual({ code: CODE.PAGE_RESPONSE_CODE_INVALID, source: SOURCE.PAGE_RESPONSE_SOURCE_CREDITS_EXHAUSTED });
+    expect(over).toMatchObject({
+      outcome: OUTCOME.TRANSLATE_OUTCOME_FAULT,
+      faultReason: iommu.FaultReason.FAULT_REASON_PRI_CREDITS_EXHAUSTED,
+      faultGroupId: partial.faultGroupId,
+    });
+    expect(await awaitResponse("pf-f", partial.faultGroupId)).toEqual({
+      code: CODE.PAGE_RESPONSE_CODE_INVALID,
+      source: SOURCE.PAGE_RESPONSE_SOURCE_CREDITS_EXHAUSTED,
+    });
     await waitFor(() => w.groups().length === 1);
     await guestAnswers(c, g, w.groups()[0]!);
     expect(await awaitResponse("pf-f", a.faultGroupId)).toMatchObject({ code: CODE.PAGE_RESPONSE_CODE_SUCCESS });
@@ -290,11 +386,15 @@ describe("every group gets exactly one response", () => {
     const c = stack.clients;
     await registerDevice(c, "pf-k");
     const token = nextToken();
-    const vmm = spawn(process.execPath, [cli, "vmm-agent", "--vfio", stack.addresses.vfio, "--token", String(token), "--quota", "8", "--name", "killed"], { stdio: ["ignore", "pipe", "inherit"] });
+    const vmm = spawn(process.execPath, [cli, "vmm-agent", "--vfio", stack.addresses.vfio, "--token", String(token), "--quota", "8", "--name", "killed"], {
+      stdio: ["ignore", "pipe", "inherit"],
+    });
     children.push(vmm);
     const opened = await new Promise<{ containerId: number }>((resolve, reject) => {
       vmm.stdout!.on("data", (d) => {
-        const line = String(d).split("\n").find((l) => l.startsWith("{"));
+        const line = String(d)
+          .split("\n")
+          .find((l) => l.startsWith("{"));
         if (line !== undefined) resolve(JSON.parse(line) as { containerId: number });
       });
       vmm.on("exit", (code) => reject(new Error(`VMM exited ${code}`)));
@@ -302,7 +402,14 @@ describe("every group gets exactly one response", () => {
     await c.vfio.assignDevice(P(vfio.AssignDeviceRequest, { containerId: opened.containerId, device: { ref: { $case: "deviceId", value: "pf-k" } } }));
     const p = await c.vfio.allocPasid({ containerId: opened.containerId });
     await c.vfio.bindGuestPasid(
-      P(vfio.BindGuestPasidRequest, { containerId: opened.containerId, device: { ref: { $case: "deviceId", value: "pf-k" } }, hpasid: p.hpasid, generation: p.generation, gpasid: 9, guestPgtable: 0x5000n }),
+      P(vfio.BindGuestPasidRequest, {
+        containerId: opened.containerId,
+        device: { ref: { $case: "deviceId", value: "pf-k" } },
+        hpasid: p.hpasid,
+        generation: p.generation,
+        gpasid: 9,
+        guestPgtable: 0x5000n,
+      }),
     );
     const w = await watchFaults(c, opened.containerId);
     const ids: bigint[] = [];
@@ -340,7 +447,9 @@ describe("every group gets exactly one response", () => {
       { timeoutMs: 10_000, message: "the RECLAIM" },
     );
     const reclaim = hist.find((r) => eventOf(r) === "RECLAIM" && r.ioasid === g.hpasid)!;
-    const drained = hist.filter((r) => r.role === "iommu" && r.action?.$case === "pageResponse" && r.ioasid === g.hpasid && r.action.value.source === "IOASID_FREED");
+    const drained = hist.filter(
+      (r) => r.role === "iommu" && r.action?.$case === "pageResponse" && r.ioasid === g.hpasid && r.action.value.source === "IOASID_FREED",
+    );
     expect(drained).toHaveLength(2);
     for (const d of drained) expect(d.ts).toBeLessThanOrEqual(reclaim.ts);
 
@@ -355,7 +464,14 @@ describe("every group gets exactly one response", () => {
     expect(mine, "the PASID was handed to the next owner").toBeDefined();
     if (mine!.hpasid !== next.hpasid) {
       await c.vfio.bindGuestPasid(
-        P(vfio.BindGuestPasidRequest, { containerId: next.containerId, device: { ref: { $case: "deviceId", value: "pf-d2" } }, hpasid: mine!.hpasid, generation: mine!.generation, gpasid: 301, guestPgtable: 0x5000n }),
+        P(vfio.BindGuestPasidRequest, {
+          containerId: next.containerId,
+          device: { ref: { $case: "deviceId", value: "pf-d2" } },
+          hpasid: mine!.hpasid,
+          generation: mine!.generation,
+          gpasid: 301,
+          guestPgtable: 0x5000n,
+        }),
       );
     }
     const w2 = await watchFaults(c, next.containerId);
@@ -385,9 +501,17 @@ describe("unrecoverable faults", () => {
     const g = await openGuest(c, token, "np-g");
     const w = await watchFaults(c, g.containerId);
     const gva = GVA_BASE + 0x50_0000n;
-    expect(await dma(c, "np-g", g.hpasid, gva)).toMatchObject({ outcome: OUTCOME.TRANSLATE_OUTCOME_FAULT, faultReason: iommu.FaultReason.FAULT_REASON_NOT_PRESENT });
-    await c.vfio.mapGuestPages(P(vfio.MapGuestPagesRequest, { containerId: g.containerId, hpasid: g.hpasid, iova: gva, gpa: 0x1000_5000n, size: PAGE, access: { read: true } }));
-    expect(await dma(c, "np-g", g.hpasid, gva, { write: true })).toMatchObject({ outcome: OUTCOME.TRANSLATE_OUTCOME_FAULT, faultReason: iommu.FaultReason.FAULT_REASON_PERMISSION });
+    expect(await dma(c, "np-g", g.hpasid, gva)).toMatchObject({
+      outcome: OUTCOME.TRANSLATE_OUTCOME_FAULT,
+      faultReason: iommu.FaultReason.FAULT_REASON_NOT_PRESENT,
+    });
+    await c.vfio.mapGuestPages(
+      P(vfio.MapGuestPagesRequest, { containerId: g.containerId, hpasid: g.hpasid, iova: gva, gpa: 0x1000_5000n, size: PAGE, access: { read: true } }),
+    );
+    expect(await dma(c, "np-g", g.hpasid, gva, { write: true })).toMatchObject({
+      outcome: OUTCOME.TRANSLATE_OUTCOME_FAULT,
+      faultReason: iommu.FaultReason.FAULT_REASON_PERMISSION,
+    });
     await waitFor(() => w.faults().length === 2, { message: "two fault records at the VMM" });
     expect(w.faults().map((f) => [f.reason, f.hpasid, f.gpasid, f.address])).toEqual([
       ["FAULT_REASON_NOT_PRESENT", g.hpasid, g.gpasid, gva],
@@ -400,16 +524,22 @@ describe("unrecoverable faults", () => {
     try {
       await c.vfio.freePasid({ containerId: g.containerId, hpasid: g.hpasid, generation: g.generation });
       expect((await c.core.describe({ ioasid: g.hpasid })).info!.state).toBe(core.IoasidState.IOASID_STATE_FREE_PENDING);
-      expect(await dma(c, "np-g", g.hpasid, gva, { write: true })).toMatchObject({ outcome: OUTCOME.TRANSLATE_OUTCOME_FAULT, faultReason: iommu.FaultReason.FAULT_REASON_PERMISSION });
+      expect(await dma(c, "np-g", g.hpasid, gva, { write: true })).toMatchObject({
+        outcome: OUTCOME.TRANSLATE_OUTCOME_FAULT,
+        faultReason: iommu.FaultReason.FAULT_REASON_PERMISSION,
+      });
       await new Promise((r) => setTimeout(r, 300));
     } finally {
       process.kill(stack.procs.kvm.pid, "SIGCONT");
     }
     expect(w.faults(), "no fault reported between free and unbind").toHaveLength(2);
-    await waitFor(async () => (await c.iommu.queryState(P(iommu.QueryStateRequest, { deviceIds: ["np-g"] }))).devices[0]!.pasidEntries.every((e) => e.pasid !== g.hpasid), {
-      timeoutMs: 10_000,
-      message: "the FREE teardown at the IOMMU",
-    });
+    await waitFor(
+      async () => (await c.iommu.queryState(P(iommu.QueryStateRequest, { deviceIds: ["np-g"] }))).devices[0]!.pasidEntries.every((e) => e.pasid !== g.hpasid),
+      {
+        timeoutMs: 10_000,
+        message: "the FREE teardown at the IOMMU",
+      },
+    );
     // After the teardown there is no entry and no handle: nothing to report to anyone.
     expect(await dma(c, "np-g", g.hpasid, gva)).toMatchObject({ faultReason: iommu.FaultReason.FAULT_REASON_NO_PASID_ENTRY, handleId: 0n });
     await new Promise((r) => setTimeout(r, 200));

@@ -111,7 +111,14 @@ describe("history", () => {
     const since = Date.now();
     const recorder = new HistoryRecorder(nc, "ioasid", "core");
     for (let round = 0; round < 2; round++) {
-      for (let i = 0; i < 600; i++) recorder.recordIn("ioasid-core:test:7", { "Ioasid-Op-Seq": "7" }, { $case: "ioasidNotify", value: { type: events.EventType.EVENT_TYPE_ALLOC } }, { ioasid: 9000 + i, refcount: 1 }, since + i);
+      for (let i = 0; i < 600; i++)
+        recorder.recordIn(
+          "ioasid-core:test:7",
+          { "Ioasid-Op-Seq": "7" },
+          { $case: "ioasidNotify", value: { type: events.EventType.EVENT_TYPE_ALLOC } },
+          { ioasid: 9000 + i, refcount: 1 },
+          since + i,
+        );
       recorder.flush();
     }
     recorder.record({ $case: "chaosNote", value: { note: "marker" } }, { ioasid: 1 }, since + 1000);
@@ -135,7 +142,10 @@ describe("history", () => {
     nc = await connect({ servers: nats.url });
     const since = Date.now();
     // What a version before the typed catalogue published: a JSON array of records with action strings.
-    nc.publish(historySubject(DEFAULT_PREFIX, "kvm", "vm-1"), JSON.stringify([{ ts: since + 1, role: "kvm", instance: "vm-1", action: "vmcs_update", ioasid: 201, detail: "install gpasid 101 → hpasid 201" }]));
+    nc.publish(
+      historySubject(DEFAULT_PREFIX, "kvm", "vm-1"),
+      JSON.stringify([{ ts: since + 1, role: "kvm", instance: "vm-1", action: "vmcs_update", ioasid: 201, detail: "install gpasid 101 → hpasid 201" }]),
+    );
     const recorder = new HistoryRecorder(nc, "kvm", "vm-1");
     recorder.record({ $case: "chaosNote", value: { note: "after" } }, {}, since + 2);
     recorder.flush();

@@ -71,7 +71,9 @@ async function state(maxIotlbFlushes = 1000) {
 }
 
 const entriesAt = async (deviceIds: string[], pasid: number) =>
-  (await stack.iommu.queryState(P(iommu.QueryStateRequest, { deviceIds }))).devices.flatMap((d) => d.pasidEntries.filter((e) => e.pasid === pasid && !e.withoutPasid));
+  (await stack.iommu.queryState(P(iommu.QueryStateRequest, { deviceIds }))).devices.flatMap((d) =>
+    d.pasidEntries.filter((e) => e.pasid === pasid && !e.withoutPasid),
+  );
 
 describe("iommu: guest PASID bind and unbind (normal life cycle, steps 3–5 and 17–19)", () => {
   it("takes one reference and emits one BIND for the first device; the last unbind emits UNBIND and keeps the reference until the FREE", async () => {
@@ -198,7 +200,10 @@ describe("iommu: FREE before unbind (misbehaving guest, steps 15–30)", () => {
         async () => {
           const h = (await readHistory(nc, { sinceMs: since })).filter((r) => r.role === "iommu" && r.ioasid === v.ioasid);
           const freeSeq = h.find((r) => r.action?.$case === "iommuNbHandler")?.seq;
-          return freeSeq !== undefined && h.filter((r) => r.seq === freeSeq && (r.action?.$case === "teardownPasid" || r.action?.$case === "iotlbFlush")).length === 4;
+          return (
+            freeSeq !== undefined &&
+            h.filter((r) => r.seq === freeSeq && (r.action?.$case === "teardownPasid" || r.action?.$case === "iotlbFlush")).length === 4
+          );
         },
         { timeoutMs: 5000, message: "teardown_pasid and iotlb_flush records of the FREE" },
       );
@@ -229,7 +234,14 @@ describe("iommu: devices", () => {
     const [pfId] = v.devices as [string];
     const [vfId] = newDevices(1) as [string];
     const vf = await client.registerDevice(
-      P(iommu.RegisterDeviceRequest, { deviceId: vfId, maxPasids: 64, function: iommu.DeviceFunction.DEVICE_FUNCTION_VF, parentDeviceId: pfId, iommuGroup: 7, priCredits: 4 }),
+      P(iommu.RegisterDeviceRequest, {
+        deviceId: vfId,
+        maxPasids: 64,
+        function: iommu.DeviceFunction.DEVICE_FUNCTION_VF,
+        parentDeviceId: pfId,
+        iommuGroup: 7,
+        priCredits: 4,
+      }),
     );
     expect(vf.device).toMatchObject({ deviceId: vfId, parentDeviceId: pfId, iommuGroup: 7, priCredits: 4, maxPasids: 64, pasidEntries: [] });
     await expectRefused(client.removeDevice({ deviceId: pfId }), Code.FAILED_PRECONDITION, "DEVICE_IN_USE");
@@ -280,8 +292,7 @@ describe("iommu: attach handles", () => {
     const [d0] = newDevices(1) as [string];
     const stage2 = await devicesWithStage2(client, d0);
     await client.map(P(iommu.MapRequest, { domainId: stage2, iova: 0x100000n, paddr: 0x4000_0000n, size: 0x2000n, access: { read: true, write: true } }));
-    const translate = (address: bigint) =>
-      client.translate(P(iommu.TranslateRequest, { deviceId: d0, withoutPasid: true, address, access: { read: true } }));
+    const translate = (address: bigint) => client.translate(P(iommu.TranslateRequest, { deviceId: d0, withoutPasid: true, address, access: { read: true } }));
     expect(await translate(0x101234n)).toMatchObject({ outcome: iommu.TranslateOutcome.TRANSLATE_OUTCOME_TRANSLATED, outputAddress: 0x4000_1234n });
     const miss = await translate(0x102000n);
     expect(miss).toMatchObject({ outcome: iommu.TranslateOutcome.TRANSLATE_OUTCOME_PAGE_REQUEST, groupComplete: true });
@@ -293,7 +304,12 @@ describe("iommu: attach handles", () => {
     expect((await client.unmap(P(iommu.UnmapRequest, { domainId: stage2, iova: 0x100000n, size: 0x10000n }))).unmappedSize).toBe(0x2000n);
     expect((await translate(0x101234n)).outcome, "unmapped: a miss again").toBe(iommu.TranslateOutcome.TRANSLATE_OUTCOME_PAGE_REQUEST);
     const flush = (await state()).iotlbFlushes.at(-1)!;
-    expect(flush).toMatchObject({ scope: iommu.IotlbFlushScope.IOTLB_FLUSH_SCOPE_RANGE, cause: iommu.IotlbFlushCause.IOTLB_FLUSH_CAUSE_UNMAP, deviceId: d0, address: 0x100000n });
+    expect(flush).toMatchObject({
+      scope: iommu.IotlbFlushScope.IOTLB_FLUSH_SCOPE_RANGE,
+      cause: iommu.IotlbFlushCause.IOTLB_FLUSH_CAUSE_UNMAP,
+      deviceId: d0,
+      address: 0x100000n,
+    });
   });
 });
 
@@ -341,7 +357,11 @@ describe("iommu: bad input", () => {
       [() => client.registerDevice(P(iommu.RegisterDeviceRequest, { deviceId: "x", function: 0 })), Code.INVALID_ARGUMENT, "INVALID_FIELD"],
       [() => client.registerDevice(pf(d0)), Code.ALREADY_EXISTS, "DEVICE_EXISTS"],
       [() => client.registerDevice(pf("big", (1 << 20) + 1)), Code.INVALID_ARGUMENT, "PASID_OUT_OF_RANGE"],
-      [() => client.registerDevice(P(iommu.RegisterDeviceRequest, { deviceId: "vf", function: 2, parentDeviceId: "none" })), Code.NOT_FOUND, "DEVICE_NOT_FOUND"],
+      [
+        () => client.registerDevice(P(iommu.RegisterDeviceRequest, { deviceId: "vf", function: 2, parentDeviceId: "none" })),
+        Code.NOT_FOUND,
+        "DEVICE_NOT_FOUND",
+      ],
       [() => client.removeDevice({ deviceId: "none" }), Code.NOT_FOUND, "DEVICE_NOT_FOUND"],
       [() => client.createDomain(P(iommu.CreateDomainRequest, {})), Code.INVALID_ARGUMENT, "INVALID_FIELD"],
       [() => client.createDomain(P(iommu.CreateDomainRequest, { type: 3, parentDomainId: 99999, guestPgtable: 1n })), Code.NOT_FOUND, "DOMAIN_NOT_FOUND"],
@@ -352,14 +372,26 @@ describe("iommu: bad input", () => {
       [() => client.bindGpasid({ ...bindReq(v, "none") }), Code.NOT_FOUND, "DEVICE_NOT_FOUND"],
       [() => client.bindGpasid({ ...bindReq(v, d0), owner: "" }), Code.INVALID_ARGUMENT, "INVALID_FIELD"],
       [() => client.unbindGpasid({ ...unbindReq(v, d0), setId: 0 }), Code.INVALID_ARGUMENT, "INVALID_FIELD"],
-      [() => client.map(P(iommu.MapRequest, { domainId: v.stage2, iova: 0x1001n, size: 0x1000n, access: { read: true } })), Code.INVALID_ARGUMENT, "ADDRESS_NOT_ALIGNED"],
+      [
+        () => client.map(P(iommu.MapRequest, { domainId: v.stage2, iova: 0x1001n, size: 0x1000n, access: { read: true } })),
+        Code.INVALID_ARGUMENT,
+        "ADDRESS_NOT_ALIGNED",
+      ],
       [() => client.map(P(iommu.MapRequest, { domainId: v.stage2, iova: 0n, size: 0n, access: { read: true } })), Code.INVALID_ARGUMENT, "INVALID_RANGE"],
       [() => client.unmap(P(iommu.UnmapRequest, { domainId: 99999, iova: 0n, size: 0x1000n })), Code.NOT_FOUND, "DOMAIN_NOT_FOUND"],
       [() => client.translate(P(iommu.TranslateRequest, { deviceId: d0, withoutPasid: true })), Code.INVALID_ARGUMENT, "INVALID_FIELD"],
-      [() => client.translate(P(iommu.TranslateRequest, { deviceId: d0, pasid: 3, access: { read: true }, pageRequestGroup: { prgi: 512 } })), Code.INVALID_ARGUMENT, "INVALID_FIELD"],
+      [
+        () => client.translate(P(iommu.TranslateRequest, { deviceId: d0, pasid: 3, access: { read: true }, pageRequestGroup: { prgi: 512 } })),
+        Code.INVALID_ARGUMENT,
+        "INVALID_FIELD",
+      ],
       [() => client.svaBind(P(iommu.SvaBindRequest, { deviceId: d0, mmToken: 0n, owner: "o" })), Code.INVALID_ARGUMENT, "INVALID_FIELD"],
       [() => client.sendPageResponse(P(iommu.SendPageResponseRequest, { owner: "vfio/vfio-1", faultGroupId: 1n })), Code.INVALID_ARGUMENT, "INVALID_FIELD"],
-      [() => client.sendPageResponse(P(iommu.SendPageResponseRequest, { owner: "vfio/vfio-1", faultGroupId: 987_654_321n, code: 1 })), Code.NOT_FOUND, "FAULT_GROUP_NOT_FOUND"],
+      [
+        () => client.sendPageResponse(P(iommu.SendPageResponseRequest, { owner: "vfio/vfio-1", faultGroupId: 987_654_321n, code: 1 })),
+        Code.NOT_FOUND,
+        "FAULT_GROUP_NOT_FOUND",
+      ],
       [() => client.awaitPageResponse(P(iommu.AwaitPageResponseRequest, { deviceId: "none", faultGroupId: 1n })), Code.NOT_FOUND, "DEVICE_NOT_FOUND"],
       [() => client.queryState(P(iommu.QueryStateRequest, { deviceIds: ["none"] })), Code.NOT_FOUND, "DEVICE_NOT_FOUND"],
     ];
@@ -407,7 +439,11 @@ describe("iommu: process", () => {
   it("is registered with the core globally at IOMMU priority for FREE", async () => {
     const regs = (await stack.c.listRegistrations({})).registrations.filter((r) => r.subscriber?.name === "iommu");
     expect(regs).toHaveLength(1);
-    expect(regs[0]).toMatchObject({ subscriber: { name: "iommu", instance: IOMMU_BIND_HOLDER.instance }, scope: { $case: "global", value: true }, active: true });
+    expect(regs[0]).toMatchObject({
+      subscriber: { name: "iommu", instance: IOMMU_BIND_HOLDER.instance },
+      scope: { $case: "global", value: true },
+      active: true,
+    });
     expect(regs[0]!.priority).toBe(events.Priority.PRIORITY_IOMMU);
     expect(regs[0]!.events).toEqual([events.EventType.EVENT_TYPE_FREE]);
   });
@@ -431,7 +467,9 @@ describe("iommu: restart", () => {
     const [d0] = newDevices(1) as [string];
     const stage2 = await devicesWithStage2(client, d0);
     const { ioasid, generation } = await c.alloc(P(core.AllocRequest, { setId }));
-    await client.bindGpasid(P(iommu.BindGpasidRequest, { setId, hpasid: ioasid, generation, gpasid: 101, deviceId: d0, parentDomainId: stage2, owner: "vfio/vfio-1" }));
+    await client.bindGpasid(
+      P(iommu.BindGpasidRequest, { setId, hpasid: ioasid, generation, gpasid: 101, deviceId: d0, parentDomainId: stage2, owner: "vfio/vfio-1" }),
+    );
     const from = await nextSeq(c);
 
     own.proc.kill("SIGKILL");

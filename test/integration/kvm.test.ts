@@ -80,7 +80,12 @@ describe("KVM VM creation and BIND", () => {
     await tableIs(1, [`101->${x.ioasid}`]);
 
     const gp = async (value: number) => k.enqcmd({ vmId: 1, vcpu: 0, ia32Pasid: value });
-    expect(await gp(ia32Pasid(102))).toMatchObject({ outcome: EnqcmdOutcome.ENQCMD_OUTCOME_GP, gpasid: 102, hpasid: 0, gpCause: GpCause.GP_CAUSE_NO_TRANSLATION });
+    expect(await gp(ia32Pasid(102))).toMatchObject({
+      outcome: EnqcmdOutcome.ENQCMD_OUTCOME_GP,
+      gpasid: 102,
+      hpasid: 0,
+      gpCause: GpCause.GP_CAUSE_NO_TRANSLATION,
+    });
     expect(await gp(101)).toMatchObject({ outcome: EnqcmdOutcome.ENQCMD_OUTCOME_GP, gpasid: 101, hpasid: 0, gpCause: GpCause.GP_CAUSE_PASID_NOT_VALID });
     expect(await gp((ia32Pasid(101) | 0x0400_0000) >>> 0)).toMatchObject({
       outcome: EnqcmdOutcome.ENQCMD_OUTCOME_GP,
@@ -110,7 +115,10 @@ describe("KVM UNBIND and FREE", () => {
     await waitFor(async () => (await c.describe({ ioasid: x.ioasid })).info!.refcount === 1, { timeoutMs: 10_000, message: "KVM's reference released" });
     expect(await holdersOf(c, x.ioasid)).not.toContain("kvm/vm-1/vmcs×1");
     expect((await k.queryState({ vmId: 1 })).vms[0]!.referencesHeld).toBe(0);
-    expect(await k.enqcmd({ vmId: 1, vcpu: 0, ia32Pasid: ia32Pasid(101) })).toMatchObject({ outcome: EnqcmdOutcome.ENQCMD_OUTCOME_GP, gpCause: GpCause.GP_CAUSE_NO_TRANSLATION });
+    expect(await k.enqcmd({ vmId: 1, vcpu: 0, ia32Pasid: ia32Pasid(101) })).toMatchObject({
+      outcome: EnqcmdOutcome.ENQCMD_OUTCOME_GP,
+      gpCause: GpCause.GP_CAUSE_NO_TRANSLATION,
+    });
     // Step 22–24: the free drops the last reference.
     expect((await c.free(P(core.FreeRequest, { setId, ioasid: x.ioasid }))).outcome).toBe(core.FreeOutcome.FREE_OUTCOME_RECLAIMED);
 
@@ -126,8 +134,18 @@ describe("KVM UNBIND and FREE", () => {
         { timeoutMs: 10_000, message: "KVM's history records" },
       );
       expect(kvmSteps.map((s) => s.action?.$case)).toEqual(["kvmCreateVm", "vmcsUpdate", "enqcmd", "vmcsUpdate", "enqcmd"]);
-      expect(kvmSteps[1]!.action?.value).toEqual({ kind: history.VmcsUpdateKind.VMCS_UPDATE_KIND_INSTALL, gpasid: 101, hpasid: x.ioasid, cause: history.VmcsClearCause.VMCS_CLEAR_CAUSE_UNSPECIFIED });
-      expect(kvmSteps[3]!.action?.value).toEqual({ kind: history.VmcsUpdateKind.VMCS_UPDATE_KIND_CLEAR, gpasid: 101, hpasid: x.ioasid, cause: history.VmcsClearCause.VMCS_CLEAR_CAUSE_UNBIND });
+      expect(kvmSteps[1]!.action?.value).toEqual({
+        kind: history.VmcsUpdateKind.VMCS_UPDATE_KIND_INSTALL,
+        gpasid: 101,
+        hpasid: x.ioasid,
+        cause: history.VmcsClearCause.VMCS_CLEAR_CAUSE_UNSPECIFIED,
+      });
+      expect(kvmSteps[3]!.action?.value).toEqual({
+        kind: history.VmcsUpdateKind.VMCS_UPDATE_KIND_CLEAR,
+        gpasid: 101,
+        hpasid: x.ioasid,
+        cause: history.VmcsClearCause.VMCS_CLEAR_CAUSE_UNBIND,
+      });
       expect(kvmSteps[4]!.action?.value).toMatchObject({ translated: false, gpCause: "NO_TRANSLATION" });
     } finally {
       await nc.close();
@@ -189,7 +207,10 @@ describe("KVM isolation", () => {
 
     expect((await k.enqcmd({ vmId: a.vmId, vcpu: 0, ia32Pasid: ia32Pasid(101) })).hpasid).toBe(xa.ioasid);
     expect((await k.enqcmd({ vmId: b.vmId, vcpu: 0, ia32Pasid: ia32Pasid(101) })).hpasid).toBe(xb.ioasid);
-    expect(await k.enqcmd({ vmId: a.vmId, vcpu: 0, ia32Pasid: ia32Pasid(102) })).toMatchObject({ outcome: EnqcmdOutcome.ENQCMD_OUTCOME_GP, gpCause: GpCause.GP_CAUSE_NO_TRANSLATION });
+    expect(await k.enqcmd({ vmId: a.vmId, vcpu: 0, ia32Pasid: ia32Pasid(102) })).toMatchObject({
+      outcome: EnqcmdOutcome.ENQCMD_OUTCOME_GP,
+      gpCause: GpCause.GP_CAUSE_NO_TRANSLATION,
+    });
     expect(await holdersOf(c, xa.ioasid)).toContain("kvm/vm-1/vmcs×1");
     expect(await holdersOf(c, xb.ioasid)).toContain("kvm/vm-2/vmcs×1");
 
@@ -276,7 +297,10 @@ describe("KVM bad input", () => {
     const setId = await createMmSet(c, 0x7010n);
     const x = await allocBound(c, setId, 101);
     await tableIs(1, [`101->${x.ioasid}`]);
-    const before = JSON.stringify((await k.queryState({ vmId: 0 })).vms.map((v) => ({ ...v, createdAt: undefined })), (_k, v) => (typeof v === "bigint" ? String(v) : v));
+    const before = JSON.stringify(
+      (await k.queryState({ vmId: 0 })).vms.map((v) => ({ ...v, createdAt: undefined })),
+      (_k, v) => (typeof v === "bigint" ? String(v) : v),
+    );
     const regsBefore = (await c.listRegistrations({})).registrations.length;
 
     const zero = await expectRefused(k.createVm(P(kvm.CreateVmRequest, { mmToken: 0n })), Code.INVALID_ARGUMENT, "INVALID_FIELD");
@@ -290,7 +314,10 @@ describe("KVM bad input", () => {
     await expectRefused(k.destroyVm({ vmId: 9 }), Code.NOT_FOUND, "VM_NOT_FOUND");
     await expectRefused(k.queryState({ vmId: 9 }), Code.NOT_FOUND, "VM_NOT_FOUND");
 
-    const after = JSON.stringify((await k.queryState({ vmId: 0 })).vms.map((v) => ({ ...v, createdAt: undefined })), (_k, v) => (typeof v === "bigint" ? String(v) : v));
+    const after = JSON.stringify(
+      (await k.queryState({ vmId: 0 })).vms.map((v) => ({ ...v, createdAt: undefined })),
+      (_k, v) => (typeof v === "bigint" ? String(v) : v),
+    );
     expect(after).toBe(before);
     expect((await c.listRegistrations({})).registrations.length).toBe(regsBefore);
     expect((await c.describe({ ioasid: x.ioasid })).info!.refcount).toBe(2);

@@ -76,14 +76,28 @@ describe("op-log format at start", () => {
     await OpLog.open(nc!); // the stream, as every core creates it
     const js = jetstream(nc!);
     const ts = Date.now();
-    await js.publish(SUBJECT, JSON.stringify([{ t: "createSet", tt: "MM", tok: "5", q: 4, ts }, { t: "alloc", s: 1, ts }]));
+    await js.publish(
+      SUBJECT,
+      JSON.stringify([
+        { t: "createSet", tt: "MM", tok: "5", q: 4, ts },
+        { t: "alloc", s: 1, ts },
+      ]),
+    );
     await js.publish(SUBJECT, JSON.stringify({ seal: ts }));
-    await js.publish(SUBJECT, JSON.stringify([{ t: "acks", n: "iommu", in: "dmar0", a: [[3, 1, 1, 201, 1, 1, "bind"]], ts }, { t: "miss", a: [[4, 2]], ts }]));
+    await js.publish(
+      SUBJECT,
+      JSON.stringify([
+        { t: "acks", n: "iommu", in: "dmar0", a: [[3, 1, 1, 201, 1, 1, "bind"]], ts },
+        { t: "miss", a: [[4, 2]], ts },
+      ]),
+    );
     const before = await streamState();
 
     const line = await expectRefusal(await runCore(), before);
     const msg = (JSON.parse(line) as { msg: string }).msg;
-    expect(msg).toContain(`the operation log (JetStream stream ${STREAM}) predates format v1 of the op log: its message 1 is the JSON of an earlier ioasid-core`);
+    expect(msg).toContain(
+      `the operation log (JetStream stream ${STREAM}) predates format v1 of the op log: its message 1 is the JSON of an earlier ioasid-core`,
+    );
     expect(msg).toContain("`ioasidctl down --purge` then `ioasidctl up`");
     expect(msg).toContain("`docker compose down -v`");
     expect(msg).toContain(`\`nats stream rm ${STREAM}\``);
@@ -114,7 +128,9 @@ describe("op-log format at start", () => {
 
     const line = await expectRefusal(await runCore(), before);
     const msg = (JSON.parse(line) as { msg: string }).msg;
-    expect(msg).toContain(`message 1 of the operation log (JetStream stream ${STREAM}) is marked ${OpLogFormat.BATCH} but is not a valid one (it does not decode`);
+    expect(msg).toContain(
+      `message 1 of the operation log (JetStream stream ${STREAM}) is marked ${OpLogFormat.BATCH} but is not a valid one (it does not decode`,
+    );
     expect(msg).toContain("ioasidctl down --purge");
   });
 

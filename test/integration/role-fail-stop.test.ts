@@ -23,9 +23,13 @@ afterAll(async () => {
 describe("a role that cannot keep its state", () => {
   it("exits instead of answering as if it had kept the change, and its history never shows the change", async () => {
     const since = Date.now();
-    await stack.clients.iommu.registerDevice(iommu.RegisterDeviceRequest.fromPartial({ deviceId: "kept1", maxPasids: 64, function: iommu.DeviceFunction.DEVICE_FUNCTION_PF, iommuGroup: 7 }));
+    await stack.clients.iommu.registerDevice(
+      iommu.RegisterDeviceRequest.fromPartial({ deviceId: "kept1", maxPasids: 64, function: iommu.DeviceFunction.DEVICE_FUNCTION_PF, iommuGroup: 7 }),
+    );
     await (await jetstreamManager(nc)).streams.delete(roleStateStreamName("ioasid.v1"));
-    const call = stack.clients.vdcm.registerDevice(vdcm.RegisterDeviceRequest.fromPartial({ deviceId: "lost0", wqs: [{ wqId: 0, mode: vdcm.WqMode.WQ_MODE_DEDICATED }] }));
+    const call = stack.clients.vdcm.registerDevice(
+      vdcm.RegisterDeviceRequest.fromPartial({ deviceId: "lost0", wqs: [{ wqId: 0, mode: vdcm.WqMode.WQ_MODE_DEDICATED }] }),
+    );
     await expect(call).rejects.toBeDefined();
     const status = await stack.procs.vdcm.exited;
     expect(status.code).toBe(1);
@@ -33,10 +37,14 @@ describe("a role that cannot keep its state", () => {
 
     // The IOMMU's history record of a device it could not keep is held with the change, and goes
     // with the process (a record published before the write would show a device a restart lacks).
-    const probe = stack.clients.iommu.registerDevice(iommu.RegisterDeviceRequest.fromPartial({ deviceId: "lost1", maxPasids: 64, function: iommu.DeviceFunction.DEVICE_FUNCTION_PF, iommuGroup: 8 }));
+    const probe = stack.clients.iommu.registerDevice(
+      iommu.RegisterDeviceRequest.fromPartial({ deviceId: "lost1", maxPasids: 64, function: iommu.DeviceFunction.DEVICE_FUNCTION_PF, iommuGroup: 8 }),
+    );
     await expect(probe).rejects.toBeDefined();
     expect((await stack.procs.iommu.exited).code).toBe(1);
-    const probes = (await readHistory(nc, { sinceMs: since })).filter((r) => r.role === "iommu" && r.action?.$case === "iommuProbeDevice").map((r) => (r.action.$case === "iommuProbeDevice" ? r.action.value.device : undefined));
+    const probes = (await readHistory(nc, { sinceMs: since }))
+      .filter((r) => r.role === "iommu" && r.action?.$case === "iommuProbeDevice")
+      .map((r) => (r.action.$case === "iommuProbeDevice" ? r.action.value.device : undefined));
     expect(probes).toEqual(["kept1"]);
   }, 30_000);
 });

@@ -25,9 +25,7 @@ afterAll(async () => {
 async function writeOldJson(role: string, instance: string, key: string, value: unknown): Promise<void> {
   const jsm = await jetstreamManager(nc);
   const stream = roleStateStreamName(DEFAULT_PREFIX);
-  await jsm.streams.info(stream).catch(() =>
-    jsm.streams.add({ name: stream, subjects: [`${DEFAULT_PREFIX}.rolestate.>`], max_msgs_per_subject: 1 }),
-  );
+  await jsm.streams.info(stream).catch(() => jsm.streams.add({ name: stream, subjects: [`${DEFAULT_PREFIX}.rolestate.>`], max_msgs_per_subject: 1 }));
   await jetstream(nc).publish(roleStateSubject(DEFAULT_PREFIX, role, instance, key), JSON.stringify({ key, value }));
 }
 

@@ -11,9 +11,18 @@ import { startNats, type NatsServer } from "@ioasid/testkit";
 // Entries are proto messages marked with their format: anything else is refused, never misread.
 
 type Entry = vdcmState.VdcmStateEntry;
-const codec: StateCodec<Entry> = protoStateCodec("ioasid.vdcm.v1.VdcmStateEntry", vdcmState.VdcmStateEntry, (e: Entry) => e, (m) => m);
-const pasidEntry = (hpasid: number): Entry => ({ entry: { $case: "pasidEntry", value: vdcmState.KeptDevicePasidEntry.fromPartial({ deviceId: "0000:6a:01.0", hpasid }) } });
-const device = (maxPasidEntries: number): Entry => ({ entry: { $case: "device", value: vdcmState.KeptDevice.fromPartial({ deviceId: "0000:6a:01.0", maxPasidEntries }) } });
+const codec: StateCodec<Entry> = protoStateCodec(
+  "ioasid.vdcm.v1.VdcmStateEntry",
+  vdcmState.VdcmStateEntry,
+  (e: Entry) => e,
+  (m) => m,
+);
+const pasidEntry = (hpasid: number): Entry => ({
+  entry: { $case: "pasidEntry", value: vdcmState.KeptDevicePasidEntry.fromPartial({ deviceId: "0000:6a:01.0", hpasid }) },
+});
+const device = (maxPasidEntries: number): Entry => ({
+  entry: { $case: "device", value: vdcmState.KeptDevice.fromPartial({ deviceId: "0000:6a:01.0", maxPasidEntries }) },
+});
 const registration = (registrationId: number): Entry => ({ entry: { $case: "registration", value: { setId: 1, registrationId } } });
 
 let nats: NatsServer;
@@ -94,19 +103,31 @@ describe("RoleState", () => {
     const other = await RoleState.open(nc, {
       role: "vdcm",
       instance: "mixed",
-      codec: protoStateCodec("ioasid.kvm.v1.KvmStateEntry", kvmState.KvmStateEntry, (e: kvmState.KvmStateEntry) => e, (m) => m),
+      codec: protoStateCodec(
+        "ioasid.kvm.v1.KvmStateEntry",
+        kvmState.KvmStateEntry,
+        (e: kvmState.KvmStateEntry) => e,
+        (m) => m,
+      ),
     });
     await other.write([{ key: "vm/1", value: { entry: { $case: "vm", value: kvmState.KeptVm.fromPartial({ vmId: 1 }) } } }]);
     const s = await RoleState.open(nc, { role: "vdcm", instance: "mixed", codec });
-    await expect(s.load()).rejects.toThrow("is not in ioasid.vdcm.v1.VdcmStateEntry (ioasid.v1.rolestate.vdcm.mixed.vm~2f1: format ioasid.kvm.v1.KvmStateEntry)");
+    await expect(s.load()).rejects.toThrow(
+      "is not in ioasid.vdcm.v1.VdcmStateEntry (ioasid.v1.rolestate.vdcm.mixed.vm~2f1: format ioasid.kvm.v1.KvmStateEntry)",
+    );
 
     const strict = await RoleState.open(nc, {
       role: "vdcm",
       instance: "broken",
-      codec: protoStateCodec("ioasid.vdcm.v1.VdcmStateEntry", vdcmState.VdcmStateEntry, (e: Entry) => e, (m) => {
-        if (m.entry === undefined) throw new Error("VdcmStateEntry.entry is missing");
-        return m;
-      }),
+      codec: protoStateCodec(
+        "ioasid.vdcm.v1.VdcmStateEntry",
+        vdcmState.VdcmStateEntry,
+        (e: Entry) => e,
+        (m) => {
+          if (m.entry === undefined) throw new Error("VdcmStateEntry.entry is missing");
+          return m;
+        },
+      ),
     });
     await strict.write([{ key: "reg/1", value: registration(3) }]);
     // A writer that marked bytes of another message as this format.

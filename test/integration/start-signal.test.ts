@@ -21,7 +21,10 @@ afterEach(async () => {
 });
 
 /** Spawns a built service and collects its stdout. */
-function spawnService(service: string, env: Record<string, string>): { proc: ChildProcess; out: () => string; exit: Promise<{ code: number | null; signal: string | null }> } {
+function spawnService(
+  service: string,
+  env: Record<string, string>,
+): { proc: ChildProcess; out: () => string; exit: Promise<{ code: number | null; signal: string | null }> } {
   const proc = spawn(process.execPath, [serviceEntry(service)], { env: { ...process.env, LOG_LEVEL: "info", ...env }, stdio: ["ignore", "pipe", "pipe"] });
   started.push(proc);
   let out = "";

@@ -172,7 +172,10 @@ describe("VDCM with the real core", () => {
     const { ioasid } = await bindGuestPasid(f.core.client, vm1, 101);
     await f.client.writeWqPasid({ mdevUuid: M1, virtualWq: 0, gpasid: 101 });
     await f.core.client.free(core.FreeRequest.fromPartial({ setId: vm1, ioasid }));
-    await waitFor(async () => !Object.hasOwn((await holdersOf(f.core.client, ioasid)) ?? {}, VDCM_WQ0), { timeoutMs: 10_000, message: "VDCM's reference released" });
+    await waitFor(async () => !Object.hasOwn((await holdersOf(f.core.client, ioasid)) ?? {}, VDCM_WQ0), {
+      timeoutMs: 10_000,
+      message: "VDCM's reference released",
+    });
     const { info } = await f.core.client.describe({ ioasid });
     expect(info!.state).toBe(core.IoasidState.IOASID_STATE_FREE_PENDING);
     expect(info!.refcount).toBe(2);
@@ -246,8 +249,17 @@ describe("VDCM with the real core", () => {
     f.iommu.map(DEV, ioasid, 0x10000n);
     f.iommu.map(DEV, ioasid, 0x20000n);
     const memmove = { op: vdcm.DescriptorOp.DESCRIPTOR_OP_MEMMOVE, srcAddress: 0x10000n, dstAddress: 0x20000n, size: 256n };
-    const ok = await f.client.submitDescriptor(submit({ mdevUuid: M1, virtualWq: 1, pasid: 101, pasidSpace: vdcm.PasidSpace.PASID_SPACE_GUEST, descriptor: memmove }));
-    expect(ok).toEqual({ hpasid: ioasid, generation, status: vdcm.CompletionStatus.COMPLETION_STATUS_SUCCESS, bytesCompleted: 256n, faultAddress: 0n, faultGroupId: 0n });
+    const ok = await f.client.submitDescriptor(
+      submit({ mdevUuid: M1, virtualWq: 1, pasid: 101, pasidSpace: vdcm.PasidSpace.PASID_SPACE_GUEST, descriptor: memmove }),
+    );
+    expect(ok).toEqual({
+      hpasid: ioasid,
+      generation,
+      status: vdcm.CompletionStatus.COMPLETION_STATUS_SUCCESS,
+      bytesCompleted: 256n,
+      faultAddress: 0n,
+      faultGroupId: 0n,
+    });
     // The DMA reached the IOMMU tagged with the host PASID.
     expect(f.iommu.requests.map((r) => [r.deviceId, r.pasid, r.address])).toEqual([
       [DEV, ioasid, 0x10000n],
@@ -255,7 +267,14 @@ describe("VDCM with the real core", () => {
     ]);
     // ENQCMD already translated: the host PASID of the mdev's own set.
     const host = await f.client.submitDescriptor(
-      submit({ mdevUuid: M1, virtualWq: 1, pasid: ioasid, generation, pasidSpace: vdcm.PasidSpace.PASID_SPACE_HOST, descriptor: { ...memmove, srcAddress: 0x30000n } }),
+      submit({
+        mdevUuid: M1,
+        virtualWq: 1,
+        pasid: ioasid,
+        generation,
+        pasidSpace: vdcm.PasidSpace.PASID_SPACE_HOST,
+        descriptor: { ...memmove, srcAddress: 0x30000n },
+      }),
     );
     expect(host).toMatchObject({ status: vdcm.CompletionStatus.COMPLETION_STATUS_DMA_FAULT, faultAddress: 0x30000n, bytesCompleted: 0n });
     // The reference held while the descriptors ran is gone.
@@ -267,7 +286,9 @@ describe("VDCM with the real core", () => {
       "SPID_NOT_FOUND",
     );
     await expectRefused(
-      f.client.submitDescriptor(submit({ mdevUuid: M1, virtualWq: 1, pasid: ioasid, generation: generation + 1, pasidSpace: vdcm.PasidSpace.PASID_SPACE_HOST })),
+      f.client.submitDescriptor(
+        submit({ mdevUuid: M1, virtualWq: 1, pasid: ioasid, generation: generation + 1, pasidSpace: vdcm.PasidSpace.PASID_SPACE_HOST }),
+      ),
       Code.FAILED_PRECONDITION,
       "STALE_GENERATION",
     );
@@ -322,7 +343,11 @@ describe("VDCM with the real core", () => {
     const dedicated = (wqId: number) => ({ wqId, mode: vdcm.WqMode.WQ_MODE_DEDICATED, size: 0 });
     await expectRefused(v.registerDevice({ deviceId: "dsa1", wqs: [], maxPasidEntries: 0 }), Code.INVALID_ARGUMENT, "INVALID_FIELD");
     await expectRefused(v.registerDevice({ deviceId: "dsa1", wqs: [dedicated(1), dedicated(1)], maxPasidEntries: 0 }), Code.INVALID_ARGUMENT, "INVALID_FIELD");
-    await expectRefused(v.registerDevice({ deviceId: "dsa1", wqs: [{ wqId: 1, mode: 0, size: 0 }], maxPasidEntries: 0 }), Code.INVALID_ARGUMENT, "INVALID_FIELD");
+    await expectRefused(
+      v.registerDevice({ deviceId: "dsa1", wqs: [{ wqId: 1, mode: 0, size: 0 }], maxPasidEntries: 0 }),
+      Code.INVALID_ARGUMENT,
+      "INVALID_FIELD",
+    );
     await expectRefused(v.registerDevice({ deviceId: "", wqs: [dedicated(1)], maxPasidEntries: 0 }), Code.INVALID_ARGUMENT, "INVALID_FIELD");
     await expectRefused(v.registerDevice({ deviceId: DEV, wqs: [dedicated(1)], maxPasidEntries: 0 }), Code.ALREADY_EXISTS, "DEVICE_EXISTS");
     await expectRefused(v.removeDevice({ deviceId: "nope" }), Code.NOT_FOUND, "DEVICE_NOT_FOUND");

@@ -45,7 +45,15 @@ describe("VFIO before its IOMMU", () => {
     });
     const io = createClient(iommu.IommuServiceService, iommuAddress);
     try {
-      await io.registerDevice(P(iommu.RegisterDeviceRequest, { deviceId: "late0", maxPasids: 64, priCapable: true, function: iommu.DeviceFunction.DEVICE_FUNCTION_PF, iommuGroup: 1 }));
+      await io.registerDevice(
+        P(iommu.RegisterDeviceRequest, {
+          deviceId: "late0",
+          maxPasids: 64,
+          priCapable: true,
+          function: iommu.DeviceFunction.DEVICE_FUNCTION_PF,
+          iommuGroup: 1,
+        }),
+      );
       await new Promise((r) => setTimeout(r, 1200));
       const c = await vf.client.openContainer(P(vfio.OpenContainerRequest, { mmToken: 0x1a7en, quota: 2 }));
       const session = new AbortController();

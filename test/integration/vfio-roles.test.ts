@@ -44,12 +44,16 @@ beforeEach(async () => {
     [IDXD, 3],
   ] as const) {
     await mmu.client.registerDevice(
-      iommu.RegisterDeviceRequest.fromPartial({ deviceId, maxPasids: 1 << 20, priCapable: true, function: iommu.DeviceFunction.DEVICE_FUNCTION_PF, iommuGroup: group }),
+      iommu.RegisterDeviceRequest.fromPartial({
+        deviceId,
+        maxPasids: 1 << 20,
+        priCapable: true,
+        function: iommu.DeviceFunction.DEVICE_FUNCTION_PF,
+        iommuGroup: group,
+      }),
     );
   }
-  await dcm.client.registerDevice(
-    vdcm.RegisterDeviceRequest.fromPartial({ deviceId: IDXD, wqs: [{ wqId: 0, mode: vdcm.WqMode.WQ_MODE_DEDICATED }] }),
-  );
+  await dcm.client.registerDevice(vdcm.RegisterDeviceRequest.fromPartial({ deviceId: IDXD, wqs: [{ wqId: 0, mode: vdcm.WqMode.WQ_MODE_DEDICATED }] }));
   await dcm.client.createMdev(vdcm.CreateMdevRequest.fromPartial({ parentDeviceId: IDXD, mdevUuid: MDEV, wqIds: [0] }));
 });
 afterEach(async () => {
@@ -75,11 +79,25 @@ describe("vfio with the real IOMMU and VDCM", () => {
     const p1 = await vf.client.allocPasid({ containerId: a });
     const p2 = await vf.client.allocPasid({ containerId: a });
     const b1 = await vf.client.bindGuestPasid(
-      vfio.BindGuestPasidRequest.fromPartial({ containerId: a, device: deviceRef(PF), hpasid: p1.hpasid, generation: p1.generation, gpasid: 101, guestPgtable: 0x10000n }),
+      vfio.BindGuestPasidRequest.fromPartial({
+        containerId: a,
+        device: deviceRef(PF),
+        hpasid: p1.hpasid,
+        generation: p1.generation,
+        gpasid: 101,
+        guestPgtable: 0x10000n,
+      }),
     );
     expect(b1.firstBind).toBe(true);
     await vf.client.bindGuestPasid(
-      vfio.BindGuestPasidRequest.fromPartial({ containerId: a, device: mdevRef(MDEV), hpasid: p2.hpasid, generation: p2.generation, gpasid: 102, guestPgtable: 0x20000n }),
+      vfio.BindGuestPasidRequest.fromPartial({
+        containerId: a,
+        device: mdevRef(MDEV),
+        hpasid: p2.hpasid,
+        generation: p2.generation,
+        gpasid: 102,
+        guestPgtable: 0x20000n,
+      }),
     );
     // The guest programs its work queue with guest PASID 102 (VDCM translates it to p2).
     const wq = await dcm.client.writeWqPasid({ mdevUuid: MDEV, virtualWq: 0, gpasid: 102 });
@@ -164,7 +182,13 @@ describe("vfio with the real IOMMU and VDCM", () => {
     });
     expect(
       await vf.client.unbindGuestPasid(
-        vfio.UnbindGuestPasidRequest.fromPartial({ containerId: c.containerId, device: deviceRef(PF), hpasid: p.hpasid, generation: p.generation, gpasid: 201 }),
+        vfio.UnbindGuestPasidRequest.fromPartial({
+          containerId: c.containerId,
+          device: deviceRef(PF),
+          hpasid: p.hpasid,
+          generation: p.generation,
+          gpasid: 201,
+        }),
       ),
     ).toEqual({ unbound: false, lastUnbind: false });
     // Unassigning the device unbinds q first (UNBIND), then detaches the device. The IOMMU keeps

@@ -178,16 +178,12 @@ describe("vfio: the container lives as long as its VMM's session", () => {
     const [held] = vmm.pasids;
     // KVM holds a reference on one of them: the set is freeing, not gone, until KVM lets go.
     await fx.client.get(core.GetRequest.fromPartial({ setId: vmm.setId, ioasid: held!.hpasid, holder: KVM }));
-    expect((await vf.client.queryState({ containerId: vmm.containerId })).containers[0]!.state).toBe(
-      vfio.ContainerState.CONTAINER_STATE_ACTIVE,
-    );
+    expect((await vf.client.queryState({ containerId: vmm.containerId })).containers[0]!.state).toBe(vfio.ContainerState.CONTAINER_STATE_ACTIVE);
 
     vmm.proc.kill("SIGKILL");
     await vmm.proc.exited;
     await waitFor(async () => (await coreSet(fx.client, vmm.setId))?.freeing === true, { message: "set freeing" });
-    expect((await ioasidsOf(vmm.setId)).map((i) => [i.ioasid, core.ioasidStateToJSON(i.state)])).toEqual([
-      [held!.hpasid, "IOASID_STATE_FREE_PENDING"],
-    ]);
+    expect((await ioasidsOf(vmm.setId)).map((i) => [i.ioasid, core.ioasidStateToJSON(i.state)])).toEqual([[held!.hpasid, "IOASID_STATE_FREE_PENDING"]]);
     await fx.client.put(core.PutRequest.fromPartial({ setId: vmm.setId, ioasid: held!.hpasid, holder: KVM }));
     await waitSetGone(fx.client, vmm.setId);
     await waitContainerGone(vf.client, vmm.containerId);
@@ -328,7 +324,10 @@ describe("vfio: bad input", () => {
       Code.NOT_FOUND,
       "FAULT_GROUP_NOT_FOUND",
     );
-    await field(vf.client.sendPageResponse({ containerId: c.containerId, faultGroupId: 1n, code: vfio.PageResponseCode.PAGE_RESPONSE_CODE_UNSPECIFIED }), "code");
+    await field(
+      vf.client.sendPageResponse({ containerId: c.containerId, faultGroupId: 1n, code: vfio.PageResponseCode.PAGE_RESPONSE_CODE_UNSPECIFIED }),
+      "code",
+    );
 
     expect(await fx.client.listSets({})).toEqual(sets);
     expect(await fx.client.listIoasids({ setId: 0 })).toEqual(ioasids);

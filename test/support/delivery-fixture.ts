@@ -35,12 +35,7 @@ const entry = here.includes("/test/dist/")
   : fileURLToPath(new URL("../dist/support/test-subscriber.js", import.meta.url));
 
 /** Starts a test subscriber process on the fixture's nats-server. */
-export async function startSubscriberProcess(
-  nats: NatsServer,
-  name: string,
-  instance: string,
-  env: Record<string, string> = {},
-): Promise<TestSubscriber> {
+export async function startSubscriberProcess(nats: NatsServer, name: string, instance: string, env: Record<string, string> = {}): Promise<TestSubscriber> {
   const proc = await startService({
     name: `${name}/${instance}`,
     entry,
@@ -64,13 +59,7 @@ export async function startSubscriberProcess(
 type Scope = { $case: "global"; value: boolean } | { $case: "setId"; value: number } | { $case: "mmToken"; value: bigint };
 
 /** Registers a subscriber with the core. */
-export async function register(
-  c: CoreFixture["client"],
-  name: string,
-  instance: string,
-  priority: events.Priority,
-  scope: Scope,
-): Promise<number> {
+export async function register(c: CoreFixture["client"], name: string, instance: string, priority: events.Priority, scope: Scope): Promise<number> {
   const r = await c.register(core.RegisterRequest.fromPartial({ subscriber: { name, instance }, priority, scope }));
   return r.registration!.registrationId;
 }

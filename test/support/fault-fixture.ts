@@ -52,7 +52,9 @@ export async function openGuest(c: StackClients, token: bigint, deviceId: string
   const session = await attachSession(c, opened.containerId);
   await c.vfio.assignDevice(P(vfio.AssignDeviceRequest, { containerId: opened.containerId, device: { ref: { $case: "deviceId", value: deviceId } } }));
   // The VMM maps guest RAM into its stage 2 (VFIO_IOMMU_MAP_DMA).
-  await c.vfio.mapDma(P(vfio.MapDmaRequest, { containerId: opened.containerId, iova: GPA_BASE, paddr: HPA_BASE, size: STAGE2_SIZE, access: { read: true, write: true } }));
+  await c.vfio.mapDma(
+    P(vfio.MapDmaRequest, { containerId: opened.containerId, iova: GPA_BASE, paddr: HPA_BASE, size: STAGE2_SIZE, access: { read: true, write: true } }),
+  );
   const state = await c.iommu.queryState(P(iommu.QueryStateRequest, { deviceIds: [deviceId] }));
   const stage2 = state.attachHandles.find((h) => h.withoutPasid)!.domainId;
   const a = await c.vfio.allocPasid({ containerId: opened.containerId });
@@ -160,7 +162,14 @@ export async function guestAnswers(c: StackClients, g: Guest, group: vfio.FaultG
   if (code === vfio.PageResponseCode.PAGE_RESPONSE_CODE_SUCCESS) {
     for (const r of group.requests) {
       await c.vfio.mapGuestPages(
-        P(vfio.MapGuestPagesRequest, { containerId: g.containerId, hpasid: g.hpasid, iova: r.address, gpa: gpaOf(r.address), size: PAGE, access: { read: true, write: true } }),
+        P(vfio.MapGuestPagesRequest, {
+          containerId: g.containerId,
+          hpasid: g.hpasid,
+          iova: r.address,
+          gpa: gpaOf(r.address),
+          size: PAGE,
+          access: { read: true, write: true },
+        }),
       );
     }
   }

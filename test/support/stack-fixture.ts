@@ -33,7 +33,14 @@ export async function startStack(env: Record<string, string> = {}): Promise<Stac
       start("vdcm", "VDCM_GRPC_ADDRESS", { ...roleEnv, IOMMU_ADDRESS: iommu.address }),
     ]);
     const vfio = await start("vfio", "VFIO_GRPC_ADDRESS", { ...roleEnv, IOMMU_ADDRESS: iommu.address, VDCM_ADDRESS: vdcm!.address, KVM_ADDRESS: kvm!.address });
-    const addresses: StackAddresses = { natsUrl: nats.url, core: core.address, iommu: iommu.address, kvm: kvm!.address, vdcm: vdcm!.address, vfio: vfio.address };
+    const addresses: StackAddresses = {
+      natsUrl: nats.url,
+      core: core.address,
+      iommu: iommu.address,
+      kvm: kvm!.address,
+      vdcm: vdcm!.address,
+      vfio: vfio.address,
+    };
     const clients = await connectStack(addresses);
     return {
       nats,

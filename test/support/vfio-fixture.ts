@@ -60,18 +60,13 @@ export interface VmmProcess extends VmmReady {
 
 // The VMM runs as node runs a service: built (tsc -b puts it in test/dist/support/).
 const here = fileURLToPath(import.meta.url);
-const vmmEntry = here.includes("/test/dist/")
-  ? join(dirname(here), "vfio-vmm.js")
-  : fileURLToPath(new URL("../dist/support/vfio-vmm.js", import.meta.url));
+const vmmEntry = here.includes("/test/dist/") ? join(dirname(here), "vfio-vmm.js") : fileURLToPath(new URL("../dist/support/vfio-vmm.js", import.meta.url));
 
 /**
  * Starts a VMM child that opens the container for `mmToken` (or attaches to `containerId`),
  * allocates `pasids` guest PASIDs, and holds the Session stream open; resolves once attached.
  */
-export async function startVmm(
-  vfioAddress: string,
-  options: { mmToken?: bigint; containerId?: number; quota?: number; pasids?: number },
-): Promise<VmmProcess> {
+export async function startVmm(vfioAddress: string, options: { mmToken?: bigint; containerId?: number; quota?: number; pasids?: number }): Promise<VmmProcess> {
   const proc = await startService({
     name: "vmm",
     entry: vmmEntry,

@@ -206,7 +206,7 @@ export class DeliveryEngine {
   private async runChain(chain: Chain, pending: readonly DeliveryTarget[]): Promise<void> {
     // Tiers in call order: CPU → DEVICE → IOMMU → LAST (higher priority first).
     const ordered = isDescending(pending) ? pending : [...pending].sort((a, b) => b.priority - a.priority);
-    for (let i = 0; i < ordered.length; ) {
+    for (let i = 0; i < ordered.length;) {
       let j = i + 1;
       while (j < ordered.length && ordered[j]!.priority === ordered[i]!.priority) j++;
       if (j === i + 1) await this.deliver(chain, ordered[i]!);

@@ -16,15 +16,31 @@ describe("the history catalogue", () => {
   });
 
   it("fills a case's unset fields with their defaults and says what the component did", () => {
-    const r = createHistoryRecord(who, { $case: "vmcsUpdate", value: { kind: h.VmcsUpdateKind.VMCS_UPDATE_KIND_CLEAR, gpasid: 101, hpasid: 201, cause: h.VmcsClearCause.VMCS_CLEAR_CAUSE_FREE } }, { ioasid: 201 }, 5);
+    const r = createHistoryRecord(
+      who,
+      {
+        $case: "vmcsUpdate",
+        value: { kind: h.VmcsUpdateKind.VMCS_UPDATE_KIND_CLEAR, gpasid: 101, hpasid: 201, cause: h.VmcsClearCause.VMCS_CLEAR_CAUSE_FREE },
+      },
+      { ioasid: 201 },
+      5,
+    );
     expect(r).toMatchObject({ ts: 5, role: "kvm", instance: "vm-1", ioasid: 201, recovered: false });
     expect(describeAction(r)).toBe("clear gpasid 101 → hpasid 201 (FREE)");
-    const flush = createHistoryRecord({ role: "iommu", instance: "dmar0" }, { $case: "iotlbFlush", value: { scope: "RANGE", cause: "UNMAP", domain: 3, device: "idxd0", devtlb: true, address: 0x1000n, size: 0x2000n } });
+    const flush = createHistoryRecord(
+      { role: "iommu", instance: "dmar0" },
+      { $case: "iotlbFlush", value: { scope: "RANGE", cause: "UNMAP", domain: 3, device: "idxd0", devtlb: true, address: 0x1000n, size: 0x2000n } },
+    );
     expect(describeAction(flush)).toBe("RANGE UNMAP domain 3 device idxd0 +devtlb 0x1000+0x2000");
   });
 
   it("round-trips a record through a binary batch and through a history.jsonl line", () => {
-    const r = createHistoryRecord(who, { $case: "ioasidGet", value: { holder: { role: "kvm", instance: "vm-1", purpose: "vmcs" } } }, { ioasid: 201, refcount: 2, seq: 17 }, 1.5);
+    const r = createHistoryRecord(
+      who,
+      { $case: "ioasidGet", value: { holder: { role: "kvm", instance: "vm-1", purpose: "vmcs" } } },
+      { ioasid: 201, refcount: 2, seq: 17 },
+      1.5,
+    );
     const w = new BinaryWriter();
     w.uint32(10).bytes(h.HistoryRecord.encode(r).finish());
     expect(decodeHistoryBatch(w.finish(), "test")).toEqual([r]);
@@ -32,7 +48,9 @@ describe("the history catalogue", () => {
   });
 
   it("refuses a history message of the old JSON format, saying to start from an empty store", () => {
-    const old = new TextEncoder().encode(JSON.stringify([{ ts: 1, role: "kvm", instance: "vm-1", action: "vmcs_update", detail: "install gpasid 101 → hpasid 201" }]));
+    const old = new TextEncoder().encode(
+      JSON.stringify([{ ts: 1, role: "kvm", instance: "vm-1", action: "vmcs_update", detail: "install gpasid 101 → hpasid 201" }]),
+    );
     expect(() => decodeHistoryBatch(old, "message 3")).toThrow(/message 3: a history message of the old JSON format.*start from an empty store/);
   });
 
@@ -42,7 +60,11 @@ describe("the history catalogue", () => {
     expect(() => decodeHistoryBatch(noAction.finish(), "message 4")).toThrow(/message 4: a kvm\/vm-1 record at 1 has no action this catalogue knows/);
     // A case of a newer catalogue (field 999) decodes to no action here: refused the same way.
     const rec = new BinaryWriter();
-    rec.uint32(18).string("kvm").uint32((999 << 3) | 2).bytes(new Uint8Array());
+    rec
+      .uint32(18)
+      .string("kvm")
+      .uint32((999 << 3) | 2)
+      .bytes(new Uint8Array());
     const newer = new BinaryWriter();
     newer.uint32(10).bytes(rec.finish());
     expect(() => decodeHistoryBatch(newer.finish(), "message 5")).toThrow(/has no action this catalogue knows/);

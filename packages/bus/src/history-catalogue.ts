@@ -186,7 +186,10 @@ export const VDEV_CLEAR_CAUSE: Record<h.VdevClearCause, string> = {
 
 /** The phase of a chaos operation in Jepsen's words ("invoke", "ok", "fail", "info"). */
 export function chaosPhaseName(p: h.ChaosPhase): string {
-  return h.chaosPhaseToJSON(p).replace(/^CHAOS_PHASE_/, "").toLowerCase();
+  return h
+    .chaosPhaseToJSON(p)
+    .replace(/^CHAOS_PHASE_/, "")
+    .toLowerCase();
 }
 
 /**
@@ -282,7 +285,9 @@ export function describeAction(r: HistoryRecord): string | undefined {
     }
     case "pageResponse": {
       const v = a.value;
-      return v.container === undefined ? `group ${v.group} device ${v.device} prgi ${v.prgi}: ${v.code} (${v.source})` : `container ${v.container} group ${v.group}: ${v.code}`;
+      return v.container === undefined
+        ? `group ${v.group} device ${v.device} prgi ${v.prgi}: ${v.code} (${v.source})`
+        : `container ${v.container} group ${v.group}: ${v.code}`;
     }
     case "dmaFault": {
       const v = a.value;
@@ -354,7 +359,9 @@ export function describeAction(r: HistoryRecord): string | undefined {
     case "submit": {
       const v = a.value;
       const where = `device ${v.device} wq ${v.wq} mdev ${v.mdev}`;
-      return v.dropped ? `${where}: dropped, ${v.pasidSpace} PASID ${v.pasid} untranslatable (${v.reason})` : `${where}: ${v.op} ${v.status} (${v.bytes} bytes)`;
+      return v.dropped
+        ? `${where}: dropped, ${v.pasidSpace} PASID ${v.pasid} untranslatable (${v.reason})`
+        : `${where}: ${v.op} ${v.status} (${v.bytes} bytes)`;
     }
     case "forceRelease": {
       const v = a.value;
@@ -427,7 +434,10 @@ export function parseHistoryJsonl(text: string, file = "history.jsonl"): TypedHi
       throw historyFormatError(where, "not JSON");
     }
     if (o !== null && typeof o === "object" && typeof (o as { action?: unknown }).action === "string") {
-      throw historyFormatError(where, "a record of the old format (an action string with a free-text detail), from before the typed history catalogue: record the run again");
+      throw historyFormatError(
+        where,
+        "a record of the old format (an action string with a free-text detail), from before the typed history catalogue: record the run again",
+      );
     }
     out.push(checkHistoryRecord(h.HistoryRecord.fromJSON(o), where));
   }

@@ -206,9 +206,7 @@ export async function readHistory(nc: NatsConnection, options: { prefix?: string
   const js = jetstream(nc);
   const consumer = await js.consumers.get(
     name,
-    options.sinceMs === undefined
-      ? {}
-      : { deliver_policy: DeliverPolicy.StartTime, opt_start_time: new Date(options.sinceMs - 1000).toISOString() },
+    options.sinceMs === undefined ? {} : { deliver_policy: DeliverPolicy.StartTime, opt_start_time: new Date(options.sinceMs - 1000).toISOString() },
   );
   const messages = await consumer.consume({ max_messages: 10_000, expires: 2000 });
   try {

@@ -13,23 +13,8 @@ export {
   type SettledAck,
   type SubscriberId,
 } from "./delivery-engine.js";
-export {
-  startSubscriber,
-  type DeliveryContext,
-  type EventHandler,
-  type HandlerResult,
-  type Subscriber,
-  type SubscriberOptions,
-} from "./subscriber.js";
-export {
-  decodeHistoryBatch,
-  ensureHistoryStream,
-  historyStreamName,
-  historySubject,
-  lastHistoryHeaders,
-  HistoryRecorder,
-  readHistory,
-} from "./history.js";
+export { startSubscriber, type DeliveryContext, type EventHandler, type HandlerResult, type Subscriber, type SubscriberOptions } from "./subscriber.js";
+export { decodeHistoryBatch, ensureHistoryStream, historyStreamName, historySubject, lastHistoryHeaders, HistoryRecorder, readHistory } from "./history.js";
 export {
   actionName,
   chaosPhaseName,

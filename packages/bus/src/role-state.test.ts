@@ -51,7 +51,11 @@ describe("MemoryRoleState", () => {
     const good = new MemoryRoleState(codec(false));
     const forgetful = new MemoryRoleState(codec(true));
     const saved = good.saved;
-    for (const s of [good, forgetful]) await s.write([{ key: "reg/4", value: { setId: 4, registrationId: 9 } }, { key: "reg/5", value: { setId: 5, registrationId: 1 } }]);
+    for (const s of [good, forgetful])
+      await s.write([
+        { key: "reg/4", value: { setId: 4, registrationId: 9 } },
+        { key: "reg/5", value: { setId: 5, registrationId: 1 } },
+      ]);
     await good.write([{ key: "reg/5", value: undefined }]);
     expect(new Map(saved)).toEqual(new Map([["reg/4", { setId: 4, registrationId: 9 }]]));
     expect(forgetful.saved.get("reg/4")).toEqual({ setId: 4, registrationId: 0 });

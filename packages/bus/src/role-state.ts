@@ -241,7 +241,8 @@ export class RoleState<T> implements RoleStatePort<T> {
       h.set(RoleStateHeaders.FORMAT, this.codec.format);
       h.set(RoleStateHeaders.KEY, c.key);
       const data = c.value === undefined ? new Uint8Array() : this.codec.encode(c.value);
-      if (c.value !== undefined && data.length === 0) throw new Error(`role state of ${this.role}/${this.instance}: entry ${c.key} encodes to nothing (its kind is not set)`);
+      if (c.value !== undefined && data.length === 0)
+        throw new Error(`role state of ${this.role}/${this.instance}: entry ${c.key} encodes to nothing (its kind is not set)`);
       return { subject: roleStateSubject(this.prefix, this.role, this.instance, c.key), data, headers: h };
     });
     // Published in order (one connection keeps it); acknowledged together.
@@ -275,7 +276,11 @@ interface Unreadable {
  * same: fail-stop). While `stopping` says the role is already shutting down, the error is passed
  * to the caller instead.
  */
-export function failStopOnWriteError<T>(store: RoleStatePort<T>, onFatal: (err: unknown) => void, options: { stopping?: () => boolean } = {}): RoleStatePort<T> {
+export function failStopOnWriteError<T>(
+  store: RoleStatePort<T>,
+  onFatal: (err: unknown) => void,
+  options: { stopping?: () => boolean } = {},
+): RoleStatePort<T> {
   return {
     write: (changes) =>
       store.write(changes).catch((err: unknown) => {

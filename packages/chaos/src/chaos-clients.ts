@@ -62,9 +62,13 @@ export function startVmm(command: VmmCommand, options: { vfioAddress: string; mm
     });
   }
   const [file, ...pre] = command;
-  const child = spawn(file, [...pre, "--vfio", options.vfioAddress, "--token", String(options.mmToken), "--quota", String(options.quota), "--name", options.name], {
-    stdio: ["ignore", "pipe", "pipe"],
-  });
+  const child = spawn(
+    file,
+    [...pre, "--vfio", options.vfioAddress, "--token", String(options.mmToken), "--quota", String(options.quota), "--name", options.name],
+    {
+      stdio: ["ignore", "pipe", "pipe"],
+    },
+  );
   let stderr = "";
   child.stderr!.on("data", (d: Buffer) => {
     if (stderr.length < 4000) stderr += String(d);
@@ -95,7 +99,11 @@ export function startVmm(command: VmmCommand, options: { vfioAddress: string; mm
         // not the line we wait for
       }
     });
-    void exited.then((s) => reject(new Error(`the VMM exited (code ${String(s.code)}, signal ${String(s.signal)}) before its session attached: ${stderr.trim().split("\n").at(-1) ?? ""}`)));
+    void exited.then((s) =>
+      reject(
+        new Error(`the VMM exited (code ${String(s.code)}, signal ${String(s.signal)}) before its session attached: ${stderr.trim().split("\n").at(-1) ?? ""}`),
+      ),
+    );
   });
   opened.catch(() => undefined);
   return {

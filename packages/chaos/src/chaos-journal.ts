@@ -46,7 +46,9 @@ export function outcomeOf(err: unknown): "fail" | "info" {
 export function errorText(err: unknown): string {
   if (isDomainError(err)) return err.reason;
   const m = (err as { message?: unknown })?.message;
-  return String(m ?? err).split("\n")[0]!.slice(0, 160);
+  return String(m ?? err)
+    .split("\n")[0]!
+    .slice(0, 160);
 }
 
 /**

@@ -6,8 +6,15 @@ describe("createChaosRecord / parseChaosRecord", () => {
   it("records an operation with its IOASID fields on the record too, and reads it back", () => {
     const r = createChaosRecord("ok", { op: "free", opId: 17, vm: "g3", setId: 3, ioasid: 201, generation: 2, latencyMs: 3 }, { ts: 1000 });
     expect(r).toMatchObject({ ts: 1000, role: CHAOS_ROLE, instance: "driver", ioasid: 201, generation: 2, setId: 3 });
-    expect(r.action).toEqual({ $case: "chaosOp", value: { phase: h.ChaosPhase.CHAOS_PHASE_OK, op: "free", opId: 17, vm: "g3", latencyMs: 3, error: undefined } });
-    expect(parseChaosRecord(r)).toEqual({ kind: "op", action: "ok", op: { op: "free", opId: 17, vm: "g3", setId: 3, ioasid: 201, generation: 2, latencyMs: 3 } });
+    expect(r.action).toEqual({
+      $case: "chaosOp",
+      value: { phase: h.ChaosPhase.CHAOS_PHASE_OK, op: "free", opId: 17, vm: "g3", latencyMs: 3, error: undefined },
+    });
+    expect(parseChaosRecord(r)).toEqual({
+      kind: "op",
+      action: "ok",
+      op: { op: "free", opId: 17, vm: "g3", setId: 3, ioasid: 201, generation: 2, latencyMs: 3 },
+    });
   });
 
   it("records faults and heals as info from the nemesis", () => {

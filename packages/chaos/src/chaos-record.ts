@@ -248,7 +248,16 @@ export function parseChaosRecord(record: HistoryRecord): ChaosEntry | undefined 
     }
     case "chaosFault": {
       const v = a.value;
-      const marker: FaultMarker = defined({ fault: v.fault, target: v.target as ChaosTarget, faultId: v.faultId, link: v.link as ChaosLink | undefined, latencyMs: v.latencyMs, jitterMs: v.jitterMs, probability: v.probability, cause: v.cause });
+      const marker: FaultMarker = defined({
+        fault: v.fault,
+        target: v.target as ChaosTarget,
+        faultId: v.faultId,
+        link: v.link as ChaosLink | undefined,
+        latencyMs: v.latencyMs,
+        jitterMs: v.jitterMs,
+        probability: v.probability,
+        cause: v.cause,
+      });
       return { kind: "fault", marker };
     }
     case "chaosHeal":

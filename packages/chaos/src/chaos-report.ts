@@ -49,7 +49,9 @@ export function renderChaosReport(input: ChaosReportInput): string {
     return lane;
   };
   const bar = (lane: Lane, from: number, to: number, text: string) =>
-    lane.marks.push(`<rect x="${x(from)}" y="2" width="${Math.max(2, Number(x(to)) - Number(x(from))).toFixed(1)}" height="${LANE - 4}" fill="${COLORS.fault}"><title>${esc(text)}</title></rect>`);
+    lane.marks.push(
+      `<rect x="${x(from)}" y="2" width="${Math.max(2, Number(x(to)) - Number(x(from))).toFixed(1)}" height="${LANE - 4}" fill="${COLORS.fault}"><title>${esc(text)}</title></rect>`,
+    );
 
   for (const r of records) {
     const e = parseChaosRecord(r);
@@ -66,7 +68,10 @@ export function renderChaosReport(input: ChaosReportInput): string {
         open.delete(id);
         bar(f.lane, f.start, r.ts, `${f.text}, healed at ${rel(r.ts)}`);
       }
-      if (e.marker.faultId === undefined) faultLane("all").marks.push(`<line x1="${x(r.ts)}" x2="${x(r.ts)}" y1="0" y2="${LANE}" stroke="#000"><title>${esc(`${rel(r.ts)} everything healed`)}</title></line>`);
+      if (e.marker.faultId === undefined)
+        faultLane("all").marks.push(
+          `<line x1="${x(r.ts)}" x2="${x(r.ts)}" y1="0" y2="${LANE}" stroke="#000"><title>${esc(`${rel(r.ts)} everything healed`)}</title></line>`,
+        );
     } else if (e.kind === "op" && e.action !== "invoke") {
       const vm = e.op.vm ?? "driver";
       let lane = guestLanes.get(vm);
@@ -86,15 +91,24 @@ export function renderChaosReport(input: ChaosReportInput): string {
   const violations: Lane = { label: "violations", marks: [] };
   input.verdict.violations.forEach((v, i) => {
     for (const line of v.trace.filter((l) => l.evidence)) {
-      violations.marks.push(`<line x1="${x(line.record.ts)}" x2="${x(line.record.ts)}" y1="0" y2="${LANE}" stroke="${COLORS.violation}" stroke-width="2"><title>${esc(`#${i + 1} ${v.invariant}: ${v.message}\n${rel(line.record.ts)} ${line.record.role}/${line.record.instance} ${stepLabel(line.record)} ${describeAction(line.record) ?? ""}`.trimEnd())}</title></line>`);
+      violations.marks.push(
+        `<line x1="${x(line.record.ts)}" x2="${x(line.record.ts)}" y1="0" y2="${LANE}" stroke="${COLORS.violation}" stroke-width="2"><title>${esc(`#${i + 1} ${v.invariant}: ${v.message}\n${rel(line.record.ts)} ${line.record.role}/${line.record.instance} ${stepLabel(line.record)} ${describeAction(line.record) ?? ""}`.trimEnd())}</title></line>`,
+      );
     }
   });
 
-  const lanes = [...[...faultLanes.entries()].sort(([a], [b]) => a.localeCompare(b)).map(([, l]) => l), ...[...guestLanes.entries()].sort(([a], [b]) => Number(a.slice(1)) - Number(b.slice(1)) || a.localeCompare(b)).map(([, l]) => l), violations];
+  const lanes = [
+    ...[...faultLanes.entries()].sort(([a], [b]) => a.localeCompare(b)).map(([, l]) => l),
+    ...[...guestLanes.entries()].sort(([a], [b]) => Number(a.slice(1)) - Number(b.slice(1)) || a.localeCompare(b)).map(([, l]) => l),
+    violations,
+  ];
   const H = 20 + lanes.length * LANE;
   const ticks: string[] = [];
   const step = Math.max(1000, Math.ceil((t1 - t0) / 12 / 1000) * 1000);
-  for (let t = 0; t <= t1 - t0; t += step) ticks.push(`<line x1="${x(t0 + t)}" x2="${x(t0 + t)}" y1="0" y2="${H - 18}" stroke="#eee"/><text x="${x(t0 + t)}" y="${H - 4}" font-size="10" text-anchor="middle">${t / 1000}s</text>`);
+  for (let t = 0; t <= t1 - t0; t += step)
+    ticks.push(
+      `<line x1="${x(t0 + t)}" x2="${x(t0 + t)}" y1="0" y2="${H - 18}" stroke="#eee"/><text x="${x(t0 + t)}" y="${H - 4}" font-size="10" text-anchor="middle">${t / 1000}s</text>`,
+    );
   const body = lanes
     .map((l, i) => `<g transform="translate(0 ${i * LANE})"><text x="4" y="${LANE - 4}" font-size="11">${esc(l.label)}</text>${l.marks.join("")}</g>`)
     .join("\n");

@@ -232,7 +232,15 @@ export async function startChaosStack(options: ChaosStackOptions): Promise<Chaos
 
   const start = async (name: StackService, env: Record<string, string>): Promise<void> => {
     const spec = STACK_SERVICES.find((s) => s.name === name)!;
-    const m: Managed = { name, env: { ...baseEnv, ...env, [spec.addressVar]: "127.0.0.1:0" }, proc: undefined, stopped: false, expectingExit: false, incarnation: 0, launching: undefined };
+    const m: Managed = {
+      name,
+      env: { ...baseEnv, ...env, [spec.addressVar]: "127.0.0.1:0" },
+      proc: undefined,
+      stopped: false,
+      expectingExit: false,
+      incarnation: 0,
+      launching: undefined,
+    };
     managed.set(name, m);
     await launch(m);
     // Restarts listen where the peers (and their proxies) expect it.
@@ -263,11 +271,17 @@ export async function startChaosStack(options: ChaosStackOptions): Promise<Chaos
 
   try {
     await start(ChaosTarget.CORE, await natsOf(ChaosTarget.CORE));
-    const coreOf = async (name: StackService) => ({ ...(await natsOf(name)), IOASID_CORE_ADDRESS: await proxy(name, ChaosTarget.CORE, addresses[ChaosTarget.CORE]) });
+    const coreOf = async (name: StackService) => ({
+      ...(await natsOf(name)),
+      IOASID_CORE_ADDRESS: await proxy(name, ChaosTarget.CORE, addresses[ChaosTarget.CORE]),
+    });
     await start(ChaosTarget.IOMMU, await coreOf(ChaosTarget.IOMMU));
     await start(ChaosTarget.KVM, await coreOf(ChaosTarget.KVM));
     // VDCM's work queues issue their DMA through the IOMMU.
-    await start(ChaosTarget.VDCM, { ...(await coreOf(ChaosTarget.VDCM)), IOMMU_ADDRESS: await proxy(ChaosTarget.VDCM, ChaosTarget.IOMMU, addresses[ChaosTarget.IOMMU]) });
+    await start(ChaosTarget.VDCM, {
+      ...(await coreOf(ChaosTarget.VDCM)),
+      IOMMU_ADDRESS: await proxy(ChaosTarget.VDCM, ChaosTarget.IOMMU, addresses[ChaosTarget.IOMMU]),
+    });
     await start(ChaosTarget.VFIO, {
       ...(await coreOf(ChaosTarget.VFIO)),
       IOMMU_ADDRESS: await proxy(ChaosTarget.VFIO, ChaosTarget.IOMMU, addresses[ChaosTarget.IOMMU]),
@@ -391,7 +405,10 @@ export async function startChaosStack(options: ChaosStackOptions): Promise<Chaos
 
 /** An error in one line: its first line and, when it has more, its last (the process's last words). */
 export function brief(err: unknown): string {
-  const lines = String((err as Error)?.message ?? err).split("\n").map((l) => l.trim()).filter((l) => l !== "");
+  const lines = String((err as Error)?.message ?? err)
+    .split("\n")
+    .map((l) => l.trim())
+    .filter((l) => l !== "");
   const text = lines.length <= 1 ? (lines[0] ?? "") : `${lines[0]} … ${lines.at(-1)}`;
   return text.length > 400 ? `${text.slice(0, 400)}…` : text;
 }

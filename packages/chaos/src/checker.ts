@@ -82,7 +82,10 @@ export function createChecker(options: CheckerOptions = {}): Checker {
           const lost = f.absence === undefined ? undefined : lossExplaining(index, f.absence);
           const missed = f.missedDelivery === undefined ? undefined : missExplaining(index, f.missedDelivery, resolved.clockToleranceMs);
           if (lost !== undefined) notes.push(`${rule.invariant} not counted, a record may have been lost (${lost.why}): ${f.message}`);
-          else if (missed !== undefined) notes.push(`${rule.invariant} not counted, ${f.missedDelivery!.role}/${f.missedDelivery!.instance} was passed over (${missed}) and the chain moved on (DESIGN §4.4): ${f.message}`);
+          else if (missed !== undefined)
+            notes.push(
+              `${rule.invariant} not counted, ${f.missedDelivery!.role}/${f.missedDelivery!.instance} was passed over (${missed}) and the chain moved on (DESIGN §4.4): ${f.message}`,
+            );
           else violations.push(toViolation(rule.invariant, f, index, resolved.traceContext));
         }
       }
@@ -90,7 +93,15 @@ export function createChecker(options: CheckerOptions = {}): Checker {
       const counts: Partial<Record<InvariantId, number>> = {};
       for (const id of checked) counts[id] = violations.filter((v) => v.invariant === id).length;
       if (finalState === undefined) notes.push("no final state: S6 and the final-state halves of S4, S9, L3 and L4 were not checked");
-      return { ok: violations.length === 0, violations, counts, checked, records: index.records.length, startTs: index.records[0]?.ts, notes: [...new Set(notes)] };
+      return {
+        ok: violations.length === 0,
+        violations,
+        counts,
+        checked,
+        records: index.records.length,
+        startTs: index.records[0]?.ts,
+        notes: [...new Set(notes)],
+      };
     },
   };
 }

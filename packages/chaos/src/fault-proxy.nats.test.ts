@@ -24,7 +24,14 @@ describe("startFaultProxy between a NATS client and nats-server", () => {
   });
 
   async function connectThroughProxy(extra: { pingInterval?: number; maxPingOut?: number } = {}): Promise<NatsConnection> {
-    const c = await connect({ servers: `nats://${proxy!.address}`, reconnectTimeWait: 100, reconnectJitter: 0, maxReconnectAttempts: -1, timeout: 500, ...extra });
+    const c = await connect({
+      servers: `nats://${proxy!.address}`,
+      reconnectTimeWait: 100,
+      reconnectJitter: 0,
+      maxReconnectAttempts: -1,
+      timeout: 500,
+      ...extra,
+    });
     void (async () => {
       for await (const s of c.status()) statuses.push(s.type);
     })();

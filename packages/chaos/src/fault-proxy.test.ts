@@ -116,7 +116,11 @@ describe("startFaultProxy", () => {
     expect(echo.sockets.size).toBe(1); // nothing reached the target for the held one
 
     proxy.partition(false);
-    await waitFor(() => before.received === "12" && during.received === "3", { timeoutMs: 2000, intervalMs: 5, message: "the stalled and held bytes after the heal" });
+    await waitFor(() => before.received === "12" && during.received === "3", {
+      timeoutMs: 2000,
+      intervalMs: 5,
+      message: "the stalled and held bytes after the heal",
+    });
     const after = await client().connected();
     await after.roundTrip("4");
     expect(proxy.stats()).toMatchObject({ held: 0, active: 3, accepted: 3 });

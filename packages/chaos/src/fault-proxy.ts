@@ -338,10 +338,13 @@ class Pipe {
 
   private schedule(): void {
     if (this.timer !== undefined || this.link.stalled || this.queue.length === 0) return;
-    this.timer = setTimeout(() => {
-      this.timer = undefined;
-      this.flush();
-    }, Math.max(0, this.queue[0]!.due - performance.now()));
+    this.timer = setTimeout(
+      () => {
+        this.timer = undefined;
+        this.flush();
+      },
+      Math.max(0, this.queue[0]!.due - performance.now()),
+    );
   }
 
   private flush(): void {
@@ -376,7 +379,8 @@ function parseLoopback(text: string, what: string): { host: string; port: number
   const host = m?.[1] ?? m?.[2];
   const port = Number(m?.[3]);
   if (host === undefined || !Number.isInteger(port) || port < 0 || port > 65535) throw new Error(`${what} "${text}" is not host:port`);
-  if (!isLoopback(host)) throw new Error(`${what} "${text}" is not a loopback address: the fault proxy only forwards within this machine (127.0.0.0/8, ::1, localhost)`);
+  if (!isLoopback(host))
+    throw new Error(`${what} "${text}" is not a loopback address: the fault proxy only forwards within this machine (127.0.0.0/8, ::1, localhost)`);
   return { host, port };
 }
 

@@ -5,7 +5,12 @@ const kinds = (p: GuestPlan) => p.steps.map((s) => describeGuestStep(s.step));
 
 describe("planGuest", () => {
   it("gives the same plan for the same seed and guest, every time", () => {
-    for (const [seed, index] of [[1, 0], [1, 7], [42, 3], [0xffff_ffff, 12]] as const) {
+    for (const [seed, index] of [
+      [1, 0],
+      [1, 7],
+      [42, 3],
+      [0xffff_ffff, 12],
+    ] as const) {
       expect(planGuest(seed, index, { slots: 4 })).toEqual(planGuest(seed, index, { slots: 4 }));
     }
   });

@@ -82,26 +82,48 @@ const vmcs = (kind: "install" | "clear", gpasid: number, hpasid: number, cause =
   $case: "vmcsUpdate",
   value: { kind: kind === "install" ? h.VmcsUpdateKind.VMCS_UPDATE_KIND_INSTALL : h.VmcsUpdateKind.VMCS_UPDATE_KIND_CLEAR, gpasid, hpasid, cause },
 });
-const entry = (ioasid: number, cause?: string) => ({ device: DEVICE, handle: BigInt(ioasid), domain: 3, domainType: "NESTED", ...(cause === undefined ? {} : { cause }) });
+const entry = (ioasid: number, cause?: string) => ({
+  device: DEVICE,
+  handle: BigInt(ioasid),
+  domain: 3,
+  domainType: "NESTED",
+  ...(cause === undefined ? {} : { cause }),
+});
 const flush = (cause: string): HistoryActionInput => ({ $case: "iotlbFlush", value: { scope: "PASID", cause, domain: 3, device: DEVICE, devtlb: true } });
 const wq = (mdev: string) => ({ device: DEVICE, wq: WQ, mdev });
 
 /** Registers the VM's notifier (pending: KVM starts first), then VFIO opens its container. */
 export function openGuest(b: HistoryBuilder, g: FixtureGuest, registration: number): void {
-  b.add("ioasid", "core-0", { $case: "ioasidRegisterNotifierMm", value: { subscriber: "kvm", instance: g.kvm, scope: { $case: "mmToken", value: BigInt(g.token) }, priority: 3, pending: true } });
+  b.add("ioasid", "core-0", {
+    $case: "ioasidRegisterNotifierMm",
+    value: { subscriber: "kvm", instance: g.kvm, scope: { $case: "mmToken", value: BigInt(g.token) }, priority: 3, pending: true },
+  });
   b.add("kvm", g.kvm, { $case: "kvmCreateVm", value: { mmToken: BigInt(g.token), vcpus: 1, registration, active: false } });
-  b.op({ op: "open", vm: g.vm }, () => {
-    b.event("SET_ALLOC", { setId: g.setId, refcount: 0 });
-    b.add("vfio", VFIO, { $case: "containerOpen", value: { container: g.setId, mmToken: BigInt(g.token), quota: 16, vmName: g.vm, graceMs: 5000 } }, { setId: g.setId });
-  }, { setId: g.setId });
+  b.op(
+    { op: "open", vm: g.vm },
+    () => {
+      b.event("SET_ALLOC", { setId: g.setId, refcount: 0 });
+      b.add(
+        "vfio",
+        VFIO,
+        { $case: "containerOpen", value: { container: g.setId, mmToken: BigInt(g.token), quota: 16, vmName: g.vm, graceMs: 5000 } },
+        { setId: g.setId },
+      );
+    },
+    { setId: g.setId },
+  );
 }
 
 /** The guest allocates a PASID (virtual command): ALLOC, reference 1. */
 export function allocPasid(b: HistoryBuilder, g: FixtureGuest, ioasid: number, generation: number): void {
-  b.op({ op: "alloc", vm: g.vm, setId: g.setId }, () => {
-    b.event("ALLOC", { ioasid, generation, setId: g.setId, refcount: 1 });
-    b.add("vfio", VFIO, { $case: "vcmdAlloc", value: { container: g.setId } }, { ioasid, generation, setId: g.setId });
-  }, { ioasid, generation });
+  b.op(
+    { op: "alloc", vm: g.vm, setId: g.setId },
+    () => {
+      b.event("ALLOC", { ioasid, generation, setId: g.setId, refcount: 1 });
+      b.add("vfio", VFIO, { $case: "vcmdAlloc", value: { container: g.setId } }, { ioasid, generation, setId: g.setId });
+    },
+    { ioasid, generation },
+  );
 }
 
 /** bind_gpasid: the IOMMU's reference (2), BIND, its PASID entry; KVM's reference (3) and VMCS entry. */
@@ -113,7 +135,12 @@ export function bindPasid(b: HistoryBuilder, g: FixtureGuest, ioasid: number, ge
     seq = b.event("BIND", { ...ids, spid, refcount: 2 });
     b.add("iommu", IOMMU, { $case: "pasidEntrySet", value: entry(ioasid) }, { ...ids, spid });
     b.add("iommu", IOMMU, { $case: "bindGpasid", value: { device: DEVICE, handle: BigInt(ioasid), first: true } }, { ...ids, spid, refcount: 2 });
-    b.add("vfio", VFIO, { $case: "bindGpasid", value: { container: g.setId, deviceKind: "device", device: DEVICE, handle: BigInt(ioasid), first: true } }, { ...ids, spid });
+    b.add(
+      "vfio",
+      VFIO,
+      { $case: "bindGpasid", value: { container: g.setId, deviceKind: "device", device: DEVICE, handle: BigInt(ioasid), first: true } },
+      { ...ids, spid },
+    );
   });
   if (!withKvm) return;
   b.add("ioasid", "core-0", ref("get", `kvm/${g.kvm}/vmcs`), { ...ids, refcount: 3, seq });
@@ -172,7 +199,15 @@ export function freeDelivered(b: HistoryBuilder, g: FixtureGuest, ioasid: number
 }
 
 /** The tiers' work for the FREE with sequence `seq`. */
-export function freeTeardown(b: HistoryBuilder, g: FixtureGuest, ioasid: number, generation: number, spid: number, seq: number, outstandingGroup?: number): void {
+export function freeTeardown(
+  b: HistoryBuilder,
+  g: FixtureGuest,
+  ioasid: number,
+  generation: number,
+  spid: number,
+  seq: number,
+  outstandingGroup?: number,
+): void {
   const ids = { ioasid, generation, setId: g.setId };
   b.add("kvm", g.kvm, vmcs("clear", spid, ioasid, h.VmcsClearCause.VMCS_CLEAR_CAUSE_FREE), { ...ids, spid, seq });
   b.add("ioasid", "core-0", ref("put", `kvm/${g.kvm}/vmcs`), { ...ids, refcount: 2, seq });
@@ -181,7 +216,12 @@ export function freeTeardown(b: HistoryBuilder, g: FixtureGuest, ioasid: number,
   b.add("iommu", IOMMU, { $case: "teardownPasid", value: entry(ioasid, "IOASID_FREED") }, { ...ids, spid, seq });
   b.add("iommu", IOMMU, flush("IOASID_FREED"), { ioasid, seq });
   if (outstandingGroup !== undefined) {
-    b.add("iommu", IOMMU, { $case: "pageResponse", value: { group: BigInt(outstandingGroup), device: DEVICE, prgi: 0, code: "INVALID", source: "IOASID_FREED" } }, { ...ids, spid, seq });
+    b.add(
+      "iommu",
+      IOMMU,
+      { $case: "pageResponse", value: { group: BigInt(outstandingGroup), device: DEVICE, prgi: 0, code: "INVALID", source: "IOASID_FREED" } },
+      { ...ids, spid, seq },
+    );
   }
   b.add("iommu", IOMMU, { $case: "iommuNbHandler", value: { type: eventTypeOf("FREE"), tornDown: 1, bindReferenceReleased: true } }, { ...ids, spid, seq });
   b.add("ioasid", "core-0", ref("put", `iommu/${IOMMU}/bind`), { ...ids, refcount: 0, seq });
@@ -212,7 +252,12 @@ export function correctHistory(): HistoryRecord[] {
   // The normal table (steps 1–24).
   setUp(b, g1, 201, 101);
   b.op({ op: "clear", vm: g1.vm, ioasid: 201, generation: 1, setId: 1, spid: 101 }, () => {
-    b.add("vdcm", VDCM, { $case: "vdevClear", value: { ...wq(g1.mdev), cause: h.VdevClearCause.VDEV_CLEAR_CAUSE_MDEV_CLEAR } }, { ioasid: 201, generation: 1, setId: 1, spid: 101 });
+    b.add(
+      "vdcm",
+      VDCM,
+      { $case: "vdevClear", value: { ...wq(g1.mdev), cause: h.VdevClearCause.VDEV_CLEAR_CAUSE_MDEV_CLEAR } },
+      { ioasid: 201, generation: 1, setId: 1, spid: 101 },
+    );
     b.add("ioasid", "core-0", ref("put", `vdcm/${VDCM}/${DEVICE}.wq${WQ}`), { ioasid: 201, generation: 1, setId: 1, refcount: 3 });
   });
   let unbindSeq = 0;
@@ -220,8 +265,18 @@ export function correctHistory(): HistoryRecord[] {
     b.add("iommu", IOMMU, { $case: "teardownPasid", value: entry(201, "UNBIND") }, { ioasid: 201, generation: 1, setId: 1, spid: 101 });
     b.add("iommu", IOMMU, flush("UNBIND"), { ioasid: 201 });
     unbindSeq = b.event("UNBIND", { ioasid: 201, generation: 1, setId: 1, spid: 101, refcount: 3 });
-    b.add("iommu", IOMMU, { $case: "unbindGpasid", value: { device: DEVICE, handle: 201n, last: true } }, { ioasid: 201, generation: 1, setId: 1, spid: 101, refcount: 3 });
-    b.add("vfio", VFIO, { $case: "unbindGpasid", value: { container: 1, deviceKind: "device", device: DEVICE, last: true } }, { ioasid: 201, generation: 1, setId: 1, spid: 101 });
+    b.add(
+      "iommu",
+      IOMMU,
+      { $case: "unbindGpasid", value: { device: DEVICE, handle: 201n, last: true } },
+      { ioasid: 201, generation: 1, setId: 1, spid: 101, refcount: 3 },
+    );
+    b.add(
+      "vfio",
+      VFIO,
+      { $case: "unbindGpasid", value: { container: 1, deviceKind: "device", device: DEVICE, last: true } },
+      { ioasid: 201, generation: 1, setId: 1, spid: 101 },
+    );
   });
   b.add("kvm", g1.kvm, vmcs("clear", 101, 201, h.VmcsClearCause.VMCS_CLEAR_CAUSE_UNBIND), { ioasid: 201, generation: 1, setId: 1, spid: 101, seq: unbindSeq });
   b.add("ioasid", "core-0", ref("put", `kvm/${g1.kvm}/vmcs`), { ioasid: 201, generation: 1, setId: 1, refcount: 2, seq: unbindSeq });
@@ -230,7 +285,12 @@ export function correctHistory(): HistoryRecord[] {
     freeSeq = b.event("FREE", { ioasid: 201, generation: 1, setId: 1, refcount: 1 });
     b.add("vfio", VFIO, { $case: "vcmdFree", value: { container: 1, outcome: "FREE_PENDING" } }, { ioasid: 201, generation: 1, setId: 1 });
   });
-  b.add("iommu", IOMMU, { $case: "iommuNbHandler", value: { type: eventTypeOf("FREE"), tornDown: 0, bindReferenceReleased: true } }, { ioasid: 201, generation: 1, setId: 1, seq: freeSeq });
+  b.add(
+    "iommu",
+    IOMMU,
+    { $case: "iommuNbHandler", value: { type: eventTypeOf("FREE"), tornDown: 0, bindReferenceReleased: true } },
+    { ioasid: 201, generation: 1, setId: 1, seq: freeSeq },
+  );
   b.add("ioasid", "core-0", ref("put", `iommu/${IOMMU}/bind`), { ioasid: 201, generation: 1, setId: 1, refcount: 0, seq: freeSeq });
   b.event("RECLAIM", { ioasid: 201, generation: 1, setId: 1, refcount: 0 });
   // New life cycle: 201 again, generation 2, bound (KVM's registration is active on set 1).
@@ -270,7 +330,9 @@ export function correctFinalState(): FinalState {
       { setId: 1, quota: 16, inUse: 1, mmToken: "7" },
       { setId: 2, quota: 16, inUse: 0, mmToken: "8" },
     ],
-    ioasids: [{ ioasid: 201, generation: 2, setId: 1, state: "ACTIVE", refcount: 3, spid: 101, holders: ["set-owner/1/alloc", `iommu/${IOMMU}/bind`, "kvm/vm-1/vmcs"] }],
+    ioasids: [
+      { ioasid: 201, generation: 2, setId: 1, state: "ACTIVE", refcount: 3, spid: 101, holders: ["set-owner/1/alloc", `iommu/${IOMMU}/bind`, "kvm/vm-1/vmcs"] },
+    ],
     liveEntries: [
       { role: "kvm", instance: "vm-1", ioasid: 201, generation: 2, where: "gpasid 101" },
       { role: "iommu", instance: IOMMU, ioasid: 201, generation: 2, where: `device ${DEVICE}` },

@@ -150,7 +150,10 @@ export interface IndexOptions {
  * builds the indexes the rules read. Pure.
  */
 export function indexHistory(history: readonly HistoryRecord[], options: IndexOptions = {}): HistoryIndex {
-  const records = history.map((r, i) => [r, i] as const).sort((a, b) => a[0].ts - b[0].ts || a[1] - b[1]).map(([r]) => r);
+  const records = history
+    .map((r, i) => [r, i] as const)
+    .sort((a, b) => a[0].ts - b[0].ts || a[1] - b[1])
+    .map(([r]) => r);
   const lifecycles = new Map<string, Lifecycle>();
   const byIoasid = new Map<number, Lifecycle[]>();
 
@@ -319,7 +322,16 @@ export function indexHistory(history: readonly HistoryRecord[], options: IndexOp
       const k = `${r.role}/${r.instance}/${change.where}/${lifecycleKey(r.ioasid, generation)}`;
       const open = openEntries.get(k);
       if (change.kind === "set" && open === undefined) {
-        const span: EntrySpan = { role: r.role, instance: r.instance, where: change.where, ioasid: r.ioasid, generation, set: idx, clear: undefined, lost: undefined };
+        const span: EntrySpan = {
+          role: r.role,
+          instance: r.instance,
+          where: change.where,
+          ioasid: r.ioasid,
+          generation,
+          set: idx,
+          clear: undefined,
+          lost: undefined,
+        };
         entries.push(span);
         openEntries.set(k, span);
       } else if (change.kind === "clear" && open !== undefined) {

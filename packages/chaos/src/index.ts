@@ -22,7 +22,17 @@ export {
   type FaultMarker,
   type HealMarker,
 } from "./chaos-record.js";
-export { check, createChecker, formatRecord, renderVerdict, type Checker, type CheckerOptions, type TraceLine, type Verdict, type Violation } from "./checker.js";
+export {
+  check,
+  createChecker,
+  formatRecord,
+  renderVerdict,
+  type Checker,
+  type CheckerOptions,
+  type TraceLine,
+  type Verdict,
+  type Violation,
+} from "./checker.js";
 export { startFaultProxy, type FaultProxy, type FaultProxyOptions, type FaultProxyStats, type PartitionMode } from "./fault-proxy.js";
 export type { FinalIoasid, FinalRegistration, FinalSet, FinalState, LiveEntry, OutstandingFaultGroup } from "./final-state.js";
 export {
@@ -46,9 +56,31 @@ export { createPrng, type Prng } from "./prng.js";
 export { RULES, type CheckOptions, type Finding, type Rule, type RuleContext } from "./rules.js";
 export { schedule, toFaultMarker, type FaultInjection, type ScheduleOptions } from "./schedule.js";
 export { ChaosUsageError, FAULT_NAMES, MAX_SEED, parseDuration, parseFaultKinds, parseSeeds } from "./run-options.js";
-export { deriveSeed, describeGuestStep, GuestDevice, gpasidOf, mmTokenOf, planGuest, type GuestEnd, type GuestPlan, type GuestPlanOptions, type GuestStep, type PlannedStep } from "./guest-plan.js";
+export {
+  deriveSeed,
+  describeGuestStep,
+  GuestDevice,
+  gpasidOf,
+  mmTokenOf,
+  planGuest,
+  type GuestEnd,
+  type GuestPlan,
+  type GuestPlanOptions,
+  type GuestStep,
+  type PlannedStep,
+} from "./guest-plan.js";
 export { ChaosJournal, DefiniteFailure, errorText, outcomeOf, type JournalCounts, type OpResult, type OpStart } from "./chaos-journal.js";
-export { CHAOS_SERVICE_ENV, STACK_SERVICES, startChaosStack, type ChaosStack, type ChaosStackOptions, type HealReport, type NetworkFault, type ProxyLink, type StackService } from "./chaos-stack.js";
+export {
+  CHAOS_SERVICE_ENV,
+  STACK_SERVICES,
+  startChaosStack,
+  type ChaosStack,
+  type ChaosStackOptions,
+  type HealReport,
+  type NetworkFault,
+  type ProxyLink,
+  type StackService,
+} from "./chaos-stack.js";
 export { createChaosClients, startVmm, type ChaosClients, type VmmCommand, type VmmProcess } from "./chaos-clients.js";
 export { runNemesis, PARTITION_RESET_AFTER_MS, type NemesisOptions } from "./nemesis.js";
 export { readFinalState, type RoleInstances } from "./read-final-state.js";

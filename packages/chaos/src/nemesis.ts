@@ -27,10 +27,13 @@ function until(t: number, signal: AbortSignal | undefined): Promise<boolean> {
   const ms = t - performance.now();
   return new Promise((resolve) => {
     if (signal?.aborted) return resolve(false);
-    const timer = setTimeout(() => {
-      signal?.removeEventListener("abort", onAbort);
-      resolve(true);
-    }, Math.max(0, ms));
+    const timer = setTimeout(
+      () => {
+        signal?.removeEventListener("abort", onAbort);
+        resolve(true);
+      },
+      Math.max(0, ms),
+    );
     const onAbort = () => {
       clearTimeout(timer);
       resolve(false);

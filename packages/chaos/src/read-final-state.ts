@@ -27,17 +27,30 @@ export async function readFinalState(c: ChaosClients, instances: RoleInstances):
   ]);
   const liveEntries: LiveEntry[] = [];
   for (const vm of k.vms) {
-    for (const t of vm.translations) liveEntries.push({ role: "kvm", instance: `vm-${vm.vmId}`, ioasid: t.hpasid, generation: t.generation, where: `vm ${vm.vmId} gpasid ${t.gpasid}` });
+    for (const t of vm.translations)
+      liveEntries.push({ role: "kvm", instance: `vm-${vm.vmId}`, ioasid: t.hpasid, generation: t.generation, where: `vm ${vm.vmId} gpasid ${t.gpasid}` });
   }
   for (const dev of d.devices) {
     for (const e of dev.pasidEntries) {
-      liveEntries.push({ role: "vdcm", instance: instances.vdcm, ioasid: e.hpasid, ...(e.generation === 0 ? {} : { generation: e.generation }), where: `device ${dev.deviceId} wq ${e.wqId}` });
+      liveEntries.push({
+        role: "vdcm",
+        instance: instances.vdcm,
+        ioasid: e.hpasid,
+        ...(e.generation === 0 ? {} : { generation: e.generation }),
+        where: `device ${dev.deviceId} wq ${e.wqId}`,
+      });
     }
   }
   for (const dev of i.devices) {
     for (const e of dev.pasidEntries) {
       if (e.withoutPasid || e.pasid === 0) continue;
-      liveEntries.push({ role: "iommu", instance: instances.iommu, ioasid: e.pasid, ...(e.generation === 0 ? {} : { generation: e.generation }), where: `device ${dev.deviceId}` });
+      liveEntries.push({
+        role: "iommu",
+        instance: instances.iommu,
+        ioasid: e.pasid,
+        ...(e.generation === 0 ? {} : { generation: e.generation }),
+        where: `device ${dev.deviceId}`,
+      });
     }
   }
   return {
@@ -61,7 +74,11 @@ export async function readFinalState(c: ChaosClients, instances: RoleInstances):
       holders: x.holders.flatMap((h) => Array.from({ length: h.count }, () => `${h.holder!.role}/${h.holder!.instance}/${h.holder!.purpose}`)),
     })),
     liveEntries,
-    faultGroups: i.faultGroups.map((g) => ({ faultGroupId: String(g.faultGroupId), instance: instances.iommu, ...(g.withoutPasid ? {} : { ioasid: g.pasid }) })),
+    faultGroups: i.faultGroups.map((g) => ({
+      faultGroupId: String(g.faultGroupId),
+      instance: instances.iommu,
+      ...(g.withoutPasid ? {} : { ioasid: g.pasid }),
+    })),
     registrations: regs.registrations.map((r) => ({
       subscriber: r.subscriber?.name ?? "",
       instance: r.subscriber?.instance ?? "",

@@ -27,7 +27,10 @@ export class ChaosUsageError extends Error {
  * parseFaultKinds("kill,latency"); // ["kill-restart", "latency"]
  */
 export function parseFaultKinds(text: string): FaultKind[] {
-  const names = text.split(",").map((s) => s.trim().toLowerCase()).filter((s) => s !== "");
+  const names = text
+    .split(",")
+    .map((s) => s.trim().toLowerCase())
+    .filter((s) => s !== "");
   if (names.length === 0) throw new ChaosUsageError(`--faults needs a list: all, none, or some of ${Object.keys(FAULT_NAMES).join(",")}`);
   if (names.length === 1 && names[0] === "none") return [];
   const all = Object.values(FaultKind);

@@ -47,13 +47,22 @@ describe("computeRunStats", () => {
     expect(computeRunStats(history).reclaim.notReclaimed).toEqual(["g1 set 3"]);
     const gone = computeRunStats(history, { capacity: 1024, available: 1023, sets: [], ioasids: [] });
     expect(gone.reclaim.reclaimed).toBe(1);
-    const live = computeRunStats(history, { capacity: 1024, available: 1015, sets: [{ setId: 3, quota: 8, inUse: 1 }], ioasids: [{ ioasid: 202, generation: 1, setId: 3, state: "FREE_PENDING", refcount: 1 }] });
+    const live = computeRunStats(history, {
+      capacity: 1024,
+      available: 1015,
+      sets: [{ setId: 3, quota: 8, inUse: 1 }],
+      ioasids: [{ ioasid: 202, generation: 1, setId: 3, state: "FREE_PENDING", refcount: 1 }],
+    });
     expect(live.reclaim.notReclaimed).toEqual(["g1 set 3"]);
     expect(renderStats(live)).toMatch(/crashed guests reclaimed: 0\/1; NOT reclaimed: g1 set 3/);
   });
 
   it("counts a lost session as its own end", () => {
-    const s = computeRunStats([...crashedGuest().slice(0, 4), chaos(3000, "invoke", { op: "crash", opId: 9, vm: "g1" }), chaos(3000, "info", { op: "crash", opId: 9, vm: "g1", error: "session lost: the VMM exited" })]);
+    const s = computeRunStats([
+      ...crashedGuest().slice(0, 4),
+      chaos(3000, "invoke", { op: "crash", opId: 9, vm: "g1" }),
+      chaos(3000, "info", { op: "crash", opId: 9, vm: "g1", error: "session lost: the VMM exited" }),
+    ]);
     expect(s.guests).toMatchObject({ crashed: 0, lost: 1 });
     expect(s.reclaim.guests).toBe(1);
   });
@@ -62,7 +71,11 @@ describe("computeRunStats", () => {
 describe("ChaosJournal", () => {
   it("records invoke then the completion with its latency, counts outcomes, and sorts a failure as fail or info", async () => {
     const j = new ChaosJournal(undefined);
-    const ok = await j.run({ op: "alloc", vm: "g1", setId: 3 }, async () => ({ hpasid: 201, generation: 1 }), (a) => ({ ioasid: a.hpasid, generation: a.generation }));
+    const ok = await j.run(
+      { op: "alloc", vm: "g1", setId: 3 },
+      async () => ({ hpasid: 201, generation: 1 }),
+      (a) => ({ ioasid: a.hpasid, generation: a.generation }),
+    );
     expect(ok).toEqual({ ok: true, value: { hpasid: 201, generation: 1 } });
     const refused = await j.run({ op: "free", vm: "g1" }, () => Promise.reject(new DomainError(Code.PERMISSION_DENIED, "IOASID_NOT_IN_SET", "not yours")));
     expect(refused).toEqual({ ok: false, outcome: "fail", error: "IOASID_NOT_IN_SET" });
@@ -86,7 +99,10 @@ describe("ChaosJournal", () => {
     j.note("seed 1");
     j.fault({ fault: "partition", target: "vdcm", faultId: 1 });
     j.fault({ fault: "kill-restart", target: "ioasid-core", faultId: 100_001, cause: "exit" });
-    const stored: HistoryRecord[] = [core(1, "event:ALLOC", { ioasid: 5, generation: 1, setId: 1 }), { ...j.records[0]!, action: { $case: "chaosNote", value: { note: "truncated" } } }];
+    const stored: HistoryRecord[] = [
+      core(1, "event:ALLOC", { ioasid: 5, generation: 1, setId: 1 }),
+      { ...j.records[0]!, action: { $case: "chaosNote", value: { note: "truncated" } } },
+    ];
     const merged = j.merge(stored);
     expect(merged.filter((r) => r.role === "chaos")).toEqual(j.records);
     expect(merged).toHaveLength(4);
@@ -98,7 +114,13 @@ describe("renderChaosReport", () => {
   it("is one self-contained page: the summary, a timeline of faults, operations and violations, the verdict", () => {
     const history = crashedGuest();
     const verdict = check(history);
-    const html = renderChaosReport({ title: "seed 1 <test>", history, verdict, verdictText: "verdict text", summaryText: renderStats(computeRunStats(history)) });
+    const html = renderChaosReport({
+      title: "seed 1 <test>",
+      history,
+      verdict,
+      verdictText: "verdict text",
+      summaryText: renderStats(computeRunStats(history)),
+    });
     expect(html).toMatch(/^<!doctype html>/);
     expect(html).toContain("seed 1 &lt;test&gt;");
     expect(html).toContain("fault: vdcm");

@@ -152,7 +152,9 @@ export function renderStats(s: ChaosRunStats): string {
     .sort(([a], [b]) => a.localeCompare(b))
     .map(([op, [ok, fail, info]]) => `${op} ${ok}/${fail}/${info}`)
     .join(", ");
-  const kinds = Object.entries(s.faults.byKind).map(([k, n]) => `${k} ${n}`).join(", ");
+  const kinds = Object.entries(s.faults.byKind)
+    .map(([k, n]) => `${k} ${n}`)
+    .join(", ");
   const r = s.reclaim;
   return [
     `operations: ${s.ops.ok} ok, ${s.ops.fail} fail, ${s.ops.info} info (ok/fail/info: ${ops || "none"})`,

@@ -215,12 +215,25 @@ export async function runChaos(options: ChaosRunOptions): Promise<ChaosRunResult
         if (r.instance === "nemesis" || r.action?.$case !== "chaosOp") trace(`${stepLabel(r)} ${describeAction(r) ?? ""}`);
       },
     }));
-    j.note(`seed ${options.seed}, ${options.guests} guests, ${options.durationMs} ms, faults ${options.faults.join(",") || "none"}; service timeouts ${Object.entries(CHAOS_SERVICE_ENV).filter(([k]) => /DEADLINE|RETRY|TIMEOUT|GRACE/.test(k)).map(([k, v]) => `${k}=${v}`).join(" ")}`);
+    j.note(
+      `seed ${options.seed}, ${options.guests} guests, ${options.durationMs} ms, faults ${options.faults.join(",") || "none"}; service timeouts ${Object.entries(
+        CHAOS_SERVICE_ENV,
+      )
+        .filter(([k]) => /DEADLINE|RETRY|TIMEOUT|GRACE/.test(k))
+        .map(([k, v]) => `${k}=${v}`)
+        .join(" ")}`,
+    );
     await setupSlots(c, options.guests);
 
-    const faults = options.faults.length === 0
-      ? []
-      : schedule(options.seed, { durationMs: options.durationMs, kinds: options.faults, quietTailMs: Math.min(5000, Math.round(options.durationMs * 0.1)), ...(options.meanFaultIntervalMs === undefined ? {} : { meanIntervalMs: options.meanFaultIntervalMs }) });
+    const faults =
+      options.faults.length === 0
+        ? []
+        : schedule(options.seed, {
+            durationMs: options.durationMs,
+            kinds: options.faults,
+            quietTailMs: Math.min(5000, Math.round(options.durationMs * 0.1)),
+            ...(options.meanFaultIntervalMs === undefined ? {} : { meanIntervalMs: options.meanFaultIntervalMs }),
+          });
     setPhase(ChaosPhase.RUNNING);
     t0 = performance.now();
     const nemesis = runNemesis({
@@ -242,7 +255,14 @@ export async function runChaos(options: ChaosRunOptions): Promise<ChaosRunResult
         guestsRunning++;
         trace(`guest g${index} starts in slot ${slot}`);
         try {
-          const outcome = await runGuest(planGuest(options.seed, index, { slots: options.guests }), { clients: c, journal: j, vfioAddress: s.addresses.vfio, vmmCommand, stopping: () => stopping || abort.signal.aborted, vmms });
+          const outcome = await runGuest(planGuest(options.seed, index, { slots: options.guests }), {
+            clients: c,
+            journal: j,
+            vfioAddress: s.addresses.vfio,
+            vmmCommand,
+            stopping: () => stopping || abort.signal.aborted,
+            vmms,
+          });
           outcomes.push(outcome);
           // A guest that could not even open (VFIO or the core down) is not retried at once.
           if (outcome.end === "not-opened") await sleep(500);
@@ -260,7 +280,9 @@ export async function runChaos(options: ChaosRunOptions): Promise<ChaosRunResult
     setPhase(ChaosPhase.HEALING);
     const healed = await s.healAll();
     if (healed.continued.length + healed.restarted.length > 0 || healed.natsRestarted || healed.failed.length > 0) {
-      j.note(`final heal: SIGCONT ${healed.continued.join(",") || "-"}, restarted ${healed.restarted.join(",") || "-"}${healed.natsRestarted ? ", nats-server restarted" : ""}${healed.failed.length === 0 ? "" : `, FAILED: ${healed.failed.join("; ")}`}`);
+      j.note(
+        `final heal: SIGCONT ${healed.continued.join(",") || "-"}, restarted ${healed.restarted.join(",") || "-"}${healed.natsRestarted ? ", nats-server restarted" : ""}${healed.failed.length === 0 ? "" : `, FAILED: ${healed.failed.join("; ")}`}`,
+      );
     }
     const healFailures = [...healed.failed];
     j.heal({ heal: true });
@@ -277,7 +299,10 @@ export async function runChaos(options: ChaosRunOptions): Promise<ChaosRunResult
 
     setPhase(ChaosPhase.CHECKING);
     progress();
-    const finalState: FinalState | undefined = await readFinalState(c, { iommu: CHAOS_SERVICE_ENV["IOMMU_INSTANCE"]!, vdcm: CHAOS_SERVICE_ENV["VDCM_INSTANCE"]! }).catch((err: unknown) => {
+    const finalState: FinalState | undefined = await readFinalState(c, {
+      iommu: CHAOS_SERVICE_ENV["IOMMU_INSTANCE"]!,
+      vdcm: CHAOS_SERVICE_ENV["VDCM_INSTANCE"]!,
+    }).catch((err: unknown) => {
       j.note(`final state not read: ${(err as Error).message.split("\n")[0]}`);
       return undefined;
     });
@@ -296,15 +321,55 @@ export async function runChaos(options: ChaosRunOptions): Promise<ChaosRunResult
     const historyFile = join(dir, "history.jsonl");
     writeFileSync(historyFile, history.map(historyRecordToJson).join("\n") + "\n");
     const reportFile = resolve(options.htmlFile ?? join(dir, "report.html"));
-    writeFileSync(reportFile, renderChaosReport({ title: `ioasid-fabric chaos run, seed ${options.seed}: ${options.guests} guests, ${options.durationMs / 1000} s, faults ${options.faults.join(", ") || "none"}`, history, verdict, verdictText, summaryText }));
+    writeFileSync(
+      reportFile,
+      renderChaosReport({
+        title: `ioasid-fabric chaos run, seed ${options.seed}: ${options.guests} guests, ${options.durationMs / 1000} s, faults ${options.faults.join(", ") || "none"}`,
+        history,
+        verdict,
+        verdictText,
+        summaryText,
+      }),
+    );
     writeFileSync(join(dir, "verdict.txt"), `${verdictText}\n\n${summaryText}\n`);
     // With the history, what it takes to check the run again offline (other checker options).
     if (finalState !== undefined) writeFileSync(join(dir, "final-state.json"), JSON.stringify(finalState, null, 2));
-    writeFileSync(join(dir, "summary.json"), JSON.stringify({ seed: options.seed, ok: verdict.ok, counts: verdict.counts, stats, healFailures, settled, settleMs: Math.round(settleMs), unexpectedExits: unexpected, faults }, null, 2));
+    writeFileSync(
+      join(dir, "summary.json"),
+      JSON.stringify(
+        {
+          seed: options.seed,
+          ok: verdict.ok,
+          counts: verdict.counts,
+          stats,
+          healFailures,
+          settled,
+          settleMs: Math.round(settleMs),
+          unexpectedExits: unexpected,
+          faults,
+        },
+        null,
+        2,
+      ),
+    );
     keepStore = !verdict.ok || healFailures.length > 0;
     setPhase(ChaosPhase.DONE);
     progress();
-    return { seed: options.seed, verdict, verdictText, stats, summaryText, historyFile, reportFile, dir, healFailures, settled, settleMs, unexpectedExits: unexpected, wallMs: performance.now() - started };
+    return {
+      seed: options.seed,
+      verdict,
+      verdictText,
+      stats,
+      summaryText,
+      historyFile,
+      reportFile,
+      dir,
+      healFailures,
+      settled,
+      settleMs,
+      unexpectedExits: unexpected,
+      wallMs: performance.now() - started,
+    };
   } catch (err) {
     trace(`failed: ${String((err as Error)?.stack ?? err)}`);
     throw err;

@@ -64,7 +64,8 @@ export function schedule(seed: number, options: ScheduleOptions): FaultInjection
   const [minLatency, maxLatency] = options.latencyMs ?? [5, 200];
   const [minDrop, maxDrop] = options.dropProbability ?? [0.01, 0.2];
   const end = options.durationMs - (options.quietTailMs ?? 0);
-  if (!(options.durationMs > 0) || !(end > 0)) throw new RangeError(`duration ${options.durationMs} ms less a quiet tail of ${options.quietTailMs ?? 0} ms leaves no time for faults`);
+  if (!(options.durationMs > 0) || !(end > 0))
+    throw new RangeError(`duration ${options.durationMs} ms less a quiet tail of ${options.quietTailMs ?? 0} ms leaves no time for faults`);
   if (kinds.length === 0) throw new RangeError("no fault kinds to draw from");
   if (targets.length === 0 && kinds.some((k) => k !== FaultKind.NATS_RESTART)) throw new RangeError("no targets to draw from");
   if (!(mean > 0) || !(maxConcurrent >= 1)) throw new RangeError("meanIntervalMs must be > 0 and maxConcurrent ≥ 1");

@@ -144,7 +144,13 @@ export function attachCommands(out: (line: string) => void): Record<"attach", At
         const pick = (flag: string, name: ServiceName): string => (v[flag] as string | undefined) ?? defaults.addresses[name];
         const target: AttachTarget = {
           natsUrl: (v["nats"] as string | undefined) ?? defaults.natsUrl,
-          addresses: { "ioasid-core": pick("core", "ioasid-core"), iommu: pick("iommu", "iommu"), vfio: pick("vfio", "vfio"), kvm: pick("kvm", "kvm"), vdcm: pick("vdcm", "vdcm") },
+          addresses: {
+            "ioasid-core": pick("core", "ioasid-core"),
+            iommu: pick("iommu", "iommu"),
+            vfio: pick("vfio", "vfio"),
+            kvm: pick("kvm", "kvm"),
+            vdcm: pick("vdcm", "vdcm"),
+          },
         };
         const timeoutMs = Number(v["timeout-ms"]);
         if (!Number.isInteger(timeoutMs) || timeoutMs < 0) throw new Error(`--timeout-ms must be a non-negative integer, got ${String(v["timeout-ms"])}`);

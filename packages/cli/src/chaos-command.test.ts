@@ -29,14 +29,32 @@ describe("parseChaosOptions", () => {
   });
 
   it("refuses bad values and bad combinations with a usage error", () => {
-    for (const v of [{ seed: "1", seeds: "1..2" }, { seed: "1..2" }, { guests: "0" }, { guests: "x" }, { duration: "60" }, { faults: "fire" }, { seeds: "1..2", html: "r.html" }]) {
+    for (const v of [
+      { seed: "1", seeds: "1..2" },
+      { seed: "1..2" },
+      { guests: "0" },
+      { guests: "x" },
+      { duration: "60" },
+      { faults: "fire" },
+      { seeds: "1..2", html: "r.html" },
+    ]) {
       expect(() => parseChaosOptions(v), JSON.stringify(v)).toThrow(ChaosUsageError);
     }
   });
 });
 
 describe("formatProgress", () => {
-  const p = { seed: 3, phase: "running" as const, elapsedMs: 15_000, durationMs: 30_000, ops: { ok: 120, fail: 4, info: 9 }, faultsInjected: 6, faultsActive: 1, guestsStarted: 12, guestsRunning: 4 };
+  const p = {
+    seed: 3,
+    phase: "running" as const,
+    elapsedMs: 15_000,
+    durationMs: 30_000,
+    ops: { ok: 120, fail: 4, info: 9 },
+    faultsInjected: 6,
+    faultsActive: 1,
+    guestsStarted: 12,
+    guestsRunning: 4,
+  };
 
   it("draws a bar on a terminal, within its width", () => {
     const line = formatProgress(p, 160);

@@ -42,7 +42,8 @@ export function parseChaosOptions(v: Values): ChaosCommandOptions {
   const guests = Number(guestsText);
   if (!/^\d+$/.test(guestsText) || guests < 1 || guests > 32) throw new ChaosUsageError(`--guests must be an integer 1..32, got "${guestsText}"`);
   const html = v["html"] === undefined ? undefined : String(v["html"]);
-  if (html !== undefined && seeds.length > 1) throw new ChaosUsageError("--html names one file: use it with --seed (with --seeds each report is in <dir>/seed-<n>/report.html)");
+  if (html !== undefined && seeds.length > 1)
+    throw new ChaosUsageError("--html names one file: use it with --seed (with --seeds each report is in <dir>/seed-<n>/report.html)");
   return {
     seeds,
     guests,
@@ -68,7 +69,9 @@ export function formatProgress(p: ChaosProgress, width?: number): string {
 /** The one-line summary of a run among several (`--seeds`). */
 export function formatSeedLine(r: ChaosRunResult): string {
   const s = r.stats;
-  const bad = Object.entries(r.verdict.counts).filter(([, n]) => (n ?? 0) > 0).map(([id, n]) => `${id} ${n}`);
+  const bad = Object.entries(r.verdict.counts)
+    .filter(([, n]) => (n ?? 0) > 0)
+    .map(([id, n]) => `${id} ${n}`);
   const reclaim = `crashed ${s.reclaim.reclaimed}/${s.reclaim.guests} reclaimed${s.reclaim.maxAfterHealMs === undefined ? "" : ` (max ${s.reclaim.maxAfterHealMs} ms after heal)`}`;
   const heal = r.healFailures.length === 0 ? "" : `HEAL FAILED (${r.healFailures.map((f) => f.split(":")[0]).join(", ")}) `;
   return `seed ${r.seed}: ${heal}${r.verdict.ok ? "ok        " : `VIOLATIONS ${bad.join(", ")}`}  ops ${s.ops.ok}/${s.ops.fail}/${s.ops.info}  faults ${s.faults.injected}  guests ${s.guests.started}, ${reclaim}  ${(r.wallMs / 1000).toFixed(1)} s  ${r.dir}`;
@@ -79,7 +82,15 @@ function resultJson(r: ChaosRunResult): Record<string, unknown> {
     seed: r.seed,
     ok: r.verdict.ok,
     counts: r.verdict.counts,
-    violations: r.verdict.violations.map((v) => ({ invariant: v.invariant, message: v.message, ioasid: v.ioasid, generation: v.generation, setId: v.setId, facts: v.facts, trace: v.trace.map((t) => ({ evidence: t.evidence, ...t.record })) })),
+    violations: r.verdict.violations.map((v) => ({
+      invariant: v.invariant,
+      message: v.message,
+      ioasid: v.ioasid,
+      generation: v.generation,
+      setId: v.setId,
+      facts: v.facts,
+      trace: v.trace.map((t) => ({ evidence: t.evidence, ...t.record })),
+    })),
     notes: r.verdict.notes,
     stats: r.stats,
     healFailures: r.healFailures,
@@ -139,7 +150,8 @@ export function chaosCommand(ctx: ChaosCommandContext): {
     run: async (values, positionals) => {
       let o: ChaosCommandOptions;
       try {
-        if (positionals.length !== 1 || positionals[0] !== "run") throw new ChaosUsageError(`the verb is "run": ioasidctl chaos run …${positionals.length === 0 ? "" : ` (got "${positionals.join(" ")}")`}`);
+        if (positionals.length !== 1 || positionals[0] !== "run")
+          throw new ChaosUsageError(`the verb is "run": ioasidctl chaos run …${positionals.length === 0 ? "" : ` (got "${positionals.join(" ")}")`}`);
         o = parseChaosOptions(values);
       } catch (err) {
         if (!(err instanceof ChaosUsageError)) throw err;
@@ -216,7 +228,16 @@ export function chaosCommand(ctx: ChaosCommandContext): {
           (bad.length === 0 ? "" : ` (seeds ${bad.map((r) => r.seed).join(", ")}: ${[...per].map(([id, n]) => `${id} ${n}`).join(", ")})`) +
           (failures.length === 0 ? "" : `, ${failures.length} did not finish`) +
           `; ${results.reduce((s, r) => s + r.stats.ops.ok + r.stats.ops.fail + r.stats.ops.info, 0)} operations, ${results.reduce((s, r) => s + r.stats.faults.injected, 0)} faults`;
-        if (o.json) ctx.out(JSON.stringify({ total: true, seeds: results.length, ok: results.length - bad.length, violations: bad.map((r) => r.seed), failed: failures.length }));
+        if (o.json)
+          ctx.out(
+            JSON.stringify({
+              total: true,
+              seeds: results.length,
+              ok: results.length - bad.length,
+              violations: bad.map((r) => r.seed),
+              failed: failures.length,
+            }),
+          );
         else ctx.out(total);
       }
       if (abort.signal.aborted) return 130;

@@ -70,7 +70,8 @@ function guarded(name: string, usage: string, ctx: FaultCommandContext, run: Fau
 }
 
 function verb(positionals: string[], expected: string, command: string): void {
-  if (positionals.length !== 1 || positionals[0] !== expected) throw new UsageError(`the verb is "${expected}": ioasidctl ${command} ${expected} …${positionals.length === 0 ? "" : ` (got "${positionals.join(" ")}")`}`);
+  if (positionals.length !== 1 || positionals[0] !== expected)
+    throw new UsageError(`the verb is "${expected}": ioasidctl ${command} ${expected} …${positionals.length === 0 ? "" : ` (got "${positionals.join(" ")}")`}`);
 }
 
 /**
@@ -269,7 +270,9 @@ async function runWatch(c: StackClients, vm: VmRef, o: WatchOptions, ctx: FaultC
     for (let i = 0; i < 100 && !ended; i++) {
       const { containers } = await c.vfio.queryState({ containerId: vm.containerId }).catch(() => ({ containers: [] }));
       if (containers[0]?.faultWatcherAttached === true) {
-        ctx.err(`watching IO page faults of vm ${vm.name} (container ${vm.containerId}, set ${vm.setId})${o.respond === undefined ? "" : `, answering ${o.respond.toUpperCase()}`}; Ctrl-C to stop`);
+        ctx.err(
+          `watching IO page faults of vm ${vm.name} (container ${vm.containerId}, set ${vm.setId})${o.respond === undefined ? "" : `, answering ${o.respond.toUpperCase()}`}; Ctrl-C to stop`,
+        );
         return;
       }
       await new Promise((r) => setTimeout(r, 50));
@@ -282,7 +285,11 @@ async function runWatch(c: StackClients, vm: VmRef, o: WatchOptions, ctx: FaultC
   } catch (err) {
     if (stopped === undefined) {
       code = 1;
-      ctx.err(isDomainError(err, "FAULT_WATCHER_REPLACED") ? `replaced by a newer \`faults watch\` of vm ${vm.name}: ${describeError(err)}` : `the fault stream failed: ${describeError(err)}`);
+      ctx.err(
+        isDomainError(err, "FAULT_WATCHER_REPLACED")
+          ? `replaced by a newer \`faults watch\` of vm ${vm.name}: ${describeError(err)}`
+          : `the fault stream failed: ${describeError(err)}`,
+      );
     }
   } finally {
     if (timer !== undefined) clearTimeout(timer);
@@ -314,7 +321,15 @@ async function runRespond(c: StackClients, vm: VmRef, o: RespondOptions, ctx: Fa
 
 /** `guest-ram`: the VMM's VFIO MapDma of guest RAM into the VM's stage 2. */
 async function runGuestRam(c: StackClients, vm: VmRef, o: GuestRamOptions, ctx: FaultCommandContext): Promise<number> {
-  await c.vfio.mapDma({ containerId: vm.containerId, iova: o.gpa, paddr: o.hpa, size: o.size, access: { read: true, write: true, execute: false, privileged: false } });
-  ctx.out(`vm ${vm.name}: guest RAM GPA ${hex(o.gpa)}..${hex(o.gpa + o.size - 1n)} -> HPA ${hex(o.hpa)}..${hex(o.hpa + o.size - 1n)} (rw) in its stage 2 (VFIO MapDma)`);
+  await c.vfio.mapDma({
+    containerId: vm.containerId,
+    iova: o.gpa,
+    paddr: o.hpa,
+    size: o.size,
+    access: { read: true, write: true, execute: false, privileged: false },
+  });
+  ctx.out(
+    `vm ${vm.name}: guest RAM GPA ${hex(o.gpa)}..${hex(o.gpa + o.size - 1n)} -> HPA ${hex(o.hpa)}..${hex(o.hpa + o.size - 1n)} (rw) in its stage 2 (VFIO MapDma)`,
+  );
   return 0;
 }

@@ -21,7 +21,9 @@ const usage = (f: () => unknown) => expect(f).toThrow(UsageError);
 
 describe("parseDmaOptions", () => {
   it("reads a PASID DMA with a group hint and --wait", () => {
-    expect(parseDmaOptions({ device: "idxd0", pasid: "5", address: "0x200123", access: "rw", prgi: "7", last: true, wait: true, "timeout-ms": "2500" })).toEqual({
+    expect(
+      parseDmaOptions({ device: "idxd0", pasid: "5", address: "0x200123", access: "rw", prgi: "7", last: true, wait: true, "timeout-ms": "2500" }),
+    ).toEqual({
       deviceId: "idxd0",
       pasid: 5,
       withoutPasid: false,
@@ -107,20 +109,36 @@ describe("parseWatchOptions, parseRespondOptions, parseGuestRamOptions", () => {
   });
 });
 
-const dma: DmaOptions = { deviceId: "idxd0", pasid: 5, withoutPasid: false, address: 0x200123n, access: { read: true, write: true }, wait: false, timeoutMs: 10_000, json: false };
+const dma: DmaOptions = {
+  deviceId: "idxd0",
+  pasid: 5,
+  withoutPasid: false,
+  address: 0x200123n,
+  access: { read: true, write: true },
+  wait: false,
+  timeoutMs: 10_000,
+  json: false,
+};
 const translated = (x: Partial<iommu.TranslateResponse>) => iommu.TranslateResponse.fromPartial(x);
 
 describe("formatting", () => {
   it("says what a DMA became: the output address, the fault group, or the fault's reason", () => {
-    expect(formatTranslate(dma, translated({ outcome: iommu.TranslateOutcome.TRANSLATE_OUTCOME_TRANSLATED, outputAddress: 0x1_0020_0123n, handleId: 3n }))).toBe(
-      "TRANSLATED idxd0 PASID 5 0x200123 (rw) -> 0x100200123 (handle 3)",
-    );
+    expect(
+      formatTranslate(dma, translated({ outcome: iommu.TranslateOutcome.TRANSLATE_OUTCOME_TRANSLATED, outputAddress: 0x1_0020_0123n, handleId: 3n })),
+    ).toBe("TRANSLATED idxd0 PASID 5 0x200123 (rw) -> 0x100200123 (handle 3)");
     expect(formatTranslate(dma, translated({ outcome: iommu.TranslateOutcome.TRANSLATE_OUTCOME_PAGE_REQUEST, faultGroupId: 7n, groupComplete: false }))).toBe(
       "PAGE_REQUEST idxd0 PASID 5 0x200123 (rw): fault group 7 partial, waiting for its last request",
     );
-    expect(formatTranslate({ ...dma, withoutPasid: true, pasid: 0 }, translated({ outcome: iommu.TranslateOutcome.TRANSLATE_OUTCOME_FAULT, faultReason: iommu.FaultReason.FAULT_REASON_PRI_CREDITS_EXHAUSTED, faultGroupId: 9n }))).toBe(
-      "FAULT idxd0 without PASID 0x200123 (rw): PRI_CREDITS_EXHAUSTED (group 9 answered INVALID)",
-    );
+    expect(
+      formatTranslate(
+        { ...dma, withoutPasid: true, pasid: 0 },
+        translated({
+          outcome: iommu.TranslateOutcome.TRANSLATE_OUTCOME_FAULT,
+          faultReason: iommu.FaultReason.FAULT_REASON_PRI_CREDITS_EXHAUSTED,
+          faultGroupId: 9n,
+        }),
+      ),
+    ).toBe("FAULT idxd0 without PASID 0x200123 (rw): PRI_CREDITS_EXHAUSTED (group 9 answered INVALID)");
   });
 
   const group = vfio.FaultGroup.fromPartial({
@@ -139,11 +157,37 @@ describe("formatting", () => {
   it("prints each WatchFaults item on one line, and as one JSON object", () => {
     const g = { item: { $case: "group" as const, value: group } };
     expect(formatWatchItem(g)).toBe("group 7  mdev mdev-1  hpasid 5 gpasid 101  prgi 3  requests 0x200000(r) 0x201000(w) 0x200000(rw,last)");
-    expect(watchItemJson(g)).toMatchObject({ kind: "group", faultGroupId: "7", device: { mdevUuid: "mdev-1" }, hpasid: 5, gpasid: 101, prgi: 3, requests: [{ address: "0x200000", access: "r", lastRequest: false }, {}, {}] });
-    const answered = { item: { $case: "answered" as const, value: { faultGroupId: 7n, code: vfio.PageResponseCode.PAGE_RESPONSE_CODE_INVALID, source: "PAGE_RESPONSE_SOURCE_TIMEOUT" } } };
+    expect(watchItemJson(g)).toMatchObject({
+      kind: "group",
+      faultGroupId: "7",
+      device: { mdevUuid: "mdev-1" },
+      hpasid: 5,
+      gpasid: 101,
+      prgi: 3,
+      requests: [{ address: "0x200000", access: "r", lastRequest: false }, {}, {}],
+    });
+    const answered = {
+      item: {
+        $case: "answered" as const,
+        value: { faultGroupId: 7n, code: vfio.PageResponseCode.PAGE_RESPONSE_CODE_INVALID, source: "PAGE_RESPONSE_SOURCE_TIMEOUT" },
+      },
+    };
     expect(formatWatchItem(answered)).toBe("answered group 7: INVALID by TIMEOUT");
     expect(watchItemJson(answered)).toEqual({ kind: "answered", faultGroupId: "7", code: "INVALID", source: "TIMEOUT" });
-    const fault = { item: { $case: "fault" as const, value: vfio.FaultRecord.fromPartial({ faultId: 2n, device: { ref: { $case: "deviceId", value: "0000:6a:01.0" } }, hpasid: 5, gpasid: 101, address: 0x500000n, access: { write: true }, reason: "FAULT_REASON_PERMISSION" }) } };
+    const fault = {
+      item: {
+        $case: "fault" as const,
+        value: vfio.FaultRecord.fromPartial({
+          faultId: 2n,
+          device: { ref: { $case: "deviceId", value: "0000:6a:01.0" } },
+          hpasid: 5,
+          gpasid: 101,
+          address: 0x500000n,
+          access: { write: true },
+          reason: "FAULT_REASON_PERMISSION",
+        }),
+      },
+    };
     expect(formatWatchItem(fault)).toBe("fault 2  device 0000:6a:01.0  hpasid 5 gpasid 101  0x500000(w)  PERMISSION");
   });
 
@@ -178,7 +222,10 @@ describe("formatting", () => {
     expect(b).toMatchObject({ code: "invalid", sent: true, mapped: [] });
     expect(b.problem).toContain("GUEST_BIND_NOT_FOUND");
 
-    const late = { ...ok, sendPageResponse: async () => Promise.reject(new DomainError(Code.FAILED_PRECONDITION, "FAULT_GROUP_ALREADY_RESPONDED", "answered INVALID (TIMEOUT)")) };
+    const late = {
+      ...ok,
+      sendPageResponse: async () => Promise.reject(new DomainError(Code.FAILED_PRECONDITION, "FAULT_GROUP_ALREADY_RESPONDED", "answered INVALID (TIMEOUT)")),
+    };
     const c = await answerFaultGroup(late, 1, group, "failure");
     expect(c).toMatchObject({ code: "failure", sent: false, mapped: [] });
     expect(formatAnswer(c)).toBe("group 7 not answered — answer refused: FAULT_GROUP_ALREADY_RESPONDED: answered INVALID (TIMEOUT)");

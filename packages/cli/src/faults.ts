@@ -39,7 +39,8 @@ type Values = Readonly<Record<string, string | boolean | undefined>>;
 
 /** Parses an address or size: decimal or 0x-hex, 0..2^64−1. @throws UsageError */
 export function parseAddress(v: string | boolean | undefined, flag: string): bigint {
-  if (typeof v !== "string" || !/^(0x[0-9a-f]+|[0-9]+)$/i.test(v.trim())) throw new UsageError(`--${flag} must be an address (decimal or 0x-hex), got ${String(v)}`);
+  if (typeof v !== "string" || !/^(0x[0-9a-f]+|[0-9]+)$/i.test(v.trim()))
+    throw new UsageError(`--${flag} must be an address (decimal or 0x-hex), got ${String(v)}`);
   const n = BigInt(v.trim());
   if (n > MAX_U64) throw new UsageError(`--${flag} must fit in 64 bits, got ${v}`);
   return n;
@@ -139,7 +140,8 @@ export interface WatchOptions {
 /** Checks and converts `faults watch`'s flags. @throws UsageError */
 export function parseWatchOptions(v: Values): WatchOptions {
   const respond = v["respond"] === undefined ? undefined : parseCode(v["respond"], "respond");
-  if (v["map-gpa-base"] !== undefined && respond !== "success") throw new UsageError("--map-gpa-base is where --respond success installs pages: give --respond success too");
+  if (v["map-gpa-base"] !== undefined && respond !== "success")
+    throw new UsageError("--map-gpa-base is where --respond success installs pages: give --respond success too");
   const mapGpaBase = v["map-gpa-base"] === undefined ? 0n : parsePageAligned(v["map-gpa-base"], "map-gpa-base");
   const count = v["count"] === undefined ? undefined : parseInteger(v["count"], "count", 1, Number.MAX_SAFE_INTEGER);
   const timeoutMs = v["timeout-ms"] === undefined ? undefined : parseInteger(v["timeout-ms"], "timeout-ms", 1, 24 * 3_600_000);
@@ -282,7 +284,16 @@ export function watchItemJson(m: vfio.WatchFaultsResponse): Record<string, unkno
     }
     case "fault": {
       const f = item.value;
-      return { kind: "fault", faultId: String(f.faultId), device: device(f.device), hpasid: f.hpasid, gpasid: f.gpasid, address: hex(f.address), access: formatAccess(f.access), reason: strip(f.reason, "FAULT_REASON_") };
+      return {
+        kind: "fault",
+        faultId: String(f.faultId),
+        device: device(f.device),
+        hpasid: f.hpasid,
+        gpasid: f.gpasid,
+        address: hex(f.address),
+        access: formatAccess(f.access),
+        reason: strip(f.reason, "FAULT_REASON_"),
+      };
     }
     case "answered":
       return { kind: "answered", faultGroupId: String(item.value.faultGroupId), code: codeName(item.value.code), source: sourceName(item.value.source) };
@@ -344,7 +355,15 @@ export async function answerFaultGroup(
   if (code === "success") {
     for (const p of guestPagesOf(g, gpaBase)) {
       try {
-        await client.mapGuestPages({ containerId, hpasid: g.hpasid, generation: 0, iova: p.iova, gpa: p.gpa, size: PAGE_SIZE, access: { ...RW, execute: false, privileged: false } });
+        await client.mapGuestPages({
+          containerId,
+          hpasid: g.hpasid,
+          generation: 0,
+          iova: p.iova,
+          gpa: p.gpa,
+          size: PAGE_SIZE,
+          access: { ...RW, execute: false, privileged: false },
+        });
         mapped.push(p);
       } catch (err) {
         if (isDomainError(err, "IOVA_ALREADY_MAPPED")) present++;
@@ -360,7 +379,14 @@ export async function answerFaultGroup(
     await client.sendPageResponse({ containerId, faultGroupId: g.faultGroupId, code: RESPONSE_CODES[answer] });
     return { faultGroupId: g.faultGroupId, code: answer, mapped, present, ...(problem === undefined ? {} : { problem }), sent: true };
   } catch (err) {
-    return { faultGroupId: g.faultGroupId, code: answer, mapped, present, problem: `${problem === undefined ? "" : `${problem}; `}answer refused: ${describeError(err)}`, sent: false };
+    return {
+      faultGroupId: g.faultGroupId,
+      code: answer,
+      mapped,
+      present,
+      problem: `${problem === undefined ? "" : `${problem}; `}answer refused: ${describeError(err)}`,
+      sent: false,
+    };
   }
 }
 

@@ -73,7 +73,11 @@ export async function forceRelease(
     const who = `${sel.role}/${sel.instance}${sel.purpose === undefined ? "/*" : `/${sel.purpose}`}`;
     history.record({
       $case: "forceRelease",
-      value: { holder: who, reason: audit.reason, references: held.map((h) => ({ ioasid: h.ioasid, generation: h.generation, setId: h.setId, purpose: h.purpose, count: h.count })) },
+      value: {
+        holder: who,
+        reason: audit.reason,
+        references: held.map((h) => ({ ioasid: h.ioasid, generation: h.generation, setId: h.setId, purpose: h.purpose, count: h.count })),
+      },
     });
     history.flush();
     await nc.flush();
@@ -86,7 +90,12 @@ export async function forceRelease(
     for (let i = 0; i < h.count; i++) {
       try {
         const r = await c.core.put(
-          core.PutRequest.fromPartial({ setId: h.setId, ioasid: h.ioasid, generation: h.generation, holder: { role: sel.role, instance: sel.instance, purpose: h.purpose } }),
+          core.PutRequest.fromPartial({
+            setId: h.setId,
+            ioasid: h.ioasid,
+            generation: h.generation,
+            holder: { role: sel.role, instance: sel.instance, purpose: h.purpose },
+          }),
         );
         released++;
         if (r.refcount === 0) reclaimed.push(h.ioasid);
@@ -142,33 +151,35 @@ export function holderCommands(out: (line: string) => void): Record<"holder", Ho
 }
 
 async function runHolder(v: Record<string, string | boolean | undefined>, pos: string[], out: (line: string) => void): Promise<number> {
-        const [action, ...rest] = pos;
-        if ((action !== "list" && action !== "release") || rest.length > 0) throw new UsageError("holder takes `list` or `release`");
-        const role = v["role"] as string | undefined;
-        const instance = v["instance"] as string | undefined;
-        if (role === undefined || role === "" || instance === undefined || instance === "") throw new UsageError("--role and --instance are required");
-        const sel: HolderSelector = { role, instance, ...(v["purpose"] === undefined ? {} : { purpose: v["purpose"] as string }) };
-        const reason = (v["reason"] as string | undefined)?.trim() ?? "";
-        if (action === "release" && v["dry-run"] !== true && reason === "") throw new UsageError("release needs --reason TEXT: it goes into the audit record");
-        const state = readState(v["dir"] as string);
-        const c = await connectStack(addressesOf(state));
-        try {
-          const held = await heldBy(c, sel);
-          const who = `${role}/${instance}${sel.purpose === undefined ? "" : `/${sel.purpose}`}`;
-          if (held.length === 0) {
-            out(`${who} holds no reference`);
-            return 0;
-          }
-          for (const h of held) out(`  IOASID ${h.ioasid} gen ${h.generation} set ${h.setId}  ${role}/${instance}/${h.purpose} ×${h.count}`);
-          if (action === "list" || v["dry-run"] === true) {
-            out(`${who} holds ${held.reduce((n, h) => n + h.count, 0)} reference(s)${action === "release" ? " (dry run: nothing released)" : ""}`);
-            return 0;
-          }
-          const operator = (v["operator"] as string | undefined) ?? userInfo().username;
-          const r = await forceRelease(c, state.natsUrl, sel, { operator, reason });
-          out(`force-released ${r.released} reference(s) of ${who} (audit record by ${operator}: "${reason}")${r.reclaimed.length === 0 ? "" : `; reclaimed ${r.reclaimed.join(", ")}`}`);
-          return 0;
-        } finally {
-          await c.close();
-        }
+  const [action, ...rest] = pos;
+  if ((action !== "list" && action !== "release") || rest.length > 0) throw new UsageError("holder takes `list` or `release`");
+  const role = v["role"] as string | undefined;
+  const instance = v["instance"] as string | undefined;
+  if (role === undefined || role === "" || instance === undefined || instance === "") throw new UsageError("--role and --instance are required");
+  const sel: HolderSelector = { role, instance, ...(v["purpose"] === undefined ? {} : { purpose: v["purpose"] as string }) };
+  const reason = (v["reason"] as string | undefined)?.trim() ?? "";
+  if (action === "release" && v["dry-run"] !== true && reason === "") throw new UsageError("release needs --reason TEXT: it goes into the audit record");
+  const state = readState(v["dir"] as string);
+  const c = await connectStack(addressesOf(state));
+  try {
+    const held = await heldBy(c, sel);
+    const who = `${role}/${instance}${sel.purpose === undefined ? "" : `/${sel.purpose}`}`;
+    if (held.length === 0) {
+      out(`${who} holds no reference`);
+      return 0;
+    }
+    for (const h of held) out(`  IOASID ${h.ioasid} gen ${h.generation} set ${h.setId}  ${role}/${instance}/${h.purpose} ×${h.count}`);
+    if (action === "list" || v["dry-run"] === true) {
+      out(`${who} holds ${held.reduce((n, h) => n + h.count, 0)} reference(s)${action === "release" ? " (dry run: nothing released)" : ""}`);
+      return 0;
+    }
+    const operator = (v["operator"] as string | undefined) ?? userInfo().username;
+    const r = await forceRelease(c, state.natsUrl, sel, { operator, reason });
+    out(
+      `force-released ${r.released} reference(s) of ${who} (audit record by ${operator}: "${reason}")${r.reclaimed.length === 0 ? "" : `; reclaimed ${r.reclaimed.join(", ")}`}`,
+    );
+    return 0;
+  } finally {
+    await c.close();
+  }
 }

@@ -2,7 +2,18 @@
 export { addressesOf, connectStack, type StackAddresses, type StackClients } from "./clients.js";
 export { runScenario, ScenarioKind, type ScenarioOptions, type ScenarioResult } from "./scenario.js";
 export { readState, repoRoot, serviceMain, SERVICES, stackDown, stackUp, type ServiceName, type StackState, type StackUpOptions } from "./stack.js";
-export { buildTimeline, columnOf, COLUMNS, describeStep, FAULT_ACTIONS, renderHtml, renderMermaid, renderTable, type Column, type TimelineRow } from "./timeline.js";
+export {
+  buildTimeline,
+  columnOf,
+  COLUMNS,
+  describeStep,
+  FAULT_ACTIONS,
+  renderHtml,
+  renderMermaid,
+  renderTable,
+  type Column,
+  type TimelineRow,
+} from "./timeline.js";
 export { checkInvariants, EXPECTED, findPasid, renderVerdict, type Check, type Verdict, type VerdictInput } from "./verdict.js";
 export {
   answerFaultGroup,

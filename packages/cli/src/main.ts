@@ -59,7 +59,8 @@ function writeVms(dir: string, vms: VmRecord[]): void {
 function findVm(dir: string, name: string | undefined): VmRecord {
   const vms = readVms(dir);
   const vm = vms.find((v) => v.name === name) ?? (name === undefined && vms.length === 1 ? vms[0] : undefined);
-  if (vm === undefined) throw new Error(`no VM ${name === undefined ? "given (--vm NAME)" : `named ${name}`}; VMs: ${vms.map((v) => v.name).join(", ") || "none"}`);
+  if (vm === undefined)
+    throw new Error(`no VM ${name === undefined ? "given (--vm NAME)" : `named ${name}`}; VMs: ${vms.map((v) => v.name).join(", ") || "none"}`);
   return vm;
 }
 const num = (v: unknown, what: string): number => {
@@ -151,25 +152,42 @@ const commands: Record<string, Command> = {
           out(json({ stats, sets: sets.sets, ioasids: ioasids.ioasids, registrations: regs.registrations, vfio: f, kvm: k, vdcm: d, iommu: i }));
           return 0;
         }
-        out(`IOASID namespace: capacity ${stats.capacity}, in use ${stats.inUse}, available quota ${stats.available}, last event ${stats.lastSeq}, deliveries pending ${stats.deliveriesPending}, missed ${stats.deliveriesMissed}`);
+        out(
+          `IOASID namespace: capacity ${stats.capacity}, in use ${stats.inUse}, available quota ${stats.available}, last event ${stats.lastSeq}, deliveries pending ${stats.deliveriesPending}, missed ${stats.deliveriesMissed}`,
+        );
         out("\nsets");
         for (const s of sets.sets) out(`  set ${s.setId}  token ${s.token}  quota ${s.quota}  in use ${s.inUse}${s.freeing ? "  FREEING" : ""}`);
         out("\nIOASIDs");
         for (const x of ioasids.ioasids) {
           const holders = x.holders.map((h) => `${h.holder!.role}/${h.holder!.instance}/${h.holder!.purpose}${h.count > 1 ? `×${h.count}` : ""}`).join(", ");
-          out(`  ${String(x.ioasid).padStart(7)}  set ${x.setId}  gen ${x.generation}  ${core.ioasidStateToJSON(x.state).replace("IOASID_STATE_", "")}  spid ${x.spid || "-"}  refs ${x.refcount}: ${holders}`);
+          out(
+            `  ${String(x.ioasid).padStart(7)}  set ${x.setId}  gen ${x.generation}  ${core.ioasidStateToJSON(x.state).replace("IOASID_STATE_", "")}  spid ${x.spid || "-"}  refs ${x.refcount}: ${holders}`,
+          );
         }
         out("\nregistrations");
-        for (const r of regs.registrations) out(`  #${r.registrationId} ${r.subscriber!.name}/${r.subscriber!.instance}  ${r.scope?.$case}=${String(r.scope?.value)}  ${r.active ? "active" : "PENDING"}`);
+        for (const r of regs.registrations)
+          out(
+            `  #${r.registrationId} ${r.subscriber!.name}/${r.subscriber!.instance}  ${r.scope?.$case}=${String(r.scope?.value)}  ${r.active ? "active" : "PENDING"}`,
+          );
         out("\nvfio containers");
-        for (const x of f.containers) out(`  container ${x.containerId}  set ${x.setId}  ${x.vmName}  ${vfio.containerStateToJSON(x.state)}  pasids ${x.pasids.map((p) => p.hpasid).join(",") || "-"}`);
+        for (const x of f.containers)
+          out(
+            `  container ${x.containerId}  set ${x.setId}  ${x.vmName}  ${vfio.containerStateToJSON(x.state)}  pasids ${x.pasids.map((p) => p.hpasid).join(",") || "-"}`,
+          );
         out("\nkvm VMCS PASID translation tables");
-        for (const vm of k.vms) out(`  vm ${vm.vmId} (${vm.vmName}, set ${vm.setId}): ${vm.translations.map((t) => `${t.gpasid}->${t.hpasid}`).join(", ") || "empty"}`);
+        for (const vm of k.vms)
+          out(`  vm ${vm.vmId} (${vm.vmName}, set ${vm.setId}): ${vm.translations.map((t) => `${t.gpasid}->${t.hpasid}`).join(", ") || "empty"}`);
         out("\nvdcm devices");
-        for (const dev of d.devices) out(`  ${dev.deviceId}: PASID entries ${dev.pasidEntries.map((e) => `${e.hpasid}(wq${e.wqId}, set ${e.setId})`).join(", ") || "none"}`);
+        for (const dev of d.devices)
+          out(`  ${dev.deviceId}: PASID entries ${dev.pasidEntries.map((e) => `${e.hpasid}(wq${e.wqId}, set ${e.setId})`).join(", ") || "none"}`);
         for (const m of d.mdevs) out(`  mdev ${m.mdevUuid} on ${m.parentDeviceId} wqs ${m.wqIds.join(",")} set ${m.setId || "-"}`);
         out("\niommu");
-        out(json(i).split("\n").map((l) => `  ${l}`).join("\n"));
+        out(
+          json(i)
+            .split("\n")
+            .map((l) => `  ${l}`)
+            .join("\n"),
+        );
         return 0;
       }),
   },
@@ -210,7 +228,12 @@ const commands: Record<string, Command> = {
   demo: {
     summary: "up, both scenarios with their timelines and verdicts, down",
     usage: "ioasidctl demo [--dir .ioasid-demo] [--html FILE] [--base-port 50151] [--nats-port 4322]",
-    options: { dir: { type: "string", default: ".ioasid-demo" }, html: { type: "string", default: "ioasid-timeline.html" }, "base-port": { type: "string", default: "50151" }, "nats-port": { type: "string", default: "4322" } },
+    options: {
+      dir: { type: "string", default: ".ioasid-demo" },
+      html: { type: "string", default: "ioasid-timeline.html" },
+      "base-port": { type: "string", default: "50151" },
+      "nats-port": { type: "string", default: "4322" },
+    },
     run: async (v) => {
       const dir = v["dir"] as string;
       await stackUp({ dir, basePort: num(v["base-port"], "base-port"), natsPort: num(v["nats-port"], "nats-port"), log: out, freshStore: true });
@@ -249,12 +272,19 @@ const commands: Record<string, Command> = {
       "ioasidctl vm crash --name NAME     (SIGKILL the VMM: the crashed-guest path)\n" +
       "ioasidctl vm destroy --name NAME   (clean close, then KVM DestroyVm)\n" +
       "ioasidctl vm list",
-    options: { ...dirOption, name: { type: "string" }, token: { type: "string" }, quota: { type: "string", default: "64" }, vcpus: { type: "string", default: "2" } },
+    options: {
+      ...dirOption,
+      name: { type: "string" },
+      token: { type: "string" },
+      quota: { type: "string", default: "64" },
+      vcpus: { type: "string", default: "2" },
+    },
     run: async (v, pos) => {
       const dir = v["dir"] as string;
       const verb = pos[0];
       if (verb === "list") {
-        for (const vm of readVms(dir)) out(`${vm.name}  token ${vm.mmToken}  vm ${vm.vmId}  container ${vm.containerId}  set ${vm.setId}  vmm pid ${vm.agentPid}`);
+        for (const vm of readVms(dir))
+          out(`${vm.name}  token ${vm.mmToken}  vm ${vm.vmId}  container ${vm.containerId}  set ${vm.setId}  vmm pid ${vm.agentPid}`);
         return 0;
       }
       if (verb === "create") {
@@ -262,25 +292,48 @@ const commands: Record<string, Command> = {
         if (name === undefined || v["token"] === undefined) throw new Error("vm create needs --name and --token");
         const token = BigInt(v["token"] as string);
         const state = readState(dir);
-        const vmId = await withStack(dir, async (c) => (await c.kvm.createVm(P(kvm.CreateVmRequest, { mmToken: token, vcpuCount: num(v["vcpus"], "vcpus"), vmName: name }))).vm!.vmId);
+        const vmId = await withStack(
+          dir,
+          async (c) => (await c.kvm.createVm(P(kvm.CreateVmRequest, { mmToken: token, vcpuCount: num(v["vcpus"], "vcpus"), vmName: name }))).vm!.vmId,
+        );
         mkdirSync(join(resolve(dir), "logs"), { recursive: true });
         const logFile = join(resolve(dir), "logs", `vmm-${name}.log`);
         const fd = openSync(logFile, "w");
-        const agent = spawn(process.execPath, [process.argv[1]!, "vmm-agent", "--vfio", state.services.vfio.address, "--token", String(token), "--quota", String(num(v["quota"], "quota")), "--name", name], {
-          detached: true,
-          stdio: ["ignore", fd, fd],
-        });
+        const agent = spawn(
+          process.execPath,
+          [
+            process.argv[1]!,
+            "vmm-agent",
+            "--vfio",
+            state.services.vfio.address,
+            "--token",
+            String(token),
+            "--quota",
+            String(num(v["quota"], "quota")),
+            "--name",
+            name,
+          ],
+          {
+            detached: true,
+            stdio: ["ignore", fd, fd],
+          },
+        );
         agent.unref();
         closeSync(fd);
         const deadline = Date.now() + 10_000;
         let info: { containerId: number; setId: number } | undefined;
         while (info === undefined && Date.now() < deadline) {
-          const line = readFileSync(logFile, "utf8").split("\n").find((l) => l.startsWith("{"));
+          const line = readFileSync(logFile, "utf8")
+            .split("\n")
+            .find((l) => l.startsWith("{"));
           if (line !== undefined) info = JSON.parse(line) as { containerId: number; setId: number };
           else await new Promise((r) => setTimeout(r, 50));
         }
         if (info === undefined) throw new Error(`the VMM did not open its container: ${readFileSync(logFile, "utf8")}`);
-        writeVms(dir, [...readVms(dir).filter((x) => x.name !== name), { name, mmToken: String(token), vmId, containerId: info.containerId, setId: info.setId, agentPid: agent.pid! }]);
+        writeVms(dir, [
+          ...readVms(dir).filter((x) => x.name !== name),
+          { name, mmToken: String(token), vmId, containerId: info.containerId, setId: info.setId, agentPid: agent.pid! },
+        ]);
         out(`vm ${name}: kvm vm ${vmId}, vfio container ${info.containerId}, set ${info.setId}, VMM pid ${agent.pid}`);
         return 0;
       }
@@ -288,7 +341,10 @@ const commands: Record<string, Command> = {
       if (verb === "crash") {
         process.kill(vm.agentPid, "SIGKILL");
         out(`vm ${vm.name}: VMM pid ${vm.agentPid} killed; VFIO frees every IOASID of set ${vm.setId}`);
-        writeVms(dir, readVms(dir).filter((x) => x.name !== vm.name));
+        writeVms(
+          dir,
+          readVms(dir).filter((x) => x.name !== vm.name),
+        );
         return 0;
       }
       if (verb === "destroy") {
@@ -298,7 +354,10 @@ const commands: Record<string, Command> = {
           // already gone
         }
         await withStack(dir, (c) => c.kvm.destroyVm({ vmId: vm.vmId }).catch(() => undefined));
-        writeVms(dir, readVms(dir).filter((x) => x.name !== vm.name));
+        writeVms(
+          dir,
+          readVms(dir).filter((x) => x.name !== vm.name),
+        );
         out(`vm ${vm.name} destroyed`);
         return 0;
       }
@@ -314,7 +373,8 @@ const commands: Record<string, Command> = {
       const vm = findVm(dir, v["vm"] as string | undefined);
       return withStack(dir, async (c) => {
         if (pos[0] === "alloc") out(json(await c.vfio.allocPasid({ containerId: vm.containerId })));
-        else if (pos[0] === "free") out(json(await c.vfio.freePasid({ containerId: vm.containerId, hpasid: num(v["pasid"], "pasid"), generation: num(v["generation"], "generation") })));
+        else if (pos[0] === "free")
+          out(json(await c.vfio.freePasid({ containerId: vm.containerId, hpasid: num(v["pasid"], "pasid"), generation: num(v["generation"], "generation") })));
         else throw new Error("usage: ioasidctl pasid alloc|free");
         return 0;
       });
@@ -322,14 +382,31 @@ const commands: Record<string, Command> = {
   },
   bind: {
     summary: "bind a guest PASID: `bind --vm NAME --pasid HPASID --gpasid G --mdev UUID|--device DEV`",
-    usage: "ioasidctl bind --vm NAME --pasid HPASID --gpasid GPASID (--mdev UUID | --device DEVICE_ID) [--generation G]   (the device or mdev must be assigned to the VM)",
-    options: { ...dirOption, vm: { type: "string" }, pasid: { type: "string" }, gpasid: { type: "string" }, device: { type: "string" }, mdev: { type: "string" }, generation: { type: "string", default: "0" } },
+    usage:
+      "ioasidctl bind --vm NAME --pasid HPASID --gpasid GPASID (--mdev UUID | --device DEVICE_ID) [--generation G]   (the device or mdev must be assigned to the VM)",
+    options: {
+      ...dirOption,
+      vm: { type: "string" },
+      pasid: { type: "string" },
+      gpasid: { type: "string" },
+      device: { type: "string" },
+      mdev: { type: "string" },
+      generation: { type: "string", default: "0" },
+    },
     run: async (v) => bindOrUnbind(v, true),
   },
   unbind: {
     summary: "unbind a guest PASID: `unbind --vm NAME --pasid HPASID --gpasid G --mdev UUID|--device DEV`",
     usage: "ioasidctl unbind --vm NAME --pasid HPASID --gpasid GPASID (--mdev UUID | --device DEVICE_ID) [--generation G]",
-    options: { ...dirOption, vm: { type: "string" }, pasid: { type: "string" }, gpasid: { type: "string" }, device: { type: "string" }, mdev: { type: "string" }, generation: { type: "string", default: "0" } },
+    options: {
+      ...dirOption,
+      vm: { type: "string" },
+      pasid: { type: "string" },
+      gpasid: { type: "string" },
+      device: { type: "string" },
+      mdev: { type: "string" },
+      generation: { type: "string", default: "0" },
+    },
     run: async (v) => bindOrUnbind(v, false),
   },
   mdev: {
@@ -339,7 +416,15 @@ const commands: Record<string, Command> = {
       "ioasidctl mdev assign --vm NAME --uuid UUID\n" +
       "ioasidctl mdev program --uuid UUID --wq VIRTUAL_WQ --gpasid G   (the guest's MMIO write)\n" +
       "ioasidctl mdev clear --uuid UUID --wq VIRTUAL_WQ",
-    options: { ...dirOption, device: { type: "string" }, uuid: { type: "string" }, wqs: { type: "string", default: "0" }, vm: { type: "string" }, wq: { type: "string", default: "0" }, gpasid: { type: "string" } },
+    options: {
+      ...dirOption,
+      device: { type: "string" },
+      uuid: { type: "string" },
+      wqs: { type: "string", default: "0" },
+      vm: { type: "string" },
+      wq: { type: "string", default: "0" },
+      gpasid: { type: "string" },
+    },
     run: async (v, pos) => {
       const dir = v["dir"] as string;
       return withStack(dir, async (c) => {
@@ -349,12 +434,39 @@ const commands: Record<string, Command> = {
           case "create": {
             const device = (v["device"] as string | undefined) ?? "idxd0";
             await c.vdcm
-              .registerDevice(P(vdcm.RegisterDeviceRequest, { deviceId: device, maxPasidEntries: 64, wqs: [{ wqId: 0, mode: vdcm.WqMode.WQ_MODE_DEDICATED, size: 16 }, { wqId: 1, mode: vdcm.WqMode.WQ_MODE_SHARED, size: 32 }] }))
-              .catch((e: unknown) => { if (!isDomainError(e, "DEVICE_EXISTS")) throw e; });
-            await c.iommu.registerDevice(P(iommu.RegisterDeviceRequest, { deviceId: device, maxPasids: 1 << 20, priCapable: true, function: iommu.DeviceFunction.DEVICE_FUNCTION_PF, iommuGroup: 1 })).catch((e: unknown) => {
-              if (!isDomainError(e, "DEVICE_EXISTS")) throw e;
-            });
-            out(json(await c.vdcm.createMdev(P(vdcm.CreateMdevRequest, { parentDeviceId: device, mdevUuid: uuid, wqIds: (v["wqs"] as string).split(",").map((x) => num(x, "wqs")) }))));
+              .registerDevice(
+                P(vdcm.RegisterDeviceRequest, {
+                  deviceId: device,
+                  maxPasidEntries: 64,
+                  wqs: [
+                    { wqId: 0, mode: vdcm.WqMode.WQ_MODE_DEDICATED, size: 16 },
+                    { wqId: 1, mode: vdcm.WqMode.WQ_MODE_SHARED, size: 32 },
+                  ],
+                }),
+              )
+              .catch((e: unknown) => {
+                if (!isDomainError(e, "DEVICE_EXISTS")) throw e;
+              });
+            await c.iommu
+              .registerDevice(
+                P(iommu.RegisterDeviceRequest, {
+                  deviceId: device,
+                  maxPasids: 1 << 20,
+                  priCapable: true,
+                  function: iommu.DeviceFunction.DEVICE_FUNCTION_PF,
+                  iommuGroup: 1,
+                }),
+              )
+              .catch((e: unknown) => {
+                if (!isDomainError(e, "DEVICE_EXISTS")) throw e;
+              });
+            out(
+              json(
+                await c.vdcm.createMdev(
+                  P(vdcm.CreateMdevRequest, { parentDeviceId: device, mdevUuid: uuid, wqIds: (v["wqs"] as string).split(",").map((x) => num(x, "wqs")) }),
+                ),
+              ),
+            );
             return 0;
           }
           case "assign": {
@@ -384,7 +496,9 @@ const commands: Record<string, Command> = {
       const raw = v["ia32-pasid"] !== undefined ? num(v["ia32-pasid"], "ia32-pasid") : (0x8000_0000 | num(v["gpasid"], "gpasid")) >>> 0;
       return withStack(dir, async (c) => {
         const r = await c.kvm.enqcmd({ vmId: vm.vmId, vcpu: num(v["vcpu"], "vcpu"), ia32Pasid: raw });
-        out(`${kvm.enqcmdOutcomeToJSON(r.outcome)}${r.outcome === kvm.EnqcmdOutcome.ENQCMD_OUTCOME_TRANSLATED ? ` guest PASID ${r.gpasid} -> host PASID ${r.hpasid}` : ` (${kvm.gpCauseToJSON(r.gpCause)})`}`);
+        out(
+          `${kvm.enqcmdOutcomeToJSON(r.outcome)}${r.outcome === kvm.EnqcmdOutcome.ENQCMD_OUTCOME_TRANSLATED ? ` guest PASID ${r.gpasid} -> host PASID ${r.hpasid}` : ` (${kvm.gpCauseToJSON(r.gpCause)})`}`,
+        );
         return 0;
       });
     },
@@ -392,7 +506,13 @@ const commands: Record<string, Command> = {
   submit: {
     summary: "submit a descriptor to an mdev's work queue (shared WQs translate its PASID)",
     usage: "ioasidctl submit --uuid MDEV --wq VIRTUAL_WQ --pasid PASID [--space guest|host]",
-    options: { ...dirOption, uuid: { type: "string" }, wq: { type: "string", default: "0" }, pasid: { type: "string" }, space: { type: "string", default: "host" } },
+    options: {
+      ...dirOption,
+      uuid: { type: "string" },
+      wq: { type: "string", default: "0" },
+      pasid: { type: "string" },
+      space: { type: "string", default: "host" },
+    },
     run: async (v) =>
       withStack(v["dir"] as string, async (c) => {
         const r = await c.vdcm.submitDescriptor(
@@ -462,7 +582,10 @@ async function main(argv: string[]): Promise<number> {
     return name === undefined ? 2 : 0;
   }
   if (name === "vmm-agent") {
-    const { values } = parseArgs({ args: rest, options: { vfio: { type: "string" }, token: { type: "string" }, quota: { type: "string" }, name: { type: "string" } } });
+    const { values } = parseArgs({
+      args: rest,
+      options: { vfio: { type: "string" }, token: { type: "string" }, quota: { type: "string" }, name: { type: "string" } },
+    });
     await runVmmAgent({ vfioAddress: values.vfio!, mmToken: BigInt(values.token!), quota: Number(values.quota), vmName: values.name! });
     return 0;
   }
@@ -472,7 +595,12 @@ async function main(argv: string[]): Promise<number> {
     return 2;
   }
   if (rest.includes("--help") || rest.includes("-h")) {
-    out(`${cmd.summary}\n\nusage:\n${cmd.usage.split("\n").map((l) => `  ${l}`).join("\n")}`);
+    out(
+      `${cmd.summary}\n\nusage:\n${cmd.usage
+        .split("\n")
+        .map((l) => `  ${l}`)
+        .join("\n")}`,
+    );
     return 0;
   }
   let parsed: { values: Record<string, string | boolean | undefined>; positionals: string[] };

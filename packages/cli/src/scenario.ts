@@ -93,7 +93,11 @@ export async function runScenario(kind: ScenarioKind, c: StackClients, options: 
       }),
     ),
   );
-  await ignoreExists(c.iommu.registerDevice(P(iommu.RegisterDeviceRequest, { deviceId, maxPasids: 1 << 20, priCapable: true, function: iommu.DeviceFunction.DEVICE_FUNCTION_PF, iommuGroup: 1 })));
+  await ignoreExists(
+    c.iommu.registerDevice(
+      P(iommu.RegisterDeviceRequest, { deviceId, maxPasids: 1 << 20, priCapable: true, function: iommu.DeviceFunction.DEVICE_FUNCTION_PF, iommuGroup: 1 }),
+    ),
+  );
   await c.vdcm.createMdev(P(vdcm.CreateMdevRequest, { parentDeviceId: deviceId, mdevUuid, wqIds: [0] }));
 
   // 1. KVM registers by MM token (pending until the set exists); VFIO opens the container (the
@@ -205,9 +209,7 @@ export async function runScenario(kind: ScenarioKind, c: StackClients, options: 
       setIds: new Set([setId]),
       // KVM's registration by MM token (step 1) was made before the set existed.
       include: (r) => r.action?.$case === "ioasidRegisterNotifierMm" && r.action.value.scope?.$case === "mmToken" && r.action.value.scope.value === token,
-    }).filter(
-      (r) => r.record.generation === undefined || r.record.generation === a.generation || r.record.ioasid === undefined,
-    );
+    }).filter((r) => r.record.generation === undefined || r.record.generation === a.generation || r.record.ioasid === undefined);
     const verdict = await checkInvariants(kind, c, { records, hpasid, generation: a.generation, setId, vmId: vm.vmId });
     return { kind, hpasid, gpasid, setId, generation: a.generation, records, rows, verdict, notes };
   } finally {
@@ -234,4 +236,3 @@ async function reclaimed(c: StackClients, ioasid: number, generation: number, ti
     timeoutMs,
   );
 }
-

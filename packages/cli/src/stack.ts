@@ -105,7 +105,10 @@ export async function stackUp(options: StackUpOptions = {}): Promise<StackState>
   for (const s of SERVICES) {
     if (!existsSync(serviceMain(s.name))) throw new Error(`${serviceMain(s.name)} is missing: build first with \`npm run build\``);
   }
-  const ports = [...SERVICES.map((s) => ({ port: basePort + s.offset, what: s.name })), ...(options.natsUrl === undefined ? [{ port: natsPort, what: "nats-server" }] : [])];
+  const ports = [
+    ...SERVICES.map((s) => ({ port: basePort + s.offset, what: s.name })),
+    ...(options.natsUrl === undefined ? [{ port: natsPort, what: "nats-server" }] : []),
+  ];
   for (const { port, what } of ports) {
     if (!(await portFree(port))) {
       throw new Error(`port ${port} (${what}) is in use on 127.0.0.1: stop what uses it, or choose other ports (--base-port, --nats-port)`);
@@ -130,8 +133,14 @@ export async function stackUp(options: StackUpOptions = {}): Promise<StackState>
   }
 }
 
-async function launchStack(dir: string, basePort: number, natsPort: number, options: StackUpOptions, log: (line: string) => void, started: number[]): Promise<StackState> {
-
+async function launchStack(
+  dir: string,
+  basePort: number,
+  natsPort: number,
+  options: StackUpOptions,
+  log: (line: string) => void,
+  started: number[],
+): Promise<StackState> {
   let nats: StackState["nats"];
   let natsUrl: string;
   if (options.natsUrl !== undefined) {

@@ -6,7 +6,12 @@ import { findPasid } from "./verdict.js";
 let t = 1000;
 /** A record of `role`: an action of the catalogue, or a core event ("event:ALLOC"). */
 const rec = (role: string, action: HistoryActionInput | `event:${string}`, fields: Partial<HistoryRecord> = {}): HistoryRecord =>
-  createHistoryRecord({ role, instance: "x" }, typeof action === "string" ? { $case: "ioasidNotify", value: { type: eventTypeOf(action.slice(6)) } } : action, fields, t++);
+  createHistoryRecord(
+    { role, instance: "x" },
+    typeof action === "string" ? { $case: "ioasidNotify", value: { type: eventTypeOf(action.slice(6)) } } : action,
+    fields,
+    t++,
+  );
 /** An ioasid_get / ioasid_put by `holder` ("kvm/vm-1/vmcs"). */
 const ref = (kind: "get" | "put", holder: string): HistoryActionInput => {
   const [role = "", instance = "", purpose = ""] = holder.split("/");
@@ -19,7 +24,14 @@ describe("timeline", () => {
     expect(columnOf(rec("ioasid", "event:ALLOC", { ioasid: 201 }))).toBe("IOASID");
     expect(columnOf(rec("ioasid", ref("get", "kvm/vm-1/vmcs"), { ioasid: 201 }))).toBe("KVM");
     expect(columnOf(rec("ioasid", ref("put", "vdcm/vdcm0/idxd0.wq0"), { ioasid: 201 }))).toBe("VDCM");
-    expect(columnOf(rec("ioasid", { $case: "ioasidRegisterNotifierMm", value: { subscriber: "kvm", instance: "vm-1", scope: { $case: "mmToken", value: 7n }, priority: 3 } }))).toBe("KVM");
+    expect(
+      columnOf(
+        rec("ioasid", {
+          $case: "ioasidRegisterNotifierMm",
+          value: { subscriber: "kvm", instance: "vm-1", scope: { $case: "mmToken", value: 7n }, priority: 3 },
+        }),
+      ),
+    ).toBe("KVM");
     expect(columnOf(rec("iommu", { $case: "teardownPasid", value: {} }, { ioasid: 201 }))).toBe("IOMMU");
     expect(columnOf(rec("tool", { $case: "chaosNote", value: { note: "x" } }))).toBeUndefined();
   });
@@ -59,9 +71,17 @@ describe("findPasid", () => {
 describe("timeline of IO page faults", () => {
   // The records the IOMMU and VFIO write on the fault path, as they write them.
   const faultRecords = () => [
-    rec("iommu", { $case: "iopfGroup", value: { group: 7n, device: "idxd0", prgi: 3, requests: 2, owner: "vfio/vfio-1" } }, { ioasid: 201, spid: 101, setId: 1 }),
+    rec(
+      "iommu",
+      { $case: "iopfGroup", value: { group: 7n, device: "idxd0", prgi: 3, requests: 2, owner: "vfio/vfio-1" } },
+      { ioasid: 201, spid: 101, setId: 1 },
+    ),
     rec("vfio", { $case: "iopfRelay", value: { container: 1, group: 7n, requests: 2 } }, { ioasid: 201, spid: 101 }),
-    rec("iommu", { $case: "pageResponse", value: { group: 7n, device: "idxd0", prgi: 3, code: "SUCCESS", source: "HANDLER" } }, { ioasid: 201, spid: 101, setId: 1 }),
+    rec(
+      "iommu",
+      { $case: "pageResponse", value: { group: 7n, device: "idxd0", prgi: 3, code: "SUCCESS", source: "HANDLER" } },
+      { ioasid: 201, spid: 101, setId: 1 },
+    ),
     rec("vfio", { $case: "pageResponse", value: { container: 1, group: 7n, code: "SUCCESS" } }),
     rec("iommu", { $case: "dmaFault", value: { device: "idxd0", address: 0x500000n, reason: "NOT_PRESENT", reportedTo: "vfio/vfio-1" } }, { ioasid: 201 }),
     rec("vfio", { $case: "dmaFault", value: { container: 1, reason: "FAULT_REASON_NOT_PRESENT", address: 0x500000n } }, { ioasid: 201, spid: 101 }),

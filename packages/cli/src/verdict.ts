@@ -100,13 +100,31 @@ export async function checkInvariants(kind: "normal" | "crash", c: StackClients,
   }
 
   const stats = await c.core.getStats({});
-  add("S6", "quota conservation: available + Σ quotas = allocatable", stats.available + stats.quotaTotal === stats.allocatable, `${stats.available} + ${stats.quotaTotal} = ${stats.allocatable}`);
+  add(
+    "S6",
+    "quota conservation: available + Σ quotas = allocatable",
+    stats.available + stats.quotaTotal === stats.allocatable,
+    `${stats.available} + ${stats.quotaTotal} = ${stats.allocatable}`,
+  );
 
   const count = (t: string) => events.filter((e) => e === t).length;
-  add("S8", "exactly one event per transition", count("ALLOC") === 1 && count("FREE") <= 1 && count("BIND") <= 1 && count("UNBIND") <= 1 && count("RECLAIM") === 1, events.join(", "));
+  add(
+    "S8",
+    "exactly one event per transition",
+    count("ALLOC") === 1 && count("FREE") <= 1 && count("BIND") <= 1 && count("UNBIND") <= 1 && count("RECLAIM") === 1,
+    events.join(", "),
+  );
 
-  const [k, d, i] = await Promise.all([c.kvm.queryState({ vmId: 0 }), c.vdcm.queryState({ deviceIds: [] }), c.iommu.queryState({ deviceIds: [], maxIotlbFlushes: 0 })]);
-  const live = [...findPasid(k, input.hpasid).map((p) => `kvm ${p}`), ...findPasid(d, input.hpasid).map((p) => `vdcm ${p}`), ...findPasid(i, input.hpasid).map((p) => `iommu ${p}`)];
+  const [k, d, i] = await Promise.all([
+    c.kvm.queryState({ vmId: 0 }),
+    c.vdcm.queryState({ deviceIds: [] }),
+    c.iommu.queryState({ deviceIds: [], maxIotlbFlushes: 0 }),
+  ]);
+  const live = [
+    ...findPasid(k, input.hpasid).map((p) => `kvm ${p}`),
+    ...findPasid(d, input.hpasid).map((p) => `vdcm ${p}`),
+    ...findPasid(i, input.hpasid).map((p) => `iommu ${p}`),
+  ];
   add("S9", "nothing live for the PASID after its reclaim (VMCS tables, devices, IOMMU)", live.length === 0, live.length === 0 ? "none" : live.join("; "));
 
   return { ok: checks.every((x) => x.ok), checks };

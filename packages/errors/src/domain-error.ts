@@ -53,12 +53,7 @@ export class DomainError extends Error {
   /** Extra key/value facts (ErrorInfo.metadata): never secrets, never stack traces. */
   readonly metadata: Readonly<Record<string, string>>;
 
-  constructor(
-    code: Code,
-    reason: string,
-    message: string,
-    options?: { cause?: unknown; metadata?: Record<string, string> },
-  ) {
+  constructor(code: Code, reason: string, message: string, options?: { cause?: unknown; metadata?: Record<string, string> }) {
     super(message, options?.cause === undefined ? undefined : { cause: options.cause });
     this.code = code;
     this.reason = reason;

@@ -46,9 +46,9 @@ function onAbort(ctx: CallContext): Promise<unknown> {
 
 describe("adaptService", () => {
   it("refuses at adapt time a handler for a method the service does not have", () => {
-    expect(() =>
-      adaptService(testing.EchoServiceService, { ...createEchoHandlers(), ech0: () => ({}) } as never, { logger }),
-    ).toThrow(/"ech0" is not a method of ioasid.testing.v1.EchoService/);
+    expect(() => adaptService(testing.EchoServiceService, { ...createEchoHandlers(), ech0: () => ({}) } as never, { logger })).toThrow(
+      /"ech0" is not a method of ioasid.testing.v1.EchoService/,
+    );
   });
 
   it("refuses at adapt time a service with a method left without handler", () => {

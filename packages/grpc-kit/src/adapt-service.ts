@@ -61,11 +61,7 @@ export type ServerStreamHandler<Req, Res> = (request: Req, ctx: CallContext, sen
 /** Handler of a client-streaming method: reads every request, then answers once. */
 export type ClientStreamHandler<Req, Res> = (requests: AsyncIterable<Req>, ctx: CallContext) => Promise<Res>;
 /** Handler of a bidirectional method: the response stream ends when the returned promise resolves. */
-export type BidiStreamHandler<Req, Res> = (
-  requests: AsyncIterable<Req>,
-  ctx: CallContext,
-  send: Send<Res>,
-) => Promise<void>;
+export type BidiStreamHandler<Req, Res> = (requests: AsyncIterable<Req>, ctx: CallContext, send: Send<Res>) => Promise<void>;
 
 /** The handler type that serves method definition `M`, chosen by its streaming flags. */
 export type MethodHandler<M> = M extends { requestStream: true; responseStream: true }
@@ -135,11 +131,7 @@ export function adaptService<D extends AnyServiceDefinition>(
 // calls one with the arguments its streaming kind promises.
 type LooseHandler = (...args: unknown[]) => unknown;
 
-function adaptMethod(
-  method: AnyMethodDefinition,
-  handlerFn: (...args: never[]) => unknown,
-  logger: Logger,
-): UntypedServiceImplementation[string] {
+function adaptMethod(method: AnyMethodDefinition, handlerFn: (...args: never[]) => unknown, logger: Logger): UntypedServiceImplementation[string] {
   const handler = handlerFn as unknown as LooseHandler;
   const path = method.path;
   if (!method.requestStream && !method.responseStream) {
@@ -255,8 +247,7 @@ class ServerCallContext implements CallContext {
     const controller = new AbortController();
     this.#controller = controller;
     const deadline = this.deadline;
-    const expired = (): DomainError =>
-      new DomainError(Code.DEADLINE_EXCEEDED, "DEADLINE_EXCEEDED", `deadline of ${this.method} passed`);
+    const expired = (): DomainError => new DomainError(Code.DEADLINE_EXCEEDED, "DEADLINE_EXCEEDED", `deadline of ${this.method} passed`);
     const onCancel = (): void => {
       // The caller's own deadline timer fires first and cancels the call (RST_STREAM) a moment
       // before ours, which started when the request arrived: call that an expired deadline.
@@ -314,14 +305,7 @@ function finishStream(call: Writable & { cancelled: boolean }, ctx: ServerCallCo
   if (!call.cancelled && !call.writableEnded) call.end();
 }
 
-function failStream(
-  call: Writable & { cancelled: boolean },
-  ctx: ServerCallContext,
-  sender: Sender,
-  err: unknown,
-  logger: Logger,
-  path: string,
-): void {
+function failStream(call: Writable & { cancelled: boolean }, ctx: ServerCallContext, sender: Sender, err: unknown, logger: Logger, path: string): void {
   sender.close();
   ctx.dispose();
   const status = toGrpcStatus(err, { logger, method: path });

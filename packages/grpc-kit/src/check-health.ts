@@ -14,12 +14,7 @@ interface HealthCheckResponse {
 }
 
 // Enum numbers of grpc.health.v1.HealthCheckResponse.ServingStatus.
-const statusByNumber: readonly ServingStatus[] = [
-  ServingStatus.UNKNOWN,
-  ServingStatus.SERVING,
-  ServingStatus.NOT_SERVING,
-  ServingStatus.SERVICE_UNKNOWN,
-];
+const statusByNumber: readonly ServingStatus[] = [ServingStatus.UNKNOWN, ServingStatus.SERVING, ServingStatus.NOT_SERVING, ServingStatus.SERVICE_UNKNOWN];
 
 function encodeRequest(request: HealthCheckRequest): Buffer {
   const w = new BinaryWriter();

@@ -101,17 +101,9 @@ export interface CreateClientOptions {
  * const res = await echo.echo({ payload: Buffer.from("hi") }, { deadlineMs: 500 });
  * echo.close();
  */
-export function createClient<D extends AnyServiceDefinition>(
-  ctor: ClientConstructor<D>,
-  address: string,
-  options?: CreateClientOptions,
-): PromiseClient<D>;
+export function createClient<D extends AnyServiceDefinition>(ctor: ClientConstructor<D>, address: string, options?: CreateClientOptions): PromiseClient<D>;
 /** Same, from a bare service definition (any `{ path, requestStream, … }` map). */
-export function createClient<D extends AnyServiceDefinition>(
-  definition: D,
-  address: string,
-  options?: CreateClientOptions,
-): PromiseClient<D>;
+export function createClient<D extends AnyServiceDefinition>(definition: D, address: string, options?: CreateClientOptions): PromiseClient<D>;
 export function createClient<D extends AnyServiceDefinition>(
   source: ClientConstructor<D> | D,
   address: string,
@@ -137,7 +129,11 @@ export function createClient<D extends AnyServiceDefinition>(
  * for seconds after a peer that was not up yet (or restarted) starts listening. The stack's peers
  * are on loopback or a compose network, where a short, bounded backoff costs nothing.
  */
-export const RECONNECT_BACKOFF = { "grpc.initial_reconnect_backoff_ms": 100, "grpc.min_reconnect_backoff_ms": 100, "grpc.max_reconnect_backoff_ms": 1000 } as const;
+export const RECONNECT_BACKOFF = {
+  "grpc.initial_reconnect_backoff_ms": 100,
+  "grpc.min_reconnect_backoff_ms": 100,
+  "grpc.max_reconnect_backoff_ms": 1000,
+} as const;
 
 interface Defaults {
   readonly unary: number;
@@ -190,13 +186,7 @@ function makeMethod(client: Client, method: AnyMethodDefinition, defaults: Defau
   }
   if (method.requestStream && method.responseStream) {
     return (options: CallOptions = {}): BidiStream<unknown, unknown> => {
-      const call = client.makeBidiStreamRequest(
-        path,
-        serialize,
-        deserialize,
-        toMetadata(options.metadata),
-        callOptions(options.deadlineMs ?? defaults.stream),
-      );
+      const call = client.makeBidiStreamRequest(path, serialize, deserialize, toMetadata(options.metadata), callOptions(options.deadlineMs ?? defaults.stream));
       const { signal } = options;
       const onAbort = (): void => call.cancel();
       if (signal?.aborted === true) call.cancel();

@@ -15,7 +15,6 @@ function memoryLogger(): { logger: ReturnType<typeof createLogger>; lines: Recor
   return { logger, lines };
 }
 
-
 describe("GrpcServer", () => {
   let server: GrpcServer | undefined;
   const controllers: AbortController[] = [];

@@ -34,14 +34,7 @@ export {
 } from "./create-client.js";
 export { createLogger, isLogLevel, LogLevel, type CreateLoggerOptions } from "./create-logger.js";
 export { createEchoHandlers, createEchoServer } from "./echo-server.js";
-export {
-  createGrpcServer,
-  formatAddress,
-  GrpcServer,
-  HEALTH_SERVICE_NAME,
-  ServingStatus,
-  type GrpcServerOptions,
-} from "./grpc-server.js";
+export { createGrpcServer, formatAddress, GrpcServer, HEALTH_SERVICE_NAME, ServingStatus, type GrpcServerOptions } from "./grpc-server.js";
 export {
   ConfigError,
   ConfigKind,

@@ -94,11 +94,7 @@ type BaseValueOf<V> = V extends { kind: "int" | "port" | "duration-ms" }
         : string;
 
 /** The value type of one variable: undefined only when it is optional and has no default. */
-export type ConfigValue<V> = V extends { default: unknown }
-  ? BaseValueOf<V>
-  : V extends { optional: true }
-    ? BaseValueOf<V> | undefined
-    : BaseValueOf<V>;
+export type ConfigValue<V> = V extends { default: unknown } ? BaseValueOf<V> : V extends { optional: true } ? BaseValueOf<V> | undefined : BaseValueOf<V>;
 
 /** The typed configuration a schema describes. */
 export type Config<S extends ConfigSchema> = { readonly [K in keyof S]: ConfigValue<S[K]> };

@@ -1,13 +1,6 @@
 import { BinaryWriter, WireType } from "@bufbuild/protobuf/wire";
 import { describe, expect, it } from "vitest";
-import {
-  ERROR_INFO_TYPE_URL,
-  decodeErrorInfo,
-  decodeRpcStatus,
-  encodeErrorInfo,
-  encodeRpcStatus,
-  findErrorInfo,
-} from "./rpc-status.js";
+import { ERROR_INFO_TYPE_URL, decodeErrorInfo, decodeRpcStatus, encodeErrorInfo, encodeRpcStatus, findErrorInfo } from "./rpc-status.js";
 
 describe("google.rpc.Status codec", () => {
   it("round-trips a status whose one detail is an ErrorInfo with metadata", () => {

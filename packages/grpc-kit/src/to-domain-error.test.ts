@@ -65,7 +65,7 @@ describe("the error model on the wire", () => {
     expect(findErrorInfo(status)).toEqual({ reason: "TOKEN_IN_USE", domain: ERROR_DOMAIN, metadata: {} });
   });
 
-  it("turns a plain Error into INTERNAL \"internal error\" and logs, never sends, the cause", async () => {
+  it('turns a plain Error into INTERNAL "internal error" and logs, never sends, the cause', async () => {
     const { client, lines } = await start({
       ...createEchoHandlers(),
       echo: async () => {

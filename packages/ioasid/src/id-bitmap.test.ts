@@ -48,32 +48,28 @@ describe("IdBitmap", () => {
 
   it("agrees with a plain Set under random operations", () => {
     fc.assert(
-      fc.property(
-        fc.integer({ min: 1, max: 3000 }),
-        fc.array(fc.tuple(fc.boolean(), fc.nat(), fc.nat()), { maxLength: 300 }),
-        (capacity, ops) => {
-          const b = new IdBitmap(capacity);
-          const ref = new Set<number>();
-          for (const [isTake, x, y] of ops) {
-            const min = x % capacity;
-            const max = min + (y % capacity);
-            const want = (() => {
-              for (let i = min; i <= Math.min(max, capacity - 1); i++) if (!ref.has(i)) return i;
-              return -1;
-            })();
-            expect(b.findFree(min, max)).toBe(want);
-            if (isTake && want >= 0) {
-              b.take(want);
-              ref.add(want);
-            } else if (!isTake && ref.size > 0) {
-              const victim = [...ref][x % ref.size]!;
-              b.release(victim);
-              ref.delete(victim);
-            }
-            expect(b.size).toBe(ref.size);
+      fc.property(fc.integer({ min: 1, max: 3000 }), fc.array(fc.tuple(fc.boolean(), fc.nat(), fc.nat()), { maxLength: 300 }), (capacity, ops) => {
+        const b = new IdBitmap(capacity);
+        const ref = new Set<number>();
+        for (const [isTake, x, y] of ops) {
+          const min = x % capacity;
+          const max = min + (y % capacity);
+          const want = (() => {
+            for (let i = min; i <= Math.min(max, capacity - 1); i++) if (!ref.has(i)) return i;
+            return -1;
+          })();
+          expect(b.findFree(min, max)).toBe(want);
+          if (isTake && want >= 0) {
+            b.take(want);
+            ref.add(want);
+          } else if (!isTake && ref.size > 0) {
+            const victim = [...ref][x % ref.size]!;
+            b.release(victim);
+            ref.delete(victim);
           }
-        },
-      ),
+          expect(b.size).toBe(ref.size);
+        }
+      }),
       { numRuns: 200 },
     );
   });

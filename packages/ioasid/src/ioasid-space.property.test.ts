@@ -39,13 +39,29 @@ const opArb: fc.Arbitrary<Op> = fc.oneof(
   { weight: 1, arbitrary: fc.record({ op: fc.constant("destroySet" as const), set: setArb }) },
   { weight: 1, arbitrary: fc.record({ op: fc.constant("freeSet" as const), set: setArb }) },
   { weight: 1, arbitrary: fc.record({ op: fc.constant("adjustSet" as const), set: setArb, quota: fc.integer({ min: 0, max: 14 }) }) },
-  { weight: 6, arbitrary: fc.record({ op: fc.constant("alloc" as const), set: setArb, min: fc.integer({ min: 1, max: CAPACITY - 1 }), span: fc.integer({ min: 0, max: CAPACITY }) }) },
+  {
+    weight: 6,
+    arbitrary: fc.record({
+      op: fc.constant("alloc" as const),
+      set: setArb,
+      min: fc.integer({ min: 1, max: CAPACITY - 1 }),
+      span: fc.integer({ min: 0, max: CAPACITY }),
+    }),
+  },
   { weight: 4, arbitrary: fc.record({ op: fc.constant("free" as const), set: setArb, id: idArb }) },
   { weight: 5, arbitrary: fc.record({ op: fc.constant("get" as const), set: setArb, id: idArb, holder: fc.integer({ min: 0, max: 2 }) }) },
   { weight: 5, arbitrary: fc.record({ op: fc.constant("put" as const), set: setArb, id: idArb, holder: fc.integer({ min: 0, max: 2 }) }) },
   { weight: 3, arbitrary: fc.record({ op: fc.constant("attachSpid" as const), set: setArb, id: idArb, spid: fc.integer({ min: 1, max: 5 }) }) },
   { weight: 2, arbitrary: fc.record({ op: fc.constant("detachSpid" as const), set: setArb, id: idArb }) },
-  { weight: 2, arbitrary: fc.record({ op: fc.constant("findBySpid" as const), set: setArb, spid: fc.integer({ min: 1, max: 5 }), holder: fc.integer({ min: -1, max: 2 }) }) },
+  {
+    weight: 2,
+    arbitrary: fc.record({
+      op: fc.constant("findBySpid" as const),
+      set: setArb,
+      spid: fc.integer({ min: 1, max: 5 }),
+      holder: fc.integer({ min: -1, max: 2 }),
+    }),
+  },
 );
 
 interface Snap {

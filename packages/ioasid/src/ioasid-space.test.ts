@@ -52,11 +52,7 @@ describe("IoasidSpace sets", () => {
   it("refuses an empty token or an unknown token type", () => {
     const { space } = setup(64);
     expectError(() => space.createSet({ token: { type: TokenType.MM, value: 0n } }), Code.INVALID_ARGUMENT, "TOKEN_EMPTY");
-    expectError(
-      () => space.createSet({ token: { type: "BOGUS" as TokenType, value: 1n } }),
-      Code.INVALID_ARGUMENT,
-      "TOKEN_TYPE_INVALID",
-    );
+    expectError(() => space.createSet({ token: { type: "BOGUS" as TokenType, value: 1n } }), Code.INVALID_ARGUMENT, "TOKEN_TYPE_INVALID");
     expect(space.stats().sets).toBe(0);
   });
 
@@ -246,11 +242,7 @@ describe("IoasidSpace references", () => {
     const x = space.alloc(s.id).ioasid;
     expectError(() => space.get(s.id, x, { role: "", instance: "a", purpose: "b" }), Code.INVALID_ARGUMENT, "HOLDER_INVALID");
     expectError(() => space.get(s.id, x, { role: "kvm", instance: "a/b", purpose: "b" }), Code.INVALID_ARGUMENT, "HOLDER_INVALID");
-    expectError(
-      () => space.put(s.id, x, { role: "set-owner", instance: "set-1", purpose: "allocation" }),
-      Code.INVALID_ARGUMENT,
-      "HOLDER_INVALID",
-    );
+    expectError(() => space.put(s.id, x, { role: "set-owner", instance: "set-1", purpose: "allocation" }), Code.INVALID_ARGUMENT, "HOLDER_INVALID");
     expect(space.describe(x)!.refcount).toBe(1);
   });
 });
@@ -483,22 +475,14 @@ describe("IoasidSpace notifier registrations", () => {
       Code.FAILED_PRECONDITION,
       "SET_NOT_EMPTY",
     );
-    expectError(
-      () => space.register({ subscriber: kvm, priority: Priority.CPU, scope: { kind: "mm", token: 9n } }),
-      Code.FAILED_PRECONDITION,
-      "SET_NOT_EMPTY",
-    );
+    expectError(() => space.register({ subscriber: kvm, priority: Priority.CPU, scope: { kind: "mm", token: 9n } }), Code.FAILED_PRECONDITION, "SET_NOT_EMPTY");
     expect(space.listRegistrations()).toHaveLength(0);
   });
 
   it("refuses the same (scope, subscriber) twice", () => {
     const { space } = setup(64);
     space.register({ subscriber: iommu, priority: Priority.IOMMU, scope: { kind: "global" } });
-    expectError(
-      () => space.register({ subscriber: iommu, priority: Priority.IOMMU, scope: { kind: "global" } }),
-      Code.ALREADY_EXISTS,
-      "REGISTRATION_EXISTS",
-    );
+    expectError(() => space.register({ subscriber: iommu, priority: Priority.IOMMU, scope: { kind: "global" } }), Code.ALREADY_EXISTS, "REGISTRATION_EXISTS");
     space.register({ subscriber: kvm, priority: Priority.CPU, scope: { kind: "mm", token: 3n } });
     expectError(
       () => space.register({ subscriber: kvm, priority: Priority.CPU, scope: { kind: "mm", token: 3n } }),
@@ -555,7 +539,11 @@ describe("IoasidSpace notifier registrations", () => {
 
   it("refuses invalid subscribers, priorities and scopes", () => {
     const { space } = setup(64);
-    expectError(() => space.register({ subscriber: { name: "", instance: "x" }, priority: Priority.CPU, scope: { kind: "global" } }), Code.INVALID_ARGUMENT, "SUBSCRIBER_INVALID");
+    expectError(
+      () => space.register({ subscriber: { name: "", instance: "x" }, priority: Priority.CPU, scope: { kind: "global" } }),
+      Code.INVALID_ARGUMENT,
+      "SUBSCRIBER_INVALID",
+    );
     expectError(() => space.register({ subscriber: kvm, priority: 7 as Priority, scope: { kind: "global" } }), Code.INVALID_ARGUMENT, "PRIORITY_INVALID");
     expectError(() => space.register({ subscriber: kvm, priority: Priority.CPU, scope: { kind: "mm", token: 0n } }), Code.INVALID_ARGUMENT, "TOKEN_EMPTY");
     expectError(() => space.register({ subscriber: kvm, priority: Priority.CPU, scope: { kind: "set", setId: 77 } }), Code.INVALID_ARGUMENT, "SET_UNKNOWN");

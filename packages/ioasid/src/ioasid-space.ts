@@ -1,3 +1,6 @@
+// One cohesive thing, kept whole (~1,050 lines): the IOASID namespace of DESIGN §3, whose sets,
+// references, SPIDs, states and notifier registrations are one state with invariants that every
+// call keeps together (S1, S2, S4, S6, S8; the property test checks them after every step).
 import {
   DEFAULT_CAPACITY,
   EVENT_SCOPES,
@@ -46,9 +49,7 @@ export interface IoasidEvent {
 
 /** Scope of a notifier registration (DESIGN §3 "Notifier registration"). */
 export type RegistrationScope =
-  | { readonly kind: "global" }
-  | { readonly kind: "set"; readonly setId: number }
-  | { readonly kind: "mm"; readonly token: bigint };
+  { readonly kind: "global" } | { readonly kind: "set"; readonly setId: number } | { readonly kind: "mm"; readonly token: bigint };
 
 /** Who registered: a role's name and instance ("kvm", "vm-7"). */
 export interface Subscriber {
@@ -299,10 +300,7 @@ export class IoasidSpace {
     }
     const granted = quota === 0 ? this.available : quota;
     if (granted === 0 || granted > this.available) {
-      throw coreError(
-        "CAPACITY_EXHAUSTED",
-        `quota ${quota === 0 ? "(all available)" : quota} exceeds the ${this.available} IOASIDs not yet given to a set`,
-      );
+      throw coreError("CAPACITY_EXHAUSTED", `quota ${quota === 0 ? "(all available)" : quota} exceeds the ${this.available} IOASIDs not yet given to a set`);
     }
     const set: SetRecord = {
       id: this.nextSetId++,
@@ -338,16 +336,10 @@ export class IoasidSpace {
     this.assertQuotaValue(quota);
     const target = quota === 0 ? set.quota + this.available : quota;
     if (target < set.size) {
-      throw coreError(
-        "QUOTA_BELOW_USAGE",
-        `set ${setId} has ${set.size} IOASIDs in use; a quota of ${target} is below that`,
-      );
+      throw coreError("QUOTA_BELOW_USAGE", `set ${setId} has ${set.size} IOASIDs in use; a quota of ${target} is below that`);
     }
     if (target - set.quota > this.available) {
-      throw coreError(
-        "CAPACITY_EXHAUSTED",
-        `raising set ${setId} to ${target} needs ${target - set.quota} more IOASIDs; ${this.available} are available`,
-      );
+      throw coreError("CAPACITY_EXHAUSTED", `raising set ${setId} to ${target} needs ${target - set.quota} more IOASIDs; ${this.available} are available`);
     }
     if (target === 0) throw coreError("CAPACITY_EXHAUSTED", "no IOASIDs are available for this set");
     this.available -= target - set.quota;
@@ -362,10 +354,7 @@ export class IoasidSpace {
   destroySet(setId: number): void {
     const set = this.requireSet(setId);
     if (set.size > 0) {
-      throw coreError(
-        "SET_NOT_EMPTY",
-        `set ${setId} still has ${set.size} IOASIDs; free them first or free the whole set`,
-      );
+      throw coreError("SET_NOT_EMPTY", `set ${setId} still has ${set.size} IOASIDs; free them first or free the whole set`);
     }
     this.destroy(set);
   }
@@ -456,7 +445,7 @@ export class IoasidSpace {
       return done;
     }
     const ids: number[] = [];
-    for (let next = min; ids.length < count; ) {
+    for (let next = min; ids.length < count;) {
       const id = this.bitmap.findFree(next, max);
       if (id < 0) {
         throw coreError("IOASID_RANGE_EXHAUSTED", `only ${ids.length} of ${count} IOASIDs are free in [${min}, ${max}]`);
@@ -622,8 +611,7 @@ export class IoasidSpace {
 
   /** Every allocated IOASID of a set (or of all sets), in ascending order. */
   listIoasids(setId?: number): IoasidInfo[] {
-    const ids =
-      setId === undefined ? [...this.sets.values()].flatMap((s) => this.membersOf(s)) : this.membersOf(this.requireSet(setId));
+    const ids = setId === undefined ? [...this.sets.values()].flatMap((s) => this.membersOf(s)) : this.membersOf(this.requireSet(setId));
     return ids.sort((a, b) => a - b).map((id) => this.info(id));
   }
 
@@ -715,15 +703,8 @@ export class IoasidSpace {
       throw coreError("SCOPE_INVALID", "scope must be global, a set, or an MM token");
     }
     for (const r of this.registrations.values()) {
-      if (
-        r.subscriber.name === subscriber.name &&
-        r.subscriber.instance === subscriber.instance &&
-        registrationScopeKey(r.scope) === scopeKey
-      ) {
-        throw coreError(
-          "REGISTRATION_EXISTS",
-          `${subscriber.name}/${subscriber.instance} is already registered on ${scopeKey} (registration ${r.id})`,
-        );
+      if (r.subscriber.name === subscriber.name && r.subscriber.instance === subscriber.instance && registrationScopeKey(r.scope) === scopeKey) {
+        throw coreError("REGISTRATION_EXISTS", `${subscriber.name}/${subscriber.instance} is already registered on ${scopeKey} (registration ${r.id})`);
       }
     }
     const reg: RegistrationRecord = {
@@ -817,10 +798,7 @@ export class IoasidSpace {
     const set = this.requireSet(setId);
     if (set.freeing) throw coreError("SET_FREEING", `set ${setId} is being freed and takes no new IOASIDs`);
     if (set.size + count > set.quota) {
-      throw coreError(
-        "SET_QUOTA_EXCEEDED",
-        `set ${setId} has ${set.quota - set.size} of its quota of ${set.quota} left; ${count} asked`,
-      );
+      throw coreError("SET_QUOTA_EXCEEDED", `set ${setId} has ${set.quota - set.size} of its quota of ${set.quota} left; ${count} asked`);
     }
     return { set, min, max };
   }
@@ -831,10 +809,7 @@ export class IoasidSpace {
       throw coreError("IOASID_RANGE_EXHAUSTED", `allocator ${custom.name} has no free IOASID in [${min}, ${max}]`);
     }
     if (!Number.isInteger(chosen) || chosen < min || chosen > max || this.bitmap.has(chosen)) {
-      throw coreError(
-        "ALLOCATOR_FAILED",
-        `allocator ${custom.name} returned ${chosen}, which is not a free IOASID in [${min}, ${max}]`,
-      );
+      throw coreError("ALLOCATOR_FAILED", `allocator ${custom.name} returned ${chosen}, which is not a free IOASID in [${min}, ${max}]`);
     }
     return chosen;
   }
@@ -958,15 +933,7 @@ export class IoasidSpace {
     pending.add(reg);
   }
 
-  private emit(
-    type: EventType,
-    ioasid: number,
-    set: SetRecord,
-    generation: number,
-    spid: number,
-    privateData: Uint8Array | undefined,
-    refcount: number,
-  ): void {
+  private emit(type: EventType, ioasid: number, set: SetRecord, generation: number, spid: number, privateData: Uint8Array | undefined, refcount: number): void {
     const seq = ++this.seq;
     if (this.onEvent === undefined) return;
     this.onEvent({ seq, type, ioasid, generation, spid, setId: set.id, token: set.token, privateData, refcount });
@@ -985,10 +952,7 @@ export class IoasidSpace {
       throw coreError("IOASID_NOT_IN_SET", `IOASID ${ioasid} does not belong to set ${setId}`);
     }
     if (generation !== 0 && generation !== this.gen[ioasid]) {
-      throw coreError(
-        "STALE_GENERATION",
-        `IOASID ${ioasid} is at generation ${this.gen[ioasid]}, the call names generation ${generation}`,
-      );
+      throw coreError("STALE_GENERATION", `IOASID ${ioasid} is at generation ${this.gen[ioasid]}, the call names generation ${generation}`);
     }
     return set;
   }
@@ -1012,10 +976,7 @@ export class IoasidSpace {
 
   private assertIoasid(value: number, what: string): void {
     if (!Number.isInteger(value) || value <= RID_PASID || value >= this.capacity) {
-      throw coreError(
-        "IOASID_OUT_OF_RANGE",
-        `${what} ${value} is outside 1..${this.capacity - 1} (PASID 0 is reserved)`,
-      );
+      throw coreError("IOASID_OUT_OF_RANGE", `${what} ${value} is outside 1..${this.capacity - 1} (PASID 0 is reserved)`);
     }
   }
 
@@ -1043,19 +1004,13 @@ export class IoasidSpace {
 
   private assertPrivateData(data: Uint8Array): void {
     if (!(data instanceof Uint8Array) || data.length > MAX_PRIVATE_DATA_BYTES) {
-      throw coreError(
-        "PRIVATE_DATA_TOO_LARGE",
-        `private data is ${data?.length} bytes; at most ${MAX_PRIVATE_DATA_BYTES} are accepted`,
-      );
+      throw coreError("PRIVATE_DATA_TOO_LARGE", `private data is ${data?.length} bytes; at most ${MAX_PRIVATE_DATA_BYTES} are accepted`);
     }
   }
 
   private assertEmptyForRegistration(set: SetRecord): void {
     if (set.size > 0) {
-      throw coreError(
-        "SET_NOT_EMPTY",
-        `set ${set.id} already has ${set.size} IOASIDs: register before the first allocation (no replay)`,
-      );
+      throw coreError("SET_NOT_EMPTY", `set ${set.id} already has ${set.size} IOASIDs: register before the first allocation (no replay)`);
     }
   }
 

@@ -1,15 +1,5 @@
 import { isDomainError } from "@ioasid/errors";
-import type {
-  Allocation,
-  FreeResult,
-  Holder,
-  IoasidInfo,
-  PutResult,
-  RegisterOptions,
-  Registration,
-  SetInfo,
-  SetToken,
-} from "@ioasid/ioasid";
+import type { Allocation, FreeResult, Holder, IoasidInfo, PutResult, RegisterOptions, Registration, SetInfo, SetToken } from "@ioasid/ioasid";
 
 /**
  * The IOASID core as a role sees it (DESIGN §2, "one port to the core (one name, one shape,

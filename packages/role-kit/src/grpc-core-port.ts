@@ -1,19 +1,18 @@
 import { isDomainError } from "@ioasid/errors";
 import { core, events } from "@ioasid/proto";
-import type {
-  EventType,
-  TokenType} from "@ioasid/ioasid";
-import {
-  IoasidState,
-  type Holder,
-  type IoasidInfo,
-  type RegisterOptions,
-  type Registration,
-  type SetInfo,
-  type SetToken,
-} from "@ioasid/ioasid";
+import type { EventType, TokenType } from "@ioasid/ioasid";
+import { IoasidState, type Holder, type IoasidInfo, type RegisterOptions, type Registration, type SetInfo, type SetToken } from "@ioasid/ioasid";
 import type { CorePort } from "./core-port.js";
-import { eventTypeFromWire, eventTypeToWire, priorityFromWire, priorityToWire, scopeFromWire, scopeToWire, tokenTypeFromWire, tokenTypeToWire } from "./core-wire.js";
+import {
+  eventTypeFromWire,
+  eventTypeToWire,
+  priorityFromWire,
+  priorityToWire,
+  scopeFromWire,
+  scopeToWire,
+  tokenTypeFromWire,
+  tokenTypeToWire,
+} from "./core-wire.js";
 import type { CoreClient } from "./role-kit.js";
 
 // The core's wire types (ts-proto) ↔ the domain model, on the client side; the enum tables and the

@@ -147,9 +147,13 @@ export async function runRole<C extends RoleBaseConfig, T>(spec: RoleSpec<C, T>)
   // History records wait until the tables they describe are kept (a crash takes back both).
   const gate = new HistoryGate({ quiet: () => built.parts?.quiet?.() ?? true });
   const store = gate.store(
-    failStopOnWriteError(kept, (err: unknown) => fatal("state store unwritable: exiting so a restart restores the kept tables and reconciles", { err: String(err) }), {
-      stopping,
-    }),
+    failStopOnWriteError(
+      kept,
+      (err: unknown) => fatal("state store unwritable: exiting so a restart restores the kept tables and reconciles", { err: String(err) }),
+      {
+        stopping,
+      },
+    ),
   );
   const p = await spec.build({ logger, nc, prefix: config.prefix, saved, store, history: (sink) => gate.wrap(sink), stopping });
   built.parts = p;

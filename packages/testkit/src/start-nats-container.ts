@@ -99,7 +99,9 @@ export async function startNatsContainer(options: StartNatsContainerOptions = {}
     );
   }
   if (!(await client.image.exists(tc.ImageName.fromString(image)))) {
-    throw new Error(`image ${image} is not in the Docker engine (the testkit never pulls): build it with \`docker compose build nats\`, or set IOASID_NATS_IMAGE`);
+    throw new Error(
+      `image ${image} is not in the Docker engine (the testkit never pulls): build it with \`docker compose build nats\`, or set IOASID_NATS_IMAGE`,
+    );
   }
 
   const port = await freePort();
@@ -135,7 +137,8 @@ export async function startNatsContainer(options: StartNatsContainerOptions = {}
   const ready = async (): Promise<void> => {
     const deadline = Date.now() + (options.readyTimeoutMs ?? 30_000);
     while (!(await canConnect("127.0.0.1", port, 500))) {
-      if (Date.now() > deadline) throw new Error(`nats-server in container ${id.slice(0, 12)} does not accept connections on 127.0.0.1:${port}; last output:\n${output.slice(-2000)}`);
+      if (Date.now() > deadline)
+        throw new Error(`nats-server in container ${id.slice(0, 12)} does not accept connections on 127.0.0.1:${port}; last output:\n${output.slice(-2000)}`);
       await new Promise((r) => setTimeout(r, 50));
     }
   };

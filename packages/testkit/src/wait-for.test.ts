@@ -13,9 +13,7 @@ describe("waitFor", () => {
   });
 
   it("fails after the timeout, saying what it waited for", async () => {
-    await expect(waitFor(() => false, { timeoutMs: 50, message: "three FREE events" })).rejects.toThrow(
-      "timed out after 50 ms waiting for three FREE events",
-    );
+    await expect(waitFor(() => false, { timeoutMs: 50, message: "three FREE events" })).rejects.toThrow("timed out after 50 ms waiting for three FREE events");
   });
 
   it("counts a throwing condition as false and quotes its last error", async () => {

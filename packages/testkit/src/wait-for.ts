@@ -22,10 +22,7 @@ export interface WaitForOptions {
  * @example
  * await waitFor(() => events.length === 3, { timeoutMs: 2000, message: "three FREE events" });
  */
-export async function waitFor(
-  condition: () => boolean | Promise<boolean>,
-  options: WaitForOptions = {},
-): Promise<void> {
+export async function waitFor(condition: () => boolean | Promise<boolean>, options: WaitForOptions = {}): Promise<void> {
   const { timeoutMs = 5000, intervalMs = 10, message = "the condition", signal } = options;
   const deadline = Date.now() + timeoutMs;
   let lastError: unknown;

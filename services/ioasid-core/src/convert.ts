@@ -11,7 +11,16 @@ import {
   type SetInfo,
   type SetToken,
 } from "@ioasid/ioasid";
-import { eventTypeFromWire, eventTypeToWire, priorityFromWire, priorityToWire, scopeFromWire, scopeToWire, tokenTypeFromWire, tokenTypeToWire } from "@ioasid/role-kit";
+import {
+  eventTypeFromWire,
+  eventTypeToWire,
+  priorityFromWire,
+  priorityToWire,
+  scopeFromWire,
+  scopeToWire,
+  tokenTypeFromWire,
+  tokenTypeToWire,
+} from "@ioasid/role-kit";
 import type { CommittedEvent } from "./event-log.js";
 
 // Translations between the wire (ts-proto types) and the domain model. Invalid enum values are

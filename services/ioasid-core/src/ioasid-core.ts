@@ -1,5 +1,14 @@
 import { coreError, IoasidSpace, MAX_BATCH_ALLOC, type Allocation, type IoasidEvent, type Registration } from "@ioasid/ioasid";
-import { eventTypeOf, type Chain, type DeliveryEngine, type DeliveryTarget, type HistoryActionInput, type HistoryFields, type MissedDelivery, type SettledAck } from "@ioasid/bus";
+import {
+  eventTypeOf,
+  type Chain,
+  type DeliveryEngine,
+  type DeliveryTarget,
+  type HistoryActionInput,
+  type HistoryFields,
+  type MissedDelivery,
+  type SettledAck,
+} from "@ioasid/bus";
 import type { events } from "@ioasid/proto";
 import { fromCommittedEvent } from "./convert.js";
 import { EventLog } from "./event-log.js";
@@ -115,8 +124,7 @@ export class IoasidCore {
           if (!this.replaying) this.externals.get(name)?.release(id);
         });
       },
-      onReleaseRefused: (ioasid, holder, reason) =>
-        this.options.log?.("warn", "release with an acknowledgement refused", { ioasid, holder, reason }),
+      onReleaseRefused: (ioasid, holder, reason) => this.options.log?.("warn", "release with an acknowledgement refused", { ioasid, holder, reason }),
       onRef: (r) => {
         if (!this.recording) return;
         const change = { holder: { role: r.holder.role, instance: r.holder.instance, purpose: r.holder.purpose } };
@@ -328,7 +336,12 @@ export class IoasidCore {
   /** The delivery engine's callback for missed deliveries. */
   onMissed(missed: readonly MissedDelivery[]): void {
     for (const m of missed) {
-      this.options.log?.("warn", "delivery missed", { seq: m.seq, registration: m.registrationId, subscriber: `${m.subscriber.name}/${m.subscriber.instance}`, reason: m.reason });
+      this.options.log?.("warn", "delivery missed", {
+        seq: m.seq,
+        registration: m.registrationId,
+        subscriber: `${m.subscriber.name}/${m.subscriber.instance}`,
+        reason: m.reason,
+      });
     }
     this.execute({ kind: "misses", misses: missed.map((m) => ({ seq: m.seq, registrationId: m.registrationId })) }, false);
   }
@@ -444,7 +457,10 @@ export class IoasidCore {
         priority: o.priority,
         pending: !reg.active,
       };
-      this.emitHistory(o.scope.kind === "mm" ? { $case: "ioasidRegisterNotifierMm", value } : { $case: "ioasidRegisterNotifier", value }, reg.setId === 0 ? {} : { setId: reg.setId });
+      this.emitHistory(
+        o.scope.kind === "mm" ? { $case: "ioasidRegisterNotifierMm", value } : { $case: "ioasidRegisterNotifier", value },
+        reg.setId === 0 ? {} : { setId: reg.setId },
+      );
     }
     if (op.kind === "acks") {
       for (const { seq, registrationId: reg } of op.acks) this.mark(seq, reg, ACKED);
@@ -480,13 +496,16 @@ export class IoasidCore {
   private onEvent(e: IoasidEvent): void {
     const committed = this.log.append(e, this.currentTs);
     if (this.recording) {
-      this.pendingEventHistory.push([{ $case: "ioasidNotify", value: { type: eventTypeOf(e.type) } }, {
-        ...(e.ioasid === 0xffffffff ? {} : { ioasid: e.ioasid, generation: e.generation }),
-        setId: e.setId,
-        ...(e.spid === 0 ? {} : { spid: e.spid }),
-        refcount: e.refcount,
-        seq: e.seq,
-      }]);
+      this.pendingEventHistory.push([
+        { $case: "ioasidNotify", value: { type: eventTypeOf(e.type) } },
+        {
+          ...(e.ioasid === 0xffffffff ? {} : { ioasid: e.ioasid, generation: e.generation }),
+          setId: e.setId,
+          ...(e.spid === 0 ? {} : { spid: e.spid }),
+          refcount: e.refcount,
+          seq: e.seq,
+        },
+      ]);
     }
     const targets = this.targetsOf(this.space.recipients(e));
     if (targets.length === 0) return;

@@ -95,4 +95,3 @@ runUntilSignal(running.server, {
   },
 });
 held.release();
-

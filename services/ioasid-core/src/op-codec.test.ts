@@ -50,7 +50,12 @@ const EXAMPLES: Record<OperationKind, CommittedOperation[]> = {
     },
     {
       kind: "register",
-      options: { subscriber: { name: "iommu", instance: "dmar0" }, priority: Priority.IOMMU, scope: { kind: "global" }, events: [EventType.FREE, EventType.SET_FREE] },
+      options: {
+        subscriber: { name: "iommu", instance: "dmar0" },
+        priority: Priority.IOMMU,
+        scope: { kind: "global" },
+        events: [EventType.FREE, EventType.SET_FREE],
+      },
       commitTimeMs: T,
     },
     {
@@ -172,7 +177,9 @@ describe("op-log codec (ioasid.oplog.v1)", () => {
   it("refuses a message without the format header that is not the old JSON either", () => {
     // A valid OpBatch without its header is refused too: the header is the format marker.
     for (const data of [Buffer.from([0xff, 0x00, 0x13, 0x37]), Buffer.from("hello"), Buffer.from(batch(ALL).data)]) {
-      expect(refusal({ seq: 4, format: undefined, data }).message).toContain("message 4 of the operation log (JetStream stream IOASID_CORE_OPS) is not an op-log message");
+      expect(refusal({ seq: 4, format: undefined, data }).message).toContain(
+        "message 4 of the operation log (JetStream stream IOASID_CORE_OPS) is not an op-log message",
+      );
     }
   });
 
@@ -190,14 +197,22 @@ describe("op-log codec (ioasid.oplog.v1)", () => {
       [encodeBatch([oplog.Operation.encode({ commitTime: new Date(T), kind: undefined }).finish()]), "operation 1: it has no kind"],
       [encodeBatch([oplog.Operation.encode({ commitTime: undefined, kind: { $case: "freeSet", value: { setId: 1 } } }).finish()]), "it has no commit time"],
       [
-        encodeBatch([oplog.Operation.encode({ commitTime: new Date(T), kind: { $case: "put", value: { setId: 1, ioasid: 2, holder: undefined, generation: 0 } } }).finish()]),
+        encodeBatch([
+          oplog.Operation.encode({
+            commitTime: new Date(T),
+            kind: { $case: "put", value: { setId: 1, ioasid: 2, holder: undefined, generation: 0 } },
+          }).finish(),
+        ]),
         "put: it has no holder",
       ],
       [
         encodeBatch([
           oplog.Operation.encode({
             commitTime: new Date(T),
-            kind: { $case: "register", value: { subscriber: { name: "a", instance: "b" }, priority: 9 as events.Priority, scope: { $case: "global", value: true }, events: [] } },
+            kind: {
+              $case: "register",
+              value: { subscriber: { name: "a", instance: "b" }, priority: 9 as events.Priority, scope: { $case: "global", value: true }, events: [] },
+            },
           }).finish(),
         ]),
         "priority 9",

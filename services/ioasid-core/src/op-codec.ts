@@ -142,14 +142,7 @@ function damaged(where: string, format: string, problem: string, stream: string,
  * Decodes, and refuses what re-encodes differently: protobuf readers skip fields they do not know,
  * and an operation with a field this core would ignore is an operation misread.
  */
-function decodeStrictly<T>(
-  fns: oplog.MessageFns<T>,
-  data: Uint8Array,
-  where: string,
-  format: string,
-  stream: string,
-  at: OpLogFormatError["at"],
-): T {
+function decodeStrictly<T>(fns: oplog.MessageFns<T>, data: Uint8Array, where: string, format: string, stream: string, at: OpLogFormatError["at"]): T {
   let decoded: T;
   try {
     decoded = fns.decode(data);
@@ -220,7 +213,11 @@ function toWireKind(op: Operation): oplog.Operation["kind"] {
         $case: op.kind,
         value: {
           subscriber: { name: op.subscriber.name, instance: op.subscriber.instance },
-          acks: op.acks.map((a) => ({ seq: BigInt(a.seq), registrationId: a.registrationId, release: a.release === undefined ? undefined : { ...a.release, purposes: [...a.release.purposes] } })),
+          acks: op.acks.map((a) => ({
+            seq: BigInt(a.seq),
+            registrationId: a.registrationId,
+            release: a.release === undefined ? undefined : { ...a.release, purposes: [...a.release.purposes] },
+          })),
         },
       };
     case "misses":
@@ -263,7 +260,8 @@ function fromWireKind(kind: NonNullable<oplog.Operation["kind"]>): Operation {
   switch (kind.$case) {
     case "createSet": {
       const v = kind.value;
-      const type = v.tokenType === events.TokenType.TOKEN_TYPE_MM ? TokenType.MM : v.tokenType === events.TokenType.TOKEN_TYPE_NONE ? TokenType.NONE : undefined;
+      const type =
+        v.tokenType === events.TokenType.TOKEN_TYPE_MM ? TokenType.MM : v.tokenType === events.TokenType.TOKEN_TYPE_NONE ? TokenType.NONE : undefined;
       if (type === undefined) throw new Error(`createSet: token type ${v.tokenType} is not NONE or MM`);
       return { kind: kind.$case, token: { type, value: v.token }, quota: v.quota };
     }
@@ -290,7 +288,13 @@ function fromWireKind(kind: NonNullable<oplog.Operation["kind"]>): Operation {
       return { kind: kind.$case, setId: kind.value.setId, ioasid: kind.value.ioasid, generation: kind.value.generation };
     case "get":
     case "put":
-      return { kind: kind.$case, setId: kind.value.setId, ioasid: kind.value.ioasid, holder: holderOf(kind.$case, kind.value.holder), generation: kind.value.generation };
+      return {
+        kind: kind.$case,
+        setId: kind.value.setId,
+        ioasid: kind.value.ioasid,
+        holder: holderOf(kind.$case, kind.value.holder),
+        generation: kind.value.generation,
+      };
     case "findBySpid":
       return { kind: kind.$case, setId: kind.value.setId, spid: kind.value.spid, holder: holderOf(kind.$case, kind.value.holder) };
     case "attachSpid":

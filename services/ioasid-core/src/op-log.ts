@@ -218,9 +218,11 @@ export class OpLog {
     // Operations appended meanwhile (the first misses of a recovered delivery) wait for it (chaos
     // soak, seed 4: written with the sequence the seal took, through a slow link, they were refused
     // and the core fail-stopped at every start until the link healed).
-    const sealing = this.js.publish(this.subject, encodeSeal(new Date()), { headers: formatHeaders(OpLogFormat.SEAL), expect: { lastSequence: expected } }).then(() => {
-      this.lastSeq = expected + 1;
-    });
+    const sealing = this.js
+      .publish(this.subject, encodeSeal(new Date()), { headers: formatHeaders(OpLogFormat.SEAL), expect: { lastSequence: expected } })
+      .then(() => {
+        this.lastSeq = expected + 1;
+      });
     this.sealing = sealing;
     try {
       await sealing;

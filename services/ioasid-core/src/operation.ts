@@ -161,7 +161,14 @@ export function applyOperation(ctx: ApplyContext, op: Operation): unknown {
       return space.free(op.setId, op.ioasid, op.generation);
     case "get": {
       const r = space.get(op.setId, op.ioasid, op.holder, op.generation);
-      ctx.onRef?.({ kind: "get", setId: op.setId, ioasid: op.ioasid, generation: generationOf(space, op.ioasid, op.generation), holder: op.holder, refcount: r.refcount });
+      ctx.onRef?.({
+        kind: "get",
+        setId: op.setId,
+        ioasid: op.ioasid,
+        generation: generationOf(space, op.ioasid, op.generation),
+        holder: op.holder,
+        refcount: r.refcount,
+      });
       return r;
     }
     case "put": {

@@ -2,20 +2,18 @@ import { core } from "@ioasid/proto";
 import { coreError, INVALID_IOASID, MAX_BATCH_ALLOC, type FreeResult, type PutResult, type Registration, type SetInfo } from "@ioasid/ioasid";
 import { createClient, createGrpcServer, type GrpcServer, type ServiceHandlers } from "@ioasid/grpc-kit";
 import type { Logger } from "pino";
-import { DEFAULT_PREFIX, DeliveryEngine, ensureHistoryStream, HistoryRecorder, lastHistoryHeaders, type HistoryActionInput, type HistoryFields } from "@ioasid/bus";
+import {
+  DEFAULT_PREFIX,
+  DeliveryEngine,
+  ensureHistoryStream,
+  HistoryRecorder,
+  lastHistoryHeaders,
+  type HistoryActionInput,
+  type HistoryFields,
+} from "@ioasid/bus";
 import type { NatsConnection } from "@nats-io/transport-node";
 import { OpLog } from "./op-log.js";
-import {
-  fromCommittedEvent,
-  fromIoasidInfo,
-  fromRegistration,
-  fromSetInfo,
-  nonEmpty,
-  toHolder,
-  toRegisterOptions,
-  toBuffer,
-  toSetToken,
-} from "./convert.js";
+import { fromCommittedEvent, fromIoasidInfo, fromRegistration, fromSetInfo, nonEmpty, toHolder, toRegisterOptions, toBuffer, toSetToken } from "./convert.js";
 import type { CommittedEvent } from "./event-log.js";
 import { IoasidCore, type ExternalAllocator } from "./ioasid-core.js";
 

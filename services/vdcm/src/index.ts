@@ -25,7 +25,28 @@ export type { ClearResult, IoasidEventLike, VdcmOptions } from "./domain/vdcm-op
 export { purposeOf, Vdcm, VDCM_ROLE } from "./vdcm.js";
 export { invalidField, vdcmError, VdcmReason } from "./domain/vdcm-errors.js";
 export type { KeptDevice, KeptMdev, KeptPasidEntry, KeptRegistration, VdcmKeptEntry } from "./domain/vdcm-kept-entry.js";
-export { DEFAULT_MAX_PASID_ENTRIES, DEFAULT_WQ_SIZE, EntryState, MAX_DEVICE_ID_LENGTH, MAX_GPASID, MAX_PASID_ENTRIES, MAX_WQ_SIZE, MAX_WQS_PER_DEVICE, normalizeMdevUuid, WqMode } from "./domain/vdcm-model.js";
+export {
+  DEFAULT_MAX_PASID_ENTRIES,
+  DEFAULT_WQ_SIZE,
+  EntryState,
+  MAX_DEVICE_ID_LENGTH,
+  MAX_GPASID,
+  MAX_PASID_ENTRIES,
+  MAX_WQ_SIZE,
+  MAX_WQS_PER_DEVICE,
+  normalizeMdevUuid,
+  WqMode,
+} from "./domain/vdcm-model.js";
 export { VdcmState, type VdcmStateOptions } from "./domain/vdcm-state.js";
-export type { DevicePasidEntry, DeviceSpec, DeviceView, MdevView, ResolvedWq, VdcmSnapshot, WorkQueueView, WqReservation, WqSpec } from "./domain/vdcm-views.js";
+export type {
+  DevicePasidEntry,
+  DeviceSpec,
+  DeviceView,
+  MdevView,
+  ResolvedWq,
+  VdcmSnapshot,
+  WorkQueueView,
+  WqReservation,
+  WqSpec,
+} from "./domain/vdcm-views.js";
 export { fromVdcmStateEntry, toVdcmStateEntry, VDCM_STATE_FORMAT, vdcmStateCodec } from "./adapters/vdcm-state-codec.js";

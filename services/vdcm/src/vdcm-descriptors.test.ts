@@ -62,7 +62,9 @@ describe("Vdcm descriptor submission", () => {
     alloc(core, VM1, 201, 101);
     await vdcm.writeWqPasid(M1, 0, 101);
     dma.mapped.add("201:0");
-    expect(await vdcm.submitDescriptor(noop({ virtualWq: 0, descriptor: { op: DescriptorOp.FILL, srcAddress: 0n, dstAddress: 4000n, size: 200n } }))).toMatchObject({
+    expect(
+      await vdcm.submitDescriptor(noop({ virtualWq: 0, descriptor: { op: DescriptorOp.FILL, srcAddress: 0n, dstAddress: 4000n, size: 200n } })),
+    ).toMatchObject({
       status: CompletionStatus.DMA_FAULT,
       bytesCompleted: 96n,
       faultAddress: 4096n,

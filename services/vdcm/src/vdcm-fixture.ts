@@ -58,7 +58,9 @@ export function freeEvent(core: InProcessCore, ioasid: number): IoasidEvent {
 
 /** The puts VDCM made, as `put <set> <ioasid> <purpose>`. */
 export const puts = (core: InProcessCore): string[] =>
-  core.requests.filter((r) => r.call === "put").map(({ args: [setId, ioasid, holder] }) => `put ${String(setId)} ${String(ioasid)} ${(holder as Holder).purpose}`);
+  core.requests
+    .filter((r) => r.call === "put")
+    .map(({ args: [setId, ioasid, holder] }) => `put ${String(setId)} ${String(ioasid)} ${(holder as Holder).purpose}`);
 
 /** VDCM's registrations at the core: the sets they are on. */
 export const registeredSets = (core: InProcessCore): number[] =>

@@ -140,7 +140,11 @@ describe("Vdcm stale contexts (an IOASID reused while the device still has the o
     alloc(core, VM1, 201, 101);
     await vdcm.writeWqPasid(M1, 0, 101);
     const gen = reuseForVm2(core);
-    await refused(vdcm.submitDescriptor(noop({ mdevUuid: M2, pasid: 201, generation: gen, pasidSpace: PasidSpace.HOST })), Code.FAILED_PRECONDITION, "PASID_IN_USE");
+    await refused(
+      vdcm.submitDescriptor(noop({ mdevUuid: M2, pasid: 201, generation: gen, pasidSpace: PasidSpace.HOST })),
+      Code.FAILED_PRECONDITION,
+      "PASID_IN_USE",
+    );
     expect(dma.requests).toEqual([]);
     expect(holders(core, 201)).toEqual({ "set-owner": 1 });
   });

@@ -15,7 +15,12 @@ describe("Vdcm reconcile", () => {
   it("releases the references and registrations an earlier run left behind", async () => {
     const core = new InProcessCore();
     createSets(core);
-    core.space.register({ subscriber: { name: "vdcm", instance: "vdcm0" }, priority: Priority.DEVICE, scope: { kind: "set", setId: VM1 }, events: [EventType.FREE] });
+    core.space.register({
+      subscriber: { name: "vdcm", instance: "vdcm0" },
+      priority: Priority.DEVICE,
+      scope: { kind: "set", setId: VM1 },
+      events: [EventType.FREE],
+    });
     alloc(core, VM1, 201, 101);
     const stale = { role: "vdcm", instance: "vdcm0", purpose: `${DEV}.wq0` };
     core.space.get(VM1, 201, stale, 0);

@@ -415,7 +415,9 @@ export class Vdcm {
       }
       const backed = new Set<string>();
       for (const h of held) {
-        const entry = entries.find((e) => e.setId === h.setId && e.hpasid === h.ioasid && e.generation === h.generation && purposeOf(e.deviceId, e.wqId) === h.purpose);
+        const entry = entries.find(
+          (e) => e.setId === h.setId && e.hpasid === h.ioasid && e.generation === h.generation && purposeOf(e.deviceId, e.wqId) === h.purpose,
+        );
         const keep = entry === undefined ? 0 : 1;
         if (entry !== undefined) backed.add(`${entry.deviceId}/${entry.wqId}`);
         for (let i = keep; i < h.count; i++) {
@@ -523,7 +525,11 @@ export class Vdcm {
       this.sweepSets.delete(setId);
       const entries = this.state.snapshot().devices.flatMap((d) => d.pasidEntries);
       for (const h of held) {
-        const backed = entries.some((e) => e.setId === h.setId && e.hpasid === h.ioasid && e.generation === h.generation && purposeOf(e.deviceId, e.wqId) === h.purpose) ? 1 : 0;
+        const backed = entries.some(
+          (e) => e.setId === h.setId && e.hpasid === h.ioasid && e.generation === h.generation && purposeOf(e.deviceId, e.wqId) === h.purpose,
+        )
+          ? 1
+          : 0;
         for (let i = backed; i < h.count; i++) {
           if (await this.putQuietly(h.setId, h.ioasid, this.holder(h.purpose), h.generation, "taken by a call whose answer was lost")) {
             this.log("info", "released a reference no entry backs", { setId: h.setId, ioasid: h.ioasid, generation: h.generation, purpose: h.purpose });
@@ -548,7 +554,14 @@ export class Vdcm {
       } catch (err) {
         const e = DomainError.from(err);
         if (e.code === Code.UNAVAILABLE || e.code === Code.DEADLINE_EXCEEDED) this.pendingPuts.push(p);
-        else this.log("warn", "deferred reference release refused (nothing to drop)", { setId: p.setId, ioasid: p.ioasid, generation: p.generation, holder: p.holder, reason: e.reason });
+        else
+          this.log("warn", "deferred reference release refused (nothing to drop)", {
+            setId: p.setId,
+            ioasid: p.ioasid,
+            generation: p.generation,
+            holder: p.holder,
+            reason: e.reason,
+          });
       }
     }
     return this.pendingPuts.length + this.sweepSets.size;
@@ -620,7 +633,10 @@ export class Vdcm {
 
   private recordDropped(wq: ResolvedWq, s: Submission, err: DomainError): void {
     this.history?.record(
-      { $case: "submit", value: { device: wq.deviceId, wq: wq.wqId, mdev: wq.mdevUuid, dropped: true, pasidSpace: s.pasidSpace ?? "", pasid: s.pasid, reason: err.reason } },
+      {
+        $case: "submit",
+        value: { device: wq.deviceId, wq: wq.wqId, mdev: wq.mdevUuid, dropped: true, pasidSpace: s.pasidSpace ?? "", pasid: s.pasid, reason: err.reason },
+      },
       { setId: wq.setId },
     );
   }

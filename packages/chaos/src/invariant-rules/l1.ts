@@ -27,10 +27,12 @@ export const L1: Rule = {
       const excused = faultOverlaps(ctx, FREE_PATH, from, to);
       const what = `free (op ${span.opId}${span.op.vm === undefined ? "" : `, VM ${span.op.vm}`}${span.op.ioasid === undefined ? "" : `, IOASID ${span.op.ioasid}`})`;
       const evidence = [span.invoke!, ...(span.completion === undefined ? [] : [span.completion])];
-      const ids = span.op.ioasid === undefined ? {} : { ioasid: span.op.ioasid, ...(span.op.generation === undefined ? {} : { generation: span.op.generation }) };
+      const ids =
+        span.op.ioasid === undefined ? {} : { ioasid: span.op.ioasid, ...(span.op.generation === undefined ? {} : { generation: span.op.generation }) };
       if (span.outcome === "ok" || span.outcome === "fail") {
         const latency = span.op.latencyMs ?? to - from;
-        if (latency > ctx.options.freeLatencyBoundMs && !excused) out.push({ ...ids, message: `${what} took ${latency.toFixed(1)} ms, over the bound of ${ctx.options.freeLatencyBoundMs} ms`, evidence });
+        if (latency > ctx.options.freeLatencyBoundMs && !excused)
+          out.push({ ...ids, message: `${what} took ${latency.toFixed(1)} ms, over the bound of ${ctx.options.freeLatencyBoundMs} ms`, evidence });
       } else if (!excused) {
         out.push({ ...ids, message: `${what} ${span.outcome === "info" ? "ended indeterminate" : "never returned"} with no fault on its path`, evidence });
       }

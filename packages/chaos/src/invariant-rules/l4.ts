@@ -47,7 +47,10 @@ export const L4: Rule = {
         setId: set.setId,
         message: `final state: ${reg.subscriber}/${reg.instance}'s registration for mm ${reg.mmToken} is ${reg.active ? `active on set ${reg.setId}` : "pending"} while set ${set.setId} has that token`,
         evidence: [],
-        facts: [`registration ${reg.subscriber}/${reg.instance} mm ${reg.mmToken} ${reg.active ? "active" : "pending"} set ${reg.setId}`, `set ${set.setId} mm ${set.mmToken}`],
+        facts: [
+          `registration ${reg.subscriber}/${reg.instance} mm ${reg.mmToken} ${reg.active ? "active" : "pending"} set ${reg.setId}`,
+          `set ${set.setId} mm ${set.mmToken}`,
+        ],
       });
     }
     return out;

@@ -146,7 +146,6 @@ export function liveAtEnd(ctx: RuleContext, ioasid: number, generation: number |
   return list.some((i) => i.ioasid === ioasid && (generation === undefined || i.generation === generation));
 }
 
-
 /**
  * How much earlier than its marker a service's own exit may have begun: the runner records a
  * self-exit (`cause: "exit"`, e.g. the core's fail-stop) when it sees the process gone, after the

@@ -17,7 +17,12 @@ export const S1: Rule = {
       const freed = l.frees.some((i) => i < reclaim);
       const lastIsFree = last !== undefined && eventOf(rec(ctx, last)) === "FREE";
       if (rc !== undefined && !(rc === 0 || (rc === 1 && !freed && !lastIsFree))) {
-        out.push({ ...subject(l), message: `${name(l)} reclaimed while the core's count stood at ${rc}`, evidence: [last!, reclaim], absence: { role: CORE_ROLE, from: ts(ctx, last!), to: ts(ctx, reclaim) } });
+        out.push({
+          ...subject(l),
+          message: `${name(l)} reclaimed while the core's count stood at ${rc}`,
+          evidence: [last!, reclaim],
+          absence: { role: CORE_ROLE, from: ts(ctx, last!), to: ts(ctx, reclaim) },
+        });
       }
       // The holders the history shows, independent of the core's own count.
       const held = new Map<string, number[]>();
@@ -55,8 +60,15 @@ export const S1: Rule = {
         const next = list[i]!;
         const prevEnd = prev.reclaims[0];
         if (prevEnd === undefined || prevEnd > next.alloc!) {
-          const lastRef = [...prev.refs, ...prev.frees].filter((x) => x < next.alloc!).sort((a, b) => a - b).at(-1);
-          const lastSeen = ctx.index.membersOf(prev.key).filter((x) => x < next.alloc!).at(-1) ?? prev.alloc!;
+          const lastRef = [...prev.refs, ...prev.frees]
+            .filter((x) => x < next.alloc!)
+            .sort((a, b) => a - b)
+            .at(-1);
+          const lastSeen =
+            ctx.index
+              .membersOf(prev.key)
+              .filter((x) => x < next.alloc!)
+              .at(-1) ?? prev.alloc!;
           out.push({
             ...subject(next),
             message: `${name(next)} allocated while ${name(prev)} was not reclaimed${lastRef === undefined ? "" : ` (count ${String(rec(ctx, lastRef).refcount)})`}`,
@@ -65,7 +77,11 @@ export const S1: Rule = {
           });
         }
         if (next.generation <= prev.generation) {
-          out.push({ ...subject(next), message: `${name(next)} allocated after generation ${prev.generation}: generations must grow`, evidence: [prev.alloc!, next.alloc!] });
+          out.push({
+            ...subject(next),
+            message: `${name(next)} allocated after generation ${prev.generation}: generations must grow`,
+            evidence: [prev.alloc!, next.alloc!],
+          });
         }
       }
     }

@@ -19,7 +19,11 @@ export const S4: Rule = {
         const k = `${r.setId}/${r.spid}`;
         const other = live.get(k);
         if (other !== undefined && other.l !== l) {
-          out.push({ ...subject(l), message: `SPID ${r.spid} of set ${r.setId} bound to ${name(l)} while still bound to ${name(other.l)}`, evidence: [other.idx, idx] });
+          out.push({
+            ...subject(l),
+            message: `SPID ${r.spid} of set ${r.setId} bound to ${name(l)} while still bound to ${name(other.l)}`,
+            evidence: [other.idx, idx],
+          });
         }
         live.set(k, { l, idx });
         heldBy.set(l.key, k);
@@ -31,7 +35,8 @@ export const S4: Rule = {
     });
     ctx.index.records.forEach((r, idx) => {
       const translation =
-        (r.role === "kvm" && r.action?.$case === "vmcsUpdate" && r.action.value.kind === h.VmcsUpdateKind.VMCS_UPDATE_KIND_INSTALL) || (r.role === "vdcm" && r.action?.$case === "vdevWrite");
+        (r.role === "kvm" && r.action?.$case === "vmcsUpdate" && r.action.value.kind === h.VmcsUpdateKind.VMCS_UPDATE_KIND_INSTALL) ||
+        (r.role === "vdcm" && r.action?.$case === "vdevWrite");
       if (!translation || r.spid === undefined) return;
       const l = ctx.index.lifecycleOf(idx);
       if (l?.alloc === undefined) return; // the generation began before the history: its BIND may be missing
@@ -51,7 +56,13 @@ export const S4: Rule = {
       const k = `${i.setId}/${i.spid}`;
       const other = seen.get(k);
       if (other !== undefined) {
-        out.push({ ioasid: i.ioasid, setId: i.setId, message: `final state: SPID ${i.spid} of set ${i.setId} maps to IOASIDs ${other} and ${i.ioasid}`, evidence: [], facts: [`set ${i.setId} SPID ${i.spid} → ${other}`, `set ${i.setId} SPID ${i.spid} → ${i.ioasid}`] });
+        out.push({
+          ioasid: i.ioasid,
+          setId: i.setId,
+          message: `final state: SPID ${i.spid} of set ${i.setId} maps to IOASIDs ${other} and ${i.ioasid}`,
+          evidence: [],
+          facts: [`set ${i.setId} SPID ${i.spid} → ${other}`, `set ${i.setId} SPID ${i.spid} → ${i.ioasid}`],
+        });
       }
       seen.set(k, i.ioasid);
     }

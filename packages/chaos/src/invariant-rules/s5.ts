@@ -5,7 +5,10 @@ import { rec, ts, notAfter, name, who, holderText, subject, lifecycles, type Fin
 
 /** The tiers of a FREE's teardown, in the order DESIGN §5 and the IOASID document require. */
 const TEARDOWN_STAGES: ReadonlyArray<{ readonly name: string; readonly match: (r: HistoryRecord) => boolean }> = [
-  { name: "KVM entry cleared", match: (r) => r.role === "kvm" && r.action?.$case === "vmcsUpdate" && r.action.value.kind === h.VmcsUpdateKind.VMCS_UPDATE_KIND_CLEAR },
+  {
+    name: "KVM entry cleared",
+    match: (r) => r.role === "kvm" && r.action?.$case === "vmcsUpdate" && r.action.value.kind === h.VmcsUpdateKind.VMCS_UPDATE_KIND_CLEAR,
+  },
   { name: "device drained/cleared", match: (r) => r.role === "vdcm" && r.action?.$case === "vdevClear" },
   { name: "IOMMU entry torn down and flushed", match: (r) => r.role === "iommu" && (r.action?.$case === "teardownPasid" || r.action?.$case === "iotlbFlush") },
   { name: "faults answered", match: (r) => r.role === "iommu" && r.action?.$case === "pageResponse" },
@@ -41,7 +44,14 @@ export const S5: Rule = {
               ...subject(l),
               message: `${name(l)}: "${TEARDOWN_STAGES[b]!.name}" (${who(rec(ctx, early))}) came before "${TEARDOWN_STAGES[a]!.name}" (${who(rec(ctx, late))})`,
               evidence: [free, early, late],
-              missedDelivery: { role: rec(ctx, late).role, instance: rec(ctx, late).instance, seq, before: ts(ctx, early), from: ts(ctx, free), to: ts(ctx, late) },
+              missedDelivery: {
+                role: rec(ctx, late).role,
+                instance: rec(ctx, late).instance,
+                seq,
+                before: ts(ctx, early),
+                from: ts(ctx, free),
+                to: ts(ctx, late),
+              },
             });
             break;
           }
@@ -53,17 +63,23 @@ export const S5: Rule = {
         const own = h === undefined ? undefined : stageOfRole[h.role];
         const pending = own?.filter((x) => rec(ctx, x).instance === h!.instance && !notAfter(ctx, x, p));
         if (pending !== undefined && pending.length > 0) {
-          out.push({ ...subject(l), message: `${name(l)}: ${holderText(rec(ctx, p))} released its reference before its own teardown (${who(rec(ctx, pending[0]!))})`, evidence: [free, p, pending[0]!] });
+          out.push({
+            ...subject(l),
+            message: `${name(l)}: ${holderText(rec(ctx, p))} released its reference before its own teardown (${who(rec(ctx, pending[0]!))})`,
+            evidence: [free, p, pending[0]!],
+          });
         }
       }
       if (reclaim === undefined) continue;
       const late = stages.flat().find((x) => !notAfter(ctx, x, reclaim));
-      if (late !== undefined) out.push({ ...subject(l), message: `${name(l)} reclaimed before its teardown finished (${who(rec(ctx, late))})`, evidence: [free, reclaim, late] });
+      if (late !== undefined)
+        out.push({ ...subject(l), message: `${name(l)} reclaimed before its teardown finished (${who(rec(ctx, late))})`, evidence: [free, reclaim, late] });
       const lateAnswer = ctx.index.membersOf(l.key).find((idx) => {
         const r = rec(ctx, idx);
         return r.role === "iommu" && r.action?.$case === "pageResponse" && idx > free && !stages[3]!.includes(idx) && !notAfter(ctx, idx, reclaim);
       });
-      if (lateAnswer !== undefined) out.push({ ...subject(l), message: `${name(l)} reclaimed before a fault group of it was answered`, evidence: [free, reclaim, lateAnswer] });
+      if (lateAnswer !== undefined)
+        out.push({ ...subject(l), message: `${name(l)} reclaimed before a fault group of it was answered`, evidence: [free, reclaim, lateAnswer] });
     }
     return out;
   },

@@ -14,18 +14,40 @@ export const S6: Rule = {
         out.push({
           message: `final state: available ${f.available} + Σ quotas ${sum} = ${f.available + sum}, not capacity ${f.capacity} − ${reserved} = ${f.capacity - reserved}`,
           evidence: [],
-          facts: [`capacity ${f.capacity}, reserved ${reserved}, available ${f.available}`, ...f.sets.map((s) => `set ${s.setId} quota ${s.quota} in use ${s.inUse}`)],
+          facts: [
+            `capacity ${f.capacity}, reserved ${reserved}, available ${f.available}`,
+            ...f.sets.map((s) => `set ${s.setId} quota ${s.quota} in use ${s.inUse}`),
+          ],
         });
       }
       for (const s of f.sets) {
-        if (s.inUse > s.quota) out.push({ setId: s.setId, message: `final state: set ${s.setId} has ${s.inUse} in use over its quota of ${s.quota}`, evidence: [], facts: [`set ${s.setId} quota ${s.quota} in use ${s.inUse}`] });
+        if (s.inUse > s.quota)
+          out.push({
+            setId: s.setId,
+            message: `final state: set ${s.setId} has ${s.inUse} in use over its quota of ${s.quota}`,
+            evidence: [],
+            facts: [`set ${s.setId} quota ${s.quota} in use ${s.inUse}`],
+          });
         if (f.ioasids !== undefined) {
           const n = f.ioasids.filter((i) => i.setId === s.setId).length;
-          if (n !== s.inUse) out.push({ setId: s.setId, message: `final state: set ${s.setId} says ${s.inUse} in use, but ${n} of its IOASIDs are live`, evidence: [], facts: [`set ${s.setId} in use ${s.inUse}`, `live IOASIDs of set ${s.setId}: ${n}`] });
+          if (n !== s.inUse)
+            out.push({
+              setId: s.setId,
+              message: `final state: set ${s.setId} says ${s.inUse} in use, but ${n} of its IOASIDs are live`,
+              evidence: [],
+              facts: [`set ${s.setId} in use ${s.inUse}`, `live IOASIDs of set ${s.setId}: ${n}`],
+            });
         }
       }
       for (const i of f.ioasids ?? []) {
-        if (!f.sets.some((s) => s.setId === i.setId)) out.push({ ioasid: i.ioasid, setId: i.setId, message: `final state: IOASID ${i.ioasid} is live in set ${i.setId}, which does not exist`, evidence: [], facts: [`IOASID ${i.ioasid} set ${i.setId}`] });
+        if (!f.sets.some((s) => s.setId === i.setId))
+          out.push({
+            ioasid: i.ioasid,
+            setId: i.setId,
+            message: `final state: IOASID ${i.ioasid} is live in set ${i.setId}, which does not exist`,
+            evidence: [],
+            facts: [`IOASID ${i.ioasid} set ${i.setId}`],
+          });
       }
     }
     for (const c of ctx.index.containers) {

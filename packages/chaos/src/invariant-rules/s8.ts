@@ -9,7 +9,11 @@ export const S8: Rule = {
   check(ctx) {
     const out: Finding[] = [];
     for (const l of lifecycles(ctx)) {
-      for (const [what, list] of [["ALLOC", l.allocs], ["FREE", l.frees], ["RECLAIM", l.reclaims]] as const) {
+      for (const [what, list] of [
+        ["ALLOC", l.allocs],
+        ["FREE", l.frees],
+        ["RECLAIM", l.reclaims],
+      ] as const) {
         if (list.length > 1) out.push({ ...subject(l), message: `${name(l)} has ${list.length} ${what} events for one transition`, evidence: [...list] });
       }
       let prev: number | undefined;
@@ -18,16 +22,23 @@ export const S8: Rule = {
         const prevType = prev === undefined ? undefined : eventOf(rec(ctx, prev));
         if (type === prevType) out.push({ ...subject(l), message: `${name(l)}: two ${type} events in a row`, evidence: [prev!, b] });
         else if (prevType === undefined && type === "UNBIND" && l.alloc !== undefined) {
-          out.push({ ...subject(l), message: `${name(l)}: UNBIND with no BIND before it`, evidence: [l.alloc, b], absence: { role: CORE_ROLE, from: ts(ctx, l.alloc), to: ts(ctx, b) } });
+          out.push({
+            ...subject(l),
+            message: `${name(l)}: UNBIND with no BIND before it`,
+            evidence: [l.alloc, b],
+            absence: { role: CORE_ROLE, from: ts(ctx, l.alloc), to: ts(ctx, b) },
+          });
         }
         prev = b;
       }
       const free = l.frees[0];
       if (free !== undefined) {
-        for (const b of l.bindings.filter((x) => x > free)) out.push({ ...subject(l), message: `${name(l)}: ${eventOf(rec(ctx, b))} after FREE (the FREE covers it)`, evidence: [free, b] });
+        for (const b of l.bindings.filter((x) => x > free))
+          out.push({ ...subject(l), message: `${name(l)}: ${eventOf(rec(ctx, b))} after FREE (the FREE covers it)`, evidence: [free, b] });
       }
       if (l.alloc !== undefined) {
-        for (const e of l.events.filter((x) => x < l.alloc!)) out.push({ ...subject(l), message: `${name(l)}: ${eventOf(rec(ctx, e))} before its ALLOC`, evidence: [e, l.alloc] });
+        for (const e of l.events.filter((x) => x < l.alloc!))
+          out.push({ ...subject(l), message: `${name(l)}: ${eventOf(rec(ctx, e))} before its ALLOC`, evidence: [e, l.alloc] });
       }
       const reclaim = l.reclaims[0];
       if (reclaim !== undefined) {
@@ -43,7 +54,12 @@ export const S8: Rule = {
       if (r.role !== CORE_ROLE || event === undefined) return;
       if (r.seq !== undefined) {
         const other = bySeq.get(r.seq);
-        if (other !== undefined) out.push({ ...(r.ioasid === undefined ? {} : { ioasid: r.ioasid }), message: `event sequence ${r.seq} recorded twice (${stepLabel(rec(ctx, other))}, ${stepLabel(r)})`, evidence: [other, idx] });
+        if (other !== undefined)
+          out.push({
+            ...(r.ioasid === undefined ? {} : { ioasid: r.ioasid }),
+            message: `event sequence ${r.seq} recorded twice (${stepLabel(rec(ctx, other))}, ${stepLabel(r)})`,
+            evidence: [other, idx],
+          });
         else bySeq.set(r.seq, idx);
       }
       if ((event === "SET_ALLOC" || event === "SET_FREE") && r.setId !== undefined) {

@@ -48,7 +48,9 @@ export const S9: Rule = {
         // an UNBIND or FREE event, or the guest's own call — an unbind, clear, free, close or crash
         // of its VM — which tears the entry down before the core records anything (and the core's
         // record may never come, when the core or its link failed meanwhile).
-        const cause = [...l.bindings, ...l.frees, ...guestTeardowns(ctx, l, e.role)].filter((x) => x > e.set && eventOf(rec(ctx, x)) !== "BIND").sort((a, b) => a - b)[0] ?? e.set;
+        const cause =
+          [...l.bindings, ...l.frees, ...guestTeardowns(ctx, l, e.role)].filter((x) => x > e.set && eventOf(rec(ctx, x)) !== "BIND").sort((a, b) => a - b)[0] ??
+          e.set;
         // No clear recorded (the entry ends only at a later kill of a volatile role, or never): the
         // clear's record may have been lost, like any missing record.
         const noClear = e.clear === undefined;
@@ -75,7 +77,13 @@ export const S9: Rule = {
       if (l?.reclaims[0] !== undefined) {
         out.push({ ...subject(l), message: `final state: ${fact} is live, but that generation was reclaimed`, evidence: [l.reclaims[0]], facts: [fact] });
       } else if (liveAtEnd(ctx, e.ioasid, e.generation) === false) {
-        out.push({ ioasid: e.ioasid, ...(e.generation === undefined ? {} : { generation: e.generation }), message: `final state: ${fact} is live, but the core has no such live IOASID`, evidence: [], facts: [fact] });
+        out.push({
+          ioasid: e.ioasid,
+          ...(e.generation === undefined ? {} : { generation: e.generation }),
+          message: `final state: ${fact} is live, but the core has no such live IOASID`,
+          evidence: [],
+          facts: [fact],
+        });
       }
     }
     return out;

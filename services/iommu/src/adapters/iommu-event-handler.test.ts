@@ -19,14 +19,20 @@ describe("the IOMMU's bus handler", () => {
   it("leaves an event type this build does not know unhandled, without calling the driver", () => {
     const unknown = { ...FREE, type: events.EventType.EVENT_TYPE_UNSPECIFIED };
     expect(toIommuEvent(unknown)).toBeUndefined();
-    const handler = createIommuEventHandler({ handleEvent: () => { throw new Error("not called"); } });
+    const handler = createIommuEventHandler({
+      handleEvent: () => {
+        throw new Error("not called");
+      },
+    });
     expect(handler(unknown, {} as never)).toBeUndefined();
   });
 });
 
 describe("the IOMMU's history adapter", () => {
   it("writes the notifier handler's event type on the wire", () => {
-    expect(toHistoryAction({ $case: "iommuNbHandler", value: { type: EventType.FREE, tornDown: 2, drainedFaultGroups: 1, bindReferenceReleased: true } })).toEqual({
+    expect(
+      toHistoryAction({ $case: "iommuNbHandler", value: { type: EventType.FREE, tornDown: 2, drainedFaultGroups: 1, bindReferenceReleased: true } }),
+    ).toEqual({
       $case: "iommuNbHandler",
       value: { type: events.EventType.EVENT_TYPE_FREE, tornDown: 2, drainedFaultGroups: 1, bindReferenceReleased: true },
     });

@@ -23,11 +23,43 @@ const mapping = { iova: 0xffff_ffff_ffff_f000n, paddr: 0x1234_5000n, size: 0x200
 
 // Every field of every kind, none at its default: a field the codec forgets comes back different.
 const entries: IommuKeptEntry[] = [
-  { kind: "device", device: { deviceId: "0000:6a:01.1", maxPasids: 64, priCapable: true, function: DeviceFunction.VF, parentDeviceId: "0000:6a:01.0", iommuGroup: 7, priCredits: 8 } },
-  { kind: "domain", domain: { domainId: 5, type: DomainType.NESTED, parentDomainId: 3, guestPgtable: 0xffff_0000_0000_1000n, mmToken: 0xffff_ffff_ffff_fff1n, implicit: true, mappings: [mapping] } },
+  {
+    kind: "device",
+    device: {
+      deviceId: "0000:6a:01.1",
+      maxPasids: 64,
+      priCapable: true,
+      function: DeviceFunction.VF,
+      parentDeviceId: "0000:6a:01.0",
+      iommuGroup: 7,
+      priCredits: 8,
+    },
+  },
+  {
+    kind: "domain",
+    domain: {
+      domainId: 5,
+      type: DomainType.NESTED,
+      parentDomainId: 3,
+      guestPgtable: 0xffff_0000_0000_1000n,
+      mmToken: 0xffff_ffff_ffff_fff1n,
+      implicit: true,
+      mappings: [mapping],
+    },
+  },
   { kind: "attachHandle", handle: { ...handle, faultReporting: true } },
   { kind: "gpasidBinding", binding: { hpasid: 201, setId: 4, generation: 2, gpasid: 101, refHeld: true, spidAttached: true, firstStage: [mapping] } },
-  { kind: "mmContext", mm: { mmToken: 0xffff_ffff_ffff_fff2n, setId: 4, pasid: 300, generation: 3, domainId: 6, bonds: [{ deviceId: "d0", handleId: (1n << 62n) + 1n, users: 2 }] } },
+  {
+    kind: "mmContext",
+    mm: {
+      mmToken: 0xffff_ffff_ffff_fff2n,
+      setId: 4,
+      pasid: 300,
+      generation: 3,
+      domainId: 6,
+      bonds: [{ deviceId: "d0", handleId: (1n << 62n) + 1n, users: 2 }],
+    },
+  },
   { kind: "idCounters", nextDomainId: 77, nextHandleId: (1n << 60n) + 3n },
   {
     kind: "faultGroup",
@@ -37,7 +69,18 @@ const entries: IommuKeptEntry[] = [
       pasid: 201,
       withoutPasid: true,
       prgi: 511,
-      requests: [{ deviceId: "0000:6a:01.0", pasid: 201, withoutPasid: true, address: 0xffff_ffff_ffff_e000n, access: RW, prgi: 511, lastRequest: true, receivedAt: new Date(1_700_000_000_002) }],
+      requests: [
+        {
+          deviceId: "0000:6a:01.0",
+          pasid: 201,
+          withoutPasid: true,
+          address: 0xffff_ffff_ffff_e000n,
+          access: RW,
+          prgi: 511,
+          lastRequest: true,
+          receivedAt: new Date(1_700_000_000_002),
+        },
+      ],
       handle,
       state: GroupState.PENDING,
       createdAt: new Date(1_700_000_000_003),
@@ -57,7 +100,9 @@ describe("iommuStateCodec", () => {
     expect(() => iommuStateCodec.decode(new Uint8Array([]))).toThrow("IommuStateEntry.entry is missing");
     const noType = iommuState.IommuStateEntry.encode({ entry: { $case: "domain", value: iommuState.KeptDomain.fromPartial({ domainId: 1 }) } }).finish();
     expect(() => iommuStateCodec.decode(noType)).toThrow("KeptDomain.type is missing");
-    const noHandle = iommuState.IommuStateEntry.encode({ entry: { $case: "faultGroup", value: iommuState.KeptFaultGroup.fromPartial({ faultGroupId: 1n }) } }).finish();
+    const noHandle = iommuState.IommuStateEntry.encode({
+      entry: { $case: "faultGroup", value: iommuState.KeptFaultGroup.fromPartial({ faultGroupId: 1n }) },
+    }).finish();
     expect(() => iommuStateCodec.decode(noHandle)).toThrow("KeptFaultGroup.handle is missing");
   });
 });

@@ -13,7 +13,10 @@ export const IOMMU_STATE_FORMAT = `${iommuState.protobufPackage}.IommuStateEntry
 
 const ATTACH_KINDS = new Map([...ATTACH_KINDS_WIRE].map(([k, v]) => [v, k]));
 const GROUP_STATES = new Map([...GROUP_STATES_WIRE].map(([k, v]) => [v, k]));
-const FUNCTIONS_WIRE = { PF: iommu.DeviceFunction.DEVICE_FUNCTION_PF, VF: iommu.DeviceFunction.DEVICE_FUNCTION_VF } as const satisfies Record<DeviceFunction, iommu.DeviceFunction>;
+const FUNCTIONS_WIRE = { PF: iommu.DeviceFunction.DEVICE_FUNCTION_PF, VF: iommu.DeviceFunction.DEVICE_FUNCTION_VF } as const satisfies Record<
+  DeviceFunction,
+  iommu.DeviceFunction
+>;
 const FUNCTIONS = new Map<iommu.DeviceFunction, DeviceFunction>([
   [iommu.DeviceFunction.DEVICE_FUNCTION_PF, DeviceFunction.PF],
   [iommu.DeviceFunction.DEVICE_FUNCTION_VF, DeviceFunction.VF],
@@ -200,18 +203,16 @@ export function fromIommuStateEntry(m: iommuState.IommuStateEntry): IommuKeptEnt
           pasid: g.pasid,
           withoutPasid: g.withoutPasid,
           prgi: g.prgi,
-          requests: g.requests.map(
-            (r): PageRequest => ({
-              deviceId: r.deviceId,
-              pasid: r.pasid,
-              withoutPasid: r.withoutPasid,
-              address: r.address,
-              access: toAccess(r.access),
-              prgi: r.prgi,
-              lastRequest: r.lastRequest,
-              receivedAt: requireField(r.receivedAt, "PageRequest.received_at"),
-            }),
-          ),
+          requests: g.requests.map((r): PageRequest => ({
+            deviceId: r.deviceId,
+            pasid: r.pasid,
+            withoutPasid: r.withoutPasid,
+            address: r.address,
+            access: toAccess(r.access),
+            prgi: r.prgi,
+            lastRequest: r.lastRequest,
+            receivedAt: requireField(r.receivedAt, "PageRequest.received_at"),
+          })),
           handle,
           state: requireField(GROUP_STATES.get(g.state), "KeptFaultGroup.state") as GroupState,
           createdAt: requireField(g.createdAt, "KeptFaultGroup.created_at"),
@@ -253,4 +254,9 @@ function toMapping(m: iommu.Mapping): Mapping {
 }
 
 /** The IOMMU's kept entries as ioasid.iommu.v1.IommuStateEntry bytes (its RoleState and MemoryRoleState). */
-export const iommuStateCodec: StateCodec<IommuKeptEntry> = protoStateCodec(IOMMU_STATE_FORMAT, iommuState.IommuStateEntry, toIommuStateEntry, fromIommuStateEntry);
+export const iommuStateCodec: StateCodec<IommuKeptEntry> = protoStateCodec(
+  IOMMU_STATE_FORMAT,
+  iommuState.IommuStateEntry,
+  toIommuStateEntry,
+  fromIommuStateEntry,
+);

@@ -119,7 +119,10 @@ export class DmaFaults {
       this.counters.creditsExhausted++;
       if (raised.answered !== undefined) this.answered([raised.answered]);
       this.#record(
-        { $case: "iopfCreditsExhausted", value: { device: t.deviceId, address: t.address, ...(raised.answered === undefined ? {} : { answeredGroup: raised.answered.faultGroupId }) } },
+        {
+          $case: "iopfCreditsExhausted",
+          value: { device: t.deviceId, address: t.address, ...(raised.answered === undefined ? {} : { answeredGroup: raised.answered.faultGroupId }) },
+        },
         t.withoutPasid ? {} : { ioasid: t.pasid },
       );
       return { outcome: "FAULT", reason: "PRI_CREDITS_EXHAUSTED", handleId: r.handle.handleId, faultGroupId: raised.answered?.faultGroupId ?? 0n };
@@ -192,7 +195,10 @@ export class DmaFaults {
   /** A complete group goes to its owner's handler, or is answered FAILURE (no handler). */
   #dispatch(g: FaultGroup): void {
     this.counters.groupsCompleted++;
-    this.#record({ $case: "iopfGroup", value: { group: g.faultGroupId, device: g.deviceId, prgi: g.prgi, requests: g.requests.length, owner: g.owner } }, this.#groupFields(g));
+    this.#record(
+      { $case: "iopfGroup", value: { group: g.faultGroupId, device: g.deviceId, prgi: g.prgi, requests: g.requests.length, owner: g.owner } },
+      this.#groupFields(g),
+    );
     if (this.faults.push(g.owner, { kind: "group", group: g })) {
       this.armTimer();
       return;
@@ -206,7 +212,10 @@ export class DmaFaults {
   answered(groups: readonly FaultGroup[], seq?: number): number {
     for (const g of groups) {
       this.#record(
-        { $case: "pageResponse", value: { group: g.faultGroupId, device: g.deviceId, prgi: g.prgi, code: String(g.responseCode), source: String(g.responseSource) } },
+        {
+          $case: "pageResponse",
+          value: { group: g.faultGroupId, device: g.deviceId, prgi: g.prgi, code: String(g.responseCode), source: String(g.responseSource) },
+        },
         { ...this.#groupFields(g), ...(seq === undefined ? {} : { seq }) },
       );
       this.faults.push(g.owner, { kind: "answered", group: g });
@@ -230,13 +239,16 @@ export class DmaFaults {
     this.#timer = undefined;
     this.#timerAt = at;
     if (at === Infinity) return;
-    this.#timer = setTimeout(() => {
-      this.#timer = undefined;
-      this.#timerAt = Infinity;
-      this.answered(this.#prq.expire());
-      this.armTimer();
-      this.#persist().catch((err: unknown) => this.#log?.warn({ err }, "keeping the fault groups failed"));
-    }, Math.max(0, at - Date.now()) + 1);
+    this.#timer = setTimeout(
+      () => {
+        this.#timer = undefined;
+        this.#timerAt = Infinity;
+        this.answered(this.#prq.expire());
+        this.armTimer();
+        this.#persist().catch((err: unknown) => this.#log?.warn({ err }, "keeping the fault groups failed"));
+      },
+      Math.max(0, at - Date.now()) + 1,
+    );
     this.#timer.unref();
   }
 
@@ -269,7 +281,10 @@ export class DmaFaults {
       const sent = this.faults.push(h.owner, { kind: "fault", record });
       if (sent) this.counters.faultsReported++;
       else this.counters.faultsUnhandled++;
-      this.#record({ $case: "dmaFault", value: { device: t.deviceId, address: t.address, reason, ...(sent ? { reportedTo: h.owner } : { noHandler: true }) } }, fields);
+      this.#record(
+        { $case: "dmaFault", value: { device: t.deviceId, address: t.address, reason, ...(sent ? { reportedTo: h.owner } : { noHandler: true }) } },
+        fields,
+      );
     };
     if (h.generation === 0 || t.withoutPasid) {
       deliver(undefined);

@@ -115,7 +115,16 @@ export function loadTables(t: HardwareTables, saved: ReadonlyMap<string, IommuKe
     const b = v.binding;
     t.bindings.set(
       b.hpasid,
-      watch({ hpasid: b.hpasid, setId: b.setId, generation: b.generation, gpasid: b.gpasid, devices: new Set(), refHeld: b.refHeld, spidAttached: b.spidAttached, firstStage: b.firstStage.map(copyMapping) }),
+      watch({
+        hpasid: b.hpasid,
+        setId: b.setId,
+        generation: b.generation,
+        gpasid: b.gpasid,
+        devices: new Set(),
+        refHeld: b.refHeld,
+        spidAttached: b.spidAttached,
+        firstStage: b.firstStage.map(copyMapping),
+      }),
     );
   }
   for (const v of kept) {

@@ -48,7 +48,9 @@ function freeIoasid(core: InProcessCore, setId: number, ioasid: number): IommuEv
 function info(core: InProcessCore, ioasid: number): { refcount: number; holders: Record<string, number>; spid: number; state: string } | undefined {
   const i = core.space.describe(ioasid);
   if (i === undefined) return undefined;
-  const holders = Object.fromEntries(i.holders.map((h) => [h.holder.role === OWNER_ROLE ? OWNER_ROLE : `${h.holder.role}/${h.holder.instance}/${h.holder.purpose}`, h.count]));
+  const holders = Object.fromEntries(
+    i.holders.map((h) => [h.holder.role === OWNER_ROLE ? OWNER_ROLE : `${h.holder.role}/${h.holder.instance}/${h.holder.purpose}`, h.count]),
+  );
   return { refcount: i.refcount, holders, spid: i.spid, state: i.state };
 }
 
@@ -152,10 +154,18 @@ describe("IommuDriver guest binds", () => {
     const set = setWith(r.core, 201);
     await r.driver.bindGpasid(bindSpec(r, { setId: set }));
     await r.driver.bindGpasid(bindSpec(r, { setId: set, deviceId: "d1" }));
-    expect(await r.driver.unbindGpasid({ setId: set, hpasid: 201, generation: 0, gpasid: 101, deviceId: "d0" })).toEqual({ unbound: true, lastUnbind: false, answeredFaultGroups: 0 });
+    expect(await r.driver.unbindGpasid({ setId: set, hpasid: 201, generation: 0, gpasid: 101, deviceId: "d0" })).toEqual({
+      unbound: true,
+      lastUnbind: false,
+      answeredFaultGroups: 0,
+    });
     expect(kinds(r)).toEqual(["BIND:201"]);
     expect(info(r.core, 201)!.refcount).toBe(2);
-    expect(await r.driver.unbindGpasid({ setId: set, hpasid: 201, generation: 1, gpasid: 0, deviceId: "d1" })).toEqual({ unbound: true, lastUnbind: true, answeredFaultGroups: 0 });
+    expect(await r.driver.unbindGpasid({ setId: set, hpasid: 201, generation: 1, gpasid: 0, deviceId: "d1" })).toEqual({
+      unbound: true,
+      lastUnbind: true,
+      answeredFaultGroups: 0,
+    });
     // Step 19: UNBIND; the reference stays (steps 22–23: ioasid_free() 1, then the IOMMU's put 0).
     expect(kinds(r)).toEqual(["BIND:201", "UNBIND:201"]);
     expect(info(r.core, 201)).toMatchObject({ refcount: 2, spid: 0, holders: { "set-owner": 1, [HOLDER_KEY]: 1 } });
@@ -283,7 +293,11 @@ describe("IommuDriver guest binds", () => {
     await refused(r.driver.unbindGpasid({ setId: set, hpasid: 201, generation: 0, gpasid: 0, deviceId: "d0" }), Code.UNAVAILABLE, "UNAVAILABLE");
     expect(info(r.core, 201)).toMatchObject({ spid: 101, holders: { [HOLDER_KEY]: 1 } });
     expect(kinds(r)).toEqual(["BIND:201"]);
-    expect(await r.driver.unbindGpasid({ setId: set, hpasid: 201, generation: 0, gpasid: 0, deviceId: "d0" })).toEqual({ unbound: false, lastUnbind: false, answeredFaultGroups: 0 });
+    expect(await r.driver.unbindGpasid({ setId: set, hpasid: 201, generation: 0, gpasid: 0, deviceId: "d0" })).toEqual({
+      unbound: false,
+      lastUnbind: false,
+      answeredFaultGroups: 0,
+    });
     expect(kinds(r)).toEqual(["BIND:201", "UNBIND:201"]);
     expect(info(r.core, 201)).toMatchObject({ refcount: 2, spid: 0, holders: { "set-owner": 1, [HOLDER_KEY]: 1 } });
     expect(r.core.calls).not.toContain("put");
@@ -300,7 +314,11 @@ describe("IommuDriver guest binds", () => {
     expect(kinds(r)).toEqual(["BIND:201", "UNBIND:201"]);
     expect(info(r.core, 201)!.holders[HOLDER_KEY]).toBe(1);
     // An unbind finds nothing on another device and keeps the reference (a guest unbind never puts).
-    expect(await r.driver.unbindGpasid({ setId: set, hpasid: 201, generation: 0, gpasid: 0, deviceId: "d1" })).toEqual({ unbound: false, lastUnbind: false, answeredFaultGroups: 0 });
+    expect(await r.driver.unbindGpasid({ setId: set, hpasid: 201, generation: 0, gpasid: 0, deviceId: "d1" })).toEqual({
+      unbound: false,
+      lastUnbind: false,
+      answeredFaultGroups: 0,
+    });
     expect(info(r.core, 201)!.holders[HOLDER_KEY]).toBe(1);
     expect(await deliver(r, freeIoasid(r.core, set, 201))).toEqual(["bind"]);
     expect(info(r.core, 201)).toBeUndefined();
@@ -328,7 +346,11 @@ describe("IommuDriver FREE (free before unbind)", () => {
     // Redelivery: nothing left, nothing released, answered synchronously.
     expect(r.driver.handleEvent(free!)).toBeUndefined();
     // The late unbind (step 30) finds nothing and changes nothing.
-    expect(await r.driver.unbindGpasid({ setId: set, hpasid: 201, generation: 1, gpasid: 101, deviceId: "d0" })).toEqual({ unbound: false, lastUnbind: false, answeredFaultGroups: 0 });
+    expect(await r.driver.unbindGpasid({ setId: set, hpasid: 201, generation: 1, gpasid: 101, deviceId: "d0" })).toEqual({
+      unbound: false,
+      lastUnbind: false,
+      answeredFaultGroups: 0,
+    });
     expect(kinds(r)).toEqual(["BIND:201", "FREE:201", "RECLAIM:201"]);
   });
 
@@ -346,8 +368,24 @@ describe("IommuDriver FREE (free before unbind)", () => {
   it("tears down a checked domain attachment of the freed IOASID but leaves an unchecked one", async () => {
     const r = rig();
     const set = setWith(r.core, 201);
-    await r.driver.attachDomain({ domainId: r.parent, deviceId: "d0", pasid: 201, withoutPasid: false, generation: 1, owner: "vdcm/x", ownerData: new Uint8Array() });
-    await r.driver.attachDomain({ domainId: r.parent, deviceId: "d1", pasid: 201, withoutPasid: false, generation: 0, owner: "vdcm/x", ownerData: new Uint8Array() });
+    await r.driver.attachDomain({
+      domainId: r.parent,
+      deviceId: "d0",
+      pasid: 201,
+      withoutPasid: false,
+      generation: 1,
+      owner: "vdcm/x",
+      ownerData: new Uint8Array(),
+    });
+    await r.driver.attachDomain({
+      domainId: r.parent,
+      deviceId: "d1",
+      pasid: 201,
+      withoutPasid: false,
+      generation: 0,
+      owner: "vdcm/x",
+      ownerData: new Uint8Array(),
+    });
     // The IOMMU holds no reference for a domain attachment: a VDCM-like holder keeps it FREE_PENDING.
     r.core.space.get(set, 201, { role: "vdcm", instance: "x", purpose: "wq" });
     expect(await deliver(r, freeIoasid(r.core, set, 201))).toEqual([]);
@@ -383,11 +421,19 @@ describe("IommuDriver attach and generations", () => {
     await refused(r.driver.attachDomain({ ...base, pasid: 0, generation: 0 }), Code.INVALID_ARGUMENT, "PASID_ZERO_RESERVED");
     await r.driver.attachDomain({ ...base, pasid: 201, generation: 1 });
     await refused(r.driver.attachDomain({ ...base, pasid: 201, generation: 1 }), Code.FAILED_PRECONDITION, "PASID_IN_USE");
-    await refused(r.driver.detachDomain({ domainId: r.parent, deviceId: "d0", pasid: 201, withoutPasid: false, generation: 3 }), Code.FAILED_PRECONDITION, "STALE_GENERATION");
+    await refused(
+      r.driver.detachDomain({ domainId: r.parent, deviceId: "d0", pasid: 201, withoutPasid: false, generation: 3 }),
+      Code.FAILED_PRECONDITION,
+      "STALE_GENERATION",
+    );
     expect(await r.driver.detachDomain({ domainId: r.parent, deviceId: "d0", pasid: 201, withoutPasid: false, generation: 1 })).toBe(0);
     // An unchecked attachment at a FREE_PENDING IOASID can still be detached naming its generation.
     await r.driver.attachDomain({ ...base, pasid: 202, generation: 0 });
-    await refused(r.driver.detachDomain({ domainId: r.parent, deviceId: "d0", pasid: 202, withoutPasid: false, generation: 2 }), Code.FAILED_PRECONDITION, "STALE_GENERATION");
+    await refused(
+      r.driver.detachDomain({ domainId: r.parent, deviceId: "d0", pasid: 202, withoutPasid: false, generation: 2 }),
+      Code.FAILED_PRECONDITION,
+      "STALE_GENERATION",
+    );
     expect(await r.driver.detachDomain({ domainId: r.parent, deviceId: "d0", pasid: 202, withoutPasid: false, generation: 1 })).toBe(0);
   });
 
@@ -522,7 +568,11 @@ describe("IommuDriver after a restart", () => {
     await r2.driver.adoptHeldReferences();
     expect((await r2.driver.bindGpasid(bindSpec(r2, { setId: set, deviceId: "d1" }))).firstBind).toBe(false);
     expect(info(r.core, 201)!.holders[HOLDER_KEY]).toBe(1);
-    expect(await r2.driver.unbindGpasid({ setId: set, hpasid: 201, generation: 0, gpasid: 0, deviceId: "d1" })).toEqual({ unbound: true, lastUnbind: true, answeredFaultGroups: 0 });
+    expect(await r2.driver.unbindGpasid({ setId: set, hpasid: 201, generation: 0, gpasid: 0, deviceId: "d1" })).toEqual({
+      unbound: true,
+      lastUnbind: true,
+      answeredFaultGroups: 0,
+    });
     expect(kinds(r)).toEqual(["BIND:201", "UNBIND:201"]);
     expect(info(r.core, 201)).toMatchObject({ refcount: 2, spid: 0, holders: { [HOLDER_KEY]: 1 } });
     expect(await deliver(r2, freeIoasid(r.core, set, 201))).toEqual(["bind"]);

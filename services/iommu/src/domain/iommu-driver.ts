@@ -148,7 +148,11 @@ async function setByToken(core: CorePort, token: SetInfo["token"]): Promise<SetI
 
 /** A call whose outcome is unknown: the core may or may not have applied it. */
 const isIndeterminate = (err: unknown) =>
-  !(err instanceof DomainError) || err.code === Code.UNAVAILABLE || err.code === Code.DEADLINE_EXCEEDED || err.code === Code.CANCELLED || err.code === Code.UNKNOWN;
+  !(err instanceof DomainError) ||
+  err.code === Code.UNAVAILABLE ||
+  err.code === Code.DEADLINE_EXCEEDED ||
+  err.code === Code.CANCELLED ||
+  err.code === Code.UNKNOWN;
 
 /**
  * The VT-d driver (intel-svm, attach handles) over the modelled hardware: every operation that
@@ -197,7 +201,14 @@ export class IommuDriver {
     this.#history = options.history;
     this.#log = options.log;
     this.#holder = { role: HOLDER_ROLE, instance: options.instance, purpose: BIND_PURPOSE };
-    this.#dma = new DmaFaults({ hw: this.hw, prq: this.prq, core: this.#core, record: (action, fields) => this.#record(action, fields), log: this.#log, persist: () => this.persist() });
+    this.#dma = new DmaFaults({
+      hw: this.hw,
+      prq: this.prq,
+      core: this.#core,
+      record: (action, fields) => this.#record(action, fields),
+      log: this.#log,
+      persist: () => this.persist(),
+    });
     this.faults = this.#dma.faults;
     this.counters = this.#dma.counters;
   }
@@ -361,7 +372,10 @@ export class IommuDriver {
     const attach = () => {
       const { result, changes } = this.hw.attachDomain(spec);
       this.#recordChanges(changes);
-      this.#record(spec.withoutPasid ? { $case: "attachDevice", value: this.#handleStep(result) } : { $case: "attachDevicePasid", value: this.#handleStep(result) }, this.#handleFields(result));
+      this.#record(
+        spec.withoutPasid ? { $case: "attachDevice", value: this.#handleStep(result) } : { $case: "attachDevicePasid", value: this.#handleStep(result) },
+        this.#handleFields(result),
+      );
       return result;
     };
     if (spec.withoutPasid || spec.generation === 0) return attach();
@@ -381,7 +395,10 @@ export class IommuDriver {
     const detach = () => {
       const { result, changes } = this.hw.detachDomain(spec);
       this.#recordChanges(changes);
-      this.#record(spec.withoutPasid ? { $case: "detachDevice", value: this.#handleStep(result) } : { $case: "detachDevicePasid", value: this.#handleStep(result) }, this.#handleFields(result));
+      this.#record(
+        spec.withoutPasid ? { $case: "detachDevice", value: this.#handleStep(result) } : { $case: "detachDevicePasid", value: this.#handleStep(result) },
+        this.#handleFields(result),
+      );
       return this.#dma.answered(this.prq.answerHandle(result.handleId, ResponseSource.DETACH));
     };
     if (spec.generation === 0) return detach();
@@ -484,12 +501,17 @@ export class IommuDriver {
           b.spidAttached = true;
         }
         const { result: handle, changes } = this.hw.installGpasidEntry(entry);
-        this.#record({ $case: "bindGpasid", value: { device: spec.deviceId, handle: handle.handleId, first: firstBind } }, { ...this.#bindFields(b), ...(refcount === undefined ? {} : { refcount }) });
+        this.#record(
+          { $case: "bindGpasid", value: { device: spec.deviceId, handle: handle.handleId, first: firstBind } },
+          { ...this.#bindFields(b), ...(refcount === undefined ? {} : { refcount }) },
+        );
         this.#recordChanges(changes);
         return { handle, firstBind };
       } catch (err) {
         // Undo what this call took, so a failed bind changes nothing.
-        await this.#releaseIfUnused(b, { keepReference: keptReference }).catch((undo: unknown) => this.#log?.warn({ err: undo, ioasid: b.hpasid }, "undoing a failed bind failed"));
+        await this.#releaseIfUnused(b, { keepReference: keptReference }).catch((undo: unknown) =>
+          this.#log?.warn({ err: undo, ioasid: b.hpasid }, "undoing a failed bind failed"),
+        );
         throw err;
       }
     });
@@ -543,7 +565,10 @@ export class IommuDriver {
       // drops it when the FREE reaches it (the document's table, steps 22–23: ioasid_free() 1,
       // then the IOMMU's ioasid_put() 0).
       const refcount = await this.#releaseIfUnused(b, { keepReference: true });
-      this.#record({ $case: "unbindGpasid", value: { device: spec.deviceId, handle: handle.handleId, last } }, { ...fields, ...(refcount === undefined ? {} : { refcount }) });
+      this.#record(
+        { $case: "unbindGpasid", value: { device: spec.deviceId, handle: handle.handleId, last } },
+        { ...fields, ...(refcount === undefined ? {} : { refcount }) },
+      );
       return { unbound: true, lastUnbind: last, answeredFaultGroups };
     });
   }
@@ -616,7 +641,10 @@ export class IommuDriver {
       this.hw.deleteBinding(b.hpasid);
     }
     this.#record(
-      { $case: "iommuNbHandler", value: { type: EventType.FREE, tornDown: torn.length, drainedFaultGroups: drained, bindReferenceReleased: release.length > 0 } },
+      {
+        $case: "iommuNbHandler",
+        value: { type: EventType.FREE, tornDown: torn.length, drainedFaultGroups: drained, bindReferenceReleased: release.length > 0 },
+      },
       { ioasid: event.ioasid, generation: event.generation, setId: event.setId, ...(event.spid === 0 ? {} : { spid: event.spid }), seq },
     );
     return release.length > 0 || detachSpid ? { release, detachSpid } : undefined;
@@ -647,12 +675,17 @@ export class IommuDriver {
       try {
         const { result: bond, changes } = this.hw.svaBind(spec.deviceId, spec.mmToken, spec.owner, spec.ownerData);
         this.#recordChanges(changes);
-        this.#record({ $case: "svaBindDevice", value: { device: spec.deviceId, mmToken: spec.mmToken, users: bond.users } }, { ioasid: mm.pasid, generation: mm.generation, setId: mm.setId });
+        this.#record(
+          { $case: "svaBindDevice", value: { device: spec.deviceId, mmToken: spec.mmToken, users: bond.users } },
+          { ioasid: mm.pasid, generation: mm.generation, setId: mm.setId },
+        );
         return { bond, pasidAllocated: allocated };
       } catch (err) {
         if (allocated) {
           this.hw.deleteMm(spec.mmToken);
-          await this.#core.freeSet(mm.setId).catch((undo: unknown) => this.#log?.warn({ err: undo, mm: String(spec.mmToken) }, "undoing an mm PASID allocation failed"));
+          await this.#core
+            .freeSet(mm.setId)
+            .catch((undo: unknown) => this.#log?.warn({ err: undo, mm: String(spec.mmToken) }, "undoing an mm PASID allocation failed"));
         }
         throw err;
       }
@@ -672,7 +705,10 @@ export class IommuDriver {
       const { result: users, changes } = this.hw.svaUnbind(deviceId, mmToken);
       this.#recordChanges(changes);
       if (users === 0 && before !== undefined) this.#dma.answered(this.prq.answerHandle(before.handleId, ResponseSource.DETACH));
-      this.#record({ $case: "svaUnbindDevice", value: { device: deviceId, mmToken, users } }, { ioasid: mm?.pasid, generation: mm?.generation, setId: mm?.setId });
+      this.#record(
+        { $case: "svaUnbindDevice", value: { device: deviceId, mmToken, users } },
+        { ioasid: mm?.pasid, generation: mm?.generation, setId: mm?.setId },
+      );
       return users;
     });
   }
@@ -920,7 +956,10 @@ export class IommuDriver {
       if (c.kind === "iotlbFlush") {
         const f = c.flush;
         this.#record(
-          { $case: "iotlbFlush", value: { scope: f.scope, cause: f.cause, domain: f.domainId, device: f.deviceId, devtlb: f.deviceTlb, address: f.address, size: f.size } },
+          {
+            $case: "iotlbFlush",
+            value: { scope: f.scope, cause: f.cause, domain: f.domainId, device: f.deviceId, devtlb: f.deviceTlb, address: f.address, size: f.size },
+          },
           { ...(f.pasid === 0 ? {} : { ioasid: f.pasid }), ...s },
         );
         continue;

@@ -113,11 +113,36 @@ describe("IommuHardware domains", () => {
     expect(hw.createDomain({ type: DomainType.SVA, parentDomainId: 0, guestPgtable: 0n, mmToken: 9n }).mmToken).toBe(9n);
     const n = hw.createDomain({ type: DomainType.NESTED, parentDomainId: p, guestPgtable: 0x5000n, mmToken: 0n });
     expect(n).toMatchObject({ type: "NESTED", parentDomainId: p, guestPgtable: 0x5000n });
-    refusedUnchanged(hw, () => hw.createDomain({ type: DomainType.NESTED, parentDomainId: 99, guestPgtable: 1n, mmToken: 0n }), Code.NOT_FOUND, "DOMAIN_NOT_FOUND");
-    refusedUnchanged(hw, () => hw.createDomain({ type: DomainType.NESTED, parentDomainId: n.domainId, guestPgtable: 1n, mmToken: 0n }), Code.FAILED_PRECONDITION, "DOMAIN_NOT_PAGING");
-    refusedUnchanged(hw, () => hw.createDomain({ type: DomainType.NESTED, parentDomainId: p, guestPgtable: 0n, mmToken: 0n }), Code.INVALID_ARGUMENT, "INVALID_FIELD");
-    refusedUnchanged(hw, () => hw.createDomain({ type: DomainType.SVA, parentDomainId: 0, guestPgtable: 0n, mmToken: 0n }), Code.INVALID_ARGUMENT, "INVALID_FIELD");
-    refusedUnchanged(hw, () => hw.createDomain({ type: DomainType.PAGING, parentDomainId: p, guestPgtable: 0n, mmToken: 0n }), Code.INVALID_ARGUMENT, "INVALID_FIELD");
+    refusedUnchanged(
+      hw,
+      () => hw.createDomain({ type: DomainType.NESTED, parentDomainId: 99, guestPgtable: 1n, mmToken: 0n }),
+      Code.NOT_FOUND,
+      "DOMAIN_NOT_FOUND",
+    );
+    refusedUnchanged(
+      hw,
+      () => hw.createDomain({ type: DomainType.NESTED, parentDomainId: n.domainId, guestPgtable: 1n, mmToken: 0n }),
+      Code.FAILED_PRECONDITION,
+      "DOMAIN_NOT_PAGING",
+    );
+    refusedUnchanged(
+      hw,
+      () => hw.createDomain({ type: DomainType.NESTED, parentDomainId: p, guestPgtable: 0n, mmToken: 0n }),
+      Code.INVALID_ARGUMENT,
+      "INVALID_FIELD",
+    );
+    refusedUnchanged(
+      hw,
+      () => hw.createDomain({ type: DomainType.SVA, parentDomainId: 0, guestPgtable: 0n, mmToken: 0n }),
+      Code.INVALID_ARGUMENT,
+      "INVALID_FIELD",
+    );
+    refusedUnchanged(
+      hw,
+      () => hw.createDomain({ type: DomainType.PAGING, parentDomainId: p, guestPgtable: 0n, mmToken: 0n }),
+      Code.INVALID_ARGUMENT,
+      "INVALID_FIELD",
+    );
   });
 
   it("frees only an unused domain: not while attached, not while the parent of a nested one", () => {
@@ -272,7 +297,10 @@ describe("IommuHardware I/O page tables and translation", () => {
     const hw = new IommuHardware();
     const p = paging(hw);
     hw.map(p, { iova: 0x10000n, paddr: 0x80000n, size: 2n * PAGE, access: RW });
-    const m = (iova: bigint, paddr: bigint, size: bigint, access = RW) => () => hw.map(p, { iova, paddr, size, access });
+    const m =
+      (iova: bigint, paddr: bigint, size: bigint, access = RW) =>
+      () =>
+        hw.map(p, { iova, paddr, size, access });
     refusedUnchanged(hw, m(0x10800n, 0n, PAGE), Code.INVALID_ARGUMENT, "ADDRESS_NOT_ALIGNED");
     refusedUnchanged(hw, m(0x20000n, 0x1n, PAGE), Code.INVALID_ARGUMENT, "ADDRESS_NOT_ALIGNED");
     refusedUnchanged(hw, m(0x20000n, 0n, 0x800n), Code.INVALID_ARGUMENT, "ADDRESS_NOT_ALIGNED");
@@ -347,7 +375,14 @@ describe("IommuHardware I/O page tables and translation", () => {
     hw.map(p, { iova: 0x10000n, paddr: 0x80000n, size: 4n * PAGE, access: RW });
     hw.attachDomain(attach({ domainId: p, pasid: 0, withoutPasid: true }));
     hw.createBinding({ hpasid: 30, setId: 1, generation: 1, gpasid: 3 });
-    const bound = hw.installGpasidEntry({ deviceId: "d0", hpasid: 30, parentDomainId: 0, guestPgtable: 0x1000n, owner: "o", ownerData: new Uint8Array() }).result;
+    const bound = hw.installGpasidEntry({
+      deviceId: "d0",
+      hpasid: 30,
+      parentDomainId: 0,
+      guestPgtable: 0x1000n,
+      owner: "o",
+      ownerData: new Uint8Array(),
+    }).result;
     const { result, changes } = hw.unmap(p, 0x11000n, 2n * PAGE);
     expect(result).toBe(2n * PAGE);
     expect(hw.domain(p)!.mappings.map((m) => [m.iova, m.paddr, m.size])).toEqual([
@@ -421,11 +456,19 @@ describe("IommuHardware kept in a store", () => {
     const strip = (x: IommuHardware) => ({ ...x.snapshot([], 0), flushes: [] });
     expect(strip(back)).toEqual(strip(hw));
     expect(back.binding(30)).toMatchObject({ refHeld: true, spidAttached: true, devices: new Set(["d0", "d1"]) });
-    expect(back.translate({ deviceId: "d0", pasid: 30, withoutPasid: false, address: 0x7010n, access: R })).toMatchObject({ outcome: "TRANSLATED", outputAddress: 0x100010n });
+    expect(back.translate({ deviceId: "d0", pasid: 30, withoutPasid: false, address: 0x7010n, access: R })).toMatchObject({
+      outcome: "TRANSLATED",
+      outputAddress: 0x100010n,
+    });
     // New ids continue after the restored ones; a change after the restore is tracked again.
     const next = back.createDomain({ type: DomainType.PAGING, parentDomainId: 0, guestPgtable: 0n, mmToken: 0n }).domainId;
     expect(next).toBeGreaterThan(gone);
     back.binding(30)!.refHeld = false;
-    expect(back.takeChanges().map((c) => c.key).sort()).toEqual(["bind/30", `dom/${next}`, "ids"].sort());
+    expect(
+      back
+        .takeChanges()
+        .map((c) => c.key)
+        .sort(),
+    ).toEqual(["bind/30", `dom/${next}`, "ids"].sort());
   });
 });

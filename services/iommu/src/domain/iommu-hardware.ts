@@ -327,10 +327,7 @@ export class IommuHardware {
     this.checkGpasidEntry(spec);
     const dev = this.#device(spec.deviceId);
     const parent = this.#resolveParent(dev, spec.parentDomainId);
-    const nested = this.#addDomain(
-      { type: DomainType.NESTED, parentDomainId: parent.domainId, guestPgtable: spec.guestPgtable, mmToken: 0n },
-      true,
-    );
+    const nested = this.#addDomain({ type: DomainType.NESTED, parentDomainId: parent.domainId, guestPgtable: spec.guestPgtable, mmToken: 0n }, true);
     const changes: HardwareChange[] = [];
     const handle = this.#install(
       {
@@ -908,7 +905,6 @@ export class IommuHardware {
     if (this.#flushes.length > IOTLB_FLUSH_LOG_SIZE) this.#flushes.splice(0, this.#flushes.length - IOTLB_FLUSH_LOG_SIZE);
     return { kind: "iotlbFlush", flush };
   }
-
 }
 
 function describeTarget(deviceId: string, pasid: number, withoutPasid: boolean): string {

@@ -92,7 +92,10 @@ describe("PageRequestQueue", () => {
     q.raise(req({ credits: 3, prgi: 9, lastRequest: false }), h);
     const over = q.raise(req({ credits: 3, prgi: 9, lastRequest: true }), h);
     if (partial.kind !== "queued") throw new Error("unreachable");
-    expect(over).toMatchObject({ kind: "credits_exhausted", answered: { faultGroupId: partial.group.faultGroupId, responseSource: "CREDITS_EXHAUSTED", responseCode: "INVALID" } });
+    expect(over).toMatchObject({
+      kind: "credits_exhausted",
+      answered: { faultGroupId: partial.group.faultGroupId, responseSource: "CREDITS_EXHAUSTED", responseCode: "INVALID" },
+    });
     expect(q.outstandingRequests("d0")).toBe(1);
     expect(q.raise(req({ credits: 1 }), h)).toEqual({ kind: "credits_exhausted", answered: undefined });
     // The credits come back with the answer: the device is not stalled.
@@ -125,7 +128,12 @@ describe("PageRequestQueue", () => {
 
   it("gives every group exactly one response whatever mix of requests, answers, detaches, drains and timeouts", () => {
     const op = fc.oneof(
-      fc.record({ k: fc.constant("raise" as const), handle: fc.integer({ min: 1, max: 3 }), prgi: fc.option(fc.integer({ min: 0, max: 3 }), { nil: undefined }), last: fc.boolean() }),
+      fc.record({
+        k: fc.constant("raise" as const),
+        handle: fc.integer({ min: 1, max: 3 }),
+        prgi: fc.option(fc.integer({ min: 0, max: 3 }), { nil: undefined }),
+        last: fc.boolean(),
+      }),
       fc.record({ k: fc.constant("respond" as const), pick: fc.nat(), owner: fc.constantFrom("vfio/1", "vfio/2") }),
       fc.record({ k: fc.constant("detach" as const), handle: fc.integer({ min: 1, max: 3 }) }),
       fc.record({ k: fc.constant("free" as const), pasid: fc.integer({ min: 1, max: 3 }) }),

@@ -116,8 +116,7 @@ export interface KeptFaultGroup {
 
 /** One entry of the page-request queue as the IOMMU keeps it: an outstanding group, or the id counter (`fgid`). */
 export type PageRequestKeptEntry =
-  | { readonly kind: "faultGroup"; readonly group: KeptFaultGroup }
-  | { readonly kind: "faultGroupCounter"; readonly nextFaultGroupId: bigint };
+  { readonly kind: "faultGroup"; readonly group: KeptFaultGroup } | { readonly kind: "faultGroupCounter"; readonly nextFaultGroupId: bigint };
 
 interface GroupRecord {
   readonly faultGroupId: bigint;

@@ -5,7 +5,22 @@ import { MemoryRoleState } from "@ioasid/bus";
 import { toIa32Pasid } from "../domain/ia32-pasid.js";
 import type { Kvm } from "../domain/kvm.js";
 import { kvmStateCodec } from "./kvm-state-codec.js";
-import { bind, bus, committed, core, createSet, expectRefused, free, held, history, kvmReferences, kvmRegistrations, newKvm, useKvmFixture, vmcs } from "../domain/kvm-fixture.js";
+import {
+  bind,
+  bus,
+  committed,
+  core,
+  createSet,
+  expectRefused,
+  free,
+  held,
+  history,
+  kvmReferences,
+  kvmRegistrations,
+  newKvm,
+  useKvmFixture,
+  vmcs,
+} from "../domain/kvm-fixture.js";
 
 // KVM killed with -9 and back: the domain (kvm-fixture.ts) kept through the real store codec in a
 // MemoryRoleState (a bus value, so this test is an adapter test: DESIGN §2).

@@ -77,7 +77,8 @@ export async function orphanReferences(core: CorePort, live: ReadonlySet<string>
     for (const info of ioasids) {
       for (const h of info.holders) {
         if (h.holder.role !== KVM_SUBSCRIBER || live.has(h.holder.instance)) continue;
-        for (let i = 0; i < h.count; i++) refs.push({ setId: set.id, ioasid: info.ioasid, generation: info.generation, instance: h.holder.instance, purpose: h.holder.purpose });
+        for (let i = 0; i < h.count; i++)
+          refs.push({ setId: set.id, ioasid: info.ioasid, generation: info.generation, instance: h.holder.instance, purpose: h.holder.purpose });
       }
     }
   }

@@ -59,7 +59,14 @@ export const vmcs = (instance: string): Holder => ({ role: KVM_SUBSCRIBER, insta
 
 /** A core event as KVM's subscriber gets it. */
 export function toKvm(e: IoasidEvent): KvmEvent {
-  const type = e.type === EventType.BIND ? KvmEventType.BIND : e.type === EventType.UNBIND ? KvmEventType.UNBIND : e.type === EventType.FREE ? KvmEventType.FREE : KvmEventType.OTHER;
+  const type =
+    e.type === EventType.BIND
+      ? KvmEventType.BIND
+      : e.type === EventType.UNBIND
+        ? KvmEventType.UNBIND
+        : e.type === EventType.FREE
+          ? KvmEventType.FREE
+          : KvmEventType.OTHER;
   return { seq: BigInt(e.seq), type, ioasid: e.ioasid, generation: e.generation, spid: e.spid, setId: e.setId };
 }
 

@@ -3,7 +3,23 @@ import { EventType, Priority, TokenType } from "@ioasid/ioasid";
 import { beforeEach, describe, expect, it } from "vitest";
 import { toIa32Pasid } from "./ia32-pasid.js";
 import type { Kvm } from "./kvm.js";
-import { bind, bus, clearHistory, committed, core, createSet, expectRefused, free, held, history, kvmReferences, kvmRegistrations, newKvm, unavailable, useKvmFixture } from "./kvm-fixture.js";
+import {
+  bind,
+  bus,
+  clearHistory,
+  committed,
+  core,
+  createSet,
+  expectRefused,
+  free,
+  held,
+  history,
+  kvmReferences,
+  kvmRegistrations,
+  newKvm,
+  unavailable,
+  useKvmFixture,
+} from "./kvm-fixture.js";
 
 // The KVM domain against the real core model and in-memory fakes (kvm-fixture.ts): creating, running and destroying VMs.
 useKvmFixture();
@@ -16,7 +32,14 @@ describe("Kvm.createVm", () => {
     expect(core.requests.filter((r) => r.call !== "listRegistrations")).toEqual([
       {
         call: "register",
-        args: [{ subscriber: { name: "kvm", instance: "vm-1" }, priority: Priority.CPU, scope: { kind: "mm", token: 0x7001n }, events: [EventType.BIND, EventType.UNBIND, EventType.FREE] }],
+        args: [
+          {
+            subscriber: { name: "kvm", instance: "vm-1" },
+            priority: Priority.CPU,
+            scope: { kind: "mm", token: 0x7001n },
+            events: [EventType.BIND, EventType.UNBIND, EventType.FREE],
+          },
+        ],
       },
     ]);
     expect(bus.handlers.has("vm-1")).toBe(true);

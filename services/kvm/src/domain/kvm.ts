@@ -46,7 +46,14 @@ export interface DestroyVmResult {
 /** A failure worth retrying (the core unreachable or slow), as opposed to a refusal. */
 function isTransient(err: unknown): boolean {
   if (!(err instanceof DomainError)) return true;
-  return err.code === Code.UNAVAILABLE || err.code === Code.DEADLINE_EXCEEDED || err.code === Code.CANCELLED || err.code === Code.INTERNAL || err.code === Code.UNKNOWN || err.code === Code.ABORTED;
+  return (
+    err.code === Code.UNAVAILABLE ||
+    err.code === Code.DEADLINE_EXCEEDED ||
+    err.code === Code.CANCELLED ||
+    err.code === Code.INTERNAL ||
+    err.code === Code.UNKNOWN ||
+    err.code === Code.ABORTED
+  );
 }
 
 function reasonOf(err: unknown): string {
@@ -258,7 +265,10 @@ export class Kvm {
     } catch (err) {
       if (!isDomainError(err, "REGISTRATION_NOT_FOUND")) throw err;
     }
-    this.#history(r.instance).record({ $case: "kvmDestroyVm", value: { earlierRegistration: r.registrationId, dropped } }, r.setId === 0 ? {} : { setId: r.setId });
+    this.#history(r.instance).record(
+      { $case: "kvmDestroyVm", value: { earlierRegistration: r.registrationId, dropped } },
+      r.setId === 0 ? {} : { setId: r.setId },
+    );
     this.#log("info", "reaped a VM of an earlier KVM process", { instance: r.instance, registration: r.registrationId, setId: r.setId, dropped });
   }
 
@@ -273,7 +283,8 @@ export class Kvm {
    */
   async createVm(spec: CreateVmSpec): Promise<VmSnapshot> {
     const { mmToken, vmName } = spec;
-    if (mmToken <= 0n || mmToken > U64_MAX) throw invalidField("mm_token", "mm_token is required: the VM's MM token, a non-zero u64 (VFIO creates the VM's set with it)");
+    if (mmToken <= 0n || mmToken > U64_MAX)
+      throw invalidField("mm_token", "mm_token is required: the VM's MM token, a non-zero u64 (VFIO creates the VM's set with it)");
     const vcpuCount = spec.vcpuCount === 0 ? 1 : spec.vcpuCount;
     if (!Number.isInteger(vcpuCount) || vcpuCount < 1 || vcpuCount > KVM_MAX_VCPUS) {
       throw invalidField("vcpu_count", `vcpu_count ${spec.vcpuCount} is out of range: 1..${KVM_MAX_VCPUS} (0 means 1)`);
@@ -363,8 +374,8 @@ export class Kvm {
     const refs = [...vm.refs].map(([ioasid, r]) => ({ setId: r.setId, ioasid, generation: r.generation, instance: vm.instance, purpose: VMCS_PURPOSE }));
     const keys = new Set([...refs.map((r) => r.ioasid), ...cleared.map((t) => t.hpasid)]);
     vm.refs.clear();
-    await this.#write([{ key: vmKey(vm.vmId), value: undefined }, ...[...keys].map((h) => ({ key: vmcsKey(vm.vmId, h), value: undefined }))]).catch((err: unknown) =>
-      this.#log("warn", "could not forget the destroyed VM in the store", { vmId, reason: reasonOf(err) }),
+    await this.#write([{ key: vmKey(vm.vmId), value: undefined }, ...[...keys].map((h) => ({ key: vmcsKey(vm.vmId, h), value: undefined }))]).catch(
+      (err: unknown) => this.#log("warn", "could not forget the destroyed VM in the store", { vmId, reason: reasonOf(err) }),
     );
     // What the core records for this VM is what goes, not only what KVM remembers holding: a release
     // sent with an acknowledgement the core lost (it crashed before keeping it) is not redelivered
@@ -507,7 +518,10 @@ export class Kvm {
       // A VM created since the listing is live and keeps what it holds.
       if ([...this.#vms.values()].some((vm) => vm.instance === ref.instance)) continue;
       if (await this.#release(ref)) {
-        this.#history(ref.instance).record({ $case: "kvmOrphanRelease", value: { purpose: ref.purpose } }, { ioasid: ref.ioasid, generation: ref.generation, setId: ref.setId });
+        this.#history(ref.instance).record(
+          { $case: "kvmOrphanRelease", value: { purpose: ref.purpose } },
+          { ioasid: ref.ioasid, generation: ref.generation, setId: ref.setId },
+        );
         this.#log("info", "released a reference of a gone VM", { ...ref });
       }
     }
@@ -552,7 +566,6 @@ export class Kvm {
         return {};
     }
   }
-
 
   /**
    * BIND: ioasid_get() (step 6, "-> ioasid_get() 3"), then gpasid → hpasid into the table (step 7,

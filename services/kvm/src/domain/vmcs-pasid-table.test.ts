@@ -57,7 +57,12 @@ describe("VmcsPasidTable", () => {
 
   it("keeps guest and host PASIDs one to one whatever the order of installs and clears", () => {
     const op = fc.oneof(
-      fc.record({ kind: fc.constant("install" as const), g: fc.integer({ min: 1, max: 5 }), h: fc.integer({ min: 200, max: 205 }), gen: fc.integer({ min: 1, max: 2 }) }),
+      fc.record({
+        kind: fc.constant("install" as const),
+        g: fc.integer({ min: 1, max: 5 }),
+        h: fc.integer({ min: 200, max: 205 }),
+        gen: fc.integer({ min: 1, max: 2 }),
+      }),
       fc.record({ kind: fc.constant("clear" as const), h: fc.integer({ min: 200, max: 205 }), gen: fc.integer({ min: 1, max: 2 }) }),
     );
     fc.assert(

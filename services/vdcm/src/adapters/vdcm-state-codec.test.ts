@@ -16,7 +16,15 @@ const entries: VdcmKeptEntry[] = [
       { wqId: 3, mode: WqMode.SHARED, size: 128 },
     ],
   },
-  { kind: "mdev", mdevUuid: "0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0", parentDeviceId: "0000:6a:01.0", wqIds: [3, 0], setId: 4, createdAt: new Date(1_700_000_000_001), assignedAt: new Date(1_700_000_000_002) },
+  {
+    kind: "mdev",
+    mdevUuid: "0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0",
+    parentDeviceId: "0000:6a:01.0",
+    wqIds: [3, 0],
+    setId: 4,
+    createdAt: new Date(1_700_000_000_001),
+    assignedAt: new Date(1_700_000_000_002),
+  },
   { kind: "mdev", mdevUuid: "m2", parentDeviceId: "0000:6a:01.0", wqIds: [3], setId: 0, createdAt: new Date(1_700_000_000_003), assignedAt: undefined },
   {
     kind: "pasidEntry",
@@ -40,7 +48,14 @@ describe("vdcmStateCodec", () => {
 
   it("brings a VdcmState back whole from its encoded changes", () => {
     const st = new VdcmState();
-    st.registerDevice({ deviceId: "dsa0", wqs: [{ wqId: 0, mode: WqMode.DEDICATED }, { wqId: 1, mode: WqMode.SHARED, size: 8 }], maxPasidEntries: 4 });
+    st.registerDevice({
+      deviceId: "dsa0",
+      wqs: [
+        { wqId: 0, mode: WqMode.DEDICATED },
+        { wqId: 1, mode: WqMode.SHARED, size: 8 },
+      ],
+      maxPasidEntries: 4,
+    });
     st.createMdev("dsa0", "m1", [0, 1], new Date(1000));
     st.assignMdev("m1", 4, new Date(2000));
     st.setRegistration(4, 9);
@@ -51,9 +66,13 @@ describe("vdcmStateCodec", () => {
 
   it("refuses an entry without its kind, a work queue without its mode, or an entry without its time", () => {
     expect(() => vdcmStateCodec.decode(new Uint8Array([]))).toThrow("VdcmStateEntry.entry is missing");
-    const noMode = vdcmState.VdcmStateEntry.encode({ entry: { $case: "device", value: vdcmState.KeptDevice.fromPartial({ deviceId: "d", wqs: [{ wqId: 1 }] }) } }).finish();
+    const noMode = vdcmState.VdcmStateEntry.encode({
+      entry: { $case: "device", value: vdcmState.KeptDevice.fromPartial({ deviceId: "d", wqs: [{ wqId: 1 }] }) },
+    }).finish();
     expect(() => vdcmStateCodec.decode(noMode)).toThrow("KeptWorkQueue.mode is missing");
-    const noTime = vdcmState.VdcmStateEntry.encode({ entry: { $case: "pasidEntry", value: vdcmState.KeptDevicePasidEntry.fromPartial({ deviceId: "d" }) } }).finish();
+    const noTime = vdcmState.VdcmStateEntry.encode({
+      entry: { $case: "pasidEntry", value: vdcmState.KeptDevicePasidEntry.fromPartial({ deviceId: "d" }) },
+    }).finish();
     expect(() => vdcmStateCodec.decode(noTime)).toThrow("KeptDevicePasidEntry.programmed_at is missing");
   });
 });

@@ -16,14 +16,25 @@ export function toVdcmStateEntry(e: VdcmKeptEntry): vdcmState.VdcmStateEntry {
       return {
         entry: {
           $case: "device",
-          value: { deviceId: e.deviceId, maxPasidEntries: e.maxPasidEntries, wqs: e.wqs.map((w) => ({ wqId: w.wqId, mode: WQ_MODE_TO_WIRE[w.mode], size: w.size })) },
+          value: {
+            deviceId: e.deviceId,
+            maxPasidEntries: e.maxPasidEntries,
+            wqs: e.wqs.map((w) => ({ wqId: w.wqId, mode: WQ_MODE_TO_WIRE[w.mode], size: w.size })),
+          },
         },
       };
     case "mdev":
       return {
         entry: {
           $case: "mdev",
-          value: { mdevUuid: e.mdevUuid, parentDeviceId: e.parentDeviceId, wqIds: [...e.wqIds], setId: e.setId, createdAt: e.createdAt, assignedAt: e.assignedAt },
+          value: {
+            mdevUuid: e.mdevUuid,
+            parentDeviceId: e.parentDeviceId,
+            wqIds: [...e.wqIds],
+            setId: e.setId,
+            createdAt: e.createdAt,
+            assignedAt: e.assignedAt,
+          },
         },
       };
     case "pasidEntry":

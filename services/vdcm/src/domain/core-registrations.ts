@@ -31,7 +31,10 @@ export async function unregisterNotifier(core: CorePort, registrationId: number)
 }
 
 /** VDCM's own registrations (this instance): id and set. */
-export async function ownRegistrations(core: CorePort, subscriber: VdcmSubscriber): Promise<Array<{ readonly registrationId: number; readonly setId: number }>> {
+export async function ownRegistrations(
+  core: CorePort,
+  subscriber: VdcmSubscriber,
+): Promise<Array<{ readonly registrationId: number; readonly setId: number }>> {
   return (await core.listRegistrations())
     .filter((r) => r.subscriber.name === subscriber.name && r.subscriber.instance === subscriber.instance)
     .map((r) => ({ registrationId: r.id, setId: r.setId }));

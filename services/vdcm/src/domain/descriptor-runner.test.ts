@@ -1,6 +1,15 @@
 import { describe, expect, it } from "vitest";
 import { Code, DomainError } from "@ioasid/errors";
-import { assertDescriptor, CompletionStatus, DescriptorOp, MAX_TRANSFER_SIZE, runDescriptor, type Descriptor, type DmaRequest, type DmaResult } from "./descriptor-runner.js";
+import {
+  assertDescriptor,
+  CompletionStatus,
+  DescriptorOp,
+  MAX_TRANSFER_SIZE,
+  runDescriptor,
+  type Descriptor,
+  type DmaRequest,
+  type DmaResult,
+} from "./descriptor-runner.js";
 
 /** An IOMMU answering from a table of page → result (default: translated). */
 function iommu(answers: Record<string, DmaResult> = {}) {

@@ -46,7 +46,13 @@ function twoVms(): VdcmState {
 describe("VdcmState devices", () => {
   it("registers a device with its work queues, defaults and an empty PASID table", () => {
     const s = new VdcmState();
-    const d = s.registerDevice({ deviceId: "dsa0", wqs: [{ wqId: 3, mode: WqMode.SHARED }, { wqId: 1, mode: WqMode.DEDICATED, size: 8 }] });
+    const d = s.registerDevice({
+      deviceId: "dsa0",
+      wqs: [
+        { wqId: 3, mode: WqMode.SHARED },
+        { wqId: 1, mode: WqMode.DEDICATED, size: 8 },
+      ],
+    });
     expect(d).toEqual({
       deviceId: "dsa0",
       wqs: [
@@ -65,13 +71,30 @@ describe("VdcmState devices", () => {
     refused(() => s.registerDevice({ deviceId: "x".repeat(101), wqs: DSA.wqs }), Code.INVALID_ARGUMENT, "INVALID_FIELD", "device_id");
     refused(() => s.registerDevice({ deviceId: "dsa0", wqs: [] }), Code.INVALID_ARGUMENT, "INVALID_FIELD", "wqs");
     refused(
-      () => s.registerDevice({ deviceId: "dsa0", wqs: [{ wqId: 1, mode: WqMode.SHARED }, { wqId: 1, mode: WqMode.DEDICATED }] }),
+      () =>
+        s.registerDevice({
+          deviceId: "dsa0",
+          wqs: [
+            { wqId: 1, mode: WqMode.SHARED },
+            { wqId: 1, mode: WqMode.DEDICATED },
+          ],
+        }),
       Code.INVALID_ARGUMENT,
       "INVALID_FIELD",
       "wqs.wq_id",
     );
-    refused(() => s.registerDevice({ deviceId: "dsa0", wqs: [{ wqId: 1, mode: undefined as unknown as WqMode }] }), Code.INVALID_ARGUMENT, "INVALID_FIELD", "wqs.mode");
-    refused(() => s.registerDevice({ deviceId: "dsa0", wqs: [{ wqId: 1, mode: WqMode.SHARED, size: 70_000 }] }), Code.INVALID_ARGUMENT, "INVALID_FIELD", "wqs.size");
+    refused(
+      () => s.registerDevice({ deviceId: "dsa0", wqs: [{ wqId: 1, mode: undefined as unknown as WqMode }] }),
+      Code.INVALID_ARGUMENT,
+      "INVALID_FIELD",
+      "wqs.mode",
+    );
+    refused(
+      () => s.registerDevice({ deviceId: "dsa0", wqs: [{ wqId: 1, mode: WqMode.SHARED, size: 70_000 }] }),
+      Code.INVALID_ARGUMENT,
+      "INVALID_FIELD",
+      "wqs.size",
+    );
     refused(() => s.registerDevice({ ...DSA, maxPasidEntries: (1 << 20) + 1 }), Code.INVALID_ARGUMENT, "INVALID_FIELD", "max_pasid_entries");
     expect(s.snapshot().devices).toEqual([]);
   });

@@ -62,7 +62,6 @@ interface Mdev {
   assignedAt: Date | undefined;
 }
 
-
 /** Options of {@link VdcmState}. */
 export interface VdcmStateOptions {
   /** Generates the UUID of an mdev created without one. @default crypto.randomUUID */
@@ -112,7 +111,8 @@ export class VdcmState {
         throw invalidField("wqs.mode", `work queue ${w.wqId} needs a mode: DEDICATED or SHARED`);
       }
       const size = w.size === undefined || w.size === 0 ? DEFAULT_WQ_SIZE : w.size;
-      if (!Number.isInteger(size) || size < 1 || size > MAX_WQ_SIZE) throw invalidField("wqs.size", `work queue ${w.wqId} size ${size} is outside 1..${MAX_WQ_SIZE}`);
+      if (!Number.isInteger(size) || size < 1 || size > MAX_WQ_SIZE)
+        throw invalidField("wqs.size", `work queue ${w.wqId} size ${size} is outside 1..${MAX_WQ_SIZE}`);
       wqs.set(w.wqId, { wqId: w.wqId, mode: w.mode, size, mdevs: new Set() });
     }
     if (this.devices.has(spec.deviceId)) throw vdcmError("DEVICE_EXISTS", `device ${spec.deviceId} is already registered`);
@@ -448,13 +448,27 @@ export class VdcmState {
     for (const v of kept) {
       if (v.kind !== "device") continue;
       const wqs = new Map<number, Wq>(v.wqs.map((w) => [w.wqId, { wqId: w.wqId, mode: w.mode, size: w.size, mdevs: new Set<string>() }]));
-      st.devices.set(v.deviceId, { deviceId: v.deviceId, wqs, maxPasidEntries: v.maxPasidEntries, entries: new Map(), reservations: new Map(), byHpasid: new Map() });
+      st.devices.set(v.deviceId, {
+        deviceId: v.deviceId,
+        wqs,
+        maxPasidEntries: v.maxPasidEntries,
+        entries: new Map(),
+        reservations: new Map(),
+        byHpasid: new Map(),
+      });
     }
     for (const v of kept) {
       if (v.kind !== "mdev") continue;
       const device = st.devices.get(v.parentDeviceId);
       if (device === undefined) continue;
-      st.mdevs.set(v.mdevUuid, { uuid: v.mdevUuid, parentDeviceId: v.parentDeviceId, wqIds: [...v.wqIds], setId: v.setId, createdAt: v.createdAt, assignedAt: v.assignedAt });
+      st.mdevs.set(v.mdevUuid, {
+        uuid: v.mdevUuid,
+        parentDeviceId: v.parentDeviceId,
+        wqIds: [...v.wqIds],
+        setId: v.setId,
+        createdAt: v.createdAt,
+        assignedAt: v.assignedAt,
+      });
       for (const id of v.wqIds) device.wqs.get(id)?.mdevs.add(v.mdevUuid);
     }
     for (const v of kept) {
@@ -488,12 +502,25 @@ export class VdcmState {
       case "dev": {
         const d = this.devices.get(id);
         if (d === undefined) return undefined;
-        return { kind: "device", deviceId: d.deviceId, maxPasidEntries: d.maxPasidEntries, wqs: [...d.wqs.values()].map((w) => ({ wqId: w.wqId, mode: w.mode, size: w.size })) };
+        return {
+          kind: "device",
+          deviceId: d.deviceId,
+          maxPasidEntries: d.maxPasidEntries,
+          wqs: [...d.wqs.values()].map((w) => ({ wqId: w.wqId, mode: w.mode, size: w.size })),
+        };
       }
       case "mdev": {
         const m = this.mdevs.get(id);
         if (m === undefined) return undefined;
-        return { kind: "mdev", mdevUuid: m.uuid, parentDeviceId: m.parentDeviceId, wqIds: [...m.wqIds], setId: m.setId, createdAt: m.createdAt, assignedAt: m.assignedAt };
+        return {
+          kind: "mdev",
+          mdevUuid: m.uuid,
+          parentDeviceId: m.parentDeviceId,
+          wqIds: [...m.wqIds],
+          setId: m.setId,
+          createdAt: m.createdAt,
+          assignedAt: m.assignedAt,
+        };
       }
       case "entry": {
         const slash = id.lastIndexOf("/");
@@ -580,7 +607,6 @@ export class VdcmState {
     return m;
   }
 }
-
 
 function sameEntry(e: Entry, x: DevicePasidEntry): boolean {
   return e.hpasid === x.hpasid && e.generation === x.generation && e.setId === x.setId && e.mdevUuid === x.mdevUuid;

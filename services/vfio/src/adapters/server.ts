@@ -25,7 +25,11 @@ function closedOrAborted(closed: Promise<CloseReason>, signal: AbortSignal): Pro
  * The VfioService handlers: each translates the wire request, delegates to {@link VfioContainers}
  * and translates the answer. Refusals are the domain's DomainErrors, thrown as they are.
  */
-export function createVfioHandlers(containers: VfioContainers, faults: FaultRelay, guestPages: GuestPagesPort): ServiceHandlers<typeof vfio.VfioServiceService> {
+export function createVfioHandlers(
+  containers: VfioContainers,
+  faults: FaultRelay,
+  guestPages: GuestPagesPort,
+): ServiceHandlers<typeof vfio.VfioServiceService> {
   return {
     openContainer: async (req) => {
       const r = await containers.openContainer({ mmToken: req.mmToken, quota: req.quota, vmName: req.vmName, sessionGraceMs: req.sessionGraceMs });
@@ -77,7 +81,9 @@ export function createVfioHandlers(containers: VfioContainers, faults: FaultRela
           case "group":
             return send({ item: { $case: "group", value: toFaultGroup(item.group) } });
           case "answered":
-            return send({ item: { $case: "answered", value: { faultGroupId: item.faultGroupId, code: RESPONSE_CODES_WIRE.get(item.code)!, source: item.source } } });
+            return send({
+              item: { $case: "answered", value: { faultGroupId: item.faultGroupId, code: RESPONSE_CODES_WIRE.get(item.code)!, source: item.source } },
+            });
           case "fault":
             return send({
               item: {
@@ -105,7 +111,12 @@ export function createVfioHandlers(containers: VfioContainers, faults: FaultRela
       return {};
     },
     mapDma: async (req) => {
-      await containers.mapDma(req.containerId, { iova: req.iova, paddr: req.paddr, size: req.size, access: req.access ?? { read: false, write: false, execute: false, privileged: false } });
+      await containers.mapDma(req.containerId, {
+        iova: req.iova,
+        paddr: req.paddr,
+        size: req.size,
+        access: req.access ?? { read: false, write: false, execute: false, privileged: false },
+      });
       return {};
     },
     unmapDma: async (req) => ({ unmappedSize: await containers.unmapDma(req.containerId, req.iova, req.size) }),

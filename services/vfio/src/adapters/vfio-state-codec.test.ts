@@ -32,7 +32,10 @@ describe("vfioStateCodec", () => {
   it("refuses an entry without its kind, or a device without its reference", () => {
     expect(() => vfioStateCodec.decode(new Uint8Array([]))).toThrow("VfioStateEntry.entry is missing");
     const noRef = vfioState.VfioStateEntry.encode({
-      entry: { $case: "container", value: vfioState.KeptContainer.fromPartial({ containerId: 1, openedAt: new Date(1), devices: [{ assignedAt: new Date(2) }] }) },
+      entry: {
+        $case: "container",
+        value: vfioState.KeptContainer.fromPartial({ containerId: 1, openedAt: new Date(1), devices: [{ assignedAt: new Date(2) }] }),
+      },
     }).finish();
     expect(() => vfioStateCodec.decode(noRef)).toThrow("AssignedDevice.device is missing");
   });

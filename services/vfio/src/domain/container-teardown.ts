@@ -103,7 +103,10 @@ export class ContainerTeardown {
       } catch (err) {
         if (this.#stopping || this.#containers.get(c.id) !== c) return;
         const wait = Math.min(BACKGROUND_CLOSE_FIRST_WAIT_MS * 2 ** round, BACKGROUND_CLOSE_MAX_WAIT_MS);
-        this.#log.error({ err, containerId: c.id, setId: c.setId, reason, round, retryInMs: wait }, "container could not be closed yet: its set is still allocated; retrying");
+        this.#log.error(
+          { err, containerId: c.id, setId: c.setId, reason, round, retryInMs: wait },
+          "container could not be closed yet: its set is still allocated; retrying",
+        );
         await this.#scheduler.sleep(wait);
         if (this.#stopping || this.#containers.get(c.id) !== c) return;
         await attempt(round + 1);
@@ -124,22 +127,26 @@ export class ContainerTeardown {
     c.cancelGrace = undefined;
     c.sessionDeadline = undefined;
     // The VMM is gone (or going): its unanswered fault groups are answered INVALID first.
-    const faultsAnswered = this.#onClosing(c.id).catch((err: unknown) => this.#log.warn({ err, containerId: c.id }, "answering the container's fault groups failed"));
-    const closing = faultsAnswered.then(() => this.#freeSet(c)).then(
-      (freed) => {
-        const unassignedDevices = c.devices.size;
-        this.#history.record({ $case: "containerClose", value: { container: c.id, reason, freed, unassigning: unassignedDevices } }, { setId: c.setId });
-        this.#log.info({ containerId: c.id, setId: c.setId, reason, freed, unassignedDevices }, "container closed: its IOASIDs are freed");
-        c.notifySession?.(reason);
-        c.released = this.#release(c);
-        return { freed, unassignedDevices };
-      },
-      (err: unknown) => {
-        // Stays CLOSING (nothing new may start) with no close in progress: the next close retries.
-        c.closing = undefined;
-        throw err;
-      },
+    const faultsAnswered = this.#onClosing(c.id).catch((err: unknown) =>
+      this.#log.warn({ err, containerId: c.id }, "answering the container's fault groups failed"),
     );
+    const closing = faultsAnswered
+      .then(() => this.#freeSet(c))
+      .then(
+        (freed) => {
+          const unassignedDevices = c.devices.size;
+          this.#history.record({ $case: "containerClose", value: { container: c.id, reason, freed, unassigning: unassignedDevices } }, { setId: c.setId });
+          this.#log.info({ containerId: c.id, setId: c.setId, reason, freed, unassignedDevices }, "container closed: its IOASIDs are freed");
+          c.notifySession?.(reason);
+          c.released = this.#release(c);
+          return { freed, unassignedDevices };
+        },
+        (err: unknown) => {
+          // Stays CLOSING (nothing new may start) with no close in progress: the next close retries.
+          c.closing = undefined;
+          throw err;
+        },
+      );
     c.closing = closing;
     return closing;
   }
@@ -173,7 +180,10 @@ export class ContainerTeardown {
       try {
         if (entry.ref.kind === "mdev") await this.#vdcm.unassignMdev(entry.ref.id);
         else if (stage2 !== undefined) await this.#iommu.detachDevice(stage2, entry.ref.id);
-        this.#history.record({ $case: "deviceUnassign", value: { container: c.id, deviceKind: entry.ref.kind, device: entry.ref.id, teardown: true } }, { setId: c.setId });
+        this.#history.record(
+          { $case: "deviceUnassign", value: { container: c.id, deviceKind: entry.ref.kind, device: entry.ref.id, teardown: true } },
+          { setId: c.setId },
+        );
       } catch (err) {
         if (!isDomainError(err, "MDEV_NOT_ASSIGNED") && !isDomainError(err, "ATTACH_HANDLE_NOT_FOUND")) {
           this.#log.error({ err, containerId: c.id, device: describeDevice(entry.ref) }, "teardown could not unassign a device");
@@ -186,7 +196,9 @@ export class ContainerTeardown {
     this.#containers.delete(c.id);
     this.#history.record({ $case: "containerRelease", value: { container: c.id } }, { setId: c.setId });
     if (stage2 !== undefined) await this.#releaseDomain(c, stage2);
-    await this.#store?.write([{ key: `ctr/${c.id}`, value: undefined }]).catch((err: unknown) => this.#log.warn({ err, containerId: c.id }, "could not forget the released container in the store"));
+    await this.#store
+      ?.write([{ key: `ctr/${c.id}`, value: undefined }])
+      .catch((err: unknown) => this.#log.warn({ err, containerId: c.id }, "could not forget the released container in the store"));
   }
 
   /** Waits (bounded by `reclaimWaitMs`) until the core destroyed the set: every IOASID reclaimed. */

@@ -87,7 +87,10 @@ export class DeviceAssignments {
       entry.state = "assigned";
       entry.assignedAt = this.#scheduler.now();
       await this.#calls.save(c);
-      this.#history.record({ $case: "deviceAssign", value: { container: c.id, deviceKind: ref.kind, device: ref.id, parent: entry.parentDeviceId } }, { setId: c.setId });
+      this.#history.record(
+        { $case: "deviceAssign", value: { container: c.id, deviceKind: ref.kind, device: ref.id, parent: entry.parentDeviceId } },
+        { setId: c.setId },
+      );
       return { device: ref, parentDeviceId: entry.parentDeviceId, assignedAt: entry.assignedAt };
     });
   }

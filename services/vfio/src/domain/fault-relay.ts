@@ -261,8 +261,21 @@ export class FaultRelay {
       const r = item.record;
       if (data === undefined) return;
       const w = this.#watchers.get(data.containerId);
-      this.#history.record({ $case: "dmaFault", value: { container: data.containerId, reason: String(r.reason), address: r.address, noHandler: w === undefined } }, { ioasid: r.pasid, spid: r.gpasid });
-      w?.send({ kind: "fault", faultId: r.faultId, device: data.device, hpasid: r.pasid, gpasid: r.gpasid, address: r.address, access: r.access, reason: r.reason, at: r.at });
+      this.#history.record(
+        { $case: "dmaFault", value: { container: data.containerId, reason: String(r.reason), address: r.address, noHandler: w === undefined } },
+        { ioasid: r.pasid, spid: r.gpasid },
+      );
+      w?.send({
+        kind: "fault",
+        faultId: r.faultId,
+        device: data.device,
+        hpasid: r.pasid,
+        gpasid: r.gpasid,
+        address: r.address,
+        access: r.access,
+        reason: r.reason,
+        at: r.at,
+      });
       return;
     }
     const g = item.group;
@@ -274,7 +287,8 @@ export class FaultRelay {
       // An INVALID for a container that is gone (its FREE drains the rest); FAILURE when nobody listens.
       const code: PageResponseCode = data !== undefined && !this.#isOpen(data.containerId) ? "INVALID" : "FAILURE";
       this.#iommu.respond(g.faultGroupId, code, code === "FAILURE").catch((err: unknown) => {
-        if (!isDomainError(err, "FAULT_GROUP_ALREADY_RESPONDED")) this.#log.warn({ err, faultGroupId: String(g.faultGroupId) }, "answering an unrelayable fault group failed");
+        if (!isDomainError(err, "FAULT_GROUP_ALREADY_RESPONDED"))
+          this.#log.warn({ err, faultGroupId: String(g.faultGroupId) }, "answering an unrelayable fault group failed");
       });
       return;
     }

@@ -74,7 +74,10 @@ export class GuestPasids {
       const { outcome } = await this.#core.free(c.setId, hpasid, generation);
       // The FREE teardown removes every bind of the IOASID at the IOMMU: forget ours.
       for (const [key, bind] of c.binds) if (bind.hpasid === hpasid) c.binds.delete(key);
-      this.#history.record({ $case: "vcmdFree", value: { container: c.id, outcome } }, { ioasid: hpasid, ...(generation === 0 ? {} : { generation }), setId: c.setId });
+      this.#history.record(
+        { $case: "vcmdFree", value: { container: c.id, outcome } },
+        { ioasid: hpasid, ...(generation === 0 ? {} : { generation }), setId: c.setId },
+      );
       return { reclaimed: outcome === "RECLAIMED", alreadyFreePending: outcome === "ALREADY_FREE_PENDING" };
     });
   }

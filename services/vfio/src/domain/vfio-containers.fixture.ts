@@ -28,9 +28,8 @@ export const setIds = (core: InProcessCore): number[] => core.space.listSets().m
 
 /** The core's whole state, to show that a refused call changed nothing. */
 export function snapshot(core: InProcessCore): string {
-  return JSON.stringify(
-    { sets: core.space.listSets(), ioasids: core.space.listIoasids(), registrations: core.space.listRegistrations() },
-    (_k, v: unknown) => (typeof v === "bigint" ? String(v) : v),
+  return JSON.stringify({ sets: core.space.listSets(), ioasids: core.space.listIoasids(), registrations: core.space.listRegistrations() }, (_k, v: unknown) =>
+    typeof v === "bigint" ? String(v) : v,
   );
 }
 

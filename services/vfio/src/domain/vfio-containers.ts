@@ -281,7 +281,10 @@ export class VfioContainers {
       void this.#teardown.backgroundClose(c, CloseReason.SESSION_NEVER_ATTACHED);
     });
     await this.#save(c);
-    this.#history.record({ $case: "containerOpen", value: { container: c.id, mmToken: c.mmToken, quota: c.quota, vmName: c.vmName, graceMs } }, { setId: c.setId });
+    this.#history.record(
+      { $case: "containerOpen", value: { container: c.id, mmToken: c.mmToken, quota: c.quota, vmName: c.vmName, graceMs } },
+      { setId: c.setId },
+    );
     this.#log.info({ containerId: c.id, setId: c.setId, mmToken: String(c.mmToken), quota: c.quota, graceMs }, "container opened");
     return { containerId: c.id, setId: c.setId, quota: c.quota, sessionDeadline: now + graceMs };
   }
