@@ -22,7 +22,7 @@ export type { HistoryFields, HistorySink, Holder } from "./domain/ports.js";
 export { createVdcmHandlers, createVdcmServer, type CreateVdcmServerOptions } from "./adapters/server.js";
 export { PasidSpace, type Submission, type SubmissionResult } from "./domain/submission.js";
 export type { ClearResult, IoasidEventLike, VdcmOptions } from "./domain/vdcm-options.js";
-export { purposeOf, Vdcm, VDCM_ROLE } from "./vdcm.js";
+export { purposeOf, Vdcm, VDCM_ROLE } from "./domain/vdcm.js";
 export { invalidField, vdcmError, VdcmReason } from "./domain/vdcm-errors.js";
 export type { KeptDevice, KeptMdev, KeptPasidEntry, KeptRegistration, VdcmKeptEntry } from "./domain/vdcm-kept-entry.js";
 export {

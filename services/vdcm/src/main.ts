@@ -5,9 +5,10 @@ import { events } from "@ioasid/proto";
 import { commonRoleConfig, createCoreClient, createGrpcCorePort, runRole } from "@ioasid/role-kit";
 import { createIommuClient, iommuDmaTranslator } from "./adapters/iommu-adapter.js";
 import { createVdcmServer } from "./adapters/server.js";
-import { Vdcm, VDCM_ROLE } from "./vdcm.js";
+import { Vdcm, VDCM_ROLE } from "./domain/vdcm.js";
 import { VdcmState } from "./domain/vdcm-state.js";
 import { vdcmStateCodec } from "./adapters/vdcm-state-codec.js";
+import { toHistorySink } from "./adapters/convert.js";
 
 /** Configuration of the VDCM service, from the environment (`vdcm --help` lists it). */
 export const vdcmConfigSchema = defineConfigSchema({
@@ -59,7 +60,7 @@ await runRole({
       instance: config.instance,
       core: createGrpcCorePort(coreClient),
       dma: iommuDmaTranslator(iommuClient),
-      history: history(new HistoryRecorder(nc, VDCM_ROLE, config.instance, config.prefix)),
+      history: toHistorySink(history(new HistoryRecorder(nc, VDCM_ROLE, config.instance, config.prefix))),
       log: (level, msg, fields) => logger[level](fields ?? {}, msg),
     });
     return {

@@ -1,4 +1,6 @@
-import { vdcm } from "@ioasid/proto";
+import type { HistorySink as BusHistorySink } from "@ioasid/bus";
+import { history, vdcm } from "@ioasid/proto";
+import type { HistorySink, VdevClearCause } from "../domain/ports.js";
 import { DescriptorOp, type CompletionStatus, type Descriptor } from "../domain/descriptor-runner.js";
 import { PasidSpace } from "../domain/submission.js";
 import { WqMode, type EntryState } from "../domain/vdcm-model.js";
@@ -87,5 +89,24 @@ export function fromMdev(m: MdevView): vdcm.Mdev {
     setId: m.setId,
     createdAt: m.createdAt,
     assignedAt: m.assignedAt,
+  };
+}
+
+/** The catalogue's word for each teardown cause of a device PASID entry. */
+const VDEV_CLEAR_CAUSE_TO_WIRE: Readonly<Record<VdevClearCause, history.VdevClearCause>> = {
+  mdev_clear: history.VdevClearCause.VDEV_CLEAR_CAUSE_MDEV_CLEAR,
+  unassign: history.VdevClearCause.VDEV_CLEAR_CAUSE_UNASSIGN,
+  FREE: history.VdevClearCause.VDEV_CLEAR_CAUSE_FREE,
+  reconcile: history.VdevClearCause.VDEV_CLEAR_CAUSE_RECONCILE,
+};
+
+/** VDCM's history sink over a bus one (a HistoryRecorder behind the role's history gate): a clear's cause in the catalogue's words. */
+export function toHistorySink(sink: Pick<BusHistorySink, "record">): HistorySink {
+  return {
+    record: (action, fields) =>
+      sink.record(
+        action.$case === "vdevClear" ? { $case: "vdevClear", value: { ...action.value, cause: VDEV_CLEAR_CAUSE_TO_WIRE[action.value.cause] } } : action,
+        fields,
+      ),
   };
 }

@@ -1,7 +1,7 @@
 import { createGrpcServer, type GrpcServer, type GrpcServerOptions, type ServiceHandlers } from "@ioasid/grpc-kit";
 import { vdcm } from "@ioasid/proto";
 import { fromCompletionStatus, fromDevice, fromEntry, fromMdev, toDescriptor, toPasidSpace, toWqSpecs } from "./convert.js";
-import type { Vdcm } from "../vdcm.js";
+import type { Vdcm } from "../domain/vdcm.js";
 
 /**
  * The VdcmService handlers: each translates the wire request, calls {@link Vdcm}, and translates

@@ -1,20 +1,18 @@
 // Kept whole (~650 lines): the one class whose methods share the in-flight descriptors, pending
-// writes and per-mdev locks. Outside src/domain/ for one reason left: it records the history's proto
-// enum for a clear's cause (CLEAR_CAUSE), which belongs in an adapter (as KVM's toHistorySink does).
-import type { HistoryActionInput, RoleStatePort } from "@ioasid/bus";
-import { history } from "@ioasid/proto";
+// writes and per-mdev locks.
+import type { RoleStatePort } from "@ioasid/bus";
 import { Code, DomainError, isDomainError } from "@ioasid/errors";
-import { assertDescriptor, runDescriptor, type Completion, type Descriptor, type DmaTranslator } from "./domain/descriptor-runner.js";
+import { assertDescriptor, runDescriptor, type Completion, type Descriptor, type DmaTranslator } from "./descriptor-runner.js";
 import { heldReferences, KeyedMutex, type CorePort, type HeldReference } from "@ioasid/role-kit";
-import { ownRegistrations, registerOnSet, unregisterNotifier } from "./domain/core-registrations.js";
-import type { Holder, HistoryFields, HistorySink } from "./domain/ports.js";
-import { fromCoreError, invalidField, vdcmError } from "./domain/vdcm-errors.js";
-import { PasidSpace, type Submission, type SubmissionResult } from "./domain/submission.js";
-import type { ClearResult, IoasidEventLike, VdcmOptions } from "./domain/vdcm-options.js";
-import type { VdcmKeptEntry } from "./domain/vdcm-kept-entry.js";
-import { EntryState, MAX_GPASID, normalizeMdevUuid, pasidInUse, WqMode } from "./domain/vdcm-model.js";
-import { VdcmState } from "./domain/vdcm-state.js";
-import type { DevicePasidEntry, DeviceSpec, DeviceView, MdevView, ResolvedWq, VdcmSnapshot } from "./domain/vdcm-views.js";
+import { ownRegistrations, registerOnSet, unregisterNotifier } from "./core-registrations.js";
+import type { Holder, HistoryFields, HistorySink, VdcmHistoryAction, VdevClearCause } from "./ports.js";
+import { fromCoreError, invalidField, vdcmError } from "./vdcm-errors.js";
+import { PasidSpace, type Submission, type SubmissionResult } from "./submission.js";
+import type { ClearResult, IoasidEventLike, VdcmOptions } from "./vdcm-options.js";
+import type { VdcmKeptEntry } from "./vdcm-kept-entry.js";
+import { EntryState, MAX_GPASID, normalizeMdevUuid, pasidInUse, WqMode } from "./vdcm-model.js";
+import { VdcmState } from "./vdcm-state.js";
+import type { DevicePasidEntry, DeviceSpec, DeviceView, MdevView, ResolvedWq, VdcmSnapshot } from "./vdcm-views.js";
 
 /** The holder role of every reference VDCM takes, and its subscriber name at the core. */
 export const VDCM_ROLE = "vdcm";
@@ -446,7 +444,7 @@ export class Vdcm {
    * release of its reference); any other waits for that teardown to finish.
    * @returns true when this caller drained and cleared it
    */
-  private async teardownEntry(entry: DevicePasidEntry, cause: "mdev_clear" | "unassign" | "FREE" | "reconcile", seq?: number): Promise<boolean> {
+  private async teardownEntry(entry: DevicePasidEntry, cause: VdevClearCause, seq?: number): Promise<boolean> {
     const key = `${entry.deviceId}/${entry.wqId}`;
     if (!this.state.beginDrain(entry.deviceId, entry.wqId, entry)) {
       await this.clearing.get(key);
@@ -458,7 +456,7 @@ export class Vdcm {
       // Drain by host PASID: every descriptor using it on this work queue completes first.
       await this.drain((f) => f.deviceId === entry.deviceId && f.wqId === entry.wqId && f.hpasid === entry.hpasid);
       this.state.clearEntry(entry.deviceId, entry.wqId, entry);
-      this.record({ $case: "vdevClear", value: { ...where(entry), cause: CLEAR_CAUSE[cause] } }, entry, seq === undefined ? {} : { seq });
+      this.record({ $case: "vdevClear", value: { ...where(entry), cause } }, entry, seq === undefined ? {} : { seq });
       // Kept cleared before the reference goes (a restart then releases a reference left over).
       await this.persist();
       return true;
@@ -620,7 +618,7 @@ export class Vdcm {
     return { name: VDCM_ROLE, instance: this.instance };
   }
 
-  private record(action: HistoryActionInput, entry: DevicePasidEntry, fields: HistoryFields): void {
+  private record(action: VdcmHistoryAction, entry: DevicePasidEntry, fields: HistoryFields): void {
     this.history?.record(action, { ioasid: entry.hpasid, generation: entry.generation, setId: entry.setId, spid: entry.gpasid, ...fields });
   }
 
@@ -659,11 +657,3 @@ function setKey(setId: number): string {
 function where(e: DevicePasidEntry): { device: string; wq: number; mdev: string } {
   return { device: e.deviceId, wq: e.wqId, mdev: e.mdevUuid };
 }
-
-/** The catalogue's word for each teardown cause. */
-const CLEAR_CAUSE = {
-  mdev_clear: history.VdevClearCause.VDEV_CLEAR_CAUSE_MDEV_CLEAR,
-  unassign: history.VdevClearCause.VDEV_CLEAR_CAUSE_UNASSIGN,
-  FREE: history.VdevClearCause.VDEV_CLEAR_CAUSE_FREE,
-  reconcile: history.VdevClearCause.VDEV_CLEAR_CAUSE_RECONCILE,
-} as const;

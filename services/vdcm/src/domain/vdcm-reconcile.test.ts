@@ -1,12 +1,12 @@
-import { MemoryRoleState, type RoleStatePort } from "@ioasid/bus";
+import type { RoleStatePort } from "@ioasid/bus";
 import { describe, expect, it } from "vitest";
 import { EventType, Priority } from "@ioasid/ioasid";
 import { InProcessCore } from "@ioasid/testkit";
 import { Vdcm } from "./vdcm.js";
-import type { VdcmKeptEntry } from "./domain/vdcm-kept-entry.js";
-import { EntryState } from "./domain/vdcm-model.js";
-import { VdcmState } from "./domain/vdcm-state.js";
-import { vdcmStateCodec } from "./adapters/vdcm-state-codec.js";
+import type { VdcmKeptEntry } from "./vdcm-kept-entry.js";
+import { EntryState } from "./vdcm-model.js";
+import { VdcmState } from "./vdcm-state.js";
+import { memoryVdcmState } from "../adapters/memory-vdcm-state.js";
 import { DEV, M1, VM1, createSets, alloc, freeIoasid, holders, freeEvent, FakeDma, setup } from "./vdcm-fixture.js";
 
 // The Vdcm orchestration against the real core model and an in-memory IOMMU (vdcm-fixture.ts): reconcile after a restart.
@@ -34,7 +34,7 @@ describe("Vdcm reconcile", () => {
   });
 
   it("comes back from its store with its devices, mdevs, programmed PASIDs and registrations, keeping the references they back", async () => {
-    const store = new MemoryRoleState(vdcmStateCodec);
+    const store = memoryVdcmState();
     const { core, vdcm: first } = await setup({ store });
     alloc(core, VM1, 201, 101);
     await first.writeWqPasid(M1, 0, 101);
@@ -54,7 +54,7 @@ describe("Vdcm reconcile", () => {
     // Chaos soak, seed 21: an mdev_clear cleared the entry in memory, its store write hung; the FREE
     // found nothing to clear and was acknowledged; VDCM then fail-stopped, came back with the entry
     // (never kept cleared), and nothing was left to deliver the FREE again.
-    const saved = new MemoryRoleState(vdcmStateCodec);
+    const saved = memoryVdcmState();
     const gate: { hold?: Promise<void> } = {};
     const store: RoleStatePort<VdcmKeptEntry> = {
       write: async (changes) => {
@@ -85,7 +85,7 @@ describe("Vdcm reconcile", () => {
   });
 
   it("clears, after a restart, a programmed entry whose reference the core no longer records", async () => {
-    const store = new MemoryRoleState(vdcmStateCodec);
+    const store = memoryVdcmState();
     const { core, vdcm } = await setup({ store });
     alloc(core, VM1, 201, 101);
     await vdcm.writeWqPasid(M1, 0, 101);

@@ -1,9 +1,9 @@
 import { describe, expect, it } from "vitest";
 import { Code } from "@ioasid/errors";
 import { TokenType } from "@ioasid/ioasid";
-import { CompletionStatus, DescriptorOp } from "./domain/descriptor-runner.js";
-import { PasidSpace } from "./domain/submission.js";
-import { EntryState } from "./domain/vdcm-model.js";
+import { CompletionStatus, DescriptorOp } from "./descriptor-runner.js";
+import { PasidSpace } from "./submission.js";
+import { EntryState } from "./vdcm-model.js";
 import { DEV, M1, M2, VM1, VM2, alloc, freeIoasid, holders, exists, puts, registeredSets, deferred, refused, setup, noop } from "./vdcm-fixture.js";
 
 // The Vdcm orchestration against the real core model and an in-memory IOMMU (vdcm-fixture.ts): programming and clearing

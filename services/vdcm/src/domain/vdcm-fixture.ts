@@ -1,14 +1,14 @@
-import { type HistoryActionCase, type HistoryActionInput, type RoleStatePort } from "@ioasid/bus";
+import { type HistoryActionCase, type RoleStatePort } from "@ioasid/bus";
 import { expect } from "vitest";
 import { DomainError } from "@ioasid/errors";
 import { EventType, OWNER_ROLE, TokenType, type IoasidEvent } from "@ioasid/ioasid";
 import { InProcessCore } from "@ioasid/testkit";
-import { DescriptorOp, type DmaRequest, type DmaResult, type DmaTranslator } from "./domain/descriptor-runner.js";
-import type { HistoryFields, Holder } from "./domain/ports.js";
-import { type Submission } from "./domain/submission.js";
+import { DescriptorOp, type DmaRequest, type DmaResult, type DmaTranslator } from "./descriptor-runner.js";
+import type { HistoryFields, Holder, VdcmHistoryAction } from "./ports.js";
+import { type Submission } from "./submission.js";
 import { Vdcm } from "./vdcm.js";
-import type { VdcmKeptEntry } from "./domain/vdcm-kept-entry.js";
-import { WqMode } from "./domain/vdcm-model.js";
+import type { VdcmKeptEntry } from "./vdcm-kept-entry.js";
+import { WqMode } from "./vdcm-model.js";
 
 // The core is the real model (the testkit's InProcessCore); the IOMMU is an in-memory stand-in:
 // the Vdcm orchestration is tested here without sockets; test/integration/vdcm.test.ts runs it
@@ -100,7 +100,7 @@ export async function refused(p: Promise<unknown>, code: number, reason: string)
 export interface VdcmSetup {
   readonly core: InProcessCore;
   readonly dma: FakeDma;
-  readonly history: Array<{ action: HistoryActionCase; step: HistoryActionInput } & HistoryFields>;
+  readonly history: Array<{ action: HistoryActionCase; step: VdcmHistoryAction } & HistoryFields>;
   readonly vdcm: Vdcm;
 }
 
@@ -112,7 +112,7 @@ export async function setup(options: { store?: RoleStatePort<VdcmKeptEntry> } = 
   const core = new InProcessCore();
   createSets(core);
   const dma = new FakeDma();
-  const history: Array<{ action: HistoryActionCase; step: HistoryActionInput } & HistoryFields> = [];
+  const history: Array<{ action: HistoryActionCase; step: VdcmHistoryAction } & HistoryFields> = [];
   const vdcm = new Vdcm({ instance: "vdcm0", core, dma, history: { record: (step, f) => history.push({ action: step.$case, step, ...f }) }, ...options });
   await vdcm.registerDevice({
     deviceId: DEV,

@@ -2,8 +2,8 @@ import { describe, expect, it } from "vitest";
 import { Code } from "@ioasid/errors";
 import { OWNER_ROLE } from "@ioasid/ioasid";
 import type { InProcessCore } from "@ioasid/testkit";
-import { DescriptorOp } from "./domain/descriptor-runner.js";
-import { PasidSpace } from "./domain/submission.js";
+import { DescriptorOp } from "./descriptor-runner.js";
+import { PasidSpace } from "./submission.js";
 import { DEV, M1, M2, VM1, VM2, alloc, freeIoasid, holders, exists, freeEvent, puts, deferred, refused, setup, noop, FREE } from "./vdcm-fixture.js";
 
 // The Vdcm orchestration against the real core model and an in-memory IOMMU (vdcm-fixture.ts): the FREE handler and stale
