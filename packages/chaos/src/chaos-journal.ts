@@ -1,7 +1,7 @@
 import { HistoryRecorder, type HistoryRecord } from "@ioasid/bus";
 import { Code, isDomainError } from "@ioasid/errors";
 import type { NatsConnection } from "@nats-io/transport-node";
-import { CHAOS_ROLE, ChaosAction, createChaosRecord, type ChaosDetail, type ChaosOp, type FaultMarker, type HealMarker } from "./chaos-record.js";
+import { CHAOS_ROLE, ChaosAction, createChaosRecord, type ChaosDetail, type ChaosOp, type FaultMarker, type HealMarker } from "@ioasid/checker";
 
 /** What the driver knows about an operation before it completes. */
 export type OpStart = Omit<ChaosOp, "opId" | "latencyMs" | "error">;

@@ -1,6 +1,6 @@
 import { describeAction, stepLabel, type HistoryRecord } from "@ioasid/bus";
-import { parseChaosRecord } from "./chaos-record.js";
-import type { Verdict } from "./checker.js";
+import { parseChaosRecord } from "@ioasid/checker";
+import type { Verdict } from "@ioasid/checker";
 
 /** What {@link renderChaosReport} shows. */
 export interface ChaosReportInput {

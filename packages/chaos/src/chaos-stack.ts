@@ -2,7 +2,7 @@ import { appendFileSync, cpSync, mkdirSync } from "node:fs";
 import { dirname, join, resolve } from "node:path";
 import { fileURLToPath } from "node:url";
 import { startNats, startService, type NatsServer, type ServiceProcess } from "@ioasid/testkit";
-import { ChaosTarget, FaultKind, type ChaosLink } from "./chaos-record.js";
+import { ChaosTarget, FaultKind, type ChaosLink } from "@ioasid/checker";
 import { startFaultProxy, type FaultProxy, type PartitionMode } from "./fault-proxy.js";
 import { deriveSeed } from "./guest-plan.js";
 

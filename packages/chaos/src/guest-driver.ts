@@ -1,7 +1,7 @@
 import { isDomainError } from "@ioasid/errors";
 import { iommu, kvm, vdcm, vfio } from "@ioasid/proto";
 import { DefiniteFailure, type ChaosJournal, type OpResult, type OpStart } from "./chaos-journal.js";
-import { ChaosOpName, type ChaosOp } from "./chaos-record.js";
+import { ChaosOpName, type ChaosOp } from "@ioasid/checker";
 import { startVmm, type ChaosClients, type VmmCommand, type VmmProcess } from "./chaos-clients.js";
 import { GuestDevice, gpasidOf, type GuestPlan, type GuestStep } from "./guest-plan.js";
 import { createPrng } from "./prng.js";

@@ -21,7 +21,7 @@ export {
   type ChaosRecordOptions,
   type FaultMarker,
   type HealMarker,
-} from "./chaos-record.js";
+} from "@ioasid/checker";
 export {
   check,
   createChecker,
@@ -32,9 +32,9 @@ export {
   type TraceLine,
   type Verdict,
   type Violation,
-} from "./checker.js";
+} from "@ioasid/checker";
 export { startFaultProxy, type FaultProxy, type FaultProxyOptions, type FaultProxyStats, type PartitionMode } from "./fault-proxy.js";
-export type { FinalIoasid, FinalRegistration, FinalSet, FinalState, LiveEntry, OutstandingFaultGroup } from "./final-state.js";
+export type { FinalIoasid, FinalRegistration, FinalSet, FinalState, LiveEntry, OutstandingFaultGroup } from "@ioasid/checker";
 export {
   indexHistory,
   lifecycleKey,
@@ -50,10 +50,10 @@ export {
   type LossWindow,
   type OpSpan,
   type PendingRegistration,
-} from "./history-index.js";
-export { INVARIANT_IDS, INVARIANTS, type InvariantId } from "./invariants.js";
+} from "@ioasid/checker";
+export { INVARIANT_IDS, INVARIANTS, type InvariantId } from "@ioasid/checker";
 export { createPrng, type Prng } from "./prng.js";
-export { RULES, type CheckOptions, type Finding, type Rule, type RuleContext } from "./rules.js";
+export { RULES, type CheckOptions, type Finding, type Rule, type RuleContext } from "@ioasid/checker";
 export { schedule, toFaultMarker, type FaultInjection, type ScheduleOptions } from "./schedule.js";
 export { ChaosUsageError, FAULT_NAMES, MAX_SEED, parseDuration, parseFaultKinds, parseSeeds } from "./run-options.js";
 export {

@@ -1,5 +1,5 @@
 import type { ChaosJournal } from "./chaos-journal.js";
-import { ChaosTarget, FaultKind } from "./chaos-record.js";
+import { ChaosTarget, FaultKind } from "@ioasid/checker";
 import { brief, type ChaosStack, type StackService } from "./chaos-stack.js";
 import { toFaultMarker, type FaultInjection } from "./schedule.js";
 

@@ -1,6 +1,6 @@
 import { core, events } from "@ioasid/proto";
 import type { ChaosClients } from "./chaos-clients.js";
-import type { FinalState, LiveEntry } from "./final-state.js";
+import type { FinalState, LiveEntry } from "@ioasid/checker";
 
 /** The IOMMU and VDCM instance names of a chaos stack (their history records' instance). */
 export interface RoleInstances {

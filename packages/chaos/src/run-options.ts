@@ -1,4 +1,4 @@
-import { FaultKind } from "./chaos-record.js";
+import { FaultKind } from "@ioasid/checker";
 
 /**
  * The short fault names of `ioasidctl chaos run --faults` and the {@link FaultKind} each stands

@@ -1,9 +1,9 @@
 import { createHistoryRecord, eventOf, eventTypeOf, type HistoryRecord } from "@ioasid/bus";
 import { describe, expect, it } from "vitest";
 import { ChaosJournal, DefiniteFailure, outcomeOf } from "./chaos-journal.js";
-import { createChaosRecord, parseChaosRecord, type ChaosDetail } from "./chaos-record.js";
+import { createChaosRecord, parseChaosRecord, type ChaosDetail } from "@ioasid/checker";
 import { renderChaosReport } from "./chaos-report.js";
-import { check } from "./checker.js";
+import { check } from "@ioasid/checker";
 import { computeRunStats, renderStats } from "./run-stats.js";
 import { DomainError, Code } from "@ioasid/errors";
 

@@ -1,6 +1,6 @@
 import { eventOf, type HistoryRecord } from "@ioasid/bus";
-import { ChaosOpName, parseChaosRecord } from "./chaos-record.js";
-import type { FinalState } from "./final-state.js";
+import { ChaosOpName, parseChaosRecord } from "@ioasid/checker";
+import type { FinalState } from "@ioasid/checker";
 
 /** The figures of one chaos run, from its history (and final state). */
 export interface ChaosRunStats {

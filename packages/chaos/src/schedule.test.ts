@@ -1,5 +1,5 @@
 import { describe, expect, it } from "vitest";
-import { parseChaosRecord, createChaosRecord, FaultKind, SERVICE_TARGETS } from "./chaos-record.js";
+import { parseChaosRecord, createChaosRecord, FaultKind, SERVICE_TARGETS } from "@ioasid/checker";
 import { schedule, toFaultMarker, type ScheduleOptions } from "./schedule.js";
 
 const RUN: ScheduleOptions = { durationMs: 60_000 };

@@ -1,4 +1,4 @@
-import { ChaosTarget, FaultKind, SERVICE_TARGETS, type ChaosLink, type FaultMarker } from "./chaos-record.js";
+import { ChaosTarget, FaultKind, SERVICE_TARGETS, type ChaosLink, type FaultMarker } from "@ioasid/checker";
 import { createPrng } from "./prng.js";
 
 /** Options of {@link schedule}. */
