@@ -42,17 +42,25 @@ async function downNats(): Promise<NatsServer> {
   return nats;
 }
 
+/**
+ * Waits until the service is held at its NATS connection, sends SIGTERM, brings NATS back, and
+ * expects the service to finish starting, then stop gracefully with exit 0.
+ */
+async function signalWhileWaitingForNats(svc: ReturnType<typeof spawnService>, nats: NatsServer, who: string): Promise<void> {
+  await waitFor(() => svc.out().includes("NATS not reachable yet"), { timeoutMs: 15_000, message: `${who} waiting for NATS` });
+  svc.proc.kill("SIGTERM");
+  await nats.restart();
+  const { code, signal } = await svc.exit;
+  expect({ code, signal }).toEqual({ code: 0, signal: null });
+  expect(svc.out()).toContain('"msg":"listening"');
+  expect(svc.out()).toContain("signal received, shutting down");
+}
+
 describe("a signal while a service starts", () => {
   it("ioasid-core: held, then a graceful stop with exit 0", async () => {
     const nats = await downNats();
     const svc = spawnService("ioasid-core", { IOASID_CORE_GRPC_ADDRESS: "127.0.0.1:0", NATS_URL: nats.url, IOASID_NATS_CONNECT_TIMEOUT: "30s" });
-    await waitFor(() => svc.out().includes("NATS not reachable yet"), { timeoutMs: 15_000, message: "the core waiting for NATS" });
-    svc.proc.kill("SIGTERM");
-    await nats.restart();
-    const { code, signal } = await svc.exit;
-    expect({ code, signal }).toEqual({ code: 0, signal: null });
-    expect(svc.out()).toContain('"msg":"listening"');
-    expect(svc.out()).toContain("signal received, shutting down");
+    await signalWhileWaitingForNats(svc, nats, "the core");
   });
 
   it("a role (vdcm, through runRole): held, then a graceful stop with exit 0", async () => {
@@ -65,12 +73,6 @@ describe("a signal while a service starts", () => {
       IOMMU_ADDRESS: "127.0.0.1:1",
       IOASID_NATS_CONNECT_TIMEOUT: "30s",
     });
-    await waitFor(() => svc.out().includes("NATS not reachable yet"), { timeoutMs: 15_000, message: "VDCM waiting for NATS" });
-    svc.proc.kill("SIGTERM");
-    await nats.restart();
-    const { code, signal } = await svc.exit;
-    expect({ code, signal }).toEqual({ code: 0, signal: null });
-    expect(svc.out()).toContain('"msg":"listening"');
-    expect(svc.out()).toContain("signal received, shutting down");
+    await signalWhileWaitingForNats(svc, nats, "VDCM");
   });
 });

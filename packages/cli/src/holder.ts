@@ -3,6 +3,7 @@ import type { ParseArgsConfig } from "node:util";
 import { connect } from "@nats-io/transport-node";
 import { HistoryRecorder } from "@ioasid/bus";
 import { isDomainError } from "@ioasid/errors";
+import type { HeldReference } from "@ioasid/role-kit";
 import { core } from "@ioasid/proto";
 import { addressesOf, connectStack, type StackClients } from "./clients.js";
 import { UsageError } from "./faults.js";
@@ -22,14 +23,8 @@ export interface HolderSelector {
   readonly purpose?: string;
 }
 
-/** One reference a holder has. */
-export interface HeldReference {
-  readonly setId: number;
-  readonly ioasid: number;
-  readonly generation: number;
-  readonly purpose: string;
-  readonly count: number;
-}
+/** One reference a holder has (role-kit's, as the roles reconcile against it). */
+export type { HeldReference };
 
 /** What a force-release did. */
 export interface ReleaseResult {

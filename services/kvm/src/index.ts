@@ -13,7 +13,7 @@ export { Kvm, KVM_MAX_VCPUS, MAX_VM_NAME_LENGTH, type CreateVmSpec, type Destroy
 export { type VmSnapshot } from "./domain/vm-snapshot.js";
 export { VmcsPasidTable, type InstallOutcome, type PasidTranslation } from "./domain/vmcs-pasid-table.js";
 export { getReference, holdsReference, kvmRegistrations, orphanReferences, putReference, registerVm, vmReferences } from "./domain/kvm-core-calls.js";
-export { KVM_EVENTS, toEnqcmdResponse, toHistoryAction, toHistorySink, toKvmEvent, toVm } from "./adapters/convert.js";
+export { toEnqcmdResponse, toHistoryAction, toHistorySink, toKvmEvent, toVm } from "./adapters/convert.js";
 export { fromKvmStateEntry, KVM_STATE_FORMAT, kvmStateCodec, toKvmStateEntry } from "./adapters/kvm-state-codec.js";
 export { createNotifierPort } from "./adapters/notifier-port.js";
 export { buildKvmRole, createKvmHandlers, type KvmRoleOptions } from "./adapters/server.js";

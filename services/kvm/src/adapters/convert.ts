@@ -25,9 +25,6 @@ const EVENT_TYPE: ReadonlyMap<events.EventType, KvmEventType> = new Map([
   [events.EventType.EVENT_TYPE_FREE, KvmEventType.FREE],
 ]);
 
-/** The events KVM registers for (ioasid.rst "KVM PASID Translation Table Updates": BIND/UNBIND, FREE). */
-export const KVM_EVENTS: readonly events.EventType[] = [...EVENT_TYPE.keys()];
-
 /** A bus event as the KVM domain sees it. */
 export function toKvmEvent(e: events.IoasidEvent): KvmEvent {
   return { seq: e.seq, type: EVENT_TYPE.get(e.type) ?? KvmEventType.OTHER, ioasid: e.ioasid, generation: e.generation, spid: e.spid, setId: e.setId };
