@@ -9,6 +9,7 @@ import { isDomainError } from "@ioasid/errors";
 import { core, iommu, kvm, vdcm, vfio } from "@ioasid/proto";
 import { attachCommands } from "./attach.js";
 import { chaosCommand } from "./chaos-command.js";
+import { conformCommand } from "./conform-command.js";
 import { addressesOf, connectStack, type StackClients } from "./clients.js";
 import { faultCommands } from "./fault-commands.js";
 import { holderCommands } from "./holder.js";
@@ -531,6 +532,7 @@ const commands: Record<string, Command> = {
   ...attachCommands(out),
   ...holderCommands(out),
   ...faultCommands({ withStack, findVm, out, err: (line) => process.stderr.write(`${line}\n`) }),
+  conform: conformCommand({ out, err: (line) => process.stderr.write(`${line}\n`) }),
   chaos: chaosCommand({
     out,
     err: (line) => process.stderr.write(`${line}\n`),

@@ -71,7 +71,7 @@ export interface RoleParts {
     readonly maxAttempts?: number;
   };
   /** The role's one delivery subscriber, subscribed after reconciling (before registering). */
-  readonly subscriber?: Pick<SubscriberOptions, "instance" | "handler"> & { readonly name?: string };
+  readonly subscriber?: Pick<SubscriberOptions, "instance" | "handler" | "dedupeWindow"> & { readonly name?: string };
   /** Registers the role's notifier with the core (idempotent), retried like a before-serving reconcile. */
   readonly register?: () => Promise<unknown>;
   /** Deferred work retried on a timer (releases the core refused while unreachable…). */
@@ -202,7 +202,14 @@ export async function runRole<C extends RoleBaseConfig, T>(spec: RoleSpec<C, T>)
   let subscriber: Subscriber | undefined;
   if (p.subscriber !== undefined) {
     const s = p.subscriber;
-    subscriber = await startSubscriber({ nc, name: s.name ?? role, instance: s.instance, prefix: config.prefix, handler: s.handler });
+    subscriber = await startSubscriber({
+      nc,
+      name: s.name ?? role,
+      instance: s.instance,
+      prefix: config.prefix,
+      handler: s.handler,
+      ...(s.dedupeWindow === undefined ? {} : { dedupeWindow: s.dedupeWindow }),
+    });
   }
   if (p.register !== undefined) await untilReachable("register", p.register);
 

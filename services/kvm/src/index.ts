@@ -16,4 +16,5 @@ export { getReference, holdsReference, kvmRegistrations, orphanReferences, putRe
 export { toEnqcmdResponse, toHistoryAction, toHistorySink, toKvmEvent, toVm } from "./adapters/convert.js";
 export { fromKvmStateEntry, KVM_STATE_FORMAT, kvmStateCodec, toKvmStateEntry } from "./adapters/kvm-state-codec.js";
 export { createNotifierPort } from "./adapters/notifier-port.js";
+export { kvmConfigSchema } from "./config.js";
 export { buildKvmRole, createKvmHandlers, type KvmRoleOptions } from "./adapters/server.js";

@@ -3,6 +3,7 @@ import { createGrpcServer, type ServiceHandlers } from "@ioasid/grpc-kit";
 import { kvm as kvmProto } from "@ioasid/proto";
 import { createGrpcCorePort, type CoreClient, type RoleParts, type RoleRuntime } from "@ioasid/role-kit";
 import { KVM_SUBSCRIBER } from "../domain/holder-reference.js";
+import type { NotifierPort } from "../domain/kvm-event.js";
 import type { KvmKeptEntry } from "../domain/kvm-kept-entry.js";
 import { Kvm } from "../domain/kvm.js";
 import { toEnqcmdResponse, toHistorySink, toVm } from "./convert.js";
@@ -30,6 +31,8 @@ export interface KvmRoleOptions {
   readonly port?: number;
   /** Drop what an earlier KVM process left (see {@link KvmOptions.reapStale}). @default true */
   readonly reapStale?: boolean;
+  /** Where VM notifiers subscribe. @default one bus subscriber per VM ({@link createNotifierPort}) */
+  readonly notifier?: NotifierPort;
   /** Period of the retries (reconciliation at start, deferred reference drops), ms. @default 1000 */
   readonly retryMs?: number;
 }
@@ -56,7 +59,7 @@ export function buildKvmRole(rt: RoleRuntime<KvmKeptEntry>, options: KvmRoleOpti
     store: rt.store,
     saved: rt.saved,
     core: createGrpcCorePort(options.core),
-    notifier: createNotifierPort(rt.nc, rt.prefix),
+    notifier: options.notifier ?? createNotifierPort(rt.nc, rt.prefix),
     // KVM writes each table change in the turn it records it, so its history gate needs no quiet test.
     history: (instance) => toHistorySink(rt.history(new HistoryRecorder(rt.nc, KVM_SUBSCRIBER, instance, rt.prefix))),
     log: (level, msg, fields) => logger[level](fields ?? {}, msg),
