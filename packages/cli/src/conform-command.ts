@@ -1,5 +1,5 @@
 import type { ParseArgsConfig } from "node:util";
-import { CONFORM_ROLES, formatResult, runConformance, SUITES, type ConformOptions, type ConformReport, type ConformRole } from "@ioasid/conform";
+import { CONFORM_ROLES, formatResult, NEEDS, runConformance, SUITES, type ConformOptions, type ConformReport, type ConformRole } from "@ioasid/conform";
 
 type Values = Record<string, string | boolean | undefined>;
 
@@ -45,6 +45,16 @@ export function parseConformOptions(v: Values): Omit<ConformOptions, "log" | "on
       "the kit needs to reach what the target uses: give --target-cmd CMD (the kit starts the target against a stack of its own), --stack DIR (an `ioasidctl up` stack the target is part of), or --nats URL [--core HOST:PORT] (the NATS and core the running target was pointed at)",
     );
   }
+  // A running target knows where its neighbours are; the kit can only be told where the core is.
+  const around = NEEDS[role as ConformRole].filter((n) => n !== "core");
+  if (targetCmd === undefined && stack === undefined && around.length > 0) {
+    throw new ConformUsageError(
+      `a running ${role} was pointed at its ${around.join(", ")} too: give --stack DIR (the stack it is part of) or --target-cmd CMD`,
+    );
+  }
+  if (targetCmd === undefined && stack === undefined && role !== "core" && coreAddress === undefined) {
+    throw new ConformUsageError(`--nats needs --core HOST:PORT with --role ${role}: the core the running target was pointed at`);
+  }
   const only =
     typeof v["only"] === "string"
       ? v["only"]
@@ -77,8 +87,8 @@ const USAGE = [
   "                      IOASID_CONFORM_TARGET, and our services' own <ROLE>_GRPC_ADDRESS), and restarts it for the",
   "                      restart clauses (skipped without it)",
   "  --stack DIR         the target is part of a stack started by `ioasidctl up --dir DIR`",
-  "  --nats URL          the NATS (with JetStream) the running target uses; the kit starts our services on it",
-  "  --core HOST:PORT    the core the running target was pointed at: the kit uses it, or starts ours there",
+  "  --nats URL          the NATS (with JetStream) the running target uses",
+  "  --core HOST:PORT    the core (SERVING) the running target was pointed at (kvm, iommu; vdcm and vfio need --stack)",
   "  --junit FILE        also write JUnit XML",
   "  --only ID,...       only clauses whose id starts with one of these (kvm.free, kvm.rpc.enqcmd)",
   "  --json              print the report as JSON instead of lines",

@@ -60,7 +60,7 @@ export interface HarnessOptions {
   readonly targetCmd?: string;
   /** A NATS with JetStream the target uses; else the kit starts its own nats-server. */
   readonly natsUrl?: string;
-  /** The core the (already running) target was pointed at; the kit uses it, or starts ours there. */
+  /** The core the (already running) target was pointed at; it must answer SERVING. */
   readonly coreAddress?: string;
   /** A stack started by `ioasidctl up` (its `stack.json`): its NATS, core and roles around the target. */
   readonly stackDir?: string;
@@ -196,7 +196,15 @@ export class Harness {
           continue;
         }
         if (stack !== undefined) throw new Error(`the stack in ${options.stackDir} has no ${need} serving at ${String(there)}`);
-        const listen = need === "core" && options.coreAddress !== undefined ? options.coreAddress : "127.0.0.1:0";
+        // A target that is already running was pointed at its core: the kit cannot move it to another.
+        if (options.targetCmd === undefined) {
+          throw new Error(
+            there === undefined
+              ? `a running ${options.role} needs the ${need} it was pointed at: give --core HOST:PORT, --stack DIR, or let the kit start the target with --target-cmd`
+              : `no ${need} answers SERVING at ${there}: start it first (or use --target-cmd, and the kit brings up a stack of its own)`,
+          );
+        }
+        const listen = "127.0.0.1:0";
         const proc = await startService({
           name: need,
           entry: join(REPO_ROOT, "services", OUR_SERVICES[need].dir, "dist", "main.js"),
