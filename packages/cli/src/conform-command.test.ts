@@ -10,12 +10,17 @@ describe("ioasidctl conform flags", () => {
       junitFile: "out.xml",
       only: ["kvm.free", "kvm.rpc"],
       json: false,
+      list: false,
     });
     expect(parseConformOptions({ role: "kvm", target: "localhost:1", nats: "nats://127.0.0.1:4222", core: "127.0.0.1:50051" })).toMatchObject({
       natsUrl: "nats://127.0.0.1:4222",
       coreAddress: "127.0.0.1:50051",
     });
     expect(parseConformOptions({ role: "kvm", target: "[::1]:9", stack: ".ioasid" })).toMatchObject({ stackDir: ".ioasid" });
+  });
+
+  it("--list needs only the role", () => {
+    expect(parseConformOptions({ role: "kvm", list: true })).toEqual({ role: "kvm", target: "-", json: false, list: true });
   });
 
   it.each([

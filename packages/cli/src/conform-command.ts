@@ -21,11 +21,12 @@ function parseTarget(value: string, flag: string): string {
  * Parses the flags of `ioasidctl conform` into the kit's options.
  * @throws ConformUsageError on a missing or bad flag, or a bad combination
  */
-export function parseConformOptions(v: Values): Omit<ConformOptions, "log" | "onResult"> & { readonly json: boolean } {
+export function parseConformOptions(v: Values): Omit<ConformOptions, "log" | "onResult"> & { readonly json: boolean; readonly list: boolean } {
   const role = v["role"];
   if (typeof role !== "string") throw new ConformUsageError(`--role is required: one of ${CONFORM_ROLES.join(", ")}`);
   if (!(CONFORM_ROLES as readonly string[]).includes(role)) throw new ConformUsageError(`--role must be one of ${CONFORM_ROLES.join(", ")}, got "${role}"`);
   if (SUITES[role as ConformRole] === undefined) throw new ConformUsageError(`no suite for --role ${role} yet (suites: ${Object.keys(SUITES).join(", ")})`);
+  if (v["list"] === true) return { role: role as ConformRole, target: "-", json: v["json"] === true, list: true };
   if (typeof v["target"] !== "string")
     throw new ConformUsageError("--target HOST:PORT is required: where the implementation under test serves (or will serve, with --target-cmd)");
   const target = parseTarget(v["target"], "--target");
@@ -67,6 +68,7 @@ export function parseConformOptions(v: Values): Omit<ConformOptions, "log" | "on
     role: role as ConformRole,
     target,
     json: v["json"] === true,
+    list: false,
     ...(targetCmd === undefined ? {} : { targetCmd }),
     ...(stack === undefined ? {} : { stackDir: stack }),
     ...(nats === undefined ? {} : { natsUrl: nats }),
@@ -77,6 +79,7 @@ export function parseConformOptions(v: Values): Omit<ConformOptions, "log" | "on
 }
 
 const USAGE = [
+  "conform --role kvm|vdcm|iommu|vfio|core --list [--json]",
   "conform --role kvm|vdcm|iommu|vfio|core --target HOST:PORT",
   "        [--target-cmd CMD | --stack DIR | --nats URL [--core HOST:PORT]] [--junit FILE] [--only ID,...] [--json]",
   "",
@@ -92,6 +95,7 @@ const USAGE = [
   "  --junit FILE        also write JUnit XML",
   "  --only ID,...       only clauses whose id starts with one of these (kvm.free, kvm.rpc.enqcmd)",
   "  --json              print the report as JSON instead of lines",
+  "  --list              print the role's clauses (id, statement, where the rule comes from) and exit",
   "",
   "Exit: 0 when no clause failed (skipped clauses say why), 1 when one did or the stack could not be brought up,",
   '2 on bad flags. Clauses and what they mean: README, "Verify your own role implementation".',
@@ -112,6 +116,7 @@ export function conformCommand(io: { out: (line: string) => void; err: (line: st
       junit: { type: "string" },
       only: { type: "string" },
       json: { type: "boolean" },
+      list: { type: "boolean" },
     } satisfies NonNullable<ParseArgsConfig["options"]>,
     run: async (v: Values, positionals: string[]): Promise<number> => {
       let options: ReturnType<typeof parseConformOptions>;
@@ -123,7 +128,22 @@ export function conformCommand(io: { out: (line: string) => void; err: (line: st
         io.err(`ioasidctl conform: ${err.message}\nusage:\n  ${USAGE.split("\n").join("\n  ")}`);
         return 2;
       }
-      const { json, ...kit } = options;
+      const { json, list, ...kit } = options;
+      if (list) {
+        const suite = SUITES[kit.role]!;
+        if (json)
+          io.out(
+            JSON.stringify(
+              suite.clauses.map((c) => ({ id: c.id, statement: c.statement, source: c.source, needs: c.needs ?? [] })),
+              null,
+              2,
+            ),
+          );
+        else
+          for (const c of suite.clauses)
+            io.out(`${c.id}\n    ${c.statement}\n    (${c.source}${c.needs === undefined ? "" : `; needs ${c.needs.join(", ")}`})`);
+        return 0;
+      }
       const suite = SUITES[kit.role]!;
       if (!json) io.out(`conformance of ${kit.role} at ${kit.target}: ${suite.clauses.length} clauses (${suite.summary})`);
       let report: ConformReport;
