@@ -3,6 +3,7 @@ import { mkdtempSync, readFileSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { SUITES, type ConformRole } from "@ioasid/conform";
+import { stackDown, stackUp } from "@ioasid/cli";
 import { startNats, startService } from "@ioasid/testkit";
 import { afterAll, describe, expect, it } from "vitest";
 import { built, freePort, mutantCommand, ourService } from "./conform-fixture.js";
@@ -63,6 +64,39 @@ describe("ioasidctl conform", () => {
       await kvm.stop();
       await core.stop();
       await nats.stop();
+    }
+  });
+
+  it("verifies a role inside a stack started by `ioasidctl up` (--stack): NATS and the core from its stack.json", async () => {
+    const stackDir = join(dir, "stack");
+    const natsPort = await freePort();
+    // `up` takes five consecutive ports from --base-port: try a few random bases until one is free.
+    let state: Awaited<ReturnType<typeof stackUp>> | undefined;
+    for (let attempt = 0; state === undefined && attempt < 5; attempt++) {
+      const basePort = 20_000 + Math.floor(Math.random() * 30_000);
+      state = await stackUp({ dir: stackDir, basePort, natsPort, freshStore: true }).catch((err: Error) => {
+        if (!err.message.includes("is in use")) throw err;
+        return undefined;
+      });
+    }
+    expect(state).toBeDefined();
+    try {
+      const run = await ioasidctl([
+        "conform",
+        "--role",
+        "kvm",
+        "--target",
+        state!.services.kvm.address,
+        "--stack",
+        stackDir,
+        "--only",
+        "kvm.rpc,kvm.free,kvm.restart",
+      ]);
+      expect(run.code).toBe(0);
+      expect(run.stdout).toContain(`core         ${state!.services["ioasid-core"].address} (already serving)`);
+      expect(run.stdout).toMatch(/kvm at .*: 11 passed, 0 failed, 2 skipped of 13 clauses/);
+    } finally {
+      await stackDown({ dir: stackDir });
     }
   });
 
