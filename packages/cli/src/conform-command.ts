@@ -147,6 +147,13 @@ export function conformCommand(io: { out: (line: string) => void; err: (line: st
       const suite = SUITES[kit.role]!;
       if (!json) io.out(`conformance of ${kit.role} at ${kit.target}: ${suite.clauses.length} clauses (${suite.summary})`);
       let report: ConformReport;
+      // Interrupted, the kit exits: what it started goes with it (by PID, on the process's exit).
+      const interrupted = (signal: NodeJS.Signals) => {
+        io.err(`ioasidctl conform: ${signal}: stopping the target and the stack the kit started`);
+        process.exit(signal === "SIGINT" ? 130 : 143);
+      };
+      process.once("SIGINT", interrupted);
+      process.once("SIGTERM", interrupted);
       try {
         report = await runConformance({
           ...kit,

@@ -258,6 +258,10 @@ export class Harness {
     child.stdout.on("data", keep);
     child.stderr.on("data", keep);
     this.targetProc = child;
+    // The kit interrupted (Ctrl-C, a test runner ending) takes the target's process group with it.
+    const onExit = () => killGroup(child, "SIGKILL");
+    process.once("exit", onExit);
+    child.once("exit", () => process.off("exit", onExit));
     await this.waitTargetServing(child);
   }
 
@@ -268,11 +272,7 @@ export class Harness {
     this.targetProc = undefined;
     if (child.exitCode !== null || child.signalCode !== null) return;
     const ended = new Promise<void>((r) => child.once("exit", () => r()));
-    try {
-      process.kill(-(child.pid as number), "SIGKILL");
-    } catch {
-      child.kill("SIGKILL");
-    }
+    killGroup(child, "SIGKILL");
     await ended;
   }
 
@@ -474,18 +474,8 @@ export class Harness {
       const child = this.targetProc;
       const ended = new Promise<void>((r) => child.once("exit", () => r()));
       if (child.exitCode === null && child.signalCode === null) {
-        try {
-          process.kill(-(child.pid as number), "SIGTERM");
-        } catch {
-          child.kill("SIGTERM");
-        }
-        const timer = setTimeout(() => {
-          try {
-            process.kill(-(child.pid as number), "SIGKILL");
-          } catch {
-            // gone
-          }
-        }, 5000);
+        killGroup(child, "SIGTERM");
+        const timer = setTimeout(() => killGroup(child, "SIGKILL"), 5000);
         await ended;
         clearTimeout(timer);
       }
@@ -495,6 +485,16 @@ export class Harness {
     await this.nc.close().catch(() => undefined);
     for (const p of this.started.reverse()) await p.stop().catch(() => undefined);
     await this.nats?.stop();
+  }
+}
+
+/** Signals the target's process group (the shell and what it started), or the child alone if the group is gone. */
+function killGroup(child: ChildProcess, signal: NodeJS.Signals): void {
+  if (child.exitCode !== null || child.signalCode !== null) return;
+  try {
+    process.kill(-(child.pid as number), signal);
+  } catch {
+    child.kill(signal);
   }
 }
 
