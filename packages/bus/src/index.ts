@@ -58,3 +58,23 @@ export {
   type StateCodec,
 } from "./role-state.js";
 export { DEFAULT_PREFIX, deliverySubject, encodeToken, Headers, helloSubject, queueGroup } from "./subjects.js";
+export {
+  checkExample,
+  exampleMessage,
+  formatFailures,
+  MATCHER_TYPES,
+  MESSAGE_CONTRACT_FORMAT,
+  messageCodec,
+  parseMessageContract,
+  readMessageContract,
+  verifyInteraction,
+  verifyMessage,
+  type CapturedMessage,
+  type ContractFailure,
+  type Matcher,
+  type MatcherType,
+  type MessageContract,
+  type MessageExample,
+  type MessageInteraction,
+  type VerifyOptions,
+} from "./message-contract.js";
