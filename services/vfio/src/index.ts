@@ -28,6 +28,16 @@ export {
   type VdcmPort,
   type VfioLog,
 } from "./domain/vfio-ports.js";
-export { createIommuPort, createVdcmPort, type IommuClient, type VdcmClient } from "./adapters/grpc-ports.js";
+export {
+  createGuestPagesPort,
+  createIommuFaultPort,
+  createIommuPort,
+  createVdcmPort,
+  type GuestPagesPort,
+  type IommuClient,
+  type VdcmClient,
+} from "./adapters/grpc-ports.js";
+export { FaultRelay, type FaultRelayOptions, type IommuFaultPort, type PageResponseCode } from "./domain/fault-relay.js";
+export { vfioConfigProblems, vfioConfigSchema } from "./config.js";
 export { createVfioHandlers, createVfioServer, SESSION_KEEPALIVE, startVfioServer, type StartVfioServerOptions } from "./adapters/server.js";
 export { fromDeviceRef, toDeviceRef } from "./adapters/convert.js";
