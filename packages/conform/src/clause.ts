@@ -105,6 +105,11 @@ export function setPatience(ms: number): void {
   patienceMs = ms;
 }
 
+/** The current patience (see {@link setPatience}). */
+export function patience(): number {
+  return patienceMs;
+}
+
 /**
  * Polls `probe` until it returns a value `accept` takes, every 25 ms, for at most `timeoutMs`
  * (a bound, never a figure the clause asserts: it only ends a wait for what must happen); fails

@@ -17,7 +17,7 @@ import type { events } from "@ioasid/proto";
 import { bus, core } from "@ioasid/proto";
 import { startNats, startService, waitFor, type NatsServer, type ServiceProcess } from "@ioasid/testkit";
 import { connect, type NatsConnection } from "@nats-io/transport-node";
-import type { ConformRole } from "./clause.js";
+import { patience, type ConformRole } from "./clause.js";
 
 /** A CoreService client. */
 export type CoreClient = PromiseClient<typeof core.CoreServiceService>;
@@ -47,6 +47,9 @@ export const NEEDS: Record<ConformRole, readonly OurService[]> = {
   vdcm: ["core", "iommu"],
   vfio: ["core", "iommu", "kvm", "vdcm"],
 };
+
+/** The order our services start in: each wave needs only what earlier waves started. */
+const WAVES: readonly (readonly OurService[])[] = [["core"], ["iommu", "kvm"], ["vdcm"]];
 
 /** Options of {@link Harness.start}. */
 export interface HarnessOptions {
@@ -188,31 +191,37 @@ export class Harness {
     const addresses: Partial<Record<OurService, string>> = {};
     let nc: NatsConnection | undefined;
     try {
-      for (const need of NEEDS[options.role]) {
-        const there = stack?.services[OUR_SERVICES[need].dir] ?? (need === "core" ? options.coreAddress : undefined);
-        if (there !== undefined && (await serving(there))) {
-          addresses[need] = there;
-          log(`${need.padEnd(12)} ${there} (already serving)`);
-          continue;
-        }
-        if (stack !== undefined) throw new Error(`the stack in ${options.stackDir} has no ${need} serving at ${String(there)}`);
-        // A target that is already running was pointed at its core: the kit cannot move it to another.
-        if (options.targetCmd === undefined) {
-          throw new Error(
-            there === undefined
-              ? `a running ${options.role} needs the ${need} it was pointed at: give --core HOST:PORT, --stack DIR, or let the kit start the target with --target-cmd`
-              : `no ${need} answers SERVING at ${there}: start it first (or use --target-cmd, and the kit brings up a stack of its own)`,
-          );
-        }
-        const listen = "127.0.0.1:0";
-        const proc = await startService({
-          name: need,
-          entry: join(REPO_ROOT, "services", OUR_SERVICES[need].dir, "dist", "main.js"),
-          env: { ...serviceEnv(natsUrl, prefix, addresses), ...options.env, [OUR_SERVICES[need].listenVar]: listen },
-        });
-        started.push(proc);
-        addresses[need] = proc.address;
-        log(`${need.padEnd(12)} ${proc.address} (ours, pid ${proc.pid})`);
+      // In waves, each after what it needs: the core; then the IOMMU and KVM; then VDCM (its work
+      // queues DMA through the IOMMU).
+      for (const wave of WAVES) {
+        const now = NEEDS[options.role].filter((n) => wave.includes(n));
+        await Promise.all(
+          now.map(async (need) => {
+            const there = stack?.services[OUR_SERVICES[need].dir] ?? (need === "core" ? options.coreAddress : undefined);
+            if (there !== undefined && (await serving(there))) {
+              addresses[need] = there;
+              log(`${need.padEnd(12)} ${there} (already serving)`);
+              return;
+            }
+            if (stack !== undefined) throw new Error(`the stack in ${options.stackDir} has no ${need} serving at ${String(there)}`);
+            // A target that is already running was pointed at its core: the kit cannot move it to another.
+            if (options.targetCmd === undefined) {
+              throw new Error(
+                there === undefined
+                  ? `a running ${options.role} needs the ${need} it was pointed at: give --core HOST:PORT, --stack DIR, or let the kit start the target with --target-cmd`
+                  : `no ${need} answers SERVING at ${there}: start it first (or use --target-cmd, and the kit brings up a stack of its own)`,
+              );
+            }
+            const proc = await startService({
+              name: need,
+              entry: join(REPO_ROOT, "services", OUR_SERVICES[need].dir, "dist", "main.js"),
+              env: { ...serviceEnv(natsUrl, prefix, addresses), ...options.env, [OUR_SERVICES[need].listenVar]: "127.0.0.1:0" },
+            });
+            started.push(proc);
+            addresses[need] = proc.address;
+            log(`${need.padEnd(12)} ${proc.address} (ours, pid ${proc.pid})`);
+          }),
+        );
       }
       nc = await connect({ servers: natsUrl, name: "ioasid-conform" });
       const h = new Harness(options, prefix, natsUrl, nc, addresses);
@@ -355,7 +364,7 @@ export class Harness {
     const tier: KitTier = {
       registrationId,
       received,
-      onDelivery<T>(match: (e: events.IoasidEvent) => boolean, check: (e: events.IoasidEvent) => Promise<T>, timeoutMs = 15_000): Promise<T> {
+      onDelivery<T>(match: (e: events.IoasidEvent) => boolean, check: (e: events.IoasidEvent) => Promise<T>, timeoutMs = patience()): Promise<T> {
         return new Promise<T>((resolveCheck, rejectCheck) => {
           const timer = setTimeout(() => {
             const at = hooks.findIndex((h) => h.run === run);
@@ -434,7 +443,7 @@ export class Harness {
     });
     return {
       seen,
-      ackOf<T>(match: (d: bus.Delivery) => boolean, atAck: (ack: bus.AckBatch) => Promise<T>, timeoutMs = 15_000) {
+      ackOf<T>(match: (d: bus.Delivery) => boolean, atAck: (ack: bus.AckBatch) => Promise<T>, timeoutMs = patience()) {
         return new Promise<{ delivery: TappedDelivery; seenAtAck: T }>((resolveAck, rejectAck) => {
           const timer = setTimeout(() => rejectAck(new Error(`the target did not answer a matching delivery within ${timeoutMs} ms`)), timeoutMs);
           waiters.push({
