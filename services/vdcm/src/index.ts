@@ -20,6 +20,8 @@ export {
 export { createIommuClient, iommuDmaTranslator, TRANSLATE_DEADLINE_MS, type IommuClient } from "./adapters/iommu-adapter.js";
 export type { HistoryFields, HistorySink, Holder } from "./domain/ports.js";
 export { createVdcmHandlers, createVdcmServer, type CreateVdcmServerOptions } from "./adapters/server.js";
+export { buildVdcmRole, type VdcmRoleOptions } from "./adapters/role.js";
+export { checkInstanceOrExit, vdcmConfigSchema } from "./config.js";
 export { PasidSpace, type Submission, type SubmissionResult } from "./domain/submission.js";
 export type { ClearResult, IoasidEventLike, VdcmOptions } from "./domain/vdcm-options.js";
 export { purposeOf, Vdcm, VDCM_ROLE } from "./domain/vdcm.js";
