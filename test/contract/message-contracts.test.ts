@@ -25,6 +25,7 @@ import {
 import { bus, core, events } from "@ioasid/proto";
 import { startNats, waitFor, type NatsServer } from "@ioasid/testkit";
 import { KvmEventType, toKvmEvent } from "@ioasid/kvm";
+import { toVdcmEvent } from "@ioasid/vdcm";
 import { toIommuEvent } from "@ioasid/iommu";
 import { startCore, type CoreFixture } from "../support/core-fixture.js";
 import { deliveriesSettled, exists } from "../support/delivery-fixture.js";
@@ -347,16 +348,16 @@ describe("consumer side: the roles' consumers (SDK + the role's event adapter) a
         setId: e.setId,
       }),
     },
-    // VDCM maps the event inline in services/vdcm/src/main.ts (not exported): the same mapping here.
     vdcm: {
-      read: (e) => ({
-        type: e.type === EventType.EVENT_TYPE_FREE ? "FREE" : events.eventTypeToJSON(e.type),
+      read: toVdcmEvent,
+      expected: (e) => ({
+        type: e.type.replace("EVENT_TYPE_", ""),
         seq: Number(e.seq),
         ioasid: e.ioasid,
         generation: e.generation,
         setId: e.setId,
+        spid: e.spid ?? 0,
       }),
-      expected: (e) => ({ type: e.type.replace("EVENT_TYPE_", ""), seq: Number(e.seq), ioasid: e.ioasid, generation: e.generation, setId: e.setId }),
     },
   };
 

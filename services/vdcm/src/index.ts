@@ -21,6 +21,7 @@ export { createIommuClient, iommuDmaTranslator, TRANSLATE_DEADLINE_MS, type Iomm
 export type { HistoryFields, HistorySink, Holder } from "./domain/ports.js";
 export { createVdcmHandlers, createVdcmServer, type CreateVdcmServerOptions } from "./adapters/server.js";
 export { buildVdcmRole, type VdcmRoleOptions } from "./adapters/role.js";
+export { toVdcmEvent } from "./adapters/convert.js";
 export { checkInstanceOrExit, vdcmConfigSchema } from "./config.js";
 export { PasidSpace, type Submission, type SubmissionResult } from "./domain/submission.js";
 export type { ClearResult, IoasidEventLike, VdcmOptions } from "./domain/vdcm-options.js";

@@ -1,6 +1,7 @@
 import type { HistorySink as BusHistorySink } from "@ioasid/bus";
-import { history, vdcm } from "@ioasid/proto";
+import { events, history, vdcm } from "@ioasid/proto";
 import type { HistorySink, VdevClearCause } from "../domain/ports.js";
+import type { IoasidEventLike } from "../domain/vdcm-options.js";
 import { DescriptorOp, type CompletionStatus, type Descriptor } from "../domain/descriptor-runner.js";
 import { PasidSpace } from "../domain/submission.js";
 import { WqMode, type EntryState } from "../domain/vdcm-model.js";
@@ -108,5 +109,17 @@ export function toHistorySink(sink: Pick<BusHistorySink, "record">): HistorySink
         action.$case === "vdevClear" ? { $case: "vdevClear", value: { ...action.value, cause: VDEV_CLEAR_CAUSE_TO_WIRE[action.value.cause] } } : action,
         fields,
       ),
+  };
+}
+
+/** A delivered IOASID event as VDCM's model reads it (it registers for FREE; anything else is named by its wire name). */
+export function toVdcmEvent(e: events.IoasidEvent): IoasidEventLike {
+  return {
+    type: e.type === events.EventType.EVENT_TYPE_FREE ? "FREE" : events.eventTypeToJSON(e.type),
+    seq: Number(e.seq),
+    ioasid: e.ioasid,
+    generation: e.generation,
+    setId: e.setId,
+    spid: e.spid,
   };
 }

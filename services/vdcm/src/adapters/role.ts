@@ -1,10 +1,9 @@
 import { HistoryRecorder } from "@ioasid/bus";
-import { events } from "@ioasid/proto";
 import { createGrpcCorePort, type CoreClient, type CorePort, type RoleParts, type RoleRuntime } from "@ioasid/role-kit";
 import { Vdcm, VDCM_ROLE } from "../domain/vdcm.js";
 import { VdcmState } from "../domain/vdcm-state.js";
 import type { VdcmKeptEntry } from "../domain/vdcm-kept-entry.js";
-import { toHistorySink } from "./convert.js";
+import { toHistorySink, toVdcmEvent } from "./convert.js";
 import { iommuDmaTranslator, type IommuClient } from "./iommu-adapter.js";
 import { createVdcmServer } from "./server.js";
 
@@ -61,15 +60,7 @@ export function buildVdcmRole(rt: RoleRuntime<VdcmKeptEntry>, options: VdcmRoleO
     // One subscriber per process: deliveries of every set registration (DEVICE priority) arrive here.
     subscriber: {
       instance: options.instance,
-      handler: (e) =>
-        vdcm.onIoasidEvent({
-          type: e.type === events.EventType.EVENT_TYPE_FREE ? "FREE" : events.eventTypeToJSON(e.type),
-          seq: Number(e.seq),
-          ioasid: e.ioasid,
-          generation: e.generation,
-          setId: e.setId,
-          spid: e.spid,
-        }),
+      handler: (e) => vdcm.onIoasidEvent(toVdcmEvent(e)),
     },
     // Releases deferred while the core was unreachable are retried until made.
     retry: { due: () => vdcm.pendingPutCount > 0, run: () => vdcm.retryPendingPuts(), everyMs: 1000 },
