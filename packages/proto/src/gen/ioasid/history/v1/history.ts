@@ -737,7 +737,7 @@ export interface GpasidBind {
   container?:
     | number
     | undefined;
-  /** The device's kind in VFIO ("mdev", "pci"). */
+  /** The device's kind in VFIO ("mdev", "device": a physical device). */
   deviceKind: string;
   /** The device. */
   device: string;
@@ -839,7 +839,7 @@ export interface ContainerClose {
 export interface DeviceAssign {
   /** The container. */
   container: number;
-  /** The device's kind ("mdev", "pci"). */
+  /** The device's kind ("mdev", "device": a physical device). */
   deviceKind: string;
   /** The device. */
   device: string;
@@ -1015,13 +1015,13 @@ export interface Submit {
   mdev: string;
   /** The descriptor's operation ("MEMMOVE"). */
   op: string;
-  /** Its completion status ("SUCCESS", "PAGE_FAULT", …). */
+  /** Its completion status ("SUCCESS", "PAGE_REQUEST", "DMA_FAULT", …). */
   status: string;
   /** Bytes completed. */
   bytes: bigint;
   /** Dropped before the device: its PASID did not translate. */
   dropped: boolean;
-  /** Dropped: the PASID's space ("guest", "host"). */
+  /** Dropped: the PASID's space ("GUEST", "HOST"). */
   pasidSpace: string;
   /** Dropped: the PASID. */
   pasid: number;
