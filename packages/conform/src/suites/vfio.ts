@@ -1362,14 +1362,14 @@ const clauses: Clause<VfioCtx>[] = [
       const want = [
         { action: "containerOpen", value: { mmToken: vm.token, quota: 4 }, setId: vm.setId },
         { action: "sessionAttach", value: {}, setId: vm.setId },
-        { action: "deviceAssign", value: { device, kind: "pci" }, setId: vm.setId },
+        { action: "deviceAssign", value: { device, kind: "device" }, setId: vm.setId },
         { action: "vfioMapDma", value: { gpa: GPA, hpa: HPA, size: PAGE }, setId: vm.setId },
         { action: "vcmdAlloc", value: { generation: p.generation }, ...onP },
-        { action: "bindGpasid", value: { device, kind: "pci", handle: b.handleId, first: true, spid: 66 }, ...onP },
-        { action: "unbindGpasid", value: { device, kind: "pci", last: true, spid: 66 }, ...onP },
+        { action: "bindGpasid", value: { device, kind: "device", handle: b.handleId, first: true, spid: 66 }, ...onP },
+        { action: "unbindGpasid", value: { device, kind: "device", last: true, spid: 66 }, ...onP },
         { action: "vcmdFree", value: { outcome: "FREE_PENDING" }, ...onP },
         { action: "containerClose", value: { reason: "CLOSED", freed: 0, unassigning: 1 }, setId: vm.setId },
-        { action: "deviceUnassign", value: { device, kind: "pci", teardown: true }, setId: vm.setId },
+        { action: "deviceUnassign", value: { device, kind: "device", teardown: true }, setId: vm.setId },
         { action: "containerRelease", value: {}, setId: vm.setId },
       ];
       await eventually(
@@ -1378,9 +1378,8 @@ const clauses: Clause<VfioCtx>[] = [
             .filter((r) => (r.action.value as { container?: number }).container === ctr)
             .map((r) => {
               const base = { action: r.action.$case, ...(r.ioasid === undefined ? {} : { ioasid: r.ioasid }), setId: r.setId };
-              // history.proto documents device_kind "pci" for a physical function; our VFIO records "device" (reported
-              // to the lead): both are read as "pci" here until one of them changes.
-              const kind = (k: string) => (k === "device" ? "pci" : k);
+              // history.proto: device_kind is "mdev" or "device" (a physical device).
+              const kind = (k: string) => k;
               const a = r.action;
               switch (a.$case) {
                 case "containerOpen":
