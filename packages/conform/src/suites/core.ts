@@ -1774,9 +1774,10 @@ const clauses: Clause<CoreCtx>[] = [
           (held) => held,
           "the FREE held at the CPU tier",
         );
+        const orError = <T>(p: Promise<T>): Promise<T | string> => p.catch((err: unknown) => show(err));
         const mine = async () => ({
-          set: (await c.h.core.getSet(core.GetSetRequest.fromPartial({ setId: set.setId }))).set,
-          ioasids: (await c.h.core.listIoasids({ setId: set.setId })).ioasids,
+          set: await orError(c.h.core.getSet(core.GetSetRequest.fromPartial({ setId: set.setId })).then((r) => r.set)),
+          ioasids: await orError(c.h.core.listIoasids({ setId: set.setId }).then((r) => r.ioasids)),
           registrations: (await c.h.core.listRegistrations({})).registrations.filter((r) =>
             [cpu, device, pending].some((t) => t.registrationId === r.registrationId),
           ),
