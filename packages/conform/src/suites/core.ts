@@ -1324,11 +1324,13 @@ const clauses: Clause<CoreCtx>[] = [
           "REGISTRATION_NOT_FOUND",
           "Unregister of a removed registration",
         );
-        // A marker that would go to the removed registration: it must not arrive (checked after a later event does arrive elsewhere).
+        // A FREE reaches a LAST tier only after every higher tier had it (§4.1): once the kit's
+        // global LAST tier has it, the removed IOMMU registration would have had ALLOC and FREE.
         const after = await c.h.playTier(Priority.PRIORITY_LAST, { global: true });
         defer(() => after.close());
         const a = await alloc(c, set.setId);
-        await get(c, set.setId, a.ioasid, kitHolder(c, "unreg"));
+        const pin = kitHolder(c, "unreg");
+        await get(c, set.setId, a.ioasid, pin);
         const freed = after.onDelivery(eventOf(FREE, a.ioasid), async () => undefined);
         await free(c, set.setId, a.ioasid);
         await freed;
@@ -1337,7 +1339,8 @@ const clauses: Clause<CoreCtx>[] = [
           [],
           "deliveries to the removed registration",
         );
-        await c.h.core.freeSet({ setId: set.setId });
+        await put(c, set.setId, a.ioasid, pin);
+        await c.h.core.destroySet({ setId: set.setId });
       });
     },
   },
