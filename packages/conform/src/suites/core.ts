@@ -1510,6 +1510,7 @@ const clauses: Clause<CoreCtx>[] = [
           "the higher tiers' acknowledgements when the FREE reached each tier",
         );
         await put(c, set.setId, a.ioasid, pin);
+        await c.h.core.destroySet({ setId: set.setId });
       });
     },
   },
@@ -1555,6 +1556,7 @@ const clauses: Clause<CoreCtx>[] = [
           );
         }
         await Promise.all(all.map((a, i) => put(c, set.setId, a.ioasid, pins[i])));
+        await c.h.core.destroySet({ setId: set.setId });
       });
     },
   },
@@ -1577,6 +1579,7 @@ const clauses: Clause<CoreCtx>[] = [
           `only ${holderLine(sub.holder("keep"))} left once the FREE is acknowledged with release "dma"`,
         );
         expectEqual(await put(c, set.setId, a.ioasid, sub.holder("keep")), { refcount: 0, reclaimed: true }, "the last Put after the release");
+        await c.h.core.destroySet({ setId: set.setId });
       });
     },
   },
@@ -1646,6 +1649,7 @@ const clauses: Clause<CoreCtx>[] = [
           "the missed FREE delivered again (attempt ≥ 2) and acknowledged",
         );
         await put(c, set.setId, a.ioasid, pin);
+        await c.h.core.destroySet({ setId: set.setId });
       });
     },
   },
@@ -1683,6 +1687,7 @@ const clauses: Clause<CoreCtx>[] = [
           "what the returning subscriber received, in order",
         );
         await put(c, set.setId, a.ioasid, pin);
+        await c.h.core.destroySet({ setId: set.setId });
       });
     },
   },
