@@ -1,4 +1,5 @@
 /** The IOASID core service: its model wrapper, gRPC handlers and server. */
+export { coreConfigSchema } from "./config.js";
 export { EventLog, type CommittedEvent, type EventLogOptions } from "./event-log.js";
 export { IoasidCore, type ExternalAllocator, type IoasidCoreOptions } from "./ioasid-core.js";
 export { OpLog, type OpLogOptions } from "./op-log.js";

@@ -1,4 +1,4 @@
-import { coreError, IoasidSpace, MAX_BATCH_ALLOC, type Allocation, type IoasidEvent, type Registration } from "@ioasid/ioasid";
+import { coreError, IoasidSpace, MAX_BATCH_ALLOC, type Allocation, type IoasidEvent, type IoasidSpaceOptions, type Registration } from "@ioasid/ioasid";
 import {
   eventTypeOf,
   type Chain,
@@ -48,6 +48,11 @@ export interface IoasidCoreOptions {
   readonly history?: (action: HistoryActionInput, fields: HistoryFields, ts?: number, opSeq?: number) => void;
   /** Where the core reports what it does not return (refused releases, missed deliveries). */
   readonly log?: (level: "info" | "warn" | "error", msg: string, fields?: Record<string, unknown>) => void;
+  /**
+   * Makes the model from the options the core gives it. @default `new IoasidSpace(options)`.
+   * A composition seam, not a switch: the conformance kit's test-only broken cores wrap one method.
+   */
+  readonly space?: (options: IoasidSpaceOptions) => IoasidSpace;
 }
 
 const PENDING = 0;
@@ -109,10 +114,11 @@ export class IoasidCore {
   constructor(options: IoasidCoreOptions = {}) {
     this.options = options;
     this.log = new EventLog(options.retain === undefined ? {} : { retain: options.retain });
-    this.space = new IoasidSpace({
+    const spaceOptions: IoasidSpaceOptions = {
       ...(options.capacity === undefined ? {} : { capacity: options.capacity }),
       onEvent: (e) => this.onEvent(e),
-    });
+    };
+    this.space = options.space?.(spaceOptions) ?? new IoasidSpace(spaceOptions);
     this.ctx = {
       space: this.space,
       allocator: undefined,

@@ -1,62 +1,9 @@
 #!/usr/bin/env node
-import { configOrExit, createLogger, defineConfigSchema, holdSignals, runUntilSignal } from "@ioasid/grpc-kit";
-import { DEFAULT_CAPACITY, MAX_CAPACITY } from "@ioasid/ioasid";
-import { busConfig, connectNats } from "@ioasid/role-kit";
+import { configOrExit, createLogger, holdSignals, runUntilSignal } from "@ioasid/grpc-kit";
+import { connectNats } from "@ioasid/role-kit";
+import { coreConfigSchema } from "./config.js";
 import { OpLogFormatError } from "./op-codec.js";
 import { startCoreServer } from "./server.js";
-
-/** Configuration of ioasid-core, from the environment (`ioasid-core --help` lists it). */
-export const coreConfigSchema = defineConfigSchema({
-  ...busConfig,
-  address: {
-    name: "IOASID_CORE_GRPC_ADDRESS",
-    kind: "address",
-    default: "127.0.0.1:50051",
-    doc: "host:port the CoreService listens on (port 0: an ephemeral port, printed in the 'listening' log line).",
-  },
-  capacity: {
-    name: "IOASID_CAPACITY",
-    kind: "int",
-    min: 2,
-    max: MAX_CAPACITY,
-    default: DEFAULT_CAPACITY,
-    doc: "Size of the IOASID namespace; valid IOASIDs are 1..capacity-1 (PASID 0 is reserved).",
-  },
-  eventLogRetain: {
-    name: "IOASID_CORE_EVENT_LOG_RETAIN",
-    kind: "int",
-    min: 1,
-    max: 10_000_000,
-    default: 100_000,
-    doc: "Committed events kept in memory for WatchEvents readers.",
-  },
-  stream: {
-    name: "IOASID_CORE_STREAM",
-    kind: "string",
-    default: "IOASID_CORE_OPS",
-    doc: "JetStream stream holding the core's operation log (file storage).",
-  },
-  replicas: {
-    name: "IOASID_JS_REPLICAS",
-    kind: "int",
-    min: 1,
-    max: 5,
-    default: 1,
-    doc: "Replicas of the operation log stream: 1 on one server, 3 in a NATS cluster.",
-  },
-  deadlineMs: {
-    name: "IOASID_DELIVERY_DEADLINE",
-    kind: "duration-ms",
-    default: 2000,
-    doc: "Time a subscriber gets to acknowledge a delivery before it is recorded as missed.",
-  },
-  retryMs: {
-    name: "IOASID_DELIVERY_RETRY",
-    kind: "duration-ms",
-    default: 1000,
-    doc: "How often deliveries a subscriber missed are retried.",
-  },
-});
 
 const config = configOrExit(coreConfigSchema, { service: "ioasid-core" });
 const logger = createLogger("ioasid-core", { level: config.logLevel });

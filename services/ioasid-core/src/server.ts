@@ -1,5 +1,15 @@
 import { core } from "@ioasid/proto";
-import { coreError, INVALID_IOASID, MAX_BATCH_ALLOC, type FreeResult, type PutResult, type Registration, type SetInfo } from "@ioasid/ioasid";
+import {
+  coreError,
+  INVALID_IOASID,
+  MAX_BATCH_ALLOC,
+  type FreeResult,
+  type IoasidSpace,
+  type IoasidSpaceOptions,
+  type PutResult,
+  type Registration,
+  type SetInfo,
+} from "@ioasid/ioasid";
 import { createClient, createGrpcServer, type GrpcServer, type ServiceHandlers } from "@ioasid/grpc-kit";
 import type { Logger } from "pino";
 import {
@@ -8,6 +18,7 @@ import {
   ensureHistoryStream,
   HistoryRecorder,
   lastHistoryHeaders,
+  type DeliveryEngineOptions,
   type HistoryActionInput,
   type HistoryFields,
 } from "@ioasid/bus";
@@ -249,6 +260,13 @@ export interface StartCoreServerOptions {
   };
   /** Called when the operation log cannot be written (the process must stop). */
   readonly onFatal?: (err: unknown) => void;
+  /** Makes the model (see {@link IoasidCoreOptions.space}). @default `new IoasidSpace(options)` */
+  readonly space?: (options: IoasidSpaceOptions) => IoasidSpace;
+  /**
+   * Makes the delivery engine from the options the core gives it. @default `new DeliveryEngine(options)`.
+   * A composition seam, not a switch: the conformance kit's test-only broken cores wrap it.
+   */
+  readonly deliveryEngine?: (options: DeliveryEngineOptions) => DeliveryEngine;
 }
 
 /** A running core: its gRPC server, bound port and model. */
@@ -287,6 +305,7 @@ export async function startCoreServer(options: StartCoreServerOptions = {}): Pro
     externalAllocator: options.externalAllocator ?? grpcExternalAllocator(logger),
     log: (level, msg, fields) => logger[level](fields ?? {}, msg),
     ...(options.onFatal === undefined ? {} : { onFatal: options.onFatal }),
+    ...(options.space === undefined ? {} : { space: options.space }),
   });
   let engine: DeliveryEngine | undefined;
   let opLog: OpLog | undefined;
@@ -315,7 +334,7 @@ export async function startCoreServer(options: StartCoreServerOptions = {}): Pro
             ts ?? Date.now(),
           );
     republishAfter = await historyWatermark(n.nc, prefix, log, logger);
-    engine = new DeliveryEngine({
+    const engineOptions: DeliveryEngineOptions = {
       nc: n.nc,
       ...(n.prefix === undefined ? {} : { prefix: n.prefix }),
       ...(n.deadlineMs === undefined ? {} : { deadlineMs: n.deadlineMs }),
@@ -323,7 +342,8 @@ export async function startCoreServer(options: StartCoreServerOptions = {}): Pro
       onAcks: (acks) => ioasidCore.onAcks(acks),
       onMissed: (missed) => ioasidCore.onMissed(missed),
       log: (level, msg, fields) => logger[level](fields ?? {}, msg),
-    });
+    };
+    engine = options.deliveryEngine?.(engineOptions) ?? new DeliveryEngine(engineOptions);
   }
   const replayed = await ioasidCore.recover(opLog, engine, republishAfter);
   if (ioasidCore.republished > 0) {

@@ -1,5 +1,6 @@
 import type { ConformRole } from "../clause.js";
 import type { AnyRoleSuite } from "../suite.js";
+import { coreSuite } from "./core.js";
 import { kvmSuite } from "./kvm.js";
 import { vdcmSuite } from "./vdcm.js";
 import { vfioSuite } from "./vfio.js";
@@ -9,4 +10,5 @@ export const SUITES: Partial<Record<ConformRole, AnyRoleSuite>> = {
   kvm: kvmSuite,
   vdcm: vdcmSuite,
   vfio: vfioSuite,
+  core: coreSuite,
 };
