@@ -1,6 +1,6 @@
 import { readFileSync } from "node:fs";
-import { Server, ServerCredentials, type ChannelOptions } from "@grpc/grpc-js";
-import { loadFileDescriptorSetFromBuffer, loadSync, type PackageDefinition } from "@grpc/proto-loader";
+import { Server, ServerCredentials, type ChannelOptions, type ServiceDefinition, type UntypedServiceImplementation } from "@grpc/grpc-js";
+import { loadFileDescriptorSetFromBuffer, loadSync } from "@grpc/proto-loader";
 import { ReflectionService } from "@grpc/reflection";
 import { descriptorSetPath as defaultDescriptorSetPath } from "@ioasid/proto";
 import { HealthImplementation, protoPath as healthProtoPath } from "grpc-health-check";
@@ -20,6 +20,14 @@ export const ServingStatus = {
   SERVICE_UNKNOWN: "SERVICE_UNKNOWN",
 } as const;
 export type ServingStatus = (typeof ServingStatus)[keyof typeof ServingStatus];
+
+/** A service definition's identity: the path of its first method (`/grpc.reflection.v1.ServerReflection/…`). */
+function serviceKey(def: ServiceDefinition): string {
+  return Object.values(def)
+    .map((m) => m.path)
+    .sort()
+    .join(",");
+}
 
 /** Options of {@link createGrpcServer}. */
 export interface GrpcServerOptions {
@@ -123,11 +131,32 @@ export class GrpcServer {
     } catch (err) {
       throw new Error(`cannot read the descriptor set for reflection at ${path} (run \`npm run gen\`)`, { cause: err });
     }
-    const definitions: PackageDefinition = {
-      ...loadFileDescriptorSetFromBuffer(buffer),
-      ...loadSync(healthProtoPath),
+    const services = [...this.#serviceNames, HEALTH_SERVICE_NAME];
+    // Parsing the descriptor set costs about a second of CPU at every start (more on a busy machine)
+    // and only a reflection client needs it: the reflection services are added at once (their
+    // definitions come from an empty ReflectionService), and the real one is built at the first call.
+    let real: Map<string, UntypedServiceImplementation> | undefined;
+    const handlersOf = (service: ReflectionService): Map<string, UntypedServiceImplementation> => {
+      const byService = new Map<string, UntypedServiceImplementation>();
+      service.addToServer({
+        addService: (def: ServiceDefinition, impl: UntypedServiceImplementation) => byService.set(serviceKey(def), impl),
+      } as unknown as Server);
+      return byService;
     };
-    new ReflectionService(definitions, { services: [...this.#serviceNames, HEALTH_SERVICE_NAME] }).addToServer(this.raw);
+    const build = (): Map<string, UntypedServiceImplementation> => {
+      real ??= handlersOf(new ReflectionService({ ...loadFileDescriptorSetFromBuffer(buffer), ...loadSync(healthProtoPath) }, { services }));
+      return real;
+    };
+    const shim = { addService: (def: ServiceDefinition, impl: UntypedServiceImplementation) => this.raw.addService(def, lazyImpl(def, impl)) };
+    const lazyImpl = (def: ServiceDefinition, impl: UntypedServiceImplementation): UntypedServiceImplementation =>
+      Object.fromEntries(
+        Object.keys(impl).map((method) => [
+          method,
+          ((call: unknown, callback?: unknown) =>
+            (build().get(serviceKey(def))![method] as (c: unknown, cb?: unknown) => void)(call, callback)) as UntypedServiceImplementation[string],
+        ]),
+      );
+    new ReflectionService({}, { services }).addToServer(shim as unknown as Server);
   }
 
   /** The bound port, once listening. */
