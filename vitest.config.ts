@@ -28,6 +28,16 @@ export default defineConfig({
       {
         extends: true,
         test: {
+          // Security between roles (DESIGN §11): each attack of issue 14 repeated against a real stack.
+          name: "security",
+          include: ["test/security/**/*.test.ts"],
+          testTimeout: 120_000,
+          hookTimeout: 60_000,
+        },
+      },
+      {
+        extends: true,
+        test: {
           // The conformance kit against our roles and their broken variants: each case brings up a stack.
           name: "conform",
           include: ["test/conform/**/*.test.ts"],
