@@ -1,6 +1,6 @@
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { iommu, vfio } from "@ioasid/proto";
-import { startService, waitFor, type ServiceProcess } from "@ioasid/testkit";
+import { natsEnv, startService, waitFor, type ServiceProcess } from "@ioasid/testkit";
 import { serviceEntry } from "../support/core-fixture.js";
 import { startStack, type StackFixture } from "../support/stack-fixture.js";
 import { CODE, GVA_BASE, OUTCOME, SOURCE, dma, isReclaimed, guestAnswers, openGuest, registerDevice, watchFaults } from "../support/fault-fixture.js";
@@ -44,7 +44,7 @@ describe("a crashed IOMMU", () => {
     revived = await startService({
       name: "iommu",
       entry: serviceEntry("iommu"),
-      env: { IOMMU_GRPC_ADDRESS: address, NATS_URL: stack.nats.url, IOASID_CORE_ADDRESS: stack.addresses.core, IOMMU_FAULT_TIMEOUT: "30s" },
+      env: { IOMMU_GRPC_ADDRESS: address, ...(await natsEnv(stack.nats, "iommu")), IOASID_CORE_ADDRESS: stack.addresses.core, IOMMU_FAULT_TIMEOUT: "30s" },
     });
     expect(revived.logs()).toContain("restored the IOMMU's tables");
     // Same tables, same outstanding group (clients reconnect within their bounded backoff).

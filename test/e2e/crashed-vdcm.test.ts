@@ -2,7 +2,7 @@ import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { connect, type NatsConnection } from "@nats-io/transport-node";
 import { eventOf, readHistory } from "@ioasid/bus";
 import { core, iommu, vdcm, vfio } from "@ioasid/proto";
-import { startService, waitFor, type ServiceProcess } from "@ioasid/testkit";
+import { natsEnv, startService, waitFor, type ServiceProcess } from "@ioasid/testkit";
 import { forceRelease, heldBy } from "@ioasid/cli";
 import { serviceEntry } from "../support/core-fixture.js";
 import { startStack, type StackFixture } from "../support/stack-fixture.js";
@@ -87,7 +87,12 @@ describe("a crashed VDCM", () => {
     revived = await startService({
       name: "vdcm",
       entry: serviceEntry("vdcm"),
-      env: { VDCM_GRPC_ADDRESS: vdcmAddress, NATS_URL: stack.nats.url, IOASID_CORE_ADDRESS: stack.addresses.core, IOMMU_ADDRESS: stack.addresses.iommu },
+      env: {
+        VDCM_GRPC_ADDRESS: vdcmAddress,
+        ...(await natsEnv(stack.nats, "vdcm")),
+        IOASID_CORE_ADDRESS: stack.addresses.core,
+        IOMMU_ADDRESS: stack.addresses.iommu,
+      },
     });
     expect(revived.logs()).toContain("restored the device tables");
     await waitFor(() => reclaimed(a.hpasid), { timeoutMs: 5000, intervalMs: 50, message: "reclaimed within 5 s of VDCM's return" });

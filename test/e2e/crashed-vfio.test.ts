@@ -1,6 +1,6 @@
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { iommu, vdcm, vfio } from "@ioasid/proto";
-import { startService, waitFor, type ServiceProcess } from "@ioasid/testkit";
+import { natsEnv, startService, waitFor, type ServiceProcess } from "@ioasid/testkit";
 import { serviceEntry } from "../support/core-fixture.js";
 import { startStack, type StackFixture } from "../support/stack-fixture.js";
 
@@ -87,7 +87,7 @@ describe("a crashed VFIO", () => {
       entry: serviceEntry("vfio"),
       env: {
         VFIO_GRPC_ADDRESS: address,
-        NATS_URL: stack.nats.url,
+        ...(await natsEnv(stack.nats, "vfio")),
         IOASID_CORE_ADDRESS: stack.addresses.core,
         IOMMU_ADDRESS: stack.addresses.iommu,
         VDCM_ADDRESS: stack.addresses.vdcm,

@@ -2,7 +2,7 @@ import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { connect, type NatsConnection } from "@nats-io/transport-node";
 import { jetstream, jetstreamManager } from "@nats-io/jetstream";
 import { DEFAULT_PREFIX, roleStateStreamName, roleStateSubject } from "@ioasid/bus";
-import { startService } from "@ioasid/testkit";
+import { natsEnv, startService } from "@ioasid/testkit";
 import { serviceEntry, startCore, type CoreFixture } from "../support/core-fixture.js";
 
 // Issue 12: a role's kept state is typed (ioasid.<role>.v1.<Role>StateEntry, marked with its
@@ -72,7 +72,7 @@ describe("a role whose kept state predates the typed format", () => {
       const started = startService({
         name: r.role,
         entry: serviceEntry(r.role),
-        env: { NATS_URL: core.nats.url, IOASID_CORE_ADDRESS: core.proc.address, ...r.env },
+        env: { ...(await natsEnv(core.nats, r.role)), IOASID_CORE_ADDRESS: core.proc.address, ...r.env },
         readyTimeoutMs: 20_000,
       });
       const err = await started.then(
@@ -93,7 +93,7 @@ describe("a role whose kept state predates the typed format", () => {
       const proc = await startService({
         name: r.role,
         entry: serviceEntry(r.role),
-        env: { NATS_URL: core.nats.url, IOASID_CORE_ADDRESS: core.proc.address, ...r.env },
+        env: { ...(await natsEnv(core.nats, r.role)), IOASID_CORE_ADDRESS: core.proc.address, ...r.env },
         readyTimeoutMs: 20_000,
       });
       expect(proc.logs()).not.toContain("kept state");

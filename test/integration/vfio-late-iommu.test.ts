@@ -2,7 +2,7 @@ import { createServer } from "node:net";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { createClient } from "@ioasid/grpc-kit";
 import { iommu, vfio } from "@ioasid/proto";
-import { startService, type ServiceProcess } from "@ioasid/testkit";
+import { natsEnv, startService, type ServiceProcess } from "@ioasid/testkit";
 import { serviceEntry, startCore, type CoreFixture } from "../support/core-fixture.js";
 import { startVfio, type VfioFixture } from "../support/vfio-fixture.js";
 
@@ -41,7 +41,7 @@ describe("VFIO before its IOMMU", () => {
     iommuProc = await startService({
       name: "iommu",
       entry: serviceEntry("iommu"),
-      env: { IOMMU_GRPC_ADDRESS: iommuAddress, NATS_URL: coreFx.nats.url, IOASID_CORE_ADDRESS: coreFx.proc.address },
+      env: { IOMMU_GRPC_ADDRESS: iommuAddress, ...(await natsEnv(coreFx.nats, "iommu")), IOASID_CORE_ADDRESS: coreFx.proc.address },
     });
     const io = createClient(iommu.IommuServiceService, iommuAddress);
     try {

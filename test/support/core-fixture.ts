@@ -1,7 +1,7 @@
 import { fileURLToPath } from "node:url";
 import { core } from "@ioasid/proto";
 import { createClient, type PromiseClient } from "@ioasid/grpc-kit";
-import { startNats, startService, type NatsServer, type ServiceProcess } from "@ioasid/testkit";
+import { startNats, natsEnv, startService, type NatsServer, type ServiceProcess } from "@ioasid/testkit";
 import { DomainError } from "@ioasid/errors";
 import { expect } from "vitest";
 
@@ -30,7 +30,7 @@ export async function startCore(env: Record<string, string> = {}, options: { nat
     proc = await startService({
       name: "ioasid-core",
       entry: serviceEntry("ioasid-core"),
-      env: { IOASID_CORE_GRPC_ADDRESS: "127.0.0.1:0", NATS_URL: nats.url, ...env },
+      env: { IOASID_CORE_GRPC_ADDRESS: "127.0.0.1:0", ...(await natsEnv(nats, "core", env)), ...env },
     });
   } catch (err) {
     if (options.nats === undefined) await nats.stop();

@@ -1,6 +1,6 @@
 import { createClient, type PromiseClient } from "@ioasid/grpc-kit";
 import { core, events, iommu } from "@ioasid/proto";
-import { startService, type ServiceProcess } from "@ioasid/testkit";
+import { natsEnv, startService, type ServiceProcess } from "@ioasid/testkit";
 import { serviceEntry, startCore, type CoreFixture } from "./core-fixture.js";
 
 /** An IommuService client. */
@@ -29,7 +29,7 @@ export async function startIommuProcess(fixture: CoreFixture, env: Record<string
   return startService({
     name: "iommu",
     entry: serviceEntry("iommu"),
-    env: { IOMMU_GRPC_ADDRESS: "127.0.0.1:0", IOASID_CORE_ADDRESS: fixture.proc.address, NATS_URL: fixture.nats.url, ...env },
+    env: { IOMMU_GRPC_ADDRESS: "127.0.0.1:0", IOASID_CORE_ADDRESS: fixture.proc.address, ...(await natsEnv(fixture.nats, "iommu", env)), ...env },
   });
 }
 

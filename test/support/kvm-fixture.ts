@@ -1,7 +1,7 @@
 import { isDomainError } from "@ioasid/errors";
 import { createClient, type PromiseClient } from "@ioasid/grpc-kit";
 import { core, events, kvm } from "@ioasid/proto";
-import { startService, type ServiceProcess } from "@ioasid/testkit";
+import { natsEnv, startService, type ServiceProcess } from "@ioasid/testkit";
 import { serviceEntry, startCore, type CoreFixture } from "./core-fixture.js";
 
 /** A KvmService client. */
@@ -24,7 +24,7 @@ export async function startKvmProcess(fixture: CoreFixture, env: Record<string, 
   const proc = await startService({
     name: "kvm",
     entry: serviceEntry("kvm"),
-    env: { KVM_GRPC_ADDRESS: "127.0.0.1:0", IOASID_CORE_ADDRESS: fixture.proc.address, NATS_URL: fixture.nats.url, ...env },
+    env: { KVM_GRPC_ADDRESS: "127.0.0.1:0", IOASID_CORE_ADDRESS: fixture.proc.address, ...(await natsEnv(fixture.nats, "kvm", env)), ...env },
   });
   const client = createClient(kvm.KvmServiceService, proc.address, { deadlineMs: 5000 });
   return {

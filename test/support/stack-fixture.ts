@@ -1,4 +1,4 @@
-import { startNats, startService, type NatsServer, type ServiceProcess } from "@ioasid/testkit";
+import { startNats, natsEnv, startService, type NatsServer, type ServiceProcess, type StartNatsOptions } from "@ioasid/testkit";
 import { connectStack, type StackAddresses, type StackClients } from "@ioasid/cli";
 import { serviceEntry } from "./core-fixture.js";
 
@@ -15,11 +15,16 @@ export interface StackFixture {
  * Starts the stack in dependency order (the roles need the core's address, VFIO needs the IOMMU's
  * and VDCM's) and connects clients of every service.
  */
-export async function startStack(env: Record<string, string> = {}): Promise<StackFixture> {
-  const nats = await startNats();
+export async function startStack(env: Record<string, string> = {}, natsOptions: StartNatsOptions = {}): Promise<StackFixture> {
+  const nats = await startNats(natsOptions);
   const started: ServiceProcess[] = [];
-  const start = async (name: string, addressVar: string, extra: Record<string, string>) => {
-    const p = await startService({ name, entry: serviceEntry(name), env: { [addressVar]: "127.0.0.1:0", NATS_URL: nats.url, ...env, ...extra } });
+  const start = async (name: "ioasid-core" | "iommu" | "kvm" | "vdcm" | "vfio", addressVar: string, extra: Record<string, string>) => {
+    const role = name === "ioasid-core" ? "core" : name;
+    const p = await startService({
+      name,
+      entry: serviceEntry(name),
+      env: { [addressVar]: "127.0.0.1:0", ...(await natsEnv(nats, role, { ...env, ...extra })), ...env, ...extra },
+    });
     started.push(p);
     return p;
   };
@@ -35,6 +40,7 @@ export async function startStack(env: Record<string, string> = {}): Promise<Stac
     const vfio = await start("vfio", "VFIO_GRPC_ADDRESS", { ...roleEnv, IOMMU_ADDRESS: iommu.address, VDCM_ADDRESS: vdcm!.address, KVM_ADDRESS: kvm!.address });
     const addresses: StackAddresses = {
       natsUrl: nats.url,
+      ...(nats.operator === undefined ? {} : { natsAuth: nats.operator }),
       core: core.address,
       iommu: iommu.address,
       kvm: kvm!.address,

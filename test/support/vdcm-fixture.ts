@@ -3,7 +3,7 @@ import { readHistory, type HistoryRecord } from "@ioasid/bus";
 import { Code, DomainError } from "@ioasid/errors";
 import { createClient, createGrpcServer, createLogger, type GrpcServer, type PromiseClient, type ServiceHandlers } from "@ioasid/grpc-kit";
 import { core, events, iommu, vdcm } from "@ioasid/proto";
-import { startService, type ServiceProcess } from "@ioasid/testkit";
+import { natsEnv, startService, type ServiceProcess } from "@ioasid/testkit";
 import { serviceEntry, startCore, type CoreFixture } from "./core-fixture.js";
 
 /** The VdcmService client. */
@@ -113,7 +113,7 @@ export async function startVdcmProcess(f: VdcmFixture): Promise<void> {
       VDCM_INSTANCE: f.instance,
       IOMMU_ADDRESS: f.iommu.address,
       IOASID_CORE_ADDRESS: f.core.proc.address,
-      NATS_URL: f.core.nats.url,
+      ...(await natsEnv(f.core.nats, "vdcm", { VDCM_INSTANCE: f.instance })),
     },
   });
   f.client = createClient(vdcm.VdcmServiceService, f.proc.address, { deadlineMs: 5000 });

@@ -2,7 +2,7 @@ import { dirname, join } from "node:path";
 import { fileURLToPath } from "node:url";
 import { createClient, type AnyServiceDefinition, type PromiseClient } from "@ioasid/grpc-kit";
 import { iommu, vdcm, vfio, type core } from "@ioasid/proto";
-import { startService, waitFor, type ServiceProcess } from "@ioasid/testkit";
+import { natsEnv, startService, waitFor, type ServiceProcess } from "@ioasid/testkit";
 import { serviceEntry, type CoreFixture } from "./core-fixture.js";
 
 /** A vfio process on an ephemeral port, against a core fixture, and a client of it. */
@@ -27,7 +27,7 @@ export async function startVfio(coreFixture: CoreFixture, env: Record<string, st
     env: {
       VFIO_GRPC_ADDRESS: "127.0.0.1:0",
       IOASID_CORE_ADDRESS: coreFixture.proc.address,
-      NATS_URL: coreFixture.nats.url,
+      ...(await natsEnv(coreFixture.nats, "vfio", env)),
       IOMMU_ADDRESS: NOBODY,
       VDCM_ADDRESS: NOBODY,
       ...env,
@@ -142,21 +142,21 @@ async function startRole<D extends AnyServiceDefinition>(name: string, definitio
 }
 
 /** Starts the built iommu service against the core fixture. */
-export function startIommu(coreFixture: CoreFixture): Promise<RoleFixture<typeof iommu.IommuServiceService>> {
+export async function startIommu(coreFixture: CoreFixture): Promise<RoleFixture<typeof iommu.IommuServiceService>> {
   return startRole("iommu", iommu.IommuServiceService, {
     IOMMU_GRPC_ADDRESS: "127.0.0.1:0",
     IOASID_CORE_ADDRESS: coreFixture.proc.address,
-    NATS_URL: coreFixture.nats.url,
+    ...(await natsEnv(coreFixture.nats, "iommu")),
   });
 }
 
 /** Starts the built vdcm service against the core fixture and an iommu. */
-export function startVdcm(coreFixture: CoreFixture, iommuAddress: string): Promise<RoleFixture<typeof vdcm.VdcmServiceService>> {
+export async function startVdcm(coreFixture: CoreFixture, iommuAddress: string): Promise<RoleFixture<typeof vdcm.VdcmServiceService>> {
   return startRole("vdcm", vdcm.VdcmServiceService, {
     VDCM_GRPC_ADDRESS: "127.0.0.1:0",
     VDCM_IOMMU_ADDRESS: iommuAddress,
     IOASID_CORE_ADDRESS: coreFixture.proc.address,
-    NATS_URL: coreFixture.nats.url,
+    ...(await natsEnv(coreFixture.nats, "vdcm")),
   });
 }
 

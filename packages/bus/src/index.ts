@@ -42,6 +42,7 @@ export {
 } from "./history-catalogue.js";
 export { HistoryGate, type HistoryGateOptions, type HistorySink } from "./history-gate.js";
 export {
+  ensureRoleStateStream,
   failStopOnWriteError,
   MemoryRoleState,
   protoStateCodec,

@@ -92,6 +92,41 @@ function roleStatePrefix(prefix: string, role: string, instance: string): string
   return `${prefix}.rolestate.${encodeToken(role)}.${encodeToken(instance)}`;
 }
 
+/**
+ * Creates the role-state stream if it does not exist. The core does at start: with authorization
+ * on (DESIGN §11) a role may not create streams, so the stream must be there before the roles.
+ * @throws Error saying so when the stream is missing and this user may not create it
+ */
+export async function ensureRoleStateStream(nc: NatsConnection, prefix = DEFAULT_PREFIX, replicas = 1): Promise<void> {
+  const jsm = await jetstreamManager(nc);
+  const name = roleStateStreamName(prefix);
+  try {
+    await jsm.streams.info(name);
+    return;
+  } catch {
+    // Missing (or not readable): try to create it.
+  }
+  try {
+    await jsm.streams.add({
+      name,
+      subjects: [`${prefix}.rolestate.>`],
+      storage: StorageType.File,
+      retention: RetentionPolicy.Limits,
+      discard: DiscardPolicy.Old,
+      max_msgs_per_subject: 1,
+      num_replicas: replicas,
+    });
+  } catch (err) {
+    // Another role created it meanwhile, or this user may not: then it must exist already.
+    await jsm.streams.info(name).catch(() => {
+      throw new Error(
+        `the role-state stream ${name} does not exist and this connection cannot create it (${String(err)}); ioasid-core creates it at start: start the core first`,
+        { cause: err },
+      );
+    });
+  }
+}
+
 /** Options of {@link RoleState.open}. */
 export interface RoleStateOptions<T> {
   /** The role, e.g. "kvm" (the subject token after `rolestate`). */
@@ -126,28 +161,7 @@ export class RoleState<T> implements RoleStatePort<T> {
   /** Opens (creating the stream when missing) the state of `role`/`instance`. */
   static async open<T>(nc: NatsConnection, options: RoleStateOptions<T>): Promise<RoleState<T>> {
     const prefix = options.prefix ?? DEFAULT_PREFIX;
-    const jsm = await jetstreamManager(nc);
-    const name = roleStateStreamName(prefix);
-    try {
-      await jsm.streams.info(name);
-    } catch {
-      try {
-        await jsm.streams.add({
-          name,
-          subjects: [`${prefix}.rolestate.>`],
-          storage: StorageType.File,
-          retention: RetentionPolicy.Limits,
-          discard: DiscardPolicy.Old,
-          max_msgs_per_subject: 1,
-          num_replicas: options.replicas ?? 1,
-        });
-      } catch (err) {
-        // Another role created it meanwhile.
-        await jsm.streams.info(name).catch(() => {
-          throw err;
-        });
-      }
-    }
+    await ensureRoleStateStream(nc, prefix, options.replicas ?? 1);
     return new RoleState(nc, prefix, options.role, options.instance, options.codec);
   }
 

@@ -1,4 +1,4 @@
-import { connect, type NatsConnection } from "@nats-io/transport-node";
+import { connect, type ConnectionOptions, type NatsConnection } from "@nats-io/transport-node";
 import { createClient, type PromiseClient } from "@ioasid/grpc-kit";
 import { core, iommu, kvm, vdcm, vfio } from "@ioasid/proto";
 import type { StackState } from "./stack.js";
@@ -17,12 +17,17 @@ export interface StackClients {
 /** Addresses of a stack's services (a StackState, or anything with the same shape). */
 export interface StackAddresses {
   readonly natsUrl: string;
+  /** How to authenticate to NATS (the operator's credential of a stack with authorization). */
+  readonly natsAuth?: NatsAuth;
   readonly core: string;
   readonly iommu: string;
   readonly vfio: string;
   readonly kvm: string;
   readonly vdcm: string;
 }
+
+/** The credential options of a NATS connection (user and password, or an nkey authenticator). */
+export type NatsAuth = Pick<ConnectionOptions, "user" | "pass" | "authenticator" | "inboxPrefix">;
 
 /** The addresses of a running stack. */
 export function addressesOf(state: StackState): StackAddresses {
@@ -38,7 +43,7 @@ export function addressesOf(state: StackState): StackAddresses {
 
 /** Connects to every service (each call has a 5 s deadline) and to NATS. */
 export async function connectStack(a: StackAddresses): Promise<StackClients> {
-  const nc = await connect({ servers: a.natsUrl, name: "ioasidctl" });
+  const nc = await connect({ servers: a.natsUrl, name: "ioasidctl", ...a.natsAuth });
   const clients = {
     core: createClient(core.CoreServiceService, a.core),
     iommu: createClient(iommu.IommuServiceService, a.iommu),

@@ -1,5 +1,5 @@
 /** ioasidctl as a library: the stack, the scenarios, the timeline and the verdict. */
-export { addressesOf, connectStack, type StackAddresses, type StackClients } from "./clients.js";
+export { addressesOf, connectStack, type NatsAuth, type StackAddresses, type StackClients } from "./clients.js";
 export { runScenario, ScenarioKind, type ScenarioOptions, type ScenarioResult } from "./scenario.js";
 export { readState, repoRoot, serviceMain, SERVICES, stackDown, stackUp, type ServiceName, type StackState, type StackUpOptions } from "./stack.js";
 export {

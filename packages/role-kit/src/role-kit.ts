@@ -1,6 +1,7 @@
 import { connect, type NatsConnection } from "@nats-io/transport-node";
 import { createClient, defineConfigSchema, type PromiseClient } from "@ioasid/grpc-kit";
 import { core } from "@ioasid/proto";
+import { natsConnectOptions, readNatsCredential } from "@ioasid/security";
 import type { Logger } from "pino";
 
 /** The CoreService client every role uses. */
@@ -23,6 +24,12 @@ export const busConfig = defineConfigSchema({
     kind: "duration-ms",
     default: 10_000,
     doc: "How long to keep trying to reach NATS at start before giving up (exit 1).",
+  },
+  credentialsDir: {
+    name: "IOASID_CREDENTIALS_DIR",
+    kind: "string",
+    default: "",
+    doc: "This role instance's credentials directory (nats.json: its NATS user; made by `ioasidctl up` or the compose init step). Empty: connect without a credential (a server without authorization).",
   },
   prefix: {
     name: "IOASID_BUS_PREFIX",
@@ -54,16 +61,23 @@ export const commonRoleConfig = defineConfigSchema({
 });
 
 /**
- * Connects to NATS, retrying until `timeoutMs` has passed (a service may start before NATS).
- * @throws the last connection error after the timeout
+ * Connects to NATS, retrying until `timeoutMs` has passed (a service may start before NATS). With a
+ * credentials directory it connects as that role instance's NATS user (DESIGN §11), with that
+ * user's own inbox prefix (the only inbox its permissions let it read).
+ * @throws the last connection error after the timeout; at once when the credential cannot be read
+ *   or the server refuses it (a wrong credential does not get better by retrying)
  */
-export async function connectNats(url: string, options: { name: string; timeoutMs?: number; logger?: Logger }): Promise<NatsConnection> {
+export async function connectNats(
+  url: string,
+  options: { name: string; timeoutMs?: number; logger?: Logger; credentialsDir?: string },
+): Promise<NatsConnection> {
+  const auth = options.credentialsDir === undefined || options.credentialsDir === "" ? {} : natsConnectOptions(readNatsCredential(options.credentialsDir));
   const deadline = Date.now() + (options.timeoutMs ?? 10_000);
   for (let attempt = 0; ; attempt++) {
     try {
-      return await connect({ servers: url, name: options.name, maxReconnectAttempts: -1, reconnectTimeWait: 250 });
+      return await connect({ servers: url, name: options.name, maxReconnectAttempts: -1, reconnectTimeWait: 250, ...auth });
     } catch (err) {
-      if (Date.now() >= deadline) throw err;
+      if (Date.now() >= deadline || /Authorization Violation|authentication/i.test(String(err))) throw err;
       if (attempt === 0) options.logger?.warn({ url }, "NATS not reachable yet; retrying");
       await new Promise((r) => setTimeout(r, 250));
     }

@@ -19,6 +19,8 @@ import { connectNats } from "./role-kit.js";
 export interface RoleBaseConfig {
   readonly natsUrl: string;
   readonly natsConnectTimeout: number;
+  /** This role instance's credentials directory ("" or absent: none). */
+  readonly credentialsDir?: string;
   readonly prefix: string;
   readonly logLevel: string;
   readonly coreAddress: { readonly address: string };
@@ -132,9 +134,12 @@ export async function runRole<C extends RoleBaseConfig, T>(spec: RoleSpec<C, T>)
   let signalled = false;
   const stopping = (): boolean => signalled || held.received !== undefined;
 
-  const nc = await connectNats(config.natsUrl, { name: spec.connectionName ?? `${role}/${instance}`, timeoutMs: config.natsConnectTimeout, logger }).catch(
-    (err: unknown) => fatal("cannot reach NATS: start nats-server with JetStream (-js) or set NATS_URL", { url: config.natsUrl, err: String(err) }),
-  );
+  const nc = await connectNats(config.natsUrl, {
+    name: spec.connectionName ?? `${role}/${instance}`,
+    timeoutMs: config.natsConnectTimeout,
+    logger,
+    credentialsDir: config.credentialsDir,
+  }).catch((err: unknown) => fatal("cannot reach NATS: start nats-server with JetStream (-js) or set NATS_URL", { url: config.natsUrl, err: String(err) }));
   // The role's tables live in JetStream: a role killed with -9 comes back with them (the hardware
   // did not forget), then reconciles with the core.
   const kept = await RoleState.open(nc, { role, instance, prefix: config.prefix, codec: spec.codec }).catch((err: unknown) =>

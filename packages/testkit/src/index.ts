@@ -7,7 +7,8 @@
 export { canConnect } from "./can-connect.js";
 export type { ExitStatus } from "./managed-child.js";
 export { readNatsInfo } from "./read-nats-info.js";
-export { NATS_INSTALL_COMMAND, startNats, type NatsServer, type StartNatsOptions } from "./start-nats.js";
+export { natsEnv } from "./nats-env.js";
+export { NATS_INSTALL_COMMAND, startNats, type NatsRoleCredentials, type NatsServer, type StartNatsOptions } from "./start-nats.js";
 export { dockerRequested, NATS_IMAGE, startNatsContainer, type StartNatsContainerOptions } from "./start-nats-container.js";
 export { startService, type ServiceProcess, type StartServiceOptions } from "./start-service.js";
 export { waitFor, type WaitForOptions } from "./wait-for.js";

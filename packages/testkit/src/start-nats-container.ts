@@ -186,5 +186,8 @@ export async function startNatsContainer(options: StartNatsContainerOptions = {}
       await ready();
     },
     logs: () => output,
+    // No authorization in a container yet: services connect without a credential.
+    credentials: () => Promise.resolve(undefined),
+    operator: undefined,
   };
 }

@@ -1,6 +1,18 @@
+import { randomBytes } from "node:crypto";
 import { mkdtemp, rm, writeFile } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
+import { connect } from "@nats-io/transport-node";
+import {
+  createNatsCredential,
+  natsConnectOptions,
+  natsUserEntry,
+  renderAuthorization,
+  writeNatsCredential,
+  type NatsCredential,
+  type NatsRole,
+  type NatsUserEntry,
+} from "@ioasid/security";
 import { canConnect } from "./can-connect.js";
 import { spawnManaged, terminate, type ManagedChild } from "./managed-child.js";
 import { dockerRequested, startNatsContainer } from "./start-nats-container.js";
@@ -31,6 +43,25 @@ export interface StartNatsOptions {
   readonly image?: string;
   /** Extra nats-server configuration lines appended to the generated file. */
   readonly extraConfig?: string;
+  /**
+   * Authorization (DESIGN §11): a NATS user per role instance, made by
+   * {@link NatsServer.credentials}, with its role's permissions. `anonymous` says what a client
+   * without a credential is: `"operator"` (the test itself, unlimited — the default, so a test's own
+   * clients need nothing) or `"refuse"` (as in a real stack: the security tests). `false` turns
+   * authorization off (anyone may do anything). Ignored for a container or an external server.
+   * @default { anonymous: "operator" }
+   */
+  readonly auth?: false | { readonly anonymous?: "operator" | "refuse"; readonly prefix?: string };
+}
+
+/** A role instance's NATS credential made by {@link NatsServer.credentials}. */
+export interface NatsRoleCredentials {
+  /** The credentials directory (holds `nats.json`): give it to a service as IOASID_CREDENTIALS_DIR. */
+  readonly dir: string;
+  /** `{ IOASID_CREDENTIALS_DIR: dir }`, to spread into a service's environment. */
+  readonly env: Readonly<Record<string, string>>;
+  /** The credential itself (for a client the test makes as that role). */
+  readonly credential: NatsCredential;
 }
 
 /** A nats-server for a test: where it is, and how to stop, crash or restart it. */
@@ -67,6 +98,14 @@ export interface NatsServer {
   restart(): Promise<void>;
   /** nats-server's output so far. */
   logs(): string;
+  /**
+   * The credential of a role instance (made, added to the server's users and the configuration
+   * reloaded the first time; the same one after). Undefined when the server has no authorization
+   * (auth false, a container, an external server): the service then connects without one.
+   */
+  credentials(role: NatsRole, instance: string): Promise<NatsRoleCredentials | undefined>;
+  /** The user and password of the unlimited operator user, or undefined without authorization. */
+  readonly operator: { readonly user: string; readonly pass: string } | undefined;
 }
 
 /**
@@ -105,18 +144,34 @@ export async function startNats(options: StartNatsOptions = {}): Promise<NatsSer
   const dir = await mkdtemp(join(tmpdir(), "ioasid-nats-"));
   const storeDir = jetstream ? join(dir, "jetstream") : undefined;
   const configPath = join(dir, "nats-server.conf");
+  const auth = options.auth === false ? undefined : { anonymous: options.auth?.anonymous ?? "operator", prefix: options.auth?.prefix ?? "ioasid.v1" };
+  const operator = auth === undefined ? undefined : { user: "operator", pass: randomBytes(18).toString("base64url") };
+  const roleCredentials = new Map<string, NatsRoleCredentials>();
+  let configuredPort = -1;
 
-  const writeConfig = (port: number): Promise<void> =>
-    writeFile(
+  const authorization = (): string[] => {
+    if (auth === undefined || operator === undefined) return [];
+    const users: NatsUserEntry[] = [
+      { user: operator.user, password: operator.pass, permissions: undefined, comment: "operator (the test)" },
+      ...[...roleCredentials.values()].map((c) => natsUserEntry(auth.prefix, c.credential)),
+    ];
+    return [renderAuthorization(users), ...(auth.anonymous === "operator" ? [`no_auth_user: ${operator.user}`] : [])];
+  };
+  const writeConfig = (port: number): Promise<void> => {
+    configuredPort = port;
+    return writeFile(
       configPath,
       [
         "host: 127.0.0.1",
         `port: ${port}`,
         ...(storeDir === undefined ? [] : [`jetstream {`, `  store_dir: ${JSON.stringify(storeDir)}`, `}`]),
+        ...authorization(),
         options.extraConfig ?? "",
         "",
       ].join("\n"),
+      { mode: 0o600 },
     );
+  };
 
   let managed: ManagedChild | undefined;
   let port: number;
@@ -176,6 +231,32 @@ export async function startNats(options: StartNatsOptions = {}): Promise<NatsSer
       if (again !== port) throw new Error(`nats-server restarted on port ${again}, not ${port}`);
     },
     logs: () => managed?.output.text() ?? "",
+    operator,
+    async credentials(role: NatsRole, instance: string) {
+      if (auth === undefined) return undefined;
+      const key = `${role}/${instance}`;
+      const known = roleCredentials.get(key);
+      if (known !== undefined) return known;
+      const credential = createNatsCredential({ role, instance });
+      const credDir = join(dir, "credentials", `${role}.${instance}`);
+      writeNatsCredential(credDir, credential);
+      const made: NatsRoleCredentials = { dir: credDir, env: { IOASID_CREDENTIALS_DIR: credDir }, credential };
+      roleCredentials.set(key, made);
+      // A new user takes a configuration reload (SIGHUP); it is in effect once the user can connect.
+      await writeConfig(configuredPort === -1 ? port : configuredPort);
+      if (managed?.running() === true) {
+        managed.child.kill("SIGHUP");
+        await waitFor(
+          async () => {
+            const nc = await connect({ servers: `nats://127.0.0.1:${port}`, ...natsConnectOptions(credential), reconnect: false }).catch(() => undefined);
+            await nc?.close();
+            return nc !== undefined;
+          },
+          { timeoutMs: 10_000, intervalMs: 50, message: `nats-server to accept the new user ${key}` },
+        );
+      }
+      return made;
+    },
   };
 }
 
@@ -245,5 +326,8 @@ function externalServer(url: string): NatsServer {
     kill: refuse("kill"),
     restart: refuse("restart"),
     logs: () => "",
+    // Its users are not ours to make: services connect as the environment says.
+    credentials: () => Promise.resolve(undefined),
+    operator: undefined,
   };
 }

@@ -10,7 +10,12 @@ const logger = createLogger("ioasid-core", { level: config.logLevel });
 // A signal that arrives while the core starts is held until it can stop gracefully (else the signal
 // kills it between its `listening` line and the handler: exit by signal, found under load).
 const held = holdSignals();
-const nc = await connectNats(config.natsUrl, { name: "ioasid-core", timeoutMs: config.natsConnectTimeout, logger }).catch((err: unknown) => {
+const nc = await connectNats(config.natsUrl, {
+  name: "ioasid-core",
+  timeoutMs: config.natsConnectTimeout,
+  logger,
+  credentialsDir: config.credentialsDir,
+}).catch((err: unknown) => {
   logger.fatal({ url: config.natsUrl, err: String(err) }, "cannot reach NATS: start nats-server with JetStream (-js) or set NATS_URL");
   process.exit(1);
 });

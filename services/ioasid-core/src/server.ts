@@ -16,6 +16,7 @@ import {
   DEFAULT_PREFIX,
   DeliveryEngine,
   ensureHistoryStream,
+  ensureRoleStateStream,
   HistoryRecorder,
   lastHistoryHeaders,
   type DeliveryEngineOptions,
@@ -314,6 +315,8 @@ export async function startCoreServer(options: StartCoreServerOptions = {}): Pro
     const n = options.nats;
     const prefix = n.prefix ?? DEFAULT_PREFIX;
     await ensureHistoryStream(n.nc, prefix, n.replicas ?? 1);
+    // The roles' state stream too: with authorization on, roles may not create streams (DESIGN §11).
+    await ensureRoleStateStream(n.nc, prefix, n.replicas ?? 1);
     const recorder = new HistoryRecorder(n.nc, CORE_HISTORY_ROLE, CORE_HISTORY_INSTANCE, prefix);
     const log = await OpLog.open(n.nc, {
       ...(n.stream === undefined ? {} : { stream: n.stream }),
