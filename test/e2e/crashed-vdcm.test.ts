@@ -162,7 +162,7 @@ describe("a crashed VDCM", () => {
       message: "only VDCM's reference left",
     });
 
-    const r = await forceRelease(c, stack.nats.url, sel, { operator: "test-operator", reason: "vdcm0 decommissioned" });
+    const r = await forceRelease(c, stack.addresses, sel, { operator: "test-operator", reason: "vdcm0 decommissioned" });
     expect(r).toMatchObject({ released: 1, reclaimed: [a.hpasid] });
     expect(await reclaimed(a.hpasid)).toBe(true);
     let hist = await readHistory(nc, { sinceMs: since });

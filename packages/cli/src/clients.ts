@@ -1,6 +1,7 @@
 import { connect, type ConnectionOptions, type NatsConnection } from "@nats-io/transport-node";
 import { createClient, type PromiseClient } from "@ioasid/grpc-kit";
 import { core, iommu, kvm, vdcm, vfio } from "@ioasid/proto";
+import { natsConnectOptions, readNatsCredential } from "@ioasid/security";
 import type { StackState } from "./stack.js";
 
 /** Clients of every service of a stack, and a NATS connection (history). */
@@ -33,6 +34,7 @@ export type NatsAuth = Pick<ConnectionOptions, "user" | "pass" | "authenticator"
 export function addressesOf(state: StackState): StackAddresses {
   return {
     natsUrl: state.natsUrl,
+    ...(state.operatorCredentials === undefined ? {} : { natsAuth: natsConnectOptions(readNatsCredential(state.operatorCredentials)) }),
     core: state.services["ioasid-core"].address,
     iommu: state.services.iommu.address,
     vfio: state.services.vfio.address,

@@ -5,7 +5,7 @@ import { HistoryRecorder } from "@ioasid/bus";
 import { isDomainError } from "@ioasid/errors";
 import type { HeldReference } from "@ioasid/role-kit";
 import { core } from "@ioasid/proto";
-import { addressesOf, connectStack, type StackClients } from "./clients.js";
+import { addressesOf, connectStack, type StackAddresses, type StackClients } from "./clients.js";
 import { UsageError } from "./faults.js";
 import { readState } from "./stack.js";
 
@@ -57,12 +57,12 @@ export async function heldBy(c: StackClients, sel: HolderSelector): Promise<Held
  */
 export async function forceRelease(
   c: StackClients,
-  natsUrl: string,
+  nats: Pick<StackAddresses, "natsUrl" | "natsAuth">,
   sel: HolderSelector,
   audit: { readonly operator: string; readonly reason: string },
 ): Promise<ReleaseResult> {
   const held = await heldBy(c, sel);
-  const nc = await connect({ servers: natsUrl, name: "ioasidctl-holder-release" });
+  const nc = await connect({ servers: nats.natsUrl, name: "ioasidctl-holder-release", ...nats.natsAuth });
   try {
     const history = new HistoryRecorder(nc, "operator", audit.operator);
     const who = `${sel.role}/${sel.instance}${sel.purpose === undefined ? "/*" : `/${sel.purpose}`}`;
@@ -155,7 +155,8 @@ async function runHolder(v: Record<string, string | boolean | undefined>, pos: s
   const reason = (v["reason"] as string | undefined)?.trim() ?? "";
   if (action === "release" && v["dry-run"] !== true && reason === "") throw new UsageError("release needs --reason TEXT: it goes into the audit record");
   const state = readState(v["dir"] as string);
-  const c = await connectStack(addressesOf(state));
+  const addresses = addressesOf(state);
+  const c = await connectStack(addresses);
   try {
     const held = await heldBy(c, sel);
     const who = `${role}/${instance}${sel.purpose === undefined ? "" : `/${sel.purpose}`}`;
@@ -169,7 +170,7 @@ async function runHolder(v: Record<string, string | boolean | undefined>, pos: s
       return 0;
     }
     const operator = (v["operator"] as string | undefined) ?? userInfo().username;
-    const r = await forceRelease(c, state.natsUrl, sel, { operator, reason });
+    const r = await forceRelease(c, addresses, sel, { operator, reason });
     out(
       `force-released ${r.released} reference(s) of ${who} (audit record by ${operator}: "${reason}")${r.reclaimed.length === 0 ? "" : `; reclaimed ${r.reclaimed.join(", ")}`}`,
     );

@@ -86,11 +86,21 @@ function mermaidJs(): string {
 const commands: Record<string, Command> = {
   up: {
     summary: "start the embedded stack: nats-server and the five services as processes",
-    usage: "ioasidctl up [--dir .ioasid] [--base-port 50051] [--nats-port 4222] [--nats-url URL]",
-    options: { ...dirOption, "base-port": { type: "string" }, "nats-port": { type: "string" }, "nats-url": { type: "string" } },
+    usage:
+      "ioasidctl up [--dir .ioasid] [--base-port 50051] [--nats-port 4222] [--nats-url URL] [--insecure]\n" +
+      "  Authenticated by default: a NATS user per role instance with its role's permissions, credentials in <dir>/credentials.\n" +
+      "  --insecure: no authorization (debugging only; anyone reaching NATS may forge deliveries). With --nats-url, that server's own rules apply.",
+    options: {
+      ...dirOption,
+      "base-port": { type: "string" },
+      "nats-port": { type: "string" },
+      "nats-url": { type: "string" },
+      insecure: { type: "boolean", default: false },
+    },
     run: async (v) => {
       await stackUp({
         dir: v["dir"] as string,
+        insecure: v["insecure"] as boolean,
         ...(v["base-port"] === undefined ? {} : { basePort: num(v["base-port"], "base-port") }),
         ...(v["nats-port"] === undefined ? {} : { natsPort: num(v["nats-port"], "nats-port") }),
         ...(v["nats-url"] === undefined ? {} : { natsUrl: v["nats-url"] as string }),
@@ -228,8 +238,9 @@ const commands: Record<string, Command> = {
   },
   demo: {
     summary: "up, both scenarios with their timelines and verdicts, down",
-    usage: "ioasidctl demo [--dir .ioasid-demo] [--html FILE] [--base-port 50151] [--nats-port 4322]",
+    usage: "ioasidctl demo [--dir .ioasid-demo] [--html FILE] [--base-port 50151] [--nats-port 4322] [--insecure]",
     options: {
+      insecure: { type: "boolean", default: false },
       dir: { type: "string", default: ".ioasid-demo" },
       html: { type: "string", default: "ioasid-timeline.html" },
       "base-port": { type: "string", default: "50151" },
@@ -237,7 +248,14 @@ const commands: Record<string, Command> = {
     },
     run: async (v) => {
       const dir = v["dir"] as string;
-      await stackUp({ dir, basePort: num(v["base-port"], "base-port"), natsPort: num(v["nats-port"], "nats-port"), log: out, freshStore: true });
+      await stackUp({
+        dir,
+        basePort: num(v["base-port"], "base-port"),
+        natsPort: num(v["nats-port"], "nats-port"),
+        log: out,
+        freshStore: true,
+        insecure: v["insecure"] as boolean,
+      });
       let ok = false;
       try {
         ok = await withStack(dir, async (c) => {

@@ -4,15 +4,16 @@ import { createServer } from "node:net";
 import { dirname, join, resolve } from "node:path";
 import { fileURLToPath } from "node:url";
 import { checkHealth } from "@ioasid/grpc-kit";
+import { createNatsCredential, natsUserEntry, renderAuthorization, writeNatsCredential, type NatsRole } from "@ioasid/security";
 
 /** The five services of the stack, in start order, with their address variable and default port offset. */
 export const SERVICES = [
-  { name: "ioasid-core", addressVar: "IOASID_CORE_GRPC_ADDRESS", offset: 0 },
-  { name: "iommu", addressVar: "IOMMU_GRPC_ADDRESS", offset: 1 },
-  { name: "vfio", addressVar: "VFIO_GRPC_ADDRESS", offset: 2 },
-  { name: "kvm", addressVar: "KVM_GRPC_ADDRESS", offset: 3 },
-  { name: "vdcm", addressVar: "VDCM_GRPC_ADDRESS", offset: 4 },
-] as const;
+  { name: "ioasid-core", addressVar: "IOASID_CORE_GRPC_ADDRESS", offset: 0, role: "core", instance: "core" },
+  { name: "iommu", addressVar: "IOMMU_GRPC_ADDRESS", offset: 1, role: "iommu", instance: "dmar0" },
+  { name: "vfio", addressVar: "VFIO_GRPC_ADDRESS", offset: 2, role: "vfio", instance: "vfio-1" },
+  { name: "kvm", addressVar: "KVM_GRPC_ADDRESS", offset: 3, role: "kvm", instance: "kvm0" },
+  { name: "vdcm", addressVar: "VDCM_GRPC_ADDRESS", offset: 4, role: "vdcm", instance: "vdcm0" },
+] as const satisfies ReadonlyArray<{ name: string; addressVar: string; offset: number; role: NatsRole; instance: string }>;
 export type ServiceName = (typeof SERVICES)[number]["name"];
 
 /** Where a running stack is: written by {@link stackUp}, read by every other command. */
@@ -22,6 +23,11 @@ export interface StackState {
   readonly nats: { readonly pid: number | undefined; readonly port: number; readonly storeDir: string; readonly external: boolean };
   readonly services: Record<ServiceName, { readonly pid: number | undefined; readonly address: string; readonly log: string }>;
   readonly startedAt: number;
+  /**
+   * The operator's credentials directory (its NATS user, no limits): what ioasidctl connects with.
+   * Absent when the stack runs without authorization (`--insecure`, or an external `--nats-url`).
+   */
+  readonly operatorCredentials?: string;
 }
 
 /** Options of {@link stackUp}. */
@@ -42,6 +48,54 @@ export interface StackUpOptions {
   readonly log?: (line: string) => void;
   /** Node options for the services (`--cpu-prof`, `--inspect`…). @default none */
   readonly nodeArgs?: readonly string[];
+  /**
+   * No authorization (DESIGN §11's debugging mode): nats-server lets anyone publish and subscribe
+   * anything, services connect without credentials. Says so loudly. @default false
+   */
+  readonly insecure?: boolean;
+}
+
+/** The operator's identity in a stack's credentials. */
+const OPERATOR = { role: "operator", instance: "operator" } as const;
+
+/**
+ * Makes a credential per role instance (and the operator's) under `<dir>/credentials/<role>.<instance>/`
+ * and the nats-server configuration that knows their public keys and permissions (DESIGN §11:
+ * `up` generates what is needed). New keys at every `up`: a credential lives as long as its stack.
+ * @returns the configuration file and each service's credentials directory
+ */
+export function writeStackCredentials(
+  dir: string,
+  nats: { port: number; storeDir: string },
+  prefix = "ioasid.v1",
+): { config: string; services: Record<ServiceName, string>; operator: string } {
+  const root = join(dir, "credentials");
+  rmSync(root, { recursive: true, force: true });
+  const services = {} as Record<ServiceName, string>;
+  const entries = [];
+  for (const s of SERVICES) {
+    const credential = createNatsCredential({ role: s.role, instance: s.instance });
+    services[s.name] = join(root, `${s.role}.${s.instance}`);
+    writeNatsCredential(services[s.name], credential);
+    entries.push(natsUserEntry(prefix, credential));
+  }
+  const op = createNatsCredential(OPERATOR);
+  const operator = join(root, `${OPERATOR.role}.${OPERATOR.instance}`);
+  writeNatsCredential(operator, op);
+  entries.push({ ...natsUserEntry(prefix, op), comment: "operator: no limits (ioasidctl, stream management)" });
+  const config = join(dir, "nats-server.conf");
+  writeFileSync(
+    config,
+    [
+      "# Written by `ioasidctl up`: a user per role instance with its role's permissions (DESIGN §11).",
+      "host: 127.0.0.1",
+      `port: ${nats.port}`,
+      `jetstream { store_dir: ${JSON.stringify(nats.storeDir)} }`,
+      renderAuthorization(entries),
+    ].join("\n"),
+    { mode: 0o600 },
+  );
+  return { config, services, operator };
 }
 
 const here = dirname(fileURLToPath(import.meta.url));
@@ -143,6 +197,10 @@ async function launchStack(
 ): Promise<StackState> {
   let nats: StackState["nats"];
   let natsUrl: string;
+  let credentials: ReturnType<typeof writeStackCredentials> | undefined;
+  if (options.insecure === true) {
+    log("INSECURE: no authorization — anyone who reaches this NATS may forge deliveries, op-log entries and acks (--insecure is for debugging only)");
+  }
   if (options.natsUrl !== undefined) {
     natsUrl = options.natsUrl;
     nats = { pid: undefined, port: Number(new URL(natsUrl).port || 4222), storeDir: "", external: true };
@@ -153,7 +211,12 @@ async function launchStack(
     const storeDir = join(dir, "nats");
     mkdirSync(storeDir, { recursive: true });
     const out = openSync(join(dir, "logs", "nats-server.log"), "a");
-    const child = spawn("nats-server", ["-js", "-sd", storeDir, "-a", "127.0.0.1", "-p", String(natsPort)], {
+    const args = ["-js", "-sd", storeDir, "-a", "127.0.0.1", "-p", String(natsPort)];
+    if (options.insecure !== true) {
+      credentials = writeStackCredentials(dir, { port: natsPort, storeDir });
+      args.splice(0, args.length, "-c", credentials.config);
+    }
+    const child = spawn("nats-server", args, {
       detached: true,
       stdio: ["ignore", out, out],
     });
@@ -163,7 +226,9 @@ async function launchStack(
     if (child.pid !== undefined) started.push(child.pid);
     nats = { pid: child.pid, port: natsPort, storeDir, external: false };
     await waitUntil(async () => !(await portFree(natsPort)), 10_000, "nats-server to listen", join(dir, "logs", "nats-server.log"));
-    log(`nats-server      pid ${child.pid}  ${natsUrl} (JetStream in ${storeDir})`);
+    log(
+      `nats-server      pid ${child.pid}  ${natsUrl} (JetStream in ${storeDir}${credentials === undefined ? ", no authorization" : `, a user per role; credentials in ${join(dir, "credentials")}`})`,
+    );
   }
 
   const services = {} as Record<ServiceName, { pid: number | undefined; address: string; log: string }>;
@@ -183,7 +248,7 @@ async function launchStack(
     const child = spawn(process.execPath, [...(options.nodeArgs ?? []), serviceMain(s.name)], {
       detached: true,
       stdio: ["ignore", out, out],
-      env: { ...env, [s.addressVar]: addr(s.name) },
+      env: { ...env, [s.addressVar]: addr(s.name), IOASID_CREDENTIALS_DIR: credentials?.services[s.name] ?? "" },
     });
     child.unref();
     closeSync(out);
@@ -192,7 +257,14 @@ async function launchStack(
     // The core first: the roles register with it at start.
     if (s.name === "ioasid-core") await waitServing(s.name, addr(s.name), logFile, options.readyTimeoutMs ?? 20_000);
   }
-  const state: StackState = { dir, natsUrl, nats, services, startedAt: Date.now() };
+  const state: StackState = {
+    dir,
+    natsUrl,
+    nats,
+    services,
+    startedAt: Date.now(),
+    ...(credentials === undefined ? {} : { operatorCredentials: credentials.operator }),
+  };
   writeFileSync(stateFile(dir), JSON.stringify(state, null, 2));
   for (const s of SERVICES) {
     await waitServing(s.name, services[s.name].address, services[s.name].log, options.readyTimeoutMs ?? 20_000);
