@@ -1,7 +1,7 @@
 import { appendFileSync, cpSync, mkdirSync } from "node:fs";
 import { dirname, join, resolve } from "node:path";
 import { fileURLToPath } from "node:url";
-import { startNats, startService, type NatsServer, type ServiceProcess } from "@ioasid/testkit";
+import { natsEnv as roleNatsEnv, startNats, startService, type NatsServer, type ServiceProcess } from "@ioasid/testkit";
 import { ChaosTarget, FaultKind, type ChaosLink } from "@ioasid/checker";
 import { startFaultProxy, type FaultProxy, type PartitionMode } from "./fault-proxy.js";
 import { deriveSeed } from "./guest-plan.js";
@@ -248,7 +248,11 @@ export async function startChaosStack(options: ChaosStackOptions): Promise<Chaos
     m.env[spec.addressVar] = m.proc!.address;
   };
 
-  const natsOf = async (name: StackService) => ({ NATS_URL: `nats://${await proxy(name, "nats", `127.0.0.1:${nats.port}`)}` });
+  // Each service with its own NATS user (DESIGN §11), through its fault proxy.
+  const natsOf = async (name: StackService) => ({
+    ...(await roleNatsEnv(nats, name === ChaosTarget.CORE ? "core" : name, CHAOS_SERVICE_ENV)),
+    NATS_URL: `nats://${await proxy(name, "nats", `127.0.0.1:${nats.port}`)}`,
+  });
 
   const stopAll = async (keepStoreIn?: string): Promise<void> => {
     for (const s of [...STACK_SERVICES].reverse()) {

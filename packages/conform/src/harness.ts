@@ -15,7 +15,8 @@ import {
 import { checkHealth, createClient, type PromiseClient } from "@ioasid/grpc-kit";
 import type { events } from "@ioasid/proto";
 import { bus, core } from "@ioasid/proto";
-import { startNats, startService, waitFor, type NatsServer, type ServiceProcess } from "@ioasid/testkit";
+import { natsEnv, startNats, startService, waitFor, type NatsServer, type ServiceProcess } from "@ioasid/testkit";
+import { natsConnectOptions, readNatsCredential } from "@ioasid/security";
 import { connect, type NatsConnection } from "@nats-io/transport-node";
 import { patience, type ConformRole } from "./clause.js";
 
@@ -215,7 +216,13 @@ export class Harness {
             const proc = await startService({
               name: need,
               entry: join(REPO_ROOT, "services", OUR_SERVICES[need].dir, "dist", "main.js"),
-              env: { ...serviceEnv(natsUrl, prefix, addresses), ...options.env, [OUR_SERVICES[need].listenVar]: "127.0.0.1:0" },
+              env: {
+                ...serviceEnv(natsUrl, prefix, addresses),
+                // Each of our services with its own NATS user on the kit's own server (DESIGN §11).
+                ...(nats === undefined ? {} : await natsEnv(nats, need)),
+                ...options.env,
+                [OUR_SERVICES[need].listenVar]: "127.0.0.1:0",
+              },
             });
             started.push(proc);
             addresses[need] = proc.address;
@@ -223,7 +230,9 @@ export class Harness {
           }),
         );
       }
-      nc = await connect({ servers: natsUrl, name: "ioasid-conform" });
+      // The kit observes as the operator: of the stack it was given, or (its own server) anonymous = operator.
+      const auth = stack?.operatorCredentials === undefined ? {} : natsConnectOptions(readNatsCredential(stack.operatorCredentials));
+      nc = await connect({ servers: natsUrl, name: "ioasid-conform", ...auth });
       const h = new Harness(options, prefix, natsUrl, nc, addresses);
       h.nats = nats;
       h.started.push(...started);
@@ -249,8 +258,11 @@ export class Harness {
     const cmd = this.options.targetCmd;
     if (cmd === undefined) throw new Error("no --target-cmd: the kit cannot start the target");
     this.targetOutput = [];
+    // On the kit's own server the target gets its role's NATS user (IOASID_CREDENTIALS_DIR, nats.json):
+    // the clauses then also show that it works within its role's permissions (DESIGN §11).
+    const credentials = this.nats === undefined ? {} : await natsEnv(this.nats, this.role);
     const child = spawn("sh", ["-c", cmd], {
-      env: { ...process.env, ...this.options.env, ...this.targetEnvironment() },
+      env: { ...process.env, ...this.options.env, ...this.targetEnvironment(), ...credentials },
       stdio: ["ignore", "pipe", "pipe"],
       // Its own process group: a restart kills the shell and whatever it started, nothing else.
       detached: true,
@@ -549,11 +561,17 @@ function headersOf(h: { keys(): string[]; get(k: string): string } | undefined):
 interface StackFile {
   readonly natsUrl: string;
   readonly services: Record<string, string>;
+  /** The stack's operator credentials directory (a stack with authorization). */
+  readonly operatorCredentials?: string;
 }
 
 function readStack(dir: string): StackFile {
   const file = join(resolve(dir), "stack.json");
   if (!existsSync(file)) throw new Error(`no stack is running from ${resolve(dir)} (no ${file}): start one with \`ioasidctl up\``);
-  const raw = JSON.parse(readFileSync(file, "utf8")) as { natsUrl: string; services: Record<string, { address: string }> };
-  return { natsUrl: raw.natsUrl, services: Object.fromEntries(Object.entries(raw.services).map(([k, v]) => [k, v.address])) };
+  const raw = JSON.parse(readFileSync(file, "utf8")) as { natsUrl: string; services: Record<string, { address: string }>; operatorCredentials?: string };
+  return {
+    natsUrl: raw.natsUrl,
+    services: Object.fromEntries(Object.entries(raw.services).map(([k, v]) => [k, v.address])),
+    ...(raw.operatorCredentials === undefined ? {} : { operatorCredentials: raw.operatorCredentials }),
+  };
 }
