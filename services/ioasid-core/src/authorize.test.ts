@@ -1,9 +1,8 @@
 import { Code, isDomainError } from "@ioasid/errors";
-import { core, events } from "@ioasid/proto";
+import { core, errors, events } from "@ioasid/proto";
 import { ROLES, type Role, type RoleIdentity } from "@ioasid/security";
 import { describe, expect, it } from "vitest";
-import type { AuthorizationReason } from "./authorize.js";
-import { authorize, type AuthorizationView, type CoreMethod } from "./authorize.js";
+import { authorize, AuthorizationReason, type AuthorizationView, type CoreMethod } from "./authorize.js";
 
 // Set 1 is a VM's (MM, VFIO's), set 2 a native-SVA mm's (NONE, the IOMMU's), set 9 does not exist.
 // Registration 5 is kvm/vm-7's, 6 is iommu/dmar0's, 7 is vdcm/vdcm0's.
@@ -283,6 +282,11 @@ describe("authorize (the core's authorization by the caller's role)", () => {
       const refused = rows.filter((r) => r.method === m).some((r) => ROLES.some((role) => (r.expect[role] ?? "ROLE_NOT_ALLOWED") !== "allow"));
       expect(refused, `${m} is refused to nobody`).toBe(true);
     }
+  });
+
+  it("refuses only with reasons of errors.proto", () => {
+    const listed = Object.keys(errors.ErrorReason).map((k) => k.replace(/^ERROR_REASON_/, ""));
+    for (const reason of Object.keys(AuthorizationReason)) expect(listed, `errors.proto lacks ${reason}`).toContain(reason);
   });
 
   it("refuses a connection whose certificate names no role (UNAUTHENTICATED)", () => {
