@@ -1,5 +1,5 @@
 import { connect, type NatsConnection } from "@nats-io/transport-node";
-import { createClient, defineConfigSchema, type PromiseClient } from "@ioasid/grpc-kit";
+import { createClient, defineConfigSchema, type CreateClientOptions, type PromiseClient } from "@ioasid/grpc-kit";
 import { core } from "@ioasid/proto";
 import type { Logger } from "pino";
 
@@ -70,7 +70,10 @@ export async function connectNats(url: string, options: { name: string; timeoutM
   }
 }
 
-/** A CoreService client with the given default deadline. */
-export function createCoreClient(address: string, deadlineMs = 5000): CoreClient {
-  return createClient(core.CoreServiceService, address, { deadlineMs });
+/**
+ * A CoreService client with the given default deadline; over mTLS when given the role instance's
+ * credentials (grpc-kit `credentialsOrExit`), and then only to a server that proves it is the core.
+ */
+export function createCoreClient(address: string, deadlineMs = 5000, tls?: CreateClientOptions["tls"]): CoreClient {
+  return createClient(core.CoreServiceService, address, { deadlineMs, ...(tls === undefined ? {} : { tls, serverRole: "core" }) });
 }
