@@ -4,7 +4,7 @@ import { join } from "node:path";
 import { credentials } from "@grpc/grpc-js";
 import { readHistory } from "@ioasid/bus";
 import { Code } from "@ioasid/errors";
-import { createClient, CREDENTIALS_DIR_ENV, type CreateClientOptions, type PromiseClient } from "@ioasid/grpc-kit";
+import { checkHealth, createClient, CREDENTIALS_DIR_ENV, type CreateClientOptions, type PromiseClient } from "@ioasid/grpc-kit";
 import { core, events } from "@ioasid/proto";
 import {
   createStackCa,
@@ -16,6 +16,7 @@ import {
 } from "@ioasid/security";
 import { startNats, startService, waitFor, type NatsServer, type ServiceProcess } from "@ioasid/testkit";
 import { connect, type NatsConnection } from "@nats-io/transport-node";
+import { spawnSync } from "node:child_process";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { expectRefused, serviceEntry, startCore } from "../support/core-fixture.js";
 
@@ -34,6 +35,7 @@ const IDENTITIES = {
   vfio: { role: "vfio", instance: "vfio0" },
   kvm: { role: "kvm", instance: "kvm0" },
   iommu: { role: "iommu", instance: "dmar0" },
+  iommu7: { role: "iommu", instance: "dmar7" },
   operator: { role: "operator", instance: "alice" },
 } as const satisfies Record<string, RoleIdentity>;
 type Who = keyof typeof IDENTITIES;
@@ -221,6 +223,44 @@ describe("gRPC between services: mTLS and the core's authorization by role", () 
     );
     expect(audit[0]).toMatchObject({ role: "ioasid", ioasid, setId });
     expect(audit[0]!.action.value).toMatchObject({ holder: "kvm/vm-1/vmcs", reason: expect.stringContaining("operator/alice") });
+  });
+});
+
+describe("a role started with its credentials", () => {
+  it("reaches the core over mTLS (reconcile and registration authorized as itself) and serves only mTLS clients", async () => {
+    const iommu = await startService({
+      name: "iommu",
+      entry: serviceEntry("iommu"),
+      env: {
+        IOMMU_GRPC_ADDRESS: "127.0.0.1:0",
+        IOMMU_INSTANCE: "dmar7",
+        IOASID_CORE_ADDRESS: proc.address,
+        NATS_URL: nats.url,
+        [CREDENTIALS_DIR_ENV]: creds.iommu7.dir,
+      },
+    });
+    try {
+      // It listens only once it has reconciled with the core and registered (runRole's order).
+      const regs = await as("vfio").listRegistrations({});
+      expect(regs.registrations.map((r) => `${r.subscriber?.name}/${r.subscriber?.instance}`)).toContain("iommu/dmar7");
+      expect(await checkHealth(iommu.address, "", { client: { tls: creds.vfio, serverRole: "iommu" } })).toBe("SERVING");
+      await expect(checkHealth(iommu.address)).rejects.toMatchObject({ code: Code.UNAVAILABLE });
+      // A client that expects the IOMMU refuses a server that is not one.
+      await expect(checkHealth(proc.address, "", { client: { tls: creds.vfio, serverRole: "iommu" } })).rejects.toMatchObject({ code: Code.UNAVAILABLE });
+    } finally {
+      expect(await iommu.stop()).toBe(0);
+    }
+  });
+
+  it("refuses to start with another role's credentials (exit 2, before listening)", () => {
+    const r = spawnSync(process.execPath, [serviceEntry("iommu")], {
+      env: { ...process.env, IOMMU_GRPC_ADDRESS: "127.0.0.1:0", NATS_URL: nats.url, IOASID_CORE_ADDRESS: proc.address, [CREDENTIALS_DIR_ENV]: creds.kvm.dir },
+      encoding: "utf8",
+      timeout: 15_000,
+    });
+    expect(r.status).toBe(2);
+    expect(r.stderr).toContain("credentials of kvm/kvm0, not of role iommu");
+    expect(r.stdout).not.toContain('"msg":"listening"');
   });
 });
 

@@ -102,7 +102,7 @@ describe("mTLS between services", () => {
     expect(loadCredentials({})).toBeUndefined();
     expect(loadCredentials({ [CREDENTIALS_DIR_ENV]: "" })).toBeUndefined();
     expect(loadCredentials({ [CREDENTIALS_DIR_ENV]: coreDir }, { role: "core" })?.identity).toEqual({ role: "core", instance: "core" });
-    expect(() => loadCredentials({ [CREDENTIALS_DIR_ENV]: coreDir }, { role: "kvm" })).toThrow(/credentials of core\/core, not of a kvm/);
+    expect(() => loadCredentials({ [CREDENTIALS_DIR_ENV]: coreDir }, { role: "kvm" })).toThrow(/credentials of core\/core, not of role kvm/);
     expect(() => loadCredentials({ [CREDENTIALS_DIR_ENV]: join(root, "nowhere") })).toThrow(/cannot read ca\.pem/);
   });
 });

@@ -21,7 +21,7 @@ export function loadCredentials(env: NodeJS.ProcessEnv = process.env, expect?: {
   if (dir === undefined || dir === "") return undefined;
   const creds = readInstanceCredentials(dir);
   if (expect !== undefined && creds.identity.role !== expect.role) {
-    throw new Error(`${CREDENTIALS_DIR_ENV}=${dir} holds the credentials of ${formatIdentity(creds.identity)}, not of a ${expect.role}`);
+    throw new Error(`${CREDENTIALS_DIR_ENV}=${dir} holds the credentials of ${formatIdentity(creds.identity)}, not of role ${expect.role}`);
   }
   return creds;
 }
