@@ -10,7 +10,9 @@ import {
   type ClientWritableStream,
 } from "@grpc/grpc-js";
 import { Code, DomainError } from "@ioasid/errors";
+import type { InstanceCredentials, Role } from "@ioasid/security";
 import type { AnyMethodDefinition, AnyServiceDefinition, RequestOf, ResponseOf } from "./adapt-service.js";
+import { clientCredentials } from "./tls.js";
 import { toDomainError } from "./to-domain-error.js";
 
 /** Per-call options of a {@link PromiseClient} method. */
@@ -85,8 +87,15 @@ export interface CreateClientOptions {
    * by cancellation; give one here or per call to bound them. @default none
    */
   readonly streamDeadlineMs?: number;
-  /** @default insecure (loopback and compose networks) */
+  /** @default insecure (loopback and compose networks), or mTLS when `tls` is given */
   readonly credentials?: ChannelCredentials;
+  /**
+   * The caller's role instance credentials (`loadCredentials`): the client speaks mTLS, presenting
+   * its certificate and trusting only the stack CA (DESIGN §11). Ignored when `credentials` is given.
+   */
+  readonly tls?: InstanceCredentials;
+  /** With `tls`: the role the server must prove it is (see `clientCredentials`). @default unchecked */
+  readonly serverRole?: Role;
   /** grpc-js channel options. */
   readonly channelOptions?: Partial<ClientOptions>;
 }
@@ -110,7 +119,16 @@ export function createClient<D extends AnyServiceDefinition>(
   options: CreateClientOptions = {},
 ): PromiseClient<D> {
   const definition: D = typeof source === "function" ? source.service : source;
-  const client = new Client(address, options.credentials ?? grpcCredentials.createInsecure(), { ...RECONNECT_BACKOFF, ...options.channelOptions });
+  const channelCredentials =
+    options.credentials ??
+    (options.tls === undefined
+      ? grpcCredentials.createInsecure()
+      : clientCredentials(options.tls, options.serverRole === undefined ? {} : { serverRole: options.serverRole }));
+  const client = new Client(address, channelCredentials, {
+    ...RECONNECT_BACKOFF,
+    ...(options.credentials === undefined && options.tls !== undefined && dialsIpLiteral(address) ? TLS_IP_TARGET : {}),
+    ...options.channelOptions,
+  });
   const defaults: Defaults = { unary: options.deadlineMs ?? 5000, stream: options.streamDeadlineMs };
   const result: Record<string, unknown> = {
     close: () => client.close(),
@@ -134,6 +152,18 @@ export const RECONNECT_BACKOFF = {
   "grpc.min_reconnect_backoff_ms": 100,
   "grpc.max_reconnect_backoff_ms": 1000,
 } as const;
+
+/**
+ * TLS to an IP literal (`127.0.0.1:port`): grpc-js would send the IP as the TLS server name, which
+ * RFC 6066 forbids (Node warns, DEP0123, in every process). The name sent is `localhost`, which every
+ * stack certificate carries; who the server is is checked by its identity, not by this name
+ * (see `clientCredentials`).
+ */
+const TLS_IP_TARGET = { "grpc.ssl_target_name_override": "localhost" } as const;
+
+function dialsIpLiteral(address: string): boolean {
+  return /^(ipv4:|ipv6:)?(\d{1,3}(\.\d{1,3}){3}|\[[0-9A-Fa-f:.]+\])(:\d+)?$/.test(address);
+}
 
 interface Defaults {
   readonly unary: number;

@@ -1,12 +1,21 @@
 import { readFileSync } from "node:fs";
-import { Server, ServerCredentials, type ChannelOptions, type ServiceDefinition, type UntypedServiceImplementation } from "@grpc/grpc-js";
+import {
+  Server,
+  ServerCredentials,
+  type ChannelOptions,
+  type ServerInterceptor,
+  type ServiceDefinition,
+  type UntypedServiceImplementation,
+} from "@grpc/grpc-js";
 import { loadFileDescriptorSetFromBuffer, loadSync } from "@grpc/proto-loader";
 import { ReflectionService } from "@grpc/reflection";
 import { descriptorSetPath as defaultDescriptorSetPath } from "@ioasid/proto";
+import type { InstanceCredentials } from "@ioasid/security";
 import { HealthImplementation, protoPath as healthProtoPath } from "grpc-health-check";
 import type { Logger } from "pino";
 import { adaptService, serviceNameOf, type AnyServiceDefinition, type ServiceHandlers } from "./adapt-service.js";
 import { createLogger } from "./create-logger.js";
+import { serverCredentials } from "./tls.js";
 
 /** Fully qualified name of the standard gRPC health service every {@link GrpcServer} serves. */
 export const HEALTH_SERVICE_NAME = "grpc.health.v1.Health";
@@ -42,6 +51,16 @@ export interface GrpcServerOptions {
   readonly reflection?: false | { readonly descriptorSetPath: string };
   /** grpc-js channel options (message sizes, keepalive…). */
   readonly channelOptions?: ChannelOptions;
+  /**
+   * The role instance's credentials (`loadCredentials`): the server speaks TLS and requires a client
+   * certificate signed by the stack CA (DESIGN §11). @default none: plaintext, no client identity
+   */
+  readonly tls?: InstanceCredentials;
+  /**
+   * grpc-js server interceptors, run on every call before its handler (the core's authorization
+   * by the caller's role). Health and reflection calls go through them too.
+   */
+  readonly interceptors?: readonly ServerInterceptor[];
 }
 
 /**
@@ -61,6 +80,7 @@ export class GrpcServer {
   readonly #statuses = new Map<string, ServingStatus>([["", ServingStatus.NOT_SERVING]]);
   readonly #serviceNames: string[] = [];
   readonly #reflection: NonNullable<GrpcServerOptions["reflection"]>;
+  readonly #tls: InstanceCredentials | undefined;
   #port: number | undefined;
   #host: string | undefined;
   #listening: Promise<number> | undefined;
@@ -71,7 +91,8 @@ export class GrpcServer {
     const logger = options.logger ?? createLogger(options.service);
     // The testkit and operators find a process's lines by "service"; make sure it is there.
     this.logger = "service" in logger.bindings() ? logger : logger.child({ service: options.service });
-    this.raw = new Server(options.channelOptions);
+    this.raw = new Server({ ...options.channelOptions, ...(options.interceptors === undefined ? {} : { interceptors: [...options.interceptors] }) });
+    this.#tls = options.tls;
     this.#reflection = options.reflection ?? { descriptorSetPath: defaultDescriptorSetPath };
     this.#health.addToServer(this.raw);
   }
@@ -112,7 +133,8 @@ export class GrpcServer {
     if (reflection !== false) this.#addReflection(reflection.descriptorSetPath);
     const target = formatAddress(host, port);
     const bound = await new Promise<number>((resolve, reject) => {
-      this.raw.bindAsync(target, ServerCredentials.createInsecure(), (err, p) => {
+      const credentials = this.#tls === undefined ? ServerCredentials.createInsecure() : serverCredentials(this.#tls);
+      this.raw.bindAsync(target, credentials, (err, p) => {
         if (err !== null) reject(new Error(`cannot listen on ${target}: ${err.message}`, { cause: err }));
         else resolve(p);
       });
@@ -120,7 +142,7 @@ export class GrpcServer {
     this.#port = bound;
     this.#host = host;
     for (const name of ["", ...this.#serviceNames]) this.setServingStatus(ServingStatus.SERVING, name);
-    this.logger.info({ address: this.address }, "listening");
+    this.logger.info({ address: this.address, ...(this.#tls === undefined ? {} : { tls: "mtls" }) }, "listening");
     return bound;
   }
 
@@ -157,6 +179,11 @@ export class GrpcServer {
         ]),
       );
     new ReflectionService({}, { services }).addToServer(shim as unknown as Server);
+  }
+
+  /** Whether the server requires mTLS (it was given credentials). */
+  get secure(): boolean {
+    return this.#tls !== undefined;
   }
 
   /** The bound port, once listening. */

@@ -74,4 +74,14 @@ export {
 export { listServices } from "./list-services.js";
 export { holdSignals, runUntilSignal, type HeldSignals, type RunUntilSignalOptions } from "./run-until-signal.js";
 export { isServiceError, toDomainError } from "./to-domain-error.js";
+export {
+  callerIdentity,
+  clientCredentials,
+  credentialsOrExit,
+  CREDENTIALS_DIR_ENV,
+  loadCredentials,
+  serverCredentials,
+  type AuthenticatedCall,
+  type ClientCredentialsOptions,
+} from "./tls.js";
 export { INTERNAL_MESSAGE, toGrpcStatus, type ToGrpcStatusOptions } from "./to-grpc-status.js";

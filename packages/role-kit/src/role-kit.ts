@@ -1,7 +1,9 @@
 import { connect, type NatsConnection } from "@nats-io/transport-node";
-import { createClient, defineConfigSchema, type PromiseClient } from "@ioasid/grpc-kit";
+import { createClient, defineConfigSchema, type CreateClientOptions, type PromiseClient } from "@ioasid/grpc-kit";
 import { core } from "@ioasid/proto";
-import { natsConnectOptions, readNatsCredential } from "@ioasid/security";
+import { existsSync } from "node:fs";
+import { join } from "node:path";
+import { NATS_CREDENTIAL_FILE, natsConnectOptions, readNatsCredential } from "@ioasid/security";
 import type { Logger } from "pino";
 
 /** The CoreService client every role uses. */
@@ -71,7 +73,9 @@ export async function connectNats(
   url: string,
   options: { name: string; timeoutMs?: number; logger?: Logger; credentialsDir?: string },
 ): Promise<NatsConnection> {
-  const auth = options.credentialsDir === undefined || options.credentialsDir === "" ? {} : natsConnectOptions(readNatsCredential(options.credentialsDir));
+  // A credentials directory without nats.json carries only the gRPC certificate: no NATS user then.
+  const dir = options.credentialsDir ?? "";
+  const auth = dir === "" || !existsSync(join(dir, NATS_CREDENTIAL_FILE)) ? {} : natsConnectOptions(readNatsCredential(dir));
   const deadline = Date.now() + (options.timeoutMs ?? 10_000);
   for (let attempt = 0; ; attempt++) {
     try {
@@ -84,7 +88,10 @@ export async function connectNats(
   }
 }
 
-/** A CoreService client with the given default deadline. */
-export function createCoreClient(address: string, deadlineMs = 5000): CoreClient {
-  return createClient(core.CoreServiceService, address, { deadlineMs });
+/**
+ * A CoreService client with the given default deadline; over mTLS when given the role instance's
+ * credentials (grpc-kit `credentialsOrExit`), and then only to a server that proves it is the core.
+ */
+export function createCoreClient(address: string, deadlineMs = 5000, tls?: CreateClientOptions["tls"]): CoreClient {
+  return createClient(core.CoreServiceService, address, { deadlineMs, ...(tls === undefined ? {} : { tls, serverRole: "core" }) });
 }

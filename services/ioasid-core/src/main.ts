@@ -1,11 +1,13 @@
 #!/usr/bin/env node
-import { configOrExit, createLogger, holdSignals, runUntilSignal } from "@ioasid/grpc-kit";
+import { configOrExit, createLogger, credentialsOrExit, holdSignals, runUntilSignal } from "@ioasid/grpc-kit";
 import { connectNats } from "@ioasid/role-kit";
 import { coreConfigSchema } from "./config.js";
 import { OpLogFormatError } from "./op-codec.js";
 import { startCoreServer } from "./server.js";
 
 const config = configOrExit(coreConfigSchema, { service: "ioasid-core" });
+// IOASID_CREDENTIALS_DIR: mTLS and authorization by role; without it the core is insecure and says so.
+const tls = credentialsOrExit({ service: "ioasid-core", role: "core" });
 const logger = createLogger("ioasid-core", { level: config.logLevel });
 // A signal that arrives while the core starts is held until it can stop gracefully (else the signal
 // kills it between its `listening` line and the handler: exit by signal, found under load).
@@ -25,6 +27,7 @@ const running = await startCoreServer({
   capacity: config.capacity,
   eventLogRetain: config.eventLogRetain,
   logger,
+  ...(tls === undefined ? {} : { tls }),
   nats: { nc, prefix: config.prefix, stream: config.stream, replicas: config.replicas, deadlineMs: config.deadlineMs, retryMs: config.retryMs },
   onFatal: (err) => {
     logger.fatal({ err: String(err) }, "operation log unwritable: exiting so a restart replays a consistent log");

@@ -10,7 +10,8 @@ import {
   type Registration,
   type SetInfo,
 } from "@ioasid/ioasid";
-import { createClient, createGrpcServer, type GrpcServer, type ServiceHandlers } from "@ioasid/grpc-kit";
+import { createClient, createGrpcServer, createLogger, type GrpcServer, type ServiceHandlers } from "@ioasid/grpc-kit";
+import { formatIdentity, type InstanceCredentials } from "@ioasid/security";
 import type { Logger } from "pino";
 import {
   DEFAULT_PREFIX,
@@ -28,6 +29,8 @@ import { OpLog } from "./op-log.js";
 import { fromCommittedEvent, fromIoasidInfo, fromRegistration, fromSetInfo, nonEmpty, toHolder, toRegisterOptions, toBuffer, toSetToken } from "./convert.js";
 import type { CommittedEvent } from "./event-log.js";
 import { IoasidCore, type ExternalAllocator } from "./ioasid-core.js";
+import { AuditKind, type AuthorizationView } from "./authorize.js";
+import { createAuthorizationInterceptor, type AuditedCall } from "./authorization-interceptor.js";
 
 const FREE_OUTCOME = {
   FREE_PENDING: core.FreeOutcome.FREE_OUTCOME_FREE_PENDING,
@@ -40,11 +43,14 @@ const ALLOCATOR_ADDRESS = /^[A-Za-z0-9.-]+:\d{1,5}$|^\[[0-9A-Fa-f:]+\]:\d{1,5}$/
 /** Makes the gRPC AllocatorService client an external allocator is reached through. */
 export type ExternalAllocatorFactory = (name: string, address: string) => ExternalAllocator;
 
-/** The default {@link ExternalAllocatorFactory}: a grpc-kit client with a 2 s deadline per call. */
+/**
+ * The default {@link ExternalAllocatorFactory}: a grpc-kit client with a 2 s deadline per call,
+ * over mTLS with the core's credentials when it has them (an allocator is a service of the stack).
+ */
 export const grpcExternalAllocator =
-  (logger: Logger): ExternalAllocatorFactory =>
+  (logger: Logger, tls?: InstanceCredentials): ExternalAllocatorFactory =>
   (name, address) => {
-    const client = createClient(core.AllocatorServiceService, address, { deadlineMs: 2000 });
+    const client = createClient(core.AllocatorServiceService, address, { deadlineMs: 2000, ...(tls === undefined ? {} : { tls }) });
     return {
       name,
       allocate: async (min, max) => (await client.allocate({ min, max })).ioasid,
@@ -268,6 +274,12 @@ export interface StartCoreServerOptions {
    * A composition seam, not a switch: the conformance kit's test-only broken cores wrap it.
    */
   readonly deliveryEngine?: (options: DeliveryEngineOptions) => DeliveryEngine;
+  /**
+   * The core's credentials (grpc-kit `loadCredentials`): CoreService requires mTLS and authorizes
+   * each call by the caller's role (DESIGN §3, §11; see `authorize`). Without them the core is
+   * insecure — anyone on the network may make any call — and says so at start.
+   */
+  readonly tls?: InstanceCredentials;
 }
 
 /** A running core: its gRPC server, bound port and model. */
@@ -296,18 +308,46 @@ export interface RunningCore {
  */
 export async function startCoreServer(options: StartCoreServerOptions = {}): Promise<RunningCore> {
   const t0 = performance.now();
-  const server = createGrpcServer({ service: "ioasid-core", ...(options.logger === undefined ? {} : { logger: options.logger }) });
+  // Late-bound: the interceptor reads the model (for set owners and registrations) only once serving.
+  const state: { core?: IoasidCore; audit?: (call: AuditedCall) => void } = {};
+  const baseLogger = options.logger ?? createLogger("ioasid-core");
+  const server = createGrpcServer({
+    service: "ioasid-core",
+    logger: baseLogger,
+    ...(options.tls === undefined
+      ? {}
+      : {
+          tls: options.tls,
+          interceptors: [
+            createAuthorizationInterceptor({
+              view: authorizationView(() => state.core!),
+              logger: baseLogger,
+              onAudited: (call) => state.audit?.(call),
+            }),
+          ],
+        }),
+  });
   const logger = server.logger;
+  if (options.tls === undefined) {
+    // DESIGN §11: "An explicit insecure mode exists for debugging and says so loudly at start."
+    logger.warn(
+      "INSECURE: no credentials (IOASID_CREDENTIALS_DIR unset): CoreService is plaintext, callers are not authenticated and every call is allowed to anyone",
+    );
+  } else {
+    logger.info({ identity: formatIdentity(options.tls.identity) }, "mTLS: callers are authenticated by the stack CA and authorized by role");
+  }
   let history: ((action: HistoryActionInput, fields: HistoryFields, ts?: number, opSeq?: number) => void) | undefined;
+  state.audit = (call) => recordAudit(call, (action, fields) => history?.(action, fields), logger);
   const ioasidCore = new IoasidCore({
     history: (action, fields, ts, opSeq) => history?.(action, fields, ts, opSeq),
     ...(options.capacity === undefined ? {} : { capacity: options.capacity }),
     ...(options.eventLogRetain === undefined ? {} : { retain: options.eventLogRetain }),
-    externalAllocator: options.externalAllocator ?? grpcExternalAllocator(logger),
+    externalAllocator: options.externalAllocator ?? grpcExternalAllocator(logger, options.tls),
     log: (level, msg, fields) => logger[level](fields ?? {}, msg),
     ...(options.onFatal === undefined ? {} : { onFatal: options.onFatal }),
     ...(options.space === undefined ? {} : { space: options.space }),
   });
+  state.core = ioasidCore;
   let engine: DeliveryEngine | undefined;
   let opLog: OpLog | undefined;
   let republishAfter: number | undefined;
@@ -376,6 +416,52 @@ export async function startCoreServer(options: StartCoreServerOptions = {}): Pro
       ioasidCore.close();
     },
   };
+}
+
+/** What the authorization reads of the model: set token types and registrations' subscribers. */
+function authorizationView(model: () => IoasidCore): AuthorizationView {
+  return {
+    setTokenType: (setId) =>
+      model()
+        .space.listSets()
+        .find((s) => s.id === setId)?.token.type,
+    subscriberOf: (registrationId) =>
+      model()
+        .space.listRegistrations()
+        .find((r) => r.id === registrationId)?.subscriber,
+  };
+}
+
+/**
+ * The audit record of an operator's call that succeeded (DESIGN §3: "force-release is the
+ * operator's, audited"; §4.4). A force-release is a `force_release` history record of the core, naming
+ * the operator; the history catalogue has no record of an allocator change yet, so that one is a
+ * log line (warn) only.
+ */
+function recordAudit(call: AuditedCall, history: (action: HistoryActionInput, fields: HistoryFields) => void, logger: Logger): void {
+  const operator = formatIdentity(call.caller);
+  if (call.kind === AuditKind.FORCE_RELEASE) {
+    const r = call.request as core.PutRequest;
+    const h = r.holder!;
+    logger.warn(
+      { audit: call.kind, operator, setId: r.setId, ioasid: r.ioasid, holder: `${h.role}/${h.instance}/${h.purpose}` },
+      "audit: operator force-released a reference",
+    );
+    history(
+      {
+        $case: "forceRelease",
+        value: {
+          holder: `${h.role}/${h.instance}/${h.purpose}`,
+          reason: `Put by ${operator} (authenticated by the core)`,
+          references: [{ ioasid: r.ioasid, generation: r.generation, setId: r.setId, purpose: h.purpose, count: 1 }],
+        },
+      },
+      { ioasid: r.ioasid, setId: r.setId, ...(r.generation === 0 ? {} : { generation: r.generation }) },
+    );
+    return;
+  }
+  const r = call.request as Partial<core.RegisterAllocatorRequest>;
+  logger.warn({ audit: call.kind, operator, method: call.method, name: r.name, address: r.address }, "audit: operator changed the custom allocator");
 }
 
 const CORE_HISTORY_ROLE = "ioasid";

@@ -1,5 +1,5 @@
 #!/usr/bin/env node
-import { configOrExit } from "@ioasid/grpc-kit";
+import { configOrExit, credentialsOrExit } from "@ioasid/grpc-kit";
 import { HistoryRecorder } from "@ioasid/bus";
 import { EventType, Priority } from "@ioasid/ioasid";
 import { createCoreClient, createGrpcCorePort, ensureRegistration, runRole } from "@ioasid/role-kit";
@@ -21,7 +21,9 @@ if (!INSTANCE.test(config.instance)) {
   process.stderr.write(`iommu: IOMMU_INSTANCE must be 1..128 of letters, digits and ._:@- (got "${config.instance}")\n`);
   process.exit(2);
 }
-const coreClient = createCoreClient(config.coreAddress.address);
+// IOASID_CREDENTIALS_DIR: mTLS for IommuService and toward the core (DESIGN §11).
+const tls = credentialsOrExit({ service: "iommu", role: "iommu" });
+const coreClient = createCoreClient(config.coreAddress.address, undefined, tls);
 const core = createGrpcCorePort(coreClient);
 
 await runRole({
@@ -44,7 +46,7 @@ await runRole({
       faultTimeoutMs: config.faultTimeoutMs,
     });
     return {
-      server: createIommuServer(driver, { logger }),
+      server: createIommuServer(driver, { logger, ...(tls === undefined ? {} : { tls }) }),
       listen: config.address,
       quiet: () => !hardware.hasChanges() && !driver.prq.hasChanges(),
       restored: {

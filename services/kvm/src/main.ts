@@ -1,5 +1,5 @@
 #!/usr/bin/env node
-import { configOrExit, formatAddress } from "@ioasid/grpc-kit";
+import { configOrExit, credentialsOrExit, formatAddress } from "@ioasid/grpc-kit";
 import { createCoreClient, runRole } from "@ioasid/role-kit";
 import { kvmConfigSchema } from "./config.js";
 import { KVM_SUBSCRIBER } from "./domain/holder-reference.js";
@@ -7,7 +7,9 @@ import { buildKvmRole } from "./adapters/server.js";
 import { kvmStateCodec } from "./adapters/kvm-state-codec.js";
 
 const config = configOrExit(kvmConfigSchema, { service: "kvm" });
-const core = createCoreClient(formatAddress(config.coreAddress.host, config.coreAddress.port));
+// IOASID_CREDENTIALS_DIR: mTLS for KvmService and toward the core (DESIGN §11).
+const tls = credentialsOrExit({ service: "kvm", role: "kvm" });
+const core = createCoreClient(formatAddress(config.coreAddress.host, config.coreAddress.port), undefined, tls);
 // One KVM per host: its VMs and their VMCS tables are kept under the instance "kvm0".
 await runRole({
   role: KVM_SUBSCRIBER,
@@ -15,5 +17,6 @@ await runRole({
   config,
   codec: kvmStateCodec,
   connectionName: "kvm",
-  build: (rt) => buildKvmRole(rt, { core, host: config.address.host, port: config.address.port, reapStale: config.reapStale }),
+  build: (rt) =>
+    buildKvmRole(rt, { core, host: config.address.host, port: config.address.port, reapStale: config.reapStale, ...(tls === undefined ? {} : { tls }) }),
 });

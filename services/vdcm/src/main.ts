@@ -1,5 +1,5 @@
 #!/usr/bin/env node
-import { configOrExit } from "@ioasid/grpc-kit";
+import { configOrExit, credentialsOrExit } from "@ioasid/grpc-kit";
 import { createCoreClient, runRole } from "@ioasid/role-kit";
 import { createIommuClient } from "./adapters/iommu-adapter.js";
 import { buildVdcmRole } from "./adapters/role.js";
@@ -9,6 +9,8 @@ import { VDCM_ROLE } from "./domain/vdcm.js";
 
 const config = configOrExit(vdcmConfigSchema, { service: "vdcm" });
 checkInstanceOrExit(config.instance);
+// IOASID_CREDENTIALS_DIR: mTLS for VdcmService and toward the core and the IOMMU (DESIGN §11).
+const tls = credentialsOrExit({ service: "vdcm", role: "vdcm" });
 
 await runRole({
   role: VDCM_ROLE,
@@ -20,7 +22,8 @@ await runRole({
     buildVdcmRole(rt, {
       instance: config.instance,
       listen: config.address,
-      coreClient: createCoreClient(config.coreAddress.address),
-      iommuClient: createIommuClient(config.iommuAddress.address),
+      coreClient: createCoreClient(config.coreAddress.address, undefined, tls),
+      iommuClient: createIommuClient(config.iommuAddress.address, tls),
+      ...(tls === undefined ? {} : { tls }),
     }),
 });

@@ -1,6 +1,6 @@
 #!/usr/bin/env node
 import { HistoryRecorder } from "@ioasid/bus";
-import { ConfigError, configOrExit, createClient } from "@ioasid/grpc-kit";
+import { ConfigError, configOrExit, createClient, credentialsOrExit } from "@ioasid/grpc-kit";
 import { iommu, vdcm } from "@ioasid/proto";
 import { createCoreClient, createGrpcCorePort, runRole } from "@ioasid/role-kit";
 import { vfioConfigProblems, vfioConfigSchema } from "./config.js";
@@ -17,9 +17,12 @@ if (problems.length > 0) {
   process.stderr.write(`vfio: ${new ConfigError(problems).message}\n`);
   process.exit(2);
 }
-const coreClient = createCoreClient(config.coreAddress.address);
-const iommuClient = createClient(iommu.IommuServiceService, config.iommuAddress.address);
-const vdcmClient = createClient(vdcm.VdcmServiceService, config.vdcmAddress.address);
+// IOASID_CREDENTIALS_DIR: mTLS for VfioService (VMMs then need a vmm credential) and toward the
+// core, the IOMMU and VDCM, each of which must prove its role (DESIGN §11).
+const tls = credentialsOrExit({ service: "vfio", role: "vfio" });
+const coreClient = createCoreClient(config.coreAddress.address, undefined, tls);
+const iommuClient = createClient(iommu.IommuServiceService, config.iommuAddress.address, tls === undefined ? {} : { tls, serverRole: "iommu" });
+const vdcmClient = createClient(vdcm.VdcmServiceService, config.vdcmAddress.address, tls === undefined ? {} : { tls, serverRole: "vdcm" });
 
 await runRole({
   role: "vfio",
@@ -58,7 +61,13 @@ await runRole({
     let closingAll: Promise<void> | undefined;
     const closeAll = (): Promise<void> => (closingAll ??= containers.closeAll(CloseReason.SERVICE_STOPPED));
     return {
-      server: createVfioServer({ containers, faults: faultRelay, guestPages: createGuestPagesPort(iommuClient), logger }),
+      server: createVfioServer({
+        containers,
+        faults: faultRelay,
+        guestPages: createGuestPagesPort(iommuClient),
+        logger,
+        ...(tls === undefined ? {} : { tls }),
+      }),
       listen: config.address,
       onSignal: () => void closeAll(),
       serving: () => {

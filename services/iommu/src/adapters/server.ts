@@ -206,8 +206,12 @@ export async function startIommuServer(options: IommuServerOptions): Promise<Grp
 }
 
 /** A gRPC server serving IommuService (plus health and reflection) for `driver`; call `listen` on it. */
-export function createIommuServer(driver: IommuDriver, options: Pick<IommuServerOptions, "logger"> = {}): GrpcServer {
-  const server = createGrpcServer({ service: "iommu", ...(options.logger === undefined ? {} : { logger: options.logger }) });
+export function createIommuServer(driver: IommuDriver, options: Pick<IommuServerOptions, "logger"> & Pick<GrpcServerOptions, "tls"> = {}): GrpcServer {
+  const server = createGrpcServer({
+    service: "iommu",
+    ...(options.logger === undefined ? {} : { logger: options.logger }),
+    ...(options.tls === undefined ? {} : { tls: options.tls }),
+  });
   server.addService(iommu.IommuServiceService, createIommuHandlers(driver));
   return server;
 }

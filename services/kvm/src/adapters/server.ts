@@ -1,5 +1,5 @@
 import { HistoryRecorder } from "@ioasid/bus";
-import { createGrpcServer, type ServiceHandlers } from "@ioasid/grpc-kit";
+import { createGrpcServer, type GrpcServerOptions, type ServiceHandlers } from "@ioasid/grpc-kit";
 import { kvm as kvmProto } from "@ioasid/proto";
 import { createGrpcCorePort, type CoreClient, type RoleParts, type RoleRuntime } from "@ioasid/role-kit";
 import { KVM_SUBSCRIBER } from "../domain/holder-reference.js";
@@ -24,6 +24,8 @@ export function createKvmHandlers(host: Kvm): ServiceHandlers<typeof kvmProto.Kv
 
 /** Options of {@link buildKvmRole}. */
 export interface KvmRoleOptions {
+  /** The KVM instance's credentials: KvmService requires mTLS (DESIGN §11). @default plaintext */
+  readonly tls?: GrpcServerOptions["tls"];
   readonly core: CoreClient;
   /** @default "127.0.0.1" */
   readonly host?: string;
@@ -52,7 +54,7 @@ const MAX_RECONCILE_ATTEMPTS = 600;
  * await runRole({ role: KVM_SUBSCRIBER, instance: "kvm0", config, build: (rt) => buildKvmRole(rt, { core }) });
  */
 export function buildKvmRole(rt: RoleRuntime<KvmKeptEntry>, options: KvmRoleOptions): RoleParts {
-  const server = createGrpcServer({ service: "kvm", logger: rt.logger });
+  const server = createGrpcServer({ service: "kvm", logger: rt.logger, ...(options.tls === undefined ? {} : { tls: options.tls }) });
   const logger = server.logger;
   const retryMs = options.retryMs ?? 1000;
   const host = new Kvm({

@@ -1,4 +1,4 @@
-import { createClient, type PromiseClient } from "@ioasid/grpc-kit";
+import { createClient, type CreateClientOptions, type PromiseClient } from "@ioasid/grpc-kit";
 import { iommu } from "@ioasid/proto";
 import type { DmaResult, DmaTranslator } from "../domain/descriptor-runner.js";
 
@@ -8,9 +8,12 @@ export type IommuClient = PromiseClient<typeof iommu.IommuServiceService>;
 /** Deadline of one DMA translation request, ms: a FREE's drain waits for descriptors in flight. */
 export const TRANSLATE_DEADLINE_MS = 1000;
 
-/** An IommuService client for descriptors' DMA, with a {@link TRANSLATE_DEADLINE_MS} deadline. */
-export function createIommuClient(address: string): IommuClient {
-  return createClient(iommu.IommuServiceService, address, { deadlineMs: TRANSLATE_DEADLINE_MS });
+/**
+ * An IommuService client for descriptors' DMA, with a {@link TRANSLATE_DEADLINE_MS} deadline; over
+ * mTLS with the VDCM instance's credentials when given, to a server that proves it is an IOMMU.
+ */
+export function createIommuClient(address: string, tls?: CreateClientOptions["tls"]): IommuClient {
+  return createClient(iommu.IommuServiceService, address, { deadlineMs: TRANSLATE_DEADLINE_MS, ...(tls === undefined ? {} : { tls, serverRole: "iommu" }) });
 }
 
 /**

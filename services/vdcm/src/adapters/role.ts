@@ -5,7 +5,7 @@ import { VdcmState } from "../domain/vdcm-state.js";
 import type { VdcmKeptEntry } from "../domain/vdcm-kept-entry.js";
 import { toHistorySink, toVdcmEvent } from "./convert.js";
 import { iommuDmaTranslator, type IommuClient } from "./iommu-adapter.js";
-import { createVdcmServer } from "./server.js";
+import { createVdcmServer, type CreateVdcmServerOptions } from "./server.js";
 
 /** Options of {@link buildVdcmRole}. */
 export interface VdcmRoleOptions {
@@ -19,6 +19,8 @@ export interface VdcmRoleOptions {
   readonly iommuClient: IommuClient;
   /** The core as VDCM calls it (a test main wraps it). @default createGrpcCorePort(coreClient) */
   readonly core?: CorePort;
+  /** The VDCM instance's credentials: VdcmService requires mTLS (DESIGN §11). @default plaintext */
+  readonly tls?: CreateVdcmServerOptions["tls"];
 }
 
 /**
@@ -43,7 +45,7 @@ export function buildVdcmRole(rt: RoleRuntime<VdcmKeptEntry>, options: VdcmRoleO
     log: (level, msg, fields) => logger[level](fields ?? {}, msg),
   });
   return {
-    server: createVdcmServer(vdcm, { logger }),
+    server: createVdcmServer(vdcm, { logger, ...(options.tls === undefined ? {} : { tls: options.tls }) }),
     listen: options.listen,
     quiet: () => !state.hasChanges(),
     restored: {

@@ -59,11 +59,17 @@ export function createVdcmHandlers(v: Vdcm): ServiceHandlers<typeof vdcm.VdcmSer
 /** Options of {@link createVdcmServer}. */
 export interface CreateVdcmServerOptions {
   readonly logger?: GrpcServerOptions["logger"];
+  /** The VDCM instance's credentials: VdcmService requires mTLS (DESIGN §11). @default plaintext */
+  readonly tls?: GrpcServerOptions["tls"];
 }
 
 /** A gRPC server serving VdcmService (plus health and reflection) for `v`; call `listen` on it. */
 export function createVdcmServer(v: Vdcm, options: CreateVdcmServerOptions = {}): GrpcServer {
-  const server = createGrpcServer({ service: "vdcm", ...(options.logger === undefined ? {} : { logger: options.logger }) });
+  const server = createGrpcServer({
+    service: "vdcm",
+    ...(options.logger === undefined ? {} : { logger: options.logger }),
+    ...(options.tls === undefined ? {} : { tls: options.tls }),
+  });
   server.addService(vdcm.VdcmServiceService, createVdcmHandlers(v));
   return server;
 }

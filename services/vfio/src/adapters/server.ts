@@ -1,4 +1,4 @@
-import { createGrpcServer, type GrpcServer, type ServiceHandlers } from "@ioasid/grpc-kit";
+import { createGrpcServer, type GrpcServer, type GrpcServerOptions, type ServiceHandlers } from "@ioasid/grpc-kit";
 import { vfio } from "@ioasid/proto";
 import type { Logger } from "pino";
 import type { CloseReason } from "../domain/container.js";
@@ -144,6 +144,8 @@ export interface StartVfioServerOptions {
   readonly faults: FaultRelay;
   readonly guestPages: GuestPagesPort;
   readonly logger: Logger;
+  /** VFIO's credentials: VfioService requires mTLS, VMMs included (DESIGN §11). @default plaintext */
+  readonly tls?: GrpcServerOptions["tls"];
 }
 
 /**
@@ -164,6 +166,7 @@ export function createVfioServer(options: Omit<StartVfioServerOptions, "host" | 
   return createGrpcServer({
     service: "vfio",
     logger: options.logger,
+    ...(options.tls === undefined ? {} : { tls: options.tls }),
     channelOptions: {
       "grpc.keepalive_time_ms": SESSION_KEEPALIVE.timeMs,
       "grpc.keepalive_timeout_ms": SESSION_KEEPALIVE.timeoutMs,

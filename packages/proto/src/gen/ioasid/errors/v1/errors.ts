@@ -221,6 +221,27 @@ export enum ErrorReason {
   /** ERROR_REASON_GUEST_BIND_NOT_FOUND - See the role contracts (proto/ioasid/{iommu,vfio,kvm,vdcm}/v1). */
   ERROR_REASON_GUEST_BIND_NOT_FOUND = 145,
   /**
+   * ERROR_REASON_ROLE_NOT_ALLOWED - PERMISSION_DENIED. The caller's role (its client certificate's identity) may not make this call,
+   * or not on this kind of set: sets and quotas are VFIO's and the operator's, allocators the
+   * operator's, guest PASID attachment the IOMMU's; a VMM reaches only VFIO. Nothing is changed.
+   */
+  ERROR_REASON_ROLE_NOT_ALLOWED = 148,
+  /**
+   * ERROR_REASON_CALLER_NOT_HOLDER - PERMISSION_DENIED. The call names a reference holder that is not the caller: a role takes and
+   * drops only its own references. Nothing is changed.
+   */
+  ERROR_REASON_CALLER_NOT_HOLDER = 149,
+  /**
+   * ERROR_REASON_CALLER_NOT_SUBSCRIBER - PERMISSION_DENIED. The call registers (or unregisters) a notifier subscriber that is not the
+   * caller: only role N registers as subscriber N. Nothing is changed.
+   */
+  ERROR_REASON_CALLER_NOT_SUBSCRIBER = 150,
+  /**
+   * ERROR_REASON_CALLER_UNKNOWN - UNAUTHENTICATED. The connection's client certificate (signed by the stack CA) names no role
+   * identity (spiffe://ioasid-fabric/<role>/<instance>).
+   */
+  ERROR_REASON_CALLER_UNKNOWN = 151,
+  /**
    * ERROR_REASON_ROLE_STATE_UNREADABLE - A role's kept state (JetStream `<PREFIX>_ROLESTATE`) holds an entry that is not the role's
    * `<Role>StateEntry` (the JSON of earlier versions, another format, bytes that do not decode): the
    * role refuses to start rather than misread it; the message says how to start from an empty state.
@@ -504,6 +525,18 @@ export function errorReasonFromJSON(object: any): ErrorReason {
     case 145:
     case "ERROR_REASON_GUEST_BIND_NOT_FOUND":
       return ErrorReason.ERROR_REASON_GUEST_BIND_NOT_FOUND;
+    case 148:
+    case "ERROR_REASON_ROLE_NOT_ALLOWED":
+      return ErrorReason.ERROR_REASON_ROLE_NOT_ALLOWED;
+    case 149:
+    case "ERROR_REASON_CALLER_NOT_HOLDER":
+      return ErrorReason.ERROR_REASON_CALLER_NOT_HOLDER;
+    case 150:
+    case "ERROR_REASON_CALLER_NOT_SUBSCRIBER":
+      return ErrorReason.ERROR_REASON_CALLER_NOT_SUBSCRIBER;
+    case 151:
+    case "ERROR_REASON_CALLER_UNKNOWN":
+      return ErrorReason.ERROR_REASON_CALLER_UNKNOWN;
     case 146:
     case "ERROR_REASON_ROLE_STATE_UNREADABLE":
       return ErrorReason.ERROR_REASON_ROLE_STATE_UNREADABLE;
@@ -697,6 +730,14 @@ export function errorReasonToJSON(object: ErrorReason): string {
       return "ERROR_REASON_PRGI_IN_USE";
     case ErrorReason.ERROR_REASON_GUEST_BIND_NOT_FOUND:
       return "ERROR_REASON_GUEST_BIND_NOT_FOUND";
+    case ErrorReason.ERROR_REASON_ROLE_NOT_ALLOWED:
+      return "ERROR_REASON_ROLE_NOT_ALLOWED";
+    case ErrorReason.ERROR_REASON_CALLER_NOT_HOLDER:
+      return "ERROR_REASON_CALLER_NOT_HOLDER";
+    case ErrorReason.ERROR_REASON_CALLER_NOT_SUBSCRIBER:
+      return "ERROR_REASON_CALLER_NOT_SUBSCRIBER";
+    case ErrorReason.ERROR_REASON_CALLER_UNKNOWN:
+      return "ERROR_REASON_CALLER_UNKNOWN";
     case ErrorReason.ERROR_REASON_ROLE_STATE_UNREADABLE:
       return "ERROR_REASON_ROLE_STATE_UNREADABLE";
     case ErrorReason.ERROR_REASON_HISTORY_FORMAT_UNSUPPORTED:
