@@ -1,4 +1,4 @@
-import { mkdtempSync, rmSync } from "node:fs";
+import { mkdirSync, mkdtempSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { credentials, ServerInterceptingCall, type ServerInterceptor } from "@grpc/grpc-js";
@@ -104,5 +104,9 @@ describe("mTLS between services", () => {
     expect(loadCredentials({ [CREDENTIALS_DIR_ENV]: coreDir }, { role: "core" })?.identity).toEqual({ role: "core", instance: "core" });
     expect(() => loadCredentials({ [CREDENTIALS_DIR_ENV]: coreDir }, { role: "kvm" })).toThrow(/credentials of core\/core, not of role kvm/);
     expect(() => loadCredentials({ [CREDENTIALS_DIR_ENV]: join(root, "nowhere") })).toThrow(/cannot read ca\.pem/);
+    // A directory with the NATS user only (no certificate): gRPC without TLS.
+    mkdirSync(join(root, "nats-only"));
+    writeFileSync(join(root, "nats-only", "nats.json"), "{}");
+    expect(loadCredentials({ [CREDENTIALS_DIR_ENV]: join(root, "nats-only") })).toBeUndefined();
   });
 });

@@ -24,7 +24,8 @@ export function loadCredentials(env: NodeJS.ProcessEnv = process.env, expect?: {
   if (dir === undefined || dir === "") return undefined;
   // The same directory carries the NATS user (nats.json); a directory without a certificate is a
   // NATS-only credential (the testkit's, for now): gRPC runs without TLS then.
-  if (!existsSync(join(dir, "cert.pem"))) return undefined;
+  // A directory that does not exist is an error (below), not a quiet fall back to no TLS.
+  if (existsSync(dir) && !existsSync(join(dir, "cert.pem"))) return undefined;
   const creds = readInstanceCredentials(dir);
   if (expect !== undefined && creds.identity.role !== expect.role) {
     throw new Error(`${CREDENTIALS_DIR_ENV}=${dir} holds the credentials of ${formatIdentity(creds.identity)}, not of role ${expect.role}`);

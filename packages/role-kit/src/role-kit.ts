@@ -75,7 +75,7 @@ export async function connectNats(
 ): Promise<NatsConnection> {
   // A credentials directory without nats.json carries only the gRPC certificate: no NATS user then.
   const dir = options.credentialsDir ?? "";
-  const auth = dir === "" || !existsSync(join(dir, NATS_CREDENTIAL_FILE)) ? {} : natsConnectOptions(readNatsCredential(dir));
+  const auth = dir === "" || (existsSync(dir) && !existsSync(join(dir, NATS_CREDENTIAL_FILE))) ? {} : natsConnectOptions(readNatsCredential(dir));
   const deadline = Date.now() + (options.timeoutMs ?? 10_000);
   for (let attempt = 0; ; attempt++) {
     try {
