@@ -16,6 +16,7 @@ import { createClient } from "@ioasid/grpc-kit";
 import { bus, core, events, iommu, kvm, testing, vdcm, vfio } from "@ioasid/proto";
 import { addressesOf, answerFaultGroup, connectStack, readState, stackDown, stackUp } from "@ioasid/cli";
 import { startNats, startService } from "@ioasid/testkit";
+import { natsConnectOptions } from "@ioasid/security";
 import { DeliveryEngine, readHistory, startSubscriber, stepLabel } from "@ioasid/bus";
 import { IoasidCore, OpLog } from "@ioasid/ioasid-core";
 import { connect } from "@nats-io/transport-node";
@@ -234,15 +235,26 @@ async function grpcBench() {
 //    the four tiers, and FREE of 1,000 IOASIDs at once, each against raw NATS request/reply
 //    gathers to responders on the same subscriber connections, in the same run.
 
-async function deliveryBench() {
+// Run twice: without authorization (anyone may publish anything, as before issue 14), then with a
+// NATS user per role and its permissions (DESIGN §11), each connection as its role; the figures of
+// both and their ratio are printed (issue 14: within 10%).
+async function deliveryBench(secure) {
   const rounds = process.env.BENCH_ROUNDS === undefined ? (quick ? 300 : 1500) : Number(process.env.BENCH_ROUNDS);
-  log(`\n[delivery] FREE through 4 tiers (CPU, DEVICE, IOMMU, LAST), one SDK subscriber each, releasing references`);
-  const nats = await startNats();
+  const key = secure ? "deliverySecure" : "delivery";
+  log(
+    `\n[delivery${secure ? ", NATS permissions on" : ", no authorization"}] FREE through 4 tiers (CPU, DEVICE, IOMMU, LAST), one SDK subscriber each, releasing references`,
+  );
+  const nats = await startNats(secure ? { auth: { anonymous: "refuse" } } : { auth: false });
+  const as = async (role, instance) => (secure ? natsConnectOptions((await nats.credentials(role, instance)).credential) : {});
+  const operator = secure ? { user: nats.operator.user, pass: nats.operator.pass } : {};
   const conns = [];
   try {
-    const coreNc = await connect({ servers: nats.url });
+    const coreNc = await connect({ servers: nats.url, ...(await as("core", "core")) });
     conns.push(coreNc);
-    const names = ["kvm", "vdcm", "iommu", "audit"];
+    // The floor's raw request/reply runs as the operator (a role may not use other subjects).
+    const floorNc = await connect({ servers: nats.url, ...operator });
+    conns.push(floorNc);
+    const names = ["kvm", "vdcm", "iommu", "vfio"];
     const priorities = [3, 2, 1, 0];
     const opLog = await OpLog.open(coreNc);
     const ioasidCore = new IoasidCore({
@@ -269,10 +281,13 @@ async function deliveryBench() {
     engine.start();
     for (let i = 0; i < names.length; i++) {
       const name = names[i];
-      const nc = await connect({ servers: nats.url });
+      const nc = await connect({ servers: nats.url, ...(await as(name, "0")) });
       conns.push(nc);
       await startSubscriber({ nc, name, instance: "0", handler: (e) => (e.type === events.EventType.EVENT_TYPE_FREE ? { release: ["ref"] } : undefined) });
-      nc.subscribe(`floor.${name}`, { callback: (_e, m) => m.respond(m.data) });
+      const floorSub = await connect({ servers: nats.url, ...operator });
+      conns.push(floorSub);
+      floorSub.subscribe(`floor.${name}`, { callback: (_e, m) => m.respond(m.data) });
+      await floorSub.flush();
       await ioasidCore.commit({
         kind: "register",
         options: { subscriber: { name, instance: "0" }, priority: priorities[i], scope: { kind: "global" }, events: ["FREE"] },
@@ -308,7 +323,7 @@ async function deliveryBench() {
       ],
     }).finish();
     const floorOnce = async () => {
-      for (const name of names) await coreNc.request(`floor.${name}`, sample, { timeout: 2000 });
+      for (const name of names) await floorNc.request(`floor.${name}`, sample, { timeout: 2000 });
     };
     const chainLat = [];
     const floorLat = [];
@@ -332,7 +347,7 @@ async function deliveryBench() {
       log(`  raw 4-tier gather (floor)  p50 ${fmt(f50 * 1000)} µs   p99 ${fmt(percentile(floorLat, 99) * 1000)} µs`);
       log(`  one FREE, 4 tiers, acks    p50 ${fmt(c50 * 1000)} µs   p99 ${fmt(percentile(chainLat, 99) * 1000)} µs   (reclaimed at the last release)`);
       log(`  ratio                      ${fmt(c50 / f50, 2)}×   (target ≤ 1.5×)`);
-      results.delivery = { floorP50Us: f50 * 1000, chainP50Us: c50 * 1000, ratioP50: c50 / f50 };
+      results[key] = { floorP50Us: f50 * 1000, chainP50Us: c50 * 1000, ratioP50: c50 / f50 };
     }
 
     timing = false;
@@ -342,7 +357,7 @@ async function deliveryBench() {
     const bigPayload = Buffer.alloc(sample.length * inFlight, 1);
     let t = now();
     for (let b = 0; b < batches; b++) {
-      for (const name of names) await coreNc.request(`floor.${name}`, bigPayload, { timeout: 5000 });
+      for (const name of names) await floorNc.request(`floor.${name}`, bigPayload, { timeout: 5000 });
     }
     const floorRate = (batches * inFlight) / ((now() - t) / 1000);
     let elapsed = 0;
@@ -388,7 +403,16 @@ async function deliveryBench() {
     );
     log(`  floor (4 gathers of 1,000)  ${fmt(floorRate)} events/s   (steady / floor = ${fmt(steady / floorRate, 2)})`);
     log(`  operation log               ${fmt(opLog.messages)} JetStream messages written`);
-    results.delivery = { ...results.delivery, burstEventsPerSec: rate, eventsPerSec: steady, floorEventsPerSec: floorRate };
+    results[key] = { ...results[key], burstEventsPerSec: rate, eventsPerSec: steady, floorEventsPerSec: floorRate };
+    if (secure && results.delivery !== undefined) {
+      const off = results.delivery;
+      const on = results[key];
+      const pct = (x) => `${x >= 1 ? "+" : ""}${fmt((x - 1) * 100, 1)}%`;
+      log(
+        `  permissions on vs off        one FREE p50 ${fmt(on.chainP50Us ?? 0)} vs ${fmt(off.chainP50Us ?? 0)} µs (${pct((on.chainP50Us ?? 0) / (off.chainP50Us ?? 1))}); steady ${fmt(on.eventsPerSec)} vs ${fmt(off.eventsPerSec)} events/s (${pct(on.eventsPerSec / off.eventsPerSec)})   (target: within 10%)`,
+      );
+      results.deliveryPermissionsRatio = { chainP50: (on.chainP50Us ?? 0) / (off.chainP50Us ?? 1), eventsPerSec: on.eventsPerSec / off.eventsPerSec };
+    }
     await engine.stop();
     await opLog.drain();
   } finally {
@@ -874,7 +898,10 @@ log(`ioasid-fabric benchmarks (${quick ? "quick" : "full"}), node ${process.vers
 if (typeof globalThis.gc !== "function") log("  (run with --expose-gc for exact memory figures)");
 if (only.has("allocator")) allocatorBench();
 if (only.has("grpc")) await grpcBench();
-if (only.has("delivery")) await deliveryBench();
+if (only.has("delivery")) {
+  await deliveryBench(false);
+  await deliveryBench(true);
+}
 if (only.has("restart")) await restartBench();
 if (only.has("crash")) await crashBench();
 if (only.has("faults")) await faultsBench();
