@@ -1,7 +1,9 @@
+import { existsSync } from "node:fs";
+import { join } from "node:path";
 import { connect, type ConnectionOptions, type NatsConnection } from "@nats-io/transport-node";
 import { createClient, type PromiseClient } from "@ioasid/grpc-kit";
 import { core, iommu, kvm, vdcm, vfio } from "@ioasid/proto";
-import { natsConnectOptions, readNatsCredential } from "@ioasid/security";
+import { natsConnectOptions, readInstanceCredentials, readNatsCredential, type InstanceCredentials, type Role } from "@ioasid/security";
 import type { StackState } from "./stack.js";
 
 /** Clients of every service of a stack, and a NATS connection (history). */
@@ -20,6 +22,8 @@ export interface StackAddresses {
   readonly natsUrl: string;
   /** How to authenticate to NATS (the operator's credential of a stack with authorization). */
   readonly natsAuth?: NatsAuth;
+  /** The certificate to present to the services (the operator's, of a stack with mTLS). */
+  readonly tls?: InstanceCredentials;
   readonly core: string;
   readonly iommu: string;
   readonly vfio: string;
@@ -34,7 +38,7 @@ export type NatsAuth = Pick<ConnectionOptions, "user" | "pass" | "authenticator"
 export function addressesOf(state: StackState): StackAddresses {
   return {
     natsUrl: state.natsUrl,
-    ...(state.operatorCredentials === undefined ? {} : { natsAuth: natsConnectOptions(readNatsCredential(state.operatorCredentials)) }),
+    ...(state.operatorCredentials === undefined ? {} : operatorAuth(state.operatorCredentials)),
     core: state.services["ioasid-core"].address,
     iommu: state.services.iommu.address,
     vfio: state.services.vfio.address,
@@ -43,15 +47,25 @@ export function addressesOf(state: StackState): StackAddresses {
   };
 }
 
+/** How the operator reaches a stack: its NATS user, and its certificate when the directory has one. */
+export function operatorAuth(dir: string): Pick<StackAddresses, "natsAuth" | "tls"> {
+  return {
+    natsAuth: natsConnectOptions(readNatsCredential(dir)),
+    ...(existsSync(join(dir, "cert.pem")) ? { tls: readInstanceCredentials(dir) } : {}),
+  };
+}
+
 /** Connects to every service (each call has a 5 s deadline) and to NATS. */
 export async function connectStack(a: StackAddresses): Promise<StackClients> {
   const nc = await connect({ servers: a.natsUrl, name: "ioasidctl", ...a.natsAuth });
+  // With the stack's certificates: mTLS, each server made to prove its role.
+  const tls = (serverRole: Role) => (a.tls === undefined ? {} : { tls: a.tls, serverRole });
   const clients = {
-    core: createClient(core.CoreServiceService, a.core),
-    iommu: createClient(iommu.IommuServiceService, a.iommu),
-    vfio: createClient(vfio.VfioServiceService, a.vfio),
-    kvm: createClient(kvm.KvmServiceService, a.kvm),
-    vdcm: createClient(vdcm.VdcmServiceService, a.vdcm),
+    core: createClient(core.CoreServiceService, a.core, tls("core")),
+    iommu: createClient(iommu.IommuServiceService, a.iommu, tls("iommu")),
+    vfio: createClient(vfio.VfioServiceService, a.vfio, tls("vfio")),
+    kvm: createClient(kvm.KvmServiceService, a.kvm, tls("kvm")),
+    vdcm: createClient(vdcm.VdcmServiceService, a.vdcm, tls("vdcm")),
   };
   return {
     ...clients,

@@ -136,8 +136,11 @@ const commands: Record<string, Command> = {
       const state = readState(v["dir"] as string);
       out(`nats ${state.natsUrl}${state.nats.pid === undefined ? " (external)" : ` pid ${state.nats.pid}`}`);
       const { checkHealth } = await import("@ioasid/grpc-kit");
+      const tls = addressesOf(state).tls;
       for (const [name, s] of Object.entries(state.services)) {
-        const health = await checkHealth(s.address, "", { deadlineMs: 1000 }).catch((e: Error) => `DOWN (${e.message})`);
+        const health = await checkHealth(s.address, "", { deadlineMs: 1000, ...(tls === undefined ? {} : { client: { tls } }) }).catch(
+          (e: Error) => `DOWN (${e.message})`,
+        );
         out(`${name.padEnd(12)} pid ${String(s.pid).padEnd(7)} ${s.address.padEnd(16)} ${health}   log ${s.log}`);
       }
       return 0;
@@ -335,6 +338,8 @@ const commands: Record<string, Command> = {
           {
             detached: true,
             stdio: ["ignore", fd, fd],
+            // The VMM's certificate (a stack with mTLS): VMMs reach VFIO only.
+            env: { ...process.env, IOASID_CREDENTIALS_DIR: state.vmmCredentials ?? "" },
           },
         );
         agent.unref();

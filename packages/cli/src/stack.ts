@@ -4,7 +4,19 @@ import { createServer } from "node:net";
 import { dirname, join, resolve } from "node:path";
 import { fileURLToPath } from "node:url";
 import { checkHealth } from "@ioasid/grpc-kit";
-import { createNatsCredential, natsUserEntry, renderAuthorization, writeNatsCredential, type NatsRole } from "@ioasid/security";
+import {
+  createNatsCredential,
+  createStackCa,
+  issueCertificate,
+  natsUserEntry,
+  readInstanceCredentials,
+  renderAuthorization,
+  writeInstanceCredentials,
+  writeNatsCredential,
+  writeStackCa,
+  type InstanceCredentials,
+  type NatsRole,
+} from "@ioasid/security";
 
 /** The five services of the stack, in start order, with their address variable and default port offset. */
 export const SERVICES = [
@@ -24,10 +36,12 @@ export interface StackState {
   readonly services: Record<ServiceName, { readonly pid: number | undefined; readonly address: string; readonly log: string }>;
   readonly startedAt: number;
   /**
-   * The operator's credentials directory (its NATS user, no limits): what ioasidctl connects with.
-   * Absent when the stack runs without authorization (`--insecure`, or an external `--nats-url`).
+   * The operator's credentials directory (its NATS user, no limits, and its certificate): what
+   * ioasidctl connects with. Absent when the stack runs without authorization (`--insecure`).
    */
   readonly operatorCredentials?: string;
+  /** The credentials directory a VMM process (`ioasidctl vm create`) reaches VFIO with. */
+  readonly vmmCredentials?: string;
 }
 
 /** Options of {@link stackUp}. */
@@ -57,32 +71,47 @@ export interface StackUpOptions {
 
 /** The operator's identity in a stack's credentials. */
 const OPERATOR = { role: "operator", instance: "operator" } as const;
+/** The identity VMM processes started by `ioasidctl vm create` present to VFIO. */
+const VMM = { role: "vmm", instance: "vmm" } as const;
 
 /**
- * Makes a credential per role instance (and the operator's) under `<dir>/credentials/<role>.<instance>/`
- * and the nats-server configuration that knows their public keys and permissions (DESIGN §11:
- * `up` generates what is needed). New keys at every `up`: a credential lives as long as its stack.
+ * Makes a credential per role instance (and the operator's and the VMMs') under
+ * `<dir>/credentials/<role>.<instance>/` — its NATS user (`nats.json`) and its certificate from a
+ * stack-local CA (`ca.pem`, `cert.pem`, `key.pem`; the CA's key in `credentials/ca/`, given to no
+ * service) — and the nats-server configuration that knows the users' public keys and permissions
+ * (DESIGN §11: `up` generates what is needed). New keys at every `up`: a credential lives as long
+ * as its stack.
  * @returns the configuration file and each service's credentials directory
  */
-export function writeStackCredentials(
+export async function writeStackCredentials(
   dir: string,
   nats: { port: number; storeDir: string },
   prefix = "ioasid.v1",
-): { config: string; services: Record<ServiceName, string>; operator: string } {
+): Promise<{ config: string; services: Record<ServiceName, string>; operator: string; vmm: string }> {
   const root = join(dir, "credentials");
   rmSync(root, { recursive: true, force: true });
+  mkdirSync(root, { recursive: true, mode: 0o700 });
+  const ca = await createStackCa();
+  writeStackCa(root, ca);
+  const certify = async (credDir: string, identity: { role: NatsRole | "vmm"; instance: string }) =>
+    writeInstanceCredentials(credDir, ca.certPem, await issueCertificate(ca, identity));
   const services = {} as Record<ServiceName, string>;
   const entries = [];
   for (const s of SERVICES) {
     const credential = createNatsCredential({ role: s.role, instance: s.instance });
     services[s.name] = join(root, `${s.role}.${s.instance}`);
     writeNatsCredential(services[s.name], credential);
+    await certify(services[s.name], s);
     entries.push(natsUserEntry(prefix, credential));
   }
   const op = createNatsCredential(OPERATOR);
   const operator = join(root, `${OPERATOR.role}.${OPERATOR.instance}`);
   writeNatsCredential(operator, op);
+  await certify(operator, OPERATOR);
   entries.push({ ...natsUserEntry(prefix, op), comment: "operator: no limits (ioasidctl, stream management)" });
+  // A VMM reaches VFIO only (DESIGN §11): a certificate, no NATS user.
+  const vmm = join(root, `${VMM.role}.${VMM.instance}`);
+  await certify(vmm, VMM);
   const config = join(dir, "nats-server.conf");
   writeFileSync(
     config,
@@ -95,7 +124,7 @@ export function writeStackCredentials(
     ].join("\n"),
     { mode: 0o600 },
   );
-  return { config, services, operator };
+  return { config, services, operator, vmm };
 }
 
 const here = dirname(fileURLToPath(import.meta.url));
@@ -197,7 +226,7 @@ async function launchStack(
 ): Promise<StackState> {
   let nats: StackState["nats"];
   let natsUrl: string;
-  let credentials: ReturnType<typeof writeStackCredentials> | undefined;
+  let credentials: Awaited<ReturnType<typeof writeStackCredentials>> | undefined;
   if (options.insecure === true) {
     log("INSECURE: no authorization — anyone who reaches this NATS may forge deliveries, op-log entries and acks (--insecure is for debugging only)");
   }
@@ -213,7 +242,7 @@ async function launchStack(
     const out = openSync(join(dir, "logs", "nats-server.log"), "a");
     const args = ["-js", "-sd", storeDir, "-a", "127.0.0.1", "-p", String(natsPort)];
     if (options.insecure !== true) {
-      credentials = writeStackCredentials(dir, { port: natsPort, storeDir });
+      credentials = await writeStackCredentials(dir, { port: natsPort, storeDir });
       args.splice(0, args.length, "-c", credentials.config);
     }
     const child = spawn("nats-server", args, {
@@ -232,6 +261,8 @@ async function launchStack(
   }
 
   const services = {} as Record<ServiceName, { pid: number | undefined; address: string; log: string }>;
+  // ioasidctl checks the services' health as the operator (every server demands a client certificate).
+  const tls = credentials === undefined ? undefined : readInstanceCredentials(credentials.operator);
   const addr = (name: ServiceName) => `127.0.0.1:${basePort + SERVICES.find((s) => s.name === name)!.offset}`;
   const env = {
     ...process.env,
@@ -255,7 +286,7 @@ async function launchStack(
     if (child.pid !== undefined) started.push(child.pid);
     services[s.name] = { pid: child.pid, address: addr(s.name), log: logFile };
     // The core first: the roles register with it at start.
-    if (s.name === "ioasid-core") await waitServing(s.name, addr(s.name), logFile, options.readyTimeoutMs ?? 20_000);
+    if (s.name === "ioasid-core") await waitServing(s.name, addr(s.name), logFile, options.readyTimeoutMs ?? 20_000, tls);
   }
   const state: StackState = {
     dir,
@@ -263,21 +294,21 @@ async function launchStack(
     nats,
     services,
     startedAt: Date.now(),
-    ...(credentials === undefined ? {} : { operatorCredentials: credentials.operator }),
+    ...(credentials === undefined ? {} : { operatorCredentials: credentials.operator, vmmCredentials: credentials.vmm }),
   };
   writeFileSync(stateFile(dir), JSON.stringify(state, null, 2));
   for (const s of SERVICES) {
-    await waitServing(s.name, services[s.name].address, services[s.name].log, options.readyTimeoutMs ?? 20_000);
+    await waitServing(s.name, services[s.name].address, services[s.name].log, options.readyTimeoutMs ?? 20_000, tls);
     log(`${s.name.padEnd(16)} pid ${services[s.name].pid}  ${services[s.name].address}  SERVING  (log ${services[s.name].log})`);
   }
   return state;
 }
 
-async function waitServing(name: string, address: string, logFile: string, timeoutMs: number): Promise<void> {
+async function waitServing(name: string, address: string, logFile: string, timeoutMs: number, tls: InstanceCredentials | undefined): Promise<void> {
   await waitUntil(
     async () => {
       try {
-        return (await checkHealth(address, "", { deadlineMs: 500 })) === "SERVING";
+        return (await checkHealth(address, "", { deadlineMs: 500, ...(tls === undefined ? {} : { client: { tls } }) })) === "SERVING";
       } catch {
         return false;
       }

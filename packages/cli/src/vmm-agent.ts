@@ -1,4 +1,4 @@
-import { createClient } from "@ioasid/grpc-kit";
+import { createClient, loadCredentials } from "@ioasid/grpc-kit";
 import { vfio } from "@ioasid/proto";
 
 /**
@@ -8,7 +8,9 @@ import { vfio } from "@ioasid/proto";
  * every IOASID of the VM's set. Prints one JSON line with the container when it is open.
  */
 export async function runVmmAgent(options: { vfioAddress: string; mmToken: bigint; quota: number; vmName: string }): Promise<void> {
-  const client = createClient(vfio.VfioServiceService, options.vfioAddress);
+  // IOASID_CREDENTIALS_DIR: the VMM's certificate, when the stack has mTLS.
+  const tls = loadCredentials(process.env, { role: "vmm" });
+  const client = createClient(vfio.VfioServiceService, options.vfioAddress, tls === undefined ? {} : { tls, serverRole: "vfio" });
   const opened = await client.openContainer(vfio.OpenContainerRequest.fromPartial({ mmToken: options.mmToken, quota: options.quota, vmName: options.vmName }));
   const session = new AbortController();
   let attached = false;
