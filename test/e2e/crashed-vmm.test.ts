@@ -50,8 +50,10 @@ describe("crashed VMM", () => {
     const vm = (await c.kvm.createVm(P(kvm.CreateVmRequest, { mmToken: token, vcpuCount: 1, vmName: "doomed" }))).vm!;
 
     // The VMM: a process of its own holding the VFIO session (as `ioasidctl vm create` runs it).
+    const vmmCredentials = (await stack.nats.certificateDir({ role: "vmm", instance: "doomed" })) ?? "";
     vmm = spawn(process.execPath, [cli, "vmm-agent", "--vfio", stack.addresses.vfio, "--token", String(token), "--quota", "16", "--name", "doomed"], {
       stdio: ["ignore", "pipe", "inherit"],
+      env: { ...process.env, IOASID_CREDENTIALS_DIR: vmmCredentials },
     });
     const opened = await new Promise<{ containerId: number; setId: number }>((resolve, reject) => {
       vmm!.stdout!.on("data", (d) => {

@@ -13,10 +13,12 @@ export interface StackFixture {
 
 /**
  * Starts the stack in dependency order (the roles need the core's address, VFIO needs the IOMMU's
- * and VDCM's) and connects clients of every service.
+ * and VDCM's) and connects clients of every service. Secured as `ioasidctl up` is (DESIGN §11): each
+ * service with its own NATS user and certificate (mTLS, the core authorizing by role); the clients
+ * are the operator's.
  */
 export async function startStack(env: Record<string, string> = {}, natsOptions: StartNatsOptions = {}): Promise<StackFixture> {
-  const nats = await startNats(natsOptions);
+  const nats = await startNats({ tls: true, ...natsOptions });
   const started: ServiceProcess[] = [];
   const start = async (name: "ioasid-core" | "iommu" | "kvm" | "vdcm" | "vfio", addressVar: string, extra: Record<string, string>) => {
     const role = name === "ioasid-core" ? "core" : name;
@@ -38,9 +40,11 @@ export async function startStack(env: Record<string, string> = {}, natsOptions: 
       start("vdcm", "VDCM_GRPC_ADDRESS", { ...roleEnv, IOMMU_ADDRESS: iommu.address }),
     ]);
     const vfio = await start("vfio", "VFIO_GRPC_ADDRESS", { ...roleEnv, IOMMU_ADDRESS: iommu.address, VDCM_ADDRESS: vdcm!.address, KVM_ADDRESS: kvm!.address });
+    const tls = await nats.operatorTls();
     const addresses: StackAddresses = {
       natsUrl: nats.url,
       ...(nats.operator === undefined ? {} : { natsAuth: nats.operator }),
+      ...(tls === undefined ? {} : { tls }),
       core: core.address,
       iommu: iommu.address,
       kvm: kvm!.address,

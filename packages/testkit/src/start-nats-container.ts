@@ -189,5 +189,7 @@ export async function startNatsContainer(options: StartNatsContainerOptions = {}
     // No authorization in a container yet: services connect without a credential.
     credentials: () => Promise.resolve(undefined),
     operator: undefined,
+    operatorTls: () => Promise.resolve(undefined),
+    certificateDir: () => Promise.resolve(undefined),
   };
 }

@@ -4,6 +4,12 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { connect } from "@nats-io/transport-node";
 import {
+  createStackCa,
+  issueCertificate,
+  readInstanceCredentials,
+  writeInstanceCredentials,
+  type InstanceCredentials,
+  type RoleIdentity,
   createNatsCredential,
   natsConnectOptions,
   natsUserEntry,
@@ -52,6 +58,13 @@ export interface StartNatsOptions {
    * @default { anonymous: "operator" }
    */
   readonly auth?: false | { readonly anonymous?: "operator" | "refuse"; readonly prefix?: string };
+  /**
+   * Certificates too (DESIGN §11, mTLS): a CA of this server's own, and each credentials directory
+   * {@link NatsServer.credentials} makes also holds its role instance's certificate — so a service
+   * started with it serves and dials with mTLS, and the core authorizes by role. A test's own gRPC
+   * clients then present {@link NatsServer.operatorTls}. @default false
+   */
+  readonly tls?: boolean;
 }
 
 /** A role instance's NATS credential made by {@link NatsServer.credentials}. */
@@ -106,6 +119,13 @@ export interface NatsServer {
   credentials(role: NatsRole, instance: string): Promise<NatsRoleCredentials | undefined>;
   /** The user and password of the unlimited operator user, or undefined without authorization. */
   readonly operator: { readonly user: string; readonly pass: string } | undefined;
+  /** The operator's certificate (with `tls`), what a test's gRPC clients present; else undefined. */
+  operatorTls(): Promise<InstanceCredentials | undefined>;
+  /**
+   * A credentials directory with a certificate only (with `tls`; else undefined): for an identity
+   * without a NATS user, a VMM (VMMs reach VFIO only).
+   */
+  certificateDir(identity: RoleIdentity): Promise<string | undefined>;
 }
 
 /**
@@ -148,6 +168,11 @@ export async function startNats(options: StartNatsOptions = {}): Promise<NatsSer
   const operator = auth === undefined ? undefined : { user: "operator", pass: randomBytes(18).toString("base64url") };
   const roleCredentials = new Map<string, NatsRoleCredentials>();
   let configuredPort = -1;
+  const ca = options.tls === true ? createStackCa() : undefined;
+  const certify = async (credDir: string, identity: RoleIdentity): Promise<void> => {
+    if (ca !== undefined) writeInstanceCredentials(credDir, (await ca).certPem, await issueCertificate(await ca, identity));
+  };
+  let operatorTls: Promise<InstanceCredentials | undefined> | undefined;
 
   const authorization = (): string[] => {
     if (auth === undefined || operator === undefined) return [];
@@ -232,6 +257,21 @@ export async function startNats(options: StartNatsOptions = {}): Promise<NatsSer
     },
     logs: () => managed?.output.text() ?? "",
     operator,
+    async certificateDir(identity: RoleIdentity) {
+      if (ca === undefined) return undefined;
+      const credDir = join(dir, "credentials", `${identity.role}.${identity.instance}`);
+      await certify(credDir, identity);
+      return credDir;
+    },
+    operatorTls() {
+      operatorTls ??= (async () => {
+        if (ca === undefined) return undefined;
+        const credDir = join(dir, "credentials", "operator.test");
+        await certify(credDir, { role: "operator", instance: "test" });
+        return readInstanceCredentials(credDir);
+      })();
+      return operatorTls;
+    },
     async credentials(role: NatsRole, instance: string) {
       if (auth === undefined) return undefined;
       const key = `${role}/${instance}`;
@@ -240,6 +280,7 @@ export async function startNats(options: StartNatsOptions = {}): Promise<NatsSer
       const credential = createNatsCredential({ role, instance });
       const credDir = join(dir, "credentials", `${role}.${instance}`);
       writeNatsCredential(credDir, credential);
+      await certify(credDir, { role, instance });
       const made: NatsRoleCredentials = { dir: credDir, env: { IOASID_CREDENTIALS_DIR: credDir }, credential };
       roleCredentials.set(key, made);
       // A new user takes a configuration reload (SIGHUP); it is in effect once the user can connect.
@@ -329,5 +370,7 @@ function externalServer(url: string): NatsServer {
     // Its users are not ours to make: services connect as the environment says.
     credentials: () => Promise.resolve(undefined),
     operator: undefined,
+    operatorTls: () => Promise.resolve(undefined),
+    certificateDir: () => Promise.resolve(undefined),
   };
 }
