@@ -9,6 +9,7 @@ import {
   type MissedDelivery,
   type SettledAck,
 } from "@ioasid/bus";
+import { quote } from "@ioasid/errors";
 import type { events } from "@ioasid/proto";
 import { fromCommittedEvent } from "./convert.js";
 import { EventLog } from "./event-log.js";
@@ -250,7 +251,7 @@ export class IoasidCore {
     try {
       x = external === undefined ? 0 : await external.allocate(options.min ?? 1, options.max ?? this.space.capacity - 1);
     } catch (err) {
-      throw coreError("ALLOCATOR_FAILED", `allocator ${bridge.name} did not answer: ${(err as Error).message}`);
+      throw coreError("ALLOCATOR_FAILED", `allocator ${bridge.name} did not answer: ${quote(err instanceof Error ? err.message : String(err))}`);
     }
     if (this.ctx.allocator !== bridge) {
       if (x !== 0) external?.release(x);

@@ -1,4 +1,5 @@
 import { core } from "@ioasid/proto";
+import { quote } from "@ioasid/errors";
 import {
   coreError,
   INVALID_IOASID,
@@ -168,7 +169,7 @@ function coreHandlers(ioasidCore: IoasidCore): ServiceHandlers<typeof core.CoreS
     listRegistrations: () => ({ registrations: space.listRegistrations().map(fromRegistration) }),
     registerAllocator: async (req) => {
       if (!ALLOCATOR_ADDRESS.test(req.address)) {
-        throw coreError("ALLOCATOR_INVALID", `allocator address ${JSON.stringify(req.address)} is not host:port`);
+        throw coreError("ALLOCATOR_INVALID", `allocator address ${quote(req.address)} is not host:port`);
       }
       await ioasidCore.registerAllocator(req.name, req.address);
       return {};
