@@ -19,6 +19,7 @@ const running = await startCoreServer({
   port: config.address.port,
   capacity: config.capacity,
   eventLogRetain: config.eventLogRetain,
+  watchBuffer: config.watchBuffer,
   logger,
   nats: { nc, prefix: config.prefix, stream: config.stream, replicas: config.replicas, deadlineMs: config.deadlineMs, retryMs: config.retryMs },
   onFatal: (err) => {

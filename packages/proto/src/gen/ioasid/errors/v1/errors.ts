@@ -135,9 +135,10 @@ export enum ErrorReason {
   ERROR_REASON_REQUEST_UNDECODABLE = 148,
   /**
    * ERROR_REASON_READER_TOO_SLOW - RESOURCE_EXHAUSTED. A server stream's reader fell too far behind (its queue at the server
-   * reached its bound) and was cut off. ErrorInfo.metadata `resume_from_seq` is the first sequence
-   * number it did not receive: a WatchEvents with that from_seq carries on without a gap while the
-   * core's event log still holds it.
+   * reached its bound) and was cut off. ErrorInfo.metadata `resume_from_seq` is the first event the
+   * server did not send; events sent just before the cut may be lost with it, so the reader resumes
+   * from the last sequence it received + 1 (never above resume_from_seq): a WatchEvents with that
+   * from_seq carries on without a gap while the core's event log still holds it.
    */
   ERROR_REASON_READER_TOO_SLOW = 149,
   /** ERROR_REASON_ADDRESS_NOT_ALIGNED - See the role contracts (proto/ioasid/{iommu,vfio,kvm,vdcm}/v1). */
