@@ -168,6 +168,22 @@ describe("delivery order and throughput", () => {
 });
 
 describe("delivery deadlines and missed subscribers", () => {
+  it("forgets an unregistered subscriber's missed deliveries: deliveries_missed back to 0 (issue 14)", async () => {
+    fixture = await startCore({ IOASID_DELIVERY_DEADLINE: "500ms", IOASID_DELIVERY_RETRY: "200ms" });
+    const c = fixture.client;
+    // A subscriber that never answers: registered, but no process listens on its subject.
+    const ghost = await register(c, "audit", "ghost", Priority.PRIORITY_LAST, { $case: "global", value: true });
+    const set = (await c.createSet(P(core.CreateSetRequest, { tokenType: MM, token: 0x7010n, quota: 8 }))).set!.setId;
+    const a = await c.alloc(P(core.AllocRequest, { setId: set }));
+    await c.get(P(core.GetRequest, { setId: set, ioasid: a.ioasid, holder: { role: "kvm", instance: "vm-1", purpose: "vmcs" } }));
+    await c.free(P(core.FreeRequest, { setId: set, ioasid: a.ioasid }));
+    // Missed: SET_ALLOC and FREE (global scope).
+    await waitFor(async () => (await c.getStats({})).deliveriesMissed === 2, { timeoutMs: 10_000, message: "the ghost's SET_ALLOC and FREE missed" });
+    await c.unregister({ registrationId: ghost });
+    expect((await c.getStats({})).deliveriesMissed).toBe(0);
+    await deliveriesSettled(c);
+  });
+
   it("moves on when a subscriber is killed mid-chain, keeps its reference, and delivers the missed FREE when it returns", async () => {
     fixture = await startCore({ IOASID_DELIVERY_DEADLINE: "1000ms", IOASID_DELIVERY_RETRY: "300ms" });
     const c = fixture.client;

@@ -173,6 +173,22 @@ export class DeliveryEngine {
     for (const i of items) channel.backlog.push({ ...i, eventBytes: events.IoasidEvent.encode(i.event).finish(), attempt: 1 });
   }
 
+  /**
+   * Drops what waits in the backlogs for a registration that was removed (Unregister): nobody
+   * acknowledges for it any more, and a subscriber that never comes back would keep them for good.
+   * Deliveries already sent settle on their own (acknowledged or missed).
+   * @returns how many backlog entries were dropped
+   */
+  forgetRegistration(registrationId: number): number {
+    let dropped = 0;
+    for (const channel of this.channels.values()) {
+      const kept = channel.backlog.filter((i) => i.registrationId !== registrationId);
+      dropped += channel.backlog.length - kept.length;
+      channel.backlog = kept;
+    }
+    return dropped;
+  }
+
   /** Resolves when no chain is running (backlogs may remain). */
   idle(): Promise<void> {
     return this.runningBelow(1);

@@ -12,6 +12,7 @@ import type {
 import { Code, DomainError } from "@ioasid/errors";
 import type { Logger } from "pino";
 import type { Readable, Writable } from "node:stream";
+import { assertDecoded } from "./guard-decoding.js";
 import { toGrpcStatus } from "./to-grpc-status.js";
 
 /**
@@ -95,6 +96,8 @@ export function serviceNameOf(definition: AnyServiceDefinition): string {
 /**
  * Adapts promise-based handlers to the callback/stream API of grpc-js: the one place where thrown
  * errors become gRPC statuses ({@link toGrpcStatus}), so handlers never build a status by hand.
+ * Served with a definition passed through `guardDecoding`, a request that does not decode
+ * answers INVALID_ARGUMENT `REQUEST_UNDECODABLE` before any handler runs.
  * Each handler gets a {@link CallContext} whose `signal` follows cancellation and the deadline.
  *
  * @throws Error at adapt time when `handlers` names a method the definition lacks, or lacks one.
@@ -137,7 +140,7 @@ function adaptMethod(method: AnyMethodDefinition, handlerFn: (...args: never[]) 
   if (!method.requestStream && !method.responseStream) {
     return (call: ServerUnaryCall<unknown, unknown>, callback: sendUnaryData<unknown>) => {
       const ctx = new ServerCallContext(call, path);
-      invoke(() => handler(call.request, ctx)).then(
+      invoke(() => handler(assertDecoded(call.request), ctx)).then(
         (response) => {
           ctx.dispose();
           callback(null, response);
@@ -169,7 +172,7 @@ function adaptMethod(method: AnyMethodDefinition, handlerFn: (...args: never[]) 
     return (call: ServerWritableStream<unknown, unknown>) => {
       const ctx = new ServerCallContext(call, path);
       const sender = createSender(call, ctx.signal);
-      invoke(() => handler(call.request, ctx, sender.send)).then(
+      invoke(() => handler(assertDecoded(call.request), ctx, sender.send)).then(
         () => finishStream(call, ctx, sender),
         (err: unknown) => failStream(call, ctx, sender, err, logger, path),
       );
@@ -334,7 +337,8 @@ async function* readRequests<T>(stream: Readable, signal: AbortSignal): AsyncGen
       next.catch(() => {});
       const result = await Promise.race([next, aborted]);
       if (result.done === true) return;
-      yield result.value;
+      // A message of the stream that does not decode ends the call with INVALID_ARGUMENT.
+      yield assertDecoded(result.value);
     }
   } finally {
     signal.removeEventListener("abort", onAbort);

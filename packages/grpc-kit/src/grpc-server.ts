@@ -15,6 +15,7 @@ import { HealthImplementation, protoPath as healthProtoPath } from "grpc-health-
 import type { Logger } from "pino";
 import { adaptService, serviceNameOf, type AnyServiceDefinition, type ServiceHandlers } from "./adapt-service.js";
 import { createLogger } from "./create-logger.js";
+import { guardDecoding } from "./guard-decoding.js";
 import { serverCredentials } from "./tls.js";
 
 /** Fully qualified name of the standard gRPC health service every {@link GrpcServer} serves. */
@@ -104,7 +105,9 @@ export class GrpcServer {
   addService<D extends AnyServiceDefinition>(definition: D, handlers: ServiceHandlers<D>): this {
     if (this.#listening !== undefined) throw new Error("addService() after listen()");
     const name = serviceNameOf(definition);
-    this.raw.addService(definition, adaptService(definition, handlers, { logger: this.logger }));
+    // Undecodable bytes answer INVALID_ARGUMENT, not grpc-js's INTERNAL (DESIGN §8, issue 14).
+    const guarded = guardDecoding(definition);
+    this.raw.addService(guarded, adaptService(guarded, handlers, { logger: this.logger }));
     this.#serviceNames.push(name);
     this.setServingStatus(ServingStatus.NOT_SERVING, name);
     return this;

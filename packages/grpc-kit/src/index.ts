@@ -71,6 +71,7 @@ export {
   type ErrorInfo,
   type RpcStatus,
 } from "./rpc-status.js";
+export { assertDecoded, guardDecoding, UndecodableRequest } from "./guard-decoding.js";
 export { listServices } from "./list-services.js";
 export { holdSignals, runUntilSignal, type HeldSignals, type RunUntilSignalOptions } from "./run-until-signal.js";
 export { isServiceError, toDomainError } from "./to-domain-error.js";

@@ -1,5 +1,5 @@
 import { Metadata, type StatusObject, type status as GrpcStatus } from "@grpc/grpc-js";
-import { Code, DomainError, ERROR_DOMAIN, INTERNAL_REASON, codeName } from "@ioasid/errors";
+import { Code, DomainError, ERROR_DOMAIN, INTERNAL_REASON, boundMessage, codeName } from "@ioasid/errors";
 import type { Logger } from "pino";
 import { ERROR_INFO_TYPE_URL, STATUS_DETAILS_KEY, encodeErrorInfo, encodeRpcStatus } from "./rpc-status.js";
 
@@ -40,7 +40,10 @@ export function toGrpcStatus(err: unknown, options: ToGrpcStatusOptions = {}): S
     logger?.error({ err, method }, "internal error");
     domainError = new DomainError(Code.INTERNAL, INTERNAL_REASON, INTERNAL_MESSAGE, { cause: err });
   }
-  const message = domainError.message;
+  // One cap on whatever a handler built (DESIGN §8): a message that echoed a client's 50 KB string
+  // stalled the caller's HTTP/2 connection (issue 14); metadata values are capped the same way.
+  const message = boundMessage(domainError.message);
+  const facts = boundMetadata(domainError.metadata);
   const metadata = new Metadata();
   const details = encodeRpcStatus({
     code: domainError.code,
@@ -48,7 +51,7 @@ export function toGrpcStatus(err: unknown, options: ToGrpcStatusOptions = {}): S
     details: [
       {
         typeUrl: ERROR_INFO_TYPE_URL,
-        value: encodeErrorInfo({ reason: domainError.reason, domain: ERROR_DOMAIN, metadata: domainError.metadata }),
+        value: encodeErrorInfo({ reason: domainError.reason, domain: ERROR_DOMAIN, metadata: facts }),
       },
     ],
   });
@@ -59,4 +62,16 @@ export function toGrpcStatus(err: unknown, options: ToGrpcStatusOptions = {}): S
 /** Is `code` an error status (1..16)? OK or an unknown number in a DomainError is a bug: INTERNAL. */
 function isErrorCode(code: number): boolean {
   return Number.isInteger(code) && code >= Code.CANCELLED && code <= Code.UNAUTHENTICATED;
+}
+
+/** Longest ErrorInfo metadata value sent, in characters. */
+const MAX_METADATA_VALUE_CHARS = 256;
+
+function boundMetadata(metadata: Readonly<Record<string, string>>): Readonly<Record<string, string>> {
+  for (const value of Object.values(metadata)) {
+    if (value.length > MAX_METADATA_VALUE_CHARS) {
+      return Object.fromEntries(Object.entries(metadata).map(([k, v]) => [k, boundMessage(v, MAX_METADATA_VALUE_CHARS)]));
+    }
+  }
+  return metadata;
 }

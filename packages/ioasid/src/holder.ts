@@ -1,4 +1,5 @@
 import { MAX_NAME_LENGTH } from "./constants.js";
+import { quote } from "@ioasid/errors";
 import { coreError } from "./reasons.js";
 
 /**
@@ -41,7 +42,7 @@ export function assertHolder(holder: Holder | undefined): asserts holder is Hold
   for (const field of ["role", "instance", "purpose"] as const) {
     const v = holder[field];
     if (typeof v !== "string" || v.length === 0 || v.length > MAX_NAME_LENGTH || !NAME.test(v)) {
-      throw coreError("HOLDER_INVALID", `holder ${field} ${JSON.stringify(v)} is invalid: use 1..${MAX_NAME_LENGTH} letters, digits or ._:@-`);
+      throw coreError("HOLDER_INVALID", `holder ${field} ${quote(v)} is invalid: use 1..${MAX_NAME_LENGTH} letters, digits or ._:@-`);
     }
   }
   if (holder.role === OWNER_ROLE) {

@@ -245,6 +245,16 @@ describe("IoasidSpace references", () => {
     expectError(() => space.put(s.id, x, { role: "set-owner", instance: "set-1", purpose: "allocation" }), Code.INVALID_ARGUMENT, "HOLDER_INVALID");
     expect(space.describe(x)!.refcount).toBe(1);
   });
+
+  it("quotes at most a short prefix of a 50 KB holder name in its refusal (DESIGN §8)", () => {
+    const { space, vm } = setup(64);
+    const s = vm(1);
+    const x = space.alloc(s.id).ioasid;
+    const huge = "k".repeat(50_000);
+    const e = expectError(() => space.get(s.id, x, { role: huge, instance: "a", purpose: "b" }), Code.INVALID_ARGUMENT, "HOLDER_INVALID");
+    expect(e.message).not.toContain("k".repeat(65));
+    expect(e.message).toContain("50000 characters");
+  });
 });
 
 describe("IoasidSpace free", () => {

@@ -17,6 +17,7 @@ import {
   TokenType,
 } from "./constants.js";
 import { assertHolder, fromHolderKey, OWNER_ROLE, toHolderKey, type Holder } from "./holder.js";
+import { quote } from "@ioasid/errors";
 import { IdBitmap } from "./id-bitmap.js";
 import { coreError } from "./reasons.js";
 
@@ -626,7 +627,7 @@ export class IoasidSpace {
    */
   registerAllocator(allocator: CustomAllocator): void {
     if (typeof allocator.name !== "string" || !NAME.test(allocator.name) || allocator.name === "default") {
-      throw coreError("ALLOCATOR_INVALID", `allocator name ${JSON.stringify(allocator.name)} is invalid`);
+      throw coreError("ALLOCATOR_INVALID", `allocator name ${quote(allocator.name)} is invalid`);
     }
     if (this.custom !== undefined) {
       throw coreError("ALLOCATOR_EXISTS", `allocator ${this.custom.name} is already registered; unregister it first`);
@@ -641,7 +642,7 @@ export class IoasidSpace {
    */
   unregisterAllocator(name: string): void {
     if (this.custom === undefined || this.custom.name !== name) {
-      throw coreError("ALLOCATOR_NOT_FOUND", `allocator ${JSON.stringify(name)} is not registered`);
+      throw coreError("ALLOCATOR_NOT_FOUND", `allocator ${quote(name)} is not registered`);
     }
     this.assertNoOutstanding(name);
     this.custom = undefined;
@@ -663,7 +664,7 @@ export class IoasidSpace {
     for (const field of ["name", "instance"] as const) {
       const v = subscriber?.[field];
       if (typeof v !== "string" || v.length === 0 || v.length > MAX_NAME_LENGTH || !NAME.test(v)) {
-        throw coreError("SUBSCRIBER_INVALID", `subscriber ${field} ${JSON.stringify(v)} is invalid`);
+        throw coreError("SUBSCRIBER_INVALID", `subscriber ${field} ${quote(v)} is invalid`);
       }
     }
     if (!PRIORITIES.has(priority)) throw coreError("PRIORITY_INVALID", `priority ${String(priority)} is not one of CPU, DEVICE, IOMMU, LAST`);

@@ -27,6 +27,14 @@ export const coreConfigSchema = defineConfigSchema({
     default: 100_000,
     doc: "Committed events kept in memory for WatchEvents readers.",
   },
+  watchBuffer: {
+    name: "IOASID_CORE_WATCH_BUFFER",
+    kind: "int",
+    min: 1,
+    max: 1_000_000,
+    default: 10_000,
+    doc: "Most committed events held for one WatchEvents stream that is not reading; past it the stream ends with RESOURCE_EXHAUSTED READER_TOO_SLOW (resume from its resume_from_seq).",
+  },
   stream: {
     name: "IOASID_CORE_STREAM",
     kind: "string",

@@ -9,6 +9,7 @@ import {
   type MissedDelivery,
   type SettledAck,
 } from "@ioasid/bus";
+import { quote } from "@ioasid/errors";
 import type { events } from "@ioasid/proto";
 import { fromCommittedEvent } from "./convert.js";
 import { EventLog } from "./event-log.js";
@@ -58,6 +59,8 @@ export interface IoasidCoreOptions {
 const PENDING = 0;
 const ACKED = 1;
 const MISSED = 2;
+/** The registration was removed before it acknowledged: nothing waits for it any more. */
+const DROPPED = 3;
 
 /** Delivery progress of one committed event: an outcome per target, in target order. */
 interface DeliveryRecord {
@@ -203,7 +206,7 @@ export class IoasidCore {
       for (const [seq, rec] of this.deliveries) {
         const done = new Map<number, "acked" | "missed">();
         rec.targets.forEach((t, i) => {
-          if (rec.outcomes[i] !== PENDING) done.set(t.registrationId, rec.outcomes[i] === ACKED ? "acked" : "missed");
+          if (rec.outcomes[i] !== PENDING) done.set(t.registrationId, rec.outcomes[i] === MISSED ? "missed" : "acked");
         });
         engine.submit({ seq, key: rec.key, event: rec.event, targets: rec.targets, done });
       }
@@ -250,7 +253,7 @@ export class IoasidCore {
     try {
       x = external === undefined ? 0 : await external.allocate(options.min ?? 1, options.max ?? this.space.capacity - 1);
     } catch (err) {
-      throw coreError("ALLOCATOR_FAILED", `allocator ${bridge.name} did not answer: ${(err as Error).message}`);
+      throw coreError("ALLOCATOR_FAILED", `allocator ${bridge.name} did not answer: ${quote(err instanceof Error ? err.message : String(err))}`);
     }
     if (this.ctx.allocator !== bridge) {
       if (x !== 0) external?.release(x);
@@ -468,6 +471,7 @@ export class IoasidCore {
         reg.setId === 0 ? {} : { setId: reg.setId },
       );
     }
+    if (op.kind === "unregister") this.dropRegistration(op.registrationId);
     if (op.kind === "acks") {
       for (const { seq, registrationId: reg } of op.acks) this.mark(seq, reg, ACKED);
     } else if (op.kind === "misses") {
@@ -487,12 +491,27 @@ export class IoasidCore {
     return result;
   }
 
+  /**
+   * An unregistered subscriber's deliveries are settled for good: its missed (or pending) ones no
+   * longer count as missed (`deliveries_missed` stayed 1 for good after Unregister, issue 14), and
+   * the engine forgets its backlog. Applied at replay too, so a restarted core agrees.
+   */
+  private dropRegistration(registrationId: number): void {
+    for (const [seq, rec] of this.deliveries) {
+      const i = rec.targets.findIndex((t) => t.registrationId === registrationId);
+      if (i < 0 || rec.outcomes[i] === ACKED || rec.outcomes[i] === DROPPED) continue;
+      rec.outcomes[i] = DROPPED;
+      if (--rec.unacked === 0) this.deliveries.delete(seq);
+    }
+    this.engine?.forgetRegistration(registrationId);
+  }
+
   /** Marks one target's outcome; returns the delivery and target when a pending one was missed. */
   private mark(seq: number, reg: number, outcome: typeof ACKED | typeof MISSED): { rec: DeliveryRecord; target: DeliveryTarget } | undefined {
     const rec = this.deliveries.get(seq);
     if (rec === undefined) return undefined;
     const i = rec.targets.findIndex((t) => t.registrationId === reg);
-    if (i < 0 || rec.outcomes[i] === ACKED) return undefined;
+    if (i < 0 || rec.outcomes[i] === ACKED || rec.outcomes[i] === DROPPED) return undefined;
     const was = rec.outcomes[i];
     rec.outcomes[i] = outcome;
     if (outcome === ACKED && --rec.unacked === 0) this.deliveries.delete(seq);

@@ -26,6 +26,7 @@ const running = await startCoreServer({
   port: config.address.port,
   capacity: config.capacity,
   eventLogRetain: config.eventLogRetain,
+  watchBuffer: config.watchBuffer,
   logger,
   ...(tls === undefined ? {} : { tls }),
   nats: { nc, prefix: config.prefix, stream: config.stream, replicas: config.replicas, deadlineMs: config.deadlineMs, retryMs: config.retryMs },

@@ -1,4 +1,5 @@
 import { core } from "@ioasid/proto";
+import { quote } from "@ioasid/errors";
 import {
   coreError,
   INVALID_IOASID,
@@ -26,8 +27,8 @@ import {
 } from "@ioasid/bus";
 import type { NatsConnection } from "@nats-io/transport-node";
 import { OpLog } from "./op-log.js";
-import { fromCommittedEvent, fromIoasidInfo, fromRegistration, fromSetInfo, nonEmpty, toHolder, toRegisterOptions, toBuffer, toSetToken } from "./convert.js";
-import type { CommittedEvent } from "./event-log.js";
+import { fromIoasidInfo, fromRegistration, fromSetInfo, nonEmpty, toHolder, toRegisterOptions, toBuffer, toSetToken } from "./convert.js";
+import { EventWatchers } from "./event-watchers.js";
 import { IoasidCore, type ExternalAllocator } from "./ioasid-core.js";
 import { AuditKind, type AuthorizationView } from "./authorize.js";
 import { createAuthorizationInterceptor, type AuditedCall } from "./authorization-interceptor.js";
@@ -65,8 +66,8 @@ export const grpcExternalAllocator =
  * The CoreService handlers: each translates the wire request, calls the core, and translates the
  * answer. Errors are the domain's, thrown as they are (grpc-kit maps them to status + reason).
  */
-export function createCoreHandlers(ioasidCore: IoasidCore): ServiceHandlers<typeof core.CoreServiceService> {
-  const handlers = coreHandlers(ioasidCore);
+export function createCoreHandlers(ioasidCore: IoasidCore, watchers = new EventWatchers(ioasidCore.log)): ServiceHandlers<typeof core.CoreServiceService> {
+  const handlers = coreHandlers(ioasidCore, watchers);
   // Unary answers, queries and refusals included, go out once what they read is durable.
   const settledAnswers: Record<string, unknown> = {};
   for (const [name, handler] of Object.entries(handlers) as Array<[string, (...args: never[]) => unknown]>) {
@@ -86,7 +87,7 @@ export function createCoreHandlers(ioasidCore: IoasidCore): ServiceHandlers<type
   return settledAnswers as unknown as ServiceHandlers<typeof core.CoreServiceService>;
 }
 
-function coreHandlers(ioasidCore: IoasidCore): ServiceHandlers<typeof core.CoreServiceService> {
+function coreHandlers(ioasidCore: IoasidCore, watchers: EventWatchers): ServiceHandlers<typeof core.CoreServiceService> {
   const space = ioasidCore.space;
   // Every state change goes through ioasidCore.commit: applied, logged, answered once durable.
   const commit = (op: Parameters<IoasidCore["commit"]>[0]) => ioasidCore.commit(op);
@@ -175,7 +176,7 @@ function coreHandlers(ioasidCore: IoasidCore): ServiceHandlers<typeof core.CoreS
     listRegistrations: () => ({ registrations: space.listRegistrations().map(fromRegistration) }),
     registerAllocator: async (req) => {
       if (!ALLOCATOR_ADDRESS.test(req.address)) {
-        throw coreError("ALLOCATOR_INVALID", `allocator address ${JSON.stringify(req.address)} is not host:port`);
+        throw coreError("ALLOCATOR_INVALID", `allocator address ${quote(req.address)} is not host:port`);
       }
       await ioasidCore.registerAllocator(req.name, req.address);
       return {};
@@ -192,46 +193,10 @@ function coreHandlers(ioasidCore: IoasidCore): ServiceHandlers<typeof core.CoreS
         lastSeq: BigInt(s.lastSeq),
         deliveriesPending: d.filter((x) => x.pending > 0).length,
         deliveriesMissed: d.filter((x) => x.missed > 0).length,
+        ...watchers.stats(),
       };
     },
-    watchEvents: async (req, ctx, send) => {
-      // Follow first, then read the backlog, so nothing committed in between is missed; the
-      // follower's copies of backlog events are skipped by sequence number.
-      const queue: CommittedEvent[] = [];
-      let wake: (() => void) | undefined;
-      const unfollow = ioasidCore.log.follow((e) => {
-        queue.push(e);
-        wake?.();
-      });
-      const onAbort = () => wake?.();
-      ctx.signal.addEventListener("abort", onAbort);
-      try {
-        const from = req.fromSeq === 0n ? space.stats().lastSeq + 1 : Number(req.fromSeq);
-        let next = from;
-        for (const e of ioasidCore.log.since(from)) {
-          if (ctx.signal.aborted) return;
-          await send({ event: fromCommittedEvent(e) });
-          next = e.seq + 1;
-        }
-        while (!ctx.signal.aborted) {
-          const batch = queue.splice(0);
-          for (const e of batch) {
-            if (e.seq < next) continue;
-            await send({ event: fromCommittedEvent(e) });
-            next = e.seq + 1;
-          }
-          if (queue.length === 0 && !ctx.signal.aborted) {
-            await new Promise<void>((resolve) => {
-              wake = resolve;
-            });
-            wake = undefined;
-          }
-        }
-      } finally {
-        unfollow();
-        ctx.signal.removeEventListener("abort", onAbort);
-      }
-    },
+    watchEvents: (req, ctx, send) => watchers.serve(req.fromSeq, space.stats().lastSeq, ctx, send),
   };
 }
 
@@ -246,6 +211,8 @@ export interface StartCoreServerOptions {
   readonly port?: number;
   readonly capacity?: number;
   readonly eventLogRetain?: number;
+  /** Most events held for one WatchEvents stream (see {@link EventWatchers}). @default DEFAULT_WATCH_BUFFER */
+  readonly watchBuffer?: number;
   readonly logger?: Logger;
   readonly externalAllocator?: ExternalAllocatorFactory;
   /**
@@ -395,7 +362,7 @@ export async function startCoreServer(options: StartCoreServerOptions = {}): Pro
   // Fence earlier incarnations: from here on only this core's writes can follow what it replayed.
   await opLog?.seal();
   engine?.start();
-  server.addService(core.CoreServiceService, createCoreHandlers(ioasidCore));
+  server.addService(core.CoreServiceService, createCoreHandlers(ioasidCore, new EventWatchers(ioasidCore.log, options.watchBuffer)));
   const host = options.host ?? "127.0.0.1";
   const port = await server.listen(host, options.port ?? 0);
   const startupMs = performance.now() - t0;

@@ -3,6 +3,7 @@
 // dirty keys) every mutation keeps together; its vocabulary (iommu-hardware-model.ts), page-table
 // arithmetic (io-page-table.ts), persistence and row views (hardware-tables.ts) are cut out beside it.
 import type { StateChange } from "@ioasid/bus";
+import { quote } from "@ioasid/errors";
 import { iommuError, invalidField } from "./iommu-errors.js";
 import {
   AttachKind,
@@ -755,7 +756,7 @@ export class IommuHardware {
   #device(deviceId: string): DeviceState {
     if (deviceId === "") throw invalidField("device_id", "device_id is required");
     const dev = this.#t.devices.get(deviceId);
-    if (dev === undefined) throw iommuError("DEVICE_NOT_FOUND", `device ${deviceId} is not registered`);
+    if (dev === undefined) throw iommuError("DEVICE_NOT_FOUND", `device ${quote(deviceId)} is not registered`);
     return dev;
   }
 

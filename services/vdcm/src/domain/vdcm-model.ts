@@ -1,3 +1,4 @@
+import { quote } from "@ioasid/errors";
 import { invalidField, vdcmError } from "./vdcm-errors.js";
 
 // The closed sets, limits and id rules of VDCM's device model (vdcm-state.ts is the model itself).
@@ -66,6 +67,6 @@ export function pasidInUse(deviceId: string, hpasid: number, foreign: { readonly
 export function assertDeviceId(deviceId: string, field: string): void {
   if (deviceId.length === 0) throw invalidField(field, `${field} is required`);
   if (deviceId.length > MAX_DEVICE_ID_LENGTH || !DEVICE_ID.test(deviceId)) {
-    throw invalidField(field, `${field} ${JSON.stringify(deviceId)} must be 1..${MAX_DEVICE_ID_LENGTH} of letters, digits and ._:@-`);
+    throw invalidField(field, `${field} ${quote(deviceId)} must be 1..${MAX_DEVICE_ID_LENGTH} of letters, digits and ._:@-`);
   }
 }

@@ -1,5 +1,6 @@
 import type { StateChange } from "@ioasid/bus";
 import { randomUUID } from "node:crypto";
+import { quote } from "@ioasid/errors";
 import { invalidField, vdcmError } from "./vdcm-errors.js";
 import { deviceKey, entryKey, mdevKey, regKey, type VdcmKeptEntry } from "./vdcm-kept-entry.js";
 import {
@@ -147,7 +148,7 @@ export class VdcmState {
     if (parentDeviceId.length === 0) throw invalidField("parent_device_id", "parent_device_id is required");
     const uuid = normalizeMdevUuid(mdevUuid === "" ? this.newUuid() : mdevUuid);
     if (!MDEV_ID.test(uuid)) {
-      throw invalidField("mdev_uuid", `mdev_uuid ${JSON.stringify(mdevUuid)} is not a UUID (or 1..64 of letters, digits and ._:@-; empty to get a UUID)`);
+      throw invalidField("mdev_uuid", `mdev_uuid ${quote(mdevUuid)} is not a UUID (or 1..64 of letters, digits and ._:@-; empty to get a UUID)`);
     }
     if (wqIds.length === 0) throw invalidField("wq_ids", "an mdev needs at least one work queue");
     if (new Set(wqIds).size !== wqIds.length) throw invalidField("wq_ids", "a work queue appears twice in wq_ids");
@@ -590,14 +591,14 @@ export class VdcmState {
 
   private requireDevice(deviceId: string): Device {
     const d = this.devices.get(deviceId);
-    if (d === undefined) throw vdcmError("DEVICE_NOT_FOUND", `no device ${JSON.stringify(deviceId)} is registered`);
+    if (d === undefined) throw vdcmError("DEVICE_NOT_FOUND", `no device ${quote(deviceId)} is registered`);
     return d;
   }
 
   private requireMdev(mdevUuid: string): Mdev {
     if (mdevUuid.length === 0) throw invalidField("mdev_uuid", "mdev_uuid is required");
     const m = this.mdevs.get(normalizeMdevUuid(mdevUuid));
-    if (m === undefined) throw vdcmError("MDEV_NOT_FOUND", `no mdev ${JSON.stringify(mdevUuid)}`);
+    if (m === undefined) throw vdcmError("MDEV_NOT_FOUND", `no mdev ${quote(mdevUuid)}`);
     return m;
   }
 

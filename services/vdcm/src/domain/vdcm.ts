@@ -1,7 +1,7 @@
 // Kept whole (~650 lines): the one class whose methods share the in-flight descriptors, pending
 // writes and per-mdev locks.
 import type { RoleStatePort } from "@ioasid/bus";
-import { Code, DomainError, isDomainError } from "@ioasid/errors";
+import { Code, DomainError, isDomainError, quote } from "@ioasid/errors";
 import { assertDescriptor, runDescriptor, type Completion, type Descriptor, type DmaTranslator } from "./descriptor-runner.js";
 import { heldReferences, KeyedMutex, type CorePort, type HeldReference } from "@ioasid/role-kit";
 import { ownRegistrations, registerOnSet, unregisterNotifier } from "./core-registrations.js";
@@ -182,7 +182,7 @@ export class Vdcm {
     return this.locks.run(mdevKey(mdevUuid), async () => {
       if (mdevUuid === "") throw invalidField("mdev_uuid", "mdev_uuid is required");
       const mdev = this.state.getMdev(mdevUuid);
-      if (mdev === undefined) throw vdcmError("MDEV_NOT_FOUND", `no mdev ${JSON.stringify(mdevUuid)}`);
+      if (mdev === undefined) throw vdcmError("MDEV_NOT_FOUND", `no mdev ${quote(mdevUuid)}`);
       if (mdev.setId === 0) throw vdcmError("MDEV_NOT_ASSIGNED", `mdev ${mdev.mdevUuid} is not assigned to a VM`);
       const setId = mdev.setId;
       let clearedEntries = 0;

@@ -1,4 +1,5 @@
 import type { IommuFaultGroup, IommuFaultPort, PageResponseCode } from "../domain/fault-relay.js";
+import { Code, DomainError } from "@ioasid/errors";
 import type { PromiseClient } from "@ioasid/grpc-kit";
 import { iommu, type vdcm } from "@ioasid/proto";
 import type { IommuPort, VdcmPort } from "../domain/vfio-ports.js";
@@ -20,6 +21,19 @@ export function createIommuPort(client: IommuClient, owner: string): IommuPort {
     },
     async freeDomain(domainId) {
       await client.freeDomain({ domainId });
+    },
+    async checkDevice(deviceId) {
+      // QueryState of the one device: DEVICE_NOT_FOUND when it is not registered; its handles say
+      // whether something is attached to its requests without PASID. Reads only.
+      const r = await client.queryState({ deviceIds: [deviceId], maxIotlbFlushes: 0 });
+      const taken = r.attachHandles.find((h) => h.deviceId === deviceId && h.withoutPasid);
+      if (taken !== undefined) {
+        throw new DomainError(
+          Code.FAILED_PRECONDITION,
+          "PASID_IN_USE",
+          `the requests without PASID of device ${deviceId} already have attach handle ${taken.handleId}`,
+        );
+      }
     },
     async attachDevice(domainId, deviceId) {
       await client.attachDomain(iommu.AttachDomainRequest.fromPartial({ domainId, deviceId, withoutPasid: true, owner }));

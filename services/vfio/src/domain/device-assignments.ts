@@ -62,10 +62,14 @@ export class DeviceAssignments {
       this.#owners.set(key, c.id);
       try {
         if (ref.kind === "device") {
-          const domainId = await this.#calls.stage2(c);
-          await this.#iommu.attachDevice(domainId, ref.id).catch((err: unknown) => {
+          const busy = (err: unknown): never => {
             throw renamed(err, { PASID_IN_USE: "DEVICE_BUSY" }, `device ${ref.id} already has a domain attached to its requests without PASID`);
-          });
+          };
+          // Validate first, then create: a refused first assignment created the VM's stage-2
+          // domain at the IOMMU (issue 14; DESIGN §8, no lazily created object on a refusal).
+          if (c.stage2 === undefined) await this.#iommu.checkDevice(ref.id).catch(busy);
+          const domainId = await this.#calls.stage2(c);
+          await this.#iommu.attachDevice(domainId, ref.id).catch(busy);
         } else {
           const r = await this.#vdcm.assignMdev(ref.id, c.setId).catch((err: unknown) => {
             throw renamed(err, { MDEV_BUSY: "DEVICE_BUSY", MDEV_ALREADY_ASSIGNED: "DEVICE_ALREADY_ASSIGNED" }, `mdev ${ref.id}`);

@@ -85,3 +85,46 @@ describe("VfioContainers › devices", () => {
     await vfio.unassignDevice(c.containerId, dev("0000:6a:01.0"));
   });
 });
+
+describe("VfioContainers › a refused call creates nothing (DESIGN §8, issue 14)", () => {
+  const access = { read: true, write: true, execute: false, privileged: false };
+  const domainsCreated = (log: readonly string[]) => log.filter((l) => l.startsWith("createDomain")).length;
+
+  it("refuses a first AssignDevice of an unknown device, or of one already attached elsewhere, before creating the stage-2 domain", async () => {
+    const { vfio, iommu } = setup();
+    const c = await open(vfio, 7n);
+    await refused(vfio.assignDevice(c.containerId, dev("0000:ff:00.0")), Code.NOT_FOUND, "DEVICE_NOT_FOUND");
+    iommu.rid.set("0000:6a:01.0", 999); // attached without PASID by someone else
+    await refused(vfio.assignDevice(c.containerId, dev("0000:6a:01.0")), Code.FAILED_PRECONDITION, "DEVICE_BUSY");
+    expect(domainsCreated(iommu.log)).toBe(0);
+    expect(iommu.domains.size).toBe(0);
+    // The legitimate path still creates it.
+    await vfio.assignDevice(c.containerId, dev("0000:6a:02.0"));
+    expect(domainsCreated(iommu.log)).toBe(1);
+  });
+
+  it("refuses a MapDma of a bad shape before creating the stage-2 domain", async () => {
+    const { vfio, iommu } = setup();
+    const c = await open(vfio, 7n);
+    await refused(vfio.mapDma(c.containerId, { iova: 0x1001n, paddr: 0x2000n, size: 0x1000n, access }), Code.INVALID_ARGUMENT, "ADDRESS_NOT_ALIGNED");
+    await refused(vfio.mapDma(c.containerId, { iova: 0x1000n, paddr: 0x2001n, size: 0x1000n, access }), Code.INVALID_ARGUMENT, "ADDRESS_NOT_ALIGNED");
+    await refused(vfio.mapDma(c.containerId, { iova: 0x1000n, paddr: 0x2000n, size: 0n, access }), Code.INVALID_ARGUMENT, "INVALID_RANGE");
+    await refused(vfio.mapDma(c.containerId, { iova: 0xfffffffffffff000n, paddr: 0n, size: 0x2000n, access }), Code.INVALID_ARGUMENT, "INVALID_RANGE");
+    await refused(
+      vfio.mapDma(c.containerId, { iova: 0x1000n, paddr: 0x2000n, size: 0x1000n, access: { ...access, read: false, write: false } }),
+      Code.INVALID_ARGUMENT,
+      "INVALID_FIELD",
+    );
+    expect(domainsCreated(iommu.log)).toBe(0);
+    await vfio.mapDma(c.containerId, { iova: 0x1000n, paddr: 0x2000n, size: 0x1000n, access });
+    expect(domainsCreated(iommu.log)).toBe(1);
+  });
+
+  it("answers an UnmapDma before any mapping with 0 and creates no domain; a bad range is refused", async () => {
+    const { vfio, iommu } = setup();
+    const c = await open(vfio, 7n);
+    expect(await vfio.unmapDma(c.containerId, 0x1000n, 0x1000n)).toBe(0n);
+    await refused(vfio.unmapDma(c.containerId, 0x1001n, 0x1000n), Code.INVALID_ARGUMENT, "ADDRESS_NOT_ALIGNED");
+    expect(domainsCreated(iommu.log)).toBe(0);
+  });
+});

@@ -92,6 +92,11 @@ export class FakeIommu implements IommuPort {
     this.domains.delete(domainId);
     this.log.push(`freeDomain ${domainId}`);
   }
+  async checkDevice(deviceId: string) {
+    this.#maybeFail("checkDevice");
+    if (!this.devices.has(deviceId)) throw err(Code.NOT_FOUND, "DEVICE_NOT_FOUND");
+    if (this.rid.has(deviceId)) throw err(Code.FAILED_PRECONDITION, "PASID_IN_USE");
+  }
   /** While set, attachDevice waits for it (a slow IOMMU). */
   gate: Promise<void> | undefined;
   async attachDevice(domainId: number, deviceId: string) {

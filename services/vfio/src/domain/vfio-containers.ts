@@ -6,6 +6,7 @@ import type { ContainerCalls } from "./container-calls.js";
 import { snapshotContainer, type AssignedDeviceInfo, type ContainerSnapshot } from "./container-snapshot.js";
 import { ContainerTeardown, type CloseResult } from "./container-teardown.js";
 import { DeviceAssignments } from "./device-assignments.js";
+import { assertDmaMapping, assertDmaRange } from "./dma-mapping.js";
 import { describeDevice, deviceKey, MAX_DEVICE_NAME, type DeviceRef } from "./device-ref.js";
 import { GuestPasids, type GuestPasidBind, type GuestPasidUnbind } from "./guest-pasids.js";
 import { invalidField, vfioError } from "./vfio-errors.js";
@@ -394,20 +395,28 @@ export class VfioContainers {
 
   /**
    * VFIO_IOMMU_MAP_DMA: maps guest physical memory in the VM's stage-2 domain (created with the
-   * first need).
-   * @throws the IOMMU's refusals (ADDRESS_NOT_ALIGNED, INVALID_RANGE, IOVA_ALREADY_MAPPED, INVALID_FIELD)
+   * first need, once the mapping's shape is known to be good: a refused MapDma creates nothing).
+   * @throws DomainError INVALID_ARGUMENT `ADDRESS_NOT_ALIGNED`, `INVALID_RANGE`, `INVALID_FIELD`;
+   *   the IOMMU's refusals (IOVA_ALREADY_MAPPED)
    */
   async mapDma(containerId: number, m: DmaMapping): Promise<void> {
     await this.#op(containerId, async (c) => {
+      assertDmaMapping(m);
       const domainId = await this.#stage2(c);
       await this.#iommu.map(domainId, m);
       this.#history.record({ $case: "vfioMapDma", value: { container: c.id, gpa: m.iova, hpa: m.paddr, size: m.size } }, { setId: c.setId });
     });
   }
 
-  /** VFIO_IOMMU_UNMAP_DMA. @returns bytes unmapped */
+  /**
+   * VFIO_IOMMU_UNMAP_DMA. Without a stage-2 domain nothing is mapped: 0, and no domain is created.
+   * @returns bytes unmapped
+   * @throws DomainError INVALID_ARGUMENT `ADDRESS_NOT_ALIGNED`, `INVALID_RANGE`
+   */
   async unmapDma(containerId: number, iova: bigint, size: bigint): Promise<bigint> {
     return this.#op(containerId, async (c) => {
+      assertDmaRange(iova, size);
+      if (c.stage2 === undefined) return 0n;
       const domainId = await this.#stage2(c);
       const unmapped = await this.#iommu.unmap(domainId, iova, size);
       if (unmapped > 0n) this.#history.record({ $case: "vfioUnmapDma", value: { container: c.id, gpa: iova, size } }, { setId: c.setId });

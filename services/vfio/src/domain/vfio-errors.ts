@@ -8,6 +8,9 @@ import { Code, invalidField, reasonError } from "@ioasid/errors";
  */
 export const VfioReason = {
   INVALID_FIELD: Code.INVALID_ARGUMENT,
+  // A stage-2 mapping's shape, checked before the domain is created (dma-mapping.ts).
+  ADDRESS_NOT_ALIGNED: Code.INVALID_ARGUMENT,
+  INVALID_RANGE: Code.INVALID_ARGUMENT,
   CONTAINER_NOT_FOUND: Code.NOT_FOUND,
   CONTAINER_CLOSING: Code.FAILED_PRECONDITION,
   SESSION_ALREADY_ATTACHED: Code.ALREADY_EXISTS,

@@ -54,6 +54,12 @@ export interface IommuPort {
   createStage2Domain(): Promise<number>;
   /** FreeDomain; refuses with FAILED_PRECONDITION `DOMAIN_IN_USE` while something still uses it. */
   freeDomain(domainId: number): Promise<void>;
+  /**
+   * Refuses as {@link IommuPort.attachDevice} would for the device alone — not registered
+   * (`DEVICE_NOT_FOUND`), or a domain already attached to its requests without PASID
+   * (`PASID_IN_USE`) — and changes nothing: checked before the VM's stage-2 domain is created.
+   */
+  checkDevice(deviceId: string): Promise<void>;
   /** AttachDomain of the stage-2 domain to the device's requests without PASID (its RID). */
   attachDevice(domainId: number, deviceId: string): Promise<void>;
   /** DetachDomain of the stage-2 domain from the device's requests without PASID. */

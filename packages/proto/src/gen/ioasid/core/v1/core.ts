@@ -643,6 +643,13 @@ export interface GetStatsResponse {
   deliveriesPending: number;
   /** Committed events some registration missed and has not acknowledged since (its backlog). */
   deliveriesMissed: number;
+  /** Open WatchEvents streams. */
+  watchers: number;
+  /**
+   * Most events the core holds for any one WatchEvents stream right now (never above its bound,
+   * IOASID_CORE_WATCH_BUFFER).
+   */
+  watchBufferedMax: number;
 }
 
 /** WatchEventsRequest starts an event stream. */
@@ -5763,6 +5770,8 @@ function createBaseGetStatsResponse(): GetStatsResponse {
     allocator: "",
     deliveriesPending: 0,
     deliveriesMissed: 0,
+    watchers: 0,
+    watchBufferedMax: 0,
   };
 }
 
@@ -5803,6 +5812,12 @@ export const GetStatsResponse: MessageFns<GetStatsResponse> = {
     }
     if (message.deliveriesMissed !== 0) {
       writer.uint32(88).uint32(message.deliveriesMissed);
+    }
+    if (message.watchers !== 0) {
+      writer.uint32(96).uint32(message.watchers);
+    }
+    if (message.watchBufferedMax !== 0) {
+      writer.uint32(104).uint32(message.watchBufferedMax);
     }
     return writer;
   },
@@ -5908,6 +5923,22 @@ export const GetStatsResponse: MessageFns<GetStatsResponse> = {
             message.deliveriesMissed = reader.uint32();
             continue;
           }
+          case 12: {
+            if (tag !== 96) {
+              break;
+            }
+
+            message.watchers = reader.uint32();
+            continue;
+          }
+          case 13: {
+            if (tag !== 104) {
+              break;
+            }
+
+            message.watchBufferedMax = reader.uint32();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -5949,6 +5980,12 @@ export const GetStatsResponse: MessageFns<GetStatsResponse> = {
         : isSet(object.deliveries_missed)
         ? globalThis.Number(object.deliveries_missed)
         : 0,
+      watchers: isSet(object.watchers) ? globalThis.Number(object.watchers) : 0,
+      watchBufferedMax: isSet(object.watchBufferedMax)
+        ? globalThis.Number(object.watchBufferedMax)
+        : isSet(object.watch_buffered_max)
+        ? globalThis.Number(object.watch_buffered_max)
+        : 0,
     };
   },
 
@@ -5987,6 +6024,12 @@ export const GetStatsResponse: MessageFns<GetStatsResponse> = {
     if (message.deliveriesMissed !== 0) {
       obj.deliveriesMissed = Math.round(message.deliveriesMissed);
     }
+    if (message.watchers !== 0) {
+      obj.watchers = Math.round(message.watchers);
+    }
+    if (message.watchBufferedMax !== 0) {
+      obj.watchBufferedMax = Math.round(message.watchBufferedMax);
+    }
     return obj;
   },
 
@@ -6006,6 +6049,8 @@ export const GetStatsResponse: MessageFns<GetStatsResponse> = {
     message.allocator = object.allocator ?? "";
     message.deliveriesPending = object.deliveriesPending ?? 0;
     message.deliveriesMissed = object.deliveriesMissed ?? 0;
+    message.watchers = object.watchers ?? 0;
+    message.watchBufferedMax = object.watchBufferedMax ?? 0;
     return message;
   },
 };
@@ -6777,6 +6822,12 @@ export const CoreServiceService = {
    * WatchEvents streams committed events in sequence order, starting at `from_seq` (0: only new
    * events), then follows new commits until the client cancels. Events older than what the core
    * retains are skipped; the first message then has a `seq` greater than asked.
+   * A reader that does not keep up is cut off rather than buffered without bound (DESIGN §8): the
+   * core holds at most IOASID_CORE_WATCH_BUFFER events (default 10000) for one stream beyond what
+   * the transport holds; past that the stream ends with RESOURCE_EXHAUSTED `READER_TOO_SLOW`, whose
+   * ErrorInfo metadata `resume_from_seq` is the first event it did not send. Events sent just before
+   * the cut may be lost with it: a new WatchEvents with `from_seq` = the last sequence the reader
+   * received + 1 (at most resume_from_seq) carries on without a gap while the core retains it.
    */
   watchEvents: {
     path: "/ioasid.core.v1.CoreService/WatchEvents" as const,
@@ -6936,6 +6987,12 @@ export interface CoreServiceServer extends UntypedServiceImplementation {
    * WatchEvents streams committed events in sequence order, starting at `from_seq` (0: only new
    * events), then follows new commits until the client cancels. Events older than what the core
    * retains are skipped; the first message then has a `seq` greater than asked.
+   * A reader that does not keep up is cut off rather than buffered without bound (DESIGN §8): the
+   * core holds at most IOASID_CORE_WATCH_BUFFER events (default 10000) for one stream beyond what
+   * the transport holds; past that the stream ends with RESOURCE_EXHAUSTED `READER_TOO_SLOW`, whose
+   * ErrorInfo metadata `resume_from_seq` is the first event it did not send. Events sent just before
+   * the cut may be lost with it: a new WatchEvents with `from_seq` = the last sequence the reader
+   * received + 1 (at most resume_from_seq) carries on without a gap while the core retains it.
    */
   watchEvents: handleServerStreamingCall<WatchEventsRequest, WatchEventsResponse>;
 }
@@ -7425,6 +7482,12 @@ export interface CoreServiceClient extends Client {
    * WatchEvents streams committed events in sequence order, starting at `from_seq` (0: only new
    * events), then follows new commits until the client cancels. Events older than what the core
    * retains are skipped; the first message then has a `seq` greater than asked.
+   * A reader that does not keep up is cut off rather than buffered without bound (DESIGN §8): the
+   * core holds at most IOASID_CORE_WATCH_BUFFER events (default 10000) for one stream beyond what
+   * the transport holds; past that the stream ends with RESOURCE_EXHAUSTED `READER_TOO_SLOW`, whose
+   * ErrorInfo metadata `resume_from_seq` is the first event it did not send. Events sent just before
+   * the cut may be lost with it: a new WatchEvents with `from_seq` = the last sequence the reader
+   * received + 1 (at most resume_from_seq) carries on without a gap while the core retains it.
    */
   watchEvents(request: WatchEventsRequest, options?: Partial<CallOptions>): ClientReadableStream<WatchEventsResponse>;
   watchEvents(

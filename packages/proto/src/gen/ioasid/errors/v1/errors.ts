@@ -128,6 +128,19 @@ export enum ErrorReason {
   ERROR_REASON_ALLOCATOR_FAILED = 40,
   /** ERROR_REASON_INTERNAL - INTERNAL. An unexpected failure; the detail is in the service's log, never on the wire. */
   ERROR_REASON_INTERNAL = 41,
+  /**
+   * ERROR_REASON_REQUEST_UNDECODABLE - INVALID_ARGUMENT. The request's bytes do not decode as the method's request message (truncated,
+   * a bad wire type, a length past the end): nothing was done.
+   */
+  ERROR_REASON_REQUEST_UNDECODABLE = 152,
+  /**
+   * ERROR_REASON_READER_TOO_SLOW - RESOURCE_EXHAUSTED. A server stream's reader fell too far behind (its queue at the server
+   * reached its bound) and was cut off. ErrorInfo.metadata `resume_from_seq` is the first event the
+   * server did not send; events sent just before the cut may be lost with it, so the reader resumes
+   * from the last sequence it received + 1 (never above resume_from_seq): a WatchEvents with that
+   * from_seq carries on without a gap while the core's event log still holds it.
+   */
+  ERROR_REASON_READER_TOO_SLOW = 153,
   /** ERROR_REASON_ADDRESS_NOT_ALIGNED - See the role contracts (proto/ioasid/{iommu,vfio,kvm,vdcm}/v1). */
   ERROR_REASON_ADDRESS_NOT_ALIGNED = 100,
   /** ERROR_REASON_ATTACH_HANDLE_NOT_FOUND - See the role contracts (proto/ioasid/{iommu,vfio,kvm,vdcm}/v1). */
@@ -387,6 +400,12 @@ export function errorReasonFromJSON(object: any): ErrorReason {
     case 41:
     case "ERROR_REASON_INTERNAL":
       return ErrorReason.ERROR_REASON_INTERNAL;
+    case 152:
+    case "ERROR_REASON_REQUEST_UNDECODABLE":
+      return ErrorReason.ERROR_REASON_REQUEST_UNDECODABLE;
+    case 153:
+    case "ERROR_REASON_READER_TOO_SLOW":
+      return ErrorReason.ERROR_REASON_READER_TOO_SLOW;
     case 100:
     case "ERROR_REASON_ADDRESS_NOT_ALIGNED":
       return ErrorReason.ERROR_REASON_ADDRESS_NOT_ALIGNED;
@@ -638,6 +657,10 @@ export function errorReasonToJSON(object: ErrorReason): string {
       return "ERROR_REASON_ALLOCATOR_FAILED";
     case ErrorReason.ERROR_REASON_INTERNAL:
       return "ERROR_REASON_INTERNAL";
+    case ErrorReason.ERROR_REASON_REQUEST_UNDECODABLE:
+      return "ERROR_REASON_REQUEST_UNDECODABLE";
+    case ErrorReason.ERROR_REASON_READER_TOO_SLOW:
+      return "ERROR_REASON_READER_TOO_SLOW";
     case ErrorReason.ERROR_REASON_ADDRESS_NOT_ALIGNED:
       return "ERROR_REASON_ADDRESS_NOT_ALIGNED";
     case ErrorReason.ERROR_REASON_ATTACH_HANDLE_NOT_FOUND:

@@ -5558,7 +5558,8 @@ export const VfioServiceService = {
    * MapDma maps guest memory for the VM's devices (VFIO_IOMMU_MAP_DMA): a range of guest physical
    * addresses (the IOVA of the VM's stage-2 paging domain, created with the first need) to host
    * physical memory. Every device assigned to the VM, and the second stage of every guest PASID bind,
-   * translate through it.
+   * translate through it. A refused MapDma creates nothing (the mapping's shape is checked before
+   * the domain is created).
    * Errors: INVALID_ARGUMENT `ADDRESS_NOT_ALIGNED`, `INVALID_RANGE`, `INVALID_FIELD` (no access);
    * ALREADY_EXISTS `IOVA_ALREADY_MAPPED`.
    */
@@ -5573,7 +5574,7 @@ export const VfioServiceService = {
   },
   /**
    * UnmapDma removes guest memory from the VM's stage 2 and flushes it on every device using it.
-   * Unmapping nothing succeeds.
+   * Unmapping nothing succeeds (before any MapDma: 0, and no domain is created).
    * Errors: INVALID_ARGUMENT `ADDRESS_NOT_ALIGNED`, `INVALID_RANGE`.
    */
   unmapDma: {
@@ -5749,14 +5750,15 @@ export interface VfioServiceServer extends UntypedServiceImplementation {
    * MapDma maps guest memory for the VM's devices (VFIO_IOMMU_MAP_DMA): a range of guest physical
    * addresses (the IOVA of the VM's stage-2 paging domain, created with the first need) to host
    * physical memory. Every device assigned to the VM, and the second stage of every guest PASID bind,
-   * translate through it.
+   * translate through it. A refused MapDma creates nothing (the mapping's shape is checked before
+   * the domain is created).
    * Errors: INVALID_ARGUMENT `ADDRESS_NOT_ALIGNED`, `INVALID_RANGE`, `INVALID_FIELD` (no access);
    * ALREADY_EXISTS `IOVA_ALREADY_MAPPED`.
    */
   mapDma: handleUnaryCall<MapDmaRequest, MapDmaResponse>;
   /**
    * UnmapDma removes guest memory from the VM's stage 2 and flushes it on every device using it.
-   * Unmapping nothing succeeds.
+   * Unmapping nothing succeeds (before any MapDma: 0, and no domain is created).
    * Errors: INVALID_ARGUMENT `ADDRESS_NOT_ALIGNED`, `INVALID_RANGE`.
    */
   unmapDma: handleUnaryCall<UnmapDmaRequest, UnmapDmaResponse>;
@@ -6033,7 +6035,8 @@ export interface VfioServiceClient extends Client {
    * MapDma maps guest memory for the VM's devices (VFIO_IOMMU_MAP_DMA): a range of guest physical
    * addresses (the IOVA of the VM's stage-2 paging domain, created with the first need) to host
    * physical memory. Every device assigned to the VM, and the second stage of every guest PASID bind,
-   * translate through it.
+   * translate through it. A refused MapDma creates nothing (the mapping's shape is checked before
+   * the domain is created).
    * Errors: INVALID_ARGUMENT `ADDRESS_NOT_ALIGNED`, `INVALID_RANGE`, `INVALID_FIELD` (no access);
    * ALREADY_EXISTS `IOVA_ALREADY_MAPPED`.
    */
@@ -6054,7 +6057,7 @@ export interface VfioServiceClient extends Client {
   ): ClientUnaryCall;
   /**
    * UnmapDma removes guest memory from the VM's stage 2 and flushes it on every device using it.
-   * Unmapping nothing succeeds.
+   * Unmapping nothing succeeds (before any MapDma: 0, and no domain is created).
    * Errors: INVALID_ARGUMENT `ADDRESS_NOT_ALIGNED`, `INVALID_RANGE`.
    */
   unmapDma(
