@@ -32,7 +32,7 @@ export default defineConfig({
           name: "security",
           include: ["test/security/**/*.test.ts"],
           testTimeout: 120_000,
-          hookTimeout: 60_000,
+          hookTimeout: 120_000,
         },
       },
       {

@@ -47,7 +47,10 @@ const callers = new Map<string, RawCaller>();
 
 beforeAll(async () => {
   // The default grace never ends the fuzzer's own container (a refusal must be judged on a still stack).
-  stack = await startStack({ VFIO_SESSION_GRACE: "24h" });
+  // gRPC without mTLS here (NATS still with its users): every handler's own validation is what is
+  // fuzzed; with mTLS the core's authorization would refuse most of the operator's calls before it
+  // (test/security/grpc-mtls.test.ts covers that layer).
+  stack = await startStack({ VFIO_SESSION_GRACE: "24h" }, { tls: false });
   // Some state for the requests to miss: a VM's container with a PASID, a KVM VM.
   const c = await stack.clients.vfio.openContainer({ mmToken: 0xf022n, quota: 8, vmName: "fuzz-vm", sessionGraceMs: 0 });
   await stack.clients.vfio.allocPasid({ containerId: c.containerId });
