@@ -79,16 +79,20 @@ const VMM = { role: "vmm", instance: "vmm" } as const;
  * `<dir>/credentials/<role>.<instance>/` — its NATS user (`nats.json`) and its certificate from a
  * stack-local CA (`ca.pem`, `cert.pem`, `key.pem`; the CA's key in `credentials/ca/`, given to no
  * service) — and the nats-server configuration that knows the users' public keys and permissions
- * (DESIGN §11: `up` generates what is needed). New keys at every `up`: a credential lives as long
- * as its stack.
+ * (DESIGN §11: `up` and the compose init step generate what is needed). `up` makes new keys at
+ * every start: a credential lives as long as its stack.
+ * @param options.root where the credentials go (emptied first)
+ * @param options.config the nats-server configuration file to write, and its lines before the
+ *   `authorization` block (listen address, JetStream store)
  * @returns the configuration file and each service's credentials directory
  */
-export async function writeStackCredentials(
-  dir: string,
-  nats: { port: number; storeDir: string },
-  prefix = "ioasid.v1",
-): Promise<{ config: string; services: Record<ServiceName, string>; operator: string; vmm: string }> {
-  const root = join(dir, "credentials");
+export async function writeStackCredentials(options: {
+  readonly root: string;
+  readonly config: { readonly file: string; readonly lines: readonly string[] };
+  readonly prefix?: string;
+}): Promise<{ config: string; services: Record<ServiceName, string>; operator: string; vmm: string }> {
+  const { root } = options;
+  const prefix = options.prefix ?? "ioasid.v1";
   rmSync(root, { recursive: true, force: true });
   mkdirSync(root, { recursive: true, mode: 0o700 });
   const ca = await createStackCa();
@@ -112,16 +116,13 @@ export async function writeStackCredentials(
   // A VMM reaches VFIO only (DESIGN §11): a certificate, no NATS user.
   const vmm = join(root, `${VMM.role}.${VMM.instance}`);
   await certify(vmm, VMM);
-  const config = join(dir, "nats-server.conf");
+  const config = options.config.file;
+  mkdirSync(dirname(config), { recursive: true });
   writeFileSync(
     config,
-    [
-      "# Written by `ioasidctl up`: a user per role instance with its role's permissions (DESIGN §11).",
-      "host: 127.0.0.1",
-      `port: ${nats.port}`,
-      `jetstream { store_dir: ${JSON.stringify(nats.storeDir)} }`,
-      renderAuthorization(entries),
-    ].join("\n"),
+    ["# Written by ioasidctl: a user per role instance with its role's permissions (DESIGN §11).", ...options.config.lines, renderAuthorization(entries)].join(
+      "\n",
+    ),
     { mode: 0o600 },
   );
   return { config, services, operator, vmm };
@@ -242,7 +243,13 @@ async function launchStack(
     const out = openSync(join(dir, "logs", "nats-server.log"), "a");
     const args = ["-js", "-sd", storeDir, "-a", "127.0.0.1", "-p", String(natsPort)];
     if (options.insecure !== true) {
-      credentials = await writeStackCredentials(dir, { port: natsPort, storeDir });
+      credentials = await writeStackCredentials({
+        root: join(dir, "credentials"),
+        config: {
+          file: join(dir, "nats-server.conf"),
+          lines: ["host: 127.0.0.1", `port: ${natsPort}`, `jetstream { store_dir: ${JSON.stringify(storeDir)} }`],
+        },
+      });
       args.splice(0, args.length, "-c", credentials.config);
     }
     const child = spawn("nats-server", args, {
