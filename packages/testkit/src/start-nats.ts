@@ -1,5 +1,5 @@
 import { randomBytes } from "node:crypto";
-import { mkdtemp, rm, writeFile } from "node:fs/promises";
+import { mkdtemp, rename, rm, writeFile } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { connect } from "@nats-io/transport-node";
@@ -182,10 +182,11 @@ export async function startNats(options: StartNatsOptions = {}): Promise<NatsSer
     ];
     return [renderAuthorization(users), ...(auth.anonymous === "operator" ? [`no_auth_user: ${operator.user}`] : [])];
   };
-  const writeConfig = (port: number): Promise<void> => {
+  // Written whole and renamed into place: a reload (SIGHUP) never reads a half-written file.
+  const writeConfig = async (port: number): Promise<void> => {
     configuredPort = port;
-    return writeFile(
-      configPath,
+    await writeFile(
+      `${configPath}.new`,
       [
         "host: 127.0.0.1",
         `port: ${port}`,
@@ -196,7 +197,10 @@ export async function startNats(options: StartNatsOptions = {}): Promise<NatsSer
       ].join("\n"),
       { mode: 0o600 },
     );
+    await rename(`${configPath}.new`, configPath);
   };
+  // One new user at a time: each is a rewrite of the configuration and a reload.
+  let credentialsQueue: Promise<unknown> = Promise.resolve();
 
   let managed: ManagedChild | undefined;
   let port: number;
@@ -272,7 +276,15 @@ export async function startNats(options: StartNatsOptions = {}): Promise<NatsSer
       })();
       return operatorTls;
     },
-    async credentials(role: NatsRole, instance: string) {
+    credentials(role: NatsRole, instance: string) {
+      const next = credentialsQueue.then(() => addCredentials(role, instance));
+      credentialsQueue = next.catch(() => undefined);
+      return next;
+    },
+  };
+
+  async function addCredentials(role: NatsRole, instance: string): Promise<NatsRoleCredentials | undefined> {
+    {
       if (auth === undefined) return undefined;
       const key = `${role}/${instance}`;
       const known = roleCredentials.get(key);
@@ -286,19 +298,28 @@ export async function startNats(options: StartNatsOptions = {}): Promise<NatsSer
       // A new user takes a configuration reload (SIGHUP); it is in effect once the user can connect.
       await writeConfig(configuredPort === -1 ? port : configuredPort);
       if (managed?.running() === true) {
-        managed.child.kill("SIGHUP");
+        const m = managed;
+        m.child.kill("SIGHUP");
+        // A busy machine may take a while; the signal is sent again each second until it is in effect.
+        let lastSignal = performance.now();
         await waitFor(
           async () => {
-            const nc = await connect({ servers: `nats://127.0.0.1:${port}`, ...natsConnectOptions(credential), reconnect: false }).catch(() => undefined);
+            const nc = await connect({ servers: `nats://127.0.0.1:${port}`, ...natsConnectOptions(credential), reconnect: false, timeout: 2000 }).catch(
+              () => undefined,
+            );
             await nc?.close();
+            if (nc === undefined && performance.now() - lastSignal > 1000 && m.running()) {
+              m.child.kill("SIGHUP");
+              lastSignal = performance.now();
+            }
             return nc !== undefined;
           },
-          { timeoutMs: 10_000, intervalMs: 50, message: `nats-server to accept the new user ${key}` },
+          { timeoutMs: 30_000, intervalMs: 50, message: `nats-server to accept the new user ${key}` },
         );
       }
       return made;
-    },
-  };
+    }
+  }
 }
 
 /** Signals after which nats-server exits. */
