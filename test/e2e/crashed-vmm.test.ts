@@ -3,6 +3,7 @@ import { fileURLToPath } from "node:url";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { eventOf, readHistory } from "@ioasid/bus";
 import { isDomainError } from "@ioasid/errors";
+import { decodeVfioCapability } from "@ioasid/grpc-kit";
 import { core, iommu, kvm, vdcm, vfio } from "@ioasid/proto";
 import { waitFor } from "@ioasid/testkit";
 import { findPasid } from "@ioasid/cli";
@@ -55,15 +56,17 @@ describe("crashed VMM", () => {
       stdio: ["ignore", "pipe", "inherit"],
       env: { ...process.env, IOASID_CREDENTIALS_DIR: vmmCredentials },
     });
-    const opened = await new Promise<{ containerId: number; setId: number }>((resolve, reject) => {
+    const opened = await new Promise<{ containerId: number; setId: number; capability: string }>((resolve, reject) => {
       vmm!.stdout!.on("data", (d) => {
         const line = String(d)
           .split("\n")
           .find((l) => l.startsWith("{"));
-        if (line !== undefined) resolve(JSON.parse(line) as { containerId: number; setId: number });
+        if (line !== undefined) resolve(JSON.parse(line) as { containerId: number; setId: number; capability: string });
       });
       vmm!.on("exit", (code) => reject(new Error(`VMM exited ${code}`)));
     });
+    // The test acts for that VMM, with the capability it printed.
+    c.vfio.remember(opened.containerId, decodeVfioCapability(opened.capability)!);
     await c.vfio.assignDevice(P(vfio.AssignDeviceRequest, { containerId: opened.containerId, device: { ref: { $case: "mdevUuid", value: "mdev-crash" } } }));
 
     // Four guest PASIDs bound, in KVM's table and programmed into the device.

@@ -4,6 +4,7 @@ import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { connect, type NatsConnection } from "@nats-io/transport-node";
 import { eventOf, readHistory, type HistoryRecord } from "@ioasid/bus";
 import { Code } from "@ioasid/errors";
+import { decodeVfioCapability } from "@ioasid/grpc-kit";
 import { core, iommu, kvm, vdcm, vfio } from "@ioasid/proto";
 import { waitFor } from "@ioasid/testkit";
 import { expectRefused } from "../support/core-fixture.js";
@@ -390,15 +391,17 @@ describe("every group gets exactly one response", () => {
       stdio: ["ignore", "pipe", "inherit"],
     });
     children.push(vmm);
-    const opened = await new Promise<{ containerId: number }>((resolve, reject) => {
+    const opened = await new Promise<{ containerId: number; capability: string }>((resolve, reject) => {
       vmm.stdout!.on("data", (d) => {
         const line = String(d)
           .split("\n")
           .find((l) => l.startsWith("{"));
-        if (line !== undefined) resolve(JSON.parse(line) as { containerId: number });
+        if (line !== undefined) resolve(JSON.parse(line) as { containerId: number; capability: string });
       });
       vmm.on("exit", (code) => reject(new Error(`VMM exited ${code}`)));
     });
+    // The test acts for that VMM, with the capability it printed.
+    c.vfio.remember(opened.containerId, decodeVfioCapability(opened.capability)!);
     await c.vfio.assignDevice(P(vfio.AssignDeviceRequest, { containerId: opened.containerId, device: { ref: { $case: "deviceId", value: "pf-k" } } }));
     const p = await c.vfio.allocPasid({ containerId: opened.containerId });
     await c.vfio.bindGuestPasid(

@@ -71,6 +71,8 @@ async function iommuState() {
 describe("vfio with the real IOMMU and VDCM", () => {
   it("assigns a device and an mdev, binds guest PASIDs, keeps a second VM out, and tears everything down when the VMM is killed", async () => {
     vmm = await startVmm(vf.proc.address, { mmToken: 0xa1n });
+    // The test acts for that VMM: it holds the capability the VMM's container answered.
+    vf.client.remember(vmm.containerId, vmm.capability);
     const a = vmm.containerId;
     // mdevs before PASIDs: VDCM registers on the set with the first mdev.
     const m = await vf.client.assignDevice({ containerId: a, device: mdevRef(MDEV) });
@@ -161,7 +163,7 @@ describe("vfio with the real IOMMU and VDCM", () => {
 
   it("lets a guest free before unbind; the late unbind finds nothing; unassign unbinds what is left", async () => {
     const c = await vf.client.openContainer(vfio.OpenContainerRequest.fromPartial({ mmToken: 0xc3n, quota: 4 }));
-    vmm = await startVmm(vf.proc.address, { containerId: c.containerId });
+    vmm = await startVmm(vf.proc.address, { containerId: c.containerId, capability: c.capability });
     await vf.client.assignDevice({ containerId: c.containerId, device: deviceRef(PF) });
     const p = await vf.client.allocPasid({ containerId: c.containerId });
     const q = await vf.client.allocPasid({ containerId: c.containerId });

@@ -173,6 +173,7 @@ describe("vfio: the container lives as long as its VMM's session", () => {
   it("frees every IOASID of the set when the VMM process is killed (kill -9)", async () => {
     const since = Date.now();
     const vmm = await startVmm(vf.proc.address, { mmToken: nextToken++, pasids: 3 });
+    vf.client.remember(vmm.containerId, vmm.capability);
     vmms.push(vmm);
     expect(vmm.pasids).toHaveLength(3);
     const [held] = vmm.pasids;
@@ -206,6 +207,7 @@ describe("vfio: the container lives as long as its VMM's session", () => {
   it("frees the set on CloseContainer, and the Session stream ends with CLOSED and OK", async () => {
     const since = Date.now();
     const vmm = await startVmm(vf.proc.address, { mmToken: nextToken++, pasids: 2 });
+    vf.client.remember(vmm.containerId, vmm.capability);
     vmms.push(vmm);
     expect(await vf.client.closeContainer({ containerId: vmm.containerId })).toEqual({ freedPasids: 2, unassignedDevices: 0 });
     await vmm.proc.exited;

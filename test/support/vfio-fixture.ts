@@ -1,14 +1,26 @@
 import { dirname, join } from "node:path";
 import { fileURLToPath } from "node:url";
-import { createClient, type AnyServiceDefinition, type PromiseClient } from "@ioasid/grpc-kit";
+import {
+  createClient,
+  createVfioSession,
+  decodeVfioCapability,
+  encodeVfioCapability,
+  type AnyServiceDefinition,
+  type PromiseClient,
+  type VfioSession,
+} from "@ioasid/grpc-kit";
 import { iommu, vdcm, vfio, type core } from "@ioasid/proto";
 import { natsEnv, startService, waitFor, type ServiceProcess } from "@ioasid/testkit";
 import { serviceEntry, type CoreFixture } from "./core-fixture.js";
 
-/** A vfio process on an ephemeral port, against a core fixture, and a client of it. */
+/**
+ * A vfio process on an ephemeral port, against a core fixture, and a client of it: one VMM's
+ * session (its capability store holds what the containers it opened answered). A second VMM is
+ * `createVfioSession(createClient(…))` of its own.
+ */
 export interface VfioFixture {
   readonly proc: ServiceProcess;
-  readonly client: PromiseClient<typeof vfio.VfioServiceService>;
+  readonly client: VfioSession;
   /** Stops vfio (SIGTERM); its exit code. */
   stop(): Promise<number | null>;
 }
@@ -33,7 +45,7 @@ export async function startVfio(coreFixture: CoreFixture, env: Record<string, st
       ...env,
     },
   });
-  const client = createClient(vfio.VfioServiceService, proc.address, { deadlineMs: 5000 });
+  const client = createVfioSession(createClient(vfio.VfioServiceService, proc.address, { deadlineMs: 5000 }));
   return {
     proc,
     client,
@@ -49,6 +61,8 @@ export interface VmmReady {
   readonly containerId: number;
   readonly setId: number;
   readonly pasids: readonly { hpasid: number; generation: number }[];
+  /** The container's capability (the VMM's own when it opened it, or the one it was given). */
+  readonly capability: Uint8Array;
 }
 
 /** A VMM child process (test/support/vfio-vmm.ts) holding a container's Session stream. */
@@ -63,10 +77,14 @@ const here = fileURLToPath(import.meta.url);
 const vmmEntry = here.includes("/test/dist/") ? join(dirname(here), "vfio-vmm.js") : fileURLToPath(new URL("../dist/support/vfio-vmm.js", import.meta.url));
 
 /**
- * Starts a VMM child that opens the container for `mmToken` (or attaches to `containerId`),
- * allocates `pasids` guest PASIDs, and holds the Session stream open; resolves once attached.
+ * Starts a VMM child that opens the container for `mmToken` (or attaches to `containerId`, whose
+ * `capability` it is given), allocates `pasids` guest PASIDs, and holds the Session stream open;
+ * resolves once attached.
  */
-export async function startVmm(vfioAddress: string, options: { mmToken?: bigint; containerId?: number; quota?: number; pasids?: number }): Promise<VmmProcess> {
+export async function startVmm(
+  vfioAddress: string,
+  options: { mmToken?: bigint; containerId?: number; capability?: Uint8Array; quota?: number; pasids?: number },
+): Promise<VmmProcess> {
   const proc = await startService({
     name: "vmm",
     entry: vmmEntry,
@@ -76,6 +94,7 @@ export async function startVmm(vfioAddress: string, options: { mmToken?: bigint;
       VMM_CONTAINER_ID: String(options.containerId ?? 0),
       VMM_QUOTA: String(options.quota ?? 16),
       VMM_PASIDS: String(options.pasids ?? 0),
+      ...(options.capability === undefined ? {} : { VMM_CAPABILITY: encodeVfioCapability(options.capability) }),
     },
   });
   const lines = (): Record<string, unknown>[] =>
@@ -84,12 +103,13 @@ export async function startVmm(vfioAddress: string, options: { mmToken?: bigint;
       .split("\n")
       .filter((l) => l.startsWith("{"))
       .map((l) => JSON.parse(l) as Record<string, unknown>);
-  const ready = lines().find((l) => l["msg"] === "listening") as unknown as VmmReady;
+  const ready = lines().find((l) => l["msg"] === "listening") as unknown as Omit<VmmReady, "capability"> & { capability: string };
   return {
     proc,
     containerId: ready.containerId,
     setId: ready.setId,
     pasids: ready.pasids,
+    capability: decodeVfioCapability(ready.capability) ?? new Uint8Array(0),
     events: () => lines().filter((l) => l["msg"] !== "listening"),
   };
 }

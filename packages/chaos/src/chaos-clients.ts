@@ -1,6 +1,6 @@
 import { spawn, type ChildProcess } from "node:child_process";
 import { createInterface } from "node:readline";
-import { createClient, type PromiseClient } from "@ioasid/grpc-kit";
+import { createClient, createVfioSession, decodeVfioCapability, type PromiseClient, type VfioSession } from "@ioasid/grpc-kit";
 import { core, iommu, kvm, vdcm, vfio } from "@ioasid/proto";
 import type { StackService } from "./chaos-stack.js";
 
@@ -8,7 +8,11 @@ import type { StackService } from "./chaos-stack.js";
 export interface ChaosClients {
   readonly core: PromiseClient<typeof core.CoreServiceService>;
   readonly iommu: PromiseClient<typeof iommu.IommuServiceService>;
-  readonly vfio: PromiseClient<typeof vfio.VfioServiceService>;
+  /**
+   * VFIO with the capability store of the guests' VMMs: the driver acts for every guest's VMM, so
+   * it remembers each container's capability as its VMM process hands it over (DESIGN §3).
+   */
+  readonly vfio: VfioSession;
   readonly kvm: PromiseClient<typeof kvm.KvmServiceService>;
   readonly vdcm: PromiseClient<typeof vdcm.VdcmServiceService>;
   close(): void;
@@ -23,7 +27,7 @@ export function createChaosClients(addresses: Readonly<Record<StackService, stri
   const clients = {
     core: createClient(core.CoreServiceService, addresses["ioasid-core"], o),
     iommu: createClient(iommu.IommuServiceService, addresses.iommu, o),
-    vfio: createClient(vfio.VfioServiceService, addresses.vfio, o),
+    vfio: createVfioSession(createClient(vfio.VfioServiceService, addresses.vfio, o)),
     kvm: createClient(kvm.KvmServiceService, addresses.kvm, o),
     vdcm: createClient(vdcm.VdcmServiceService, addresses.vdcm, o),
   };
@@ -33,8 +37,11 @@ export function createChaosClients(addresses: Readonly<Record<StackService, stri
 /** A guest's VMM process: it opened the VM's container and holds its VFIO Session while it lives. */
 export interface VmmProcess {
   readonly pid: number;
-  /** The container, once the Session is attached; rejects when the process ends first (its error output). */
-  readonly opened: Promise<{ readonly containerId: number; readonly setId: number }>;
+  /**
+   * The container and its VFIO capability, once the Session is attached; rejects when the process
+   * ends first (its error output).
+   */
+  readonly opened: Promise<{ readonly containerId: number; readonly setId: number; readonly capability: Uint8Array }>;
   /** Settles when the process has ended. */
   readonly exited: Promise<{ readonly code: number | null; readonly signal: NodeJS.Signals | null }>;
   /** Sends a signal by PID (SIGKILL: the crashed VMM; SIGTERM: a clean exit). */
@@ -50,7 +57,7 @@ let exitHooked = false;
 
 /**
  * Starts a VMM process (`ioasidctl vmm-agent`, as `ioasidctl vm create` does): it opens the
- * container for `mmToken` with `quota` and prints `{"containerId":…,"setId":…}` once its Session
+ * container for `mmToken` with `quota` and prints `{"containerId":…,"setId":…,"capability":…}` once its Session
  * is attached. Its stderr (the reason a failed open gives) is kept for the rejection.
  */
 export function startVmm(command: VmmCommand, options: { vfioAddress: string; mmToken: bigint; quota: number; name: string }): VmmProcess {
@@ -88,13 +95,16 @@ export function startVmm(command: VmmCommand, options: { vfioAddress: string; mm
       resolve({ code, signal });
     });
   });
-  const opened = new Promise<{ containerId: number; setId: number }>((resolve, reject) => {
+  const opened = new Promise<{ containerId: number; setId: number; capability: Uint8Array }>((resolve, reject) => {
     const rl = createInterface({ input: child.stdout! });
     rl.on("line", (line) => {
       if (!line.startsWith("{")) return;
       try {
-        const o = JSON.parse(line) as { containerId?: number; setId?: number };
-        if (typeof o.containerId === "number" && typeof o.setId === "number") resolve({ containerId: o.containerId, setId: o.setId });
+        const o = JSON.parse(line) as { containerId?: number; setId?: number; capability?: string };
+        const capability = typeof o.capability === "string" ? decodeVfioCapability(o.capability) : undefined;
+        if (typeof o.containerId === "number" && typeof o.setId === "number" && capability !== undefined) {
+          resolve({ containerId: o.containerId, setId: o.setId, capability });
+        }
       } catch {
         // not the line we wait for
       }

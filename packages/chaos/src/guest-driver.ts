@@ -173,6 +173,8 @@ export async function runGuest(plan: GuestPlan, ctx: GuestContext): Promise<Gues
   }
   containerId = opened.containerId;
   setId = opened.setId;
+  // The VMM handed its capability over: the driver's calls for this guest carry it.
+  c.vfio.remember(containerId, opened.capability);
   openOp.done("ok", { setId });
 
   let killedByUs = false;

@@ -1,7 +1,7 @@
 import { existsSync } from "node:fs";
 import { join } from "node:path";
 import { connect, type ConnectionOptions, type NatsConnection } from "@nats-io/transport-node";
-import { createClient, type PromiseClient } from "@ioasid/grpc-kit";
+import { createClient, createVfioSession, type PromiseClient, type VfioSession } from "@ioasid/grpc-kit";
 import { core, iommu, kvm, vdcm, vfio } from "@ioasid/proto";
 import { natsConnectOptions, readInstanceCredentials, readNatsCredential, type InstanceCredentials, type Role } from "@ioasid/security";
 import type { StackState } from "./stack.js";
@@ -10,7 +10,11 @@ import type { StackState } from "./stack.js";
 export interface StackClients {
   readonly core: PromiseClient<typeof core.CoreServiceService>;
   readonly iommu: PromiseClient<typeof iommu.IommuServiceService>;
-  readonly vfio: PromiseClient<typeof vfio.VfioServiceService>;
+  /**
+   * VFIO as the VMMs of this stack: its capability store remembers what OpenContainer answers and
+   * was seeded with the capabilities `connectStack` was given (DESIGN §3).
+   */
+  readonly vfio: VfioSession;
   readonly kvm: PromiseClient<typeof kvm.KvmServiceService>;
   readonly vdcm: PromiseClient<typeof vdcm.VdcmServiceService>;
   readonly nc: NatsConnection;
@@ -55,15 +59,19 @@ export function operatorAuth(dir: string): Pick<StackAddresses, "natsAuth" | "tl
   };
 }
 
-/** Connects to every service (each call has a 5 s deadline) and to NATS. */
-export async function connectStack(a: StackAddresses): Promise<StackClients> {
+/**
+ * Connects to every service (each call has a 5 s deadline) and to NATS.
+ * @param capabilities VFIO capabilities of containers opened elsewhere (the VMM processes of
+ *   `ioasidctl vm create`), so that calls naming them carry them
+ */
+export async function connectStack(a: StackAddresses, capabilities: Iterable<readonly [number, Uint8Array]> = []): Promise<StackClients> {
   const nc = await connect({ servers: a.natsUrl, name: "ioasidctl", ...a.natsAuth });
   // With the stack's certificates: mTLS, each server made to prove its role.
   const tls = (serverRole: Role) => (a.tls === undefined ? {} : { tls: a.tls, serverRole });
   const clients = {
     core: createClient(core.CoreServiceService, a.core, tls("core")),
     iommu: createClient(iommu.IommuServiceService, a.iommu, tls("iommu")),
-    vfio: createClient(vfio.VfioServiceService, a.vfio, tls("vfio")),
+    vfio: createVfioSession(createClient(vfio.VfioServiceService, a.vfio, tls("vfio")), capabilities),
     kvm: createClient(kvm.KvmServiceService, a.kvm, tls("kvm")),
     vdcm: createClient(vdcm.VdcmServiceService, a.vdcm, tls("vdcm")),
   };

@@ -6,6 +6,7 @@ import { join, resolve } from "node:path";
 import { parseArgs, type ParseArgsConfig } from "node:util";
 import { readHistory } from "@ioasid/bus";
 import { isDomainError } from "@ioasid/errors";
+import { decodeVfioCapability } from "@ioasid/grpc-kit";
 import { core, iommu, kvm, vdcm, vfio } from "@ioasid/proto";
 import { attachCommands } from "./attach.js";
 import { chaosCommand } from "./chaos-command.js";
@@ -34,7 +35,12 @@ const dirOption = { dir: { type: "string", default: ".ioasid" } } as const;
 
 /** Runs `fn` with clients of the stack in `dir`. */
 async function withStack<T>(dir: string, fn: (c: StackClients) => Promise<T>): Promise<T> {
-  const c = await connectStack(addressesOf(readState(dir)));
+  // The VFIO capabilities of the VMs this directory's `vm create` started: the commands act for them.
+  const capabilities = readVms(dir).flatMap((vm) => {
+    const capability = vm.capability === undefined ? undefined : decodeVfioCapability(vm.capability);
+    return capability === undefined ? [] : [[vm.containerId, capability] as const];
+  });
+  const c = await connectStack(addressesOf(readState(dir)), capabilities);
   try {
     return await fn(c);
   } finally {
@@ -49,13 +55,16 @@ interface VmRecord {
   readonly containerId: number;
   readonly setId: number;
   readonly agentPid: number;
+  /** The container's VFIO capability (hex), as the VMM printed it; absent in records of earlier versions. */
+  readonly capability?: string;
 }
 const vmsFile = (dir: string) => join(resolve(dir), "vms.json");
 function readVms(dir: string): VmRecord[] {
   return existsSync(vmsFile(dir)) ? (JSON.parse(readFileSync(vmsFile(dir), "utf8")) as VmRecord[]) : [];
 }
 function writeVms(dir: string, vms: VmRecord[]): void {
-  writeFileSync(vmsFile(dir), JSON.stringify(vms, null, 2));
+  // Owner-only: it holds the VMs' capabilities.
+  writeFileSync(vmsFile(dir), JSON.stringify(vms, null, 2), { mode: 0o600 });
 }
 function findVm(dir: string, name: string | undefined): VmRecord {
   const vms = readVms(dir);
@@ -345,18 +354,26 @@ const commands: Record<string, Command> = {
         agent.unref();
         closeSync(fd);
         const deadline = Date.now() + 10_000;
-        let info: { containerId: number; setId: number } | undefined;
+        let info: { containerId: number; setId: number; capability?: string } | undefined;
         while (info === undefined && Date.now() < deadline) {
           const line = readFileSync(logFile, "utf8")
             .split("\n")
             .find((l) => l.startsWith("{"));
-          if (line !== undefined) info = JSON.parse(line) as { containerId: number; setId: number };
+          if (line !== undefined) info = JSON.parse(line) as { containerId: number; setId: number; capability?: string };
           else await new Promise((r) => setTimeout(r, 50));
         }
         if (info === undefined) throw new Error(`the VMM did not open its container: ${readFileSync(logFile, "utf8")}`);
         writeVms(dir, [
           ...readVms(dir).filter((x) => x.name !== name),
-          { name, mmToken: String(token), vmId, containerId: info.containerId, setId: info.setId, agentPid: agent.pid! },
+          {
+            name,
+            mmToken: String(token),
+            vmId,
+            containerId: info.containerId,
+            setId: info.setId,
+            agentPid: agent.pid!,
+            ...(info.capability === undefined ? {} : { capability: info.capability }),
+          },
         ]);
         out(`vm ${name}: kvm vm ${vmId}, vfio container ${info.containerId}, set ${info.setId}, VMM pid ${agent.pid}`);
         return 0;

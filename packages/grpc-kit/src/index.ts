@@ -86,3 +86,12 @@ export {
   type ClientCredentialsOptions,
 } from "./tls.js";
 export { INTERNAL_MESSAGE, toGrpcStatus, type ToGrpcStatusOptions } from "./to-grpc-status.js";
+export {
+  createVfioSession,
+  decodeVfioCapability,
+  encodeVfioCapability,
+  VFIO_CAPABILITY_METADATA,
+  vfioCapabilityMetadata,
+  type VfioClient,
+  type VfioSession,
+} from "./vfio-session.js";

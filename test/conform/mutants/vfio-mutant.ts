@@ -48,6 +48,8 @@ export const VFIO_MUTANTS = [
   "unassigns-before-reclaim",
   /** Records no bind_gpasid history. */
   "drops-history",
+  /** Checks no capability: any VMM that names a container reaches it (DESIGN §3 broken). */
+  "skips-capability-check",
 ] as const;
 export type VfioMutant = (typeof VFIO_MUTANTS)[number];
 
@@ -170,6 +172,7 @@ await runRole({
       saved: mutant === "forgets-containers" ? new Map() : saved,
     });
     late.containers = containers;
+    if (mutant === "skips-capability-check") containers.authorize = () => undefined;
     if (mutant === "keeps-set-on-session-end") {
       const attach = containers.attachSession.bind(containers);
       containers.attachSession = (containerId) => {

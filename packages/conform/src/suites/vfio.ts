@@ -1,6 +1,6 @@
 import { isDeepStrictEqual } from "node:util";
 import { Code, isDomainError } from "@ioasid/errors";
-import { createClient, type PromiseClient } from "@ioasid/grpc-kit";
+import { createClient, createVfioSession, vfioCapabilityMetadata, type CallOptions, type PromiseClient, type VfioSession } from "@ioasid/grpc-kit";
 import { core, events, iommu, kvm, vdcm, vfio } from "@ioasid/proto";
 import { eventually, expectEqual, expectRefused, expectRefusedUnchanged, expectThat, show, type Clause } from "../clause.js";
 import type { Harness, KitTier } from "../harness.js";
@@ -15,7 +15,10 @@ type KvmClient = PromiseClient<typeof kvm.KvmServiceService>;
 /** What the VFIO clauses run with: the target, and clients of our roles around it (the kit plays the VMM, the guest and the devices). */
 export interface VfioCtx {
   readonly h: Harness;
-  readonly vfio: VfioClient;
+  /** The kit as the VMMs of its VMs: a capability store that holds what each OpenContainer answered. */
+  readonly vfio: VfioSession;
+  /** A VMM that holds no capability (a client without a store): it sends one only when a clause gives it. */
+  readonly stranger: VfioClient;
   readonly iommu: IommuClient;
   readonly vdcm: VdcmClient;
   readonly kvm: KvmClient;
@@ -360,6 +363,95 @@ async function faultingGuest(c: VfioCtx) {
     `fault group ${t.faultGroupId} relayed on WatchFaults`,
   );
   return { ...g, w, group: group! };
+}
+
+/** The first message of a server stream (leaving the loop cancels the call); rejects with the stream's error. */
+async function firstMessage(stream: AsyncIterable<unknown>): Promise<unknown> {
+  for await (const m of stream) return m;
+  return undefined;
+}
+
+/**
+ * Every VfioService call that names a container — all but OpenContainer and QueryState — aimed at
+ * `g`'s container and its objects (its device, its bound PASID, its relayed fault group, its stage
+ * 2), made by a VMM that holds no capability for it ({@link VfioCtx.stranger}) with `options`.
+ * `spare` is a device nobody was given (for AssignDevice).
+ */
+function callsNaming(
+  c: VfioCtx,
+  g: Awaited<ReturnType<typeof faultingGuest>>,
+  spare: string,
+): ReadonlyArray<readonly [string, (options: CallOptions) => Promise<unknown>]> {
+  const containerId = g.vm.containerId;
+  const s = c.stranger;
+  // A stream the target accepted would wait for messages that never come: a short deadline ends it.
+  const stream = (o: CallOptions): CallOptions => ({ ...o, deadlineMs: 3000 });
+  return [
+    ["Session", (o) => firstMessage(s.session({ containerId }, stream(o)))],
+    ["CloseContainer", (o) => s.closeContainer({ containerId }, o)],
+    ["AssignDevice", (o) => s.assignDevice(P(vfio.AssignDeviceRequest, { containerId, device: pci(spare) }), o)],
+    ["UnassignDevice", (o) => s.unassignDevice(P(vfio.UnassignDeviceRequest, { containerId, device: pci(g.device) }), o)],
+    ["AllocPasid", (o) => s.allocPasid({ containerId }, o)],
+    ["FreePasid", (o) => s.freePasid({ containerId, hpasid: g.p.hpasid, generation: g.p.generation }, o)],
+    [
+      "BindGuestPasid",
+      (o) =>
+        s.bindGuestPasid(
+          P(vfio.BindGuestPasidRequest, {
+            containerId,
+            device: pci(g.device),
+            hpasid: g.p.hpasid,
+            generation: g.p.generation,
+            gpasid: 79,
+            guestPgtable: 0x6000n,
+          }),
+          o,
+        ),
+    ],
+    [
+      "UnbindGuestPasid",
+      (o) =>
+        s.unbindGuestPasid(
+          P(vfio.UnbindGuestPasidRequest, { containerId, device: pci(g.device), hpasid: g.p.hpasid, generation: g.p.generation, gpasid: g.gpasid }),
+          o,
+        ),
+    ],
+    ["WatchFaults", (o) => firstMessage(s.watchFaults({ containerId }, stream(o)))],
+    [
+      "SendPageResponse",
+      (o) => s.sendPageResponse({ containerId, faultGroupId: g.group.faultGroupId, code: vfio.PageResponseCode.PAGE_RESPONSE_CODE_INVALID }, o),
+    ],
+    ["MapDma", (o) => s.mapDma(P(vfio.MapDmaRequest, { containerId, iova: GPA + STAGE2_SIZE, paddr: HPA + STAGE2_SIZE, size: PAGE, access: RW }), o)],
+    ["UnmapDma", (o) => s.unmapDma(P(vfio.UnmapDmaRequest, { containerId, iova: GPA, size: STAGE2_SIZE }), o)],
+    [
+      "MapGuestPages",
+      (o) =>
+        s.mapGuestPages(
+          P(vfio.MapGuestPagesRequest, { containerId, hpasid: g.p.hpasid, generation: g.p.generation, iova: GVA, gpa: GPA, size: PAGE, access: RW }),
+          o,
+        ),
+    ],
+    [
+      "UnmapGuestPages",
+      (o) => s.unmapGuestPages(P(vfio.UnmapGuestPagesRequest, { containerId, hpasid: g.p.hpasid, generation: g.p.generation, iova: GVA, size: PAGE }), o),
+    ],
+  ];
+}
+
+/**
+ * Everything of a faulting guest a refused call could change: VFIO (its watcher too), the core, the
+ * IOMMU (entries, its stage 2, the group), what was relayed.
+ */
+async function guestWorld(c: VfioCtx, g: Awaited<ReturnType<typeof faultingGuest>>, others: readonly Vm[], spare: string): Promise<unknown> {
+  const stage2 = await ridDomain(c, g.device);
+  const s = await c.iommu.queryState(P(iommu.QueryStateRequest, { deviceIds: [g.device, spare] }));
+  return {
+    w: await world(c, [g.vm, ...others], [g.device, spare]),
+    group: s.faultGroups.find((x) => x.faultGroupId === g.group.faultGroupId)?.state,
+    // The guest's stage 2 only: other clauses' domains are still being freed in the background.
+    stage2: s.domains.find((d) => d.domainId === stage2)?.mappings.map((m) => `${m.iova}+${m.size}`),
+    relayed: g.w.items.length,
+  };
 }
 
 const clauses: Clause<VfioCtx>[] = [
@@ -932,6 +1024,102 @@ const clauses: Clause<VfioCtx>[] = [
       await expectRefused(c.vfio.queryState({ containerId: NO_CONTAINER }), Code.NOT_FOUND, "CONTAINER_NOT_FOUND", "QueryState of no container");
     },
   }),
+  // ----- Authority: a container is reached only with its capability (DESIGN §3)
+  clause({
+    id: "vfio.capability.answered",
+    statement:
+      "OpenContainer answers a capability of 32 bytes, a different one for each container, and the calls naming the container that carry it are served",
+    source: "vfio.proto OpenContainerResponse.capability; DESIGN §3 (authority is a capability, not a name)",
+    async run(c) {
+      const a = await openVm(c);
+      const b = await openVm(c);
+      const ca = c.vfio.capabilityOf(a.containerId);
+      const cb = c.vfio.capabilityOf(b.containerId);
+      expectEqual(ca?.length, 32, "the length of the capability OpenContainer answered");
+      expectThat(ca !== undefined && cb !== undefined && !Buffer.from(ca).equals(Buffer.from(cb)), "two containers' capabilities differ", show([ca, cb]));
+      // The stranger, given the capability, is the VMM: it is served.
+      const p = await c.stranger.allocPasid({ containerId: a.containerId }, { metadata: vfioCapabilityMetadata(ca!) });
+      expectThat(p.hpasid !== 0, "AllocPasid with the container's capability is served", show(p));
+    },
+  }),
+  clause({
+    id: "vfio.capability.missing",
+    statement:
+      "every call naming a container (Session, CloseContainer, AssignDevice, UnassignDevice, AllocPasid, FreePasid, BindGuestPasid, UnbindGuestPasid, WatchFaults, SendPageResponse, MapDma, UnmapDma, MapGuestPages, UnmapGuestPages) without a capability is PERMISSION_DENIED CAPABILITY_MISSING and changes nothing",
+    source: "vfio.proto (file comment: capabilities); DESIGN §3 (authority is a capability, not a name)",
+    async run(c) {
+      const g = await faultingGuest(c);
+      const spare = await pciDevice(c);
+      for (const [rpc, call] of callsNaming(c, g, spare)) {
+        await expectRefusedUnchanged(
+          () => guestWorld(c, g, [], spare),
+          () => call({}),
+          Code.PERMISSION_DENIED,
+          "CAPABILITY_MISSING",
+          `${rpc} without a capability`,
+        );
+      }
+    },
+  }),
+  clause({
+    id: "vfio.capability.other-container",
+    statement:
+      "every call naming a container with another container's capability (another VM's VMM) or a malformed one is PERMISSION_DENIED CAPABILITY_NOT_FOR_CONTAINER and changes nothing of either VM",
+    source: "vfio.proto (file comment: capabilities); DESIGN §3 (authority is a capability, not a name), §7 S3",
+    async run(c) {
+      const g = await faultingGuest(c);
+      const other = await openVm(c);
+      const spare = await pciDevice(c);
+      const theirs = vfioCapabilityMetadata(c.vfio.capabilityOf(other.containerId)!);
+      for (const [what, metadata] of [
+        ["another VM's capability", theirs],
+        ["a malformed capability", { "ioasid-vfio-capability": "not-hex" }],
+      ] as const) {
+        for (const [rpc, call] of callsNaming(c, g, spare)) {
+          await expectRefusedUnchanged(
+            () => guestWorld(c, g, [other], spare),
+            () => call({ metadata }),
+            Code.PERMISSION_DENIED,
+            "CAPABILITY_NOT_FOR_CONTAINER",
+            `${rpc} with ${what}`,
+          );
+        }
+      }
+    },
+  }),
+  clause({
+    id: "vfio.capability.closed-container",
+    statement:
+      "a closed container's capability opens nothing: calls naming the closed container are NOT_FOUND CONTAINER_NOT_FOUND, and calls naming a later container with it are PERMISSION_DENIED CAPABILITY_NOT_FOR_CONTAINER and change nothing",
+    source: "vfio.proto (file comment: capabilities; container ids are never reused); DESIGN §3",
+    async run(c) {
+      const old = await openVm(c);
+      const oldCapability = vfioCapabilityMetadata(c.vfio.capabilityOf(old.containerId)!);
+      await c.vfio.closeContainer({ containerId: old.containerId });
+      await eventually(
+        () => containerOf(c, old.containerId),
+        (x) => x === undefined,
+        "the closed container gone",
+      );
+      await expectRefused(
+        c.stranger.allocPasid({ containerId: old.containerId }, { metadata: oldCapability }),
+        Code.NOT_FOUND,
+        "CONTAINER_NOT_FOUND",
+        "AllocPasid naming the closed container",
+      );
+      const g = await faultingGuest(c);
+      const spare = await pciDevice(c);
+      for (const [rpc, call] of callsNaming(c, g, spare)) {
+        await expectRefusedUnchanged(
+          () => guestWorld(c, g, [], spare),
+          () => call({ metadata: oldCapability }),
+          Code.PERMISSION_DENIED,
+          "CAPABILITY_NOT_FOR_CONTAINER",
+          `${rpc} with a closed container's capability`,
+        );
+      }
+    },
+  }),
   // ----- Isolation: every call stays inside the container's set (S3)
   clause({
     id: "vfio.isolation.free-other-vm",
@@ -1498,11 +1686,12 @@ const clauses: Clause<VfioCtx>[] = [
  * "event" clauses are about its effects (a free, a session's end and a close drive the FREEs through
  * the tiers, which the kit watches by playing a tier itself).
  *
- * Authority: DESIGN §3 makes a VMM's session its capability (every call carries its session's
- * handle; naming another VM's objects without it is PERMISSION_DENIED). vfio.proto has no such
- * handle yet — calls name their container by id — so the isolation clauses check what the proto
- * documents today: a call naming one container never reaches another VM's PASIDs, devices or fault
- * groups (IOASID_NOT_IN_SET, DEVICE_BUSY / DEVICE_NOT_ASSIGNED, FAULT_GROUP_NOT_OWNED).
+ * Authority: DESIGN §3 makes a VMM's session its capability: OpenContainer answers the container's
+ * capability, and every call naming the container must carry it (metadata `ioasid-vfio-capability`);
+ * without it, or with another container's, the call is PERMISSION_DENIED and changes nothing (the
+ * `vfio.capability.*` clauses). The isolation clauses check the other half: a call naming one
+ * container, with its capability, never reaches another VM's PASIDs, devices or fault groups
+ * (IOASID_NOT_IN_SET, DEVICE_BUSY / DEVICE_NOT_ASSIGNED, FAULT_GROUP_NOT_OWNED).
  */
 export const vfioSuite: RoleSuite<VfioCtx> = {
   role: "vfio",
@@ -1511,7 +1700,8 @@ export const vfioSuite: RoleSuite<VfioCtx> = {
     "ioasid.vfio.v1.VfioService and grpc.health.v1 at --target; the core at IOASID_CORE_ADDRESS, the IOMMU at IOMMU_ADDRESS, VDCM at VDCM_ADDRESS, KVM at KVM_ADDRESS; NATS at NATS_URL",
   prepare: (h) => ({
     h,
-    vfio: createClient(vfio.VfioServiceService, h.target, { deadlineMs: 10_000 }),
+    vfio: createVfioSession(createClient(vfio.VfioServiceService, h.target, { deadlineMs: 10_000 })),
+    stranger: createClient(vfio.VfioServiceService, h.target, { deadlineMs: 10_000 }),
     iommu: createClient(iommu.IommuServiceService, h.addresses.iommu!, { deadlineMs: 10_000 }),
     vdcm: createClient(vdcm.VdcmServiceService, h.addresses.vdcm!, { deadlineMs: 10_000 }),
     kvm: createClient(kvm.KvmServiceService, h.addresses.kvm!, { deadlineMs: 10_000 }),
@@ -1525,6 +1715,7 @@ export const vfioSuite: RoleSuite<VfioCtx> = {
   close: async (c) => {
     await cleanup(c);
     c.vfio.close();
+    c.stranger.close();
     c.iommu.close();
     c.vdcm.close();
     c.kvm.close();

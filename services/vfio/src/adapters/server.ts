@@ -1,10 +1,11 @@
-import { createGrpcServer, type GrpcServer, type GrpcServerOptions, type ServiceHandlers } from "@ioasid/grpc-kit";
+import { createGrpcServer, type CallContext, type GrpcServer, type GrpcServerOptions, type ServiceHandlers } from "@ioasid/grpc-kit";
 import { vfio } from "@ioasid/proto";
 import type { Logger } from "pino";
 import type { CloseReason } from "../domain/container.js";
 import type { VfioContainers } from "../domain/vfio-containers.js";
 import { invalidField } from "../domain/vfio-errors.js";
 import type { FaultRelay } from "../domain/fault-relay.js";
+import { capabilityOf } from "./capability-metadata.js";
 import { CLOSE_REASONS, fromDeviceRef, RESPONSE_CODES, RESPONSE_CODES_WIRE, toContainer, toDeviceRef, toFaultGroup } from "./convert.js";
 import type { GuestPagesPort } from "./grpc-ports.js";
 
@@ -24,18 +25,32 @@ function closedOrAborted(closed: Promise<CloseReason>, signal: AbortSignal): Pro
 /**
  * The VfioService handlers: each translates the wire request, delegates to {@link VfioContainers}
  * and translates the answer. Refusals are the domain's DomainErrors, thrown as they are.
+ *
+ * Every handler of a call that names a container, but OpenContainer and QueryState, first checks the
+ * call's capability ({@link VfioContainers.authorize}, from the `ioasid-vfio-capability` metadata)
+ * before it reads anything else of the request (DESIGN §3: a call about another VM's container
+ * without that VM's capability is PERMISSION_DENIED with nothing changed).
  */
 export function createVfioHandlers(
   containers: VfioContainers,
   faults: FaultRelay,
   guestPages: GuestPagesPort,
 ): ServiceHandlers<typeof vfio.VfioServiceService> {
+  /** The authorization seam: the call's capability must be the named container's. */
+  const authorize = (containerId: number, ctx: CallContext): void => containers.authorize(containerId, capabilityOf(ctx.metadata));
   return {
     openContainer: async (req) => {
       const r = await containers.openContainer({ mmToken: req.mmToken, quota: req.quota, vmName: req.vmName, sessionGraceMs: req.sessionGraceMs });
-      return { containerId: r.containerId, setId: r.setId, quota: r.quota, sessionDeadline: new Date(r.sessionDeadline) };
+      return {
+        containerId: r.containerId,
+        setId: r.setId,
+        quota: r.quota,
+        sessionDeadline: new Date(r.sessionDeadline),
+        capability: Buffer.from(r.capability),
+      };
     },
     session: async (req, ctx, send) => {
+      authorize(req.containerId, ctx);
       const lease = containers.attachSession(req.containerId);
       try {
         await send({ event: { $case: "attached", value: { containerId: lease.containerId, setId: lease.setId } } });
@@ -48,33 +63,49 @@ export function createVfioHandlers(
         lease.end();
       }
     },
-    closeContainer: async (req) => {
+    closeContainer: async (req, ctx) => {
+      authorize(req.containerId, ctx);
       const r = await containers.closeContainer(req.containerId);
       return { freedPasids: r.freed, unassignedDevices: r.unassignedDevices };
     },
-    assignDevice: async (req) => {
+    assignDevice: async (req, ctx) => {
+      authorize(req.containerId, ctx);
       const a = await containers.assignDevice(req.containerId, fromDeviceRef(req.device));
       return { assigned: { device: toDeviceRef(a.device), parentDeviceId: a.parentDeviceId, assignedAt: new Date(a.assignedAt) } };
     },
-    unassignDevice: async (req) => containers.unassignDevice(req.containerId, fromDeviceRef(req.device)),
-    allocPasid: async (req) => containers.allocPasid(req.containerId),
-    freePasid: async (req) => containers.freePasid(req.containerId, req.hpasid, req.generation),
-    bindGuestPasid: async (req) =>
-      containers.bindGuestPasid(req.containerId, {
+    unassignDevice: async (req, ctx) => {
+      authorize(req.containerId, ctx);
+      return containers.unassignDevice(req.containerId, fromDeviceRef(req.device));
+    },
+    allocPasid: async (req, ctx) => {
+      authorize(req.containerId, ctx);
+      return containers.allocPasid(req.containerId);
+    },
+    freePasid: async (req, ctx) => {
+      authorize(req.containerId, ctx);
+      return containers.freePasid(req.containerId, req.hpasid, req.generation);
+    },
+    bindGuestPasid: async (req, ctx) => {
+      authorize(req.containerId, ctx);
+      return containers.bindGuestPasid(req.containerId, {
         device: fromDeviceRef(req.device),
         hpasid: req.hpasid,
         generation: req.generation,
         gpasid: req.gpasid,
         guestPgtable: req.guestPgtable,
-      }),
-    unbindGuestPasid: async (req) =>
-      containers.unbindGuestPasid(req.containerId, {
+      });
+    },
+    unbindGuestPasid: async (req, ctx) => {
+      authorize(req.containerId, ctx);
+      return containers.unbindGuestPasid(req.containerId, {
         device: fromDeviceRef(req.device),
         hpasid: req.hpasid,
         generation: req.generation,
         gpasid: req.gpasid,
-      }),
+      });
+    },
     watchFaults: async (req, ctx, send) => {
+      authorize(req.containerId, ctx);
       containers.usableSetId(req.containerId);
       await faults.watch(req.containerId, ctx.signal, (item) => {
         switch (item.kind) {
@@ -103,14 +134,16 @@ export function createVfioHandlers(
         }
       });
     },
-    sendPageResponse: async (req) => {
+    sendPageResponse: async (req, ctx) => {
+      authorize(req.containerId, ctx);
       const code = RESPONSE_CODES.get(req.code);
       if (code === undefined) throw invalidField("code", "code is required: SUCCESS, INVALID or FAILURE");
       containers.usableSetId(req.containerId);
       await faults.respond(req.containerId, req.faultGroupId, code);
       return {};
     },
-    mapDma: async (req) => {
+    mapDma: async (req, ctx) => {
+      authorize(req.containerId, ctx);
       await containers.mapDma(req.containerId, {
         iova: req.iova,
         paddr: req.paddr,
@@ -119,19 +152,25 @@ export function createVfioHandlers(
       });
       return {};
     },
-    unmapDma: async (req) => ({ unmappedSize: await containers.unmapDma(req.containerId, req.iova, req.size) }),
-    mapGuestPages: async (req) => {
+    unmapDma: async (req, ctx) => {
+      authorize(req.containerId, ctx);
+      return { unmappedSize: await containers.unmapDma(req.containerId, req.iova, req.size) };
+    },
+    mapGuestPages: async (req, ctx) => {
+      authorize(req.containerId, ctx);
       const setId = containers.usableSetId(req.containerId);
       if (req.hpasid === 0) throw invalidField("hpasid", "hpasid is required");
       const access = req.access ?? { read: false, write: false, execute: false, privileged: false };
       await guestPages.map(setId, req.hpasid, req.generation, req.iova, req.gpa, req.size, access);
       return {};
     },
-    unmapGuestPages: async (req) => {
+    unmapGuestPages: async (req, ctx) => {
+      authorize(req.containerId, ctx);
       const setId = containers.usableSetId(req.containerId);
       if (req.hpasid === 0) throw invalidField("hpasid", "hpasid is required");
       return { unmappedSize: await guestPages.unmap(setId, req.hpasid, req.generation, req.iova, req.size) };
     },
+    // No capability: the operator's inspection, which never shows one (vfio.proto QueryState).
     queryState: async (req) => ({ containers: (await containers.queryState(req.containerId)).map((c) => toContainer(c, faults)), takenAt: new Date() }),
   };
 }

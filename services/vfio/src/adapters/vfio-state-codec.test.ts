@@ -18,8 +18,20 @@ const entries: VfioKeptEntry[] = [
       { ref: { kind: "mdev", id: "m1" }, parentDeviceId: "0000:6a:02.0", assignedAt: 1_700_000_000_003 },
     ],
     stage2: 9,
+    capabilityDigest: new Uint8Array(32).fill(7),
   },
-  { kind: "container", id: 4, setId: 5, mmToken: 1n, vmName: "", quota: 0, openedAt: 1_700_000_000_004, devices: [], stage2: undefined },
+  {
+    kind: "container",
+    id: 4,
+    setId: 5,
+    mmToken: 1n,
+    vmName: "",
+    quota: 0,
+    openedAt: 1_700_000_000_004,
+    devices: [],
+    stage2: undefined,
+    capabilityDigest: new Uint8Array(0),
+  },
   { kind: "containerCounter", nextContainerId: 5 },
 ];
 

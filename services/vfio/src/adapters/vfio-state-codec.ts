@@ -27,6 +27,7 @@ export function toVfioStateEntry(e: VfioKeptEntry): vfioState.VfioStateEntry {
             devices: e.devices.map((d) => ({ device: toDeviceRef(d.ref), parentDeviceId: d.parentDeviceId, assignedAt: new Date(d.assignedAt) })),
             // Domain ids are never 0: 0 says "no stage-2 domain".
             stage2DomainId: e.stage2 ?? 0,
+            capabilityDigest: Buffer.from(e.capabilityDigest),
           },
         },
       };
@@ -58,6 +59,7 @@ export function fromVfioStateEntry(m: vfioState.VfioStateEntry): VfioKeptEntry {
           assignedAt: requireField(d.assignedAt, "AssignedDevice.assigned_at").getTime(),
         })),
         stage2: c.stage2DomainId === 0 ? undefined : c.stage2DomainId,
+        capabilityDigest: new Uint8Array(c.capabilityDigest),
       };
     }
     case "containerCounter":

@@ -60,6 +60,8 @@ export interface Container {
   readonly vmName: string;
   readonly quota: number;
   readonly openedAt: number;
+  /** SHA-256 of the container's capability (container-capability.ts); empty for one kept before capabilities. */
+  readonly capabilityDigest: Uint8Array;
   state: ContainerState;
   sessionDeadline: number | undefined;
   cancelGrace: (() => void) | undefined;

@@ -4,6 +4,7 @@ import type { CorePort } from "@ioasid/role-kit";
 import { CloseReason, ContainerState, type Container, type DeviceEntry } from "./container.js";
 import type { ContainerCalls } from "./container-calls.js";
 import { snapshotContainer, type AssignedDeviceInfo, type ContainerSnapshot } from "./container-snapshot.js";
+import { assertCapability, issueCapability } from "./container-capability.js";
 import { ContainerTeardown, type CloseResult } from "./container-teardown.js";
 import { DeviceAssignments } from "./device-assignments.js";
 import { assertDmaMapping, assertDmaRange } from "./dma-mapping.js";
@@ -38,6 +39,11 @@ export interface OpenedContainer {
   readonly quota: number;
   /** Wall-clock ms since the epoch. */
   readonly sessionDeadline: number;
+  /**
+   * The container's capability (32 random bytes), answered once: every later call naming the
+   * container must present it ({@link VfioContainers.authorize}). VFIO keeps only its digest.
+   */
+  readonly capability: Uint8Array;
 }
 
 /**
@@ -215,6 +221,21 @@ export class VfioContainers {
     ]);
   }
 
+  /**
+   * Checks that a call naming the container carries the container's capability — before anything
+   * else of the call happens, so a refused call changes nothing (DESIGN §3 "Authority is a
+   * capability, not a name"). Every call naming a container but OpenContainer and QueryState goes
+   * through here first. A closing container still checks it (CloseContainer joins its teardown only
+   * for its VMM), and a container restored after a VFIO restart checks its kept digest.
+   * @param presented the capability the call carried; undefined when it carried none
+   * @throws DomainError INVALID_ARGUMENT `INVALID_FIELD` (container_id 0); NOT_FOUND
+   *   `CONTAINER_NOT_FOUND` (container ids are not secret: QueryState lists them);
+   *   PERMISSION_DENIED `CAPABILITY_MISSING`, `CAPABILITY_NOT_FOR_CONTAINER`
+   */
+  authorize(containerId: number, presented: Uint8Array | undefined): void {
+    assertCapability(containerId, this.#get(containerId).capabilityDigest, presented);
+  }
+
   /** Whether the container exists and is not closing. */
   isOpen(containerId: number): boolean {
     const c = this.#containers.get(containerId);
@@ -254,6 +275,7 @@ export class VfioContainers {
     const set = await this.#core.createSet({ type: TokenType.MM, value: spec.mmToken }, spec.quota);
     const graceMs = spec.sessionGraceMs === 0 ? this.#defaultGraceMs : spec.sessionGraceMs;
     const now = this.#scheduler.now();
+    const issued = issueCapability();
     const c: Container = {
       id: this.#nextId++,
       setId: set.id,
@@ -261,6 +283,7 @@ export class VfioContainers {
       vmName: spec.vmName,
       quota: set.quota,
       openedAt: now,
+      capabilityDigest: issued.digest,
       state: ContainerState.AWAITING_SESSION,
       sessionDeadline: now + graceMs,
       cancelGrace: undefined,
@@ -287,7 +310,7 @@ export class VfioContainers {
       { setId: c.setId },
     );
     this.#log.info({ containerId: c.id, setId: c.setId, mmToken: String(c.mmToken), quota: c.quota, graceMs }, "container opened");
-    return { containerId: c.id, setId: c.setId, quota: c.quota, sessionDeadline: now + graceMs };
+    return { containerId: c.id, setId: c.setId, quota: c.quota, sessionDeadline: now + graceMs, capability: issued.capability };
   }
 
   /**

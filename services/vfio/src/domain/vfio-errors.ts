@@ -22,6 +22,11 @@ export const VfioReason = {
   FAULT_GROUP_NOT_OWNED: Code.PERMISSION_DENIED,
   FAULT_GROUP_ALREADY_RESPONDED: Code.FAILED_PRECONDITION,
   FAULT_WATCHER_REPLACED: Code.ABORTED,
+  // DESIGN §3: naming another VM's container without that VM's capability is PERMISSION_DENIED —
+  // a missing capability too (the fd the VMM does not hold), not UNAUTHENTICATED: the caller's
+  // connection may well be authenticated (mTLS); what it lacks is authority over this container.
+  CAPABILITY_MISSING: Code.PERMISSION_DENIED,
+  CAPABILITY_NOT_FOR_CONTAINER: Code.PERMISSION_DENIED,
 } as const satisfies Record<string, Code>;
 export type VfioReason = keyof typeof VfioReason;
 

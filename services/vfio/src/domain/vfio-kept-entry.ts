@@ -15,6 +15,8 @@ export interface KeptContainer {
   readonly devices: readonly { readonly ref: DeviceRef; readonly parentDeviceId: string; readonly assignedAt: number }[];
   /** The stage-2 domain; undefined while there is none. */
   readonly stage2: number | undefined;
+  /** SHA-256 of the container's capability, so a restarted VFIO still accepts it; empty when kept before capabilities. */
+  readonly capabilityDigest: Uint8Array;
 }
 
 /** The next container id, as kept: `next`. */
@@ -35,6 +37,7 @@ export function restoredContainer(v: KeptContainer): Container {
     vmName: v.vmName,
     quota: v.quota,
     openedAt: v.openedAt,
+    capabilityDigest: v.capabilityDigest,
     state: ContainerState.AWAITING_SESSION,
     sessionDeadline: undefined,
     cancelGrace: undefined,
@@ -69,5 +72,6 @@ export function keptContainer(c: Container, stage2: number | undefined): KeptCon
       .filter((d) => d.state !== "assigning")
       .map((d) => ({ ref: d.ref, parentDeviceId: d.parentDeviceId, assignedAt: d.assignedAt })),
     stage2,
+    capabilityDigest: c.capabilityDigest,
   };
 }

@@ -255,6 +255,17 @@ export enum ErrorReason {
    */
   ERROR_REASON_CALLER_UNKNOWN = 151,
   /**
+   * ERROR_REASON_CAPABILITY_MISSING - PERMISSION_DENIED. A VFIO call names a container but carries no capability (request metadata
+   * `ioasid-vfio-capability`, from OpenContainer): authority over a container is its capability,
+   * not its id (DESIGN §3). Nothing is changed.
+   */
+  ERROR_REASON_CAPABILITY_MISSING = 154,
+  /**
+   * ERROR_REASON_CAPABILITY_NOT_FOR_CONTAINER - PERMISSION_DENIED. A VFIO call carries a capability that is malformed or is not the named
+   * container's (another VM's, or a closed container's). Nothing is changed.
+   */
+  ERROR_REASON_CAPABILITY_NOT_FOR_CONTAINER = 155,
+  /**
    * ERROR_REASON_ROLE_STATE_UNREADABLE - A role's kept state (JetStream `<PREFIX>_ROLESTATE`) holds an entry that is not the role's
    * `<Role>StateEntry` (the JSON of earlier versions, another format, bytes that do not decode): the
    * role refuses to start rather than misread it; the message says how to start from an empty state.
@@ -556,6 +567,12 @@ export function errorReasonFromJSON(object: any): ErrorReason {
     case 151:
     case "ERROR_REASON_CALLER_UNKNOWN":
       return ErrorReason.ERROR_REASON_CALLER_UNKNOWN;
+    case 154:
+    case "ERROR_REASON_CAPABILITY_MISSING":
+      return ErrorReason.ERROR_REASON_CAPABILITY_MISSING;
+    case 155:
+    case "ERROR_REASON_CAPABILITY_NOT_FOR_CONTAINER":
+      return ErrorReason.ERROR_REASON_CAPABILITY_NOT_FOR_CONTAINER;
     case 146:
     case "ERROR_REASON_ROLE_STATE_UNREADABLE":
       return ErrorReason.ERROR_REASON_ROLE_STATE_UNREADABLE;
@@ -761,6 +778,10 @@ export function errorReasonToJSON(object: ErrorReason): string {
       return "ERROR_REASON_CALLER_NOT_SUBSCRIBER";
     case ErrorReason.ERROR_REASON_CALLER_UNKNOWN:
       return "ERROR_REASON_CALLER_UNKNOWN";
+    case ErrorReason.ERROR_REASON_CAPABILITY_MISSING:
+      return "ERROR_REASON_CAPABILITY_MISSING";
+    case ErrorReason.ERROR_REASON_CAPABILITY_NOT_FOR_CONTAINER:
+      return "ERROR_REASON_CAPABILITY_NOT_FOR_CONTAINER";
     case ErrorReason.ERROR_REASON_ROLE_STATE_UNREADABLE:
       return "ERROR_REASON_ROLE_STATE_UNREADABLE";
     case ErrorReason.ERROR_REASON_HISTORY_FORMAT_UNSUPPORTED:

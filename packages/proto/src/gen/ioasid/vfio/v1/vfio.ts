@@ -340,7 +340,16 @@ export interface OpenContainerResponse {
   /** The effective quota. */
   quota: number;
   /** When the container is closed if no Session stream has attached. */
-  sessionDeadline: Date | undefined;
+  sessionDeadline:
+    | Date
+    | undefined;
+  /**
+   * The container's capability: 32 random bytes. Send it with every later call naming the
+   * container, hex-encoded in the request metadata `ioasid-vfio-capability` (see the file comment).
+   * It is answered only here, once; VFIO keeps only its SHA-256 digest, so it cannot be recovered
+   * from VFIO's state and survives a VFIO restart.
+   */
+  capability: Buffer;
 }
 
 /** SessionRequest attaches the VMM's session to its container. */
@@ -1877,7 +1886,7 @@ export const OpenContainerRequest: MessageFns<OpenContainerRequest> = {
 };
 
 function createBaseOpenContainerResponse(): OpenContainerResponse {
-  return { containerId: 0, setId: 0, quota: 0, sessionDeadline: undefined };
+  return { containerId: 0, setId: 0, quota: 0, sessionDeadline: undefined, capability: Buffer.alloc(0) };
 }
 
 export const OpenContainerResponse: MessageFns<OpenContainerResponse> = {
@@ -1893,6 +1902,9 @@ export const OpenContainerResponse: MessageFns<OpenContainerResponse> = {
     }
     if (message.sessionDeadline !== undefined) {
       Timestamp.encode(toTimestamp(message.sessionDeadline), writer.uint32(34).fork()).join();
+    }
+    if (message.capability.length !== 0) {
+      writer.uint32(42).bytes(message.capability);
     }
     return writer;
   },
@@ -1942,6 +1954,14 @@ export const OpenContainerResponse: MessageFns<OpenContainerResponse> = {
             message.sessionDeadline = fromTimestamp(Timestamp.decode(reader, reader.uint32()));
             continue;
           }
+          case 5: {
+            if (tag !== 42) {
+              break;
+            }
+
+            message.capability = Buffer.from(reader.bytes());
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -1972,6 +1992,7 @@ export const OpenContainerResponse: MessageFns<OpenContainerResponse> = {
         : isSet(object.session_deadline)
         ? fromJsonTimestamp(object.session_deadline)
         : undefined,
+      capability: isSet(object.capability) ? Buffer.from(bytesFromBase64(object.capability)) : Buffer.alloc(0),
     };
   },
 
@@ -1989,6 +2010,9 @@ export const OpenContainerResponse: MessageFns<OpenContainerResponse> = {
     if (message.sessionDeadline !== undefined) {
       obj.sessionDeadline = message.sessionDeadline.toISOString();
     }
+    if (message.capability.length !== 0) {
+      obj.capability = base64FromBytes(message.capability);
+    }
     return obj;
   },
 
@@ -2001,6 +2025,7 @@ export const OpenContainerResponse: MessageFns<OpenContainerResponse> = {
     message.setId = object.setId ?? 0;
     message.quota = object.quota ?? 0;
     message.sessionDeadline = object.sessionDeadline ?? undefined;
+    message.capability = object.capability ?? Buffer.alloc(0);
     return message;
   },
 };
@@ -5620,7 +5645,8 @@ export const VfioServiceService = {
   },
   /**
    * QueryState returns VFIO's view of one container or of all of them: set, devices, guest PASIDs,
-   * binds and unanswered fault groups. It changes nothing.
+   * binds and unanswered fault groups. It changes nothing. It needs no capability: it is the
+   * operator's inspection (ioasidctl inspect, the tests' snapshots), and it reveals no capability.
    * Errors: NOT_FOUND `CONTAINER_NOT_FOUND` (a non-zero container id that does not exist).
    */
   queryState: {
@@ -5777,7 +5803,8 @@ export interface VfioServiceServer extends UntypedServiceImplementation {
   unmapGuestPages: handleUnaryCall<UnmapGuestPagesRequest, UnmapGuestPagesResponse>;
   /**
    * QueryState returns VFIO's view of one container or of all of them: set, devices, guest PASIDs,
-   * binds and unanswered fault groups. It changes nothing.
+   * binds and unanswered fault groups. It changes nothing. It needs no capability: it is the
+   * operator's inspection (ioasidctl inspect, the tests' snapshots), and it reveals no capability.
    * Errors: NOT_FOUND `CONTAINER_NOT_FOUND` (a non-zero container id that does not exist).
    */
   queryState: handleUnaryCall<QueryStateRequest, QueryStateResponse>;
@@ -6118,7 +6145,8 @@ export interface VfioServiceClient extends Client {
   ): ClientUnaryCall;
   /**
    * QueryState returns VFIO's view of one container or of all of them: set, devices, guest PASIDs,
-   * binds and unanswered fault groups. It changes nothing.
+   * binds and unanswered fault groups. It changes nothing. It needs no capability: it is the
+   * operator's inspection (ioasidctl inspect, the tests' snapshots), and it reveals no capability.
    * Errors: NOT_FOUND `CONTAINER_NOT_FOUND` (a non-zero container id that does not exist).
    */
   queryState(
@@ -6146,6 +6174,14 @@ export const VfioServiceClient = makeGenericClientConstructor(
   service: typeof VfioServiceService;
   serviceName: string;
 };
+
+function bytesFromBase64(b64: string): Uint8Array {
+  return Uint8Array.from(globalThis.Buffer.from(b64, "base64"));
+}
+
+function base64FromBytes(arr: Uint8Array): string {
+  return globalThis.Buffer.from(arr).toString("base64");
+}
 
 type Builtin = Date | Function | Uint8Array | string | number | boolean | bigint | undefined;
 

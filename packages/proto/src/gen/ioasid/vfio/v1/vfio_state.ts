@@ -46,6 +46,13 @@ export interface KeptContainer {
   devices: AssignedDevice[];
   /** The VM's stage-2 PAGING domain at the IOMMU; 0 while it has none. */
   stage2DomainId: number;
+  /**
+   * SHA-256 of the container's capability (OpenContainerResponse.capability), so that a VFIO back
+   * from a crash still accepts its VMM's capability while it closes the container. The digest, not
+   * the capability: whoever can read the stream cannot become the VMM. Empty in entries kept
+   * before capabilities existed: such a container accepts no capability.
+   */
+  capabilityDigest: Buffer;
 }
 
 /** KeptContainerCounter is the next container id, so a restart never reuses one. */
@@ -167,6 +174,7 @@ function createBaseKeptContainer(): KeptContainer {
     openedAt: undefined,
     devices: [],
     stage2DomainId: 0,
+    capabilityDigest: Buffer.alloc(0),
   };
 }
 
@@ -198,6 +206,9 @@ export const KeptContainer: MessageFns<KeptContainer> = {
     }
     if (message.stage2DomainId !== 0) {
       writer.uint32(64).uint32(message.stage2DomainId);
+    }
+    if (message.capabilityDigest.length !== 0) {
+      writer.uint32(74).bytes(message.capabilityDigest);
     }
     return writer;
   },
@@ -279,6 +290,14 @@ export const KeptContainer: MessageFns<KeptContainer> = {
             message.stage2DomainId = reader.uint32();
             continue;
           }
+          case 9: {
+            if (tag !== 74) {
+              break;
+            }
+
+            message.capabilityDigest = Buffer.from(reader.bytes());
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -323,6 +342,11 @@ export const KeptContainer: MessageFns<KeptContainer> = {
         : isSet(object.stage2_domain_id)
         ? globalThis.Number(object.stage2_domain_id)
         : 0,
+      capabilityDigest: isSet(object.capabilityDigest)
+        ? Buffer.from(bytesFromBase64(object.capabilityDigest))
+        : isSet(object.capability_digest)
+        ? Buffer.from(bytesFromBase64(object.capability_digest))
+        : Buffer.alloc(0),
     };
   },
 
@@ -352,6 +376,9 @@ export const KeptContainer: MessageFns<KeptContainer> = {
     if (message.stage2DomainId !== 0) {
       obj.stage2DomainId = Math.round(message.stage2DomainId);
     }
+    if (message.capabilityDigest.length !== 0) {
+      obj.capabilityDigest = base64FromBytes(message.capabilityDigest);
+    }
     return obj;
   },
 
@@ -368,6 +395,7 @@ export const KeptContainer: MessageFns<KeptContainer> = {
     message.openedAt = object.openedAt ?? undefined;
     message.devices = object.devices?.map((e) => AssignedDevice.fromPartial(e)) || [];
     message.stage2DomainId = object.stage2DomainId ?? 0;
+    message.capabilityDigest = object.capabilityDigest ?? Buffer.alloc(0);
     return message;
   },
 };
@@ -444,6 +472,14 @@ export const KeptContainerCounter: MessageFns<KeptContainerCounter> = {
     return message;
   },
 };
+
+function bytesFromBase64(b64: string): Uint8Array {
+  return Uint8Array.from(globalThis.Buffer.from(b64, "base64"));
+}
+
+function base64FromBytes(arr: Uint8Array): string {
+  return globalThis.Buffer.from(arr).toString("base64");
+}
 
 type Builtin = Date | Function | Uint8Array | string | number | boolean | bigint | undefined;
 
