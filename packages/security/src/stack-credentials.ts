@@ -50,8 +50,10 @@ export async function writeStackCredentials(options: {
 }): Promise<StackCredentials> {
   const { root } = options;
   const prefix = options.prefix ?? "ioasid.v1";
-  rmSync(root, { recursive: true, force: true });
+  // Emptied, not removed: in a container the root is a mount point.
   mkdirSync(root, { recursive: true, mode: 0o700 });
+  for (const name of readdirSync(root)) rmSync(join(root, name), { recursive: true, force: true });
+  chmodSync(root, 0o700);
   const ca = await createStackCa();
   writeStackCa(root, ca);
   const certify = async (credDir: string, identity: { role: NatsRole | "vmm"; instance: string }) =>
