@@ -7,7 +7,8 @@
 #     in a temp dir, and waits until it answers (a clear failure when it cannot start);
 #  3. builds the base images the Dockerfiles name (scripts/build-base-images.sh), then the stack's
 #     images (docker-compose.yml + deploy/docker-compose.host-network.yml);
-#  4. brings the stack up on 127.0.0.1 and waits until every container is healthy;
+#  4. brings the stack up on 127.0.0.1 (its credentials step first: a NATS user and a certificate per
+#     role instance, in the run's temp dir) and waits until every container is healthy;
 #  5. runs test/containers (vitest.containers.config.ts): ioasidctl attached to the stack, both
 #     life cycles, a VDCM container killed during a crashed guest's teardown; the testkit's NATS
 #     through testcontainers; then two end-to-end test files with IOASID_TESTKIT_DOCKER=1;
@@ -77,6 +78,8 @@ say "TypeScript built (tsc -b): ioasidctl and the tests run from dist/"
 
 # --- 2. the engine ---------------------------------------------------------------------------------
 WORK="$(mktemp -d "${TMPDIR:-/tmp}/ioasid-containers.XXXXXX")"
+# The stack's credentials (made by its `credentials` step) live with the run and go with it.
+export IOASID_COMPOSE_CREDENTIALS="$WORK/credentials"
 DATA_ROOT="${IOASID_CT_DOCKER_ROOT:-$WORK/data}"
 SOCK="$WORK/docker.sock"
 DOCKERD_PID=""

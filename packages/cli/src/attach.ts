@@ -1,8 +1,9 @@
 import { existsSync, mkdirSync, readFileSync, writeFileSync } from "node:fs";
-import { resolve } from "node:path";
+import { join, resolve } from "node:path";
 import type { ParseArgsConfig } from "node:util";
 import { connect } from "@nats-io/transport-node";
 import { checkHealth } from "@ioasid/grpc-kit";
+import { operatorAuth } from "./clients.js";
 import { alive, SERVICES, stateFile, type ServiceName, type StackState } from "./stack.js";
 
 /** The ports of a stack docker-compose.yml publishes, by service: variable and default. */
@@ -19,6 +20,16 @@ export const COMPOSE_PORTS = {
 export interface AttachTarget {
   readonly natsUrl: string;
   readonly addresses: Record<ServiceName, string>;
+  /**
+   * The operator's credentials directory of a stack with authorization (compose's init step writes
+   * it to `.ioasid-compose/credentials/operator.operator`): NATS user and certificate.
+   */
+  readonly credentials?: string;
+}
+
+/** Where the compose stack's credentials are on the host (docker-compose.yml bind-mounts it). */
+export function composeCredentials(env: NodeJS.ProcessEnv = process.env): string {
+  return resolve(env["IOASID_COMPOSE_CREDENTIALS"] ?? ".ioasid-compose/credentials");
 }
 
 /** Options of {@link attachStack}. */
@@ -65,12 +76,14 @@ export async function attachStack(target: AttachTarget, options: AttachOptions =
       throw new Error(`a stack started by \`ioasidctl up\` is running from ${dir}: \`ioasidctl down\` first, or attach with another --dir`);
     }
   }
+  const auth = target.credentials === undefined ? {} : operatorAuth(target.credentials);
+  const health = auth.tls === undefined ? {} : { client: { tls: auth.tls } };
   const deadline = Date.now() + timeoutMs;
   const pending = new Map<string, string>([["nats", "not tried yet"], ...SERVICES.map((s) => [s.name, "not tried yet"] as [string, string])]);
   for (;;) {
     if (pending.has("nats")) {
       try {
-        const nc = await connect({ servers: target.natsUrl, name: "ioasidctl-attach", timeout: 1000, reconnect: false });
+        const nc = await connect({ servers: target.natsUrl, name: "ioasidctl-attach", timeout: 1000, reconnect: false, ...auth.natsAuth });
         await nc.close();
         pending.delete("nats");
         log(`nats             ${target.natsUrl}  connected`);
@@ -81,7 +94,7 @@ export async function attachStack(target: AttachTarget, options: AttachOptions =
     for (const s of SERVICES) {
       if (!pending.has(s.name)) continue;
       const address = target.addresses[s.name];
-      const status = await checkHealth(address, "", { deadlineMs: 1000 }).catch((err: unknown) => (err as Error).message);
+      const status = await checkHealth(address, "", { deadlineMs: 1000, ...health }).catch((err: unknown) => (err as Error).message);
       if (status === "SERVING") {
         pending.delete(s.name);
         log(`${s.name.padEnd(16)} ${address}  SERVING`);
@@ -105,6 +118,10 @@ export async function attachStack(target: AttachTarget, options: AttachOptions =
     nats: { pid: undefined, port: Number(url.port === "" ? 4222 : url.port), storeDir: "", external: true },
     services,
     startedAt: Date.now(),
+    ...(target.credentials === undefined ? {} : { operatorCredentials: resolve(target.credentials) }),
+    ...(target.credentials !== undefined && existsSync(join(target.credentials, "..", "vmm.vmm"))
+      ? { vmmCredentials: resolve(target.credentials, "..", "vmm.vmm") }
+      : {}),
   };
   mkdirSync(dir, { recursive: true });
   writeFileSync(stateFile(dir), JSON.stringify(state, null, 2));
@@ -128,7 +145,9 @@ export function attachCommands(out: (line: string) => void): Record<"attach", At
         "ioasidctl attach [--dir .ioasid] [--nats URL] [--core ADDR] [--iommu ADDR] [--vfio ADDR] [--kvm ADDR] [--vdcm ADDR] [--timeout-ms 30000]\n" +
         "  defaults: the ports docker-compose.yml publishes on 127.0.0.1 (nats 4222, core 50051, iommu 50052, vfio 50053,\n" +
         "  kvm 50054, vdcm 50055), each taken from its IOASID_PORT_NATS/CORE/IOMMU/VFIO/KVM/VDCM variable when set.\n" +
-        "  `ioasidctl down` afterwards only forgets the stack (and stops the VMM processes of `vm create`).",
+        "  `ioasidctl down` afterwards only forgets the stack (and stops the VMM processes of `vm create`).\n" +
+        "  --credentials DIR: the operator's credentials (default: <IOASID_COMPOSE_CREDENTIALS or .ioasid-compose/credentials>/operator.operator\n" +
+        "  when it exists, as compose's init step writes it); without, ioasidctl connects unauthenticated.",
       options: {
         dir: { type: "string", default: ".ioasid" },
         nats: { type: "string" },
@@ -138,11 +157,15 @@ export function attachCommands(out: (line: string) => void): Record<"attach", At
         kvm: { type: "string" },
         vdcm: { type: "string" },
         "timeout-ms": { type: "string", default: "30000" },
+        credentials: { type: "string" },
       },
       run: async (v) => {
         const defaults = composeTarget();
         const pick = (flag: string, name: ServiceName): string => (v[flag] as string | undefined) ?? defaults.addresses[name];
+        const composeOperator = join(composeCredentials(), "operator.operator");
+        const credentials = (v["credentials"] as string | undefined) ?? (existsSync(composeOperator) ? composeOperator : undefined);
         const target: AttachTarget = {
+          ...(credentials === undefined ? {} : { credentials }),
           natsUrl: (v["nats"] as string | undefined) ?? defaults.natsUrl,
           addresses: {
             "ioasid-core": pick("core", "ioasid-core"),

@@ -4,19 +4,7 @@ import { createServer } from "node:net";
 import { dirname, join, resolve } from "node:path";
 import { fileURLToPath } from "node:url";
 import { checkHealth } from "@ioasid/grpc-kit";
-import {
-  createNatsCredential,
-  createStackCa,
-  issueCertificate,
-  natsUserEntry,
-  readInstanceCredentials,
-  renderAuthorization,
-  writeInstanceCredentials,
-  writeNatsCredential,
-  writeStackCa,
-  type InstanceCredentials,
-  type NatsRole,
-} from "@ioasid/security";
+import { readInstanceCredentials, writeStackCredentials, type InstanceCredentials, type NatsRole, type StackCredentials } from "@ioasid/security";
 
 /** The five services of the stack, in start order, with their address variable and default port offset. */
 export const SERVICES = [
@@ -67,65 +55,6 @@ export interface StackUpOptions {
    * anything, services connect without credentials. Says so loudly. @default false
    */
   readonly insecure?: boolean;
-}
-
-/** The operator's identity in a stack's credentials. */
-const OPERATOR = { role: "operator", instance: "operator" } as const;
-/** The identity VMM processes started by `ioasidctl vm create` present to VFIO. */
-const VMM = { role: "vmm", instance: "vmm" } as const;
-
-/**
- * Makes a credential per role instance (and the operator's and the VMMs') under
- * `<dir>/credentials/<role>.<instance>/` — its NATS user (`nats.json`) and its certificate from a
- * stack-local CA (`ca.pem`, `cert.pem`, `key.pem`; the CA's key in `credentials/ca/`, given to no
- * service) — and the nats-server configuration that knows the users' public keys and permissions
- * (DESIGN §11: `up` and the compose init step generate what is needed). `up` makes new keys at
- * every start: a credential lives as long as its stack.
- * @param options.root where the credentials go (emptied first)
- * @param options.config the nats-server configuration file to write, and its lines before the
- *   `authorization` block (listen address, JetStream store)
- * @returns the configuration file and each service's credentials directory
- */
-export async function writeStackCredentials(options: {
-  readonly root: string;
-  readonly config: { readonly file: string; readonly lines: readonly string[] };
-  readonly prefix?: string;
-}): Promise<{ config: string; services: Record<ServiceName, string>; operator: string; vmm: string }> {
-  const { root } = options;
-  const prefix = options.prefix ?? "ioasid.v1";
-  rmSync(root, { recursive: true, force: true });
-  mkdirSync(root, { recursive: true, mode: 0o700 });
-  const ca = await createStackCa();
-  writeStackCa(root, ca);
-  const certify = async (credDir: string, identity: { role: NatsRole | "vmm"; instance: string }) =>
-    writeInstanceCredentials(credDir, ca.certPem, await issueCertificate(ca, identity));
-  const services = {} as Record<ServiceName, string>;
-  const entries = [];
-  for (const s of SERVICES) {
-    const credential = createNatsCredential({ role: s.role, instance: s.instance });
-    services[s.name] = join(root, `${s.role}.${s.instance}`);
-    writeNatsCredential(services[s.name], credential);
-    await certify(services[s.name], s);
-    entries.push(natsUserEntry(prefix, credential));
-  }
-  const op = createNatsCredential(OPERATOR);
-  const operator = join(root, `${OPERATOR.role}.${OPERATOR.instance}`);
-  writeNatsCredential(operator, op);
-  await certify(operator, OPERATOR);
-  entries.push({ ...natsUserEntry(prefix, op), comment: "operator: no limits (ioasidctl, stream management)" });
-  // A VMM reaches VFIO only (DESIGN §11): a certificate, no NATS user.
-  const vmm = join(root, `${VMM.role}.${VMM.instance}`);
-  await certify(vmm, VMM);
-  const config = options.config.file;
-  mkdirSync(dirname(config), { recursive: true });
-  writeFileSync(
-    config,
-    ["# Written by ioasidctl: a user per role instance with its role's permissions (DESIGN §11).", ...options.config.lines, renderAuthorization(entries)].join(
-      "\n",
-    ),
-    { mode: 0o600 },
-  );
-  return { config, services, operator, vmm };
 }
 
 const here = dirname(fileURLToPath(import.meta.url));
@@ -227,7 +156,7 @@ async function launchStack(
 ): Promise<StackState> {
   let nats: StackState["nats"];
   let natsUrl: string;
-  let credentials: Awaited<ReturnType<typeof writeStackCredentials>> | undefined;
+  let credentials: (StackCredentials & { readonly services: Record<ServiceName, string> }) | undefined;
   if (options.insecure === true) {
     log("INSECURE: no authorization — anyone who reaches this NATS may forge deliveries, op-log entries and acks (--insecure is for debugging only)");
   }
@@ -243,13 +172,16 @@ async function launchStack(
     const out = openSync(join(dir, "logs", "nats-server.log"), "a");
     const args = ["-js", "-sd", storeDir, "-a", "127.0.0.1", "-p", String(natsPort)];
     if (options.insecure !== true) {
-      credentials = await writeStackCredentials({
+      const made = await writeStackCredentials({
         root: join(dir, "credentials"),
+        members: SERVICES,
         config: {
           file: join(dir, "nats-server.conf"),
           lines: ["host: 127.0.0.1", `port: ${natsPort}`, `jetstream { store_dir: ${JSON.stringify(storeDir)} }`],
         },
       });
+      const services = Object.fromEntries(SERVICES.map((x) => [x.name, made.members.get(`${x.role}.${x.instance}`)!])) as Record<ServiceName, string>;
+      credentials = { ...made, services };
       args.splice(0, args.length, "-c", credentials.config);
     }
     const child = spawn("nats-server", args, {

@@ -53,3 +53,13 @@ export {
   type IssuedCertificate,
   type StackCa,
 } from "./pki.js";
+export {
+  chownTree,
+  makePublic,
+  memberDir,
+  OPERATOR_IDENTITY,
+  VMM_IDENTITY,
+  writeStackCredentials,
+  type StackCredentials,
+  type StackMember,
+} from "./stack-credentials.js";
