@@ -1,5 +1,5 @@
 import { spawn } from "node:child_process";
-import { mkdtempSync, readFileSync, rmSync } from "node:fs";
+import { mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { SUITES, type ConformRole } from "@ioasid/conform";
@@ -74,7 +74,8 @@ describe("ioasidctl conform", () => {
     let state: Awaited<ReturnType<typeof stackUp>> | undefined;
     for (let attempt = 0; state === undefined && attempt < 5; attempt++) {
       const basePort = 20_000 + Math.floor(Math.random() * 30_000);
-      state = await stackUp({ dir: stackDir, basePort, natsPort, freshStore: true }).catch((err: Error) => {
+      // --insecure: in a stack with mTLS the core authorizes by role, and the kit plays several (below).
+      state = await stackUp({ dir: stackDir, basePort, natsPort, freshStore: true, insecure: true }).catch((err: Error) => {
         if (!err.message.includes("is in use")) throw err;
         return undefined;
       });
@@ -98,6 +99,17 @@ describe("ioasidctl conform", () => {
     } finally {
       await stackDown({ dir: stackDir });
     }
+  });
+
+  it("refuses (exit 2, saying why and what to do) a --stack whose services speak mTLS", async () => {
+    const stackDir = join(dir, "secured");
+    mkdirSync(join(stackDir, "credentials", "operator.operator"), { recursive: true });
+    writeFileSync(join(stackDir, "credentials", "operator.operator", "cert.pem"), "");
+    writeFileSync(join(stackDir, "stack.json"), JSON.stringify({ operatorCredentials: join(stackDir, "credentials", "operator.operator") }));
+    const run = await ioasidctl(["conform", "--role", "kvm", "--target", "127.0.0.1:1", "--stack", stackDir]);
+    expect(run.code).toBe(2);
+    expect(run.stderr).toContain("has mTLS");
+    expect(run.stderr).toContain("ioasidctl up --insecure");
   });
 
   it("exits 1 with the clause id, expected and got when a clause fails", async () => {

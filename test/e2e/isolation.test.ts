@@ -26,7 +26,9 @@ afterAll(async () => {
 
 /** A VMM of its own: a VFIO client whose capability store holds only what it opened. */
 function newVmm(): VfioSession {
-  const vmm = createVfioSession(createClient(vfio.VfioServiceService, stack.addresses.vfio));
+  const vmm = createVfioSession(
+    createClient(vfio.VfioServiceService, stack.addresses.vfio, stack.vmmTls === undefined ? {} : { tls: stack.vmmTls, serverRole: "vfio" }),
+  );
   vmms.push(vmm);
   return vmm;
 }

@@ -387,8 +387,11 @@ describe("every group gets exactly one response", () => {
     const c = stack.clients;
     await registerDevice(c, "pf-k");
     const token = nextToken();
+    // The VMM's certificate (the stack has mTLS): VMMs reach VFIO only.
+    const vmmCredentials = (await stack.nats.certificateDir({ role: "vmm", instance: "killed" })) ?? "";
     const vmm = spawn(process.execPath, [cli, "vmm-agent", "--vfio", stack.addresses.vfio, "--token", String(token), "--quota", "8", "--name", "killed"], {
       stdio: ["ignore", "pipe", "inherit"],
+      env: { ...process.env, IOASID_CREDENTIALS_DIR: vmmCredentials },
     });
     children.push(vmm);
     const opened = await new Promise<{ containerId: number; capability: string }>((resolve, reject) => {

@@ -1,5 +1,6 @@
 import { startNats, natsEnv, startService, type NatsServer, type ServiceProcess, type StartNatsOptions } from "@ioasid/testkit";
 import { connectStack, type StackAddresses, type StackClients } from "@ioasid/cli";
+import { readInstanceCredentials, type InstanceCredentials } from "@ioasid/security";
 import { serviceEntry } from "./core-fixture.js";
 
 /** The whole stack as processes on ephemeral ports: nats-server, the core and the four roles. */
@@ -8,6 +9,8 @@ export interface StackFixture {
   readonly procs: Record<"core" | "iommu" | "kvm" | "vdcm" | "vfio", ServiceProcess>;
   readonly addresses: StackAddresses;
   readonly clients: StackClients;
+  /** A VMM's certificate (with mTLS; else undefined): what a test's own VMM client presents to VFIO. */
+  readonly vmmTls: InstanceCredentials | undefined;
   stop(): Promise<void>;
 }
 
@@ -41,6 +44,8 @@ export async function startStack(env: Record<string, string> = {}, natsOptions: 
     ]);
     const vfio = await start("vfio", "VFIO_GRPC_ADDRESS", { ...roleEnv, IOMMU_ADDRESS: iommu.address, VDCM_ADDRESS: vdcm!.address, KVM_ADDRESS: kvm!.address });
     const tls = await nats.operatorTls();
+    const vmmDir = await nats.certificateDir({ role: "vmm", instance: "test-vmm" });
+    const vmmTls = vmmDir === undefined ? undefined : readInstanceCredentials(vmmDir);
     const addresses: StackAddresses = {
       natsUrl: nats.url,
       ...(nats.operator === undefined ? {} : { natsAuth: nats.operator }),
@@ -57,6 +62,7 @@ export async function startStack(env: Record<string, string> = {}, natsOptions: 
       procs: { core, iommu, kvm: kvm!, vdcm: vdcm!, vfio },
       addresses,
       clients,
+      vmmTls,
       async stop() {
         await clients.close();
         for (const p of [...started].reverse()) await p.stop().catch(() => undefined);

@@ -1,3 +1,5 @@
+import { existsSync, readFileSync } from "node:fs";
+import { join } from "node:path";
 import type { ParseArgsConfig } from "node:util";
 import { CONFORM_ROLES, formatResult, NEEDS, runConformance, SUITES, type ConformOptions, type ConformReport, type ConformRole } from "@ioasid/conform";
 
@@ -36,6 +38,17 @@ export function parseConformOptions(v: Values): Omit<ConformOptions, "log" | "on
   const targetCmd = v["target-cmd"] as string | undefined;
   if (stack !== undefined && (nats !== undefined || coreAddress !== undefined))
     throw new ConformUsageError("--stack takes NATS and the core from the stack: give --stack, or --nats/--core, not both");
+  if (stack !== undefined) {
+    // A stack with mTLS (ioasidctl up without --insecure): the core authorizes each call by the
+    // caller's role, and the kit plays several roles around the target, which no one certificate may.
+    const file = join(stack, "stack.json");
+    const operator = existsSync(file) ? (JSON.parse(readFileSync(file, "utf8")) as { operatorCredentials?: string }).operatorCredentials : undefined;
+    if (operator !== undefined && existsSync(join(operator, "cert.pem")))
+      throw new ConformUsageError(
+        `the stack in ${stack} has mTLS: the core authorizes each call by the caller's role, and the kit plays several roles around the target; ` +
+          "verify a role inside a stack started with `ioasidctl up --insecure`, or let the kit bring up its own stack (--target-cmd)",
+      );
+  }
   if (coreAddress !== undefined) parseTarget(coreAddress, "--core");
   if (nats !== undefined && !/^(nats|tls|wss?):\/\/[^\s]+$/.test(nats))
     throw new ConformUsageError(`--nats must be a NATS URL (nats://host:port), got "${nats}"`);

@@ -16,7 +16,7 @@ import { checkHealth, createClient, type PromiseClient } from "@ioasid/grpc-kit"
 import type { events } from "@ioasid/proto";
 import { bus, core } from "@ioasid/proto";
 import { natsEnv, startNats, startService, waitFor, type NatsServer, type ServiceProcess } from "@ioasid/testkit";
-import { natsConnectOptions, readNatsCredential } from "@ioasid/security";
+import { natsConnectOptions, readInstanceCredentials, readNatsCredential, type InstanceCredentials } from "@ioasid/security";
 import { connect, type NatsConnection } from "@nats-io/transport-node";
 import { patience, type ConformRole } from "./clause.js";
 
@@ -170,10 +170,18 @@ export class Harness {
     return this.options.targetCmd !== undefined;
   }
 
+  /** The certificate the kit presents (the operator's of a `--stack` with mTLS), or none. */
+  tls: InstanceCredentials | undefined;
+
+  /** Options of a gRPC client of the run: the deadline, and the operator's certificate when the stack has mTLS. */
+  grpc(options: { readonly deadlineMs: number }): { deadlineMs: number; tls?: InstanceCredentials } {
+    return { deadlineMs: options.deadlineMs, ...(this.tls === undefined ? {} : { tls: this.tls }) };
+  }
+
   private coreClient: CoreClient | undefined;
   /** A client of the run's core (5 s deadline per call). */
   get core(): CoreClient {
-    this.coreClient ??= createClient(core.CoreServiceService, this.coreAddress, { deadlineMs: 5000 });
+    this.coreClient ??= createClient(core.CoreServiceService, this.coreAddress, this.grpc({ deadlineMs: 5000 }));
     return this.coreClient;
   }
 
@@ -186,6 +194,16 @@ export class Harness {
     const prefix = options.prefix ?? DEFAULT_PREFIX;
     const stack = options.stackDir === undefined ? undefined : readStack(options.stackDir);
     let nats: NatsServer | undefined;
+    // A stack with mTLS: the core authorizes by role (DESIGN §3), and the kit plays several roles
+    // around the target (VFIO's sets and allocations, other tiers' registrations and references),
+    // which no single certificate may. Refused with what to do instead, before anything is started.
+    if (stack?.operatorCredentials !== undefined && existsSync(join(stack.operatorCredentials, "cert.pem"))) {
+      throw new Error(
+        `the stack in ${String(options.stackDir)} has mTLS: the core authorizes each call by the caller's role, and the kit plays several roles at once; ` +
+          "verify a role inside a stack started with `ioasidctl up --insecure`, or let the kit bring up its own stack (--target-cmd)",
+      );
+    }
+    const tls: InstanceCredentials | undefined = undefined;
     const natsUrl = options.natsUrl ?? stack?.natsUrl ?? (nats = await startNats()).url;
     if (nats !== undefined) log(`nats-server  ${nats.url} (the kit's own, JetStream in a temp dir)`);
     const started: ServiceProcess[] = [];
@@ -199,7 +217,7 @@ export class Harness {
         await Promise.all(
           now.map(async (need) => {
             const there = stack?.services[OUR_SERVICES[need].dir] ?? (need === "core" ? options.coreAddress : undefined);
-            if (there !== undefined && (await serving(there))) {
+            if (there !== undefined && (await serving(there, tls))) {
               addresses[need] = there;
               log(`${need.padEnd(12)} ${there} (already serving)`);
               return;
@@ -235,6 +253,7 @@ export class Harness {
       nc = await connect({ servers: natsUrl, name: "ioasid-conform", ...auth });
       const h = new Harness(options, prefix, natsUrl, nc, addresses);
       h.nats = nats;
+      h.tls = tls;
       h.started.push(...started);
       if (options.targetCmd !== undefined) await h.startTarget();
       else await h.waitTargetServing();
@@ -315,7 +334,7 @@ export class Harness {
       controller.abort(new Error(`the target command exited (code ${String(code)}) before serving on ${this.target}; its last output:\n${this.targetLog()}`));
     child?.once("exit", onExit);
     try {
-      await waitFor(() => serving(this.target), {
+      await waitFor(() => serving(this.target, this.tls), {
         timeoutMs,
         intervalMs: 100,
         message: `the target to answer SERVING on ${this.target} (grpc.health.v1)`,
@@ -542,9 +561,9 @@ function serviceEnv(natsUrl: string, prefix: string, addresses: Partial<Record<O
   return env;
 }
 
-async function serving(address: string): Promise<boolean> {
+async function serving(address: string, tls: InstanceCredentials | undefined): Promise<boolean> {
   try {
-    return (await checkHealth(address, "", { deadlineMs: 1000 })) === "SERVING";
+    return (await checkHealth(address, "", { deadlineMs: 1000, ...(tls === undefined ? {} : { client: { tls } }) })) === "SERVING";
   } catch {
     return false;
   }
