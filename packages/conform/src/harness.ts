@@ -16,7 +16,7 @@ import { checkHealth, createClient, type PromiseClient } from "@ioasid/grpc-kit"
 import type { events } from "@ioasid/proto";
 import { bus, core } from "@ioasid/proto";
 import { natsEnv, startNats, startService, waitFor, type NatsServer, type ServiceProcess } from "@ioasid/testkit";
-import { natsConnectOptions, readInstanceCredentials, readNatsCredential, type InstanceCredentials } from "@ioasid/security";
+import { natsConnectOptions, readNatsCredential, type InstanceCredentials } from "@ioasid/security";
 import { connect, type NatsConnection } from "@nats-io/transport-node";
 import { patience, type ConformRole } from "./clause.js";
 
