@@ -10,12 +10,13 @@ import {
 import { loadFileDescriptorSetFromBuffer, loadSync } from "@grpc/proto-loader";
 import { ReflectionService } from "@grpc/reflection";
 import { descriptorSetPath as defaultDescriptorSetPath } from "@ioasid/proto";
-import type { InstanceCredentials } from "@ioasid/security";
+import type { InstanceCredentials, Role } from "@ioasid/security";
 import { HealthImplementation, protoPath as healthProtoPath } from "grpc-health-check";
 import type { Logger } from "pino";
 import { adaptService, serviceNameOf, type AnyServiceDefinition, type ServiceHandlers } from "./adapt-service.js";
 import { createLogger } from "./create-logger.js";
 import { guardDecoding } from "./guard-decoding.js";
+import { refuseRoles } from "./refuse-roles.js";
 import { serverCredentials } from "./tls.js";
 
 /** Fully qualified name of the standard gRPC health service every {@link GrpcServer} serves. */
@@ -62,6 +63,12 @@ export interface GrpcServerOptions {
    * by the caller's role). Health and reflection calls go through them too.
    */
   readonly interceptors?: readonly ServerInterceptor[];
+  /**
+   * With `tls`: callers whose certificate names one of these roles are refused (PERMISSION_DENIED
+   * `ROLE_NOT_ALLOWED`) before any handler — the roles' services refuse VMMs ("VMMs reach only
+   * VFIO", DESIGN §11). @default none
+   */
+  readonly refuseRoles?: readonly Role[];
 }
 
 /**
@@ -92,7 +99,11 @@ export class GrpcServer {
     const logger = options.logger ?? createLogger(options.service);
     // The testkit and operators find a process's lines by "service"; make sure it is there.
     this.logger = "service" in logger.bindings() ? logger : logger.child({ service: options.service });
-    this.raw = new Server({ ...options.channelOptions, ...(options.interceptors === undefined ? {} : { interceptors: [...options.interceptors] }) });
+    const interceptors = [
+      ...(options.refuseRoles === undefined || options.refuseRoles.length === 0 ? [] : [refuseRoles(options.refuseRoles, this.logger)]),
+      ...(options.interceptors ?? []),
+    ];
+    this.raw = new Server({ ...options.channelOptions, ...(interceptors.length === 0 ? {} : { interceptors }) });
     this.#tls = options.tls;
     this.#reflection = options.reflection ?? { descriptorSetPath: defaultDescriptorSetPath };
     this.#health.addToServer(this.raw);

@@ -85,6 +85,7 @@ export {
   type AuthenticatedCall,
   type ClientCredentialsOptions,
 } from "./tls.js";
+export { refuseRoles } from "./refuse-roles.js";
 export { INTERNAL_MESSAGE, toGrpcStatus, type ToGrpcStatusOptions } from "./to-grpc-status.js";
 export {
   createVfioSession,

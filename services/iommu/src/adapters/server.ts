@@ -210,7 +210,8 @@ export function createIommuServer(driver: IommuDriver, options: Pick<IommuServer
   const server = createGrpcServer({
     service: "iommu",
     ...(options.logger === undefined ? {} : { logger: options.logger }),
-    ...(options.tls === undefined ? {} : { tls: options.tls }),
+    // VMMs reach only VFIO (DESIGN §11).
+    ...(options.tls === undefined ? {} : { tls: options.tls, refuseRoles: ["vmm"] }),
   });
   server.addService(iommu.IommuServiceService, createIommuHandlers(driver));
   return server;

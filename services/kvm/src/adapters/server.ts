@@ -54,7 +54,8 @@ const MAX_RECONCILE_ATTEMPTS = 600;
  * await runRole({ role: KVM_SUBSCRIBER, instance: "kvm0", config, build: (rt) => buildKvmRole(rt, { core }) });
  */
 export function buildKvmRole(rt: RoleRuntime<KvmKeptEntry>, options: KvmRoleOptions): RoleParts {
-  const server = createGrpcServer({ service: "kvm", logger: rt.logger, ...(options.tls === undefined ? {} : { tls: options.tls }) });
+  // VMMs reach only VFIO (DESIGN §11).
+  const server = createGrpcServer({ service: "kvm", logger: rt.logger, ...(options.tls === undefined ? {} : { tls: options.tls, refuseRoles: ["vmm"] }) });
   const logger = server.logger;
   const retryMs = options.retryMs ?? 1000;
   const host = new Kvm({

@@ -68,7 +68,8 @@ export function createVdcmServer(v: Vdcm, options: CreateVdcmServerOptions = {})
   const server = createGrpcServer({
     service: "vdcm",
     ...(options.logger === undefined ? {} : { logger: options.logger }),
-    ...(options.tls === undefined ? {} : { tls: options.tls }),
+    // VMMs reach only VFIO (DESIGN §11).
+    ...(options.tls === undefined ? {} : { tls: options.tls, refuseRoles: ["vmm"] }),
   });
   server.addService(vdcm.VdcmServiceService, createVdcmHandlers(v));
   return server;
