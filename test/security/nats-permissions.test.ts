@@ -158,11 +158,11 @@ describe("NATS permissions enforced by nats-server (issue 14, DESIGN §4.6)", ()
     kvmUser.nc.publish(deliverySubject(PREFIX, "vdcm", "vdcm0"), forgedFree(1_000_002n, 1));
     kvmUser.nc.publish(deliverySubject(PREFIX, "iommu", "dmar0"), forgedFree(1_000_003n, 1));
     await Promise.all([settle(iommuUser.nc), settle(kvmUser.nc)]);
-    await waitFor(() => iommuUser.violations.length >= 2 && kvmUser.violations.length >= 2, { timeoutMs: 5000, message: "the violations reported" });
+    await waitFor(() => iommuUser.violations.length >= 2 && kvmUser.violations.length >= 2, { timeoutMs: 20_000, message: "the violations reported" });
     expect(iommuUser.violations.join("\n")).toContain(`Permissions Violation for Publish to "${kvmSubject}"`);
     expect(kvmUser.violations.join("\n")).toContain(`Publish to "${deliverySubject(PREFIX, "iommu", "dmar0")}"`);
     // nats-server logs each one.
-    await waitFor(() => (stack.nats.logs().match(/Publish Violation/g)?.length ?? 0) >= 4, { timeoutMs: 5000, message: "the server's log lines" });
+    await waitFor(() => (stack.nats.logs().match(/Publish Violation/g)?.length ?? 0) >= 4, { timeoutMs: 20_000, message: "the server's log lines" });
     expect(await snapshot()).toBe(before);
   });
 
@@ -178,7 +178,7 @@ describe("NATS permissions enforced by nats-server (issue 14, DESIGN §4.6)", ()
       });
     kvmUser.nc.subscribe(`${PREFIX}.deliver.vdcm.>`, { callback: (err, m) => void (err === null ? received.push(m.subject) : errors.push(String(err))) });
     await settle(kvmUser.nc);
-    await waitFor(() => errors.length >= 11, { timeoutMs: 5000, message: "every subscription refused" });
+    await waitFor(() => errors.length >= 11, { timeoutMs: 20_000, message: "every subscription refused" });
     expect(errors.join("\n")).toContain(`Permissions Violation for Subscription to "${deliverySubject(PREFIX, "iommu", "dmar0")}" using queue "iommu.dmar0"`);
     // The IOMMU still gets its deliveries (below, the legitimate free), and nobody else does.
     expect(received).toEqual([]);
@@ -197,7 +197,7 @@ describe("NATS permissions enforced by nats-server (issue 14, DESIGN §4.6)", ()
     vdcmUser.nc.publish(`${PREFIX}.rolestate.kvm.kvm0.vm~2f1`, new Uint8Array());
     vdcmUser.nc.publish(`${PREFIX}.history.kvm.vm-${a.vmId}`, new Uint8Array([0]));
     await Promise.all([settle(kvmUser.nc), settle(vdcmUser.nc)]);
-    await waitFor(() => kvmUser.violations.length >= 1 && vdcmUser.violations.length >= 3, { timeoutMs: 5000, message: "the violations reported" });
+    await waitFor(() => kvmUser.violations.length >= 1 && vdcmUser.violations.length >= 3, { timeoutMs: 20_000, message: "the violations reported" });
     // Deleting the op log (IDs and generations back to 1), purging the role state (roles forget).
     for (const user of [kvmUser, vdcmUser]) {
       const jsm = await jetstreamManager(user.nc);

@@ -102,7 +102,7 @@ const USAGE = [
   "                      IOASID_CORE_ADDRESS, IOMMU_ADDRESS, VDCM_ADDRESS, KVM_ADDRESS, IOASID_BUS_PREFIX,",
   "                      IOASID_CONFORM_TARGET, and our services' own <ROLE>_GRPC_ADDRESS), and restarts it for the",
   "                      restart clauses (skipped without it)",
-  "  --stack DIR         the target is part of a stack started by `ioasidctl up --dir DIR`",
+  "  --stack DIR         the target is part of a stack started by `ioasidctl up --insecure --dir DIR` (a stack with mTLS is refused: the kit plays several roles)",
   "  --nats URL          the NATS (with JetStream) the running target uses",
   "  --core HOST:PORT    the core (SERVING) the running target was pointed at (kvm, iommu; vdcm and vfio need --stack)",
   "  --junit FILE        also write JUnit XML",

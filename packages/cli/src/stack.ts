@@ -4,15 +4,22 @@ import { createServer } from "node:net";
 import { dirname, join, resolve } from "node:path";
 import { fileURLToPath } from "node:url";
 import { checkHealth } from "@ioasid/grpc-kit";
-import { readInstanceCredentials, writeStackCredentials, type InstanceCredentials, type NatsRole, type StackCredentials } from "@ioasid/security";
+import {
+  defaultMember,
+  readInstanceCredentials,
+  writeStackCredentials,
+  type InstanceCredentials,
+  type NatsRole,
+  type StackCredentials,
+} from "@ioasid/security";
 
 /** The five services of the stack, in start order, with their address variable and default port offset. */
 export const SERVICES = [
-  { name: "ioasid-core", addressVar: "IOASID_CORE_GRPC_ADDRESS", offset: 0, role: "core", instance: "core" },
-  { name: "iommu", addressVar: "IOMMU_GRPC_ADDRESS", offset: 1, role: "iommu", instance: "dmar0" },
-  { name: "vfio", addressVar: "VFIO_GRPC_ADDRESS", offset: 2, role: "vfio", instance: "vfio-1" },
-  { name: "kvm", addressVar: "KVM_GRPC_ADDRESS", offset: 3, role: "kvm", instance: "kvm0" },
-  { name: "vdcm", addressVar: "VDCM_GRPC_ADDRESS", offset: 4, role: "vdcm", instance: "vdcm0" },
+  { name: "ioasid-core", addressVar: "IOASID_CORE_GRPC_ADDRESS", offset: 0, role: "core", instance: defaultMember("core").instance },
+  { name: "iommu", addressVar: "IOMMU_GRPC_ADDRESS", offset: 1, role: "iommu", instance: defaultMember("iommu").instance },
+  { name: "vfio", addressVar: "VFIO_GRPC_ADDRESS", offset: 2, role: "vfio", instance: defaultMember("vfio").instance },
+  { name: "kvm", addressVar: "KVM_GRPC_ADDRESS", offset: 3, role: "kvm", instance: defaultMember("kvm").instance },
+  { name: "vdcm", addressVar: "VDCM_GRPC_ADDRESS", offset: 4, role: "vdcm", instance: defaultMember("vdcm").instance },
 ] as const satisfies ReadonlyArray<{ name: string; addressVar: string; offset: number; role: NatsRole; instance: string }>;
 export type ServiceName = (typeof SERVICES)[number]["name"];
 

@@ -16,7 +16,7 @@ import { checkHealth, createClient, type PromiseClient } from "@ioasid/grpc-kit"
 import type { events } from "@ioasid/proto";
 import { bus, core } from "@ioasid/proto";
 import { natsEnv, startNats, startService, waitFor, type NatsServer, type ServiceProcess } from "@ioasid/testkit";
-import { natsConnectOptions, readNatsCredential, type InstanceCredentials } from "@ioasid/security";
+import { natsConnectOptions, readNatsCredential } from "@ioasid/security";
 import { connect, type NatsConnection } from "@nats-io/transport-node";
 import { patience, type ConformRole } from "./clause.js";
 
@@ -170,18 +170,10 @@ export class Harness {
     return this.options.targetCmd !== undefined;
   }
 
-  /** The certificate the kit presents (the operator's of a `--stack` with mTLS), or none. */
-  tls: InstanceCredentials | undefined;
-
-  /** Options of a gRPC client of the run: the deadline, and the operator's certificate when the stack has mTLS. */
-  grpc(options: { readonly deadlineMs: number }): { deadlineMs: number; tls?: InstanceCredentials } {
-    return { deadlineMs: options.deadlineMs, ...(this.tls === undefined ? {} : { tls: this.tls }) };
-  }
-
   private coreClient: CoreClient | undefined;
   /** A client of the run's core (5 s deadline per call). */
   get core(): CoreClient {
-    this.coreClient ??= createClient(core.CoreServiceService, this.coreAddress, this.grpc({ deadlineMs: 5000 }));
+    this.coreClient ??= createClient(core.CoreServiceService, this.coreAddress, { deadlineMs: 5000 });
     return this.coreClient;
   }
 
@@ -203,7 +195,6 @@ export class Harness {
           "verify a role inside a stack started with `ioasidctl up --insecure`, or let the kit bring up its own stack (--target-cmd)",
       );
     }
-    const tls: InstanceCredentials | undefined = undefined;
     const natsUrl = options.natsUrl ?? stack?.natsUrl ?? (nats = await startNats()).url;
     if (nats !== undefined) log(`nats-server  ${nats.url} (the kit's own, JetStream in a temp dir)`);
     const started: ServiceProcess[] = [];
@@ -217,7 +208,7 @@ export class Harness {
         await Promise.all(
           now.map(async (need) => {
             const there = stack?.services[OUR_SERVICES[need].dir] ?? (need === "core" ? options.coreAddress : undefined);
-            if (there !== undefined && (await serving(there, tls))) {
+            if (there !== undefined && (await serving(there))) {
               addresses[need] = there;
               log(`${need.padEnd(12)} ${there} (already serving)`);
               return;
@@ -253,7 +244,6 @@ export class Harness {
       nc = await connect({ servers: natsUrl, name: "ioasid-conform", ...auth });
       const h = new Harness(options, prefix, natsUrl, nc, addresses);
       h.nats = nats;
-      h.tls = tls;
       h.started.push(...started);
       if (options.targetCmd !== undefined) await h.startTarget();
       else await h.waitTargetServing();
@@ -334,7 +324,7 @@ export class Harness {
       controller.abort(new Error(`the target command exited (code ${String(code)}) before serving on ${this.target}; its last output:\n${this.targetLog()}`));
     child?.once("exit", onExit);
     try {
-      await waitFor(() => serving(this.target, this.tls), {
+      await waitFor(() => serving(this.target), {
         timeoutMs,
         intervalMs: 100,
         message: `the target to answer SERVING on ${this.target} (grpc.health.v1)`,
@@ -561,9 +551,9 @@ function serviceEnv(natsUrl: string, prefix: string, addresses: Partial<Record<O
   return env;
 }
 
-async function serving(address: string, tls: InstanceCredentials | undefined): Promise<boolean> {
+async function serving(address: string): Promise<boolean> {
   try {
-    return (await checkHealth(address, "", { deadlineMs: 1000, ...(tls === undefined ? {} : { client: { tls } }) })) === "SERVING";
+    return (await checkHealth(address, "", { deadlineMs: 1000 })) === "SERVING";
   } catch {
     return false;
   }

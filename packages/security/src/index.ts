@@ -55,6 +55,8 @@ export {
 } from "./pki.js";
 export {
   chownTree,
+  DEFAULT_MEMBERS,
+  defaultMember,
   makePublic,
   memberDir,
   OPERATOR_IDENTITY,

@@ -7,16 +7,10 @@
 //   IOASID_CREDENTIALS_FORCE=1     make new ones even when DIR has some
 import { existsSync } from "node:fs";
 import { join } from "node:path";
-import { chownTree, makePublic, memberDir, VMM_IDENTITY, writeStackCredentials, type StackMember } from "./stack-credentials.js";
+import { chownTree, DEFAULT_MEMBERS, makePublic, memberDir, VMM_IDENTITY, writeStackCredentials, type StackMember } from "./stack-credentials.js";
 
-/** The compose stack's role instances (docker-compose.yml's instance variables). */
-const COMPOSE_MEMBERS: readonly StackMember[] = [
-  { role: "core", instance: "core" },
-  { role: "iommu", instance: "dmar0" },
-  { role: "vfio", instance: "vfio-1" },
-  { role: "kvm", instance: "kvm0" },
-  { role: "vdcm", instance: "vdcm0" },
-];
+/** The compose stack's role instances (docker-compose.yml sets the services' default instances). */
+const COMPOSE_MEMBERS: readonly StackMember[] = DEFAULT_MEMBERS;
 
 const root = process.argv[2];
 if (root === undefined || root === "") {

@@ -10,6 +10,24 @@ export interface StackMember {
   readonly instance: string;
 }
 
+/**
+ * The role instances of a stack as the services start by default (each service's config default,
+ * and the variable that changes it): what `ioasidctl up`, the compose step and the testkit make
+ * credentials for.
+ */
+export const DEFAULT_MEMBERS = [
+  { role: "core", instance: "core", variable: undefined },
+  { role: "iommu", instance: "dmar0", variable: "IOMMU_INSTANCE" },
+  { role: "vfio", instance: "vfio-1", variable: "VFIO_INSTANCE" },
+  { role: "kvm", instance: "kvm0", variable: undefined },
+  { role: "vdcm", instance: "vdcm0", variable: "VDCM_INSTANCE" },
+] as const satisfies ReadonlyArray<StackMember & { readonly variable: string | undefined }>;
+
+/** A role's default instance (see {@link DEFAULT_MEMBERS}). */
+export function defaultMember(role: StackMember["role"]): (typeof DEFAULT_MEMBERS)[number] {
+  return DEFAULT_MEMBERS.find((m) => m.role === role)!;
+}
+
 /** The operator's identity in a stack's credentials. */
 export const OPERATOR_IDENTITY = { role: "operator", instance: "operator" } as const;
 /** The identity VMM processes (`ioasidctl vm create`) present to VFIO. */

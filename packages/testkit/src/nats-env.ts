@@ -1,14 +1,5 @@
-import type { NatsRole } from "@ioasid/security";
+import { defaultMember, type NatsRole } from "@ioasid/security";
 import type { NatsServer } from "./start-nats.js";
-
-/** The instance a service takes when its environment names none (its config's default). */
-const DEFAULT_INSTANCE: Readonly<Record<Exclude<NatsRole, "operator">, { readonly variable: string | undefined; readonly instance: string }>> = {
-  core: { variable: undefined, instance: "core" },
-  iommu: { variable: "IOMMU_INSTANCE", instance: "dmar0" },
-  kvm: { variable: undefined, instance: "kvm0" },
-  vdcm: { variable: "VDCM_INSTANCE", instance: "vdcm0" },
-  vfio: { variable: "VFIO_INSTANCE", instance: "vfio-1" },
-};
 
 /**
  * The NATS part of a service's environment: `NATS_URL`, and the credentials directory of its role
@@ -22,7 +13,7 @@ export async function natsEnv(
   role: Exclude<NatsRole, "operator">,
   env: Readonly<Record<string, string | undefined>> = {},
 ): Promise<Record<string, string>> {
-  const d = DEFAULT_INSTANCE[role];
+  const d = defaultMember(role);
   const instance = (d.variable === undefined ? undefined : env[d.variable]) ?? d.instance;
   const credentials = await nats.credentials(role, instance);
   return { NATS_URL: nats.url, ...(credentials?.env ?? {}) };

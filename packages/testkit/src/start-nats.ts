@@ -284,41 +284,39 @@ export async function startNats(options: StartNatsOptions = {}): Promise<NatsSer
   };
 
   async function addCredentials(role: NatsRole, instance: string): Promise<NatsRoleCredentials | undefined> {
-    {
-      if (auth === undefined) return undefined;
-      const key = `${role}/${instance}`;
-      const known = roleCredentials.get(key);
-      if (known !== undefined) return known;
-      const credential = createNatsCredential({ role, instance });
-      const credDir = join(dir, "credentials", `${role}.${instance}`);
-      writeNatsCredential(credDir, credential);
-      await certify(credDir, { role, instance });
-      const made: NatsRoleCredentials = { dir: credDir, env: { IOASID_CREDENTIALS_DIR: credDir }, credential };
-      roleCredentials.set(key, made);
-      // A new user takes a configuration reload (SIGHUP); it is in effect once the user can connect.
-      await writeConfig(configuredPort === -1 ? port : configuredPort);
-      if (managed?.running() === true) {
-        const m = managed;
-        m.child.kill("SIGHUP");
-        // A busy machine may take a while; the signal is sent again each second until it is in effect.
-        let lastSignal = performance.now();
-        await waitFor(
-          async () => {
-            const nc = await connect({ servers: `nats://127.0.0.1:${port}`, ...natsConnectOptions(credential), reconnect: false, timeout: 2000 }).catch(
-              () => undefined,
-            );
-            await nc?.close();
-            if (nc === undefined && performance.now() - lastSignal > 1000 && m.running()) {
-              m.child.kill("SIGHUP");
-              lastSignal = performance.now();
-            }
-            return nc !== undefined;
-          },
-          { timeoutMs: 30_000, intervalMs: 50, message: `nats-server to accept the new user ${key}` },
-        );
-      }
-      return made;
+    if (auth === undefined) return undefined;
+    const key = `${role}/${instance}`;
+    const known = roleCredentials.get(key);
+    if (known !== undefined) return known;
+    const credential = createNatsCredential({ role, instance });
+    const credDir = join(dir, "credentials", `${role}.${instance}`);
+    writeNatsCredential(credDir, credential);
+    await certify(credDir, { role, instance });
+    const made: NatsRoleCredentials = { dir: credDir, env: { IOASID_CREDENTIALS_DIR: credDir }, credential };
+    roleCredentials.set(key, made);
+    // A new user takes a configuration reload (SIGHUP); it is in effect once the user can connect.
+    await writeConfig(configuredPort === -1 ? port : configuredPort);
+    if (managed?.running() === true) {
+      const m = managed;
+      m.child.kill("SIGHUP");
+      // A busy machine may take a while; the signal is sent again each second until it is in effect.
+      let lastSignal = performance.now();
+      await waitFor(
+        async () => {
+          const nc = await connect({ servers: `nats://127.0.0.1:${port}`, ...natsConnectOptions(credential), reconnect: false, timeout: 2000 }).catch(
+            () => undefined,
+          );
+          await nc?.close();
+          if (nc === undefined && performance.now() - lastSignal > 1000 && m.running()) {
+            m.child.kill("SIGHUP");
+            lastSignal = performance.now();
+          }
+          return nc !== undefined;
+        },
+        { timeoutMs: 30_000, intervalMs: 50, message: `nats-server to accept the new user ${key}` },
+      );
     }
+    return made;
   }
 }
 

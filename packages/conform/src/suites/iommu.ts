@@ -1413,7 +1413,7 @@ export const iommuSuite: RoleSuite<IommuCtx> = {
   role: "iommu",
   summary: "the host IOMMU (VT-d driver): devices, domains, PASID tables, attach handles, guest binds, native SVA and page faults; tears a PASID down on FREE",
   target: "ioasid.iommu.v1.IommuService and grpc.health.v1 at --target; the core at IOASID_CORE_ADDRESS; NATS at NATS_URL",
-  prepare: (h) => ({ h, iommu: createClient(iommu.IommuServiceService, h.target, h.grpc({ deadlineMs: 10_000 })) }),
+  prepare: (h) => ({ h, iommu: createClient(iommu.IommuServiceService, h.target, { deadlineMs: 10_000 }) }),
   clauses,
   close: (c) => c.iommu.close(),
 };

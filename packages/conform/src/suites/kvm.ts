@@ -500,7 +500,7 @@ export const kvmSuite: RoleSuite<KvmCtx> = {
   role: "kvm",
   summary: "the host's KVM: per VM, the VMCS PASID translation table ENQCMD consults, kept by IOASID events",
   target: "ioasid.kvm.v1.KvmService and grpc.health.v1 at --target; the core at IOASID_CORE_ADDRESS; NATS at NATS_URL",
-  prepare: (h) => ({ h, kvm: createClient(kvm.KvmServiceService, h.target, h.grpc({ deadlineMs: 10_000 })) }),
+  prepare: (h) => ({ h, kvm: createClient(kvm.KvmServiceService, h.target, { deadlineMs: 10_000 }) }),
   clauses,
   close: (c) => c.kvm.close(),
 };

@@ -1042,7 +1042,7 @@ export const vdcmSuite: RoleSuite<VdcmCtx> = {
   summary: "the idxd VDCM: work-queue devices, their PASID tables and mdevs assigned to VMs, kept by the guests' MMIO writes and FREE at DEVICE priority",
   target:
     "ioasid.vdcm.v1.VdcmService and grpc.health.v1 at --target; the core at IOASID_CORE_ADDRESS; the IOMMU (descriptors' DMA) at IOMMU_ADDRESS; NATS at NATS_URL",
-  prepare: (h) => ({ h, vdcm: createClient(vdcm.VdcmServiceService, h.target, h.grpc({ deadlineMs: 10_000 })), gpasid: 100 }),
+  prepare: (h) => ({ h, vdcm: createClient(vdcm.VdcmServiceService, h.target, { deadlineMs: 10_000 }), gpasid: 100 }),
   clauses,
   close: (c) => c.vdcm.close(),
 };
