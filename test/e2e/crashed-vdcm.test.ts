@@ -173,10 +173,16 @@ describe("a crashed VDCM", () => {
       },
       { timeoutMs: 5000 },
     );
-    const audit = hist.find((x) => x.action?.$case === "forceRelease")!;
-    expect(audit).toMatchObject({ role: "operator", instance: "test-operator" });
+    // The stack runs with mTLS: the core authenticated the operator and wrote the audit record, one
+    // per released reference, with the reason and the name the command gave (issue 14).
+    const audits = hist.filter((x) => x.action?.$case === "forceRelease");
+    expect(audits).toHaveLength(1);
+    const audit = audits[0]!;
+    expect(audit).toMatchObject({ role: "ioasid", instance: "core", ioasid: a.hpasid });
     expect(audit.action.value).toMatchObject({
-      holder: "vdcm/vdcm0/*",
+      holder: "vdcm/vdcm0/dsa-y.wq0",
+      operator: expect.stringMatching(/^operator\//),
+      onBehalfOf: "test-operator",
       reason: "vdcm0 decommissioned",
       references: [{ ioasid: a.hpasid, purpose: "dsa-y.wq0", count: 1 }],
     });

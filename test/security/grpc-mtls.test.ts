@@ -4,7 +4,7 @@ import { join } from "node:path";
 import { credentials } from "@grpc/grpc-js";
 import { readHistory } from "@ioasid/bus";
 import { Code } from "@ioasid/errors";
-import { checkHealth, createClient, CREDENTIALS_DIR_ENV, type CreateClientOptions, type PromiseClient } from "@ioasid/grpc-kit";
+import { auditMetadata, checkHealth, createClient, CREDENTIALS_DIR_ENV, type CreateClientOptions, type PromiseClient } from "@ioasid/grpc-kit";
 import { core, events } from "@ioasid/proto";
 import {
   createStackCa,
@@ -113,6 +113,32 @@ describe("gRPC between services: mTLS and the core's authorization by role", () 
   let generation = 0;
   let iommuRegistration = 0;
 
+  it("records the operator's RegisterAllocator and UnregisterAllocator as allocator_change audit records naming the authenticated operator", async () => {
+    // First, on a core with no IOASID outstanding (a custom allocator may only take over then).
+    const since = Date.now() - 1000;
+    const note = auditMetadata({ reason: "vcmd for the DSA tests", onBehalfOf: "ticket-7" });
+    await as("operator").registerAllocator({ name: "vcmd", address: "127.0.0.1:1" }, { metadata: note });
+    await as("operator").unregisterAllocator({ name: "vcmd" });
+    // A refused change leaves no record (the audit goes with the operation, and there is none).
+    await expectRefused(as("operator").unregisterAllocator({ name: "nobody" }), Code.NOT_FOUND, "ALLOCATOR_NOT_FOUND");
+    let records: Awaited<ReturnType<typeof readHistory>> = [];
+    await waitFor(
+      async () => {
+        records = (await readHistory(nc, { sinceMs: since })).filter((rec) => rec.action.$case === "allocatorChange");
+        return records.length >= 2;
+      },
+      { timeoutMs: 20_000, message: "two allocator_change history records" },
+    );
+    expect(records.map((r) => ({ role: r.role, instance: r.instance, value: r.action.value }))).toEqual([
+      {
+        role: "ioasid",
+        instance: "core",
+        value: { operator: "operator/alice", registered: true, name: "vcmd", address: "127.0.0.1:1", reason: "vcmd for the DSA tests", onBehalfOf: "ticket-7" },
+      },
+      { role: "ioasid", instance: "core", value: { operator: "operator/alice", registered: false, name: "vcmd", address: "", reason: "", onBehalfOf: "" } },
+    ]);
+  });
+
   it("(g) serves the legitimate path: VFIO creates a set and allocates, KVM and the IOMMU take their own references and register", async () => {
     expect(proc.logs()).toContain('"tls":"mtls"');
     const set = await as("vfio").createSet({ tokenType: events.TokenType.TOKEN_TYPE_MM, token: MM_TOKEN, quota: 8 });
@@ -211,7 +237,10 @@ describe("gRPC between services: mTLS and the core's authorization by role", () 
 
   it("lets the operator force-release another holder's reference, with a force_release audit record in the history", async () => {
     const since = Date.now() - 1000;
-    const r = await as("operator").put({ setId, ioasid, generation, holder: { role: "kvm", instance: "vm-1", purpose: "vmcs" } });
+    const r = await as("operator").put(
+      { setId, ioasid, generation, holder: { role: "kvm", instance: "vm-1", purpose: "vmcs" } },
+      { metadata: auditMetadata({ reason: "vm-1 is gone", onBehalfOf: "bob" }) },
+    );
     expect(r.refcount).toBe(2);
     let audit: Awaited<ReturnType<typeof readHistory>> = [];
     await waitFor(
@@ -221,8 +250,33 @@ describe("gRPC between services: mTLS and the core's authorization by role", () 
       },
       { timeoutMs: 5000, message: "a force_release history record" },
     );
+    expect(audit).toHaveLength(1);
     expect(audit[0]).toMatchObject({ role: "ioasid", ioasid, setId });
-    expect(audit[0]!.action.value).toMatchObject({ holder: "kvm/vm-1/vmcs", reason: expect.stringContaining("operator/alice") });
+    // The identity is the certificate's; the reason and whom it is for are what the client said.
+    expect(audit[0]!.action.value).toEqual({
+      holder: "kvm/vm-1/vmcs",
+      operator: "operator/alice",
+      reason: "vm-1 is gone",
+      onBehalfOf: "bob",
+      references: [{ ioasid, generation, setId, purpose: "vmcs", count: 1 }],
+    });
+    // A role's own Put leaves no audit record; a client cannot make one up with the metadata either.
+    await as("kvm").get({ setId, ioasid, generation, holder: { role: "kvm", instance: "vm-1", purpose: "vmcs" } });
+    await as("kvm").put(
+      { setId, ioasid, generation, holder: { role: "kvm", instance: "vm-1", purpose: "vmcs" } },
+      { metadata: auditMetadata({ reason: "forged", onBehalfOf: "mallory" }) },
+    );
+    // Once KVM's own put is in the history (the operator's and KVM's: two puts of kvm/vm-1), the
+    // force_release records are still the one.
+    let history: Awaited<ReturnType<typeof readHistory>> = [];
+    await waitFor(
+      async () => {
+        history = await readHistory(nc, { sinceMs: since });
+        return history.filter((rec) => rec.action.$case === "ioasidPut" && rec.action.value.holder?.instance === "vm-1").length >= 2;
+      },
+      { timeoutMs: 20_000, message: "KVM's own put in the history" },
+    );
+    expect(history.filter((rec) => rec.action.$case === "forceRelease")).toHaveLength(1);
   });
 });
 

@@ -96,6 +96,8 @@ const ACTION_MESSAGES: { readonly [C in HistoryActionCase]: FromPartial<HistoryA
   vdevClear: h.VdevClear,
   submit: h.Submit,
   forceRelease: h.ForceRelease,
+  allocatorChange: h.AllocatorChange,
+  streamAdmin: h.StreamAdmin,
   chaosOp: h.ChaosOp,
   chaosFault: h.ChaosFault,
   chaosHeal: h.ChaosHeal,
@@ -366,7 +368,17 @@ export function describeAction(r: HistoryRecord): string | undefined {
     case "forceRelease": {
       const v = a.value;
       const refs = v.references.map((x) => `${x.ioasid}/${x.generation} set ${x.setId} ${x.purpose} ×${x.count}`).join(", ");
-      return `holder ${v.holder}: ${v.reason}${refs === "" ? "" : ` (${refs})`}`;
+      const by = [v.operator === "" ? undefined : `by ${v.operator}`, v.onBehalfOf === "" ? undefined : `for ${v.onBehalfOf}`].filter((x) => x !== undefined).join(" ");
+      return `holder ${v.holder}: ${v.reason}${refs === "" ? "" : ` (${refs})`}${by === "" ? "" : ` ${by}`}`;
+    }
+    case "allocatorChange": {
+      const v = a.value;
+      const what = v.registered ? `registered allocator ${v.name} at ${v.address}` : `unregistered allocator ${v.name}`;
+      return `${v.operator} ${what}${v.reason === "" ? "" : `: ${v.reason}`}${v.onBehalfOf === "" ? "" : ` (for ${v.onBehalfOf})`}`;
+    }
+    case "streamAdmin": {
+      const v = a.value;
+      return `${v.api} ${v.stream} by user ${v.user}: ${v.ok ? "done" : `refused (${v.error})`}`;
     }
     case "chaosOp": {
       const v = a.value;

@@ -3,6 +3,7 @@ import type { ParseArgsConfig } from "node:util";
 import { connect } from "@nats-io/transport-node";
 import { HistoryRecorder } from "@ioasid/bus";
 import { isDomainError } from "@ioasid/errors";
+import { auditMetadata } from "@ioasid/grpc-kit";
 import type { HeldReference } from "@ioasid/role-kit";
 import { core } from "@ioasid/proto";
 import { addressesOf, connectStack, type StackAddresses, type StackClients } from "./clients.js";
@@ -51,17 +52,53 @@ export async function heldBy(c: StackClients, sel: HolderSelector): Promise<Held
 }
 
 /**
- * Force-releases the holder's references: the audit record first (recorded in the history, and
- * flushed before any Put), then one Put per reference. A reference that went away meanwhile
- * (released, IOASID reclaimed) is skipped.
+ * Force-releases the holder's references: one Put per reference, each carrying the reason (and
+ * `audit.operator` as whom the call is made for) as call metadata, from which the core — having
+ * authenticated the operator's certificate — writes each audit record. Against an insecure stack
+ * (`stack.tls` absent) the audit record is written here first, flushed before any Put. A reference
+ * that went away meanwhile (released, IOASID reclaimed) is skipped.
  */
 export async function forceRelease(
   c: StackClients,
-  nats: Pick<StackAddresses, "natsUrl" | "natsAuth">,
+  stack: Pick<StackAddresses, "natsUrl" | "natsAuth" | "tls">,
   sel: HolderSelector,
   audit: { readonly operator: string; readonly reason: string },
 ): Promise<ReleaseResult> {
   const held = await heldBy(c, sel);
+  if (stack.tls === undefined) await recordOwnAudit(stack, sel, held, audit);
+  const metadata = auditMetadata({ reason: audit.reason, onBehalfOf: audit.operator });
+  let released = 0;
+  const reclaimed: number[] = [];
+  for (const h of held) {
+    for (let i = 0; i < h.count; i++) {
+      try {
+        const r = await c.core.put(
+          core.PutRequest.fromPartial({
+            setId: h.setId,
+            ioasid: h.ioasid,
+            generation: h.generation,
+            holder: { role: sel.role, instance: sel.instance, purpose: h.purpose },
+          }),
+          { metadata },
+        );
+        released++;
+        if (r.refcount === 0) reclaimed.push(h.ioasid);
+      } catch (err) {
+        if (["NO_REFERENCE_HELD", "IOASID_NOT_FOUND", "STALE_GENERATION", "SET_UNKNOWN"].some((reason) => isDomainError(err, reason))) break;
+        throw err;
+      }
+    }
+  }
+  return { held, released, reclaimed };
+}
+
+/** The audit record of a force-release against an insecure stack: written by the command itself, unauthenticated. */
+async function recordOwnAudit(
+  nats: Pick<StackAddresses, "natsUrl" | "natsAuth">,
+  sel: HolderSelector,
+  held: readonly HeldReference[],
+  audit: { readonly operator: string; readonly reason: string },
+): Promise<void> {
   const nc = await connect({ servers: nats.natsUrl, name: "ioasidctl-holder-release", ...nats.natsAuth });
   try {
     const history = new HistoryRecorder(nc, "operator", audit.operator);
@@ -79,28 +116,6 @@ export async function forceRelease(
   } finally {
     await nc.close();
   }
-  let released = 0;
-  const reclaimed: number[] = [];
-  for (const h of held) {
-    for (let i = 0; i < h.count; i++) {
-      try {
-        const r = await c.core.put(
-          core.PutRequest.fromPartial({
-            setId: h.setId,
-            ioasid: h.ioasid,
-            generation: h.generation,
-            holder: { role: sel.role, instance: sel.instance, purpose: h.purpose },
-          }),
-        );
-        released++;
-        if (r.refcount === 0) reclaimed.push(h.ioasid);
-      } catch (err) {
-        if (["NO_REFERENCE_HELD", "IOASID_NOT_FOUND", "STALE_GENERATION", "SET_UNKNOWN"].some((reason) => isDomainError(err, reason))) break;
-        throw err;
-      }
-    }
-  }
-  return { held, released, reclaimed };
 }
 
 /** A command of the CLI's table. */
@@ -120,8 +135,10 @@ export function holderCommands(out: (line: string) => void): Record<"holder", Ho
         "ioasidctl holder list --role ROLE --instance INSTANCE [--purpose P] [--dir .ioasid]\n" +
         "ioasidctl holder release --role ROLE --instance INSTANCE [--purpose P] --reason TEXT [--operator NAME] [--dry-run] [--dir .ioasid]\n" +
         "  release drops every reference of a holder that is gone for good (a role that will not come back to\n" +
-        "  reconcile), so its IOASIDs can be reclaimed. It first records a `force_release` audit record in the\n" +
-        "  history (operator, reason, holder and the references), then Puts each reference through the core.\n" +
+        "  reconcile), so its IOASIDs can be reclaimed. It Puts each reference through the core with the reason;\n" +
+        "  the core, having authenticated this operator's certificate, records a `force_release` audit record\n" +
+        "  per reference in the history (operator, --operator NAME as whom it acts for, reason, holder, IOASID).\n" +
+        "  Against an --insecure stack the command records one `force_release` itself first (unauthenticated).\n" +
         "  A holder that is still running must not be released: it would keep using PASIDs the core reuses.",
       options: {
         dir: { type: "string", default: ".ioasid" },
@@ -172,7 +189,7 @@ async function runHolder(v: Record<string, string | boolean | undefined>, pos: s
     const operator = (v["operator"] as string | undefined) ?? userInfo().username;
     const r = await forceRelease(c, addresses, sel, { operator, reason });
     out(
-      `force-released ${r.released} reference(s) of ${who} (audit record by ${operator}: "${reason}")${r.reclaimed.length === 0 ? "" : `; reclaimed ${r.reclaimed.join(", ")}`}`,
+      `force-released ${r.released} reference(s) of ${who} (${addresses.tls === undefined ? "audit recorded by ioasidctl, unauthenticated" : "audit recorded by the core"}, for ${operator}: "${reason}")${r.reclaimed.length === 0 ? "" : `; reclaimed ${r.reclaimed.join(", ")}`}`,
     );
     return 0;
   } finally {

@@ -1,25 +1,31 @@
-import { ServerInterceptingCall, status, type ServerInterceptor } from "@grpc/grpc-js";
-import { callerIdentity, toGrpcStatus } from "@ioasid/grpc-kit";
+import { Metadata, ServerInterceptingCall, type ServerInterceptor } from "@grpc/grpc-js";
+import { callerIdentity, readAuditNote, toGrpcStatus } from "@ioasid/grpc-kit";
 import { core } from "@ioasid/proto";
-import type { RoleIdentity } from "@ioasid/security";
+import { formatIdentity } from "@ioasid/security";
 import type { Logger } from "pino";
-import { authorize, type AuditKind, type AuthorizationView, type CoreMethod } from "./authorize.js";
-
-/** A call that succeeded and must leave an audit record (see {@link AuditKind}). */
-export interface AuditedCall {
-  readonly kind: AuditKind;
-  readonly method: CoreMethod;
-  readonly caller: RoleIdentity;
-  /** The decoded request. */
-  readonly request: unknown;
-}
+import { authorize, type AuthorizationView, type CoreMethod } from "./authorize.js";
+import type { OperatorAudit } from "./operation.js";
 
 /** Options of {@link createAuthorizationInterceptor}. */
 export interface AuthorizationInterceptorOptions {
   readonly view: AuthorizationView;
   readonly logger: Logger;
-  /** Called once an audited call has succeeded (its status is OK), before the status is sent. */
-  readonly onAudited: (call: AuditedCall) => void;
+}
+
+/**
+ * The audit of each request object an audited call passed on (keyed by the decoded request itself,
+ * which grpc-js hands to the handler unchanged): set only here, after authentication, so a client
+ * cannot forge it — metadata it sends adds a reason, never an identity.
+ */
+const AUDITS = new WeakMap<object, OperatorAudit>();
+
+/**
+ * The operator audit the authorization interceptor attached to this request (an operator's
+ * force-release Put, RegisterAllocator, UnregisterAllocator), or undefined: the handler puts it into
+ * the operation, whose history then carries the audit record (audit-record.ts).
+ */
+export function operatorAuditOf(request: object): OperatorAudit | undefined {
+  return AUDITS.get(request);
 }
 
 /** CoreService method path (`/ioasid.core.v1.CoreService/CreateSet`) → method name (`createSet`). */
@@ -40,21 +46,30 @@ const CORE_METHODS: ReadonlyMap<string, CoreMethod> = new Map(
  * keeps the "refused call changes nothing" rule independent of what a handler does first.
  */
 export function createAuthorizationInterceptor(options: AuthorizationInterceptorOptions): ServerInterceptor {
-  const { view, logger, onAudited } = options;
+  const { view, logger } = options;
   return (descriptor, call) => {
     const method = CORE_METHODS.get(descriptor.path);
     if (method === undefined) return new ServerInterceptingCall(call);
     let refused = false;
-    let audited: AuditedCall | undefined;
+    let metadata: Metadata | undefined;
     return new ServerInterceptingCall(call, {
       start: (next) =>
         next({
+          onReceiveMetadata: (m, pass) => {
+            metadata = m;
+            pass(m);
+          },
           onReceiveMessage: (message, pass) => {
             if (refused) return;
             const caller = callerIdentity(call);
             try {
               const decision = authorize(method, message, caller, view);
-              if (decision.audit !== undefined && caller !== undefined) audited = { kind: decision.audit, method, caller, request: message };
+              if (decision.audit !== undefined && caller !== undefined && typeof message === "object" && message !== null) {
+                const note = readAuditNote(metadata ?? new Metadata());
+                const audit: OperatorAudit = { operator: formatIdentity(caller), reason: note.reason, onBehalfOf: note.onBehalfOf };
+                AUDITS.set(message, audit);
+                logger.warn({ audit: decision.audit, method: descriptor.path, ...audit }, "audited operator call");
+              }
             } catch (err) {
               refused = true;
               logger.warn(
@@ -70,16 +85,6 @@ export function createAuthorizationInterceptor(options: AuthorizationInterceptor
             if (!refused) pass();
           },
         }),
-      sendStatus: (s, pass) => {
-        if (audited !== undefined && s.code === status.OK) {
-          try {
-            onAudited(audited);
-          } catch (err) {
-            logger.error({ err: String(err), method: descriptor.path }, "audit record failed");
-          }
-        }
-        pass(s);
-      },
     });
   };
 }

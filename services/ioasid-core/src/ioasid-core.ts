@@ -14,7 +14,8 @@ import type { events } from "@ioasid/proto";
 import { fromCommittedEvent } from "./convert.js";
 import { EventLog } from "./event-log.js";
 import type { OpLog } from "./op-log.js";
-import { applyOperation, chainKey, StashedAllocator, type ApplyContext, type CommittedOperation, type DeliveryAck, type Operation } from "./operation.js";
+import { applyOperation, chainKey, StashedAllocator, type ApplyContext, type CommittedOperation, type DeliveryAck, type Operation, type OperatorAudit } from "./operation.js";
+import { auditRecordOf } from "./audit-record.js";
 
 /**
  * An external allocator as the core sees it: asynchronous (it lives in another process). The
@@ -296,10 +297,10 @@ export class IoasidCore {
     return done;
   }
 
-  /** Registers an external allocator reachable at `address`. */
-  async registerAllocator(name: string, address: string): Promise<void> {
+  /** Registers an external allocator reachable at `address`; `audit`: the operator who did it. */
+  async registerAllocator(name: string, address: string, audit?: OperatorAudit): Promise<void> {
     try {
-      await this.commit({ kind: "registerAllocator", name, address });
+      await this.commit({ kind: "registerAllocator", name, address, ...(audit === undefined ? {} : { audit }) });
     } catch (err) {
       this.externals.get(name)?.close();
       if (this.ctx.allocator?.name !== name) this.externals.delete(name);
@@ -307,9 +308,9 @@ export class IoasidCore {
     }
   }
 
-  /** Returns to the default allocator. */
-  async unregisterAllocator(name: string): Promise<void> {
-    await this.commit({ kind: "unregisterAllocator", name });
+  /** Returns to the default allocator; `audit`: the operator who did it. */
+  async unregisterAllocator(name: string, audit?: OperatorAudit): Promise<void> {
+    await this.commit({ kind: "unregisterAllocator", name, ...(audit === undefined ? {} : { audit }) });
     this.externals.get(name)?.close();
     this.externals.delete(name);
   }
@@ -445,6 +446,10 @@ export class IoasidCore {
 
   private applyRecord(op: Operation): unknown {
     let result: unknown;
+    // An operator action's audit record comes first, so it precedes the reference change it explains
+    // (and goes with the operation's records: dropped if the model refuses, published once durable).
+    const audit = this.recording ? auditRecordOf(op) : undefined;
+    if (audit !== undefined) this.emitHistory(audit[0], audit[1]);
     try {
       result = applyOperation(this.ctx, op);
     } finally {

@@ -33,7 +33,11 @@ const EXAMPLES: Record<OperationKind, CommittedOperation[]> = {
   ],
   free: [{ kind: "free", setId: 1, ioasid: 201, generation: 0, commitTimeMs: T }],
   get: [{ kind: "get", setId: 1, ioasid: 201, holder: kvm, generation: 3, commitTimeMs: T }],
-  put: [{ kind: "put", setId: 1, ioasid: 201, holder: kvm, generation: 0, commitTimeMs: T }],
+  put: [
+    { kind: "put", setId: 1, ioasid: 201, holder: kvm, generation: 0, commitTimeMs: T },
+    // An operator's force-release: its audit travels in the log (issue 14).
+    { kind: "put", setId: 1, ioasid: 201, holder: kvm, generation: 4, audit: { operator: "operator/alice", reason: "vm-7 is gone", onBehalfOf: "" }, commitTimeMs: T },
+  ],
   findBySpid: [{ kind: "findBySpid", setId: 1, spid: 9, holder: kvm, commitTimeMs: T }],
   attachSpid: [{ kind: "attachSpid", setId: 1, ioasid: 201, spid: 9, generation: 2, commitTimeMs: T }],
   detachSpid: [{ kind: "detachSpid", setId: 1, ioasid: 201, generation: 2, commitTimeMs: T }],
@@ -65,8 +69,14 @@ const EXAMPLES: Record<OperationKind, CommittedOperation[]> = {
     },
   ],
   unregister: [{ kind: "unregister", registrationId: 4, commitTimeMs: T }],
-  registerAllocator: [{ kind: "registerAllocator", name: "vcmd", address: "127.0.0.1:50999", commitTimeMs: T }],
-  unregisterAllocator: [{ kind: "unregisterAllocator", name: "vcmd", commitTimeMs: T }],
+  registerAllocator: [
+    { kind: "registerAllocator", name: "vcmd", address: "127.0.0.1:50999", commitTimeMs: T },
+    { kind: "registerAllocator", name: "vcmd", address: "127.0.0.1:50999", audit: { operator: "operator/ops-1", reason: "", onBehalfOf: "ticket 42" }, commitTimeMs: T },
+  ],
+  unregisterAllocator: [
+    { kind: "unregisterAllocator", name: "vcmd", commitTimeMs: T },
+    { kind: "unregisterAllocator", name: "vcmd", audit: { operator: "operator/ops-1", reason: "back to the default", onBehalfOf: "" }, commitTimeMs: T },
+  ],
   acks: [
     {
       kind: "acks",
@@ -200,7 +210,7 @@ describe("op-log codec (ioasid.oplog.v1)", () => {
         encodeBatch([
           oplog.Operation.encode({
             commitTime: new Date(T),
-            kind: { $case: "put", value: { setId: 1, ioasid: 2, holder: undefined, generation: 0 } },
+            kind: { $case: "put", value: { setId: 1, ioasid: 2, holder: undefined, generation: 0, audit: undefined } },
           }).finish(),
         ]),
         "put: it has no holder",

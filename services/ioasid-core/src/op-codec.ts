@@ -3,7 +3,7 @@ import { EventType, Priority, TokenType, type Holder, type RegisterOptions, type
 import { events, oplog, type core } from "@ioasid/proto";
 import { scopeFromWire, scopeToWire } from "@ioasid/role-kit";
 import { fromEventType, fromPriority, fromTokenType, toEventType, toPriority } from "./convert.js";
-import type { AckRelease, CommittedOperation, DeliveryAck, DeliveryRef, Operation } from "./operation.js";
+import type { AckRelease, CommittedOperation, DeliveryAck, DeliveryRef, Operation, OperatorAudit } from "./operation.js";
 
 // The one place where the operation log's wire format (proto/ioasid/oplog/v1/oplog.proto) meets the
 // domain's operations: the core and its log speak Operation, JetStream holds ioasid.oplog.v1.
@@ -192,8 +192,12 @@ function toWireKind(op: Operation): oplog.Operation["kind"] {
     case "detachData":
       return { $case: op.kind, value: { setId: op.setId, ioasid: op.ioasid, generation: op.generation } };
     case "get":
-    case "put":
       return { $case: op.kind, value: { setId: op.setId, ioasid: op.ioasid, holder: toWireHolder(op.holder), generation: op.generation } };
+    case "put":
+      return {
+        $case: op.kind,
+        value: { setId: op.setId, ioasid: op.ioasid, holder: toWireHolder(op.holder), generation: op.generation, audit: op.audit === undefined ? undefined : { ...op.audit } },
+      };
     case "findBySpid":
       return { $case: op.kind, value: { setId: op.setId, spid: op.spid, holder: toWireHolder(op.holder) } };
     case "attachSpid":
@@ -205,9 +209,9 @@ function toWireKind(op: Operation): oplog.Operation["kind"] {
     case "unregister":
       return { $case: op.kind, value: { registrationId: op.registrationId } };
     case "registerAllocator":
-      return { $case: op.kind, value: { name: op.name, address: op.address } };
+      return { $case: op.kind, value: { name: op.name, address: op.address, audit: op.audit === undefined ? undefined : { ...op.audit } } };
     case "unregisterAllocator":
-      return { $case: op.kind, value: { name: op.name } };
+      return { $case: op.kind, value: { name: op.name, audit: op.audit === undefined ? undefined : { ...op.audit } } };
     case "acks":
       return {
         $case: op.kind,
@@ -287,6 +291,13 @@ function fromWireKind(kind: NonNullable<oplog.Operation["kind"]>): Operation {
     case "detachData":
       return { kind: kind.$case, setId: kind.value.setId, ioasid: kind.value.ioasid, generation: kind.value.generation };
     case "get":
+      return {
+        kind: kind.$case,
+        setId: kind.value.setId,
+        ioasid: kind.value.ioasid,
+        holder: holderOf(kind.$case, kind.value.holder),
+        generation: kind.value.generation,
+      };
     case "put":
       return {
         kind: kind.$case,
@@ -294,6 +305,7 @@ function fromWireKind(kind: NonNullable<oplog.Operation["kind"]>): Operation {
         ioasid: kind.value.ioasid,
         holder: holderOf(kind.$case, kind.value.holder),
         generation: kind.value.generation,
+        ...auditOf(kind.value.audit),
       };
     case "findBySpid":
       return { kind: kind.$case, setId: kind.value.setId, spid: kind.value.spid, holder: holderOf(kind.$case, kind.value.holder) };
@@ -306,9 +318,9 @@ function fromWireKind(kind: NonNullable<oplog.Operation["kind"]>): Operation {
     case "unregister":
       return { kind: kind.$case, registrationId: kind.value.registrationId };
     case "registerAllocator":
-      return { kind: kind.$case, name: kind.value.name, address: kind.value.address };
+      return { kind: kind.$case, name: kind.value.name, address: kind.value.address, ...auditOf(kind.value.audit) };
     case "unregisterAllocator":
-      return { kind: kind.$case, name: kind.value.name };
+      return { kind: kind.$case, name: kind.value.name, ...auditOf(kind.value.audit) };
     case "acks":
       return { kind: kind.$case, subscriber: subscriberOf(kind.$case, kind.value.subscriber), acks: kind.value.acks.map(fromWireAck) };
     case "misses":
@@ -353,4 +365,9 @@ function fromWireRegister(r: oplog.Register): RegisterOptions {
   const scope = scopeFromWire(r.scope);
   if (scope === undefined) throw new Error("register: it has no scope");
   return { subscriber, priority, scope, events: eventTypes };
+}
+
+/** An operation's audit field, when the log holds one (an operation recorded before audits had none). */
+function auditOf(audit: oplog.OperatorAudit | undefined): { audit?: OperatorAudit } {
+  return audit === undefined ? {} : { audit: { operator: audit.operator, reason: audit.reason, onBehalfOf: audit.onBehalfOf } };
 }

@@ -33,19 +33,42 @@ export type Operation =
     }
   | { readonly kind: "batchAlloc"; readonly setId: number; readonly count: number; readonly min?: number; readonly max?: number }
   | { readonly kind: "free"; readonly setId: number; readonly ioasid: number; readonly generation: number }
-  | { readonly kind: "get" | "put"; readonly setId: number; readonly ioasid: number; readonly holder: Holder; readonly generation: number }
+  | { readonly kind: "get"; readonly setId: number; readonly ioasid: number; readonly holder: Holder; readonly generation: number }
+  | {
+      readonly kind: "put";
+      readonly setId: number;
+      readonly ioasid: number;
+      readonly holder: Holder;
+      readonly generation: number;
+      /** An operator's force-release of another holder's reference: who and why (its audit record). */
+      readonly audit?: OperatorAudit;
+    }
   | { readonly kind: "findBySpid"; readonly setId: number; readonly spid: number; readonly holder: Holder }
   | { readonly kind: "attachSpid"; readonly setId: number; readonly ioasid: number; readonly spid: number; readonly generation: number }
   | { readonly kind: "detachSpid" | "detachData"; readonly setId: number; readonly ioasid: number; readonly generation: number }
   | { readonly kind: "attachData"; readonly setId: number; readonly ioasid: number; readonly data: Uint8Array; readonly generation: number }
   | { readonly kind: "register"; readonly options: RegisterOptions }
   | { readonly kind: "unregister"; readonly registrationId: number }
-  | { readonly kind: "registerAllocator"; readonly name: string; readonly address: string }
-  | { readonly kind: "unregisterAllocator"; readonly name: string }
+  | { readonly kind: "registerAllocator"; readonly name: string; readonly address: string; readonly audit?: OperatorAudit }
+  | { readonly kind: "unregisterAllocator"; readonly name: string; readonly audit?: OperatorAudit }
   /** Acknowledgements by one subscriber, with the references they release. */
   | { readonly kind: "acks"; readonly subscriber: Subscriber; readonly acks: readonly DeliveryAck[] }
   /** Deliveries recorded as missed. */
   | { readonly kind: "misses"; readonly misses: readonly DeliveryRef[] };
+
+/**
+ * Who did an audited operator action and why (DESIGN §3, issue 14): recorded in the operation itself,
+ * so the audit record is exactly as durable as the action — it is published with the operation's
+ * history once the operation is durable, and again by a replay whose history lacks it.
+ */
+export interface OperatorAudit {
+  /** The caller as the core authenticated it: "operator/<instance>". */
+  readonly operator: string;
+  /** The reason the operator gave ("" if none). */
+  readonly reason: string;
+  /** Whom the operator's client said it acts for: a label, not authenticated ("" if none). */
+  readonly onBehalfOf: string;
+}
 
 /** The kinds of {@link Operation}. */
 export type OperationKind = Operation["kind"];

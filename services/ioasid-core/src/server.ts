@@ -31,7 +31,7 @@ import { fromIoasidInfo, fromRegistration, fromSetInfo, nonEmpty, toHolder, toRe
 import { EventWatchers } from "./event-watchers.js";
 import { IoasidCore, type ExternalAllocator } from "./ioasid-core.js";
 import { AuditKind, type AuthorizationView } from "./authorize.js";
-import { createAuthorizationInterceptor, type AuditedCall } from "./authorization-interceptor.js";
+import { createAuthorizationInterceptor, operatorAuditOf } from "./authorization-interceptor.js";
 
 const FREE_OUTCOME = {
   FREE_PENDING: core.FreeOutcome.FREE_OUTCOME_FREE_PENDING,
@@ -132,8 +132,18 @@ function coreHandlers(ioasidCore: IoasidCore, watchers: EventWatchers): ServiceH
     },
     get: async (req) =>
       (await commit({ kind: "get", setId: req.setId, ioasid: req.ioasid, holder: toHolder(req.holder)!, generation: req.generation })) as { refcount: number },
-    put: async (req) =>
-      (await commit({ kind: "put", setId: req.setId, ioasid: req.ioasid, holder: toHolder(req.holder)!, generation: req.generation })) as PutResult,
+    put: async (req) => {
+      // An operator's force-release carries its audit into the operation (DESIGN §3, §4.4).
+      const audit = operatorAuditOf(req);
+      return (await commit({
+        kind: "put",
+        setId: req.setId,
+        ioasid: req.ioasid,
+        holder: toHolder(req.holder)!,
+        generation: req.generation,
+        ...(audit === undefined ? {} : { audit }),
+      })) as PutResult;
+    },
     find: (req) => ({ info: fromIoasidInfo(space.find(req.setId, req.ioasid, req.generation)) }),
     findBySpid: async (req) => {
       const holder = toHolder(req.holder);
@@ -178,11 +188,11 @@ function coreHandlers(ioasidCore: IoasidCore, watchers: EventWatchers): ServiceH
       if (!ALLOCATOR_ADDRESS.test(req.address)) {
         throw coreError("ALLOCATOR_INVALID", `allocator address ${quote(req.address)} is not host:port`);
       }
-      await ioasidCore.registerAllocator(req.name, req.address);
+      await ioasidCore.registerAllocator(req.name, req.address, operatorAuditOf(req));
       return {};
     },
     unregisterAllocator: async (req) => {
-      await ioasidCore.unregisterAllocator(req.name);
+      await ioasidCore.unregisterAllocator(req.name, operatorAuditOf(req));
       return {};
     },
     getStats: () => {
@@ -276,7 +286,7 @@ export interface RunningCore {
 export async function startCoreServer(options: StartCoreServerOptions = {}): Promise<RunningCore> {
   const t0 = performance.now();
   // Late-bound: the interceptor reads the model (for set owners and registrations) only once serving.
-  const state: { core?: IoasidCore; audit?: (call: AuditedCall) => void } = {};
+  const state: { core?: IoasidCore } = {};
   const baseLogger = options.logger ?? createLogger("ioasid-core");
   const server = createGrpcServer({
     service: "ioasid-core",
@@ -289,7 +299,6 @@ export async function startCoreServer(options: StartCoreServerOptions = {}): Pro
             createAuthorizationInterceptor({
               view: authorizationView(() => state.core!),
               logger: baseLogger,
-              onAudited: (call) => state.audit?.(call),
             }),
           ],
         }),
@@ -304,7 +313,6 @@ export async function startCoreServer(options: StartCoreServerOptions = {}): Pro
     logger.info({ identity: formatIdentity(options.tls.identity) }, "mTLS: callers are authenticated by the stack CA and authorized by role");
   }
   let history: ((action: HistoryActionInput, fields: HistoryFields, ts?: number, opSeq?: number) => void) | undefined;
-  state.audit = (call) => recordAudit(call, (action, fields) => history?.(action, fields), logger);
   const ioasidCore = new IoasidCore({
     history: (action, fields, ts, opSeq) => history?.(action, fields, ts, opSeq),
     ...(options.capacity === undefined ? {} : { capacity: options.capacity }),
@@ -397,38 +405,6 @@ function authorizationView(model: () => IoasidCore): AuthorizationView {
         .space.listRegistrations()
         .find((r) => r.id === registrationId)?.subscriber,
   };
-}
-
-/**
- * The audit record of an operator's call that succeeded (DESIGN §3: "force-release is the
- * operator's, audited"; §4.4). A force-release is a `force_release` history record of the core, naming
- * the operator; the history catalogue has no record of an allocator change yet, so that one is a
- * log line (warn) only.
- */
-function recordAudit(call: AuditedCall, history: (action: HistoryActionInput, fields: HistoryFields) => void, logger: Logger): void {
-  const operator = formatIdentity(call.caller);
-  if (call.kind === AuditKind.FORCE_RELEASE) {
-    const r = call.request as core.PutRequest;
-    const h = r.holder!;
-    logger.warn(
-      { audit: call.kind, operator, setId: r.setId, ioasid: r.ioasid, holder: `${h.role}/${h.instance}/${h.purpose}` },
-      "audit: operator force-released a reference",
-    );
-    history(
-      {
-        $case: "forceRelease",
-        value: {
-          holder: `${h.role}/${h.instance}/${h.purpose}`,
-          reason: `Put by ${operator} (authenticated by the core)`,
-          references: [{ ioasid: r.ioasid, generation: r.generation, setId: r.setId, purpose: h.purpose, count: 1 }],
-        },
-      },
-      { ioasid: r.ioasid, setId: r.setId, ...(r.generation === 0 ? {} : { generation: r.generation }) },
-    );
-    return;
-  }
-  const r = call.request as Partial<core.RegisterAllocatorRequest>;
-  logger.warn({ audit: call.kind, operator, method: call.method, name: r.name, address: r.address }, "audit: operator changed the custom allocator");
 }
 
 const CORE_HISTORY_ROLE = "ioasid";

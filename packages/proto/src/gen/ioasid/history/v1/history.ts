@@ -476,6 +476,15 @@ export interface HistoryRecord {
      */
     { $case: "forceRelease"; value: ForceRelease }
     | //
+    /** An operator registered or unregistered a custom allocator (recorded by the core). */
+    { $case: "allocatorChange"; value: AllocatorChange }
+    | //
+    /**
+     * A JetStream stream was changed, purged or deleted, or messages deleted from it (recorded by the
+     * core from nats-server's API audit advisory; only the operator's credential may do this).
+     */
+    { $case: "streamAdmin"; value: StreamAdmin }
+    | //
     /**
      * ---- chaos ----
      * A chaos operation invoked or completed (Jepsen style).
@@ -1051,6 +1060,46 @@ export interface ForceRelease {
   reason: string;
   /** The references it held. */
   references: ForcedReference[];
+  /**
+   * The operator as the core authenticated it ("operator/<instance>", from its client certificate);
+   * empty in a record written by `ioasidctl` itself against an insecure stack.
+   */
+  operator: string;
+  /** Whom the operator's client said it acts for (a label, not authenticated); may be empty. */
+  onBehalfOf: string;
+}
+
+/** AllocatorChange is the audit record of an operator's RegisterAllocator or UnregisterAllocator. */
+export interface AllocatorChange {
+  /** The operator as the core authenticated it ("operator/<instance>"). */
+  operator: string;
+  /** True for RegisterAllocator, false for UnregisterAllocator. */
+  registered: boolean;
+  /** The allocator's name. */
+  name: string;
+  /** Where it listens (RegisterAllocator only). */
+  address: string;
+  /** The operator's reason; may be empty. */
+  reason: string;
+  /** Whom the operator's client said it acts for (a label, not authenticated); may be empty. */
+  onBehalfOf: string;
+}
+
+/**
+ * StreamAdmin is the audit record of a JetStream stream administration call that reached the server
+ * (a call the broker refused for lack of permission never does, and is in nats-server's log instead).
+ */
+export interface StreamAdmin {
+  /** The NATS user that made it (its name or nkey). */
+  user: string;
+  /** The JetStream API call: "STREAM.DELETE", "STREAM.PURGE", "STREAM.UPDATE", "STREAM.MSG.DELETE". */
+  api: string;
+  /** The stream. */
+  stream: string;
+  /** Whether the server carried it out. */
+  ok: boolean;
+  /** The server's error when it did not; empty when ok. */
+  error: string;
 }
 
 /** ChaosOp is a chaos operation invoked or completed; the IOASID it acted on is in the record. */
@@ -1402,6 +1451,12 @@ export const HistoryRecord: MessageFns<HistoryRecord> = {
         break;
       case "forceRelease":
         ForceRelease.encode(message.action.value, writer.uint32(802).fork()).join();
+        break;
+      case "allocatorChange":
+        AllocatorChange.encode(message.action.value, writer.uint32(810).fork()).join();
+        break;
+      case "streamAdmin":
+        StreamAdmin.encode(message.action.value, writer.uint32(818).fork()).join();
         break;
       case "chaosOp":
         ChaosOp.encode(message.action.value, writer.uint32(882).fork()).join();
@@ -1969,6 +2024,22 @@ export const HistoryRecord: MessageFns<HistoryRecord> = {
             message.action = { $case: "forceRelease", value: ForceRelease.decode(reader, reader.uint32()) };
             continue;
           }
+          case 101: {
+            if (tag !== 810) {
+              break;
+            }
+
+            message.action = { $case: "allocatorChange", value: AllocatorChange.decode(reader, reader.uint32()) };
+            continue;
+          }
+          case 102: {
+            if (tag !== 818) {
+              break;
+            }
+
+            message.action = { $case: "streamAdmin", value: StreamAdmin.decode(reader, reader.uint32()) };
+            continue;
+          }
           case 110: {
             if (tag !== 882) {
               break;
@@ -2252,6 +2323,14 @@ export const HistoryRecord: MessageFns<HistoryRecord> = {
         ? { $case: "forceRelease", value: ForceRelease.fromJSON(object.forceRelease) }
         : isSet(object.force_release)
         ? { $case: "forceRelease", value: ForceRelease.fromJSON(object.force_release) }
+        : isSet(object.allocatorChange)
+        ? { $case: "allocatorChange", value: AllocatorChange.fromJSON(object.allocatorChange) }
+        : isSet(object.allocator_change)
+        ? { $case: "allocatorChange", value: AllocatorChange.fromJSON(object.allocator_change) }
+        : isSet(object.streamAdmin)
+        ? { $case: "streamAdmin", value: StreamAdmin.fromJSON(object.streamAdmin) }
+        : isSet(object.stream_admin)
+        ? { $case: "streamAdmin", value: StreamAdmin.fromJSON(object.stream_admin) }
         : isSet(object.chaosOp)
         ? { $case: "chaosOp", value: ChaosOp.fromJSON(object.chaosOp) }
         : isSet(object.chaos_op)
@@ -2416,6 +2495,10 @@ export const HistoryRecord: MessageFns<HistoryRecord> = {
       obj.submit = Submit.toJSON(message.action.value);
     } else if (message.action?.$case === "forceRelease") {
       obj.forceRelease = ForceRelease.toJSON(message.action.value);
+    } else if (message.action?.$case === "allocatorChange") {
+      obj.allocatorChange = AllocatorChange.toJSON(message.action.value);
+    } else if (message.action?.$case === "streamAdmin") {
+      obj.streamAdmin = StreamAdmin.toJSON(message.action.value);
     } else if (message.action?.$case === "chaosOp") {
       obj.chaosOp = ChaosOp.toJSON(message.action.value);
     } else if (message.action?.$case === "chaosFault") {
@@ -2786,6 +2869,18 @@ export const HistoryRecord: MessageFns<HistoryRecord> = {
       case "forceRelease": {
         if (object.action?.value !== undefined && object.action?.value !== null) {
           message.action = { $case: "forceRelease", value: ForceRelease.fromPartial(object.action.value) };
+        }
+        break;
+      }
+      case "allocatorChange": {
+        if (object.action?.value !== undefined && object.action?.value !== null) {
+          message.action = { $case: "allocatorChange", value: AllocatorChange.fromPartial(object.action.value) };
+        }
+        break;
+      }
+      case "streamAdmin": {
+        if (object.action?.value !== undefined && object.action?.value !== null) {
+          message.action = { $case: "streamAdmin", value: StreamAdmin.fromPartial(object.action.value) };
         }
         break;
       }
@@ -8287,7 +8382,7 @@ export const ForcedReference: MessageFns<ForcedReference> = {
 };
 
 function createBaseForceRelease(): ForceRelease {
-  return { holder: "", reason: "", references: [] };
+  return { holder: "", reason: "", references: [], operator: "", onBehalfOf: "" };
 }
 
 export const ForceRelease: MessageFns<ForceRelease> = {
@@ -8300,6 +8395,12 @@ export const ForceRelease: MessageFns<ForceRelease> = {
     }
     for (const v of message.references) {
       ForcedReference.encode(v!, writer.uint32(26).fork()).join();
+    }
+    if (message.operator !== "") {
+      writer.uint32(34).string(message.operator);
+    }
+    if (message.onBehalfOf !== "") {
+      writer.uint32(42).string(message.onBehalfOf);
     }
     return writer;
   },
@@ -8341,6 +8442,22 @@ export const ForceRelease: MessageFns<ForceRelease> = {
             message.references.push(ForcedReference.decode(reader, reader.uint32()));
             continue;
           }
+          case 4: {
+            if (tag !== 34) {
+              break;
+            }
+
+            message.operator = reader.string();
+            continue;
+          }
+          case 5: {
+            if (tag !== 42) {
+              break;
+            }
+
+            message.onBehalfOf = reader.string();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -8360,6 +8477,12 @@ export const ForceRelease: MessageFns<ForceRelease> = {
       references: globalThis.Array.isArray(object?.references)
         ? object.references.map((e: any) => ForcedReference.fromJSON(e))
         : [],
+      operator: isSet(object.operator) ? globalThis.String(object.operator) : "",
+      onBehalfOf: isSet(object.onBehalfOf)
+        ? globalThis.String(object.onBehalfOf)
+        : isSet(object.on_behalf_of)
+        ? globalThis.String(object.on_behalf_of)
+        : "",
     };
   },
 
@@ -8374,6 +8497,12 @@ export const ForceRelease: MessageFns<ForceRelease> = {
     if (message.references?.length) {
       obj.references = message.references.map((e) => ForcedReference.toJSON(e));
     }
+    if (message.operator !== "") {
+      obj.operator = message.operator;
+    }
+    if (message.onBehalfOf !== "") {
+      obj.onBehalfOf = message.onBehalfOf;
+    }
     return obj;
   },
 
@@ -8385,6 +8514,294 @@ export const ForceRelease: MessageFns<ForceRelease> = {
     message.holder = object.holder ?? "";
     message.reason = object.reason ?? "";
     message.references = object.references?.map((e) => ForcedReference.fromPartial(e)) || [];
+    message.operator = object.operator ?? "";
+    message.onBehalfOf = object.onBehalfOf ?? "";
+    return message;
+  },
+};
+
+function createBaseAllocatorChange(): AllocatorChange {
+  return { operator: "", registered: false, name: "", address: "", reason: "", onBehalfOf: "" };
+}
+
+export const AllocatorChange: MessageFns<AllocatorChange> = {
+  encode(message: AllocatorChange, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.operator !== "") {
+      writer.uint32(10).string(message.operator);
+    }
+    if (message.registered !== false) {
+      writer.uint32(16).bool(message.registered);
+    }
+    if (message.name !== "") {
+      writer.uint32(26).string(message.name);
+    }
+    if (message.address !== "") {
+      writer.uint32(34).string(message.address);
+    }
+    if (message.reason !== "") {
+      writer.uint32(42).string(message.reason);
+    }
+    if (message.onBehalfOf !== "") {
+      writer.uint32(50).string(message.onBehalfOf);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): AllocatorChange {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseAllocatorChange();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.operator = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 16) {
+              break;
+            }
+
+            message.registered = reader.bool();
+            continue;
+          }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.name = reader.string();
+            continue;
+          }
+          case 4: {
+            if (tag !== 34) {
+              break;
+            }
+
+            message.address = reader.string();
+            continue;
+          }
+          case 5: {
+            if (tag !== 42) {
+              break;
+            }
+
+            message.reason = reader.string();
+            continue;
+          }
+          case 6: {
+            if (tag !== 50) {
+              break;
+            }
+
+            message.onBehalfOf = reader.string();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): AllocatorChange {
+    return {
+      operator: isSet(object.operator) ? globalThis.String(object.operator) : "",
+      registered: isSet(object.registered) ? globalThis.Boolean(object.registered) : false,
+      name: isSet(object.name) ? globalThis.String(object.name) : "",
+      address: isSet(object.address) ? globalThis.String(object.address) : "",
+      reason: isSet(object.reason) ? globalThis.String(object.reason) : "",
+      onBehalfOf: isSet(object.onBehalfOf)
+        ? globalThis.String(object.onBehalfOf)
+        : isSet(object.on_behalf_of)
+        ? globalThis.String(object.on_behalf_of)
+        : "",
+    };
+  },
+
+  toJSON(message: AllocatorChange): unknown {
+    const obj: any = {};
+    if (message.operator !== "") {
+      obj.operator = message.operator;
+    }
+    if (message.registered !== false) {
+      obj.registered = message.registered;
+    }
+    if (message.name !== "") {
+      obj.name = message.name;
+    }
+    if (message.address !== "") {
+      obj.address = message.address;
+    }
+    if (message.reason !== "") {
+      obj.reason = message.reason;
+    }
+    if (message.onBehalfOf !== "") {
+      obj.onBehalfOf = message.onBehalfOf;
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<AllocatorChange>): AllocatorChange {
+    return AllocatorChange.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<AllocatorChange>): AllocatorChange {
+    const message = createBaseAllocatorChange();
+    message.operator = object.operator ?? "";
+    message.registered = object.registered ?? false;
+    message.name = object.name ?? "";
+    message.address = object.address ?? "";
+    message.reason = object.reason ?? "";
+    message.onBehalfOf = object.onBehalfOf ?? "";
+    return message;
+  },
+};
+
+function createBaseStreamAdmin(): StreamAdmin {
+  return { user: "", api: "", stream: "", ok: false, error: "" };
+}
+
+export const StreamAdmin: MessageFns<StreamAdmin> = {
+  encode(message: StreamAdmin, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.user !== "") {
+      writer.uint32(10).string(message.user);
+    }
+    if (message.api !== "") {
+      writer.uint32(18).string(message.api);
+    }
+    if (message.stream !== "") {
+      writer.uint32(26).string(message.stream);
+    }
+    if (message.ok !== false) {
+      writer.uint32(32).bool(message.ok);
+    }
+    if (message.error !== "") {
+      writer.uint32(42).string(message.error);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): StreamAdmin {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseStreamAdmin();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.user = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.api = reader.string();
+            continue;
+          }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.stream = reader.string();
+            continue;
+          }
+          case 4: {
+            if (tag !== 32) {
+              break;
+            }
+
+            message.ok = reader.bool();
+            continue;
+          }
+          case 5: {
+            if (tag !== 42) {
+              break;
+            }
+
+            message.error = reader.string();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): StreamAdmin {
+    return {
+      user: isSet(object.user) ? globalThis.String(object.user) : "",
+      api: isSet(object.api) ? globalThis.String(object.api) : "",
+      stream: isSet(object.stream) ? globalThis.String(object.stream) : "",
+      ok: isSet(object.ok) ? globalThis.Boolean(object.ok) : false,
+      error: isSet(object.error) ? globalThis.String(object.error) : "",
+    };
+  },
+
+  toJSON(message: StreamAdmin): unknown {
+    const obj: any = {};
+    if (message.user !== "") {
+      obj.user = message.user;
+    }
+    if (message.api !== "") {
+      obj.api = message.api;
+    }
+    if (message.stream !== "") {
+      obj.stream = message.stream;
+    }
+    if (message.ok !== false) {
+      obj.ok = message.ok;
+    }
+    if (message.error !== "") {
+      obj.error = message.error;
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<StreamAdmin>): StreamAdmin {
+    return StreamAdmin.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<StreamAdmin>): StreamAdmin {
+    const message = createBaseStreamAdmin();
+    message.user = object.user ?? "";
+    message.api = object.api ?? "";
+    message.stream = object.stream ?? "";
+    message.ok = object.ok ?? false;
+    message.error = object.error ?? "";
     return message;
   },
 };

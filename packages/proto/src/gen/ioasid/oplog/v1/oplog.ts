@@ -226,6 +226,11 @@ export interface Put {
     | undefined;
   /** The generation the caller named (0: unchecked). */
   generation: number;
+  /**
+   * Set when an operator dropped another holder's reference (a force-release): who, and why.
+   * Replaying the operation records its audit record again if the history lacks it.
+   */
+  audit: OperatorAudit | undefined;
 }
 
 /** FindBySpid looked an IOASID up by its SPID and took a reference on it. */
@@ -321,12 +326,32 @@ export interface RegisterAllocator {
   name: string;
   /** Where its AllocatorService listens (host:port). A restarted core connects to it again. */
   address: string;
+  /** The operator who registered it (absent in an insecure stack, where nobody is authenticated). */
+  audit: OperatorAudit | undefined;
 }
 
 /** UnregisterAllocator went back to the default allocator. */
 export interface UnregisterAllocator {
   /** The allocator's name. */
   name: string;
+  /** The operator who unregistered it (absent in an insecure stack). */
+  audit: OperatorAudit | undefined;
+}
+
+/**
+ * OperatorAudit is who did an audited operator action (DESIGN §3: "force-release is the operator's,
+ * audited"; issue 14: allocator registration too) and why, as the core authenticated it.
+ */
+export interface OperatorAudit {
+  /** The caller's identity from its client certificate: "operator/<instance>". */
+  operator: string;
+  /** The reason the operator gave (metadata `ioasid-audit-reason`); may be empty. */
+  reason: string;
+  /**
+   * A person or tool the operator's client said it acts for (metadata `ioasid-audit-on-behalf-of`):
+   * a label, not authenticated; may be empty.
+   */
+  onBehalfOf: string;
 }
 
 /**
@@ -1895,7 +1920,7 @@ export const Get: MessageFns<Get> = {
 };
 
 function createBasePut(): Put {
-  return { setId: 0, ioasid: 0, holder: undefined, generation: 0 };
+  return { setId: 0, ioasid: 0, holder: undefined, generation: 0, audit: undefined };
 }
 
 export const Put: MessageFns<Put> = {
@@ -1911,6 +1936,9 @@ export const Put: MessageFns<Put> = {
     }
     if (message.generation !== 0) {
       writer.uint32(32).uint32(message.generation);
+    }
+    if (message.audit !== undefined) {
+      OperatorAudit.encode(message.audit, writer.uint32(42).fork()).join();
     }
     return writer;
   },
@@ -1960,6 +1988,14 @@ export const Put: MessageFns<Put> = {
             message.generation = reader.uint32();
             continue;
           }
+          case 5: {
+            if (tag !== 42) {
+              break;
+            }
+
+            message.audit = OperatorAudit.decode(reader, reader.uint32());
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -1982,6 +2018,7 @@ export const Put: MessageFns<Put> = {
       ioasid: isSet(object.ioasid) ? globalThis.Number(object.ioasid) : 0,
       holder: isSet(object.holder) ? Holder.fromJSON(object.holder) : undefined,
       generation: isSet(object.generation) ? globalThis.Number(object.generation) : 0,
+      audit: isSet(object.audit) ? OperatorAudit.fromJSON(object.audit) : undefined,
     };
   },
 
@@ -1999,6 +2036,9 @@ export const Put: MessageFns<Put> = {
     if (message.generation !== 0) {
       obj.generation = Math.round(message.generation);
     }
+    if (message.audit !== undefined) {
+      obj.audit = OperatorAudit.toJSON(message.audit);
+    }
     return obj;
   },
 
@@ -2013,6 +2053,9 @@ export const Put: MessageFns<Put> = {
       ? Holder.fromPartial(object.holder)
       : undefined;
     message.generation = object.generation ?? 0;
+    message.audit = (object.audit !== undefined && object.audit !== null)
+      ? OperatorAudit.fromPartial(object.audit)
+      : undefined;
     return message;
   },
 };
@@ -2843,7 +2886,7 @@ export const Unregister: MessageFns<Unregister> = {
 };
 
 function createBaseRegisterAllocator(): RegisterAllocator {
-  return { name: "", address: "" };
+  return { name: "", address: "", audit: undefined };
 }
 
 export const RegisterAllocator: MessageFns<RegisterAllocator> = {
@@ -2853,6 +2896,9 @@ export const RegisterAllocator: MessageFns<RegisterAllocator> = {
     }
     if (message.address !== "") {
       writer.uint32(18).string(message.address);
+    }
+    if (message.audit !== undefined) {
+      OperatorAudit.encode(message.audit, writer.uint32(26).fork()).join();
     }
     return writer;
   },
@@ -2886,6 +2932,14 @@ export const RegisterAllocator: MessageFns<RegisterAllocator> = {
             message.address = reader.string();
             continue;
           }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.audit = OperatorAudit.decode(reader, reader.uint32());
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -2902,6 +2956,7 @@ export const RegisterAllocator: MessageFns<RegisterAllocator> = {
     return {
       name: isSet(object.name) ? globalThis.String(object.name) : "",
       address: isSet(object.address) ? globalThis.String(object.address) : "",
+      audit: isSet(object.audit) ? OperatorAudit.fromJSON(object.audit) : undefined,
     };
   },
 
@@ -2913,6 +2968,9 @@ export const RegisterAllocator: MessageFns<RegisterAllocator> = {
     if (message.address !== "") {
       obj.address = message.address;
     }
+    if (message.audit !== undefined) {
+      obj.audit = OperatorAudit.toJSON(message.audit);
+    }
     return obj;
   },
 
@@ -2923,18 +2981,24 @@ export const RegisterAllocator: MessageFns<RegisterAllocator> = {
     const message = createBaseRegisterAllocator();
     message.name = object.name ?? "";
     message.address = object.address ?? "";
+    message.audit = (object.audit !== undefined && object.audit !== null)
+      ? OperatorAudit.fromPartial(object.audit)
+      : undefined;
     return message;
   },
 };
 
 function createBaseUnregisterAllocator(): UnregisterAllocator {
-  return { name: "" };
+  return { name: "", audit: undefined };
 }
 
 export const UnregisterAllocator: MessageFns<UnregisterAllocator> = {
   encode(message: UnregisterAllocator, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
     if (message.name !== "") {
       writer.uint32(10).string(message.name);
+    }
+    if (message.audit !== undefined) {
+      OperatorAudit.encode(message.audit, writer.uint32(18).fork()).join();
     }
     return writer;
   },
@@ -2960,6 +3024,14 @@ export const UnregisterAllocator: MessageFns<UnregisterAllocator> = {
             message.name = reader.string();
             continue;
           }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.audit = OperatorAudit.decode(reader, reader.uint32());
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -2973,13 +3045,19 @@ export const UnregisterAllocator: MessageFns<UnregisterAllocator> = {
   },
 
   fromJSON(object: any): UnregisterAllocator {
-    return { name: isSet(object.name) ? globalThis.String(object.name) : "" };
+    return {
+      name: isSet(object.name) ? globalThis.String(object.name) : "",
+      audit: isSet(object.audit) ? OperatorAudit.fromJSON(object.audit) : undefined,
+    };
   },
 
   toJSON(message: UnregisterAllocator): unknown {
     const obj: any = {};
     if (message.name !== "") {
       obj.name = message.name;
+    }
+    if (message.audit !== undefined) {
+      obj.audit = OperatorAudit.toJSON(message.audit);
     }
     return obj;
   },
@@ -2990,6 +3068,114 @@ export const UnregisterAllocator: MessageFns<UnregisterAllocator> = {
   fromPartial(object: DeepPartial<UnregisterAllocator>): UnregisterAllocator {
     const message = createBaseUnregisterAllocator();
     message.name = object.name ?? "";
+    message.audit = (object.audit !== undefined && object.audit !== null)
+      ? OperatorAudit.fromPartial(object.audit)
+      : undefined;
+    return message;
+  },
+};
+
+function createBaseOperatorAudit(): OperatorAudit {
+  return { operator: "", reason: "", onBehalfOf: "" };
+}
+
+export const OperatorAudit: MessageFns<OperatorAudit> = {
+  encode(message: OperatorAudit, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.operator !== "") {
+      writer.uint32(10).string(message.operator);
+    }
+    if (message.reason !== "") {
+      writer.uint32(18).string(message.reason);
+    }
+    if (message.onBehalfOf !== "") {
+      writer.uint32(26).string(message.onBehalfOf);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): OperatorAudit {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseOperatorAudit();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.operator = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.reason = reader.string();
+            continue;
+          }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.onBehalfOf = reader.string();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): OperatorAudit {
+    return {
+      operator: isSet(object.operator) ? globalThis.String(object.operator) : "",
+      reason: isSet(object.reason) ? globalThis.String(object.reason) : "",
+      onBehalfOf: isSet(object.onBehalfOf)
+        ? globalThis.String(object.onBehalfOf)
+        : isSet(object.on_behalf_of)
+        ? globalThis.String(object.on_behalf_of)
+        : "",
+    };
+  },
+
+  toJSON(message: OperatorAudit): unknown {
+    const obj: any = {};
+    if (message.operator !== "") {
+      obj.operator = message.operator;
+    }
+    if (message.reason !== "") {
+      obj.reason = message.reason;
+    }
+    if (message.onBehalfOf !== "") {
+      obj.onBehalfOf = message.onBehalfOf;
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<OperatorAudit>): OperatorAudit {
+    return OperatorAudit.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<OperatorAudit>): OperatorAudit {
+    const message = createBaseOperatorAudit();
+    message.operator = object.operator ?? "";
+    message.reason = object.reason ?? "";
+    message.onBehalfOf = object.onBehalfOf ?? "";
     return message;
   },
 };
