@@ -1,7 +1,7 @@
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { jetstreamManager } from "@nats-io/jetstream";
 import { connect, headers as natsHeaders, type NatsConnection } from "@nats-io/transport-node";
-import { deliverySubject, encodeDeliveryBatch, historyStreamName, roleStateStreamName, queueGroup } from "@ioasid/bus";
+import { deliverySubject, encodeDeliveryBatch, historyStreamName, readHistory, roleStateStreamName, queueGroup } from "@ioasid/bus";
 import { bus, events, iommu, kvm, vdcm, vfio } from "@ioasid/proto";
 import { natsConnectOptions, OP_LOG_STREAM, type NatsRole } from "@ioasid/security";
 import { waitFor } from "@ioasid/testkit";
@@ -249,5 +249,31 @@ describe("NATS permissions enforced by nats-server (issue 14, DESIGN §4.6)", ()
     const reply = await c.nc.request(deliverySubject(PREFIX, "kvm", `vm-${a.vmId}`), forgedFree(2_000_000n, await kvmRegistration()), { timeout: 5000 });
     expect(bus.AckBatch.decode(reply.data).acks.length).toBe(1);
     expect((await c.kvm.queryState({ vmId: a.vmId })).vms[0]?.translations ?? []).toEqual([]);
+  });
+
+  it("audits the operator's stream administration: each purge, update and delete is a stream_admin record of the core; the roles' refused attempts left none", async () => {
+    const jsm = await jetstreamManager(stack.clients.nc);
+    const scratch = "IOASID_AUDIT_SCRATCH";
+    await jsm.streams.add({ name: scratch, subjects: ["audit-scratch.>"] });
+    await jsm.streams.purge(scratch);
+    await jsm.streams.update(scratch, { max_msgs: 10 });
+    await jsm.streams.delete(scratch);
+    // A refused one is recorded as refused: deleting a stream that no longer exists.
+    await expect(jsm.streams.delete(scratch)).rejects.toThrow();
+    let records: Awaited<ReturnType<typeof readHistory>> = [];
+    await waitFor(
+      async () => {
+        records = (await readHistory(stack.clients.nc, {})).filter((r) => r.action.$case === "streamAdmin");
+        return records.length >= 4;
+      },
+      { timeoutMs: 20_000, message: "four stream_admin records" },
+    );
+    expect(records.map((r) => ({ role: r.role, instance: r.instance, ...(r.action.value as object), error: undefined }))).toEqual([
+      { role: "ioasid", instance: "core", api: "STREAM.PURGE", stream: scratch, user: "", ok: true, error: undefined },
+      { role: "ioasid", instance: "core", api: "STREAM.UPDATE", stream: scratch, user: "", ok: true, error: undefined },
+      { role: "ioasid", instance: "core", api: "STREAM.DELETE", stream: scratch, user: "", ok: true, error: undefined },
+      { role: "ioasid", instance: "core", api: "STREAM.DELETE", stream: scratch, user: "", ok: false, error: undefined },
+    ]);
+    expect(records[3]!.action.$case === "streamAdmin" && records[3]!.action.value.error).toMatch(/not found/i);
   });
 });

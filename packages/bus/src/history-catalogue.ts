@@ -368,7 +368,9 @@ export function describeAction(r: HistoryRecord): string | undefined {
     case "forceRelease": {
       const v = a.value;
       const refs = v.references.map((x) => `${x.ioasid}/${x.generation} set ${x.setId} ${x.purpose} ×${x.count}`).join(", ");
-      const by = [v.operator === "" ? undefined : `by ${v.operator}`, v.onBehalfOf === "" ? undefined : `for ${v.onBehalfOf}`].filter((x) => x !== undefined).join(" ");
+      const by = [v.operator === "" ? undefined : `by ${v.operator}`, v.onBehalfOf === "" ? undefined : `for ${v.onBehalfOf}`]
+        .filter((x) => x !== undefined)
+        .join(" ");
       return `holder ${v.holder}: ${v.reason}${refs === "" ? "" : ` (${refs})`}${by === "" ? "" : ` ${by}`}`;
     }
     case "allocatorChange": {
@@ -378,7 +380,7 @@ export function describeAction(r: HistoryRecord): string | undefined {
     }
     case "streamAdmin": {
       const v = a.value;
-      return `${v.api} ${v.stream} by user ${v.user}: ${v.ok ? "done" : `refused (${v.error})`}`;
+      return `${v.api} ${v.stream} by ${v.user === "" ? "an operator credential" : `user ${v.user}`}: ${v.ok ? "done" : `refused (${v.error})`}`;
     }
     case "chaosOp": {
       const v = a.value;

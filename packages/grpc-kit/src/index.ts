@@ -96,11 +96,4 @@ export {
   type VfioClient,
   type VfioSession,
 } from "./vfio-session.js";
-export {
-  AUDIT_ON_BEHALF_OF_METADATA,
-  AUDIT_REASON_METADATA,
-  auditMetadata,
-  MAX_AUDIT_FIELD_CHARS,
-  readAuditNote,
-  type AuditNote,
-} from "./operator-audit.js";
+export { AUDIT_ON_BEHALF_OF_METADATA, AUDIT_REASON_METADATA, auditMetadata, MAX_AUDIT_FIELD_CHARS, readAuditNote, type AuditNote } from "./operator-audit.js";

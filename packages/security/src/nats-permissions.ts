@@ -104,7 +104,8 @@ export function natsPermissions(prefix: string, identity: NatsIdentity): NatsPer
         ],
         deny: [...deny, `${prefix}.rolestate.>`],
       },
-      subscribe: { allow: [`${prefix}.core.hello`, inbox], deny: [`${prefix}.deliver.>`] },
+      // The JetStream API audit advisory: the core records each stream administration call (§11).
+      subscribe: { allow: [`${prefix}.core.hello`, inbox, "$JS.EVENT.ADVISORY.API"], deny: [`${prefix}.deliver.>`] },
       allowResponses: true,
     };
   }

@@ -14,7 +14,16 @@ import type { events } from "@ioasid/proto";
 import { fromCommittedEvent } from "./convert.js";
 import { EventLog } from "./event-log.js";
 import type { OpLog } from "./op-log.js";
-import { applyOperation, chainKey, StashedAllocator, type ApplyContext, type CommittedOperation, type DeliveryAck, type Operation, type OperatorAudit } from "./operation.js";
+import {
+  applyOperation,
+  chainKey,
+  StashedAllocator,
+  type ApplyContext,
+  type CommittedOperation,
+  type DeliveryAck,
+  type Operation,
+  type OperatorAudit,
+} from "./operation.js";
 import { auditRecordOf } from "./audit-record.js";
 
 /**

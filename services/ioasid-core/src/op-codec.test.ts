@@ -36,7 +36,15 @@ const EXAMPLES: Record<OperationKind, CommittedOperation[]> = {
   put: [
     { kind: "put", setId: 1, ioasid: 201, holder: kvm, generation: 0, commitTimeMs: T },
     // An operator's force-release: its audit travels in the log (issue 14).
-    { kind: "put", setId: 1, ioasid: 201, holder: kvm, generation: 4, audit: { operator: "operator/alice", reason: "vm-7 is gone", onBehalfOf: "" }, commitTimeMs: T },
+    {
+      kind: "put",
+      setId: 1,
+      ioasid: 201,
+      holder: kvm,
+      generation: 4,
+      audit: { operator: "operator/alice", reason: "vm-7 is gone", onBehalfOf: "" },
+      commitTimeMs: T,
+    },
   ],
   findBySpid: [{ kind: "findBySpid", setId: 1, spid: 9, holder: kvm, commitTimeMs: T }],
   attachSpid: [{ kind: "attachSpid", setId: 1, ioasid: 201, spid: 9, generation: 2, commitTimeMs: T }],
@@ -71,7 +79,13 @@ const EXAMPLES: Record<OperationKind, CommittedOperation[]> = {
   unregister: [{ kind: "unregister", registrationId: 4, commitTimeMs: T }],
   registerAllocator: [
     { kind: "registerAllocator", name: "vcmd", address: "127.0.0.1:50999", commitTimeMs: T },
-    { kind: "registerAllocator", name: "vcmd", address: "127.0.0.1:50999", audit: { operator: "operator/ops-1", reason: "", onBehalfOf: "ticket 42" }, commitTimeMs: T },
+    {
+      kind: "registerAllocator",
+      name: "vcmd",
+      address: "127.0.0.1:50999",
+      audit: { operator: "operator/ops-1", reason: "", onBehalfOf: "ticket 42" },
+      commitTimeMs: T,
+    },
   ],
   unregisterAllocator: [
     { kind: "unregisterAllocator", name: "vcmd", commitTimeMs: T },

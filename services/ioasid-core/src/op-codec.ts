@@ -196,7 +196,13 @@ function toWireKind(op: Operation): oplog.Operation["kind"] {
     case "put":
       return {
         $case: op.kind,
-        value: { setId: op.setId, ioasid: op.ioasid, holder: toWireHolder(op.holder), generation: op.generation, audit: op.audit === undefined ? undefined : { ...op.audit } },
+        value: {
+          setId: op.setId,
+          ioasid: op.ioasid,
+          holder: toWireHolder(op.holder),
+          generation: op.generation,
+          audit: op.audit === undefined ? undefined : { ...op.audit },
+        },
       };
     case "findBySpid":
       return { $case: op.kind, value: { setId: op.setId, spid: op.spid, holder: toWireHolder(op.holder) } };

@@ -25,13 +25,14 @@ import {
   type HistoryActionInput,
   type HistoryFields,
 } from "@ioasid/bus";
-import type { NatsConnection } from "@nats-io/transport-node";
+import type { NatsConnection, Subscription } from "@nats-io/transport-node";
 import { OpLog } from "./op-log.js";
 import { fromIoasidInfo, fromRegistration, fromSetInfo, nonEmpty, toHolder, toRegisterOptions, toBuffer, toSetToken } from "./convert.js";
 import { EventWatchers } from "./event-watchers.js";
 import { IoasidCore, type ExternalAllocator } from "./ioasid-core.js";
-import { AuditKind, type AuthorizationView } from "./authorize.js";
+import type { AuthorizationView } from "./authorize.js";
 import { createAuthorizationInterceptor, operatorAuditOf } from "./authorization-interceptor.js";
+import { auditStreamAdmin } from "./stream-admin-audit.js";
 
 const FREE_OUTCOME = {
   FREE_PENDING: core.FreeOutcome.FREE_OUTCOME_FREE_PENDING,
@@ -326,6 +327,7 @@ export async function startCoreServer(options: StartCoreServerOptions = {}): Pro
   let engine: DeliveryEngine | undefined;
   let opLog: OpLog | undefined;
   let republishAfter: number | undefined;
+  let streamAudit: Subscription | undefined;
   if (options.nats !== undefined) {
     const n = options.nats;
     const prefix = n.prefix ?? DEFAULT_PREFIX;
@@ -362,6 +364,8 @@ export async function startCoreServer(options: StartCoreServerOptions = {}): Pro
       log: (level, msg, fields) => logger[level](fields ?? {}, msg),
     };
     engine = options.deliveryEngine?.(engineOptions) ?? new DeliveryEngine(engineOptions);
+    // Stream administration (only an operator credential may) leaves an audit record (DESIGN §11).
+    streamAudit = auditStreamAdmin(n.nc, (action, fields) => recorder.record(action, fields), logger);
   }
   const replayed = await ioasidCore.recover(opLog, engine, republishAfter);
   if (ioasidCore.republished > 0) {
@@ -386,6 +390,7 @@ export async function startCoreServer(options: StartCoreServerOptions = {}): Pro
     startupMs,
     close: async (graceMs = 2000) => {
       await server.shutdown(graceMs);
+      streamAudit?.unsubscribe();
       await engine?.stop();
       await opLog?.drain();
       ioasidCore.close();

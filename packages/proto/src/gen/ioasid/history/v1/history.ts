@@ -1090,9 +1090,15 @@ export interface AllocatorChange {
  * (a call the broker refused for lack of permission never does, and is in nats-server's log instead).
  */
 export interface StreamAdmin {
-  /** The NATS user that made it (its name or nkey). */
+  /**
+   * The NATS user that made it, when nats-server names it; empty when it does not (2.9 does not).
+   * Only operator credentials are permitted these calls, so a record is always an operator's.
+   */
   user: string;
-  /** The JetStream API call: "STREAM.DELETE", "STREAM.PURGE", "STREAM.UPDATE", "STREAM.MSG.DELETE". */
+  /**
+   * The JetStream API call: "STREAM.DELETE", "STREAM.PURGE", "STREAM.UPDATE", "STREAM.MSG.DELETE",
+   * "STREAM.SNAPSHOT", "STREAM.RESTORE".
+   */
   api: string;
   /** The stream. */
   stream: string;
