@@ -17,7 +17,7 @@ import { createClient, type PromiseClient } from "./create-client.js";
 import { createLogger } from "./create-logger.js";
 import { createEchoServer } from "./echo-server.js";
 import type { GrpcServer } from "./grpc-server.js";
-import { callerIdentity, CREDENTIALS_DIR_ENV, loadCredentials } from "./tls.js";
+import { callerIdentity, connectionOf, CREDENTIALS_DIR_ENV, loadCredentials } from "./tls.js";
 
 const silent = createLogger("echo", { level: "silent" });
 const payload = Buffer.from("hi");
@@ -75,6 +75,29 @@ describe("mTLS between services", () => {
     const res = await client(address, { tls: kvm, serverRole: "core" }).echo({ payload });
     expect(Buffer.from(res.payload).toString()).toBe("hi");
     expect(seen).toEqual([{ role: "kvm", instance: "kvm0" }]);
+  });
+
+  it("reads each connection's caller once, and keeps connections apart: two clients with different certificates, several calls each", async () => {
+    const connections: object[] = [];
+    const recordConnection: ServerInterceptor = (_method, call) => {
+      const c = connectionOf(call);
+      if (c !== undefined) connections.push(c);
+      return new ServerInterceptingCall(call);
+    };
+    server = createEchoServer({ logger: silent, interceptors: [recordConnection, recordCaller], tls: core });
+    await server.listen();
+    const fromKvm = client(server.address!, { tls: kvm, serverRole: "core" });
+    const fromCore = client(server.address!, { tls: core, serverRole: "core" });
+    for (let i = 0; i < 3; i++) {
+      await fromKvm.echo({ payload });
+      await fromCore.echo({ payload });
+    }
+    // grpc-js exposes the connection to an interceptor (else every call would read the certificate).
+    expect(connections).toHaveLength(6);
+    expect(new Set(connections).size).toBe(2);
+    const kvm0 = { role: "kvm", instance: "kvm0" };
+    const core0 = { role: "core", instance: "core" };
+    expect(seen).toEqual([kvm0, core0, kvm0, core0, kvm0, core0]);
   });
 
   it("refuses a plaintext client, a client without a certificate and a client of another CA before any handler", async () => {
