@@ -2,7 +2,9 @@ import { execFile } from "node:child_process";
 import { promisify } from "node:util";
 import { afterEach, describe, expect, it } from "vitest";
 import { core, events } from "@ioasid/proto";
-import { readNatsInfo, startNats, type NatsServer } from "@ioasid/testkit";
+import { natsConnectOptions } from "@ioasid/security";
+import { readNatsInfo, startNats, waitFor, type NatsServer } from "@ioasid/testkit";
+import { connect } from "@nats-io/transport-node";
 import { startCore, type CoreFixture } from "../support/core-fixture.js";
 
 // The testkit's other way to NATS: nats-server in a container through testcontainers (the image
@@ -47,6 +49,32 @@ describe("startNats with IOASID_TESTKIT_DOCKER=1 (testcontainers)", () => {
     await nats.stop();
     await nats.stop();
     expect(await containerState(id)).toBe("gone");
+  });
+
+  it("admits only its users in the container, a user per role instance added by reloading it, each held to its permissions (DESIGN §11)", async () => {
+    const nats = await startNats({ env, auth: { anonymous: "refuse" }, tls: true });
+    servers.push(nats);
+    // Nobody without a credential; the operator with its own.
+    await expect(connect({ servers: nats.url, reconnect: false, timeout: 3000 })).rejects.toThrow();
+    const operator = await connect({ servers: nats.url, user: nats.operator!.user, pass: nats.operator!.pass });
+    await operator.close();
+    // A role's user, made after the start: the configuration goes into the container again and
+    // nats-server reloads it (SIGHUP); its credentials directory (here, with a certificate) is on this machine.
+    const kvm = (await nats.credentials("kvm", "kvm0"))!;
+    expect((await nats.operatorTls())?.identity).toEqual({ role: "operator", instance: "test" });
+    const nc = await connect({ servers: nats.url, ...natsConnectOptions(kvm.credential) });
+    try {
+      // KVM may not forge the core's deliveries to the IOMMU: refused by the server, and logged.
+      nc.publish("ioasid.v1.deliver.iommu.dmar0", new Uint8Array([1]));
+      await nc.flush().catch(() => undefined);
+      await waitFor(() => /Publish Violation.*ioasid\.v1\.deliver\.iommu\.dmar0/.test(nats.logs()), {
+        timeoutMs: 20_000,
+        message: "nats-server in the container to log the publish violation",
+      });
+    } finally {
+      await nc.close().catch(() => undefined);
+    }
+    log(`testkit: NATS container ${nats.container!.slice(0, 12)} with authorization: anonymous refused, kvm/kvm0 added by reload, its forged delivery refused`);
   });
 
   it("serves the core's operation log: a core started again after NATS was killed and restarted replays its IOASIDs", async () => {

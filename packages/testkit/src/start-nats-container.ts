@@ -1,9 +1,13 @@
 import { spawnSync } from "node:child_process";
+import { mkdtemp, rm } from "node:fs/promises";
 import { createServer } from "node:net";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
 import { Writable } from "node:stream";
 import type * as Testcontainers from "testcontainers";
 import { canConnect } from "./can-connect.js";
 import type { NatsServer } from "./start-nats.js";
+import { TestAuthorization, type TestAuthorizationOptions } from "./test-authorization.js";
 
 /** The NATS image docker-compose.yml builds (deploy/nats.Dockerfile): Debian's nats-server. */
 export const NATS_IMAGE = "ioasid-fabric-nats:dev";
@@ -20,6 +24,10 @@ export interface StartNatsContainerOptions {
   readonly extraConfig?: string;
   /** Environment consulted for IOASID_NATS_IMAGE and DOCKER_HOST. @default process.env */
   readonly env?: NodeJS.ProcessEnv;
+  /** Authorization, as `startNats`'s (a user per role instance; its credentials on this machine). @default { anonymous: "operator" } */
+  readonly auth?: TestAuthorizationOptions["auth"];
+  /** Certificates too, as `startNats`'s. @default false */
+  readonly tls?: boolean;
 }
 
 /** Where the generated configuration goes in the container, and the JetStream store. */
@@ -105,13 +113,22 @@ export async function startNatsContainer(options: StartNatsContainerOptions = {}
   }
 
   const port = await freePort();
-  const config = [
-    "host: 127.0.0.1",
-    `port: ${port}`,
-    ...(jetstream ? ["jetstream {", `  store_dir: ${JSON.stringify(STORE_DIR)}`, "}"] : []),
-    options.extraConfig ?? "",
-    "",
-  ].join("\n");
+  // The credentials live on this machine (the services run here); the users in the container's config.
+  const credentialsRoot = await mkdtemp(join(tmpdir(), "ioasid-nats-container-"));
+  const authorization = new TestAuthorization({
+    dir: credentialsRoot,
+    ...(options.auth === undefined ? {} : { auth: options.auth }),
+    ...(options.tls === undefined ? {} : { tls: options.tls }),
+  });
+  const config = (): string =>
+    [
+      "host: 127.0.0.1",
+      `port: ${port}`,
+      ...(jetstream ? ["jetstream {", `  store_dir: ${JSON.stringify(STORE_DIR)}`, "}"] : []),
+      ...authorization.configLines(),
+      options.extraConfig ?? "",
+      "",
+    ].join("\n");
   let output = "";
   const follow = (stream: NodeJS.ReadableStream): void => {
     stream.pipe(
@@ -125,7 +142,7 @@ export async function startNatsContainer(options: StartNatsContainerOptions = {}
   };
   const started = await new tc.GenericContainer(image)
     .withNetworkMode("host")
-    .withCopyContentToContainer([{ content: config, target: CONFIG_PATH }])
+    .withCopyContentToContainer([{ content: config(), target: CONFIG_PATH }])
     .withCommand(["-c", CONFIG_PATH])
     .withPullPolicy({ shouldPull: () => false })
     .withWaitStrategy(tc.Wait.forLogMessage(/Server is ready/))
@@ -158,6 +175,7 @@ export async function startNatsContainer(options: StartNatsContainerOptions = {}
       stopped ??= (async () => {
         await started.stop({ timeout: 5000, remove: true, removeVolumes: true });
         live.delete(id);
+        await rm(credentialsRoot, { recursive: true, force: true });
       })();
       return stopped;
     },
@@ -186,10 +204,19 @@ export async function startNatsContainer(options: StartNatsContainerOptions = {}
       await ready();
     },
     logs: () => output,
-    // No authorization in a container yet: services connect without a credential.
-    credentials: () => Promise.resolve(undefined),
-    operator: undefined,
-    operatorTls: () => Promise.resolve(undefined),
-    certificateDir: () => Promise.resolve(undefined),
+    operator: authorization.operator,
+    operatorTls: () => authorization.operatorTls(),
+    certificateDir: (identity) => authorization.certificateDir(identity),
+    // A new user: the configuration copied into the container again, and nats-server reloads (SIGHUP).
+    credentials: (role, instance) =>
+      authorization.credentials(role, instance, {
+        write: () => started.copyContentToContainer([{ content: config(), target: CONFIG_PATH }]),
+        signal: async () => {
+          if (stopped !== undefined || !(await running())) return false;
+          await container.kill({ signal: "SIGHUP" });
+          return true;
+        },
+        url: () => `nats://127.0.0.1:${port}`,
+      }),
   };
 }

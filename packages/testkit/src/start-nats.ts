@@ -1,28 +1,14 @@
-import { randomBytes } from "node:crypto";
 import { mkdtemp, rename, rm, writeFile } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import { connect } from "@nats-io/transport-node";
-import {
-  createStackCa,
-  issueCertificate,
-  readInstanceCredentials,
-  writeInstanceCredentials,
-  type InstanceCredentials,
-  type RoleIdentity,
-  createNatsCredential,
-  natsConnectOptions,
-  natsUserEntry,
-  renderAuthorization,
-  writeNatsCredential,
-  type NatsCredential,
-  type NatsRole,
-  type NatsUserEntry,
-} from "@ioasid/security";
+import type { InstanceCredentials, NatsRole, RoleIdentity } from "@ioasid/security";
 import { canConnect } from "./can-connect.js";
 import { spawnManaged, terminate, type ManagedChild } from "./managed-child.js";
 import { dockerRequested, startNatsContainer } from "./start-nats-container.js";
+import { TestAuthorization, type NatsRoleCredentials } from "./test-authorization.js";
 import { waitFor } from "./wait-for.js";
+
+export type { NatsRoleCredentials } from "./test-authorization.js";
 
 /** The one-line command that installs the nats-server the tests need (Debian's 2.9.x package). */
 export const NATS_INSTALL_COMMAND = "apt-get install -y nats-server";
@@ -54,7 +40,7 @@ export interface StartNatsOptions {
    * {@link NatsServer.credentials}, with its role's permissions. `anonymous` says what a client
    * without a credential is: `"operator"` (the test itself, unlimited — the default, so a test's own
    * clients need nothing) or `"refuse"` (as in a real stack: the security tests). `false` turns
-   * authorization off (anyone may do anything). Ignored for a container or an external server.
+   * authorization off (anyone may do anything). The same in a container; ignored for an external server.
    * @default { anonymous: "operator" }
    */
   readonly auth?: false | { readonly anonymous?: "operator" | "refuse"; readonly prefix?: string };
@@ -65,16 +51,6 @@ export interface StartNatsOptions {
    * clients then present {@link NatsServer.operatorTls}. @default false
    */
   readonly tls?: boolean;
-}
-
-/** A role instance's NATS credential made by {@link NatsServer.credentials}. */
-export interface NatsRoleCredentials {
-  /** The credentials directory (holds `nats.json`): give it to a service as IOASID_CREDENTIALS_DIR. */
-  readonly dir: string;
-  /** `{ IOASID_CREDENTIALS_DIR: dir }`, to spread into a service's environment. */
-  readonly env: Readonly<Record<string, string>>;
-  /** The credential itself (for a client the test makes as that role). */
-  readonly credential: NatsCredential;
 }
 
 /** A nats-server for a test: where it is, and how to stop, crash or restart it. */
@@ -151,6 +127,8 @@ export async function startNats(options: StartNatsOptions = {}): Promise<NatsSer
   if (options.docker ?? dockerRequested(env)) {
     return startNatsContainer({
       env,
+      ...(options.auth === undefined ? {} : { auth: options.auth }),
+      ...(options.tls === undefined ? {} : { tls: options.tls }),
       ...(options.image === undefined ? {} : { image: options.image }),
       ...(options.jetstream === undefined ? {} : { jetstream: options.jetstream }),
       ...(options.extraConfig === undefined ? {} : { extraConfig: options.extraConfig }),
@@ -164,24 +142,13 @@ export async function startNats(options: StartNatsOptions = {}): Promise<NatsSer
   const dir = await mkdtemp(join(tmpdir(), "ioasid-nats-"));
   const storeDir = jetstream ? join(dir, "jetstream") : undefined;
   const configPath = join(dir, "nats-server.conf");
-  const auth = options.auth === false ? undefined : { anonymous: options.auth?.anonymous ?? "operator", prefix: options.auth?.prefix ?? "ioasid.v1" };
-  const operator = auth === undefined ? undefined : { user: "operator", pass: randomBytes(18).toString("base64url") };
-  const roleCredentials = new Map<string, NatsRoleCredentials>();
+  const authorization = new TestAuthorization({
+    dir,
+    ...(options.auth === undefined ? {} : { auth: options.auth }),
+    ...(options.tls === undefined ? {} : { tls: options.tls }),
+  });
   let configuredPort = -1;
-  const ca = options.tls === true ? createStackCa() : undefined;
-  const certify = async (credDir: string, identity: RoleIdentity): Promise<void> => {
-    if (ca !== undefined) writeInstanceCredentials(credDir, (await ca).certPem, await issueCertificate(await ca, identity));
-  };
-  let operatorTls: Promise<InstanceCredentials | undefined> | undefined;
 
-  const authorization = (): string[] => {
-    if (auth === undefined || operator === undefined) return [];
-    const users: NatsUserEntry[] = [
-      { user: operator.user, password: operator.pass, permissions: undefined, comment: "operator (the test)" },
-      ...[...roleCredentials.values()].map((c) => natsUserEntry(auth.prefix, c.credential)),
-    ];
-    return [renderAuthorization(users), ...(auth.anonymous === "operator" ? [`no_auth_user: ${operator.user}`] : [])];
-  };
   // Written whole and renamed into place: a reload (SIGHUP) never reads a half-written file.
   const writeConfig = async (port: number): Promise<void> => {
     configuredPort = port;
@@ -191,7 +158,7 @@ export async function startNats(options: StartNatsOptions = {}): Promise<NatsSer
         "host: 127.0.0.1",
         `port: ${port}`,
         ...(storeDir === undefined ? [] : [`jetstream {`, `  store_dir: ${JSON.stringify(storeDir)}`, `}`]),
-        ...authorization(),
+        ...authorization.configLines(),
         options.extraConfig ?? "",
         "",
       ].join("\n"),
@@ -199,9 +166,6 @@ export async function startNats(options: StartNatsOptions = {}): Promise<NatsSer
     );
     await rename(`${configPath}.new`, configPath);
   };
-  // One new user at a time: each is a rewrite of the configuration and a reload.
-  let credentialsQueue: Promise<unknown> = Promise.resolve();
-
   let managed: ManagedChild | undefined;
   let port: number;
   let stopped: Promise<void> | undefined;
@@ -260,64 +224,21 @@ export async function startNats(options: StartNatsOptions = {}): Promise<NatsSer
       if (again !== port) throw new Error(`nats-server restarted on port ${again}, not ${port}`);
     },
     logs: () => managed?.output.text() ?? "",
-    operator,
-    async certificateDir(identity: RoleIdentity) {
-      if (ca === undefined) return undefined;
-      const credDir = join(dir, "credentials", `${identity.role}.${identity.instance}`);
-      await certify(credDir, identity);
-      return credDir;
-    },
-    operatorTls() {
-      operatorTls ??= (async () => {
-        if (ca === undefined) return undefined;
-        const credDir = join(dir, "credentials", "operator.test");
-        await certify(credDir, { role: "operator", instance: "test" });
-        return readInstanceCredentials(credDir);
-      })();
-      return operatorTls;
-    },
+    operator: authorization.operator,
+    certificateDir: (identity: RoleIdentity) => authorization.certificateDir(identity),
+    operatorTls: () => authorization.operatorTls(),
     credentials(role: NatsRole, instance: string) {
-      const next = credentialsQueue.then(() => addCredentials(role, instance));
-      credentialsQueue = next.catch(() => undefined);
-      return next;
+      return authorization.credentials(role, instance, {
+        write: () => writeConfig(configuredPort === -1 ? port : configuredPort),
+        signal: () => {
+          if (managed?.running() !== true) return Promise.resolve(false);
+          managed.child.kill("SIGHUP");
+          return Promise.resolve(true);
+        },
+        url: () => `nats://127.0.0.1:${port}`,
+      });
     },
   };
-
-  async function addCredentials(role: NatsRole, instance: string): Promise<NatsRoleCredentials | undefined> {
-    if (auth === undefined) return undefined;
-    const key = `${role}/${instance}`;
-    const known = roleCredentials.get(key);
-    if (known !== undefined) return known;
-    const credential = createNatsCredential({ role, instance });
-    const credDir = join(dir, "credentials", `${role}.${instance}`);
-    writeNatsCredential(credDir, credential);
-    await certify(credDir, { role, instance });
-    const made: NatsRoleCredentials = { dir: credDir, env: { IOASID_CREDENTIALS_DIR: credDir }, credential };
-    roleCredentials.set(key, made);
-    // A new user takes a configuration reload (SIGHUP); it is in effect once the user can connect.
-    await writeConfig(configuredPort === -1 ? port : configuredPort);
-    if (managed?.running() === true) {
-      const m = managed;
-      m.child.kill("SIGHUP");
-      // A busy machine may take a while; the signal is sent again each second until it is in effect.
-      let lastSignal = performance.now();
-      await waitFor(
-        async () => {
-          const nc = await connect({ servers: `nats://127.0.0.1:${port}`, ...natsConnectOptions(credential), reconnect: false, timeout: 2000 }).catch(
-            () => undefined,
-          );
-          await nc?.close();
-          if (nc === undefined && performance.now() - lastSignal > 1000 && m.running()) {
-            m.child.kill("SIGHUP");
-            lastSignal = performance.now();
-          }
-          return nc !== undefined;
-        },
-        { timeoutMs: 30_000, intervalMs: 50, message: `nats-server to accept the new user ${key}` },
-      );
-    }
-    return made;
-  }
 }
 
 /** Signals after which nats-server exits. */
