@@ -597,7 +597,10 @@ async function crashBench() {
       const mm = token++;
       const name = `g${mm}`;
       const vm = (await c.kvm.createVm(kvm.CreateVmRequest.fromPartial({ mmToken: mm, vcpuCount: 1, vmName: name }))).vm;
-      const opened = await c.vfio.openContainer(vfio.OpenContainerRequest.fromPartial({ mmToken: mm, quota: perGuest, vmName: name }));
+      // 1 MiB of host memory each (they map none): a thousand guests fit VFIO's default 64 GiB pool.
+      const opened = await c.vfio.openContainer(
+        vfio.OpenContainerRequest.fromPartial({ mmToken: mm, quota: perGuest, vmName: name, guestMemorySize: 0x10_0000n }),
+      );
       const session = new AbortController();
       const attached = new Promise((resolve) => {
         void (async () => {
@@ -782,8 +785,9 @@ async function faultsBench() {
       );
       bound.push({ deviceId, pasid: a.hpasid });
     }
-    // Guest RAM: GPA [0, 1 GiB) → HPA [4 GiB, 5 GiB) in the VM's stage 2; the guest maps GVA = GPA.
-    const hpaBase = 0x1_0000_0000n;
+    // Guest RAM: GPA [0, 1 GiB) → the 1 GiB of host memory VFIO gave the VM (MapDma maps nothing
+    // else), in the VM's stage 2; the guest maps GVA = GPA.
+    const hpaBase = opened.guestMemory[0].paddr;
     await c.vfio.mapDma({ containerId, iova: 0n, paddr: hpaBase, size: 0x4000_0000n, access: { read: true, write: true, execute: false, privileged: false } });
     /** Device d's pages: a 64 MiB window of its own (the round trips use device 0's from page 0, the sustained run from page 8192). */
     const gva = (d, page) => 0x1000_0000n + BigInt(d) * 0x400_0000n + BigInt(page) * 0x1000n;

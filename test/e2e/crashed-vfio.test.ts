@@ -1,5 +1,7 @@
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { isDomainError } from "@ioasid/errors";
 import { iommu, vdcm, vfio } from "@ioasid/proto";
+import { DEFAULT_HOST_MEMORY } from "@ioasid/vfio";
 import { natsEnv, startService, waitFor, type ServiceProcess } from "@ioasid/testkit";
 import { serviceEntry } from "../support/core-fixture.js";
 import { startStack, type StackFixture } from "../support/stack-fixture.js";
@@ -54,8 +56,10 @@ describe("a crashed VFIO", () => {
     );
     const mdev = { ref: { $case: "mdevUuid" as const, value: "mdev-v" } };
     await c.vfio.assignDevice(P(vfio.AssignDeviceRequest, { containerId: opened.containerId, device: mdev }));
+    // Guest RAM: host memory VFIO gave the container (OpenContainerResponse.guest_memory).
+    const hpa = opened.guestMemory[0]!.paddr;
     await c.vfio.mapDma(
-      P(vfio.MapDmaRequest, { containerId: opened.containerId, iova: 0n, paddr: 0x1_0000_0000n, size: 0x10_0000n, access: { read: true, write: true } }),
+      P(vfio.MapDmaRequest, { containerId: opened.containerId, iova: 0n, paddr: hpa, size: 0x10_0000n, access: { read: true, write: true } }),
     );
     const pasids = [];
     for (let i = 0; i < 2; i++) {
@@ -73,7 +77,7 @@ describe("a crashed VFIO", () => {
       pasids.push(a.hpasid);
     }
     await c.vdcm.writeWqPasid(P(vdcm.WriteWqPasidRequest, { mdevUuid: "mdev-v", virtualWq: 0, gpasid: 70 }));
-    const stage2 = (await c.iommu.queryState(P(iommu.QueryStateRequest, {}))).domains.find((d) => d.mappings.some((m) => m.paddr === 0x1_0000_0000n))!.domainId;
+    const stage2 = (await c.iommu.queryState(P(iommu.QueryStateRequest, {}))).domains.find((d) => d.mappings.some((m) => m.paddr === hpa))!.domainId;
 
     const address = stack.procs.vfio.address;
     stack.procs.vfio.kill("SIGKILL");
@@ -109,5 +113,23 @@ describe("a crashed VFIO", () => {
     expect((await c.vdcm.queryState(P(vdcm.QueryStateRequest, {}))).devices[0]!.pasidEntries).toEqual([]);
     expect((await c.vfio.queryState({ containerId: 0 })).containers).toEqual([]);
     expect(revived.logs()).toContain("closed the containers of the life before a crash");
+    // The revived VFIO kept the crashed container's host memory until it had closed it, then put it
+    // back in the pool: a VM asking for the whole pool is given it, the crashed VM's memory included
+    // (refused with HOST_MEMORY_EXHAUSTED, creating nothing, until then).
+    let whole: vfio.OpenContainerResponse | undefined;
+    await waitFor(
+      async () => {
+        try {
+          whole = await c.vfio.openContainer(P(vfio.OpenContainerRequest, { mmToken: 0xf11n, quota: 1, guestMemorySize: DEFAULT_HOST_MEMORY.size }));
+          return true;
+        } catch (err) {
+          if (isDomainError(err, "HOST_MEMORY_EXHAUSTED")) return false;
+          throw err;
+        }
+      },
+      { timeoutMs: 10_000, message: "the crashed VM's host memory back in the pool" },
+    );
+    expect(whole!.guestMemory).toEqual([{ paddr: DEFAULT_HOST_MEMORY.base, size: DEFAULT_HOST_MEMORY.size }]);
+    await c.vfio.closeContainer({ containerId: whole!.containerId });
   }, 60_000);
 });

@@ -14,7 +14,6 @@ import {
   CODE,
   GPA_BASE,
   GVA_BASE,
-  HPA_BASE,
   isReclaimed,
   OUTCOME,
   PAGE,
@@ -108,7 +107,7 @@ describe("page requests routed to the guest", () => {
       // GVA page → GPA page (the guest's first stage) → HPA (the VM's stage 2), offset kept.
       expect(await dma(c, "pf-a", g.hpasid, gva)).toMatchObject({
         outcome: OUTCOME.TRANSLATE_OUTCOME_TRANSLATED,
-        outputAddress: HPA_BASE + (gpaOf(gva) - GPA_BASE),
+        outputAddress: g.hpaBase + (gpaOf(gva) - GPA_BASE),
       });
     }
     // Exactly one response: the second answer is refused and changes nothing.
@@ -137,7 +136,7 @@ describe("page requests routed to the guest", () => {
     await c.vfio.mapGuestPages(
       P(vfio.MapGuestPagesRequest, { containerId: g.containerId, hpasid: g.hpasid, iova: gva, gpa: 0x1000_3000n, size: PAGE, access: { read: true } }),
     );
-    expect(await dma(c, "pf-t", g.hpasid, gva + 0x24n)).toMatchObject({ outcome: OUTCOME.TRANSLATE_OUTCOME_TRANSLATED, outputAddress: HPA_BASE + 0x3024n });
+    expect(await dma(c, "pf-t", g.hpasid, gva + 0x24n)).toMatchObject({ outcome: OUTCOME.TRANSLATE_OUTCOME_TRANSLATED, outputAddress: g.hpaBase + 0x3024n });
     // The VMM takes that guest page out of its stage 2 (VFIO UnmapDma): a stage-2 miss is a fault, never a page request.
     expect((await c.vfio.unmapDma({ containerId: g.containerId, iova: 0x1000_3000n, size: PAGE })).unmappedSize).toBe(PAGE);
     expect(await dma(c, "pf-t", g.hpasid, gva)).toMatchObject({
@@ -145,10 +144,10 @@ describe("page requests routed to the guest", () => {
       faultReason: iommu.FaultReason.FAULT_REASON_NOT_PRESENT,
     });
     await c.vfio.mapDma(
-      P(vfio.MapDmaRequest, { containerId: g.containerId, iova: 0x1000_3000n, paddr: HPA_BASE + 0x3000n, size: PAGE, access: { read: true, write: true } }),
+      P(vfio.MapDmaRequest, { containerId: g.containerId, iova: 0x1000_3000n, paddr: g.hpaBase + 0x3000n, size: PAGE, access: { read: true, write: true } }),
     );
     await expectRefused(
-      c.vfio.mapDma(P(vfio.MapDmaRequest, { containerId: g.containerId, iova: 0x1000_3000n, paddr: 0n, size: PAGE, access: { read: true } })),
+      c.vfio.mapDma(P(vfio.MapDmaRequest, { containerId: g.containerId, iova: 0x1000_3000n, paddr: g.hpaBase, size: PAGE, access: { read: true } })),
       Code.ALREADY_EXISTS,
       "IOVA_ALREADY_MAPPED",
     );
@@ -201,7 +200,13 @@ describe("a VDCM work queue's DMA", () => {
     await c.vdcm.writeWqPasid(P(vdcm.WriteWqPasidRequest, { mdevUuid: "mdev-fault", virtualWq: 0, gpasid: 77 }));
     // The VMM maps guest RAM into the VM's stage 2 (the second stage of the mdev's nested entry).
     await c.vfio.mapDma(
-      P(vfio.MapDmaRequest, { containerId: opened.containerId, iova: GPA_BASE, paddr: HPA_BASE, size: 0x10_0000n, access: { read: true, write: true } }),
+      P(vfio.MapDmaRequest, {
+        containerId: opened.containerId,
+        iova: GPA_BASE,
+        paddr: opened.guestMemory[0]!.paddr,
+        size: 0x10_0000n,
+        access: { read: true, write: true },
+      }),
     );
     const w = await watchFaults(c, opened.containerId);
 

@@ -52,7 +52,7 @@ beforeAll(async () => {
   // (test/security/grpc-mtls.test.ts covers that layer).
   stack = await startStack({ VFIO_SESSION_GRACE: "24h" }, { tls: false });
   // Some state for the requests to miss: a VM's container with a PASID, a KVM VM.
-  const c = await stack.clients.vfio.openContainer({ mmToken: 0xf022n, quota: 8, vmName: "fuzz-vm", sessionGraceMs: 0 });
+  const c = await stack.clients.vfio.openContainer({ mmToken: 0xf022n, quota: 8, vmName: "fuzz-vm", sessionGraceMs: 0, guestMemorySize: 0n });
   await stack.clients.vfio.allocPasid({ containerId: c.containerId });
   await stack.clients.kvm.createVm({ mmToken: 0xf023n, vcpuCount: 1, vmName: "fuzz-kvm" });
 }, 60_000);

@@ -15,7 +15,6 @@ import { startStack, type StackFixture } from "../support/stack-fixture.js";
 
 const P = <T>(m: { fromPartial(x: object): T }, x: object): T => m.fromPartial(x);
 const GPA = 0x1000_0000n;
-const HPA = 0x8_0000_0000n;
 const STAGE2 = 0x10_0000n;
 const GVA = 0x7f00_0000_0000n;
 const PAGE = 0x1000n;
@@ -26,8 +25,19 @@ const mdevRef = (uuid: string): vfio.DeviceRef => ({ ref: { $case: "mdevUuid", v
 let stack: StackFixture;
 const sessions = new AbortController();
 const vmms: VfioSession[] = [];
-/** VM A: a bound guest PASID on a PCI function, an mdev, stage 2 mapped, a fault group relayed to its watcher. */
-let a: { vmm: VfioSession; vmId: number; containerId: number; setId: number; p: { hpasid: number; generation: number }; group: vfio.FaultGroup };
+/**
+ * VM A: a bound guest PASID on a PCI function, an mdev, stage 2 mapped (GPA → `hpa`, the start of the
+ * host memory VFIO gave it), a fault group relayed to its watcher.
+ */
+let a: {
+  vmm: VfioSession;
+  vmId: number;
+  containerId: number;
+  setId: number;
+  hpa: bigint;
+  p: { hpasid: number; generation: number };
+  group: vfio.FaultGroup;
+};
 /** VM B: its own container, an mdev, a guest PASID. */
 let b: { vmm: VfioSession; containerId: number; p: { hpasid: number; generation: number } };
 const watched: vfio.WatchFaultsResponse["item"][] = [];
@@ -88,7 +98,8 @@ beforeAll(async () => {
   const ca = openedA.containerId;
   await vmmA.assignDevice(P(vfio.AssignDeviceRequest, { containerId: ca, device: mdevRef("mdev-a") }));
   await vmmA.assignDevice(P(vfio.AssignDeviceRequest, { containerId: ca, device: pci("pf-a") }));
-  await vmmA.mapDma(P(vfio.MapDmaRequest, { containerId: ca, iova: GPA, paddr: HPA, size: STAGE2, access: RW }));
+  const hpa = openedA.guestMemory[0]!.paddr;
+  await vmmA.mapDma(P(vfio.MapDmaRequest, { containerId: ca, iova: GPA, paddr: hpa, size: STAGE2, access: RW }));
   const p = await vmmA.allocPasid({ containerId: ca });
   await vmmA.bindGuestPasid(
     P(vfio.BindGuestPasidRequest, { containerId: ca, device: pci("pf-a"), hpasid: p.hpasid, generation: p.generation, gpasid: 77, guestPgtable: 0x5000n }),
@@ -106,7 +117,7 @@ beforeAll(async () => {
   expect(t.outcome).toBe(iommu.TranslateOutcome.TRANSLATE_OUTCOME_PAGE_REQUEST);
   await waitFor(async () => watched.some((i) => i?.$case === "group" && i.value.faultGroupId === t.faultGroupId), { message: "A's fault group relayed" });
   const group = watched.flatMap((i) => (i?.$case === "group" ? [i.value] : [])).find((g) => g.faultGroupId === t.faultGroupId)!;
-  a = { vmm: vmmA, vmId: vmA.vmId, containerId: ca, setId: openedA.setId, p, group };
+  a = { vmm: vmmA, vmId: vmA.vmId, containerId: ca, setId: openedA.setId, hpa, p, group };
 
   // VM B, through another VMM.
   const vmmB = newVmm();
@@ -156,7 +167,7 @@ async function firstMessage(stream: AsyncIterable<unknown>): Promise<unknown> {
 
 /** Every VFIO call that names a container (all but OpenContainer and QueryState), made by `vmm` about `containerId` and A's objects. */
 function callsNaming(vmm: VfioSession, containerId: number): ReadonlyArray<readonly [string, (o: CallOptions) => Promise<unknown>]> {
-  const { p, group } = a;
+  const { p, group, hpa } = a;
   // A stream the server accepted would wait for messages: a deadline ends it (and the assertion fails).
   const stream = (o: CallOptions): CallOptions => ({ ...o, deadlineMs: 3000 });
   return [
@@ -192,7 +203,7 @@ function callsNaming(vmm: VfioSession, containerId: number): ReadonlyArray<reado
       "SendPageResponse",
       (o) => vmm.sendPageResponse({ containerId, faultGroupId: group.faultGroupId, code: vfio.PageResponseCode.PAGE_RESPONSE_CODE_INVALID }, o),
     ],
-    ["MapDma", (o) => vmm.mapDma(P(vfio.MapDmaRequest, { containerId, iova: GPA + STAGE2, paddr: HPA + STAGE2, size: PAGE, access: RW }), o)],
+    ["MapDma", (o) => vmm.mapDma(P(vfio.MapDmaRequest, { containerId, iova: GPA + STAGE2, paddr: hpa + STAGE2, size: PAGE, access: RW }), o)],
     ["UnmapDma", (o) => vmm.unmapDma(P(vfio.UnmapDmaRequest, { containerId, iova: GPA, size: STAGE2 }), o)],
     [
       "MapGuestPages",

@@ -8,9 +8,11 @@ import type { StackClients } from "@ioasid/cli";
 
 const P = <T>(m: { fromPartial(x: object): T }, x: object): T => m.fromPartial(x);
 
-/** Guest physical memory every test guest's stage 2 maps: GPA [GPA_BASE, +STAGE2_SIZE) → HPA_BASE. */
+/**
+ * Guest physical memory every test guest's stage 2 maps: GPA [GPA_BASE, +STAGE2_SIZE) → the start of
+ * the host memory VFIO gave the guest's container ({@link Guest.hpaBase}).
+ */
 export const GPA_BASE = 0x1000_0000n;
-export const HPA_BASE = 0x8_0000_0000n;
 export const STAGE2_SIZE = 0x100_0000n;
 /** Guest virtual addresses the tests fault on. */
 export const GVA_BASE = 0x7f00_0000_0000n;
@@ -25,6 +27,8 @@ export interface Guest {
   readonly generation: number;
   readonly gpasid: number;
   readonly stage2: number;
+  /** Where its stage 2 maps GPA_BASE: the first host address VFIO gave the container (OpenContainerResponse.guest_memory). */
+  readonly hpaBase: bigint;
   /** Ends the Session stream from the VMM's side (the crashed-guest path). */
   readonly session: AbortController;
 }
@@ -51,9 +55,10 @@ export async function openGuest(c: StackClients, token: bigint, deviceId: string
   const opened = await c.vfio.openContainer(P(vfio.OpenContainerRequest, { mmToken: token, quota: 32, vmName: `guest-${token}` }));
   const session = await attachSession(c, opened.containerId);
   await c.vfio.assignDevice(P(vfio.AssignDeviceRequest, { containerId: opened.containerId, device: { ref: { $case: "deviceId", value: deviceId } } }));
-  // The VMM maps guest RAM into its stage 2 (VFIO_IOMMU_MAP_DMA).
+  // The VMM maps guest RAM into its stage 2 (VFIO_IOMMU_MAP_DMA): memory VFIO gave its container.
+  const hpaBase = opened.guestMemory[0]!.paddr;
   await c.vfio.mapDma(
-    P(vfio.MapDmaRequest, { containerId: opened.containerId, iova: GPA_BASE, paddr: HPA_BASE, size: STAGE2_SIZE, access: { read: true, write: true } }),
+    P(vfio.MapDmaRequest, { containerId: opened.containerId, iova: GPA_BASE, paddr: hpaBase, size: STAGE2_SIZE, access: { read: true, write: true } }),
   );
   const state = await c.iommu.queryState(P(iommu.QueryStateRequest, { deviceIds: [deviceId] }));
   const stage2 = state.attachHandles.find((h) => h.withoutPasid)!.domainId;
@@ -68,7 +73,7 @@ export async function openGuest(c: StackClients, token: bigint, deviceId: string
       guestPgtable: 0x5000n,
     }),
   );
-  return { containerId: opened.containerId, setId: opened.setId, deviceId, hpasid: a.hpasid, generation: a.generation, gpasid, stage2, session };
+  return { containerId: opened.containerId, setId: opened.setId, deviceId, hpasid: a.hpasid, generation: a.generation, gpasid, stage2, hpaBase, session };
 }
 
 /**

@@ -299,7 +299,8 @@ export function describeAction(r: HistoryRecord): string | undefined {
     }
     case "containerOpen": {
       const v = a.value;
-      return `container ${v.container} mm_token ${v.mmToken} quota ${v.quota}${v.vmName === "" ? "" : ` vm ${v.vmName}`} grace ${v.graceMs}ms`;
+      const memory = v.guestMemory.map((r) => `${hex(r.paddr)}+${hex(r.size)}`).join(",");
+      return `container ${v.container} mm_token ${v.mmToken} quota ${v.quota}${v.vmName === "" ? "" : ` vm ${v.vmName}`} grace ${v.graceMs}ms${memory === "" ? "" : ` hpa ${memory}`}`;
     }
     case "sessionAttach":
     case "containerRelease":

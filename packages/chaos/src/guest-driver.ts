@@ -26,8 +26,8 @@ export function slotDevices(slot: number): SlotDevices {
 /** The shared virtual WQ of every slot's mdev. */
 export const SHARED_WQ = 2;
 
-/** Guest RAM each VM maps with MapDma (GPA 0 …), and where in host memory. */
-export const GUEST_RAM = { size: 16n << 20n, hpaBase: 1n << 32n } as const;
+/** Guest RAM each VM maps with MapDma (GPA 0 …), at the start of the host memory VFIO gave its container. */
+export const GUEST_RAM = { size: 16n << 20n } as const;
 /** Where the guests' DMA buffers are in their virtual address space (page n at base + n × 4 KiB). */
 export const GUEST_VA_BASE = 0x4000_0000n;
 const PAGE = 0x1000n;
@@ -282,15 +282,17 @@ export async function runGuest(plan: GuestPlan, ctx: GuestContext): Promise<Gues
         return true;
       case "map-dma":
         await setup(() =>
-          run("map-dma", {}, () =>
-            c.vfio.mapDma({
+          run("map-dma", {}, async () => {
+            // Only host memory VFIO gave this VM maps (issue 14): QueryState shows where it is.
+            const given = (await c.vfio.queryState({ containerId })).containers[0]?.guestMemory[0];
+            return c.vfio.mapDma({
               containerId,
               iova: 0n,
-              paddr: GUEST_RAM.hpaBase + BigInt(plan.slot) * GUEST_RAM.size,
+              paddr: given?.paddr ?? 0n,
               size: GUEST_RAM.size,
               access: { read: true, write: true, execute: false, privileged: false },
-            }),
-          ),
+            });
+          }),
         );
         return true;
       case "alloc": {

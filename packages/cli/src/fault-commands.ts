@@ -100,9 +100,11 @@ export function faultCommands(ctx: FaultCommandContext): Record<string, FaultCom
     "  answers one fault group relayed to the VM (SendPageResponse through VFIO); a refusal (FAULT_GROUP_ALREADY_RESPONDED,\n" +
     "  FAULT_GROUP_NOT_FOUND, FAULT_GROUP_NOT_OWNED…) is printed with its reason and exits 1.";
   const ramUsage =
-    `ioasidctl guest-ram --vm NAME [--gpa ${hex(GUEST_RAM_DEFAULTS.gpa)}] [--size ${hex(GUEST_RAM_DEFAULTS.size)}] [--hpa ${hex(GUEST_RAM_DEFAULTS.hpa)}]\n` +
+    `ioasidctl guest-ram --vm NAME [--gpa ${hex(GUEST_RAM_DEFAULTS.gpa)}] [--size ${hex(GUEST_RAM_DEFAULTS.size)}] [--hpa ADDR]\n` +
     "  the VMM maps guest RAM (GPA → HPA, read+write) into the VM's stage 2 with VFIO MapDma (VFIO_IOMMU_MAP_DMA).\n" +
-    "  Nested DMA translates GVA → GPA (the guest's pages) → HPA (this).";
+    "  Nested DMA translates GVA → GPA (the guest's pages) → HPA (this). The host memory must be the VM's: VFIO gave\n" +
+    "  its container host memory at open (`inspect` shows it) and refuses any other (HOST_MEMORY_NOT_GIVEN);\n" +
+    "  --hpa defaults to the start of it.";
 
   /** Runs `fn` with the stack of --dir and the VM named (or the only one). */
   const onVm = (v: Record<string, string | boolean | undefined>, name: string | undefined, fn: (c: StackClients, vm: VmRef) => Promise<number>) => {
@@ -321,15 +323,21 @@ async function runRespond(c: StackClients, vm: VmRef, o: RespondOptions, ctx: Fa
 
 /** `guest-ram`: the VMM's VFIO MapDma of guest RAM into the VM's stage 2. */
 async function runGuestRam(c: StackClients, vm: VmRef, o: GuestRamOptions, ctx: FaultCommandContext): Promise<number> {
+  // The VMM maps only host memory VFIO gave its VM (issue 14): by default, the start of it.
+  const hpa = o.hpa ?? (await c.vfio.queryState({ containerId: vm.containerId })).containers[0]?.guestMemory[0]?.paddr;
+  if (hpa === undefined) {
+    ctx.err(`vm ${vm.name}: VFIO gave container ${vm.containerId} no host memory; pass --hpa`);
+    return 1;
+  }
   await c.vfio.mapDma({
     containerId: vm.containerId,
     iova: o.gpa,
-    paddr: o.hpa,
+    paddr: hpa,
     size: o.size,
     access: { read: true, write: true, execute: false, privileged: false },
   });
   ctx.out(
-    `vm ${vm.name}: guest RAM GPA ${hex(o.gpa)}..${hex(o.gpa + o.size - 1n)} -> HPA ${hex(o.hpa)}..${hex(o.hpa + o.size - 1n)} (rw) in its stage 2 (VFIO MapDma)`,
+    `vm ${vm.name}: guest RAM GPA ${hex(o.gpa)}..${hex(o.gpa + o.size - 1n)} -> HPA ${hex(hpa)}..${hex(hpa + o.size - 1n)} (rw) in its stage 2 (VFIO MapDma)`,
   );
   return 0;
 }

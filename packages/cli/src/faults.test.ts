@@ -102,7 +102,8 @@ describe("parseWatchOptions, parseRespondOptions, parseGuestRamOptions", () => {
   });
 
   it("maps 1 GiB of guest RAM at GPA 0 to HPA 4 GiB by default; sizes and addresses are page aligned", () => {
-    expect(parseGuestRamOptions({ vm: "vm1" })).toEqual({ vm: "vm1", gpa: 0n, size: 0x4000_0000n, hpa: 0x1_0000_0000n });
+    expect(parseGuestRamOptions({ vm: "vm1" })).toEqual({ vm: "vm1", gpa: 0n, size: 0x4000_0000n, hpa: undefined });
+    expect(parseGuestRamOptions({ vm: "vm1", hpa: "0x100000000" })).toMatchObject({ hpa: 0x1_0000_0000n });
     usage(() => parseGuestRamOptions({ size: "0" }));
     usage(() => parseGuestRamOptions({ gpa: "0x800" }));
     usage(() => parseGuestRamOptions({ hpa: "0xFFFFFFFFFFFFF000", size: "0x2000" }));

@@ -176,19 +176,23 @@ export interface GuestRamOptions {
   readonly vm: string | undefined;
   readonly gpa: bigint;
   readonly size: bigint;
-  readonly hpa: bigint;
+  /** Host physical address; undefined: the first host address VFIO gave the VM's container. */
+  readonly hpa: bigint | undefined;
 }
 
-/** Defaults of `guest-ram`: 1 GiB of guest RAM at GPA 0, backed by host memory at 4 GiB. */
-export const GUEST_RAM_DEFAULTS = { gpa: 0n, size: 0x4000_0000n, hpa: 0x1_0000_0000n } as const;
+/**
+ * Defaults of `guest-ram`: 1 GiB of guest RAM at GPA 0 (VFIO's default guest memory), backed by the
+ * host memory VFIO gave the VM (MapDma maps nothing else: OpenContainerResponse.guest_memory).
+ */
+export const GUEST_RAM_DEFAULTS = { gpa: 0n, size: 0x4000_0000n } as const;
 
 /** Checks and converts `guest-ram`'s flags. @throws UsageError */
 export function parseGuestRamOptions(v: Values): GuestRamOptions {
   const gpa = v["gpa"] === undefined ? GUEST_RAM_DEFAULTS.gpa : parsePageAligned(v["gpa"], "gpa");
   const size = v["size"] === undefined ? GUEST_RAM_DEFAULTS.size : parsePageAligned(v["size"], "size");
-  const hpa = v["hpa"] === undefined ? GUEST_RAM_DEFAULTS.hpa : parsePageAligned(v["hpa"], "hpa");
+  const hpa = v["hpa"] === undefined ? undefined : parsePageAligned(v["hpa"], "hpa");
   if (size === 0n) throw new UsageError("--size must be at least one 4 KiB page");
-  if (gpa + size - 1n > MAX_U64 || hpa + size - 1n > MAX_U64) throw new UsageError("--gpa/--hpa + --size must stay below 2^64");
+  if (gpa + size - 1n > MAX_U64 || (hpa ?? 0n) + size - 1n > MAX_U64) throw new UsageError("--gpa/--hpa + --size must stay below 2^64");
   return { vm: str(v["vm"]), gpa, size, hpa };
 }
 

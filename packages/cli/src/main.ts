@@ -195,7 +195,8 @@ const commands: Record<string, Command> = {
         out("\nvfio containers");
         for (const x of f.containers)
           out(
-            `  container ${x.containerId}  set ${x.setId}  ${x.vmName}  ${vfio.containerStateToJSON(x.state)}  pasids ${x.pasids.map((p) => p.hpasid).join(",") || "-"}`,
+            `  container ${x.containerId}  set ${x.setId}  ${x.vmName}  ${vfio.containerStateToJSON(x.state)}  pasids ${x.pasids.map((p) => p.hpasid).join(",") || "-"}` +
+              `  host memory ${x.guestMemory.map((r) => `0x${r.paddr.toString(16)}..0x${(r.paddr + r.size - 1n).toString(16)}`).join(",") || "-"}`,
           );
         out("\nkvm VMCS PASID translation tables");
         for (const vm of k.vms)

@@ -1,5 +1,15 @@
 import { describe, expect, expectTypeOf, it } from "vitest";
-import { ConfigError, configOrExit, defineConfigSchema, describeConfig, loadConfig, parseAddress, type HostPort } from "./load-config.js";
+import {
+  ConfigError,
+  configOrExit,
+  defineConfigSchema,
+  describeConfig,
+  formatBytesValue,
+  loadConfig,
+  parseAddress,
+  parseBytes,
+  type HostPort,
+} from "./load-config.js";
 
 const schema = defineConfigSchema({
   address: { name: "IOASID_CORE_GRPC_ADDRESS", kind: "address", default: "127.0.0.1:50051", doc: "Where the core listens." },
@@ -103,6 +113,44 @@ describe("parseAddress", () => {
     expect(parseAddress("::1:80")).toBeUndefined();
     expect(parseAddress("host:65536")).toBeUndefined();
     expect(parseAddress(":80")).toBeUndefined();
+  });
+});
+
+describe("bytes variables", () => {
+  const memory = defineConfigSchema({
+    base: { name: "HOST_MEMORY_BASE", kind: "bytes", default: 1n << 32n, doc: "Where host memory starts." },
+    guest: { name: "GUEST_MEMORY_SIZE", kind: "bytes", default: 1n << 30n, max: 1n << 40n, doc: "Memory per guest." },
+  });
+
+  it("reads decimal and hex, with binary units, as bigints that keep 64-bit addresses exact", () => {
+    expect(parseBytes("4096")).toBe(4096n);
+    expect(parseBytes("64G")).toBe(64n << 30n);
+    expect(parseBytes("64GiB")).toBe(64n << 30n);
+    expect(parseBytes("512m")).toBe(512n << 20n);
+    expect(parseBytes("4 K")).toBe(4096n);
+    expect(parseBytes("1T")).toBe(1n << 40n);
+    expect(parseBytes("0x1_0000_0000")).toBe(1n << 32n);
+    expect(parseBytes("0xffff_ffff_ffff_f000")).toBe(0xffff_ffff_ffff_f000n);
+    expect(parseBytes("16b")).toBe(16n);
+    for (const bad of ["", "-1", "1.5G", "0x", "G", "12Q", "0x1_0000_0000_0000_0000", "16E"]) expect(parseBytes(bad), bad).toBeUndefined();
+    const config = loadConfig(memory, { HOST_MEMORY_BASE: "0x2_0000_0000" });
+    expect(config).toEqual({ base: 0x2_0000_0000n, guest: 1n << 30n });
+    expectTypeOf(config.base).toEqualTypeOf<bigint>();
+  });
+
+  it("refuses what does not parse and what is above its max, saying what it accepts", () => {
+    expect(() => loadConfig(memory, { HOST_MEMORY_BASE: "lots", GUEST_MEMORY_SIZE: "2T" })).toThrow(
+      /HOST_MEMORY_BASE="lots": expected bytes: a number \(or 0x hex\)[^\n]*\n\s*GUEST_MEMORY_SIZE="2T": expected bytes[^\n]*at most 1099511627776/,
+    );
+  });
+
+  it("shows a default in the largest unit that divides it, as it can be written back", () => {
+    expect(formatBytesValue(64n << 30n)).toBe("64G");
+    expect(formatBytesValue(4096n)).toBe("4K");
+    expect(formatBytesValue(4095n)).toBe("4095");
+    expect(formatBytesValue(0n)).toBe("0");
+    expect(describeConfig(memory)).toContain("default 4G");
+    for (const n of [4096n, 64n << 30n, 4095n, 3n << 40n]) expect(parseBytes(formatBytesValue(n))).toBe(n);
   });
 });
 

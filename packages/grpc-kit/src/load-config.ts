@@ -7,6 +7,7 @@ export const ConfigKind = {
   url: "url",
   enum: "enum",
   durationMs: "duration-ms",
+  bytes: "bytes",
   boolean: "boolean",
 } as const;
 export type ConfigKind = (typeof ConfigKind)[keyof typeof ConfigKind];
@@ -61,6 +62,17 @@ export interface DurationVar extends VarBase {
   /** In milliseconds. */
   readonly default?: number;
 }
+/**
+ * A size or an address in bytes, as a bigint (64-bit host addresses must not lose precision):
+ * decimal or `0x` hex, optionally with a binary unit `K`, `M`, `G`, `T` (also `KiB`…; powers of
+ * 1024), e.g. `4096`, `64G`, `0x1_0000_0000`; `_` separates digits.
+ */
+export interface BytesVar extends VarBase {
+  readonly kind: "bytes";
+  readonly default?: bigint;
+  /** Largest value accepted (inclusive). @default 2^64 - 1 */
+  readonly max?: bigint;
+}
 /** true/false (also 1/0, yes/no, on/off). */
 export interface BooleanVar extends VarBase {
   readonly kind: "boolean";
@@ -68,7 +80,7 @@ export interface BooleanVar extends VarBase {
 }
 
 /** The declaration of one environment variable. */
-export type ConfigVar = StringVar | IntVar | PortVar | AddressVar | UrlVar | EnumVar | DurationVar | BooleanVar;
+export type ConfigVar = StringVar | IntVar | PortVar | AddressVar | UrlVar | EnumVar | DurationVar | BytesVar | BooleanVar;
 
 /** A service's configuration: property name → the variable that sets it. */
 export type ConfigSchema = { readonly [key: string]: ConfigVar };
@@ -85,13 +97,15 @@ export interface HostPort {
 
 type BaseValueOf<V> = V extends { kind: "int" | "port" | "duration-ms" }
   ? number
-  : V extends { kind: "boolean" }
-    ? boolean
-    : V extends { kind: "address" }
-      ? HostPort
-      : V extends { kind: "enum"; values: readonly (infer E)[] }
-        ? E
-        : string;
+  : V extends { kind: "bytes" }
+    ? bigint
+    : V extends { kind: "boolean" }
+      ? boolean
+      : V extends { kind: "address" }
+        ? HostPort
+        : V extends { kind: "enum"; values: readonly (infer E)[] }
+          ? E
+          : string;
 
 /** The value type of one variable: undefined only when it is optional and has no default. */
 export type ConfigValue<V> = V extends { default: unknown } ? BaseValueOf<V> : V extends { optional: true } ? BaseValueOf<V> | undefined : BaseValueOf<V>;
@@ -198,6 +212,10 @@ function parse(variable: ConfigVar, text: string): Parsed {
       const ms = parseDurationMs(text);
       return ms === undefined ? bad : { ok: true, value: ms };
     }
+    case "bytes": {
+      const n = parseBytes(text);
+      return n === undefined || n > (variable.max ?? U64_MAX) ? bad : { ok: true, value: n };
+    }
     case "boolean": {
       const lower = text.toLowerCase();
       if (["true", "1", "yes", "on"].includes(lower)) return { ok: true, value: true };
@@ -227,6 +245,8 @@ function expectation(variable: ConfigVar): string {
       return `one of ${variable.values.join(", ")}`;
     case "duration-ms":
       return "a duration: milliseconds, or a number with ms, s, m or h (e.g. 250ms, 5s)";
+    case "bytes":
+      return `bytes: a number (or 0x hex) with an optional K, M, G or T (powers of 1024), e.g. 64G, 0x100000000${variable.max === undefined ? "" : `; at most ${variable.max}`}`;
     case "boolean":
       return "true or false (also 1/0, yes/no, on/off)";
   }
@@ -263,6 +283,28 @@ function parseDurationMs(text: string): number | undefined {
   return Number.isFinite(ms) ? Math.round(ms) : undefined;
 }
 
+const U64_MAX = (1n << 64n) - 1n;
+const byteUnits: Readonly<Record<string, bigint>> = { "": 1n, k: 1n << 10n, m: 1n << 20n, g: 1n << 30n, t: 1n << 40n };
+
+/** Parses a size in bytes (see {@link BytesVar}); undefined when it is not one or exceeds 2^64 - 1. */
+export function parseBytes(text: string): bigint | undefined {
+  const match = /^(0x[0-9a-f_]+|[0-9][0-9_]*)\s*(?:([kmgt])(?:i?b)?|b)?$/i.exec(text);
+  if (match === null) return undefined;
+  const digits = match[1]!.replace(/_/g, "");
+  if (digits === "0x") return undefined;
+  const n = BigInt(digits) * (byteUnits[(match[2] ?? "").toLowerCase()] ?? 0n);
+  return n > U64_MAX ? undefined : n;
+}
+
+/** A byte count as {@link parseBytes} reads it back, in the largest unit that divides it (`64G`, `4096`). */
+export function formatBytesValue(n: bigint): string {
+  for (const unit of ["t", "g", "m", "k"] as const) {
+    const size = byteUnits[unit]!;
+    if (n > 0n && n % size === 0n) return `${n / size}${unit.toUpperCase()}`;
+  }
+  return String(n);
+}
+
 /**
  * The `--help` text of a schema: one entry per variable with what it accepts, its default and its doc.
  */
@@ -271,7 +313,8 @@ export function describeConfig(schema: ConfigSchema): string {
   const width = Math.max(0, ...entries.map((v) => v.name.length));
   return entries
     .map((v) => {
-      const dflt = v.default !== undefined ? `default ${String(v.default)}` : v.optional === true ? "optional" : "required";
+      const shown = v.kind === "bytes" && v.default !== undefined ? formatBytesValue(v.default) : String(v.default);
+      const dflt = v.default !== undefined ? `default ${shown}` : v.optional === true ? "optional" : "required";
       return `  ${v.name.padEnd(width)}  ${v.doc}\n  ${" ".repeat(width)}  ${expectation(v)}; ${dflt}`;
     })
     .join("\n");

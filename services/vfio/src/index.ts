@@ -1,5 +1,7 @@
 /** The VFIO role: the VMM-facing API (containers, sessions, guest PASIDs, binds), its ports and gRPC server. */
 export {
+  DEFAULT_GUEST_MEMORY_SIZE,
+  DEFAULT_HOST_MEMORY,
   MAX_SESSION_GRACE_MS,
   MAX_VM_NAME,
   VfioContainers,
@@ -11,6 +13,14 @@ export {
 export { CloseReason, ContainerState } from "./domain/container.js";
 export { MAX_GPASID, type GuestPasidBind, type GuestPasidUnbind } from "./domain/guest-pasids.js";
 export { describeDevice, MAX_DEVICE_NAME, type DeviceRef } from "./domain/device-ref.js";
+export {
+  assertGuestMemorySize,
+  assertHostRangeGiven,
+  HOST_PAGE_SIZE,
+  HostMemoryPool,
+  type HostMemoryOptions,
+  type HostRange,
+} from "./domain/host-memory-pool.js";
 export { type AssignedDeviceInfo, type ContainerSnapshot, type GuestPasidInfo } from "./domain/container-snapshot.js";
 export { type CloseResult } from "./domain/container-teardown.js";
 export { type KeptContainer, type KeptContainerCounter, type VfioKeptEntry } from "./domain/vfio-kept-entry.js";

@@ -42,6 +42,8 @@ await runRole({
       vdcm: createVdcmPort(vdcmClient),
       history,
       sessionGraceMs: config.sessionGraceMs,
+      hostMemory: { base: config.hostMemoryBase, size: config.hostMemorySize },
+      guestMemorySize: config.guestMemorySize,
       log: logger,
       onClosing: (containerId) => late.faults?.containerClosing(containerId) ?? Promise.resolve(),
       store,

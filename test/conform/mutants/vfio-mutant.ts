@@ -50,6 +50,8 @@ export const VFIO_MUTANTS = [
   "drops-history",
   /** Checks no capability: any VMM that names a container reaches it (DESIGN §3 broken). */
   "skips-capability-check",
+  /** MapDma maps any host memory: a VMM maps another VM's memory into its stage 2 (issue 14 item 3 broken). */
+  "maps-any-host-memory",
 ] as const;
 export type VfioMutant = (typeof VFIO_MUTANTS)[number];
 
@@ -166,6 +168,8 @@ await runRole({
       vdcm: vdcmPort,
       history,
       sessionGraceMs: config.sessionGraceMs,
+      hostMemory: { base: config.hostMemoryBase, size: config.hostMemorySize },
+      guestMemorySize: config.guestMemorySize,
       log: logger,
       onClosing,
       store,
@@ -173,6 +177,7 @@ await runRole({
     });
     late.containers = containers;
     if (mutant === "skips-capability-check") containers.authorize = () => undefined;
+    if (mutant === "maps-any-host-memory") containers.assertHostMemoryGiven = () => undefined;
     if (mutant === "keeps-set-on-session-end") {
       const attach = containers.attachSession.bind(containers);
       containers.attachSession = (containerId) => {

@@ -35,10 +35,14 @@ export interface VfioCtx {
 const { EventType, Priority } = events;
 const P = <T>(m: { fromPartial(x: object): T }, x: object): T => m.fromPartial(x);
 
-/** Guest physical memory the kit's VMs map (stage 2: GPA → HPA), and the guest virtual addresses they fault on. */
+/**
+ * Guest physical memory the kit's VMs map (stage 2: GPA → the host memory the target gave the VM,
+ * {@link hpaOf}), and the guest virtual addresses they fault on. Each VM asks for GUEST_MEMORY bytes
+ * of host memory at open (not the target's default: the kit needs little of its pool).
+ */
 const GPA = 0x1000_0000n;
-const HPA = 0x8_0000_0000n;
 const STAGE2_SIZE = 0x10_0000n;
+const GUEST_MEMORY = 0x100_0000n;
 const GVA = 0x7f00_0000_0000n;
 const PAGE = 0x1000n;
 const RW = { read: true, write: true };
@@ -94,6 +98,8 @@ interface Vm {
   readonly token: bigint;
   readonly containerId: number;
   readonly setId: number;
+  /** The host memory the target gave the container (OpenContainerResponse.guest_memory). */
+  readonly guestMemory: readonly vfio.HostRange[];
   readonly vmId: number | undefined;
   session: Session | undefined;
 }
@@ -107,13 +113,29 @@ async function openVm(c: VfioCtx, opts: { token?: bigint; kvm?: boolean; quota?:
   const vmId =
     opts.kvm === true ? (await c.kvm.createVm(P(kvm.CreateVmRequest, { mmToken: token, vcpuCount: 1, vmName: c.h.uniqueName("vm") }))).vm!.vmId : undefined;
   const opened = await c.vfio.openContainer(
-    P(vfio.OpenContainerRequest, { mmToken: token, quota: opts.quota ?? 8, vmName: c.h.uniqueName("vm"), sessionGraceMs: opts.graceMs ?? 60_000 }),
+    P(vfio.OpenContainerRequest, {
+      mmToken: token,
+      quota: opts.quota ?? 8,
+      vmName: c.h.uniqueName("vm"),
+      sessionGraceMs: opts.graceMs ?? 60_000,
+      guestMemorySize: GUEST_MEMORY,
+    }),
   );
   c.maxContainerId = Math.max(c.maxContainerId, opened.containerId);
-  const vm: Vm = { token, containerId: opened.containerId, setId: opened.setId, vmId, session: undefined };
+  const vm: Vm = { token, containerId: opened.containerId, setId: opened.setId, guestMemory: opened.guestMemory, vmId, session: undefined };
   c.opened.push(vm);
   if (opts.session !== false) vm.session = await attach(c, vm.containerId);
   return vm;
+}
+
+/**
+ * Where the VM's guest RAM is in host memory: the start of what the target gave its container —
+ * MapDma maps nothing else (vfio.proto MapDma).
+ */
+function hpaOf(vm: Vm): bigint {
+  const first = vm.guestMemory[0];
+  if (first === undefined) throw new Error(`the target gave container ${vm.containerId} no host memory (OpenContainerResponse.guest_memory is empty)`);
+  return first.paddr;
 }
 
 /** The container as QueryState shows it, or undefined once it is gone (NOT_FOUND CONTAINER_NOT_FOUND). */
@@ -332,7 +354,7 @@ async function boundGuest(
   const vm = await openVm(c, { kvm: opts.kvm ?? false });
   const device = await pciDevice(c, { pri: opts.pri ?? true });
   await assign(c, vm, pci(device));
-  await c.vfio.mapDma(P(vfio.MapDmaRequest, { containerId: vm.containerId, iova: GPA, paddr: HPA, size: STAGE2_SIZE, access: RW }));
+  await c.vfio.mapDma(P(vfio.MapDmaRequest, { containerId: vm.containerId, iova: GPA, paddr: hpaOf(vm), size: STAGE2_SIZE, access: RW }));
   const p = await alloc(c, vm);
   await bind(c, vm, pci(device), p, 77);
   return { vm, device, p, gpasid: 77 };
@@ -421,7 +443,7 @@ function callsNaming(
       "SendPageResponse",
       (o) => s.sendPageResponse({ containerId, faultGroupId: g.group.faultGroupId, code: vfio.PageResponseCode.PAGE_RESPONSE_CODE_INVALID }, o),
     ],
-    ["MapDma", (o) => s.mapDma(P(vfio.MapDmaRequest, { containerId, iova: GPA + STAGE2_SIZE, paddr: HPA + STAGE2_SIZE, size: PAGE, access: RW }), o)],
+    ["MapDma", (o) => s.mapDma(P(vfio.MapDmaRequest, { containerId, iova: GPA + STAGE2_SIZE, paddr: hpaOf(g.vm) + STAGE2_SIZE, size: PAGE, access: RW }), o)],
     ["UnmapDma", (o) => s.unmapDma(P(vfio.UnmapDmaRequest, { containerId, iova: GPA, size: STAGE2_SIZE }), o)],
     [
       "MapGuestPages",
@@ -916,7 +938,7 @@ const clauses: Clause<VfioCtx>[] = [
       const retry = await dma(c, g.device, g.p.hpasid, GVA);
       expectEqual(
         { outcome: retry.outcome, out: retry.outputAddress },
-        { outcome: iommu.TranslateOutcome.TRANSLATE_OUTCOME_TRANSLATED, out: HPA },
+        { outcome: iommu.TranslateOutcome.TRANSLATE_OUTCOME_TRANSLATED, out: hpaOf(g.vm) },
         "the device's retry",
       );
     },
@@ -934,12 +956,12 @@ const clauses: Clause<VfioCtx>[] = [
       const map =
         (iova: bigint, size: bigint, access: object = RW) =>
         () =>
-          c.vfio.mapDma(P(vfio.MapDmaRequest, { containerId: vm.containerId, iova, paddr: HPA, size, access }));
+          c.vfio.mapDma(P(vfio.MapDmaRequest, { containerId: vm.containerId, iova, paddr: hpaOf(vm), size, access }));
       await map(GPA, STAGE2_SIZE)();
       const hit = await dma(c, device, 0, GPA + 0x2345n);
       expectEqual(
         { outcome: hit.outcome, out: hit.outputAddress },
-        { outcome: iommu.TranslateOutcome.TRANSLATE_OUTCOME_TRANSLATED, out: HPA + 0x2345n },
+        { outcome: iommu.TranslateOutcome.TRANSLATE_OUTCOME_TRANSLATED, out: hpaOf(vm) + 0x2345n },
         "the device's DMA after MapDma",
       );
       // What a refused call could change: the mappings of the VM's stage 2.
@@ -979,7 +1001,11 @@ const clauses: Clause<VfioCtx>[] = [
         const a = await dma(c, g.device, g.p.hpasid, GVA + 0x10n);
         return { outcome: a.outcome, out: a.outputAddress };
       };
-      expectEqual(await probe(), { outcome: iommu.TranslateOutcome.TRANSLATE_OUTCOME_TRANSLATED, out: HPA + 0x10n }, "the device's DMA after MapGuestPages");
+      expectEqual(
+        await probe(),
+        { outcome: iommu.TranslateOutcome.TRANSLATE_OUTCOME_TRANSLATED, out: hpaOf(g.vm) + 0x10n },
+        "the device's DMA after MapGuestPages",
+      );
       const snapshot = async () => ({ probe: await probe(), w: await world(c, [g.vm], [g.device]) });
       await expectRefusedUnchanged(snapshot, map(unboundPasid.hpasid, GVA), Code.NOT_FOUND, "GUEST_BIND_NOT_FOUND", "a PASID with no guest bind");
       await expectRefusedUnchanged(snapshot, map(g.p.hpasid, GVA + 0x1000_0001n), Code.INVALID_ARGUMENT, "ADDRESS_NOT_ALIGNED", "a misaligned address");
@@ -1118,6 +1144,71 @@ const clauses: Clause<VfioCtx>[] = [
           `${rpc} with a closed container's capability`,
         );
       }
+    },
+  }),
+  // ----- Host memory: a VMM maps only memory its VM was given (issue 14 item 3)
+  clause({
+    id: "vfio.host-memory.given-only",
+    statement:
+      "OpenContainer gives each VM guest_memory_size bytes of host memory (guest_memory), never overlapping another live VM's, and refuses a size that is not a multiple of 4 KiB (INVALID_FIELD, creating nothing); MapDma maps inside the VM's memory, and of any other host memory — another VM's, memory given to nobody, a range straddling the end of its own — is PERMISSION_DENIED HOST_MEMORY_NOT_GIVEN and changes nothing of either VM (their containers, sets and stage 2)",
+    source: "vfio.proto OpenContainer, MapDma (file comment: host memory is given, not named); errors.proto HOST_MEMORY_NOT_GIVEN",
+    async run(c) {
+      const a = await openVm(c);
+      const b = await openVm(c);
+      for (const vm of [a, b]) {
+        const total = vm.guestMemory.reduce((s, r) => s + r.size, 0n);
+        expectEqual(total, GUEST_MEMORY, `the host memory given to container ${vm.containerId} (guest_memory_size)`);
+      }
+      const overlapping = a.guestMemory.some((x) => b.guestMemory.some((y) => x.paddr < y.paddr + y.size && y.paddr < x.paddr + x.size));
+      expectThat(!overlapping, "two live VMs' host memory does not overlap", show({ a: a.guestMemory, b: b.guestMemory }));
+      const before = c.maxContainerId;
+      await expectRefused(
+        c.vfio.openContainer(P(vfio.OpenContainerRequest, { mmToken: c.h.uniqueToken(), quota: 1, guestMemorySize: PAGE + 1n })),
+        Code.INVALID_ARGUMENT,
+        "INVALID_FIELD",
+        "OpenContainer with a guest_memory_size that is not a multiple of 4 KiB",
+      );
+      expectEqual(
+        (await c.vfio.queryState({ containerId: 0 })).containers.filter((x) => x.containerId > before).map((x) => x.containerId),
+        [],
+        "containers created by the refused OpenContainer",
+      );
+      // Each VM with a device, so its stage 2 exists and a refused MapDma can be seen to change it.
+      const da = await pciDevice(c, { pri: false });
+      const db = await pciDevice(c, { pri: false });
+      await assign(c, a, pci(da));
+      await assign(c, b, pci(db));
+      await c.vfio.mapDma(P(vfio.MapDmaRequest, { containerId: a.containerId, iova: GPA, paddr: hpaOf(a), size: STAGE2_SIZE, access: RW }));
+      const stage2 = async (deviceId: string) => {
+        const domain = await ridDomain(c, deviceId);
+        return (await c.iommu.queryState(P(iommu.QueryStateRequest, {}))).domains.find((d) => d.domainId === domain)?.mappings;
+      };
+      const both = async () => ({ w: await world(c, [a, b], [da, db]), a: await stage2(da), b: await stage2(db) });
+      const mine = b.guestMemory[b.guestMemory.length - 1]!;
+      const given = [...a.guestMemory, ...b.guestMemory];
+      const end = given.reduce((m, r) => (r.paddr + r.size > m ? r.paddr + r.size : m), 0n);
+      for (const [what, paddr, size] of [
+        ["VM A's host memory", hpaOf(a), PAGE],
+        ["all of VM A's host memory", a.guestMemory[0]!.paddr, a.guestMemory[0]!.size],
+        ["host memory past A's and B's", end + STAGE2_SIZE, PAGE],
+        ["a range straddling the end of its own memory", mine.paddr + mine.size - PAGE, 2n * PAGE],
+      ] as const) {
+        await expectRefusedUnchanged(
+          both,
+          () => c.vfio.mapDma(P(vfio.MapDmaRequest, { containerId: b.containerId, iova: GPA, paddr, size, access: RW })),
+          Code.PERMISSION_DENIED,
+          "HOST_MEMORY_NOT_GIVEN",
+          `MapDma by VM B's VMM of ${what}`,
+        );
+      }
+      // B's own memory maps, and B's device then reaches it, not A's.
+      await c.vfio.mapDma(P(vfio.MapDmaRequest, { containerId: b.containerId, iova: GPA, paddr: hpaOf(b), size: STAGE2_SIZE, access: RW }));
+      const hit = await dma(c, db, 0, GPA + 0x2345n);
+      expectEqual(
+        { outcome: hit.outcome, out: hit.outputAddress },
+        { outcome: iommu.TranslateOutcome.TRANSLATE_OUTCOME_TRANSLATED, out: hpaOf(b) + 0x2345n },
+        "VM B's device's DMA after B mapped its own memory",
+      );
     },
   }),
   // ----- Isolation: every call stays inside the container's set (S3)
@@ -1538,7 +1629,7 @@ const clauses: Clause<VfioCtx>[] = [
       const vm = await openVm(c, { quota: 4 });
       const device = await pciDevice(c);
       await assign(c, vm, pci(device));
-      await c.vfio.mapDma(P(vfio.MapDmaRequest, { containerId: vm.containerId, iova: GPA, paddr: HPA, size: PAGE, access: RW }));
+      await c.vfio.mapDma(P(vfio.MapDmaRequest, { containerId: vm.containerId, iova: GPA, paddr: hpaOf(vm), size: PAGE, access: RW }));
       const p = await alloc(c, vm);
       const b = await bind(c, vm, pci(device), p, 66);
       await unbind(c, vm, pci(device), p, 66);
@@ -1548,10 +1639,10 @@ const clauses: Clause<VfioCtx>[] = [
       const onP = { ioasid: p.hpasid, setId: vm.setId };
       // In the order the calls were made; the teardown's device_unassign comes between container_close and container_release.
       const want = [
-        { action: "containerOpen", value: { mmToken: vm.token, quota: 4 }, setId: vm.setId },
+        { action: "containerOpen", value: { mmToken: vm.token, quota: 4, guestMemory: vm.guestMemory }, setId: vm.setId },
         { action: "sessionAttach", value: {}, setId: vm.setId },
         { action: "deviceAssign", value: { device, kind: "device" }, setId: vm.setId },
-        { action: "vfioMapDma", value: { gpa: GPA, hpa: HPA, size: PAGE }, setId: vm.setId },
+        { action: "vfioMapDma", value: { gpa: GPA, hpa: hpaOf(vm), size: PAGE }, setId: vm.setId },
         { action: "vcmdAlloc", value: { generation: p.generation }, ...onP },
         { action: "bindGpasid", value: { device, kind: "device", handle: b.handleId, first: true, spid: 66 }, ...onP },
         { action: "unbindGpasid", value: { device, kind: "device", last: true, spid: 66 }, ...onP },
@@ -1571,7 +1662,7 @@ const clauses: Clause<VfioCtx>[] = [
               const a = r.action;
               switch (a.$case) {
                 case "containerOpen":
-                  return { ...base, value: { mmToken: a.value.mmToken, quota: a.value.quota } };
+                  return { ...base, value: { mmToken: a.value.mmToken, quota: a.value.quota, guestMemory: a.value.guestMemory } };
                 case "deviceAssign":
                   return { ...base, value: { device: a.value.device, kind: kind(a.value.deviceKind) } };
                 case "vfioMapDma":
@@ -1614,7 +1705,7 @@ const clauses: Clause<VfioCtx>[] = [
       await assign(c, vm, mdevRef(m.uuid));
       const device = await pciDevice(c);
       await assign(c, vm, pci(device));
-      await c.vfio.mapDma(P(vfio.MapDmaRequest, { containerId: vm.containerId, iova: GPA, paddr: HPA, size: STAGE2_SIZE, access: RW }));
+      await c.vfio.mapDma(P(vfio.MapDmaRequest, { containerId: vm.containerId, iova: GPA, paddr: hpaOf(vm), size: STAGE2_SIZE, access: RW }));
       const p1 = await alloc(c, vm);
       const p2 = await alloc(c, vm);
       await bind(c, vm, pci(device), p1, 21);

@@ -2,6 +2,7 @@ import { vfio } from "@ioasid/proto";
 import type { CloseReason, ContainerState } from "../domain/container.js";
 import type { ContainerSnapshot } from "../domain/container-snapshot.js";
 import type { DeviceRef } from "../domain/device-ref.js";
+import type { HostRange } from "../domain/host-memory-pool.js";
 import type { FaultRelay, PageResponseCode, RelayedGroup } from "../domain/fault-relay.js";
 
 // VFIO's wire conversions (vfio.proto ↔ the domain's types): the one place that knows both, so the
@@ -59,6 +60,16 @@ export function toDeviceRef(ref: DeviceRef): vfio.DeviceRef {
   return { ref: ref.kind === "device" ? { $case: "deviceId", value: ref.id } : { $case: "mdevUuid", value: ref.id } };
 }
 
+/** A range of host memory as the wire's HostRange. */
+export function toHostRange(r: HostRange): vfio.HostRange {
+  return { paddr: r.paddr, size: r.size };
+}
+
+/** The wire's HostRange as the domain's. */
+export function fromHostRange(r: vfio.HostRange): HostRange {
+  return { paddr: r.paddr, size: r.size };
+}
+
 /** A container as QueryState shows it, with the fault relay's view of its groups. */
 export function toContainer(s: ContainerSnapshot, faults: FaultRelay): vfio.Container {
   return vfio.Container.fromPartial({
@@ -80,5 +91,6 @@ export function toContainer(s: ContainerSnapshot, faults: FaultRelay): vfio.Cont
     faultWatcherAttached: faults.watching(s.containerId),
     openedAt: new Date(s.openedAt),
     sessionDeadline: s.sessionDeadline === undefined ? undefined : new Date(s.sessionDeadline),
+    guestMemory: s.guestMemory.map(toHostRange),
   });
 }

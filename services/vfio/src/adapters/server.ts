@@ -6,7 +6,7 @@ import type { VfioContainers } from "../domain/vfio-containers.js";
 import { invalidField } from "../domain/vfio-errors.js";
 import type { FaultRelay } from "../domain/fault-relay.js";
 import { capabilityOf } from "./capability-metadata.js";
-import { CLOSE_REASONS, fromDeviceRef, RESPONSE_CODES, RESPONSE_CODES_WIRE, toContainer, toDeviceRef, toFaultGroup } from "./convert.js";
+import { CLOSE_REASONS, fromDeviceRef, RESPONSE_CODES, RESPONSE_CODES_WIRE, toContainer, toDeviceRef, toFaultGroup, toHostRange } from "./convert.js";
 import type { GuestPagesPort } from "./grpc-ports.js";
 
 /** Resolves with the lease's close reason, or undefined once `signal` aborts (the VMM went away). */
@@ -40,13 +40,20 @@ export function createVfioHandlers(
   const authorize = (containerId: number, ctx: CallContext): void => containers.authorize(containerId, capabilityOf(ctx.metadata));
   return {
     openContainer: async (req) => {
-      const r = await containers.openContainer({ mmToken: req.mmToken, quota: req.quota, vmName: req.vmName, sessionGraceMs: req.sessionGraceMs });
+      const r = await containers.openContainer({
+        mmToken: req.mmToken,
+        quota: req.quota,
+        vmName: req.vmName,
+        sessionGraceMs: req.sessionGraceMs,
+        guestMemorySize: req.guestMemorySize,
+      });
       return {
         containerId: r.containerId,
         setId: r.setId,
         quota: r.quota,
         sessionDeadline: new Date(r.sessionDeadline),
         capability: Buffer.from(r.capability),
+        guestMemory: r.guestMemory.map(toHostRange),
       };
     },
     session: async (req, ctx, send) => {

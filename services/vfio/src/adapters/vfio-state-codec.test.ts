@@ -19,6 +19,10 @@ const entries: VfioKeptEntry[] = [
     ],
     stage2: 9,
     capabilityDigest: new Uint8Array(32).fill(7),
+    guestMemory: [
+      { paddr: 0x1_0000_0000n, size: 0x4000_0000n },
+      { paddr: 0xffff_ffff_ffff_f000n, size: 0x1000n },
+    ],
   },
   {
     kind: "container",
@@ -31,6 +35,7 @@ const entries: VfioKeptEntry[] = [
     devices: [],
     stage2: undefined,
     capabilityDigest: new Uint8Array(0),
+    guestMemory: [],
   },
   { kind: "containerCounter", nextContainerId: 5 },
 ];

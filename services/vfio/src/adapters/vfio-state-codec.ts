@@ -1,6 +1,6 @@
 import { protoStateCodec, requireField, type StateCodec } from "@ioasid/bus";
 import { vfioState } from "@ioasid/proto";
-import { fromDeviceRef, toDeviceRef } from "./convert.js";
+import { fromDeviceRef, fromHostRange, toDeviceRef, toHostRange } from "./convert.js";
 import type { VfioKeptEntry } from "../domain/vfio-kept-entry.js";
 
 // VFIO's kept entries ↔ ioasid.vfio.v1.VfioStateEntry (vfio_state.proto): the one place that knows
@@ -28,6 +28,7 @@ export function toVfioStateEntry(e: VfioKeptEntry): vfioState.VfioStateEntry {
             // Domain ids are never 0: 0 says "no stage-2 domain".
             stage2DomainId: e.stage2 ?? 0,
             capabilityDigest: Buffer.from(e.capabilityDigest),
+            guestMemory: e.guestMemory.map(toHostRange),
           },
         },
       };
@@ -60,6 +61,7 @@ export function fromVfioStateEntry(m: vfioState.VfioStateEntry): VfioKeptEntry {
         })),
         stage2: c.stage2DomainId === 0 ? undefined : c.stage2DomainId,
         capabilityDigest: new Uint8Array(c.capabilityDigest),
+        guestMemory: c.guestMemory.map(fromHostRange),
       };
     }
     case "containerCounter":

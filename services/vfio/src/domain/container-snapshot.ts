@@ -3,6 +3,7 @@ import { IoasidState, type IoasidInfo } from "@ioasid/ioasid";
 import type { CorePort } from "@ioasid/role-kit";
 import type { Container, ContainerState } from "./container.js";
 import type { DeviceRef } from "./device-ref.js";
+import type { HostRange } from "./host-memory-pool.js";
 
 /** A device as assigned to a container. */
 export interface AssignedDeviceInfo {
@@ -38,6 +39,8 @@ export interface ContainerSnapshot {
   readonly openedAt: number;
   /** AWAITING_SESSION: when the container is closed if no Session attaches. */
   readonly sessionDeadline: number | undefined;
+  /** The host memory given to the container, ascending by address. */
+  readonly guestMemory: readonly HostRange[];
 }
 
 /** One container as QueryState shows it: the set's IOASIDs as the core has them, with the binds made through this VFIO. */
@@ -74,5 +77,6 @@ export async function snapshotContainer(core: CorePort, c: Container): Promise<C
     pasids,
     openedAt: c.openedAt,
     sessionDeadline: c.sessionDeadline,
+    guestMemory: c.guestMemory,
   };
 }

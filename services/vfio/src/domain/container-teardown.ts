@@ -3,6 +3,7 @@ import type { RoleStatePort } from "@ioasid/bus";
 import type { CorePort } from "@ioasid/role-kit";
 import { ContainerState, type CloseReason, type Container } from "./container.js";
 import { describeDevice } from "./device-ref.js";
+import type { HostMemoryPool } from "./host-memory-pool.js";
 import type { VfioKeptEntry } from "./vfio-kept-entry.js";
 import { setExists, type HistoryPort, type IommuPort, type Scheduler, type VdcmPort, type VfioLog } from "./vfio-ports.js";
 
@@ -48,6 +49,8 @@ export interface ContainerTeardownOptions {
   readonly containers: Map<number, Container>;
   /** VfioContainers' device owners: the release phase hands the devices back. */
   readonly owners: Map<string, number>;
+  /** VfioContainers' host memory: the release phase puts the container's guest memory back. */
+  readonly hostMemory: Pick<HostMemoryPool, "put">;
 }
 
 /** How VfioContainers closes a container and releases what it held. */
@@ -67,6 +70,7 @@ export class ContainerTeardown {
   readonly #onClosing: (containerId: number) => Promise<unknown>;
   readonly #store: RoleStatePort<VfioKeptEntry> | undefined;
   readonly #owners: Map<string, number>;
+  readonly #hostMemory: Pick<HostMemoryPool, "put">;
 
   constructor(options: ContainerTeardownOptions) {
     this.#core = options.core;
@@ -79,6 +83,7 @@ export class ContainerTeardown {
     this.#store = options.store;
     this.#containers = options.containers;
     this.#owners = options.owners;
+    this.#hostMemory = options.hostMemory;
     this.#freeSetRetry = options.freeSetRetryDelaysMs ?? DEFAULT_FREE_SET_RETRY;
     this.#reclaimWaitMs = options.reclaimWaitMs ?? 10_000;
     this.#domainRetry = options.domainReleaseRetryDelaysMs ?? DEFAULT_DOMAIN_RELEASE_RETRY;
@@ -170,7 +175,8 @@ export class ContainerTeardown {
    * The release phase after the IOASIDs are freed: calls still in flight settle, mdevs are
    * unassigned only once the set is reclaimed (its FREE events went through every tier, so no
    * device is drained before KVM cleared its translation entries, S5), physical devices are
-   * detached, the stage-2 domain freed, and the container forgotten.
+   * detached, the stage-2 domain freed, the container forgotten, and its guest memory put back in
+   * the pool — only once no stage-2 domain maps it any more.
    */
   async #release(c: Container): Promise<void> {
     await Promise.allSettled([...c.inflight]);
@@ -195,7 +201,17 @@ export class ContainerTeardown {
     c.binds.clear();
     this.#containers.delete(c.id);
     this.#history.record({ $case: "containerRelease", value: { container: c.id } }, { setId: c.setId });
-    if (stage2 !== undefined) await this.#releaseDomain(c, stage2);
+    // The guest memory may be given to another VM only once no device can reach it through this
+    // container's stage 2: after the domain is freed. A domain that could not be freed (still in
+    // use after every retry, logged) keeps the memory out of the pool — given to nobody until VFIO
+    // restarts — rather than let the next VM's memory be DMA'd by this VM's devices.
+    const unmapped = stage2 === undefined || (await this.#releaseDomain(c, stage2));
+    if (unmapped) this.#hostMemory.put(c.guestMemory);
+    else
+      this.#log.error(
+        { containerId: c.id, domainId: stage2 },
+        "guest memory of a closed container withheld from the pool: its stage-2 domain could not be freed",
+      );
     await this.#store
       ?.write([{ key: `ctr/${c.id}`, value: undefined }])
       .catch((err: unknown) => this.#log.warn({ err, containerId: c.id }, "could not forget the released container in the store"));
@@ -223,18 +239,21 @@ export class ContainerTeardown {
     );
   }
 
-  /** Frees the stage-2 domain once the IOMMU's FREE teardown stopped using it (bounded retries). */
-  async #releaseDomain(c: Container, domainId: number): Promise<void> {
+  /**
+   * Frees the stage-2 domain once the IOMMU's FREE teardown stopped using it (bounded retries).
+   * @returns whether the domain is gone (freed now, or not found)
+   */
+  async #releaseDomain(c: Container, domainId: number): Promise<boolean> {
     for (let attempt = 0; ; attempt++) {
       try {
         await this.#iommu.freeDomain(domainId);
-        return;
+        return true;
       } catch (err) {
-        if (isDomainError(err, "DOMAIN_NOT_FOUND")) return;
+        if (isDomainError(err, "DOMAIN_NOT_FOUND")) return true;
         const delay = this.#domainRetry[attempt];
         if ((!isDomainError(err, "DOMAIN_IN_USE") && !isUnreachable(err)) || delay === undefined) {
           this.#log.error({ err, containerId: c.id, domainId }, "stage-2 domain of a closed container could not be freed");
-          return;
+          return false;
         }
         await this.#scheduler.sleep(delay);
       }

@@ -1,5 +1,6 @@
 import type { CloseResult } from "./container-teardown.js";
 import type { DeviceRef } from "./device-ref.js";
+import type { HostRange } from "./host-memory-pool.js";
 
 /** Where a container is in its life (vfio.proto `ContainerState`). */
 export const ContainerState = {
@@ -62,6 +63,11 @@ export interface Container {
   readonly openedAt: number;
   /** SHA-256 of the container's capability (container-capability.ts); empty for one kept before capabilities. */
   readonly capabilityDigest: Uint8Array;
+  /**
+   * The host memory given to the container, ascending by address (host-memory-pool.ts): MapDma maps
+   * only inside it. It goes back to VFIO's pool when the container is released.
+   */
+  readonly guestMemory: readonly HostRange[];
   state: ContainerState;
   sessionDeadline: number | undefined;
   cancelGrace: (() => void) | undefined;

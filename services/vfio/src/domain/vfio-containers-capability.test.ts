@@ -1,9 +1,8 @@
-import type { RoleStatePort, StateChange } from "@ioasid/bus";
 import { Code } from "@ioasid/errors";
 import { describe, expect, it } from "vitest";
 import { capabilityDigest, CAPABILITY_BYTES } from "./container-capability.js";
 import { ContainerState } from "./container.js";
-import { open, refused, setup, snapshot } from "./vfio-containers.fixture.js";
+import { MapStore, open, optionsOf, refused, setup, snapshot } from "./vfio-containers.fixture.js";
 import { VfioContainers } from "./vfio-containers.js";
 import type { VfioKeptEntry } from "./vfio-kept-entry.js";
 
@@ -95,6 +94,7 @@ describe("VfioContainers › capabilities (DESIGN §3: authority is a capability
           devices: [],
           stage2: undefined,
           capabilityDigest: new Uint8Array(0),
+          guestMemory: [],
         },
       ],
     ]);
@@ -102,18 +102,3 @@ describe("VfioContainers › capabilities (DESIGN §3: authority is a capability
     expect(() => vfio.authorize(3, new Uint8Array(CAPABILITY_BYTES))).toThrow(expect.objectContaining({ reason: "CAPABILITY_NOT_FOR_CONTAINER" }) as Error);
   });
 });
-
-/** VFIO's kept state in memory (the role-state stream's last value per key). */
-class MapStore implements RoleStatePort<VfioKeptEntry> {
-  readonly saved = new Map<string, VfioKeptEntry>();
-  async write(changes: readonly StateChange<VfioKeptEntry>[]): Promise<void> {
-    for (const c of changes) {
-      if (c.value === undefined) this.saved.delete(c.key);
-      else this.saved.set(c.key, c.value);
-    }
-  }
-}
-
-function optionsOf(s: ReturnType<typeof setup>) {
-  return { core: s.core, iommu: s.iommu, vdcm: s.vdcm, scheduler: s.scheduler, history: { record: () => {} }, sessionGraceMs: 5000 };
-}

@@ -106,17 +106,19 @@ describe("VfioContainers › a refused call creates nothing (DESIGN §8, issue 1
   it("refuses a MapDma of a bad shape before creating the stage-2 domain", async () => {
     const { vfio, iommu } = setup();
     const c = await open(vfio, 7n);
-    await refused(vfio.mapDma(c.containerId, { iova: 0x1001n, paddr: 0x2000n, size: 0x1000n, access }), Code.INVALID_ARGUMENT, "ADDRESS_NOT_ALIGNED");
-    await refused(vfio.mapDma(c.containerId, { iova: 0x1000n, paddr: 0x2001n, size: 0x1000n, access }), Code.INVALID_ARGUMENT, "ADDRESS_NOT_ALIGNED");
-    await refused(vfio.mapDma(c.containerId, { iova: 0x1000n, paddr: 0x2000n, size: 0n, access }), Code.INVALID_ARGUMENT, "INVALID_RANGE");
-    await refused(vfio.mapDma(c.containerId, { iova: 0xfffffffffffff000n, paddr: 0n, size: 0x2000n, access }), Code.INVALID_ARGUMENT, "INVALID_RANGE");
+    // Host addresses inside the memory the container was given (only their shape is wrong).
+    const hpa = c.guestMemory[0]!.paddr;
+    await refused(vfio.mapDma(c.containerId, { iova: 0x1001n, paddr: hpa + 0x2000n, size: 0x1000n, access }), Code.INVALID_ARGUMENT, "ADDRESS_NOT_ALIGNED");
+    await refused(vfio.mapDma(c.containerId, { iova: 0x1000n, paddr: hpa + 0x2001n, size: 0x1000n, access }), Code.INVALID_ARGUMENT, "ADDRESS_NOT_ALIGNED");
+    await refused(vfio.mapDma(c.containerId, { iova: 0x1000n, paddr: hpa + 0x2000n, size: 0n, access }), Code.INVALID_ARGUMENT, "INVALID_RANGE");
+    await refused(vfio.mapDma(c.containerId, { iova: 0xfffffffffffff000n, paddr: hpa, size: 0x2000n, access }), Code.INVALID_ARGUMENT, "INVALID_RANGE");
     await refused(
-      vfio.mapDma(c.containerId, { iova: 0x1000n, paddr: 0x2000n, size: 0x1000n, access: { ...access, read: false, write: false } }),
+      vfio.mapDma(c.containerId, { iova: 0x1000n, paddr: hpa + 0x2000n, size: 0x1000n, access: { ...access, read: false, write: false } }),
       Code.INVALID_ARGUMENT,
       "INVALID_FIELD",
     );
     expect(domainsCreated(iommu.log)).toBe(0);
-    await vfio.mapDma(c.containerId, { iova: 0x1000n, paddr: 0x2000n, size: 0x1000n, access });
+    await vfio.mapDma(c.containerId, { iova: 0x1000n, paddr: hpa + 0x2000n, size: 0x1000n, access });
     expect(domainsCreated(iommu.log)).toBe(1);
   });
 

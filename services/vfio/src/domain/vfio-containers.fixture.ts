@@ -3,10 +3,11 @@
 import { Code, DomainError } from "@ioasid/errors";
 import { EventType, IoasidState, type Holder, type IoasidInfo } from "@ioasid/ioasid";
 import { InProcessCore } from "@ioasid/testkit";
-import type { HistoryActionCase, HistoryActionInput } from "@ioasid/bus";
+import type { HistoryActionCase, HistoryActionInput, RoleStatePort, StateChange } from "@ioasid/bus";
 import { expect } from "vitest";
 import type { DeviceRef } from "./device-ref.js";
 import { VfioContainers, type VfioContainersOptions } from "./vfio-containers.js";
+import type { VfioKeptEntry } from "./vfio-kept-entry.js";
 import type { GpasidBind, GpasidUnbind, HistoryFields, IommuPort, Scheduler, VdcmPort } from "./vfio-ports.js";
 
 // ------------------------------------------------------------------------------------------------
@@ -248,11 +249,33 @@ export async function refused(p: Promise<unknown> | (() => unknown), code: Code,
 
 export const dev = (id: string): DeviceRef => ({ kind: "device", id });
 export const mdev = (id: string): DeviceRef => ({ kind: "mdev", id });
-export const open = (vfio: VfioContainers, mmToken: bigint, extra: { quota?: number; sessionGraceMs?: number } = {}) =>
-  vfio.openContainer({ mmToken, quota: extra.quota ?? 8, vmName: `vm-${mmToken}`, sessionGraceMs: extra.sessionGraceMs ?? 0 });
+export const open = (vfio: VfioContainers, mmToken: bigint, extra: { quota?: number; sessionGraceMs?: number; guestMemorySize?: bigint } = {}) =>
+  vfio.openContainer({
+    mmToken,
+    quota: extra.quota ?? 8,
+    vmName: `vm-${mmToken}`,
+    sessionGraceMs: extra.sessionGraceMs ?? 0,
+    guestMemorySize: extra.guestMemorySize ?? 0n,
+  });
 
 /** The container_close step of a test's history. */
 export function closeOf(history: ReadonlyArray<{ step: HistoryActionInput }>): Extract<HistoryActionInput, { $case: "containerClose" }>["value"] | undefined {
   const step = history.find((h) => h.step.$case === "containerClose")?.step;
   return step?.$case === "containerClose" ? step.value : undefined;
+}
+
+/** VFIO's kept state in memory (the role-state stream's last value per key). */
+export class MapStore implements RoleStatePort<VfioKeptEntry> {
+  readonly saved = new Map<string, VfioKeptEntry>();
+  async write(changes: readonly StateChange<VfioKeptEntry>[]): Promise<void> {
+    for (const c of changes) {
+      if (c.value === undefined) this.saved.delete(c.key);
+      else this.saved.set(c.key, c.value);
+    }
+  }
+}
+
+/** The ports of a {@link setup}, for a second VfioContainers over them (a VFIO back from kill -9). */
+export function optionsOf(s: ReturnType<typeof setup>) {
+  return { core: s.core, iommu: s.iommu, vdcm: s.vdcm, scheduler: s.scheduler, history: { record: () => {} }, sessionGraceMs: 5000 };
 }

@@ -10,6 +10,7 @@ import { DeviceAssignments } from "./device-assignments.js";
 import { assertDmaMapping, assertDmaRange } from "./dma-mapping.js";
 import { describeDevice, deviceKey, MAX_DEVICE_NAME, type DeviceRef } from "./device-ref.js";
 import { GuestPasids, type GuestPasidBind, type GuestPasidUnbind } from "./guest-pasids.js";
+import { assertGuestMemorySize, assertHostRangeGiven, formatBytes, HostMemoryPool, type HostMemoryOptions, type HostRange } from "./host-memory-pool.js";
 import { invalidField, vfioError } from "./vfio-errors.js";
 import { keptContainer, restoredContainer, type VfioKeptEntry } from "./vfio-kept-entry.js";
 import { realScheduler, type DmaMapping, type HistoryPort, type IommuPort, type Scheduler, type VdcmPort, type VfioLog } from "./vfio-ports.js";
@@ -19,6 +20,15 @@ export const MAX_SESSION_GRACE_MS = 86_400_000;
 
 /** Longest VM name accepted, in characters. */
 export const MAX_VM_NAME = 256;
+
+/**
+ * The host memory pool VFIO gives guest memory from when its options name none: 64 GiB from 4 GiB
+ * up (below 4 GiB is the host's own, as the MMIO hole and firmware would be on a real host).
+ */
+export const DEFAULT_HOST_MEMORY: HostMemoryOptions = { base: 1n << 32n, size: 64n << 30n };
+
+/** Guest memory given to a container whose OpenContainer asks for none (0), in bytes: 1 GiB. */
+export const DEFAULT_GUEST_MEMORY_SIZE = 1n << 30n;
 
 /** What OpenContainer asks for. */
 export interface OpenContainerSpec {
@@ -30,6 +40,11 @@ export interface OpenContainerSpec {
   readonly vmName: string;
   /** How long to wait for the Session stream, in ms; 0 = the service default. */
   readonly sessionGraceMs: number;
+  /**
+   * Host memory to give the VM, in bytes (a multiple of 4 KiB); 0 = the service default
+   * ({@link VfioContainersOptions.guestMemorySize}). @default 0n
+   */
+  readonly guestMemorySize?: bigint;
 }
 
 /** The new container. */
@@ -44,6 +59,8 @@ export interface OpenedContainer {
    * container must present it ({@link VfioContainers.authorize}). VFIO keeps only its digest.
    */
   readonly capability: Uint8Array;
+  /** The host memory given to the VM, ascending by address: MapDma maps only inside it. */
+  readonly guestMemory: readonly HostRange[];
 }
 
 /**
@@ -67,6 +84,13 @@ export interface VfioContainersOptions {
   readonly history: HistoryPort;
   /** Session grace period when OpenContainer does not give one, in ms. */
   readonly sessionGraceMs: number;
+  /** The host memory VFIO gives guest memory from. @default {@link DEFAULT_HOST_MEMORY} (64 GiB from 4 GiB) */
+  readonly hostMemory?: HostMemoryOptions;
+  /**
+   * Guest memory given when OpenContainer asks for none, in bytes (a non-zero multiple of 4 KiB, at
+   * most the pool's size). @default {@link DEFAULT_GUEST_MEMORY_SIZE} (1 GiB)
+   */
+  readonly guestMemorySize?: bigint;
   /** @default real timers */
   readonly scheduler?: Scheduler;
   /** @default silent */
@@ -117,6 +141,10 @@ const silentLog: VfioLog = { info: () => {}, warn: () => {}, error: () => {} };
  * crashed-guest path (ioasid.rst "Exception cases": free must always succeed; the FREE events
  * drive KVM → VDCM → IOMMU teardown in priority order) — and then the devices are unassigned.
  *
+ * Each container is given host memory at open, exclusively, from one pool ({@link HostMemoryPool}),
+ * and MapDma maps only inside it (VFIO_IOMMU_MAP_DMA pins the VMM's own pages: a VMM never maps
+ * another VM's memory); the memory goes back to the pool when the container is released.
+ *
  * All I/O goes through the injected ports, so this class is unit-tested with in-memory fakes.
  */
 export class VfioContainers {
@@ -127,6 +155,9 @@ export class VfioContainers {
   readonly #scheduler: Scheduler;
   readonly #log: VfioLog;
   readonly #defaultGraceMs: number;
+  /** The host memory every container's guest memory is given from. */
+  readonly #hostMemory: HostMemoryPool;
+  readonly #defaultGuestMemory: bigint;
   readonly #containers = new Map<number, Container>();
   /** Closing and releasing containers (it shares the table and the owners). */
   readonly #teardown: ContainerTeardown;
@@ -148,6 +179,11 @@ export class VfioContainers {
     this.#scheduler = options.scheduler ?? realScheduler;
     this.#log = options.log ?? silentLog;
     this.#defaultGraceMs = options.sessionGraceMs;
+    this.#hostMemory = new HostMemoryPool(options.hostMemory ?? DEFAULT_HOST_MEMORY);
+    this.#defaultGuestMemory = options.guestMemorySize ?? DEFAULT_GUEST_MEMORY_SIZE;
+    if (this.#defaultGuestMemory <= 0n || this.#defaultGuestMemory % 4096n !== 0n || this.#defaultGuestMemory > this.#hostMemory.size) {
+      throw new RangeError(`guestMemorySize ${this.#defaultGuestMemory}: expected a non-zero multiple of 4 KiB, at most the host memory pool's size`);
+    }
     this.#store = options.store;
     this.#teardown = new ContainerTeardown({
       core: this.#core,
@@ -163,6 +199,7 @@ export class VfioContainers {
       store: this.#store,
       containers: this.#containers,
       owners: this.#owners,
+      hostMemory: this.#hostMemory,
     });
     const calls: ContainerCalls = {
       core: this.#core,
@@ -203,7 +240,8 @@ export class VfioContainers {
         this.#nextId = Math.max(this.#nextId, v.nextContainerId);
         continue;
       }
-      const c = restoredContainer(v);
+      // Its memory stays its own until it is released: nobody opened meanwhile is given it.
+      const c = restoredContainer(v, this.#hostMemory.reserve(v.guestMemory));
       for (const k of c.devices.keys()) this.#owners.set(k, c.id);
       this.#containers.set(c.id, c);
       this.#restored.push(c);
@@ -236,6 +274,18 @@ export class VfioContainers {
     assertCapability(containerId, this.#get(containerId).capabilityDigest, presented);
   }
 
+  /**
+   * Checks that host memory `[paddr, paddr + size)` lies inside one of the ranges the container was
+   * given at open: MapDma calls it before anything is created for the mapping. Issue 14 item 3:
+   * VM B's VMM mapped VM A's host memory into B's stage 2 and DMAed into it; VFIO — the host
+   * kernel's side of VFIO_IOMMU_MAP_DMA, which pins only the caller's own pages — now maps only
+   * memory the VM owns.
+   * @throws DomainError PERMISSION_DENIED `HOST_MEMORY_NOT_GIVEN`; NOT_FOUND `CONTAINER_NOT_FOUND`
+   */
+  assertHostMemoryGiven(containerId: number, paddr: bigint, size: bigint): void {
+    assertHostRangeGiven(containerId, this.#get(containerId).guestMemory, paddr, size);
+  }
+
   /** Whether the container exists and is not closing. */
   isOpen(containerId: number): boolean {
     const c = this.#containers.get(containerId);
@@ -255,15 +305,22 @@ export class VfioContainers {
     return this.#containers.size;
   }
 
+  /** The host memory pool: its bounds and what is free now (inspection and tests). */
+  get hostMemory(): Pick<HostMemoryPool, "base" | "size" | "freeBytes" | "freeRanges"> {
+    return this.#hostMemory;
+  }
+
   // ---------------------------------------------------------------------------------------------
   // Container life cycle
 
   /**
-   * Opens the VM's container: creates its IOASID set (token type MM, the VM's MM token, the quota)
-   * and starts the session grace period.
+   * Opens the VM's container: gives it its guest memory from the host memory pool, creates its
+   * IOASID set (token type MM, the VM's MM token, the quota) and starts the session grace period.
+   * A refused open takes nothing: the memory goes back when the set cannot be created.
    * @throws DomainError INVALID_ARGUMENT `INVALID_FIELD` (mm_token 0, grace above a day, name too
-   *   long); the core's ALREADY_EXISTS `TOKEN_IN_USE`, RESOURCE_EXHAUSTED `CAPACITY_EXHAUSTED`,
-   *   INVALID_ARGUMENT `QUOTA_INVALID`.
+   *   long, guest_memory_size not a multiple of 4 KiB or larger than the pool); RESOURCE_EXHAUSTED
+   *   `HOST_MEMORY_EXHAUSTED`; the core's ALREADY_EXISTS `TOKEN_IN_USE`, RESOURCE_EXHAUSTED
+   *   `CAPACITY_EXHAUSTED`, INVALID_ARGUMENT `QUOTA_INVALID`.
    */
   async openContainer(spec: OpenContainerSpec): Promise<OpenedContainer> {
     if (spec.mmToken === 0n) throw invalidField("mm_token", "mm_token is required: the VM's MM token, non-zero");
@@ -271,8 +328,19 @@ export class VfioContainers {
       throw invalidField("session_grace_ms", `session_grace_ms ${spec.sessionGraceMs} is above ${MAX_SESSION_GRACE_MS} (one day)`);
     }
     if (spec.vmName.length > MAX_VM_NAME) throw invalidField("vm_name", `vm_name is longer than ${MAX_VM_NAME} characters`);
-    // One container per VM: the core refuses a second set for the same MM token (TOKEN_IN_USE).
-    const set = await this.#core.createSet({ type: TokenType.MM, value: spec.mmToken }, spec.quota);
+    const memorySize = spec.guestMemorySize === undefined || spec.guestMemorySize === 0n ? this.#defaultGuestMemory : spec.guestMemorySize;
+    assertGuestMemorySize(memorySize, this.#hostMemory.size);
+    // Taken before the set is created (synchronously, so two opens never get the same memory) and
+    // put back if the core refuses the set: a refused open takes nothing (DESIGN §8).
+    const guestMemory = this.#hostMemory.take(memorySize);
+    let set: Awaited<ReturnType<CorePort["createSet"]>>;
+    try {
+      // One container per VM: the core refuses a second set for the same MM token (TOKEN_IN_USE).
+      set = await this.#core.createSet({ type: TokenType.MM, value: spec.mmToken }, spec.quota);
+    } catch (err) {
+      this.#hostMemory.put(guestMemory);
+      throw err;
+    }
     const graceMs = spec.sessionGraceMs === 0 ? this.#defaultGraceMs : spec.sessionGraceMs;
     const now = this.#scheduler.now();
     const issued = issueCapability();
@@ -284,6 +352,7 @@ export class VfioContainers {
       quota: set.quota,
       openedAt: now,
       capabilityDigest: issued.digest,
+      guestMemory,
       state: ContainerState.AWAITING_SESSION,
       sessionDeadline: now + graceMs,
       cancelGrace: undefined,
@@ -306,11 +375,21 @@ export class VfioContainers {
     });
     await this.#save(c);
     this.#history.record(
-      { $case: "containerOpen", value: { container: c.id, mmToken: c.mmToken, quota: c.quota, vmName: c.vmName, graceMs } },
+      { $case: "containerOpen", value: { container: c.id, mmToken: c.mmToken, quota: c.quota, vmName: c.vmName, graceMs, guestMemory: [...guestMemory] } },
       { setId: c.setId },
     );
-    this.#log.info({ containerId: c.id, setId: c.setId, mmToken: String(c.mmToken), quota: c.quota, graceMs }, "container opened");
-    return { containerId: c.id, setId: c.setId, quota: c.quota, sessionDeadline: now + graceMs, capability: issued.capability };
+    this.#log.info(
+      {
+        containerId: c.id,
+        setId: c.setId,
+        mmToken: String(c.mmToken),
+        quota: c.quota,
+        graceMs,
+        guestMemory: guestMemory.map((r) => `0x${r.paddr.toString(16)}+${formatBytes(r.size)}`),
+      },
+      "container opened",
+    );
+    return { containerId: c.id, setId: c.setId, quota: c.quota, sessionDeadline: now + graceMs, capability: issued.capability, guestMemory };
   }
 
   /**
@@ -418,13 +497,17 @@ export class VfioContainers {
 
   /**
    * VFIO_IOMMU_MAP_DMA: maps guest physical memory in the VM's stage-2 domain (created with the
-   * first need, once the mapping's shape is known to be good: a refused MapDma creates nothing).
+   * first need, once the mapping's shape is known to be good and its host memory the container's:
+   * a refused MapDma creates nothing). The host range must lie inside one of the ranges the
+   * container was given at open (the kernel pins the VMM's own pages: a VMM maps only memory it
+   * owns, never another VM's).
    * @throws DomainError INVALID_ARGUMENT `ADDRESS_NOT_ALIGNED`, `INVALID_RANGE`, `INVALID_FIELD`;
-   *   the IOMMU's refusals (IOVA_ALREADY_MAPPED)
+   *   PERMISSION_DENIED `HOST_MEMORY_NOT_GIVEN`; the IOMMU's refusals (IOVA_ALREADY_MAPPED)
    */
   async mapDma(containerId: number, m: DmaMapping): Promise<void> {
     await this.#op(containerId, async (c) => {
       assertDmaMapping(m);
+      this.assertHostMemoryGiven(c.id, m.paddr, m.size);
       const domainId = await this.#stage2(c);
       await this.#iommu.map(domainId, m);
       this.#history.record({ $case: "vfioMapDma", value: { container: c.id, gpa: m.iova, hpa: m.paddr, size: m.size } }, { setId: c.setId });

@@ -27,6 +27,11 @@ export const VfioReason = {
   // connection may well be authenticated (mTLS); what it lacks is authority over this container.
   CAPABILITY_MISSING: Code.PERMISSION_DENIED,
   CAPABILITY_NOT_FOR_CONTAINER: Code.PERMISSION_DENIED,
+  // Issue 14 item 3: MapDma maps only host memory given to the container (host-memory-pool.ts).
+  // The pool running out is ENOSPC (RESOURCE_EXHAUSTED); mapping memory that is not yours is
+  // EPERM (PERMISSION_DENIED), as VFIO_IOMMU_MAP_DMA of pages the caller cannot pin would be.
+  HOST_MEMORY_EXHAUSTED: Code.RESOURCE_EXHAUSTED,
+  HOST_MEMORY_NOT_GIVEN: Code.PERMISSION_DENIED,
 } as const satisfies Record<string, Code>;
 export type VfioReason = keyof typeof VfioReason;
 

@@ -1,5 +1,6 @@
 import { ContainerState, type Container } from "./container.js";
 import { deviceKey, type DeviceRef } from "./device-ref.js";
+import type { HostRange } from "./host-memory-pool.js";
 
 /** A container as VFIO keeps it in its store (what closing it after a restart needs): `ctr/<id>`. */
 export interface KeptContainer {
@@ -17,6 +18,8 @@ export interface KeptContainer {
   readonly stage2: number | undefined;
   /** SHA-256 of the container's capability, so a restarted VFIO still accepts it; empty when kept before capabilities. */
   readonly capabilityDigest: Uint8Array;
+  /** The host memory given to the container, so a restarted VFIO gives it to nobody else first; empty when kept before host memory was given. */
+  readonly guestMemory: readonly HostRange[];
 }
 
 /** The next container id, as kept: `next`. */
@@ -28,8 +31,12 @@ export interface KeptContainerCounter {
 /** One entry of VFIO's kept state (ioasid.vfio.v1.VfioStateEntry; adapters/vfio-state-codec.ts converts). */
 export type VfioKeptEntry = KeptContainer | KeptContainerCounter;
 
-/** The container a kept one comes back as after a restart: no session, to be closed as a crashed guest. */
-export function restoredContainer(v: KeptContainer): Container {
+/**
+ * The container a kept one comes back as after a restart: no session, to be closed as a crashed
+ * guest. `guestMemory` is what the pool could take back of the kept ranges (all of them, unless the
+ * pool was made smaller or the kept state contradicts itself).
+ */
+export function restoredContainer(v: KeptContainer, guestMemory: readonly HostRange[]): Container {
   const c: Container = {
     id: v.id,
     setId: v.setId,
@@ -38,6 +45,7 @@ export function restoredContainer(v: KeptContainer): Container {
     quota: v.quota,
     openedAt: v.openedAt,
     capabilityDigest: v.capabilityDigest,
+    guestMemory,
     state: ContainerState.AWAITING_SESSION,
     sessionDeadline: undefined,
     cancelGrace: undefined,
@@ -73,5 +81,6 @@ export function keptContainer(c: Container, stage2: number | undefined): KeptCon
       .map((d) => ({ ref: d.ref, parentDeviceId: d.parentDeviceId, assignedAt: d.assignedAt })),
     stage2,
     capabilityDigest: c.capabilityDigest,
+    guestMemory: c.guestMemory,
   };
 }

@@ -266,6 +266,18 @@ export enum ErrorReason {
    */
   ERROR_REASON_CAPABILITY_NOT_FOR_CONTAINER = 155,
   /**
+   * ERROR_REASON_HOST_MEMORY_EXHAUSTED - RESOURCE_EXHAUSTED. VFIO's host memory pool has less free memory than the OpenContainer asks
+   * to give the VM (`guest_memory_size`). Nothing is created; closing another container returns
+   * its memory.
+   */
+  ERROR_REASON_HOST_MEMORY_EXHAUSTED = 156,
+  /**
+   * ERROR_REASON_HOST_MEMORY_NOT_GIVEN - PERMISSION_DENIED. A MapDma's host range is not inside memory VFIO gave the container (another
+   * VM's, memory nobody was given, or a range straddling the end of the container's): a VMM maps
+   * only memory it owns, as VFIO_IOMMU_MAP_DMA pins only the caller's own pages. Nothing is changed.
+   */
+  ERROR_REASON_HOST_MEMORY_NOT_GIVEN = 157,
+  /**
    * ERROR_REASON_ROLE_STATE_UNREADABLE - A role's kept state (JetStream `<PREFIX>_ROLESTATE`) holds an entry that is not the role's
    * `<Role>StateEntry` (the JSON of earlier versions, another format, bytes that do not decode): the
    * role refuses to start rather than misread it; the message says how to start from an empty state.
@@ -573,6 +585,12 @@ export function errorReasonFromJSON(object: any): ErrorReason {
     case 155:
     case "ERROR_REASON_CAPABILITY_NOT_FOR_CONTAINER":
       return ErrorReason.ERROR_REASON_CAPABILITY_NOT_FOR_CONTAINER;
+    case 156:
+    case "ERROR_REASON_HOST_MEMORY_EXHAUSTED":
+      return ErrorReason.ERROR_REASON_HOST_MEMORY_EXHAUSTED;
+    case 157:
+    case "ERROR_REASON_HOST_MEMORY_NOT_GIVEN":
+      return ErrorReason.ERROR_REASON_HOST_MEMORY_NOT_GIVEN;
     case 146:
     case "ERROR_REASON_ROLE_STATE_UNREADABLE":
       return ErrorReason.ERROR_REASON_ROLE_STATE_UNREADABLE;
@@ -782,6 +800,10 @@ export function errorReasonToJSON(object: ErrorReason): string {
       return "ERROR_REASON_CAPABILITY_MISSING";
     case ErrorReason.ERROR_REASON_CAPABILITY_NOT_FOR_CONTAINER:
       return "ERROR_REASON_CAPABILITY_NOT_FOR_CONTAINER";
+    case ErrorReason.ERROR_REASON_HOST_MEMORY_EXHAUSTED:
+      return "ERROR_REASON_HOST_MEMORY_EXHAUSTED";
+    case ErrorReason.ERROR_REASON_HOST_MEMORY_NOT_GIVEN:
+      return "ERROR_REASON_HOST_MEMORY_NOT_GIVEN";
     case ErrorReason.ERROR_REASON_ROLE_STATE_UNREADABLE:
       return "ERROR_REASON_ROLE_STATE_UNREADABLE";
     case ErrorReason.ERROR_REASON_HISTORY_FORMAT_UNSUPPORTED:

@@ -824,6 +824,19 @@ export interface ContainerOpen {
   vmName: string;
   /** How long the VMM has to attach its session, ms. */
   graceMs: number;
+  /**
+   * The host memory given to the VM, ascending by address (empty in records made before VFIO gave
+   * host memory).
+   */
+  guestMemory: HostRange[];
+}
+
+/** HostRange is a range of host physical memory: `[paddr, paddr + size)`. */
+export interface HostRange {
+  /** First host physical address. */
+  paddr: bigint;
+  /** Length in bytes. */
+  size: bigint;
 }
 
 /** ContainerRef is a step on a container that carries nothing else. */
@@ -5947,7 +5960,7 @@ export const DmaFault: MessageFns<DmaFault> = {
 };
 
 function createBaseContainerOpen(): ContainerOpen {
-  return { container: 0, mmToken: 0n, quota: 0, vmName: "", graceMs: 0 };
+  return { container: 0, mmToken: 0n, quota: 0, vmName: "", graceMs: 0, guestMemory: [] };
 }
 
 export const ContainerOpen: MessageFns<ContainerOpen> = {
@@ -5969,6 +5982,9 @@ export const ContainerOpen: MessageFns<ContainerOpen> = {
     }
     if (message.graceMs !== 0) {
       writer.uint32(40).uint32(message.graceMs);
+    }
+    for (const v of message.guestMemory) {
+      HostRange.encode(v!, writer.uint32(50).fork()).join();
     }
     return writer;
   },
@@ -6026,6 +6042,14 @@ export const ContainerOpen: MessageFns<ContainerOpen> = {
             message.graceMs = reader.uint32();
             continue;
           }
+          case 6: {
+            if (tag !== 50) {
+              break;
+            }
+
+            message.guestMemory.push(HostRange.decode(reader, reader.uint32()));
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -6053,6 +6077,11 @@ export const ContainerOpen: MessageFns<ContainerOpen> = {
         : isSet(object.grace_ms)
         ? globalThis.Number(object.grace_ms)
         : 0,
+      guestMemory: globalThis.Array.isArray(object?.guestMemory)
+        ? object.guestMemory.map((e: any) => HostRange.fromJSON(e))
+        : globalThis.Array.isArray(object?.guest_memory)
+        ? object.guest_memory.map((e: any) => HostRange.fromJSON(e))
+        : [],
     };
   },
 
@@ -6073,6 +6102,9 @@ export const ContainerOpen: MessageFns<ContainerOpen> = {
     if (message.graceMs !== 0) {
       obj.graceMs = Math.round(message.graceMs);
     }
+    if (message.guestMemory?.length) {
+      obj.guestMemory = message.guestMemory.map((e) => HostRange.toJSON(e));
+    }
     return obj;
   },
 
@@ -6086,6 +6118,98 @@ export const ContainerOpen: MessageFns<ContainerOpen> = {
     message.quota = object.quota ?? 0;
     message.vmName = object.vmName ?? "";
     message.graceMs = object.graceMs ?? 0;
+    message.guestMemory = object.guestMemory?.map((e) => HostRange.fromPartial(e)) || [];
+    return message;
+  },
+};
+
+function createBaseHostRange(): HostRange {
+  return { paddr: 0n, size: 0n };
+}
+
+export const HostRange: MessageFns<HostRange> = {
+  encode(message: HostRange, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.paddr !== 0n) {
+      if (BigInt.asUintN(64, message.paddr) !== message.paddr) {
+        throw new globalThis.Error("value provided for field message.paddr of type uint64 too large");
+      }
+      writer.uint32(8).uint64(message.paddr);
+    }
+    if (message.size !== 0n) {
+      if (BigInt.asUintN(64, message.size) !== message.size) {
+        throw new globalThis.Error("value provided for field message.size of type uint64 too large");
+      }
+      writer.uint32(16).uint64(message.size);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): HostRange {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseHostRange();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 8) {
+              break;
+            }
+
+            message.paddr = reader.uint64() as bigint;
+            continue;
+          }
+          case 2: {
+            if (tag !== 16) {
+              break;
+            }
+
+            message.size = reader.uint64() as bigint;
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): HostRange {
+    return {
+      paddr: isSet(object.paddr) ? BigInt(object.paddr) : 0n,
+      size: isSet(object.size) ? BigInt(object.size) : 0n,
+    };
+  },
+
+  toJSON(message: HostRange): unknown {
+    const obj: any = {};
+    if (message.paddr !== 0n) {
+      obj.paddr = message.paddr.toString();
+    }
+    if (message.size !== 0n) {
+      obj.size = message.size.toString();
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<HostRange>): HostRange {
+    return HostRange.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<HostRange>): HostRange {
+    const message = createBaseHostRange();
+    message.paddr = (object.paddr !== undefined && object.paddr !== null) ? BigInt(object.paddr) : 0n;
+    message.size = (object.size !== undefined && object.size !== null) ? BigInt(object.size) : 0n;
     return message;
   },
 };

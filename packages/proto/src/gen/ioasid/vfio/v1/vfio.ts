@@ -199,6 +199,17 @@ export function pageResponseCodeToJSON(object: PageResponseCode): string {
   }
 }
 
+/**
+ * HostRange is a range of host physical memory given to a container: `[paddr, paddr + size)`, both
+ * multiples of 4 KiB.
+ */
+export interface HostRange {
+  /** First host physical address. */
+  paddr: bigint;
+  /** Length in bytes (non-zero). */
+  size: bigint;
+}
+
 /** DeviceRef names something a VM can be given: a physical device or a mediated device. */
 export interface DeviceRef {
   /** Which kind of device. */
@@ -316,7 +327,15 @@ export interface Container {
     | Date
     | undefined;
   /** AWAITING_SESSION: when the container is closed if no Session attaches; unset otherwise. */
-  sessionDeadline: Date | undefined;
+  sessionDeadline:
+    | Date
+    | undefined;
+  /**
+   * The host memory given to the container (OpenContainerResponse.guest_memory), ascending by
+   * address; it stays the container's until the container is released. Host addresses are not
+   * secret: MapDma checks whose they are.
+   */
+  guestMemory: HostRange[];
 }
 
 /** OpenContainerRequest describes the VM whose container to create. */
@@ -329,6 +348,11 @@ export interface OpenContainerRequest {
   vmName: string;
   /** How long the container waits for its Session stream, in milliseconds; 0 = the service default. */
   sessionGraceMs: number;
+  /**
+   * How much host memory to give the VM, in bytes: a multiple of 4 KiB; 0 = the service default
+   * (`VFIO_GUEST_MEMORY_SIZE`).
+   */
+  guestMemorySize: bigint;
 }
 
 /** OpenContainerResponse is the new container. */
@@ -350,6 +374,12 @@ export interface OpenContainerResponse {
    * from VFIO's state and survives a VFIO restart.
    */
   capability: Buffer;
+  /**
+   * The host memory given to the VM (`guest_memory_size` bytes in all), ascending by address: MapDma
+   * maps host physical memory only inside these ranges. Exclusive: no other live container has any
+   * of it.
+   */
+  guestMemory: HostRange[];
 }
 
 /** SessionRequest attaches the VMM's session to its container. */
@@ -577,7 +607,10 @@ export interface MapDmaRequest {
   containerId: number;
   /** First guest physical address (4 KiB aligned). */
   iova: bigint;
-  /** Host physical address (4 KiB aligned). */
+  /**
+   * Host physical address (4 KiB aligned); `[paddr, paddr + size)` inside one of the container's
+   * `guest_memory` ranges.
+   */
   paddr: bigint;
   /** Length in bytes (non-zero multiple of 4 KiB). */
   size: bigint;
@@ -674,6 +707,97 @@ export interface QueryStateResponse {
   /** When the snapshot was taken. */
   takenAt: Date | undefined;
 }
+
+function createBaseHostRange(): HostRange {
+  return { paddr: 0n, size: 0n };
+}
+
+export const HostRange: MessageFns<HostRange> = {
+  encode(message: HostRange, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.paddr !== 0n) {
+      if (BigInt.asUintN(64, message.paddr) !== message.paddr) {
+        throw new globalThis.Error("value provided for field message.paddr of type uint64 too large");
+      }
+      writer.uint32(8).uint64(message.paddr);
+    }
+    if (message.size !== 0n) {
+      if (BigInt.asUintN(64, message.size) !== message.size) {
+        throw new globalThis.Error("value provided for field message.size of type uint64 too large");
+      }
+      writer.uint32(16).uint64(message.size);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): HostRange {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseHostRange();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 8) {
+              break;
+            }
+
+            message.paddr = reader.uint64() as bigint;
+            continue;
+          }
+          case 2: {
+            if (tag !== 16) {
+              break;
+            }
+
+            message.size = reader.uint64() as bigint;
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): HostRange {
+    return {
+      paddr: isSet(object.paddr) ? BigInt(object.paddr) : 0n,
+      size: isSet(object.size) ? BigInt(object.size) : 0n,
+    };
+  },
+
+  toJSON(message: HostRange): unknown {
+    const obj: any = {};
+    if (message.paddr !== 0n) {
+      obj.paddr = message.paddr.toString();
+    }
+    if (message.size !== 0n) {
+      obj.size = message.size.toString();
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<HostRange>): HostRange {
+    return HostRange.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<HostRange>): HostRange {
+    const message = createBaseHostRange();
+    message.paddr = (object.paddr !== undefined && object.paddr !== null) ? BigInt(object.paddr) : 0n;
+    message.size = (object.size !== undefined && object.size !== null) ? BigInt(object.size) : 0n;
+    return message;
+  },
+};
 
 function createBaseDeviceRef(): DeviceRef {
   return { ref: undefined };
@@ -1480,6 +1604,7 @@ function createBaseContainer(): Container {
     faultWatcherAttached: false,
     openedAt: undefined,
     sessionDeadline: undefined,
+    guestMemory: [],
   };
 }
 
@@ -1523,6 +1648,9 @@ export const Container: MessageFns<Container> = {
     }
     if (message.sessionDeadline !== undefined) {
       Timestamp.encode(toTimestamp(message.sessionDeadline), writer.uint32(98).fork()).join();
+    }
+    for (const v of message.guestMemory) {
+      HostRange.encode(v!, writer.uint32(106).fork()).join();
     }
     return writer;
   },
@@ -1636,6 +1764,14 @@ export const Container: MessageFns<Container> = {
             message.sessionDeadline = fromTimestamp(Timestamp.decode(reader, reader.uint32()));
             continue;
           }
+          case 13: {
+            if (tag !== 106) {
+              break;
+            }
+
+            message.guestMemory.push(HostRange.decode(reader, reader.uint32()));
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -1692,6 +1828,11 @@ export const Container: MessageFns<Container> = {
         : isSet(object.session_deadline)
         ? fromJsonTimestamp(object.session_deadline)
         : undefined,
+      guestMemory: globalThis.Array.isArray(object?.guestMemory)
+        ? object.guestMemory.map((e: any) => HostRange.fromJSON(e))
+        : globalThis.Array.isArray(object?.guest_memory)
+        ? object.guest_memory.map((e: any) => HostRange.fromJSON(e))
+        : [],
     };
   },
 
@@ -1733,6 +1874,9 @@ export const Container: MessageFns<Container> = {
     if (message.sessionDeadline !== undefined) {
       obj.sessionDeadline = message.sessionDeadline.toISOString();
     }
+    if (message.guestMemory?.length) {
+      obj.guestMemory = message.guestMemory.map((e) => HostRange.toJSON(e));
+    }
     return obj;
   },
 
@@ -1753,12 +1897,13 @@ export const Container: MessageFns<Container> = {
     message.faultWatcherAttached = object.faultWatcherAttached ?? false;
     message.openedAt = object.openedAt ?? undefined;
     message.sessionDeadline = object.sessionDeadline ?? undefined;
+    message.guestMemory = object.guestMemory?.map((e) => HostRange.fromPartial(e)) || [];
     return message;
   },
 };
 
 function createBaseOpenContainerRequest(): OpenContainerRequest {
-  return { mmToken: 0n, quota: 0, vmName: "", sessionGraceMs: 0 };
+  return { mmToken: 0n, quota: 0, vmName: "", sessionGraceMs: 0, guestMemorySize: 0n };
 }
 
 export const OpenContainerRequest: MessageFns<OpenContainerRequest> = {
@@ -1777,6 +1922,12 @@ export const OpenContainerRequest: MessageFns<OpenContainerRequest> = {
     }
     if (message.sessionGraceMs !== 0) {
       writer.uint32(32).uint32(message.sessionGraceMs);
+    }
+    if (message.guestMemorySize !== 0n) {
+      if (BigInt.asUintN(64, message.guestMemorySize) !== message.guestMemorySize) {
+        throw new globalThis.Error("value provided for field message.guestMemorySize of type uint64 too large");
+      }
+      writer.uint32(40).uint64(message.guestMemorySize);
     }
     return writer;
   },
@@ -1826,6 +1977,14 @@ export const OpenContainerRequest: MessageFns<OpenContainerRequest> = {
             message.sessionGraceMs = reader.uint32();
             continue;
           }
+          case 5: {
+            if (tag !== 40) {
+              break;
+            }
+
+            message.guestMemorySize = reader.uint64() as bigint;
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -1852,6 +2011,11 @@ export const OpenContainerRequest: MessageFns<OpenContainerRequest> = {
         : isSet(object.session_grace_ms)
         ? globalThis.Number(object.session_grace_ms)
         : 0,
+      guestMemorySize: isSet(object.guestMemorySize)
+        ? BigInt(object.guestMemorySize)
+        : isSet(object.guest_memory_size)
+        ? BigInt(object.guest_memory_size)
+        : 0n,
     };
   },
 
@@ -1869,6 +2033,9 @@ export const OpenContainerRequest: MessageFns<OpenContainerRequest> = {
     if (message.sessionGraceMs !== 0) {
       obj.sessionGraceMs = Math.round(message.sessionGraceMs);
     }
+    if (message.guestMemorySize !== 0n) {
+      obj.guestMemorySize = message.guestMemorySize.toString();
+    }
     return obj;
   },
 
@@ -1881,12 +2048,22 @@ export const OpenContainerRequest: MessageFns<OpenContainerRequest> = {
     message.quota = object.quota ?? 0;
     message.vmName = object.vmName ?? "";
     message.sessionGraceMs = object.sessionGraceMs ?? 0;
+    message.guestMemorySize = (object.guestMemorySize !== undefined && object.guestMemorySize !== null)
+      ? BigInt(object.guestMemorySize)
+      : 0n;
     return message;
   },
 };
 
 function createBaseOpenContainerResponse(): OpenContainerResponse {
-  return { containerId: 0, setId: 0, quota: 0, sessionDeadline: undefined, capability: Buffer.alloc(0) };
+  return {
+    containerId: 0,
+    setId: 0,
+    quota: 0,
+    sessionDeadline: undefined,
+    capability: Buffer.alloc(0),
+    guestMemory: [],
+  };
 }
 
 export const OpenContainerResponse: MessageFns<OpenContainerResponse> = {
@@ -1905,6 +2082,9 @@ export const OpenContainerResponse: MessageFns<OpenContainerResponse> = {
     }
     if (message.capability.length !== 0) {
       writer.uint32(42).bytes(message.capability);
+    }
+    for (const v of message.guestMemory) {
+      HostRange.encode(v!, writer.uint32(50).fork()).join();
     }
     return writer;
   },
@@ -1962,6 +2142,14 @@ export const OpenContainerResponse: MessageFns<OpenContainerResponse> = {
             message.capability = Buffer.from(reader.bytes());
             continue;
           }
+          case 6: {
+            if (tag !== 50) {
+              break;
+            }
+
+            message.guestMemory.push(HostRange.decode(reader, reader.uint32()));
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -1993,6 +2181,11 @@ export const OpenContainerResponse: MessageFns<OpenContainerResponse> = {
         ? fromJsonTimestamp(object.session_deadline)
         : undefined,
       capability: isSet(object.capability) ? Buffer.from(bytesFromBase64(object.capability)) : Buffer.alloc(0),
+      guestMemory: globalThis.Array.isArray(object?.guestMemory)
+        ? object.guestMemory.map((e: any) => HostRange.fromJSON(e))
+        : globalThis.Array.isArray(object?.guest_memory)
+        ? object.guest_memory.map((e: any) => HostRange.fromJSON(e))
+        : [],
     };
   },
 
@@ -2013,6 +2206,9 @@ export const OpenContainerResponse: MessageFns<OpenContainerResponse> = {
     if (message.capability.length !== 0) {
       obj.capability = base64FromBytes(message.capability);
     }
+    if (message.guestMemory?.length) {
+      obj.guestMemory = message.guestMemory.map((e) => HostRange.toJSON(e));
+    }
     return obj;
   },
 
@@ -2026,6 +2222,7 @@ export const OpenContainerResponse: MessageFns<OpenContainerResponse> = {
     message.quota = object.quota ?? 0;
     message.sessionDeadline = object.sessionDeadline ?? undefined;
     message.capability = object.capability ?? Buffer.alloc(0);
+    message.guestMemory = object.guestMemory?.map((e) => HostRange.fromPartial(e)) || [];
     return message;
   },
 };
@@ -5372,9 +5569,15 @@ export const VfioServiceService = {
    * OpenContainer creates the VM's container and its IOASID set (token type MM, the VM's MM token,
    * the given quota). The container then waits for its Session stream: if none attaches within the
    * session grace period, it is closed as if the VMM had crashed (reason SESSION_NEVER_ATTACHED).
+   * It also gives the container its guest memory: `guest_memory_size` bytes of host physical
+   * memory (0: VFIO's `VFIO_GUEST_MEMORY_SIZE`), taken from the host memory pool lowest address
+   * first — one range when a free gap holds it all, else the free gaps from the lowest up — and
+   * answered in `guest_memory`. Nothing is created when the memory cannot be given.
    * Errors: ALREADY_EXISTS `TOKEN_IN_USE` (a set, hence a container, already exists for this MM
    * token); RESOURCE_EXHAUSTED `CAPACITY_EXHAUSTED` (the quota does not fit in what is left of the
-   * namespace).
+   * namespace), `HOST_MEMORY_EXHAUSTED` (less than `guest_memory_size` is left in the host memory
+   * pool); INVALID_ARGUMENT `INVALID_FIELD` (`guest_memory_size` not a multiple of 4 KiB, or larger
+   * than the whole pool).
    */
   openContainer: {
     path: "/ioasid.vfio.v1.VfioService/OpenContainer" as const,
@@ -5583,9 +5786,13 @@ export const VfioServiceService = {
    * MapDma maps guest memory for the VM's devices (VFIO_IOMMU_MAP_DMA): a range of guest physical
    * addresses (the IOVA of the VM's stage-2 paging domain, created with the first need) to host
    * physical memory. Every device assigned to the VM, and the second stage of every guest PASID bind,
-   * translate through it. A refused MapDma creates nothing (the mapping's shape is checked before
-   * the domain is created).
+   * translate through it. The host range `[paddr, paddr + size)` must lie inside one of the ranges
+   * OpenContainer gave the container (`guest_memory`): the VMM maps only memory it owns, never
+   * another VM's (VFIO_IOMMU_MAP_DMA pins the caller's own pages). A refused MapDma creates nothing
+   * (the mapping's shape and its host range are checked before the domain is created).
    * Errors: INVALID_ARGUMENT `ADDRESS_NOT_ALIGNED`, `INVALID_RANGE`, `INVALID_FIELD` (no access);
+   * PERMISSION_DENIED `HOST_MEMORY_NOT_GIVEN` (the host range is not inside one of the container's
+   * ranges: another VM's memory, memory nobody was given, or a range straddling the end of one);
    * ALREADY_EXISTS `IOVA_ALREADY_MAPPED`.
    */
   mapDma: {
@@ -5665,9 +5872,15 @@ export interface VfioServiceServer extends UntypedServiceImplementation {
    * OpenContainer creates the VM's container and its IOASID set (token type MM, the VM's MM token,
    * the given quota). The container then waits for its Session stream: if none attaches within the
    * session grace period, it is closed as if the VMM had crashed (reason SESSION_NEVER_ATTACHED).
+   * It also gives the container its guest memory: `guest_memory_size` bytes of host physical
+   * memory (0: VFIO's `VFIO_GUEST_MEMORY_SIZE`), taken from the host memory pool lowest address
+   * first — one range when a free gap holds it all, else the free gaps from the lowest up — and
+   * answered in `guest_memory`. Nothing is created when the memory cannot be given.
    * Errors: ALREADY_EXISTS `TOKEN_IN_USE` (a set, hence a container, already exists for this MM
    * token); RESOURCE_EXHAUSTED `CAPACITY_EXHAUSTED` (the quota does not fit in what is left of the
-   * namespace).
+   * namespace), `HOST_MEMORY_EXHAUSTED` (less than `guest_memory_size` is left in the host memory
+   * pool); INVALID_ARGUMENT `INVALID_FIELD` (`guest_memory_size` not a multiple of 4 KiB, or larger
+   * than the whole pool).
    */
   openContainer: handleUnaryCall<OpenContainerRequest, OpenContainerResponse>;
   /**
@@ -5776,9 +5989,13 @@ export interface VfioServiceServer extends UntypedServiceImplementation {
    * MapDma maps guest memory for the VM's devices (VFIO_IOMMU_MAP_DMA): a range of guest physical
    * addresses (the IOVA of the VM's stage-2 paging domain, created with the first need) to host
    * physical memory. Every device assigned to the VM, and the second stage of every guest PASID bind,
-   * translate through it. A refused MapDma creates nothing (the mapping's shape is checked before
-   * the domain is created).
+   * translate through it. The host range `[paddr, paddr + size)` must lie inside one of the ranges
+   * OpenContainer gave the container (`guest_memory`): the VMM maps only memory it owns, never
+   * another VM's (VFIO_IOMMU_MAP_DMA pins the caller's own pages). A refused MapDma creates nothing
+   * (the mapping's shape and its host range are checked before the domain is created).
    * Errors: INVALID_ARGUMENT `ADDRESS_NOT_ALIGNED`, `INVALID_RANGE`, `INVALID_FIELD` (no access);
+   * PERMISSION_DENIED `HOST_MEMORY_NOT_GIVEN` (the host range is not inside one of the container's
+   * ranges: another VM's memory, memory nobody was given, or a range straddling the end of one);
    * ALREADY_EXISTS `IOVA_ALREADY_MAPPED`.
    */
   mapDma: handleUnaryCall<MapDmaRequest, MapDmaResponse>;
@@ -5815,9 +6032,15 @@ export interface VfioServiceClient extends Client {
    * OpenContainer creates the VM's container and its IOASID set (token type MM, the VM's MM token,
    * the given quota). The container then waits for its Session stream: if none attaches within the
    * session grace period, it is closed as if the VMM had crashed (reason SESSION_NEVER_ATTACHED).
+   * It also gives the container its guest memory: `guest_memory_size` bytes of host physical
+   * memory (0: VFIO's `VFIO_GUEST_MEMORY_SIZE`), taken from the host memory pool lowest address
+   * first — one range when a free gap holds it all, else the free gaps from the lowest up — and
+   * answered in `guest_memory`. Nothing is created when the memory cannot be given.
    * Errors: ALREADY_EXISTS `TOKEN_IN_USE` (a set, hence a container, already exists for this MM
    * token); RESOURCE_EXHAUSTED `CAPACITY_EXHAUSTED` (the quota does not fit in what is left of the
-   * namespace).
+   * namespace), `HOST_MEMORY_EXHAUSTED` (less than `guest_memory_size` is left in the host memory
+   * pool); INVALID_ARGUMENT `INVALID_FIELD` (`guest_memory_size` not a multiple of 4 KiB, or larger
+   * than the whole pool).
    */
   openContainer(
     request: OpenContainerRequest,
@@ -6062,9 +6285,13 @@ export interface VfioServiceClient extends Client {
    * MapDma maps guest memory for the VM's devices (VFIO_IOMMU_MAP_DMA): a range of guest physical
    * addresses (the IOVA of the VM's stage-2 paging domain, created with the first need) to host
    * physical memory. Every device assigned to the VM, and the second stage of every guest PASID bind,
-   * translate through it. A refused MapDma creates nothing (the mapping's shape is checked before
-   * the domain is created).
+   * translate through it. The host range `[paddr, paddr + size)` must lie inside one of the ranges
+   * OpenContainer gave the container (`guest_memory`): the VMM maps only memory it owns, never
+   * another VM's (VFIO_IOMMU_MAP_DMA pins the caller's own pages). A refused MapDma creates nothing
+   * (the mapping's shape and its host range are checked before the domain is created).
    * Errors: INVALID_ARGUMENT `ADDRESS_NOT_ALIGNED`, `INVALID_RANGE`, `INVALID_FIELD` (no access);
+   * PERMISSION_DENIED `HOST_MEMORY_NOT_GIVEN` (the host range is not inside one of the container's
+   * ranges: another VM's memory, memory nobody was given, or a range straddling the end of one);
    * ALREADY_EXISTS `IOVA_ALREADY_MAPPED`.
    */
   mapDma(

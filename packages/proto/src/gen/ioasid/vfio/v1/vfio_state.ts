@@ -7,7 +7,7 @@
 /* eslint-disable */
 import { BinaryReader, BinaryWriter } from "@bufbuild/protobuf/wire";
 import { Timestamp } from "../../../google/protobuf/timestamp.js";
-import { AssignedDevice } from "./vfio.js";
+import { AssignedDevice, HostRange } from "./vfio.js";
 
 export const protobufPackage = "ioasid.vfio.v1";
 
@@ -53,6 +53,12 @@ export interface KeptContainer {
    * before capabilities existed: such a container accepts no capability.
    */
   capabilityDigest: Buffer;
+  /**
+   * The host memory given to the container (OpenContainerResponse.guest_memory), so that a VFIO back
+   * from a crash gives it to no other container before this one is released. Empty in entries kept
+   * before host memory was given.
+   */
+  guestMemory: HostRange[];
 }
 
 /** KeptContainerCounter is the next container id, so a restart never reuses one. */
@@ -175,6 +181,7 @@ function createBaseKeptContainer(): KeptContainer {
     devices: [],
     stage2DomainId: 0,
     capabilityDigest: Buffer.alloc(0),
+    guestMemory: [],
   };
 }
 
@@ -209,6 +216,9 @@ export const KeptContainer: MessageFns<KeptContainer> = {
     }
     if (message.capabilityDigest.length !== 0) {
       writer.uint32(74).bytes(message.capabilityDigest);
+    }
+    for (const v of message.guestMemory) {
+      HostRange.encode(v!, writer.uint32(82).fork()).join();
     }
     return writer;
   },
@@ -298,6 +308,14 @@ export const KeptContainer: MessageFns<KeptContainer> = {
             message.capabilityDigest = Buffer.from(reader.bytes());
             continue;
           }
+          case 10: {
+            if (tag !== 82) {
+              break;
+            }
+
+            message.guestMemory.push(HostRange.decode(reader, reader.uint32()));
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -347,6 +365,11 @@ export const KeptContainer: MessageFns<KeptContainer> = {
         : isSet(object.capability_digest)
         ? Buffer.from(bytesFromBase64(object.capability_digest))
         : Buffer.alloc(0),
+      guestMemory: globalThis.Array.isArray(object?.guestMemory)
+        ? object.guestMemory.map((e: any) => HostRange.fromJSON(e))
+        : globalThis.Array.isArray(object?.guest_memory)
+        ? object.guest_memory.map((e: any) => HostRange.fromJSON(e))
+        : [],
     };
   },
 
@@ -379,6 +402,9 @@ export const KeptContainer: MessageFns<KeptContainer> = {
     if (message.capabilityDigest.length !== 0) {
       obj.capabilityDigest = base64FromBytes(message.capabilityDigest);
     }
+    if (message.guestMemory?.length) {
+      obj.guestMemory = message.guestMemory.map((e) => HostRange.toJSON(e));
+    }
     return obj;
   },
 
@@ -396,6 +422,7 @@ export const KeptContainer: MessageFns<KeptContainer> = {
     message.devices = object.devices?.map((e) => AssignedDevice.fromPartial(e)) || [];
     message.stage2DomainId = object.stage2DomainId ?? 0;
     message.capabilityDigest = object.capabilityDigest ?? Buffer.alloc(0);
+    message.guestMemory = object.guestMemory?.map((e) => HostRange.fromPartial(e)) || [];
     return message;
   },
 };
