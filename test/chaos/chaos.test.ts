@@ -9,6 +9,8 @@ import { parseFaultKinds, runChaos } from "@ioasid/chaos";
 // then healed; DESIGN §7 is checked on the recorded history and the final state. A failure
 // prints the verdict with the trace of each violation; the run's history, report and logs stay
 // in the directory named (runChaos stops every process it started, by PID, whatever happens).
+// Security on (issue 14): the stack runs with NATS users and mTLS, and runChaos refuses to start on
+// a stack that is open anywhere.
 const SEEDS = [1, 2, 3];
 const DURATION_MS = 20_000;
 

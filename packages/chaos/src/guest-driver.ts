@@ -104,6 +104,8 @@ export interface GuestContext {
   readonly stopping: () => boolean;
   /** Every VMM process started (the runner kills what is left, by PID). */
   readonly vmms: Set<VmmProcess>;
+  /** The VMMs' credentials directory (their certificate): `IOASID_CREDENTIALS_DIR` of each VMM process. */
+  readonly vmmCredentialsDir?: string;
   /** Deadline of a page-response wait on the device side, in ms. @default 4000 */
   readonly pageResponseWaitMs?: number;
 }
@@ -153,7 +155,13 @@ export async function runGuest(plan: GuestPlan, ctx: GuestContext): Promise<Gues
 
   // The VMM: a process of its own holding the VFIO Session (SIGKILL is a real crash of it).
   const openOp = journal.begin({ op: ChaosOpName.OPEN, vm });
-  const vmm = startVmm(ctx.vmmCommand, { vfioAddress: ctx.vfioAddress, mmToken: plan.mmToken, quota: plan.quota, name: vm });
+  const vmm = startVmm(ctx.vmmCommand, {
+    vfioAddress: ctx.vfioAddress,
+    mmToken: plan.mmToken,
+    quota: plan.quota,
+    name: vm,
+    ...(ctx.vmmCredentialsDir === undefined ? {} : { credentialsDir: ctx.vmmCredentialsDir }),
+  });
   ctx.vmms.add(vmm);
   void vmm.exited.then(() => ctx.vmms.delete(vmm));
   const opened = await Promise.race([

@@ -28,13 +28,15 @@ export {
   STACK_SERVICES,
   startChaosStack,
   type ChaosStack,
+  type ChaosStackCredentials,
   type ChaosStackOptions,
   type HealReport,
   type NetworkFault,
   type ProxyLink,
   type StackService,
 } from "./chaos-stack.js";
-export { createChaosClients, startVmm, type ChaosClients, type VmmCommand, type VmmProcess } from "./chaos-clients.js";
+export { createChaosClients, startVmm, type ChaosClientCredentials, type ChaosClients, type VmmCommand, type VmmProcess } from "./chaos-clients.js";
+export { assertNatsRefusesAnonymous, assertServicesSecure, type SecurityProbeOptions, type SecurityProbeTarget } from "./stack-security.js";
 export { runNemesis, PARTITION_RESET_AFTER_MS, type NemesisOptions } from "./nemesis.js";
 export { readFinalState, type RoleInstances } from "./read-final-state.js";
 export { computeRunStats, renderStats, type ChaosRunStats } from "./run-stats.js";

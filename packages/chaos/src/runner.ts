@@ -207,8 +207,9 @@ export async function runChaos(options: ChaosRunOptions): Promise<ChaosRunResult
       },
     });
     const s = stack;
-    nc = await connect({ servers: s.natsUrl, name: "chaos-driver", maxReconnectAttempts: -1, reconnectTimeWait: 100 });
-    clients = createChaosClients(s.addresses);
+    // As the operator (nats-server refuses anonymous clients): the journal and the history.
+    nc = await connect({ servers: s.natsUrl, name: "chaos-driver", maxReconnectAttempts: -1, reconnectTimeWait: 100, ...s.credentials.natsAuth });
+    clients = createChaosClients(s.addresses, s.credentials);
     const c = clients;
     const j = (journal = new ChaosJournal(nc, {
       onRecord: (r) => {
@@ -262,6 +263,7 @@ export async function runChaos(options: ChaosRunOptions): Promise<ChaosRunResult
             vmmCommand,
             stopping: () => stopping || abort.signal.aborted,
             vmms,
+            vmmCredentialsDir: s.credentials.vmmDir,
           });
           outcomes.push(outcome);
           // A guest that could not even open (VFIO or the core down) is not retried at once.

@@ -129,6 +129,9 @@ export function chaosCommand(ctx: ChaosCommandContext): {
     "  DMA and page faults, unbind, free, VMM crashes at any step), injects faults (kill: SIGKILL then restart, stop:\n" +
     "  SIGSTOP/SIGCONT, nats: nats-server restart, latency, drop, partition), heals, waits for the crashed guests'\n" +
     "  IOASIDs to be reclaimed, and checks DESIGN §7 (S1–S9, L1–L4) on the recorded history and the final state.\n" +
+    "  Authenticated as `ioasidctl up` is (DESIGN §11): a NATS user and a certificate per service (mTLS on every link,\n" +
+    "  through the fault proxies too), the driver as the operator, the VMMs as `vmm`; the run stops before it begins\n" +
+    "  if nats-server lets an anonymous client in or a service answers a client without a certificate (INSECURE).\n" +
     "  The same seed gives the same guest plans and fault schedule (timing, hence the history, varies).\n" +
     "  Writes <dir>/seed-<n>/{history.jsonl,report.html,verdict.txt,summary.json,logs/}; --html FILE: the report there.\n" +
     "  --seeds 1..50 runs seeds in turn, one line each and a total. --json: the result as JSON on stdout.\n" +
