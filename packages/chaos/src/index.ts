@@ -16,6 +16,9 @@ export {
   gpasidOf,
   mmTokenOf,
   planGuest,
+  planProbeGuest,
+  PROBE_INDEX,
+  PROBE_PASIDS,
   type GuestEnd,
   type GuestPlan,
   type GuestPlanOptions,
@@ -41,4 +44,13 @@ export { runNemesis, PARTITION_RESET_AFTER_MS, type NemesisOptions } from "./nem
 export { readFinalState, type RoleInstances } from "./read-final-state.js";
 export { computeRunStats, renderStats, type ChaosRunStats } from "./run-stats.js";
 export { renderChaosReport, type ChaosReportInput } from "./chaos-report.js";
-export { CHAOS_VOLATILE_ROLES, ChaosPhase, runChaos, type ChaosProgress, type ChaosRunOptions, type ChaosRunResult } from "./runner.js";
+export {
+  CHAOS_VOLATILE_ROLES,
+  ChaosPhase,
+  PROBE_ATTEMPTS,
+  runChaos,
+  type ChaosProgress,
+  type ChaosRunOptions,
+  type ChaosRunResult,
+  type ProbeResult,
+} from "./runner.js";
