@@ -2,13 +2,17 @@ import { mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { afterAll, describe, expect, it } from "vitest";
-import { parseFaultKinds, runChaos } from "@ioasid/chaos";
+import { parseFaultKinds, PROBE_PASIDS, runChaos, type ChaosRunResult } from "@ioasid/chaos";
 
 // The bounded chaos suite (issue 6): a few seeds, each a stack of its own with a fault proxy on
 // every link, 4 guests through random life cycles for ~20 s while every fault kind is injected,
 // then healed; DESIGN §7 is checked on the recorded history and the final state. A failure
 // prints the verdict with the trace of each violation; the run's history, report and logs stay
 // in the directory named (runChaos stops every process it started, by PID, whatever happens).
+//
+// Security on (issue 14): the stack runs with NATS users and mTLS, and runChaos refuses to start on
+// a stack that is open anywhere. Deterministic (issue 15): every assertion holds on every run of a
+// seed, on a quiet machine or a busy one — each says below why.
 const SEEDS = [1, 2, 3];
 const DURATION_MS = 20_000;
 
@@ -18,23 +22,51 @@ afterAll(() => {
   if (!failed) rmSync(root, { recursive: true, force: true });
 });
 
-describe("chaos: crashed-guest cleanup under every fault kind", () => {
+/** One line of figures per seed (in the test output: what a run under load did). */
+function figures(r: ChaosRunResult): string {
+  const s = r.stats;
+  return (
+    `chaos seed ${r.seed}: ${(r.wallMs / 1000).toFixed(1)} s, ops ${s.ops.ok}/${s.ops.fail}/${s.ops.info} ok/fail/info, faults ${s.faults.injected}, ` +
+    `guests ${s.guests.started} (${s.guests.crashed} crashed, ${s.guests.lost} lost), crashed reclaimed ${s.reclaim.reclaimed}/${s.reclaim.guests} ` +
+    `holding ${s.reclaim.ioasids} IOASIDs, max ${String(s.reclaim.maxAfterCrashMs)} ms after crash, max ${String(s.reclaim.maxAfterHealMs)} ms after heal; ` +
+    `probe ${r.probe.vm} ${r.probe.end} holding ${r.probe.held}; settled ${r.settled} in ${Math.round(r.settleMs)} ms`
+  );
+}
+
+describe("chaos: crashed-guest cleanup under every fault kind, security on", () => {
   for (const seed of SEEDS) {
     it(`seed ${seed}: no violation of S1–S9, L1–L4; every crashed guest's IOASIDs reclaimed`, async () => {
       const r = await runChaos({ seed, guests: 4, durationMs: DURATION_MS, faults: parseFaultKinds("all"), dir: join(root, `seed-${seed}`) });
       const story = `${r.verdictText}\n\n${r.summaryText}\n(history, report and logs in ${r.dir})`;
       failed ||= !r.verdict.ok || r.healFailures.length > 0;
+      console.log(figures(r));
+      // The final heal brought every service back (each restart gets 40 s to listen).
       expect(r.healFailures, story).toEqual([]);
+      // The claim itself. L1 and L2 are bounds in time (a free returns within 1 s unless a fault
+      // was on its path; a crashed guest's IOASIDs are reclaimed within 5 s of max(crash, last
+      // heal)), timed on the services' own records and the instants the driver acted.
       expect(
         r.verdict.violations.map((v) => `${v.invariant}: ${v.message}`),
         story,
       ).toEqual([]);
-      // The run did what a chaos run is for.
-      expect(r.stats.faults.injected, story).toBeGreaterThan(0);
-      expect(r.stats.ops.ok, story).toBeGreaterThan(20);
+      // The run did what a chaos run is for. The schedule is a pure function of the seed (never
+      // empty for these seeds), and the nemesis records each fault before injecting it: every
+      // run injects all of them. How many guest operations succeed depends on the machine's
+      // speed and the faults' timing, so it is reported above, not asserted.
+      expect(r.faults.length, story).toBeGreaterThan(0);
+      expect(r.stats.faults.injected, story).toBe(r.faults.length);
+      // Every run has a crashed guest holding PASIDs to time: the probe guest, planned (not drawn)
+      // and run after the final heal (issue 15: seed 1 once had no drawn guest crash with PASIDs,
+      // and nothing to time). It is retried, a bounded number of times, while the stack catches up.
+      expect(r.probe, story).toMatchObject({ end: "crashed", held: PROBE_PASIDS });
+      expect(r.stats.reclaim.ioasids, story).toBeGreaterThanOrEqual(PROBE_PASIDS);
       expect(r.stats.reclaim.notReclaimed, story).toEqual([]);
-      // Issue 6: after healing, every crashed guest's IOASIDs reclaimed within 5 s.
+      // Issue 6: after healing, every crashed guest's IOASIDs reclaimed within 5 s — drawn guests
+      // that crashed during the faults and the probe alike (the probe makes the figure defined).
+      expect(r.stats.reclaim.maxAfterHealMs, story).toBeDefined();
       expect(r.stats.reclaim.maxAfterHealMs, story).toBeLessThanOrEqual(5000);
+      // Nothing left live: every IOASID reclaimed and every fault group answered within the settle
+      // bound (15 s, three times L2's).
       expect(r.settled, story).toBe(true);
     });
   }

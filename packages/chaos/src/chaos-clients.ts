@@ -2,6 +2,7 @@ import { spawn, type ChildProcess } from "node:child_process";
 import { createInterface } from "node:readline";
 import { createClient, createVfioSession, decodeVfioCapability, type PromiseClient, type VfioSession } from "@ioasid/grpc-kit";
 import { core, iommu, kvm, vdcm, vfio } from "@ioasid/proto";
+import type { InstanceCredentials } from "@ioasid/security";
 import type { StackService } from "./chaos-stack.js";
 
 /** The driver's clients of the five services (called directly, not through the fault proxies). */
@@ -18,18 +19,27 @@ export interface ChaosClients {
   close(): void;
 }
 
+/** The certificates the driver presents (see `ChaosStack.credentials`). */
+export interface ChaosClientCredentials {
+  /** The operator's: the core, the IOMMU, KVM and VDCM (the guest's MMIO, vCPUs and DMA are played as the operator, as `ioasidctl` plays them). */
+  readonly operator: InstanceCredentials;
+  /** A VMM's: VFIO, the only service a VMM reaches (DESIGN §11), as `ioasidctl vmm-agent` does. */
+  readonly vmm: InstanceCredentials;
+}
+
 /**
- * Clients of every service of a chaos stack. Every unary call has a deadline (`deadlineMs`): a
- * stopped or partitioned service makes a call `info` (indeterminate), never a hang.
+ * Clients of every service of a chaos stack, over mTLS, each server made to prove its role by its
+ * certificate. Every unary call has a deadline (`deadlineMs`): a stopped or partitioned service
+ * makes a call `info` (indeterminate), never a hang.
  */
-export function createChaosClients(addresses: Readonly<Record<StackService, string>>, deadlineMs = 5000): ChaosClients {
-  const o = { deadlineMs };
+export function createChaosClients(addresses: Readonly<Record<StackService, string>>, credentials: ChaosClientCredentials, deadlineMs = 5000): ChaosClients {
+  const as = (tls: InstanceCredentials, serverRole: "core" | "iommu" | "vfio" | "kvm" | "vdcm") => ({ deadlineMs, tls, serverRole });
   const clients = {
-    core: createClient(core.CoreServiceService, addresses["ioasid-core"], o),
-    iommu: createClient(iommu.IommuServiceService, addresses.iommu, o),
-    vfio: createVfioSession(createClient(vfio.VfioServiceService, addresses.vfio, o)),
-    kvm: createClient(kvm.KvmServiceService, addresses.kvm, o),
-    vdcm: createClient(vdcm.VdcmServiceService, addresses.vdcm, o),
+    core: createClient(core.CoreServiceService, addresses["ioasid-core"], as(credentials.operator, "core")),
+    iommu: createClient(iommu.IommuServiceService, addresses.iommu, as(credentials.operator, "iommu")),
+    vfio: createVfioSession(createClient(vfio.VfioServiceService, addresses.vfio, as(credentials.vmm, "vfio"))),
+    kvm: createClient(kvm.KvmServiceService, addresses.kvm, as(credentials.operator, "kvm")),
+    vdcm: createClient(vdcm.VdcmServiceService, addresses.vdcm, as(credentials.operator, "vdcm")),
   };
   return { ...clients, close: () => Object.values(clients).forEach((c) => c.close()) };
 }
@@ -59,8 +69,12 @@ let exitHooked = false;
  * Starts a VMM process (`ioasidctl vmm-agent`, as `ioasidctl vm create` does): it opens the
  * container for `mmToken` with `quota` and prints `{"containerId":…,"setId":…,"capability":…}` once its Session
  * is attached. Its stderr (the reason a failed open gives) is kept for the rejection.
+ * `credentialsDir`: its VMM certificate (`IOASID_CREDENTIALS_DIR`), as `ioasidctl vm create` gives it.
  */
-export function startVmm(command: VmmCommand, options: { vfioAddress: string; mmToken: bigint; quota: number; name: string }): VmmProcess {
+export function startVmm(
+  command: VmmCommand,
+  options: { vfioAddress: string; mmToken: bigint; quota: number; name: string; credentialsDir?: string },
+): VmmProcess {
   if (!exitHooked) {
     exitHooked = true;
     // A driver that exits (or is interrupted twice) leaves no VMM behind: each is killed by PID.
@@ -74,6 +88,8 @@ export function startVmm(command: VmmCommand, options: { vfioAddress: string; mm
     [...pre, "--vfio", options.vfioAddress, "--token", String(options.mmToken), "--quota", String(options.quota), "--name", options.name],
     {
       stdio: ["ignore", "pipe", "pipe"],
+      // Set or emptied: a VMM never inherits another credential from the driver's environment.
+      env: { ...process.env, IOASID_CREDENTIALS_DIR: options.credentialsDir ?? "" },
     },
   );
   let stderr = "";

@@ -3,19 +3,21 @@ import { dirname, join, resolve } from "node:path";
 import { fileURLToPath } from "node:url";
 import { natsEnv as roleNatsEnv, startNats, startService, type NatsServer, type ServiceProcess } from "@ioasid/testkit";
 import { ChaosTarget, FaultKind, type ChaosLink } from "@ioasid/checker";
+import { readInstanceCredentials, VMM_IDENTITY, type InstanceCredentials, type Role } from "@ioasid/security";
 import { startFaultProxy, type FaultProxy, type PartitionMode } from "./fault-proxy.js";
 import { deriveSeed } from "./guest-plan.js";
+import { assertNatsRefusesAnonymous, assertServicesSecure } from "./stack-security.js";
 
 /** A service of the stack (a fault target other than nats-server). */
 export type StackService = Exclude<ChaosTarget, "nats">;
 
-/** The services in start order, with the variable each listens on. */
-export const STACK_SERVICES: ReadonlyArray<{ readonly name: StackService; readonly addressVar: string }> = [
-  { name: ChaosTarget.CORE, addressVar: "IOASID_CORE_GRPC_ADDRESS" },
-  { name: ChaosTarget.IOMMU, addressVar: "IOMMU_GRPC_ADDRESS" },
-  { name: ChaosTarget.KVM, addressVar: "KVM_GRPC_ADDRESS" },
-  { name: ChaosTarget.VDCM, addressVar: "VDCM_GRPC_ADDRESS" },
-  { name: ChaosTarget.VFIO, addressVar: "VFIO_GRPC_ADDRESS" },
+/** The services in start order, with the variable each listens on and the role its certificate names. */
+export const STACK_SERVICES: ReadonlyArray<{ readonly name: StackService; readonly addressVar: string; readonly role: Exclude<Role, "operator" | "vmm"> }> = [
+  { name: ChaosTarget.CORE, addressVar: "IOASID_CORE_GRPC_ADDRESS", role: "core" },
+  { name: ChaosTarget.IOMMU, addressVar: "IOMMU_GRPC_ADDRESS", role: "iommu" },
+  { name: ChaosTarget.KVM, addressVar: "KVM_GRPC_ADDRESS", role: "kvm" },
+  { name: ChaosTarget.VDCM, addressVar: "VDCM_GRPC_ADDRESS", role: "vdcm" },
+  { name: ChaosTarget.VFIO, addressVar: "VFIO_GRPC_ADDRESS", role: "vfio" },
 ];
 
 /**
@@ -71,12 +73,33 @@ export interface ChaosStackOptions {
   readonly seed: number;
   /** Extra environment of every service, over {@link CHAOS_SERVICE_ENV}. */
   readonly env?: Readonly<Record<string, string>>;
+  /**
+   * The last say over one service's environment, after the stack made it (its NATS user, its
+   * certificate, its peers' proxies): what it returns is what the service runs with, restarts too.
+   * @default the environment as made
+   */
+  readonly adjustEnv?: (name: StackService, env: Readonly<Record<string, string>>) => Record<string, string>;
   /** The repository root (where `services/<name>/dist/main.js` are). @default found from this file */
   readonly repoRoot?: string;
   /** Time a (re)started service gets to listen, retries included, in ms. @default 40000 */
   readonly readyTimeoutMs?: number;
   /** Told when a service exits without the stack having killed or stopped it (a crash of its own). */
   readonly onUnexpectedExit?: (name: StackService, code: number | null, signal: string | null) => void;
+}
+
+/**
+ * The credentials of a chaos stack's driver (DESIGN §11): the stack-local CA made by the testkit's
+ * nats-server, which also gave every service its NATS user and its certificate.
+ */
+export interface ChaosStackCredentials {
+  /** The operator's certificate: the driver's clients of the core, the IOMMU, KVM and VDCM (as `ioasidctl` is). */
+  readonly operator: InstanceCredentials;
+  /** The operator's NATS user (the driver's history and journal connection; nats-server refuses anonymous clients). */
+  readonly natsAuth: { readonly user: string; readonly pass: string };
+  /** A VMM's certificate (`vmm/vmm`): the driver's VFIO client, as `ioasidctl vmm-agent` is. */
+  readonly vmm: InstanceCredentials;
+  /** Its directory: `IOASID_CREDENTIALS_DIR` of the VMM processes. */
+  readonly vmmDir: string;
 }
 
 /** What {@link ChaosStack.healAll} had to do. */
@@ -95,11 +118,18 @@ export interface HealReport {
  * each service to NATS, each role to the core, VFIO to the IOMMU and VDCM, VDCM to the IOMMU.
  * Every process is started and signalled by PID; a restart reuses the service's environment and
  * listening address, so a role comes back under its instance name where its peers expect it.
+ *
+ * Authenticated as `ioasidctl up` is (DESIGN §11): nats-server refuses anonymous clients and each
+ * service has its own NATS user with its role's permissions; each service has a certificate of the
+ * stack's CA and speaks mTLS to its peers, through the proxies too (TCP: TLS passes through, and a
+ * client recognises its server by the role in its certificate, not by the address it dials).
  */
 export interface ChaosStack {
   readonly nats: NatsServer;
   /** The driver's own NATS URL (not proxied). */
   readonly natsUrl: string;
+  /** What the driver presents: the operator's certificate and NATS user, a VMM's certificate. */
+  readonly credentials: ChaosStackCredentials;
   /** Where each service listens (the driver calls them directly, not through a proxy). */
   readonly addresses: Readonly<Record<StackService, string>>;
   readonly links: readonly ProxyLink[];
@@ -150,9 +180,12 @@ export function defaultRepoRoot(): string {
 }
 
 /**
- * Starts the stack of a chaos run (see {@link ChaosStack}). On failure, whatever was started is
- * stopped before the error is thrown.
- * @throws Error when nats-server or a service cannot start (with the end of its output)
+ * Starts the stack of a chaos run (see {@link ChaosStack}), then checks it is secure: nats-server
+ * refuses a client without a credential, and every service refuses a client without a certificate
+ * and proves its role to the operator ({@link assertServicesSecure}). On failure, whatever was
+ * started is stopped before the error is thrown.
+ * @throws Error when nats-server or a service cannot start (with the end of its output); Error
+ *   `INSECURE: …` when the stack came up without authentication somewhere
  */
 export async function startChaosStack(options: ChaosStackOptions): Promise<ChaosStack> {
   const root = options.repoRoot ?? defaultRepoRoot();
@@ -168,7 +201,21 @@ export async function startChaosStack(options: ChaosStackOptions): Promise<Chaos
   const natsEnv = { ...process.env };
   delete natsEnv["NATS_URL"];
   delete natsEnv["IOASID_TESTKIT_DOCKER"];
-  const nats = await startNats({ env: natsEnv });
+  // A user per service and nobody anonymous (as in `ioasidctl up`), and a certificate per service
+  // from the server's own stack CA (tls): the testkit makes both, as for the e2e stack fixture.
+  const nats = await startNats({ env: natsEnv, tls: true, auth: { anonymous: "refuse" } });
+  let credentials: ChaosStackCredentials;
+  try {
+    const operator = await nats.operatorTls();
+    const vmmDir = await nats.certificateDir(VMM_IDENTITY);
+    if (operator === undefined || vmmDir === undefined || nats.operator === undefined) {
+      throw new Error("the chaos stack's nats-server made no certificates or users: a chaos run is authenticated (DESIGN §11)");
+    }
+    credentials = { operator, natsAuth: nats.operator, vmm: readInstanceCredentials(vmmDir), vmmDir };
+  } catch (err) {
+    await nats.stop();
+    throw err;
+  }
 
   const links: ProxyLink[] = [];
   const managed = new Map<StackService, Managed>();
@@ -232,9 +279,10 @@ export async function startChaosStack(options: ChaosStackOptions): Promise<Chaos
 
   const start = async (name: StackService, env: Record<string, string>): Promise<void> => {
     const spec = STACK_SERVICES.find((s) => s.name === name)!;
+    const made = { ...baseEnv, ...env, [spec.addressVar]: "127.0.0.1:0" };
     const m: Managed = {
       name,
-      env: { ...baseEnv, ...env, [spec.addressVar]: "127.0.0.1:0" },
+      env: { ...(options.adjustEnv?.(name, made) ?? made), [spec.addressVar]: "127.0.0.1:0" },
       proc: undefined,
       stopped: false,
       expectingExit: false,
@@ -291,6 +339,12 @@ export async function startChaosStack(options: ChaosStackOptions): Promise<Chaos
       IOMMU_ADDRESS: await proxy(ChaosTarget.VFIO, ChaosTarget.IOMMU, addresses[ChaosTarget.IOMMU]),
       VDCM_ADDRESS: await proxy(ChaosTarget.VFIO, ChaosTarget.VDCM, addresses[ChaosTarget.VDCM]),
     });
+    // Loud, before anything is driven: a run on a stack open somewhere would test something else.
+    await assertNatsRefusesAnonymous(nats.url);
+    await assertServicesSecure(
+      STACK_SERVICES.map((s) => ({ name: s.name, address: addresses[s.name], role: s.role })),
+      credentials.operator,
+    );
   } catch (err) {
     await stopAll();
     throw err;
@@ -315,6 +369,7 @@ export async function startChaosStack(options: ChaosStackOptions): Promise<Chaos
   return {
     nats,
     natsUrl: nats.url,
+    credentials,
     addresses,
     links,
     linksOf(target, link) {

@@ -28,6 +28,8 @@ export interface FaultProxyStats {
   readonly partitionResets: number;
   /** Connections closed because the target refused or failed them. */
   readonly upstreamFailures: number;
+  /** Chunks (either direction) held back by a latency fault before being forwarded. */
+  readonly delayed: number;
   readonly bytesToTarget: number;
   readonly bytesToClient: number;
 }
@@ -89,7 +91,7 @@ export async function startFaultProxy(options: FaultProxyOptions): Promise<Fault
   const target = parseLoopback(options.target, "target");
   const rng = createPrng(options.seed ?? 1);
   const state: ProxyState = { latencyMs: 0, jitterMs: 0, drop: 0, partitioned: false, closed: false, rng };
-  const counters = { accepted: 0, dropped: 0, partitionResets: 0, upstreamFailures: 0, bytesToTarget: 0, bytesToClient: 0 };
+  const counters = { accepted: 0, dropped: 0, partitionResets: 0, upstreamFailures: 0, delayed: 0, bytesToTarget: 0, bytesToClient: 0 };
   const links = new Set<Link>();
   const held = new Set<Socket>();
 
@@ -196,6 +198,7 @@ interface ProxyState {
 interface Counters {
   dropped: number;
   upstreamFailures: number;
+  delayed: number;
   bytesToTarget: number;
   bytesToClient: number;
 }
@@ -236,7 +239,9 @@ class Link {
   /** The delay of the next chunk (0 when there is no latency fault). */
   delay(): number {
     const { latencyMs, jitterMs, rng } = this.state;
-    return latencyMs === 0 && jitterMs === 0 ? 0 : latencyMs + (jitterMs === 0 ? 0 : rng.next() * jitterMs);
+    if (latencyMs === 0 && jitterMs === 0) return 0;
+    this.counters.delayed++;
+    return latencyMs + (jitterMs === 0 ? 0 : rng.next() * jitterMs);
   }
 
   /** A drop decision for one chunk: true resets the link. */

@@ -92,6 +92,8 @@ export interface GuestOutcome {
   readonly end: "closed" | "crashed" | "lost" | "not-opened";
   /** Steps run (skipped ones, naming a PASID never allocated, not counted). */
   readonly stepsRun: number;
+  /** PASIDs the guest held when it ended: allocated (ok) and not freed (ok). */
+  readonly held: number;
 }
 
 /** What a guest needs from the run. */
@@ -104,6 +106,8 @@ export interface GuestContext {
   readonly stopping: () => boolean;
   /** Every VMM process started (the runner kills what is left, by PID). */
   readonly vmms: Set<VmmProcess>;
+  /** The VMMs' credentials directory (their certificate): `IOASID_CREDENTIALS_DIR` of each VMM process. */
+  readonly vmmCredentialsDir?: string;
   /** Deadline of a page-response wait on the device side, in ms. @default 4000 */
   readonly pageResponseWaitMs?: number;
 }
@@ -127,6 +131,8 @@ export async function runGuest(plan: GuestPlan, ctx: GuestContext): Promise<Gues
   const d = slotDevices(plan.slot);
   const vm = plan.name;
   const pasids = new Map<number, Pasid>();
+  const freed = new Set<number>();
+  const held = (): number => pasids.size - freed.size;
   // Devices VFIO assigned to this guest: a guest reaches only those (an mdev's MMIO, a PF's DMA).
   // Found by the chaos suite: a guest whose assign failed (DEVICE_BUSY) cleared the mdev of the
   // guest that had it, and the checker rightly reported S3.
@@ -153,7 +159,13 @@ export async function runGuest(plan: GuestPlan, ctx: GuestContext): Promise<Gues
 
   // The VMM: a process of its own holding the VFIO Session (SIGKILL is a real crash of it).
   const openOp = journal.begin({ op: ChaosOpName.OPEN, vm });
-  const vmm = startVmm(ctx.vmmCommand, { vfioAddress: ctx.vfioAddress, mmToken: plan.mmToken, quota: plan.quota, name: vm });
+  const vmm = startVmm(ctx.vmmCommand, {
+    vfioAddress: ctx.vfioAddress,
+    mmToken: plan.mmToken,
+    quota: plan.quota,
+    name: vm,
+    ...(ctx.vmmCredentialsDir === undefined ? {} : { credentialsDir: ctx.vmmCredentialsDir }),
+  });
   ctx.vmms.add(vmm);
   void vmm.exited.then(() => ctx.vmms.delete(vmm));
   const opened = await Promise.race([
@@ -169,7 +181,7 @@ export async function runGuest(plan: GuestPlan, ctx: GuestContext): Promise<Gues
     vmm.kill("SIGKILL");
     await vmm.exited;
     await destroyVm();
-    return { plan, setId, end: "not-opened", stepsRun };
+    return { plan, setId, end: "not-opened", stepsRun, held: held() };
   }
   containerId = opened.containerId;
   setId = opened.setId;
@@ -223,7 +235,7 @@ export async function runGuest(plan: GuestPlan, ctx: GuestContext): Promise<Gues
     }
     if (crashed) {
       await destroyVm();
-      return { plan, setId, end: "crashed", stepsRun };
+      return { plan, setId, end: "crashed", stepsRun, held: held() };
     }
     if (lost) {
       // The session ended without us: VFIO went away (killed). The VMM has lost its container.
@@ -232,7 +244,7 @@ export async function runGuest(plan: GuestPlan, ctx: GuestContext): Promise<Gues
         .begin({ op: ChaosOpName.CRASH, ...base() })
         .done("info", { error: `session lost: the VMM exited (code ${String(status.code)}) when VFIO went away` });
       await destroyVm();
-      return { plan, setId, end: "lost", stepsRun };
+      return { plan, setId, end: "lost", stepsRun, held: held() };
     }
     // The clean exit: CloseContainer, then the VMM process ends.
     const closed = await run(ChaosOpName.CLOSE, {}, () => c.vfio.closeContainer({ containerId }, { deadlineMs: 10_000 }));
@@ -240,7 +252,7 @@ export async function runGuest(plan: GuestPlan, ctx: GuestContext): Promise<Gues
       // A VMM whose clean exit failed goes away anyway: its session ends, the crashed-guest path.
       await crash();
       await destroyVm();
-      return { plan, setId, end: "crashed", stepsRun };
+      return { plan, setId, end: "crashed", stepsRun, held: held() };
     }
     killedByUs = true;
     vmm.kill("SIGTERM");
@@ -248,7 +260,7 @@ export async function runGuest(plan: GuestPlan, ctx: GuestContext): Promise<Gues
     vmm.kill("SIGKILL");
     await vmm.exited;
     await destroyVm();
-    return { plan, setId, end: "closed", stepsRun };
+    return { plan, setId, end: "closed", stepsRun, held: held() };
   } finally {
     await responder.stop();
   }
@@ -332,9 +344,11 @@ export async function runGuest(plan: GuestPlan, ctx: GuestContext): Promise<Gues
           ),
         );
         return true;
-      case "free":
-        await run(ChaosOpName.FREE, ids(step.pasid), () => c.vfio.freePasid({ containerId, hpasid: p!.hpasid, generation: p!.generation }));
+      case "free": {
+        const r = await run(ChaosOpName.FREE, ids(step.pasid), () => c.vfio.freePasid({ containerId, hpasid: p!.hpasid, generation: p!.generation }));
+        if (r.ok) freed.add(step.pasid);
         return true;
+      }
       case "program":
         if (!assigned.has(GuestDevice.MDEV)) return false;
         await run(ChaosOpName.PROGRAM, ids(step.pasid), () => c.vdcm.writeWqPasid({ mdevUuid: d.mdevUuid, virtualWq: step.wq, gpasid: gpasidOf(step.pasid) }));

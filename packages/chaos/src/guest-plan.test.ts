@@ -1,5 +1,5 @@
 import { describe, expect, it } from "vitest";
-import { deriveSeed, describeGuestStep, gpasidOf, planGuest, type GuestPlan } from "./guest-plan.js";
+import { deriveSeed, describeGuestStep, gpasidOf, planGuest, planProbeGuest, PROBE_PASIDS, type GuestPlan } from "./guest-plan.js";
 
 const kinds = (p: GuestPlan) => p.steps.map((s) => describeGuestStep(s.step));
 
@@ -101,6 +101,25 @@ describe("planGuest", () => {
   it("refuses options that allow no plan", () => {
     expect(() => planGuest(1, 0, { slots: 0 })).toThrow(RangeError);
     expect(() => planGuest(1, 0, { steps: [5, 2] })).toThrow(RangeError);
+  });
+});
+
+describe("planProbeGuest", () => {
+  it("plans a crash holding PASIDs every tier holds: assigned mdev, RAM mapped, each PASID allocated and bound, the first programmed, then SIGKILL", () => {
+    const p = planProbeGuest(1, 4);
+    expect(kinds(p)).toEqual(["assign mdev", "map-dma", "alloc p0", "bind p0 mdev", "program p0 wq0", "alloc p1", "bind p1 mdev"]);
+    expect(p.steps.filter((s) => s.step.kind === "alloc")).toHaveLength(PROBE_PASIDS);
+    expect(p.end).toEqual({ kind: "crash", atStep: p.steps.length });
+    expect(p.quota).toBeGreaterThanOrEqual(PROBE_PASIDS);
+    expect(p.slot).toBe(4);
+  });
+
+  it("makes each try a guest of its own, apart from the drawn guests", () => {
+    const [a, b] = [planProbeGuest(1, 4), planProbeGuest(2, 4)];
+    expect([a.name, b.name]).toEqual(["probe1", "probe2"]);
+    expect(a.mmToken).not.toBe(b.mmToken);
+    const drawn = new Set(Array.from({ length: 10_000 }, (_, i) => planGuest(1, i).mmToken));
+    expect(drawn.has(a.mmToken) || drawn.has(b.mmToken)).toBe(false);
   });
 });
 

@@ -167,6 +167,44 @@ export function planGuest(seed: number, index: number, options: GuestPlanOptions
   };
 }
 
+/** Guest index of the run's first probe guest (its MM token stays apart from the drawn guests' for any run under a million guests). */
+export const PROBE_INDEX = 1_000_000;
+
+/** PASIDs a probe guest allocates, binds and (the first) programs before its VMM is killed. */
+export const PROBE_PASIDS = 2;
+
+/**
+ * The probe guest of a run: not drawn, planned — every run of every seed has it, so that every run
+ * has a crashed guest holding PASIDs to measure (issue 15: a run whose drawn guests happened not to
+ * crash with PASIDs had nothing to time, and its reclaim bound could not be checked). The runner
+ * runs it once the final heal is done (every component up: L2's premise), in a slot of its own
+ * (`slot`, past the drawn guests' slots): it assigns the slot's mdev, maps guest RAM, allocates
+ * {@link PROBE_PASIDS} PASIDs, binds each on the mdev and programs the first into a dedicated work
+ * queue (the IOMMU, KVM and VDCM each hold it), then its VMM is killed between steps.
+ * @param attempt 1, 2, … (a retry is a new guest: its own name and MM token)
+ */
+export function planProbeGuest(attempt: number, slot: number): GuestPlan {
+  const think = 10;
+  const step = (s: GuestStep): PlannedStep => ({ step: s, thinkMs: think });
+  const steps: PlannedStep[] = [step({ kind: "assign", device: GuestDevice.MDEV }), step({ kind: "map-dma" })];
+  for (let pasid = 0; pasid < PROBE_PASIDS; pasid++) {
+    steps.push(step({ kind: "alloc", pasid }), step({ kind: "bind", pasid, device: GuestDevice.MDEV }));
+    if (pasid === 0) steps.push(step({ kind: "program", pasid, wq: 0 }));
+  }
+  const index = PROBE_INDEX + attempt;
+  return {
+    index,
+    name: `probe${attempt}`,
+    slot,
+    mmToken: mmTokenOf(index),
+    quota: PROBE_PASIDS + 2,
+    vcpus: 1,
+    steps,
+    end: { kind: "crash", atStep: steps.length },
+    responderSeed: index,
+  };
+}
+
 interface Choice {
   readonly weight: number;
   readonly step: GuestStep;

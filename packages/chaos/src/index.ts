@@ -16,6 +16,9 @@ export {
   gpasidOf,
   mmTokenOf,
   planGuest,
+  planProbeGuest,
+  PROBE_INDEX,
+  PROBE_PASIDS,
   type GuestEnd,
   type GuestPlan,
   type GuestPlanOptions,
@@ -28,15 +31,26 @@ export {
   STACK_SERVICES,
   startChaosStack,
   type ChaosStack,
+  type ChaosStackCredentials,
   type ChaosStackOptions,
   type HealReport,
   type NetworkFault,
   type ProxyLink,
   type StackService,
 } from "./chaos-stack.js";
-export { createChaosClients, startVmm, type ChaosClients, type VmmCommand, type VmmProcess } from "./chaos-clients.js";
+export { createChaosClients, startVmm, type ChaosClientCredentials, type ChaosClients, type VmmCommand, type VmmProcess } from "./chaos-clients.js";
+export { assertNatsRefusesAnonymous, assertServicesSecure, type SecurityProbeOptions, type SecurityProbeTarget } from "./stack-security.js";
 export { runNemesis, PARTITION_RESET_AFTER_MS, type NemesisOptions } from "./nemesis.js";
 export { readFinalState, type RoleInstances } from "./read-final-state.js";
 export { computeRunStats, renderStats, type ChaosRunStats } from "./run-stats.js";
 export { renderChaosReport, type ChaosReportInput } from "./chaos-report.js";
-export { CHAOS_VOLATILE_ROLES, ChaosPhase, runChaos, type ChaosProgress, type ChaosRunOptions, type ChaosRunResult } from "./runner.js";
+export {
+  CHAOS_VOLATILE_ROLES,
+  ChaosPhase,
+  PROBE_ATTEMPTS,
+  runChaos,
+  type ChaosProgress,
+  type ChaosRunOptions,
+  type ChaosRunResult,
+  type ProbeResult,
+} from "./runner.js";

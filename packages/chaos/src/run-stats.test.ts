@@ -39,7 +39,16 @@ describe("computeRunStats", () => {
 
   it("times the crashed guest's last reclaim from the crash and from max(crash, last heal)", () => {
     const s = computeRunStats(crashedGuest());
-    expect(s.reclaim).toEqual({ guests: 1, reclaimed: 1, notReclaimed: [], maxAfterCrashMs: 595, maxAfterHealMs: 500 });
+    expect(s.reclaim).toEqual({ guests: 1, reclaimed: 1, ioasids: 2, notReclaimed: [], maxAfterCrashMs: 600, maxAfterHealMs: 500 });
+  });
+
+  it("times a crash from the SIGKILL (its invoke), not from when a starved driver saw the VMM gone", () => {
+    // The driver sent SIGKILL at 2000 but, starved, recorded the VMM's exit only at 2550.
+    const late = crashedGuest().map((r) => {
+      const e = parseChaosRecord(r);
+      return e?.kind === "op" && e.op.op === "crash" && e.action === "ok" ? { ...r, ts: 2550 } : r;
+    });
+    expect(computeRunStats(late).reclaim).toMatchObject({ maxAfterCrashMs: 600, maxAfterHealMs: 500 });
   });
 
   it("reports a crashed guest with an IOASID never reclaimed, unless the final state shows it gone", () => {
@@ -54,7 +63,7 @@ describe("computeRunStats", () => {
       ioasids: [{ ioasid: 202, generation: 1, setId: 3, state: "FREE_PENDING", refcount: 1 }],
     });
     expect(live.reclaim.notReclaimed).toEqual(["g1 set 3"]);
-    expect(renderStats(live)).toMatch(/crashed guests reclaimed: 0\/1; NOT reclaimed: g1 set 3/);
+    expect(renderStats(live)).toMatch(/crashed guests reclaimed: 0\/1 \(holding 2 IOASIDs at their crashes\); NOT reclaimed: g1 set 3/);
   });
 
   it("counts a lost session as its own end", () => {

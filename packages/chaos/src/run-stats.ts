@@ -38,7 +38,14 @@ export interface ChaosRunStats {
     readonly reclaimed: number;
     /** Guests (`g3 set 5`) with an IOASID not reclaimed. */
     readonly notReclaimed: readonly string[];
-    /** Longest time from a crash to the reclaim of the crashed guest's last IOASID, in ms. */
+    /** IOASIDs the crashed guests held at their crashes (allocated, not yet reclaimed). */
+    readonly ioasids: number;
+    /**
+     * Longest time from a crash to the reclaim of the crashed guest's last IOASID, in ms. The crash
+     * is the driver's SIGKILL of the VMM (the crash operation's invoke, recorded in the same tick as
+     * the signal is sent), the reclaim the core's RECLAIM record: a driver starved after sending
+     * the signal (a busy machine) neither shortens nor lengthens it.
+     */
     readonly maxAfterCrashMs: number | undefined;
     /** Longest time from max(crash, last heal) to that reclaim (the L2 clock), in ms; 0 when all were reclaimed before the heal. */
     readonly maxAfterHealMs: number | undefined;
@@ -59,6 +66,8 @@ export function computeRunStats(history: readonly HistoryRecord[], finalState?: 
   const guests = { started: 0, opened: 0, closed: 0, crashed: 0, lost: 0 };
   const setOfVm = new Map<string, number>();
   const crashes: Array<{ vm: string; setId: number | undefined; ts: number }> = [];
+  // Crash invokes by opId: the moment the driver sent SIGKILL.
+  const crashInvokes = new Map<number, number>();
   let lastHeal = -Infinity;
   const allocs = new Map<number, Array<{ ioasid: number; generation: number; ts: number }>>();
   const reclaims = new Map<string, number>();
@@ -83,6 +92,7 @@ export function computeRunStats(history: readonly HistoryRecord[], finalState?: 
     const { op } = e;
     if (e.action === "invoke") {
       if (op.op === ChaosOpName.OPEN) guests.started++;
+      if (op.op === ChaosOpName.CRASH) crashInvokes.set(op.opId, r.ts);
       continue;
     }
     const counts = byOp.get(op.op) ?? [0, 0, 0];
@@ -96,11 +106,14 @@ export function computeRunStats(history: readonly HistoryRecord[], finalState?: 
     if (op.op === ChaosOpName.CRASH && e.action !== "fail" && op.vm !== undefined) {
       if (op.error?.startsWith("session lost") === true) guests.lost++;
       else guests.crashed++;
-      crashes.push({ vm: op.vm, setId: op.setId ?? setOfVm.get(op.vm), ts: r.ts });
+      // From the signal, not from when the driver saw the VMM gone (that may be late on a busy
+      // machine, and would shorten the figure by the driver's own delay).
+      crashes.push({ vm: op.vm, setId: op.setId ?? setOfVm.get(op.vm), ts: Math.min(r.ts, crashInvokes.get(op.opId) ?? r.ts) });
     }
   }
 
   let reclaimed = 0;
+  let ioasids = 0;
   const notReclaimed: string[] = [];
   let maxAfterCrashMs: number | undefined;
   let maxAfterHealMs: number | undefined;
@@ -112,6 +125,7 @@ export function computeRunStats(history: readonly HistoryRecord[], finalState?: 
       if (a.ts > c.ts) continue;
       const at = reclaims.get(`${a.ioasid}#${a.generation}`);
       if (at !== undefined && at < c.ts) continue; // reclaimed before the crash
+      ioasids++;
       if (at !== undefined) last = Math.max(last, at);
       else if (finalState?.ioasids === undefined || finalState.ioasids.some((i) => i.ioasid === a.ioasid && i.generation === a.generation)) all = false;
     }
@@ -138,7 +152,7 @@ export function computeRunStats(history: readonly HistoryRecord[], finalState?: 
     ops: { ok, fail, info, byOp: Object.fromEntries(byOp) },
     faults: { injected: Object.values(kinds).reduce((s, n) => s + n, 0), byKind: kinds, selfExits },
     guests,
-    reclaim: { guests: withSet.length, reclaimed, notReclaimed, maxAfterCrashMs: round(maxAfterCrashMs), maxAfterHealMs: round(maxAfterHealMs) },
+    reclaim: { guests: withSet.length, reclaimed, ioasids, notReclaimed, maxAfterCrashMs: round(maxAfterCrashMs), maxAfterHealMs: round(maxAfterHealMs) },
   };
 }
 
@@ -160,7 +174,7 @@ export function renderStats(s: ChaosRunStats): string {
     `operations: ${s.ops.ok} ok, ${s.ops.fail} fail, ${s.ops.info} info (ok/fail/info: ${ops || "none"})`,
     `faults injected: ${s.faults.injected}${kinds === "" ? "" : ` (${kinds})`}${s.faults.selfExits.length === 0 ? "" : `; services that exited on their own and were restarted: ${s.faults.selfExits.join(", ")}`}`,
     `guests: ${s.guests.started} started, ${s.guests.opened} opened, ${s.guests.closed} closed cleanly, ${s.guests.crashed} crashed, ${s.guests.lost} lost their session`,
-    `crashed guests reclaimed: ${r.reclaimed}/${r.guests}` +
+    `crashed guests reclaimed: ${r.reclaimed}/${r.guests} (holding ${r.ioasids} IOASIDs at their crashes)` +
       (r.maxAfterCrashMs === undefined ? "" : `; max ${r.maxAfterCrashMs} ms after the crash, max ${r.maxAfterHealMs} ms after max(crash, last heal)`) +
       (r.notReclaimed.length === 0 ? "" : `; NOT reclaimed: ${r.notReclaimed.join(", ")}`),
     `history: ${s.records} records`,

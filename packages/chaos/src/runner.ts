@@ -11,12 +11,12 @@ import { renderChaosReport } from "./chaos-report.js";
 import { brief, CHAOS_SERVICE_ENV, defaultRepoRoot, startChaosStack, type ChaosStack } from "./chaos-stack.js";
 import { createChecker, renderVerdict, type CheckerOptions, type Verdict } from "@ioasid/checker";
 import type { FinalState } from "@ioasid/checker";
-import { runGuest, setupSlots, type GuestOutcome } from "./guest-driver.js";
-import { planGuest } from "./guest-plan.js";
+import { runGuest, setupSlots, type GuestContext, type GuestOutcome } from "./guest-driver.js";
+import { planGuest, planProbeGuest, PROBE_PASIDS } from "./guest-plan.js";
 import { runNemesis } from "./nemesis.js";
 import { readFinalState } from "./read-final-state.js";
 import { computeRunStats, renderStats, type ChaosRunStats } from "./run-stats.js";
-import { schedule } from "./schedule.js";
+import { schedule, type FaultInjection } from "./schedule.js";
 
 /**
  * Roles whose tables do not survive a kill: none any more — KVM, VDCM, the IOMMU and VFIO keep
@@ -31,6 +31,8 @@ export const ChaosPhase = {
   RUNNING: "running",
   /** The duration is over: final heal, guests closing. */
   HEALING: "healing",
+  /** The probe guest: a planned guest crashed while holding PASIDs, after the heal. */
+  PROBE: "probe",
   /** Waiting for every IOASID to be reclaimed (bounded). */
   SETTLING: "settling",
   CHECKING: "checking",
@@ -81,6 +83,19 @@ export interface ChaosRunOptions {
   readonly repoRoot?: string;
 }
 
+/** How the run's probe guest went (see `planProbeGuest`). */
+export interface ProbeResult {
+  /** Its name in the history ("probe1"; "probe2" when the first try held no PASID at its crash). */
+  readonly vm: string;
+  /** Tries made (at most {@link PROBE_ATTEMPTS}). */
+  readonly attempts: number;
+  readonly setId: number | undefined;
+  /** How its last try ended: "crashed" as planned, or what went wrong. */
+  readonly end: GuestOutcome["end"];
+  /** PASIDs it held when its VMM was killed. */
+  readonly held: number;
+}
+
 /** What a run produced. */
 export interface ChaosRunResult {
   readonly seed: number;
@@ -100,6 +115,10 @@ export interface ChaosRunResult {
   readonly settleMs: number;
   /** Services that exited without being killed (each restarted), as notes. */
   readonly unexpectedExits: readonly string[];
+  /** The fault schedule drawn from the seed (each one injected and recorded: `stats.faults.injected` counts them). */
+  readonly faults: readonly FaultInjection[];
+  /** The probe guest: a crash holding PASIDs that every run has, after the final heal. */
+  readonly probe: ProbeResult;
   /** Wall-clock time of the whole run, in ms. */
   readonly wallMs: number;
 }
@@ -111,6 +130,8 @@ const WATCHDOG_MARGIN_MS = 300_000;
 const SELF_EXIT_FAULT_IDS = 100_001;
 /** Time the services' history recorders get to publish after the run settles (they are fire-and-forget). */
 const HISTORY_FLUSH_MS = 1000;
+/** Tries of the probe guest: a try whose PASIDs were not all allocated (a stack still catching up after the heal) is made again as a new guest. */
+export const PROBE_ATTEMPTS = 3;
 
 /**
  * Runs one chaos test (issue 6): starts a stack of its own in `dir` with a fault proxy on every
@@ -207,8 +228,9 @@ export async function runChaos(options: ChaosRunOptions): Promise<ChaosRunResult
       },
     });
     const s = stack;
-    nc = await connect({ servers: s.natsUrl, name: "chaos-driver", maxReconnectAttempts: -1, reconnectTimeWait: 100 });
-    clients = createChaosClients(s.addresses);
+    // As the operator (nats-server refuses anonymous clients): the journal and the history.
+    nc = await connect({ servers: s.natsUrl, name: "chaos-driver", maxReconnectAttempts: -1, reconnectTimeWait: 100, ...s.credentials.natsAuth });
+    clients = createChaosClients(s.addresses, s.credentials);
     const c = clients;
     const j = (journal = new ChaosJournal(nc, {
       onRecord: (r) => {
@@ -223,7 +245,8 @@ export async function runChaos(options: ChaosRunOptions): Promise<ChaosRunResult
         .map(([k, v]) => `${k}=${v}`)
         .join(" ")}`,
     );
-    await setupSlots(c, options.guests);
+    // One slot per guest at once, and the probe guest's own (the last).
+    await setupSlots(c, options.guests + 1);
 
     const faults =
       options.faults.length === 0
@@ -245,6 +268,14 @@ export async function runChaos(options: ChaosRunOptions): Promise<ChaosRunResult
       onChange: (n) => (faultsActive = n),
     });
 
+    const guestContext: Omit<GuestContext, "stopping"> = {
+      clients: c,
+      journal: j,
+      vfioAddress: s.addresses.vfio,
+      vmmCommand,
+      vmms,
+      vmmCredentialsDir: s.credentials.vmmDir,
+    };
     // Slot s runs guests s, s + G, s + 2G, … one after the other until the duration is over.
     const outcomes: GuestOutcome[] = [];
     const slotLoop = async (slot: number) => {
@@ -256,12 +287,8 @@ export async function runChaos(options: ChaosRunOptions): Promise<ChaosRunResult
         trace(`guest g${index} starts in slot ${slot}`);
         try {
           const outcome = await runGuest(planGuest(options.seed, index, { slots: options.guests }), {
-            clients: c,
-            journal: j,
-            vfioAddress: s.addresses.vfio,
-            vmmCommand,
+            ...guestContext,
             stopping: () => stopping || abort.signal.aborted,
-            vmms,
           });
           outcomes.push(outcome);
           // A guest that could not even open (VFIO or the core down) is not retried at once.
@@ -279,16 +306,22 @@ export async function runChaos(options: ChaosRunOptions): Promise<ChaosRunResult
     await nemesis;
     setPhase(ChaosPhase.HEALING);
     const healed = await s.healAll();
+    // Recorded first: the heal is when the stack was whole again (L2's clock starts here).
+    j.heal({ heal: true });
+    const healedAt = performance.now();
     if (healed.continued.length + healed.restarted.length > 0 || healed.natsRestarted || healed.failed.length > 0) {
       j.note(
         `final heal: SIGCONT ${healed.continued.join(",") || "-"}, restarted ${healed.restarted.join(",") || "-"}${healed.natsRestarted ? ", nats-server restarted" : ""}${healed.failed.length === 0 ? "" : `, FAILED: ${healed.failed.join("; ")}`}`,
       );
     }
     const healFailures = [...healed.failed];
-    j.heal({ heal: true });
-    const healedAt = performance.now();
     const guestsEnded = await Promise.race([guests.then(() => true), sleep(60_000).then(() => false)]);
     trace(guestsEnded ? `guests ended: ${outcomes.length}` : "guests did not all end within 60 s of the heal");
+    if (abort.signal.aborted) throw new Error("the chaos run was aborted");
+
+    setPhase(ChaosPhase.PROBE);
+    const probe = await runProbe(c, { ...guestContext, stopping: () => abort.signal.aborted }, options.guests, trace);
+    trace(`probe: ${probe.vm} ${probe.end} holding ${probe.held} PASIDs after ${probe.attempts} attempt(s)`);
     if (abort.signal.aborted) throw new Error("the chaos run was aborted");
 
     setPhase(ChaosPhase.SETTLING);
@@ -315,6 +348,7 @@ export async function runChaos(options: ChaosRunOptions): Promise<ChaosRunResult
     const summaryText = [
       ...(healFailures.length === 0 ? [] : [`HEAL FAILED: the stack did not come back whole: ${healFailures.join("; ")}`]),
       renderStats(stats),
+      `probe guest: ${probe.vm} ${probe.end === "crashed" ? `crashed holding ${probe.held} PASIDs` : `ended ${probe.end}, holding ${probe.held} PASIDs`} (set ${probe.setId ?? "?"}, ${probe.attempts} attempt${probe.attempts === 1 ? "" : "s"})`,
       `settled: ${settled ? "yes" : "NO"} (${Math.round(settleMs)} ms after the final heal)${unexpected.length === 0 ? "" : `; services that exited on their own: ${unexpected.join("; ")}`}`,
     ].join("\n");
 
@@ -346,6 +380,7 @@ export async function runChaos(options: ChaosRunOptions): Promise<ChaosRunResult
           settled,
           settleMs: Math.round(settleMs),
           unexpectedExits: unexpected,
+          probe,
           faults,
         },
         null,
@@ -368,6 +403,8 @@ export async function runChaos(options: ChaosRunOptions): Promise<ChaosRunResult
       settled,
       settleMs,
       unexpectedExits: unexpected,
+      faults,
+      probe,
       wallMs: performance.now() - started,
     };
   } catch (err) {
@@ -384,6 +421,27 @@ export async function runChaos(options: ChaosRunOptions): Promise<ChaosRunResult
     await nc?.close().catch(() => undefined);
     await stack?.close(keepStore ? join(dir, "jetstream") : undefined);
   }
+}
+
+/**
+ * Runs the probe guest (`planProbeGuest`) in its own slot until one try crashes holding every
+ * PASID it planned, at most {@link PROBE_ATTEMPTS} tries: a try that could not allocate (a role
+ * still reconciling after the heal answers UNAVAILABLE) proves nothing either way and is made again
+ * as a new guest, once the previous try's set is gone.
+ */
+async function runProbe(c: ChaosClients, ctx: GuestContext, slot: number, trace: (line: string) => void): Promise<ProbeResult> {
+  let last: GuestOutcome | undefined;
+  let attempts = 0;
+  for (let attempt = 1; attempt <= PROBE_ATTEMPTS && !ctx.stopping(); attempt++) {
+    if (last !== undefined) await waitSlotFree(c, slot, [last], 10_000);
+    attempts = attempt;
+    const plan = planProbeGuest(attempt, slot);
+    last = await runGuest(plan, ctx);
+    if (last.end === "crashed" && last.held === PROBE_PASIDS) break;
+    trace(`probe ${plan.name}: ${last.end} holding ${last.held} PASIDs; trying again`);
+    await sleep(1000);
+  }
+  return { vm: last?.plan.name ?? "probe1", attempts, setId: last?.setId, end: last?.end ?? "not-opened", held: last?.held ?? 0 };
 }
 
 /** Waits (bounded) until the slot's previous guest's set is gone, so its mdev and PF are free again. */

@@ -93,6 +93,7 @@ function resultJson(r: ChaosRunResult): Record<string, unknown> {
     })),
     notes: r.verdict.notes,
     stats: r.stats,
+    probe: r.probe,
     healFailures: r.healFailures,
     settled: r.settled,
     settleMs: Math.round(r.settleMs),
@@ -127,8 +128,12 @@ export function chaosCommand(ctx: ChaosCommandContext): {
     "  starts a stack of its own (its nats-server and the five services on ephemeral ports, a TCP fault proxy on every\n" +
     "  NATS and gRPC link), drives G guests at once through random life cycles (alloc, bind, program the mdev, ENQCMD,\n" +
     "  DMA and page faults, unbind, free, VMM crashes at any step), injects faults (kill: SIGKILL then restart, stop:\n" +
-    "  SIGSTOP/SIGCONT, nats: nats-server restart, latency, drop, partition), heals, waits for the crashed guests'\n" +
+    "  SIGSTOP/SIGCONT, nats: nats-server restart, latency, drop, partition), heals, runs the probe guest (a planned\n" +
+    "  guest whose VMM is killed holding PASIDs: every run has a crash to time), waits for the crashed guests'\n" +
     "  IOASIDs to be reclaimed, and checks DESIGN §7 (S1–S9, L1–L4) on the recorded history and the final state.\n" +
+    "  Authenticated as `ioasidctl up` is (DESIGN §11): a NATS user and a certificate per service (mTLS on every link,\n" +
+    "  through the fault proxies too), the driver as the operator, the VMMs as `vmm`; the run stops before it begins\n" +
+    "  if nats-server lets an anonymous client in or a service answers a client without a certificate (INSECURE).\n" +
     "  The same seed gives the same guest plans and fault schedule (timing, hence the history, varies).\n" +
     "  Writes <dir>/seed-<n>/{history.jsonl,report.html,verdict.txt,summary.json,logs/}; --html FILE: the report there.\n" +
     "  --seeds 1..50 runs seeds in turn, one line each and a total. --json: the result as JSON on stdout.\n" +
