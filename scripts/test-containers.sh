@@ -210,7 +210,10 @@ up_start=$SECONDS
 STACK_UP=1
 "${STACK[@]}" up -d --no-build >"$WORK/up.log" 2>&1 || { cat "$WORK/up.log" >&2; die "\`${STACK[*]} up -d\` failed"; }
 healthy=0
-for _ in $(seq 1 240); do
+# Bounded by the clock, not by a count: each round runs docker-compose (a Python process) per
+# service, which takes seconds each on a busy machine.
+health_deadline=$((SECONDS + 300))
+while [ "$SECONDS" -lt "$health_deadline" ]; do
   states="$(for s in "${SERVICES[@]}"; do id="$("${STACK[@]}" ps -q "$s" 2>/dev/null)"; echo "$s=$(docker inspect -f '{{if .State.Health}}{{.State.Health.Status}}{{else}}{{.State.Status}}{{end}}' "$id" 2>/dev/null || echo none)"; done | tr '\n' ' ')"
   if ! grep -qv '=healthy$' <<<"$(tr ' ' '\n' <<<"$states" | grep .)"; then
     healthy=1
@@ -221,7 +224,7 @@ done
 if [ "$healthy" != 1 ]; then
   "${STACK[@]}" ps >&2
   "${STACK[@]}" logs --no-color --tail 20 >&2
-  die "the stack did not become healthy within 120 s: $states"
+  die "the stack did not become healthy within 300 s: $states"
 fi
 say "stack healthy in $((SECONDS - up_start)) s: nats 127.0.0.1:$IOASID_PORT_NATS (monitor :$IOASID_PORT_NATS_MONITOR), ioasid-core :$IOASID_PORT_CORE, iommu :$IOASID_PORT_IOMMU, vfio :$IOASID_PORT_VFIO, kvm :$IOASID_PORT_KVM, vdcm :$IOASID_PORT_VDCM"
 say "$(curl -fsS "http://127.0.0.1:$IOASID_PORT_NATS_MONITOR/jsz" 2>/dev/null | node -e 'let s="";process.stdin.on("data",d=>s+=d).on("end",()=>{try{const j=JSON.parse(s);console.log(`NATS JetStream: ${j.streams} stream(s), ${j.messages} message(s) in the nats-data volume`)}catch{console.log("NATS JetStream: (no /jsz answer)")}})')"
