@@ -1,9 +1,10 @@
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
-import { Code, DomainError, isDomainError } from "@ioasid/errors";
+import { Code, isDomainError } from "@ioasid/errors";
 import { createClient, createVfioSession, type VfioSession } from "@ioasid/grpc-kit";
-import { iommu, kvm, vdcm, vfio } from "@ioasid/proto";
+import { iommu, kvm, vfio } from "@ioasid/proto";
 import { waitFor } from "@ioasid/testkit";
 import { startStack, type StackFixture } from "../support/stack-fixture.js";
+import { refusal, stackSnapshot } from "../support/stack-snapshot.js";
 
 // Issue 14 item 3: "MapDma accepts only host-physical ranges the VM was given." Before, VFIO took
 // any paddr, so VM B's VMM could map VM A's host memory into B's stage 2 and DMA into it. VFIO now
@@ -92,29 +93,7 @@ afterAll(async () => {
 });
 
 /** What a refused MapDma must not change: the core (sets, A's and B's IOASIDs), KVM's, VDCM's, the IOMMU's (domains, mappings) and VFIO's state. */
-async function snapshot(): Promise<string> {
-  const c = stack.clients;
-  const state = {
-    sets: (await c.core.listSets({})).sets,
-    ioasids: (await c.core.listIoasids({ setId: 0 })).ioasids,
-    kvm: (await c.kvm.queryState({ vmId: 0 })).vms,
-    vdcm: await c.vdcm.queryState(P(vdcm.QueryStateRequest, {})),
-    iommu: await c.iommu.queryState(P(iommu.QueryStateRequest, {})),
-    vfio: (await c.vfio.queryState({ containerId: 0 })).containers,
-  };
-  // takenAt is when each snapshot was taken, not state.
-  return JSON.stringify(state, (k, v: unknown) => (k === "takenAt" ? undefined : typeof v === "bigint" ? String(v) : v));
-}
-
-async function refusal(call: Promise<unknown>, what: string): Promise<DomainError> {
-  try {
-    await call;
-  } catch (err) {
-    expect(err, what).toBeInstanceOf(DomainError);
-    return err as DomainError;
-  }
-  throw new Error(`${what} was accepted`);
-}
+const snapshot = (): Promise<string> => stackSnapshot(stack.clients);
 
 describe("host memory between VMs (issue 14 item 3)", () => {
   it("gives each VM its own host memory: inside the pool, the default 1 GiB, never overlapping", () => {

@@ -1,9 +1,10 @@
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
-import { Code, DomainError } from "@ioasid/errors";
+import { Code } from "@ioasid/errors";
 import { createClient, createVfioSession, vfioCapabilityMetadata, type CallOptions, type VfioSession } from "@ioasid/grpc-kit";
 import { iommu, kvm, vdcm, vfio } from "@ioasid/proto";
 import { waitFor } from "@ioasid/testkit";
 import { startStack, type StackFixture } from "../support/stack-fixture.js";
+import { refusal, stackSnapshot } from "../support/stack-snapshot.js";
 
 // Issue 14 item 3, VFIO: "VM B naming VM A's container_id, mdev or device could close A's container,
 // take A's fault watcher and answer A's faults…" repeated against a real stack. VM A and VM B are
@@ -133,31 +134,12 @@ afterAll(async () => {
 });
 
 /** What a refused call must not change: the core (A's set, its IOASID), KVM's, VDCM's, the IOMMU's and VFIO's state, and A's watcher. */
-async function snapshot(): Promise<string> {
-  const c = stack.clients;
-  const state = {
-    sets: (await c.core.listSets({})).sets,
-    ioasids: (await c.core.listIoasids({ setId: a.setId })).ioasids,
-    described: (await c.core.describe({ ioasid: a.p.hpasid })).info,
-    kvm: (await c.kvm.queryState({ vmId: a.vmId })).vms,
-    vdcm: await c.vdcm.queryState(P(vdcm.QueryStateRequest, {})),
-    iommu: await c.iommu.queryState(P(iommu.QueryStateRequest, {})),
-    vfio: (await c.vfio.queryState({ containerId: 0 })).containers,
-    relayed: watched.length,
-  };
-  // takenAt is when each snapshot was taken, not state.
-  return JSON.stringify(state, (k, v: unknown) => (k === "takenAt" ? undefined : typeof v === "bigint" ? String(v) : v));
-}
-
-async function refusal(call: Promise<unknown>, what: string): Promise<DomainError> {
-  try {
-    await call;
-  } catch (err) {
-    expect(err, what).toBeInstanceOf(DomainError);
-    return err as DomainError;
-  }
-  throw new Error(`${what} was accepted`);
-}
+const snapshot = async (): Promise<string> =>
+  stackSnapshot(
+    stack.clients,
+    { setId: a.setId, vmId: a.vmId },
+    { described: (await stack.clients.core.describe({ ioasid: a.p.hpasid })).info, relayed: watched.length },
+  );
 
 /** The first message of a server stream (leaving the loop cancels the call). */
 async function firstMessage(stream: AsyncIterable<unknown>): Promise<unknown> {
