@@ -1,7 +1,22 @@
 /** ioasidctl as a library: the stack, the scenarios, the timeline and the verdict. */
 export { addressesOf, connectStack, type NatsAuth, type StackAddresses, type StackClients } from "./clients.js";
 export { runScenario, ScenarioKind, type ScenarioOptions, type ScenarioResult } from "./scenario.js";
-export { readState, repoRoot, serviceMain, SERVICES, stackDown, stackUp, type ServiceName, type StackState, type StackUpOptions } from "./stack.js";
+export {
+  readState,
+  repoRoot,
+  serviceMain,
+  SERVICES,
+  stackDown,
+  stackUp,
+  Supervision,
+  supervisorMain,
+  type ServiceName,
+  type ServiceRecord,
+  type StackState,
+  type StackUpOptions,
+} from "./stack.js";
+export { describeExit, RestartPolicy, type RestartDecision, type RestartPolicyOptions, type ServiceExit } from "./restart-policy.js";
+export { superviseStack, type SupervisedService, type SupervisorPlan } from "./supervisor.js";
 export {
   buildTimeline,
   columnOf,

@@ -16,6 +16,7 @@ import { faultCommands } from "./fault-commands.js";
 import { holderCommands } from "./holder.js";
 import { runScenario, ScenarioKind, type ScenarioResult } from "./scenario.js";
 import { readState, stackDown, stackUp } from "./stack.js";
+import { describeSupervision, describeSupervisor } from "./supervision-report.js";
 import { buildTimeline, renderHtml, renderTable } from "./timeline.js";
 import { renderVerdict } from "./verdict.js";
 import { runVmmAgent } from "./vmm-agent.js";
@@ -98,7 +99,11 @@ const commands: Record<string, Command> = {
     usage:
       "ioasidctl up [--dir .ioasid] [--base-port 50051] [--nats-port 4222] [--nats-url URL] [--insecure]\n" +
       "  Authenticated by default: a NATS user per role instance with its role's permissions, credentials in <dir>/credentials.\n" +
-      "  --insecure: no authorization (debugging only; anyone reaching NATS may forge deliveries). With --nats-url, that server's own rules apply.",
+      "  --insecure: no authorization (debugging only; anyone reaching NATS may forge deliveries). With --nats-url, that server's own rules apply.\n" +
+      "  Supervised (DESIGN §13, like compose's restart: on-failure): a supervisor process starts the services and restarts one that\n" +
+      "  fails (a non-zero exit or a signal) after 0.5 s, doubling to 10 s; it gives up after 5 restarts within 60 s. A service\n" +
+      "  that exits 0 (stopped by hand) or 2 (a configuration error) is not restarted. Each exit and restart is a line of\n" +
+      "  <dir>/logs/supervisor.log; `status` shows restarts and the last exit; nats-server is not restarted.",
     options: {
       ...dirOption,
       "base-port": { type: "string" },
@@ -121,7 +126,9 @@ const commands: Record<string, Command> = {
   },
   down: {
     summary: "stop the stack started by `up` (by PID) and remove its state",
-    usage: "ioasidctl down [--dir .ioasid] [--purge]   (--purge also deletes logs and the JetStream store)",
+    usage:
+      "ioasidctl down [--dir .ioasid] [--purge]   (--purge also deletes logs and the JetStream store)\n" +
+      "  Stops the supervisor first (so that it restarts nothing), then each service by the PID stack.json records now, then nats-server.",
     options: { ...dirOption, purge: { type: "boolean", default: false } },
     run: async (v) => {
       for (const vm of readVms(v["dir"] as string)) {
@@ -138,19 +145,24 @@ const commands: Record<string, Command> = {
     },
   },
   status: {
-    summary: "show the stack's processes and their health",
-    usage: "ioasidctl status [--dir .ioasid]",
+    summary: "show the stack's processes, their health, and their restarts",
+    usage:
+      "ioasidctl status [--dir .ioasid]\n" +
+      "  One line per process: PID, address, health, then what the supervisor did (restarts, the last exit and when;\n" +
+      "  RESTARTING, STOPPED or GAVE UP with why).",
     options: { ...dirOption },
     run: async (v) => {
       const state = readState(v["dir"] as string);
       out(`nats ${state.natsUrl}${state.nats.pid === undefined ? " (external)" : ` pid ${state.nats.pid}`}`);
+      if (state.supervisor !== undefined) out(describeSupervisor(state.supervisor));
       const { checkHealth } = await import("@ioasid/grpc-kit");
       const tls = addressesOf(state).tls;
       for (const [name, s] of Object.entries(state.services)) {
         const health = await checkHealth(s.address, "", { deadlineMs: 1000, ...(tls === undefined ? {} : { client: { tls } }) }).catch(
           (e: Error) => `DOWN (${e.message})`,
         );
-        out(`${name.padEnd(12)} pid ${String(s.pid).padEnd(7)} ${s.address.padEnd(16)} ${health}   log ${s.log}`);
+        const supervision = s.restarts === undefined ? "" : `   ${describeSupervision(s)}`;
+        out(`${name.padEnd(12)} pid ${String(s.pid ?? "-").padEnd(7)} ${s.address.padEnd(16)} ${health}${supervision}   log ${s.log}`);
       }
       return 0;
     },

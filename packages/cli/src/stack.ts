@@ -1,43 +1,25 @@
-import { spawn, spawnSync } from "node:child_process";
-import { closeSync, existsSync, mkdirSync, openSync, readFileSync, rmSync, writeFileSync } from "node:fs";
+import { spawn, spawnSync, type ChildProcess } from "node:child_process";
+import { closeSync, existsSync, mkdirSync, openSync, readFileSync, rmSync } from "node:fs";
 import { createServer } from "node:net";
 import { dirname, join, resolve } from "node:path";
 import { fileURLToPath } from "node:url";
-import { checkHealth } from "@ioasid/grpc-kit";
+import { readInstanceCredentials, writeStackCredentials, type StackCredentials } from "@ioasid/security";
+import type { RestartPolicyOptions } from "./restart-policy.js";
 import {
-  defaultMember,
-  readInstanceCredentials,
-  writeStackCredentials,
-  type InstanceCredentials,
-  type NatsRole,
-  type StackCredentials,
-} from "@ioasid/security";
+  alive,
+  readState,
+  runningProcesses,
+  SERVICES,
+  stateFile,
+  Supervision,
+  writeState,
+  type ServiceName,
+  type ServiceRecord,
+  type StackState,
+} from "./stack-state.js";
+import { isServing, supervisorPlanFile, writeSupervisorPlan, type SupervisedService } from "./supervisor.js";
 
-/** The five services of the stack, in start order, with their address variable and default port offset. */
-export const SERVICES = [
-  { name: "ioasid-core", addressVar: "IOASID_CORE_GRPC_ADDRESS", offset: 0, role: "core", instance: defaultMember("core").instance },
-  { name: "iommu", addressVar: "IOMMU_GRPC_ADDRESS", offset: 1, role: "iommu", instance: defaultMember("iommu").instance },
-  { name: "vfio", addressVar: "VFIO_GRPC_ADDRESS", offset: 2, role: "vfio", instance: defaultMember("vfio").instance },
-  { name: "kvm", addressVar: "KVM_GRPC_ADDRESS", offset: 3, role: "kvm", instance: defaultMember("kvm").instance },
-  { name: "vdcm", addressVar: "VDCM_GRPC_ADDRESS", offset: 4, role: "vdcm", instance: defaultMember("vdcm").instance },
-] as const satisfies ReadonlyArray<{ name: string; addressVar: string; offset: number; role: NatsRole; instance: string }>;
-export type ServiceName = (typeof SERVICES)[number]["name"];
-
-/** Where a running stack is: written by {@link stackUp}, read by every other command. */
-export interface StackState {
-  readonly dir: string;
-  readonly natsUrl: string;
-  readonly nats: { readonly pid: number | undefined; readonly port: number; readonly storeDir: string; readonly external: boolean };
-  readonly services: Record<ServiceName, { readonly pid: number | undefined; readonly address: string; readonly log: string }>;
-  readonly startedAt: number;
-  /**
-   * The operator's credentials directory (its NATS user, no limits, and its certificate): what
-   * ioasidctl connects with. Absent when the stack runs without authorization (`--insecure`).
-   */
-  readonly operatorCredentials?: string;
-  /** The credentials directory a VMM process (`ioasidctl vm create`) reaches VFIO with. */
-  readonly vmmCredentials?: string;
-}
+export { alive, readState, SERVICES, stateFile, Supervision, type ServiceName, type ServiceRecord, type StackState } from "./stack-state.js";
 
 /** Options of {@link stackUp}. */
 export interface StackUpOptions {
@@ -62,27 +44,20 @@ export interface StackUpOptions {
    * anything, services connect without credentials. Says so loudly. @default false
    */
   readonly insecure?: boolean;
+  /** When the supervisor restarts a failed service, and when it gives up (DESIGN §13). @default {@link RestartPolicyOptions}' defaults */
+  readonly restart?: RestartPolicyOptions;
 }
 
 const here = dirname(fileURLToPath(import.meta.url));
 /** The repository root (packages/cli/dist → ../../..). */
 export const repoRoot = resolve(here, "..", "..", "..");
 
+/** Path of the built supervisor (`up` starts it detached; it starts and restarts the services). */
+export const supervisorMain = join(repoRoot, "packages", "cli", "dist", "supervisor-main.js");
+
 /** Path of a built service main. */
 export function serviceMain(name: ServiceName): string {
   return join(repoRoot, "services", name, "dist", "main.js");
-}
-
-/** The state file of a stack directory. */
-export function stateFile(dir: string): string {
-  return join(dir, "stack.json");
-}
-
-/** Reads the running stack's state, or explains how to start one. */
-export function readState(dir = ".ioasid"): StackState {
-  const file = stateFile(dir);
-  if (!existsSync(file)) throw new Error(`no stack is running from ${resolve(dir)} (no ${file}): start one with \`ioasidctl up\``);
-  return JSON.parse(readFileSync(file, "utf8")) as StackState;
 }
 
 async function portFree(port: number): Promise<boolean> {
@@ -93,37 +68,27 @@ async function portFree(port: number): Promise<boolean> {
   });
 }
 
-/** Whether a process with this PID is running (and may be signalled by this one). */
-export function alive(pid: number | undefined): boolean {
-  if (pid === undefined) return false;
-  try {
-    process.kill(pid, 0);
-    return true;
-  } catch {
-    return false;
-  }
-}
-
 /**
- * Brings the embedded stack up: a local nats-server with JetStream (unless `natsUrl` is given) and
- * the five services as background processes, logs in `<dir>/logs/<service>.log`. Resolves when
- * every service's health check answers SERVING.
+ * Brings the embedded stack up: a local nats-server with JetStream (unless `natsUrl` is given), and
+ * a supervisor process that starts the five services in the background and restarts one that
+ * fails, with backoff (DESIGN §13; see `superviseStack`); logs in `<dir>/logs/<service>.log`, the
+ * supervisor's (every exit and restart) in `<dir>/logs/supervisor.log`. Resolves when every
+ * service's health check answers SERVING. The supervisor and the services outlive the caller:
+ * {@link stackDown} stops them by the PIDs in `<dir>/stack.json`.
  * @throws Error with the one thing to do when nats-server is missing, a port is taken, a stack is
- *   already running, or a service does not come up (with the end of its log)
+ *   already running, or a service does not come up (with the end of its log); nothing it started
+ *   is left running then
  */
 export async function stackUp(options: StackUpOptions = {}): Promise<StackState> {
   const dir = resolve(options.dir ?? ".ioasid");
   const basePort = options.basePort ?? 50051;
   const natsPort = options.natsPort ?? 4222;
   const log = options.log ?? (() => undefined);
-  if (existsSync(stateFile(dir))) {
-    const old = JSON.parse(readFileSync(stateFile(dir), "utf8")) as StackState;
-    if (Object.values(old.services).some((s) => alive(s.pid)) || alive(old.nats.pid)) {
-      throw new Error(`a stack is already running from ${dir}: \`ioasidctl down\` first`);
-    }
+  if (existsSync(stateFile(dir)) && runningProcesses(readState(dir)).length > 0) {
+    throw new Error(`a stack is already running from ${dir}: \`ioasidctl down\` first`);
   }
-  for (const s of SERVICES) {
-    if (!existsSync(serviceMain(s.name))) throw new Error(`${serviceMain(s.name)} is missing: build first with \`npm run build\``);
+  for (const main of [...SERVICES.map((s) => serviceMain(s.name)), supervisorMain]) {
+    if (!existsSync(main)) throw new Error(`${main} is missing: build first with \`npm run build\``);
   }
   const ports = [
     ...SERVICES.map((s) => ({ port: basePort + s.offset, what: s.name })),
@@ -137,20 +102,41 @@ export async function stackUp(options: StackUpOptions = {}): Promise<StackState>
   if (options.freshStore === true) rmSync(join(dir, "nats"), { recursive: true, force: true });
   mkdirSync(join(dir, "logs"), { recursive: true });
   // What was started goes again if the stack does not come up: nothing is left running.
-  const started: number[] = [];
+  const started: Started = { nats: undefined, supervisor: undefined };
   try {
     return await launchStack(dir, basePort, natsPort, options, log, started);
   } catch (err) {
-    for (const pid of started.reverse()) {
-      try {
-        process.kill(pid, "SIGKILL");
-      } catch {
-        // already gone
-      }
-    }
+    await killStarted(dir, started);
     rmSync(stateFile(dir), { force: true });
+    rmSync(supervisorPlanFile(dir), { force: true });
     throw err;
   }
+}
+
+/** The processes a `stackUp` started itself (the services are the supervisor's: stack.json has them). */
+interface Started {
+  nats: number | undefined;
+  supervisor: ChildProcess | undefined;
+}
+
+/** Kills what a failed `stackUp` started: the supervisor first (so that it restarts nothing), then its services, then nats-server. */
+async function killStarted(dir: string, started: Started): Promise<void> {
+  const kill = (pid: number | undefined) => {
+    if (pid === undefined) return;
+    try {
+      process.kill(pid, "SIGKILL");
+    } catch {
+      // already gone
+    }
+  };
+  const supervisor = started.supervisor;
+  if (supervisor !== undefined && supervisor.exitCode === null && supervisor.signalCode === null) {
+    const gone = new Promise((r) => supervisor.once("exit", r));
+    kill(supervisor.pid);
+    await Promise.race([gone, new Promise((r) => setTimeout(r, 5000))]);
+  }
+  if (existsSync(stateFile(dir))) for (const s of Object.values(readState(dir).services)) kill(s.pid);
+  kill(started.nats);
 }
 
 async function launchStack(
@@ -159,7 +145,7 @@ async function launchStack(
   natsPort: number,
   options: StackUpOptions,
   log: (line: string) => void,
-  started: number[],
+  started: Started,
 ): Promise<StackState> {
   let nats: StackState["nats"];
   let natsUrl: string;
@@ -198,7 +184,7 @@ async function launchStack(
     child.unref();
     closeSync(out);
     natsUrl = `nats://127.0.0.1:${natsPort}`;
-    if (child.pid !== undefined) started.push(child.pid);
+    started.nats = child.pid;
     nats = { pid: child.pid, port: natsPort, storeDir, external: false };
     await waitUntil(async () => !(await portFree(natsPort)), 10_000, "nats-server to listen", join(dir, "logs", "nats-server.log"));
     log(
@@ -206,12 +192,10 @@ async function launchStack(
     );
   }
 
-  const services = {} as Record<ServiceName, { pid: number | undefined; address: string; log: string }>;
   // ioasidctl checks the services' health as the operator (every server demands a client certificate).
   const tls = credentials === undefined ? undefined : readInstanceCredentials(credentials.operator);
   const addr = (name: ServiceName) => `127.0.0.1:${basePort + SERVICES.find((s) => s.name === name)!.offset}`;
   const env = {
-    ...process.env,
     NATS_URL: natsUrl,
     IOASID_CORE_ADDRESS: addr("ioasid-core"),
     IOMMU_ADDRESS: addr("iommu"),
@@ -219,50 +203,66 @@ async function launchStack(
     KVM_ADDRESS: addr("kvm"),
     VFIO_ADDRESS: addr("vfio"),
   };
-  for (const s of SERVICES) {
-    const logFile = join(dir, "logs", `${s.name}.log`);
-    const out = openSync(logFile, "a");
-    const child = spawn(process.execPath, [...(options.nodeArgs ?? []), serviceMain(s.name)], {
-      detached: true,
-      stdio: ["ignore", out, out],
-      env: { ...env, [s.addressVar]: addr(s.name), IOASID_CREDENTIALS_DIR: credentials?.services[s.name] ?? "" },
-    });
-    child.unref();
-    closeSync(out);
-    if (child.pid !== undefined) started.push(child.pid);
-    services[s.name] = { pid: child.pid, address: addr(s.name), log: logFile };
-    // The core first: the roles register with it at start.
-    if (s.name === "ioasid-core") await waitServing(s.name, addr(s.name), logFile, options.readyTimeoutMs ?? 20_000, tls);
-  }
-  const state: StackState = {
+  const readyTimeoutMs = options.readyTimeoutMs ?? 20_000;
+  const plan: SupervisedService[] = SERVICES.map((s) => ({
+    name: s.name,
+    command: process.execPath,
+    args: [...(options.nodeArgs ?? []), serviceMain(s.name)],
+    env: { ...env, [s.addressVar]: addr(s.name), IOASID_CREDENTIALS_DIR: credentials?.services[s.name] ?? "" },
+    address: addr(s.name),
+    log: join(dir, "logs", `${s.name}.log`),
+  }));
+  writeSupervisorPlan(dir, {
+    services: plan,
+    ...(credentials === undefined ? {} : { operatorCredentials: credentials.operator }),
+    readyTimeoutMs,
+    restart: options.restart ?? {},
+  });
+  const supervisorLog = join(dir, "logs", "supervisor.log");
+  const services = Object.fromEntries(
+    plan.map((s) => [s.name, { pid: undefined, address: s.address, log: s.log, restarts: 0 } satisfies ServiceRecord]),
+  ) as Record<ServiceName, ServiceRecord>;
+  writeState({
     dir,
     natsUrl,
     nats,
     services,
+    supervisor: { pid: undefined, log: supervisorLog },
     startedAt: Date.now(),
     ...(credentials === undefined ? {} : { operatorCredentials: credentials.operator, vmmCredentials: credentials.vmm }),
-  };
-  writeFileSync(stateFile(dir), JSON.stringify(state, null, 2));
-  for (const s of SERVICES) {
-    await waitServing(s.name, services[s.name].address, services[s.name].log, options.readyTimeoutMs ?? 20_000, tls);
-    log(`${s.name.padEnd(16)} pid ${services[s.name].pid}  ${services[s.name].address}  SERVING  (log ${services[s.name].log})`);
+  });
+  // From here on the supervisor writes stack.json (the services' PIDs as it starts and restarts them).
+  const out = openSync(supervisorLog, "a");
+  const supervisor = spawn(process.execPath, [supervisorMain, "--dir", dir], { detached: true, stdio: ["ignore", out, out] });
+  closeSync(out);
+  supervisor.unref();
+  started.supervisor = supervisor;
+  log(`supervisor       pid ${supervisor.pid}  starts the services, restarts one that fails (log ${supervisorLog})`);
+  for (const s of plan) {
+    await waitUntil(
+      async () => {
+        // A service the supervisor will not start again, or no supervisor: it will not come up.
+        const now = readState(dir).services[s.name];
+        if (now.supervision === Supervision.STOPPED || now.supervision === Supervision.GAVE_UP) throw notComingUp(s, now.note ?? "");
+        if (supervisor.exitCode !== null || supervisor.signalCode !== null) throw notComingUp({ ...s, log: supervisorLog }, "the supervisor exited");
+        return isServing(s.address, tls);
+      },
+      readyTimeoutMs,
+      `${s.name} to report SERVING on ${s.address}`,
+      s.log,
+    );
+    const now = readState(dir).services[s.name];
+    log(`${s.name.padEnd(16)} pid ${now.pid}  ${s.address}  SERVING  (log ${s.log})`);
   }
-  return state;
+  return readState(dir);
 }
 
-async function waitServing(name: string, address: string, logFile: string, timeoutMs: number, tls: InstanceCredentials | undefined): Promise<void> {
-  await waitUntil(
-    async () => {
-      try {
-        return (await checkHealth(address, "", { deadlineMs: 500, ...(tls === undefined ? {} : { client: { tls } }) })) === "SERVING";
-      } catch {
-        return false;
-      }
-    },
-    timeoutMs,
-    `${name} to report SERVING on ${address}`,
-    logFile,
-  );
+function notComingUp(s: { name: string; log: string }, why: string): Error {
+  return new Error(`${s.name} did not come up: ${why}; last lines of ${s.log}:\n${tailOf(s.log)}`);
+}
+
+function tailOf(logFile: string): string {
+  return existsSync(logFile) ? readFileSync(logFile, "utf8").split("\n").slice(-15).join("\n") : "(no log)";
 }
 
 async function waitUntil(cond: () => Promise<boolean>, timeoutMs: number, what: string, logFile: string): Promise<void> {
@@ -271,18 +271,17 @@ async function waitUntil(cond: () => Promise<boolean>, timeoutMs: number, what: 
     if (await cond()) return;
     await new Promise((r) => setTimeout(r, 100));
   }
-  const tail = existsSync(logFile) ? readFileSync(logFile, "utf8").split("\n").slice(-15).join("\n") : "(no log)";
-  throw new Error(`timed out after ${timeoutMs} ms waiting for ${what}; last lines of ${logFile}:\n${tail}`);
+  throw new Error(`timed out after ${timeoutMs} ms waiting for ${what}; last lines of ${logFile}:\n${tailOf(logFile)}`);
 }
 
 /**
- * Brings the stack down: SIGTERM to every process it started (services first, nats-server last),
- * SIGKILL after `graceMs`, then removes the state file (logs and the JetStream store stay unless
- * `purge`).
+ * Brings the stack down: the supervisor first (so that it restarts nothing), then SIGTERM to every
+ * process by the PID `stack.json` records now (a restarted service's too; services first,
+ * nats-server last), SIGKILL after `graceMs`, then removes the state file (logs and the JetStream
+ * store stay unless `purge`).
  */
 export async function stackDown(options: { dir?: string; graceMs?: number; purge?: boolean; log?: (line: string) => void } = {}): Promise<void> {
   const dir = resolve(options.dir ?? ".ioasid");
-  const state = readState(dir);
   const log = options.log ?? (() => undefined);
   const stop = async (name: string, pid: number | undefined) => {
     if (!alive(pid)) return;
@@ -294,8 +293,12 @@ export async function stackDown(options: { dir?: string; graceMs?: number; purge
       log(`${name.padEnd(16)} pid ${pid} killed (did not stop in time)`);
     } else log(`${name.padEnd(16)} pid ${pid} stopped`);
   };
+  await stop("supervisor", readState(dir).supervisor?.pid);
+  // Read again: the supervisor may have restarted a service since (its new PID is there).
+  const state = readState(dir);
   for (const s of [...SERVICES].reverse()) await stop(s.name, state.services[s.name]?.pid);
   if (!state.nats.external) await stop("nats-server", state.nats.pid);
   rmSync(stateFile(dir), { force: true });
+  rmSync(supervisorPlanFile(dir), { force: true });
   if (options.purge === true) rmSync(dir, { recursive: true, force: true });
 }
