@@ -7,12 +7,14 @@ import { startStack, type StackFixture } from "../support/stack-fixture.js";
 
 // A role whose kept state cannot be written any more stops (fail-stop), like the core: going on
 // with tables ahead of what it kept would let a later crash bring back entries it already said
-// were gone. A restart then restores and reconciles.
+// were gone. A restart then restores and reconciles. A write JetStream does not answer is retried
+// for IOASID_STATE_WRITE_RETRY first (role-state-retry.test.ts): 1 s here, so that the stream
+// deleted below stops the roles within the test.
 
 let stack: StackFixture;
 let nc: NatsConnection;
 beforeAll(async () => {
-  stack = await startStack();
+  stack = await startStack({ IOASID_STATE_WRITE_RETRY: "1s" });
   nc = await connect({ servers: stack.nats.url });
 }, 60_000);
 afterAll(async () => {

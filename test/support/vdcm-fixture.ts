@@ -73,8 +73,8 @@ export interface VdcmFixture {
   stop(): Promise<void>;
 }
 
-/** Starts nats + core + stand-in IOMMU + the built VDCM service (instance `vdcm0`). */
-export async function startVdcmStack(): Promise<VdcmFixture> {
+/** Starts nats + core + stand-in IOMMU + the built VDCM service (instance `vdcm0`), with `env` on top of its own. */
+export async function startVdcmStack(env: Record<string, string> = {}): Promise<VdcmFixture> {
   const coreFixture = await startCore();
   const stopAll: Array<() => Promise<unknown>> = [() => coreFixture.stop()];
   try {
@@ -95,7 +95,7 @@ export async function startVdcmStack(): Promise<VdcmFixture> {
         for (const s of stopAll) await s();
       },
     };
-    await startVdcmProcess(fixture);
+    await startVdcmProcess(fixture, env);
     return fixture;
   } catch (err) {
     for (const s of stopAll) await s().catch(() => undefined);
@@ -103,8 +103,8 @@ export async function startVdcmStack(): Promise<VdcmFixture> {
   }
 }
 
-/** Starts (another) VDCM process for the fixture, same instance, and points the client at it. */
-export async function startVdcmProcess(f: VdcmFixture): Promise<void> {
+/** Starts (another) VDCM process for the fixture, same instance, and points the client at it; `env` on top of its own. */
+export async function startVdcmProcess(f: VdcmFixture, env: Record<string, string> = {}): Promise<void> {
   f.proc = await startService({
     name: "vdcm",
     entry: serviceEntry("vdcm"),
@@ -114,6 +114,7 @@ export async function startVdcmProcess(f: VdcmFixture): Promise<void> {
       IOMMU_ADDRESS: f.iommu.address,
       IOASID_CORE_ADDRESS: f.core.proc.address,
       ...(await natsEnv(f.core.nats, "vdcm", { VDCM_INSTANCE: f.instance })),
+      ...env,
     },
   });
   f.client = createClient(vdcm.VdcmServiceService, f.proc.address, { deadlineMs: 5000 });

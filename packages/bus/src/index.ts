@@ -52,11 +52,14 @@ export {
   RoleStateHeaders,
   roleStateStreamName,
   roleStateSubject,
+  StateWriteError,
   type ProtoMessageFns,
   type RoleStateOptions,
   type RoleStatePort,
   type StateChange,
   type StateCodec,
+  type StateWriteRetry,
+  type StateWriteRetryOptions,
 } from "./role-state.js";
 export { DEFAULT_PREFIX, deliverySubject, encodeToken, Headers, helloSubject, queueGroup } from "./subjects.js";
 export {

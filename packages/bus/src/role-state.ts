@@ -1,5 +1,5 @@
-import { jetstream, jetstreamManager, AckPolicy, DeliverPolicy, DiscardPolicy, RetentionPolicy, StorageType } from "@nats-io/jetstream";
-import { headers as natsHeaders, type NatsConnection } from "@nats-io/transport-node";
+import { jetstream, jetstreamManager, AckPolicy, DeliverPolicy, DiscardPolicy, JetStreamApiError, RetentionPolicy, StorageType } from "@nats-io/jetstream";
+import { headers as natsHeaders, type MsgHdrs, type NatsConnection } from "@nats-io/transport-node";
 import { Code, DomainError } from "@ioasid/errors";
 import { DEFAULT_PREFIX, encodeToken } from "./subjects.js";
 
@@ -139,6 +139,54 @@ export interface RoleStateOptions<T> {
   readonly prefix?: string;
   /** Replicas of the stream when this call creates it. @default 1 */
   readonly replicas?: number;
+  /** How a failed write is retried before it is given up (see {@link StateWriteRetryOptions}). */
+  readonly retry?: StateWriteRetryOptions;
+}
+
+/**
+ * How {@link RoleState.write} retries a write JetStream did not acknowledge (issue 15: one
+ * JetStream write that timed out under load made KVM fail-stop, with nothing to restart it).
+ */
+export interface StateWriteRetryOptions {
+  /** How long one attempt waits for JetStream's acknowledgement, ms. @default 5000 (the JetStream client's) */
+  readonly attemptTimeoutMs?: number;
+  /**
+   * How long after its first failure a write is retried before {@link RoleState.write} rejects with
+   * a {@link StateWriteError} (each attempt's wait is cut to what is left), ms; 0: never retried. @default 20000
+   */
+  readonly retryMs?: number;
+  /** Wait before the first retry, doubled at each one up to 2 s, ms. @default 100 */
+  readonly initialDelayMs?: number;
+  /**
+   * Told before each retry (a role logs it); the retry waits for the promise it returns, if any
+   * (a test holds it back to order other writes before it).
+   */
+  readonly onRetry?: (retry: StateWriteRetry) => void | Promise<void>;
+}
+
+/** One retry of a state write, as {@link StateWriteRetryOptions.onRetry} is told it. */
+export interface StateWriteRetry {
+  /** The attempt about to be made (2 for the first retry). */
+  readonly attempt: number;
+  /** The keys it writes again (their latest values). */
+  readonly keys: readonly string[];
+  /** Why the previous attempt failed. */
+  readonly error: unknown;
+  /** Time since the first failure, ms. */
+  readonly elapsedMs: number;
+}
+
+/** A state write that was not kept within its bound: the role must stop (see {@link failStopOnWriteError}). */
+export class StateWriteError extends Error {
+  constructor(
+    message: string,
+    /** Attempts made. */
+    readonly attempts: number,
+    options: { cause: unknown },
+  ) {
+    super(message, options);
+    this.name = "StateWriteError";
+  }
 }
 
 /**
@@ -150,19 +198,26 @@ export interface RoleStateOptions<T> {
  * await store.write([{ key: "entry/dsa0/1", value: { kind: "pasidEntry", ... } }]);
  */
 export class RoleState<T> implements RoleStatePort<T> {
+  /**
+   * The latest message given for each subject a write in flight covers, with the number of writes
+   * in flight that cover it: what a retry publishes (see {@link write}).
+   */
+  readonly #latest = new Map<string, { data: Uint8Array; headers: MsgHdrs; writes: number }>();
+
   private constructor(
     private readonly nc: NatsConnection,
     private readonly prefix: string,
     private readonly role: string,
     private readonly instance: string,
     private readonly codec: StateCodec<T>,
+    private readonly retry: StateWriteRetryOptions,
   ) {}
 
   /** Opens (creating the stream when missing) the state of `role`/`instance`. */
   static async open<T>(nc: NatsConnection, options: RoleStateOptions<T>): Promise<RoleState<T>> {
     const prefix = options.prefix ?? DEFAULT_PREFIX;
     await ensureRoleStateStream(nc, prefix, options.replicas ?? 1);
-    return new RoleState(nc, prefix, options.role, options.instance, options.codec);
+    return new RoleState(nc, prefix, options.role, options.instance, options.codec, options.retry ?? {});
   }
 
   /** The subjects of this instance's keys (a filter). */
@@ -245,10 +300,24 @@ export class RoleState<T> implements RoleStatePort<T> {
     );
   }
 
-  /** @see RoleStatePort.write */
+  /**
+   * @see RoleStatePort.write
+   *
+   * A write JetStream did not acknowledge (its wait timed out: the server slow or briefly stopped;
+   * no JetStream answered) is made again, after 100 ms doubling to 2 s, until it is acknowledged or
+   * `retry.retryMs` passed since its first failure; then it rejects with a {@link StateWriteError}.
+   * A write the server refused (a JetStream API error: the same bytes would be refused again)
+   * rejects at once.
+   *
+   * Order per key: each key is one subject of which the stream keeps the last message, and
+   * messages are published in call order on one connection, so the value kept is the one published
+   * last. A retry therefore publishes each key's LATEST value given to any write (not the value this
+   * write was given): every message published for a key carries a value at least as new as any
+   * published before it, and a retried earlier write never overtakes a later one (a later write
+   * already acknowledged is written again, with the same value).
+   */
   async write(changes: readonly StateChange<T>[]): Promise<void> {
     if (changes.length === 0) return;
-    const js = jetstream(this.nc);
     // Encoded before anything is published: a change that cannot be encoded publishes nothing.
     const messages = changes.map((c) => {
       const h = natsHeaders();
@@ -257,10 +326,62 @@ export class RoleState<T> implements RoleStatePort<T> {
       const data = c.value === undefined ? new Uint8Array() : this.codec.encode(c.value);
       if (c.value !== undefined && data.length === 0)
         throw new Error(`role state of ${this.role}/${this.instance}: entry ${c.key} encodes to nothing (its kind is not set)`);
-      return { subject: roleStateSubject(this.prefix, this.role, this.instance, c.key), data, headers: h };
+      return { subject: roleStateSubject(this.prefix, this.role, this.instance, c.key), key: c.key, data, headers: h };
     });
-    // Published in order (one connection keeps it); acknowledged together.
-    await Promise.all(messages.map((m) => js.publish(m.subject, m.data, { headers: m.headers })));
+    // The last change of a key within one write is its latest value.
+    const subjects = [...new Map(messages.map((m) => [m.subject, m.key])).entries()];
+    for (const m of messages) {
+      const latest = this.#latest.get(m.subject);
+      this.#latest.set(m.subject, { data: m.data, headers: m.headers, writes: latest?.writes ?? 0 });
+    }
+    for (const [subject] of subjects) this.#latest.get(subject)!.writes++;
+    try {
+      await this.#publishUntilKept(subjects);
+    } finally {
+      for (const [subject] of subjects) {
+        const latest = this.#latest.get(subject)!;
+        if (--latest.writes === 0) this.#latest.delete(subject);
+      }
+    }
+  }
+
+  /** Publishes each subject's latest message, and again after a failure, within the retry bound. */
+  async #publishUntilKept(subjects: ReadonlyArray<readonly [subject: string, key: string]>): Promise<void> {
+    const js = jetstream(this.nc);
+    const attemptTimeoutMs = this.retry.attemptTimeoutMs ?? 5000;
+    const retryMs = this.retry.retryMs ?? 20_000;
+    let firstFailure: number | undefined;
+    let delayMs = this.retry.initialDelayMs ?? 100;
+    for (let attempt = 1; ; attempt++) {
+      const left = firstFailure === undefined ? attemptTimeoutMs : retryMs - (Date.now() - firstFailure);
+      try {
+        // Published in order, synchronously (one connection keeps it); acknowledged together.
+        const timeout = Math.max(1, Math.min(attemptTimeoutMs, left));
+        await Promise.all(
+          subjects.map(([subject]) => {
+            const m = this.#latest.get(subject)!;
+            return js.publish(subject, m.data, { headers: m.headers, timeout });
+          }),
+        );
+        return;
+      } catch (err) {
+        firstFailure ??= Date.now();
+        const elapsedMs = Date.now() - firstFailure;
+        if (err instanceof JetStreamApiError || elapsedMs + delayMs >= retryMs) {
+          const what = `role state of ${this.role}/${this.instance}: a write of ${subjects.length} key${subjects.length === 1 ? "" : "s"}`;
+          throw new StateWriteError(
+            err instanceof JetStreamApiError
+              ? `${what} was refused by JetStream: ${String(err)}`
+              : `${what} was not acknowledged after ${attempt} attempt${attempt === 1 ? "" : "s"} over ${elapsedMs} ms (bound ${retryMs} ms): ${String(err)}`,
+            attempt,
+            { cause: err },
+          );
+        }
+        await new Promise((r) => setTimeout(r, delayMs));
+        delayMs = Math.min(delayMs * 2, 2000);
+        await this.retry.onRetry?.({ attempt: attempt + 1, keys: subjects.map(([, key]) => key), error: err, elapsedMs: Date.now() - firstFailure });
+      }
+    }
   }
 
   /** Deletes every key of this instance (a role told to start from nothing). */
@@ -287,7 +408,8 @@ interface Unreadable {
  * gone (found by the chaos soak: an IOMMU entry torn down in memory, its deletion's write failed,
  * then a restart restored the entry after its IOASID was reclaimed). A restart restores the kept
  * tables and reconciles them with the core, as after any crash (the core's operation log does the
- * same: fail-stop). While `stopping` says the role is already shutting down, the error is passed
+ * same: fail-stop). A {@link RoleState} has already retried the write within its bound by then
+ * ({@link StateWriteRetryOptions}). While `stopping` says the role is already shutting down, the error is passed
  * to the caller instead.
  */
 export function failStopOnWriteError<T>(

@@ -59,6 +59,20 @@ export const commonRoleConfig = defineConfigSchema({
     default: "127.0.0.1:50051",
     doc: "host:port of ioasid-core's gRPC server.",
   },
+  stateWriteTimeout: {
+    name: "IOASID_STATE_WRITE_TIMEOUT",
+    kind: "duration-ms",
+    default: 5000,
+    doc: "How long one write of the role's kept state waits for JetStream's acknowledgement before it is retried.",
+  },
+  stateWriteRetry: {
+    name: "IOASID_STATE_WRITE_RETRY",
+    kind: "duration-ms",
+    default: 20_000,
+    doc:
+      "How long a state write JetStream did not acknowledge (timed out, or no JetStream answered) is retried, from its first failure, " +
+      "with backoff (0.1 s doubling to 2 s), before the role stops (exit 1: a restart restores what was kept and reconciles); 0: never retried.",
+  },
   ...busConfig,
 });
 

@@ -3,6 +3,7 @@ import {
   HistoryGate,
   RoleState,
   startSubscriber,
+  StateWriteError,
   type HistorySink,
   type RoleStatePort,
   type StateCodec,
@@ -24,6 +25,10 @@ export interface RoleBaseConfig {
   readonly prefix: string;
   readonly logLevel: string;
   readonly coreAddress: { readonly address: string };
+  /** One state write's wait for JetStream, ms (IOASID_STATE_WRITE_TIMEOUT). @default 5000 */
+  readonly stateWriteTimeout?: number;
+  /** How long a failed state write is retried before the role fail-stops, ms (IOASID_STATE_WRITE_RETRY). @default 20000 */
+  readonly stateWriteRetry?: number;
 }
 
 /** What {@link runRole} hands the role to build itself from (`T`: the role's kept entry). */
@@ -35,10 +40,12 @@ export interface RoleRuntime<T> {
   /** The role's kept state as last written (key → value), for the role to restore its tables from. */
   readonly saved: ReadonlyMap<string, T>;
   /**
-   * Where the role writes its state: kept in JetStream, and fail-stop — a write that cannot be
-   * made ends the process (exit 1) unless it is already stopping, so that a restart restores what
-   * was kept and reconciles (the core's operation log does the same). History records made while
-   * a write is pending are published once it is kept ({@link RoleRuntime.history}).
+   * Where the role writes its state: kept in JetStream, and fail-stop — a write JetStream does not
+   * acknowledge is retried with backoff for `IOASID_STATE_WRITE_RETRY` (one slow or timed-out write
+   * while the store is reachable is not fatal), and one that still cannot be made ends the process
+   * (exit 1) unless it is already stopping, so that a restart restores what was kept and reconciles
+   * (the core's operation log does the same). History records made while a write is pending are
+   * published once it is kept ({@link RoleRuntime.history}).
    */
   readonly store: RoleStatePort<T>;
   /** Wraps a history sink so that its records wait until the tables they describe are kept. */
@@ -142,9 +149,28 @@ export async function runRole<C extends RoleBaseConfig, T>(spec: RoleSpec<C, T>)
   }).catch((err: unknown) => fatal("cannot reach NATS: start nats-server with JetStream (-js) or set NATS_URL", { url: config.natsUrl, err: String(err) }));
   // The role's tables live in JetStream: a role killed with -9 comes back with them (the hardware
   // did not forget), then reconciles with the core.
-  const kept = await RoleState.open(nc, { role, instance, prefix: config.prefix, codec: spec.codec }).catch((err: unknown) =>
-    fatal(`cannot open the ${role} state in JetStream (is nats-server running with -js?)`, { err: String(err) }),
-  );
+  const kept = await RoleState.open(nc, {
+    role,
+    instance,
+    prefix: config.prefix,
+    codec: spec.codec,
+    retry: {
+      attemptTimeoutMs: config.stateWriteTimeout ?? 5000,
+      retryMs: config.stateWriteRetry ?? 20_000,
+      // Issue 15: one write that timed out under load made KVM exit with nothing to restart it.
+      onRetry: (r) => {
+        const fields = {
+          attempt: r.attempt,
+          keys: r.keys.length,
+          sinceFirstFailureMs: r.elapsedMs,
+          boundMs: config.stateWriteRetry ?? 20_000,
+          err: String(r.error),
+        };
+        if (r.attempt === 2) logger.warn(fields, "state write not acknowledged by JetStream; retrying within the bound (IOASID_STATE_WRITE_RETRY)");
+        else logger.debug(fields, "state write retried");
+      },
+    },
+  }).catch((err: unknown) => fatal(`cannot open the ${role} state in JetStream (is nats-server running with -js?)`, { err: String(err) }));
   // A kept state in another format (the JSON of earlier versions) is refused: the error says what to do.
   const saved = await kept.load().catch((err: unknown) => fatal(`cannot read the ${role} kept state`, { err: String(err) }));
   // Late-bound: the gate asks the role, which is built on the gate's store.
@@ -154,7 +180,11 @@ export async function runRole<C extends RoleBaseConfig, T>(spec: RoleSpec<C, T>)
   const store = gate.store(
     failStopOnWriteError(
       kept,
-      (err: unknown) => fatal("state store unwritable: exiting so a restart restores the kept tables and reconciles", { err: String(err) }),
+      (err: unknown) =>
+        fatal("state store unwritable: exiting so a restart restores the kept tables and reconciles", {
+          err: String(err),
+          ...(err instanceof StateWriteError ? { attempts: err.attempts } : {}),
+        }),
       {
         stopping,
       },
