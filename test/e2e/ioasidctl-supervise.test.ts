@@ -54,10 +54,18 @@ function pidsOf(state: StackState): number[] {
   return [...Object.values(state.services).map((s) => s.pid), state.supervisor?.pid, state.nats.pid].filter((p): p is number => p !== undefined);
 }
 
-const ports = () => {
-  const base = 20_000 + Math.floor(Math.random() * 20_000);
-  return { base, nats: base + 10 };
-};
+/**
+ * Runs `start` on random ports below Linux's ephemeral range (32768–60999, where the services of
+ * tests running beside this one listen), again on others when one is taken (at most 3 times).
+ */
+async function onFreePorts<T>(start: (base: number, nats: number) => Promise<T>, taken: (result: T) => boolean): Promise<T> {
+  for (let attempt = 1; ; attempt++) {
+    const base = 20_000 + Math.floor(Math.random() * 12_000);
+    const result = await start(base, base + 10);
+    if (!taken(result) || attempt === 3) return result;
+  }
+}
+const portTaken = /port \d+ \(.*\) is in use on 127\.0\.0\.1/;
 
 /** Stack directories of this file: whatever a failed test left is brought down and removed. */
 const dirs: string[] = [];
@@ -77,8 +85,10 @@ afterEach(async () => {
 describe("the embedded stack's supervisor (ioasidctl up)", () => {
   it("restarts a service killed with -9: a new PID serving again, `status` shows the restart, `down` stops it", async () => {
     const dir = stackDir();
-    const { base, nats } = ports();
-    const up = await ctl(dir, ["up", "--base-port", String(base), "--nats-port", String(nats)]);
+    const up = await onFreePorts(
+      (base, nats) => ctl(dir, ["up", "--base-port", String(base), "--nats-port", String(nats)]),
+      (r) => portTaken.test(r.stderr),
+    );
     expect(up.code, up.stderr).toBe(0);
     expect(up.stdout).toMatch(/supervisor\s+pid \d+/);
     const before = readState(dir);
@@ -101,10 +111,15 @@ describe("the embedded stack's supervisor (ioasidctl up)", () => {
     for (const s of ["ioasid-core", "iommu", "vfio", "vdcm"] as const) {
       expect(status).toMatch(new RegExp(`^${s} +pid ${before.services[s].pid} .* restarts 0 `, "m"));
     }
-    const log = readFileSync(join(dir, "logs", "supervisor.log"), "utf8");
-    expect(log).toContain(`kvm pid ${killed} ended (signal SIGKILL)`);
-    expect(log).toMatch(/restarting in 500 ms/);
-    expect(log).toContain(`kvm restarted (restart 1): pid ${restarted}`);
+    // The restart's line follows the PID's record (stack.json first: `down` must find the process).
+    const log = await until(
+      () => readFileSync(join(dir, "logs", "supervisor.log"), "utf8"),
+      (text) => text.includes(`kvm restarted (restart 1): pid ${restarted}`),
+      10_000,
+      "the restart's line in supervisor.log",
+    );
+    expect(log).toContain(`kvm pid ${killed} ended (signal SIGKILL) after`);
+    expect(log).toMatch(/kvm pid \d+ ended .*: restarting in 500 ms \(1 of at most 5 within 60 s\)/);
 
     const all = pidsOf(readState(dir));
     expect(all).toContain(restarted);
@@ -119,8 +134,12 @@ describe("the embedded stack's supervisor (ioasidctl up)", () => {
 
   it("gives up on a service that keeps failing, and says so in `status` and its log", async () => {
     const dir = stackDir();
-    const { base, nats } = ports();
-    await stackUp({ dir, basePort: base, natsPort: nats, insecure: true, restart: { maxRestarts: 1, initialDelayMs: 100 } });
+    const up = await onFreePorts(
+      (basePort, natsPort) =>
+        stackUp({ dir, basePort, natsPort, insecure: true, restart: { maxRestarts: 1, initialDelayMs: 100 } }).catch((err: unknown) => err as Error),
+      (r) => r instanceof Error && portTaken.test(r.message),
+    );
+    if (up instanceof Error) throw up;
     const first = readState(dir).services.vdcm.pid!;
     process.kill(first, "SIGKILL");
     const second = await until(
@@ -146,9 +165,11 @@ describe("the embedded stack's supervisor (ioasidctl up)", () => {
 
   it("does not restart a service with a configuration error (exit 2): `up` fails at once with why, and leaves nothing running", async () => {
     const dir = stackDir();
-    const { base, nats } = ports();
     // A log level no service accepts: each exits 2 before it connects anywhere.
-    const up = await ctl(dir, ["up", "--base-port", String(base), "--nats-port", String(nats), "--insecure"], { ...process.env, LOG_LEVEL: "loud" });
+    const up = await onFreePorts(
+      (base, nats) => ctl(dir, ["up", "--base-port", String(base), "--nats-port", String(nats), "--insecure"], { ...process.env, LOG_LEVEL: "loud" }),
+      (r) => portTaken.test(r.stderr),
+    );
     expect(up.code).toBe(1);
     expect(up.stderr).toMatch(/ioasid-core did not come up: exited 2, a configuration error .*: not restarted/);
     expect(up.stderr).toContain("LOG_LEVEL");

@@ -132,8 +132,14 @@ async function killStarted(dir: string, started: Started): Promise<void> {
   const supervisor = started.supervisor;
   if (supervisor !== undefined && supervisor.exitCode === null && supervisor.signalCode === null) {
     const gone = new Promise((r) => supervisor.once("exit", r));
-    kill(supervisor.pid);
-    await Promise.race([gone, new Promise((r) => setTimeout(r, 5000))]);
+    const within = (ms: number) => Promise.race([gone.then(() => true), new Promise<boolean>((r) => setTimeout(() => r(false), ms))]);
+    // SIGTERM first: the supervisor acts on it between two turns, never between a spawn and the
+    // record of its PID (a SIGKILL there would leave a service that stack.json does not name).
+    supervisor.kill("SIGTERM");
+    if (!(await within(3000))) {
+      kill(supervisor.pid);
+      await within(2000);
+    }
   }
   if (existsSync(stateFile(dir))) for (const s of Object.values(readState(dir).services)) kill(s.pid);
   kill(started.nats);

@@ -111,11 +111,13 @@ export async function superviseStack(dir: string, options: SuperviseOptions = {}
     const lastExit = { ...exit, at: Date.now() };
     const policy = policies.get(s.name)!;
     const decision: RestartDecision = policy.decide(exit, ranMs, lastExit.at);
+    // Each decision is a line of the log before it is in stack.json: whoever sees the state (`up`
+    // waiting for the service, `status`) finds the line that explains it.
     const how = `${s.name} pid ${state.services[s.name].pid} ended (${describeExit(exit)}) after ${(ranMs / 1000).toFixed(1)} s`;
     switch (decision.kind) {
       case "restart": {
-        record(s.name, { pid: undefined, lastExit, supervision: Supervision.RESTARTING });
         report(`${how}: restarting in ${decision.delayMs} ms (${decision.restarts} of at most ${policy.maxRestarts} within ${policy.windowMs / 1000} s)`);
+        record(s.name, { pid: undefined, lastExit, supervision: Supervision.RESTARTING });
         const timer = setTimeout(() => {
           timers.delete(s.name);
           if (!stopping) start(s, restarts + 1);
@@ -128,14 +130,14 @@ export async function superviseStack(dir: string, options: SuperviseOptions = {}
           decision.reason === "clean-exit"
             ? "exited 0 (a graceful stop is not a failure): not restarted"
             : `exited 2, a configuration error (it would fail the same way again): not restarted; fix it (see ${s.log}), then \`ioasidctl down\` and \`up\``;
-        record(s.name, { pid: undefined, lastExit, supervision: Supervision.STOPPED, note });
         report(`${how}: ${note}`);
+        record(s.name, { pid: undefined, lastExit, supervision: Supervision.STOPPED, note });
         break;
       }
       case "give-up": {
         const note = `failed again after ${decision.restarts} restart${decision.restarts === 1 ? "" : "s"} within ${decision.windowMs / 1000} s: not restarted any more (see ${s.log})`;
-        record(s.name, { pid: undefined, lastExit, supervision: Supervision.GAVE_UP, note });
         report(`${how}: GAVE UP, ${note}`);
+        record(s.name, { pid: undefined, lastExit, supervision: Supervision.GAVE_UP, note });
         break;
       }
     }
