@@ -1,6 +1,6 @@
 import { afterEach, describe, expect, it } from "vitest";
 import { core, events } from "@ioasid/proto";
-import { startNats, waitFor, type NatsServer } from "@ioasid/testkit";
+import { continueProcess, startNats, stopProcess, waitFor, type NatsServer } from "@ioasid/testkit";
 import { startCore, type CoreFixture } from "../support/core-fixture.js";
 import { deliveriesSettled, register, startSubscriberProcess, type TestSubscriber } from "../support/delivery-fixture.js";
 
@@ -144,7 +144,7 @@ describe("core crash (SIGKILL) and restart", () => {
     const { ioasid, generation } = await c.client.alloc(P(core.AllocRequest, { setId: set }));
     await c.client.get(P(core.GetRequest, { setId: set, ioasid, holder: VDCM, generation }));
     const put = () => c.client.put(P(core.PutRequest, { setId: set, ioasid, holder: VDCM, generation }), { deadlineMs: 600 });
-    process.kill(nats.pid!, "SIGSTOP");
+    await stopProcess(nats.pid!, "nats-server");
     try {
       await expect(put()).rejects.toMatchObject({ reason: "DEADLINE_EXCEEDED" });
       // The first put is applied, not durable: neither a refusal nor a query may show it.
@@ -153,7 +153,7 @@ describe("core crash (SIGKILL) and restart", () => {
         reason: "DEADLINE_EXCEEDED",
       });
     } finally {
-      process.kill(nats.pid!, "SIGCONT");
+      await continueProcess(nats.pid!, "nats-server");
     }
     // Once it is durable, the same retry is refused: the reference really is gone.
     await waitFor(

@@ -1,6 +1,6 @@
 import { afterEach, describe, expect, it } from "vitest";
 import { core, events } from "@ioasid/proto";
-import { waitFor } from "@ioasid/testkit";
+import { continueProcess, stopProcess, waitFor } from "@ioasid/testkit";
 import { readHistory, type HistoryRecord } from "@ioasid/bus";
 import { connect } from "@nats-io/transport-node";
 import { Code } from "@ioasid/errors";
@@ -236,13 +236,13 @@ describe("delivery deadlines and missed subscribers", () => {
     const c = fixture.client;
     const t = await fourTiers(0x7003n, { kvm: { SUB_DELAY_MS: "0" }, vdcm: { SUB_DELAY_MS: "0" }, iommu: { SUB_DELAY_MS: "0" }, audit: { SUB_DELAY_MS: "0" } });
     const x = await allocHeld(t.set);
-    t.kvm.proc.kill("SIGSTOP");
+    await stopProcess(t.kvm.proc.pid, "kvm");
     try {
       await c.free(P(core.FreeRequest, { setId: t.set, ioasid: x.ioasid }));
       await waitFor(() => t.audit.handled("FREE").length === 1, { timeoutMs: 5000, message: "the chain moving on without KVM" });
       expect((await c.describe({ ioasid: x.ioasid })).info!.holders.map((h) => h.holder!.role)).toEqual(["kvm"]);
     } finally {
-      t.kvm.proc.kill("SIGCONT");
+      await continueProcess(t.kvm.proc.pid, "kvm");
     }
     await waitFor(async () => !(await exists(c, x.ioasid)), { timeoutMs: 10_000, message: "reclaim once KVM catches up" });
     expect(t.kvm.handled("FREE")).toHaveLength(1);

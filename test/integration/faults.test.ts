@@ -6,7 +6,7 @@ import { eventOf, readHistory, type HistoryRecord } from "@ioasid/bus";
 import { Code } from "@ioasid/errors";
 import { decodeVfioCapability } from "@ioasid/grpc-kit";
 import { core, iommu, kvm, vdcm, vfio } from "@ioasid/proto";
-import { waitFor } from "@ioasid/testkit";
+import { continueProcess, stopProcess, waitFor } from "@ioasid/testkit";
 import { expectRefused } from "../support/core-fixture.js";
 import { startStack, type StackFixture } from "../support/stack-fixture.js";
 import {
@@ -531,7 +531,7 @@ describe("unrecoverable faults", () => {
 
     // Hold KVM (SIGSTOP): the FREE waits at the CPU tier, the IOMMU entry is still programmed, and
     // the IOASID is FREE_PENDING — the window between free and unbind.
-    process.kill(stack.procs.kvm.pid, "SIGSTOP");
+    await stopProcess(stack.procs.kvm.pid, "kvm");
     try {
       await c.vfio.freePasid({ containerId: g.containerId, hpasid: g.hpasid, generation: g.generation });
       expect((await c.core.describe({ ioasid: g.hpasid })).info!.state).toBe(core.IoasidState.IOASID_STATE_FREE_PENDING);
@@ -541,7 +541,7 @@ describe("unrecoverable faults", () => {
       });
       await new Promise((r) => setTimeout(r, 300));
     } finally {
-      process.kill(stack.procs.kvm.pid, "SIGCONT");
+      await continueProcess(stack.procs.kvm.pid, "kvm");
     }
     expect(w.faults(), "no fault reported between free and unbind").toHaveLength(2);
     await waitFor(

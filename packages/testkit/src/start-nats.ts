@@ -3,6 +3,7 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import type { InstanceCredentials, NatsRole, RoleIdentity } from "@ioasid/security";
 import { canConnect } from "./can-connect.js";
+import { untilStopped } from "./stop-process.js";
 import { spawnManaged, terminate, type ManagedChild } from "./managed-child.js";
 import { dockerRequested, startNatsContainer } from "./start-nats-container.js";
 import { TestAuthorization, type NatsRoleCredentials } from "./test-authorization.js";
@@ -213,6 +214,11 @@ export async function startNats(options: StartNatsOptions = {}): Promise<NatsSer
       if (managed === undefined || !managed.running()) return;
       if (!ENDING_SIGNALS.has(signal)) {
         managed.child.kill(signal);
+        // kill() returns once the signal is sent, not once every thread of nats-server stopped (or
+        // runs again): a test that stops the server and publishes at once could be answered by a
+        // thread still running (role-state-retry, under load: a write acknowledged 24 ms after
+        // SIGSTOP). Wait until the kernel says so.
+        if (signal === "SIGSTOP" || signal === "SIGCONT") await untilStopped(managed.child.pid!, signal === "SIGSTOP", "nats-server");
         return;
       }
       await terminate(managed, signal, 5000);
