@@ -34,6 +34,7 @@ export {
   type RegistrationScope,
   type SetInfo,
   type SetToken,
+  type SpaceState,
   type SpaceStats,
   type Subscriber,
 } from "./ioasid-space.js";

@@ -169,6 +169,43 @@ export interface SpaceStats {
   readonly allocator: string;
 }
 
+/**
+ * The whole state of an {@link IoasidSpace} at one moment, as {@link IoasidSpace.exportState} copies
+ * it and {@link IoasidSpace.restore} rebuilds it: what replaying every operation up to that moment
+ * would rebuild (the core's snapshots, issue 15). Plain data; columns are typed arrays of one length.
+ */
+export interface SpaceState {
+  readonly capacity: number;
+  /** Sequence number of the last event emitted. */
+  readonly lastSeq: number;
+  /** The id the next set gets. */
+  readonly nextSetId: number;
+  /** The id the next registration gets. */
+  readonly nextRegistrationId: number;
+  /** Every set, by id. */
+  readonly sets: ReadonlyArray<{ readonly id: number; readonly token: SetToken; readonly quota: number; readonly freeing: boolean }>;
+  /** Every allocated IOASID (ACTIVE or FREE_PENDING), ascending, as columns. */
+  readonly ioasids: {
+    readonly ids: Uint32Array;
+    readonly setIds: Uint32Array;
+    readonly generations: Uint32Array;
+    /** Reference counts, the allocation reference included while ACTIVE. */
+    readonly refcounts: Uint32Array;
+    readonly spids: Uint32Array;
+    /** 1: FREE_PENDING, 0: ACTIVE. */
+    readonly freePending: Uint8Array;
+  };
+  /** Named references per IOASID, each IOASID's holders in the order they were first taken. */
+  readonly holders: ReadonlyArray<{ readonly ioasid: number; readonly holders: readonly HolderCount[] }>;
+  readonly privateData: ReadonlyArray<{ readonly ioasid: number; readonly data: Uint8Array }>;
+  /** IOASIDs not allocated whose generation is not 0, ascending, with their generations. */
+  readonly freeGenerations: { readonly ids: Uint32Array; readonly generations: Uint32Array };
+  /** Every registration, by id (`setId`: where it is attached, 0 for global or pending). */
+  readonly registrations: readonly Registration[];
+  /** Name of the custom allocator in force (undefined: the default allocator). */
+  readonly allocator: string | undefined;
+}
+
 interface SetRecord {
   readonly id: number;
   readonly token: SetToken;
@@ -780,6 +817,162 @@ export class IoasidSpace {
       lastSeq: this.seq,
       allocator: this.custom?.name ?? "default",
     };
+  }
+
+  // ---------------------------------------------------------------------------------------------
+  // Snapshots
+
+  /**
+   * A copy of the whole state (see {@link SpaceState}): nothing in it changes with later calls. Costs
+   * one pass over the namespace (the generations of unallocated IDs) plus the allocated IOASIDs.
+   */
+  exportState(): SpaceState {
+    const n = this.bitmap.size - 1;
+    const ids = new Uint32Array(n);
+    let k = 0;
+    for (const set of this.sets.values()) for (let id = set.head; id >= 0; id = this.next[id]!) ids[k++] = id;
+    ids.sort();
+    const setIds = new Uint32Array(n);
+    const generations = new Uint32Array(n);
+    const refcounts = new Uint32Array(n);
+    const spids = new Uint32Array(n);
+    const freePending = new Uint8Array(n);
+    for (let i = 0; i < n; i++) {
+      const id = ids[i]!;
+      setIds[i] = this.setOf[id]!;
+      generations[i] = this.gen[id]!;
+      refcounts[i] = this.refs[id]!;
+      spids[i] = this.spidOf[id]!;
+      freePending[i] = this.state[id] === STATE_FREE_PENDING ? 1 : 0;
+    }
+    const freeIds: number[] = [];
+    const freeGens: number[] = [];
+    for (let id = 1; id < this.capacity; id++) {
+      if (this.state[id] === STATE_FREE && this.gen[id] !== 0) {
+        freeIds.push(id);
+        freeGens.push(this.gen[id]!);
+      }
+    }
+    return {
+      capacity: this.capacity,
+      lastSeq: this.seq,
+      nextSetId: this.nextSetId,
+      nextRegistrationId: this.nextRegId,
+      sets: [...this.sets.values()].map((s) => ({ id: s.id, token: s.token, quota: s.quota, freeing: s.freeing })),
+      ioasids: { ids, setIds, generations, refcounts, spids, freePending },
+      holders: [...this.holders].map(([ioasid, m]) => ({ ioasid, holders: [...m].map(([key, count]) => ({ holder: fromHolderKey(key), count })) })),
+      // Entries are replaced, never changed in place, so sharing the bytes is a copy.
+      privateData: [...this.privateData].map(([ioasid, data]) => ({ ioasid, data })),
+      freeGenerations: { ids: Uint32Array.from(freeIds), generations: Uint32Array.from(freeGens) },
+      registrations: [...this.registrations.values()].map(toRegistration),
+      allocator: this.custom?.name,
+    };
+  }
+
+  /**
+   * Rebuilds a state {@link exportState} copied, into this space, which must be new (nothing
+   * created, no event emitted). Emits nothing. `allocator` is the custom allocator the state names
+   * (its name must match). Checks what it takes — ranges, sets named, reference counts against
+   * holders, quotas against capacity, SPIDs unique per set — so a damaged snapshot is refused, not
+   * half-loaded into a state no call sequence could make.
+   * @throws RangeError when the state is inconsistent or this space is not new
+   */
+  restore(state: SpaceState, allocator?: CustomAllocator): void {
+    const fail = (what: string): never => {
+      throw new RangeError(`snapshot state refused: ${what}`);
+    };
+    if (this.seq !== 0 || this.sets.size !== 0 || this.registrations.size !== 0 || this.nextSetId !== 1) fail("the space is not new");
+    if (state.capacity !== this.capacity) fail(`it was taken with capacity ${state.capacity}, this space has ${this.capacity}`);
+    if (state.allocator !== allocator?.name)
+      fail(`it names allocator ${quote(state.allocator ?? "default")}, ${quote(allocator?.name ?? "default")} was given`);
+    let quotas = 0;
+    for (const s of state.sets) {
+      if (!Number.isInteger(s.id) || s.id < 1 || s.id >= state.nextSetId || this.sets.has(s.id)) fail(`set id ${s.id}`);
+      const token = this.assertToken(s.token);
+      if (this.setsByToken.has(tokenKey(token))) fail(`token ${token.value} of set ${s.id} twice`);
+      if (!Number.isInteger(s.quota) || s.quota < 1) fail(`quota ${s.quota} of set ${s.id}`);
+      quotas += s.quota;
+      this.sets.set(s.id, { id: s.id, token, quota: s.quota, head: -1, size: 0, spids: new Map(), freeing: s.freeing });
+      this.setsByToken.set(tokenKey(token), s.id);
+    }
+    if (quotas > this.capacity - 1) fail(`quotas add up to ${quotas}, beyond ${this.capacity - 1}`);
+    this.available = this.capacity - 1 - quotas;
+    const named = new Map<number, number>();
+    for (const { ioasid, holders } of state.holders) {
+      const m = new Map<string, number>();
+      let total = 0;
+      for (const h of holders) {
+        assertHolder(h.holder);
+        if (!Number.isInteger(h.count) || h.count < 1) fail(`reference count ${h.count} of IOASID ${ioasid}`);
+        m.set(toHolderKey(h.holder), h.count);
+        total += h.count;
+      }
+      if (m.size > 0) this.holders.set(ioasid, m);
+      named.set(ioasid, total);
+    }
+    const c = state.ioasids;
+    for (let i = 0; i < c.ids.length; i++) {
+      const id = c.ids[i]!;
+      if (id <= RID_PASID || id >= this.capacity || (i > 0 && id <= c.ids[i - 1]!)) fail(`IOASID ${id} out of range or order`);
+      const set = this.sets.get(c.setIds[i]!) ?? fail(`IOASID ${id} names no set (${c.setIds[i]})`);
+      const pending = c.freePending[i] === 1;
+      if (c.generations[i] === 0) fail(`IOASID ${id} has generation 0`);
+      if (c.refcounts[i] !== (pending ? 0 : 1) + (named.get(id) ?? 0) || c.refcounts[i] === 0)
+        fail(`IOASID ${id}: reference count ${c.refcounts[i]} against its holders`);
+      named.delete(id);
+      this.bitmap.take(id);
+      this.state[id] = pending ? STATE_FREE_PENDING : STATE_ACTIVE;
+      this.setOf[id] = set.id;
+      this.gen[id] = c.generations[i]!;
+      this.refs[id] = c.refcounts[i]!;
+      const spid = c.spids[i]!;
+      if (spid !== 0) {
+        if (spid > MAX_SPID || set.spids.has(spid)) fail(`SPID ${spid} of IOASID ${id}`);
+        set.spids.set(spid, id);
+        this.spidOf[id] = spid;
+      }
+      this.linkMember(set, id);
+      if (set.size > set.quota) fail(`set ${set.id} holds more IOASIDs than its quota`);
+    }
+    if (named.size > 0) fail(`references held on IOASIDs not allocated (${[...named.keys()].slice(0, 3).join(", ")})`);
+    for (const { ioasid, data } of state.privateData) {
+      if (this.state[ioasid] !== STATE_ACTIVE && this.state[ioasid] !== STATE_FREE_PENDING) fail(`private data of IOASID ${ioasid}, not allocated`);
+      this.assertPrivateData(data);
+      this.privateData.set(ioasid, data.slice());
+    }
+    const f = state.freeGenerations;
+    for (let i = 0; i < f.ids.length; i++) {
+      const id = f.ids[i]!;
+      if (id <= RID_PASID || id >= this.capacity || this.state[id] !== STATE_FREE) fail(`generation of IOASID ${id}, which is allocated or out of range`);
+      this.gen[id] = f.generations[i]!;
+    }
+    for (const r of state.registrations) {
+      if (!Number.isInteger(r.id) || r.id < 1 || r.id >= state.nextRegistrationId || this.registrations.has(r.id)) fail(`registration id ${r.id}`);
+      let mask = 0;
+      for (const t of r.events) mask |= EVENT_BITS[t] ?? fail(`event type ${String(t)} of registration ${r.id}`);
+      if (!PRIORITIES.has(r.priority)) fail(`priority of registration ${r.id}`);
+      const reg: RegistrationRecord = {
+        id: r.id,
+        subscriber: { ...r.subscriber },
+        priority: r.priority,
+        scope: r.scope,
+        events: [...r.events],
+        mask,
+        setId: 0,
+      };
+      this.registrations.set(reg.id, reg);
+      if (r.scope.kind === "global") this.globalRegs.add(reg);
+      else if (r.setId !== 0) {
+        if (!this.sets.has(r.setId)) fail(`registration ${r.id} is attached to no set (${r.setId})`);
+        this.attachRegistration(reg, r.setId);
+      } else if (r.scope.kind === "mm") this.addPending(reg);
+      else fail(`set registration ${r.id} attached to no set`);
+    }
+    this.nextSetId = state.nextSetId;
+    this.nextRegId = state.nextRegistrationId;
+    this.seq = state.lastSeq;
+    this.custom = allocator;
+    this.recipientCache.clear();
   }
 
   // ---------------------------------------------------------------------------------------------

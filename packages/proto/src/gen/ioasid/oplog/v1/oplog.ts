@@ -7,11 +7,12 @@
 /* eslint-disable */
 import { BinaryReader, BinaryWriter } from "@bufbuild/protobuf/wire";
 import { Timestamp } from "../../../google/protobuf/timestamp.js";
-import { Holder, Subscriber } from "../../core/v1/core.js";
+import { Holder, HolderCount, Subscriber } from "../../core/v1/core.js";
 import {
   EventType,
   eventTypeFromJSON,
   eventTypeToJSON,
+  IoasidEvent,
   Priority,
   priorityFromJSON,
   priorityToJSON,
@@ -23,6 +24,63 @@ import {
 export const protobufPackage = "ioasid.oplog.v1";
 
 export const protobufFileName = "ioasid/oplog/v1/oplog.proto";
+
+/** DeliveryOutcome is where one delivery stands. */
+export enum DeliveryOutcome {
+  /** DELIVERY_OUTCOME_UNSPECIFIED - Never written. */
+  DELIVERY_OUTCOME_UNSPECIFIED = 0,
+  /** DELIVERY_OUTCOME_PENDING - Not acknowledged yet. */
+  DELIVERY_OUTCOME_PENDING = 1,
+  /** DELIVERY_OUTCOME_ACKED - Acknowledged as settled. */
+  DELIVERY_OUTCOME_ACKED = 2,
+  /** DELIVERY_OUTCOME_MISSED - Missed: in the subscriber's backlog. */
+  DELIVERY_OUTCOME_MISSED = 3,
+  /** DELIVERY_OUTCOME_DROPPED - Its registration was removed before it acknowledged: nothing waits for it. */
+  DELIVERY_OUTCOME_DROPPED = 4,
+  UNRECOGNIZED = -1,
+}
+
+export function deliveryOutcomeFromJSON(object: any): DeliveryOutcome {
+  switch (object) {
+    case 0:
+    case "DELIVERY_OUTCOME_UNSPECIFIED":
+      return DeliveryOutcome.DELIVERY_OUTCOME_UNSPECIFIED;
+    case 1:
+    case "DELIVERY_OUTCOME_PENDING":
+      return DeliveryOutcome.DELIVERY_OUTCOME_PENDING;
+    case 2:
+    case "DELIVERY_OUTCOME_ACKED":
+      return DeliveryOutcome.DELIVERY_OUTCOME_ACKED;
+    case 3:
+    case "DELIVERY_OUTCOME_MISSED":
+      return DeliveryOutcome.DELIVERY_OUTCOME_MISSED;
+    case 4:
+    case "DELIVERY_OUTCOME_DROPPED":
+      return DeliveryOutcome.DELIVERY_OUTCOME_DROPPED;
+    case -1:
+    case "UNRECOGNIZED":
+    default:
+      return DeliveryOutcome.UNRECOGNIZED;
+  }
+}
+
+export function deliveryOutcomeToJSON(object: DeliveryOutcome): string {
+  switch (object) {
+    case DeliveryOutcome.DELIVERY_OUTCOME_UNSPECIFIED:
+      return "DELIVERY_OUTCOME_UNSPECIFIED";
+    case DeliveryOutcome.DELIVERY_OUTCOME_PENDING:
+      return "DELIVERY_OUTCOME_PENDING";
+    case DeliveryOutcome.DELIVERY_OUTCOME_ACKED:
+      return "DELIVERY_OUTCOME_ACKED";
+    case DeliveryOutcome.DELIVERY_OUTCOME_MISSED:
+      return "DELIVERY_OUTCOME_MISSED";
+    case DeliveryOutcome.DELIVERY_OUTCOME_DROPPED:
+      return "DELIVERY_OUTCOME_DROPPED";
+    case DeliveryOutcome.UNRECOGNIZED:
+    default:
+      return "UNRECOGNIZED";
+  }
+}
 
 /**
  * OpBatch is one JetStream message of the log (header `Ioasid-Format: ioasid.oplog.v1.OpBatch`):
@@ -413,6 +471,193 @@ export interface Miss {
   seq: bigint;
   /** The registration it was due to. */
   registrationId: number;
+}
+
+/**
+ * SnapshotMarker commits a snapshot (header `Ioasid-Format: ioasid.oplog.v1.SnapshotMarker`, on the
+ * op-log subject, with `Nats-Rollup: sub` and the expected last sequence like every message). It
+ * replaces every earlier message of the op-log subject: the state after them is the snapshot with
+ * the tail applied.
+ */
+export interface SnapshotMarker {
+  /** When the snapshot was taken. */
+  snapshotTime:
+    | Date
+    | undefined;
+  /** The stream sequence of the last op-log message whose operations the snapshot includes. */
+  position: bigint;
+  /** The subject of the chunks (`<prefix>.core.snapshot.a` or `.b`). */
+  chunkSubject: string;
+  /** The chunks' stream sequences, in order (at least one). */
+  chunkSeqs: bigint[];
+  /** Length of the encoded Snapshot (every chunk's data, concatenated). */
+  snapshotBytes: bigint;
+  /** SHA-256 of the encoded Snapshot: a reader refuses chunks that do not add up to it. */
+  sha256: Buffer;
+  /**
+   * The operations of the op-log messages after `position` and before this marker (written while
+   * the chunks were), in order: the rollup removes those messages, so the marker carries them.
+   */
+  tail: Operation[];
+}
+
+/**
+ * SnapshotChunk is one slice of an encoded Snapshot (header `Ioasid-Format:
+ * ioasid.oplog.v1.SnapshotChunk`, on a snapshot subject). A chunk no marker names is ignored.
+ */
+export interface SnapshotChunk {
+  /** Its place among the snapshot's chunks, from 0. */
+  index: number;
+  /** The slice. */
+  data: Buffer;
+}
+
+/**
+ * Snapshot is the core's whole state at one op-log position: what replaying the log up to it
+ * rebuilds — the model (sets, IOASIDs with their states, generations, references, SPIDs and private
+ * data, the generations of IOASIDs not allocated now, registrations, the allocator in force, the
+ * counters) and the deliveries not yet acknowledged by every target. Columns of numbers are packed.
+ */
+export interface Snapshot {
+  /** Size of the IOASID namespace it was taken with (a core with another capacity refuses it). */
+  capacity: number;
+  /** Sequence number of the last event committed. */
+  lastEventSeq: bigint;
+  /** The id the next set gets. */
+  nextSetId: number;
+  /** The id the next registration gets. */
+  nextRegistrationId: number;
+  /** Every set, by id. */
+  sets: SnapshotSet[];
+  /** Every allocated IOASID (ACTIVE or FREE_PENDING), ascending. */
+  ioasids:
+    | SnapshotIoasids
+    | undefined;
+  /** Named references (beyond the allocation reference), per IOASID. */
+  holders: SnapshotHolders[];
+  /** Private data, per IOASID. */
+  privateData: SnapshotPrivateData[];
+  /**
+   * IOASIDs not allocated now whose generation is not 0 (reused IDs keep counting), ascending and
+   * delta-coded: each the difference to the one before (the first: to 0).
+   */
+  freeIoasidDeltas: number[];
+  /** Their generations, in the same order. */
+  freeGenerations: number[];
+  /** Every registration, by id. */
+  registrations: SnapshotRegistration[];
+  /** The custom allocator in force (absent: the default allocator). */
+  allocator:
+    | SnapshotAllocator
+    | undefined;
+  /** Deliveries not yet acknowledged by every target, by event sequence. */
+  deliveries: SnapshotDelivery[];
+}
+
+/** SnapshotSet is one set. */
+export interface SnapshotSet {
+  /** Its id. */
+  setId: number;
+  /** Its token's type. */
+  tokenType: TokenType;
+  /** Its token. */
+  token: bigint;
+  /** Its quota. */
+  quota: number;
+  /** Being freed: destroyed when its last IOASID is reclaimed. */
+  freeing: boolean;
+}
+
+/** SnapshotIoasids holds the allocated IOASIDs as columns of one length. */
+export interface SnapshotIoasids {
+  /** The IOASIDs, ascending, delta-coded (each the difference to the one before; the first: to 0). */
+  ioasidDeltas: number[];
+  /** Each one's set. */
+  setIds: number[];
+  /** Each one's generation. */
+  generations: number[];
+  /** Each one's reference count (the allocation reference included while ACTIVE). */
+  refcounts: number[];
+  /** Each one's SPID (0: none). */
+  spids: number[];
+  /** Each one's state: true for FREE_PENDING, false for ACTIVE. */
+  freePending: boolean[];
+}
+
+/** SnapshotHolders is one IOASID's named references, in the order they were first taken. */
+export interface SnapshotHolders {
+  /** The IOASID. */
+  ioasid: number;
+  /** Its holders and how many references each holds. */
+  holders: HolderCount[];
+}
+
+/** SnapshotPrivateData is one IOASID's private data. */
+export interface SnapshotPrivateData {
+  /** The IOASID. */
+  ioasid: number;
+  /** The data. */
+  data: Buffer;
+}
+
+/** SnapshotRegistration is one notifier registration. */
+export interface SnapshotRegistration {
+  /** Its id. */
+  registrationId: number;
+  /** Who. */
+  subscriber:
+    | Subscriber
+    | undefined;
+  /** Its place in the call order. */
+  priority: Priority;
+  /** Its scope, as registered. */
+  scope:
+    | //
+    /** Every set (always true when set). */
+    { $case: "global"; value: boolean }
+    | //
+    /** One set by id. */
+    { $case: "setId"; value: number }
+    | //
+    /** The set with this MM token, now or when it is created. */
+    { $case: "mmToken"; value: bigint }
+    | undefined;
+  /** The event types it receives (never empty). */
+  events: EventType[];
+  /** The set it is attached to (0: global, or an MM registration waiting for its set). */
+  attachedSetId: number;
+}
+
+/** SnapshotAllocator is the custom allocator in force. */
+export interface SnapshotAllocator {
+  /** Its name. */
+  name: string;
+  /** Where its AllocatorService listens: a restored core connects to it again. */
+  address: string;
+}
+
+/** SnapshotDelivery is one committed event and how far its delivery got. */
+export interface SnapshotDelivery {
+  /** The event. */
+  event:
+    | IoasidEvent
+    | undefined;
+  /** Its targets, in delivery order, with each one's outcome so far. */
+  targets: SnapshotDeliveryTarget[];
+}
+
+/** SnapshotDeliveryTarget is one registration an event is delivered to. */
+export interface SnapshotDeliveryTarget {
+  /** The registration. */
+  registrationId: number;
+  /** Its subscriber. */
+  subscriber:
+    | Subscriber
+    | undefined;
+  /** Its priority. */
+  priority: Priority;
+  /** How far its delivery got. */
+  outcome: DeliveryOutcome;
 }
 
 function createBaseOpBatch(): OpBatch {
@@ -3673,6 +3918,1744 @@ export const Miss: MessageFns<Miss> = {
     const message = createBaseMiss();
     message.seq = (object.seq !== undefined && object.seq !== null) ? BigInt(object.seq) : 0n;
     message.registrationId = object.registrationId ?? 0;
+    return message;
+  },
+};
+
+function createBaseSnapshotMarker(): SnapshotMarker {
+  return {
+    snapshotTime: undefined,
+    position: 0n,
+    chunkSubject: "",
+    chunkSeqs: [],
+    snapshotBytes: 0n,
+    sha256: Buffer.alloc(0),
+    tail: [],
+  };
+}
+
+export const SnapshotMarker: MessageFns<SnapshotMarker> = {
+  encode(message: SnapshotMarker, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.snapshotTime !== undefined) {
+      Timestamp.encode(toTimestamp(message.snapshotTime), writer.uint32(10).fork()).join();
+    }
+    if (message.position !== 0n) {
+      if (BigInt.asUintN(64, message.position) !== message.position) {
+        throw new globalThis.Error("value provided for field message.position of type uint64 too large");
+      }
+      writer.uint32(16).uint64(message.position);
+    }
+    if (message.chunkSubject !== "") {
+      writer.uint32(26).string(message.chunkSubject);
+    }
+    if (message.chunkSeqs.length !== 0) {
+      writer.uint32(34).fork();
+      for (const v of message.chunkSeqs) {
+        if (BigInt.asUintN(64, v) !== v) {
+          throw new globalThis.Error("a value provided in array field chunkSeqs of type uint64 is too large");
+        }
+        writer.uint64(v);
+      }
+      writer.join();
+    }
+    if (message.snapshotBytes !== 0n) {
+      if (BigInt.asUintN(64, message.snapshotBytes) !== message.snapshotBytes) {
+        throw new globalThis.Error("value provided for field message.snapshotBytes of type uint64 too large");
+      }
+      writer.uint32(40).uint64(message.snapshotBytes);
+    }
+    if (message.sha256.length !== 0) {
+      writer.uint32(50).bytes(message.sha256);
+    }
+    for (const v of message.tail) {
+      Operation.encode(v!, writer.uint32(58).fork()).join();
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): SnapshotMarker {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseSnapshotMarker();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.snapshotTime = fromTimestamp(Timestamp.decode(reader, reader.uint32()));
+            continue;
+          }
+          case 2: {
+            if (tag !== 16) {
+              break;
+            }
+
+            message.position = reader.uint64() as bigint;
+            continue;
+          }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.chunkSubject = reader.string();
+            continue;
+          }
+          case 4: {
+            if (tag === 32) {
+              message.chunkSeqs.push(reader.uint64() as bigint);
+
+              continue;
+            }
+
+            if (tag === 34) {
+              const end2 = reader.uint32() + reader.pos;
+              while (reader.pos < end2) {
+                message.chunkSeqs.push(reader.uint64() as bigint);
+              }
+
+              continue;
+            }
+
+            break;
+          }
+          case 5: {
+            if (tag !== 40) {
+              break;
+            }
+
+            message.snapshotBytes = reader.uint64() as bigint;
+            continue;
+          }
+          case 6: {
+            if (tag !== 50) {
+              break;
+            }
+
+            message.sha256 = Buffer.from(reader.bytes());
+            continue;
+          }
+          case 7: {
+            if (tag !== 58) {
+              break;
+            }
+
+            message.tail.push(Operation.decode(reader, reader.uint32()));
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): SnapshotMarker {
+    return {
+      snapshotTime: isSet(object.snapshotTime)
+        ? fromJsonTimestamp(object.snapshotTime)
+        : isSet(object.snapshot_time)
+        ? fromJsonTimestamp(object.snapshot_time)
+        : undefined,
+      position: isSet(object.position) ? BigInt(object.position) : 0n,
+      chunkSubject: isSet(object.chunkSubject)
+        ? globalThis.String(object.chunkSubject)
+        : isSet(object.chunk_subject)
+        ? globalThis.String(object.chunk_subject)
+        : "",
+      chunkSeqs: globalThis.Array.isArray(object?.chunkSeqs)
+        ? object.chunkSeqs.map((e: any) => BigInt(e))
+        : globalThis.Array.isArray(object?.chunk_seqs)
+        ? object.chunk_seqs.map((e: any) => BigInt(e))
+        : [],
+      snapshotBytes: isSet(object.snapshotBytes)
+        ? BigInt(object.snapshotBytes)
+        : isSet(object.snapshot_bytes)
+        ? BigInt(object.snapshot_bytes)
+        : 0n,
+      sha256: isSet(object.sha256) ? Buffer.from(bytesFromBase64(object.sha256)) : Buffer.alloc(0),
+      tail: globalThis.Array.isArray(object?.tail)
+        ? object.tail.map((e: any) => Operation.fromJSON(e))
+        : [],
+    };
+  },
+
+  toJSON(message: SnapshotMarker): unknown {
+    const obj: any = {};
+    if (message.snapshotTime !== undefined) {
+      obj.snapshotTime = message.snapshotTime.toISOString();
+    }
+    if (message.position !== 0n) {
+      obj.position = message.position.toString();
+    }
+    if (message.chunkSubject !== "") {
+      obj.chunkSubject = message.chunkSubject;
+    }
+    if (message.chunkSeqs?.length) {
+      obj.chunkSeqs = message.chunkSeqs.map((e) => e.toString());
+    }
+    if (message.snapshotBytes !== 0n) {
+      obj.snapshotBytes = message.snapshotBytes.toString();
+    }
+    if (message.sha256.length !== 0) {
+      obj.sha256 = base64FromBytes(message.sha256);
+    }
+    if (message.tail?.length) {
+      obj.tail = message.tail.map((e) => Operation.toJSON(e));
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<SnapshotMarker>): SnapshotMarker {
+    return SnapshotMarker.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<SnapshotMarker>): SnapshotMarker {
+    const message = createBaseSnapshotMarker();
+    message.snapshotTime = object.snapshotTime ?? undefined;
+    message.position = (object.position !== undefined && object.position !== null) ? BigInt(object.position) : 0n;
+    message.chunkSubject = object.chunkSubject ?? "";
+    message.chunkSeqs = object.chunkSeqs?.map((e) => BigInt(e)) || [];
+    message.snapshotBytes = (object.snapshotBytes !== undefined && object.snapshotBytes !== null)
+      ? BigInt(object.snapshotBytes)
+      : 0n;
+    message.sha256 = object.sha256 ?? Buffer.alloc(0);
+    message.tail = object.tail?.map((e) => Operation.fromPartial(e)) || [];
+    return message;
+  },
+};
+
+function createBaseSnapshotChunk(): SnapshotChunk {
+  return { index: 0, data: Buffer.alloc(0) };
+}
+
+export const SnapshotChunk: MessageFns<SnapshotChunk> = {
+  encode(message: SnapshotChunk, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.index !== 0) {
+      writer.uint32(8).uint32(message.index);
+    }
+    if (message.data.length !== 0) {
+      writer.uint32(18).bytes(message.data);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): SnapshotChunk {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseSnapshotChunk();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 8) {
+              break;
+            }
+
+            message.index = reader.uint32();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.data = Buffer.from(reader.bytes());
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): SnapshotChunk {
+    return {
+      index: isSet(object.index) ? globalThis.Number(object.index) : 0,
+      data: isSet(object.data) ? Buffer.from(bytesFromBase64(object.data)) : Buffer.alloc(0),
+    };
+  },
+
+  toJSON(message: SnapshotChunk): unknown {
+    const obj: any = {};
+    if (message.index !== 0) {
+      obj.index = Math.round(message.index);
+    }
+    if (message.data.length !== 0) {
+      obj.data = base64FromBytes(message.data);
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<SnapshotChunk>): SnapshotChunk {
+    return SnapshotChunk.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<SnapshotChunk>): SnapshotChunk {
+    const message = createBaseSnapshotChunk();
+    message.index = object.index ?? 0;
+    message.data = object.data ?? Buffer.alloc(0);
+    return message;
+  },
+};
+
+function createBaseSnapshot(): Snapshot {
+  return {
+    capacity: 0,
+    lastEventSeq: 0n,
+    nextSetId: 0,
+    nextRegistrationId: 0,
+    sets: [],
+    ioasids: undefined,
+    holders: [],
+    privateData: [],
+    freeIoasidDeltas: [],
+    freeGenerations: [],
+    registrations: [],
+    allocator: undefined,
+    deliveries: [],
+  };
+}
+
+export const Snapshot: MessageFns<Snapshot> = {
+  encode(message: Snapshot, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.capacity !== 0) {
+      writer.uint32(8).uint32(message.capacity);
+    }
+    if (message.lastEventSeq !== 0n) {
+      if (BigInt.asUintN(64, message.lastEventSeq) !== message.lastEventSeq) {
+        throw new globalThis.Error("value provided for field message.lastEventSeq of type uint64 too large");
+      }
+      writer.uint32(16).uint64(message.lastEventSeq);
+    }
+    if (message.nextSetId !== 0) {
+      writer.uint32(24).uint32(message.nextSetId);
+    }
+    if (message.nextRegistrationId !== 0) {
+      writer.uint32(32).uint32(message.nextRegistrationId);
+    }
+    for (const v of message.sets) {
+      SnapshotSet.encode(v!, writer.uint32(42).fork()).join();
+    }
+    if (message.ioasids !== undefined) {
+      SnapshotIoasids.encode(message.ioasids, writer.uint32(50).fork()).join();
+    }
+    for (const v of message.holders) {
+      SnapshotHolders.encode(v!, writer.uint32(58).fork()).join();
+    }
+    for (const v of message.privateData) {
+      SnapshotPrivateData.encode(v!, writer.uint32(66).fork()).join();
+    }
+    if (message.freeIoasidDeltas.length !== 0) {
+      writer.uint32(74).fork();
+      for (const v of message.freeIoasidDeltas) {
+        writer.uint32(v);
+      }
+      writer.join();
+    }
+    if (message.freeGenerations.length !== 0) {
+      writer.uint32(82).fork();
+      for (const v of message.freeGenerations) {
+        writer.uint32(v);
+      }
+      writer.join();
+    }
+    for (const v of message.registrations) {
+      SnapshotRegistration.encode(v!, writer.uint32(90).fork()).join();
+    }
+    if (message.allocator !== undefined) {
+      SnapshotAllocator.encode(message.allocator, writer.uint32(98).fork()).join();
+    }
+    for (const v of message.deliveries) {
+      SnapshotDelivery.encode(v!, writer.uint32(106).fork()).join();
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): Snapshot {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseSnapshot();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 8) {
+              break;
+            }
+
+            message.capacity = reader.uint32();
+            continue;
+          }
+          case 2: {
+            if (tag !== 16) {
+              break;
+            }
+
+            message.lastEventSeq = reader.uint64() as bigint;
+            continue;
+          }
+          case 3: {
+            if (tag !== 24) {
+              break;
+            }
+
+            message.nextSetId = reader.uint32();
+            continue;
+          }
+          case 4: {
+            if (tag !== 32) {
+              break;
+            }
+
+            message.nextRegistrationId = reader.uint32();
+            continue;
+          }
+          case 5: {
+            if (tag !== 42) {
+              break;
+            }
+
+            message.sets.push(SnapshotSet.decode(reader, reader.uint32()));
+            continue;
+          }
+          case 6: {
+            if (tag !== 50) {
+              break;
+            }
+
+            message.ioasids = SnapshotIoasids.decode(reader, reader.uint32());
+            continue;
+          }
+          case 7: {
+            if (tag !== 58) {
+              break;
+            }
+
+            message.holders.push(SnapshotHolders.decode(reader, reader.uint32()));
+            continue;
+          }
+          case 8: {
+            if (tag !== 66) {
+              break;
+            }
+
+            message.privateData.push(SnapshotPrivateData.decode(reader, reader.uint32()));
+            continue;
+          }
+          case 9: {
+            if (tag === 72) {
+              message.freeIoasidDeltas.push(reader.uint32());
+
+              continue;
+            }
+
+            if (tag === 74) {
+              const end2 = reader.uint32() + reader.pos;
+              while (reader.pos < end2) {
+                message.freeIoasidDeltas.push(reader.uint32());
+              }
+
+              continue;
+            }
+
+            break;
+          }
+          case 10: {
+            if (tag === 80) {
+              message.freeGenerations.push(reader.uint32());
+
+              continue;
+            }
+
+            if (tag === 82) {
+              const end2 = reader.uint32() + reader.pos;
+              while (reader.pos < end2) {
+                message.freeGenerations.push(reader.uint32());
+              }
+
+              continue;
+            }
+
+            break;
+          }
+          case 11: {
+            if (tag !== 90) {
+              break;
+            }
+
+            message.registrations.push(SnapshotRegistration.decode(reader, reader.uint32()));
+            continue;
+          }
+          case 12: {
+            if (tag !== 98) {
+              break;
+            }
+
+            message.allocator = SnapshotAllocator.decode(reader, reader.uint32());
+            continue;
+          }
+          case 13: {
+            if (tag !== 106) {
+              break;
+            }
+
+            message.deliveries.push(SnapshotDelivery.decode(reader, reader.uint32()));
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): Snapshot {
+    return {
+      capacity: isSet(object.capacity) ? globalThis.Number(object.capacity) : 0,
+      lastEventSeq: isSet(object.lastEventSeq)
+        ? BigInt(object.lastEventSeq)
+        : isSet(object.last_event_seq)
+        ? BigInt(object.last_event_seq)
+        : 0n,
+      nextSetId: isSet(object.nextSetId)
+        ? globalThis.Number(object.nextSetId)
+        : isSet(object.next_set_id)
+        ? globalThis.Number(object.next_set_id)
+        : 0,
+      nextRegistrationId: isSet(object.nextRegistrationId)
+        ? globalThis.Number(object.nextRegistrationId)
+        : isSet(object.next_registration_id)
+        ? globalThis.Number(object.next_registration_id)
+        : 0,
+      sets: globalThis.Array.isArray(object?.sets) ? object.sets.map((e: any) => SnapshotSet.fromJSON(e)) : [],
+      ioasids: isSet(object.ioasids) ? SnapshotIoasids.fromJSON(object.ioasids) : undefined,
+      holders: globalThis.Array.isArray(object?.holders)
+        ? object.holders.map((e: any) => SnapshotHolders.fromJSON(e))
+        : [],
+      privateData: globalThis.Array.isArray(object?.privateData)
+        ? object.privateData.map((e: any) => SnapshotPrivateData.fromJSON(e))
+        : globalThis.Array.isArray(object?.private_data)
+        ? object.private_data.map((e: any) => SnapshotPrivateData.fromJSON(e))
+        : [],
+      freeIoasidDeltas: globalThis.Array.isArray(object?.freeIoasidDeltas)
+        ? object.freeIoasidDeltas.map((e: any) => globalThis.Number(e))
+        : globalThis.Array.isArray(object?.free_ioasid_deltas)
+        ? object.free_ioasid_deltas.map((e: any) => globalThis.Number(e))
+        : [],
+      freeGenerations: globalThis.Array.isArray(object?.freeGenerations)
+        ? object.freeGenerations.map((e: any) => globalThis.Number(e))
+        : globalThis.Array.isArray(object?.free_generations)
+        ? object.free_generations.map((e: any) => globalThis.Number(e))
+        : [],
+      registrations: globalThis.Array.isArray(object?.registrations)
+        ? object.registrations.map((e: any) => SnapshotRegistration.fromJSON(e))
+        : [],
+      allocator: isSet(object.allocator) ? SnapshotAllocator.fromJSON(object.allocator) : undefined,
+      deliveries: globalThis.Array.isArray(object?.deliveries)
+        ? object.deliveries.map((e: any) => SnapshotDelivery.fromJSON(e))
+        : [],
+    };
+  },
+
+  toJSON(message: Snapshot): unknown {
+    const obj: any = {};
+    if (message.capacity !== 0) {
+      obj.capacity = Math.round(message.capacity);
+    }
+    if (message.lastEventSeq !== 0n) {
+      obj.lastEventSeq = message.lastEventSeq.toString();
+    }
+    if (message.nextSetId !== 0) {
+      obj.nextSetId = Math.round(message.nextSetId);
+    }
+    if (message.nextRegistrationId !== 0) {
+      obj.nextRegistrationId = Math.round(message.nextRegistrationId);
+    }
+    if (message.sets?.length) {
+      obj.sets = message.sets.map((e) => SnapshotSet.toJSON(e));
+    }
+    if (message.ioasids !== undefined) {
+      obj.ioasids = SnapshotIoasids.toJSON(message.ioasids);
+    }
+    if (message.holders?.length) {
+      obj.holders = message.holders.map((e) => SnapshotHolders.toJSON(e));
+    }
+    if (message.privateData?.length) {
+      obj.privateData = message.privateData.map((e) => SnapshotPrivateData.toJSON(e));
+    }
+    if (message.freeIoasidDeltas?.length) {
+      obj.freeIoasidDeltas = message.freeIoasidDeltas.map((e) => Math.round(e));
+    }
+    if (message.freeGenerations?.length) {
+      obj.freeGenerations = message.freeGenerations.map((e) => Math.round(e));
+    }
+    if (message.registrations?.length) {
+      obj.registrations = message.registrations.map((e) => SnapshotRegistration.toJSON(e));
+    }
+    if (message.allocator !== undefined) {
+      obj.allocator = SnapshotAllocator.toJSON(message.allocator);
+    }
+    if (message.deliveries?.length) {
+      obj.deliveries = message.deliveries.map((e) => SnapshotDelivery.toJSON(e));
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<Snapshot>): Snapshot {
+    return Snapshot.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<Snapshot>): Snapshot {
+    const message = createBaseSnapshot();
+    message.capacity = object.capacity ?? 0;
+    message.lastEventSeq = (object.lastEventSeq !== undefined && object.lastEventSeq !== null)
+      ? BigInt(object.lastEventSeq)
+      : 0n;
+    message.nextSetId = object.nextSetId ?? 0;
+    message.nextRegistrationId = object.nextRegistrationId ?? 0;
+    message.sets = object.sets?.map((e) => SnapshotSet.fromPartial(e)) || [];
+    message.ioasids = (object.ioasids !== undefined && object.ioasids !== null)
+      ? SnapshotIoasids.fromPartial(object.ioasids)
+      : undefined;
+    message.holders = object.holders?.map((e) => SnapshotHolders.fromPartial(e)) || [];
+    message.privateData = object.privateData?.map((e) => SnapshotPrivateData.fromPartial(e)) || [];
+    message.freeIoasidDeltas = object.freeIoasidDeltas?.map((e) => e) || [];
+    message.freeGenerations = object.freeGenerations?.map((e) => e) || [];
+    message.registrations = object.registrations?.map((e) => SnapshotRegistration.fromPartial(e)) || [];
+    message.allocator = (object.allocator !== undefined && object.allocator !== null)
+      ? SnapshotAllocator.fromPartial(object.allocator)
+      : undefined;
+    message.deliveries = object.deliveries?.map((e) => SnapshotDelivery.fromPartial(e)) || [];
+    return message;
+  },
+};
+
+function createBaseSnapshotSet(): SnapshotSet {
+  return { setId: 0, tokenType: 0, token: 0n, quota: 0, freeing: false };
+}
+
+export const SnapshotSet: MessageFns<SnapshotSet> = {
+  encode(message: SnapshotSet, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.setId !== 0) {
+      writer.uint32(8).uint32(message.setId);
+    }
+    if (message.tokenType !== 0) {
+      writer.uint32(16).int32(message.tokenType);
+    }
+    if (message.token !== 0n) {
+      if (BigInt.asUintN(64, message.token) !== message.token) {
+        throw new globalThis.Error("value provided for field message.token of type uint64 too large");
+      }
+      writer.uint32(24).uint64(message.token);
+    }
+    if (message.quota !== 0) {
+      writer.uint32(32).uint32(message.quota);
+    }
+    if (message.freeing !== false) {
+      writer.uint32(40).bool(message.freeing);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): SnapshotSet {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseSnapshotSet();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 8) {
+              break;
+            }
+
+            message.setId = reader.uint32();
+            continue;
+          }
+          case 2: {
+            if (tag !== 16) {
+              break;
+            }
+
+            message.tokenType = reader.int32() as any;
+            continue;
+          }
+          case 3: {
+            if (tag !== 24) {
+              break;
+            }
+
+            message.token = reader.uint64() as bigint;
+            continue;
+          }
+          case 4: {
+            if (tag !== 32) {
+              break;
+            }
+
+            message.quota = reader.uint32();
+            continue;
+          }
+          case 5: {
+            if (tag !== 40) {
+              break;
+            }
+
+            message.freeing = reader.bool();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): SnapshotSet {
+    return {
+      setId: isSet(object.setId)
+        ? globalThis.Number(object.setId)
+        : isSet(object.set_id)
+        ? globalThis.Number(object.set_id)
+        : 0,
+      tokenType: isSet(object.tokenType)
+        ? tokenTypeFromJSON(object.tokenType)
+        : isSet(object.token_type)
+        ? tokenTypeFromJSON(object.token_type)
+        : 0,
+      token: isSet(object.token) ? BigInt(object.token) : 0n,
+      quota: isSet(object.quota) ? globalThis.Number(object.quota) : 0,
+      freeing: isSet(object.freeing) ? globalThis.Boolean(object.freeing) : false,
+    };
+  },
+
+  toJSON(message: SnapshotSet): unknown {
+    const obj: any = {};
+    if (message.setId !== 0) {
+      obj.setId = Math.round(message.setId);
+    }
+    if (message.tokenType !== 0) {
+      obj.tokenType = tokenTypeToJSON(message.tokenType);
+    }
+    if (message.token !== 0n) {
+      obj.token = message.token.toString();
+    }
+    if (message.quota !== 0) {
+      obj.quota = Math.round(message.quota);
+    }
+    if (message.freeing !== false) {
+      obj.freeing = message.freeing;
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<SnapshotSet>): SnapshotSet {
+    return SnapshotSet.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<SnapshotSet>): SnapshotSet {
+    const message = createBaseSnapshotSet();
+    message.setId = object.setId ?? 0;
+    message.tokenType = object.tokenType ?? 0;
+    message.token = (object.token !== undefined && object.token !== null) ? BigInt(object.token) : 0n;
+    message.quota = object.quota ?? 0;
+    message.freeing = object.freeing ?? false;
+    return message;
+  },
+};
+
+function createBaseSnapshotIoasids(): SnapshotIoasids {
+  return { ioasidDeltas: [], setIds: [], generations: [], refcounts: [], spids: [], freePending: [] };
+}
+
+export const SnapshotIoasids: MessageFns<SnapshotIoasids> = {
+  encode(message: SnapshotIoasids, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.ioasidDeltas.length !== 0) {
+      writer.uint32(10).fork();
+      for (const v of message.ioasidDeltas) {
+        writer.uint32(v);
+      }
+      writer.join();
+    }
+    if (message.setIds.length !== 0) {
+      writer.uint32(18).fork();
+      for (const v of message.setIds) {
+        writer.uint32(v);
+      }
+      writer.join();
+    }
+    if (message.generations.length !== 0) {
+      writer.uint32(26).fork();
+      for (const v of message.generations) {
+        writer.uint32(v);
+      }
+      writer.join();
+    }
+    if (message.refcounts.length !== 0) {
+      writer.uint32(34).fork();
+      for (const v of message.refcounts) {
+        writer.uint32(v);
+      }
+      writer.join();
+    }
+    if (message.spids.length !== 0) {
+      writer.uint32(42).fork();
+      for (const v of message.spids) {
+        writer.uint32(v);
+      }
+      writer.join();
+    }
+    if (message.freePending.length !== 0) {
+      writer.uint32(50).fork();
+      for (const v of message.freePending) {
+        writer.bool(v);
+      }
+      writer.join();
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): SnapshotIoasids {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseSnapshotIoasids();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag === 8) {
+              message.ioasidDeltas.push(reader.uint32());
+
+              continue;
+            }
+
+            if (tag === 10) {
+              const end2 = reader.uint32() + reader.pos;
+              while (reader.pos < end2) {
+                message.ioasidDeltas.push(reader.uint32());
+              }
+
+              continue;
+            }
+
+            break;
+          }
+          case 2: {
+            if (tag === 16) {
+              message.setIds.push(reader.uint32());
+
+              continue;
+            }
+
+            if (tag === 18) {
+              const end2 = reader.uint32() + reader.pos;
+              while (reader.pos < end2) {
+                message.setIds.push(reader.uint32());
+              }
+
+              continue;
+            }
+
+            break;
+          }
+          case 3: {
+            if (tag === 24) {
+              message.generations.push(reader.uint32());
+
+              continue;
+            }
+
+            if (tag === 26) {
+              const end2 = reader.uint32() + reader.pos;
+              while (reader.pos < end2) {
+                message.generations.push(reader.uint32());
+              }
+
+              continue;
+            }
+
+            break;
+          }
+          case 4: {
+            if (tag === 32) {
+              message.refcounts.push(reader.uint32());
+
+              continue;
+            }
+
+            if (tag === 34) {
+              const end2 = reader.uint32() + reader.pos;
+              while (reader.pos < end2) {
+                message.refcounts.push(reader.uint32());
+              }
+
+              continue;
+            }
+
+            break;
+          }
+          case 5: {
+            if (tag === 40) {
+              message.spids.push(reader.uint32());
+
+              continue;
+            }
+
+            if (tag === 42) {
+              const end2 = reader.uint32() + reader.pos;
+              while (reader.pos < end2) {
+                message.spids.push(reader.uint32());
+              }
+
+              continue;
+            }
+
+            break;
+          }
+          case 6: {
+            if (tag === 48) {
+              message.freePending.push(reader.bool());
+
+              continue;
+            }
+
+            if (tag === 50) {
+              const end2 = reader.uint32() + reader.pos;
+              while (reader.pos < end2) {
+                message.freePending.push(reader.bool());
+              }
+
+              continue;
+            }
+
+            break;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): SnapshotIoasids {
+    return {
+      ioasidDeltas: globalThis.Array.isArray(object?.ioasidDeltas)
+        ? object.ioasidDeltas.map((e: any) => globalThis.Number(e))
+        : globalThis.Array.isArray(object?.ioasid_deltas)
+        ? object.ioasid_deltas.map((e: any) => globalThis.Number(e))
+        : [],
+      setIds: globalThis.Array.isArray(object?.setIds)
+        ? object.setIds.map((e: any) => globalThis.Number(e))
+        : globalThis.Array.isArray(object?.set_ids)
+        ? object.set_ids.map((e: any) => globalThis.Number(e))
+        : [],
+      generations: globalThis.Array.isArray(object?.generations)
+        ? object.generations.map((e: any) => globalThis.Number(e))
+        : [],
+      refcounts: globalThis.Array.isArray(object?.refcounts)
+        ? object.refcounts.map((e: any) => globalThis.Number(e))
+        : [],
+      spids: globalThis.Array.isArray(object?.spids)
+        ? object.spids.map((e: any) => globalThis.Number(e))
+        : [],
+      freePending: globalThis.Array.isArray(object?.freePending)
+        ? object.freePending.map((e: any) => globalThis.Boolean(e))
+        : globalThis.Array.isArray(object?.free_pending)
+        ? object.free_pending.map((e: any) => globalThis.Boolean(e))
+        : [],
+    };
+  },
+
+  toJSON(message: SnapshotIoasids): unknown {
+    const obj: any = {};
+    if (message.ioasidDeltas?.length) {
+      obj.ioasidDeltas = message.ioasidDeltas.map((e) => Math.round(e));
+    }
+    if (message.setIds?.length) {
+      obj.setIds = message.setIds.map((e) => Math.round(e));
+    }
+    if (message.generations?.length) {
+      obj.generations = message.generations.map((e) => Math.round(e));
+    }
+    if (message.refcounts?.length) {
+      obj.refcounts = message.refcounts.map((e) => Math.round(e));
+    }
+    if (message.spids?.length) {
+      obj.spids = message.spids.map((e) => Math.round(e));
+    }
+    if (message.freePending?.length) {
+      obj.freePending = message.freePending;
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<SnapshotIoasids>): SnapshotIoasids {
+    return SnapshotIoasids.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<SnapshotIoasids>): SnapshotIoasids {
+    const message = createBaseSnapshotIoasids();
+    message.ioasidDeltas = object.ioasidDeltas?.map((e) => e) || [];
+    message.setIds = object.setIds?.map((e) => e) || [];
+    message.generations = object.generations?.map((e) => e) || [];
+    message.refcounts = object.refcounts?.map((e) => e) || [];
+    message.spids = object.spids?.map((e) => e) || [];
+    message.freePending = object.freePending?.map((e) => e) || [];
+    return message;
+  },
+};
+
+function createBaseSnapshotHolders(): SnapshotHolders {
+  return { ioasid: 0, holders: [] };
+}
+
+export const SnapshotHolders: MessageFns<SnapshotHolders> = {
+  encode(message: SnapshotHolders, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.ioasid !== 0) {
+      writer.uint32(8).uint32(message.ioasid);
+    }
+    for (const v of message.holders) {
+      HolderCount.encode(v!, writer.uint32(18).fork()).join();
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): SnapshotHolders {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseSnapshotHolders();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 8) {
+              break;
+            }
+
+            message.ioasid = reader.uint32();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.holders.push(HolderCount.decode(reader, reader.uint32()));
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): SnapshotHolders {
+    return {
+      ioasid: isSet(object.ioasid) ? globalThis.Number(object.ioasid) : 0,
+      holders: globalThis.Array.isArray(object?.holders) ? object.holders.map((e: any) => HolderCount.fromJSON(e)) : [],
+    };
+  },
+
+  toJSON(message: SnapshotHolders): unknown {
+    const obj: any = {};
+    if (message.ioasid !== 0) {
+      obj.ioasid = Math.round(message.ioasid);
+    }
+    if (message.holders?.length) {
+      obj.holders = message.holders.map((e) => HolderCount.toJSON(e));
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<SnapshotHolders>): SnapshotHolders {
+    return SnapshotHolders.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<SnapshotHolders>): SnapshotHolders {
+    const message = createBaseSnapshotHolders();
+    message.ioasid = object.ioasid ?? 0;
+    message.holders = object.holders?.map((e) => HolderCount.fromPartial(e)) || [];
+    return message;
+  },
+};
+
+function createBaseSnapshotPrivateData(): SnapshotPrivateData {
+  return { ioasid: 0, data: Buffer.alloc(0) };
+}
+
+export const SnapshotPrivateData: MessageFns<SnapshotPrivateData> = {
+  encode(message: SnapshotPrivateData, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.ioasid !== 0) {
+      writer.uint32(8).uint32(message.ioasid);
+    }
+    if (message.data.length !== 0) {
+      writer.uint32(18).bytes(message.data);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): SnapshotPrivateData {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseSnapshotPrivateData();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 8) {
+              break;
+            }
+
+            message.ioasid = reader.uint32();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.data = Buffer.from(reader.bytes());
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): SnapshotPrivateData {
+    return {
+      ioasid: isSet(object.ioasid) ? globalThis.Number(object.ioasid) : 0,
+      data: isSet(object.data) ? Buffer.from(bytesFromBase64(object.data)) : Buffer.alloc(0),
+    };
+  },
+
+  toJSON(message: SnapshotPrivateData): unknown {
+    const obj: any = {};
+    if (message.ioasid !== 0) {
+      obj.ioasid = Math.round(message.ioasid);
+    }
+    if (message.data.length !== 0) {
+      obj.data = base64FromBytes(message.data);
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<SnapshotPrivateData>): SnapshotPrivateData {
+    return SnapshotPrivateData.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<SnapshotPrivateData>): SnapshotPrivateData {
+    const message = createBaseSnapshotPrivateData();
+    message.ioasid = object.ioasid ?? 0;
+    message.data = object.data ?? Buffer.alloc(0);
+    return message;
+  },
+};
+
+function createBaseSnapshotRegistration(): SnapshotRegistration {
+  return { registrationId: 0, subscriber: undefined, priority: 0, scope: undefined, events: [], attachedSetId: 0 };
+}
+
+export const SnapshotRegistration: MessageFns<SnapshotRegistration> = {
+  encode(message: SnapshotRegistration, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.registrationId !== 0) {
+      writer.uint32(8).uint32(message.registrationId);
+    }
+    if (message.subscriber !== undefined) {
+      Subscriber.encode(message.subscriber, writer.uint32(18).fork()).join();
+    }
+    if (message.priority !== 0) {
+      writer.uint32(24).int32(message.priority);
+    }
+    switch (message.scope?.$case) {
+      case "global":
+        writer.uint32(32).bool(message.scope.value);
+        break;
+      case "setId":
+        writer.uint32(40).uint32(message.scope.value);
+        break;
+      case "mmToken":
+        if (BigInt.asUintN(64, message.scope.value) !== message.scope.value) {
+          throw new globalThis.Error("value provided for field message.scope.value of type uint64 too large");
+        }
+        writer.uint32(48).uint64(message.scope.value);
+        break;
+    }
+    if (message.events.length !== 0) {
+      writer.uint32(58).fork();
+      for (const v of message.events) {
+        writer.int32(v);
+      }
+      writer.join();
+    }
+    if (message.attachedSetId !== 0) {
+      writer.uint32(64).uint32(message.attachedSetId);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): SnapshotRegistration {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseSnapshotRegistration();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 8) {
+              break;
+            }
+
+            message.registrationId = reader.uint32();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.subscriber = Subscriber.decode(reader, reader.uint32());
+            continue;
+          }
+          case 3: {
+            if (tag !== 24) {
+              break;
+            }
+
+            message.priority = reader.int32() as any;
+            continue;
+          }
+          case 4: {
+            if (tag !== 32) {
+              break;
+            }
+
+            message.scope = { $case: "global", value: reader.bool() };
+            continue;
+          }
+          case 5: {
+            if (tag !== 40) {
+              break;
+            }
+
+            message.scope = { $case: "setId", value: reader.uint32() };
+            continue;
+          }
+          case 6: {
+            if (tag !== 48) {
+              break;
+            }
+
+            message.scope = { $case: "mmToken", value: reader.uint64() as bigint };
+            continue;
+          }
+          case 7: {
+            if (tag === 56) {
+              message.events.push(reader.int32() as any);
+
+              continue;
+            }
+
+            if (tag === 58) {
+              const end2 = reader.uint32() + reader.pos;
+              while (reader.pos < end2) {
+                message.events.push(reader.int32() as any);
+              }
+
+              continue;
+            }
+
+            break;
+          }
+          case 8: {
+            if (tag !== 64) {
+              break;
+            }
+
+            message.attachedSetId = reader.uint32();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): SnapshotRegistration {
+    return {
+      registrationId: isSet(object.registrationId)
+        ? globalThis.Number(object.registrationId)
+        : isSet(object.registration_id)
+        ? globalThis.Number(object.registration_id)
+        : 0,
+      subscriber: isSet(object.subscriber) ? Subscriber.fromJSON(object.subscriber) : undefined,
+      priority: isSet(object.priority) ? priorityFromJSON(object.priority) : 0,
+      scope: isSet(object.global)
+        ? { $case: "global", value: globalThis.Boolean(object.global) }
+        : isSet(object.setId)
+        ? { $case: "setId", value: globalThis.Number(object.setId) }
+        : isSet(object.set_id)
+        ? { $case: "setId", value: globalThis.Number(object.set_id) }
+        : isSet(object.mmToken)
+        ? { $case: "mmToken", value: BigInt(object.mmToken) }
+        : isSet(object.mm_token)
+        ? { $case: "mmToken", value: BigInt(object.mm_token) }
+        : undefined,
+      events: globalThis.Array.isArray(object?.events) ? object.events.map((e: any) => eventTypeFromJSON(e)) : [],
+      attachedSetId: isSet(object.attachedSetId)
+        ? globalThis.Number(object.attachedSetId)
+        : isSet(object.attached_set_id)
+        ? globalThis.Number(object.attached_set_id)
+        : 0,
+    };
+  },
+
+  toJSON(message: SnapshotRegistration): unknown {
+    const obj: any = {};
+    if (message.registrationId !== 0) {
+      obj.registrationId = Math.round(message.registrationId);
+    }
+    if (message.subscriber !== undefined) {
+      obj.subscriber = Subscriber.toJSON(message.subscriber);
+    }
+    if (message.priority !== 0) {
+      obj.priority = priorityToJSON(message.priority);
+    }
+    if (message.scope?.$case === "global") {
+      obj.global = message.scope.value;
+    } else if (message.scope?.$case === "setId") {
+      obj.setId = Math.round(message.scope.value);
+    } else if (message.scope?.$case === "mmToken") {
+      obj.mmToken = message.scope.value.toString();
+    }
+    if (message.events?.length) {
+      obj.events = message.events.map((e) => eventTypeToJSON(e));
+    }
+    if (message.attachedSetId !== 0) {
+      obj.attachedSetId = Math.round(message.attachedSetId);
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<SnapshotRegistration>): SnapshotRegistration {
+    return SnapshotRegistration.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<SnapshotRegistration>): SnapshotRegistration {
+    const message = createBaseSnapshotRegistration();
+    message.registrationId = object.registrationId ?? 0;
+    message.subscriber = (object.subscriber !== undefined && object.subscriber !== null)
+      ? Subscriber.fromPartial(object.subscriber)
+      : undefined;
+    message.priority = object.priority ?? 0;
+    switch (object.scope?.$case) {
+      case "global": {
+        if (object.scope?.value !== undefined && object.scope?.value !== null) {
+          message.scope = { $case: "global", value: object.scope.value };
+        }
+        break;
+      }
+      case "setId": {
+        if (object.scope?.value !== undefined && object.scope?.value !== null) {
+          message.scope = { $case: "setId", value: object.scope.value };
+        }
+        break;
+      }
+      case "mmToken": {
+        if (object.scope?.value !== undefined && object.scope?.value !== null) {
+          message.scope = { $case: "mmToken", value: BigInt(object.scope.value) };
+        }
+        break;
+      }
+    }
+    message.events = object.events?.map((e) => e) || [];
+    message.attachedSetId = object.attachedSetId ?? 0;
+    return message;
+  },
+};
+
+function createBaseSnapshotAllocator(): SnapshotAllocator {
+  return { name: "", address: "" };
+}
+
+export const SnapshotAllocator: MessageFns<SnapshotAllocator> = {
+  encode(message: SnapshotAllocator, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.name !== "") {
+      writer.uint32(10).string(message.name);
+    }
+    if (message.address !== "") {
+      writer.uint32(18).string(message.address);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): SnapshotAllocator {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseSnapshotAllocator();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.name = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.address = reader.string();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): SnapshotAllocator {
+    return {
+      name: isSet(object.name) ? globalThis.String(object.name) : "",
+      address: isSet(object.address) ? globalThis.String(object.address) : "",
+    };
+  },
+
+  toJSON(message: SnapshotAllocator): unknown {
+    const obj: any = {};
+    if (message.name !== "") {
+      obj.name = message.name;
+    }
+    if (message.address !== "") {
+      obj.address = message.address;
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<SnapshotAllocator>): SnapshotAllocator {
+    return SnapshotAllocator.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<SnapshotAllocator>): SnapshotAllocator {
+    const message = createBaseSnapshotAllocator();
+    message.name = object.name ?? "";
+    message.address = object.address ?? "";
+    return message;
+  },
+};
+
+function createBaseSnapshotDelivery(): SnapshotDelivery {
+  return { event: undefined, targets: [] };
+}
+
+export const SnapshotDelivery: MessageFns<SnapshotDelivery> = {
+  encode(message: SnapshotDelivery, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.event !== undefined) {
+      IoasidEvent.encode(message.event, writer.uint32(10).fork()).join();
+    }
+    for (const v of message.targets) {
+      SnapshotDeliveryTarget.encode(v!, writer.uint32(18).fork()).join();
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): SnapshotDelivery {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseSnapshotDelivery();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.event = IoasidEvent.decode(reader, reader.uint32());
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.targets.push(SnapshotDeliveryTarget.decode(reader, reader.uint32()));
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): SnapshotDelivery {
+    return {
+      event: isSet(object.event) ? IoasidEvent.fromJSON(object.event) : undefined,
+      targets: globalThis.Array.isArray(object?.targets)
+        ? object.targets.map((e: any) => SnapshotDeliveryTarget.fromJSON(e))
+        : [],
+    };
+  },
+
+  toJSON(message: SnapshotDelivery): unknown {
+    const obj: any = {};
+    if (message.event !== undefined) {
+      obj.event = IoasidEvent.toJSON(message.event);
+    }
+    if (message.targets?.length) {
+      obj.targets = message.targets.map((e) => SnapshotDeliveryTarget.toJSON(e));
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<SnapshotDelivery>): SnapshotDelivery {
+    return SnapshotDelivery.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<SnapshotDelivery>): SnapshotDelivery {
+    const message = createBaseSnapshotDelivery();
+    message.event = (object.event !== undefined && object.event !== null)
+      ? IoasidEvent.fromPartial(object.event)
+      : undefined;
+    message.targets = object.targets?.map((e) => SnapshotDeliveryTarget.fromPartial(e)) || [];
+    return message;
+  },
+};
+
+function createBaseSnapshotDeliveryTarget(): SnapshotDeliveryTarget {
+  return { registrationId: 0, subscriber: undefined, priority: 0, outcome: 0 };
+}
+
+export const SnapshotDeliveryTarget: MessageFns<SnapshotDeliveryTarget> = {
+  encode(message: SnapshotDeliveryTarget, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.registrationId !== 0) {
+      writer.uint32(8).uint32(message.registrationId);
+    }
+    if (message.subscriber !== undefined) {
+      Subscriber.encode(message.subscriber, writer.uint32(18).fork()).join();
+    }
+    if (message.priority !== 0) {
+      writer.uint32(24).int32(message.priority);
+    }
+    if (message.outcome !== 0) {
+      writer.uint32(32).int32(message.outcome);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): SnapshotDeliveryTarget {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseSnapshotDeliveryTarget();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 8) {
+              break;
+            }
+
+            message.registrationId = reader.uint32();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.subscriber = Subscriber.decode(reader, reader.uint32());
+            continue;
+          }
+          case 3: {
+            if (tag !== 24) {
+              break;
+            }
+
+            message.priority = reader.int32() as any;
+            continue;
+          }
+          case 4: {
+            if (tag !== 32) {
+              break;
+            }
+
+            message.outcome = reader.int32() as any;
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): SnapshotDeliveryTarget {
+    return {
+      registrationId: isSet(object.registrationId)
+        ? globalThis.Number(object.registrationId)
+        : isSet(object.registration_id)
+        ? globalThis.Number(object.registration_id)
+        : 0,
+      subscriber: isSet(object.subscriber) ? Subscriber.fromJSON(object.subscriber) : undefined,
+      priority: isSet(object.priority) ? priorityFromJSON(object.priority) : 0,
+      outcome: isSet(object.outcome) ? deliveryOutcomeFromJSON(object.outcome) : 0,
+    };
+  },
+
+  toJSON(message: SnapshotDeliveryTarget): unknown {
+    const obj: any = {};
+    if (message.registrationId !== 0) {
+      obj.registrationId = Math.round(message.registrationId);
+    }
+    if (message.subscriber !== undefined) {
+      obj.subscriber = Subscriber.toJSON(message.subscriber);
+    }
+    if (message.priority !== 0) {
+      obj.priority = priorityToJSON(message.priority);
+    }
+    if (message.outcome !== 0) {
+      obj.outcome = deliveryOutcomeToJSON(message.outcome);
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<SnapshotDeliveryTarget>): SnapshotDeliveryTarget {
+    return SnapshotDeliveryTarget.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<SnapshotDeliveryTarget>): SnapshotDeliveryTarget {
+    const message = createBaseSnapshotDeliveryTarget();
+    message.registrationId = object.registrationId ?? 0;
+    message.subscriber = (object.subscriber !== undefined && object.subscriber !== null)
+      ? Subscriber.fromPartial(object.subscriber)
+      : undefined;
+    message.priority = object.priority ?? 0;
+    message.outcome = object.outcome ?? 0;
     return message;
   },
 };
