@@ -13,11 +13,13 @@ describe("natsPermissions", () => {
     const core = natsPermissions("ioasid.v1", { role: "core", instance: "core" })!;
     expect(core.publish.allow).toContain("ioasid.v1.deliver.>");
     expect(core.publish.allow).toContain("ioasid.v1.core.ops");
+    expect(core.publish.allow).toContain("ioasid.v1.core.snapshot.*");
     for (const role of ["iommu", "kvm", "vdcm", "vfio"] as const) {
       const p = natsPermissions("ioasid.v1", { role, instance: "x0" })!;
-      expect(p.publish.allow.some((s) => s.includes(".deliver.") || s.endsWith(".core.ops"))).toBe(false);
+      expect(p.publish.allow.some((s) => s.includes(".deliver.") || s.endsWith(".core.ops") || s.includes(".core.snapshot"))).toBe(false);
       expect(p.publish.deny).toContain("ioasid.v1.deliver.>");
       expect(p.publish.deny).toContain("ioasid.v1.core.ops");
+      expect(p.publish.deny).toContain("ioasid.v1.core.snapshot.>");
     }
   });
 

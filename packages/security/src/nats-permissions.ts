@@ -62,7 +62,8 @@ function instanceToken(identity: NatsIdentity): string {
 
 /**
  * The permissions of a role instance's NATS user (DESIGN §4.6, §11).
- * - The core alone publishes deliveries (`deliver.>`) and writes the op log; it creates the three
+ * - The core alone publishes deliveries (`deliver.>`) and writes the op log and its snapshots
+ *   (`core.ops`, `core.snapshot.*`, both in the op log's stream); it creates the three
  *   streams, reads them through consumers, and answers hellos.
  * - A role subscribes only to its own delivery subject, in its own queue group (so nobody else can
  *   join the group and acknowledge in its place), and replies only to what it received
@@ -86,6 +87,8 @@ export function natsPermissions(prefix: string, identity: NatsIdentity): NatsPer
         allow: [
           `${prefix}.deliver.>`,
           `${prefix}.core.ops`,
+          // Snapshot chunks, in the op log's stream (issue 15): the core's alone, like the op log.
+          `${prefix}.core.snapshot.*`,
           `${prefix}.history.ioasid.core`,
           "$JS.API.INFO",
           ...streams.flatMap((s) => [
@@ -125,7 +128,7 @@ export function natsPermissions(prefix: string, identity: NatsIdentity): NatsPer
         `$JS.API.CONSUMER.MSG.NEXT.${roleState}.*`,
         `$JS.API.CONSUMER.DELETE.${roleState}.*`,
       ],
-      deny: [...deny, `${prefix}.deliver.>`, `${prefix}.core.ops`],
+      deny: [...deny, `${prefix}.deliver.>`, `${prefix}.core.ops`, `${prefix}.core.snapshot.>`],
     },
     subscribe: {
       allow: [`${prefix}.deliver.${role}.${token} ${role}.${token}`, inbox],

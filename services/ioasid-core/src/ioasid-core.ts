@@ -25,6 +25,9 @@ import {
   type OperatorAudit,
 } from "./operation.js";
 import { auditRecordOf } from "./audit-record.js";
+import { OpLogFormatError } from "./op-codec.js";
+import { DeliveryOutcome, encodeSnapshot, type CoreSnapshot } from "./snapshot-codec.js";
+import { toEventType } from "./convert.js";
 
 /**
  * An external allocator as the core sees it: asynchronous (it lives in another process). The
@@ -66,11 +69,11 @@ export interface IoasidCoreOptions {
   readonly space?: (options: IoasidSpaceOptions) => IoasidSpace;
 }
 
-const PENDING = 0;
-const ACKED = 1;
-const MISSED = 2;
+const PENDING = DeliveryOutcome.PENDING;
+const ACKED = DeliveryOutcome.ACKED;
+const MISSED = DeliveryOutcome.MISSED;
 /** The registration was removed before it acknowledged: nothing waits for it any more. */
-const DROPPED = 3;
+const DROPPED = DeliveryOutcome.DROPPED;
 
 /** Delivery progress of one committed event: an outcome per target, in target order. */
 interface DeliveryRecord {
@@ -107,6 +110,8 @@ export class IoasidCore {
   private readonly ctx: ApplyContext;
   private readonly options: IoasidCoreOptions;
   private readonly externals = new Map<string, ExternalAllocator>();
+  /** Where each external allocator made so far listens (a snapshot names the one in force). */
+  private readonly allocatorAddresses = new Map<string, string>();
   private readonly deliveries = new Map<number, DeliveryRecord>();
   private readonly commits: Commit[] = [];
   private opLog: OpLog | undefined;
@@ -136,6 +141,7 @@ export class IoasidCore {
       space: this.space,
       allocator: undefined,
       makeAllocator: (name, address) => {
+        this.allocatorAddresses.set(name, address);
         const external = options.externalAllocator?.(name, address);
         if (external !== undefined) this.externals.set(name, external);
         // A reclaim during replay already happened once: the allocator was told then.
@@ -180,23 +186,33 @@ export class IoasidCore {
       this.replaying = true;
       const history = this.options.history;
       try {
-        n = await opLog.replay((op, seq) => {
-          this.currentTs = op.commitTimeMs;
-          const republish = history !== undefined && republishAfter !== undefined && seq > republishAfter;
-          const records: Array<[HistoryActionInput, HistoryFields, number]> = [];
-          if (republish) this.historyCapture = records;
-          try {
-            this.applyRecord(op);
-          } finally {
-            this.historyCapture = undefined;
-          }
-          this.captured = [];
-          for (const [action, fields, ts] of records) history?.(action, { ...fields, recovered: true }, ts, seq);
-          this.republished += records.length;
-        });
+        n = await opLog.replay(
+          (op, seq) => {
+            this.currentTs = op.commitTimeMs;
+            const republish = history !== undefined && republishAfter !== undefined && seq > republishAfter;
+            const records: Array<[HistoryActionInput, HistoryFields, number]> = [];
+            if (republish) this.historyCapture = records;
+            try {
+              this.applyRecord(op);
+            } finally {
+              this.historyCapture = undefined;
+            }
+            this.captured = [];
+            for (const [action, fields, ts] of records) history?.(action, { ...fields, recovered: true }, ts, seq);
+            this.republished += records.length;
+          },
+          (snapshot, seq) => this.restoreSnapshot(snapshot, opLog.stream, seq),
+        );
       } finally {
         this.replaying = false;
       }
+      // Snapshots are taken from here on: the state is whole, and every later operation is appended.
+      opLog.snapshotSource = () => this.captureSnapshot();
+      opLog.onSnapshot = (info) => this.options.log?.("info", "snapshot written; the op log before it is trimmed", { ...info, ms: Math.round(info.ms) });
+      opLog.onSnapshotFailed = (err) => {
+        this.options.log?.("error", "snapshot write failed: stopping (fail-stop)", { err: String(err) });
+        this.options.onFatal?.(err);
+      };
     }
     this.opLog = opLog;
     this.engine = engine;
@@ -376,6 +392,47 @@ export class IoasidCore {
       }
       return { seq, pending, missed };
     });
+  }
+
+  /**
+   * The whole state, encoded (an `ioasid.oplog.v1.Snapshot`): the model, the allocator in force and
+   * every delivery not acknowledged by all its targets — what a replay of every operation applied
+   * so far rebuilds. Synchronous, so no operation slips in between (the op log calls it right after
+   * publishing every operation applied).
+   */
+  captureSnapshot(): Uint8Array {
+    const space = this.space.exportState();
+    const deliveries = [...this.deliveries.values()].map((r) => ({ event: r.event, targets: r.targets, outcomes: r.outcomes }));
+    const allocator = this.ctx.allocator?.name;
+    return encodeSnapshot({ space, allocatorAddress: allocator === undefined ? undefined : this.allocatorAddresses.get(allocator), deliveries });
+  }
+
+  /**
+   * Rebuilds the state a snapshot holds into this new core (the replay's first step when the log
+   * starts with a snapshot): the model, the external allocator (connected again), the deliveries.
+   * @throws OpLogFormatError when the model refuses the state (a damaged snapshot)
+   */
+  private restoreSnapshot(snapshot: CoreSnapshot, stream: string, seq: number): void {
+    const name = snapshot.space.allocator;
+    const bridge = name === undefined ? undefined : this.ctx.makeAllocator(name, snapshot.allocatorAddress ?? "");
+    try {
+      this.space.restore(snapshot.space, bridge);
+    } catch (err) {
+      throw new OpLogFormatError(
+        `the snapshot named by message ${seq} of the operation log (JetStream stream ${stream}) is not a state the core can hold ` +
+          `(${(err as Error).message}): it refuses it rather than misread its state`,
+        { stream, seq },
+      );
+    }
+    this.ctx.allocator = bridge;
+    for (const d of snapshot.deliveries) {
+      const event = d.event;
+      let unacked = 0;
+      for (const o of d.outcomes) if (o === PENDING || o === MISSED) unacked++;
+      if (unacked === 0) continue;
+      const key = chainKey({ type: toEventType(event.type), ioasid: event.ioasid, setId: event.setId });
+      this.deliveries.set(Number(event.seq), { event, key, targets: Object.freeze([...d.targets]), outcomes: Uint8Array.from(d.outcomes), unacked });
+    }
   }
 
   /** Releases external allocator connections. */

@@ -29,7 +29,16 @@ const running = await startCoreServer({
   watchBuffer: config.watchBuffer,
   logger,
   ...(tls === undefined ? {} : { tls }),
-  nats: { nc, prefix: config.prefix, stream: config.stream, replicas: config.replicas, deadlineMs: config.deadlineMs, retryMs: config.retryMs },
+  nats: {
+    nc,
+    prefix: config.prefix,
+    stream: config.stream,
+    replicas: config.replicas,
+    deadlineMs: config.deadlineMs,
+    retryMs: config.retryMs,
+    snapshotEveryOps: config.snapshotEveryOps,
+    snapshotEveryBytes: Number(config.snapshotEveryBytes),
+  },
   onFatal: (err) => {
     logger.fatal({ err: String(err) }, "operation log unwritable: exiting so a restart replays a consistent log");
     process.exit(1);

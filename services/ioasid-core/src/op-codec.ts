@@ -17,6 +17,10 @@ export const OpLogFormat = {
   BATCH: "ioasid.oplog.v1.OpBatch",
   /** A restarted core's takeover mark. */
   SEAL: "ioasid.oplog.v1.Seal",
+  /** A snapshot committed: it replaces every earlier message of the op-log subject. */
+  SNAPSHOT_MARKER: "ioasid.oplog.v1.SnapshotMarker",
+  /** One slice of a snapshot (on a snapshot subject, not the op-log subject). */
+  SNAPSHOT_CHUNK: "ioasid.oplog.v1.SnapshotChunk",
 } as const;
 export type OpLogFormat = (typeof OpLogFormat)[keyof typeof OpLogFormat];
 
@@ -118,6 +122,36 @@ export function decodeMessage(message: StoredMessage, stream: string): readonly 
     });
   } catch (err) {
     throw damaged(where, message.format, (err as Error).message, stream, at);
+  }
+}
+
+/** A snapshot marker as read back: what it names, and the operations it carries. */
+export interface StoredMarker {
+  readonly marker: Omit<oplog.SnapshotMarker, "tail">;
+  readonly tail: readonly CommittedOperation[];
+}
+
+/**
+ * Reads a snapshot marker (a message with format {@link OpLogFormat.SNAPSHOT_MARKER}).
+ * @throws OpLogFormatError when it does not decode, carries unknown fields, names no chunk, or
+ *   carries an operation without its parts
+ */
+export function decodeMarker(message: StoredMessage, stream: string): StoredMarker {
+  const at = { stream, seq: message.seq };
+  const where = `message ${message.seq} of the operation log (JetStream stream ${stream})`;
+  const m = decodeStrictly(oplog.SnapshotMarker, message.data, where, OpLogFormat.SNAPSHOT_MARKER, stream, at);
+  try {
+    if (m.chunkSeqs.length === 0) throw new Error("it names no snapshot chunk");
+    const tail = m.tail.map((op, i) => {
+      try {
+        return fromWire(op);
+      } catch (err) {
+        throw new Error(`tail operation ${i + 1}: ${(err as Error).message}`);
+      }
+    });
+    return { marker: { ...m, tail: undefined } as Omit<oplog.SnapshotMarker, "tail">, tail };
+  } catch (err) {
+    throw damaged(where, OpLogFormat.SNAPSHOT_MARKER, (err as Error).message, stream, at);
   }
 }
 

@@ -26,7 +26,7 @@ import {
   type HistoryFields,
 } from "@ioasid/bus";
 import type { NatsConnection, Subscription } from "@nats-io/transport-node";
-import { OpLog } from "./op-log.js";
+import { OpLog, type OpLogOptions } from "./op-log.js";
 import { fromIoasidInfo, fromRegistration, fromSetInfo, nonEmpty, toHolder, toRegisterOptions, toBuffer, toSetToken } from "./convert.js";
 import { EventWatchers } from "./event-watchers.js";
 import { IoasidCore, type ExternalAllocator } from "./ioasid-core.js";
@@ -242,6 +242,12 @@ export interface StartCoreServerOptions {
     readonly deadlineMs?: number;
     /** Retry period of missed deliveries, ms. @default 1000 */
     readonly retryMs?: number;
+    /** Snapshot after this many operations (0: never by count). @default DEFAULT_SNAPSHOT_EVERY_OPS */
+    readonly snapshotEveryOps?: number;
+    /** Snapshot after this many bytes of operations (0: never by size). @default DEFAULT_SNAPSHOT_EVERY_BYTES */
+    readonly snapshotEveryBytes?: number;
+    /** See {@link OpLogOptions.onSnapshotStep} (tests). */
+    readonly onSnapshotStep?: OpLogOptions["onSnapshotStep"];
   };
   /** Called when the operation log cannot be written (the process must stop). */
   readonly onFatal?: (err: unknown) => void;
@@ -339,7 +345,11 @@ export async function startCoreServer(options: StartCoreServerOptions = {}): Pro
       ...(n.stream === undefined ? {} : { stream: n.stream }),
       subject: `${prefix}.core.ops`,
       ...(n.replicas === undefined ? {} : { replicas: n.replicas }),
+      ...(n.snapshotEveryOps === undefined ? {} : { snapshotEveryOps: n.snapshotEveryOps }),
+      ...(n.snapshotEveryBytes === undefined ? {} : { snapshotEveryBytes: n.snapshotEveryBytes }),
+      ...(n.onSnapshotStep === undefined ? {} : { onSnapshotStep: n.onSnapshotStep }),
     });
+    if (log.snapshotsDisabled !== undefined) logger.warn({ stream: log.stream }, `no snapshots: ${log.snapshotsDisabled}`);
     opLog = log;
     // The records of one op-log message go out as one group (JetStream message id), so a replay
     // that publishes them again is stored once.
@@ -367,7 +377,9 @@ export async function startCoreServer(options: StartCoreServerOptions = {}): Pro
     // Stream administration (only an operator credential may) leaves an audit record (DESIGN §11).
     streamAudit = auditStreamAdmin(n.nc, (action, fields) => recorder.record(action, fields), logger);
   }
+  const tReplay = performance.now();
   const replayed = await ioasidCore.recover(opLog, engine, republishAfter);
+  const recoverMs = performance.now() - tReplay;
   if (ioasidCore.republished > 0) {
     logger.info({ after: republishAfter, records: ioasidCore.republished }, "published the history of logged operations found unrecorded");
   }
@@ -378,7 +390,24 @@ export async function startCoreServer(options: StartCoreServerOptions = {}): Pro
   const host = options.host ?? "127.0.0.1";
   const port = await server.listen(host, options.port ?? 0);
   const startupMs = performance.now() - t0;
-  logger.info({ replayed, startupMs: Math.round(startupMs), inUse: ioasidCore.space.stats().inUse }, "state recovered");
+  // `replayed` then `startupMs` first: the bench reads them in that order.
+  const fromSnapshot = opLog?.lastReplay;
+  logger.info(
+    {
+      replayed,
+      startupMs: Math.round(startupMs),
+      inUse: ioasidCore.space.stats().inUse,
+      ...(fromSnapshot === undefined
+        ? {}
+        : {
+            snapshotSeq: fromSnapshot.snapshotSeq,
+            snapshotBytes: fromSnapshot.snapshotBytes,
+            snapshotLoadMs: Math.round(fromSnapshot.snapshotMs),
+          }),
+      recoverMs: Math.round(recoverMs),
+    },
+    "state recovered",
+  );
   return {
     server,
     port,
