@@ -50,6 +50,8 @@ export interface OpLogOptions {
   readonly snapshotEveryOps?: number;
   /** Write a snapshot once this many bytes were appended since the last one; 0: never by size. @default {@link DEFAULT_SNAPSHOT_EVERY_BYTES} */
   readonly snapshotEveryBytes?: number;
+  /** Largest slice of a snapshot in one chunk message. @default just under 512 KiB */
+  readonly snapshotChunkBytes?: number;
   /**
    * Called at each step of writing a snapshot, and awaited: a test seam (the crash-during-snapshot
    * tests stop the core there), not a switch. A throw aborts the snapshot like a failed write.
@@ -457,7 +459,7 @@ export class OpLog {
       }
       await step({ kind: "captured", position, bytes: bytes.length });
       const slot = this.committedSlot === `${this.snapshotSubject}.a` ? `${this.snapshotSubject}.b` : `${this.snapshotSubject}.a`;
-      const chunkBytes = MAX_MESSAGE_BYTES - 64;
+      const chunkBytes = Math.min(this.options.snapshotChunkBytes ?? MAX_MESSAGE_BYTES, MAX_MESSAGE_BYTES) - 64;
       const count = Math.max(1, Math.ceil(bytes.length / chunkBytes));
       const chunkSeqs: bigint[] = [];
       for (let i = 0; i < count; i++) {
