@@ -21,6 +21,7 @@ import { DeliveryEngine, readHistory, startSubscriber, stepLabel } from "@ioasid
 import { IoasidCore, OpLog } from "@ioasid/ioasid-core";
 import { connect } from "@nats-io/transport-node";
 import { jetstream, jetstreamManager } from "@nats-io/jetstream";
+import { snapshotRestartBench } from "./snapshot-restart.mjs";
 
 const quick = process.argv.includes("--quick");
 /** `--only=allocator,delivery` runs a subset: allocator, grpc, delivery, restart, crash, faults. */
@@ -1030,6 +1031,7 @@ if (only.has("delivery")) {
   summarizeDelivery(order.length);
 }
 if (only.has("restart")) await restartBench();
+if (only.has("restart")) await snapshotRestartBench({ quick, log, fmt, results });
 if (only.has("crash")) await crashBench();
 if (only.has("faults")) await faultsBench();
 mkdirSync(fileURLToPath(new URL("./results/", import.meta.url)), { recursive: true });
