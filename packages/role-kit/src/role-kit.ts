@@ -93,7 +93,11 @@ export async function connectNats(
   const deadline = Date.now() + (options.timeoutMs ?? 10_000);
   for (let attempt = 0; ; attempt++) {
     try {
-      return await connect({ servers: url, name: options.name, maxReconnectAttempts: -1, reconnectTimeWait: 250, ...auth });
+      // noAsyncTraces: nats.js otherwise builds an Error (a stack capture) for every request it
+      // sends, to report where a timeout came from; every JetStream publish is a request, so that
+      // was a third of the IOMMU's CPU when a crowd of guests crashed (issue 15 item 1). Our own
+      // errors say which write timed out (role-state.ts StateWriteError, op-log.ts).
+      return await connect({ servers: url, name: options.name, maxReconnectAttempts: -1, reconnectTimeWait: 250, noAsyncTraces: true, ...auth });
     } catch (err) {
       if (Date.now() >= deadline || /Authorization Violation|authentication/i.test(String(err))) throw err;
       if (attempt === 0) options.logger?.warn({ url }, "NATS not reachable yet; retrying");
