@@ -43,6 +43,7 @@ export {
   describeConfig,
   formatBytesValue,
   loadConfig,
+  packageVersion,
   parseAddress,
   parseBytes,
   type AddressVar,

@@ -192,6 +192,32 @@ describe("configOrExit", () => {
     expect(stdout).toContain("NATS_URL");
   });
 
+  it("prints the service and its version on --version and exits 0, reading no configuration", () => {
+    let stdout = "";
+    // The environment is invalid: --version answers before it is read.
+    const run = () =>
+      configOrExit(schema, {
+        service: "kvm",
+        version: "1.2.3",
+        env: { IOASID_CORE_PORT: "abc" },
+        argv: ["--version"],
+        exit,
+        stdout: { write: (t: string) => (stdout += t) },
+      });
+    expect(run).toThrow(expect.objectContaining({ code: 0 }));
+    expect(stdout).toBe("kvm 1.2.3\n");
+  });
+
+  it("refuses any other argument with exit 2 and its usage, before reading the environment", () => {
+    for (const argv of [["--bogus"], ["start"], ["--versions"]]) {
+      let stderr = "";
+      const run = () => configOrExit(schema, { service: "kvm", env: { IOASID_INSTANCE: "a" }, argv, exit, stderr: { write: (t: string) => (stderr += t) } });
+      expect(run, argv[0]).toThrow(expect.objectContaining({ code: 2 }));
+      expect(stderr).toContain(`kvm: unknown argument "${argv[0]}"`);
+      expect(stderr).toContain("usage: kvm [--help | --version]");
+    }
+  });
+
   it("returns the configuration when it is valid", () => {
     expect(configOrExit(schema, { service: "ioasid-core", env: { IOASID_INSTANCE: "a" }, argv: [], exit }).instance).toBe("a");
   });

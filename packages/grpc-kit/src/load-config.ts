@@ -1,3 +1,5 @@
+import { readFileSync } from "node:fs";
+
 /** Kinds of configuration variable {@link loadConfig} understands, as a closed set. */
 export const ConfigKind = {
   string: "string",
@@ -326,7 +328,16 @@ export interface ConfigOrExitOptions {
   readonly service: string;
   /** @default process.env */
   readonly env?: NodeJS.ProcessEnv;
-  /** Command-line arguments; `--help`/`-h` prints {@link describeConfig} and exits 0. @default process.argv.slice(2) */
+  /**
+   * The service's version (its package.json's), printed by `--version`. Read it with
+   * {@link packageVersion}. @default "unknown"
+   */
+  readonly version?: string;
+  /**
+   * Command-line arguments: `--help`/`-h` prints {@link describeConfig} and exits 0, `--version`
+   * prints the service and its version and exits 0; anything else is refused with exit 2 (a service
+   * is configured by its environment only). @default process.argv.slice(2)
+   */
   readonly argv?: readonly string[];
   /** @default process.exit */
   readonly exit?: (code: number) => void;
@@ -346,10 +357,23 @@ export interface ConfigOrExitOptions {
 export function configOrExit<const S extends ConfigSchema>(schema: S, options: ConfigOrExitOptions): Config<S> {
   const exit = options.exit ?? ((code: number) => process.exit(code));
   const argv = options.argv ?? process.argv.slice(2);
+  const stdout = options.stdout ?? process.stdout;
   if (argv.includes("--help") || argv.includes("-h")) {
-    (options.stdout ?? process.stdout).write(`${options.service}: configured by environment variables\n\n${describeConfig(schema)}\n`);
+    stdout.write(`${options.service}: configured by environment variables\n${serviceUsage(options.service)}\n\n${describeConfig(schema)}\n`);
     exit(0);
     throw new Error("exit(0) returned");
+  }
+  if (argv.includes("--version")) {
+    stdout.write(`${options.service} ${options.version ?? "unknown"}\n`);
+    exit(0);
+    throw new Error("exit(0) returned");
+  }
+  // Refused at once (clig.dev): an argument a service ignored used to start it anyway, so
+  // `kvm --version` tried NATS for 10 s and then logged fatal (issue 17).
+  if (argv.length > 0) {
+    (options.stderr ?? process.stderr).write(`${options.service}: unknown argument "${argv[0]}"\n${serviceUsage(options.service)}\n`);
+    exit(2);
+    throw new Error("exit(2) returned");
   }
   try {
     return loadConfig(schema, options.env ?? process.env);
@@ -358,5 +382,24 @@ export function configOrExit<const S extends ConfigSchema>(schema: S, options: C
     (options.stderr ?? process.stderr).write(`${options.service}: ${err.message}\n`);
     exit(2);
     throw err;
+  }
+}
+
+/** The usage line of a service: it takes no arguments but `--help` and `--version`. */
+function serviceUsage(service: string): string {
+  return `usage: ${service} [--help | --version]   (configured by environment variables only; \`${service} --help\` lists them)`;
+}
+
+/**
+ * The version in the package.json one directory above a module: a service's `dist/main.js` (or
+ * `src/main.ts`) passes `import.meta.url` and gets its workspace's version, for `--version`.
+ * "unknown" when there is no readable package.json there.
+ */
+export function packageVersion(moduleUrl: string): string {
+  try {
+    const pkg = JSON.parse(readFileSync(new URL("../package.json", moduleUrl), "utf8")) as { version?: unknown };
+    return typeof pkg.version === "string" ? pkg.version : "unknown";
+  } catch {
+    return "unknown";
   }
 }

@@ -1,11 +1,11 @@
 #!/usr/bin/env node
-import { configOrExit, createLogger, credentialsOrExit, holdSignals, runUntilSignal } from "@ioasid/grpc-kit";
+import { configOrExit, packageVersion, createLogger, credentialsOrExit, holdSignals, runUntilSignal } from "@ioasid/grpc-kit";
 import { connectNats } from "@ioasid/role-kit";
 import { coreConfigSchema } from "./config.js";
 import { OpLogFormatError } from "./op-codec.js";
 import { startCoreServer } from "./server.js";
 
-const config = configOrExit(coreConfigSchema, { service: "ioasid-core" });
+const config = configOrExit(coreConfigSchema, { service: "ioasid-core", version: packageVersion(import.meta.url) });
 // IOASID_CREDENTIALS_DIR: mTLS and authorization by role; without it the core is insecure and says so.
 const tls = credentialsOrExit({ service: "ioasid-core", role: "core" });
 const logger = createLogger("ioasid-core", { level: config.logLevel });

@@ -1,5 +1,5 @@
 #!/usr/bin/env node
-import { configOrExit, credentialsOrExit } from "@ioasid/grpc-kit";
+import { configOrExit, packageVersion, credentialsOrExit } from "@ioasid/grpc-kit";
 import { HistoryRecorder } from "@ioasid/bus";
 import { EventType, Priority } from "@ioasid/ioasid";
 import { createCoreClient, createGrpcCorePort, ensureRegistration, runRole } from "@ioasid/role-kit";
@@ -16,7 +16,7 @@ import { iommuStateCodec } from "./adapters/iommu-state-codec.js";
 const SUBSCRIBER_NAME = "iommu";
 const INSTANCE = /^[A-Za-z0-9._:@-]{1,128}$/;
 
-const config = configOrExit(iommuConfigSchema, { service: "iommu" });
+const config = configOrExit(iommuConfigSchema, { service: "iommu", version: packageVersion(import.meta.url) });
 if (!INSTANCE.test(config.instance)) {
   process.stderr.write(`iommu: IOMMU_INSTANCE must be 1..128 of letters, digits and ._:@- (got "${config.instance}")\n`);
   process.exit(2);

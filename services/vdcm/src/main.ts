@@ -1,5 +1,5 @@
 #!/usr/bin/env node
-import { configOrExit, credentialsOrExit } from "@ioasid/grpc-kit";
+import { configOrExit, packageVersion, credentialsOrExit } from "@ioasid/grpc-kit";
 import { createCoreClient, runRole } from "@ioasid/role-kit";
 import { createIommuClient } from "./adapters/iommu-adapter.js";
 import { buildVdcmRole } from "./adapters/role.js";
@@ -7,7 +7,7 @@ import { vdcmStateCodec } from "./adapters/vdcm-state-codec.js";
 import { checkInstanceOrExit, vdcmConfigSchema } from "./config.js";
 import { VDCM_ROLE } from "./domain/vdcm.js";
 
-const config = configOrExit(vdcmConfigSchema, { service: "vdcm" });
+const config = configOrExit(vdcmConfigSchema, { service: "vdcm", version: packageVersion(import.meta.url) });
 checkInstanceOrExit(config.instance);
 // IOASID_CREDENTIALS_DIR: mTLS for VdcmService and toward the core and the IOMMU (DESIGN §11).
 const tls = credentialsOrExit({ service: "vdcm", role: "vdcm" });

@@ -1,6 +1,6 @@
 #!/usr/bin/env node
 import { HistoryRecorder } from "@ioasid/bus";
-import { ConfigError, configOrExit, createClient, credentialsOrExit } from "@ioasid/grpc-kit";
+import { ConfigError, configOrExit, packageVersion, createClient, credentialsOrExit } from "@ioasid/grpc-kit";
 import { iommu, vdcm } from "@ioasid/proto";
 import { createCoreClient, createGrpcCorePort, runRole } from "@ioasid/role-kit";
 import { vfioConfigProblems, vfioConfigSchema } from "./config.js";
@@ -11,7 +11,7 @@ import { CloseReason } from "./domain/container.js";
 import { VfioContainers } from "./domain/vfio-containers.js";
 import { vfioStateCodec } from "./adapters/vfio-state-codec.js";
 
-const config = configOrExit(vfioConfigSchema, { service: "vfio" });
+const config = configOrExit(vfioConfigSchema, { service: "vfio", version: packageVersion(import.meta.url) });
 const problems = vfioConfigProblems(config);
 if (problems.length > 0) {
   process.stderr.write(`vfio: ${new ConfigError(problems).message}\n`);
