@@ -461,7 +461,7 @@ describe("iommu: restart", () => {
 
   it("takes back the bind references it held, so a FREE missed while it was down still releases them", async () => {
     // A short delivery deadline: the FREE sent to the dead IOMMU is recorded missed quickly.
-    own = await startIommuStack({ core: { IOASID_DELIVERY_DEADLINE: "300", IOASID_DELIVERY_RETRY: "200" } });
+    own = await startIommuStack({ core: { IOASID_DELIVERY_DEADLINE: "300ms", IOASID_DELIVERY_RETRY: "200ms" } });
     const { c, iommu: client } = own;
     const setId = await createVmSet(c, 0x9001n);
     const [d0] = newDevices(1) as [string];

@@ -48,7 +48,7 @@ const UNITS: Readonly<Record<string, number>> = { ms: 1, s: 1000, m: 60_000, h: 
 
 /**
  * Parses a duration with its unit (`500ms`, `20s`, `1.5m`, `1h`) into milliseconds. A bare number
- * is refused: `--duration 60` would be ambiguous (the services read a bare number as ms).
+ * is refused: `--duration 60` would be ambiguous (the services refuse a bare number too).
  * @throws ChaosUsageError on anything else, or outside [minMs, maxMs]
  */
 export function parseDuration(text: string, flag = "--duration", minMs = 1000, maxMs = 24 * 3_600_000): number {

@@ -192,6 +192,22 @@ describe("configOrExit", () => {
     expect(stdout).toContain("NATS_URL");
   });
 
+  it("takes durations with their unit only, 0 alone excepted, and says how to write a bare number", () => {
+    const parse = (v: string) => loadConfig(schema, { IOASID_INSTANCE: "a", IOASID_ACK_DEADLINE: v }).ackDeadline;
+    expect(parse("250ms")).toBe(250);
+    expect(parse("5s")).toBe(5000);
+    expect(parse("1.5m")).toBe(90_000);
+    expect(parse("1h")).toBe(3_600_000);
+    expect(parse("0")).toBe(0);
+    expect(loadConfig(schema, { IOASID_INSTANCE: "a" }).ackDeadline).toBe(2000);
+    for (const bare of ["5", "2000", "1.5"]) {
+      expect(() => parse(bare), bare).toThrow(ConfigError);
+      expect(() => parse(bare), bare).toThrow(`write ${bare}ms or ${bare}s`);
+    }
+    expect(() => parse("soon")).toThrow(/a duration with its unit/);
+    expect(describeConfig(schema)).toMatch(/IOASID_ACK_DEADLINE[^\n]*\n[^\n]*default 2s/);
+  });
+
   it("prints the service and its version on --version and exits 0, reading no configuration", () => {
     let stdout = "";
     // The environment is invalid: --version answers before it is read.

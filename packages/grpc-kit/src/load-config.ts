@@ -58,7 +58,11 @@ export interface EnumVar<V extends string = string> extends VarBase {
   readonly values: readonly V[];
   readonly default?: V;
 }
-/** A duration, in milliseconds: `250`, `250ms`, `5s`, `2m`, `1h`. */
+/**
+ * A duration, in milliseconds, written with its unit: `250ms`, `5s`, `1.5m`, `1h`; `0` alone (no
+ * unit needed). A bare number is refused: `IOASID_DELIVERY_DEADLINE=5` read as 5 ms surprised
+ * everyone who meant 5 s, and ioasidctl's flags refuse it too (issue 17).
+ */
 export interface DurationVar extends VarBase {
   readonly kind: "duration-ms";
   /** In milliseconds. */
@@ -171,10 +175,11 @@ export function loadConfig<const S extends ConfigSchema>(schema: S, env: NodeJS.
       else problems.push({ name: variable.name, value: undefined, expected: expectation(variable) });
       continue;
     }
-    const text = set ? raw : String(variable.default);
+    // A duration's default is a number of milliseconds: say so, since a bare number is refused.
+    const text = set ? raw : variable.kind === "duration-ms" ? `${String(variable.default)}ms` : String(variable.default);
     const parsed = parse(variable, text.trim());
     if (parsed.ok) result[key] = parsed.value;
-    else problems.push({ name: set ? variable.name : `${variable.name} (default)`, value: text, expected: expectation(variable) });
+    else problems.push({ name: set ? variable.name : `${variable.name} (default)`, value: text, expected: expectation(variable, text.trim()) });
   }
   if (problems.length > 0) throw new ConfigError(problems);
   return result as Config<S>;
@@ -228,7 +233,7 @@ function parse(variable: ConfigVar, text: string): Parsed {
 }
 
 /** What a variable accepts, in words (the right-hand side of every problem line and of `--help`). */
-function expectation(variable: ConfigVar): string {
+function expectation(variable: ConfigVar, given?: string): string {
   switch (variable.kind) {
     case "string":
       return "a value";
@@ -246,7 +251,8 @@ function expectation(variable: ConfigVar): string {
     case "enum":
       return `one of ${variable.values.join(", ")}`;
     case "duration-ms":
-      return "a duration: milliseconds, or a number with ms, s, m or h (e.g. 250ms, 5s)";
+      if (given !== undefined && /^\d+(\.\d+)?$/.test(given)) return `a duration with its unit: write ${given}ms or ${given}s (a bare number is refused)`;
+      return "a duration with its unit, ms, s, m or h (e.g. 250ms, 5s; a bare number is refused: write 5ms or 5s)";
     case "bytes":
       return `bytes: a number (or 0x hex) with an optional K, M, G or T (powers of 1024), e.g. 64G, 0x100000000${variable.max === undefined ? "" : `; at most ${variable.max}`}`;
     case "boolean":
@@ -276,12 +282,15 @@ export function parseAddress(text: string): HostPort | undefined {
   return { host, port, address: v6 === undefined ? `${host}:${port}` : `[${host}]:${port}` };
 }
 
-const durationUnits: Readonly<Record<string, number>> = { "": 1, ms: 1, s: 1000, m: 60_000, h: 3_600_000 };
+const durationUnits: Readonly<Record<string, number>> = { ms: 1, s: 1000, m: 60_000, h: 3_600_000 };
 
-function parseDurationMs(text: string): number | undefined {
-  const match = /^(\d+(?:\.\d+)?)\s*(ms|s|m|h)?$/.exec(text);
+/** Parses a duration with its unit (see {@link DurationVar}) into ms; undefined when it is not one. */
+export function parseDurationMs(text: string): number | undefined {
+  // 0 is 0 in any unit (Go's time.ParseDuration takes it bare too).
+  if (/^0+(\.0+)?$/.test(text)) return 0;
+  const match = /^(\d+(?:\.\d+)?)\s*(ms|s|m|h)$/.exec(text);
   if (match === null) return undefined;
-  const ms = Number(match[1]) * (durationUnits[match[2] ?? ""] ?? Number.NaN);
+  const ms = Number(match[1]) * (durationUnits[match[2]!] ?? Number.NaN);
   return Number.isFinite(ms) ? Math.round(ms) : undefined;
 }
 
@@ -307,6 +316,17 @@ export function formatBytesValue(n: bigint): string {
   return String(n);
 }
 
+/** Milliseconds as {@link parseDurationMs} reads them back, in the largest unit that divides them (`2s`, `250ms`). */
+export function formatDurationValue(ms: number): string {
+  for (const [unit, size] of [
+    ["h", 3_600_000],
+    ["m", 60_000],
+    ["s", 1000],
+  ] as const)
+    if (ms > 0 && ms % size === 0) return `${ms / size}${unit}`;
+  return `${ms}ms`;
+}
+
 /**
  * The `--help` text of a schema: one entry per variable with what it accepts, its default and its doc.
  */
@@ -315,7 +335,12 @@ export function describeConfig(schema: ConfigSchema): string {
   const width = Math.max(0, ...entries.map((v) => v.name.length));
   return entries
     .map((v) => {
-      const shown = v.kind === "bytes" && v.default !== undefined ? formatBytesValue(v.default) : String(v.default);
+      const shown =
+        v.kind === "bytes" && v.default !== undefined
+          ? formatBytesValue(v.default)
+          : v.kind === "duration-ms" && v.default !== undefined
+            ? formatDurationValue(v.default)
+            : String(v.default);
       const dflt = v.default !== undefined ? `default ${shown}` : v.optional === true ? "optional" : "required";
       return `  ${v.name.padEnd(width)}  ${v.doc}\n  ${" ".repeat(width)}  ${expectation(v)}; ${dflt}`;
     })
