@@ -130,7 +130,8 @@ describe("ioasidctl IO page faults", () => {
 
     // Nobody watches: the group is answered FAILURE at once and the device gives up.
     const unwatched = await ctl(...dma, "--address", "0x100000", "--wait", "--timeout-ms", "5000");
-    expect(unwatched.code).toBe(1);
+    // Refused: the device gives up on the DMA (exit 3, as every refusal).
+    expect(unwatched.code).toBe(3);
     expect(unwatched.stdout).toMatch(/page response for group \d+: FAILURE/);
 
     // The guest answers: the page is installed and the retry translates GVA → GPA → HPA.
@@ -175,7 +176,7 @@ describe("ioasidctl IO page faults", () => {
     expect(second).toBeDefined();
     const answered = await ctl("fault", "respond", "--vm", "vm1", "--group", second!, "--code", "invalid");
     expect(answered.stdout).toContain(`group ${second} answered INVALID`);
-    expect(await waiting.exited).toBe(1);
+    expect(await waiting.exited).toBe(3);
     expect(waiting.stdout()).toContain(`page response for group ${second}: INVALID by HANDLER; the device gives up on this DMA`);
     expect(await watching.exited).toBe(0);
     expect(watching.stdout()).toContain(`answered group ${second}: INVALID by HANDLER`);

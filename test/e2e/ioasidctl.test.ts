@@ -20,6 +20,15 @@ async function ctl(...args: string[]): Promise<string> {
   return stdout;
 }
 
+/** ioasidctl to its end, whatever its exit status. */
+function ctlCode(...args: string[]): Promise<{ code: number; stdout: string; stderr: string }> {
+  return new Promise((resolve) => {
+    execFile(process.execPath, [cli, ...args, "--dir", dir], { timeout: 60_000 }, (err, stdout, stderr) => {
+      resolve({ code: err === null ? 0 : typeof err.code === "number" ? err.code : -1, stdout, stderr });
+    });
+  });
+}
+
 afterAll(async () => {
   if (existsSync(join(dir, "stack.json"))) await ctl("down").catch(() => undefined);
   rmSync(dir, { recursive: true, force: true });
@@ -40,6 +49,18 @@ describe("ioasidctl", () => {
     for (const s of ["ioasid-core", "iommu", "vfio", "kvm", "vdcm"]) expect(up).toMatch(new RegExp(`${s}\\s+pid \\d+ .*SERVING`));
     await expect(ctl("up", "--base-port", String(base), "--nats-port", String(natsPort))).rejects.toThrow(/already running/);
 
+    // status --json: every process up, exit 0.
+    const status = JSON.parse(await ctl("status", "--json")) as {
+      ok: boolean;
+      nats: { up: boolean; pid: number };
+      supervisor: { running: boolean };
+      services: { name: string; pid: number; address: string; health: string; restarts: number }[];
+    };
+    expect(status).toMatchObject({ ok: true, nats: { up: true, pid: expect.any(Number) }, supervisor: { running: true } });
+    expect(status.services.map((s) => [s.name, s.health, typeof s.pid, s.restarts])).toEqual(
+      ["ioasid-core", "iommu", "vfio", "kvm", "vdcm"].map((s) => [s, "SERVING", "number", 0]),
+    );
+
     await ctl("mdev", "create", "--device", "idxd0", "--uuid", "mdev-cli", "--wqs", "0");
     expect(await ctl("vm", "create", "--name", "vm1", "--token", "4242")).toMatch(/vm vm1: kvm vm \d+, vfio container \d+, set \d+/);
     await ctl("mdev", "assign", "--vm", "vm1", "--uuid", "mdev-cli");
@@ -47,9 +68,28 @@ describe("ioasidctl", () => {
     await ctl("bind", "--vm", "vm1", "--pasid", String(alloc.hpasid), "--gpasid", "101", "--mdev", "mdev-cli");
     const inspect = await ctl("inspect");
     expect(inspect).toMatch(new RegExp(`\\s${alloc.hpasid}\\s+set \\d+\\s+gen \\d+\\s+ACTIVE\\s+spid 101`));
-    const state = JSON.parse(await ctl("inspect", "--json")) as { ioasids: Array<{ ioasid: number; spid: number }> };
-    expect(state.ioasids.find((i) => i.ioasid === alloc.hpasid)?.spid).toBe(101);
-    expect(await ctl("enqcmd", "--vm", "vm1", "--gpasid", "999")).toMatch(/ENQCMD_OUTCOME_GP/);
+    // The proto3 JSON mapping: enum names, 64-bit integers as decimal strings, bytes as base64.
+    const state = JSON.parse(await ctl("inspect", "--json")) as {
+      stats: { capacity: number };
+      sets: Array<{ token: unknown }>;
+      ioasids: Array<{ ioasid: number; spid: number; state: unknown }>;
+      vfio: { containers: Array<{ state: unknown; guestMemory: Array<{ paddr: unknown }> }> };
+    };
+    const entry = state.ioasids.find((i) => i.ioasid === alloc.hpasid);
+    expect(entry).toMatchObject({ spid: 101, state: "IOASID_STATE_ACTIVE" });
+    expect(state.sets.length).toBeGreaterThan(0);
+    for (const set of state.sets) expect(set.token).toMatch(/^\d+$/);
+    expect(state.vfio.containers[0]).toMatchObject({
+      state: expect.stringMatching(/^CONTAINER_STATE_/),
+      guestMemory: [{ paddr: expect.stringMatching(/^\d+$/) }],
+    });
+
+    // #GP is a refusal: exit 3, for every command's refusals.
+    const gp = await ctlCode("enqcmd", "--vm", "vm1", "--gpasid", "999");
+    expect({ code: gp.code, stdout: gp.stdout }).toEqual({ code: 3, stdout: expect.stringMatching(/ENQCMD_OUTCOME_GP/) });
+    const gpJson = await ctlCode("enqcmd", "--vm", "vm1", "--gpasid", "999", "--json");
+    expect(gpJson.code).toBe(3);
+    expect(JSON.parse(gpJson.stdout)).toMatchObject({ outcome: "ENQCMD_OUTCOME_GP" });
 
     // kill -9 the VMM: VFIO frees the VM's IOASIDs.
     await ctl("vm", "crash", "--name", "vm1");
@@ -65,6 +105,13 @@ describe("ioasidctl", () => {
     expect(timeline).toMatch(/VFIO\s+IOMMU\s+KVM\s+VDCM\s+IOASID\s+Ref/);
     expect(timeline).toContain("Reclaimed");
     expect(readFileSync(html, "utf8")).toContain("sequenceDiagram");
+    // A filter that matches nothing says so and exits 1, rather than printing unrelated rows.
+    const none = await ctlCode("timeline", "--ioasid", "99999");
+    expect({ code: none.code, stdout: none.stdout, stderr: none.stderr }).toEqual({
+      code: 1,
+      stdout: "",
+      stderr: "ioasidctl timeline: no IOASID 99999 in the history\n",
+    });
 
     const down = await ctl("down");
     expect(down).toMatch(/nats-server\s+pid \d+ stopped/);

@@ -4,6 +4,7 @@ import type { ParseArgsConfig } from "node:util";
 import { connect } from "@nats-io/transport-node";
 import { checkHealth } from "@ioasid/grpc-kit";
 import { operatorAuth } from "./clients.js";
+import { noPositionals, parseCount } from "./usage-error.js";
 import { alive, SERVICES, stateFile, type ServiceName, type StackState } from "./stack.js";
 
 /** The ports of a stack docker-compose.yml publishes, by service: variable and default. */
@@ -159,7 +160,7 @@ export function attachCommands(out: (line: string) => void): Record<"attach", At
         "timeout-ms": { type: "string", default: "30000" },
         credentials: { type: "string" },
       },
-      run: async (v) => {
+      run: async (v, pos) => {
         const defaults = composeTarget();
         const pick = (flag: string, name: ServiceName): string => (v[flag] as string | undefined) ?? defaults.addresses[name];
         const composeOperator = join(composeCredentials(), "operator.operator");
@@ -175,8 +176,8 @@ export function attachCommands(out: (line: string) => void): Record<"attach", At
             vdcm: pick("vdcm", "vdcm"),
           },
         };
-        const timeoutMs = Number(v["timeout-ms"]);
-        if (!Number.isInteger(timeoutMs) || timeoutMs < 0) throw new Error(`--timeout-ms must be a non-negative integer, got ${String(v["timeout-ms"])}`);
+        noPositionals(pos, "attach");
+        const timeoutMs = parseCount(v["timeout-ms"], "timeout-ms");
         const state = await attachStack(target, { dir: v["dir"] as string, timeoutMs, log: out });
         out(`attached (state in ${stateFile(state.dir)}); every command with --dir ${v["dir"] as string} now uses this stack`);
         return 0;

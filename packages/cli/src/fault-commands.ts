@@ -27,6 +27,7 @@ import {
   watchItemJson,
   type WatchOptions,
 } from "./faults.js";
+import { ExitCode } from "./usage-error.js";
 
 /** A VM as `ioasidctl vm create` recorded it. */
 export interface VmRef {
@@ -56,19 +57,6 @@ export interface FaultCommand {
 const dirOption = { dir: { type: "string", default: ".ioasid" } } as const;
 const hex = (n: bigint) => `0x${n.toString(16)}`;
 
-/** Runs a command, turning a {@link UsageError} (bad flags: nothing was sent) into exit 2 with the usage. */
-function guarded(name: string, usage: string, ctx: FaultCommandContext, run: FaultCommand["run"]): FaultCommand["run"] {
-  return async (values, positionals) => {
-    try {
-      return await run(values, positionals);
-    } catch (err) {
-      if (!(err instanceof UsageError)) throw err;
-      ctx.err(`ioasidctl ${name}: ${err.message}\nusage: ${usage.split("\n")[0]}   (ioasidctl ${name} --help for more)`);
-      return 2;
-    }
-  };
-}
-
 function verb(positionals: string[], expected: string, command: string): void {
   if (positionals.length !== 1 || positionals[0] !== expected)
     throw new UsageError(`the verb is "${expected}": ioasidctl ${command} ${expected} …${positionals.length === 0 ? "" : ` (got "${positionals.join(" ")}")`}`);
@@ -84,8 +72,8 @@ export function faultCommands(ctx: FaultCommandContext): Record<string, FaultCom
     "  a device's DMA through the IOMMU: TRANSLATED (output address), PAGE_REQUEST (fault group id) or FAULT (reason).\n" +
     "  --prgi puts the page request in a multi-request group (--last completes it); without, a miss is a group by itself.\n" +
     `  --wait: on a page request, wait for its response (at most --timeout-ms, default ${DEFAULT_DMA_TIMEOUT_MS}) and on SUCCESS retry once.\n` +
-    "  exit 0 when the DMA translated (or, without --wait, a page request was queued); 1 on a fault, a response other\n" +
-    "  than SUCCESS, no response in time, or a retry that does not translate; 2 on bad flags.";
+    "  exit 0 when the DMA translated (or, without --wait, a page request was queued); 3 (refused) on a fault, a response\n" +
+    "  other than SUCCESS, or a retry that does not translate; 1 when no response came in time; 2 on bad flags.";
   const watchUsage =
     "ioasidctl faults watch --vm NAME [--respond success|invalid|failure] [--map-gpa-base ADDR] [--count N] [--timeout-ms N] [--json]\n" +
     "  the VM's WatchFaults stream at VFIO, one line per item: group (id, device, hpasid/gpasid, prgi, requests),\n" +
@@ -131,11 +119,11 @@ export function faultCommands(ctx: FaultCommandContext): Record<string, FaultCom
         "timeout-ms": { type: "string" },
         json: { type: "boolean", default: false },
       },
-      run: guarded("dma", dmaUsage, ctx, async (v, pos) => {
+      run: async (v, pos) => {
         if (pos.length > 0) throw new UsageError(`dma takes no positional arguments (got "${pos.join(" ")}")`);
         const o = parseDmaOptions(v);
         return ctx.withStack(v["dir"] as string, (c) => runDma(c, o, ctx));
-      }),
+      },
     },
     faults: {
       summary: "watch a VM's IO page faults (`faults watch --vm NAME`), optionally answering as the guest",
@@ -149,31 +137,31 @@ export function faultCommands(ctx: FaultCommandContext): Record<string, FaultCom
         "timeout-ms": { type: "string" },
         json: { type: "boolean", default: false },
       },
-      run: guarded("faults", watchUsage, ctx, async (v, pos) => {
+      run: async (v, pos) => {
         verb(pos, "watch", "faults");
         const o = parseWatchOptions(v);
         return onVm(v, o.vm, (c, vm) => runWatch(c, vm, o, ctx));
-      }),
+      },
     },
     fault: {
       summary: "answer one fault group: `fault respond --vm NAME --group ID --code success|invalid|failure`",
       usage: respondUsage,
       options: { ...dirOption, vm: { type: "string" }, group: { type: "string" }, code: { type: "string" } },
-      run: guarded("fault", respondUsage, ctx, async (v, pos) => {
+      run: async (v, pos) => {
         verb(pos, "respond", "fault");
         const o = parseRespondOptions(v);
         return onVm(v, o.vm, (c, vm) => runRespond(c, vm, o, ctx));
-      }),
+      },
     },
     "guest-ram": {
       summary: "map a VM's guest RAM (GPA → HPA) into its stage-2 domain, so nested DMA can complete",
       usage: ramUsage,
       options: { ...dirOption, vm: { type: "string" }, gpa: { type: "string" }, size: { type: "string" }, hpa: { type: "string" } },
-      run: guarded("guest-ram", ramUsage, ctx, async (v, pos) => {
+      run: async (v, pos) => {
         if (pos.length > 0) throw new UsageError(`guest-ram takes no positional arguments (got "${pos.join(" ")}")`);
         const o = parseGuestRamOptions(v);
         return onVm(v, o.vm, (c, vm) => runGuestRam(c, vm, o, ctx));
-      }),
+      },
     },
   };
 }
@@ -201,8 +189,8 @@ async function runDma(c: StackClients, o: DmaOptions, ctx: FaultCommandContext):
   const first = await translate(o.group);
   report["translate"] = translateJson(first);
   if (!o.json) ctx.out(formatTranslate(o, first));
-  if (first.outcome !== PAGE_REQUEST) return done(first.outcome === TRANSLATED ? 0 : 1);
-  if (!o.wait) return done(0);
+  if (first.outcome !== PAGE_REQUEST) return done(first.outcome === TRANSLATED ? ExitCode.OK : ExitCode.REFUSED);
+  if (!o.wait) return done(ExitCode.OK);
 
   let answer: iommu.AwaitPageResponseResponse;
   try {
@@ -211,7 +199,7 @@ async function runDma(c: StackClients, o: DmaOptions, ctx: FaultCommandContext):
     if (!isDomainError(err, "DEADLINE_EXCEEDED")) throw err;
     report["response"] = null;
     if (!o.json) ctx.out(`no page response for group ${first.faultGroupId} within ${o.timeoutMs} ms`);
-    return done(1);
+    return done(ExitCode.FAILED);
   }
   report["response"] = { code: codeName(answer.code), source: sourceName(answer.source) };
   const success = answer.code === iommu.PageResponseCode.PAGE_RESPONSE_CODE_SUCCESS;
@@ -223,12 +211,13 @@ async function runDma(c: StackClients, o: DmaOptions, ctx: FaultCommandContext):
         : "the device gives up on this DMA";
     ctx.out(`page response for group ${first.faultGroupId}: ${codeName(answer.code)} by ${sourceName(answer.source)}; ${then}`);
   }
-  if (!success) return done(1);
+  // The device gives up on the DMA: the hardware refused it.
+  if (!success) return done(ExitCode.REFUSED);
   // The retry is a new request: a miss now is a page request of its own, not part of the old group.
   const retry = await translate(undefined);
   report["retry"] = translateJson(retry);
   if (!o.json) ctx.out(`retry: ${formatTranslate(o, retry)}`);
-  return done(retry.outcome === TRANSLATED ? 0 : 1);
+  return done(retry.outcome === TRANSLATED ? ExitCode.OK : ExitCode.REFUSED);
 }
 
 /** `faults watch`: the container's WatchFaults stream until --count, --timeout-ms, Ctrl-C or its end. */

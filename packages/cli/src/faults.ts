@@ -1,6 +1,7 @@
 import { isDomainError } from "@ioasid/errors";
 import { iommu, vfio } from "@ioasid/proto";
 import type { StackClients } from "./clients.js";
+import { UsageError } from "./usage-error.js";
 
 // ioasidctl's IO page fault verbs (DESIGN §5 "Faults"): the device side (`dma`: a DMA through the
 // IOMMU, and with --wait the PRI round trip: page request, response, retry), the guest side
@@ -8,10 +9,7 @@ import type { StackClients } from "./clients.js";
 // `fault respond` (one answer by hand), plus `guest-ram`: the VMM mapping guest memory into the
 // VM's stage-2 domain, without which no nested translation can complete.
 
-/** A bad flag or flag combination: the command prints it with its usage and exits 2, sending nothing. */
-export class UsageError extends Error {
-  override readonly name = "UsageError";
-}
+export { UsageError };
 
 /** One 4 KiB page: the granule of page requests and mappings. */
 export const PAGE_SIZE = 0x1000n;

@@ -7,7 +7,7 @@ import { auditMetadata } from "@ioasid/grpc-kit";
 import type { HeldReference } from "@ioasid/role-kit";
 import { core } from "@ioasid/proto";
 import { addressesOf, connectStack, type StackAddresses, type StackClients } from "./clients.js";
-import { UsageError } from "./faults.js";
+import { UsageError } from "./usage-error.js";
 import { readState } from "./stack.js";
 
 // `ioasidctl holder release`: the operator's force-release of a dead holder's references (DESIGN
@@ -149,15 +149,8 @@ export function holderCommands(out: (line: string) => void): Record<"holder", Ho
         operator: { type: "string" },
         "dry-run": { type: "boolean", default: false },
       },
-      run: async (v, pos) => {
-        try {
-          return await runHolder(v, pos, out);
-        } catch (err) {
-          if (!(err instanceof UsageError)) throw err;
-          process.stderr.write(`ioasidctl holder: ${err.message}\n(ioasidctl holder --help for the usage)\n`);
-          return 2;
-        }
-      },
+      // A UsageError goes to main, which prints it with this usage and exits 2.
+      run: (v, pos) => runHolder(v, pos, out),
     },
   };
 }

@@ -39,12 +39,12 @@ export {
   parseRespondOptions,
   parseWatchOptions,
   RESPONSE_CODES,
-  UsageError,
   watchItemJson,
   type DmaOptions,
   type GroupAnswer,
   type ResponseCodeName,
   type WatchOptions,
 } from "./faults.js";
+export { EXIT_CODES_HELP, ExitCode, noPositionals, parseCount, parseU64, parseVerb, requireString, UsageError } from "./usage-error.js";
 export { faultCommands, type FaultCommand, type FaultCommandContext, type VmRef } from "./fault-commands.js";
 export { forceRelease, heldBy, holderCommands, type HeldReference, type HolderSelector, type ReleaseResult } from "./holder.js";

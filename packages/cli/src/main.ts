@@ -6,7 +6,7 @@ import { join, resolve } from "node:path";
 import { parseArgs, type ParseArgsConfig } from "node:util";
 import { readHistory } from "@ioasid/bus";
 import { isDomainError } from "@ioasid/errors";
-import { decodeVfioCapability } from "@ioasid/grpc-kit";
+import { decodeVfioCapability, packageVersion } from "@ioasid/grpc-kit";
 import { core, iommu, kvm, vdcm, vfio } from "@ioasid/proto";
 import { attachCommands } from "./attach.js";
 import { chaosCommand } from "./chaos-command.js";
@@ -16,14 +16,19 @@ import { faultCommands } from "./fault-commands.js";
 import { holderCommands } from "./holder.js";
 import { runScenario, ScenarioKind, type ScenarioResult } from "./scenario.js";
 import { readState, stackDown, stackUp } from "./stack.js";
+import { stackStatus } from "./status.js";
 import { describeSupervision, describeSupervisor } from "./supervision-report.js";
 import { buildTimeline, renderHtml, renderTable } from "./timeline.js";
 import { renderVerdict } from "./verdict.js";
+import { EXIT_CODES_HELP, ExitCode, noPositionals, parseCount, parseU64, parseVerb, requireString, UsageError } from "./usage-error.js";
 import { runVmmAgent } from "./vmm-agent.js";
 
 const out = (s = "") => process.stdout.write(`${s}\n`);
 const P = <T>(m: { fromPartial(x: object): T }, x: object): T => m.fromPartial(x);
-const json = (v: unknown) => JSON.stringify(v, (_k, x) => (typeof x === "bigint" ? x.toString() : x), 2);
+/** Output for scripts: a message's proto3 JSON mapping (ts-proto's `toJSON`), never ts-proto's internals. */
+const json = (v: unknown) => JSON.stringify(v, null, 2);
+/** A repeated field of a response's proto3 JSON: [] when empty (the mapping omits fields at their default). */
+const field = (message: unknown, name: string): unknown => (message as Record<string, unknown>)[name] ?? [];
 
 interface Command {
   readonly summary: string;
@@ -67,18 +72,21 @@ function writeVms(dir: string, vms: VmRecord[]): void {
   // Owner-only: it holds the VMs' capabilities.
   writeFileSync(vmsFile(dir), JSON.stringify(vms, null, 2), { mode: 0o600 });
 }
-function findVm(dir: string, name: string | undefined): VmRecord {
+/**
+ * The VM named, or the only VM when none is named. No name with several VMs (or none) is a usage
+ * error; a name that is not a VM is a failure (exit 1).
+ */
+function findVm(dir: string, name: string | undefined, flag = "vm"): VmRecord {
   const vms = readVms(dir);
-  const vm = vms.find((v) => v.name === name) ?? (name === undefined && vms.length === 1 ? vms[0] : undefined);
-  if (vm === undefined)
-    throw new Error(`no VM ${name === undefined ? "given (--vm NAME)" : `named ${name}`}; VMs: ${vms.map((v) => v.name).join(", ") || "none"}`);
+  const names = vms.map((v) => v.name).join(", ") || "none";
+  if (name === undefined) {
+    if (vms.length === 1) return vms[0]!;
+    throw new UsageError(`--${flag} NAME is required (VMs: ${names})`);
+  }
+  const vm = vms.find((v) => v.name === name);
+  if (vm === undefined) throw new Error(`no VM named ${name}; VMs: ${names}`);
   return vm;
 }
-const num = (v: unknown, what: string): number => {
-  const n = Number(v);
-  if (v === undefined || !Number.isInteger(n) || n < 0) throw new Error(`--${what} must be a non-negative integer, got ${String(v)}`);
-  return n;
-};
 
 async function printScenario(r: ScenarioResult): Promise<void> {
   const title = r.kind === "normal" ? "Guest IOASID life cycle (normal), steps 1–24" : "Misbehaving guest: free before unbind, steps 13–30";
@@ -111,12 +119,13 @@ const commands: Record<string, Command> = {
       "nats-url": { type: "string" },
       insecure: { type: "boolean", default: false },
     },
-    run: async (v) => {
+    run: async (v, pos) => {
+      noPositionals(pos, "up");
       await stackUp({
         dir: v["dir"] as string,
         insecure: v["insecure"] as boolean,
-        ...(v["base-port"] === undefined ? {} : { basePort: num(v["base-port"], "base-port") }),
-        ...(v["nats-port"] === undefined ? {} : { natsPort: num(v["nats-port"], "nats-port") }),
+        ...(v["base-port"] === undefined ? {} : { basePort: parseCount(v["base-port"], "base-port", 65535) }),
+        ...(v["nats-port"] === undefined ? {} : { natsPort: parseCount(v["nats-port"], "nats-port", 65535) }),
         ...(v["nats-url"] === undefined ? {} : { natsUrl: v["nats-url"] as string }),
         log: out,
       });
@@ -130,7 +139,8 @@ const commands: Record<string, Command> = {
       "ioasidctl down [--dir .ioasid] [--purge]   (--purge also deletes logs and the JetStream store)\n" +
       "  Stops the supervisor first (so that it restarts nothing), then each service by the PID stack.json records now, then nats-server.",
     options: { ...dirOption, purge: { type: "boolean", default: false } },
-    run: async (v) => {
+    run: async (v, pos) => {
+      noPositionals(pos, "down");
       for (const vm of readVms(v["dir"] as string)) {
         try {
           process.kill(vm.agentPid, "SIGTERM");
@@ -147,32 +157,40 @@ const commands: Record<string, Command> = {
   status: {
     summary: "show the stack's processes, their health, and their restarts",
     usage:
-      "ioasidctl status [--dir .ioasid]\n" +
+      "ioasidctl status [--dir .ioasid] [--json]\n" +
       "  One line per process: PID, address, health, then what the supervisor did (restarts, the last exit and when;\n" +
-      "  RESTARTING, STOPPED or GAVE UP with why).",
-    options: { ...dirOption },
-    run: async (v) => {
-      const state = readState(v["dir"] as string);
-      out(`nats ${state.natsUrl}${state.nats.pid === undefined ? " (external)" : ` pid ${state.nats.pid}`}`);
-      if (state.supervisor !== undefined) out(describeSupervisor(state.supervisor));
-      const { checkHealth } = await import("@ioasid/grpc-kit");
-      const tls = addressesOf(state).tls;
-      for (const [name, s] of Object.entries(state.services)) {
-        const health = await checkHealth(s.address, "", { deadlineMs: 1000, ...(tls === undefined ? {} : { client: { tls } }) }).catch(
-          (e: Error) => `DOWN (${e.message})`,
-        );
-        const supervision = s.restarts === undefined ? "" : `   ${describeSupervision(s)}`;
-        out(`${name.padEnd(12)} pid ${String(s.pid ?? "-").padEnd(7)} ${s.address.padEnd(16)} ${health}${supervision}   log ${s.log}`);
+      "  RESTARTING, STOPPED or GAVE UP with why).\n" +
+      "  Exit 1 when anything is down: NATS not accepting a connection, a service not SERVING, the supervisor not running.\n" +
+      "  --json: {ok, nats: {url, pid, external, up, error?}, supervisor: {pid, running, log} | null,\n" +
+      "  services: [{name, pid, address, health (SERVING, NOT_SERVING, … or DOWN), error?, restarts?, lastExit?, supervision?, log}]}.",
+    options: { ...dirOption, json: { type: "boolean", default: false } },
+    run: async (v, pos) => {
+      noPositionals(pos, "status");
+      const report = await stackStatus(readState(v["dir"] as string));
+      if (v["json"] as boolean) out(JSON.stringify(report, null, 2));
+      else {
+        const { nats, supervisor } = report;
+        out(`nats ${nats.url}${nats.external ? " (external)" : ` pid ${nats.pid}`} ${nats.up ? "UP" : `DOWN (${nats.error})`}`);
+        if (supervisor !== null) out(describeSupervisor({ pid: supervisor.pid ?? undefined, log: supervisor.log }));
+        for (const s of report.services) {
+          const health = s.error === undefined ? s.health : `${s.health} (${s.error})`;
+          const supervision = s.restarts === undefined ? "" : `   ${describeSupervision({ ...s, pid: s.pid ?? undefined })}`;
+          out(`${s.name.padEnd(12)} pid ${String(s.pid ?? "-").padEnd(7)} ${s.address.padEnd(16)} ${health}${supervision}   log ${s.log}`);
+        }
       }
-      return 0;
+      return report.ok ? ExitCode.OK : ExitCode.FAILED;
     },
   },
   inspect: {
     summary: "sets, IOASIDs (state, references and holders) and every role's tables",
-    usage: "ioasidctl inspect [--dir .ioasid] [--json]",
+    usage:
+      "ioasidctl inspect [--dir .ioasid] [--json]\n" +
+      "  --json: {stats, sets, ioasids, registrations, vfio, kvm, vdcm, iommu}, each in the proto3 JSON mapping of its\n" +
+      "  response (enum names, 64-bit integers as decimal strings, bytes as base64, fields at their default omitted).",
     options: { ...dirOption, json: { type: "boolean", default: false } },
-    run: async (v) =>
-      withStack(v["dir"] as string, async (c) => {
+    run: async (v, pos) => {
+      noPositionals(pos, "inspect");
+      return withStack(v["dir"] as string, async (c) => {
         const [sets, ioasids, stats, regs, k, d, i, f] = await Promise.all([
           c.core.listSets({}),
           c.core.listIoasids({ setId: 0 }),
@@ -184,7 +202,18 @@ const commands: Record<string, Command> = {
           c.vfio.queryState({ containerId: 0 }),
         ]);
         if (v["json"] as boolean) {
-          out(json({ stats, sets: sets.sets, ioasids: ioasids.ioasids, registrations: regs.registrations, vfio: f, kvm: k, vdcm: d, iommu: i }));
+          out(
+            json({
+              stats: core.GetStatsResponse.toJSON(stats),
+              sets: field(core.ListSetsResponse.toJSON(sets), "sets"),
+              ioasids: field(core.ListIoasidsResponse.toJSON(ioasids), "ioasids"),
+              registrations: field(core.ListRegistrationsResponse.toJSON(regs), "registrations"),
+              vfio: vfio.QueryStateResponse.toJSON(f),
+              kvm: kvm.QueryStateResponse.toJSON(k),
+              vdcm: vdcm.QueryStateResponse.toJSON(d),
+              iommu: iommu.QueryStateResponse.toJSON(i),
+            }),
+          );
           return 0;
         }
         out(
@@ -219,29 +248,47 @@ const commands: Record<string, Command> = {
         for (const m of d.mdevs) out(`  mdev ${m.mdevUuid} on ${m.parentDeviceId} wqs ${m.wqIds.join(",")} set ${m.setId || "-"}`);
         out("\niommu");
         out(
-          json(i)
+          json(iommu.QueryStateResponse.toJSON(i))
             .split("\n")
             .map((l) => `  ${l}`)
             .join("\n"),
         );
         return 0;
-      }),
+      });
+    },
   },
   timeline: {
     summary: "render the recorded history as the document's column table (and as Mermaid HTML)",
-    usage: "ioasidctl timeline [--dir .ioasid] [--ioasid N] [--since-ms EPOCH_MS] [--html FILE]",
+    usage:
+      "ioasidctl timeline [--dir .ioasid] [--ioasid N] [--since-ms EPOCH_MS] [--html FILE]\n" +
+      "  --ioasid N: the steps about IOASID N and about its sets; exit 1 with a message when the history has no IOASID N.",
     options: { ...dirOption, ioasid: { type: "string" }, "since-ms": { type: "string" }, html: { type: "string" } },
-    run: async (v) =>
-      withStack(v["dir"] as string, async (c) => {
-        const records = await readHistory(c.nc, v["since-ms"] === undefined ? {} : { sinceMs: num(v["since-ms"], "since-ms") });
-        const rows = buildTimeline(records, v["ioasid"] === undefined ? {} : { ioasids: new Set([num(v["ioasid"], "ioasid")]) });
+    run: async (v, pos) => {
+      noPositionals(pos, "timeline");
+      const ioasid = v["ioasid"] === undefined ? undefined : parseCount(v["ioasid"], "ioasid");
+      const sinceMs = v["since-ms"] === undefined ? undefined : parseCount(v["since-ms"], "since-ms");
+      return withStack(v["dir"] as string, async (c) => {
+        const records = await readHistory(c.nc, sinceMs === undefined ? {} : { sinceMs });
+        let filter = {};
+        if (ioasid !== undefined) {
+          // The IOASID's steps and its sets' steps about no IOASID: without the sets, every record
+          // about no IOASID passed the filter (19 unrelated rows for an IOASID that never existed).
+          const setIds = new Set(records.flatMap((r) => (r.ioasid === ioasid && r.setId !== undefined ? [r.setId] : [])));
+          if (!records.some((r) => r.ioasid === ioasid)) {
+            process.stderr.write(`ioasidctl timeline: no IOASID ${ioasid} in the history${sinceMs === undefined ? "" : ` since ${sinceMs}`}\n`);
+            return ExitCode.FAILED;
+          }
+          filter = { ioasids: new Set([ioasid]), setIds };
+        }
+        const rows = buildTimeline(records, filter);
         out(renderTable(rows));
         if (v["html"] !== undefined) {
           writeFileSync(v["html"] as string, renderHtml([{ title: "timeline", rows }], mermaidJs()));
           out(`\nwrote ${resolve(v["html"] as string)}`);
         }
         return 0;
-      }),
+      });
+    },
   },
   scenario: {
     summary: "run a life cycle of the document through the stack: `scenario run normal|crash`",
@@ -249,7 +296,8 @@ const commands: Record<string, Command> = {
     options: { ...dirOption, html: { type: "string" } },
     run: async (v, pos) => {
       const kind = pos[1];
-      if (pos[0] !== "run" || (kind !== "normal" && kind !== "crash")) throw new Error("usage: ioasidctl scenario run normal|crash");
+      if (pos[0] !== "run" || (kind !== "normal" && kind !== "crash") || pos.length > 2)
+        throw new UsageError(`scenario takes \`run normal\` or \`run crash\`${pos.length === 0 ? "" : ` (got "${pos.join(" ")}")`}`);
       return withStack(v["dir"] as string, async (c) => {
         const r = await runScenario(kind as ScenarioKind, c, { log: out });
         await printScenario(r);
@@ -271,12 +319,13 @@ const commands: Record<string, Command> = {
       "base-port": { type: "string", default: "50151" },
       "nats-port": { type: "string", default: "4322" },
     },
-    run: async (v) => {
+    run: async (v, pos) => {
+      noPositionals(pos, "demo");
       const dir = v["dir"] as string;
       await stackUp({
         dir,
-        basePort: num(v["base-port"], "base-port"),
-        natsPort: num(v["nats-port"], "nats-port"),
+        basePort: parseCount(v["base-port"], "base-port", 65535),
+        natsPort: parseCount(v["nats-port"], "nats-port", 65535),
         log: out,
         freshStore: true,
         insecure: v["insecure"] as boolean,
@@ -325,38 +374,25 @@ const commands: Record<string, Command> = {
     },
     run: async (v, pos) => {
       const dir = v["dir"] as string;
-      const verb = pos[0];
+      const verb = parseVerb(pos, ["create", "crash", "destroy", "list"], "vm");
       if (verb === "list") {
         for (const vm of readVms(dir))
           out(`${vm.name}  token ${vm.mmToken}  vm ${vm.vmId}  container ${vm.containerId}  set ${vm.setId}  vmm pid ${vm.agentPid}`);
         return 0;
       }
       if (verb === "create") {
-        const name = v["name"] as string | undefined;
-        if (name === undefined || v["token"] === undefined) throw new Error("vm create needs --name and --token");
-        const token = BigInt(v["token"] as string);
+        const name = requireString(v["name"], "name");
+        const token = parseU64(v["token"], "token");
+        const vcpuCount = parseCount(v["vcpus"], "vcpus");
+        const quota = parseCount(v["quota"], "quota");
         const state = readState(dir);
-        const vmId = await withStack(
-          dir,
-          async (c) => (await c.kvm.createVm(P(kvm.CreateVmRequest, { mmToken: token, vcpuCount: num(v["vcpus"], "vcpus"), vmName: name }))).vm!.vmId,
-        );
+        const vmId = await withStack(dir, async (c) => (await c.kvm.createVm(P(kvm.CreateVmRequest, { mmToken: token, vcpuCount, vmName: name }))).vm!.vmId);
         mkdirSync(join(resolve(dir), "logs"), { recursive: true });
         const logFile = join(resolve(dir), "logs", `vmm-${name}.log`);
         const fd = openSync(logFile, "w");
         const agent = spawn(
           process.execPath,
-          [
-            process.argv[1]!,
-            "vmm-agent",
-            "--vfio",
-            state.services.vfio.address,
-            "--token",
-            String(token),
-            "--quota",
-            String(num(v["quota"], "quota")),
-            "--name",
-            name,
-          ],
+          [process.argv[1]!, "vmm-agent", "--vfio", state.services.vfio.address, "--token", String(token), "--quota", String(quota), "--name", name],
           {
             detached: true,
             stdio: ["ignore", fd, fd],
@@ -391,7 +427,7 @@ const commands: Record<string, Command> = {
         out(`vm ${name}: kvm vm ${vmId}, vfio container ${info.containerId}, set ${info.setId}, VMM pid ${agent.pid}`);
         return 0;
       }
-      const vm = findVm(dir, v["name"] as string | undefined);
+      const vm = findVm(dir, v["name"] as string | undefined, "name");
       if (verb === "crash") {
         process.kill(vm.agentPid, "SIGKILL");
         out(`vm ${vm.name}: VMM pid ${vm.agentPid} killed; VFIO frees every IOASID of set ${vm.setId}`);
@@ -415,7 +451,7 @@ const commands: Record<string, Command> = {
         out(`vm ${vm.name} destroyed`);
         return 0;
       }
-      throw new Error("usage: ioasidctl vm create|crash|destroy|list");
+      return verb satisfies never;
     },
   },
   pasid: {
@@ -424,12 +460,12 @@ const commands: Record<string, Command> = {
     options: { ...dirOption, vm: { type: "string" }, pasid: { type: "string" }, generation: { type: "string", default: "0" } },
     run: async (v, pos) => {
       const dir = v["dir"] as string;
+      const verb = parseVerb(pos, ["alloc", "free"], "pasid");
+      const free = verb === "free" ? { hpasid: parseCount(v["pasid"], "pasid"), generation: parseCount(v["generation"], "generation") } : undefined;
       const vm = findVm(dir, v["vm"] as string | undefined);
       return withStack(dir, async (c) => {
-        if (pos[0] === "alloc") out(json(await c.vfio.allocPasid({ containerId: vm.containerId })));
-        else if (pos[0] === "free")
-          out(json(await c.vfio.freePasid({ containerId: vm.containerId, hpasid: num(v["pasid"], "pasid"), generation: num(v["generation"], "generation") })));
-        else throw new Error("usage: ioasidctl pasid alloc|free");
+        if (free === undefined) out(json(vfio.AllocPasidResponse.toJSON(await c.vfio.allocPasid({ containerId: vm.containerId }))));
+        else out(json(vfio.FreePasidResponse.toJSON(await c.vfio.freePasid({ containerId: vm.containerId, ...free }))));
         return 0;
       });
     },
@@ -447,7 +483,7 @@ const commands: Record<string, Command> = {
       mdev: { type: "string" },
       generation: { type: "string", default: "0" },
     },
-    run: async (v) => bindOrUnbind(v, true),
+    run: async (v, pos) => bindOrUnbind(v, pos, true),
   },
   unbind: {
     summary: "unbind a guest PASID: `unbind --vm NAME --pasid HPASID --gpasid G --mdev UUID|--device DEV`",
@@ -461,7 +497,7 @@ const commands: Record<string, Command> = {
       mdev: { type: "string" },
       generation: { type: "string", default: "0" },
     },
-    run: async (v) => bindOrUnbind(v, false),
+    run: async (v, pos) => bindOrUnbind(v, pos, false),
   },
   mdev: {
     summary: "mediated devices: `mdev create|assign|program|clear`",
@@ -481,10 +517,14 @@ const commands: Record<string, Command> = {
     },
     run: async (v, pos) => {
       const dir = v["dir"] as string;
+      const verb = parseVerb(pos, ["create", "assign", "program", "clear"], "mdev");
+      const uuid = requireString(v["uuid"], "uuid");
+      const wqIds = (v["wqs"] as string).split(",").map((x) => parseCount(x, "wqs"));
+      const virtualWq = parseCount(v["wq"], "wq");
+      const gpasid = verb === "program" ? parseCount(v["gpasid"], "gpasid") : 0;
+      const vm = verb === "assign" ? findVm(dir, v["vm"] as string | undefined) : undefined;
       return withStack(dir, async (c) => {
-        const uuid = v["uuid"] as string | undefined;
-        if (uuid === undefined) throw new Error("--uuid is required");
-        switch (pos[0]) {
+        switch (verb) {
           case "create": {
             const device = (v["device"] as string | undefined) ?? "idxd0";
             await c.vdcm
@@ -514,52 +554,69 @@ const commands: Record<string, Command> = {
               .catch((e: unknown) => {
                 if (!isDomainError(e, "DEVICE_EXISTS")) throw e;
               });
+            out(json(vdcm.CreateMdevResponse.toJSON(await c.vdcm.createMdev(P(vdcm.CreateMdevRequest, { parentDeviceId: device, mdevUuid: uuid, wqIds })))));
+            return 0;
+          }
+          case "assign":
             out(
               json(
-                await c.vdcm.createMdev(
-                  P(vdcm.CreateMdevRequest, { parentDeviceId: device, mdevUuid: uuid, wqIds: (v["wqs"] as string).split(",").map((x) => num(x, "wqs")) }),
+                vfio.AssignDeviceResponse.toJSON(
+                  await c.vfio.assignDevice({ containerId: vm!.containerId, device: { ref: { $case: "mdevUuid", value: uuid } } }),
                 ),
               ),
             );
             return 0;
-          }
-          case "assign": {
-            const vm = findVm(dir, v["vm"] as string | undefined);
-            out(json(await c.vfio.assignDevice({ containerId: vm.containerId, device: { ref: { $case: "mdevUuid", value: uuid } } })));
-            return 0;
-          }
           case "program":
-            out(json(await c.vdcm.writeWqPasid({ mdevUuid: uuid, virtualWq: num(v["wq"], "wq"), gpasid: num(v["gpasid"], "gpasid") })));
+            out(json(vdcm.WriteWqPasidResponse.toJSON(await c.vdcm.writeWqPasid({ mdevUuid: uuid, virtualWq, gpasid }))));
             return 0;
           case "clear":
-            out(json(await c.vdcm.clearWqPasid({ mdevUuid: uuid, virtualWq: num(v["wq"], "wq") })));
+            out(json(vdcm.ClearWqPasidResponse.toJSON(await c.vdcm.clearWqPasid({ mdevUuid: uuid, virtualWq }))));
             return 0;
-          default:
-            throw new Error("usage: ioasidctl mdev create|assign|program|clear");
         }
       });
     },
   },
   enqcmd: {
     summary: "a vCPU's ENQCMD with a guest PASID: translated through KVM's VMCS table, or #GP",
-    usage: "ioasidctl enqcmd --vm NAME --gpasid G [--vcpu 0] [--ia32-pasid RAW]",
-    options: { ...dirOption, vm: { type: "string" }, gpasid: { type: "string" }, vcpu: { type: "string", default: "0" }, "ia32-pasid": { type: "string" } },
-    run: async (v) => {
+    usage:
+      "ioasidctl enqcmd --vm NAME (--gpasid G | --ia32-pasid RAW) [--vcpu 0] [--json]\n" +
+      "  exit 0 when KVM translated the guest PASID, 3 (refused) on #GP; --json: the EnqcmdResponse in the proto3 JSON mapping.",
+    options: {
+      ...dirOption,
+      vm: { type: "string" },
+      gpasid: { type: "string" },
+      vcpu: { type: "string", default: "0" },
+      "ia32-pasid": { type: "string" },
+      json: { type: "boolean", default: false },
+    },
+    run: async (v, pos) => {
+      noPositionals(pos, "enqcmd");
       const dir = v["dir"] as string;
+      if ((v["ia32-pasid"] === undefined) === (v["gpasid"] === undefined)) throw new UsageError("give exactly one of --gpasid G and --ia32-pasid RAW");
+      const raw =
+        v["ia32-pasid"] !== undefined
+          ? parseCount(v["ia32-pasid"], "ia32-pasid", 0xffff_ffff)
+          : (0x8000_0000 | parseCount(v["gpasid"], "gpasid", 0xf_ffff)) >>> 0;
+      const vcpu = parseCount(v["vcpu"], "vcpu");
       const vm = findVm(dir, v["vm"] as string | undefined);
-      const raw = v["ia32-pasid"] !== undefined ? num(v["ia32-pasid"], "ia32-pasid") : (0x8000_0000 | num(v["gpasid"], "gpasid")) >>> 0;
       return withStack(dir, async (c) => {
-        const r = await c.kvm.enqcmd({ vmId: vm.vmId, vcpu: num(v["vcpu"], "vcpu"), ia32Pasid: raw });
-        out(
-          `${kvm.enqcmdOutcomeToJSON(r.outcome)}${r.outcome === kvm.EnqcmdOutcome.ENQCMD_OUTCOME_TRANSLATED ? ` guest PASID ${r.gpasid} -> host PASID ${r.hpasid}` : ` (${kvm.gpCauseToJSON(r.gpCause)})`}`,
-        );
-        return 0;
+        const r = await c.kvm.enqcmd({ vmId: vm.vmId, vcpu, ia32Pasid: raw });
+        const translated = r.outcome === kvm.EnqcmdOutcome.ENQCMD_OUTCOME_TRANSLATED;
+        if (v["json"] as boolean) out(json(kvm.EnqcmdResponse.toJSON(r)));
+        else
+          out(
+            `${kvm.enqcmdOutcomeToJSON(r.outcome)}${translated ? ` guest PASID ${r.gpasid} -> host PASID ${r.hpasid}` : ` (${kvm.gpCauseToJSON(r.gpCause)})`}`,
+          );
+        // #GP: the vCPU's ENQCMD was refused.
+        return translated ? ExitCode.OK : ExitCode.REFUSED;
       });
     },
   },
   submit: {
     summary: "submit a descriptor to an mdev's work queue (shared WQs translate its PASID)",
-    usage: "ioasidctl submit --uuid MDEV --wq VIRTUAL_WQ --pasid PASID [--space guest|host]",
+    usage:
+      "ioasidctl submit --uuid MDEV --wq VIRTUAL_WQ --pasid PASID [--space guest|host]\n" +
+      "  prints the SubmitDescriptorResponse in the proto3 JSON mapping; exit 3 (refused) when the descriptor's DMA faulted.",
     options: {
       ...dirOption,
       uuid: { type: "string" },
@@ -567,20 +624,22 @@ const commands: Record<string, Command> = {
       pasid: { type: "string" },
       space: { type: "string", default: "host" },
     },
-    run: async (v) =>
-      withStack(v["dir"] as string, async (c) => {
-        const r = await c.vdcm.submitDescriptor(
-          P(vdcm.SubmitDescriptorRequest, {
-            mdevUuid: v["uuid"],
-            virtualWq: num(v["wq"], "wq"),
-            pasid: num(v["pasid"], "pasid"),
-            pasidSpace: v["space"] === "guest" ? vdcm.PasidSpace.PASID_SPACE_GUEST : vdcm.PasidSpace.PASID_SPACE_HOST,
-            descriptor: { op: vdcm.DescriptorOp.DESCRIPTOR_OP_NOOP, srcAddress: 0n, dstAddress: 0n, size: 0n },
-          }),
-        );
-        out(json(r));
-        return 0;
-      }),
+    run: async (v, pos) => {
+      noPositionals(pos, "submit");
+      if (v["space"] !== "guest" && v["space"] !== "host") throw new UsageError(`--space must be guest or host, got ${String(v["space"])}`);
+      const request = P(vdcm.SubmitDescriptorRequest, {
+        mdevUuid: requireString(v["uuid"], "uuid"),
+        virtualWq: parseCount(v["wq"], "wq"),
+        pasid: parseCount(v["pasid"], "pasid"),
+        pasidSpace: v["space"] === "guest" ? vdcm.PasidSpace.PASID_SPACE_GUEST : vdcm.PasidSpace.PASID_SPACE_HOST,
+        descriptor: { op: vdcm.DescriptorOp.DESCRIPTOR_OP_NOOP, srcAddress: 0n, dstAddress: 0n, size: 0n },
+      });
+      return withStack(v["dir"] as string, async (c) => {
+        const r = await c.vdcm.submitDescriptor(request);
+        out(json(vdcm.SubmitDescriptorResponse.toJSON(r)));
+        return r.status === vdcm.CompletionStatus.COMPLETION_STATUS_DMA_FAULT ? ExitCode.REFUSED : ExitCode.OK;
+      });
+    },
   },
   ...attachCommands(out),
   ...holderCommands(out),
@@ -595,21 +654,28 @@ const commands: Record<string, Command> = {
   }),
 };
 
-async function bindOrUnbind(v: Record<string, string | boolean | undefined>, bind: boolean): Promise<number> {
+async function bindOrUnbind(v: Record<string, string | boolean | undefined>, pos: string[], bind: boolean): Promise<number> {
+  noPositionals(pos, bind ? "bind" : "unbind");
+  if (v["mdev"] !== undefined && v["device"] !== undefined) throw new UsageError("give one of --mdev UUID and --device DEVICE_ID, not both");
   const dir = v["dir"] as string;
+  const req = {
+    device:
+      v["mdev"] !== undefined
+        ? { ref: { $case: "mdevUuid" as const, value: v["mdev"] as string } }
+        : { ref: { $case: "deviceId" as const, value: (v["device"] as string | undefined) ?? "idxd0" } },
+    hpasid: parseCount(v["pasid"], "pasid"),
+    generation: parseCount(v["generation"], "generation"),
+    gpasid: parseCount(v["gpasid"], "gpasid"),
+  };
   const vm = findVm(dir, v["vm"] as string | undefined);
   return withStack(dir, async (c) => {
-    const req = {
-      containerId: vm.containerId,
-      device:
-        v["mdev"] !== undefined
-          ? { ref: { $case: "mdevUuid" as const, value: v["mdev"] as string } }
-          : { ref: { $case: "deviceId" as const, value: (v["device"] as string | undefined) ?? "idxd0" } },
-      hpasid: num(v["pasid"], "pasid"),
-      generation: num(v["generation"], "generation"),
-      gpasid: num(v["gpasid"], "gpasid"),
-    };
-    out(json(bind ? await c.vfio.bindGuestPasid(P(vfio.BindGuestPasidRequest, req)) : await c.vfio.unbindGuestPasid(P(vfio.UnbindGuestPasidRequest, req))));
+    out(
+      json(
+        bind
+          ? vfio.BindGuestPasidResponse.toJSON(await c.vfio.bindGuestPasid(P(vfio.BindGuestPasidRequest, { ...req, containerId: vm.containerId })))
+          : vfio.UnbindGuestPasidResponse.toJSON(await c.vfio.unbindGuestPasid(P(vfio.UnbindGuestPasidRequest, { ...req, containerId: vm.containerId }))),
+      ),
+    );
     return 0;
   });
 }
@@ -627,14 +693,45 @@ function help(): string {
     "device (page request -> response -> retry); `fault respond` answers one group by hand.",
     "",
     "State (addresses, PIDs, VMs) is kept in --dir (default .ioasid); logs in <dir>/logs.",
+    "--json (inspect, status, enqcmd, dma, faults watch; pasid, bind, unbind, mdev and submit always print JSON): the",
+    "proto3 JSON mapping of the responses: enum names, 64-bit integers as decimal strings, bytes as base64.",
+    "",
+    EXIT_CODES_HELP,
+    "",
+    "ioasidctl --version prints the version.",
   ].join("\n");
+}
+
+/** A command's `--help`: its summary, its usage, and where the exit codes are. */
+function commandHelp(cmd: Command): string {
+  return `${cmd.summary}\n\nusage:\n${indent(cmd.usage)}\n\nexit codes: 0 done, 1 failed, 2 usage error, 3 refused by the modelled hardware (ioasidctl --help)`;
+}
+const indent = (text: string) =>
+  text
+    .split("\n")
+    .map((l) => `  ${l}`)
+    .join("\n");
+
+/** A usage error: the problem and the command's usage on stderr, exit 2 (clig.dev). */
+function usageError(name: string, cmd: Command, message: string): number {
+  process.stderr.write(`ioasidctl ${name}: ${message}\nusage:\n${indent(cmd.usage)}\n`);
+  return ExitCode.USAGE;
 }
 
 async function main(argv: string[]): Promise<number> {
   const [name, ...rest] = argv;
-  if (name === undefined || name === "--help" || name === "-h" || name === "help") {
+  if (name === "--help" || name === "-h" || name === "help") {
     out(help());
-    return name === undefined ? 2 : 0;
+    return ExitCode.OK;
+  }
+  if (name === undefined) {
+    process.stderr.write(`${help()}\n`);
+    return ExitCode.USAGE;
+  }
+  if (name === "--version" || name === "-V") {
+    // Nothing else: no state read, no connection (a script asks this of a machine with no stack).
+    out(`ioasidctl ${packageVersion(import.meta.url)}`);
+    return ExitCode.OK;
   }
   if (name === "vmm-agent") {
     const { values } = parseArgs({
@@ -647,25 +744,26 @@ async function main(argv: string[]): Promise<number> {
   const cmd = commands[name];
   if (cmd === undefined) {
     process.stderr.write(`ioasidctl: unknown command "${name}"\n\n${help()}\n`);
-    return 2;
+    return ExitCode.USAGE;
   }
   if (rest.includes("--help") || rest.includes("-h")) {
-    out(
-      `${cmd.summary}\n\nusage:\n${cmd.usage
-        .split("\n")
-        .map((l) => `  ${l}`)
-        .join("\n")}`,
-    );
-    return 0;
+    out(commandHelp(cmd));
+    return ExitCode.OK;
   }
   let parsed: { values: Record<string, string | boolean | undefined>; positionals: string[] };
   try {
     parsed = parseArgs({ args: rest, options: cmd.options, allowPositionals: true }) as typeof parsed;
   } catch (err) {
-    process.stderr.write(`ioasidctl ${name}: ${(err as Error).message}\nusage:\n  ${cmd.usage}\n`);
-    return 2;
+    return usageError(name, cmd, (err as Error).message);
   }
-  return cmd.run(parsed.values, parsed.positionals);
+  try {
+    return await cmd.run(parsed.values, parsed.positionals);
+  } catch (err) {
+    // Every command's flags are checked before anything is sent, by throwing UsageError: one
+    // place turns it into exit 2 with the usage, so no command can exit 1 on a bad flag.
+    if (err instanceof UsageError) return usageError(name, cmd, err.message);
+    throw err;
+  }
 }
 
 /** Exits once stdout and stderr are flushed (a pipe would otherwise lose the end of the output). */
@@ -676,5 +774,5 @@ function exitAfterFlush(code: number): void {
 main(process.argv.slice(2)).then(exitAfterFlush, (err: unknown) => {
   const e = err as { reason?: string; message?: string };
   process.stderr.write(`ioasidctl: ${isDomainError(err) ? `${e.reason}: ${e.message}` : (e.message ?? String(err))}\n`);
-  exitAfterFlush(1);
+  exitAfterFlush(ExitCode.FAILED);
 });
