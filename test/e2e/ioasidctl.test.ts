@@ -100,6 +100,17 @@ describe("ioasidctl", () => {
     }
     expect(after).toMatch(/in use 0/);
 
+    // The crashed VM stays listed and can be destroyed, and its name taken again (issue 17).
+    expect(await ctl("vm", "list")).toMatch(/^vm1 .* CRASHED/m);
+    expect(await ctl("vm", "destroy", "--name", "vm1")).toContain("vm vm1 destroyed");
+    expect(await ctl("inspect")).not.toMatch(/\(vm1, set/);
+    expect(await ctl("vm", "create", "--name", "vm1", "--token", "4242")).toMatch(/vm vm1: kvm vm \d+/);
+    const twice = await ctlCode("vm", "create", "--name", "vm1", "--token", "4242");
+    expect({ code: twice.code, stderr: twice.stderr }).toEqual({
+      code: 1,
+      stderr: expect.stringMatching(/vm vm1 exists: `ioasidctl vm destroy --name vm1` first/),
+    });
+
     const html = join(dir, "t.html");
     const timeline = await ctl("timeline", "--ioasid", String(alloc.hpasid), "--html", html);
     expect(timeline).toMatch(/VFIO\s+IOMMU\s+KVM\s+VDCM\s+IOASID\s+Ref/);

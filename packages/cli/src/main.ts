@@ -63,6 +63,11 @@ interface VmRecord {
   readonly agentPid: number;
   /** The container's VFIO capability (hex), as the VMM printed it; absent in records of earlier versions. */
   readonly capability?: string;
+  /**
+   * `vm crash` killed its VMM: VFIO closed the container, but the KVM VM stays until `vm destroy`
+   * (a record dropped at the crash left a VM nothing could list or destroy, and its name taken).
+   */
+  readonly crashed?: boolean;
 }
 const vmsFile = (dir: string) => join(resolve(dir), "vms.json");
 function readVms(dir: string): VmRecord[] {
@@ -142,6 +147,8 @@ const commands: Record<string, Command> = {
     run: async (v, pos) => {
       noPositionals(pos, "down");
       for (const vm of readVms(v["dir"] as string)) {
+        // A crashed VM's VMM is dead: its PID may be another process's by now.
+        if (vm.crashed === true) continue;
         try {
           process.kill(vm.agentPid, "SIGTERM");
         } catch {
@@ -362,8 +369,8 @@ const commands: Record<string, Command> = {
     summary: "VMM actions: `vm create|crash|destroy|list`",
     usage:
       "ioasidctl vm create --name NAME --token MM_TOKEN [--quota 64] [--vcpus 2]   (starts a VMM process holding the VFIO session)\n" +
-      "ioasidctl vm crash --name NAME     (SIGKILL the VMM: the crashed-guest path)\n" +
-      "ioasidctl vm destroy --name NAME   (clean close, then KVM DestroyVm)\n" +
+      "ioasidctl vm crash --name NAME     (SIGKILL the VMM: the crashed-guest path; the VM stays listed, CRASHED, until destroyed)\n" +
+      "ioasidctl vm destroy --name NAME   (clean close, then KVM DestroyVm; of a crashed VM, DestroyVm)\n" +
       "ioasidctl vm list",
     options: {
       ...dirOption,
@@ -377,7 +384,9 @@ const commands: Record<string, Command> = {
       const verb = parseVerb(pos, ["create", "crash", "destroy", "list"], "vm");
       if (verb === "list") {
         for (const vm of readVms(dir))
-          out(`${vm.name}  token ${vm.mmToken}  vm ${vm.vmId}  container ${vm.containerId}  set ${vm.setId}  vmm pid ${vm.agentPid}`);
+          out(
+            `${vm.name}  token ${vm.mmToken}  vm ${vm.vmId}  container ${vm.containerId}  set ${vm.setId}  ${vm.crashed === true ? "CRASHED (VMM killed; `vm destroy` removes the VM)" : `vmm pid ${vm.agentPid}`}`,
+          );
         return 0;
       }
       if (verb === "create") {
@@ -385,6 +394,9 @@ const commands: Record<string, Command> = {
         const token = parseU64(v["token"], "token");
         const vcpuCount = parseCount(v["vcpus"], "vcpus");
         const quota = parseCount(v["quota"], "quota");
+        const existing = readVms(dir).find((x) => x.name === name);
+        if (existing !== undefined)
+          throw new Error(`vm ${name} exists${existing.crashed === true ? " (crashed)" : ""}: \`ioasidctl vm destroy --name ${name}\` first`);
         const state = readState(dir);
         const vmId = await withStack(dir, async (c) => (await c.kvm.createVm(P(kvm.CreateVmRequest, { mmToken: token, vcpuCount, vmName: name }))).vm!.vmId);
         mkdirSync(join(resolve(dir), "logs"), { recursive: true });
@@ -429,17 +441,19 @@ const commands: Record<string, Command> = {
       }
       const vm = findVm(dir, v["name"] as string | undefined, "name");
       if (verb === "crash") {
+        if (vm.crashed === true) throw new Error(`vm ${vm.name} has crashed already: \`ioasidctl vm destroy --name ${vm.name}\` removes it`);
         process.kill(vm.agentPid, "SIGKILL");
-        out(`vm ${vm.name}: VMM pid ${vm.agentPid} killed; VFIO frees every IOASID of set ${vm.setId}`);
+        out(`vm ${vm.name}: VMM pid ${vm.agentPid} killed; VFIO frees every IOASID of set ${vm.setId}; \`vm destroy --name ${vm.name}\` removes the KVM VM`);
+        // Kept, marked: the KVM VM outlives its VMM, and `vm list`/`vm destroy` must still find it.
         writeVms(
           dir,
-          readVms(dir).filter((x) => x.name !== vm.name),
+          readVms(dir).map((x) => (x.name === vm.name ? { ...x, crashed: true } : x)),
         );
         return 0;
       }
       if (verb === "destroy") {
         try {
-          process.kill(vm.agentPid, "SIGTERM");
+          if (vm.crashed !== true) process.kill(vm.agentPid, "SIGTERM");
         } catch {
           // already gone
         }
