@@ -116,7 +116,7 @@ async function run({ snapshots, live, total, log, fmt }) {
  * The section: prints the figure (spawn → serving after kill -9), its target (≤ 1,000 ms), the split
  * between loading the snapshot and replaying the tail, and the same restart without snapshots.
  */
-export async function snapshotRestartBench({ quick, log, fmt, results }) {
+export async function snapshotRestartBench({ quick, log, fmt, results, target }) {
   const live = quick ? 20_000 : 100_000;
   const total = quick ? 200_000 : 1_000_000;
   log(
@@ -144,4 +144,11 @@ export async function snapshotRestartBench({ quick, log, fmt, results }) {
       .join(" ")}`,
   );
   results.snapshotRestart = { withSnapshots, withoutSnapshots: without, targetMs: 1000, loadavg: loadavg() };
+  target("restart.snapshot", {
+    figure: `${fmt(withSnapshots.servingMs)} ms`,
+    floor: `${fmt(without.servingMs)} ms without snapshots`,
+    ratio: `${fmt(withSnapshots.servingMs / 1000, 2)}× target`,
+    met: withSnapshots.servingMs <= 1000,
+    note: `${fmt(withSnapshots.ops)} ops, ${fmt(withSnapshots.live)} live${quick ? " (quick)" : ""}`,
+  });
 }
