@@ -6,10 +6,9 @@
 // run; and sustained page requests/s across many devices, each request a group by itself, every
 // group answered exactly once.
 import { fileURLToPath } from "node:url";
-import { answerFaultGroup, readState } from "@ioasid/cli";
+import { answerFaultGroup } from "@ioasid/cli";
 import { createClient } from "@ioasid/grpc-kit";
 import { iommu, testing, vfio } from "@ioasid/proto";
-import { connect } from "@nats-io/transport-node";
 import { jetstream, jetstreamManager } from "@nats-io/jetstream";
 import { wholeStack } from "./guests.mjs";
 import { fmt, now, percentile } from "./util.mjs";
@@ -24,7 +23,7 @@ export async function faultsBench(ctx) {
   log(
     `\n[faults] the whole stack as processes; one VM, ${devices} PRI-capable devices assigned, a guest PASID bound on each, the guest answering on WatchFaults`,
   );
-  const { c, dir } = await wholeStack(ctx);
+  const { c } = await wholeStack(ctx);
   const echoProc = await ctx.startService({ name: "echo", entry: fileURLToPath(new URL("./echo-server.mjs", import.meta.url)) });
   const echo = createClient(testing.EchoServiceClient, echoProc.address);
   const stop = new AbortController();
@@ -159,7 +158,8 @@ export async function faultsBench(ctx) {
     // third floor, a bare JetStream publish ack on the stack's own nats-server.
     const jsLat = [];
     {
-      const nc = await connect({ servers: readState(dir).natsUrl });
+      // The operator's connection (the stack runs with a NATS user per role: an anonymous one is refused).
+      const nc = c.nc;
       const js = jetstream(nc);
       await (await jetstreamManager(nc)).streams.add({ name: "BENCH_FAULTS_FLOOR", subjects: ["bench.faults.floor"], storage: "file" });
       for (let i = 0; i < 100; i++) await js.publish("bench.faults.floor", "{}");
@@ -168,7 +168,6 @@ export async function faultsBench(ctx) {
         await js.publish("bench.faults.floor", '{"key":"fg/1","value":{}}');
         jsLat.push(now() - t);
       }
-      await nc.close();
     }
     for (const xs of [unaryLat, streamLat, tripLat, jsLat]) xs.sort((a, b) => a - b);
     const u50 = percentile(unaryLat, 50);

@@ -76,6 +76,8 @@ function finish(interrupted) {
   meta.loadavgEnd = os.loadavg();
   meta.wallSeconds = (now() - t0) / 1000;
   if (interrupted !== undefined) meta.interrupted = interrupted;
+  // A section cut short by a signal has not recorded its end yet.
+  for (const s of Object.values(sections)) s.seconds ??= (Date.now() - Date.parse(s.startedAt)) / 1000;
   const rows = summaryRows(TARGETS, recorded, sections);
   const failed = Object.entries(sections).filter(([, s]) => s.status !== "ok");
   const out = { meta, sections, targets: TARGETS.map((t, i) => ({ id: t.id, section: t.section, ...rows[i] })), ...results };

@@ -4,7 +4,7 @@
 // by preparing guests of 64 bound and programmed PASIDs (as the crash section does).
 import { vfio } from "@ioasid/proto";
 import { describeRetries, guestFactory, wholeStack } from "./guests.mjs";
-import { fmt, now, percentile } from "./util.mjs";
+import { fmt, median, now, percentile } from "./util.mjs";
 
 /** The live-PASID points of the curve: BENCH_SCALE_POINTS, else 1k, 16k, 64k (quick: 1k, 4k). */
 function points(quick) {
@@ -41,9 +41,11 @@ export async function scaleBench(ctx) {
     phase(`Alloc+Bind+Program at ${fmt(point)} live`, () => `${lat.length} of ${samples} samples`);
     const probe = await guests.empty(samples + 8, samples);
     const device = { ref: { $case: "mdevUuid", value: probe.mdev } };
+    const parts = { alloc: [], bind: [], program: [] };
     for (let i = 0; i < samples; i++) {
       const t = now();
       const a = await c.vfio.allocPasid({ containerId: probe.containerId });
+      const t1 = now();
       await c.vfio.bindGuestPasid(
         vfio.BindGuestPasidRequest.fromPartial({
           containerId: probe.containerId,
@@ -54,14 +56,20 @@ export async function scaleBench(ctx) {
           guestPgtable: 0x1000n,
         }),
       );
+      const t2 = now();
       await c.vdcm.writeWqPasid({ mdevUuid: probe.mdev, virtualWq: i, gpasid: i + 1 });
-      lat.push(now() - t);
+      const t3 = now();
+      lat.push(t3 - t);
+      parts.alloc.push(t1 - t);
+      parts.bind.push(t2 - t1);
+      parts.program.push(t3 - t2);
     }
     lat.sort((a, b) => a - b);
     const p50 = percentile(lat, 50);
-    curve.push({ livePasids: point, liveIoasids: live, p50Ms: p50, p90Ms: percentile(lat, 90), p99Ms: percentile(lat, 99) });
+    const partsP50Ms = { alloc: median(parts.alloc), bind: median(parts.bind), program: median(parts.program) };
+    curve.push({ livePasids: point, liveIoasids: live, p50Ms: p50, p90Ms: percentile(lat, 90), p99Ms: percentile(lat, 99), partsP50Ms });
     log(
-      `  ${fmt(point).padStart(7)} live PASIDs (${fmt(live)} IOASIDs in use)   p50 ${fmt(p50 * 1000)} µs   p90 ${fmt(percentile(lat, 90) * 1000)} µs   p99 ${fmt(percentile(lat, 99) * 1000)} µs`,
+      `  ${fmt(point).padStart(7)} live PASIDs (${fmt(live)} IOASIDs in use)   p50 ${fmt(p50 * 1000)} µs   p90 ${fmt(percentile(lat, 90) * 1000)} µs   p99 ${fmt(percentile(lat, 99) * 1000)} µs   (p50 of each: AllocPasid ${fmt(partsP50Ms.alloc * 1000)}, BindGuestPasid ${fmt(partsP50Ms.bind * 1000)}, WriteWqPasid ${fmt(partsP50Ms.program * 1000)} µs)`,
     );
   }
   const first = curve[0];
