@@ -43,7 +43,7 @@ export async function crashBench(ctx) {
   const perGuest = 64;
   const crowd = process.env.BENCH_CROWD === undefined ? (quick ? 100 : 1000) : Number(process.env.BENCH_CROWD);
   log(`\n[crash] the whole stack as processes; ${perGuest} PASIDs per guest, each bound (IOMMU, KVM) and programmed (VDCM)`);
-  const { c } = await wholeStack(ctx);
+  const { c } = await wholeStack(ctx, "crash");
   const guests = guestFactory(ctx, c);
 
   const single = [];

@@ -23,7 +23,7 @@ export async function faultsBench(ctx) {
   log(
     `\n[faults] the whole stack as processes; one VM, ${devices} PRI-capable devices assigned, a guest PASID bound on each, the guest answering on WatchFaults`,
   );
-  const { c } = await wholeStack(ctx);
+  const { c } = await wholeStack(ctx, "faults");
   const echoProc = await ctx.startService({ name: "echo", entry: fileURLToPath(new URL("./echo-server.mjs", import.meta.url)) });
   const echo = createClient(testing.EchoServiceClient, echoProc.address);
   const stop = new AbortController();

@@ -5,6 +5,7 @@
 import { mkdtempSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
+import { fileURLToPath } from "node:url";
 import { addressesOf, connectStack } from "@ioasid/cli";
 import { iommu, kvm, vdcm, vfio } from "@ioasid/proto";
 import { fmt, now, pool, retrying } from "./util.mjs";
@@ -22,12 +23,17 @@ export const PREPARE_PASIDS = Number(process.env.BENCH_PREPARE_PASIDS ?? 16);
 
 /**
  * Brings up the whole stack for a section (owned by it: brought down when the section ends) and
- * connects to it. BENCH_SERVICE_NODE_ARGS="--cpu-prof --cpu-prof-dir=/tmp/prof" profiles every service.
+ * connects to it. BENCH_SERVICE_NODE_ARGS="--cpu-prof --cpu-prof-dir=/tmp/prof" passes node options
+ * to every service; without it, BENCH_PROFILE=1 profiles every service of the stack into
+ * bench/results/profiles/<section>/ (one CPU.*.cpuprofile per process, written when it stops).
  */
-export async function wholeStack(ctx) {
+export async function wholeStack(ctx, section) {
   const dir = mkdtempSync(join(tmpdir(), "ioasid-bench-"));
   const basePort = 30_000 + Math.floor(Math.random() * 20_000);
-  const nodeArgs = (process.env.BENCH_SERVICE_NODE_ARGS ?? "").split(" ").filter(Boolean);
+  const profileDir = fileURLToPath(new URL(`./results/profiles/${section ?? "stack"}/`, import.meta.url));
+  const nodeArgs = (process.env.BENCH_SERVICE_NODE_ARGS ?? (process.env.BENCH_PROFILE ? `--cpu-prof --cpu-prof-dir=${profileDir}` : ""))
+    .split(" ")
+    .filter(Boolean);
   ctx.phase("starting the stack");
   const state = await ctx.stackUp({ dir, basePort, natsPort: basePort + 10, readyTimeoutMs: 30_000, nodeArgs });
   const c = await connectStack(addressesOf(state));
