@@ -209,7 +209,7 @@ class SectionScope {
           await waitFor(condition, { timeoutMs, intervalMs, message: what, signal });
         } catch (err) {
           if (signal.aborted) throw signal.reason;
-          throw new SectionFailure(`${err.message}${progress === undefined ? "" : `; reached: ${safe(progress)}`}`);
+          throw new SectionFailure(`${err.message}${progress === undefined ? "" : `; reached: ${safe(progress)}`}, ${this.where()}`);
         }
       },
       /** Awaits a promise, bounded (see withTimeout), and no longer than the section. */
