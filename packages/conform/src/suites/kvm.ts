@@ -343,7 +343,14 @@ const clauses: Clause<KvmCtx>[] = [
       const y = await newVm(c);
       const ax = await bound(c, x, 16);
       const ay = await bound(c, y, 16);
-      await free(c.h, x.setId, ax.ioasid, ax.generation);
+      // Looked at once KVM acknowledged the FREE, when all its handling is done: the entry of the
+      // freed VM gone is not enough (an implementation that clears it first and then touches
+      // another VM passed this clause in some runs: the test's touches-other-vm mutant).
+      await withTap(c, x.instance, async (tap) => {
+        const acked = tap.ackOf(deliveryOf(EventType.EVENT_TYPE_FREE, ax.ioasid), async () => undefined);
+        await free(c.h, x.setId, ax.ioasid, ax.generation);
+        await acked;
+      });
       await eventually(
         () => tableOf(c, x.vm.vmId),
         (t) => t.length === 0,
