@@ -16,6 +16,7 @@ const IOMMU_MUTANTS: Record<string, MutantExpectation> = {
   "unbind-on-free": { breaks: ["iommu.free.detaches-spid-with-ack"] },
   "unbind-not-last": { breaks: ["iommu.rpc.unbind-gpasid"] },
   "binds-other-set": { breaks: ["iommu.rpc.bind-gpasid.refused-other-set"] },
+  "binds-host-sva": { breaks: ["iommu.rpc.bind-gpasid.refused-not-a-vm"] },
   "touches-other-set": { breaks: ["iommu.isolation.other-set"] },
   "reapplies-redelivery": { breaks: ["iommu.redelivery.idempotent"] },
   // At CPU priority it is no longer at the IOMMU tier, and tears down before the DEVICE tier ran.

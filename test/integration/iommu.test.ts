@@ -154,6 +154,35 @@ describe("iommu: guest PASID bind and unbind (normal life cycle, steps 3–5 and
     expect(await holdersOf(c, v.ioasid)).toEqual(holders);
     expect(await eventsOf(c, from, v.ioasid)).toEqual([]);
   });
+
+  it("refuses a guest bind on a host process's SVA PASID (its set is not a VM's), and changes nothing", async () => {
+    const { c, iommu: client } = stack;
+    const v = await vm(1);
+    const [d0] = v.devices as [string];
+    const [host] = newDevices(1) as [string];
+    await client.registerDevice(pf(host));
+    const mm = nextToken++;
+    const bond = (await client.svaBind(P(iommu.SvaBindRequest, { deviceId: host, mmToken: mm, owner: "idxd/wq0" }))).bond!;
+    const sva = (await c.describe({ ioasid: bond.pasid })).info!;
+    expect((await c.listSets({})).sets.find((x) => x.setId === sva.setId)?.tokenType).toBe(events.TokenType.TOKEN_TYPE_NONE);
+    const from = await nextSeq(c);
+    const before = await state();
+    const holders = await holdersOf(c, bond.pasid);
+
+    // The guest names the host PASID with its own set id: the core's set check refuses it first.
+    await expectRefused(client.bindGpasid({ ...bindReq(v, d0), hpasid: bond.pasid, generation: sva.generation }), Code.PERMISSION_DENIED, "IOASID_NOT_IN_SET");
+    // Named with the SVA set's own id: the IOASID is in that set, but the set is not a VM's.
+    await expectRefused(
+      client.bindGpasid({ ...bindReq(v, d0), setId: sva.setId, hpasid: bond.pasid, generation: sva.generation }),
+      Code.PERMISSION_DENIED,
+      "SET_NOT_A_VM",
+    );
+
+    expect(await state()).toEqual(before);
+    expect(await holdersOf(c, bond.pasid)).toEqual(holders);
+    expect(await eventsOf(c, from, bond.pasid)).toEqual([]);
+    await client.releaseMm(P(iommu.ReleaseMmRequest, { mmToken: mm }));
+  });
 });
 
 describe("iommu: FREE before unbind (misbehaving guest, steps 15–30)", () => {

@@ -206,17 +206,20 @@ describe("VDCM with the real core", () => {
     const refs = await holdersOf(f.core.client, h1);
     // Guest numbering: VM 2 never bound 101 in its set.
     await expectRefused(f.client.writeWqPasid({ mdevUuid: M2, virtualWq: 0, gpasid: 101 }), Code.NOT_FOUND, "SPID_NOT_FOUND");
-    await expectRefused(
+    // A descriptor that does not translate is the portal's -EINVAL, the lookup's reason beside it.
+    const guest = await expectRefused(
       f.client.submitDescriptor(submit({ mdevUuid: M2, virtualWq: 1, pasid: 101, pasidSpace: vdcm.PasidSpace.PASID_SPACE_GUEST })),
-      Code.NOT_FOUND,
-      "SPID_NOT_FOUND",
+      Code.INVALID_ARGUMENT,
+      "PASID_UNTRANSLATABLE",
     );
+    expect(guest.metadata).toMatchObject({ lookup: "SPID_NOT_FOUND" });
     // Host numbering: VM 1's host PASID belongs to another set.
-    await expectRefused(
+    const host = await expectRefused(
       f.client.submitDescriptor(submit({ mdevUuid: M2, virtualWq: 1, pasid: h1, pasidSpace: vdcm.PasidSpace.PASID_SPACE_HOST })),
-      Code.PERMISSION_DENIED,
-      "IOASID_NOT_IN_SET",
+      Code.INVALID_ARGUMENT,
+      "PASID_UNTRANSLATABLE",
     );
+    expect(host.metadata).toMatchObject({ lookup: "IOASID_NOT_IN_SET" });
     // Its clear only reaches its own work queue.
     expect((await f.client.clearWqPasid({ mdevUuid: M2, virtualWq: 0 })).cleared).toBe(false);
     // Nor can it take the first VM's mdev.
@@ -280,18 +283,21 @@ describe("VDCM with the real core", () => {
     // The reference held while the descriptors ran is gone.
     expect((await f.core.client.describe({ ioasid })).info!.refcount).toBe(3);
     const seen = f.iommu.requests.length;
-    await expectRefused(
+    // Untranslatable: the portal's -EINVAL (DESIGN §5 VDCM), the lookup's reason in the metadata.
+    const unknown = await expectRefused(
       f.client.submitDescriptor(submit({ mdevUuid: M1, virtualWq: 1, pasid: 999, pasidSpace: vdcm.PasidSpace.PASID_SPACE_GUEST, descriptor: memmove })),
-      Code.NOT_FOUND,
-      "SPID_NOT_FOUND",
+      Code.INVALID_ARGUMENT,
+      "PASID_UNTRANSLATABLE",
     );
-    await expectRefused(
+    expect(unknown.metadata).toMatchObject({ lookup: "SPID_NOT_FOUND" });
+    const stale = await expectRefused(
       f.client.submitDescriptor(
         submit({ mdevUuid: M1, virtualWq: 1, pasid: ioasid, generation: generation + 1, pasidSpace: vdcm.PasidSpace.PASID_SPACE_HOST }),
       ),
-      Code.FAILED_PRECONDITION,
-      "STALE_GENERATION",
+      Code.INVALID_ARGUMENT,
+      "PASID_UNTRANSLATABLE",
     );
+    expect(stale.metadata).toMatchObject({ lookup: "STALE_GENERATION" });
     expect(f.iommu.requests).toHaveLength(seen);
     let submits: HistoryRecord[] = [];
     await waitFor(

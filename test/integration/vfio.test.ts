@@ -323,9 +323,12 @@ describe("vfio: bad input", () => {
     // A page response for a group never relayed to this VMM is refused, and changes nothing.
     await expectRefused(
       vf.client.sendPageResponse({ containerId: c.containerId, faultGroupId: 1n, code: vfio.PageResponseCode.PAGE_RESPONSE_CODE_SUCCESS }),
-      Code.NOT_FOUND,
-      "FAULT_GROUP_NOT_FOUND",
+      Code.INVALID_ARGUMENT,
+      "FAULT_GROUP_NOT_GIVEN",
     );
+    // FAILURE is the host's answer alone (it disables PRI for the whole function): refused from a
+    // VMM before the group is even looked up.
+    await field(vf.client.sendPageResponse({ containerId: c.containerId, faultGroupId: 1n, code: vfio.PageResponseCode.PAGE_RESPONSE_CODE_FAILURE }), "code");
     await field(
       vf.client.sendPageResponse({ containerId: c.containerId, faultGroupId: 1n, code: vfio.PageResponseCode.PAGE_RESPONSE_CODE_UNSPECIFIED }),
       "code",

@@ -243,8 +243,8 @@ describe("VFIO capabilities between VMMs", () => {
       [
         "SendPageResponse to A's fault group",
         () => vmm.sendPageResponse({ containerId: cb, faultGroupId: group.faultGroupId, code: vfio.PageResponseCode.PAGE_RESPONSE_CODE_SUCCESS }),
-        Code.PERMISSION_DENIED,
-        "FAULT_GROUP_NOT_OWNED",
+        Code.INVALID_ARGUMENT,
+        "FAULT_GROUP_NOT_GIVEN",
       ],
       // A device serves one VM: vfio.proto names these FAILED_PRECONDITION (EBUSY), and nothing changes.
       [

@@ -86,7 +86,8 @@ export function faultCommands(ctx: FaultCommandContext): Record<string, FaultCom
   const respondUsage =
     "ioasidctl fault respond --vm NAME --group ID --code success|invalid|failure\n" +
     "  answers one fault group relayed to the VM (SendPageResponse through VFIO); a refusal (FAULT_GROUP_ALREADY_RESPONDED,\n" +
-    "  FAULT_GROUP_NOT_FOUND, FAULT_GROUP_NOT_OWNED…) is printed with its reason and exits 1.";
+    "  FAULT_GROUP_NOT_GIVEN…) is printed with its reason and exits 1. VFIO refuses failure from a VMM (INVALID_FIELD):\n" +
+    "  FAILURE disables PRI for the whole function, so it is the host's answer alone.";
   const ramUsage =
     `ioasidctl guest-ram --vm NAME [--gpa ${hex(GUEST_RAM_DEFAULTS.gpa)}] [--size ${hex(GUEST_RAM_DEFAULTS.size)}] [--hpa ADDR]\n` +
     "  the VMM maps guest RAM (GPA → HPA, read+write) into the VM's stage 2 with VFIO MapDma (VFIO_IOMMU_MAP_DMA).\n" +

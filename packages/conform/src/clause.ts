@@ -88,11 +88,17 @@ export async function expectRefusedUnchanged<S>(
   code: Code,
   reason: string,
   what?: string,
-): Promise<void> {
+): Promise<DomainError> {
   const before = await query();
-  await expectRefused(call(), code, reason, what);
+  const refusal = await expectRefused(call(), code, reason, what);
   const after = await query();
   if (!isDeepStrictEqual(after, before)) throw new ClauseFailure(`the state unchanged by the refused call: ${show(before)}`, show(after), what);
+  return refusal;
+}
+
+/** The refusal's ErrorInfo metadata `key` is `value` (e.g. the lookup behind PASID_UNTRANSLATABLE). */
+export function expectMetadata(refusal: DomainError, key: string, value: string, what?: string): void {
+  if (refusal.metadata[key] !== value) throw new ClauseFailure(`ErrorInfo metadata ${key}=${value}`, `${key}=${String(refusal.metadata[key])}`, what);
 }
 
 let patienceMs = 15_000;

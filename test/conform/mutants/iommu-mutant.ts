@@ -10,7 +10,7 @@ import { AsyncLocalStorage } from "node:async_hooks";
 import { HistoryRecorder, type EventHandler, type HandlerResult } from "@ioasid/bus";
 import { isDomainError } from "@ioasid/errors";
 import { configOrExit, createGrpcServer, type CallContext } from "@ioasid/grpc-kit";
-import { EventType, Priority } from "@ioasid/ioasid";
+import { EventType, Priority, TokenType } from "@ioasid/ioasid";
 import {
   AttachKind,
   createIommuEventHandler,
@@ -37,6 +37,8 @@ export const IOMMU_MUTANTS = [
   "unbind-not-last",
   /** BindGpasid checks the IOASID against its own set, not the caller's: another set's IOASID can be bound. */
   "binds-other-set",
+  /** BindGpasid takes any set for a VM's: a host process's SVA PASID (a NONE-token set) can be bound by a guest. */
+  "binds-host-sva",
   /** A FREE also tears down every other set's bind of the same guest PASID. */
   "touches-other-set",
   /** Remembers no acknowledgement: a re-delivered FREE is handled again. */
@@ -66,7 +68,10 @@ const realCore = createGrpcCorePort(coreClient);
 /** Set while a BindGpasid call runs (binds-other-set breaks that call's ownership check, nothing else's). */
 const inBind = new AsyncLocalStorage<true>();
 
-/** binds-other-set: BindGpasid's ownership check made against the set the IOASID is in, whatever set the caller named. */
+/**
+ * binds-other-set: BindGpasid's ownership check made against the set the IOASID is in, whatever set the caller named.
+ * binds-host-sva: every set a BindGpasid looks at is told to be a VM's (an MM token).
+ */
 const core: CorePort =
   mutant === "binds-other-set"
     ? {
@@ -76,7 +81,15 @@ const core: CorePort =
             ? realCore.find((await realCore.describe(ioasid))?.setId ?? setId, ioasid, generation)
             : realCore.find(setId, ioasid, generation),
       }
-    : realCore;
+    : mutant === "binds-host-sva"
+      ? {
+          ...realCore,
+          getSet: async (setId) => {
+            const set = await realCore.getSet(setId);
+            return inBind.getStore() === true ? { ...set, token: { ...set.token, type: TokenType.MM } } : set;
+          },
+        }
+      : realCore;
 
 /** FREE as the bus handler sees it (a proto event). */
 const FREE_WIRE = events.EventType.EVENT_TYPE_FREE;
@@ -148,7 +161,7 @@ await runRole({
     const server = createGrpcServer({ service: "iommu", logger });
     server.addService(iommu.IommuServiceService, {
       ...handlers,
-      ...(mutant === "binds-other-set"
+      ...(mutant === "binds-other-set" || mutant === "binds-host-sva"
         ? { bindGpasid: (req: iommu.BindGpasidRequest, ctx: CallContext) => inBind.run(true, () => handlers.bindGpasid(req, ctx)) }
         : {}),
       ...(mutant === "unbind-not-last"

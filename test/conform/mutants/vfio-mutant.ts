@@ -139,8 +139,12 @@ class AnswersForOthers extends FaultRelay {
     try {
       await super.respond(containerId, faultGroupId, code);
     } catch (err) {
-      if (!isDomainError(err, "FAULT_GROUP_NOT_OWNED")) throw err;
-      await this.#port.respond(faultGroupId, code);
+      if (!isDomainError(err, "FAULT_GROUP_NOT_GIVEN")) throw err;
+      // Never given to this container may mean unknown to everyone: the IOMMU's refusal of such a
+      // group is not the break, so the container's own refusal stands then.
+      await this.#port.respond(faultGroupId, code).catch(() => {
+        throw err;
+      });
     }
   }
 }

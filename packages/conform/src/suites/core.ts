@@ -143,8 +143,8 @@ async function snapshot(c: CoreCtx, setIds: readonly number[]): Promise<unknown>
 }
 
 /** `call` is refused with `code`/`reason` and changes nothing in `setIds` nor in the counters. */
-function refused(c: CoreCtx, setIds: readonly number[], call: () => Promise<unknown>, code: Code, reason: string, what: string): Promise<void> {
-  return expectRefusedUnchanged(() => snapshot(c, setIds), call, code, reason, what);
+async function refused(c: CoreCtx, setIds: readonly number[], call: () => Promise<unknown>, code: Code, reason: string, what: string): Promise<void> {
+  await expectRefusedUnchanged(() => snapshot(c, setIds), call, code, reason, what);
 }
 
 /** A WatchEvents stream read in the background. */

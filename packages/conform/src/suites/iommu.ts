@@ -518,6 +518,30 @@ const clauses: Clause<IommuCtx>[] = [
     },
   },
   {
+    id: "iommu.rpc.bind-gpasid.refused-not-a-vm",
+    statement:
+      "BindGpasid of a host process's SVA PASID, named with its own (NONE-token) set, is PERMISSION_DENIED SET_NOT_A_VM and changes nothing: a guest page table never lands on a host PASID",
+    source: "DESIGN §5 IOMMU (guest bind: ownership check); iommu.proto BindGpasid; issue 16 (the kernel's ownership check)",
+    async run(c) {
+      const v = await newVm(c, 1);
+      const host = await newDevice(c);
+      const mm = c.h.uniqueToken();
+      const bond = (await c.iommu.svaBind(P(iommu.SvaBindRequest, { deviceId: host, mmToken: mm, owner: c.h.uniqueName("sva") }))).bond!;
+      const info = (await c.h.core.describe({ ioasid: bond.pasid })).info!;
+      const from = await lastSeq(c.h);
+      const devices = [...v.devices, host];
+      await expectRefusedUnchanged(
+        async () => ({ tables: await tables(c, devices), core: await coreView(c, [bond.pasid]) }),
+        () => c.iommu.bindGpasid(bindRequest({ ...v, setId: info.setId }, { ioasid: bond.pasid, generation: info.generation }, v.devices[0]!, 105)),
+        Code.PERMISSION_DENIED,
+        "SET_NOT_A_VM",
+        "BindGpasid of a host SVA PASID with its own set",
+      );
+      expectEqual(await eventsSince(c.h, from, bond.pasid), [], "events of the SVA PASID");
+      await c.iommu.releaseMm(P(iommu.ReleaseMmRequest, { mmToken: mm }));
+    },
+  },
+  {
     id: "iommu.rpc.bind-gpasid.refused",
     statement:
       "BindGpasid with a stale generation, an unallocated or FREE_PENDING IOASID, an unknown device or parent, a parent not PAGING, another SPID, a taken PASID, a SPID in use, PASID 0, a PASID out of range or a missing field is refused and changes nothing",

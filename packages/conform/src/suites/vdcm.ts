@@ -2,7 +2,7 @@ import { randomUUID } from "node:crypto";
 import { Code } from "@ioasid/errors";
 import { createClient, type PromiseClient } from "@ioasid/grpc-kit";
 import { bus, core, events, history as historyProto, vdcm } from "@ioasid/proto";
-import { ClauseFailure, eventually, expectEqual, expectRefused, expectRefusedUnchanged, expectThat, show, type Clause } from "../clause.js";
+import { ClauseFailure, eventually, expectEqual, expectMetadata, expectRefused, expectRefusedUnchanged, expectThat, show, type Clause } from "../clause.js";
 import type { Harness, Tap, TappedDelivery } from "../harness.js";
 import type { RoleSuite } from "../suite.js";
 import { alloc, allocBound, createMmSet, deliveryOf, eventOf, free, referencesOf, stateOf } from "./core-steps.js";
@@ -611,7 +611,7 @@ const clauses: Clause<VdcmCtx>[] = [
   {
     id: "vdcm.rpc.submit-descriptor.dropped",
     statement:
-      "an untranslatable or malformed descriptor is dropped with the error vdcm.proto names (SPID_NOT_FOUND, IOASID_NOT_FOUND, IOASID_FREE_PENDING, IOASID_NOT_IN_SET, STALE_GENERATION, WQ_PASID_NOT_PROGRAMMED, INVALID_FIELD…): nothing changes, no reference kept",
+      "an untranslatable or malformed descriptor is dropped with the error vdcm.proto names (INVALID_ARGUMENT PASID_UNTRANSLATABLE with the lookup's reason — SPID_NOT_FOUND, IOASID_NOT_FOUND, IOASID_FREE_PENDING, IOASID_NOT_IN_SET, STALE_GENERATION — in its metadata; WQ_PASID_NOT_PROGRAMMED, INVALID_FIELD…): nothing changes, no reference kept",
     source:
       "vdcm.proto SubmitDescriptor (DESIGN §5 says INVALID_ARGUMENT for every untranslatable descriptor; the proto names the lookup's own code: the kit follows the proto)",
     async run(c) {
@@ -626,13 +626,15 @@ const clauses: Clause<VdcmCtx>[] = [
       await kitHold(c.h, vm.setId, freed.ioasid, freed.generation);
       await free(c.h, vm.setId, freed.ioasid, freed.generation);
       const shared = { mdevUuid: vm.mdev, virtualWq: 1 };
-      const cases: Array<[string, Partial<vdcm.SubmitDescriptorRequest>, Code, string]> = [
-        ["a guest PASID not bound in the set", { ...shared, pasid: NEVER_BOUND, pasidSpace: GUEST }, Code.NOT_FOUND, "SPID_NOT_FOUND"],
-        ["a host PASID not allocated", { ...shared, pasid: NEVER_ALLOCATED, pasidSpace: HOST }, Code.NOT_FOUND, "IOASID_NOT_FOUND"],
-        ["a guest PASID being freed", { ...shared, pasid: gFreed, pasidSpace: GUEST }, Code.NOT_FOUND, "IOASID_FREE_PENDING"],
-        ["a host PASID being freed", { ...shared, pasid: freed.ioasid, pasidSpace: HOST }, Code.NOT_FOUND, "IOASID_FREE_PENDING"],
-        ["a host PASID of another set", { ...shared, pasid: foreign.ioasid, pasidSpace: HOST }, Code.PERMISSION_DENIED, "IOASID_NOT_IN_SET"],
-        ["a stale generation", { ...shared, pasid: a.ioasid, generation: a.generation + 1, pasidSpace: HOST }, Code.FAILED_PRECONDITION, "STALE_GENERATION"],
+      // DESIGN §5 VDCM: an untranslatable PASID is the portal's -EINVAL, the lookup's reason beside it.
+      const U = "PASID_UNTRANSLATABLE";
+      const cases: Array<[string, Partial<vdcm.SubmitDescriptorRequest>, Code, string, string?]> = [
+        ["a guest PASID not bound in the set", { ...shared, pasid: NEVER_BOUND, pasidSpace: GUEST }, Code.INVALID_ARGUMENT, U, "SPID_NOT_FOUND"],
+        ["a host PASID not allocated", { ...shared, pasid: NEVER_ALLOCATED, pasidSpace: HOST }, Code.INVALID_ARGUMENT, U, "IOASID_NOT_FOUND"],
+        ["a guest PASID being freed", { ...shared, pasid: gFreed, pasidSpace: GUEST }, Code.INVALID_ARGUMENT, U, "IOASID_FREE_PENDING"],
+        ["a host PASID being freed", { ...shared, pasid: freed.ioasid, pasidSpace: HOST }, Code.INVALID_ARGUMENT, U, "IOASID_FREE_PENDING"],
+        ["a host PASID of another set", { ...shared, pasid: foreign.ioasid, pasidSpace: HOST }, Code.INVALID_ARGUMENT, U, "IOASID_NOT_IN_SET"],
+        ["a stale generation", { ...shared, pasid: a.ioasid, generation: a.generation + 1, pasidSpace: HOST }, Code.INVALID_ARGUMENT, U, "STALE_GENERATION"],
         ["a dedicated work queue with no PASID programmed", { mdevUuid: vm.mdev, virtualWq: 0 }, Code.FAILED_PRECONDITION, "WQ_PASID_NOT_PROGRAMMED"],
         ["a PASID on a dedicated work queue", { mdevUuid: vm.mdev, virtualWq: 0, pasid: gp, pasidSpace: GUEST }, Code.INVALID_ARGUMENT, "INVALID_FIELD"],
         ["no PASID space on a shared work queue", { ...shared, pasid: gp }, Code.INVALID_ARGUMENT, "INVALID_FIELD"],
@@ -656,14 +658,15 @@ const clauses: Clause<VdcmCtx>[] = [
         ["an unknown mdev", { mdevUuid: randomUUID(), virtualWq: 1, pasid: gp, pasidSpace: GUEST }, Code.NOT_FOUND, "MDEV_NOT_FOUND"],
         ["a virtual work queue the mdev does not have", { mdevUuid: vm.mdev, virtualWq: 5, pasid: gp, pasidSpace: GUEST }, Code.NOT_FOUND, "WQ_NOT_FOUND"],
       ];
-      for (const [what, req, code, reason] of cases) {
-        await expectRefusedUnchanged(
+      for (const [what, req, code, reason, lookup] of cases) {
+        const refusal = await expectRefusedUnchanged(
           unchanged(c, [device], [vm.setId, other.setId]),
           () => c.vdcm.submitDescriptor(vdcm.SubmitDescriptorRequest.fromPartial({ descriptor: NOOP, ...req })),
           code,
           reason,
           `a descriptor with ${what}`,
         );
+        if (lookup !== undefined) expectMetadata(refusal, "lookup", lookup, `a descriptor with ${what}`);
       }
       await kitRelease(c.h, vm.setId, freed.ioasid, freed.generation);
     },
@@ -779,7 +782,7 @@ const clauses: Clause<VdcmCtx>[] = [
   {
     id: "vdcm.isolation.foreign-pasids",
     statement:
-      "a VM cannot program, submit with or clear another VM's PASIDs through its own mdev, nor take its mdev: SPID_NOT_FOUND / IOASID_NOT_IN_SET / MDEV_BUSY, nothing changed (S3)",
+      "a VM cannot program, submit with or clear another VM's PASIDs through its own mdev, nor take its mdev: SPID_NOT_FOUND / PASID_UNTRANSLATABLE (lookup SPID_NOT_FOUND, IOASID_NOT_IN_SET) / MDEV_BUSY, nothing changed (S3)",
     source: "DESIGN §3 (ownership), §7 S3; vdcm.proto WriteWqPasid, SubmitDescriptor",
     async run(c) {
       const device = await newDevice(c);
@@ -795,23 +798,33 @@ const clauses: Clause<VdcmCtx>[] = [
         "SPID_NOT_FOUND",
         "the other VM writing this VM's guest PASID",
       );
-      await expectRefusedUnchanged(
-        state,
-        () =>
-          c.vdcm.submitDescriptor(vdcm.SubmitDescriptorRequest.fromPartial({ mdevUuid: y.mdev, virtualWq: 1, pasid: gx, pasidSpace: GUEST, descriptor: NOOP })),
-        Code.NOT_FOUND,
+      expectMetadata(
+        await expectRefusedUnchanged(
+          state,
+          () =>
+            c.vdcm.submitDescriptor(
+              vdcm.SubmitDescriptorRequest.fromPartial({ mdevUuid: y.mdev, virtualWq: 1, pasid: gx, pasidSpace: GUEST, descriptor: NOOP }),
+            ),
+          Code.INVALID_ARGUMENT,
+          "PASID_UNTRANSLATABLE",
+          "the other VM submitting with this VM's guest PASID",
+        ),
+        "lookup",
         "SPID_NOT_FOUND",
-        "the other VM submitting with this VM's guest PASID",
       );
-      await expectRefusedUnchanged(
-        state,
-        () =>
-          c.vdcm.submitDescriptor(
-            vdcm.SubmitDescriptorRequest.fromPartial({ mdevUuid: y.mdev, virtualWq: 1, pasid: ax.ioasid, pasidSpace: HOST, descriptor: NOOP }),
-          ),
-        Code.PERMISSION_DENIED,
+      expectMetadata(
+        await expectRefusedUnchanged(
+          state,
+          () =>
+            c.vdcm.submitDescriptor(
+              vdcm.SubmitDescriptorRequest.fromPartial({ mdevUuid: y.mdev, virtualWq: 1, pasid: ax.ioasid, pasidSpace: HOST, descriptor: NOOP }),
+            ),
+          Code.INVALID_ARGUMENT,
+          "PASID_UNTRANSLATABLE",
+          "the other VM submitting with this VM's host PASID",
+        ),
+        "lookup",
         "IOASID_NOT_IN_SET",
-        "the other VM submitting with this VM's host PASID",
       );
       await expectRefusedUnchanged(
         state,
@@ -921,8 +934,8 @@ const clauses: Clause<VdcmCtx>[] = [
         c.vdcm.submitDescriptor(
           vdcm.SubmitDescriptorRequest.fromPartial({ mdevUuid: vm.mdev, virtualWq: 1, pasid: NEVER_BOUND, pasidSpace: GUEST, descriptor: NOOP }),
         ),
-        Code.NOT_FOUND,
-        "SPID_NOT_FOUND",
+        Code.INVALID_ARGUMENT,
+        "PASID_UNTRANSLATABLE",
       );
       await c.vdcm.clearWqPasid({ mdevUuid: vm.mdev, virtualWq: 0 });
       await c.vdcm.writeWqPasid({ mdevUuid: vm.mdev, virtualWq: 0, gpasid: gp });
@@ -932,7 +945,7 @@ const clauses: Clause<VdcmCtx>[] = [
       const want = [
         `vdev_write wq0 gpasid ${gp}: ${at}`,
         `submit wq2 NOOP SUCCESS: ${at}`,
-        `submit wq2 dropped guest ${NEVER_BOUND} SPID_NOT_FOUND: set ${vm.setId}`,
+        `submit wq2 dropped guest ${NEVER_BOUND} PASID_UNTRANSLATABLE: set ${vm.setId}`,
         `vdev_clear wq0 VDEV_CLEAR_CAUSE_MDEV_CLEAR: ${at}`,
         `vdev_write wq0 gpasid ${gp}: ${at}`,
         `vdev_clear wq0 VDEV_CLEAR_CAUSE_FREE seq ${seq}: ${at}`,

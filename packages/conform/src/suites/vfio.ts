@@ -890,8 +890,8 @@ const clauses: Clause<VfioCtx>[] = [
   clause({
     id: "vfio.rpc.send-page-response",
     statement:
-      "SendPageResponse passes the VMM's answer to the IOMMU (the device sees it) and the watcher gets `answered`; code UNSPECIFIED is INVALID_ARGUMENT INVALID_FIELD, an unknown group NOT_FOUND FAULT_GROUP_NOT_FOUND, a second answer FAILED_PRECONDITION FAULT_GROUP_ALREADY_RESPONDED; none changes anything",
-    source: "vfio.proto SendPageResponse; DESIGN §5 Faults (exactly one response)",
+      "SendPageResponse passes the VMM's answer to the IOMMU (the device sees it) and the watcher gets `answered`; code UNSPECIFIED and code FAILURE (the host's answer alone: it disables PRI for the whole function) are INVALID_ARGUMENT INVALID_FIELD, a group never given to the container INVALID_ARGUMENT FAULT_GROUP_NOT_GIVEN (the fault fd's -EINVAL), a second answer FAILED_PRECONDITION FAULT_GROUP_ALREADY_RESPONDED; none changes anything",
+    source: "vfio.proto SendPageResponse; DESIGN §5 Faults (exactly one response; a VMM answers SUCCESS or INVALID; an unknown group is -EINVAL)",
     async run(c) {
       const g = await faultingGuest(c);
       const gid = g.group.faultGroupId;
@@ -907,9 +907,16 @@ const clauses: Clause<VfioCtx>[] = [
       );
       await expectRefusedUnchanged(
         snapshot,
+        respond(gid, vfio.PageResponseCode.PAGE_RESPONSE_CODE_FAILURE),
+        Code.INVALID_ARGUMENT,
+        "INVALID_FIELD",
+        "code FAILURE from a VMM",
+      );
+      await expectRefusedUnchanged(
+        snapshot,
         respond(gid + 1_000_000n, vfio.PageResponseCode.PAGE_RESPONSE_CODE_SUCCESS),
-        Code.NOT_FOUND,
-        "FAULT_GROUP_NOT_FOUND",
+        Code.INVALID_ARGUMENT,
+        "FAULT_GROUP_NOT_GIVEN",
         "a group never relayed",
       );
       // The guest installs the page, then answers SUCCESS.
@@ -1317,8 +1324,8 @@ const clauses: Clause<VfioCtx>[] = [
   clause({
     id: "vfio.isolation.fault-group-of-other-vm",
     statement:
-      "a fault group is relayed only to its own VM's watcher, and SendPageResponse naming another VM's container is PERMISSION_DENIED FAULT_GROUP_NOT_OWNED: the group stays unanswered",
-    source: "vfio.proto SendPageResponse, WatchFaults; DESIGN §3 (fault groups are a VM's), §7 S3",
+      "a fault group is relayed only to its own VM's watcher, and SendPageResponse naming another VM's container is INVALID_ARGUMENT FAULT_GROUP_NOT_GIVEN (never given to that container; nothing told of the other VM's group): the group stays unanswered",
+    source: "vfio.proto SendPageResponse, WatchFaults; DESIGN §3 (fault groups are a VM's), §5 Faults, §7 S3",
     async run(c) {
       const other = await openVm(c);
       const theirs = await watching(c, other.containerId);
@@ -1330,8 +1337,8 @@ const clauses: Clause<VfioCtx>[] = [
       await expectRefusedUnchanged(
         snapshot,
         () => c.vfio.sendPageResponse({ containerId: other.containerId, faultGroupId: gid, code: vfio.PageResponseCode.PAGE_RESPONSE_CODE_SUCCESS }),
-        Code.PERMISSION_DENIED,
-        "FAULT_GROUP_NOT_OWNED",
+        Code.INVALID_ARGUMENT,
+        "FAULT_GROUP_NOT_GIVEN",
         "an answer to another VM's fault group",
       );
       expectEqual(await groupState(), iommu.FaultGroupState.FAULT_GROUP_STATE_PENDING, "the group at the IOMMU");
@@ -1783,7 +1790,7 @@ const clauses: Clause<VfioCtx>[] = [
  * without it, or with another container's, the call is PERMISSION_DENIED and changes nothing (the
  * `vfio.capability.*` clauses). The isolation clauses check the other half: a call naming one
  * container, with its capability, never reaches another VM's PASIDs, devices or fault groups
- * (IOASID_NOT_IN_SET, DEVICE_BUSY / DEVICE_NOT_ASSIGNED, FAULT_GROUP_NOT_OWNED).
+ * (IOASID_NOT_IN_SET, DEVICE_BUSY / DEVICE_NOT_ASSIGNED, FAULT_GROUP_NOT_GIVEN).
  */
 export const vfioSuite: RoleSuite<VfioCtx> = {
   role: "vfio",

@@ -408,6 +408,23 @@ describe("IommuDriver FREE (free before unbind)", () => {
   });
 });
 
+describe("IommuDriver guest bind ownership", () => {
+  it("refuses a guest bind on a PASID of a set that is not a VM's (a host process's SVA set), changing nothing", async () => {
+    const r = rig();
+    const sva = r.core.space.createSet({ token: { type: TokenType.NONE, value: 77n }, quota: 1 }).id;
+    r.core.space.alloc(sva, { min: 201, max: 201 });
+    const before = info(r.core, 201);
+    await refused(r.driver.bindGpasid(bindSpec(r, { setId: sva })), Code.PERMISSION_DENIED, "SET_NOT_A_VM");
+    expect(info(r.core, 201)).toEqual(before);
+    expect(r.driver.hw.handleAt("d0", 201)).toBeUndefined();
+    expect(r.driver.hw.binding(201)).toBeUndefined();
+    expect(kinds(r)).toEqual([]);
+    // The same PASID number in a VM's set binds.
+    const vmSet = setWith(r.core, 202);
+    await expect(r.driver.bindGpasid(bindSpec(r, { setId: vmSet, hpasid: 202 }))).resolves.toMatchObject({ firstBind: true });
+  });
+});
+
 describe("IommuDriver attach and generations", () => {
   it("checks a given generation against the core and refuses stale or free-pending IOASIDs", async () => {
     const r = rig();

@@ -326,7 +326,10 @@ export class IommuDriver {
   async removeDevice(deviceId: string): Promise<{ handles: number; answeredFaultGroups: number }> {
     const { result: torn, changes } = this.hw.removeDevice(deviceId);
     this.#recordChanges(changes);
-    // Entries gone first (no new request can arrive), then every outstanding group answered.
+    // Entries gone first (no new request can arrive). Partial groups (their last request never came)
+    // are freed without a response, as io-pgfault does since v6.9 (iopf_queue_remove_device): only a
+    // complete group is answered, and it is answered INVALID.
+    this.prq.discardPartialWhere((g) => g.deviceId === deviceId);
     const answered = this.#dma.answered(this.prq.answerWhere((g) => g.deviceId === deviceId, ResponseSource.DEVICE_REMOVED));
     this.prq.forgetDevice(deviceId);
     this.#record({ $case: "iommuReleaseDevice", value: { device: deviceId, handles: torn.length, answeredFaultGroups: answered } });
@@ -446,6 +449,7 @@ export class IommuDriver {
       const info = await this.#core.find(spec.setId, spec.hpasid, spec.generation);
       this.hw.checkGpasidEntry(entry);
       let binding = this.hw.binding(spec.hpasid);
+      if (binding === undefined || binding.generation !== info.generation) await this.#assertVmSet(spec.setId, spec.hpasid);
       if (binding !== undefined && binding.generation !== info.generation) {
         // Left over from an earlier generation whose references were force-released: nothing of it
         // is held any more.
@@ -902,6 +906,24 @@ export class IommuDriver {
    * The mm's PASID: a new set (token NONE = the mm token, quota 1) and one IOASID below the device's
    * max_pasids; or, when the set already exists (an earlier life of this IOMMU), its IOASID.
    */
+  /**
+   * The ownership check of a guest bind: the host PASID's set must be a VM's (an MM token, the set
+   * VFIO opened for the guest). A host process's native SVA set (a NONE token) or any other set is
+   * refused — a guest's page tables never land on a host PASID (issue 16; the kernel's bind_gpasid
+   * checks the IOASID's set against the guest's). Checked once per binding: later devices' binds of
+   * the same host PASID and generation reuse it.
+   * @throws PERMISSION_DENIED `SET_NOT_A_VM`
+   */
+  async #assertVmSet(setId: number, hpasid: number): Promise<void> {
+    const set = await this.#core.getSet(setId);
+    if (set.token.type !== TokenType.MM) {
+      throw iommuError(
+        "SET_NOT_A_VM",
+        `host PASID ${hpasid} is in set ${setId}, which is not a VM's (token type ${set.token.type}): a guest bind needs the guest's MM set`,
+      );
+    }
+  }
+
   async #mmPasid(mmToken: bigint, maxPasids: number): Promise<{ mm: MmContext; allocated: boolean }> {
     const token = { type: TokenType.NONE, value: mmToken };
     let setId: number;

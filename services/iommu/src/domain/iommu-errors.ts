@@ -31,6 +31,8 @@ export const IommuReason = {
   IOASID_NOT_FOUND: Code.NOT_FOUND,
   IOASID_FREE_PENDING: Code.NOT_FOUND,
   IOASID_NOT_IN_SET: Code.PERMISSION_DENIED,
+  // A guest bind on a host PASID whose set is not a VM's (MM token): the ownership check (issue 16).
+  SET_NOT_A_VM: Code.PERMISSION_DENIED,
   FAULT_GROUP_NOT_FOUND: Code.NOT_FOUND,
   FAULT_GROUP_NOT_OWNED: Code.PERMISSION_DENIED,
   FAULT_GROUP_ALREADY_RESPONDED: Code.FAILED_PRECONDITION,

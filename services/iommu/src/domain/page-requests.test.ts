@@ -84,6 +84,24 @@ describe("PageRequestQueue", () => {
     expect(q.outstandingRequests("d0")).toBe(1);
   });
 
+  it("frees a device's partial groups without a response and leaves complete ones for their answer (io-pgfault since v6.9)", () => {
+    const q = new PageRequestQueue({ timeoutMs: 1000 });
+    const partial = q.raise(req({ prgi: 1, lastRequest: false }), handle(1n));
+    const complete = q.raise(req({ prgi: 2 }), handle(1n));
+    const other = q.raise(req({ deviceId: "d1", prgi: 1, lastRequest: false }), handle(2n));
+    if (partial.kind !== "queued" || complete.kind !== "queued" || other.kind !== "queued") throw new Error("unreachable");
+    const freed = q.discardPartialWhere((g) => g.deviceId === "d0");
+    expect(freed.map((g) => [g.faultGroupId, g.state])).toEqual([[partial.group.faultGroupId, "PARTIAL"]]);
+    // Gone without an answer: not remembered as responded, its credits back, its prgi free again.
+    expect(q.get(partial.group.faultGroupId)).toBeUndefined();
+    refused(() => q.respond(partial.group.faultGroupId, "INVALID", ResponseSource.HANDLER), Code.NOT_FOUND, "FAULT_GROUP_NOT_FOUND");
+    expect(q.outstanding().map((g) => g.faultGroupId)).toEqual([complete.group.faultGroupId, other.group.faultGroupId]);
+    expect(q.outstandingRequests("d0")).toBe(1);
+    expect(q.raise(req({ prgi: 1 }), handle(1n)).kind).toBe("queued");
+    // The kept state drops it too (a restarted IOMMU does not bring it back).
+    expect(q.takeChanges().find((c) => c.key === `fg/${partial.group.faultGroupId}`)).toMatchObject({ value: undefined });
+  });
+
   it("bounds outstanding requests by the device's credits: over the limit nothing is queued and the partial group is answered INVALID", () => {
     const q = new PageRequestQueue({ timeoutMs: 1000 });
     const h = handle(1n);

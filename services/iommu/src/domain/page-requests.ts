@@ -255,6 +255,24 @@ export class PageRequestQueue {
     return picked.map((g) => this.#answer(g, PageResponseCode.INVALID, source));
   }
 
+  /**
+   * Frees every partial group `select` picks without a response (its credits come back, its id is
+   * forgotten): io-pgfault since v6.9 frees partial requests of a removed device silently — a
+   * partial group was never given to anyone, and only a complete group gets a response (DESIGN §5).
+   * @returns the groups freed, as they were
+   */
+  discardPartialWhere(select: (g: FaultGroup) => boolean): FaultGroup[] {
+    const picked = [...this.#groups.values()].filter((g) => g.state === GroupState.PARTIAL && select(view(g)));
+    for (const g of picked) {
+      this.#dirty.add(g.faultGroupId);
+      this.#groups.delete(g.faultGroupId);
+      const q = this.#devices.get(g.deviceId)!;
+      q.outstandingRequests -= g.requests.length;
+      if (q.byPrgi.get(g.prgi) === g.faultGroupId) q.byPrgi.delete(g.prgi);
+    }
+    return picked.map(view);
+  }
+
   /** Answers INVALID every outstanding group of a handle. */
   answerHandle(handleId: bigint, source: ResponseSource): FaultGroup[] {
     return this.answerWhere((g) => g.handleId === handleId, source);

@@ -28,18 +28,25 @@ describe("Vdcm descriptor submission", () => {
     expect(history.at(-1)).toMatchObject({ action: "submit", ioasid: 201, spid: 101, setId: VM1 });
   });
 
-  it("drops an untranslatable descriptor with the error: nothing reaches the device", async () => {
+  it("drops an untranslatable descriptor with INVALID_ARGUMENT (the portal's -EINVAL), the lookup's reason beside it: nothing reaches the device", async () => {
     const { core, vdcm, dma, history } = await setup();
     const g1 = alloc(core, VM1, 201, 101);
     alloc(core, VM2, 202, 101);
-    await refused(vdcm.submitDescriptor(noop({ pasid: 999, pasidSpace: PasidSpace.GUEST })), Code.NOT_FOUND, "SPID_NOT_FOUND");
+    const untranslatable = async (p: Promise<unknown>, lookup: string) => {
+      const err = await p.then(
+        () => undefined,
+        (e: unknown) => e,
+      );
+      expect(err).toMatchObject({ code: Code.INVALID_ARGUMENT, reason: "PASID_UNTRANSLATABLE", metadata: { lookup } });
+    };
+    await untranslatable(vdcm.submitDescriptor(noop({ pasid: 999, pasidSpace: PasidSpace.GUEST })), "SPID_NOT_FOUND");
     // VM2 names VM1's host PASID on its own mdev: another set's IOASID.
-    await refused(vdcm.submitDescriptor(noop({ mdevUuid: M2, pasid: 201, pasidSpace: PasidSpace.HOST })), Code.PERMISSION_DENIED, "IOASID_NOT_IN_SET");
-    await refused(vdcm.submitDescriptor(noop({ pasid: 201, pasidSpace: PasidSpace.HOST, generation: g1 + 1 })), Code.FAILED_PRECONDITION, "STALE_GENERATION");
-    await refused(vdcm.submitDescriptor(noop({ pasid: 555, pasidSpace: PasidSpace.HOST })), Code.NOT_FOUND, "IOASID_NOT_FOUND");
+    await untranslatable(vdcm.submitDescriptor(noop({ mdevUuid: M2, pasid: 201, pasidSpace: PasidSpace.HOST })), "IOASID_NOT_IN_SET");
+    await untranslatable(vdcm.submitDescriptor(noop({ pasid: 201, pasidSpace: PasidSpace.HOST, generation: g1 + 1 })), "STALE_GENERATION");
+    await untranslatable(vdcm.submitDescriptor(noop({ pasid: 555, pasidSpace: PasidSpace.HOST })), "IOASID_NOT_FOUND");
     core.space.get(VM1, 201, { role: "iommu", instance: "i", purpose: "p" }, 0);
     freeIoasid(core, 201);
-    await refused(vdcm.submitDescriptor(noop({ pasid: 101, pasidSpace: PasidSpace.GUEST })), Code.NOT_FOUND, "IOASID_FREE_PENDING");
+    await untranslatable(vdcm.submitDescriptor(noop({ pasid: 101, pasidSpace: PasidSpace.GUEST })), "IOASID_FREE_PENDING");
     expect(dma.requests).toEqual([]);
     expect(history.map((h) => h.action)).toEqual(["submit", "submit", "submit", "submit", "submit"]);
     expect(history.every((h) => h.ioasid === undefined && h.step.$case === "submit" && h.step.value.dropped === true)).toBe(true);

@@ -26,6 +26,7 @@ export const VdcmReason = {
   SET_NOT_EMPTY: Code.FAILED_PRECONDITION,
   PASID_IN_USE: Code.FAILED_PRECONDITION,
   DEVICE_PASID_TABLE_FULL: Code.RESOURCE_EXHAUSTED,
+  PASID_UNTRANSLATABLE: Code.INVALID_ARGUMENT,
 } as const satisfies Record<string, Code>;
 export type VdcmReason = keyof typeof VdcmReason;
 
@@ -45,4 +46,19 @@ export function fromCoreError(err: unknown, field?: string): DomainError {
   if (e.reason === "SET_UNKNOWN") return vdcmError("SET_NOT_FOUND", e.message);
   if (field !== undefined && (e.reason === "IOASID_OUT_OF_RANGE" || e.reason === "SPID_OUT_OF_RANGE")) return invalidField(field, e.message);
   return e;
+}
+
+/** The core's refusals of a shared-work-queue descriptor's PASID lookup (the PASID does not translate for this guest). */
+const UNTRANSLATABLE = new Set(["SPID_NOT_FOUND", "IOASID_NOT_FOUND", "IOASID_FREE_PENDING", "IOASID_NOT_IN_SET", "STALE_GENERATION"]);
+
+/**
+ * A shared-work-queue descriptor whose PASID the lookup refused, as the portal answers it: dropped
+ * with INVALID_ARGUMENT `PASID_UNTRANSLATABLE` — the ENQCMD/MOVDIR portal's -EINVAL, the descriptor
+ * being malformed for this guest whatever the lookup's own reason (DESIGN §5 VDCM), which the
+ * ErrorInfo metadata `lookup` names. Other failures (the mdev's set gone, the core unreachable, a
+ * PASID out of range) keep their own answer.
+ */
+export function untranslatable(e: DomainError, pasid: number): DomainError {
+  if (!UNTRANSLATABLE.has(e.reason)) return e;
+  return vdcmError("PASID_UNTRANSLATABLE", `PASID ${pasid} does not translate for this guest (${e.reason}): the descriptor is dropped`, { lookup: e.reason });
 }

@@ -6,7 +6,7 @@ import { assertDescriptor, runDescriptor, type Completion, type Descriptor, type
 import { heldReferences, KeyedMutex, type CorePort, type HeldReference } from "@ioasid/role-kit";
 import { ownRegistrations, registerOnSet, unregisterNotifier } from "./core-registrations.js";
 import type { Holder, HistoryFields, HistorySink, VdcmHistoryAction, VdevClearCause } from "./ports.js";
-import { fromCoreError, invalidField, vdcmError } from "./vdcm-errors.js";
+import { fromCoreError, invalidField, untranslatable, vdcmError } from "./vdcm-errors.js";
 import { PasidSpace, type Submission, type SubmissionResult } from "./submission.js";
 import type { ClearResult, IoasidEventLike, VdcmOptions } from "./vdcm-options.js";
 import type { VdcmKeptEntry } from "./vdcm-kept-entry.js";
@@ -325,7 +325,7 @@ export class Vdcm {
         }
       } catch (err) {
         if (isIndeterminate(err)) this.sweepSets.add(wq.setId);
-        const e = fromCoreError(err, "pasid");
+        const e = untranslatable(fromCoreError(err, "pasid"), s.pasid);
         this.recordDropped(wq, s, e);
         throw e;
       }

@@ -144,7 +144,7 @@ export function createVfioHandlers(
     sendPageResponse: async (req, ctx) => {
       authorize(req.containerId, ctx);
       const code = RESPONSE_CODES.get(req.code);
-      if (code === undefined) throw invalidField("code", "code is required: SUCCESS, INVALID or FAILURE");
+      if (code === undefined) throw invalidField("code", "code is required: SUCCESS or INVALID");
       containers.usableSetId(req.containerId);
       await faults.respond(req.containerId, req.faultGroupId, code);
       return {};

@@ -1,5 +1,5 @@
 import { isDomainError } from "@ioasid/errors";
-import { vfioError } from "./vfio-errors.js";
+import { invalidField, vfioError } from "./vfio-errors.js";
 import type { DeviceRef } from "./device-ref.js";
 import type { HistoryPort, VfioLog } from "./vfio-ports.js";
 
@@ -202,13 +202,19 @@ export class FaultRelay {
   /**
    * The VMM's answer to a group relayed to its container, passed to the IOMMU (which refuses a
    * second answer with FAULT_GROUP_ALREADY_RESPONDED).
-   * @throws FAULT_GROUP_NOT_FOUND, FAULT_GROUP_NOT_OWNED, FAULT_GROUP_ALREADY_RESPONDED
+   * A VMM answers SUCCESS or INVALID only: FAILURE disables PRI for the whole function and its VFs,
+   * so it is the host's answer alone (iommufd removed it from the user API; DESIGN §5). Checked
+   * before the group is looked up, as the fault fd checks the code before the cookie.
+   * @throws INVALID_FIELD (code FAILURE), FAULT_GROUP_NOT_GIVEN (never relayed to this container:
+   *   unknown, another container's, or forgotten), FAULT_GROUP_ALREADY_RESPONDED
    */
   async respond(containerId: number, faultGroupId: bigint, code: PageResponseCode): Promise<void> {
+    if (code === "FAILURE") {
+      throw invalidField("code", "a VMM answers SUCCESS or INVALID: FAILURE would disable PRI for the whole function and its VFs, so only the host gives it");
+    }
     const pending = this.#pending.get(faultGroupId);
     const owner = pending?.containerId ?? this.#answered.get(faultGroupId);
-    if (owner === undefined) throw vfioError("FAULT_GROUP_NOT_FOUND", `fault group ${faultGroupId} was never relayed to a VMM (or is long forgotten)`);
-    if (owner !== containerId) throw vfioError("FAULT_GROUP_NOT_OWNED", `fault group ${faultGroupId} belongs to another container`);
+    if (owner !== containerId) throw vfioError("FAULT_GROUP_NOT_GIVEN", `fault group ${faultGroupId} was never given to container ${containerId}`);
     await this.#iommu.respond(faultGroupId, code);
     this.#history.record(
       { $case: "pageResponse", value: { container: containerId, group: faultGroupId, code } },

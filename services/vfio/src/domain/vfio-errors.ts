@@ -18,8 +18,10 @@ export const VfioReason = {
   DEVICE_BUSY: Code.FAILED_PRECONDITION,
   DEVICE_NOT_ASSIGNED: Code.FAILED_PRECONDITION,
   SET_NOT_EMPTY: Code.FAILED_PRECONDITION,
-  FAULT_GROUP_NOT_FOUND: Code.NOT_FOUND,
-  FAULT_GROUP_NOT_OWNED: Code.PERMISSION_DENIED,
+  // DESIGN §5 Faults: a VMM's answer naming a group its container was never given — unknown, another
+  // container's, or answered and forgotten — is the fault fd's -EINVAL for an unknown cookie; it
+  // tells the caller nothing of other VMs' groups (was NOT_FOUND / PERMISSION_DENIED NOT_OWNED).
+  FAULT_GROUP_NOT_GIVEN: Code.INVALID_ARGUMENT,
   FAULT_GROUP_ALREADY_RESPONDED: Code.FAILED_PRECONDITION,
   FAULT_WATCHER_REPLACED: Code.ABORTED,
   // DESIGN §3: naming another VM's container without that VM's capability is PERMISSION_DENIED —

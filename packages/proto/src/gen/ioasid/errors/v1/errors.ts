@@ -278,6 +278,26 @@ export enum ErrorReason {
    */
   ERROR_REASON_HOST_MEMORY_NOT_GIVEN = 157,
   /**
+   * ERROR_REASON_SET_NOT_A_VM - PERMISSION_DENIED. A guest page-table bind (IommuService.BindGpasid) names a host PASID of a set
+   * that is not a VM's (its token is not an MM token: a host process's native SVA set, or any other
+   * NONE-token set): the kernel's ownership check refuses it, so a guest's page tables never land on
+   * a host process's PASID. Nothing is changed.
+   */
+  ERROR_REASON_SET_NOT_A_VM = 158,
+  /**
+   * ERROR_REASON_FAULT_GROUP_NOT_GIVEN - INVALID_ARGUMENT. A VMM's page response names a fault group this container was never given
+   * (an unknown id, another container's group, or one answered and forgotten): the fault fd's
+   * -EINVAL for an unknown cookie. Nothing is answered; the caller learns nothing of other groups.
+   */
+  ERROR_REASON_FAULT_GROUP_NOT_GIVEN = 159,
+  /**
+   * ERROR_REASON_PASID_UNTRANSLATABLE - INVALID_ARGUMENT. A descriptor on a shared work queue names a PASID that does not translate for
+   * the submitting guest (no such guest PASID, another VM's PASID, a freed or stale one): the
+   * portal's -EINVAL — the descriptor is malformed for this guest, whatever the lookup's own reason
+   * (ErrorInfo metadata `lookup` names it). The descriptor is dropped: nothing reaches the device.
+   */
+  ERROR_REASON_PASID_UNTRANSLATABLE = 160,
+  /**
    * ERROR_REASON_ROLE_STATE_UNREADABLE - A role's kept state (JetStream `<PREFIX>_ROLESTATE`) holds an entry that is not the role's
    * `<Role>StateEntry` (the JSON of earlier versions, another format, bytes that do not decode): the
    * role refuses to start rather than misread it; the message says how to start from an empty state.
@@ -591,6 +611,15 @@ export function errorReasonFromJSON(object: any): ErrorReason {
     case 157:
     case "ERROR_REASON_HOST_MEMORY_NOT_GIVEN":
       return ErrorReason.ERROR_REASON_HOST_MEMORY_NOT_GIVEN;
+    case 158:
+    case "ERROR_REASON_SET_NOT_A_VM":
+      return ErrorReason.ERROR_REASON_SET_NOT_A_VM;
+    case 159:
+    case "ERROR_REASON_FAULT_GROUP_NOT_GIVEN":
+      return ErrorReason.ERROR_REASON_FAULT_GROUP_NOT_GIVEN;
+    case 160:
+    case "ERROR_REASON_PASID_UNTRANSLATABLE":
+      return ErrorReason.ERROR_REASON_PASID_UNTRANSLATABLE;
     case 146:
     case "ERROR_REASON_ROLE_STATE_UNREADABLE":
       return ErrorReason.ERROR_REASON_ROLE_STATE_UNREADABLE;
@@ -804,6 +833,12 @@ export function errorReasonToJSON(object: ErrorReason): string {
       return "ERROR_REASON_HOST_MEMORY_EXHAUSTED";
     case ErrorReason.ERROR_REASON_HOST_MEMORY_NOT_GIVEN:
       return "ERROR_REASON_HOST_MEMORY_NOT_GIVEN";
+    case ErrorReason.ERROR_REASON_SET_NOT_A_VM:
+      return "ERROR_REASON_SET_NOT_A_VM";
+    case ErrorReason.ERROR_REASON_FAULT_GROUP_NOT_GIVEN:
+      return "ERROR_REASON_FAULT_GROUP_NOT_GIVEN";
+    case ErrorReason.ERROR_REASON_PASID_UNTRANSLATABLE:
+      return "ERROR_REASON_PASID_UNTRANSLATABLE";
     case ErrorReason.ERROR_REASON_ROLE_STATE_UNREADABLE:
       return "ERROR_REASON_ROLE_STATE_UNREADABLE";
     case ErrorReason.ERROR_REASON_HISTORY_FORMAT_UNSUPPORTED:

@@ -8384,8 +8384,9 @@ export const IommuServiceService = {
   },
   /**
    * RemoveDevice unplugs a device: every attach handle on it is torn down (its PASID entries cleared
-   * and IOTLB/DevTLB flushed), every outstanding fault group of the device is answered INVALID, and
-   * the device is forgotten. References the removed binds held are released.
+   * and IOTLB/DevTLB flushed), every complete outstanding fault group of the device is answered
+   * INVALID, its partial groups (last request never came) are freed without a response (io-pgfault
+   * since v6.9: only complete groups are answered), and the device is forgotten. References the removed binds held are released.
    * Errors: NOT_FOUND `DEVICE_NOT_FOUND`; FAILED_PRECONDITION `DEVICE_IN_USE` (a registered VF still
    * names this device as its parent PF).
    */
@@ -8470,11 +8471,12 @@ export const IommuServiceService = {
   },
   /**
    * BindGpasid binds a guest PASID table entry (bind_gpasid): after checking that `hpasid` belongs
-   * to `set_id`, the IOMMU takes a reference on the IOASID (unless it still holds one from an
+   * to `set_id` and that the set is a VM's (an MM token: a host process's native SVA set, or any
+   * NONE-token set, is refused, so a guest page table never lands on a host PASID), the IOMMU takes a reference on the IOASID (unless it still holds one from an
    * earlier bind), attaches `gpasid` as its SPID (only a bind while no device is bound to the IOASID
    * makes the core emit BIND), and programs a NESTED PASID entry on the device: first stage the
    * guest's page table, second stage the parent paging domain.
-   * Errors: PERMISSION_DENIED `IOASID_NOT_IN_SET`; NOT_FOUND `IOASID_NOT_FOUND`,
+   * Errors: PERMISSION_DENIED `IOASID_NOT_IN_SET`, `SET_NOT_A_VM`; NOT_FOUND `IOASID_NOT_FOUND`,
    * `IOASID_FREE_PENDING` (no reference can be taken), `DEVICE_NOT_FOUND`, `DOMAIN_NOT_FOUND`
    * (parent); FAILED_PRECONDITION `STALE_GENERATION`, `SPID_MISMATCH` (the IOASID already has
    * another SPID), `PASID_IN_USE` (the device already has an entry at `hpasid`),
@@ -8749,8 +8751,9 @@ export interface IommuServiceServer extends UntypedServiceImplementation {
   registerDevice: handleUnaryCall<RegisterDeviceRequest, RegisterDeviceResponse>;
   /**
    * RemoveDevice unplugs a device: every attach handle on it is torn down (its PASID entries cleared
-   * and IOTLB/DevTLB flushed), every outstanding fault group of the device is answered INVALID, and
-   * the device is forgotten. References the removed binds held are released.
+   * and IOTLB/DevTLB flushed), every complete outstanding fault group of the device is answered
+   * INVALID, its partial groups (last request never came) are freed without a response (io-pgfault
+   * since v6.9: only complete groups are answered), and the device is forgotten. References the removed binds held are released.
    * Errors: NOT_FOUND `DEVICE_NOT_FOUND`; FAILED_PRECONDITION `DEVICE_IN_USE` (a registered VF still
    * names this device as its parent PF).
    */
@@ -8791,11 +8794,12 @@ export interface IommuServiceServer extends UntypedServiceImplementation {
   detachDomain: handleUnaryCall<DetachDomainRequest, DetachDomainResponse>;
   /**
    * BindGpasid binds a guest PASID table entry (bind_gpasid): after checking that `hpasid` belongs
-   * to `set_id`, the IOMMU takes a reference on the IOASID (unless it still holds one from an
+   * to `set_id` and that the set is a VM's (an MM token: a host process's native SVA set, or any
+   * NONE-token set, is refused, so a guest page table never lands on a host PASID), the IOMMU takes a reference on the IOASID (unless it still holds one from an
    * earlier bind), attaches `gpasid` as its SPID (only a bind while no device is bound to the IOASID
    * makes the core emit BIND), and programs a NESTED PASID entry on the device: first stage the
    * guest's page table, second stage the parent paging domain.
-   * Errors: PERMISSION_DENIED `IOASID_NOT_IN_SET`; NOT_FOUND `IOASID_NOT_FOUND`,
+   * Errors: PERMISSION_DENIED `IOASID_NOT_IN_SET`, `SET_NOT_A_VM`; NOT_FOUND `IOASID_NOT_FOUND`,
    * `IOASID_FREE_PENDING` (no reference can be taken), `DEVICE_NOT_FOUND`, `DOMAIN_NOT_FOUND`
    * (parent); FAILED_PRECONDITION `STALE_GENERATION`, `SPID_MISMATCH` (the IOASID already has
    * another SPID), `PASID_IN_USE` (the device already has an entry at `hpasid`),
@@ -8962,8 +8966,9 @@ export interface IommuServiceClient extends Client {
   ): ClientUnaryCall;
   /**
    * RemoveDevice unplugs a device: every attach handle on it is torn down (its PASID entries cleared
-   * and IOTLB/DevTLB flushed), every outstanding fault group of the device is answered INVALID, and
-   * the device is forgotten. References the removed binds held are released.
+   * and IOTLB/DevTLB flushed), every complete outstanding fault group of the device is answered
+   * INVALID, its partial groups (last request never came) are freed without a response (io-pgfault
+   * since v6.9: only complete groups are answered), and the device is forgotten. References the removed binds held are released.
    * Errors: NOT_FOUND `DEVICE_NOT_FOUND`; FAILED_PRECONDITION `DEVICE_IN_USE` (a registered VF still
    * names this device as its parent PF).
    */
@@ -9074,11 +9079,12 @@ export interface IommuServiceClient extends Client {
   ): ClientUnaryCall;
   /**
    * BindGpasid binds a guest PASID table entry (bind_gpasid): after checking that `hpasid` belongs
-   * to `set_id`, the IOMMU takes a reference on the IOASID (unless it still holds one from an
+   * to `set_id` and that the set is a VM's (an MM token: a host process's native SVA set, or any
+   * NONE-token set, is refused, so a guest page table never lands on a host PASID), the IOMMU takes a reference on the IOASID (unless it still holds one from an
    * earlier bind), attaches `gpasid` as its SPID (only a bind while no device is bound to the IOASID
    * makes the core emit BIND), and programs a NESTED PASID entry on the device: first stage the
    * guest's page table, second stage the parent paging domain.
-   * Errors: PERMISSION_DENIED `IOASID_NOT_IN_SET`; NOT_FOUND `IOASID_NOT_FOUND`,
+   * Errors: PERMISSION_DENIED `IOASID_NOT_IN_SET`, `SET_NOT_A_VM`; NOT_FOUND `IOASID_NOT_FOUND`,
    * `IOASID_FREE_PENDING` (no reference can be taken), `DEVICE_NOT_FOUND`, `DOMAIN_NOT_FOUND`
    * (parent); FAILED_PRECONDITION `STALE_GENERATION`, `SPID_MISMATCH` (the IOASID already has
    * another SPID), `PASID_IN_USE` (the device already has an entry at `hpasid`),

@@ -3467,12 +3467,14 @@ export const VdcmServiceService = {
    * programmed host PASID is used. An untranslatable descriptor is dropped with an error and nothing
    * reaches the device. The descriptor's DMA goes through the IOMMU (device, host PASID, address);
    * a DMA miss is a completion status, not an error.
-   * Errors: NOT_FOUND `MDEV_NOT_FOUND`, `WQ_NOT_FOUND`, `SPID_NOT_FOUND` (dropped: no IOASID with
-   * that guest PASID in the set), `IOASID_NOT_FOUND` (dropped: a host PASID not allocated),
-   * `IOASID_FREE_PENDING` (dropped), `SET_NOT_FOUND` (the mdev's set was destroyed);
-   * PERMISSION_DENIED `IOASID_NOT_IN_SET` (dropped: a host PASID of another set);
+   * Errors: INVALID_ARGUMENT `PASID_UNTRANSLATABLE` (dropped: the shared work queue's descriptor
+   * names a PASID that does not translate for this guest — the portal's -EINVAL whatever the
+   * lookup's reason, which the ErrorInfo metadata `lookup` names: `SPID_NOT_FOUND` no IOASID with
+   * that guest PASID in the set, `IOASID_NOT_FOUND` a host PASID not allocated,
+   * `IOASID_FREE_PENDING`, `IOASID_NOT_IN_SET` a host PASID of another set, `STALE_GENERATION`);
+   * NOT_FOUND `MDEV_NOT_FOUND`, `WQ_NOT_FOUND`, `SET_NOT_FOUND` (the mdev's set was destroyed);
    * FAILED_PRECONDITION `MDEV_NOT_ASSIGNED`, `WQ_PASID_NOT_PROGRAMMED` (dedicated work queue with
-   * no PASID, or its PASID being cleared), `STALE_GENERATION`, `PASID_IN_USE` (dropped: another
+   * no PASID, or its PASID being cleared), `PASID_IN_USE` (dropped: another
    * guest's context for the host PASID still exists on the device); INVALID_ARGUMENT
    * `INVALID_FIELD` (a PASID on a dedicated work queue, none or an UNSPECIFIED space on a shared
    * one, a guest PASID outside 1..2^20-1, a host PASID outside the namespace, an UNSPECIFIED op, a
@@ -3590,12 +3592,14 @@ export interface VdcmServiceServer extends UntypedServiceImplementation {
    * programmed host PASID is used. An untranslatable descriptor is dropped with an error and nothing
    * reaches the device. The descriptor's DMA goes through the IOMMU (device, host PASID, address);
    * a DMA miss is a completion status, not an error.
-   * Errors: NOT_FOUND `MDEV_NOT_FOUND`, `WQ_NOT_FOUND`, `SPID_NOT_FOUND` (dropped: no IOASID with
-   * that guest PASID in the set), `IOASID_NOT_FOUND` (dropped: a host PASID not allocated),
-   * `IOASID_FREE_PENDING` (dropped), `SET_NOT_FOUND` (the mdev's set was destroyed);
-   * PERMISSION_DENIED `IOASID_NOT_IN_SET` (dropped: a host PASID of another set);
+   * Errors: INVALID_ARGUMENT `PASID_UNTRANSLATABLE` (dropped: the shared work queue's descriptor
+   * names a PASID that does not translate for this guest — the portal's -EINVAL whatever the
+   * lookup's reason, which the ErrorInfo metadata `lookup` names: `SPID_NOT_FOUND` no IOASID with
+   * that guest PASID in the set, `IOASID_NOT_FOUND` a host PASID not allocated,
+   * `IOASID_FREE_PENDING`, `IOASID_NOT_IN_SET` a host PASID of another set, `STALE_GENERATION`);
+   * NOT_FOUND `MDEV_NOT_FOUND`, `WQ_NOT_FOUND`, `SET_NOT_FOUND` (the mdev's set was destroyed);
    * FAILED_PRECONDITION `MDEV_NOT_ASSIGNED`, `WQ_PASID_NOT_PROGRAMMED` (dedicated work queue with
-   * no PASID, or its PASID being cleared), `STALE_GENERATION`, `PASID_IN_USE` (dropped: another
+   * no PASID, or its PASID being cleared), `PASID_IN_USE` (dropped: another
    * guest's context for the host PASID still exists on the device); INVALID_ARGUMENT
    * `INVALID_FIELD` (a PASID on a dedicated work queue, none or an UNSPECIFIED space on a shared
    * one, a guest PASID outside 1..2^20-1, a host PASID outside the namespace, an UNSPECIFIED op, a
@@ -3807,12 +3811,14 @@ export interface VdcmServiceClient extends Client {
    * programmed host PASID is used. An untranslatable descriptor is dropped with an error and nothing
    * reaches the device. The descriptor's DMA goes through the IOMMU (device, host PASID, address);
    * a DMA miss is a completion status, not an error.
-   * Errors: NOT_FOUND `MDEV_NOT_FOUND`, `WQ_NOT_FOUND`, `SPID_NOT_FOUND` (dropped: no IOASID with
-   * that guest PASID in the set), `IOASID_NOT_FOUND` (dropped: a host PASID not allocated),
-   * `IOASID_FREE_PENDING` (dropped), `SET_NOT_FOUND` (the mdev's set was destroyed);
-   * PERMISSION_DENIED `IOASID_NOT_IN_SET` (dropped: a host PASID of another set);
+   * Errors: INVALID_ARGUMENT `PASID_UNTRANSLATABLE` (dropped: the shared work queue's descriptor
+   * names a PASID that does not translate for this guest — the portal's -EINVAL whatever the
+   * lookup's reason, which the ErrorInfo metadata `lookup` names: `SPID_NOT_FOUND` no IOASID with
+   * that guest PASID in the set, `IOASID_NOT_FOUND` a host PASID not allocated,
+   * `IOASID_FREE_PENDING`, `IOASID_NOT_IN_SET` a host PASID of another set, `STALE_GENERATION`);
+   * NOT_FOUND `MDEV_NOT_FOUND`, `WQ_NOT_FOUND`, `SET_NOT_FOUND` (the mdev's set was destroyed);
    * FAILED_PRECONDITION `MDEV_NOT_ASSIGNED`, `WQ_PASID_NOT_PROGRAMMED` (dedicated work queue with
-   * no PASID, or its PASID being cleared), `STALE_GENERATION`, `PASID_IN_USE` (dropped: another
+   * no PASID, or its PASID being cleared), `PASID_IN_USE` (dropped: another
    * guest's context for the host PASID still exists on the device); INVALID_ARGUMENT
    * `INVALID_FIELD` (a PASID on a dedicated work queue, none or an UNSPECIFIED space on a shared
    * one, a guest PASID outside 1..2^20-1, a host PASID outside the namespace, an UNSPECIFIED op, a

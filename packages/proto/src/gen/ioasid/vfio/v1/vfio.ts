@@ -5765,11 +5765,14 @@ export const VfioServiceService = {
   },
   /**
    * SendPageResponse relays the VMM's answer to a fault group to the IOMMU. Each group gets exactly
-   * one response; later answers are refused.
-   * Errors: NOT_FOUND `FAULT_GROUP_NOT_FOUND`; PERMISSION_DENIED `FAULT_GROUP_NOT_OWNED` (the group
-   * belongs to another container); FAILED_PRECONDITION `FAULT_GROUP_ALREADY_RESPONDED` (answered
-   * already: by this VMM, or by detach, free or timeout); INVALID_ARGUMENT `INVALID_FIELD` (code
-   * UNSPECIFIED).
+   * one response; later answers are refused. A VMM answers SUCCESS or INVALID: FAILURE disables PRI
+   * for the whole function and its VFs, so it is the host's answer alone (iommufd removed it from
+   * the user API), and the code is checked before the group is looked up.
+   * Errors: INVALID_ARGUMENT `INVALID_FIELD` (code UNSPECIFIED or FAILURE), `FAULT_GROUP_NOT_GIVEN`
+   * (a group never given to this container: an unknown id, another container's group, or one
+   * answered and forgotten — the fault fd's -EINVAL for an unknown cookie; nothing is told of other
+   * containers' groups); FAILED_PRECONDITION `FAULT_GROUP_ALREADY_RESPONDED` (answered already: by
+   * this VMM, or by detach, free or timeout).
    */
   sendPageResponse: {
     path: "/ioasid.vfio.v1.VfioService/SendPageResponse" as const,
@@ -5978,11 +5981,14 @@ export interface VfioServiceServer extends UntypedServiceImplementation {
   watchFaults: handleServerStreamingCall<WatchFaultsRequest, WatchFaultsResponse>;
   /**
    * SendPageResponse relays the VMM's answer to a fault group to the IOMMU. Each group gets exactly
-   * one response; later answers are refused.
-   * Errors: NOT_FOUND `FAULT_GROUP_NOT_FOUND`; PERMISSION_DENIED `FAULT_GROUP_NOT_OWNED` (the group
-   * belongs to another container); FAILED_PRECONDITION `FAULT_GROUP_ALREADY_RESPONDED` (answered
-   * already: by this VMM, or by detach, free or timeout); INVALID_ARGUMENT `INVALID_FIELD` (code
-   * UNSPECIFIED).
+   * one response; later answers are refused. A VMM answers SUCCESS or INVALID: FAILURE disables PRI
+   * for the whole function and its VFs, so it is the host's answer alone (iommufd removed it from
+   * the user API), and the code is checked before the group is looked up.
+   * Errors: INVALID_ARGUMENT `INVALID_FIELD` (code UNSPECIFIED or FAILURE), `FAULT_GROUP_NOT_GIVEN`
+   * (a group never given to this container: an unknown id, another container's group, or one
+   * answered and forgotten — the fault fd's -EINVAL for an unknown cookie; nothing is told of other
+   * containers' groups); FAILED_PRECONDITION `FAULT_GROUP_ALREADY_RESPONDED` (answered already: by
+   * this VMM, or by detach, free or timeout).
    */
   sendPageResponse: handleUnaryCall<SendPageResponseRequest, SendPageResponseResponse>;
   /**
@@ -6260,11 +6266,14 @@ export interface VfioServiceClient extends Client {
   ): ClientReadableStream<WatchFaultsResponse>;
   /**
    * SendPageResponse relays the VMM's answer to a fault group to the IOMMU. Each group gets exactly
-   * one response; later answers are refused.
-   * Errors: NOT_FOUND `FAULT_GROUP_NOT_FOUND`; PERMISSION_DENIED `FAULT_GROUP_NOT_OWNED` (the group
-   * belongs to another container); FAILED_PRECONDITION `FAULT_GROUP_ALREADY_RESPONDED` (answered
-   * already: by this VMM, or by detach, free or timeout); INVALID_ARGUMENT `INVALID_FIELD` (code
-   * UNSPECIFIED).
+   * one response; later answers are refused. A VMM answers SUCCESS or INVALID: FAILURE disables PRI
+   * for the whole function and its VFs, so it is the host's answer alone (iommufd removed it from
+   * the user API), and the code is checked before the group is looked up.
+   * Errors: INVALID_ARGUMENT `INVALID_FIELD` (code UNSPECIFIED or FAILURE), `FAULT_GROUP_NOT_GIVEN`
+   * (a group never given to this container: an unknown id, another container's group, or one
+   * answered and forgotten — the fault fd's -EINVAL for an unknown cookie; nothing is told of other
+   * containers' groups); FAILED_PRECONDITION `FAULT_GROUP_ALREADY_RESPONDED` (answered already: by
+   * this VMM, or by detach, free or timeout).
    */
   sendPageResponse(
     request: SendPageResponseRequest,
