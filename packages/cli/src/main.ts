@@ -232,6 +232,10 @@ const commands: Record<string, Command> = {
     summary: "render the recorded history as the document's column table (and as Mermaid HTML)",
     usage:
       "ioasidctl timeline [--dir .ioasid] [--ioasid N] [--since-ms EPOCH_MS] [--html FILE]\n" +
+      "  The document's column table (a long step wraps within its column).\n" +
+      "  --html FILE: a Mermaid sequence diagram (Mermaid inlined, renders offline): each delivery core -> tier and its ack back,\n" +
+      "  tiers in delivery order KVM (CPU) -> VDCM (device) -> IOMMU, a state and reference-count band per IOASID, the IO page\n" +
+      "  fault hand-offs IOMMU -> VFIO -> guest and back.\n" +
       "  --ioasid N: the steps about IOASID N and about its sets; exit 1 with a message when the history has no IOASID N.",
     options: { ...dirOption, ioasid: { type: "string" }, "since-ms": { type: "string" }, html: { type: "string" } },
     run: async (v, pos) => {
@@ -673,6 +677,8 @@ function help(): string {
     "State (addresses, PIDs, VMs) is kept in --dir (default .ioasid); logs in <dir>/logs.",
     "--json (inspect, status, enqcmd, dma, faults watch; pasid, bind, unbind, mdev and submit always print JSON): the",
     "proto3 JSON mapping of the responses: enum names, 64-bit integers as decimal strings, bytes as base64.",
+    "Pictures: `timeline --html` (deliveries and acks per tier, a state band per IOASID), `inspect --html` / `--mermaid`",
+    "(sets -> IOASIDs -> holders -> hardware entries); both pages are self-contained.",
     "",
     EXIT_CODES_HELP,
     "",
