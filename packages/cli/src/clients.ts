@@ -59,13 +59,15 @@ export function operatorAuth(dir: string): Pick<StackAddresses, "natsAuth" | "tl
   };
 }
 
+/** Clients of every service of a stack, without NATS (what `inspect` needs). */
+export type ServiceClients = Omit<StackClients, "nc">;
+
 /**
- * Connects to every service (each call has a 5 s deadline) and to NATS.
- * @param capabilities VFIO capabilities of containers opened elsewhere (the VMM processes of
- *   `ioasidctl vm create`), so that calls naming them carry them
+ * Clients of every service (each call has a 5 s deadline); nothing is connected until a call is
+ * made, so a service that is down fails only the calls made to it.
+ * @param capabilities as for {@link connectStack}
  */
-export async function connectStack(a: StackAddresses, capabilities: Iterable<readonly [number, Uint8Array]> = []): Promise<StackClients> {
-  const nc = await connect({ servers: a.natsUrl, name: "ioasidctl", ...a.natsAuth });
+export function connectServices(a: StackAddresses, capabilities: Iterable<readonly [number, Uint8Array]> = []): ServiceClients {
   // With the stack's certificates: mTLS, each server made to prove its role.
   const tls = (serverRole: Role) => (a.tls === undefined ? {} : { tls: a.tls, serverRole });
   const clients = {
@@ -77,9 +79,26 @@ export async function connectStack(a: StackAddresses, capabilities: Iterable<rea
   };
   return {
     ...clients,
+    close() {
+      for (const c of Object.values(clients)) c.close();
+      return Promise.resolve();
+    },
+  };
+}
+
+/**
+ * Connects to every service (each call has a 5 s deadline) and to NATS.
+ * @param capabilities VFIO capabilities of containers opened elsewhere (the VMM processes of
+ *   `ioasidctl vm create`), so that calls naming them carry them
+ */
+export async function connectStack(a: StackAddresses, capabilities: Iterable<readonly [number, Uint8Array]> = []): Promise<StackClients> {
+  const nc = await connect({ servers: a.natsUrl, name: "ioasidctl", ...a.natsAuth });
+  const services = connectServices(a, capabilities);
+  return {
+    ...services,
     nc,
     async close() {
-      for (const c of Object.values(clients)) c.close();
+      await services.close();
       await nc.close();
     },
   };

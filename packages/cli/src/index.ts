@@ -17,18 +17,9 @@ export {
 } from "./stack.js";
 export { describeExit, RestartPolicy, type RestartDecision, type RestartPolicyOptions, type ServiceExit } from "./restart-policy.js";
 export { superviseStack, type SupervisedService, type SupervisorPlan } from "./supervisor.js";
-export {
-  buildTimeline,
-  columnOf,
-  COLUMNS,
-  describeStep,
-  FAULT_ACTIONS,
-  renderHtml,
-  renderMermaid,
-  renderTable,
-  type Column,
-  type TimelineRow,
-} from "./timeline.js";
+export { buildTimeline, columnOf, COLUMNS, describeStep, FAULT_ACTIONS, renderTable, type Column, type TimelineRow } from "./timeline.js";
+export { DIAGRAM_LANES, renderHtml, renderMermaid } from "./timeline-diagram.js";
+export { wrapText } from "./text-wrap.js";
 export { checkInvariants, EXPECTED, findPasid, renderVerdict, type Check, type Verdict, type VerdictInput } from "./verdict.js";
 export {
   answerFaultGroup,

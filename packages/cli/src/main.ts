@@ -7,18 +7,21 @@ import { parseArgs, type ParseArgsConfig } from "node:util";
 import { readHistory } from "@ioasid/bus";
 import { isDomainError } from "@ioasid/errors";
 import { decodeVfioCapability, packageVersion } from "@ioasid/grpc-kit";
-import { core, iommu, kvm, vdcm, vfio } from "@ioasid/proto";
+import { iommu, kvm, vdcm, vfio } from "@ioasid/proto";
 import { attachCommands } from "./attach.js";
 import { chaosCommand } from "./chaos-command.js";
 import { conformCommand } from "./conform-command.js";
-import { addressesOf, connectStack, type StackClients } from "./clients.js";
+import { addressesOf, connectServices, connectStack, type StackClients } from "./clients.js";
 import { faultCommands } from "./fault-commands.js";
 import { holderCommands } from "./holder.js";
+import { gatherInspect, inspectJson, renderInspectText, type InspectSnapshot } from "./inspect.js";
 import { runScenario, ScenarioKind, type ScenarioResult } from "./scenario.js";
 import { readState, stackDown, stackUp } from "./stack.js";
+import { buildStateGraph, renderStateHtml, renderStateMermaid } from "./state-graph.js";
 import { stackStatus } from "./status.js";
 import { describeSupervision, describeSupervisor } from "./supervision-report.js";
-import { buildTimeline, renderHtml, renderTable } from "./timeline.js";
+import { buildTimeline, renderTable } from "./timeline.js";
+import { renderHtml } from "./timeline-diagram.js";
 import { renderVerdict } from "./verdict.js";
 import { EXIT_CODES_HELP, ExitCode, noPositionals, parseCount, parseU64, parseVerb, requireString, UsageError } from "./usage-error.js";
 import { runVmmAgent } from "./vmm-agent.js";
@@ -27,8 +30,6 @@ const out = (s = "") => process.stdout.write(`${s}\n`);
 const P = <T>(m: { fromPartial(x: object): T }, x: object): T => m.fromPartial(x);
 /** Output for scripts: a message's proto3 JSON mapping (ts-proto's `toJSON`), never ts-proto's internals. */
 const json = (v: unknown) => JSON.stringify(v, null, 2);
-/** A repeated field of a response's proto3 JSON: [] when empty (the mapping omits fields at their default). */
-const field = (message: unknown, name: string): unknown => (message as Record<string, unknown>)[name] ?? [];
 
 interface Command {
   readonly summary: string;
@@ -39,14 +40,17 @@ interface Command {
 
 const dirOption = { dir: { type: "string", default: ".ioasid" } } as const;
 
-/** Runs `fn` with clients of the stack in `dir`. */
-async function withStack<T>(dir: string, fn: (c: StackClients) => Promise<T>): Promise<T> {
-  // The VFIO capabilities of the VMs this directory's `vm create` started: the commands act for them.
-  const capabilities = readVms(dir).flatMap((vm) => {
+/** The VFIO capabilities of the VMs this directory's `vm create` started: the commands act for them. */
+function vmCapabilities(dir: string): Array<readonly [number, Uint8Array]> {
+  return readVms(dir).flatMap((vm) => {
     const capability = vm.capability === undefined ? undefined : decodeVfioCapability(vm.capability);
     return capability === undefined ? [] : [[vm.containerId, capability] as const];
   });
-  const c = await connectStack(addressesOf(readState(dir)), capabilities);
+}
+
+/** Runs `fn` with clients of the stack in `dir`. */
+async function withStack<T>(dir: string, fn: (c: StackClients) => Promise<T>): Promise<T> {
+  const c = await connectStack(addressesOf(readState(dir)), vmCapabilities(dir));
   try {
     return await fn(c);
   } finally {
@@ -189,85 +193,49 @@ const commands: Record<string, Command> = {
     },
   },
   inspect: {
-    summary: "sets, IOASIDs (state, references and holders) and every role's tables",
+    summary: "sets, IOASIDs (state, references and holders) and every role's tables; --html draws them",
     usage:
-      "ioasidctl inspect [--dir .ioasid] [--json]\n" +
-      "  --json: {stats, sets, ioasids, registrations, vfio, kvm, vdcm, iommu}, each in the proto3 JSON mapping of its\n" +
-      "  response (enum names, 64-bit integers as decimal strings, bytes as base64, fields at their default omitted).",
-    options: { ...dirOption, json: { type: "boolean", default: false } },
+      "ioasidctl inspect [--dir .ioasid] [--json | --mermaid] [--html FILE]\n" +
+      "  Asks each service on its own: one that does not answer is shown as `kvm: UNREACHABLE (why)`, the others still are,\n" +
+      "  and the exit status is 1.\n" +
+      "  --json: {stats, sets, ioasids, registrations, vfio, kvm, vdcm, iommu, unreachable}, each in the proto3 JSON mapping of its\n" +
+      "  response (enum names, 64-bit integers as decimal strings, bytes as base64, fields at their default omitted); a section\n" +
+      '  whose service did not answer is null and named in unreachable ({kvm: "why"}; {} when all answered).\n' +
+      "  --mermaid: the picture as a Mermaid flowchart instead of the report: sets -> IOASIDs -> holders -> hardware entries\n" +
+      "  (KVM VMCS translations, VDCM work-queue PASID entries, IOMMU PASID-table entries).\n" +
+      "  --html FILE: the same picture drawn as SVG, with the report, in one self-contained page (no script, nothing fetched).",
+    options: { ...dirOption, json: { type: "boolean", default: false }, mermaid: { type: "boolean", default: false }, html: { type: "string" } },
     run: async (v, pos) => {
       noPositionals(pos, "inspect");
-      return withStack(v["dir"] as string, async (c) => {
-        const [sets, ioasids, stats, regs, k, d, i, f] = await Promise.all([
-          c.core.listSets({}),
-          c.core.listIoasids({ setId: 0 }),
-          c.core.getStats({}),
-          c.core.listRegistrations({}),
-          c.kvm.queryState({ vmId: 0 }),
-          c.vdcm.queryState({ deviceIds: [] }),
-          c.iommu.queryState({ deviceIds: [], maxIotlbFlushes: 8 }),
-          c.vfio.queryState({ containerId: 0 }),
-        ]);
-        if (v["json"] as boolean) {
-          out(
-            json({
-              stats: core.GetStatsResponse.toJSON(stats),
-              sets: field(core.ListSetsResponse.toJSON(sets), "sets"),
-              ioasids: field(core.ListIoasidsResponse.toJSON(ioasids), "ioasids"),
-              registrations: field(core.ListRegistrationsResponse.toJSON(regs), "registrations"),
-              vfio: vfio.QueryStateResponse.toJSON(f),
-              kvm: kvm.QueryStateResponse.toJSON(k),
-              vdcm: vdcm.QueryStateResponse.toJSON(d),
-              iommu: iommu.QueryStateResponse.toJSON(i),
-            }),
-          );
-          return 0;
-        }
-        out(
-          `IOASID namespace: capacity ${stats.capacity}, in use ${stats.inUse}, available quota ${stats.available}, last event ${stats.lastSeq}, deliveries pending ${stats.deliveriesPending}, missed ${stats.deliveriesMissed}`,
-        );
-        out("\nsets");
-        for (const s of sets.sets) out(`  set ${s.setId}  token ${s.token}  quota ${s.quota}  in use ${s.inUse}${s.freeing ? "  FREEING" : ""}`);
-        out("\nIOASIDs");
-        for (const x of ioasids.ioasids) {
-          const holders = x.holders.map((h) => `${h.holder!.role}/${h.holder!.instance}/${h.holder!.purpose}${h.count > 1 ? `×${h.count}` : ""}`).join(", ");
-          out(
-            `  ${String(x.ioasid).padStart(7)}  set ${x.setId}  gen ${x.generation}  ${core.ioasidStateToJSON(x.state).replace("IOASID_STATE_", "")}  spid ${x.spid || "-"}  refs ${x.refcount}: ${holders}`,
-          );
-        }
-        out("\nregistrations");
-        for (const r of regs.registrations)
-          out(
-            `  #${r.registrationId} ${r.subscriber!.name}/${r.subscriber!.instance}  ${r.scope?.$case}=${String(r.scope?.value)}  ${r.active ? "active" : "PENDING"}`,
-          );
-        out("\nvfio containers");
-        for (const x of f.containers)
-          out(
-            `  container ${x.containerId}  set ${x.setId}  ${x.vmName}  ${vfio.containerStateToJSON(x.state)}  pasids ${x.pasids.map((p) => p.hpasid).join(",") || "-"}` +
-              `  host memory ${x.guestMemory.map((r) => `0x${r.paddr.toString(16)}..0x${(r.paddr + r.size - 1n).toString(16)}`).join(",") || "-"}`,
-          );
-        out("\nkvm VMCS PASID translation tables");
-        for (const vm of k.vms)
-          out(`  vm ${vm.vmId} (${vm.vmName}, set ${vm.setId}): ${vm.translations.map((t) => `${t.gpasid}->${t.hpasid}`).join(", ") || "empty"}`);
-        out("\nvdcm devices");
-        for (const dev of d.devices)
-          out(`  ${dev.deviceId}: PASID entries ${dev.pasidEntries.map((e) => `${e.hpasid}(wq${e.wqId}, set ${e.setId})`).join(", ") || "none"}`);
-        for (const m of d.mdevs) out(`  mdev ${m.mdevUuid} on ${m.parentDeviceId} wqs ${m.wqIds.join(",")} set ${m.setId || "-"}`);
-        out("\niommu");
-        out(
-          json(iommu.QueryStateResponse.toJSON(i))
-            .split("\n")
-            .map((l) => `  ${l}`)
-            .join("\n"),
-        );
-        return 0;
-      });
+      if ((v["json"] as boolean) && (v["mermaid"] as boolean)) throw new UsageError("give at most one of --json and --mermaid");
+      const dir = v["dir"] as string;
+      // No NATS: inspect asks the services only, each on its own, so one down hides nothing else.
+      const c = connectServices(addressesOf(readState(dir)), vmCapabilities(dir));
+      let snapshot: InspectSnapshot;
+      try {
+        snapshot = await gatherInspect(c);
+      } finally {
+        await c.close();
+      }
+      if (v["json"] as boolean) out(json(inspectJson(snapshot)));
+      else if (v["mermaid"] as boolean) out(renderStateMermaid(buildStateGraph(snapshot)));
+      else out(renderInspectText(snapshot));
+      if (v["html"] !== undefined) {
+        writeFileSync(v["html"] as string, renderStateHtml(snapshot, { takenAt: new Date() }));
+        // The report or the JSON is stdout's: the file's name goes to stderr.
+        process.stderr.write(`wrote ${resolve(v["html"] as string)}\n`);
+      }
+      return Object.keys(snapshot.unreachable).length === 0 ? ExitCode.OK : ExitCode.FAILED;
     },
   },
   timeline: {
     summary: "render the recorded history as the document's column table (and as Mermaid HTML)",
     usage:
       "ioasidctl timeline [--dir .ioasid] [--ioasid N] [--since-ms EPOCH_MS] [--html FILE]\n" +
+      "  The document's column table (a long step wraps within its column).\n" +
+      "  --html FILE: a Mermaid sequence diagram (Mermaid inlined, renders offline): each delivery core -> tier and its ack back,\n" +
+      "  tiers in delivery order KVM (CPU) -> VDCM (device) -> IOMMU, a state and reference-count band per IOASID, the IO page\n" +
+      "  fault hand-offs IOMMU -> VFIO -> guest and back.\n" +
       "  --ioasid N: the steps about IOASID N and about its sets; exit 1 with a message when the history has no IOASID N.",
     options: { ...dirOption, ioasid: { type: "string" }, "since-ms": { type: "string" }, html: { type: "string" } },
     run: async (v, pos) => {
@@ -709,6 +677,8 @@ function help(): string {
     "State (addresses, PIDs, VMs) is kept in --dir (default .ioasid); logs in <dir>/logs.",
     "--json (inspect, status, enqcmd, dma, faults watch; pasid, bind, unbind, mdev and submit always print JSON): the",
     "proto3 JSON mapping of the responses: enum names, 64-bit integers as decimal strings, bytes as base64.",
+    "Pictures: `timeline --html` (deliveries and acks per tier, a state band per IOASID), `inspect --html` / `--mermaid`",
+    "(sets -> IOASIDs -> holders -> hardware entries); both pages are self-contained.",
     "",
     EXIT_CODES_HELP,
     "",

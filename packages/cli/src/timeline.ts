@@ -1,4 +1,5 @@
 import { actionName, describeAction, eventOf, type HistoryActionCase, type HistoryRecord } from "@ioasid/bus";
+import { wrapText } from "./text-wrap.js";
 
 /** The columns of the kernel document's life-cycle tables, in its order. */
 export const COLUMNS = ["VFIO", "IOMMU", "KVM", "VDCM", "IOASID"] as const;
@@ -42,12 +43,6 @@ function ownerRole(r: HistoryRecord): string | undefined {
   }
 }
 
-/** A step a role asks of the core (an arrow to the IOASID column): a reference change or a registration. */
-function asksCore(r: HistoryRecord): boolean {
-  const c = r.action?.$case;
-  return c === "ioasidGet" || c === "ioasidPut" || c === "ioasidRegisterNotifier" || c === "ioasidRegisterNotifierMm";
-}
-
 /**
  * The history actions of the IO page fault path (DESIGN §5 "Faults"): page-request groups and
  * their one response, unrecoverable DMA faults, credits, and VFIO's relay to the VMM.
@@ -61,18 +56,6 @@ export const FAULT_ACTIONS: ReadonlySet<HistoryActionCase> = new Set<HistoryActi
   "dmaFault",
   "faultSessionLost",
 ]);
-
-/**
- * The Mermaid arrow a fault step draws, if it crosses between columns: the IOMMU hands a group or
- * reports a fault to its handler (VFIO), VFIO passes the VMM's answer to the IOMMU.
- */
-function faultArrow(r: TimelineRow): string | undefined {
-  const a = r.record.action;
-  const handler = a?.$case === "iopfGroup" ? a.value.owner : a?.$case === "dmaFault" ? a.value.reportedTo : undefined;
-  if (r.column === "IOMMU" && handler?.includes("vfio/") === true) return "IOMMU->>VFIO";
-  if (a?.$case === "pageResponse" && r.column === "VFIO") return "VFIO->>IOMMU";
-  return undefined;
-}
 
 /** The kernel document's words for a history record. */
 export function describeStep(r: HistoryRecord): string {
@@ -141,65 +124,22 @@ export function buildTimeline(records: readonly HistoryRecord[], options: Timeli
 }
 
 /**
- * The timeline as the document's column table, for a terminal: each step written from its
- * column's position (a long step runs on into the empty columns to its right, as in the
- * document), the reference count after it at the right.
+ * The timeline as the document's column table, for a terminal: each step in its column, wrapped
+ * within it (a long step takes more lines, never the neighbouring columns: issue 17), the
+ * reference count after it at the right of its first line.
+ * @param options.width characters per column, the last one a gap. @default 22
  */
 export function renderTable(rows: readonly TimelineRow[], options: { width?: number; title?: string } = {}): string {
   const width = options.width ?? 22;
-  const refAt = COLUMNS.length * width;
   const header = `${"#".padStart(3)}  ${COLUMNS.map((c) => c.padEnd(width)).join("")}Ref`;
   const lines = [header, "".padEnd(header.length, ".")];
   for (const r of rows) {
-    const body = `${" ".repeat(COLUMNS.indexOf(r.column) * width)}${r.text}`;
-    const ref = r.ref === undefined ? "" : String(r.ref);
-    lines.push(`${String(r.step).padStart(3)}  ${body.length < refAt ? body.padEnd(refAt) : `${body} `}${ref}`.trimEnd());
+    const indent = " ".repeat(COLUMNS.indexOf(r.column) * width);
+    wrapText(r.text, width - 1).forEach((part, i) => {
+      const ref = i === 0 && r.ref !== undefined ? String(r.ref) : "";
+      const step = i === 0 ? String(r.step) : "";
+      lines.push(`${step.padStart(3)}  ${`${indent}${part}`.padEnd(COLUMNS.length * width)}${ref}`.trimEnd());
+    });
   }
   return (options.title === undefined ? "" : `${options.title}\n`) + lines.join("\n");
-}
-
-/** The timeline as a Mermaid sequence diagram (participants are the columns). */
-export function renderMermaid(rows: readonly TimelineRow[]): string {
-  const out = ["sequenceDiagram", ...COLUMNS.map((c) => `    participant ${c}`)];
-  for (const r of rows) {
-    const text = `${r.step}. ${r.text}${r.ref === undefined ? "" : ` [ref ${r.ref}]`}`.replace(/[;#]/g, " ");
-    const target: Column = r.column === "IOASID" ? "IOASID" : "IOASID";
-    const arrow = faultArrow(r);
-    if (arrow !== undefined) out.push(`    ${arrow}: ${text}`);
-    else if (r.column === "IOASID") out.push(`    Note over IOASID: ${text}`);
-    else if (asksCore(r.record)) {
-      out.push(`    ${r.column}->>${target}: ${text}`);
-    } else out.push(`    Note over ${r.column}: ${text}`);
-  }
-  return out.join("\n");
-}
-
-/**
- * A self-contained HTML page with the timeline's Mermaid diagram and its table: the Mermaid
- * library is inlined (`mermaidJs`), so the file renders offline.
- */
-export function renderHtml(sections: ReadonlyArray<{ title: string; rows: readonly TimelineRow[]; verdict?: string }>, mermaidJs: string): string {
-  const esc = (s: string) => s.replace(/&/g, "&amp;").replace(/</g, "&lt;").replace(/>/g, "&gt;");
-  const body = sections
-    .map(
-      (s) => `<section>
-<h2>${esc(s.title)}</h2>
-<pre class="mermaid">
-${esc(renderMermaid(s.rows))}
-</pre>
-<details><summary>column table</summary><pre>${esc(renderTable(s.rows))}</pre></details>
-${s.verdict === undefined ? "" : `<pre class="verdict">${esc(s.verdict)}</pre>`}
-</section>`,
-    )
-    .join("\n");
-  return `<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>ioasid-fabric timeline</title>
-<style>body{font-family:system-ui,sans-serif;margin:2em}pre{font-size:12px}.verdict{background:#f4f4f4;padding:1em}</style>
-</head><body>
-<h1>ioasid-fabric timeline</h1>
-${body}
-<script>${mermaidJs.replace(/<\/script/gi, "<\\/script")}</script>
-<script>mermaid.initialize({ startOnLoad: true, sequence: { showSequenceNumbers: false } });</script>
-</body></html>
-`;
 }
