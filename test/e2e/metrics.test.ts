@@ -1,3 +1,4 @@
+import { readFileSync } from "node:fs";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { Code } from "@ioasid/errors";
 import { core as coreProto } from "@ioasid/proto";
@@ -109,4 +110,24 @@ describe("metrics endpoints of the stack", () => {
       expect(grew(before[role], after[role], "ioasid_role_state_write_seconds_count", { outcome: "ok" }), role).toBeGreaterThan(0);
     }
   }, 60_000);
+
+  it("the README's metric table and the observability console name exactly the metrics the services declare", async () => {
+    const declared = new Set<string>();
+    for (const s of SERVICES) {
+      const text = await (await fetch(urlOf(s))).text();
+      for (const m of text.matchAll(/^# TYPE (ioasid_\w+) /gm)) declared.add(m[1]!);
+    }
+    const namesIn = (text: string) => new Set([...text.matchAll(/\bioasid_[a-z_]*[a-z]/g)].map((m) => m[0].replace(/_(bucket|count|sum)$/, "")));
+    const readme = readFileSync(new URL("../../README.md", import.meta.url), "utf8");
+    const section = readme.slice(readme.indexOf("\n### Metrics\n"), readme.indexOf("\n## ", readme.indexOf("\n### Metrics\n")));
+    const table = namesIn(
+      section
+        .split("\n")
+        .filter((l) => l.startsWith("| `"))
+        .join("\n"),
+    );
+    const console = namesIn(readFileSync(new URL("../../deploy/prometheus/ioasid.html", import.meta.url), "utf8"));
+    expect([...table].sort()).toEqual([...declared].sort());
+    expect([...console].filter((n) => !declared.has(n))).toEqual([]);
+  });
 });

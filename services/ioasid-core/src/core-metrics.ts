@@ -54,8 +54,9 @@ export interface CoreMetrics {
  *   RECLAIM; one freed with no other reference is reclaimed at once and not observed);
  * - `ioasid_deliveries_total{tier,outcome}` and `ioasid_delivery_seconds{tier,outcome}` (from the
  *   delivery's turn in its chain to its ack or miss), `ioasid_delivery_misses_total{subscriber,reason}`,
- *   `ioasid_delivery_late_acks_total{subscriber}`, `ioasid_delivery_backlog{subscriber,instance}`,
- *   `ioasid_delivery_subscriber_live{subscriber,instance}`, `ioasid_delivery_chains_running`;
+ *   `ioasid_delivery_late_acks_total{subscriber}`, `ioasid_delivery_backlog{subscriber,subscriber_instance}`,
+ *   `ioasid_delivery_subscriber_live{subscriber,subscriber_instance}` (not `instance`: Prometheus
+ *   gives that label the scraped target), `ioasid_delivery_chains_running`;
  * - `ioasid_oplog_write_seconds`.
  */
 export function createCoreMetrics(registry: Registry): CoreMetrics {
@@ -136,21 +137,21 @@ export function createCoreMetrics(registry: Registry): CoreMetrics {
   new Gauge({
     name: "ioasid_delivery_backlog",
     help: "Deliveries waiting in a subscriber's backlog (it missed them), by subscriber and instance.",
-    labelNames: ["subscriber", "instance"] as const,
+    labelNames: ["subscriber", "subscriber_instance"] as const,
     registers,
     collect() {
       this.reset();
-      for (const s of state.engine?.status() ?? []) this.set({ subscriber: s.subscriber.name, instance: s.subscriber.instance }, s.backlog);
+      for (const s of state.engine?.status() ?? []) this.set({ subscriber: s.subscriber.name, subscriber_instance: s.subscriber.instance }, s.backlog);
     },
   });
   new Gauge({
     name: "ioasid_delivery_subscriber_live",
     help: "1 while a subscriber is live (receives new deliveries), 0 while it is passed over until it catches up.",
-    labelNames: ["subscriber", "instance"] as const,
+    labelNames: ["subscriber", "subscriber_instance"] as const,
     registers,
     collect() {
       this.reset();
-      for (const s of state.engine?.status() ?? []) this.set({ subscriber: s.subscriber.name, instance: s.subscriber.instance }, s.live ? 1 : 0);
+      for (const s of state.engine?.status() ?? []) this.set({ subscriber: s.subscriber.name, subscriber_instance: s.subscriber.instance }, s.live ? 1 : 0);
     },
   });
   new Gauge({
