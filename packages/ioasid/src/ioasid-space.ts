@@ -845,7 +845,7 @@ export class IoasidSpace {
     const referencesByRole = new Map<string, number>([[OWNER_ROLE, allocationRefs]]);
     for (const perHolder of this.holders.values()) {
       for (const [key, count] of perHolder) {
-        const role = fromHolderKey(key).role;
+        const role = key.slice(0, key.indexOf("/")); // toHolderKey: role/instance/purpose
         referencesByRole.set(role, (referencesByRole.get(role) ?? 0) + count);
       }
     }

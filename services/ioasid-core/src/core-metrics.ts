@@ -1,5 +1,5 @@
 import { Counter, Gauge, Histogram, type Registry } from "prom-client";
-import { EventType, Priority } from "@ioasid/ioasid";
+import { EventType, Priority, type SpaceCensus } from "@ioasid/ioasid";
 import type { DeliveryEngine, DeliveryOutcome, DeliveryTarget, MissedDelivery, SettledAck } from "@ioasid/bus";
 import type { IoasidCore } from "./ioasid-core.js";
 
@@ -62,6 +62,17 @@ export interface CoreMetrics {
 export function createCoreMetrics(registry: Registry): CoreMetrics {
   const registers = [registry];
   const state: { core?: IoasidCore; engine?: DeliveryEngine } = {};
+  // One count of the model serves both gauges of a scrape (it is a pass over every IOASID): a
+  // scrape collects every metric within one turn of the event loop, and the count lasts that turn.
+  let counted: SpaceCensus | undefined;
+  const census = (): SpaceCensus | undefined => {
+    if (state.core === undefined) return undefined;
+    if (counted === undefined) {
+      counted = state.core.space.census();
+      setImmediate(() => (counted = undefined));
+    }
+    return counted;
+  };
   new Gauge({
     name: "ioasid_ioasids",
     help: "IOASIDs not yet reclaimed, by set and state (ACTIVE, FREE_PENDING).",
@@ -69,7 +80,7 @@ export function createCoreMetrics(registry: Registry): CoreMetrics {
     registers,
     collect() {
       this.reset();
-      for (const s of state.core?.space.census().sets ?? []) {
+      for (const s of census()?.sets ?? []) {
         this.set({ set: String(s.setId), state: "ACTIVE" }, s.active);
         this.set({ set: String(s.setId), state: "FREE_PENDING" }, s.freePending);
       }
@@ -82,7 +93,7 @@ export function createCoreMetrics(registry: Registry): CoreMetrics {
     registers,
     collect() {
       this.reset();
-      for (const [role, n] of state.core?.space.census().referencesByRole ?? []) this.set({ role }, n);
+      for (const [role, n] of census()?.referencesByRole ?? []) this.set({ role }, n);
     },
   });
   const stat = (name: string, help: string, read: (core: IoasidCore) => number) =>
