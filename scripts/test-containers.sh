@@ -17,7 +17,8 @@
 #
 # Settings (environment): IOASID_PORT_NATS (24222), IOASID_PORT_NATS_MONITOR (28222),
 # IOASID_PORT_CORE (25051), IOASID_PORT_IOMMU (25052), IOASID_PORT_VFIO (25053), IOASID_PORT_KVM
-# (25054), IOASID_PORT_VDCM (25055): not the defaults, so that it runs beside `npm start`;
+# (25054), IOASID_PORT_VDCM (25055), their metrics IOASID_PORT_<SERVICE>_METRICS (25056 … 25060):
+# not the defaults, so that it runs beside `npm start`;
 # IOASID_CT_DOCKER_ROOT: keep the engine's data (images, build cache) there between runs instead
 # of in the temp dir; DEBIAN_MIRROR: for debootstrap.
 set -euo pipefail
@@ -37,6 +38,11 @@ export IOASID_PORT_IOMMU="${IOASID_PORT_IOMMU:-25052}"
 export IOASID_PORT_VFIO="${IOASID_PORT_VFIO:-25053}"
 export IOASID_PORT_KVM="${IOASID_PORT_KVM:-25054}"
 export IOASID_PORT_VDCM="${IOASID_PORT_VDCM:-25055}"
+export IOASID_PORT_CORE_METRICS="${IOASID_PORT_CORE_METRICS:-25056}"
+export IOASID_PORT_IOMMU_METRICS="${IOASID_PORT_IOMMU_METRICS:-25057}"
+export IOASID_PORT_VFIO_METRICS="${IOASID_PORT_VFIO_METRICS:-25058}"
+export IOASID_PORT_KVM_METRICS="${IOASID_PORT_KVM_METRICS:-25059}"
+export IOASID_PORT_VDCM_METRICS="${IOASID_PORT_VDCM_METRICS:-25060}"
 # The classic builder: BuildKit would need the buildx plugin, which Debian's docker.io lacks.
 export DOCKER_BUILDKIT=0 COMPOSE_DOCKER_CLI_BUILD=0
 PROJECT=ioasid-ct

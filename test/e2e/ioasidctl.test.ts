@@ -54,12 +54,16 @@ describe("ioasidctl", () => {
       ok: boolean;
       nats: { up: boolean; pid: number };
       supervisor: { running: boolean };
-      services: { name: string; pid: number; address: string; health: string; restarts: number }[];
+      services: { name: string; pid: number; address: string; metrics: string; health: string; restarts: number }[];
     };
     expect(status).toMatchObject({ ok: true, nats: { up: true, pid: expect.any(Number) }, supervisor: { running: true } });
     expect(status.services.map((s) => [s.name, s.health, typeof s.pid, s.restarts])).toEqual(
       ["ioasid-core", "iommu", "vfio", "kvm", "vdcm"].map((s) => [s, "SERVING", "number", 0]),
     );
+    // Each service's Prometheus endpoint: base-port+5 … +9, in service order, answering a scrape.
+    expect(status.services.map((s) => s.metrics)).toEqual([5, 6, 7, 8, 9].map((i) => `http://127.0.0.1:${base + i}/metrics`));
+    for (const s of status.services) expect(await (await fetch(s.metrics)).text(), s.name).toMatch(/^ioasid_grpc_server_handled_total\{/m);
+    expect(await ctl("status")).toContain(`metrics http://127.0.0.1:${base + 5}/metrics`);
 
     await ctl("mdev", "create", "--device", "idxd0", "--uuid", "mdev-cli", "--wqs", "0");
     expect(await ctl("vm", "create", "--name", "vm1", "--token", "4242")).toMatch(/vm vm1: kvm vm \d+, vfio container \d+, set \d+/);

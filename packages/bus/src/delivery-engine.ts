@@ -74,6 +74,11 @@ export interface DeliveryEngineOptions {
   readonly onMissed: (missed: readonly MissedDelivery[]) => void;
   /** Called when every target of a chain has acked or missed. */
   readonly onChainDone?: (seq: number) => void;
+  /**
+   * Told how each delivery of a chain ended and how long it took, from its turn in the chain (its
+   * tier's) to its acknowledgement or miss, in seconds: the core's delivery metrics. @default none
+   */
+  readonly onDelivered?: (target: DeliveryTarget, outcome: DeliveryOutcome, seconds: number) => void;
   /** Where the engine reports transport trouble. @default no logging */
   readonly log?: (level: "info" | "warn", msg: string, fields?: Record<string, unknown>) => void;
 }
@@ -233,6 +238,16 @@ export class DeliveryEngine {
   }
 
   private deliver(chain: Chain, target: DeliveryTarget): Promise<DeliveryOutcome> {
+    const observe = this.options.onDelivered;
+    if (observe === undefined) return this.enqueue(chain, target);
+    const started = performance.now();
+    return this.enqueue(chain, target).then((outcome) => {
+      observe(target, outcome, (performance.now() - started) / 1000);
+      return outcome;
+    });
+  }
+
+  private enqueue(chain: Chain, target: DeliveryTarget): Promise<DeliveryOutcome> {
     const channel = this.channel(target.subscriber);
     const item: Item = {
       seq: chain.seq,

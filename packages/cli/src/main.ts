@@ -116,6 +116,8 @@ const commands: Record<string, Command> = {
     usage:
       "ioasidctl up [--dir .ioasid] [--base-port 50051] [--nats-port 4222] [--nats-url URL] [--insecure]\n" +
       "  Authenticated by default: a NATS user per role instance with its role's permissions, credentials in <dir>/credentials.\n" +
+      "  Ports: gRPC on base-port … base-port+4 (core, iommu, vfio, kvm, vdcm), Prometheus metrics (GET /metrics on 127.0.0.1)\n" +
+      "  on base-port+5 … base-port+9 in the same order (`status` lists the URLs).\n" +
       "  --insecure: no authorization (debugging only; anyone reaching NATS may forge deliveries). With --nats-url, that server's own rules apply.\n" +
       "  Supervised (DESIGN §13, like compose's restart: on-failure): a supervisor process starts the services and restarts one that\n" +
       "  fails (a non-zero exit or a signal) after 0.5 s, doubling to 10 s; it gives up after 5 restarts within 60 s. A service\n" +
@@ -170,10 +172,10 @@ const commands: Record<string, Command> = {
     usage:
       "ioasidctl status [--dir .ioasid] [--json]\n" +
       "  One line per process: PID, address, health, then what the supervisor did (restarts, the last exit and when;\n" +
-      "  RESTARTING, STOPPED or GAVE UP with why).\n" +
+      "  RESTARTING, STOPPED or GAVE UP with why), and its metrics URL.\n" +
       "  Exit 1 when anything is down: NATS not accepting a connection, a service not SERVING, the supervisor not running.\n" +
       "  --json: {ok, nats: {url, pid, external, up, error?}, supervisor: {pid, running, log} | null,\n" +
-      "  services: [{name, pid, address, health (SERVING, NOT_SERVING, … or DOWN), error?, restarts?, lastExit?, supervision?, log}]}.",
+      "  services: [{name, pid, address, metrics?, health (SERVING, NOT_SERVING, … or DOWN), error?, restarts?, lastExit?, supervision?, log}]}.",
     options: { ...dirOption, json: { type: "boolean", default: false } },
     run: async (v, pos) => {
       noPositionals(pos, "status");
@@ -186,7 +188,8 @@ const commands: Record<string, Command> = {
         for (const s of report.services) {
           const health = s.error === undefined ? s.health : `${s.health} (${s.error})`;
           const supervision = s.restarts === undefined ? "" : `   ${describeSupervision({ ...s, pid: s.pid ?? undefined })}`;
-          out(`${s.name.padEnd(12)} pid ${String(s.pid ?? "-").padEnd(7)} ${s.address.padEnd(16)} ${health}${supervision}   log ${s.log}`);
+          const metrics = s.metrics === undefined ? "" : `   metrics ${s.metrics}`;
+          out(`${s.name.padEnd(12)} pid ${String(s.pid ?? "-").padEnd(7)} ${s.address.padEnd(16)} ${health}${supervision}${metrics}   log ${s.log}`);
         }
       }
       return report.ok ? ExitCode.OK : ExitCode.FAILED;

@@ -30,6 +30,8 @@ export interface ServiceRecord {
   /** Its running process, kept current by the supervisor across restarts; undefined while none runs. */
   readonly pid: number | undefined;
   readonly address: string;
+  /** Its Prometheus endpoint, `http://127.0.0.1:<port>/metrics` (absent for a stack `attach` found). */
+  readonly metrics?: string;
   readonly log: string;
   /** Restarts by the supervisor since `up` (absent for a stack that is not supervised: `attach`). */
   readonly restarts?: number;

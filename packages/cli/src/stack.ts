@@ -3,6 +3,7 @@ import { closeSync, existsSync, mkdirSync, openSync, readFileSync, rmSync } from
 import { createServer } from "node:net";
 import { dirname, join, resolve } from "node:path";
 import { fileURLToPath } from "node:url";
+import { METRICS_PORT_OFFSET } from "@ioasid/grpc-kit";
 import { readInstanceCredentials, writeStackCredentials, type StackCredentials } from "@ioasid/security";
 import type { RestartPolicyOptions } from "./restart-policy.js";
 import {
@@ -27,7 +28,10 @@ export interface StackUpOptions {
   readonly dir?: string;
   /** Start from an empty JetStream store (the demo: a run of its own, not the last run's IOASIDs). @default false */
   readonly freshStore?: boolean;
-  /** gRPC ports are basePort … basePort+4 (core, iommu, vfio, kvm, vdcm). @default 50051 */
+  /**
+   * gRPC ports are basePort … basePort+4 (core, iommu, vfio, kvm, vdcm); their Prometheus endpoints
+   * (`GET /metrics`, on 127.0.0.1) basePort+5 … basePort+9, in the same order. @default 50051
+   */
   readonly basePort?: number;
   /** NATS client port. @default 4222 */
   readonly natsPort?: number;
@@ -92,6 +96,7 @@ export async function stackUp(options: StackUpOptions = {}): Promise<StackState>
   }
   const ports = [
     ...SERVICES.map((s) => ({ port: basePort + s.offset, what: s.name })),
+    ...SERVICES.map((s) => ({ port: metricsPort(basePort, s.name), what: `${s.name} metrics` })),
     ...(options.natsUrl === undefined ? [{ port: natsPort, what: "nats-server" }] : []),
   ];
   for (const { port, what } of ports) {
@@ -214,7 +219,13 @@ async function launchStack(
     name: s.name,
     command: process.execPath,
     args: [...(options.nodeArgs ?? []), serviceMain(s.name)],
-    env: { ...env, [s.addressVar]: addr(s.name), IOASID_CREDENTIALS_DIR: credentials?.services[s.name] ?? "" },
+    env: {
+      ...env,
+      [s.addressVar]: addr(s.name),
+      IOASID_CREDENTIALS_DIR: credentials?.services[s.name] ?? "",
+      IOASID_METRICS_HOST: "127.0.0.1",
+      IOASID_METRICS_PORT: String(metricsPort(basePort, s.name)),
+    },
     address: addr(s.name),
     log: join(dir, "logs", `${s.name}.log`),
   }));
@@ -226,7 +237,7 @@ async function launchStack(
   });
   const supervisorLog = join(dir, "logs", "supervisor.log");
   const services = Object.fromEntries(
-    plan.map((s) => [s.name, { pid: undefined, address: s.address, log: s.log, restarts: 0 } satisfies ServiceRecord]),
+    plan.map((s) => [s.name, { pid: undefined, address: s.address, metrics: metricsUrl(basePort, s.name), log: s.log, restarts: 0 } satisfies ServiceRecord]),
   ) as Record<ServiceName, ServiceRecord>;
   writeState({
     dir,
@@ -258,9 +269,19 @@ async function launchStack(
       s.log,
     );
     const now = readState(dir).services[s.name];
-    log(`${s.name.padEnd(16)} pid ${now.pid}  ${s.address}  SERVING  (log ${s.log})`);
+    log(`${s.name.padEnd(16)} pid ${now.pid}  ${s.address}  SERVING  metrics ${metricsUrl(basePort, s.name)}  (log ${s.log})`);
   }
   return readState(dir);
+}
+
+/** The port of a service's Prometheus endpoint in a stack whose gRPC ports start at `basePort`. */
+export function metricsPort(basePort: number, name: ServiceName): number {
+  return basePort + METRICS_PORT_OFFSET + SERVICES.find((s) => s.name === name)!.offset;
+}
+
+/** The URL of a service's Prometheus endpoint in a stack whose gRPC ports start at `basePort`. */
+export function metricsUrl(basePort: number, name: ServiceName): string {
+  return `http://127.0.0.1:${metricsPort(basePort, name)}/metrics`;
 }
 
 function notComingUp(s: { name: string; log: string }, why: string): Error {

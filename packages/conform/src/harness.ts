@@ -271,7 +271,8 @@ export class Harness {
     // the clauses then also show that it works within its role's permissions (DESIGN §11).
     const credentials = this.nats === undefined ? {} : await natsEnv(this.nats, this.role);
     const child = spawn("sh", ["-c", cmd], {
-      env: { ...process.env, ...this.options.env, ...this.targetEnvironment(), ...credentials },
+      // No metrics endpoint unless asked for: the kit starts targets over and over, beside other stacks.
+      env: { IOASID_METRICS_PORT: "off", ...process.env, ...this.options.env, ...this.targetEnvironment(), ...credentials },
       stdio: ["ignore", "pipe", "pipe"],
       // Its own process group: a restart kills the shell and whatever it started, nothing else.
       detached: true,

@@ -14,6 +14,7 @@ import type { InstanceCredentials, Role } from "@ioasid/security";
 import { HealthImplementation, protoPath as healthProtoPath } from "grpc-health-check";
 import type { Logger } from "pino";
 import { adaptService, serviceNameOf, type AnyServiceDefinition, type ServiceHandlers } from "./adapt-service.js";
+import { observeCalls, type CallObserver } from "./call-metrics.js";
 import { createLogger } from "./create-logger.js";
 import { guardDecoding } from "./guard-decoding.js";
 import { refuseRoles } from "./refuse-roles.js";
@@ -93,6 +94,7 @@ export class GrpcServer {
   #host: string | undefined;
   #listening: Promise<number> | undefined;
   #shutdown: Promise<void> | undefined;
+  #callObserver: CallObserver | undefined;
 
   constructor(options: GrpcServerOptions) {
     this.service = options.service;
@@ -100,10 +102,12 @@ export class GrpcServer {
     // The testkit and operators find a process's lines by "service"; make sure it is there.
     this.logger = "service" in logger.bindings() ? logger : logger.child({ service: options.service });
     const interceptors = [
+      // First: it sees the status of every call, refusals by the interceptors below included.
+      observeCalls(() => this.#callObserver),
       ...(options.refuseRoles === undefined || options.refuseRoles.length === 0 ? [] : [refuseRoles(options.refuseRoles, this.logger)]),
       ...(options.interceptors ?? []),
     ];
-    this.raw = new Server({ ...options.channelOptions, ...(interceptors.length === 0 ? {} : { interceptors }) });
+    this.raw = new Server({ ...options.channelOptions, interceptors });
     this.#tls = options.tls;
     this.#reflection = options.reflection ?? { descriptorSetPath: defaultDescriptorSetPath };
     this.#health.addToServer(this.raw);
@@ -121,6 +125,15 @@ export class GrpcServer {
     this.raw.addService(guarded, adaptService(guarded, handlers, { logger: this.logger }));
     this.#serviceNames.push(name);
     this.setServingStatus(ServingStatus.NOT_SERVING, name);
+    return this;
+  }
+
+  /**
+   * Tells `observer` how every call from now on ends (method, status code, duration): the
+   * process's gRPC metrics (`createGrpcMetrics`). May be set before or after {@link GrpcServer.listen}.
+   */
+  observeCalls(observer: CallObserver): this {
+    this.#callObserver = observer;
     return this;
   }
 

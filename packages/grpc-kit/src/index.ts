@@ -59,6 +59,7 @@ export {
   type EnumVar,
   type HostPort,
   type IntVar,
+  type PortOrOffVar,
   type PortVar,
   type StringVar,
   type UrlVar,
@@ -101,3 +102,6 @@ export {
   type VfioSession,
 } from "./vfio-session.js";
 export { AUDIT_ON_BEHALF_OF_METADATA, AUDIT_REASON_METADATA, auditMetadata, MAX_AUDIT_FIELD_CHARS, readAuditNote, type AuditNote } from "./operator-audit.js";
+export { CALL_SECONDS_BUCKETS, createGrpcMetrics, observeCalls, splitMethodPath, type CallObserver } from "./call-metrics.js";
+export { metricsConfig, metricsListen, METRICS_PORT_OFFSET } from "./metrics-config.js";
+export { createMetricsRegistry, METRICS_PATH, startMetricsServer, type MetricsServer, type MetricsServerOptions } from "./metrics-server.js";

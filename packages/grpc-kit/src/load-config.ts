@@ -5,6 +5,7 @@ export const ConfigKind = {
   string: "string",
   int: "int",
   port: "port",
+  portOrOff: "port-or-off",
   address: "address",
   url: "url",
   enum: "enum",
@@ -39,6 +40,11 @@ export interface IntVar extends VarBase {
 export interface PortVar extends VarBase {
   readonly kind: "port";
   readonly default?: number;
+}
+/** A TCP port 0..65535 (0 = ephemeral), or `off`: the listener is not started (a metrics port). */
+export interface PortOrOffVar extends VarBase {
+  readonly kind: "port-or-off";
+  readonly default?: number | "off";
 }
 /** `host:port` (IPv6 literals in brackets); the value is a {@link HostPort}. */
 export interface AddressVar extends VarBase {
@@ -86,7 +92,7 @@ export interface BooleanVar extends VarBase {
 }
 
 /** The declaration of one environment variable. */
-export type ConfigVar = StringVar | IntVar | PortVar | AddressVar | UrlVar | EnumVar | DurationVar | BytesVar | BooleanVar;
+export type ConfigVar = StringVar | IntVar | PortVar | PortOrOffVar | AddressVar | UrlVar | EnumVar | DurationVar | BytesVar | BooleanVar;
 
 /** A service's configuration: property name → the variable that sets it. */
 export type ConfigSchema = { readonly [key: string]: ConfigVar };
@@ -103,15 +109,17 @@ export interface HostPort {
 
 type BaseValueOf<V> = V extends { kind: "int" | "port" | "duration-ms" }
   ? number
-  : V extends { kind: "bytes" }
-    ? bigint
-    : V extends { kind: "boolean" }
-      ? boolean
-      : V extends { kind: "address" }
-        ? HostPort
-        : V extends { kind: "enum"; values: readonly (infer E)[] }
-          ? E
-          : string;
+  : V extends { kind: "port-or-off" }
+    ? number | "off"
+    : V extends { kind: "bytes" }
+      ? bigint
+      : V extends { kind: "boolean" }
+        ? boolean
+        : V extends { kind: "address" }
+          ? HostPort
+          : V extends { kind: "enum"; values: readonly (infer E)[] }
+            ? E
+            : string;
 
 /** The value type of one variable: undefined only when it is optional and has no default. */
 export type ConfigValue<V> = V extends { default: unknown } ? BaseValueOf<V> : V extends { optional: true } ? BaseValueOf<V> | undefined : BaseValueOf<V>;
@@ -203,6 +211,11 @@ function parse(variable: ConfigVar, text: string): Parsed {
       const n = parsePort(text);
       return n === undefined ? bad : { ok: true, value: n };
     }
+    case "port-or-off": {
+      if (text.toLowerCase() === "off") return { ok: true, value: "off" };
+      const n = parsePort(text);
+      return n === undefined ? bad : { ok: true, value: n };
+    }
     case "address": {
       const hp = parseAddress(text);
       return hp === undefined ? bad : { ok: true, value: hp };
@@ -244,6 +257,8 @@ function expectation(variable: ConfigVar, given?: string): string {
       return "an integer";
     case "port":
       return "an integer port 0..65535";
+    case "port-or-off":
+      return "an integer port 0..65535 (0: an ephemeral port), or off";
     case "address":
       return "host:port with a port 0..65535 (e.g. 127.0.0.1:50051)";
     case "url":

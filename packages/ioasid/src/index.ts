@@ -34,6 +34,7 @@ export {
   type RegistrationScope,
   type SetInfo,
   type SetToken,
+  type SpaceCensus,
   type SpaceState,
   type SpaceStats,
   type Subscriber,

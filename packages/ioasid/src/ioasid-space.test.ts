@@ -209,6 +209,34 @@ describe("IoasidSpace ownership", () => {
   });
 });
 
+describe("IoasidSpace census", () => {
+  it("counts each set's IOASIDs by state and the references by holder role, the allocation references as set-owner", () => {
+    const { space, vm } = setup(64);
+    const a = vm(1);
+    const b = vm(2);
+    const x = space.alloc(a.id).ioasid;
+    const y = space.alloc(a.id).ioasid;
+    space.alloc(b.id);
+    space.get(a.id, x, KVM);
+    space.get(a.id, x, VDCM);
+    space.get(a.id, y, VDCM);
+    // x freed with references outstanding: FREE_PENDING, its allocation reference gone.
+    expect(space.free(a.id, x).outcome).toBe("FREE_PENDING");
+    let census = space.census();
+    expect(census.sets).toEqual([
+      { setId: a.id, active: 1, freePending: 1 },
+      { setId: b.id, active: 1, freePending: 0 },
+    ]);
+    expect(Object.fromEntries(census.referencesByRole)).toEqual({ "set-owner": 2, kvm: 1, vdcm: 2 });
+    // The last reference released: reclaimed, and counted nowhere.
+    space.put(a.id, x, KVM);
+    space.put(a.id, x, VDCM);
+    census = space.census();
+    expect(census.sets[0]).toEqual({ setId: a.id, active: 1, freePending: 0 });
+    expect(Object.fromEntries(census.referencesByRole)).toEqual({ "set-owner": 2, vdcm: 1 });
+  });
+});
+
 describe("IoasidSpace references", () => {
   it("counts references per named holder", () => {
     const { space, vm } = setup(64);

@@ -169,6 +169,14 @@ export interface SpaceStats {
   readonly allocator: string;
 }
 
+/** How many IOASIDs and references there are, by set, state and holder role (see {@link IoasidSpace.census}). */
+export interface SpaceCensus {
+  /** Every set, with its IOASIDs by state (a set with none is listed with zeros). */
+  readonly sets: ReadonlyArray<{ readonly setId: number; readonly active: number; readonly freePending: number }>;
+  /** References held, by holder role; the allocation references under {@link OWNER_ROLE}. */
+  readonly referencesByRole: ReadonlyMap<string, number>;
+}
+
 /**
  * The whole state of an {@link IoasidSpace} at one moment, as {@link IoasidSpace.exportState} copies
  * it and {@link IoasidSpace.restore} rebuilds it: what replaying every operation up to that moment
@@ -817,6 +825,31 @@ export class IoasidSpace {
       lastSeq: this.seq,
       allocator: this.custom?.name ?? "default",
     };
+  }
+
+  /**
+   * The IOASIDs of each set by state, and the references by holder role: what an operator's gauges
+   * show (DESIGN §13), counted when asked — one pass over the sets' members and the holder table —
+   * so that no operation pays for it.
+   */
+  census(): SpaceCensus {
+    const sets: Array<{ setId: number; active: number; freePending: number }> = [];
+    let allocationRefs = 0;
+    for (const set of this.sets.values()) {
+      let freePending = 0;
+      for (let id = set.head; id >= 0; id = this.next[id]!) if (this.state[id] === STATE_FREE_PENDING) freePending++;
+      sets.push({ setId: set.id, active: set.size - freePending, freePending });
+      // The allocation reference is held while ACTIVE and dropped by the free (ioasid.rst "Reference counting").
+      allocationRefs += set.size - freePending;
+    }
+    const referencesByRole = new Map<string, number>([[OWNER_ROLE, allocationRefs]]);
+    for (const perHolder of this.holders.values()) {
+      for (const [key, count] of perHolder) {
+        const role = key.slice(0, key.indexOf("/")); // toHolderKey: role/instance/purpose
+        referencesByRole.set(role, (referencesByRole.get(role) ?? 0) + count);
+      }
+    }
+    return { sets, referencesByRole };
   }
 
   // ---------------------------------------------------------------------------------------------

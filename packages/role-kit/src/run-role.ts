@@ -6,15 +6,28 @@ import {
   StateWriteError,
   type HistorySink,
   type RoleStatePort,
+  type EventHandler,
   type StateCodec,
   type Subscriber,
   type SubscriberOptions,
 } from "@ioasid/bus";
 import { Code, isDomainError } from "@ioasid/errors";
-import { createLogger, holdSignals, runUntilSignal, type GrpcServer, type LogLevel } from "@ioasid/grpc-kit";
+import {
+  createGrpcMetrics,
+  createLogger,
+  createMetricsRegistry,
+  holdSignals,
+  metricsListen,
+  runUntilSignal,
+  startMetricsServer,
+  type GrpcServer,
+  type LogLevel,
+} from "@ioasid/grpc-kit";
 import type { NatsConnection } from "@nats-io/transport-node";
 import type { Logger } from "pino";
+import type { Registry } from "prom-client";
 import { connectNats } from "./role-kit.js";
+import { createRoleMetrics } from "./role-metrics.js";
 
 /** What every role's configuration carries (see `commonRoleConfig`). */
 export interface RoleBaseConfig {
@@ -29,6 +42,10 @@ export interface RoleBaseConfig {
   readonly stateWriteTimeout?: number;
   /** How long a failed state write is retried before the role fail-stops, ms (IOASID_STATE_WRITE_RETRY). @default 20000 */
   readonly stateWriteRetry?: number;
+  /** Where the Prometheus endpoint listens (IOASID_METRICS_HOST). @default "127.0.0.1" */
+  readonly metricsHost?: string;
+  /** Its port (IOASID_METRICS_PORT; 0: ephemeral). @default "off" */
+  readonly metricsPort?: number | "off";
 }
 
 /** What {@link runRole} hands the role to build itself from (`T`: the role's kept entry). */
@@ -52,6 +69,13 @@ export interface RoleRuntime<T> {
   history(sink: HistorySink): HistorySink;
   /** True from SIGTERM/SIGINT on. */
   stopping(): boolean;
+  /** The process's metrics registry, for the role's own metrics; undefined when its endpoint is off. */
+  readonly metrics?: Registry;
+  /**
+   * The handler of a delivery subscriber the role starts itself (KVM: one per VM), counted in the
+   * role's metrics as the subscriber of {@link RoleParts.subscriber} is; as it is when metrics are off.
+   */
+  observeHandler(handler: EventHandler): EventHandler;
 }
 
 /** The parts of a running role, in the order {@link runRole} starts them. */
@@ -141,6 +165,17 @@ export async function runRole<C extends RoleBaseConfig, T>(spec: RoleSpec<C, T>)
   let signalled = false;
   const stopping = (): boolean => signalled || held.received !== undefined;
 
+  // Prometheus text on the role's own port (IOASID_METRICS_PORT; off: none), before anything else binds.
+  const metricsAt = metricsListen(config);
+  const registry = metricsAt === undefined ? undefined : createMetricsRegistry();
+  const metrics = registry === undefined ? undefined : createRoleMetrics(registry);
+  const metricsServer =
+    metricsAt === undefined || registry === undefined
+      ? undefined
+      : await startMetricsServer({ registry, ...metricsAt, logger }).catch((err: unknown) =>
+          fatal("cannot serve metrics: choose another IOASID_METRICS_PORT, or off", { err: String(err) }),
+        );
+
   const nc = await connectNats(config.natsUrl, {
     name: spec.connectionName ?? `${role}/${instance}`,
     timeoutMs: config.natsConnectTimeout,
@@ -166,6 +201,7 @@ export async function runRole<C extends RoleBaseConfig, T>(spec: RoleSpec<C, T>)
           boundMs: config.stateWriteRetry ?? 20_000,
           err: String(r.error),
         };
+        metrics?.writeRetried();
         if (r.attempt === 2) logger.warn(fields, "state write not acknowledged by JetStream; retrying within the bound (IOASID_STATE_WRITE_RETRY)");
         else logger.debug(fields, "state write retried");
       },
@@ -179,7 +215,7 @@ export async function runRole<C extends RoleBaseConfig, T>(spec: RoleSpec<C, T>)
   const gate = new HistoryGate({ quiet: () => built.parts?.quiet?.() ?? true });
   const store = gate.store(
     failStopOnWriteError(
-      kept,
+      metrics?.store(kept) ?? kept,
       (err: unknown) =>
         fatal("state store unwritable: exiting so a restart restores the kept tables and reconciles", {
           err: String(err),
@@ -190,7 +226,18 @@ export async function runRole<C extends RoleBaseConfig, T>(spec: RoleSpec<C, T>)
       },
     ),
   );
-  const p = await spec.build({ logger, nc, prefix: config.prefix, saved, store, history: (sink) => gate.wrap(sink), stopping });
+  const p = await spec.build({
+    logger,
+    nc,
+    prefix: config.prefix,
+    saved,
+    store,
+    history: (sink) => gate.wrap(sink),
+    stopping,
+    ...(registry === undefined ? {} : { metrics: registry }),
+    observeHandler: (handler) => metrics?.handler(handler) ?? handler,
+  });
+  if (registry !== undefined) p.server.observeCalls(createGrpcMetrics(registry));
   built.parts = p;
   if (saved.size > 0 && p.restored !== undefined) logger.info(p.restored.fields(), p.restored.message);
 
@@ -242,9 +289,10 @@ export async function runRole<C extends RoleBaseConfig, T>(spec: RoleSpec<C, T>)
       name: s.name ?? role,
       instance: s.instance,
       prefix: config.prefix,
-      handler: s.handler,
+      handler: metrics?.handler(s.handler) ?? s.handler,
       ...(s.dedupeWindow === undefined ? {} : { dedupeWindow: s.dedupeWindow }),
     });
+    metrics?.follow(subscriber);
   }
   if (p.register !== undefined) await untilReachable("register", p.register);
 
@@ -277,6 +325,7 @@ export async function runRole<C extends RoleBaseConfig, T>(spec: RoleSpec<C, T>)
       await p.stop?.();
       await gate.settle();
       await nc.drain();
+      await metricsServer?.close();
     },
   });
   held.release();

@@ -10,6 +10,8 @@ export interface StartServiceOptions {
   /**
    * Environment of the service, over this process's own (see `inheritEnv`); set its address
    * variable to `127.0.0.1:0` for an ephemeral port. A variable set to undefined is removed.
+   * `IOASID_METRICS_PORT` is `off` unless given here (tests run many services side by side; a
+   * default metrics port would be taken twice): give `0` for an ephemeral one, see `metricsUrl`.
    */
   readonly env?: Readonly<Record<string, string | undefined>>;
   /** Start from this process's environment. @default true */
@@ -36,6 +38,8 @@ export interface ServiceProcess {
   readonly port: number;
   /** Its PID. */
   readonly pid: number;
+  /** `http://host:port/metrics` from its `metrics listening` line, when it serves metrics. */
+  readonly metricsUrl: string | undefined;
   /**
    * Sends `signal` (default SIGTERM), waits up to `timeoutMs` (default 5000) for the exit, then
    * SIGKILL. Resolves with the exit code (null when a signal ended it). Idempotent.
@@ -66,6 +70,7 @@ export interface ServiceProcess {
 export async function startService(options: StartServiceOptions): Promise<ServiceProcess> {
   const { name, entry, readyTimeoutMs = 10_000 } = options;
   const env: NodeJS.ProcessEnv = options.inheritEnv === false ? {} : { ...process.env };
+  env.IOASID_METRICS_PORT = "off";
   for (const [key, value] of Object.entries(options.env ?? {})) {
     if (value === undefined) delete env[key];
     else env[key] = value;
@@ -76,8 +81,11 @@ export async function startService(options: StartServiceOptions): Promise<Servic
   });
 
   let address: string | undefined;
+  let metricsUrl: string | undefined;
   const scan = (line: string, stream: "stdout" | "stderr"): void => {
     if (address === undefined && stream === "stdout") address = listeningAddress(line);
+    // The metrics endpoint binds before the gRPC server: its line comes first.
+    if (metricsUrl === undefined && stream === "stdout") metricsUrl = metricsListening(line);
   };
   const stopScanning = managed.output.onLine(scan);
   const controller = new AbortController();
@@ -113,6 +121,7 @@ export async function startService(options: StartServiceOptions): Promise<Servic
     host,
     port,
     pid: managed.child.pid as number,
+    metricsUrl,
     stop(signal: NodeJS.Signals = "SIGTERM", timeoutMs = 5000) {
       stopping ??= terminate(managed, signal, timeoutMs).then((status) => status.code);
       return stopping;
@@ -131,6 +140,17 @@ function listeningAddress(line: string): string | undefined {
   try {
     const record = JSON.parse(line) as { msg?: unknown; address?: unknown };
     return record.msg === "listening" && typeof record.address === "string" ? record.address : undefined;
+  } catch {
+    return undefined;
+  }
+}
+
+/** The url of a `{"msg":"metrics listening","url":…}` JSON log line, else undefined. */
+function metricsListening(line: string): string | undefined {
+  if (!line.startsWith("{") || !line.includes('"metrics listening"')) return undefined;
+  try {
+    const record = JSON.parse(line) as { msg?: unknown; url?: unknown };
+    return record.msg === "metrics listening" && typeof record.url === "string" ? record.url : undefined;
   } catch {
     return undefined;
   }

@@ -1,10 +1,12 @@
-import { defineConfigSchema } from "@ioasid/grpc-kit";
+import { defineConfigSchema, metricsConfig } from "@ioasid/grpc-kit";
 import { DEFAULT_CAPACITY, MAX_CAPACITY } from "@ioasid/ioasid";
 import { busConfig } from "@ioasid/role-kit";
 
 /** Configuration of ioasid-core, from the environment (`ioasid-core --help` lists it). */
 export const coreConfigSchema = defineConfigSchema({
   ...busConfig,
+  // Prometheus text on GET /metrics: the gRPC default port + METRICS_PORT_OFFSET.
+  ...metricsConfig(50056),
   address: {
     name: "IOASID_CORE_GRPC_ADDRESS",
     kind: "address",

@@ -1,5 +1,15 @@
 #!/usr/bin/env node
-import { configOrExit, packageVersion, createLogger, credentialsOrExit, holdSignals, runUntilSignal } from "@ioasid/grpc-kit";
+import {
+  configOrExit,
+  packageVersion,
+  createLogger,
+  createMetricsRegistry,
+  credentialsOrExit,
+  holdSignals,
+  metricsListen,
+  runUntilSignal,
+  startMetricsServer,
+} from "@ioasid/grpc-kit";
 import { connectNats } from "@ioasid/role-kit";
 import { coreConfigSchema } from "./config.js";
 import { OpLogFormatError } from "./op-codec.js";
@@ -21,7 +31,18 @@ const nc = await connectNats(config.natsUrl, {
   logger.fatal({ url: config.natsUrl, err: String(err) }, "cannot reach NATS: start nats-server with JetStream (-js) or set NATS_URL");
   process.exit(1);
 });
+// Prometheus text on its own port (IOASID_METRICS_PORT; off: none), up before the gRPC server.
+const metricsAt = metricsListen(config);
+const metrics = metricsAt === undefined ? undefined : createMetricsRegistry();
+const metricsServer =
+  metricsAt === undefined || metrics === undefined
+    ? undefined
+    : await startMetricsServer({ registry: metrics, ...metricsAt, logger }).catch((err: unknown) => {
+        logger.fatal({ err: String(err) }, "cannot serve metrics: choose another IOASID_METRICS_PORT, or off");
+        process.exit(1);
+      });
 const running = await startCoreServer({
+  ...(metrics === undefined ? {} : { metrics }),
   host: config.address.host,
   port: config.address.port,
   capacity: config.capacity,
@@ -53,6 +74,7 @@ const running = await startCoreServer({
 runUntilSignal(running.server, {
   logger,
   beforeExit: async () => {
+    await metricsServer?.close();
     await running.engine?.stop();
     await running.opLog?.drain();
     running.core.close();

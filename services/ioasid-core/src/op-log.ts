@@ -150,6 +150,8 @@ export class OpLog {
   onSnapshotFailed: ((err: unknown) => void) | undefined;
   /** A snapshot was written. */
   onSnapshot: ((info: SnapshotInfo) => void) | undefined;
+  /** A message of operations was written and acknowledged, after `seconds` (the core's metrics). */
+  onWrite: ((seconds: number) => void) | undefined;
   /** Why this log takes no snapshots (a stream that cannot roll up), or undefined. */
   readonly snapshotsDisabled: string | undefined;
   /** Snapshots written by this log. */
@@ -295,9 +297,11 @@ export class OpLog {
         this.tail.push(...parts);
         this.tailBytes += bytes;
       }
+      const started = performance.now();
       const written = this.publishChained(this.subject, encodeBatch(parts), formatHeaders(OpLogFormat.BATCH));
       written.then(
         (ack) => {
+          this.onWrite?.((performance.now() - started) / 1000);
           for (const w of waiters) w.resolve(ack.seq);
         },
         (err: unknown) => {

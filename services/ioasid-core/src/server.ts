@@ -11,7 +11,7 @@ import {
   type Registration,
   type SetInfo,
 } from "@ioasid/ioasid";
-import { createClient, createGrpcServer, createLogger, type GrpcServer, type ServiceHandlers } from "@ioasid/grpc-kit";
+import { createClient, createGrpcMetrics, createGrpcServer, createLogger, type GrpcServer, type ServiceHandlers } from "@ioasid/grpc-kit";
 import { formatIdentity, type InstanceCredentials } from "@ioasid/security";
 import type { Logger } from "pino";
 import {
@@ -33,6 +33,8 @@ import { IoasidCore, type ExternalAllocator } from "./ioasid-core.js";
 import type { AuthorizationView } from "./authorize.js";
 import { createAuthorizationInterceptor, operatorAuditOf } from "./authorization-interceptor.js";
 import { auditStreamAdmin } from "./stream-admin-audit.js";
+import { createCoreMetrics } from "./core-metrics.js";
+import type { Registry } from "prom-client";
 
 const FREE_OUTCOME = {
   FREE_PENDING: core.FreeOutcome.FREE_OUTCOME_FREE_PENDING,
@@ -264,6 +266,11 @@ export interface StartCoreServerOptions {
    * insecure — anyone on the network may make any call — and says so at start.
    */
   readonly tls?: InstanceCredentials;
+  /**
+   * Where the core's metrics go (`createMetricsRegistry`; served by the caller on its metrics port):
+   * its gRPC calls, IOASIDs, references, deliveries and writes (see `createCoreMetrics`). @default none
+   */
+  readonly metrics?: Registry;
 }
 
 /** A running core: its gRPC server, bound port and model. */
@@ -311,6 +318,8 @@ export async function startCoreServer(options: StartCoreServerOptions = {}): Pro
         }),
   });
   const logger = server.logger;
+  const metrics = options.metrics === undefined ? undefined : createCoreMetrics(options.metrics);
+  if (options.metrics !== undefined) server.observeCalls(createGrpcMetrics(options.metrics));
   if (options.tls === undefined) {
     // DESIGN §11: "An explicit insecure mode exists for debugging and says so loudly at start."
     logger.warn(
@@ -369,8 +378,15 @@ export async function startCoreServer(options: StartCoreServerOptions = {}): Pro
       ...(n.prefix === undefined ? {} : { prefix: n.prefix }),
       ...(n.deadlineMs === undefined ? {} : { deadlineMs: n.deadlineMs }),
       ...(n.retryMs === undefined ? {} : { retryMs: n.retryMs }),
-      onAcks: (acks) => ioasidCore.onAcks(acks),
-      onMissed: (missed) => ioasidCore.onMissed(missed),
+      onAcks: (acks) => {
+        metrics?.acked(acks);
+        ioasidCore.onAcks(acks);
+      },
+      onMissed: (missed) => {
+        metrics?.missed(missed);
+        ioasidCore.onMissed(missed);
+      },
+      ...(metrics === undefined ? {} : { onDelivered: (target, outcome, seconds) => metrics.delivered(target, outcome, seconds) }),
       log: (level, msg, fields) => logger[level](fields ?? {}, msg),
     };
     engine = options.deliveryEngine?.(engineOptions) ?? new DeliveryEngine(engineOptions);
@@ -385,6 +401,9 @@ export async function startCoreServer(options: StartCoreServerOptions = {}): Pro
   }
   // Fence earlier incarnations: from here on only this core's writes can follow what it replayed.
   await opLog?.seal();
+  // Metrics from here on: a replay is not the life of this core.
+  const unfollow = metrics?.follow(ioasidCore, engine);
+  if (opLog !== undefined && metrics !== undefined) opLog.onWrite = (seconds) => metrics.opLogWritten(seconds);
   engine?.start();
   server.addService(core.CoreServiceService, createCoreHandlers(ioasidCore, new EventWatchers(ioasidCore.log, options.watchBuffer)));
   const host = options.host ?? "127.0.0.1";
@@ -420,6 +439,7 @@ export async function startCoreServer(options: StartCoreServerOptions = {}): Pro
     close: async (graceMs = 2000) => {
       await server.shutdown(graceMs);
       streamAudit?.unsubscribe();
+      unfollow?.();
       await engine?.stop();
       await opLog?.drain();
       ioasidCore.close();

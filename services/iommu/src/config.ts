@@ -1,9 +1,11 @@
-import { defineConfigSchema } from "@ioasid/grpc-kit";
+import { defineConfigSchema, metricsConfig } from "@ioasid/grpc-kit";
 import { commonRoleConfig } from "@ioasid/role-kit";
 
 /** Configuration of the IOMMU role, from the environment (`iommu --help` lists it). */
 export const iommuConfigSchema = defineConfigSchema({
   ...commonRoleConfig,
+  // Prometheus text on GET /metrics: the gRPC default port + METRICS_PORT_OFFSET.
+  ...metricsConfig(50057),
   address: {
     name: "IOMMU_GRPC_ADDRESS",
     kind: "address",

@@ -1,9 +1,11 @@
-import { ConfigError, defineConfigSchema } from "@ioasid/grpc-kit";
+import { ConfigError, defineConfigSchema, metricsConfig } from "@ioasid/grpc-kit";
 import { commonRoleConfig } from "@ioasid/role-kit";
 
 /** Configuration of the VDCM service, from the environment (`vdcm --help` lists it). */
 export const vdcmConfigSchema = defineConfigSchema({
   ...commonRoleConfig,
+  // Prometheus text on GET /metrics: the gRPC default port + METRICS_PORT_OFFSET.
+  ...metricsConfig(50060),
   address: {
     name: "VDCM_GRPC_ADDRESS",
     kind: "address",

@@ -1,4 +1,4 @@
-import { defineConfigSchema, type ConfigProblem } from "@ioasid/grpc-kit";
+import { defineConfigSchema, metricsConfig, type ConfigProblem } from "@ioasid/grpc-kit";
 import { commonRoleConfig } from "@ioasid/role-kit";
 import { hostMemoryProblem } from "./domain/host-memory-pool.js";
 import { DEFAULT_GUEST_MEMORY_SIZE, DEFAULT_HOST_MEMORY, MAX_SESSION_GRACE_MS } from "./domain/vfio-containers.js";
@@ -54,6 +54,8 @@ export const vfioConfigSchema = defineConfigSchema({
     doc: "Host memory given to a container whose OpenContainer asks for none (guest_memory_size 0): a multiple of 4 KiB, at most VFIO_HOST_MEMORY_SIZE.",
   },
   ...commonRoleConfig,
+  // Prometheus text on GET /metrics: the gRPC default port + METRICS_PORT_OFFSET.
+  ...metricsConfig(50058),
 });
 
 /**

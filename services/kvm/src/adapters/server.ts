@@ -62,7 +62,7 @@ export function buildKvmRole(rt: RoleRuntime<KvmKeptEntry>, options: KvmRoleOpti
     store: rt.store,
     saved: rt.saved,
     core: createGrpcCorePort(options.core),
-    notifier: options.notifier ?? createNotifierPort(rt.nc, rt.prefix),
+    notifier: options.notifier ?? createNotifierPort(rt.nc, rt.prefix, rt.observeHandler),
     // KVM writes each table change in the turn it records it, so its history gate needs no quiet test.
     history: (instance) => toHistorySink(rt.history(new HistoryRecorder(rt.nc, KVM_SUBSCRIBER, instance, rt.prefix))),
     log: (level, msg, fields) => logger[level](fields ?? {}, msg),
