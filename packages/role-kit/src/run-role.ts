@@ -11,13 +11,13 @@ import {
   type SubscriberOptions,
 } from "@ioasid/bus";
 import { Code, isDomainError } from "@ioasid/errors";
-import { createLogger, holdSignals, runUntilSignal, type GrpcServer, type LogLevel } from "@ioasid/grpc-kit";
+import { createLogger, holdSignals, runUntilSignal, startServiceTracing, type GrpcServer, type LogLevel, type TraceConfigValues } from "@ioasid/grpc-kit";
 import type { NatsConnection } from "@nats-io/transport-node";
 import type { Logger } from "pino";
 import { connectNats } from "./role-kit.js";
 
 /** What every role's configuration carries (see `commonRoleConfig`). */
-export interface RoleBaseConfig {
+export interface RoleBaseConfig extends TraceConfigValues {
   readonly natsUrl: string;
   readonly natsConnectTimeout: number;
   /** This role instance's credentials directory ("" or absent: none). */
@@ -139,6 +139,8 @@ export async function runRole<C extends RoleBaseConfig, T>(spec: RoleSpec<C, T>)
   // would kill the process without its graceful stop).
   const held = holdSignals();
   let signalled = false;
+  // IOASID_TRACE_FILE / OTEL_EXPORTER_OTLP_ENDPOINT: spans exported (DESIGN §13); nothing set, no SDK.
+  const tracing = await startServiceTracing(role, config, logger).catch((err: unknown) => fatal("cannot start tracing", { err: String(err) }));
   const stopping = (): boolean => signalled || held.received !== undefined;
 
   const nc = await connectNats(config.natsUrl, {
@@ -277,6 +279,7 @@ export async function runRole<C extends RoleBaseConfig, T>(spec: RoleSpec<C, T>)
       await p.stop?.();
       await gate.settle();
       await nc.drain();
+      await tracing?.shutdown();
     },
   });
   held.release();
