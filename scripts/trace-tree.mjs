@@ -9,6 +9,8 @@ if (file === undefined || file === "--help" || file === "-h") {
   process.stderr.write("usage: node scripts/trace-tree.mjs FILE [TRACE_ID_PREFIX | --grep TEXT]\n");
   process.exit(file === undefined ? 2 : 0);
 }
+// Piped into head: stop quietly when the reader is gone.
+process.stdout.on("error", (err) => process.exit(err.code === "EPIPE" ? 0 : 1));
 const grep = rest[0] === "--grep" ? rest[1] : undefined;
 const prefix = rest[0] !== "--grep" ? rest[0] : undefined;
 const spans = [];

@@ -1,4 +1,6 @@
 import { mkdtempSync, readFileSync, rmSync } from "node:fs";
+import { createServer, type IncomingHttpHeaders } from "node:http";
+import type { AddressInfo } from "node:net";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { context, SpanKind, trace } from "@opentelemetry/api";
@@ -45,6 +47,33 @@ describe("startTracing", () => {
     expect(p).toMatchObject({ kind: "SERVER", service: "kvm", attributes: { "ioasid.ioasid": 7 }, status: { code: "UNSET" } });
     expect(p.parentSpanId).toBeUndefined();
     expect(c).toMatchObject({ traceId: p.traceId, parentSpanId: p.spanId, kind: "INTERNAL" });
+  });
+
+  it("with an OTLP endpoint, posts finished spans to <endpoint>/v1/traces", async () => {
+    const received: Array<{ url: string | undefined; headers: IncomingHttpHeaders; body: string }> = [];
+    const collector = createServer((req, res) => {
+      let body = "";
+      req.on("data", (chunk: Buffer) => (body += chunk.toString("utf8")));
+      req.on("end", () => {
+        received.push({ url: req.url, headers: req.headers, body });
+        res.writeHead(200, { "content-type": "application/json" }).end("{}");
+      });
+    });
+    await new Promise<void>((resolve) => collector.listen(0, "127.0.0.1", resolve));
+    try {
+      const { port } = collector.address() as AddressInfo;
+      tracing = await startTracing({ service: "vdcm", otlpEndpoint: `http://127.0.0.1:${port}/`, exportDelayMs: 10 });
+      expect(tracing?.exporters).toEqual([`otlp:http://127.0.0.1:${port}/v1/traces`]);
+      tracer.startSpan("handle FREE", { attributes: { "ioasid.seq": 4 } }).end();
+      await tracing!.forceFlush();
+      expect(received).toHaveLength(1);
+      expect(received[0]!.url).toBe("/v1/traces");
+      expect(received[0]!.body).toContain("handle FREE");
+      expect(received[0]!.body).toContain("vdcm");
+    } finally {
+      await tracing?.shutdown();
+      await new Promise((resolve) => collector.close(resolve));
+    }
   });
 
   it("stops on shutdown: the API's no-ops again", async () => {
