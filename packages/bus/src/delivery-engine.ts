@@ -393,7 +393,7 @@ export class DeliveryEngine {
     h.set(Headers.FIRST_SEQ, String(items[0]!.seq));
     h.set(Headers.LAST_SEQ, String(items[items.length - 1]!.seq));
     h.set(Headers.COUNT, String(items.length));
-    startDeliverySpans(items, { ...channel.id, subject: channel.subject }, h);
+    startDeliverySpans(items, channel, h);
     const reply = await this.nc.request(channel.subject, encodeDeliveryBatch(items), {
       timeout: this.deadlineMs,
       headers: h,
@@ -488,7 +488,6 @@ function matchAcks(items: readonly Item[], acks: readonly bus.Ack[]): Array<bus.
 }
 
 function toSettled(channel: Channel, item: Item, ack: bus.Ack, late: boolean): SettledAck {
-  const trace = endDeliverySpan(item, "acked");
   return {
     seq: item.seq,
     registrationId: item.registrationId,
@@ -497,7 +496,7 @@ function toSettled(channel: Channel, item: Item, ack: bus.Ack, late: boolean): S
     releases: ack.releases.map((r) => r.purpose),
     detachSpid: ack.detachSpid,
     late,
-    ...(trace === undefined ? {} : { trace }),
+    trace: endDeliverySpan(item, "acked"),
   };
 }
 

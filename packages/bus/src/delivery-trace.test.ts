@@ -37,7 +37,8 @@ const opContext = (name: string): { span: Span; ctx: ReturnType<typeof trace.set
   const span = tracer.startSpan(name);
   return { span, ctx: trace.setSpan(ROOT_CONTEXT, span) };
 };
-const target = { name: "kvm", instance: "vm-1", subject: "ioasid.v1.deliver.kvm.vm-1" };
+const target = { name: "kvm", instance: "vm-1" };
+const channel = { id: target, subject: "ioasid.v1.deliver.kvm.vm-1" };
 
 describe("delivery traces", () => {
   it("a batch of deliveries from different operations carries each one's own trace to its handling and ack, and each ack's back", async () => {
@@ -49,7 +50,7 @@ describe("delivery traces", () => {
       { seq: 13, registrationId: 7, event: free(13, 5), attempt: 1, trace: opB.ctx, priority: 3 },
     ];
     const h = natsHeaders();
-    startDeliverySpans(items, target, h);
+    startDeliverySpans(items, channel, h);
     const [d0, d1, d2] = items.map((i) => i.span);
     expect(d1).toBeUndefined();
     expect(h.get(Headers.TRACEPARENT)).toBe(toTraceparent(trace.setSpan(ROOT_CONTEXT, d0!)));
@@ -111,7 +112,7 @@ describe("delivery traces", () => {
       { seq: 22, registrationId: 1, event: free(22, 9), attempt: 1 },
     ];
     const h = natsHeaders();
-    startDeliverySpans(items, target, h);
+    startDeliverySpans(items, channel, h);
     expect(h.get(Headers.TRACEPARENT)).toMatch(/^00-[0-9a-f]{32}-[0-9a-f]{16}-00$/);
     expect(h.has(Headers.TRACEPARENTS)).toBe(false);
     const received = receiveBatchTrace({ headers: h }, 2, target)!;
@@ -127,7 +128,7 @@ describe("delivery traces", () => {
   it("a missed delivery's span ends with an error status and the reason", async () => {
     const op = opContext("op C");
     const item: TracedDelivery = { seq: 31, registrationId: 2, event: free(31, 10), attempt: 1, trace: op.ctx, priority: 2 };
-    startDeliverySpans([item], { name: "vdcm", instance: "vdcm0", subject: "s" }, natsHeaders());
+    startDeliverySpans([item], { id: { name: "vdcm", instance: "vdcm0" }, subject: "s" }, natsHeaders());
     endDeliverySpan(item, "missed", "deadline exceeded");
     op.span.end();
     const dl = (await exported()).find((s) => s.name === "deliver FREE" && s.attributes["ioasid.seq"] === 31)!;

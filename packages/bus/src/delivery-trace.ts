@@ -49,7 +49,7 @@ function eventAttributes(event: events.IoasidEvent): Attributes {
  */
 export function startDeliverySpans(
   items: readonly TracedDelivery[],
-  target: { readonly name: string; readonly instance: string; readonly subject: string },
+  channel: { readonly id: { readonly name: string; readonly instance: string }; readonly subject: string },
   headers: MsgHdrs,
 ): void {
   let traced = false;
@@ -62,12 +62,12 @@ export function startDeliverySpans(
         kind: SpanKind.PRODUCER,
         attributes: {
           ...eventAttributes(item.event),
-          "ioasid.subscriber": `${target.name}/${target.instance}`,
+          "ioasid.subscriber": `${channel.id.name}/${channel.id.instance}`,
           "ioasid.registration_id": item.registrationId,
           "ioasid.attempt": item.attempt,
           ...(item.priority === undefined ? {} : { "ioasid.priority": item.priority, "ioasid.tier": TIERS[item.priority] ?? String(item.priority) }),
           "messaging.system": "nats",
-          "messaging.destination.name": target.subject,
+          "messaging.destination.name": channel.subject,
           "messaging.batch.message_count": items.length,
         },
       },
