@@ -1,7 +1,8 @@
-import { randomBytes } from "node:crypto";
+import type { Context } from "@opentelemetry/api";
 import { headers as natsHeaders, type Msg, type NatsConnection, type Subscription } from "@nats-io/transport-node";
 import { BinaryWriter } from "@bufbuild/protobuf/wire";
 import { bus, events } from "@ioasid/proto";
+import { endDeliverySpan, readAckTraces, startDeliverySpans, type TracedDelivery } from "./delivery-trace.js";
 import { DEFAULT_PREFIX, deliverySubject, Headers, helloSubject } from "./subjects.js";
 
 /** Who receives deliveries: a subscriber is a role's name and instance. */
@@ -30,6 +31,8 @@ export interface Chain {
   readonly targets: readonly DeliveryTarget[];
   /** Outcomes already recorded (a chain resumed after a core restart skips these targets). */
   readonly done?: ReadonlyMap<number, DeliveryOutcome>;
+  /** Trace context of the operation that committed the event: its deliveries continue that trace (DESIGN §13). */
+  readonly trace?: Context | undefined;
 }
 
 /** A settled acknowledgement, as the engine reports it. */
@@ -44,6 +47,8 @@ export interface SettledAck {
   readonly detachSpid: boolean;
   /** True for a redelivery of a missed event (the chain had moved on). */
   readonly late: boolean;
+  /** Trace context the core's handling of the ack continues (the subscriber's ack span), when traced. */
+  readonly trace?: Context | undefined;
 }
 
 /** A missed delivery, as the engine reports it. */
@@ -83,7 +88,7 @@ export interface DeliveryEngineOptions {
   readonly log?: (level: "info" | "warn", msg: string, fields?: Record<string, unknown>) => void;
 }
 
-interface Item {
+interface Item extends TracedDelivery {
   readonly seq: number;
   readonly key: string;
   readonly registrationId: number;
@@ -171,7 +176,10 @@ export class DeliveryEngine {
    * Puts deliveries a subscriber missed before a core restart back in its backlog (in order).
    * The subscriber is not live until they are delivered.
    */
-  restoreBacklog(subscriber: SubscriberId, items: ReadonlyArray<{ seq: number; key: string; registrationId: number; event: events.IoasidEvent }>): void {
+  restoreBacklog(
+    subscriber: SubscriberId,
+    items: ReadonlyArray<{ seq: number; key: string; registrationId: number; event: events.IoasidEvent; trace?: Context | undefined }>,
+  ): void {
     const channel = this.channel(subscriber);
     channel.live = false;
     // Sent at least once before the restart, or it would not have been missed.
@@ -256,6 +264,8 @@ export class DeliveryEngine {
       event: chain.event,
       eventBytes: encodedEvent(chain),
       attempt: 0,
+      trace: chain.trace,
+      priority: target.priority,
     };
     if (!channel.live || this.stopped) {
       channel.backlog.push(item);
@@ -342,6 +352,7 @@ export class DeliveryEngine {
       });
     }
     channel.backlog.push(item);
+    endDeliverySpan(item, "missed", reason);
     this.options.onMissed([{ seq: item.seq, registrationId: item.registrationId, subscriber: channel.id, reason }]);
     item.resolve?.("missed");
     item.resolve = undefined;
@@ -363,7 +374,8 @@ export class DeliveryEngine {
         let acked: Array<bus.Ack | undefined>;
         try {
           acked = await this.send(channel, batch);
-        } catch {
+        } catch (err) {
+          for (const item of batch) endDeliverySpan(item, "missed", describe(err));
           return; // still away: the next retry or hello tries again
         }
         const settled: SettledAck[] = [];
@@ -374,7 +386,7 @@ export class DeliveryEngine {
           if (ack?.status === bus.AckStatus.ACK_STATUS_SETTLED) {
             settled.push(toSettled(channel, item, ack, true));
             done.add(item);
-          }
+          } else endDeliverySpan(item, "missed", ack === undefined ? "no ack" : `handler failed: ${ack.error}`);
         }
         if (settled.length > 0) this.options.onAcks(settled);
         channel.backlog = channel.backlog.filter((i) => !done.has(i));
@@ -396,11 +408,12 @@ export class DeliveryEngine {
     h.set(Headers.FIRST_SEQ, String(items[0]!.seq));
     h.set(Headers.LAST_SEQ, String(items[items.length - 1]!.seq));
     h.set(Headers.COUNT, String(items.length));
-    h.set(Headers.TRACEPARENT, traceparent());
+    startDeliverySpans(items, channel, h);
     const reply = await this.nc.request(channel.subject, encodeDeliveryBatch(items), {
       timeout: this.deadlineMs,
       headers: h,
     });
+    readAckTraces(items, reply);
     return matchAcks(items, bus.AckBatch.decode(reply.data).acks);
   }
 
@@ -498,6 +511,7 @@ function toSettled(channel: Channel, item: Item, ack: bus.Ack, late: boolean): S
     releases: ack.releases.map((r) => r.purpose),
     detachSpid: ack.detachSpid,
     late,
+    trace: endDeliverySpan(item, "acked"),
   };
 }
 
@@ -506,12 +520,4 @@ function describe(err: unknown): string {
   if (typeof e?.message === "string" && /no responders/i.test(e.message)) return "no responders";
   if (typeof e?.message === "string" && /timeout/i.test(e.message)) return "deadline exceeded";
   return e?.message ?? String(err);
-}
-
-// Trace ids: a random per-process part and a counter (unique, and no random bytes per message).
-const tracePrefix = randomBytes(8).toString("hex");
-let traceCounter = 0;
-function traceparent(): string {
-  const n = (++traceCounter).toString(16).padStart(16, "0");
-  return `00-${tracePrefix}${n}-${n}-01`;
 }

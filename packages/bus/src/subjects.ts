@@ -35,6 +35,14 @@ export const Headers = {
   LAST_SEQ: "Ioasid-Last-Seq",
   /** Number of deliveries in the batch. */
   COUNT: "Ioasid-Count",
-  /** W3C trace context of the delivery (one trace per batch). */
+  /**
+   * W3C trace context of the batch's first delivery (on an AckBatch reply: of its first ack); an
+   * unsampled one of its own when the core does not trace.
+   */
   TRACEPARENT: "traceparent",
+  /**
+   * A batch of several: the W3C trace context of each delivery (each ack on the reply), by position,
+   * comma-separated, `-` for none — deliveries of one batch come from different operations.
+   */
+  TRACEPARENTS: "Ioasid-Traceparents",
 } as const;

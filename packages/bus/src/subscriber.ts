@@ -1,5 +1,7 @@
 import type { Msg, NatsConnection, Subscription } from "@nats-io/transport-node";
+import { headers as natsHeaders } from "@nats-io/transport-node";
 import { bus, type events } from "@ioasid/proto";
+import { receiveBatchTrace } from "./delivery-trace.js";
 import { DEFAULT_PREFIX, deliverySubject, helloSubject, queueGroup } from "./subjects.js";
 
 /** What a handler knows about the delivery it handles. */
@@ -135,9 +137,14 @@ export async function startSubscriber(options: SubscriberOptions): Promise<Subsc
     }
     // Acks in delivery order (the engine matches them by position); handlers of one batch run
     // concurrently (their deliveries concern different IOASIDs).
-    const results = batch.deliveries.map((d) => handleOne(d, batch.deliveries.length));
+    const n = batch.deliveries.length;
+    // Traced (DESIGN §13): each handling continues its delivery's trace, each ack its handling's.
+    const traced = receiveBatchTrace(msg, n, options);
+    const results =
+      traced === undefined ? batch.deliveries.map((d) => handleOne(d, n)) : batch.deliveries.map((d, i) => traced.handle(i, d, () => handleOne(d, n)));
     const acks = results.some((r) => r instanceof Promise) ? await Promise.all(results) : (results as bus.Ack[]);
-    msg.respond(bus.AckBatch.encode({ acks }).finish());
+    const headers = traced?.reply(acks, natsHeaders);
+    msg.respond(bus.AckBatch.encode({ acks }).finish(), headers === undefined ? undefined : { headers });
   };
 
   const sub: Subscription = options.nc.subscribe(deliverySubject(prefix, options.name, options.instance), {

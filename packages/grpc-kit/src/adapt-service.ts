@@ -14,6 +14,7 @@ import type { Logger } from "pino";
 import type { Readable, Writable } from "node:stream";
 import { assertDecoded } from "./guard-decoding.js";
 import { toGrpcStatus } from "./to-grpc-status.js";
+import { traceServerMethod } from "./trace-calls.js";
 
 /**
  * One method of a generated service definition (ts-proto `outputServices=grpc-js` emits these).
@@ -125,7 +126,8 @@ export function adaptService<D extends AnyServiceDefinition>(
     if (typeof handler !== "function") {
       throw new Error(`adaptService: no handler for ${serviceName}.${name}`);
     }
-    impl[name] = adaptMethod(method, handler as (...args: never[]) => unknown, options.logger);
+    // A SERVER span per call once tracing is started (DESIGN §13); the handler itself otherwise.
+    impl[name] = traceServerMethod(method, adaptMethod(method, handler as (...args: never[]) => unknown, options.logger));
   }
   return impl;
 }

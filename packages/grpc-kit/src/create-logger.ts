@@ -1,4 +1,5 @@
 import { pino, type DestinationStream, type Logger } from "pino";
+import { traceLogFields } from "./trace-log-fields.js";
 
 /** Log levels a service accepts in `LOG_LEVEL`, most to least severe (`silent` turns logging off). */
 export const LogLevel = {
@@ -46,6 +47,8 @@ export function createLogger(service: string, options: CreateLoggerOptions = {})
       level,
       base: { service, pid: process.pid },
       formatters: { level: (label) => ({ level: label }) },
+      // trace_id and span_id of the active span, when there is one (DESIGN §13).
+      mixin: traceLogFields,
     },
     options.destination ?? pino.destination({ dest: 1, sync: true }),
   );

@@ -91,6 +91,9 @@ export {
   type ClientCredentialsOptions,
 } from "./tls.js";
 export { refuseRoles } from "./refuse-roles.js";
+export { startServiceTracing, traceConfig, type TraceConfigValues } from "./trace-config.js";
+export { traceClientInterceptor, traceServerMethod } from "./trace-calls.js";
+export { traceLogFields } from "./trace-log-fields.js";
 export { INTERNAL_MESSAGE, toGrpcStatus, type ToGrpcStatusOptions } from "./to-grpc-status.js";
 export {
   createVfioSession,

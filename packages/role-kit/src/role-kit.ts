@@ -1,5 +1,5 @@
 import { connect, type NatsConnection } from "@nats-io/transport-node";
-import { createClient, defineConfigSchema, type CreateClientOptions, type PromiseClient } from "@ioasid/grpc-kit";
+import { createClient, defineConfigSchema, traceConfig, type CreateClientOptions, type PromiseClient } from "@ioasid/grpc-kit";
 import { core } from "@ioasid/proto";
 import { existsSync } from "node:fs";
 import { join } from "node:path";
@@ -11,7 +11,7 @@ export type CoreClient = PromiseClient<typeof core.CoreServiceService>;
 
 /**
  * Environment variables of every process on the bus, the core included: where NATS is, the bus
- * prefix, and the log level.
+ * prefix, the log level, and where trace spans go (`traceConfig`).
  */
 export const busConfig = defineConfigSchema({
   natsUrl: {
@@ -46,6 +46,7 @@ export const busConfig = defineConfigSchema({
     default: "info",
     doc: "Log level of the JSON log on stdout.",
   },
+  ...traceConfig,
 });
 
 /**

@@ -20,8 +20,10 @@ import {
   metricsListen,
   runUntilSignal,
   startMetricsServer,
+  startServiceTracing,
   type GrpcServer,
   type LogLevel,
+  type TraceConfigValues,
 } from "@ioasid/grpc-kit";
 import type { NatsConnection } from "@nats-io/transport-node";
 import type { Logger } from "pino";
@@ -30,7 +32,7 @@ import { connectNats } from "./role-kit.js";
 import { createRoleMetrics } from "./role-metrics.js";
 
 /** What every role's configuration carries (see `commonRoleConfig`). */
-export interface RoleBaseConfig {
+export interface RoleBaseConfig extends TraceConfigValues {
   readonly natsUrl: string;
   readonly natsConnectTimeout: number;
   /** This role instance's credentials directory ("" or absent: none). */
@@ -163,6 +165,8 @@ export async function runRole<C extends RoleBaseConfig, T>(spec: RoleSpec<C, T>)
   // would kill the process without its graceful stop).
   const held = holdSignals();
   let signalled = false;
+  // IOASID_TRACE_FILE / OTEL_EXPORTER_OTLP_ENDPOINT: spans exported (DESIGN §13); nothing set, no SDK.
+  const tracing = await startServiceTracing(role, config, logger).catch((err: unknown) => fatal("cannot start tracing", { err: String(err) }));
   const stopping = (): boolean => signalled || held.received !== undefined;
 
   // Prometheus text on the role's own port (IOASID_METRICS_PORT; off: none), before anything else binds.
@@ -326,6 +330,7 @@ export async function runRole<C extends RoleBaseConfig, T>(spec: RoleSpec<C, T>)
       await gate.settle();
       await nc.drain();
       await metricsServer?.close();
+      await tracing?.shutdown();
     },
   });
   held.release();

@@ -28,6 +28,7 @@ import { auditRecordOf } from "./audit-record.js";
 import { OpLogFormatError } from "./op-codec.js";
 import { DeliveryOutcome, encodeSnapshot, type CoreSnapshot } from "./snapshot-codec.js";
 import { toEventType } from "./convert.js";
+import { OperationTrace } from "./operation-trace.js";
 
 /**
  * An external allocator as the core sees it: asynchronous (it lives in another process). The
@@ -128,6 +129,8 @@ export class IoasidCore {
   republished = 0;
   /** Durability of the last operation appended (and so of every one before it). */
   private lastDurable: Promise<unknown> = Promise.resolve();
+  /** Spans of operations and reclaims, and the trace each chain continues (DESIGN §13). */
+  private readonly opTrace = new OperationTrace();
 
   constructor(options: IoasidCoreOptions = {}) {
     this.options = options;
@@ -217,6 +220,8 @@ export class IoasidCore {
     this.opLog = opLog;
     this.engine = engine;
     if (engine !== undefined) {
+      // The causing operations' trace contexts were in the old process's memory: a new trace.
+      const resumed = this.opTrace.recovery(this.deliveries.size);
       const backlogs = new Map<string, { subscriber: DeliveryTarget["subscriber"]; items: Parameters<DeliveryEngine["restoreBacklog"]>[1][number][] }>();
       for (const [seq, rec] of this.deliveries) {
         for (let i = 0; i < rec.targets.length; i++) {
@@ -225,7 +230,7 @@ export class IoasidCore {
           const k = `${t.subscriber.name}/${t.subscriber.instance}`;
           let b = backlogs.get(k);
           if (b === undefined) backlogs.set(k, (b = { subscriber: t.subscriber, items: [] }));
-          b.items.push({ seq, key: rec.key, registrationId: t.registrationId, event: rec.event });
+          b.items.push({ seq, key: rec.key, registrationId: t.registrationId, event: rec.event, trace: resumed });
         }
       }
       for (const b of backlogs.values()) engine.restoreBacklog(b.subscriber, b.items);
@@ -234,7 +239,7 @@ export class IoasidCore {
         rec.targets.forEach((t, i) => {
           if (rec.outcomes[i] !== PENDING) done.set(t.registrationId, rec.outcomes[i] === MISSED ? "missed" : "acked");
         });
-        engine.submit({ seq, key: rec.key, event: rec.event, targets: rec.targets, done });
+        engine.submit({ seq, key: rec.key, event: rec.event, targets: rec.targets, done, trace: resumed });
       }
     }
     return n;
@@ -365,7 +370,10 @@ export class IoasidCore {
     // Not urgent even with releases: the record is queued in application order, so anything that
     // depends on a release (a reclaim, a re-allocation) is written after it; a crash before it is
     // written only means the delivery is made again and the SDK answers from its memory.
-    for (const group of bySubscriber.values()) this.execute({ kind: "acks", ...group }, false);
+    // A reclaim set off by an ack continues the trace of that ack.
+    this.opTrace.withAcks(acks, () => {
+      for (const group of bySubscriber.values()) this.execute({ kind: "acks", ...group }, false);
+    });
   }
 
   /** The delivery engine's callback for missed deliveries. */
@@ -450,10 +458,12 @@ export class IoasidCore {
     let result: unknown;
     const history: Array<[HistoryActionInput, HistoryFields, number]> = [];
     this.historyCapture = history;
+    this.opTrace.begin(op);
     try {
       result = this.applyRecord(record);
     } catch (err) {
       this.captured = [];
+      this.opTrace.end(undefined, err);
       throw err;
     } finally {
       this.historyCapture = undefined;
@@ -462,6 +472,7 @@ export class IoasidCore {
     this.captured = [];
     const durable: Promise<number | undefined> = this.opLog === undefined ? Promise.resolve(undefined) : this.opLog.append(record, urgent);
     this.lastDurable = durable;
+    this.opTrace.end(durable);
     this.commits.push(commit);
     durable.then(
       (opSeq) => {
@@ -603,12 +614,14 @@ export class IoasidCore {
         },
       ]);
     }
+    // Before the early return: a RECLAIM's span is started whether or not anyone receives it.
+    const trace = this.opTrace.eventTrace(e);
     const targets = this.targetsOf(this.space.recipients(e));
     if (targets.length === 0) return;
     const event = fromCommittedEvent(committed);
     const key = chainKey(e);
     this.deliveries.set(e.seq, { event, key, targets, outcomes: new Uint8Array(targets.length), unacked: targets.length });
-    this.captured.push({ seq: e.seq, key, event, targets });
+    this.captured.push({ seq: e.seq, key, event, targets, trace });
   }
 
   /** Delivery targets of a recipients() answer (the model caches those, so this caches by identity). */

@@ -9,6 +9,7 @@ import {
   metricsListen,
   runUntilSignal,
   startMetricsServer,
+  startServiceTracing,
 } from "@ioasid/grpc-kit";
 import { connectNats } from "@ioasid/role-kit";
 import { coreConfigSchema } from "./config.js";
@@ -22,6 +23,11 @@ const logger = createLogger("ioasid-core", { level: config.logLevel });
 // A signal that arrives while the core starts is held until it can stop gracefully (else the signal
 // kills it between its `listening` line and the handler: exit by signal, found under load).
 const held = holdSignals();
+// IOASID_TRACE_FILE / OTEL_EXPORTER_OTLP_ENDPOINT: spans exported (DESIGN §13); nothing set, no SDK.
+const tracing = await startServiceTracing("ioasid-core", config, logger).catch((err: unknown) => {
+  logger.fatal({ err: String(err) }, "cannot start tracing");
+  process.exit(1);
+});
 const nc = await connectNats(config.natsUrl, {
   name: "ioasid-core",
   timeoutMs: config.natsConnectTimeout,
@@ -79,6 +85,7 @@ runUntilSignal(running.server, {
     await running.opLog?.drain();
     running.core.close();
     await nc.drain();
+    await tracing?.shutdown();
   },
 });
 held.release();
