@@ -11,13 +11,16 @@
 #     role instance, in the run's temp dir) and waits until every container is healthy;
 #  5. runs test/containers (vitest.containers.config.ts): ioasidctl attached to the stack, both
 #     life cycles, a VDCM container killed during a crashed guest's teardown; the testkit's NATS
-#     through testcontainers; then two end-to-end test files with IOASID_TESTKIT_DOCKER=1;
+#     through testcontainers; then the `observability` profile (Prometheus built from Debian's
+#     package, checked to scrape all five services and the core's acknowledged deliveries); then two
+#     end-to-end test files with IOASID_TESTKIT_DOCKER=1;
 #  6. stops the stack (checking every service stops gracefully), removes containers and volumes,
 #     stops its dockerd by PID and removes its temp dir: nothing it started is left running.
 #
 # Settings (environment): IOASID_PORT_NATS (24222), IOASID_PORT_NATS_MONITOR (28222),
 # IOASID_PORT_CORE (25051), IOASID_PORT_IOMMU (25052), IOASID_PORT_VFIO (25053), IOASID_PORT_KVM
-# (25054), IOASID_PORT_VDCM (25055), their metrics IOASID_PORT_<SERVICE>_METRICS (25056 … 25060):
+# (25054), IOASID_PORT_VDCM (25055), their metrics IOASID_PORT_<SERVICE>_METRICS (25056 … 25060),
+# the observability profile's Prometheus IOASID_PORT_PROMETHEUS (25090):
 # not the defaults, so that it runs beside `npm start`;
 # IOASID_CT_DOCKER_ROOT: keep the engine's data (images, build cache) there between runs instead
 # of in the temp dir; DEBIAN_MIRROR: for debootstrap.
@@ -43,6 +46,7 @@ export IOASID_PORT_IOMMU_METRICS="${IOASID_PORT_IOMMU_METRICS:-25057}"
 export IOASID_PORT_VFIO_METRICS="${IOASID_PORT_VFIO_METRICS:-25058}"
 export IOASID_PORT_KVM_METRICS="${IOASID_PORT_KVM_METRICS:-25059}"
 export IOASID_PORT_VDCM_METRICS="${IOASID_PORT_VDCM_METRICS:-25060}"
+export IOASID_PORT_PROMETHEUS="${IOASID_PORT_PROMETHEUS:-25090}"
 # The classic builder: BuildKit would need the buildx plugin, which Debian's docker.io lacks.
 export DOCKER_BUILDKIT=0 COMPOSE_DOCKER_CLI_BUILD=0
 PROJECT=ioasid-ct
@@ -240,6 +244,37 @@ compose_json="$(node -e 'console.log(JSON.stringify(process.argv.slice(1)))' "${
 say "test/containers: ioasidctl against the stack (attach, both scenarios, a killed VDCM container) and the testkit through testcontainers"
 IOASID_CT_COMPOSE="$compose_json" npx vitest run --config vitest.containers.config.ts --reporter=verbose ||
   die "test/containers failed (output above; the stack's logs: \`${STACK[*]} logs\` while it runs)"
+
+# --- 5b. the observability profile: Prometheus built from Debian's package, scraping all five -------------
+PROM=("${STACK[@]}" --profile observability)
+prom_start=$SECONDS
+"${PROM[@]}" build prometheus >"$WORK/build-prometheus.log" 2>&1 || {
+  tail -n 20 "$WORK/build-prometheus.log" >&2
+  die "the observability profile's Prometheus image could not be built (the end of its build log above)"
+}
+say "observability: ioasid-fabric-prometheus:dev built in $((SECONDS - prom_start)) s ($(size ioasid-fabric-prometheus:dev), $(docker run --rm --network none --entrypoint prometheus ioasid-fabric-prometheus:dev --version 2>&1 | head -n1))"
+"${PROM[@]}" up -d --no-build --no-deps prometheus >>"$WORK/up.log" 2>&1 || { tail -n 20 "$WORK/up.log" >&2; die "the Prometheus container did not start"; }
+# Bounded by the clock: its scrape interval is 5 s, so the five targets are up within seconds.
+prom_deadline=$((SECONDS + 120))
+up_targets=0
+while [ "$SECONDS" -lt "$prom_deadline" ]; do
+  up_targets="$(curl -fsS "http://127.0.0.1:$IOASID_PORT_PROMETHEUS/api/v1/targets" 2>/dev/null |
+    node -e 'let s="";process.stdin.on("data",d=>s+=d).on("end",()=>{try{const j=JSON.parse(s);console.log(j.data.activeTargets.filter(t=>t.health==="up").map(t=>t.labels.service).sort().join(","))}catch{console.log("")}})')"
+  [ "$up_targets" = "iommu,ioasid-core,kvm,vdcm,vfio" ] && break
+  sleep 1
+done
+[ "$up_targets" = "iommu,ioasid-core,kvm,vdcm,vfio" ] || {
+  "${PROM[@]}" logs --no-color --tail 20 prometheus >&2
+  die "Prometheus did not scrape all five services within 120 s (up: ${up_targets:-none})"
+}
+# What the tests above did is in what it scraped: the FREEs delivered to the tiers, acknowledged.
+acked="$(curl -fsS --get "http://127.0.0.1:$IOASID_PORT_PROMETHEUS/api/v1/query" --data-urlencode 'query=sum(ioasid_deliveries_total{outcome="acked"})' 2>/dev/null |
+  node -e 'let s="";process.stdin.on("data",d=>s+=d).on("end",()=>{try{console.log(JSON.parse(s).data.result[0].value[1])}catch{console.log("none")}})')"
+case "$acked" in '' | none | 0) die "Prometheus scraped no acknowledged delivery from the core (got: $acked)" ;; esac
+console="$(curl -fsS -o /dev/null -w '%{http_code}' "http://127.0.0.1:$IOASID_PORT_PROMETHEUS/consoles/ioasid.html" 2>/dev/null || true)"
+[ "$console" = 200 ] || die "the ioasid console page answered HTTP ${console:-nothing}"
+say "observability: Prometheus on 127.0.0.1:$IOASID_PORT_PROMETHEUS scrapes all five services ($up_targets), $acked acknowledged deliveries scraped from the core, console page HTTP 200"
+"${PROM[@]}" rm -s -f prometheus >>"$WORK/stop.log" 2>&1 || true
 
 since="$(date +%s)"
 say "end-to-end tests with the testkit's NATS in containers (IOASID_TESTKIT_DOCKER=1): test/e2e/lifecycle.test.ts, test/e2e/crashed-vmm.test.ts"
