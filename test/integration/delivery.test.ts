@@ -95,6 +95,35 @@ describe("delivery in priority order", () => {
     expect(reclaimAt).toBeLessThanOrEqual(Math.ceil(a!.start) + 1);
     expect(reclaimAt).toBeGreaterThan(v!.end!); // not before the IOMMU released
     await deliveriesSettled(c);
+
+    // Every settled ack is in the history (delivery_acked), in tier order, each before the
+    // reference it released, the IOMMU's before the RECLAIM it set off; the LAST tier's releases none.
+    const freeSeq = Number(mine[1]!.seq);
+    const nc = await connect({ servers: fixture.nats.url });
+    try {
+      let recs: HistoryRecord[] = [];
+      await waitFor(
+        async () => {
+          recs = (await readHistory(nc, { sinceMs: Date.now() - 60_000 })).filter((r) => r.ioasid === x.ioasid);
+          return recs.filter((r) => r.action?.$case === "deliveryAcked" && r.seq === freeSeq).length >= 4;
+        },
+        { timeoutMs: 5000, message: "the core's four delivery_acked records" },
+      );
+      const acks = recs.flatMap((r) => (r.action?.$case === "deliveryAcked" && r.seq === freeSeq ? [{ seq: r.seq, ...r.action.value }] : []));
+      expect(acks).toEqual([
+        { seq: freeSeq, subscriber: "kvm", instance: "vm-1", type: events.EventType.EVENT_TYPE_FREE, releases: ["vmcs"], late: false },
+        { seq: freeSeq, subscriber: "vdcm", instance: "idxd0", type: events.EventType.EVENT_TYPE_FREE, releases: ["wq0"], late: false },
+        { seq: freeSeq, subscriber: "iommu", instance: "dmar0", type: events.EventType.EVENT_TYPE_FREE, releases: ["pasid"], late: false },
+        { seq: freeSeq, subscriber: "audit", instance: "a0", type: events.EventType.EVENT_TYPE_FREE, releases: [], late: false },
+      ]);
+      const at = (p: (r: HistoryRecord) => boolean) => recs.findIndex(p);
+      const ackOf = (role: string) => at((r) => r.seq === freeSeq && r.action?.$case === "deliveryAcked" && r.action.value.subscriber === role);
+      const putOf = (role: string) => at((r) => r.action?.$case === "ioasidPut" && r.action.value.holder?.role === role);
+      for (const role of ["kvm", "vdcm", "iommu"]) expect(ackOf(role)).toBeLessThan(putOf(role));
+      expect(ackOf("iommu")).toBeLessThan(at((r) => r.action?.$case === "ioasidNotify" && r.seq === Number(mine[2]!.seq)));
+    } finally {
+      await nc.close();
+    }
   });
 
   it("runs equal priorities in parallel", async () => {

@@ -46,6 +46,7 @@ const ACTION_MESSAGES: { readonly [C in HistoryActionCase]: FromPartial<HistoryA
   ioasidRegisterNotifier: h.NotifierRegistration,
   ioasidRegisterNotifierMm: h.NotifierRegistration,
   deliveryMissed: h.DeliveryMissed,
+  deliveryAcked: h.DeliveryAcked,
   iommuProbeDevice: h.ProbeDevice,
   iommuReleaseDevice: h.ReleaseDevice,
   domainAlloc: h.DomainAlloc,
@@ -220,6 +221,10 @@ export function describeAction(r: HistoryRecord): string | undefined {
     }
     case "deliveryMissed":
       return `${a.value.subscriber}/${a.value.instance} ${eventTypeName(a.value.type)}`;
+    case "deliveryAcked": {
+      const v = a.value;
+      return `${v.subscriber}/${v.instance} ${eventTypeName(v.type)}${v.releases.length === 0 ? "" : ` releases ${v.releases.join(",")}`}${v.late ? " (late)" : ""}`;
+    }
     case "iommuProbeDevice": {
       const v = a.value;
       return `device ${v.device} ${v.function} max_pasids ${v.maxPasids} group ${v.iommuGroup}`;

@@ -42,7 +42,7 @@ function actorRole(r: HistoryRecord): string {
   const a = r.action;
   if (a?.$case === "ioasidGet" || a?.$case === "ioasidPut") return a.value.holder?.role ?? r.role;
   if (a?.$case === "ioasidRegisterNotifier" || a?.$case === "ioasidRegisterNotifierMm") return a.value.subscriber;
-  if (a?.$case === "deliveryMissed") return a.value.subscriber;
+  if (a?.$case === "deliveryMissed" || a?.$case === "deliveryAcked") return a.value.subscriber;
   return r.role;
 }
 
@@ -56,6 +56,8 @@ interface Delivery {
   last: number;
   /** The core's record of the reference the acknowledgement released, if it released one. */
   put?: TimelineRow;
+  /** The core's record of the acknowledgement (`delivery_acked`), when the history has one. */
+  ack?: TimelineRow;
 }
 
 /**
@@ -98,12 +100,14 @@ function findDeliveries(rows: readonly TimelineRow[]): Delivery[] {
     const tier = actorRole(r);
     if (!TIERS.has(tier)) return;
     const a = r.action;
-    const instance = a?.$case === "ioasidPut" || a?.$case === "ioasidGet" ? (a.value.holder?.instance ?? "") : r.instance;
+    const instance =
+      a?.$case === "ioasidPut" || a?.$case === "ioasidGet" ? (a.value.holder?.instance ?? "") : a?.$case === "deliveryAcked" ? a.value.instance : r.instance;
     const key = `${r.seq}/${tier}/${instance}`;
     const d = bySubscriber.get(key) ?? { seq: r.seq, tier: tier as Lane, instance, first: i, last: i };
     d.last = i;
     // DESIGN §4.3: "an ack may also release the subscriber's reference in the same message".
     if (a?.$case === "ioasidPut") d.put = row;
+    if (a?.$case === "deliveryAcked") d.ack = row;
     bySubscriber.set(key, d);
   });
   const deliveries = [...bySubscriber.values()];
@@ -157,10 +161,10 @@ class DiagramWriter {
  * - each delivery of an event as an arrow from the core to the subscriber (`core->>kvm: FREE seq 13`),
  *   what the subscriber did for it as an arrow to itself, and its acknowledgement back
  *   (`kvm-->>core: ack seq 13 · ioasid_put(vmcs)`), the subscribers in tier order; a subscriber
- *   passed over at its deadline as a crossed arrow. The history has no record of a delivery of its
- *   own: a delivery is drawn where the subscriber recorded a step carrying the event's sequence
- *   number, or the core recorded the reference its acknowledgement released (a subscriber with
- *   nothing to do for an event records nothing, and no arrow is drawn to it);
+ *   passed over at its deadline as a crossed arrow. A delivery is found by the event's sequence
+ *   number on the subscriber's own steps, the core's record of its acknowledgement
+ *   (`delivery_acked`, made for every settled ack, so a subscriber with nothing to do for an event
+ *   is drawn too) and the reference the acknowledgement released;
  * - a lane per IOASID (up to {@link MAX_IOASID_LANES}; past that one shared lane) with its state
  *   band: activated while ACTIVE, a second bar while FREE_PENDING, ended at the reclaim, and a
  *   note at each state or reference-count change;
@@ -178,6 +182,7 @@ export function renderMermaid(rows: readonly TimelineRow[]): string {
     startsAt.set(d.first, [...(startsAt.get(d.first) ?? []), d]);
     endsAt.set(d.last, [...(endsAt.get(d.last) ?? []), d]);
     if (d.put !== undefined) acks.add(d.put);
+    if (d.ack !== undefined) acks.add(d.ack);
   }
   const events = new Map<number, string>();
   for (const row of ordered) if (eventOf(row.record) !== undefined && row.record.seq !== undefined) events.set(row.record.seq, eventOf(row.record)!);
@@ -281,7 +286,13 @@ export function renderMermaid(rows: readonly TimelineRow[]): string {
 
     for (const d of endsAt.get(i) ?? []) {
       const put = d.put?.record.action;
-      const released = put?.$case === "ioasidPut" ? ` · ioasid_put(${put.value.holder?.purpose ?? ""})` : "";
+      const ack = d.ack?.record.action;
+      const released =
+        put?.$case === "ioasidPut"
+          ? ` · ioasid_put(${put.value.holder?.purpose ?? ""})`
+          : ack?.$case === "deliveryAcked" && ack.value.releases.length > 0
+            ? ` · releases ${ack.value.releases.join(", ")}`
+            : "";
       w.line(`${d.tier}-->>core: ${label(`ack seq ${d.seq}${to(d)}${released}`)}`);
       if (d.put?.record.refcount !== undefined && d.put.record.ioasid !== undefined) band(d.put.record, `ref ${d.put.record.refcount}`);
     }

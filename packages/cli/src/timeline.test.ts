@@ -235,6 +235,33 @@ describe("timeline as a sequence diagram", () => {
   });
 });
 
+describe("timeline of acknowledgements the core recorded", () => {
+  it("draws a delivery to a subscriber that had nothing to do (only the core's delivery_acked shows it), in tier order, and leaves it out of the table", () => {
+    const acked = (subscriber: string, instance: string, releases: string[] = []) =>
+      rec("ioasid", { $case: "deliveryAcked", value: { subscriber, instance, type: eventTypeOf("FREE"), releases, late: false } }, { ioasid: 7, seq: 40 });
+    const rows = buildTimeline([
+      rec("ioasid", "event:FREE", { ioasid: 7, refcount: 1, seq: 40 }),
+      acked("kvm", "vm-1"),
+      acked("vdcm", "vdcm0"),
+      acked("iommu", "dmar0", ["bind"]),
+      rec("ioasid", { $case: "ioasidPut", value: { holder: { role: "iommu", instance: "dmar0", purpose: "bind" } } }, { ioasid: 7, refcount: 0, seq: 40 }),
+      rec("ioasid", "event:RECLAIM", { ioasid: 7, seq: 41 }),
+    ]);
+    const ls = diagramLines(renderMermaid(rows));
+    const order = ["core->>kvm: FREE seq 40", "kvm-->>core: ack seq 40", "core->>vdcm: FREE seq 40", "vdcm-->>core: ack seq 40", "core->>iommu: FREE seq 40"];
+    const at = order.map((l) => ls.indexOf(l));
+    expect(at.every((i) => i >= 0)).toBe(true);
+    expect([...at].sort((a, b) => a - b)).toEqual(at);
+    // The IOMMU's ack is drawn once, at the reference it released, before the reclaim.
+    expect(ls.filter((l) => l.startsWith("iommu-->>core:"))).toEqual(["iommu-->>core: ack seq 40 · ioasid_put(bind)"]);
+    expect(ls.indexOf("iommu-->>core: ack seq 40 · ioasid_put(bind)")).toBeLessThan(ls.findIndex((l) => l.includes("RECLAIM seq 41")));
+    // The table: the document's steps only, numbered without gaps.
+    const table = renderTable(rows).split("\n").slice(2);
+    expect(table.map((l) => l.slice(0, 3).trim()).filter((n) => n !== "")).toEqual(["1", "2", "3"]);
+    expect(renderTable(rows)).not.toContain("delivery_acked");
+  });
+});
+
 describe("findPasid", () => {
   it("finds a PASID anywhere in a query answer", () => {
     expect(findPasid({ vms: [{ translations: [{ gpasid: 101, hpasid: 201 }] }] }, 201)).toEqual(["$.vms[0].translations[0]"]);

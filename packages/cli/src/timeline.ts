@@ -7,6 +7,7 @@ export type Column = (typeof COLUMNS)[number];
 
 /** One row of a timeline: a step in one column, and the reference count after it when it changed. */
 export interface TimelineRow {
+  /** The step's number in the document's table; 0 for a row the table leaves out (an acknowledgement). */
   readonly step: number;
   readonly ts: number;
   readonly column: Column;
@@ -37,6 +38,7 @@ function ownerRole(r: HistoryRecord): string | undefined {
       return a.value.holder?.role;
     case "ioasidRegisterNotifier":
     case "ioasidRegisterNotifierMm":
+    case "deliveryAcked":
       return a.value.subscriber;
     default:
       return undefined;
@@ -102,6 +104,7 @@ export interface TimelineOptions {
 export function buildTimeline(records: readonly HistoryRecord[], options: TimelineOptions = {}): TimelineRow[] {
   const omit = options.omitEvents ?? new Set(["SET_ALLOC", "SET_FREE"]);
   const rows: TimelineRow[] = [];
+  let steps = 0;
   for (const r of [...records].sort((a, b) => a.ts - b.ts)) {
     const event = eventOf(r);
     if (event !== undefined && omit.has(event)) continue;
@@ -110,9 +113,12 @@ export function buildTimeline(records: readonly HistoryRecord[], options: Timeli
     if (!forced && r.ioasid === undefined && options.setIds !== undefined && (r.setId === undefined || !options.setIds.has(r.setId))) continue;
     const column = columnOf(r);
     if (column === undefined) continue;
+    // The core's record of an acknowledgement is a delivery's end in the diagram; the document's
+    // table has no row for it (its steps are what the components did).
+    const step = r.action?.$case === "deliveryAcked" ? 0 : ++steps;
     const changesRef = r.action?.$case === "ioasidGet" || r.action?.$case === "ioasidPut" || event === "ALLOC" || event === "FREE";
     rows.push({
-      step: rows.length + 1,
+      step,
       ts: r.ts,
       column,
       text: describeStep(r),
@@ -134,6 +140,7 @@ export function renderTable(rows: readonly TimelineRow[], options: { width?: num
   const header = `${"#".padStart(3)}  ${COLUMNS.map((c) => c.padEnd(width)).join("")}Ref`;
   const lines = [header, "".padEnd(header.length, ".")];
   for (const r of rows) {
+    if (r.step === 0) continue;
     const indent = " ".repeat(COLUMNS.indexOf(r.column) * width);
     wrapText(r.text, width - 1).forEach((part, i) => {
       const ref = i === 0 && r.ref !== undefined ? String(r.ref) : "";

@@ -527,6 +527,10 @@ export class IoasidCore {
     // (and goes with the operation's records: dropped if the model refuses, published once durable).
     const audit = this.recording ? auditRecordOf(op) : undefined;
     if (audit !== undefined) this.emitHistory(audit[0], audit[1]);
+    // Each settled acknowledgement, before the references it releases (and the reclaim they set
+    // off): the history then shows every delivery of an event in tier order, a subscriber that had
+    // nothing to do for it too (issue 17: the timeline draws each delivery and its ack).
+    if (op.kind === "acks" && this.recording) this.recordAcks(op.subscriber, op.acks);
     try {
       result = applyOperation(this.ctx, op);
     } finally {
@@ -589,6 +593,29 @@ export class IoasidCore {
   }
 
   /** Marks one target's outcome; returns the delivery and target when a pending one was missed. */
+  /** `delivery_acked` records of an acknowledgement operation's acks not settled before. */
+  private recordAcks(subscriber: { readonly name: string; readonly instance: string }, acks: readonly DeliveryAck[]): void {
+    for (const ack of acks) {
+      const rec = this.deliveries.get(ack.seq);
+      const i = rec === undefined ? -1 : rec.targets.findIndex((t) => t.registrationId === ack.registrationId);
+      if (rec === undefined || i < 0 || rec.outcomes[i] === ACKED || rec.outcomes[i] === DROPPED) continue;
+      const e = rec.event;
+      this.emitHistory(
+        {
+          $case: "deliveryAcked",
+          value: {
+            subscriber: subscriber.name,
+            instance: subscriber.instance,
+            type: e.type,
+            releases: [...(ack.release?.purposes ?? [])],
+            late: rec.outcomes[i] === MISSED,
+          },
+        },
+        { ...(e.ioasid === 0xffffffff ? {} : { ioasid: e.ioasid, generation: e.generation }), setId: e.setId, seq: ack.seq },
+      );
+    }
+  }
+
   private mark(seq: number, reg: number, outcome: typeof ACKED | typeof MISSED): { rec: DeliveryRecord; target: DeliveryTarget } | undefined {
     const rec = this.deliveries.get(seq);
     if (rec === undefined) return undefined;

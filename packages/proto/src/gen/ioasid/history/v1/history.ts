@@ -309,6 +309,13 @@ export interface HistoryRecord {
     { $case: "deliveryMissed"; value: DeliveryMissed }
     | //
     /**
+     * A subscriber's settled acknowledgement of a delivery, recorded before the references it
+     * releases (DESIGN §4.3): with the event's seq, it shows each delivery of an event, in tier
+     * order, even to a subscriber that had nothing to do for it.
+     */
+    { $case: "deliveryAcked"; value: DeliveryAcked }
+    | //
+    /**
      * ---- iommu ----
      * A device plugged in (iommu_probe_device()).
      */
@@ -549,6 +556,20 @@ export interface DeliveryMissed {
   instance: string;
   /** The type of the event it missed. */
   type: EventType;
+}
+
+/** DeliveryAcked is a subscriber's settled acknowledgement of a delivery. */
+export interface DeliveryAcked {
+  /** The subscriber's role name. */
+  subscriber: string;
+  /** The subscriber's instance. */
+  instance: string;
+  /** The type of the event it acknowledged. */
+  type: EventType;
+  /** The purposes of the references the acknowledgement releases (none: it held none). */
+  releases: string[];
+  /** True for an acknowledgement of a delivery the core had passed over (missed) before. */
+  late: boolean;
 }
 
 /** ProbeDevice is a device the IOMMU learned of. */
@@ -1321,6 +1342,9 @@ export const HistoryRecord: MessageFns<HistoryRecord> = {
       case "deliveryMissed":
         DeliveryMissed.encode(message.action.value, writer.uint32(202).fork()).join();
         break;
+      case "deliveryAcked":
+        DeliveryAcked.encode(message.action.value, writer.uint32(210).fork()).join();
+        break;
       case "iommuProbeDevice":
         ProbeDevice.encode(message.action.value, writer.uint32(242).fork()).join();
         break;
@@ -1638,6 +1662,14 @@ export const HistoryRecord: MessageFns<HistoryRecord> = {
             }
 
             message.action = { $case: "deliveryMissed", value: DeliveryMissed.decode(reader, reader.uint32()) };
+            continue;
+          }
+          case 26: {
+            if (tag !== 210) {
+              break;
+            }
+
+            message.action = { $case: "deliveryAcked", value: DeliveryAcked.decode(reader, reader.uint32()) };
             continue;
           }
           case 30: {
@@ -2146,6 +2178,10 @@ export const HistoryRecord: MessageFns<HistoryRecord> = {
         ? { $case: "deliveryMissed", value: DeliveryMissed.fromJSON(object.deliveryMissed) }
         : isSet(object.delivery_missed)
         ? { $case: "deliveryMissed", value: DeliveryMissed.fromJSON(object.delivery_missed) }
+        : isSet(object.deliveryAcked)
+        ? { $case: "deliveryAcked", value: DeliveryAcked.fromJSON(object.deliveryAcked) }
+        : isSet(object.delivery_acked)
+        ? { $case: "deliveryAcked", value: DeliveryAcked.fromJSON(object.delivery_acked) }
         : isSet(object.iommuProbeDevice)
         ? { $case: "iommuProbeDevice", value: ProbeDevice.fromJSON(object.iommuProbeDevice) }
         : isSet(object.iommu_probe_device)
@@ -2414,6 +2450,8 @@ export const HistoryRecord: MessageFns<HistoryRecord> = {
       obj.ioasidRegisterNotifierMm = NotifierRegistration.toJSON(message.action.value);
     } else if (message.action?.$case === "deliveryMissed") {
       obj.deliveryMissed = DeliveryMissed.toJSON(message.action.value);
+    } else if (message.action?.$case === "deliveryAcked") {
+      obj.deliveryAcked = DeliveryAcked.toJSON(message.action.value);
     } else if (message.action?.$case === "iommuProbeDevice") {
       obj.iommuProbeDevice = ProbeDevice.toJSON(message.action.value);
     } else if (message.action?.$case === "iommuReleaseDevice") {
@@ -2585,6 +2623,12 @@ export const HistoryRecord: MessageFns<HistoryRecord> = {
       case "deliveryMissed": {
         if (object.action?.value !== undefined && object.action?.value !== null) {
           message.action = { $case: "deliveryMissed", value: DeliveryMissed.fromPartial(object.action.value) };
+        }
+        break;
+      }
+      case "deliveryAcked": {
+        if (object.action?.value !== undefined && object.action?.value !== null) {
+          message.action = { $case: "deliveryAcked", value: DeliveryAcked.fromPartial(object.action.value) };
         }
         break;
       }
@@ -3358,6 +3402,139 @@ export const DeliveryMissed: MessageFns<DeliveryMissed> = {
     message.subscriber = object.subscriber ?? "";
     message.instance = object.instance ?? "";
     message.type = object.type ?? 0;
+    return message;
+  },
+};
+
+function createBaseDeliveryAcked(): DeliveryAcked {
+  return { subscriber: "", instance: "", type: 0, releases: [], late: false };
+}
+
+export const DeliveryAcked: MessageFns<DeliveryAcked> = {
+  encode(message: DeliveryAcked, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.subscriber !== "") {
+      writer.uint32(10).string(message.subscriber);
+    }
+    if (message.instance !== "") {
+      writer.uint32(18).string(message.instance);
+    }
+    if (message.type !== 0) {
+      writer.uint32(24).int32(message.type);
+    }
+    for (const v of message.releases) {
+      writer.uint32(34).string(v!);
+    }
+    if (message.late !== false) {
+      writer.uint32(40).bool(message.late);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): DeliveryAcked {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseDeliveryAcked();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.subscriber = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.instance = reader.string();
+            continue;
+          }
+          case 3: {
+            if (tag !== 24) {
+              break;
+            }
+
+            message.type = reader.int32() as any;
+            continue;
+          }
+          case 4: {
+            if (tag !== 34) {
+              break;
+            }
+
+            message.releases.push(reader.string());
+            continue;
+          }
+          case 5: {
+            if (tag !== 40) {
+              break;
+            }
+
+            message.late = reader.bool();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): DeliveryAcked {
+    return {
+      subscriber: isSet(object.subscriber) ? globalThis.String(object.subscriber) : "",
+      instance: isSet(object.instance) ? globalThis.String(object.instance) : "",
+      type: isSet(object.type) ? eventTypeFromJSON(object.type) : 0,
+      releases: globalThis.Array.isArray(object?.releases) ? object.releases.map((e: any) => globalThis.String(e)) : [],
+      late: isSet(object.late) ? globalThis.Boolean(object.late) : false,
+    };
+  },
+
+  toJSON(message: DeliveryAcked): unknown {
+    const obj: any = {};
+    if (message.subscriber !== "") {
+      obj.subscriber = message.subscriber;
+    }
+    if (message.instance !== "") {
+      obj.instance = message.instance;
+    }
+    if (message.type !== 0) {
+      obj.type = eventTypeToJSON(message.type);
+    }
+    if (message.releases?.length) {
+      obj.releases = message.releases;
+    }
+    if (message.late !== false) {
+      obj.late = message.late;
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<DeliveryAcked>): DeliveryAcked {
+    return DeliveryAcked.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<DeliveryAcked>): DeliveryAcked {
+    const message = createBaseDeliveryAcked();
+    message.subscriber = object.subscriber ?? "";
+    message.instance = object.instance ?? "";
+    message.type = object.type ?? 0;
+    message.releases = object.releases?.map((e) => e) || [];
+    message.late = object.late ?? false;
     return message;
   },
 };
