@@ -4,6 +4,7 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { fileURLToPath } from "node:url";
 import { afterAll, describe, expect, it } from "vitest";
+import { onFreePorts, PORT_TAKEN } from "../support/free-ports.js";
 
 // `inspect` against the embedded stack as an operator runs it (issue 17): its picture (--html,
 // --mermaid) of sets → IOASIDs → holders → hardware entries, then with one role stopped — what it
@@ -11,7 +12,6 @@ import { afterAll, describe, expect, it } from "vitest";
 
 const cli = fileURLToPath(new URL("../../packages/cli/dist/main.js", import.meta.url));
 const dir = mkdtempSync(join(tmpdir(), "ioasidctl-inspect-"));
-const base = 20_000 + Math.floor(Math.random() * 20_000);
 
 interface Ran {
   readonly code: number;
@@ -49,7 +49,11 @@ afterAll(async () => {
 
 describe("ioasidctl inspect", () => {
   it("draws the stack's state, and with one role stopped shows the rest and marks it UNREACHABLE (exit 1)", async () => {
-    await ok("up", "--base-port", String(base), "--nats-port", String(base + 10));
+    const up = await onFreePorts(
+      (base) => ctl("up", "--base-port", String(base), "--nats-port", String(base + 10)),
+      (r) => PORT_TAKEN.test(r.stderr),
+    );
+    expect({ code: up.code, stderr: up.stderr }).toMatchObject({ code: 0 });
     await ok("mdev", "create", "--device", "idxd0", "--uuid", "mdev-i", "--wqs", "0");
     expect(await ok("vm", "create", "--name", "vm1", "--token", "4343")).toMatch(/kvm vm (\d+)/);
     await ok("mdev", "assign", "--vm", "vm1", "--uuid", "mdev-i");

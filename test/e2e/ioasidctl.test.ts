@@ -5,6 +5,7 @@ import { join } from "node:path";
 import { fileURLToPath } from "node:url";
 import { promisify } from "node:util";
 import { afterAll, describe, expect, it } from "vitest";
+import { randomBasePort } from "../support/free-ports.js";
 
 // ioasidctl as a user runs it: up, a VM with a VMM process, guest verbs, inspect, the crash,
 // timeline (terminal and HTML), down — against the embedded stack on ports of its own.
@@ -12,7 +13,7 @@ import { afterAll, describe, expect, it } from "vitest";
 const run = promisify(execFile);
 const cli = fileURLToPath(new URL("../../packages/cli/dist/main.js", import.meta.url));
 const dir = mkdtempSync(join(tmpdir(), "ioasidctl-"));
-const base = 20_000 + Math.floor(Math.random() * 20_000);
+const base = randomBasePort();
 const natsPort = base + 10;
 
 async function ctl(...args: string[]): Promise<string> {
