@@ -254,12 +254,14 @@ prom_start=$SECONDS
 }
 say "observability: ioasid-fabric-prometheus:dev built in $((SECONDS - prom_start)) s ($(size ioasid-fabric-prometheus:dev), $(docker run --rm --network none --entrypoint prometheus ioasid-fabric-prometheus:dev --version 2>&1 | head -n1))"
 "${PROM[@]}" up -d --no-build --no-deps prometheus >>"$WORK/up.log" 2>&1 || { tail -n 20 "$WORK/up.log" >&2; die "the Prometheus container did not start"; }
-# Bounded by the clock: its scrape interval is 5 s, so the five targets are up within seconds.
+# Bounded by the clock: its scrape interval is 5 s, so the five targets are up within seconds. A
+# curl that cannot connect yet (Prometheus still starting) is a round without an answer, not an
+# error (`|| true`: under set -e and pipefail it ended the run, exit 7).
 prom_deadline=$((SECONDS + 120))
 up_targets=0
 while [ "$SECONDS" -lt "$prom_deadline" ]; do
   up_targets="$(curl -fsS "http://127.0.0.1:$IOASID_PORT_PROMETHEUS/api/v1/targets" 2>/dev/null |
-    node -e 'let s="";process.stdin.on("data",d=>s+=d).on("end",()=>{try{const j=JSON.parse(s);console.log(j.data.activeTargets.filter(t=>t.health==="up").map(t=>t.labels.service).sort().join(","))}catch{console.log("")}})')"
+    node -e 'let s="";process.stdin.on("data",d=>s+=d).on("end",()=>{try{const j=JSON.parse(s);console.log(j.data.activeTargets.filter(t=>t.health==="up").map(t=>t.labels.service).sort().join(","))}catch{console.log("")}})' || true)"
   [ "$up_targets" = "iommu,ioasid-core,kvm,vdcm,vfio" ] && break
   sleep 1
 done
@@ -269,7 +271,7 @@ done
 }
 # What the tests above did is in what it scraped: the FREEs delivered to the tiers, acknowledged.
 acked="$(curl -fsS --get "http://127.0.0.1:$IOASID_PORT_PROMETHEUS/api/v1/query" --data-urlencode 'query=sum(ioasid_deliveries_total{outcome="acked"})' 2>/dev/null |
-  node -e 'let s="";process.stdin.on("data",d=>s+=d).on("end",()=>{try{console.log(JSON.parse(s).data.result[0].value[1])}catch{console.log("none")}})')"
+  node -e 'let s="";process.stdin.on("data",d=>s+=d).on("end",()=>{try{console.log(JSON.parse(s).data.result[0].value[1])}catch{console.log("none")}})' || true)"
 case "$acked" in '' | none | 0) die "Prometheus scraped no acknowledged delivery from the core (got: $acked)" ;; esac
 console="$(curl -fsS -o /dev/null -w '%{http_code}' "http://127.0.0.1:$IOASID_PORT_PROMETHEUS/consoles/ioasid.html" 2>/dev/null || true)"
 [ "$console" = 200 ] || die "the ioasid console page answered HTTP ${console:-nothing}"
