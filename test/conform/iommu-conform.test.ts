@@ -24,6 +24,7 @@ const IOMMU_MUTANTS: Record<string, MutantExpectation> = {
   "drops-history": { breaks: ["iommu.history.records-changes"] },
   "forgets-state": { breaks: ["iommu.restart.restores-and-catches-up", "iommu.restart.resubscribes-no-leak"] },
   "answers-twice": { breaks: ["iommu.faults.exactly-one-response"] },
+  "replace-by-detach": { breaks: ["iommu.rpc.replace-domain"] },
 };
 
 describe("conformance kit: IOMMU", () => {

@@ -375,6 +375,20 @@ describe("iommu: native SVA", () => {
 });
 
 describe("iommu: bad input", () => {
+  it("refuses InjectFailure unless started with failure injection: a production IOMMU never fails on purpose", async () => {
+    const before = await state();
+    await expectRefused(
+      stack.iommu.injectFailure({ operation: iommu.FailureInjectionOperation.FAILURE_INJECTION_OPERATION_ATTACH, nth: 1 }),
+      Code.FAILED_PRECONDITION,
+      "FAULT_INJECTION_DISABLED",
+    );
+    // Nothing was armed: an attach right after succeeds.
+    const [d0] = newDevices(1) as [string];
+    const stage2 = await devicesWithStage2(stack.iommu, d0);
+    expect(before.attachHandles.some((h) => h.deviceId === d0)).toBe(false);
+    expect((await stack.iommu.queryState(P(iommu.QueryStateRequest, { deviceIds: [d0] }))).attachHandles.map((h) => h.domainId)).toEqual([stage2]);
+  });
+
   it("is refused with the contract's codes and changes nothing", async () => {
     const { c, iommu: client } = stack;
     const v = await vm(1);

@@ -55,6 +55,8 @@ const ACTION_MESSAGES: { readonly [C in HistoryActionCase]: FromPartial<HistoryA
   attachDevicePasid: h.AttachHandle,
   detachDevice: h.AttachHandle,
   detachDevicePasid: h.AttachHandle,
+  replaceGroupDomain: h.DomainReplace,
+  replaceDevicePasid: h.DomainReplace,
   pasidEntrySet: h.PasidEntry,
   teardownPasid: h.PasidEntry,
   iotlbFlush: h.IotlbFlush,
@@ -240,6 +242,12 @@ export function describeAction(r: HistoryRecord): string | undefined {
     case "detachDevice":
     case "detachDevicePasid":
       return `device ${a.value.device} handle ${a.value.handle} domain ${a.value.domain} owner ${a.value.owner}`;
+    case "replaceGroupDomain":
+    case "replaceDevicePasid": {
+      const v = a.value;
+      const n = v.answeredFaultGroups;
+      return `device ${v.device} domain ${v.oldDomain} → ${v.domain} (handle ${v.oldHandle} → ${v.handle}) owner ${v.owner}${n > 0 ? `, ${n} fault group(s) answered INVALID` : ""}`;
+    }
     case "pasidEntrySet":
       return `device ${a.value.device} handle ${a.value.handle} domain ${a.value.domain} ${a.value.domainType}`;
     case "teardownPasid":

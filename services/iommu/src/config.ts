@@ -24,4 +24,10 @@ export const iommuConfigSchema = defineConfigSchema({
     default: 10_000,
     doc: "How long a page-request group may stay unanswered (from its first request) before the IOMMU answers it INVALID.",
   },
+  faultInjection: {
+    name: "IOASID_IOMMU_FAULT_INJECTION",
+    kind: "boolean",
+    default: false,
+    doc: "Tests only: serve InjectFailure, which makes the next AttachDomain/ReplaceDomain/DetachDomain/BindGpasid/UnbindGpasid fail at its n-th failure point (the kernel's fail-nth). Off: InjectFailure is refused.",
+  },
 });

@@ -5,6 +5,7 @@ import { EventType, Priority } from "@ioasid/ioasid";
 import { createCoreClient, createGrpcCorePort, ensureRegistration, runRole } from "@ioasid/role-kit";
 import { iommuConfigSchema } from "./config.js";
 import { IommuDriver } from "./domain/iommu-driver.js";
+import { FailNth } from "./domain/fail-nth.js";
 import { IommuHardware } from "./domain/iommu-hardware.js";
 import { createIommuServer } from "./adapters/server.js";
 import { createIommuEventHandler } from "./adapters/iommu-event-handler.js";
@@ -44,6 +45,7 @@ await runRole({
       log: logger,
       instance: config.instance,
       faultTimeoutMs: config.faultTimeoutMs,
+      ...(config.faultInjection ? { failNth: new FailNth() } : {}),
     });
     return {
       server: createIommuServer(driver, { logger, ...(tls === undefined ? {} : { tls }) }),

@@ -51,6 +51,8 @@ export const IOMMU_MUTANTS = [
   "forgets-state",
   /** Accepts a second answer to a fault group and tells its owner again. */
   "answers-twice",
+  /** ReplaceDomain as DetachDomain then AttachDomain: not one step (the old faults answered as for a detach, a window with no entry). */
+  "replace-by-detach",
 ] as const;
 export type IommuMutant = (typeof IOMMU_MUTANTS)[number];
 
@@ -171,6 +173,29 @@ await runRole({
               // UNBIND on a device unbind that leaves others bound: the SPID detached while still in use.
               if (r.unbound && !r.lastUnbind) await realCore.detachSpid(req.setId, req.hpasid, req.generation);
               return r;
+            },
+          }
+        : {}),
+      ...(mutant === "replace-by-detach"
+        ? {
+            replaceDomain: async (req: iommu.ReplaceDomainRequest) => {
+              const old = driver.hw.handleAt(req.deviceId, req.pasid, req.withoutPasid);
+              if (old === undefined) return handlers.replaceDomain(req, undefined as never);
+              const target = { deviceId: req.deviceId, pasid: req.pasid, withoutPasid: req.withoutPasid };
+              const answered = await driver.detachDomain({ ...target, domainId: old.domainId, generation: 0 });
+              const handle = await driver.attachDomain({
+                ...target,
+                domainId: req.domainId,
+                generation: old.generation,
+                owner: req.owner,
+                ownerData: req.ownerData,
+              });
+              return iommu.ReplaceDomainResponse.fromPartial({
+                handle: { handleId: handle.handleId, domainId: handle.domainId, generation: handle.generation },
+                replacedHandleId: old.handleId,
+                replacedDomainId: old.domainId,
+                answeredFaultGroups: answered,
+              });
             },
           }
         : {}),

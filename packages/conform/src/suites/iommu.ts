@@ -427,6 +427,64 @@ const clauses: Clause<IommuCtx>[] = [
     },
   },
   {
+    id: "iommu.rpc.replace-domain",
+    statement:
+      "ReplaceDomain moves an attachment to another domain in one step: the entry follows the new domain under a new handle, the old domain is flushed (REPLACE) and the old handle's fault groups answered INVALID (REPLACE); attach still never overwrites; an unattached target (INVALID_ARGUMENT PASID_NOT_ATTACHED), a bind's handle, the wrong old domain or a stale generation are refused and change nothing",
+    source: "iommu.proto ReplaceDomain; DESIGN §5 iommufd model (replace); issue 16 item 1",
+    async run(c) {
+      const v = await newVm(c, 1);
+      const [d] = v.devices as [string];
+      const a = await boundPasid(c, v, 43);
+      const t = await faultTarget(c, v.owner, d, FAULT_PASID + 2);
+      const next = await newDomain(c, DomainType.DOMAIN_TYPE_PAGING);
+      const s = await attachedStream(c, t);
+      try {
+        const g = await pendingGroup(c, t, s, GVA);
+        const waiting = settledLater(c.iommu.awaitPageResponse({ deviceId: d, faultGroupId: g }));
+        const r = await c.iommu.replaceDomain(
+          P(iommu.ReplaceDomainRequest, { domainId: next, deviceId: d, pasid: t.pasid, owner: v.owner, oldDomainId: t.domainId }),
+        );
+        expectEqual([r.replacedDomainId, r.answeredFaultGroups, r.handle?.domainId], [t.domainId, 1, next], "ReplaceDomain's answer");
+        expectEqual(
+          await waiting,
+          { code: PageResponseCode.PAGE_RESPONSE_CODE_INVALID, source: PageResponseSource.PAGE_RESPONSE_SOURCE_REPLACE },
+          "the old attachment's group's response",
+        );
+        const entry = (await query(c, [d])).devices[0]!.pasidEntries.find((e) => e.pasid === t.pasid && !e.withoutPasid);
+        expectEqual([entry?.domainId, entry?.handleId], [next, r.handle?.handleId], "the entry after ReplaceDomain");
+        expectEqual(await flushedAt(c, [d], t.pasid, IotlbFlushCause.IOTLB_FLUSH_CAUSE_REPLACE), [d], "the REPLACE flush of the old domain");
+      } finally {
+        s.stop();
+      }
+      const replace = (extra: object) =>
+        c.iommu.replaceDomain(P(iommu.ReplaceDomainRequest, { domainId: t.domainId, deviceId: d, pasid: t.pasid, owner: v.owner, ...extra }));
+      const refusals: Array<[() => Promise<unknown>, Code, string, string]> = [
+        [() => replace({ pasid: t.pasid + 1 }), Code.INVALID_ARGUMENT, "PASID_NOT_ATTACHED", "ReplaceDomain of an unattached PASID"],
+        [() => replace({ pasid: a.ioasid }), Code.FAILED_PRECONDITION, "DOMAIN_MISMATCH", "ReplaceDomain of a guest bind's entry"],
+        [() => replace({ oldDomainId: t.domainId }), Code.FAILED_PRECONDITION, "DOMAIN_MISMATCH", "ReplaceDomain naming the wrong old domain"],
+        [
+          () => c.iommu.attachDomain(P(iommu.AttachDomainRequest, { domainId: t.domainId, deviceId: d, pasid: t.pasid, owner: v.owner })),
+          Code.FAILED_PRECONDITION,
+          "PASID_IN_USE",
+          "AttachDomain over an attachment (attach never overwrites)",
+        ],
+      ];
+      for (const [call, code, reason, what] of refusals) await expectRefusedUnchanged(() => tables(c, [d]), call, code, reason, what);
+      const g1 = await alloc(c.h, v.setId);
+      await c.iommu.attachDomain(P(iommu.AttachDomainRequest, { domainId: next, deviceId: d, pasid: g1.ioasid, generation: g1.generation, owner: v.owner }));
+      await expectRefusedUnchanged(
+        () => tables(c, [d]),
+        () => replace({ pasid: g1.ioasid, generation: g1.generation + 1 }),
+        Code.FAILED_PRECONDITION,
+        "STALE_GENERATION",
+        "ReplaceDomain with a stale generation",
+      );
+      const back = await replace({ pasid: g1.ioasid, generation: g1.generation });
+      expectEqual(back.handle?.generation, g1.generation, "the replaced attachment stays the IOASID's");
+      await c.iommu.detachDomain(P(iommu.DetachDomainRequest, { domainId: t.domainId, deviceId: d, pasid: g1.ioasid, generation: g1.generation }));
+    },
+  },
+  {
     id: "iommu.rpc.bind-gpasid",
     statement: "BindGpasid programs a NESTED entry per device; only the first device bind attaches the SPID (one BIND) and takes the IOMMU's one reference",
     source: "DESIGN §5 IOMMU (guest bind: ownership check, attach SPID — only the first bind emits BIND — take a reference); iommu.proto BindGpasid",

@@ -19,6 +19,7 @@ import {
 } from "../domain/iommu-hardware.js";
 import { GroupState, PageResponseCode, ResponseSource, type FaultGroup } from "../domain/page-requests.js";
 import type { FaultRecord } from "../domain/fault-handlers.js";
+import { FailNthOperation } from "../domain/fail-nth.js";
 
 // Translations between the wire (ts-proto types of ioasid.iommu.v1) and the domain model. An
 // UNSPECIFIED or unknown enum is refused with INVALID_FIELD naming the field.
@@ -54,6 +55,7 @@ const FLUSH_CAUSES_WIRE = new Map<FlushCause, iommu.IotlbFlushCause>([
   [FlushCause.IOASID_FREE, W.IotlbFlushCause.IOTLB_FLUSH_CAUSE_IOASID_FREE],
   [FlushCause.DEVICE_REMOVED, W.IotlbFlushCause.IOTLB_FLUSH_CAUSE_DEVICE_REMOVED],
   [FlushCause.MM_RELEASE, W.IotlbFlushCause.IOTLB_FLUSH_CAUSE_MM_RELEASE],
+  [FlushCause.REPLACE, W.IotlbFlushCause.IOTLB_FLUSH_CAUSE_REPLACE],
 ]);
 
 const FAULT_REASONS_WIRE = new Map<FaultReason, iommu.FaultReason>([
@@ -79,6 +81,7 @@ const RESPONSE_SOURCES_WIRE = new Map<ResponseSource, iommu.PageResponseSource>(
   [ResponseSource.IOASID_FREED, W.PageResponseSource.PAGE_RESPONSE_SOURCE_IOASID_FREED],
   [ResponseSource.TIMEOUT, W.PageResponseSource.PAGE_RESPONSE_SOURCE_TIMEOUT],
   [ResponseSource.CREDITS_EXHAUSTED, W.PageResponseSource.PAGE_RESPONSE_SOURCE_CREDITS_EXHAUSTED],
+  [ResponseSource.REPLACE, W.PageResponseSource.PAGE_RESPONSE_SOURCE_REPLACE],
 ]);
 
 /** Fault group states to the wire. */
@@ -294,4 +297,19 @@ export function fromFlush(f: IotlbFlush): iommu.IotlbFlush {
 /** Domain fault reason → wire. */
 export function fromFaultReason(r: FaultReason): iommu.FaultReason {
   return FAULT_REASONS_WIRE.get(r)!;
+}
+
+const FAIL_NTH_OPERATIONS = new Map<iommu.FailureInjectionOperation, FailNthOperation>([
+  [W.FailureInjectionOperation.FAILURE_INJECTION_OPERATION_ATTACH, FailNthOperation.ATTACH],
+  [W.FailureInjectionOperation.FAILURE_INJECTION_OPERATION_REPLACE, FailNthOperation.REPLACE],
+  [W.FailureInjectionOperation.FAILURE_INJECTION_OPERATION_DETACH, FailNthOperation.DETACH],
+  [W.FailureInjectionOperation.FAILURE_INJECTION_OPERATION_BIND, FailNthOperation.BIND],
+  [W.FailureInjectionOperation.FAILURE_INJECTION_OPERATION_UNBIND, FailNthOperation.UNBIND],
+]);
+
+/** An InjectFailure operation from the wire. @throws INVALID_FIELD when unspecified or unknown */
+export function toFailNthOperation(op: iommu.FailureInjectionOperation): FailNthOperation {
+  const o = FAIL_NTH_OPERATIONS.get(op);
+  if (o === undefined) throw invalidField("operation", "operation is required: ATTACH, REPLACE, DETACH, BIND or UNBIND");
+  return o;
 }

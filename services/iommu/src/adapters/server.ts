@@ -16,6 +16,7 @@ import {
   toBytes,
   toDeviceSpec,
   toDomainType,
+  toFailNthOperation,
 } from "./convert.js";
 import { invalidField } from "../domain/iommu-errors.js";
 import type { IommuDriver } from "../domain/iommu-driver.js";
@@ -82,6 +83,28 @@ function rawHandlers(driver: IommuDriver): ServiceHandlers<typeof iommu.IommuSer
         generation: req.generation,
       }),
     }),
+    replaceDomain: async (req) => {
+      const r = await driver.replaceDomain({
+        domainId: req.domainId,
+        deviceId: req.deviceId,
+        pasid: req.pasid,
+        withoutPasid: req.withoutPasid,
+        generation: req.generation,
+        owner: req.owner,
+        ownerData: toBytes(req.ownerData),
+        oldDomainId: req.oldDomainId,
+      });
+      return {
+        handle: fromHandle(r.handle),
+        replacedHandleId: r.replaced?.handleId ?? 0n,
+        replacedDomainId: r.replaced?.domainId ?? 0,
+        answeredFaultGroups: r.answeredFaultGroups,
+      };
+    },
+    injectFailure: (req) => {
+      driver.injectFailure(toFailNthOperation(req.operation), req.nth);
+      return {};
+    },
     bindGpasid: async (req) => {
       const r = await driver.bindGpasid({
         setId: req.setId,

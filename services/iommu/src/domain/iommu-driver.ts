@@ -25,6 +25,8 @@ import {
   type IommuSnapshot,
   type Mapping,
   type MmContext,
+  type ReplaceDomainSpec,
+  type Replaced,
   type SvaBond,
   type IommuKeptEntry,
   type TranslateSpec,
@@ -32,6 +34,7 @@ import {
 import type { FaultHandlers, FaultItem } from "./fault-handlers.js";
 import { PageRequestQueue, ResponseSource, type FaultGroup, type PageResponseCode } from "./page-requests.js";
 import { KeyedMutex } from "@ioasid/role-kit";
+import { FailNthOperation, noFailures, type FailNth } from "./fail-nth.js";
 import type { RoleStatePort } from "@ioasid/bus";
 
 /**
@@ -76,6 +79,11 @@ export interface IommuDriverOptions {
   readonly store?: RoleStatePort<IommuKeptEntry>;
   /** What the store held at start: outstanding fault groups come back (pass the hardware restored too). */
   readonly saved?: ReadonlyMap<string, IommuKeptEntry>;
+  /**
+   * Failure injection (tests only: IOASID_IOMMU_FAULT_INJECTION=1): InjectFailure arms it.
+   * @default none — InjectFailure is refused with FAULT_INJECTION_DISABLED
+   */
+  readonly failNth?: FailNth;
 }
 
 /** Default of {@link IommuDriverOptions.faultTimeoutMs}. */
@@ -177,6 +185,8 @@ export class IommuDriver {
   /** The fault path: translations, page-request groups, page responses, fault records. */
   readonly #dma: DmaFaults;
   readonly #store: RoleStatePort<IommuKeptEntry> | undefined;
+  readonly #failNthControl: FailNth | undefined;
+  readonly #failNth: Pick<FailNth, "begin">;
   #persisting: Promise<void> = Promise.resolve();
 
   /**
@@ -196,6 +206,8 @@ export class IommuDriver {
     const timeoutMs = options.faultTimeoutMs ?? DEFAULT_FAULT_TIMEOUT_MS;
     this.prq = options.saved === undefined ? new PageRequestQueue({ timeoutMs }) : PageRequestQueue.restore(options.saved, { timeoutMs });
     this.#store = options.store;
+    this.#failNthControl = options.failNth;
+    this.#failNth = options.failNth ?? noFailures;
     this.hw = options.hardware;
     this.#core = options.core;
     this.#history = options.history;
@@ -371,8 +383,10 @@ export class IommuDriver {
    */
   async attachDomain(spec: AttachDomainSpec): Promise<AttachHandle> {
     if (spec.withoutPasid && spec.generation !== 0) throw invalidField("generation", "a generation names an IOASID: not with without_pasid");
+    const fail = this.#failNth.begin(FailNthOperation.ATTACH);
     this.hw.checkAttachDomain(spec);
     const attach = () => {
+      fail.point("alloc-handle");
       const { result, changes } = this.hw.attachDomain(spec);
       this.#recordChanges(changes);
       this.#record(
@@ -383,8 +397,55 @@ export class IommuDriver {
     };
     if (spec.withoutPasid || spec.generation === 0) return attach();
     return this.#locks.run(pasidKey(spec.pasid), async () => {
+      fail.point("core-describe");
       await this.#checkGeneration(spec.pasid, spec.generation);
       return attach();
+    });
+  }
+
+  /**
+   * Replaces the domain of an AttachDomain attachment in one step (iommufd replace; DESIGN §5
+   * "iommufd model"): the new handle is installed over the old, the old domain flushed for the
+   * target, and the old handle's outstanding fault groups answered INVALID (source REPLACE). An
+   * attachment of an IOASID generation stays that generation's (its FREE tears it down): the
+   * IOASID must still be ACTIVE, as for an attach. A failed replace changes nothing.
+   * @returns what was replaced, and how many fault groups were answered
+   * @throws see {@link IommuHardware.replaceDomain}; STALE_GENERATION, IOASID_NOT_FOUND, IOASID_FREE_PENDING
+   */
+  async replaceDomain(spec: ReplaceDomainSpec): Promise<Replaced & { readonly answeredFaultGroups: number }> {
+    if (spec.withoutPasid && spec.generation !== 0) throw invalidField("generation", "a generation names an IOASID: not with without_pasid");
+    const fail = this.#failNth.begin(FailNthOperation.REPLACE);
+    this.hw.checkReplaceDomain(spec);
+    const replace = (generation: number) => {
+      const old = this.hw.checkReplaceDomain(spec);
+      if (old.domainId !== spec.domainId) fail.point("alloc-handle");
+      const { result, changes } = this.hw.replaceDomain({ ...spec, generation });
+      if (result.replaced === undefined) return { ...result, answeredFaultGroups: 0 };
+      this.#recordChanges(changes);
+      // Faults raised under the old attachment are answered INVALID: the domain they asked about
+      // is no longer the device's (iommufd answers the old hwpt's outstanding faults on replace).
+      const answeredFaultGroups = this.#dma.answered(this.prq.answerHandle(result.replaced.handleId, ResponseSource.REPLACE));
+      this.#record(
+        {
+          $case: spec.withoutPasid ? "replaceGroupDomain" : "replaceDevicePasid",
+          value: { ...this.#handleStep(result.handle), oldHandle: result.replaced.handleId, oldDomain: result.replaced.domainId, answeredFaultGroups },
+        },
+        this.#handleFields(result.handle),
+      );
+      return { ...result, answeredFaultGroups };
+    };
+    if (spec.withoutPasid) return replace(0);
+    return this.#locks.run(pasidKey(spec.pasid), async () => {
+      const old = this.hw.checkReplaceDomain(spec);
+      if (spec.generation !== 0 && old.generation !== 0 && old.generation !== spec.generation) {
+        throw iommuError("STALE_GENERATION", `PASID ${spec.pasid} was attached at generation ${old.generation}, not ${spec.generation}`);
+      }
+      const generation = old.generation !== 0 ? old.generation : spec.generation;
+      if (generation !== 0 && old.domainId !== spec.domainId) {
+        fail.point("core-describe");
+        await this.#checkGeneration(spec.pasid, generation);
+      }
+      return replace(generation);
     });
   }
 
@@ -394,6 +455,7 @@ export class IommuDriver {
    */
   async detachDomain(spec: DetachDomainSpec & { readonly generation: number }): Promise<number> {
     if (spec.withoutPasid && spec.generation !== 0) throw invalidField("generation", "a generation names an IOASID: not with without_pasid");
+    const fail = this.#failNth.begin(FailNthOperation.DETACH);
     this.hw.findDomainAttachment(spec);
     const detach = () => {
       const { result, changes } = this.hw.detachDomain(spec);
@@ -412,10 +474,23 @@ export class IommuDriver {
           throw iommuError("STALE_GENERATION", `PASID ${spec.pasid} was attached at generation ${h.generation}, not ${spec.generation}`);
         }
       } else {
+        fail.point("core-describe");
         await this.#checkGeneration(spec.pasid, spec.generation, { allowFreePending: true });
       }
       return detach();
     });
+  }
+
+  /**
+   * Arms the failure injection: the next call of `operation` fails at its `nth` failure point.
+   * @throws FAULT_INJECTION_DISABLED (the service was not started with failure injection)
+   */
+  injectFailure(operation: FailNthOperation, nth: number): void {
+    if (this.#failNthControl === undefined) {
+      throw iommuError("FAULT_INJECTION_DISABLED", "failure injection is off: start the IOMMU with IOASID_IOMMU_FAULT_INJECTION=1 (tests only)");
+    }
+    if (!Number.isInteger(nth) || nth < 1) throw invalidField("nth", "nth counts failure points from 1");
+    this.#failNthControl.arm(operation, nth);
   }
 
   // ---- guest PASID binds ----
@@ -441,15 +516,20 @@ export class IommuDriver {
       owner: spec.owner,
       ownerData: spec.ownerData,
     };
+    const fail = this.#failNth.begin(FailNthOperation.BIND);
     this.hw.checkGpasidEntry(entry, { ignoreTaken: true });
     return this.#locks.run(pasidKey(spec.hpasid), async () => {
       this.hw.checkGpasidEntry(entry, { ignoreTaken: true });
       // Ownership and state first (ioasid.rst: bind/unbind "performs permission checking based on
       // the IOASID set associated with the guest process"): another guest learns nothing more.
+      fail.point("core-find");
       const info = await this.#core.find(spec.setId, spec.hpasid, spec.generation);
       this.hw.checkGpasidEntry(entry);
       let binding = this.hw.binding(spec.hpasid);
-      if (binding === undefined || binding.generation !== info.generation) await this.#assertVmSet(spec.setId, spec.hpasid);
+      if (binding === undefined || binding.generation !== info.generation) {
+        fail.point("core-get-set");
+        await this.#assertVmSet(spec.setId, spec.hpasid);
+      }
       if (binding !== undefined && binding.generation !== info.generation) {
         // Left over from an earlier generation whose references were force-released: nothing of it
         // is held any more.
@@ -479,6 +559,7 @@ export class IommuDriver {
       try {
         if (!b.refHeld) {
           // Step 4: iommu_bind() -> ioasid_get().
+          fail.point("core-get");
           try {
             refcount = (await this.#core.get(b.setId, b.hpasid, this.#holder, b.generation)).refcount;
           } catch (err) {
@@ -499,11 +580,14 @@ export class IommuDriver {
         if (!b.spidAttached) {
           if (info.spid !== spec.gpasid) {
             // Step 5: the core emits BIND.
+            fail.point("core-attach-spid");
             await this.#core.attachSpid(b.setId, b.hpasid, b.gpasid, b.generation);
             firstBind = true;
           }
           b.spidAttached = true;
         }
+        fail.point("alloc-nested-domain");
+        fail.point("alloc-handle");
         const { result: handle, changes } = this.hw.installGpasidEntry(entry);
         this.#record(
           { $case: "bindGpasid", value: { device: spec.deviceId, handle: handle.handleId, first: firstBind } },
@@ -534,6 +618,7 @@ export class IommuDriver {
     if (spec.setId === 0) throw invalidField("set_id", "set_id is required");
     if (spec.hpasid === RID_PASID) throw iommuError("PASID_ZERO_RESERVED", "PASID 0 is RID_PASID: it is never bound");
     this.hw.assertDevice(spec.deviceId);
+    const fail = this.#failNth.begin(FailNthOperation.UNBIND);
     return this.#locks.run(pasidKey(spec.hpasid), async () => {
       this.hw.assertDevice(spec.deviceId);
       const b = this.hw.binding(spec.hpasid);
@@ -567,7 +652,10 @@ export class IommuDriver {
       const fields = this.#bindFields(b);
       // The last unbind detaches the SPID (UNBIND, step 19) but keeps the reference: the IOMMU
       // drops it when the FREE reaches it (the document's table, steps 22–23: ioasid_free() 1,
-      // then the IOMMU's ioasid_put() 0).
+      // then the IOMMU's ioasid_put() 0). A failure from here on (the core unreachable, or the
+      // injected one) leaves the entry torn down and the SPID attached: the next unbind of the
+      // IOASID, or its FREE, finishes the detach.
+      if (last) fail.point("core-detach-spid");
       const refcount = await this.#releaseIfUnused(b, { keepReference: true });
       this.#record(
         { $case: "unbindGpasid", value: { device: spec.deviceId, handle: handle.handleId, last } },

@@ -40,6 +40,11 @@ export const IommuReason = {
   PRGI_IN_USE: Code.FAILED_PRECONDITION,
   GUEST_BIND_NOT_FOUND: Code.NOT_FOUND,
   FAULT_HANDLER_REPLACED: Code.ABORTED,
+  // ReplaceDomain of a target with nothing attached (iommufd: replace needs an attachment).
+  PASID_NOT_ATTACHED: Code.INVALID_ARGUMENT,
+  // The failure injection's armed point (fail-nth; ENOMEM → RESOURCE_EXHAUSTED).
+  FAULT_INJECTED: Code.RESOURCE_EXHAUSTED,
+  FAULT_INJECTION_DISABLED: Code.FAILED_PRECONDITION,
 } as const;
 /** One of the {@link IommuReason} names. */
 export type IommuReason = keyof typeof IommuReason;

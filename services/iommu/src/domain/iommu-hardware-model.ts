@@ -42,6 +42,7 @@ export const FlushCause = {
   IOASID_FREE: "IOASID_FREE",
   DEVICE_REMOVED: "DEVICE_REMOVED",
   MM_RELEASE: "MM_RELEASE",
+  REPLACE: "REPLACE",
 } as const;
 export type FlushCause = (typeof FlushCause)[keyof typeof FlushCause];
 
@@ -228,6 +229,18 @@ export interface AttachDomainSpec {
   readonly generation: number;
   readonly owner: string;
   readonly ownerData: Uint8Array;
+}
+
+/** What ReplaceDomain asks for: the target, the new domain and the new handle's owner. */
+export interface ReplaceDomainSpec extends AttachDomainSpec {
+  /** The domain expected to be attached now; 0 = whichever is. */
+  readonly oldDomainId: number;
+}
+
+/** What a replace did: the new handle, and the one it replaced (undefined when nothing changed). */
+export interface Replaced {
+  readonly handle: AttachHandle;
+  readonly replaced: AttachHandle | undefined;
 }
 
 /** Where DetachDomain looks. */

@@ -210,6 +210,57 @@ describe("IommuHardware attach handles", () => {
   });
 });
 
+describe("IommuHardware replace (iommufd)", () => {
+  it("replaces in one step: the entry moves to the new domain under a new handle, attach counts follow, the old domain is flushed", () => {
+    const hw = new IommuHardware();
+    hw.registerDevice(dev("d0"));
+    const p = paging(hw);
+    const q = paging(hw);
+    const n = hw.createDomain({ type: DomainType.NESTED, parentDomainId: q, guestPgtable: 0x9000n, mmToken: 0n }).domainId;
+    const old = hw.attachDomain(attach({ domainId: p, generation: 4 })).result;
+    const spec = { ...attach({ domainId: n, generation: 4, owner: "vfio/vfio-2", ownerData: new Uint8Array([9]) }), oldDomainId: p };
+    const { result, changes } = hw.replaceDomain(spec);
+    expect(result.replaced).toMatchObject({ handleId: old.handleId, domainId: p });
+    expect(result.handle).toMatchObject({ kind: AttachKind.DOMAIN, domainId: n, pasid: 5, generation: 4, owner: "vfio/vfio-2" });
+    expect(result.handle.handleId).not.toBe(old.handleId);
+    // The new entry is written before the old domain's flush: no moment without a translation.
+    expect(changes.map((c) => c.kind)).toEqual(["pasidEntrySet", "iotlbFlush"]);
+    expect(hw.snapshot([], 1).flushes[0]).toMatchObject({ scope: FlushScope.PASID, cause: FlushCause.REPLACE, domainId: p, pasid: 5, deviceId: "d0" });
+    expect(hw.device("d0")!.pasidEntries).toMatchObject([{ pasid: 5, domainId: n, domainType: DomainType.NESTED, handleId: result.handle.handleId }]);
+    expect([hw.domain(p)!.attachCount, hw.domain(n)!.attachCount]).toEqual([0, 1]);
+    expect(hw.handle(old.handleId)).toBeUndefined();
+    // p is free to go; q is n's parent and stays.
+    hw.freeDomain(p);
+    refusedUnchanged(hw, () => hw.freeDomain(q), Code.FAILED_PRECONDITION, "DOMAIN_IN_USE");
+    // Back to a paging domain, and the same domain again: nothing changes.
+    hw.replaceDomain({ ...spec, domainId: q, oldDomainId: 0 });
+    const before = hw.snapshot([], IOTLB_FLUSH_LOG_SIZE);
+    const same = hw.replaceDomain({ ...spec, domainId: q, oldDomainId: 0 });
+    expect(same.result.replaced).toBeUndefined();
+    expect(same.changes).toEqual([]);
+    expect(hw.snapshot([], IOTLB_FLUSH_LOG_SIZE)).toEqual(before);
+  });
+
+  it("refuses an unattached target, an SVA domain, a bind's entry and the wrong old domain, changing nothing", () => {
+    const hw = new IommuHardware();
+    hw.registerDevice(dev("d0"));
+    const p = paging(hw);
+    const q = paging(hw);
+    const sva = hw.createDomain({ type: DomainType.SVA, parentDomainId: 0, guestPgtable: 0n, mmToken: 7n }).domainId;
+    const spec = (over: Partial<AttachDomainSpec> & { domainId: number }, oldDomainId = 0) => ({ ...attach(over), oldDomainId });
+    refusedUnchanged(hw, () => hw.replaceDomain(spec({ domainId: q })), Code.INVALID_ARGUMENT, "PASID_NOT_ATTACHED");
+    hw.attachDomain(attach({ domainId: p }));
+    refusedUnchanged(hw, () => hw.replaceDomain(spec({ domainId: sva })), Code.FAILED_PRECONDITION, "DOMAIN_INCOMPATIBLE");
+    refusedUnchanged(hw, () => hw.replaceDomain(spec({ domainId: q }, q)), Code.FAILED_PRECONDITION, "DOMAIN_MISMATCH");
+    refusedUnchanged(hw, () => hw.replaceDomain(spec({ domainId: q, pasid: 0 })), Code.INVALID_ARGUMENT, "PASID_ZERO_RESERVED");
+    refusedUnchanged(hw, () => hw.replaceDomain(spec({ domainId: 999 })), Code.NOT_FOUND, "DOMAIN_NOT_FOUND");
+    hw.attachDomain(attach({ domainId: p, pasid: 0, withoutPasid: true }));
+    hw.createBinding({ hpasid: 30, setId: 1, generation: 2, gpasid: 3 });
+    hw.installGpasidEntry({ deviceId: "d0", hpasid: 30, parentDomainId: 0, guestPgtable: 0x1000n, owner: "vfio/v", ownerData: new Uint8Array() });
+    refusedUnchanged(hw, () => hw.replaceDomain(spec({ domainId: q, pasid: 30 })), Code.FAILED_PRECONDITION, "DOMAIN_MISMATCH");
+  });
+});
+
 describe("IommuHardware guest binds", () => {
   const bind = (hw: IommuHardware, deviceId: string, hpasid = 201, parentDomainId = 0) => {
     hw.createBinding({ hpasid, setId: 4, generation: 2, gpasid: 101 });

@@ -35,6 +35,8 @@ import {
   type IotlbFlush,
   type Mapping,
   type MmContext,
+  type ReplaceDomainSpec,
+  type Replaced,
   type SvaBond,
   type TranslateResult,
   type TranslateSpec,
@@ -263,6 +265,82 @@ export class IommuHardware {
     const changes: HardwareChange[] = [];
     this.#teardownHandle(this.#t.handles.get(h.handleId)!, FlushCause.DETACH, changes);
     return { result: h, changes };
+  }
+
+  /**
+   * Checks everything {@link replaceDomain} checks, without changing anything.
+   * @returns the attachment that would be replaced
+   * @throws see {@link replaceDomain}
+   */
+  checkReplaceDomain(spec: ReplaceDomainSpec): AttachHandle {
+    const dev = this.#device(spec.deviceId);
+    const d = this.#domain(spec.domainId);
+    if (d.type === DomainType.SVA) {
+      throw iommuError("DOMAIN_INCOMPATIBLE", `domain ${spec.domainId} is an SVA domain: bind the mm with SvaBind`);
+    }
+    assertOwner(spec.owner, spec.ownerData);
+    const key = this.#targetKey(dev, spec.pasid, spec.withoutPasid);
+    const where = describeTarget(spec.deviceId, spec.pasid, spec.withoutPasid);
+    const handleId = dev.entries.get(key);
+    // iommufd: a replace needs an attachment to replace (IOMMU_HWPT_REPLACE of an unattached
+    // PASID is -EINVAL); attaching is AttachDomain's job.
+    if (handleId === undefined) throw iommuError("PASID_NOT_ATTACHED", `nothing is attached at ${where}: attach a domain with AttachDomain first`);
+    const h = this.#t.handles.get(handleId)!;
+    if (h.kind !== AttachKind.DOMAIN) {
+      const undo = h.kind === AttachKind.GPASID_BIND ? "UnbindGpasid" : "SvaUnbind";
+      throw iommuError("DOMAIN_MISMATCH", `${where} holds a ${h.kind} handle, not an AttachDomain one: use ${undo}`);
+    }
+    if (spec.oldDomainId !== 0 && h.domainId !== spec.oldDomainId) {
+      throw iommuError("DOMAIN_MISMATCH", `${where} has domain ${h.domainId} attached, not domain ${spec.oldDomainId}`);
+    }
+    return snapshotHandle(h);
+  }
+
+  /**
+   * Replaces the domain of an AttachDomain attachment in one step: the entry is rewritten to the
+   * new domain under a new handle (there is no moment with neither domain), then the old domain's
+   * cached translations for the target are flushed (cause REPLACE). The new handle takes `spec`'s
+   * owner, owner data and generation (the caller passes the old handle's generation when it had
+   * one). The domain already attached: nothing changes and `replaced` is undefined.
+   * @throws DEVICE_NOT_FOUND, DOMAIN_NOT_FOUND, DOMAIN_INCOMPATIBLE (SVA), PASID_ZERO_RESERVED,
+   *   PASID_OUT_OF_RANGE, PASID_NOT_ATTACHED, DOMAIN_MISMATCH, INVALID_FIELD
+   */
+  replaceDomain(spec: ReplaceDomainSpec): Changed<Replaced> {
+    const old = this.checkReplaceDomain(spec);
+    if (old.domainId === spec.domainId) return { result: { handle: old, replaced: undefined }, changes: [] };
+    const h = this.#t.handles.get(old.handleId)!;
+    const changes: HardwareChange[] = [];
+    this.#t.handles.delete(h.handleId);
+    this.#dirty.add(`h/${h.handleId}`);
+    this.#t.domains.get(h.domainId)!.attachCount--;
+    const handle = this.#install(
+      {
+        kind: AttachKind.DOMAIN,
+        domainId: spec.domainId,
+        deviceId: h.deviceId,
+        pasid: h.pasid,
+        withoutPasid: h.withoutPasid,
+        owner: spec.owner,
+        ownerData: spec.ownerData,
+        setId: 0,
+        gpasid: 0,
+        generation: spec.generation,
+      },
+      changes,
+    );
+    changes.push(
+      this.#flush({
+        scope: h.withoutPasid ? FlushScope.DOMAIN : FlushScope.PASID,
+        cause: FlushCause.REPLACE,
+        domainId: h.domainId,
+        pasid: h.pasid,
+        deviceId: h.deviceId,
+        deviceTlb: true,
+        address: 0n,
+        size: 0n,
+      }),
+    );
+    return { result: { handle, replaced: snapshotHandle(h) }, changes };
   }
 
   /** The handle programmed at a device's PASID (or RID_PASID), or undefined. */

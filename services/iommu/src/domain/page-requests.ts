@@ -34,6 +34,7 @@ export const ResponseSource = {
   IOASID_FREED: "IOASID_FREED",
   TIMEOUT: "TIMEOUT",
   CREDITS_EXHAUSTED: "CREDITS_EXHAUSTED",
+  REPLACE: "REPLACE",
 } as const;
 export type ResponseSource = (typeof ResponseSource)[keyof typeof ResponseSource];
 

@@ -298,6 +298,22 @@ export enum ErrorReason {
    */
   ERROR_REASON_PASID_UNTRANSLATABLE = 160,
   /**
+   * ERROR_REASON_PASID_NOT_ATTACHED - INVALID_ARGUMENT. A replace names a device PASID (or the requests without PASID) with nothing
+   * attached: there is no domain to replace (use AttachDomain). Nothing is changed.
+   */
+  ERROR_REASON_PASID_NOT_ATTACHED = 170,
+  /**
+   * ERROR_REASON_FAULT_INJECTED - RESOURCE_EXHAUSTED. The failure injection armed by InjectFailure failed this call at its n-th
+   * failure point (the kernel's fail-nth: an allocation returning -ENOMEM). What the call had done
+   * was undone. Only a service started with failure injection enabled (tests) answers it.
+   */
+  ERROR_REASON_FAULT_INJECTED = 171,
+  /**
+   * ERROR_REASON_FAULT_INJECTION_DISABLED - FAILED_PRECONDITION. InjectFailure on a service started without failure injection
+   * (IOASID_IOMMU_FAULT_INJECTION=1): a production service never fails on purpose.
+   */
+  ERROR_REASON_FAULT_INJECTION_DISABLED = 172,
+  /**
    * ERROR_REASON_ROLE_STATE_UNREADABLE - A role's kept state (JetStream `<PREFIX>_ROLESTATE`) holds an entry that is not the role's
    * `<Role>StateEntry` (the JSON of earlier versions, another format, bytes that do not decode): the
    * role refuses to start rather than misread it; the message says how to start from an empty state.
@@ -620,6 +636,15 @@ export function errorReasonFromJSON(object: any): ErrorReason {
     case 160:
     case "ERROR_REASON_PASID_UNTRANSLATABLE":
       return ErrorReason.ERROR_REASON_PASID_UNTRANSLATABLE;
+    case 170:
+    case "ERROR_REASON_PASID_NOT_ATTACHED":
+      return ErrorReason.ERROR_REASON_PASID_NOT_ATTACHED;
+    case 171:
+    case "ERROR_REASON_FAULT_INJECTED":
+      return ErrorReason.ERROR_REASON_FAULT_INJECTED;
+    case 172:
+    case "ERROR_REASON_FAULT_INJECTION_DISABLED":
+      return ErrorReason.ERROR_REASON_FAULT_INJECTION_DISABLED;
     case 146:
     case "ERROR_REASON_ROLE_STATE_UNREADABLE":
       return ErrorReason.ERROR_REASON_ROLE_STATE_UNREADABLE;
@@ -839,6 +864,12 @@ export function errorReasonToJSON(object: ErrorReason): string {
       return "ERROR_REASON_FAULT_GROUP_NOT_GIVEN";
     case ErrorReason.ERROR_REASON_PASID_UNTRANSLATABLE:
       return "ERROR_REASON_PASID_UNTRANSLATABLE";
+    case ErrorReason.ERROR_REASON_PASID_NOT_ATTACHED:
+      return "ERROR_REASON_PASID_NOT_ATTACHED";
+    case ErrorReason.ERROR_REASON_FAULT_INJECTED:
+      return "ERROR_REASON_FAULT_INJECTED";
+    case ErrorReason.ERROR_REASON_FAULT_INJECTION_DISABLED:
+      return "ERROR_REASON_FAULT_INJECTION_DISABLED";
     case ErrorReason.ERROR_REASON_ROLE_STATE_UNREADABLE:
       return "ERROR_REASON_ROLE_STATE_UNREADABLE";
     case ErrorReason.ERROR_REASON_HISTORY_FORMAT_UNSUPPORTED:

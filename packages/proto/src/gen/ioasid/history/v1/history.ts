@@ -402,6 +402,12 @@ export interface HistoryRecord {
     /** An unrecoverable DMA fault reported (or suppressed). */
     { $case: "dmaFault"; value: DmaFault }
     | //
+    /** A device's domain replaced without PASID (iommu_group_replace_domain()). */
+    { $case: "replaceGroupDomain"; value: DomainReplace }
+    | //
+    /** A device PASID's domain replaced (iommu_replace_device_pasid()). */
+    { $case: "replaceDevicePasid"; value: DomainReplace }
+    | //
     /**
      * ---- vfio ----
      * A VMM opened its container: the VM's IOASID set.
@@ -618,6 +624,24 @@ export interface AttachHandle {
   domain: number;
   /** The handle's owner ("vfio/vfio-1"). */
   owner: string;
+}
+
+/** DomainReplace is an attachment whose domain was replaced in one step. */
+export interface DomainReplace {
+  /** The device. */
+  device: string;
+  /** The new attach handle. */
+  handle: bigint;
+  /** The new domain. */
+  domain: number;
+  /** The new handle's owner. */
+  owner: string;
+  /** The replaced handle. */
+  oldHandle: bigint;
+  /** The replaced domain. */
+  oldDomain: number;
+  /** Fault groups of the replaced handle answered INVALID. */
+  answeredFaultGroups: number;
 }
 
 /** PasidEntry is a PASID-table entry programmed or torn down. */
@@ -1426,6 +1450,12 @@ export const HistoryRecord: MessageFns<HistoryRecord> = {
       case "dmaFault":
         DmaFault.encode(message.action.value, writer.uint32(450).fork()).join();
         break;
+      case "replaceGroupDomain":
+        DomainReplace.encode(message.action.value, writer.uint32(458).fork()).join();
+        break;
+      case "replaceDevicePasid":
+        DomainReplace.encode(message.action.value, writer.uint32(466).fork()).join();
+        break;
       case "containerOpen":
         ContainerOpen.encode(message.action.value, writer.uint32(482).fork()).join();
         break;
@@ -1891,6 +1921,22 @@ export const HistoryRecord: MessageFns<HistoryRecord> = {
             message.action = { $case: "dmaFault", value: DmaFault.decode(reader, reader.uint32()) };
             continue;
           }
+          case 57: {
+            if (tag !== 458) {
+              break;
+            }
+
+            message.action = { $case: "replaceGroupDomain", value: DomainReplace.decode(reader, reader.uint32()) };
+            continue;
+          }
+          case 58: {
+            if (tag !== 466) {
+              break;
+            }
+
+            message.action = { $case: "replaceDevicePasid", value: DomainReplace.decode(reader, reader.uint32()) };
+            continue;
+          }
           case 60: {
             if (tag !== 482) {
               break;
@@ -2290,6 +2336,14 @@ export const HistoryRecord: MessageFns<HistoryRecord> = {
         ? { $case: "dmaFault", value: DmaFault.fromJSON(object.dmaFault) }
         : isSet(object.dma_fault)
         ? { $case: "dmaFault", value: DmaFault.fromJSON(object.dma_fault) }
+        : isSet(object.replaceGroupDomain)
+        ? { $case: "replaceGroupDomain", value: DomainReplace.fromJSON(object.replaceGroupDomain) }
+        : isSet(object.replace_group_domain)
+        ? { $case: "replaceGroupDomain", value: DomainReplace.fromJSON(object.replace_group_domain) }
+        : isSet(object.replaceDevicePasid)
+        ? { $case: "replaceDevicePasid", value: DomainReplace.fromJSON(object.replaceDevicePasid) }
+        : isSet(object.replace_device_pasid)
+        ? { $case: "replaceDevicePasid", value: DomainReplace.fromJSON(object.replace_device_pasid) }
         : isSet(object.containerOpen)
         ? { $case: "containerOpen", value: ContainerOpen.fromJSON(object.containerOpen) }
         : isSet(object.container_open)
@@ -2506,6 +2560,10 @@ export const HistoryRecord: MessageFns<HistoryRecord> = {
       obj.pageResponse = PageResponse.toJSON(message.action.value);
     } else if (message.action?.$case === "dmaFault") {
       obj.dmaFault = DmaFault.toJSON(message.action.value);
+    } else if (message.action?.$case === "replaceGroupDomain") {
+      obj.replaceGroupDomain = DomainReplace.toJSON(message.action.value);
+    } else if (message.action?.$case === "replaceDevicePasid") {
+      obj.replaceDevicePasid = DomainReplace.toJSON(message.action.value);
     } else if (message.action?.$case === "containerOpen") {
       obj.containerOpen = ContainerOpen.toJSON(message.action.value);
     } else if (message.action?.$case === "sessionAttach") {
@@ -2794,6 +2852,18 @@ export const HistoryRecord: MessageFns<HistoryRecord> = {
       case "dmaFault": {
         if (object.action?.value !== undefined && object.action?.value !== null) {
           message.action = { $case: "dmaFault", value: DmaFault.fromPartial(object.action.value) };
+        }
+        break;
+      }
+      case "replaceGroupDomain": {
+        if (object.action?.value !== undefined && object.action?.value !== null) {
+          message.action = { $case: "replaceGroupDomain", value: DomainReplace.fromPartial(object.action.value) };
+        }
+        break;
+      }
+      case "replaceDevicePasid": {
+        if (object.action?.value !== undefined && object.action?.value !== null) {
+          message.action = { $case: "replaceDevicePasid", value: DomainReplace.fromPartial(object.action.value) };
         }
         break;
       }
@@ -4041,6 +4111,189 @@ export const AttachHandle: MessageFns<AttachHandle> = {
     message.handle = (object.handle !== undefined && object.handle !== null) ? BigInt(object.handle) : 0n;
     message.domain = object.domain ?? 0;
     message.owner = object.owner ?? "";
+    return message;
+  },
+};
+
+function createBaseDomainReplace(): DomainReplace {
+  return { device: "", handle: 0n, domain: 0, owner: "", oldHandle: 0n, oldDomain: 0, answeredFaultGroups: 0 };
+}
+
+export const DomainReplace: MessageFns<DomainReplace> = {
+  encode(message: DomainReplace, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.device !== "") {
+      writer.uint32(10).string(message.device);
+    }
+    if (message.handle !== 0n) {
+      if (BigInt.asUintN(64, message.handle) !== message.handle) {
+        throw new globalThis.Error("value provided for field message.handle of type uint64 too large");
+      }
+      writer.uint32(16).uint64(message.handle);
+    }
+    if (message.domain !== 0) {
+      writer.uint32(24).uint32(message.domain);
+    }
+    if (message.owner !== "") {
+      writer.uint32(34).string(message.owner);
+    }
+    if (message.oldHandle !== 0n) {
+      if (BigInt.asUintN(64, message.oldHandle) !== message.oldHandle) {
+        throw new globalThis.Error("value provided for field message.oldHandle of type uint64 too large");
+      }
+      writer.uint32(40).uint64(message.oldHandle);
+    }
+    if (message.oldDomain !== 0) {
+      writer.uint32(48).uint32(message.oldDomain);
+    }
+    if (message.answeredFaultGroups !== 0) {
+      writer.uint32(56).uint32(message.answeredFaultGroups);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): DomainReplace {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseDomainReplace();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.device = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 16) {
+              break;
+            }
+
+            message.handle = reader.uint64() as bigint;
+            continue;
+          }
+          case 3: {
+            if (tag !== 24) {
+              break;
+            }
+
+            message.domain = reader.uint32();
+            continue;
+          }
+          case 4: {
+            if (tag !== 34) {
+              break;
+            }
+
+            message.owner = reader.string();
+            continue;
+          }
+          case 5: {
+            if (tag !== 40) {
+              break;
+            }
+
+            message.oldHandle = reader.uint64() as bigint;
+            continue;
+          }
+          case 6: {
+            if (tag !== 48) {
+              break;
+            }
+
+            message.oldDomain = reader.uint32();
+            continue;
+          }
+          case 7: {
+            if (tag !== 56) {
+              break;
+            }
+
+            message.answeredFaultGroups = reader.uint32();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): DomainReplace {
+    return {
+      device: isSet(object.device) ? globalThis.String(object.device) : "",
+      handle: isSet(object.handle) ? BigInt(object.handle) : 0n,
+      domain: isSet(object.domain) ? globalThis.Number(object.domain) : 0,
+      owner: isSet(object.owner) ? globalThis.String(object.owner) : "",
+      oldHandle: isSet(object.oldHandle)
+        ? BigInt(object.oldHandle)
+        : isSet(object.old_handle)
+        ? BigInt(object.old_handle)
+        : 0n,
+      oldDomain: isSet(object.oldDomain)
+        ? globalThis.Number(object.oldDomain)
+        : isSet(object.old_domain)
+        ? globalThis.Number(object.old_domain)
+        : 0,
+      answeredFaultGroups: isSet(object.answeredFaultGroups)
+        ? globalThis.Number(object.answeredFaultGroups)
+        : isSet(object.answered_fault_groups)
+        ? globalThis.Number(object.answered_fault_groups)
+        : 0,
+    };
+  },
+
+  toJSON(message: DomainReplace): unknown {
+    const obj: any = {};
+    if (message.device !== "") {
+      obj.device = message.device;
+    }
+    if (message.handle !== 0n) {
+      obj.handle = message.handle.toString();
+    }
+    if (message.domain !== 0) {
+      obj.domain = Math.round(message.domain);
+    }
+    if (message.owner !== "") {
+      obj.owner = message.owner;
+    }
+    if (message.oldHandle !== 0n) {
+      obj.oldHandle = message.oldHandle.toString();
+    }
+    if (message.oldDomain !== 0) {
+      obj.oldDomain = Math.round(message.oldDomain);
+    }
+    if (message.answeredFaultGroups !== 0) {
+      obj.answeredFaultGroups = Math.round(message.answeredFaultGroups);
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<DomainReplace>): DomainReplace {
+    return DomainReplace.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<DomainReplace>): DomainReplace {
+    const message = createBaseDomainReplace();
+    message.device = object.device ?? "";
+    message.handle = (object.handle !== undefined && object.handle !== null) ? BigInt(object.handle) : 0n;
+    message.domain = object.domain ?? 0;
+    message.owner = object.owner ?? "";
+    message.oldHandle = (object.oldHandle !== undefined && object.oldHandle !== null) ? BigInt(object.oldHandle) : 0n;
+    message.oldDomain = object.oldDomain ?? 0;
+    message.answeredFaultGroups = object.answeredFaultGroups ?? 0;
     return message;
   },
 };

@@ -258,6 +258,8 @@ export enum PageResponseSource {
    * was answered INVALID at once.
    */
   PAGE_RESPONSE_SOURCE_CREDITS_EXHAUSTED = 7,
+  /** PAGE_RESPONSE_SOURCE_REPLACE - The attachment's domain was replaced (ReplaceDomain): answered INVALID. */
+  PAGE_RESPONSE_SOURCE_REPLACE = 8,
   UNRECOGNIZED = -1,
 }
 
@@ -287,6 +289,9 @@ export function pageResponseSourceFromJSON(object: any): PageResponseSource {
     case 7:
     case "PAGE_RESPONSE_SOURCE_CREDITS_EXHAUSTED":
       return PageResponseSource.PAGE_RESPONSE_SOURCE_CREDITS_EXHAUSTED;
+    case 8:
+    case "PAGE_RESPONSE_SOURCE_REPLACE":
+      return PageResponseSource.PAGE_RESPONSE_SOURCE_REPLACE;
     case -1:
     case "UNRECOGNIZED":
     default:
@@ -312,6 +317,8 @@ export function pageResponseSourceToJSON(object: PageResponseSource): string {
       return "PAGE_RESPONSE_SOURCE_TIMEOUT";
     case PageResponseSource.PAGE_RESPONSE_SOURCE_CREDITS_EXHAUSTED:
       return "PAGE_RESPONSE_SOURCE_CREDITS_EXHAUSTED";
+    case PageResponseSource.PAGE_RESPONSE_SOURCE_REPLACE:
+      return "PAGE_RESPONSE_SOURCE_REPLACE";
     case PageResponseSource.UNRECOGNIZED:
     default:
       return "UNRECOGNIZED";
@@ -562,6 +569,8 @@ export enum IotlbFlushCause {
   IOTLB_FLUSH_CAUSE_DEVICE_REMOVED = 4,
   /** IOTLB_FLUSH_CAUSE_MM_RELEASE - ReleaseMm tore down bonds left behind by an exited process. */
   IOTLB_FLUSH_CAUSE_MM_RELEASE = 5,
+  /** IOTLB_FLUSH_CAUSE_REPLACE - ReplaceDomain: the old domain's entries for the target. */
+  IOTLB_FLUSH_CAUSE_REPLACE = 6,
   UNRECOGNIZED = -1,
 }
 
@@ -585,6 +594,9 @@ export function iotlbFlushCauseFromJSON(object: any): IotlbFlushCause {
     case 5:
     case "IOTLB_FLUSH_CAUSE_MM_RELEASE":
       return IotlbFlushCause.IOTLB_FLUSH_CAUSE_MM_RELEASE;
+    case 6:
+    case "IOTLB_FLUSH_CAUSE_REPLACE":
+      return IotlbFlushCause.IOTLB_FLUSH_CAUSE_REPLACE;
     case -1:
     case "UNRECOGNIZED":
     default:
@@ -606,7 +618,73 @@ export function iotlbFlushCauseToJSON(object: IotlbFlushCause): string {
       return "IOTLB_FLUSH_CAUSE_DEVICE_REMOVED";
     case IotlbFlushCause.IOTLB_FLUSH_CAUSE_MM_RELEASE:
       return "IOTLB_FLUSH_CAUSE_MM_RELEASE";
+    case IotlbFlushCause.IOTLB_FLUSH_CAUSE_REPLACE:
+      return "IOTLB_FLUSH_CAUSE_REPLACE";
     case IotlbFlushCause.UNRECOGNIZED:
+    default:
+      return "UNRECOGNIZED";
+  }
+}
+
+/** FailureInjectionOperation is an operation whose failure points InjectFailure can arm. */
+export enum FailureInjectionOperation {
+  /** FAILURE_INJECTION_OPERATION_UNSPECIFIED - Rejected with INVALID_ARGUMENT `INVALID_FIELD`. */
+  FAILURE_INJECTION_OPERATION_UNSPECIFIED = 0,
+  /** FAILURE_INJECTION_OPERATION_ATTACH - AttachDomain. */
+  FAILURE_INJECTION_OPERATION_ATTACH = 1,
+  /** FAILURE_INJECTION_OPERATION_REPLACE - ReplaceDomain. */
+  FAILURE_INJECTION_OPERATION_REPLACE = 2,
+  /** FAILURE_INJECTION_OPERATION_DETACH - DetachDomain. */
+  FAILURE_INJECTION_OPERATION_DETACH = 3,
+  /** FAILURE_INJECTION_OPERATION_BIND - BindGpasid. */
+  FAILURE_INJECTION_OPERATION_BIND = 4,
+  /** FAILURE_INJECTION_OPERATION_UNBIND - UnbindGpasid. */
+  FAILURE_INJECTION_OPERATION_UNBIND = 5,
+  UNRECOGNIZED = -1,
+}
+
+export function failureInjectionOperationFromJSON(object: any): FailureInjectionOperation {
+  switch (object) {
+    case 0:
+    case "FAILURE_INJECTION_OPERATION_UNSPECIFIED":
+      return FailureInjectionOperation.FAILURE_INJECTION_OPERATION_UNSPECIFIED;
+    case 1:
+    case "FAILURE_INJECTION_OPERATION_ATTACH":
+      return FailureInjectionOperation.FAILURE_INJECTION_OPERATION_ATTACH;
+    case 2:
+    case "FAILURE_INJECTION_OPERATION_REPLACE":
+      return FailureInjectionOperation.FAILURE_INJECTION_OPERATION_REPLACE;
+    case 3:
+    case "FAILURE_INJECTION_OPERATION_DETACH":
+      return FailureInjectionOperation.FAILURE_INJECTION_OPERATION_DETACH;
+    case 4:
+    case "FAILURE_INJECTION_OPERATION_BIND":
+      return FailureInjectionOperation.FAILURE_INJECTION_OPERATION_BIND;
+    case 5:
+    case "FAILURE_INJECTION_OPERATION_UNBIND":
+      return FailureInjectionOperation.FAILURE_INJECTION_OPERATION_UNBIND;
+    case -1:
+    case "UNRECOGNIZED":
+    default:
+      return FailureInjectionOperation.UNRECOGNIZED;
+  }
+}
+
+export function failureInjectionOperationToJSON(object: FailureInjectionOperation): string {
+  switch (object) {
+    case FailureInjectionOperation.FAILURE_INJECTION_OPERATION_UNSPECIFIED:
+      return "FAILURE_INJECTION_OPERATION_UNSPECIFIED";
+    case FailureInjectionOperation.FAILURE_INJECTION_OPERATION_ATTACH:
+      return "FAILURE_INJECTION_OPERATION_ATTACH";
+    case FailureInjectionOperation.FAILURE_INJECTION_OPERATION_REPLACE:
+      return "FAILURE_INJECTION_OPERATION_REPLACE";
+    case FailureInjectionOperation.FAILURE_INJECTION_OPERATION_DETACH:
+      return "FAILURE_INJECTION_OPERATION_DETACH";
+    case FailureInjectionOperation.FAILURE_INJECTION_OPERATION_BIND:
+      return "FAILURE_INJECTION_OPERATION_BIND";
+    case FailureInjectionOperation.FAILURE_INJECTION_OPERATION_UNBIND:
+      return "FAILURE_INJECTION_OPERATION_UNBIND";
+    case FailureInjectionOperation.UNRECOGNIZED:
     default:
       return "UNRECOGNIZED";
   }
@@ -971,6 +1049,55 @@ export interface DetachDomainRequest {
 export interface DetachDomainResponse {
   /** Fault groups of the handle answered INVALID. */
   answeredFaultGroups: number;
+}
+
+/** ReplaceDomainRequest names an attachment and the domain to put in its place. */
+export interface ReplaceDomainRequest {
+  /** The new domain (PAGING or NESTED). */
+  domainId: number;
+  /** The device. */
+  deviceId: string;
+  /** The PASID (1..max_pasids-1); 0 when `without_pasid`. */
+  pasid: number;
+  /** True to replace the domain of the device's requests without PASID. */
+  withoutPasid: boolean;
+  /**
+   * Expected generation of the IOASID `pasid`; 0 = unchecked. An attachment made with a generation
+   * is checked against it; one made without takes this generation (it then belongs to the IOASID).
+   */
+  generation: number;
+  /** Who owns the new handle and answers its faults; required. */
+  owner: string;
+  /** The owner's opaque data for the new handle. */
+  ownerData: Buffer;
+  /** The domain expected to be attached now; 0 = whichever is. */
+  oldDomainId: number;
+}
+
+/** ReplaceDomainResponse is the attachment after the replace. */
+export interface ReplaceDomainResponse {
+  /** The new handle (the existing one when the domain was already attached). */
+  handle:
+    | AttachHandle
+    | undefined;
+  /** The handle replaced; 0 when nothing changed. */
+  replacedHandleId: bigint;
+  /** The domain replaced; 0 when nothing changed. */
+  replacedDomainId: number;
+  /** Fault groups of the replaced handle answered INVALID. */
+  answeredFaultGroups: number;
+}
+
+/** InjectFailureRequest arms one injected failure. */
+export interface InjectFailureRequest {
+  /** The operation whose next call fails. */
+  operation: FailureInjectionOperation;
+  /** Which of its failure points fails, from 1. */
+  nth: number;
+}
+
+/** InjectFailureResponse confirms the arming. */
+export interface InjectFailureResponse {
 }
 
 /** BindGpasidRequest is one bind_gpasid of a guest PASID on a device. */
@@ -4901,6 +5028,489 @@ export const DetachDomainResponse: MessageFns<DetachDomainResponse> = {
   },
 };
 
+function createBaseReplaceDomainRequest(): ReplaceDomainRequest {
+  return {
+    domainId: 0,
+    deviceId: "",
+    pasid: 0,
+    withoutPasid: false,
+    generation: 0,
+    owner: "",
+    ownerData: Buffer.alloc(0),
+    oldDomainId: 0,
+  };
+}
+
+export const ReplaceDomainRequest: MessageFns<ReplaceDomainRequest> = {
+  encode(message: ReplaceDomainRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.domainId !== 0) {
+      writer.uint32(8).uint32(message.domainId);
+    }
+    if (message.deviceId !== "") {
+      writer.uint32(18).string(message.deviceId);
+    }
+    if (message.pasid !== 0) {
+      writer.uint32(24).uint32(message.pasid);
+    }
+    if (message.withoutPasid !== false) {
+      writer.uint32(32).bool(message.withoutPasid);
+    }
+    if (message.generation !== 0) {
+      writer.uint32(40).uint32(message.generation);
+    }
+    if (message.owner !== "") {
+      writer.uint32(50).string(message.owner);
+    }
+    if (message.ownerData.length !== 0) {
+      writer.uint32(58).bytes(message.ownerData);
+    }
+    if (message.oldDomainId !== 0) {
+      writer.uint32(64).uint32(message.oldDomainId);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): ReplaceDomainRequest {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseReplaceDomainRequest();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 8) {
+              break;
+            }
+
+            message.domainId = reader.uint32();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.deviceId = reader.string();
+            continue;
+          }
+          case 3: {
+            if (tag !== 24) {
+              break;
+            }
+
+            message.pasid = reader.uint32();
+            continue;
+          }
+          case 4: {
+            if (tag !== 32) {
+              break;
+            }
+
+            message.withoutPasid = reader.bool();
+            continue;
+          }
+          case 5: {
+            if (tag !== 40) {
+              break;
+            }
+
+            message.generation = reader.uint32();
+            continue;
+          }
+          case 6: {
+            if (tag !== 50) {
+              break;
+            }
+
+            message.owner = reader.string();
+            continue;
+          }
+          case 7: {
+            if (tag !== 58) {
+              break;
+            }
+
+            message.ownerData = Buffer.from(reader.bytes());
+            continue;
+          }
+          case 8: {
+            if (tag !== 64) {
+              break;
+            }
+
+            message.oldDomainId = reader.uint32();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): ReplaceDomainRequest {
+    return {
+      domainId: isSet(object.domainId)
+        ? globalThis.Number(object.domainId)
+        : isSet(object.domain_id)
+        ? globalThis.Number(object.domain_id)
+        : 0,
+      deviceId: isSet(object.deviceId)
+        ? globalThis.String(object.deviceId)
+        : isSet(object.device_id)
+        ? globalThis.String(object.device_id)
+        : "",
+      pasid: isSet(object.pasid) ? globalThis.Number(object.pasid) : 0,
+      withoutPasid: isSet(object.withoutPasid)
+        ? globalThis.Boolean(object.withoutPasid)
+        : isSet(object.without_pasid)
+        ? globalThis.Boolean(object.without_pasid)
+        : false,
+      generation: isSet(object.generation) ? globalThis.Number(object.generation) : 0,
+      owner: isSet(object.owner) ? globalThis.String(object.owner) : "",
+      ownerData: isSet(object.ownerData)
+        ? Buffer.from(bytesFromBase64(object.ownerData))
+        : isSet(object.owner_data)
+        ? Buffer.from(bytesFromBase64(object.owner_data))
+        : Buffer.alloc(0),
+      oldDomainId: isSet(object.oldDomainId)
+        ? globalThis.Number(object.oldDomainId)
+        : isSet(object.old_domain_id)
+        ? globalThis.Number(object.old_domain_id)
+        : 0,
+    };
+  },
+
+  toJSON(message: ReplaceDomainRequest): unknown {
+    const obj: any = {};
+    if (message.domainId !== 0) {
+      obj.domainId = Math.round(message.domainId);
+    }
+    if (message.deviceId !== "") {
+      obj.deviceId = message.deviceId;
+    }
+    if (message.pasid !== 0) {
+      obj.pasid = Math.round(message.pasid);
+    }
+    if (message.withoutPasid !== false) {
+      obj.withoutPasid = message.withoutPasid;
+    }
+    if (message.generation !== 0) {
+      obj.generation = Math.round(message.generation);
+    }
+    if (message.owner !== "") {
+      obj.owner = message.owner;
+    }
+    if (message.ownerData.length !== 0) {
+      obj.ownerData = base64FromBytes(message.ownerData);
+    }
+    if (message.oldDomainId !== 0) {
+      obj.oldDomainId = Math.round(message.oldDomainId);
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<ReplaceDomainRequest>): ReplaceDomainRequest {
+    return ReplaceDomainRequest.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<ReplaceDomainRequest>): ReplaceDomainRequest {
+    const message = createBaseReplaceDomainRequest();
+    message.domainId = object.domainId ?? 0;
+    message.deviceId = object.deviceId ?? "";
+    message.pasid = object.pasid ?? 0;
+    message.withoutPasid = object.withoutPasid ?? false;
+    message.generation = object.generation ?? 0;
+    message.owner = object.owner ?? "";
+    message.ownerData = object.ownerData ?? Buffer.alloc(0);
+    message.oldDomainId = object.oldDomainId ?? 0;
+    return message;
+  },
+};
+
+function createBaseReplaceDomainResponse(): ReplaceDomainResponse {
+  return { handle: undefined, replacedHandleId: 0n, replacedDomainId: 0, answeredFaultGroups: 0 };
+}
+
+export const ReplaceDomainResponse: MessageFns<ReplaceDomainResponse> = {
+  encode(message: ReplaceDomainResponse, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.handle !== undefined) {
+      AttachHandle.encode(message.handle, writer.uint32(10).fork()).join();
+    }
+    if (message.replacedHandleId !== 0n) {
+      if (BigInt.asUintN(64, message.replacedHandleId) !== message.replacedHandleId) {
+        throw new globalThis.Error("value provided for field message.replacedHandleId of type uint64 too large");
+      }
+      writer.uint32(16).uint64(message.replacedHandleId);
+    }
+    if (message.replacedDomainId !== 0) {
+      writer.uint32(24).uint32(message.replacedDomainId);
+    }
+    if (message.answeredFaultGroups !== 0) {
+      writer.uint32(32).uint32(message.answeredFaultGroups);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): ReplaceDomainResponse {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseReplaceDomainResponse();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.handle = AttachHandle.decode(reader, reader.uint32());
+            continue;
+          }
+          case 2: {
+            if (tag !== 16) {
+              break;
+            }
+
+            message.replacedHandleId = reader.uint64() as bigint;
+            continue;
+          }
+          case 3: {
+            if (tag !== 24) {
+              break;
+            }
+
+            message.replacedDomainId = reader.uint32();
+            continue;
+          }
+          case 4: {
+            if (tag !== 32) {
+              break;
+            }
+
+            message.answeredFaultGroups = reader.uint32();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): ReplaceDomainResponse {
+    return {
+      handle: isSet(object.handle) ? AttachHandle.fromJSON(object.handle) : undefined,
+      replacedHandleId: isSet(object.replacedHandleId)
+        ? BigInt(object.replacedHandleId)
+        : isSet(object.replaced_handle_id)
+        ? BigInt(object.replaced_handle_id)
+        : 0n,
+      replacedDomainId: isSet(object.replacedDomainId)
+        ? globalThis.Number(object.replacedDomainId)
+        : isSet(object.replaced_domain_id)
+        ? globalThis.Number(object.replaced_domain_id)
+        : 0,
+      answeredFaultGroups: isSet(object.answeredFaultGroups)
+        ? globalThis.Number(object.answeredFaultGroups)
+        : isSet(object.answered_fault_groups)
+        ? globalThis.Number(object.answered_fault_groups)
+        : 0,
+    };
+  },
+
+  toJSON(message: ReplaceDomainResponse): unknown {
+    const obj: any = {};
+    if (message.handle !== undefined) {
+      obj.handle = AttachHandle.toJSON(message.handle);
+    }
+    if (message.replacedHandleId !== 0n) {
+      obj.replacedHandleId = message.replacedHandleId.toString();
+    }
+    if (message.replacedDomainId !== 0) {
+      obj.replacedDomainId = Math.round(message.replacedDomainId);
+    }
+    if (message.answeredFaultGroups !== 0) {
+      obj.answeredFaultGroups = Math.round(message.answeredFaultGroups);
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<ReplaceDomainResponse>): ReplaceDomainResponse {
+    return ReplaceDomainResponse.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<ReplaceDomainResponse>): ReplaceDomainResponse {
+    const message = createBaseReplaceDomainResponse();
+    message.handle = (object.handle !== undefined && object.handle !== null)
+      ? AttachHandle.fromPartial(object.handle)
+      : undefined;
+    message.replacedHandleId = (object.replacedHandleId !== undefined && object.replacedHandleId !== null)
+      ? BigInt(object.replacedHandleId)
+      : 0n;
+    message.replacedDomainId = object.replacedDomainId ?? 0;
+    message.answeredFaultGroups = object.answeredFaultGroups ?? 0;
+    return message;
+  },
+};
+
+function createBaseInjectFailureRequest(): InjectFailureRequest {
+  return { operation: 0, nth: 0 };
+}
+
+export const InjectFailureRequest: MessageFns<InjectFailureRequest> = {
+  encode(message: InjectFailureRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.operation !== 0) {
+      writer.uint32(8).int32(message.operation);
+    }
+    if (message.nth !== 0) {
+      writer.uint32(16).uint32(message.nth);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): InjectFailureRequest {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseInjectFailureRequest();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 8) {
+              break;
+            }
+
+            message.operation = reader.int32() as any;
+            continue;
+          }
+          case 2: {
+            if (tag !== 16) {
+              break;
+            }
+
+            message.nth = reader.uint32();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): InjectFailureRequest {
+    return {
+      operation: isSet(object.operation) ? failureInjectionOperationFromJSON(object.operation) : 0,
+      nth: isSet(object.nth) ? globalThis.Number(object.nth) : 0,
+    };
+  },
+
+  toJSON(message: InjectFailureRequest): unknown {
+    const obj: any = {};
+    if (message.operation !== 0) {
+      obj.operation = failureInjectionOperationToJSON(message.operation);
+    }
+    if (message.nth !== 0) {
+      obj.nth = Math.round(message.nth);
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<InjectFailureRequest>): InjectFailureRequest {
+    return InjectFailureRequest.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<InjectFailureRequest>): InjectFailureRequest {
+    const message = createBaseInjectFailureRequest();
+    message.operation = object.operation ?? 0;
+    message.nth = object.nth ?? 0;
+    return message;
+  },
+};
+
+function createBaseInjectFailureResponse(): InjectFailureResponse {
+  return {};
+}
+
+export const InjectFailureResponse: MessageFns<InjectFailureResponse> = {
+  encode(_: InjectFailureResponse, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): InjectFailureResponse {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseInjectFailureResponse();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(_: any): InjectFailureResponse {
+    return {};
+  },
+
+  toJSON(_: InjectFailureResponse): unknown {
+    const obj: any = {};
+    return obj;
+  },
+
+  create(base?: DeepPartial<InjectFailureResponse>): InjectFailureResponse {
+    return InjectFailureResponse.fromPartial(base ?? {});
+  },
+  fromPartial(_: DeepPartial<InjectFailureResponse>): InjectFailureResponse {
+    const message = createBaseInjectFailureResponse();
+    return message;
+  },
+};
+
 function createBaseBindGpasidRequest(): BindGpasidRequest {
   return {
     setId: 0,
@@ -8470,6 +9080,53 @@ export const IommuServiceService = {
     responseDeserialize: (value: Buffer): DetachDomainResponse => DetachDomainResponse.decode(value),
   },
   /**
+   * ReplaceDomain replaces the domain of an AttachDomain attachment in one step (iommufd's replace:
+   * iommu_group_replace_domain() for the requests without PASID, iommu_replace_device_pasid() for a
+   * PASID): the entry is reprogrammed to the new domain with no moment when the device translates
+   * through neither, the old domain's IOTLB/DevTLB entries for the target are flushed, and every
+   * outstanding fault group of the old attachment is answered INVALID (source REPLACE). The
+   * attachment gets a new attach handle carrying the request's owner and owner data; an attachment
+   * that belonged to an IOASID generation keeps belonging to it. Replacing with the domain already
+   * attached changes nothing and answers the existing handle. PAGING and NESTED domains may replace
+   * each other in any order. A replace that fails changes nothing: the old domain stays attached.
+   * Errors: NOT_FOUND `DEVICE_NOT_FOUND`, `DOMAIN_NOT_FOUND`; INVALID_ARGUMENT `PASID_NOT_ATTACHED`
+   * (nothing is attached there: use AttachDomain), `PASID_ZERO_RESERVED`, `PASID_OUT_OF_RANGE`;
+   * FAILED_PRECONDITION `DOMAIN_INCOMPATIBLE` (an SVA domain), `DOMAIN_MISMATCH` (the attachment
+   * was made by BindGpasid or SvaBind, or `old_domain_id` is given and another domain is attached),
+   * `STALE_GENERATION`; NOT_FOUND `IOASID_NOT_FOUND`, `IOASID_FREE_PENDING` (the attachment
+   * belongs to an IOASID that is gone or being freed: nothing new may use it).
+   */
+  replaceDomain: {
+    path: "/ioasid.iommu.v1.IommuService/ReplaceDomain" as const,
+    requestStream: false as const,
+    responseStream: false as const,
+    requestSerialize: (value: ReplaceDomainRequest): Buffer => Buffer.from(ReplaceDomainRequest.encode(value).finish()),
+    requestDeserialize: (value: Buffer): ReplaceDomainRequest => ReplaceDomainRequest.decode(value),
+    responseSerialize: (value: ReplaceDomainResponse): Buffer =>
+      Buffer.from(ReplaceDomainResponse.encode(value).finish()),
+    responseDeserialize: (value: Buffer): ReplaceDomainResponse => ReplaceDomainResponse.decode(value),
+  },
+  /**
+   * InjectFailure arms the failure injection (DESIGN §5 "Failure injection", the kernel's fail-nth):
+   * the next call of `operation` fails at its `nth` failure point with RESOURCE_EXHAUSTED
+   * `FAULT_INJECTED` (the ENOMEM of a failed allocation), after undoing whatever it had done. The
+   * arming is used up by that next call whether or not it has `nth` points; a call with fewer
+   * points succeeds. Test-only: refused unless the service was started with
+   * IOASID_IOMMU_FAULT_INJECTION=1.
+   * Errors: FAILED_PRECONDITION `FAULT_INJECTION_DISABLED`; INVALID_ARGUMENT `INVALID_FIELD`
+   * (operation unspecified, nth 0).
+   */
+  injectFailure: {
+    path: "/ioasid.iommu.v1.IommuService/InjectFailure" as const,
+    requestStream: false as const,
+    responseStream: false as const,
+    requestSerialize: (value: InjectFailureRequest): Buffer => Buffer.from(InjectFailureRequest.encode(value).finish()),
+    requestDeserialize: (value: Buffer): InjectFailureRequest => InjectFailureRequest.decode(value),
+    responseSerialize: (value: InjectFailureResponse): Buffer =>
+      Buffer.from(InjectFailureResponse.encode(value).finish()),
+    responseDeserialize: (value: Buffer): InjectFailureResponse => InjectFailureResponse.decode(value),
+  },
+  /**
    * BindGpasid binds a guest PASID table entry (bind_gpasid): after checking that `hpasid` belongs
    * to `set_id` and that the set is a VM's (an MM token: a host process's native SVA set, or any
    * NONE-token set, is refused, so a guest page table never lands on a host PASID), the IOMMU takes a reference on the IOASID (unless it still holds one from an
@@ -8793,6 +9450,35 @@ export interface IommuServiceServer extends UntypedServiceImplementation {
    */
   detachDomain: handleUnaryCall<DetachDomainRequest, DetachDomainResponse>;
   /**
+   * ReplaceDomain replaces the domain of an AttachDomain attachment in one step (iommufd's replace:
+   * iommu_group_replace_domain() for the requests without PASID, iommu_replace_device_pasid() for a
+   * PASID): the entry is reprogrammed to the new domain with no moment when the device translates
+   * through neither, the old domain's IOTLB/DevTLB entries for the target are flushed, and every
+   * outstanding fault group of the old attachment is answered INVALID (source REPLACE). The
+   * attachment gets a new attach handle carrying the request's owner and owner data; an attachment
+   * that belonged to an IOASID generation keeps belonging to it. Replacing with the domain already
+   * attached changes nothing and answers the existing handle. PAGING and NESTED domains may replace
+   * each other in any order. A replace that fails changes nothing: the old domain stays attached.
+   * Errors: NOT_FOUND `DEVICE_NOT_FOUND`, `DOMAIN_NOT_FOUND`; INVALID_ARGUMENT `PASID_NOT_ATTACHED`
+   * (nothing is attached there: use AttachDomain), `PASID_ZERO_RESERVED`, `PASID_OUT_OF_RANGE`;
+   * FAILED_PRECONDITION `DOMAIN_INCOMPATIBLE` (an SVA domain), `DOMAIN_MISMATCH` (the attachment
+   * was made by BindGpasid or SvaBind, or `old_domain_id` is given and another domain is attached),
+   * `STALE_GENERATION`; NOT_FOUND `IOASID_NOT_FOUND`, `IOASID_FREE_PENDING` (the attachment
+   * belongs to an IOASID that is gone or being freed: nothing new may use it).
+   */
+  replaceDomain: handleUnaryCall<ReplaceDomainRequest, ReplaceDomainResponse>;
+  /**
+   * InjectFailure arms the failure injection (DESIGN §5 "Failure injection", the kernel's fail-nth):
+   * the next call of `operation` fails at its `nth` failure point with RESOURCE_EXHAUSTED
+   * `FAULT_INJECTED` (the ENOMEM of a failed allocation), after undoing whatever it had done. The
+   * arming is used up by that next call whether or not it has `nth` points; a call with fewer
+   * points succeeds. Test-only: refused unless the service was started with
+   * IOASID_IOMMU_FAULT_INJECTION=1.
+   * Errors: FAILED_PRECONDITION `FAULT_INJECTION_DISABLED`; INVALID_ARGUMENT `INVALID_FIELD`
+   * (operation unspecified, nth 0).
+   */
+  injectFailure: handleUnaryCall<InjectFailureRequest, InjectFailureResponse>;
+  /**
    * BindGpasid binds a guest PASID table entry (bind_gpasid): after checking that `hpasid` belongs
    * to `set_id` and that the set is a VM's (an MM token: a host process's native SVA set, or any
    * NONE-token set, is refused, so a guest page table never lands on a host PASID), the IOMMU takes a reference on the IOASID (unless it still holds one from an
@@ -9076,6 +9762,63 @@ export interface IommuServiceClient extends Client {
     metadata: Metadata,
     options: Partial<CallOptions>,
     callback: (error: ServiceError | null, response: DetachDomainResponse) => void,
+  ): ClientUnaryCall;
+  /**
+   * ReplaceDomain replaces the domain of an AttachDomain attachment in one step (iommufd's replace:
+   * iommu_group_replace_domain() for the requests without PASID, iommu_replace_device_pasid() for a
+   * PASID): the entry is reprogrammed to the new domain with no moment when the device translates
+   * through neither, the old domain's IOTLB/DevTLB entries for the target are flushed, and every
+   * outstanding fault group of the old attachment is answered INVALID (source REPLACE). The
+   * attachment gets a new attach handle carrying the request's owner and owner data; an attachment
+   * that belonged to an IOASID generation keeps belonging to it. Replacing with the domain already
+   * attached changes nothing and answers the existing handle. PAGING and NESTED domains may replace
+   * each other in any order. A replace that fails changes nothing: the old domain stays attached.
+   * Errors: NOT_FOUND `DEVICE_NOT_FOUND`, `DOMAIN_NOT_FOUND`; INVALID_ARGUMENT `PASID_NOT_ATTACHED`
+   * (nothing is attached there: use AttachDomain), `PASID_ZERO_RESERVED`, `PASID_OUT_OF_RANGE`;
+   * FAILED_PRECONDITION `DOMAIN_INCOMPATIBLE` (an SVA domain), `DOMAIN_MISMATCH` (the attachment
+   * was made by BindGpasid or SvaBind, or `old_domain_id` is given and another domain is attached),
+   * `STALE_GENERATION`; NOT_FOUND `IOASID_NOT_FOUND`, `IOASID_FREE_PENDING` (the attachment
+   * belongs to an IOASID that is gone or being freed: nothing new may use it).
+   */
+  replaceDomain(
+    request: ReplaceDomainRequest,
+    callback: (error: ServiceError | null, response: ReplaceDomainResponse) => void,
+  ): ClientUnaryCall;
+  replaceDomain(
+    request: ReplaceDomainRequest,
+    metadata: Metadata,
+    callback: (error: ServiceError | null, response: ReplaceDomainResponse) => void,
+  ): ClientUnaryCall;
+  replaceDomain(
+    request: ReplaceDomainRequest,
+    metadata: Metadata,
+    options: Partial<CallOptions>,
+    callback: (error: ServiceError | null, response: ReplaceDomainResponse) => void,
+  ): ClientUnaryCall;
+  /**
+   * InjectFailure arms the failure injection (DESIGN §5 "Failure injection", the kernel's fail-nth):
+   * the next call of `operation` fails at its `nth` failure point with RESOURCE_EXHAUSTED
+   * `FAULT_INJECTED` (the ENOMEM of a failed allocation), after undoing whatever it had done. The
+   * arming is used up by that next call whether or not it has `nth` points; a call with fewer
+   * points succeeds. Test-only: refused unless the service was started with
+   * IOASID_IOMMU_FAULT_INJECTION=1.
+   * Errors: FAILED_PRECONDITION `FAULT_INJECTION_DISABLED`; INVALID_ARGUMENT `INVALID_FIELD`
+   * (operation unspecified, nth 0).
+   */
+  injectFailure(
+    request: InjectFailureRequest,
+    callback: (error: ServiceError | null, response: InjectFailureResponse) => void,
+  ): ClientUnaryCall;
+  injectFailure(
+    request: InjectFailureRequest,
+    metadata: Metadata,
+    callback: (error: ServiceError | null, response: InjectFailureResponse) => void,
+  ): ClientUnaryCall;
+  injectFailure(
+    request: InjectFailureRequest,
+    metadata: Metadata,
+    options: Partial<CallOptions>,
+    callback: (error: ServiceError | null, response: InjectFailureResponse) => void,
   ): ClientUnaryCall;
   /**
    * BindGpasid binds a guest PASID table entry (bind_gpasid): after checking that `hpasid` belongs
