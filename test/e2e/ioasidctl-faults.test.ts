@@ -89,7 +89,7 @@ afterAll(async () => {
 describe("ioasidctl IO page faults", () => {
   it("has --help on dma, faults, fault and guest-ram, and lists them", async () => {
     const top = await ctl("--help");
-    for (const c of ["dma", "faults", "fault", "guest-ram"]) {
+    for (const c of ["dma", "faults", "fault", "guest-ram", "device"]) {
       expect(top.stdout).toMatch(new RegExp(`^  ${c} +\\S`, "m"));
       const h = await ctl(c, "--help");
       expect(h.code).toBe(0);
@@ -111,6 +111,11 @@ describe("ioasidctl IO page faults", () => {
       ["fault", "respond", "--vm", "vm1", "--code", "success"],
       ["guest-ram", "--vm", "vm1", "--size", "0x800"],
       ["dma", "--no-such-flag"],
+      ["device", "replace", "--vm", "vm1", "--device", "pf-x"],
+      ["device", "replace", "--vm", "vm1", "--device", "pf-x", "--stage2", "--guest-pgtable", "0x9000"],
+      ["device", "replace", "--vm", "vm1", "--device", "pf-x", "--guest-pgtable", "0x9001"],
+      ["device", "swap", "--vm", "vm1", "--device", "pf-x"],
+      ["device", "assign", "--vm", "vm1"],
     ];
     for (const args of bad) {
       const r = await ctl(...args);
@@ -219,4 +224,30 @@ describe("ioasidctl IO page faults", () => {
 
     expect((await ctl("down")).code).toBe(0);
   }, 180_000);
+
+  it("replaces a physical device's domain of a VM with `device replace`: nested translation on, off, and a refusal that changes nothing", async () => {
+    const up = await onFreePorts(
+      (base) => ctl("up", "--base-port", String(base), "--nats-port", String(base + 10)),
+      (r) => PORT_TAKEN.test(r.stderr),
+    );
+    expect(up.code, up.stderr).toBe(0);
+    expect((await ctl("vm", "create", "--name", "vm-dev", "--token", "4545")).code).toBe(0);
+    expect((await ctl("device", "register", "--device", "pf-cli")).code).toBe(0);
+    const assign = await ctl("device", "assign", "--vm", "vm-dev", "--device", "pf-cli");
+    expect(assign.code, assign.stderr).toBe(0);
+    const on = await ctl("device", "replace", "--vm", "vm-dev", "--device", "pf-cli", "--guest-pgtable", "0x9000", "--json");
+    expect(on.code, on.stderr).toBe(0);
+    const r = JSON.parse(on.stdout) as { domainId: number; guestPgtable: string };
+    expect(r.guestPgtable).toBe(String(0x9000));
+    const off = await ctl("device", "replace", "--vm", "vm-dev", "--device", "pf-cli", "--stage2");
+    expect(off.code, off.stderr).toBe(0);
+    expect(off.stdout).toMatch(/^device pf-cli of vm vm-dev: domain \d+ \(the VM's stage 2\); 0 fault group\(s\) of the old attachment answered INVALID$/m);
+    expect(off.stdout).not.toContain(`domain ${r.domainId} `);
+    // A device the VM does not have: refused with its reason, exit 1.
+    const refused = await ctl("device", "replace", "--vm", "vm-dev", "--device", "pf-none", "--stage2");
+    expect(refused.code).toBe(1);
+    expect(refused.stderr).toContain("DEVICE_NOT_ASSIGNED");
+    expect((await ctl("device", "unassign", "--vm", "vm-dev", "--device", "pf-cli")).code).toBe(0);
+    expect((await ctl("down")).code).toBe(0);
+  }, 120_000);
 });

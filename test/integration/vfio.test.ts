@@ -150,7 +150,15 @@ describe("vfio: guest PASIDs (virtual command)", () => {
     await fx.client.put(core.PutRequest.fromPartial({ setId: c.setId, ioasid: b.hpasid, holder: KVM }));
     expect(await ioasidsOf(c.setId)).toEqual([]);
     await expectRefused(vf.client.freePasid({ containerId: c.containerId, hpasid: a.hpasid, generation: 0 }), Code.NOT_FOUND, "IOASID_NOT_FOUND");
-    const h = await waitHistory(since, c.containerId, "vcmdFree");
+    // Records are published after each call answers: wait for the last free's, not the first.
+    let h: HistoryRecord[] = [];
+    await waitFor(
+      async () => {
+        h = await vfioHistory(since, c.containerId);
+        return h.filter((r) => r.action?.$case === "vcmdFree").length >= 3;
+      },
+      { timeoutMs: 5000, message: `vfio history: the three vcmd_free of container ${c.containerId}` },
+    );
     expect(h.filter((r) => r.action?.$case === "vcmdAlloc" || r.action?.$case === "vcmdFree").map((r) => `${r.action?.$case}:${r.ioasid}`)).toEqual([
       `vcmdAlloc:${a.hpasid}`,
       `vcmdAlloc:${b.hpasid}`,

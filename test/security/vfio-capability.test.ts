@@ -158,6 +158,7 @@ function callsNaming(vmm: VfioSession, containerId: number): ReadonlyArray<reado
     ["AssignDevice", (o) => vmm.assignDevice(P(vfio.AssignDeviceRequest, { containerId, device: pci("pf-spare") }), o)],
     ["UnassignDevice (device)", (o) => vmm.unassignDevice(P(vfio.UnassignDeviceRequest, { containerId, device: pci("pf-a") }), o)],
     ["UnassignDevice (mdev)", (o) => vmm.unassignDevice(P(vfio.UnassignDeviceRequest, { containerId, device: mdevRef("mdev-a") }), o)],
+    ["ReplaceDeviceDomain", (o) => vmm.replaceDeviceDomain(P(vfio.ReplaceDeviceDomainRequest, { containerId, device: pci("pf-a"), guestPgtable: 0x9000n }), o)],
     ["AllocPasid", (o) => vmm.allocPasid({ containerId }, o)],
     ["FreePasid", (o) => vmm.freePasid({ containerId, hpasid: p.hpasid, generation: p.generation }, o)],
     [

@@ -13,6 +13,7 @@ import { chaosCommand } from "./chaos-command.js";
 import { conformCommand } from "./conform-command.js";
 import { addressesOf, connectServices, connectStack, type StackClients } from "./clients.js";
 import { faultCommands } from "./fault-commands.js";
+import { deviceCommands } from "./device-commands.js";
 import { holderCommands } from "./holder.js";
 import { gatherInspect, inspectJson, renderInspectText, type InspectSnapshot } from "./inspect.js";
 import { runScenario, ScenarioKind, type ScenarioResult } from "./scenario.js";
@@ -629,6 +630,7 @@ const commands: Record<string, Command> = {
   ...attachCommands(out),
   ...holderCommands(out),
   ...faultCommands({ withStack, findVm, out, err: (line) => process.stderr.write(`${line}\n`) }),
+  ...deviceCommands({ withStack, findVm, out, err: (line) => process.stderr.write(`${line}\n`) }),
   conform: conformCommand({ out, err: (line) => process.stderr.write(`${line}\n`) }),
   chaos: chaosCommand({
     out,

@@ -79,7 +79,13 @@ export function toContainer(s: ContainerSnapshot, faults: FaultRelay): vfio.Cont
     vmName: s.vmName,
     quota: s.quota,
     state: CONTAINER_STATES[s.state],
-    devices: s.devices.map((d) => ({ device: toDeviceRef(d.device), parentDeviceId: d.parentDeviceId, assignedAt: new Date(d.assignedAt) })),
+    devices: s.devices.map((d) => ({
+      device: toDeviceRef(d.device),
+      parentDeviceId: d.parentDeviceId,
+      assignedAt: new Date(d.assignedAt),
+      nestedDomainId: d.nested?.domainId ?? 0,
+      guestPgtable: d.nested?.guestPgtable ?? 0n,
+    })),
     pasids: s.pasids.map((p) => ({
       hpasid: p.hpasid,
       generation: p.generation,

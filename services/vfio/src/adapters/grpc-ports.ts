@@ -41,6 +41,14 @@ export function createIommuPort(client: IommuClient, owner: string): IommuPort {
     async detachDevice(domainId, deviceId) {
       await client.detachDomain(iommu.DetachDomainRequest.fromPartial({ domainId, deviceId, withoutPasid: true }));
     },
+    async createNestedDomain(parentDomainId, guestPgtable) {
+      const r = await client.createDomain(iommu.CreateDomainRequest.fromPartial({ type: iommu.DomainType.DOMAIN_TYPE_NESTED, parentDomainId, guestPgtable }));
+      return r.domain!.domainId;
+    },
+    async replaceDevice(oldDomainId, domainId, deviceId) {
+      const r = await client.replaceDomain(iommu.ReplaceDomainRequest.fromPartial({ domainId, oldDomainId, deviceId, withoutPasid: true, owner }));
+      return r.answeredFaultGroups;
+    },
     async bindGpasid(b) {
       const r = await client.bindGpasid(
         iommu.BindGpasidRequest.fromPartial({

@@ -78,11 +78,17 @@ export function createVfioHandlers(
     assignDevice: async (req, ctx) => {
       authorize(req.containerId, ctx);
       const a = await containers.assignDevice(req.containerId, fromDeviceRef(req.device));
-      return { assigned: { device: toDeviceRef(a.device), parentDeviceId: a.parentDeviceId, assignedAt: new Date(a.assignedAt) } };
+      return {
+        assigned: { device: toDeviceRef(a.device), parentDeviceId: a.parentDeviceId, assignedAt: new Date(a.assignedAt), nestedDomainId: 0, guestPgtable: 0n },
+      };
     },
     unassignDevice: async (req, ctx) => {
       authorize(req.containerId, ctx);
       return containers.unassignDevice(req.containerId, fromDeviceRef(req.device));
+    },
+    replaceDeviceDomain: async (req, ctx) => {
+      authorize(req.containerId, ctx);
+      return containers.replaceDeviceDomain(req.containerId, fromDeviceRef(req.device), req.guestPgtable);
     },
     allocPasid: async (req, ctx) => {
       authorize(req.containerId, ctx);

@@ -15,6 +15,8 @@ const entries: VfioKeptEntry[] = [
     openedAt: 1_700_000_000_001,
     devices: [
       { ref: { kind: "device", id: "0000:6a:01.0" }, parentDeviceId: "", assignedAt: 1_700_000_000_002 },
+      // Replaced to a nested domain (ReplaceDeviceDomain): a restarted VFIO detaches and frees it.
+      { ref: { kind: "device", id: "0000:6a:03.0" }, parentDeviceId: "", assignedAt: 1_700_000_000_005, nested: { domainId: 11, guestPgtable: 0x9000n } },
       { ref: { kind: "mdev", id: "m1" }, parentDeviceId: "0000:6a:02.0", assignedAt: 1_700_000_000_003 },
     ],
     stage2: 9,

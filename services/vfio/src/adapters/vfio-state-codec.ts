@@ -24,7 +24,13 @@ export function toVfioStateEntry(e: VfioKeptEntry): vfioState.VfioStateEntry {
             vmName: e.vmName,
             quota: e.quota,
             openedAt: new Date(e.openedAt),
-            devices: e.devices.map((d) => ({ device: toDeviceRef(d.ref), parentDeviceId: d.parentDeviceId, assignedAt: new Date(d.assignedAt) })),
+            devices: e.devices.map((d) => ({
+              device: toDeviceRef(d.ref),
+              parentDeviceId: d.parentDeviceId,
+              assignedAt: new Date(d.assignedAt),
+              nestedDomainId: d.nested?.domainId ?? 0,
+              guestPgtable: d.nested?.guestPgtable ?? 0n,
+            })),
             // Domain ids are never 0: 0 says "no stage-2 domain".
             stage2DomainId: e.stage2 ?? 0,
             capabilityDigest: Buffer.from(e.capabilityDigest),
@@ -58,6 +64,7 @@ export function fromVfioStateEntry(m: vfioState.VfioStateEntry): VfioKeptEntry {
           ref: requireField(fromDeviceRef(d.device), "AssignedDevice.device"),
           parentDeviceId: d.parentDeviceId,
           assignedAt: requireField(d.assignedAt, "AssignedDevice.assigned_at").getTime(),
+          ...(d.nestedDomainId === 0 ? {} : { nested: { domainId: d.nestedDomainId, guestPgtable: d.guestPgtable } }),
         })),
         stage2: c.stage2DomainId === 0 ? undefined : c.stage2DomainId,
         capabilityDigest: new Uint8Array(c.capabilityDigest),

@@ -12,6 +12,8 @@ export interface AssignedDeviceInfo {
   readonly parentDeviceId: string;
   /** Wall-clock ms since the epoch. */
   readonly assignedAt: number;
+  /** ReplaceDeviceDomain's nested domain, when the device translates through one. */
+  readonly nested?: { readonly domainId: number; readonly guestPgtable: bigint } | undefined;
 }
 
 /** A host PASID of the container's set, with VFIO's view of its guest binds. */
@@ -73,7 +75,7 @@ export async function snapshotContainer(core: CorePort, c: Container): Promise<C
     state: c.state,
     devices: [...c.devices.values()]
       .filter((d) => d.state !== "assigning")
-      .map((d) => ({ device: d.ref, parentDeviceId: d.parentDeviceId, assignedAt: d.assignedAt })),
+      .map((d) => ({ device: d.ref, parentDeviceId: d.parentDeviceId, assignedAt: d.assignedAt, nested: d.nested })),
     pasids,
     openedAt: c.openedAt,
     sessionDeadline: c.sessionDeadline,

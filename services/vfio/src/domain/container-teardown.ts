@@ -185,7 +185,12 @@ export class ContainerTeardown {
     for (const entry of c.devices.values()) {
       try {
         if (entry.ref.kind === "mdev") await this.#vdcm.unassignMdev(entry.ref.id);
-        else if (stage2 !== undefined) await this.#iommu.detachDevice(stage2, entry.ref.id);
+        else if (entry.nested !== undefined) {
+          // Replaced to a nested domain (ReplaceDeviceDomain): detach that one, and free it so
+          // the stage 2 (its parent) can be freed below.
+          await this.#iommu.detachDevice(entry.nested.domainId, entry.ref.id);
+          await this.#iommu.freeDomain(entry.nested.domainId);
+        } else if (stage2 !== undefined) await this.#iommu.detachDevice(stage2, entry.ref.id);
         this.#history.record(
           { $case: "deviceUnassign", value: { container: c.id, deviceKind: entry.ref.kind, device: entry.ref.id, teardown: true } },
           { setId: c.setId },

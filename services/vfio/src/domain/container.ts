@@ -39,6 +39,11 @@ export interface DeviceEntry {
   /** For an mdev: its parent (known once VDCM assigned it); "" for a physical device. */
   parentDeviceId: string;
   assignedAt: number;
+  /**
+   * A physical device whose requests without PASID translate through a NESTED domain over the
+   * stage 2 (ReplaceDeviceDomain): that domain and the guest's table; undefined while it is the stage 2.
+   */
+  nested?: { readonly domainId: number; readonly guestPgtable: bigint } | undefined;
 }
 
 /** A guest bind made through a container. */

@@ -3,7 +3,7 @@ import { bindTarget, type DeviceEntry } from "./container.js";
 import type { ContainerCalls } from "./container-calls.js";
 import type { AssignedDeviceInfo } from "./container-snapshot.js";
 import { describeDevice, deviceKey, type DeviceRef } from "./device-ref.js";
-import { vfioError, VfioReason } from "./vfio-errors.js";
+import { invalidField, vfioError, VfioReason } from "./vfio-errors.js";
 import type { HistoryPort, IommuPort, Scheduler, VdcmPort, VfioLog } from "./vfio-ports.js";
 
 // The devices of VfioContainers' containers (DESIGN §5 "VFIO"): assignment of physical devices and
@@ -140,10 +140,14 @@ export class DeviceAssignments {
             if (!isDomainError(err, "MDEV_NOT_ASSIGNED")) throw err;
           });
         } else {
-          const domainId = await this.#calls.stage2(c);
+          const domainId = entry.nested?.domainId ?? (await this.#calls.stage2(c));
           await this.#iommu.detachDevice(domainId, ref.id).catch((err: unknown) => {
             if (!isDomainError(err, "ATTACH_HANDLE_NOT_FOUND")) throw err;
           });
+          if (entry.nested !== undefined)
+            await this.#iommu.freeDomain(entry.nested.domainId).catch((err: unknown) => {
+              if (!isDomainError(err, "DOMAIN_NOT_FOUND")) throw err;
+            });
         }
       } catch (err) {
         entry.state = "assigned";
@@ -154,6 +158,51 @@ export class DeviceAssignments {
       await this.#calls.save(c);
       this.#history.record({ $case: "deviceUnassign", value: { container: c.id, deviceKind: ref.kind, device: ref.id, unbound } }, { setId: c.setId });
       return { unbound };
+    });
+  }
+
+  /**
+   * ReplaceDeviceDomain (iommufd replace through VFIO; DESIGN §5 "iommufd model"): the device's
+   * requests without PASID move in one step from what they translate through now to a NESTED domain
+   * over the stage 2 with `guestPgtable` (created here), or back to the stage 2 (0). A NESTED domain
+   * replaced away is freed; one created for a replace that failed is freed again, so a refusal
+   * leaves the old domain attached and nothing created (DESIGN §8).
+   * @throws DomainError FAILED_PRECONDITION `DEVICE_NOT_ASSIGNED`; INVALID_ARGUMENT `INVALID_FIELD`
+   *   (an mdev); the IOMMU's refusals; and the container errors.
+   */
+  async replaceDeviceDomain(
+    containerId: number,
+    device: DeviceRef | undefined,
+    guestPgtable: bigint,
+  ): Promise<{ domainId: number; guestPgtable: bigint; answeredFaultGroups: number }> {
+    const ref = this.#calls.requireDevice(device);
+    if (ref.kind === "mdev") throw invalidField("device", "an mdev has no requests without PASID of its own: replace the domain of its parent device");
+    return this.#calls.op(containerId, async (c) => {
+      const entry = this.#calls.assigned(c, ref);
+      const stage2 = await this.#calls.stage2(c);
+      const current = entry.nested?.domainId ?? stage2;
+      if ((entry.nested?.guestPgtable ?? 0n) === guestPgtable) return { domainId: current, guestPgtable, answeredFaultGroups: 0 };
+      const target = guestPgtable === 0n ? stage2 : await this.#iommu.createNestedDomain(stage2, guestPgtable);
+      let answeredFaultGroups: number;
+      try {
+        answeredFaultGroups = await this.#iommu.replaceDevice(current, target, ref.id);
+      } catch (err) {
+        if (target !== stage2) {
+          await this.#iommu
+            .freeDomain(target)
+            .catch((undo: unknown) => this.#log.warn({ err: undo, domainId: target }, "could not free the nested domain of a failed replace"));
+        }
+        throw err;
+      }
+      const old = entry.nested;
+      entry.nested = target === stage2 ? undefined : { domainId: target, guestPgtable };
+      await this.#calls.save(c);
+      if (old !== undefined) {
+        await this.#iommu
+          .freeDomain(old.domainId)
+          .catch((err: unknown) => this.#log.warn({ err, domainId: old.domainId }, "could not free a replaced nested domain"));
+      }
+      return { domainId: target, guestPgtable, answeredFaultGroups };
     });
   }
 

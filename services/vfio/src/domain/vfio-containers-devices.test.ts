@@ -12,6 +12,30 @@ describe("VfioContainers › devices", () => {
     expect(history.filter((h) => h.action === "deviceAssign")).toHaveLength(2);
   });
 
+  it("replaces a device's domain: a nested domain over the stage 2 created, the replaced one freed, a failed replace's domain freed again, and unassign detaches and frees the nested one", async () => {
+    const { vfio, iommu } = setup();
+    const c = await open(vfio, 7n);
+    await vfio.assignDevice(c.containerId, dev("0000:6a:01.0"));
+    const stage2 = iommu.rid.get("0000:6a:01.0")!;
+    const on = await vfio.replaceDeviceDomain(c.containerId, dev("0000:6a:01.0"), 0x9000n);
+    expect(iommu.rid.get("0000:6a:01.0")).toBe(on.domainId);
+    expect(iommu.domains.get(on.domainId)!.parent).toBe(stage2);
+    // The IOMMU refuses the next replace: the nested domain made for it is freed, the old stays.
+    iommu.failures.set("replaceDevice", [err(Code.RESOURCE_EXHAUSTED, "FAULT_INJECTED")]);
+    const domainsBefore = [...iommu.domains.keys()];
+    await refused(vfio.replaceDeviceDomain(c.containerId, dev("0000:6a:01.0"), 0xa000n), Code.RESOURCE_EXHAUSTED, "FAULT_INJECTED");
+    expect([...iommu.domains.keys()]).toEqual(domainsBefore);
+    expect(iommu.rid.get("0000:6a:01.0")).toBe(on.domainId);
+    expect((await vfio.queryState(c.containerId))[0]!.devices[0]!.nested).toEqual({ domainId: on.domainId, guestPgtable: 0x9000n });
+    const next = await vfio.replaceDeviceDomain(c.containerId, dev("0000:6a:01.0"), 0xa000n);
+    expect(iommu.domains.has(on.domainId)).toBe(false);
+    await refused(vfio.replaceDeviceDomain(c.containerId, mdev("mdev-a"), 0x9000n), Code.INVALID_ARGUMENT, "INVALID_FIELD");
+    await refused(vfio.replaceDeviceDomain(c.containerId, dev("0000:6a:02.0"), 0x9000n), Code.FAILED_PRECONDITION, "DEVICE_NOT_ASSIGNED");
+    await vfio.unassignDevice(c.containerId, dev("0000:6a:01.0"));
+    expect(iommu.log.slice(-2)).toEqual([`detach 0000:6a:01.0 ${next.domainId}`, `freeDomain ${next.domainId}`]);
+    expect(iommu.rid.has("0000:6a:01.0")).toBe(false);
+  });
+
   it("refuses DEVICE_ALREADY_ASSIGNED in the same container and DEVICE_BUSY from another, even while in flight", async () => {
     const { vfio, iommu } = setup();
     const a = await open(vfio, 7n);

@@ -36,7 +36,7 @@ export function snapshot(core: InProcessCore): string {
 
 export class FakeIommu implements IommuPort {
   readonly devices = new Set<string>(["0000:6a:01.0", "0000:6a:02.0", "0000:6a:03.0", "idxd0"]);
-  readonly domains = new Map<number, { attached: Set<string> }>();
+  readonly domains = new Map<number, { attached: Set<string>; parent?: number }>();
   readonly rid = new Map<string, number>(); // device → domain attached without PASID
   readonly binds = new Map<string, GpasidBind & { handleId: bigint }>(); // `${deviceId}/${hpasid}`
   readonly log: string[] = [];
@@ -89,7 +89,10 @@ export class FakeIommu implements IommuPort {
     this.#maybeFail("freeDomain");
     const d = this.domains.get(domainId);
     if (d === undefined) throw err(Code.NOT_FOUND, "DOMAIN_NOT_FOUND");
-    if (d.attached.size > 0 || [...this.binds.values()].some((b) => b.parentDomainId === domainId)) throw err(Code.FAILED_PRECONDITION, "DOMAIN_IN_USE");
+    const parentOfNested = [...this.domains.values()].some((x) => x.parent === domainId);
+    if (d.attached.size > 0 || parentOfNested || [...this.binds.values()].some((b) => b.parentDomainId === domainId)) {
+      throw err(Code.FAILED_PRECONDITION, "DOMAIN_IN_USE");
+    }
     this.domains.delete(domainId);
     this.log.push(`freeDomain ${domainId}`);
   }
@@ -115,6 +118,27 @@ export class FakeIommu implements IommuPort {
     this.rid.delete(deviceId);
     this.domains.get(domainId)!.attached.delete(deviceId);
     this.log.push(`detach ${deviceId} ${domainId}`);
+  }
+  async createNestedDomain(parentDomainId: number, guestPgtable: bigint) {
+    this.#maybeFail("createNestedDomain");
+    if (!this.domains.has(parentDomainId)) throw err(Code.NOT_FOUND, "DOMAIN_NOT_FOUND");
+    const id = this.#nextDomain++;
+    this.domains.set(id, { attached: new Set(), parent: parentDomainId });
+    this.log.push(`createNested ${id} over ${parentDomainId} pgtable ${guestPgtable}`);
+    return id;
+  }
+  async replaceDevice(oldDomainId: number, domainId: number, deviceId: string) {
+    this.#maybeFail("replaceDevice");
+    if (!this.domains.has(domainId)) throw err(Code.NOT_FOUND, "DOMAIN_NOT_FOUND");
+    const current = this.rid.get(deviceId);
+    if (current === undefined) throw err(Code.INVALID_ARGUMENT, "PASID_NOT_ATTACHED");
+    if (current !== oldDomainId) throw err(Code.FAILED_PRECONDITION, "DOMAIN_MISMATCH");
+    if (current === domainId) return 0;
+    this.domains.get(current)!.attached.delete(deviceId);
+    this.domains.get(domainId)!.attached.add(deviceId);
+    this.rid.set(deviceId, domainId);
+    this.log.push(`replace ${deviceId} ${oldDomainId} -> ${domainId}`);
+    return 0;
   }
   async bindGpasid(b: GpasidBind) {
     this.#maybeFail("bindGpasid");

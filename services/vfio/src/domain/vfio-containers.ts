@@ -464,6 +464,15 @@ export class VfioContainers {
     return this.#devices.assignDevice(containerId, device);
   }
 
+  /** Replaces what a device's requests without PASID translate through: see {@link DeviceAssignments.replaceDeviceDomain}. */
+  replaceDeviceDomain(
+    containerId: number,
+    device: DeviceRef | undefined,
+    guestPgtable: bigint,
+  ): Promise<{ domainId: number; guestPgtable: bigint; answeredFaultGroups: number }> {
+    return this.#devices.replaceDeviceDomain(containerId, device, guestPgtable);
+  }
+
   /** Unassigns a device or mdev, its guest binds unbound first: see {@link DeviceAssignments.unassignDevice}. */
   unassignDevice(containerId: number, device: DeviceRef | undefined): Promise<{ unbound: number }> {
     return this.#devices.unassignDevice(containerId, device);

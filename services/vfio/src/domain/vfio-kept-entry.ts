@@ -13,7 +13,13 @@ export interface KeptContainer {
   /** Unix ms. */
   readonly openedAt: number;
   /** Assigned devices (assignments in progress are not kept); `assignedAt` in unix ms. */
-  readonly devices: readonly { readonly ref: DeviceRef; readonly parentDeviceId: string; readonly assignedAt: number }[];
+  readonly devices: readonly {
+    readonly ref: DeviceRef;
+    readonly parentDeviceId: string;
+    readonly assignedAt: number;
+    /** ReplaceDeviceDomain's nested domain, when the device translates through one. */
+    readonly nested?: { readonly domainId: number; readonly guestPgtable: bigint } | undefined;
+  }[];
   /** The stage-2 domain; undefined while there is none. */
   readonly stage2: number | undefined;
   /** SHA-256 of the container's capability, so a restarted VFIO still accepts it; empty when kept before capabilities. */
@@ -61,7 +67,7 @@ export function restoredContainer(v: KeptContainer, guestMemory: readonly HostRa
   for (const d of v.devices) {
     const ref: DeviceRef = { kind: d.ref.kind, id: d.ref.id };
     const k = deviceKey(ref);
-    c.devices.set(k, { ref, key: k, state: "assigned", parentDeviceId: d.parentDeviceId, assignedAt: d.assignedAt });
+    c.devices.set(k, { ref, key: k, state: "assigned", parentDeviceId: d.parentDeviceId, assignedAt: d.assignedAt, nested: d.nested });
   }
   return c;
 }
@@ -78,7 +84,7 @@ export function keptContainer(c: Container, stage2: number | undefined): KeptCon
     openedAt: c.openedAt,
     devices: [...c.devices.values()]
       .filter((d) => d.state !== "assigning")
-      .map((d) => ({ ref: d.ref, parentDeviceId: d.parentDeviceId, assignedAt: d.assignedAt })),
+      .map((d) => ({ ref: d.ref, parentDeviceId: d.parentDeviceId, assignedAt: d.assignedAt, ...(d.nested === undefined ? {} : { nested: d.nested }) })),
     stage2,
     capabilityDigest: c.capabilityDigest,
     guestMemory: c.guestMemory,

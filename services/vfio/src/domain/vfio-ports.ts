@@ -64,6 +64,10 @@ export interface IommuPort {
   attachDevice(domainId: number, deviceId: string): Promise<void>;
   /** DetachDomain of the stage-2 domain from the device's requests without PASID. */
   detachDevice(domainId: number, deviceId: string): Promise<void>;
+  /** CreateDomain(NESTED): the guest's first-stage table over the stage 2. @returns its domain id */
+  createNestedDomain(parentDomainId: number, guestPgtable: bigint): Promise<number>;
+  /** ReplaceDomain of the device's requests without PASID, from `oldDomainId` to `domainId`. @returns fault groups answered */
+  replaceDevice(oldDomainId: number, domainId: number, deviceId: string): Promise<number>;
   /** BindGpasid. */
   bindGpasid(bind: GpasidBind): Promise<{ readonly handleId: bigint; readonly firstBind: boolean }>;
   /** UnbindGpasid: `unbound` false when there was nothing to unbind. */

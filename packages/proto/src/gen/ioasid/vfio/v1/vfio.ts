@@ -283,7 +283,16 @@ export interface AssignedDevice {
   /** For an mdev: its parent physical device; for a physical device: empty. */
   parentDeviceId: string;
   /** When it was assigned. */
-  assignedAt: Date | undefined;
+  assignedAt:
+    | Date
+    | undefined;
+  /**
+   * A physical device whose requests without PASID translate through a NESTED domain
+   * (ReplaceDeviceDomain): that domain and its guest page table; 0 while it is the stage 2.
+   */
+  nestedDomainId: number;
+  /** The guest page table of `nested_domain_id`; 0 when there is none. */
+  guestPgtable: bigint;
 }
 
 /** GuestPasid is a host PASID the container allocated for its guest. */
@@ -458,6 +467,31 @@ export interface UnassignDeviceRequest {
 export interface UnassignDeviceResponse {
   /** Guest PASID binds of the device that were unbound. */
   unbound: number;
+}
+
+/** ReplaceDeviceDomainRequest names the device and what its requests without PASID translate through. */
+export interface ReplaceDeviceDomainRequest {
+  /** The container. */
+  containerId: number;
+  /** The physical device (not an mdev). */
+  device:
+    | DeviceRef
+    | undefined;
+  /**
+   * Guest physical address of the guest's first-stage page table: nested translation over the
+   * stage 2. 0: the stage 2 alone.
+   */
+  guestPgtable: bigint;
+}
+
+/** ReplaceDeviceDomainResponse says what the device translates through now. */
+export interface ReplaceDeviceDomainResponse {
+  /** The IOMMU domain attached to the device's requests without PASID. */
+  domainId: number;
+  /** The guest page table of that domain; 0 for the stage 2. */
+  guestPgtable: bigint;
+  /** Fault groups of the replaced attachment answered INVALID. */
+  answeredFaultGroups: number;
 }
 
 /** AllocPasidRequest is a virtual-command allocation. */
@@ -1339,7 +1373,7 @@ export const FaultGroup: MessageFns<FaultGroup> = {
 };
 
 function createBaseAssignedDevice(): AssignedDevice {
-  return { device: undefined, parentDeviceId: "", assignedAt: undefined };
+  return { device: undefined, parentDeviceId: "", assignedAt: undefined, nestedDomainId: 0, guestPgtable: 0n };
 }
 
 export const AssignedDevice: MessageFns<AssignedDevice> = {
@@ -1352,6 +1386,15 @@ export const AssignedDevice: MessageFns<AssignedDevice> = {
     }
     if (message.assignedAt !== undefined) {
       Timestamp.encode(toTimestamp(message.assignedAt), writer.uint32(26).fork()).join();
+    }
+    if (message.nestedDomainId !== 0) {
+      writer.uint32(32).uint32(message.nestedDomainId);
+    }
+    if (message.guestPgtable !== 0n) {
+      if (BigInt.asUintN(64, message.guestPgtable) !== message.guestPgtable) {
+        throw new globalThis.Error("value provided for field message.guestPgtable of type uint64 too large");
+      }
+      writer.uint32(40).uint64(message.guestPgtable);
     }
     return writer;
   },
@@ -1393,6 +1436,22 @@ export const AssignedDevice: MessageFns<AssignedDevice> = {
             message.assignedAt = fromTimestamp(Timestamp.decode(reader, reader.uint32()));
             continue;
           }
+          case 4: {
+            if (tag !== 32) {
+              break;
+            }
+
+            message.nestedDomainId = reader.uint32();
+            continue;
+          }
+          case 5: {
+            if (tag !== 40) {
+              break;
+            }
+
+            message.guestPgtable = reader.uint64() as bigint;
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -1418,6 +1477,16 @@ export const AssignedDevice: MessageFns<AssignedDevice> = {
         : isSet(object.assigned_at)
         ? fromJsonTimestamp(object.assigned_at)
         : undefined,
+      nestedDomainId: isSet(object.nestedDomainId)
+        ? globalThis.Number(object.nestedDomainId)
+        : isSet(object.nested_domain_id)
+        ? globalThis.Number(object.nested_domain_id)
+        : 0,
+      guestPgtable: isSet(object.guestPgtable)
+        ? BigInt(object.guestPgtable)
+        : isSet(object.guest_pgtable)
+        ? BigInt(object.guest_pgtable)
+        : 0n,
     };
   },
 
@@ -1432,6 +1501,12 @@ export const AssignedDevice: MessageFns<AssignedDevice> = {
     if (message.assignedAt !== undefined) {
       obj.assignedAt = message.assignedAt.toISOString();
     }
+    if (message.nestedDomainId !== 0) {
+      obj.nestedDomainId = Math.round(message.nestedDomainId);
+    }
+    if (message.guestPgtable !== 0n) {
+      obj.guestPgtable = message.guestPgtable.toString();
+    }
     return obj;
   },
 
@@ -1445,6 +1520,10 @@ export const AssignedDevice: MessageFns<AssignedDevice> = {
       : undefined;
     message.parentDeviceId = object.parentDeviceId ?? "";
     message.assignedAt = object.assignedAt ?? undefined;
+    message.nestedDomainId = object.nestedDomainId ?? 0;
+    message.guestPgtable = (object.guestPgtable !== undefined && object.guestPgtable !== null)
+      ? BigInt(object.guestPgtable)
+      : 0n;
     return message;
   },
 };
@@ -3041,6 +3120,240 @@ export const UnassignDeviceResponse: MessageFns<UnassignDeviceResponse> = {
   fromPartial(object: DeepPartial<UnassignDeviceResponse>): UnassignDeviceResponse {
     const message = createBaseUnassignDeviceResponse();
     message.unbound = object.unbound ?? 0;
+    return message;
+  },
+};
+
+function createBaseReplaceDeviceDomainRequest(): ReplaceDeviceDomainRequest {
+  return { containerId: 0, device: undefined, guestPgtable: 0n };
+}
+
+export const ReplaceDeviceDomainRequest: MessageFns<ReplaceDeviceDomainRequest> = {
+  encode(message: ReplaceDeviceDomainRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.containerId !== 0) {
+      writer.uint32(8).uint32(message.containerId);
+    }
+    if (message.device !== undefined) {
+      DeviceRef.encode(message.device, writer.uint32(18).fork()).join();
+    }
+    if (message.guestPgtable !== 0n) {
+      if (BigInt.asUintN(64, message.guestPgtable) !== message.guestPgtable) {
+        throw new globalThis.Error("value provided for field message.guestPgtable of type uint64 too large");
+      }
+      writer.uint32(24).uint64(message.guestPgtable);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): ReplaceDeviceDomainRequest {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseReplaceDeviceDomainRequest();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 8) {
+              break;
+            }
+
+            message.containerId = reader.uint32();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.device = DeviceRef.decode(reader, reader.uint32());
+            continue;
+          }
+          case 3: {
+            if (tag !== 24) {
+              break;
+            }
+
+            message.guestPgtable = reader.uint64() as bigint;
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): ReplaceDeviceDomainRequest {
+    return {
+      containerId: isSet(object.containerId)
+        ? globalThis.Number(object.containerId)
+        : isSet(object.container_id)
+        ? globalThis.Number(object.container_id)
+        : 0,
+      device: isSet(object.device) ? DeviceRef.fromJSON(object.device) : undefined,
+      guestPgtable: isSet(object.guestPgtable)
+        ? BigInt(object.guestPgtable)
+        : isSet(object.guest_pgtable)
+        ? BigInt(object.guest_pgtable)
+        : 0n,
+    };
+  },
+
+  toJSON(message: ReplaceDeviceDomainRequest): unknown {
+    const obj: any = {};
+    if (message.containerId !== 0) {
+      obj.containerId = Math.round(message.containerId);
+    }
+    if (message.device !== undefined) {
+      obj.device = DeviceRef.toJSON(message.device);
+    }
+    if (message.guestPgtable !== 0n) {
+      obj.guestPgtable = message.guestPgtable.toString();
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<ReplaceDeviceDomainRequest>): ReplaceDeviceDomainRequest {
+    return ReplaceDeviceDomainRequest.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<ReplaceDeviceDomainRequest>): ReplaceDeviceDomainRequest {
+    const message = createBaseReplaceDeviceDomainRequest();
+    message.containerId = object.containerId ?? 0;
+    message.device = (object.device !== undefined && object.device !== null)
+      ? DeviceRef.fromPartial(object.device)
+      : undefined;
+    message.guestPgtable = (object.guestPgtable !== undefined && object.guestPgtable !== null)
+      ? BigInt(object.guestPgtable)
+      : 0n;
+    return message;
+  },
+};
+
+function createBaseReplaceDeviceDomainResponse(): ReplaceDeviceDomainResponse {
+  return { domainId: 0, guestPgtable: 0n, answeredFaultGroups: 0 };
+}
+
+export const ReplaceDeviceDomainResponse: MessageFns<ReplaceDeviceDomainResponse> = {
+  encode(message: ReplaceDeviceDomainResponse, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.domainId !== 0) {
+      writer.uint32(8).uint32(message.domainId);
+    }
+    if (message.guestPgtable !== 0n) {
+      if (BigInt.asUintN(64, message.guestPgtable) !== message.guestPgtable) {
+        throw new globalThis.Error("value provided for field message.guestPgtable of type uint64 too large");
+      }
+      writer.uint32(16).uint64(message.guestPgtable);
+    }
+    if (message.answeredFaultGroups !== 0) {
+      writer.uint32(24).uint32(message.answeredFaultGroups);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): ReplaceDeviceDomainResponse {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseReplaceDeviceDomainResponse();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 8) {
+              break;
+            }
+
+            message.domainId = reader.uint32();
+            continue;
+          }
+          case 2: {
+            if (tag !== 16) {
+              break;
+            }
+
+            message.guestPgtable = reader.uint64() as bigint;
+            continue;
+          }
+          case 3: {
+            if (tag !== 24) {
+              break;
+            }
+
+            message.answeredFaultGroups = reader.uint32();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): ReplaceDeviceDomainResponse {
+    return {
+      domainId: isSet(object.domainId)
+        ? globalThis.Number(object.domainId)
+        : isSet(object.domain_id)
+        ? globalThis.Number(object.domain_id)
+        : 0,
+      guestPgtable: isSet(object.guestPgtable)
+        ? BigInt(object.guestPgtable)
+        : isSet(object.guest_pgtable)
+        ? BigInt(object.guest_pgtable)
+        : 0n,
+      answeredFaultGroups: isSet(object.answeredFaultGroups)
+        ? globalThis.Number(object.answeredFaultGroups)
+        : isSet(object.answered_fault_groups)
+        ? globalThis.Number(object.answered_fault_groups)
+        : 0,
+    };
+  },
+
+  toJSON(message: ReplaceDeviceDomainResponse): unknown {
+    const obj: any = {};
+    if (message.domainId !== 0) {
+      obj.domainId = Math.round(message.domainId);
+    }
+    if (message.guestPgtable !== 0n) {
+      obj.guestPgtable = message.guestPgtable.toString();
+    }
+    if (message.answeredFaultGroups !== 0) {
+      obj.answeredFaultGroups = Math.round(message.answeredFaultGroups);
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<ReplaceDeviceDomainResponse>): ReplaceDeviceDomainResponse {
+    return ReplaceDeviceDomainResponse.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<ReplaceDeviceDomainResponse>): ReplaceDeviceDomainResponse {
+    const message = createBaseReplaceDeviceDomainResponse();
+    message.domainId = object.domainId ?? 0;
+    message.guestPgtable = (object.guestPgtable !== undefined && object.guestPgtable !== null)
+      ? BigInt(object.guestPgtable)
+      : 0n;
+    message.answeredFaultGroups = object.answeredFaultGroups ?? 0;
     return message;
   },
 };
@@ -5667,6 +5980,29 @@ export const VfioServiceService = {
     responseDeserialize: (value: Buffer): UnassignDeviceResponse => UnassignDeviceResponse.decode(value),
   },
   /**
+   * ReplaceDeviceDomain replaces, in one step, the domain a physical device's requests without
+   * PASID translate through (iommufd's replace, as QEMU does when the guest turns its vIOMMU's
+   * nested translation on or off): with a `guest_pgtable`, a NESTED domain over the container's
+   * stage 2 with the guest's first-stage table; with 0, the stage 2 itself. The IOMMU's ReplaceDomain
+   * does it atomically: the device never translates through neither, fault groups outstanding on the
+   * old attachment are answered INVALID, and a replace that fails leaves the old domain attached.
+   * A NESTED domain replaced away is freed. Guest PASID binds are untouched (their second stage is
+   * the stage 2). Replacing with what is attached changes nothing.
+   * Errors: FAILED_PRECONDITION `DEVICE_NOT_ASSIGNED`; INVALID_ARGUMENT `INVALID_FIELD` (an mdev:
+   * it has no requests without PASID of its own).
+   */
+  replaceDeviceDomain: {
+    path: "/ioasid.vfio.v1.VfioService/ReplaceDeviceDomain" as const,
+    requestStream: false as const,
+    responseStream: false as const,
+    requestSerialize: (value: ReplaceDeviceDomainRequest): Buffer =>
+      Buffer.from(ReplaceDeviceDomainRequest.encode(value).finish()),
+    requestDeserialize: (value: Buffer): ReplaceDeviceDomainRequest => ReplaceDeviceDomainRequest.decode(value),
+    responseSerialize: (value: ReplaceDeviceDomainResponse): Buffer =>
+      Buffer.from(ReplaceDeviceDomainResponse.encode(value).finish()),
+    responseDeserialize: (value: Buffer): ReplaceDeviceDomainResponse => ReplaceDeviceDomainResponse.decode(value),
+  },
+  /**
    * AllocPasid is the guest's virtual-command PASID allocation: a host PASID (IOASID) is allocated
    * in the container's set and returned with its generation.
    * Errors: RESOURCE_EXHAUSTED `SET_QUOTA_EXCEEDED` (the set's quota is used up), `IOASID_RANGE_EXHAUSTED`
@@ -5927,6 +6263,19 @@ export interface VfioServiceServer extends UntypedServiceImplementation {
    */
   unassignDevice: handleUnaryCall<UnassignDeviceRequest, UnassignDeviceResponse>;
   /**
+   * ReplaceDeviceDomain replaces, in one step, the domain a physical device's requests without
+   * PASID translate through (iommufd's replace, as QEMU does when the guest turns its vIOMMU's
+   * nested translation on or off): with a `guest_pgtable`, a NESTED domain over the container's
+   * stage 2 with the guest's first-stage table; with 0, the stage 2 itself. The IOMMU's ReplaceDomain
+   * does it atomically: the device never translates through neither, fault groups outstanding on the
+   * old attachment are answered INVALID, and a replace that fails leaves the old domain attached.
+   * A NESTED domain replaced away is freed. Guest PASID binds are untouched (their second stage is
+   * the stage 2). Replacing with what is attached changes nothing.
+   * Errors: FAILED_PRECONDITION `DEVICE_NOT_ASSIGNED`; INVALID_ARGUMENT `INVALID_FIELD` (an mdev:
+   * it has no requests without PASID of its own).
+   */
+  replaceDeviceDomain: handleUnaryCall<ReplaceDeviceDomainRequest, ReplaceDeviceDomainResponse>;
+  /**
    * AllocPasid is the guest's virtual-command PASID allocation: a host PASID (IOASID) is allocated
    * in the container's set and returned with its generation.
    * Errors: RESOURCE_EXHAUSTED `SET_QUOTA_EXCEEDED` (the set's quota is used up), `IOASID_RANGE_EXHAUSTED`
@@ -6149,6 +6498,33 @@ export interface VfioServiceClient extends Client {
     metadata: Metadata,
     options: Partial<CallOptions>,
     callback: (error: ServiceError | null, response: UnassignDeviceResponse) => void,
+  ): ClientUnaryCall;
+  /**
+   * ReplaceDeviceDomain replaces, in one step, the domain a physical device's requests without
+   * PASID translate through (iommufd's replace, as QEMU does when the guest turns its vIOMMU's
+   * nested translation on or off): with a `guest_pgtable`, a NESTED domain over the container's
+   * stage 2 with the guest's first-stage table; with 0, the stage 2 itself. The IOMMU's ReplaceDomain
+   * does it atomically: the device never translates through neither, fault groups outstanding on the
+   * old attachment are answered INVALID, and a replace that fails leaves the old domain attached.
+   * A NESTED domain replaced away is freed. Guest PASID binds are untouched (their second stage is
+   * the stage 2). Replacing with what is attached changes nothing.
+   * Errors: FAILED_PRECONDITION `DEVICE_NOT_ASSIGNED`; INVALID_ARGUMENT `INVALID_FIELD` (an mdev:
+   * it has no requests without PASID of its own).
+   */
+  replaceDeviceDomain(
+    request: ReplaceDeviceDomainRequest,
+    callback: (error: ServiceError | null, response: ReplaceDeviceDomainResponse) => void,
+  ): ClientUnaryCall;
+  replaceDeviceDomain(
+    request: ReplaceDeviceDomainRequest,
+    metadata: Metadata,
+    callback: (error: ServiceError | null, response: ReplaceDeviceDomainResponse) => void,
+  ): ClientUnaryCall;
+  replaceDeviceDomain(
+    request: ReplaceDeviceDomainRequest,
+    metadata: Metadata,
+    options: Partial<CallOptions>,
+    callback: (error: ServiceError | null, response: ReplaceDeviceDomainResponse) => void,
   ): ClientUnaryCall;
   /**
    * AllocPasid is the guest's virtual-command PASID allocation: a host PASID (IOASID) is allocated
