@@ -369,6 +369,15 @@ export async function runGuest(plan: GuestPlan, ctx: GuestContext): Promise<Gues
         if (!assigned.has(step.device)) return false;
         await dma(step.pasid, p!, step.device, step.wq, step.page);
         return true;
+      case "replace":
+        if (!assigned.has(GuestDevice.PF)) return false;
+        // The guest turns its vIOMMU's nested translation on or off for the PF: one atomic replace.
+        await run("replace", {}, () =>
+          c.vfio.replaceDeviceDomain(
+            vfio.ReplaceDeviceDomainRequest.fromPartial({ containerId, device: device(GuestDevice.PF), guestPgtable: step.nested ? 0x7f_0000n : 0n }),
+          ),
+        );
+        return true;
     }
   }
 

@@ -32,7 +32,13 @@ export type GuestStep =
   /** unbind_gpasid on one device. */
   | { readonly kind: "unbind"; readonly pasid: number; readonly device: GuestDevice }
   /** Virtual-command PASID free (also before unbind: the misbehaving guest). */
-  | { readonly kind: "free"; readonly pasid: number };
+  | { readonly kind: "free"; readonly pasid: number }
+  /**
+   * VFIO ReplaceDeviceDomain of the PF (issue 16: the iommufd replace as a nemesis move): its
+   * requests without PASID to a nested domain over the stage 2 (`nested`), or back to the stage 2,
+   * in one step while the guest's PASIDs are bound and its DMA runs.
+   */
+  | { readonly kind: "replace"; readonly nested: boolean };
 
 /** A step and the guest's think time before it, in ms. */
 export interface PlannedStep {
@@ -139,13 +145,15 @@ export function planGuest(seed: number, index: number, options: GuestPlanOptions
 
   const model: SlotModel[] = [];
   const wqs = new Map<number, number>(); // programmed virtual WQ → pasid
+  const pf = { nested: false };
   const n = rng.int(minSteps, maxSteps);
   for (let i = 0; i < n; i++) {
-    const choices = candidates(model, wqs, devices, quota, rng);
+    const choices = candidates(model, wqs, devices, quota, rng, pf.nested);
     const total = choices.reduce((s, c) => s + c.weight, 0);
     let x = rng.next() * total;
     const chosen = choices.find((c) => (x -= c.weight) < 0) ?? choices.at(-1)!;
     apply(chosen.step, model, wqs);
+    if (chosen.step.kind === "replace") pf.nested = chosen.step.nested;
     steps.push({ step: chosen.step, thinkMs: think() });
   }
 
@@ -211,8 +219,10 @@ interface Choice {
 }
 
 /** The steps a guest may take next in the model, with their weights (always at least an allocation or a free). */
-function candidates(model: SlotModel[], wqs: Map<number, number>, devices: readonly GuestDevice[], quota: number, rng: Prng): Choice[] {
+function candidates(model: SlotModel[], wqs: Map<number, number>, devices: readonly GuestDevice[], quota: number, rng: Prng, pfNested: boolean): Choice[] {
   const out: Choice[] = [];
+  // The PF's nested translation turned on or off (ReplaceDeviceDomain), whatever its PASIDs do.
+  if (devices.includes(GuestDevice.PF)) out.push({ weight: 0.4, step: { kind: "replace", nested: !pfNested } });
   const live = model.filter((s) => !s.freed).length;
   if (live < quota) out.push({ weight: live === 0 ? 3 : 1.5, step: { kind: "alloc", pasid: model.length } });
   model.forEach((s, pasid) => {
@@ -303,5 +313,7 @@ export function describeGuestStep(step: GuestStep): string {
       return `dma p${step.pasid} ${step.device}${step.wq === undefined ? "" : ` wq${step.wq}`} page ${step.page}`;
     case "clear":
       return `clear wq${step.wq}`;
+    case "replace":
+      return `replace pf ${step.nested ? "nested" : "stage2"}`;
   }
 }

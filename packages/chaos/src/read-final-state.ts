@@ -1,4 +1,4 @@
-import { core, events } from "@ioasid/proto";
+import { core, events, iommu } from "@ioasid/proto";
 import type { ChaosClients } from "./chaos-clients.js";
 import type { FinalState, LiveEntry } from "@ioasid/checker";
 
@@ -74,7 +74,11 @@ export async function readFinalState(c: ChaosClients, instances: RoleInstances):
       holders: x.holders.flatMap((h) => Array.from({ length: h.count }, () => `${h.holder!.role}/${h.holder!.instance}/${h.holder!.purpose}`)),
     })),
     liveEntries,
-    faultGroups: i.faultGroups.map((g) => ({
+    // Complete groups only: a partial group (its last request never came) is owed no response
+    // (io-pgfault frees it; DESIGN §5 "Faults"), so it is not L3's outstanding group.
+    faultGroups: i.faultGroups
+      .filter((g) => g.state !== iommu.FaultGroupState.FAULT_GROUP_STATE_PARTIAL)
+      .map((g) => ({
       faultGroupId: String(g.faultGroupId),
       instance: instances.iommu,
       ...(g.withoutPasid ? {} : { ioasid: g.pasid }),
