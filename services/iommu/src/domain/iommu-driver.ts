@@ -224,8 +224,13 @@ export class IommuDriver {
       record: (action, fields) => this.#record(action, fields),
       log: this.#log,
       persist: () => this.persist(),
-      // A reported fault under a nested domain of a vIOMMU also goes to the VM's vEVENTQ.
-      onFaultReported: (record, handle) => void this.viommus.reportFault(handle.domainId, record),
+      // A reported fault under a nested domain of a vIOMMU also goes to the VM's vEVENTQ, kept at
+      // once: a report made after the IOASID check answers after the Translate call was kept, and
+      // an event lost in a crash would hand its sequence number out again.
+      onFaultReported: (record, handle) => {
+        if (this.viommus.reportFault(handle.domainId, record) === undefined) return;
+        this.persist().catch((err: unknown) => this.#log?.warn({ err }, "keeping a vEVENTQ failed"));
+      },
     });
     this.faults = this.#dma.faults;
     this.counters = this.#dma.counters;
