@@ -156,6 +156,25 @@ describe("iommu: vdevices", () => {
     await client.attachDomain(P(iommu.AttachDomainRequest, { domainId: v.stage2, deviceId: v.d0, withoutPasid: true, owner: OWNER }));
   });
 
+  it("ReplaceDomain to a nested domain on a vIOMMU needs the device's vdevice too (NOT_FOUND VDEVICE_NOT_FOUND: the old domain stays); the replaced-in attachment holds the vdevice", async () => {
+    const client = stack.iommu;
+    const v = await vm();
+    const nested = await nestedOn(v);
+    await client.attachDomain(attachAt(v.stage2, v.d1));
+    const replace = (domainId: number) => client.replaceDomain(P(iommu.ReplaceDomainRequest, { domainId, deviceId: v.d1, pasid: 5, owner: OWNER }));
+    const before = await entriesOf(v.d1);
+    await refusedUnchanged(() => replace(nested.domainId), Code.NOT_FOUND, "VDEVICE_NOT_FOUND");
+    expect(await entriesOf(v.d1)).toEqual(before);
+    expect(before.map((e) => e.domainId)).toEqual([v.stage2]);
+
+    const vdev = (await client.allocVdevice({ viommuId: v.viommuId, deviceId: v.d1, virtId: 0x21n })).vdevice!;
+    await replace(nested.domainId);
+    expect((await entriesOf(v.d1)).map((e) => e.domainId)).toEqual([nested.domainId]);
+    await refusedUnchanged(() => client.destroyVdevice({ vdeviceId: vdev.vdeviceId }), Code.FAILED_PRECONDITION, "VDEVICE_IN_USE");
+    await replace(v.stage2);
+    await client.destroyVdevice({ vdeviceId: vdev.vdeviceId });
+  });
+
   it("DestroyVdevice while a nested attachment uses it is FAILED_PRECONDITION VDEVICE_IN_USE; after DetachDomain it goes", async () => {
     const client = stack.iommu;
     const v = await vm();

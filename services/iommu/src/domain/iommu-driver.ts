@@ -438,8 +438,11 @@ export class IommuDriver {
     if (spec.withoutPasid && spec.generation !== 0) throw invalidField("generation", "a generation names an IOASID: not with without_pasid");
     const fail = this.#failNth.begin(FailNthOperation.REPLACE);
     this.hw.checkReplaceDomain(spec);
+    // Replace is an attach of the new domain: a nested domain of a vIOMMU needs the device's vdevice.
+    this.viommus.checkNestedAttach(spec.domainId, spec.deviceId);
     const replace = (generation: number) => {
       const old = this.hw.checkReplaceDomain(spec);
+      this.viommus.checkNestedAttach(spec.domainId, spec.deviceId);
       if (old.domainId !== spec.domainId) fail.point("alloc-handle");
       const { result, changes } = this.hw.replaceDomain({ ...spec, generation });
       if (result.replaced === undefined) return { ...result, answeredFaultGroups: 0 };

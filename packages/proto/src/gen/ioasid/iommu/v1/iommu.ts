@@ -11481,7 +11481,8 @@ export const IommuServiceService = {
    * FAILED_PRECONDITION `DOMAIN_INCOMPATIBLE` (an SVA domain), `DOMAIN_MISMATCH` (the attachment
    * was made by BindGpasid or SvaBind, or `old_domain_id` is given and another domain is attached),
    * `STALE_GENERATION`; NOT_FOUND `IOASID_NOT_FOUND`, `IOASID_FREE_PENDING` (the attachment
-   * belongs to an IOASID that is gone or being freed: nothing new may use it).
+   * belongs to an IOASID that is gone or being freed: nothing new may use it), `VDEVICE_NOT_FOUND`
+   * (the new domain is a NESTED domain allocated on a vIOMMU and the device has no vdevice in it).
    */
   replaceDomain: {
     path: "/ioasid.iommu.v1.IommuService/ReplaceDomain" as const,
@@ -11978,7 +11979,8 @@ export interface IommuServiceServer extends UntypedServiceImplementation {
    * FAILED_PRECONDITION `DOMAIN_INCOMPATIBLE` (an SVA domain), `DOMAIN_MISMATCH` (the attachment
    * was made by BindGpasid or SvaBind, or `old_domain_id` is given and another domain is attached),
    * `STALE_GENERATION`; NOT_FOUND `IOASID_NOT_FOUND`, `IOASID_FREE_PENDING` (the attachment
-   * belongs to an IOASID that is gone or being freed: nothing new may use it).
+   * belongs to an IOASID that is gone or being freed: nothing new may use it), `VDEVICE_NOT_FOUND`
+   * (the new domain is a NESTED domain allocated on a vIOMMU and the device has no vdevice in it).
    */
   replaceDomain: handleUnaryCall<ReplaceDomainRequest, ReplaceDomainResponse>;
   /**
@@ -12356,7 +12358,8 @@ export interface IommuServiceClient extends Client {
    * FAILED_PRECONDITION `DOMAIN_INCOMPATIBLE` (an SVA domain), `DOMAIN_MISMATCH` (the attachment
    * was made by BindGpasid or SvaBind, or `old_domain_id` is given and another domain is attached),
    * `STALE_GENERATION`; NOT_FOUND `IOASID_NOT_FOUND`, `IOASID_FREE_PENDING` (the attachment
-   * belongs to an IOASID that is gone or being freed: nothing new may use it).
+   * belongs to an IOASID that is gone or being freed: nothing new may use it), `VDEVICE_NOT_FOUND`
+   * (the new domain is a NESTED domain allocated on a vIOMMU and the device has no vdevice in it).
    */
   replaceDomain(
     request: ReplaceDomainRequest,
