@@ -21,6 +21,7 @@ export {
 } from "./domain/iommu-driver.js";
 export { iommuError, invalidField, IommuReason } from "./domain/iommu-errors.js";
 export * from "./domain/iommu-hardware.js";
+export * from "./domain/viommu.js";
 export { createIommuEventHandler, toIommuEvent } from "./adapters/iommu-event-handler.js";
 export { iommuHistoryPort, toHistoryAction, type HistorySink } from "./adapters/iommu-history.js";
 export { fromIommuStateEntry, IOMMU_STATE_FORMAT, iommuStateCodec, toIommuStateEntry } from "./adapters/iommu-state-codec.js";

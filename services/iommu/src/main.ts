@@ -50,7 +50,7 @@ await runRole({
     return {
       server: createIommuServer(driver, { logger, ...(tls === undefined ? {} : { tls }) }),
       listen: config.address,
-      quiet: () => !hardware.hasChanges() && !driver.prq.hasChanges(),
+      quiet: () => !hardware.hasChanges() && !driver.prq.hasChanges() && !driver.viommus.hasChanges(),
       restored: {
         message: "restored the IOMMU's tables",
         fields: () => {

@@ -241,8 +241,8 @@ export function fromMapping(m: Mapping): iommu.Mapping {
   return { iova: m.iova, paddr: m.paddr, size: m.size, access: fromAccess(m.access) };
 }
 
-/** Domain domain → wire. */
-export function fromDomain(d: Domain): iommu.Domain {
+/** Domain domain → wire, with the vIOMMU a NESTED domain was allocated on (0 or absent: none). */
+export function fromDomain(d: Domain & { readonly viommuId?: number }): iommu.Domain {
   return {
     domainId: d.domainId,
     type: DOMAIN_TYPES_WIRE.get(d.type)!,
@@ -251,6 +251,7 @@ export function fromDomain(d: Domain): iommu.Domain {
     mmToken: d.mmToken,
     attachCount: d.attachCount,
     mappings: d.mappings.map(fromMapping),
+    viommuId: d.viommuId ?? 0,
   };
 }
 

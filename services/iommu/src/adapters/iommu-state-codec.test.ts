@@ -1,6 +1,7 @@
 import { describe, expect, it } from "vitest";
 import { iommuState } from "@ioasid/proto";
-import { AttachKind, DeviceFunction, DomainType, type AttachHandle, type IommuKeptEntry } from "../domain/iommu-hardware.js";
+import { AttachKind, DeviceFunction, DomainType, FaultReason, type AttachHandle, type IommuKeptEntry } from "../domain/iommu-hardware.js";
+import { VeventqType } from "../domain/viommu.js";
 import { IOMMU_STATE_FORMAT, iommuStateCodec } from "./iommu-state-codec.js";
 import { GroupState } from "../domain/page-requests.js";
 
@@ -88,6 +89,39 @@ const entries: IommuKeptEntry[] = [
     },
   },
   { kind: "faultGroupCounter", nextFaultGroupId: (1n << 59n) + 5n },
+  {
+    kind: "viommu",
+    viommu: { viommuId: 9, deviceId: "0000:6a:01.0", parentDomainId: 3, owner: "vfio/vfio-1", nestedDomainIds: [5, 8], createdAt: new Date(1_700_000_000_005) },
+  },
+  { kind: "vdevice", vdevice: { vdeviceId: 10, viommuId: 9, deviceId: "0000:6a:01.0", virtId: (1n << 63n) + 6n } },
+  {
+    kind: "veventq",
+    veventq: {
+      veventqId: 11,
+      viommuId: 9,
+      type: VeventqType.DMA_FAULT,
+      depth: 4096,
+      nextSequence: (1n << 58n) + 7n,
+      lostEvents: 3n,
+      items: [
+        {
+          kind: "event",
+          event: {
+            sequence: 4n,
+            virtId: (1n << 63n) + 6n,
+            pasid: 201,
+            withoutPasid: true,
+            address: 0xffff_ffff_ffff_d000n,
+            access: RW,
+            reason: FaultReason.PERMISSION,
+            at: new Date(1_700_000_000_006),
+          },
+        },
+        { kind: "lostEvents", firstSequence: 5n, count: 3n },
+      ],
+    },
+  },
+  { kind: "viommuIdCounter", nextObjectId: 12 },
 ];
 
 describe("iommuStateCodec", () => {
@@ -96,7 +130,7 @@ describe("iommuStateCodec", () => {
     expect(IOMMU_STATE_FORMAT).toBe("ioasid.iommu.v1.IommuStateEntry");
   });
 
-  it("refuses an entry without its kind, an enum left UNSPECIFIED, or a fault group without its handle", () => {
+  it("refuses an entry without its kind, an enum left UNSPECIFIED (a domain's type, a vEVENTQ's type), or a fault group without its handle", () => {
     expect(() => iommuStateCodec.decode(new Uint8Array([]))).toThrow("IommuStateEntry.entry is missing");
     const noType = iommuState.IommuStateEntry.encode({ entry: { $case: "domain", value: iommuState.KeptDomain.fromPartial({ domainId: 1 }) } }).finish();
     expect(() => iommuStateCodec.decode(noType)).toThrow("KeptDomain.type is missing");
@@ -104,5 +138,9 @@ describe("iommuStateCodec", () => {
       entry: { $case: "faultGroup", value: iommuState.KeptFaultGroup.fromPartial({ faultGroupId: 1n }) },
     }).finish();
     expect(() => iommuStateCodec.decode(noHandle)).toThrow("KeptFaultGroup.handle is missing");
+    const noQueueType = iommuState.IommuStateEntry.encode({
+      entry: { $case: "veventq", value: iommuState.KeptVeventq.fromPartial({ veventqId: 1 }) },
+    }).finish();
+    expect(() => iommuStateCodec.decode(noQueueType)).toThrow("KeptVeventq.type is missing");
   });
 });

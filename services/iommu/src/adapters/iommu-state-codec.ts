@@ -3,6 +3,7 @@ import { iommu, iommuState } from "@ioasid/proto";
 import { ATTACH_KINDS_WIRE, DOMAIN_TYPES, DOMAIN_TYPES_WIRE, fromHandle, fromMapping, fromPageRequest, GROUP_STATES_WIRE, toAccess } from "./convert.js";
 import { DeviceFunction, type AttachKind, type IommuKeptEntry, type KeptAttachHandle, type Mapping } from "../domain/iommu-hardware.js";
 import type { GroupState, PageRequest } from "../domain/page-requests.js";
+import { fromVeventqItem, fromVeventqType, toVeventqItem, veventqTypeOf } from "./viommu-convert.js";
 
 // The IOMMU's kept entries ↔ ioasid.iommu.v1.IommuStateEntry (iommu_state.proto): the one place that
 // knows both the kept tables (hardware and page-request queue) and the generated state messages, so
@@ -119,6 +120,29 @@ export function toIommuStateEntry(e: IommuKeptEntry): iommuState.IommuStateEntry
     }
     case "faultGroupCounter":
       return { entry: { $case: "faultGroupCounter", value: { nextFaultGroupId: e.nextFaultGroupId } } };
+    case "viommu":
+      return { entry: { $case: "viommu", value: { ...e.viommu, nestedDomainIds: [...e.viommu.nestedDomainIds] } } };
+    case "vdevice":
+      return { entry: { $case: "vdevice", value: { ...e.vdevice } } };
+    case "veventq": {
+      const q = e.veventq;
+      return {
+        entry: {
+          $case: "veventq",
+          value: {
+            veventqId: q.veventqId,
+            viommuId: q.viommuId,
+            type: fromVeventqType(q.type),
+            depth: q.depth,
+            nextSequence: q.nextSequence,
+            lostEvents: q.lostEvents,
+            items: q.items.map(fromVeventqItem),
+          },
+        },
+      };
+    }
+    case "viommuIdCounter":
+      return { entry: { $case: "viommuIdCounter", value: { nextObjectId: e.nextObjectId } } };
   }
 }
 
@@ -222,6 +246,41 @@ export function fromIommuStateEntry(m: iommuState.IommuStateEntry): IommuKeptEnt
     }
     case "faultGroupCounter":
       return { kind: "faultGroupCounter", nextFaultGroupId: entry.value.nextFaultGroupId };
+    case "viommu": {
+      const v = entry.value;
+      return {
+        kind: "viommu",
+        viommu: {
+          viommuId: v.viommuId,
+          deviceId: v.deviceId,
+          parentDomainId: v.parentDomainId,
+          owner: v.owner,
+          nestedDomainIds: [...v.nestedDomainIds],
+          createdAt: requireField(v.createdAt, "KeptViommu.created_at"),
+        },
+      };
+    }
+    case "vdevice": {
+      const d = entry.value;
+      return { kind: "vdevice", vdevice: { vdeviceId: d.vdeviceId, viommuId: d.viommuId, deviceId: d.deviceId, virtId: d.virtId } };
+    }
+    case "veventq": {
+      const q = entry.value;
+      return {
+        kind: "veventq",
+        veventq: {
+          veventqId: q.veventqId,
+          viommuId: q.viommuId,
+          type: requireField(veventqTypeOf(q.type), "KeptVeventq.type"),
+          depth: q.depth,
+          nextSequence: q.nextSequence,
+          lostEvents: q.lostEvents,
+          items: q.items.map(toVeventqItem),
+        },
+      };
+    }
+    case "viommuIdCounter":
+      return { kind: "viommuIdCounter", nextObjectId: entry.value.nextObjectId };
   }
 }
 

@@ -18,6 +18,7 @@ import {
   toDomainType,
   toFailNthOperation,
 } from "./convert.js";
+import { fromVdevice, fromVeventq, fromVeventqItem, fromViommu, toVeventqType } from "./viommu-convert.js";
 import { invalidField } from "../domain/iommu-errors.js";
 import type { IommuDriver } from "../domain/iommu-driver.js";
 
@@ -52,11 +53,13 @@ function rawHandlers(driver: IommuDriver): ServiceHandlers<typeof iommu.IommuSer
       const r = await driver.removeDevice(req.deviceId);
       return { detachedHandles: r.handles, answeredFaultGroups: r.answeredFaultGroups };
     },
-    createDomain: (req) => ({
-      domain: fromDomain(
-        driver.createDomain({ type: toDomainType(req.type), parentDomainId: req.parentDomainId, guestPgtable: req.guestPgtable, mmToken: req.mmToken }),
-      ),
-    }),
+    createDomain: (req) => {
+      const d = driver.createDomain(
+        { type: toDomainType(req.type), parentDomainId: req.parentDomainId, guestPgtable: req.guestPgtable, mmToken: req.mmToken },
+        req.viommuId,
+      );
+      return { domain: fromDomain({ ...d, viommuId: driver.viommus.domainViommu(d.domainId) }) };
+    },
     freeDomain: (req) => {
       driver.freeDomain(req.domainId);
       return {};
@@ -198,17 +201,38 @@ function rawHandlers(driver: IommuDriver): ServiceHandlers<typeof iommu.IommuSer
     },
     queryState: (req) => {
       const s = driver.snapshot(req.deviceIds, req.maxIotlbFlushes);
+      const v = driver.viommus.snapshot();
       const groups = driver.prq.outstanding({ deviceIds: new Set(s.devices.map((d) => d.deviceId)) });
       return {
         devices: s.devices.map((d) => fromDevice(d, driver.prq.outstandingRequests(d.deviceId))),
-        domains: s.domains.map(fromDomain),
+        domains: s.domains.map((d) => fromDomain({ ...d, viommuId: driver.viommus.domainViommu(d.domainId) })),
         attachHandles: s.handles.map((h) => fromHandle(h, driver.prq.countForHandle(h.handleId))),
         svaBonds: s.bonds.map(fromBond),
         faultGroups: groups.map(fromFaultGroup),
         iotlbFlushes: s.flushes.map(fromFlush),
         takenAt: new Date(),
+        viommus: v.viommus.map(fromViommu),
+        vdevices: v.vdevices.map(fromVdevice),
+        veventqs: v.veventqs.map(fromVeventq),
       };
     },
+    // vIOMMU objects (iommufd model, DESIGN §5; issue 16 item 3).
+    allocViommu: (req) => ({ viommu: fromViommu(driver.allocViommu({ deviceId: req.deviceId, parentDomainId: req.parentDomainId, owner: req.owner })) }),
+    destroyViommu: (req) => {
+      driver.destroyViommu(req.viommuId);
+      return {};
+    },
+    allocVdevice: (req) => ({ vdevice: fromVdevice(driver.allocVdevice({ viommuId: req.viommuId, deviceId: req.deviceId, virtId: req.virtId })) }),
+    destroyVdevice: (req) => {
+      driver.destroyVdevice(req.vdeviceId);
+      return {};
+    },
+    allocVeventq: (req) => ({ veventq: fromVeventq(driver.allocVeventq({ viommuId: req.viommuId, type: toVeventqType(req.type), depth: req.depth })) }),
+    destroyVeventq: (req) => {
+      driver.destroyVeventq(req.veventqId);
+      return {};
+    },
+    readVeventq: (req) => ({ items: driver.readVeventq(req.veventqId, req.maxItems).map(fromVeventqItem) }),
   };
 }
 

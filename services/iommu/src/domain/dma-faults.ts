@@ -3,7 +3,7 @@ import { IoasidState } from "@ioasid/ioasid";
 import type { CorePort } from "@ioasid/role-kit";
 import { FaultHandlers, type FaultItem, type FaultRecord } from "./fault-handlers.js";
 import { iommuError, invalidField, isGone } from "./iommu-errors.js";
-import type { IommuHardware, TranslateResult, TranslateSpec } from "./iommu-hardware.js";
+import type { AttachHandle, IommuHardware, TranslateResult, TranslateSpec } from "./iommu-hardware.js";
 import { PageResponseCode, ResponseSource, type FaultGroup, type PageRequestQueue } from "./page-requests.js";
 import type { IommuHistoryAction, IommuLog } from "./iommu-driver.js";
 
@@ -48,6 +48,8 @@ export interface DmaFaultsOptions {
   readonly log: IommuLog | undefined;
   /** Keeps the fault groups after the deadline timer answered some. */
   readonly persist: () => Promise<unknown>;
+  /** Told of every fault reported to an owner (not of suppressed ones), with the handle it happened under. */
+  readonly onFaultReported?: (record: FaultRecord, handle: AttachHandle) => void;
 }
 
 /** The fault path of {@link IommuDriver}: translations, page-request groups, page responses, fault records. */
@@ -69,6 +71,7 @@ export class DmaFaults {
   readonly #record: (action: IommuHistoryAction, fields?: HistoryFields) => void;
   readonly #log: IommuLog | undefined;
   readonly #persist: () => Promise<unknown>;
+  readonly #onFaultReported: DmaFaultsOptions["onFaultReported"];
   readonly #waiters = new Map<bigint, Set<(g: FaultGroup) => void>>();
   #timer: NodeJS.Timeout | undefined;
   #timerAt = Infinity;
@@ -82,6 +85,7 @@ export class DmaFaults {
     this.#record = options.record;
     this.#log = options.log;
     this.#persist = options.persist;
+    this.#onFaultReported = options.onFaultReported;
   }
 
   /**
@@ -278,6 +282,7 @@ export class DmaFaults {
         this.#record({ $case: "dmaFault", value: { device: t.deviceId, address: t.address, reason, suppressed: suppressed ?? "IOASID being freed" } }, fields);
         return;
       }
+      this.#onFaultReported?.(record, h);
       const sent = this.faults.push(h.owner, { kind: "fault", record });
       if (sent) this.counters.faultsReported++;
       else this.counters.faultsUnhandled++;

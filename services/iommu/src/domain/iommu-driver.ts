@@ -35,6 +35,7 @@ import type { FaultHandlers, FaultItem } from "./fault-handlers.js";
 import { PageRequestQueue, ResponseSource, type FaultGroup, type PageResponseCode } from "./page-requests.js";
 import { KeyedMutex } from "@ioasid/role-kit";
 import { FailNthOperation, noFailures, type FailNth } from "./fail-nth.js";
+import { ViommuTable, type Vdevice, type Veventq, type VeventqItem, type VeventqType, type Viommu, type ViommuHardwareView } from "./viommu.js";
 import type { RoleStatePort } from "@ioasid/bus";
 
 /**
@@ -188,6 +189,8 @@ export class IommuDriver {
   readonly #failNthControl: FailNth | undefined;
   readonly #failNth: Pick<FailNth, "begin">;
   #persisting: Promise<void> = Promise.resolve();
+  /** The vIOMMU objects (iommufd model, DESIGN §5): vIOMMUs, vdevices, vEVENTQs. */
+  readonly viommus: ViommuTable;
 
   /**
    * Writes what changed in the hardware tables and the fault groups to the store. The service
@@ -195,7 +198,7 @@ export class IommuDriver {
    * told, or what the core was told was torn down, survives a crash. Writes are chained, in order.
    */
   persist(): Promise<void> {
-    const changes = [...this.hw.takeChanges(), ...this.prq.takeChanges()];
+    const changes = [...this.hw.takeChanges(), ...this.prq.takeChanges(), ...this.viommus.takeChanges()];
     if (this.#store === undefined || changes.length === 0) return this.#persisting;
     const store = this.#store;
     this.#persisting = this.#persisting.catch(() => undefined).then(() => store.write(changes));
@@ -208,6 +211,7 @@ export class IommuDriver {
     this.#store = options.store;
     this.#failNthControl = options.failNth;
     this.#failNth = options.failNth ?? noFailures;
+    this.viommus = options.saved === undefined ? new ViommuTable() : ViommuTable.restore(options.saved);
     this.hw = options.hardware;
     this.#core = options.core;
     this.#history = options.history;
@@ -220,6 +224,13 @@ export class IommuDriver {
       record: (action, fields) => this.#record(action, fields),
       log: this.#log,
       persist: () => this.persist(),
+      // A reported fault under a nested domain of a vIOMMU also goes to the VM's vEVENTQ, kept at
+      // once: a report made after the IOASID check answers after the Translate call was kept, and
+      // an event lost in a crash would hand its sequence number out again.
+      onFaultReported: (record, handle) => {
+        if (this.viommus.reportFault(handle.domainId, record) === undefined) return;
+        this.persist().catch((err: unknown) => this.#log?.warn({ err }, "keeping a vEVENTQ failed"));
+      },
     });
     this.faults = this.#dma.faults;
     this.counters = this.#dma.counters;
@@ -338,6 +349,8 @@ export class IommuDriver {
   async removeDevice(deviceId: string): Promise<{ handles: number; answeredFaultGroups: number }> {
     const { result: torn, changes } = this.hw.removeDevice(deviceId);
     this.#recordChanges(changes);
+    // Its vdevices go with it (their nested attachments were just torn down).
+    this.viommus.removeDevice(deviceId);
     // Entries gone first (no new request can arrive). Partial groups (their last request never came)
     // are freed without a response, as io-pgfault does since v6.9 (iopf_queue_remove_device): only a
     // complete group is answered, and it is answered INVALID.
@@ -361,16 +374,23 @@ export class IommuDriver {
     return { handles: torn.length, answeredFaultGroups: answered };
   }
 
-  /** Creates a domain. */
-  createDomain(spec: DomainSpec): Domain {
-    const d = this.hw.createDomain(spec);
+  /**
+   * Creates a domain; a NESTED one may be allocated on a vIOMMU (`viommuId`), whose parent it then
+   * nests under.
+   */
+  createDomain(spec: DomainSpec, viommuId = 0): Domain {
+    const onViommu = viommuId === 0 ? spec : { ...spec, parentDomainId: this.viommus.nestedParent(viommuId, spec.type, spec.parentDomainId) };
+    const d = this.hw.createDomain(onViommu);
+    if (viommuId !== 0) this.viommus.addNestedDomain(viommuId, d.domainId);
     this.#record({ $case: "domainAlloc", value: { domain: d.domainId, domainType: d.type } });
     return d;
   }
 
   /** Destroys an unused domain. */
   freeDomain(domainId: number): void {
+    if (domainId !== 0 && this.hw.domain(domainId) !== undefined) this.viommus.assertDomainFreeable(domainId);
     this.hw.freeDomain(domainId);
+    this.viommus.forgetDomain(domainId);
     this.#record({ $case: "domainFree", value: { domain: domainId } });
   }
 
@@ -385,7 +405,9 @@ export class IommuDriver {
     if (spec.withoutPasid && spec.generation !== 0) throw invalidField("generation", "a generation names an IOASID: not with without_pasid");
     const fail = this.#failNth.begin(FailNthOperation.ATTACH);
     this.hw.checkAttachDomain(spec);
+    this.viommus.checkNestedAttach(spec.domainId, spec.deviceId);
     const attach = () => {
+      this.viommus.checkNestedAttach(spec.domainId, spec.deviceId);
       fail.point("alloc-handle");
       const { result, changes } = this.hw.attachDomain(spec);
       this.#recordChanges(changes);
@@ -416,8 +438,11 @@ export class IommuDriver {
     if (spec.withoutPasid && spec.generation !== 0) throw invalidField("generation", "a generation names an IOASID: not with without_pasid");
     const fail = this.#failNth.begin(FailNthOperation.REPLACE);
     this.hw.checkReplaceDomain(spec);
+    // Replace is an attach of the new domain: a nested domain of a vIOMMU needs the device's vdevice.
+    this.viommus.checkNestedAttach(spec.domainId, spec.deviceId);
     const replace = (generation: number) => {
       const old = this.hw.checkReplaceDomain(spec);
+      this.viommus.checkNestedAttach(spec.domainId, spec.deviceId);
       if (old.domainId !== spec.domainId) fail.point("alloc-handle");
       const { result, changes } = this.hw.replaceDomain({ ...spec, generation });
       if (result.replaced === undefined) return { ...result, answeredFaultGroups: 0 };
@@ -826,6 +851,51 @@ export class IommuDriver {
       this.#record({ $case: "mmRelease", value: { mmToken, bonds: torn } }, { ioasid: mm.pasid, generation: mm.generation, setId: mm.setId });
       return { pasid: mm.pasid, tornDownBonds: torn };
     });
+  }
+
+  // ---- vIOMMU objects (iommufd model, DESIGN §5; viommu.ts holds the rules) ----
+
+  /** Allocates a vIOMMU over a PAGING parent domain. @see ViommuTable.allocViommu */
+  allocViommu(spec: { deviceId: string; parentDomainId: number; owner: string }): Viommu {
+    return this.viommus.allocViommu(spec, this.#viommuHardware());
+  }
+
+  /** Destroys a vIOMMU nothing holds. @see ViommuTable.destroyViommu */
+  destroyViommu(viommuId: number): void {
+    this.viommus.destroyViommu(viommuId);
+  }
+
+  /** Gives a device its virt_id in a vIOMMU. @see ViommuTable.allocVdevice */
+  allocVdevice(spec: { viommuId: number; deviceId: string; virtId: bigint }): Vdevice {
+    return this.viommus.allocVdevice(spec, this.#viommuHardware());
+  }
+
+  /** Destroys a vdevice no nested attachment uses. @see ViommuTable.destroyVdevice */
+  destroyVdevice(vdeviceId: number): void {
+    this.viommus.destroyVdevice(vdeviceId, this.#viommuHardware());
+  }
+
+  /** Creates a vIOMMU's event queue. @see ViommuTable.allocVeventq */
+  allocVeventq(spec: { viommuId: number; type: VeventqType; depth: number }): Veventq {
+    return this.viommus.allocVeventq(spec);
+  }
+
+  /** Destroys an event queue. @see ViommuTable.destroyVeventq */
+  destroyVeventq(veventqId: number): void {
+    this.viommus.destroyVeventq(veventqId);
+  }
+
+  /** Takes items from an event queue. @see ViommuTable.readVeventq */
+  readVeventq(veventqId: number, max: number): VeventqItem[] {
+    return this.viommus.readVeventq(veventqId, max);
+  }
+
+  #viommuHardware(): ViommuHardwareView {
+    return {
+      assertDevice: (deviceId) => this.hw.assertDevice(deviceId),
+      domain: (domainId) => this.hw.domain(domainId),
+      attachments: () => this.hw.snapshot([], 0).handles,
+    };
   }
 
   // ---- I/O page tables and DMA ----

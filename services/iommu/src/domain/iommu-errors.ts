@@ -45,6 +45,14 @@ export const IommuReason = {
   // The failure injection's armed point (fail-nth; ENOMEM → RESOURCE_EXHAUSTED).
   FAULT_INJECTED: Code.RESOURCE_EXHAUSTED,
   FAULT_INJECTION_DISABLED: Code.FAILED_PRECONDITION,
+  // vIOMMU objects (iommufd model, DESIGN §5; issue 16 item 3): viommu.ts.
+  VIOMMU_NOT_FOUND: Code.NOT_FOUND,
+  VIOMMU_IN_USE: Code.FAILED_PRECONDITION,
+  VDEVICE_EXISTS: Code.ALREADY_EXISTS,
+  VDEVICE_NOT_FOUND: Code.NOT_FOUND,
+  VDEVICE_IN_USE: Code.FAILED_PRECONDITION,
+  VEVENTQ_EXISTS: Code.ALREADY_EXISTS,
+  VEVENTQ_NOT_FOUND: Code.NOT_FOUND,
 } as const;
 /** One of the {@link IommuReason} names. */
 export type IommuReason = keyof typeof IommuReason;

@@ -1,5 +1,6 @@
 import type { HistoryActionCase } from "@ioasid/bus";
 import type { PageRequestKeptEntry } from "./page-requests.js";
+import type { ViommuKeptEntry } from "./viommu.js";
 
 // The modelled VT-d hardware's vocabulary: its limits, closed sets, table entries, the specs its
 // mutations take and the entries it keeps (iommu-hardware.ts is the tables and their rules).
@@ -342,4 +343,4 @@ export type IommuHardwareKeptEntry =
   | { readonly kind: "idCounters"; readonly nextDomainId: number; readonly nextHandleId: bigint };
 
 /** One entry of the IOMMU's kept state (ioasid.iommu.v1.IommuStateEntry; iommu-state-codec.ts converts). */
-export type IommuKeptEntry = IommuHardwareKeptEntry | PageRequestKeptEntry;
+export type IommuKeptEntry = IommuHardwareKeptEntry | PageRequestKeptEntry | ViommuKeptEntry;

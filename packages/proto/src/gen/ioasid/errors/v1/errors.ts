@@ -313,6 +313,33 @@ export enum ErrorReason {
    * (IOASID_IOMMU_FAULT_INJECTION=1): a production service never fails on purpose.
    */
   ERROR_REASON_FAULT_INJECTION_DISABLED = 172,
+  /** ERROR_REASON_VIOMMU_NOT_FOUND - NOT_FOUND. The named vIOMMU does not exist (never allocated, or destroyed). */
+  ERROR_REASON_VIOMMU_NOT_FOUND = 180,
+  /**
+   * ERROR_REASON_VIOMMU_IN_USE - FAILED_PRECONDITION. DestroyViommu of a vIOMMU that still has vdevices, vEVENTQs or NESTED
+   * domains allocated on it (iommufd's -EBUSY): destroy those first. Nothing is changed.
+   */
+  ERROR_REASON_VIOMMU_IN_USE = 181,
+  /**
+   * ERROR_REASON_VDEVICE_EXISTS - ALREADY_EXISTS. AllocVdevice with a virt_id the vIOMMU already has, or for a device that
+   * already has a vdevice in that vIOMMU (iommufd's -EEXIST). Nothing is changed.
+   */
+  ERROR_REASON_VDEVICE_EXISTS = 182,
+  /**
+   * ERROR_REASON_VDEVICE_NOT_FOUND - NOT_FOUND. The named vdevice does not exist; or an AttachDomain of a NESTED domain allocated
+   * on a vIOMMU names a device with no vdevice in that vIOMMU (the guest could not name the device
+   * in its events or invalidations). Nothing is changed.
+   */
+  ERROR_REASON_VDEVICE_NOT_FOUND = 183,
+  /**
+   * ERROR_REASON_VDEVICE_IN_USE - FAILED_PRECONDITION. DestroyVdevice while a NESTED domain of its vIOMMU is attached to its
+   * device: detach it first. Nothing is changed.
+   */
+  ERROR_REASON_VDEVICE_IN_USE = 184,
+  /** ERROR_REASON_VEVENTQ_EXISTS - ALREADY_EXISTS. AllocVeventq of a type the vIOMMU already has a queue of. Nothing is changed. */
+  ERROR_REASON_VEVENTQ_EXISTS = 185,
+  /** ERROR_REASON_VEVENTQ_NOT_FOUND - NOT_FOUND. The named vEVENTQ does not exist (never allocated, or destroyed). */
+  ERROR_REASON_VEVENTQ_NOT_FOUND = 186,
   /**
    * ERROR_REASON_ROLE_STATE_UNREADABLE - A role's kept state (JetStream `<PREFIX>_ROLESTATE`) holds an entry that is not the role's
    * `<Role>StateEntry` (the JSON of earlier versions, another format, bytes that do not decode): the
@@ -645,6 +672,27 @@ export function errorReasonFromJSON(object: any): ErrorReason {
     case 172:
     case "ERROR_REASON_FAULT_INJECTION_DISABLED":
       return ErrorReason.ERROR_REASON_FAULT_INJECTION_DISABLED;
+    case 180:
+    case "ERROR_REASON_VIOMMU_NOT_FOUND":
+      return ErrorReason.ERROR_REASON_VIOMMU_NOT_FOUND;
+    case 181:
+    case "ERROR_REASON_VIOMMU_IN_USE":
+      return ErrorReason.ERROR_REASON_VIOMMU_IN_USE;
+    case 182:
+    case "ERROR_REASON_VDEVICE_EXISTS":
+      return ErrorReason.ERROR_REASON_VDEVICE_EXISTS;
+    case 183:
+    case "ERROR_REASON_VDEVICE_NOT_FOUND":
+      return ErrorReason.ERROR_REASON_VDEVICE_NOT_FOUND;
+    case 184:
+    case "ERROR_REASON_VDEVICE_IN_USE":
+      return ErrorReason.ERROR_REASON_VDEVICE_IN_USE;
+    case 185:
+    case "ERROR_REASON_VEVENTQ_EXISTS":
+      return ErrorReason.ERROR_REASON_VEVENTQ_EXISTS;
+    case 186:
+    case "ERROR_REASON_VEVENTQ_NOT_FOUND":
+      return ErrorReason.ERROR_REASON_VEVENTQ_NOT_FOUND;
     case 146:
     case "ERROR_REASON_ROLE_STATE_UNREADABLE":
       return ErrorReason.ERROR_REASON_ROLE_STATE_UNREADABLE;
@@ -870,6 +918,20 @@ export function errorReasonToJSON(object: ErrorReason): string {
       return "ERROR_REASON_FAULT_INJECTED";
     case ErrorReason.ERROR_REASON_FAULT_INJECTION_DISABLED:
       return "ERROR_REASON_FAULT_INJECTION_DISABLED";
+    case ErrorReason.ERROR_REASON_VIOMMU_NOT_FOUND:
+      return "ERROR_REASON_VIOMMU_NOT_FOUND";
+    case ErrorReason.ERROR_REASON_VIOMMU_IN_USE:
+      return "ERROR_REASON_VIOMMU_IN_USE";
+    case ErrorReason.ERROR_REASON_VDEVICE_EXISTS:
+      return "ERROR_REASON_VDEVICE_EXISTS";
+    case ErrorReason.ERROR_REASON_VDEVICE_NOT_FOUND:
+      return "ERROR_REASON_VDEVICE_NOT_FOUND";
+    case ErrorReason.ERROR_REASON_VDEVICE_IN_USE:
+      return "ERROR_REASON_VDEVICE_IN_USE";
+    case ErrorReason.ERROR_REASON_VEVENTQ_EXISTS:
+      return "ERROR_REASON_VEVENTQ_EXISTS";
+    case ErrorReason.ERROR_REASON_VEVENTQ_NOT_FOUND:
+      return "ERROR_REASON_VEVENTQ_NOT_FOUND";
     case ErrorReason.ERROR_REASON_ROLE_STATE_UNREADABLE:
       return "ERROR_REASON_ROLE_STATE_UNREADABLE";
     case ErrorReason.ERROR_REASON_HISTORY_FORMAT_UNSUPPORTED:

@@ -690,6 +690,50 @@ export function failureInjectionOperationToJSON(object: FailureInjectionOperatio
   }
 }
 
+/**
+ * VeventqType is the kind of events a vEVENTQ carries (the kernel's vendor event formats; this
+ * model has one).
+ */
+export enum VeventqType {
+  /** VEVENTQ_TYPE_UNSPECIFIED - Not set; rejected with INVALID_ARGUMENT `INVALID_FIELD`. */
+  VEVENTQ_TYPE_UNSPECIFIED = 0,
+  /**
+   * VEVENTQ_TYPE_DMA_FAULT - Unrecoverable DMA faults (no PASID entry, not present, permission) under an attachment of a
+   * NESTED domain allocated on the vIOMMU, named by the device's `virt_id` (what the guest's
+   * IOMMU driver reads from its event queue). Page requests are not events: they need exactly one
+   * response and keep going to the attach handle's owner (SubscribeFaultGroups).
+   */
+  VEVENTQ_TYPE_DMA_FAULT = 1,
+  UNRECOGNIZED = -1,
+}
+
+export function veventqTypeFromJSON(object: any): VeventqType {
+  switch (object) {
+    case 0:
+    case "VEVENTQ_TYPE_UNSPECIFIED":
+      return VeventqType.VEVENTQ_TYPE_UNSPECIFIED;
+    case 1:
+    case "VEVENTQ_TYPE_DMA_FAULT":
+      return VeventqType.VEVENTQ_TYPE_DMA_FAULT;
+    case -1:
+    case "UNRECOGNIZED":
+    default:
+      return VeventqType.UNRECOGNIZED;
+  }
+}
+
+export function veventqTypeToJSON(object: VeventqType): string {
+  switch (object) {
+    case VeventqType.VEVENTQ_TYPE_UNSPECIFIED:
+      return "VEVENTQ_TYPE_UNSPECIFIED";
+    case VeventqType.VEVENTQ_TYPE_DMA_FAULT:
+      return "VEVENTQ_TYPE_DMA_FAULT";
+    case VeventqType.UNRECOGNIZED:
+    default:
+      return "UNRECOGNIZED";
+  }
+}
+
 /** DmaAccess is the access a DMA request asks for, or a mapping grants. */
 export interface DmaAccess {
   /** Read access. */
@@ -768,6 +812,8 @@ export interface Domain {
   attachCount: number;
   /** PAGING: the domain's mappings, ascending by IOVA; empty for other types. */
   mappings: Mapping[];
+  /** NESTED: the vIOMMU it was allocated on; 0 when none. */
+  viommuId: number;
 }
 
 /** Mapping is one mapped range of a PAGING domain. */
@@ -986,6 +1032,11 @@ export interface CreateDomainRequest {
   guestPgtable: bigint;
   /** SVA: MM token of the process; required for SVA, 0 otherwise. */
   mmToken: bigint;
+  /**
+   * NESTED: the vIOMMU to allocate the domain on; 0 = none. With it, `parent_domain_id` may be 0
+   * (it is the vIOMMU's parent).
+   */
+  viommuId: number;
 }
 
 /** CreateDomainResponse is the new domain. */
@@ -1441,7 +1492,200 @@ export interface QueryStateResponse {
   /** The most recent IOTLB flush records, oldest first (at most `max_iotlb_flushes`). */
   iotlbFlushes: IotlbFlush[];
   /** When the snapshot was taken. */
-  takenAt: Date | undefined;
+  takenAt:
+    | Date
+    | undefined;
+  /** Every vIOMMU, ascending by id. */
+  viommus: Viommu[];
+  /** Every vdevice, ascending by id. */
+  vdevices: Vdevice[];
+  /** Every vEVENTQ, ascending by id (without its items: ReadVeventq takes them). */
+  veventqs: Veventq[];
+}
+
+/** Viommu is a VM's virtual IOMMU. */
+export interface Viommu {
+  /** vIOMMU id (never 0). */
+  viommuId: number;
+  /** The device it was allocated through (names the physical IOMMU instance; not held). */
+  deviceId: string;
+  /** The PAGING domain it holds a reference on (the VM's stage 2). */
+  parentDomainId: number;
+  /** Who allocated it, e.g. "vfio/vfio-1". */
+  owner: string;
+  /** NESTED domains allocated on it, ascending. */
+  nestedDomainIds: number[];
+  /** How many vdevices it has. */
+  vdeviceCount: number;
+  /** How many vEVENTQs it has. */
+  veventqCount: number;
+  /** When it was allocated. */
+  createdAt: Date | undefined;
+}
+
+/** Vdevice is the guest-visible identity of a physical device in one vIOMMU. */
+export interface Vdevice {
+  /** vdevice id (never 0). */
+  vdeviceId: number;
+  /** The vIOMMU. */
+  viommuId: number;
+  /** The physical device. */
+  deviceId: string;
+  /** What the guest calls the device (e.g. its virtual stream or requester id); unique per vIOMMU. */
+  virtId: bigint;
+}
+
+/** Veventq is a vIOMMU's event queue. */
+export interface Veventq {
+  /** vEVENTQ id (never 0). */
+  veventqId: number;
+  /** The vIOMMU. */
+  viommuId: number;
+  /** The kind of events it carries. */
+  type: VeventqType;
+  /** Most unread events it holds (LOST_EVENTS markers are not counted). */
+  depth: number;
+  /** Unread events now queued. */
+  queuedEvents: number;
+  /** The sequence number the next event gets (the first is 1). */
+  nextSequence: bigint;
+  /** Events dropped since the queue was allocated (each reported in a LOST_EVENTS marker). */
+  lostEvents: bigint;
+}
+
+/** Vevent is one event of a vEVENTQ of type DMA_FAULT: a DMA fault as the guest sees it. */
+export interface Vevent {
+  /** Sequence number in its queue: one more than the previous event's, counting lost ones. */
+  sequence: bigint;
+  /** The faulting device's `virt_id` in the vIOMMU (never the host's device id). */
+  virtId: bigint;
+  /** The PASID of the request; 0 when `without_pasid`. */
+  pasid: number;
+  /** True for a request without PASID. */
+  withoutPasid: boolean;
+  /** The faulting address. */
+  address: bigint;
+  /** The access requested. */
+  access:
+    | DmaAccess
+    | undefined;
+  /** Why it faulted. */
+  reason: FaultReason;
+  /** When it happened. */
+  at: Date | undefined;
+}
+
+/** LostEvents is the LOST_EVENTS marker: events were dropped because the queue was full. */
+export interface LostEvents {
+  /** Sequence number of the first event dropped. */
+  firstSequence: bigint;
+  /** How many consecutive events were dropped (sequence numbers first_sequence..first_sequence+count-1). */
+  count: bigint;
+}
+
+/** VeventqItem is one item read from a vEVENTQ. */
+export interface VeventqItem {
+  /** What it is. */
+  item:
+    | //
+    /** An event. */
+    { $case: "event"; value: Vevent }
+    | //
+    /** Events were dropped here: the next event delivered comes after the gap. */
+    { $case: "lostEvents"; value: LostEvents }
+    | undefined;
+}
+
+/** AllocViommuRequest describes the vIOMMU to allocate. */
+export interface AllocViommuRequest {
+  /** A registered device behind the IOMMU instance the vIOMMU virtualises; required. */
+  deviceId: string;
+  /** The PAGING domain to nest under (the VM's stage 2); required. */
+  parentDomainId: number;
+  /** Who allocates it, e.g. "vfio/vfio-1"; required. */
+  owner: string;
+}
+
+/** AllocViommuResponse is the new vIOMMU. */
+export interface AllocViommuResponse {
+  /** The vIOMMU, with no vdevice, vEVENTQ or nested domain. */
+  viommu: Viommu | undefined;
+}
+
+/** DestroyViommuRequest names the vIOMMU to destroy. */
+export interface DestroyViommuRequest {
+  /** The vIOMMU. */
+  viommuId: number;
+}
+
+/** DestroyViommuResponse confirms the vIOMMU is gone. */
+export interface DestroyViommuResponse {
+}
+
+/** AllocVdeviceRequest names a device's guest-visible id in a vIOMMU. */
+export interface AllocVdeviceRequest {
+  /** The vIOMMU; required. */
+  viommuId: number;
+  /** The physical device; required. */
+  deviceId: string;
+  /** The id the guest knows the device by (any value, 0 included). */
+  virtId: bigint;
+}
+
+/** AllocVdeviceResponse is the new vdevice. */
+export interface AllocVdeviceResponse {
+  /** The vdevice. */
+  vdevice: Vdevice | undefined;
+}
+
+/** DestroyVdeviceRequest names the vdevice to destroy. */
+export interface DestroyVdeviceRequest {
+  /** The vdevice. */
+  vdeviceId: number;
+}
+
+/** DestroyVdeviceResponse confirms the vdevice is gone. */
+export interface DestroyVdeviceResponse {
+}
+
+/** AllocVeventqRequest describes the event queue to create. */
+export interface AllocVeventqRequest {
+  /** The vIOMMU; required. */
+  viommuId: number;
+  /** The kind of events; required. */
+  type: VeventqType;
+  /** Most unread events the queue holds (1..4096). */
+  depth: number;
+}
+
+/** AllocVeventqResponse is the new queue. */
+export interface AllocVeventqResponse {
+  /** The queue, empty; its first event gets sequence number 1. */
+  veventq: Veventq | undefined;
+}
+
+/** DestroyVeventqRequest names the queue to destroy. */
+export interface DestroyVeventqRequest {
+  /** The queue. */
+  veventqId: number;
+}
+
+/** DestroyVeventqResponse confirms the queue is gone. */
+export interface DestroyVeventqResponse {
+}
+
+/** ReadVeventqRequest takes items from a queue. */
+export interface ReadVeventqRequest {
+  /** The queue. */
+  veventqId: number;
+  /** Most items to take (events and markers); 0 = all. */
+  maxItems: number;
+}
+
+/** ReadVeventqResponse is what was taken, oldest first. */
+export interface ReadVeventqResponse {
+  /** Events and LOST_EVENTS markers in queue order. */
+  items: VeventqItem[];
 }
 
 function createBaseDmaAccess(): DmaAccess {
@@ -2035,7 +2279,16 @@ export const PasidEntry: MessageFns<PasidEntry> = {
 };
 
 function createBaseDomain(): Domain {
-  return { domainId: 0, type: 0, parentDomainId: 0, guestPgtable: 0n, mmToken: 0n, attachCount: 0, mappings: [] };
+  return {
+    domainId: 0,
+    type: 0,
+    parentDomainId: 0,
+    guestPgtable: 0n,
+    mmToken: 0n,
+    attachCount: 0,
+    mappings: [],
+    viommuId: 0,
+  };
 }
 
 export const Domain: MessageFns<Domain> = {
@@ -2066,6 +2319,9 @@ export const Domain: MessageFns<Domain> = {
     }
     for (const v of message.mappings) {
       Mapping.encode(v!, writer.uint32(58).fork()).join();
+    }
+    if (message.viommuId !== 0) {
+      writer.uint32(64).uint32(message.viommuId);
     }
     return writer;
   },
@@ -2139,6 +2395,14 @@ export const Domain: MessageFns<Domain> = {
             message.mappings.push(Mapping.decode(reader, reader.uint32()));
             continue;
           }
+          case 8: {
+            if (tag !== 64) {
+              break;
+            }
+
+            message.viommuId = reader.uint32();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -2178,6 +2442,11 @@ export const Domain: MessageFns<Domain> = {
       mappings: globalThis.Array.isArray(object?.mappings)
         ? object.mappings.map((e: any) => Mapping.fromJSON(e))
         : [],
+      viommuId: isSet(object.viommuId)
+        ? globalThis.Number(object.viommuId)
+        : isSet(object.viommu_id)
+        ? globalThis.Number(object.viommu_id)
+        : 0,
     };
   },
 
@@ -2204,6 +2473,9 @@ export const Domain: MessageFns<Domain> = {
     if (message.mappings?.length) {
       obj.mappings = message.mappings.map((e) => Mapping.toJSON(e));
     }
+    if (message.viommuId !== 0) {
+      obj.viommuId = Math.round(message.viommuId);
+    }
     return obj;
   },
 
@@ -2221,6 +2493,7 @@ export const Domain: MessageFns<Domain> = {
     message.mmToken = (object.mmToken !== undefined && object.mmToken !== null) ? BigInt(object.mmToken) : 0n;
     message.attachCount = object.attachCount ?? 0;
     message.mappings = object.mappings?.map((e) => Mapping.fromPartial(e)) || [];
+    message.viommuId = object.viommuId ?? 0;
     return message;
   },
 };
@@ -4226,7 +4499,7 @@ export const RemoveDeviceResponse: MessageFns<RemoveDeviceResponse> = {
 };
 
 function createBaseCreateDomainRequest(): CreateDomainRequest {
-  return { type: 0, parentDomainId: 0, guestPgtable: 0n, mmToken: 0n };
+  return { type: 0, parentDomainId: 0, guestPgtable: 0n, mmToken: 0n, viommuId: 0 };
 }
 
 export const CreateDomainRequest: MessageFns<CreateDomainRequest> = {
@@ -4248,6 +4521,9 @@ export const CreateDomainRequest: MessageFns<CreateDomainRequest> = {
         throw new globalThis.Error("value provided for field message.mmToken of type uint64 too large");
       }
       writer.uint32(32).uint64(message.mmToken);
+    }
+    if (message.viommuId !== 0) {
+      writer.uint32(40).uint32(message.viommuId);
     }
     return writer;
   },
@@ -4297,6 +4573,14 @@ export const CreateDomainRequest: MessageFns<CreateDomainRequest> = {
             message.mmToken = reader.uint64() as bigint;
             continue;
           }
+          case 5: {
+            if (tag !== 40) {
+              break;
+            }
+
+            message.viommuId = reader.uint32();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -4323,6 +4607,11 @@ export const CreateDomainRequest: MessageFns<CreateDomainRequest> = {
         ? BigInt(object.guest_pgtable)
         : 0n,
       mmToken: isSet(object.mmToken) ? BigInt(object.mmToken) : isSet(object.mm_token) ? BigInt(object.mm_token) : 0n,
+      viommuId: isSet(object.viommuId)
+        ? globalThis.Number(object.viommuId)
+        : isSet(object.viommu_id)
+        ? globalThis.Number(object.viommu_id)
+        : 0,
     };
   },
 
@@ -4340,6 +4629,9 @@ export const CreateDomainRequest: MessageFns<CreateDomainRequest> = {
     if (message.mmToken !== 0n) {
       obj.mmToken = message.mmToken.toString();
     }
+    if (message.viommuId !== 0) {
+      obj.viommuId = Math.round(message.viommuId);
+    }
     return obj;
   },
 
@@ -4354,6 +4646,7 @@ export const CreateDomainRequest: MessageFns<CreateDomainRequest> = {
       ? BigInt(object.guestPgtable)
       : 0n;
     message.mmToken = (object.mmToken !== undefined && object.mmToken !== null) ? BigInt(object.mmToken) : 0n;
+    message.viommuId = object.viommuId ?? 0;
     return message;
   },
 };
@@ -8781,6 +9074,9 @@ function createBaseQueryStateResponse(): QueryStateResponse {
     faultGroups: [],
     iotlbFlushes: [],
     takenAt: undefined,
+    viommus: [],
+    vdevices: [],
+    veventqs: [],
   };
 }
 
@@ -8806,6 +9102,15 @@ export const QueryStateResponse: MessageFns<QueryStateResponse> = {
     }
     if (message.takenAt !== undefined) {
       Timestamp.encode(toTimestamp(message.takenAt), writer.uint32(58).fork()).join();
+    }
+    for (const v of message.viommus) {
+      Viommu.encode(v!, writer.uint32(66).fork()).join();
+    }
+    for (const v of message.vdevices) {
+      Vdevice.encode(v!, writer.uint32(74).fork()).join();
+    }
+    for (const v of message.veventqs) {
+      Veventq.encode(v!, writer.uint32(82).fork()).join();
     }
     return writer;
   },
@@ -8879,6 +9184,30 @@ export const QueryStateResponse: MessageFns<QueryStateResponse> = {
             message.takenAt = fromTimestamp(Timestamp.decode(reader, reader.uint32()));
             continue;
           }
+          case 8: {
+            if (tag !== 66) {
+              break;
+            }
+
+            message.viommus.push(Viommu.decode(reader, reader.uint32()));
+            continue;
+          }
+          case 9: {
+            if (tag !== 74) {
+              break;
+            }
+
+            message.vdevices.push(Vdevice.decode(reader, reader.uint32()));
+            continue;
+          }
+          case 10: {
+            if (tag !== 82) {
+              break;
+            }
+
+            message.veventqs.push(Veventq.decode(reader, reader.uint32()));
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -8920,6 +9249,11 @@ export const QueryStateResponse: MessageFns<QueryStateResponse> = {
         : isSet(object.taken_at)
         ? fromJsonTimestamp(object.taken_at)
         : undefined,
+      viommus: globalThis.Array.isArray(object?.viommus)
+        ? object.viommus.map((e: any) => Viommu.fromJSON(e))
+        : [],
+      vdevices: globalThis.Array.isArray(object?.vdevices) ? object.vdevices.map((e: any) => Vdevice.fromJSON(e)) : [],
+      veventqs: globalThis.Array.isArray(object?.veventqs) ? object.veventqs.map((e: any) => Veventq.fromJSON(e)) : [],
     };
   },
 
@@ -8946,6 +9280,15 @@ export const QueryStateResponse: MessageFns<QueryStateResponse> = {
     if (message.takenAt !== undefined) {
       obj.takenAt = message.takenAt.toISOString();
     }
+    if (message.viommus?.length) {
+      obj.viommus = message.viommus.map((e) => Viommu.toJSON(e));
+    }
+    if (message.vdevices?.length) {
+      obj.vdevices = message.vdevices.map((e) => Vdevice.toJSON(e));
+    }
+    if (message.veventqs?.length) {
+      obj.veventqs = message.veventqs.map((e) => Veventq.toJSON(e));
+    }
     return obj;
   },
 
@@ -8961,6 +9304,2043 @@ export const QueryStateResponse: MessageFns<QueryStateResponse> = {
     message.faultGroups = object.faultGroups?.map((e) => FaultGroup.fromPartial(e)) || [];
     message.iotlbFlushes = object.iotlbFlushes?.map((e) => IotlbFlush.fromPartial(e)) || [];
     message.takenAt = object.takenAt ?? undefined;
+    message.viommus = object.viommus?.map((e) => Viommu.fromPartial(e)) || [];
+    message.vdevices = object.vdevices?.map((e) => Vdevice.fromPartial(e)) || [];
+    message.veventqs = object.veventqs?.map((e) => Veventq.fromPartial(e)) || [];
+    return message;
+  },
+};
+
+function createBaseViommu(): Viommu {
+  return {
+    viommuId: 0,
+    deviceId: "",
+    parentDomainId: 0,
+    owner: "",
+    nestedDomainIds: [],
+    vdeviceCount: 0,
+    veventqCount: 0,
+    createdAt: undefined,
+  };
+}
+
+export const Viommu: MessageFns<Viommu> = {
+  encode(message: Viommu, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.viommuId !== 0) {
+      writer.uint32(8).uint32(message.viommuId);
+    }
+    if (message.deviceId !== "") {
+      writer.uint32(18).string(message.deviceId);
+    }
+    if (message.parentDomainId !== 0) {
+      writer.uint32(24).uint32(message.parentDomainId);
+    }
+    if (message.owner !== "") {
+      writer.uint32(34).string(message.owner);
+    }
+    if (message.nestedDomainIds.length !== 0) {
+      writer.uint32(42).fork();
+      for (const v of message.nestedDomainIds) {
+        writer.uint32(v);
+      }
+      writer.join();
+    }
+    if (message.vdeviceCount !== 0) {
+      writer.uint32(48).uint32(message.vdeviceCount);
+    }
+    if (message.veventqCount !== 0) {
+      writer.uint32(56).uint32(message.veventqCount);
+    }
+    if (message.createdAt !== undefined) {
+      Timestamp.encode(toTimestamp(message.createdAt), writer.uint32(66).fork()).join();
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): Viommu {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseViommu();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 8) {
+              break;
+            }
+
+            message.viommuId = reader.uint32();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.deviceId = reader.string();
+            continue;
+          }
+          case 3: {
+            if (tag !== 24) {
+              break;
+            }
+
+            message.parentDomainId = reader.uint32();
+            continue;
+          }
+          case 4: {
+            if (tag !== 34) {
+              break;
+            }
+
+            message.owner = reader.string();
+            continue;
+          }
+          case 5: {
+            if (tag === 40) {
+              message.nestedDomainIds.push(reader.uint32());
+
+              continue;
+            }
+
+            if (tag === 42) {
+              const end2 = reader.uint32() + reader.pos;
+              while (reader.pos < end2) {
+                message.nestedDomainIds.push(reader.uint32());
+              }
+
+              continue;
+            }
+
+            break;
+          }
+          case 6: {
+            if (tag !== 48) {
+              break;
+            }
+
+            message.vdeviceCount = reader.uint32();
+            continue;
+          }
+          case 7: {
+            if (tag !== 56) {
+              break;
+            }
+
+            message.veventqCount = reader.uint32();
+            continue;
+          }
+          case 8: {
+            if (tag !== 66) {
+              break;
+            }
+
+            message.createdAt = fromTimestamp(Timestamp.decode(reader, reader.uint32()));
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): Viommu {
+    return {
+      viommuId: isSet(object.viommuId)
+        ? globalThis.Number(object.viommuId)
+        : isSet(object.viommu_id)
+        ? globalThis.Number(object.viommu_id)
+        : 0,
+      deviceId: isSet(object.deviceId)
+        ? globalThis.String(object.deviceId)
+        : isSet(object.device_id)
+        ? globalThis.String(object.device_id)
+        : "",
+      parentDomainId: isSet(object.parentDomainId)
+        ? globalThis.Number(object.parentDomainId)
+        : isSet(object.parent_domain_id)
+        ? globalThis.Number(object.parent_domain_id)
+        : 0,
+      owner: isSet(object.owner) ? globalThis.String(object.owner) : "",
+      nestedDomainIds: globalThis.Array.isArray(object?.nestedDomainIds)
+        ? object.nestedDomainIds.map((e: any) => globalThis.Number(e))
+        : globalThis.Array.isArray(object?.nested_domain_ids)
+        ? object.nested_domain_ids.map((e: any) => globalThis.Number(e))
+        : [],
+      vdeviceCount: isSet(object.vdeviceCount)
+        ? globalThis.Number(object.vdeviceCount)
+        : isSet(object.vdevice_count)
+        ? globalThis.Number(object.vdevice_count)
+        : 0,
+      veventqCount: isSet(object.veventqCount)
+        ? globalThis.Number(object.veventqCount)
+        : isSet(object.veventq_count)
+        ? globalThis.Number(object.veventq_count)
+        : 0,
+      createdAt: isSet(object.createdAt)
+        ? fromJsonTimestamp(object.createdAt)
+        : isSet(object.created_at)
+        ? fromJsonTimestamp(object.created_at)
+        : undefined,
+    };
+  },
+
+  toJSON(message: Viommu): unknown {
+    const obj: any = {};
+    if (message.viommuId !== 0) {
+      obj.viommuId = Math.round(message.viommuId);
+    }
+    if (message.deviceId !== "") {
+      obj.deviceId = message.deviceId;
+    }
+    if (message.parentDomainId !== 0) {
+      obj.parentDomainId = Math.round(message.parentDomainId);
+    }
+    if (message.owner !== "") {
+      obj.owner = message.owner;
+    }
+    if (message.nestedDomainIds?.length) {
+      obj.nestedDomainIds = message.nestedDomainIds.map((e) => Math.round(e));
+    }
+    if (message.vdeviceCount !== 0) {
+      obj.vdeviceCount = Math.round(message.vdeviceCount);
+    }
+    if (message.veventqCount !== 0) {
+      obj.veventqCount = Math.round(message.veventqCount);
+    }
+    if (message.createdAt !== undefined) {
+      obj.createdAt = message.createdAt.toISOString();
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<Viommu>): Viommu {
+    return Viommu.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<Viommu>): Viommu {
+    const message = createBaseViommu();
+    message.viommuId = object.viommuId ?? 0;
+    message.deviceId = object.deviceId ?? "";
+    message.parentDomainId = object.parentDomainId ?? 0;
+    message.owner = object.owner ?? "";
+    message.nestedDomainIds = object.nestedDomainIds?.map((e) => e) || [];
+    message.vdeviceCount = object.vdeviceCount ?? 0;
+    message.veventqCount = object.veventqCount ?? 0;
+    message.createdAt = object.createdAt ?? undefined;
+    return message;
+  },
+};
+
+function createBaseVdevice(): Vdevice {
+  return { vdeviceId: 0, viommuId: 0, deviceId: "", virtId: 0n };
+}
+
+export const Vdevice: MessageFns<Vdevice> = {
+  encode(message: Vdevice, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.vdeviceId !== 0) {
+      writer.uint32(8).uint32(message.vdeviceId);
+    }
+    if (message.viommuId !== 0) {
+      writer.uint32(16).uint32(message.viommuId);
+    }
+    if (message.deviceId !== "") {
+      writer.uint32(26).string(message.deviceId);
+    }
+    if (message.virtId !== 0n) {
+      if (BigInt.asUintN(64, message.virtId) !== message.virtId) {
+        throw new globalThis.Error("value provided for field message.virtId of type uint64 too large");
+      }
+      writer.uint32(32).uint64(message.virtId);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): Vdevice {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseVdevice();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 8) {
+              break;
+            }
+
+            message.vdeviceId = reader.uint32();
+            continue;
+          }
+          case 2: {
+            if (tag !== 16) {
+              break;
+            }
+
+            message.viommuId = reader.uint32();
+            continue;
+          }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.deviceId = reader.string();
+            continue;
+          }
+          case 4: {
+            if (tag !== 32) {
+              break;
+            }
+
+            message.virtId = reader.uint64() as bigint;
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): Vdevice {
+    return {
+      vdeviceId: isSet(object.vdeviceId)
+        ? globalThis.Number(object.vdeviceId)
+        : isSet(object.vdevice_id)
+        ? globalThis.Number(object.vdevice_id)
+        : 0,
+      viommuId: isSet(object.viommuId)
+        ? globalThis.Number(object.viommuId)
+        : isSet(object.viommu_id)
+        ? globalThis.Number(object.viommu_id)
+        : 0,
+      deviceId: isSet(object.deviceId)
+        ? globalThis.String(object.deviceId)
+        : isSet(object.device_id)
+        ? globalThis.String(object.device_id)
+        : "",
+      virtId: isSet(object.virtId) ? BigInt(object.virtId) : isSet(object.virt_id) ? BigInt(object.virt_id) : 0n,
+    };
+  },
+
+  toJSON(message: Vdevice): unknown {
+    const obj: any = {};
+    if (message.vdeviceId !== 0) {
+      obj.vdeviceId = Math.round(message.vdeviceId);
+    }
+    if (message.viommuId !== 0) {
+      obj.viommuId = Math.round(message.viommuId);
+    }
+    if (message.deviceId !== "") {
+      obj.deviceId = message.deviceId;
+    }
+    if (message.virtId !== 0n) {
+      obj.virtId = message.virtId.toString();
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<Vdevice>): Vdevice {
+    return Vdevice.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<Vdevice>): Vdevice {
+    const message = createBaseVdevice();
+    message.vdeviceId = object.vdeviceId ?? 0;
+    message.viommuId = object.viommuId ?? 0;
+    message.deviceId = object.deviceId ?? "";
+    message.virtId = (object.virtId !== undefined && object.virtId !== null) ? BigInt(object.virtId) : 0n;
+    return message;
+  },
+};
+
+function createBaseVeventq(): Veventq {
+  return { veventqId: 0, viommuId: 0, type: 0, depth: 0, queuedEvents: 0, nextSequence: 0n, lostEvents: 0n };
+}
+
+export const Veventq: MessageFns<Veventq> = {
+  encode(message: Veventq, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.veventqId !== 0) {
+      writer.uint32(8).uint32(message.veventqId);
+    }
+    if (message.viommuId !== 0) {
+      writer.uint32(16).uint32(message.viommuId);
+    }
+    if (message.type !== 0) {
+      writer.uint32(24).int32(message.type);
+    }
+    if (message.depth !== 0) {
+      writer.uint32(32).uint32(message.depth);
+    }
+    if (message.queuedEvents !== 0) {
+      writer.uint32(40).uint32(message.queuedEvents);
+    }
+    if (message.nextSequence !== 0n) {
+      if (BigInt.asUintN(64, message.nextSequence) !== message.nextSequence) {
+        throw new globalThis.Error("value provided for field message.nextSequence of type uint64 too large");
+      }
+      writer.uint32(48).uint64(message.nextSequence);
+    }
+    if (message.lostEvents !== 0n) {
+      if (BigInt.asUintN(64, message.lostEvents) !== message.lostEvents) {
+        throw new globalThis.Error("value provided for field message.lostEvents of type uint64 too large");
+      }
+      writer.uint32(56).uint64(message.lostEvents);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): Veventq {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseVeventq();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 8) {
+              break;
+            }
+
+            message.veventqId = reader.uint32();
+            continue;
+          }
+          case 2: {
+            if (tag !== 16) {
+              break;
+            }
+
+            message.viommuId = reader.uint32();
+            continue;
+          }
+          case 3: {
+            if (tag !== 24) {
+              break;
+            }
+
+            message.type = reader.int32() as any;
+            continue;
+          }
+          case 4: {
+            if (tag !== 32) {
+              break;
+            }
+
+            message.depth = reader.uint32();
+            continue;
+          }
+          case 5: {
+            if (tag !== 40) {
+              break;
+            }
+
+            message.queuedEvents = reader.uint32();
+            continue;
+          }
+          case 6: {
+            if (tag !== 48) {
+              break;
+            }
+
+            message.nextSequence = reader.uint64() as bigint;
+            continue;
+          }
+          case 7: {
+            if (tag !== 56) {
+              break;
+            }
+
+            message.lostEvents = reader.uint64() as bigint;
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): Veventq {
+    return {
+      veventqId: isSet(object.veventqId)
+        ? globalThis.Number(object.veventqId)
+        : isSet(object.veventq_id)
+        ? globalThis.Number(object.veventq_id)
+        : 0,
+      viommuId: isSet(object.viommuId)
+        ? globalThis.Number(object.viommuId)
+        : isSet(object.viommu_id)
+        ? globalThis.Number(object.viommu_id)
+        : 0,
+      type: isSet(object.type) ? veventqTypeFromJSON(object.type) : 0,
+      depth: isSet(object.depth) ? globalThis.Number(object.depth) : 0,
+      queuedEvents: isSet(object.queuedEvents)
+        ? globalThis.Number(object.queuedEvents)
+        : isSet(object.queued_events)
+        ? globalThis.Number(object.queued_events)
+        : 0,
+      nextSequence: isSet(object.nextSequence)
+        ? BigInt(object.nextSequence)
+        : isSet(object.next_sequence)
+        ? BigInt(object.next_sequence)
+        : 0n,
+      lostEvents: isSet(object.lostEvents)
+        ? BigInt(object.lostEvents)
+        : isSet(object.lost_events)
+        ? BigInt(object.lost_events)
+        : 0n,
+    };
+  },
+
+  toJSON(message: Veventq): unknown {
+    const obj: any = {};
+    if (message.veventqId !== 0) {
+      obj.veventqId = Math.round(message.veventqId);
+    }
+    if (message.viommuId !== 0) {
+      obj.viommuId = Math.round(message.viommuId);
+    }
+    if (message.type !== 0) {
+      obj.type = veventqTypeToJSON(message.type);
+    }
+    if (message.depth !== 0) {
+      obj.depth = Math.round(message.depth);
+    }
+    if (message.queuedEvents !== 0) {
+      obj.queuedEvents = Math.round(message.queuedEvents);
+    }
+    if (message.nextSequence !== 0n) {
+      obj.nextSequence = message.nextSequence.toString();
+    }
+    if (message.lostEvents !== 0n) {
+      obj.lostEvents = message.lostEvents.toString();
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<Veventq>): Veventq {
+    return Veventq.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<Veventq>): Veventq {
+    const message = createBaseVeventq();
+    message.veventqId = object.veventqId ?? 0;
+    message.viommuId = object.viommuId ?? 0;
+    message.type = object.type ?? 0;
+    message.depth = object.depth ?? 0;
+    message.queuedEvents = object.queuedEvents ?? 0;
+    message.nextSequence = (object.nextSequence !== undefined && object.nextSequence !== null)
+      ? BigInt(object.nextSequence)
+      : 0n;
+    message.lostEvents = (object.lostEvents !== undefined && object.lostEvents !== null)
+      ? BigInt(object.lostEvents)
+      : 0n;
+    return message;
+  },
+};
+
+function createBaseVevent(): Vevent {
+  return {
+    sequence: 0n,
+    virtId: 0n,
+    pasid: 0,
+    withoutPasid: false,
+    address: 0n,
+    access: undefined,
+    reason: 0,
+    at: undefined,
+  };
+}
+
+export const Vevent: MessageFns<Vevent> = {
+  encode(message: Vevent, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.sequence !== 0n) {
+      if (BigInt.asUintN(64, message.sequence) !== message.sequence) {
+        throw new globalThis.Error("value provided for field message.sequence of type uint64 too large");
+      }
+      writer.uint32(8).uint64(message.sequence);
+    }
+    if (message.virtId !== 0n) {
+      if (BigInt.asUintN(64, message.virtId) !== message.virtId) {
+        throw new globalThis.Error("value provided for field message.virtId of type uint64 too large");
+      }
+      writer.uint32(16).uint64(message.virtId);
+    }
+    if (message.pasid !== 0) {
+      writer.uint32(24).uint32(message.pasid);
+    }
+    if (message.withoutPasid !== false) {
+      writer.uint32(32).bool(message.withoutPasid);
+    }
+    if (message.address !== 0n) {
+      if (BigInt.asUintN(64, message.address) !== message.address) {
+        throw new globalThis.Error("value provided for field message.address of type uint64 too large");
+      }
+      writer.uint32(40).uint64(message.address);
+    }
+    if (message.access !== undefined) {
+      DmaAccess.encode(message.access, writer.uint32(50).fork()).join();
+    }
+    if (message.reason !== 0) {
+      writer.uint32(56).int32(message.reason);
+    }
+    if (message.at !== undefined) {
+      Timestamp.encode(toTimestamp(message.at), writer.uint32(66).fork()).join();
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): Vevent {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseVevent();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 8) {
+              break;
+            }
+
+            message.sequence = reader.uint64() as bigint;
+            continue;
+          }
+          case 2: {
+            if (tag !== 16) {
+              break;
+            }
+
+            message.virtId = reader.uint64() as bigint;
+            continue;
+          }
+          case 3: {
+            if (tag !== 24) {
+              break;
+            }
+
+            message.pasid = reader.uint32();
+            continue;
+          }
+          case 4: {
+            if (tag !== 32) {
+              break;
+            }
+
+            message.withoutPasid = reader.bool();
+            continue;
+          }
+          case 5: {
+            if (tag !== 40) {
+              break;
+            }
+
+            message.address = reader.uint64() as bigint;
+            continue;
+          }
+          case 6: {
+            if (tag !== 50) {
+              break;
+            }
+
+            message.access = DmaAccess.decode(reader, reader.uint32());
+            continue;
+          }
+          case 7: {
+            if (tag !== 56) {
+              break;
+            }
+
+            message.reason = reader.int32() as any;
+            continue;
+          }
+          case 8: {
+            if (tag !== 66) {
+              break;
+            }
+
+            message.at = fromTimestamp(Timestamp.decode(reader, reader.uint32()));
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): Vevent {
+    return {
+      sequence: isSet(object.sequence) ? BigInt(object.sequence) : 0n,
+      virtId: isSet(object.virtId) ? BigInt(object.virtId) : isSet(object.virt_id) ? BigInt(object.virt_id) : 0n,
+      pasid: isSet(object.pasid) ? globalThis.Number(object.pasid) : 0,
+      withoutPasid: isSet(object.withoutPasid)
+        ? globalThis.Boolean(object.withoutPasid)
+        : isSet(object.without_pasid)
+        ? globalThis.Boolean(object.without_pasid)
+        : false,
+      address: isSet(object.address) ? BigInt(object.address) : 0n,
+      access: isSet(object.access) ? DmaAccess.fromJSON(object.access) : undefined,
+      reason: isSet(object.reason) ? faultReasonFromJSON(object.reason) : 0,
+      at: isSet(object.at) ? fromJsonTimestamp(object.at) : undefined,
+    };
+  },
+
+  toJSON(message: Vevent): unknown {
+    const obj: any = {};
+    if (message.sequence !== 0n) {
+      obj.sequence = message.sequence.toString();
+    }
+    if (message.virtId !== 0n) {
+      obj.virtId = message.virtId.toString();
+    }
+    if (message.pasid !== 0) {
+      obj.pasid = Math.round(message.pasid);
+    }
+    if (message.withoutPasid !== false) {
+      obj.withoutPasid = message.withoutPasid;
+    }
+    if (message.address !== 0n) {
+      obj.address = message.address.toString();
+    }
+    if (message.access !== undefined) {
+      obj.access = DmaAccess.toJSON(message.access);
+    }
+    if (message.reason !== 0) {
+      obj.reason = faultReasonToJSON(message.reason);
+    }
+    if (message.at !== undefined) {
+      obj.at = message.at.toISOString();
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<Vevent>): Vevent {
+    return Vevent.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<Vevent>): Vevent {
+    const message = createBaseVevent();
+    message.sequence = (object.sequence !== undefined && object.sequence !== null) ? BigInt(object.sequence) : 0n;
+    message.virtId = (object.virtId !== undefined && object.virtId !== null) ? BigInt(object.virtId) : 0n;
+    message.pasid = object.pasid ?? 0;
+    message.withoutPasid = object.withoutPasid ?? false;
+    message.address = (object.address !== undefined && object.address !== null) ? BigInt(object.address) : 0n;
+    message.access = (object.access !== undefined && object.access !== null)
+      ? DmaAccess.fromPartial(object.access)
+      : undefined;
+    message.reason = object.reason ?? 0;
+    message.at = object.at ?? undefined;
+    return message;
+  },
+};
+
+function createBaseLostEvents(): LostEvents {
+  return { firstSequence: 0n, count: 0n };
+}
+
+export const LostEvents: MessageFns<LostEvents> = {
+  encode(message: LostEvents, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.firstSequence !== 0n) {
+      if (BigInt.asUintN(64, message.firstSequence) !== message.firstSequence) {
+        throw new globalThis.Error("value provided for field message.firstSequence of type uint64 too large");
+      }
+      writer.uint32(8).uint64(message.firstSequence);
+    }
+    if (message.count !== 0n) {
+      if (BigInt.asUintN(64, message.count) !== message.count) {
+        throw new globalThis.Error("value provided for field message.count of type uint64 too large");
+      }
+      writer.uint32(16).uint64(message.count);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): LostEvents {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseLostEvents();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 8) {
+              break;
+            }
+
+            message.firstSequence = reader.uint64() as bigint;
+            continue;
+          }
+          case 2: {
+            if (tag !== 16) {
+              break;
+            }
+
+            message.count = reader.uint64() as bigint;
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): LostEvents {
+    return {
+      firstSequence: isSet(object.firstSequence)
+        ? BigInt(object.firstSequence)
+        : isSet(object.first_sequence)
+        ? BigInt(object.first_sequence)
+        : 0n,
+      count: isSet(object.count) ? BigInt(object.count) : 0n,
+    };
+  },
+
+  toJSON(message: LostEvents): unknown {
+    const obj: any = {};
+    if (message.firstSequence !== 0n) {
+      obj.firstSequence = message.firstSequence.toString();
+    }
+    if (message.count !== 0n) {
+      obj.count = message.count.toString();
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<LostEvents>): LostEvents {
+    return LostEvents.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<LostEvents>): LostEvents {
+    const message = createBaseLostEvents();
+    message.firstSequence = (object.firstSequence !== undefined && object.firstSequence !== null)
+      ? BigInt(object.firstSequence)
+      : 0n;
+    message.count = (object.count !== undefined && object.count !== null) ? BigInt(object.count) : 0n;
+    return message;
+  },
+};
+
+function createBaseVeventqItem(): VeventqItem {
+  return { item: undefined };
+}
+
+export const VeventqItem: MessageFns<VeventqItem> = {
+  encode(message: VeventqItem, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    switch (message.item?.$case) {
+      case "event":
+        Vevent.encode(message.item.value, writer.uint32(10).fork()).join();
+        break;
+      case "lostEvents":
+        LostEvents.encode(message.item.value, writer.uint32(18).fork()).join();
+        break;
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): VeventqItem {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseVeventqItem();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.item = { $case: "event", value: Vevent.decode(reader, reader.uint32()) };
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.item = { $case: "lostEvents", value: LostEvents.decode(reader, reader.uint32()) };
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): VeventqItem {
+    return {
+      item: isSet(object.event)
+        ? { $case: "event", value: Vevent.fromJSON(object.event) }
+        : isSet(object.lostEvents)
+        ? { $case: "lostEvents", value: LostEvents.fromJSON(object.lostEvents) }
+        : isSet(object.lost_events)
+        ? { $case: "lostEvents", value: LostEvents.fromJSON(object.lost_events) }
+        : undefined,
+    };
+  },
+
+  toJSON(message: VeventqItem): unknown {
+    const obj: any = {};
+    if (message.item?.$case === "event") {
+      obj.event = Vevent.toJSON(message.item.value);
+    } else if (message.item?.$case === "lostEvents") {
+      obj.lostEvents = LostEvents.toJSON(message.item.value);
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<VeventqItem>): VeventqItem {
+    return VeventqItem.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<VeventqItem>): VeventqItem {
+    const message = createBaseVeventqItem();
+    switch (object.item?.$case) {
+      case "event": {
+        if (object.item?.value !== undefined && object.item?.value !== null) {
+          message.item = { $case: "event", value: Vevent.fromPartial(object.item.value) };
+        }
+        break;
+      }
+      case "lostEvents": {
+        if (object.item?.value !== undefined && object.item?.value !== null) {
+          message.item = { $case: "lostEvents", value: LostEvents.fromPartial(object.item.value) };
+        }
+        break;
+      }
+    }
+    return message;
+  },
+};
+
+function createBaseAllocViommuRequest(): AllocViommuRequest {
+  return { deviceId: "", parentDomainId: 0, owner: "" };
+}
+
+export const AllocViommuRequest: MessageFns<AllocViommuRequest> = {
+  encode(message: AllocViommuRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.deviceId !== "") {
+      writer.uint32(10).string(message.deviceId);
+    }
+    if (message.parentDomainId !== 0) {
+      writer.uint32(16).uint32(message.parentDomainId);
+    }
+    if (message.owner !== "") {
+      writer.uint32(26).string(message.owner);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): AllocViommuRequest {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseAllocViommuRequest();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.deviceId = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 16) {
+              break;
+            }
+
+            message.parentDomainId = reader.uint32();
+            continue;
+          }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.owner = reader.string();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): AllocViommuRequest {
+    return {
+      deviceId: isSet(object.deviceId)
+        ? globalThis.String(object.deviceId)
+        : isSet(object.device_id)
+        ? globalThis.String(object.device_id)
+        : "",
+      parentDomainId: isSet(object.parentDomainId)
+        ? globalThis.Number(object.parentDomainId)
+        : isSet(object.parent_domain_id)
+        ? globalThis.Number(object.parent_domain_id)
+        : 0,
+      owner: isSet(object.owner) ? globalThis.String(object.owner) : "",
+    };
+  },
+
+  toJSON(message: AllocViommuRequest): unknown {
+    const obj: any = {};
+    if (message.deviceId !== "") {
+      obj.deviceId = message.deviceId;
+    }
+    if (message.parentDomainId !== 0) {
+      obj.parentDomainId = Math.round(message.parentDomainId);
+    }
+    if (message.owner !== "") {
+      obj.owner = message.owner;
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<AllocViommuRequest>): AllocViommuRequest {
+    return AllocViommuRequest.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<AllocViommuRequest>): AllocViommuRequest {
+    const message = createBaseAllocViommuRequest();
+    message.deviceId = object.deviceId ?? "";
+    message.parentDomainId = object.parentDomainId ?? 0;
+    message.owner = object.owner ?? "";
+    return message;
+  },
+};
+
+function createBaseAllocViommuResponse(): AllocViommuResponse {
+  return { viommu: undefined };
+}
+
+export const AllocViommuResponse: MessageFns<AllocViommuResponse> = {
+  encode(message: AllocViommuResponse, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.viommu !== undefined) {
+      Viommu.encode(message.viommu, writer.uint32(10).fork()).join();
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): AllocViommuResponse {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseAllocViommuResponse();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.viommu = Viommu.decode(reader, reader.uint32());
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): AllocViommuResponse {
+    return { viommu: isSet(object.viommu) ? Viommu.fromJSON(object.viommu) : undefined };
+  },
+
+  toJSON(message: AllocViommuResponse): unknown {
+    const obj: any = {};
+    if (message.viommu !== undefined) {
+      obj.viommu = Viommu.toJSON(message.viommu);
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<AllocViommuResponse>): AllocViommuResponse {
+    return AllocViommuResponse.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<AllocViommuResponse>): AllocViommuResponse {
+    const message = createBaseAllocViommuResponse();
+    message.viommu = (object.viommu !== undefined && object.viommu !== null)
+      ? Viommu.fromPartial(object.viommu)
+      : undefined;
+    return message;
+  },
+};
+
+function createBaseDestroyViommuRequest(): DestroyViommuRequest {
+  return { viommuId: 0 };
+}
+
+export const DestroyViommuRequest: MessageFns<DestroyViommuRequest> = {
+  encode(message: DestroyViommuRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.viommuId !== 0) {
+      writer.uint32(8).uint32(message.viommuId);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): DestroyViommuRequest {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseDestroyViommuRequest();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 8) {
+              break;
+            }
+
+            message.viommuId = reader.uint32();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): DestroyViommuRequest {
+    return {
+      viommuId: isSet(object.viommuId)
+        ? globalThis.Number(object.viommuId)
+        : isSet(object.viommu_id)
+        ? globalThis.Number(object.viommu_id)
+        : 0,
+    };
+  },
+
+  toJSON(message: DestroyViommuRequest): unknown {
+    const obj: any = {};
+    if (message.viommuId !== 0) {
+      obj.viommuId = Math.round(message.viommuId);
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<DestroyViommuRequest>): DestroyViommuRequest {
+    return DestroyViommuRequest.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<DestroyViommuRequest>): DestroyViommuRequest {
+    const message = createBaseDestroyViommuRequest();
+    message.viommuId = object.viommuId ?? 0;
+    return message;
+  },
+};
+
+function createBaseDestroyViommuResponse(): DestroyViommuResponse {
+  return {};
+}
+
+export const DestroyViommuResponse: MessageFns<DestroyViommuResponse> = {
+  encode(_: DestroyViommuResponse, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): DestroyViommuResponse {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseDestroyViommuResponse();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(_: any): DestroyViommuResponse {
+    return {};
+  },
+
+  toJSON(_: DestroyViommuResponse): unknown {
+    const obj: any = {};
+    return obj;
+  },
+
+  create(base?: DeepPartial<DestroyViommuResponse>): DestroyViommuResponse {
+    return DestroyViommuResponse.fromPartial(base ?? {});
+  },
+  fromPartial(_: DeepPartial<DestroyViommuResponse>): DestroyViommuResponse {
+    const message = createBaseDestroyViommuResponse();
+    return message;
+  },
+};
+
+function createBaseAllocVdeviceRequest(): AllocVdeviceRequest {
+  return { viommuId: 0, deviceId: "", virtId: 0n };
+}
+
+export const AllocVdeviceRequest: MessageFns<AllocVdeviceRequest> = {
+  encode(message: AllocVdeviceRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.viommuId !== 0) {
+      writer.uint32(8).uint32(message.viommuId);
+    }
+    if (message.deviceId !== "") {
+      writer.uint32(18).string(message.deviceId);
+    }
+    if (message.virtId !== 0n) {
+      if (BigInt.asUintN(64, message.virtId) !== message.virtId) {
+        throw new globalThis.Error("value provided for field message.virtId of type uint64 too large");
+      }
+      writer.uint32(24).uint64(message.virtId);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): AllocVdeviceRequest {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseAllocVdeviceRequest();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 8) {
+              break;
+            }
+
+            message.viommuId = reader.uint32();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.deviceId = reader.string();
+            continue;
+          }
+          case 3: {
+            if (tag !== 24) {
+              break;
+            }
+
+            message.virtId = reader.uint64() as bigint;
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): AllocVdeviceRequest {
+    return {
+      viommuId: isSet(object.viommuId)
+        ? globalThis.Number(object.viommuId)
+        : isSet(object.viommu_id)
+        ? globalThis.Number(object.viommu_id)
+        : 0,
+      deviceId: isSet(object.deviceId)
+        ? globalThis.String(object.deviceId)
+        : isSet(object.device_id)
+        ? globalThis.String(object.device_id)
+        : "",
+      virtId: isSet(object.virtId) ? BigInt(object.virtId) : isSet(object.virt_id) ? BigInt(object.virt_id) : 0n,
+    };
+  },
+
+  toJSON(message: AllocVdeviceRequest): unknown {
+    const obj: any = {};
+    if (message.viommuId !== 0) {
+      obj.viommuId = Math.round(message.viommuId);
+    }
+    if (message.deviceId !== "") {
+      obj.deviceId = message.deviceId;
+    }
+    if (message.virtId !== 0n) {
+      obj.virtId = message.virtId.toString();
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<AllocVdeviceRequest>): AllocVdeviceRequest {
+    return AllocVdeviceRequest.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<AllocVdeviceRequest>): AllocVdeviceRequest {
+    const message = createBaseAllocVdeviceRequest();
+    message.viommuId = object.viommuId ?? 0;
+    message.deviceId = object.deviceId ?? "";
+    message.virtId = (object.virtId !== undefined && object.virtId !== null) ? BigInt(object.virtId) : 0n;
+    return message;
+  },
+};
+
+function createBaseAllocVdeviceResponse(): AllocVdeviceResponse {
+  return { vdevice: undefined };
+}
+
+export const AllocVdeviceResponse: MessageFns<AllocVdeviceResponse> = {
+  encode(message: AllocVdeviceResponse, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.vdevice !== undefined) {
+      Vdevice.encode(message.vdevice, writer.uint32(10).fork()).join();
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): AllocVdeviceResponse {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseAllocVdeviceResponse();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.vdevice = Vdevice.decode(reader, reader.uint32());
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): AllocVdeviceResponse {
+    return { vdevice: isSet(object.vdevice) ? Vdevice.fromJSON(object.vdevice) : undefined };
+  },
+
+  toJSON(message: AllocVdeviceResponse): unknown {
+    const obj: any = {};
+    if (message.vdevice !== undefined) {
+      obj.vdevice = Vdevice.toJSON(message.vdevice);
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<AllocVdeviceResponse>): AllocVdeviceResponse {
+    return AllocVdeviceResponse.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<AllocVdeviceResponse>): AllocVdeviceResponse {
+    const message = createBaseAllocVdeviceResponse();
+    message.vdevice = (object.vdevice !== undefined && object.vdevice !== null)
+      ? Vdevice.fromPartial(object.vdevice)
+      : undefined;
+    return message;
+  },
+};
+
+function createBaseDestroyVdeviceRequest(): DestroyVdeviceRequest {
+  return { vdeviceId: 0 };
+}
+
+export const DestroyVdeviceRequest: MessageFns<DestroyVdeviceRequest> = {
+  encode(message: DestroyVdeviceRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.vdeviceId !== 0) {
+      writer.uint32(8).uint32(message.vdeviceId);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): DestroyVdeviceRequest {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseDestroyVdeviceRequest();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 8) {
+              break;
+            }
+
+            message.vdeviceId = reader.uint32();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): DestroyVdeviceRequest {
+    return {
+      vdeviceId: isSet(object.vdeviceId)
+        ? globalThis.Number(object.vdeviceId)
+        : isSet(object.vdevice_id)
+        ? globalThis.Number(object.vdevice_id)
+        : 0,
+    };
+  },
+
+  toJSON(message: DestroyVdeviceRequest): unknown {
+    const obj: any = {};
+    if (message.vdeviceId !== 0) {
+      obj.vdeviceId = Math.round(message.vdeviceId);
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<DestroyVdeviceRequest>): DestroyVdeviceRequest {
+    return DestroyVdeviceRequest.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<DestroyVdeviceRequest>): DestroyVdeviceRequest {
+    const message = createBaseDestroyVdeviceRequest();
+    message.vdeviceId = object.vdeviceId ?? 0;
+    return message;
+  },
+};
+
+function createBaseDestroyVdeviceResponse(): DestroyVdeviceResponse {
+  return {};
+}
+
+export const DestroyVdeviceResponse: MessageFns<DestroyVdeviceResponse> = {
+  encode(_: DestroyVdeviceResponse, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): DestroyVdeviceResponse {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseDestroyVdeviceResponse();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(_: any): DestroyVdeviceResponse {
+    return {};
+  },
+
+  toJSON(_: DestroyVdeviceResponse): unknown {
+    const obj: any = {};
+    return obj;
+  },
+
+  create(base?: DeepPartial<DestroyVdeviceResponse>): DestroyVdeviceResponse {
+    return DestroyVdeviceResponse.fromPartial(base ?? {});
+  },
+  fromPartial(_: DeepPartial<DestroyVdeviceResponse>): DestroyVdeviceResponse {
+    const message = createBaseDestroyVdeviceResponse();
+    return message;
+  },
+};
+
+function createBaseAllocVeventqRequest(): AllocVeventqRequest {
+  return { viommuId: 0, type: 0, depth: 0 };
+}
+
+export const AllocVeventqRequest: MessageFns<AllocVeventqRequest> = {
+  encode(message: AllocVeventqRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.viommuId !== 0) {
+      writer.uint32(8).uint32(message.viommuId);
+    }
+    if (message.type !== 0) {
+      writer.uint32(16).int32(message.type);
+    }
+    if (message.depth !== 0) {
+      writer.uint32(24).uint32(message.depth);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): AllocVeventqRequest {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseAllocVeventqRequest();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 8) {
+              break;
+            }
+
+            message.viommuId = reader.uint32();
+            continue;
+          }
+          case 2: {
+            if (tag !== 16) {
+              break;
+            }
+
+            message.type = reader.int32() as any;
+            continue;
+          }
+          case 3: {
+            if (tag !== 24) {
+              break;
+            }
+
+            message.depth = reader.uint32();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): AllocVeventqRequest {
+    return {
+      viommuId: isSet(object.viommuId)
+        ? globalThis.Number(object.viommuId)
+        : isSet(object.viommu_id)
+        ? globalThis.Number(object.viommu_id)
+        : 0,
+      type: isSet(object.type) ? veventqTypeFromJSON(object.type) : 0,
+      depth: isSet(object.depth) ? globalThis.Number(object.depth) : 0,
+    };
+  },
+
+  toJSON(message: AllocVeventqRequest): unknown {
+    const obj: any = {};
+    if (message.viommuId !== 0) {
+      obj.viommuId = Math.round(message.viommuId);
+    }
+    if (message.type !== 0) {
+      obj.type = veventqTypeToJSON(message.type);
+    }
+    if (message.depth !== 0) {
+      obj.depth = Math.round(message.depth);
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<AllocVeventqRequest>): AllocVeventqRequest {
+    return AllocVeventqRequest.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<AllocVeventqRequest>): AllocVeventqRequest {
+    const message = createBaseAllocVeventqRequest();
+    message.viommuId = object.viommuId ?? 0;
+    message.type = object.type ?? 0;
+    message.depth = object.depth ?? 0;
+    return message;
+  },
+};
+
+function createBaseAllocVeventqResponse(): AllocVeventqResponse {
+  return { veventq: undefined };
+}
+
+export const AllocVeventqResponse: MessageFns<AllocVeventqResponse> = {
+  encode(message: AllocVeventqResponse, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.veventq !== undefined) {
+      Veventq.encode(message.veventq, writer.uint32(10).fork()).join();
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): AllocVeventqResponse {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseAllocVeventqResponse();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.veventq = Veventq.decode(reader, reader.uint32());
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): AllocVeventqResponse {
+    return { veventq: isSet(object.veventq) ? Veventq.fromJSON(object.veventq) : undefined };
+  },
+
+  toJSON(message: AllocVeventqResponse): unknown {
+    const obj: any = {};
+    if (message.veventq !== undefined) {
+      obj.veventq = Veventq.toJSON(message.veventq);
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<AllocVeventqResponse>): AllocVeventqResponse {
+    return AllocVeventqResponse.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<AllocVeventqResponse>): AllocVeventqResponse {
+    const message = createBaseAllocVeventqResponse();
+    message.veventq = (object.veventq !== undefined && object.veventq !== null)
+      ? Veventq.fromPartial(object.veventq)
+      : undefined;
+    return message;
+  },
+};
+
+function createBaseDestroyVeventqRequest(): DestroyVeventqRequest {
+  return { veventqId: 0 };
+}
+
+export const DestroyVeventqRequest: MessageFns<DestroyVeventqRequest> = {
+  encode(message: DestroyVeventqRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.veventqId !== 0) {
+      writer.uint32(8).uint32(message.veventqId);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): DestroyVeventqRequest {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseDestroyVeventqRequest();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 8) {
+              break;
+            }
+
+            message.veventqId = reader.uint32();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): DestroyVeventqRequest {
+    return {
+      veventqId: isSet(object.veventqId)
+        ? globalThis.Number(object.veventqId)
+        : isSet(object.veventq_id)
+        ? globalThis.Number(object.veventq_id)
+        : 0,
+    };
+  },
+
+  toJSON(message: DestroyVeventqRequest): unknown {
+    const obj: any = {};
+    if (message.veventqId !== 0) {
+      obj.veventqId = Math.round(message.veventqId);
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<DestroyVeventqRequest>): DestroyVeventqRequest {
+    return DestroyVeventqRequest.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<DestroyVeventqRequest>): DestroyVeventqRequest {
+    const message = createBaseDestroyVeventqRequest();
+    message.veventqId = object.veventqId ?? 0;
+    return message;
+  },
+};
+
+function createBaseDestroyVeventqResponse(): DestroyVeventqResponse {
+  return {};
+}
+
+export const DestroyVeventqResponse: MessageFns<DestroyVeventqResponse> = {
+  encode(_: DestroyVeventqResponse, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): DestroyVeventqResponse {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseDestroyVeventqResponse();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(_: any): DestroyVeventqResponse {
+    return {};
+  },
+
+  toJSON(_: DestroyVeventqResponse): unknown {
+    const obj: any = {};
+    return obj;
+  },
+
+  create(base?: DeepPartial<DestroyVeventqResponse>): DestroyVeventqResponse {
+    return DestroyVeventqResponse.fromPartial(base ?? {});
+  },
+  fromPartial(_: DeepPartial<DestroyVeventqResponse>): DestroyVeventqResponse {
+    const message = createBaseDestroyVeventqResponse();
+    return message;
+  },
+};
+
+function createBaseReadVeventqRequest(): ReadVeventqRequest {
+  return { veventqId: 0, maxItems: 0 };
+}
+
+export const ReadVeventqRequest: MessageFns<ReadVeventqRequest> = {
+  encode(message: ReadVeventqRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.veventqId !== 0) {
+      writer.uint32(8).uint32(message.veventqId);
+    }
+    if (message.maxItems !== 0) {
+      writer.uint32(16).uint32(message.maxItems);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): ReadVeventqRequest {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseReadVeventqRequest();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 8) {
+              break;
+            }
+
+            message.veventqId = reader.uint32();
+            continue;
+          }
+          case 2: {
+            if (tag !== 16) {
+              break;
+            }
+
+            message.maxItems = reader.uint32();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): ReadVeventqRequest {
+    return {
+      veventqId: isSet(object.veventqId)
+        ? globalThis.Number(object.veventqId)
+        : isSet(object.veventq_id)
+        ? globalThis.Number(object.veventq_id)
+        : 0,
+      maxItems: isSet(object.maxItems)
+        ? globalThis.Number(object.maxItems)
+        : isSet(object.max_items)
+        ? globalThis.Number(object.max_items)
+        : 0,
+    };
+  },
+
+  toJSON(message: ReadVeventqRequest): unknown {
+    const obj: any = {};
+    if (message.veventqId !== 0) {
+      obj.veventqId = Math.round(message.veventqId);
+    }
+    if (message.maxItems !== 0) {
+      obj.maxItems = Math.round(message.maxItems);
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<ReadVeventqRequest>): ReadVeventqRequest {
+    return ReadVeventqRequest.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<ReadVeventqRequest>): ReadVeventqRequest {
+    const message = createBaseReadVeventqRequest();
+    message.veventqId = object.veventqId ?? 0;
+    message.maxItems = object.maxItems ?? 0;
+    return message;
+  },
+};
+
+function createBaseReadVeventqResponse(): ReadVeventqResponse {
+  return { items: [] };
+}
+
+export const ReadVeventqResponse: MessageFns<ReadVeventqResponse> = {
+  encode(message: ReadVeventqResponse, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    for (const v of message.items) {
+      VeventqItem.encode(v!, writer.uint32(10).fork()).join();
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): ReadVeventqResponse {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseReadVeventqResponse();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.items.push(VeventqItem.decode(reader, reader.uint32()));
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): ReadVeventqResponse {
+    return {
+      items: globalThis.Array.isArray(object?.items) ? object.items.map((e: any) => VeventqItem.fromJSON(e)) : [],
+    };
+  },
+
+  toJSON(message: ReadVeventqResponse): unknown {
+    const obj: any = {};
+    if (message.items?.length) {
+      obj.items = message.items.map((e) => VeventqItem.toJSON(e));
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<ReadVeventqResponse>): ReadVeventqResponse {
+    return ReadVeventqResponse.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<ReadVeventqResponse>): ReadVeventqResponse {
+    const message = createBaseReadVeventqResponse();
+    message.items = object.items?.map((e) => VeventqItem.fromPartial(e)) || [];
     return message;
   },
 };
@@ -9011,9 +11391,14 @@ export const IommuServiceService = {
     responseDeserialize: (value: Buffer): RemoveDeviceResponse => RemoveDeviceResponse.decode(value),
   },
   /**
-   * CreateDomain creates an unattached domain of the given type.
-   * Errors: NOT_FOUND `DOMAIN_NOT_FOUND` (a nested domain's parent does not exist);
-   * FAILED_PRECONDITION `DOMAIN_NOT_PAGING` (a nested domain's parent is not a PAGING domain).
+   * CreateDomain creates an unattached domain of the given type. A NESTED domain may be allocated
+   * on a vIOMMU (`viommu_id`, iommufd's IOMMU_HWPT_ALLOC with a vIOMMU as pt_id): its parent is then
+   * the vIOMMU's parent, the vIOMMU cannot be destroyed while the domain exists, faults under its
+   * attachments go to the vIOMMU's vEVENTQ too, and AttachDomain of it needs the device's vdevice.
+   * Errors: NOT_FOUND `DOMAIN_NOT_FOUND` (a nested domain's parent does not exist),
+   * `VIOMMU_NOT_FOUND`; FAILED_PRECONDITION `DOMAIN_NOT_PAGING` (a nested domain's parent is not a
+   * PAGING domain); INVALID_ARGUMENT `INVALID_FIELD` (`viommu_id` with a type other than NESTED, or
+   * with a `parent_domain_id` that is not the vIOMMU's parent).
    */
   createDomain: {
     path: "/ioasid.iommu.v1.IommuService/CreateDomain" as const,
@@ -9028,7 +11413,7 @@ export const IommuServiceService = {
   /**
    * FreeDomain destroys a domain that nothing uses any more.
    * Errors: NOT_FOUND `DOMAIN_NOT_FOUND`; FAILED_PRECONDITION `DOMAIN_IN_USE` (still attached to a
-   * device or PASID, or the parent of a nested domain).
+   * device or PASID, the parent of a nested domain, or the parent of a vIOMMU).
    */
   freeDomain: {
     path: "/ioasid.iommu.v1.IommuService/FreeDomain" as const,
@@ -9049,8 +11434,10 @@ export const IommuServiceService = {
    * `PASID_IN_USE` (something is already attached there), `DOMAIN_INCOMPATIBLE` (an SVA domain:
    * use SvaBind), `STALE_GENERATION`; NOT_FOUND `IOASID_NOT_FOUND` (a generation was given but the
    * PASID is not an allocated IOASID), `IOASID_FREE_PENDING` (a generation was given and the IOASID
-   * is being freed: nothing new may use it). An attachment made with a generation belongs to that
-   * IOASID: its FREE tears it down; one made without (0) is the caller's and outlives any IOASID.
+   * is being freed: nothing new may use it), `VDEVICE_NOT_FOUND` (a NESTED domain allocated on a
+   * vIOMMU, and the device has no vdevice in that vIOMMU: the guest could not name it). An
+   * attachment made with a generation belongs to that IOASID: its FREE tears it down; one made
+   * without (0) is the caller's and outlives any IOASID.
    */
   attachDomain: {
     path: "/ioasid.iommu.v1.IommuService/AttachDomain" as const,
@@ -9094,7 +11481,8 @@ export const IommuServiceService = {
    * FAILED_PRECONDITION `DOMAIN_INCOMPATIBLE` (an SVA domain), `DOMAIN_MISMATCH` (the attachment
    * was made by BindGpasid or SvaBind, or `old_domain_id` is given and another domain is attached),
    * `STALE_GENERATION`; NOT_FOUND `IOASID_NOT_FOUND`, `IOASID_FREE_PENDING` (the attachment
-   * belongs to an IOASID that is gone or being freed: nothing new may use it).
+   * belongs to an IOASID that is gone or being freed: nothing new may use it), `VDEVICE_NOT_FOUND`
+   * (the new domain is a NESTED domain allocated on a vIOMMU and the device has no vdevice in it).
    */
   replaceDomain: {
     path: "/ioasid.iommu.v1.IommuService/ReplaceDomain" as const,
@@ -9384,7 +11772,8 @@ export const IommuServiceService = {
   /**
    * QueryState returns the IOMMU's "hardware" state: devices with their PASID tables, domains,
    * attach handles, SVA bonds, outstanding fault groups and the most recent IOTLB flush records. It
-   * is a consistent snapshot taken at one instant and changes nothing.
+   * is a consistent snapshot taken at one instant and changes nothing. vIOMMUs, vdevices and
+   * vEVENTQs are returned whole (the device filter does not apply to them).
    * Errors: NOT_FOUND `DEVICE_NOT_FOUND` (a device named in the filter is not registered).
    */
   queryState: {
@@ -9395,6 +11784,125 @@ export const IommuServiceService = {
     requestDeserialize: (value: Buffer): QueryStateRequest => QueryStateRequest.decode(value),
     responseSerialize: (value: QueryStateResponse): Buffer => Buffer.from(QueryStateResponse.encode(value).finish()),
     responseDeserialize: (value: Buffer): QueryStateResponse => QueryStateResponse.decode(value),
+  },
+  /**
+   * AllocViommu allocates a vIOMMU for a VM over a parent PAGING domain (the VM's stage 2) of the
+   * IOMMU instance that `device_id` sits behind (iommufd IOMMU_VIOMMU_ALLOC; the device is only
+   * used to find that instance: the vIOMMU holds no reference on it). The vIOMMU holds a reference
+   * on its parent: FreeDomain of the parent is refused DOMAIN_IN_USE until DestroyViommu.
+   * Errors: NOT_FOUND `DEVICE_NOT_FOUND`, `DOMAIN_NOT_FOUND` (parent); FAILED_PRECONDITION
+   * `DOMAIN_NOT_PAGING` (the parent is not a PAGING domain: only a stage-2 table can be nested under).
+   */
+  allocViommu: {
+    path: "/ioasid.iommu.v1.IommuService/AllocViommu" as const,
+    requestStream: false as const,
+    responseStream: false as const,
+    requestSerialize: (value: AllocViommuRequest): Buffer => Buffer.from(AllocViommuRequest.encode(value).finish()),
+    requestDeserialize: (value: Buffer): AllocViommuRequest => AllocViommuRequest.decode(value),
+    responseSerialize: (value: AllocViommuResponse): Buffer => Buffer.from(AllocViommuResponse.encode(value).finish()),
+    responseDeserialize: (value: Buffer): AllocViommuResponse => AllocViommuResponse.decode(value),
+  },
+  /**
+   * DestroyViommu destroys a vIOMMU that nothing depends on any more and drops its reference on
+   * the parent domain.
+   * Errors: NOT_FOUND `VIOMMU_NOT_FOUND`; FAILED_PRECONDITION `VIOMMU_IN_USE` (it still has
+   * vdevices, vEVENTQs or NESTED domains allocated on it: destroy those first).
+   */
+  destroyViommu: {
+    path: "/ioasid.iommu.v1.IommuService/DestroyViommu" as const,
+    requestStream: false as const,
+    responseStream: false as const,
+    requestSerialize: (value: DestroyViommuRequest): Buffer => Buffer.from(DestroyViommuRequest.encode(value).finish()),
+    requestDeserialize: (value: Buffer): DestroyViommuRequest => DestroyViommuRequest.decode(value),
+    responseSerialize: (value: DestroyViommuResponse): Buffer =>
+      Buffer.from(DestroyViommuResponse.encode(value).finish()),
+    responseDeserialize: (value: Buffer): DestroyViommuResponse => DestroyViommuResponse.decode(value),
+  },
+  /**
+   * AllocVdevice tells a vIOMMU the guest-visible id of a physical device (iommufd
+   * IOMMU_VDEVICE_ALLOC): `virt_id` is what the guest calls the device (its virtual stream or
+   * requester id), and what the vIOMMU's events carry instead of the host's device id. A virt_id is
+   * unique per vIOMMU, and a device has at most one vdevice per vIOMMU. RemoveDevice destroys the
+   * device's vdevices (the kernel destroys a vdevice when its device is unbound).
+   * Errors: NOT_FOUND `VIOMMU_NOT_FOUND`, `DEVICE_NOT_FOUND`; ALREADY_EXISTS `VDEVICE_EXISTS`
+   * (`virt_id` is taken in this vIOMMU, or the device already has a vdevice in it).
+   */
+  allocVdevice: {
+    path: "/ioasid.iommu.v1.IommuService/AllocVdevice" as const,
+    requestStream: false as const,
+    responseStream: false as const,
+    requestSerialize: (value: AllocVdeviceRequest): Buffer => Buffer.from(AllocVdeviceRequest.encode(value).finish()),
+    requestDeserialize: (value: Buffer): AllocVdeviceRequest => AllocVdeviceRequest.decode(value),
+    responseSerialize: (value: AllocVdeviceResponse): Buffer =>
+      Buffer.from(AllocVdeviceResponse.encode(value).finish()),
+    responseDeserialize: (value: Buffer): AllocVdeviceResponse => AllocVdeviceResponse.decode(value),
+  },
+  /**
+   * DestroyVdevice destroys a vdevice that no nested attachment uses.
+   * Errors: NOT_FOUND `VDEVICE_NOT_FOUND`; FAILED_PRECONDITION `VDEVICE_IN_USE` (a NESTED domain of
+   * its vIOMMU is attached to its device: detach it first).
+   */
+  destroyVdevice: {
+    path: "/ioasid.iommu.v1.IommuService/DestroyVdevice" as const,
+    requestStream: false as const,
+    responseStream: false as const,
+    requestSerialize: (value: DestroyVdeviceRequest): Buffer =>
+      Buffer.from(DestroyVdeviceRequest.encode(value).finish()),
+    requestDeserialize: (value: Buffer): DestroyVdeviceRequest => DestroyVdeviceRequest.decode(value),
+    responseSerialize: (value: DestroyVdeviceResponse): Buffer =>
+      Buffer.from(DestroyVdeviceResponse.encode(value).finish()),
+    responseDeserialize: (value: Buffer): DestroyVdeviceResponse => DestroyVdeviceResponse.decode(value),
+  },
+  /**
+   * AllocVeventq creates a vIOMMU's event queue of one type and a fixed depth (iommufd
+   * IOMMU_VEVENTQ_ALLOC). Events of that type for the VM are queued with a sequence number that
+   * grows by one per event, counting events that were dropped. When an event finds the queue full
+   * (`depth` events unread) it is dropped and counted in a LOST_EVENTS marker queued behind the
+   * events already there: the reader gets the marker, carrying the first lost sequence number and
+   * how many were lost, before the next event delivered — never a silent hole. At most one queue per
+   * type per vIOMMU.
+   * Errors: NOT_FOUND `VIOMMU_NOT_FOUND`; ALREADY_EXISTS `VEVENTQ_EXISTS` (the vIOMMU has a queue of
+   * this type); INVALID_ARGUMENT `INVALID_FIELD` (`type` UNSPECIFIED, `depth` not 1..4096).
+   */
+  allocVeventq: {
+    path: "/ioasid.iommu.v1.IommuService/AllocVeventq" as const,
+    requestStream: false as const,
+    responseStream: false as const,
+    requestSerialize: (value: AllocVeventqRequest): Buffer => Buffer.from(AllocVeventqRequest.encode(value).finish()),
+    requestDeserialize: (value: Buffer): AllocVeventqRequest => AllocVeventqRequest.decode(value),
+    responseSerialize: (value: AllocVeventqResponse): Buffer =>
+      Buffer.from(AllocVeventqResponse.encode(value).finish()),
+    responseDeserialize: (value: Buffer): AllocVeventqResponse => AllocVeventqResponse.decode(value),
+  },
+  /**
+   * DestroyVeventq destroys an event queue; unread events and markers go with it.
+   * Errors: NOT_FOUND `VEVENTQ_NOT_FOUND`.
+   */
+  destroyVeventq: {
+    path: "/ioasid.iommu.v1.IommuService/DestroyVeventq" as const,
+    requestStream: false as const,
+    responseStream: false as const,
+    requestSerialize: (value: DestroyVeventqRequest): Buffer =>
+      Buffer.from(DestroyVeventqRequest.encode(value).finish()),
+    requestDeserialize: (value: Buffer): DestroyVeventqRequest => DestroyVeventqRequest.decode(value),
+    responseSerialize: (value: DestroyVeventqResponse): Buffer =>
+      Buffer.from(DestroyVeventqResponse.encode(value).finish()),
+    responseDeserialize: (value: Buffer): DestroyVeventqResponse => DestroyVeventqResponse.decode(value),
+  },
+  /**
+   * ReadVeventq takes up to `max_items` items from the head of an event queue, oldest first: events
+   * and LOST_EVENTS markers in the order they were queued (a read of the kernel's vEVENTQ fd). What
+   * is returned is removed; an empty queue returns no item (the call does not wait).
+   * Errors: NOT_FOUND `VEVENTQ_NOT_FOUND`.
+   */
+  readVeventq: {
+    path: "/ioasid.iommu.v1.IommuService/ReadVeventq" as const,
+    requestStream: false as const,
+    responseStream: false as const,
+    requestSerialize: (value: ReadVeventqRequest): Buffer => Buffer.from(ReadVeventqRequest.encode(value).finish()),
+    requestDeserialize: (value: Buffer): ReadVeventqRequest => ReadVeventqRequest.decode(value),
+    responseSerialize: (value: ReadVeventqResponse): Buffer => Buffer.from(ReadVeventqResponse.encode(value).finish()),
+    responseDeserialize: (value: Buffer): ReadVeventqResponse => ReadVeventqResponse.decode(value),
   },
 } as const;
 
@@ -9416,15 +11924,20 @@ export interface IommuServiceServer extends UntypedServiceImplementation {
    */
   removeDevice: handleUnaryCall<RemoveDeviceRequest, RemoveDeviceResponse>;
   /**
-   * CreateDomain creates an unattached domain of the given type.
-   * Errors: NOT_FOUND `DOMAIN_NOT_FOUND` (a nested domain's parent does not exist);
-   * FAILED_PRECONDITION `DOMAIN_NOT_PAGING` (a nested domain's parent is not a PAGING domain).
+   * CreateDomain creates an unattached domain of the given type. A NESTED domain may be allocated
+   * on a vIOMMU (`viommu_id`, iommufd's IOMMU_HWPT_ALLOC with a vIOMMU as pt_id): its parent is then
+   * the vIOMMU's parent, the vIOMMU cannot be destroyed while the domain exists, faults under its
+   * attachments go to the vIOMMU's vEVENTQ too, and AttachDomain of it needs the device's vdevice.
+   * Errors: NOT_FOUND `DOMAIN_NOT_FOUND` (a nested domain's parent does not exist),
+   * `VIOMMU_NOT_FOUND`; FAILED_PRECONDITION `DOMAIN_NOT_PAGING` (a nested domain's parent is not a
+   * PAGING domain); INVALID_ARGUMENT `INVALID_FIELD` (`viommu_id` with a type other than NESTED, or
+   * with a `parent_domain_id` that is not the vIOMMU's parent).
    */
   createDomain: handleUnaryCall<CreateDomainRequest, CreateDomainResponse>;
   /**
    * FreeDomain destroys a domain that nothing uses any more.
    * Errors: NOT_FOUND `DOMAIN_NOT_FOUND`; FAILED_PRECONDITION `DOMAIN_IN_USE` (still attached to a
-   * device or PASID, or the parent of a nested domain).
+   * device or PASID, the parent of a nested domain, or the parent of a vIOMMU).
    */
   freeDomain: handleUnaryCall<FreeDomainRequest, FreeDomainResponse>;
   /**
@@ -9437,8 +11950,10 @@ export interface IommuServiceServer extends UntypedServiceImplementation {
    * `PASID_IN_USE` (something is already attached there), `DOMAIN_INCOMPATIBLE` (an SVA domain:
    * use SvaBind), `STALE_GENERATION`; NOT_FOUND `IOASID_NOT_FOUND` (a generation was given but the
    * PASID is not an allocated IOASID), `IOASID_FREE_PENDING` (a generation was given and the IOASID
-   * is being freed: nothing new may use it). An attachment made with a generation belongs to that
-   * IOASID: its FREE tears it down; one made without (0) is the caller's and outlives any IOASID.
+   * is being freed: nothing new may use it), `VDEVICE_NOT_FOUND` (a NESTED domain allocated on a
+   * vIOMMU, and the device has no vdevice in that vIOMMU: the guest could not name it). An
+   * attachment made with a generation belongs to that IOASID: its FREE tears it down; one made
+   * without (0) is the caller's and outlives any IOASID.
    */
   attachDomain: handleUnaryCall<AttachDomainRequest, AttachDomainResponse>;
   /**
@@ -9464,7 +11979,8 @@ export interface IommuServiceServer extends UntypedServiceImplementation {
    * FAILED_PRECONDITION `DOMAIN_INCOMPATIBLE` (an SVA domain), `DOMAIN_MISMATCH` (the attachment
    * was made by BindGpasid or SvaBind, or `old_domain_id` is given and another domain is attached),
    * `STALE_GENERATION`; NOT_FOUND `IOASID_NOT_FOUND`, `IOASID_FREE_PENDING` (the attachment
-   * belongs to an IOASID that is gone or being freed: nothing new may use it).
+   * belongs to an IOASID that is gone or being freed: nothing new may use it), `VDEVICE_NOT_FOUND`
+   * (the new domain is a NESTED domain allocated on a vIOMMU and the device has no vdevice in it).
    */
   replaceDomain: handleUnaryCall<ReplaceDomainRequest, ReplaceDomainResponse>;
   /**
@@ -9622,10 +12138,67 @@ export interface IommuServiceServer extends UntypedServiceImplementation {
   /**
    * QueryState returns the IOMMU's "hardware" state: devices with their PASID tables, domains,
    * attach handles, SVA bonds, outstanding fault groups and the most recent IOTLB flush records. It
-   * is a consistent snapshot taken at one instant and changes nothing.
+   * is a consistent snapshot taken at one instant and changes nothing. vIOMMUs, vdevices and
+   * vEVENTQs are returned whole (the device filter does not apply to them).
    * Errors: NOT_FOUND `DEVICE_NOT_FOUND` (a device named in the filter is not registered).
    */
   queryState: handleUnaryCall<QueryStateRequest, QueryStateResponse>;
+  /**
+   * AllocViommu allocates a vIOMMU for a VM over a parent PAGING domain (the VM's stage 2) of the
+   * IOMMU instance that `device_id` sits behind (iommufd IOMMU_VIOMMU_ALLOC; the device is only
+   * used to find that instance: the vIOMMU holds no reference on it). The vIOMMU holds a reference
+   * on its parent: FreeDomain of the parent is refused DOMAIN_IN_USE until DestroyViommu.
+   * Errors: NOT_FOUND `DEVICE_NOT_FOUND`, `DOMAIN_NOT_FOUND` (parent); FAILED_PRECONDITION
+   * `DOMAIN_NOT_PAGING` (the parent is not a PAGING domain: only a stage-2 table can be nested under).
+   */
+  allocViommu: handleUnaryCall<AllocViommuRequest, AllocViommuResponse>;
+  /**
+   * DestroyViommu destroys a vIOMMU that nothing depends on any more and drops its reference on
+   * the parent domain.
+   * Errors: NOT_FOUND `VIOMMU_NOT_FOUND`; FAILED_PRECONDITION `VIOMMU_IN_USE` (it still has
+   * vdevices, vEVENTQs or NESTED domains allocated on it: destroy those first).
+   */
+  destroyViommu: handleUnaryCall<DestroyViommuRequest, DestroyViommuResponse>;
+  /**
+   * AllocVdevice tells a vIOMMU the guest-visible id of a physical device (iommufd
+   * IOMMU_VDEVICE_ALLOC): `virt_id` is what the guest calls the device (its virtual stream or
+   * requester id), and what the vIOMMU's events carry instead of the host's device id. A virt_id is
+   * unique per vIOMMU, and a device has at most one vdevice per vIOMMU. RemoveDevice destroys the
+   * device's vdevices (the kernel destroys a vdevice when its device is unbound).
+   * Errors: NOT_FOUND `VIOMMU_NOT_FOUND`, `DEVICE_NOT_FOUND`; ALREADY_EXISTS `VDEVICE_EXISTS`
+   * (`virt_id` is taken in this vIOMMU, or the device already has a vdevice in it).
+   */
+  allocVdevice: handleUnaryCall<AllocVdeviceRequest, AllocVdeviceResponse>;
+  /**
+   * DestroyVdevice destroys a vdevice that no nested attachment uses.
+   * Errors: NOT_FOUND `VDEVICE_NOT_FOUND`; FAILED_PRECONDITION `VDEVICE_IN_USE` (a NESTED domain of
+   * its vIOMMU is attached to its device: detach it first).
+   */
+  destroyVdevice: handleUnaryCall<DestroyVdeviceRequest, DestroyVdeviceResponse>;
+  /**
+   * AllocVeventq creates a vIOMMU's event queue of one type and a fixed depth (iommufd
+   * IOMMU_VEVENTQ_ALLOC). Events of that type for the VM are queued with a sequence number that
+   * grows by one per event, counting events that were dropped. When an event finds the queue full
+   * (`depth` events unread) it is dropped and counted in a LOST_EVENTS marker queued behind the
+   * events already there: the reader gets the marker, carrying the first lost sequence number and
+   * how many were lost, before the next event delivered — never a silent hole. At most one queue per
+   * type per vIOMMU.
+   * Errors: NOT_FOUND `VIOMMU_NOT_FOUND`; ALREADY_EXISTS `VEVENTQ_EXISTS` (the vIOMMU has a queue of
+   * this type); INVALID_ARGUMENT `INVALID_FIELD` (`type` UNSPECIFIED, `depth` not 1..4096).
+   */
+  allocVeventq: handleUnaryCall<AllocVeventqRequest, AllocVeventqResponse>;
+  /**
+   * DestroyVeventq destroys an event queue; unread events and markers go with it.
+   * Errors: NOT_FOUND `VEVENTQ_NOT_FOUND`.
+   */
+  destroyVeventq: handleUnaryCall<DestroyVeventqRequest, DestroyVeventqResponse>;
+  /**
+   * ReadVeventq takes up to `max_items` items from the head of an event queue, oldest first: events
+   * and LOST_EVENTS markers in the order they were queued (a read of the kernel's vEVENTQ fd). What
+   * is returned is removed; an empty queue returns no item (the call does not wait).
+   * Errors: NOT_FOUND `VEVENTQ_NOT_FOUND`.
+   */
+  readVeventq: handleUnaryCall<ReadVeventqRequest, ReadVeventqResponse>;
 }
 
 export interface IommuServiceClient extends Client {
@@ -9674,9 +12247,14 @@ export interface IommuServiceClient extends Client {
     callback: (error: ServiceError | null, response: RemoveDeviceResponse) => void,
   ): ClientUnaryCall;
   /**
-   * CreateDomain creates an unattached domain of the given type.
-   * Errors: NOT_FOUND `DOMAIN_NOT_FOUND` (a nested domain's parent does not exist);
-   * FAILED_PRECONDITION `DOMAIN_NOT_PAGING` (a nested domain's parent is not a PAGING domain).
+   * CreateDomain creates an unattached domain of the given type. A NESTED domain may be allocated
+   * on a vIOMMU (`viommu_id`, iommufd's IOMMU_HWPT_ALLOC with a vIOMMU as pt_id): its parent is then
+   * the vIOMMU's parent, the vIOMMU cannot be destroyed while the domain exists, faults under its
+   * attachments go to the vIOMMU's vEVENTQ too, and AttachDomain of it needs the device's vdevice.
+   * Errors: NOT_FOUND `DOMAIN_NOT_FOUND` (a nested domain's parent does not exist),
+   * `VIOMMU_NOT_FOUND`; FAILED_PRECONDITION `DOMAIN_NOT_PAGING` (a nested domain's parent is not a
+   * PAGING domain); INVALID_ARGUMENT `INVALID_FIELD` (`viommu_id` with a type other than NESTED, or
+   * with a `parent_domain_id` that is not the vIOMMU's parent).
    */
   createDomain(
     request: CreateDomainRequest,
@@ -9696,7 +12274,7 @@ export interface IommuServiceClient extends Client {
   /**
    * FreeDomain destroys a domain that nothing uses any more.
    * Errors: NOT_FOUND `DOMAIN_NOT_FOUND`; FAILED_PRECONDITION `DOMAIN_IN_USE` (still attached to a
-   * device or PASID, or the parent of a nested domain).
+   * device or PASID, the parent of a nested domain, or the parent of a vIOMMU).
    */
   freeDomain(
     request: FreeDomainRequest,
@@ -9723,8 +12301,10 @@ export interface IommuServiceClient extends Client {
    * `PASID_IN_USE` (something is already attached there), `DOMAIN_INCOMPATIBLE` (an SVA domain:
    * use SvaBind), `STALE_GENERATION`; NOT_FOUND `IOASID_NOT_FOUND` (a generation was given but the
    * PASID is not an allocated IOASID), `IOASID_FREE_PENDING` (a generation was given and the IOASID
-   * is being freed: nothing new may use it). An attachment made with a generation belongs to that
-   * IOASID: its FREE tears it down; one made without (0) is the caller's and outlives any IOASID.
+   * is being freed: nothing new may use it), `VDEVICE_NOT_FOUND` (a NESTED domain allocated on a
+   * vIOMMU, and the device has no vdevice in that vIOMMU: the guest could not name it). An
+   * attachment made with a generation belongs to that IOASID: its FREE tears it down; one made
+   * without (0) is the caller's and outlives any IOASID.
    */
   attachDomain(
     request: AttachDomainRequest,
@@ -9778,7 +12358,8 @@ export interface IommuServiceClient extends Client {
    * FAILED_PRECONDITION `DOMAIN_INCOMPATIBLE` (an SVA domain), `DOMAIN_MISMATCH` (the attachment
    * was made by BindGpasid or SvaBind, or `old_domain_id` is given and another domain is attached),
    * `STALE_GENERATION`; NOT_FOUND `IOASID_NOT_FOUND`, `IOASID_FREE_PENDING` (the attachment
-   * belongs to an IOASID that is gone or being freed: nothing new may use it).
+   * belongs to an IOASID that is gone or being freed: nothing new may use it), `VDEVICE_NOT_FOUND`
+   * (the new domain is a NESTED domain allocated on a vIOMMU and the device has no vdevice in it).
    */
   replaceDomain(
     request: ReplaceDomainRequest,
@@ -10137,7 +12718,8 @@ export interface IommuServiceClient extends Client {
   /**
    * QueryState returns the IOMMU's "hardware" state: devices with their PASID tables, domains,
    * attach handles, SVA bonds, outstanding fault groups and the most recent IOTLB flush records. It
-   * is a consistent snapshot taken at one instant and changes nothing.
+   * is a consistent snapshot taken at one instant and changes nothing. vIOMMUs, vdevices and
+   * vEVENTQs are returned whole (the device filter does not apply to them).
    * Errors: NOT_FOUND `DEVICE_NOT_FOUND` (a device named in the filter is not registered).
    */
   queryState(
@@ -10154,6 +12736,160 @@ export interface IommuServiceClient extends Client {
     metadata: Metadata,
     options: Partial<CallOptions>,
     callback: (error: ServiceError | null, response: QueryStateResponse) => void,
+  ): ClientUnaryCall;
+  /**
+   * AllocViommu allocates a vIOMMU for a VM over a parent PAGING domain (the VM's stage 2) of the
+   * IOMMU instance that `device_id` sits behind (iommufd IOMMU_VIOMMU_ALLOC; the device is only
+   * used to find that instance: the vIOMMU holds no reference on it). The vIOMMU holds a reference
+   * on its parent: FreeDomain of the parent is refused DOMAIN_IN_USE until DestroyViommu.
+   * Errors: NOT_FOUND `DEVICE_NOT_FOUND`, `DOMAIN_NOT_FOUND` (parent); FAILED_PRECONDITION
+   * `DOMAIN_NOT_PAGING` (the parent is not a PAGING domain: only a stage-2 table can be nested under).
+   */
+  allocViommu(
+    request: AllocViommuRequest,
+    callback: (error: ServiceError | null, response: AllocViommuResponse) => void,
+  ): ClientUnaryCall;
+  allocViommu(
+    request: AllocViommuRequest,
+    metadata: Metadata,
+    callback: (error: ServiceError | null, response: AllocViommuResponse) => void,
+  ): ClientUnaryCall;
+  allocViommu(
+    request: AllocViommuRequest,
+    metadata: Metadata,
+    options: Partial<CallOptions>,
+    callback: (error: ServiceError | null, response: AllocViommuResponse) => void,
+  ): ClientUnaryCall;
+  /**
+   * DestroyViommu destroys a vIOMMU that nothing depends on any more and drops its reference on
+   * the parent domain.
+   * Errors: NOT_FOUND `VIOMMU_NOT_FOUND`; FAILED_PRECONDITION `VIOMMU_IN_USE` (it still has
+   * vdevices, vEVENTQs or NESTED domains allocated on it: destroy those first).
+   */
+  destroyViommu(
+    request: DestroyViommuRequest,
+    callback: (error: ServiceError | null, response: DestroyViommuResponse) => void,
+  ): ClientUnaryCall;
+  destroyViommu(
+    request: DestroyViommuRequest,
+    metadata: Metadata,
+    callback: (error: ServiceError | null, response: DestroyViommuResponse) => void,
+  ): ClientUnaryCall;
+  destroyViommu(
+    request: DestroyViommuRequest,
+    metadata: Metadata,
+    options: Partial<CallOptions>,
+    callback: (error: ServiceError | null, response: DestroyViommuResponse) => void,
+  ): ClientUnaryCall;
+  /**
+   * AllocVdevice tells a vIOMMU the guest-visible id of a physical device (iommufd
+   * IOMMU_VDEVICE_ALLOC): `virt_id` is what the guest calls the device (its virtual stream or
+   * requester id), and what the vIOMMU's events carry instead of the host's device id. A virt_id is
+   * unique per vIOMMU, and a device has at most one vdevice per vIOMMU. RemoveDevice destroys the
+   * device's vdevices (the kernel destroys a vdevice when its device is unbound).
+   * Errors: NOT_FOUND `VIOMMU_NOT_FOUND`, `DEVICE_NOT_FOUND`; ALREADY_EXISTS `VDEVICE_EXISTS`
+   * (`virt_id` is taken in this vIOMMU, or the device already has a vdevice in it).
+   */
+  allocVdevice(
+    request: AllocVdeviceRequest,
+    callback: (error: ServiceError | null, response: AllocVdeviceResponse) => void,
+  ): ClientUnaryCall;
+  allocVdevice(
+    request: AllocVdeviceRequest,
+    metadata: Metadata,
+    callback: (error: ServiceError | null, response: AllocVdeviceResponse) => void,
+  ): ClientUnaryCall;
+  allocVdevice(
+    request: AllocVdeviceRequest,
+    metadata: Metadata,
+    options: Partial<CallOptions>,
+    callback: (error: ServiceError | null, response: AllocVdeviceResponse) => void,
+  ): ClientUnaryCall;
+  /**
+   * DestroyVdevice destroys a vdevice that no nested attachment uses.
+   * Errors: NOT_FOUND `VDEVICE_NOT_FOUND`; FAILED_PRECONDITION `VDEVICE_IN_USE` (a NESTED domain of
+   * its vIOMMU is attached to its device: detach it first).
+   */
+  destroyVdevice(
+    request: DestroyVdeviceRequest,
+    callback: (error: ServiceError | null, response: DestroyVdeviceResponse) => void,
+  ): ClientUnaryCall;
+  destroyVdevice(
+    request: DestroyVdeviceRequest,
+    metadata: Metadata,
+    callback: (error: ServiceError | null, response: DestroyVdeviceResponse) => void,
+  ): ClientUnaryCall;
+  destroyVdevice(
+    request: DestroyVdeviceRequest,
+    metadata: Metadata,
+    options: Partial<CallOptions>,
+    callback: (error: ServiceError | null, response: DestroyVdeviceResponse) => void,
+  ): ClientUnaryCall;
+  /**
+   * AllocVeventq creates a vIOMMU's event queue of one type and a fixed depth (iommufd
+   * IOMMU_VEVENTQ_ALLOC). Events of that type for the VM are queued with a sequence number that
+   * grows by one per event, counting events that were dropped. When an event finds the queue full
+   * (`depth` events unread) it is dropped and counted in a LOST_EVENTS marker queued behind the
+   * events already there: the reader gets the marker, carrying the first lost sequence number and
+   * how many were lost, before the next event delivered — never a silent hole. At most one queue per
+   * type per vIOMMU.
+   * Errors: NOT_FOUND `VIOMMU_NOT_FOUND`; ALREADY_EXISTS `VEVENTQ_EXISTS` (the vIOMMU has a queue of
+   * this type); INVALID_ARGUMENT `INVALID_FIELD` (`type` UNSPECIFIED, `depth` not 1..4096).
+   */
+  allocVeventq(
+    request: AllocVeventqRequest,
+    callback: (error: ServiceError | null, response: AllocVeventqResponse) => void,
+  ): ClientUnaryCall;
+  allocVeventq(
+    request: AllocVeventqRequest,
+    metadata: Metadata,
+    callback: (error: ServiceError | null, response: AllocVeventqResponse) => void,
+  ): ClientUnaryCall;
+  allocVeventq(
+    request: AllocVeventqRequest,
+    metadata: Metadata,
+    options: Partial<CallOptions>,
+    callback: (error: ServiceError | null, response: AllocVeventqResponse) => void,
+  ): ClientUnaryCall;
+  /**
+   * DestroyVeventq destroys an event queue; unread events and markers go with it.
+   * Errors: NOT_FOUND `VEVENTQ_NOT_FOUND`.
+   */
+  destroyVeventq(
+    request: DestroyVeventqRequest,
+    callback: (error: ServiceError | null, response: DestroyVeventqResponse) => void,
+  ): ClientUnaryCall;
+  destroyVeventq(
+    request: DestroyVeventqRequest,
+    metadata: Metadata,
+    callback: (error: ServiceError | null, response: DestroyVeventqResponse) => void,
+  ): ClientUnaryCall;
+  destroyVeventq(
+    request: DestroyVeventqRequest,
+    metadata: Metadata,
+    options: Partial<CallOptions>,
+    callback: (error: ServiceError | null, response: DestroyVeventqResponse) => void,
+  ): ClientUnaryCall;
+  /**
+   * ReadVeventq takes up to `max_items` items from the head of an event queue, oldest first: events
+   * and LOST_EVENTS markers in the order they were queued (a read of the kernel's vEVENTQ fd). What
+   * is returned is removed; an empty queue returns no item (the call does not wait).
+   * Errors: NOT_FOUND `VEVENTQ_NOT_FOUND`.
+   */
+  readVeventq(
+    request: ReadVeventqRequest,
+    callback: (error: ServiceError | null, response: ReadVeventqResponse) => void,
+  ): ClientUnaryCall;
+  readVeventq(
+    request: ReadVeventqRequest,
+    metadata: Metadata,
+    callback: (error: ServiceError | null, response: ReadVeventqResponse) => void,
+  ): ClientUnaryCall;
+  readVeventq(
+    request: ReadVeventqRequest,
+    metadata: Metadata,
+    options: Partial<CallOptions>,
+    callback: (error: ServiceError | null, response: ReadVeventqResponse) => void,
   ): ClientUnaryCall;
 }
 

@@ -22,6 +22,10 @@ import {
   faultGroupStateToJSON,
   Mapping,
   PageRequest,
+  VeventqItem,
+  VeventqType,
+  veventqTypeFromJSON,
+  veventqTypeToJSON,
 } from "./iommu.js";
 
 export const protobufPackage = "ioasid.iommu.v1";
@@ -56,6 +60,18 @@ export interface IommuStateEntry {
     | //
     /** The next fault group id. */
     { $case: "faultGroupCounter"; value: KeptFaultGroupCounter }
+    | //
+    /** A vIOMMU with the NESTED domains allocated on it. */
+    { $case: "viommu"; value: KeptViommu }
+    | //
+    /** A vdevice of a vIOMMU. */
+    { $case: "vdevice"; value: KeptVdevice }
+    | //
+    /** A vIOMMU's event queue with its unread items. */
+    { $case: "veventq"; value: KeptVeventq }
+    | //
+    /** The next vIOMMU object id. */
+    { $case: "viommuIdCounter"; value: KeptViommuIdCounter }
     | undefined;
 }
 
@@ -226,6 +242,61 @@ export interface KeptFaultGroupCounter {
   nextFaultGroupId: bigint;
 }
 
+/** KeptViommu is a VM's virtual IOMMU (its vdevices and vEVENTQs are kept under their own keys). */
+export interface KeptViommu {
+  /** vIOMMU id (never 0). */
+  viommuId: number;
+  /** The device it was allocated through. */
+  deviceId: string;
+  /** The PAGING domain it holds a reference on. */
+  parentDomainId: number;
+  /** Who allocated it. */
+  owner: string;
+  /** NESTED domains allocated on it, in any order. */
+  nestedDomainIds: number[];
+  /** When it was allocated. */
+  createdAt: Date | undefined;
+}
+
+/** KeptVdevice is the guest-visible id of a device in a vIOMMU. */
+export interface KeptVdevice {
+  /** vdevice id (never 0). */
+  vdeviceId: number;
+  /** The vIOMMU. */
+  viommuId: number;
+  /** The physical device. */
+  deviceId: string;
+  /** The id the guest knows the device by. */
+  virtId: bigint;
+}
+
+/** KeptVeventq is a vIOMMU's event queue with the items not read yet. */
+export interface KeptVeventq {
+  /** vEVENTQ id (never 0). */
+  veventqId: number;
+  /** The vIOMMU. */
+  viommuId: number;
+  /** The kind of events (never UNSPECIFIED). */
+  type: VeventqType;
+  /** Most unread events. */
+  depth: number;
+  /** The sequence number of the next event. */
+  nextSequence: bigint;
+  /** Events dropped since the queue was allocated. */
+  lostEvents: bigint;
+  /** Unread events and LOST_EVENTS markers, oldest first. */
+  items: VeventqItem[];
+}
+
+/**
+ * KeptViommuIdCounter is the next vIOMMU object id (vIOMMUs, vdevices and vEVENTQs share it), so a
+ * restart never reuses one.
+ */
+export interface KeptViommuIdCounter {
+  /** The next id. */
+  nextObjectId: number;
+}
+
 function createBaseIommuStateEntry(): IommuStateEntry {
   return { entry: undefined };
 }
@@ -256,6 +327,18 @@ export const IommuStateEntry: MessageFns<IommuStateEntry> = {
         break;
       case "faultGroupCounter":
         KeptFaultGroupCounter.encode(message.entry.value, writer.uint32(66).fork()).join();
+        break;
+      case "viommu":
+        KeptViommu.encode(message.entry.value, writer.uint32(74).fork()).join();
+        break;
+      case "vdevice":
+        KeptVdevice.encode(message.entry.value, writer.uint32(82).fork()).join();
+        break;
+      case "veventq":
+        KeptVeventq.encode(message.entry.value, writer.uint32(90).fork()).join();
+        break;
+      case "viommuIdCounter":
+        KeptViommuIdCounter.encode(message.entry.value, writer.uint32(98).fork()).join();
         break;
     }
     return writer;
@@ -341,6 +424,38 @@ export const IommuStateEntry: MessageFns<IommuStateEntry> = {
             };
             continue;
           }
+          case 9: {
+            if (tag !== 74) {
+              break;
+            }
+
+            message.entry = { $case: "viommu", value: KeptViommu.decode(reader, reader.uint32()) };
+            continue;
+          }
+          case 10: {
+            if (tag !== 82) {
+              break;
+            }
+
+            message.entry = { $case: "vdevice", value: KeptVdevice.decode(reader, reader.uint32()) };
+            continue;
+          }
+          case 11: {
+            if (tag !== 90) {
+              break;
+            }
+
+            message.entry = { $case: "veventq", value: KeptVeventq.decode(reader, reader.uint32()) };
+            continue;
+          }
+          case 12: {
+            if (tag !== 98) {
+              break;
+            }
+
+            message.entry = { $case: "viommuIdCounter", value: KeptViommuIdCounter.decode(reader, reader.uint32()) };
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -383,6 +498,16 @@ export const IommuStateEntry: MessageFns<IommuStateEntry> = {
         ? { $case: "faultGroupCounter", value: KeptFaultGroupCounter.fromJSON(object.faultGroupCounter) }
         : isSet(object.fault_group_counter)
         ? { $case: "faultGroupCounter", value: KeptFaultGroupCounter.fromJSON(object.fault_group_counter) }
+        : isSet(object.viommu)
+        ? { $case: "viommu", value: KeptViommu.fromJSON(object.viommu) }
+        : isSet(object.vdevice)
+        ? { $case: "vdevice", value: KeptVdevice.fromJSON(object.vdevice) }
+        : isSet(object.veventq)
+        ? { $case: "veventq", value: KeptVeventq.fromJSON(object.veventq) }
+        : isSet(object.viommuIdCounter)
+        ? { $case: "viommuIdCounter", value: KeptViommuIdCounter.fromJSON(object.viommuIdCounter) }
+        : isSet(object.viommu_id_counter)
+        ? { $case: "viommuIdCounter", value: KeptViommuIdCounter.fromJSON(object.viommu_id_counter) }
         : undefined,
     };
   },
@@ -405,6 +530,14 @@ export const IommuStateEntry: MessageFns<IommuStateEntry> = {
       obj.faultGroup = KeptFaultGroup.toJSON(message.entry.value);
     } else if (message.entry?.$case === "faultGroupCounter") {
       obj.faultGroupCounter = KeptFaultGroupCounter.toJSON(message.entry.value);
+    } else if (message.entry?.$case === "viommu") {
+      obj.viommu = KeptViommu.toJSON(message.entry.value);
+    } else if (message.entry?.$case === "vdevice") {
+      obj.vdevice = KeptVdevice.toJSON(message.entry.value);
+    } else if (message.entry?.$case === "veventq") {
+      obj.veventq = KeptVeventq.toJSON(message.entry.value);
+    } else if (message.entry?.$case === "viommuIdCounter") {
+      obj.viommuIdCounter = KeptViommuIdCounter.toJSON(message.entry.value);
     }
     return obj;
   },
@@ -460,6 +593,30 @@ export const IommuStateEntry: MessageFns<IommuStateEntry> = {
       case "faultGroupCounter": {
         if (object.entry?.value !== undefined && object.entry?.value !== null) {
           message.entry = { $case: "faultGroupCounter", value: KeptFaultGroupCounter.fromPartial(object.entry.value) };
+        }
+        break;
+      }
+      case "viommu": {
+        if (object.entry?.value !== undefined && object.entry?.value !== null) {
+          message.entry = { $case: "viommu", value: KeptViommu.fromPartial(object.entry.value) };
+        }
+        break;
+      }
+      case "vdevice": {
+        if (object.entry?.value !== undefined && object.entry?.value !== null) {
+          message.entry = { $case: "vdevice", value: KeptVdevice.fromPartial(object.entry.value) };
+        }
+        break;
+      }
+      case "veventq": {
+        if (object.entry?.value !== undefined && object.entry?.value !== null) {
+          message.entry = { $case: "veventq", value: KeptVeventq.fromPartial(object.entry.value) };
+        }
+        break;
+      }
+      case "viommuIdCounter": {
+        if (object.entry?.value !== undefined && object.entry?.value !== null) {
+          message.entry = { $case: "viommuIdCounter", value: KeptViommuIdCounter.fromPartial(object.entry.value) };
         }
         break;
       }
@@ -2034,6 +2191,587 @@ export const KeptFaultGroupCounter: MessageFns<KeptFaultGroupCounter> = {
     message.nextFaultGroupId = (object.nextFaultGroupId !== undefined && object.nextFaultGroupId !== null)
       ? BigInt(object.nextFaultGroupId)
       : 0n;
+    return message;
+  },
+};
+
+function createBaseKeptViommu(): KeptViommu {
+  return { viommuId: 0, deviceId: "", parentDomainId: 0, owner: "", nestedDomainIds: [], createdAt: undefined };
+}
+
+export const KeptViommu: MessageFns<KeptViommu> = {
+  encode(message: KeptViommu, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.viommuId !== 0) {
+      writer.uint32(8).uint32(message.viommuId);
+    }
+    if (message.deviceId !== "") {
+      writer.uint32(18).string(message.deviceId);
+    }
+    if (message.parentDomainId !== 0) {
+      writer.uint32(24).uint32(message.parentDomainId);
+    }
+    if (message.owner !== "") {
+      writer.uint32(34).string(message.owner);
+    }
+    if (message.nestedDomainIds.length !== 0) {
+      writer.uint32(42).fork();
+      for (const v of message.nestedDomainIds) {
+        writer.uint32(v);
+      }
+      writer.join();
+    }
+    if (message.createdAt !== undefined) {
+      Timestamp.encode(toTimestamp(message.createdAt), writer.uint32(50).fork()).join();
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): KeptViommu {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseKeptViommu();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 8) {
+              break;
+            }
+
+            message.viommuId = reader.uint32();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.deviceId = reader.string();
+            continue;
+          }
+          case 3: {
+            if (tag !== 24) {
+              break;
+            }
+
+            message.parentDomainId = reader.uint32();
+            continue;
+          }
+          case 4: {
+            if (tag !== 34) {
+              break;
+            }
+
+            message.owner = reader.string();
+            continue;
+          }
+          case 5: {
+            if (tag === 40) {
+              message.nestedDomainIds.push(reader.uint32());
+
+              continue;
+            }
+
+            if (tag === 42) {
+              const end2 = reader.uint32() + reader.pos;
+              while (reader.pos < end2) {
+                message.nestedDomainIds.push(reader.uint32());
+              }
+
+              continue;
+            }
+
+            break;
+          }
+          case 6: {
+            if (tag !== 50) {
+              break;
+            }
+
+            message.createdAt = fromTimestamp(Timestamp.decode(reader, reader.uint32()));
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): KeptViommu {
+    return {
+      viommuId: isSet(object.viommuId)
+        ? globalThis.Number(object.viommuId)
+        : isSet(object.viommu_id)
+        ? globalThis.Number(object.viommu_id)
+        : 0,
+      deviceId: isSet(object.deviceId)
+        ? globalThis.String(object.deviceId)
+        : isSet(object.device_id)
+        ? globalThis.String(object.device_id)
+        : "",
+      parentDomainId: isSet(object.parentDomainId)
+        ? globalThis.Number(object.parentDomainId)
+        : isSet(object.parent_domain_id)
+        ? globalThis.Number(object.parent_domain_id)
+        : 0,
+      owner: isSet(object.owner) ? globalThis.String(object.owner) : "",
+      nestedDomainIds: globalThis.Array.isArray(object?.nestedDomainIds)
+        ? object.nestedDomainIds.map((e: any) => globalThis.Number(e))
+        : globalThis.Array.isArray(object?.nested_domain_ids)
+        ? object.nested_domain_ids.map((e: any) => globalThis.Number(e))
+        : [],
+      createdAt: isSet(object.createdAt)
+        ? fromJsonTimestamp(object.createdAt)
+        : isSet(object.created_at)
+        ? fromJsonTimestamp(object.created_at)
+        : undefined,
+    };
+  },
+
+  toJSON(message: KeptViommu): unknown {
+    const obj: any = {};
+    if (message.viommuId !== 0) {
+      obj.viommuId = Math.round(message.viommuId);
+    }
+    if (message.deviceId !== "") {
+      obj.deviceId = message.deviceId;
+    }
+    if (message.parentDomainId !== 0) {
+      obj.parentDomainId = Math.round(message.parentDomainId);
+    }
+    if (message.owner !== "") {
+      obj.owner = message.owner;
+    }
+    if (message.nestedDomainIds?.length) {
+      obj.nestedDomainIds = message.nestedDomainIds.map((e) => Math.round(e));
+    }
+    if (message.createdAt !== undefined) {
+      obj.createdAt = message.createdAt.toISOString();
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<KeptViommu>): KeptViommu {
+    return KeptViommu.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<KeptViommu>): KeptViommu {
+    const message = createBaseKeptViommu();
+    message.viommuId = object.viommuId ?? 0;
+    message.deviceId = object.deviceId ?? "";
+    message.parentDomainId = object.parentDomainId ?? 0;
+    message.owner = object.owner ?? "";
+    message.nestedDomainIds = object.nestedDomainIds?.map((e) => e) || [];
+    message.createdAt = object.createdAt ?? undefined;
+    return message;
+  },
+};
+
+function createBaseKeptVdevice(): KeptVdevice {
+  return { vdeviceId: 0, viommuId: 0, deviceId: "", virtId: 0n };
+}
+
+export const KeptVdevice: MessageFns<KeptVdevice> = {
+  encode(message: KeptVdevice, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.vdeviceId !== 0) {
+      writer.uint32(8).uint32(message.vdeviceId);
+    }
+    if (message.viommuId !== 0) {
+      writer.uint32(16).uint32(message.viommuId);
+    }
+    if (message.deviceId !== "") {
+      writer.uint32(26).string(message.deviceId);
+    }
+    if (message.virtId !== 0n) {
+      if (BigInt.asUintN(64, message.virtId) !== message.virtId) {
+        throw new globalThis.Error("value provided for field message.virtId of type uint64 too large");
+      }
+      writer.uint32(32).uint64(message.virtId);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): KeptVdevice {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseKeptVdevice();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 8) {
+              break;
+            }
+
+            message.vdeviceId = reader.uint32();
+            continue;
+          }
+          case 2: {
+            if (tag !== 16) {
+              break;
+            }
+
+            message.viommuId = reader.uint32();
+            continue;
+          }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.deviceId = reader.string();
+            continue;
+          }
+          case 4: {
+            if (tag !== 32) {
+              break;
+            }
+
+            message.virtId = reader.uint64() as bigint;
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): KeptVdevice {
+    return {
+      vdeviceId: isSet(object.vdeviceId)
+        ? globalThis.Number(object.vdeviceId)
+        : isSet(object.vdevice_id)
+        ? globalThis.Number(object.vdevice_id)
+        : 0,
+      viommuId: isSet(object.viommuId)
+        ? globalThis.Number(object.viommuId)
+        : isSet(object.viommu_id)
+        ? globalThis.Number(object.viommu_id)
+        : 0,
+      deviceId: isSet(object.deviceId)
+        ? globalThis.String(object.deviceId)
+        : isSet(object.device_id)
+        ? globalThis.String(object.device_id)
+        : "",
+      virtId: isSet(object.virtId) ? BigInt(object.virtId) : isSet(object.virt_id) ? BigInt(object.virt_id) : 0n,
+    };
+  },
+
+  toJSON(message: KeptVdevice): unknown {
+    const obj: any = {};
+    if (message.vdeviceId !== 0) {
+      obj.vdeviceId = Math.round(message.vdeviceId);
+    }
+    if (message.viommuId !== 0) {
+      obj.viommuId = Math.round(message.viommuId);
+    }
+    if (message.deviceId !== "") {
+      obj.deviceId = message.deviceId;
+    }
+    if (message.virtId !== 0n) {
+      obj.virtId = message.virtId.toString();
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<KeptVdevice>): KeptVdevice {
+    return KeptVdevice.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<KeptVdevice>): KeptVdevice {
+    const message = createBaseKeptVdevice();
+    message.vdeviceId = object.vdeviceId ?? 0;
+    message.viommuId = object.viommuId ?? 0;
+    message.deviceId = object.deviceId ?? "";
+    message.virtId = (object.virtId !== undefined && object.virtId !== null) ? BigInt(object.virtId) : 0n;
+    return message;
+  },
+};
+
+function createBaseKeptVeventq(): KeptVeventq {
+  return { veventqId: 0, viommuId: 0, type: 0, depth: 0, nextSequence: 0n, lostEvents: 0n, items: [] };
+}
+
+export const KeptVeventq: MessageFns<KeptVeventq> = {
+  encode(message: KeptVeventq, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.veventqId !== 0) {
+      writer.uint32(8).uint32(message.veventqId);
+    }
+    if (message.viommuId !== 0) {
+      writer.uint32(16).uint32(message.viommuId);
+    }
+    if (message.type !== 0) {
+      writer.uint32(24).int32(message.type);
+    }
+    if (message.depth !== 0) {
+      writer.uint32(32).uint32(message.depth);
+    }
+    if (message.nextSequence !== 0n) {
+      if (BigInt.asUintN(64, message.nextSequence) !== message.nextSequence) {
+        throw new globalThis.Error("value provided for field message.nextSequence of type uint64 too large");
+      }
+      writer.uint32(40).uint64(message.nextSequence);
+    }
+    if (message.lostEvents !== 0n) {
+      if (BigInt.asUintN(64, message.lostEvents) !== message.lostEvents) {
+        throw new globalThis.Error("value provided for field message.lostEvents of type uint64 too large");
+      }
+      writer.uint32(48).uint64(message.lostEvents);
+    }
+    for (const v of message.items) {
+      VeventqItem.encode(v!, writer.uint32(58).fork()).join();
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): KeptVeventq {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseKeptVeventq();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 8) {
+              break;
+            }
+
+            message.veventqId = reader.uint32();
+            continue;
+          }
+          case 2: {
+            if (tag !== 16) {
+              break;
+            }
+
+            message.viommuId = reader.uint32();
+            continue;
+          }
+          case 3: {
+            if (tag !== 24) {
+              break;
+            }
+
+            message.type = reader.int32() as any;
+            continue;
+          }
+          case 4: {
+            if (tag !== 32) {
+              break;
+            }
+
+            message.depth = reader.uint32();
+            continue;
+          }
+          case 5: {
+            if (tag !== 40) {
+              break;
+            }
+
+            message.nextSequence = reader.uint64() as bigint;
+            continue;
+          }
+          case 6: {
+            if (tag !== 48) {
+              break;
+            }
+
+            message.lostEvents = reader.uint64() as bigint;
+            continue;
+          }
+          case 7: {
+            if (tag !== 58) {
+              break;
+            }
+
+            message.items.push(VeventqItem.decode(reader, reader.uint32()));
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): KeptVeventq {
+    return {
+      veventqId: isSet(object.veventqId)
+        ? globalThis.Number(object.veventqId)
+        : isSet(object.veventq_id)
+        ? globalThis.Number(object.veventq_id)
+        : 0,
+      viommuId: isSet(object.viommuId)
+        ? globalThis.Number(object.viommuId)
+        : isSet(object.viommu_id)
+        ? globalThis.Number(object.viommu_id)
+        : 0,
+      type: isSet(object.type) ? veventqTypeFromJSON(object.type) : 0,
+      depth: isSet(object.depth) ? globalThis.Number(object.depth) : 0,
+      nextSequence: isSet(object.nextSequence)
+        ? BigInt(object.nextSequence)
+        : isSet(object.next_sequence)
+        ? BigInt(object.next_sequence)
+        : 0n,
+      lostEvents: isSet(object.lostEvents)
+        ? BigInt(object.lostEvents)
+        : isSet(object.lost_events)
+        ? BigInt(object.lost_events)
+        : 0n,
+      items: globalThis.Array.isArray(object?.items)
+        ? object.items.map((e: any) => VeventqItem.fromJSON(e))
+        : [],
+    };
+  },
+
+  toJSON(message: KeptVeventq): unknown {
+    const obj: any = {};
+    if (message.veventqId !== 0) {
+      obj.veventqId = Math.round(message.veventqId);
+    }
+    if (message.viommuId !== 0) {
+      obj.viommuId = Math.round(message.viommuId);
+    }
+    if (message.type !== 0) {
+      obj.type = veventqTypeToJSON(message.type);
+    }
+    if (message.depth !== 0) {
+      obj.depth = Math.round(message.depth);
+    }
+    if (message.nextSequence !== 0n) {
+      obj.nextSequence = message.nextSequence.toString();
+    }
+    if (message.lostEvents !== 0n) {
+      obj.lostEvents = message.lostEvents.toString();
+    }
+    if (message.items?.length) {
+      obj.items = message.items.map((e) => VeventqItem.toJSON(e));
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<KeptVeventq>): KeptVeventq {
+    return KeptVeventq.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<KeptVeventq>): KeptVeventq {
+    const message = createBaseKeptVeventq();
+    message.veventqId = object.veventqId ?? 0;
+    message.viommuId = object.viommuId ?? 0;
+    message.type = object.type ?? 0;
+    message.depth = object.depth ?? 0;
+    message.nextSequence = (object.nextSequence !== undefined && object.nextSequence !== null)
+      ? BigInt(object.nextSequence)
+      : 0n;
+    message.lostEvents = (object.lostEvents !== undefined && object.lostEvents !== null)
+      ? BigInt(object.lostEvents)
+      : 0n;
+    message.items = object.items?.map((e) => VeventqItem.fromPartial(e)) || [];
+    return message;
+  },
+};
+
+function createBaseKeptViommuIdCounter(): KeptViommuIdCounter {
+  return { nextObjectId: 0 };
+}
+
+export const KeptViommuIdCounter: MessageFns<KeptViommuIdCounter> = {
+  encode(message: KeptViommuIdCounter, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.nextObjectId !== 0) {
+      writer.uint32(8).uint32(message.nextObjectId);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): KeptViommuIdCounter {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseKeptViommuIdCounter();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 8) {
+              break;
+            }
+
+            message.nextObjectId = reader.uint32();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): KeptViommuIdCounter {
+    return {
+      nextObjectId: isSet(object.nextObjectId)
+        ? globalThis.Number(object.nextObjectId)
+        : isSet(object.next_object_id)
+        ? globalThis.Number(object.next_object_id)
+        : 0,
+    };
+  },
+
+  toJSON(message: KeptViommuIdCounter): unknown {
+    const obj: any = {};
+    if (message.nextObjectId !== 0) {
+      obj.nextObjectId = Math.round(message.nextObjectId);
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<KeptViommuIdCounter>): KeptViommuIdCounter {
+    return KeptViommuIdCounter.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<KeptViommuIdCounter>): KeptViommuIdCounter {
+    const message = createBaseKeptViommuIdCounter();
+    message.nextObjectId = object.nextObjectId ?? 0;
     return message;
   },
 };
