@@ -79,6 +79,33 @@ describe("OpLog", () => {
     expect(all).toEqual([op(1), op(2), op(3)]);
   });
 
+  it("retries writes JetStream could not take for a while, in order, and stores each once even when a first try landed unanswered", async () => {
+    // Issue 18: a nats-server that stops answering (a cluster failing over looks the same to the
+    // writer) made the core fail-stop at the first timed-out write. Now each write is tried again,
+    // under the same message id, once its predecessor is stored.
+    const retries: string[] = [];
+    const log = await OpLog.open(nc, {
+      stream: "OPLOG_RETRY",
+      subject: "oplog.retry",
+      writeRetryMs: 60_000,
+      onWriteRetry: (err) => retries.push(String(err)),
+    });
+    await log.append(op(1));
+    await nats.kill("SIGSTOP");
+    const pending = [log.append(op(2)), log.append(op(3))];
+    // Longer than a JetStream publish waits for its answer (5 s): the first tries time out, while
+    // their messages wait in the stopped server's socket and are stored once it runs again.
+    await new Promise((r) => setTimeout(r, 6_000));
+    await nats.kill("SIGCONT");
+    const seqs = await Promise.all(pending);
+    await log.append(op(4));
+    expect(retries.length, "the timed-out writes were retried").toBeGreaterThan(0);
+    expect(seqs[1]).toBeGreaterThanOrEqual(seqs[0]!); // one message when they were written together (group commit)
+    const all: unknown[] = [];
+    await (await OpLog.open(nc, { stream: "OPLOG_RETRY", subject: "oplog.retry" })).replay((o) => all.push(o));
+    expect(all, "every operation once, in order").toEqual([op(1), op(2), op(3), op(4)]);
+  }, 60_000);
+
   it("replays up to a message that is not ioasid.oplog.v1 and refuses it, whole, naming its stream and sequence", async () => {
     const log = await OpLog.open(nc, { stream: "OPLOG_FORMAT", subject: "oplog.format" });
     await log.append(op(1));

@@ -101,6 +101,20 @@ describe("loadConfig", () => {
     expect(configError.message).toMatch(/^invalid configuration \(8 problems\)/);
   });
 
+  it("takes a list of URLs where the variable allows one (a NATS cluster's servers), each checked", () => {
+    const cluster = defineConfigSchema({
+      urls: { name: "NATS_URL", kind: "url", protocols: ["nats:"], list: true, default: "nats://127.0.0.1:4222", doc: "d" },
+    });
+    expect(loadConfig(cluster, { NATS_URL: "nats://127.0.0.1:4222, nats://127.0.0.1:4223,nats://127.0.0.1:4224" }).urls).toBe(
+      "nats://127.0.0.1:4222,nats://127.0.0.1:4223,nats://127.0.0.1:4224",
+    );
+    expect(() => loadConfig(cluster, { NATS_URL: "nats://127.0.0.1:4222,http://x" })).toThrow(
+      "expected a URL with scheme nats:, or a comma-separated list of them",
+    );
+    // Without `list`, a comma is no separator.
+    expect(() => loadConfig(schema, { IOASID_INSTANCE: "x", NATS_URL: "nats://a:1,nats://b:2" })).toThrow(ConfigError);
+  });
+
   it("reports an invalid default as a problem of the schema", () => {
     const broken = defineConfigSchema({ p: { name: "P", kind: "port", default: 70000, doc: "d" } });
     expect(() => loadConfig(broken, {})).toThrow('P (default)="70000": expected an integer port 0..65535');

@@ -56,6 +56,8 @@ export interface AddressVar extends VarBase {
 export interface UrlVar extends VarBase {
   readonly kind: "url";
   readonly protocols?: readonly string[];
+  /** Accept a comma-separated list of such URLs (the servers of a NATS cluster); the value stays the text. */
+  readonly list?: boolean;
   readonly default?: string;
 }
 /** One of a fixed set of words. */
@@ -221,10 +223,13 @@ function parse(variable: ConfigVar, text: string): Parsed {
       return hp === undefined ? bad : { ok: true, value: hp };
     }
     case "url": {
-      if (!URL.canParse(text)) return bad;
-      const url = new URL(text);
-      if (variable.protocols !== undefined && !variable.protocols.includes(url.protocol)) return bad;
-      return { ok: true, value: text };
+      const parts = variable.list === true ? text.split(",").map((p) => p.trim()) : [text];
+      for (const part of parts) {
+        if (!URL.canParse(part)) return bad;
+        const url = new URL(part);
+        if (variable.protocols !== undefined && !variable.protocols.includes(url.protocol)) return bad;
+      }
+      return { ok: true, value: parts.join(",") };
     }
     case "enum":
       return variable.values.includes(text) ? { ok: true, value: text } : bad;
@@ -261,8 +266,10 @@ function expectation(variable: ConfigVar, given?: string): string {
       return "an integer port 0..65535 (0: an ephemeral port), or off";
     case "address":
       return "host:port with a port 0..65535 (e.g. 127.0.0.1:50051)";
-    case "url":
-      return variable.protocols === undefined ? "an absolute URL" : `a URL with scheme ${variable.protocols.join(" or ")}`;
+    case "url": {
+      const one = variable.protocols === undefined ? "an absolute URL" : `a URL with scheme ${variable.protocols.join(" or ")}`;
+      return variable.list === true ? `${one}, or a comma-separated list of them` : one;
+    }
     case "enum":
       return `one of ${variable.values.join(", ")}`;
     case "duration-ms":

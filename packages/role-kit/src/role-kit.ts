@@ -18,8 +18,9 @@ export const busConfig = defineConfigSchema({
     name: "NATS_URL",
     kind: "url",
     protocols: ["nats:", "tls:"],
+    list: true,
     default: "nats://127.0.0.1:4222",
-    doc: "NATS server (with JetStream) carrying the IOASID event deliveries, the history and the core's operation log.",
+    doc: "NATS server (with JetStream) carrying the IOASID event deliveries, the history and the core's operation log; in a NATS cluster, its servers' URLs comma-separated (the connection rides reconnects from one to another).",
   },
   natsConnectTimeout: {
     name: "IOASID_NATS_CONNECT_TIMEOUT",
@@ -98,7 +99,7 @@ export async function connectNats(
       // sends, to report where a timeout came from; every JetStream publish is a request, so that
       // was a third of the IOMMU's CPU when a crowd of guests crashed (issue 15 item 1). Our own
       // errors say which write timed out (role-state.ts StateWriteError, op-log.ts).
-      return await connect({ servers: url, name: options.name, maxReconnectAttempts: -1, reconnectTimeWait: 250, noAsyncTraces: true, ...auth });
+      return await connect({ servers: url.split(","), name: options.name, maxReconnectAttempts: -1, reconnectTimeWait: 250, noAsyncTraces: true, ...auth });
     } catch (err) {
       if (Date.now() >= deadline || /Authorization Violation|authentication/i.test(String(err))) throw err;
       if (attempt === 0) options.logger?.warn({ url }, "NATS not reachable yet; retrying");

@@ -66,6 +66,12 @@ export const coreConfigSchema = defineConfigSchema({
     default: 1,
     doc: "Replicas of the operation log stream (snapshots included): 1 on one server, 3 in a NATS cluster.",
   },
+  opLogWriteRetryMs: {
+    name: "IOASID_OPLOG_WRITE_RETRY",
+    kind: "duration-ms",
+    default: 10_000,
+    doc: "How long an operation-log write JetStream cannot take for a moment (a cluster electing a leader after a nats-server died, a reconnect) is retried, in order and under the same message id, before the core stops (fail-stop).",
+  },
   deadlineMs: {
     name: "IOASID_DELIVERY_DEADLINE",
     kind: "duration-ms",

@@ -65,6 +65,7 @@ const running = await startCoreServer({
     retryMs: config.retryMs,
     snapshotEveryOps: config.snapshotEveryOps,
     snapshotEveryBytes: Number(config.snapshotEveryBytes),
+    writeRetryMs: config.opLogWriteRetryMs,
   },
   onFatal: (err) => {
     logger.fatal({ err: String(err) }, "operation log unwritable: exiting so a restart replays a consistent log");

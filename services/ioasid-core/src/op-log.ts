@@ -1,3 +1,4 @@
+import { randomUUID } from "node:crypto";
 import {
   jetstream,
   jetstreamManager,
@@ -57,6 +58,32 @@ export interface OpLogOptions {
    * tests stop the core there), not a switch. A throw aborts the snapshot like a failed write.
    */
   readonly onSnapshotStep?: (step: SnapshotStep) => void | Promise<void>;
+  /**
+   * How long a write JetStream could not take for a moment (its cluster electing a new leader after
+   * a nats-server died, the connection moving to another server: 503 "JetStream not enabled", no
+   * responders, a timeout) is retried before the core fail-stops, in ms (issue 18). @default {@link DEFAULT_WRITE_RETRY_MS}
+   */
+  readonly writeRetryMs?: number;
+  /** Called before each retry of a write, with why the last attempt failed (logging). */
+  readonly onWriteRetry?: (err: unknown, attempt: number) => void;
+}
+
+/** Default of {@link OpLogOptions.writeRetryMs}: a JetStream cluster's leader election and a client's reconnect take a few seconds. */
+export const DEFAULT_WRITE_RETRY_MS = 10_000;
+
+/**
+ * Whether a failed publish may succeed if tried again: JetStream failing over (503 — "JetStream not
+ * enabled" from a server whose cluster has no meta or stream leader yet, no responders), a timeout,
+ * or the connection between servers. Anything else — above all a wrong last sequence, which is the
+ * fence (another core wrote) — is final.
+ */
+export function isTransientWriteError(err: unknown): boolean {
+  const text = String(err);
+  if (/wrong last sequence|last sequence mismatch/i.test(text)) return false;
+  return (
+    (err as { code?: unknown })?.code === 503 ||
+    /JetStreamNotEnabled|jetstream is not enabled|no responders|503|timeout|temporarily unavailable|disconnect|reconnect/i.test(text)
+  );
 }
 
 /** Default of {@link OpLogOptions.snapshotEveryOps}: a restart replays at most about this many operations. */
@@ -109,10 +136,13 @@ const ROLLUP_HEADER = "Nats-Rollup";
  *
  * The log is always a prefix of what the core applied: each message is published with the stream
  * sequence it must follow (JetStream's expected-last-sequence check), so when one message is lost
- * (its publish timed out through a slow link, nats-server restarted with it in flight) every later
- * one is refused instead of being stored after a gap. The core then stops (fail-stop), and its
- * restart replays a log without holes — found by the chaos suite: an operation on a set whose
- * creation was lost made every later replay fail.
+ * (its publish timed out through a slow link, nats-server restarted with it in flight) no later one
+ * is stored after a gap — found by the chaos suite: an operation on a set whose creation was lost
+ * made every later replay fail. A write that failed is tried again, in order, under the same
+ * message id (so a first try that was stored unanswered is acknowledged as a duplicate), while
+ * JetStream is failing over, within `writeRetryMs` (issue 18: a NATS cluster electing a leader);
+ * after that, or on a wrong last sequence once its predecessor is stored (the fence: another core
+ * wrote), the core stops (fail-stop), and its restart replays a log without holes.
  *
  * Snapshots (issue 15, DESIGN §9 "core restart bounded by live state"): every
  * `snapshotEveryOps` operations or `snapshotEveryBytes` bytes the log asks its
@@ -137,6 +167,10 @@ export class OpLog {
   /** Messages written (each one JetStream publish). */
   messages = 0;
   private readonly inflight = new Set<Promise<unknown>>();
+  /** The last message's write, retries included: the next message's retry waits for it (the chain). */
+  private lastWrite: Promise<unknown> = Promise.resolve();
+  /** This log writer's own id in message ids: a fenced core's retry is never taken as this one's duplicate. */
+  private readonly writerId = randomUUID();
   /** A seal or snapshot marker being written: appends wait for it (see hold). */
   private barrier: Promise<void> | undefined;
   /** A flush came while the barrier stood: flush when it falls. */
@@ -556,10 +590,41 @@ export class OpLog {
     }
   }
 
-  /** Publishes the next message of the chain: it must follow every message this log wrote or found. */
+  /**
+   * Publishes the next message of the chain: it must follow every message this log wrote or found.
+   * Messages are pipelined. One that fails is tried again once its predecessor is stored (it could
+   * not be stored before: the expected last sequence), and again while JetStream is failing over,
+   * within `writeRetryMs`; every try has the same message id (`<writer>:<expected>`), so a first try
+   * that was stored but whose answer was lost is acknowledged as a duplicate, not written twice. A
+   * wrong last sequence after the predecessor is stored is the fence: final.
+   */
   private publishChained(subject: string, data: Uint8Array, hd: MsgHdrs): Promise<PubAck> {
     const expected = this.lastSeq++;
-    const written = this.js.publish(subject, data, { headers: hd, expect: { lastSequence: expected } });
+    const msgID = `${this.writerId}:${expected}`;
+    const previous = this.lastWrite;
+    const publish = () => this.js.publish(subject, data, { headers: hd, msgID, expect: { lastSequence: expected } });
+    const written = publish().catch(async (first: unknown) => {
+      // A predecessor that failed for good breaks the chain: this one fails with it.
+      await previous;
+      const deadline = Date.now() + (this.options.writeRetryMs ?? DEFAULT_WRITE_RETRY_MS);
+      let err = first;
+      let wait = 50;
+      for (let attempt = 1; ; attempt++) {
+        // The first retry is owed whatever the first try met (its predecessor may have been missing then).
+        if (attempt > 1 && (!isTransientWriteError(err) || Date.now() >= deadline)) throw err;
+        this.options.onWriteRetry?.(err, attempt);
+        if (attempt > 1) {
+          await new Promise((r) => setTimeout(r, wait));
+          wait = Math.min(wait * 2, 1000);
+        }
+        try {
+          return await publish();
+        } catch (again) {
+          err = again;
+        }
+      }
+    });
+    this.lastWrite = written;
     this.inflight.add(written);
     void written.finally(() => this.inflight.delete(written)).catch(() => undefined);
     return written;

@@ -250,6 +250,8 @@ export interface StartCoreServerOptions {
     readonly snapshotEveryBytes?: number;
     /** See {@link OpLogOptions.onSnapshotStep} (tests). */
     readonly onSnapshotStep?: OpLogOptions["onSnapshotStep"];
+    /** See {@link OpLogOptions.writeRetryMs}. @default DEFAULT_WRITE_RETRY_MS */
+    readonly writeRetryMs?: number;
   };
   /** Called when the operation log cannot be written (the process must stop). */
   readonly onFatal?: (err: unknown) => void;
@@ -357,6 +359,8 @@ export async function startCoreServer(options: StartCoreServerOptions = {}): Pro
       ...(n.snapshotEveryOps === undefined ? {} : { snapshotEveryOps: n.snapshotEveryOps }),
       ...(n.snapshotEveryBytes === undefined ? {} : { snapshotEveryBytes: n.snapshotEveryBytes }),
       ...(n.onSnapshotStep === undefined ? {} : { onSnapshotStep: n.onSnapshotStep }),
+      ...(n.writeRetryMs === undefined ? {} : { writeRetryMs: n.writeRetryMs }),
+      onWriteRetry: (err, attempt) => logger.warn({ err: String(err), attempt }, "operation log write not taken (JetStream failing over?): retrying"),
     });
     if (log.snapshotsDisabled !== undefined) logger.warn({ stream: log.stream }, `no snapshots: ${log.snapshotsDisabled}`);
     opLog = log;
