@@ -3,7 +3,7 @@ import { join, resolve } from "node:path";
 import type { ParseArgsConfig } from "node:util";
 import { connect } from "@nats-io/transport-node";
 import { checkHealth } from "@ioasid/grpc-kit";
-import { operatorAuth } from "./clients.js";
+import { natsServers, operatorAuth } from "./clients.js";
 import { noPositionals, parseCount } from "./usage-error.js";
 import { alive, SERVICES, stateFile, type ServiceName, type StackState } from "./stack.js";
 
@@ -84,7 +84,7 @@ export async function attachStack(target: AttachTarget, options: AttachOptions =
   for (;;) {
     if (pending.has("nats")) {
       try {
-        const nc = await connect({ servers: target.natsUrl, name: "ioasidctl-attach", timeout: 1000, reconnect: false, ...auth.natsAuth });
+        const nc = await connect({ servers: natsServers(target.natsUrl), name: "ioasidctl-attach", timeout: 1000, reconnect: false, ...auth.natsAuth });
         await nc.close();
         pending.delete("nats");
         log(`nats             ${target.natsUrl}  connected`);

@@ -92,7 +92,7 @@ export function connectServices(a: StackAddresses, capabilities: Iterable<readon
  *   `ioasidctl vm create`), so that calls naming them carry them
  */
 export async function connectStack(a: StackAddresses, capabilities: Iterable<readonly [number, Uint8Array]> = []): Promise<StackClients> {
-  const nc = await connect({ servers: a.natsUrl, name: "ioasidctl", ...a.natsAuth });
+  const nc = await connect({ servers: natsServers(a.natsUrl), name: "ioasidctl", ...a.natsAuth });
   const services = connectServices(a, capabilities);
   return {
     ...services,
@@ -102,4 +102,12 @@ export async function connectStack(a: StackAddresses, capabilities: Iterable<rea
       await nc.close();
     },
   };
+}
+
+/** The servers of a NATS_URL: one URL, or a cluster's comma-separated (nats.js takes them as a list). */
+export function natsServers(url: string): string[] {
+  return url
+    .split(",")
+    .map((u) => u.trim())
+    .filter((u) => u !== "");
 }

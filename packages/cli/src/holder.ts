@@ -6,7 +6,7 @@ import { isDomainError } from "@ioasid/errors";
 import { auditMetadata } from "@ioasid/grpc-kit";
 import type { HeldReference } from "@ioasid/role-kit";
 import { core } from "@ioasid/proto";
-import { addressesOf, connectStack, type StackAddresses, type StackClients } from "./clients.js";
+import { addressesOf, connectStack, natsServers, type StackAddresses, type StackClients } from "./clients.js";
 import { UsageError } from "./usage-error.js";
 import { readState } from "./stack.js";
 
@@ -99,7 +99,7 @@ async function recordOwnAudit(
   held: readonly HeldReference[],
   audit: { readonly operator: string; readonly reason: string },
 ): Promise<void> {
-  const nc = await connect({ servers: nats.natsUrl, name: "ioasidctl-holder-release", ...nats.natsAuth });
+  const nc = await connect({ servers: natsServers(nats.natsUrl), name: "ioasidctl-holder-release", ...nats.natsAuth });
   try {
     const history = new HistoryRecorder(nc, "operator", audit.operator);
     const who = `${sel.role}/${sel.instance}${sel.purpose === undefined ? "/*" : `/${sel.purpose}`}`;

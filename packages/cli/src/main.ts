@@ -115,7 +115,9 @@ const commands: Record<string, Command> = {
   up: {
     summary: "start the embedded stack: nats-server and the five services as processes",
     usage:
-      "ioasidctl up [--dir .ioasid] [--base-port 50051] [--nats-port 4222] [--nats-url URL] [--insecure]\n" +
+      "ioasidctl up [--dir .ioasid] [--base-port 50051] [--nats-port 4222] [--nats-url URL[,URL…]] [--nats-cluster 3] [--insecure]\n" +
+      "  --nats-cluster N: N nats-servers clustered on loopback (clients on nats-port … nats-port+N-1, routes on nats-port+100 …),\n" +
+      "  JetStream on each, every stream with min(N, 3) replicas; the services get every server's URL and ride reconnects.\n" +
       "  Authenticated by default: a NATS user per role instance with its role's permissions, credentials in <dir>/credentials.\n" +
       "  Ports: gRPC on base-port … base-port+4 (core, iommu, vfio, kvm, vdcm), Prometheus metrics (GET /metrics on 127.0.0.1)\n" +
       "  on base-port+5 … base-port+9 in the same order (`status` lists the URLs).\n" +
@@ -129,16 +131,21 @@ const commands: Record<string, Command> = {
       "base-port": { type: "string" },
       "nats-port": { type: "string" },
       "nats-url": { type: "string" },
+      "nats-cluster": { type: "string" },
       insecure: { type: "boolean", default: false },
     },
     run: async (v, pos) => {
       noPositionals(pos, "up");
+      const natsCluster = v["nats-cluster"] === undefined ? undefined : parseCount(v["nats-cluster"], "nats-cluster", 7);
+      if (natsCluster !== undefined && natsCluster < 1) throw new UsageError("--nats-cluster must be 1..7 servers");
+      if (natsCluster !== undefined && v["nats-url"] !== undefined) throw new UsageError("--nats-cluster starts servers of its own: not with --nats-url");
       await stackUp({
         dir: v["dir"] as string,
         insecure: v["insecure"] as boolean,
         ...(v["base-port"] === undefined ? {} : { basePort: parseCount(v["base-port"], "base-port", 65535) }),
         ...(v["nats-port"] === undefined ? {} : { natsPort: parseCount(v["nats-port"], "nats-port", 65535) }),
         ...(v["nats-url"] === undefined ? {} : { natsUrl: v["nats-url"] as string }),
+        ...(natsCluster === undefined ? {} : { natsCluster }),
         log: out,
       });
       out(`stack up (state in ${resolve(v["dir"] as string)}/stack.json); \`ioasidctl down\` stops it`);
@@ -184,7 +191,10 @@ const commands: Record<string, Command> = {
       if (v["json"] as boolean) out(JSON.stringify(report, null, 2));
       else {
         const { nats, supervisor } = report;
-        out(`nats ${nats.url}${nats.external ? " (external)" : ` pid ${nats.pid}`} ${nats.up ? "UP" : `DOWN (${nats.error})`}`);
+        if (nats.cluster !== undefined) {
+          out(`nats cluster ${nats.up ? "UP" : `DOWN (${nats.error})`}`);
+          for (const n of nats.cluster) out(`  nats-server ${n.name} ${n.url} pid ${n.pid} ${n.running ? "RUNNING" : "NOT RUNNING"}`);
+        } else out(`nats ${nats.url}${nats.external ? " (external)" : ` pid ${nats.pid}`} ${nats.up ? "UP" : `DOWN (${nats.error})`}`);
         if (supervisor !== null) out(describeSupervisor({ pid: supervisor.pid ?? undefined, log: supervisor.log }));
         for (const s of report.services) {
           const health = s.error === undefined ? s.health : `${s.health} (${s.error})`;

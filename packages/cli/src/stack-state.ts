@@ -48,6 +48,18 @@ export interface StackState {
   readonly dir: string;
   readonly natsUrl: string;
   readonly nats: { readonly pid: number | undefined; readonly port: number; readonly storeDir: string; readonly external: boolean };
+  /**
+   * `up --nats-cluster N`: every server of the NATS cluster (the first is `nats` too); `natsUrl`
+   * lists their client URLs. Absent for one server.
+   */
+  readonly natsCluster?: readonly {
+    readonly name: string;
+    readonly pid: number | undefined;
+    readonly port: number;
+    readonly routePort: number;
+    readonly storeDir: string;
+    readonly log: string;
+  }[];
   readonly services: Record<ServiceName, ServiceRecord>;
   /**
    * The process that starts the services and restarts those that fail (DESIGN §13), and its log (the
@@ -100,6 +112,6 @@ export function alive(pid: number | undefined): boolean {
 
 /** Every process a stack state names that is still running (services, supervisor, nats-server). */
 export function runningProcesses(state: StackState): number[] {
-  const pids = [...Object.values(state.services).map((s) => s.pid), state.supervisor?.pid, state.nats.pid];
+  const pids = [...Object.values(state.services).map((s) => s.pid), state.supervisor?.pid, state.nats.pid, ...(state.natsCluster ?? []).map((n) => n.pid)];
   return pids.filter((pid): pid is number => alive(pid));
 }

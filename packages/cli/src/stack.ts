@@ -1,5 +1,5 @@
 import { spawn, spawnSync, type ChildProcess } from "node:child_process";
-import { closeSync, existsSync, mkdirSync, openSync, readFileSync, rmSync } from "node:fs";
+import { closeSync, existsSync, mkdirSync, openSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { createServer } from "node:net";
 import { dirname, join, resolve } from "node:path";
 import { fileURLToPath } from "node:url";
@@ -37,6 +37,12 @@ export interface StackUpOptions {
   readonly natsPort?: number;
   /** Use this NATS (with JetStream) instead of starting one. */
   readonly natsUrl?: string;
+  /**
+   * Start a NATS cluster of this many servers instead of one (issue 18): client ports natsPort …
+   * natsPort+n-1, route ports natsPort+100 …, JetStream on each, and every stream with
+   * min(n, 3) replicas. @default 1
+   */
+  readonly natsCluster?: number;
   /** Time every service gets to report SERVING. @default 20000 */
   readonly readyTimeoutMs?: number;
   /** Progress lines. */
@@ -97,7 +103,12 @@ export async function stackUp(options: StackUpOptions = {}): Promise<StackState>
   const ports = [
     ...SERVICES.map((s) => ({ port: basePort + s.offset, what: s.name })),
     ...SERVICES.map((s) => ({ port: metricsPort(basePort, s.name), what: `${s.name} metrics` })),
-    ...(options.natsUrl === undefined ? [{ port: natsPort, what: "nats-server" }] : []),
+    ...(options.natsUrl === undefined
+      ? Array.from({ length: options.natsCluster ?? 1 }, (_, i) => [
+          { port: natsPort + i, what: `nats-server${(options.natsCluster ?? 1) > 1 ? ` n${i}` : ""}` },
+          ...((options.natsCluster ?? 1) > 1 ? [{ port: natsPort + 100 + i, what: `nats-server n${i} routes` }] : []),
+        ]).flat()
+      : []),
   ];
   for (const { port, what } of ports) {
     if (!(await portFree(port))) {
@@ -107,7 +118,7 @@ export async function stackUp(options: StackUpOptions = {}): Promise<StackState>
   if (options.freshStore === true) rmSync(join(dir, "nats"), { recursive: true, force: true });
   mkdirSync(join(dir, "logs"), { recursive: true });
   // What was started goes again if the stack does not come up: nothing is left running.
-  const started: Started = { nats: undefined, supervisor: undefined };
+  const started: Started = { nats: undefined, natsCluster: [], supervisor: undefined };
   try {
     return await launchStack(dir, basePort, natsPort, options, log, started);
   } catch (err) {
@@ -121,6 +132,8 @@ export async function stackUp(options: StackUpOptions = {}): Promise<StackState>
 /** The processes a `stackUp` started itself (the services are the supervisor's: stack.json has them). */
 interface Started {
   nats: number | undefined;
+  /** The servers of `--nats-cluster`. */
+  natsCluster: (number | undefined)[];
   supervisor: ChildProcess | undefined;
 }
 
@@ -148,6 +161,7 @@ async function killStarted(dir: string, started: Started): Promise<void> {
   }
   if (existsSync(stateFile(dir))) for (const s of Object.values(readState(dir).services)) kill(s.pid);
   kill(started.nats);
+  for (const pid of started.natsCluster) kill(pid);
 }
 
 async function launchStack(
@@ -164,9 +178,12 @@ async function launchStack(
   if (options.insecure === true) {
     log("INSECURE: no authorization — anyone who reaches this NATS may forge deliveries, op-log entries and acks (--insecure is for debugging only)");
   }
+  let natsCluster: StackState["natsCluster"];
   if (options.natsUrl !== undefined) {
     natsUrl = options.natsUrl;
-    nats = { pid: undefined, port: Number(new URL(natsUrl).port || 4222), storeDir: "", external: true };
+    nats = { pid: undefined, port: Number(new URL(natsUrl.split(",")[0]!).port || 4222), storeDir: "", external: true };
+  } else if ((options.natsCluster ?? 1) > 1) {
+    ({ natsUrl, nats, natsCluster, credentials } = await launchNatsCluster(dir, natsPort, options.natsCluster!, options.insecure === true, log, started));
   } else {
     if (spawnSync("nats-server", ["--version"], { encoding: "utf8" }).error !== undefined) {
       throw new Error("nats-server is not installed: `sudo apt-get install -y nats-server` (or give --nats-url of a NATS with JetStream)");
@@ -208,6 +225,8 @@ async function launchStack(
   const addr = (name: ServiceName) => `127.0.0.1:${basePort + SERVICES.find((s) => s.name === name)!.offset}`;
   const env = {
     NATS_URL: natsUrl,
+    // Every stream the core creates (op log, history, role state) on up to three servers.
+    ...(natsCluster === undefined ? {} : { IOASID_JS_REPLICAS: String(Math.min(natsCluster.length, 3)) }),
     IOASID_CORE_ADDRESS: addr("ioasid-core"),
     IOMMU_ADDRESS: addr("iommu"),
     VDCM_ADDRESS: addr("vdcm"),
@@ -243,6 +262,7 @@ async function launchStack(
     dir,
     natsUrl,
     nats,
+    ...(natsCluster === undefined ? {} : { natsCluster }),
     services,
     supervisor: { pid: undefined, log: supervisorLog },
     startedAt: Date.now(),
@@ -272,6 +292,78 @@ async function launchStack(
     log(`${s.name.padEnd(16)} pid ${now.pid}  ${s.address}  SERVING  metrics ${metricsUrl(basePort, s.name)}  (log ${s.log})`);
   }
   return readState(dir);
+}
+
+/**
+ * Starts `size` nats-servers clustered on loopback: server `n<i>` takes clients on natsPort+i and
+ * routes on natsPort+100+i, JetStream in `<dir>/nats/n<i>`; with authorization, the same users in
+ * every server's configuration (one file they include). Resolves once each listens.
+ */
+async function launchNatsCluster(
+  dir: string,
+  natsPort: number,
+  size: number,
+  insecure: boolean,
+  log: (line: string) => void,
+  started: Started,
+): Promise<{
+  natsUrl: string;
+  nats: StackState["nats"];
+  natsCluster: NonNullable<StackState["natsCluster"]>;
+  credentials: (StackCredentials & { readonly services: Record<ServiceName, string> }) | undefined;
+}> {
+  if (spawnSync("nats-server", ["--version"], { encoding: "utf8" }).error !== undefined) {
+    throw new Error("nats-server is not installed: `sudo apt-get install -y nats-server` (or give --nats-url of a NATS with JetStream)");
+  }
+  let credentials: (StackCredentials & { readonly services: Record<ServiceName, string> }) | undefined;
+  const authFile = join(dir, "nats-auth.conf");
+  if (!insecure) {
+    const made = await writeStackCredentials({ root: join(dir, "credentials"), members: SERVICES, config: { file: authFile, lines: [] } });
+    const services = Object.fromEntries(SERVICES.map((x) => [x.name, made.members.get(`${x.role}.${x.instance}`)!])) as Record<ServiceName, string>;
+    credentials = { ...made, services };
+  }
+  const routes = Array.from({ length: size }, (_, i) => `nats-route://127.0.0.1:${natsPort + 100 + i}`);
+  const nodes: NonNullable<StackState["natsCluster"]>[number][] = [];
+  for (let i = 0; i < size; i++) {
+    const name = `n${i}`;
+    const storeDir = join(dir, "nats", name);
+    mkdirSync(storeDir, { recursive: true });
+    const config = join(dir, `nats-server-${name}.conf`);
+    writeFileSync(
+      config,
+      [
+        `server_name: ${name}`,
+        "host: 127.0.0.1",
+        `port: ${natsPort + i}`,
+        `jetstream { store_dir: ${JSON.stringify(storeDir)} }`,
+        `cluster { name: ioasid, host: 127.0.0.1, port: ${natsPort + 100 + i}, routes: [${routes.filter((_, j) => j !== i).join(", ")}] }`,
+        ...(credentials === undefined ? [] : [`include ${JSON.stringify(authFile.split("/").at(-1))}`]),
+        "",
+      ].join("\n"),
+      { mode: 0o600 },
+    );
+    const logFile = join(dir, "logs", `nats-server-${name}.log`);
+    const out = openSync(logFile, "a");
+    const child = spawn("nats-server", ["-c", config], { detached: true, stdio: ["ignore", out, out] });
+    child.unref();
+    closeSync(out);
+    started.natsCluster.push(child.pid);
+    nodes.push({ name, pid: child.pid, port: natsPort + i, routePort: natsPort + 100 + i, storeDir, log: logFile });
+  }
+  for (const n of nodes) {
+    await waitUntil(async () => !(await portFree(n.port)), 10_000, `nats-server ${n.name} to listen`, n.log);
+    log(`nats-server ${n.name}   pid ${n.pid}  nats://127.0.0.1:${n.port} (routes :${n.routePort}, JetStream in ${n.storeDir})`);
+  }
+  log(
+    `nats cluster     ${size} servers, every stream with ${Math.min(size, 3)} replicas${credentials === undefined ? ", no authorization" : `, a user per role; credentials in ${join(dir, "credentials")}`}`,
+  );
+  const first = nodes[0]!;
+  return {
+    natsUrl: nodes.map((n) => `nats://127.0.0.1:${n.port}`).join(","),
+    nats: { pid: first.pid, port: first.port, storeDir: first.storeDir, external: false },
+    natsCluster: nodes,
+    credentials,
+  };
 }
 
 /** The port of a service's Prometheus endpoint in a stack whose gRPC ports start at `basePort`. */
@@ -324,7 +416,8 @@ export async function stackDown(options: { dir?: string; graceMs?: number; purge
   // Read again: the supervisor may have restarted a service since (its new PID is there).
   const state = readState(dir);
   for (const s of [...SERVICES].reverse()) await stop(s.name, state.services[s.name]?.pid);
-  if (!state.nats.external) await stop("nats-server", state.nats.pid);
+  if (state.natsCluster !== undefined) for (const n of state.natsCluster) await stop(`nats-server ${n.name}`, n.pid);
+  else if (!state.nats.external) await stop("nats-server", state.nats.pid);
   rmSync(stateFile(dir), { force: true });
   rmSync(supervisorPlanFile(dir), { force: true });
   if (options.purge === true) rmSync(dir, { recursive: true, force: true });

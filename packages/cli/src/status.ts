@@ -1,6 +1,6 @@
 import { connect } from "@nats-io/transport-node";
 import { checkHealth } from "@ioasid/grpc-kit";
-import { addressesOf } from "./clients.js";
+import { addressesOf, natsServers } from "./clients.js";
 import { alive, type ServiceName, type ServiceRecord, type StackState } from "./stack-state.js";
 
 /** One service of {@link StackStatus}: its record in stack.json and what its health check answered. */
@@ -25,6 +25,8 @@ export interface StackStatus {
     readonly external: boolean;
     readonly up: boolean;
     readonly error?: string;
+    /** `up --nats-cluster`: each server, whether its process runs (a stack with one down is not ok). */
+    readonly cluster?: readonly { readonly name: string; readonly url: string; readonly pid: number | null; readonly running: boolean }[];
   };
   /** null: no supervisor (an attached stack). */
   readonly supervisor: { readonly pid: number | null; readonly running: boolean; readonly log: string } | null;
@@ -41,7 +43,7 @@ export async function stackStatus(state: StackState): Promise<StackStatus> {
   const addresses = addressesOf(state);
   let natsError: string | undefined;
   try {
-    const nc = await connect({ servers: state.natsUrl, name: "ioasidctl-status", timeout: 1000, reconnect: false, ...addresses.natsAuth });
+    const nc = await connect({ servers: natsServers(state.natsUrl), name: "ioasidctl-status", timeout: 1000, reconnect: false, ...addresses.natsAuth });
     await nc.close();
   } catch (err) {
     natsError = (err as Error).message;
@@ -65,7 +67,11 @@ export async function stackStatus(state: StackState): Promise<StackStatus> {
     external: state.nats.pid === undefined,
     up: natsError === undefined,
     ...(natsError === undefined ? {} : { error: natsError }),
+    ...(state.natsCluster === undefined
+      ? {}
+      : { cluster: state.natsCluster.map((n) => ({ name: n.name, url: `nats://127.0.0.1:${n.port}`, pid: n.pid ?? null, running: alive(n.pid) })) }),
   };
-  const ok = nats.up && services.every((s) => s.health === "SERVING") && (supervisor === null || supervisor.running);
+  const ok =
+    nats.up && (nats.cluster?.every((n) => n.running) ?? true) && services.every((s) => s.health === "SERVING") && (supervisor === null || supervisor.running);
   return { ok, nats, supervisor, services };
 }
