@@ -165,7 +165,11 @@ export const RECONNECT_BACKOFF = {
 const TLS_IP_TARGET = { "grpc.ssl_target_name_override": "localhost" } as const;
 
 function dialsIpLiteral(address: string): boolean {
-  return /^(ipv4:|ipv6:)?(\d{1,3}(\.\d{1,3}){3}|\[[0-9A-Fa-f:.]+\])(:\d+)?$/.test(address);
+  // One address, or a list of IPv4 ones (`ipv4:h1:p1,h2:p2`: a core and its standbys).
+  return (
+    /^(ipv4:|ipv6:)?(\d{1,3}(\.\d{1,3}){3}|\[[0-9A-Fa-f:.]+\])(:\d+)?$/.test(address) ||
+    /^ipv4:\d{1,3}(\.\d{1,3}){3}:\d+(,\d{1,3}(\.\d{1,3}){3}:\d+)+$/.test(address)
+  );
 }
 
 interface Defaults {

@@ -115,6 +115,18 @@ describe("loadConfig", () => {
     expect(() => loadConfig(schema, { IOASID_INSTANCE: "x", NATS_URL: "nats://a:1,nats://b:2" })).toThrow(ConfigError);
   });
 
+  it("takes a list of host:port where the variable allows one (a core and its standby): the first's host and port, a gRPC target of all", () => {
+    const cores = defineConfigSchema({ core: { name: "IOASID_CORE_ADDRESS", kind: "address", list: true, default: "127.0.0.1:50051", doc: "d" } });
+    expect(loadConfig(cores, {}).core).toEqual({ host: "127.0.0.1", port: 50051, address: "127.0.0.1:50051" });
+    expect(loadConfig(cores, { IOASID_CORE_ADDRESS: "127.0.0.1:50051, 127.0.0.1:50061" }).core).toEqual({
+      host: "127.0.0.1",
+      port: 50051,
+      address: "ipv4:127.0.0.1:50051,127.0.0.1:50061",
+    });
+    expect(() => loadConfig(cores, { IOASID_CORE_ADDRESS: "127.0.0.1:50051,nowhere" })).toThrow("or a comma-separated list of IPv4 host:port");
+    expect(() => loadConfig(cores, { IOASID_CORE_ADDRESS: "127.0.0.1:50051,core-b:50061" })).toThrow(ConfigError);
+  });
+
   it("reports an invalid default as a problem of the schema", () => {
     const broken = defineConfigSchema({ p: { name: "P", kind: "port", default: 70000, doc: "d" } });
     expect(() => loadConfig(broken, {})).toThrow('P (default)="70000": expected an integer port 0..65535');

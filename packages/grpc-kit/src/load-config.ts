@@ -51,6 +51,12 @@ export interface AddressVar extends VarBase {
   readonly kind: "address";
   /** In `host:port` form. */
   readonly default?: string;
+  /**
+   * Accept a comma-separated list of host:port (a core and its standbys): the value's `host`/`port`
+   * are the first's, its `address` the gRPC target of them all (`ipv4:h1:p1,h2:p2`: the channel
+   * picks the first that answers and moves on when it fails).
+   */
+  readonly list?: boolean;
 }
 /** An absolute URL, optionally restricted to some schemes (`["nats:", "tls:"]`). */
 export interface UrlVar extends VarBase {
@@ -219,6 +225,13 @@ function parse(variable: ConfigVar, text: string): Parsed {
       return n === undefined ? bad : { ok: true, value: n };
     }
     case "address": {
+      if (variable.list === true && text.includes(",")) {
+        const all = text.split(",").map((p) => parseAddress(p.trim()));
+        // The gRPC target `ipv4:…` takes IPv4 literals only.
+        if (all.some((hp) => hp === undefined || !/^\d{1,3}(\.\d{1,3}){3}$/.test(hp.host))) return bad;
+        const first = all[0]!;
+        return { ok: true, value: { host: first.host, port: first.port, address: `ipv4:${all.map((hp) => hp!.address).join(",")}` } };
+      }
       const hp = parseAddress(text);
       return hp === undefined ? bad : { ok: true, value: hp };
     }
@@ -265,7 +278,9 @@ function expectation(variable: ConfigVar, given?: string): string {
     case "port-or-off":
       return "an integer port 0..65535 (0: an ephemeral port), or off";
     case "address":
-      return "host:port with a port 0..65535 (e.g. 127.0.0.1:50051)";
+      return variable.list === true
+        ? "host:port with a port 0..65535 (e.g. 127.0.0.1:50051), or a comma-separated list of IPv4 host:port (a core and its standbys)"
+        : "host:port with a port 0..65535 (e.g. 127.0.0.1:50051)";
     case "url": {
       const one = variable.protocols === undefined ? "an absolute URL" : `a URL with scheme ${variable.protocols.join(" or ")}`;
       return variable.list === true ? `${one}, or a comma-separated list of them` : one;

@@ -58,8 +58,9 @@ export const commonRoleConfig = defineConfigSchema({
   coreAddress: {
     name: "IOASID_CORE_ADDRESS",
     kind: "address",
+    list: true,
     default: "127.0.0.1:50051",
-    doc: "host:port of ioasid-core's gRPC server.",
+    doc: "host:port of ioasid-core's gRPC server; with a standby core, both comma-separated (the client uses the one that serves and follows a takeover).",
   },
   stateWriteTimeout: {
     name: "IOASID_STATE_WRITE_TIMEOUT",

@@ -90,6 +90,8 @@ export function natsPermissions(prefix: string, identity: NatsIdentity): NatsPer
           // Snapshot chunks, in the op log's stream (issue 15): the core's alone, like the op log.
           `${prefix}.core.snapshot.*`,
           `${prefix}.history.ioasid.core`,
+          // The serving core's lease (issue 18): a standby core pings it.
+          `${prefix}.core.lease`,
           "$JS.API.INFO",
           ...streams.flatMap((s) => [
             `$JS.API.STREAM.INFO.${s}`,
@@ -108,7 +110,7 @@ export function natsPermissions(prefix: string, identity: NatsIdentity): NatsPer
         deny: [...deny, `${prefix}.rolestate.>`],
       },
       // The JetStream API audit advisory: the core records each stream administration call (§11).
-      subscribe: { allow: [`${prefix}.core.hello`, inbox, "$JS.EVENT.ADVISORY.API"], deny: [`${prefix}.deliver.>`] },
+      subscribe: { allow: [`${prefix}.core.hello`, `${prefix}.core.lease`, inbox, "$JS.EVENT.ADVISORY.API"], deny: [`${prefix}.deliver.>`] },
       allowResponses: true,
     };
   }

@@ -66,6 +66,18 @@ export const coreConfigSchema = defineConfigSchema({
     default: 1,
     doc: "Replicas of the operation log stream (snapshots included): 1 on one server, 3 in a NATS cluster.",
   },
+  standby: {
+    name: "IOASID_CORE_STANDBY",
+    kind: "boolean",
+    default: false,
+    doc: "Start as a standby: wait while another core answers its lease on <prefix>.core.lease, and take over (replay the operation log, seal it, serve) once it has not answered for IOASID_CORE_LEASE. Without it the core serves at once.",
+  },
+  leaseMs: {
+    name: "IOASID_CORE_LEASE",
+    kind: "duration-ms",
+    default: 1000,
+    doc: "How long a standby waits without an answer from the serving core before it takes over.",
+  },
   opLogWriteRetryMs: {
     name: "IOASID_OPLOG_WRITE_RETRY",
     kind: "duration-ms",

@@ -15,6 +15,7 @@ import { connectNats } from "@ioasid/role-kit";
 import { coreConfigSchema } from "./config.js";
 import { OpLogFormatError } from "./op-codec.js";
 import { startCoreServer } from "./server.js";
+import { awaitLeaseExpiry, serveLease } from "./core-lease.js";
 
 const config = configOrExit(coreConfigSchema, { service: "ioasid-core", version: packageVersion(import.meta.url) });
 // IOASID_CREDENTIALS_DIR: mTLS and authorization by role; without it the core is insecure and says so.
@@ -37,6 +38,22 @@ const nc = await connectNats(config.natsUrl, {
   logger.fatal({ url: config.natsUrl, err: String(err) }, "cannot reach NATS: start nats-server with JetStream (-js) or set NATS_URL");
   process.exit(1);
 });
+if (config.standby) {
+  // A standby (issue 18): waits behind the serving core's lease, then takes over as a restarted
+  // core does (replay, seal). A signal while it waits stops it at once.
+  logger.info({ leaseMs: config.leaseMs }, "standby: waiting behind the serving core's lease");
+  const r = await awaitLeaseExpiry(nc, config.prefix, {
+    leaseMs: config.leaseMs,
+    stopped: () => held.received !== undefined,
+    onHolder: (h) => logger.info({ holderPid: h.pid, holderAddress: h.address }, "standby: the serving core answers its lease"),
+  });
+  if (r === "stopped") {
+    await nc.drain().catch(() => undefined);
+    logger.info({}, "standby stopped before it took over");
+    process.exit(0);
+  }
+  logger.warn({ leaseMs: config.leaseMs }, "the serving core's lease expired: taking over (replaying the operation log, sealing it)");
+}
 // Prometheus text on its own port (IOASID_METRICS_PORT; off: none), up before the gRPC server.
 const metricsAt = metricsListen(config);
 const metrics = metricsAt === undefined ? undefined : createMetricsRegistry();
@@ -78,9 +95,12 @@ const running = await startCoreServer({
   else logger.fatal({ err: String(err) }, "could not start");
   process.exit(1);
 });
+// This core holds the lease from now on: a standby waits while it answers.
+const lease = serveLease(nc, config.prefix, { pid: process.pid, address: `${config.address.host}:${running.server.port ?? config.address.port}` });
 runUntilSignal(running.server, {
   logger,
   beforeExit: async () => {
+    lease.unsubscribe();
     await metricsServer?.close();
     await running.engine?.stop();
     await running.opLog?.drain();
