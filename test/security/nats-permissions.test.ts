@@ -177,8 +177,12 @@ describe("NATS permissions enforced by nats-server (issue 14, DESIGN §4.6)", ()
         callback: (err, m) => void (err === null ? received.push(m.subject) : errors.push(String(err))),
       });
     kvmUser.nc.subscribe(`${PREFIX}.deliver.vdcm.>`, { callback: (err, m) => void (err === null ? received.push(m.subject) : errors.push(String(err))) });
+    // Answering the serving core's lease in its place (issue 18): a standby would wait behind a
+    // role forever, or, pinging it, nothing: neither is a role's to do.
+    kvmUser.nc.subscribe(`${PREFIX}.core.lease`, { callback: (err, m) => void (err === null ? received.push(m.subject) : errors.push(String(err))) });
     await settle(kvmUser.nc);
-    await waitFor(() => errors.length >= 11, { timeoutMs: 20_000, message: "every subscription refused" });
+    await waitFor(() => errors.length >= 12, { timeoutMs: 20_000, message: "every subscription refused" });
+    expect(errors.join("\n")).toContain(`Permissions Violation for Subscription to "${PREFIX}.core.lease"`);
     expect(errors.join("\n")).toContain(`Permissions Violation for Subscription to "${deliverySubject(PREFIX, "iommu", "dmar0")}" using queue "iommu.dmar0"`);
     // The IOMMU still gets its deliveries (below, the legitimate free), and nobody else does.
     expect(received).toEqual([]);
