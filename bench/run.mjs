@@ -3,7 +3,7 @@
 // and prints figures, floors and ratios, then one summary row per target (met or not). Results go to
 // bench/results/latest.json with the machine's load average beside them.
 //
-//   node --expose-gc bench/run.mjs [--quick] [--only=allocator,grpc,delivery,restart,crash,scale,faults]
+//   node --expose-gc bench/run.mjs [--quick] [--only=allocator,grpc,delivery,restart,crash,scale,faults,failover]
 //
 // Each section is an async function in a module of its own (bench/<section>.mjs), given a context
 // { quick, log, fmt, now, results, target, signal, phase, waitFor, within, own, startNats,
@@ -21,6 +21,7 @@ import { allocatorBench } from "./allocator.mjs";
 import { crashBench } from "./crash.mjs";
 import { deliverySection } from "./delivery.mjs";
 import { faultsBench } from "./faults.mjs";
+import { failoverBench } from "./failover.mjs";
 import { grpcBench, grpcSecurityBench } from "./grpc.mjs";
 import { installExitHooks, runSection } from "./harness.mjs";
 import { restartBench } from "./restart.mjs";
@@ -29,7 +30,7 @@ import { scaleBench } from "./scale.mjs";
 import { formatTable, summaryRows, TARGETS } from "./summary.mjs";
 import { fmt, now } from "./util.mjs";
 
-const SECTIONS = ["allocator", "grpc", "delivery", "restart", "crash", "scale", "faults"];
+const SECTIONS = ["allocator", "grpc", "delivery", "restart", "crash", "scale", "faults", "failover"];
 /** Each section's deadline in seconds, [quick, full]; BENCH_SECTION_TIMEOUT_S overrides all. */
 const DEADLINES_S = {
   allocator: [120, 300],
@@ -40,6 +41,7 @@ const DEADLINES_S = {
   crash: [900, 3600],
   scale: [900, 3600],
   faults: [300, 600],
+  failover: [300, 600],
 };
 
 const log = (line) => process.stdout.write(`${line}\n`);
@@ -125,5 +127,6 @@ if (only.has("restart")) {
 if (only.has("crash")) await section("crash", crashBench);
 if (only.has("scale")) await section("scale", scaleBench);
 if (only.has("faults")) await section("faults", faultsBench);
+if (only.has("failover")) await section("failover", failoverBench);
 
 process.exit(finish());

@@ -20,6 +20,7 @@ export const TARGETS = [
   { id: "restart.live", section: "restart", target: "core restart with 100k live: serving again ≤ 1 s" },
   { id: "restart.snapshot", section: "restart-snapshot", target: "core restart after 1M ops, 100k live: serving ≤ 1 s" },
   { id: "faults.roundTrip", section: "faults", target: "IO page fault round trip ≤ 1.5× its critical path" },
+  { id: "failover.takeover", section: "failover", target: "standby core serving ≤ 2 s after kill -9 of the primary (one server and a 3-server cluster)" },
 ];
 
 /**
