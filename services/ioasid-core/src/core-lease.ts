@@ -44,15 +44,29 @@ export interface AwaitLeaseOptions {
 }
 
 /**
- * Waits until no core has answered the lease for `leaseMs`: at once when nobody answered the first
- * ping (no core serves), else a whole lease after the last answer.
+ * Waits until no core has answered the lease for `leaseMs` (from the start, or from the last answer).
  * @returns "expired" to take over, "stopped" when `stopped()` said so
  */
 export async function awaitLeaseExpiry(nc: NatsConnection, prefix: string, options: AwaitLeaseOptions): Promise<"expired" | "stopped"> {
   const pingMs = options.pingMs ?? Math.max(10, Math.floor(options.leaseMs / 4));
-  // Nobody has answered yet: a first ping without an answer means there is no holder to wait for.
-  let lastAnswer = performance.now() - options.leaseMs;
+  // A whole lease of silence, from the start too: in a NATS cluster the holder's subscription may
+  // not have reached the standby's server yet (no responders for a moment), and taking over then
+  // would fence a live primary.
+  let lastAnswer = performance.now();
   let holder: string | undefined;
+  // The standby's own connection moving to another server (a NATS cluster losing one) is no sign of
+  // the holder's death: no silence counts while it is away, and a fresh lease starts when it is back.
+  let away = false;
+  const watching = (async () => {
+    for await (const s of nc.status()) {
+      if (s.type === "disconnect") away = true;
+      else if (s.type === "reconnect") {
+        away = false;
+        lastAnswer = Math.max(lastAnswer, performance.now());
+      }
+    }
+  })().catch(() => undefined);
+  void watching;
   for (;;) {
     if (options.stopped()) return "stopped";
     const started = performance.now();
@@ -67,7 +81,8 @@ export async function awaitLeaseExpiry(nc: NatsConnection, prefix: string, optio
     } catch {
       // No responders (nobody holds it) or no answer in time (the holder stopped, or is slow).
     }
-    if (performance.now() - lastAnswer >= options.leaseMs) return "expired";
+    if (away) lastAnswer = Math.max(lastAnswer, performance.now() - options.leaseMs / 2);
+    else if (performance.now() - lastAnswer >= options.leaseMs) return "expired";
     const left = pingMs - (performance.now() - started);
     if (left > 0) await new Promise((r) => setTimeout(r, left));
   }

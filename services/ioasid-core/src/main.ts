@@ -14,7 +14,9 @@ import {
 import { connectNats } from "@ioasid/role-kit";
 import { coreConfigSchema } from "./config.js";
 import { OpLogFormatError } from "./op-codec.js";
+import { isTransientWriteError } from "./op-log.js";
 import { startCoreServer } from "./server.js";
+import { collectDefaultMetrics } from "prom-client";
 import { awaitLeaseExpiry, serveLease } from "./core-lease.js";
 
 const config = configOrExit(coreConfigSchema, { service: "ioasid-core", version: packageVersion(import.meta.url) });
@@ -64,37 +66,58 @@ const metricsServer =
         logger.fatal({ err: String(err) }, "cannot serve metrics: choose another IOASID_METRICS_PORT, or off");
         process.exit(1);
       });
-const running = await startCoreServer({
-  ...(metrics === undefined ? {} : { metrics }),
-  host: config.address.host,
-  port: config.address.port,
-  capacity: config.capacity,
-  eventLogRetain: config.eventLogRetain,
-  watchBuffer: config.watchBuffer,
-  logger,
-  ...(tls === undefined ? {} : { tls }),
-  nats: {
-    nc,
-    prefix: config.prefix,
-    stream: config.stream,
-    replicas: config.replicas,
-    deadlineMs: config.deadlineMs,
-    retryMs: config.retryMs,
-    snapshotEveryOps: config.snapshotEveryOps,
-    snapshotEveryBytes: Number(config.snapshotEveryBytes),
-    writeRetryMs: config.opLogWriteRetryMs,
-  },
-  onFatal: (err) => {
-    logger.fatal({ err: String(err) }, "operation log unwritable: exiting so a restart replays a consistent log");
-    process.exit(1);
-  },
-}).catch((err: unknown) => {
-  // A store this core must not read: the message is the operator's instruction, so it is the log
-  // line itself (no stack trace), and the exit is the same non-zero as any failed start.
-  if (err instanceof OpLogFormatError) logger.fatal({ stream: err.at.stream, seq: err.at.seq }, `cannot start: ${err.message}`);
-  else logger.fatal({ err: String(err) }, "could not start");
-  process.exit(1);
-});
+// A start cut by JetStream failing over (a NATS cluster electing leaders: a timeout, a 503) is
+// tried again within IOASID_OPLOG_WRITE_RETRY, as an op-log write is (issue 18: a standby taking
+// over while a nats-server died); any other failure, or a store this core must not read, stops it.
+const startDeadline = Date.now() + config.opLogWriteRetryMs;
+let running: Awaited<ReturnType<typeof startCoreServer>> | undefined;
+for (let attempt = 1; running === undefined; attempt++) {
+  try {
+    running = await startCoreServer({
+      ...(metrics === undefined ? {} : { metrics }),
+      host: config.address.host,
+      port: config.address.port,
+      capacity: config.capacity,
+      eventLogRetain: config.eventLogRetain,
+      watchBuffer: config.watchBuffer,
+      logger,
+      ...(tls === undefined ? {} : { tls }),
+      nats: {
+        nc,
+        prefix: config.prefix,
+        stream: config.stream,
+        replicas: config.replicas,
+        deadlineMs: config.deadlineMs,
+        retryMs: config.retryMs,
+        snapshotEveryOps: config.snapshotEveryOps,
+        snapshotEveryBytes: Number(config.snapshotEveryBytes),
+        writeRetryMs: config.opLogWriteRetryMs,
+      },
+      onFatal: (err) => {
+        logger.fatal({ err: String(err) }, "operation log unwritable: exiting so a restart replays a consistent log");
+        process.exit(1);
+      },
+    });
+  } catch (err) {
+    // A store this core must not read: the message is the operator's instruction, so it is the log
+    // line itself (no stack trace), and the exit is the same non-zero as any failed start.
+    if (err instanceof OpLogFormatError) {
+      logger.fatal({ stream: err.at.stream, seq: err.at.seq }, `cannot start: ${err.message}`);
+      process.exit(1);
+    }
+    if (!isTransientWriteError(err) || Date.now() >= startDeadline || held.received !== undefined) {
+      logger.fatal({ err: String(err) }, "could not start");
+      process.exit(1);
+    }
+    logger.warn({ err: String(err), attempt }, "JetStream not available yet (failing over?): starting again");
+    // The next attempt registers the core's metrics anew.
+    if (metrics !== undefined) {
+      metrics.clear();
+      collectDefaultMetrics({ register: metrics });
+    }
+    await new Promise((r) => setTimeout(r, 250));
+  }
+}
 // This core holds the lease from now on: a standby waits while it answers.
 const lease = serveLease(nc, config.prefix, { pid: process.pid, address: `${config.address.host}:${running.server.port ?? config.address.port}` });
 runUntilSignal(running.server, {

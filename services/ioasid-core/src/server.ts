@@ -345,66 +345,76 @@ export async function startCoreServer(options: StartCoreServerOptions = {}): Pro
   let opLog: OpLog | undefined;
   let republishAfter: number | undefined;
   let streamAudit: Subscription | undefined;
-  if (options.nats !== undefined) {
-    const n = options.nats;
-    const prefix = n.prefix ?? DEFAULT_PREFIX;
-    await ensureHistoryStream(n.nc, prefix, n.replicas ?? 1);
-    // The roles' state stream too: with authorization on, roles may not create streams (DESIGN §11).
-    await ensureRoleStateStream(n.nc, prefix, n.replicas ?? 1);
-    const recorder = new HistoryRecorder(n.nc, CORE_HISTORY_ROLE, CORE_HISTORY_INSTANCE, prefix);
-    const log = await OpLog.open(n.nc, {
-      ...(n.stream === undefined ? {} : { stream: n.stream }),
-      subject: `${prefix}.core.ops`,
-      ...(n.replicas === undefined ? {} : { replicas: n.replicas }),
-      ...(n.snapshotEveryOps === undefined ? {} : { snapshotEveryOps: n.snapshotEveryOps }),
-      ...(n.snapshotEveryBytes === undefined ? {} : { snapshotEveryBytes: n.snapshotEveryBytes }),
-      ...(n.onSnapshotStep === undefined ? {} : { onSnapshotStep: n.onSnapshotStep }),
-      ...(n.writeRetryMs === undefined ? {} : { writeRetryMs: n.writeRetryMs }),
-      onWriteRetry: (err, attempt) => logger.warn({ err: String(err), attempt }, "operation log write not taken (JetStream failing over?): retrying"),
-    });
-    if (log.snapshotsDisabled !== undefined) logger.warn({ stream: log.stream }, `no snapshots: ${log.snapshotsDisabled}`);
-    opLog = log;
-    // The records of one op-log message go out as one group (JetStream message id), so a replay
-    // that publishes them again is stored once.
-    history = (action, fields, ts, opSeq) =>
-      opSeq === undefined
-        ? recorder.record(action, fields, ts)
-        : recorder.recordIn(
-            `ioasid-core:${log.logId}:${opSeq}`,
-            { [OP_LOG_HEADER]: log.logId, [OP_SEQ_HEADER]: String(opSeq) },
-            action,
-            fields,
-            ts ?? Date.now(),
-          );
-    republishAfter = await historyWatermark(n.nc, prefix, log, logger);
-    const engineOptions: DeliveryEngineOptions = {
-      nc: n.nc,
-      ...(n.prefix === undefined ? {} : { prefix: n.prefix }),
-      ...(n.deadlineMs === undefined ? {} : { deadlineMs: n.deadlineMs }),
-      ...(n.retryMs === undefined ? {} : { retryMs: n.retryMs }),
-      onAcks: (acks) => {
-        metrics?.acked(acks);
-        ioasidCore.onAcks(acks);
-      },
-      onMissed: (missed) => {
-        metrics?.missed(missed);
-        ioasidCore.onMissed(missed);
-      },
-      ...(metrics === undefined ? {} : { onDelivered: (target, outcome, seconds) => metrics.delivered(target, outcome, seconds) }),
-      log: (level, msg, fields) => logger[level](fields ?? {}, msg),
-    };
-    engine = options.deliveryEngine?.(engineOptions) ?? new DeliveryEngine(engineOptions);
-    // Stream administration (only an operator credential may) leaves an audit record (DESIGN §11).
-    streamAudit = auditStreamAdmin(n.nc, (action, fields) => recorder.record(action, fields), logger);
+  let replayed: number;
+  let recoverMs: number;
+  // A start that fails before it serves (JetStream failing over: a timeout, a 503) leaves nothing
+  // behind, so the caller may start again: the audit subscription and the engine go with it.
+  try {
+    if (options.nats !== undefined) {
+      const n = options.nats;
+      const prefix = n.prefix ?? DEFAULT_PREFIX;
+      await ensureHistoryStream(n.nc, prefix, n.replicas ?? 1);
+      // The roles' state stream too: with authorization on, roles may not create streams (DESIGN §11).
+      await ensureRoleStateStream(n.nc, prefix, n.replicas ?? 1);
+      const recorder = new HistoryRecorder(n.nc, CORE_HISTORY_ROLE, CORE_HISTORY_INSTANCE, prefix);
+      const log = await OpLog.open(n.nc, {
+        ...(n.stream === undefined ? {} : { stream: n.stream }),
+        subject: `${prefix}.core.ops`,
+        ...(n.replicas === undefined ? {} : { replicas: n.replicas }),
+        ...(n.snapshotEveryOps === undefined ? {} : { snapshotEveryOps: n.snapshotEveryOps }),
+        ...(n.snapshotEveryBytes === undefined ? {} : { snapshotEveryBytes: n.snapshotEveryBytes }),
+        ...(n.onSnapshotStep === undefined ? {} : { onSnapshotStep: n.onSnapshotStep }),
+        ...(n.writeRetryMs === undefined ? {} : { writeRetryMs: n.writeRetryMs }),
+        onWriteRetry: (err, attempt) => logger.warn({ err: String(err), attempt }, "operation log write not taken (JetStream failing over?): retrying"),
+      });
+      if (log.snapshotsDisabled !== undefined) logger.warn({ stream: log.stream }, `no snapshots: ${log.snapshotsDisabled}`);
+      opLog = log;
+      // The records of one op-log message go out as one group (JetStream message id), so a replay
+      // that publishes them again is stored once.
+      history = (action, fields, ts, opSeq) =>
+        opSeq === undefined
+          ? recorder.record(action, fields, ts)
+          : recorder.recordIn(
+              `ioasid-core:${log.logId}:${opSeq}`,
+              { [OP_LOG_HEADER]: log.logId, [OP_SEQ_HEADER]: String(opSeq) },
+              action,
+              fields,
+              ts ?? Date.now(),
+            );
+      republishAfter = await historyWatermark(n.nc, prefix, log, logger);
+      const engineOptions: DeliveryEngineOptions = {
+        nc: n.nc,
+        ...(n.prefix === undefined ? {} : { prefix: n.prefix }),
+        ...(n.deadlineMs === undefined ? {} : { deadlineMs: n.deadlineMs }),
+        ...(n.retryMs === undefined ? {} : { retryMs: n.retryMs }),
+        onAcks: (acks) => {
+          metrics?.acked(acks);
+          ioasidCore.onAcks(acks);
+        },
+        onMissed: (missed) => {
+          metrics?.missed(missed);
+          ioasidCore.onMissed(missed);
+        },
+        ...(metrics === undefined ? {} : { onDelivered: (target, outcome, seconds) => metrics.delivered(target, outcome, seconds) }),
+        log: (level, msg, fields) => logger[level](fields ?? {}, msg),
+      };
+      engine = options.deliveryEngine?.(engineOptions) ?? new DeliveryEngine(engineOptions);
+      // Stream administration (only an operator credential may) leaves an audit record (DESIGN §11).
+      streamAudit = auditStreamAdmin(n.nc, (action, fields) => recorder.record(action, fields), logger);
+    }
+    const tReplay = performance.now();
+    replayed = await ioasidCore.recover(opLog, engine, republishAfter);
+    recoverMs = performance.now() - tReplay;
+    if (ioasidCore.republished > 0) {
+      logger.info({ after: republishAfter, records: ioasidCore.republished }, "published the history of logged operations found unrecorded");
+    }
+    // Fence earlier incarnations: from here on only this core's writes can follow what it replayed.
+    await opLog?.seal();
+  } catch (err) {
+    streamAudit?.unsubscribe();
+    await engine?.stop().catch(() => undefined);
+    throw err;
   }
-  const tReplay = performance.now();
-  const replayed = await ioasidCore.recover(opLog, engine, republishAfter);
-  const recoverMs = performance.now() - tReplay;
-  if (ioasidCore.republished > 0) {
-    logger.info({ after: republishAfter, records: ioasidCore.republished }, "published the history of logged operations found unrecorded");
-  }
-  // Fence earlier incarnations: from here on only this core's writes can follow what it replayed.
-  await opLog?.seal();
   // Metrics from here on: a replay is not the life of this core.
   const unfollow = metrics?.follow(ioasidCore, engine);
   if (opLog !== undefined && metrics !== undefined) opLog.onWrite = (seconds) => metrics.opLogWritten(seconds);
