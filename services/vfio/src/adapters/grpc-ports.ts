@@ -114,6 +114,17 @@ export function createIommuPort(client: IommuClient, owner: string): IommuPort {
         ];
       });
     },
+    async viommusOver(parentDomainId) {
+      const r = await client.queryState(iommu.QueryStateRequest.fromPartial({ maxIotlbFlushes: 0 }));
+      return r.viommus
+        .filter((v) => v.parentDomainId === parentDomainId)
+        .map((v) => ({
+          id: v.viommuId,
+          deviceId: v.deviceId,
+          vdevices: r.vdevices.filter((d) => d.viommuId === v.viommuId).map((d) => ({ id: d.vdeviceId, deviceId: d.deviceId, virtId: d.virtId })),
+          veventqs: r.veventqs.filter((q) => q.viommuId === v.viommuId).map((q) => ({ id: q.veventqId, depth: q.depth })),
+        }));
+    },
     async createViommuNestedDomain(viommuId, guestPgtable) {
       const r = await client.createDomain(iommu.CreateDomainRequest.fromPartial({ type: iommu.DomainType.DOMAIN_TYPE_NESTED, viommuId, guestPgtable }));
       return r.domain!.domainId;

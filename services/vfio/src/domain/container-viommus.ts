@@ -1,4 +1,4 @@
-import { Code, DomainError, isDomainError } from "@ioasid/errors";
+import { isDomainError } from "@ioasid/errors";
 import type { Container, VdeviceEntry, VeventqEntry, ViommuEntry } from "./container.js";
 import type { ContainerCalls } from "./container-calls.js";
 import type { DeviceRef } from "./device-ref.js";
@@ -68,6 +68,32 @@ async function gone(call: Promise<void>, reason: string): Promise<void> {
   await call.catch((err: unknown) => {
     if (!isDomainError(err, reason)) throw err;
   });
+}
+
+/**
+ * Adds to a closing container the vIOMMU objects the IOMMU has over its stage 2 that VFIO does not
+ * know: allocated at the IOMMU by a VFIO killed before it kept them. Only this container's stage 2
+ * is their parent, so they are its own; left behind they would hold the stage 2 for ever
+ * (DOMAIN_IN_USE). A failure to ask is logged: the kept objects are still destroyed.
+ */
+export async function adoptViommusOver(iommu: IommuPort, c: Container, stage2: number, log: VfioLog): Promise<void> {
+  let found;
+  try {
+    found = await iommu.viommusOver(stage2);
+  } catch (err) {
+    log.warn({ err, containerId: c.id, domainId: stage2 }, "could not ask the IOMMU for the vIOMMUs over the stage 2: destroying the kept ones only");
+    return;
+  }
+  for (const x of found) {
+    let v = c.viommus.get(x.id);
+    if (v === undefined) {
+      v = { id: x.id, device: { kind: "device", id: x.deviceId }, parentDomainId: stage2, createdAt: 0, vdevices: new Map(), veventqs: new Map() };
+      c.viommus.set(x.id, v);
+      log.warn({ containerId: c.id, viommuId: x.id }, "a vIOMMU over the container's stage 2 was not kept: destroying it too");
+    }
+    for (const d of x.vdevices) if (!v.vdevices.has(d.id)) v.vdevices.set(d.id, { id: d.id, device: { kind: "device", id: d.deviceId }, virtId: d.virtId });
+    for (const q of x.veventqs) if (!v.veventqs.has(q.id)) v.veventqs.set(q.id, { id: q.id, depth: q.depth });
+  }
 }
 
 /**
@@ -176,11 +202,7 @@ export class ContainerViommus {
       // domain exists), but VFIO knows why and can say what to do.
       const user = [...c.devices.values()].find((d) => d.nested?.viommuId === v.id);
       if (user !== undefined) {
-        throw new DomainError(
-          Code.FAILED_PRECONDITION,
-          "VIOMMU_IN_USE",
-          `device ${user.ref.id} translates through a nested domain on vIOMMU ${v.id}: ReplaceDeviceDomain it away first`,
-        );
+        throw vfioError("VIOMMU_IN_USE", `device ${user.ref.id} translates through a nested domain on vIOMMU ${v.id}: ReplaceDeviceDomain it away first`);
       }
       await this.#iommu.destroyViommu(v.id);
       c.viommus.delete(v.id);

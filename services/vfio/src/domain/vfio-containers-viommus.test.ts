@@ -66,6 +66,22 @@ describe("VfioContainers › vIOMMU teardown", () => {
     expect(first.iommu.viommus.size).toBe(0);
   });
 
+  it("a VFIO killed between the IOMMU's allocation and keeping it still destroys what the IOMMU has over the stage 2", async () => {
+    const store = new MapStore();
+    const first = setup({ store });
+    const c = await open(first.vfio, 7n);
+    await first.vfio.assignDevice(c.containerId, dev(PF));
+    const kept = store.saved.get(`ctr/${c.containerId}`);
+    // Killed after the IOMMU allocated these, before VFIO kept them: the kept entry knows none.
+    const v = await first.vfio.allocViommu(c.containerId, dev(PF));
+    await first.vfio.allocVeventq(c.containerId, v.viommuId, 4);
+    store.saved.set(`ctr/${c.containerId}`, kept!);
+    const restarted = new VfioContainers({ ...optionsOf(first), store, saved: new Map(store.saved) });
+    expect(await restarted.closeRestored()).toBe(1);
+    expect(first.iommu.viommus.size).toBe(0);
+    expect(first.iommu.domains.size, "the stage 2 freed").toBe(0);
+  });
+
   it("UnassignDevice detaches and frees the device's nested domain, then destroys its vdevices; the vIOMMU stays", async () => {
     const s = setup();
     const { c, v, d, nested } = await withViommu(s);

@@ -141,7 +141,7 @@ export class FakeIommu implements IommuPort {
     return 0;
   }
   // vIOMMU objects: ids from one space, the IOMMU's destruction order (in use: refused).
-  readonly viommus = new Map<number, { parent: number; vdevices: Set<number>; veventqs: Set<number> }>();
+  readonly viommus = new Map<number, { parent: number; deviceId: string; vdevices: Set<number>; veventqs: Set<number> }>();
   #nextObject = 500;
   async allocViommu(deviceId: string, parentDomainId: number) {
     this.#maybeFail("allocViommu");
@@ -149,7 +149,7 @@ export class FakeIommu implements IommuPort {
     const d = this.domains.get(parentDomainId);
     if (d === undefined) throw err(Code.NOT_FOUND, "DOMAIN_NOT_FOUND");
     const id = this.#nextObject++;
-    this.viommus.set(id, { parent: parentDomainId, vdevices: new Set(), veventqs: new Set() });
+    this.viommus.set(id, { parent: parentDomainId, deviceId, vdevices: new Set(), veventqs: new Set() });
     // The vIOMMU holds its parent: FreeDomain of it is DOMAIN_IN_USE meanwhile.
     d.attached.add(`viommu:${id}`);
     this.log.push(`allocViommu ${id} over ${parentDomainId}`);
@@ -201,6 +201,17 @@ export class FakeIommu implements IommuPort {
   async readVeventq(veventqId: number, _maxItems: number) {
     if (![...this.viommus.values()].some((x) => x.veventqs.has(veventqId))) throw err(Code.NOT_FOUND, "VEVENTQ_NOT_FOUND");
     return [];
+  }
+  async viommusOver(parentDomainId: number) {
+    this.#maybeFail("viommusOver");
+    return [...this.viommus]
+      .filter(([, v]) => v.parent === parentDomainId)
+      .map(([id, v]) => ({
+        id,
+        deviceId: v.deviceId,
+        vdevices: [...v.vdevices].map((d) => ({ id: d, deviceId: "?", virtId: 0n })),
+        veventqs: [...v.veventqs].map((q) => ({ id: q, depth: 0 })),
+      }));
   }
   async createViommuNestedDomain(viommuId: number, guestPgtable: bigint) {
     this.#maybeFail("createViommuNestedDomain");

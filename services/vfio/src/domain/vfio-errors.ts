@@ -40,6 +40,9 @@ export const VfioReason = {
   VIOMMU_NOT_FOUND: Code.NOT_FOUND,
   VDEVICE_NOT_FOUND: Code.NOT_FOUND,
   VEVENTQ_NOT_FOUND: Code.NOT_FOUND,
+  // DestroyViommu while a device of the container translates through a nested domain on it (the
+  // IOMMU refuses the same, EBUSY; VFIO says which device to replace away first).
+  VIOMMU_IN_USE: Code.FAILED_PRECONDITION,
 } as const satisfies Record<string, Code>;
 export type VfioReason = keyof typeof VfioReason;
 

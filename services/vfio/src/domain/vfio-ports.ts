@@ -170,4 +170,18 @@ export interface ViommuPort {
   readVeventq(veventqId: number, maxItems: number): Promise<VeventqItem[]>;
   /** CreateDomain(NESTED) allocated on a vIOMMU (its parent is the vIOMMU's). @returns its domain id */
   createViommuNestedDomain(viommuId: number, guestPgtable: bigint): Promise<number>;
+  /**
+   * The vIOMMUs the IOMMU has over a parent domain, with their vdevices and event queues
+   * (QueryState; reads only): what a container's teardown destroys even if VFIO died before it
+   * kept them.
+   */
+  viommusOver(parentDomainId: number): Promise<IommuViommu[]>;
+}
+
+/** A vIOMMU as the IOMMU has it (ViommuPort.viommusOver). */
+export interface IommuViommu {
+  readonly id: number;
+  readonly deviceId: string;
+  readonly vdevices: readonly { readonly id: number; readonly deviceId: string; readonly virtId: bigint }[];
+  readonly veventqs: readonly { readonly id: number; readonly depth: number }[];
 }
