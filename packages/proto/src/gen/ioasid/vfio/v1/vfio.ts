@@ -8086,7 +8086,8 @@ export const VfioServiceService = {
    * stream then stays open for as long as the VMM lives. When the VMM ends it (cancels, exits,
    * crashes, loses its connection) the container is closed with reason SESSION_ENDED: every IOASID
    * of the set is freed (free always succeeds; the FREE events drive the teardown in priority
-   * order), every device and mdev unassigned and the set released. When the container is closed
+   * order), every device and mdev unassigned, the container's vIOMMU objects destroyed (event queues,
+   * then vdevices, then vIOMMUs) and the set released. When the container is closed
    * from the server side (CloseContainer), the stream sends a final `closed` message and completes
    * with OK (reason CLOSED, or SERVICE_STOPPED when VFIO itself is stopping).
    * Errors: NOT_FOUND `CONTAINER_NOT_FOUND`; ALREADY_EXISTS `SESSION_ALREADY_ATTACHED` (a container
@@ -8143,7 +8144,9 @@ export const VfioServiceService = {
   },
   /**
    * UnassignDevice removes a device or mdev from the VM. Its guest PASID binds are unbound first
-   * (as UnbindGuestPasid), and an mdev's programmed PASIDs are drained and cleared by VDCM.
+   * (as UnbindGuestPasid), and an mdev's programmed PASIDs are drained and cleared by VDCM. A
+   * physical device's nested domain (ReplaceDeviceDomain) is detached and freed, then its vdevices
+   * in the container's vIOMMUs are destroyed; the vIOMMUs stay (they hold no reference on a device).
    * Errors: NOT_FOUND `DEVICE_NOT_FOUND`, `MDEV_NOT_FOUND`; FAILED_PRECONDITION
    * `DEVICE_NOT_ASSIGNED` (not assigned to this container).
    */
@@ -8526,7 +8529,8 @@ export interface VfioServiceServer extends UntypedServiceImplementation {
    * stream then stays open for as long as the VMM lives. When the VMM ends it (cancels, exits,
    * crashes, loses its connection) the container is closed with reason SESSION_ENDED: every IOASID
    * of the set is freed (free always succeeds; the FREE events drive the teardown in priority
-   * order), every device and mdev unassigned and the set released. When the container is closed
+   * order), every device and mdev unassigned, the container's vIOMMU objects destroyed (event queues,
+   * then vdevices, then vIOMMUs) and the set released. When the container is closed
    * from the server side (CloseContainer), the stream sends a final `closed` message and completes
    * with OK (reason CLOSED, or SERVICE_STOPPED when VFIO itself is stopping).
    * Errors: NOT_FOUND `CONTAINER_NOT_FOUND`; ALREADY_EXISTS `SESSION_ALREADY_ATTACHED` (a container
@@ -8556,7 +8560,9 @@ export interface VfioServiceServer extends UntypedServiceImplementation {
   assignDevice: handleUnaryCall<AssignDeviceRequest, AssignDeviceResponse>;
   /**
    * UnassignDevice removes a device or mdev from the VM. Its guest PASID binds are unbound first
-   * (as UnbindGuestPasid), and an mdev's programmed PASIDs are drained and cleared by VDCM.
+   * (as UnbindGuestPasid), and an mdev's programmed PASIDs are drained and cleared by VDCM. A
+   * physical device's nested domain (ReplaceDeviceDomain) is detached and freed, then its vdevices
+   * in the container's vIOMMUs are destroyed; the vIOMMUs stay (they hold no reference on a device).
    * Errors: NOT_FOUND `DEVICE_NOT_FOUND`, `MDEV_NOT_FOUND`; FAILED_PRECONDITION
    * `DEVICE_NOT_ASSIGNED` (not assigned to this container).
    */
@@ -8773,7 +8779,8 @@ export interface VfioServiceClient extends Client {
    * stream then stays open for as long as the VMM lives. When the VMM ends it (cancels, exits,
    * crashes, loses its connection) the container is closed with reason SESSION_ENDED: every IOASID
    * of the set is freed (free always succeeds; the FREE events drive the teardown in priority
-   * order), every device and mdev unassigned and the set released. When the container is closed
+   * order), every device and mdev unassigned, the container's vIOMMU objects destroyed (event queues,
+   * then vdevices, then vIOMMUs) and the set released. When the container is closed
    * from the server side (CloseContainer), the stream sends a final `closed` message and completes
    * with OK (reason CLOSED, or SERVICE_STOPPED when VFIO itself is stopping).
    * Errors: NOT_FOUND `CONTAINER_NOT_FOUND`; ALREADY_EXISTS `SESSION_ALREADY_ATTACHED` (a container
@@ -8836,7 +8843,9 @@ export interface VfioServiceClient extends Client {
   ): ClientUnaryCall;
   /**
    * UnassignDevice removes a device or mdev from the VM. Its guest PASID binds are unbound first
-   * (as UnbindGuestPasid), and an mdev's programmed PASIDs are drained and cleared by VDCM.
+   * (as UnbindGuestPasid), and an mdev's programmed PASIDs are drained and cleared by VDCM. A
+   * physical device's nested domain (ReplaceDeviceDomain) is detached and freed, then its vdevices
+   * in the container's vIOMMUs are destroyed; the vIOMMUs stay (they hold no reference on a device).
    * Errors: NOT_FOUND `DEVICE_NOT_FOUND`, `MDEV_NOT_FOUND`; FAILED_PRECONDITION
    * `DEVICE_NOT_ASSIGNED` (not assigned to this container).
    */
