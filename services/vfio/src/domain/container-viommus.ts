@@ -1,7 +1,7 @@
 import { isDomainError } from "@ioasid/errors";
 import type { Container, VdeviceEntry, VeventqEntry, ViommuEntry } from "./container.js";
 import type { ContainerCalls } from "./container-calls.js";
-import type { DeviceRef } from "./device-ref.js";
+import { describeDevice, deviceKey, type DeviceRef } from "./device-ref.js";
 import { invalidField, vfioError } from "./vfio-errors.js";
 import type { HistoryPort, IommuPort, VeventqItem, VfioLog } from "./vfio-ports.js";
 
@@ -223,6 +223,14 @@ export class ContainerViommus {
       const v = viommuOf(c, viommuId);
       this.#calls.assigned(c, ref);
       const id = await this.#iommu.allocVdevice(v.id, ref.id, virtId);
+      // UnassignDevice of the device may have run meanwhile and destroyed its vdevices before this
+      // one existed: no vdevice may name a device the VM no longer has, so it is undone and refused.
+      if (c.devices.get(deviceKey(ref))?.state !== "assigned") {
+        await this.#iommu
+          .destroyVdevice(id)
+          .catch((err: unknown) => this.#calls.log.warn({ err, vdeviceId: id }, "could not undo the vdevice of a device unassigned meanwhile"));
+        throw vfioError("DEVICE_NOT_ASSIGNED", `${describeDevice(ref)} was unassigned from container ${c.id} while its vdevice was being allocated`);
+      }
       const d: VdeviceEntry = { id, device: ref, virtId };
       v.vdevices.set(id, d);
       await this.#calls.save(c);

@@ -92,6 +92,23 @@ describe("VfioContainers › vIOMMU teardown", () => {
     expect(view!.viommus).toEqual([expect.objectContaining({ viommuId: v.viommuId, vdevices: [] })]);
   });
 
+  it("undoes a vdevice whose device was unassigned while it was being allocated, and refuses it DEVICE_NOT_ASSIGNED", async () => {
+    const s = setup();
+    const c = await open(s.vfio, 7n);
+    await s.vfio.assignDevice(c.containerId, dev(PF));
+    await s.vfio.assignDevice(c.containerId, dev(PF2));
+    const v = await s.vfio.allocViommu(c.containerId, dev(PF));
+    let release = (): void => {};
+    s.iommu.vdeviceGate = new Promise((r) => (release = r));
+    const allocating = s.vfio.allocVdevice(c.containerId, v.viommuId, dev(PF2), 1n);
+    await s.vfio.unassignDevice(c.containerId, dev(PF2));
+    release();
+    await refused(allocating, Code.FAILED_PRECONDITION, "DEVICE_NOT_ASSIGNED");
+    expect(s.iommu.viommus.get(v.viommuId)!.vdevices.size).toBe(0);
+    const [view] = await s.vfio.queryState(c.containerId);
+    expect(view!.viommus[0]!.vdevices).toEqual([]);
+  });
+
   it("refuses another container's vIOMMU objects NOT_FOUND, as ids never allocated, and asks the IOMMU nothing", async () => {
     const s = setup();
     const a = await withViommu(s);

@@ -166,7 +166,10 @@ export class FakeIommu implements IommuPort {
     this.domains.get(v.parent)?.attached.delete(`viommu:${viommuId}`);
     this.log.push(`destroyViommu ${viommuId}`);
   }
+  /** While set, allocVdevice waits for it (a slow IOMMU). */
+  vdeviceGate: Promise<void> | undefined;
   async allocVdevice(viommuId: number, deviceId: string, _virtId: bigint) {
+    await this.vdeviceGate;
     this.#maybeFail("allocVdevice");
     const v = this.viommus.get(viommuId);
     if (v === undefined) throw err(Code.NOT_FOUND, "VIOMMU_NOT_FOUND");
