@@ -200,10 +200,24 @@ function callsNaming(vmm: VfioSession, containerId: number): ReadonlyArray<reado
       "UnmapGuestPages",
       (o) => vmm.unmapGuestPages(P(vfio.UnmapGuestPagesRequest, { containerId, hpasid: p.hpasid, generation: p.generation, iova: GVA, size: PAGE }), o),
     ],
+    // The vIOMMU calls (issue 16): the capability is checked before any id is looked at.
+    ["AllocViommu", (o) => vmm.allocViommu(P(vfio.AllocViommuRequest, { containerId, device: pci("pf-a") }), o)],
+    ["DestroyViommu", (o) => vmm.destroyViommu({ containerId, viommuId: 1 }, o)],
+    ["AllocVdevice", (o) => vmm.allocVdevice(P(vfio.AllocVdeviceRequest, { containerId, viommuId: 1, device: pci("pf-a"), virtId: 1n }), o)],
+    ["DestroyVdevice", (o) => vmm.destroyVdevice({ containerId, vdeviceId: 1 }, o)],
+    ["AllocVeventq", (o) => vmm.allocVeventq({ containerId, viommuId: 1, depth: 4 }, o)],
+    ["DestroyVeventq", (o) => vmm.destroyVeventq({ containerId, veventqId: 1 }, o)],
+    ["ReadVeventq", (o) => vmm.readVeventq({ containerId, veventqId: 1, maxItems: 0 }, o)],
   ];
 }
 
 describe("VFIO capabilities between VMMs", () => {
+  it("lists every VfioService call that names a container (all but OpenContainer and QueryState)", () => {
+    const listed = new Set(callsNaming(b.vmm, a.containerId).map(([rpc]) => rpc.split(" ")[0]));
+    const rpcs = Object.values(vfio.VfioServiceService).map((m) => m.path.split("/").pop()!);
+    expect(rpcs.filter((r) => r !== "OpenContainer" && r !== "QueryState" && !listed.has(r))).toEqual([]);
+  });
+
   it("refuses every call of VM B naming A's container, without a capability or with B's own, PERMISSION_DENIED, and changes nothing", async () => {
     const before = await snapshot();
     const withB = { metadata: vfioCapabilityMetadata(b.vmm.capabilityOf(b.containerId)!) };

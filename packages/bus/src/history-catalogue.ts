@@ -86,6 +86,12 @@ const ACTION_MESSAGES: { readonly [C in HistoryActionCase]: FromPartial<HistoryA
   vcmdFree: h.VcmdFree,
   vfioMapDma: h.VfioMapDma,
   vfioUnmapDma: h.VfioUnmapDma,
+  viommuAlloc: h.ViommuAlloc,
+  viommuDestroy: h.ViommuDestroy,
+  vdeviceAlloc: h.VdeviceAlloc,
+  vdeviceDestroy: h.VdeviceDestroy,
+  veventqAlloc: h.VeventqAlloc,
+  veventqDestroy: h.VeventqDestroy,
   faultSessionLost: h.FaultGroupRef,
   iopfNoHandler: h.IopfNoHandler,
   iopfRelay: h.IopfRelay,
@@ -337,6 +343,20 @@ export function describeAction(r: HistoryRecord): string | undefined {
       return `container ${a.value.container} gpa ${hex(a.value.gpa)} -> hpa ${hex(a.value.hpa)} size ${hex(a.value.size)}`;
     case "vfioUnmapDma":
       return `container ${a.value.container} gpa ${hex(a.value.gpa)} size ${hex(a.value.size)}`;
+    case "viommuAlloc":
+      return `container ${a.value.container} viommu ${a.value.viommu} via ${a.value.device} over domain ${a.value.parentDomain}`;
+    case "viommuDestroy":
+      return `container ${a.value.container} viommu ${a.value.viommu}${a.value.teardown ? " (teardown)" : ""}`;
+    case "vdeviceAlloc":
+      return `container ${a.value.container} viommu ${a.value.viommu} vdevice ${a.value.vdevice} ${a.value.device} virt_id ${hex(a.value.virtId)}`;
+    case "vdeviceDestroy": {
+      const v = a.value;
+      return `container ${v.container} viommu ${v.viommu} vdevice ${v.vdevice}${v.teardown ? " (teardown)" : v.unassign ? " (unassign)" : ""}`;
+    }
+    case "veventqAlloc":
+      return `container ${a.value.container} viommu ${a.value.viommu} veventq ${a.value.veventq} depth ${a.value.depth}`;
+    case "veventqDestroy":
+      return `container ${a.value.container} viommu ${a.value.viommu} veventq ${a.value.veventq}${a.value.teardown ? " (teardown)" : ""}`;
     case "faultSessionLost":
       return `container ${a.value.container} group ${a.value.group}: the VMM went away, answered INVALID`;
     case "iopfNoHandler":

@@ -18,11 +18,13 @@ const USAGE =
   "  plugs a PF into the IOMMU (RegisterDevice) with an empty PASID table.\n" +
   "ioasidctl device assign --vm NAME --device DEV\n" +
   "  assigns it to the VM (VFIO AssignDevice): its requests without PASID translate through the VM's stage 2.\n" +
-  "ioasidctl device replace --vm NAME --device DEV (--guest-pgtable ADDR | --stage2) [--json]\n" +
+  "ioasidctl device replace --vm NAME --device DEV (--guest-pgtable ADDR [--viommu ID] | --stage2) [--json]\n" +
   "  replaces in one step what its requests without PASID translate through (VFIO ReplaceDeviceDomain → IOMMU\n" +
   "  ReplaceDomain): --guest-pgtable turns the guest's nested translation on (a NESTED domain over the stage 2 with\n" +
-  "  that first-stage table), --stage2 turns it off. Fault groups outstanding on the old attachment are answered\n" +
-  "  INVALID; a replace that fails leaves the old domain attached (exit 1, reason printed).\n" +
+  "  that first-stage table; with --viommu, allocated on that vIOMMU of the VM, which needs the device's vdevice\n" +
+  "  in it, and its DMA faults go to the vIOMMU's event queue), --stage2 turns it off. Fault groups outstanding on\n" +
+  "  the old attachment are answered INVALID; a replace that fails leaves the old domain attached (exit 1, reason\n" +
+  "  printed).\n" +
   "ioasidctl device unassign --vm NAME --device DEV\n" +
   "  takes it back (its guest binds unbound first; a nested domain detached and freed).";
 
@@ -47,6 +49,15 @@ export function parseReplaceTarget(v: Record<string, string | boolean | undefine
   return addr;
 }
 
+/** The vIOMMU of `device replace --viommu ID` (0: none); only with --guest-pgtable. @throws UsageError */
+export function parseReplaceViommu(v: Record<string, string | boolean | undefined>, guestPgtable: bigint): number {
+  if (v["viommu"] === undefined) return 0;
+  if (guestPgtable === 0n) throw new UsageError("--viommu goes with --guest-pgtable: the stage 2 alone is on no vIOMMU");
+  const id = parseCount(v["viommu"], "viommu", 0xffff_ffff);
+  if (id === 0) throw new UsageError("--viommu must be a vIOMMU id (1..4294967295), got 0");
+  return id;
+}
+
 /** The `device` command, for main.ts's command table. */
 export function deviceCommands(ctx: FaultCommandContext): Record<string, FaultCommand> {
   return {
@@ -61,6 +72,7 @@ export function deviceCommands(ctx: FaultCommandContext): Record<string, FaultCo
         "no-pri": { type: "boolean", default: false },
         "guest-pgtable": { type: "string" },
         stage2: { type: "boolean", default: false },
+        viommu: { type: "string" },
         json: { type: "boolean", default: false },
       },
       run: async (v, pos) => {
@@ -84,8 +96,9 @@ export function deviceCommands(ctx: FaultCommandContext): Record<string, FaultCo
           });
         }
         const guestPgtable = verb === "replace" ? parseReplaceTarget(v) : 0n;
+        const viommuId = verb === "replace" ? parseReplaceViommu(v, guestPgtable) : 0;
         const vm = ctx.findVm(dir, v["vm"] as string | undefined);
-        return ctx.withStack(dir, (c) => runVerb(c, verb, vm, deviceId, guestPgtable, v["json"] === true, ctx));
+        return ctx.withStack(dir, (c) => runVerb(c, verb, vm, deviceId, guestPgtable, v["json"] === true, ctx, viommuId));
       },
     },
   };
@@ -99,6 +112,7 @@ async function runVerb(
   guestPgtable: bigint,
   json: boolean,
   ctx: FaultCommandContext,
+  viommuId = 0,
 ): Promise<number> {
   const device = { ref: { $case: "deviceId" as const, value: deviceId } };
   const containerId = vm.containerId;
@@ -113,10 +127,11 @@ async function runVerb(
       return 0;
     }
     case "replace": {
-      const r = await c.vfio.replaceDeviceDomain(vfio.ReplaceDeviceDomainRequest.fromPartial({ containerId, device, guestPgtable }));
+      const r = await c.vfio.replaceDeviceDomain(vfio.ReplaceDeviceDomainRequest.fromPartial({ containerId, device, guestPgtable, viommuId }));
       if (json) ctx.out(JSON.stringify(vfio.ReplaceDeviceDomainResponse.toJSON(r)));
       else {
-        const what = r.guestPgtable === 0n ? "the VM's stage 2" : `nested domain over the stage 2, guest page table ${hex(r.guestPgtable)}`;
+        const on = viommuId === 0 ? "" : ` on viommu ${viommuId}`;
+        const what = r.guestPgtable === 0n ? "the VM's stage 2" : `nested domain${on} over the stage 2, guest page table ${hex(r.guestPgtable)}`;
         ctx.out(
           `device ${deviceId} of vm ${vm.name}: domain ${r.domainId} (${what}); ${r.answeredFaultGroups} fault group(s) of the old attachment answered INVALID`,
         );

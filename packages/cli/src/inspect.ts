@@ -200,6 +200,13 @@ export function renderInspectText(s: InspectSnapshot): string {
       out.push(
         `  container ${x.containerId}  set ${x.setId}  ${x.vmName}  ${vfio.containerStateToJSON(x.state)}  pasids ${x.pasids.map((p) => p.hpasid).join(",") || "-"}` +
           `  host memory ${x.guestMemory.map((r) => `${hex(r.paddr)}..${hex(r.paddr + r.size - 1n)}`).join(",") || "-"}`,
+        // Its vIOMMUs (issue 16): the guest-visible virt_id of each vdevice, the event queues' depth.
+        ...x.viommus.map(
+          (v) =>
+            `    viommu ${v.viommuId} via ${v.device?.ref?.value ?? "?"} over domain ${v.parentDomainId}` +
+            `  vdevices ${v.vdevices.map((d) => `${d.vdeviceId}(${d.device?.ref?.value ?? "?"}=${hex(d.virtId)})`).join(", ") || "-"}` +
+            `  eventqs ${v.veventqs.map((q) => `${q.veventqId}(depth ${q.depth})`).join(", ") || "-"}`,
+        ),
       );
   }
   if (!down("kvm", "kvm VMCS PASID translation tables") && s.kvm !== undefined) {

@@ -14,6 +14,7 @@ import { conformCommand } from "./conform-command.js";
 import { addressesOf, connectServices, connectStack, type StackClients } from "./clients.js";
 import { faultCommands } from "./fault-commands.js";
 import { deviceCommands } from "./device-commands.js";
+import { viommuCommands } from "./viommu-commands.js";
 import { holderCommands } from "./holder.js";
 import { gatherInspect, inspectJson, renderInspectText, type InspectSnapshot } from "./inspect.js";
 import { runScenario, ScenarioKind, type ScenarioResult } from "./scenario.js";
@@ -641,6 +642,7 @@ const commands: Record<string, Command> = {
   ...holderCommands(out),
   ...faultCommands({ withStack, findVm, out, err: (line) => process.stderr.write(`${line}\n`) }),
   ...deviceCommands({ withStack, findVm, out, err: (line) => process.stderr.write(`${line}\n`) }),
+  ...viommuCommands({ withStack, findVm, out, err: (line) => process.stderr.write(`${line}\n`) }),
   conform: conformCommand({ out, err: (line) => process.stderr.write(`${line}\n`) }),
   chaos: chaosCommand({
     out,

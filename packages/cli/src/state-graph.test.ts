@@ -224,6 +224,33 @@ describe("inspect's report", () => {
     expect(iommuPart.split("\n").length).toBeLessThan(12);
   });
 
+  it("lists a container's vIOMMUs with their vdevices' virt_ids and event queues", () => {
+    const s = snapshot();
+    const pci = (id: string) => ({ ref: { $case: "deviceId" as const, value: id } });
+    const withViommu: InspectSnapshot = {
+      ...s,
+      vfio: vfio.QueryStateResponse.fromPartial({
+        containers: [
+          {
+            containerId: 1,
+            setId: 1,
+            vmName: "vm1",
+            viommus: [
+              {
+                viommuId: 5,
+                device: pci("0000:6a:01.0"),
+                parentDomainId: 1,
+                vdevices: [{ vdeviceId: 6, device: pci("0000:6a:02.0"), virtId: 0x42n }],
+                veventqs: [{ veventqId: 7, depth: 2 }],
+              },
+            ],
+          },
+        ],
+      }),
+    };
+    expect(renderInspectText(withViommu)).toContain("    viommu 5 via 0000:6a:01.0 over domain 1  vdevices 6(0000:6a:02.0=0x42)  eventqs 7(depth 2)");
+  });
+
   it("shows owner data that is not text as hex", () => {
     expect(describeOwnerData(new Uint8Array([0, 1, 0xfe]))).toBe("0x0001fe");
     expect(describeOwnerData(new Uint8Array())).toBe("-");

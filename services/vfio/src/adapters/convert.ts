@@ -1,6 +1,9 @@
 import { vfio } from "@ioasid/proto";
 import type { CloseReason, ContainerState } from "../domain/container.js";
 import type { ContainerSnapshot } from "../domain/container-snapshot.js";
+import type { VdeviceEntry } from "../domain/container.js";
+import type { ViommuInfo } from "../domain/container-viommus.js";
+import type { VeventqItem } from "../domain/vfio-ports.js";
 import type { DeviceRef } from "../domain/device-ref.js";
 import type { HostRange } from "../domain/host-memory-pool.js";
 import type { FaultRelay, PageResponseCode, RelayedGroup } from "../domain/fault-relay.js";
@@ -85,6 +88,7 @@ export function toContainer(s: ContainerSnapshot, faults: FaultRelay): vfio.Cont
       assignedAt: new Date(d.assignedAt),
       nestedDomainId: d.nested?.domainId ?? 0,
       guestPgtable: d.nested?.guestPgtable ?? 0n,
+      viommuId: d.nested?.viommuId ?? 0,
     })),
     pasids: s.pasids.map((p) => ({
       hpasid: p.hpasid,
@@ -98,5 +102,43 @@ export function toContainer(s: ContainerSnapshot, faults: FaultRelay): vfio.Cont
     openedAt: new Date(s.openedAt),
     sessionDeadline: s.sessionDeadline === undefined ? undefined : new Date(s.sessionDeadline),
     guestMemory: s.guestMemory.map(toHostRange),
+    viommus: s.viommus.map(toViommuView),
   });
+}
+
+/** A container's vIOMMU as the wire's Viommu (AllocViommu, QueryState). */
+export function toViommuView(v: ViommuInfo): vfio.Viommu {
+  return {
+    viommuId: v.viommuId,
+    device: toDeviceRef(v.device),
+    parentDomainId: v.parentDomainId,
+    vdevices: v.vdevices.map(toVdeviceView),
+    veventqs: v.veventqs.map((q) => ({ veventqId: q.id, depth: q.depth })),
+    createdAt: new Date(v.createdAt),
+  };
+}
+
+/** A container's vdevice as the wire's Vdevice. */
+export function toVdeviceView(d: VdeviceEntry): vfio.Vdevice {
+  return { vdeviceId: d.id, device: toDeviceRef(d.device), virtId: d.virtId };
+}
+
+/** An item of an event queue as the wire's VeventqItem: events and LOST_EVENTS markers as the IOMMU queued them. */
+export function toVeventqItem(it: VeventqItem): vfio.VeventqItem {
+  if (it.kind === "lostEvents") return { item: { $case: "lostEvents", value: { firstSequence: it.firstSequence, count: it.count } } };
+  return {
+    item: {
+      $case: "event",
+      value: {
+        sequence: it.sequence,
+        virtId: it.virtId,
+        pasid: it.pasid,
+        withoutPasid: it.withoutPasid,
+        address: it.address,
+        access: it.access,
+        reason: it.reason,
+        at: it.at,
+      },
+    },
+  };
 }

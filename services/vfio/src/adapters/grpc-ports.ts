@@ -2,7 +2,7 @@ import type { IommuFaultGroup, IommuFaultPort, PageResponseCode } from "../domai
 import { Code, DomainError } from "@ioasid/errors";
 import type { PromiseClient } from "@ioasid/grpc-kit";
 import { iommu, type vdcm } from "@ioasid/proto";
-import type { IommuPort, VdcmPort } from "../domain/vfio-ports.js";
+import type { IommuPort, VdcmPort, VeventqItem } from "../domain/vfio-ports.js";
 
 /** A promise client of the IOMMU's gRPC service. */
 export type IommuClient = PromiseClient<typeof iommu.IommuServiceService>;
@@ -73,6 +73,61 @@ export function createIommuPort(client: IommuClient, owner: string): IommuPort {
     },
     async map(domainId, m) {
       await client.map({ domainId, iova: m.iova, paddr: m.paddr, size: m.size, access: m.access });
+    },
+    async allocViommu(deviceId, parentDomainId) {
+      return (await client.allocViommu({ deviceId, parentDomainId, owner })).viommu!.viommuId;
+    },
+    async destroyViommu(viommuId) {
+      await client.destroyViommu({ viommuId });
+    },
+    async allocVdevice(viommuId, deviceId, virtId) {
+      return (await client.allocVdevice({ viommuId, deviceId, virtId })).vdevice!.vdeviceId;
+    },
+    async destroyVdevice(vdeviceId) {
+      await client.destroyVdevice({ vdeviceId });
+    },
+    async allocVeventq(viommuId, depth) {
+      return (await client.allocVeventq({ viommuId, type: iommu.VeventqType.VEVENTQ_TYPE_DMA_FAULT, depth })).veventq!.veventqId;
+    },
+    async destroyVeventq(veventqId) {
+      await client.destroyVeventq({ veventqId });
+    },
+    async readVeventq(veventqId, maxItems) {
+      const r = await client.readVeventq({ veventqId, maxItems });
+      return r.items.flatMap((it): VeventqItem[] => {
+        const item = it.item;
+        if (item === undefined) return [];
+        if (item.$case === "lostEvents") return [{ kind: "lostEvents", firstSequence: item.value.firstSequence, count: item.value.count }];
+        const e = item.value;
+        return [
+          {
+            kind: "event",
+            sequence: e.sequence,
+            virtId: e.virtId,
+            pasid: e.pasid,
+            withoutPasid: e.withoutPasid,
+            address: e.address,
+            access: e.access ?? NO_ACCESS,
+            reason: iommu.faultReasonToJSON(e.reason),
+            at: e.at ?? new Date(0),
+          },
+        ];
+      });
+    },
+    async viommusOver(parentDomainId) {
+      const r = await client.queryState(iommu.QueryStateRequest.fromPartial({ maxIotlbFlushes: 0 }));
+      return r.viommus
+        .filter((v) => v.parentDomainId === parentDomainId)
+        .map((v) => ({
+          id: v.viommuId,
+          deviceId: v.deviceId,
+          vdevices: r.vdevices.filter((d) => d.viommuId === v.viommuId).map((d) => ({ id: d.vdeviceId, deviceId: d.deviceId, virtId: d.virtId })),
+          veventqs: r.veventqs.filter((q) => q.viommuId === v.viommuId).map((q) => ({ id: q.veventqId, depth: q.depth })),
+        }));
+    },
+    async createViommuNestedDomain(viommuId, guestPgtable) {
+      const r = await client.createDomain(iommu.CreateDomainRequest.fromPartial({ type: iommu.DomainType.DOMAIN_TYPE_NESTED, viommuId, guestPgtable }));
+      return r.domain!.domainId;
     },
     async unmap(domainId, iova, size) {
       return (await client.unmap({ domainId, iova, size })).unmappedSize;

@@ -6,7 +6,19 @@ import type { VfioContainers } from "../domain/vfio-containers.js";
 import { invalidField } from "../domain/vfio-errors.js";
 import type { FaultRelay } from "../domain/fault-relay.js";
 import { capabilityOf } from "./capability-metadata.js";
-import { CLOSE_REASONS, fromDeviceRef, RESPONSE_CODES, RESPONSE_CODES_WIRE, toContainer, toDeviceRef, toFaultGroup, toHostRange } from "./convert.js";
+import {
+  CLOSE_REASONS,
+  fromDeviceRef,
+  RESPONSE_CODES,
+  RESPONSE_CODES_WIRE,
+  toContainer,
+  toDeviceRef,
+  toFaultGroup,
+  toHostRange,
+  toVdeviceView,
+  toVeventqItem,
+  toViommuView,
+} from "./convert.js";
 import type { GuestPagesPort } from "./grpc-ports.js";
 
 /** Resolves with the lease's close reason, or undefined once `signal` aborts (the VMM went away). */
@@ -79,7 +91,14 @@ export function createVfioHandlers(
       authorize(req.containerId, ctx);
       const a = await containers.assignDevice(req.containerId, fromDeviceRef(req.device));
       return {
-        assigned: { device: toDeviceRef(a.device), parentDeviceId: a.parentDeviceId, assignedAt: new Date(a.assignedAt), nestedDomainId: 0, guestPgtable: 0n },
+        assigned: {
+          device: toDeviceRef(a.device),
+          parentDeviceId: a.parentDeviceId,
+          assignedAt: new Date(a.assignedAt),
+          nestedDomainId: 0,
+          guestPgtable: 0n,
+          viommuId: 0,
+        },
       };
     },
     unassignDevice: async (req, ctx) => {
@@ -88,7 +107,39 @@ export function createVfioHandlers(
     },
     replaceDeviceDomain: async (req, ctx) => {
       authorize(req.containerId, ctx);
-      return containers.replaceDeviceDomain(req.containerId, fromDeviceRef(req.device), req.guestPgtable);
+      return containers.replaceDeviceDomain(req.containerId, fromDeviceRef(req.device), req.guestPgtable, req.viommuId);
+    },
+    allocViommu: async (req, ctx) => {
+      authorize(req.containerId, ctx);
+      return { viommu: toViommuView(await containers.allocViommu(req.containerId, fromDeviceRef(req.device))) };
+    },
+    destroyViommu: async (req, ctx) => {
+      authorize(req.containerId, ctx);
+      await containers.destroyViommu(req.containerId, req.viommuId);
+      return {};
+    },
+    allocVdevice: async (req, ctx) => {
+      authorize(req.containerId, ctx);
+      return { vdevice: toVdeviceView(await containers.allocVdevice(req.containerId, req.viommuId, fromDeviceRef(req.device), req.virtId)) };
+    },
+    destroyVdevice: async (req, ctx) => {
+      authorize(req.containerId, ctx);
+      await containers.destroyVdevice(req.containerId, req.vdeviceId);
+      return {};
+    },
+    allocVeventq: async (req, ctx) => {
+      authorize(req.containerId, ctx);
+      const q = await containers.allocVeventq(req.containerId, req.viommuId, req.depth);
+      return { veventq: { veventqId: q.id, depth: q.depth } };
+    },
+    destroyVeventq: async (req, ctx) => {
+      authorize(req.containerId, ctx);
+      await containers.destroyVeventq(req.containerId, req.veventqId);
+      return {};
+    },
+    readVeventq: async (req, ctx) => {
+      authorize(req.containerId, ctx);
+      return { items: (await containers.readVeventq(req.containerId, req.veventqId, req.maxItems)).map(toVeventqItem) };
     },
     allocPasid: async (req, ctx) => {
       authorize(req.containerId, ctx);

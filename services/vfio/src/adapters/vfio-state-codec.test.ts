@@ -17,6 +17,13 @@ const entries: VfioKeptEntry[] = [
       { ref: { kind: "device", id: "0000:6a:01.0" }, parentDeviceId: "", assignedAt: 1_700_000_000_002 },
       // Replaced to a nested domain (ReplaceDeviceDomain): a restarted VFIO detaches and frees it.
       { ref: { kind: "device", id: "0000:6a:03.0" }, parentDeviceId: "", assignedAt: 1_700_000_000_005, nested: { domainId: 11, guestPgtable: 0x9000n } },
+      // Nested on the container's vIOMMU (ReplaceDeviceDomain with viommu_id).
+      {
+        ref: { kind: "device", id: "0000:6a:04.0" },
+        parentDeviceId: "",
+        assignedAt: 1_700_000_000_006,
+        nested: { domainId: 13, guestPgtable: 0xa000n, viommuId: 12 },
+      },
       { ref: { kind: "mdev", id: "m1" }, parentDeviceId: "0000:6a:02.0", assignedAt: 1_700_000_000_003 },
     ],
     stage2: 9,
@@ -24,6 +31,17 @@ const entries: VfioKeptEntry[] = [
     guestMemory: [
       { paddr: 0x1_0000_0000n, size: 0x4000_0000n },
       { paddr: 0xffff_ffff_ffff_f000n, size: 0x1000n },
+    ],
+    // A restarted VFIO destroys them (queues, vdevices, vIOMMU) before it frees the stage 2.
+    viommus: [
+      {
+        id: 12,
+        device: { kind: "device", id: "0000:6a:01.0" },
+        parentDomainId: 9,
+        createdAt: 1_700_000_000_007,
+        vdevices: [{ id: 14, device: { kind: "device", id: "0000:6a:04.0" }, virtId: 0xffff_ffff_ffff_fffen }],
+        veventqs: [{ id: 15, depth: 64 }],
+      },
     ],
   },
   {
@@ -38,6 +56,7 @@ const entries: VfioKeptEntry[] = [
     stage2: undefined,
     capabilityDigest: new Uint8Array(0),
     guestMemory: [],
+    viommus: [],
   },
   { kind: "containerCounter", nextContainerId: 5 },
 ];

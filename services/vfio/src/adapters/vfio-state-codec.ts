@@ -1,7 +1,7 @@
 import { protoStateCodec, requireField, type StateCodec } from "@ioasid/bus";
-import { vfioState } from "@ioasid/proto";
+import { vfioState, type vfio } from "@ioasid/proto";
 import { fromDeviceRef, fromHostRange, toDeviceRef, toHostRange } from "./convert.js";
-import type { VfioKeptEntry } from "../domain/vfio-kept-entry.js";
+import type { KeptViommu, VfioKeptEntry } from "../domain/vfio-kept-entry.js";
 
 // VFIO's kept entries ↔ ioasid.vfio.v1.VfioStateEntry (vfio_state.proto): the one place that knows
 // both the kept containers and the generated state messages, so the domain stays free of
@@ -30,11 +30,13 @@ export function toVfioStateEntry(e: VfioKeptEntry): vfioState.VfioStateEntry {
               assignedAt: new Date(d.assignedAt),
               nestedDomainId: d.nested?.domainId ?? 0,
               guestPgtable: d.nested?.guestPgtable ?? 0n,
+              viommuId: d.nested?.viommuId ?? 0,
             })),
             // Domain ids are never 0: 0 says "no stage-2 domain".
             stage2DomainId: e.stage2 ?? 0,
             capabilityDigest: Buffer.from(e.capabilityDigest),
             guestMemory: e.guestMemory.map(toHostRange),
+            viommus: (e.viommus ?? []).map(toViommu),
           },
         },
       };
@@ -64,16 +66,43 @@ export function fromVfioStateEntry(m: vfioState.VfioStateEntry): VfioKeptEntry {
           ref: requireField(fromDeviceRef(d.device), "AssignedDevice.device"),
           parentDeviceId: d.parentDeviceId,
           assignedAt: requireField(d.assignedAt, "AssignedDevice.assigned_at").getTime(),
-          ...(d.nestedDomainId === 0 ? {} : { nested: { domainId: d.nestedDomainId, guestPgtable: d.guestPgtable } }),
+          ...(d.nestedDomainId === 0
+            ? {}
+            : { nested: { domainId: d.nestedDomainId, guestPgtable: d.guestPgtable, ...(d.viommuId === 0 ? {} : { viommuId: d.viommuId }) } }),
         })),
         stage2: c.stage2DomainId === 0 ? undefined : c.stage2DomainId,
         capabilityDigest: new Uint8Array(c.capabilityDigest),
         guestMemory: c.guestMemory.map(fromHostRange),
+        viommus: c.viommus.map(fromViommu),
       };
     }
     case "containerCounter":
       return { kind: "containerCounter", nextContainerId: entry.value.nextContainerId };
   }
+}
+
+/** A kept vIOMMU as the wire's Viommu (vfio.proto, also QueryState's view). */
+function toViommu(v: KeptViommu): vfio.Viommu {
+  return {
+    viommuId: v.id,
+    device: toDeviceRef(v.device),
+    parentDomainId: v.parentDomainId,
+    vdevices: v.vdevices.map((d) => ({ vdeviceId: d.id, device: toDeviceRef(d.device), virtId: d.virtId })),
+    veventqs: v.veventqs.map((q) => ({ veventqId: q.id, depth: q.depth })),
+    createdAt: new Date(v.createdAt),
+  };
+}
+
+/** The wire's Viommu as kept. @throws Error when a device or the creation time is missing */
+function fromViommu(v: vfio.Viommu): KeptViommu {
+  return {
+    id: v.viommuId,
+    device: requireField(fromDeviceRef(v.device), "Viommu.device"),
+    parentDomainId: v.parentDomainId,
+    createdAt: requireField(v.createdAt, "Viommu.created_at").getTime(),
+    vdevices: v.vdevices.map((d) => ({ id: d.vdeviceId, device: requireField(fromDeviceRef(d.device), "Vdevice.device"), virtId: d.virtId })),
+    veventqs: v.veventqs.map((q) => ({ id: q.veventqId, depth: q.depth })),
+  };
 }
 
 /** VFIO's kept entries as ioasid.vfio.v1.VfioStateEntry bytes (its RoleState and MemoryRoleState). */

@@ -1,7 +1,8 @@
 import { isDomainError } from "@ioasid/errors";
 import { IoasidState, type IoasidInfo } from "@ioasid/ioasid";
 import type { CorePort } from "@ioasid/role-kit";
-import type { Container, ContainerState } from "./container.js";
+import type { Container, ContainerState, NestedDomain } from "./container.js";
+import { viommuInfo, type ViommuInfo } from "./container-viommus.js";
 import type { DeviceRef } from "./device-ref.js";
 import type { HostRange } from "./host-memory-pool.js";
 
@@ -13,7 +14,7 @@ export interface AssignedDeviceInfo {
   /** Wall-clock ms since the epoch. */
   readonly assignedAt: number;
   /** ReplaceDeviceDomain's nested domain, when the device translates through one. */
-  readonly nested?: { readonly domainId: number; readonly guestPgtable: bigint } | undefined;
+  readonly nested?: NestedDomain | undefined;
 }
 
 /** A host PASID of the container's set, with VFIO's view of its guest binds. */
@@ -43,6 +44,8 @@ export interface ContainerSnapshot {
   readonly sessionDeadline: number | undefined;
   /** The host memory given to the container, ascending by address. */
   readonly guestMemory: readonly HostRange[];
+  /** Its vIOMMUs with their vdevices and event queues, ascending by id. */
+  readonly viommus: readonly ViommuInfo[];
 }
 
 /** One container as QueryState shows it: the set's IOASIDs as the core has them, with the binds made through this VFIO. */
@@ -80,5 +83,6 @@ export async function snapshotContainer(core: CorePort, c: Container): Promise<C
     openedAt: c.openedAt,
     sessionDeadline: c.sessionDeadline,
     guestMemory: c.guestMemory,
+    viommus: [...c.viommus.values()].sort((a, b) => a.id - b.id).map(viommuInfo),
   };
 }

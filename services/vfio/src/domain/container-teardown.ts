@@ -2,6 +2,7 @@ import { Code, DomainError, isDomainError } from "@ioasid/errors";
 import type { RoleStatePort } from "@ioasid/bus";
 import type { CorePort } from "@ioasid/role-kit";
 import { ContainerState, type CloseReason, type Container } from "./container.js";
+import { adoptViommusOver, destroyAllViommus } from "./container-viommus.js";
 import { describeDevice } from "./device-ref.js";
 import type { HostMemoryPool } from "./host-memory-pool.js";
 import type { VfioKeptEntry } from "./vfio-kept-entry.js";
@@ -204,6 +205,10 @@ export class ContainerTeardown {
     }
     c.devices.clear();
     c.binds.clear();
+    // Then the vIOMMUs, event queues → vdevices → vIOMMU (issue 16): the nested domains on them went
+    // with the devices above, and a vIOMMU left behind holds the stage 2 freed below (DOMAIN_IN_USE).
+    if (stage2 !== undefined) await adoptViommusOver(this.#iommu, c, stage2, this.#log);
+    await destroyAllViommus(this.#iommu, this.#history, c, this.#log);
     this.#containers.delete(c.id);
     this.#history.record({ $case: "containerRelease", value: { container: c.id } }, { setId: c.setId });
     // The guest memory may be given to another VM only once no device can reach it through this

@@ -43,7 +43,48 @@ export interface DeviceEntry {
    * A physical device whose requests without PASID translate through a NESTED domain over the
    * stage 2 (ReplaceDeviceDomain): that domain and the guest's table; undefined while it is the stage 2.
    */
-  nested?: { readonly domainId: number; readonly guestPgtable: bigint } | undefined;
+  nested?: NestedDomain | undefined;
+}
+
+/**
+ * A NESTED domain over the container's stage 2 that a device's requests without PASID translate
+ * through (ReplaceDeviceDomain): its id, the guest's first-stage table, and the container's vIOMMU
+ * it was allocated on (absent: none).
+ */
+export interface NestedDomain {
+  readonly domainId: number;
+  readonly guestPgtable: bigint;
+  readonly viommuId?: number | undefined;
+}
+
+/** A vdevice of a container's vIOMMU: the guest-visible id of one of its physical devices. */
+export interface VdeviceEntry {
+  readonly id: number;
+  /** The physical device (kind "device"). */
+  readonly device: DeviceRef;
+  readonly virtId: bigint;
+}
+
+/** An event queue (DMA faults) of a container's vIOMMU. */
+export interface VeventqEntry {
+  readonly id: number;
+  readonly depth: number;
+}
+
+/**
+ * A vIOMMU a container allocated at the IOMMU (iommufd model, DESIGN §5), with the vdevices and
+ * event queues made on it through the container: the container's alone, torn down with it.
+ */
+export interface ViommuEntry {
+  readonly id: number;
+  /** The assigned physical device it was allocated through (names the IOMMU instance). */
+  readonly device: DeviceRef;
+  /** The container's stage 2, which it holds a reference on at the IOMMU. */
+  readonly parentDomainId: number;
+  /** Wall-clock ms since the epoch. */
+  readonly createdAt: number;
+  readonly vdevices: Map<number, VdeviceEntry>;
+  readonly veventqs: Map<number, VeventqEntry>;
 }
 
 /** A guest bind made through a container. */
@@ -82,6 +123,8 @@ export interface Container {
   readonly devices: Map<string, DeviceEntry>;
   /** Guest binds made through this container, by `${hpasid}/${deviceKey}`. */
   readonly binds: Map<string, BindRecord>;
+  /** The container's vIOMMUs by id (container-viommus.ts): destroyed before the stage 2 is freed. */
+  readonly viommus: Map<number, ViommuEntry>;
   /** The VM's stage-2 paging domain at the IOMMU, created with the first need. */
   stage2: Promise<number> | undefined;
   /** Calls in progress on the container: the teardown waits for them before it unassigns devices. */

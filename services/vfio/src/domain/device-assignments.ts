@@ -3,6 +3,7 @@ import { bindTarget, type DeviceEntry } from "./container.js";
 import type { ContainerCalls } from "./container-calls.js";
 import type { AssignedDeviceInfo } from "./container-snapshot.js";
 import { describeDevice, deviceKey, type DeviceRef } from "./device-ref.js";
+import { destroyVdevicesOf, viommuOf } from "./container-viommus.js";
 import { invalidField, vfioError, VfioReason } from "./vfio-errors.js";
 import type { HistoryPort, IommuPort, Scheduler, VdcmPort, VfioLog } from "./vfio-ports.js";
 
@@ -144,10 +145,14 @@ export class DeviceAssignments {
           await this.#iommu.detachDevice(domainId, ref.id).catch((err: unknown) => {
             if (!isDomainError(err, "ATTACH_HANDLE_NOT_FOUND")) throw err;
           });
-          if (entry.nested !== undefined)
+          if (entry.nested !== undefined) {
             await this.#iommu.freeDomain(entry.nested.domainId).catch((err: unknown) => {
               if (!isDomainError(err, "DOMAIN_NOT_FOUND")) throw err;
             });
+            entry.nested = undefined;
+          }
+          // Its vdevices go with it (issue 16): none is left naming a device the VM no longer has.
+          await destroyVdevicesOf(this.#iommu, this.#history, c, ref);
         }
       } catch (err) {
         entry.state = "assigned";
@@ -167,22 +172,38 @@ export class DeviceAssignments {
    * over the stage 2 with `guestPgtable` (created here), or back to the stage 2 (0). A NESTED domain
    * replaced away is freed; one created for a replace that failed is freed again, so a refusal
    * leaves the old domain attached and nothing created (DESIGN §8).
+   * With `viommuId` (one of the container's vIOMMUs) the NESTED domain is allocated on that vIOMMU,
+   * so the device's DMA faults under it reach the vIOMMU's event queue with its virt_id.
    * @throws DomainError FAILED_PRECONDITION `DEVICE_NOT_ASSIGNED`; INVALID_ARGUMENT `INVALID_FIELD`
-   *   (an mdev); the IOMMU's refusals; and the container errors.
+   *   (an mdev; a `viommuId` without a `guestPgtable`); NOT_FOUND `VIOMMU_NOT_FOUND`; the IOMMU's
+   *   refusals (VDEVICE_NOT_FOUND); and the container errors.
    */
   async replaceDeviceDomain(
     containerId: number,
     device: DeviceRef | undefined,
     guestPgtable: bigint,
+    viommuId = 0,
   ): Promise<{ domainId: number; guestPgtable: bigint; answeredFaultGroups: number }> {
     const ref = this.#calls.requireDevice(device);
     if (ref.kind === "mdev") throw invalidField("device", "an mdev has no requests without PASID of its own: replace the domain of its parent device");
+    if (viommuId !== 0 && guestPgtable === 0n) throw invalidField("viommu_id", "viommu_id needs a guest_pgtable: the stage 2 alone is on no vIOMMU");
     return this.#calls.op(containerId, async (c) => {
       const entry = this.#calls.assigned(c, ref);
+      // Only the container's own vIOMMU: another VM's is NOT_FOUND like one never allocated.
+      if (viommuId !== 0) viommuOf(c, viommuId);
       const stage2 = await this.#calls.stage2(c);
       const current = entry.nested?.domainId ?? stage2;
-      if ((entry.nested?.guestPgtable ?? 0n) === guestPgtable) return { domainId: current, guestPgtable, answeredFaultGroups: 0 };
-      const target = guestPgtable === 0n ? stage2 : await this.#iommu.createNestedDomain(stage2, guestPgtable);
+      if ((entry.nested?.guestPgtable ?? 0n) === guestPgtable && (entry.nested?.viommuId ?? 0) === viommuId) {
+        return { domainId: current, guestPgtable, answeredFaultGroups: 0 };
+      }
+      // On a vIOMMU (issue 16): the IOMMU nests the domain under the vIOMMU's parent (the stage 2)
+      // and refuses the replace without the device's vdevice in it (VDEVICE_NOT_FOUND).
+      const target =
+        guestPgtable === 0n
+          ? stage2
+          : viommuId === 0
+            ? await this.#iommu.createNestedDomain(stage2, guestPgtable)
+            : await this.#iommu.createViommuNestedDomain(viommuId, guestPgtable);
       let answeredFaultGroups: number;
       try {
         answeredFaultGroups = await this.#iommu.replaceDevice(current, target, ref.id);
@@ -195,7 +216,7 @@ export class DeviceAssignments {
         throw err;
       }
       const old = entry.nested;
-      entry.nested = target === stage2 ? undefined : { domainId: target, guestPgtable };
+      entry.nested = target === stage2 ? undefined : { domainId: target, guestPgtable, ...(viommuId === 0 ? {} : { viommuId }) };
       await this.#calls.save(c);
       if (old !== undefined) {
         await this.#iommu

@@ -36,7 +36,7 @@ export function snapshot(core: InProcessCore): string {
 
 export class FakeIommu implements IommuPort {
   readonly devices = new Set<string>(["0000:6a:01.0", "0000:6a:02.0", "0000:6a:03.0", "idxd0"]);
-  readonly domains = new Map<number, { attached: Set<string>; parent?: number }>();
+  readonly domains = new Map<number, { attached: Set<string>; parent?: number; viommu?: number }>();
   readonly rid = new Map<string, number>(); // device → domain attached without PASID
   readonly binds = new Map<string, GpasidBind & { handleId: bigint }>(); // `${deviceId}/${hpasid}`
   readonly log: string[] = [];
@@ -139,6 +139,91 @@ export class FakeIommu implements IommuPort {
     this.rid.set(deviceId, domainId);
     this.log.push(`replace ${deviceId} ${oldDomainId} -> ${domainId}`);
     return 0;
+  }
+  // vIOMMU objects: ids from one space, the IOMMU's destruction order (in use: refused).
+  readonly viommus = new Map<number, { parent: number; deviceId: string; vdevices: Set<number>; veventqs: Set<number> }>();
+  #nextObject = 500;
+  async allocViommu(deviceId: string, parentDomainId: number) {
+    this.#maybeFail("allocViommu");
+    if (!this.devices.has(deviceId)) throw err(Code.NOT_FOUND, "DEVICE_NOT_FOUND");
+    const d = this.domains.get(parentDomainId);
+    if (d === undefined) throw err(Code.NOT_FOUND, "DOMAIN_NOT_FOUND");
+    const id = this.#nextObject++;
+    this.viommus.set(id, { parent: parentDomainId, deviceId, vdevices: new Set(), veventqs: new Set() });
+    // The vIOMMU holds its parent: FreeDomain of it is DOMAIN_IN_USE meanwhile.
+    d.attached.add(`viommu:${id}`);
+    this.log.push(`allocViommu ${id} over ${parentDomainId}`);
+    return id;
+  }
+  async destroyViommu(viommuId: number) {
+    this.#maybeFail("destroyViommu");
+    const v = this.viommus.get(viommuId);
+    if (v === undefined) throw err(Code.NOT_FOUND, "VIOMMU_NOT_FOUND");
+    if (v.vdevices.size > 0 || v.veventqs.size > 0 || [...this.domains.values()].some((d) => d.viommu === viommuId)) {
+      throw err(Code.FAILED_PRECONDITION, "VIOMMU_IN_USE");
+    }
+    this.viommus.delete(viommuId);
+    this.domains.get(v.parent)?.attached.delete(`viommu:${viommuId}`);
+    this.log.push(`destroyViommu ${viommuId}`);
+  }
+  /** While set, allocVdevice waits for it (a slow IOMMU). */
+  vdeviceGate: Promise<void> | undefined;
+  async allocVdevice(viommuId: number, deviceId: string, _virtId: bigint) {
+    await this.vdeviceGate;
+    this.#maybeFail("allocVdevice");
+    const v = this.viommus.get(viommuId);
+    if (v === undefined) throw err(Code.NOT_FOUND, "VIOMMU_NOT_FOUND");
+    const id = this.#nextObject++;
+    v.vdevices.add(id);
+    this.log.push(`allocVdevice ${id} ${deviceId} in ${viommuId}`);
+    return id;
+  }
+  async destroyVdevice(vdeviceId: number) {
+    this.#maybeFail("destroyVdevice");
+    const v = [...this.viommus.values()].find((x) => x.vdevices.has(vdeviceId));
+    if (v === undefined) throw err(Code.NOT_FOUND, "VDEVICE_NOT_FOUND");
+    v.vdevices.delete(vdeviceId);
+    this.log.push(`destroyVdevice ${vdeviceId}`);
+  }
+  async allocVeventq(viommuId: number, depth: number) {
+    this.#maybeFail("allocVeventq");
+    const v = this.viommus.get(viommuId);
+    if (v === undefined) throw err(Code.NOT_FOUND, "VIOMMU_NOT_FOUND");
+    const id = this.#nextObject++;
+    v.veventqs.add(id);
+    this.log.push(`allocVeventq ${id} in ${viommuId} depth ${depth}`);
+    return id;
+  }
+  async destroyVeventq(veventqId: number) {
+    this.#maybeFail("destroyVeventq");
+    const v = [...this.viommus.values()].find((x) => x.veventqs.has(veventqId));
+    if (v === undefined) throw err(Code.NOT_FOUND, "VEVENTQ_NOT_FOUND");
+    v.veventqs.delete(veventqId);
+    this.log.push(`destroyVeventq ${veventqId}`);
+  }
+  async readVeventq(veventqId: number, _maxItems: number) {
+    if (![...this.viommus.values()].some((x) => x.veventqs.has(veventqId))) throw err(Code.NOT_FOUND, "VEVENTQ_NOT_FOUND");
+    return [];
+  }
+  async viommusOver(parentDomainId: number) {
+    this.#maybeFail("viommusOver");
+    return [...this.viommus]
+      .filter(([, v]) => v.parent === parentDomainId)
+      .map(([id, v]) => ({
+        id,
+        deviceId: v.deviceId,
+        vdevices: [...v.vdevices].map((d) => ({ id: d, deviceId: "?", virtId: 0n })),
+        veventqs: [...v.veventqs].map((q) => ({ id: q, depth: 0 })),
+      }));
+  }
+  async createViommuNestedDomain(viommuId: number, guestPgtable: bigint) {
+    this.#maybeFail("createViommuNestedDomain");
+    const v = this.viommus.get(viommuId);
+    if (v === undefined) throw err(Code.NOT_FOUND, "VIOMMU_NOT_FOUND");
+    const id = this.#nextDomain++;
+    this.domains.set(id, { attached: new Set(), parent: v.parent, viommu: viommuId });
+    this.log.push(`createNested ${id} on viommu ${viommuId} pgtable ${guestPgtable}`);
+    return id;
   }
   async bindGpasid(b: GpasidBind) {
     this.#maybeFail("bindGpasid");

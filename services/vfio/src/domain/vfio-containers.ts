@@ -6,6 +6,8 @@ import type { ContainerCalls } from "./container-calls.js";
 import { snapshotContainer, type AssignedDeviceInfo, type ContainerSnapshot } from "./container-snapshot.js";
 import { assertCapability, issueCapability } from "./container-capability.js";
 import { ContainerTeardown, type CloseResult } from "./container-teardown.js";
+import { ContainerViommus, type ViommuInfo } from "./container-viommus.js";
+import type { VdeviceEntry, VeventqEntry } from "./container.js";
 import { DeviceAssignments } from "./device-assignments.js";
 import { assertDmaMapping, assertDmaRange } from "./dma-mapping.js";
 import { describeDevice, deviceKey, MAX_DEVICE_NAME, type DeviceRef } from "./device-ref.js";
@@ -13,7 +15,16 @@ import { GuestPasids, type GuestPasidBind, type GuestPasidUnbind } from "./guest
 import { assertGuestMemorySize, assertHostRangeGiven, formatBytes, HostMemoryPool, type HostMemoryOptions, type HostRange } from "./host-memory-pool.js";
 import { invalidField, vfioError } from "./vfio-errors.js";
 import { keptContainer, restoredContainer, type VfioKeptEntry } from "./vfio-kept-entry.js";
-import { realScheduler, type DmaMapping, type HistoryPort, type IommuPort, type Scheduler, type VdcmPort, type VfioLog } from "./vfio-ports.js";
+import {
+  realScheduler,
+  type DmaMapping,
+  type HistoryPort,
+  type IommuPort,
+  type Scheduler,
+  type VdcmPort,
+  type VeventqItem,
+  type VfioLog,
+} from "./vfio-ports.js";
 
 /** Longest session grace period an OpenContainer may ask for: one day (setTimeout's range is ~24.8 days). */
 export const MAX_SESSION_GRACE_MS = 86_400_000;
@@ -165,6 +176,8 @@ export class VfioContainers {
   readonly #devices: DeviceAssignments;
   /** The guest PASID calls: alloc, free, bind, unbind. */
   readonly #pasids: GuestPasids;
+  /** The vIOMMU calls: vIOMMUs, vdevices, event queues. */
+  readonly #viommus: ContainerViommus;
   readonly #store: RoleStatePort<VfioKeptEntry> | undefined;
   readonly #restored: Container[] = [];
   /** Which container each assigned device (by key) belongs to: a device serves one VM at a time. */
@@ -218,6 +231,7 @@ export class VfioContainers {
     };
     this.#devices = new DeviceAssignments(calls);
     this.#pasids = new GuestPasids(calls);
+    this.#viommus = new ContainerViommus(calls);
     if (options.saved !== undefined) this.#restore(options.saved);
   }
 
@@ -360,6 +374,7 @@ export class VfioContainers {
       notifySession: undefined,
       devices: new Map(),
       binds: new Map(),
+      viommus: new Map(),
       stage2: undefined,
       inflight: new Set(),
       closing: undefined,
@@ -469,13 +484,52 @@ export class VfioContainers {
     containerId: number,
     device: DeviceRef | undefined,
     guestPgtable: bigint,
+    viommuId = 0,
   ): Promise<{ domainId: number; guestPgtable: bigint; answeredFaultGroups: number }> {
-    return this.#devices.replaceDeviceDomain(containerId, device, guestPgtable);
+    return this.#devices.replaceDeviceDomain(containerId, device, guestPgtable, viommuId);
   }
 
   /** Unassigns a device or mdev, its guest binds unbound first: see {@link DeviceAssignments.unassignDevice}. */
   unassignDevice(containerId: number, device: DeviceRef | undefined): Promise<{ unbound: number }> {
     return this.#devices.unassignDevice(containerId, device);
+  }
+
+  // ---------------------------------------------------------------------------------------------
+  // vIOMMUs, vdevices and event queues (container-viommus.ts)
+
+  /** AllocViommu over the container's stage 2: see {@link ContainerViommus.allocViommu}. */
+  allocViommu(containerId: number, device: DeviceRef | undefined): Promise<ViommuInfo> {
+    return this.#viommus.allocViommu(containerId, device);
+  }
+
+  /** DestroyViommu of one of the container's vIOMMUs: see {@link ContainerViommus.destroyViommu}. */
+  destroyViommu(containerId: number, viommuId: number): Promise<void> {
+    return this.#viommus.destroyViommu(containerId, viommuId);
+  }
+
+  /** AllocVdevice in one of the container's vIOMMUs: see {@link ContainerViommus.allocVdevice}. */
+  allocVdevice(containerId: number, viommuId: number, device: DeviceRef | undefined, virtId: bigint): Promise<VdeviceEntry> {
+    return this.#viommus.allocVdevice(containerId, viommuId, device, virtId);
+  }
+
+  /** DestroyVdevice of one of the container's vdevices: see {@link ContainerViommus.destroyVdevice}. */
+  destroyVdevice(containerId: number, vdeviceId: number): Promise<void> {
+    return this.#viommus.destroyVdevice(containerId, vdeviceId);
+  }
+
+  /** AllocVeventq on one of the container's vIOMMUs: see {@link ContainerViommus.allocVeventq}. */
+  allocVeventq(containerId: number, viommuId: number, depth: number): Promise<VeventqEntry> {
+    return this.#viommus.allocVeventq(containerId, viommuId, depth);
+  }
+
+  /** DestroyVeventq of one of the container's event queues: see {@link ContainerViommus.destroyVeventq}. */
+  destroyVeventq(containerId: number, veventqId: number): Promise<void> {
+    return this.#viommus.destroyVeventq(containerId, veventqId);
+  }
+
+  /** ReadVeventq of one of the container's event queues: see {@link ContainerViommus.readVeventq}. */
+  readVeventq(containerId: number, veventqId: number, maxItems: number): Promise<VeventqItem[]> {
+    return this.#viommus.readVeventq(containerId, veventqId, maxItems);
   }
 
   // ---------------------------------------------------------------------------------------------

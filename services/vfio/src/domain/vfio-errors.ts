@@ -34,6 +34,15 @@ export const VfioReason = {
   // EPERM (PERMISSION_DENIED), as VFIO_IOMMU_MAP_DMA of pages the caller cannot pin would be.
   HOST_MEMORY_EXHAUSTED: Code.RESOURCE_EXHAUSTED,
   HOST_MEMORY_NOT_GIVEN: Code.PERMISSION_DENIED,
+  // Issue 16: a vIOMMU object is named only through the container that allocated it. Another
+  // container's id is NOT_FOUND like one never allocated (container-viommus.ts): a VM learns
+  // nothing of other VMs' objects, as the fault fd tells nothing of other VMs' groups.
+  VIOMMU_NOT_FOUND: Code.NOT_FOUND,
+  VDEVICE_NOT_FOUND: Code.NOT_FOUND,
+  VEVENTQ_NOT_FOUND: Code.NOT_FOUND,
+  // DestroyViommu while a device of the container translates through a nested domain on it (the
+  // IOMMU refuses the same, EBUSY; VFIO says which device to replace away first).
+  VIOMMU_IN_USE: Code.FAILED_PRECONDITION,
 } as const satisfies Record<string, Code>;
 export type VfioReason = keyof typeof VfioReason;
 

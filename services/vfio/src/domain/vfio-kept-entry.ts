@@ -1,4 +1,4 @@
-import { ContainerState, type Container } from "./container.js";
+import { ContainerState, type Container, type NestedDomain, type ViommuEntry } from "./container.js";
 import { deviceKey, type DeviceRef } from "./device-ref.js";
 import type { HostRange } from "./host-memory-pool.js";
 
@@ -18,7 +18,7 @@ export interface KeptContainer {
     readonly parentDeviceId: string;
     readonly assignedAt: number;
     /** ReplaceDeviceDomain's nested domain, when the device translates through one. */
-    readonly nested?: { readonly domainId: number; readonly guestPgtable: bigint } | undefined;
+    readonly nested?: NestedDomain | undefined;
   }[];
   /** The stage-2 domain; undefined while there is none. */
   readonly stage2: number | undefined;
@@ -26,6 +26,19 @@ export interface KeptContainer {
   readonly capabilityDigest: Uint8Array;
   /** The host memory given to the container, so a restarted VFIO gives it to nobody else first; empty when kept before host memory was given. */
   readonly guestMemory: readonly HostRange[];
+  /** Its vIOMMUs with their vdevices and event queues, so a restarted VFIO destroys them before it frees the stage 2; empty when kept before vIOMMUs. */
+  readonly viommus?: readonly KeptViommu[] | undefined;
+}
+
+/** A vIOMMU of a container, as kept. */
+export interface KeptViommu {
+  readonly id: number;
+  readonly device: DeviceRef;
+  readonly parentDomainId: number;
+  /** Unix ms. */
+  readonly createdAt: number;
+  readonly vdevices: readonly { readonly id: number; readonly device: DeviceRef; readonly virtId: bigint }[];
+  readonly veventqs: readonly { readonly id: number; readonly depth: number }[];
 }
 
 /** The next container id, as kept: `next`. */
@@ -59,6 +72,7 @@ export function restoredContainer(v: KeptContainer, guestMemory: readonly HostRa
     notifySession: undefined,
     devices: new Map(),
     binds: new Map(),
+    viommus: new Map((v.viommus ?? []).map((x) => [x.id, restoredViommu(x)])),
     stage2: v.stage2 === undefined ? undefined : Promise.resolve(v.stage2),
     inflight: new Set(),
     closing: undefined,
@@ -70,6 +84,17 @@ export function restoredContainer(v: KeptContainer, guestMemory: readonly HostRa
     c.devices.set(k, { ref, key: k, state: "assigned", parentDeviceId: d.parentDeviceId, assignedAt: d.assignedAt, nested: d.nested });
   }
   return c;
+}
+
+function restoredViommu(v: KeptViommu): ViommuEntry {
+  return {
+    id: v.id,
+    device: v.device,
+    parentDomainId: v.parentDomainId,
+    createdAt: v.createdAt,
+    vdevices: new Map(v.vdevices.map((d) => [d.id, { id: d.id, device: d.device, virtId: d.virtId }])),
+    veventqs: new Map(v.veventqs.map((q) => [q.id, { id: q.id, depth: q.depth }])),
+  };
 }
 
 /** The container as kept (its stage-2 domain resolved by the caller): assignments in progress are not kept. */
@@ -88,5 +113,13 @@ export function keptContainer(c: Container, stage2: number | undefined): KeptCon
     stage2,
     capabilityDigest: c.capabilityDigest,
     guestMemory: c.guestMemory,
+    viommus: [...c.viommus.values()].map((v) => ({
+      id: v.id,
+      device: v.device,
+      parentDomainId: v.parentDomainId,
+      createdAt: v.createdAt,
+      vdevices: [...v.vdevices.values()],
+      veventqs: [...v.veventqs.values()],
+    })),
   };
 }

@@ -48,8 +48,11 @@ export interface GpasidUnbind {
   readonly deviceId: string;
 }
 
-/** The IOMMU, as VFIO uses it: the VM's stage-2 domain, device attachment and guest PASID binds. */
-export interface IommuPort {
+/**
+ * The IOMMU, as VFIO uses it: the VM's stage-2 domain, device attachment, guest PASID binds and
+ * the VM's vIOMMU objects ({@link ViommuPort}).
+ */
+export interface IommuPort extends ViommuPort {
   /** CreateDomain(PAGING): the VM's stage 2 (GPA → HPA). @returns its domain id */
   createStage2Domain(): Promise<number>;
   /** FreeDomain; refuses with FAILED_PRECONDITION `DOMAIN_IN_USE` while something still uses it. */
@@ -127,4 +130,58 @@ export interface VfioLog {
   info(obj: object, msg: string): void;
   warn(obj: object, msg: string): void;
   error(obj: object, msg: string): void;
+}
+
+/** One item read from a vIOMMU's event queue: a DMA fault as the guest sees it, or a LOST_EVENTS marker. */
+export type VeventqItem =
+  | {
+      readonly kind: "event";
+      readonly sequence: bigint;
+      /** The faulting device's virt_id (never the host's device id). */
+      readonly virtId: bigint;
+      readonly pasid: number;
+      readonly withoutPasid: boolean;
+      readonly address: bigint;
+      readonly access: { readonly read: boolean; readonly write: boolean; readonly execute: boolean; readonly privileged: boolean };
+      /** As the IOMMU names it, e.g. "FAULT_REASON_NOT_PRESENT". */
+      readonly reason: string;
+      readonly at: Date;
+    }
+  | { readonly kind: "lostEvents"; readonly firstSequence: bigint; readonly count: bigint };
+
+/**
+ * The IOMMU's vIOMMU objects, as VFIO uses them for its containers (iommufd model, DESIGN §5):
+ * ids are the IOMMU's (one id space for vIOMMUs, vdevices and event queues).
+ */
+export interface ViommuPort {
+  /** AllocViommu over the container's stage 2, through a device of the IOMMU instance. @returns its id */
+  allocViommu(deviceId: string, parentDomainId: number): Promise<number>;
+  /** DestroyViommu; VIOMMU_IN_USE while it has vdevices, event queues or nested domains. */
+  destroyViommu(viommuId: number): Promise<void>;
+  /** AllocVdevice. @returns its id */
+  allocVdevice(viommuId: number, deviceId: string, virtId: bigint): Promise<number>;
+  /** DestroyVdevice; VDEVICE_IN_USE while a nested attachment uses it. */
+  destroyVdevice(vdeviceId: number): Promise<void>;
+  /** AllocVeventq of type DMA_FAULT. @returns its id */
+  allocVeventq(viommuId: number, depth: number): Promise<number>;
+  /** DestroyVeventq. */
+  destroyVeventq(veventqId: number): Promise<void>;
+  /** ReadVeventq: up to `maxItems` (0 = all) items, oldest first, taken off the queue. */
+  readVeventq(veventqId: number, maxItems: number): Promise<VeventqItem[]>;
+  /** CreateDomain(NESTED) allocated on a vIOMMU (its parent is the vIOMMU's). @returns its domain id */
+  createViommuNestedDomain(viommuId: number, guestPgtable: bigint): Promise<number>;
+  /**
+   * The vIOMMUs the IOMMU has over a parent domain, with their vdevices and event queues
+   * (QueryState; reads only): what a container's teardown destroys even if VFIO died before it
+   * kept them.
+   */
+  viommusOver(parentDomainId: number): Promise<IommuViommu[]>;
+}
+
+/** A vIOMMU as the IOMMU has it (ViommuPort.viommusOver). */
+export interface IommuViommu {
+  readonly id: number;
+  readonly deviceId: string;
+  readonly vdevices: readonly { readonly id: number; readonly deviceId: string; readonly virtId: bigint }[];
+  readonly veventqs: readonly { readonly id: number; readonly depth: number }[];
 }

@@ -512,6 +512,27 @@ export interface HistoryRecord {
     | //
     /** A note of the chaos runner. */
     { $case: "chaosNote"; value: ChaosNote }
+    | //
+    /**
+     * ---- vfio: vIOMMU objects (iommufd model, issue 16 item 5) ----
+     * A vIOMMU allocated through a container over its stage 2.
+     */
+    { $case: "viommuAlloc"; value: ViommuAlloc }
+    | //
+    /** A container's vIOMMU destroyed. */
+    { $case: "viommuDestroy"; value: ViommuDestroy }
+    | //
+    /** A vdevice (a device's guest-visible virt_id) allocated in a container's vIOMMU. */
+    { $case: "vdeviceAlloc"; value: VdeviceAlloc }
+    | //
+    /** A container's vdevice destroyed. */
+    { $case: "vdeviceDestroy"; value: VdeviceDestroy }
+    | //
+    /** An event queue allocated on a container's vIOMMU. */
+    { $case: "veventqAlloc"; value: VeventqAlloc }
+    | //
+    /** A container's event queue destroyed. */
+    { $case: "veventqDestroy"; value: VeventqDestroy }
     | undefined;
 }
 
@@ -1228,6 +1249,80 @@ export interface ChaosNote {
   note: string;
 }
 
+/** ViommuAlloc is a vIOMMU allocated through a container. */
+export interface ViommuAlloc {
+  /** The container. */
+  container: number;
+  /** The vIOMMU (the IOMMU's id). */
+  viommu: number;
+  /** The physical device it was allocated through. */
+  device: string;
+  /** The stage-2 domain it nests under. */
+  parentDomain: number;
+}
+
+/** ViommuDestroy is a container's vIOMMU destroyed. */
+export interface ViommuDestroy {
+  /** The container. */
+  container: number;
+  /** The vIOMMU. */
+  viommu: number;
+  /** True when the container's teardown destroyed it (close, crash, restart). */
+  teardown: boolean;
+}
+
+/** VdeviceAlloc is a vdevice allocated in a container's vIOMMU. */
+export interface VdeviceAlloc {
+  /** The container. */
+  container: number;
+  /** The vIOMMU. */
+  viommu: number;
+  /** The vdevice. */
+  vdevice: number;
+  /** The physical device. */
+  device: string;
+  /** The id the guest knows the device by. */
+  virtId: bigint;
+}
+
+/** VdeviceDestroy is a container's vdevice destroyed. */
+export interface VdeviceDestroy {
+  /** The container. */
+  container: number;
+  /** The vIOMMU. */
+  viommu: number;
+  /** The vdevice. */
+  vdevice: number;
+  /** True when UnassignDevice of its device destroyed it. */
+  unassign: boolean;
+  /** True when the container's teardown destroyed it. */
+  teardown: boolean;
+}
+
+/** VeventqAlloc is an event queue allocated on a container's vIOMMU. */
+export interface VeventqAlloc {
+  /** The container. */
+  container: number;
+  /** The vIOMMU. */
+  viommu: number;
+  /** The queue. */
+  veventq: number;
+  /** Most unread events it holds. */
+  depth: number;
+}
+
+/** VeventqDestroy is a container's event queue destroyed. */
+export interface VeventqDestroy {
+  /** The container. */
+  container: number;
+  /** The vIOMMU. */
+  viommu: number;
+  /** The queue. */
+  veventq: number;
+  /** True when the container's teardown destroyed it. */
+  teardown: boolean;
+}
+
 function createBaseHistoryBatch(): HistoryBatch {
   return { records: [] };
 }
@@ -1542,6 +1637,24 @@ export const HistoryRecord: MessageFns<HistoryRecord> = {
         break;
       case "chaosNote":
         ChaosNote.encode(message.action.value, writer.uint32(906).fork()).join();
+        break;
+      case "viommuAlloc":
+        ViommuAlloc.encode(message.action.value, writer.uint32(962).fork()).join();
+        break;
+      case "viommuDestroy":
+        ViommuDestroy.encode(message.action.value, writer.uint32(970).fork()).join();
+        break;
+      case "vdeviceAlloc":
+        VdeviceAlloc.encode(message.action.value, writer.uint32(978).fork()).join();
+        break;
+      case "vdeviceDestroy":
+        VdeviceDestroy.encode(message.action.value, writer.uint32(986).fork()).join();
+        break;
+      case "veventqAlloc":
+        VeventqAlloc.encode(message.action.value, writer.uint32(994).fork()).join();
+        break;
+      case "veventqDestroy":
+        VeventqDestroy.encode(message.action.value, writer.uint32(1002).fork()).join();
         break;
     }
     return writer;
@@ -2169,6 +2282,54 @@ export const HistoryRecord: MessageFns<HistoryRecord> = {
             message.action = { $case: "chaosNote", value: ChaosNote.decode(reader, reader.uint32()) };
             continue;
           }
+          case 120: {
+            if (tag !== 962) {
+              break;
+            }
+
+            message.action = { $case: "viommuAlloc", value: ViommuAlloc.decode(reader, reader.uint32()) };
+            continue;
+          }
+          case 121: {
+            if (tag !== 970) {
+              break;
+            }
+
+            message.action = { $case: "viommuDestroy", value: ViommuDestroy.decode(reader, reader.uint32()) };
+            continue;
+          }
+          case 122: {
+            if (tag !== 978) {
+              break;
+            }
+
+            message.action = { $case: "vdeviceAlloc", value: VdeviceAlloc.decode(reader, reader.uint32()) };
+            continue;
+          }
+          case 123: {
+            if (tag !== 986) {
+              break;
+            }
+
+            message.action = { $case: "vdeviceDestroy", value: VdeviceDestroy.decode(reader, reader.uint32()) };
+            continue;
+          }
+          case 124: {
+            if (tag !== 994) {
+              break;
+            }
+
+            message.action = { $case: "veventqAlloc", value: VeventqAlloc.decode(reader, reader.uint32()) };
+            continue;
+          }
+          case 125: {
+            if (tag !== 1002) {
+              break;
+            }
+
+            message.action = { $case: "veventqDestroy", value: VeventqDestroy.decode(reader, reader.uint32()) };
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -2456,6 +2617,30 @@ export const HistoryRecord: MessageFns<HistoryRecord> = {
         ? { $case: "chaosNote", value: ChaosNote.fromJSON(object.chaosNote) }
         : isSet(object.chaos_note)
         ? { $case: "chaosNote", value: ChaosNote.fromJSON(object.chaos_note) }
+        : isSet(object.viommuAlloc)
+        ? { $case: "viommuAlloc", value: ViommuAlloc.fromJSON(object.viommuAlloc) }
+        : isSet(object.viommu_alloc)
+        ? { $case: "viommuAlloc", value: ViommuAlloc.fromJSON(object.viommu_alloc) }
+        : isSet(object.viommuDestroy)
+        ? { $case: "viommuDestroy", value: ViommuDestroy.fromJSON(object.viommuDestroy) }
+        : isSet(object.viommu_destroy)
+        ? { $case: "viommuDestroy", value: ViommuDestroy.fromJSON(object.viommu_destroy) }
+        : isSet(object.vdeviceAlloc)
+        ? { $case: "vdeviceAlloc", value: VdeviceAlloc.fromJSON(object.vdeviceAlloc) }
+        : isSet(object.vdevice_alloc)
+        ? { $case: "vdeviceAlloc", value: VdeviceAlloc.fromJSON(object.vdevice_alloc) }
+        : isSet(object.vdeviceDestroy)
+        ? { $case: "vdeviceDestroy", value: VdeviceDestroy.fromJSON(object.vdeviceDestroy) }
+        : isSet(object.vdevice_destroy)
+        ? { $case: "vdeviceDestroy", value: VdeviceDestroy.fromJSON(object.vdevice_destroy) }
+        : isSet(object.veventqAlloc)
+        ? { $case: "veventqAlloc", value: VeventqAlloc.fromJSON(object.veventqAlloc) }
+        : isSet(object.veventq_alloc)
+        ? { $case: "veventqAlloc", value: VeventqAlloc.fromJSON(object.veventq_alloc) }
+        : isSet(object.veventqDestroy)
+        ? { $case: "veventqDestroy", value: VeventqDestroy.fromJSON(object.veventqDestroy) }
+        : isSet(object.veventq_destroy)
+        ? { $case: "veventqDestroy", value: VeventqDestroy.fromJSON(object.veventq_destroy) }
         : undefined,
     };
   },
@@ -2622,6 +2807,18 @@ export const HistoryRecord: MessageFns<HistoryRecord> = {
       obj.chaosHeal = ChaosHeal.toJSON(message.action.value);
     } else if (message.action?.$case === "chaosNote") {
       obj.chaosNote = ChaosNote.toJSON(message.action.value);
+    } else if (message.action?.$case === "viommuAlloc") {
+      obj.viommuAlloc = ViommuAlloc.toJSON(message.action.value);
+    } else if (message.action?.$case === "viommuDestroy") {
+      obj.viommuDestroy = ViommuDestroy.toJSON(message.action.value);
+    } else if (message.action?.$case === "vdeviceAlloc") {
+      obj.vdeviceAlloc = VdeviceAlloc.toJSON(message.action.value);
+    } else if (message.action?.$case === "vdeviceDestroy") {
+      obj.vdeviceDestroy = VdeviceDestroy.toJSON(message.action.value);
+    } else if (message.action?.$case === "veventqAlloc") {
+      obj.veventqAlloc = VeventqAlloc.toJSON(message.action.value);
+    } else if (message.action?.$case === "veventqDestroy") {
+      obj.veventqDestroy = VeventqDestroy.toJSON(message.action.value);
     }
     return obj;
   },
@@ -3038,6 +3235,42 @@ export const HistoryRecord: MessageFns<HistoryRecord> = {
       case "chaosNote": {
         if (object.action?.value !== undefined && object.action?.value !== null) {
           message.action = { $case: "chaosNote", value: ChaosNote.fromPartial(object.action.value) };
+        }
+        break;
+      }
+      case "viommuAlloc": {
+        if (object.action?.value !== undefined && object.action?.value !== null) {
+          message.action = { $case: "viommuAlloc", value: ViommuAlloc.fromPartial(object.action.value) };
+        }
+        break;
+      }
+      case "viommuDestroy": {
+        if (object.action?.value !== undefined && object.action?.value !== null) {
+          message.action = { $case: "viommuDestroy", value: ViommuDestroy.fromPartial(object.action.value) };
+        }
+        break;
+      }
+      case "vdeviceAlloc": {
+        if (object.action?.value !== undefined && object.action?.value !== null) {
+          message.action = { $case: "vdeviceAlloc", value: VdeviceAlloc.fromPartial(object.action.value) };
+        }
+        break;
+      }
+      case "vdeviceDestroy": {
+        if (object.action?.value !== undefined && object.action?.value !== null) {
+          message.action = { $case: "vdeviceDestroy", value: VdeviceDestroy.fromPartial(object.action.value) };
+        }
+        break;
+      }
+      case "veventqAlloc": {
+        if (object.action?.value !== undefined && object.action?.value !== null) {
+          message.action = { $case: "veventqAlloc", value: VeventqAlloc.fromPartial(object.action.value) };
+        }
+        break;
+      }
+      case "veventqDestroy": {
+        if (object.action?.value !== undefined && object.action?.value !== null) {
+          message.action = { $case: "veventqDestroy", value: VeventqDestroy.fromPartial(object.action.value) };
         }
         break;
       }
@@ -9861,6 +10094,731 @@ export const ChaosNote: MessageFns<ChaosNote> = {
   fromPartial(object: DeepPartial<ChaosNote>): ChaosNote {
     const message = createBaseChaosNote();
     message.note = object.note ?? "";
+    return message;
+  },
+};
+
+function createBaseViommuAlloc(): ViommuAlloc {
+  return { container: 0, viommu: 0, device: "", parentDomain: 0 };
+}
+
+export const ViommuAlloc: MessageFns<ViommuAlloc> = {
+  encode(message: ViommuAlloc, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.container !== 0) {
+      writer.uint32(8).uint32(message.container);
+    }
+    if (message.viommu !== 0) {
+      writer.uint32(16).uint32(message.viommu);
+    }
+    if (message.device !== "") {
+      writer.uint32(26).string(message.device);
+    }
+    if (message.parentDomain !== 0) {
+      writer.uint32(32).uint32(message.parentDomain);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): ViommuAlloc {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseViommuAlloc();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 8) {
+              break;
+            }
+
+            message.container = reader.uint32();
+            continue;
+          }
+          case 2: {
+            if (tag !== 16) {
+              break;
+            }
+
+            message.viommu = reader.uint32();
+            continue;
+          }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.device = reader.string();
+            continue;
+          }
+          case 4: {
+            if (tag !== 32) {
+              break;
+            }
+
+            message.parentDomain = reader.uint32();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): ViommuAlloc {
+    return {
+      container: isSet(object.container) ? globalThis.Number(object.container) : 0,
+      viommu: isSet(object.viommu) ? globalThis.Number(object.viommu) : 0,
+      device: isSet(object.device) ? globalThis.String(object.device) : "",
+      parentDomain: isSet(object.parentDomain)
+        ? globalThis.Number(object.parentDomain)
+        : isSet(object.parent_domain)
+        ? globalThis.Number(object.parent_domain)
+        : 0,
+    };
+  },
+
+  toJSON(message: ViommuAlloc): unknown {
+    const obj: any = {};
+    if (message.container !== 0) {
+      obj.container = Math.round(message.container);
+    }
+    if (message.viommu !== 0) {
+      obj.viommu = Math.round(message.viommu);
+    }
+    if (message.device !== "") {
+      obj.device = message.device;
+    }
+    if (message.parentDomain !== 0) {
+      obj.parentDomain = Math.round(message.parentDomain);
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<ViommuAlloc>): ViommuAlloc {
+    return ViommuAlloc.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<ViommuAlloc>): ViommuAlloc {
+    const message = createBaseViommuAlloc();
+    message.container = object.container ?? 0;
+    message.viommu = object.viommu ?? 0;
+    message.device = object.device ?? "";
+    message.parentDomain = object.parentDomain ?? 0;
+    return message;
+  },
+};
+
+function createBaseViommuDestroy(): ViommuDestroy {
+  return { container: 0, viommu: 0, teardown: false };
+}
+
+export const ViommuDestroy: MessageFns<ViommuDestroy> = {
+  encode(message: ViommuDestroy, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.container !== 0) {
+      writer.uint32(8).uint32(message.container);
+    }
+    if (message.viommu !== 0) {
+      writer.uint32(16).uint32(message.viommu);
+    }
+    if (message.teardown !== false) {
+      writer.uint32(24).bool(message.teardown);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): ViommuDestroy {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseViommuDestroy();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 8) {
+              break;
+            }
+
+            message.container = reader.uint32();
+            continue;
+          }
+          case 2: {
+            if (tag !== 16) {
+              break;
+            }
+
+            message.viommu = reader.uint32();
+            continue;
+          }
+          case 3: {
+            if (tag !== 24) {
+              break;
+            }
+
+            message.teardown = reader.bool();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): ViommuDestroy {
+    return {
+      container: isSet(object.container) ? globalThis.Number(object.container) : 0,
+      viommu: isSet(object.viommu) ? globalThis.Number(object.viommu) : 0,
+      teardown: isSet(object.teardown) ? globalThis.Boolean(object.teardown) : false,
+    };
+  },
+
+  toJSON(message: ViommuDestroy): unknown {
+    const obj: any = {};
+    if (message.container !== 0) {
+      obj.container = Math.round(message.container);
+    }
+    if (message.viommu !== 0) {
+      obj.viommu = Math.round(message.viommu);
+    }
+    if (message.teardown !== false) {
+      obj.teardown = message.teardown;
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<ViommuDestroy>): ViommuDestroy {
+    return ViommuDestroy.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<ViommuDestroy>): ViommuDestroy {
+    const message = createBaseViommuDestroy();
+    message.container = object.container ?? 0;
+    message.viommu = object.viommu ?? 0;
+    message.teardown = object.teardown ?? false;
+    return message;
+  },
+};
+
+function createBaseVdeviceAlloc(): VdeviceAlloc {
+  return { container: 0, viommu: 0, vdevice: 0, device: "", virtId: 0n };
+}
+
+export const VdeviceAlloc: MessageFns<VdeviceAlloc> = {
+  encode(message: VdeviceAlloc, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.container !== 0) {
+      writer.uint32(8).uint32(message.container);
+    }
+    if (message.viommu !== 0) {
+      writer.uint32(16).uint32(message.viommu);
+    }
+    if (message.vdevice !== 0) {
+      writer.uint32(24).uint32(message.vdevice);
+    }
+    if (message.device !== "") {
+      writer.uint32(34).string(message.device);
+    }
+    if (message.virtId !== 0n) {
+      if (BigInt.asUintN(64, message.virtId) !== message.virtId) {
+        throw new globalThis.Error("value provided for field message.virtId of type uint64 too large");
+      }
+      writer.uint32(40).uint64(message.virtId);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): VdeviceAlloc {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseVdeviceAlloc();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 8) {
+              break;
+            }
+
+            message.container = reader.uint32();
+            continue;
+          }
+          case 2: {
+            if (tag !== 16) {
+              break;
+            }
+
+            message.viommu = reader.uint32();
+            continue;
+          }
+          case 3: {
+            if (tag !== 24) {
+              break;
+            }
+
+            message.vdevice = reader.uint32();
+            continue;
+          }
+          case 4: {
+            if (tag !== 34) {
+              break;
+            }
+
+            message.device = reader.string();
+            continue;
+          }
+          case 5: {
+            if (tag !== 40) {
+              break;
+            }
+
+            message.virtId = reader.uint64() as bigint;
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): VdeviceAlloc {
+    return {
+      container: isSet(object.container) ? globalThis.Number(object.container) : 0,
+      viommu: isSet(object.viommu) ? globalThis.Number(object.viommu) : 0,
+      vdevice: isSet(object.vdevice) ? globalThis.Number(object.vdevice) : 0,
+      device: isSet(object.device) ? globalThis.String(object.device) : "",
+      virtId: isSet(object.virtId) ? BigInt(object.virtId) : isSet(object.virt_id) ? BigInt(object.virt_id) : 0n,
+    };
+  },
+
+  toJSON(message: VdeviceAlloc): unknown {
+    const obj: any = {};
+    if (message.container !== 0) {
+      obj.container = Math.round(message.container);
+    }
+    if (message.viommu !== 0) {
+      obj.viommu = Math.round(message.viommu);
+    }
+    if (message.vdevice !== 0) {
+      obj.vdevice = Math.round(message.vdevice);
+    }
+    if (message.device !== "") {
+      obj.device = message.device;
+    }
+    if (message.virtId !== 0n) {
+      obj.virtId = message.virtId.toString();
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<VdeviceAlloc>): VdeviceAlloc {
+    return VdeviceAlloc.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<VdeviceAlloc>): VdeviceAlloc {
+    const message = createBaseVdeviceAlloc();
+    message.container = object.container ?? 0;
+    message.viommu = object.viommu ?? 0;
+    message.vdevice = object.vdevice ?? 0;
+    message.device = object.device ?? "";
+    message.virtId = (object.virtId !== undefined && object.virtId !== null) ? BigInt(object.virtId) : 0n;
+    return message;
+  },
+};
+
+function createBaseVdeviceDestroy(): VdeviceDestroy {
+  return { container: 0, viommu: 0, vdevice: 0, unassign: false, teardown: false };
+}
+
+export const VdeviceDestroy: MessageFns<VdeviceDestroy> = {
+  encode(message: VdeviceDestroy, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.container !== 0) {
+      writer.uint32(8).uint32(message.container);
+    }
+    if (message.viommu !== 0) {
+      writer.uint32(16).uint32(message.viommu);
+    }
+    if (message.vdevice !== 0) {
+      writer.uint32(24).uint32(message.vdevice);
+    }
+    if (message.unassign !== false) {
+      writer.uint32(32).bool(message.unassign);
+    }
+    if (message.teardown !== false) {
+      writer.uint32(40).bool(message.teardown);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): VdeviceDestroy {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseVdeviceDestroy();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 8) {
+              break;
+            }
+
+            message.container = reader.uint32();
+            continue;
+          }
+          case 2: {
+            if (tag !== 16) {
+              break;
+            }
+
+            message.viommu = reader.uint32();
+            continue;
+          }
+          case 3: {
+            if (tag !== 24) {
+              break;
+            }
+
+            message.vdevice = reader.uint32();
+            continue;
+          }
+          case 4: {
+            if (tag !== 32) {
+              break;
+            }
+
+            message.unassign = reader.bool();
+            continue;
+          }
+          case 5: {
+            if (tag !== 40) {
+              break;
+            }
+
+            message.teardown = reader.bool();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): VdeviceDestroy {
+    return {
+      container: isSet(object.container) ? globalThis.Number(object.container) : 0,
+      viommu: isSet(object.viommu) ? globalThis.Number(object.viommu) : 0,
+      vdevice: isSet(object.vdevice) ? globalThis.Number(object.vdevice) : 0,
+      unassign: isSet(object.unassign) ? globalThis.Boolean(object.unassign) : false,
+      teardown: isSet(object.teardown) ? globalThis.Boolean(object.teardown) : false,
+    };
+  },
+
+  toJSON(message: VdeviceDestroy): unknown {
+    const obj: any = {};
+    if (message.container !== 0) {
+      obj.container = Math.round(message.container);
+    }
+    if (message.viommu !== 0) {
+      obj.viommu = Math.round(message.viommu);
+    }
+    if (message.vdevice !== 0) {
+      obj.vdevice = Math.round(message.vdevice);
+    }
+    if (message.unassign !== false) {
+      obj.unassign = message.unassign;
+    }
+    if (message.teardown !== false) {
+      obj.teardown = message.teardown;
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<VdeviceDestroy>): VdeviceDestroy {
+    return VdeviceDestroy.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<VdeviceDestroy>): VdeviceDestroy {
+    const message = createBaseVdeviceDestroy();
+    message.container = object.container ?? 0;
+    message.viommu = object.viommu ?? 0;
+    message.vdevice = object.vdevice ?? 0;
+    message.unassign = object.unassign ?? false;
+    message.teardown = object.teardown ?? false;
+    return message;
+  },
+};
+
+function createBaseVeventqAlloc(): VeventqAlloc {
+  return { container: 0, viommu: 0, veventq: 0, depth: 0 };
+}
+
+export const VeventqAlloc: MessageFns<VeventqAlloc> = {
+  encode(message: VeventqAlloc, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.container !== 0) {
+      writer.uint32(8).uint32(message.container);
+    }
+    if (message.viommu !== 0) {
+      writer.uint32(16).uint32(message.viommu);
+    }
+    if (message.veventq !== 0) {
+      writer.uint32(24).uint32(message.veventq);
+    }
+    if (message.depth !== 0) {
+      writer.uint32(32).uint32(message.depth);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): VeventqAlloc {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseVeventqAlloc();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 8) {
+              break;
+            }
+
+            message.container = reader.uint32();
+            continue;
+          }
+          case 2: {
+            if (tag !== 16) {
+              break;
+            }
+
+            message.viommu = reader.uint32();
+            continue;
+          }
+          case 3: {
+            if (tag !== 24) {
+              break;
+            }
+
+            message.veventq = reader.uint32();
+            continue;
+          }
+          case 4: {
+            if (tag !== 32) {
+              break;
+            }
+
+            message.depth = reader.uint32();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): VeventqAlloc {
+    return {
+      container: isSet(object.container) ? globalThis.Number(object.container) : 0,
+      viommu: isSet(object.viommu) ? globalThis.Number(object.viommu) : 0,
+      veventq: isSet(object.veventq) ? globalThis.Number(object.veventq) : 0,
+      depth: isSet(object.depth) ? globalThis.Number(object.depth) : 0,
+    };
+  },
+
+  toJSON(message: VeventqAlloc): unknown {
+    const obj: any = {};
+    if (message.container !== 0) {
+      obj.container = Math.round(message.container);
+    }
+    if (message.viommu !== 0) {
+      obj.viommu = Math.round(message.viommu);
+    }
+    if (message.veventq !== 0) {
+      obj.veventq = Math.round(message.veventq);
+    }
+    if (message.depth !== 0) {
+      obj.depth = Math.round(message.depth);
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<VeventqAlloc>): VeventqAlloc {
+    return VeventqAlloc.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<VeventqAlloc>): VeventqAlloc {
+    const message = createBaseVeventqAlloc();
+    message.container = object.container ?? 0;
+    message.viommu = object.viommu ?? 0;
+    message.veventq = object.veventq ?? 0;
+    message.depth = object.depth ?? 0;
+    return message;
+  },
+};
+
+function createBaseVeventqDestroy(): VeventqDestroy {
+  return { container: 0, viommu: 0, veventq: 0, teardown: false };
+}
+
+export const VeventqDestroy: MessageFns<VeventqDestroy> = {
+  encode(message: VeventqDestroy, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.container !== 0) {
+      writer.uint32(8).uint32(message.container);
+    }
+    if (message.viommu !== 0) {
+      writer.uint32(16).uint32(message.viommu);
+    }
+    if (message.veventq !== 0) {
+      writer.uint32(24).uint32(message.veventq);
+    }
+    if (message.teardown !== false) {
+      writer.uint32(32).bool(message.teardown);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): VeventqDestroy {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseVeventqDestroy();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 8) {
+              break;
+            }
+
+            message.container = reader.uint32();
+            continue;
+          }
+          case 2: {
+            if (tag !== 16) {
+              break;
+            }
+
+            message.viommu = reader.uint32();
+            continue;
+          }
+          case 3: {
+            if (tag !== 24) {
+              break;
+            }
+
+            message.veventq = reader.uint32();
+            continue;
+          }
+          case 4: {
+            if (tag !== 32) {
+              break;
+            }
+
+            message.teardown = reader.bool();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): VeventqDestroy {
+    return {
+      container: isSet(object.container) ? globalThis.Number(object.container) : 0,
+      viommu: isSet(object.viommu) ? globalThis.Number(object.viommu) : 0,
+      veventq: isSet(object.veventq) ? globalThis.Number(object.veventq) : 0,
+      teardown: isSet(object.teardown) ? globalThis.Boolean(object.teardown) : false,
+    };
+  },
+
+  toJSON(message: VeventqDestroy): unknown {
+    const obj: any = {};
+    if (message.container !== 0) {
+      obj.container = Math.round(message.container);
+    }
+    if (message.viommu !== 0) {
+      obj.viommu = Math.round(message.viommu);
+    }
+    if (message.veventq !== 0) {
+      obj.veventq = Math.round(message.veventq);
+    }
+    if (message.teardown !== false) {
+      obj.teardown = message.teardown;
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<VeventqDestroy>): VeventqDestroy {
+    return VeventqDestroy.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<VeventqDestroy>): VeventqDestroy {
+    const message = createBaseVeventqDestroy();
+    message.container = object.container ?? 0;
+    message.viommu = object.viommu ?? 0;
+    message.veventq = object.veventq ?? 0;
+    message.teardown = object.teardown ?? false;
     return message;
   },
 };

@@ -293,6 +293,8 @@ export interface AssignedDevice {
   nestedDomainId: number;
   /** The guest page table of `nested_domain_id`; 0 when there is none. */
   guestPgtable: bigint;
+  /** The vIOMMU `nested_domain_id` was allocated on; 0 when none (or no nested domain). */
+  viommuId: number;
 }
 
 /** GuestPasid is a host PASID the container allocated for its guest. */
@@ -345,6 +347,8 @@ export interface Container {
    * secret: MapDma checks whose they are.
    */
   guestMemory: HostRange[];
+  /** The container's vIOMMUs with their vdevices and event queues, ascending by id. */
+  viommus: Viommu[];
 }
 
 /** OpenContainerRequest describes the VM whose container to create. */
@@ -482,6 +486,13 @@ export interface ReplaceDeviceDomainRequest {
    * stage 2. 0: the stage 2 alone.
    */
   guestPgtable: bigint;
+  /**
+   * With a `guest_pgtable`: a vIOMMU of the container to allocate the NESTED domain on (its DMA
+   * faults then reach the vIOMMU's event queue, named by the device's virt_id); the device needs a
+   * vdevice in it (NOT_FOUND `VDEVICE_NOT_FOUND` otherwise, the old domain staying attached), and an
+   * id that is not the container's vIOMMU is NOT_FOUND `VIOMMU_NOT_FOUND`. 0: none.
+   */
+  viommuId: number;
 }
 
 /** ReplaceDeviceDomainResponse says what the device translates through now. */
@@ -740,6 +751,189 @@ export interface QueryStateResponse {
   containers: Container[];
   /** When the snapshot was taken. */
   takenAt: Date | undefined;
+}
+
+/** Viommu is a vIOMMU of a container. */
+export interface Viommu {
+  /** The vIOMMU id (the IOMMU's; never 0). */
+  viommuId: number;
+  /** The assigned physical device it was allocated through (names the IOMMU instance). */
+  device:
+    | DeviceRef
+    | undefined;
+  /** The container's stage-2 domain it nests under. */
+  parentDomainId: number;
+  /** Its vdevices, ascending by id. */
+  vdevices: Vdevice[];
+  /** Its event queues, ascending by id. */
+  veventqs: Veventq[];
+  /** When it was allocated. */
+  createdAt: Date | undefined;
+}
+
+/** Vdevice is the guest-visible id of one of the container's physical devices in a vIOMMU. */
+export interface Vdevice {
+  /** The vdevice id (the IOMMU's; never 0). */
+  vdeviceId: number;
+  /** The physical device. */
+  device:
+    | DeviceRef
+    | undefined;
+  /** What the guest calls the device; unique per vIOMMU. */
+  virtId: bigint;
+}
+
+/** Veventq is an event queue of a vIOMMU (DMA faults). */
+export interface Veventq {
+  /** The queue id (the IOMMU's; never 0). */
+  veventqId: number;
+  /** Most unread events it holds. */
+  depth: number;
+}
+
+/** Vevent is one DMA fault as the guest sees it, read from an event queue. */
+export interface Vevent {
+  /** Sequence number in its queue: one more than the previous event's, counting lost ones. */
+  sequence: bigint;
+  /** The faulting device's virt_id in the vIOMMU (never the host's device id). */
+  virtId: bigint;
+  /** The PASID of the request; 0 when `without_pasid`. */
+  pasid: number;
+  /** True for a request without PASID. */
+  withoutPasid: boolean;
+  /** The faulting address. */
+  address: bigint;
+  /** The access requested. */
+  access:
+    | DmaAccess
+    | undefined;
+  /** Why it faulted, as the IOMMU names it (e.g. "FAULT_REASON_NOT_PRESENT"). */
+  reason: string;
+  /** When it happened. */
+  at: Date | undefined;
+}
+
+/** LostEvents is the LOST_EVENTS marker: events were dropped because the queue was full. */
+export interface LostEvents {
+  /** Sequence number of the first event dropped. */
+  firstSequence: bigint;
+  /** How many consecutive events were dropped (first_sequence..first_sequence+count-1). */
+  count: bigint;
+}
+
+/** VeventqItem is one item read from an event queue. */
+export interface VeventqItem {
+  /** What it is. */
+  item:
+    | //
+    /** An event. */
+    { $case: "event"; value: Vevent }
+    | //
+    /** Events were dropped here: the next event delivered comes after the gap. */
+    { $case: "lostEvents"; value: LostEvents }
+    | undefined;
+}
+
+/** AllocViommuRequest asks for a vIOMMU over the container's stage 2. */
+export interface AllocViommuRequest {
+  /** The container. */
+  containerId: number;
+  /** An assigned physical device behind the IOMMU instance to virtualise; required. */
+  device: DeviceRef | undefined;
+}
+
+/** AllocViommuResponse is the new vIOMMU. */
+export interface AllocViommuResponse {
+  /** The vIOMMU, with no vdevice or event queue. */
+  viommu: Viommu | undefined;
+}
+
+/** DestroyViommuRequest names the vIOMMU to destroy. */
+export interface DestroyViommuRequest {
+  /** The container. */
+  containerId: number;
+  /** The vIOMMU. */
+  viommuId: number;
+}
+
+/** DestroyViommuResponse confirms the vIOMMU is gone. */
+export interface DestroyViommuResponse {
+}
+
+/** AllocVdeviceRequest names a device's guest-visible id in a vIOMMU. */
+export interface AllocVdeviceRequest {
+  /** The container. */
+  containerId: number;
+  /** The container's vIOMMU. */
+  viommuId: number;
+  /** An assigned physical device; required. */
+  device:
+    | DeviceRef
+    | undefined;
+  /** The id the guest knows the device by (any value, 0 included). */
+  virtId: bigint;
+}
+
+/** AllocVdeviceResponse is the new vdevice. */
+export interface AllocVdeviceResponse {
+  /** The vdevice. */
+  vdevice: Vdevice | undefined;
+}
+
+/** DestroyVdeviceRequest names the vdevice to destroy. */
+export interface DestroyVdeviceRequest {
+  /** The container. */
+  containerId: number;
+  /** The vdevice. */
+  vdeviceId: number;
+}
+
+/** DestroyVdeviceResponse confirms the vdevice is gone. */
+export interface DestroyVdeviceResponse {
+}
+
+/** AllocVeventqRequest describes the event queue to create. */
+export interface AllocVeventqRequest {
+  /** The container. */
+  containerId: number;
+  /** The container's vIOMMU. */
+  viommuId: number;
+  /** Most unread events the queue holds (1..4096). */
+  depth: number;
+}
+
+/** AllocVeventqResponse is the new queue. */
+export interface AllocVeventqResponse {
+  /** The queue, empty; its first event gets sequence number 1. */
+  veventq: Veventq | undefined;
+}
+
+/** DestroyVeventqRequest names the queue to destroy. */
+export interface DestroyVeventqRequest {
+  /** The container. */
+  containerId: number;
+  /** The queue. */
+  veventqId: number;
+}
+
+/** DestroyVeventqResponse confirms the queue is gone. */
+export interface DestroyVeventqResponse {
+}
+
+/** ReadVeventqRequest takes items from a queue. */
+export interface ReadVeventqRequest {
+  /** The container. */
+  containerId: number;
+  /** The queue. */
+  veventqId: number;
+  /** Most items to take (events and markers); 0 = all. */
+  maxItems: number;
+}
+
+/** ReadVeventqResponse is what was taken, oldest first. */
+export interface ReadVeventqResponse {
+  /** Events and LOST_EVENTS markers in queue order. */
+  items: VeventqItem[];
 }
 
 function createBaseHostRange(): HostRange {
@@ -1373,7 +1567,14 @@ export const FaultGroup: MessageFns<FaultGroup> = {
 };
 
 function createBaseAssignedDevice(): AssignedDevice {
-  return { device: undefined, parentDeviceId: "", assignedAt: undefined, nestedDomainId: 0, guestPgtable: 0n };
+  return {
+    device: undefined,
+    parentDeviceId: "",
+    assignedAt: undefined,
+    nestedDomainId: 0,
+    guestPgtable: 0n,
+    viommuId: 0,
+  };
 }
 
 export const AssignedDevice: MessageFns<AssignedDevice> = {
@@ -1395,6 +1596,9 @@ export const AssignedDevice: MessageFns<AssignedDevice> = {
         throw new globalThis.Error("value provided for field message.guestPgtable of type uint64 too large");
       }
       writer.uint32(40).uint64(message.guestPgtable);
+    }
+    if (message.viommuId !== 0) {
+      writer.uint32(48).uint32(message.viommuId);
     }
     return writer;
   },
@@ -1452,6 +1656,14 @@ export const AssignedDevice: MessageFns<AssignedDevice> = {
             message.guestPgtable = reader.uint64() as bigint;
             continue;
           }
+          case 6: {
+            if (tag !== 48) {
+              break;
+            }
+
+            message.viommuId = reader.uint32();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -1487,6 +1699,11 @@ export const AssignedDevice: MessageFns<AssignedDevice> = {
         : isSet(object.guest_pgtable)
         ? BigInt(object.guest_pgtable)
         : 0n,
+      viommuId: isSet(object.viommuId)
+        ? globalThis.Number(object.viommuId)
+        : isSet(object.viommu_id)
+        ? globalThis.Number(object.viommu_id)
+        : 0,
     };
   },
 
@@ -1507,6 +1724,9 @@ export const AssignedDevice: MessageFns<AssignedDevice> = {
     if (message.guestPgtable !== 0n) {
       obj.guestPgtable = message.guestPgtable.toString();
     }
+    if (message.viommuId !== 0) {
+      obj.viommuId = Math.round(message.viommuId);
+    }
     return obj;
   },
 
@@ -1524,6 +1744,7 @@ export const AssignedDevice: MessageFns<AssignedDevice> = {
     message.guestPgtable = (object.guestPgtable !== undefined && object.guestPgtable !== null)
       ? BigInt(object.guestPgtable)
       : 0n;
+    message.viommuId = object.viommuId ?? 0;
     return message;
   },
 };
@@ -1684,6 +1905,7 @@ function createBaseContainer(): Container {
     openedAt: undefined,
     sessionDeadline: undefined,
     guestMemory: [],
+    viommus: [],
   };
 }
 
@@ -1730,6 +1952,9 @@ export const Container: MessageFns<Container> = {
     }
     for (const v of message.guestMemory) {
       HostRange.encode(v!, writer.uint32(106).fork()).join();
+    }
+    for (const v of message.viommus) {
+      Viommu.encode(v!, writer.uint32(114).fork()).join();
     }
     return writer;
   },
@@ -1851,6 +2076,14 @@ export const Container: MessageFns<Container> = {
             message.guestMemory.push(HostRange.decode(reader, reader.uint32()));
             continue;
           }
+          case 14: {
+            if (tag !== 114) {
+              break;
+            }
+
+            message.viommus.push(Viommu.decode(reader, reader.uint32()));
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -1912,6 +2145,7 @@ export const Container: MessageFns<Container> = {
         : globalThis.Array.isArray(object?.guest_memory)
         ? object.guest_memory.map((e: any) => HostRange.fromJSON(e))
         : [],
+      viommus: globalThis.Array.isArray(object?.viommus) ? object.viommus.map((e: any) => Viommu.fromJSON(e)) : [],
     };
   },
 
@@ -1956,6 +2190,9 @@ export const Container: MessageFns<Container> = {
     if (message.guestMemory?.length) {
       obj.guestMemory = message.guestMemory.map((e) => HostRange.toJSON(e));
     }
+    if (message.viommus?.length) {
+      obj.viommus = message.viommus.map((e) => Viommu.toJSON(e));
+    }
     return obj;
   },
 
@@ -1977,6 +2214,7 @@ export const Container: MessageFns<Container> = {
     message.openedAt = object.openedAt ?? undefined;
     message.sessionDeadline = object.sessionDeadline ?? undefined;
     message.guestMemory = object.guestMemory?.map((e) => HostRange.fromPartial(e)) || [];
+    message.viommus = object.viommus?.map((e) => Viommu.fromPartial(e)) || [];
     return message;
   },
 };
@@ -3125,7 +3363,7 @@ export const UnassignDeviceResponse: MessageFns<UnassignDeviceResponse> = {
 };
 
 function createBaseReplaceDeviceDomainRequest(): ReplaceDeviceDomainRequest {
-  return { containerId: 0, device: undefined, guestPgtable: 0n };
+  return { containerId: 0, device: undefined, guestPgtable: 0n, viommuId: 0 };
 }
 
 export const ReplaceDeviceDomainRequest: MessageFns<ReplaceDeviceDomainRequest> = {
@@ -3141,6 +3379,9 @@ export const ReplaceDeviceDomainRequest: MessageFns<ReplaceDeviceDomainRequest> 
         throw new globalThis.Error("value provided for field message.guestPgtable of type uint64 too large");
       }
       writer.uint32(24).uint64(message.guestPgtable);
+    }
+    if (message.viommuId !== 0) {
+      writer.uint32(32).uint32(message.viommuId);
     }
     return writer;
   },
@@ -3182,6 +3423,14 @@ export const ReplaceDeviceDomainRequest: MessageFns<ReplaceDeviceDomainRequest> 
             message.guestPgtable = reader.uint64() as bigint;
             continue;
           }
+          case 4: {
+            if (tag !== 32) {
+              break;
+            }
+
+            message.viommuId = reader.uint32();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -3207,6 +3456,11 @@ export const ReplaceDeviceDomainRequest: MessageFns<ReplaceDeviceDomainRequest> 
         : isSet(object.guest_pgtable)
         ? BigInt(object.guest_pgtable)
         : 0n,
+      viommuId: isSet(object.viommuId)
+        ? globalThis.Number(object.viommuId)
+        : isSet(object.viommu_id)
+        ? globalThis.Number(object.viommu_id)
+        : 0,
     };
   },
 
@@ -3220,6 +3474,9 @@ export const ReplaceDeviceDomainRequest: MessageFns<ReplaceDeviceDomainRequest> 
     }
     if (message.guestPgtable !== 0n) {
       obj.guestPgtable = message.guestPgtable.toString();
+    }
+    if (message.viommuId !== 0) {
+      obj.viommuId = Math.round(message.viommuId);
     }
     return obj;
   },
@@ -3236,6 +3493,7 @@ export const ReplaceDeviceDomainRequest: MessageFns<ReplaceDeviceDomainRequest> 
     message.guestPgtable = (object.guestPgtable !== undefined && object.guestPgtable !== null)
       ? BigInt(object.guestPgtable)
       : 0n;
+    message.viommuId = object.viommuId ?? 0;
     return message;
   },
 };
@@ -5875,6 +6133,1927 @@ export const QueryStateResponse: MessageFns<QueryStateResponse> = {
   },
 };
 
+function createBaseViommu(): Viommu {
+  return { viommuId: 0, device: undefined, parentDomainId: 0, vdevices: [], veventqs: [], createdAt: undefined };
+}
+
+export const Viommu: MessageFns<Viommu> = {
+  encode(message: Viommu, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.viommuId !== 0) {
+      writer.uint32(8).uint32(message.viommuId);
+    }
+    if (message.device !== undefined) {
+      DeviceRef.encode(message.device, writer.uint32(18).fork()).join();
+    }
+    if (message.parentDomainId !== 0) {
+      writer.uint32(24).uint32(message.parentDomainId);
+    }
+    for (const v of message.vdevices) {
+      Vdevice.encode(v!, writer.uint32(34).fork()).join();
+    }
+    for (const v of message.veventqs) {
+      Veventq.encode(v!, writer.uint32(42).fork()).join();
+    }
+    if (message.createdAt !== undefined) {
+      Timestamp.encode(toTimestamp(message.createdAt), writer.uint32(50).fork()).join();
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): Viommu {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseViommu();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 8) {
+              break;
+            }
+
+            message.viommuId = reader.uint32();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.device = DeviceRef.decode(reader, reader.uint32());
+            continue;
+          }
+          case 3: {
+            if (tag !== 24) {
+              break;
+            }
+
+            message.parentDomainId = reader.uint32();
+            continue;
+          }
+          case 4: {
+            if (tag !== 34) {
+              break;
+            }
+
+            message.vdevices.push(Vdevice.decode(reader, reader.uint32()));
+            continue;
+          }
+          case 5: {
+            if (tag !== 42) {
+              break;
+            }
+
+            message.veventqs.push(Veventq.decode(reader, reader.uint32()));
+            continue;
+          }
+          case 6: {
+            if (tag !== 50) {
+              break;
+            }
+
+            message.createdAt = fromTimestamp(Timestamp.decode(reader, reader.uint32()));
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): Viommu {
+    return {
+      viommuId: isSet(object.viommuId)
+        ? globalThis.Number(object.viommuId)
+        : isSet(object.viommu_id)
+        ? globalThis.Number(object.viommu_id)
+        : 0,
+      device: isSet(object.device) ? DeviceRef.fromJSON(object.device) : undefined,
+      parentDomainId: isSet(object.parentDomainId)
+        ? globalThis.Number(object.parentDomainId)
+        : isSet(object.parent_domain_id)
+        ? globalThis.Number(object.parent_domain_id)
+        : 0,
+      vdevices: globalThis.Array.isArray(object?.vdevices) ? object.vdevices.map((e: any) => Vdevice.fromJSON(e)) : [],
+      veventqs: globalThis.Array.isArray(object?.veventqs) ? object.veventqs.map((e: any) => Veventq.fromJSON(e)) : [],
+      createdAt: isSet(object.createdAt)
+        ? fromJsonTimestamp(object.createdAt)
+        : isSet(object.created_at)
+        ? fromJsonTimestamp(object.created_at)
+        : undefined,
+    };
+  },
+
+  toJSON(message: Viommu): unknown {
+    const obj: any = {};
+    if (message.viommuId !== 0) {
+      obj.viommuId = Math.round(message.viommuId);
+    }
+    if (message.device !== undefined) {
+      obj.device = DeviceRef.toJSON(message.device);
+    }
+    if (message.parentDomainId !== 0) {
+      obj.parentDomainId = Math.round(message.parentDomainId);
+    }
+    if (message.vdevices?.length) {
+      obj.vdevices = message.vdevices.map((e) => Vdevice.toJSON(e));
+    }
+    if (message.veventqs?.length) {
+      obj.veventqs = message.veventqs.map((e) => Veventq.toJSON(e));
+    }
+    if (message.createdAt !== undefined) {
+      obj.createdAt = message.createdAt.toISOString();
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<Viommu>): Viommu {
+    return Viommu.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<Viommu>): Viommu {
+    const message = createBaseViommu();
+    message.viommuId = object.viommuId ?? 0;
+    message.device = (object.device !== undefined && object.device !== null)
+      ? DeviceRef.fromPartial(object.device)
+      : undefined;
+    message.parentDomainId = object.parentDomainId ?? 0;
+    message.vdevices = object.vdevices?.map((e) => Vdevice.fromPartial(e)) || [];
+    message.veventqs = object.veventqs?.map((e) => Veventq.fromPartial(e)) || [];
+    message.createdAt = object.createdAt ?? undefined;
+    return message;
+  },
+};
+
+function createBaseVdevice(): Vdevice {
+  return { vdeviceId: 0, device: undefined, virtId: 0n };
+}
+
+export const Vdevice: MessageFns<Vdevice> = {
+  encode(message: Vdevice, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.vdeviceId !== 0) {
+      writer.uint32(8).uint32(message.vdeviceId);
+    }
+    if (message.device !== undefined) {
+      DeviceRef.encode(message.device, writer.uint32(18).fork()).join();
+    }
+    if (message.virtId !== 0n) {
+      if (BigInt.asUintN(64, message.virtId) !== message.virtId) {
+        throw new globalThis.Error("value provided for field message.virtId of type uint64 too large");
+      }
+      writer.uint32(24).uint64(message.virtId);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): Vdevice {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseVdevice();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 8) {
+              break;
+            }
+
+            message.vdeviceId = reader.uint32();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.device = DeviceRef.decode(reader, reader.uint32());
+            continue;
+          }
+          case 3: {
+            if (tag !== 24) {
+              break;
+            }
+
+            message.virtId = reader.uint64() as bigint;
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): Vdevice {
+    return {
+      vdeviceId: isSet(object.vdeviceId)
+        ? globalThis.Number(object.vdeviceId)
+        : isSet(object.vdevice_id)
+        ? globalThis.Number(object.vdevice_id)
+        : 0,
+      device: isSet(object.device) ? DeviceRef.fromJSON(object.device) : undefined,
+      virtId: isSet(object.virtId) ? BigInt(object.virtId) : isSet(object.virt_id) ? BigInt(object.virt_id) : 0n,
+    };
+  },
+
+  toJSON(message: Vdevice): unknown {
+    const obj: any = {};
+    if (message.vdeviceId !== 0) {
+      obj.vdeviceId = Math.round(message.vdeviceId);
+    }
+    if (message.device !== undefined) {
+      obj.device = DeviceRef.toJSON(message.device);
+    }
+    if (message.virtId !== 0n) {
+      obj.virtId = message.virtId.toString();
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<Vdevice>): Vdevice {
+    return Vdevice.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<Vdevice>): Vdevice {
+    const message = createBaseVdevice();
+    message.vdeviceId = object.vdeviceId ?? 0;
+    message.device = (object.device !== undefined && object.device !== null)
+      ? DeviceRef.fromPartial(object.device)
+      : undefined;
+    message.virtId = (object.virtId !== undefined && object.virtId !== null) ? BigInt(object.virtId) : 0n;
+    return message;
+  },
+};
+
+function createBaseVeventq(): Veventq {
+  return { veventqId: 0, depth: 0 };
+}
+
+export const Veventq: MessageFns<Veventq> = {
+  encode(message: Veventq, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.veventqId !== 0) {
+      writer.uint32(8).uint32(message.veventqId);
+    }
+    if (message.depth !== 0) {
+      writer.uint32(16).uint32(message.depth);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): Veventq {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseVeventq();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 8) {
+              break;
+            }
+
+            message.veventqId = reader.uint32();
+            continue;
+          }
+          case 2: {
+            if (tag !== 16) {
+              break;
+            }
+
+            message.depth = reader.uint32();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): Veventq {
+    return {
+      veventqId: isSet(object.veventqId)
+        ? globalThis.Number(object.veventqId)
+        : isSet(object.veventq_id)
+        ? globalThis.Number(object.veventq_id)
+        : 0,
+      depth: isSet(object.depth) ? globalThis.Number(object.depth) : 0,
+    };
+  },
+
+  toJSON(message: Veventq): unknown {
+    const obj: any = {};
+    if (message.veventqId !== 0) {
+      obj.veventqId = Math.round(message.veventqId);
+    }
+    if (message.depth !== 0) {
+      obj.depth = Math.round(message.depth);
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<Veventq>): Veventq {
+    return Veventq.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<Veventq>): Veventq {
+    const message = createBaseVeventq();
+    message.veventqId = object.veventqId ?? 0;
+    message.depth = object.depth ?? 0;
+    return message;
+  },
+};
+
+function createBaseVevent(): Vevent {
+  return {
+    sequence: 0n,
+    virtId: 0n,
+    pasid: 0,
+    withoutPasid: false,
+    address: 0n,
+    access: undefined,
+    reason: "",
+    at: undefined,
+  };
+}
+
+export const Vevent: MessageFns<Vevent> = {
+  encode(message: Vevent, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.sequence !== 0n) {
+      if (BigInt.asUintN(64, message.sequence) !== message.sequence) {
+        throw new globalThis.Error("value provided for field message.sequence of type uint64 too large");
+      }
+      writer.uint32(8).uint64(message.sequence);
+    }
+    if (message.virtId !== 0n) {
+      if (BigInt.asUintN(64, message.virtId) !== message.virtId) {
+        throw new globalThis.Error("value provided for field message.virtId of type uint64 too large");
+      }
+      writer.uint32(16).uint64(message.virtId);
+    }
+    if (message.pasid !== 0) {
+      writer.uint32(24).uint32(message.pasid);
+    }
+    if (message.withoutPasid !== false) {
+      writer.uint32(32).bool(message.withoutPasid);
+    }
+    if (message.address !== 0n) {
+      if (BigInt.asUintN(64, message.address) !== message.address) {
+        throw new globalThis.Error("value provided for field message.address of type uint64 too large");
+      }
+      writer.uint32(40).uint64(message.address);
+    }
+    if (message.access !== undefined) {
+      DmaAccess.encode(message.access, writer.uint32(50).fork()).join();
+    }
+    if (message.reason !== "") {
+      writer.uint32(58).string(message.reason);
+    }
+    if (message.at !== undefined) {
+      Timestamp.encode(toTimestamp(message.at), writer.uint32(66).fork()).join();
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): Vevent {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseVevent();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 8) {
+              break;
+            }
+
+            message.sequence = reader.uint64() as bigint;
+            continue;
+          }
+          case 2: {
+            if (tag !== 16) {
+              break;
+            }
+
+            message.virtId = reader.uint64() as bigint;
+            continue;
+          }
+          case 3: {
+            if (tag !== 24) {
+              break;
+            }
+
+            message.pasid = reader.uint32();
+            continue;
+          }
+          case 4: {
+            if (tag !== 32) {
+              break;
+            }
+
+            message.withoutPasid = reader.bool();
+            continue;
+          }
+          case 5: {
+            if (tag !== 40) {
+              break;
+            }
+
+            message.address = reader.uint64() as bigint;
+            continue;
+          }
+          case 6: {
+            if (tag !== 50) {
+              break;
+            }
+
+            message.access = DmaAccess.decode(reader, reader.uint32());
+            continue;
+          }
+          case 7: {
+            if (tag !== 58) {
+              break;
+            }
+
+            message.reason = reader.string();
+            continue;
+          }
+          case 8: {
+            if (tag !== 66) {
+              break;
+            }
+
+            message.at = fromTimestamp(Timestamp.decode(reader, reader.uint32()));
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): Vevent {
+    return {
+      sequence: isSet(object.sequence) ? BigInt(object.sequence) : 0n,
+      virtId: isSet(object.virtId) ? BigInt(object.virtId) : isSet(object.virt_id) ? BigInt(object.virt_id) : 0n,
+      pasid: isSet(object.pasid) ? globalThis.Number(object.pasid) : 0,
+      withoutPasid: isSet(object.withoutPasid)
+        ? globalThis.Boolean(object.withoutPasid)
+        : isSet(object.without_pasid)
+        ? globalThis.Boolean(object.without_pasid)
+        : false,
+      address: isSet(object.address) ? BigInt(object.address) : 0n,
+      access: isSet(object.access) ? DmaAccess.fromJSON(object.access) : undefined,
+      reason: isSet(object.reason) ? globalThis.String(object.reason) : "",
+      at: isSet(object.at) ? fromJsonTimestamp(object.at) : undefined,
+    };
+  },
+
+  toJSON(message: Vevent): unknown {
+    const obj: any = {};
+    if (message.sequence !== 0n) {
+      obj.sequence = message.sequence.toString();
+    }
+    if (message.virtId !== 0n) {
+      obj.virtId = message.virtId.toString();
+    }
+    if (message.pasid !== 0) {
+      obj.pasid = Math.round(message.pasid);
+    }
+    if (message.withoutPasid !== false) {
+      obj.withoutPasid = message.withoutPasid;
+    }
+    if (message.address !== 0n) {
+      obj.address = message.address.toString();
+    }
+    if (message.access !== undefined) {
+      obj.access = DmaAccess.toJSON(message.access);
+    }
+    if (message.reason !== "") {
+      obj.reason = message.reason;
+    }
+    if (message.at !== undefined) {
+      obj.at = message.at.toISOString();
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<Vevent>): Vevent {
+    return Vevent.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<Vevent>): Vevent {
+    const message = createBaseVevent();
+    message.sequence = (object.sequence !== undefined && object.sequence !== null) ? BigInt(object.sequence) : 0n;
+    message.virtId = (object.virtId !== undefined && object.virtId !== null) ? BigInt(object.virtId) : 0n;
+    message.pasid = object.pasid ?? 0;
+    message.withoutPasid = object.withoutPasid ?? false;
+    message.address = (object.address !== undefined && object.address !== null) ? BigInt(object.address) : 0n;
+    message.access = (object.access !== undefined && object.access !== null)
+      ? DmaAccess.fromPartial(object.access)
+      : undefined;
+    message.reason = object.reason ?? "";
+    message.at = object.at ?? undefined;
+    return message;
+  },
+};
+
+function createBaseLostEvents(): LostEvents {
+  return { firstSequence: 0n, count: 0n };
+}
+
+export const LostEvents: MessageFns<LostEvents> = {
+  encode(message: LostEvents, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.firstSequence !== 0n) {
+      if (BigInt.asUintN(64, message.firstSequence) !== message.firstSequence) {
+        throw new globalThis.Error("value provided for field message.firstSequence of type uint64 too large");
+      }
+      writer.uint32(8).uint64(message.firstSequence);
+    }
+    if (message.count !== 0n) {
+      if (BigInt.asUintN(64, message.count) !== message.count) {
+        throw new globalThis.Error("value provided for field message.count of type uint64 too large");
+      }
+      writer.uint32(16).uint64(message.count);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): LostEvents {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseLostEvents();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 8) {
+              break;
+            }
+
+            message.firstSequence = reader.uint64() as bigint;
+            continue;
+          }
+          case 2: {
+            if (tag !== 16) {
+              break;
+            }
+
+            message.count = reader.uint64() as bigint;
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): LostEvents {
+    return {
+      firstSequence: isSet(object.firstSequence)
+        ? BigInt(object.firstSequence)
+        : isSet(object.first_sequence)
+        ? BigInt(object.first_sequence)
+        : 0n,
+      count: isSet(object.count) ? BigInt(object.count) : 0n,
+    };
+  },
+
+  toJSON(message: LostEvents): unknown {
+    const obj: any = {};
+    if (message.firstSequence !== 0n) {
+      obj.firstSequence = message.firstSequence.toString();
+    }
+    if (message.count !== 0n) {
+      obj.count = message.count.toString();
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<LostEvents>): LostEvents {
+    return LostEvents.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<LostEvents>): LostEvents {
+    const message = createBaseLostEvents();
+    message.firstSequence = (object.firstSequence !== undefined && object.firstSequence !== null)
+      ? BigInt(object.firstSequence)
+      : 0n;
+    message.count = (object.count !== undefined && object.count !== null) ? BigInt(object.count) : 0n;
+    return message;
+  },
+};
+
+function createBaseVeventqItem(): VeventqItem {
+  return { item: undefined };
+}
+
+export const VeventqItem: MessageFns<VeventqItem> = {
+  encode(message: VeventqItem, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    switch (message.item?.$case) {
+      case "event":
+        Vevent.encode(message.item.value, writer.uint32(10).fork()).join();
+        break;
+      case "lostEvents":
+        LostEvents.encode(message.item.value, writer.uint32(18).fork()).join();
+        break;
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): VeventqItem {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseVeventqItem();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.item = { $case: "event", value: Vevent.decode(reader, reader.uint32()) };
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.item = { $case: "lostEvents", value: LostEvents.decode(reader, reader.uint32()) };
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): VeventqItem {
+    return {
+      item: isSet(object.event)
+        ? { $case: "event", value: Vevent.fromJSON(object.event) }
+        : isSet(object.lostEvents)
+        ? { $case: "lostEvents", value: LostEvents.fromJSON(object.lostEvents) }
+        : isSet(object.lost_events)
+        ? { $case: "lostEvents", value: LostEvents.fromJSON(object.lost_events) }
+        : undefined,
+    };
+  },
+
+  toJSON(message: VeventqItem): unknown {
+    const obj: any = {};
+    if (message.item?.$case === "event") {
+      obj.event = Vevent.toJSON(message.item.value);
+    } else if (message.item?.$case === "lostEvents") {
+      obj.lostEvents = LostEvents.toJSON(message.item.value);
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<VeventqItem>): VeventqItem {
+    return VeventqItem.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<VeventqItem>): VeventqItem {
+    const message = createBaseVeventqItem();
+    switch (object.item?.$case) {
+      case "event": {
+        if (object.item?.value !== undefined && object.item?.value !== null) {
+          message.item = { $case: "event", value: Vevent.fromPartial(object.item.value) };
+        }
+        break;
+      }
+      case "lostEvents": {
+        if (object.item?.value !== undefined && object.item?.value !== null) {
+          message.item = { $case: "lostEvents", value: LostEvents.fromPartial(object.item.value) };
+        }
+        break;
+      }
+    }
+    return message;
+  },
+};
+
+function createBaseAllocViommuRequest(): AllocViommuRequest {
+  return { containerId: 0, device: undefined };
+}
+
+export const AllocViommuRequest: MessageFns<AllocViommuRequest> = {
+  encode(message: AllocViommuRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.containerId !== 0) {
+      writer.uint32(8).uint32(message.containerId);
+    }
+    if (message.device !== undefined) {
+      DeviceRef.encode(message.device, writer.uint32(18).fork()).join();
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): AllocViommuRequest {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseAllocViommuRequest();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 8) {
+              break;
+            }
+
+            message.containerId = reader.uint32();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.device = DeviceRef.decode(reader, reader.uint32());
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): AllocViommuRequest {
+    return {
+      containerId: isSet(object.containerId)
+        ? globalThis.Number(object.containerId)
+        : isSet(object.container_id)
+        ? globalThis.Number(object.container_id)
+        : 0,
+      device: isSet(object.device) ? DeviceRef.fromJSON(object.device) : undefined,
+    };
+  },
+
+  toJSON(message: AllocViommuRequest): unknown {
+    const obj: any = {};
+    if (message.containerId !== 0) {
+      obj.containerId = Math.round(message.containerId);
+    }
+    if (message.device !== undefined) {
+      obj.device = DeviceRef.toJSON(message.device);
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<AllocViommuRequest>): AllocViommuRequest {
+    return AllocViommuRequest.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<AllocViommuRequest>): AllocViommuRequest {
+    const message = createBaseAllocViommuRequest();
+    message.containerId = object.containerId ?? 0;
+    message.device = (object.device !== undefined && object.device !== null)
+      ? DeviceRef.fromPartial(object.device)
+      : undefined;
+    return message;
+  },
+};
+
+function createBaseAllocViommuResponse(): AllocViommuResponse {
+  return { viommu: undefined };
+}
+
+export const AllocViommuResponse: MessageFns<AllocViommuResponse> = {
+  encode(message: AllocViommuResponse, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.viommu !== undefined) {
+      Viommu.encode(message.viommu, writer.uint32(10).fork()).join();
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): AllocViommuResponse {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseAllocViommuResponse();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.viommu = Viommu.decode(reader, reader.uint32());
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): AllocViommuResponse {
+    return { viommu: isSet(object.viommu) ? Viommu.fromJSON(object.viommu) : undefined };
+  },
+
+  toJSON(message: AllocViommuResponse): unknown {
+    const obj: any = {};
+    if (message.viommu !== undefined) {
+      obj.viommu = Viommu.toJSON(message.viommu);
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<AllocViommuResponse>): AllocViommuResponse {
+    return AllocViommuResponse.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<AllocViommuResponse>): AllocViommuResponse {
+    const message = createBaseAllocViommuResponse();
+    message.viommu = (object.viommu !== undefined && object.viommu !== null)
+      ? Viommu.fromPartial(object.viommu)
+      : undefined;
+    return message;
+  },
+};
+
+function createBaseDestroyViommuRequest(): DestroyViommuRequest {
+  return { containerId: 0, viommuId: 0 };
+}
+
+export const DestroyViommuRequest: MessageFns<DestroyViommuRequest> = {
+  encode(message: DestroyViommuRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.containerId !== 0) {
+      writer.uint32(8).uint32(message.containerId);
+    }
+    if (message.viommuId !== 0) {
+      writer.uint32(16).uint32(message.viommuId);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): DestroyViommuRequest {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseDestroyViommuRequest();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 8) {
+              break;
+            }
+
+            message.containerId = reader.uint32();
+            continue;
+          }
+          case 2: {
+            if (tag !== 16) {
+              break;
+            }
+
+            message.viommuId = reader.uint32();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): DestroyViommuRequest {
+    return {
+      containerId: isSet(object.containerId)
+        ? globalThis.Number(object.containerId)
+        : isSet(object.container_id)
+        ? globalThis.Number(object.container_id)
+        : 0,
+      viommuId: isSet(object.viommuId)
+        ? globalThis.Number(object.viommuId)
+        : isSet(object.viommu_id)
+        ? globalThis.Number(object.viommu_id)
+        : 0,
+    };
+  },
+
+  toJSON(message: DestroyViommuRequest): unknown {
+    const obj: any = {};
+    if (message.containerId !== 0) {
+      obj.containerId = Math.round(message.containerId);
+    }
+    if (message.viommuId !== 0) {
+      obj.viommuId = Math.round(message.viommuId);
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<DestroyViommuRequest>): DestroyViommuRequest {
+    return DestroyViommuRequest.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<DestroyViommuRequest>): DestroyViommuRequest {
+    const message = createBaseDestroyViommuRequest();
+    message.containerId = object.containerId ?? 0;
+    message.viommuId = object.viommuId ?? 0;
+    return message;
+  },
+};
+
+function createBaseDestroyViommuResponse(): DestroyViommuResponse {
+  return {};
+}
+
+export const DestroyViommuResponse: MessageFns<DestroyViommuResponse> = {
+  encode(_: DestroyViommuResponse, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): DestroyViommuResponse {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseDestroyViommuResponse();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(_: any): DestroyViommuResponse {
+    return {};
+  },
+
+  toJSON(_: DestroyViommuResponse): unknown {
+    const obj: any = {};
+    return obj;
+  },
+
+  create(base?: DeepPartial<DestroyViommuResponse>): DestroyViommuResponse {
+    return DestroyViommuResponse.fromPartial(base ?? {});
+  },
+  fromPartial(_: DeepPartial<DestroyViommuResponse>): DestroyViommuResponse {
+    const message = createBaseDestroyViommuResponse();
+    return message;
+  },
+};
+
+function createBaseAllocVdeviceRequest(): AllocVdeviceRequest {
+  return { containerId: 0, viommuId: 0, device: undefined, virtId: 0n };
+}
+
+export const AllocVdeviceRequest: MessageFns<AllocVdeviceRequest> = {
+  encode(message: AllocVdeviceRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.containerId !== 0) {
+      writer.uint32(8).uint32(message.containerId);
+    }
+    if (message.viommuId !== 0) {
+      writer.uint32(16).uint32(message.viommuId);
+    }
+    if (message.device !== undefined) {
+      DeviceRef.encode(message.device, writer.uint32(26).fork()).join();
+    }
+    if (message.virtId !== 0n) {
+      if (BigInt.asUintN(64, message.virtId) !== message.virtId) {
+        throw new globalThis.Error("value provided for field message.virtId of type uint64 too large");
+      }
+      writer.uint32(32).uint64(message.virtId);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): AllocVdeviceRequest {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseAllocVdeviceRequest();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 8) {
+              break;
+            }
+
+            message.containerId = reader.uint32();
+            continue;
+          }
+          case 2: {
+            if (tag !== 16) {
+              break;
+            }
+
+            message.viommuId = reader.uint32();
+            continue;
+          }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.device = DeviceRef.decode(reader, reader.uint32());
+            continue;
+          }
+          case 4: {
+            if (tag !== 32) {
+              break;
+            }
+
+            message.virtId = reader.uint64() as bigint;
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): AllocVdeviceRequest {
+    return {
+      containerId: isSet(object.containerId)
+        ? globalThis.Number(object.containerId)
+        : isSet(object.container_id)
+        ? globalThis.Number(object.container_id)
+        : 0,
+      viommuId: isSet(object.viommuId)
+        ? globalThis.Number(object.viommuId)
+        : isSet(object.viommu_id)
+        ? globalThis.Number(object.viommu_id)
+        : 0,
+      device: isSet(object.device) ? DeviceRef.fromJSON(object.device) : undefined,
+      virtId: isSet(object.virtId) ? BigInt(object.virtId) : isSet(object.virt_id) ? BigInt(object.virt_id) : 0n,
+    };
+  },
+
+  toJSON(message: AllocVdeviceRequest): unknown {
+    const obj: any = {};
+    if (message.containerId !== 0) {
+      obj.containerId = Math.round(message.containerId);
+    }
+    if (message.viommuId !== 0) {
+      obj.viommuId = Math.round(message.viommuId);
+    }
+    if (message.device !== undefined) {
+      obj.device = DeviceRef.toJSON(message.device);
+    }
+    if (message.virtId !== 0n) {
+      obj.virtId = message.virtId.toString();
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<AllocVdeviceRequest>): AllocVdeviceRequest {
+    return AllocVdeviceRequest.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<AllocVdeviceRequest>): AllocVdeviceRequest {
+    const message = createBaseAllocVdeviceRequest();
+    message.containerId = object.containerId ?? 0;
+    message.viommuId = object.viommuId ?? 0;
+    message.device = (object.device !== undefined && object.device !== null)
+      ? DeviceRef.fromPartial(object.device)
+      : undefined;
+    message.virtId = (object.virtId !== undefined && object.virtId !== null) ? BigInt(object.virtId) : 0n;
+    return message;
+  },
+};
+
+function createBaseAllocVdeviceResponse(): AllocVdeviceResponse {
+  return { vdevice: undefined };
+}
+
+export const AllocVdeviceResponse: MessageFns<AllocVdeviceResponse> = {
+  encode(message: AllocVdeviceResponse, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.vdevice !== undefined) {
+      Vdevice.encode(message.vdevice, writer.uint32(10).fork()).join();
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): AllocVdeviceResponse {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseAllocVdeviceResponse();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.vdevice = Vdevice.decode(reader, reader.uint32());
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): AllocVdeviceResponse {
+    return { vdevice: isSet(object.vdevice) ? Vdevice.fromJSON(object.vdevice) : undefined };
+  },
+
+  toJSON(message: AllocVdeviceResponse): unknown {
+    const obj: any = {};
+    if (message.vdevice !== undefined) {
+      obj.vdevice = Vdevice.toJSON(message.vdevice);
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<AllocVdeviceResponse>): AllocVdeviceResponse {
+    return AllocVdeviceResponse.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<AllocVdeviceResponse>): AllocVdeviceResponse {
+    const message = createBaseAllocVdeviceResponse();
+    message.vdevice = (object.vdevice !== undefined && object.vdevice !== null)
+      ? Vdevice.fromPartial(object.vdevice)
+      : undefined;
+    return message;
+  },
+};
+
+function createBaseDestroyVdeviceRequest(): DestroyVdeviceRequest {
+  return { containerId: 0, vdeviceId: 0 };
+}
+
+export const DestroyVdeviceRequest: MessageFns<DestroyVdeviceRequest> = {
+  encode(message: DestroyVdeviceRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.containerId !== 0) {
+      writer.uint32(8).uint32(message.containerId);
+    }
+    if (message.vdeviceId !== 0) {
+      writer.uint32(16).uint32(message.vdeviceId);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): DestroyVdeviceRequest {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseDestroyVdeviceRequest();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 8) {
+              break;
+            }
+
+            message.containerId = reader.uint32();
+            continue;
+          }
+          case 2: {
+            if (tag !== 16) {
+              break;
+            }
+
+            message.vdeviceId = reader.uint32();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): DestroyVdeviceRequest {
+    return {
+      containerId: isSet(object.containerId)
+        ? globalThis.Number(object.containerId)
+        : isSet(object.container_id)
+        ? globalThis.Number(object.container_id)
+        : 0,
+      vdeviceId: isSet(object.vdeviceId)
+        ? globalThis.Number(object.vdeviceId)
+        : isSet(object.vdevice_id)
+        ? globalThis.Number(object.vdevice_id)
+        : 0,
+    };
+  },
+
+  toJSON(message: DestroyVdeviceRequest): unknown {
+    const obj: any = {};
+    if (message.containerId !== 0) {
+      obj.containerId = Math.round(message.containerId);
+    }
+    if (message.vdeviceId !== 0) {
+      obj.vdeviceId = Math.round(message.vdeviceId);
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<DestroyVdeviceRequest>): DestroyVdeviceRequest {
+    return DestroyVdeviceRequest.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<DestroyVdeviceRequest>): DestroyVdeviceRequest {
+    const message = createBaseDestroyVdeviceRequest();
+    message.containerId = object.containerId ?? 0;
+    message.vdeviceId = object.vdeviceId ?? 0;
+    return message;
+  },
+};
+
+function createBaseDestroyVdeviceResponse(): DestroyVdeviceResponse {
+  return {};
+}
+
+export const DestroyVdeviceResponse: MessageFns<DestroyVdeviceResponse> = {
+  encode(_: DestroyVdeviceResponse, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): DestroyVdeviceResponse {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseDestroyVdeviceResponse();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(_: any): DestroyVdeviceResponse {
+    return {};
+  },
+
+  toJSON(_: DestroyVdeviceResponse): unknown {
+    const obj: any = {};
+    return obj;
+  },
+
+  create(base?: DeepPartial<DestroyVdeviceResponse>): DestroyVdeviceResponse {
+    return DestroyVdeviceResponse.fromPartial(base ?? {});
+  },
+  fromPartial(_: DeepPartial<DestroyVdeviceResponse>): DestroyVdeviceResponse {
+    const message = createBaseDestroyVdeviceResponse();
+    return message;
+  },
+};
+
+function createBaseAllocVeventqRequest(): AllocVeventqRequest {
+  return { containerId: 0, viommuId: 0, depth: 0 };
+}
+
+export const AllocVeventqRequest: MessageFns<AllocVeventqRequest> = {
+  encode(message: AllocVeventqRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.containerId !== 0) {
+      writer.uint32(8).uint32(message.containerId);
+    }
+    if (message.viommuId !== 0) {
+      writer.uint32(16).uint32(message.viommuId);
+    }
+    if (message.depth !== 0) {
+      writer.uint32(24).uint32(message.depth);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): AllocVeventqRequest {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseAllocVeventqRequest();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 8) {
+              break;
+            }
+
+            message.containerId = reader.uint32();
+            continue;
+          }
+          case 2: {
+            if (tag !== 16) {
+              break;
+            }
+
+            message.viommuId = reader.uint32();
+            continue;
+          }
+          case 3: {
+            if (tag !== 24) {
+              break;
+            }
+
+            message.depth = reader.uint32();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): AllocVeventqRequest {
+    return {
+      containerId: isSet(object.containerId)
+        ? globalThis.Number(object.containerId)
+        : isSet(object.container_id)
+        ? globalThis.Number(object.container_id)
+        : 0,
+      viommuId: isSet(object.viommuId)
+        ? globalThis.Number(object.viommuId)
+        : isSet(object.viommu_id)
+        ? globalThis.Number(object.viommu_id)
+        : 0,
+      depth: isSet(object.depth) ? globalThis.Number(object.depth) : 0,
+    };
+  },
+
+  toJSON(message: AllocVeventqRequest): unknown {
+    const obj: any = {};
+    if (message.containerId !== 0) {
+      obj.containerId = Math.round(message.containerId);
+    }
+    if (message.viommuId !== 0) {
+      obj.viommuId = Math.round(message.viommuId);
+    }
+    if (message.depth !== 0) {
+      obj.depth = Math.round(message.depth);
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<AllocVeventqRequest>): AllocVeventqRequest {
+    return AllocVeventqRequest.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<AllocVeventqRequest>): AllocVeventqRequest {
+    const message = createBaseAllocVeventqRequest();
+    message.containerId = object.containerId ?? 0;
+    message.viommuId = object.viommuId ?? 0;
+    message.depth = object.depth ?? 0;
+    return message;
+  },
+};
+
+function createBaseAllocVeventqResponse(): AllocVeventqResponse {
+  return { veventq: undefined };
+}
+
+export const AllocVeventqResponse: MessageFns<AllocVeventqResponse> = {
+  encode(message: AllocVeventqResponse, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.veventq !== undefined) {
+      Veventq.encode(message.veventq, writer.uint32(10).fork()).join();
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): AllocVeventqResponse {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseAllocVeventqResponse();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.veventq = Veventq.decode(reader, reader.uint32());
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): AllocVeventqResponse {
+    return { veventq: isSet(object.veventq) ? Veventq.fromJSON(object.veventq) : undefined };
+  },
+
+  toJSON(message: AllocVeventqResponse): unknown {
+    const obj: any = {};
+    if (message.veventq !== undefined) {
+      obj.veventq = Veventq.toJSON(message.veventq);
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<AllocVeventqResponse>): AllocVeventqResponse {
+    return AllocVeventqResponse.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<AllocVeventqResponse>): AllocVeventqResponse {
+    const message = createBaseAllocVeventqResponse();
+    message.veventq = (object.veventq !== undefined && object.veventq !== null)
+      ? Veventq.fromPartial(object.veventq)
+      : undefined;
+    return message;
+  },
+};
+
+function createBaseDestroyVeventqRequest(): DestroyVeventqRequest {
+  return { containerId: 0, veventqId: 0 };
+}
+
+export const DestroyVeventqRequest: MessageFns<DestroyVeventqRequest> = {
+  encode(message: DestroyVeventqRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.containerId !== 0) {
+      writer.uint32(8).uint32(message.containerId);
+    }
+    if (message.veventqId !== 0) {
+      writer.uint32(16).uint32(message.veventqId);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): DestroyVeventqRequest {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseDestroyVeventqRequest();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 8) {
+              break;
+            }
+
+            message.containerId = reader.uint32();
+            continue;
+          }
+          case 2: {
+            if (tag !== 16) {
+              break;
+            }
+
+            message.veventqId = reader.uint32();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): DestroyVeventqRequest {
+    return {
+      containerId: isSet(object.containerId)
+        ? globalThis.Number(object.containerId)
+        : isSet(object.container_id)
+        ? globalThis.Number(object.container_id)
+        : 0,
+      veventqId: isSet(object.veventqId)
+        ? globalThis.Number(object.veventqId)
+        : isSet(object.veventq_id)
+        ? globalThis.Number(object.veventq_id)
+        : 0,
+    };
+  },
+
+  toJSON(message: DestroyVeventqRequest): unknown {
+    const obj: any = {};
+    if (message.containerId !== 0) {
+      obj.containerId = Math.round(message.containerId);
+    }
+    if (message.veventqId !== 0) {
+      obj.veventqId = Math.round(message.veventqId);
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<DestroyVeventqRequest>): DestroyVeventqRequest {
+    return DestroyVeventqRequest.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<DestroyVeventqRequest>): DestroyVeventqRequest {
+    const message = createBaseDestroyVeventqRequest();
+    message.containerId = object.containerId ?? 0;
+    message.veventqId = object.veventqId ?? 0;
+    return message;
+  },
+};
+
+function createBaseDestroyVeventqResponse(): DestroyVeventqResponse {
+  return {};
+}
+
+export const DestroyVeventqResponse: MessageFns<DestroyVeventqResponse> = {
+  encode(_: DestroyVeventqResponse, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): DestroyVeventqResponse {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseDestroyVeventqResponse();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(_: any): DestroyVeventqResponse {
+    return {};
+  },
+
+  toJSON(_: DestroyVeventqResponse): unknown {
+    const obj: any = {};
+    return obj;
+  },
+
+  create(base?: DeepPartial<DestroyVeventqResponse>): DestroyVeventqResponse {
+    return DestroyVeventqResponse.fromPartial(base ?? {});
+  },
+  fromPartial(_: DeepPartial<DestroyVeventqResponse>): DestroyVeventqResponse {
+    const message = createBaseDestroyVeventqResponse();
+    return message;
+  },
+};
+
+function createBaseReadVeventqRequest(): ReadVeventqRequest {
+  return { containerId: 0, veventqId: 0, maxItems: 0 };
+}
+
+export const ReadVeventqRequest: MessageFns<ReadVeventqRequest> = {
+  encode(message: ReadVeventqRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.containerId !== 0) {
+      writer.uint32(8).uint32(message.containerId);
+    }
+    if (message.veventqId !== 0) {
+      writer.uint32(16).uint32(message.veventqId);
+    }
+    if (message.maxItems !== 0) {
+      writer.uint32(24).uint32(message.maxItems);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): ReadVeventqRequest {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseReadVeventqRequest();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 8) {
+              break;
+            }
+
+            message.containerId = reader.uint32();
+            continue;
+          }
+          case 2: {
+            if (tag !== 16) {
+              break;
+            }
+
+            message.veventqId = reader.uint32();
+            continue;
+          }
+          case 3: {
+            if (tag !== 24) {
+              break;
+            }
+
+            message.maxItems = reader.uint32();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): ReadVeventqRequest {
+    return {
+      containerId: isSet(object.containerId)
+        ? globalThis.Number(object.containerId)
+        : isSet(object.container_id)
+        ? globalThis.Number(object.container_id)
+        : 0,
+      veventqId: isSet(object.veventqId)
+        ? globalThis.Number(object.veventqId)
+        : isSet(object.veventq_id)
+        ? globalThis.Number(object.veventq_id)
+        : 0,
+      maxItems: isSet(object.maxItems)
+        ? globalThis.Number(object.maxItems)
+        : isSet(object.max_items)
+        ? globalThis.Number(object.max_items)
+        : 0,
+    };
+  },
+
+  toJSON(message: ReadVeventqRequest): unknown {
+    const obj: any = {};
+    if (message.containerId !== 0) {
+      obj.containerId = Math.round(message.containerId);
+    }
+    if (message.veventqId !== 0) {
+      obj.veventqId = Math.round(message.veventqId);
+    }
+    if (message.maxItems !== 0) {
+      obj.maxItems = Math.round(message.maxItems);
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<ReadVeventqRequest>): ReadVeventqRequest {
+    return ReadVeventqRequest.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<ReadVeventqRequest>): ReadVeventqRequest {
+    const message = createBaseReadVeventqRequest();
+    message.containerId = object.containerId ?? 0;
+    message.veventqId = object.veventqId ?? 0;
+    message.maxItems = object.maxItems ?? 0;
+    return message;
+  },
+};
+
+function createBaseReadVeventqResponse(): ReadVeventqResponse {
+  return { items: [] };
+}
+
+export const ReadVeventqResponse: MessageFns<ReadVeventqResponse> = {
+  encode(message: ReadVeventqResponse, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    for (const v of message.items) {
+      VeventqItem.encode(v!, writer.uint32(10).fork()).join();
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): ReadVeventqResponse {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseReadVeventqResponse();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.items.push(VeventqItem.decode(reader, reader.uint32()));
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): ReadVeventqResponse {
+    return {
+      items: globalThis.Array.isArray(object?.items) ? object.items.map((e: any) => VeventqItem.fromJSON(e)) : [],
+    };
+  },
+
+  toJSON(message: ReadVeventqResponse): unknown {
+    const obj: any = {};
+    if (message.items?.length) {
+      obj.items = message.items.map((e) => VeventqItem.toJSON(e));
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<ReadVeventqResponse>): ReadVeventqResponse {
+    return ReadVeventqResponse.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<ReadVeventqResponse>): ReadVeventqResponse {
+    const message = createBaseReadVeventqResponse();
+    message.items = object.items?.map((e) => VeventqItem.fromPartial(e)) || [];
+    return message;
+  },
+};
+
 /** VfioService is the VMM-facing API of the host. */
 export type VfioServiceService = typeof VfioServiceService;
 export const VfioServiceService = {
@@ -5907,7 +8086,8 @@ export const VfioServiceService = {
    * stream then stays open for as long as the VMM lives. When the VMM ends it (cancels, exits,
    * crashes, loses its connection) the container is closed with reason SESSION_ENDED: every IOASID
    * of the set is freed (free always succeeds; the FREE events drive the teardown in priority
-   * order), every device and mdev unassigned and the set released. When the container is closed
+   * order), every device and mdev unassigned, the container's vIOMMU objects destroyed (event queues,
+   * then vdevices, then vIOMMUs) and the set released. When the container is closed
    * from the server side (CloseContainer), the stream sends a final `closed` message and completes
    * with OK (reason CLOSED, or SERVICE_STOPPED when VFIO itself is stopping).
    * Errors: NOT_FOUND `CONTAINER_NOT_FOUND`; ALREADY_EXISTS `SESSION_ALREADY_ATTACHED` (a container
@@ -5964,7 +8144,9 @@ export const VfioServiceService = {
   },
   /**
    * UnassignDevice removes a device or mdev from the VM. Its guest PASID binds are unbound first
-   * (as UnbindGuestPasid), and an mdev's programmed PASIDs are drained and cleared by VDCM.
+   * (as UnbindGuestPasid), and an mdev's programmed PASIDs are drained and cleared by VDCM. A
+   * physical device's nested domain (ReplaceDeviceDomain) is detached and freed, then its vdevices
+   * in the container's vIOMMUs are destroyed; the vIOMMUs stay (they hold no reference on a device).
    * Errors: NOT_FOUND `DEVICE_NOT_FOUND`, `MDEV_NOT_FOUND`; FAILED_PRECONDITION
    * `DEVICE_NOT_ASSIGNED` (not assigned to this container).
    */
@@ -5988,8 +8170,12 @@ export const VfioServiceService = {
    * old attachment are answered INVALID, and a replace that fails leaves the old domain attached.
    * A NESTED domain replaced away is freed. Guest PASID binds are untouched (their second stage is
    * the stage 2). Replacing with what is attached changes nothing.
+   * With a `viommu_id` the NESTED domain is allocated on that vIOMMU of the container (issue 16): the
+   * device's DMA faults under it reach the vIOMMU's event queue named by its virt_id.
    * Errors: FAILED_PRECONDITION `DEVICE_NOT_ASSIGNED`; INVALID_ARGUMENT `INVALID_FIELD` (an mdev:
-   * it has no requests without PASID of its own).
+   * it has no requests without PASID of its own; a `viommu_id` without a `guest_pgtable`); NOT_FOUND
+   * `VIOMMU_NOT_FOUND` (not a vIOMMU of this container), `VDEVICE_NOT_FOUND` (the device has no
+   * vdevice in the vIOMMU: the old domain stays attached).
    */
   replaceDeviceDomain: {
     path: "/ioasid.vfio.v1.VfioService/ReplaceDeviceDomain" as const,
@@ -6204,6 +8390,122 @@ export const VfioServiceService = {
     responseSerialize: (value: QueryStateResponse): Buffer => Buffer.from(QueryStateResponse.encode(value).finish()),
     responseDeserialize: (value: Buffer): QueryStateResponse => QueryStateResponse.decode(value),
   },
+  /**
+   * AllocViommu allocates a vIOMMU for the VM over its stage-2 domain (created with the first need,
+   * as MapDma does), through an assigned physical device that names the IOMMU instance it
+   * virtualises (the vIOMMU holds no reference on the device). ReplaceDeviceDomain with its
+   * `viommu_id` nests a device's translation under the vIOMMU.
+   * Errors: FAILED_PRECONDITION `DEVICE_NOT_ASSIGNED`; INVALID_ARGUMENT `INVALID_FIELD` (an mdev:
+   * it sits behind its parent's IOMMU, name the parent).
+   */
+  allocViommu: {
+    path: "/ioasid.vfio.v1.VfioService/AllocViommu" as const,
+    requestStream: false as const,
+    responseStream: false as const,
+    requestSerialize: (value: AllocViommuRequest): Buffer => Buffer.from(AllocViommuRequest.encode(value).finish()),
+    requestDeserialize: (value: Buffer): AllocViommuRequest => AllocViommuRequest.decode(value),
+    responseSerialize: (value: AllocViommuResponse): Buffer => Buffer.from(AllocViommuResponse.encode(value).finish()),
+    responseDeserialize: (value: Buffer): AllocViommuResponse => AllocViommuResponse.decode(value),
+  },
+  /**
+   * DestroyViommu destroys a vIOMMU of the container that nothing depends on any more.
+   * Errors: NOT_FOUND `VIOMMU_NOT_FOUND`; FAILED_PRECONDITION `VIOMMU_IN_USE` (it still has
+   * vdevices, event queues, or a device translating through a nested domain on it: destroy them,
+   * or replace the device's domain, first).
+   */
+  destroyViommu: {
+    path: "/ioasid.vfio.v1.VfioService/DestroyViommu" as const,
+    requestStream: false as const,
+    responseStream: false as const,
+    requestSerialize: (value: DestroyViommuRequest): Buffer => Buffer.from(DestroyViommuRequest.encode(value).finish()),
+    requestDeserialize: (value: Buffer): DestroyViommuRequest => DestroyViommuRequest.decode(value),
+    responseSerialize: (value: DestroyViommuResponse): Buffer =>
+      Buffer.from(DestroyViommuResponse.encode(value).finish()),
+    responseDeserialize: (value: Buffer): DestroyViommuResponse => DestroyViommuResponse.decode(value),
+  },
+  /**
+   * AllocVdevice tells a vIOMMU of the container the guest-visible id (`virt_id`, the guest's
+   * virtual stream or requester id) of one of the container's assigned physical devices. Its
+   * events carry the virt_id, never the host's device id. UnassignDevice destroys the device's
+   * vdevices (after replacing its nested domain away).
+   * Errors: NOT_FOUND `VIOMMU_NOT_FOUND`; FAILED_PRECONDITION `DEVICE_NOT_ASSIGNED`; ALREADY_EXISTS
+   * `VDEVICE_EXISTS` (`virt_id` is taken in this vIOMMU, or the device already has a vdevice in
+   * it); INVALID_ARGUMENT `INVALID_FIELD` (an mdev).
+   */
+  allocVdevice: {
+    path: "/ioasid.vfio.v1.VfioService/AllocVdevice" as const,
+    requestStream: false as const,
+    responseStream: false as const,
+    requestSerialize: (value: AllocVdeviceRequest): Buffer => Buffer.from(AllocVdeviceRequest.encode(value).finish()),
+    requestDeserialize: (value: Buffer): AllocVdeviceRequest => AllocVdeviceRequest.decode(value),
+    responseSerialize: (value: AllocVdeviceResponse): Buffer =>
+      Buffer.from(AllocVdeviceResponse.encode(value).finish()),
+    responseDeserialize: (value: Buffer): AllocVdeviceResponse => AllocVdeviceResponse.decode(value),
+  },
+  /**
+   * DestroyVdevice destroys a vdevice of the container.
+   * Errors: NOT_FOUND `VDEVICE_NOT_FOUND`; FAILED_PRECONDITION `VDEVICE_IN_USE` (its device
+   * translates through a nested domain of the vIOMMU: ReplaceDeviceDomain it away first).
+   */
+  destroyVdevice: {
+    path: "/ioasid.vfio.v1.VfioService/DestroyVdevice" as const,
+    requestStream: false as const,
+    responseStream: false as const,
+    requestSerialize: (value: DestroyVdeviceRequest): Buffer =>
+      Buffer.from(DestroyVdeviceRequest.encode(value).finish()),
+    requestDeserialize: (value: Buffer): DestroyVdeviceRequest => DestroyVdeviceRequest.decode(value),
+    responseSerialize: (value: DestroyVdeviceResponse): Buffer =>
+      Buffer.from(DestroyVdeviceResponse.encode(value).finish()),
+    responseDeserialize: (value: Buffer): DestroyVdeviceResponse => DestroyVdeviceResponse.decode(value),
+  },
+  /**
+   * AllocVeventq creates the DMA-fault event queue of a vIOMMU of the container, `depth` events
+   * deep: unrecoverable DMA faults under a nested domain of the vIOMMU are queued with the
+   * faulting device's virt_id and a sequence number; an event that finds the queue full is dropped
+   * and reported by a LOST_EVENTS marker carrying the gap (the IOMMU's AllocVeventq).
+   * Errors: NOT_FOUND `VIOMMU_NOT_FOUND`; ALREADY_EXISTS `VEVENTQ_EXISTS` (the vIOMMU has its
+   * queue already); INVALID_ARGUMENT `INVALID_FIELD` (`depth` not 1..4096).
+   */
+  allocVeventq: {
+    path: "/ioasid.vfio.v1.VfioService/AllocVeventq" as const,
+    requestStream: false as const,
+    responseStream: false as const,
+    requestSerialize: (value: AllocVeventqRequest): Buffer => Buffer.from(AllocVeventqRequest.encode(value).finish()),
+    requestDeserialize: (value: Buffer): AllocVeventqRequest => AllocVeventqRequest.decode(value),
+    responseSerialize: (value: AllocVeventqResponse): Buffer =>
+      Buffer.from(AllocVeventqResponse.encode(value).finish()),
+    responseDeserialize: (value: Buffer): AllocVeventqResponse => AllocVeventqResponse.decode(value),
+  },
+  /**
+   * DestroyVeventq destroys an event queue of the container; unread events and markers go with it.
+   * Errors: NOT_FOUND `VEVENTQ_NOT_FOUND`.
+   */
+  destroyVeventq: {
+    path: "/ioasid.vfio.v1.VfioService/DestroyVeventq" as const,
+    requestStream: false as const,
+    responseStream: false as const,
+    requestSerialize: (value: DestroyVeventqRequest): Buffer =>
+      Buffer.from(DestroyVeventqRequest.encode(value).finish()),
+    requestDeserialize: (value: Buffer): DestroyVeventqRequest => DestroyVeventqRequest.decode(value),
+    responseSerialize: (value: DestroyVeventqResponse): Buffer =>
+      Buffer.from(DestroyVeventqResponse.encode(value).finish()),
+    responseDeserialize: (value: Buffer): DestroyVeventqResponse => DestroyVeventqResponse.decode(value),
+  },
+  /**
+   * ReadVeventq takes up to `max_items` items from the head of an event queue of the container,
+   * oldest first, as the IOMMU queued them: events and LOST_EVENTS markers in order (a read of the
+   * vEVENTQ fd). What is returned is removed; an empty queue returns no item (it does not wait).
+   * Errors: NOT_FOUND `VEVENTQ_NOT_FOUND`.
+   */
+  readVeventq: {
+    path: "/ioasid.vfio.v1.VfioService/ReadVeventq" as const,
+    requestStream: false as const,
+    responseStream: false as const,
+    requestSerialize: (value: ReadVeventqRequest): Buffer => Buffer.from(ReadVeventqRequest.encode(value).finish()),
+    requestDeserialize: (value: Buffer): ReadVeventqRequest => ReadVeventqRequest.decode(value),
+    responseSerialize: (value: ReadVeventqResponse): Buffer => Buffer.from(ReadVeventqResponse.encode(value).finish()),
+    responseDeserialize: (value: Buffer): ReadVeventqResponse => ReadVeventqResponse.decode(value),
+  },
 } as const;
 
 export interface VfioServiceServer extends UntypedServiceImplementation {
@@ -6227,7 +8529,8 @@ export interface VfioServiceServer extends UntypedServiceImplementation {
    * stream then stays open for as long as the VMM lives. When the VMM ends it (cancels, exits,
    * crashes, loses its connection) the container is closed with reason SESSION_ENDED: every IOASID
    * of the set is freed (free always succeeds; the FREE events drive the teardown in priority
-   * order), every device and mdev unassigned and the set released. When the container is closed
+   * order), every device and mdev unassigned, the container's vIOMMU objects destroyed (event queues,
+   * then vdevices, then vIOMMUs) and the set released. When the container is closed
    * from the server side (CloseContainer), the stream sends a final `closed` message and completes
    * with OK (reason CLOSED, or SERVICE_STOPPED when VFIO itself is stopping).
    * Errors: NOT_FOUND `CONTAINER_NOT_FOUND`; ALREADY_EXISTS `SESSION_ALREADY_ATTACHED` (a container
@@ -6257,7 +8560,9 @@ export interface VfioServiceServer extends UntypedServiceImplementation {
   assignDevice: handleUnaryCall<AssignDeviceRequest, AssignDeviceResponse>;
   /**
    * UnassignDevice removes a device or mdev from the VM. Its guest PASID binds are unbound first
-   * (as UnbindGuestPasid), and an mdev's programmed PASIDs are drained and cleared by VDCM.
+   * (as UnbindGuestPasid), and an mdev's programmed PASIDs are drained and cleared by VDCM. A
+   * physical device's nested domain (ReplaceDeviceDomain) is detached and freed, then its vdevices
+   * in the container's vIOMMUs are destroyed; the vIOMMUs stay (they hold no reference on a device).
    * Errors: NOT_FOUND `DEVICE_NOT_FOUND`, `MDEV_NOT_FOUND`; FAILED_PRECONDITION
    * `DEVICE_NOT_ASSIGNED` (not assigned to this container).
    */
@@ -6271,8 +8576,12 @@ export interface VfioServiceServer extends UntypedServiceImplementation {
    * old attachment are answered INVALID, and a replace that fails leaves the old domain attached.
    * A NESTED domain replaced away is freed. Guest PASID binds are untouched (their second stage is
    * the stage 2). Replacing with what is attached changes nothing.
+   * With a `viommu_id` the NESTED domain is allocated on that vIOMMU of the container (issue 16): the
+   * device's DMA faults under it reach the vIOMMU's event queue named by its virt_id.
    * Errors: FAILED_PRECONDITION `DEVICE_NOT_ASSIGNED`; INVALID_ARGUMENT `INVALID_FIELD` (an mdev:
-   * it has no requests without PASID of its own).
+   * it has no requests without PASID of its own; a `viommu_id` without a `guest_pgtable`); NOT_FOUND
+   * `VIOMMU_NOT_FOUND` (not a vIOMMU of this container), `VDEVICE_NOT_FOUND` (the device has no
+   * vdevice in the vIOMMU: the old domain stays attached).
    */
   replaceDeviceDomain: handleUnaryCall<ReplaceDeviceDomainRequest, ReplaceDeviceDomainResponse>;
   /**
@@ -6380,6 +8689,59 @@ export interface VfioServiceServer extends UntypedServiceImplementation {
    * Errors: NOT_FOUND `CONTAINER_NOT_FOUND` (a non-zero container id that does not exist).
    */
   queryState: handleUnaryCall<QueryStateRequest, QueryStateResponse>;
+  /**
+   * AllocViommu allocates a vIOMMU for the VM over its stage-2 domain (created with the first need,
+   * as MapDma does), through an assigned physical device that names the IOMMU instance it
+   * virtualises (the vIOMMU holds no reference on the device). ReplaceDeviceDomain with its
+   * `viommu_id` nests a device's translation under the vIOMMU.
+   * Errors: FAILED_PRECONDITION `DEVICE_NOT_ASSIGNED`; INVALID_ARGUMENT `INVALID_FIELD` (an mdev:
+   * it sits behind its parent's IOMMU, name the parent).
+   */
+  allocViommu: handleUnaryCall<AllocViommuRequest, AllocViommuResponse>;
+  /**
+   * DestroyViommu destroys a vIOMMU of the container that nothing depends on any more.
+   * Errors: NOT_FOUND `VIOMMU_NOT_FOUND`; FAILED_PRECONDITION `VIOMMU_IN_USE` (it still has
+   * vdevices, event queues, or a device translating through a nested domain on it: destroy them,
+   * or replace the device's domain, first).
+   */
+  destroyViommu: handleUnaryCall<DestroyViommuRequest, DestroyViommuResponse>;
+  /**
+   * AllocVdevice tells a vIOMMU of the container the guest-visible id (`virt_id`, the guest's
+   * virtual stream or requester id) of one of the container's assigned physical devices. Its
+   * events carry the virt_id, never the host's device id. UnassignDevice destroys the device's
+   * vdevices (after replacing its nested domain away).
+   * Errors: NOT_FOUND `VIOMMU_NOT_FOUND`; FAILED_PRECONDITION `DEVICE_NOT_ASSIGNED`; ALREADY_EXISTS
+   * `VDEVICE_EXISTS` (`virt_id` is taken in this vIOMMU, or the device already has a vdevice in
+   * it); INVALID_ARGUMENT `INVALID_FIELD` (an mdev).
+   */
+  allocVdevice: handleUnaryCall<AllocVdeviceRequest, AllocVdeviceResponse>;
+  /**
+   * DestroyVdevice destroys a vdevice of the container.
+   * Errors: NOT_FOUND `VDEVICE_NOT_FOUND`; FAILED_PRECONDITION `VDEVICE_IN_USE` (its device
+   * translates through a nested domain of the vIOMMU: ReplaceDeviceDomain it away first).
+   */
+  destroyVdevice: handleUnaryCall<DestroyVdeviceRequest, DestroyVdeviceResponse>;
+  /**
+   * AllocVeventq creates the DMA-fault event queue of a vIOMMU of the container, `depth` events
+   * deep: unrecoverable DMA faults under a nested domain of the vIOMMU are queued with the
+   * faulting device's virt_id and a sequence number; an event that finds the queue full is dropped
+   * and reported by a LOST_EVENTS marker carrying the gap (the IOMMU's AllocVeventq).
+   * Errors: NOT_FOUND `VIOMMU_NOT_FOUND`; ALREADY_EXISTS `VEVENTQ_EXISTS` (the vIOMMU has its
+   * queue already); INVALID_ARGUMENT `INVALID_FIELD` (`depth` not 1..4096).
+   */
+  allocVeventq: handleUnaryCall<AllocVeventqRequest, AllocVeventqResponse>;
+  /**
+   * DestroyVeventq destroys an event queue of the container; unread events and markers go with it.
+   * Errors: NOT_FOUND `VEVENTQ_NOT_FOUND`.
+   */
+  destroyVeventq: handleUnaryCall<DestroyVeventqRequest, DestroyVeventqResponse>;
+  /**
+   * ReadVeventq takes up to `max_items` items from the head of an event queue of the container,
+   * oldest first, as the IOMMU queued them: events and LOST_EVENTS markers in order (a read of the
+   * vEVENTQ fd). What is returned is removed; an empty queue returns no item (it does not wait).
+   * Errors: NOT_FOUND `VEVENTQ_NOT_FOUND`.
+   */
+  readVeventq: handleUnaryCall<ReadVeventqRequest, ReadVeventqResponse>;
 }
 
 export interface VfioServiceClient extends Client {
@@ -6417,7 +8779,8 @@ export interface VfioServiceClient extends Client {
    * stream then stays open for as long as the VMM lives. When the VMM ends it (cancels, exits,
    * crashes, loses its connection) the container is closed with reason SESSION_ENDED: every IOASID
    * of the set is freed (free always succeeds; the FREE events drive the teardown in priority
-   * order), every device and mdev unassigned and the set released. When the container is closed
+   * order), every device and mdev unassigned, the container's vIOMMU objects destroyed (event queues,
+   * then vdevices, then vIOMMUs) and the set released. When the container is closed
    * from the server side (CloseContainer), the stream sends a final `closed` message and completes
    * with OK (reason CLOSED, or SERVICE_STOPPED when VFIO itself is stopping).
    * Errors: NOT_FOUND `CONTAINER_NOT_FOUND`; ALREADY_EXISTS `SESSION_ALREADY_ATTACHED` (a container
@@ -6480,7 +8843,9 @@ export interface VfioServiceClient extends Client {
   ): ClientUnaryCall;
   /**
    * UnassignDevice removes a device or mdev from the VM. Its guest PASID binds are unbound first
-   * (as UnbindGuestPasid), and an mdev's programmed PASIDs are drained and cleared by VDCM.
+   * (as UnbindGuestPasid), and an mdev's programmed PASIDs are drained and cleared by VDCM. A
+   * physical device's nested domain (ReplaceDeviceDomain) is detached and freed, then its vdevices
+   * in the container's vIOMMUs are destroyed; the vIOMMUs stay (they hold no reference on a device).
    * Errors: NOT_FOUND `DEVICE_NOT_FOUND`, `MDEV_NOT_FOUND`; FAILED_PRECONDITION
    * `DEVICE_NOT_ASSIGNED` (not assigned to this container).
    */
@@ -6508,8 +8873,12 @@ export interface VfioServiceClient extends Client {
    * old attachment are answered INVALID, and a replace that fails leaves the old domain attached.
    * A NESTED domain replaced away is freed. Guest PASID binds are untouched (their second stage is
    * the stage 2). Replacing with what is attached changes nothing.
+   * With a `viommu_id` the NESTED domain is allocated on that vIOMMU of the container (issue 16): the
+   * device's DMA faults under it reach the vIOMMU's event queue named by its virt_id.
    * Errors: FAILED_PRECONDITION `DEVICE_NOT_ASSIGNED`; INVALID_ARGUMENT `INVALID_FIELD` (an mdev:
-   * it has no requests without PASID of its own).
+   * it has no requests without PASID of its own; a `viommu_id` without a `guest_pgtable`); NOT_FOUND
+   * `VIOMMU_NOT_FOUND` (not a vIOMMU of this container), `VDEVICE_NOT_FOUND` (the device has no
+   * vdevice in the vIOMMU: the old domain stays attached).
    */
   replaceDeviceDomain(
     request: ReplaceDeviceDomainRequest,
@@ -6775,6 +9144,157 @@ export interface VfioServiceClient extends Client {
     metadata: Metadata,
     options: Partial<CallOptions>,
     callback: (error: ServiceError | null, response: QueryStateResponse) => void,
+  ): ClientUnaryCall;
+  /**
+   * AllocViommu allocates a vIOMMU for the VM over its stage-2 domain (created with the first need,
+   * as MapDma does), through an assigned physical device that names the IOMMU instance it
+   * virtualises (the vIOMMU holds no reference on the device). ReplaceDeviceDomain with its
+   * `viommu_id` nests a device's translation under the vIOMMU.
+   * Errors: FAILED_PRECONDITION `DEVICE_NOT_ASSIGNED`; INVALID_ARGUMENT `INVALID_FIELD` (an mdev:
+   * it sits behind its parent's IOMMU, name the parent).
+   */
+  allocViommu(
+    request: AllocViommuRequest,
+    callback: (error: ServiceError | null, response: AllocViommuResponse) => void,
+  ): ClientUnaryCall;
+  allocViommu(
+    request: AllocViommuRequest,
+    metadata: Metadata,
+    callback: (error: ServiceError | null, response: AllocViommuResponse) => void,
+  ): ClientUnaryCall;
+  allocViommu(
+    request: AllocViommuRequest,
+    metadata: Metadata,
+    options: Partial<CallOptions>,
+    callback: (error: ServiceError | null, response: AllocViommuResponse) => void,
+  ): ClientUnaryCall;
+  /**
+   * DestroyViommu destroys a vIOMMU of the container that nothing depends on any more.
+   * Errors: NOT_FOUND `VIOMMU_NOT_FOUND`; FAILED_PRECONDITION `VIOMMU_IN_USE` (it still has
+   * vdevices, event queues, or a device translating through a nested domain on it: destroy them,
+   * or replace the device's domain, first).
+   */
+  destroyViommu(
+    request: DestroyViommuRequest,
+    callback: (error: ServiceError | null, response: DestroyViommuResponse) => void,
+  ): ClientUnaryCall;
+  destroyViommu(
+    request: DestroyViommuRequest,
+    metadata: Metadata,
+    callback: (error: ServiceError | null, response: DestroyViommuResponse) => void,
+  ): ClientUnaryCall;
+  destroyViommu(
+    request: DestroyViommuRequest,
+    metadata: Metadata,
+    options: Partial<CallOptions>,
+    callback: (error: ServiceError | null, response: DestroyViommuResponse) => void,
+  ): ClientUnaryCall;
+  /**
+   * AllocVdevice tells a vIOMMU of the container the guest-visible id (`virt_id`, the guest's
+   * virtual stream or requester id) of one of the container's assigned physical devices. Its
+   * events carry the virt_id, never the host's device id. UnassignDevice destroys the device's
+   * vdevices (after replacing its nested domain away).
+   * Errors: NOT_FOUND `VIOMMU_NOT_FOUND`; FAILED_PRECONDITION `DEVICE_NOT_ASSIGNED`; ALREADY_EXISTS
+   * `VDEVICE_EXISTS` (`virt_id` is taken in this vIOMMU, or the device already has a vdevice in
+   * it); INVALID_ARGUMENT `INVALID_FIELD` (an mdev).
+   */
+  allocVdevice(
+    request: AllocVdeviceRequest,
+    callback: (error: ServiceError | null, response: AllocVdeviceResponse) => void,
+  ): ClientUnaryCall;
+  allocVdevice(
+    request: AllocVdeviceRequest,
+    metadata: Metadata,
+    callback: (error: ServiceError | null, response: AllocVdeviceResponse) => void,
+  ): ClientUnaryCall;
+  allocVdevice(
+    request: AllocVdeviceRequest,
+    metadata: Metadata,
+    options: Partial<CallOptions>,
+    callback: (error: ServiceError | null, response: AllocVdeviceResponse) => void,
+  ): ClientUnaryCall;
+  /**
+   * DestroyVdevice destroys a vdevice of the container.
+   * Errors: NOT_FOUND `VDEVICE_NOT_FOUND`; FAILED_PRECONDITION `VDEVICE_IN_USE` (its device
+   * translates through a nested domain of the vIOMMU: ReplaceDeviceDomain it away first).
+   */
+  destroyVdevice(
+    request: DestroyVdeviceRequest,
+    callback: (error: ServiceError | null, response: DestroyVdeviceResponse) => void,
+  ): ClientUnaryCall;
+  destroyVdevice(
+    request: DestroyVdeviceRequest,
+    metadata: Metadata,
+    callback: (error: ServiceError | null, response: DestroyVdeviceResponse) => void,
+  ): ClientUnaryCall;
+  destroyVdevice(
+    request: DestroyVdeviceRequest,
+    metadata: Metadata,
+    options: Partial<CallOptions>,
+    callback: (error: ServiceError | null, response: DestroyVdeviceResponse) => void,
+  ): ClientUnaryCall;
+  /**
+   * AllocVeventq creates the DMA-fault event queue of a vIOMMU of the container, `depth` events
+   * deep: unrecoverable DMA faults under a nested domain of the vIOMMU are queued with the
+   * faulting device's virt_id and a sequence number; an event that finds the queue full is dropped
+   * and reported by a LOST_EVENTS marker carrying the gap (the IOMMU's AllocVeventq).
+   * Errors: NOT_FOUND `VIOMMU_NOT_FOUND`; ALREADY_EXISTS `VEVENTQ_EXISTS` (the vIOMMU has its
+   * queue already); INVALID_ARGUMENT `INVALID_FIELD` (`depth` not 1..4096).
+   */
+  allocVeventq(
+    request: AllocVeventqRequest,
+    callback: (error: ServiceError | null, response: AllocVeventqResponse) => void,
+  ): ClientUnaryCall;
+  allocVeventq(
+    request: AllocVeventqRequest,
+    metadata: Metadata,
+    callback: (error: ServiceError | null, response: AllocVeventqResponse) => void,
+  ): ClientUnaryCall;
+  allocVeventq(
+    request: AllocVeventqRequest,
+    metadata: Metadata,
+    options: Partial<CallOptions>,
+    callback: (error: ServiceError | null, response: AllocVeventqResponse) => void,
+  ): ClientUnaryCall;
+  /**
+   * DestroyVeventq destroys an event queue of the container; unread events and markers go with it.
+   * Errors: NOT_FOUND `VEVENTQ_NOT_FOUND`.
+   */
+  destroyVeventq(
+    request: DestroyVeventqRequest,
+    callback: (error: ServiceError | null, response: DestroyVeventqResponse) => void,
+  ): ClientUnaryCall;
+  destroyVeventq(
+    request: DestroyVeventqRequest,
+    metadata: Metadata,
+    callback: (error: ServiceError | null, response: DestroyVeventqResponse) => void,
+  ): ClientUnaryCall;
+  destroyVeventq(
+    request: DestroyVeventqRequest,
+    metadata: Metadata,
+    options: Partial<CallOptions>,
+    callback: (error: ServiceError | null, response: DestroyVeventqResponse) => void,
+  ): ClientUnaryCall;
+  /**
+   * ReadVeventq takes up to `max_items` items from the head of an event queue of the container,
+   * oldest first, as the IOMMU queued them: events and LOST_EVENTS markers in order (a read of the
+   * vEVENTQ fd). What is returned is removed; an empty queue returns no item (it does not wait).
+   * Errors: NOT_FOUND `VEVENTQ_NOT_FOUND`.
+   */
+  readVeventq(
+    request: ReadVeventqRequest,
+    callback: (error: ServiceError | null, response: ReadVeventqResponse) => void,
+  ): ClientUnaryCall;
+  readVeventq(
+    request: ReadVeventqRequest,
+    metadata: Metadata,
+    callback: (error: ServiceError | null, response: ReadVeventqResponse) => void,
+  ): ClientUnaryCall;
+  readVeventq(
+    request: ReadVeventqRequest,
+    metadata: Metadata,
+    options: Partial<CallOptions>,
+    callback: (error: ServiceError | null, response: ReadVeventqResponse) => void,
   ): ClientUnaryCall;
 }
 

@@ -7,7 +7,7 @@
 /* eslint-disable */
 import { BinaryReader, BinaryWriter } from "@bufbuild/protobuf/wire";
 import { Timestamp } from "../../../google/protobuf/timestamp.js";
-import { AssignedDevice, HostRange } from "./vfio.js";
+import { AssignedDevice, HostRange, Viommu } from "./vfio.js";
 
 export const protobufPackage = "ioasid.vfio.v1";
 
@@ -59,6 +59,12 @@ export interface KeptContainer {
    * before host memory was given.
    */
   guestMemory: HostRange[];
+  /**
+   * Its vIOMMUs with their vdevices and event queues (allocations in progress are not kept), so
+   * that a VFIO back from a crash destroys them before it frees the stage 2 they hold. Empty in
+   * entries kept before vIOMMUs existed.
+   */
+  viommus: Viommu[];
 }
 
 /** KeptContainerCounter is the next container id, so a restart never reuses one. */
@@ -182,6 +188,7 @@ function createBaseKeptContainer(): KeptContainer {
     stage2DomainId: 0,
     capabilityDigest: Buffer.alloc(0),
     guestMemory: [],
+    viommus: [],
   };
 }
 
@@ -219,6 +226,9 @@ export const KeptContainer: MessageFns<KeptContainer> = {
     }
     for (const v of message.guestMemory) {
       HostRange.encode(v!, writer.uint32(82).fork()).join();
+    }
+    for (const v of message.viommus) {
+      Viommu.encode(v!, writer.uint32(90).fork()).join();
     }
     return writer;
   },
@@ -316,6 +326,14 @@ export const KeptContainer: MessageFns<KeptContainer> = {
             message.guestMemory.push(HostRange.decode(reader, reader.uint32()));
             continue;
           }
+          case 11: {
+            if (tag !== 90) {
+              break;
+            }
+
+            message.viommus.push(Viommu.decode(reader, reader.uint32()));
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -370,6 +388,9 @@ export const KeptContainer: MessageFns<KeptContainer> = {
         : globalThis.Array.isArray(object?.guest_memory)
         ? object.guest_memory.map((e: any) => HostRange.fromJSON(e))
         : [],
+      viommus: globalThis.Array.isArray(object?.viommus)
+        ? object.viommus.map((e: any) => Viommu.fromJSON(e))
+        : [],
     };
   },
 
@@ -405,6 +426,9 @@ export const KeptContainer: MessageFns<KeptContainer> = {
     if (message.guestMemory?.length) {
       obj.guestMemory = message.guestMemory.map((e) => HostRange.toJSON(e));
     }
+    if (message.viommus?.length) {
+      obj.viommus = message.viommus.map((e) => Viommu.toJSON(e));
+    }
     return obj;
   },
 
@@ -423,6 +447,7 @@ export const KeptContainer: MessageFns<KeptContainer> = {
     message.stage2DomainId = object.stage2DomainId ?? 0;
     message.capabilityDigest = object.capabilityDigest ?? Buffer.alloc(0);
     message.guestMemory = object.guestMemory?.map((e) => HostRange.fromPartial(e)) || [];
+    message.viommus = object.viommus?.map((e) => Viommu.fromPartial(e)) || [];
     return message;
   },
 };
