@@ -444,7 +444,7 @@ describe("check", () => {
     expect(text).toMatch(/> +\+\d+\.\d{3}ms vdcm\/vdcm-0 vdev_clear ioasid 202#1 set 2 spid 101 seq \d+ "device idxd0 wq 1 mdev mdev-g2 FREE"/);
   });
 
-  it("orders records of different processes within the clock tolerance", () => {
+  it("orders the records of a history without sequences (recorded before issue 18) by time, within the clock tolerance", () => {
     const h = correctHistory();
     const kvmClear = find(h, is("kvm", "vmcsUpdate", { ioasid: 202, detail: "clear" }));
     const skewed = change(h, is("vdcm", "vdevClear", { ioasid: 202 }), (r) => ({ ...r, ts: kvmClear.ts - 0.5 }));

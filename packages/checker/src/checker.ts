@@ -36,7 +36,7 @@ export interface Verdict {
   readonly checked: readonly InvariantId[];
   /** Records read. */
   readonly records: number;
-  /** Time of the first record (the trace's zero). */
+  /** Earliest record time (the trace's zero; records are in causal order, so not always the first's). */
   readonly startTs: number | undefined;
   /** What the history could not show. */
   readonly notes: readonly string[];
@@ -99,7 +99,7 @@ export function createChecker(options: CheckerOptions = {}): Checker {
         counts,
         checked,
         records: index.records.length,
-        startTs: index.records[0]?.ts,
+        startTs: index.startTs,
         notes: [...new Set(notes)],
       };
     },
@@ -123,12 +123,14 @@ function lossExplaining(index: HistoryIndex, absence: NonNullable<Finding["absen
  * missed that delivery, or a window in which the core's records (or NATS) may have been lost.
  */
 function missExplaining(index: HistoryIndex, d: NonNullable<Finding["missedDelivery"]>, toleranceMs: number): string | undefined {
-  const t0 = index.records[0]?.ts ?? 0;
+  const t0 = index.startTs ?? 0;
   for (const idx of index.withSeq(d.seq)) {
     const r = index.records[idx]!;
     const a = r.action;
     if (r.role !== CORE_ROLE || a?.$case !== "deliveryMissed" || a.value.subscriber !== d.role || a.value.instance !== d.instance) continue;
-    if (r.ts <= d.before + toleranceMs) return `the core recorded its delivery of seq ${d.seq} missed at +${(r.ts - t0).toFixed(0)} ms`;
+    // Before the early tier's step by happens-before (the core's record precedes the delivery
+    // that let the chain move on), by time only where the history does not say.
+    if (index.notAfter(idx, d.before, toleranceMs)) return `the core recorded its delivery of seq ${d.seq} missed at +${(r.ts - t0).toFixed(0)} ms`;
   }
   const lost = lossExplaining(index, { role: CORE_ROLE, from: d.from, to: d.to });
   return lost === undefined ? undefined : `the core's record of a missed delivery may have been lost: ${lost.why}`;

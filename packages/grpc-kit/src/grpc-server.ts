@@ -17,6 +17,7 @@ import { adaptService, serviceNameOf, type AnyServiceDefinition, type ServiceHan
 import { observeCalls, type CallObserver } from "./call-metrics.js";
 import { createLogger } from "./create-logger.js";
 import { guardDecoding } from "./guard-decoding.js";
+import { historyServerInterceptor } from "./history-calls.js";
 import { refuseRoles } from "./refuse-roles.js";
 import { serverCredentials } from "./tls.js";
 
@@ -104,6 +105,8 @@ export class GrpcServer {
     const interceptors = [
       // First: it sees the status of every call, refusals by the interceptors below included.
       observeCalls(() => this.#callObserver),
+      // History positions in from each call's metadata, out with its status (issue 18: order without clocks).
+      historyServerInterceptor,
       ...(options.refuseRoles === undefined || options.refuseRoles.length === 0 ? [] : [refuseRoles(options.refuseRoles, this.logger)]),
       ...(options.interceptors ?? []),
     ];

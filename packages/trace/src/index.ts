@@ -18,4 +18,18 @@ export {
   w3cPropagator,
   type MetadataLike,
 } from "./propagation.js";
+export {
+  decodePositions,
+  encodePositions,
+  noteReceived,
+  POSITION_HEADER,
+  POSITION_METADATA,
+  positionOf,
+  processPositions,
+  PROCESS_INCARNATION,
+  publisherKey,
+  registerPosition,
+  takeReceived,
+  type HistoryLink,
+} from "./history-position.js";
 export { startTracing, tracer, tracingStarted, type Tracing, type TracingOptions } from "./start-tracing.js";

@@ -1,0 +1,98 @@
+import { randomBytes } from "node:crypto";
+
+// Order without clocks (DESIGN §7, issue 18): what lets the checker order history records of
+// processes on different hosts, whose clocks differ. Each recorder numbers its records
+// (`publisher_seq`, with the process's `incarnation`), and a message between components carries
+// its sender's position — the last record the sender had made — so that the first record the
+// receiver makes after it names that position (`after`): a causal link. The delivery engine sends
+// the core's position with each delivery, a subscriber sends its own with its acknowledgement; a
+// gRPC call carries the caller's positions in its metadata and the server's in its trailers.
+// Here beside the trace context, which travels the same ways.
+
+/** A publisher's position: its records up to `publisherSeq` (proto `ioasid.history.v1.HistoryLink`). */
+export interface HistoryLink {
+  readonly role: string;
+  readonly instance: string;
+  readonly incarnation: string;
+  readonly publisherSeq: number;
+}
+
+/** This process's incarnation: a random id per process start (`publisher_seq` counts again from 1). */
+export const PROCESS_INCARNATION = randomBytes(6).toString("hex");
+
+/** The NATS header that carries the sender's position (a delivery batch, an ack batch). */
+export const POSITION_HEADER = "Ioasid-History-After";
+/** The gRPC metadata key that carries positions (a call's request metadata, its trailers). */
+export const POSITION_METADATA = "ioasid-history-after";
+
+/** The key of a publisher: `role/instance/incarnation`. */
+export function publisherKey(p: { readonly role: string; readonly instance: string; readonly incarnation: string }): string {
+  return `${p.role}/${p.instance}/${p.incarnation}`;
+}
+
+/** Positions this process received from other publishers: the newest of each. */
+const received = new Map<string, HistoryLink>();
+
+/** Notes positions a message carried: records this process makes from now on follow them. */
+export function noteReceived(links: readonly HistoryLink[]): void {
+  for (const l of links) {
+    const k = publisherKey(l);
+    const had = received.get(k);
+    if (had === undefined || had.publisherSeq < l.publisherSeq) received.set(k, { ...l });
+  }
+}
+
+/**
+ * The positions received since `seen` last took them (updating `seen`): what a recorder's next
+ * record must name in `after`. Each recorder keeps its own `seen`.
+ */
+export function takeReceived(seen: Map<string, number>): HistoryLink[] {
+  const out: HistoryLink[] = [];
+  for (const [k, l] of received) {
+    if ((seen.get(k) ?? 0) >= l.publisherSeq) continue;
+    seen.set(k, l.publisherSeq);
+    out.push({ ...l });
+  }
+  return out;
+}
+
+/** A recorder's position, by the role and instance it records for (see {@link registerPosition}). */
+const positions = new Map<string, () => HistoryLink | undefined>();
+
+/** Makes a recorder's position what an acknowledgement of `role`/`instance` carries (the newest recorder wins). */
+export function registerPosition(role: string, instance: string, position: () => HistoryLink | undefined): void {
+  positions.set(`${role}/${instance}`, position);
+}
+
+/** The position of this process's recorder for `role`/`instance`, if it has one that recorded. */
+export function positionOf(role: string, instance: string): HistoryLink | undefined {
+  return positions.get(`${role}/${instance}`)?.();
+}
+
+/** The positions of every recorder of this process that recorded (what a gRPC call or its answer carries). */
+export function processPositions(): HistoryLink[] {
+  const out: HistoryLink[] = [];
+  for (const p of positions.values()) {
+    const l = p();
+    if (l !== undefined) out.push(l);
+  }
+  return out;
+}
+
+/** A header value for positions: `role/instance/incarnation/seq` each, URI-encoded, space-separated. */
+export function encodePositions(links: readonly HistoryLink[]): string {
+  return links.map((l) => [l.role, l.instance, l.incarnation, String(l.publisherSeq)].map(encodeURIComponent).join("/")).join(" ");
+}
+
+/** The positions of a header value; what does not parse is left out (an older sender sends none). */
+export function decodePositions(value: string | undefined): HistoryLink[] {
+  if (value === undefined || value === "") return [];
+  const out: HistoryLink[] = [];
+  for (const part of value.split(" ")) {
+    const f = part.split("/").map(decodeURIComponent);
+    const seq = Number(f[3]);
+    if (f.length !== 4 || !Number.isSafeInteger(seq) || seq <= 0) continue;
+    out.push({ role: f[0]!, instance: f[1]!, incarnation: f[2]!, publisherSeq: seq });
+  }
+  return out;
+}
