@@ -10,7 +10,7 @@ import {
   type HistoryFields,
   type TypedHistoryRecord,
 } from "./history-catalogue.js";
-import { PROCESS_INCARNATION, registerPosition, takeReceived, type HistoryLink } from "@ioasid/trace";
+import { PROCESS_INCARNATION, registerPosition, takeReceived, touchPosition, type HistoryLink } from "@ioasid/trace";
 import { DEFAULT_PREFIX, encodeToken } from "./subjects.js";
 
 /** Subject of a role's history records: `<prefix>.history.<role>.<instance>`. */
@@ -81,6 +81,7 @@ export class HistoryRecorder {
   stamp(fields: HistoryFields = {}): HistoryFields {
     if (fields.publisherSeq !== undefined) return fields;
     const after = takeReceived(this.linked);
+    touchPosition(this.role, this.instance);
     return {
       ...fields,
       publisherSeq: ++this.lastSeq,

@@ -19,7 +19,7 @@ export interface Violation {
   readonly ioasid?: number;
   readonly generation?: number;
   readonly setId?: number;
-  /** The records that show it and a few around them that concern the same IOASID, in time order. */
+  /** The records that show it and a few around them that concern the same IOASID, in the causal order (see history-order.ts). */
   readonly trace: readonly TraceLine[];
   /** Facts of the final state that show it. */
   readonly facts: readonly string[];
@@ -53,8 +53,8 @@ export interface Checker {
   /** The rules it runs. */
   readonly rules: readonly Rule[];
   /**
-   * Checks a history (any order: it is sorted by time) and, when given, the final state read after
-   * healing. Pure: no I/O.
+   * Checks a history (any order: it is ordered by its sequences and causal links, by time only
+   * where they leave records unordered) and, when given, the final state read after healing. Pure: no I/O.
    */
   check(history: readonly HistoryRecord[], finalState?: FinalState): Verdict;
 }

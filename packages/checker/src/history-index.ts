@@ -125,11 +125,11 @@ export interface HistoryIndex {
   /** Causal edges left out because they closed a cycle (0 in a consistent history). */
   readonly cycles: number;
   readonly lifecycles: ReadonlyMap<string, Lifecycle>;
-  /** The lifecycle of a record that names an IOASID (by its generation, else by time). */
+  /** The lifecycle of a record that names an IOASID (by its generation, else by its place in the causal order). */
   lifecycleOf(idx: number): Lifecycle | undefined;
   /** The generation of `ioasid` allocated (or first seen) most recently at or before `idx`, unless reclaimed before it. */
   lifecycleAt(ioasid: number, idx: number): Lifecycle | undefined;
-  /** Indices of every record that names the generation `key` (directly, or by time), in order. */
+  /** Indices of every record that names the generation `key` (directly, or by its place in the order), in order. */
   membersOf(key: string): readonly number[];
   /** Indices of every record (of any role) that carries event sequence `seq`, in order. */
   withSeq(seq: number): readonly number[];

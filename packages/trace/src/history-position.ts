@@ -56,12 +56,33 @@ export function takeReceived(seen: Map<string, number>): HistoryLink[] {
   return out;
 }
 
-/** A recorder's position, by the role and instance it records for (see {@link registerPosition}). */
+/**
+ * A recorder's position, by the role and instance it records for (see {@link registerPosition}),
+ * the most recently numbered last (see {@link touchPosition}).
+ */
 const positions = new Map<string, () => HistoryLink | undefined>();
+let newest: string | undefined;
+
+/** Most positions a gRPC call or its status carries: those of the recorders that numbered a record last. */
+export const MAX_CALL_POSITIONS = 8;
 
 /** Makes a recorder's position what an acknowledgement of `role`/`instance` carries (the newest recorder wins). */
 export function registerPosition(role: string, instance: string, position: () => HistoryLink | undefined): void {
-  positions.set(`${role}/${instance}`, position);
+  const k = `${role}/${instance}`;
+  positions.delete(k);
+  positions.set(k, position);
+  newest = k;
+}
+
+/** Marks `role`/`instance`'s recorder as the one that numbered a record last (a recorder calls it with each). */
+export function touchPosition(role: string, instance: string): void {
+  const k = `${role}/${instance}`;
+  if (k === newest) return;
+  const p = positions.get(k);
+  if (p === undefined) return;
+  positions.delete(k);
+  positions.set(k, p);
+  newest = k;
 }
 
 /** The position of this process's recorder for `role`/`instance`, if it has one that recorded. */
@@ -69,11 +90,16 @@ export function positionOf(role: string, instance: string): HistoryLink | undefi
   return positions.get(`${role}/${instance}`)?.();
 }
 
-/** The positions of every recorder of this process that recorded (what a gRPC call or its answer carries). */
+/**
+ * The positions of this process's recorders that numbered a record last, at most
+ * {@link MAX_CALL_POSITIONS} (what a gRPC call or its status carries; a KVM process has a recorder
+ * per VM it ever ran, and a link left out only leaves two records unordered).
+ */
 export function processPositions(): HistoryLink[] {
   const out: HistoryLink[] = [];
-  for (const p of positions.values()) {
-    const l = p();
+  const all = [...positions.values()];
+  for (let i = all.length - 1; i >= 0 && out.length < MAX_CALL_POSITIONS; i--) {
+    const l = all[i]!();
     if (l !== undefined) out.push(l);
   }
   return out;

@@ -29,6 +29,8 @@ export {
   PROCESS_INCARNATION,
   publisherKey,
   registerPosition,
+  touchPosition,
+  MAX_CALL_POSITIONS,
   takeReceived,
   type HistoryLink,
 } from "./history-position.js";

@@ -66,7 +66,7 @@ export interface RuleContext {
 /** One violation as a rule finds it: what is wrong and the records that show it. */
 export interface Finding {
   readonly message: string;
-  /** Indices (in the time-ordered history) of the records that show the violation. */
+  /** Indices (in the causally ordered history, HistoryIndex.records) of the records that show the violation. */
   readonly evidence: readonly number[];
   readonly ioasid?: number;
   readonly generation?: number;
