@@ -617,8 +617,8 @@ describe("check", () => {
     expect(v.notes.join("\n")).toMatch(/IOASID 204 generation 1 of crashed VM g3 is gone in the final state/);
   });
 
-  it("checks a long history without quadratic work (1,000 life cycles of 10 guests, ~44k records)", () => {
-    const b = new HistoryBuilder(1_700_000_000_000, 1);
+  it.each([false, true])("checks a long history without quadratic work (1,000 life cycles of 10 guests, ~44k records; sequenced: %s)", (sequenced) => {
+    const b = new HistoryBuilder(1_700_000_000_000, 1, { sequenced });
     const guests: FixtureGuest[] = Array.from({ length: 10 }, (_, g) => ({ vm: `g${g}`, kvm: `vm-${g}`, token: 100 + g, setId: g + 1, mdev: `mdev-${g}` }));
     guests.forEach((g, i) => openGuest(b, g, i + 1));
     for (let round = 0; round < 100; round++) {

@@ -93,6 +93,15 @@ export function createChecker(options: CheckerOptions = {}): Checker {
       const counts: Partial<Record<InvariantId, number>> = {};
       for (const id of checked) counts[id] = violations.filter((v) => v.invariant === id).length;
       if (finalState === undefined) notes.push("no final state: S6 and the final-state halves of S4, S9, L3 and L4 were not checked");
+      // Order without clocks (issue 18): say when the history could not give it (a history with no
+      // sequences at all was recorded before them, and is checked by time as it always was).
+      const unsequenced = index.records.length - index.sequenced;
+      if (unsequenced > 0 && index.sequenced > 0)
+        notes.push(`${unsequenced} of ${index.records.length} records carry no publisher sequence (recorded before issue 18): those are ordered by time`);
+      if (index.cycles > 0)
+        notes.push(
+          `the records' sequences and causal links contradict each other (${index.cycles} cycle(s)): the history is ordered by time where they do, and happens-before is not used`,
+        );
       return {
         ok: violations.length === 0,
         violations,

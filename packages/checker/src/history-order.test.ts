@@ -101,6 +101,20 @@ describe("orderHistory", () => {
 });
 
 describe("the checker orders by sequences and causal links, not clocks", () => {
+  it("says when the history cannot give the order: records without sequences beside sequenced ones, or links in a cycle", () => {
+    const history = correctHistory({ sequenced: true });
+    const mixed = check([...history, ...clocksOnly(history.slice(0, 3))], correctFinalState());
+    expect(mixed.notes).toContain(`3 of ${history.length + 3} records carry no publisher sequence (recorded before issue 18): those are ordered by time`);
+    const cyclic = [
+      rec("kvm", "vm-1", 1, { publisherSeq: 1, after: [link("vdcm", "d0", 1)] }),
+      rec("vdcm", "d0", 2, { publisherSeq: 1, after: [link("kvm", "vm-1", 1)] }),
+    ];
+    expect(orderHistory(cyclic).cycles).toBe(1);
+    expect(orderHistory(cyclic).happenedBefore(0, 1)).toBeUndefined();
+    expect(check(cyclic).notes.join("\n")).toMatch(/contradict each other \(1 cycle\(s\)\)/);
+    expect(check(history, correctFinalState()).notes).toEqual([]);
+  });
+
   it("finds a correct history clean with one host's clock 5 s behind or ahead; ordered by time, the same history fails", () => {
     for (const skew of [BEHIND, AHEAD]) {
       const history = correctHistory(skew);
