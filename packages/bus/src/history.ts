@@ -10,7 +10,7 @@ import {
   type HistoryFields,
   type TypedHistoryRecord,
 } from "./history-catalogue.js";
-import { PROCESS_INCARNATION, registerPosition, takeReceived, touchPosition, type HistoryLink } from "@ioasid/trace";
+import { PROCESS_INCARNATION, receivedCursor, registerPosition, takeReceived, touchPosition, type HistoryLink } from "@ioasid/trace";
 import { DEFAULT_PREFIX, encodeToken } from "./subjects.js";
 
 /** Subject of a role's history records: `<prefix>.history.<role>.<instance>`. */
@@ -59,8 +59,8 @@ export class HistoryRecorder {
   private scheduled = false;
   /** The last `publisher_seq` given (0: none yet). */
   private lastSeq = 0;
-  /** Positions of other publishers already named in an `after` of this recorder. */
-  private readonly linked = new Map<string, number>();
+  /** How far this recorder named in `after` what its process received. */
+  private readonly linked = receivedCursor();
   constructor(
     private readonly nc: NatsConnection,
     readonly role: string,

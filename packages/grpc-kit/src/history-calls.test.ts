@@ -1,5 +1,5 @@
 import { testing } from "@ioasid/proto";
-import { decodePositions, POSITION_METADATA, registerPosition, takeReceived, type HistoryLink } from "@ioasid/trace";
+import { decodePositions, POSITION_METADATA, receivedCursor, registerPosition, takeReceived, type HistoryLink } from "@ioasid/trace";
 import { afterEach, describe, expect, it } from "vitest";
 import { createClient, type PromiseClient } from "./create-client.js";
 import { createEchoHandlers } from "./echo-server.js";
@@ -36,8 +36,7 @@ describe("history positions on gRPC calls", () => {
       },
     });
     client = createClient(testing.EchoServiceClient, `127.0.0.1:${await server.listen()}`);
-    const seen = new Map<string, number>();
-    takeReceived(seen); // whatever an earlier test noted
+    const seen = receivedCursor();
 
     await client.echo({ payload: Buffer.from("x") });
     expect(sent).toContainEqual({ role: "caller", instance: "i", incarnation: "run", publisherSeq: 3 });

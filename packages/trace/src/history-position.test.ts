@@ -5,6 +5,8 @@ import {
   MAX_CALL_POSITIONS,
   noteReceived,
   processPositions,
+  RECEIVED_WINDOW,
+  receivedCursor,
   registerPosition,
   takeReceived,
   touchPosition,
@@ -25,15 +27,26 @@ describe("history positions", () => {
   });
 
   it("gives each recorder the newest position of each publisher received since its previous record, once", () => {
-    const a = new Map<string, number>();
-    const b = new Map<string, number>();
+    const a = receivedCursor();
+    const b = receivedCursor();
     noteReceived([at("core-x", 4)]);
-    noteReceived([at("core-x", 2)]); // older: kept at 4
-    expect(takeReceived(a)).toContainEqual(at("core-x", 4));
-    expect(takeReceived(a).filter((l) => l.role === "core-x")).toEqual([]);
-    expect(takeReceived(b)).toContainEqual(at("core-x", 4)); // another recorder still gets it
+    noteReceived([at("core-x", 2)]); // an older one, received later: the newest still wins
+    expect(takeReceived(a)).toEqual([at("core-x", 4)]);
+    expect(takeReceived(a)).toEqual([]);
+    expect(takeReceived(b)).toEqual([at("core-x", 4)]); // another recorder still gets it
     noteReceived([at("core-x", 5)]);
-    expect(takeReceived(a).filter((l) => l.role === "core-x")).toEqual([at("core-x", 5)]);
+    expect(takeReceived(a)).toEqual([at("core-x", 5)]);
+    // A recorder made afterwards follows only what it receives from then on.
+    expect(takeReceived(receivedCursor())).toEqual([]);
+  });
+
+  it("keeps a bounded window of what was received: a recorder silent for longer names only the latest", () => {
+    const silent = receivedCursor();
+    for (let i = 0; i < 3 * RECEIVED_WINDOW; i++) noteReceived([at(`p${i}`, 1)]);
+    const named = takeReceived(silent);
+    expect(named.length).toBeGreaterThanOrEqual(RECEIVED_WINDOW);
+    expect(named.length).toBeLessThanOrEqual(2 * RECEIVED_WINDOW);
+    expect(named).toContainEqual(at(`p${3 * RECEIVED_WINDOW - 1}`, 1));
   });
 
   it("sends the positions of the recorders that numbered a record last, at most a few", () => {

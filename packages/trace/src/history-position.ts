@@ -30,30 +30,56 @@ export function publisherKey(p: { readonly role: string; readonly instance: stri
   return `${p.role}/${p.instance}/${p.incarnation}`;
 }
 
-/** Positions this process received from other publishers: the newest of each. */
-const received = new Map<string, HistoryLink>();
+/**
+ * Positions this process received, in the order received: a window of the latest
+ * {@link RECEIVED_WINDOW} at least (older ones are dropped, so a recorder that made no record for
+ * that long may name fewer links: two records left unordered, never a wrong order).
+ */
+let received: HistoryLink[] = [];
+/** How many positions were dropped from the front of `received`. */
+let receivedBase = 0;
+
+/** Positions kept for recorders that have not made a record since they were received. */
+export const RECEIVED_WINDOW = 4096;
+
+/** Where a recorder is in what this process received (see {@link takeReceived}). */
+export interface ReceivedCursor {
+  at: number;
+}
+
+/** A cursor at the end of what was received so far: a new recorder follows only what it receives from now on. */
+export function receivedCursor(): ReceivedCursor {
+  return { at: receivedBase + received.length };
+}
 
 /** Notes positions a message carried: records this process makes from now on follow them. */
 export function noteReceived(links: readonly HistoryLink[]): void {
-  for (const l of links) {
-    const k = publisherKey(l);
-    const had = received.get(k);
-    if (had === undefined || had.publisherSeq < l.publisherSeq) received.set(k, { ...l });
+  if (links.length === 0) return;
+  for (const l of links) received.push({ ...l });
+  if (received.length > 2 * RECEIVED_WINDOW) {
+    const drop = received.length - RECEIVED_WINDOW;
+    received = received.slice(drop);
+    receivedBase += drop;
   }
 }
 
 /**
- * The positions received since `seen` last took them (updating `seen`): what a recorder's next
- * record must name in `after`. Each recorder keeps its own `seen`.
+ * The positions received since `cursor` last took them, the newest of each publisher (moving
+ * `cursor` past them): what a recorder's next record names in `after`. Costs what was received
+ * since, not what was ever received.
  */
-export function takeReceived(seen: Map<string, number>): HistoryLink[] {
-  const out: HistoryLink[] = [];
-  for (const [k, l] of received) {
-    if ((seen.get(k) ?? 0) >= l.publisherSeq) continue;
-    seen.set(k, l.publisherSeq);
-    out.push({ ...l });
+export function takeReceived(cursor: ReceivedCursor): HistoryLink[] {
+  const end = receivedBase + received.length;
+  if (cursor.at >= end) return [];
+  const newest = new Map<string, HistoryLink>();
+  for (let i = Math.max(cursor.at, receivedBase) - receivedBase; i < received.length; i++) {
+    const l = received[i]!;
+    const k = publisherKey(l);
+    const had = newest.get(k);
+    if (had === undefined || had.publisherSeq < l.publisherSeq) newest.set(k, l);
   }
-  return out;
+  cursor.at = end;
+  return [...newest.values()].map((l) => ({ ...l }));
 }
 
 /**

@@ -32,6 +32,9 @@ export {
   touchPosition,
   MAX_CALL_POSITIONS,
   takeReceived,
+  receivedCursor,
+  RECEIVED_WINDOW,
+  type ReceivedCursor,
   type HistoryLink,
 } from "./history-position.js";
 export { startTracing, tracer, tracingStarted, type Tracing, type TracingOptions } from "./start-tracing.js";
