@@ -68,7 +68,7 @@ export class HistoryRecorder {
     prefix = DEFAULT_PREFIX,
   ) {
     this.subject = historySubject(prefix, role, instance);
-    registerPosition(role, instance, () => this.position());
+    registerPosition(role, instance, this);
   }
 
   /**

@@ -24,8 +24,11 @@ describe("history positions on gRPC calls", () => {
     const link = (role: string, publisherSeq: number): HistoryLink | undefined =>
       publisherSeq === 0 ? undefined : { role, instance: "i", incarnation: "run", publisherSeq };
     let serverSeq = 0;
-    registerPosition("caller", "i", () => link("caller", 3));
-    registerPosition("callee", "i", () => link("callee", serverSeq));
+    // Held here: the registry holds recorders weakly.
+    const caller = { position: () => link("caller", 3) };
+    const callee = { position: () => link("callee", serverSeq) };
+    registerPosition("caller", "i", caller);
+    registerPosition("callee", "i", callee);
     let sent: HistoryLink[] = [];
     server = createGrpcServer({ service: "history-test", reflection: false }).addService(testing.EchoServiceService, {
       ...createEchoHandlers(),
@@ -46,5 +49,6 @@ describe("history positions on gRPC calls", () => {
     expect(received).toContainEqual({ role: "callee", instance: "i", incarnation: "run", publisherSeq: 5 });
     // Taken once per recorder: the next record names only what is newer.
     expect(takeReceived(seen)).toEqual([]);
+    expect([caller.position(), callee.position()]).toHaveLength(2); // kept alive to here
   });
 });

@@ -50,11 +50,14 @@ describe("history positions", () => {
   });
 
   it("sends the positions of the recorders that numbered a record last, at most a few", () => {
-    for (let i = 0; i < MAX_CALL_POSITIONS + 4; i++) registerPosition("vm", `vm-${i}`, () => at("vm", 1, `vm-${i}`));
+    // Held here: the registry holds recorders weakly.
+    const recorders = Array.from({ length: MAX_CALL_POSITIONS + 4 }, (_, i) => ({ position: () => at("vm", 1, `vm-${i}`) }));
+    recorders.forEach((r, i) => registerPosition("vm", `vm-${i}`, r));
     touchPosition("vm", "vm-0");
     const sent = processPositions();
     expect(sent).toHaveLength(MAX_CALL_POSITIONS);
     expect(sent[0]).toEqual(at("vm", 1, "vm-0"));
     expect(sent.map((l) => l.instance)).not.toContain("vm-1");
+    expect(recorders).toHaveLength(MAX_CALL_POSITIONS + 4); // kept alive to here
   });
 });

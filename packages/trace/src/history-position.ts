@@ -82,50 +82,54 @@ export function takeReceived(cursor: ReceivedCursor): HistoryLink[] {
   return [...newest.values()].map((l) => ({ ...l }));
 }
 
+/** What {@link registerPosition} keeps of a recorder: its position, asked when needed. */
+export interface PositionSource {
+  position(): HistoryLink | undefined;
+}
+
 /**
- * A recorder's position, by the role and instance it records for (see {@link registerPosition}),
- * the most recently numbered last (see {@link touchPosition}).
+ * The recorders of this process, by the role and instance they record for (see
+ * {@link registerPosition}): held weakly, so a recorder let go (a destroyed VM's) is not kept.
  */
-const positions = new Map<string, () => HistoryLink | undefined>();
-let newest: string | undefined;
+const positions = new Map<string, WeakRef<PositionSource>>();
+/** Keys of the recorders that numbered a record last, newest first, at most {@link MAX_CALL_POSITIONS}. */
+let recent: string[] = [];
 
 /** Most positions a gRPC call or its status carries: those of the recorders that numbered a record last. */
 export const MAX_CALL_POSITIONS = 8;
 
 /** Makes a recorder's position what an acknowledgement of `role`/`instance` carries (the newest recorder wins). */
-export function registerPosition(role: string, instance: string, position: () => HistoryLink | undefined): void {
+export function registerPosition(role: string, instance: string, source: PositionSource): void {
   const k = `${role}/${instance}`;
-  positions.delete(k);
-  positions.set(k, position);
-  newest = k;
+  positions.set(k, new WeakRef(source));
+  touchPosition(role, instance);
 }
 
 /** Marks `role`/`instance`'s recorder as the one that numbered a record last (a recorder calls it with each). */
 export function touchPosition(role: string, instance: string): void {
   const k = `${role}/${instance}`;
-  if (k === newest) return;
-  const p = positions.get(k);
-  if (p === undefined) return;
-  positions.delete(k);
-  positions.set(k, p);
-  newest = k;
+  if (recent[0] === k) return;
+  recent = [k, ...recent.filter((x) => x !== k)].slice(0, MAX_CALL_POSITIONS);
 }
 
 /** The position of this process's recorder for `role`/`instance`, if it has one that recorded. */
 export function positionOf(role: string, instance: string): HistoryLink | undefined {
-  return positions.get(`${role}/${instance}`)?.();
+  const k = `${role}/${instance}`;
+  const source = positions.get(k)?.deref();
+  if (source === undefined) positions.delete(k);
+  return source?.position();
 }
 
 /**
  * The positions of this process's recorders that numbered a record last, at most
  * {@link MAX_CALL_POSITIONS} (what a gRPC call or its status carries; a KVM process has a recorder
- * per VM it ever ran, and a link left out only leaves two records unordered).
+ * per VM, and a link left out only leaves two records unordered).
  */
 export function processPositions(): HistoryLink[] {
   const out: HistoryLink[] = [];
-  const all = [...positions.values()];
-  for (let i = all.length - 1; i >= 0 && out.length < MAX_CALL_POSITIONS; i--) {
-    const l = all[i]!();
+  for (const k of recent) {
+    const [role = "", ...rest] = k.split("/");
+    const l = positionOf(role, rest.join("/"));
     if (l !== undefined) out.push(l);
   }
   return out;

@@ -36,5 +36,6 @@ export {
   RECEIVED_WINDOW,
   type ReceivedCursor,
   type HistoryLink,
+  type PositionSource,
 } from "./history-position.js";
 export { startTracing, tracer, tracingStarted, type Tracing, type TracingOptions } from "./start-tracing.js";
