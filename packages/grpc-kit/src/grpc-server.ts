@@ -105,10 +105,12 @@ export class GrpcServer {
     const interceptors = [
       // First: it sees the status of every call, refusals by the interceptors below included.
       observeCalls(() => this.#callObserver),
-      // History positions in from each call's metadata, out with its status (issue 18: order without clocks).
-      historyServerInterceptor,
       ...(options.refuseRoles === undefined || options.refuseRoles.length === 0 ? [] : [refuseRoles(options.refuseRoles, this.logger)]),
       ...(options.interceptors ?? []),
+      // History positions in from each call's metadata, out with its status (issue 18: order
+      // without clocks). Last, nearest the handler: the interceptors before it see grpc-js's own
+      // call (an authorization reads the connection from it, connectionOf).
+      historyServerInterceptor,
     ];
     this.raw = new Server({ ...options.channelOptions, interceptors });
     this.#tls = options.tls;
