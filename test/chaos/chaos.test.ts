@@ -1,8 +1,10 @@
-import { mkdtempSync, rmSync } from "node:fs";
+import { mkdtempSync, readFileSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { afterAll, describe, expect, it } from "vitest";
+import { parseHistoryJsonl } from "@ioasid/bus";
 import { parseFaultKinds, PROBE_PASIDS, runChaos, type ChaosRunResult } from "@ioasid/chaos";
+import { formatRecord, orderHistory } from "@ioasid/checker";
 
 // The bounded chaos suite (issue 6): a few seeds, each a stack of its own with a fault proxy on
 // every link, 4 guests through random life cycles for ~20 s while every fault kind is injected,
@@ -68,6 +70,15 @@ describe("chaos: crashed-guest cleanup under every fault kind, security on", () 
       // Nothing left live: every IOASID reclaimed and every fault group answered within the settle
       // bound (15 s, three times L2's).
       expect(r.settled, story).toBe(true);
+      // Order without clocks (issue 18): every record the run kept carries its publisher's sequence
+      // (each recorder numbers every record it makes, faults or not), and the sequences and causal
+      // links never contradict each other (a cycle would leave the checker ordering by time).
+      const history = parseHistoryJsonl(readFileSync(r.historyFile, "utf8"), r.historyFile);
+      expect(
+        history.filter((x) => x.publisherSeq === undefined).map((x) => formatRecord(x)),
+        story,
+      ).toEqual([]);
+      expect(orderHistory(history).cycles, story).toBe(0);
     });
   }
 });

@@ -1,7 +1,8 @@
 import { afterEach, describe, expect, it } from "vitest";
 import { core, events } from "@ioasid/proto";
 import { continueProcess, stopProcess, waitFor } from "@ioasid/testkit";
-import { readHistory, type HistoryRecord } from "@ioasid/bus";
+import { eventOf, readHistory, stepLabel, type HistoryRecord } from "@ioasid/bus";
+import { orderHistory } from "@ioasid/checker";
 import { connect } from "@nats-io/transport-node";
 import { Code } from "@ioasid/errors";
 import { expectRefused, startCore, type CoreFixture } from "../support/core-fixture.js";
@@ -121,6 +122,58 @@ describe("delivery in priority order", () => {
       const putOf = (role: string) => at((r) => r.action?.$case === "ioasidPut" && r.action.value.holder?.role === role);
       for (const role of ["kvm", "vdcm", "iommu"]) expect(ackOf(role)).toBeLessThan(putOf(role));
       expect(ackOf("iommu")).toBeLessThan(at((r) => r.action?.$case === "ioasidNotify" && r.seq === Number(mine[2]!.seq)));
+    } finally {
+      await nc.close();
+    }
+  });
+
+  it("records what orders the tiers without clocks: each handling links the core's position at its delivery, each delivery_acked the subscriber's at its ack (issue 18)", async () => {
+    fixture = await startCore();
+    const c = fixture.client;
+    const record = { SUB_RECORD: "1" };
+    const t = await fourTiers(0x7101n, { kvm: record, vdcm: record, iommu: record, audit: record });
+    const x = await allocHeld(t.set);
+    await c.free(P(core.FreeRequest, { setId: t.set, ioasid: x.ioasid }));
+    await waitFor(async () => !(await exists(c, x.ioasid)), { timeoutMs: 10_000, message: "the IOASID reclaimed" });
+    await deliveriesSettled(c);
+    const nc = await connect({ servers: fixture.nats.url });
+    try {
+      let recs: HistoryRecord[] = [];
+      const handling = (role: string) => recs.find((r) => r.role === role && r.action?.$case === "chaosNote" && r.action.value.note === "handled FREE");
+      const acked = (role: string) =>
+        recs.find(
+          (r) => r.action?.$case === "deliveryAcked" && r.action.value.subscriber === role && eventOf(r) === undefined && r.seq === handling(role)?.seq,
+        );
+      await waitFor(
+        async () => {
+          recs = (await readHistory(nc, { sinceMs: Date.now() - 60_000 })).filter((r) => r.ioasid === x.ioasid);
+          return ["kvm", "vdcm", "iommu", "audit"].every((role) => handling(role) !== undefined && acked(role) !== undefined);
+        },
+        { timeoutMs: 5000, message: "every tier's handling and the core's delivery_acked of it" },
+      );
+      // The core's records: its own sequence, its run, and the op-log message of their operation.
+      for (const r of recs.filter((r) => r.role === "ioasid")) {
+        expect(r.publisherSeq, stepLabel(r)).toBeGreaterThan(0);
+        expect(r.incarnation).not.toBe("");
+        expect(r.opSeq, stepLabel(r)).toBeGreaterThan(0);
+      }
+      const coreLink = (r: HistoryRecord) => r.after.find((l) => l.role === "ioasid")?.publisherSeq ?? 0;
+      const tiers = ["kvm", "vdcm", "iommu", "audit"];
+      tiers.forEach((role, i) => {
+        const h = handling(role)!;
+        const a = acked(role)!;
+        // The handling follows the core's records up to its delivery: the FREE, and the tier above's ack.
+        const free = recs.find((r) => eventOf(r) === "FREE")!;
+        expect(coreLink(h), role).toBeGreaterThanOrEqual(free.publisherSeq!);
+        if (i > 0) expect(coreLink(h), role).toBeGreaterThanOrEqual(acked(tiers[i - 1]!)!.publisherSeq!);
+        // The core's delivery_acked follows the subscriber's records up to its ack: its handling.
+        expect(a.after.find((l) => l.role === role && l.instance === h.instance)?.publisherSeq, role).toBeGreaterThanOrEqual(h.publisherSeq!);
+      });
+      // So the checker's happens-before orders the tiers, whatever the hosts' clocks say.
+      const order = orderHistory(recs);
+      for (let i = 1; i < tiers.length; i++) {
+        expect(order.happenedBefore(recs.indexOf(handling(tiers[i - 1]!)!), recs.indexOf(handling(tiers[i]!)!)), tiers[i]).toBe(true);
+      }
     } finally {
       await nc.close();
     }

@@ -1,6 +1,7 @@
 import { afterEach, describe, expect, it } from "vitest";
 import { connect, type NatsConnection } from "@nats-io/transport-node";
 import { DEFAULT_PREFIX, eventOf, historySubject, HistoryRecorder, readHistory, stepLabel, type HistoryRecord } from "@ioasid/bus";
+import { orderHistory } from "@ioasid/checker";
 import { OpLog } from "@ioasid/ioasid-core";
 import { core, events } from "@ioasid/proto";
 import { startNats, waitFor, type NatsServer } from "@ioasid/testkit";
@@ -90,6 +91,12 @@ describe("history", () => {
     expect(steps).toEqual(["event:ALLOC:1", "ioasid_get:2", "event:FREE:1", "ioasid_put:0*", "event:RECLAIM:0*"]);
     // Stamped with when the operation was applied, not when the record was published.
     expect(records.slice(3).map((r) => r.ts)).toEqual([putAt, putAt]);
+    // Order without clocks (issue 18): numbered by the core that published them, and naming the
+    // op-log message of their operation, which orders them after their predecessor's records.
+    expect(records.slice(3).map((r) => r.opSeq)).toEqual([log.head, log.head]);
+    expect(records[3]!.incarnation).not.toBe(records[2]!.incarnation);
+    expect(records[2]!.opSeq).toBeLessThan(log.head);
+    expect(orderHistory(records).happenedBefore(2, 3)).toBe(true);
 
     expect(fixture.proc.logs()).toContain(`"after":${log.head - 1},"records":2,"msg":"published the history of logged operations found unrecorded"`);
 

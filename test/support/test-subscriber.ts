@@ -7,8 +7,9 @@
 //   SUB_DELAY_TYPES   comma-separated event types the delay applies to (empty: all)
 //   SUB_FAIL_SEQS     comma-separated event seqs whose handler throws (once each)
 //   SUB_DETACH_SPID   "1": acknowledge FREE with the SPID detach (as the IOMMU does)
+//   SUB_RECORD        "1": record each handling in the history (a note with the event's seq), as roles do
 import { connect } from "@nats-io/transport-node";
-import { startSubscriber } from "@ioasid/bus";
+import { HistoryRecorder, startSubscriber } from "@ioasid/bus";
 import { createGrpcServer, createLogger } from "@ioasid/grpc-kit";
 import { events } from "@ioasid/proto";
 
@@ -23,6 +24,7 @@ const now = () => performance.timeOrigin + performance.now();
 const line = (o: Record<string, unknown>) => process.stdout.write(`${JSON.stringify(o)}\n`);
 
 const nc = await connect({ servers: env["NATS_URL"] ?? "nats://127.0.0.1:4222", name: `${name}/${instance}`, maxReconnectAttempts: -1 });
+const recorder = env["SUB_RECORD"] === "1" ? new HistoryRecorder(nc, name, instance) : undefined;
 const sub = await startSubscriber({
   nc,
   name,
@@ -33,6 +35,7 @@ const sub = await startSubscriber({
     line({ msg: "received", seq: Number(e.seq), type, ioasid: e.ioasid, start, attempt: ctx.attempt, batch: ctx.batchSize });
     if (delayMs > 0 && (delayTypes.size === 0 || delayTypes.has(type))) await new Promise((r) => setTimeout(r, delayMs));
     if (failing.delete(Number(e.seq))) throw new Error(`injected failure for seq ${e.seq}`);
+    recorder?.record({ $case: "chaosNote", value: { note: `handled ${type}` } }, { ioasid: e.ioasid, seq: Number(e.seq) });
     line({ msg: "handled", seq: Number(e.seq), type, ioasid: e.ioasid, reg: ctx.registrationId, start, end: now(), attempt: ctx.attempt });
     if (type !== "FREE") return undefined;
     return { release: release === "" ? [] : [release], detachSpid: env["SUB_DETACH_SPID"] === "1" };

@@ -3,6 +3,7 @@ import { headers as natsHeaders, type Msg, type NatsConnection, type Subscriptio
 import { BinaryWriter } from "@bufbuild/protobuf/wire";
 import { bus, events } from "@ioasid/proto";
 import { endDeliverySpan, readAckTraces, startDeliverySpans, type TracedDelivery } from "./delivery-trace.js";
+import { decodePositions, encodePositions, POSITION_HEADER, type HistoryLink } from "@ioasid/trace";
 import { DEFAULT_PREFIX, deliverySubject, Headers, helloSubject } from "./subjects.js";
 
 /** Who receives deliveries: a subscriber is a role's name and instance. */
@@ -49,6 +50,11 @@ export interface SettledAck {
   readonly late: boolean;
   /** Trace context the core's handling of the ack continues (the subscriber's ack span), when traced. */
   readonly trace?: Context | undefined;
+  /**
+   * The subscriber's history position when it acknowledged (its reply's header), when it sent
+   * one: the core's `delivery_acked` record follows those records (issue 18: order without clocks).
+   */
+  readonly after?: readonly HistoryLink[];
 }
 
 /** A missed delivery, as the engine reports it. */
@@ -75,6 +81,11 @@ export interface DeliveryEngineOptions {
    * them in the same step, so the order of state changes is the order of the record).
    */
   readonly onAcks: (acks: readonly SettledAck[]) => void;
+  /**
+   * The core's history position, sent with every delivery batch: a subscriber's records of its
+   * handling follow the core's records up to it (issue 18: order without clocks). @default none
+   */
+  readonly position?: () => HistoryLink | undefined;
   /** Called with deliveries that missed their deadline, were refused, or failed. */
   readonly onMissed: (missed: readonly MissedDelivery[]) => void;
   /** Called when every target of a chain has acked or missed. */
@@ -317,12 +328,12 @@ export class DeliveryEngine {
     const items = channel.queue.splice(0, this.maxBatch);
     channel.inFlight = true;
     this.send(channel, items)
-      .then((acked) => {
+      .then(({ acks: acked, after }) => {
         const settled: SettledAck[] = [];
         for (let i = 0; i < items.length; i++) {
           const ack = acked[i];
           if (ack !== undefined && ack.status === bus.AckStatus.ACK_STATUS_SETTLED) {
-            settled.push(toSettled(channel, items[i]!, ack, false));
+            settled.push(toSettled(channel, items[i]!, ack, false, after));
           }
         }
         if (settled.length > 0) this.options.onAcks(settled);
@@ -372,8 +383,9 @@ export class DeliveryEngine {
           seen.add(item.key); // a key's later items wait for its earlier one
         }
         let acked: Array<bus.Ack | undefined>;
+        let after: readonly HistoryLink[];
         try {
-          acked = await this.send(channel, batch);
+          ({ acks: acked, after } = await this.send(channel, batch));
         } catch (err) {
           for (const item of batch) endDeliverySpan(item, "missed", describe(err));
           return; // still away: the next retry or hello tries again
@@ -384,7 +396,7 @@ export class DeliveryEngine {
           const item = batch[i]!;
           const ack = acked[i];
           if (ack?.status === bus.AckStatus.ACK_STATUS_SETTLED) {
-            settled.push(toSettled(channel, item, ack, true));
+            settled.push(toSettled(channel, item, ack, true, after));
             done.add(item);
           } else endDeliverySpan(item, "missed", ack === undefined ? "no ack" : `handler failed: ${ack.error}`);
         }
@@ -402,9 +414,12 @@ export class DeliveryEngine {
     }
   }
 
-  private async send(channel: Channel, items: readonly Item[]): Promise<Array<bus.Ack | undefined>> {
+  private async send(channel: Channel, items: readonly Item[]): Promise<{ acks: Array<bus.Ack | undefined>; after: readonly HistoryLink[] }> {
     for (const item of items) item.attempt++;
     const h = natsHeaders();
+    // Taken when sent: every record the core made before (a higher tier's ack among them) precedes the handling.
+    const position = this.options.position?.();
+    if (position !== undefined) h.set(POSITION_HEADER, encodePositions([position]));
     h.set(Headers.FIRST_SEQ, String(items[0]!.seq));
     h.set(Headers.LAST_SEQ, String(items[items.length - 1]!.seq));
     h.set(Headers.COUNT, String(items.length));
@@ -414,7 +429,8 @@ export class DeliveryEngine {
       headers: h,
     });
     readAckTraces(items, reply);
-    return matchAcks(items, bus.AckBatch.decode(reply.data).acks);
+    const after = decodePositions(reply.headers?.get(POSITION_HEADER));
+    return { acks: matchAcks(items, bus.AckBatch.decode(reply.data).acks), after };
   }
 
   private onHello(msg: Msg): void {
@@ -502,7 +518,7 @@ function matchAcks(items: readonly Item[], acks: readonly bus.Ack[]): Array<bus.
   return items.map((item) => byKey.get(`${item.seq}:${item.registrationId}`));
 }
 
-function toSettled(channel: Channel, item: Item, ack: bus.Ack, late: boolean): SettledAck {
+function toSettled(channel: Channel, item: Item, ack: bus.Ack, late: boolean, after: readonly HistoryLink[]): SettledAck {
   return {
     seq: item.seq,
     registrationId: item.registrationId,
@@ -512,6 +528,7 @@ function toSettled(channel: Channel, item: Item, ack: bus.Ack, late: boolean): S
     detachSpid: ack.detachSpid,
     late,
     trace: endDeliverySpan(item, "acked"),
+    ...(after.length === 0 ? {} : { after }),
   };
 }
 

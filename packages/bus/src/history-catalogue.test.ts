@@ -56,7 +56,9 @@ describe("the history catalogue", () => {
 
   it("refuses a record whose action is unset or unknown, never skipping it", () => {
     const noAction = new BinaryWriter();
-    noAction.uint32(10).bytes(h.HistoryRecord.encode({ ts: 1, role: "kvm", instance: "vm-1", recovered: false, action: undefined }).finish());
+    noAction
+      .uint32(10)
+      .bytes(h.HistoryRecord.encode({ ts: 1, role: "kvm", instance: "vm-1", recovered: false, incarnation: "", after: [], action: undefined }).finish());
     expect(() => decodeHistoryBatch(noAction.finish(), "message 4")).toThrow(/message 4: a kvm\/vm-1 record at 1 has no action this catalogue knows/);
     // A case of a newer catalogue (field 999) decodes to no action here: refused the same way.
     const rec = new BinaryWriter();

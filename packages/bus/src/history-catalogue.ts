@@ -26,7 +26,9 @@ export type HistoryActionInput = {
 }[HistoryActionCase];
 
 /** What a history record carries besides its time, component and action. */
-export type HistoryFields = Partial<Pick<HistoryRecord, "ioasid" | "generation" | "setId" | "spid" | "refcount" | "seq" | "recovered">>;
+export type HistoryFields = Partial<
+  Pick<HistoryRecord, "ioasid" | "generation" | "setId" | "spid" | "refcount" | "seq" | "recovered" | "publisherSeq" | "incarnation" | "opSeq" | "after">
+>;
 
 /** A record whose action is given: every record read back or built here is one. */
 export type TypedHistoryRecord<C extends HistoryActionCase = HistoryActionCase> = HistoryRecord & { readonly action: Extract<HistoryAction, { $case: C }> };
@@ -129,9 +131,12 @@ export function createHistoryRecord(
   fields: HistoryFields = {},
   ts: number = performance.timeOrigin + performance.now(),
 ): TypedHistoryRecord {
-  const rec: HistoryRecord = { ts, role: who.role, instance: who.instance, recovered: false, action: completeAction(action) };
-  for (const k of ["ioasid", "generation", "setId", "spid", "refcount", "seq"] as const) if (fields[k] !== undefined) rec[k] = fields[k];
+  const rec: HistoryRecord = { ts, role: who.role, instance: who.instance, recovered: false, incarnation: "", after: [], action: completeAction(action) };
+  for (const k of ["ioasid", "generation", "setId", "spid", "refcount", "seq", "publisherSeq", "opSeq"] as const)
+    if (fields[k] !== undefined) rec[k] = fields[k];
   if (fields.recovered === true) rec.recovered = true;
+  if (fields.incarnation !== undefined) rec.incarnation = fields.incarnation;
+  if (fields.after !== undefined && fields.after.length > 0) rec.after = fields.after.map((l) => ({ ...l }));
   return rec as TypedHistoryRecord;
 }
 

@@ -5,6 +5,11 @@ import type { RoleStatePort, StateChange } from "./role-state.js";
 export interface HistorySink {
   /** Records one step: an action of the catalogue, what it is about, and when (default now). */
   record(action: HistoryActionInput, fields?: HistoryFields, ts?: number): void;
+  /**
+   * Numbers a record when it is made, before it is handed on later (see HistoryRecorder.stamp):
+   * its place in the publisher's order, and the causal links it carries.
+   */
+  stamp?(fields: HistoryFields): HistoryFields;
 }
 
 /** Options of {@link HistoryGate}. */
@@ -60,8 +65,10 @@ export class HistoryGate {
   /** A recorder whose records wait at this gate. */
   wrap(sink: HistorySink): HistorySink {
     return {
+      ...(sink.stamp === undefined ? {} : { stamp: (fields: HistoryFields) => sink.stamp!(fields) }),
       record: (action, fields = {}, ts = performance.timeOrigin + performance.now()) => {
-        this.#held.push({ sink, action, fields, ts, out: false });
+        // Numbered now, not when released: an acknowledgement sent meanwhile covers it.
+        this.#held.push({ sink, action, fields: sink.stamp?.(fields) ?? fields, ts, out: false });
         this.#schedule();
       },
     };

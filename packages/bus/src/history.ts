@@ -10,6 +10,7 @@ import {
   type HistoryFields,
   type TypedHistoryRecord,
 } from "./history-catalogue.js";
+import { PROCESS_INCARNATION, receivedCursor, registerPosition, takeReceived, touchPosition, type HistoryLink } from "@ioasid/trace";
 import { DEFAULT_PREFIX, encodeToken } from "./subjects.js";
 
 /** Subject of a role's history records: `<prefix>.history.<role>.<instance>`. */
@@ -56,6 +57,10 @@ export class HistoryRecorder {
   private readonly groups = new Map<string, { headers: Record<string, string>; records: Uint8Array[] }>();
   private pendingBytes = 0;
   private scheduled = false;
+  /** The last `publisher_seq` given (0: none yet). */
+  private lastSeq = 0;
+  /** How far this recorder named in `after` what its process received. */
+  private readonly linked = receivedCursor();
   constructor(
     private readonly nc: NatsConnection,
     readonly role: string,
@@ -63,6 +68,31 @@ export class HistoryRecorder {
     prefix = DEFAULT_PREFIX,
   ) {
     this.subject = historySubject(prefix, role, instance);
+    registerPosition(role, instance, this);
+  }
+
+  /**
+   * Numbers a record now, where it falls in this recorder's order (issue 18: order without clocks):
+   * its `publisher_seq` and incarnation, and in `after` the positions this process received since
+   * the previous record. A record numbered already is returned as it is. Components that publish a
+   * record later than they make it (the core, once its operation is durable; a role through its
+   * HistoryGate) number it when they make it, so that a position sent meanwhile covers it.
+   */
+  stamp(fields: HistoryFields = {}): HistoryFields {
+    if (fields.publisherSeq !== undefined) return fields;
+    const after = takeReceived(this.linked);
+    touchPosition(this.role, this.instance);
+    return {
+      ...fields,
+      publisherSeq: ++this.lastSeq,
+      incarnation: PROCESS_INCARNATION,
+      ...(after.length === 0 ? {} : { after: [...(fields.after ?? []), ...after] }),
+    };
+  }
+
+  /** This recorder's position: its last numbered record (undefined before the first). */
+  position(): HistoryLink | undefined {
+    return this.lastSeq === 0 ? undefined : { role: this.role, instance: this.instance, incarnation: PROCESS_INCARNATION, publisherSeq: this.lastSeq };
   }
 
   /**
@@ -119,7 +149,7 @@ export class HistoryRecorder {
   }
 
   private encode(action: HistoryActionInput, fields: HistoryFields, ts: number): Uint8Array {
-    return h.HistoryRecord.encode(createHistoryRecord(this, action, fields, ts)).finish();
+    return h.HistoryRecord.encode(createHistoryRecord(this, action, this.stamp(fields), ts)).finish();
   }
 
   private publish(body: Uint8Array, hd?: MsgHdrs): void {

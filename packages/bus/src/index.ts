@@ -42,6 +42,16 @@ export {
 } from "./history-catalogue.js";
 export { HistoryGate, type HistoryGateOptions, type HistorySink } from "./history-gate.js";
 export {
+  decodePositions,
+  encodePositions,
+  noteReceived,
+  POSITION_HEADER,
+  positionOf,
+  PROCESS_INCARNATION,
+  publisherKey,
+  type HistoryLink,
+} from "@ioasid/trace";
+export {
   ensureRoleStateStream,
   failStopOnWriteError,
   MemoryRoleState,

@@ -2,6 +2,7 @@ import type { Msg, NatsConnection, Subscription } from "@nats-io/transport-node"
 import { headers as natsHeaders } from "@nats-io/transport-node";
 import { bus, type events } from "@ioasid/proto";
 import { receiveBatchTrace } from "./delivery-trace.js";
+import { decodePositions, encodePositions, noteReceived, POSITION_HEADER, positionOf } from "@ioasid/trace";
 import { DEFAULT_PREFIX, deliverySubject, helloSubject, queueGroup } from "./subjects.js";
 
 /** What a handler knows about the delivery it handles. */
@@ -138,12 +139,17 @@ export async function startSubscriber(options: SubscriberOptions): Promise<Subsc
     // Acks in delivery order (the engine matches them by position); handlers of one batch run
     // concurrently (their deliveries concern different IOASIDs).
     const n = batch.deliveries.length;
+    // Order without clocks (issue 18): the records this process makes from here on follow the
+    // core's up to the position the batch carries, and the ack carries this subscriber's own.
+    if (msg.headers !== undefined) noteReceived(decodePositions(msg.headers.get(POSITION_HEADER)));
     // Traced (DESIGN §13): each handling continues its delivery's trace, each ack its handling's.
     const traced = receiveBatchTrace(msg, n, options);
     const results =
       traced === undefined ? batch.deliveries.map((d) => handleOne(d, n)) : batch.deliveries.map((d, i) => traced.handle(i, d, () => handleOne(d, n)));
     const acks = results.some((r) => r instanceof Promise) ? await Promise.all(results) : (results as bus.Ack[]);
-    const headers = traced?.reply(acks, natsHeaders);
+    let headers = traced?.reply(acks, natsHeaders);
+    const position = positionOf(options.name, options.instance);
+    if (position !== undefined) (headers ??= natsHeaders()).set(POSITION_HEADER, encodePositions([position]));
     msg.respond(bus.AckBatch.encode({ acks }).finish(), headers === undefined ? undefined : { headers });
   };
 

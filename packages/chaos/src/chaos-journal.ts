@@ -1,4 +1,4 @@
-import { HistoryRecorder, type HistoryRecord } from "@ioasid/bus";
+import { createHistoryRecord, HistoryRecorder, type HistoryRecord } from "@ioasid/bus";
 import { Code, isDomainError } from "@ioasid/errors";
 import type { NatsConnection } from "@nats-io/transport-node";
 import { CHAOS_ROLE, ChaosAction, createChaosRecord, type ChaosDetail, type ChaosOp, type FaultMarker, type HealMarker } from "@ioasid/checker";
@@ -166,12 +166,18 @@ export class ChaosJournal {
   }
 
   #record(action: ChaosAction, detail: ChaosDetail): void {
-    const r = createChaosRecord(action, detail);
+    let r = createChaosRecord(action, detail);
+    let recorder: HistoryRecorder | undefined;
+    if (this.nc !== undefined) {
+      recorder = this.#recorders.get(r.instance);
+      if (recorder === undefined) this.#recorders.set(r.instance, (recorder = new HistoryRecorder(this.nc, CHAOS_ROLE, r.instance, this.#prefix)));
+      // Numbered by its recorder (order without clocks): the local copy the checker reads has it too.
+      const { ts: _ts, role: _role, instance: _instance, action: _action, ...fields } = r;
+      r = createHistoryRecord(r, r.action, recorder.stamp(fields), r.ts);
+    }
     this.#records.push(r);
     this.#onRecord?.(r);
-    if (this.nc === undefined) return;
-    let recorder = this.#recorders.get(r.instance);
-    if (recorder === undefined) this.#recorders.set(r.instance, (recorder = new HistoryRecorder(this.nc, CHAOS_ROLE, r.instance, this.#prefix)));
+    if (recorder === undefined) return;
     const { ts: _ts, role: _role, instance: _instance, action: _action, ...fields } = r;
     recorder.record(r.action, fields);
   }

@@ -1,7 +1,21 @@
-import { createHistoryRecord, eventTypeOf, type HistoryActionInput, type HistoryFields, type HistoryRecord } from "@ioasid/bus";
+import { createHistoryRecord, eventTypeOf, type HistoryActionInput, type HistoryFields, type HistoryLink, type HistoryRecord } from "@ioasid/bus";
 import { history as h } from "@ioasid/proto";
-import { createChaosRecord, type ChaosAction, type ChaosDetail, type ChaosOp } from "./chaos-record.js";
+import { createChaosRecord, roleOfTarget, type ChaosAction, type ChaosDetail, type ChaosOp } from "./chaos-record.js";
 import type { FinalState } from "./final-state.js";
+
+/** Options of {@link HistoryBuilder}: the ordering data the services record, and clocks that differ. */
+export interface BuilderOptions {
+  /**
+   * Records carry what orders them without clocks, as the services record it (issue 18): each its
+   * publisher's `publisher_seq` and incarnation, the core's its `op_seq`; a role's record of a
+   * delivery it handles (one with `seq`) links the core's position when the delivery was sent; the
+   * core's release of a holder's reference with an ack (an `ioasid_put` with `seq`) links the
+   * holder's position when it acknowledged. @default false (records carry none: ordered by time)
+   */
+  readonly sequenced?: boolean;
+  /** Per role, how far its host's clock is off, ms (`{ vdcm: -5000 }`: the VDCM's host is 5 s behind). */
+  readonly skewMs?: Readonly<Record<string, number>>;
+}
 
 /**
  * Builds histories the way the services record them (the same actions and fields), one
@@ -14,19 +28,68 @@ export class HistoryBuilder {
   private seq = 0;
   private opId = 0;
   private group = 0;
+  private opSeq = 0;
+  /** Each publisher's last `publisher_seq` (`role/instance/incarnation`). */
+  private readonly positions = new Map<string, number>();
+  /** Holders the core recorded a reference change of, whose next record follows the core's answer. */
+  private readonly awaitingAnswer = new Set<string>();
+  /** Restarts of each role so far (a kill-restart marker starts a new incarnation of its processes). */
+  private readonly restarts = new Map<string, number>();
 
   constructor(
     start = 1_700_000_000_000,
     private readonly step = 10,
+    private readonly options: BuilderOptions = {},
   ) {
     this.t = start;
   }
 
   /** Appends a record of a role. */
   add(role: string, instance: string, action: HistoryActionInput, fields: HistoryFields = {}): HistoryRecord {
-    const r = createHistoryRecord({ role, instance }, action, fields, (this.t += this.step));
+    this.t += this.step;
+    const r = createHistoryRecord({ role, instance }, action, this.ordering(role, instance, action, fields), this.t + (this.options.skewMs?.[role] ?? 0));
     this.records.push(r);
     return r;
+  }
+
+  /** The publisher's position now (its last record), as a link. */
+  position(role: string, instance: string): HistoryLink | undefined {
+    const incarnation = this.incarnation(role);
+    const seq = this.positions.get(`${role}/${instance}/${incarnation}`);
+    return seq === undefined ? undefined : { role, instance, incarnation, publisherSeq: seq };
+  }
+
+  private incarnation(role: string): string {
+    return `run-${this.restarts.get(role) ?? 0}`;
+  }
+
+  /** The ordering fields of a record, when the builder is sequenced (see {@link BuilderOptions.sequenced}). */
+  private ordering(role: string, instance: string, action: HistoryActionInput, fields: HistoryFields): HistoryFields {
+    if (this.options.sequenced !== true) return fields;
+    const incarnation = this.incarnation(role);
+    const key = `${role}/${instance}/${incarnation}`;
+    const after: HistoryLink[] = [];
+    const holder = action.$case === "ioasidGet" || action.$case === "ioasidPut" ? action.value.holder : undefined;
+    if (role === "ioasid" && holder !== undefined) {
+      // The holder's call (its metadata), or its ack (a put with seq), carried its position; the
+      // holder's next record follows the core's answer.
+      const link = this.position(holder.role, holder.instance);
+      if (link !== undefined) after.push(link);
+      this.awaitingAnswer.add(`${holder.role}/${holder.instance}`);
+    } else if (role !== "ioasid" && (fields.seq !== undefined || this.awaitingAnswer.delete(`${role}/${instance}`))) {
+      // A delivery being handled (it carried the core's position), or the core's answer to a call.
+      const link = this.position("ioasid", "core-0");
+      if (link !== undefined) after.push(link);
+    }
+    const publisherSeq = (this.positions.get(key) ?? 0) + 1;
+    this.positions.set(key, publisherSeq);
+    return {
+      ...fields,
+      publisherSeq,
+      incarnation,
+      ...(role === "ioasid" ? { opSeq: ++this.opSeq } : {}),
+      ...(after.length === 0 ? {} : { after }),
+    };
   }
 
   /** Appends a core event record with the next sequence number; returns the sequence. */
@@ -38,8 +101,14 @@ export class HistoryBuilder {
 
   /** Appends a chaos record. */
   chaos(action: ChaosAction, detail: ChaosDetail): HistoryRecord {
-    const r = createChaosRecord(action, detail, { ts: (this.t += this.step) });
+    this.t += this.step;
+    const made = createChaosRecord(action, detail, { ts: this.t + (this.options.skewMs?.chaos ?? 0) });
+    const r = { ...made, ...this.ordering(made.role, made.instance, made.action, {}) };
     this.records.push(r);
+    if ("fault" in detail && detail.fault === "kill-restart") {
+      const role = roleOfTarget(detail.target);
+      this.restarts.set(role, (this.restarts.get(role) ?? 0) + 1);
+    }
     return r;
   }
 
@@ -48,7 +117,7 @@ export class HistoryBuilder {
     const opId = ++this.opId;
     const invoke = this.chaos("invoke", { ...detail, opId });
     body();
-    this.chaos(outcome, { ...detail, ...done, opId, latencyMs: this.t + this.step - invoke.ts });
+    this.chaos(outcome, { ...detail, ...done, opId, latencyMs: this.t + this.step + (this.options.skewMs?.chaos ?? 0) - invoke.ts });
     return opId;
   }
 
@@ -239,8 +308,8 @@ export const GUEST_3: FixtureGuest = { vm: "g3", kvm: "vm-3", token: 9, setId: 3
  * late unbind), and a crashed guest (g3: 203 bound and programmed, 204 only allocated) with a VDCM
  * kill and restart healed, then a final heal.
  */
-export function correctHistory(): HistoryRecord[] {
-  const b = new HistoryBuilder();
+export function correctHistory(options: BuilderOptions = {}): HistoryRecord[] {
+  const b = new HistoryBuilder(undefined, undefined, options);
   const g1 = GUEST_1;
   const g2 = GUEST_2;
   const g3 = GUEST_3;

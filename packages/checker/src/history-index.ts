@@ -1,6 +1,7 @@
 import { eventOf, type HistoryRecord } from "@ioasid/bus";
 import { history as h } from "@ioasid/proto";
 import { ChaosAction, FaultKind, parseChaosRecord, roleOfTarget, type ChaosOp, type FaultMarker } from "./chaos-record.js";
+import { orderHistory } from "./history-order.js";
 
 /** The core's history column ("ioasid"): events and reference changes. */
 export const CORE_ROLE = "ioasid";
@@ -97,15 +98,38 @@ export interface ContainerRecord {
   readonly idx: number;
 }
 
-/** The history in time order, and the indexes the rules read. */
+/**
+ * The history in causal order, and the indexes the rules read. Record indices everywhere are
+ * positions in `records`: a linear extension of happens-before built from the records' sequences
+ * and causal links (see history-order.ts), so `i < j` never contradicts what the sequences show;
+ * records they leave unordered are in the order of their times.
+ */
 export interface HistoryIndex {
   readonly records: readonly HistoryRecord[];
+  /**
+   * Whether record `a` happened before record `b` by sequences and causal links (publisher order,
+   * the core's op-log order, event → handling, `after` links): true, false (`b` before `a`), or
+   * undefined when they do not decide it.
+   */
+  happenedBefore(a: number, b: number): boolean | undefined;
+  /**
+   * `a` did not happen after `b`: by happens-before when it decides; otherwise (records no
+   * recorded message orders, or a history without sequences) by time, within `toleranceMs`.
+   */
+  notAfter(a: number, b: number, toleranceMs: number): boolean;
+  /** The earliest and the latest record time (display, and the end of open time windows). */
+  readonly startTs: number | undefined;
+  readonly endTs: number | undefined;
+  /** Records that carry a publisher sequence; the rest are ordered by time. */
+  readonly sequenced: number;
+  /** Causal edges left out because they closed a cycle (0 in a consistent history). */
+  readonly cycles: number;
   readonly lifecycles: ReadonlyMap<string, Lifecycle>;
-  /** The lifecycle of a record that names an IOASID (by its generation, else by time). */
+  /** The lifecycle of a record that names an IOASID (by its generation, else by its place in the causal order). */
   lifecycleOf(idx: number): Lifecycle | undefined;
   /** The generation of `ioasid` allocated (or first seen) most recently at or before `idx`, unless reclaimed before it. */
   lifecycleAt(ioasid: number, idx: number): Lifecycle | undefined;
-  /** Indices of every record that names the generation `key` (directly, or by time), in order. */
+  /** Indices of every record that names the generation `key` (directly, or by its place in the order), in order. */
   membersOf(key: string): readonly number[];
   /** Indices of every record (of any role) that carries event sequence `seq`, in order. */
   withSeq(seq: number): readonly number[];
@@ -146,14 +170,14 @@ export interface IndexOptions {
 }
 
 /**
- * Sorts the history by time (stable: records of one role keep their order on equal times) and
- * builds the indexes the rules read. Pure.
+ * Orders the history by its sequences and causal links, not by clocks (issue 18; see
+ * history-order.ts: records nothing orders keep the order of their times, stable on equal times),
+ * and builds the indexes the rules read. Pure.
  */
 export function indexHistory(history: readonly HistoryRecord[], options: IndexOptions = {}): HistoryIndex {
-  const records = history
-    .map((r, i) => [r, i] as const)
-    .sort((a, b) => a[0].ts - b[0].ts || a[1] - b[1])
-    .map(([r]) => r);
+  const causal = orderHistory(history);
+  const records = causal.order.map((i) => history[i]!);
+  const happenedBefore = (a: number, b: number): boolean | undefined => causal.happenedBefore(causal.order[a]!, causal.order[b]!);
   const lifecycles = new Map<string, Lifecycle>();
   const byIoasid = new Map<number, Lifecycle[]>();
 
@@ -284,12 +308,18 @@ export function indexHistory(history: readonly HistoryRecord[], options: IndexOp
   });
 
   const margin = options.recordLossMarginMs ?? 100;
-  const lastTs = records.at(-1)?.ts ?? 0;
+  let startTs: number | undefined;
+  let endTs: number | undefined;
+  for (const r of records) {
+    if (startTs === undefined || r.ts < startTs) startTs = r.ts;
+    if (endTs === undefined || r.ts > endTs) endTs = r.ts;
+  }
+  const lastTs = endTs ?? 0;
   const lossWindows: LossWindow[] = [];
   for (const f of faults) {
     const m = f.marker;
     const from = records[f.start]!.ts - margin;
-    const why = `${m.fault} of ${m.target}${m.link === undefined ? "" : ` (${m.link} link)`} at +${(records[f.start]!.ts - (records[0]?.ts ?? 0)).toFixed(0)} ms`;
+    const why = `${m.fault} of ${m.target}${m.link === undefined ? "" : ` (${m.link} link)`} at +${(records[f.start]!.ts - (startTs ?? 0)).toFixed(0)} ms`;
     const until = (f.end === undefined ? lastTs : records[f.end]!.ts) + margin;
     if (m.fault === FaultKind.KILL_RESTART) lossWindows.push({ role: roleOfTarget(m.target), kind: "kill", from, to: records[f.start]!.ts + margin, why });
     else if (m.fault === FaultKind.NATS_RESTART) lossWindows.push({ role: undefined, kind: "link", from, to: until, why });
@@ -356,6 +386,16 @@ export function indexHistory(history: readonly HistoryRecord[], options: IndexOp
 
   return {
     records,
+    happenedBefore,
+    notAfter(a, b, toleranceMs) {
+      const hb = happenedBefore(a, b);
+      if (hb !== undefined) return hb;
+      return records[a]!.ts <= records[b]!.ts + toleranceMs;
+    },
+    startTs,
+    endTs,
+    sequenced: causal.sequenced,
+    cycles: causal.cycles,
     lifecycles,
     lifecycleOf,
     lifecycleAt,

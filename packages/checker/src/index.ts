@@ -51,5 +51,6 @@ export {
   type OpSpan,
   type PendingRegistration,
 } from "./history-index.js";
+export { orderHistory, type HistoryOrder } from "./history-order.js";
 export { INVARIANT_IDS, INVARIANTS, type InvariantId } from "./invariants.js";
 export { RULES, type CheckOptions, type Finding, type Rule, type RuleContext } from "./rules.js";

@@ -14,6 +14,7 @@ import type { InstanceCredentials, Role } from "@ioasid/security";
 import type { AnyMethodDefinition, AnyServiceDefinition, RequestOf, ResponseOf } from "./adapt-service.js";
 import { clientCredentials } from "./tls.js";
 import { toDomainError } from "./to-domain-error.js";
+import { historyClientInterceptor } from "./history-calls.js";
 import { traceClientInterceptor } from "./trace-calls.js";
 
 /** Per-call options of a {@link PromiseClient} method. */
@@ -130,7 +131,8 @@ export function createClient<D extends AnyServiceDefinition>(
     ...(options.credentials === undefined && options.tls !== undefined && dialsIpLiteral(address) ? TLS_IP_TARGET : {}),
     ...options.channelOptions,
     // W3C trace context on every call's metadata, and a CLIENT span, once tracing is started (DESIGN §13).
-    interceptors: [traceClientInterceptor, ...(options.channelOptions?.interceptors ?? [])],
+    // History positions on every call and its status (issue 18: order without clocks).
+    interceptors: [traceClientInterceptor, historyClientInterceptor, ...(options.channelOptions?.interceptors ?? [])],
   });
   const defaults: Defaults = { unary: options.deadlineMs ?? 5000, stream: options.streamDeadlineMs };
   const result: Record<string, unknown> = {

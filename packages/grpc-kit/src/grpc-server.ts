@@ -17,6 +17,7 @@ import { adaptService, serviceNameOf, type AnyServiceDefinition, type ServiceHan
 import { observeCalls, type CallObserver } from "./call-metrics.js";
 import { createLogger } from "./create-logger.js";
 import { guardDecoding } from "./guard-decoding.js";
+import { historyServerInterceptor } from "./history-calls.js";
 import { refuseRoles } from "./refuse-roles.js";
 import { serverCredentials } from "./tls.js";
 
@@ -106,6 +107,10 @@ export class GrpcServer {
       observeCalls(() => this.#callObserver),
       ...(options.refuseRoles === undefined || options.refuseRoles.length === 0 ? [] : [refuseRoles(options.refuseRoles, this.logger)]),
       ...(options.interceptors ?? []),
+      // History positions in from each call's metadata, out with its status (issue 18: order
+      // without clocks). Last, nearest the handler: the interceptors before it see grpc-js's own
+      // call (an authorization reads the connection from it, connectionOf).
+      historyServerInterceptor,
     ];
     this.raw = new Server({ ...options.channelOptions, interceptors });
     this.#tls = options.tls;

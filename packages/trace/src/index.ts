@@ -18,4 +18,24 @@ export {
   w3cPropagator,
   type MetadataLike,
 } from "./propagation.js";
+export {
+  decodePositions,
+  encodePositions,
+  noteReceived,
+  POSITION_HEADER,
+  POSITION_METADATA,
+  positionOf,
+  processPositions,
+  PROCESS_INCARNATION,
+  publisherKey,
+  registerPosition,
+  touchPosition,
+  MAX_CALL_POSITIONS,
+  takeReceived,
+  receivedCursor,
+  RECEIVED_WINDOW,
+  type ReceivedCursor,
+  type HistoryLink,
+  type PositionSource,
+} from "./history-position.js";
 export { startTracing, tracer, tracingStarted, type Tracing, type TracingOptions } from "./start-tracing.js";

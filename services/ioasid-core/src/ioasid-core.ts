@@ -6,6 +6,7 @@ import {
   type DeliveryTarget,
   type HistoryActionInput,
   type HistoryFields,
+  type HistoryLink,
   type MissedDelivery,
   type SettledAck,
 } from "@ioasid/bus";
@@ -61,6 +62,12 @@ export interface IoasidCoreOptions {
    * what {@link IoasidCore.recover} is told may be missing, marked `recovered`.
    */
   readonly history?: (action: HistoryActionInput, fields: HistoryFields, ts?: number, opSeq?: number) => void;
+  /**
+   * Numbers a history record when the core makes it (the recorder's `stamp`): its place in the
+   * core's own order, taken before the operation is durable and its records published, so that a
+   * delivery sent meanwhile carries a position that covers it (issue 18: order without clocks).
+   */
+  readonly historyStamp?: (fields: HistoryFields) => HistoryFields;
   /** Where the core reports what it does not return (refused releases, missed deliveries). */
   readonly log?: (level: "info" | "warn" | "error", msg: string, fields?: Record<string, unknown>) => void;
   /**
@@ -125,6 +132,8 @@ export class IoasidCore {
   private historyCapture: Array<[HistoryActionInput, HistoryFields, number]> | undefined;
   private currentTs = 0;
   private replaying = false;
+  /** Subscribers' history positions of the acknowledgements being applied, by `seq:registration`. */
+  private ackLinks: Map<string, readonly HistoryLink[]> | undefined;
   /** History records the last recover() published for operations its predecessor had not recorded. */
   republished = 0;
   /** Durability of the last operation appended (and so of every one before it). */
@@ -371,9 +380,16 @@ export class IoasidCore {
     // depends on a release (a reclaim, a re-allocation) is written after it; a crash before it is
     // written only means the delivery is made again and the SDK answers from its memory.
     // A reclaim set off by an ack continues the trace of that ack.
-    this.opTrace.withAcks(acks, () => {
-      for (const group of bySubscriber.values()) this.execute({ kind: "acks", ...group }, false);
-    });
+    // Each ack's history position (not logged: a replayed ack's record has none).
+    this.ackLinks = new Map();
+    for (const k of acks) if (k.after !== undefined) this.ackLinks.set(`${k.seq}:${k.registrationId}`, k.after);
+    try {
+      this.opTrace.withAcks(acks, () => {
+        for (const group of bySubscriber.values()) this.execute({ kind: "acks", ...group }, false);
+      });
+    } finally {
+      this.ackLinks = undefined;
+    }
   }
 
   /** The delivery engine's callback for missed deliveries. */
@@ -507,8 +523,9 @@ export class IoasidCore {
   private emitHistory(action: HistoryActionInput, fields: HistoryFields): void {
     // A replayed operation's records keep the time the operation was applied.
     const ts = this.replaying ? this.currentTs : performance.timeOrigin + performance.now();
-    if (this.historyCapture !== undefined) this.historyCapture.push([action, fields, ts]);
-    else this.options.history?.(action, fields);
+    const stamped = this.options.historyStamp?.(fields) ?? fields;
+    if (this.historyCapture !== undefined) this.historyCapture.push([action, stamped, ts]);
+    else this.options.history?.(action, stamped);
   }
 
   /** Whether history is being recorded: live, or replaying an operation whose records may be missing. */
@@ -600,6 +617,7 @@ export class IoasidCore {
       const i = rec === undefined ? -1 : rec.targets.findIndex((t) => t.registrationId === ack.registrationId);
       if (rec === undefined || i < 0 || rec.outcomes[i] === ACKED || rec.outcomes[i] === DROPPED) continue;
       const e = rec.event;
+      const after = this.ackLinks?.get(`${ack.seq}:${ack.registrationId}`);
       this.emitHistory(
         {
           $case: "deliveryAcked",
@@ -611,7 +629,13 @@ export class IoasidCore {
             late: rec.outcomes[i] === MISSED,
           },
         },
-        { ...(e.ioasid === 0xffffffff ? {} : { ioasid: e.ioasid, generation: e.generation }), setId: e.setId, seq: ack.seq },
+        {
+          ...(e.ioasid === 0xffffffff ? {} : { ioasid: e.ioasid, generation: e.generation }),
+          setId: e.setId,
+          seq: ack.seq,
+          // The subscriber's records up to its ack precede this one (issue 18: order without clocks).
+          ...(after === undefined ? {} : { after: [...after] }),
+        },
       );
     }
   }

@@ -331,8 +331,10 @@ export async function startCoreServer(options: StartCoreServerOptions = {}): Pro
     logger.info({ identity: formatIdentity(options.tls.identity) }, "mTLS: callers are authenticated by the stack CA and authorized by role");
   }
   let history: ((action: HistoryActionInput, fields: HistoryFields, ts?: number, opSeq?: number) => void) | undefined;
+  let historyStamp: ((fields: HistoryFields) => HistoryFields) | undefined;
   const ioasidCore = new IoasidCore({
     history: (action, fields, ts, opSeq) => history?.(action, fields, ts, opSeq),
+    historyStamp: (fields) => historyStamp?.(fields) ?? fields,
     ...(options.capacity === undefined ? {} : { capacity: options.capacity }),
     ...(options.eventLogRetain === undefined ? {} : { retain: options.eventLogRetain }),
     externalAllocator: options.externalAllocator ?? grpcExternalAllocator(logger, options.tls),
@@ -370,7 +372,9 @@ export async function startCoreServer(options: StartCoreServerOptions = {}): Pro
       if (log.snapshotsDisabled !== undefined) logger.warn({ stream: log.stream }, `no snapshots: ${log.snapshotsDisabled}`);
       opLog = log;
       // The records of one op-log message go out as one group (JetStream message id), so a replay
-      // that publishes them again is stored once.
+      // that publishes them again is stored once. Each names its op-log message (op_seq) and is
+      // numbered when the core makes it (issue 18: order without clocks).
+      historyStamp = (fields) => recorder.stamp(fields);
       history = (action, fields, ts, opSeq) =>
         opSeq === undefined
           ? recorder.record(action, fields, ts)
@@ -378,7 +382,7 @@ export async function startCoreServer(options: StartCoreServerOptions = {}): Pro
               `ioasid-core:${log.logId}:${opSeq}`,
               { [OP_LOG_HEADER]: log.logId, [OP_SEQ_HEADER]: String(opSeq) },
               action,
-              fields,
+              { ...fields, opSeq },
               ts ?? Date.now(),
             );
       republishAfter = await historyWatermark(n.nc, prefix, log, logger);
@@ -395,6 +399,8 @@ export async function startCoreServer(options: StartCoreServerOptions = {}): Pro
           metrics?.missed(missed);
           ioasidCore.onMissed(missed);
         },
+        // Each delivery carries the core's history position: its handling follows the core's records up to it.
+        position: () => recorder.position(),
         ...(metrics === undefined ? {} : { onDelivered: (target, outcome, seconds) => metrics.delivered(target, outcome, seconds) }),
         log: (level, msg, fields) => logger[level](fields ?? {}, msg),
       };

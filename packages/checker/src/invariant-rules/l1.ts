@@ -14,11 +14,12 @@ function faultOverlaps(ctx: RuleContext, targets: ReadonlySet<string>, from: num
 
 export const L1: Rule = {
   invariant: "L1",
+  order: "time: a free's latency is the driver's own clock (invoke → completion); faults overlap it by the driver's clock too",
   description:
     "every chaos free (invoke → ok/fail) takes at most freeLatencyBoundMs (latencyMs, else the records' times); a free that never completes or completes `info` is a violation, unless a fault on its own path (ioasid-core, nats, vfio) overlapped it — subscribers' faults excuse nothing",
   check(ctx) {
     const out: Finding[] = [];
-    const end = ctx.index.records.at(-1)?.ts ?? 0;
+    const end = ctx.index.endTs ?? 0;
     for (const span of ctx.index.ops) {
       if (!ctx.options.freeOps.includes(span.op.op)) continue;
       const from = span.invoke === undefined ? undefined : ts(ctx, span.invoke);

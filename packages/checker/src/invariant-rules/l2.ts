@@ -3,6 +3,8 @@ import { ts, name, subject, lifecycles, liveAtEnd, type Finding, type Rule } fro
 
 export const L2: Rule = {
   invariant: "L2",
+  order:
+    "time for the bound (the driver's crash record to the core's RECLAIM: a clock skew between those hosts adds to or takes from it); which generations the crash concerns by the causal order",
   description:
     "for each chaos crash of VM V (set from the chaos records), every generation allocated in V's set before the crash and not reclaimed by then has event:RECLAIM by max(crash, last heal) + reclaimBoundMs; one with no RECLAIM recorded is a violation unless the final state shows it gone (then a note: reclaimed, time unknown). The final state (read after the heal and the settle) has no FREE_PENDING IOASID, and no IOASID of a set whose VM closed or crashed",
   check(ctx) {

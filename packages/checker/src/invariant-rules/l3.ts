@@ -3,6 +3,7 @@ import { ts, subject, type Finding, type Rule } from "./rule-kit.js";
 
 export const L3: Rule = {
   invariant: "L3",
+  order: "one IOMMU instance's records in its publisher order (the answer after the group); the bound, when set, by time",
   description:
     "every IOMMU iopf_group has an IOMMU page_response after it (same instance and group id), within faultAnswerBoundMs of max(group, last heal) when that bound is set; the final state has no outstanding group",
   check(ctx) {

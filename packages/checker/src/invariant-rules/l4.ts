@@ -4,6 +4,7 @@ import { rec, ts, name, subject, lifecycles, type Finding, type Rule } from "./r
 
 export const L4: Rule = {
   invariant: "L4",
+  order: "the causal order: registration → container_open → BIND → the subscriber's handling",
   description:
     "a registration the core recorded pending (ioasid_register_notifier_mm … (pending)) whose MM token's set then appears (VFIO container_open) receives that set's events: every event:BIND of the set after it, for a generation never freed, is followed by a record of the subscriber instance for that generation (its table change, or an ioasid_get it holds) — unless the subscriber instance was destroyed (…destroy_vm); in the final state a registration whose token has a set is active on it. Activation itself is not recorded",
   check(ctx) {

@@ -10,7 +10,8 @@ import type { InvariantId } from "../invariants.js";
 export interface CheckOptions {
   /**
    * How far apart two processes' clocks may be when records of different roles are ordered by
-   * time (every role stamps `performance.timeOrigin + performance.now()` on one machine). @default 1
+   * time: only records their sequences and causal links leave unordered are (a history recorded
+   * before records carried them, or processes no recorded message connects). @default 1
    */
   readonly clockToleranceMs?: number;
   /** L1: longest a free may take (invoke → completion). @default 1000 */
@@ -65,7 +66,7 @@ export interface RuleContext {
 /** One violation as a rule finds it: what is wrong and the records that show it. */
 export interface Finding {
   readonly message: string;
-  /** Indices (in the time-ordered history) of the records that show the violation. */
+  /** Indices (in the causally ordered history, HistoryIndex.records) of the records that show the violation. */
   readonly evidence: readonly number[];
   readonly ioasid?: number;
   readonly generation?: number;
@@ -83,7 +84,8 @@ export interface Finding {
    * Set when the finding is an order that a missed delivery explains: a subscriber that misses its
    * deadline, or is still catching up on an earlier one, is passed over and the chain moves on
    * (DESIGN §4.4), and the core records that (`delivery_missed` with the event's seq). Such a record
-   * for `seq` and the late subscriber (`role`/`instance`), no later than `before`, turns the finding
+   * for `seq` and the late subscriber (`role`/`instance`), not after record `before` (an index; by
+   * happens-before, see {@link notAfter}), turns the finding
    * into a note; so does a loss window of the core's records (or of NATS) between `from` and `to`,
    * which may have taken the record with it.
    */
@@ -102,6 +104,12 @@ export interface Rule {
   readonly invariant: InvariantId;
   /** The rule in one line (the README's mapping). */
   readonly description: string;
+  /**
+   * Which order between records the rule relies on (issue 18: order without clocks): a process's
+   * own (publisher sequence), the core's (op-log sequence), happens-before (event → handling,
+   * causal links; see history-order.ts), or time — only for bounds (liveness), never for order.
+   */
+  readonly order: string;
   check(ctx: RuleContext): Finding[];
 }
 
@@ -113,9 +121,14 @@ export function ts(ctx: RuleContext, idx: number): number {
   return rec(ctx, idx).ts;
 }
 
-/** `a` happened no later than `b`, within the clock tolerance (records of different processes). */
+/**
+ * `a` happened no later than `b`. Decided by happens-before — publisher order, the core's op-log
+ * order, event → handling, causal links (history-order.ts) — never by clocks when those decide it;
+ * only records they leave unordered (a history recorded before records carried sequences, or
+ * processes no recorded message connects) are compared by time, within the clock tolerance.
+ */
 export function notAfter(ctx: RuleContext, a: number, b: number): boolean {
-  return ts(ctx, a) <= ts(ctx, b) + ctx.options.clockToleranceMs;
+  return ctx.index.notAfter(a, b, ctx.options.clockToleranceMs);
 }
 
 export function name(l: Lifecycle): string {

@@ -4,6 +4,7 @@ import { rec, ts, name, subject, lifecycles, type Finding, type Rule } from "./r
 
 export const S1: Rule = {
   invariant: "S1",
+  order: "the core's own records (its get/put, ALLOC, FREE, RECLAIM), in the core's order: op-log sequence, then its publisher sequence",
   description:
     "event:RECLAIM only when the core's last reference change before it left 0 (or 1 with no FREE recorded: a free that reclaims at once), with no holder still holding by the history's gets and puts; no event:ALLOC of an ID while an earlier generation of it is not reclaimed, and generations only grow",
   check(ctx) {

@@ -3,6 +3,7 @@ import { rec, name, holderText, subject, lifecycles, type Finding, type Rule } f
 
 export const S2: Rule = {
   invariant: "S2",
+  order: "the core's own records, in the core's order (op-log sequence)",
   description: "no ioasid_get of an IOASID generation after its event:FREE or event:RECLAIM (the core's own records, so in its order)",
   check(ctx) {
     const out: Finding[] = [];

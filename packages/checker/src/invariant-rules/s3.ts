@@ -3,6 +3,7 @@ import { name, who, subject, type Finding, type Rule } from "./rule-kit.js";
 
 export const S3: Rule = {
   invariant: "S3",
+  order: "no order between processes; a record without a generation belongs to the generation of its IOASID current at its place in the causal order",
   description:
     "every record that names an IOASID and a set (a role's table change, a reference, a VFIO call) names the set that owns that generation (from event:ALLOC); a chaos operation of VM A that completes ok names only IOASIDs of A's set",
   check(ctx) {

@@ -5,6 +5,8 @@ import { rec, ts, notAfter, name, who, subject, type Finding, type Rule } from "
 
 export const S4: Rule = {
   invariant: "S4",
+  order:
+    "the core's events in the core's order; a KVM install or VDCM vdev_write after its BIND by happens-before (event → handling, the core's answer to the call that took the reference), by time only where the history does not connect them",
   description:
     "event:BIND of (set, SPID) only while no other IOASID holds that (set, SPID) (held from its BIND to its UNBIND, FREE or RECLAIM); every KVM install and VDCM vdev_write translating (set, SPID) to an IOASID follows a BIND of that IOASID with that SPID; in the final state no two live IOASIDs of a set share a SPID",
   check(ctx) {

@@ -16,6 +16,8 @@ const TEARDOWN_STAGES: ReadonlyArray<{ readonly name: string; readonly match: (r
 
 export const S5: Rule = {
   invariant: "S5",
+  order:
+    "happens-before: event → handling, each delivery after the core's position when it was sent (a higher tier's delivery_acked among them), each release after the holder's position at its ack; by time (within the clock tolerance) only where the history does not connect two records",
   description:
     "for each FREE, the records of its delivery (same seq): every KVM vmcs clear ≤ every VDCM vdev_clear ≤ every IOMMU teardown_pasid/iotlb_flush ≤ every IOMMU drain page_response (by time, stages a role had no state for are absent); each holder's release (ioasid_put with that seq) after its own role's stage; every stage record, and every page_response of the generation, before event:RECLAIM",
   check(ctx) {
@@ -48,7 +50,7 @@ export const S5: Rule = {
                 role: rec(ctx, late).role,
                 instance: rec(ctx, late).instance,
                 seq,
-                before: ts(ctx, early),
+                before: early,
                 from: ts(ctx, free),
                 to: ts(ctx, late),
               },

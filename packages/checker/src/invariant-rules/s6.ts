@@ -2,6 +2,7 @@ import { lifecycles, type Finding, type Rule } from "./rule-kit.js";
 
 export const S6: Rule = {
   invariant: "S6",
+  order: "the core's ALLOC and RECLAIM in the core's order, from VFIO's container_open on (its place in the causal order)",
   description:
     "final state: available + Σ quotas = capacity − reserved (PASID 0), every set's inUse ≤ quota, and (with the IOASID list) inUse = the set's live IOASIDs; history: at each event:ALLOC, the set's live generations ≤ the quota its container_open recorded (quotas are assumed not adjusted during the run: AdjustSet is not recorded)",
   check(ctx) {

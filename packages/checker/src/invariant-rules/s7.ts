@@ -2,6 +2,7 @@ import { subject, type Finding, type Rule } from "./rule-kit.js";
 
 export const S7: Rule = {
   invariant: "S7",
+  order: "one IOMMU instance's own records, in its publisher order (its runs one after another)",
   description:
     "per page-request group (IOMMU instance, group id): at most one IOMMU page_response (from the iopf_group on, or for a partial group answered without one); at most one VFIO page_response per group (the L3 rule checks the other half, at least one)",
   check(ctx) {

@@ -4,6 +4,7 @@ import { rec, ts, name, subject, lifecycles, type Finding, type Rule } from "./r
 
 export const S8: Rule = {
   invariant: "S8",
+  order: "the core's own records, in the core's order (op-log sequence)",
   description:
     "per IOASID generation at most one event:ALLOC, one event:FREE and one event:RECLAIM; BIND and UNBIND alternate, starting with BIND, and none after FREE; no event before ALLOC or after RECLAIM; no two event records with one sequence number; per set, SET_ALLOC and SET_FREE alternate",
   check(ctx) {

@@ -29,6 +29,8 @@ function guestTeardowns(ctx: RuleContext, l: Lifecycle, role: string): number[] 
 
 export const S9: Rule = {
   invariant: "S9",
+  order:
+    "happens-before between a role's entry set/clear or use and the core's RECLAIM (event → handling, delivery and ack links, the core's answers to calls); by time only where the history does not connect them",
   description:
     "every role table entry (KVM vmcs install→clear, VDCM vdev_write→vdev_clear, IOMMU pasid_entry_set→teardown_pasid, per role instance, place and generation) set before its generation's event:RECLAIM is cleared no later than it, and none is set after it; no VDCM submit or KVM translated enqcmd naming a generation after its RECLAIM; in the final state no live entry names a reclaimed generation or an IOASID not live",
   check(ctx) {

@@ -284,6 +284,38 @@ export interface HistoryRecord {
    * an operation whose records its predecessor never got to publish (it stopped first).
    */
   recovered: boolean;
+  /**
+   * ---- order without clocks (DESIGN §7; issue 18) ----
+   * What the checker orders records by, across processes and hosts whose clocks differ: `ts` is
+   * for people (the timeline, a trace's +ms) and for liveness bounds, never for order.
+   *
+   * The record's place in its publisher's own order: 1, 2, 3, … for the records one recorder of
+   * one process (one `role`/`instance`, one `incarnation`) made, in the order it made them (the
+   * core numbers its records when an operation makes them, not when they are published). An
+   * integer; a double, as `seq`.
+   */
+  publisherSeq?:
+    | number
+    | undefined;
+  /**
+   * Which run of the publisher made it (a random id per process start): `publisher_seq` counts
+   * again from 1 in a restarted process.
+   */
+  incarnation: string;
+  /**
+   * The core's records: the operation-log message of the operation that made it (one total order
+   * of the core's operations, across its restarts and a standby that takes over).
+   */
+  opSeq?:
+    | number
+    | undefined;
+  /**
+   * Causal links: records of other publishers this one is known to follow. Set on the first record
+   * a publisher makes after it received a message that carried the sender's position: a role's
+   * handling of a delivery follows the core's records up to the delivery's sending; the core's
+   * `delivery_acked` follows the subscriber's records up to its acknowledgement.
+   */
+  after: HistoryLink[];
   /** What happened. The case's field name is the action's name in the timeline. */
   action:
     | //
@@ -534,6 +566,18 @@ export interface HistoryRecord {
     /** A container's event queue destroyed. */
     { $case: "veventqDestroy"; value: VeventqDestroy }
     | undefined;
+}
+
+/** HistoryLink names a publisher's position: its records with publisher_seq up to `publisher_seq`. */
+export interface HistoryLink {
+  /** The publisher's column ("ioasid", "kvm", …). */
+  role: string;
+  /** The publisher's instance. */
+  instance: string;
+  /** The publisher's incarnation (HistoryRecord.incarnation). */
+  incarnation: string;
+  /** The last of its records known to precede (HistoryRecord.publisher_seq). */
+  publisherSeq: number;
 }
 
 /** IoasidNotify is an event the core committed. */
@@ -1406,6 +1450,10 @@ function createBaseHistoryRecord(): HistoryRecord {
     refcount: undefined,
     seq: undefined,
     recovered: false,
+    publisherSeq: undefined,
+    incarnation: "",
+    opSeq: undefined,
+    after: [],
     action: undefined,
   };
 }
@@ -1441,6 +1489,18 @@ export const HistoryRecord: MessageFns<HistoryRecord> = {
     }
     if (message.recovered !== false) {
       writer.uint32(80).bool(message.recovered);
+    }
+    if (message.publisherSeq !== undefined) {
+      writer.uint32(89).double(message.publisherSeq);
+    }
+    if (message.incarnation !== "") {
+      writer.uint32(98).string(message.incarnation);
+    }
+    if (message.opSeq !== undefined) {
+      writer.uint32(105).double(message.opSeq);
+    }
+    for (const v of message.after) {
+      HistoryLink.encode(v!, writer.uint32(114).fork()).join();
     }
     switch (message.action?.$case) {
       case "ioasidNotify":
@@ -1751,6 +1811,38 @@ export const HistoryRecord: MessageFns<HistoryRecord> = {
             }
 
             message.recovered = reader.bool();
+            continue;
+          }
+          case 11: {
+            if (tag !== 89) {
+              break;
+            }
+
+            message.publisherSeq = reader.double();
+            continue;
+          }
+          case 12: {
+            if (tag !== 98) {
+              break;
+            }
+
+            message.incarnation = reader.string();
+            continue;
+          }
+          case 13: {
+            if (tag !== 105) {
+              break;
+            }
+
+            message.opSeq = reader.double();
+            continue;
+          }
+          case 14: {
+            if (tag !== 114) {
+              break;
+            }
+
+            message.after.push(HistoryLink.decode(reader, reader.uint32()));
             continue;
           }
           case 20: {
@@ -2358,6 +2450,18 @@ export const HistoryRecord: MessageFns<HistoryRecord> = {
       refcount: isSet(object.refcount) ? globalThis.Number(object.refcount) : undefined,
       seq: isSet(object.seq) ? globalThis.Number(object.seq) : undefined,
       recovered: isSet(object.recovered) ? globalThis.Boolean(object.recovered) : false,
+      publisherSeq: isSet(object.publisherSeq)
+        ? globalThis.Number(object.publisherSeq)
+        : isSet(object.publisher_seq)
+        ? globalThis.Number(object.publisher_seq)
+        : undefined,
+      incarnation: isSet(object.incarnation) ? globalThis.String(object.incarnation) : "",
+      opSeq: isSet(object.opSeq)
+        ? globalThis.Number(object.opSeq)
+        : isSet(object.op_seq)
+        ? globalThis.Number(object.op_seq)
+        : undefined,
+      after: globalThis.Array.isArray(object?.after) ? object.after.map((e: any) => HistoryLink.fromJSON(e)) : [],
       action: isSet(object.ioasidNotify)
         ? { $case: "ioasidNotify", value: IoasidNotify.fromJSON(object.ioasidNotify) }
         : isSet(object.ioasid_notify)
@@ -2677,6 +2781,18 @@ export const HistoryRecord: MessageFns<HistoryRecord> = {
     if (message.recovered !== false) {
       obj.recovered = message.recovered;
     }
+    if (message.publisherSeq !== undefined) {
+      obj.publisherSeq = floatToJson(message.publisherSeq);
+    }
+    if (message.incarnation !== "") {
+      obj.incarnation = message.incarnation;
+    }
+    if (message.opSeq !== undefined) {
+      obj.opSeq = floatToJson(message.opSeq);
+    }
+    if (message.after?.length) {
+      obj.after = message.after.map((e) => HistoryLink.toJSON(e));
+    }
     if (message.action?.$case === "ioasidNotify") {
       obj.ioasidNotify = IoasidNotify.toJSON(message.action.value);
     } else if (message.action?.$case === "ioasidGet") {
@@ -2838,6 +2954,10 @@ export const HistoryRecord: MessageFns<HistoryRecord> = {
     message.refcount = object.refcount ?? undefined;
     message.seq = object.seq ?? undefined;
     message.recovered = object.recovered ?? false;
+    message.publisherSeq = object.publisherSeq ?? undefined;
+    message.incarnation = object.incarnation ?? "";
+    message.opSeq = object.opSeq ?? undefined;
+    message.after = object.after?.map((e) => HistoryLink.fromPartial(e)) || [];
     switch (object.action?.$case) {
       case "ioasidNotify": {
         if (object.action?.value !== undefined && object.action?.value !== null) {
@@ -3275,6 +3395,127 @@ export const HistoryRecord: MessageFns<HistoryRecord> = {
         break;
       }
     }
+    return message;
+  },
+};
+
+function createBaseHistoryLink(): HistoryLink {
+  return { role: "", instance: "", incarnation: "", publisherSeq: 0 };
+}
+
+export const HistoryLink: MessageFns<HistoryLink> = {
+  encode(message: HistoryLink, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.role !== "") {
+      writer.uint32(10).string(message.role);
+    }
+    if (message.instance !== "") {
+      writer.uint32(18).string(message.instance);
+    }
+    if (message.incarnation !== "") {
+      writer.uint32(26).string(message.incarnation);
+    }
+    if (message.publisherSeq !== 0) {
+      writer.uint32(33).double(message.publisherSeq);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): HistoryLink {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseHistoryLink();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.role = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.instance = reader.string();
+            continue;
+          }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.incarnation = reader.string();
+            continue;
+          }
+          case 4: {
+            if (tag !== 33) {
+              break;
+            }
+
+            message.publisherSeq = reader.double();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): HistoryLink {
+    return {
+      role: isSet(object.role) ? globalThis.String(object.role) : "",
+      instance: isSet(object.instance) ? globalThis.String(object.instance) : "",
+      incarnation: isSet(object.incarnation) ? globalThis.String(object.incarnation) : "",
+      publisherSeq: isSet(object.publisherSeq)
+        ? globalThis.Number(object.publisherSeq)
+        : isSet(object.publisher_seq)
+        ? globalThis.Number(object.publisher_seq)
+        : 0,
+    };
+  },
+
+  toJSON(message: HistoryLink): unknown {
+    const obj: any = {};
+    if (message.role !== "") {
+      obj.role = message.role;
+    }
+    if (message.instance !== "") {
+      obj.instance = message.instance;
+    }
+    if (message.incarnation !== "") {
+      obj.incarnation = message.incarnation;
+    }
+    if (message.publisherSeq !== 0) {
+      obj.publisherSeq = floatToJson(message.publisherSeq);
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<HistoryLink>): HistoryLink {
+    return HistoryLink.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<HistoryLink>): HistoryLink {
+    const message = createBaseHistoryLink();
+    message.role = object.role ?? "";
+    message.instance = object.instance ?? "";
+    message.incarnation = object.incarnation ?? "";
+    message.publisherSeq = object.publisherSeq ?? 0;
     return message;
   },
 };
