@@ -79,10 +79,10 @@ export async function readFinalState(c: ChaosClients, instances: RoleInstances):
     faultGroups: i.faultGroups
       .filter((g) => g.state !== iommu.FaultGroupState.FAULT_GROUP_STATE_PARTIAL)
       .map((g) => ({
-      faultGroupId: String(g.faultGroupId),
-      instance: instances.iommu,
-      ...(g.withoutPasid ? {} : { ioasid: g.pasid }),
-    })),
+        faultGroupId: String(g.faultGroupId),
+        instance: instances.iommu,
+        ...(g.withoutPasid ? {} : { ioasid: g.pasid }),
+      })),
     registrations: regs.registrations.map((r) => ({
       subscriber: r.subscriber?.name ?? "",
       instance: r.subscriber?.instance ?? "",
