@@ -369,6 +369,35 @@ export async function runGuest(plan: GuestPlan, ctx: GuestContext): Promise<Gues
         if (!assigned.has(step.device)) return false;
         await dma(step.pasid, p!, step.device, step.wq, step.page);
         return true;
+      case "overflow": {
+        if (!assigned.has(GuestDevice.PF)) return false;
+        // vIOMMU, vdevice, a queue of depth 2, the PF's RID nested on the vIOMMU, then 4 DMA faults
+        // (stage-2 misses past guest RAM): the guest must read a LOST_EVENTS marker, never a hole.
+        await run("overflow", {}, async () => {
+          const pf = device(GuestDevice.PF);
+          const v = (await c.vfio.allocViommu(vfio.AllocViommuRequest.fromPartial({ containerId, device: pf }))).viommu!;
+          await c.vfio.allocVdevice(vfio.AllocVdeviceRequest.fromPartial({ containerId, viommuId: v.viommuId, device: pf, virtId: 7n }));
+          const q = (await c.vfio.allocVeventq(vfio.AllocVeventqRequest.fromPartial({ containerId, viommuId: v.viommuId, depth: 2 }))).veventq!;
+          await c.vfio.replaceDeviceDomain(
+            vfio.ReplaceDeviceDomainRequest.fromPartial({ containerId, device: pf, guestPgtable: 0x7e_0000n, viommuId: v.viommuId }),
+          );
+          for (let i = 0n; i < 4n; i++) {
+            await c.iommu.translate(
+              iommu.TranslateRequest.fromPartial({
+                deviceId: d.pfId,
+                withoutPasid: true,
+                address: GUEST_RAM.size + i * PAGE,
+                access: { read: true, write: false },
+              }),
+            );
+          }
+          const items = (await c.vfio.readVeventq(vfio.ReadVeventqRequest.fromPartial({ containerId, veventqId: q.veventqId }))).items;
+          if (!items.some((it) => it.item?.$case === "lostEvents")) {
+            throw new DefiniteFailure(`no LOST_EVENTS marker after 4 faults into a queue of depth 2 (${items.length} items read)`);
+          }
+        });
+        return true;
+      }
       case "replace":
         if (!assigned.has(GuestDevice.PF)) return false;
         // The guest turns its vIOMMU's nested translation on or off for the PF: one atomic replace.

@@ -20,8 +20,7 @@ describe("planGuest", () => {
     expect({ name: p.name, slot: p.slot, quota: p.quota, vcpus: p.vcpus, end: p.end, steps: kinds(p).slice(0, 6) }).toMatchInlineSnapshot(`
       {
         "end": {
-          "atStep": 7,
-          "kind": "crash",
+          "kind": "close",
         },
         "name": "g0",
         "quota": 8,
@@ -82,7 +81,7 @@ describe("planGuest", () => {
   it("covers the life cycle across guests: every step kind, crashes in flight and between steps, clean closes", () => {
     const all = Array.from({ length: 100 }, (_, i) => planGuest(5, i));
     const seen = new Set(all.flatMap((p) => p.steps.map((s) => s.step.kind)));
-    expect([...seen].sort()).toEqual(["alloc", "assign", "bind", "clear", "dma", "enqcmd", "free", "map-dma", "program", "replace", "unbind"]);
+    expect([...seen].sort()).toEqual(["alloc", "assign", "bind", "clear", "dma", "enqcmd", "free", "map-dma", "overflow", "program", "replace", "unbind"]);
     const crashes = all.filter((p) => p.end.kind === "crash");
     expect(crashes.length).toBeGreaterThan(20);
     expect(all.length - crashes.length).toBeGreaterThan(20);

@@ -38,7 +38,14 @@ export type GuestStep =
    * requests without PASID to a nested domain over the stage 2 (`nested`), or back to the stage 2,
    * in one step while the guest's PASIDs are bound and its DMA runs.
    */
-  | { readonly kind: "replace"; readonly nested: boolean };
+  | { readonly kind: "replace"; readonly nested: boolean }
+  /**
+   * The guest's vIOMMU overflowing (issue 16): a vIOMMU, a vdevice for the PF and an event queue of
+   * depth 2 through VFIO, the PF's requests without PASID replaced to a nested domain on that
+   * vIOMMU, then 4 DMA faults into it: the queue must say it lost events (a LOST_EVENTS marker).
+   * Left for the guest's end to tear down (event queue, vdevice, vIOMMU before the stage 2).
+   */
+  | { readonly kind: "overflow" };
 
 /** A step and the guest's think time before it, in ms. */
 export interface PlannedStep {
@@ -145,15 +152,19 @@ export function planGuest(seed: number, index: number, options: GuestPlanOptions
 
   const model: SlotModel[] = [];
   const wqs = new Map<number, number>(); // programmed virtual WQ → pasid
-  const pf = { nested: false };
+  const pf = { nested: false, overflowed: false };
   const n = rng.int(minSteps, maxSteps);
   for (let i = 0; i < n; i++) {
-    const choices = candidates(model, wqs, devices, quota, rng, pf.nested);
+    const choices = candidates(model, wqs, devices, quota, rng, pf);
     const total = choices.reduce((s, c) => s + c.weight, 0);
     let x = rng.next() * total;
     const chosen = choices.find((c) => (x -= c.weight) < 0) ?? choices.at(-1)!;
     apply(chosen.step, model, wqs);
     if (chosen.step.kind === "replace") pf.nested = chosen.step.nested;
+    if (chosen.step.kind === "overflow") {
+      pf.overflowed = true;
+      pf.nested = true;
+    }
     steps.push({ step: chosen.step, thinkMs: think() });
   }
 
@@ -219,10 +230,21 @@ interface Choice {
 }
 
 /** The steps a guest may take next in the model, with their weights (always at least an allocation or a free). */
-function candidates(model: SlotModel[], wqs: Map<number, number>, devices: readonly GuestDevice[], quota: number, rng: Prng, pfNested: boolean): Choice[] {
+function candidates(
+  model: SlotModel[],
+  wqs: Map<number, number>,
+  devices: readonly GuestDevice[],
+  quota: number,
+  rng: Prng,
+  pf: { readonly nested: boolean; readonly overflowed: boolean },
+): Choice[] {
   const out: Choice[] = [];
-  // The PF's nested translation turned on or off (ReplaceDeviceDomain), whatever its PASIDs do.
-  if (devices.includes(GuestDevice.PF)) out.push({ weight: 0.4, step: { kind: "replace", nested: !pfNested } });
+  // The PF's nested translation turned on or off (ReplaceDeviceDomain), whatever its PASIDs do;
+  // once per guest, its vIOMMU's event queue made to overflow.
+  if (devices.includes(GuestDevice.PF)) {
+    out.push({ weight: 0.4, step: { kind: "replace", nested: !pf.nested } });
+    if (!pf.overflowed) out.push({ weight: 0.3, step: { kind: "overflow" } });
+  }
   const live = model.filter((s) => !s.freed).length;
   if (live < quota) out.push({ weight: live === 0 ? 3 : 1.5, step: { kind: "alloc", pasid: model.length } });
   model.forEach((s, pasid) => {
@@ -315,5 +337,7 @@ export function describeGuestStep(step: GuestStep): string {
       return `clear wq${step.wq}`;
     case "replace":
       return `replace pf ${step.nested ? "nested" : "stage2"}`;
+    case "overflow":
+      return "overflow pf veventq";
   }
 }
