@@ -51,7 +51,7 @@ async function signalWhileWaitingForNats(svc: ReturnType<typeof spawnService>, n
   svc.proc.kill("SIGTERM");
   await nats.restart();
   const { code, signal } = await svc.exit;
-  expect({ code, signal }).toEqual({ code: 0, signal: null });
+  expect({ code, signal }, `${who}'s last output:\n${svc.out().split("\n").slice(-12).join("\n")}`).toEqual({ code: 0, signal: null });
   expect(svc.out()).toContain('"msg":"listening"');
   expect(svc.out()).toContain("signal received, shutting down");
 }

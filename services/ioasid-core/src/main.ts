@@ -105,7 +105,8 @@ for (let attempt = 1; running === undefined; attempt++) {
       logger.fatal({ stream: err.at.stream, seq: err.at.seq }, `cannot start: ${err.message}`);
       process.exit(1);
     }
-    if (!isTransientWriteError(err) || Date.now() >= startDeadline || held.received !== undefined) {
+    // A signal held meanwhile waits for the start too (it then stops gracefully, exit 0).
+    if (!isTransientWriteError(err) || Date.now() >= startDeadline) {
       logger.fatal({ err: String(err) }, "could not start");
       process.exit(1);
     }
