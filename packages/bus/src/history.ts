@@ -43,6 +43,9 @@ export async function ensureHistoryStream(nc: NatsConnection, prefix = DEFAULT_P
   }
 }
 
+/** Each publisher's (role, instance) last `publisher_seq` in this process (see HistoryRecorder). */
+const PUBLISHER_SEQS = new Map<string, { last: number }>();
+
 /**
  * Publishes a component's history records (fire and forget: history never holds up the work it
  * records). Records of one turn of the event loop go out as one message (a binary
@@ -57,8 +60,15 @@ export class HistoryRecorder {
   private readonly groups = new Map<string, { headers: Record<string, string>; records: Uint8Array[] }>();
   private pendingBytes = 0;
   private scheduled = false;
-  /** The last `publisher_seq` given (0: none yet). */
-  private lastSeq = 0;
+  /**
+   * The last `publisher_seq` given (0: none yet), shared by every recorder of this publisher (role,
+   * instance) in the process: the incarnation is the process's, so a second recorder of the same
+   * publisher — a core whose start JetStream cut and that starts again — numbers on, never twice.
+   */
+  private readonly seq: { last: number };
+  private get lastSeq(): number {
+    return this.seq.last;
+  }
   /** How far this recorder named in `after` what its process received. */
   private readonly linked = receivedCursor();
   constructor(
@@ -68,6 +78,10 @@ export class HistoryRecorder {
     prefix = DEFAULT_PREFIX,
   ) {
     this.subject = historySubject(prefix, role, instance);
+    const key = `${role}\u0000${instance}`;
+    let seq = PUBLISHER_SEQS.get(key);
+    if (seq === undefined) PUBLISHER_SEQS.set(key, (seq = { last: 0 }));
+    this.seq = seq;
     registerPosition(role, instance, this);
   }
 
@@ -84,7 +98,7 @@ export class HistoryRecorder {
     touchPosition(this.role, this.instance);
     return {
       ...fields,
-      publisherSeq: ++this.lastSeq,
+      publisherSeq: ++this.seq.last,
       incarnation: PROCESS_INCARNATION,
       ...(after.length === 0 ? {} : { after: [...(fields.after ?? []), ...after] }),
     };
