@@ -3,26 +3,14 @@
 // on one nats-server and on a three-server cluster (every stream with three replicas), and a
 // delivery figure on each: guests' IOASIDs bound at the IOMMU (which holds a reference) freed at
 // once, until every FREE was delivered, acknowledged and the IOASID reclaimed.
-import { createServer } from "node:net";
 import { fileURLToPath } from "node:url";
 import { createClient } from "@ioasid/grpc-kit";
 import { core, events, iommu } from "@ioasid/proto";
-import { startNatsCluster } from "@ioasid/testkit";
+import { freePort, startNatsCluster } from "@ioasid/testkit";
 import { fmt, now } from "./util.mjs";
 
 const LEASE_MS = 1000;
 const entry = (s) => fileURLToPath(new URL(`../services/${s}/dist/main.js`, import.meta.url));
-
-function freePort() {
-  return new Promise((resolve, reject) => {
-    const s = createServer();
-    s.once("error", reject);
-    s.listen(0, "127.0.0.1", () => {
-      const { port } = s.address();
-      s.close(() => resolve(port));
-    });
-  });
-}
 
 /**
  * One run on the NATS at `natsUrl`: a primary core, a standby, the IOMMU given both; `live` IOASIDs

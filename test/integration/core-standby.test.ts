@@ -1,8 +1,7 @@
-import { createServer } from "node:net";
 import { afterAll, afterEach, beforeAll, describe, expect, it } from "vitest";
 import { createClient } from "@ioasid/grpc-kit";
 import { core, events, iommu } from "@ioasid/proto";
-import { startNats, startService, waitFor, type NatsServer, type ServiceProcess } from "@ioasid/testkit";
+import { freePort, startNats, startService, waitFor, type NatsServer, type ServiceProcess } from "@ioasid/testkit";
 import { serviceEntry } from "../support/core-fixture.js";
 import { devicesWithStage2 } from "../support/iommu-fixture.js";
 
@@ -26,17 +25,6 @@ afterEach(async () => {
 afterAll(async () => {
   await nats?.stop();
 });
-
-async function freePort(): Promise<number> {
-  return new Promise((resolve, reject) => {
-    const s = createServer();
-    s.once("error", reject);
-    s.listen(0, "127.0.0.1", () => {
-      const port = (s.address() as { port: number }).port;
-      s.close(() => resolve(port));
-    });
-  });
-}
 
 /** A core on a port of its own; a standby resolves only once it has taken over (it listens then). */
 async function startCore(port: number, stream: string, standby: boolean, prefix: string): Promise<ServiceProcess> {

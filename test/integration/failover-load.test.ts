@@ -1,11 +1,10 @@
-import { createServer } from "node:net";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { connectStack, type StackClients } from "@ioasid/cli";
 import { HistoryRecorder, readHistory, type HistoryActionInput } from "@ioasid/bus";
 import { ChaosAction, ChaosTarget, check, createChaosRecord, FaultKind, renderVerdict } from "@ioasid/checker";
 import { Code, DomainError, isDomainError } from "@ioasid/errors";
 import { iommu } from "@ioasid/proto";
-import { startNatsCluster, startService, waitFor, type NatsCluster, type ServiceProcess } from "@ioasid/testkit";
+import { freePort, startNatsCluster, startService, waitFor, type NatsCluster, type ServiceProcess } from "@ioasid/testkit";
 import { serviceEntry } from "../support/core-fixture.js";
 import { openGuest, registerDevice, type Guest } from "../support/fault-fixture.js";
 
@@ -23,17 +22,6 @@ const procs: ServiceProcess[] = [];
 let c: StackClients;
 let primary: ServiceProcess;
 let standby: Promise<ServiceProcess>;
-
-async function freePort(): Promise<number> {
-  return new Promise((resolve, reject) => {
-    const s = createServer();
-    s.once("error", reject);
-    s.listen(0, "127.0.0.1", () => {
-      const { port } = s.address() as { port: number };
-      s.close(() => resolve(port));
-    });
-  });
-}
 
 const start = async (name: string, env: Record<string, string>, readyTimeoutMs = 30_000) => {
   const p = await startService({ name, entry: serviceEntry(name), env: { NATS_URL: cluster.urls, ...env }, readyTimeoutMs });

@@ -5,6 +5,7 @@
  * sleeps. Everything it starts is stopped by PID (and killed if the test runner exits first).
  */
 export { canConnect } from "./can-connect.js";
+export { freePort } from "./free-port.js";
 export type { ExitStatus } from "./managed-child.js";
 export { readNatsInfo } from "./read-nats-info.js";
 export { natsEnv } from "./nats-env.js";

@@ -1,8 +1,8 @@
 import { mkdir, mkdtemp, rm, writeFile } from "node:fs/promises";
-import { createServer } from "node:net";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { canConnect } from "./can-connect.js";
+import { freePort } from "./free-port.js";
 import { spawnManaged, terminate, type ManagedChild } from "./managed-child.js";
 import { waitFor } from "./wait-for.js";
 
@@ -47,23 +47,11 @@ export interface NatsCluster {
   stop(): Promise<void>;
 }
 
-/** Ports the kernel has free now (a listener on port 0, closed again). */
+/** Ports the kernel has free now, n at once (each distinct). */
 async function freePorts(n: number): Promise<number[]> {
-  const ports: number[] = [];
-  const servers = await Promise.all(
-    Array.from(
-      { length: n },
-      () =>
-        new Promise<ReturnType<typeof createServer>>((resolve, reject) => {
-          const s = createServer();
-          s.once("error", reject);
-          s.listen(0, "127.0.0.1", () => resolve(s));
-        }),
-    ),
-  );
-  for (const s of servers) ports.push((s.address() as { port: number }).port);
-  await Promise.all(servers.map((s) => new Promise((r) => s.close(r))));
-  return ports;
+  const ports = new Set<number>();
+  while (ports.size < n) ports.add(await freePort());
+  return [...ports];
 }
 
 /**

@@ -1,6 +1,6 @@
+import { freePort } from "./free-port.js";
 import { spawnSync } from "node:child_process";
 import { mkdtemp, rm } from "node:fs/promises";
-import { createServer } from "node:net";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { Writable } from "node:stream";
@@ -57,17 +57,6 @@ function removeOnExit(id: string): void {
 }
 
 /** A free TCP port of 127.0.0.1 now (the container binds it a moment later, on the host network). */
-function freePort(): Promise<number> {
-  return new Promise((resolve, reject) => {
-    const srv = createServer();
-    srv.once("error", reject);
-    srv.listen(0, "127.0.0.1", () => {
-      const address = srv.address();
-      srv.close(() => (typeof address === "object" && address !== null ? resolve(address.port) : reject(new Error("no port"))));
-    });
-  });
-}
-
 /**
  * Starts nats-server in a Docker container through testcontainers, on the host network (the
  * engine may have no bridge), listening on 127.0.0.1 and a port chosen free on the host, with
