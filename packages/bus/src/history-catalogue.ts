@@ -434,6 +434,7 @@ export function describeAction(r: HistoryRecord): string | undefined {
         v.jitterMs === undefined ? undefined : `jitter ${v.jitterMs} ms`,
         v.probability === undefined ? undefined : `p ${v.probability}`,
         v.cause === undefined ? undefined : `cause ${v.cause}`,
+        v.node === undefined ? undefined : `node ${v.node}`,
       ].filter((x) => x !== undefined);
       return `${v.fault} ${v.target}${extras.length === 0 ? "" : ` (${extras.join(", ")})`}`;
     }

@@ -132,6 +132,11 @@ export interface FaultMarker {
    * supervisor does; recorded as a `kill-restart` so the checker treats it as one.
    */
   readonly cause?: "exit" | (string & {});
+  /**
+   * Which one of a target that has more than one: a NATS cluster's server ("n1"), or the core of a
+   * primary and its standby that the fault hit ("a", "b"). Unset on a single server or core.
+   */
+  readonly node?: string;
 }
 
 /** The end of one fault (`faultId`) or, without it, of every fault (the run's final heal). */
@@ -186,8 +191,8 @@ function chaosStep(action: ChaosAction, detail: ChaosDetail): HistoryActionInput
     };
   }
   if ("fault" in detail) {
-    const { fault, target, faultId, link, latencyMs, jitterMs, probability, cause } = detail;
-    return { $case: "chaosFault", value: { fault, target, faultId, link, latencyMs, jitterMs, probability, cause } };
+    const { fault, target, faultId, link, latencyMs, jitterMs, probability, cause, node } = detail;
+    return { $case: "chaosFault", value: { fault, target, faultId, link, latencyMs, jitterMs, probability, cause, node } };
   }
   if ("heal" in detail) return { $case: "chaosHeal", value: detail.faultId === undefined ? {} : { faultId: detail.faultId } };
   return { $case: "chaosNote", value: { note: detail.note } };
@@ -257,6 +262,7 @@ export function parseChaosRecord(record: HistoryRecord): ChaosEntry | undefined 
         jitterMs: v.jitterMs,
         probability: v.probability,
         cause: v.cause,
+        node: v.node,
       });
       return { kind: "fault", marker };
     }

@@ -1278,7 +1278,14 @@ export interface ChaosFault {
     | number
     | undefined;
   /** Set when the runner saw it rather than injected it ("exit"). */
-  cause?: string | undefined;
+  cause?:
+    | string
+    | undefined;
+  /**
+   * Which server of a NATS cluster ("n1"), or which core of a primary and its standby ("a", "b"),
+   * when the target has more than one.
+   */
+  node?: string | undefined;
 }
 
 /** ChaosHeal is the end of one fault or, without fault_id, of every fault. */
@@ -10007,6 +10014,7 @@ function createBaseChaosFault(): ChaosFault {
     jitterMs: undefined,
     probability: undefined,
     cause: undefined,
+    node: undefined,
   };
 }
 
@@ -10035,6 +10043,9 @@ export const ChaosFault: MessageFns<ChaosFault> = {
     }
     if (message.cause !== undefined) {
       writer.uint32(66).string(message.cause);
+    }
+    if (message.node !== undefined) {
+      writer.uint32(74).string(message.node);
     }
     return writer;
   },
@@ -10116,6 +10127,14 @@ export const ChaosFault: MessageFns<ChaosFault> = {
             message.cause = reader.string();
             continue;
           }
+          case 9: {
+            if (tag !== 74) {
+              break;
+            }
+
+            message.node = reader.string();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -10150,6 +10169,7 @@ export const ChaosFault: MessageFns<ChaosFault> = {
         : undefined,
       probability: isSet(object.probability) ? globalThis.Number(object.probability) : undefined,
       cause: isSet(object.cause) ? globalThis.String(object.cause) : undefined,
+      node: isSet(object.node) ? globalThis.String(object.node) : undefined,
     };
   },
 
@@ -10179,6 +10199,9 @@ export const ChaosFault: MessageFns<ChaosFault> = {
     if (message.cause !== undefined) {
       obj.cause = message.cause;
     }
+    if (message.node !== undefined) {
+      obj.node = message.node;
+    }
     return obj;
   },
 
@@ -10195,6 +10218,7 @@ export const ChaosFault: MessageFns<ChaosFault> = {
     message.jitterMs = object.jitterMs ?? undefined;
     message.probability = object.probability ?? undefined;
     message.cause = object.cause ?? undefined;
+    message.node = object.node ?? undefined;
     return message;
   },
 };
