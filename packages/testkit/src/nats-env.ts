@@ -5,11 +5,11 @@ import type { NatsServer } from "./start-nats.js";
  * The NATS part of a service's environment: `NATS_URL`, and the credentials directory of its role
  * instance (the instance read from `env` as the service would, else its default) when the server
  * has authorization — so a service under test runs with its own user and permissions, as in a
- * real stack.
+ * real stack. A `NatsCluster` serves as well (its URL list).
  * @example startService({ name: "kvm", entry, env: { ...(await natsEnv(nats, "kvm")), KVM_GRPC_ADDRESS: "127.0.0.1:0" } })
  */
 export async function natsEnv(
-  nats: NatsServer,
+  nats: Pick<NatsServer, "url" | "credentials">,
   role: Exclude<NatsRole, "operator">,
   env: Readonly<Record<string, string | undefined>> = {},
 ): Promise<Record<string, string>> {

@@ -1,15 +1,21 @@
-import { mkdir, mkdtemp, rm, writeFile } from "node:fs/promises";
+import { mkdir, mkdtemp, rename, rm, writeFile } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
+import { connect } from "@nats-io/transport-node";
+import { natsConnectOptions, type InstanceCredentials, type NatsRole, type RoleIdentity } from "@ioasid/security";
 import { canConnect } from "./can-connect.js";
 import { freePort } from "./free-port.js";
 import { spawnManaged, terminate, type ManagedChild } from "./managed-child.js";
+import { TestAuthorization, type NatsRoleCredentials } from "./test-authorization.js";
 import { waitFor } from "./wait-for.js";
 
 // A NATS cluster on loopback for tests (issue 18 item 1, DESIGN §13 "beyond one machine"): n
 // nats-servers, each with JetStream in a store of its own, routes between all of them, so every
 // stream created with replicas 3 keeps a copy on each and survives one server's death. No
-// authorization (as `ioasidctl up --insecure`): what is tested here is replication and failover.
+// authorization by default (as `ioasidctl up --insecure`): what most cluster tests test is
+// replication and failover; with `auth` (and `tls`) every server has the same users, each role
+// instance's with its role's permissions (DESIGN §11), as `startNats` makes them — the chaos
+// runner's cluster (`--nats-cluster`) is authenticated as its single server is.
 
 /** Options of {@link startNatsCluster}. */
 export interface StartNatsClusterOptions {
@@ -19,6 +25,13 @@ export interface StartNatsClusterOptions {
   readonly binary?: string;
   /** Time the cluster gets until every server accepts clients and JetStream has a meta leader, ms. @default 30000 */
   readonly readyTimeoutMs?: number;
+  /**
+   * Authorization as {@link StartNatsOptions.auth} says, on every server (the same users; a new
+   * one is added to each server's configuration and each reloaded). @default false (none)
+   */
+  readonly auth?: false | { readonly anonymous?: "operator" | "refuse"; readonly prefix?: string };
+  /** Certificates too, as {@link StartNatsOptions.tls} says. @default false */
+  readonly tls?: boolean;
 }
 
 /** One server of a {@link NatsCluster}. */
@@ -32,10 +45,16 @@ export interface ClusterNode {
   readonly pid: number | undefined;
   /** SIGKILL (a crash): waits until it exited; its store stays for {@link ClusterNode.restart}. */
   kill(): Promise<void>;
-  /** Starts it again on the same ports with the same store, and waits until it accepts clients. */
+  /**
+   * Starts it again on the same ports with the same store, and waits until it accepts clients and
+   * its JetStream answers (a restarted server accepts clients seconds before that: a client that
+   * reconnects to it meanwhile is told "jetstream not enabled").
+   */
   restart(): Promise<void>;
   /** Its output so far. */
   logs(): string;
+  /** Its JetStream store directory (kept across kill and restart, removed by {@link NatsCluster.stop}). */
+  readonly storeDir: string;
 }
 
 /** A NATS cluster on loopback. */
@@ -43,6 +62,27 @@ export interface NatsCluster {
   readonly nodes: readonly ClusterNode[];
   /** Every node's client URL, comma-separated: what NATS_URL names for a service of the cluster. */
   readonly urls: string;
+  /**
+   * Waits until JetStream is whole again after a server's loss: every stream has a leader and
+   * every replica is current (a stream whose leader died takes seconds to elect another, and a
+   * restarted server's replicas catch up; writes stall meanwhile).
+   * @throws Error naming the streams that are not, after `timeoutMs` (default 30000)
+   */
+  untilStreamsCurrent(timeoutMs?: number): Promise<void>;
+  /** The same as {@link NatsCluster.urls}: what `natsEnv` puts in NATS_URL. */
+  readonly url: string;
+  /**
+   * The credential of a role instance (as {@link NatsServer.credentials}): made, added to every
+   * server's users and each reloaded the first time — resolved once every running server accepts
+   * it. Undefined without authorization.
+   */
+  credentials(role: NatsRole, instance: string): Promise<NatsRoleCredentials | undefined>;
+  /** The unlimited operator user, or undefined without authorization. */
+  readonly operator: { readonly user: string; readonly pass: string } | undefined;
+  /** The operator's certificate (with `tls`), else undefined. */
+  operatorTls(): Promise<InstanceCredentials | undefined>;
+  /** A credentials directory with a certificate only (with `tls`), else undefined. */
+  certificateDir(identity: RoleIdentity): Promise<string | undefined>;
   /** Stops every node (SIGTERM, SIGKILL after 5 s) and removes the stores. Idempotent. */
   stop(): Promise<void>;
 }
@@ -71,12 +111,18 @@ export async function startNatsCluster(options: StartNatsClusterOptions = {}): P
   const routes = routePorts.map((p) => `nats-route://127.0.0.1:${p}`);
 
   const children: (ManagedChild | undefined)[] = Array.from({ length: size }, () => undefined);
+  const authorization = new TestAuthorization({
+    dir,
+    auth: options.auth ?? false,
+    ...(options.tls === undefined ? {} : { tls: options.tls }),
+  });
+  // Written whole and renamed into place: a reload (SIGHUP) never reads a half-written file.
   const configOf = async (i: number): Promise<string> => {
     const nodeDir = join(dir, `n${i}`);
     await mkdir(nodeDir, { recursive: true });
     const path = join(nodeDir, "nats-server.conf");
     await writeFile(
-      path,
+      `${path}.new`,
       [
         `server_name: n${i}`,
         "host: 127.0.0.1",
@@ -88,9 +134,12 @@ export async function startNatsCluster(options: StartNatsClusterOptions = {}): P
         `  port: ${routePorts[i]!}`,
         `  routes: [${routes.filter((_, j) => j !== i).join(", ")}]`,
         "}",
+        ...authorization.configLines(),
         "",
       ].join("\n"),
+      { mode: 0o600 },
     );
+    await rename(`${path}.new`, path);
     return path;
   };
   const launch = async (i: number): Promise<void> => {
@@ -101,6 +150,34 @@ export async function startNatsCluster(options: StartNatsClusterOptions = {}): P
       message: `nats-server n${i} to accept clients`,
     }).catch((err: unknown) => {
       throw new Error(`${(err as Error).message}; its output:\n${m.output.tail()}`, { cause: err });
+    });
+  };
+  /** Waits until server i's JetStream answers an account-info request (as the operator with authorization). */
+  const untilJetStream = async (i: number): Promise<void> => {
+    const auth = authorization.operator === undefined ? {} : { user: authorization.operator.user, pass: authorization.operator.pass };
+    let last = "no answer yet";
+    await waitFor(
+      async () => {
+        const nc = await connect({ servers: `nats://127.0.0.1:${clientPorts[i]!}`, reconnect: false, timeout: 2000, ...auth }).catch((err: unknown) => {
+          last = String(err);
+          return undefined;
+        });
+        if (nc === undefined) return false;
+        try {
+          const m = await nc.request("$JS.API.INFO", undefined, { timeout: 1000 });
+          const answer = JSON.parse(m.string()) as { error?: { description?: string } };
+          last = answer.error?.description ?? "ok";
+          return answer.error === undefined;
+        } catch (err) {
+          last = String(err);
+          return false;
+        } finally {
+          await nc.close().catch(() => undefined);
+        }
+      },
+      { timeoutMs: readyTimeoutMs, intervalMs: 100, message: `nats-server n${i}'s JetStream to answer` },
+    ).catch((err: unknown) => {
+      throw new Error(`${(err as Error).message}; last: ${last}; its output:\n${children[i]?.output.tail() ?? ""}`, { cause: err });
     });
   };
   const stopAll = async () => {
@@ -142,12 +219,86 @@ export async function startNatsCluster(options: StartNatsClusterOptions = {}): P
       const m = children[i];
       if (m !== undefined && m.running()) await terminate(m, "SIGTERM", 5000);
       await launch(i);
+      await untilJetStream(i);
     },
     logs: () => children[i]?.output.text() ?? "",
+    storeDir: join(dir, `n${i}`, "jetstream"),
   }));
+  const running = () => nodes.filter((n) => n.pid !== undefined);
+  const untilStreamsCurrent = async (timeoutMs = 30_000): Promise<void> => {
+    const auth = authorization.operator === undefined ? {} : { user: authorization.operator.user, pass: authorization.operator.pass };
+    let behind: string[] = ["(not asked yet)"];
+    const request = async (nc: Awaited<ReturnType<typeof connect>>, subject: string): Promise<Record<string, unknown>> =>
+      JSON.parse((await nc.request(subject, undefined, { timeout: 2000 })).string()) as Record<string, unknown>;
+    await waitFor(
+      async () => {
+        const nc = await connect({ servers: running().map((n) => n.url), reconnect: false, timeout: 2000, ...auth }).catch(() => undefined);
+        if (nc === undefined) return false;
+        try {
+          const names = ((await request(nc, "$JS.API.STREAM.NAMES"))["streams"] as string[] | null) ?? [];
+          const now: string[] = [];
+          for (const name of names) {
+            const info = await request(nc, `$JS.API.STREAM.INFO.${name}`);
+            const c = info["cluster"] as { leader?: string; replicas?: { name: string; current: boolean; offline?: boolean }[] } | undefined;
+            if (info["error"] !== undefined || c?.leader === undefined) now.push(`${name} (no leader)`);
+            else for (const r of c.replicas ?? []) if (!r.current || r.offline === true) now.push(`${name} (${r.name} not current)`);
+          }
+          behind = now;
+          return now.length === 0;
+        } catch (err) {
+          behind = [String(err)];
+          return false;
+        } finally {
+          await nc.close().catch(() => undefined);
+        }
+      },
+      { timeoutMs, intervalMs: 100, message: "every JetStream stream to have a leader and every replica to be current" },
+    ).catch((err: unknown) => {
+      throw new Error(`${(err as Error).message}: ${behind.join(", ")}`, { cause: err });
+    });
+  };
+  const urls = nodes.map((n) => n.url).join(",");
   return {
     nodes,
-    urls: nodes.map((n) => n.url).join(","),
+    urls,
+    url: urls,
+    untilStreamsCurrent,
+    operator: authorization.operator,
+    operatorTls: () => authorization.operatorTls(),
+    certificateDir: (identity: RoleIdentity) => authorization.certificateDir(identity),
+    async credentials(role: NatsRole, instance: string) {
+      const made = await authorization.credentials(role, instance, {
+        write: async () => {
+          for (let i = 0; i < size; i++) await configOf(i);
+        },
+        signal: () => {
+          const on = children.filter((m) => m?.running() === true);
+          for (const m of on) m!.child.kill("SIGHUP");
+          return Promise.resolve(on.length > 0);
+        },
+        url: () => running()[0]?.url ?? nodes[0]!.url,
+      });
+      // In effect on every server that runs, not only on the one the reload was checked on.
+      if (made !== undefined) {
+        for (const [i, n] of nodes.entries()) {
+          if (n.pid === undefined) continue;
+          let lastSignal = performance.now();
+          await waitFor(
+            async () => {
+              const nc = await connect({ servers: n.url, ...natsConnectOptions(made.credential), reconnect: false, timeout: 2000 }).catch(() => undefined);
+              await nc?.close();
+              if (nc === undefined && performance.now() - lastSignal > 1000) {
+                children[i]?.child.kill("SIGHUP");
+                lastSignal = performance.now();
+              }
+              return nc !== undefined || n.pid === undefined;
+            },
+            { timeoutMs: 30_000, intervalMs: 50, message: `nats-server ${n.name} to accept the new user ${role}/${instance}` },
+          );
+        }
+      }
+      return made;
+    },
     stop() {
       stopped ??= (async () => {
         await stopAll();

@@ -24,6 +24,11 @@ export interface StartServiceOptions {
   readonly cwd?: string;
   /** Time the service gets to log its listening line, in ms. @default 10000 */
   readonly readyTimeoutMs?: number;
+  /**
+   * Aborting it before the service listens kills the process (SIGKILL) and the promise rejects: for
+   * a service that listens only later, if ever (a standby core behind the serving core's lease).
+   */
+  readonly signal?: AbortSignal;
 }
 
 /** A service process started by {@link startService}. */
@@ -88,6 +93,9 @@ export async function startService(options: StartServiceOptions): Promise<Servic
     if (metricsUrl === undefined && stream === "stdout") metricsUrl = metricsListening(line);
   };
   const stopScanning = managed.output.onLine(scan);
+  const onAbort = () => void terminate(managed, "SIGKILL", 1000).catch(() => undefined);
+  if (options.signal?.aborted === true) onAbort();
+  else options.signal?.addEventListener("abort", onAbort, { once: true });
   const controller = new AbortController();
   managed.exited.then(
     (status) =>
@@ -110,6 +118,7 @@ export async function startService(options: StartServiceOptions): Promise<Servic
     throw new Error(`${(err as Error).message}; it was killed. Last output:\n${managed.output.tail()}`, { cause: err });
   } finally {
     stopScanning();
+    options.signal?.removeEventListener("abort", onAbort);
   }
 
   const bound = address as string;
