@@ -69,4 +69,21 @@ describe("schedule", () => {
     expect(marker).toEqual({ fault: "latency", target: f.target, faultId: 1, link: f.link, latencyMs: f.latencyMs, jitterMs: f.jitterMs });
     expect(parseChaosRecord(createChaosRecord("info", marker))).toEqual({ kind: "fault", marker });
   });
+
+  it("on a NATS cluster, kills one server drawn from the seed; on one server draws no node (its schedules unchanged)", () => {
+    const kinds = [FaultKind.NATS_RESTART, FaultKind.KILL_RESTART];
+    const cluster = Array.from({ length: 20 }, (_, seed) => schedule(seed, { ...RUN, kinds, natsNodes: 3 })).flat();
+    const restarts = cluster.filter((f) => f.kind === FaultKind.NATS_RESTART);
+    expect(restarts.length).toBeGreaterThan(10);
+    expect(new Set(restarts.map((f) => f.node))).toEqual(new Set(["n0", "n1", "n2"]));
+    expect(cluster.filter((f) => f.kind !== FaultKind.NATS_RESTART).every((f) => f.node === undefined)).toBe(true);
+    for (let seed = 0; seed < 20; seed++) {
+      expect(schedule(seed, { ...RUN, kinds, natsNodes: 3 })).toEqual(schedule(seed, { ...RUN, kinds, natsNodes: 3 }));
+      expect(schedule(seed, { ...RUN, kinds, natsNodes: 1 })).toEqual(schedule(seed, { ...RUN, kinds }));
+      expect(schedule(seed, { ...RUN, kinds }).every((f) => f.node === undefined)).toBe(true);
+    }
+    const marker = toFaultMarker(restarts[0]!);
+    expect(marker.node).toBe(restarts[0]!.node);
+    expect(parseChaosRecord(createChaosRecord("info", marker))).toEqual({ kind: "fault", marker });
+  });
 });

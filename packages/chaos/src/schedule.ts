@@ -21,6 +21,12 @@ export interface ScheduleOptions {
   readonly latencyMs?: readonly [number, number];
   /** Range of a drop probability per chunk. @default [0.01, 0.2] */
   readonly dropProbability?: readonly [number, number];
+  /**
+   * Servers of the NATS cluster (`--nats-cluster N`): a nats-restart then hits one of them, drawn
+   * from the seed ("n0" … ). With one server (the default) nothing more is drawn, so a seed's
+   * schedule on one server is what it always was. @default 1
+   */
+  readonly natsNodes?: number;
 }
 
 /** One fault to inject: what, where, when, and for how long. */
@@ -38,6 +44,8 @@ export interface FaultInjection {
   readonly latencyMs?: number;
   readonly jitterMs?: number;
   readonly probability?: number;
+  /** The cluster's server a nats-restart hits ("n1"), with {@link ScheduleOptions.natsNodes} > 1. */
+  readonly node?: string;
 }
 
 const NETWORK: ReadonlySet<FaultKind> = new Set([FaultKind.LATENCY, FaultKind.DROP, FaultKind.PARTITION]);
@@ -63,6 +71,7 @@ export function schedule(seed: number, options: ScheduleOptions): FaultInjection
   const maxConcurrent = options.maxConcurrent ?? 2;
   const [minLatency, maxLatency] = options.latencyMs ?? [5, 200];
   const [minDrop, maxDrop] = options.dropProbability ?? [0.01, 0.2];
+  const natsNodes = options.natsNodes ?? 1;
   const end = options.durationMs - (options.quietTailMs ?? 0);
   if (!(options.durationMs > 0) || !(end > 0))
     throw new RangeError(`duration ${options.durationMs} ms less a quiet tail of ${options.quietTailMs ?? 0} ms leaves no time for faults`);
@@ -89,6 +98,9 @@ export function schedule(seed: number, options: ScheduleOptions): FaultInjection
     const jitterMs = rng.int(0, Math.floor(latencyMs / 2));
     const probability = Math.round(rng.between(minDrop, maxDrop) * 1000) / 1000;
 
+    // Drawn only on a cluster: the draws above stay those of a single server's schedule.
+    const node = natsNodes > 1 && kind === FaultKind.NATS_RESTART ? `n${rng.int(0, natsNodes - 1)}` : undefined;
+
     const active = out.filter((f) => f.atMs + f.durationMs > atMs);
     if (active.length >= maxConcurrent || active.some((f) => f.target === target)) continue;
     out.push({
@@ -100,6 +112,7 @@ export function schedule(seed: number, options: ScheduleOptions): FaultInjection
       ...(NETWORK.has(kind) ? { link } : {}),
       ...(kind === FaultKind.LATENCY ? { latencyMs, jitterMs } : {}),
       ...(kind === FaultKind.DROP ? { probability } : {}),
+      ...(node === undefined ? {} : { node }),
     });
   }
   return out;
@@ -115,5 +128,6 @@ export function toFaultMarker(f: FaultInjection): FaultMarker {
     ...(f.latencyMs === undefined ? {} : { latencyMs: f.latencyMs }),
     ...(f.jitterMs === undefined ? {} : { jitterMs: f.jitterMs }),
     ...(f.probability === undefined ? {} : { probability: f.probability }),
+    ...(f.node === undefined ? {} : { node: f.node }),
   };
 }
