@@ -1,7 +1,17 @@
 import { appendFileSync, cpSync, mkdirSync } from "node:fs";
 import { dirname, join, resolve } from "node:path";
 import { fileURLToPath } from "node:url";
-import { natsEnv as roleNatsEnv, startNats, startService, type NatsServer, type ServiceProcess } from "@ioasid/testkit";
+import {
+  freePort,
+  natsEnv as roleNatsEnv,
+  startNats,
+  startNatsCluster,
+  startService,
+  waitFor,
+  type NatsCluster,
+  type NatsServer,
+  type ServiceProcess,
+} from "@ioasid/testkit";
 import { ChaosTarget, FaultKind, type ChaosLink } from "@ioasid/checker";
 import { readInstanceCredentials, VMM_IDENTITY, type InstanceCredentials, type Role } from "@ioasid/security";
 import { startFaultProxy, type FaultProxy, type PartitionMode } from "./fault-proxy.js";
@@ -43,12 +53,35 @@ export const CHAOS_SERVICE_ENV: Readonly<Record<string, string>> = {
   LOG_LEVEL: "info",
 };
 
+/**
+ * The lease a chaos run gives its cores when there is a standby (`natsCluster`): longer than a NATS
+ * cluster's own failover (a client's reconnect, JetStream's leader elections take seconds) and than
+ * the longest stop-cont the nemesis draws (2 s), so that neither is taken for the primary's death.
+ */
+export const CHAOS_CORE_LEASE = "3s";
+
+/** Time a standby core may wait behind the lease: the whole run (it is killed when the stack closes). */
+const STANDBY_WAIT_MS = 6 * 3_600_000;
+
+/** One nats-server of the stack: the only one, or one server of its cluster. */
+export interface NatsNode {
+  /** "nats" for a single server; "n0", "n1", … in a cluster. */
+  readonly name: string;
+  readonly url: string;
+  readonly port: number;
+  /** PID while it runs. */
+  readonly pid: number | undefined;
+  readonly storeDir: string | undefined;
+}
+
 /** A proxied link between a service and NATS or one of its gRPC peers. */
 export interface ProxyLink {
-  /** "vfio→iommu", "kvm→nats". */
+  /** "vfio→iommu", "kvm→nats", "kvm→nats/n1" (a cluster's server), "iommu→ioasid-core/b" (the second core). */
   readonly name: string;
   /** The service whose connection it carries. */
   readonly from: StackService;
+  /** Which of a core and its standby the link is from or to ("a", "b"); unset for a single core. */
+  readonly core?: string;
   /** The peer: a service, or "nats". */
   readonly to: StackService | "nats";
   readonly kind: ChaosLink;
@@ -83,8 +116,20 @@ export interface ChaosStackOptions {
   readonly repoRoot?: string;
   /** Time a (re)started service gets to listen, retries included, in ms. @default 40000 */
   readonly readyTimeoutMs?: number;
-  /** Told when a service exits without the stack having killed or stopped it (a crash of its own). */
-  readonly onUnexpectedExit?: (name: StackService, code: number | null, signal: string | null) => void;
+  /**
+   * Told when a service exits without the stack having killed or stopped it (a crash of its own);
+   * `node` says which core ("a", "b") when there is a standby.
+   */
+  readonly onUnexpectedExit?: (name: StackService, code: number | null, signal: string | null, node?: string) => void;
+  /**
+   * A NATS cluster of this many servers instead of one nats-server (routes between them, JetStream
+   * on each, every stream with min(N, 3) replicas, the same users on each), each service given every
+   * server (each through its own proxy) — and a standby core beside the primary (DESIGN §13): both
+   * started with IOASID_CORE_LEASE {@link CHAOS_CORE_LEASE}, the roles and the driver given both
+   * addresses. A core killed (or exited) comes back as the standby; the other takes over.
+   * @default 1 (one nats-server, one core)
+   */
+  readonly natsCluster?: number;
 }
 
 /**
@@ -125,29 +170,41 @@ export interface HealReport {
  * client recognises its server by the role in its certificate, not by the address it dials).
  */
 export interface ChaosStack {
-  readonly nats: NatsServer;
-  /** The driver's own NATS URL (not proxied). */
+  /** The nats-server, or each server of the cluster (`natsCluster`). */
+  readonly natsNodes: readonly NatsNode[];
+  /** The driver's own NATS URL (not proxied): every server's, comma-separated, on a cluster. */
   readonly natsUrl: string;
+  /** True when a standby core runs beside the primary (`natsCluster`). */
+  readonly standbyCore: boolean;
+  /** Which core serves now ("a", "b") with a standby; undefined with one core. */
+  coreNode(): string | undefined;
   /** What the driver presents: the operator's certificate and NATS user, a VMM's certificate. */
   readonly credentials: ChaosStackCredentials;
-  /** Where each service listens (the driver calls them directly, not through a proxy). */
+  /**
+   * Where each service listens (the driver calls them directly, not through a proxy); with a
+   * standby the core's is both cores' (`ipv4:a,b`: the channel reaches the one that serves).
+   */
   readonly addresses: Readonly<Record<StackService, string>>;
   readonly links: readonly ProxyLink[];
   /** The links a network fault on `target`'s `link` cuts: its NATS link, or every gRPC link it is an end of. */
   linksOf(target: StackService, link: ChaosLink): ProxyLink[];
-  /** SIGKILL, and waits for the exit. */
+  /** SIGKILL, and waits for the exit. With a standby, the core that serves is the one killed. */
   kill(name: StackService): Promise<void>;
-  /** Starts it again with the same environment and address (retrying while the port is not free). */
+  /**
+   * Starts it again with the same environment and address (retrying while the port is not free).
+   * With a standby, a core that is down comes back as the standby, and this resolves once a core
+   * serves again (the other one having taken over).
+   */
   restart(name: StackService): Promise<void>;
-  /** SIGSTOP / SIGCONT. */
+  /** SIGSTOP / SIGCONT. With a standby, the core that serves is the one stopped. */
   stop(name: StackService): void;
   cont(name: StackService): void;
   isRunning(name: StackService): boolean;
   /** PID of the running process, if any. */
   pidOf(name: StackService): number | undefined;
-  /** nats-server killed (SIGKILL) / restarted on the same port and store. */
-  natsKill(): Promise<void>;
-  natsRestart(): Promise<void>;
+  /** A nats-server killed (SIGKILL) / restarted on the same port and store: `node` of a cluster ("n1"; default n0). */
+  natsKill(node?: string): Promise<void>;
+  natsRestart(node?: string): Promise<void>;
   /** Adds (or replaces) fault `faultId` on `links`; what each link does is the union of its faults. */
   setNetworkFault(faultId: number, links: readonly ProxyLink[], fault: NetworkFault): void;
   /** Removes fault `faultId` from every link. */
@@ -164,6 +221,12 @@ export interface ChaosStack {
 
 interface Managed {
   readonly name: StackService;
+  /** A core of a primary and its standby: "a" or "b". */
+  readonly slot?: string;
+  /** The next launch starts a standby core (IOASID_CORE_STANDBY): it listens once it took over. */
+  standbyNext: boolean;
+  /** Kills a standby that is still waiting behind the lease. */
+  abort: AbortController | undefined;
   readonly env: Record<string, string>;
   proc: ServiceProcess | undefined;
   stopped: boolean;
@@ -192,9 +255,14 @@ export async function startChaosStack(options: ChaosStackOptions): Promise<Chaos
   const logDir = join(options.dir, "logs");
   mkdirSync(logDir, { recursive: true });
   const readyTimeoutMs = options.readyTimeoutMs ?? 40_000;
+  const clusterSize = options.natsCluster ?? 1;
+  if (!(Number.isInteger(clusterSize) && clusterSize >= 1 && clusterSize <= 7)) throw new RangeError(`natsCluster must be 1..7 servers, got ${clusterSize}`);
+  const standbyCore = clusterSize > 1;
   const baseEnv: Record<string, string> = {
     ...pick(process.env, ["PATH", "HOME", "TMPDIR", "LANG"]),
     ...CHAOS_SERVICE_ENV,
+    // Every stream (op log, snapshots, role state, history) replicated on up to three servers.
+    ...(clusterSize > 1 ? { IOASID_JS_REPLICAS: String(Math.min(clusterSize, 3)) } : {}),
     ...options.env,
   };
   // Our own server, never the caller's NATS_URL (which startNats would otherwise use).
@@ -203,7 +271,47 @@ export async function startChaosStack(options: ChaosStackOptions): Promise<Chaos
   delete natsEnv["IOASID_TESTKIT_DOCKER"];
   // A user per service and nobody anonymous (as in `ioasidctl up`), and a certificate per service
   // from the server's own stack CA (tls): the testkit makes both, as for the e2e stack fixture.
-  const nats = await startNats({ env: natsEnv, tls: true, auth: { anonymous: "refuse" } });
+  const cluster: NatsCluster | undefined =
+    clusterSize > 1 ? await startNatsCluster({ size: clusterSize, tls: true, auth: { anonymous: "refuse" } }) : undefined;
+  const single: NatsServer | undefined = cluster === undefined ? await startNats({ env: natsEnv, tls: true, auth: { anonymous: "refuse" } }) : undefined;
+  const nats: Pick<NatsServer, "url" | "credentials" | "operator" | "operatorTls" | "certificateDir"> & { stop(): Promise<void> } = (cluster ?? single)!;
+  const natsNodes: NatsNode[] =
+    cluster !== undefined
+      ? cluster.nodes.map((n) => ({
+          name: n.name,
+          url: n.url,
+          port: n.port,
+          get pid() {
+            return n.pid;
+          },
+          storeDir: n.storeDir,
+        }))
+      : [
+          {
+            name: "nats",
+            url: single!.url,
+            port: single!.port,
+            get pid() {
+              return single!.pid;
+            },
+            storeDir: single!.storeDir,
+          },
+        ];
+  const nodeOf = (name: string | undefined) => {
+    const i = name === undefined ? 0 : natsNodes.findIndex((n) => n.name === name);
+    if (i < 0) throw new Error(`no nats-server "${String(name)}" in this stack (${natsNodes.map((n) => n.name).join(", ")})`);
+    return {
+      kill: () => (cluster !== undefined ? cluster.nodes[i]!.kill() : single!.kill("SIGKILL")),
+      // On a cluster, restarted means whole again: every stream led and every replica current (a
+      // stream that lost its leader stalls every write until another is elected, seconds).
+      restart: async () => {
+        if (cluster === undefined) return single!.restart();
+        await cluster.nodes[i]!.restart();
+        await cluster.untilStreamsCurrent(readyTimeoutMs);
+      },
+      logs: () => (cluster !== undefined ? cluster.nodes[i]!.logs() : single!.logs()),
+    };
+  };
   let credentials: ChaosStackCredentials;
   try {
     const operator = await nats.operatorTls();
@@ -219,19 +327,24 @@ export async function startChaosStack(options: ChaosStackOptions): Promise<Chaos
 
   const links: ProxyLink[] = [];
   const managed = new Map<StackService, Managed>();
+  /** The core, or a primary and its standby ("a", "b"): the slots are fixed, which one serves is not. */
+  const cores: Managed[] = [];
   const addresses = {} as Record<StackService, string>;
   const networkFaults = new Map<number, { links: readonly ProxyLink[]; fault: NetworkFault }>();
   const partitioned = new Set<ProxyLink>();
   let closed: Promise<void> | undefined;
 
-  const proxy = async (from: StackService, to: StackService | "nats", target: string): Promise<string> => {
+  const proxy = async (from: StackService, to: StackService | "nats", target: string, detail: { core?: string; node?: string } = {}): Promise<string> => {
     const p = await startFaultProxy({ target, seed: deriveSeed(options.seed, 2, links.length) });
-    links.push({ name: `${from}→${to}`, from, to, kind: to === "nats" ? "nats" : "grpc", proxy: p });
+    const suffix = detail.node ?? detail.core;
+    const name = `${from}${from === ChaosTarget.CORE && detail.core !== undefined && to === "nats" ? `/${detail.core}` : ""}→${to}${suffix === undefined || (to === "nats" && detail.node === undefined) ? "" : `/${suffix}`}`;
+    links.push({ name, from, to, kind: to === "nats" ? "nats" : "grpc", proxy: p, ...(detail.core === undefined ? {} : { core: detail.core }) });
     return p.address;
   };
 
+  const logName = (m: Managed) => (m.slot === undefined ? m.name : `${m.name}-${m.slot}`);
   const writeLogs = (m: Managed, proc: ServiceProcess, how: string): void => {
-    appendFileSync(join(logDir, `${m.name}.log`), `==== ${m.name} #${m.incarnation} pid ${proc.pid} (${how})\n${proc.logs()}\n`);
+    appendFileSync(join(logDir, `${logName(m)}.log`), `==== ${logName(m)} #${m.incarnation} pid ${proc.pid} (${how})\n${proc.logs()}\n`);
   };
 
   /** Starts the service's process; one launch at a time per service (a second caller awaits the first). */
@@ -244,12 +357,24 @@ export async function startChaosStack(options: ChaosStackOptions): Promise<Chaos
 
   const launchOnce = async (m: Managed): Promise<void> => {
     const entry = join(root, "services", m.name, "dist", "main.js");
-    const deadline = performance.now() + readyTimeoutMs;
+    // A standby listens once it took over, which may be never (it is killed when the stack closes).
+    const standby = m.standbyNext;
+    const abort = standby ? (m.abort = new AbortController()) : undefined;
+    const deadline = performance.now() + (standby ? STANDBY_WAIT_MS : readyTimeoutMs);
+    const env = standby ? { ...m.env, IOASID_CORE_STANDBY: "true" } : m.env;
+    const aborted = (): boolean => abort?.signal.aborted === true;
     let lastError: unknown;
     // A port just released by a killed process may not be bindable at once: retry, bounded in time.
-    while (closed === undefined) {
+    while (closed === undefined && !aborted()) {
       try {
-        const proc = await startService({ name: m.name, entry, env: m.env, inheritEnv: false, readyTimeoutMs: Math.max(1000, deadline - performance.now()) });
+        const proc = await startService({
+          name: logName(m),
+          entry,
+          env,
+          inheritEnv: false,
+          readyTimeoutMs: Math.max(1000, deadline - performance.now()),
+          ...(abort === undefined ? {} : { signal: abort.signal }),
+        });
         if (closed !== undefined) {
           // The stack was closed while this one started: it must not outlive the run.
           await proc.stop("SIGKILL", 1000);
@@ -259,18 +384,22 @@ export async function startChaosStack(options: ChaosStackOptions): Promise<Chaos
         m.proc = proc;
         m.stopped = false;
         m.expectingExit = false;
+        m.abort = undefined;
+        // Any later launch of a core of a pair is a standby's: the other core serves, or takes over.
+        if (m.slot !== undefined) m.standbyNext = true;
         void proc.exited.then((status) => {
           writeLogs(m, proc, `exit code ${String(status.code)} signal ${String(status.signal)}`);
           if (m.proc === proc && !m.expectingExit) {
             m.proc = undefined;
-            options.onUnexpectedExit?.(m.name, status.code, status.signal);
+            m.stopped = false;
+            options.onUnexpectedExit?.(m.name, status.code, status.signal, m.slot);
           }
         });
         return;
       } catch (err) {
         lastError = err;
-        appendFileSync(join(logDir, `${m.name}.log`), `==== ${m.name} failed to start: ${String((err as Error)?.message ?? err)}\n`);
-        if (closed !== undefined || performance.now() >= deadline) break;
+        appendFileSync(join(logDir, `${logName(m)}.log`), `==== ${logName(m)} failed to start: ${String((err as Error)?.message ?? err)}\n`);
+        if (closed !== undefined || aborted() || performance.now() >= deadline) break;
         await new Promise((r) => setTimeout(r, 250));
       }
     }
@@ -288,6 +417,8 @@ export async function startChaosStack(options: ChaosStackOptions): Promise<Chaos
       expectingExit: false,
       incarnation: 0,
       launching: undefined,
+      standbyNext: false,
+      abort: undefined,
     };
     managed.set(name, m);
     await launch(m);
@@ -296,37 +427,111 @@ export async function startChaosStack(options: ChaosStackOptions): Promise<Chaos
     m.env[spec.addressVar] = m.proc!.address;
   };
 
-  // Each service with its own NATS user (DESIGN §11), through its fault proxy.
-  const natsOf = async (name: StackService) => ({
-    ...(await roleNatsEnv(nats, name === ChaosTarget.CORE ? "core" : name, CHAOS_SERVICE_ENV)),
-    NATS_URL: `nats://${await proxy(name, "nats", `127.0.0.1:${nats.port}`)}`,
-  });
+  // Each service with its own NATS user (DESIGN §11), through its fault proxy: one proxy per
+  // server of a cluster, so a fault on the service's NATS link cuts it from every server.
+  const natsOf = async (name: StackService, core?: string) => {
+    const urls: string[] = [];
+    for (const n of natsNodes) {
+      urls.push(
+        `nats://${await proxy(name, "nats", `127.0.0.1:${n.port}`, { ...(core === undefined ? {} : { core }), ...(cluster === undefined ? {} : { node: n.name }) })}`,
+      );
+    }
+    return { ...(await roleNatsEnv(nats, name === ChaosTarget.CORE ? "core" : name, CHAOS_SERVICE_ENV)), NATS_URL: urls.join(",") };
+  };
+
+  /** The core that serves now: one not stopped first (a stopped primary's standby may have taken over). */
+  const servingCore = (): Managed | undefined => cores.find((m) => m.proc !== undefined && !m.stopped) ?? cores.find((m) => m.proc !== undefined);
+  /** Starts every core of the pair that is down as a standby, without waiting for it to serve. */
+  const launchStandbys = (): boolean => {
+    let launched = false;
+    for (const m of cores) {
+      if (m.proc !== undefined || m.launching !== undefined) continue;
+      m.standbyNext = true;
+      launched = true;
+      void launch(m).catch((err: unknown) => {
+        if (closed === undefined) appendFileSync(join(logDir, `${logName(m)}.log`), `==== standby gave up: ${brief(err)}\n`);
+      });
+    }
+    return launched;
+  };
+  /** Waits (bounded) until a core serves: after a kill, the standby's lease expiry and its replay. */
+  const untilCoreServes = (): Promise<void> =>
+    waitFor(() => closed !== undefined || cores.some((m) => m.proc !== undefined && !m.stopped), {
+      timeoutMs: readyTimeoutMs,
+      intervalMs: 50,
+      message: "a core (the standby, taking over) to serve",
+    });
 
   const stopAll = async (keepStoreIn?: string): Promise<void> => {
     for (const s of [...STACK_SERVICES].reverse()) {
-      const m = managed.get(s.name);
-      await m?.launching?.catch(() => undefined);
-      if (m?.proc === undefined) continue;
-      m.expectingExit = true;
-      if (m.stopped) m.proc.kill("SIGCONT");
-      await m.proc.stop("SIGTERM", 5000).catch(() => undefined);
+      for (const m of s.name === ChaosTarget.CORE && cores.length > 0 ? cores : [managed.get(s.name)]) {
+        // A standby still waiting behind the lease is killed, not waited for.
+        m?.abort?.abort();
+        await m?.launching?.catch(() => undefined);
+        if (m?.proc === undefined) continue;
+        m.expectingExit = true;
+        if (m.stopped) m.proc.kill("SIGCONT");
+        await m.proc.stop("SIGTERM", 5000).catch(() => undefined);
+      }
     }
     await Promise.all(links.map((l) => l.proxy.close()));
-    if (keepStoreIn !== undefined && nats.storeDir !== undefined) {
+    if (keepStoreIn !== undefined) {
       // Stopped cleanly first, so the copy is the store as the server left it.
-      await nats.kill("SIGTERM").catch(() => undefined);
-      cpSync(nats.storeDir, keepStoreIn, { recursive: true });
+      if (single !== undefined && single.storeDir !== undefined) {
+        await single.kill("SIGTERM").catch(() => undefined);
+        cpSync(single.storeDir, keepStoreIn, { recursive: true });
+      }
+      if (cluster !== undefined) {
+        for (const n of cluster.nodes) {
+          await n.kill().catch(() => undefined);
+          cpSync(n.storeDir, join(keepStoreIn, n.name), { recursive: true });
+        }
+      }
     }
-    appendFileSync(join(logDir, "nats-server.log"), nats.logs());
+    for (const n of natsNodes) appendFileSync(join(logDir, cluster === undefined ? "nats-server.log" : `nats-server-${n.name}.log`), nodeOf(n.name).logs());
     await nats.stop();
   };
 
   try {
-    await start(ChaosTarget.CORE, await natsOf(ChaosTarget.CORE));
-    const coreOf = async (name: StackService) => ({
-      ...(await natsOf(name)),
-      IOASID_CORE_ADDRESS: await proxy(name, ChaosTarget.CORE, addresses[ChaosTarget.CORE]),
-    });
+    let coreAddresses: string[];
+    if (!standbyCore) {
+      await start(ChaosTarget.CORE, await natsOf(ChaosTarget.CORE));
+      cores.push(managed.get(ChaosTarget.CORE)!);
+      coreAddresses = [addresses[ChaosTarget.CORE]];
+    } else {
+      // A primary and its standby on ports fixed now (a standby logs its address only once it
+      // serves): "a" serves first; "b" waits behind a's lease (DESIGN §13).
+      const spec = STACK_SERVICES.find((x) => x.name === ChaosTarget.CORE)!;
+      coreAddresses = [];
+      for (const slot of ["a", "b"]) {
+        const address = `127.0.0.1:${await freePort()}`;
+        const made = { ...baseEnv, ...(await natsOf(ChaosTarget.CORE, slot)), IOASID_CORE_LEASE: CHAOS_CORE_LEASE, [spec.addressVar]: address };
+        const m: Managed = {
+          name: ChaosTarget.CORE,
+          slot,
+          env: { ...(options.adjustEnv?.(ChaosTarget.CORE, made) ?? made), [spec.addressVar]: address },
+          proc: undefined,
+          stopped: false,
+          expectingExit: false,
+          incarnation: 0,
+          launching: undefined,
+          standbyNext: slot !== "a",
+          abort: undefined,
+        };
+        cores.push(m);
+        coreAddresses.push(address);
+      }
+      await launch(cores[0]!);
+      launchStandbys();
+      managed.set(ChaosTarget.CORE, cores[0]!);
+      addresses[ChaosTarget.CORE] = `ipv4:${coreAddresses.join(",")}`;
+    }
+    // Each role reaches every core through a proxy of its own (a list: the one that serves answers).
+    const coreOf = async (name: StackService) => {
+      const through: string[] = [];
+      for (const [i, a] of coreAddresses.entries()) through.push(await proxy(name, ChaosTarget.CORE, a, standbyCore ? { core: cores[i]!.slot! } : {}));
+      return { ...(await natsOf(name)), IOASID_CORE_ADDRESS: through.join(",") };
+    };
     await start(ChaosTarget.IOMMU, await coreOf(ChaosTarget.IOMMU));
     await start(ChaosTarget.KVM, await coreOf(ChaosTarget.KVM));
     // VDCM's work queues issue their DMA through the IOMMU.
@@ -340,9 +545,9 @@ export async function startChaosStack(options: ChaosStackOptions): Promise<Chaos
       VDCM_ADDRESS: await proxy(ChaosTarget.VFIO, ChaosTarget.VDCM, addresses[ChaosTarget.VDCM]),
     });
     // Loud, before anything is driven: a run on a stack open somewhere would test something else.
-    await assertNatsRefusesAnonymous(nats.url);
+    for (const n of natsNodes) await assertNatsRefusesAnonymous(n.url);
     await assertServicesSecure(
-      STACK_SERVICES.map((s) => ({ name: s.name, address: addresses[s.name], role: s.role })),
+      STACK_SERVICES.map((s) => ({ name: s.name, address: s.name === ChaosTarget.CORE ? coreAddresses[0]! : addresses[s.name], role: s.role })),
       credentials.operator,
     );
   } catch (err) {
@@ -366,17 +571,26 @@ export async function startChaosStack(options: ChaosStackOptions): Promise<Chaos
     } else if (partitions.length === 0 && partitioned.delete(link)) link.proxy.partition(false);
   };
 
+  /** The process a kill or a stop of `name` hits: with a standby, the core that serves. */
+  const hit = (name: StackService): Managed | undefined => (standbyCore && name === ChaosTarget.CORE ? servingCore() : get(name));
+
   return {
-    nats,
-    natsUrl: nats.url,
+    natsNodes,
+    natsUrl: natsNodes.map((n) => n.url).join(","),
+    standbyCore,
+    coreNode: () => (standbyCore ? servingCore()?.slot : undefined),
     credentials,
     addresses,
     links,
     linksOf(target, link) {
-      return links.filter((l) => l.kind === link && (l.from === target || l.to === target));
+      // The NATS link of "the core" is the serving core's: cutting the standby's too would only
+      // keep it from taking over, which is not the fault drawn.
+      const serving = standbyCore && target === ChaosTarget.CORE && link === "nats" ? servingCore()?.slot : undefined;
+      return links.filter((l) => l.kind === link && (l.from === target || l.to === target) && (serving === undefined || l.core === serving));
     },
     async kill(name) {
-      const m = get(name);
+      const m = hit(name);
+      if (m === undefined) return;
       const proc = m.proc;
       if (proc === undefined) return;
       m.expectingExit = true;
@@ -386,26 +600,33 @@ export async function startChaosStack(options: ChaosStackOptions): Promise<Chaos
       m.stopped = false;
     },
     async restart(name) {
+      if (standbyCore && name === ChaosTarget.CORE) {
+        launchStandbys();
+        await untilCoreServes();
+        return;
+      }
       const m = get(name);
       if (m.proc !== undefined) return;
       await launch(m);
     },
     stop(name) {
-      const m = get(name);
-      if (m.proc === undefined || m.stopped) return;
+      const m = hit(name);
+      if (m?.proc === undefined || m.stopped) return;
       m.proc.kill("SIGSTOP");
       m.stopped = true;
     },
     cont(name) {
-      const m = get(name);
-      if (m.proc === undefined || !m.stopped) return;
-      m.proc.kill("SIGCONT");
-      m.stopped = false;
+      // With a standby, the core that was stopped (another may serve by now).
+      for (const m of standbyCore && name === ChaosTarget.CORE ? cores : [get(name)]) {
+        if (m.proc === undefined || !m.stopped) continue;
+        m.proc.kill("SIGCONT");
+        m.stopped = false;
+      }
     },
-    isRunning: (name) => get(name).proc !== undefined,
-    pidOf: (name) => get(name).proc?.pid,
-    natsKill: () => nats.kill("SIGKILL"),
-    natsRestart: () => nats.restart(),
+    isRunning: (name) => hit(name)?.proc !== undefined,
+    pidOf: (name) => hit(name)?.proc?.pid,
+    natsKill: (node) => nodeOf(node).kill(),
+    natsRestart: (node) => nodeOf(node).restart(),
     setNetworkFault(faultId, on, fault) {
       const before = networkFaults.get(faultId)?.links ?? [];
       networkFaults.set(faultId, { links: on, fault });
@@ -421,29 +642,42 @@ export async function startChaosStack(options: ChaosStackOptions): Promise<Chaos
       const continued: StackService[] = [];
       const restarted: StackService[] = [];
       const failed: string[] = [];
-      await Promise.all(STACK_SERVICES.map((s) => get(s.name).launching?.catch(() => undefined)));
+      // A standby's launch lasts until it takes over: not waited for here.
+      await Promise.all(STACK_SERVICES.map((s) => (standbyCore && s.name === ChaosTarget.CORE ? undefined : get(s.name).launching?.catch(() => undefined))));
       const linksCleared = new Set([...networkFaults.values()].flatMap((f) => f.links)).size;
       networkFaults.clear();
       partitioned.clear();
       for (const l of links) l.proxy.reset();
       let natsRestarted = false;
-      if (nats.pid === undefined) {
+      for (const n of natsNodes) {
+        if (n.pid !== undefined) continue;
         try {
-          await nats.restart();
+          await nodeOf(n.name).restart();
           natsRestarted = true;
         } catch (err) {
-          failed.push(`nats-server: ${brief(err)}`);
+          failed.push(`nats-server ${n.name}: ${brief(err)}`);
         }
       }
       for (const s of STACK_SERVICES) {
-        const m = get(s.name);
-        if (m.proc !== undefined && m.stopped) {
-          m.proc.kill("SIGCONT");
-          m.stopped = false;
-          continued.push(s.name);
+        for (const m of standbyCore && s.name === ChaosTarget.CORE ? cores : [get(s.name)]) {
+          if (m.proc !== undefined && m.stopped) {
+            m.proc.kill("SIGCONT");
+            m.stopped = false;
+            if (!continued.includes(s.name)) continued.push(s.name);
+          }
         }
       }
       for (const s of STACK_SERVICES) {
+        if (standbyCore && s.name === ChaosTarget.CORE) {
+          // Whole again: a core serves and the other waits as its standby.
+          if (launchStandbys()) restarted.push(s.name);
+          try {
+            await untilCoreServes();
+          } catch (err) {
+            failed.push(`${s.name}: ${brief(err)}`);
+          }
+          continue;
+        }
         const m = get(s.name);
         if (m.proc !== undefined) continue;
         try {

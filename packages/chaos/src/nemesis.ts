@@ -44,8 +44,10 @@ function until(t: number, signal: AbortSignal | undefined): Promise<boolean> {
 
 /**
  * Injects a schedule of faults into a chaos stack, each at its time, and heals each after its
- * duration: SIGKILL then restart (same environment, same address), SIGSTOP then SIGCONT, a
- * nats-server SIGKILL then restart (same port, same JetStream store), and latency, drop or
+ * duration: SIGKILL then restart (same environment, same address; with a standby core, the core
+ * that serves is killed, and the heal is done once the other serves and the killed one waits as
+ * its standby), SIGSTOP then SIGCONT, a nats-server (of a cluster: the one drawn) SIGKILL then
+ * restart (same port, same JetStream store), and latency, drop or
  * partition on the target's NATS link or on every gRPC link it is an end of. Each injection is
  * recorded (`info` fault marker) before it is done, each heal (`info` heal marker) once it is done.
  * Resolves when every injection has healed; an aborted run injects nothing more but still heals
@@ -61,7 +63,9 @@ export async function runNemesis(options: NemesisOptions): Promise<void> {
   await Promise.all(
     options.faults.map(async (f) => {
       if (!(await until(t0 + f.atMs, signal))) return;
-      journal.fault(toFaultMarker(f));
+      // Which core a fault of "the core" hits, when there is a standby: the one serving now.
+      const core = f.target === ChaosTarget.CORE && f.node === undefined ? stack.coreNode() : undefined;
+      journal.fault({ ...toFaultMarker(f), ...(core === undefined ? {} : { node: core }) });
       changed(1);
       try {
         await inject(f);
@@ -87,7 +91,7 @@ export async function runNemesis(options: NemesisOptions): Promise<void> {
       case FaultKind.STOP_CONT:
         return stack.stop(target);
       case FaultKind.NATS_RESTART:
-        return stack.natsKill();
+        return stack.natsKill(f.node);
       case FaultKind.LATENCY:
       case FaultKind.DROP:
       case FaultKind.PARTITION:
@@ -111,7 +115,7 @@ export async function runNemesis(options: NemesisOptions): Promise<void> {
       case FaultKind.STOP_CONT:
         return stack.cont(target);
       case FaultKind.NATS_RESTART:
-        return stack.natsRestart();
+        return stack.natsRestart(f.node);
       default:
         return stack.clearNetworkFault(f.faultId);
     }

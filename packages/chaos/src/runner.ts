@@ -81,6 +81,12 @@ export interface ChaosRunOptions {
   readonly vmmCommand?: VmmCommand;
   /** Repository root (the built services). @default found from this package */
   readonly repoRoot?: string;
+  /**
+   * A NATS cluster of this many servers (streams replicated) and a standby core beside the primary
+   * (`ioasidctl chaos run --nats-cluster N`; DESIGN §13): a nats-restart then kills one server
+   * drawn from the seed, a kill of the core kills the core that serves. @default 1
+   */
+  readonly natsCluster?: number;
 }
 
 /** How the run's probe guest went (see `planProbeGuest`). */
@@ -211,14 +217,15 @@ export async function runChaos(options: ChaosRunOptions): Promise<ChaosRunResult
       dir,
       seed: options.seed,
       repoRoot: root,
+      ...(options.natsCluster === undefined ? {} : { natsCluster: options.natsCluster }),
       // A service that exits on its own (the core's fail-stop when its operation log cannot be
       // written) is restarted at once, as a supervisor would; recorded as a kill-restart it did
       // not inject (cause "exit"), so the checker allows for the records it lost.
-      onUnexpectedExit: (name, code, signal) => {
-        const what = `${name} exited on its own (code ${String(code)}, signal ${String(signal)})`;
+      onUnexpectedExit: (name, code, signal, node) => {
+        const what = `${name}${node === undefined ? "" : ` ${node}`} exited on its own (code ${String(code)}, signal ${String(signal)})`;
         unexpected.push(what);
         const faultId = selfExitId++;
-        journal?.fault({ fault: FaultKind.KILL_RESTART, target: name, faultId, cause: "exit" });
+        journal?.fault({ fault: FaultKind.KILL_RESTART, target: name, faultId, cause: "exit", ...(node === undefined ? {} : { node }) });
         trace(what);
         if (stopping && abort.signal.aborted) return;
         void stack
@@ -229,7 +236,7 @@ export async function runChaos(options: ChaosRunOptions): Promise<ChaosRunResult
     });
     const s = stack;
     // As the operator (nats-server refuses anonymous clients): the journal and the history.
-    nc = await connect({ servers: s.natsUrl, name: "chaos-driver", maxReconnectAttempts: -1, reconnectTimeWait: 100, ...s.credentials.natsAuth });
+    nc = await connect({ servers: s.natsUrl.split(","), name: "chaos-driver", maxReconnectAttempts: -1, reconnectTimeWait: 100, ...s.credentials.natsAuth });
     clients = createChaosClients(s.addresses, s.credentials);
     const c = clients;
     const j = (journal = new ChaosJournal(nc, {
@@ -238,7 +245,7 @@ export async function runChaos(options: ChaosRunOptions): Promise<ChaosRunResult
       },
     }));
     j.note(
-      `seed ${options.seed}, ${options.guests} guests, ${options.durationMs} ms, faults ${options.faults.join(",") || "none"}; service timeouts ${Object.entries(
+      `seed ${options.seed}, ${options.guests} guests, ${options.durationMs} ms, faults ${options.faults.join(",") || "none"}${s.natsNodes.length > 1 ? `; a NATS cluster of ${s.natsNodes.length} servers and a standby core` : ""}; service timeouts ${Object.entries(
         CHAOS_SERVICE_ENV,
       )
         .filter(([k]) => /DEADLINE|RETRY|TIMEOUT|GRACE/.test(k))
@@ -255,6 +262,7 @@ export async function runChaos(options: ChaosRunOptions): Promise<ChaosRunResult
             durationMs: options.durationMs,
             kinds: options.faults,
             quietTailMs: Math.min(5000, Math.round(options.durationMs * 0.1)),
+            natsNodes: s.natsNodes.length,
             ...(options.meanFaultIntervalMs === undefined ? {} : { meanIntervalMs: options.meanFaultIntervalMs }),
           });
     setPhase(ChaosPhase.RUNNING);
@@ -358,7 +366,7 @@ export async function runChaos(options: ChaosRunOptions): Promise<ChaosRunResult
     writeFileSync(
       reportFile,
       renderChaosReport({
-        title: `ioasid-fabric chaos run, seed ${options.seed}: ${options.guests} guests, ${options.durationMs / 1000} s, faults ${options.faults.join(", ") || "none"}`,
+        title: `ioasid-fabric chaos run, seed ${options.seed}: ${options.guests} guests, ${options.durationMs / 1000} s, faults ${options.faults.join(", ") || "none"}${(options.natsCluster ?? 1) > 1 ? `, a ${options.natsCluster}-server NATS cluster and a standby core` : ""}`,
         history,
         verdict,
         verdictText,

@@ -12,6 +12,7 @@ describe("parseChaosOptions", () => {
       dir: ".ioasid-chaos",
       html: undefined,
       json: false,
+      natsCluster: 1,
     });
   });
 
@@ -24,8 +25,10 @@ describe("parseChaosOptions", () => {
       dir: "/tmp/c",
       html: "r.html",
       json: true,
+      natsCluster: 1,
     });
     expect(parseChaosOptions({ seeds: "1..3" }).seeds).toEqual([1, 2, 3]);
+    expect(parseChaosOptions({ "nats-cluster": "3" }).natsCluster).toBe(3);
   });
 
   it("refuses bad values and bad combinations with a usage error", () => {
@@ -37,6 +40,9 @@ describe("parseChaosOptions", () => {
       { duration: "60" },
       { faults: "fire" },
       { seeds: "1..2", html: "r.html" },
+      { "nats-cluster": "0" },
+      { "nats-cluster": "three" },
+      { "nats-cluster": "8" },
     ]) {
       expect(() => parseChaosOptions(v), JSON.stringify(v)).toThrow(ChaosUsageError);
     }

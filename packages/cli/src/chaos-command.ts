@@ -23,6 +23,8 @@ export interface ChaosCommandOptions {
   readonly dir: string;
   readonly html: string | undefined;
   readonly json: boolean;
+  /** Servers of the run's NATS cluster (with a standby core); 1: one nats-server and one core. */
+  readonly natsCluster: number;
 }
 
 /** Defaults of `ioasidctl chaos run`. */
@@ -41,6 +43,10 @@ export function parseChaosOptions(v: Values): ChaosCommandOptions {
   const guestsText = String(v["guests"] ?? CHAOS_DEFAULTS.guests);
   const guests = Number(guestsText);
   if (!/^\d+$/.test(guestsText) || guests < 1 || guests > 32) throw new ChaosUsageError(`--guests must be an integer 1..32, got "${guestsText}"`);
+  const clusterText = String(v["nats-cluster"] ?? 1);
+  const natsCluster = Number(clusterText);
+  if (!/^\d+$/.test(clusterText) || natsCluster < 1 || natsCluster > 7)
+    throw new ChaosUsageError(`--nats-cluster must be an integer 1..7 (servers), got "${clusterText}"`);
   const html = v["html"] === undefined ? undefined : String(v["html"]);
   if (html !== undefined && seeds.length > 1)
     throw new ChaosUsageError("--html names one file: use it with --seed (with --seeds each report is in <dir>/seed-<n>/report.html)");
@@ -52,6 +58,7 @@ export function parseChaosOptions(v: Values): ChaosCommandOptions {
     dir: String(v["dir"] ?? CHAOS_DEFAULTS.dir),
     html,
     json: v["json"] === true,
+    natsCluster,
   };
 }
 
@@ -124,7 +131,7 @@ export function chaosCommand(ctx: ChaosCommandContext): {
   readonly run: (values: Values, positionals: string[]) => Promise<number>;
 } {
   const usage =
-    `ioasidctl chaos run [--seed N | --seeds A..B] [--guests ${CHAOS_DEFAULTS.guests}] [--duration ${CHAOS_DEFAULTS.duration}] [--faults ${CHAOS_DEFAULTS.faults}|${Object.keys(FAULT_NAMES).join(",")}|none] [--dir ${CHAOS_DEFAULTS.dir}] [--html FILE] [--json]\n` +
+    `ioasidctl chaos run [--seed N | --seeds A..B] [--guests ${CHAOS_DEFAULTS.guests}] [--duration ${CHAOS_DEFAULTS.duration}] [--faults ${CHAOS_DEFAULTS.faults}|${Object.keys(FAULT_NAMES).join(",")}|none] [--dir ${CHAOS_DEFAULTS.dir}] [--nats-cluster N] [--html FILE] [--json]\n` +
     "  starts a stack of its own (its nats-server and the five services on ephemeral ports, a TCP fault proxy on every\n" +
     "  NATS and gRPC link), drives G guests at once through random life cycles (alloc, bind, program the mdev, ENQCMD,\n" +
     "  DMA and page faults, unbind, free, VMM crashes at any step), injects faults (kill: SIGKILL then restart, stop:\n" +
@@ -134,6 +141,10 @@ export function chaosCommand(ctx: ChaosCommandContext): {
     "  Authenticated as `ioasidctl up` is (DESIGN §11): a NATS user and a certificate per service (mTLS on every link,\n" +
     "  through the fault proxies too), the driver as the operator, the VMMs as `vmm`; the run stops before it begins\n" +
     "  if nats-server lets an anonymous client in or a service answers a client without a certificate (INSECURE).\n" +
+    "  --nats-cluster N (DESIGN §13): N nats-servers clustered on loopback (every stream with min(N,3) replicas, each\n" +
+    "  service given every server, each through a proxy) and a standby core beside the primary (IOASID_CORE_LEASE 3s,\n" +
+    "  the roles and the driver given both): `nats` then kills one server drawn from the seed, `kill` of the core kills\n" +
+    "  the one that serves (the standby takes over; the killed one comes back as the standby).\n" +
     "  The same seed gives the same guest plans and fault schedule (timing, hence the history, varies).\n" +
     "  Writes <dir>/seed-<n>/{history.jsonl,report.html,verdict.txt,summary.json,logs/}; --html FILE: the report there.\n" +
     "  --seeds 1..50 runs seeds in turn, one line each and a total. --json: the result as JSON on stdout.\n" +
@@ -151,6 +162,7 @@ export function chaosCommand(ctx: ChaosCommandContext): {
       dir: { type: "string" },
       html: { type: "string" },
       json: { type: "boolean", default: false },
+      "nats-cluster": { type: "string" },
     },
     run: async (values, positionals) => {
       let o: ChaosCommandOptions;
@@ -200,6 +212,7 @@ export function chaosCommand(ctx: ChaosCommandContext): {
               onProgress,
               signal: abort.signal,
               vmmCommand: ctx.vmmCommand,
+              ...(o.natsCluster > 1 ? { natsCluster: o.natsCluster } : {}),
             });
           } catch (err) {
             if (ctx.ttyColumns !== undefined) ctx.write("\n");
