@@ -54,3 +54,13 @@ export {
   type ChaosRunResult,
   type ProbeResult,
 } from "./runner.js";
+export {
+  createNetnsLab,
+  destroyStaleLabs,
+  netnsAvailable,
+  type LabCut,
+  type LabGateway,
+  type NetnsAvailability,
+  type NetnsLab,
+  type NetnsLabOptions,
+} from "./netns-lab.js";

@@ -6,7 +6,7 @@
  */
 export { canConnect } from "./can-connect.js";
 export { freePort } from "./free-port.js";
-export type { ExitStatus } from "./managed-child.js";
+export { spawnManaged, terminate, type ExitStatus, type ManagedChild } from "./managed-child.js";
 export { readNatsInfo } from "./read-nats-info.js";
 export { natsEnv } from "./nats-env.js";
 export { NATS_INSTALL_COMMAND, startNats, type NatsRoleCredentials, type NatsServer, type StartNatsOptions } from "./start-nats.js";
