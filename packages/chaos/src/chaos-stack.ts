@@ -16,6 +16,7 @@ import { ChaosTarget, FaultKind, type ChaosLink } from "@ioasid/checker";
 import { readInstanceCredentials, VMM_IDENTITY, type InstanceCredentials, type Role } from "@ioasid/security";
 import { startFaultProxy, type FaultProxy, type PartitionMode } from "./fault-proxy.js";
 import { deriveSeed } from "./guest-plan.js";
+import { createNetnsLab, type LabCut, type NetnsLab } from "./netns-lab.js";
 import { assertNatsRefusesAnonymous, assertServicesSecure } from "./stack-security.js";
 
 /** A service of the stack (a fault target other than nats-server). */
@@ -130,6 +131,15 @@ export interface ChaosStackOptions {
    * @default 1 (one nats-server, one core)
    */
   readonly natsCluster?: number;
+  /**
+   * Each server of the NATS cluster on a host of its own (`--netns`, issue 18 item 5): a
+   * network-namespace lab ({@link createNetnsLab}) whose hosts n0, n1, … each run one server,
+   * clustered over the lab's addresses; the services, the proxies and the driver (in this
+   * namespace) reach each server through a relay into its namespace, and
+   * {@link ChaosStack.partitionHosts} cuts servers apart. Needs `natsCluster` > 1 and root.
+   * @default false
+   */
+  readonly netns?: boolean;
 }
 
 /**
@@ -153,6 +163,8 @@ export interface HealReport {
   readonly restarted: readonly StackService[];
   readonly natsRestarted: boolean;
   readonly linksCleared: number;
+  /** Host partitions of the lab healed. */
+  readonly hostCutsHealed?: number;
   /** Services it could not bring back (with why). */
   readonly failed: readonly string[];
 }
@@ -209,6 +221,16 @@ export interface ChaosStack {
   setNetworkFault(faultId: number, links: readonly ProxyLink[], fault: NetworkFault): void;
   /** Removes fault `faultId` from every link. */
   clearNetworkFault(faultId: number): void;
+  /** The network-namespace lab the servers run in (`netns`), else undefined. */
+  readonly lab: NetnsLab | undefined;
+  /**
+   * Fault `faultId` between the servers' hosts (`netns`): two hosts ("n0", "n1") cut apart both
+   * ways, or one host cut from every other.
+   * @throws Error without a lab, or for a host it does not have
+   */
+  partitionHosts(faultId: number, hosts: readonly string[]): Promise<void>;
+  /** Heals host fault `faultId`, then waits until every stream has a leader and every replica is current. */
+  healHosts(faultId: number): Promise<void>;
   /** SIGCONT to every stopped service, a restart of anything down (nats-server first), no proxy fault left. */
   healAll(): Promise<HealReport>;
   /**
@@ -271,8 +293,32 @@ export async function startChaosStack(options: ChaosStackOptions): Promise<Chaos
   delete natsEnv["IOASID_TESTKIT_DOCKER"];
   // A user per service and nobody anonymous (as in `ioasidctl up`), and a certificate per service
   // from the server's own stack CA (tls): the testkit makes both, as for the e2e stack fixture.
-  const cluster: NatsCluster | undefined =
-    clusterSize > 1 ? await startNatsCluster({ size: clusterSize, tls: true, auth: { anonymous: "refuse" } }) : undefined;
+  if (options.netns === true && clusterSize < 2) throw new RangeError("netns needs a NATS cluster (natsCluster ≥ 2): its servers are what the lab's hosts run");
+  const lab: NetnsLab | undefined =
+    options.netns === true ? await createNetnsLab({ hosts: Array.from({ length: clusterSize }, (_, i) => `n${i}`) }) : undefined;
+  let cluster: NatsCluster | undefined;
+  try {
+    cluster =
+      clusterSize > 1
+        ? await startNatsCluster({
+            size: clusterSize,
+            tls: true,
+            auth: { anonymous: "refuse" },
+            ...(lab === undefined
+              ? {}
+              : {
+                  placement: {
+                    command: (i: number) => lab.exec(`n${i}`),
+                    host: (i: number) => lab.addressOf(`n${i}`),
+                    reach: async (i: number, port: number) => (await lab.forward(`n${i}`, port)).address,
+                  },
+                }),
+          })
+        : undefined;
+  } catch (err) {
+    await lab?.destroy();
+    throw err;
+  }
   const single: NatsServer | undefined = cluster === undefined ? await startNats({ env: natsEnv, tls: true, auth: { anonymous: "refuse" } }) : undefined;
   const nats: Pick<NatsServer, "url" | "credentials" | "operator" | "operatorTls" | "certificateDir"> & { stop(): Promise<void> } = (cluster ?? single)!;
   const natsNodes: NatsNode[] =
@@ -322,6 +368,7 @@ export async function startChaosStack(options: ChaosStackOptions): Promise<Chaos
     credentials = { operator, natsAuth: nats.operator, vmm: readInstanceCredentials(vmmDir), vmmDir };
   } catch (err) {
     await nats.stop();
+    await lab?.destroy();
     throw err;
   }
 
@@ -332,6 +379,7 @@ export async function startChaosStack(options: ChaosStackOptions): Promise<Chaos
   const addresses = {} as Record<StackService, string>;
   const networkFaults = new Map<number, { links: readonly ProxyLink[]; fault: NetworkFault }>();
   const partitioned = new Set<ProxyLink>();
+  const hostCuts = new Map<number, LabCut>();
   let closed: Promise<void> | undefined;
 
   const proxy = async (from: StackService, to: StackService | "nats", target: string, detail: { core?: string; node?: string } = {}): Promise<string> => {
@@ -490,6 +538,10 @@ export async function startChaosStack(options: ChaosStackOptions): Promise<Chaos
     }
     for (const n of natsNodes) appendFileSync(join(logDir, cluster === undefined ? "nats-server.log" : `nats-server-${n.name}.log`), nodeOf(n.name).logs());
     await nats.stop();
+    if (lab !== undefined) {
+      appendFileSync(join(logDir, "netns-lab.log"), `${lab.describe()}\n`);
+      await lab.destroy();
+    }
   };
 
   try {
@@ -638,6 +690,22 @@ export async function startChaosStack(options: ChaosStackOptions): Promise<Chaos
       networkFaults.delete(faultId);
       for (const l of f.links) applyLink(l);
     },
+    lab,
+    async partitionHosts(faultId, hosts) {
+      if (lab === undefined) throw new Error("no network-namespace lab in this stack (netns)");
+      const [a, b] = hosts;
+      if (a === undefined || hosts.length > 2) throw new Error(`a host partition names one or two hosts, got ${hosts.length}`);
+      const cut = b === undefined ? await lab.isolate(a) : await lab.partition(a, b);
+      hostCuts.set(faultId, cut);
+    },
+    async healHosts(faultId) {
+      const cut = hostCuts.get(faultId);
+      if (cut === undefined) return;
+      hostCuts.delete(faultId);
+      await cut.heal();
+      // Healed means whole again: a server cut off catches up, a stream it led has another leader.
+      await cluster?.untilStreamsCurrent(readyTimeoutMs);
+    },
     async healAll() {
       const continued: StackService[] = [];
       const restarted: StackService[] = [];
@@ -648,6 +716,9 @@ export async function startChaosStack(options: ChaosStackOptions): Promise<Chaos
       networkFaults.clear();
       partitioned.clear();
       for (const l of links) l.proxy.reset();
+      const hostCutsHealed = hostCuts.size;
+      hostCuts.clear();
+      await lab?.heal().catch((err: unknown) => failed.push(`netns lab: ${brief(err)}`));
       let natsRestarted = false;
       for (const n of natsNodes) {
         if (n.pid !== undefined) continue;
@@ -687,7 +758,10 @@ export async function startChaosStack(options: ChaosStackOptions): Promise<Chaos
           failed.push(`${s.name}: ${brief(err)}`);
         }
       }
-      return { continued, restarted, natsRestarted, linksCleared, failed };
+      if (hostCutsHealed > 0 && cluster !== undefined) {
+        await cluster.untilStreamsCurrent(readyTimeoutMs).catch((err: unknown) => failed.push(`nats cluster after the host partitions: ${brief(err)}`));
+      }
+      return { continued, restarted, natsRestarted, linksCleared, failed, ...(lab === undefined ? {} : { hostCutsHealed }) };
     },
     close(keepStoreIn) {
       closed ??= stopAll(keepStoreIn);

@@ -7,7 +7,7 @@
 export * from "@ioasid/checker";
 export { startFaultProxy, type FaultProxy, type FaultProxyOptions, type FaultProxyStats, type PartitionMode } from "./fault-proxy.js";
 export { createPrng, type Prng } from "./prng.js";
-export { schedule, toFaultMarker, type FaultInjection, type ScheduleOptions } from "./schedule.js";
+export { schedule, toFaultMarker, withHostPartitions, type FaultInjection, type HostPartitionOptions, type ScheduleOptions } from "./schedule.js";
 export { ChaosUsageError, FAULT_NAMES, MAX_SEED, parseDuration, parseFaultKinds, parseSeeds } from "./run-options.js";
 export {
   deriveSeed,

@@ -1,5 +1,5 @@
 import type { ChaosJournal } from "./chaos-journal.js";
-import { ChaosTarget, FaultKind } from "@ioasid/checker";
+import { ChaosTarget, FaultKind, HostFaultKind } from "@ioasid/checker";
 import { brief, type ChaosStack, type StackService } from "./chaos-stack.js";
 import { toFaultMarker, type FaultInjection } from "./schedule.js";
 
@@ -47,7 +47,9 @@ function until(t: number, signal: AbortSignal | undefined): Promise<boolean> {
  * duration: SIGKILL then restart (same environment, same address; with a standby core, the core
  * that serves is killed, and the heal is done once the other serves and the killed one waits as
  * its standby), SIGSTOP then SIGCONT, a nats-server (of a cluster: the one drawn) SIGKILL then
- * restart (same port, same JetStream store), and latency, drop or
+ * restart (same port, same JetStream store), a host partition of a network-namespace lab (the
+ * switch drops frames between two servers' hosts, or between one and the rest; healed once every
+ * stream is current again), and latency, drop or
  * partition on the target's NATS link or on every gRPC link it is an end of. Each injection is
  * recorded (`info` fault marker) before it is done, each heal (`info` heal marker) once it is done.
  * Resolves when every injection has healed; an aborted run injects nothing more but still heals
@@ -92,6 +94,8 @@ export async function runNemesis(options: NemesisOptions): Promise<void> {
         return stack.stop(target);
       case FaultKind.NATS_RESTART:
         return stack.natsKill(f.node);
+      case HostFaultKind.HOST_PARTITION:
+        return stack.partitionHosts(f.faultId, f.hosts ?? []);
       case FaultKind.LATENCY:
       case FaultKind.DROP:
       case FaultKind.PARTITION:
@@ -116,6 +120,8 @@ export async function runNemesis(options: NemesisOptions): Promise<void> {
         return stack.cont(target);
       case FaultKind.NATS_RESTART:
         return stack.natsRestart(f.node);
+      case HostFaultKind.HOST_PARTITION:
+        return stack.healHosts(f.faultId);
       default:
         return stack.clearNetworkFault(f.faultId);
     }

@@ -198,8 +198,8 @@ async function usedSubnets(): Promise<Set<number>> {
 const RELAY_SOURCE = `
 const net = require("node:net");
 const [path, host, port] = process.argv.slice(1);
-const server = net.createServer((client) => {
-  const upstream = net.connect({ host, port: Number(port) });
+const server = net.createServer({ noDelay: true }, (client) => {
+  const upstream = net.connect({ host, port: Number(port), noDelay: true });
   const end = () => { client.destroy(); upstream.destroy(); };
   client.on("error", end); upstream.on("error", end);
   client.on("close", end); upstream.on("close", end);
@@ -412,7 +412,8 @@ export async function createNetnsLab(options: NetnsLabOptions): Promise<NetnsLab
         throw err;
       });
       const sockets = new Set<Socket>();
-      const server: Server = createServer((client) => {
+      // A relay adds no delay of its own: small NATS and HTTP/2 frames go out at once (no Nagle).
+      const server: Server = createServer({ noDelay: true }, (client) => {
         const upstream = connect({ path: socketPath });
         sockets.add(client).add(upstream);
         const end = () => {

@@ -16,7 +16,7 @@ import { planGuest, planProbeGuest, PROBE_PASIDS } from "./guest-plan.js";
 import { runNemesis } from "./nemesis.js";
 import { readFinalState } from "./read-final-state.js";
 import { computeRunStats, renderStats, type ChaosRunStats } from "./run-stats.js";
-import { schedule, type FaultInjection } from "./schedule.js";
+import { schedule, withHostPartitions, type FaultInjection } from "./schedule.js";
 
 /**
  * Roles whose tables do not survive a kill: none any more — KVM, VDCM, the IOMMU and VFIO keep
@@ -87,6 +87,13 @@ export interface ChaosRunOptions {
    * drawn from the seed, a kill of the core kills the core that serves. @default 1
    */
   readonly natsCluster?: number;
+  /**
+   * Each server of the cluster in a network namespace of its own (`--netns`; needs `natsCluster`
+   * ≥ 2 and root): the servers cluster over the lab's addresses, and when the faults include
+   * partitions the nemesis also cuts the servers' hosts apart ({@link withHostPartitions}: two
+   * servers, or one from the rest), each healed once every stream is current again. @default false
+   */
+  readonly netns?: boolean;
 }
 
 /** How the run's probe guest went (see `planProbeGuest`). */
@@ -218,6 +225,7 @@ export async function runChaos(options: ChaosRunOptions): Promise<ChaosRunResult
       seed: options.seed,
       repoRoot: root,
       ...(options.natsCluster === undefined ? {} : { natsCluster: options.natsCluster }),
+      ...(options.netns === true ? { netns: true } : {}),
       // A service that exits on its own (the core's fail-stop when its operation log cannot be
       // written) is restarted at once, as a supervisor would; recorded as a kill-restart it did
       // not inject (cause "exit"), so the checker allows for the records it lost.
@@ -245,7 +253,7 @@ export async function runChaos(options: ChaosRunOptions): Promise<ChaosRunResult
       },
     }));
     j.note(
-      `seed ${options.seed}, ${options.guests} guests, ${options.durationMs} ms, faults ${options.faults.join(",") || "none"}${s.natsNodes.length > 1 ? `; a NATS cluster of ${s.natsNodes.length} servers and a standby core` : ""}; service timeouts ${Object.entries(
+      `seed ${options.seed}, ${options.guests} guests, ${options.durationMs} ms, faults ${options.faults.join(",") || "none"}${s.natsNodes.length > 1 ? `; a NATS cluster of ${s.natsNodes.length} servers${s.lab === undefined ? "" : " (each in a network namespace of its own)"} and a standby core` : ""}; service timeouts ${Object.entries(
         CHAOS_SERVICE_ENV,
       )
         .filter(([k]) => /DEADLINE|RETRY|TIMEOUT|GRACE/.test(k))
@@ -255,16 +263,23 @@ export async function runChaos(options: ChaosRunOptions): Promise<ChaosRunResult
     // One slot per guest at once, and the probe guest's own (the last).
     await setupSlots(c, options.guests + 1);
 
-    const faults =
+    const quietTailMs = Math.min(5000, Math.round(options.durationMs * 0.1));
+    const drawn =
       options.faults.length === 0
         ? []
         : schedule(options.seed, {
             durationMs: options.durationMs,
             kinds: options.faults,
-            quietTailMs: Math.min(5000, Math.round(options.durationMs * 0.1)),
+            quietTailMs,
             natsNodes: s.natsNodes.length,
             ...(options.meanFaultIntervalMs === undefined ? {} : { meanIntervalMs: options.meanFaultIntervalMs }),
           });
+    // Partitions between the servers' hosts on top, from a stream of their own (the schedule above is the seed's as always).
+    const faults =
+      s.lab !== undefined && options.faults.includes(FaultKind.PARTITION)
+        ? withHostPartitions(options.seed, drawn, { durationMs: options.durationMs, quietTailMs, hosts: s.natsNodes.map((n) => n.name) })
+        : drawn;
+    if (s.lab !== undefined) j.note(s.lab.describe());
     setPhase(ChaosPhase.RUNNING);
     t0 = performance.now();
     const nemesis = runNemesis({
@@ -366,7 +381,7 @@ export async function runChaos(options: ChaosRunOptions): Promise<ChaosRunResult
     writeFileSync(
       reportFile,
       renderChaosReport({
-        title: `ioasid-fabric chaos run, seed ${options.seed}: ${options.guests} guests, ${options.durationMs / 1000} s, faults ${options.faults.join(", ") || "none"}${(options.natsCluster ?? 1) > 1 ? `, a ${options.natsCluster}-server NATS cluster and a standby core` : ""}`,
+        title: `ioasid-fabric chaos run, seed ${options.seed}: ${options.guests} guests, ${options.durationMs / 1000} s, faults ${options.faults.join(", ") || "none"}${(options.natsCluster ?? 1) > 1 ? `, a ${options.natsCluster}-server NATS cluster${options.netns === true ? " in network namespaces" : ""} and a standby core` : ""}`,
         history,
         verdict,
         verdictText,

@@ -1,6 +1,6 @@
 import { describe, expect, it } from "vitest";
-import { parseChaosRecord, createChaosRecord, FaultKind, SERVICE_TARGETS } from "@ioasid/checker";
-import { schedule, toFaultMarker, type ScheduleOptions } from "./schedule.js";
+import { parseChaosRecord, createChaosRecord, FaultKind, HostFaultKind, SERVICE_TARGETS } from "@ioasid/checker";
+import { schedule, toFaultMarker, withHostPartitions, type FaultInjection, type ScheduleOptions } from "./schedule.js";
 
 const RUN: ScheduleOptions = { durationMs: 60_000 };
 
@@ -85,5 +85,47 @@ describe("schedule", () => {
     const marker = toFaultMarker(restarts[0]!);
     expect(marker.node).toBe(restarts[0]!.node);
     expect(parseChaosRecord(createChaosRecord("info", marker))).toEqual({ kind: "fault", marker });
+  });
+});
+
+describe("withHostPartitions", () => {
+  const hosts = ["n0", "n1", "n2"];
+  const options = { durationMs: 60_000, quietTailMs: 5000, hosts };
+
+  it("keeps the seed's schedule as it is and adds host partitions, one at a time, never during a nats-restart", () => {
+    for (let seed = 1; seed <= 30; seed++) {
+      const base = schedule(seed, { ...RUN, quietTailMs: 5000, natsNodes: 3 });
+      const merged = withHostPartitions(seed, base, options);
+      expect(merged).toEqual(withHostPartitions(seed, base, options));
+      const strip = ({ faultId: _, ...f }: FaultInjection) => f;
+      expect(merged.filter((f) => f.kind !== HostFaultKind.HOST_PARTITION).map(strip)).toEqual(base.map(strip));
+      merged.forEach((f, i) => {
+        expect(f.faultId).toBe(i + 1);
+        if (i > 0) expect(f.atMs).toBeGreaterThanOrEqual(merged[i - 1]!.atMs);
+      });
+      const cuts = merged.filter((f) => f.kind === HostFaultKind.HOST_PARTITION);
+      expect(cuts.length).toBeGreaterThan(0);
+      const overlap = (a: FaultInjection, b: FaultInjection) => a.atMs < b.atMs + b.durationMs && b.atMs < a.atMs + a.durationMs;
+      for (const c of cuts) {
+        expect(c.target).toBe("nats");
+        expect(c.hosts!.length === 1 || (c.hosts!.length === 2 && c.hosts![0] !== c.hosts![1])).toBe(true);
+        for (const h of c.hosts!) expect(hosts).toContain(h);
+        expect(c.atMs + c.durationMs).toBeLessThanOrEqual(55_000);
+        expect(cuts.filter((o) => o !== c && overlap(o, c))).toEqual([]);
+        expect(base.filter((o) => o.kind === FaultKind.NATS_RESTART && overlap(o, c))).toEqual([]);
+      }
+    }
+  });
+
+  it("records the hosts in its fault marker, and the marker survives the history record", () => {
+    const cut = withHostPartitions(3, [], options)[0]!;
+    const marker = toFaultMarker(cut);
+    expect(marker).toMatchObject({ fault: "host-partition", target: "nats", hosts: cut.hosts });
+    const parsed = parseChaosRecord(createChaosRecord("info", marker, { ts: 1 }));
+    expect(parsed).toEqual({ kind: "fault", marker });
+  });
+
+  it("refuses fewer than two hosts", () => {
+    expect(() => withHostPartitions(1, [], { ...options, hosts: ["n0"] })).toThrow(RangeError);
   });
 });

@@ -1,4 +1,5 @@
-import { ChaosTarget, FaultKind, SERVICE_TARGETS, type ChaosLink, type FaultMarker } from "@ioasid/checker";
+import { ChaosTarget, FaultKind, HostFaultKind, SERVICE_TARGETS, type ChaosLink, type FaultMarker } from "@ioasid/checker";
+import { deriveSeed } from "./guest-plan.js";
 import { createPrng } from "./prng.js";
 
 /** Options of {@link schedule}. */
@@ -37,7 +38,7 @@ export interface FaultInjection {
   readonly atMs: number;
   /** Time until it is healed (restart, SIGCONT, latency/drop removed, partition healed), in ms. */
   readonly durationMs: number;
-  readonly kind: FaultKind;
+  readonly kind: FaultKind | HostFaultKind;
   readonly target: ChaosTarget;
   /** Which link of the target goes through the fault proxy (network faults only). */
   readonly link?: ChaosLink;
@@ -46,6 +47,8 @@ export interface FaultInjection {
   readonly probability?: number;
   /** The cluster's server a nats-restart hits ("n1"), with {@link ScheduleOptions.natsNodes} > 1. */
   readonly node?: string;
+  /** A host partition's hosts (see {@link withHostPartitions}): two cut apart, or one cut from every other. */
+  readonly hosts?: readonly string[];
 }
 
 const NETWORK: ReadonlySet<FaultKind> = new Set([FaultKind.LATENCY, FaultKind.DROP, FaultKind.PARTITION]);
@@ -129,5 +132,63 @@ export function toFaultMarker(f: FaultInjection): FaultMarker {
     ...(f.jitterMs === undefined ? {} : { jitterMs: f.jitterMs }),
     ...(f.probability === undefined ? {} : { probability: f.probability }),
     ...(f.node === undefined ? {} : { node: f.node }),
+    ...(f.hosts === undefined ? {} : { hosts: f.hosts }),
   };
+}
+
+/** Options of {@link withHostPartitions}. */
+export interface HostPartitionOptions {
+  /** Length of the run, in ms (as for {@link schedule}). */
+  readonly durationMs: number;
+  /** The end of the run kept free of faults, in ms. @default 0 */
+  readonly quietTailMs?: number;
+  /** The lab's hosts the partitions cut between (the NATS cluster's servers: "n0", "n1", …); at least 2. */
+  readonly hosts: readonly string[];
+  /** Mean time between two host partitions (exponentially distributed), in ms. @default 5000 */
+  readonly meanIntervalMs?: number;
+  /** Shortest and longest time a host partition lasts, in ms. @default [500, 3000] */
+  readonly faultMs?: readonly [number, number];
+}
+
+/** The stream of {@link deriveSeed} host partitions draw from (apart from {@link schedule}'s own). */
+const HOST_PARTITION_STREAM = 4;
+
+/**
+ * A schedule with host partitions added (`ioasidctl chaos run --netns`): drawn from a stream of
+ * their own (`seed`), so the schedule they join is exactly {@link schedule}'s for the seed. Each
+ * either cuts two hosts apart (both directions) or isolates one from every other, half and half;
+ * one at a time, and never while a nats-restart runs (a server down and another cut off would
+ * leave a 3-server cluster without a majority, which tests nothing the run can check). The result
+ * is sorted by start and numbered again 1, 2, ….
+ * Pure.
+ * @throws RangeError with fewer than 2 hosts, or options that allow no fault
+ */
+export function withHostPartitions(seed: number, faults: readonly FaultInjection[], options: HostPartitionOptions): FaultInjection[] {
+  const hosts = options.hosts;
+  const mean = options.meanIntervalMs ?? 5000;
+  const [minFault, maxFault] = options.faultMs ?? [500, 3000];
+  const end = options.durationMs - (options.quietTailMs ?? 0);
+  if (hosts.length < 2) throw new RangeError(`host partitions need at least 2 hosts, got ${hosts.length}`);
+  if (!(mean > 0) || !(minFault > 0 && minFault <= maxFault))
+    throw new RangeError("meanIntervalMs must be > 0 and faultMs a range [min, max] with 0 < min ≤ max");
+  const rng = createPrng(deriveSeed(seed, HOST_PARTITION_STREAM, 0));
+  const added: FaultInjection[] = [];
+  let t = 0;
+  for (let draw = 0; draw < MAX_DRAWS; draw++) {
+    t += -mean * Math.log(1 - rng.next());
+    const atMs = Math.round(t);
+    if (atMs >= end - minFault) break;
+    const durationMs = Math.min(rng.int(Math.ceil(minFault), Math.floor(maxFault)), end - atMs);
+    const isolate = rng.chance(0.5);
+    const a = rng.pick(hosts);
+    const others = hosts.filter((h) => h !== a);
+    const b = rng.pick(others);
+    const overlaps = (f: FaultInjection) => f.atMs < atMs + durationMs && atMs < f.atMs + f.durationMs;
+    if (added.some(overlaps) || faults.some((f) => f.kind === FaultKind.NATS_RESTART && overlaps(f))) continue;
+    added.push({ faultId: 0, atMs, durationMs, kind: HostFaultKind.HOST_PARTITION, target: ChaosTarget.NATS, hosts: isolate ? [a] : [a, b].sort() });
+  }
+  return [...faults, ...added]
+    .map((f, i) => ({ f, i }))
+    .sort((x, y) => x.f.atMs - y.f.atMs || x.i - y.i)
+    .map(({ f }, i) => ({ ...f, faultId: i + 1 }));
 }

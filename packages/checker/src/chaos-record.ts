@@ -91,6 +91,20 @@ export const FaultKind = {
 } as const;
 export type FaultKind = (typeof FaultKind)[keyof typeof FaultKind];
 
+/**
+ * Faults between the hosts of a network-namespace lab (`ioasidctl chaos run --netns`): kept apart
+ * from {@link FaultKind}, whose kinds are what `--faults all` draws from, so that a seed's schedule
+ * without a lab stays what it was.
+ */
+export const HostFaultKind = {
+  /**
+   * The switch drops every frame between two hosts (both directions), or between one host and
+   * every other ({@link FaultMarker.hosts} names one): a partition of the NATS cluster's servers.
+   */
+  HOST_PARTITION: "host-partition",
+} as const;
+export type HostFaultKind = (typeof HostFaultKind)[keyof typeof HostFaultKind];
+
 /** What a fault is injected into: one of the five services, or nats-server. */
 export const ChaosTarget = {
   CORE: "ioasid-core",
@@ -137,6 +151,8 @@ export interface FaultMarker {
    * primary and its standby that the fault hit ("a", "b"). Unset on a single server or core.
    */
   readonly node?: string;
+  /** A {@link HostFaultKind.HOST_PARTITION}'s hosts: two cut apart, or one cut from every other. */
+  readonly hosts?: readonly string[];
 }
 
 /** The end of one fault (`faultId`) or, without it, of every fault (the run's final heal). */
@@ -191,8 +207,8 @@ function chaosStep(action: ChaosAction, detail: ChaosDetail): HistoryActionInput
     };
   }
   if ("fault" in detail) {
-    const { fault, target, faultId, link, latencyMs, jitterMs, probability, cause, node } = detail;
-    return { $case: "chaosFault", value: { fault, target, faultId, link, latencyMs, jitterMs, probability, cause, node } };
+    const { fault, target, faultId, link, latencyMs, jitterMs, probability, cause, node, hosts } = detail;
+    return { $case: "chaosFault", value: { fault, target, faultId, link, latencyMs, jitterMs, probability, cause, node, hosts: [...(hosts ?? [])] } };
   }
   if ("heal" in detail) return { $case: "chaosHeal", value: detail.faultId === undefined ? {} : { faultId: detail.faultId } };
   return { $case: "chaosNote", value: { note: detail.note } };
@@ -263,6 +279,7 @@ export function parseChaosRecord(record: HistoryRecord): ChaosEntry | undefined 
         probability: v.probability,
         cause: v.cause,
         node: v.node,
+        hosts: v.hosts.length === 0 ? undefined : v.hosts,
       });
       return { kind: "fault", marker };
     }

@@ -1,6 +1,6 @@
 import { eventOf, type HistoryRecord } from "@ioasid/bus";
 import { history as h } from "@ioasid/proto";
-import { ChaosAction, FaultKind, parseChaosRecord, roleOfTarget, type ChaosOp, type FaultMarker } from "./chaos-record.js";
+import { ChaosAction, FaultKind, HostFaultKind, parseChaosRecord, roleOfTarget, type ChaosOp, type FaultMarker } from "./chaos-record.js";
 import { orderHistory } from "./history-order.js";
 
 /** The core's history column ("ioasid"): events and reference changes. */
@@ -323,6 +323,10 @@ export function indexHistory(history: readonly HistoryRecord[], options: IndexOp
     const until = (f.end === undefined ? lastTs : records[f.end]!.ts) + margin;
     if (m.fault === FaultKind.KILL_RESTART) lossWindows.push({ role: roleOfTarget(m.target), kind: "kill", from, to: records[f.start]!.ts + margin, why });
     else if (m.fault === FaultKind.NATS_RESTART) lossWindows.push({ role: undefined, kind: "link", from, to: until, why });
+    // Servers of the cluster cut apart: a service connected to a server in the minority loses what
+    // it publishes until the heal, as when that server restarts.
+    else if (m.fault === HostFaultKind.HOST_PARTITION)
+      lossWindows.push({ role: undefined, kind: "link", from, to: until, why: `${why} (${(m.hosts ?? []).join(" ⇹ ")})` });
     else if ((m.fault === FaultKind.DROP || m.fault === FaultKind.PARTITION) && m.link !== "grpc") {
       lossWindows.push({ role: roleOfTarget(m.target), kind: "link", from, to: until, why });
     }

@@ -11,6 +11,7 @@ export {
   ChaosTarget,
   createChaosRecord,
   FaultKind,
+  HostFaultKind,
   parseChaosRecord,
   roleOfTarget,
   SERVICE_TARGETS,

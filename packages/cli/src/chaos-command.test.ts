@@ -29,6 +29,8 @@ describe("parseChaosOptions", () => {
     });
     expect(parseChaosOptions({ seeds: "1..3" }).seeds).toEqual([1, 2, 3]);
     expect(parseChaosOptions({ "nats-cluster": "3" }).natsCluster).toBe(3);
+    expect(parseChaosOptions({ "nats-cluster": "3", netns: true }).netns).toBe(true);
+    expect(parseChaosOptions({ "nats-cluster": "3", netns: false })).not.toHaveProperty("netns");
   });
 
   it("refuses bad values and bad combinations with a usage error", () => {
@@ -43,6 +45,8 @@ describe("parseChaosOptions", () => {
       { "nats-cluster": "0" },
       { "nats-cluster": "three" },
       { "nats-cluster": "8" },
+      { netns: true },
+      { "nats-cluster": "1", netns: true },
     ]) {
       expect(() => parseChaosOptions(v), JSON.stringify(v)).toThrow(ChaosUsageError);
     }

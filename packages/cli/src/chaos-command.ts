@@ -3,6 +3,7 @@ import type { ParseArgsConfig } from "node:util";
 import {
   ChaosUsageError,
   FAULT_NAMES,
+  netnsAvailable,
   parseDuration,
   parseFaultKinds,
   parseSeeds,
@@ -25,6 +26,8 @@ export interface ChaosCommandOptions {
   readonly json: boolean;
   /** Servers of the run's NATS cluster (with a standby core); 1: one nats-server and one core. */
   readonly natsCluster: number;
+  /** Each nats-server in a network namespace of its own, partitions between them (`--netns`); set only when given. */
+  readonly netns?: true;
 }
 
 /** Defaults of `ioasidctl chaos run`. */
@@ -47,6 +50,8 @@ export function parseChaosOptions(v: Values): ChaosCommandOptions {
   const natsCluster = Number(clusterText);
   if (!/^\d+$/.test(clusterText) || natsCluster < 1 || natsCluster > 7)
     throw new ChaosUsageError(`--nats-cluster must be an integer 1..7 (servers), got "${clusterText}"`);
+  const netns = v["netns"] === true;
+  if (netns && natsCluster < 2) throw new ChaosUsageError("--netns places the servers of a NATS cluster in namespaces: give --nats-cluster N with N ≥ 2 too");
   const html = v["html"] === undefined ? undefined : String(v["html"]);
   if (html !== undefined && seeds.length > 1)
     throw new ChaosUsageError("--html names one file: use it with --seed (with --seeds each report is in <dir>/seed-<n>/report.html)");
@@ -59,6 +64,7 @@ export function parseChaosOptions(v: Values): ChaosCommandOptions {
     html,
     json: v["json"] === true,
     natsCluster,
+    ...(netns ? { netns } : {}),
   };
 }
 
@@ -131,7 +137,7 @@ export function chaosCommand(ctx: ChaosCommandContext): {
   readonly run: (values: Values, positionals: string[]) => Promise<number>;
 } {
   const usage =
-    `ioasidctl chaos run [--seed N | --seeds A..B] [--guests ${CHAOS_DEFAULTS.guests}] [--duration ${CHAOS_DEFAULTS.duration}] [--faults ${CHAOS_DEFAULTS.faults}|${Object.keys(FAULT_NAMES).join(",")}|none] [--dir ${CHAOS_DEFAULTS.dir}] [--nats-cluster N] [--html FILE] [--json]\n` +
+    `ioasidctl chaos run [--seed N | --seeds A..B] [--guests ${CHAOS_DEFAULTS.guests}] [--duration ${CHAOS_DEFAULTS.duration}] [--faults ${CHAOS_DEFAULTS.faults}|${Object.keys(FAULT_NAMES).join(",")}|none] [--dir ${CHAOS_DEFAULTS.dir}] [--nats-cluster N [--netns]] [--html FILE] [--json]\n` +
     "  starts a stack of its own (its nats-server and the five services on ephemeral ports, a TCP fault proxy on every\n" +
     "  NATS and gRPC link), drives G guests at once through random life cycles (alloc, bind, program the mdev, ENQCMD,\n" +
     "  DMA and page faults, unbind, free, VMM crashes at any step), injects faults (kill: SIGKILL then restart, stop:\n" +
@@ -145,6 +151,12 @@ export function chaosCommand(ctx: ChaosCommandContext): {
     "  service given every server, each through a proxy) and a standby core beside the primary (IOASID_CORE_LEASE 3s,\n" +
     "  the roles and the driver given both): `nats` then kills one server drawn from the seed, `kill` of the core kills\n" +
     "  the one that serves (the standby takes over; the killed one comes back as the standby).\n" +
+    "  --netns (with --nats-cluster N; root, iproute2, ebtables): each nats-server on a host of its own — a network\n" +
+    "  namespace with one veth into a bridge in a switch namespace, an address in a private 10.231.x.0/24 that exists\n" +
+    "  only there — clustered over those addresses; the services and the driver reach each server through a relay\n" +
+    "  into its namespace (a unix socket). With partition faults the nemesis also cuts the servers' hosts apart (the\n" +
+    "  switch drops every frame between two hosts, or between one and the rest), healed once every stream is current.\n" +
+    "  Every namespace is removed at the end (and those of a dead run at the next one).\n" +
     "  The same seed gives the same guest plans and fault schedule (timing, hence the history, varies).\n" +
     "  Writes <dir>/seed-<n>/{history.jsonl,report.html,verdict.txt,summary.json,logs/}; --html FILE: the report there.\n" +
     "  --seeds 1..50 runs seeds in turn, one line each and a total. --json: the result as JSON on stdout.\n" +
@@ -163,6 +175,7 @@ export function chaosCommand(ctx: ChaosCommandContext): {
       html: { type: "string" },
       json: { type: "boolean", default: false },
       "nats-cluster": { type: "string" },
+      netns: { type: "boolean", default: false },
     },
     run: async (values, positionals) => {
       let o: ChaosCommandOptions;
@@ -174,6 +187,13 @@ export function chaosCommand(ctx: ChaosCommandContext): {
         if (!(err instanceof ChaosUsageError)) throw err;
         ctx.err(`ioasidctl chaos: ${err.message}\nusage: ${usage.split("\n")[0]}   (ioasidctl chaos --help for more)`);
         return 2;
+      }
+      if (o.netns === true) {
+        const netns = await netnsAvailable();
+        if (!netns.available) {
+          ctx.err(`ioasidctl chaos: --netns cannot run here: ${netns.reason}`);
+          return 2;
+        }
       }
       const abort = new AbortController();
       const onSignal = () => {
@@ -213,6 +233,7 @@ export function chaosCommand(ctx: ChaosCommandContext): {
               signal: abort.signal,
               vmmCommand: ctx.vmmCommand,
               ...(o.natsCluster > 1 ? { natsCluster: o.natsCluster } : {}),
+              ...(o.netns === true ? { netns: true } : {}),
             });
           } catch (err) {
             if (ctx.ttyColumns !== undefined) ctx.write("\n");

@@ -11,7 +11,7 @@ export { readNatsInfo } from "./read-nats-info.js";
 export { natsEnv } from "./nats-env.js";
 export { NATS_INSTALL_COMMAND, startNats, type NatsRoleCredentials, type NatsServer, type StartNatsOptions } from "./start-nats.js";
 export { dockerRequested, NATS_IMAGE, startNatsContainer, type StartNatsContainerOptions } from "./start-nats-container.js";
-export { startNatsCluster, type ClusterNode, type NatsCluster, type StartNatsClusterOptions } from "./start-nats-cluster.js";
+export { startNatsCluster, type ClusterNode, type NatsCluster, type NatsClusterPlacement, type StartNatsClusterOptions } from "./start-nats-cluster.js";
 export { startService, type ServiceProcess, type StartServiceOptions } from "./start-service.js";
 export { continueProcess, stopProcess } from "./stop-process.js";
 export { waitFor, type WaitForOptions } from "./wait-for.js";

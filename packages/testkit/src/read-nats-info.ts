@@ -23,5 +23,7 @@ export function readNatsInfo(port: number, host = "127.0.0.1"): Promise<Record<s
       else resolve(JSON.parse(line.slice(5)) as Record<string, unknown>);
     });
     socket.on("error", reject);
+    // Closed without a word (a relay whose server is not listening yet): settle, never hang.
+    socket.on("close", () => reject(new Error("closed before an INFO line")));
   });
 }

@@ -5,6 +5,7 @@ import { connect } from "@nats-io/transport-node";
 import { natsConnectOptions, type InstanceCredentials, type NatsRole, type RoleIdentity } from "@ioasid/security";
 import { canConnect } from "./can-connect.js";
 import { freePort } from "./free-port.js";
+import { readNatsInfo } from "./read-nats-info.js";
 import { spawnManaged, terminate, type ManagedChild } from "./managed-child.js";
 import { TestAuthorization, type NatsRoleCredentials } from "./test-authorization.js";
 import { waitFor } from "./wait-for.js";
@@ -32,13 +33,35 @@ export interface StartNatsClusterOptions {
   readonly auth?: false | { readonly anonymous?: "operator" | "refuse"; readonly prefix?: string };
   /** Certificates too, as {@link StartNatsOptions.tls} says. @default false */
   readonly tls?: boolean;
+  /**
+   * Where each server runs when not every one on loopback (issue 18 item 5: each on a host of a
+   * network-namespace lab). @default every server on 127.0.0.1, started directly
+   */
+  readonly placement?: NatsClusterPlacement;
+}
+
+/**
+ * Where the servers of a {@link startNatsCluster} run: each started under a command prefix (`ip
+ * netns exec <ns>`), listening for clients and routes on an address of its own, and reached from
+ * this process through a `host:port` the placement provides (a gateway into the namespace).
+ */
+export interface NatsClusterPlacement {
+  /** The argv prefix server i is started under (`["ip", "netns", "exec", "<ns>"]`); empty: none. */
+  command(i: number): readonly string[];
+  /** The address server i listens on, for clients and routes; its peers route to it there. */
+  host(i: number): string;
+  /**
+   * A `host:port` of this process's namespace that carries connections to server i's client
+   * port: made once, before the server starts, and kept across its restarts.
+   */
+  reach(i: number, port: number): Promise<string>;
 }
 
 /** One server of a {@link NatsCluster}. */
 export interface ClusterNode {
   /** "n0", "n1", … (its server_name). */
   readonly name: string;
-  /** `nats://127.0.0.1:<port>`. */
+  /** `nats://127.0.0.1:<port>`: where this process reaches it (with a placement, its gateway). */
   readonly url: string;
   readonly port: number;
   /** PID while it runs. */
@@ -108,7 +131,17 @@ export async function startNatsCluster(options: StartNatsClusterOptions = {}): P
   const ports = await freePorts(2 * size);
   const clientPorts = ports.slice(0, size);
   const routePorts = ports.slice(size);
-  const routes = routePorts.map((p) => `nats-route://127.0.0.1:${p}`);
+  const placement = options.placement;
+  const hostOf = (i: number): string => placement?.host(i) ?? "127.0.0.1";
+  const routes = routePorts.map((p, i) => `nats-route://${hostOf(i)}:${p}`);
+  // Where this process reaches each server's client port: itself on loopback, else the placement's gateway.
+  const reached: { host: string; port: number }[] = [];
+  for (const [i, p] of clientPorts.entries()) {
+    const at = placement === undefined ? `127.0.0.1:${p}` : await placement.reach(i, p);
+    const colon = at.lastIndexOf(":");
+    reached.push({ host: at.slice(0, colon), port: Number(at.slice(colon + 1)) });
+  }
+  const urlOf = (i: number): string => `nats://${reached[i]!.host}:${reached[i]!.port}`;
 
   const children: (ManagedChild | undefined)[] = Array.from({ length: size }, () => undefined);
   const authorization = new TestAuthorization({
@@ -125,12 +158,12 @@ export async function startNatsCluster(options: StartNatsClusterOptions = {}): P
       `${path}.new`,
       [
         `server_name: n${i}`,
-        "host: 127.0.0.1",
+        `host: ${hostOf(i)}`,
         `port: ${clientPorts[i]!}`,
         `jetstream { store_dir: ${JSON.stringify(join(nodeDir, "jetstream"))} }`,
         "cluster {",
         "  name: ioasid",
-        "  host: 127.0.0.1",
+        `  host: ${hostOf(i)}`,
         `  port: ${routePorts[i]!}`,
         `  routes: [${routes.filter((_, j) => j !== i).join(", ")}]`,
         "}",
@@ -143,9 +176,18 @@ export async function startNatsCluster(options: StartNatsClusterOptions = {}): P
     return path;
   };
   const launch = async (i: number): Promise<void> => {
-    const m = spawnManaged(binary, ["-c", await configOf(i)], {});
+    const prefix = placement?.command(i) ?? [];
+    const m = spawnManaged(prefix[0] ?? binary, [...prefix.slice(1), ...(prefix.length > 0 ? [binary] : []), "-c", await configOf(i)], {});
     children[i] = m;
-    await waitFor(() => canConnect("127.0.0.1", clientPorts[i]!, 500), {
+    // Through a gateway a TCP connection is accepted before the server listens: its INFO line is what says it does.
+    const ready = () =>
+      placement === undefined
+        ? canConnect("127.0.0.1", clientPorts[i]!, 500)
+        : readNatsInfo(reached[i]!.port, reached[i]!.host).then(
+            () => true,
+            () => false,
+          );
+    await waitFor(ready, {
       timeoutMs: readyTimeoutMs,
       message: `nats-server n${i} to accept clients`,
     }).catch((err: unknown) => {
@@ -158,7 +200,7 @@ export async function startNatsCluster(options: StartNatsClusterOptions = {}): P
     let last = "no answer yet";
     await waitFor(
       async () => {
-        const nc = await connect({ servers: `nats://127.0.0.1:${clientPorts[i]!}`, reconnect: false, timeout: 2000, ...auth }).catch((err: unknown) => {
+        const nc = await connect({ servers: urlOf(i), reconnect: false, timeout: 2000, ...auth }).catch((err: unknown) => {
           last = String(err);
           return undefined;
         });
@@ -202,10 +244,10 @@ export async function startNatsCluster(options: StartNatsClusterOptions = {}): P
   }
 
   let stopped: Promise<void> | undefined;
-  const nodes: ClusterNode[] = clientPorts.map((port, i) => ({
+  const nodes: ClusterNode[] = clientPorts.map((_, i) => ({
     name: `n${i}`,
-    url: `nats://127.0.0.1:${port}`,
-    port,
+    url: urlOf(i),
+    port: reached[i]!.port,
     get pid() {
       const m = children[i];
       return m?.running() === true ? m.child.pid : undefined;

@@ -1285,7 +1285,14 @@ export interface ChaosFault {
    * Which server of a NATS cluster ("n1"), or which core of a primary and its standby ("a", "b"),
    * when the target has more than one.
    */
-  node?: string | undefined;
+  node?:
+    | string
+    | undefined;
+  /**
+   * For a fault between hosts of a network-namespace lab ("host-partition"): the two hosts cut
+   * apart from each other (both directions), or the one host cut from every other.
+   */
+  hosts: string[];
 }
 
 /** ChaosHeal is the end of one fault or, without fault_id, of every fault. */
@@ -10015,6 +10022,7 @@ function createBaseChaosFault(): ChaosFault {
     probability: undefined,
     cause: undefined,
     node: undefined,
+    hosts: [],
   };
 }
 
@@ -10046,6 +10054,9 @@ export const ChaosFault: MessageFns<ChaosFault> = {
     }
     if (message.node !== undefined) {
       writer.uint32(74).string(message.node);
+    }
+    for (const v of message.hosts) {
+      writer.uint32(82).string(v!);
     }
     return writer;
   },
@@ -10135,6 +10146,14 @@ export const ChaosFault: MessageFns<ChaosFault> = {
             message.node = reader.string();
             continue;
           }
+          case 10: {
+            if (tag !== 82) {
+              break;
+            }
+
+            message.hosts.push(reader.string());
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -10170,6 +10189,9 @@ export const ChaosFault: MessageFns<ChaosFault> = {
       probability: isSet(object.probability) ? globalThis.Number(object.probability) : undefined,
       cause: isSet(object.cause) ? globalThis.String(object.cause) : undefined,
       node: isSet(object.node) ? globalThis.String(object.node) : undefined,
+      hosts: globalThis.Array.isArray(object?.hosts)
+        ? object.hosts.map((e: any) => globalThis.String(e))
+        : [],
     };
   },
 
@@ -10202,6 +10224,9 @@ export const ChaosFault: MessageFns<ChaosFault> = {
     if (message.node !== undefined) {
       obj.node = message.node;
     }
+    if (message.hosts?.length) {
+      obj.hosts = message.hosts;
+    }
     return obj;
   },
 
@@ -10219,6 +10244,7 @@ export const ChaosFault: MessageFns<ChaosFault> = {
     message.probability = object.probability ?? undefined;
     message.cause = object.cause ?? undefined;
     message.node = object.node ?? undefined;
+    message.hosts = object.hosts?.map((e) => e) || [];
     return message;
   },
 };

@@ -1,0 +1,96 @@
+import { execFile, spawn } from "node:child_process";
+import { mkdtempSync, rmSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join, resolve } from "node:path";
+import { fileURLToPath } from "node:url";
+import { netnsAvailable, startChaosStack, type ChaosStack, type NetnsLab } from "@ioasid/chaos";
+import { connect } from "@nats-io/transport-node";
+import { afterAll, beforeAll, describe, expect, it } from "vitest";
+
+// Issue 18 item 5: `chaos run --nats-cluster 3 --netns` — each nats-server on a host of its own (a
+// network namespace), the services and the driver in this namespace reaching them through relays,
+// and the nemesis's host partitions cutting the servers apart.
+
+const repoRoot = resolve(fileURLToPath(import.meta.url), "..", "..", "..");
+const availability = await netnsAvailable();
+
+function run(cmd: string, args: string[]): Promise<string> {
+  return new Promise((res, rej) => {
+    execFile(cmd, args, { timeout: 10_000, encoding: "utf8" }, (err, out) => (err === null ? res(out) : rej(err)));
+  });
+}
+
+/** Whether a TCP connection from inside `from` to `address:port` is answered within 2 s. */
+function reaches(lab: NetnsLab, from: string, address: string, port: number): Promise<boolean> {
+  const probe = `const s = require("node:net").connect({ host: process.argv[1], port: Number(process.argv[2]) });
+s.on("connect", () => process.exit(0));
+s.on("error", (e) => process.exit(e.code === "ECONNREFUSED" ? 0 : 1));
+setTimeout(() => process.exit(1), 2000);`;
+  const [cmd, ...args] = lab.exec(from);
+  return new Promise((res, rej) => {
+    const child = spawn(cmd!, [...args, process.execPath, "-e", probe, address, String(port)], { stdio: "ignore" });
+    const timer = setTimeout(() => child.kill("SIGKILL"), 10_000);
+    child.once("error", rej);
+    child.once("exit", (code) => {
+      clearTimeout(timer);
+      res(code === 0);
+    });
+  });
+}
+
+// Skipped only when not root; as root, a machine without namespaces fails in beforeAll.
+describe.skipIf(!availability.available && availability.notRoot)("the chaos stack with its NATS cluster in network namespaces (--netns)", () => {
+  let root: string;
+  let stack: ChaosStack | undefined;
+
+  beforeAll(async () => {
+    root = mkdtempSync(join(tmpdir(), "ioasid-chaos-netns-"));
+    stack = await startChaosStack({ dir: join(root, "stack"), seed: 1, repoRoot, natsCluster: 3, netns: true });
+  }, 180_000);
+  afterAll(async () => {
+    const id = stack?.lab?.id;
+    await stack?.close();
+    rmSync(root, { recursive: true, force: true });
+    if (id !== undefined) expect((await run("ip", ["netns", "list"])).split("\n").filter((l) => l.startsWith(id))).toEqual([]);
+  }, 60_000);
+
+  it("runs each nats-server inside its own host's namespace, reached from here through a relay", async () => {
+    const s = stack!;
+    const lab = s.lab!;
+    expect(lab.hosts).toEqual(["n0", "n1", "n2"]);
+    for (const n of s.natsNodes) {
+      expect((await run("ip", ["netns", "identify", String(n.pid)])).trim()).toBe(lab.namespaceOf(n.name));
+      expect(n.url).toMatch(/^nats:\/\/127\.0\.0\.1:\d+$/);
+    }
+    // The driver's own connection (as the operator) goes through the relays; the core serves.
+    const nc = await connect({ servers: s.natsUrl.split(","), ...s.credentials.natsAuth, timeout: 5000 });
+    try {
+      const names = JSON.parse((await nc.request("$JS.API.STREAM.NAMES", undefined, { timeout: 5000 })).string()) as { streams: string[] | null };
+      expect(names.streams?.length ?? 0).toBeGreaterThan(0);
+    } finally {
+      await nc.close();
+    }
+    expect(s.coreNode()).toBe("a");
+  });
+
+  it("isolates a server's host and heals it: the server reaches no other meanwhile, and every stream is current after the heal", async () => {
+    const s = stack!;
+    const lab = s.lab!;
+    await s.partitionHosts(1, ["n2"]);
+    expect(lab.describe()).toContain("n2 isolated");
+    expect(await reaches(lab, "n2", lab.addressOf("n0"), 9)).toBe(false);
+    expect(await reaches(lab, "n0", lab.addressOf("n1"), 9)).toBe(true);
+    await s.healHosts(1);
+    expect(lab.describe()).toContain("cuts: none");
+    expect(await reaches(lab, "n2", lab.addressOf("n0"), 9)).toBe(true);
+
+    await s.partitionHosts(2, ["n0", "n1"]);
+    expect(await reaches(lab, "n0", lab.addressOf("n1"), 9)).toBe(false);
+    expect(await reaches(lab, "n0", lab.addressOf("n2"), 9)).toBe(true);
+    // A final heal undoes a cut the nemesis did not heal itself.
+    const healed = await s.healAll();
+    expect(healed.hostCutsHealed).toBe(1);
+    expect(healed.failed).toEqual([]);
+    expect(await reaches(lab, "n0", lab.addressOf("n1"), 9)).toBe(true);
+  }, 120_000);
+});
