@@ -57,7 +57,7 @@ describe.skipIf(!availability.available && availability.notRoot)("the chaos stac
   it("runs each nats-server inside its own host's namespace, reached from here through a relay", async () => {
     const s = stack!;
     const lab = s.lab!;
-    expect(lab.hosts).toEqual(["n0", "n1", "n2"]);
+    expect(lab.hosts).toEqual(["n0", "n1", "n2", "core-a", "core-b"]);
     for (const n of s.natsNodes) {
       expect((await run("ip", ["netns", "identify", String(n.pid)])).trim()).toBe(lab.namespaceOf(n.name));
       expect(n.url).toMatch(/^nats:\/\/127\.0\.0\.1:\d+$/);
@@ -71,6 +71,9 @@ describe.skipIf(!availability.available && availability.notRoot)("the chaos stac
       await nc.close();
     }
     expect(s.coreNode()).toBe("a");
+    // The serving core on its own host too; the driver reaches it through a relay.
+    expect((await run("ip", ["netns", "identify", String(s.pidOf("ioasid-core"))])).trim()).toBe(lab.namespaceOf("core-a"));
+    expect(s.addresses["ioasid-core"]).toMatch(/^ipv4:127\.0\.0\.1:\d+,127\.0\.0\.1:\d+$/);
   });
 
   it("isolates a server's host and heals it: the server reaches no other meanwhile, and every stream is current after the heal", async () => {
@@ -83,6 +86,12 @@ describe.skipIf(!availability.available && availability.notRoot)("the chaos stac
     await s.healHosts(1);
     expect(lab.describe()).toContain("cuts: none");
     expect(await reaches(lab, "n2", lab.addressOf("n0"), 9)).toBe(true);
+
+    // A core's host cut from one server's: the core reaches the others still.
+    await s.partitionHosts(3, ["core-a", "n0"]);
+    expect(await reaches(lab, "core-a", lab.addressOf("n0"), 9)).toBe(false);
+    expect(await reaches(lab, "core-a", lab.addressOf("n1"), 9)).toBe(true);
+    await s.healHosts(3);
 
     await s.partitionHosts(2, ["n0", "n1"]);
     expect(await reaches(lab, "n0", lab.addressOf("n1"), 9)).toBe(false);

@@ -61,6 +61,11 @@ export const CHAOS_SERVICE_ENV: Readonly<Record<string, string>> = {
  */
 export const CHAOS_CORE_LEASE = "3s";
 
+/** The lab hosts of the two cores (`netns`). */
+export const LAB_CORE_HOSTS: readonly string[] = ["core-a", "core-b"];
+/** The port a core listens on, on its lab host (a namespace of its own: any port is free there). */
+const LAB_CORE_PORT = 50051;
+
 /** Time a standby core may wait behind the lease: the whole run (it is killed when the stack closes). */
 const STANDBY_WAIT_MS = 6 * 3_600_000;
 
@@ -132,11 +137,12 @@ export interface ChaosStackOptions {
    */
   readonly natsCluster?: number;
   /**
-   * Each server of the NATS cluster on a host of its own (`--netns`, issue 18 item 5): a
-   * network-namespace lab ({@link createNetnsLab}) whose hosts n0, n1, … each run one server,
-   * clustered over the lab's addresses; the services, the proxies and the driver (in this
-   * namespace) reach each server through a relay into its namespace, and
-   * {@link ChaosStack.partitionHosts} cuts servers apart. Needs `natsCluster` > 1 and root.
+   * Each server of the NATS cluster and each core on a host of its own (`--netns`, issue 18 item
+   * 5): a network-namespace lab ({@link createNetnsLab}) whose hosts n0, n1, … each run one
+   * server, clustered over the lab's addresses, and core-a, core-b one core each, dialling the
+   * servers at those addresses (no fault proxy on a core's NATS link then); the roles, their
+   * proxies and the driver (in this namespace) reach each server and core through a relay into its
+   * namespace, and {@link ChaosStack.partitionHosts} cuts hosts apart. Needs `natsCluster` > 1 and root.
    * @default false
    */
   readonly netns?: boolean;
@@ -221,11 +227,11 @@ export interface ChaosStack {
   setNetworkFault(faultId: number, links: readonly ProxyLink[], fault: NetworkFault): void;
   /** Removes fault `faultId` from every link. */
   clearNetworkFault(faultId: number): void;
-  /** The network-namespace lab the servers run in (`netns`), else undefined. */
+  /** The network-namespace lab the servers and the cores run in (`netns`), else undefined. */
   readonly lab: NetnsLab | undefined;
   /**
-   * Fault `faultId` between the servers' hosts (`netns`): two hosts ("n0", "n1") cut apart both
-   * ways, or one host cut from every other.
+   * Fault `faultId` between hosts of the lab (`netns`): two hosts ("n0", "n1"; "core-a", "n2")
+   * cut apart both ways, or one host cut from every other.
    * @throws Error without a lab, or for a host it does not have
    */
   partitionHosts(faultId: number, hosts: readonly string[]): Promise<void>;
@@ -247,6 +253,8 @@ interface Managed {
   readonly slot?: string;
   /** The next launch starts a standby core (IOASID_CORE_STANDBY): it listens once it took over. */
   standbyNext: boolean;
+  /** The command it runs under: `ip netns exec <ns>` for a core on a host of the lab (`netns`). */
+  readonly command?: readonly string[];
   /** Kills a standby that is still waiting behind the lease. */
   abort: AbortController | undefined;
   readonly env: Record<string, string>;
@@ -295,7 +303,7 @@ export async function startChaosStack(options: ChaosStackOptions): Promise<Chaos
   // from the server's own stack CA (tls): the testkit makes both, as for the e2e stack fixture.
   if (options.netns === true && clusterSize < 2) throw new RangeError("netns needs a NATS cluster (natsCluster ≥ 2): its servers are what the lab's hosts run");
   const lab: NetnsLab | undefined =
-    options.netns === true ? await createNetnsLab({ hosts: Array.from({ length: clusterSize }, (_, i) => `n${i}`) }) : undefined;
+    options.netns === true ? await createNetnsLab({ hosts: [...Array.from({ length: clusterSize }, (_, i) => `n${i}`), ...LAB_CORE_HOSTS] }) : undefined;
   let cluster: NatsCluster | undefined;
   try {
     cluster =
@@ -418,6 +426,7 @@ export async function startChaosStack(options: ChaosStackOptions): Promise<Chaos
         const proc = await startService({
           name: logName(m),
           entry,
+          ...(m.command === undefined ? {} : { command: m.command }),
           env,
           inheritEnv: false,
           readyTimeoutMs: Math.max(1000, deadline - performance.now()),
@@ -556,11 +565,21 @@ export async function startChaosStack(options: ChaosStackOptions): Promise<Chaos
       const spec = STACK_SERVICES.find((x) => x.name === ChaosTarget.CORE)!;
       coreAddresses = [];
       for (const slot of ["a", "b"]) {
-        const address = `127.0.0.1:${await freePort()}`;
-        const made = { ...baseEnv, ...(await natsOf(ChaosTarget.CORE, slot)), IOASID_CORE_LEASE: CHAOS_CORE_LEASE, [spec.addressVar]: address };
+        // With a lab, each core on a host of its own (core-a, core-b): it listens on its host's
+        // address and dials every server at theirs, across the lab's switch (no fault proxy: a
+        // host partition is what cuts it from a server); the roles and the driver reach it through
+        // a relay into its namespace.
+        const coreHost = `core-${slot}`;
+        const address = lab === undefined ? `127.0.0.1:${await freePort()}` : `${lab.addressOf(coreHost)}:${LAB_CORE_PORT}`;
+        const natsForCore =
+          lab === undefined || cluster === undefined
+            ? await natsOf(ChaosTarget.CORE, slot)
+            : { ...(await roleNatsEnv(nats, "core", CHAOS_SERVICE_ENV)), NATS_URL: cluster.nodes.map((n) => n.listenUrl).join(",") };
+        const made = { ...baseEnv, ...natsForCore, IOASID_CORE_LEASE: CHAOS_CORE_LEASE, [spec.addressVar]: address };
         const m: Managed = {
           name: ChaosTarget.CORE,
           slot,
+          ...(lab === undefined ? {} : { command: lab.exec(coreHost) }),
           env: { ...(options.adjustEnv?.(ChaosTarget.CORE, made) ?? made), [spec.addressVar]: address },
           proc: undefined,
           stopped: false,
@@ -571,7 +590,7 @@ export async function startChaosStack(options: ChaosStackOptions): Promise<Chaos
           abort: undefined,
         };
         cores.push(m);
-        coreAddresses.push(address);
+        coreAddresses.push(lab === undefined ? address : (await lab.forward(coreHost, LAB_CORE_PORT)).address);
       }
       await launch(cores[0]!);
       launchStandbys();

@@ -28,6 +28,7 @@ export {
 export { ChaosJournal, DefiniteFailure, errorText, outcomeOf, type JournalCounts, type OpResult, type OpStart } from "./chaos-journal.js";
 export {
   CHAOS_SERVICE_ENV,
+  LAB_CORE_HOSTS,
   STACK_SERVICES,
   startChaosStack,
   type ChaosStack,

@@ -8,7 +8,7 @@ import { createChaosClients, type ChaosClients, type VmmCommand, type VmmProcess
 import { ChaosJournal } from "./chaos-journal.js";
 import { FaultKind } from "@ioasid/checker";
 import { renderChaosReport } from "./chaos-report.js";
-import { brief, CHAOS_SERVICE_ENV, defaultRepoRoot, startChaosStack, type ChaosStack } from "./chaos-stack.js";
+import { brief, CHAOS_SERVICE_ENV, defaultRepoRoot, LAB_CORE_HOSTS, startChaosStack, type ChaosStack } from "./chaos-stack.js";
 import { createChecker, renderVerdict, type CheckerOptions, type Verdict } from "@ioasid/checker";
 import type { FinalState } from "@ioasid/checker";
 import { runGuest, setupSlots, type GuestContext, type GuestOutcome } from "./guest-driver.js";
@@ -277,7 +277,12 @@ export async function runChaos(options: ChaosRunOptions): Promise<ChaosRunResult
     // Partitions between the servers' hosts on top, from a stream of their own (the schedule above is the seed's as always).
     const faults =
       s.lab !== undefined && options.faults.includes(FaultKind.PARTITION)
-        ? withHostPartitions(options.seed, drawn, { durationMs: options.durationMs, quietTailMs, hosts: s.natsNodes.map((n) => n.name) })
+        ? withHostPartitions(options.seed, drawn, {
+            durationMs: options.durationMs,
+            quietTailMs,
+            hosts: s.natsNodes.map((n) => n.name),
+            coreHosts: s.lab.hosts.filter((h) => LAB_CORE_HOSTS.includes(h)),
+          })
         : drawn;
     if (s.lab !== undefined) j.note(s.lab.describe());
     setPhase(ChaosPhase.RUNNING);

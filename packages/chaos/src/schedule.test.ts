@@ -125,6 +125,22 @@ describe("withHostPartitions", () => {
     expect(parsed).toEqual({ kind: "fault", marker });
   });
 
+  it("with the cores on hosts of their own, also cuts a core's host from one server's, as a fault of that core", () => {
+    const all = Array.from({ length: 10 }, (_, seed) => withHostPartitions(seed, [], { ...options, coreHosts: ["core-a", "core-b"] })).flat();
+    const coreCuts = all.filter((f) => f.target === "ioasid-core");
+    expect(coreCuts.length).toBeGreaterThan(0);
+    for (const f of coreCuts) {
+      expect(f.hosts).toEqual([`core-${f.node!}`, expect.stringMatching(/^n[012]$/)]);
+    }
+    expect(all.filter((f) => f.target === "nats").length).toBeGreaterThan(0);
+    // Without cores, no cut names one.
+    expect(
+      Array.from({ length: 10 }, (_, seed) => withHostPartitions(seed, [], options))
+        .flat()
+        .filter((f) => f.target !== "nats"),
+    ).toEqual([]);
+  });
+
   it("refuses fewer than two hosts", () => {
     expect(() => withHostPartitions(1, [], { ...options, hosts: ["n0"] })).toThrow(RangeError);
   });

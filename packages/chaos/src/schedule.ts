@@ -144,6 +144,11 @@ export interface HostPartitionOptions {
   readonly quietTailMs?: number;
   /** The lab's hosts the partitions cut between (the NATS cluster's servers: "n0", "n1", …); at least 2. */
   readonly hosts: readonly string[];
+  /**
+   * The cores' hosts ("core-a", "core-b") when the cores run on hosts of the lab too: a third move
+   * then cuts a core's host from one server's. @default none (two moves: cut two servers apart, isolate one)
+   */
+  readonly coreHosts?: readonly string[];
   /** Mean time between two host partitions (exponentially distributed), in ms. @default 5000 */
   readonly meanIntervalMs?: number;
   /** Shortest and longest time a host partition lasts, in ms. @default [500, 3000] */
@@ -156,7 +161,8 @@ const HOST_PARTITION_STREAM = 4;
 /**
  * A schedule with host partitions added (`ioasidctl chaos run --netns`): drawn from a stream of
  * their own (`seed`), so the schedule they join is exactly {@link schedule}'s for the seed. Each
- * either cuts two hosts apart (both directions) or isolates one from every other, half and half;
+ * either cuts two hosts apart (both directions) or isolates one from every other, half and half —
+ * with `coreHosts`, a third of each and a third cutting a core's host from one server's;
  * one at a time, and never while a nats-restart runs (a server down and another cut off would
  * leave a 3-server cluster without a majority, which tests nothing the run can check). The result
  * is sorted by start and numbered again 1, 2, ….
@@ -179,13 +185,16 @@ export function withHostPartitions(seed: number, faults: readonly FaultInjection
     const atMs = Math.round(t);
     if (atMs >= end - minFault) break;
     const durationMs = Math.min(rng.int(Math.ceil(minFault), Math.floor(maxFault)), end - atMs);
-    const isolate = rng.chance(0.5);
-    const a = rng.pick(hosts);
-    const others = hosts.filter((h) => h !== a);
-    const b = rng.pick(others);
+    const coreHosts = options.coreHosts ?? [];
+    const move = coreHosts.length === 0 ? (rng.chance(0.5) ? "isolate" : "pair") : (["isolate", "pair", "core"] as const)[rng.int(0, 2)]!;
+    const isolate = move === "isolate";
+    const a = move === "core" ? rng.pick(coreHosts) : rng.pick(hosts);
+    const b = rng.pick(hosts.filter((h) => h !== a));
     const overlaps = (f: FaultInjection) => f.atMs < atMs + durationMs && atMs < f.atMs + f.durationMs;
     if (added.some(overlaps) || faults.some((f) => f.kind === FaultKind.NATS_RESTART && overlaps(f))) continue;
-    added.push({ faultId: 0, atMs, durationMs, kind: HostFaultKind.HOST_PARTITION, target: ChaosTarget.NATS, hosts: isolate ? [a] : [a, b].sort() });
+    // A cut of a core's host is a fault of that core ("a", "b"), not of whichever core serves then.
+    const core = move === "core" ? { target: ChaosTarget.CORE, node: a.replace(/^core-/, "") } : { target: ChaosTarget.NATS };
+    added.push({ faultId: 0, atMs, durationMs, kind: HostFaultKind.HOST_PARTITION, ...core, hosts: isolate ? [a] : [a, b].sort() });
   }
   return [...faults, ...added]
     .map((f, i) => ({ f, i }))

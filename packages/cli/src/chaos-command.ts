@@ -151,11 +151,12 @@ export function chaosCommand(ctx: ChaosCommandContext): {
     "  service given every server, each through a proxy) and a standby core beside the primary (IOASID_CORE_LEASE 3s,\n" +
     "  the roles and the driver given both): `nats` then kills one server drawn from the seed, `kill` of the core kills\n" +
     "  the one that serves (the standby takes over; the killed one comes back as the standby).\n" +
-    "  --netns (with --nats-cluster N; root, iproute2, ebtables): each nats-server on a host of its own — a network\n" +
-    "  namespace with one veth into a bridge in a switch namespace, an address in a private 10.231.x.0/24 that exists\n" +
-    "  only there — clustered over those addresses; the services and the driver reach each server through a relay\n" +
-    "  into its namespace (a unix socket). With partition faults the nemesis also cuts the servers' hosts apart (the\n" +
-    "  switch drops every frame between two hosts, or between one and the rest), healed once every stream is current.\n" +
+    "  --netns (with --nats-cluster N; root, iproute2, ebtables): each nats-server and each core on a host of its own —\n" +
+    "  a network namespace with one veth into a bridge in a switch namespace, an address in a private 10.231.x.0/24\n" +
+    "  that exists only there — the servers clustered and the cores dialling them over those addresses; the roles and\n" +
+    "  the driver reach each through a relay into its namespace (a unix socket). With partition faults the nemesis also\n" +
+    "  cuts hosts apart (the switch drops every frame between two servers, between one server and the rest, or between\n" +
+    "  a core and one server), each healed once every stream is current.\n" +
     "  Every namespace is removed at the end (and those of a dead run at the next one).\n" +
     "  The same seed gives the same guest plans and fault schedule (timing, hence the history, varies).\n" +
     "  Writes <dir>/seed-<n>/{history.jsonl,report.html,verdict.txt,summary.json,logs/}; --html FILE: the report there.\n" +

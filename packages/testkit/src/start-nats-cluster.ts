@@ -64,6 +64,12 @@ export interface ClusterNode {
   /** `nats://127.0.0.1:<port>`: where this process reaches it (with a placement, its gateway). */
   readonly url: string;
   readonly port: number;
+  /**
+   * `nats://<host>:<port>` where it listens itself: the same as {@link ClusterNode.url} on loopback;
+   * with a placement, its own address, reachable from the placement's network (another namespace of
+   * the lab) rather than from this process.
+   */
+  readonly listenUrl: string;
   /** PID while it runs. */
   readonly pid: number | undefined;
   /** SIGKILL (a crash): waits until it exited; its store stays for {@link ClusterNode.restart}. */
@@ -248,6 +254,7 @@ export async function startNatsCluster(options: StartNatsClusterOptions = {}): P
     name: `n${i}`,
     url: urlOf(i),
     port: reached[i]!.port,
+    listenUrl: `nats://${hostOf(i)}:${clientPorts[i]!}`,
     get pid() {
       const m = children[i];
       return m?.running() === true ? m.child.pid : undefined;

@@ -18,6 +18,11 @@ export interface StartServiceOptions {
   readonly inheritEnv?: boolean;
   /** Arguments after the entry. */
   readonly args?: readonly string[];
+  /**
+   * A command the service runs under (`["ip", "netns", "exec", "<ns>"]`: inside a network
+   * namespace); it must exec node, so the PID is the service's. @default none
+   */
+  readonly command?: readonly string[];
   /** Node options before the entry (`--enable-source-maps`). */
   readonly nodeArgs?: readonly string[];
   /** Working directory. @default this process's */
@@ -80,7 +85,10 @@ export async function startService(options: StartServiceOptions): Promise<Servic
     if (value === undefined) delete env[key];
     else env[key] = value;
   }
-  const managed = spawnManaged(process.execPath, [...(options.nodeArgs ?? []), entry, ...(options.args ?? [])], {
+  const prefix = options.command ?? [];
+  const nodeArgv = [process.execPath, ...(options.nodeArgs ?? []), entry, ...(options.args ?? [])];
+  const argv = [...prefix, ...nodeArgv];
+  const managed = spawnManaged(argv[0]!, argv.slice(1), {
     env,
     ...(options.cwd === undefined ? {} : { cwd: options.cwd }),
   });
