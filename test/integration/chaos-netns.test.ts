@@ -3,7 +3,8 @@ import { mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join, resolve } from "node:path";
 import { fileURLToPath } from "node:url";
-import { netnsAvailable, startChaosStack, type ChaosStack, type NetnsLab } from "@ioasid/chaos";
+import { createChaosClients, netnsAvailable, readFinalState, startChaosStack, type ChaosStack, type NetnsLab } from "@ioasid/chaos";
+import { waitFor } from "@ioasid/testkit";
 import { connect } from "@nats-io/transport-node";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 
@@ -101,5 +102,37 @@ describe.skipIf(!availability.available && availability.notRoot)("the chaos stac
     expect(healed.hostCutsHealed).toBe(1);
     expect(healed.failed).toEqual([]);
     expect(await reaches(lab, "n0", lab.addressOf("n1"), 9)).toBe(true);
+  }, 120_000);
+
+  it("the serving core killed on its host: the standby on the other takes over, and the driver's channel follows it through the relays", async () => {
+    const s = stack!;
+    const clients = createChaosClients(s.addresses, s.credentials);
+    try {
+      await clients.core.getStats({});
+      await s.kill("ioasid-core");
+      await s.restart("ioasid-core");
+      expect(s.coreNode()).toBe("b");
+      let last = "";
+      await waitFor(
+        () =>
+          clients.core.getStats({}).then(
+            () => true,
+            (err: unknown) => {
+              last = String(err);
+              return false;
+            },
+          ),
+        { timeoutMs: 20_000, intervalMs: 200, message: "the driver's core channel to reach core b" },
+      ).catch((err: unknown) => {
+        throw new Error(`${(err as Error).message}: ${last}`, { cause: err });
+      });
+      // What the runner reads at the end of a run: every service at once, the core through the relays.
+      for (let k = 0; k < 3; k++) {
+        await new Promise((r) => setTimeout(r, 1000));
+        await readFinalState(clients, { iommu: "dmar0", vdcm: "vdcm0" });
+      }
+    } finally {
+      clients.close();
+    }
   }, 120_000);
 });

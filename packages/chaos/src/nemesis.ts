@@ -100,6 +100,12 @@ export async function runNemesis(options: NemesisOptions): Promise<void> {
       case FaultKind.DROP:
       case FaultKind.PARTITION:
         if (f.target === ChaosTarget.NATS) return;
+        // A core on a lab host dials NATS without a proxy: its NATS link is cut at the switch
+        // instead (the serving core's host isolated, as the proxy would cut the serving core's link).
+        if (f.kind === FaultKind.PARTITION && f.target === ChaosTarget.CORE && (f.link ?? "nats") === "nats" && stack.lab !== undefined) {
+          const serving = stack.coreNode();
+          if (serving !== undefined) return stack.partitionHosts(f.faultId, [`core-${serving}`]);
+        }
         stack.setNetworkFault(f.faultId, stack.linksOf(target, f.link ?? "nats"), {
           kind: f.kind,
           ...(f.latencyMs === undefined ? {} : { latencyMs: f.latencyMs }),
@@ -123,7 +129,9 @@ export async function runNemesis(options: NemesisOptions): Promise<void> {
       case HostFaultKind.HOST_PARTITION:
         return stack.healHosts(f.faultId);
       default:
-        return stack.clearNetworkFault(f.faultId);
+        stack.clearNetworkFault(f.faultId);
+        // A no-op unless the fault was a cut of a core's host (see inject).
+        return stack.healHosts(f.faultId);
     }
   }
 }

@@ -143,6 +143,8 @@ const WATCHDOG_MARGIN_MS = 300_000;
 const SELF_EXIT_FAULT_IDS = 100_001;
 /** Time the services' history recorders get to publish after the run settles (they are fire-and-forget). */
 const HISTORY_FLUSH_MS = 1000;
+/** Tries at reading the final state (a second apart). */
+const FINAL_STATE_ATTEMPTS = 5;
 /** Tries of the probe guest: a try whose PASIDs were not all allocated (a stack still catching up after the heal) is made again as a new guest. */
 export const PROBE_ATTEMPTS = 3;
 
@@ -360,13 +362,19 @@ export async function runChaos(options: ChaosRunOptions): Promise<ChaosRunResult
 
     setPhase(ChaosPhase.CHECKING);
     progress();
-    const finalState: FinalState | undefined = await readFinalState(c, {
-      iommu: CHAOS_SERVICE_ENV["IOMMU_INSTANCE"]!,
-      vdcm: CHAOS_SERVICE_ENV["VDCM_INSTANCE"]!,
-    }).catch((err: unknown) => {
-      j.note(`final state not read: ${(err as Error).message.split("\n")[0]}`);
-      return undefined;
-    });
+    // A few tries, a second apart: a channel caught between reconnects (after a core's failover
+    // its first address may be the one that no longer serves) fails a call at once rather than wait.
+    let finalState: FinalState | undefined;
+    for (let attempt = 1; attempt <= FINAL_STATE_ATTEMPTS && finalState === undefined; attempt++) {
+      if (attempt > 1) await sleep(1000);
+      finalState = await readFinalState(c, {
+        iommu: CHAOS_SERVICE_ENV["IOMMU_INSTANCE"]!,
+        vdcm: CHAOS_SERVICE_ENV["VDCM_INSTANCE"]!,
+      }).catch((err: unknown) => {
+        j.note(`final state not read (try ${attempt} of ${FINAL_STATE_ATTEMPTS}): ${(err as Error).message.split("\n")[0]}`);
+        return undefined;
+      });
+    }
     const stored = await Promise.race([readHistory(nc), sleep(60_000).then(() => Promise.reject(new Error("reading the history took over 60 s")))]);
     const history = j.merge(stored);
     trace(`history: ${history.length} records`);
