@@ -12,6 +12,7 @@ import {
 } from "./history-catalogue.js";
 import { PROCESS_INCARNATION, receivedCursor, registerPosition, takeReceived, touchPosition, type HistoryLink } from "@ioasid/trace";
 import { DEFAULT_PREFIX, encodeToken } from "./subjects.js";
+import { retryTransient } from "./jetstream-retry.js";
 
 /** Subject of a role's history records: `<prefix>.history.<role>.<instance>`. */
 export function historySubject(prefix: string, role: string, instance: string): string {
@@ -234,12 +235,20 @@ export async function lastHistoryHeaders(
 const MAX_HISTORY_MESSAGE = 256 * 1024;
 
 /**
- * Reads the stored history, oldest first, from `sinceMs` (a wall-clock time) on.
+ * Reads the stored history, oldest first, from `sinceMs` (a wall-clock time) on. A read that
+ * JetStream's failover cuts (a timeout, no responder, a 503) is made again from the start within
+ * `retryMs` (default 10 s).
  * @returns the records, sorted by time
  * @throws DomainError FAILED_PRECONDITION `HISTORY_FORMAT_UNSUPPORTED` when a message is not a
  * HistoryBatch of this catalogue (see {@link decodeHistoryBatch})
  */
-export async function readHistory(nc: NatsConnection, options: { prefix?: string; sinceMs?: number } = {}): Promise<TypedHistoryRecord[]> {
+export async function readHistory(nc: NatsConnection, options: { prefix?: string; sinceMs?: number; retryMs?: number } = {}): Promise<TypedHistoryRecord[]> {
+  // A read cut by JetStream failing over (a cluster electing leaders after a server's death) is
+  // read again from the start, within `retryMs` (default 10 s); see retryTransient.
+  return retryTransient(() => readHistoryOnce(nc, options), options.retryMs === undefined ? {} : { retryMs: options.retryMs });
+}
+
+async function readHistoryOnce(nc: NatsConnection, options: { prefix?: string; sinceMs?: number }): Promise<TypedHistoryRecord[]> {
   const prefix = options.prefix ?? DEFAULT_PREFIX;
   const name = historyStreamName(prefix);
   const jsm = await jetstreamManager(nc);
