@@ -108,10 +108,18 @@ describe("ioasidctl up --standby-core", () => {
     expect(crash.code, `${crash.stdout}\n${crash.stderr}`).toBe(0);
     expect(crash.stdout).toMatch(/ok +S9/);
 
+    // Every process the stack names now (the supervisor's restarts included) is gone after `down`.
+    const final = JSON.parse(readFileSync(join(dir, "stack.json"), "utf8")) as {
+      services: Record<string, { pid?: number }>;
+      standbyCore: { pid?: number };
+      supervisor: { pid?: number };
+      nats: { pid?: number };
+    };
+    const pids = [...Object.values(final.services).map((x) => x.pid), final.standbyCore.pid, final.supervisor.pid, final.nats.pid];
+    expect(pids.every((pid) => pid !== undefined)).toBe(true);
     const down = await ctl("down");
     expect(down.code, down.stderr).toBe(0);
     expect(down.stdout).toMatch(/ioasid-core-b +pid \d+ stopped/);
-    const last = after.services.map((s) => s.pid ?? undefined);
-    for (const pid of [...last, standbyPid]) expect(alive(pid), `pid ${pid} stopped`).toBe(false);
+    for (const pid of pids) expect(alive(pid), `pid ${pid} stopped`).toBe(false);
   }, 240_000);
 });

@@ -360,6 +360,12 @@ async function launchStack(
     const now = readState(dir).services[name];
     log(`${s.name.padEnd(16)} pid ${now.pid}  ${s.address}  SERVING  metrics ${metricsUrl(basePort, name)}  (log ${s.log})`);
   }
+  // A standby is up once its process runs; one that ended meanwhile (a configuration error, say) is
+  // not a stack that came up.
+  if (standbyPlan !== undefined && !alive(readState(dir).standbyCore?.pid)) {
+    const now = readState(dir).standbyCore;
+    throw notComingUp(standbyPlan, `it is not running (${now?.note ?? now?.supervision ?? "exited"})`);
+  }
   return readState(dir);
 }
 
@@ -484,8 +490,12 @@ export async function stackDown(options: { dir?: string; graceMs?: number; purge
   await stop("supervisor", readState(dir).supervisor?.pid);
   // Read again: the supervisor may have restarted a service since (its new PID is there).
   const state = readState(dir);
-  for (const s of [...SERVICES].reverse()) await stop(s.name, state.services[s.name]?.pid);
-  await stop(STANDBY_CORE.name, state.standbyCore?.pid);
+  for (const s of [...SERVICES].reverse()) {
+    if (s.name !== "ioasid-core") await stop(s.name, state.services[s.name]?.pid);
+  }
+  // The cores of a pair together: the serving one drops its lease as it stops, and a standby still
+  // waiting would take over (replay, seal) while the stack goes down.
+  await Promise.all([stop("ioasid-core", state.services["ioasid-core"]?.pid), stop(STANDBY_CORE.name, state.standbyCore?.pid)]);
   if (state.natsCluster !== undefined) for (const n of state.natsCluster) await stop(`nats-server ${n.name}`, n.pid);
   else if (!state.nats.external) await stop("nats-server", state.nats.pid);
   rmSync(stateFile(dir), { force: true });

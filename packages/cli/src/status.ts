@@ -1,4 +1,5 @@
 import { connect } from "@nats-io/transport-node";
+import { DEFAULT_PREFIX } from "@ioasid/bus";
 import { checkHealth } from "@ioasid/grpc-kit";
 import { addressesOf, natsServers } from "./clients.js";
 import { alive, STANDBY_CORE, type ServiceRecord, type StackState, type SupervisedName } from "./stack-state.js";
@@ -10,8 +11,9 @@ export interface ServiceStatus extends Omit<ServiceRecord, "pid"> {
   readonly pid: number | null;
   /**
    * The gRPC health check's answer (`SERVING`, `NOT_SERVING`, …), or `DOWN` when it did not answer;
-   * `STANDBY` for a core of a pair (`up --standby-core`) whose process runs but does not listen: it
-   * waits behind the other core's lease.
+   * `STANDBY` for a core of a pair (`up --standby-core`) whose process runs but does not listen
+   * while the other core holds the lease; `TAKING_OVER` for one that holds the lease but does not
+   * listen yet (replaying the op log).
    */
   readonly health: string;
   /** Why the health check did not answer. */
@@ -49,8 +51,17 @@ export async function stackStatus(state: StackState): Promise<StackStatus> {
   // PIDs are null rather than absent below: JSON.stringify drops undefined, and a script should find the key.
   const addresses = addressesOf(state);
   let natsError: string | undefined;
+  /** Of a core pair, the PID of the core that answers the lease (the one serving or taking over). */
+  let leaseHolder: number | undefined;
   try {
     const nc = await connect({ servers: natsServers(state.natsUrl), name: "ioasidctl-status", timeout: 1000, reconnect: false, ...addresses.natsAuth });
+    if (state.standbyCore !== undefined) {
+      // The core's lease (`<prefix>.core.lease`, see ioasid-core's core-lease.ts): who holds it.
+      leaseHolder = await nc
+        .request(`${DEFAULT_PREFIX}.core.lease`, "", { timeout: 1000 })
+        .then((m) => (JSON.parse(m.string()) as { pid?: number }).pid)
+        .catch(() => undefined);
+    }
     await nc.close();
   } catch (err) {
     natsError = (err as Error).message;
@@ -68,8 +79,11 @@ export async function stackStatus(state: StackState): Promise<StackStatus> {
         const health = await checkHealth(record.address, "", { deadlineMs: 1000, ...(tls === undefined ? {} : { client: { tls } }) });
         return { name, ...record, pid: record.pid ?? null, health };
       } catch (err) {
-        // A core of a pair that runs but does not listen waits behind the other's lease.
-        if (pair && isCore(name) && alive(record.pid)) return { name, ...record, pid: record.pid ?? null, health: "STANDBY" };
+        // A core of a pair that runs but does not listen: it waits behind the other's lease when
+        // the other holds it; holding it itself, it is taking over (replaying the op log).
+        if (pair && isCore(name) && alive(record.pid) && leaseHolder !== undefined) {
+          return { name, ...record, pid: record.pid ?? null, health: leaseHolder === record.pid ? "TAKING_OVER" : "STANDBY" };
+        }
         return { name, ...record, pid: record.pid ?? null, health: "DOWN", error: (err as Error).message };
       }
     }),
