@@ -17,6 +17,9 @@ describe("isTransientJetStreamError", () => {
     ).toBe(false);
     expect(isTransientJetStreamError(new Error("stream not found"))).toBe(false);
     expect(isTransientJetStreamError(new Error("wrong last sequence: 41"))).toBe(false);
+    // Words, not digits or fragments: message 1503 is not a 503, a "timeouts" setting not a timeout.
+    expect(isTransientJetStreamError(new Error("entry at sequence 1503 is not a history batch"))).toBe(false);
+    expect(isTransientJetStreamError(new Error("bad option ack_timeouts"))).toBe(false);
   });
 });
 
@@ -34,6 +37,15 @@ describe("retryTransient", () => {
     expect(value).toBe("records");
     expect(calls).toBe(3);
     expect(retried).toEqual([1, 2]);
+  });
+
+  it("tries again what the caller's own predicate calls transient", async () => {
+    let calls = 0;
+    const value = await retryTransient(() => (++calls < 2 ? Promise.reject(new Error("read ended at message 3 of 9")) : Promise.resolve(calls)), {
+      delayMs: 1,
+      isTransient: (err) => /ended at message/.test(String(err)),
+    });
+    expect(value).toBe(2);
   });
 
   it("throws any other error at once, untouched", async () => {

@@ -15,7 +15,7 @@ export function isTransientJetStreamError(err: unknown): boolean {
   if (/stream not found|consumer not found|wrong last sequence/i.test(text)) return false;
   return (
     (err as { code?: unknown } | null)?.code === 503 ||
-    /JetStreamNotEnabled|jetstream is not enabled|no responders|503|timeout|temporarily unavailable|disconnect|reconnect|heartbeats? missed/i.test(text)
+    /JetStreamNotEnabled|jetstream is not enabled|no responders|\b503\b|\btimeout\b|temporarily unavailable|disconnect|reconnect|heartbeats? missed/i.test(text)
   );
 }
 
@@ -25,6 +25,8 @@ export interface RetryTransientOptions {
   readonly retryMs?: number;
   /** The pause between two tries, in ms. @default 250 */
   readonly delayMs?: number;
+  /** Which failures are tried again. @default {@link isTransientJetStreamError} */
+  readonly isTransient?: (err: unknown) => boolean;
   /** Told of each failure that is tried again. */
   readonly onRetry?: (err: unknown, attempt: number) => void;
 }
@@ -44,7 +46,7 @@ export async function retryTransient<T>(read: () => Promise<T>, options: RetryTr
     } catch (err) {
       const now = performance.now();
       firstFailure ??= now;
-      if (!isTransientJetStreamError(err)) throw err;
+      if (!(options.isTransient ?? isTransientJetStreamError)(err)) throw err;
       if (now - firstFailure + delayMs > retryMs) {
         throw new Error(`${String((err as Error).message ?? err)} (JetStream still failing after ${attempt} tries over ${Math.round(now - firstFailure)} ms)`, {
           cause: err,
