@@ -688,7 +688,7 @@ export async function startChaosStack(options: ChaosStackOptions): Promise<Chaos
       }
       for (const s of STACK_SERVICES) {
         if (standbyCore && s.name === ChaosTarget.CORE) {
-          // Whole again: a core serves and the other waits as its standby.
+          // Whole again: a core serves, and the other is started again as its standby.
           if (launchStandbys()) restarted.push(s.name);
           try {
             await untilCoreServes();

@@ -43,6 +43,7 @@ describe("parseChaosOptions", () => {
       { "nats-cluster": "0" },
       { "nats-cluster": "three" },
       { "nats-cluster": "8" },
+      { "nats-cluster": "2" },
     ]) {
       expect(() => parseChaosOptions(v), JSON.stringify(v)).toThrow(ChaosUsageError);
     }

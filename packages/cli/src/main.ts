@@ -187,7 +187,9 @@ const commands: Record<string, Command> = {
       "ioasidctl status [--dir .ioasid] [--json]\n" +
       "  One line per process: PID, address, health, then what the supervisor did (restarts, the last exit and when;\n" +
       "  RESTARTING, STOPPED or GAVE UP with why), and its metrics URL.\n" +
-      "  Exit 1 when anything is down: NATS not accepting a connection, a service not SERVING, the supervisor not running.\n" +
+      "  Exit 1 when anything is down: NATS not accepting a connection, a service not SERVING, the supervisor not running;\n" +
+      "  with --standby-core, a core that runs without listening is STANDBY (the other holds its lease) or TAKING_OVER (it\n" +
+      "  holds the lease, replaying), and the pair is up when one is SERVING and the other SERVING or STANDBY.\n" +
       "  --json: {ok, nats: {url, pid, external, up, error?}, supervisor: {pid, running, log} | null,\n" +
       "  services: [{name, pid, address, metrics?, health (SERVING, NOT_SERVING, … DOWN, or STANDBY: a core of a pair waiting behind\n" +
       "  the other's lease), error?, restarts?, lastExit?, supervision?, log}]} (with --standby-core, ioasid-core-b is one of them).",
