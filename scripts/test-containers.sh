@@ -14,13 +14,20 @@
 #     through testcontainers; with IOASID_CT_OBSERVABILITY=1 the `observability` profile (Prometheus built from Debian's
 #     package, checked to scrape all five services and the core's acknowledged deliveries); then two
 #     end-to-end test files with IOASID_TESTKIT_DOCKER=1;
-#  6. stops the stack (checking every service stops gracefully), removes containers and volumes,
-#     stops its dockerd by PID and removes its temp dir: nothing it started is left running.
+#  6. stops the stack (checking every service stops gracefully), removes containers and volumes;
+#  7. the `cluster` profile (deploy/docker-compose.cluster.host-network.yml): three nats-servers
+#     clustered, brought up with fresh credentials and volumes, waits until every container is
+#     healthy, runs test/containers/compose-cluster.test.ts (every stream with 3 replicas, both life
+#     cycles, the op log's nats container killed mid-run and started again), and stops it as in 6;
+#  8. stops its dockerd by PID and removes its temp dir: nothing it started is left running.
 #
 # Settings (environment): IOASID_PORT_NATS (24222), IOASID_PORT_NATS_MONITOR (28222),
 # IOASID_PORT_CORE (25051), IOASID_PORT_IOMMU (25052), IOASID_PORT_VFIO (25053), IOASID_PORT_KVM
 # (25054), IOASID_PORT_VDCM (25055), their metrics IOASID_PORT_<SERVICE>_METRICS (25056 … 25060),
-# the observability profile's Prometheus IOASID_PORT_PROMETHEUS (25090):
+# the observability profile's Prometheus IOASID_PORT_PROMETHEUS (25090), the cluster leg's other
+# nats-servers IOASID_PORT_NATS_2 (24223) and IOASID_PORT_NATS_3 (24224), their monitoring
+# IOASID_PORT_NATS_2_MONITOR (28223) and IOASID_PORT_NATS_3_MONITOR (28224), and the three route
+# ports IOASID_PORT_NATS_ROUTE, IOASID_PORT_NATS_2_ROUTE, IOASID_PORT_NATS_3_ROUTE (26222 … 26224):
 # not the defaults, so that it runs beside `npm start`;
 # IOASID_CT_DOCKER_ROOT: keep the engine's data (images, build cache) there between runs instead
 # of in the temp dir; DEBIAN_MIRROR: for debootstrap.
@@ -47,6 +54,13 @@ export IOASID_PORT_VFIO_METRICS="${IOASID_PORT_VFIO_METRICS:-25058}"
 export IOASID_PORT_KVM_METRICS="${IOASID_PORT_KVM_METRICS:-25059}"
 export IOASID_PORT_VDCM_METRICS="${IOASID_PORT_VDCM_METRICS:-25060}"
 export IOASID_PORT_PROMETHEUS="${IOASID_PORT_PROMETHEUS:-25090}"
+export IOASID_PORT_NATS_2="${IOASID_PORT_NATS_2:-24223}"
+export IOASID_PORT_NATS_3="${IOASID_PORT_NATS_3:-24224}"
+export IOASID_PORT_NATS_2_MONITOR="${IOASID_PORT_NATS_2_MONITOR:-28223}"
+export IOASID_PORT_NATS_3_MONITOR="${IOASID_PORT_NATS_3_MONITOR:-28224}"
+export IOASID_PORT_NATS_ROUTE="${IOASID_PORT_NATS_ROUTE:-26222}"
+export IOASID_PORT_NATS_2_ROUTE="${IOASID_PORT_NATS_2_ROUTE:-26223}"
+export IOASID_PORT_NATS_3_ROUTE="${IOASID_PORT_NATS_3_ROUTE:-26224}"
 # The classic builder: BuildKit would need the buildx plugin, which Debian's docker.io lacks.
 export DOCKER_BUILDKIT=0 COMPOSE_DOCKER_CLI_BUILD=0
 PROJECT=ioasid-ct
@@ -71,6 +85,10 @@ else
   COMPOSE=(docker-compose)
 fi
 STACK=("${COMPOSE[@]}" -p "$PROJECT" -f docker-compose.yml -f deploy/docker-compose.host-network.yml)
+# The cluster leg's stack: a project of its own (its own volumes), the `cluster` profile.
+CLUSTER=("${COMPOSE[@]}" -p "$PROJECT-cluster" -f docker-compose.yml -f deploy/docker-compose.host-network.yml
+  -f deploy/docker-compose.cluster.host-network.yml --profile cluster)
+CLUSTER_SERVICES=(nats nats-2 nats-3 ioasid-core iommu vfio kvm vdcm)
 say "using $("${COMPOSE[@]}" version --short 2>/dev/null | head -n1 | sed "s/^/${COMPOSE[*]} /"), $(dockerd --version 2>/dev/null || echo "dockerd (no version)"), node $(node --version)"
 
 # --- the compose files, as docker-compose v1 and (where available) v2 read them --------------------
@@ -80,7 +98,12 @@ for c in "docker-compose" "docker compose"; do
   "${cmd[@]}" config -q || die "$c config rejects docker-compose.yml (+ docker-compose.override.yml)"
   "${cmd[@]}" -f docker-compose.yml -f deploy/docker-compose.host-network.yml config -q ||
     die "$c config rejects docker-compose.yml + deploy/docker-compose.host-network.yml"
+  "${cmd[@]}" -f docker-compose.yml -f docker-compose.override.yml -f deploy/docker-compose.cluster.yml --profile cluster config -q ||
+    die "$c config rejects the cluster profile: docker-compose.yml + docker-compose.override.yml + deploy/docker-compose.cluster.yml"
+  "${cmd[@]}" -f docker-compose.yml -f deploy/docker-compose.host-network.yml -f deploy/docker-compose.cluster.host-network.yml --profile cluster config -q ||
+    die "$c config rejects the cluster profile on the host network: docker-compose.yml + deploy/docker-compose.host-network.yml + deploy/docker-compose.cluster.host-network.yml"
   say "compose check: \`$c config -q\` accepts docker-compose.yml (+ docker-compose.override.yml) and + deploy/docker-compose.host-network.yml"
+  say "compose check: \`$c --profile cluster config -q\` accepts + deploy/docker-compose.cluster.yml (over the override) and + deploy/docker-compose.cluster.host-network.yml (over the host-network file)"
 done
 
 npx tsc -b
@@ -93,33 +116,70 @@ export IOASID_COMPOSE_CREDENTIALS="$WORK/credentials"
 DATA_ROOT="${IOASID_CT_DOCKER_ROOT:-$WORK/data}"
 SOCK="$WORK/docker.sock"
 DOCKERD_PID=""
-STACK_UP=0
 CA_COPIED=()
+# The stack that is up (compose command, services, what its teardown says): the single-server one,
+# then the cluster one; the exit trap stops whichever is up.
+STACK_UP=0
+ACTIVE=("${STACK[@]}")
+ACTIVE_SERVICES=("${SERVICES[@]}")
+ACTIVE_NAME="stack"
+ACTIVE_VOLUMES="the nats-data volume"
+
+# Stops the active stack (SIGTERM, 10 s), checks that every service exited 0, and removes its
+# containers, network and volumes; returns 1 when a service did not stop gracefully.
+stack_down() {
+  local stop_start=$SECONDS report="" bad=0 s id code
+  say "teardown: stopping the $ACTIVE_NAME (SIGTERM, 10 s grace)"
+  "${ACTIVE[@]}" stop --timeout 10 >>"$WORK/stop.log" 2>&1
+  for s in "${ACTIVE_SERVICES[@]}"; do
+    id="$("${ACTIVE[@]}" ps -a -q "$s" 2>/dev/null)"
+    code="$(docker inspect -f '{{.State.ExitCode}}' "$id" 2>/dev/null || echo '?')"
+    report+=" $s=$code"
+    [ "$code" = 0 ] || bad=1
+  done
+  if [ "$bad" = 0 ]; then
+    say "teardown: every service stopped gracefully in $((SECONDS - stop_start)) s (exit codes:$report)"
+  else
+    say "teardown: not every service stopped gracefully (exit codes:$report)"
+  fi
+  "${ACTIVE[@]}" down --volumes --remove-orphans --timeout 10 >>"$WORK/stop.log" 2>&1
+  STACK_UP=0
+  say "teardown: containers, network and $ACTIVE_VOLUMES removed ($("${ACTIVE[@]}" ps -a -q 2>/dev/null | wc -l) containers left)"
+  return "$bad"
+}
+
+# Waits (bounded by the clock) until every container of the active stack is healthy; the failure
+# shows its containers and logs.
+wait_healthy() {
+  local healthy=0 states="" health_deadline=$((SECONDS + 300))
+  # Bounded by the clock, not by a count: each round runs docker-compose (a Python process) per
+  # service, which takes seconds each on a busy machine.
+  while [ "$SECONDS" -lt "$health_deadline" ]; do
+    states="$(for s in "${ACTIVE_SERVICES[@]}"; do id="$("${ACTIVE[@]}" ps -q "$s" 2>/dev/null)"; echo "$s=$(docker inspect -f '{{if .State.Health}}{{.State.Health.Status}}{{else}}{{.State.Status}}{{end}}' "$id" 2>/dev/null || echo none)"; done | tr '\n' ' ')"
+    if ! grep -qv '=healthy$' <<<"$(tr ' ' '\n' <<<"$states" | grep .)"; then
+      healthy=1
+      break
+    fi
+    sleep 0.5
+  done
+  if [ "$healthy" != 1 ]; then
+    "${ACTIVE[@]}" ps >&2
+    "${ACTIVE[@]}" logs --no-color --tail 20 >&2
+    die "the $ACTIVE_NAME did not become healthy within 300 s: $states"
+  fi
+}
+
+# What NATS's monitoring port says about JetStream (streams, messages; in a cluster the meta leader).
+jsz() {
+  curl -fsS "http://127.0.0.1:$1/jsz" 2>/dev/null | node -e 'let s="";process.stdin.on("data",d=>s+=d).on("end",()=>{try{const j=JSON.parse(s);console.log(`${j.streams} stream(s), ${j.messages} message(s)${j.meta_cluster?`, meta leader ${j.meta_cluster.leader} of ${j.meta_cluster.cluster_size}`:""}`)}catch{console.log("(no /jsz answer)")}})'
+}
 
 cleanup() {
   local status=$?
   trap - EXIT INT TERM
   set +e
   if [ "$STACK_UP" = 1 ]; then
-    say "teardown: stopping the stack (SIGTERM, 10 s grace)"
-    local stop_start=$SECONDS
-    "${STACK[@]}" stop --timeout 10 >"$WORK/stop.log" 2>&1
-    local report="" bad=0
-    for s in "${SERVICES[@]}"; do
-      local id code
-      id="$("${STACK[@]}" ps -a -q "$s" 2>/dev/null)"
-      code="$(docker inspect -f '{{.State.ExitCode}}' "$id" 2>/dev/null || echo '?')"
-      report+=" $s=$code"
-      [ "$code" = 0 ] || bad=1
-    done
-    if [ "$bad" = 0 ]; then
-      say "teardown: every service stopped gracefully in $((SECONDS - stop_start)) s (exit codes:$report)"
-    else
-      say "teardown: not every service stopped gracefully (exit codes:$report)"
-      [ "$status" = 0 ] && status=1
-    fi
-    "${STACK[@]}" down --volumes --remove-orphans --timeout 10 >>"$WORK/stop.log" 2>&1
-    say "teardown: containers, network and the nats-data volume removed ($("${STACK[@]}" ps -a -q 2>/dev/null | wc -l) containers left)"
+    stack_down || { [ "$status" = 0 ] && status=1; }
   fi
   if [ -n "$DOCKERD_PID" ] && kill -0 "$DOCKERD_PID" 2>/dev/null; then
     # Anything else this engine runs (a test's leftover container) goes with it.
@@ -219,25 +279,9 @@ done
 up_start=$SECONDS
 STACK_UP=1
 "${STACK[@]}" up -d --no-build >"$WORK/up.log" 2>&1 || { cat "$WORK/up.log" >&2; die "\`${STACK[*]} up -d\` failed"; }
-healthy=0
-# Bounded by the clock, not by a count: each round runs docker-compose (a Python process) per
-# service, which takes seconds each on a busy machine.
-health_deadline=$((SECONDS + 300))
-while [ "$SECONDS" -lt "$health_deadline" ]; do
-  states="$(for s in "${SERVICES[@]}"; do id="$("${STACK[@]}" ps -q "$s" 2>/dev/null)"; echo "$s=$(docker inspect -f '{{if .State.Health}}{{.State.Health.Status}}{{else}}{{.State.Status}}{{end}}' "$id" 2>/dev/null || echo none)"; done | tr '\n' ' ')"
-  if ! grep -qv '=healthy$' <<<"$(tr ' ' '\n' <<<"$states" | grep .)"; then
-    healthy=1
-    break
-  fi
-  sleep 0.5
-done
-if [ "$healthy" != 1 ]; then
-  "${STACK[@]}" ps >&2
-  "${STACK[@]}" logs --no-color --tail 20 >&2
-  die "the stack did not become healthy within 300 s: $states"
-fi
+wait_healthy
 say "stack healthy in $((SECONDS - up_start)) s: nats 127.0.0.1:$IOASID_PORT_NATS (monitor :$IOASID_PORT_NATS_MONITOR), ioasid-core :$IOASID_PORT_CORE, iommu :$IOASID_PORT_IOMMU, vfio :$IOASID_PORT_VFIO, kvm :$IOASID_PORT_KVM, vdcm :$IOASID_PORT_VDCM"
-say "$(curl -fsS "http://127.0.0.1:$IOASID_PORT_NATS_MONITOR/jsz" 2>/dev/null | node -e 'let s="";process.stdin.on("data",d=>s+=d).on("end",()=>{try{const j=JSON.parse(s);console.log(`NATS JetStream: ${j.streams} stream(s), ${j.messages} message(s) in the nats-data volume`)}catch{console.log("NATS JetStream: (no /jsz answer)")}})')"
+say "NATS JetStream: $(jsz "$IOASID_PORT_NATS_MONITOR") in the nats-data volume"
 
 # --- 5. the tests ------------------------------------------------------------------------------------
 compose_json="$(node -e 'console.log(JSON.stringify(process.argv.slice(1)))' "${STACK[@]}")"
@@ -288,3 +332,32 @@ IOASID_TESTKIT_DOCKER=1 npx vitest run --project integration test/e2e/lifecycle.
   die "the end-to-end tests failed with NATS in containers"
 created="$(docker events --since "$since" --until "$(date +%s)" --filter type=container --filter event=start --filter image=ioasid-fabric-nats:dev --format '{{.ID}}' | sort -u | wc -l)"
 say "end-to-end tests passed with NATS in $created container(s) started through testcontainers"
+
+# --- 6. the single-server stack goes (the cluster leg takes the same ports) --------------------------
+stack_down || die "not every service of the stack stopped gracefully (exit codes above)"
+
+# --- 7. the cluster profile: three nats-servers, every stream with three replicas --------------------
+ACTIVE=("${CLUSTER[@]}")
+ACTIVE_SERVICES=("${CLUSTER_SERVICES[@]}")
+ACTIVE_NAME="cluster stack"
+ACTIVE_VOLUMES="the nats-data, nats-2-data and nats-3-data volumes"
+# Credentials of its own, made by its credentials step (the same users and permissions on each node).
+export IOASID_COMPOSE_CREDENTIALS="$WORK/cluster-credentials"
+for p in "$IOASID_PORT_NATS" "$IOASID_PORT_NATS_2" "$IOASID_PORT_NATS_3" "$IOASID_PORT_NATS_MONITOR" "$IOASID_PORT_NATS_2_MONITOR" \
+  "$IOASID_PORT_NATS_3_MONITOR" "$IOASID_PORT_NATS_ROUTE" "$IOASID_PORT_NATS_2_ROUTE" "$IOASID_PORT_NATS_3_ROUTE" \
+  "$IOASID_PORT_CORE" "$IOASID_PORT_IOMMU" "$IOASID_PORT_VFIO" "$IOASID_PORT_KVM" "$IOASID_PORT_VDCM"; do
+  if (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; then
+    die "port $p of 127.0.0.1 is in use: stop what listens there, or choose other ports (IOASID_PORT_NATS_2, IOASID_PORT_NATS_ROUTE, … see the top of $0)"
+  fi
+done
+up_start=$SECONDS
+STACK_UP=1
+"${CLUSTER[@]}" up -d --no-build >"$WORK/up-cluster.log" 2>&1 || { cat "$WORK/up-cluster.log" >&2; die "\`${CLUSTER[*]} up -d\` failed"; }
+wait_healthy
+say "cluster stack healthy in $((SECONDS - up_start)) s: nats-1 127.0.0.1:$IOASID_PORT_NATS, nats-2 :$IOASID_PORT_NATS_2, nats-3 :$IOASID_PORT_NATS_3 (routes :$IOASID_PORT_NATS_ROUTE, :$IOASID_PORT_NATS_2_ROUTE, :$IOASID_PORT_NATS_3_ROUTE; monitoring :$IOASID_PORT_NATS_MONITOR, :$IOASID_PORT_NATS_2_MONITOR, :$IOASID_PORT_NATS_3_MONITOR), the five services on all three"
+say "NATS JetStream: nats-1 $(jsz "$IOASID_PORT_NATS_MONITOR"); nats-2 $(jsz "$IOASID_PORT_NATS_2_MONITOR"); nats-3 $(jsz "$IOASID_PORT_NATS_3_MONITOR")"
+cluster_json="$(node -e 'console.log(JSON.stringify(process.argv.slice(1)))' "${CLUSTER[@]}")"
+say "test/containers/compose-cluster.test.ts: ioasidctl against the cluster stack (3 replicas per stream, both scenarios, a nats container killed mid-run and started again)"
+IOASID_CT_CLUSTER=1 IOASID_CT_COMPOSE="$cluster_json" npx vitest run --config vitest.containers.config.ts --reporter=verbose ||
+  die "test/containers/compose-cluster.test.ts failed (output above; the stack's logs: \`${CLUSTER[*]} logs\` while it runs)"
+stack_down || die "not every service of the cluster stack stopped gracefully (exit codes above)"

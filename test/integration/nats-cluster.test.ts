@@ -105,4 +105,46 @@ describe("a NATS cluster of three, every stream replicated", () => {
     }
     await guestLifeCycle();
   }, 240_000);
+
+  it("lets a role started while JetStream has no quorum wait for it (within IOASID_STATE_WRITE_RETRY) instead of exiting", async () => {
+    // Two of three servers down: the cluster's JetStream cannot answer for the role's stream (no
+    // leader) until one is back. A role restarted then — by a supervisor, by the chaos runner —
+    // exited 1 on the first timeout and stayed down. It now waits, says so, and serves once a
+    // server is back. Nothing else runs meanwhile, so the core writes nothing.
+    await guestLifeCycle();
+    expect(await iommuProc.stop()).toBe(0);
+    const [, n1, n2] = cluster.nodes;
+    await Promise.all([n1!.kill(), n2!.kill()]);
+    let restarting: Promise<unknown> | undefined;
+    try {
+      let output = "";
+      const starting = startService({
+        name: "iommu",
+        entry: serviceEntry("iommu"),
+        env: { NATS_URL: cluster.urls, IOMMU_GRPC_ADDRESS: "127.0.0.1:0", IOASID_CORE_ADDRESS: coreProc.address, IOASID_STATE_WRITE_RETRY: "90s" },
+        readyTimeoutMs: 120_000,
+        onLine: (line) => void (output += `${line}\n`),
+      });
+      // A role that exits instead (what it did before) ends the wait at once, with its output.
+      const exited = new AbortController();
+      starting.catch((err: unknown) => exited.abort(err));
+      // Not a sleep: the role's own line that its state's first open failed and is retried.
+      await waitFor(() => output.includes("JetStream not answering while the kept state opens"), {
+        timeoutMs: 60_000,
+        message: "the IOMMU role to say it waits for JetStream",
+        signal: exited.signal,
+      });
+      restarting = Promise.all([n1!.restart(), n2!.restart()]);
+      await restarting;
+      iommuProc = await starting;
+    } finally {
+      // Whatever happened, the servers come back for the other tests' sake.
+      await (restarting ?? Promise.all([n1!.restart(), n2!.restart()])).catch(() => undefined);
+    }
+    expect(iommuProc.logs()).not.toContain("cannot open the iommu state");
+    io.close();
+    io = createClient(iommu.IommuServiceService, iommuProc.address, { deadlineMs: 10_000 });
+    await cluster.untilStreamsCurrent(60_000);
+    await guestLifeCycle();
+  }, 300_000);
 });

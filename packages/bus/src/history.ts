@@ -12,6 +12,7 @@ import {
 } from "./history-catalogue.js";
 import { PROCESS_INCARNATION, receivedCursor, registerPosition, takeReceived, touchPosition, type HistoryLink } from "@ioasid/trace";
 import { DEFAULT_PREFIX, encodeToken } from "./subjects.js";
+import { isTransientJetStreamError, retryTransient } from "./jetstream-retry.js";
 
 /** Subject of a role's history records: `<prefix>.history.<role>.<instance>`. */
 export function historySubject(prefix: string, role: string, instance: string): string {
@@ -234,12 +235,31 @@ export async function lastHistoryHeaders(
 const MAX_HISTORY_MESSAGE = 256 * 1024;
 
 /**
- * Reads the stored history, oldest first, from `sinceMs` (a wall-clock time) on.
+ * Reads the stored history, oldest first, from `sinceMs` (a wall-clock time) on. A read that
+ * JetStream's failover cuts (a timeout, no responder, a 503) is made again from the start within
+ * `retryMs` (default 10 s).
  * @returns the records, sorted by time
  * @throws DomainError FAILED_PRECONDITION `HISTORY_FORMAT_UNSUPPORTED` when a message is not a
  * HistoryBatch of this catalogue (see {@link decodeHistoryBatch})
  */
-export async function readHistory(nc: NatsConnection, options: { prefix?: string; sinceMs?: number } = {}): Promise<TypedHistoryRecord[]> {
+export async function readHistory(nc: NatsConnection, options: { prefix?: string; sinceMs?: number; retryMs?: number } = {}): Promise<TypedHistoryRecord[]> {
+  // A read cut by JetStream failing over (a cluster electing leaders after a server's death) is
+  // read again from the start, within `retryMs` (default 10 s); see retryTransient.
+  return retryTransient(() => readHistoryOnce(nc, options), {
+    ...(options.retryMs === undefined ? {} : { retryMs: options.retryMs }),
+    isTransient: (err) => err instanceof HistoryReadCut || isTransientJetStreamError(err),
+  });
+}
+
+/** A read of the history that ended before the stream's last message, or stalled: read again. */
+class HistoryReadCut extends Error {
+  override readonly name = "HistoryReadCut";
+}
+
+/** How long a read of the history waits for its next message before it counts as cut, ms. */
+const HISTORY_READ_IDLE_MS = 10_000;
+
+async function readHistoryOnce(nc: NatsConnection, options: { prefix?: string; sinceMs?: number }): Promise<TypedHistoryRecord[]> {
   const prefix = options.prefix ?? DEFAULT_PREFIX;
   const name = historyStreamName(prefix);
   const jsm = await jetstreamManager(nc);
@@ -253,8 +273,24 @@ export async function readHistory(nc: NatsConnection, options: { prefix?: string
     options.sinceMs === undefined ? {} : { deliver_policy: DeliverPolicy.StartTime, opt_start_time: new Date(options.sinceMs - 1000).toISOString() },
   );
   const messages = await consumer.consume({ max_messages: 10_000, expires: 2000 });
+  // Bounded: a consumer that delivers nothing for a while (its stream's leader gone) is stopped,
+  // and the read is made again; so is one that ended before the last message (a hole the checker
+  // must never judge as a whole history).
+  let seen = 0;
+  let idle = false;
+  let timer: NodeJS.Timeout | undefined;
+  const armIdle = () => {
+    clearTimeout(timer);
+    timer = setTimeout(() => {
+      idle = true;
+      messages.stop();
+    }, HISTORY_READ_IDLE_MS);
+  };
+  armIdle();
   try {
     for await (const m of messages) {
+      seen = m.seq;
+      armIdle();
       // A message that is not a history batch is refused, never skipped: a checker that read
       // past it would judge a history with a hole.
       for (const rec of decodeHistoryBatch(m.data, `history stream ${name}, message ${m.seq} (${m.subject})`)) {
@@ -263,7 +299,15 @@ export async function readHistory(nc: NatsConnection, options: { prefix?: string
       if (m.seq >= last) break;
     }
   } finally {
+    clearTimeout(timer);
     messages.stop();
+  }
+  if (seen < last) {
+    throw new HistoryReadCut(
+      idle
+        ? `history read stalled: nothing delivered for ${HISTORY_READ_IDLE_MS} ms after message ${seen} of ${last} of ${name}`
+        : `history read ended at message ${seen} of ${last} of ${name}`,
+    );
   }
   return out.sort((a, b) => a.ts - b.ts);
 }

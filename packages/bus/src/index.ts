@@ -14,6 +14,7 @@ export {
   type SubscriberId,
 } from "./delivery-engine.js";
 export { startSubscriber, type DeliveryContext, type EventHandler, type HandlerResult, type Subscriber, type SubscriberOptions } from "./subscriber.js";
+export { isTransientJetStreamError, retryTransient, type RetryTransientOptions } from "./jetstream-retry.js";
 export { decodeHistoryBatch, ensureHistoryStream, historyStreamName, historySubject, lastHistoryHeaders, HistoryRecorder, readHistory } from "./history.js";
 export {
   actionName,

@@ -265,6 +265,8 @@ interface Managed {
   incarnation: number;
   /** The launch in progress, if any. */
   launching: Promise<void> | undefined;
+  /** When its process last started listening (performance.now()): of a core pair, the later one took over. */
+  listeningSince: number;
 }
 
 /** The repository root, from this file (packages/chaos/dist or src → ../../..). */
@@ -439,6 +441,7 @@ export async function startChaosStack(options: ChaosStackOptions): Promise<Chaos
         }
         m.incarnation++;
         m.proc = proc;
+        m.listeningSince = performance.now();
         m.stopped = false;
         m.expectingExit = false;
         m.abort = undefined;
@@ -473,6 +476,7 @@ export async function startChaosStack(options: ChaosStackOptions): Promise<Chaos
       stopped: false,
       expectingExit: false,
       incarnation: 0,
+      listeningSince: 0,
       launching: undefined,
       standbyNext: false,
       abort: undefined,
@@ -496,8 +500,16 @@ export async function startChaosStack(options: ChaosStackOptions): Promise<Chaos
     return { ...(await roleNatsEnv(nats, name === ChaosTarget.CORE ? "core" : name, CHAOS_SERVICE_ENV)), NATS_URL: urls.join(",") };
   };
 
-  /** The core that serves now: one not stopped first (a stopped primary's standby may have taken over). */
-  const servingCore = (): Managed | undefined => cores.find((m) => m.proc !== undefined && !m.stopped) ?? cores.find((m) => m.proc !== undefined);
+  /**
+   * The core that serves now: of those listening and not stopped, the one that started listening
+   * last (a primary resumed after its standby took over is stale: it is fenced at its next write);
+   * else a stopped one (its standby may not have taken over yet).
+   */
+  const servingCore = (): Managed | undefined => {
+    const latest = (ms: Managed[]) =>
+      ms.reduce<Managed | undefined>((best, m) => (best === undefined || m.listeningSince > best.listeningSince ? m : best), undefined);
+    return latest(cores.filter((m) => m.proc !== undefined && !m.stopped)) ?? latest(cores.filter((m) => m.proc !== undefined));
+  };
   /** Starts every core of the pair that is down as a standby, without waiting for it to serve. */
   const launchStandbys = (): boolean => {
     let launched = false;
@@ -520,20 +532,26 @@ export async function startChaosStack(options: ChaosStackOptions): Promise<Chaos
     });
 
   const stopAll = async (keepStoreIn?: string): Promise<void> => {
+    // A standby still waiting behind the lease is killed first, not waited for: stopping the
+    // serving core drops its lease, and a standby left waiting would take over as the stack ends.
+    for (const m of cores) m.abort?.abort();
     for (const s of [...STACK_SERVICES].reverse()) {
-      for (const m of s.name === ChaosTarget.CORE && cores.length > 0 ? cores : [managed.get(s.name)]) {
-        // A standby still waiting behind the lease is killed, not waited for.
-        m?.abort?.abort();
-        await m?.launching?.catch(() => undefined);
-        if (m?.proc === undefined) continue;
-        m.expectingExit = true;
-        if (m.stopped) m.proc.kill("SIGCONT");
-        await m.proc.stop("SIGTERM", 5000).catch(() => undefined);
-      }
+      const group = s.name === ChaosTarget.CORE && cores.length > 0 ? cores : [managed.get(s.name)];
+      // The cores of a pair together: neither is left to take over from the other.
+      await Promise.all(
+        group.map(async (m) => {
+          m?.abort?.abort();
+          await m?.launching?.catch(() => undefined);
+          if (m?.proc === undefined) return;
+          m.expectingExit = true;
+          if (m.stopped) m.proc.kill("SIGCONT");
+          await m.proc.stop("SIGTERM", 5000).catch(() => undefined);
+        }),
+      );
     }
     await Promise.all(links.map((l) => l.proxy.close()));
     if (keepStoreIn !== undefined) {
-      // Stopped cleanly first, so the copy is the store as the server left it.
+      // Stopped first (a single server cleanly; a cluster's nodes killed), so the copy is the store as the server left it.
       if (single !== undefined && single.storeDir !== undefined) {
         await single.kill("SIGTERM").catch(() => undefined);
         cpSync(single.storeDir, keepStoreIn, { recursive: true });
@@ -585,6 +603,7 @@ export async function startChaosStack(options: ChaosStackOptions): Promise<Chaos
           stopped: false,
           expectingExit: false,
           incarnation: 0,
+          listeningSince: 0,
           launching: undefined,
           standbyNext: slot !== "a",
           abort: undefined,
@@ -759,7 +778,7 @@ export async function startChaosStack(options: ChaosStackOptions): Promise<Chaos
       }
       for (const s of STACK_SERVICES) {
         if (standbyCore && s.name === ChaosTarget.CORE) {
-          // Whole again: a core serves and the other waits as its standby.
+          // Whole again: a core serves, and the other is started again as its standby.
           if (launchStandbys()) restarted.push(s.name);
           try {
             await untilCoreServes();

@@ -45,11 +45,11 @@ function until(t: number, signal: AbortSignal | undefined): Promise<boolean> {
 /**
  * Injects a schedule of faults into a chaos stack, each at its time, and heals each after its
  * duration: SIGKILL then restart (same environment, same address; with a standby core, the core
- * that serves is killed, and the heal is done once the other serves and the killed one waits as
- * its standby), SIGSTOP then SIGCONT, a nats-server (of a cluster: the one drawn) SIGKILL then
+ * that serves is killed, and the heal is done once the other serves, the killed one started again
+ * as its standby), SIGSTOP then SIGCONT, a nats-server (of a cluster: the one drawn) SIGKILL then
  * restart (same port, same JetStream store), a host partition of a network-namespace lab (the
- * switch drops frames between two servers' hosts, or between one and the rest; healed once every
- * stream is current again), and latency, drop or
+ * switch drops frames between two servers' hosts, between one and the rest, or between a core's
+ * host and a server's; healed once every stream is current again), and latency, drop or
  * partition on the target's NATS link or on every gRPC link it is an end of. Each injection is
  * recorded (`info` fault marker) before it is done, each heal (`info` heal marker) once it is done.
  * Resolves when every injection has healed; an aborted run injects nothing more but still heals

@@ -5,7 +5,8 @@ import { connect } from "@nats-io/transport-node";
 import { checkHealth } from "@ioasid/grpc-kit";
 import { natsServers, operatorAuth } from "./clients.js";
 import { noPositionals, parseCount } from "./usage-error.js";
-import { alive, SERVICES, stateFile, type ServiceName, type StackState } from "./stack.js";
+import { runningProcesses } from "./stack-state.js";
+import { SERVICES, stateFile, type ServiceName, type StackState } from "./stack.js";
 
 /** The ports of a stack docker-compose.yml publishes, by service: variable and default. */
 export const COMPOSE_PORTS = {
@@ -73,7 +74,8 @@ export async function attachStack(target: AttachTarget, options: AttachOptions =
   const log = options.log ?? (() => undefined);
   if (existsSync(stateFile(dir))) {
     const old = JSON.parse(readFileSync(stateFile(dir), "utf8")) as StackState;
-    if (Object.values(old.services).some((s) => alive(s.pid)) || alive(old.nats.pid)) {
+    // Any process it names: services, a standby core, the supervisor, every nats-server of a cluster.
+    if (runningProcesses(old).length > 0) {
       throw new Error(`a stack started by \`ioasidctl up\` is running from ${dir}: \`ioasidctl down\` first, or attach with another --dir`);
     }
   }

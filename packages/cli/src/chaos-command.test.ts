@@ -45,6 +45,7 @@ describe("parseChaosOptions", () => {
       { "nats-cluster": "0" },
       { "nats-cluster": "three" },
       { "nats-cluster": "8" },
+      { "nats-cluster": "2" },
       { netns: true },
       { "nats-cluster": "1", netns: true },
     ]) {

@@ -50,8 +50,11 @@ export function parseChaosOptions(v: Values): ChaosCommandOptions {
   const natsCluster = Number(clusterText);
   if (!/^\d+$/.test(clusterText) || natsCluster < 1 || natsCluster > 7)
     throw new ChaosUsageError(`--nats-cluster must be an integer 1..7 (servers), got "${clusterText}"`);
+  // Two servers are two replicas and a meta group of two: every nats fault would take JetStream's
+  // quorum for its whole length, which tests nothing but that.
+  if (natsCluster === 2) throw new ChaosUsageError("--nats-cluster 2 loses JetStream's quorum whenever the nemesis kills a server: use 1, or 3..7");
   const netns = v["netns"] === true;
-  if (netns && natsCluster < 2) throw new ChaosUsageError("--netns places the servers of a NATS cluster in namespaces: give --nats-cluster N with N ≥ 2 too");
+  if (netns && natsCluster < 2) throw new ChaosUsageError("--netns places the servers of a NATS cluster in namespaces: give --nats-cluster N (3..7) too");
   const html = v["html"] === undefined ? undefined : String(v["html"]);
   if (html !== undefined && seeds.length > 1)
     throw new ChaosUsageError("--html names one file: use it with --seed (with --seeds each report is in <dir>/seed-<n>/report.html)");
@@ -147,7 +150,7 @@ export function chaosCommand(ctx: ChaosCommandContext): {
     "  Authenticated as `ioasidctl up` is (DESIGN §11): a NATS user and a certificate per service (mTLS on every link,\n" +
     "  through the fault proxies too), the driver as the operator, the VMMs as `vmm`; the run stops before it begins\n" +
     "  if nats-server lets an anonymous client in or a service answers a client without a certificate (INSECURE).\n" +
-    "  --nats-cluster N (DESIGN §13): N nats-servers clustered on loopback (every stream with min(N,3) replicas, each\n" +
+    "  --nats-cluster N (1 or 3..7; DESIGN §13): N nats-servers clustered on loopback (every stream with min(N,3) replicas, each\n" +
     "  service given every server, each through a proxy) and a standby core beside the primary (IOASID_CORE_LEASE 3s,\n" +
     "  the roles and the driver given both): `nats` then kills one server drawn from the seed, `kill` of the core kills\n" +
     "  the one that serves (the standby takes over; the killed one comes back as the standby).\n" +

@@ -43,12 +43,22 @@ export function addressesOf(state: StackState): StackAddresses {
   return {
     natsUrl: state.natsUrl,
     ...(state.operatorCredentials === undefined ? {} : operatorAuth(state.operatorCredentials)),
-    core: state.services["ioasid-core"].address,
+    core: coreTarget(state),
     iommu: state.services.iommu.address,
     vfio: state.services.vfio.address,
     kvm: state.services.kvm.address,
     vdcm: state.services.vdcm.address,
   };
+}
+
+/**
+ * The gRPC target of a stack's core: its address, or with a standby (`up --standby-core`) both
+ * cores' (`ipv4:a,b`): the channel uses the one that serves and moves on when it fails, so
+ * ioasidctl follows a takeover without being told.
+ */
+export function coreTarget(state: StackState): string {
+  const primary = state.services["ioasid-core"].address;
+  return state.standbyCore === undefined ? primary : `ipv4:${primary},${state.standbyCore.address}`;
 }
 
 /** How the operator reaches a stack: its NATS user, and its certificate when the directory has one. */

@@ -116,9 +116,12 @@ const commands: Record<string, Command> = {
   up: {
     summary: "start the embedded stack: nats-server and the five services as processes",
     usage:
-      "ioasidctl up [--dir .ioasid] [--base-port 50051] [--nats-port 4222] [--nats-url URL[,URL…]] [--nats-cluster 3] [--insecure]\n" +
+      "ioasidctl up [--dir .ioasid] [--base-port 50051] [--nats-port 4222] [--nats-url URL[,URL…]] [--nats-cluster 3] [--standby-core] [--insecure]\n" +
       "  --nats-cluster N: N nats-servers clustered on loopback (clients on nats-port … nats-port+N-1, routes on nats-port+100 …),\n" +
       "  JetStream on each, every stream with min(N, 3) replicas; the services get every server's URL and ride reconnects.\n" +
+      "  --standby-core: a second core (ioasid-core-b, gRPC on base-port+10, metrics base-port+15) waits behind the serving core's\n" +
+      "  lease (1 s; 3 s on a cluster) and takes over when it dies; the roles and ioasidctl get both addresses and follow it; the\n" +
+      "  supervisor brings a dead core back as the standby. `status` shows the one waiting as STANDBY.\n" +
       "  Authenticated by default: a NATS user per role instance with its role's permissions, credentials in <dir>/credentials.\n" +
       "  Ports: gRPC on base-port … base-port+4 (core, iommu, vfio, kvm, vdcm), Prometheus metrics (GET /metrics on 127.0.0.1)\n" +
       "  on base-port+5 … base-port+9 in the same order (`status` lists the URLs).\n" +
@@ -133,6 +136,7 @@ const commands: Record<string, Command> = {
       "nats-port": { type: "string" },
       "nats-url": { type: "string" },
       "nats-cluster": { type: "string" },
+      "standby-core": { type: "boolean", default: false },
       insecure: { type: "boolean", default: false },
     },
     run: async (v, pos) => {
@@ -147,6 +151,7 @@ const commands: Record<string, Command> = {
         ...(v["nats-port"] === undefined ? {} : { natsPort: parseCount(v["nats-port"], "nats-port", 65535) }),
         ...(v["nats-url"] === undefined ? {} : { natsUrl: v["nats-url"] as string }),
         ...(natsCluster === undefined ? {} : { natsCluster }),
+        standbyCore: v["standby-core"] as boolean,
         log: out,
       });
       out(`stack up (state in ${resolve(v["dir"] as string)}/stack.json); \`ioasidctl down\` stops it`);
@@ -182,9 +187,12 @@ const commands: Record<string, Command> = {
       "ioasidctl status [--dir .ioasid] [--json]\n" +
       "  One line per process: PID, address, health, then what the supervisor did (restarts, the last exit and when;\n" +
       "  RESTARTING, STOPPED or GAVE UP with why), and its metrics URL.\n" +
-      "  Exit 1 when anything is down: NATS not accepting a connection, a service not SERVING, the supervisor not running.\n" +
+      "  Exit 1 when anything is down: NATS not accepting a connection, a service not SERVING, the supervisor not running;\n" +
+      "  with --standby-core, a core that runs without listening is STANDBY (the other holds its lease) or TAKING_OVER (it\n" +
+      "  holds the lease, replaying), and the pair is up when one is SERVING and the other SERVING or STANDBY.\n" +
       "  --json: {ok, nats: {url, pid, external, up, error?}, supervisor: {pid, running, log} | null,\n" +
-      "  services: [{name, pid, address, metrics?, health (SERVING, NOT_SERVING, … or DOWN), error?, restarts?, lastExit?, supervision?, log}]}.",
+      "  services: [{name, pid, address, metrics?, health (SERVING, NOT_SERVING, … DOWN, or STANDBY: a core of a pair waiting behind\n" +
+      "  the other's lease), error?, restarts?, lastExit?, supervision?, log}]} (with --standby-core, ioasid-core-b is one of them).",
     options: { ...dirOption, json: { type: "boolean", default: false } },
     run: async (v, pos) => {
       noPositionals(pos, "status");

@@ -12,6 +12,14 @@ export const SERVICES = [
 ] as const satisfies ReadonlyArray<{ name: string; addressVar: string; offset: number; role: NatsRole; instance: string }>;
 export type ServiceName = (typeof SERVICES)[number]["name"];
 
+/**
+ * `up --standby-core` (issue 18, DESIGN §13): the second core process's name in the supervisor's
+ * plan, the logs and `status`. Its gRPC port is base-port+10, its metrics base-port+15.
+ */
+export const STANDBY_CORE = { name: "ioasid-core-b", addressVar: "IOASID_CORE_GRPC_ADDRESS", offset: 10 } as const;
+/** A process the supervisor runs: one of the five services, or the second core of a pair. */
+export type SupervisedName = ServiceName | typeof STANDBY_CORE.name;
+
 /** What the supervisor is doing about a service (closed set; see {@link ServiceRecord.supervision}). */
 export const Supervision = {
   /** Its process runs. */
@@ -61,6 +69,11 @@ export interface StackState {
     readonly log: string;
   }[];
   readonly services: Record<ServiceName, ServiceRecord>;
+  /**
+   * `up --standby-core`: the second core process (`ioasid-core-b`), beside `services["ioasid-core"]`.
+   * Either of the two may serve; the other waits behind its lease. Absent without a standby.
+   */
+  readonly standbyCore?: ServiceRecord;
   /**
    * The process that starts the services and restarts those that fail (DESIGN §13), and its log (the
    * stack's log: every exit and restart is a line of it). Absent for a stack `attach` found.
@@ -112,6 +125,12 @@ export function alive(pid: number | undefined): boolean {
 
 /** Every process a stack state names that is still running (services, supervisor, nats-server). */
 export function runningProcesses(state: StackState): number[] {
-  const pids = [...Object.values(state.services).map((s) => s.pid), state.supervisor?.pid, state.nats.pid, ...(state.natsCluster ?? []).map((n) => n.pid)];
+  const pids = [
+    ...Object.values(state.services).map((s) => s.pid),
+    state.standbyCore?.pid,
+    state.supervisor?.pid,
+    state.nats.pid,
+    ...(state.natsCluster ?? []).map((n) => n.pid),
+  ];
   return pids.filter((pid): pid is number => alive(pid));
 }

@@ -11,6 +11,7 @@ import {
   readState,
   runningProcesses,
   SERVICES,
+  STANDBY_CORE,
   stateFile,
   Supervision,
   writeState,
@@ -43,6 +44,13 @@ export interface StackUpOptions {
    * min(n, 3) replicas. @default 1
    */
   readonly natsCluster?: number;
+  /**
+   * Run a second core beside the first (issue 18, DESIGN §13): it waits behind the serving core's
+   * lease and takes over when that core dies; the supervisor brings a dead core back as the standby.
+   * The roles get both addresses, and so does ioasidctl (`ipv4:a,b`). gRPC on basePort+10, metrics
+   * on basePort+15. @default false
+   */
+  readonly standbyCore?: boolean;
   /** Time every service gets to report SERVING. @default 20000 */
   readonly readyTimeoutMs?: number;
   /** Progress lines. */
@@ -97,12 +105,19 @@ export async function stackUp(options: StackUpOptions = {}): Promise<StackState>
   if (existsSync(stateFile(dir)) && runningProcesses(readState(dir)).length > 0) {
     throw new Error(`a stack is already running from ${dir}: \`ioasidctl down\` first`);
   }
+  const standby = options.standbyCore === true;
   for (const main of [...SERVICES.map((s) => serviceMain(s.name)), supervisorMain]) {
     if (!existsSync(main)) throw new Error(`${main} is missing: build first with \`npm run build\``);
   }
   const ports = [
     ...SERVICES.map((s) => ({ port: basePort + s.offset, what: s.name })),
     ...SERVICES.map((s) => ({ port: metricsPort(basePort, s.name), what: `${s.name} metrics` })),
+    ...(standby
+      ? [
+          { port: basePort + STANDBY_CORE.offset, what: STANDBY_CORE.name },
+          { port: basePort + METRICS_PORT_OFFSET + STANDBY_CORE.offset, what: `${STANDBY_CORE.name} metrics` },
+        ]
+      : []),
     ...(options.natsUrl === undefined
       ? Array.from({ length: options.natsCluster ?? 1 }, (_, i) => [
           { port: natsPort + i, what: `nats-server${(options.natsCluster ?? 1) > 1 ? ` n${i}` : ""}` },
@@ -159,7 +174,10 @@ async function killStarted(dir: string, started: Started): Promise<void> {
       await within(2000);
     }
   }
-  if (existsSync(stateFile(dir))) for (const s of Object.values(readState(dir).services)) kill(s.pid);
+  if (existsSync(stateFile(dir))) {
+    const state = readState(dir);
+    for (const s of [...Object.values(state.services), state.standbyCore]) kill(s?.pid);
+  }
   kill(started.nats);
   for (const pid of started.natsCluster) kill(pid);
 }
@@ -223,11 +241,17 @@ async function launchStack(
   // ioasidctl checks the services' health as the operator (every server demands a client certificate).
   const tls = credentials === undefined ? undefined : readInstanceCredentials(credentials.operator);
   const addr = (name: ServiceName) => `127.0.0.1:${basePort + SERVICES.find((s) => s.name === name)!.offset}`;
+  const standby = options.standbyCore === true;
+  const standbyAddress = `127.0.0.1:${basePort + STANDBY_CORE.offset}`;
   const env = {
     NATS_URL: natsUrl,
     // Every stream the core creates (op log, history, role state) on up to three servers.
     ...(natsCluster === undefined ? {} : { IOASID_JS_REPLICAS: String(Math.min(natsCluster.length, 3)) }),
-    IOASID_CORE_ADDRESS: addr("ioasid-core"),
+    // With a standby the roles (and VFIO) get both cores and follow the one that serves. On a
+    // cluster the lease is 3 s: a nats-server's death stalls the lease's requests for a moment
+    // (client reconnect, leader elections), which a 1 s lease takes for the core's death.
+    ...(standby && natsCluster !== undefined ? { IOASID_CORE_LEASE: "3s" } : {}),
+    IOASID_CORE_ADDRESS: standby ? `${addr("ioasid-core")},${standbyAddress}` : addr("ioasid-core"),
     IOMMU_ADDRESS: addr("iommu"),
     VDCM_ADDRESS: addr("vdcm"),
     KVM_ADDRESS: addr("kvm"),
@@ -247,7 +271,26 @@ async function launchStack(
     },
     address: addr(s.name),
     log: join(dir, "logs", `${s.name}.log`),
+    // A core of a pair comes back as the standby: the other one serves, or takes over, meanwhile.
+    ...(standby && s.name === "ioasid-core" ? { restartEnv: { IOASID_CORE_STANDBY: "true" } } : {}),
   }));
+  const core = plan[0]!;
+  const standbyPlan: SupervisedService | undefined = standby
+    ? {
+        ...core,
+        name: STANDBY_CORE.name,
+        env: {
+          ...core.env,
+          [STANDBY_CORE.addressVar]: standbyAddress,
+          IOASID_CORE_STANDBY: "true",
+          IOASID_METRICS_PORT: String(basePort + METRICS_PORT_OFFSET + STANDBY_CORE.offset),
+        },
+        address: standbyAddress,
+        log: join(dir, "logs", `${STANDBY_CORE.name}.log`),
+      }
+    : undefined;
+  // Started right after the first core serves, before the roles.
+  if (standbyPlan !== undefined) plan.splice(1, 0, standbyPlan);
   writeSupervisorPlan(dir, {
     services: plan,
     ...(credentials === undefined ? {} : { operatorCredentials: credentials.operator }),
@@ -256,14 +299,21 @@ async function launchStack(
   });
   const supervisorLog = join(dir, "logs", "supervisor.log");
   const services = Object.fromEntries(
-    plan.map((s) => [s.name, { pid: undefined, address: s.address, metrics: metricsUrl(basePort, s.name), log: s.log, restarts: 0 } satisfies ServiceRecord]),
+    SERVICES.map((x) => {
+      const s = plan.find((p) => p.name === x.name)!;
+      return [s.name, { pid: undefined, address: s.address, metrics: metricsUrl(basePort, x.name), log: s.log, restarts: 0 } satisfies ServiceRecord];
+    }),
   ) as Record<ServiceName, ServiceRecord>;
+  const standbyMetrics = `http://127.0.0.1:${basePort + METRICS_PORT_OFFSET + STANDBY_CORE.offset}/metrics`;
   writeState({
     dir,
     natsUrl,
     nats,
     ...(natsCluster === undefined ? {} : { natsCluster }),
     services,
+    ...(standbyPlan === undefined
+      ? {}
+      : { standbyCore: { pid: undefined, address: standbyPlan.address, metrics: standbyMetrics, log: standbyPlan.log, restarts: 0 } }),
     supervisor: { pid: undefined, log: supervisorLog },
     startedAt: Date.now(),
     ...(credentials === undefined ? {} : { operatorCredentials: credentials.operator, vmmCredentials: credentials.vmm }),
@@ -276,10 +326,29 @@ async function launchStack(
   started.supervisor = supervisor;
   log(`supervisor       pid ${supervisor.pid}  starts the services, restarts one that fails (log ${supervisorLog})`);
   for (const s of plan) {
+    if (s.name === STANDBY_CORE.name) {
+      // A standby does not listen while the other core answers its lease: up once it runs.
+      await waitUntil(
+        async () => {
+          const now = readState(dir).standbyCore;
+          if (now?.supervision === Supervision.STOPPED || now?.supervision === Supervision.GAVE_UP) throw notComingUp(s, now.note ?? "");
+          if (supervisor.exitCode !== null || supervisor.signalCode !== null) throw notComingUp({ ...s, log: supervisorLog }, "the supervisor exited");
+          return Promise.resolve(alive(now?.pid));
+        },
+        readyTimeoutMs,
+        `${s.name} to start`,
+        s.log,
+      );
+      log(
+        `${s.name.padEnd(16)} pid ${readState(dir).standbyCore?.pid}  ${s.address}  STANDBY (takes over when the serving core stops answering its lease)  metrics ${standbyMetrics}  (log ${s.log})`,
+      );
+      continue;
+    }
+    const name = s.name;
     await waitUntil(
       async () => {
         // A service the supervisor will not start again, or no supervisor: it will not come up.
-        const now = readState(dir).services[s.name];
+        const now = readState(dir).services[name];
         if (now.supervision === Supervision.STOPPED || now.supervision === Supervision.GAVE_UP) throw notComingUp(s, now.note ?? "");
         if (supervisor.exitCode !== null || supervisor.signalCode !== null) throw notComingUp({ ...s, log: supervisorLog }, "the supervisor exited");
         return isServing(s.address, tls);
@@ -288,8 +357,14 @@ async function launchStack(
       `${s.name} to report SERVING on ${s.address}`,
       s.log,
     );
-    const now = readState(dir).services[s.name];
-    log(`${s.name.padEnd(16)} pid ${now.pid}  ${s.address}  SERVING  metrics ${metricsUrl(basePort, s.name)}  (log ${s.log})`);
+    const now = readState(dir).services[name];
+    log(`${s.name.padEnd(16)} pid ${now.pid}  ${s.address}  SERVING  metrics ${metricsUrl(basePort, name)}  (log ${s.log})`);
+  }
+  // A standby is up once its process runs; one that ended meanwhile (a configuration error, say) is
+  // not a stack that came up.
+  if (standbyPlan !== undefined && !alive(readState(dir).standbyCore?.pid)) {
+    const now = readState(dir).standbyCore;
+    throw notComingUp(standbyPlan, `it is not running (${now?.note ?? now?.supervision ?? "exited"})`);
   }
   return readState(dir);
 }
@@ -415,7 +490,12 @@ export async function stackDown(options: { dir?: string; graceMs?: number; purge
   await stop("supervisor", readState(dir).supervisor?.pid);
   // Read again: the supervisor may have restarted a service since (its new PID is there).
   const state = readState(dir);
-  for (const s of [...SERVICES].reverse()) await stop(s.name, state.services[s.name]?.pid);
+  for (const s of [...SERVICES].reverse()) {
+    if (s.name !== "ioasid-core") await stop(s.name, state.services[s.name]?.pid);
+  }
+  // The cores of a pair together: the serving one drops its lease as it stops, and a standby still
+  // waiting would take over (replay, seal) while the stack goes down.
+  await Promise.all([stop("ioasid-core", state.services["ioasid-core"]?.pid), stop(STANDBY_CORE.name, state.standbyCore?.pid)]);
   if (state.natsCluster !== undefined) for (const n of state.natsCluster) await stop(`nats-server ${n.name}`, n.pid);
   else if (!state.nats.external) await stop("nats-server", state.nats.pid);
   rmSync(stateFile(dir), { force: true });

@@ -4,16 +4,21 @@ import { join } from "node:path";
 import { checkHealth } from "@ioasid/grpc-kit";
 import { readInstanceCredentials, type InstanceCredentials } from "@ioasid/security";
 import { describeExit, RestartPolicy, type RestartDecision, type RestartPolicyOptions, type ServiceExit } from "./restart-policy.js";
-import { readState, Supervision, writeState, type ServiceName, type ServiceRecord, type StackState } from "./stack-state.js";
+import { readState, STANDBY_CORE, Supervision, writeState, type ServiceRecord, type StackState, type SupervisedName } from "./stack-state.js";
 
 /** How the supervisor starts one service (written by `stackUp`, read by the supervisor). */
 export interface SupervisedService {
-  readonly name: ServiceName;
+  readonly name: SupervisedName;
   /** The program (node) and its arguments. */
   readonly command: string;
   readonly args: readonly string[];
   /** Variables set on top of the supervisor's own environment (which is `up`'s). */
   readonly env: Readonly<Record<string, string>>;
+  /**
+   * Variables set on top of `env` when it is started again: a core of a pair comes back as the
+   * standby (IOASID_CORE_STANDBY), since the other one serves or takes over meanwhile.
+   */
+  readonly restartEnv?: Readonly<Record<string, string>>;
   readonly address: string;
   /** Its log file (stdout and stderr, appended across restarts). */
   readonly log: string;
@@ -76,19 +81,24 @@ export async function superviseStack(dir: string, options: SuperviseOptions = {}
   let stopping = false;
   /** Still starting the services for the first time. */
   let launching = true;
-  const timers = new Map<ServiceName, NodeJS.Timeout>();
-  const children = new Map<ServiceName, ChildProcess>();
+  const timers = new Map<SupervisedName, NodeJS.Timeout>();
+  const children = new Map<SupervisedName, ChildProcess>();
 
-  const record = (name: ServiceName, change: Partial<ServiceRecord>): void => {
+  const recordOf = (name: SupervisedName): ServiceRecord | undefined => (name === STANDBY_CORE.name ? state.standbyCore : state.services[name]);
+  const record = (name: SupervisedName, change: Partial<ServiceRecord>): void => {
     // Written only while the stack is up: `down` removes the state file once it stopped this process.
     if (!existsSync(join(dir, "stack.json"))) return;
-    state = { ...state, services: { ...state.services, [name]: { ...state.services[name], ...change } } };
+    state =
+      name === STANDBY_CORE.name
+        ? { ...state, standbyCore: { ...state.standbyCore!, ...change } }
+        : { ...state, services: { ...state.services, [name]: { ...state.services[name], ...change } } };
     writeState(state);
   };
 
   const start = (s: SupervisedService, restarts: number): void => {
     const out = openSync(s.log, "a");
-    const child = spawn(s.command, [...s.args], { detached: true, stdio: ["ignore", out, out], env: { ...process.env, ...s.env } });
+    const env = { ...process.env, ...s.env, ...(restarts === 0 ? {} : s.restartEnv) };
+    const child = spawn(s.command, [...s.args], { detached: true, stdio: ["ignore", out, out], env });
     closeSync(out);
     const startedAt = Date.now();
     children.set(s.name, child);
@@ -103,7 +113,7 @@ export async function superviseStack(dir: string, options: SuperviseOptions = {}
     });
   };
 
-  const policies = new Map<ServiceName, RestartPolicy>(plan.services.map((s) => [s.name, new RestartPolicy(plan.restart)]));
+  const policies = new Map<SupervisedName, RestartPolicy>(plan.services.map((s) => [s.name, new RestartPolicy(plan.restart)]));
   const onExit = (s: SupervisedService, exit: ServiceExit, ranMs: number, restarts: number): void => {
     children.delete(s.name);
     // A signal to the supervisor exits it at once (see stop): no exit is decided after it.
@@ -113,7 +123,7 @@ export async function superviseStack(dir: string, options: SuperviseOptions = {}
     const decision: RestartDecision = policy.decide(exit, ranMs, lastExit.at);
     // Each decision is a line of the log before it is in stack.json: whoever sees the state (`up`
     // waiting for the service, `status`) finds the line that explains it.
-    const how = `${s.name} pid ${state.services[s.name].pid} ended (${describeExit(exit)}) after ${(ranMs / 1000).toFixed(1)} s`;
+    const how = `${s.name} pid ${recordOf(s.name)?.pid} ended (${describeExit(exit)}) after ${(ranMs / 1000).toFixed(1)} s`;
     switch (decision.kind) {
       case "restart": {
         report(`${how}: restarting in ${decision.delayMs} ms (${decision.restarts} of at most ${policy.maxRestarts} within ${policy.windowMs / 1000} s)`);

@@ -578,10 +578,19 @@ interface StackFile {
 function readStack(dir: string): StackFile {
   const file = join(resolve(dir), "stack.json");
   if (!existsSync(file)) throw new Error(`no stack is running from ${resolve(dir)} (no ${file}): start one with \`ioasidctl up\``);
-  const raw = JSON.parse(readFileSync(file, "utf8")) as { natsUrl: string; services: Record<string, { address: string }>; operatorCredentials?: string };
+  const raw = JSON.parse(readFileSync(file, "utf8")) as {
+    natsUrl: string;
+    services: Record<string, { address: string }>;
+    standbyCore?: { address: string };
+    operatorCredentials?: string;
+  };
+  const services = Object.fromEntries(Object.entries(raw.services).map(([k, v]) => [k, v.address]));
+  // `up --standby-core`: both cores, so the kit follows a takeover as ioasidctl does.
+  const core = services["ioasid-core"];
+  if (raw.standbyCore !== undefined && core !== undefined) services["ioasid-core"] = `ipv4:${core},${raw.standbyCore.address}`;
   return {
     natsUrl: raw.natsUrl,
-    services: Object.fromEntries(Object.entries(raw.services).map(([k, v]) => [k, v.address])),
+    services,
     ...(raw.operatorCredentials === undefined ? {} : { operatorCredentials: raw.operatorCredentials }),
   };
 }

@@ -74,7 +74,8 @@ export const commonRoleConfig = defineConfigSchema({
     default: 20_000,
     doc:
       "How long a state write JetStream did not acknowledge (timed out, or no JetStream answered) is retried, from its first failure, " +
-      "with backoff (0.1 s doubling to 2 s), before the role stops (exit 1: a restart restores what was kept and reconciles); 0: never retried.",
+      "with backoff (0.1 s doubling to 2 s), before the role stops (exit 1: a restart restores what was kept and reconciles); 0: never retried. " +
+      "At start, opening and reading the kept state is retried within the same bound while JetStream does not answer (a cluster electing leaders).",
   },
   ...busConfig,
 });

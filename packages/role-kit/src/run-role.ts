@@ -2,6 +2,7 @@ import {
   failStopOnWriteError,
   HistoryGate,
   RoleState,
+  retryTransient,
   startSubscriber,
   StateWriteError,
   type HistorySink,
@@ -188,31 +189,49 @@ export async function runRole<C extends RoleBaseConfig, T>(spec: RoleSpec<C, T>)
   }).catch((err: unknown) => fatal("cannot reach NATS: start nats-server with JetStream (-js) or set NATS_URL", { url: config.natsUrl, err: String(err) }));
   // The role's tables live in JetStream: a role killed with -9 comes back with them (the hardware
   // did not forget), then reconciles with the core.
-  const kept = await RoleState.open(nc, {
-    role,
-    instance,
-    prefix: config.prefix,
-    codec: spec.codec,
-    retry: {
-      attemptTimeoutMs: config.stateWriteTimeout ?? 5000,
-      retryMs: config.stateWriteRetry ?? 20_000,
-      // Issue 15: one write that timed out under load made KVM exit with nothing to restart it.
-      onRetry: (r) => {
-        const fields = {
-          attempt: r.attempt,
-          keys: r.keys.length,
-          sinceFirstFailureMs: r.elapsedMs,
-          boundMs: config.stateWriteRetry ?? 20_000,
-          err: String(r.error),
-        };
-        metrics?.writeRetried();
-        if (r.attempt === 2) logger.warn(fields, "state write not acknowledged by JetStream; retrying within the bound (IOASID_STATE_WRITE_RETRY)");
-        else logger.debug(fields, "state write retried");
+  // A start while JetStream fails over (a cluster electing leaders, or without quorum until a
+  // server is back: a timeout, no responder, a 503) waits for it within IOASID_STATE_WRITE_RETRY,
+  // as a state write does (issue 18: a role restarted during a nats-server's restart exited 1 and
+  // stayed down); anything else — a stream it may not read — still ends it at once.
+  const openRetryMs = config.stateWriteRetry ?? 20_000;
+  const openKept = () =>
+    RoleState.open(nc, {
+      role,
+      instance,
+      prefix: config.prefix,
+      codec: spec.codec,
+      retry: {
+        attemptTimeoutMs: config.stateWriteTimeout ?? 5000,
+        retryMs: config.stateWriteRetry ?? 20_000,
+        // Issue 15: one write that timed out under load made KVM exit with nothing to restart it.
+        onRetry: (r) => {
+          const fields = {
+            attempt: r.attempt,
+            keys: r.keys.length,
+            sinceFirstFailureMs: r.elapsedMs,
+            boundMs: config.stateWriteRetry ?? 20_000,
+            err: String(r.error),
+          };
+          metrics?.writeRetried();
+          if (r.attempt === 2) logger.warn(fields, "state write not acknowledged by JetStream; retrying within the bound (IOASID_STATE_WRITE_RETRY)");
+          else logger.debug(fields, "state write retried");
+        },
       },
-    },
-  }).catch((err: unknown) => fatal(`cannot open the ${role} state in JetStream (is nats-server running with -js?)`, { err: String(err) }));
-  // A kept state in another format (the JSON of earlier versions) is refused: the error says what to do.
-  const saved = await kept.load().catch((err: unknown) => fatal(`cannot read the ${role} kept state`, { err: String(err) }));
+    });
+  const onOpenRetry = (err: unknown, attempt: number) => {
+    if (attempt === 1)
+      logger.warn(
+        { boundMs: openRetryMs, err: String(err) },
+        "JetStream not answering while the kept state opens; retrying within the bound (IOASID_STATE_WRITE_RETRY)",
+      );
+  };
+  const kept = await retryTransient(openKept, { retryMs: openRetryMs, delayMs: 500, onRetry: onOpenRetry }).catch((err: unknown) =>
+    fatal(`cannot open the ${role} state in JetStream (is nats-server running with -js?)`, { err: String(err) }),
+  );
+  // A kept state in another format (the JSON of earlier versions) is refused at once: the error says what to do.
+  const saved = await retryTransient(() => kept.load(), { retryMs: openRetryMs, delayMs: 500, onRetry: onOpenRetry }).catch((err: unknown) =>
+    fatal(`cannot read the ${role} kept state`, { err: String(err) }),
+  );
   // Late-bound: the gate asks the role, which is built on the gate's store.
   const built: { parts?: RoleParts } = {};
   // History records wait until the tables they describe are kept (a crash takes back both).

@@ -267,6 +267,8 @@ export async function startNatsCluster(options: StartNatsClusterOptions = {}): P
       if (stopped !== undefined) throw new Error("the cluster was stopped");
       const m = children[i];
       if (m !== undefined && m.running()) await terminate(m, "SIGTERM", 5000);
+      // Checked again: a stop() while this one waited must not be followed by a server it never stops.
+      if (stopped !== undefined) throw new Error("the cluster was stopped");
       await launch(i);
       await untilJetStream(i);
     },
@@ -284,7 +286,13 @@ export async function startNatsCluster(options: StartNatsClusterOptions = {}): P
         const nc = await connect({ servers: running().map((n) => n.url), reconnect: false, timeout: 2000, ...auth }).catch(() => undefined);
         if (nc === undefined) return false;
         try {
-          const names = ((await request(nc, "$JS.API.STREAM.NAMES"))["streams"] as string[] | null) ?? [];
+          // An error answer (a meta group without a leader answers 503) is not "no streams".
+          const listed = await request(nc, "$JS.API.STREAM.NAMES");
+          if (listed["error"] !== undefined) {
+            behind = [`stream names: ${JSON.stringify(listed["error"])}`];
+            return false;
+          }
+          const names = (listed["streams"] as string[] | null) ?? [];
           const now: string[] = [];
           for (const name of names) {
             const info = await request(nc, `$JS.API.STREAM.INFO.${name}`);

@@ -78,6 +78,14 @@ describe("startService", () => {
     );
   });
 
+  it("kills it and rejects when its signal aborts before it listens (a standby that never serves)", async () => {
+    const entry = await fixture("silent", SILENT_SERVICE);
+    const controller = new AbortController();
+    const started = startService({ name: "fake-core", entry, readyTimeoutMs: 60_000, signal: controller.signal });
+    controller.abort();
+    await expect(started).rejects.toThrow(/service fake-core exited \(.*SIGKILL/s);
+  });
+
   it("kills it and rejects when it does not listen in time", async () => {
     const entry = await fixture("silent", SILENT_SERVICE);
     await expect(startService({ name: "fake-core", entry, readyTimeoutMs: 300 })).rejects.toThrow(

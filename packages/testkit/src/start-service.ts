@@ -34,6 +34,11 @@ export interface StartServiceOptions {
    * a service that listens only later, if ever (a standby core behind the serving core's lease).
    */
   readonly signal?: AbortSignal;
+  /**
+   * Told of each line of its output as it comes, from the start: what a test waits for before the
+   * service listens (a line saying it retries something, say).
+   */
+  readonly onLine?: (line: string, stream: "stdout" | "stderr") => void;
 }
 
 /** A service process started by {@link startService}. */
@@ -101,6 +106,7 @@ export async function startService(options: StartServiceOptions): Promise<Servic
     if (metricsUrl === undefined && stream === "stdout") metricsUrl = metricsListening(line);
   };
   const stopScanning = managed.output.onLine(scan);
+  if (options.onLine !== undefined) managed.output.onLine(options.onLine);
   const onAbort = () => void terminate(managed, "SIGKILL", 1000).catch(() => undefined);
   if (options.signal?.aborted === true) onAbort();
   else options.signal?.addEventListener("abort", onAbort, { once: true });

@@ -5,6 +5,7 @@ import {
   createLogger,
   createMetricsRegistry,
   credentialsOrExit,
+  formatAddress,
   holdSignals,
   metricsListen,
   runUntilSignal,
@@ -56,6 +57,12 @@ if (config.standby) {
   }
   logger.warn({ leaseMs: config.leaseMs }, "the serving core's lease expired: taking over (replaying the operation log, sealing it)");
 }
+// This core holds the lease from now on — from before its replay, not only once it listens: a
+// standby that started meanwhile (a supervisor bringing the dead core back as the standby) waits
+// behind it instead of taking over too. A replay longer than that standby's lease made both cores
+// replay and seal, the later one fencing the first (the ioasidctl standby review). A start that
+// fails ends the process, and with it the lease.
+const lease = serveLease(nc, config.prefix, { pid: process.pid, address: formatAddress(config.address.host, config.address.port) });
 // Prometheus text on its own port (IOASID_METRICS_PORT; off: none), up before the gRPC server.
 const metricsAt = metricsListen(config);
 const metrics = metricsAt === undefined ? undefined : createMetricsRegistry();
@@ -119,8 +126,6 @@ for (let attempt = 1; running === undefined; attempt++) {
     await new Promise((r) => setTimeout(r, 250));
   }
 }
-// This core holds the lease from now on: a standby waits while it answers.
-const lease = serveLease(nc, config.prefix, { pid: process.pid, address: `${config.address.host}:${running.server.port ?? config.address.port}` });
 runUntilSignal(running.server, {
   logger,
   beforeExit: async () => {
