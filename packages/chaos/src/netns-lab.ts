@@ -1,5 +1,5 @@
 import { execFile, spawn, type ChildProcess } from "node:child_process";
-import { mkdtempSync, rmSync } from "node:fs";
+import { mkdtempSync, readdirSync, rmSync } from "node:fs";
 import { connect, createServer, type Server, type Socket } from "node:net";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
@@ -166,7 +166,8 @@ async function killInside(ns: string): Promise<void> {
 
 /**
  * Removes the namespaces of labs whose process is dead (a run that was killed before its
- * `destroy`): `iof-<pid>-…` with no process `pid`. Returns the namespaces removed.
+ * `destroy`): `iof-<pid>-…` with no process `pid`, and their directories in the temp dir. Returns
+ * the namespaces removed.
  */
 export async function destroyStaleLabs(): Promise<string[]> {
   const removed: string[] = [];
@@ -177,6 +178,10 @@ export async function destroyStaleLabs(): Promise<string[]> {
     await killInside(ns);
     await run(["ip", "netns", "del", ns]).catch(() => undefined);
     removed.push(ns);
+  }
+  for (const entry of readdirSync(tmpdir())) {
+    const m = /^iof-(\d+)-[0-9a-z]+-[A-Za-z0-9]{6}$/.exec(entry);
+    if (m !== null && !alive(Number(m[1]))) rmSync(join(tmpdir(), entry), { recursive: true, force: true });
   }
   return removed;
 }
