@@ -1,4 +1,5 @@
 import { describeAction, eventOf, type HistoryActionCase, type HistoryRecord } from "@ioasid/bus";
+import { orderHistory } from "@ioasid/checker";
 import type { StackClients } from "./clients.js";
 
 /** One checked invariant. */
@@ -78,12 +79,19 @@ export async function checkInvariants(kind: "normal" | "crash", c: StackClients,
 
   // S5: after FREE, KVM's entry is cleared before the device is drained and cleared, which is
   // before the IOMMU tears down its PASID entry; the references are released in that order too,
-  // and the reclaim comes last.
+  // and the reclaim comes last. Ordered as the checker orders (issue 18, order without clocks):
+  // by the records' sequences and causal links, not by the times different processes stamped —
+  // a busy machine once made the core stamp KVM's release after VDCM stamped its clear, which the
+  // release had caused, and the scenario failed S5 with nothing out of order.
   if (free !== undefined) {
-    const after = mine.filter((r) => r.ts >= free.ts);
+    const order = orderHistory(input.records);
+    const position = new Map<HistoryRecord, number>();
+    order.order.forEach((index, at) => position.set(input.records[index]!, at));
+    const at = (r: HistoryRecord) => position.get(r) ?? -1;
+    const after = mine.filter((r) => at(r) >= at(free)).sort((a, b) => at(a) - at(b));
     const first = (role: string, action: HistoryActionCase) => after.find((r) => r.role === role && r.action?.$case === action);
     const putBy = (role: string) => after.find((r) => r.action?.$case === "ioasidPut" && r.action.value.holder?.role === role);
-    const order = [
+    const steps = [
       ["kvm clears", first("kvm", "vmcsUpdate")],
       ["kvm releases", putBy("kvm")],
       ["vdcm drains/clears", first("vdcm", "vdevClear")],
@@ -92,8 +100,8 @@ export async function checkInvariants(kind: "normal" | "crash", c: StackClients,
       ["iommu releases", putBy("iommu")],
       ["reclaim", reclaim],
     ] as const;
-    const present = order.filter(([, r]) => r !== undefined) as Array<readonly [string, HistoryRecord]>;
-    const sorted = present.every(([, r], i) => i === 0 || r.ts >= present[i - 1]![1].ts);
+    const present = steps.filter(([, r]) => r !== undefined) as Array<readonly [string, HistoryRecord]>;
+    const sorted = present.every(([, r], i) => i === 0 || at(r) >= at(present[i - 1]![1]));
     add("S5", "teardown order after FREE: KVM → device → IOMMU → reclaim", sorted, present.map(([n]) => n).join(" → "));
   } else {
     add("S5", "teardown order after FREE", false, "no FREE recorded");
