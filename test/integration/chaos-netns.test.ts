@@ -1,9 +1,9 @@
-import { execFile, spawn } from "node:child_process";
+import { execFile } from "node:child_process";
 import { mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join, resolve } from "node:path";
 import { fileURLToPath } from "node:url";
-import { createChaosClients, netnsAvailable, readFinalState, startChaosStack, type ChaosStack, type NetnsLab } from "@ioasid/chaos";
+import { createChaosClients, labReaches as reaches, netnsAvailable, readFinalState, startChaosStack, type ChaosStack } from "@ioasid/chaos";
 import { waitFor } from "@ioasid/testkit";
 import { connect } from "@nats-io/transport-node";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
@@ -18,24 +18,6 @@ const availability = await netnsAvailable();
 function run(cmd: string, args: string[]): Promise<string> {
   return new Promise((res, rej) => {
     execFile(cmd, args, { timeout: 10_000, encoding: "utf8" }, (err, out) => (err === null ? res(out) : rej(err)));
-  });
-}
-
-/** Whether a TCP connection from inside `from` to `address:port` is answered within 2 s. */
-function reaches(lab: NetnsLab, from: string, address: string, port: number): Promise<boolean> {
-  const probe = `const s = require("node:net").connect({ host: process.argv[1], port: Number(process.argv[2]) });
-s.on("connect", () => process.exit(0));
-s.on("error", (e) => process.exit(e.code === "ECONNREFUSED" ? 0 : 1));
-setTimeout(() => process.exit(1), 2000);`;
-  const [cmd, ...args] = lab.exec(from);
-  return new Promise((res, rej) => {
-    const child = spawn(cmd!, [...args, process.execPath, "-e", probe, address, String(port)], { stdio: "ignore" });
-    const timer = setTimeout(() => child.kill("SIGKILL"), 10_000);
-    child.once("error", rej);
-    child.once("exit", (code) => {
-      clearTimeout(timer);
-      res(code === 0);
-    });
   });
 }
 

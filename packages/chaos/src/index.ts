@@ -58,6 +58,7 @@ export {
 export {
   createNetnsLab,
   destroyStaleLabs,
+  labReaches,
   netnsAvailable,
   type LabCut,
   type LabGateway,

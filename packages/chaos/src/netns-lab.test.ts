@@ -1,4 +1,4 @@
-import { execFile, spawn } from "node:child_process";
+import { execFile } from "node:child_process";
 import { existsSync } from "node:fs";
 import { mkdtemp, rm, writeFile } from "node:fs/promises";
 import { tmpdir } from "node:os";
@@ -6,7 +6,7 @@ import { join } from "node:path";
 import { spawnManaged, terminate, waitFor, type ManagedChild } from "@ioasid/testkit";
 import { connect, type NatsConnection } from "@nats-io/transport-node";
 import { afterEach, describe, expect, it } from "vitest";
-import { createNetnsLab, destroyStaleLabs, netnsAvailable, type LabGateway, type NetnsLab } from "./netns-lab.js";
+import { createNetnsLab, destroyStaleLabs, labReaches as reaches, netnsAvailable, type LabGateway, type NetnsLab } from "./netns-lab.js";
 
 const availability = await netnsAvailable();
 
@@ -22,27 +22,6 @@ async function namespacesOf(prefix: string): Promise<string[]> {
     .split("\n")
     .map((l) => l.trim().split(/\s+/)[0] ?? "")
     .filter((n) => n.startsWith(prefix));
-}
-
-/**
- * Whether a TCP connection from inside `from` to `address:port` gets an answer (accepted or
- * refused: the peer's kernel answered) within 2 s; a partitioned peer never answers.
- */
-function reaches(lab: NetnsLab, from: string, address: string, port: number): Promise<boolean> {
-  const probe = `const s = require("node:net").connect({ host: process.argv[1], port: Number(process.argv[2]) });
-s.on("connect", () => process.exit(0));
-s.on("error", (e) => process.exit(e.code === "ECONNREFUSED" ? 0 : 1));
-setTimeout(() => process.exit(1), 2000);`;
-  const [cmd, ...args] = lab.exec(from);
-  return new Promise((resolve, reject) => {
-    const child = spawn(cmd!, [...args, process.execPath, "-e", probe, address, String(port)], { stdio: "ignore" });
-    const timer = setTimeout(() => child.kill("SIGKILL"), 10_000);
-    child.once("error", reject);
-    child.once("exit", (code) => {
-      clearTimeout(timer);
-      resolve(code === 0);
-    });
-  });
 }
 
 // Skipped only when not root; as root, a machine without namespaces fails (the reason in the message).

@@ -464,3 +464,25 @@ export async function createNetnsLab(options: NetnsLabOptions): Promise<NetnsLab
   };
   return lab;
 }
+
+/**
+ * Whether a TCP connection from inside host `from` to `address:port` gets an answer (accepted or
+ * refused: the peer's kernel answered) within 2 s; a partitioned peer never answers. What the
+ * lab's tests probe a partition with.
+ */
+export function labReaches(lab: NetnsLab, from: string, address: string, port: number): Promise<boolean> {
+  const probe = `const s = require("node:net").connect({ host: process.argv[1], port: Number(process.argv[2]) });
+s.on("connect", () => process.exit(0));
+s.on("error", (e) => process.exit(e.code === "ECONNREFUSED" ? 0 : 1));
+setTimeout(() => process.exit(1), 2000);`;
+  const [cmd, ...args] = lab.exec(from);
+  return new Promise((resolve, reject) => {
+    const child = spawn(cmd!, [...args, process.execPath, "-e", probe, address, String(port)], { stdio: "ignore" });
+    const timer = setTimeout(() => child.kill("SIGKILL"), 10_000);
+    child.once("error", reject);
+    child.once("exit", (code) => {
+      clearTimeout(timer);
+      resolve(code === 0);
+    });
+  });
+}
