@@ -64,9 +64,11 @@ describe("a role's state write that JetStream does not acknowledge", () => {
     expect([...kept.values()].some((e) => e.entry?.$case === "device" && e.entry.value.deviceId === "slow0")).toBe(true);
   }, 60_000);
 
-  it("keeps each key's order: an earlier write retried after a later one was kept writes the later value, never its own", async () => {
+  it("keeps each key's order: a later write of a key made while an earlier one is retried is kept after it, and its value stays", async () => {
     const key = "dev/ordered";
     let retries = 0;
+    const settled: number[] = [];
+    let later: Promise<void> | undefined;
     const store: RoleState<Entry> = await RoleState.open(f.nc, {
       prefix: "retry-order",
       role: "vdcm",
@@ -75,23 +77,26 @@ describe("a role's state write that JetStream does not acknowledge", () => {
       retry: {
         attemptTimeoutMs: 300,
         retryMs: 20_000,
-        // Before the earlier write's first retry: NATS back, and a later write of the same key kept.
+        // Before the earlier write's first retry: NATS back, and a later write of the same key made.
+        // Writes are grouped, one group in flight (issue 15): the later write waits for the retried
+        // one, so the retry cannot overtake it and store the older value last.
         onRetry: async () => {
           if (retries++ > 0) return;
           await resumeNats();
-          await store.write([{ key, value: device("ordered", 2) }]);
+          later = store.write([{ key, value: device("ordered", 2) }]).then(() => void settled.push(2));
         },
       },
     });
     try {
       await stopNats();
-      await store.write([{ key, value: device("ordered", 1) }]);
+      await store.write([{ key, value: device("ordered", 1) }]).then(() => void settled.push(1));
+      await later;
     } finally {
       await resumeNats();
     }
     expect(retries).toBeGreaterThan(0);
-    // The retry wrote the key's latest value again (2): a retry of its own value (1) would have been
-    // stored after 2 and brought the older table back.
+    expect(settled).toEqual([1, 2]);
+    // The later value (2) is what is kept: the retried write of 1 was stored before it.
     const reader = await RoleState.open(f.nc, { prefix: "retry-order", role: "vdcm", instance: "o", codec });
     expect(await reader.load()).toEqual(new Map([[key, device("ordered", 2)]]));
   }, 60_000);

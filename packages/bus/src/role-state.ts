@@ -1,6 +1,7 @@
 import { jetstream, jetstreamManager, AckPolicy, DeliverPolicy, DiscardPolicy, JetStreamApiError, RetentionPolicy, StorageType } from "@nats-io/jetstream";
 import { headers as natsHeaders, type MsgHdrs, type NatsConnection } from "@nats-io/transport-node";
 import { Code, DomainError } from "@ioasid/errors";
+import { bus } from "@ioasid/proto";
 import { DEFAULT_PREFIX, encodeToken } from "./subjects.js";
 
 // A role's own state (its modelled hardware: VMCS tables, device PASID entries, IOMMU PASID tables)
@@ -17,7 +18,12 @@ export const RoleStateHeaders = {
   FORMAT: "Ioasid-Format",
   /** The entry's key (subjects encode it: the header keeps it readable as written). */
   KEY: "Ioasid-State-Key",
+  /** On a journal message: the full name of its entries' message (the role's `<Role>StateEntry`). */
+  ENTRY_FORMAT: "Ioasid-Entry-Format",
 } as const;
+
+/** The `Ioasid-Format` of a journal message (several entries in one message). */
+export const ROLE_STATE_JOURNAL_FORMAT = "ioasid.bus.v1.RoleStateJournal";
 
 /** Stable reason of a {@link DomainError} for a kept state this role cannot read. */
 export const ROLE_STATE_UNREADABLE = "ROLE_STATE_UNREADABLE";
@@ -93,6 +99,15 @@ function roleStatePrefix(prefix: string, role: string, instance: string): string
 }
 
 /**
+ * Subject of one journal slot of a role instance's state: `<…>.~j.<slot>`. Two tokens, and `~j` is
+ * no encoded key (encodeToken writes `~` only before two hex digits or `u`), so no key's subject
+ * is a slot's.
+ */
+export function roleStateJournalSubject(prefix: string, role: string, instance: string, slot: number): string {
+  return `${roleStatePrefix(prefix, role, instance)}.~j.${slot}`;
+}
+
+/**
  * Creates the role-state stream if it does not exist. The core does at start: with authorization
  * on (DESIGN §11) a role may not create streams, so the stream must be there before the roles.
  * @throws Error saying so when the stream is missing and this user may not create it
@@ -141,6 +156,21 @@ export interface RoleStateOptions<T> {
   readonly replicas?: number;
   /** How a failed write is retried before it is given up (see {@link StateWriteRetryOptions}). */
   readonly retry?: StateWriteRetryOptions;
+  /** The journal's shape (tests make it small). */
+  readonly journal?: RoleStateJournalOptions;
+}
+
+/**
+ * How {@link RoleState} groups writes into journal messages (issue 15: "one store write per batch,
+ * not per entry").
+ */
+export interface RoleStateJournalOptions {
+  /** Journal slots (subjects) reused in a ring. @default 256 */
+  readonly slots?: number;
+  /** Most bytes of entries in one journal message (a larger write takes several). @default 262144 */
+  readonly maxBytes?: number;
+  /** A write of fewer distinct keys than this is published one message per key. @default 3 */
+  readonly minKeys?: number;
 }
 
 /**
@@ -192,17 +222,28 @@ export class StateWriteError extends Error {
 /**
  * The state of one role instance in JetStream, in the role's proto format.
  *
+ * Writes are grouped (issue 15: "one store write per batch, not per entry"; the crashed-guest bench
+ * spent most of its time in one JetStream publish per entry): one group is published at a time, in
+ * call order, and every write made meanwhile joins the next group. A group of a few keys is
+ * published one message per key (`<…>.<key>`); a larger one as one {@link bus.RoleStateJournal}
+ * message on a journal slot (`<…>.~j.<slot>`), the slots reused in a ring. Before a slot is reused,
+ * every entry whose latest change only that slot holds is published on its own key's subject. A
+ * reader applies the last message of every subject in stream-sequence order (see {@link load}).
+ *
  * @example
  * const store = await RoleState.open(nc, { role: "vdcm", instance: "vdcm0", codec: vdcmStateCodec });
  * const saved = await store.load();          // key → entry, as last written
  * await store.write([{ key: "entry/dsa0/1", value: { kind: "pasidEntry", ... } }]);
  */
 export class RoleState<T> implements RoleStatePort<T> {
-  /**
-   * The latest message given for each subject a write in flight covers, with the number of writes
-   * in flight that cover it: what a retry publishes (see {@link write}).
-   */
-  readonly #latest = new Map<string, { data: Uint8Array; headers: MsgHdrs; writes: number }>();
+  /** Writes waiting for the next group. */
+  #waiting: Array<{ readonly changes: readonly EncodedChange[]; readonly resolve: () => void; readonly reject: (err: unknown) => void }> = [];
+  #publishing = false;
+  /** The journal's bookkeeping, from {@link load} (or a scan before the first group). */
+  #index: JournalIndex | undefined;
+  readonly #slots: number;
+  readonly #maxBytes: number;
+  readonly #minKeys: number;
 
   private constructor(
     private readonly nc: NatsConnection,
@@ -211,36 +252,69 @@ export class RoleState<T> implements RoleStatePort<T> {
     private readonly instance: string,
     private readonly codec: StateCodec<T>,
     private readonly retry: StateWriteRetryOptions,
-  ) {}
+    journal: RoleStateJournalOptions,
+  ) {
+    this.#slots = Math.max(1, journal.slots ?? 256);
+    const maxPayload = nc.info?.max_payload ?? 1024 * 1024;
+    this.#maxBytes = Math.max(1024, Math.min(journal.maxBytes ?? 256 * 1024, Math.floor(maxPayload / 2)));
+    this.#minKeys = journal.minKeys ?? 3;
+  }
 
   /** Opens (creating the stream when missing) the state of `role`/`instance`. */
   static async open<T>(nc: NatsConnection, options: RoleStateOptions<T>): Promise<RoleState<T>> {
     const prefix = options.prefix ?? DEFAULT_PREFIX;
     await ensureRoleStateStream(nc, prefix, options.replicas ?? 1);
-    return new RoleState(nc, prefix, options.role, options.instance, options.codec, options.retry ?? {});
+    return new RoleState(nc, prefix, options.role, options.instance, options.codec, options.retry ?? {}, options.journal ?? {});
   }
 
-  /** The subjects of this instance's keys (a filter). */
+  /** The subjects of this instance's keys and journal slots (a filter). */
   get subjects(): string {
     return `${roleStatePrefix(this.prefix, this.role, this.instance)}.>`;
   }
 
   /**
-   * Every key of this instance with its last entry (deleted keys left out).
+   * Every key of this instance with its last entry (deleted keys left out): the last message of
+   * each subject — per-key messages and journal slots — applied in stream-sequence order.
    * @throws DomainError FAILED_PRECONDITION {@link ROLE_STATE_UNREADABLE} when an entry is not in
    *   this role's format (the JSON written before the typed format, another format, or bytes that
    *   do not decode): the message says how to start the role from an empty state. Nothing is
    *   guessed: a misread table would bring back entries the role never had.
    */
   async load(): Promise<Map<string, T>> {
+    const { latest, index, unreadable } = await this.#scan();
     const out = new Map<string, T>();
+    for (const [key, data] of latest) {
+      try {
+        out.set(key, this.codec.decode(data));
+      } catch (err) {
+        unreadable.push({
+          subject: `${this.subjects.slice(0, -1)}${encodeToken(key)}`,
+          format: this.codec.format,
+          json: false,
+          error: err instanceof Error ? err.message : String(err),
+        });
+      }
+    }
+    if (unreadable.length > 0) throw this.#unreadableError(roleStateStreamName(this.prefix), this.subjects, unreadable);
+    this.#index = index;
+    return out;
+  }
+
+  /**
+   * Reads the last message of every subject of this instance, in stream-sequence order, into each
+   * key's latest bytes (deleted keys left out) and the journal's bookkeeping.
+   */
+  async #scan(): Promise<{ latest: Map<string, Uint8Array>; index: JournalIndex; unreadable: Unreadable[] }> {
     const name = roleStateStreamName(this.prefix);
+    const index = new JournalIndex(this.#slots);
+    const latest = new Map<string, Uint8Array>();
+    const unreadable: Unreadable[] = [];
     const jsm = await jetstreamManager(this.nc);
     const filter = this.subjects;
     const info = await jsm.streams.info(name, { subjects_filter: filter });
-    if (Object.keys(info.state.subjects ?? {}).length === 0) return out;
+    if (Object.keys(info.state.subjects ?? {}).length === 0) return { latest, index, unreadable };
     const js = jetstream(this.nc);
-    const unreadable: Unreadable[] = [];
+    const messages: Array<{ seq: number; subject: string; data: Uint8Array; headers: MsgHdrs | undefined }> = [];
     // An ephemeral consumer of the last message of each subject (one filter: nats-server 2.9 has no
     // filter_subjects), read to its end.
     const ci = await jsm.consumers.add(name, {
@@ -259,26 +333,56 @@ export class RoleState<T> implements RoleStatePort<T> {
         for await (const m of batch) {
           got++;
           pending = m.info.pending;
-          if (m.data.length === 0) continue;
-          const format = m.headers?.get(RoleStateHeaders.FORMAT) ?? "";
-          const key = m.headers?.get(RoleStateHeaders.KEY) ?? "";
-          if (format !== this.codec.format || key === "") {
-            unreadable.push({ subject: m.subject, format, json: format === "" && m.data[0] === 0x7b /* { */ });
-            continue;
-          }
-          try {
-            out.set(key, this.codec.decode(m.data));
-          } catch (err) {
-            unreadable.push({ subject: m.subject, format, json: false, error: err instanceof Error ? err.message : String(err) });
-          }
+          messages.push({ seq: m.seq, subject: m.subject, data: m.data, headers: m.headers });
         }
         if (got === 0) throw new Error(`role state of ${this.role}/${this.instance}: the stream stopped answering with ${pending} left`);
       }
     } finally {
       await jsm.consumers.delete(name, ci.name).catch(() => undefined);
     }
-    if (unreadable.length > 0) throw this.#unreadableError(name, filter, unreadable);
-    return out;
+    // The last change of a key wins wherever it was written: apply in the order JetStream stored them.
+    messages.sort((a, b) => a.seq - b.seq);
+    const slotPrefix = `${roleStatePrefix(this.prefix, this.role, this.instance)}.~j.`;
+    for (const m of messages) {
+      const format = m.headers?.get(RoleStateHeaders.FORMAT) ?? "";
+      if (m.subject.startsWith(slotPrefix)) {
+        const slot = Number(m.subject.slice(slotPrefix.length));
+        const entryFormat = m.headers?.get(RoleStateHeaders.ENTRY_FORMAT) ?? "";
+        if (format !== ROLE_STATE_JOURNAL_FORMAT || entryFormat !== this.codec.format || !Number.isInteger(slot)) {
+          unreadable.push({ subject: m.subject, format: format === ROLE_STATE_JOURNAL_FORMAT ? entryFormat : format, json: false });
+          continue;
+        }
+        let journal: bus.RoleStateJournal;
+        try {
+          journal = bus.RoleStateJournal.decode(m.data);
+        } catch (err) {
+          unreadable.push({ subject: m.subject, format, json: false, error: err instanceof Error ? err.message : String(err) });
+          continue;
+        }
+        const keys = new Set<string>();
+        for (const e of journal.entries) {
+          keys.add(e.key);
+          if (e.entry.length === 0) latest.delete(e.key);
+          else latest.set(e.key, e.entry);
+          index.journaled(e.key, slot, e.entry);
+        }
+        index.filled(slot, keys);
+        continue;
+      }
+      const key = m.headers?.get(RoleStateHeaders.KEY) ?? "";
+      if (m.data.length === 0) {
+        latest.delete(key);
+        index.keyed(key, true);
+        continue;
+      }
+      if (format !== this.codec.format || key === "") {
+        unreadable.push({ subject: m.subject, format, json: format === "" && m.data[0] === 0x7b /* { */ });
+        continue;
+      }
+      latest.set(key, m.data);
+      index.keyed(key, true);
+    }
+    return { latest, index, unreadable };
   }
 
   #unreadableError(stream: string, filter: string, unreadable: readonly Unreadable[]): DomainError {
@@ -303,50 +407,112 @@ export class RoleState<T> implements RoleStatePort<T> {
   /**
    * @see RoleStatePort.write
    *
-   * A write JetStream did not acknowledge (its wait timed out: the server slow or briefly stopped;
-   * no JetStream answered) is made again, after 100 ms doubling to 2 s, until it is acknowledged or
-   * `retry.retryMs` passed since its first failure; then it rejects with a {@link StateWriteError}.
-   * A write the server refused (a JetStream API error: the same bytes would be refused again)
-   * rejects at once.
+   * Grouped: the write joins the next group to be published (one group in flight at a time, in
+   * call order), and resolves once its group was acknowledged — so a later write never overtakes an
+   * earlier one, and each key's stored value is the one written last.
    *
-   * Order per key: each key is one subject of which the stream keeps the last message, and
-   * messages are published in call order on one connection, so the value kept is the one published
-   * last. A retry therefore publishes each key's LATEST value given to any write (not the value this
-   * write was given): every message published for a key carries a value at least as new as any
-   * published before it, and a retried earlier write never overtakes a later one (a later write
-   * already acknowledged is written again, with the same value).
+   * A group JetStream did not acknowledge (its wait timed out: the server slow or briefly stopped;
+   * no JetStream answered) is published again, after 100 ms doubling to 2 s, until it is
+   * acknowledged or `retry.retryMs` passed since its first failure; then its writes reject with a
+   * {@link StateWriteError}. A group the server refused (a JetStream API error: the same bytes would
+   * be refused again) rejects at once.
    */
-  async write(changes: readonly StateChange<T>[]): Promise<void> {
-    if (changes.length === 0) return;
+  write(changes: readonly StateChange<T>[]): Promise<void> {
+    if (changes.length === 0) return Promise.resolve();
     // Encoded before anything is published: a change that cannot be encoded publishes nothing.
-    const messages = changes.map((c) => {
-      const h = natsHeaders();
-      h.set(RoleStateHeaders.FORMAT, this.codec.format);
-      h.set(RoleStateHeaders.KEY, c.key);
+    const encoded = changes.map((c): EncodedChange => {
       const data = c.value === undefined ? new Uint8Array() : this.codec.encode(c.value);
       if (c.value !== undefined && data.length === 0)
         throw new Error(`role state of ${this.role}/${this.instance}: entry ${c.key} encodes to nothing (its kind is not set)`);
-      return { subject: roleStateSubject(this.prefix, this.role, this.instance, c.key), key: c.key, data, headers: h };
+      return { key: c.key, data };
     });
-    // The last change of a key within one write is its latest value.
-    const subjects = [...new Map(messages.map((m) => [m.subject, m.key])).entries()];
-    for (const m of messages) {
-      const latest = this.#latest.get(m.subject);
-      this.#latest.set(m.subject, { data: m.data, headers: m.headers, writes: latest?.writes ?? 0 });
-    }
-    for (const [subject] of subjects) this.#latest.get(subject)!.writes++;
+    return new Promise<void>((resolve, reject) => {
+      this.#waiting.push({ changes: encoded, resolve, reject });
+      if (this.#publishing) return;
+      this.#publishing = true;
+      // After this turn: every write the same delivery batch's handlers make joins the group.
+      setImmediate(() => void this.#publishGroups());
+    });
+  }
+
+  /** Publishes the waiting writes as groups, one at a time, until none waits. */
+  async #publishGroups(): Promise<void> {
     try {
-      await this.#publishUntilKept(subjects);
-    } finally {
-      for (const [subject] of subjects) {
-        const latest = this.#latest.get(subject)!;
-        if (--latest.writes === 0) this.#latest.delete(subject);
+      while (this.#waiting.length > 0) {
+        const group = this.#waiting.splice(0);
+        try {
+          // The last change of a key within the group is its latest value.
+          const latest = new Map<string, Uint8Array>();
+          for (const w of group) for (const c of w.changes) latest.set(c.key, c.data);
+          await this.#publishUntilKept(latest);
+          for (const w of group) w.resolve();
+        } catch (err) {
+          // The kept state is now unknown to the bookkeeping: the next group scans again.
+          this.#index = undefined;
+          for (const w of group) w.reject(err);
+        }
       }
+    } finally {
+      this.#publishing = false;
     }
   }
 
-  /** Publishes each subject's latest message, and again after a failure, within the retry bound. */
-  async #publishUntilKept(subjects: ReadonlyArray<readonly [subject: string, key: string]>): Promise<void> {
+  /**
+   * The messages of one group, in publish order, with the bookkeeping updated as if they were kept.
+   * A journal needs the bookkeeping: the first one after a start (or a failed group) reads it.
+   */
+  async #plan(latest: ReadonlyMap<string, Uint8Array>): Promise<PlannedMessage[]> {
+    const keyMessage = (key: string, data: Uint8Array): PlannedMessage => {
+      const h = natsHeaders();
+      h.set(RoleStateHeaders.FORMAT, this.codec.format);
+      h.set(RoleStateHeaders.KEY, key);
+      this.#index?.keyed(key, true);
+      return { subject: roleStateSubject(this.prefix, this.role, this.instance, key), data, headers: h };
+    };
+    const out: PlannedMessage[] = [];
+    if (latest.size < this.#minKeys) {
+      for (const [key, data] of latest) out.push(keyMessage(key, data));
+      return out;
+    }
+    const index = (this.#index ??= (await this.#scan()).index);
+    let chunk: Array<[string, Uint8Array]> = [];
+    let bytes = 0;
+    const flush = (): void => {
+      if (chunk.length === 0) return;
+      const slot = index.takeSlot();
+      const inChunk = new Set(chunk.map(([key]) => key));
+      // Entries whose latest change only this slot holds go to their own subjects first.
+      for (const [key, data] of index.evict(slot)) {
+        if (inChunk.has(key)) continue;
+        if (data.length > 0 || index.hasKeyMessage(key)) out.push(keyMessage(key, data));
+        else index.keyed(key, false); // deleted, and no message of its own to cover: nothing to keep
+      }
+      for (const [key, data] of chunk) index.journaled(key, slot, data);
+      index.filled(slot, inChunk);
+      const h = natsHeaders();
+      h.set(RoleStateHeaders.FORMAT, ROLE_STATE_JOURNAL_FORMAT);
+      h.set(RoleStateHeaders.ENTRY_FORMAT, this.codec.format);
+      const data = bus.RoleStateJournal.encode({
+        entries: chunk.map(([key, entry]) => ({ key, entry: Buffer.from(entry.buffer, entry.byteOffset, entry.byteLength) })),
+      }).finish();
+      out.push({ subject: roleStateJournalSubject(this.prefix, this.role, this.instance, slot), data, headers: h });
+      chunk = [];
+      bytes = 0;
+    };
+    for (const [key, data] of latest) {
+      const size = key.length + data.length + 8;
+      if (bytes + size > this.#maxBytes) flush();
+      chunk.push([key, data]);
+      bytes += size;
+    }
+    flush();
+    return out;
+  }
+
+  /** Publishes a group's messages, and the same messages again after a failure, within the retry bound. */
+  async #publishUntilKept(latest: ReadonlyMap<string, Uint8Array>): Promise<void> {
+    const keys = latest.size;
+    let messages: PlannedMessage[] | undefined;
     const js = jetstream(this.nc);
     const attemptTimeoutMs = this.retry.attemptTimeoutMs ?? 5000;
     const retryMs = this.retry.retryMs ?? 20_000;
@@ -357,18 +523,14 @@ export class RoleState<T> implements RoleStatePort<T> {
       try {
         // Published in order, synchronously (one connection keeps it); acknowledged together.
         const timeout = Math.max(1, Math.min(attemptTimeoutMs, left));
-        await Promise.all(
-          subjects.map(([subject]) => {
-            const m = this.#latest.get(subject)!;
-            return js.publish(subject, m.data, { headers: m.headers, timeout });
-          }),
-        );
+        messages ??= await this.#plan(latest);
+        await Promise.all(messages.map((m) => js.publish(m.subject, m.data, { headers: m.headers, timeout })));
         return;
       } catch (err) {
         firstFailure ??= Date.now();
         const elapsedMs = Date.now() - firstFailure;
         if (err instanceof JetStreamApiError || elapsedMs + delayMs >= retryMs) {
-          const what = `role state of ${this.role}/${this.instance}: a write of ${subjects.length} key${subjects.length === 1 ? "" : "s"}`;
+          const what = `role state of ${this.role}/${this.instance}: a write of ${keys} key${keys === 1 ? "" : "s"}`;
           throw new StateWriteError(
             err instanceof JetStreamApiError
               ? `${what} was refused by JetStream: ${String(err)}`
@@ -379,7 +541,7 @@ export class RoleState<T> implements RoleStatePort<T> {
         }
         await new Promise((r) => setTimeout(r, delayMs));
         delayMs = Math.min(delayMs * 2, 2000);
-        await this.retry.onRetry?.({ attempt: attempt + 1, keys: subjects.map(([, key]) => key), error: err, elapsedMs: Date.now() - firstFailure });
+        await this.retry.onRetry?.({ attempt: attempt + 1, keys: [...latest.keys()], error: err, elapsedMs: Date.now() - firstFailure });
       }
     }
   }
@@ -388,6 +550,74 @@ export class RoleState<T> implements RoleStatePort<T> {
   async clear(): Promise<void> {
     const jsm = await jetstreamManager(this.nc);
     await jsm.streams.purge(roleStateStreamName(this.prefix), { filter: this.subjects });
+    this.#index = new JournalIndex(this.#slots);
+  }
+}
+
+/** One change, encoded (empty: deleted). */
+interface EncodedChange {
+  readonly key: string;
+  readonly data: Uint8Array;
+}
+
+/** One message of a group. */
+interface PlannedMessage {
+  readonly subject: string;
+  readonly data: Uint8Array;
+  readonly headers: MsgHdrs;
+}
+
+/**
+ * What a writer must know of its journal: which slot comes next, which keys each slot holds, and
+ * for each key whose latest change only a slot holds, that slot and the change (to publish on the
+ * key's own subject before the slot is reused). Also which keys have a message of their own (a
+ * deletion must cover it; a key that never had one needs no tombstone).
+ */
+class JournalIndex {
+  readonly #slotKeys: Array<Set<string> | undefined>;
+  readonly #home = new Map<string, { slot: number; data: Uint8Array }>();
+  readonly #keyMessages = new Set<string>();
+  #next = 0;
+
+  constructor(readonly slots: number) {
+    this.#slotKeys = new Array(slots);
+  }
+
+  /** A journal message on `slot` (as read or as written): the next slot is the one after it. */
+  filled(slot: number, keys: Set<string>): void {
+    if (slot < this.slots) this.#slotKeys[slot] = keys;
+    this.#next = (slot + 1) % this.slots;
+  }
+
+  /** The latest change of `key` is in `slot`'s journal message. */
+  journaled(key: string, slot: number, data: Uint8Array): void {
+    this.#home.set(key, { slot, data });
+  }
+
+  /** The latest change of `key` is on its own subject (`present`: a message is there). */
+  keyed(key: string, present: boolean): void {
+    this.#home.delete(key);
+    if (present) this.#keyMessages.add(key);
+    else this.#keyMessages.delete(key);
+  }
+
+  hasKeyMessage(key: string): boolean {
+    return this.#keyMessages.has(key);
+  }
+
+  takeSlot(): number {
+    return this.#next;
+  }
+
+  /** The changes only `slot` holds (to publish elsewhere before it is reused); forgets its keys. */
+  *evict(slot: number): Generator<[string, Uint8Array]> {
+    const keys = this.#slotKeys[slot];
+    this.#slotKeys[slot] = undefined;
+    if (keys === undefined) return;
+    for (const key of keys) {
+      const home = this.#home.get(key);
+      if (home?.slot === slot) yield [key, home.data];
+    }
   }
 }
 

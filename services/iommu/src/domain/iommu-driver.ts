@@ -36,7 +36,7 @@ import { PageRequestQueue, ResponseSource, type FaultGroup, type PageResponseCod
 import { KeyedMutex } from "@ioasid/role-kit";
 import { FailNthOperation, noFailures, type FailNth } from "./fail-nth.js";
 import { ViommuTable, type Vdevice, type Veventq, type VeventqItem, type VeventqType, type Viommu, type ViommuHardwareView } from "./viommu.js";
-import type { RoleStatePort } from "@ioasid/bus";
+import type { RoleStatePort, StateChange } from "@ioasid/bus";
 
 /**
  * A history step as the IOMMU records it: the catalogue's action, except that the notifier
@@ -188,21 +188,43 @@ export class IommuDriver {
   readonly #store: RoleStatePort<IommuKeptEntry> | undefined;
   readonly #failNthControl: FailNth | undefined;
   readonly #failNth: Pick<FailNth, "begin">;
+  /** The store write in flight (or the last one), settled or not. */
   #persisting: Promise<void> = Promise.resolve();
+  /** The next write, not started yet: every persist() made meanwhile joins it. */
+  #nextWrite: Promise<void> | undefined;
   /** The vIOMMU objects (iommufd model, DESIGN §5): vIOMMUs, vdevices, vEVENTQs. */
   readonly viommus: ViommuTable;
 
   /**
    * Writes what changed in the hardware tables and the fault groups to the store. The service
    * calls it before it answers a call and before it acknowledges an event, so what a caller was
-   * told, or what the core was told was torn down, survives a crash. Writes are chained, in order.
+   * told, or what the core was told was torn down, survives a crash.
+   *
+   * Group commit (issue 15: "one store write per batch, not per entry"): writes are chained, one in
+   * flight at a time, in order; a persist() made while one is in flight joins the next write, which
+   * takes every change made until it starts. A delivery batch of 64 FREEs is then two writes, not 64
+   * in a row (the crashed-guest bench spent 33 of its 80 ms in that chain). A caller whose changes
+   * an earlier write took still waits for that write: the next one starts only after it.
    */
   persist(): Promise<void> {
-    const changes = [...this.hw.takeChanges(), ...this.prq.takeChanges(), ...this.viommus.takeChanges()];
-    if (this.#store === undefined || changes.length === 0) return this.#persisting;
     const store = this.#store;
-    this.#persisting = this.#persisting.catch(() => undefined).then(() => store.write(changes));
-    return this.#persisting;
+    if (store === undefined) {
+      this.#takeChanges();
+      return this.#persisting;
+    }
+    this.#nextWrite ??= this.#persisting
+      .catch(() => undefined)
+      .then(() => {
+        this.#nextWrite = undefined;
+        const changes = this.#takeChanges();
+        return changes.length === 0 ? undefined : store.write(changes);
+      });
+    this.#persisting = this.#nextWrite;
+    return this.#nextWrite;
+  }
+
+  #takeChanges(): StateChange<IommuKeptEntry>[] {
+    return [...this.hw.takeChanges(), ...this.prq.takeChanges(), ...this.viommus.takeChanges()];
   }
 
   constructor(options: IommuDriverOptions) {

@@ -129,6 +129,30 @@ export interface HelloReply {
   backlog: number;
 }
 
+/**
+ * RoleStateJournal is several entries of one role instance's kept state in one JetStream message
+ * (issue 15: one store write per batch, not one per entry). It is stored on
+ * `<prefix>.rolestate.<role>.<instance>.~j.<slot>` in the `<PREFIX>_ROLESTATE` stream, beside the
+ * per-key subjects `<prefix>.rolestate.<role>.<instance>.<key>` that hold one entry each, with the
+ * headers `Ioasid-Format: ioasid.bus.v1.RoleStateJournal` and `Ioasid-Entry-Format` (the role's
+ * `<Role>StateEntry` full name). The stream keeps the last message of every subject; a reader
+ * applies them in stream-sequence order, a journal's entries in their order, so the last change of
+ * a key wins wherever it was written. A writer reuses a slot only after re-publishing, per key,
+ * every entry whose latest change only that slot still holds.
+ */
+export interface RoleStateJournal {
+  /** The changes, in the order they were made. */
+  entries: RoleStateJournalEntry[];
+}
+
+/** RoleStateJournalEntry is one change of a kept state. */
+export interface RoleStateJournalEntry {
+  /** The entry's key, as in the `Ioasid-State-Key` header of a per-key message. */
+  key: string;
+  /** The role's `<Role>StateEntry` bytes; empty: the key was deleted. */
+  entry: Buffer;
+}
+
 function createBaseDelivery(): Delivery {
   return { registrationId: 0, event: undefined, attempt: 0 };
 }
@@ -752,6 +776,170 @@ export const HelloReply: MessageFns<HelloReply> = {
     return message;
   },
 };
+
+function createBaseRoleStateJournal(): RoleStateJournal {
+  return { entries: [] };
+}
+
+export const RoleStateJournal: MessageFns<RoleStateJournal> = {
+  encode(message: RoleStateJournal, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    for (const v of message.entries) {
+      RoleStateJournalEntry.encode(v!, writer.uint32(10).fork()).join();
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): RoleStateJournal {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseRoleStateJournal();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.entries.push(RoleStateJournalEntry.decode(reader, reader.uint32()));
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): RoleStateJournal {
+    return {
+      entries: globalThis.Array.isArray(object?.entries)
+        ? object.entries.map((e: any) => RoleStateJournalEntry.fromJSON(e))
+        : [],
+    };
+  },
+
+  toJSON(message: RoleStateJournal): unknown {
+    const obj: any = {};
+    if (message.entries?.length) {
+      obj.entries = message.entries.map((e) => RoleStateJournalEntry.toJSON(e));
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<RoleStateJournal>): RoleStateJournal {
+    return RoleStateJournal.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<RoleStateJournal>): RoleStateJournal {
+    const message = createBaseRoleStateJournal();
+    message.entries = object.entries?.map((e) => RoleStateJournalEntry.fromPartial(e)) || [];
+    return message;
+  },
+};
+
+function createBaseRoleStateJournalEntry(): RoleStateJournalEntry {
+  return { key: "", entry: Buffer.alloc(0) };
+}
+
+export const RoleStateJournalEntry: MessageFns<RoleStateJournalEntry> = {
+  encode(message: RoleStateJournalEntry, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.key !== "") {
+      writer.uint32(10).string(message.key);
+    }
+    if (message.entry.length !== 0) {
+      writer.uint32(18).bytes(message.entry);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): RoleStateJournalEntry {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseRoleStateJournalEntry();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.key = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.entry = Buffer.from(reader.bytes());
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): RoleStateJournalEntry {
+    return {
+      key: isSet(object.key) ? globalThis.String(object.key) : "",
+      entry: isSet(object.entry) ? Buffer.from(bytesFromBase64(object.entry)) : Buffer.alloc(0),
+    };
+  },
+
+  toJSON(message: RoleStateJournalEntry): unknown {
+    const obj: any = {};
+    if (message.key !== "") {
+      obj.key = message.key;
+    }
+    if (message.entry.length !== 0) {
+      obj.entry = base64FromBytes(message.entry);
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<RoleStateJournalEntry>): RoleStateJournalEntry {
+    return RoleStateJournalEntry.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<RoleStateJournalEntry>): RoleStateJournalEntry {
+    const message = createBaseRoleStateJournalEntry();
+    message.key = object.key ?? "";
+    message.entry = object.entry ?? Buffer.alloc(0);
+    return message;
+  },
+};
+
+function bytesFromBase64(b64: string): Uint8Array {
+  return Uint8Array.from(globalThis.Buffer.from(b64, "base64"));
+}
+
+function base64FromBytes(arr: Uint8Array): string {
+  return globalThis.Buffer.from(arr).toString("base64");
+}
 
 type Builtin = Date | Function | Uint8Array | string | number | boolean | bigint | undefined;
 
