@@ -114,7 +114,7 @@ describe("crashed VMM", () => {
     const [k, d, i] = await Promise.all([
       c.kvm.queryState({ vmId: 0 }),
       c.vdcm.queryState({ deviceIds: [] }),
-      c.iommu.queryState({ deviceIds: [], maxIotlbFlushes: 0 }),
+      c.iommu.queryState({ deviceIds: [], maxIotlbFlushes: 0, viommusOnly: false }),
     ]);
     for (const h of hpasids) {
       expect(findPasid(k, h), `kvm still has ${h}`).toEqual([]);

@@ -119,7 +119,7 @@ describe("isolation between guests", () => {
       kvm: (await c.kvm.queryState({ vmId: a.vmId })).vms[0]?.translations,
       vfio: JSON.stringify((await c.vfio.queryState({ containerId: a.containerId })).containers, (_k, v) => (typeof v === "bigint" ? String(v) : v)),
       vdcm: (await c.vdcm.queryState({ deviceIds: ["iax0"] })).devices[0]?.pasidEntries.map((e) => ({ ...e, programmedAt: undefined })),
-      iommu: JSON.stringify((await c.iommu.queryState({ deviceIds: ["iax0"], maxIotlbFlushes: 0 })).devices, (_k, v) =>
+      iommu: JSON.stringify((await c.iommu.queryState({ deviceIds: ["iax0"], maxIotlbFlushes: 0, viommusOnly: false })).devices, (_k, v) =>
         typeof v === "bigint" ? String(v) : v,
       ),
     });

@@ -119,6 +119,25 @@ describe("iommu: vIOMMU over a parent domain", () => {
   });
 });
 
+describe("iommu: QueryState viommus_only", () => {
+  it("answers the vIOMMU objects as a full QueryState has them, and nothing that grows with what the IOMMU holds", async () => {
+    const v = await vm();
+    await stack.iommu.allocVdevice(P(iommu.AllocVdeviceRequest, { viommuId: v.viommuId, deviceId: v.d1, virtId: 7n }));
+    const nested = await nestedOn(v);
+    await stack.iommu.attachDomain(attachAt(nested.domainId, v.d1));
+    const full = await stack.iommu.queryState(P(iommu.QueryStateRequest, { maxIotlbFlushes: 10 }));
+    expect(full.attachHandles.length).toBeGreaterThan(0);
+    const only = await stack.iommu.queryState(P(iommu.QueryStateRequest, { viommusOnly: true, maxIotlbFlushes: 10 }));
+    expect({ viommus: only.viommus, vdevices: only.vdevices, veventqs: only.veventqs }).toEqual({
+      viommus: full.viommus,
+      vdevices: full.vdevices,
+      veventqs: full.veventqs,
+    });
+    expect(only.viommus.some((x) => x.viommuId === v.viommuId)).toBe(true);
+    expect([only.devices, only.domains, only.attachHandles, only.svaBonds, only.faultGroups, only.iotlbFlushes]).toEqual([[], [], [], [], [], []]);
+  });
+});
+
 describe("iommu: vdevices", () => {
   it("a second vdevice with the same virt_id in one vIOMMU is ALREADY_EXISTS VDEVICE_EXISTS, and so is a device's second vdevice; another vIOMMU may reuse the virt_id", async () => {
     const client = stack.iommu;

@@ -72,7 +72,7 @@ async function snapshot(): Promise<string> {
     core.listIoasids({ setId: 0 }),
     core.listRegistrations({}),
     core.getStats({}),
-    iommu.queryState({ deviceIds: [], maxIotlbFlushes: 0 }),
+    iommu.queryState({ deviceIds: [], maxIotlbFlushes: 0, viommusOnly: false }),
     vfio.queryState({ containerId: 0 }),
     kvm.queryState({ vmId: 0 }),
     vdcm.queryState({ deviceIds: [] }),

@@ -91,7 +91,7 @@ async function snapshot(): Promise<string> {
       registrations: (await c.core.listRegistrations({})).registrations,
       kvm: (await c.kvm.queryState({ vmId: a.vmId })).vms[0]?.translations,
       vdcm: (await c.vdcm.queryState({ deviceIds: ["iax0"] })).devices[0]?.pasidEntries.map((e) => ({ ...e, programmedAt: undefined })),
-      iommu: (await c.iommu.queryState({ deviceIds: ["iax0"], maxIotlbFlushes: 0 })).devices,
+      iommu: (await c.iommu.queryState({ deviceIds: ["iax0"], maxIotlbFlushes: 0, viommusOnly: false })).devices,
       streams,
     },
     (_k, v: unknown) => (typeof v === "bigint" ? String(v) : v),

@@ -54,7 +54,7 @@ describe("a VMM's credential (issue 14, DESIGN §11)", () => {
       await refusedAsVmm(vmmKvm.destroyVm({ vmId: vm.vmId }), "KVM DestroyVm of another VM");
       await refusedAsVmm(vmmKvm.queryState({ vmId: 0 }), "KVM QueryState");
       await refusedAsVmm(vmmVdcm.removeDevice({ deviceId: "iax9" }), "VDCM RemoveDevice");
-      await refusedAsVmm(vmmIommu.queryState({ deviceIds: [], maxIotlbFlushes: 0 }), "IOMMU QueryState");
+      await refusedAsVmm(vmmIommu.queryState({ deviceIds: [], maxIotlbFlushes: 0, viommusOnly: false }), "IOMMU QueryState");
       await refusedAsVmm(vmmCore.listSets({}), "the core's ListSets");
       expect(
         JSON.stringify({

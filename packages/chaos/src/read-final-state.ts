@@ -23,7 +23,7 @@ export async function readFinalState(c: ChaosClients, instances: RoleInstances):
     c.core.listRegistrations({}),
     c.kvm.queryState({ vmId: 0 }),
     c.vdcm.queryState({ deviceIds: [] }),
-    c.iommu.queryState({ deviceIds: [], maxIotlbFlushes: 0 }),
+    c.iommu.queryState({ deviceIds: [], maxIotlbFlushes: 0, viommusOnly: false }),
   ]);
   const liveEntries: LiveEntry[] = [];
   for (const vm of k.vms) {

@@ -499,7 +499,7 @@ async function waitSlotFree(c: ChaosClients, slot: number, outcomes: readonly Gu
 async function settle(c: ChaosClients, timeoutMs: number): Promise<boolean> {
   const deadline = performance.now() + timeoutMs;
   while (performance.now() < deadline) {
-    const done = await Promise.all([c.core.listIoasids({ setId: 0 }), c.iommu.queryState({ deviceIds: [], maxIotlbFlushes: 0 })]).then(
+    const done = await Promise.all([c.core.listIoasids({ setId: 0 }), c.iommu.queryState({ deviceIds: [], maxIotlbFlushes: 0, viommusOnly: false })]).then(
       ([l, i]) => l.ioasids.length === 0 && i.faultGroups.length === 0,
       () => false,
     );

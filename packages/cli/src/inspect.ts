@@ -51,7 +51,7 @@ export async function gatherInspect(c: ServiceClients): Promise<InspectSnapshot>
     c.vfio.queryState({ containerId: 0 }),
     c.kvm.queryState({ vmId: 0 }),
     c.vdcm.queryState({ deviceIds: [] }),
-    c.iommu.queryState({ deviceIds: [], maxIotlbFlushes: 8 }),
+    c.iommu.queryState({ deviceIds: [], maxIotlbFlushes: 8, viommusOnly: false }),
   ]);
   const unreachable: Partial<Record<InspectSection, string>> = {};
   const take = <T>(section: InspectSection, r: PromiseSettledResult<T>): T | undefined => {

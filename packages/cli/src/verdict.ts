@@ -126,7 +126,7 @@ export async function checkInvariants(kind: "normal" | "crash", c: StackClients,
   const [k, d, i] = await Promise.all([
     c.kvm.queryState({ vmId: 0 }),
     c.vdcm.queryState({ deviceIds: [] }),
-    c.iommu.queryState({ deviceIds: [], maxIotlbFlushes: 0 }),
+    c.iommu.queryState({ deviceIds: [], maxIotlbFlushes: 0, viommusOnly: false }),
   ]);
   const live = [
     ...findPasid(k, input.hpasid).map((p) => `kvm ${p}`),

@@ -200,8 +200,23 @@ function rawHandlers(driver: IommuDriver): ServiceHandlers<typeof iommu.IommuSer
       return { code: fromResponseCode(g.responseCode), source: fromResponseSource(g.responseSource) };
     },
     queryState: (req) => {
-      const s = driver.snapshot(req.deviceIds, req.maxIotlbFlushes);
       const v = driver.viommus.snapshot();
+      if (req.viommusOnly) {
+        // VFIO's question at each container's teardown: nothing that grows with the PASIDs held.
+        return {
+          devices: [],
+          domains: [],
+          attachHandles: [],
+          svaBonds: [],
+          faultGroups: [],
+          iotlbFlushes: [],
+          takenAt: new Date(),
+          viommus: v.viommus.map(fromViommu),
+          vdevices: v.vdevices.map(fromVdevice),
+          veventqs: v.veventqs.map(fromVeventq),
+        };
+      }
+      const s = driver.snapshot(req.deviceIds, req.maxIotlbFlushes);
       const groups = driver.prq.outstanding({ deviceIds: new Set(s.devices.map((d) => d.deviceId)) });
       return {
         devices: s.devices.map((d) => fromDevice(d, driver.prq.outstandingRequests(d.deviceId))),

@@ -25,7 +25,7 @@ export function createIommuPort(client: IommuClient, owner: string): IommuPort {
     async checkDevice(deviceId) {
       // QueryState of the one device: DEVICE_NOT_FOUND when it is not registered; its handles say
       // whether something is attached to its requests without PASID. Reads only.
-      const r = await client.queryState({ deviceIds: [deviceId], maxIotlbFlushes: 0 });
+      const r = await client.queryState({ deviceIds: [deviceId], maxIotlbFlushes: 0, viommusOnly: false });
       const taken = r.attachHandles.find((h) => h.deviceId === deviceId && h.withoutPasid);
       if (taken !== undefined) {
         throw new DomainError(
@@ -115,7 +115,7 @@ export function createIommuPort(client: IommuClient, owner: string): IommuPort {
       });
     },
     async viommusOver(parentDomainId) {
-      const r = await client.queryState(iommu.QueryStateRequest.fromPartial({ maxIotlbFlushes: 0 }));
+      const r = await client.queryState(iommu.QueryStateRequest.fromPartial({ viommusOnly: true }));
       return r.viommus
         .filter((v) => v.parentDomainId === parentDomainId)
         .map((v) => ({

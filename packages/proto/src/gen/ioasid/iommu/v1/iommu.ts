@@ -1475,6 +1475,13 @@ export interface QueryStateRequest {
   deviceIds: string[];
   /** How many of the most recent IOTLB flush records to return; 0 = none. */
   maxIotlbFlushes: number;
+  /**
+   * Return only the vIOMMU objects (`viommus`, `vdevices`, `veventqs`) and `taken_at`: no devices,
+   * domains, handles, bonds, fault groups or flushes (`device_ids` and `max_iotlb_flushes` are
+   * ignored). What VFIO asks at each container's teardown: its cost does not grow with the PASIDs
+   * the IOMMU holds (issue 15: a crowd of containers closing together each read every handle).
+   */
+  viommusOnly: boolean;
 }
 
 /** QueryStateResponse is a snapshot of the IOMMU's state. */
@@ -8973,7 +8980,7 @@ export const AwaitPageResponseResponse: MessageFns<AwaitPageResponseResponse> = 
 };
 
 function createBaseQueryStateRequest(): QueryStateRequest {
-  return { deviceIds: [], maxIotlbFlushes: 0 };
+  return { deviceIds: [], maxIotlbFlushes: 0, viommusOnly: false };
 }
 
 export const QueryStateRequest: MessageFns<QueryStateRequest> = {
@@ -8983,6 +8990,9 @@ export const QueryStateRequest: MessageFns<QueryStateRequest> = {
     }
     if (message.maxIotlbFlushes !== 0) {
       writer.uint32(16).uint32(message.maxIotlbFlushes);
+    }
+    if (message.viommusOnly !== false) {
+      writer.uint32(24).bool(message.viommusOnly);
     }
     return writer;
   },
@@ -9016,6 +9026,14 @@ export const QueryStateRequest: MessageFns<QueryStateRequest> = {
             message.maxIotlbFlushes = reader.uint32();
             continue;
           }
+          case 3: {
+            if (tag !== 24) {
+              break;
+            }
+
+            message.viommusOnly = reader.bool();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -9040,6 +9058,11 @@ export const QueryStateRequest: MessageFns<QueryStateRequest> = {
         : isSet(object.max_iotlb_flushes)
         ? globalThis.Number(object.max_iotlb_flushes)
         : 0,
+      viommusOnly: isSet(object.viommusOnly)
+        ? globalThis.Boolean(object.viommusOnly)
+        : isSet(object.viommus_only)
+        ? globalThis.Boolean(object.viommus_only)
+        : false,
     };
   },
 
@@ -9051,6 +9074,9 @@ export const QueryStateRequest: MessageFns<QueryStateRequest> = {
     if (message.maxIotlbFlushes !== 0) {
       obj.maxIotlbFlushes = Math.round(message.maxIotlbFlushes);
     }
+    if (message.viommusOnly !== false) {
+      obj.viommusOnly = message.viommusOnly;
+    }
     return obj;
   },
 
@@ -9061,6 +9087,7 @@ export const QueryStateRequest: MessageFns<QueryStateRequest> = {
     const message = createBaseQueryStateRequest();
     message.deviceIds = object.deviceIds?.map((e) => e) || [];
     message.maxIotlbFlushes = object.maxIotlbFlushes ?? 0;
+    message.viommusOnly = object.viommusOnly ?? false;
     return message;
   },
 };
