@@ -165,7 +165,7 @@ export interface RoleStateOptions<T> {
  * not per entry").
  */
 export interface RoleStateJournalOptions {
-  /** Journal slots (subjects) reused in a ring. @default 256 */
+  /** Journal slots (subjects) reused in a ring (at most `slots × maxBytes` kept in journals per instance). @default 64 */
   readonly slots?: number;
   /** Most bytes of entries in one journal message (a larger write takes several). @default 262144 */
   readonly maxBytes?: number;
@@ -254,7 +254,7 @@ export class RoleState<T> implements RoleStatePort<T> {
     private readonly retry: StateWriteRetryOptions,
     journal: RoleStateJournalOptions,
   ) {
-    this.#slots = Math.max(1, journal.slots ?? 256);
+    this.#slots = Math.max(1, journal.slots ?? 64);
     const maxPayload = nc.info?.max_payload ?? 1024 * 1024;
     this.#maxBytes = Math.max(1024, Math.min(journal.maxBytes ?? 256 * 1024, Math.floor(maxPayload / 2)));
     this.#minKeys = journal.minKeys ?? 3;
