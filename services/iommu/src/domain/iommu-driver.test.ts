@@ -510,6 +510,41 @@ describe("IommuDriver native SVA", () => {
   });
 });
 
+describe("IommuDriver store writes", () => {
+  it("group-commits them: persists made while a write is in flight join one next write, and each resolves once its changes are kept", async () => {
+    const writes: Array<{ keys: string[]; keep: () => void }> = [];
+    const store = { write: (changes: readonly { key: string }[]) => new Promise<void>((keep) => writes.push({ keys: changes.map((c) => c.key), keep })) };
+    const driver = new IommuDriver({ hardware: new IommuHardware(), core: new InProcessCore(), instance: "dmar0", store });
+    const turn = () => new Promise((r) => setImmediate(r));
+    driver.registerDevice(dev("d0"));
+    const first = driver.persist();
+    await turn();
+    expect(writes).toHaveLength(1);
+    // Two more handlers' changes while the first write is in flight (a delivery batch's FREEs).
+    driver.registerDevice(dev("d1"));
+    const second = driver.persist();
+    driver.registerDevice(dev("d2"));
+    const third = driver.persist();
+    const kept: string[] = [];
+    void second.then(() => kept.push("second"));
+    void third.then(() => kept.push("third"));
+    await turn();
+    expect(writes, "the next write waits for the one in flight").toHaveLength(1);
+    writes[0]!.keep();
+    await first;
+    await turn();
+    expect(writes, "one write for both, not one each").toHaveLength(2);
+    expect(writes[1]!.keys.some((k) => k.includes("d1")) && writes[1]!.keys.some((k) => k.includes("d2"))).toBe(true);
+    expect(kept).toEqual([]);
+    writes[1]!.keep();
+    await Promise.all([second, third]);
+    expect(kept.sort()).toEqual(["second", "third"]);
+    // Nothing changed since: a persist waits for nothing new and writes nothing.
+    await driver.persist();
+    expect(writes).toHaveLength(2);
+  });
+});
+
 describe("IommuDriver after a restart", () => {
   /** A second driver (the restarted IOMMU: empty tables) on the same core. */
   function restarted(r: Rig): Rig {
