@@ -6,8 +6,12 @@ import { events } from "@ioasid/proto";
 import { describeRetries, guestFactory, PREPARE_ATTEMPTS, PREPARE_DEADLINE_MS, PREPARE_GUESTS, PREPARE_PASIDS, wholeStack } from "./guests.mjs";
 import { fmt, percentile } from "./util.mjs";
 
-/** How long a crowd's reclaim may take before the section fails (the target is 3 s). */
-const CROWD_RECLAIM_TIMEOUT_MS = Number(process.env.BENCH_RECLAIM_TIMEOUT_MS ?? 120_000);
+/**
+ * How long a crowd's reclaim may take before the section fails (the target is 3 s). Ten minutes:
+ * the section must print its figure however far from the target it is (issue 15 item 6), and on the
+ * 2-core machine 1,000 guests' reclaim took longer than the two minutes this bound was before.
+ */
+const CROWD_RECLAIM_TIMEOUT_MS = Number(process.env.BENCH_RECLAIM_TIMEOUT_MS ?? 600_000);
 
 /**
  * Starts watching the core's events from now on (the position is taken before returning, so
