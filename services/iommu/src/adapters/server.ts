@@ -203,18 +203,12 @@ function rawHandlers(driver: IommuDriver): ServiceHandlers<typeof iommu.IommuSer
       const v = driver.viommus.snapshot();
       if (req.viommusOnly) {
         // VFIO's question at each container's teardown: nothing that grows with the PASIDs held.
-        return {
-          devices: [],
-          domains: [],
-          attachHandles: [],
-          svaBonds: [],
-          faultGroups: [],
-          iotlbFlushes: [],
+        return iommu.QueryStateResponse.fromPartial({
           takenAt: new Date(),
           viommus: v.viommus.map(fromViommu),
           vdevices: v.vdevices.map(fromVdevice),
           veventqs: v.veventqs.map(fromVeventq),
-        };
+        });
       }
       const s = driver.snapshot(req.deviceIds, req.maxIotlbFlushes);
       const groups = driver.prq.outstanding({ deviceIds: new Set(s.devices.map((d) => d.deviceId)) });
