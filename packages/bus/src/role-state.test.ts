@@ -1,6 +1,16 @@
 import { describe, expect, it } from "vitest";
 import { vdcmState } from "@ioasid/proto";
-import { failStopOnWriteError, MemoryRoleState, protoStateCodec, requireField, type RoleStatePort, type StateCodec } from "./role-state.js";
+import { isTransientJetStreamError } from "./jetstream-retry.js";
+import {
+  ensureRoleStateStreamWith,
+  failStopOnWriteError,
+  MemoryRoleState,
+  protoStateCodec,
+  roleStateStreamName,
+  requireField,
+  type RoleStatePort,
+  type StateCodec,
+} from "./role-state.js";
 
 describe("failStopOnWriteError", () => {
   it("passes writes through, and on a failed write calls the fatal handler and never lets the caller go on", async () => {
@@ -30,6 +40,72 @@ describe("failStopOnWriteError", () => {
     const kept = failStopOnWriteError(store, (err) => fatal.push(err), { stopping: () => true });
     await expect(kept.write([{ key: "a", value: 1 }])).rejects.toThrow("closed");
     expect(fatal).toEqual([]);
+  });
+});
+
+describe("ensureRoleStateStreamWith", () => {
+  // What a three-server cluster with two servers down answered a role at its start (CI, issue 15):
+  // no leader for the stream, so info fails; the meta layer refuses the add as "already in use".
+  const noQuorum = (firstInfo: Error) => {
+    const calls: string[] = [];
+    let infos = 0;
+    return {
+      calls,
+      jsm: {
+        streams: {
+          info: async (name: string) => {
+            calls.push(`info ${name}`);
+            throw infos++ === 0 ? firstInfo : new Error("stream not found");
+          },
+          add: async (config: { name?: string }) => {
+            calls.push(`add ${config.name}`);
+            throw new Error("JetStreamApiError: stream name already in use with a different configuration");
+          },
+        },
+      },
+    };
+  };
+
+  it("fails transiently (the role's start waits) when the stream exists but JetStream cannot answer for it", async () => {
+    const { jsm, calls } = noQuorum(new Error("stream not found"));
+    const err = await ensureRoleStateStreamWith(jsm, "t").then(
+      () => undefined,
+      (e: unknown) => e,
+    );
+    const name = roleStateStreamName("t");
+    expect(calls).toEqual([`info ${name}`, `add ${name}`, `info ${name}`]);
+    expect(isTransientJetStreamError(err)).toBe(true);
+    expect(String(err)).toContain("exists but JetStream cannot answer for it");
+  });
+
+  it("passes a first info's timeout on as it is, without trying to create the stream", async () => {
+    const timeout = Object.assign(new Error("TimeoutError: timeout"), { code: "TIMEOUT" });
+    const { jsm, calls } = noQuorum(timeout);
+    await expect(ensureRoleStateStreamWith(jsm, "t")).rejects.toBe(timeout);
+    expect(calls).toHaveLength(1);
+  });
+
+  it("still says the core must create it when the stream is missing and this connection may not add it", async () => {
+    const calls: string[] = [];
+    const jsm = {
+      streams: {
+        info: async () => {
+          calls.push("info");
+          throw new Error("stream not found");
+        },
+        add: async () => {
+          calls.push("add");
+          throw new Error('Permissions Violation for Publish to "$JS.API.STREAM.CREATE.X"');
+        },
+      },
+    };
+    const err = await ensureRoleStateStreamWith(jsm, "t").then(
+      () => undefined,
+      (e: unknown) => e,
+    );
+    expect(calls).toEqual(["info", "add", "info"]);
+    expect(String(err)).toContain("start the core first");
+    expect(isTransientJetStreamError(err)).toBe(false);
   });
 });
 

@@ -1,7 +1,18 @@
-import { jetstream, jetstreamManager, AckPolicy, DeliverPolicy, DiscardPolicy, JetStreamApiError, RetentionPolicy, StorageType } from "@nats-io/jetstream";
+import {
+  jetstream,
+  jetstreamManager,
+  AckPolicy,
+  DeliverPolicy,
+  DiscardPolicy,
+  JetStreamApiError,
+  RetentionPolicy,
+  StorageType,
+  type StreamConfig,
+} from "@nats-io/jetstream";
 import { headers as natsHeaders, type MsgHdrs, type NatsConnection } from "@nats-io/transport-node";
 import { Code, DomainError } from "@ioasid/errors";
 import { bus } from "@ioasid/proto";
+import { isTransientJetStreamError } from "./jetstream-retry.js";
 import { DEFAULT_PREFIX, encodeToken } from "./subjects.js";
 
 // A role's own state (its modelled hardware: VMCS tables, device PASID entries, IOMMU PASID tables)
@@ -113,12 +124,27 @@ export function roleStateJournalSubject(prefix: string, role: string, instance: 
  * @throws Error saying so when the stream is missing and this user may not create it
  */
 export async function ensureRoleStateStream(nc: NatsConnection, prefix = DEFAULT_PREFIX, replicas = 1): Promise<void> {
-  const jsm = await jetstreamManager(nc);
+  await ensureRoleStateStreamWith(await jetstreamManager(nc), prefix, replicas);
+}
+
+/** The part of a JetStream manager {@link ensureRoleStateStreamWith} uses. */
+export interface RoleStateStreamAdmin {
+  readonly streams: {
+    info(name: string): Promise<unknown>;
+    add(config: Partial<StreamConfig>): Promise<unknown>;
+  };
+}
+
+/** {@link ensureRoleStateStream} on a given manager (tests give one that fails as a cluster without quorum does). */
+export async function ensureRoleStateStreamWith(jsm: RoleStateStreamAdmin, prefix = DEFAULT_PREFIX, replicas = 1): Promise<void> {
   const name = roleStateStreamName(prefix);
   try {
     await jsm.streams.info(name);
     return;
-  } catch {
+  } catch (err) {
+    // A cluster without a JetStream quorum answers 503 or not at all: that is not "missing", and
+    // the caller (a role's start, under retryTransient) waits for it rather than creating.
+    if (isTransientJetStreamError(err)) throw err;
     // Missing (or not readable): try to create it.
   }
   try {
@@ -133,7 +159,16 @@ export async function ensureRoleStateStream(nc: NatsConnection, prefix = DEFAULT
     });
   } catch (err) {
     // Another role created it meanwhile, or this user may not: then it must exist already.
-    await jsm.streams.info(name).catch(() => {
+    await jsm.streams.info(name).catch((infoErr: unknown) => {
+      // "Already in use" says the stream exists: an info that still fails is the cluster without
+      // a leader for it (CI saw this with two of three servers down), so a transient failure the
+      // caller waits out, not a verdict that the role may not start.
+      if (isTransientJetStreamError(infoErr) || /already in use/i.test(String(err))) {
+        // The info's own text stays in `cause`: "stream not found" in the message would read as permanent.
+        throw new Error(`the role-state stream ${name} exists but JetStream cannot answer for it now: temporarily unavailable (the add: ${String(err)})`, {
+          cause: infoErr,
+        });
+      }
       throw new Error(
         `the role-state stream ${name} does not exist and this connection cannot create it (${String(err)}); ioasid-core creates it at start: start the core first`,
         { cause: err },
