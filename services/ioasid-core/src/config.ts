@@ -90,6 +90,14 @@ export const coreConfigSchema = defineConfigSchema({
     default: 2000,
     doc: "Time a subscriber gets to acknowledge a delivery before it is recorded as missed.",
   },
+  maxInFlightPerName: {
+    name: "IOASID_DELIVERY_MAX_IN_FLIGHT",
+    kind: "int",
+    min: 1,
+    max: 1_000_000,
+    default: 2048,
+    doc: "Most deliveries sent to one subscriber name (a role, e.g. all of KVM's VMs) and not yet acknowledged; more wait in the core, so a process serving many instances is never handed more than it can answer within the deadline.",
+  },
   retryMs: {
     name: "IOASID_DELIVERY_RETRY",
     kind: "duration-ms",

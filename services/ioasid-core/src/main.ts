@@ -96,6 +96,7 @@ for (let attempt = 1; running === undefined; attempt++) {
         replicas: config.replicas,
         deadlineMs: config.deadlineMs,
         retryMs: config.retryMs,
+        maxInFlightPerName: config.maxInFlightPerName,
         snapshotEveryOps: config.snapshotEveryOps,
         snapshotEveryBytes: Number(config.snapshotEveryBytes),
         writeRetryMs: config.opLogWriteRetryMs,

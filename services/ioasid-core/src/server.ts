@@ -244,6 +244,8 @@ export interface StartCoreServerOptions {
     readonly deadlineMs?: number;
     /** Retry period of missed deliveries, ms. @default 1000 */
     readonly retryMs?: number;
+    /** See {@link DeliveryEngineOptions.maxInFlightPerName}. @default 2048 */
+    readonly maxInFlightPerName?: number;
     /** Snapshot after this many operations (0: never by count). @default DEFAULT_SNAPSHOT_EVERY_OPS */
     readonly snapshotEveryOps?: number;
     /** Snapshot after this many bytes of operations (0: never by size). @default DEFAULT_SNAPSHOT_EVERY_BYTES */
@@ -391,6 +393,7 @@ export async function startCoreServer(options: StartCoreServerOptions = {}): Pro
         ...(n.prefix === undefined ? {} : { prefix: n.prefix }),
         ...(n.deadlineMs === undefined ? {} : { deadlineMs: n.deadlineMs }),
         ...(n.retryMs === undefined ? {} : { retryMs: n.retryMs }),
+        ...(n.maxInFlightPerName === undefined ? {} : { maxInFlightPerName: n.maxInFlightPerName }),
         onAcks: (acks) => {
           metrics?.acked(acks);
           ioasidCore.onAcks(acks);
