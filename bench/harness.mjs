@@ -12,7 +12,7 @@ import { existsSync, readdirSync, readFileSync, rmSync } from "node:fs";
 import os from "node:os";
 import { join } from "node:path";
 import { clearInterval, clearTimeout, setInterval } from "node:timers";
-import { stackDown, stackUp } from "@ioasid/cli";
+import { readState, stackDown, stackUp } from "@ioasid/cli";
 import { startNats, startService, waitFor } from "@ioasid/testkit";
 import { fmt, now, withTimeout } from "./util.mjs";
 
@@ -77,6 +77,7 @@ export async function stopEverything(log, graceMs = 10_000) {
       await withTimeout(Promise.resolve().then(entry.stop), graceMs, `${entry.what} to stop`);
     } catch (err) {
       log(`  ! ${err.message}`);
+      killOwned(entry, log);
     }
     owned.delete(entry);
   }
@@ -167,9 +168,12 @@ class SectionScope {
     this.controller.abort(new SectionFailure(`${message}, ${this.where()}`));
   }
 
-  /** Owns `stop` until the section ends (or until the returned function is called). */
-  own(what, stop) {
-    const entry = { what, stop };
+  /**
+   * Owns `stop` until the section ends (or until the returned function is called); `kill`, when
+   * given, is called if `stop` does not finish in time (what it started is not the bench's child).
+   */
+  own(what, stop, kill) {
+    const entry = { what, stop, kill };
     owned.add(entry);
     this.resources.push(entry);
     return () => {
@@ -185,6 +189,7 @@ class SectionScope {
         await withTimeout(Promise.resolve().then(entry.stop), 30_000, `${entry.what} to stop`);
       } catch (err) {
         this.log(`  ! ${this.name}: ${err.message}`);
+        killOwned(entry, this.log);
       }
       owned.delete(entry);
     }
@@ -215,7 +220,7 @@ class SectionScope {
       /** Awaits a promise, bounded (see withTimeout), and no longer than the section. */
       within: (promise, timeoutMs, what, progress) => Promise.race([withTimeout(promise, timeoutMs, what, progress), this.failed]),
       /** Owns anything with a stop function (a connection, a client) until the section ends. */
-      own: (what, stop) => this.own(what, stop),
+      own: (what, stop, kill) => this.own(what, stop, kill),
       startNats: (options) => this.startNats(options),
       startService: (options) => this.startService(options),
       stackUp: (options) => this.stackUp(options),
@@ -283,13 +288,19 @@ class SectionScope {
   async stackUp(options) {
     let state;
     const up = stackUp(options);
-    this.own(`the stack in ${options.dir}`, async () => {
-      // A stack still coming up is brought down once stackUp has settled (it kills what it
-      // started if it fails); the /proc net of stopEverything covers a bench that cannot wait.
-      await up.catch(() => undefined);
-      if (existsSync(join(options.dir, "stack.json"))) await stackDown({ dir: options.dir, graceMs: 3000 });
-      rmSync(options.dir, { recursive: true, force: true });
-    });
+    this.own(
+      `the stack in ${options.dir}`,
+      async () => {
+        // A stack still coming up is brought down once stackUp has settled (it kills what it
+        // started if it fails); the /proc net of stopEverything covers a bench that cannot wait.
+        await up.catch(() => undefined);
+        if (existsSync(join(options.dir, "stack.json"))) await stackDown({ dir: options.dir, graceMs: 3000 });
+        rmSync(options.dir, { recursive: true, force: true });
+      },
+      // The stack's processes are detached (not the bench's children): an interrupted bench whose
+      // graceful stackDown ran out of time left the core and the IOMMU running. By PID, as `down`.
+      () => killStack(options.dir),
+    );
     state = await up;
     const procs = [
       { name: "nats-server", pid: state.nats.pid, log: join(options.dir, "logs", "nats-server.log") },
@@ -311,6 +322,40 @@ class SectionScope {
     this.own("stack watch", () => clearInterval(watch));
     return state;
   }
+}
+
+/** Calls an owned entry's `kill` (its stop ran out of time), and says what it killed. */
+function killOwned(entry, log) {
+  if (entry.kill === undefined) return;
+  try {
+    const killed = entry.kill();
+    if (killed?.length > 0) log(`  killed what ${entry.what} had left: ${killed.join(", ")}`);
+  } catch (err) {
+    log(`  ! could not kill what ${entry.what} had left: ${err.message}`);
+  }
+}
+
+/** SIGKILL to every process a stack directory's state file records (supervisor first); the PIDs killed. */
+function killStack(dir) {
+  if (!existsSync(join(dir, "stack.json"))) return [];
+  const state = readState(dir);
+  const pids = [
+    state.supervisor?.pid,
+    ...Object.values(state.services).map((s) => s.pid),
+    state.standbyCore?.pid,
+    ...(state.natsCluster ?? []).map((n) => n.pid),
+    state.nats.external ? undefined : state.nats.pid,
+  ].filter((pid) => pid !== undefined);
+  const killed = [];
+  for (const pid of pids) {
+    try {
+      process.kill(pid, "SIGKILL");
+      killed.push(pid);
+    } catch {
+      // already gone
+    }
+  }
+  return killed;
 }
 
 function safe(progress) {
