@@ -825,7 +825,7 @@ export class IommuHardware {
       domains: [...this.#t.domains.values()].sort((a, b) => a.domainId - b.domainId).map((d) => domainView(d)),
       handles,
       bonds,
-      flushes: maxFlushes <= 0 ? [] : this.#flushes.slice(-maxFlushes),
+      flushes: maxFlushes <= 0 ? [] : this.#flushes.slice(-Math.min(maxFlushes, IOTLB_FLUSH_LOG_SIZE)),
     };
   }
 
@@ -981,7 +981,9 @@ export class IommuHardware {
   #flush(f: Omit<IotlbFlush, "seq" | "flushedAt">): HardwareChange {
     const flush: IotlbFlush = { ...f, seq: this.#nextFlushSeq++, flushedAt: this.#now() };
     this.#flushes.push(flush);
-    if (this.#flushes.length > IOTLB_FLUSH_LOG_SIZE) this.#flushes.splice(0, this.#flushes.length - IOTLB_FLUSH_LOG_SIZE);
+    // Trimmed in halves, not one at a time: a splice per flush once full moved the whole log every
+    // time (a third of the IOMMU's busy time in a 200-guest crowd's teardown, issue 15).
+    if (this.#flushes.length >= 2 * IOTLB_FLUSH_LOG_SIZE) this.#flushes.splice(0, this.#flushes.length - IOTLB_FLUSH_LOG_SIZE);
     return { kind: "iotlbFlush", flush };
   }
 }
