@@ -100,6 +100,32 @@ describe("mTLS between services", () => {
     expect(seen).toEqual([kvm0, core0, kvm0, core0, kvm0, core0]);
   });
 
+  it("finds the connection behind interceptors that wrap the call (the core's authorization comes after two)", async () => {
+    const connections: object[] = [];
+    const wrap: ServerInterceptor = (_method, call) => new ServerInterceptingCall(call);
+    const recordConnection: ServerInterceptor = (_method, call) => {
+      const c = connectionOf(call);
+      if (c !== undefined) connections.push(c);
+      return new ServerInterceptingCall(call);
+    };
+    server = createEchoServer({ logger: silent, interceptors: [wrap, wrap, recordConnection, recordCaller], tls: core });
+    await server.listen();
+    const fromKvm = client(server.address!, { tls: kvm, serverRole: "core" });
+    const fromCore = client(server.address!, { tls: core, serverRole: "core" });
+    for (let i = 0; i < 2; i++) {
+      await fromKvm.echo({ payload });
+      await fromCore.echo({ payload });
+    }
+    expect(connections).toHaveLength(4);
+    expect(new Set(connections).size).toBe(2);
+    expect(seen).toEqual([
+      { role: "kvm", instance: "kvm0" },
+      { role: "core", instance: "core" },
+      { role: "kvm", instance: "kvm0" },
+      { role: "core", instance: "core" },
+    ]);
+  });
+
   it("refuses a plaintext client, a client without a certificate and a client of another CA before any handler", async () => {
     const address = await serve(core);
     const withoutCert = credentials.createSsl(core.ca, null, null, { checkServerIdentity: () => undefined });

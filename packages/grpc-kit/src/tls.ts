@@ -120,10 +120,18 @@ const NO_IDENTITY = Symbol("no identity");
 
 /**
  * The HTTP/2 session a grpc-js server call came on, when the call exposes it: grpc-js 1.14's base
- * server call keeps its stream as `stream` (an interceptor is handed the base call). Undefined for
- * anything else (then the identity is read each time: correct, only slower).
+ * server call keeps its stream as `stream`, and each interceptor's call the one it wraps as
+ * `nextCall`. Undefined for anything else (then the identity is read each time: correct, only slower).
  */
 export function connectionOf(call: AuthenticatedCall): object | undefined {
-  const session = (call as { stream?: { session?: unknown } }).stream?.session;
-  return typeof session === "object" && session !== null ? session : undefined;
+  // An interceptor after the first is handed the one before's ServerInterceptingCall, which keeps
+  // the call it wraps as `nextCall`: the core's authorization, behind the call observer and the role
+  // refusal, found no session and read the certificate on every call (issue 15's crowd profile).
+  let c: unknown = call;
+  for (let depth = 0; depth < 16 && typeof c === "object" && c !== null; depth++) {
+    const session = (c as { stream?: { session?: unknown } }).stream?.session;
+    if (typeof session === "object" && session !== null) return session;
+    c = (c as { nextCall?: unknown }).nextCall;
+  }
+  return undefined;
 }
