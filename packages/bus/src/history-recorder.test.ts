@@ -1,6 +1,7 @@
 import type { NatsConnection } from "@nats-io/transport-node";
 import { describe, expect, it } from "vitest";
-import { HistoryRecorder } from "./history.js";
+import { decodeHistoryBatch, HistoryRecorder } from "./history.js";
+import type { TypedHistoryRecord as HistoryRecord } from "./history-catalogue.js";
 
 // Order without clocks (issue 18): a publisher's records are numbered once per process. The CI's
 // chaos suite found 25–38 contradicting links in seeds 2 and 3: the three seeds run in one process,
@@ -23,5 +24,24 @@ describe("HistoryRecorder numbering", () => {
     expect(again.position()).toMatchObject({ role: "ioasid", instance: "core-numbering", publisherSeq: 4 });
     // Another instance has its own numbering.
     expect(new HistoryRecorder(nc, "ioasid", "core-other").stamp().publisherSeq).toBe(1);
+  });
+});
+
+describe("HistoryRecorder encoding", () => {
+  it("publishes batches that decode to the records made, small and large (one- to three-byte lengths), plain and grouped", () => {
+    const published: Array<{ subject: string; body: Uint8Array }> = [];
+    const capture = { publish: (subject: string, body: Uint8Array) => void published.push({ subject, body }) } as unknown as NatsConnection;
+    const r = new HistoryRecorder(capture, "chaos", "encoding");
+    const notes = ["a", "b".repeat(200), "c".repeat(20_000), "d"];
+    for (const [i, note] of notes.entries()) r.record({ $case: "chaosNote", value: { note } }, { ioasid: i + 1 }, 1000 + i);
+    for (const [i, note] of notes.entries()) r.recordIn("op:1", { "Ioasid-Op": "1" }, { $case: "chaosNote", value: { note } }, { ioasid: 10 + i }, 2000 + i);
+    r.flush();
+    expect(published).toHaveLength(2);
+    const [plain, grouped] = published.map((p) => decodeHistoryBatch(p.body, p.subject));
+    const view = (recs: HistoryRecord[]) => recs.map((x) => [x.ioasid, x.ts, x.action?.$case === "chaosNote" ? x.action.value.note : undefined]);
+    expect(view(plain!)).toEqual(notes.map((n, i) => [i + 1, 1000 + i, n]));
+    expect(view(grouped!)).toEqual(notes.map((n, i) => [10 + i, 2000 + i, n]));
+    // Numbered in the order made, across both.
+    expect([...plain!, ...grouped!].map((x) => x.publisherSeq)).toEqual([1, 2, 3, 4, 5, 6, 7, 8]);
   });
 });
