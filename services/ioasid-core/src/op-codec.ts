@@ -1,3 +1,4 @@
+import { BinaryWriter } from "@bufbuild/protobuf/wire";
 import { Code, DomainError, INTERNAL_REASON } from "@ioasid/errors";
 import { EventType, Priority, TokenType, type Holder, type RegisterOptions, type Subscriber } from "@ioasid/ioasid";
 import { events, oplog, type core } from "@ioasid/proto";
@@ -40,9 +41,20 @@ export class OpLogFormatError extends DomainError {
   }
 }
 
+/**
+ * One writer for every operation encoded (synchronously, so never two at once): a new writer per
+ * operation starts small and grows, allocating and copying on every operation (issue 15).
+ */
+const operationWriter = new BinaryWriter();
+
 /** One operation in the wire form (an `Operation` message), for {@link encodeBatch}. */
 export function encodeOperation(op: CommittedOperation): Uint8Array {
-  return oplog.Operation.encode({ commitTime: new Date(op.commitTimeMs), kind: toWireKind(op) }).finish();
+  try {
+    return oplog.Operation.encode({ commitTime: new Date(op.commitTimeMs), kind: toWireKind(op) }, operationWriter).finish();
+  } catch (err) {
+    operationWriter.finish(); // a half-written operation is not left for the next
+    throw err;
+  }
 }
 
 /**
