@@ -82,7 +82,9 @@ export interface DeliveryEngineOptions {
    * every instance of a name (KVM's `vm-<id>` subscribers), so without this a crowd of instances
    * hands that process more work at once than it can answer within the deadline (issue 15: 1,000
    * crashed VMs' 64,000 FREEs sent to KVM together, 189,440 deliveries recorded missed). A batch is
-   * always sent when nothing else is in flight for its name. @default 2048
+   * always sent when nothing else is in flight for its name. A batch of the name that misses its
+   * deadline lifts the bound until the name answers again: a hung process is then found out in one
+   * more deadline, not one deadline per bound's worth of deliveries. @default 2048
    */
   readonly maxInFlightPerName?: number;
   /**
@@ -374,6 +376,7 @@ export class DeliveryEngine {
     const items = channel.queue.splice(0, n);
     this.send(channel, items)
       .then(({ acks: acked, after }) => {
+        channel.room.bound(); // the name answers: it gets what it can take again
         const settled: SettledAck[] = [];
         for (let i = 0; i < items.length; i++) {
           const ack = acked[i];
@@ -390,7 +393,9 @@ export class DeliveryEngine {
         }
       })
       .catch((err: unknown) => {
-        for (const item of items) this.miss(channel, item, describe(err));
+        const reason = describe(err);
+        if (reason === DEADLINE_EXCEEDED) channel.room.unbound();
+        for (const item of items) this.miss(channel, item, reason);
       })
       .finally(() => {
         channel.room.give(items.length);
@@ -434,8 +439,11 @@ export class DeliveryEngine {
         try {
           if (this.stopped) return;
           ({ acks: acked, after } = await this.send(channel, batch));
+          channel.room.bound();
         } catch (err) {
-          for (const item of batch) endDeliverySpan(item, "missed", describe(err));
+          const reason = describe(err);
+          if (reason === DEADLINE_EXCEEDED) channel.room.unbound();
+          for (const item of batch) endDeliverySpan(item, "missed", reason);
           return; // still away: the next retry or hello tries again
         } finally {
           channel.room.give(batch.length);
@@ -525,6 +533,8 @@ interface Channel {
 class Room {
   private used = 0;
   private waiting: Array<{ readonly n: number; readonly resolve: () => void }> = [];
+  /** No bound: a batch of the name missed its deadline, and none was answered since. */
+  private unbounded = false;
 
   constructor(private readonly max: number) {}
 
@@ -536,8 +546,23 @@ class Room {
     return this.waiting.length;
   }
 
+  /**
+   * A batch missed its deadline with at most the bound's worth out: the process is hung or cut off
+   * more likely than slow. Everything waiting goes now, so that it is found missed in one more
+   * deadline (with 64,000 deliveries waiting behind a bound of 2,048, 32 deadlines in a row).
+   */
+  unbound(): void {
+    this.unbounded = true;
+    this.admit();
+  }
+
+  /** The name answered a batch: bounded again. */
+  bound(): void {
+    this.unbounded = false;
+  }
+
   private fits(n: number): boolean {
-    return this.used === 0 || this.used + n <= this.max;
+    return this.unbounded || this.used === 0 || this.used + n <= this.max;
   }
 
   /** Takes room for `n` at once if there is some and nobody waits before. */
@@ -555,6 +580,10 @@ class Room {
 
   give(n: number): void {
     this.used -= n;
+    this.admit();
+  }
+
+  private admit(): void {
     while (this.waiting.length > 0 && this.fits(this.waiting[0]!.n)) {
       const w = this.waiting.shift()!;
       this.used += w.n;
@@ -640,9 +669,11 @@ function toSettled(channel: Channel, item: Item, ack: bus.Ack, late: boolean, af
   };
 }
 
+const DEADLINE_EXCEEDED = "deadline exceeded";
+
 function describe(err: unknown): string {
   const e = err as { code?: string; message?: string };
   if (typeof e?.message === "string" && /no responders/i.test(e.message)) return "no responders";
-  if (typeof e?.message === "string" && /timeout/i.test(e.message)) return "deadline exceeded";
+  if (typeof e?.message === "string" && /timeout/i.test(e.message)) return DEADLINE_EXCEEDED;
   return e?.message ?? String(err);
 }
