@@ -42,7 +42,7 @@ async function eventsOf(c: Client, fromSeq: bigint, ids?: number[]): Promise<eve
   const out: events.IoasidEvent[] = [];
   if (last < fromSeq) return out;
   const ac = new AbortController();
-  for await (const m of c.watchEvents({ fromSeq }, { signal: ac.signal, deadlineMs: 5000 })) {
+  for await (const m of c.watchEvents({ fromSeq, types: [] }, { signal: ac.signal, deadlineMs: 5000 })) {
     out.push(m.event!);
     if (m.event!.seq >= last) break;
   }

@@ -27,7 +27,7 @@ describe("WatchEvents of a reader that does not read", () => {
     const c = fixture.client;
     const raw = new Client(fixture.proc.address, credentials.createInsecure());
     rawClients.push(raw);
-    const call = raw.makeServerStreamRequest(WATCH, same, same, Buffer.from(core.WatchEventsRequest.encode({ fromSeq: 0n }).finish()));
+    const call = raw.makeServerStreamRequest(WATCH, same, same, Buffer.from(core.WatchEventsRequest.encode({ fromSeq: 0n, types: [] }).finish()));
     call.pause(); // the reader stops reading
     const received: number[] = [];
     call.on("data", (b: Buffer) => received.push(Number(core.WatchEventsResponse.decode(b).event!.seq)));
@@ -64,9 +64,50 @@ describe("WatchEvents of a reader that does not read", () => {
     expect(received).toEqual(Array.from({ length: received.length }, (_, i) => i + 1));
 
     // WatchEvents from there carries on without a gap.
-    for await (const msg of c.watchEvents({ fromSeq: BigInt(from) })) {
+    for await (const msg of c.watchEvents({ fromSeq: BigInt(from), types: [] })) {
       expect(Number(msg.event!.seq)).toBe(from);
       break;
     }
+  });
+});
+
+describe("WatchEvents of some event types", () => {
+  it("sends only the types asked for, from the retained log and as they commit, and refuses a value that is not an event type", async () => {
+    fixture = await startCore({ IOASID_CORE_WATCH_BUFFER: "100" });
+    const c = fixture.client;
+    const { EventType, TokenType } = events;
+    const early = (await c.createSet({ tokenType: TokenType.TOKEN_TYPE_NONE, token: 1n, quota: 500 })).set!.setId;
+    await c.batchAlloc({ setId: early, count: 500, min: 0, max: 0 });
+    await c.freeSet({ setId: early });
+    const ac = new AbortController();
+    const seen: Array<[string, number]> = [];
+    const reading = (async () => {
+      for await (const m of c.watchEvents(
+        { fromSeq: 1n, types: [EventType.EVENT_TYPE_SET_FREE, EventType.EVENT_TYPE_SET_ALLOC] },
+        { signal: ac.signal, deadlineMs: 20_000 },
+      )) {
+        seen.push([events.eventTypeToJSON(m.event!.type), m.event!.setId]);
+        if (seen.length === 4) break;
+      }
+    })();
+    // Thousands of events of other types after the stream opened, more than its buffer of 100:
+    // they are neither sent nor held for it, so it is not cut off.
+    const later = (await c.createSet({ tokenType: TokenType.TOKEN_TYPE_NONE, token: 2n, quota: 2000 })).set!.setId;
+    await c.batchAlloc({ setId: later, count: 2000, min: 0, max: 0 });
+    await c.freeSet({ setId: later });
+    await reading;
+    ac.abort();
+    expect(seen).toEqual([
+      ["EVENT_TYPE_SET_ALLOC", early],
+      ["EVENT_TYPE_SET_FREE", early],
+      ["EVENT_TYPE_SET_ALLOC", later],
+      ["EVENT_TYPE_SET_FREE", later],
+    ]);
+    const refused = async (types: number[]) => {
+      for await (const m of c.watchEvents({ fromSeq: 1n, types }, { deadlineMs: 5000 })) return m;
+      return undefined;
+    };
+    await expect(refused([EventType.EVENT_TYPE_UNSPECIFIED])).rejects.toMatchObject({ code: Code.INVALID_ARGUMENT, reason: "EVENT_TYPE_INVALID" });
+    await expect(refused([99])).rejects.toMatchObject({ code: Code.INVALID_ARGUMENT, reason: "EVENT_TYPE_INVALID" });
   });
 });

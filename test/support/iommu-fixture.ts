@@ -90,7 +90,7 @@ export async function eventsOf(c: CoreClient, fromSeq: bigint, ioasid: number): 
   if (last < fromSeq) return out;
   const ac = new AbortController();
   try {
-    for await (const m of c.watchEvents({ fromSeq }, { signal: ac.signal, deadlineMs: 5000 })) {
+    for await (const m of c.watchEvents({ fromSeq, types: [] }, { signal: ac.signal, deadlineMs: 5000 })) {
       if (m.event!.ioasid === ioasid) out.push(events.eventTypeToJSON(m.event!.type).replace("EVENT_TYPE_", ""));
       if (m.event!.seq >= last) break;
     }

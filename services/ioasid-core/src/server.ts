@@ -27,7 +27,7 @@ import {
 } from "@ioasid/bus";
 import type { NatsConnection, Subscription } from "@nats-io/transport-node";
 import { OpLog, type OpLogOptions } from "./op-log.js";
-import { fromIoasidInfo, fromRegistration, fromSetInfo, nonEmpty, toHolder, toRegisterOptions, toBuffer, toSetToken } from "./convert.js";
+import { fromIoasidInfo, fromRegistration, fromSetInfo, nonEmpty, toEventType, toHolder, toRegisterOptions, toBuffer, toSetToken } from "./convert.js";
 import { EventWatchers } from "./event-watchers.js";
 import { IoasidCore, type ExternalAllocator } from "./ioasid-core.js";
 import type { AuthorizationView } from "./authorize.js";
@@ -209,7 +209,7 @@ function coreHandlers(ioasidCore: IoasidCore, watchers: EventWatchers): ServiceH
         ...watchers.stats(),
       };
     },
-    watchEvents: (req, ctx, send) => watchers.serve(req.fromSeq, space.stats().lastSeq, ctx, send),
+    watchEvents: (req, ctx, send) => watchers.serve(req.fromSeq, space.stats().lastSeq, ctx, send, watchedTypes(req.types)),
   };
 }
 
@@ -505,4 +505,19 @@ async function historyWatermark(nc: NatsConnection, prefix: string, log: OpLog, 
   const floor = Math.max(0, log.head - MAX_REPUBLISH);
   if (seq < floor) logger.warn({ stored: seq, from: floor }, "history of the oldest operations is missing and not published again");
   return Math.max(seq, floor);
+}
+
+/**
+ * The event types a WatchEvents stream asked for (undefined: every type).
+ * @throws DomainError INVALID_ARGUMENT `EVENT_TYPE_INVALID` for a value that is not an event type
+ */
+function watchedTypes(types: readonly number[]): ReadonlySet<ReturnType<typeof toEventType>> | undefined {
+  if (types.length === 0) return undefined;
+  const out = new Set<ReturnType<typeof toEventType>>();
+  for (const t of types) {
+    const type = toEventType(t);
+    if (type.startsWith("UNSPECIFIED")) throw coreError("EVENT_TYPE_INVALID", `WatchEvents types: ${t} is not an event type`);
+    out.add(type);
+  }
+  return out;
 }

@@ -161,7 +161,7 @@ function watch(c: CoreCtx, fromSeq: bigint): Watch {
   let failed: unknown;
   const reading = (async () => {
     try {
-      for await (const r of c.h.core.watchEvents({ fromSeq }, { signal: controller.signal })) seen.push(r.event!);
+      for await (const r of c.h.core.watchEvents({ fromSeq, types: [] }, { signal: controller.signal })) seen.push(r.event!);
     } catch (err) {
       if (!controller.signal.aborted) failed = err;
     }

@@ -222,7 +222,7 @@ export async function eventsSince(h: Harness, afterSeq: bigint, ioasid: number):
   if (last <= afterSeq) return out;
   const ac = new AbortController();
   try {
-    for await (const m of h.core.watchEvents({ fromSeq: afterSeq + 1n }, { signal: ac.signal, deadlineMs: 10_000 })) {
+    for await (const m of h.core.watchEvents({ fromSeq: afterSeq + 1n, types: [] }, { signal: ac.signal, deadlineMs: 10_000 })) {
       const e = m.event!;
       if (e.ioasid === ioasid) out.push(events.eventTypeToJSON(e.type).replace("EVENT_TYPE_", ""));
       if (e.seq >= last) break;

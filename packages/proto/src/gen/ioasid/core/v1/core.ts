@@ -656,6 +656,12 @@ export interface GetStatsResponse {
 export interface WatchEventsRequest {
   /** First sequence number wanted (0: only events committed from now on). */
   fromSeq: bigint;
+  /**
+   * Event types wanted (empty: every type). Events of other types are neither sent nor held for
+   * the stream, so they do not count toward IOASID_CORE_WATCH_BUFFER.
+   * Errors: INVALID_ARGUMENT `EVENT_TYPE_INVALID` for a type that is not an event type.
+   */
+  types: EventType[];
 }
 
 /** WatchEventsResponse is one committed event. */
@@ -6056,7 +6062,7 @@ export const GetStatsResponse: MessageFns<GetStatsResponse> = {
 };
 
 function createBaseWatchEventsRequest(): WatchEventsRequest {
-  return { fromSeq: 0n };
+  return { fromSeq: 0n, types: [] };
 }
 
 export const WatchEventsRequest: MessageFns<WatchEventsRequest> = {
@@ -6066,6 +6072,13 @@ export const WatchEventsRequest: MessageFns<WatchEventsRequest> = {
         throw new globalThis.Error("value provided for field message.fromSeq of type uint64 too large");
       }
       writer.uint32(8).uint64(message.fromSeq);
+    }
+    if (message.types.length !== 0) {
+      writer.uint32(18).fork();
+      for (const v of message.types) {
+        writer.int32(v);
+      }
+      writer.join();
     }
     return writer;
   },
@@ -6091,6 +6104,24 @@ export const WatchEventsRequest: MessageFns<WatchEventsRequest> = {
             message.fromSeq = reader.uint64() as bigint;
             continue;
           }
+          case 2: {
+            if (tag === 16) {
+              message.types.push(reader.int32() as any);
+
+              continue;
+            }
+
+            if (tag === 18) {
+              const end2 = reader.uint32() + reader.pos;
+              while (reader.pos < end2) {
+                message.types.push(reader.int32() as any);
+              }
+
+              continue;
+            }
+
+            break;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -6106,6 +6137,7 @@ export const WatchEventsRequest: MessageFns<WatchEventsRequest> = {
   fromJSON(object: any): WatchEventsRequest {
     return {
       fromSeq: isSet(object.fromSeq) ? BigInt(object.fromSeq) : isSet(object.from_seq) ? BigInt(object.from_seq) : 0n,
+      types: globalThis.Array.isArray(object?.types) ? object.types.map((e: any) => eventTypeFromJSON(e)) : [],
     };
   },
 
@@ -6113,6 +6145,9 @@ export const WatchEventsRequest: MessageFns<WatchEventsRequest> = {
     const obj: any = {};
     if (message.fromSeq !== 0n) {
       obj.fromSeq = message.fromSeq.toString();
+    }
+    if (message.types?.length) {
+      obj.types = message.types.map((e) => eventTypeToJSON(e));
     }
     return obj;
   },
@@ -6123,6 +6158,7 @@ export const WatchEventsRequest: MessageFns<WatchEventsRequest> = {
   fromPartial(object: DeepPartial<WatchEventsRequest>): WatchEventsRequest {
     const message = createBaseWatchEventsRequest();
     message.fromSeq = (object.fromSeq !== undefined && object.fromSeq !== null) ? BigInt(object.fromSeq) : 0n;
+    message.types = object.types?.map((e) => e) || [];
     return message;
   },
 };
