@@ -77,54 +77,35 @@ describe("mTLS between services", () => {
     expect(seen).toEqual([{ role: "kvm", instance: "kvm0" }]);
   });
 
-  it("reads each connection's caller once, and keeps connections apart: two clients with different certificates, several calls each", async () => {
-    const connections: object[] = [];
-    const recordConnection: ServerInterceptor = (_method, call) => {
-      const c = connectionOf(call);
-      if (c !== undefined) connections.push(c);
-      return new ServerInterceptingCall(call);
-    };
-    server = createEchoServer({ logger: silent, interceptors: [recordConnection, recordCaller], tls: core });
-    await server.listen();
-    const fromKvm = client(server.address!, { tls: kvm, serverRole: "core" });
-    const fromCore = client(server.address!, { tls: core, serverRole: "core" });
-    for (let i = 0; i < 3; i++) {
-      await fromKvm.echo({ payload });
-      await fromCore.echo({ payload });
-    }
-    // grpc-js exposes the connection to an interceptor (else every call would read the certificate).
-    expect(connections).toHaveLength(6);
-    expect(new Set(connections).size).toBe(2);
-    const kvm0 = { role: "kvm", instance: "kvm0" };
-    const core0 = { role: "core", instance: "core" };
-    expect(seen).toEqual([kvm0, core0, kvm0, core0, kvm0, core0]);
-  });
-
-  it("finds the connection behind interceptors that wrap the call (the core's authorization comes after two)", async () => {
-    const connections: object[] = [];
-    const wrap: ServerInterceptor = (_method, call) => new ServerInterceptingCall(call);
-    const recordConnection: ServerInterceptor = (_method, call) => {
-      const c = connectionOf(call);
-      if (c !== undefined) connections.push(c);
-      return new ServerInterceptingCall(call);
-    };
-    server = createEchoServer({ logger: silent, interceptors: [wrap, wrap, recordConnection, recordCaller], tls: core });
-    await server.listen();
-    const fromKvm = client(server.address!, { tls: kvm, serverRole: "core" });
-    const fromCore = client(server.address!, { tls: core, serverRole: "core" });
-    for (let i = 0; i < 2; i++) {
-      await fromKvm.echo({ payload });
-      await fromCore.echo({ payload });
-    }
-    expect(connections).toHaveLength(4);
-    expect(new Set(connections).size).toBe(2);
-    expect(seen).toEqual([
-      { role: "kvm", instance: "kvm0" },
-      { role: "core", instance: "core" },
-      { role: "kvm", instance: "kvm0" },
-      { role: "core", instance: "core" },
-    ]);
-  });
+  // Behind wrapping interceptors too: the core's authorization comes after two (the call observer
+  // and the role refusal), and each hands the next its own ServerInterceptingCall.
+  it.each([0, 2])(
+    "reads each connection's caller once, and keeps connections apart: two clients with different certificates, several calls each (behind %i wrapping interceptors)",
+    async (wraps) => {
+      const connections: object[] = [];
+      const wrap: ServerInterceptor = (_method, call) => new ServerInterceptingCall(call);
+      const recordConnection: ServerInterceptor = (_method, call) => {
+        const c = connectionOf(call);
+        if (c !== undefined) connections.push(c);
+        return new ServerInterceptingCall(call);
+      };
+      const interceptors = [...Array.from({ length: wraps }, () => wrap), recordConnection, recordCaller];
+      server = createEchoServer({ logger: silent, interceptors, tls: core });
+      await server.listen();
+      const fromKvm = client(server.address!, { tls: kvm, serverRole: "core" });
+      const fromCore = client(server.address!, { tls: core, serverRole: "core" });
+      for (let i = 0; i < 3; i++) {
+        await fromKvm.echo({ payload });
+        await fromCore.echo({ payload });
+      }
+      // grpc-js exposes the connection to an interceptor (else every call would read the certificate).
+      expect(connections).toHaveLength(6);
+      expect(new Set(connections).size).toBe(2);
+      const kvm0 = { role: "kvm", instance: "kvm0" };
+      const core0 = { role: "core", instance: "core" };
+      expect(seen).toEqual([kvm0, core0, kvm0, core0, kvm0, core0]);
+    },
+  );
 
   it("refuses a plaintext client, a client without a certificate and a client of another CA before any handler", async () => {
     const address = await serve(core);
