@@ -210,8 +210,8 @@ export interface ChaosStack {
   kill(name: StackService): Promise<void>;
   /**
    * Starts it again with the same environment and address (retrying while the port is not free).
-   * With a standby, a core that is down comes back as the standby, and this resolves once a core
-   * serves again (the other one having taken over).
+   * With a standby, the other core takes over first (waited for, bounded), then a core that is
+   * down comes back as the standby; this resolves once a core serves.
    */
   restart(name: StackService): Promise<void>;
   /** SIGSTOP / SIGCONT. With a standby, the core that serves is the one stopped. */
@@ -530,6 +530,18 @@ export async function startChaosStack(options: ChaosStackOptions): Promise<Chaos
       intervalMs: 50,
       message: "a core (the standby, taking over) to serve",
     });
+  /**
+   * Before a killed core of the pair is started again: the other core takes over first, and only
+   * then does the killed one come back, as its standby. Started at once, the killed one could take
+   * the lease itself: when the other's takeover fails to start (JetStream unavailable past
+   * IOASID_OPLOG_WRITE_RETRY, as after the netns host partitions on a busy machine; CI on d698680),
+   * that core exits and starts over as a standby, and the killed one, started earlier, is then the
+   * first to see the lease expire. Without another core running or on its way, nothing to wait for;
+   * bounded, so a standby that never takes over does not keep the pair from its other core.
+   */
+  const untilOtherCoreServes = async (): Promise<void> => {
+    if (cores.some((m) => m.proc !== undefined || m.launching !== undefined)) await untilCoreServes().catch(() => undefined);
+  };
 
   const stopAll = async (keepStoreIn?: string): Promise<void> => {
     // A standby still waiting behind the lease is killed first, not waited for: stopping the
@@ -691,6 +703,7 @@ export async function startChaosStack(options: ChaosStackOptions): Promise<Chaos
     },
     async restart(name) {
       if (standbyCore && name === ChaosTarget.CORE) {
+        await untilOtherCoreServes();
         launchStandbys();
         await untilCoreServes();
         return;
@@ -779,6 +792,7 @@ export async function startChaosStack(options: ChaosStackOptions): Promise<Chaos
       for (const s of STACK_SERVICES) {
         if (standbyCore && s.name === ChaosTarget.CORE) {
           // Whole again: a core serves, and the other is started again as its standby.
+          await untilOtherCoreServes();
           if (launchStandbys()) restarted.push(s.name);
           try {
             await untilCoreServes();
