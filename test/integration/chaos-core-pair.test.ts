@@ -42,7 +42,17 @@ describe("the chaos stack's core pair", () => {
   beforeAll(async () => {
     root = mkdtempSync(join(tmpdir(), "ioasid-chaos-pair-"));
     // A start JetStream cannot take gives up after 1 s instead of 10: the takeover below fails fast.
-    stack = await startChaosStack({ dir: join(root, "stack"), seed: 1, repoRoot, natsCluster: 3, env: { IOASID_OPLOG_WRITE_RETRY: "1s" } });
+    // readyTimeoutMs also bounds restart()'s wait for the other core: 90 s, so that on a busy
+    // machine the wait does not give up (and start the killed core beside it) while the servers
+    // are still coming back.
+    stack = await startChaosStack({
+      dir: join(root, "stack"),
+      seed: 1,
+      repoRoot,
+      natsCluster: 3,
+      readyTimeoutMs: 90_000,
+      env: { IOASID_OPLOG_WRITE_RETRY: "1s" },
+    });
   }, 180_000);
   afterAll(async () => {
     await stack?.close();
@@ -88,5 +98,5 @@ describe("the chaos stack's core pair", () => {
     await s.kill("ioasid-core");
     await s.restart("ioasid-core");
     expect(s.coreNode()).toBe(killed);
-  }, 150_000);
+  }, 240_000);
 });
