@@ -30,7 +30,12 @@ describe("HistoryRecorder numbering", () => {
 describe("HistoryRecorder encoding", () => {
   it("publishes batches that decode to the records made, small and large (one- to three-byte lengths), plain and grouped", () => {
     const published: Array<{ subject: string; body: Uint8Array }> = [];
-    const capture = { publish: (subject: string, body: Uint8Array) => void published.push({ subject, body }) } as unknown as NatsConnection;
+    // A connection that takes publishes (through the outbox: with a reply subject) and never answers.
+    const capture = {
+      publish: (subject: string, body: Uint8Array) => void published.push({ subject, body }),
+      subscribe: () => ({ unsubscribe: () => undefined }),
+      isClosed: () => false,
+    } as unknown as NatsConnection;
     const r = new HistoryRecorder(capture, "chaos", "encoding");
     const notes = ["a", "b".repeat(200), "c".repeat(20_000), "d"];
     for (const [i, note] of notes.entries()) r.record({ $case: "chaosNote", value: { note } }, { ioasid: i + 1 }, 1000 + i);

@@ -13,6 +13,7 @@ import {
 import { PROCESS_INCARNATION, receivedCursor, registerPosition, takeReceived, touchPosition, type HistoryLink } from "@ioasid/trace";
 import { DEFAULT_PREFIX, encodeToken } from "./subjects.js";
 import { isTransientJetStreamError, retryTransient } from "./jetstream-retry.js";
+import { historyOutbox, type HistoryOutbox } from "./history-outbox.js";
 
 /** Subject of a role's history records: `<prefix>.history.<role>.<instance>`. */
 export function historySubject(prefix: string, role: string, instance: string): string {
@@ -44,14 +45,18 @@ export async function ensureHistoryStream(nc: NatsConnection, prefix = DEFAULT_P
   }
 }
 
-/** Each publisher's (role, instance) last `publisher_seq` in this process (see HistoryRecorder). */
-const PUBLISHER_SEQS = new Map<string, { last: number }>();
+/**
+ * Each publisher's (role, instance) last `publisher_seq` in this process (see HistoryRecorder), and
+ * its last plain message's number (its `Nats-Msg-Id`).
+ */
+const PUBLISHER_SEQS = new Map<string, { last: number; messages: number }>();
 
 /**
- * Publishes a component's history records (fire and forget: history never holds up the work it
- * records). Records of one turn of the event loop go out as one message (a binary
- * `ioasid.history.v1.HistoryBatch`), so a burst (a set freed, a batch of deliveries) costs a few
- * messages, not one per record. The history stream stores them when it exists.
+ * Publishes a component's history records without holding up the work they record. Records of one
+ * turn of the event loop go out as one message (a binary `ioasid.history.v1.HistoryBatch`), so a
+ * burst (a set freed, a batch of deliveries) costs a few messages, not one per record. Messages go
+ * through the connection's {@link HistoryOutbox}: acknowledged by the history stream, and sent again
+ * (same `Nats-Msg-Id`, stored once) when a server's death or a leader election lost them.
  */
 export class HistoryRecorder {
   readonly subject: string;
@@ -66,7 +71,14 @@ export class HistoryRecorder {
    * instance) in the process: the incarnation is the process's, so a second recorder of the same
    * publisher — a core whose start JetStream cut and that starts again — numbers on, never twice.
    */
-  private readonly seq: { last: number };
+  private readonly seq: { last: number; messages: number };
+  /** Id of this publisher's plain messages: `<role>.<instance>.<incarnation>.<n>`. */
+  private readonly msgIdPrefix: string;
+  private outboxOf: HistoryOutbox | undefined;
+  /** The connection's outbox (made at the first publish: numbering alone needs no connection). */
+  private get outbox(): HistoryOutbox {
+    return (this.outboxOf ??= historyOutbox(this.nc));
+  }
   private get lastSeq(): number {
     return this.seq.last;
   }
@@ -81,8 +93,9 @@ export class HistoryRecorder {
     this.subject = historySubject(prefix, role, instance);
     const key = `${role}\u0000${instance}`;
     let seq = PUBLISHER_SEQS.get(key);
-    if (seq === undefined) PUBLISHER_SEQS.set(key, (seq = { last: 0 }));
+    if (seq === undefined) PUBLISHER_SEQS.set(key, (seq = { last: 0, messages: 0 }));
     this.seq = seq;
+    this.msgIdPrefix = `history:${role}:${instance}:${PROCESS_INCARNATION}:`;
     registerPosition(role, instance, this);
   }
 
@@ -150,7 +163,9 @@ export class HistoryRecorder {
       const body = encodeBatch(this.pending);
       this.pending = [];
       this.pendingBytes = 0;
-      this.publish(body);
+      const hd = headers();
+      hd.set("Nats-Msg-Id", `${this.msgIdPrefix}${++this.seq.messages}`);
+      this.publish(body, hd);
     }
     for (const [group, g] of this.groups) {
       for (let part = 0; part * GROUP_PART_RECORDS < g.records.length; part++) {
@@ -167,12 +182,8 @@ export class HistoryRecorder {
     return encodeRecord(createHistoryRecord(this, action, this.stamp(fields), ts));
   }
 
-  private publish(body: Uint8Array, hd?: MsgHdrs): void {
-    try {
-      this.nc.publish(this.subject, body, hd === undefined ? undefined : { headers: hd });
-    } catch {
-      // A closed connection loses the records, never the work.
-    }
+  private publish(body: Uint8Array, hd: MsgHdrs): void {
+    this.outbox.send(this.subject, body, hd);
   }
 }
 

@@ -1,6 +1,7 @@
 import {
   failStopOnWriteError,
   HistoryGate,
+  historyOutbox,
   RoleState,
   retryTransient,
   startSubscriber,
@@ -187,6 +188,8 @@ export async function runRole<C extends RoleBaseConfig, T>(spec: RoleSpec<C, T>)
     logger,
     credentialsDir: config.credentialsDir,
   }).catch((err: unknown) => fatal("cannot reach NATS: start nats-server with JetStream (-js) or set NATS_URL", { url: config.natsUrl, err: String(err) }));
+  // History the outbox gave up on (never stored within its bound) is said, never silently lost.
+  historyOutbox(nc).onLost((loss) => logger.warn({ messages: loss.messages, reason: loss.reason }, "history records lost"));
   // The role's tables live in JetStream: a role killed with -9 comes back with them (the hardware
   // did not forget), then reconciles with the core.
   // A start while JetStream fails over (a cluster electing leaders, or without quorum until a

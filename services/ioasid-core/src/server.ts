@@ -21,6 +21,7 @@ import {
   ensureRoleStateStream,
   HistoryRecorder,
   lastHistoryHeaders,
+  historyOutbox,
   type DeliveryEngineOptions,
   type HistoryActionInput,
   type HistoryFields,
@@ -361,6 +362,8 @@ export async function startCoreServer(options: StartCoreServerOptions = {}): Pro
       // The roles' state stream too: with authorization on, roles may not create streams (DESIGN §11).
       await ensureRoleStateStream(n.nc, prefix, n.replicas ?? 1);
       const recorder = new HistoryRecorder(n.nc, CORE_HISTORY_ROLE, CORE_HISTORY_INSTANCE, prefix);
+      // History the outbox gave up on (never stored within its bound) is said, never silently lost.
+      historyOutbox(n.nc).onLost((loss) => logger.warn({ messages: loss.messages, reason: loss.reason }, "history records lost"));
       const log = await OpLog.open(n.nc, {
         ...(n.stream === undefined ? {} : { stream: n.stream }),
         subject: `${prefix}.core.ops`,
