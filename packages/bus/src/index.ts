@@ -15,6 +15,7 @@ export {
 } from "./delivery-engine.js";
 export { startSubscriber, type DeliveryContext, type EventHandler, type HandlerResult, type Subscriber, type SubscriberOptions } from "./subscriber.js";
 export { isTransientJetStreamError, retryTransient, type RetryTransientOptions } from "./jetstream-retry.js";
+export { publisherGaps, type HistoryGap } from "./history-gaps.js";
 export { HistoryOutbox, historyOutbox, type HistoryLoss, type HistoryOutboxOptions } from "./history-outbox.js";
 export { connectionInbox, readPubAck } from "./pub-ack.js";
 export { decodeHistoryBatch, ensureHistoryStream, historyStreamName, historySubject, lastHistoryHeaders, HistoryRecorder, readHistory } from "./history.js";
