@@ -2,7 +2,16 @@
 export { coreConfigSchema } from "./config.js";
 export { EventLog, type CommittedEvent, type EventLogOptions } from "./event-log.js";
 export { IoasidCore, type ExternalAllocator, type IoasidCoreOptions } from "./ioasid-core.js";
-export { DEFAULT_SNAPSHOT_EVERY_BYTES, DEFAULT_SNAPSHOT_EVERY_OPS, OpLog, type OpLogOptions, type SnapshotInfo, type SnapshotStep } from "./op-log.js";
+export {
+  DEFAULT_SNAPSHOT_EVERY_BYTES,
+  DEFAULT_SNAPSHOT_EVERY_OPS,
+  isTransientWriteError,
+  OpLog,
+  type OpLogOptions,
+  type SnapshotInfo,
+  type SnapshotStep,
+} from "./op-log.js";
+export { PubAckInbox, type AppendOptions } from "./pub-ack-inbox.js";
 export {
   decodeMessage,
   encodeBatch,

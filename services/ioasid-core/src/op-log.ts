@@ -23,6 +23,7 @@ import {
   type StoredMarker,
 } from "./op-codec.js";
 import type { CommittedOperation } from "./operation.js";
+import { PubAckInbox } from "./pub-ack-inbox.js";
 import { decodeChunk, decodeSnapshot, encodeChunk, encodeMarker, MARKER_OVERHEAD_BYTES, snapshotDigest, type CoreSnapshot } from "./snapshot-codec.js";
 
 /** Options of {@link OpLog.open}. */
@@ -67,6 +68,9 @@ export interface OpLogOptions {
   /** Called before each retry of a write, with why the last attempt failed (logging). */
   readonly onWriteRetry?: (err: unknown, attempt: number) => void;
 }
+
+/** How long one try of an operation-log message waits for JetStream's acknowledgement (nats.js's `js.publish` default). */
+export const PUBLISH_ACK_TIMEOUT_MS = 5000;
 
 /** Default of {@link OpLogOptions.writeRetryMs}: a JetStream cluster's leader election and a client's reconnect take a few seconds. */
 export const DEFAULT_WRITE_RETRY_MS = 10_000;
@@ -171,6 +175,8 @@ export class OpLog {
   private lastWrite: Promise<unknown> = Promise.resolve();
   /** This log writer's own id in message ids: a fenced core's retry is never taken as this one's duplicate. */
   private readonly writerId = randomUUID();
+  /** Where the chain's messages are acknowledged (one inbox subscription, not a nats.js request each). */
+  private readonly acks: PubAckInbox;
   /** A seal or snapshot marker being written: appends wait for it (see hold). */
   private barrier: Promise<void> | undefined;
   /** A flush came while the barrier stood: flush when it falls. */
@@ -222,6 +228,7 @@ export class OpLog {
     snapshotsDisabled: string | undefined,
   ) {
     this.snapshotsDisabled = snapshotsDisabled;
+    this.acks = new PubAckInbox(nc);
   }
 
   /** The sequence of the last message written, or found at open or replay. */
@@ -602,7 +609,7 @@ export class OpLog {
     const expected = this.lastSeq++;
     const msgID = `${this.writerId}:${expected}`;
     const previous = this.lastWrite;
-    const publish = () => this.js.publish(subject, data, { headers: hd, msgID, expect: { lastSequence: expected } });
+    const publish = () => this.acks.publish(subject, data, hd, { msgID, lastSequence: expected, timeoutMs: PUBLISH_ACK_TIMEOUT_MS });
     const written = publish().catch(async (first: unknown) => {
       // A predecessor that failed for good breaks the chain: this one fails with it.
       await previous;

@@ -1,0 +1,100 @@
+import { TimeoutError, type Msg, type MsgHdrs, type NatsConnection, type Subscription } from "@nats-io/transport-node";
+import type { PubAck } from "@nats-io/jetstream";
+import { connectionInbox, readPubAck } from "@ioasid/bus";
+
+/** Options of {@link PubAckInbox.publish}: the JetStream headers nats.js's `js.publish` sets for the same options. */
+export interface AppendOptions {
+  /** `Nats-Msg-Id`: a retry with the same id is acknowledged as a duplicate, not stored twice. */
+  readonly msgID: string;
+  /** `Nats-Expected-Last-Sequence`: stored only right after this stream sequence. */
+  readonly lastSequence: number;
+  /** How long to wait for the acknowledgement, ms. */
+  readonly timeoutMs: number;
+}
+
+interface Waiting {
+  readonly resolve: (ack: PubAck) => void;
+  readonly reject: (err: unknown) => void;
+  readonly timer: ReturnType<typeof setTimeout>;
+}
+
+/**
+ * JetStream publishes whose acknowledgements come to one inbox subscription of the connection
+ * (issue 15, the sequential durable Alloc: 1.39× its floor). `js.publish` is a request, and every
+ * nats.js request builds an Error even when it succeeds (`RequestOne.cancel` rejects its settled
+ * promise with a new `RequestError("cancelled")`: a stack capture) beside its mux entry and
+ * timeout; profiled, that was about 35 µs of the core's own CPU per Alloc, on the critical path.
+ * Here an append is one map entry, one timer and one publish with a reply subject.
+ *
+ * Answers mean what `js.publish` makes of them, with the same error classes and messages (the op
+ * log tells a transient failure from the fence by them, op-log.ts `isTransientWriteError`; read by
+ * `@ioasid/bus` `readPubAck`, which the history outbox shares): a PubAck resolves, a JetStream error
+ * (`wrong last sequence: 5`, …) or no responders ("jetstream is not enabled") rejects;
+ * - no answer within the timeout: a {@link TimeoutError}.
+ */
+export class PubAckInbox {
+  readonly #nc: NatsConnection;
+  readonly #inbox: string;
+  readonly #waiting = new Map<string, Waiting>();
+  #sub: Subscription | undefined;
+  #next = 0;
+
+  constructor(nc: NatsConnection) {
+    this.#nc = nc;
+    this.#inbox = connectionInbox(nc);
+  }
+
+  /** Publishes `data` on `subject` and resolves with JetStream's acknowledgement. */
+  publish(subject: string, data: Uint8Array, headers: MsgHdrs, options: AppendOptions): Promise<PubAck> {
+    this.#sub ??= this.#nc.subscribe(`${this.#inbox}.*`, { callback: (err, msg) => (err === null ? this.#answer(msg) : this.#failAll(err)) });
+    headers.set("Nats-Msg-Id", options.msgID);
+    headers.set("Nats-Expected-Last-Sequence", String(options.lastSequence));
+    const token = String(++this.#next);
+    return new Promise<PubAck>((resolve, reject) => {
+      const timer = setTimeout(() => {
+        this.#waiting.delete(token);
+        reject(new TimeoutError());
+      }, options.timeoutMs);
+      this.#waiting.set(token, { resolve, reject, timer });
+      try {
+        this.#nc.publish(subject, data, { headers, reply: `${this.#inbox}.${token}` });
+      } catch (err) {
+        // Closed or draining connection, a bad subject: nothing was sent.
+        clearTimeout(timer);
+        this.#waiting.delete(token);
+        reject(err);
+      }
+    });
+  }
+
+  /** Stops listening; appends still waiting are rejected. */
+  close(): void {
+    this.#sub?.unsubscribe();
+    this.#sub = undefined;
+    this.#failAll(new Error("the operation log's acknowledgement inbox was closed"));
+  }
+
+  /** Appends waiting for an answer (tests). */
+  get waiting(): number {
+    return this.#waiting.size;
+  }
+
+  #answer(msg: Msg): void {
+    const token = msg.subject.slice(this.#inbox.length + 1);
+    const w = this.#waiting.get(token);
+    if (w === undefined) return; // answered after its timeout
+    this.#waiting.delete(token);
+    clearTimeout(w.timer);
+    const answer = readPubAck(msg);
+    if (answer.error === undefined) w.resolve(answer.ack);
+    else w.reject(answer.error);
+  }
+
+  #failAll(err: unknown): void {
+    for (const w of this.#waiting.values()) {
+      clearTimeout(w.timer);
+      w.reject(err);
+    }
+    this.#waiting.clear();
+  }
+}

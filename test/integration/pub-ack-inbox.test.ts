@@ -1,0 +1,77 @@
+import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { connect, headers, TimeoutError, type NatsConnection } from "@nats-io/transport-node";
+import { JetStreamApiError, jetstreamManager } from "@nats-io/jetstream";
+import { isTransientWriteError, PubAckInbox } from "@ioasid/ioasid-core";
+import { startNats, type NatsServer } from "@ioasid/testkit";
+
+// The operation log's acknowledgements on one inbox subscription (issue 15, the sequential durable
+// Alloc): each answer must mean what nats.js's `js.publish` makes of it, because the op log tells
+// a transient failure from the fence by the error (op-log.ts isTransientWriteError).
+
+let nats: NatsServer;
+let nc: NatsConnection;
+beforeAll(async () => {
+  nats = await startNats();
+  nc = await connect({ servers: nats.url, inboxPrefix: "_INBOX.core.core" });
+  await (await jetstreamManager(nc)).streams.add({ name: "PUBACK_TEST", subjects: ["puback.test"], storage: "file" });
+});
+afterAll(async () => {
+  await nc?.close();
+  await nats?.stop();
+});
+
+describe("PubAckInbox", () => {
+  it("resolves with the stream's acknowledgement; the same message id again is a duplicate, stored once", async () => {
+    const acks = new PubAckInbox(nc);
+    const first = await acks.publish("puback.test", new Uint8Array([1]), headers(), { msgID: "w:0", lastSequence: 0, timeoutMs: 5000 });
+    expect(first).toMatchObject({ stream: "PUBACK_TEST", seq: 1, duplicate: false });
+    const again = await acks.publish("puback.test", new Uint8Array([1]), headers(), { msgID: "w:0", lastSequence: 0, timeoutMs: 5000 });
+    expect(again).toMatchObject({ stream: "PUBACK_TEST", seq: 1, duplicate: true });
+    // Pipelined: answers find their own waiters.
+    const many = await Promise.all(
+      [1, 2, 3].map((n) => acks.publish("puback.test", new Uint8Array([n]), headers(), { msgID: `w:${n}`, lastSequence: n, timeoutMs: 5000 })),
+    );
+    expect(many.map((a) => a.seq)).toEqual([2, 3, 4]);
+    expect(acks.waiting).toBe(0);
+    acks.close();
+  });
+
+  it("rejects a write after another sequence with JetStream's error: final, the fence", async () => {
+    const acks = new PubAckInbox(nc);
+    const err = await acks
+      .publish("puback.test", new Uint8Array([9]), headers(), { msgID: "w:late", lastSequence: 1, timeoutMs: 5000 })
+      .catch((e: unknown) => e);
+    expect(err).toBeInstanceOf(JetStreamApiError);
+    expect(String(err)).toMatch(/wrong last sequence/);
+    expect(isTransientWriteError(err)).toBe(false);
+    acks.close();
+  });
+
+  it("rejects when no stream takes the subject (no responders) and when nothing answers in time: both transient", async () => {
+    const acks = new PubAckInbox(nc);
+    const none = await acks
+      .publish("puback.nostream", new Uint8Array([1]), headers(), { msgID: "n:0", lastSequence: 0, timeoutMs: 5000 })
+      .catch((e: unknown) => e);
+    expect(String(none)).toMatch(/jetstream is not enabled/);
+    expect(isTransientWriteError(none)).toBe(true);
+    // A plain subscriber takes the subject and never answers.
+    const silent = nc.subscribe("puback.silent");
+    const late = await acks
+      .publish("puback.silent", new Uint8Array([1]), headers(), { msgID: "s:0", lastSequence: 0, timeoutMs: 200 })
+      .catch((e: unknown) => e);
+    expect(late).toBeInstanceOf(TimeoutError);
+    expect(isTransientWriteError(late)).toBe(true);
+    expect(acks.waiting).toBe(0);
+    silent.unsubscribe();
+    acks.close();
+  });
+
+  it("asks for answers under the connection's own inbox prefix (a role's user may subscribe only there)", async () => {
+    const seen = nc.subscribe("puback.silent2", { max: 1 });
+    const acks = new PubAckInbox(nc);
+    const pending = acks.publish("puback.silent2", new Uint8Array([1]), headers(), { msgID: "p:0", lastSequence: 0, timeoutMs: 5000 });
+    for await (const m of seen) expect(m.reply).toMatch(/^_INBOX\.core\.core\./);
+    acks.close();
+    await expect(pending).rejects.toThrow(/closed/);
+  });
+});
