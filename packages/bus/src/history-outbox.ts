@@ -1,4 +1,4 @@
-import type { MsgHdrs, NatsConnection, Subscription } from "@nats-io/transport-node";
+import type { MsgHdrs, NatsConnection } from "@nats-io/transport-node";
 import { connectionInbox, readPubAck } from "./pub-ack.js";
 
 /** Options of a connection's {@link HistoryOutbox}. */
@@ -55,7 +55,7 @@ export class HistoryOutbox {
   /** By token, in the order first sent (a Map keeps insertion order). */
   readonly #waiting = new Map<number, Waiting>();
   readonly #lostListeners = new Set<(loss: HistoryLoss) => void>();
-  #sub: Subscription | undefined;
+  #subscribed = false;
   #timer: ReturnType<typeof setInterval> | undefined;
   #bytes = 0;
   #next = 0;
@@ -89,7 +89,10 @@ export class HistoryOutbox {
    */
   send(subject: string, body: Uint8Array, headers: MsgHdrs): void {
     if (this.#nc.isClosed()) return;
-    this.#sub ??= this.#nc.subscribe(`${this.#inbox}.*`, { callback: (err, msg) => (err === null ? this.#answer(msg.subject, readPubAck(msg)) : undefined) });
+    if (!this.#subscribed) {
+      this.#nc.subscribe(`${this.#inbox}.*`, { callback: (err, msg) => (err === null ? this.#answer(msg.subject, readPubAck(msg)) : undefined) });
+      this.#subscribed = true;
+    }
     const token = ++this.#next;
     const now = performance.now();
     this.#waiting.set(token, { subject, body, headers, firstAt: now, sentAt: now, lastError: undefined });
