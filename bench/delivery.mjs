@@ -250,16 +250,18 @@ function summarizeDelivery({ log, results }, runs) {
   if (off.eventsPerSec === undefined || on.eventsPerSec === undefined) return;
   const pct = (x) => `${x >= 1 ? "+" : ""}${fmt((x - 1) * 100, 1)}%`;
   log(`\n[delivery] NATS permissions on vs off, mean of runs ${all.map((r, i) => `${i + 1}:${r.secure ? "on" : "off"}`).join(" ")}`);
-  log(
-    `  one FREE, 4 tiers, p50   ${fmt(on.chainP50Us ?? 0)} vs ${fmt(off.chainP50Us ?? 0)} µs (${pct((on.chainP50Us ?? 0) / (off.chainP50Us ?? 1))})   (target: within 10%)`,
-  );
-  log(
-    `  its floor (no permissions on either: the operator's raw gather) ${fmt(on.floorP50Us ?? 0)} vs ${fmt(off.floorP50Us ?? 0)} µs (${pct((on.floorP50Us ?? 0) / (off.floorP50Us ?? 1))}: the machine's drift)`,
-  );
+  // BENCH_ROUNDS=0 skips the one-at-a-time FREEs: no sequential figures to compare then.
+  const sequential = on.chainP50Us !== undefined && off.chainP50Us !== undefined;
+  if (sequential) {
+    log(`  one FREE, 4 tiers, p50   ${fmt(on.chainP50Us)} vs ${fmt(off.chainP50Us)} µs (${pct(on.chainP50Us / off.chainP50Us)})   (target: within 10%)`);
+    log(
+      `  its floor (no permissions on either: the operator's raw gather) ${fmt(on.floorP50Us)} vs ${fmt(off.floorP50Us)} µs (${pct(on.floorP50Us / off.floorP50Us)}: the machine's drift)`,
+    );
+  }
   log(
     `  steady, 1,000 in flight  ${fmt(on.eventsPerSec)} vs ${fmt(off.eventsPerSec)} events/s (${pct(on.eventsPerSec / off.eventsPerSec)})   (target: within 10%)`,
   );
-  results.deliveryPermissionsRatio = { chainP50: (on.chainP50Us ?? 0) / (off.chainP50Us ?? 1), eventsPerSec: on.eventsPerSec / off.eventsPerSec };
+  results.deliveryPermissionsRatio = { ...(sequential ? { chainP50: on.chainP50Us / off.chainP50Us } : {}), eventsPerSec: on.eventsPerSec / off.eventsPerSec };
   results.deliveryRuns = all;
   for (let i = 1; i <= runs; i++) delete results[`delivery-${i}`];
 }
