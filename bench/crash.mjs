@@ -1,9 +1,12 @@
 // Section `crash` (DESIGN §9 "crashed guest"): every IOASID of a VM bound (IOMMU, KVM) and
 // programmed (VDCM) when its VMM goes away; time from the session's end to the set's destruction
 // (its last IOASID reclaimed), taken from the core's own event stream (SET_FREE commit time).
+import { availableParallelism } from "node:os";
 import { readHistory, stepLabel } from "@ioasid/bus";
+import { readState } from "@ioasid/cli";
 import { events } from "@ioasid/proto";
 import { describeRetries, guestFactory, PREPARE_ATTEMPTS, PREPARE_DEADLINE_MS, PREPARE_GUESTS, PREPARE_PASIDS, wholeStack } from "./guests.mjs";
+import { cpuWindows } from "./proc-cpu.mjs";
 import { fmt, percentile } from "./util.mjs";
 
 /**
@@ -54,6 +57,30 @@ export async function watchSetFrees(c, sets) {
   return { done, freed: () => times.size, resumed: () => resumed, stop: () => ac.abort() };
 }
 
+/** The stack's processes by name (its five services, its nats-server) and this one's, for {@link cpuWindows}. */
+function stackProcesses(dir) {
+  const state = readState(dir);
+  const pids = new Map();
+  for (const [name, record] of Object.entries(state.services)) if (record.pid !== undefined) pids.set(name, record.pid);
+  if (state.nats.pid !== undefined) pids.set("nats-server", state.nats.pid);
+  pids.set("this process", process.pid);
+  return pids;
+}
+
+/**
+ * Prints the CPU each process spent in `w`'s windows (divided by `per`), and how many of the
+ * machine's CPUs that kept busy; returns the figures by name (ms, divided by `per`).
+ */
+function logCpu(log, what, w, per) {
+  const totals = [...w.totals()].sort((a, b) => b[1] - a[1]);
+  const sum = totals.reduce((s, [, ms]) => s + ms, 0);
+  log(
+    `  CPU ${what} (/proc, session end → SET_FREE): ${totals.map(([name, ms]) => `${name} ${fmt(ms / per, 1)}`).join(", ")} ms; ` +
+      `${fmt(sum)} ms of CPU in ${fmt(w.wallMs)} ms: ${fmt(sum / w.wallMs, 2)} of ${availableParallelism()} CPUs busy`,
+  );
+  return Object.fromEntries(totals.map(([name, ms]) => [name, ms / per]));
+}
+
 /** Section `crash`: one crashed guest at a time, then a crowd crashing together. */
 export async function crashBench(ctx) {
   const { quick, log, results, target, phase, within } = ctx;
@@ -61,17 +88,22 @@ export async function crashBench(ctx) {
   const perGuest = 64;
   const crowd = process.env.BENCH_CROWD === undefined ? (quick ? 100 : 1000) : Number(process.env.BENCH_CROWD);
   log(`\n[crash] the whole stack as processes; ${perGuest} PASIDs per guest, each bound (IOMMU, KVM) and programmed (VDCM)`);
-  const { c } = await wholeStack(ctx, "crash");
+  const { c, dir } = await wholeStack(ctx, "crash");
   const guests = guestFactory(ctx, c);
 
   const single = [];
+  // Where the time goes: the CPU each process of the stack spends from the session's end to the
+  // SET_FREE, summed over the runs (/proc counts in 10 ms ticks: one run alone is too short).
+  const singleCpu = cpuWindows(stackProcesses(dir));
   for (let r = 0; r < runs; r++) {
     phase(`one crashed guest, run ${r + 1} of ${runs}`);
     const g = await guests.prepare(perGuest);
     const watching = await watchSetFrees(c, [g.setId]);
+    singleCpu.start();
     const t0 = Date.now();
     g.session.abort();
     const times = await within(watching.done, 30_000, `the SET_FREE of ${g.name}'s set ${g.setId} after its session ended`);
+    singleCpu.stop();
     single.push(times.get(g.setId) - t0);
     await c.kvm.destroyVm({ vmId: g.vmId }).catch(() => undefined);
   }
@@ -80,6 +112,7 @@ export async function crashBench(ctx) {
   log(
     `  one crashed guest, ${perGuest} PASIDs: all reclaimed in p50 ${fmt(s50)} ms (min ${fmt(single[0])}, max ${fmt(single.at(-1))}, ${runs} runs; target ≤ 10 ms p50)`,
   );
+  const singleCpuMs = logCpu(log, `per guest in those ${runs} teardowns`, singleCpu, runs);
   target("crash.single", { figure: `${fmt(s50)} ms p50`, ratio: `${fmt(s50 / 10, 2)}× target`, met: s50 <= 10, note: `${runs} runs` });
 
   log(
@@ -95,6 +128,8 @@ export async function crashBench(ctx) {
     c,
     prepared.guests.map((g) => g.setId),
   );
+  const crowdCpu = cpuWindows(stackProcesses(dir));
+  crowdCpu.start();
   const t0 = Date.now();
   for (const g of prepared.guests) g.session.abort();
   const times = await within(
@@ -103,6 +138,7 @@ export async function crashBench(ctx) {
     `the SET_FREE of all ${fmt(crowd)} crashed guests' sets`,
     () => `${fmt(watching.freed())} of ${fmt(crowd)} sets freed, the event watch resumed ${watching.resumed()} times`,
   );
+  crowdCpu.stop();
   const all = Math.max(...times.values()) - t0;
   if (process.env.BENCH_DEBUG) {
     // Where the time went: first and last record of each step, ms after the sessions ended.
@@ -122,6 +158,7 @@ export async function crashBench(ctx) {
   log(
     `  ${fmt(crowd)} guests × ${perGuest} PASIDs (${fmt(crowd * perGuest)} IOASIDs) crashing together: all reclaimed in ${fmt(all)} ms (target ≤ 3,000 ms for 1,000 guests)`,
   );
+  const crowdCpuMs = logCpu(log, `in the crowd's reclaim`, crowdCpu, 1);
   target("crash.crowd", {
     figure: `${fmt(all)} ms`,
     ratio: `${fmt(all / 3000, 2)}× target`,
@@ -134,6 +171,8 @@ export async function crashBench(ctx) {
     single,
     crowd,
     crowdAllReclaimedMs: all,
+    singleCpuMsPerGuest: singleCpuMs,
+    crowdCpuMs,
     preparationSeconds: prepared.seconds,
     preparationRetries: guests.stats.retries,
     preparation: { guestsAtOnce: PREPARE_GUESTS, pasidsAtOnce: PREPARE_PASIDS, deadlineMs: PREPARE_DEADLINE_MS, attempts: PREPARE_ATTEMPTS },
