@@ -72,7 +72,7 @@ export class HistoryRecorder {
    * publisher — a core whose start JetStream cut and that starts again — numbers on, never twice.
    */
   private readonly seq: { last: number; messages: number };
-  /** Id of this publisher's plain messages: `<role>.<instance>.<incarnation>.<n>`. */
+  /** Id of this publisher's plain messages before their number: `history:<role>:<instance>:<incarnation>:`. */
   private readonly msgIdPrefix: string;
   private outboxOf: HistoryOutbox | undefined;
   /** The connection's outbox (made at the first publish: numbering alone needs no connection). */
