@@ -6,8 +6,8 @@ import { readHistory, stepLabel } from "@ioasid/bus";
 import { readState } from "@ioasid/cli";
 import { events } from "@ioasid/proto";
 import { describeRetries, guestFactory, PREPARE_ATTEMPTS, PREPARE_DEADLINE_MS, PREPARE_GUESTS, PREPARE_PASIDS, wholeStack } from "./guests.mjs";
-import { cpuWindows } from "./proc-cpu.mjs";
-import { fmt, percentile } from "./util.mjs";
+import { cpuWindows, peakRssMiBOf } from "./proc-cpu.mjs";
+import { envCount, fmt, percentile } from "./util.mjs";
 
 /**
  * How long a crowd's reclaim may take before the section fails (the target is 3 s). Ten minutes:
@@ -84,9 +84,9 @@ function logCpu(log, what, w, per) {
 /** Section `crash`: one crashed guest at a time, then a crowd crashing together. */
 export async function crashBench(ctx) {
   const { quick, log, results, target, phase, within } = ctx;
-  const runs = quick ? 3 : 10;
+  const runs = envCount("BENCH_CRASH_RUNS", quick ? 3 : 10);
   const perGuest = 64;
-  const crowd = process.env.BENCH_CROWD === undefined ? (quick ? 100 : 1000) : Number(process.env.BENCH_CROWD);
+  const crowd = envCount("BENCH_CROWD", quick ? 100 : 1000);
   log(`\n[crash] the whole stack as processes; ${perGuest} PASIDs per guest, each bound (IOMMU, KVM) and programmed (VDCM)`);
   const { c, dir } = await wholeStack(ctx, "crash");
   const guests = guestFactory(ctx, c);
@@ -107,6 +107,7 @@ export async function crashBench(ctx) {
     single.push(times.get(g.setId) - t0);
     await c.kvm.destroyVm({ vmId: g.vmId }).catch(() => undefined);
   }
+  if (process.env.BENCH_DEBUG) log(`  one crashed guest, in the order run: ${single.map((ms) => fmt(ms)).join(" ")} ms`);
   single.sort((a, b) => a - b);
   const s50 = percentile(single, 50);
   log(
@@ -159,6 +160,13 @@ export async function crashBench(ctx) {
     `  ${fmt(crowd)} guests × ${perGuest} PASIDs (${fmt(crowd * perGuest)} IOASIDs) crashing together: all reclaimed in ${fmt(all)} ms (target ≤ 3,000 ms for 1,000 guests)`,
   );
   const crowdCpuMs = logCpu(log, `in the crowd's reclaim`, crowdCpu, 1);
+  // What the run cost in memory (a GC setting in BENCH_SERVICE_NODE_ARGS trades it for CPU).
+  const peakRssMiB = Object.fromEntries([...stackProcesses(dir)].map(([name, pid]) => [name, peakRssMiBOf(pid)]).filter(([, mib]) => mib !== undefined));
+  log(
+    `  peak resident set (/proc VmHWM) by the crowd's end: ${Object.entries(peakRssMiB)
+      .map(([name, mib]) => `${name} ${fmt(mib)}`)
+      .join(", ")} MiB`,
+  );
   target("crash.crowd", {
     figure: `${fmt(all)} ms`,
     ratio: `${fmt(all / 3000, 2)}× target`,
@@ -173,6 +181,7 @@ export async function crashBench(ctx) {
     crowdAllReclaimedMs: all,
     singleCpuMsPerGuest: singleCpuMs,
     crowdCpuMs,
+    peakRssMiB,
     preparationSeconds: prepared.seconds,
     preparationRetries: guests.stats.retries,
     preparation: { guestsAtOnce: PREPARE_GUESTS, pasidsAtOnce: PREPARE_PASIDS, deadlineMs: PREPARE_DEADLINE_MS, attempts: PREPARE_ATTEMPTS },

@@ -6,7 +6,7 @@ import { TokenType } from "@ioasid/ioasid";
 import { DeliveryEngine, startSubscriber } from "@ioasid/bus";
 import { IoasidCore, OpLog } from "@ioasid/ioasid-core";
 import { connect } from "@nats-io/transport-node";
-import { fmt, now, percentile, startProfile } from "./util.mjs";
+import { envCount, fmt, now, percentile, startProfile } from "./util.mjs";
 
 // ---------------------------------------------------------------------------------------------
 // 3. Ordered delivery through the real core (model, operation log in JetStream, delivery engine,
@@ -21,7 +21,7 @@ import { fmt, now, percentile, startProfile } from "./util.mjs";
 // each configuration's figure is the mean of its two runs, and their ratio is printed (issue 14:
 // within 10%).
 export async function deliveryBench({ quick, log, results, phase, within, startNats }, secure, run) {
-  const rounds = process.env.BENCH_ROUNDS === undefined ? (quick ? 300 : 1500) : Number(process.env.BENCH_ROUNDS);
+  const rounds = envCount("BENCH_ROUNDS", quick ? 300 : 1500, 0);
   const key = `delivery-${run}`;
   log(
     `\n[delivery${secure ? ", NATS permissions on" : ", no authorization"}, run ${run}] FREE through 4 tiers (CPU, DEVICE, IOMMU, LAST), one SDK subscriber each, releasing references`,

@@ -61,3 +61,16 @@ export function cpuWindows(pids) {
     },
   };
 }
+
+/**
+ * Peak resident set of process `pid` so far (VmHWM in /proc/<pid>/status), MiB; undefined when it
+ * is gone or unreadable. What a GC setting that trades memory for CPU costs, read in the same run.
+ */
+export function peakRssMiBOf(pid) {
+  try {
+    const m = /^VmHWM:\s+(\d+) kB$/m.exec(readFileSync(`/proc/${pid}/status`, "utf8"));
+    return m === null ? undefined : Number(m[1]) / 1024;
+  } catch {
+    return undefined;
+  }
+}

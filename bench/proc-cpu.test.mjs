@@ -1,5 +1,5 @@
 import { describe, expect, it } from "vitest";
-import { cpuMsOf, cpuWindows } from "./proc-cpu.mjs";
+import { cpuMsOf, cpuWindows, peakRssMiBOf } from "./proc-cpu.mjs";
 
 /** Spins until this process has used `ms` more of CPU (by the kernel's own count, getrusage). */
 function spin(ms) {
@@ -36,5 +36,15 @@ describe("proc-cpu", () => {
     expect(self).toBeGreaterThanOrEqual(380);
     expect(self).toBeLessThan(680); // would be at least 700 with the work between the windows
     expect(w.wallMs).toBeGreaterThan(0);
+  });
+
+  it("reads a process's peak resident set, which holds what it once touched", () => {
+    expect(peakRssMiBOf(process.pid)).toBeGreaterThan(10); // a node process is tens of MiB at least
+    const residentBefore = process.memoryUsage().rss / 2 ** 20;
+    const held = Buffer.alloc(64 * 1024 * 1024, 1); // 64 MiB, every page written
+    // The peak is at least what is resident now: what was resident before and the 64 MiB touched.
+    expect(peakRssMiBOf(process.pid)).toBeGreaterThanOrEqual(residentBefore + 60);
+    expect(held[held.length - 1]).toBe(1);
+    expect(peakRssMiBOf(2 ** 22 + 1)).toBeUndefined();
   });
 });

@@ -129,3 +129,15 @@ export async function retrying(fn, { attempts, retryOn, delayMs = 0, onRetry = (
     }
   }
 }
+
+/**
+ * A count from environment variable `name` (`fallback` when unset): a whole number ≥ `min`, or an
+ * error that names the variable and what it holds — not a NaN that quietly skips a section's runs.
+ */
+export function envCount(name, fallback, min = 1) {
+  const raw = process.env[name];
+  if (raw === undefined || raw === "") return fallback;
+  const n = Number(raw);
+  if (!Number.isInteger(n) || n < min) throw new Error(`${name}=${JSON.stringify(raw)}: expected a whole number ≥ ${min}`);
+  return n;
+}

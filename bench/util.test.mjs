@@ -1,5 +1,5 @@
-import { describe, expect, it } from "vitest";
-import { pool, retrying, withTimeout } from "./util.mjs";
+import { afterEach, describe, expect, it } from "vitest";
+import { envCount, pool, retrying, withTimeout } from "./util.mjs";
 
 describe("withTimeout", () => {
   it("settles like the promise when it settles in time", async () => {
@@ -93,5 +93,27 @@ describe("retrying", () => {
       ),
     ).rejects.toThrow("SET_QUOTA_EXCEEDED");
     expect(calls).toBe(1);
+  });
+});
+
+describe("envCount", () => {
+  const name = "BENCH_UTIL_TEST_COUNT";
+  afterEach(() => delete process.env[name]);
+
+  it("is the fallback when unset or empty, else the number given", () => {
+    expect(envCount(name, 7)).toBe(7);
+    process.env[name] = "";
+    expect(envCount(name, 7)).toBe(7);
+    process.env[name] = "40";
+    expect(envCount(name, 7)).toBe(40);
+    process.env[name] = "0";
+    expect(envCount(name, 7, 0)).toBe(0);
+  });
+
+  it("refuses what is not a whole number at least the minimum, naming the variable", () => {
+    for (const bad of ["abc", "2.5", "-1", "0"]) {
+      process.env[name] = bad;
+      expect(() => envCount(name, 7)).toThrow(`${name}=${JSON.stringify(bad)}: expected a whole number ≥ 1`);
+    }
   });
 });
