@@ -124,6 +124,9 @@ export function completeAction(action: HistoryActionInput): HistoryAction {
   return { $case: action.$case, value: fns.fromPartial(action.value) } as HistoryAction;
 }
 
+/** The numeric fields a record takes from its {@link HistoryFields} as they are. */
+const NUMBER_FIELDS = ["ioasid", "generation", "setId", "spid", "refcount", "seq", "publisherSeq", "opSeq"] as const;
+
 /** Builds one record: `who` did `action` at `ts`, about what `fields` name. */
 export function createHistoryRecord(
   who: { readonly role: string; readonly instance: string },
@@ -132,8 +135,7 @@ export function createHistoryRecord(
   ts: number = performance.timeOrigin + performance.now(),
 ): TypedHistoryRecord {
   const rec: HistoryRecord = { ts, role: who.role, instance: who.instance, recovered: false, incarnation: "", after: [], action: completeAction(action) };
-  for (const k of ["ioasid", "generation", "setId", "spid", "refcount", "seq", "publisherSeq", "opSeq"] as const)
-    if (fields[k] !== undefined) rec[k] = fields[k];
+  for (const k of NUMBER_FIELDS) if (fields[k] !== undefined) rec[k] = fields[k];
   if (fields.recovered === true) rec.recovered = true;
   if (fields.incarnation !== undefined) rec.incarnation = fields.incarnation;
   if (fields.after !== undefined && fields.after.length > 0) rec.after = fields.after.map((l) => ({ ...l }));
@@ -151,13 +153,23 @@ export function actionName(r: HistoryRecord | HistoryAction | HistoryActionCase)
 
 /** The model's name of an event type ("ALLOC", "FREE", …). */
 export function eventTypeName(type: events.EventType): string {
-  return events.eventTypeToJSON(type).replace(/^EVENT_TYPE_/, "");
+  // Asked for every delivery a role handles (its metrics) and every event recorded: remembered.
+  let name = EVENT_TYPE_NAMES.get(type);
+  if (name === undefined) EVENT_TYPE_NAMES.set(type, (name = events.eventTypeToJSON(type).replace(/^EVENT_TYPE_/, "")));
+  return name;
 }
+const EVENT_TYPE_NAMES = new Map<events.EventType, string>();
 
 /** The event type of a name ("FREE"). */
 export function eventTypeOf(name: string): events.EventType {
-  return events.eventTypeFromJSON(`EVENT_TYPE_${name}`);
+  let type = EVENT_TYPES.get(name);
+  if (type === undefined) {
+    type = events.eventTypeFromJSON(`EVENT_TYPE_${name}`);
+    if (type !== events.EventType.UNRECOGNIZED) EVENT_TYPES.set(name, type); // the model's names only
+  }
+  return type;
 }
+const EVENT_TYPES = new Map<string, events.EventType>();
 
 /** The event a record reports ("ALLOC", "FREE", …) when it is an `ioasid_notify`, else undefined. */
 export function eventOf(r: HistoryRecord): string | undefined {

@@ -110,12 +110,11 @@ export class HistoryRecorder {
     if (fields.publisherSeq !== undefined) return fields;
     const after = takeReceived(this.linked);
     touchPosition(this.role, this.instance);
-    return {
-      ...fields,
-      publisherSeq: ++this.seq.last,
-      incarnation: PROCESS_INCARNATION,
-      ...(after.length === 0 ? {} : { after: [...(fields.after ?? []), ...after] }),
-    };
+    const stamped: HistoryFields = { ...fields };
+    stamped.publisherSeq = ++this.seq.last;
+    stamped.incarnation = PROCESS_INCARNATION;
+    if (after.length > 0) stamped.after = fields.after === undefined ? after : [...fields.after, ...after];
+    return stamped;
   }
 
   /** This recorder's position: its last numbered record (undefined before the first). */

@@ -58,8 +58,9 @@ export function createRoleMetrics(registry: Registry): RoleMetrics {
   const retries = new Counter({ name: "ioasid_role_state_write_retries_total", help: "Retries of state writes JetStream did not acknowledge.", registers });
 
   const ended = (type: string, outcome: "settled" | "failed", started: number) => {
-    handled.inc({ type, outcome });
-    handling.observe({ type, outcome }, (performance.now() - started) / 1000);
+    const labels = { type, outcome };
+    handled.inc(labels);
+    handling.observe(labels, (performance.now() - started) / 1000);
   };
   return {
     handler: (handler) => (event, ctx) => {

@@ -612,12 +612,24 @@ export class IoasidCore {
   /** Marks one target's outcome; returns the delivery and target when a pending one was missed. */
   /** `delivery_acked` records of an acknowledgement operation's acks not settled before. */
   private recordAcks(subscriber: { readonly name: string; readonly instance: string }, acks: readonly DeliveryAck[]): void {
+    // Once per acknowledgement (four per reclaimed IOASID): no closure, no spread.
+    const links = this.ackLinks !== undefined && this.ackLinks.size > 0 ? this.ackLinks : undefined;
     for (const ack of acks) {
       const rec = this.deliveries.get(ack.seq);
-      const i = rec === undefined ? -1 : rec.targets.findIndex((t) => t.registrationId === ack.registrationId);
-      if (rec === undefined || i < 0 || rec.outcomes[i] === ACKED || rec.outcomes[i] === DROPPED) continue;
+      if (rec === undefined) continue;
+      const i = targetIndex(rec.targets, ack.registrationId);
+      if (i < 0 || rec.outcomes[i] === ACKED || rec.outcomes[i] === DROPPED) continue;
       const e = rec.event;
-      const after = this.ackLinks?.get(`${ack.seq}:${ack.registrationId}`);
+      const fields: HistoryFields = {};
+      if (e.ioasid !== 0xffffffff) {
+        fields.ioasid = e.ioasid;
+        fields.generation = e.generation;
+      }
+      fields.setId = e.setId;
+      fields.seq = ack.seq;
+      // The subscriber's records up to its ack precede this one (issue 18: order without clocks).
+      const after = links?.get(`${ack.seq}:${ack.registrationId}`);
+      if (after !== undefined) fields.after = [...after];
       this.emitHistory(
         {
           $case: "deliveryAcked",
@@ -625,17 +637,11 @@ export class IoasidCore {
             subscriber: subscriber.name,
             instance: subscriber.instance,
             type: e.type,
-            releases: [...(ack.release?.purposes ?? [])],
+            releases: ack.release === undefined ? [] : [...ack.release.purposes],
             late: rec.outcomes[i] === MISSED,
           },
         },
-        {
-          ...(e.ioasid === 0xffffffff ? {} : { ioasid: e.ioasid, generation: e.generation }),
-          setId: e.setId,
-          seq: ack.seq,
-          // The subscriber's records up to its ack precede this one (issue 18: order without clocks).
-          ...(after === undefined ? {} : { after: [...after] }),
-        },
+        fields,
       );
     }
   }
@@ -643,7 +649,7 @@ export class IoasidCore {
   private mark(seq: number, reg: number, outcome: typeof ACKED | typeof MISSED): { rec: DeliveryRecord; target: DeliveryTarget } | undefined {
     const rec = this.deliveries.get(seq);
     if (rec === undefined) return undefined;
-    const i = rec.targets.findIndex((t) => t.registrationId === reg);
+    const i = targetIndex(rec.targets, reg);
     if (i < 0 || rec.outcomes[i] === ACKED || rec.outcomes[i] === DROPPED) return undefined;
     const was = rec.outcomes[i];
     rec.outcomes[i] = outcome;
@@ -654,16 +660,16 @@ export class IoasidCore {
   private onEvent(e: IoasidEvent): void {
     const committed = this.log.append(e, this.currentTs);
     if (this.recording) {
-      this.pendingEventHistory.push([
-        { $case: "ioasidNotify", value: { type: eventTypeOf(e.type) } },
-        {
-          ...(e.ioasid === 0xffffffff ? {} : { ioasid: e.ioasid, generation: e.generation }),
-          setId: e.setId,
-          ...(e.spid === 0 ? {} : { spid: e.spid }),
-          refcount: e.refcount,
-          seq: e.seq,
-        },
-      ]);
+      const fields: HistoryFields = {};
+      if (e.ioasid !== 0xffffffff) {
+        fields.ioasid = e.ioasid;
+        fields.generation = e.generation;
+      }
+      fields.setId = e.setId;
+      if (e.spid !== 0) fields.spid = e.spid;
+      fields.refcount = e.refcount;
+      fields.seq = e.seq;
+      this.pendingEventHistory.push([{ $case: "ioasidNotify", value: { type: eventTypeOf(e.type) } }, fields]);
     }
     // Before the early return: a RECLAIM's span is started whether or not anyone receives it.
     const trace = this.opTrace.eventTrace(e);
@@ -684,4 +690,10 @@ export class IoasidCore {
     }
     return targets;
   }
+}
+
+/** The index of the target registered as `registrationId` (-1 if none): a loop, called for every acknowledgement. */
+function targetIndex(targets: readonly DeliveryTarget[], registrationId: number): number {
+  for (let i = 0; i < targets.length; i++) if (targets[i]!.registrationId === registrationId) return i;
+  return -1;
 }

@@ -1153,28 +1153,33 @@ export class IommuDriver {
 
   /** One history record per hardware change, in the kernel's words. */
   #recordChanges(changes: readonly HardwareChange[], seq?: number): void {
+    // Two records per torn-down PASID (its entry, its flush): fields assigned, not spread.
     for (const c of changes) {
-      const s = seq === undefined ? {} : { seq };
+      const fields: HistoryFields = {};
       if (c.kind === "iotlbFlush") {
         const f = c.flush;
+        if (f.pasid !== 0) fields.ioasid = f.pasid;
+        if (seq !== undefined) fields.seq = seq;
         this.#record(
           {
             $case: "iotlbFlush",
             value: { scope: f.scope, cause: f.cause, domain: f.domainId, device: f.deviceId, devtlb: f.deviceTlb, address: f.address, size: f.size },
           },
-          { ...(f.pasid === 0 ? {} : { ioasid: f.pasid }), ...s },
+          fields,
         );
         continue;
       }
       const e = c.entry;
-      const entry = { device: c.deviceId, handle: e.handleId, domain: e.domainId, domainType: e.domainType };
-      this.#record(c.kind === "teardownPasid" ? { $case: "teardownPasid", value: { ...entry, cause: c.cause } } : { $case: "pasidEntrySet", value: entry }, {
-        ...(e.withoutPasid ? {} : { ioasid: e.pasid }),
-        ...(e.generation === 0 ? {} : { generation: e.generation }),
-        ...(e.setId === 0 ? {} : { setId: e.setId }),
-        ...(e.gpasid === 0 ? {} : { spid: e.gpasid }),
-        ...s,
-      });
+      if (!e.withoutPasid) fields.ioasid = e.pasid;
+      if (e.generation !== 0) fields.generation = e.generation;
+      if (e.setId !== 0) fields.setId = e.setId;
+      if (e.gpasid !== 0) fields.spid = e.gpasid;
+      if (seq !== undefined) fields.seq = seq;
+      const where = { device: c.deviceId, handle: e.handleId, domain: e.domainId, domainType: e.domainType };
+      this.#record(
+        c.kind === "teardownPasid" ? { $case: "teardownPasid", value: { ...where, cause: c.cause } } : { $case: "pasidEntrySet", value: where },
+        fields,
+      );
     }
   }
 }
