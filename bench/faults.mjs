@@ -85,12 +85,20 @@ export async function faultsBench(ctx) {
     const relayed = new Map();
     const answers = new Map();
     const refused = [];
+    /** When each step of a group's answer happened (`now()`, ms), by group id: where a round trip's time goes. */
+    const stepsAt = new Map();
+    const timedVfio = (at) => ({
+      mapGuestPages: (req) => c.vfio.mapGuestPages(req).finally(() => (at.mapped = now())),
+      sendPageResponse: (req) => c.vfio.sendPageResponse(req).finally(() => (at.answered = now())),
+    });
     void (async () => {
       for await (const m of c.vfio.watchFaults({ containerId }, { signal: stop.signal })) {
         if (m.item?.$case === "group") {
           const g = m.item.value;
+          const at = { relayed: now() };
+          if (stepsAt.size < 10_000) stepsAt.set(g.faultGroupId, at);
           relayed.set(g.faultGroupId, (relayed.get(g.faultGroupId) ?? 0) + 1);
-          void answerFaultGroup(c.vfio, containerId, g, "success").then((a) => a.sent || refused.push(`${a.faultGroupId}: ${a.problem}`));
+          void answerFaultGroup(timedVfio(at), containerId, g, "success").then((a) => a.sent || refused.push(`${a.faultGroupId}: ${a.problem}`));
         } else if (m.item?.$case === "answered") {
           const a = m.item.value;
           answers.set(a.faultGroupId, [...(answers.get(a.faultGroupId) ?? []), `${vfio.pageResponseCodeToJSON(a.code)} ${a.source}`]);
@@ -105,17 +113,33 @@ export async function faultsBench(ctx) {
     const rw = { read: true, write: true };
     const { TRANSLATE_OUTCOME_TRANSLATED: TRANSLATED, TRANSLATE_OUTCOME_PAGE_REQUEST: PAGE_REQUEST } = iommu.TranslateOutcome;
     /** One DMA to a page the guest has not installed yet: page request, response, retry. @returns the group id */
-    const roundTrip = async ({ deviceId, pasid }, address) => {
+    const roundTrip = async ({ deviceId, pasid }, address, steps) => {
       const req = iommu.TranslateRequest.fromPartial({ deviceId, pasid, address, access: rw });
+      const start = now();
       const miss = await c.iommu.translate(req);
+      const missed = now();
       if (miss.outcome !== PAGE_REQUEST)
         throw new Error(`expected a page request at 0x${address.toString(16)}, got ${iommu.translateOutcomeToJSON(miss.outcome)}`);
       const r = await c.iommu.awaitPageResponse({ deviceId, faultGroupId: miss.faultGroupId }, { deadlineMs: 10_000 });
+      const released = now();
       if (r.code !== iommu.PageResponseCode.PAGE_RESPONSE_CODE_SUCCESS)
         throw new Error(`group ${miss.faultGroupId} answered ${iommu.pageResponseCodeToJSON(r.code)}`);
       const hit = await c.iommu.translate(req);
+      const end = now();
       if (hit.outcome !== TRANSLATED || hit.outputAddress !== hpaBase + address)
         throw new Error(`retry of 0x${address.toString(16)}: ${iommu.translateOutcomeToJSON(hit.outcome)}`);
+      const at = stepsAt.get(miss.faultGroupId);
+      stepsAt.delete(miss.faultGroupId);
+      // Each step from the end of the one before; the guest's steps run beside the device's wait.
+      if (steps !== undefined && at?.mapped !== undefined && at.answered !== undefined)
+        steps.push({
+          translateMiss: missed - start,
+          relayToGuest: at.relayed - start,
+          mapGuestPages: at.mapped - at.relayed,
+          sendPageResponse: at.answered - at.mapped,
+          deviceReleased: released - at.answered,
+          retryTranslated: end - released,
+        });
       return miss.faultGroupId;
     };
 
@@ -135,6 +159,7 @@ export async function faultsBench(ctx) {
     const unaryLat = [];
     const streamLat = [];
     const tripLat = [];
+    const tripSteps = [];
     for (let r = 0; r < 5; r++) {
       for (let i = 0; i < rounds / 5; i++) {
         const t = now();
@@ -149,7 +174,7 @@ export async function faultsBench(ctx) {
       }
       for (let i = 0; i < rounds / 5; i++) {
         const t = now();
-        raised.push(await roundTrip(bound[0], gva(0, page++)));
+        raised.push(await roundTrip(bound[0], gva(0, page++), tripSteps));
         tripLat.push(now() - t);
       }
     }
@@ -187,6 +212,21 @@ export async function faultsBench(ctx) {
     log(
       `  fault round trip               p50 ${fmt(t50 * 1000)} µs   p90 ${fmt(t90 * 1000)} µs   (${fmt(rounds)} sequential, distinct pages: miss → guest maps + SUCCESS → retry TRANSLATED)`,
     );
+    // Where a round trip's time goes: p50 of each step (they need not add up to the p50 of the whole).
+    const stepP50 = Object.fromEntries(
+      Object.keys(tripSteps[0] ?? {}).map((k) => [
+        k,
+        percentile(
+          tripSteps.map((st) => st[k]).sort((a, b) => a - b),
+          50,
+        ) * 1000,
+      ]),
+    );
+    log(
+      `  its steps, p50 (${fmt(tripSteps.length)} timed)  ${Object.entries(stepP50)
+        .map(([k, us]) => `${k} ${fmt(us)}`)
+        .join(", ")} µs — the miss's reply and the group's relay to the guest start together`,
+    );
     log(
       `  ratio to its critical path     ${fmt(t50 / floor, 2)}×   (6 unary + 1 stream round trip + 3 JetStream acks = ${fmt(floor * 1000)} µs; ${fmt(t50 / u50, 1)} unary calls' worth)`,
     );
@@ -198,6 +238,7 @@ export async function faultsBench(ctx) {
       roundTripP90Us: t90 * 1000,
       criticalPathFloorUs: floor * 1000,
       ratioToFloor: t50 / floor,
+      roundTripStepsP50Us: stepP50,
     };
 
     // Sustained: every device with several requests in flight, each a group by itself.
