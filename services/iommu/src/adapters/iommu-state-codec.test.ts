@@ -63,6 +63,14 @@ const entries: IommuKeptEntry[] = [
   },
   { kind: "idCounters", nextDomainId: 77, nextHandleId: (1n << 60n) + 3n },
   {
+    kind: "guestMapping",
+    guestMapping: {
+      hpasid: 0xfffff,
+      generation: 0xffff_fffe,
+      mapping: { iova: 0xffff_ffff_ffff_f000n, paddr: (1n << 63n) + 0x1000n, size: 0x1000n, access: RW },
+    },
+  },
+  {
     kind: "faultGroup",
     group: {
       faultGroupId: (1n << 61n) + 4n,

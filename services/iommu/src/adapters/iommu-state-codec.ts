@@ -79,6 +79,10 @@ export function toIommuStateEntry(e: IommuKeptEntry): iommuState.IommuStateEntry
         },
       };
     }
+    case "guestMapping": {
+      const g = e.guestMapping;
+      return { entry: { $case: "guestMapping", value: { hpasid: g.hpasid, generation: g.generation, mapping: fromMapping(g.mapping) } } };
+    }
     case "mmContext": {
       const m = e.mm;
       return {
@@ -198,6 +202,13 @@ export function fromIommuStateEntry(m: iommuState.IommuStateEntry): IommuKeptEnt
           spidAttached: b.spidAttached,
           firstStage: b.firstStage.map(toMapping),
         },
+      };
+    }
+    case "guestMapping": {
+      const v = entry.value;
+      return {
+        kind: "guestMapping",
+        guestMapping: { hpasid: v.hpasid, generation: v.generation, mapping: toMapping(requireField(v.mapping, "KeptGuestMapping.mapping")) },
       };
     }
     case "mmContext": {

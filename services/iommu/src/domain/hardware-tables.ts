@@ -16,7 +16,7 @@ import {
   type Mapping,
   type MmContext,
 } from "./iommu-hardware-model.js";
-import { copyMapping } from "./io-page-table.js";
+import { copyMapping, lowerBound } from "./io-page-table.js";
 
 // The hardware's tables as data, and their persistence seam: what IommuHardware keeps in its store
 // (one entry per key) and how the tables are rebuilt from it after a crash (DESIGN §4: the role's
@@ -59,6 +59,17 @@ export interface MmState extends MmContext {
   readonly bonds: Map<string, BondState>;
 }
 
+/** The store key of the first-stage range of the guest bind of `hpasid` that starts at `iova`. */
+export function guestMappingKey(hpasid: number, iova: bigint): string {
+  return `gp/${hpasid}/${iova.toString(16)}`;
+}
+
+/** `<hpasid>/<iova in hex>` (a `gp/` key after its kind) as numbers. */
+function parseGuestMappingKey(id: string): [number, bigint] {
+  const slash = id.indexOf("/");
+  return [Number(id.slice(0, slash)), BigInt(`0x${id.slice(slash + 1)}`)];
+}
+
 /** The kept tables of the modelled hardware (the IOTLB flush log is not kept). */
 export interface HardwareTables {
   readonly devices: Map<string, DeviceState>;
@@ -79,9 +90,13 @@ export function emptyTables(): HardwareTables {
  * The tables rebuilt from what the store held (devices first, then what refers to them; an attach
  * handle whose device or domain is gone is dropped). `watch` wraps each guest bind state so that
  * the driver's later updates mark it changed.
+ * @returns the keys to write again: a first stage read from its bind's entry (state written before
+ *   each range had a key of its own) is kept under its ranges' keys, then the bind without it — in
+ *   that order, so that a crash between the two leaves the table in one place or both
  */
-export function loadTables(t: HardwareTables, saved: ReadonlyMap<string, IommuKeptEntry>, watch: (b: GpasidBinding) => GpasidBinding): void {
+export function loadTables(t: HardwareTables, saved: ReadonlyMap<string, IommuKeptEntry>, watch: (b: GpasidBinding) => GpasidBinding): string[] {
   const kept = [...saved.values()];
+  const rewrite: string[] = [];
   for (const v of kept) {
     if (v.kind !== "device") continue;
     const d = v.device;
@@ -127,6 +142,28 @@ export function loadTables(t: HardwareTables, saved: ReadonlyMap<string, IommuKe
       }),
     );
   }
+  for (const b of t.bindings.values()) {
+    if (b.firstStage.length === 0) continue;
+    for (const m of b.firstStage) rewrite.push(guestMappingKey(b.hpasid, m.iova));
+    rewrite.push(`bind/${b.hpasid}`);
+  }
+  // Each range of a first stage kept on its own (older state has them in the bind's entry instead).
+  const ranges = new Map<number, Mapping[]>();
+  for (const [key, v] of saved) {
+    if (v.kind !== "guestMapping") continue;
+    const g = v.guestMapping;
+    if (t.bindings.get(g.hpasid)?.generation !== g.generation) {
+      rewrite.push(key); // left by a bind that is gone (or an older one of the PASID): deleted
+      continue;
+    }
+    let list = ranges.get(g.hpasid);
+    if (list === undefined) ranges.set(g.hpasid, (list = []));
+    list.push(copyMapping(g.mapping));
+  }
+  for (const [hpasid, list] of ranges) {
+    const b = t.bindings.get(hpasid)!;
+    b.firstStage = [...b.firstStage, ...list].sort((x, y) => (x.iova < y.iova ? -1 : x.iova > y.iova ? 1 : 0));
+  }
   for (const v of kept) {
     if (v.kind !== "attachHandle") continue;
     const dev = t.devices.get(v.handle.deviceId);
@@ -155,9 +192,10 @@ export function loadTables(t: HardwareTables, saved: ReadonlyMap<string, IommuKe
     t.nextDomainId = Math.max(t.nextDomainId, v.nextDomainId);
     if (v.nextHandleId > t.nextHandleId) t.nextHandleId = v.nextHandleId;
   }
+  return rewrite;
 }
 
-/** The kept entry now under a store key (`dev/<id>`, `dom/<id>`, `h/<id>`, `bind/<hpasid>`, `mm/<token>`, `ids`), undefined: deleted. */
+/** The kept entry now under a store key (`dev/<id>`, `dom/<id>`, `h/<id>`, `bind/<hpasid>`, `gp/<hpasid>/<iova>`, `mm/<token>`, `ids`), undefined: deleted. */
 export function keptEntryOf(t: HardwareTables, key: string): IommuHardwareKeptEntry | undefined {
   const slash = key.indexOf("/");
   const kind = slash < 0 ? key : key.slice(0, slash);
@@ -197,9 +235,18 @@ export function keptEntryOf(t: HardwareTables, key: string): IommuHardwareKeptEn
         gpasid: b.gpasid,
         refHeld: b.refHeld,
         spidAttached: b.spidAttached,
-        firstStage: b.firstStage.map(copyMapping),
+        // Each range is an entry of its own (`gp/…`): the bind's entry no longer grows with its table.
+        firstStage: [],
       };
       return { kind: "gpasidBinding", binding };
+    }
+    case "gp": {
+      const [hpasid, iova] = parseGuestMappingKey(id);
+      const b = t.bindings.get(hpasid);
+      const m = b === undefined ? undefined : b.firstStage[lowerBound(b.firstStage, iova)];
+      return b === undefined || m === undefined || m.iova !== iova
+        ? undefined
+        : { kind: "guestMapping", guestMapping: { hpasid, generation: b.generation, mapping: copyMapping(m) } };
     }
     case "mm": {
       const m = t.mms.get(BigInt(id));

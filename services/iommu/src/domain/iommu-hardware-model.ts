@@ -320,6 +320,7 @@ export interface KeptGpasidBinding {
   readonly gpasid: number;
   readonly refHeld: boolean;
   readonly spidAttached: boolean;
+  /** Written empty (each range is a {@link KeptGuestMapping}); read from state written before that. */
   readonly firstStage: readonly Mapping[];
 }
 
@@ -331,14 +332,26 @@ export interface KeptMmContext extends MmContext {
 }
 
 /**
+ * One range of a guest bind's first-stage table, kept under a key of its own (`gp/<hpasid>/<iova>`):
+ * a MapGuestPages writes it alone, not the bind's whole table (issue 15).
+ */
+export interface KeptGuestMapping {
+  readonly hpasid: number;
+  /** The bind's generation: a range left by an older bind of the PASID is not applied to a newer one. */
+  readonly generation: number;
+  readonly mapping: Mapping;
+}
+
+/**
  * One entry of the hardware tables as the IOMMU keeps them in its store, under `dev/<id>`,
- * `dom/<id>`, `h/<id>`, `bind/<hpasid>`, `mm/<token>` and `ids`.
+ * `dom/<id>`, `h/<id>`, `bind/<hpasid>`, `gp/<hpasid>/<iova>`, `mm/<token>` and `ids`.
  */
 export type IommuHardwareKeptEntry =
   | { readonly kind: "device"; readonly device: DeviceSpec }
   | { readonly kind: "domain"; readonly domain: KeptDomain }
   | { readonly kind: "attachHandle"; readonly handle: KeptAttachHandle }
   | { readonly kind: "gpasidBinding"; readonly binding: KeptGpasidBinding }
+  | { readonly kind: "guestMapping"; readonly guestMapping: KeptGuestMapping }
   | { readonly kind: "mmContext"; readonly mm: KeptMmContext }
   | { readonly kind: "idCounters"; readonly nextDomainId: number; readonly nextHandleId: bigint };
 

@@ -525,4 +525,99 @@ describe("IommuHardware kept in a store", () => {
         .sort(),
     ).toEqual(["bind/30", `dom/${next}`, "ids"].sort());
   });
+
+  /** A store with a guest bind of PASID 30 on d0 (generation 2), and the hardware that wrote it. */
+  async function boundGuest() {
+    const store = memoryIommuState();
+    const hw = new IommuHardware();
+    hw.registerDevice(dev("d0"));
+    const p = paging(hw);
+    hw.map(p, { iova: 0n, paddr: 0x100000n, size: 64n * PAGE, access: RW });
+    hw.createBinding({ hpasid: 30, setId: 1, generation: 2, gpasid: 3 });
+    hw.installGpasidEntry({ deviceId: "d0", hpasid: 30, parentDomainId: p, guestPgtable: 0x1000n, owner: "vfio/v", ownerData: new Uint8Array() });
+    await store.write(hw.takeChanges());
+    return { store, hw, keep: () => store.write(hw.takeChanges()) };
+  }
+  const firstStage = (hw: IommuHardware) => hw.binding(30)!.firstStage.map((m) => ({ ...m }));
+
+  it("writes a guest page mapped as its range alone, not the bind's whole first stage again (issue 15: a fault's cost grew with the pages mapped)", async () => {
+    const { hw, keep } = await boundGuest();
+    for (let i = 0n; i < 50n; i++) hw.mapGuest(30, { iova: 0x10_0000n + i * PAGE, paddr: i * PAGE, size: PAGE, access: RW });
+    await keep();
+    hw.mapGuest(30, { iova: 0x20_0000n, paddr: 0x5000n, size: PAGE, access: R });
+    const changes = hw.takeChanges();
+    expect(changes.map((c) => c.key)).toEqual(["gp/30/200000"]);
+    expect(changes[0]!.value).toEqual({
+      kind: "guestMapping",
+      guestMapping: { hpasid: 30, generation: 2, mapping: { iova: 0x20_0000n, paddr: 0x5000n, size: PAGE, access: R } },
+    });
+  });
+
+  it("comes back with the first stage from its ranges: a range split by an unmap, one removed, none of a bind that is gone", async () => {
+    const { store, hw, keep } = await boundGuest();
+    hw.mapGuest(30, { iova: 0x10_0000n, paddr: 0n, size: 3n * PAGE, access: RW });
+    hw.mapGuest(30, { iova: 0x20_0000n, paddr: 0x8000n, size: PAGE, access: R });
+    hw.mapGuest(30, { iova: 0x30_0000n, paddr: 0x9000n, size: PAGE, access: R });
+    await keep();
+    hw.unmapGuest(30, 0x10_1000n, PAGE); // the middle page: two pieces left
+    hw.unmapGuest(30, 0x20_0000n, PAGE);
+    await keep();
+    expect([...store.saved.keys()].filter((k) => k.startsWith("gp/")).sort()).toEqual(["gp/30/100000", "gp/30/102000", "gp/30/300000"]);
+    const back = IommuHardware.restore(store.saved);
+    expect(firstStage(back)).toEqual(firstStage(hw));
+    expect(firstStage(back).map((m) => [m.iova, m.size])).toEqual([
+      [0x10_0000n, PAGE],
+      [0x10_2000n, PAGE],
+      [0x30_0000n, PAGE],
+    ]);
+    expect(back.takeChanges()).toEqual([]); // nothing to write again after a clean start
+
+    // The bind goes: its ranges are deleted with it.
+    hw.removeGpasidEntry(30, "d0");
+    hw.deleteBinding(30);
+    await keep();
+    expect([...store.saved.keys()].filter((k) => k.startsWith("gp/") || k.startsWith("bind/"))).toEqual([]);
+    expect(IommuHardware.restore(store.saved).binding(30)).toBeUndefined();
+  });
+
+  it("keeps a first stage read from a bind's own entry (state written before each range had a key) under its ranges' keys at the next write", async () => {
+    const { store, hw, keep } = await boundGuest();
+    hw.mapGuest(30, { iova: 0x10_0000n, paddr: 0n, size: PAGE, access: RW });
+    hw.mapGuest(30, { iova: 0x20_0000n, paddr: 0x8000n, size: 2n * PAGE, access: R });
+    await keep();
+    // The old layout: the table inside the bind's entry, no `gp/` keys.
+    const old = new Map(store.saved);
+    for (const k of [...old.keys()]) if (k.startsWith("gp/")) old.delete(k);
+    const bind = old.get("bind/30")!;
+    if (bind.kind !== "gpasidBinding") throw new Error("unreachable");
+    old.set("bind/30", { kind: "gpasidBinding", binding: { ...bind.binding, firstStage: firstStage(hw) } });
+
+    const back = IommuHardware.restore(old);
+    expect(firstStage(back)).toEqual(firstStage(hw));
+    // Written again: the ranges first, then the bind without its table.
+    const rewritten = back.takeChanges();
+    expect(rewritten.map((c) => c.key)).toEqual(["gp/30/100000", "gp/30/200000", "bind/30"]);
+    const again = memoryIommuState();
+    await again.write([...old].map(([key, value]) => ({ key, value })));
+    await again.write(rewritten);
+    const twice = IommuHardware.restore(again.saved);
+    expect(firstStage(twice)).toEqual(firstStage(hw));
+    const keptBind = again.saved.get("bind/30");
+    expect(keptBind?.kind === "gpasidBinding" && keptBind.binding.firstStage).toEqual([]);
+  });
+
+  it("drops a kept range of a bind that is gone or of an older generation of the PASID, and deletes its key", async () => {
+    const { store, hw, keep } = await boundGuest();
+    hw.mapGuest(30, { iova: 0x10_0000n, paddr: 0n, size: PAGE, access: RW });
+    await keep();
+    const saved = new Map(store.saved);
+    const m = { iova: 0x40_0000n, paddr: 0x3000n, size: PAGE, access: R };
+    saved.set("gp/30/400000", { kind: "guestMapping", guestMapping: { hpasid: 30, generation: 1, mapping: m } });
+    saved.set("gp/31/400000", { kind: "guestMapping", guestMapping: { hpasid: 31, generation: 2, mapping: m } });
+    const back = IommuHardware.restore(saved);
+    expect(firstStage(back)).toEqual(firstStage(hw));
+    const changes = back.takeChanges();
+    expect(changes.map((c) => c.key).sort()).toEqual(["gp/30/400000", "gp/31/400000"]);
+    expect(changes.every((c) => c.value === undefined)).toBe(true);
+  });
 });

@@ -48,6 +48,7 @@ import {
   deviceView,
   domainView,
   entryView,
+  guestMappingKey,
   loadTables,
   snapshotHandle,
   type BondState,
@@ -371,6 +372,8 @@ export class IommuHardware {
     const b = this.#t.bindings.get(hpasid);
     if (b !== undefined && b.devices.size === 0) {
       this.#t.bindings.delete(hpasid);
+      // Its ranges are deleted with it (a range whose bind is gone is also dropped at a start).
+      for (const m of b.firstStage) this.#dirty.add(guestMappingKey(hpasid, m.iova));
       this.#dirty.add(`bind/${hpasid}`);
     }
   }
@@ -647,7 +650,10 @@ export class IommuHardware {
    */
   mapGuest(hpasid: number, m: Mapping): void {
     const b = this.#guestBinding(hpasid);
-    b.firstStage = insertMapping(b.firstStage, m, `the guest page table of PASID ${hpasid}`);
+    // In place, not through the bind's watcher: the new range alone is written (its own key), not
+    // the bind with its whole table — a fault's answer cost as much as the pages mapped (issue 15).
+    insertMapping(b.firstStage, m, `the guest page table of PASID ${hpasid}`);
+    this.#dirty.add(guestMappingKey(hpasid, m.iova));
   }
 
   /**
@@ -661,7 +667,11 @@ export class IommuHardware {
     const { kept, unmapped } = removeMappings(b.firstStage, iova, size);
     const changes: HardwareChange[] = [];
     if (unmapped === 0n) return { result: 0n, changes };
-    b.firstStage = kept;
+    // Every range the unmap touched, and the piece left after its end: a key each (written or deleted).
+    const end = iova + size;
+    for (const m of b.firstStage) if (m.iova < end && m.iova + m.size > iova) this.#dirty.add(guestMappingKey(hpasid, m.iova));
+    for (const m of kept) if (m.iova === end) this.#dirty.add(guestMappingKey(hpasid, m.iova));
+    b.firstStage.splice(0, b.firstStage.length, ...kept);
     for (const deviceId of b.devices) {
       const id = this.#t.devices.get(deviceId)?.entries.get(hpasid);
       const h = id === undefined ? undefined : this.#t.handles.get(id);
@@ -774,8 +784,9 @@ export class IommuHardware {
   /** Hardware rebuilt from what {@link takeChanges} wrote. */
   static restore(saved: ReadonlyMap<string, IommuKeptEntry>, options: { now?: () => Date } = {}): IommuHardware {
     const hw = new IommuHardware(options);
-    loadTables(hw.#t, saved, (b) => hw.#watchBinding(b));
+    const rewrite = loadTables(hw.#t, saved, (b) => hw.#watchBinding(b));
     hw.#dirty.clear();
+    for (const key of rewrite) hw.#dirty.add(key);
     return hw;
   }
 

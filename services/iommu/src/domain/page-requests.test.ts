@@ -1,7 +1,7 @@
 import { describe, expect, it } from "vitest";
 import { Code } from "@ioasid/errors";
 import fc from "fast-check";
-import { PageRequestQueue, ResponseSource, type RaiseSpec } from "./page-requests.js";
+import { FAULT_GROUP_ID_BLOCK, PageRequestQueue, ResponseSource, type RaiseSpec } from "./page-requests.js";
 import type { AttachHandle } from "./iommu-hardware.js";
 import { memoryIommuState } from "../adapters/memory-iommu-state.js";
 
@@ -205,8 +205,52 @@ describe("PageRequestQueue kept in a store", () => {
     await store.write(q.takeChanges());
     const back = PageRequestQueue.restore(store.saved, { timeoutMs: 1000, now: c.now });
     expect(back.outstanding()).toEqual(q.outstanding());
-    // Ids continue after the kept counter.
+    // Ids continue after the kept counter: ids 1 and 2 came from the block [1, 1 + BLOCK), so the
+    // restart starts at the block's end — no id is handed out twice.
     const next = back.raise(req({ prgi: 6 }), handle(3n));
-    expect(next.kind === "queued" && next.group.faultGroupId).toBe(3n);
+    expect(next.kind === "queued" && next.group.faultGroupId).toBe(1n + FAULT_GROUP_ID_BLOCK);
+  });
+
+  it("writes the id counter once per block of ids, not with every group (issue 15: one JetStream message less per page request)", () => {
+    const q = new PageRequestQueue({ timeoutMs: 1000 });
+    const keys = () => q.takeChanges().map((c) => c.key);
+    const first = q.raise(req({ prgi: 1 }), handle(1n));
+    expect(keys()).toEqual(["fgid", `fg/${first.kind === "queued" && first.group.faultGroupId}`]);
+    for (let i = 2; i <= 5; i++) {
+      const r = q.raise(req({ prgi: i }), handle(1n));
+      if (r.kind !== "queued") throw new Error("unreachable");
+      expect(keys()).toEqual([`fg/${r.group.faultGroupId}`]);
+      q.respond(r.group.faultGroupId, "SUCCESS", ResponseSource.HANDLER, "vfio/1");
+      expect(keys()).toEqual([`fg/${r.group.faultGroupId}`]); // the answer: the group alone
+    }
+  });
+
+  it("reserves the next block when one is used up, and never hands out an id at or below a kept group's after a restart", async () => {
+    const q = new PageRequestQueue({ timeoutMs: 1000 });
+    const store = memoryIommuState();
+    let last = 0n;
+    for (let i = 0n; i < FAULT_GROUP_ID_BLOCK + 2n; i++) {
+      const r = q.raise(req({ prgi: Number(i % 500n) }), handle(1n));
+      if (r.kind !== "queued") throw new Error("unreachable");
+      last = r.group.faultGroupId;
+      q.respond(last, "SUCCESS", ResponseSource.HANDLER, "vfio/1");
+      await store.write(q.takeChanges());
+    }
+    expect(last).toBe(FAULT_GROUP_ID_BLOCK + 2n);
+    const counter = store.saved.get("fgid");
+    expect(counter?.kind === "faultGroupCounter" && counter.nextFaultGroupId).toBe(2n * FAULT_GROUP_ID_BLOCK + 1n);
+    // Restarted from that store: past every id used.
+    const back = PageRequestQueue.restore(store.saved, { timeoutMs: 1000 });
+    const next = back.raise(req({ prgi: 7 }), handle(1n));
+    expect(next.kind === "queued" && next.group.faultGroupId).toBe(2n * FAULT_GROUP_ID_BLOCK + 1n);
+    // A kept group above the kept counter (a counter lost, or written before blocks): past the group.
+    const pending = q.raise(req({ prgi: 8 }), handle(1n));
+    if (pending.kind !== "queued") throw new Error("unreachable");
+    const saved = new Map(store.saved);
+    saved.set(`fg/${pending.group.faultGroupId}`, q.takeChanges().find((c) => c.key === `fg/${pending.group.faultGroupId}`)!.value!);
+    saved.set("fgid", { kind: "faultGroupCounter", nextFaultGroupId: 1n });
+    const again = PageRequestQueue.restore(saved, { timeoutMs: 1000 });
+    const after = again.raise(req({ prgi: 9 }), handle(1n));
+    expect(after.kind === "queued" && after.group.faultGroupId).toBe(pending.group.faultGroupId + 1n);
   });
 });

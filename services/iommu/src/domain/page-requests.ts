@@ -21,6 +21,9 @@ export const MAX_PRGI = 511;
 /** Answered groups remembered, so a late answer is told "already responded" rather than "unknown". */
 export const RESPONDED_MEMORY = 8192;
 
+/** Fault group ids reserved at a time: the id counter is written once per block, not with every group. */
+export const FAULT_GROUP_ID_BLOCK = 1024n;
+
 /** The answer to a fault group (IOMMU_PAGE_RESP_*). */
 export const PageResponseCode = { SUCCESS: "SUCCESS", INVALID: "INVALID", FAILURE: "FAILURE" } as const;
 export type PageResponseCode = (typeof PageResponseCode)[keyof typeof PageResponseCode];
@@ -152,6 +155,15 @@ export class PageRequestQueue {
   /** Answered groups, oldest first (bounded by {@link RESPONDED_MEMORY}). */
   readonly #responded = new Map<bigint, GroupRecord>();
   #nextId = 1n;
+  /**
+   * Ids below this may be handed out without writing the counter: ids are reserved a block at a
+   * time ({@link FAULT_GROUP_ID_BLOCK}) and the store keeps the block's end, so a page request
+   * writes its group alone, not its group and the counter (issue 15). A restart starts at the kept
+   * end: ids skip what the block had left, and none is used twice.
+   */
+  #reservedTo = 1n;
+  /** The reserved end the store was last given. */
+  #reservedKept = 1n;
   readonly #now: () => Date;
   readonly #timeoutMs: number;
   /** Groups changed since {@link takeChanges}. */
@@ -205,7 +217,7 @@ export class PageRequestQueue {
     };
     if (group === undefined) {
       group = {
-        faultGroupId: this.#nextId++,
+        faultGroupId: this.#takeId(),
         deviceId: spec.deviceId,
         pasid: spec.pasid,
         withoutPasid: spec.withoutPasid,
@@ -336,29 +348,44 @@ export class PageRequestQueue {
   }
 
   takeChanges(): StateChange<PageRequestKeptEntry>[] {
-    if (this.#dirty.size === 0) return [];
+    if (this.#dirty.size === 0 && this.#reservedKept === this.#reservedTo) return [];
     const out: StateChange<PageRequestKeptEntry>[] = [];
+    // The counter first: a group is never kept without the block its id came from.
+    if (this.#reservedKept !== this.#reservedTo) {
+      out.push({ key: "fgid", value: { kind: "faultGroupCounter", nextFaultGroupId: this.#reservedTo } });
+      this.#reservedKept = this.#reservedTo;
+    }
     for (const id of this.#dirty) {
       const g = this.#groups.get(id);
       out.push({ key: `fg/${id}`, value: g === undefined ? undefined : { kind: "faultGroup", group: keptGroup(g) } });
     }
     this.#dirty.clear();
-    out.push({ key: "fgid", value: { kind: "faultGroupCounter", nextFaultGroupId: this.#nextId } });
     return out;
+  }
+
+  /** The next fault group id, reserving a new block when the kept one is used up. */
+  #takeId(): bigint {
+    const id = this.#nextId++;
+    if (id >= this.#reservedTo) this.#reservedTo = id + FAULT_GROUP_ID_BLOCK;
+    return id;
   }
 
   /** A queue rebuilt from what {@link takeChanges} wrote. */
   static restore(saved: ReadonlyMap<string, IommuKeptEntry>, options: { timeoutMs: number; now?: () => Date }): PageRequestQueue {
     const q = new PageRequestQueue(options);
     for (const v of saved.values()) {
-      if (v.kind === "faultGroupCounter") q.#nextId = v.nextFaultGroupId;
+      if (v.kind === "faultGroupCounter" && v.nextFaultGroupId > q.#nextId) q.#nextId = v.nextFaultGroupId;
       if (v.kind !== "faultGroup") continue;
       const g = groupRecord(v.group);
+      // Never below a kept group's id (a counter written before blocks, or lost): no id twice.
+      if (g.faultGroupId >= q.#nextId) q.#nextId = g.faultGroupId + 1n;
       q.#groups.set(g.faultGroupId, g);
       const dq = q.#queue(g.deviceId);
       dq.byPrgi.set(g.prgi, g.faultGroupId);
       dq.outstandingRequests += g.requests.length;
     }
+    // Nothing reserved yet in this run: the first group reserves (and writes) a block from here.
+    q.#reservedTo = q.#reservedKept = q.#nextId;
     return q;
   }
 

@@ -72,6 +72,9 @@ export interface IommuStateEntry {
     | //
     /** The next vIOMMU object id. */
     { $case: "viommuIdCounter"; value: KeptViommuIdCounter }
+    | //
+    /** One range of a guest bind's first-stage page table. */
+    { $case: "guestMapping"; value: KeptGuestMapping }
     | undefined;
 }
 
@@ -167,8 +170,26 @@ export interface KeptGpasidBinding {
   refHeld: boolean;
   /** The SPID is attached in the core (by this IOMMU). */
   spidAttached: boolean;
-  /** The guest's first-stage page table (guest virtual → guest physical), ascending by IOVA. */
+  /**
+   * The guest's first-stage page table (guest virtual → guest physical), ascending by IOVA, as
+   * written before each range had a key of its own: read at a start, written empty (the ranges are
+   * KeptGuestMapping entries).
+   */
   firstStage: Mapping[];
+}
+
+/**
+ * KeptGuestMapping is one range of the first-stage page table of a guest bind, under a key of its
+ * own (`gp/<hpasid>/<iova in hex>`): a MapGuestPages writes one small entry, not the whole table
+ * again (issue 15: the cost of a page fault's answer grew with the pages the guest had mapped).
+ */
+export interface KeptGuestMapping {
+  /** The host PASID (IOASID) of the bind. */
+  hpasid: number;
+  /** The bind's generation: a range of an older bind of the same PASID is never applied to a newer one. */
+  generation: number;
+  /** The range: guest virtual → guest physical. */
+  mapping: Mapping | undefined;
 }
 
 /**
@@ -340,6 +361,9 @@ export const IommuStateEntry: MessageFns<IommuStateEntry> = {
       case "viommuIdCounter":
         KeptViommuIdCounter.encode(message.entry.value, writer.uint32(98).fork()).join();
         break;
+      case "guestMapping":
+        KeptGuestMapping.encode(message.entry.value, writer.uint32(106).fork()).join();
+        break;
     }
     return writer;
   },
@@ -456,6 +480,14 @@ export const IommuStateEntry: MessageFns<IommuStateEntry> = {
             message.entry = { $case: "viommuIdCounter", value: KeptViommuIdCounter.decode(reader, reader.uint32()) };
             continue;
           }
+          case 13: {
+            if (tag !== 106) {
+              break;
+            }
+
+            message.entry = { $case: "guestMapping", value: KeptGuestMapping.decode(reader, reader.uint32()) };
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -508,6 +540,10 @@ export const IommuStateEntry: MessageFns<IommuStateEntry> = {
         ? { $case: "viommuIdCounter", value: KeptViommuIdCounter.fromJSON(object.viommuIdCounter) }
         : isSet(object.viommu_id_counter)
         ? { $case: "viommuIdCounter", value: KeptViommuIdCounter.fromJSON(object.viommu_id_counter) }
+        : isSet(object.guestMapping)
+        ? { $case: "guestMapping", value: KeptGuestMapping.fromJSON(object.guestMapping) }
+        : isSet(object.guest_mapping)
+        ? { $case: "guestMapping", value: KeptGuestMapping.fromJSON(object.guest_mapping) }
         : undefined,
     };
   },
@@ -538,6 +574,8 @@ export const IommuStateEntry: MessageFns<IommuStateEntry> = {
       obj.veventq = KeptVeventq.toJSON(message.entry.value);
     } else if (message.entry?.$case === "viommuIdCounter") {
       obj.viommuIdCounter = KeptViommuIdCounter.toJSON(message.entry.value);
+    } else if (message.entry?.$case === "guestMapping") {
+      obj.guestMapping = KeptGuestMapping.toJSON(message.entry.value);
     }
     return obj;
   },
@@ -617,6 +655,12 @@ export const IommuStateEntry: MessageFns<IommuStateEntry> = {
       case "viommuIdCounter": {
         if (object.entry?.value !== undefined && object.entry?.value !== null) {
           message.entry = { $case: "viommuIdCounter", value: KeptViommuIdCounter.fromPartial(object.entry.value) };
+        }
+        break;
+      }
+      case "guestMapping": {
+        if (object.entry?.value !== undefined && object.entry?.value !== null) {
+          message.entry = { $case: "guestMapping", value: KeptGuestMapping.fromPartial(object.entry.value) };
         }
         break;
       }
@@ -1494,6 +1538,109 @@ export const KeptGpasidBinding: MessageFns<KeptGpasidBinding> = {
     message.refHeld = object.refHeld ?? false;
     message.spidAttached = object.spidAttached ?? false;
     message.firstStage = object.firstStage?.map((e) => Mapping.fromPartial(e)) || [];
+    return message;
+  },
+};
+
+function createBaseKeptGuestMapping(): KeptGuestMapping {
+  return { hpasid: 0, generation: 0, mapping: undefined };
+}
+
+export const KeptGuestMapping: MessageFns<KeptGuestMapping> = {
+  encode(message: KeptGuestMapping, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.hpasid !== 0) {
+      writer.uint32(8).uint32(message.hpasid);
+    }
+    if (message.generation !== 0) {
+      writer.uint32(16).uint32(message.generation);
+    }
+    if (message.mapping !== undefined) {
+      Mapping.encode(message.mapping, writer.uint32(26).fork()).join();
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): KeptGuestMapping {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseKeptGuestMapping();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 8) {
+              break;
+            }
+
+            message.hpasid = reader.uint32();
+            continue;
+          }
+          case 2: {
+            if (tag !== 16) {
+              break;
+            }
+
+            message.generation = reader.uint32();
+            continue;
+          }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.mapping = Mapping.decode(reader, reader.uint32());
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): KeptGuestMapping {
+    return {
+      hpasid: isSet(object.hpasid) ? globalThis.Number(object.hpasid) : 0,
+      generation: isSet(object.generation) ? globalThis.Number(object.generation) : 0,
+      mapping: isSet(object.mapping) ? Mapping.fromJSON(object.mapping) : undefined,
+    };
+  },
+
+  toJSON(message: KeptGuestMapping): unknown {
+    const obj: any = {};
+    if (message.hpasid !== 0) {
+      obj.hpasid = Math.round(message.hpasid);
+    }
+    if (message.generation !== 0) {
+      obj.generation = Math.round(message.generation);
+    }
+    if (message.mapping !== undefined) {
+      obj.mapping = Mapping.toJSON(message.mapping);
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<KeptGuestMapping>): KeptGuestMapping {
+    return KeptGuestMapping.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<KeptGuestMapping>): KeptGuestMapping {
+    const message = createBaseKeptGuestMapping();
+    message.hpasid = object.hpasid ?? 0;
+    message.generation = object.generation ?? 0;
+    message.mapping = (object.mapping !== undefined && object.mapping !== null)
+      ? Mapping.fromPartial(object.mapping)
+      : undefined;
     return message;
   },
 };
