@@ -580,6 +580,16 @@ describe("IommuHardware kept in a store", () => {
     expect(IommuHardware.restore(store.saved).binding(30)).toBeUndefined();
   });
 
+  it("unmaps from a first stage of hundreds of thousands of ranges (the table refilled in place, not spread into a call)", async () => {
+    const { hw } = await boundGuest();
+    const n = 300_000n;
+    for (let i = 0n; i < n; i++) hw.mapGuest(30, { iova: i * 2n * PAGE, paddr: 0n, size: PAGE, access: R });
+    hw.takeChanges();
+    expect(hw.unmapGuest(30, 0n, PAGE).result).toBe(PAGE);
+    expect(hw.binding(30)!.firstStage.length).toBe(Number(n) - 1);
+    expect(hw.takeChanges().map((c) => c.key)).toEqual(["gp/30/0"]);
+  });
+
   it("keeps a first stage read from a bind's own entry (state written before each range had a key) under its ranges' keys at the next write", async () => {
     const { store, hw, keep } = await boundGuest();
     hw.mapGuest(30, { iova: 0x10_0000n, paddr: 0n, size: PAGE, access: RW });

@@ -671,7 +671,9 @@ export class IommuHardware {
     const end = iova + size;
     for (const m of b.firstStage) if (m.iova < end && m.iova + m.size > iova) this.#dirty.add(guestMappingKey(hpasid, m.iova));
     for (const m of kept) if (m.iova === end) this.#dirty.add(guestMappingKey(hpasid, m.iova));
-    b.firstStage.splice(0, b.firstStage.length, ...kept);
+    // The same array, refilled (not assigned through the bind's watcher, not spread: a table may be large).
+    b.firstStage.length = 0;
+    for (const m of kept) b.firstStage.push(m);
     for (const deviceId of b.devices) {
       const id = this.#t.devices.get(deviceId)?.entries.get(hpasid);
       const h = id === undefined ? undefined : this.#t.handles.get(id);
