@@ -92,7 +92,8 @@ export function emptyTables(): HardwareTables {
  * the driver's later updates mark it changed.
  * @returns the keys to write again: a first stage read from its bind's entry (state written before
  *   each range had a key of its own) is kept under its ranges' keys, then the bind without it — in
- *   that order, so that a crash between the two leaves the table in one place or both
+ *   that order, so that a crash between the two leaves the table in one place or both (both: each
+ *   range is read once)
  */
 export function loadTables(t: HardwareTables, saved: ReadonlyMap<string, IommuKeptEntry>, watch: (b: GpasidBinding) => GpasidBinding): string[] {
   const kept = [...saved.values()];
@@ -162,7 +163,11 @@ export function loadTables(t: HardwareTables, saved: ReadonlyMap<string, IommuKe
   }
   for (const [hpasid, list] of ranges) {
     const b = t.bindings.get(hpasid)!;
-    b.firstStage = [...b.firstStage, ...list].sort((x, y) => (x.iova < y.iova ? -1 : x.iova > y.iova ? 1 : 0));
+    // A range both in the bind's entry and under its own key (a start that stopped between writing
+    // the ranges and the bind without them) is one range: its own key's, written later, wins.
+    const byIova = new Map<bigint, Mapping>();
+    for (const m of [...b.firstStage, ...list]) byIova.set(m.iova, m);
+    b.firstStage = [...byIova.values()].sort((x, y) => (x.iova < y.iova ? -1 : x.iova > y.iova ? 1 : 0));
   }
   for (const v of kept) {
     if (v.kind !== "attachHandle") continue;

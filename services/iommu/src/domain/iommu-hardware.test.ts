@@ -614,6 +614,15 @@ describe("IommuHardware kept in a store", () => {
     expect(firstStage(twice)).toEqual(firstStage(hw));
     const keptBind = again.saved.get("bind/30");
     expect(keptBind?.kind === "gpasidBinding" && keptBind.binding.firstStage).toEqual([]);
+
+    // Stopped after the ranges were written and before the bind was: the table in both places is
+    // read once (a duplicate would be unmapped, and counted, twice).
+    const both = memoryIommuState();
+    await both.write([...old].map(([key, value]) => ({ key, value })));
+    await both.write(rewritten.filter((c) => c.key.startsWith("gp/")));
+    const once = IommuHardware.restore(both.saved);
+    expect(firstStage(once)).toEqual(firstStage(hw));
+    expect(once.unmapGuest(30, 0x20_0000n, 2n * PAGE).result).toBe(2n * PAGE);
   });
 
   it("drops a kept range of a bind that is gone or of an older generation of the PASID, and deletes its key", async () => {
