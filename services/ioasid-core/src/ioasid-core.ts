@@ -601,7 +601,7 @@ export class IoasidCore {
    */
   private dropRegistration(registrationId: number): void {
     for (const [seq, rec] of this.deliveries) {
-      const i = rec.targets.findIndex((t) => t.registrationId === registrationId);
+      const i = targetIndex(rec.targets, registrationId);
       if (i < 0 || rec.outcomes[i] === ACKED || rec.outcomes[i] === DROPPED) continue;
       rec.outcomes[i] = DROPPED;
       if (--rec.unacked === 0) this.deliveries.delete(seq);
@@ -692,7 +692,7 @@ export class IoasidCore {
   }
 }
 
-/** The index of the target registered as `registrationId` (-1 if none): a loop, called for every acknowledgement. */
+/** The index of the target registered as `registrationId` (-1 if none): every acknowledgement and every dropped registration looks one up. */
 function targetIndex(targets: readonly DeliveryTarget[], registrationId: number): number {
   for (let i = 0; i < targets.length; i++) if (targets[i]!.registrationId === registrationId) return i;
   return -1;
