@@ -5,10 +5,9 @@
 import { mkdtempSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import { fileURLToPath } from "node:url";
 import { addressesOf, connectStack } from "@ioasid/cli";
 import { iommu, kvm, vdcm, vfio } from "@ioasid/proto";
-import { fmt, now, pool, retrying } from "./util.mjs";
+import { fmt, now, pool, retrying, serviceNodeArgs } from "./util.mjs";
 
 /** Work queues (and PASID entries) of one simulated DSA device. */
 export const WQS_PER_DEVICE = 1024;
@@ -30,10 +29,7 @@ export const PREPARE_PASIDS = Number(process.env.BENCH_PREPARE_PASIDS ?? 16);
 export async function wholeStack(ctx, section) {
   const dir = mkdtempSync(join(tmpdir(), "ioasid-bench-"));
   const basePort = 30_000 + Math.floor(Math.random() * 20_000);
-  const profileDir = fileURLToPath(new URL(`./results/profiles/${section ?? "stack"}/`, import.meta.url));
-  const nodeArgs = (process.env.BENCH_SERVICE_NODE_ARGS ?? (process.env.BENCH_PROFILE ? `--cpu-prof --cpu-prof-dir=${profileDir}` : ""))
-    .split(" ")
-    .filter(Boolean);
+  const nodeArgs = serviceNodeArgs(section ?? "stack");
   ctx.phase("starting the stack");
   const state = await ctx.stackUp({ dir, basePort, natsPort: basePort + 10, readyTimeoutMs: 30_000, nodeArgs });
   const c = await connectStack(addressesOf(state));

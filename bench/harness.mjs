@@ -14,7 +14,7 @@ import { join } from "node:path";
 import { clearInterval, clearTimeout, setInterval } from "node:timers";
 import { readState, stackDown, stackUp } from "@ioasid/cli";
 import { startNats, startService, waitFor } from "@ioasid/testkit";
-import { fmt, now, withTimeout } from "./util.mjs";
+import { fmt, now, serviceNodeArgs, withTimeout } from "./util.mjs";
 
 /** What a section reports when it fails: a message that says what did not happen. */
 export class SectionFailure extends Error {}
@@ -255,7 +255,10 @@ class SectionScope {
    * for (stop or kill) fails it with the exit status and the last lines of the service's output.
    */
   async startService(options) {
-    const proc = await startService(options);
+    // The same node options as the whole-stack sections' services (guests.mjs `serviceNodeArgs`):
+    // the grpc, delivery and failover sections' own processes are profiled with BENCH_PROFILE=1 too.
+    const nodeArgs = [...serviceNodeArgs(this.name), ...(options.nodeArgs ?? [])];
+    const proc = await startService(nodeArgs.length === 0 ? options : { ...options, nodeArgs });
     let expected = false;
     this.own(`${options.name} pid ${proc.pid}`, () => {
       expected = true;

@@ -68,6 +68,18 @@ export async function startProfile(name) {
 }
 
 /**
+ * Node options of the services a section starts: BENCH_SERVICE_NODE_ARGS as given (split on
+ * spaces); without it, with BENCH_PROFILE=1, a CPU profile of each into
+ * bench/results/profiles/<section>/ (one CPU.*.cpuprofile per process, written when it stops).
+ */
+export function serviceNodeArgs(section, env = process.env) {
+  const given = env.BENCH_SERVICE_NODE_ARGS;
+  if (given !== undefined) return given.split(" ").filter(Boolean);
+  if (!env.BENCH_PROFILE) return [];
+  return ["--cpu-prof", `--cpu-prof-dir=${fileURLToPath(new URL(`./results/profiles/${section}/`, import.meta.url))}`];
+}
+
+/**
  * Settles like `promise`, or rejects with `timed out after <ms> ms waiting for <what>` (plus
  * `progress()` when given: what was reached) if it has not settled by then. The promise itself is
  * not cancelled: stop what it waits on (the section's resources) to end it.

@@ -1,5 +1,5 @@
 import { afterEach, describe, expect, it } from "vitest";
-import { envCount, pool, retrying, withTimeout } from "./util.mjs";
+import { envCount, pool, retrying, serviceNodeArgs, withTimeout } from "./util.mjs";
 
 describe("withTimeout", () => {
   it("settles like the promise when it settles in time", async () => {
@@ -115,5 +115,21 @@ describe("envCount", () => {
       process.env[name] = bad;
       expect(() => envCount(name, 7)).toThrow(`${name}=${JSON.stringify(bad)}: expected a whole number ≥ 1`);
     }
+  });
+});
+
+describe("serviceNodeArgs", () => {
+  it("passes BENCH_SERVICE_NODE_ARGS as given, split on spaces", () => {
+    expect(serviceNodeArgs("grpc", { BENCH_SERVICE_NODE_ARGS: " --max-semi-space-size=64  --cpu-prof ", BENCH_PROFILE: "1" })).toEqual([
+      "--max-semi-space-size=64",
+      "--cpu-prof",
+    ]);
+  });
+
+  it("profiles into the section's own directory with BENCH_PROFILE=1, and adds nothing without it", () => {
+    const args = serviceNodeArgs("grpc", { BENCH_PROFILE: "1" });
+    expect(args[0]).toBe("--cpu-prof");
+    expect(args[1]).toMatch(/^--cpu-prof-dir=.*\/bench\/results\/profiles\/grpc\/$/);
+    expect(serviceNodeArgs("grpc", {})).toEqual([]);
   });
 });
