@@ -1,7 +1,8 @@
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
-import { connect, headers, TimeoutError, type NatsConnection } from "@nats-io/transport-node";
+import { ClosedConnectionError, connect, headers, TimeoutError, type NatsConnection } from "@nats-io/transport-node";
 import { JetStreamApiError, jetstreamManager } from "@nats-io/jetstream";
-import { isTransientWriteError, PubAckInbox } from "@ioasid/ioasid-core";
+import { isTransientWriteError } from "@ioasid/ioasid-core";
+import { PubAckInbox, pubAckInbox } from "@ioasid/bus";
 import { startNats, type NatsServer } from "@ioasid/testkit";
 
 // The operation log's acknowledgements on one inbox subscription (issue 15, the sequential durable
@@ -73,5 +74,41 @@ describe("PubAckInbox", () => {
     for await (const m of seen) expect(m.reply).toMatch(/^_INBOX\.core\.core\./);
     acks.close();
     await expect(pending).rejects.toThrow(/closed/);
+  });
+
+  it("publishes without JetStream's headers when given none (a role's state write), and is acknowledged", async () => {
+    const seen = nc.subscribe("puback.test", { max: 1 });
+    const h = headers();
+    h.set("Ioasid-Key", "gp/30/200000");
+    const ack = await pubAckInbox(nc).publish("puback.test", new Uint8Array([7]), h, { timeoutMs: 5000 });
+    expect(ack).toMatchObject({ stream: "PUBACK_TEST", duplicate: false });
+    for await (const m of seen) {
+      expect(m.headers?.get("Ioasid-Key")).toBe("gp/30/200000");
+      expect(m.headers?.has("Nats-Msg-Id")).toBe(false);
+      expect(m.headers?.has("Nats-Expected-Last-Sequence")).toBe(false);
+    }
+  });
+
+  it("is one per connection (pubAckInbox), another for another connection", async () => {
+    const other = await connect({ servers: nats.url, inboxPrefix: "_INBOX.core.core" });
+    try {
+      expect(pubAckInbox(nc)).toBe(pubAckInbox(nc));
+      expect(pubAckInbox(other)).not.toBe(pubAckInbox(nc));
+    } finally {
+      await other.close();
+    }
+  });
+
+  it("rejects a write still unanswered when its connection closes with ClosedConnectionError, as nats.js rejects a request, not at its timeout", async () => {
+    const other = await connect({ servers: nats.url, inboxPrefix: "_INBOX.core.core" });
+    const silent = nc.subscribe("puback.silent3");
+    const acks = new PubAckInbox(other);
+    // A timeout far beyond the test's own: only the close can end the wait in time.
+    const pending = acks.publish("puback.silent3", new Uint8Array([1]), headers(), { timeoutMs: 10 * 60_000 }).catch((e: unknown) => e);
+    await other.flush();
+    await other.close();
+    expect(await pending).toBeInstanceOf(ClosedConnectionError);
+    expect(acks.waiting).toBe(0);
+    silent.unsubscribe();
   });
 });

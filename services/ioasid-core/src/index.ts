@@ -11,7 +11,7 @@ export {
   type SnapshotInfo,
   type SnapshotStep,
 } from "./op-log.js";
-export { PubAckInbox, type AppendOptions } from "./pub-ack-inbox.js";
+export { PubAckInbox, type AppendOptions } from "@ioasid/bus";
 export {
   decodeMessage,
   encodeBatch,

@@ -23,7 +23,7 @@ import {
   type StoredMarker,
 } from "./op-codec.js";
 import type { CommittedOperation } from "./operation.js";
-import { PubAckInbox } from "./pub-ack-inbox.js";
+import { PubAckInbox } from "@ioasid/bus";
 import { decodeChunk, decodeSnapshot, encodeChunk, encodeMarker, MARKER_OVERHEAD_BYTES, snapshotDigest, type CoreSnapshot } from "./snapshot-codec.js";
 
 /** Options of {@link OpLog.open}. */

@@ -1,13 +1,13 @@
-import { TimeoutError, type Msg, type MsgHdrs, type NatsConnection, type Subscription } from "@nats-io/transport-node";
+import { ClosedConnectionError, TimeoutError, type Msg, type MsgHdrs, type NatsConnection, type Subscription } from "@nats-io/transport-node";
 import type { PubAck } from "@nats-io/jetstream";
-import { connectionInbox, readPubAck } from "@ioasid/bus";
+import { connectionInbox, readPubAck } from "./pub-ack.js";
 
 /** Options of {@link PubAckInbox.publish}: the JetStream headers nats.js's `js.publish` sets for the same options. */
 export interface AppendOptions {
   /** `Nats-Msg-Id`: a retry with the same id is acknowledged as a duplicate, not stored twice. */
-  readonly msgID: string;
+  readonly msgID?: string;
   /** `Nats-Expected-Last-Sequence`: stored only right after this stream sequence. */
-  readonly lastSequence: number;
+  readonly lastSequence?: number;
   /** How long to wait for the acknowledgement, ms. */
   readonly timeoutMs: number;
 }
@@ -20,17 +20,21 @@ interface Waiting {
 
 /**
  * JetStream publishes whose acknowledgements come to one inbox subscription of the connection
- * (issue 15, the sequential durable Alloc: 1.39× its floor). `js.publish` is a request, and every
+ * (issue 15, the sequential durable Alloc: 1.39× its floor; then the roles' state writes, three of
+ * which are on the IO page fault's round trip). `js.publish` is a request, and every
  * nats.js request builds an Error even when it succeeds (`RequestOne.cancel` rejects its settled
  * promise with a new `RequestError("cancelled")`: a stack capture) beside its mux entry and
  * timeout; profiled, that was about 35 µs of the core's own CPU per Alloc, on the critical path.
  * Here an append is one map entry, one timer and one publish with a reply subject.
  *
  * Answers mean what `js.publish` makes of them, with the same error classes and messages (the op
- * log tells a transient failure from the fence by them, op-log.ts `isTransientWriteError`; read by
- * `@ioasid/bus` `readPubAck`, which the history outbox shares): a PubAck resolves, a JetStream error
- * (`wrong last sequence: 5`, …) or no responders ("jetstream is not enabled") rejects;
- * - no answer within the timeout: a {@link TimeoutError}.
+ * log tells a transient failure from the fence by them, op-log.ts `isTransientWriteError`, and a
+ * role's state store a refusal from a write to retry, role-state.ts; read by {@link readPubAck},
+ * which the history outbox shares): a PubAck resolves, a JetStream error (`wrong last sequence: 5`,
+ * …) or no responders ("jetstream is not enabled") rejects;
+ * - no answer within the timeout: a {@link TimeoutError};
+ * - the connection closed with the write unanswered: a {@link ClosedConnectionError}, at once, as
+ *   nats.js rejects a request in flight (not after the timeout, which would hold a stopping process).
  */
 export class PubAckInbox {
   readonly #nc: NatsConnection;
@@ -46,9 +50,12 @@ export class PubAckInbox {
 
   /** Publishes `data` on `subject` and resolves with JetStream's acknowledgement. */
   publish(subject: string, data: Uint8Array, headers: MsgHdrs, options: AppendOptions): Promise<PubAck> {
-    this.#sub ??= this.#nc.subscribe(`${this.#inbox}.*`, { callback: (err, msg) => (err === null ? this.#answer(msg) : this.#failAll(err)) });
-    headers.set("Nats-Msg-Id", options.msgID);
-    headers.set("Nats-Expected-Last-Sequence", String(options.lastSequence));
+    if (this.#sub === undefined) {
+      this.#sub = this.#nc.subscribe(`${this.#inbox}.*`, { callback: (err, msg) => (err === null ? this.#answer(msg) : this.#failAll(err)) });
+      void this.#nc.closed().then(() => this.#failAll(new ClosedConnectionError()));
+    }
+    if (options.msgID !== undefined) headers.set("Nats-Msg-Id", options.msgID);
+    if (options.lastSequence !== undefined) headers.set("Nats-Expected-Last-Sequence", String(options.lastSequence));
     const token = String(++this.#next);
     return new Promise<PubAck>((resolve, reject) => {
       const timer = setTimeout(() => {
@@ -71,7 +78,7 @@ export class PubAckInbox {
   close(): void {
     this.#sub?.unsubscribe();
     this.#sub = undefined;
-    this.#failAll(new Error("the operation log's acknowledgement inbox was closed"));
+    this.#failAll(new Error("the JetStream acknowledgement inbox was closed"));
   }
 
   /** Appends waiting for an answer (tests). */
@@ -97,4 +104,16 @@ export class PubAckInbox {
     }
     this.#waiting.clear();
   }
+}
+
+const SHARED = new WeakMap<NatsConnection, PubAckInbox>();
+
+/**
+ * The connection's shared inbox (made at the first call): every writer of the process on that
+ * connection (a role's state stores) gets its acknowledgements through one subscription.
+ */
+export function pubAckInbox(nc: NatsConnection): PubAckInbox {
+  let inbox = SHARED.get(nc);
+  if (inbox === undefined) SHARED.set(nc, (inbox = new PubAckInbox(nc)));
+  return inbox;
 }
