@@ -1,8 +1,8 @@
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
-import { ClosedConnectionError, connect, headers, TimeoutError, type NatsConnection } from "@nats-io/transport-node";
+import { ClosedConnectionError, connect, headers, NoRespondersError, TimeoutError, type NatsConnection } from "@nats-io/transport-node";
 import { JetStreamApiError, jetstreamManager } from "@nats-io/jetstream";
 import { isTransientWriteError } from "@ioasid/ioasid-core";
-import { PubAckInbox, pubAckInbox } from "@ioasid/bus";
+import { PubAckInbox, pubAckInbox, ReplyInbox } from "@ioasid/bus";
 import { startNats, type NatsServer } from "@ioasid/testkit";
 
 // The operation log's acknowledgements on one inbox subscription (issue 15, the sequential durable
@@ -102,6 +102,7 @@ describe("PubAckInbox", () => {
   it("rejects a write still unanswered when its connection closes with ClosedConnectionError, as nats.js rejects a request, not at its timeout", async () => {
     const other = await connect({ servers: nats.url, inboxPrefix: "_INBOX.core.core" });
     const silent = nc.subscribe("puback.silent3");
+    await nc.flush(); // the server knows the subscriber before the other connection publishes
     const acks = new PubAckInbox(other);
     // A timeout far beyond the test's own: only the close can end the wait in time.
     const pending = acks.publish("puback.silent3", new Uint8Array([1]), headers(), { timeoutMs: 10 * 60_000 }).catch((e: unknown) => e);
@@ -110,5 +111,45 @@ describe("PubAckInbox", () => {
     expect(await pending).toBeInstanceOf(ClosedConnectionError);
     expect(acks.waiting).toBe(0);
     silent.unsubscribe();
+  });
+});
+
+// The delivery engine's batches go through a ReplyInbox; it tells a subscriber that is gone ("no
+// responders") from one that does not answer in time (DEADLINE_EXCEEDED) by these errors' messages.
+describe("ReplyInbox", () => {
+  it("resolves with the reply, its headers kept; pipelined replies find their own requests", async () => {
+    const responder = nc.subscribe("reply.echo", {
+      callback: (_e, m) => {
+        const h = headers();
+        h.set("Echoed", String(m.data[0]));
+        m.respond(m.data, { headers: h });
+      },
+    });
+    await nc.flush();
+    const replies = new ReplyInbox(nc);
+    const answers = await Promise.all([3, 1, 2].map((n) => replies.request("reply.echo", new Uint8Array([n]), { timeoutMs: 5000 })));
+    expect(answers.map((m) => [m.data[0], m.headers?.get("Echoed")])).toEqual([
+      [3, "3"],
+      [1, "1"],
+      [2, "2"],
+    ]);
+    expect(replies.waiting).toBe(0);
+    responder.unsubscribe();
+    replies.close();
+  });
+
+  it("rejects with NoRespondersError when nobody takes the subject, and TimeoutError when nobody answers in time", async () => {
+    const replies = new ReplyInbox(nc);
+    const none = await replies.request("reply.nobody", new Uint8Array([1]), { timeoutMs: 5000 }).catch((e: unknown) => e);
+    expect(none).toBeInstanceOf(NoRespondersError);
+    expect(String(none)).toMatch(/no responders: 'reply\.nobody'/);
+    const silent = nc.subscribe("reply.silent");
+    await nc.flush();
+    const late = await replies.request("reply.silent", new Uint8Array([1]), { timeoutMs: 100 }).catch((e: unknown) => e);
+    expect(late).toBeInstanceOf(TimeoutError);
+    expect(String(late)).toMatch(/timeout/);
+    expect(replies.waiting).toBe(0);
+    silent.unsubscribe();
+    replies.close();
   });
 });

@@ -28,7 +28,7 @@ describe("encodeDeliveryBatch", () => {
 });
 
 describe("DeliveryEngine flow control per subscriber name (issue 15)", () => {
-  /** A connection whose requests the test answers or fails by hand. */
+  /** A connection whose requests (the engine's `requests`) the test answers or fails by hand. */
   class ManualRequests {
     readonly open: Array<{ subject: string; batch: bus.DeliveryBatch; answer: () => void; timeOut: () => void }> = [];
     request(subject: string, data: Uint8Array): Promise<{ data: Uint8Array; headers: undefined }> {
@@ -66,6 +66,7 @@ describe("DeliveryEngine flow control per subscriber name (issue 15)", () => {
     const acked: number[] = [];
     const engine = new DeliveryEngine({
       nc: nc as unknown as ConstructorParameters<typeof DeliveryEngine>[0]["nc"],
+      requests: nc,
       maxInFlightPerName,
       retryMs: 5,
       onAcks: (acks) => acked.push(...acks.map((a) => a.seq)),

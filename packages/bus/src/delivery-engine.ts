@@ -5,6 +5,7 @@ import { bus, events } from "@ioasid/proto";
 import { endDeliverySpan, readAckTraces, startDeliverySpans, type TracedDelivery } from "./delivery-trace.js";
 import { decodePositions, encodePositions, POSITION_HEADER, type HistoryLink } from "@ioasid/trace";
 import { DEFAULT_PREFIX, deliverySubject, Headers, helloSubject } from "./subjects.js";
+import { ReplyInbox, type RequestOptions } from "./pub-ack-inbox.js";
 
 /** Who receives deliveries: a subscriber is a role's name and instance. */
 export interface SubscriberId {
@@ -66,8 +67,15 @@ export interface MissedDelivery {
 }
 
 /** Options of {@link DeliveryEngine}. */
+/** How the engine sends a batch and waits for its answer (a {@link ReplyInbox}'s request). */
+export interface DeliveryRequests {
+  request(subject: string, data: Uint8Array, options: RequestOptions): Promise<Pick<Msg, "data" | "headers">>;
+}
+
 export interface DeliveryEngineOptions {
   readonly nc: NatsConnection;
+  /** How batches are sent and answered (tests answer by hand). @default a {@link ReplyInbox} on `nc` */
+  readonly requests?: DeliveryRequests;
   /** Subject prefix. @default "ioasid.v1" */
   readonly prefix?: string;
   /** Time a subscriber gets to acknowledge a batch, in ms. @default 2000 */
@@ -136,6 +144,7 @@ interface Item extends TracedDelivery {
  */
 export class DeliveryEngine {
   private readonly nc: NatsConnection;
+  private readonly replies: DeliveryRequests;
   private readonly prefix: string;
   private readonly deadlineMs: number;
   private readonly retryMs: number;
@@ -154,6 +163,7 @@ export class DeliveryEngine {
   constructor(options: DeliveryEngineOptions) {
     this.options = options;
     this.nc = options.nc;
+    this.replies = options.requests ?? new ReplyInbox(options.nc);
     this.prefix = options.prefix ?? DEFAULT_PREFIX;
     this.deadlineMs = options.deadlineMs ?? 2000;
     this.retryMs = options.retryMs ?? 1000;
@@ -482,10 +492,8 @@ export class DeliveryEngine {
     h.set(Headers.LAST_SEQ, String(items[items.length - 1]!.seq));
     h.set(Headers.COUNT, String(items.length));
     startDeliverySpans(items, channel, h);
-    const reply = await this.nc.request(channel.subject, encodeDeliveryBatch(items), {
-      timeout: this.deadlineMs,
-      headers: h,
-    });
+    // Through the connection's reply inbox, not nats.js's request: no Error built per batch (pub-ack-inbox.ts).
+    const reply = await this.replies.request(channel.subject, encodeDeliveryBatch(items), { timeoutMs: this.deadlineMs, headers: h });
     readAckTraces(items, reply);
     const after = decodePositions(reply.headers?.get(POSITION_HEADER));
     return { acks: matchAcks(items, bus.AckBatch.decode(reply.data).acks), after };

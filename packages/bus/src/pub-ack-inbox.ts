@@ -1,6 +1,14 @@
-import { ClosedConnectionError, TimeoutError, type Msg, type MsgHdrs, type NatsConnection, type Subscription } from "@nats-io/transport-node";
+import { ClosedConnectionError, NoRespondersError, TimeoutError, type Msg, type MsgHdrs, type NatsConnection, type Subscription } from "@nats-io/transport-node";
 import type { PubAck } from "@nats-io/jetstream";
 import { connectionInbox, readPubAck } from "./pub-ack.js";
+
+/** Options of {@link ReplyInbox.request}. */
+export interface RequestOptions {
+  /** Headers of the request. */
+  readonly headers?: MsgHdrs;
+  /** How long to wait for the reply, ms. */
+  readonly timeoutMs: number;
+}
 
 /** Options of {@link PubAckInbox.publish}: the JetStream headers nats.js's `js.publish` sets for the same options. */
 export interface AppendOptions {
@@ -13,30 +21,29 @@ export interface AppendOptions {
 }
 
 interface Waiting {
-  readonly resolve: (ack: PubAck) => void;
+  readonly subject: string;
+  readonly resolve: (msg: Msg) => void;
   readonly reject: (err: unknown) => void;
   readonly timer: ReturnType<typeof setTimeout>;
 }
 
 /**
- * JetStream publishes whose acknowledgements come to one inbox subscription of the connection
- * (issue 15, the sequential durable Alloc: 1.39× its floor; then the roles' state writes, three of
- * which are on the IO page fault's round trip). `js.publish` is a request, and every
- * nats.js request builds an Error even when it succeeds (`RequestOne.cancel` rejects its settled
- * promise with a new `RequestError("cancelled")`: a stack capture) beside its mux entry and
- * timeout; profiled, that was about 35 µs of the core's own CPU per Alloc, on the critical path.
- * Here an append is one map entry, one timer and one publish with a reply subject.
+ * Requests whose replies come to one inbox subscription of the connection (issue 15). A nats.js
+ * `request` builds an Error even when it succeeds (`RequestOne.cancel` rejects its settled promise
+ * with a new `RequestError("cancelled")`: a stack capture) beside its mux entry and timeout;
+ * profiled, that was about 35 µs of the core's own CPU per durable Alloc, on its critical path, and
+ * the core's largest single cost after its model in a crashed guest's teardown (one delivery batch
+ * per tier). Here a request is one map entry, one timer and one publish with a reply subject.
  *
- * Answers mean what `js.publish` makes of them, with the same error classes and messages (the op
- * log tells a transient failure from the fence by them, op-log.ts `isTransientWriteError`, and a
- * role's state store a refusal from a write to retry, role-state.ts; read by {@link readPubAck},
- * which the history outbox shares): a PubAck resolves, a JetStream error (`wrong last sequence: 5`,
- * …) or no responders ("jetstream is not enabled") rejects;
- * - no answer within the timeout: a {@link TimeoutError};
- * - the connection closed with the write unanswered: a {@link ClosedConnectionError}, at once, as
- *   nats.js rejects a request in flight (not after the timeout, which would hold a stopping process).
+ * Failures are those of nats.js's `request`, with the same error classes, so callers tell them apart
+ * as before:
+ * - no subscriber takes the subject (the server's 503 status): a {@link NoRespondersError};
+ * - no reply within the timeout: a {@link TimeoutError};
+ * - the connection closed with the request unanswered: a {@link ClosedConnectionError}, at once (not
+ *   at the timeout, which would hold a stopping process);
+ * - the connection refused the publish (closed or draining, a bad subject): that error.
  */
-export class PubAckInbox {
+export class ReplyInbox {
   readonly #nc: NatsConnection;
   readonly #inbox: string;
   readonly #waiting = new Map<string, Waiting>();
@@ -48,23 +55,21 @@ export class PubAckInbox {
     this.#inbox = connectionInbox(nc);
   }
 
-  /** Publishes `data` on `subject` and resolves with JetStream's acknowledgement. */
-  publish(subject: string, data: Uint8Array, headers: MsgHdrs, options: AppendOptions): Promise<PubAck> {
+  /** Publishes `data` on `subject` with a reply subject under the inbox, and resolves with the reply. */
+  request(subject: string, data: Uint8Array, options: RequestOptions): Promise<Msg> {
     if (this.#sub === undefined) {
       this.#sub = this.#nc.subscribe(`${this.#inbox}.*`, { callback: (err, msg) => (err === null ? this.#answer(msg) : this.#failAll(err)) });
       void this.#nc.closed().then(() => this.#failAll(new ClosedConnectionError()));
     }
-    if (options.msgID !== undefined) headers.set("Nats-Msg-Id", options.msgID);
-    if (options.lastSequence !== undefined) headers.set("Nats-Expected-Last-Sequence", String(options.lastSequence));
     const token = String(++this.#next);
-    return new Promise<PubAck>((resolve, reject) => {
+    return new Promise<Msg>((resolve, reject) => {
       const timer = setTimeout(() => {
         this.#waiting.delete(token);
         reject(new TimeoutError());
       }, options.timeoutMs);
-      this.#waiting.set(token, { resolve, reject, timer });
+      this.#waiting.set(token, { subject, resolve, reject, timer });
       try {
-        this.#nc.publish(subject, data, { headers, reply: `${this.#inbox}.${token}` });
+        this.#nc.publish(subject, data, { ...(options.headers === undefined ? {} : { headers: options.headers }), reply: `${this.#inbox}.${token}` });
       } catch (err) {
         // Closed or draining connection, a bad subject: nothing was sent.
         clearTimeout(timer);
@@ -74,14 +79,14 @@ export class PubAckInbox {
     });
   }
 
-  /** Stops listening; appends still waiting are rejected. */
+  /** Stops listening; requests still waiting are rejected. */
   close(): void {
     this.#sub?.unsubscribe();
     this.#sub = undefined;
-    this.#failAll(new Error("the JetStream acknowledgement inbox was closed"));
+    this.#failAll(new Error("the reply inbox was closed"));
   }
 
-  /** Appends waiting for an answer (tests). */
+  /** Requests waiting for a reply (tests). */
   get waiting(): number {
     return this.#waiting.size;
   }
@@ -92,9 +97,9 @@ export class PubAckInbox {
     if (w === undefined) return; // answered after its timeout
     this.#waiting.delete(token);
     clearTimeout(w.timer);
-    const answer = readPubAck(msg);
-    if (answer.error === undefined) w.resolve(answer.ack);
-    else w.reject(answer.error);
+    // The server's "no responders" status, as nats.js's request reports it.
+    if (msg.data.length === 0 && msg.headers?.code === 503) w.reject(new NoRespondersError(w.subject));
+    else w.resolve(msg);
   }
 
   #failAll(err: unknown): void {
@@ -103,6 +108,55 @@ export class PubAckInbox {
       w.reject(err);
     }
     this.#waiting.clear();
+  }
+}
+
+/**
+ * JetStream publishes whose acknowledgements come to one inbox subscription of the connection (a
+ * {@link ReplyInbox}): the core's operation log (the sequential durable Alloc: 1.39× its floor),
+ * then the roles' state writes, three of which are on the IO page fault's round trip.
+ *
+ * Answers mean what `js.publish` makes of them, with the same error classes and messages (the op
+ * log tells a transient failure from the fence by them, op-log.ts `isTransientWriteError`, and a
+ * role's state store a refusal from a write to retry, role-state.ts; read by {@link readPubAck},
+ * which the history outbox shares): a PubAck resolves, a JetStream error (`wrong last sequence: 5`,
+ * …) or no responders ("jetstream is not enabled") rejects;
+ * - no answer within the timeout: a {@link TimeoutError};
+ * - the connection closed with the write unanswered: a {@link ClosedConnectionError}, at once, as
+ *   nats.js rejects a request in flight (not after the timeout, which would hold a stopping process).
+ */
+export class PubAckInbox {
+  readonly #replies: ReplyInbox;
+
+  constructor(nc: NatsConnection) {
+    this.#replies = new ReplyInbox(nc);
+  }
+
+  /** Publishes `data` on `subject` and resolves with JetStream's acknowledgement. */
+  async publish(subject: string, data: Uint8Array, headers: MsgHdrs, options: AppendOptions): Promise<PubAck> {
+    if (options.msgID !== undefined) headers.set("Nats-Msg-Id", options.msgID);
+    if (options.lastSequence !== undefined) headers.set("Nats-Expected-Last-Sequence", String(options.lastSequence));
+    let reply: Msg;
+    try {
+      reply = await this.#replies.request(subject, data, { headers, timeoutMs: options.timeoutMs });
+    } catch (err) {
+      // No stream takes the subject (or its leader is being elected): as `js.publish` reports it.
+      if (err instanceof NoRespondersError) throw new Error("jetstream is not enabled (no responders)");
+      throw err;
+    }
+    const answer = readPubAck(reply);
+    if (answer.error !== undefined) throw answer.error;
+    return answer.ack;
+  }
+
+  /** Stops listening; appends still waiting are rejected. */
+  close(): void {
+    this.#replies.close();
+  }
+
+  /** Appends waiting for an answer (tests). */
+  get waiting(): number {
+    return this.#replies.waiting;
   }
 }
 
