@@ -1,5 +1,5 @@
 import type { NatsConnection } from "@nats-io/transport-node";
-import { describe, expect, it } from "vitest";
+import { describe, expect, it, vi } from "vitest";
 import { decodeHistoryBatch, HistoryRecorder } from "./history.js";
 import type { TypedHistoryRecord as HistoryRecord } from "./history-catalogue.js";
 
@@ -48,5 +48,50 @@ describe("HistoryRecorder encoding", () => {
     expect(view(grouped!)).toEqual(notes.map((n, i) => [10 + i, 2000 + i, n]));
     // Numbered in the order made, across both.
     expect([...plain!, ...grouped!].map((x) => x.publisherSeq)).toEqual([1, 2, 3, 4, 5, 6, 7, 8]);
+  });
+});
+
+describe("HistoryRecorder flushDelayMs (issue 15: the core's sequential calls share a history message)", () => {
+  it("publishes records made within the delay as one message when it passes, not at the end of each turn; flush() publishes at once", async () => {
+    vi.useFakeTimers();
+    try {
+      const published: Array<{ subject: string; body: Uint8Array }> = [];
+      const capture = {
+        publish: (subject: string, body: Uint8Array) => void published.push({ subject, body }),
+        subscribe: () => ({ unsubscribe: () => undefined }),
+        isClosed: () => false,
+      } as unknown as NatsConnection;
+      const r = new HistoryRecorder(capture, "ioasid", "core-delay", undefined, { flushDelayMs: 5 });
+      r.recordIn("op:1", { "Ioasid-Op": "1" }, { $case: "chaosNote", value: { note: "one" } }, { ioasid: 1 }, 1000);
+      // The end of the turn (setImmediate) publishes nothing yet.
+      await vi.advanceTimersByTimeAsync(1);
+      r.recordIn("op:2", { "Ioasid-Op": "2" }, { $case: "chaosNote", value: { note: "two" } }, { ioasid: 2 }, 1001);
+      expect(published).toHaveLength(0);
+      await vi.advanceTimersByTimeAsync(4);
+      // Both groups go out when the delay has passed: one flush, each group its own message.
+      expect(published.map((p) => decodeHistoryBatch(p.body, p.subject).map((x) => x.ioasid))).toEqual([[1], [2]]);
+      // flush() publishes what waits now, and the delay's timer does not publish it again.
+      r.record({ $case: "chaosNote", value: { note: "three" } }, { ioasid: 3 }, 1002);
+      r.flush();
+      expect(published).toHaveLength(3);
+      await vi.advanceTimersByTimeAsync(10);
+      expect(published).toHaveLength(3);
+    } finally {
+      vi.useRealTimers();
+    }
+  });
+
+  it("publishes at the end of the turn without the option", async () => {
+    const published: Uint8Array[] = [];
+    const capture = {
+      publish: (_subject: string, body: Uint8Array) => void published.push(body),
+      subscribe: () => ({ unsubscribe: () => undefined }),
+      isClosed: () => false,
+    } as unknown as NatsConnection;
+    const r = new HistoryRecorder(capture, "ioasid", "core-nodelay");
+    r.record({ $case: "chaosNote", value: { note: "now" } }, { ioasid: 1 }, 1000);
+    expect(published).toHaveLength(0);
+    await new Promise((resolve) => setImmediate(resolve));
+    expect(published).toHaveLength(1);
   });
 });
