@@ -1,4 +1,12 @@
-import { ClosedConnectionError, NoRespondersError, TimeoutError, type Msg, type MsgHdrs, type NatsConnection, type Subscription } from "@nats-io/transport-node";
+import {
+  ClosedConnectionError,
+  NoRespondersError,
+  TimeoutError,
+  type Msg,
+  type MsgHdrs,
+  type NatsConnection,
+  type Subscription,
+} from "@nats-io/transport-node";
 import type { PubAck } from "@nats-io/jetstream";
 import { connectionInbox, readPubAck } from "./pub-ack.js";
 
