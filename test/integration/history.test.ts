@@ -111,6 +111,32 @@ describe("history", () => {
     expect(after.steps).toEqual([...steps, "event:ALLOC:1"]);
   });
 
+  it("publishes the records of the last operations when it stops gracefully, however long they would wait for company", async () => {
+    // IOASID_CORE_HISTORY_FLUSH: an operation's records wait for company before they are published.
+    // Ten minutes here, so only the graceful stop can publish them — before its connection closes,
+    // which would drop them unsaid.
+    nats = await startNats();
+    fixture = await startCore({ IOASID_CORE_HISTORY_FLUSH: "10m" }, { nats });
+    const c = fixture.client;
+    const since = Date.now();
+    const set = (await c.createSet(P(core.CreateSetRequest, { tokenType: events.TokenType.TOKEN_TYPE_MM, token: 9n, quota: 4 }))).set!.setId;
+    const { ioasid } = await c.alloc(P(core.AllocRequest, { setId: set }));
+    const f = fixture;
+    fixture = undefined;
+    expect(await f.stop()).toBe(0);
+    nc = await connect({ servers: nats.url });
+    const conn = nc;
+    let mine: HistoryRecord[] = [];
+    await waitFor(
+      async () => {
+        mine = (await readHistory(conn, { sinceMs: since })).filter((r) => r.role === "ioasid" && r.setId === set);
+        return mine.some((r) => r.ioasid === ioasid);
+      },
+      { timeoutMs: 5000, message: `the history of set ${set}'s allocation of IOASID ${ioasid}, published at the stop` },
+    );
+    expect(mine.every((r) => r.recovered !== true)).toBe(true);
+  });
+
   it("stores a group of records published twice once (a replay racing its predecessor's late publish)", async () => {
     nats = await startNats();
     fixture = await startCore({}, { nats }); // creates the history stream

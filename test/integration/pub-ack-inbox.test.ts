@@ -1,8 +1,17 @@
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
-import { ClosedConnectionError, connect, headers, NoRespondersError, TimeoutError, type NatsConnection } from "@nats-io/transport-node";
+import {
+  ClosedConnectionError,
+  connect,
+  headers,
+  NoRespondersError,
+  PermissionViolationError,
+  TimeoutError,
+  type NatsConnection,
+} from "@nats-io/transport-node";
 import { JetStreamApiError, jetstreamManager } from "@nats-io/jetstream";
 import { isTransientWriteError } from "@ioasid/ioasid-core";
 import { PubAckInbox, pubAckInbox, ReplyInbox } from "@ioasid/bus";
+import { natsConnectOptions } from "@ioasid/security";
 import { startNats, type NatsServer } from "@ioasid/testkit";
 
 // The operation log's acknowledgements on one inbox subscription (issue 15, the sequential durable
@@ -151,5 +160,44 @@ describe("ReplyInbox", () => {
     expect(replies.waiting).toBe(0);
     silent.unsubscribe();
     replies.close();
+  });
+
+  it("rejects at once with the server's PermissionViolationError a request its user may not publish, as nats.js does", async () => {
+    // A role's user (KVM's VM 1) may not publish on the subject: the server refuses the publish and
+    // says so on the connection; nothing would ever answer.
+    const made = await nats.credentials("kvm", "vm-1");
+    if (made === undefined) throw new Error("the test's nats-server has no authorization");
+    const kvm = await connect({ servers: nats.url, ...natsConnectOptions(made.credential) });
+    try {
+      const replies = new ReplyInbox(kvm);
+      // A timeout far beyond the test's own: only the server's refusal can end the wait in time.
+      const refused = await replies.request("reply.forbidden", new Uint8Array([1]), { timeoutMs: 10 * 60_000 }).catch((e: unknown) => e);
+      expect(refused).toBeInstanceOf(PermissionViolationError);
+      expect(refused).toMatchObject({ operation: "publish", subject: "reply.forbidden" });
+      expect(replies.waiting).toBe(0);
+      replies.close();
+    } finally {
+      await kvm.close();
+    }
+  });
+
+  it("fails what waits when the server refuses its inbox subscription, and subscribes again for the next request", async () => {
+    // The same user asking for replies outside its own inbox prefix: the subscription is refused.
+    const made = await nats.credentials("kvm", "vm-1");
+    if (made === undefined) throw new Error("the test's nats-server has no authorization");
+    const kvm = await connect({ servers: nats.url, ...natsConnectOptions(made.credential), inboxPrefix: "_INBOX.other" });
+    try {
+      const replies = new ReplyInbox(kvm);
+      for (const attempt of [1, 2]) {
+        // Each attempt's subscription is refused at once; a dead one kept would let the second wait ten minutes.
+        const refused = await replies.request(`reply.refused${attempt}`, new Uint8Array([1]), { timeoutMs: 10 * 60_000 }).catch((e: unknown) => e);
+        expect(refused).toBeInstanceOf(PermissionViolationError);
+        expect(refused).toMatchObject({ operation: "subscription" });
+      }
+      expect(replies.waiting).toBe(0);
+      replies.close();
+    } finally {
+      await kvm.close();
+    }
   });
 });

@@ -66,12 +66,12 @@ export interface MissedDelivery {
   readonly reason: string;
 }
 
-/** Options of {@link DeliveryEngine}. */
 /** How the engine sends a batch and waits for its answer (a {@link ReplyInbox}'s request). */
 export interface DeliveryRequests {
   request(subject: string, data: Uint8Array, options: RequestOptions): Promise<Pick<Msg, "data" | "headers">>;
 }
 
+/** Options of {@link DeliveryEngine}. */
 export interface DeliveryEngineOptions {
   readonly nc: NatsConnection;
   /** How batches are sent and answered (tests answer by hand). @default a {@link ReplyInbox} on `nc` */

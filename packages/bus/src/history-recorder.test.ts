@@ -81,6 +81,28 @@ describe("HistoryRecorder flushDelayMs (issue 15: the core's sequential calls sh
     }
   });
 
+  it("publishes a plain record at the end of its turn, and the grouped records waiting with it (plain first)", async () => {
+    vi.useFakeTimers();
+    try {
+      const published: Array<{ subject: string; body: Uint8Array }> = [];
+      const capture = {
+        publish: (subject: string, body: Uint8Array) => void published.push({ subject, body }),
+        subscribe: () => ({ unsubscribe: () => undefined }),
+        isClosed: () => false,
+      } as unknown as NatsConnection;
+      const r = new HistoryRecorder(capture, "ioasid", "core-delay-plain", undefined, { flushDelayMs: 5 });
+      r.recordIn("op:7", { "Ioasid-Op": "7" }, { $case: "chaosNote", value: { note: "grouped" } }, { ioasid: 7 }, 1000);
+      // A plain record (the core's stream-admin audit, which no start publishes again) does not wait.
+      r.record({ $case: "chaosNote", value: { note: "plain" } }, { ioasid: 8 }, 1001);
+      await vi.advanceTimersByTimeAsync(1);
+      expect(published.map((p) => decodeHistoryBatch(p.body, p.subject).map((x) => x.ioasid))).toEqual([[8], [7]]);
+      await vi.advanceTimersByTimeAsync(10);
+      expect(published).toHaveLength(2);
+    } finally {
+      vi.useRealTimers();
+    }
+  });
+
   it("publishes at the end of the turn without the option", async () => {
     const published: Uint8Array[] = [];
     const capture = {

@@ -54,10 +54,12 @@ const PUBLISHER_SEQS = new Map<string, { last: number; messages: number }>();
 /** Options of a {@link HistoryRecorder}. */
 export interface HistoryRecorderOptions {
   /**
-   * How long records wait for company before they are published, ms. 0 (the default): at the end
-   * of the turn they were made in. The core, which publishes again at a start what a crash took
-   * before it was published (its op log names every record), waits a little: a burst of sequential
-   * calls then shares one message and one acknowledgement instead of one per call (issue 15).
+   * How long grouped records ({@link HistoryRecorder.recordIn}) wait for company before they are
+   * published, ms; plain records ({@link HistoryRecorder.record}) still go out at the end of their
+   * turn, with whatever waits. 0 (the default): at the end of the turn they were made in. The core,
+   * whose grouped records name their op-log message and are published again at a start when a
+   * crash took them, waits a little: a burst of sequential calls then shares one message and one
+   * acknowledgement instead of one per call (issue 15).
    */
   readonly flushDelayMs?: number;
 }
@@ -76,7 +78,9 @@ export class HistoryRecorder {
   /** Records of named groups (see recordIn), published one group per message. */
   private readonly groups = new Map<string, { headers: Record<string, string>; records: Uint8Array[] }>();
   private pendingBytes = 0;
+  /** A flush at the end of this turn is scheduled. */
   private scheduled = false;
+  /** A flush after `flushDelayMs` is scheduled (grouped records only). */
   private flushTimer: ReturnType<typeof setTimeout> | undefined;
   /**
    * The last `publisher_seq` given (0: none yet), shared by every recorder of this publisher (role,
@@ -145,7 +149,7 @@ export class HistoryRecorder {
     this.pending.push(bytes);
     this.pendingBytes += bytes.length + 4;
     if (this.pendingBytes > MAX_HISTORY_MESSAGE) this.flush();
-    else this.schedule();
+    else this.schedule(0);
   }
 
   /**
@@ -159,16 +163,23 @@ export class HistoryRecorder {
     let g = this.groups.get(group);
     if (g === undefined) this.groups.set(group, (g = { headers, records: [] }));
     g.records.push(this.encode(action, fields, ts));
-    this.schedule();
+    this.schedule(this.options.flushDelayMs ?? 0);
   }
 
-  /** Publishes at the end of this turn, or after `flushDelayMs` (see {@link HistoryRecorderOptions}). */
-  private schedule(): void {
+  /**
+   * Publishes everything pending at the end of this turn (`delayMs` 0), or once `delayMs` passed
+   * (see {@link HistoryRecorderOptions}); the earlier of the two when both are asked for.
+   */
+  private schedule(delayMs: number): void {
     if (this.scheduled) return;
+    if (delayMs > 0) {
+      this.flushTimer ??= setTimeout(() => this.flush(), delayMs);
+      return;
+    }
     this.scheduled = true;
-    const delayMs = this.options.flushDelayMs ?? 0;
-    if (delayMs === 0) setImmediate(() => this.flush());
-    else this.flushTimer = setTimeout(() => this.flush(), delayMs);
+    setImmediate(() => {
+      if (this.scheduled) this.flush();
+    });
   }
 
   /** Publishes what is pending now. */

@@ -1,6 +1,7 @@
 import {
   ClosedConnectionError,
   NoRespondersError,
+  PermissionViolationError,
   TimeoutError,
   type Msg,
   type MsgHdrs,
@@ -47,15 +48,21 @@ interface Waiting {
  * as before:
  * - no subscriber takes the subject (the server's 503 status): a {@link NoRespondersError};
  * - no reply within the timeout: a {@link TimeoutError};
- * - the connection closed with the request unanswered: a {@link ClosedConnectionError}, at once (not
- *   at the timeout, which would hold a stopping process);
+ * - the server refused the publish (the user may not publish on the subject): the server's
+ *   {@link PermissionViolationError}, at once, for every request waiting on that subject;
+ * - the connection closed with the request unanswered: at once (not at the timeout, which would
+ *   hold a stopping process), a {@link ClosedConnectionError} ("closed connection"; nats.js says
+ *   `RequestError` "connection closed": callers here treat both alike);
  * - the connection refused the publish (closed or draining, a bad subject): that error.
+ * A subscription the server refused (the inbox outside the user's permissions) fails what waits,
+ * and the next request subscribes again.
  */
 export class ReplyInbox {
   readonly #nc: NatsConnection;
   readonly #inbox: string;
   readonly #waiting = new Map<string, Waiting>();
   #sub: Subscription | undefined;
+  #watching = false;
   #next = 0;
 
   constructor(nc: NatsConnection) {
@@ -63,11 +70,31 @@ export class ReplyInbox {
     this.#inbox = connectionInbox(nc);
   }
 
+  /** Listens (once per inbox) for the connection's close and for publishes the server refused. */
+  #watch(): void {
+    if (this.#watching) return;
+    this.#watching = true;
+    void this.#nc.closed().then(() => this.#failAll(new ClosedConnectionError()));
+    void (async () => {
+      for await (const s of this.#nc.status()) {
+        if (s.type === "error" && s.error instanceof PermissionViolationError && s.error.operation === "publish") this.#failSubject(s.error.subject, s.error);
+      }
+    })().catch(() => undefined);
+  }
+
   /** Publishes `data` on `subject` with a reply subject under the inbox, and resolves with the reply. */
   request(subject: string, data: Uint8Array, options: RequestOptions): Promise<Msg> {
+    this.#watch();
     if (this.#sub === undefined) {
-      this.#sub = this.#nc.subscribe(`${this.#inbox}.*`, { callback: (err, msg) => (err === null ? this.#answer(msg) : this.#failAll(err)) });
-      void this.#nc.closed().then(() => this.#failAll(new ClosedConnectionError()));
+      const sub = this.#nc.subscribe(`${this.#inbox}.*`, {
+        callback: (err, msg) => {
+          if (err === null) return this.#answer(msg);
+          // Refused (or ended) by the server: subscribe again at the next request.
+          if (this.#sub === sub) this.#sub = undefined;
+          this.#failAll(err);
+        },
+      });
+      this.#sub = sub;
     }
     const token = String(++this.#next);
     return new Promise<Msg>((resolve, reject) => {
@@ -110,6 +137,15 @@ export class ReplyInbox {
     else w.resolve(msg);
   }
 
+  #failSubject(subject: string, err: unknown): void {
+    for (const [token, w] of this.#waiting) {
+      if (w.subject !== subject) continue;
+      clearTimeout(w.timer);
+      this.#waiting.delete(token);
+      w.reject(err);
+    }
+  }
+
   #failAll(err: unknown): void {
     for (const w of this.#waiting.values()) {
       clearTimeout(w.timer);
@@ -130,8 +166,8 @@ export class ReplyInbox {
  * which the history outbox shares): a PubAck resolves, a JetStream error (`wrong last sequence: 5`,
  * …) or no responders ("jetstream is not enabled") rejects;
  * - no answer within the timeout: a {@link TimeoutError};
- * - the connection closed with the write unanswered: a {@link ClosedConnectionError}, at once, as
- *   nats.js rejects a request in flight (not after the timeout, which would hold a stopping process).
+ * - a publish the server refused, or the connection closed with the write unanswered: at once, as
+ *   {@link ReplyInbox} says (not after the timeout, which would hold a stopping process).
  */
 export class PubAckInbox {
   readonly #replies: ReplyInbox;

@@ -58,6 +58,12 @@ export const coreConfigSchema = defineConfigSchema({
     default: 16n * 1024n * 1024n,
     doc: "Write a snapshot once this many bytes of operations were logged since the last one (K, M, G suffixes). 0: never by size. With both 0 the op log is never trimmed.",
   },
+  historyFlushMs: {
+    name: "IOASID_CORE_HISTORY_FLUSH",
+    kind: "duration-ms",
+    default: 5,
+    doc: "How long the history records of the core's operations wait for company before they are published: sequential calls then share one history message. What a crash takes before it is published, the next start publishes again from the op log; a graceful stop publishes what waits. 0ms: at the end of each turn.",
+  },
   replicas: {
     name: "IOASID_JS_REPLICAS",
     kind: "int",

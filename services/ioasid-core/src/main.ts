@@ -97,6 +97,7 @@ for (let attempt = 1; running === undefined; attempt++) {
         deadlineMs: config.deadlineMs,
         retryMs: config.retryMs,
         maxInFlightPerName: config.maxInFlightPerName,
+        historyFlushMs: config.historyFlushMs,
         snapshotEveryOps: config.snapshotEveryOps,
         snapshotEveryBytes: Number(config.snapshotEveryBytes),
         writeRetryMs: config.opLogWriteRetryMs,
@@ -134,6 +135,9 @@ runUntilSignal(running.server, {
     await metricsServer?.close();
     await running.engine?.stop();
     await running.opLog?.drain();
+    // The last operations' history (it waits up to 5 ms for company) goes out while publishing is
+    // still allowed: nc.drain() refuses publishes, and the outbox would drop the records unsaid.
+    running.flushHistory();
     running.core.close();
     await nc.drain();
     await tracing?.shutdown();

@@ -247,6 +247,8 @@ export interface StartCoreServerOptions {
     readonly retryMs?: number;
     /** See {@link DeliveryEngineOptions.maxInFlightPerName}. @default 2048 */
     readonly maxInFlightPerName?: number;
+    /** How long history records wait for company before they are published, ms. @default DEFAULT_HISTORY_FLUSH_MS */
+    readonly historyFlushMs?: number;
     /** Snapshot after this many operations (0: never by count). @default DEFAULT_SNAPSHOT_EVERY_OPS */
     readonly snapshotEveryOps?: number;
     /** Snapshot after this many bytes of operations (0: never by size). @default DEFAULT_SNAPSHOT_EVERY_BYTES */
@@ -290,6 +292,11 @@ export interface RunningCore {
   readonly replayed: number;
   /** Time from start to serving, ms (replay included). */
   readonly startupMs: number;
+  /**
+   * Publishes the history records still waiting for company (they wait up to 5 ms): a graceful
+   * stop calls it once the op log is drained, before the connection closes.
+   */
+  flushHistory(): void;
   /** Graceful stop. */
   close(graceMs?: number): Promise<void>;
 }
@@ -363,12 +370,15 @@ export async function startCoreServer(options: StartCoreServerOptions = {}): Pro
       await ensureHistoryStream(n.nc, prefix, n.replicas ?? 1);
       // The roles' state stream too: with authorization on, roles may not create streams (DESIGN §11).
       await ensureRoleStateStream(n.nc, prefix, n.replicas ?? 1);
-      // Records wait up to 5 ms for company: a run of sequential calls (durable Allocs, one at a
-      // time) shares one history message and its acknowledgement, not one each — two socket writes
-      // and a read per call, on the core's critical path (issue 15: 1.35× → 1.24× the floor in
-      // alternating runs). What a crash takes before it is published, a start publishes again
-      // from the op log (recover's `republishAfter`).
-      const recorder = new HistoryRecorder(n.nc, CORE_HISTORY_ROLE, CORE_HISTORY_INSTANCE, prefix, { flushDelayMs: HISTORY_FLUSH_DELAY_MS });
+      // The records of operations wait up to 5 ms for company (IOASID_CORE_HISTORY_FLUSH): a run of
+      // sequential calls (durable Allocs, one at a time) shares one history message and its
+      // acknowledgement, not one each — two socket writes and a read per call, on the core's
+      // critical path (issue 15: 1.35× → 1.24× the floor in alternating runs). What a crash takes
+      // before it is published, a start publishes again from the op log (recover's
+      // `republishAfter`). Plain records (the stream-admin audit) go out at the end of their turn.
+      const recorder = new HistoryRecorder(n.nc, CORE_HISTORY_ROLE, CORE_HISTORY_INSTANCE, prefix, {
+        flushDelayMs: n.historyFlushMs ?? DEFAULT_HISTORY_FLUSH_MS,
+      });
       flushHistory = () => recorder.flush();
       // History the outbox gave up on (never stored within its bound) is said, never silently lost.
       historyOutbox(n.nc).onLost((loss) => logger.warn({ messages: loss.messages, reason: loss.reason }, "history records lost"));
@@ -470,6 +480,7 @@ export async function startCoreServer(options: StartCoreServerOptions = {}): Pro
     opLog,
     replayed,
     startupMs,
+    flushHistory: () => flushHistory?.(),
     close: async (graceMs = 2000) => {
       await server.shutdown(graceMs);
       streamAudit?.unsubscribe();
@@ -497,8 +508,8 @@ function authorizationView(model: () => IoasidCore): AuthorizationView {
 }
 
 const CORE_HISTORY_ROLE = "ioasid";
-/** How long the core's history records wait for company before they are published, ms. */
-const HISTORY_FLUSH_DELAY_MS = 5;
+/** How long the core's history records wait for company before they are published, ms (IOASID_CORE_HISTORY_FLUSH). */
+export const DEFAULT_HISTORY_FLUSH_MS = 5;
 const CORE_HISTORY_INSTANCE = "core";
 /** Headers of the core's history messages: which op log, and which message of it, they record. */
 const OP_LOG_HEADER = "Ioasid-Op-Log";
