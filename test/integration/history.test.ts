@@ -132,7 +132,8 @@ describe("history", () => {
         mine = (await readHistory(conn, { sinceMs: since })).filter((r) => r.role === "ioasid" && r.setId === set);
         return mine.some((r) => r.ioasid === ioasid);
       },
-      { timeoutMs: 5000, message: `the history of set ${set}'s allocation of IOASID ${ioasid}, published at the stop` },
+      // Bounded, not timed: generous for a busy machine; without the stop's flush nothing ever comes.
+      { timeoutMs: 15_000, message: `the history of set ${set}'s allocation of IOASID ${ioasid}, published at the stop` },
     );
     expect(mine.every((r) => r.recovered !== true)).toBe(true);
   });

@@ -30,6 +30,13 @@ afterAll(async () => {
   await nats?.stop();
 });
 
+/** A connection as a role's user (KVM's VM 1), held to its permissions. */
+async function connectAsKvm(options: { inboxPrefix?: string } = {}): Promise<NatsConnection> {
+  const made = await nats.credentials("kvm", "vm-1");
+  if (made === undefined) throw new Error("the test's nats-server has no authorization");
+  return connect({ servers: nats.url, ...natsConnectOptions(made.credential), ...options });
+}
+
 describe("PubAckInbox", () => {
   it("resolves with the stream's acknowledgement; the same message id again is a duplicate, stored once", async () => {
     const acks = new PubAckInbox(nc);
@@ -165,9 +172,7 @@ describe("ReplyInbox", () => {
   it("rejects at once with the server's PermissionViolationError a request its user may not publish, as nats.js does", async () => {
     // A role's user (KVM's VM 1) may not publish on the subject: the server refuses the publish and
     // says so on the connection; nothing would ever answer.
-    const made = await nats.credentials("kvm", "vm-1");
-    if (made === undefined) throw new Error("the test's nats-server has no authorization");
-    const kvm = await connect({ servers: nats.url, ...natsConnectOptions(made.credential) });
+    const kvm = await connectAsKvm();
     try {
       const replies = new ReplyInbox(kvm);
       // A timeout far beyond the test's own: only the server's refusal can end the wait in time.
@@ -183,9 +188,7 @@ describe("ReplyInbox", () => {
 
   it("fails what waits when the server refuses its inbox subscription, and subscribes again for the next request", async () => {
     // The same user asking for replies outside its own inbox prefix: the subscription is refused.
-    const made = await nats.credentials("kvm", "vm-1");
-    if (made === undefined) throw new Error("the test's nats-server has no authorization");
-    const kvm = await connect({ servers: nats.url, ...natsConnectOptions(made.credential), inboxPrefix: "_INBOX.other" });
+    const kvm = await connectAsKvm({ inboxPrefix: "_INBOX.other" });
     try {
       const replies = new ReplyInbox(kvm);
       for (const attempt of [1, 2]) {

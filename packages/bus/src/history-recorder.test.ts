@@ -13,6 +13,17 @@ import type { TypedHistoryRecord as HistoryRecord } from "./history-catalogue.js
 // Numbering publishes nothing: no connection is used.
 const nc = {} as NatsConnection;
 
+/** A connection that takes publishes (through the outbox: with a reply subject) and never answers. */
+function capturing(): { capture: NatsConnection; published: Array<{ subject: string; body: Uint8Array }> } {
+  const published: Array<{ subject: string; body: Uint8Array }> = [];
+  const capture = {
+    publish: (subject: string, body: Uint8Array) => void published.push({ subject, body }),
+    subscribe: () => ({ unsubscribe: () => undefined }),
+    isClosed: () => false,
+  } as unknown as NatsConnection;
+  return { capture, published };
+}
+
 describe("HistoryRecorder numbering", () => {
   it("numbers on across recorders of the same publisher in one process, and apart for another publisher", () => {
     const first = new HistoryRecorder(nc, "ioasid", "core-numbering");
@@ -29,13 +40,7 @@ describe("HistoryRecorder numbering", () => {
 
 describe("HistoryRecorder encoding", () => {
   it("publishes batches that decode to the records made, small and large (one- to three-byte lengths), plain and grouped", () => {
-    const published: Array<{ subject: string; body: Uint8Array }> = [];
-    // A connection that takes publishes (through the outbox: with a reply subject) and never answers.
-    const capture = {
-      publish: (subject: string, body: Uint8Array) => void published.push({ subject, body }),
-      subscribe: () => ({ unsubscribe: () => undefined }),
-      isClosed: () => false,
-    } as unknown as NatsConnection;
+    const { capture, published } = capturing();
     const r = new HistoryRecorder(capture, "chaos", "encoding");
     const notes = ["a", "b".repeat(200), "c".repeat(20_000), "d"];
     for (const [i, note] of notes.entries()) r.record({ $case: "chaosNote", value: { note } }, { ioasid: i + 1 }, 1000 + i);
@@ -55,12 +60,7 @@ describe("HistoryRecorder flushDelayMs (issue 15: the core's sequential calls sh
   it("publishes records made within the delay as one message when it passes, not at the end of each turn; flush() publishes at once", async () => {
     vi.useFakeTimers();
     try {
-      const published: Array<{ subject: string; body: Uint8Array }> = [];
-      const capture = {
-        publish: (subject: string, body: Uint8Array) => void published.push({ subject, body }),
-        subscribe: () => ({ unsubscribe: () => undefined }),
-        isClosed: () => false,
-      } as unknown as NatsConnection;
+      const { capture, published } = capturing();
       const r = new HistoryRecorder(capture, "ioasid", "core-delay", undefined, { flushDelayMs: 5 });
       r.recordIn("op:1", { "Ioasid-Op": "1" }, { $case: "chaosNote", value: { note: "one" } }, { ioasid: 1 }, 1000);
       // The end of the turn (setImmediate) publishes nothing yet.
@@ -84,12 +84,7 @@ describe("HistoryRecorder flushDelayMs (issue 15: the core's sequential calls sh
   it("publishes a plain record at the end of its turn, and the grouped records waiting with it (plain first)", async () => {
     vi.useFakeTimers();
     try {
-      const published: Array<{ subject: string; body: Uint8Array }> = [];
-      const capture = {
-        publish: (subject: string, body: Uint8Array) => void published.push({ subject, body }),
-        subscribe: () => ({ unsubscribe: () => undefined }),
-        isClosed: () => false,
-      } as unknown as NatsConnection;
+      const { capture, published } = capturing();
       const r = new HistoryRecorder(capture, "ioasid", "core-delay-plain", undefined, { flushDelayMs: 5 });
       r.recordIn("op:7", { "Ioasid-Op": "7" }, { $case: "chaosNote", value: { note: "grouped" } }, { ioasid: 7 }, 1000);
       // A plain record (the core's stream-admin audit, which no start publishes again) does not wait.
@@ -104,12 +99,7 @@ describe("HistoryRecorder flushDelayMs (issue 15: the core's sequential calls sh
   });
 
   it("publishes at the end of the turn without the option", async () => {
-    const published: Uint8Array[] = [];
-    const capture = {
-      publish: (_subject: string, body: Uint8Array) => void published.push(body),
-      subscribe: () => ({ unsubscribe: () => undefined }),
-      isClosed: () => false,
-    } as unknown as NatsConnection;
+    const { capture, published } = capturing();
     const r = new HistoryRecorder(capture, "ioasid", "core-nodelay");
     r.record({ $case: "chaosNote", value: { note: "now" } }, { ioasid: 1 }, 1000);
     expect(published).toHaveLength(0);
