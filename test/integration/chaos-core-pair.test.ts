@@ -4,7 +4,7 @@ import { join, resolve } from "node:path";
 import { fileURLToPath } from "node:url";
 import { startChaosStack, type ChaosStack } from "@ioasid/chaos";
 import { waitFor } from "@ioasid/testkit";
-import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { afterAll, afterEach, beforeAll, describe, expect, it } from "vitest";
 
 // The chaos stack's core pair (DESIGN §13, issue 18): a kill of the serving core is healed once
 // the OTHER core serves, the killed one started again as its standby — also when the other's
@@ -54,6 +54,19 @@ describe("the chaos stack's core pair", () => {
       env: { IOASID_OPLOG_WRITE_RETRY: "1s" },
     });
   }, 180_000);
+  // A failure prints what the cores and the servers logged (their tails): a flake seen once in CI
+  // is then explained by its own run, not by guesses afterwards.
+  afterEach(async (ctx) => {
+    if (ctx.task.result?.state !== "fail") return;
+    // Closed first: the stack writes each running process's log (and the servers') when it stops.
+    await stack?.close().catch(() => undefined);
+    const logs = join(root, "stack", "logs");
+    if (!existsSync(logs)) return;
+    for (const f of readdirSync(logs).filter((n) => n.startsWith("ioasid-core") || n.startsWith("nats"))) {
+      const lines = readFileSync(join(logs, f), "utf8").split("\n");
+      process.stdout.write(`---- ${f} (last ${Math.min(lines.length, 150)} of ${lines.length} lines)\n${lines.slice(-150).join("\n")}\n`);
+    }
+  }, 60_000);
   afterAll(async () => {
     await stack?.close();
     rmSync(root, { recursive: true, force: true });
