@@ -1,11 +1,11 @@
 import type { Context } from "@opentelemetry/api";
 import { headers as natsHeaders, type Msg, type NatsConnection, type Subscription } from "@nats-io/transport-node";
-import { BinaryWriter } from "@bufbuild/protobuf/wire";
 import { bus, events } from "@ioasid/proto";
 import { endDeliverySpan, readAckTraces, startDeliverySpans, type TracedDelivery } from "./delivery-trace.js";
 import { decodePositions, encodePositions, POSITION_HEADER, type HistoryLink } from "@ioasid/trace";
 import { DEFAULT_PREFIX, deliverySubject, Headers, helloSubject } from "./subjects.js";
 import { ReplyInbox, type RequestOptions } from "./pub-ack-inbox.js";
+import { ReusedWriter } from "./reused-writer.js";
 
 /** Who receives deliveries: a subscriber is a role's name and instance. */
 export interface SubscriberId {
@@ -193,7 +193,9 @@ export class DeliveryEngine {
 
   /** Queues a chain behind the earlier chains of its key. */
   submit(chain: Chain): void {
-    const pending = chain.targets.filter((t) => !chain.done?.has(t.registrationId));
+    // Most chains are new (no outcomes yet): their targets as they are, without a filtered copy.
+    const done = chain.done;
+    const pending = done === undefined || done.size === 0 ? chain.targets : chain.targets.filter((t) => !done.has(t.registrationId));
     if (pending.length === 0) {
       this.options.onChainDone?.(chain.seq);
       return;
@@ -616,15 +618,18 @@ function isDescending(targets: readonly DeliveryTarget[]): boolean {
 }
 
 const encodedEvents = new WeakMap<Chain, Uint8Array>();
+const eventWriter = new ReusedWriter();
 
 function encodedEvent(chain: Chain): Uint8Array {
   let bytes = encodedEvents.get(chain);
   if (bytes === undefined) {
-    bytes = events.IoasidEvent.encode(chain.event).finish();
+    bytes = eventWriter.encode((w) => events.IoasidEvent.encode(chain.event, w));
     encodedEvents.set(chain, bytes);
   }
   return bytes;
 }
+
+const batchWriter = new ReusedWriter();
 
 /**
  * A DeliveryBatch on the wire, built from events encoded once per chain: a sub-message is a
@@ -632,15 +637,16 @@ function encodedEvent(chain: Chain): Uint8Array {
  * DeliveryBatch.deliveries = 1; Delivery.registration_id = 1, event = 2, attempt = 3).
  */
 export function encodeDeliveryBatch(items: ReadonlyArray<{ registrationId: number; eventBytes: Uint8Array; attempt: number }>): Uint8Array {
-  const w = new BinaryWriter();
-  for (const item of items) {
-    w.uint32(10).fork();
-    if (item.registrationId !== 0) w.uint32(8).uint32(item.registrationId);
-    w.uint32(18).bytes(item.eventBytes);
-    if (item.attempt !== 0) w.uint32(24).uint32(item.attempt);
-    w.join();
-  }
-  return w.finish();
+  return batchWriter.encode((w) => {
+    for (const item of items) {
+      w.uint32(10).fork();
+      if (item.registrationId !== 0) w.uint32(8).uint32(item.registrationId);
+      w.uint32(18).bytes(item.eventBytes);
+      if (item.attempt !== 0) w.uint32(24).uint32(item.attempt);
+      w.join();
+    }
+    return w;
+  });
 }
 
 /**

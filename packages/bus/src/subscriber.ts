@@ -4,6 +4,8 @@ import { bus, type events } from "@ioasid/proto";
 import { receiveBatchTrace } from "./delivery-trace.js";
 import { decodePositions, encodePositions, noteReceived, POSITION_HEADER, positionOf } from "@ioasid/trace";
 import { DEFAULT_PREFIX, deliverySubject, helloSubject, queueGroup } from "./subjects.js";
+import { AckMemory } from "./ack-memory.js";
+import { ReusedWriter } from "./reused-writer.js";
 
 /** What a handler knows about the delivery it handles. */
 export interface DeliveryContext {
@@ -71,15 +73,20 @@ export interface Subscriber {
  *   return { release: ["vmcs"] };
  * }});
  */
+/** Every subscriber of the process encodes its acknowledgements with one writer (reused-writer.ts). */
+const ackWriter = new ReusedWriter();
+
 export async function startSubscriber(options: SubscriberOptions): Promise<Subscriber> {
   const prefix = options.prefix ?? DEFAULT_PREFIX;
   const window = options.dedupeWindow ?? 100_000;
-  const done = new Map<string, bus.Ack>();
-  const inProgress = new Map<string, Promise<bus.Ack>>();
+  const done = new AckMemory<bus.Ack>(window);
+  // Handlings still running (an asynchronous handler), by registration then sequence: a
+  // redelivery meanwhile waits for the same handling.
+  const inProgress = new Map<number, Map<number, Promise<bus.Ack>>>();
   let handled = 0;
   let duplicates = 0;
 
-  const settle = (key: string, event: events.IoasidEvent, d: bus.Delivery, result: HandlerResult | void): bus.Ack => {
+  const settle = (seq: number, event: events.IoasidEvent, d: bus.Delivery, result: HandlerResult | void): bus.Ack => {
     const ack: bus.Ack = {
       seq: event.seq,
       registrationId: d.registrationId,
@@ -89,8 +96,7 @@ export async function startSubscriber(options: SubscriberOptions): Promise<Subsc
       detachSpid: result?.detachSpid === true,
     };
     handled++;
-    done.set(key, ack);
-    if (done.size > window) done.delete(done.keys().next().value!);
+    done.set(seq, d.registrationId, ack);
     return ack;
   };
   const failed = (event: events.IoasidEvent, d: bus.Delivery, err: unknown): bus.Ack => ({
@@ -105,27 +111,34 @@ export async function startSubscriber(options: SubscriberOptions): Promise<Subsc
   /** The ack of one delivery: from the dedupe memory, at once for a synchronous handler, or later. */
   const handleOne = (d: bus.Delivery, batchSize: number): bus.Ack | Promise<bus.Ack> => {
     const event = d.event!;
-    const key = `${event.seq}:${d.registrationId}`;
-    const cached = done.get(key);
+    // Exact: event sequences stay below 2^53.
+    const seq = Number(event.seq);
+    const registrationId = d.registrationId;
+    const cached = done.get(seq, registrationId);
     if (cached !== undefined) {
       duplicates++;
       return cached;
     }
-    const running = inProgress.get(key);
+    const running = inProgress.size === 0 ? undefined : inProgress.get(registrationId)?.get(seq);
     if (running !== undefined) return running;
     let result: ReturnType<EventHandler>;
     try {
-      result = options.handler(event, { registrationId: d.registrationId, attempt: d.attempt, batchSize });
+      result = options.handler(event, { registrationId, attempt: d.attempt, batchSize });
     } catch (err) {
       return failed(event, d, err);
     }
-    if (!(result instanceof Promise)) return settle(key, event, d, result);
+    if (!(result instanceof Promise)) return settle(seq, event, d, result);
     const work = result.then(
-      (r) => settle(key, event, d, r),
+      (r) => settle(seq, event, d, r),
       (err: unknown) => failed(event, d, err),
     );
-    inProgress.set(key, work);
-    void work.finally(() => inProgress.delete(key));
+    const bySeq = inProgress.get(registrationId) ?? new Map<number, Promise<bus.Ack>>();
+    inProgress.set(registrationId, bySeq);
+    bySeq.set(seq, work);
+    void work.finally(() => {
+      bySeq.delete(seq);
+      if (bySeq.size === 0 && inProgress.get(registrationId) === bySeq) inProgress.delete(registrationId);
+    });
     return work;
   };
 
@@ -150,7 +163,10 @@ export async function startSubscriber(options: SubscriberOptions): Promise<Subsc
     let headers = traced?.reply(acks, natsHeaders);
     const position = positionOf(options.name, options.instance);
     if (position !== undefined) (headers ??= natsHeaders()).set(POSITION_HEADER, encodePositions([position]));
-    msg.respond(bus.AckBatch.encode({ acks }).finish(), headers === undefined ? undefined : { headers });
+    msg.respond(
+      ackWriter.encode((w) => bus.AckBatch.encode({ acks }, w)),
+      headers === undefined ? undefined : { headers },
+    );
   };
 
   const sub: Subscription = options.nc.subscribe(deliverySubject(prefix, options.name, options.instance), {
