@@ -16,7 +16,7 @@ import {
   RID_PASID,
   TokenType,
 } from "./constants.js";
-import { assertHolder, fromHolderKey, OWNER_ROLE, toHolderKey, type Holder } from "./holder.js";
+import { assertHolder, checkedHolderKey, fromHolderKey, OWNER_ROLE, toHolderKey, type Holder } from "./holder.js";
 import { quote } from "@ioasid/errors";
 import { IdBitmap } from "./id-bitmap.js";
 import { coreError } from "./reasons.js";
@@ -523,10 +523,10 @@ export class IoasidSpace {
    * @throws DomainError NOT_FOUND `IOASID_FREE_PENDING` and those of {@link free}; INVALID_ARGUMENT `HOLDER_INVALID`
    */
   get(setId: number, ioasid: number, holder: Holder, generation = 0): { refcount: number } {
-    assertHolder(holder);
+    const key = checkedHolderKey(holder);
     this.resolve(setId, ioasid, generation);
     this.refuseFreePending(ioasid);
-    return { refcount: this.addRef(ioasid, toHolderKey(holder)) };
+    return { refcount: this.addRef(ioasid, key) };
   }
 
   /**
@@ -534,14 +534,13 @@ export class IoasidSpace {
    * @throws DomainError FAILED_PRECONDITION `NO_REFERENCE_HELD` and those of {@link free}
    */
   put(setId: number, ioasid: number, holder: Holder, generation = 0): PutResult {
-    assertHolder(holder);
+    const key = checkedHolderKey(holder);
     this.resolve(setId, ioasid, generation);
-    const key = toHolderKey(holder);
-    const held = this.holders.get(ioasid)?.get(key) ?? 0;
-    if (held === 0) {
+    const perHolder = this.holders.get(ioasid);
+    const held = perHolder?.get(key) ?? 0;
+    if (perHolder === undefined || held === 0) {
       throw coreError("NO_REFERENCE_HELD", `${key} holds no reference to IOASID ${ioasid}`);
     }
-    const perHolder = this.holders.get(ioasid)!;
     if (held === 1) perHolder.delete(key);
     else perHolder.set(key, held - 1);
     if (perHolder.size === 0) this.holders.delete(ioasid);
@@ -571,12 +570,12 @@ export class IoasidSpace {
    */
   findBySpid(setId: number, spid: number, holder?: Holder): Allocation & { refcount: number } {
     this.assertSpid(spid);
-    if (holder !== undefined) assertHolder(holder);
+    const key = holder === undefined ? undefined : checkedHolderKey(holder);
     const set = this.requireSet(setId);
     const ioasid = set.spids.get(spid);
     if (ioasid === undefined) throw coreError("SPID_NOT_FOUND", `set ${setId} has no SPID ${spid}`);
     this.refuseFreePending(ioasid);
-    const refcount = holder === undefined ? this.refs[ioasid]! : this.addRef(ioasid, toHolderKey(holder));
+    const refcount = key === undefined ? this.refs[ioasid]! : this.addRef(ioasid, key);
     return { ioasid, generation: this.gen[ioasid]!, refcount };
   }
 
