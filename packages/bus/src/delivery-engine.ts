@@ -279,34 +279,36 @@ export class DeliveryEngine {
   private async runChain(chain: Chain, pending: readonly DeliveryTarget[]): Promise<void> {
     // Tiers in call order: CPU → DEVICE → IOMMU → LAST (higher priority first).
     const ordered = isDescending(pending) ? pending : [...pending].sort((a, b) => b.priority - a.priority);
+    // Encoded once per chain, shared by its deliveries to every tier.
+    const eventBytes = eventWriter.encode((w) => events.IoasidEvent.encode(chain.event, w));
     for (let i = 0; i < ordered.length;) {
       let j = i + 1;
       while (j < ordered.length && ordered[j]!.priority === ordered[i]!.priority) j++;
-      if (j === i + 1) await this.deliver(chain, ordered[i]!);
-      else await Promise.all(ordered.slice(i, j).map((t) => this.deliver(chain, t)));
+      if (j === i + 1) await this.deliver(chain, eventBytes, ordered[i]!);
+      else await Promise.all(ordered.slice(i, j).map((t) => this.deliver(chain, eventBytes, t)));
       i = j;
     }
     this.options.onChainDone?.(chain.seq);
   }
 
-  private deliver(chain: Chain, target: DeliveryTarget): Promise<DeliveryOutcome> {
+  private deliver(chain: Chain, eventBytes: Uint8Array, target: DeliveryTarget): Promise<DeliveryOutcome> {
     const observe = this.options.onDelivered;
-    if (observe === undefined) return this.enqueue(chain, target);
+    if (observe === undefined) return this.enqueue(chain, eventBytes, target);
     const started = performance.now();
-    return this.enqueue(chain, target).then((outcome) => {
+    return this.enqueue(chain, eventBytes, target).then((outcome) => {
       observe(target, outcome, (performance.now() - started) / 1000);
       return outcome;
     });
   }
 
-  private enqueue(chain: Chain, target: DeliveryTarget): Promise<DeliveryOutcome> {
+  private enqueue(chain: Chain, eventBytes: Uint8Array, target: DeliveryTarget): Promise<DeliveryOutcome> {
     const channel = this.channel(target.subscriber);
     const item: Item = {
       seq: chain.seq,
       key: chain.key,
       registrationId: target.registrationId,
       event: chain.event,
-      eventBytes: encodedEvent(chain),
+      eventBytes,
       attempt: 0,
       trace: chain.trace,
       priority: target.priority,
@@ -617,17 +619,7 @@ function isDescending(targets: readonly DeliveryTarget[]): boolean {
   return true;
 }
 
-const encodedEvents = new WeakMap<Chain, Uint8Array>();
 const eventWriter = new ReusedWriter();
-
-function encodedEvent(chain: Chain): Uint8Array {
-  let bytes = encodedEvents.get(chain);
-  if (bytes === undefined) {
-    bytes = eventWriter.encode((w) => events.IoasidEvent.encode(chain.event, w));
-    encodedEvents.set(chain, bytes);
-  }
-  return bytes;
-}
 
 const batchWriter = new ReusedWriter();
 
