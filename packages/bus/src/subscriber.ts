@@ -6,6 +6,7 @@ import { decodePositions, encodePositions, noteReceived, POSITION_HEADER, positi
 import { DEFAULT_PREFIX, deliverySubject, helloSubject, queueGroup } from "./subjects.js";
 import { AckMemory } from "./ack-memory.js";
 import { ReusedWriter } from "./reused-writer.js";
+import { decodeDeliveryBatch } from "./decode-delivery-batch.js";
 
 /** What a handler knows about the delivery it handles. */
 export interface DeliveryContext {
@@ -145,7 +146,7 @@ export async function startSubscriber(options: SubscriberOptions): Promise<Subsc
   const onBatch = async (msg: Msg): Promise<void> => {
     let batch: bus.DeliveryBatch;
     try {
-      batch = bus.DeliveryBatch.decode(msg.data);
+      batch = decodeDeliveryBatch(msg.data);
     } catch {
       return; // not ours: no answer, the sender's deadline expires
     }
