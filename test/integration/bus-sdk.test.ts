@@ -104,6 +104,55 @@ describe("subscriber SDK", () => {
     expect(retried[0]!.status).toBe(bus.AckStatus.ACK_STATUS_SETTLED);
   });
 
+  it("answers a redelivery that comes while the first handling still runs with that handling's ack: the handler runs once", async () => {
+    nats = await startNats();
+    const [core, subConn] = await Promise.all([connect({ servers: nats.url }), connect({ servers: nats.url })]);
+    conns.push(core, subConn);
+    let calls = 0;
+    let finish: () => void = () => undefined;
+    const sub = await startSubscriber({
+      nc: subConn,
+      name: "iommu",
+      instance: "0",
+      handler: async () => {
+        calls++;
+        await new Promise<void>((r) => (finish = r));
+        return { release: ["bind"] };
+      },
+    });
+    const subject = deliverySubject("ioasid.v1", "iommu", "0");
+    const first = deliver(core, subject, [{ seq: 9n, ioasid: 301, reg: 2 }]);
+    // The first handling has begun (and waits) before the redelivery is sent.
+    while (calls === 0) await new Promise((r) => setTimeout(r, 5));
+    const again = deliver(core, subject, [{ seq: 9n, ioasid: 301, reg: 2 }]);
+    await new Promise((r) => setTimeout(r, 50));
+    expect(calls).toBe(1);
+    finish();
+    const [a, b] = await Promise.all([first, again]);
+    expect(b).toEqual(a);
+    expect(a[0]).toMatchObject({ seq: 9n, status: bus.AckStatus.ACK_STATUS_SETTLED, releases: [{ purpose: "bind" }] });
+    expect(calls).toBe(1);
+    expect(sub.handled).toBe(1);
+  });
+
+  it("handles as new an event whose sequence is beyond 2^53 (a number could not tell it from its neighbours)", async () => {
+    nats = await startNats();
+    const [core, subConn] = await Promise.all([connect({ servers: nats.url }), connect({ servers: nats.url })]);
+    conns.push(core, subConn);
+    const calls: bigint[] = [];
+    await startSubscriber({
+      nc: subConn,
+      name: "kvm",
+      instance: "big",
+      handler: (e) => void calls.push(e.seq),
+    });
+    const subject = deliverySubject("ioasid.v1", "kvm", "big");
+    // 2^53 and 2^53 + 1 are two sequences, and one number (2^53) once converted.
+    await deliver(core, subject, [{ seq: 2n ** 53n, ioasid: 1, reg: 1 }]);
+    await deliver(core, subject, [{ seq: 2n ** 53n + 1n, ioasid: 2, reg: 1 }]);
+    expect(calls).toEqual([2n ** 53n, 2n ** 53n + 1n]);
+  });
+
   it("keeps names with dots and other characters inside one subject token", () => {
     expect(encodeToken("vm.1/a b")).toBe("vm~2e1~2fa~20b");
     expect(deliverySubject("ioasid.v1", "kvm", "vm.1").split(".")).toHaveLength(5);

@@ -52,6 +52,19 @@ describe("AckMemory", () => {
     expect(m.get(2, 1)).toBe("x");
   });
 
+  it("with a window of 1, keeps the newest of a registration whose only entry it just forgot", () => {
+    const m = new AckMemory<string>(1);
+    m.set(1, 1, "a");
+    m.set(2, 1, "b"); // forgets (1, 1), the registration's last, then remembers (2, 1)
+    expect([m.get(1, 1), m.get(2, 1), m.size]).toEqual([undefined, "b", 1]);
+  });
+
+  it("remembers every one with a window of Infinity", () => {
+    const m = new AckMemory<number>(Infinity);
+    for (let i = 0; i < 5_000; i++) m.set(i, 1, i);
+    expect([m.size, m.get(0, 1), m.get(4_999, 1)]).toEqual([5_000, 0, 4_999]);
+  });
+
   it("remembers nothing with a window of 0 (a role that re-applies redeliveries: the conformance mutants)", () => {
     const m = new AckMemory<string>(0);
     m.set(1, 1, "a");
@@ -74,8 +87,9 @@ describe("AckMemory", () => {
     expect(m.get(seq - 1, registration)).toBe("below");
   });
 
-  it("refuses a window that is not a whole number ≥ 0", () => {
+  it("refuses a window that is not a whole number ≥ 0 or Infinity", () => {
     expect(() => new AckMemory(-1)).toThrow(RangeError);
     expect(() => new AckMemory(1.5)).toThrow(RangeError);
+    expect(() => new AckMemory(NaN)).toThrow(RangeError);
   });
 });

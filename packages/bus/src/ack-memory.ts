@@ -2,7 +2,7 @@
  * The subscriber's memory of its recent acknowledgements, by (event sequence, registration): a
  * redelivered event is answered from it without running the handler again (DESIGN §4: delivery
  * is at least once, handling effectively once). The oldest remembered is forgotten first once
- * more than `window` are held; a window of 0 remembers nothing.
+ * more than `window` are held; a window of 0 remembers nothing, one of Infinity everything.
  *
  * Keyed by numbers, not by a `"<seq>:<registration>"` string: profiled at 1,000 IOASIDs in flight
  * (issue 15), building and hashing that string for every delivery was most of the subscriber's
@@ -24,7 +24,9 @@ export class AckMemory<T> {
   #size = 0;
 
   constructor(window: number) {
-    if (!(Number.isInteger(window) && window >= 0)) throw new RangeError(`the dedupe window must be a whole number ≥ 0, not ${window}`);
+    if (!((Number.isInteger(window) && window >= 0) || window === Infinity)) {
+      throw new RangeError(`the dedupe window must be a whole number ≥ 0 or Infinity (remember every one), not ${window}`);
+    }
     this.#window = window;
   }
 

@@ -29,16 +29,45 @@ const event = fc.record({
 /** An event's bytes as the core writes them (ts-proto), with its commit time from (seconds, nanos). */
 type GeneratedEvent = typeof event extends fc.Arbitrary<infer T> ? T : never;
 
-function eventBytes(e: GeneratedEvent): Uint8Array {
+function eventBytes(e: GeneratedEvent, extra: number): Uint8Array {
   const w = new BinaryWriter();
   events.IoasidEvent.encode({ ...e, privateData: Buffer.from(e.privateData), commitTime: undefined }, w);
   if (e.commitTime !== undefined) {
-    // Written by hand so that nanos below a millisecond and negative seconds reach the decoder as sent.
+    // Written by hand so that nanos below a millisecond and negative seconds reach the decoder as
+    // sent, with unknown fields inside the Timestamp too.
     w.uint32(90).fork();
     if (e.commitTime.seconds !== 0) w.uint32(8).int64(e.commitTime.seconds);
+    w.raw(unknownFields(extra >> 4));
     if (e.commitTime.nanos !== 0) w.uint32(16).int32(e.commitTime.nanos);
     w.join();
   }
+  w.raw(unknownFields(extra));
+  return w.finish();
+}
+
+interface GeneratedDelivery {
+  readonly registrationId: number;
+  readonly attempt: number;
+  readonly event: GeneratedEvent;
+  readonly extra: number;
+  /** A second registration id sent after the first (the last one counts), or none. */
+  readonly again: number | undefined;
+}
+
+/** A DeliveryBatch with unknown fields at every level (batch, delivery, event, timestamp) and fields sent twice. */
+function batchBytes(items: readonly GeneratedDelivery[], extra: number): Uint8Array {
+  const w = new BinaryWriter();
+  w.raw(unknownFields(extra));
+  for (const i of items) {
+    w.uint32(10).fork();
+    if (i.registrationId !== 0) w.uint32(8).uint32(i.registrationId);
+    w.uint32(18).bytes(eventBytes(i.event, i.extra));
+    w.raw(unknownFields(i.extra >> 2));
+    if (i.attempt !== 0) w.uint32(24).uint32(i.attempt);
+    if (i.again !== undefined) w.uint32(8).uint32(i.again);
+    w.join();
+  }
+  w.raw(unknownFields(extra >> 2));
   return w.finish();
 }
 
@@ -52,20 +81,50 @@ function unknownFields(which: number): Uint8Array {
   return w.finish();
 }
 
-const concat = (...parts: Uint8Array[]): Uint8Array => Buffer.concat(parts);
-
 describe("decodeDeliveryBatch", () => {
   it("decodes what bus.DeliveryBatch.decode decodes, field for field, on random batches", () => {
     fc.assert(
-      fc.property(fc.array(fc.record({ registrationId: u32, attempt: u32, event, extra: fc.integer({ min: 0, max: 15 }) }), { maxLength: 12 }), (items) => {
-        // Events encoded alone and placed in deliveries as the engine does (encodeDeliveryBatch),
-        // each followed, in some batches, by unknown fields the decoders must skip alike.
-        const batch = encodeDeliveryBatch(
-          items.map((i) => ({ registrationId: i.registrationId, attempt: i.attempt, eventBytes: concat(eventBytes(i.event), unknownFields(i.extra)) })),
-        );
-        expect(decodeDeliveryBatch(batch)).toEqual(bus.DeliveryBatch.decode(batch));
-      }),
+      fc.property(
+        fc.array(
+          fc.record({
+            registrationId: u32,
+            attempt: u32,
+            event,
+            extra: fc.integer({ min: 0, max: 255 }),
+            again: fc.option(u32, { nil: undefined }),
+          }),
+          { maxLength: 12 },
+        ),
+        fc.integer({ min: 0, max: 63 }),
+        (items, extra) => {
+          const bytes = batchBytes(items, extra);
+          expect(decodeDeliveryBatch(bytes)).toStrictEqual(bus.DeliveryBatch.decode(bytes));
+        },
+      ),
       { numRuns: 300 },
+    );
+  });
+
+  it("decodes as the engine encodes (encodeDeliveryBatch), and agrees with the generated decoder on random bytes: the same batch or both refuse", () => {
+    fc.assert(
+      fc.property(fc.array(fc.record({ registrationId: u32, attempt: u32, event }), { maxLength: 6 }), (items) => {
+        const bytes = encodeDeliveryBatch(items.map((i) => ({ registrationId: i.registrationId, attempt: i.attempt, eventBytes: eventBytes(i.event, 0) })));
+        expect(decodeDeliveryBatch(bytes)).toStrictEqual(bus.DeliveryBatch.decode(bytes));
+      }),
+      { numRuns: 100 },
+    );
+    const outcome = (decode: () => unknown): unknown => {
+      try {
+        return { value: decode() };
+      } catch {
+        return "refused";
+      }
+    };
+    fc.assert(
+      fc.property(fc.uint8Array({ maxLength: 64 }), (bytes) => {
+        expect(outcome(() => decodeDeliveryBatch(bytes))).toStrictEqual(outcome(() => bus.DeliveryBatch.decode(bytes)));
+      }),
+      { numRuns: 2000 },
     );
   });
 
@@ -109,7 +168,7 @@ describe("decodeDeliveryBatch", () => {
     w.uint32((3 << 3) | 2).bytes(new Uint8Array([9])); // attempt as bytes: skipped
     w.join();
     const bytes = w.finish();
-    expect(decodeDeliveryBatch(bytes)).toEqual(bus.DeliveryBatch.decode(bytes));
+    expect(decodeDeliveryBatch(bytes)).toStrictEqual(bus.DeliveryBatch.decode(bytes));
     expect(decodeDeliveryBatch(bytes).deliveries[0]).toMatchObject({ registrationId: 2, attempt: 0 });
   });
 });

@@ -43,7 +43,10 @@ export interface SubscriberOptions {
   readonly handler: EventHandler;
   /** @default "ioasid.v1" */
   readonly prefix?: string;
-  /** Acknowledgements remembered for deduplication by (sequence, registration). @default 100000 */
+  /**
+   * Acknowledgements remembered for deduplication by (sequence, registration): a whole number ≥ 0
+   * (0: none), or Infinity (every one); anything else is refused with a RangeError. @default 100000
+   */
   readonly dedupeWindow?: number;
 }
 
@@ -58,6 +61,9 @@ export interface Subscriber {
   /** Stops receiving (pending handlers finish). */
   stop(): Promise<void>;
 }
+
+/** Every subscriber of the process encodes its acknowledgements with one writer (reused-writer.ts). */
+const ackWriter = new ReusedWriter();
 
 /**
  * The subscriber side of ordered, acknowledged delivery: receives DeliveryBatches on its subject
@@ -74,9 +80,6 @@ export interface Subscriber {
  *   return { release: ["vmcs"] };
  * }});
  */
-/** Every subscriber of the process encodes its acknowledgements with one writer (reused-writer.ts). */
-const ackWriter = new ReusedWriter();
-
 export async function startSubscriber(options: SubscriberOptions): Promise<Subscriber> {
   const prefix = options.prefix ?? DEFAULT_PREFIX;
   const window = options.dedupeWindow ?? 100_000;
@@ -87,7 +90,7 @@ export async function startSubscriber(options: SubscriberOptions): Promise<Subsc
   let handled = 0;
   let duplicates = 0;
 
-  const settle = (seq: number, event: events.IoasidEvent, d: bus.Delivery, result: HandlerResult | void): bus.Ack => {
+  const settle = (exact: boolean, seq: number, event: events.IoasidEvent, d: bus.Delivery, result: HandlerResult | void): bus.Ack => {
     const ack: bus.Ack = {
       seq: event.seq,
       registrationId: d.registrationId,
@@ -97,7 +100,7 @@ export async function startSubscriber(options: SubscriberOptions): Promise<Subsc
       detachSpid: result?.detachSpid === true,
     };
     handled++;
-    done.set(seq, d.registrationId, ack);
+    if (exact) done.set(seq, d.registrationId, ack);
     return ack;
   };
   const failed = (event: events.IoasidEvent, d: bus.Delivery, err: unknown): bus.Ack => ({
@@ -112,15 +115,17 @@ export async function startSubscriber(options: SubscriberOptions): Promise<Subsc
   /** The ack of one delivery: from the dedupe memory, at once for a synchronous handler, or later. */
   const handleOne = (d: bus.Delivery, batchSize: number): bus.Ack | Promise<bus.Ack> => {
     const event = d.event!;
-    // Exact: event sequences stay below 2^53.
     const seq = Number(event.seq);
     const registrationId = d.registrationId;
-    const cached = done.get(seq, registrationId);
+    // The core's sequences are numbers below 2^53; one beyond would not be told from its
+    // neighbours as a number, so it is neither looked up nor remembered (handled as new).
+    const exact = Number.isSafeInteger(seq);
+    const cached = exact ? done.get(seq, registrationId) : undefined;
     if (cached !== undefined) {
       duplicates++;
       return cached;
     }
-    const running = inProgress.size === 0 ? undefined : inProgress.get(registrationId)?.get(seq);
+    const running = inProgress.size === 0 || !exact ? undefined : inProgress.get(registrationId)?.get(seq);
     if (running !== undefined) return running;
     let result: ReturnType<EventHandler>;
     try {
@@ -128,11 +133,12 @@ export async function startSubscriber(options: SubscriberOptions): Promise<Subsc
     } catch (err) {
       return failed(event, d, err);
     }
-    if (!(result instanceof Promise)) return settle(seq, event, d, result);
+    if (!(result instanceof Promise)) return settle(exact, seq, event, d, result);
     const work = result.then(
-      (r) => settle(seq, event, d, r),
+      (r) => settle(exact, seq, event, d, r),
       (err: unknown) => failed(event, d, err),
     );
+    if (!exact) return work;
     const bySeq = inProgress.get(registrationId) ?? new Map<number, Promise<bus.Ack>>();
     inProgress.set(registrationId, bySeq);
     bySeq.set(seq, work);

@@ -13,7 +13,7 @@ function refusal(fn: () => unknown): DomainError {
 }
 
 describe("checkedHolderKey", () => {
-  it("is toHolderKey for a valid holder, the same string each time", () => {
+  it("is toHolderKey for a valid holder, also when asked again", () => {
     const h: Holder = { role: "kvm", instance: "vm-7", purpose: "vmcs" };
     const first = checkedHolderKey(h);
     expect(first).toBe(toHolderKey(h));
@@ -34,12 +34,24 @@ describe("checkedHolderKey", () => {
     }
   });
 
-  it("keeps answering correctly after its memory starts over (more holders than it keeps)", () => {
-    for (let i = 0; i < 10_000; i++) {
+  it("keeps answering correctly after its memory starts over (more holders than it keeps, 65,536)", () => {
+    for (let i = 0; i < 70_000; i++) {
       const h = { role: "vdcm", instance: `vm-${i}`, purpose: `wq${i % 7}` };
       expect(checkedHolderKey(h)).toBe(`vdcm/vm-${i}/wq${i % 7}`);
     }
     expect(checkedHolderKey({ role: "vdcm", instance: "vm-3", purpose: "wq3" })).toBe("vdcm/vm-3/wq3");
     expect(() => checkedHolderKey({ role: "vdcm", instance: "vm-3", purpose: "wq 3" })).toThrow(DomainError);
+  });
+
+  it("checks the values it makes the key of: a holder whose fields change between reads is refused or keyed as first read", () => {
+    let reads = 0;
+    const shifty = {
+      role: "kvm",
+      instance: "vm-1",
+      get purpose() {
+        return reads++ === 0 ? "ok" : "not ok/";
+      },
+    };
+    expect(checkedHolderKey(shifty)).toBe("kvm/vm-1/ok");
   });
 });

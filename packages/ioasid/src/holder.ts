@@ -29,8 +29,11 @@ export function toHolderKey(holder: Holder): string {
 /** Holders already checked, by role, instance and purpose: their keys, made once. */
 const checked = new Map<string, Map<string, Map<string, string>>>();
 let checkedCount = 0;
-/** Holders remembered at most; past it the memory starts over (instances come and go: `vm-<id>`). */
-const CHECKED_MAX = 4096;
+/**
+ * Holders remembered at most; past it the memory starts over (instances come and go: `vm-<id>`). A
+ * crowd of 1,000 guests names a few thousand holders; each entry is a short string and a map slot.
+ */
+const CHECKED_MAX = 65_536;
 
 /**
  * {@link toHolderKey} of a holder {@link assertHolder} accepts, checked and made once per holder:
@@ -41,21 +44,23 @@ const CHECKED_MAX = 4096;
  * @throws DomainError INVALID_ARGUMENT `HOLDER_INVALID`, as {@link assertHolder}
  */
 export function checkedHolderKey(holder: Holder | undefined): string {
-  if (holder !== undefined) {
-    const known = checked.get(holder.role)?.get(holder.instance)?.get(holder.purpose);
-    if (known !== undefined) return known;
-  }
-  assertHolder(holder);
-  const key = toHolderKey(holder);
+  if (holder === undefined) return assertHolder(holder) as never; // throws HOLDER_INVALID
+  // Each field read once: what is checked is what the key is made of.
+  const { role, instance, purpose } = holder;
+  const known = checked.get(role)?.get(instance)?.get(purpose);
+  if (known !== undefined) return known;
+  const copy = { role, instance, purpose };
+  assertHolder(copy);
+  const key = toHolderKey(copy);
   if (checkedCount >= CHECKED_MAX) {
     checked.clear();
     checkedCount = 0;
   }
-  let byInstance = checked.get(holder.role);
-  if (byInstance === undefined) checked.set(holder.role, (byInstance = new Map()));
-  let byPurpose = byInstance.get(holder.instance);
-  if (byPurpose === undefined) byInstance.set(holder.instance, (byPurpose = new Map()));
-  byPurpose.set(holder.purpose, key);
+  let byInstance = checked.get(role);
+  if (byInstance === undefined) checked.set(role, (byInstance = new Map()));
+  let byPurpose = byInstance.get(instance);
+  if (byPurpose === undefined) byInstance.set(instance, (byPurpose = new Map()));
+  byPurpose.set(purpose, key);
   checkedCount++;
   return key;
 }
