@@ -18,6 +18,7 @@ import {
   type SnapshotStep,
 } from "@ioasid/ioasid-core";
 import { startNats, type NatsServer } from "@ioasid/testkit";
+import { createPrng } from "@ioasid/chaos"; // mulberry32: a seed replays the same steps
 
 // Snapshots of the core's op log (issue 15, DESIGN §9): a core restarted from a snapshot and the
 // log's tail holds exactly the state of a core that applied every operation; the log is trimmed
@@ -85,18 +86,6 @@ async function referenceCore(): Promise<IoasidCore> {
 /** Everything replay rebuilds, as one comparable value: the model's whole state and the deliveries. */
 function stateOf(core: IoasidCore): unknown {
   return { space: core.space.exportState(), deliveries: core.pendingDeliveries(), allocator: core.externalAllocator };
-}
-
-/** A deterministic pseudo-random source (mulberry32). */
-function prng(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
 }
 
 const HOLDERS = [
@@ -191,7 +180,7 @@ function randomOperation(rand: () => number, picker: IoasidCore, bigData = false
  * waiting (so snapshots are taken while operations are in flight): each answer must be the same.
  */
 async function drive(core: IoasidCore, reference: IoasidCore, n: number, seed: number, burst = 8, bigData = false): Promise<void> {
-  const rand = prng(seed);
+  const rand = createPrng(seed).next;
   for (let done = 0; done < n; done += burst) {
     const ops = Array.from({ length: Math.min(burst, n - done) }, () => randomOperation(rand, reference, bigData));
     // Same order on both: each op is applied synchronously when called (the model is synchronous).
@@ -278,7 +267,7 @@ describe("core snapshots", () => {
       // Acknowledged: everything so far. Then the snapshot, with operations going on until the crash.
       const acked = stateOf(reference);
       const snapshot = a.opLog.snapshot().catch(() => undefined);
-      const rand = prng(12);
+      const rand = createPrng(12).next;
       const states = [acked];
       let ackedStates = 1;
       for (let i = 0; i < 200 && !crashed; i++) {

@@ -6,6 +6,7 @@ import { iommu, vfio } from "@ioasid/proto";
 import { waitFor } from "@ioasid/testkit";
 import { startStack, type StackFixture } from "../support/stack-fixture.js";
 import { GVA_BASE, OUTCOME, PAGE, dma, gpaOf, openGuest, registerDevice, watchFaults, type Guest, type Watch } from "../support/fault-fixture.js";
+import { createPrng } from "@ioasid/chaos"; // mulberry32: a seed replays the same steps
 
 // Stress of S7 ("every page-request group gets exactly one response") and L3 ("every page request
 // is eventually answered") through the real services: thousands of page requests across several
@@ -31,18 +32,6 @@ afterAll(async () => {
   await stack?.stop();
 });
 
-/** mulberry32: the same seed, the same schedule. */
-function prng(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
-
 /** Refusals a racing guest, device or chaos step may meet: they are outcomes here, not failures. */
 const EXPECTED = [
   "FAULT_GROUP_ALREADY_RESPONDED",
@@ -66,7 +55,7 @@ const tolerate = (err: unknown) => {
 describe("fault stress", () => {
   it(`gives every one of ${REQUESTS} page requests' groups exactly one response (seed ${SEED})`, async () => {
     const c = stack.clients;
-    const rnd = prng(SEED);
+    const rnd = createPrng(SEED).next;
     const since = Date.now() - 1;
     const raised = new Set<bigint>();
     let tokens = BigInt(SEED) * 1000n;
