@@ -77,6 +77,11 @@ export class HistoryOutbox {
     return this.#waiting.size;
   }
 
+  /** Listeners told of losses ({@link onLost}; tests). */
+  get lossListeners(): number {
+    return this.#lostListeners.size;
+  }
+
   /** Calls `listener` whenever messages are given up; returns a function that stops it. */
   onLost(listener: (loss: HistoryLoss) => void): () => void {
     this.#lostListeners.add(listener);

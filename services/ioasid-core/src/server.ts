@@ -359,10 +359,12 @@ export async function startCoreServer(options: StartCoreServerOptions = {}): Pro
   let opLog: OpLog | undefined;
   let republishAfter: number | undefined;
   let streamAudit: Subscription | undefined;
+  let stopLossLog: (() => void) | undefined;
   let replayed: number;
   let recoverMs: number;
   // A start that fails before it serves (JetStream failing over: a timeout, a 503) leaves nothing
-  // behind, so the caller may start again: the audit subscription and the engine go with it.
+  // behind, so the caller may start again: the audit subscription, the loss listener and the
+  // engine go with it.
   try {
     if (options.nats !== undefined) {
       const n = options.nats;
@@ -381,7 +383,9 @@ export async function startCoreServer(options: StartCoreServerOptions = {}): Pro
       });
       flushHistory = () => recorder.flush();
       // History the outbox gave up on (never stored within its bound) is said, never silently lost.
-      historyOutbox(n.nc).onLost((loss) => logger.warn({ messages: loss.messages, reason: loss.reason }, "history records lost"));
+      // Removed when this start fails or the server closes: a core started again on the same
+      // connection (the binary retries through a JetStream fail-over) says each loss once.
+      stopLossLog = historyOutbox(n.nc).onLost((loss) => logger.warn({ messages: loss.messages, reason: loss.reason }, "history records lost"));
       const log = await OpLog.open(n.nc, {
         ...(n.stream === undefined ? {} : { stream: n.stream }),
         subject: `${prefix}.core.ops`,
@@ -442,6 +446,7 @@ export async function startCoreServer(options: StartCoreServerOptions = {}): Pro
     await opLog?.seal();
   } catch (err) {
     streamAudit?.unsubscribe();
+    stopLossLog?.();
     await engine?.stop().catch(() => undefined);
     throw err;
   }
@@ -488,6 +493,7 @@ export async function startCoreServer(options: StartCoreServerOptions = {}): Pro
       await engine?.stop();
       await opLog?.drain();
       flushHistory?.();
+      stopLossLog?.();
       ioasidCore.close();
     },
   };
