@@ -18,7 +18,7 @@ afterEach(async () => {
 });
 
 describe("a core started again on the same connection", () => {
-  it("listens for history losses once: a failed start and a closed server remove their listener", async () => {
+  it("listens for history losses once: a failed start (JetStream refusing, or the port taken) and a closed server remove their listener", async () => {
     nats = await startNats();
     nc = await connect({ servers: nats.url });
     const logger = createLogger("ioasid-core", { level: "silent" });
@@ -30,6 +30,9 @@ describe("a core started again on the same connection", () => {
       expect(outbox.lossListeners, `after failed start ${attempt + 1}`).toBe(0);
     }
     const running = await startCoreServer({ logger, nats: { nc } });
+    expect(outbox.lossListeners).toBe(1);
+    // A second core on the first one's port cannot listen: it leaves nothing behind either.
+    await expect(startCoreServer({ logger, port: running.port, nats: { nc } })).rejects.toThrow();
     expect(outbox.lossListeners).toBe(1);
     await running.close();
     expect(outbox.lossListeners).toBe(0);

@@ -456,7 +456,17 @@ export async function startCoreServer(options: StartCoreServerOptions = {}): Pro
   engine?.start();
   server.addService(core.CoreServiceService, createCoreHandlers(ioasidCore, new EventWatchers(ioasidCore.log, options.watchBuffer)));
   const host = options.host ?? "127.0.0.1";
-  const port = await server.listen(host, options.port ?? 0);
+  let port: number;
+  try {
+    port = await server.listen(host, options.port ?? 0);
+  } catch (err) {
+    // Not serving (the port taken): nothing of this start stays behind, as when it fails above.
+    unfollow?.();
+    streamAudit?.unsubscribe();
+    stopLossLog?.();
+    await engine?.stop().catch(() => undefined);
+    throw err;
+  }
   const startupMs = performance.now() - t0;
   // `replayed` then `startupMs` first: the bench reads them in that order.
   const fromSnapshot = opLog?.lastReplay;
