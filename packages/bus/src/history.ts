@@ -1,6 +1,6 @@
 import { jetstream, jetstreamManager, DeliverPolicy, StorageType, RetentionPolicy, DiscardPolicy } from "@nats-io/jetstream";
 import { headers, type MsgHdrs, type NatsConnection } from "@nats-io/transport-node";
-import { BinaryReader, BinaryWriter } from "@bufbuild/protobuf/wire";
+import { BinaryReader } from "@bufbuild/protobuf/wire";
 import { history as h } from "@ioasid/proto";
 import {
   checkHistoryRecord,
@@ -14,6 +14,7 @@ import { PROCESS_INCARNATION, receivedCursor, registerPosition, takeReceived, to
 import { DEFAULT_PREFIX, encodeToken } from "./subjects.js";
 import { isTransientJetStreamError, retryTransient } from "./jetstream-retry.js";
 import { historyOutbox, type HistoryOutbox } from "./history-outbox.js";
+import { ReusedWriter } from "./reused-writer.js";
 
 /** Subject of a role's history records: `<prefix>.history.<role>.<instance>`. */
 export function historySubject(prefix: string, role: string, instance: string): string {
@@ -216,20 +217,14 @@ export class HistoryRecorder {
 }
 
 /**
- * One writer for every record this process encodes (encoding is synchronous, so never shared by two
- * at once): a new writer per record started at 128 bytes and grew, two allocations and a copy per
- * record — with about ten records per reclaimed IOASID, the core's largest cost after its own model
- * in a crowd's teardown (issue 15). `finish` copies the record out and resets the writer.
+ * One writer for every record this process encodes (reused-writer.ts): a new writer per record
+ * started at 128 bytes and grew, two allocations and a copy per record — with about ten records per
+ * reclaimed IOASID, the core's largest cost after its own model in a crowd's teardown (issue 15).
  */
-const recordWriter = new BinaryWriter();
+const recordWriter = new ReusedWriter();
 
 function encodeRecord(record: h.HistoryRecord): Uint8Array {
-  try {
-    return h.HistoryRecord.encode(record, recordWriter).finish();
-  } catch (err) {
-    recordWriter.finish(); // a half-written record is not left for the next
-    throw err;
-  }
+  return recordWriter.encode((w) => h.HistoryRecord.encode(record, w));
 }
 
 /** A HistoryBatch of records encoded one by one (field 1, repeated, each length-delimited), sized once. */

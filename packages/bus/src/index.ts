@@ -19,6 +19,7 @@ export { publisherGaps, type HistoryGap } from "./history-gaps.js";
 export { HistoryOutbox, historyOutbox, type HistoryLoss, type HistoryOutboxOptions } from "./history-outbox.js";
 export { connectionInbox, readPubAck } from "./pub-ack.js";
 export { PubAckInbox, pubAckInbox, ReplyInbox, type AppendOptions, type RequestOptions } from "./pub-ack-inbox.js";
+export { ReusedWriter } from "./reused-writer.js";
 export { decodeHistoryBatch, ensureHistoryStream, historyStreamName, historySubject, lastHistoryHeaders, HistoryRecorder, readHistory } from "./history.js";
 export {
   actionName,

@@ -1,8 +1,8 @@
-import { BinaryWriter } from "@bufbuild/protobuf/wire";
 import { Code, DomainError, INTERNAL_REASON } from "@ioasid/errors";
 import { EventType, Priority, TokenType, type Holder, type RegisterOptions, type Subscriber } from "@ioasid/ioasid";
 import { events, oplog, type core } from "@ioasid/proto";
 import { scopeFromWire, scopeToWire } from "@ioasid/role-kit";
+import { ReusedWriter } from "@ioasid/bus";
 import { fromEventType, fromPriority, fromTokenType, toEventType, toPriority } from "./convert.js";
 import type { AckRelease, CommittedOperation, DeliveryAck, DeliveryRef, Operation, OperatorAudit } from "./operation.js";
 
@@ -42,19 +42,14 @@ export class OpLogFormatError extends DomainError {
 }
 
 /**
- * One writer for every operation encoded (synchronously, so never two at once): a new writer per
+ * One writer for every operation encoded (reused-writer.ts in @ioasid/bus): a new writer per
  * operation starts small and grows, allocating and copying on every operation (issue 15).
  */
-const operationWriter = new BinaryWriter();
+const operationWriter = new ReusedWriter();
 
 /** One operation in the wire form (an `Operation` message), for {@link encodeBatch}. */
 export function encodeOperation(op: CommittedOperation): Uint8Array {
-  try {
-    return oplog.Operation.encode({ commitTime: new Date(op.commitTimeMs), kind: toWireKind(op) }, operationWriter).finish();
-  } catch (err) {
-    operationWriter.finish(); // a half-written operation is not left for the next
-    throw err;
-  }
+  return operationWriter.encode((w) => oplog.Operation.encode({ commitTime: new Date(op.commitTimeMs), kind: toWireKind(op) }, w));
 }
 
 /**
