@@ -49,6 +49,11 @@ export class HistoryGate {
   readonly #checkMs: number;
   /** Records not yet released, and some released ones behind an unreleased one. */
   #held: Array<Held & { out: boolean }> = [];
+  /**
+   * Records of #held not yet released. Counted, not filtered for: every record asks whether any is
+   * held, and a crowd's teardown holds thousands while a write is in flight (issue 15).
+   */
+  #unreleased = 0;
   /** Index (among every record held) of #held[0]. */
   #base = 0;
   /** Where the last write's range ends (its records are those from the previous mark up to it). */
@@ -69,6 +74,7 @@ export class HistoryGate {
       record: (action, fields = {}, ts = performance.timeOrigin + performance.now()) => {
         // Numbered now, not when released: an acknowledgement sent meanwhile covers it.
         this.#held.push({ sink, action, fields: sink.stamp?.(fields) ?? fields, ts, out: false });
+        this.#unreleased++;
         this.#schedule();
       },
     };
@@ -105,7 +111,7 @@ export class HistoryGate {
 
   /** Records held now (tests, diagnostics). */
   get held(): number {
-    return this.#held.filter((h) => !h.out).length;
+    return this.#unreleased;
   }
 
   /** Waits for the writes in flight (at most `timeoutMs`), then releases what the quiet rule allows (a graceful stop). */
@@ -139,6 +145,7 @@ export class HistoryGate {
       const h = this.#held[i - this.#base]!;
       if (h.out) continue;
       h.out = true;
+      this.#unreleased--;
       h.sink.record(h.action, h.fields, h.ts);
     }
     let n = 0;
