@@ -56,6 +56,48 @@ describe("HistoryRecorder encoding", () => {
   });
 });
 
+describe("HistoryRecorder: records built when made, encoded when published (issue 15)", () => {
+  it("publishes what was recorded, not what the caller changed afterwards", () => {
+    const { capture, published } = capturing();
+    const r = new HistoryRecorder(capture, "chaos", "built-when-made");
+    const fields = { ioasid: 5, generation: 1 };
+    const value = { note: "before" };
+    r.record({ $case: "chaosNote", value }, fields, 1000);
+    r.recordIn("op:9", { "Ioasid-Op": "9" }, { $case: "chaosNote", value }, fields, 1001);
+    // The encoding waits for the publish; the record does not.
+    fields.ioasid = 6;
+    value.note = "after";
+    r.flush();
+    const records = published.flatMap((p) => decodeHistoryBatch(p.body, p.subject));
+    expect(records.map((x) => [x.ioasid, x.action?.$case === "chaosNote" ? x.action.value.note : undefined])).toEqual([
+      [5, "before"],
+      [5, "before"],
+    ]);
+  });
+
+  it("splits one turn's plain records into messages of at most 256 KiB, in order", () => {
+    const { capture, published } = capturing();
+    const r = new HistoryRecorder(capture, "chaos", "split");
+    // 40 records of about 20 KB: about 800 KB, so at least four messages.
+    for (let i = 0; i < 40; i++) r.record({ $case: "chaosNote", value: { note: String(i % 10).repeat(20_000) } }, { ioasid: i + 1 }, 1000 + i);
+    r.flush();
+    expect(published.length).toBeGreaterThanOrEqual(4);
+    for (const p of published) expect(p.body.length).toBeLessThanOrEqual(256 * 1024);
+    expect(published.flatMap((p) => decodeHistoryBatch(p.body, p.subject)).map((x) => x.ioasid)).toEqual(Array.from({ length: 40 }, (_, i) => i + 1));
+  });
+
+  it("publishes at once, not at the end of the turn, when 4,096 plain records wait", () => {
+    const { capture, published } = capturing();
+    const r = new HistoryRecorder(capture, "chaos", "many");
+    for (let i = 0; i < 4095; i++) r.record({ $case: "chaosNote", value: { note: "x" } }, { ioasid: i + 1 }, 1000);
+    expect(published).toHaveLength(0);
+    r.record({ $case: "chaosNote", value: { note: "x" } }, { ioasid: 4096 }, 1000);
+    // Published now, in messages of at most 1,000 records, in order.
+    expect(published).toHaveLength(5);
+    expect(published.flatMap((p) => decodeHistoryBatch(p.body, p.subject)).map((x) => x.ioasid)).toEqual(Array.from({ length: 4096 }, (_, i) => i + 1));
+  });
+});
+
 describe("HistoryRecorder flushDelayMs (issue 15: the core's sequential calls share a history message)", () => {
   it("publishes records made within the delay as one message when it passes, not at the end of each turn; flush() publishes at once", async () => {
     vi.useFakeTimers();

@@ -74,11 +74,15 @@ export interface HistoryRecorderOptions {
  */
 export class HistoryRecorder {
   readonly subject: string;
-  /** Encoded records (each one HistoryBatch.records entry) not yet published. */
-  private pending: Uint8Array[] = [];
+  /**
+   * Records not yet published, built but not yet encoded: they are encoded when they go out, at
+   * the end of the turn or later, so the work they record — an acknowledgement, a delivery to the
+   * next tier — leaves first (issue 15: the core's records of a set freed cost more than its
+   * delivery to KVM, and were encoded before it was sent).
+   */
+  private pending: h.HistoryRecord[] = [];
   /** Records of named groups (see recordIn), published one group per message. */
-  private readonly groups = new Map<string, { headers: Record<string, string>; records: Uint8Array[] }>();
-  private pendingBytes = 0;
+  private readonly groups = new Map<string, { headers: Record<string, string>; records: h.HistoryRecord[] }>();
   /** A flush at the end of this turn is scheduled. */
   private scheduled = false;
   /** A flush after `flushDelayMs` is scheduled (grouped records only). */
@@ -146,10 +150,8 @@ export class HistoryRecorder {
    * @example recorder.record({ $case: "vmcsUpdate", value: { kind: VmcsUpdateKind.VMCS_UPDATE_KIND_INSTALL, gpasid: 101, hpasid: 201 } }, { ioasid: 201 })
    */
   record(action: HistoryActionInput, fields: HistoryFields = {}, ts: number = performance.timeOrigin + performance.now()): void {
-    const bytes = this.encode(action, fields, ts);
-    this.pending.push(bytes);
-    this.pendingBytes += bytes.length + 4;
-    if (this.pendingBytes > MAX_HISTORY_MESSAGE) this.flush();
+    this.pending.push(this.build(action, fields, ts));
+    if (this.pending.length >= MAX_PENDING_RECORDS) this.flush();
     else this.schedule(0);
   }
 
@@ -163,7 +165,7 @@ export class HistoryRecorder {
   recordIn(group: string, headers: Record<string, string>, action: HistoryActionInput, fields: HistoryFields, ts: number): void {
     let g = this.groups.get(group);
     if (g === undefined) this.groups.set(group, (g = { headers, records: [] }));
-    g.records.push(this.encode(action, fields, ts));
+    g.records.push(this.build(action, fields, ts));
     this.schedule(this.options.flushDelayMs ?? 0);
   }
 
@@ -189,26 +191,57 @@ export class HistoryRecorder {
     if (this.flushTimer !== undefined) clearTimeout(this.flushTimer);
     this.flushTimer = undefined;
     if (this.pending.length > 0) {
-      const body = encodeBatch(this.pending);
+      const records = this.pending;
       this.pending = [];
-      this.pendingBytes = 0;
-      const hd = headers();
-      hd.set("Nats-Msg-Id", `${this.msgIdPrefix}${++this.seq.messages}`);
-      this.publish(body, hd);
+      // Plain messages of at most MAX_HISTORY_MESSAGE bytes each, in record order: a run of
+      // records encoded as one batch (one pass, one copy), or one by one when it is too large.
+      for (let i = 0; i < records.length; i += PLAIN_PART_RECORDS) {
+        const part = records.slice(i, i + PLAIN_PART_RECORDS);
+        const body = encodeBatchOf(part);
+        if (body.length <= MAX_HISTORY_MESSAGE) this.publishPlain(body);
+        else this.publishSplit(part);
+      }
     }
     for (const [group, g] of this.groups) {
       for (let part = 0; part * GROUP_PART_RECORDS < g.records.length; part++) {
         const hd = headers();
         for (const [k, v] of Object.entries(g.headers)) hd.set(k, v);
         hd.set("Nats-Msg-Id", `${group}:${part}`);
-        this.publish(encodeBatch(g.records.slice(part * GROUP_PART_RECORDS, (part + 1) * GROUP_PART_RECORDS)), hd);
+        this.publish(encodeBatchOf(g.records.slice(part * GROUP_PART_RECORDS, (part + 1) * GROUP_PART_RECORDS)), hd);
       }
     }
     this.groups.clear();
   }
 
-  private encode(action: HistoryActionInput, fields: HistoryFields, ts: number): Uint8Array {
-    return encodeRecord(createHistoryRecord(this, action, this.stamp(fields), ts));
+  /** Plain records too large for one message, in messages of at most MAX_HISTORY_MESSAGE bytes. */
+  private publishSplit(records: readonly h.HistoryRecord[]): void {
+    let part: Uint8Array[] = [];
+    let bytes = 0;
+    for (const r of records) {
+      const encoded = encodeRecord(r);
+      if (part.length > 0 && bytes + encoded.length + 6 > MAX_HISTORY_MESSAGE) {
+        this.publishPlain(encodeBatch(part));
+        part = [];
+        bytes = 0;
+      }
+      part.push(encoded);
+      bytes += encoded.length + 6;
+    }
+    this.publishPlain(encodeBatch(part));
+  }
+
+  /**
+   * A record built now — numbered, its fields and action copied, so a caller may reuse them — and
+   * encoded when it is published.
+   */
+  private build(action: HistoryActionInput, fields: HistoryFields, ts: number): h.HistoryRecord {
+    return createHistoryRecord(this, action, this.stamp(fields), ts);
+  }
+
+  private publishPlain(body: Uint8Array): void {
+    const hd = headers();
+    hd.set("Nats-Msg-Id", `${this.msgIdPrefix}${++this.seq.messages}`);
+    this.publish(body, hd);
   }
 
   private publish(body: Uint8Array, hd: MsgHdrs): void {
@@ -225,6 +258,14 @@ const recordWriter = new ReusedWriter();
 
 function encodeRecord(record: h.HistoryRecord): Uint8Array {
   return recordWriter.encode((w) => h.HistoryRecord.encode(record, w));
+}
+
+/** A HistoryBatch of `records`, encoded in one pass (the bytes of encodeBatch(records.map(encodeRecord))). */
+function encodeBatchOf(records: readonly h.HistoryRecord[]): Uint8Array {
+  return recordWriter.encode((w) => {
+    for (const r of records) h.HistoryRecord.encode(r, w.uint32(10).fork()).join();
+    return w;
+  });
 }
 
 /** A HistoryBatch of records encoded one by one (field 1, repeated, each length-delimited), sized once. */
@@ -282,6 +323,8 @@ export function decodeHistoryBatch(body: Uint8Array, where: string): TypedHistor
 
 /** Records per message of a group (by count, so a replay splits a group as the original did). */
 const GROUP_PART_RECORDS = 500;
+/** Plain records encoded together, as one message unless they are larger than MAX_HISTORY_MESSAGE. */
+const PLAIN_PART_RECORDS = 1000;
 
 /**
  * The headers of the newest stored history message on one component's subject, or undefined when
@@ -307,6 +350,11 @@ export async function lastHistoryHeaders(
 
 /** Largest history message (nats-server's default max_payload is 1 MiB). */
 const MAX_HISTORY_MESSAGE = 256 * 1024;
+/**
+ * Plain records waiting for their turn's end before they are published at once (a burst within
+ * one turn is not held in memory whole; their encoding, not their count, sizes each message).
+ */
+const MAX_PENDING_RECORDS = 4096;
 
 /**
  * Reads the stored history, oldest first, from `sinceMs` (a wall-clock time) on. A read that

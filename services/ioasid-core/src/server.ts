@@ -402,16 +402,16 @@ export async function startCoreServer(options: StartCoreServerOptions = {}): Pro
       // that publishes them again is stored once. Each names its op-log message (op_seq) and is
       // numbered when the core makes it (issue 18: order without clocks).
       historyStamp = (fields) => recorder.stamp(fields);
-      history = (action, fields, ts, opSeq) =>
-        opSeq === undefined
-          ? recorder.record(action, fields, ts)
-          : recorder.recordIn(
-              `ioasid-core:${log.logId}:${opSeq}`,
-              { [OP_LOG_HEADER]: log.logId, [OP_SEQ_HEADER]: String(opSeq) },
-              action,
-              { ...fields, opSeq },
-              ts ?? Date.now(),
-            );
+      // The records of one op-log message come one after another (about ten per IOASID a crowd's
+      // teardown reclaims): its group name and headers are made once, not per record.
+      let group: { opSeq: number; name: string; headers: Record<string, string> } | undefined;
+      history = (action, fields, ts, opSeq) => {
+        if (opSeq === undefined) return recorder.record(action, fields, ts);
+        if (group?.opSeq !== opSeq) {
+          group = { opSeq, name: `ioasid-core:${log.logId}:${opSeq}`, headers: { [OP_LOG_HEADER]: log.logId, [OP_SEQ_HEADER]: String(opSeq) } };
+        }
+        recorder.recordIn(group.name, group.headers, action, { ...fields, opSeq }, ts ?? Date.now());
+      };
       republishAfter = await historyWatermark(n.nc, prefix, log, logger);
       const engineOptions: DeliveryEngineOptions = {
         nc: n.nc,
