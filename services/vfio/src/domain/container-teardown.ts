@@ -6,7 +6,8 @@ import { adoptViommusOver, destroyAllViommus } from "./container-viommus.js";
 import { describeDevice } from "./device-ref.js";
 import type { HostMemoryPool } from "./host-memory-pool.js";
 import type { VfioKeptEntry } from "./vfio-kept-entry.js";
-import { setExists, type HistoryPort, type IommuPort, type Scheduler, type VdcmPort, type VfioLog } from "./vfio-ports.js";
+import { ReclaimWatch } from "./reclaim-watch.js";
+import { type HistoryPort, type IommuPort, type Scheduler, type VdcmPort, type VfioLog } from "./vfio-ports.js";
 
 // The teardown of a container (DESIGN §5 "VFIO"): the set freed first (the crashed-guest path,
 // ioasid.rst "Exception cases"), then the release phase in the order the tiers need (S5). Cut out
@@ -72,6 +73,7 @@ export class ContainerTeardown {
   readonly #store: RoleStatePort<VfioKeptEntry> | undefined;
   readonly #owners: Map<string, number>;
   readonly #hostMemory: Pick<HostMemoryPool, "put">;
+  readonly #reclaims: ReclaimWatch;
 
   constructor(options: ContainerTeardownOptions) {
     this.#core = options.core;
@@ -88,6 +90,7 @@ export class ContainerTeardown {
     this.#freeSetRetry = options.freeSetRetryDelaysMs ?? DEFAULT_FREE_SET_RETRY;
     this.#reclaimWaitMs = options.reclaimWaitMs ?? 10_000;
     this.#domainRetry = options.domainReleaseRetryDelaysMs ?? DEFAULT_DOMAIN_RELEASE_RETRY;
+    this.#reclaims = new ReclaimWatch(options.core, options.scheduler, options.log);
   }
 
   /** closeAll has begun: background closes stop retrying from now on. */
@@ -227,22 +230,12 @@ export class ContainerTeardown {
       .catch((err: unknown) => this.#log.warn({ err, containerId: c.id }, "could not forget the released container in the store"));
   }
 
-  /** Waits (bounded by `reclaimWaitMs`) until the core destroyed the set: every IOASID reclaimed. */
+  /**
+   * Waits (bounded by `reclaimWaitMs`) until the core destroyed the set: every IOASID reclaimed.
+   * Every closing container waits through one {@link ReclaimWatch}: one core call per round for all.
+   */
   async #awaitReclaim(c: Container): Promise<void> {
-    const deadline = this.#scheduler.now() + this.#reclaimWaitMs;
-    // Backoff keeps a thousand crashing guests from flooding the core with polls.
-    let wait = 10;
-    for (let attempt = 0; attempt < 1000; attempt++) {
-      try {
-        if (!(await setExists(this.#core, c.setId))) return;
-      } catch (err) {
-        this.#log.warn({ err, containerId: c.id, setId: c.setId }, "cannot ask the core whether the set is reclaimed");
-      }
-      const left = deadline - this.#scheduler.now();
-      if (left <= 0) break;
-      await this.#scheduler.sleep(Math.min(wait, left));
-      wait = Math.min(wait * 2, 500);
-    }
+    if (await this.#reclaims.reclaimed(c.setId, this.#reclaimWaitMs)) return;
     this.#log.warn(
       { containerId: c.id, setId: c.setId, waitedMs: this.#reclaimWaitMs },
       "set not reclaimed in time (a subscriber is down?): unassigning its mdevs anyway",
