@@ -84,6 +84,35 @@ describe("ReclaimWatch (issue 15: one core call per round for every closing cont
     await expect(done).resolves.toEqual([true, true, true]);
   });
 
+  it("does not take a list asked for before a set started waiting as its answer (it may predate the set)", async () => {
+    const scheduler = new ManualScheduler();
+    let answer: (sets: SetInfo[]) => void = () => {};
+    let calls = 0;
+    const core = {
+      listSets: (): Promise<SetInfo[]> => {
+        calls++;
+        return new Promise((resolve) => (answer = resolve));
+      },
+    };
+    const watch = new ReclaimWatch(core, scheduler, quiet);
+    void watch.reclaimed(1, 60_000);
+    await settle();
+    expect(calls).toBe(1); // in flight
+    // Set 2 starts waiting now; the list in flight was asked for before, and does not name it.
+    let second: boolean | undefined;
+    void watch.reclaimed(2, 60_000).then((r) => (second = r));
+    answer([{ id: 1 } as SetInfo]);
+    await settle();
+    expect(second).toBeUndefined();
+    expect(watch.waiting).toBe(2);
+    // The next round, asked for after it waited, answers it.
+    await scheduler.advance(10);
+    expect(calls).toBe(2);
+    answer([{ id: 1 } as SetInfo]);
+    await settle();
+    expect(second).toBe(true);
+  });
+
   it("makes the rounds short again when a set starts waiting while others do", async () => {
     const live = new Set([1, 2]);
     const core = fakeCore(live);

@@ -8,6 +8,8 @@ const MAX_WAIT_MS = 500;
 
 interface Waiter {
   readonly setId: number;
+  /** Rounds started before it waited: only a round started after may say its set is gone. */
+  readonly after: number;
   readonly deadline: number;
   readonly resolve: (reclaimed: boolean) => void;
 }
@@ -30,6 +32,8 @@ export class ReclaimWatch {
   readonly #waiters = new Set<Waiter>();
   #polling = false;
   #wait = FIRST_WAIT_MS;
+  /** Rounds started so far. */
+  #rounds = 0;
 
   constructor(core: Pick<CorePort, "listSets">, scheduler: Scheduler, log: VfioLog) {
     this.#core = core;
@@ -50,7 +54,7 @@ export class ReclaimWatch {
    */
   reclaimed(setId: number, timeoutMs: number): Promise<boolean> {
     return new Promise((resolve) => {
-      this.#waiters.add({ setId, deadline: this.#scheduler.now() + timeoutMs, resolve });
+      this.#waiters.add({ setId, after: this.#rounds, deadline: this.#scheduler.now() + timeoutMs, resolve });
       this.#wait = FIRST_WAIT_MS;
       if (!this.#polling) void this.#poll();
     });
@@ -61,9 +65,11 @@ export class ReclaimWatch {
     try {
       while (this.#waiters.size > 0) {
         try {
+          const round = ++this.#rounds;
           const live = new Set((await this.#core.listSets()).map((s) => s.id));
           for (const w of this.#waiters) {
-            if (live.has(w.setId)) continue;
+            // A list asked for before the set waited may predate the set itself: not an answer.
+            if (w.after >= round || live.has(w.setId)) continue;
             this.#waiters.delete(w);
             w.resolve(true);
           }
